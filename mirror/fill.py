@@ -1,0 +1,275 @@
+"""One upstream fetch per digest, shared by every reader in every worker process.
+
+The first request for a missing digest becomes the *leader*: it creates
+``tmp/<alg>-<hex>.partial``, takes an exclusive ``flock`` on it, and a background task
+streams the upstream body into it (hashing as it writes).  Every reader -- the leader's
+own client included -- *follows* that growing file with ``pread``: its first bytes go out
+as soon as they are written, and a client that disconnects stops only its own reading.
+
+Readers in any process learn the outcome from the file itself:
+
+* lock still held            -> more bytes may come;
+* lock free, and the inode is now ``blobs/...`` -> complete and verified;
+* lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
+
+The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
+mistakes an older attempt's file for the current one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio.to_thread
+
+from .reference import Digest
+from .store import Ingest, Store
+
+log = logging.getLogger("mirror.fill")
+
+CHUNK = 1 << 20
+FLUSH_BYTES = 1 << 20
+FLUSH_SECONDS = 0.02
+
+
+class FillFailed(Exception):
+    """The fetch being followed did not complete with verified content."""
+
+
+class Download(Protocol):
+    """What a fetch yields: the body's size when announced, and its bytes."""
+
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+Fetch = Callable[[], AbstractAsyncContextManager[Download]]
+
+
+@dataclass
+class StoredBlob:
+    """Verified content already in the store; ``fd`` keeps it readable whatever GC does."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class GrowingBlob:
+    """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
+
+    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool) -> None:
+        self.fills = fills
+        self.digest = digest
+        self.fd = fd
+        self.size = size
+        self.coalesced = coalesced
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def state(self) -> str:
+        """``filling``, ``done`` or ``failed``."""
+        return _state(self.fd, self.fills.store.blob_path(self.digest))
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`."""
+        offset = start
+        stop = None if end is None else end + 1
+        poll = self.fills.poll_interval
+        settled = False
+        while stop is None or offset < stop:
+            want = CHUNK if stop is None else min(CHUNK, stop - offset)
+            data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
+            if data:
+                offset += len(data)
+                yield data
+                continue
+            if settled:  # nothing more after the writer finished
+                if self.state() == "done" and stop is None:
+                    return
+                raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
+            state = self.state()
+            if state == "filling":
+                await asyncio.sleep(poll)
+            else:
+                settled = True  # re-read once: bytes may have landed just before the lock was released
+        while (state := self.state()) == "filling":
+            await asyncio.sleep(poll)
+        if state != "done":
+            raise FillFailed(f"{self.digest}: fetch failed")
+
+
+def _state(fd: int, final: os.PathLike[str] | str) -> str:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "filling"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    try:
+        done = os.stat(final).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        done = False
+    return "done" if done else "failed"
+
+
+class Fills:
+    """Coalesced, verified fetches into a :class:`Store`.  Built once per process."""
+
+    def __init__(self, store: Store, poll_interval: float = 0.005) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob:
+        """The stored blob, or a reader of the fetch in progress (started here if there is none).
+
+        Errors of ``fetch`` before its body starts are raised here.
+        """
+        for _ in range(100):
+            stored = self.open_stored(digest)
+            if stored is not None:
+                return stored
+            path = self.store.fill_path(digest)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                follower = await self._follow(digest, fd)
+                if follower is not None:
+                    return follower
+                continue  # the leader failed before its body started: try again, perhaps as leader
+            if not _names_inode(path, fd):
+                os.close(fd)  # lost a race with a finishing or failing leader
+                continue
+            if self.store.exists(digest):
+                os.unlink(path)
+                os.close(fd)
+                continue
+            return await self._lead(digest, fd, fetch)
+        raise FillFailed(f"{digest}: could not start or join a fetch")
+
+    def open_stored(self, digest: Digest) -> StoredBlob | None:
+        try:
+            fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        return StoredBlob(fd, os.fstat(fd).st_size)
+
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob:
+        os.ftruncate(fd, 0)
+        path = self.store.fill_path(digest)
+        reader = os.open(path, os.O_RDONLY)
+        started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
+        ingest = Ingest(self.store, digest, path, fd, None)
+        task = asyncio.create_task(self._pump(ingest, fetch, started))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            size = await asyncio.shield(started)
+        except BaseException:
+            os.close(reader)
+            raise
+        return GrowingBlob(self, digest, reader, size, coalesced=False)
+
+    async def _pump(self, ingest: Ingest, fetch: Fetch, started: asyncio.Future[int | None]) -> None:
+        meta = self.store.fill_meta_path(ingest.digest)
+        try:
+            async with fetch() as download:
+                ingest.expected_size = download.size
+                await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                started.set_result(download.size)
+                loop = asyncio.get_running_loop()
+                batch: list[bytes] = []
+                pending = 0
+                last_flush = 0.0
+                async for chunk in download.chunks():
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    now = loop.time()
+                    if pending >= FLUSH_BYTES or now - last_flush >= FLUSH_SECONDS:
+                        await anyio.to_thread.run_sync(_write_all, ingest, batch)
+                        batch, pending, last_flush = [], 0, now
+                if batch:
+                    await anyio.to_thread.run_sync(_write_all, ingest, batch)
+            await anyio.to_thread.run_sync(ingest.commit)
+        except BaseException as exc:
+            if not started.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    started.cancel()
+                else:
+                    started.set_exception(exc)
+            else:
+                log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
+            ingest.discard()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(meta)
+            os.close(ingest.fd)  # releases the lock: followers now see the outcome
+
+    async def _follow(self, digest: Digest, fd: int) -> GrowingBlob | None:
+        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first."""
+        meta = self.store.fill_meta_path(digest)
+        ino = os.fstat(fd).st_ino
+        try:
+            while True:
+                found = _read_meta(meta)
+                if found is not None and found[0] == ino:
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=True)
+                if _state(fd, self.store.blob_path(digest)) != "filling":
+                    os.close(fd)
+                    return None
+                await asyncio.sleep(self.poll_interval)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _names_inode(path: os.PathLike[str] | str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write_all(ingest: Ingest, batch: list[bytes]) -> None:
+    ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+
+def _write_meta(path: os.PathLike[str] | str, ino: int, size: int | None) -> None:
+    tmp = f"{os.fspath(path)}.{secrets.token_hex(6)}"
+    with open(tmp, "w") as f:
+        json.dump({"ino": ino, "size": size}, f)
+    os.replace(tmp, path)
+
+
+def _read_meta(path: os.PathLike[str] | str) -> tuple[int, int | None] | None:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return int(meta["ino"]), meta["size"]

@@ -1,0 +1,106 @@
+"""Manifest media types and the little the mirror needs to read inside a manifest.
+
+Manifests are stored and served byte-for-byte; this module only looks into them to find the
+descriptors they reference (so a repository may serve those blobs) and, for clients that do
+not accept image indexes, the platform manifest to answer with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    platform: dict[str, Any] | None = None
+
+
+def _json(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def detect_media_type(body: bytes, announced: str) -> str:
+    """The announced ``Content-Type`` if it is a manifest type, else what the body says."""
+    if announced in MANIFEST_MEDIA_TYPES:
+        return announced
+    doc = _json(body)
+    if doc is None:
+        return announced or "application/octet-stream"
+    if isinstance(doc.get("mediaType"), str):
+        return str(doc["mediaType"])
+    if doc.get("schemaVersion") == 1:
+        return SCHEMA1_SIGNED if "signatures" in doc else SCHEMA1
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "layers" in doc:
+        return OCI_MANIFEST
+    return announced or "application/octet-stream"
+
+
+def _descriptor(entry: Any) -> Descriptor | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+        return None
+    size = entry.get("size")
+    platform = entry.get("platform")
+    return Descriptor(
+        media_type=str(entry.get("mediaType", "")),
+        digest=entry["digest"],
+        size=size if isinstance(size, int) else -1,
+        platform=platform if isinstance(platform, dict) else None,
+    )
+
+
+def references(body: bytes) -> list[Descriptor]:
+    """Every descriptor a manifest points to: child manifests, config, layers, subject."""
+    doc = _json(body)
+    if doc is None:
+        return []
+    found: list[Descriptor] = []
+    for key in ("manifests", "layers", "blobs"):
+        entries = doc.get(key)
+        if isinstance(entries, list):
+            found.extend(d for d in map(_descriptor, entries) if d is not None)
+    for key in ("config", "subject"):
+        d = _descriptor(doc.get(key))
+        if d is not None:
+            found.append(d)
+    fs_layers = doc.get("fsLayers")  # schema 1
+    if isinstance(fs_layers, list):
+        for entry in fs_layers:
+            if isinstance(entry, dict) and isinstance(entry.get("blobSum"), str):
+                found.append(Descriptor("", entry["blobSum"], -1))
+    return found
+
+
+def platform_manifest(body: bytes, os_name: str = "linux", architecture: str = "amd64") -> Descriptor | None:
+    """In an index, the first manifest for ``os_name/architecture`` (what old clients get)."""
+    for d in references(body):
+        if d.platform and d.platform.get("os") == os_name and d.platform.get("architecture") == architecture:
+            return d
+    return None
+
+
+def accepted(accept_header: str | None) -> set[str]:
+    """Media types named by an ``Accept`` header (parameters and q-values dropped)."""
+    if not accept_header:
+        return set()
+    return {part.split(";")[0].strip() for part in accept_header.split(",") if part.strip()}

@@ -1,0 +1,280 @@
+"""The pull-through policy: what to answer from the store, what to ask the upstream, and when.
+
+* A digest is immutable: served from the store without asking the upstream.
+* A tag is fresh for ``cache.tag_ttl``; then it is revalidated with a HEAD (free under
+  Docker Hub's pull limit) and its manifest fetched again only if the digest changed.
+* A missing blob is fetched once, however many requests want it (``fill.py``), and every
+  reader streams it while it arrives.
+* When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
+
+A repository may serve a stored object only if it is *linked* to it: the object was fetched
+for that repository, or is referenced by a manifest that was.  This is the only layer that
+turns store and upstream errors into API errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from .errors import APIError
+from .fill import Fills, GrowingBlob, StoredBlob
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest, references
+from .metadata import Metadata, TagRecord
+from .reference import Digest, parse_digest, ParseError
+from .store import Store
+from .upstream import (
+    Manifest,
+    Upstream,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("mirror.pullthrough")
+T = TypeVar("T")
+
+
+class Outcome(str, enum.Enum):
+    HIT = "HIT"
+    MISS = "MISS"
+    STALE = "STALE"
+    COALESCED = "COALESCED"
+
+
+@dataclass(frozen=True)
+class ManifestResult:
+    body: bytes
+    media_type: str
+    digest: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class BlobHead:
+    size: int
+    outcome: Outcome
+
+
+@dataclass
+class BlobResult:
+    source: StoredBlob | GrowingBlob
+    outcome: Outcome
+
+
+class PullThrough:
+    def __init__(self, store: Store, metadata: Metadata, fills: Fills, upstream: Upstream,
+                 tag_ttl: float, registry: str) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.fills = fills
+        self.upstream = upstream
+        self.tag_ttl = tag_ttl
+        self.registry = registry
+        self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._stale_logged: set[str] = set()
+
+    def _repo(self, name: str) -> str:
+        return f"{self.registry}/{name}"
+
+    # -- manifests --
+
+    async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        name = self.upstream.canonical_name(name)
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(name, reference)
+        result = await self._single_flight(("tag", f"{name}:{reference}"),
+                                           lambda: self._manifest_by_tag(name, reference))
+        if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
+                and accept & set(MANIFEST_MEDIA_TYPES):
+            # An old client that cannot read an index gets the linux/amd64 image, as registries do.
+            child = platform_manifest(result.body)
+            if child is None:
+                raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
+            return await self._manifest_by_digest(name, _digest(child.digest))
+        return result
+
+    async def _manifest_by_tag(self, name: str, tag: str) -> ManifestResult:
+        repo = self._repo(name)
+        record = self.metadata.get_tag(repo, tag)
+        cached = await self._stored_manifest(record.digest) if record else None
+        if record is not None and cached is not None:
+            if time.time() - record.fetched_at < self.tag_ttl:
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+            try:
+                head = await self.upstream.head_manifest(name, tag)
+            except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
+                self._log_stale(f"{repo}:{tag}", exc)
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
+            except UpstreamNotFound as exc:
+                raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+            self._stale_logged.discard(f"{repo}:{tag}")
+            if head.digest == record.digest:
+                await anyio.to_thread.run_sync(
+                    self.metadata.set_tag, repo, tag, TagRecord(record.digest, record.media_type, time.time()))
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+        try:
+            manifest = await self.upstream.get_manifest(name, tag)
+        except UpstreamError as exc:
+            raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+        await self._save_manifest(repo, manifest, tag)
+        return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest), Outcome.MISS)
+
+    async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
+        repo = self._repo(name)
+        key = str(digest)
+        record = self.metadata.get_manifest(key)
+        if record is not None and self.metadata.is_linked(repo, key):
+            body = await self._stored_manifest(key)
+            if body is not None:
+                return ManifestResult(body, record.media_type, key, Outcome.HIT)
+
+        async def fetch() -> ManifestResult:
+            try:
+                manifest = await self.upstream.get_manifest(name, digest)
+            except UpstreamError as exc:
+                raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+            await self._save_manifest(repo, manifest, None)
+            return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS)
+
+        return await self._single_flight(("digest", f"{name}@{key}"), fetch)
+
+    async def _stored_manifest(self, digest: str) -> bytes | None:
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            return None
+        return await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+
+    async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> None:
+        key = str(manifest.digest)
+        linked = [key, *(d.digest for d in references(manifest.body))]
+
+        def save() -> None:
+            self.store.put_bytes(manifest.digest, manifest.body)
+            self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
+            self.metadata.link(repo, linked)
+            if tag is not None:
+                self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
+
+        await anyio.to_thread.run_sync(save)
+
+    # -- blobs --
+
+    async def blob_head(self, name: str, digest: Digest) -> BlobHead:
+        name = self.upstream.canonical_name(name)
+        key = str(digest)
+        if self.metadata.is_linked(self._repo(name), key):
+            size = await anyio.to_thread.run_sync(self.store.size, digest)
+            if size is not None:
+                return BlobHead(size, Outcome.HIT)
+        try:
+            size = await self.upstream.head_blob(name, digest)
+        except UpstreamError as exc:
+            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+        if size is None:
+            raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
+        return BlobHead(size, Outcome.MISS)
+
+    async def blob(self, name: str, digest: Digest) -> BlobResult:
+        """The blob's bytes: from the store, or streaming in from the upstream."""
+        name = self.upstream.canonical_name(name)
+        repo, key = self._repo(name), str(digest)
+        if self.metadata.is_linked(repo, key):
+            stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
+            if stored is not None:
+                return BlobResult(stored, Outcome.HIT)
+        try:
+            source = await self.fills.open(digest, lambda: self.upstream.blob(name, digest))
+        except UpstreamError as exc:
+            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+        await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
+        if isinstance(source, StoredBlob):
+            return BlobResult(source, Outcome.HIT)
+        return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    # -- tags --
+
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags of a repository (upstream's, or the locally known ones when it is down); more-follows flag."""
+        name = self.upstream.canonical_name(name)
+        params = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
+        try:
+            doc, link = await self.upstream.tags(name, params)
+        except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
+            local = self.metadata.tags(self._repo(name))
+            if not local:
+                raise _api_error(exc, "NAME_UNKNOWN") from exc
+            self._log_stale(f"{self._repo(name)} tags", exc)
+            return _paginate(local, n, last)
+        tags = doc.get("tags") or []
+        return [t for t in tags if isinstance(t, str)], bool(link)
+
+    # -- helpers --
+
+    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[T]]) -> T:
+        """Concurrent callers with the same key share one execution of ``work``."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)  # type: ignore[no-any-return]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
+        self._inflight[key] = future
+        try:
+            result = await work()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    def _log_stale(self, key: str, exc: Exception) -> None:
+        if key not in self._stale_logged:
+            self._stale_logged.add(key)
+            log.warning("upstream failed for %s, serving the cached copy: %s", key, exc)
+
+
+def _digest(value: str) -> Digest:
+    try:
+        return parse_digest(value)
+    except ParseError as exc:
+        raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc
+
+
+def _paginate(tags: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    selected = [t for t in sorted(tags) if last is None or t > last]
+    if n is None:
+        return selected, False
+    return selected[:n], len(selected) > n
+
+
+def _api_error(exc: UpstreamError, not_found: str) -> APIError:
+    """The client-facing error for an upstream failure with nothing cached to fall back on."""
+    if isinstance(exc, UpstreamNotFound):
+        code = exc.code if exc.code in {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} else not_found
+        return APIError(code)
+    if isinstance(exc, UpstreamRateLimited):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+        return APIError("TOOMANYREQUESTS", "upstream rate limit reached and no cached copy", headers=headers)
+    if isinstance(exc, UpstreamDenied):
+        return APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
+                                               "or needs credentials")
+    if isinstance(exc, UpstreamInvalid):
+        return APIError("UNAVAILABLE", "upstream sent an invalid answer", detail=str(exc), status=502)
+    return APIError("UNAVAILABLE", detail=str(exc))

@@ -1,0 +1,138 @@
+"""The spec's grammars for repository names, tags, digests and byte ranges.
+
+Everything that reaches the store or the upstream passes through these parsers first;
+no path or URL is built from a string that has not been validated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{NAME_COMPONENT}(?:/{NAME_COMPONENT})*")
+TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+MAX_NAME_LENGTH = 255
+
+# algorithm -> (hex length, hashlib constructor name)
+ALGORITHMS = {"sha256": 64, "sha512": 128}
+_HEX_RE = {alg: re.compile(f"[a-f0-9]{{{n}}}") for alg, n in ALGORITHMS.items()}
+
+
+class ParseError(ValueError):
+    """Base for parse failures; ``kind`` says which grammar rejected the input."""
+
+    kind = "reference"
+
+
+class InvalidName(ParseError):
+    kind = "name"
+
+
+class InvalidTag(ParseError):
+    kind = "tag"
+
+
+class InvalidDigest(ParseError):
+    kind = "digest"
+
+
+class UnsupportedDigest(ParseError):
+    """Well-formed digest whose algorithm this registry does not implement."""
+
+    kind = "digest"
+
+
+class InvalidRange(ParseError):
+    kind = "range"
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> "hashlib._Hash":
+        return hashlib.new(self.algorithm)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def parse_name(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        raise InvalidName(f"invalid repository name {name!r}")
+    return name
+
+
+def parse_tag(tag: str) -> str:
+    if not TAG_RE.fullmatch(tag):
+        raise InvalidTag(f"invalid tag {tag!r}")
+    return tag
+
+
+def parse_digest(value: str) -> Digest:
+    if not DIGEST_RE.fullmatch(value):
+        raise InvalidDigest(f"invalid digest {value!r}")
+    algorithm, _, encoded = value.partition(":")
+    pattern = _HEX_RE.get(algorithm)
+    if pattern is None:
+        raise UnsupportedDigest(f"unsupported digest algorithm {algorithm!r}")
+    if not pattern.fullmatch(encoded):
+        raise InvalidDigest(f"invalid {algorithm} digest {value!r}")
+    return Digest(algorithm, encoded)
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def parse_reference(reference: str) -> str | Digest:
+    """A manifest reference: a tag or a digest."""
+    if is_digest(reference):
+        return parse_digest(reference)
+    return parse_tag(reference)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, size: int) -> ByteRange:
+    """Parse a single ``Range: bytes=...`` against a resource of ``size`` bytes.
+
+    Raises :class:`InvalidRange` for anything malformed, multi-range or unsatisfiable.
+    """
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise InvalidRange(f"invalid range {header!r}")
+    first, last = m.group(1), m.group(2)
+    if len(first) > 19 or len(last) > 19:
+        raise InvalidRange(f"invalid range {header!r}")
+    if not first:  # suffix range: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise InvalidRange(f"unsatisfiable range {header!r}")
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        raise InvalidRange(f"invalid range {header!r}")
+    if start >= size:
+        raise InvalidRange(f"unsatisfiable range {header!r}")
+    return ByteRange(start, min(end, size - 1))

@@ -1,0 +1,195 @@
+"""The content-addressed file store.
+
+Disk layout, produced by the methods of :class:`Store` and nowhere else::
+
+    DATA/
+      blobs/<algorithm>/<hex[:2]>/<hex>   verified content (layers, configs, manifests) by digest
+      tmp/                                ingest in progress, on the same filesystem as blobs/
+        <algorithm>-<hex>.partial         a shared fetch of one digest; its writer holds flock on it
+        <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for readers that follow it
+        ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
+      index/                              metadata (see ``metadata.py``)
+
+A file reaches ``blobs/`` only through :meth:`Ingest.commit`: size and digest checked,
+fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
+start-up sweep removes exactly the leftovers of writers that died.
+
+All methods do blocking file I/O: call them from a worker thread in async code.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+
+from .reference import Digest
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class DigestMismatch(StoreError):
+    pass
+
+
+class SizeMismatch(StoreError):
+    pass
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        self.index = root / "index"
+
+    def create(self) -> None:
+        for d in (self.blobs, self.tmp, self.index):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- paths: only ever built from a validated Digest --
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def fill_path(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.partial"
+
+    def fill_meta_path(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.meta"
+
+    # -- reading --
+
+    def size(self, digest: Digest) -> int | None:
+        """Size of a stored object, or None when it is not in the store."""
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def exists(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
+    def read_bytes(self, digest: Digest) -> bytes | None:
+        """A small object (a manifest) in full, or None when absent."""
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- writing --
+
+    def ingest(self, digest: Digest, expected_size: int | None = None) -> "Ingest":
+        path = self.tmp / f"ingest-{secrets.token_hex(12)}.partial"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return Ingest(self, digest, path, fd, expected_size)
+
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store a small object given in full (a manifest), verified like any other."""
+        if self.exists(digest):
+            return
+        ingest = self.ingest(digest, len(data))
+        try:
+            ingest.write(data)
+            ingest.commit()
+        finally:
+            ingest.close()
+
+    def sweep_tmp(self) -> int:
+        """Remove temp files whose writer is gone; return how many were removed."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.tmp))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith(".partial"):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        for entry in list(os.scandir(self.tmp)):
+            base, meta, _ = entry.path.partition(".meta")
+            if meta and not os.path.exists(base + ".partial"):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+
+class Ingest:
+    """A temp file being written: hashed as bytes arrive, committed only when verified."""
+
+    def __init__(self, store: Store, digest: Digest, path: Path, fd: int, expected_size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.path = path
+        self.fd = fd
+        self.expected_size = expected_size
+        self.written = 0
+        self._hasher = digest.hasher()
+        self._closed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.written += len(data)
+
+    def verify(self) -> None:
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise SizeMismatch(f"{self.digest}: got {self.written} bytes, expected {self.expected_size}")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(f"content does not match {self.digest} (got {self.digest.algorithm}:{actual})")
+
+    def commit(self) -> None:
+        """Verify, flush to disk and move into place.  Raises and leaves nothing behind on mismatch."""
+        try:
+            self.verify()
+        except StoreError:
+            self.discard()
+            raise
+        os.fsync(self.fd)
+        final = self.store.blob_path(self.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, final)
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Release the temp file; an uncommitted one is removed."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.path.exists(self.path):
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self.fd)

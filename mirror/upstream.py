@@ -1,0 +1,354 @@
+"""The upstream registry client: the /v2/ read API over httpx, with registry auth.
+
+Exceptions (each carries the upstream's status and spec error code when it sent one)::
+
+    UpstreamError
+     +-- UpstreamUnavailable    connection refused or reset, timeout, 5xx
+     +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
+     +-- UpstreamNotFound       404
+     +-- UpstreamDenied         401 / 403 after authenticating
+     +-- UpstreamInvalid        an answer that breaks the protocol (wrong digest, oversize manifest)
+
+This module knows nothing of the cache: it fetches, verifies manifests against their digest,
+and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
+backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
+httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .config import UpstreamConfig
+from .reference import Digest, parse_digest, ParseError
+from .manifest import MANIFEST_MEDIA_TYPES, SCHEMA1_SIGNED, detect_media_type
+
+log = logging.getLogger("mirror.upstream")
+
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_ERROR_BYTES = 64 << 10
+RETRY_STATUSES = {502, 503, 504}
+_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+_CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
+
+
+class UpstreamError(Exception):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamRateLimited(UpstreamError):
+    pass
+
+
+class UpstreamNotFound(UpstreamError):
+    pass
+
+
+class UpstreamDenied(UpstreamError):
+    pass
+
+
+class UpstreamInvalid(UpstreamError):
+    pass
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: Digest
+
+
+class BlobDownload:
+    """A blob body being received; ``size`` is the announced length, if any."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        length = response.headers.get("content-length")
+        self.size = int(length) if length and length.isdigit() else None
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.response.aiter_raw()
+
+
+class RegistryAuth(httpx.Auth):
+    """The registry token dance as an httpx auth flow.
+
+    On a ``401`` with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` a token is
+    fetched from the realm (anonymously, or with the configured user and password) and cached
+    per scope until it expires; concurrent requests for one scope share one token request.
+    ``Basic`` challenges are answered with the configured credentials.
+    """
+
+    def __init__(self, username: str | None, password: str | None) -> None:
+        self._basic = _basic_header(username, password) if username else None
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._use_basic = False
+        self.tokens_fetched = 0
+
+    def _scope_for(self, request: httpx.Request) -> str | None:
+        m = _PATH_NAME_RE.match(request.url.path)
+        return f"repository:{m.group(1)}:pull" if m else None
+
+    def _cached(self, scope: str | None) -> str | None:
+        entry = self._tokens.get(scope or "")
+        if entry and entry[1] > time.monotonic():
+            return entry[0]
+        return None
+
+    def _authorize(self, request: httpx.Request, scope: str | None) -> None:
+        token = self._cached(scope)
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
+        elif self._use_basic and self._basic is not None:
+            request.headers["Authorization"] = self._basic
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        scope = self._scope_for(request)
+        self._authorize(request, scope)
+        response = yield request
+        if response.status_code != 401:
+            return
+        scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
+        if scheme == "basic" and self._basic is not None and not self._use_basic:
+            self._use_basic = True
+            self._authorize(request, scope)
+            yield request
+            return
+        if scheme != "bearer" or "realm" not in params:
+            return
+        key = params.get("scope") or scope or ""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            token = self._cached(key)
+            if token is None:
+                token_request = self._token_request(params)
+                if token_request is None:
+                    return
+                token_response = yield token_request
+                await token_response.aread()
+                token = self._store_token(key, token_response)
+                if token is None:
+                    return
+        if scope and scope != key:
+            self._tokens[scope] = self._tokens[key]
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+    def _token_request(self, params: dict[str, str]) -> httpx.Request | None:
+        realm = httpx.URL(params["realm"])
+        if realm.scheme not in {"http", "https"}:
+            return None
+        query = {k: v for k, v in params.items() if k in {"service", "scope"}}
+        request = httpx.Request("GET", realm.copy_merge_params(query))
+        if self._basic is not None:
+            request.headers["Authorization"] = self._basic
+        return request
+
+    def _store_token(self, key: str, response: httpx.Response) -> str | None:
+        if response.status_code != 200:
+            log.warning("token request to %s failed with %d", response.request.url.host, response.status_code)
+            return None
+        try:
+            doc = response.json()
+            token = doc.get("token") or doc.get("access_token")
+            expires_in = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError):
+            return None
+        if not token:
+            return None
+        self.tokens_fetched += 1
+        self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
+        return str(token)
+
+
+def _basic_header(username: str, password: str | None) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+              for m in _CHALLENGE_PARAM_RE.finditer(rest)}
+    return scheme.lower(), params
+
+
+class Upstream:
+    """One upstream registry."""
+
+    def __init__(self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.auth = RegistryAuth(config.username, config.password)
+        self.client = httpx.AsyncClient(
+            base_url=config.url,
+            auth=self.auth,
+            follow_redirects=True,
+            timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+            headers={"User-Agent": "mirror/0.1"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def canonical_name(self, name: str) -> str:
+        """Docker Hub's implicit ``library/`` namespace for one-component names."""
+        if self.config.adds_library_namespace and "/" not in name:
+            return f"library/{name}"
+        return name
+
+    # -- requests --
+
+    async def _send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                    params: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+        """Send with retries for failures before any byte; raise the mapped error for non-2xx."""
+        attempt = 0
+        while True:
+            request = self.client.build_request(method, path, headers=headers, params=params)
+            try:
+                response = await self.client.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if attempt < self.config.retries:
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                    continue
+                raise UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            if response.status_code in RETRY_STATUSES and attempt < self.config.retries:
+                await response.aclose()
+                attempt += 1
+                await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                continue
+            if 200 <= response.status_code < 300:
+                return response
+            try:
+                raise await self._error(method, path, response)
+            finally:
+                await response.aclose()
+
+    async def _error(self, method: str, path: str, response: httpx.Response) -> UpstreamError:
+        status = response.status_code
+        code = None
+        if method != "HEAD":
+            body = b""
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_ERROR_BYTES:
+                    break
+            try:
+                code = json.loads(body)["errors"][0]["code"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                code = None
+        message = f"{method} {path}: upstream answered {status}"
+        kind: type[UpstreamError]
+        if status == 429:
+            kind = UpstreamRateLimited
+        elif status == 404:
+            kind = UpstreamNotFound
+        elif status in (401, 403):
+            kind = UpstreamDenied
+        elif status >= 500:
+            kind = UpstreamUnavailable
+        else:
+            kind = UpstreamInvalid
+        return kind(message, status, code if isinstance(code, str) else None, response.headers.get("retry-after"))
+
+    # -- the read API --
+
+    async def head_manifest(self, name: str, reference: str) -> ManifestHead:
+        response = await self._send("HEAD", f"/v2/{name}/manifests/{reference}",
+                                    headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        length = response.headers.get("content-length")
+        return ManifestHead(
+            digest=response.headers.get("docker-content-digest"),
+            media_type=_media_type(response.headers.get("content-type")),
+            size=int(length) if length and length.isdigit() else None,
+        )
+
+    async def get_manifest(self, name: str, reference: str | Digest) -> Manifest:
+        """Fetch a manifest, verified against the digest asked for or announced."""
+        response = await self._send("GET", f"/v2/{name}/manifests/{reference}",
+                                    headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}, stream=True)
+        try:
+            body = b""
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise UpstreamInvalid(f"manifest {name}:{reference} is larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"GET manifest {name}:{reference}: {exc}") from exc
+        finally:
+            await response.aclose()
+        media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
+        announced = response.headers.get("docker-content-digest")
+        if isinstance(reference, Digest):
+            expected = reference
+        elif announced and media_type != SCHEMA1_SIGNED:
+            try:
+                expected = parse_digest(announced)
+            except ParseError as exc:
+                raise UpstreamInvalid(f"upstream sent a malformed digest {announced!r}") from exc
+        else:
+            expected = Digest.of(body)
+        actual = Digest.of(body, expected.algorithm)
+        if actual != expected:
+            raise UpstreamInvalid(f"manifest {name}:{reference} does not match its digest {expected}")
+        return Manifest(body, media_type, actual)
+
+    @asynccontextmanager
+    async def blob(self, name: str, digest: Digest) -> AsyncIterator[BlobDownload]:
+        """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
+        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
+        try:
+            yield BlobDownload(response)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    async def head_blob(self, name: str, digest: Digest) -> int | None:
+        response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")
+        length = response.headers.get("content-length")
+        return int(length) if length and length.isdigit() else None
+
+    async def tags(self, name: str, params: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+        response = await self._send("GET", f"/v2/{name}/tags/list", params=params)
+        try:
+            doc = response.json()
+        except ValueError as exc:
+            raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
+        if not isinstance(doc, dict):
+            raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
+        return doc, response.headers.get("link")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh Debian 12 machine, then run all of it.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -m "not slow"` for the quick part.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+exec python3 -m pytest "$@"

@@ -1,0 +1,70 @@
+"""Configuration: YAML, MIRROR_* environment overrides, flags, and one clear line per bad key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirror.config import DOCKER_HUB_URL, ConfigError, load_config, to_environ
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config.http.listen == "0.0.0.0:5000"
+    assert config.storage.path == Path("mirror-data")
+    assert config.upstream.url == DOCKER_HUB_URL
+    assert config.upstream.adds_library_namespace
+
+
+def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("http:\n  listen: 127.0.0.1:6000\n  workers: 3\ncache:\n  tag_ttl: 10m\n")
+    config = load_config(file, env={"MIRROR_HTTP_WORKERS": "4", "MIRROR_CACHE_TAG_TTL": "90s"},
+                         overrides={"http.workers": "5", "storage.path": None})
+    assert config.http.listen == "127.0.0.1:6000"
+    assert config.http.workers == 5
+    assert config.cache.tag_ttl == 90
+    assert config.http.port == 6000
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("http:\n  lisen: 1\n", "unknown configuration key http.lisen"),
+    ("cache:\n  tag_ttl: soon\n", "bad value for cache.tag_ttl"),
+    ("http:\n  workers: 0\n", "bad value for http.workers"),
+    ("upstream:\n  url: ftp://x\n", "bad value for upstream.url"),
+    ("nope:\n  a: 1\n", "unknown configuration section 'nope'"),
+    ("http: [1, 2]\n", "section http must be a mapping"),
+    ("http: {listen: 1\n", "not valid YAML"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, message: str) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(file, env={})
+
+
+def test_bad_env_value_and_unknown_env_key() -> None:
+    with pytest.raises(ConfigError, match="http.listen"):
+        load_config(env={"MIRROR_HTTP_LISTEN": "nowhere"})
+    with pytest.raises(ConfigError, match="unknown configuration key cache.tag_tll"):
+        load_config(env={"MIRROR_CACHE_TAG_TLL": "1s"})
+
+
+def test_password_never_echoed() -> None:
+    config = load_config(env={"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": "s3cr3t-token"})
+    assert "s3cr3t-token" not in repr(config)
+
+
+def test_environ_round_trip() -> None:
+    config = load_config(env={"MIRROR_UPSTREAM_URL": "http://127.0.0.1:1", "MIRROR_CACHE_TAG_TTL": "5s",
+                              "MIRROR_UPSTREAM_PASSWORD": "p", "MIRROR_UPSTREAM_USERNAME": "u"})
+    assert load_config(env=to_environ(config)) == config
+
+
+def test_cli_reports_bad_value_and_exits_nonzero(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--listen", "x", "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["mirror: bad value for http.listen: 'x': expected HOST:PORT, "
+                                                "e.g. 0.0.0.0:5000"]

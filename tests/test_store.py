@@ -1,0 +1,146 @@
+"""The store and the coalesced fill, on real files (the upstream side is a plain async generator)."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from mirror.fill import FillFailed, Fills, GrowingBlob, StoredBlob
+from mirror.reference import Digest
+from mirror.store import DigestMismatch, SizeMismatch, Store
+
+
+class Source:
+    """Bytes handed out in chunks, with a pause between them and an optional fault."""
+
+    def __init__(self, data: bytes, chunk: int = 64 << 10, pause: float = 0.0, corrupt: bool = False,
+                 cut_at: int | None = None) -> None:
+        self.data, self.chunk, self.pause, self.corrupt, self.cut_at = data, chunk, pause, corrupt, cut_at
+        self.size: int | None = len(data)
+        self.opened = 0
+
+    @asynccontextmanager
+    async def fetch(self) -> AsyncIterator["Source"]:
+        self.opened += 1
+        yield self
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        data = bytes(b ^ 0xFF for b in self.data[:16]) + self.data[16:] if self.corrupt else self.data
+        for i in range(0, len(data), self.chunk):
+            if self.cut_at is not None and i >= self.cut_at:
+                raise ConnectionResetError("reset by peer")
+            await asyncio.sleep(self.pause)
+            yield data[i:i + self.chunk]
+
+
+def make_store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "data")
+    store.create()
+    return store
+
+
+async def read_all(blob: StoredBlob | GrowingBlob) -> bytes:
+    try:
+        if isinstance(blob, StoredBlob):
+            return os.pread(blob.fd, blob.size, 0)
+        return b"".join([chunk async for chunk in blob.chunks()])
+    finally:
+        blob.close()
+
+
+def test_ingest_verifies_and_leaves_nothing_on_mismatch(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = b"hello"
+    digest = Digest.of(data)
+    store.put_bytes(digest, data)
+    assert store.read_bytes(digest) == data
+    assert store.blob_path(digest).parent.parent.name == "sha256"
+
+    wrong = Digest.of(b"other")
+    ingest = store.ingest(wrong)
+    ingest.write(data)
+    with pytest.raises(DigestMismatch):
+        ingest.commit()
+    ingest.close()
+    short = store.ingest(digest, expected_size=6)
+    short.write(data)
+    with pytest.raises(SizeMismatch):
+        short.commit()
+    short.close()
+    assert not store.exists(wrong)
+    assert os.listdir(store.tmp) == []
+
+
+def test_sweep_removes_only_abandoned_temp_files(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    abandoned = store.tmp / "sha256-abc.partial"
+    abandoned.write_bytes(b"half")
+    (store.tmp / "sha256-abc.meta").write_text("{}")
+    live = store.ingest(Digest.of(b"x"))  # holds its lock
+    assert store.sweep_tmp() == 1
+    assert sorted(os.listdir(store.tmp)) == [live.path.name]
+    live.close()
+
+
+def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(3 << 20)
+    digest = Digest.of(data)
+    source = Source(data, pause=0.001)
+
+    async def run() -> None:
+        fills = Fills(store)
+        blobs = await asyncio.gather(*(fills.open(digest, source.fetch) for _ in range(8)))
+        assert [b.coalesced for b in blobs if isinstance(b, GrowingBlob)].count(False) == 1
+        results = await asyncio.gather(*(read_all(b) for b in blobs))
+        assert all(r == data for r in results)
+        await fills.aclose()
+
+    asyncio.run(run())
+    assert source.opened == 1
+    assert store.blob_path(digest).read_bytes() == data
+    assert os.listdir(store.tmp) == []
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "cut"])
+def test_failed_fetch_aborts_readers_and_stores_nothing(tmp_path: Path, fault: str) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(1 << 20)
+    digest = Digest.of(data)
+    source = Source(data, pause=0.001, corrupt=fault == "corrupt", cut_at=512 << 10 if fault == "cut" else None)
+
+    async def run() -> None:
+        fills = Fills(store)
+        blobs = await asyncio.gather(*(fills.open(digest, source.fetch) for _ in range(3)))
+        for blob in blobs:
+            with pytest.raises(FillFailed):
+                await read_all(blob)
+        await fills.aclose()
+        # the next request fetches again, and this time the bytes are right
+        good = Source(data)
+        assert await read_all(await Fills(store).open(digest, good.fetch)) == data
+        assert good.opened == 1
+
+    asyncio.run(run())
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:
+    """A leader that vanished (lock gone, file unlinked) is a failure, never a short success."""
+    store = make_store(tmp_path)
+    digest = Digest.of(b"never")
+    path = store.fill_path(digest)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"nev")
+    reader = GrowingBlob(Fills(store), digest, os.open(path, os.O_RDONLY), 5, coalesced=True)
+    os.unlink(path)
+    os.close(fd)
+    with pytest.raises(FillFailed):
+        asyncio.run(read_all(reader))

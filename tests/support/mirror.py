@@ -1,0 +1,120 @@
+"""Run the mirror under test as a subprocess.
+
+The command line is the contract with the server::
+
+    python -m mirror serve --listen 127.0.0.1:PORT --data DIR --upstream URL
+        --workers N [--config FILE]
+
+plus environment variables such as ``MIRROR_CACHE_TAG_TTL=1s``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .procs import Proc, free_port, wait_http
+
+#: The repository root, so ``python -m mirror`` finds the package uninstalled.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 30.0
+
+
+class MirrorServer:
+    """One mirror process on a fixed port; restarts keep the port and data."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        upstream_url: str,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        config: Path | None = None,
+        log_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.data_dir = data_dir
+        self.upstream_url = upstream_url
+        self.workers = workers
+        self.env = dict(env or {})
+        self.config = config
+        self.port = port or free_port()
+        self.log_dir = log_dir or data_dir.parent
+        self.log_path = self.log_dir / f"mirror-{self.port}.log"
+        #: The full command line (the CLI contract with the server).
+        self.args: list[str] = [
+            sys.executable, "-m", "mirror", "serve",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--data", os.fspath(data_dir),
+            "--upstream", upstream_url,
+            "--workers", str(workers),
+        ]
+        if config is not None:
+            self.args += ["--config", os.fspath(config)]
+        self.args += list(extra_args)
+        self._proc = Proc(
+            self.args, self.log_path, env={"PYTHONUNBUFFERED": "1", **self.env}, cwd=PROJECT_ROOT, name="mirror"
+        )
+
+    def __repr__(self) -> str:
+        return f"MirrorServer({self.url}, upstream={self.upstream_url})"
+
+    def __enter__(self) -> MirrorServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL, ``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``, e.g. for ``--insecure-registry``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the mirror process is alive."""
+        return self._proc.running
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the mirror's main process."""
+        return self._proc.pid
+
+    def start(self, timeout: float = START_TIMEOUT) -> MirrorServer:
+        """Start and wait until ``GET /v2/`` answers; fail with the log tail."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._proc.start()
+        try:
+            wait_http(f"{self.url}/v2/", timeout, alive=self._proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self._proc.stop()
+            raise RuntimeError(f"mirror did not come up: {exc}\n--- log tail ---\n{self.log_tail()}") from None
+        return self
+
+    def stop(self) -> int | None:
+        """Graceful stop (SIGTERM, then SIGKILL); safe to call twice."""
+        return self._proc.stop()
+
+    def kill9(self) -> int | None:
+        """Crash it: SIGKILL the whole process group at once."""
+        return self._proc.kill9()
+
+    def restart(self, timeout: float = START_TIMEOUT) -> MirrorServer:
+        """Stop (if running) and start again on the same port with the same data."""
+        self.stop()
+        return self.start(timeout)
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last *lines* lines of the mirror's log."""
+        return self._proc.log_tail(lines)

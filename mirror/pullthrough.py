@@ -126,6 +126,10 @@ class PullThrough:
         try:
             manifest = await self.upstream.get_manifest(name, tag)
         except UpstreamError as exc:
+            if record is not None and cached is not None and not isinstance(exc, UpstreamNotFound):
+                # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).
+                self._log_stale(f"{repo}:{tag}", exc)
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
             raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
         await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest), Outcome.MISS)
@@ -194,6 +198,12 @@ class PullThrough:
             stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
+        elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:
+            # Stored for another repository: serve it here only if the upstream has it here too.
+            try:
+                await self.upstream.head_blob(name, digest)
+            except UpstreamError as exc:
+                raise _api_error(exc, "BLOB_UNKNOWN") from exc
         try:
             source = await self.fills.open(digest, lambda: self.upstream.blob(name, digest))
         except UpstreamError as exc:
@@ -218,7 +228,9 @@ class PullThrough:
             self._log_stale(f"{self._repo(name)} tags", exc)
             return _paginate(local, n, last)
         tags = doc.get("tags") or []
-        return [t for t in tags if isinstance(t, str)], bool(link)
+        # The spec wants lexical order and at most n; some registries ignore both.
+        page, more = _paginate([t for t in tags if isinstance(t, str)], n, last)
+        return page, more or bool(link)
 
     # -- helpers --
 

@@ -33,6 +33,7 @@ CACHE_HEADER = "X-Mirror-Cache"
 MAX_PAGE = 10000
 
 _ROUTES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)"), "upload"),
     (re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)"), "manifest"),
     (re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)"), "blob"),
     (re.compile(r"(?P<name>.+)/tags/list"), "tags"),
@@ -52,7 +53,7 @@ async def dispatch(request: Request) -> Response:
             m = pattern.fullmatch(path)
             if m is None:
                 continue
-            if request.method not in ("GET", "HEAD"):
+            if kind == "upload" or request.method not in ("GET", "HEAD"):
                 raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
             name = _name(m.group("name"))
             handler = _HANDLERS[kind]

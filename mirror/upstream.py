@@ -258,11 +258,14 @@ class Upstream:
         status = response.status_code
         code = None
         if method != "HEAD":
-            body = b""
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > MAX_ERROR_BYTES:
-                    break
+            try:
+                body = response.content[:MAX_ERROR_BYTES]  # already read (a non-streaming request)
+            except httpx.ResponseNotRead:
+                body = b""
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > MAX_ERROR_BYTES:
+                        break
             try:
                 code = json.loads(body)["errors"][0]["code"]
             except (ValueError, KeyError, IndexError, TypeError):

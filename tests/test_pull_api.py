@@ -1,0 +1,440 @@
+"""The /v2/ read API through a real mirror in front of a real docker-registry.
+
+Every test counts what the upstream served (from its access log) to prove what
+came from the store and what did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import client
+from tests.support.catalog import StandardImages
+from tests.support.images import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    build_image,
+    random_layer,
+)
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+LIBRARY = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
+ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def manifests_path(name: str, reference: str = "") -> re.Pattern[str]:
+    return re.compile(rf"^/v2/{re.escape(name)}/manifests/{re.escape(reference)}")
+
+
+def blob_path(name: str, digest: str) -> re.Pattern[str]:
+    return re.compile(rf"^/v2/{re.escape(name)}/blobs/{re.escape(digest)}$")
+
+
+def error_code(answer: httpx.Response) -> str:
+    """The first error code of a spec-format error body (fails on anything else)."""
+    assert answer.headers["content-type"].startswith("application/json"), answer.text
+    errors = answer.json()["errors"]
+    assert errors and all({"code", "message"} <= set(e) for e in errors), errors
+    return str(errors[0]["code"])
+
+
+def files_under(root: Path) -> dict[str, float]:
+    """Every file under *root* with its mtime."""
+    return {os.fspath(p): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
+
+
+def stored_blobs(data_dir: Path) -> set[str]:
+    return {f"sha256:{p.name}" for p in (data_dir / "blobs" / "sha256").glob("*/*")}
+
+
+# /v2/ ------------------------------------------------------------------------------
+
+
+def test_base_endpoint_answers_with_the_api_version(mirror: MirrorServer, http: httpx.Client) -> None:
+    for path in ("/v2/", "/v2"):
+        answer = http.get(mirror.url + path)
+        assert answer.status_code == 200
+        assert answer.json() == {}
+        assert answer.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert http.head(mirror.url + "/v2/").status_code == 200
+
+
+# Manifests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["small", "multi", "dlist"])
+def test_manifest_is_served_byte_exact_then_from_the_store(
+    which: str, images: StandardImages, upstream: UpstreamRegistry, mirror: MirrorServer, http: httpx.Client
+) -> None:
+    name, tag, item = images.refs[which]
+    upstream.clear_counts()
+    first = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
+    assert first.status_code == 200, first.text
+    assert first.content == item.manifest
+    assert first.headers["content-type"] == item.media_type
+    assert first.headers["docker-content-digest"] == item.digest == sha256(first.content)
+    assert first.headers["content-length"] == str(len(item.manifest))
+    assert first.headers["etag"] == f'"{item.digest}"'
+    assert first.headers["x-mirror-cache"] == "MISS"
+
+    again = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
+    by_digest = http.get(f"{mirror.url}/v2/{name}/manifests/{item.digest}", headers={"accept": ALL_TYPES})
+    head = http.head(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
+    for answer in (again, by_digest):
+        assert answer.status_code == 200
+        assert answer.content == item.manifest
+        assert answer.headers["x-mirror-cache"] == "HIT"
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(item.manifest))
+    assert head.headers["docker-content-digest"] == item.digest
+    assert head.headers["content-type"] == item.media_type
+
+    # One upstream GET in all; the digest was never asked for upstream.
+    assert upstream.count(None, manifests_path(name)) == 1
+    assert upstream.count("GET", manifests_path(name, tag)) == 1
+
+    not_modified = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}",
+                            headers={"accept": ALL_TYPES, "if-none-match": f'"{item.digest}"'})
+    assert not_modified.status_code == 304 and not_modified.content == b""
+
+
+def test_children_of_an_index_are_served_by_digest(
+    images: StandardImages, upstream: UpstreamRegistry, mirror: MirrorServer, http: httpx.Client
+) -> None:
+    name, tag, index = images.refs["multi"]
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES}).status_code == 200
+    upstream.clear_counts()
+    for child in index.children:
+        first = http.get(f"{mirror.url}/v2/{name}/manifests/{child.digest}", headers={"accept": ALL_TYPES})
+        assert first.status_code == 200
+        assert first.content == child.manifest
+        assert first.headers["content-type"] == OCI_MANIFEST
+        assert first.headers["x-mirror-cache"] == "MISS"
+        again = http.get(f"{mirror.url}/v2/{name}/manifests/{child.digest}", headers={"accept": ALL_TYPES})
+        assert again.headers["x-mirror-cache"] == "HIT" and again.content == child.manifest
+    assert upstream.count("GET", manifests_path(name)) == len(index.children)
+
+
+def test_a_client_that_cannot_read_indexes_gets_the_amd64_image(
+    images: StandardImages, mirror: MirrorServer, http: httpx.Client
+) -> None:
+    for which, accept, child_type in (("multi", OCI_MANIFEST, OCI_MANIFEST),
+                                      ("dlist", DOCKER_MANIFEST, DOCKER_MANIFEST)):
+        name, tag, index = images.refs[which]
+        amd64 = index.child("amd64")
+        answer = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": accept})
+        assert answer.status_code == 200, answer.text
+        assert answer.content == amd64.manifest
+        assert answer.headers["content-type"] == child_type
+        assert answer.headers["docker-content-digest"] == amd64.digest
+        # The same tag with the index type accepted gives the index itself.
+        full = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}",
+                        headers={"accept": f"{accept}, {OCI_INDEX}, {DOCKER_LIST}"})
+        assert full.content == index.manifest and full.headers["content-type"] == index.media_type
+
+
+def test_one_component_names_map_to_the_library_namespace(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=LIBRARY)
+    short = http.get(f"{mirror.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES})
+    assert short.status_code == 200 and short.content == images.small.manifest
+    full = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": ALL_TYPES})
+    assert full.headers["x-mirror-cache"] == "HIT" and full.content == images.small.manifest
+    layer = images.small.layers[-1]
+    digest, size = client.fetch_blob_digest(mirror.url, "small", layer.digest, client=http)
+    assert (digest, size) == (layer.digest, layer.size)
+
+
+def test_names_of_any_depth(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    image = build_image(tmp_path / "deep", [random_layer(tmp_path / "deep", 4096, seed=7)])
+    own.push_image("team/sub/app", "v1", image)
+    mirror = mirror_factory(own.url)
+    answer = http.get(f"{mirror.url}/v2/team/sub/app/manifests/v1", headers={"accept": ALL_TYPES})
+    assert answer.status_code == 200 and answer.content == image.manifest
+    digest, _ = client.fetch_blob_digest(mirror.url, "team/sub/app", image.layers[0].digest, client=http)
+    assert digest == image.layers[0].digest
+    tags = http.get(f"{mirror.url}/v2/team/sub/app/tags/list")
+    assert tags.json() == {"name": "team/sub/app", "tags": ["v1"]}
+
+
+# Tags: TTL and revalidation -----------------------------------------------------------
+
+
+def test_an_expired_tag_is_revalidated_with_head_and_refetched_only_when_it_moved(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    first = build_image(tmp_path / "a", [random_layer(tmp_path / "a", 4096, seed=1)])
+    second = build_image(tmp_path / "b", [random_layer(tmp_path / "b", 4096, seed=2)])
+    own.push_image("library/app", "latest", first)
+    mirror = mirror_factory(own.url, env={"MIRROR_CACHE_TAG_TTL": "1s"})
+    url = f"{mirror.url}/v2/library/app/manifests/latest"
+
+    assert http.get(url, headers={"accept": ALL_TYPES}).content == first.manifest
+    own.clear_counts()
+    fresh = http.get(url, headers={"accept": ALL_TYPES})
+    assert fresh.headers["x-mirror-cache"] == "HIT"
+    assert own.count(None, manifests_path("library/app")) == 0  # within the TTL: no upstream request
+
+    time.sleep(1.2)
+    revalidated = http.get(url, headers={"accept": ALL_TYPES})
+    assert revalidated.headers["x-mirror-cache"] == "HIT" and revalidated.content == first.manifest
+    assert own.count("HEAD", manifests_path("library/app", "latest")) == 1
+    assert own.count("GET", manifests_path("library/app")) == 0
+
+    own.push_image("library/app", "latest", second)
+    own.clear_counts()
+    time.sleep(1.2)
+    moved = http.get(url, headers={"accept": ALL_TYPES})
+    assert moved.headers["x-mirror-cache"] == "MISS"
+    assert moved.content == second.manifest
+    assert moved.headers["docker-content-digest"] == second.digest
+    assert own.count("GET", manifests_path("library/app", "latest")) == 1
+    # The old digest stays readable: digests are immutable.
+    old = http.get(f"{mirror.url}/v2/library/app/manifests/{first.digest}", headers={"accept": ALL_TYPES})
+    assert old.headers["x-mirror-cache"] == "HIT" and old.content == first.manifest
+
+
+def test_tags_list_comes_from_upstream_and_pages(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    image = build_image(tmp_path / "t", [random_layer(tmp_path / "t", 1024, seed=3)])
+    for tag in ("a", "b", "c"):
+        own.push_image("library/tagged", tag, image)
+    mirror = mirror_factory(own.url)
+    answer = http.get(f"{mirror.url}/v2/library/tagged/tags/list")
+    assert answer.status_code == 200
+    assert answer.json() == {"name": "library/tagged", "tags": ["a", "b", "c"]}
+    page = http.get(f"{mirror.url}/v2/library/tagged/tags/list", params={"n": 2})
+    assert page.json()["tags"] == ["a", "b"]
+    assert 'rel="next"' in page.headers["link"] and "last=b" in page.headers["link"]
+    rest = http.get(f"{mirror.url}/v2/library/tagged/tags/list", params={"n": 2, "last": "b"})
+    assert rest.json()["tags"] == ["c"]
+    missing = http.get(f"{mirror.url}/v2/library/nothing-here/tags/list")
+    assert missing.status_code == 404 and error_code(missing) == "NAME_UNKNOWN"
+
+
+# Blobs -------------------------------------------------------------------------------
+
+
+def test_blob_is_streamed_once_from_upstream_then_served_from_the_store(
+    images: StandardImages, upstream: UpstreamRegistry, mirror: MirrorServer, http: httpx.Client
+) -> None:
+    name = "library/big"
+    layer = images.big.layers[1]  # 8 MiB
+    upstream.clear_counts()
+    url = f"{mirror.url}/v2/{name}/blobs/{layer.digest}"
+    head = http.head(url)
+    assert head.status_code == 200
+    assert head.headers["content-length"] == str(layer.size)
+    assert head.headers["docker-content-digest"] == layer.digest
+
+    for expected in ("MISS", "HIT", "HIT"):
+        answer = http.get(url)
+        assert answer.status_code == 200
+        assert answer.headers["x-mirror-cache"] == expected
+        assert answer.headers["content-length"] == str(layer.size)
+        assert answer.headers["docker-content-digest"] == layer.digest
+        assert answer.headers["accept-ranges"] == "bytes"
+        assert sha256(answer.content) == layer.digest
+    assert upstream.count("GET", blob_path(name, layer.digest)) == 1
+    assert upstream.bytes_served(blob_path(name, layer.digest)) == layer.size
+    assert layer.digest in stored_blobs(mirror.data_dir)
+    stored = http.head(url)
+    assert stored.headers["x-mirror-cache"] == "HIT" and stored.headers["content-length"] == str(layer.size)
+
+
+def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.Client) -> None:
+    layer = images.big.layers[0]  # 1 MiB
+    data = layer.path.read_bytes()
+    url = f"{mirror.url}/v2/library/big/blobs/{layer.digest}"
+    assert http.get(url).status_code == 200
+    size = len(data)
+    for header, start, end in (("bytes=0-99", 0, 99), ("bytes=1000-", 1000, size - 1),
+                               ("bytes=-10", size - 10, size - 1), ("bytes=5-5", 5, 5),
+                               (f"bytes=10-{size * 2}", 10, size - 1)):
+        part = http.get(url, headers={"range": header})
+        assert part.status_code == 206, header
+        assert part.content == data[start:end + 1], header
+        assert part.headers["content-range"] == f"bytes {start}-{end}/{size}"
+        assert part.headers["content-length"] == str(end - start + 1)
+    for header in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=9-1", "bytes=abc", "bytes=-0"):
+        bad = http.get(url, headers={"range": header})
+        assert bad.status_code == 416, header
+        assert bad.headers["content-range"] == f"bytes */{size}"
+        assert error_code(bad) == "RANGE_INVALID"
+
+
+def test_blobs_are_not_shared_across_repositories_without_upstream_consent(
+    images: StandardImages, upstream: UpstreamRegistry, mirror: MirrorServer, http: httpx.Client
+) -> None:
+    layer = images.small.layers[-1]
+    digest, _ = client.fetch_blob_digest(mirror.url, "library/small", layer.digest, client=http)
+    assert digest == layer.digest
+    # library/multi does not hold this blob upstream, so the mirror must not serve it from its store.
+    other = http.get(f"{mirror.url}/v2/library/multi/blobs/{layer.digest}")
+    assert other.status_code == 404 and error_code(other) == "BLOB_UNKNOWN"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_cold_clients_share_one_upstream_fetch(
+    workers: int, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    mirror = mirror_factory(workers=workers)
+    layer = images.big.layers[2]  # 64 MiB
+    assert layer.size >= 64 * MIB
+    upstream.clear_counts()
+
+    def pull(_: int) -> tuple[str, int, str]:
+        with httpx.Client(timeout=120.0, trust_env=False) as http, \
+                http.stream("GET", f"{mirror.url}/v2/library/big/blobs/{layer.digest}") as answer:
+            assert answer.status_code == 200
+            hasher, size = hashlib.sha256(), 0
+            for chunk in answer.iter_bytes(MIB):
+                hasher.update(chunk)
+                size += len(chunk)
+            return "sha256:" + hasher.hexdigest(), size, answer.headers["x-mirror-cache"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(pull, range(8)))
+    assert {(digest, size) for digest, size, _ in results} == {(layer.digest, layer.size)}
+    outcomes = [outcome for _, _, outcome in results]
+    assert set(outcomes) <= {"MISS", "COALESCED", "HIT"} and "MISS" in outcomes
+    assert upstream.count("GET", blob_path("library/big", layer.digest)) == 1
+    assert upstream.bytes_served(blob_path("library/big", layer.digest)) == layer.size
+    assert not list((mirror.data_dir / "tmp").glob("*.partial"))
+
+
+# Upstream down -----------------------------------------------------------------------
+
+
+def pull_everything(http: httpx.Client, base: str, name: str, image: Image) -> None:
+    assert http.get(f"{base}/v2/{name}/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
+    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+        assert client.fetch_blob_digest(base, name, digest, client=http)[0] == digest
+
+
+def test_cached_content_is_served_while_the_upstream_is_down_and_across_restarts(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    image = build_image(tmp_path / "img", [random_layer(tmp_path / "img", 2 * MIB, seed=9)])
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=10)])
+    own.push_image("library/app", "1", image)
+    own.push_image("library/app", "2", other)
+    mirror = mirror_factory(own.url, env={"MIRROR_CACHE_TAG_TTL": "0s", "MIRROR_UPSTREAM_RETRIES": "1",
+                                          "MIRROR_UPSTREAM_CONNECT_TIMEOUT": "1s"})
+    pull_everything(http, mirror.url, "library/app", image)
+    own.stop()
+
+    def check_served() -> None:
+        by_tag = http.get(f"{mirror.url}/v2/library/app/manifests/1", headers={"accept": ALL_TYPES})
+        assert by_tag.status_code == 200 and by_tag.content == image.manifest
+        assert by_tag.headers["x-mirror-cache"] == "STALE"
+        by_digest = http.get(f"{mirror.url}/v2/library/app/manifests/{image.digest}",
+                             headers={"accept": ALL_TYPES})
+        assert by_digest.headers["x-mirror-cache"] == "HIT" and by_digest.content == image.manifest
+        for digest in (image.config_digest, image.layers[0].digest):
+            blob = http.get(f"{mirror.url}/v2/library/app/blobs/{digest}")
+            assert blob.status_code == 200 and sha256(blob.content) == digest
+        tags = http.get(f"{mirror.url}/v2/library/app/tags/list")
+        assert tags.status_code == 200 and tags.json() == {"name": "library/app", "tags": ["1"]}
+        started = time.monotonic()
+        unknown = http.get(f"{mirror.url}/v2/library/app/manifests/2", headers={"accept": ALL_TYPES})
+        assert unknown.status_code == 503 and error_code(unknown) == "UNAVAILABLE"
+        blob = http.get(f"{mirror.url}/v2/library/app/blobs/{other.layers[0].digest}")
+        assert blob.status_code == 503 and error_code(blob) == "UNAVAILABLE"
+        assert time.monotonic() - started < 10
+
+    check_served()
+    mirror.restart()  # start-up must not need the upstream
+    check_served()
+
+
+# Bad input ---------------------------------------------------------------------------
+
+BAD_REQUESTS: list[tuple[str, str, dict[str, str], int, str]] = [
+    ("GET", "/v2/UPPER/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/a..b/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/-lead/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/a//b/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/..%2f..%2fetc/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/a/%2e%2e/b/blobs/sha256:" + "0" * 64, {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/" + "a/" * 200 + "x/manifests/1", {}, 400, "NAME_INVALID"),
+    ("GET", "/v2/library/small/manifests/-bad-tag", {}, 400, "TAG_INVALID"),
+    ("GET", "/v2/library/small/manifests/" + "t" * 129, {}, 400, "TAG_INVALID"),
+    ("GET", "/v2/library/small/manifests/sha256:abc", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/small/manifests/sha256:" + "Z" * 64, {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/small/blobs/sha256:%2e%2e", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/small/blobs/sha256:%2e%2e%2f%2e%2e%2fetc%2fpasswd", {}, 404, "NAME_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/%2e%2e%2f%2e%2e%2fetc%2fpasswd", {}, 404, "NAME_UNKNOWN"),
+    ("GET", "/v2/library/small/blobs/sha256:" + "0" * 63, {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/small/blobs/not-a-digest", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/library/small/blobs/md5:" + "0" * 32, {}, 400, "UNSUPPORTED"),
+    ("GET", "/v2/library/small/blobs/sha256:" + "0" * 64, {}, 404, "BLOB_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/no-such-tag", {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/sha256:" + "0" * 64, {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/tags/list?n=abc", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/library/small/tags/list?n=-1", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/library/small/nothing", {}, 404, "NAME_UNKNOWN"),
+    ("DELETE", "/v2/library/small/manifests/1", {}, 405, "UNSUPPORTED"),
+    ("PATCH", "/v2/library/small/blobs/uploads/x", {}, 405, "UNSUPPORTED"),
+]
+
+
+def test_bad_input_gets_the_right_error_and_touches_nothing(
+    images: StandardImages, mirror: MirrorServer, tmp_path: Path, http: httpx.Client
+) -> None:
+    outside = {path: mtime for path, mtime in files_under(tmp_path).items()
+               if not path.startswith(os.fspath(mirror.data_dir)) and not path.endswith(".log")}
+    for method, path, headers, status, code in BAD_REQUESTS:
+        answer = http.request(method, mirror.url + path, headers=headers)
+        assert answer.status_code == status, (method, path, answer.status_code, answer.text)
+        if method != "HEAD":
+            assert error_code(answer) == code, (method, path, answer.text)
+        head = http.head(mirror.url + path) if method == "GET" else None
+        if head is not None:
+            assert head.status_code == status and head.content == b"", (path, head.status_code)
+    after = {path: mtime for path, mtime in files_under(tmp_path).items()
+             if not path.startswith(os.fspath(mirror.data_dir)) and not path.endswith(".log")}
+    assert after == outside
+    assert not Path("/etc/passwd.partial").exists()
+    # Still healthy after all of that.
+    good = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": ALL_TYPES})
+    assert good.status_code == 200 and good.content == images.small.manifest

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from .config import Config, load_config
 from .errors import APIError, error_response
 from .fill import Fills
+from .local import LocalRegistry
 from .metadata import Metadata
 from .pullthrough import PullThrough
 from .routes import routes
@@ -36,8 +37,12 @@ def create_app(config: Config) -> Starlette:
         fills = Fills(store)
         upstream = Upstream(config.upstream)
         pull = PullThrough(store, metadata, fills, upstream, config.cache.tag_ttl, config.upstream.registry)
+        local = LocalRegistry(store, metadata, config, upstream.canonical_name)
+        expired = await anyio.to_thread.run_sync(local.sweep_uploads)
+        if expired:
+            log.info("removed %d abandoned uploads", expired)
         try:
-            yield {"pull": pull, "config": config}
+            yield {"pull": pull, "local": local, "config": config}
         finally:
             await fills.aclose()
             await upstream.aclose()

@@ -112,6 +112,22 @@ def parse_choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def parse_prefixes(value: Any) -> tuple[str, ...]:
+    """A list of repository-name prefixes (YAML list, or comma-separated in the environment)."""
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    prefixes = []
+    for item in items:
+        if isinstance(item, (dict, list)):
+            raise ValueError("expected a list of repository name prefixes")
+        text = str(item).strip().strip("/")
+        if not text or not re.fullmatch(r"[a-z0-9._/-]+", text):
+            raise ValueError(f"{item!r} is not a repository name prefix")
+        prefixes.append(text)
+    return tuple(prefixes)
+
+
 def _key(parser: Callable[[Any], Any], default: Any, *, secret: bool = False) -> Any:
     return field(default=default, repr=not secret, metadata={"parse": parser})
 
@@ -164,6 +180,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class PushConfig:
+    enabled: bool = _key(parse_bool, True)
+    # Empty: any repository; otherwise only names equal to or under one of these prefixes.
+    prefixes: tuple[str, ...] = _key(parse_prefixes, ())
+    # Allow pushing into a repository that is a cache of the upstream (it then becomes local).
+    over_cache: bool = _key(parse_bool, False)
+    # Unfinished uploads older than this are removed.
+    upload_ttl: float = _key(parse_duration, 86400.0)
+
+    def allows(self, name: str) -> bool:
+        return not self.prefixes or any(name == p or name.startswith(p + "/") for p in self.prefixes)
+
+
+@dataclass(frozen=True)
+class DeleteConfig:
+    enabled: bool = _key(parse_bool, True)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _key(parse_choice("debug", "info", "warning", "error"), "info")
     access: bool = _key(parse_bool, True)
@@ -175,6 +210,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    delete: DeleteConfig = field(default_factory=DeleteConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -183,6 +220,8 @@ SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "upstream": UpstreamConfig,
     "cache": CacheConfig,
+    "push": PushConfig,
+    "delete": DeleteConfig,
     "log": LogConfig,
 }
 
@@ -260,6 +299,8 @@ def to_environ(config: Config) -> dict[str, str]:
         section = getattr(config, name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
             if value is not None:
                 out[f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"] = str(value)
     return out

@@ -227,10 +227,29 @@ class PullThrough:
                 raise _api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
             return _paginate(local, n, last)
-        tags = doc.get("tags") or []
+        tags = {t for t in doc.get("tags") or [] if isinstance(t, str)}
+        if not link:  # a complete answer: add the tags cached here (the upstream may have dropped some)
+            tags.update(self.metadata.tags(self._repo(name)))
         # The spec wants lexical order and at most n; some registries ignore both.
-        page, more = _paginate([t for t in tags if isinstance(t, str)], n, last)
+        page, more = _paginate(sorted(tags), n, last)
         return page, more or bool(link)
+
+    # -- referrers --
+
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
+        """The upstream's referrers of a digest; empty when it has none, lacks the API or is down."""
+        name = self.upstream.canonical_name(name)
+        try:
+            doc = await self.upstream.referrers(name, digest, artifact_type)
+        except UpstreamError:
+            return []
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            return []
+        found = [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+        if artifact_type is not None:
+            found = [e for e in found if e.get("artifactType") == artifact_type]
+        return found
 
     # -- helpers --
 

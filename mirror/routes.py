@@ -10,14 +10,18 @@ import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import APIError, error_response
-from .manifest import accepted
-from .pullthrough import PullThrough
+from .fill import GrowingBlob, StoredBlob
+from .local import MAX_MANIFEST_BYTES, LocalRegistry, referrers_index
+from .manifest import OCI_INDEX, accepted
+from .pullthrough import PullThrough, _paginate
 from .reference import (
+    Digest,
     InvalidRange,
     ParseError,
     UnsupportedDigest,
@@ -32,11 +36,14 @@ API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 CACHE_HEADER = "X-Mirror-Cache"
 MAX_PAGE = 10000
 
-_ROUTES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)"), "upload"),
-    (re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)"), "manifest"),
-    (re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)"), "blob"),
-    (re.compile(r"(?P<name>.+)/tags/list"), "tags"),
+_ROUTES: list[tuple[re.Pattern[str], str, frozenset[str]]] = [
+    (re.compile(r"(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)"), "upload",
+     frozenset({"POST", "PATCH", "PUT", "GET", "HEAD", "DELETE"})),
+    (re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)"), "manifest",
+     frozenset({"GET", "HEAD", "PUT", "DELETE"})),
+    (re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)"), "blob", frozenset({"GET", "HEAD", "DELETE"})),
+    (re.compile(r"(?P<name>.+)/tags/list"), "tags", frozenset({"GET", "HEAD"})),
+    (re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)"), "referrers", frozenset({"GET", "HEAD"})),
 ]
 
 
@@ -49,11 +56,11 @@ async def dispatch(request: Request) -> Response:
     path = request.path_params["path"]
     head = request.method == "HEAD"
     try:
-        for pattern, kind in _ROUTES:
+        for pattern, kind, methods in _ROUTES:
             m = pattern.fullmatch(path)
             if m is None:
                 continue
-            if kind == "upload" or request.method not in ("GET", "HEAD"):
+            if request.method not in methods:
                 raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
             name = _name(m.group("name"))
             handler = _HANDLERS[kind]
@@ -70,21 +77,47 @@ def _name(raw: str) -> str:
         raise APIError("NAME_INVALID", detail=str(exc)) from exc
 
 
-async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull: PullThrough = request.state.pull
+def _reference(raw: str) -> str | Digest:
     try:
-        reference = parse_reference(m.group("reference"))
+        return parse_reference(raw)
     except UnsupportedDigest as exc:
         raise APIError("UNSUPPORTED", detail=str(exc), status=400) from exc
     except ParseError as exc:
         code = "DIGEST_INVALID" if exc.kind == "digest" else "TAG_INVALID"
         raise APIError(code, "invalid reference", detail=str(exc)) from exc
-    result = await pull.manifest(name, reference, accepted(request.headers.get("accept")))
+
+
+def _digest(raw: str) -> Digest:
+    try:
+        return parse_digest(raw)
+    except UnsupportedDigest as exc:
+        raise APIError("UNSUPPORTED", detail=str(exc), status=400) from exc
+    except ParseError as exc:
+        raise APIError("DIGEST_INVALID", "invalid digest", detail=str(exc)) from exc
+
+
+async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
+    pull: PullThrough = request.state.pull
+    local: LocalRegistry = request.state.local
+    reference = _reference(m.group("reference"))
+    if request.method == "PUT":
+        return await _put_manifest(request, name, reference)
+    if request.method == "DELETE":
+        await local.delete_manifest(name, reference)
+        return Response(status_code=202, headers=API_HEADERS)
+    # Clients such as dockerd send one Accept header per media type.
+    accept = accepted(", ".join(request.headers.getlist("accept")))
+    if local.is_local(name):
+        result = await local.manifest(name, reference, accept)
+        outcome = "LOCAL"
+    else:
+        pulled = await pull.manifest(name, reference, accept)
+        result, outcome = pulled, pulled.outcome.value
     headers = {
         **API_HEADERS,
         "Docker-Content-Digest": result.digest,
         "ETag": f'"{result.digest}"',
-        CACHE_HEADER: result.outcome.value,
+        CACHE_HEADER: outcome,
     }
     if request.headers.get("if-none-match") == f'"{result.digest}"':
         return Response(status_code=304, headers=headers)
@@ -94,44 +127,170 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
     return Response(result.body, headers=headers, media_type=result.media_type)
 
 
+async def _put_manifest(request: Request, name: str, reference: str | Digest) -> Response:
+    local: LocalRegistry = request.state.local
+    local.check_push(name)
+    body = await _read_limited(request, MAX_MANIFEST_BYTES)
+    digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
+    headers = {**API_HEADERS, "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
+    if subject:
+        headers["OCI-Subject"] = subject
+    return Response(status_code=201, headers=headers)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
+    return bytes(body)
+
+
 async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
     pull: PullThrough = request.state.pull
-    try:
-        digest = parse_digest(m.group("digest"))
-    except UnsupportedDigest as exc:
-        raise APIError("UNSUPPORTED", detail=str(exc), status=400) from exc
-    except ParseError as exc:
-        raise APIError("DIGEST_INVALID", "invalid digest", detail=str(exc)) from exc
+    local: LocalRegistry = request.state.local
+    digest = _digest(m.group("digest"))
+    if request.method == "DELETE":
+        await local.delete_blob(name, digest)
+        return Response(status_code=202, headers={**API_HEADERS, "Docker-Content-Digest": str(digest)})
     headers = {**API_HEADERS, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
+    is_local = local.is_local(name)
     if request.method == "HEAD":
-        found = await pull.blob_head(name, digest)
-        headers[CACHE_HEADER] = found.outcome.value
-        headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
+        if is_local:
+            size, outcome = await local.blob_size(name, digest), "LOCAL"
+        else:
+            found = await pull.blob_head(name, digest)
+            size, outcome = found.size, found.outcome.value
+        headers[CACHE_HEADER] = outcome
+        headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
-    result = await pull.blob(name, digest)
-    headers[CACHE_HEADER] = result.outcome.value
+    source: StoredBlob | GrowingBlob
+    if is_local:
+        source = await local.open_blob(name, digest)
+        headers[CACHE_HEADER] = "LOCAL"
+    else:
+        result = await pull.blob(name, digest)
+        source = result.source
+        headers[CACHE_HEADER] = result.outcome.value
     byte_range = None
     range_header = request.headers.get("range")
-    if range_header and result.source.size is not None:
+    if range_header and source.size is not None:
         try:
-            byte_range = parse_range(range_header, result.source.size)
+            byte_range = parse_range(range_header, source.size)
         except InvalidRange as exc:
-            result.source.close()
+            source.close()
             raise APIError("RANGE_INVALID", detail=str(exc),
-                           headers={"Content-Range": f"bytes */{result.source.size}"}) from exc
-    return BlobResponse(result.source, headers, byte_range=byte_range)  # type: ignore[return-value]
+                           headers={"Content-Range": f"bytes */{source.size}"}) from exc
+    return BlobResponse(source, headers, byte_range=byte_range)  # type: ignore[return-value]
+
+
+async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
+    local: LocalRegistry = request.state.local
+    uuid = m.group("upload")
+    method = request.method
+    if not uuid:
+        if method != "POST":
+            raise APIError("UNSUPPORTED", f"{method} is not supported on this endpoint")
+        return await _start_upload(request, name)
+    if method == "POST":
+        raise APIError("UNSUPPORTED", "POST is not supported on an upload in progress")
+    if method in ("GET", "HEAD"):
+        state = await local.upload_status(name, uuid)
+        return Response(status_code=204, headers={**API_HEADERS, **local.upload_headers(name, state)})
+    if method == "DELETE":
+        await local.cancel(name, uuid)
+        return Response(status_code=204, headers=API_HEADERS)
+    if method == "PATCH":
+        state = await local.append(name, uuid, request.stream(), request.headers.get("content-range"))
+        return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
+                                                  **local.upload_headers(name, state)})
+    # PUT: the last chunk (optional) and the digest.
+    digest = _query_digest(request)
+    await local.finish(name, uuid, digest, request.stream())
+    return _blob_created(name, digest)
+
+
+async def _start_upload(request: Request, name: str) -> Response:
+    local: LocalRegistry = request.state.local
+    local.check_push(name)
+    mount = request.query_params.get("mount")
+    if mount is not None:
+        digest = _digest(mount)
+        source = request.query_params.get("from")
+        if source and await anyio.to_thread.run_sync(local.mount, name, digest, source):
+            return _blob_created(name, digest)
+    state = await local.start_upload(name)
+    if "digest" in request.query_params:  # monolithic upload
+        digest = _query_digest(request)
+        await local.finish(name, state.uuid, digest, request.stream())
+        return _blob_created(name, digest)
+    return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
+                                              **local.upload_headers(name, state)})
+
+
+def _query_digest(request: Request) -> Digest:
+    raw = request.query_params.get("digest")
+    if not raw:
+        raise APIError("DIGEST_INVALID", detail="the digest query parameter is required")
+    return _digest(raw)
+
+
+def _blob_created(name: str, digest: Digest) -> Response:
+    return Response(status_code=201, headers={
+        **API_HEADERS, "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": str(digest),
+        "Content-Length": "0",
+    })
+
+
+async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
+    local: LocalRegistry = request.state.local
+    pull: PullThrough = request.state.pull
+    digest = _digest(m.group("digest"))
+    artifact_type = request.query_params.get("artifactType")
+    found = local.referrers(name, digest, artifact_type)
+    if not local.is_local(name):
+        known = {d["digest"] for d in found}
+        found += [d for d in await pull.referrers(name, digest, artifact_type) if d.get("digest") not in known]
+    headers = dict(API_HEADERS)
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return Response(referrers_index(found), headers=headers, media_type=OCI_INDEX)
 
 
 async def _tags(request: Request, name: str, m: re.Match[str]) -> Response:
     pull: PullThrough = request.state.pull
+    local: LocalRegistry = request.state.local
     n = _page_size(request.query_params.get("n"))
     last = request.query_params.get("last")
-    tags, more = await pull.tags(name, n, last)
+    if local.is_local(name):
+        tags, more = _paginate(local.tags(name), n, last)
+    else:
+        tags, more = await pull.tags(name, n, last)
     headers = dict(API_HEADERS)
     if more and tags:
         query = urlencode({"n": n, "last": tags[-1]} if n is not None else {"last": tags[-1]})
         headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
     return JSONResponse({"name": name, "tags": tags}, headers=headers)
+
+
+async def catalog(request: Request) -> Response:
+    local: LocalRegistry = request.state.local
+    try:
+        n = _page_size(request.query_params.get("n"))
+    except APIError as exc:
+        return error_response(exc, head=request.method == "HEAD")
+    last = request.query_params.get("last")
+    names = sorted({local.catalog_name(repo) for repo in local.metadata.repositories()})
+    page, more = _paginate(names, n, last)
+    headers = dict(API_HEADERS)
+    if more and page:
+        query = urlencode({"n": n, "last": page[-1]} if n is not None else {"last": page[-1]})
+        headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+    return JSONResponse({"repositories": page}, headers=headers)
 
 
 def _page_size(raw: str | None) -> int | None:
@@ -146,6 +305,8 @@ _HANDLERS: dict[str, Callable[[Request, str, re.Match[str]], Awaitable[Response]
     "manifest": _manifest,
     "blob": _blob,
     "tags": _tags,
+    "upload": _upload,
+    "referrers": _referrers,
 }
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
@@ -153,5 +314,6 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 routes = [
     Route("/v2/", base, methods=["GET", "HEAD"]),
     Route("/v2", base, methods=["GET", "HEAD"]),
+    Route("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     Route("/v2/{path:path}", dispatch, methods=ALL_METHODS),
 ]

@@ -9,9 +9,10 @@ Disk layout, produced by the methods of :class:`Store` and nowhere else::
         <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for readers that follow it
         ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
       index/                              metadata (see ``metadata.py``)
+      uploads/<uuid>                      a client's blob upload in progress (survives restarts)
 
-A file reaches ``blobs/`` only through :meth:`Ingest.commit`: size and digest checked,
-fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
+A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
+digest (and size) checked, fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
 start-up sweep removes exactly the leftovers of writers that died.
 
 All methods do blocking file I/O: call them from a worker thread in async code.
@@ -21,10 +22,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 from pathlib import Path
 
 from .reference import Digest
+
+CHUNK = 1024 * 1024
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(16)
 
 
 class StoreError(Exception):
@@ -45,10 +54,17 @@ class Store:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.index = root / "index"
+        self.uploads = root / "uploads"
 
     def create(self) -> None:
-        for d in (self.blobs, self.tmp, self.index):
+        for d in (self.blobs, self.tmp, self.index, self.uploads):
             d.mkdir(parents=True, exist_ok=True)
+
+    def upload_path(self, uuid: str) -> Path:
+        """Where a blob upload's bytes collect; *uuid* must come from :func:`new_upload_id`."""
+        if not UPLOAD_ID_RE.fullmatch(uuid):
+            raise ValueError(f"invalid upload id {uuid!r}")
+        return self.uploads / uuid
 
     # -- paths: only ever built from a validated Digest --
 
@@ -98,6 +114,28 @@ class Store:
             ingest.commit()
         finally:
             ingest.close()
+
+    def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
+        """Move a finished upload into the store, verified (hashed again unless *known_hex* is given).
+
+        Raises :class:`DigestMismatch` and leaves *path* where it is when the bytes do not match.
+        """
+        with open(path, "rb") as handle:
+            actual = known_hex
+            if actual is None:
+                hasher = digest.hasher()
+                while data := handle.read(CHUNK):
+                    hasher.update(data)
+                actual = hasher.hexdigest()
+            if actual != digest.hex:
+                raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{actual})")
+            os.fsync(handle.fileno())
+        final = self.blob_path(digest)
+        if final.exists():
+            os.unlink(path)
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""

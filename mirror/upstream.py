@@ -352,6 +352,15 @@ class Upstream:
             raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
         return doc, response.headers.get("link")
 
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> dict[str, Any]:
+        params = {"artifactType": artifact_type} if artifact_type is not None else None
+        response = await self._send("GET", f"/v2/{name}/referrers/{digest}", params=params)
+        try:
+            doc = response.json()
+        except ValueError as exc:
+            raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
+        return doc if isinstance(doc, dict) else {}
+
 
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip()

@@ -413,8 +413,10 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/v2/library/small/tags/list?n=abc", {}, 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/library/small/tags/list?n=-1", {}, 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/library/small/nothing", {}, 404, "NAME_UNKNOWN"),
-    ("DELETE", "/v2/library/small/manifests/1", {}, 405, "UNSUPPORTED"),
-    ("PATCH", "/v2/library/small/blobs/uploads/x", {}, 405, "UNSUPPORTED"),
+    ("POST", "/v2/library/small/manifests/1", {}, 405, "UNSUPPORTED"),
+    ("PUT", "/v2/library/small/tags/list", {}, 405, "UNSUPPORTED"),
+    ("PATCH", "/v2/library/small/blobs/uploads/x", {}, 404, "BLOB_UPLOAD_UNKNOWN"),
+    ("PATCH", "/v2/library/small/blobs/uploads/%2e%2e%2f%2e%2e%2fx", {}, 404, "NAME_UNKNOWN"),
 ]
 
 

@@ -1,0 +1,461 @@
+"""The write side of the /v2/ API, endpoint by endpoint, against a real mirror process.
+
+Uploads (monolithic, chunked, resumed after a restart, mounted), manifest puts with their
+checks, deletes, tags and catalog pagination, referrers, and the namespace policy that keeps
+pushed repositories apart from the upstream's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
+EMPTY_CONFIG = b"{}"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def error_code(answer: httpx.Response) -> str:
+    assert answer.headers["content-type"].startswith("application/json"), answer.text
+    errors = answer.json()["errors"]
+    assert errors and all({"code", "message"} <= set(e) for e in errors), errors
+    return str(errors[0]["code"])
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session
+
+
+@pytest.fixture
+def registry(mirror_factory: Callable[..., MirrorServer]) -> MirrorServer:
+    return mirror_factory(env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+
+
+def push_blob(http: httpx.Client, base: str, name: str, data: bytes) -> str:
+    digest = sha256(data)
+    answer = http.post(f"{base}/v2/{name}/blobs/uploads/", params={"digest": digest}, content=data,
+                       headers={"content-type": "application/octet-stream"})
+    assert answer.status_code == 201, answer.text
+    return digest
+
+
+def image_manifest(config: bytes, layers: list[bytes], **extra: object) -> bytes:
+    return json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                    "size": len(layer)} for layer in layers],
+        **extra,
+    }, indent=3).encode()  # unusual formatting: the registry must keep the bytes as sent
+
+
+def push_image(http: httpx.Client, base: str, name: str, tag: str, seed: int) -> tuple[bytes, list[bytes]]:
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+    layers = [os.urandom(1000 + seed), os.urandom(5000)]
+    for blob in (config, *layers):
+        push_blob(http, base, name, blob)
+    manifest = image_manifest(config, layers)
+    answer = http.put(f"{base}/v2/{name}/manifests/{tag}", content=manifest,
+                      headers={"content-type": OCI_MANIFEST})
+    assert answer.status_code == 201, answer.text
+    return manifest, [config, *layers]
+
+
+def stored_files(data_dir: Path) -> set[str]:
+    return {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+
+
+# Blob uploads -------------------------------------------------------------------------
+
+
+def test_monolithic_upload_then_read_back(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(300_000)
+    digest = sha256(data)
+    answer = http.post(f"{registry.url}/v2/team/app/blobs/uploads/", params={"digest": digest}, content=data)
+    assert answer.status_code == 201
+    assert answer.headers["location"] == f"/v2/team/app/blobs/{digest}"
+    assert answer.headers["docker-content-digest"] == digest
+    got = http.get(f"{registry.url}/v2/team/app/blobs/{digest}")
+    assert got.status_code == 200 and got.content == data
+    assert got.headers["x-mirror-cache"] == "LOCAL"
+    head = http.head(f"{registry.url}/v2/team/app/blobs/{digest}")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(data))
+    part = http.get(f"{registry.url}/v2/team/app/blobs/{digest}", headers={"range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == data[10:20]
+
+
+def test_chunked_upload_with_status_and_out_of_order_chunk(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = sha256(data)
+    started = http.post(f"{registry.url}/v2/team/app/blobs/uploads/")
+    assert started.status_code == 202
+    location = started.headers["location"]
+    uuid = started.headers["docker-upload-uuid"]
+    assert location == f"/v2/team/app/blobs/uploads/{uuid}"
+    assert started.headers["range"] == "0-0"
+
+    first, second, third = data[:1_000_000], data[1_000_000:2_500_000], data[2_500_000:]
+    answer = http.patch(registry.url + location, content=first,
+                        headers={"content-range": f"0-{len(first) - 1}", "content-type": "application/octet-stream"})
+    assert answer.status_code == 202
+    assert answer.headers["range"] == f"0-{len(first) - 1}"
+    status = http.get(registry.url + location)
+    assert status.status_code == 204 and status.headers["range"] == f"0-{len(first) - 1}"
+    assert status.headers["docker-upload-uuid"] == uuid
+
+    # A chunk that does not start where the upload ends is refused and changes nothing.
+    wrong = http.patch(registry.url + location, content=second, headers={"content-range": f"5-{5 + len(second) - 1}"})
+    assert wrong.status_code == 416
+    assert http.get(registry.url + location).headers["range"] == f"0-{len(first) - 1}"
+
+    # A chunk without Content-Range (docker's streaming PATCH) is appended.
+    answer = http.patch(registry.url + location, content=second)
+    assert answer.status_code == 202 and answer.headers["range"] == f"0-{len(first) + len(second) - 1}"
+    done = http.put(registry.url + location, params={"digest": digest}, content=third)
+    assert done.status_code == 201 and done.headers["docker-content-digest"] == digest
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{digest}").content == data
+    # The finished upload is gone.
+    gone = http.get(registry.url + location)
+    assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_wrong_digest_stores_nothing(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(100_000)
+    claimed = sha256(b"something else")
+    before = stored_files(registry.data_dir)
+    answer = http.post(f"{registry.url}/v2/team/app/blobs/uploads/", params={"digest": claimed}, content=data)
+    assert answer.status_code == 400 and error_code(answer) == "DIGEST_INVALID"
+    started = http.post(f"{registry.url}/v2/team/app/blobs/uploads/")
+    location = started.headers["location"]
+    http.patch(registry.url + location, content=data)
+    finished = http.put(registry.url + location, params={"digest": claimed})
+    assert finished.status_code == 400 and error_code(finished) == "DIGEST_INVALID"
+    assert stored_files(registry.data_dir) == before
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{claimed}").status_code == 404
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{sha256(data)}").status_code == 404
+    assert not list((registry.data_dir / "uploads").iterdir())
+
+
+def test_unknown_and_cancelled_uploads(registry: MirrorServer, http: httpx.Client) -> None:
+    fake = f"/v2/team/app/blobs/uploads/{'0' * 32}"
+    for method in ("GET", "PATCH", "PUT", "DELETE"):
+        answer = http.request(method, registry.url + fake, params={"digest": sha256(b"")} if method == "PUT" else None)
+        assert answer.status_code == 404 and error_code(answer) == "BLOB_UPLOAD_UNKNOWN", method
+    bad_id = http.get(f"{registry.url}/v2/team/app/blobs/uploads/not-an-id")
+    assert bad_id.status_code == 404 and error_code(bad_id) == "BLOB_UPLOAD_UNKNOWN"
+
+    location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    # An upload belongs to its repository.
+    other = http.get(registry.url + location.replace("team/app", "team/other"))
+    assert other.status_code == 404 and error_code(other) == "BLOB_UPLOAD_UNKNOWN"
+    assert http.delete(registry.url + location).status_code == 204
+    assert http.get(registry.url + location).status_code == 404
+    assert not list((registry.data_dir / "uploads").iterdir())
+
+    no_digest = http.put(registry.url + http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"])
+    assert no_digest.status_code == 400 and error_code(no_digest) == "DIGEST_INVALID"
+
+
+def test_upload_resumes_after_a_restart(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(registry.url + location, content=data[:700_000]).status_code == 202
+    registry.restart()
+    status = http.get(registry.url + location)
+    assert status.status_code == 204 and status.headers["range"] == "0-699999"
+    assert http.patch(registry.url + location, content=data[700_000:],
+                      headers={"content-range": f"700000-{len(data) - 1}"}).status_code == 202
+    done = http.put(registry.url + location, params={"digest": sha256(data)})
+    assert done.status_code == 201
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{sha256(data)}").content == data
+
+
+def test_sha512_blobs(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(10_000)
+    digest = "sha512:" + hashlib.sha512(data).hexdigest()
+    answer = http.post(f"{registry.url}/v2/team/app/blobs/uploads/", params={"digest": digest}, content=data)
+    assert answer.status_code == 201 and answer.headers["docker-content-digest"] == digest
+    got = http.get(f"{registry.url}/v2/team/app/blobs/{digest}")
+    assert got.content == data and got.headers["docker-content-digest"] == digest
+    odd = http.post(f"{registry.url}/v2/team/app/blobs/uploads/", params={"digest": "md5:" + "0" * 32}, content=data)
+    assert odd.status_code == 400 and error_code(odd) == "UNSUPPORTED"
+
+
+def test_cross_repository_mount(registry: MirrorServer, http: httpx.Client) -> None:
+    data = os.urandom(50_000)
+    digest = push_blob(http, registry.url, "team/app", data)
+    mounted = http.post(f"{registry.url}/v2/team/other/blobs/uploads/", params={"mount": digest, "from": "team/app"})
+    assert mounted.status_code == 201
+    assert mounted.headers["location"] == f"/v2/team/other/blobs/{digest}"
+    assert http.get(f"{registry.url}/v2/team/other/blobs/{digest}").content == data
+    # Not mountable (the source does not have it): a normal upload starts instead.
+    fallback = http.post(f"{registry.url}/v2/team/third/blobs/uploads/",
+                         params={"mount": sha256(b"absent"), "from": "team/app"})
+    assert fallback.status_code == 202 and "docker-upload-uuid" in fallback.headers
+
+
+# Manifests ----------------------------------------------------------------------------
+
+
+def test_manifest_put_and_get_byte_for_byte(registry: MirrorServer, http: httpx.Client) -> None:
+    manifest, _ = push_image(http, registry.url, "team/app", "v1", seed=1)
+    digest = sha256(manifest)
+    for reference in ("v1", digest):
+        got = http.get(f"{registry.url}/v2/team/app/manifests/{reference}", headers={"accept": ALL_TYPES})
+        assert got.status_code == 200 and got.content == manifest
+        assert got.headers["content-type"] == OCI_MANIFEST
+        assert got.headers["docker-content-digest"] == digest
+        assert got.headers["x-mirror-cache"] == "LOCAL"
+    by_digest = http.put(f"{registry.url}/v2/team/app/manifests/{digest}", content=manifest,
+                         headers={"content-type": OCI_MANIFEST})
+    assert by_digest.status_code == 201
+    assert by_digest.headers["location"] == f"/v2/team/app/manifests/{digest}"
+    assert by_digest.headers["docker-content-digest"] == digest
+
+
+def test_manifest_put_errors(registry: MirrorServer, http: httpx.Client) -> None:
+    config = b'{"architecture":"amd64","os":"linux"}'
+    layer = os.urandom(2000)
+    push_blob(http, registry.url, "team/app", config)
+    url = f"{registry.url}/v2/team/app/manifests/v1"
+    missing = http.put(url, content=image_manifest(config, [layer]), headers={"content-type": OCI_MANIFEST})
+    assert missing.status_code == 400 and error_code(missing) == "MANIFEST_BLOB_UNKNOWN"
+    assert sha256(layer) in missing.text
+
+    cases = [
+        (b"{not json", OCI_MANIFEST, 400, "MANIFEST_INVALID"),
+        (b"[1, 2]", OCI_MANIFEST, 400, "MANIFEST_INVALID"),
+        (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": "nope"}}).encode(),
+         OCI_MANIFEST, 400, "MANIFEST_INVALID"),
+        (image_manifest(config, []), OCI_INDEX, 400, "MANIFEST_INVALID"),  # type mismatch
+        (image_manifest(config, []), "text/plain", 400, "MANIFEST_INVALID"),
+        (b"{" + b" " * (4 * 1024 * 1024 + 1) + b"}", OCI_MANIFEST, 413, "MANIFEST_INVALID"),
+    ]
+    for body, content_type, status, code in cases:
+        answer = http.put(url, content=body, headers={"content-type": content_type})
+        assert answer.status_code == status, (body[:60], answer.text)
+        assert error_code(answer) == code
+
+    good = image_manifest(config, [])
+    wrong_digest = http.put(f"{registry.url}/v2/team/app/manifests/{sha256(b'other')}", content=good,
+                            headers={"content-type": OCI_MANIFEST})
+    assert wrong_digest.status_code == 400 and error_code(wrong_digest) == "DIGEST_INVALID"
+    bad_tag = http.put(f"{registry.url}/v2/team/app/manifests/-bad", content=good,
+                       headers={"content-type": OCI_MANIFEST})
+    assert bad_tag.status_code == 400 and error_code(bad_tag) == "TAG_INVALID"
+    assert http.get(url).status_code == 404  # nothing was tagged by any of these
+
+
+def test_index_needs_its_children(registry: MirrorServer, http: httpx.Client) -> None:
+    child, _ = push_image(http, registry.url, "team/multi", "amd64", seed=2)
+    absent = image_manifest(b"{}", [])
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha256(child), "size": len(child),
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": OCI_MANIFEST, "digest": sha256(absent), "size": len(absent),
+         "platform": {"os": "linux", "architecture": "arm64"}},
+    ]}).encode()
+    refused = http.put(f"{registry.url}/v2/team/multi/manifests/1", content=index,
+                       headers={"content-type": OCI_INDEX})
+    assert refused.status_code == 400 and error_code(refused) == "MANIFEST_BLOB_UNKNOWN"
+    doc = json.loads(index)
+    doc["manifests"] = doc["manifests"][:1]
+    ok_index = json.dumps(doc).encode()
+    assert http.put(f"{registry.url}/v2/team/multi/manifests/1", content=ok_index,
+                    headers={"content-type": OCI_INDEX}).status_code == 201
+    got = http.get(f"{registry.url}/v2/team/multi/manifests/1", headers={"accept": ALL_TYPES})
+    assert got.content == ok_index and got.headers["content-type"] == OCI_INDEX
+    # A client that cannot read indexes gets the amd64 child, as from the cache.
+    old = http.get(f"{registry.url}/v2/team/multi/manifests/1", headers={"accept": OCI_MANIFEST})
+    assert old.content == child
+
+
+# Referrers ----------------------------------------------------------------------------
+
+
+def test_referrers(registry: MirrorServer, http: httpx.Client) -> None:
+    subject, _ = push_image(http, registry.url, "team/app", "v1", seed=3)
+    push_blob(http, registry.url, "team/app", EMPTY_CONFIG)
+    signature = os.urandom(300)
+    push_blob(http, registry.url, "team/app", signature)
+
+    def artifact(artifact_type: str) -> bytes:
+        return json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": {"mediaType": EMPTY_TYPE, "digest": sha256(EMPTY_CONFIG), "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": sha256(signature), "size": 300}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": sha256(subject), "size": len(subject)},
+            "annotations": {"kind": artifact_type},
+        }).encode()
+
+    sig, sbom = artifact("application/vnd.example.sig"), artifact("application/vnd.example.sbom")
+    for body in (sig, sbom):
+        answer = http.put(f"{registry.url}/v2/team/app/manifests/{sha256(body)}", content=body,
+                          headers={"content-type": OCI_MANIFEST})
+        assert answer.status_code == 201
+        assert answer.headers["oci-subject"] == sha256(subject)
+
+    listed = http.get(f"{registry.url}/v2/team/app/referrers/{sha256(subject)}")
+    assert listed.status_code == 200 and listed.headers["content-type"] == OCI_INDEX
+    doc = listed.json()
+    assert doc["schemaVersion"] == 2 and doc["mediaType"] == OCI_INDEX
+    by_digest = {d["digest"]: d for d in doc["manifests"]}
+    assert set(by_digest) == {sha256(sig), sha256(sbom)}
+    assert by_digest[sha256(sig)] == {"mediaType": OCI_MANIFEST, "digest": sha256(sig), "size": len(sig),
+                                      "artifactType": "application/vnd.example.sig",
+                                      "annotations": {"kind": "application/vnd.example.sig"}}
+    filtered = http.get(f"{registry.url}/v2/team/app/referrers/{sha256(subject)}",
+                        params={"artifactType": "application/vnd.example.sbom"})
+    assert [d["digest"] for d in filtered.json()["manifests"]] == [sha256(sbom)]
+    assert filtered.headers["oci-filters-applied"] == "artifactType"
+    none = http.get(f"{registry.url}/v2/team/app/referrers/{sha256(b'nothing')}")
+    assert none.status_code == 200 and none.json()["manifests"] == []
+    bad = http.get(f"{registry.url}/v2/team/app/referrers/sha256:xyz")
+    assert bad.status_code == 400 and error_code(bad) == "DIGEST_INVALID"
+
+    # Deleting a referrer takes it out of the list.
+    assert http.delete(f"{registry.url}/v2/team/app/manifests/{sha256(sig)}").status_code == 202
+    after = http.get(f"{registry.url}/v2/team/app/referrers/{sha256(subject)}").json()
+    assert [d["digest"] for d in after["manifests"]] == [sha256(sbom)]
+
+
+# Deletes ------------------------------------------------------------------------------
+
+
+def test_deletes(registry: MirrorServer, http: httpx.Client) -> None:
+    manifest, blobs = push_image(http, registry.url, "team/app", "v1", seed=4)
+    digest = sha256(manifest)
+    assert http.put(f"{registry.url}/v2/team/app/manifests/v2", content=manifest,
+                    headers={"content-type": OCI_MANIFEST}).status_code == 201
+
+    assert http.delete(f"{registry.url}/v2/team/app/manifests/v2").status_code == 202  # untag
+    assert http.get(f"{registry.url}/v2/team/app/manifests/v2").status_code == 404
+    assert http.get(f"{registry.url}/v2/team/app/manifests/v1").status_code == 200
+    assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
+
+    assert http.delete(f"{registry.url}/v2/team/app/manifests/{digest}").status_code == 202
+    for reference in (digest, "v1"):
+        gone = http.get(f"{registry.url}/v2/team/app/manifests/{reference}")
+        assert gone.status_code == 404 and error_code(gone) == "MANIFEST_UNKNOWN"
+    again = http.delete(f"{registry.url}/v2/team/app/manifests/{digest}")
+    assert again.status_code == 404 and error_code(again) == "MANIFEST_UNKNOWN"
+
+    layer = sha256(blobs[1])
+    assert http.delete(f"{registry.url}/v2/team/app/blobs/{layer}").status_code == 202
+    gone_blob = http.get(f"{registry.url}/v2/team/app/blobs/{layer}")
+    assert gone_blob.status_code == 404 and error_code(gone_blob) == "BLOB_UNKNOWN"
+    assert http.delete(f"{registry.url}/v2/team/app/blobs/{layer}").status_code == 404
+
+
+def test_deletes_can_be_disabled(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
+    registry = mirror_factory(env={"MIRROR_DELETE_ENABLED": "false"})
+    manifest, blobs = push_image(http, registry.url, "team/app", "v1", seed=5)
+    for path in (f"manifests/{sha256(manifest)}", "manifests/v1", f"blobs/{sha256(blobs[0])}"):
+        answer = http.delete(f"{registry.url}/v2/team/app/{path}")
+        assert answer.status_code == 405 and error_code(answer) == "UNSUPPORTED"
+    assert http.get(f"{registry.url}/v2/team/app/manifests/v1").content == manifest
+
+
+# Discovery ----------------------------------------------------------------------------
+
+
+def test_tags_and_catalog_pagination(
+    registry: MirrorServer, images: StandardImages, http: httpx.Client
+) -> None:
+    manifest, _ = push_image(http, registry.url, "team/app", "a", seed=6)
+    for tag in ("c", "b", "d"):
+        assert http.put(f"{registry.url}/v2/team/app/manifests/{tag}", content=manifest,
+                        headers={"content-type": OCI_MANIFEST}).status_code == 201
+    page = http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 2})
+    assert page.json() == {"name": "team/app", "tags": ["a", "b"]}
+    assert page.headers["link"] == '</v2/team/app/tags/list?n=2&last=b>; rel="next"'
+    last = http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 2, "last": "b"})
+    assert last.json()["tags"] == ["c", "d"] and "link" not in last.headers
+    assert http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 0}).json()["tags"] == []
+
+    push_image(http, registry.url, "team/zeta", "1", seed=7)
+    # A cached repository shows up beside the pushed ones.
+    assert http.get(f"{registry.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
+    catalog = http.get(f"{registry.url}/v2/_catalog")
+    assert catalog.json() == {"repositories": ["library/small", "team/app", "team/zeta"]}
+    first = http.get(f"{registry.url}/v2/_catalog", params={"n": 1})
+    assert first.json() == {"repositories": ["library/small"]}
+    assert first.headers["link"] == '</v2/_catalog?n=1&last=library%2Fsmall>; rel="next"'
+    rest = http.get(f"{registry.url}/v2/_catalog", params={"n": 5, "last": "library/small"})
+    assert rest.json() == {"repositories": ["team/app", "team/zeta"]}
+    for bad in ("x", "-3", "99999999"):
+        answer = http.get(f"{registry.url}/v2/_catalog", params={"n": bad})
+        assert answer.status_code == 400 and error_code(answer) == "PAGINATION_NUMBER_INVALID"
+
+
+# Policy: pushed and cached side by side ------------------------------------------------------------
+
+
+def test_pushed_repositories_never_reach_the_upstream(
+    registry: MirrorServer, images: StandardImages, upstream: UpstreamRegistry, http: httpx.Client
+) -> None:
+    upstream.clear_counts()
+    manifest, blobs = push_image(http, registry.url, "team/app", "v1", seed=8)
+    cached = http.get(f"{registry.url}/v2/library/small/manifests/1", headers={"accept": ALL_TYPES})
+    assert cached.status_code == 200 and cached.headers["x-mirror-cache"] == "MISS"
+    for path in ("manifests/v1", f"manifests/{sha256(manifest)}", f"blobs/{sha256(blobs[1])}"):
+        assert http.get(f"{registry.url}/v2/team/app/{path}").status_code == 200
+    for path in ("manifests/nope", f"blobs/{sha256(b'nope')}"):
+        assert http.get(f"{registry.url}/v2/team/app/{path}").status_code == 404
+    assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
+    assert upstream.count(None, re.compile("team/app")) == 0
+    assert upstream.count("GET", re.compile("^/v2/library/small/manifests/1$")) == 1
+
+
+def test_push_policy(
+    mirror_factory: Callable[..., MirrorServer], images: StandardImages, http: httpx.Client
+) -> None:
+    disabled = mirror_factory(env={"MIRROR_PUSH_ENABLED": "false"})
+    answer = http.post(f"{disabled.url}/v2/team/app/blobs/uploads/")
+    assert answer.status_code == 405 and error_code(answer) == "UNSUPPORTED"
+    put = http.put(f"{disabled.url}/v2/team/app/manifests/v1", content=b"{}", headers={"content-type": OCI_MANIFEST})
+    assert put.status_code == 405 and error_code(put) == "UNSUPPORTED"
+    assert http.get(f"{disabled.url}/v2/_catalog").json() == {"repositories": []}
+
+    limited = mirror_factory(env={"MIRROR_PUSH_PREFIXES": "team,ops/ci", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    for name, status in (("team/app", 202), ("team", 202), ("ops/ci/runner", 202), ("teams/app", 403),
+                         ("ops/other", 403)):
+        answer = http.post(f"{limited.url}/v2/{name}/blobs/uploads/")
+        assert answer.status_code == status, name
+        if status == 403:
+            assert error_code(answer) == "DENIED"
+
+    # Pushing over a cached repository is refused, unless configured otherwise.
+    default = mirror_factory(env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    assert http.get(f"{default.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
+    over = http.post(f"{default.url}/v2/library/small/blobs/uploads/")
+    assert over.status_code == 403 and error_code(over) == "DENIED"
+    over_short = http.post(f"{default.url}/v2/small/blobs/uploads/")
+    assert over_short.status_code == 403 and error_code(over_short) == "DENIED"
+    put = http.put(f"{default.url}/v2/library/small/manifests/1", content=images.small.manifest,
+                   headers={"content-type": OCI_MANIFEST})
+    assert put.status_code == 403 and error_code(put) == "DENIED"
+    assert http.post(f"{default.url}/v2/team/app/blobs/uploads/").status_code == 202
+    allowing = mirror_factory(env={"MIRROR_PUSH_OVER_CACHE": "true", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    assert http.get(f"{allowing.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
+    assert http.post(f"{allowing.url}/v2/library/small/blobs/uploads/").status_code == 202

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -9,14 +10,21 @@ from typing import Any
 
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import observe
+from .auth import AuthMiddleware
 from .config import Config, load_config
 from .errors import APIError, error_response
 from .fill import Fills
+from .gc import AccessTracker, Collector, Maintenance
+from .hardening import Hardening
 from .local import LocalRegistry
 from .metadata import Metadata
+from .metrics import Metrics, StoreCollector, exposition_registry
 from .pullthrough import PullThrough
 from .routes import routes
 from .store import Store
@@ -26,6 +34,8 @@ log = logging.getLogger("mirror")
 
 
 def create_app(config: Config) -> Starlette:
+    metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store = Store(config.storage.path)
@@ -34,33 +44,74 @@ def create_app(config: Config) -> Starlette:
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.tmp)
         metadata = Metadata(store.index)
-        fills = Fills(store)
-        upstream = Upstream(config.upstream)
-        pull = PullThrough(store, metadata, fills, upstream, config.cache.tag_ttl, config.upstream.registry)
-        local = LocalRegistry(store, metadata, config, upstream.canonical_name)
+        fills = Fills(store, metrics=metrics)
+        # One client and policy per upstream registry; they share the store, the index and the fills.
+        upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
+        pulls = {
+            u.config.registry: PullThrough(store, metadata, fills, u,
+                                           u.config.tag_ttl if u.config.tag_ttl is not None else config.cache.tag_ttl,
+                                           u.config.registry)
+            for u in upstreams
+        }
+        upstream = upstreams[0]
+        pull = pulls[config.upstream.registry]
+        local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
         expired = await anyio.to_thread.run_sync(local.sweep_uploads)
         if expired:
             log.info("removed %d abandoned uploads", expired)
+        tracker = AccessTracker(metadata)
+        for each in pulls.values():
+            each.access = tracker
+        collector = Collector(store, metadata, config.cache, config.gc)
+        maintenance = Maintenance(collector, tracker, config.gc.interval, metrics=metrics)
+        exposition = exposition_registry(metrics, [
+            StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
+        store.on_commit = maintenance.note_commit
+        upkeep = asyncio.create_task(maintenance.run())
         try:
-            yield {"pull": pull, "local": local, "config": config}
+            yield {"pull": pull, "pulls": pulls, "local": local, "config": config,
+                   "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata}
         finally:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+            await anyio.to_thread.run_sync(tracker.flush)
             await fills.aclose()
-            await upstream.aclose()
+            for each_upstream in upstreams:
+                await each_upstream.aclose()
             metadata.close()
+            metrics.close()
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
         return error_response(exc, head=request.method == "HEAD")
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no route) and 405 (method), in the spec's error format."""
+        assert isinstance(exc, HTTPException)
+        code = "NAME_UNKNOWN" if exc.status_code == 404 else "UNSUPPORTED"
+        return error_response(APIError(code, exc.detail, status=exc.status_code, headers=dict(exc.headers or {})),
+                              head=request.method == "HEAD")
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
 
     return Starlette(
-        routes=routes,
+        routes=[*observe.routes(config), *routes],
         lifespan=lifespan,
-        exception_handlers={APIError: on_api_error, Exception: on_crash},
+        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+        middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
+                    Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config)],
     )
+
+
+def _auth(config: Config) -> list[Middleware]:
+    """Logins and access rights, when users are configured (``auth.htpasswd.path``)."""
+    if not config.auth.enabled:
+        return []
+    store = Store(config.storage.path)
+    return [Middleware(AuthMiddleware, config=config.auth, key_path=store.auth_key, tmp_dir=store.tmp)]
 
 
 def create_app_from_environ() -> Starlette:

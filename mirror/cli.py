@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import Config, ConfigError, load_config, to_environ
+
+if TYPE_CHECKING:
+    from .metadata import Metadata
+    from .store import Store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
     serve.add_argument("--upstream", metavar="URL", help="upstream registry (default https://registry-1.docker.io)")
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
+
+    gc = commands.add_parser("gc", help="evict and garbage-collect the store", description=(
+        "Evict least recently used cached images when the store is over cache.max_size (or unused for "
+        "cache.unused_for), then remove objects nothing references any more that are older than gc.grace. "
+        "Safe while the server runs: one collector works at a time."))
+    gc.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    gc.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be freed, change nothing")
+
+    fsck = commands.add_parser("fsck", help="check the store and its index", description=(
+        "Check that the index and the store agree: tags -> manifests -> objects present, no stray or "
+        "abandoned files; optionally re-hash every object. Exits 1 when problems remain."))
+    fsck.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
+    fsck.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
+    fsck.add_argument("--repair", action="store_true",
+                      help="remove corrupt and dangling entries (cached content is fetched again)")
+    fsck.add_argument("--verify-content", action="store_true", help="re-hash every object (reads the whole store)")
+    from .offline import add_parsers
+
+    add_parsers(commands)
     return parser
 
 
@@ -43,29 +72,145 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
         return serve(config)
+    if args.command in ("gc", "fsck"):
+        try:
+            config = load_config(args.config, overrides={"storage.path": args.data})
+        except ConfigError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+        return collect(config, args.dry_run) if args.command == "gc" else fsck(config, args.repair,
+                                                                              args.verify_content)
+    if args.command in ("preload", "export"):
+        from .offline import run
+
+        return run(args)
     return 2
+
+
+def _open_store(config: Config) -> tuple["Store", "Metadata"] | None:
+    from .metadata import Metadata
+    from .store import Store
+
+    store = Store(config.storage.path)
+    if not store.index.is_dir() or not store.blobs.is_dir():
+        print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
+        return None
+    return store, Metadata(store.index)
+
+
+def collect(config: Config, dry_run: bool) -> int:
+    from .gc import Collector
+
+    opened = _open_store(config)
+    if opened is None:
+        return 2
+    store, metadata = opened
+    try:
+        report = Collector(store, metadata, config.cache, config.gc).run(dry_run=dry_run, wait=True)
+    finally:
+        metadata.close()
+    assert report is not None
+    print(report.summary())
+    return 0
+
+
+def fsck(config: Config, repair: bool, verify_content: bool) -> int:
+    from .fsck import Fsck, terminal_progress
+
+    opened = _open_store(config)
+    if opened is None:
+        return 2
+    store, metadata = opened
+    try:
+        report = Fsck(store, metadata, repair=repair, verify_content=verify_content,
+                      progress=terminal_progress("verifying")).run()
+    finally:
+        metadata.close()
+    for finding in report.findings:
+        print(finding)
+    verified = f", {report.verified} re-hashed" if verify_content else ""
+    state = "clean" if not report.findings else ("repaired" if report.clean else f"{len(report.findings)} problems")
+    print(f"{report.objects} objects ({report.bytes} bytes{verified}), {report.tags} tags, {report.links} links: "
+          f"{state}")
+    return 0 if report.clean else 1
 
 
 def serve(config: Config) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
-    from .app import create_app
+    from .hardening import server_options, startup_problem
     from .store import Store
 
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     store = Store(config.storage.path)
+    problem = startup_problem(config, store.auth_key, store.tmp)
+    if problem:
+        print(f"mirror: {problem}", file=sys.stderr)
+        return 2
     try:
         store.create()
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return 2
+    try:
+        metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))
+    except OSError as exc:
+        print(f"mirror: cannot create a metrics directory in {tempfile.gettempdir()}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    # Every process (this one, each worker) keeps its metric samples in files there, so whichever
+    # answers a scrape reports them all.  prometheus-client reads this when it is first imported.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from .app import create_app
+    from .observe import logging_config, metrics_listener
+
+    # Our JSON access log (log.access) replaces uvicorn's.
     common = dict(host=config.http.host, port=config.http.port, log_level=config.log.level,
-                  access_log=config.log.access, timeout_keep_alive=75, server_header=False)
-    if config.http.workers > 1:
-        os.environ.update(to_environ(config))
-        uvicorn.run("mirror.app:create_app_from_environ", factory=True, workers=config.http.workers,
-                    **common)  # type: ignore[arg-type]
-    else:
-        uvicorn.run(create_app(config), **common)  # type: ignore[arg-type]
+                  access_log=False, log_config=logging_config(config.log, LOGGING_CONFIG),
+                  server_header=False, **server_options(config))
+
+    def terminated(signum: int, frame: object) -> None:
+        # uvicorn re-raises the SIGTERM it shut down for: clean up, then die of it as intended.
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        with metrics_listener(config):
+            if config.http.workers > 1:
+                os.environ.update(to_environ(config))
+                uvicorn.run("mirror.app:create_app_from_environ", factory=True, workers=config.http.workers,
+                            **common)
+            else:
+                uvicorn.run(create_app(config), **common)
+    except ConfigError as exc:  # metrics.listen cannot be bound
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.close(metrics_lock)
     return 0
+
+
+def _metrics_dir(parent: Path) -> tuple[Path, int]:
+    """A fresh ``mirror-metrics-*`` directory in *parent* (the system's temp directory), flock'ed
+    while this server runs; those of servers that are gone (killed) are removed."""
+    for old in parent.glob("mirror-metrics-*"):
+        try:
+            fd = os.open(old / "lock", os.O_RDONLY)
+        except OSError:
+            continue  # being created, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix="mirror-metrics-", dir=parent))
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return path, fd

@@ -32,8 +32,9 @@ from typing import Protocol
 
 import anyio.to_thread
 
+from .metrics import Metrics
 from .reference import Digest
-from .store import Ingest, Store
+from .store import VERIFIED_MODE, Ingest, Store
 
 log = logging.getLogger("mirror.fill")
 
@@ -77,9 +78,13 @@ class GrowingBlob:
         self.fd = fd
         self.size = size
         self.coalesced = coalesced
+        if coalesced:
+            fills.metrics.waiting(1)
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.coalesced:
+            self.fills.metrics.waiting(-1)
 
     def state(self) -> str:
         """``filling``, ``done`` or ``failed``."""
@@ -128,8 +133,11 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
     except BlockingIOError:
         return "filling"
     fcntl.flock(fd, fcntl.LOCK_UN)
+    status = os.fstat(fd)
+    if status.st_mode & 0o777 == VERIFIED_MODE:  # committed (even if evicted since)
+        return "done"
     try:
-        done = os.stat(final).st_ino == os.fstat(fd).st_ino
+        done = os.stat(final).st_ino == status.st_ino
     except FileNotFoundError:
         done = False
     return "done" if done else "failed"
@@ -138,9 +146,10 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
 class Fills:
     """Coalesced, verified fetches into a :class:`Store`.  Built once per process."""
 
-    def __init__(self, store: Store, poll_interval: float = 0.005) -> None:
+    def __init__(self, store: Store, poll_interval: float = 0.005, *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ import anyio.to_thread
 from .config import Config
 from .errors import APIError
 from .fill import StoredBlob
+from .gc import reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, platform_manifest
 from .metadata import LOCAL, Metadata, TagRecord, UploadRecord, local_repo
+from .metrics import Metrics
 from .reference import Digest, ParseError, parse_digest, parse_name, parse_tag
 from .store import DigestMismatch, Store, new_upload_id
 
@@ -54,11 +57,12 @@ class StoredManifest:
 
 class LocalRegistry:
     def __init__(self, store: Store, metadata: Metadata, config: Config,
-                 canonical_name: Callable[[str], str]) -> None:
+                 canonical_name: Callable[[str], str], *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.metadata = metadata
         self.config = config
         self.canonical_name = canonical_name
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         # uuid -> (offset, hasher) while this process has seen every byte of the upload.
         self._hashers: dict[str, tuple[int, Any]] = {}
 
@@ -71,6 +75,9 @@ class LocalRegistry:
         """The index key of a repository: local if pushed to, else the upstream's cache."""
         if self.metadata.is_local(name):
             return local_repo(name)
+        first, _, rest = name.partition("/")
+        if rest and first in {u.registry for u in self.config.upstreams[1:]}:
+            return name  # another upstream's repository, named with its registry prefix
         return f"{self.config.upstream.registry}/{self.canonical_name(name)}"
 
     def catalog_name(self, repo: str) -> str:
@@ -92,8 +99,7 @@ class LocalRegistry:
                            detail={"allowed_prefixes": list(push.prefixes)})
         if self.metadata.is_local(name):
             return
-        cached = f"{self.config.upstream.registry}/{self.canonical_name(name)}"
-        if self.metadata.has_repository(cached) and not push.over_cache:
+        if self.metadata.has_repository(self.repo_key(name)) and not push.over_cache:
             raise APIError("DENIED", f"{name} is a cache of the upstream registry; push to another name")
         self.metadata.mark_local(name, time.time())
 
@@ -212,10 +218,12 @@ class LocalRegistry:
                 await anyio.to_thread.run_sync(self.store.commit_file, path, digest, known_hex)
             except DigestMismatch as exc:
                 await anyio.to_thread.run_sync(self._drop_upload, uuid)
+                self.metrics.upload_failed()
                 raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
         finally:
             os.close(fd)
         self._hashers.pop(uuid, None)
+        self.metrics.upload_finished(offset)
         await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
 
     def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
@@ -312,9 +320,12 @@ class LocalRegistry:
         except ParseError:
             return False
         key = str(digest)
-        if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
-            return False
-        self.metadata.link(local_repo(name), [key])
+        with reference_lock(self.store):
+            if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
+                return False
+            self.metadata.link(local_repo(name), [key])
+            os.utime(self.store.blob_path(digest))  # young again: the grace period covers the manifest to come
+        self.metrics.mounted()
         return True
 
     # -- manifests --
@@ -331,22 +342,26 @@ class LocalRegistry:
         doc = _manifest_document(body)
         media_type = _manifest_media_type(content_type, doc)
         subject = _check_manifest(doc, media_type)
-        missing = [d for d in _required(doc, media_type) if not self._present(repo, d)]
-        if missing:
-            raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
         descriptor = _referrer_descriptor(doc, media_type, str(digest), len(body)) if subject else None
 
         def save() -> None:
-            self.store.put_bytes(digest, body)
-            self.metadata.put_manifest(str(digest), media_type, len(body))
-            self.metadata.link(repo, [str(digest)])
-            if subject and descriptor:
-                self.metadata.add_referrer(repo, subject, descriptor)
-            if not isinstance(reference, Digest):
-                self.metadata.set_tag(repo, reference, TagRecord(str(digest), media_type, time.time()))
+            with reference_lock(self.store):  # the collector must not sweep what was just checked
+                if missing := [d for d in _required(doc, media_type) if not self._present(repo, d)]:
+                    raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
+                self._save_manifest(repo, reference, digest, body, media_type, subject, descriptor)
 
         await anyio.to_thread.run_sync(save)
         return str(digest), subject
+
+    def _save_manifest(self, repo: str, reference: str | Digest, digest: Digest, body: bytes, media_type: str,
+                       subject: str | None, descriptor: dict[str, Any] | None) -> None:
+        self.store.put_bytes(digest, body)
+        self.metadata.put_manifest(str(digest), media_type, len(body))
+        self.metadata.link(repo, [str(digest)])
+        if subject and descriptor:
+            self.metadata.add_referrer(repo, subject, descriptor)
+        if not isinstance(reference, Digest):
+            self.metadata.set_tag(repo, reference, TagRecord(str(digest), media_type, time.time()))
 
     def _present(self, repo: str, digest: str) -> bool:
         try:
@@ -404,7 +419,8 @@ def referrers_index(descriptors: list[dict[str, Any]]) -> bytes:
 
 def _content_range(value: str) -> tuple[int, int]:
     start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
-    if not sep or not start.isdigit() or not end.isdigit() or int(end) < int(start):
+    if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
+            or int(end) < int(start):
         raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
     return int(start), int(end)
 

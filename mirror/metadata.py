@@ -10,6 +10,10 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``local/<name>``            -> created-at: a repository that was pushed to (filed as ``local/<name>``)
 * ``referrers/<repo>@<digest>`` -> tuple of descriptors (dicts) of manifests whose subject is the digest
 * ``upload/<uuid>``           -> UploadRecord of a blob upload in progress
+* ``pin/<repo>@<digest>``     -> pinned-at: a preloaded manifest root (tagged manifest or index) that
+  eviction and garbage collection must keep, with everything it references
+* ``access/<repo>@<digest>``  -> when a manifest was last served for that repository (batched writes)
+* ``usage``                   -> bytes in the store (adjusted on every commit, recounted by the collector)
 
 Repositories pushed to are filed under ``local/``: they never fall through to the upstream.
 
@@ -19,9 +23,11 @@ enough for the event loop; writes should go through a worker thread.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
@@ -82,6 +88,15 @@ class Metadata:
             if tag in known:
                 self._cache.set(f"tags/{repo}", tuple(t for t in known if t != tag))
         return bool(found)
+
+    def untag_many(self, repo: str, tags: Iterable[str]) -> None:
+        """Forget several tags of one repository in one transaction (eviction)."""
+        gone = set(tags)
+        with self._cache.transact():
+            for tag in gone:
+                self._cache.delete(f"tag/{repo}:{tag}")
+            known = self._cache.get(f"tags/{repo}", ())
+            self._cache.set(f"tags/{repo}", tuple(t for t in known if t not in gone))
 
     def tags_pointing_to(self, repo: str, digest: str) -> list[str]:
         return [tag for tag in self.tags(repo) if (record := self.get_tag(repo, tag)) and record.digest == digest]
@@ -154,6 +169,24 @@ class Metadata:
     def referrers(self, repo: str, subject: str) -> list[dict[str, object]]:
         return list(self._cache.get(f"referrers/{repo}@{subject}", ()))
 
+    # -- pins --
+
+    def pin(self, repo: str, digest: str, now: float | None = None) -> None:
+        """Keep a manifest root (and what it references) in *repo* whatever eviction and GC decide."""
+        key = f"pin/{repo}@{digest}"
+        if key not in self._cache:
+            self._cache.set(key, time.time() if now is None else now)
+
+    def unpin(self, repo: str, digest: str) -> bool:
+        return bool(self._cache.delete(f"pin/{repo}@{digest}"))
+
+    def is_pinned(self, repo: str, digest: str) -> bool:
+        return f"pin/{repo}@{digest}" in self._cache
+
+    def pins(self) -> list[tuple[str, str]]:
+        """Every pinned (repository, digest)."""
+        return [(repo, digest) for repo, _, digest in (key[4:].rpartition("@") for key in self.keys("pin/"))]
+
     # -- uploads --
 
     def put_upload(self, uuid: str, record: UploadRecord) -> None:
@@ -165,3 +198,43 @@ class Metadata:
 
     def delete_upload(self, uuid: str) -> None:
         self._cache.delete(f"upload/{uuid}")
+
+    # -- maintenance: scans, access times, usage --
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key starting with *prefix* (an index range scan, not a walk of the whole index)."""
+        rows = self._cache._sql(  # diskcache keeps str keys as raw TEXT, indexed
+            "SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ?", (prefix, prefix + "\U0010ffff")
+        ).fetchall()
+        return [key for (key,) in rows]
+
+    def items(self, prefix: str) -> dict[str, Any]:
+        """``{key without prefix: value}`` for every key starting with *prefix*."""
+        out = {}
+        for key in self.keys(prefix):
+            value = self._cache.get(key)
+            if value is not None:
+                out[key[len(prefix):]] = value
+        return out
+
+    def record_access(self, seen: dict[str, float]) -> None:
+        """Merge a batch of ``{"<repo>@<digest>": last used}`` (collected in memory) into the index."""
+        with self._cache.transact():
+            for key, when in seen.items():
+                if when > self._cache.get(f"access/{key}", 0.0):
+                    self._cache.set(f"access/{key}", when)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        with self._cache.transact():
+            for key in keys:
+                self._cache.delete(key)
+
+    def add_usage(self, delta: int) -> int:
+        """Adjust the store's byte count (shared by every process) and return it."""
+        return int(self._cache.incr("usage", delta, default=0))
+
+    def set_usage(self, value: int) -> None:
+        self._cache.set("usage", value)
+
+    def usage(self) -> int:
+        return int(self._cache.get("usage", 0))

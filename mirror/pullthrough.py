@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from .errors import APIError
 from .fill import Fills, GrowingBlob, StoredBlob
+from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, parse_digest, ParseError
@@ -42,6 +43,8 @@ from .upstream import (
 )
 
 log = logging.getLogger("mirror.pullthrough")
+#: Bytes of manifest bodies kept in memory per process.
+MANIFEST_MEMORY = 8 << 20
 T = TypeVar("T")
 
 
@@ -82,7 +85,12 @@ class PullThrough:
         self.tag_ttl = tag_ttl
         self.registry = registry
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        #: Where served manifests are recorded as used (for LRU eviction); set by the app.
+        self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
+        # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
+        self._bodies: dict[str, bytes] = {}
+        self._bodies_size = 0
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -90,7 +98,12 @@ class PullThrough:
     # -- manifests --
 
     async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
-        name = self.upstream.canonical_name(name)
+        result = await self._manifest(self.upstream.canonical_name(name), reference, accept)
+        if self.access is not None:
+            self.access.touch(self._repo(self.upstream.canonical_name(name)), result.digest)
+        return result
+
+    async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(name, reference)
         result = await self._single_flight(("tag", f"{name}:{reference}"),
@@ -109,7 +122,8 @@ class PullThrough:
         record = self.metadata.get_tag(repo, tag)
         cached = await self._stored_manifest(record.digest) if record else None
         if record is not None and cached is not None:
-            if time.time() - record.fetched_at < self.tag_ttl:
+            if time.time() - record.fetched_at < self.tag_ttl or self.metadata.is_pinned(repo, record.digest):
+                # Fresh, or preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
             try:
                 head = await self.upstream.head_manifest(name, tag)
@@ -120,9 +134,15 @@ class PullThrough:
                 raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
             self._stale_logged.discard(f"{repo}:{tag}")
             if head.digest == record.digest:
-                await anyio.to_thread.run_sync(
-                    self.metadata.set_tag, repo, tag, TagRecord(record.digest, record.media_type, time.time()))
-                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+                def refresh() -> bool:
+                    with reference_lock(self.store):  # the collector may have evicted it meanwhile
+                        if not self.store.exists(_digest(record.digest)):
+                            return False
+                        self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
+                        return True
+
+                if await anyio.to_thread.run_sync(refresh):
+                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
         try:
             manifest = await self.upstream.get_manifest(name, tag)
         except UpstreamError as exc:
@@ -154,22 +174,34 @@ class PullThrough:
         return await self._single_flight(("digest", f"{name}@{key}"), fetch)
 
     async def _stored_manifest(self, digest: str) -> bytes | None:
+        """A stored manifest's bytes; recently read ones come from memory (under load a thread hop
+        per request waits for the GIL and costs more than the rest of the request)."""
+        body = self._bodies.get(digest)
+        if body is not None:
+            return body
         try:
             parsed = parse_digest(digest)
         except ParseError:
             return None
-        return await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        if body is not None and digest not in self._bodies:
+            self._bodies[digest] = body
+            self._bodies_size += len(body)
+            while self._bodies_size > MANIFEST_MEMORY:
+                self._bodies_size -= len(self._bodies.pop(next(iter(self._bodies))))
+        return body
 
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> None:
         key = str(manifest.digest)
         linked = [key, *(d.digest for d in references(manifest.body))]
 
         def save() -> None:
-            self.store.put_bytes(manifest.digest, manifest.body)
-            self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
-            self.metadata.link(repo, linked)
-            if tag is not None:
-                self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
+            with reference_lock(self.store):  # not while the collector decides what is unreferenced
+                self.store.put_bytes(manifest.digest, manifest.body)
+                self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
+                self.metadata.link(repo, linked)
+                if tag is not None:
+                    self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
 
         await anyio.to_thread.run_sync(save)
 
@@ -182,6 +214,11 @@ class PullThrough:
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
+        if not self.metadata.has_repository(self._repo(name)):
+            # Nothing was ever pulled from this repository: a HEAD here is a pusher checking what it
+            # must upload (a pull starts with the manifest).  Answering from the upstream would make
+            # it skip uploads this registry does not have, and leak private names to the upstream.
+            raise APIError("BLOB_UNKNOWN", detail={"digest": key})
         try:
             size = await self.upstream.head_blob(name, digest)
         except UpstreamError as exc:

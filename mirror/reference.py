@@ -49,6 +49,10 @@ class InvalidRange(ParseError):
     kind = "range"
 
 
+class InvalidMediaType(ParseError):
+    kind = "media type"
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     algorithm: str
@@ -89,6 +93,16 @@ def parse_digest(value: str) -> Digest:
     return Digest(algorithm, encoded)
 
 
+MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def parse_media_type(value: str) -> str:
+    """A media type without parameters (RFC 6838), e.g. an ``artifactType`` filter."""
+    if not MEDIA_TYPE_RE.fullmatch(value):
+        raise InvalidMediaType(f"invalid media type {value!r}")
+    return value
+
+
 def is_digest(reference: str) -> bool:
     return ":" in reference
 
@@ -110,7 +124,7 @@ class ByteRange:
         return self.end - self.start + 1
 
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str, size: int) -> ByteRange:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import admin
 from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, referrers_index
@@ -26,9 +27,11 @@ from .reference import (
     ParseError,
     UnsupportedDigest,
     parse_digest,
+    parse_media_type,
     parse_name,
     parse_range,
     parse_reference,
+    parse_tag,
 )
 from .responses import BlobResponse
 
@@ -70,6 +73,31 @@ async def dispatch(request: Request) -> Response:
         return error_response(exc, head=head)
 
 
+DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+
+def _upstream_for(request: Request, name: str) -> tuple[PullThrough, str]:
+    """The upstream a request is for, and the name to ask it for.
+
+    containerd names the registry in ``?ns=``; other clients can prefix the repository with it
+    (``/v2/ghcr.io/org/app/...``); anything else goes to the default upstream.
+    """
+    pulls: dict[str, PullThrough] = request.state.pulls
+    default: PullThrough = request.state.pull
+    ns = request.query_params.get("ns")
+    if ns:
+        registry = "docker.io" if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
+        if registry in pulls:
+            return pulls[registry], name
+        raise APIError("NAME_UNKNOWN", f"no upstream is configured for {ns}", detail={"ns": ns})
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first):
+        registry = "docker.io" if first in DOCKER_HUB_ALIASES else first
+        if registry in pulls:
+            return pulls[registry], rest
+    return default, name
+
+
 def _name(raw: str) -> str:
     try:
         return parse_name(raw)
@@ -97,7 +125,7 @@ def _digest(raw: str) -> Digest:
 
 
 async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull: PullThrough = request.state.pull
+    pull, cached_name = _upstream_for(request, name)
     local: LocalRegistry = request.state.local
     reference = _reference(m.group("reference"))
     if request.method == "PUT":
@@ -111,7 +139,7 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
         result = await local.manifest(name, reference, accept)
         outcome = "LOCAL"
     else:
-        pulled = await pull.manifest(name, reference, accept)
+        pulled = await pull.manifest(cached_name, reference, accept)
         result, outcome = pulled, pulled.outcome.value
     headers = {
         **API_HEADERS,
@@ -140,7 +168,7 @@ async def _put_manifest(request: Request, name: str, reference: str | Digest) ->
 
 async def _read_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
     body = bytearray()
     async for chunk in request.stream():
@@ -151,7 +179,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull: PullThrough = request.state.pull
+    pull, cached_name = _upstream_for(request, name)
     local: LocalRegistry = request.state.local
     digest = _digest(m.group("digest"))
     if request.method == "DELETE":
@@ -163,7 +191,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         if is_local:
             size, outcome = await local.blob_size(name, digest), "LOCAL"
         else:
-            found = await pull.blob_head(name, digest)
+            found = await pull.blob_head(cached_name, digest)
             size, outcome = found.size, found.outcome.value
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
@@ -173,7 +201,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         source = await local.open_blob(name, digest)
         headers[CACHE_HEADER] = "LOCAL"
     else:
-        result = await pull.blob(name, digest)
+        result = await pull.blob(cached_name, digest)
         source = result.source
         headers[CACHE_HEADER] = result.outcome.value
     byte_range = None
@@ -216,18 +244,19 @@ async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
 
 async def _start_upload(request: Request, name: str) -> Response:
     local: LocalRegistry = request.state.local
-    local.check_push(name)
     mount = request.query_params.get("mount")
-    if mount is not None:
-        digest = _digest(mount)
+    mount_digest = _digest(mount) if mount is not None else None
+    upload_digest = _query_digest(request) if "digest" in request.query_params else None
+    local.check_push(name)
+    if mount_digest is not None:
+        digest = mount_digest
         source = request.query_params.get("from")
         if source and await anyio.to_thread.run_sync(local.mount, name, digest, source):
             return _blob_created(name, digest)
     state = await local.start_upload(name)
-    if "digest" in request.query_params:  # monolithic upload
-        digest = _query_digest(request)
-        await local.finish(name, state.uuid, digest, request.stream())
-        return _blob_created(name, digest)
+    if upload_digest is not None:  # monolithic upload
+        await local.finish(name, state.uuid, upload_digest, request.stream())
+        return _blob_created(name, upload_digest)
     return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
                                               **local.upload_headers(name, state)})
 
@@ -248,13 +277,13 @@ def _blob_created(name: str, digest: Digest) -> Response:
 
 async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
     local: LocalRegistry = request.state.local
-    pull: PullThrough = request.state.pull
+    pull, cached_name = _upstream_for(request, name)
     digest = _digest(m.group("digest"))
-    artifact_type = request.query_params.get("artifactType")
+    artifact_type = _artifact_type(request.query_params.get("artifactType"))
     found = local.referrers(name, digest, artifact_type)
     if not local.is_local(name):
         known = {d["digest"] for d in found}
-        found += [d for d in await pull.referrers(name, digest, artifact_type) if d.get("digest") not in known]
+        found += [d for d in await pull.referrers(cached_name, digest, artifact_type) if d.get("digest") not in known]
     headers = dict(API_HEADERS)
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"
@@ -262,14 +291,14 @@ async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
 
 
 async def _tags(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull: PullThrough = request.state.pull
+    pull, cached_name = _upstream_for(request, name)
     local: LocalRegistry = request.state.local
     n = _page_size(request.query_params.get("n"))
-    last = request.query_params.get("last")
+    last = _last(request.query_params.get("last"), parse_tag, "TAG_INVALID")
     if local.is_local(name):
         tags, more = _paginate(local.tags(name), n, last)
     else:
-        tags, more = await pull.tags(name, n, last)
+        tags, more = await pull.tags(cached_name, n, last)
     headers = dict(API_HEADERS)
     if more and tags:
         query = urlencode({"n": n, "last": tags[-1]} if n is not None else {"last": tags[-1]})
@@ -281,9 +310,9 @@ async def catalog(request: Request) -> Response:
     local: LocalRegistry = request.state.local
     try:
         n = _page_size(request.query_params.get("n"))
+        last = _last(request.query_params.get("last"), parse_name, "NAME_INVALID")
     except APIError as exc:
         return error_response(exc, head=request.method == "HEAD")
-    last = request.query_params.get("last")
     names = sorted({local.catalog_name(repo) for repo in local.metadata.repositories()})
     page, more = _paginate(names, n, last)
     headers = dict(API_HEADERS)
@@ -296,9 +325,28 @@ async def catalog(request: Request) -> Response:
 def _page_size(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or int(raw) > MAX_PAGE:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) > MAX_PAGE:
         raise APIError("PAGINATION_NUMBER_INVALID", detail=f"n must be an integer between 0 and {MAX_PAGE}")
     return int(raw)
+
+
+def _last(raw: str | None, parse: Callable[[str], str], code: str) -> str | None:
+    """The ``last`` pagination marker: a tag (tags list) or a repository name (catalog)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        return parse(raw)
+    except ParseError as exc:
+        raise APIError(code, "invalid last parameter", detail=str(exc)) from exc
+
+
+def _artifact_type(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return parse_media_type(raw)
+    except ParseError as exc:
+        raise APIError("UNSUPPORTED", "invalid artifactType filter", detail=str(exc), status=400) from exc
 
 
 _HANDLERS: dict[str, Callable[[Request, str, re.Match[str]], Awaitable[Response]]] = {
@@ -316,4 +364,5 @@ routes = [
     Route("/v2", base, methods=["GET", "HEAD"]),
     Route("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     Route("/v2/{path:path}", dispatch, methods=ALL_METHODS),
+    Route("/_mirror/preload", admin.preload, methods=["POST"]),
 ]

@@ -10,6 +10,7 @@ Disk layout, produced by the methods of :class:`Store` and nowhere else::
         ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
       index/                              metadata (see ``metadata.py``)
       uploads/<uuid>                      a client's blob upload in progress (survives restarts)
+      auth.key                            the key signing the login tokens (``auth.py``), mode 0600
 
 A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
 digest (and size) checked, fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
@@ -24,11 +25,14 @@ import fcntl
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from .reference import Digest
 
 CHUNK = 1024 * 1024
+#: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
+VERIFIED_MODE = 0o444
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
@@ -55,6 +59,10 @@ class Store:
         self.tmp = root / "tmp"
         self.index = root / "index"
         self.uploads = root / "uploads"
+        self.gc_lock = root / "gc.lock"
+        self.auth_key = root / "auth.key"
+        #: Called with the size of every object newly placed in ``blobs/`` (usage accounting).
+        self.on_commit: Callable[[int], None] | None = None
 
     def create(self) -> None:
         for d in (self.blobs, self.tmp, self.index, self.uploads):
@@ -129,13 +137,20 @@ class Store:
                 actual = hasher.hexdigest()
             if actual != digest.hex:
                 raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{actual})")
+            os.fchmod(handle.fileno(), VERIFIED_MODE)
             os.fsync(handle.fileno())
         final = self.blob_path(digest)
         if final.exists():
             os.unlink(path)
             return
         final.parent.mkdir(parents=True, exist_ok=True)
+        size = os.stat(path).st_size
         os.replace(path, final)
+        self.committed(size)
+
+    def committed(self, size: int) -> None:
+        if self.on_commit is not None:
+            self.on_commit(size)
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""
@@ -208,10 +223,12 @@ class Ingest:
         except StoreError:
             self.discard()
             raise
+        os.fchmod(self.fd, VERIFIED_MODE)  # the mark readers following this fill look for
         os.fsync(self.fd)
         final = self.store.blob_path(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, final)
+        self.store.committed(self.written)
 
     def discard(self) -> None:
         try:

@@ -12,7 +12,9 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
 This module knows nothing of the cache: it fetches, verifies manifests against their digest,
 and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
-httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN).
+httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
+a challenge from such a redirect's target is not answered; an https registry's credentials never
+go to a plain-http realm.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ import httpx
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
 from .manifest import MANIFEST_MEDIA_TYPES, SCHEMA1_SIGNED, detect_media_type
+from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
 
@@ -54,6 +57,10 @@ class UpstreamError(Exception):
 
 class UpstreamUnavailable(UpstreamError):
     pass
+
+
+class UpstreamCredentialsRejected(UpstreamUnavailable):
+    """The token server refused the mirror's own credentials (``upstream.username``/``password``)."""
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -89,13 +96,42 @@ class Manifest:
 class BlobDownload:
     """A blob body being received; ``size`` is the announced length, if any."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None) -> None:
         self.response = response
         length = response.headers.get("content-length")
         self.size = int(length) if length and length.isdigit() else None
+        self._count = count
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return self.response.aiter_raw()
+        raw = self.response.aiter_raw()
+        return raw if self._count is None else _Counted(raw, self._count)
+
+
+class _Counted:
+    """Pass chunks through, reporting their sizes to *count* in batches (and when the body ends)."""
+
+    BATCH = 1 << 20
+
+    def __init__(self, chunks: AsyncIterator[bytes], count: Callable[[int], None]) -> None:
+        self._chunks = chunks
+        self._count = count
+        self._pending = 0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except BaseException:
+            self._count(self._pending)
+            self._pending = 0
+            raise
+        self._pending += len(chunk)
+        if self._pending >= self.BATCH:
+            self._count(self._pending)
+            self._pending = 0
+        return chunk
 
 
 class RegistryAuth(httpx.Auth):
@@ -112,6 +148,7 @@ class RegistryAuth(httpx.Auth):
         self._tokens: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._use_basic = False
+        self._rejection_logged = False
         self.tokens_fetched = 0
 
     def _scope_for(self, request: httpx.Request) -> str | None:
@@ -137,6 +174,8 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
+        if not _same_origin(response.request.url, request.url):
+            return  # a challenge from a redirect's target (a CDN): credentials stay with the registry
         scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "basic" and self._basic is not None and not self._use_basic:
             self._use_basic = True
@@ -150,7 +189,7 @@ class RegistryAuth(httpx.Auth):
         async with lock:
             token = self._cached(key)
             if token is None:
-                token_request = self._token_request(params)
+                token_request = self._token_request(params, request.url)
                 if token_request is None:
                     return
                 token_response = yield token_request
@@ -163,9 +202,16 @@ class RegistryAuth(httpx.Auth):
         request.headers["Authorization"] = f"Bearer {token}"
         yield request
 
-    def _token_request(self, params: dict[str, str]) -> httpx.Request | None:
-        realm = httpx.URL(params["realm"])
+    def _token_request(self, params: dict[str, str], registry: httpx.URL) -> httpx.Request | None:
+        try:
+            realm = httpx.URL(params["realm"])
+        except httpx.InvalidURL:
+            return None
         if realm.scheme not in {"http", "https"}:
+            return None
+        if self._basic is not None and realm.scheme == "http" and registry.scheme == "https":
+            log.warning("not sending the upstream credentials to %s: the registry is https, its token realm is not",
+                        realm.host)
             return None
         query = {k: v for k, v in params.items() if k in {"service", "scope"}}
         request = httpx.Request("GET", realm.copy_merge_params(query))
@@ -174,6 +220,14 @@ class RegistryAuth(httpx.Auth):
         return request
 
     def _store_token(self, key: str, response: httpx.Response) -> str | None:
+        if response.status_code in (401, 403) and self._basic is not None:
+            rejected = UpstreamCredentialsRejected(
+                f"the token server {response.request.url.host} rejected the configured upstream credentials "
+                f"({response.status_code}); check upstream.username and upstream.password", response.status_code)
+            if not self._rejection_logged:  # once: an operator's problem, not each request's
+                self._rejection_logged = True
+                log.error("%s", rejected)
+            raise rejected
         if response.status_code != 200:
             log.warning("token request to %s failed with %d", response.request.url.host, response.status_code)
             return None
@@ -186,8 +240,13 @@ class RegistryAuth(httpx.Auth):
         if not token:
             return None
         self.tokens_fetched += 1
+        self._rejection_logged = False
         self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
         return str(token)
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def _basic_header(username: str, password: str | None) -> str:
@@ -204,8 +263,10 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Upstream:
     """One upstream registry."""
 
-    def __init__(self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None, *,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.auth = RegistryAuth(config.username, config.password)
         self.client = httpx.AsyncClient(
             base_url=config.url,
@@ -234,14 +295,18 @@ class Upstream:
         attempt = 0
         while True:
             request = self.client.build_request(method, path, headers=headers, params=params)
+            started = time.monotonic()
             try:
                 response = await self.client.send(request, stream=stream)
             except httpx.TransportError as exc:
+                self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
                 if attempt < self.config.retries:
                     attempt += 1
                     await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                     continue
-                raise UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+                raise self._failed(UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
+            self.metrics.upstream_response(self.config.registry, method, response.status_code,
+                                           time.monotonic() - started, response.headers)
             if response.status_code in RETRY_STATUSES and attempt < self.config.retries:
                 await response.aclose()
                 attempt += 1
@@ -250,9 +315,19 @@ class Upstream:
             if 200 <= response.status_code < 300:
                 return response
             try:
-                raise await self._error(method, path, response)
+                raise self._failed(await self._error(method, path, response))
             finally:
                 await response.aclose()
+
+    def _failed(self, error: UpstreamError) -> UpstreamError:
+        """Count a request that failed for good (a 404 is an answer, not a failure)."""
+        if not isinstance(error, UpstreamNotFound):
+            reason = ("rate_limited" if isinstance(error, UpstreamRateLimited) else
+                      "denied" if isinstance(error, UpstreamDenied) else
+                      "invalid" if isinstance(error, UpstreamInvalid) else
+                      "server_error" if error.status else "unreachable")
+            self.metrics.upstream_error(self.config.registry, reason)
+        return error
 
     async def _error(self, method: str, path: str, response: httpx.Response) -> UpstreamError:
         status = response.status_code
@@ -307,9 +382,11 @@ class Upstream:
                 if len(body) > MAX_MANIFEST_BYTES:
                     raise UpstreamInvalid(f"manifest {name}:{reference} is larger than {MAX_MANIFEST_BYTES} bytes")
         except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET manifest {name}:{reference}: {exc}") from exc
         finally:
             await response.aclose()
+        self.metrics.received(self.config.registry, "manifest", len(body))
         media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
         announced = response.headers.get("docker-content-digest")
         if isinstance(reference, Digest):
@@ -331,8 +408,9 @@ class Upstream:
         """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
         response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
         try:
-            yield BlobDownload(response)
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
         except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
         finally:
             await response.aclose()

@@ -68,3 +68,30 @@ def test_cli_reports_bad_value_and_exits_nonzero(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["mirror: bad value for http.listen: 'x': expected HOST:PORT, "
                                                 "e.g. 0.0.0.0:5000"]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("0", 0), ("1000", 1000), ("500MB", 500_000_000), ("100MiB", 100 * 1024**2), ("50GiB", 50 * 1024**3),
+    ("1.5 GB", 1_500_000_000), ("80%", 0.8), ("100%", 1.0), (4096, 4096),
+])
+def test_sizes(raw: object, expected: float) -> None:
+    assert load_config(env={}, overrides={"cache.max_size": raw}).cache.max_size == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "-5", "0%", "150%", "12 apples", "%"])
+def test_bad_sizes_name_the_key(raw: str) -> None:
+    with pytest.raises(ConfigError, match="cache.max_size"):
+        load_config(env={"MIRROR_CACHE_MAX_SIZE": raw})
+
+
+def test_push_prefixes_and_round_trip_of_lists_and_shares() -> None:
+    config = load_config(env={"MIRROR_PUSH_PREFIXES": "team, ci/builds/", "MIRROR_CACHE_MAX_SIZE": "75%",
+                              "MIRROR_CACHE_LOW_WATERMARK": "70%", "MIRROR_GC_GRACE": "30m"})
+    assert config.push.prefixes == ("team", "ci/builds")
+    assert config.push.allows("team") and config.push.allows("team/app") and config.push.allows("ci/builds/x")
+    assert not config.push.allows("teams/app") and not config.push.allows("ci/other")
+    assert config.cache.low_watermark == 0.7 and config.gc.grace == 1800
+    # Worker processes get the configuration through the environment: nothing may change on the way.
+    assert load_config(env=to_environ(config)) == config
+    with pytest.raises(ConfigError, match="push.prefixes"):
+        load_config(env={"MIRROR_PUSH_PREFIXES": "Team/../x"})

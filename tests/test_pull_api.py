@@ -258,8 +258,13 @@ def test_blob_is_streamed_once_from_upstream_then_served_from_the_store(
     layer = images.big.layers[1]  # 8 MiB
     upstream.clear_counts()
     url = f"{mirror.url}/v2/{name}/blobs/{layer.digest}"
+    # Before anything of the repository was pulled, a HEAD is a pusher's question: answered here.
+    unseen = http.head(url)
+    assert unseen.status_code == 404
+    assert upstream.count(None, re.compile("^/v2/library/big/")) == 0
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
     head = http.head(url)
-    assert head.status_code == 200
+    assert head.status_code == 200 and head.headers["x-mirror-cache"] == "MISS"
     assert head.headers["content-length"] == str(layer.size)
     assert head.headers["docker-content-digest"] == layer.digest
 

@@ -17,8 +17,10 @@ until the log is quiet before counting.
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,32 @@ class AccessEntry:
         return request_matches(self.method, self.path, self.status, method, path, status)
 
 
+_UVICORN = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3})')
+
+
+def parse_uvicorn_entry(line: str) -> AccessEntry | None:
+    """An :class:`AccessEntry` for one line of the mirror's access log, else None: its JSON lines
+    (``{"method": "POST", "path": "/v2/a/blobs/uploads/", "query": "mount=...", "status": 201,
+    "bytes": 0, "request_id": ...}``) or uvicorn's own::
+
+        INFO:     127.0.0.1:38190 - "POST /v2/a/blobs/uploads/?mount=sha256%3A...&from=b HTTP/1.1" 201 Created
+
+    The URI is kept as sent (percent-encoded query); uvicorn does not log ``written`` (0 then).
+    """
+    if line.startswith("{"):
+        try:
+            doc = json.loads(line)
+            uri = doc["path"] + (f"?{doc['query']}" if doc.get("query") else "")
+            return AccessEntry(method=doc["method"], uri=uri, status=int(doc["status"]),
+                               written=int(doc.get("bytes") or 0), request_id=str(doc.get("request_id", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
+    m = _UVICORN.search(line)
+    if m is None:
+        return None
+    return AccessEntry(method=m["method"], uri=m["uri"], status=int(m["status"]), written=0, request_id="")
+
+
 def parse_entry(line: str) -> AccessEntry | None:
     """An :class:`AccessEntry` for a "response completed" line, else None."""
     if "response completed" not in line:
@@ -91,8 +119,9 @@ class AccessLog:
     :meth:`settle`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parse: Callable[[str], AccessEntry | None] = parse_entry) -> None:
         self.path = path
+        self.parse = parse
         self._baseline = 0
 
     def _read(self) -> tuple[list[AccessEntry], int]:
@@ -107,7 +136,7 @@ class AccessLog:
         entries = [
             entry
             for line in complete.decode("utf-8", "replace").splitlines()
-            if (entry := parse_entry(line)) is not None
+            if (entry := self.parse(line)) is not None
         ]
         return entries, self._baseline + len(complete)
 

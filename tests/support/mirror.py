@@ -15,7 +15,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from .accesslog import AccessLog, parse_uvicorn_entry
 from .procs import Proc, free_port, wait_http
 
 #: The repository root, so ``python -m mirror`` finds the package uninstalled.
@@ -37,6 +39,9 @@ class MirrorServer:
         *,
         port: int | None = None,
         extra_args: Sequence[str] = (),
+        scheme: str = "http",
+        verify: Any = True,
+        host: str = "127.0.0.1",
     ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
@@ -44,12 +49,20 @@ class MirrorServer:
         self.env = dict(env or {})
         self.config = config
         self.port = port or free_port()
+        #: ``https`` when the mirror serves TLS (``MIRROR_HTTP_TLS_*``); *verify* is httpx's, for readiness
+        #: polls (a CA file, or an ``ssl.SSLContext`` carrying a client certificate for mutual TLS).
+        self.scheme = scheme
+        self.verify = verify
+        #: The address it listens on (dockerd skips certificate checks for 127.0.0.0/8: TLS tests use another).
+        self.host = host
         self.log_dir = log_dir or data_dir.parent
         self.log_path = self.log_dir / f"mirror-{self.port}.log"
+        #: Requests the mirror answered, from its uvicorn access log (``count``, ``requests``, ``clear``).
+        self.access = AccessLog(self.log_path, parse=parse_uvicorn_entry)
         #: The full command line (the CLI contract with the server).
         self.args: list[str] = [
             sys.executable, "-m", "mirror", "serve",
-            "--listen", f"127.0.0.1:{self.port}",
+            "--listen", f"{host}:{self.port}",
             "--data", os.fspath(data_dir),
             "--upstream", upstream_url,
             "--workers", str(workers),
@@ -73,13 +86,13 @@ class MirrorServer:
 
     @property
     def url(self) -> str:
-        """Base URL, ``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL, ``http://127.0.0.1:PORT`` (``https://`` with TLS)."""
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
-        """``127.0.0.1:PORT``, e.g. for ``--insecure-registry``."""
-        return f"127.0.0.1:{self.port}"
+        """``127.0.0.1:PORT`` (``HOST:PORT``), e.g. for ``--insecure-registry``."""
+        return f"{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -96,7 +109,7 @@ class MirrorServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._proc.start()
         try:
-            wait_http(f"{self.url}/v2/", timeout, alive=self._proc)
+            wait_http(f"{self.url}/v2/", timeout, alive=self._proc, verify=self.verify)
         except (TimeoutError, RuntimeError) as exc:
             self._proc.stop()
             raise RuntimeError(f"mirror did not come up: {exc}\n--- log tail ---\n{self.log_tail()}") from None

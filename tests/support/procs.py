@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -46,6 +46,7 @@ def wait_http(
     *,
     alive: Proc | None = None,
     interval: float = 0.05,
+    verify: Any = True,
 ) -> httpx.Response:
     """Poll *url* with GET until any HTTP answer arrives, and return it.
 
@@ -55,7 +56,7 @@ def wait_http(
     """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
+    with httpx.Client(timeout=2.0, trust_env=False, verify=verify) as client:
         while True:
             if alive is not None and not alive.running:
                 raise RuntimeError(

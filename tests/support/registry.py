@@ -59,6 +59,11 @@ class _RegistryProcess:
         """True while the registry process is alive."""
         return self._proc is not None and self._proc.running
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the registry, or None before :meth:`start`."""
+        return self._proc.pid if self._proc is not None else None
+
     def config(self) -> dict[str, Any]:
         """The registry configuration document."""
         return {

@@ -1,0 +1,296 @@
+"""Who may do what under ``/v2/``: htpasswd users, anonymous pulls, push and delete rights.
+
+A pure ASGI middleware in front of the routes, active when ``auth.htpasswd.path`` is set.
+Every ``/v2/`` request is classified (ping, pull, push, delete; with the repository name) and
+checked against :class:`~mirror.config.AuthConfig`:
+
+- pull: any user; anonymous clients too when ``auth.anonymous_pull`` is true;
+- push (uploads, manifest PUT) and delete: users only, per ``auth.push_users`` when it is set;
+- refused: ``401 UNAUTHORIZED`` with a challenge when the client is anonymous (so it logs in),
+  ``403 DENIED`` when a user lacks the right.
+
+Two challenges, because of how Docker clients work.  dockerd, containerd and skopeo ping
+``GET /v2/`` once, anonymously, and set up their authentication from that answer only: a
+``200`` means "no auth here" (credentials are then never sent, and a push fails on its first
+``401``), a ``Basic`` challenge means "always send the password" (a client without one cannot
+pull at all).  So:
+
+- ``auth.anonymous_pull: false``: ``WWW-Authenticate: Basic realm="<realm>"``, as
+  ``registry:2`` with htpasswd does; clients send the user's password with every request.
+- ``auth.anonymous_pull: true``: the mirror is its own token server, as Docker Hub is:
+  ``WWW-Authenticate: Bearer realm="<this server>/auth/token",service="<realm>"``.  Clients
+  fetch a token there, anonymously or with a user's password (HTTP Basic; a wrong one is
+  refused, so ``docker login`` checks it), and send it with each request.  A token names its
+  user (or nobody) and expires after :data:`TOKEN_TTL`; the rights are decided per request, by
+  the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes.
+
+Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
+metrics, ``/_mirror/``) are not this module's business.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio.to_thread
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import AuthConfig
+from .errors import APIError, error_response
+from .htpasswd import Htpasswd
+from .reference import NAME_RE
+
+TOKEN_PATH = "/auth/token"
+TOKEN_TTL = 300
+KEY_BYTES = 32
+_UPLOAD_RE = re.compile(r"(?P<name>.+)/blobs/uploads/[^/]*")
+_REPO_RE = re.compile(r"(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list|referrers/[^/]+)")
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+class AuthError(Exception):
+    """The token key cannot be read or created."""
+
+
+def load_or_create_key(path: Path, tmp_dir: Path) -> bytes:
+    """The token signing key; the first process to need it creates it (atomically, mode 0600)."""
+    for _ in range(5):
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            tmp = tmp_dir / f"auth-key-{secrets.token_hex(8)}.partial"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, secrets.token_bytes(KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # fails if another process was first: then its key is read
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # swept by another process starting up: try again
+                continue
+            finally:
+                tmp.unlink(missing_ok=True)
+            continue
+        except OSError as exc:
+            raise AuthError(f"cannot read the token key {path}: {exc.strerror}") from None
+        if len(key) < KEY_BYTES:
+            raise AuthError(f"the token key {path} is too short; remove it and restart")
+        return key
+    raise AuthError(f"cannot create the token key {path}")
+
+
+class TokenSigner:
+    """Short-lived bearer tokens naming a user ("" for an anonymous client)."""
+
+    def __init__(self, key: bytes, ttl: int = TOKEN_TTL) -> None:
+        self._key = key
+        self.ttl = ttl
+
+    def _sign(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
+
+    def issue(self, user: str) -> str:
+        payload = json.dumps({"sub": user, "exp": int(time.time()) + self.ttl}, separators=(",", ":")).encode()
+        return f"{_b64(payload)}.{_b64(self._sign(payload))}"
+
+    def verify(self, token: str) -> str | None:
+        """The token's user, or None when it is forged, malformed or expired."""
+        encoded, _, signature = token.partition(".")
+        try:
+            payload = _unb64(encoded)
+            valid = hmac.compare_digest(_unb64(signature), self._sign(payload))
+            claims = json.loads(payload) if valid else None
+        except (ValueError, binascii.Error):
+            return None
+        if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str):
+            return None
+        expires = claims.get("exp")
+        if not isinstance(expires, int) or expires < time.time():
+            return None
+        return str(claims["sub"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,4096}", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request: ``user`` None is anonymous; ``presented`` says credentials came with it."""
+
+    user: str | None
+    presented: bool
+
+
+class Rejected(Exception):
+    """Credentials were sent and are wrong."""
+
+
+def _need(method: str, path: str) -> tuple[str, str | None]:
+    """(``ping`` | ``pull`` | ``push`` | ``delete``, repository name if the path names one)."""
+    rest = path[len("/v2/"):] if path.startswith("/v2/") else ""
+    if not rest:
+        return ("ping" if method in ("GET", "HEAD") else "push"), None
+    upload = _UPLOAD_RE.fullmatch(rest)
+    if upload:
+        return "push", upload.group("name")
+    repo = _REPO_RE.fullmatch(rest)
+    name = repo.group("name") if repo else None
+    if method in ("GET", "HEAD"):
+        return "pull", name
+    return ("delete" if method == "DELETE" else "push"), name
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, config: AuthConfig, key_path: Path, tmp_dir: Path) -> None:
+        assert config.htpasswd_path is not None
+        self.app = app
+        self.config = config
+        self.users = Htpasswd(config.htpasswd_path)
+        self.tokens = TokenSigner(load_or_create_key(key_path, tmp_dir))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == TOKEN_PATH:
+            await (await self._token(scope))(scope, receive, send)
+            return
+        if path != "/v2" and not path.startswith("/v2/"):
+            await self.app(scope, receive, send)
+            return
+        refusal = await self._check(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope: Scope) -> Response | None:
+        """None when the request may go on, else the answer refusing it."""
+        head = scope["method"] == "HEAD"
+        need, name = _need(scope["method"], scope["path"])
+        try:
+            who = await self._identify(_header(scope, b"authorization"))
+        except Rejected as exc:
+            return self._challenge(scope, name, need, str(exc), error="invalid_token")
+        if need == "ping":
+            allowed = who.presented
+        elif need == "pull":
+            allowed = who.user is not None or self.config.anonymous_pull
+        else:
+            allowed = who.user is not None and self.config.may_write(who.user, name)
+        if allowed:
+            return None
+        if who.user is not None:
+            return error_response(APIError("DENIED", f"{who.user} may not {need} {name or 'here'}",
+                                           detail={"name": name, "action": need}), head=head)
+        return self._challenge(scope, name, need, "authentication required",
+                               error="insufficient_scope" if who.presented else None)
+
+    async def _identify(self, header: str | None) -> Identity:
+        if header is None:
+            return Identity(None, False)
+        scheme, _, value = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            credentials = _basic(value)
+            if credentials is None or not await self._verify(*credentials):
+                raise Rejected("invalid username or password")
+            return Identity(credentials[0], True)
+        if scheme == "bearer":
+            user = self.tokens.verify(value.strip())
+            if user is None or (user and not self.users.has_user(user)):
+                raise Rejected("invalid or expired token")
+            return Identity(user or None, True)
+        raise Rejected("unsupported authorization scheme")
+
+    async def _verify(self, user: str, password: str) -> bool:
+        if self.users.remembered(user, password):
+            return True
+        return await anyio.to_thread.run_sync(self.users.verify, user, password)
+
+    def _challenge(self, scope: Scope, name: str | None, need: str, message: str,
+                   error: str | None = None) -> Response:
+        realm = self.config.htpasswd_realm
+        if self.config.anonymous_pull:
+            challenge = f'Bearer realm="{_origin(scope)}{TOKEN_PATH}",service="{realm}"'
+            if name is not None and NAME_RE.fullmatch(name):
+                actions = "pull" if need in ("pull", "ping") else "pull,push" if need == "push" else "delete"
+                challenge += f',scope="repository:{name}:{actions}"'
+            if error:
+                challenge += f',error="{error}"'
+        else:
+            challenge = f'Basic realm="{realm}"'
+        return error_response(APIError("UNAUTHORIZED", message, headers={"WWW-Authenticate": challenge}),
+                              head=scope["method"] == "HEAD")
+
+    async def _token(self, scope: Scope) -> Response:
+        """``GET /auth/token``: a token for the user of the Basic credentials, or for nobody."""
+        if scope["method"] != "GET":
+            return error_response(APIError("UNSUPPORTED", "only GET is supported here"), head=scope["method"] == "HEAD")
+        challenge = {"WWW-Authenticate": f'Basic realm="{self.config.htpasswd_realm}"'}
+        header = _header(scope, b"authorization")
+        user = ""
+        if header is not None:
+            scheme, _, value = header.strip().partition(" ")
+            credentials = _basic(value) if scheme.lower() == "basic" else None
+            if credentials is None or not await self._verify(*credentials):
+                return error_response(APIError("UNAUTHORIZED", "invalid username or password", headers=challenge))
+            user = credentials[0]
+        elif not self.config.anonymous_pull:
+            return error_response(APIError("UNAUTHORIZED", "log in to get a token", headers=challenge))
+        token = self.tokens.issue(user)
+        issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return JSONResponse({"token": token, "access_token": token, "expires_in": self.tokens.ttl,
+                             "issued_at": issued}, headers={"Cache-Control": "no-store"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
+def _basic(value: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+def _origin(scope: Scope) -> str:
+    """``scheme://host[:port]`` of this server as the client reached it (for the token realm)."""
+    scheme = "https" if scope.get("scheme") == "https" else "http"
+    host = _header(scope, b"host")
+    if host is None or not _HOST_RE.fullmatch(host):
+        server = scope.get("server") or ("localhost", None)
+        host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+    return f"{scheme}://{host}"

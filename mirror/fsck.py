@@ -1,0 +1,215 @@
+"""``mirror fsck``: check that the index and the store agree, and optionally repair them.
+
+Checks: leftovers in ``tmp/`` and ``uploads/``; objects in ``blobs/`` with names that are not
+digests; (with ``verify_content``) objects whose bytes do not hash to their name; tags whose
+manifest is missing; manifest records and repository links whose object is missing; pushed
+images whose layers are missing.  ``repair`` removes what is corrupt or dangling, so cached
+content is fetched again on the next pull; it never invents data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .gc import _scandir
+from .manifest import references
+from .metadata import LOCAL, Metadata
+from .reference import ParseError, parse_digest
+from .store import CHUNK, UPLOAD_ID_RE, Store
+
+_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+
+
+@dataclass
+class Finding:
+    kind: str
+    subject: str
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.subject}" + (" (repaired)" if self.repaired else "")
+
+
+@dataclass
+class FsckReport:
+    objects: int = 0
+    bytes: int = 0
+    verified: int = 0
+    tags: int = 0
+    links: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return all(f.repaired for f in self.findings)
+
+
+class Fsck:
+    def __init__(self, store: Store, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.repair = repair
+        self.verify_content = verify_content
+        self.progress = progress
+        self.report = FsckReport()
+
+    def run(self) -> FsckReport:
+        if self.repair:
+            # Repairs change the index: one collector-like writer at a time.
+            fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._run()
+            finally:
+                os.close(fd)
+        else:
+            self._run()
+        return self.report
+
+    def _found(self, kind: str, subject: str, fix: Callable[[], None] | None = None) -> None:
+        finding = Finding(kind, subject)
+        if self.repair and fix is not None:
+            fix()
+            finding.repaired = True
+        self.report.findings.append(finding)
+
+    def _run(self) -> None:
+        present = self._objects()
+        self._temps()
+        self._uploads()
+        self._index(present)
+
+    # -- the store --
+
+    def _objects(self) -> dict[str, int]:
+        """Every well-named object and its size; strays and (optionally) corrupt ones are reported."""
+        present: dict[str, int] = {}
+        entries = [(a.name, e) for a in _scandir(self.store.blobs) for p in _scandir(a.path)
+                   for e in _scandir(p.path)]
+        total = len(entries)
+        for n, (algorithm, entry) in enumerate(entries, 1):
+            pattern = _HEX.get(algorithm)
+            path = entry.path
+            if pattern is None or not pattern.fullmatch(entry.name) or os.path.basename(
+                    os.path.dirname(path)) != entry.name[:2] or not entry.is_file(follow_symlinks=False):
+                self._found("stray file in blobs/", path, lambda p=path: _unlink(p))
+                continue
+            digest = f"{algorithm}:{entry.name}"
+            size = entry.stat().st_size
+            if self.verify_content:
+                if self.progress:
+                    self.progress(n, total)
+                if _hash_file(path, algorithm) != entry.name:
+                    self._found("corrupt object (content does not match its digest)", digest,
+                                lambda p=path, d=digest: self._drop_object(p, d))
+                    continue
+                self.report.verified += 1
+            present[digest] = size
+            self.report.objects += 1
+            self.report.bytes += size
+        return present
+
+    def _drop_object(self, path: str, digest: str) -> None:
+        _unlink(path)
+        self.metadata.forget([f"manifest/{digest}"] + [k for k in self.metadata.keys("link/")
+                                                        if k.endswith("@" + digest)])
+
+    def _temps(self) -> None:
+        for entry in _scandir(self.store.tmp):
+            if entry.name.endswith(".partial") and not _locked(entry.path):
+                self._found("abandoned temp file", entry.path, lambda p=entry.path: _unlink(p))
+            elif entry.name.endswith(".meta") and not os.path.exists(entry.path[:-len(".meta")] + ".partial"):
+                self._found("abandoned temp file", entry.path, lambda p=entry.path: _unlink(p))
+
+    def _uploads(self) -> None:
+        for entry in _scandir(self.store.uploads):
+            if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
+                self._found("upload without a record", entry.path, lambda p=entry.path: _unlink(p))
+        for key in self.metadata.keys("upload/"):
+            uuid = key[len("upload/"):]
+            if not UPLOAD_ID_RE.fullmatch(uuid) or not (self.store.uploads / uuid).exists():
+                self._found("upload record without its file", uuid,
+                            lambda k=key: self.metadata.forget([k]))
+
+    # -- the index --
+
+    def _index(self, present: dict[str, int]) -> None:
+        for key in self.metadata.keys("manifest/"):
+            digest = key[len("manifest/"):]
+            if digest not in present:
+                self._found("manifest record without its object", digest, lambda k=key: self.metadata.forget([k]))
+        for key, value in self.metadata.items("tag/").items():
+            self.report.tags += 1
+            repo, _, tag = key.rpartition(":")
+            digest = value[0]
+            if digest not in present:
+                self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
+                            lambda r=repo, t=tag: self.metadata.untag(r, t))
+        for key in self.metadata.keys("link/"):
+            self.report.links += 1
+            repo, _, digest = key[len("link/"):].rpartition("@")
+            if digest not in present:
+                # A cached repository may link what it has not fetched yet (or lost): it fetches
+                # again on demand.  A pushed repository cannot.
+                if repo.startswith(LOCAL + "/"):
+                    self._found("pushed object missing", f"{repo}@{digest}", lambda k=key: self.metadata.forget([k]))
+            elif repo.startswith(LOCAL + "/") and self.metadata.get_manifest(digest) is not None:
+                body = self._read(digest)
+                for d in references(body or b""):
+                    if d.digest not in present and not key.endswith("@" + d.digest):
+                        self._found("pushed image refers to a missing object", f"{repo}@{digest} -> {d.digest}")
+
+    def _read(self, digest: str) -> bytes | None:
+        try:
+            return self.store.read_bytes(parse_digest(digest))
+        except ParseError:
+            return None
+
+
+def _hash_file(path: str, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while data := handle.read(CHUNK):
+            hasher.update(data)
+    return hasher.hexdigest()
+
+
+def _locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def terminal_progress(label: str) -> Callable[[int, int], None] | None:
+    """A one-line progress display on a terminal; nothing when stderr is not one (CI)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        if done == total or done % 100 == 0:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show

@@ -1,0 +1,402 @@
+"""Keeping the store within its budget: access tracking, LRU eviction and garbage collection.
+
+* **Access times** are collected in memory (:class:`AccessTracker`) and merged into the index in
+  batches, so serving a manifest costs no disk write.
+* **Eviction** drops the least recently used *cached* images when the store passes the high
+  watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
+  ``cache.unused_for``.  An image here is a manifest linked to a cached repository; evicting it
+  removes its tags and links, and the objects no retained image references are deleted.  Pushed
+  repositories (``local/...``) and pinned roots (preloaded images) are never candidates.
+* **Garbage collection** marks from every linked manifest, tag and pin through indexes,
+  manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
+
+One collector runs at a time, across worker processes and the CLI: it holds ``DATA/gc.lock``
+exclusively.  Writers that make a stored object reachable again (a manifest push, a mount)
+hold it shared for that moment, so an object cannot be swept between their check and their
+write.  Objects being served stay readable (the reader holds an open descriptor), fetches and
+uploads in progress live outside ``blobs/``, and the grace period protects objects that are
+stored but not yet referenced (a pushed layer whose manifest is still to come).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+
+from .config import CacheConfig, GcConfig
+from .manifest import references
+from .metadata import LOCAL, Metadata
+from .metrics import Metrics
+from .reference import Digest, ParseError, parse_digest
+from .store import Store
+
+log = logging.getLogger("mirror.gc")
+
+#: How often the server merges access times into the index.
+FLUSH_INTERVAL = 5.0
+
+
+class AccessTracker:
+    """Last-use times of manifests, per repository, batched in memory."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+        self._seen: dict[str, float] = {}
+
+    def touch(self, repo: str, digest: str) -> None:
+        self._seen[f"{repo}@{digest}"] = time.time()
+
+    def flush(self) -> int:
+        """Write the batch to the index (blocking: call from a worker thread)."""
+        batch, self._seen = self._seen, {}
+        if batch:
+            self.metadata.record_access(batch)
+        return len(batch)
+
+
+@contextlib.contextmanager
+def reference_lock(store: Store) -> Iterator[None]:
+    """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
+    fd = os.open(store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Report:
+    dry_run: bool
+    usage_before: int = 0
+    usage_after: int = 0
+    budget: int | None = None
+    evicted: list[str] = field(default_factory=list)
+    tags_removed: int = 0
+    links_removed: int = 0
+    objects_removed: int = 0
+    bytes_freed: int = 0
+    objects_kept: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        verb = "would free" if self.dry_run else "freed"
+        budget = f" of a {_size(self.budget)} budget" if self.budget else ""
+        return (f"{verb} {self.objects_removed} objects, {_size(self.bytes_freed)} "
+                f"({len(self.evicted)} images evicted, {self.tags_removed} tags and {self.links_removed} links "
+                f"removed); store {_size(self.usage_before)} -> {_size(self.usage_after)}{budget}, "
+                f"{self.objects_kept} objects kept, {self.seconds:.2f}s")
+
+
+@dataclass
+class _State:
+    files: dict[str, tuple[int, float]]          # digest -> (size, mtime) of every object in blobs/
+    manifests: set[str]                          # digests with a manifest record
+    links: dict[str, set[str]]                   # repo -> linked digests
+    tags: dict[str, dict[str, tuple[str, float]]]  # repo -> tag -> (digest, fetched_at)
+    pins: dict[str, set[str]]                    # repo -> pinned manifest digests
+    access: dict[str, float]                     # "<repo>@<digest>" -> last use
+
+
+class Collector:
+    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig, gc: GcConfig) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.cache = cache
+        self.gc = gc
+        self._refs: dict[str, list[str]] = {}
+        self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
+
+    # -- budget --
+
+    def budget(self) -> int | None:
+        """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store), or None."""
+        limit = self.cache.max_size
+        if isinstance(limit, float):
+            stats = os.statvfs(self.store.root)
+            return int(stats.f_blocks * stats.f_frsize * limit)
+        return limit or None
+
+    def over_high_watermark(self, usage: int) -> bool:
+        budget = self.budget()
+        return budget is not None and usage > budget * self.cache.high_watermark
+
+    # -- running --
+
+    def run(self, *, dry_run: bool = False, wait: bool = False) -> Report | None:
+        """Evict and collect once; None if another collector holds the lock and *wait* is false."""
+        fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            return self._collect(dry_run)
+        finally:
+            os.close(fd)
+
+    def _collect(self, dry_run: bool) -> Report:
+        started = time.monotonic()
+        now = time.time()
+        state = self._load()
+        self._manifests = state.manifests
+        report = Report(dry_run=dry_run, budget=self.budget())
+        report.usage_before = sum(size for size, _ in state.files.values())
+
+        roots = self._roots(state)
+        evicted, freed_by_eviction = self._choose_evictions(state, roots, report.usage_before, now)
+
+        # Index changes of the eviction: tags, links and access times of the evicted images.
+        tag_removals: list[tuple[str, str]] = []
+        link_removals: set[tuple[str, str]] = set()
+        evicted_in: dict[str, set[str]] = defaultdict(set)  # per repository: one pass, not one per repository
+        for repo, digest in evicted:
+            report.evicted.append(f"{repo}@{digest}")
+            roots[repo].discard(digest)
+            evicted_in[repo].add(digest)
+        for repo, dropped_roots in evicted_in.items():
+            tag_removals += [(repo, tag) for tag, (d, _) in state.tags.get(repo, {}).items() if d in dropped_roots]
+            kept = self._closure_of(roots[repo] | state.pins.get(repo, set()))
+            dropped = self._closure_of(dropped_roots)
+            link_removals |= {(repo, d) for d in dropped - kept if d in state.links.get(repo, set())}
+
+        # Mark from every remaining root; sweep what is unmarked (and old, unless eviction freed it).
+        marked = self._closure_of(set().union(*roots.values()) | set().union(*state.pins.values(), set()))
+        cutoff = now - self.gc.grace
+        doomed = {d for d, (_, mtime) in state.files.items()
+                  if d not in marked and (d in freed_by_eviction or mtime < cutoff)}
+        holders: dict[str, list[str]] = defaultdict(list)
+        for repo, digests in state.links.items():
+            for d in digests & doomed:
+                holders[d].append(repo)
+        for d in doomed:
+            link_removals |= {(repo, d) for repo in holders.get(d, [])}
+
+        report.tags_removed = len(tag_removals)
+        report.links_removed = len(link_removals)
+        report.objects_removed = len(doomed)
+        report.bytes_freed = sum(state.files[d][0] for d in doomed)
+        report.objects_kept = len(state.files) - len(doomed)
+        report.usage_after = report.usage_before - report.bytes_freed
+        if not dry_run:
+            self._apply(tag_removals, link_removals, doomed, evicted)
+            self.metadata.set_usage(report.usage_after)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _apply(self, tags: list[tuple[str, str]], links: set[tuple[str, str]], doomed: set[str],
+               evicted: list[tuple[str, str]]) -> None:
+        # Index first: once nothing points at an object, deleting the file cannot break a reader
+        # that looks it up afterwards (it refetches, or gets a clean 404 for a pushed one).
+        by_repo: dict[str, list[str]] = defaultdict(list)
+        for repo, tag in tags:
+            by_repo[repo].append(tag)
+        for repo, repo_tags in by_repo.items():
+            self.metadata.untag_many(repo, repo_tags)
+        self.metadata.forget([f"link/{repo}@{d}" for repo, d in links]
+                             + [f"manifest/{d}" for d in doomed]
+                             + [f"access/{repo}@{d}" for repo, d in evicted])
+        for d in doomed:
+            try:
+                os.unlink(self.store.blob_path(parse_digest(d)))
+            except (FileNotFoundError, ParseError):
+                pass
+            self._refs.pop(d, None)
+
+    # -- the graph --
+
+    def _load(self) -> _State:
+        files: dict[str, tuple[int, float]] = {}
+        for algorithm_dir in _scandir(self.store.blobs):
+            for prefix_dir in _scandir(algorithm_dir.path):
+                for entry in _scandir(prefix_dir.path):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    files[f"{algorithm_dir.name}:{entry.name}"] = (st.st_size, st.st_mtime)
+        links: dict[str, set[str]] = defaultdict(set)
+        for key in self.metadata.keys("link/"):
+            repo, _, digest = key[len("link/"):].rpartition("@")
+            links[repo].add(digest)
+        tags: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
+        for key, value in self.metadata.items("tag/").items():
+            repo, _, tag = key.rpartition(":")
+            tags[repo][tag] = (value[0], value[2])
+        pins: dict[str, set[str]] = defaultdict(set)
+        for key in self.metadata.keys("pin/"):
+            repo, _, digest = key[len("pin/"):].rpartition("@")
+            pins[repo].add(digest)
+        manifests = {key[len("manifest/"):] for key in self.metadata.keys("manifest/")}
+        return _State(files, manifests, links, tags, pins, self.metadata.items("access/"))
+
+    def _roots(self, state: _State) -> dict[str, set[str]]:
+        """Per repository, the manifests it holds: linked manifests and tag targets."""
+        roots: dict[str, set[str]] = defaultdict(set)
+        for repo, digests in state.links.items():
+            roots[repo] |= {d for d in digests if d in state.manifests}
+        for repo, repo_tags in state.tags.items():
+            roots[repo] |= {d for d, _ in repo_tags.values()}
+        return roots
+
+    def _references(self, digest: str) -> list[str]:
+        # Only manifests (objects with a manifest record) are read: layers and configs reference
+        # nothing, and a layer may be gigabytes.  An object not stored yet is not remembered as a
+        # leaf: it may be a manifest by the next run.
+        if digest not in self._refs:
+            if digest not in self._manifests:
+                return []
+            try:
+                body = self.store.read_bytes(parse_digest(digest))
+            except ParseError:
+                body = None
+            if body is None:
+                return []
+            self._refs[digest] = [d.digest for d in references(body)]
+        return self._refs[digest]
+
+    def _closure_of(self, roots: set[str]) -> set[str]:
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            d = stack.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            stack.extend(self._references(d))
+        return seen
+
+    def _choose_evictions(self, state: _State, roots: dict[str, set[str]], usage: int,
+                          now: float) -> tuple[list[tuple[str, str]], set[str]]:
+        """Cached images to evict, least recently used first, and the objects that frees."""
+        budget = self.budget()
+        over = budget is not None and usage > budget * self.cache.high_watermark
+        unused_cutoff = now - self.cache.unused_for if self.cache.unused_for else None
+        if not over and unused_cutoff is None:
+            return [], set()
+        target = budget * self.cache.low_watermark if over and budget is not None else None
+
+        candidates: list[tuple[float, str, str]] = []
+        retained_roots: list[str] = []
+        for repo, digests in roots.items():
+            protected = self._closure_of(state.pins.get(repo, set()))
+            tagged_at: dict[str, float] = {}  # digest -> latest fetch of a tag on it (one pass over the tags)
+            for td, t in state.tags.get(repo, {}).values():
+                tagged_at[td] = max(t, tagged_at.get(td, 0.0))
+            for d in digests:
+                if repo.startswith(LOCAL + "/") or d in protected:
+                    retained_roots.append(d)
+                    continue
+                fetched = tagged_at.get(d, 0.0)
+                last_used = max(state.access.get(f"{repo}@{d}", 0.0), fetched,
+                                state.files.get(d, (0, 0.0))[1])
+                candidates.append((last_used, repo, d))
+        for pinned in state.pins.values():
+            retained_roots.extend(pinned)
+        # An image used in the last moments may still be arriving: never evict it for space.
+        recent = now - self.cache.keep_recent
+        candidates = sorted(c for c in candidates if unused_cutoff is not None and c[0] < unused_cutoff
+                            or c[0] < recent)
+
+        # Objects a retained image reaches are never freed; the rest are freed when the last
+        # candidate image reaching them is evicted.
+        protected_objects = self._closure_of(set(retained_roots))
+        counts: Counter[str] = Counter()
+        for _, _, d in candidates:
+            counts.update(self._closure_of({d}))
+
+        evicted: list[tuple[str, str]] = []
+        freed: set[str] = set()
+        projected = usage
+        for last_used, repo, d in candidates:  # oldest first: both reasons stop holding at some point
+            needed = target is not None and projected > target
+            unused = unused_cutoff is not None and last_used < unused_cutoff
+            if not needed and not unused:
+                break
+            evicted.append((repo, d))
+            for x in self._closure_of({d}):
+                counts[x] -= 1
+                if counts[x] == 0 and x not in protected_objects and x in state.files \
+                        and state.files[x][1] < recent:  # not an object that just arrived
+                    freed.add(x)
+                    projected -= state.files[x][0]
+        if evicted:
+            log.info("evicting %d cached images (store %s, budget %s)", len(evicted), _size(usage),
+                     _size(budget) if budget else "none")
+        return evicted, freed
+
+
+class Maintenance:
+    """The server's upkeep task: flush access times, collect on schedule or when over budget."""
+
+    def __init__(self, collector: Collector, tracker: AccessTracker, interval: float, *,
+                 metrics: Metrics | None = None) -> None:
+        self.collector = collector
+        self.tracker = tracker
+        self.interval = interval
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def note_commit(self, size: int) -> None:
+        """Count a new object (called from any thread); wake the collector when over budget."""
+        usage = self.collector.metadata.add_usage(size)
+        if self._loop is not None and self.collector.over_high_watermark(usage):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.collector.metadata.usage() == 0:
+            await anyio.to_thread.run_sync(self._recount)
+        next_run = time.monotonic() + self.interval if self.interval else float("inf")
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            woken = self._wake.is_set()
+            self._wake.clear()
+            try:
+                await anyio.to_thread.run_sync(self.tracker.flush)
+                if woken or time.monotonic() >= next_run:
+                    report = await anyio.to_thread.run_sync(lambda: self.collector.run())
+                    if report is not None:
+                        self.metrics.gc_finished(report)
+                    if report is not None and (report.objects_removed or report.evicted):
+                        log.info("collector: %s", report.summary())
+                    if self.interval:
+                        next_run = time.monotonic() + self.interval
+            except Exception:  # the upkeep must outlive any one failure
+                self.metrics.gc_failed()
+                log.exception("maintenance run failed")
+
+    def _recount(self) -> None:
+        total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)
+                    for p in _scandir(a.path) for entry in _scandir(p.path))
+        self.collector.metadata.set_usage(total)
+
+    def flush(self) -> None:
+        self.tracker.flush()
+
+
+def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(path))
+    except FileNotFoundError:
+        return []
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

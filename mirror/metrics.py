@@ -1,0 +1,334 @@
+"""Prometheus metrics of a mirror process, and their exposition for every worker at once.
+
+Names start with ``mirror_`` and carry their unit (``_seconds``, ``_bytes``); counters end in
+``_total``.  Labels are bounded: a route is a template (``manifest``, ``blob``, ...), never a path.
+
+Every metric lives on a :class:`Metrics` built once per process with a registry of its own
+(never prometheus-client's global one).  Code records through its methods; ``Metrics(enabled=False)``
+records nothing, for the tools that run the same code outside the server (``mirror export``).
+
+Several worker processes: ``mirror serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
+directory before prometheus-client is first imported (it picks its value class at import).
+Each process then keeps its samples in memory-mapped files there, and whoever answers a scrape
+-- any worker, or the parent's ``metrics.listen`` server -- merges them all
+(:func:`exposition_registry`).  Gauges say how they merge: ``livesum`` for what live workers
+hold right now, ``mostrecent`` for what the upstream said last.  The store's figures (size,
+budget, object counts) belong to no process: :class:`StoreCollector` reads them when scraped,
+in the process that answers, so they are counted once.
+
+==========================================  =============================================================
+``mirror_http_requests_total``               route, method, status
+``mirror_http_request_duration_seconds``     route, method (histogram, to the last body byte)
+``mirror_http_response_bytes_total``         route: body bytes sent
+``mirror_http_requests_in_flight``           requests being answered
+``mirror_cache_requests_total``              kind (manifest, blob), outcome (hit, miss, stale, coalesced, local)
+``mirror_cache_served_bytes_total``          kind, outcome: body bytes sent, by where they came from
+``mirror_coalesced_waiters``                 requests following a fetch another request leads
+``mirror_upstream_requests_total``           upstream, method, status (``error``: no answer)
+``mirror_upstream_request_duration_seconds`` upstream, method (histogram, to the response headers)
+``mirror_upstream_errors_total``             upstream, reason (unreachable, server_error, rate_limited, ...)
+``mirror_upstream_received_bytes_total``     upstream, kind (manifest, blob)
+``mirror_upstream_ratelimit_*``              upstream: Docker Hub's ``ratelimit-limit``/``-remaining``
+``mirror_gc_*``, ``mirror_evicted_images_total``  collector runs, durations, objects and bytes freed
+``mirror_upload*_total``, ``mirror_preload*_total``  pushed blobs and preloaded archives
+``mirror_store_*``                           size, budget and watermarks, objects, manifests, filesystem
+==========================================  =============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .config import CacheConfig
+    from .gc import Report
+    from .metadata import Metadata
+    from .store import Store
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "StoreCollector", "exposition_registry", "render"]
+
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GC_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LEADING_INT = re.compile(r"\s*(\d+)")
+
+
+def multiprocess_mode() -> bool:
+    """True when samples go to ``PROMETHEUS_MULTIPROC_DIR`` (decided when prometheus-client was imported)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+class Metrics:
+    """The metrics one process records (see the module docstring for the list)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        if not enabled:
+            return
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests", "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram(
+            "mirror_http_request_duration_seconds", "Time from request to the last body byte sent.",
+            ["route", "method"], buckets=HTTP_BUCKETS, registry=r)
+        self.http_bytes = Counter(
+            "mirror_http_response_bytes", "Response body bytes sent, by route template.", ["route"], registry=r)
+        self.http_in_flight = Gauge(
+            "mirror_http_requests_in_flight", "Requests being answered.", registry=r, multiprocess_mode="livesum")
+        self.cache_requests = Counter(
+            "mirror_cache_requests", "Manifest and blob requests by cache outcome "
+            "(hit: store, miss: fetched, stale: store while the upstream failed, coalesced: joined a fetch "
+            "in progress, local: pushed content).", ["kind", "outcome"], registry=r)
+        self.cache_bytes = Counter(
+            "mirror_cache_served_bytes", "Manifest and blob body bytes sent, by cache outcome.",
+            ["kind", "outcome"], registry=r)
+        self.coalesced_waiters = Gauge(
+            "mirror_coalesced_waiters", "Requests following an upstream fetch that another request leads.",
+            registry=r, multiprocess_mode="livesum")
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests", "Requests sent to an upstream registry, by status (error: no answer).",
+            ["upstream", "method", "status"], registry=r)
+        self.upstream_duration = Histogram(
+            "mirror_upstream_request_duration_seconds", "Time until an upstream's response headers arrived.",
+            ["upstream", "method"], buckets=UPSTREAM_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "mirror_upstream_errors", "Upstream requests that failed after retries, by reason "
+            "(unreachable, server_error, rate_limited, denied, invalid, interrupted).",
+            ["upstream", "reason"], registry=r)
+        self.upstream_bytes = Counter(
+            "mirror_upstream_received_bytes", "Manifest and blob body bytes received from an upstream.",
+            ["upstream", "kind"], registry=r)
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining", "Pulls left in the window, as the upstream last said "
+            "(Docker Hub's ratelimit-remaining header).", ["upstream"], registry=r, multiprocess_mode="mostrecent")
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "Pulls allowed per window, as the upstream last said "
+            "(Docker Hub's ratelimit-limit header).", ["upstream"], registry=r, multiprocess_mode="mostrecent")
+        self.gc_runs = Counter(
+            "mirror_gc_runs", "Collector runs (eviction and garbage collection), by result.", ["result"], registry=r)
+        self.gc_duration = Histogram(
+            "mirror_gc_duration_seconds", "Duration of a collector run.", buckets=GC_BUCKETS, registry=r)
+        self.gc_freed_bytes = Counter(
+            "mirror_gc_freed_bytes", "Bytes of objects the collector removed.", registry=r)
+        self.gc_removed_objects = Counter(
+            "mirror_gc_removed_objects", "Objects the collector removed.", registry=r)
+        self.evicted_images = Counter(
+            "mirror_evicted_images", "Cached images evicted (least recently used, or unused too long).", registry=r)
+        self.gc_last_run = Gauge(
+            "mirror_gc_last_run_timestamp_seconds", "When the last collector run finished (Unix time).",
+            registry=r, multiprocess_mode="max")
+        self.uploads = Counter("mirror_uploads", "Blob uploads completed (pushed blobs stored).", registry=r)
+        self.upload_bytes = Counter("mirror_upload_bytes", "Bytes of blob uploads completed.", registry=r)
+        self.upload_failures = Counter(
+            "mirror_upload_failures", "Blob uploads refused at the end (digest mismatch).", registry=r)
+        self.mounts = Counter("mirror_upload_mounts", "Blobs mounted from another repository.", registry=r)
+        self.preloads = Counter("mirror_preloads", "Image archives preloaded through the server.", registry=r)
+        self.preload_failures = Counter("mirror_preload_failures", "Image archives refused.", registry=r)
+        self.preload_images = Counter("mirror_preload_images", "Images in the archives preloaded.", registry=r)
+        self.preload_bytes = Counter("mirror_preload_bytes", "New bytes stored by preloads.", registry=r)
+
+    def close(self) -> None:
+        """This process is ending: its live gauges (in-flight requests, waiters) stop counting."""
+        if self.enabled and multiprocess_mode():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    # -- HTTP --
+
+    def request_started(self) -> None:
+        if self.enabled:
+            self.http_in_flight.inc()
+
+    def request_done(self, route: str, method: str, status: int, seconds: float, sent: int,
+                     cache: str | None) -> None:
+        if not self.enabled:
+            return
+        method = method if method in METHODS else "other"
+        self.http_in_flight.dec()
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_duration.labels(route, method).observe(seconds)
+        if sent:
+            self.http_bytes.labels(route).inc(sent)
+        if cache is not None and route in ("manifest", "blob"):
+            outcome = cache.lower()
+            self.cache_requests.labels(route, outcome).inc()
+            if sent:
+                self.cache_bytes.labels(route, outcome).inc(sent)
+
+    def waiting(self, delta: int) -> None:
+        """A request started (+1) or stopped (-1) following another request's fetch."""
+        if self.enabled:
+            self.coalesced_waiters.inc(delta)
+
+    # -- upstream --
+
+    def upstream_response(self, upstream: str, method: str, status: int | None, seconds: float,
+                          headers: Mapping[str, str] | None = None) -> None:
+        """One answer (or, with status None, none) from an upstream."""
+        if not self.enabled:
+            return
+        self.upstream_requests.labels(upstream, method, str(status) if status else "error").inc()
+        if status is None:
+            return
+        self.upstream_duration.labels(upstream, method).observe(seconds)
+        if headers is not None:
+            for header, gauge in (("ratelimit-remaining", self.ratelimit_remaining),
+                                  ("ratelimit-limit", self.ratelimit_limit)):
+                value = headers.get(header)  # e.g. "76;w=21600"
+                if value and (m := _LEADING_INT.match(value)):
+                    gauge.labels(upstream).set(int(m.group(1)))
+
+    def upstream_error(self, upstream: str, reason: str) -> None:
+        if self.enabled:
+            self.upstream_errors.labels(upstream, reason).inc()
+
+    def received(self, upstream: str, kind: str, size: int) -> None:
+        if self.enabled and size:
+            self.upstream_bytes.labels(upstream, kind).inc(size)
+
+    # -- maintenance, uploads, preloads --
+
+    def gc_finished(self, report: Report) -> None:
+        if not self.enabled:
+            return
+        self.gc_runs.labels("ok").inc()
+        self.gc_duration.observe(report.seconds)
+        self.gc_freed_bytes.inc(report.bytes_freed)
+        self.gc_removed_objects.inc(report.objects_removed)
+        self.evicted_images.inc(len(report.evicted))
+        self.gc_last_run.set(time.time())
+
+    def gc_failed(self) -> None:
+        if self.enabled:
+            self.gc_runs.labels("failed").inc()
+
+    def upload_finished(self, size: int) -> None:
+        if self.enabled:
+            self.uploads.inc()
+            self.upload_bytes.inc(size)
+
+    def upload_failed(self) -> None:
+        if self.enabled:
+            self.upload_failures.inc()
+
+    def mounted(self) -> None:
+        if self.enabled:
+            self.mounts.inc()
+
+    def preload_finished(self, images: int, new_bytes: int) -> None:
+        if self.enabled:
+            self.preloads.inc()
+            self.preload_images.inc(images)
+            self.preload_bytes.inc(new_bytes)
+
+    def preload_failed(self) -> None:
+        if self.enabled:
+            self.preload_failures.inc()
+
+
+class StoreCollector(Collector):
+    """The store's figures, read at scrape time by the process that answers the scrape.
+
+    Size comes from the index's running total; object counts from a scan of ``blobs/`` that is
+    repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
+    """
+
+    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig,
+                 budget: Callable[[], int | None], workers: int = 1) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.cache = cache
+        self.budget = budget
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._counts: tuple[int, int, int] | None = None
+        self._counted_at = 0.0
+        self._count_every = 1.0
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("mirror_build_info", "The mirror's version (always 1).", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily("mirror_workers", "Worker processes configured.", value=self.workers)
+        yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=self.metadata.usage())
+        budget = self.budget()
+        if budget is not None:
+            yield GaugeMetricFamily("mirror_store_max_size_bytes", "The store's budget (cache.max_size).",
+                                    value=budget)
+            yield GaugeMetricFamily("mirror_store_high_watermark_bytes", "Eviction starts above this size.",
+                                    value=budget * self.cache.high_watermark)
+            yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
+                                    value=budget * self.cache.low_watermark)
+        objects, manifests, uploads = self._count()
+        yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
+        yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
+        yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
+                                value=len(self.metadata.repositories()))
+        yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
+                                value=uploads)
+        try:
+            fs = os.statvfs(self.store.root)
+        except OSError:
+            return
+        yield GaugeMetricFamily("mirror_store_filesystem_size_bytes", "Size of the filesystem holding the store.",
+                                value=fs.f_blocks * fs.f_frsize)
+        yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
+                                value=fs.f_bavail * fs.f_frsize)
+
+    def _count(self) -> tuple[int, int, int]:
+        with self._lock:
+            now = time.monotonic()
+            if self._counts is None or now - self._counted_at >= self._count_every:
+                objects = sum(1 for a in _scandir(self.store.blobs) for p in _scandir(a.path)
+                              for _ in _scandir(p.path))
+                uploads = len(_scandir(self.store.uploads))
+                self._counts = (objects, len(self.metadata.keys("manifest/")), uploads)
+                self._counted_at = time.monotonic()
+                self._count_every = max(1.0, 50 * (self._counted_at - now))
+            return self._counts
+
+
+def exposition_registry(metrics: Metrics, extra: Iterable[Collector] = ()) -> CollectorRegistry:
+    """What a scrape reports: this process's metrics, or every worker's in multi-process mode, plus *extra*."""
+    registry = CollectorRegistry(auto_describe=False)
+    if multiprocess_mode():
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(metrics.registry)
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text format (blocking: reads the workers' files; call from a thread)."""
+    return generate_latest(registry)
+
+
+def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,262 @@
+"""Observability at the HTTP edge: request metrics, JSON access logs, ``/metrics``, ``/healthz``, ``/readyz``.
+
+:class:`Observe` is a pure ASGI middleware around the whole app.  For every request it
+
+* takes the request id from ``X-Request-Id`` (when it is a sane token) or makes one, and
+  echoes it in the response;
+* counts the request by *route template* (``manifest``, ``blob``, ``upload``, ``tags``,
+  ``catalog``, ``referrers``, ``base``, ``metrics``, ``health``, ``admin``, ``unknown``), method
+  and status, times it to its last body byte, and counts the body bytes -- and, for manifests
+  and blobs, the cache outcome the routes put in ``X-Mirror-Cache``;
+* writes one JSON line to the ``mirror.access`` logger::
+
+    {"ts": "2024-05-01T12:00:00.123Z", "request_id": "...", "method": "GET", "route": "blob",
+     "path": "/v2/library/alpine/blobs/sha256:...", "status": 200, "cache": "HIT",
+     "bytes": 3402431, "duration_ms": 12.5, "client": "10.0.0.7", ...}
+
+The route is derived from the path with the spec's patterns, never the raw path, so the
+metrics' label sets stay bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import Config, ConfigError, LogConfig
+from .metadata import Metadata
+from .metrics import CONTENT_TYPE_LATEST, Metrics, render
+from .store import Store
+
+access_log = logging.getLogger("mirror.access")
+log = logging.getLogger("mirror.observe")
+
+CACHE_HEADER = b"x-mirror-cache"
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+_API_ROUTES = [  # the /v2/<name>/... endpoints, as routes.py dispatches them (most specific first)
+    (re.compile(r".+/blobs/uploads/[^/]*"), "upload"),
+    (re.compile(r".+/manifests/[^/]+"), "manifest"),
+    (re.compile(r".+/blobs/[^/]+"), "blob"),
+    (re.compile(r".+/tags/list"), "tags"),
+    (re.compile(r".+/referrers/[^/]+"), "referrers"),
+]
+
+
+def route_of(path: str) -> str:
+    """The route template of a request path (a bounded set of names)."""
+    if path in ("/v2/", "/v2"):
+        return "base"
+    if path.startswith("/v2/"):
+        if path == "/v2/_catalog":
+            return "catalog"
+        rest = path[4:]
+        for pattern, kind in _API_ROUTES:
+            if pattern.fullmatch(rest):
+                return kind
+        return "unknown"
+    if path == "/metrics":
+        return "metrics"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    if path.startswith("/_mirror/"):
+        return "admin"
+    return "unknown"
+
+
+class Observe:
+    """Request id, request metrics and the JSON access log, around any ASGI app."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, access: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        route = route_of(path)
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
+        status = 0
+        cache: str | None = None
+        sent = 0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, cache, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                for key, value in headers:
+                    if key.lower() == CACHE_HEADER:
+                        cache = value.decode("latin-1")
+                headers.append((REQUEST_ID_HEADER, request_id))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        self.metrics.request_started()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            seconds = time.perf_counter() - started
+            status = status or 500  # nothing was sent: the server answers 500
+            self.metrics.request_done(route, scope["method"], status, seconds, sent, cache)
+            if self.access and access_log.isEnabledFor(logging.INFO):
+                access_log.info(_entry(scope, request_id, route, status, cache, sent, seconds))
+
+
+def _request_id(scope: Scope) -> bytes:
+    for key, value in scope["headers"]:
+        if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
+            return bytes(value)
+    return uuid.uuid4().hex.encode()
+
+
+def _entry(scope: Scope, request_id: bytes, route: str, status: int, cache: str | None, sent: int,
+           seconds: float) -> str:
+    now = time.time()
+    entry: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+        "request_id": request_id.decode("latin-1"),
+        "method": scope["method"],
+        "route": route,
+        "path": scope["path"],
+        "status": status,
+        "cache": cache,
+        "bytes": sent,
+        "duration_ms": round(seconds * 1000, 3),
+        "client": scope["client"][0] if scope.get("client") else None,
+    }
+    if scope.get("query_string"):
+        entry["query"] = scope["query_string"].decode("latin-1")
+    for key, value in scope["headers"]:
+        if key == b"user-agent":
+            entry["user_agent"] = value.decode("latin-1")[:200]
+            break
+    entry["pid"] = os.getpid()
+    return json.dumps(entry, separators=(",", ":"))
+
+
+# -- endpoints --
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive and its event loop answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready to serve: the store takes writes and the index answers."""
+    problems = await anyio.to_thread.run_sync(readiness_problems, request.state.store, request.state.metadata)
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def readiness_problems(store: Store, metadata: Metadata) -> dict[str, str]:
+    """What keeps this process from serving: ``{"store": reason, "index": reason}`` (blocking)."""
+    problems: dict[str, str] = {}
+    probe = store.tmp / f"readyz-{secrets.token_hex(8)}.partial"
+    try:
+        if not store.blobs.is_dir():
+            raise FileNotFoundError(f"{store.blobs} is missing")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ready")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                os.unlink(probe)
+    except OSError as exc:
+        problems["store"] = f"not writable: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    try:
+        metadata.usage()
+    except Exception as exc:  # noqa: BLE001 (diskcache raises sqlite3 errors of many kinds)
+        problems["index"] = f"not readable: {exc}"
+    return problems
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body = await anyio.to_thread.run_sync(render, request.state.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def routes(config: Config) -> list[Route]:
+    """``/healthz``, ``/readyz``, and ``/metrics`` unless it has a listener of its own."""
+    found = [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/readyz", readyz, methods=["GET", "HEAD"])]
+    if not config.metrics.listen:
+        found.append(Route("/metrics", metrics_endpoint, methods=["GET", "HEAD"]))
+    return found
+
+
+# -- process set-up (mirror serve) --
+
+
+def logging_config(config: LogConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's logging configuration *base*, plus ours: the ``mirror`` loggers on stderr, and the
+    access log as bare JSON lines on stdout.  uvicorn applies it in every worker process."""
+    out = copy.deepcopy(base)
+    out["formatters"]["mirror"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    out["formatters"]["json_lines"] = {"format": "%(message)s"}
+    out["handlers"]["mirror"] = {"class": "logging.StreamHandler", "formatter": "mirror",
+                                 "stream": "ext://sys.stderr"}
+    out["handlers"]["mirror_access"] = {"class": "logging.StreamHandler", "formatter": "json_lines",
+                                        "stream": "ext://sys.stdout"}
+    out["root"] = {"handlers": ["mirror"], "level": config.level.upper()}
+    out["loggers"]["httpx"] = {"level": "WARNING"}
+    out["loggers"]["httpcore"] = {"level": "WARNING"}
+    out["loggers"]["mirror.access"] = {"handlers": ["mirror_access"], "level": "INFO", "propagate": False}
+    return out
+
+
+@contextlib.contextmanager
+def metrics_listener(config: Config) -> Iterator[None]:
+    """Serve ``/metrics`` on ``metrics.listen`` from this (the parent) process, for every worker."""
+    if not config.metrics.listen:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    from .gc import Collector
+    from .metrics import StoreCollector, exposition_registry
+
+    store = Store(config.storage.path)
+    metadata = Metadata(store.index)
+    collector = Collector(store, metadata, config.cache, config.gc)
+    registry = exposition_registry(Metrics(enabled=False), [
+        StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
+    host, _, port = config.metrics.listen.rpartition(":")
+    try:
+        server, thread = start_http_server(int(port), host, registry)
+    except OSError as exc:
+        metadata.close()
+        raise ConfigError(f"cannot listen on metrics.listen {config.metrics.listen}: {exc.strerror or exc}") from exc
+    log.info("serving /metrics on http://%s", config.metrics.listen)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        metadata.close()
+

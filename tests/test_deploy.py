@@ -1,0 +1,660 @@
+"""deploy/: every file is valid, and the settings it hands the mirror are ones the mirror accepts.
+
+- YAML, JSON and TOML files parse; the compose files pass ``docker-compose config``; the services
+  they wire together agree (Prometheus's targets, Grafana's data source and dashboard paths).
+- The Helm chart passes ``helm lint --strict`` and renders with ``helm template`` for several value
+  sets; every rendered object is checked against the Kubernetes API's strict JSON schema (unknown
+  fields are errors) and for internal consistency (selectors, ports, volumes, Secret keys).
+- The systemd unit passes ``systemd-analyze verify`` and its offline security rating.
+- Wherever a file hands the mirror settings (environment, config file, mounted secrets), they are
+  loaded with the mirror's own :func:`mirror.config.load_config`.
+- The image (slow): deploy/Dockerfile builds with a test dockerd's classic builder on a base image
+  made offline from this machine's Python (tests/support/baseimage.py), runs as its non-root user,
+  answers ``/v2/`` and pulls through to an upstream, and its HEALTHCHECK turns healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+from mirror.config import load_config
+from tests.support.baseimage import import_args, rootfs_tar
+from tests.support.catalog import StandardImages
+from tests.support.dockerd import Dockerd, docker_client
+from tests.support.helm import CACHE, KUBE_VERSION, helm_binary, kubernetes_definitions
+from tests.support.mirror import PROJECT_ROOT
+from tests.support.procs import free_port, require_tool
+from tests.support.registry import UpstreamRegistry
+from tests.support.tls import ServerCertificate, server_certificate
+
+DEPLOY = PROJECT_ROOT / "deploy"
+CHART = DEPLOY / "helm" / "mirror"
+#: Helm's own cache, configuration and data directories (none of the user's).
+HELM_HOME = CACHE / "helm-home"
+PLACEHOLDER = "mirror.example.internal:5000"
+#: A bcrypt htpasswd line (``htpasswd -nbB alice 'correct horse'``).
+HTPASSWD = "alice:$2y$05$iv3q1bSDnUvkJaSfPzYGaeGOKILlDQ2XG14Qk.140R4SY84qHQkNK\n"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
+    """For 127.0.0.1, localhost, and the stack's names of the mirror service."""
+    return server_certificate(tmp_path_factory.mktemp("pki"), names=("mirror", "tasks.mirror"))
+
+
+def files(*patterns: str) -> list[Path]:
+    found = sorted({path for pattern in patterns for path in DEPLOY.rglob(pattern)})
+    return [path for path in found if "templates" not in path.parts]
+
+
+# -- every file parses ---------------------------------------------------------------------
+
+
+def test_every_yaml_json_and_toml_file_parses() -> None:
+    yamls, jsons, tomls = files("*.yaml", "*.yml"), files("*.json"), files("*.toml", "*.conf")
+    assert len(yamls) >= 8 and len(jsons) >= 2 and len(tomls) >= 7
+    for path in yamls:
+        assert list(yaml.safe_load_all(path.read_text())), path
+    for path in jsons:
+        json.loads(path.read_text())
+    for path in tomls:
+        tomllib.loads(path.read_text())
+
+
+# -- compose / swarm stack -----------------------------------------------------------------
+
+
+def compose(*names: str) -> dict[str, Any]:
+    """The compose files merged as compose and `docker stack deploy` do for these keys."""
+    merged: dict[str, Any] = {}
+    for name in names:
+        document = yaml.safe_load((DEPLOY / name).read_text())
+        for key, value in document.items():
+            if key == "services":
+                services = merged.setdefault("services", {})
+                for service, spec in value.items():
+                    target = services.setdefault(service, {})
+                    for field, item in spec.items():
+                        if field == "environment":
+                            target.setdefault(field, {}).update(item)
+                        elif field in ("configs", "secrets"):
+                            by_source = {entry["source"]: entry for entry in target.get(field, [])}
+                            by_source.update({entry["source"]: entry for entry in item})
+                            target[field] = list(by_source.values())
+                        else:
+                            target[field] = item
+            elif isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def listen_port(value: str) -> int:
+    return int(value.rpartition(":")[2])
+
+
+@pytest.mark.parametrize("names", [("compose.yaml",), ("compose.yaml", "compose.tls.yaml")], ids=["plain", "tls"])
+def test_compose_files_are_valid_and_agree_with_each_other(
+    names: tuple[str, ...], certificate: ServerCertificate
+) -> None:
+    tool = require_tool("docker-compose", "docker-compose")
+    args = [arg for name in names for arg in ("-f", str(DEPLOY / name))]
+    done = subprocess.run([tool, *args, "config", "--quiet"], capture_output=True, text=True, check=False,
+                          env={**os.environ, "MIRROR_IMAGE": "mirror:test"})
+    assert done.returncode == 0, done.stderr
+
+    document = compose(*names)
+    assert str(document["version"]).startswith("3.")  # docker stack deploy reads 3.x
+    services = document["services"]
+    assert set(services) == {"mirror", "prometheus", "grafana"}
+    mirror = services["mirror"]
+    assert (PROJECT_ROOT / mirror["build"]["dockerfile"]).is_file() and mirror["build"]["context"] == ".."
+    assert mirror["image"].startswith("${MIRROR_IMAGE")
+    assert mirror["deploy"]["replicas"] == 1 and "/var/lib/mirror" in mirror["volumes"][0]
+    for kind in ("configs", "secrets"):
+        for name, spec in document.get(kind, {}).items():
+            if kind == "configs":
+                assert (DEPLOY / spec["file"]).is_file(), f"{kind}.{name}: {spec['file']} is missing"
+            for service in services.values():
+                assert all(entry["source"] in document[kind] for entry in service.get(kind, []))
+
+    # The mirror's environment is a configuration the mirror accepts (secrets as test files).
+    secret_files = {"/run/secrets/mirror.crt": str(certificate.certificate),
+                    "/run/secrets/mirror.key": str(certificate.key)}
+    env = {key: secret_files.get(str(value), str(value)) for key, value in mirror["environment"].items()}
+    config = load_config(env=env)
+    assert config.http.listen == "0.0.0.0:5000" and str(config.storage.path) == "/var/lib/mirror"
+    mounted = {f"/run/secrets/{entry['target']}" for entry in mirror.get("secrets", [])}
+    assert {value for value in mirror["environment"].values() if str(value).startswith("/run/secrets/")} <= mounted
+
+    # Prometheus scrapes where the mirror serves /metrics, and loads the alert rules beside it.
+    prometheus = services["prometheus"]
+    config_file = next(a.partition("=")[2] for a in prometheus["command"] if a.startswith("--config.file="))
+    targets = {entry["target"]: document["configs"][entry["source"]]["file"] for entry in prometheus["configs"]}
+    scrape = yaml.safe_load((DEPLOY / targets[config_file]).read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["job_name"] == "mirror"
+    metrics_port = listen_port(config.metrics.listen) if config.metrics.listen else config.http.port
+    assert job["static_configs"][0]["targets"] == [f"mirror:{metrics_port}"]
+    assert config.http.tls_certificate is None or config.metrics.listen, "Prometheus cannot scrape HTTPS here"
+    for rules in scrape["rule_files"]:
+        assert str(Path(config_file).parent / rules) in targets
+
+    # Grafana: its data source is this Prometheus, its dashboard file is where the provider looks.
+    grafana = services["grafana"]
+    provisioned = {entry["target"]: DEPLOY / document["configs"][entry["source"]]["file"]
+                   for entry in grafana["configs"]}
+    sources = yaml.safe_load(provisioned["/etc/grafana/provisioning/datasources/prometheus.yml"].read_text())
+    assert sources["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load(provisioned["/etc/grafana/provisioning/dashboards/mirror.yml"].read_text())
+    folder = providers["providers"][0]["options"]["path"]
+    dashboards = [target for target in provisioned if target.startswith(folder + "/") and target.endswith(".json")]
+    assert dashboards and all(json.loads(provisioned[target].read_text())["panels"] for target in dashboards)
+
+
+# -- Helm chart ----------------------------------------------------------------------------
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "everything": {
+        "image": {"repository": "registry.example.internal:5000/mirror", "tag": "1"},
+        "config": {"cache": {"tag_ttl": "1m"}, "upstreams": [{"registry": "ghcr.io", "url": "https://ghcr.io"}]},
+        "env": {"MIRROR_HTTP_WORKERS": "2"},
+        "upstreamCredentials": {"username": "me", "password": "dckr_pat_secret"},
+        "auth": {"htpasswd": HTPASSWD, "anonymousPull": False},
+        "tls": {"enabled": True, "secretName": "mirror-tls"},
+        "metrics": {"port": 9102},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "service": {"type": "NodePort", "nodePort": 30500},
+        "persistence": {"storageClass": "fast", "size": "200Gi"},
+    },
+    "existing-secrets": {
+        "upstreamCredentials": {"existingSecret": "hub-credentials"},
+        "auth": {"existingSecret": "mirror-users"},
+        "persistence": {"existingClaim": "mirror-cache"},
+        "serviceMonitor": {"enabled": True, "tlsConfig": {"insecureSkipVerify": True}},
+        "tls": {"enabled": True, "secretName": "mirror-tls"},
+    },
+    "ephemeral": {"persistence": {"enabled": False}},
+}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    home = {f"HELM_{kind}_HOME": str(HELM_HOME / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}
+    done = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **home})
+    if check:
+        assert done.returncode == 0, f"helm {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def kubernetes_schema() -> jsonschema.protocols.Validator:
+    """A validator factory for the API's strict schemas (``$ref`` to one definition each)."""
+    definitions = json.loads(kubernetes_definitions().read_text())
+    registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+    cls = jsonschema.validators.validator_for(definitions)
+    return cls({"$defs": definitions["$defs"], "$id": definitions["$id"]}, registry=registry)
+
+
+def schema_errors(validator: Any, document: dict[str, Any]) -> list[str]:
+    group, _, version = document["apiVersion"].rpartition("/")
+    definition = f"io.k8s.api.{group.split('.')[0] if group else 'core'}.{version}.{document['kind']}"
+    assert definition in validator.schema["$defs"], f"no schema for {definition} in Kubernetes {KUBE_VERSION}"
+    check = validator.evolve(schema={"$ref": f"{validator.schema['$id']}#/$defs/{definition}"})
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in check.iter_errors(document)]
+
+
+def render(tmp_path: Path, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    helm("lint", "--strict", str(CHART), "-f", str(path))
+    out = helm("template", "rel", str(CHART), "--namespace", "registry", "-f", str(path)).stdout
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(out) if doc}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_helm_chart_renders_valid_consistent_manifests(
+    name: str, tmp_path: Path, kubernetes_schema: Any, certificate: ServerCertificate
+) -> None:
+    values = VALUE_SETS[name]
+    objects = render(tmp_path, values)
+    for kind, document in objects.items():
+        if kind != "ServiceMonitor":
+            assert schema_errors(kubernetes_schema, document) == [], kind
+
+    deployment, service = objects["Deployment"], objects["Service"]
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"] == selector
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["readOnlyRootFilesystem"] and spec["enableServiceLinks"] is False
+
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ports
+        assert container[probe]["httpGet"]["scheme"] == ("HTTPS" if values.get("tls", {}).get("enabled") else "HTTP")
+    assert {container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]} \
+        == {"/healthz", "/readyz"}
+    assert {port["targetPort"] for port in service["spec"]["ports"]} <= set(ports)
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert {mount["name"] for mount in container["volumeMounts"]} <= set(volumes)
+    claim = volumes["data"].get("persistentVolumeClaim", {}).get("claimName")
+    if values.get("persistence", {}).get("enabled", True):
+        expected = values.get("persistence", {}).get("existingClaim") or objects["PersistentVolumeClaim"]["metadata"]["name"]
+        assert claim == expected
+    else:
+        assert "emptyDir" in volumes["data"] and "PersistentVolumeClaim" not in objects
+
+    if "ServiceMonitor" in objects:
+        monitor = objects["ServiceMonitor"]
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["spec"]["selector"]["matchLabels"] == selector
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+
+    # The pod's files and environment make a configuration the mirror accepts.
+    root = tmp_path / "pod"
+    env = materialize(objects, container, volumes, root, certificate)
+    config = load_config(root / "etc/mirror/config/config.yaml", env=env)
+    assert config.http.listen == "0.0.0.0:5000" and str(config.storage.path) == "/var/lib/mirror"
+    if values.get("tls", {}).get("enabled"):
+        assert config.http.tls_certificate is not None
+    if "upstreamCredentials" in values and "password" in values["upstreamCredentials"]:
+        assert (config.upstream.username, config.upstream.password) == ("me", "dckr_pat_secret")
+    if values.get("metrics", {}).get("port"):
+        assert config.metrics.listen == f"0.0.0.0:{values['metrics']['port']}"
+    assert [u.registry for u in config.upstreams] == \
+        ["docker.io", *(u["registry"] for u in values.get("config", {}).get("upstreams", []))]
+
+
+def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], volumes: dict[str, Any],
+                root: Path, certificate: ServerCertificate) -> dict[str, str]:
+    """Write the pod's mounted ConfigMap and Secret files under *root*; return its environment
+    with paths (and secret references) resolved to those files.  Secrets that are not the
+    chart's (existingSecret, the TLS Secret) get test content."""
+    chart_secret = objects.get("Secret", {})
+    external = {"password": "token-from-an-existing-secret", "username": "me", "htpasswd": HTPASSWD,
+                "tls.crt": certificate.certificate.read_text(), "tls.key": certificate.key.read_text()}
+
+    def secret_value(name: str, key: str) -> str:
+        if name == chart_secret.get("metadata", {}).get("name"):
+            return str(chart_secret["stringData"][key])
+        return external[key]
+
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        folder = root / mount["mountPath"].lstrip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+            for key, text in objects["ConfigMap"]["data"].items():
+                (folder / key).write_text(text)
+        elif "secret" in volume:
+            name = volume["secret"]["secretName"]
+            items = volume["secret"].get("items") or [{"key": k, "path": k} for k in ("tls.crt", "tls.key")]
+            for item in items:
+                (folder / item["path"]).write_text(secret_value(name, item["key"]))
+    env = {}
+    for variable in container["env"]:
+        if "valueFrom" in variable:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            env[variable["name"]] = secret_value(ref["name"], ref["key"])
+        else:
+            value = variable["value"]
+            mounted = value.startswith("/etc/mirror/")
+            env[variable["name"]] = str(root / value.lstrip("/")) if mounted else value
+    return env
+
+
+def test_helm_chart_refuses_tls_without_a_secret(tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"tls": {"enabled": True}}))
+    done = helm("template", "rel", str(CHART), "-f", str(path), check=False)
+    assert done.returncode != 0 and "tls.secretName is needed" in done.stderr
+
+
+# -- systemd -------------------------------------------------------------------------------
+
+
+def env_file(path: Path) -> tuple[dict[str, str], set[str]]:
+    """Active ``KEY=VALUE`` lines, and the names of the commented-out ``#MIRROR_...=`` examples."""
+    active, examples = {}, set()
+    for line in path.read_text().splitlines():
+        if m := re.fullmatch(r"(MIRROR_[A-Z_]+)=(.*)", line):
+            active[m[1]] = m[2]
+        elif m := re.fullmatch(r"#\s*(MIRROR_[A-Z_]+)=.*", line):
+            examples.add(m[1])
+    return active, examples
+
+
+def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path, certificate: ServerCertificate) -> None:
+    analyze = require_tool("systemd-analyze", "systemd")
+    unit = (DEPLOY / "systemd" / "mirror.service").read_text()
+    assert re.search(r"^ExecStart=/opt/mirror/bin/mirror serve$", unit, re.MULTILINE)
+    assert re.search(r"^EnvironmentFile=-/etc/mirror/mirror.env$", unit, re.MULTILINE)
+    # Verify with an ExecStart that exists here (the installed path does not).
+    local = tmp_path / "mirror.service"
+    local.write_text(unit.replace("/opt/mirror/bin/mirror serve", f"{sys.executable} -m mirror serve"))
+    done = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    rating = subprocess.run([analyze, "security", "--offline=true", "--threshold=20", str(local)],
+                            capture_output=True, text=True, check=False)
+    assert rating.returncode == 0, rating.stdout[-3000:]
+    assert re.search(r"Overall exposure level for mirror\.service: [01]\.\d OK", rating.stdout), rating.stdout[-500:]
+
+    # The environment file: its settings load, and its commented examples name real keys.
+    active, examples = env_file(DEPLOY / "systemd" / "mirror.env")
+    config = load_config(env={**active, "MIRROR_STORAGE_PATH": "/var/lib/mirror"})
+    assert config.http.listen == "0.0.0.0:5000"
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in ("upstream-token", "tls.crt", "tls.key"):
+        source = {"tls.crt": certificate.certificate, "tls.key": certificate.key}.get(name)
+        (credentials / name).write_text(source.read_text() if source else "token")
+    (tmp_path / "htpasswd").write_text(HTPASSWD)
+    uncommented = {}
+    for line in (DEPLOY / "systemd" / "mirror.env").read_text().splitlines():
+        if m := re.fullmatch(r"#\s*(MIRROR_[A-Z_]+)=(.*)", line):
+            value = m[2].replace("/run/credentials/mirror.service", str(credentials))
+            uncommented[m[1]] = value.replace("/etc/mirror/htpasswd", str(tmp_path / "htpasswd"))
+    config = load_config(env={**active, **uncommented})
+    assert config.http.tls_key is not None and config.upstream.password == "token"
+    assert {u.registry for u in config.upstreams} == {"docker.io", "ghcr.io", "registry.k8s.io"}
+    assert examples == set(uncommented)
+    # Every credential the env file names is one the unit can load.
+    for name in re.findall(r"/run/credentials/mirror\.service/([\w.-]+)", (DEPLOY / "systemd/mirror.env").read_text()):
+        assert re.search(rf"^#?LoadCredential={re.escape(name)}:", unit, re.MULTILINE), name
+
+
+# -- client snippets -----------------------------------------------------------------------
+
+
+def test_client_snippets_point_at_the_mirror() -> None:
+    """Their use by real clients is in test_every_client.py; here, the TLS variants' shape."""
+    clients = DEPLOY / "clients"
+    plain = json.loads((clients / "docker/daemon.json").read_text())
+    tls = json.loads((clients / "docker/daemon.tls.json").read_text())
+    assert plain["registry-mirrors"] == [f"http://{PLACEHOLDER}"] and plain["insecure-registries"] == [PLACEHOLDER]
+    assert tls == {"registry-mirrors": [f"https://{PLACEHOLDER}"]}
+    for kind, scheme in (("containerd", "http"), ("containerd-tls", "https")):
+        found = sorted(p.parent.name for p in (clients / kind / "certs.d").glob("*/hosts.toml"))
+        assert found == ["docker.io", "ghcr.io"]
+        for registry in found:
+            hosts = tomllib.loads((clients / kind / "certs.d" / registry / "hosts.toml").read_text())
+            assert hosts["server"].startswith("https://")
+            host = hosts["host"][f"{scheme}://{PLACEHOLDER}"]
+            assert host["capabilities"] == ["pull", "resolve"]
+            assert ("ca" in host) == (scheme == "https")
+    cri = tomllib.loads((clients / "containerd/config.toml").read_text())
+    assert cri["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == "/etc/containerd/certs.d"
+    for name, insecure in (("registries.conf", True), ("registries.tls.conf", False)):
+        conf = tomllib.loads((clients / "podman" / name).read_text())
+        assert {r["prefix"] for r in conf["registry"]} == {"docker.io", "ghcr.io"}
+        for registry in conf["registry"]:
+            (mirror,) = registry["mirror"]
+            assert mirror["location"] in (PLACEHOLDER, f"{PLACEHOLDER}/ghcr.io")
+            assert mirror.get("insecure", False) is insecure
+
+
+# -- the image -----------------------------------------------------------------------------
+
+
+def test_dockerfile_is_slim_non_root_with_volume_port_and_healthcheck() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "ARG BASE=python:3.11-slim"
+    assert [line for line in lines if line.startswith("FROM")] == ["FROM ${BASE} AS build", "FROM ${BASE}"]
+    final = lines[lines.index("FROM ${BASE}"):]
+    assert "USER 10001:10001" in final and 'VOLUME ["/var/lib/mirror"]' in final and "EXPOSE 5000" in final
+    assert any(line.startswith("HEALTHCHECK ") for line in final)
+    assert "/usr/local/lib/mirror/healthcheck.py" in text
+    # Everything the build COPYs is in the build context that .dockerignore leaves.
+    ignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for item in source.split():
+            assert f"!{item.rstrip('/')}" in ignore or f"!{item.rstrip('/')}/" in ignore, item
+
+
+def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIRROR_", "HEALTHCHECK_"))}
+    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py")], capture_output=True, text=True,
+                          timeout=30, check=False, env={**clean, **env})
+
+
+def test_healthcheck_script_checks_healthz_over_http_and_https(
+    mirror_factory: Any, certificate: ServerCertificate
+) -> None:
+    plain = mirror_factory()
+    assert healthcheck({"MIRROR_HTTP_LISTEN": f"0.0.0.0:{plain.port}"}).returncode == 0
+    assert healthcheck({"HEALTHCHECK_URL": f"{plain.url}/healthz"}).returncode == 0
+    dead = healthcheck({"MIRROR_HTTP_LISTEN": f"0.0.0.0:{free_port()}"})
+    assert dead.returncode == 1 and "unhealthy" in dead.stderr
+    tls = {"MIRROR_HTTP_TLS_CERTIFICATE": str(certificate.certificate), "MIRROR_HTTP_TLS_KEY": str(certificate.key)}
+    secure = mirror_factory(env=tls, scheme="https", verify=ssl.create_default_context(cafile=certificate.ca))
+    listen = {"MIRROR_HTTP_LISTEN": f"0.0.0.0:{secure.port}"}
+    assert healthcheck({**listen, "MIRROR_HTTP_TLS_CERTIFICATE": str(certificate.certificate)}).returncode == 0
+    assert healthcheck(listen).returncode == 1  # plain HTTP to the HTTPS port
+
+
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dockerd, str]]:
+    """A dockerd of this module's, with deploy/Dockerfile built on the offline base image."""
+    require_tool("dockerd", "docker.io")
+    root = tmp_path_factory.mktemp("image")
+    daemon = Dockerd(root / "dockerd").start()
+    try:
+        base = rootfs_tar(root / "base.tar")
+        done = subprocess.run([docker_client(), "-H", daemon.host, "import", *import_args(), str(base),
+                               "mirror-test-base:1"], capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+        base.unlink()
+        env = {**os.environ, "DOCKER_BUILDKIT": "0", "DOCKER_CONFIG": str(daemon.config_dir)}
+        env.pop("DOCKER_HOST", None)
+        build = subprocess.run(
+            [docker_client(), "-H", daemon.host, "build", "--network", "none", "-f", "deploy/Dockerfile",
+             "--build-arg", "BASE=mirror-test-base:1", "-t", "mirror:test", "."],
+            capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT, env=env, check=False)
+        assert build.returncode == 0, f"docker build failed:\n{build.stdout[-5000:]}\n{build.stderr[-3000:]}"
+        yield daemon, "mirror:test"
+    finally:
+        daemon.stop()
+        shutil.rmtree(root / "dockerd", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_image_builds_runs_as_non_root_and_serves_the_registry_api(
+    built_image: tuple[Dockerd, str], upstream: UpstreamRegistry, images: StandardImages
+) -> None:
+    daemon, image = built_image
+    config = json.loads(daemon.docker("image", "inspect", "--format", "{{json .Config}}", image).stdout)
+    assert config["User"] == "10001:10001"
+    assert set(config["Volumes"]) == {"/var/lib/mirror"} and set(config["ExposedPorts"]) == {"5000/tcp"}
+    assert config["Healthcheck"]["Test"] == ["CMD", "python3", "/usr/local/lib/mirror/healthcheck.py"]
+    assert config["Entrypoint"] == ["mirror"] and config["Cmd"] == ["serve"]
+
+    port = free_port()
+    container = daemon.docker(
+        "run", "--detach", "--network", "host", "--health-interval", "1s", "--health-start-period", "30s",
+        "-e", f"MIRROR_HTTP_LISTEN=127.0.0.1:{port}", "-e", f"MIRROR_UPSTREAM_URL={upstream.url}",
+        "-e", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE=true", image,
+    ).stdout.strip()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = httpx.get(f"{url}/v2/", timeout=2, trust_env=False)
+                break
+            except httpx.TransportError:
+                running = daemon.docker("inspect", "--format", "{{.State.Running}}", container).stdout.strip()
+                assert running == "true" and time.monotonic() < deadline, \
+                    daemon.docker("logs", container, check=False).stderr[-3000:]
+                time.sleep(0.2)
+        assert answer.status_code == 200 and answer.headers["docker-distribution-api-version"] == "registry/2.0"
+        manifest = httpx.get(f"{url}/v2/small/manifests/1", timeout=30, trust_env=False,
+                             headers={"accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert manifest.status_code == 200 and manifest.content == images.small.manifest
+        layer = images.small.layers[1]
+        blob = httpx.get(f"{url}/v2/small/blobs/{layer.digest}", timeout=30, trust_env=False)
+        assert blob.status_code == 200 and blob.content == layer.path.read_bytes()
+
+        assert daemon.docker("exec", container, "id", "-u").stdout.strip() == "10001"
+        stored = daemon.docker("exec", container, "ls", "/var/lib/mirror/blobs/sha256").stdout.split()
+        assert layer.digest.removeprefix("sha256:")[:2] in stored
+        deadline = time.monotonic() + 60
+        while (status := daemon.docker("inspect", "--format", "{{.State.Health.Status}}", container)
+               .stdout.strip()) != "healthy":
+            assert status == "starting" and time.monotonic() < deadline, \
+                daemon.docker("inspect", "--format", "{{json .State.Health}}", container).stdout
+            time.sleep(0.5)
+    finally:
+        daemon.docker("rm", "--force", "--volumes", container, check=False)
+
+
+def stand_in(daemon: Dockerd, tag: str) -> None:
+    """An image named *tag* that only sleeps (Prometheus and Grafana cannot be pulled here)."""
+    dockerfile = 'FROM mirror-test-base:1\nENTRYPOINT ["sh", "-c", "exec sleep 3600", "--"]\n'
+    env = {**os.environ, "DOCKER_BUILDKIT": "0", "DOCKER_CONFIG": str(daemon.config_dir)}
+    env.pop("DOCKER_HOST", None)
+    done = subprocess.run([docker_client(), "-H", daemon.host, "build", "--network", "none", "-t", tag, "-"],
+                          input=dockerfile, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def task_container(daemon: Dockerd, service: str, timeout: float = 120) -> str:
+    """The id of *service*'s running task container, once its health check (if any) passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = daemon.docker("ps", "--filter", f"label=com.docker.swarm.service.name={service}",
+                              "--format", "{{.ID}} {{.Status}}").stdout.split("\n")[0].split(" ", 1)
+        if len(found) == 2 and found[1].startswith("Up") and "starting" not in found[1]:
+            assert "unhealthy" not in found[1], found
+            return found[0]
+        if time.monotonic() > deadline:
+            tasks = daemon.docker("service", "ps", "--no-trunc", service, check=False).stdout
+            raise AssertionError(f"{service} has no running task:\n{tasks}\n{daemon.log_tail(20)}")
+        time.sleep(1)
+
+
+PYTHON_GET = """
+import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
+with urllib.request.urlopen(sys.argv[1], timeout=10, context=context) as answer:
+    print(answer.status, answer.read().decode()[:100000])
+"""
+
+
+class IsolatedDockerd(Dockerd):
+    """dockerd in a network namespace of its own (loopback only).
+
+    Swarm's overlay networks create VXLAN interfaces in dockerd's network namespace, named by a
+    VNI that every new swarm numbers alike: in the host's namespace, two swarm daemons (or the
+    leftovers of a killed one) collide.  Here they die with the namespace when dockerd stops.
+    """
+
+    def args(self) -> list[str]:
+        require_tool("unshare", "util-linux")
+        return ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *super().args()]
+
+
+@pytest.fixture
+def swarm(built_image: tuple[Dockerd, str], tmp_path: Path) -> Iterator[Dockerd]:
+    """A single-node swarm (isolated dockerd) holding the built image and the test base image."""
+    require_tool("ip", "iproute2")
+    source, image = built_image
+    daemon = IsolatedDockerd(tmp_path / "swarm-dockerd")
+    try:
+        daemon.start()
+        archive = tmp_path / "images.tar"
+        source.docker("save", "-o", str(archive), image, "mirror-test-base:1")
+        daemon.docker("load", "-i", str(archive))
+        archive.unlink()
+        daemon.docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+        yield daemon
+    finally:
+        if daemon.socket.exists():  # a manager leaving first stops far faster than one killed
+            daemon.docker("swarm", "leave", "--force", check=False, timeout=60)
+        daemon.stop()
+
+
+@pytest.mark.slow
+def test_compose_file_deploys_as_a_swarm_stack_with_tls_secrets(
+    swarm: Dockerd, built_image: tuple[Dockerd, str], tmp_path: Path, certificate: ServerCertificate
+) -> None:
+    daemon, image = swarm, built_image[1]
+    node = daemon.docker("node", "ls", "--quiet").stdout.strip()
+    daemon.docker("node", "update", "--label-add", "mirror=true", node)
+    services = compose("compose.yaml")["services"]
+    for name in ("prometheus", "grafana"):
+        stand_in(daemon, services[name]["image"])
+    # The kit as a user has it: deploy/ beside grafana/, the certificate and key in deploy/certs/.
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    shutil.copytree(PROJECT_ROOT / "grafana", tmp_path / "grafana")
+    (tmp_path / "deploy" / "certs").mkdir()
+    shutil.copy(certificate.certificate, tmp_path / "deploy" / "certs" / "domain.crt")
+    shutil.copy(certificate.key, tmp_path / "deploy" / "certs" / "domain.key")
+    env = {**os.environ, "DOCKER_CONFIG": str(daemon.config_dir), "MIRROR_IMAGE": image}
+    env.pop("DOCKER_HOST", None)
+    deployed = subprocess.run(
+        [docker_client(), "-H", daemon.host, "stack", "deploy", "--resolve-image", "never",
+         "-c", "compose.yaml", "-c", "compose.tls.yaml", "mirror"],
+        cwd=tmp_path / "deploy", env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert deployed.returncode == 0, deployed.stderr
+    assert {"mirror_mirror.crt", "mirror_mirror.key"} <= set(daemon.docker("secret", "ls", "--format",
+                                                                           "{{.Name}}").stdout.split())
+
+    # The mirror's task: HTTPS with the secrets, healthy by the image's HEALTHCHECK.
+    mirror = task_container(daemon, "mirror_mirror")
+    run = json.loads(daemon.docker("inspect", mirror).stdout)[0]
+    assert run["State"]["Health"]["Status"] == "healthy"
+    assert "MIRROR_HTTP_TLS_KEY=/run/secrets/mirror.key" in run["Config"]["Env"]
+    listing = daemon.docker("exec", mirror, "ls", "-ln", "/run/secrets/").stdout
+    assert re.search(r"^-r-------- +1 10001 +10001 .* mirror\.key$", listing, re.MULTILINE), listing
+
+    # From Prometheus's place in the stack network: /metrics and the HTTPS API.  "mirror" resolves
+    # to the service's virtual IP, which swarm routes with IPVS, missing on these machines: the
+    # requests go to the task itself (tasks.mirror), on the ports prometheus.tls.yml names.
+    prometheus = task_container(daemon, "mirror_prometheus")
+    for path in ("/etc/prometheus/prometheus.tls.yml", "/etc/prometheus/alerts.yml"):
+        daemon.docker("exec", prometheus, "test", "-s", path)
+    scrape = yaml.safe_load((DEPLOY / "prometheus.tls.yml").read_text())
+    (target,) = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    host, _, port = target.partition(":")
+    daemon.docker("exec", prometheus, "python3", "-c", f"import socket; socket.gethostbyname({host!r})")
+    metrics = daemon.docker("exec", prometheus, "python3", "-c", PYTHON_GET,
+                            f"http://tasks.{host}:{port}/metrics").stdout
+    assert metrics.startswith("200 ") and "mirror_" in metrics
+    daemon.docker("cp", str(certificate.ca), f"{prometheus}:/tmp/ca.crt")
+    api = daemon.docker("exec", prometheus, "python3", "-c", PYTHON_GET, f"https://tasks.{host}:5000/v2/",
+                        "/tmp/ca.crt").stdout
+    assert api.strip() == "200 {}"
+
+    grafana = task_container(daemon, "mirror_grafana")
+    for path in ("/etc/grafana/provisioning/datasources/prometheus.yml",
+                 "/etc/grafana/provisioning/dashboards/mirror.yml",
+                 "/var/lib/grafana/dashboards/mirror/mirror.json"):
+        daemon.docker("exec", grafana, "test", "-s", path)

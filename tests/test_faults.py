@@ -1,0 +1,509 @@
+"""Upstream faults, injected by a real HTTP server between the mirror and its upstream.
+
+Every test runs a fresh mirror against the :class:`FaultProxy` (or the Hub
+emulator) in front of the session's docker-registry, injects one kind of fault,
+and checks three things: what the client got, what reached the store, and how
+often the upstream was asked (the proxy's own log, and where it matters the
+registry's access log too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
+from tests.support.hub import HubEmulator
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+RETRIES = 2
+#: Library namespace on for loopback upstreams; short timeouts so failures are quick.
+ENV = {
+    "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true",
+    "MIRROR_UPSTREAM_RETRIES": str(RETRIES),
+    "MIRROR_UPSTREAM_CONNECT_TIMEOUT": "2s",
+    "MIRROR_UPSTREAM_READ_TIMEOUT": "10s",
+}
+TTL = 0.5
+SHORT_TTL = {**ENV, "MIRROR_CACHE_TAG_TTL": f"{int(TTL * 1000)}ms"}
+#: An uncached request against a dead upstream must fail within this (retries and backoff included).
+FAIL_FAST = 3.0
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Transfer:
+    """One streamed GET as the client saw it."""
+
+    status: int
+    headers: httpx.Headers
+    received: int
+    digest: str
+    error: Exception | None
+    first_byte: float | None  # seconds from the request to the first body bytes
+    elapsed: float
+
+
+def get_blob(mirror: MirrorServer, name: str, digest: str, *, stop_after_first: bool = False) -> Transfer:
+    """Stream a blob from the mirror, recording transport errors instead of raising them."""
+    hasher = hashlib.sha256()
+    received, first, error = 0, None, None
+    started = time.monotonic()
+    with httpx.Client(timeout=30.0, trust_env=False) as http:
+        with http.stream("GET", f"{mirror.url}/v2/{name}/blobs/{digest}") as answer:
+            try:
+                for data in answer.iter_raw():
+                    if first is None:
+                        first = time.monotonic() - started
+                    hasher.update(data)
+                    received += len(data)
+                    if stop_after_first:
+                        break
+            except httpx.TransportError as exc:
+                error = exc
+    return Transfer(answer.status_code, answer.headers, received, "sha256:" + hasher.hexdigest(), error,
+                    first, time.monotonic() - started)
+
+
+def get_manifest(mirror: MirrorServer, name: str, reference: str, method: str = "GET") -> httpx.Response:
+    return httpx.request(method, f"{mirror.url}/v2/{name}/manifests/{reference}", headers=ACCEPT,
+                         timeout=30.0, trust_env=False)
+
+
+def api_error(answer: httpx.Response) -> str:
+    """The spec error code of a JSON error answer (and check that it is one)."""
+    assert answer.headers["content-type"].startswith("application/json"), answer.text
+    errors = answer.json()["errors"]
+    assert len(errors) == 1 and errors[0]["message"], errors
+    return str(errors[0]["code"])
+
+
+def blob_path(mirror: MirrorServer, digest: str) -> Path:
+    hex_ = digest.removeprefix("sha256:")
+    return mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+def stored(mirror: MirrorServer) -> list[Path]:
+    """Every file under DATA/blobs."""
+    return sorted(p for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def temp_files(mirror: MirrorServer) -> list[str]:
+    return sorted(os.listdir(mirror.data_dir / "tmp"))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def past_ttl(since: float) -> None:
+    """Sleep until the tag TTL counted from *since* (monotonic) has passed."""
+    remaining = since + TTL + 0.1 - time.monotonic()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+@pytest.fixture
+def proxied(fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+            upstream: UpstreamRegistry) -> Callable[..., MirrorServer]:
+    """Make a mirror whose upstream is the fault proxy; counters start at zero."""
+
+    def make(env: Mapping[str, str] = ENV) -> MirrorServer:
+        mirror = mirror_factory(fault_proxy.url, env=env)
+        fault_proxy.clear_counts()
+        upstream.clear_counts()
+        return mirror
+
+    return make
+
+
+# Wrong or cut-off bytes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "reset"])
+def test_bad_blob_body_aborts_the_client_and_is_never_stored(
+    kind: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry,
+    images: StandardImages,
+) -> None:
+    layer = images.big.layers[1]  # 8 MiB: streamed to the client while it is written
+    mirror = proxied()
+    if kind == "corrupt":  # same length, three flipped bytes near the end
+        fault_proxy.add("corrupt", f"/blobs/{layer.digest}$", method="GET", times=1,
+                        after_bytes=layer.size - 1000, flip_bytes=3)
+    else:
+        fault_proxy.add("reset", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=3 * 1024 * 1024)
+
+    bad = get_blob(mirror, "big", layer.digest)
+    # Headers (and the announced length) went out before the fault: the only honest signal is a
+    # transfer cut short, which the client detects against Content-Length.
+    assert bad.status == 200 and bad.headers["x-mirror-cache"] == "MISS"
+    assert int(bad.headers["content-length"]) == layer.size
+    assert isinstance(bad.error, httpx.RemoteProtocolError), bad
+    assert bad.received < layer.size
+    if kind == "reset":
+        assert bad.received <= 3 * 1024 * 1024
+    assert stored(mirror) == []
+    wait_for(lambda: temp_files(mirror) == [], what="the failed fill's temp files to go")
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+
+    good = get_blob(mirror, "big", layer.digest)
+    assert (good.status, good.error, good.headers["x-mirror-cache"]) == (200, None, "MISS")
+    assert (good.digest, good.received) == (layer.digest, layer.size)
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
+    assert stored(mirror) == [blob_path(mirror, layer.digest)]
+    assert sha256(blob_path(mirror, layer.digest).read_bytes()) == layer.digest
+    assert temp_files(mirror) == []
+
+    hit = get_blob(mirror, "big", layer.digest)
+    assert (hit.status, hit.error, hit.headers["x-mirror-cache"]) == (200, None, "HIT")
+    assert (hit.digest, hit.received) == (layer.digest, layer.size)
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
+    assert upstream.count("GET", f"/blobs/{layer.digest}") == 2
+
+
+@pytest.mark.parametrize(("kind", "by"), [("corrupt", "tag"), ("corrupt", "digest"), ("reset", "tag")])
+def test_bad_manifest_body_is_rejected_and_never_stored(
+    kind: str, by: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,
+    upstream: UpstreamRegistry, images: StandardImages,
+) -> None:
+    reference = "1" if by == "tag" else images.small.digest
+    mirror = proxied()
+    fault_proxy.add(kind, f"/manifests/{reference}$", method="GET", times=1, after_bytes=100)
+
+    bad = get_manifest(mirror, "small", reference)
+    if kind == "corrupt":  # the body does not hash to the digest asked for or announced
+        assert (bad.status_code, api_error(bad)) == (502, "UNAVAILABLE")
+    else:  # cut off mid-body: the upstream is unavailable, not wrong
+        assert (bad.status_code, api_error(bad)) == (503, "UNAVAILABLE")
+    assert "x-mirror-cache" not in bad.headers
+    assert stored(mirror) == [] and temp_files(mirror) == []
+
+    good = get_manifest(mirror, "small", reference)
+    assert (good.status_code, good.headers["x-mirror-cache"]) == (200, "MISS")
+    assert good.content == images.small.manifest
+    assert good.headers["docker-content-digest"] == images.small.digest
+    assert stored(mirror) == [blob_path(mirror, images.small.digest)]
+    hit = get_manifest(mirror, "small", reference)
+    assert (hit.status_code, hit.headers["x-mirror-cache"], hit.content) == (200, "HIT", images.small.manifest)
+    assert fault_proxy.count("GET", f"/manifests/{reference}") == 2
+    assert upstream.count("GET", f"/manifests/{reference}") == 2
+    assert temp_files(mirror) == []
+
+
+# Error statuses -----------------------------------------------------------------------------------
+
+
+def test_cached_tag_is_served_stale_while_revalidation_gets_429_or_503(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
+) -> None:
+    mirror = proxied(SHORT_TTL)
+    first = get_manifest(mirror, "small", "1")
+    fetched = time.monotonic()
+    assert (first.status_code, first.headers["x-mirror-cache"]) == (200, "MISS")
+    past_ttl(fetched)
+    fault_proxy.clear_counts()
+
+    with fault_proxy.fault("status", "/manifests/", status=429, headers={"Retry-After": "30"}):
+        for method in ("GET", "HEAD"):
+            stale = get_manifest(mirror, "small", "1", method)
+            assert (stale.status_code, stale.headers["x-mirror-cache"]) == (200, "STALE")
+            assert stale.headers["docker-content-digest"] == images.small.digest
+        assert stale.headers["content-length"] == str(len(images.small.manifest))
+        assert stale.content == b""  # HEAD
+        assert get_manifest(mirror, "small", "1").content == images.small.manifest
+    # Revalidation is a HEAD (free under Hub's pull limit); a 429 is not retried.
+    assert fault_proxy.count("HEAD", "/manifests/1", status=429) == 3
+    assert fault_proxy.count("GET", "/manifests/") == 0
+
+    fault_proxy.clear_counts()
+    with fault_proxy.fault("status", "/manifests/", status=503):
+        stale = get_manifest(mirror, "small", "1")
+        assert (stale.status_code, stale.headers["x-mirror-cache"]) == (200, "STALE")
+        assert stale.content == images.small.manifest
+    assert fault_proxy.count("HEAD", "/manifests/1", status=503) == RETRIES + 1
+    assert fault_proxy.count("GET", "/manifests/") == 0
+
+    fault_proxy.clear_counts()
+    revalidated = get_manifest(mirror, "small", "1")
+    assert (revalidated.headers["x-mirror-cache"], revalidated.content) == ("HIT", images.small.manifest)
+    assert fault_proxy.count("HEAD", "/manifests/1", status=200) == 1
+    with fault_proxy.fault("status", "/manifests/", status=429):  # fresh again: the upstream is not asked
+        assert get_manifest(mirror, "small", "1").headers["x-mirror-cache"] == "HIT"
+    assert fault_proxy.count(None, "/manifests/") == 1
+    assert fault_proxy.count("GET", "/manifests/") == 0
+
+
+@pytest.mark.parametrize(("status", "code", "attempts"),
+                         [(429, "TOOMANYREQUESTS", 1), (503, "UNAVAILABLE", RETRIES + 1)])
+def test_uncached_answers_429_or_503_as_the_upstream_did(
+    status: int, code: str, attempts: int, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,
+    images: StandardImages,
+) -> None:
+    mirror = proxied()
+    layer = images.small.layers[1]
+    headers = {"Retry-After": "30"} if status == 429 else {}
+    fault_proxy.add("status", "/v2/library/small/", status=status, headers=headers)
+
+    manifest = get_manifest(mirror, "small", "1")
+    blob = httpx.get(f"{mirror.url}/v2/small/blobs/{layer.digest}", trust_env=False, timeout=30.0)
+    for answer in (manifest, blob):
+        assert (answer.status_code, api_error(answer)) == (status, code)
+        assert "x-mirror-cache" not in answer.headers
+        if status == 429:
+            assert answer.headers["retry-after"] == "30"
+    assert fault_proxy.count("GET", "/manifests/1", status=status) == attempts
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}", status=status) == attempts
+    assert stored(mirror) == [] and temp_files(mirror) == []
+
+
+# Upstream down ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["refuse", "stopped"])
+def test_upstream_down_serves_cache_and_fails_fast_otherwise(
+    how: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
+) -> None:
+    mirror = proxied(SHORT_TTL)
+    layer = images.small.layers[1]
+    assert get_manifest(mirror, "small", "1").status_code == 200
+    fetched = time.monotonic()
+    assert get_blob(mirror, "small", layer.digest).digest == layer.digest
+    past_ttl(fetched)
+    if how == "refuse":  # every connection closed without an answer
+        fault_proxy.add("refuse", "")
+    else:  # nothing listens any more: connection refused
+        fault_proxy.stop()
+    fault_proxy.clear_counts()
+
+    tag = get_manifest(mirror, "small", "1")
+    assert (tag.status_code, tag.headers["x-mirror-cache"], tag.content) == (200, "STALE", images.small.manifest)
+    by_digest = get_manifest(mirror, "small", images.small.digest)
+    assert (by_digest.status_code, by_digest.headers["x-mirror-cache"]) == (200, "HIT")
+    assert by_digest.content == images.small.manifest
+    blob = get_blob(mirror, "small", layer.digest)
+    assert (blob.status, blob.headers["x-mirror-cache"], blob.digest, blob.error) == (200, "HIT", layer.digest, None)
+
+    uncached = [
+        ("GET", "/v2/multi/manifests/1"),
+        ("GET", f"/v2/small/manifests/{images.multi.digest}"),
+        ("GET", f"/v2/big/blobs/{images.big.layers[0].digest}"),
+        # Linked by the cached manifest but never fetched (a HEAD in a never-pulled repository
+        # is answered BLOB_UNKNOWN locally, so this one must be in "small").
+        ("HEAD", f"/v2/small/blobs/{images.small.layers[0].digest}"),
+    ]
+    for method, path in uncached:
+        started = time.monotonic()
+        answer = httpx.request(method, mirror.url + path, headers=ACCEPT, trust_env=False, timeout=30.0)
+        assert time.monotonic() - started < FAIL_FAST, (method, path)
+        assert answer.status_code == 503, (method, path)
+        if method == "GET":
+            assert api_error(answer) == "UNAVAILABLE"
+    if how == "refuse":  # the tag revalidation and each uncached request: one try and RETRIES retries
+        assert fault_proxy.count(None, "") == (1 + len(uncached)) * (RETRIES + 1)
+        assert {r.fault for r in fault_proxy.requests()} == {"refuse"}
+    assert stored(mirror) == sorted([blob_path(mirror, images.small.digest), blob_path(mirror, layer.digest)])
+    assert temp_files(mirror) == []
+
+
+# Slow upstream, and a client that goes away -------------------------------------------------------
+
+
+def test_slow_blob_streams_first_bytes_early_and_is_stored(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry,
+    images: StandardImages,
+) -> None:
+    layer = images.big.layers[1]  # 8 MiB, each upstream read (<= 64 KiB) held back 20 ms
+    mirror = proxied()
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", chunk_size=64 * 1024, delay=0.02)
+
+    slow = get_blob(mirror, "big", layer.digest)
+    assert (slow.status, slow.error, slow.headers["x-mirror-cache"]) == (200, None, "MISS")
+    assert (slow.digest, slow.received) == (layer.digest, layer.size)
+    assert slow.first_byte is not None
+    assert slow.elapsed > 2.0  # at least 128 pieces, 20 ms apart
+    assert slow.first_byte < 1.0 and slow.first_byte < slow.elapsed / 5, slow
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
+    assert sha256(blob_path(mirror, layer.digest).read_bytes()) == layer.digest
+
+    fast = get_blob(mirror, "big", layer.digest)
+    assert (fast.headers["x-mirror-cache"], fast.digest) == ("HIT", layer.digest)
+    assert fast.elapsed < 1.0
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+    assert upstream.count("GET", f"/blobs/{layer.digest}") == 1
+    assert temp_files(mirror) == []
+
+
+def test_client_disconnect_mid_transfer_does_not_stop_the_fill(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry,
+    images: StandardImages,
+) -> None:
+    layer = images.big.layers[1]  # 8 MiB trickling in for a few seconds
+    mirror = proxied()
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", chunk_size=64 * 1024, delay=0.02)
+
+    gone = get_blob(mirror, "big", layer.digest, stop_after_first=True)
+    assert (gone.status, gone.headers["x-mirror-cache"]) == (200, "MISS")
+    assert 0 < gone.received < layer.size and gone.elapsed < 1.0
+    assert not blob_path(mirror, layer.digest).exists()  # still arriving
+
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), timeout=15.0, what="the fill to complete")
+    assert sha256(blob_path(mirror, layer.digest).read_bytes()) == layer.digest
+    wait_for(lambda: temp_files(mirror) == [], what="the fill's temp files to go")
+    hit = get_blob(mirror, "big", layer.digest)
+    assert (hit.headers["x-mirror-cache"], hit.digest, hit.received) == ("HIT", layer.digest, layer.size)
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+    assert upstream.count("GET", f"/blobs/{layer.digest}") == 1
+
+
+# Retries ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["status", "refuse"])
+def test_blob_failure_before_any_byte_is_retried(
+    kind: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry,
+    images: StandardImages,
+) -> None:
+    layer = images.small.layers[1]
+    mirror = proxied()
+    fault_proxy.add(kind, f"/blobs/{layer.digest}$", method="GET", times=1, status=503)
+
+    got = get_blob(mirror, "small", layer.digest)
+    assert (got.status, got.error, got.headers["x-mirror-cache"]) == (200, None, "MISS")
+    assert (got.digest, got.received) == (layer.digest, layer.size)
+    expected = [503, 200] if kind == "status" else [None, 200]
+    assert [r.status for r in fault_proxy.requests() if layer.digest in r.path] == expected
+    assert upstream.count("GET", f"/blobs/{layer.digest}") == 1
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
+
+
+# Docker Hub emulator ------------------------------------------------------------------------------
+
+
+def pull_image(mirror: MirrorServer, name: str, image: Image) -> None:
+    """GET the image's manifest by digest and every blob, checking bytes."""
+    manifest = get_manifest(mirror, name, image.digest)
+    assert (manifest.status_code, manifest.content) == (200, image.manifest)
+    for digest in image.blobs:
+        blob = get_blob(mirror, name, digest)
+        assert (blob.status, blob.error, blob.digest) == (200, None, digest)
+
+
+def test_hub_one_token_per_scope_and_cdn_never_sees_authorization(
+    hub: HubEmulator, mirror_factory: Callable[..., MirrorServer], images: StandardImages
+) -> None:
+    mirror = mirror_factory(hub.url, env=ENV)
+    index = get_manifest(mirror, "multi", "1")
+    assert (index.status_code, index.content) == (200, images.multi.manifest)
+    for child in images.multi.children:
+        pull_image(mirror, "multi", child)
+    blobs = sum(len(child.blobs) for child in images.multi.children)
+
+    assert hub.tokens_issued == {"repository:library/multi:pull": 1}
+    assert [r.user for r in hub.token_requests()] == [None]
+    assert hub.count(None, "", status=401) == 1  # only the very first request went without a token
+    assert hub.count("GET", "/blobs/", status=307) == blobs
+    assert [r.status for r in hub.cdn_requests()] == [200] * blobs
+    assert not hub.cdn_saw_authorization
+
+    pull_image(mirror, "small", images.small)
+    assert hub.tokens_issued == {"repository:library/multi:pull": 1, "repository:library/small:pull": 1}
+    assert hub.count(None, "", status=401) == 2
+    assert not hub.cdn_saw_authorization
+
+
+def test_hub_credentials_go_to_the_token_server_only(
+    hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer], images: StandardImages
+) -> None:
+    hub = hub_factory(username="alice", password="s3cret-Pa55")
+    mirror = mirror_factory(hub.url, env={**ENV, "MIRROR_UPSTREAM_USERNAME": "alice",
+                                          "MIRROR_UPSTREAM_PASSWORD": "s3cret-Pa55"})
+    tag = get_manifest(mirror, "small", "1")
+    assert (tag.status_code, tag.content) == (200, images.small.manifest)
+    pull_image(mirror, "small", images.small)
+    assert hub.tokens_issued == {"repository:library/small:pull": 1}
+    assert [(r.user, r.granted) for r in hub.token_requests()] == [("alice", True)]
+    assert not hub.cdn_saw_authorization
+    assert "s3cret-Pa55" not in mirror.log_tail(10_000)
+
+
+def test_hub_wrong_credentials_give_a_clear_json_error(
+    hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer], images: StandardImages
+) -> None:
+    hub = hub_factory(username="alice", password="s3cret-Pa55")
+    mirror = mirror_factory(hub.url, env={**ENV, "MIRROR_UPSTREAM_USERNAME": "alice",
+                                          "MIRROR_UPSTREAM_PASSWORD": "wrong-Pa55"})
+    layer = images.small.layers[1]
+    manifest = get_manifest(mirror, "small", "1")
+    blob = httpx.get(f"{mirror.url}/v2/small/blobs/{layer.digest}", trust_env=False, timeout=30.0)
+    for answer in (manifest, blob):
+        # The token server refused the mirror's own login: the upstream is unusable, and the
+        # error says which setting to check.
+        assert (answer.status_code, api_error(answer)) == (503, "UNAVAILABLE")
+        assert "upstream.username and upstream.password" in answer.json()["errors"][0]["detail"]
+    assert hub.tokens_issued == {}
+    assert {(r.user, r.granted) for r in hub.token_requests()} == {("alice", False)}
+    assert hub.cdn_requests() == []
+    log = mirror.log_tail(10_000)
+    assert "wrong-Pa55" not in log and "Traceback" not in log
+
+
+def test_hub_rate_limit_429_when_uncached_cached_copy_otherwise(
+    hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer],
+    upstream: UpstreamRegistry, images: StandardImages, tmp_path: Path,
+) -> None:
+    # A repository of this test's own whose tag can move upstream.
+    name = f"faults/moving-{uuid.uuid4().hex[:8]}"
+    old, new = (build_image(tmp_path, [random_layer(tmp_path, 4096, seed=seed)]) for seed in (1, 2))
+    upstream.push_image(name, "1", old)
+    hub = hub_factory(manifest_limit=2)
+    mirror = mirror_factory(hub.url, env=SHORT_TTL)
+
+    assert get_manifest(mirror, "small", "1").content == images.small.manifest
+    assert get_manifest(mirror, name, "1").content == old.manifest
+    fetched = time.monotonic()
+    assert hub.manifest_gets == 2  # the limit is reached
+
+    limited = get_manifest(mirror, "multi", "1")
+    assert (limited.status_code, api_error(limited)) == (429, "TOOMANYREQUESTS")
+    limited = get_manifest(mirror, "small", images.small.layers[0].digest)  # uncached digest
+    assert (limited.status_code, api_error(limited)) == (429, "TOOMANYREQUESTS")
+
+    past_ttl(fetched)
+    upstream.push_image(name, "1", new)  # the tag moves while the pull limit is spent
+    hub.clear_counts()
+    hub.manifest_limit = 0
+    # Unchanged tag: revalidated with a free HEAD, no pull spent.
+    same = get_manifest(mirror, "small", "1")
+    assert (same.status_code, same.headers["x-mirror-cache"], same.content) == (200, "HIT", images.small.manifest)
+    # Moved tag: the new manifest's GET is refused, so the cached copy is served.
+    moved = get_manifest(mirror, name, "1")
+    assert (moved.status_code, moved.headers["x-mirror-cache"]) == (200, "STALE")
+    assert (moved.content, moved.headers["docker-content-digest"]) == (old.manifest, old.digest)
+    by_digest = get_manifest(mirror, "small", images.small.digest)
+    assert (by_digest.headers["x-mirror-cache"], by_digest.content) == ("HIT", images.small.manifest)
+    assert hub.count("HEAD", "/manifests/1", status=200) == 2
+    assert hub.count("GET", f"/v2/{name}/manifests/1", status=429) == 1
+    assert hub.count("GET", "/manifests/", status=200) == 0
+    assert hub.manifest_gets == 0

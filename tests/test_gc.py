@@ -1,0 +1,288 @@
+"""Bounded disk: LRU eviction, online garbage collection, fsck, crash consistency.
+
+Real mirror processes in front of a real docker-registry; what was evicted is proven by what
+the upstream has to serve again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Image, build_image, random_layer
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def store_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def mirror_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=120,
+                          cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
+
+
+def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> str:
+    """Pull an image over HTTP, checking every byte; return the manifest's X-Mirror-Cache."""
+    answer = http.get(f"{base}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
+    assert answer.status_code == 200, answer.text
+    assert answer.content == image.manifest
+    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+        blob = http.get(f"{base}/v2/{name}/blobs/{digest}")
+        assert blob.status_code == 200, (digest, blob.text[:200])
+        assert sha256(blob.content) == digest
+    return answer.headers["x-mirror-cache"]
+
+
+@pytest.fixture(scope="module")
+def sized_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpstreamRegistry, list[Image]]]:
+    """An upstream of its own with six images of one 8 MiB layer each (library/img0..img5:1)."""
+    root = tmp_path_factory.mktemp("sized")
+    registry = UpstreamRegistry(root / "registry").start()
+    try:
+        images = []
+        for i in range(6):
+            image = build_image(root / f"img{i}", [random_layer(root / f"img{i}", 8 * MIB, seed=100 + i)])
+            registry.push_image(f"library/img{i}", "1", image)
+            images.append(image)
+        yield registry, images
+    finally:
+        registry.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_eviction_keeps_the_store_under_its_budget(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    registry, images = sized_upstream
+    budget = 30 * MIB
+    one_image = max(image.layers[0].size for image in images) + 4096
+    mirror = mirror_factory(registry.url, env={
+        "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "0.3s", "MIRROR_GC_GRACE": "1h",
+    })
+    # A pushed image is pinned: eviction never touches it.
+    pushed = os.urandom(6 * MIB)
+    assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(pushed)},
+                     content=pushed).status_code == 201
+    config = b'{"architecture":"amd64","os":"linux"}'
+    assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(config)},
+                     content=config).status_code == 201
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha256(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": sha256(pushed), "size": len(pushed)}]}).encode()
+    assert http.put(f"{mirror.url}/v2/team/app/manifests/v1", content=manifest,
+                    headers={"content-type": OCI_MANIFEST}).status_code == 201
+
+    peak = 0
+    for i, image in enumerate(images):
+        assert pull(http, mirror.url, f"library/img{i}", "1", image) == "MISS"
+        time.sleep(0.4)  # older than keep_recent: the previous images become candidates
+        # The collector is woken by the commit that crossed the high watermark.
+        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+        peak = max(peak, store_bytes(mirror.data_dir))
+    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+    assert peak <= budget + one_image
+
+    registry.clear_counts()
+    # The most recent image is still served from the store...
+    assert pull(http, mirror.url, "library/img5", "1", images[5]) == "HIT"
+    assert registry.count("GET", re.compile("/blobs/")) == 0
+    # ...an old one was evicted and is transparently fetched again...
+    assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"
+    assert registry.count("GET", re.compile(f"^/v2/library/img0/blobs/{images[0].layers[0].digest}$")) == 1
+    # ...and the pushed image was never touched.
+    assert http.get(f"{mirror.url}/v2/team/app/manifests/v1").content == manifest
+    assert sha256(http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(pushed)}").content) == sha256(pushed)
+    assert "evicting" in mirror.log_tail(400)
+
+
+def test_gc_removes_only_unreferenced_objects_past_the_grace_period(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env={"MIRROR_GC_GRACE": "1s", "MIRROR_GC_INTERVAL": "0"})
+    # A pushed image, and an uploaded blob that no manifest references.
+    referenced = os.urandom(4096)
+    orphan = os.urandom(5000)
+    for blob in (referenced, orphan):
+        assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(blob)},
+                         content=blob).status_code == 201
+    config = b"{}"
+    http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(config)}, content=config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(config),
+                                      "size": 2},
+                           "layers": [{"mediaType": "application/octet-stream", "digest": sha256(referenced),
+                                       "size": len(referenced)}]}).encode()
+    assert http.put(f"{mirror.url}/v2/team/app/manifests/v1", content=manifest,
+                    headers={"content-type": OCI_MANIFEST}).status_code == 201
+
+    grace = {"MIRROR_GC_GRACE": "1s"}
+    young = mirror_cli("gc", "--data", str(mirror.data_dir), "--dry-run", env=grace)
+    assert young.returncode == 0, young.stderr
+    assert young.stdout.startswith("would free 0 objects"), young.stdout
+    time.sleep(1.2)
+    dry = mirror_cli("gc", "--data", str(mirror.data_dir), "--dry-run", env=grace)
+    assert dry.stdout.startswith("would free 1 objects, 4.9 KiB"), dry.stdout
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(orphan)}").status_code == 200  # dry run changed nothing
+    real = mirror_cli("gc", "--data", str(mirror.data_dir), env=grace)
+    assert real.returncode == 0 and real.stdout.startswith("freed 1 objects, 4.9 KiB"), real.stdout
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(orphan)}").status_code == 404
+    assert http.get(f"{mirror.url}/v2/team/app/manifests/v1").content == manifest
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(referenced)}").content == referenced
+    again = mirror_cli("gc", "--data", str(mirror.data_dir), env=grace)
+    assert again.stdout.startswith("freed 0 objects"), again.stdout
+    clean = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+
+
+def test_fsck_finds_and_repairs_damage(
+    upstream: UpstreamRegistry, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    mirror = mirror_factory()
+    pull(http, mirror.url, "library/small", "1", images.small)
+    mirror.stop()
+    layer = images.small.layers[-1].digest.removeprefix("sha256:")
+    config = images.small.config_digest.removeprefix("sha256:")
+    blobs = mirror.data_dir / "blobs" / "sha256"
+    (blobs / layer[:2] / layer).write_bytes(b"bit rot")           # corrupt content
+    (blobs / config[:2] / config).unlink()                        # missing config
+    (blobs / "zz").mkdir()
+    (blobs / "zz" / "not-a-digest").write_text("stray")           # stray file
+    (mirror.data_dir / "tmp" / "sha256-abc.partial").write_text("abandoned")
+
+    check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert check.returncode == 1
+    assert "corrupt object (content does not match its digest): sha256:" + layer in check.stdout
+    assert "stray file in blobs/" in check.stdout and "abandoned temp file" in check.stdout
+    repaired = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content", "--repair")
+    assert repaired.returncode == 0, repaired.stdout
+    assert "(repaired)" in repaired.stdout
+    after = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert after.returncode == 0 and after.stdout.rstrip().endswith("clean"), after.stdout
+
+    mirror.start()
+    upstream.clear_counts()
+    pull(http, mirror.url, "library/small", "1", images.small)  # the lost objects come back from the upstream
+    assert upstream.count("GET", re.compile(f"/blobs/sha256:{layer}$")) == 1
+    bad = mirror_cli("fsck", "--data", str(mirror.data_dir / "nowhere"))
+    assert bad.returncode == 2 and "not a mirror data directory" in bad.stderr
+
+
+def test_online_gc_and_eviction_under_load(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    registry, images = sized_upstream
+    mirror = mirror_factory(registry.url, workers=2, env={
+        "MIRROR_CACHE_MAX_SIZE": str(24 * MIB), "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s",
+        "MIRROR_GC_INTERVAL": "0.5s",
+    })
+    stop = threading.Event()
+    failures: list[str] = []
+    pulls = [0]
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60.0, trust_env=False) as http:
+            while not stop.is_set():
+                i = rng.randrange(len(images))
+                try:
+                    pull(http, mirror.url, f"library/img{i}", "1", images[i])
+                    pulls[0] += 1
+                except (AssertionError, httpx.HTTPError) as exc:
+                    failures.append(f"img{i}: {exc!r}")
+
+    def collector() -> None:
+        while not stop.is_set():
+            result = mirror_cli("gc", "--data", str(mirror.data_dir), env={
+                "MIRROR_CACHE_MAX_SIZE": str(24 * MIB), "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"})
+            if result.returncode != 0:
+                failures.append(f"gc: {result.stderr}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)] + [threading.Thread(target=collector)]
+    for thread in threads:
+        thread.start()
+    time.sleep(20)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:5]
+    assert pulls[0] >= 16
+    check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.slow
+def test_kill9_at_random_moments_leaves_a_consistent_store(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    registry, images = sized_upstream
+    mirror = mirror_factory(registry.url, env={
+        "MIRROR_CACHE_MAX_SIZE": str(20 * MIB), "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s",
+        "MIRROR_GC_INTERVAL": "0.3s",
+    })
+    rng = random.Random(7)
+    for round_ in range(5):
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=30.0, trust_env=False) as http:
+                while not stop.is_set():
+                    i = rng.randrange(len(images))
+                    try:
+                        pull(http, mirror.url, f"library/img{i}", "1", images[i])
+                    except (AssertionError, httpx.HTTPError):
+                        pass  # the server is being killed under it
+
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        time.sleep(rng.uniform(0.3, 2.5))
+        mirror.kill9()
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        mirror.start()
+        check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+        assert check.returncode == 0, f"round {round_}: {check.stdout}"
+        with httpx.Client(timeout=60.0, trust_env=False) as http:
+            for i, image in enumerate(images[:3]):
+                pull(http, mirror.url, f"library/img{i}", "1", image)

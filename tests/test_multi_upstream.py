@@ -1,0 +1,100 @@
+"""Several upstreams in one mirror: routing by ``?ns=`` and by path prefix, content kept apart."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import client
+from tests.support.catalog import StandardImages
+from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
+SECOND = "registry.test"
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session
+
+
+def manifest(http: httpx.Client, url: str) -> httpx.Response:
+    return http.get(url, headers={"accept": ALL_TYPES})
+
+
+def test_requests_are_routed_by_ns_and_by_path_prefix(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    second = upstream_factory()
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=77)])
+    second.push_image("library/small", "1", other)   # the same name as on the default upstream
+    second.push_image("org/app", "1", images.small)    # the same content as the default's small:1
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": SECOND, "url": second.url, "tag_ttl": "0s"},
+    ]}))
+    mirror = mirror_factory(config=config)
+
+    default = manifest(http, f"{mirror.url}/v2/small/manifests/1")
+    assert default.content == images.small.manifest
+    for url in (f"{mirror.url}/v2/library/small/manifests/1?ns={SECOND}",
+                f"{mirror.url}/v2/{SECOND}/library/small/manifests/1"):
+        routed = manifest(http, url)
+        assert routed.status_code == 200, routed.text
+        assert routed.content == other.manifest
+    assert manifest(http, f"{mirror.url}/v2/library/small/manifests/1?ns=docker.io").content == images.small.manifest
+    assert manifest(http, f"{mirror.url}/v2/docker.io/library/small/manifests/1").content == images.small.manifest
+
+    unknown = manifest(http, f"{mirror.url}/v2/library/small/manifests/1?ns=quay.io")
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+
+    # The same blobs through the second upstream are stored once: its manifest vouches for them.
+    for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
+        assert client.fetch_blob_digest(mirror.url, "small", digest, client=http)[0] == digest
+    stored = sorted(p.name for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
+    second.clear_counts()
+    assert manifest(http, f"{mirror.url}/v2/org/app/manifests/1?ns={SECOND}").content == images.small.manifest
+    for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
+        answer = http.get(f"{mirror.url}/v2/{SECOND}/org/app/blobs/{digest}")
+        assert answer.status_code == 200
+    assert second.count(None, re.compile("/blobs/")) == 0
+    assert second.count("GET", re.compile("^/v2/org/app/manifests/1$")) == 1
+    assert sorted(p.name for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file()) == stored
+
+    # Each upstream keeps its own tag TTL: the second revalidates every time, the default does not.
+    upstream.clear_counts()
+    second.clear_counts()
+    assert manifest(http, f"{mirror.url}/v2/small/manifests/1").headers["x-mirror-cache"] == "HIT"
+    assert manifest(http, f"{mirror.url}/v2/{SECOND}/org/app/manifests/1").headers["x-mirror-cache"] == "HIT"
+    assert upstream.count(None, re.compile("/manifests/")) == 0
+    assert second.count("HEAD", re.compile("^/v2/org/app/manifests/1$")) == 1
+
+    catalog = http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
+    assert catalog == ["library/small", f"{SECOND}/library/small", f"{SECOND}/org/app"]
+    tags = http.get(f"{mirror.url}/v2/{SECOND}/org/app/tags/list").json()
+    assert tags == {"name": f"{SECOND}/org/app", "tags": ["1"]}
+
+    # With the second upstream gone, its content is still served (stale), apart from the default's.
+    second.stop()
+    stale = manifest(http, f"{mirror.url}/v2/org/app/manifests/1?ns={SECOND}")
+    assert stale.status_code == 200 and stale.headers["x-mirror-cache"] == "STALE"
+    assert manifest(http, f"{mirror.url}/v2/small/manifests/1").headers["x-mirror-cache"] == "HIT"
+
+
+def test_bad_upstreams_config_stops_start_up(tmp_path: Path, mirror_factory: Callable[..., MirrorServer]) -> None:
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"registry": "ghcr.io", "url": "ftp://nope"}]}))
+    server = mirror_factory(config=config, start=False)
+    with pytest.raises(RuntimeError, match=r"bad value for upstreams\[0\]\.url"):
+        server.start(timeout=10)

@@ -1,0 +1,751 @@
+"""Air-gapped sites: ``mirror preload`` and ``mirror export``.
+
+Archives are built on disk (OCI layouts, docker save layouts, crafted bad tars), loaded with the
+real CLI, and served by a real mirror whose upstream is unreachable: what it serves came from the
+preload.  The slow tests add real clients: dockerd pulls and runs preloaded images, skopeo writes
+and reads OCI archives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import httpx
+import pytest
+
+from mirror import cli
+from tests.support import client
+from tests.support.archives import (
+    compress,
+    docker_save,
+    docker_save_oci,
+    file_entry,
+    info,
+    layout_entries,
+    pack,
+    write_tar,
+)
+from tests.support.catalog import StandardImages
+from tests.support.dockerd import Dockerd
+from tests.support.images import (
+    MANIFEST_MEDIA_TYPES,
+    OCI_MANIFEST,
+    Image,
+    Index,
+    build_image,
+    build_index,
+    busybox_layer,
+    dump_json,
+    random_layer,
+    write_oci_layout,
+)
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.registry import UpstreamRegistry
+
+UNREACHABLE = "http://127.0.0.1:1"
+ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
+KIB = 1024
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def mirror_cli(*args: str | Path, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mirror ARGS`` with a clean ``MIRROR_*`` environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], check=False, capture_output=True,
+                          text=True,
+                          cwd=PROJECT_ROOT, env={**clean, **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def preload(data: Path, *files: Path | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return mirror_cli("preload", "--data", data, *files, env=env)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def snapshot(data: Path) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Everything a preload could change: store objects, temp files, every index key and value."""
+    objects = sorted(os.fspath(p.relative_to(data)) for p in (data / "blobs").rglob("*") if p.is_file())
+    temps = sorted(os.listdir(data / "tmp")) if (data / "tmp").exists() else []
+    with diskcache.Cache(os.fspath(data / "index")) as cache:
+        keys = {key: cache.get(key) for key in cache.iterkeys()}
+    return objects, temps, keys
+
+
+def pins(data: Path) -> set[str]:
+    with diskcache.Cache(os.fspath(data / "index")) as cache:
+        return {key for key in cache.iterkeys() if isinstance(key, str) and key.startswith("pin/")}
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session
+
+
+def manifest(http: httpx.Client, base: str, name: str, reference: str) -> httpx.Response:
+    return http.get(f"{base}/v2/{name}/manifests/{reference}", headers={"accept": ALL_TYPES})
+
+
+def blob_digest(http: httpx.Client, base: str, name: str, digest: str) -> str:
+    answer = http.get(f"{base}/v2/{name}/blobs/{digest}")
+    assert answer.status_code == 200, (digest, answer.status_code, answer.text[:300])
+    return sha256(answer.content)
+
+
+def assert_serves(http: httpx.Client, base: str, name: str, tag: str, item: Image | Index) -> None:
+    """The mirror at *base* serves *item* under name:tag: manifests byte for byte, every blob verified."""
+    answer = manifest(http, base, name, tag)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == item.manifest
+    assert answer.headers["docker-content-digest"] == item.digest
+    assert answer.headers["content-type"] == item.media_type
+    children = item.children if isinstance(item, Index) else (item,)
+    for child in children:
+        by_digest = manifest(http, base, name, child.digest)
+        assert by_digest.status_code == 200 and by_digest.content == child.manifest
+        for digest in child.blobs:
+            assert blob_digest(http, base, name, digest) == digest
+
+
+def pull_all(http: httpx.Client, base: str, name: str, tag: str, only: str | None = None) -> None:
+    """Pull an image through a mirror as a client would: index, child manifests, every blob."""
+    root = manifest(http, base, name, tag)
+    assert root.status_code == 200, root.text
+    doc = json.loads(root.content)
+    children = [d for d in doc.get("manifests", []) if only is None or d["platform"]["architecture"] == only]
+    for child in children or [{"digest": root.headers["docker-content-digest"]}]:
+        body = json.loads(manifest(http, base, name, child["digest"]).content)
+        for descriptor in [body["config"], *body["layers"]]:
+            blob_digest(http, base, name, descriptor["digest"])
+
+
+# -- images and archives of this module --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Built:
+    amd64: Image
+    arm64: Image
+    multi: Index           # amd64 + arm64/v8
+    victim: Image          # only ever in bad archives: never in a seeded store
+    plain: Image           # uncompressed layers, Docker media types: what docker save holds
+    plain2: Image          # shares plain's base layer
+    plain3: Image          # saved untagged
+    layout: Path           # OCI layout: docker.io/library/pre-multi:1 and ghcr.io/acme/tool:2
+    victim_layout: Path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    root = tmp_path_factory.mktemp("preload-images")
+    blobs = root / "blobs"
+    amd64 = build_image(blobs, [busybox_layer(blobs, marker="pre-amd64"), random_layer(blobs, 256 * KIB, 501)])
+    arm64 = build_image(blobs, [busybox_layer(blobs, marker="pre-arm64"), random_layer(blobs, 256 * KIB, 502)],
+                        arch="arm64", variant="v8")
+    multi = build_index([amd64, arm64])
+    victim = build_image(blobs, [random_layer(blobs, 64 * KIB, 503), random_layer(blobs, 96 * KIB, 504)])
+    base = busybox_layer(blobs, marker="saved", compressed=False)
+    plain = build_image(blobs, [base, random_layer(blobs, 128 * KIB, 505, compressed=False)], media="docker")
+    plain2 = build_image(blobs, [base, random_layer(blobs, 64 * KIB, 506, compressed=False)], media="docker",
+                         cmd=("echo", "two"))
+    plain3 = build_image(blobs, [base], media="docker", cmd=("echo", "three"))
+    layout = root / "layout"
+    write_oci_layout(layout, multi, "docker.io/library/pre-multi:1")
+    write_oci_layout(layout, amd64, "ghcr.io/acme/tool:2")
+    victim_layout = root / "victim"
+    write_oci_layout(victim_layout, victim, "docker.io/library/victim:1")
+    return Built(amd64, arm64, multi, victim, plain, plain2, plain3, layout, victim_layout)
+
+
+@pytest.fixture
+def offline_mirror(mirror_factory: Callable[..., MirrorServer]) -> Callable[..., MirrorServer]:
+    """A mirror (not started) whose upstream is unreachable: all it serves comes from its store."""
+
+    def make(**kwargs: Any) -> MirrorServer:
+        server = mirror_factory(UNREACHABLE, start=False, **kwargs)
+        server.data_dir.mkdir(parents=True, exist_ok=True)
+        return server
+
+    return make
+
+
+# -- OCI layouts and archives ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["directory", "tar", "gzip", "zstd"])
+def test_oci_layout_is_preloaded_with_digests_preserved(
+    form: str, built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    source = built.layout if form == "directory" else \
+        pack(built.layout, tmp_path / "layout.tar", None if form == "tar" else form)
+    server = offline_mirror()
+    out = ok(preload(server.data_dir, source))
+    assert f"{source}: 2 images, 2 tags (2 new or moved)" in out
+    assert "already present" in out
+
+    assert pins(server.data_dir) == {f"pin/docker.io/library/pre-multi@{built.multi.digest}",
+                                     f"pin/ghcr.io/acme/tool@{built.amd64.digest}"}
+    assert not list((server.data_dir / "tmp").iterdir()), "staging left behind"
+    server.start()
+    assert_serves(http, server.url, "library/pre-multi", "1", built.multi)
+    assert manifest(http, server.url, "library/pre-multi", "1").headers["x-mirror-cache"] == "HIT"
+    # ghcr.io content is not this mirror's upstream's: not served here (see the registry test below).
+    assert manifest(http, server.url, "acme/tool", "2").status_code != 200
+
+
+def test_second_run_stores_nothing_new_and_says_so(built: Built, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    archive = pack(built.layout, tmp_path / "layout.tar", "zstd")
+    first = ok(preload(data, archive))
+    assert "nothing new" not in first
+    before = snapshot(data)
+    again = ok(preload(data, archive))
+    assert f"{archive}: nothing new: 2 images, 2 tags" in again
+    assert snapshot(data) == before
+    # The same images from another form of input are recognised too.
+    assert "nothing new" in ok(preload(data, built.layout))
+    assert snapshot(data) == before
+    fsck = mirror_cli("fsck", "--data", data)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+
+
+def test_names_are_normalised_and_other_registries_kept(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, built.amd64, "unused")
+    entries = [
+        {"org.opencontainers.image.ref.name": "ubuntu:18.04"},
+        {"io.containerd.image.name": "ghcr.io/acme/tool:2", "org.opencontainers.image.ref.name": "2"},
+        {"org.opencontainers.image.ref.name": "index.docker.io/team/app"},
+        {"org.opencontainers.image.ref.name": "localhost:5000/x/y:3"},
+    ]
+    index = {"schemaVersion": 2, "manifests": [{**built.amd64.descriptor(), "annotations": a} for a in entries]}
+    (layout / "index.json").write_bytes(dump_json(index))
+    server = offline_mirror(env={"MIRROR_UPSTREAM_REGISTRY": "ghcr.io"})
+    out = ok(preload(server.data_dir, layout))
+    assert "1 image, 4 tags" in out
+    with diskcache.Cache(os.fspath(server.data_dir / "index")) as cache:
+        assert set(cache.get("catalog")) == {"docker.io/library/ubuntu", "ghcr.io/acme/tool", "docker.io/team/app",
+                                             "localhost:5000/x/y"}
+        assert cache.get("tag/docker.io/library/ubuntu:18.04")[0] == built.amd64.digest
+        assert cache.get("tag/docker.io/team/app:latest")[0] == built.amd64.digest
+    server.start()  # its upstream is "ghcr.io": ghcr.io/acme/tool is served as acme/tool
+    assert_serves(http, server.url, "acme/tool", "2", built.amd64)
+
+    # A ref.name that is only a tag names no repository.
+    index["manifests"] = [{**built.amd64.descriptor(), "annotations": {"org.opencontainers.image.ref.name": "3"}}]
+    (layout / "index.json").write_bytes(dump_json(index))
+    bad = preload(tmp_path / "other", layout)
+    assert bad.returncode == 1
+    assert "index.json manifests[0]: image is named only by the tag '3'" in bad.stderr
+
+
+def test_partial_index_preloads_the_platforms_it_holds(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, built.multi, "pre-multi:1")
+    for digest in (built.arm64.digest, *built.arm64.blobs):  # as `mirror export --platform linux/amd64` writes
+        (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).unlink()
+    server = offline_mirror()
+    ok(preload(server.data_dir, layout))
+    server.start()
+    answer = manifest(http, server.url, "library/pre-multi", "1")
+    assert answer.status_code == 200 and answer.content == built.multi.manifest
+    assert manifest(http, server.url, "library/pre-multi", built.amd64.digest).status_code == 200
+    assert manifest(http, server.url, "library/pre-multi", built.arm64.digest).status_code != 200
+
+
+# -- docker save ----------------------------------------------------------------------------------
+
+
+def test_classic_docker_save_gets_a_valid_built_manifest(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    archive = docker_save(tmp_path / "save.tar", [(built.plain, ["saved:1", "saved:latest"]),
+                                                  (built.plain2, ["ghcr.io/acme/saved2:7"]),
+                                                  (built.plain3, None)])
+    with tarfile.open(archive) as tar:  # the shared base layer is a symlink, as docker writes it
+        assert any(m.issym() for m in tar.getmembers())
+    server = offline_mirror()
+    result = preload(server.data_dir, compress(archive, "gzip"))
+    out = ok(result)
+    assert "2 images, 3 tags" in out
+    assert "manifest.json[2]: image" in result.stderr and "has no RepoTags: skipped" in result.stderr
+    server.start()
+    answer = manifest(http, server.url, "library/saved", "1")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == OCI_MANIFEST
+    assert answer.headers["docker-content-digest"] == sha256(answer.content)
+    doc = json.loads(answer.content)
+    assert doc["config"]["digest"] == built.plain.config_digest
+    assert doc["config"]["size"] == len(built.plain.config)
+    # Layers are stored as docker save holds them, uncompressed: their digests are the diff_ids.
+    assert [layer["digest"] for layer in doc["layers"]] == [layer.diff_id for layer in built.plain.layers]
+    assert {layer["mediaType"] for layer in doc["layers"]} == {"application/vnd.oci.image.layer.v1.tar"}
+    for descriptor in [doc["config"], *doc["layers"]]:
+        assert blob_digest(http, server.url, "library/saved", descriptor["digest"]) == descriptor["digest"]
+    assert manifest(http, server.url, "library/saved", "latest").content == answer.content
+    # The built manifest is deterministic: preloading again changes nothing.
+    server.stop()
+    assert "nothing new" in ok(preload(server.data_dir, archive))
+
+
+def test_docker_save_in_oci_form_keeps_its_manifests(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    archive = docker_save_oci(tmp_path / "save.tar", built.amd64, ["docker.io/library/pre-oci:5",
+                                                                   "docker.io/library/pre-oci:latest"])
+    server = offline_mirror(env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})  # "pre-oci" is library/pre-oci
+    assert "1 image, 2 tags" in ok(preload(server.data_dir, archive))
+    server.start()
+    assert_serves(http, server.url, "library/pre-oci", "5", built.amd64)
+    assert_serves(http, server.url, "pre-oci", "latest", built.amd64)
+
+
+# -- into a running mirror --------------------------------------------------------------------------
+
+
+def test_url_loads_into_a_running_mirror_without_a_restart(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    server = offline_mirror().start()
+    assert manifest(http, server.url, "library/pre-multi", "1").status_code != 200
+    result = mirror_cli("preload", "--url", server.url, built.layout)  # a directory goes as a tar stream
+    assert "2 images, 2 tags (2 new or moved)" in ok(result)
+    assert_serves(http, server.url, "library/pre-multi", "1", built.multi)
+    assert "nothing new" in ok(mirror_cli("preload", "--url", server.url, pack(built.layout, tmp_path / "l.tar")))
+
+    before = snapshot(server.data_dir)
+    broken = tmp_path / "broken.tar"
+    entries = [e for e in layout_entries(built.victim_layout)
+               if e[0].name != f"blobs/sha256/{built.victim.layers[1].digest.removeprefix('sha256:')}"]
+    write_tar(broken, entries)
+    bad = mirror_cli("preload", "--url", server.url, broken)
+    assert bad.returncode == 1
+    assert re.search(rf"mirror: preload: {re.escape(str(broken))}: blobs/sha256/\w+: manifest sha256:\w+ names "
+                     rf"layer {built.victim.layers[1].digest}, which is not in the archive", bad.stderr), bad.stderr
+    answer = http.post(f"{server.url}/_mirror/preload", content=broken.read_bytes())
+    assert answer.status_code == 400
+    assert answer.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+    assert snapshot(server.data_dir) == before
+
+
+def test_preloaded_tags_are_served_as_loaded_by_an_online_mirror(
+    built: Built, mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry, http: httpx.Client,
+) -> None:
+    # The upstream is reachable but has no such image; every tag would be revalidated at once.
+    server = mirror_factory(upstream.url, start=False, env={"MIRROR_CACHE_TAG_TTL": "0s"})
+    server.data_dir.mkdir(parents=True, exist_ok=True)
+    ok(preload(server.data_dir, built.layout))
+    server.start()
+    upstream.clear_counts()
+    for _ in range(2):
+        answer = manifest(http, server.url, "library/pre-multi", "1")
+        assert answer.status_code == 200 and answer.content == built.multi.manifest
+        assert answer.headers["x-mirror-cache"] == "HIT"
+    assert upstream.count(None, "pre-multi") == 0
+
+
+def test_data_directory_is_written_safely_while_the_server_runs(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    server = offline_mirror().start()
+    assert manifest(http, server.url, "library/pre-multi", "1").status_code != 200
+    ok(preload(server.data_dir, pack(built.layout, tmp_path / "layout.tar", "gzip")))
+    assert_serves(http, server.url, "library/pre-multi", "1", built.multi)
+
+
+# -- export ---------------------------------------------------------------------------------------------
+
+
+def test_export_then_preload_restores_every_image_with_the_same_digests(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    a = mirror_factory()
+    for name in ("library/multi", "library/dlist"):
+        pull_all(http, a.url, name, "1")
+    upstream.clear_counts()
+    bundle = tmp_path / "bundle.tar"
+    wanted = tmp_path / "images.txt"
+    wanted.write_text("# what the site needs\n\ndlist:1   # the Docker manifest list\n")
+    out = ok(mirror_cli("export", "--data", a.data_dir, "--upstream", upstream.url, "multi:1",
+                        "--from-list", wanted, "-o", bundle))
+    assert "2 images" in out and "docker.io/library/multi:1" in out
+    assert upstream.count(None, "/v2/") == 0, "everything was cached: the upstream is not asked"
+
+    with tarfile.open(bundle) as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        names = {m.name for m in tar.getmembers()}
+    assert [(e["digest"], e["annotations"]["org.opencontainers.image.ref.name"]) for e in index["manifests"]] == \
+        [(images.multi.digest, "docker.io/library/multi:1"), (images.dlist.digest, "docker.io/library/dlist:1")]
+    assert "oci-layout" in names
+
+    b = offline_mirror()
+    ok(preload(b.data_dir, bundle))
+    b.start()
+    for name, item in (("library/multi", images.multi), ("library/dlist", images.dlist)):
+        assert_serves(http, b.url, name, "1", item)
+        assert manifest(http, b.url, name, "1").content == manifest(http, a.url, name, "1").content
+
+
+def test_export_pulls_through_the_upstream_what_is_not_cached(
+    images: StandardImages, upstream: UpstreamRegistry, offline_mirror: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "small.tar.zst"
+    upstream.clear_counts()
+    out = ok(mirror_cli("export", "--data", tmp_path / "fresh", "--upstream", upstream.url, "small:1",
+                        "-o", bundle))
+    assert "pulled through the upstream first" in out
+    assert upstream.count("GET", "/v2/library/small/manifests/1") == 1
+    b = offline_mirror()
+    ok(preload(b.data_dir, bundle))
+    b.start()
+    assert_serves(http, b.url, "library/small", "1", images.small)
+
+
+def test_export_selects_platforms_and_keeps_the_index_digest(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    a = mirror_factory()
+    pull_all(http, a.url, "library/multi", "1", only="amd64")
+    amd64, arm64 = images.multi.child("amd64"), images.multi.child("arm64")
+
+    def exported(label: str, *flags: str) -> set[str]:
+        bundle = tmp_path / f"multi-{label}.tar"
+        ok(mirror_cli("export", "--data", a.data_dir, "--upstream", upstream.url, "multi:1", *flags, "-o", bundle))
+        with tarfile.open(bundle) as tar:
+            return {"sha256:" + m.name.rpartition("/")[2] for m in tar.getmembers()
+                    if m.name.startswith("blobs/sha256/")}
+
+    default = exported("default")  # what the store has: only amd64 was pulled
+    assert {images.multi.digest, amd64.digest, *amd64.blobs} == default
+    arm_only = exported("arm", "--platform", "linux/arm64")  # pulled through the upstream
+    assert {images.multi.digest, arm64.digest, *arm64.blobs} == arm_only
+    assert exported("all", "--all-platforms") == default | arm_only
+
+    c = offline_mirror()
+    ok(preload(c.data_dir, tmp_path / "multi-arm.tar"))
+    c.start()
+    index = manifest(http, c.url, "library/multi", "1")
+    assert index.status_code == 200 and index.headers["docker-content-digest"] == images.multi.digest
+    assert manifest(http, c.url, "library/multi", arm64.digest).content == arm64.manifest
+    assert manifest(http, c.url, "library/multi", amd64.digest).status_code != 200
+
+    bad = mirror_cli("export", "--data", a.data_dir, "--upstream", upstream.url, "multi:1", "--platform",
+                     "linux/s390x", "-o", tmp_path / "none.tar")
+    assert bad.returncode == 1
+    assert "multi:1: no manifest for linux/s390x (it has linux/amd64, linux/arm64/v8)" in bad.stderr
+    assert not (tmp_path / "none.tar").exists()
+
+
+def test_export_includes_pushed_repositories(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    registry = offline_mirror().start()
+    client.push_image(registry.url, "team/app", "1", built.amd64)
+    bundle = tmp_path / "team.tar.gz"
+    out = ok(mirror_cli("export", "--data", registry.data_dir, "--upstream", UNREACHABLE, "team/app:1",
+                        "-o", bundle))
+    assert "docker.io/team/app:1" in out
+    restored = offline_mirror()
+    ok(preload(restored.data_dir, bundle))
+    restored.start()  # restored as cached content of docker.io
+    assert_serves(http, restored.url, "team/app", "1", built.amd64)
+
+
+def test_leftovers_of_a_crashed_preload_are_removed(built: Built, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ok(preload(data, built.layout))
+    crashed = data / "tmp" / "stage-0123456789abcdef.d"  # its lock file is gone: its writer died
+    crashed.mkdir()
+    (crashed / "1").write_bytes(b"half a layer")
+    ok(preload(data, built.layout))
+    assert not crashed.exists()
+
+
+def test_export_fails_clearly(tmp_path: Path) -> None:
+    missing = mirror_cli("export", "--data", tmp_path / "data", "--upstream", UNREACHABLE, "nothere:1",
+                         "-o", tmp_path / "x.tar")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("mirror: export: nothere:1: the image is not in the store and the upstream "
+                                     f"({UNREACHABLE}) could not provide it")
+    other = mirror_cli("export", "--data", tmp_path / "data", "quay.io/x/y:1", "-o", tmp_path / "x.tar")
+    assert other.returncode == 1 and "quay.io is not one of this mirror's upstreams (docker.io)" in other.stderr
+    usage = mirror_cli("export", "--data", tmp_path / "data", "a:1", "--platform", "linux", "-o", tmp_path / "x")
+    assert usage.returncode == 2 and "expected OS/ARCH[/VARIANT]" in usage.stderr
+    assert mirror_cli("export", "-o", tmp_path / "x").returncode == 2
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*partial"))
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+def _bad(built: Built, tmp: Path, case: str) -> tuple[Path, str]:
+    """A bad archive (from the victim image's layout) and the message it must produce."""
+    good = layout_entries(built.victim_layout)
+    layer = built.victim.layers[1]
+    layer_name = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+    path = tmp / f"{case}.tar"
+    if case == "dotdot":
+        return write_tar(path, [*good, file_entry("blobs/../../escape", b"x")]), \
+            r"blobs/\.\./\.\./escape: path with '\.\.' in archive"
+    if case == "absolute":
+        return write_tar(path, [file_entry("/etc/escape", b"x"), *good]), r"/etc/escape: absolute path in archive"
+    if case == "symlink_absolute":
+        return write_tar(path, [*good, (info("blobs/evil", tarfile.SYMTYPE, linkname="/etc/passwd"), None)]), \
+            r"blobs/evil: symlink points outside the archive \(to /etc/passwd\)"
+    if case == "symlink_relative":
+        return write_tar(path, [*good, (info("blobs/sha256/evil", tarfile.SYMTYPE,
+                                             linkname="../../../etc/passwd"), None)]), \
+            r"blobs/sha256/evil: symlink points outside the archive"
+    if case == "hardlink_outside":
+        return write_tar(path, [*good, (info("evil", tarfile.LNKTYPE, linkname="../outside"), None)]), \
+            r"evil: hard link points outside the archive \(to \.\./outside\)"
+    if case == "hardlink_missing":
+        return write_tar(path, [(info("evil", tarfile.LNKTYPE, linkname="index.json"), None), *good]), \
+            r"evil: hard link to index.json, which is not an earlier entry"
+    if case == "device":
+        return write_tar(path, [*good, (info("dev/null", tarfile.CHRTYPE), None)]), r"dev/null: device file"
+    if case == "fifo":
+        return write_tar(path, [*good, (info("pipe", tarfile.FIFOTYPE), None)]), r"pipe: FIFO in archive"
+    if case == "duplicate":
+        return write_tar(path, [*good, file_entry("index.json", dump_json({"manifests": []}))]), \
+            r"index.json: duplicate entry"
+    if case == "missing_layer":
+        return write_tar(path, [e for e in good if e[0].name != layer_name]), \
+            rf"manifest {built.victim.digest} names layer {layer.digest}, which is not in the archive"
+    if case == "layer_mismatch":
+        data = bytearray(layer.path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        return write_tar(path, [(e[0], bytes(data)) if e[0].name == layer_name else e for e in good]), \
+            rf"{layer_name}: content does not match {layer.digest} \(got sha256:\w+\)"
+    if case == "layer_mismatch_zstd":
+        data = bytearray(layer.path.read_bytes())
+        data[-1] ^= 0xFF
+        plain = write_tar(path, [(e[0], bytes(data)) if e[0].name == layer_name else e for e in good])
+        return compress(plain, "zstd"), rf"{layer_name}: content does not match its digest"
+    if case == "truncated":
+        whole = write_tar(tmp / "whole.tar", good).read_bytes()
+        path.write_bytes(whole[: int(len(whole) * 0.7)])
+        return path, r"archive is truncated"
+    if case == "truncated_at_header":
+        whole = write_tar(tmp / "whole.tar", good)
+        with tarfile.open(whole) as tar:
+            last = tar.getmembers()[-1]
+        end = last.offset_data + (last.size + 511) // 512 * 512
+        path.write_bytes(whole.read_bytes()[:end])
+        return path, r"archive is truncated: it ends after index.json without the end-of-archive marker"
+    if case == "truncated_gzip":
+        whole = compress(write_tar(tmp / "whole.tar", good), "gzip").read_bytes()
+        path = tmp / f"{case}.tar.gz"
+        path.write_bytes(whole[: int(len(whole) * 0.7)])
+        return path, r"archive is truncated"
+    if case == "truncated_zstd":
+        whole = compress(write_tar(tmp / "whole.tar", good), "zstd").read_bytes()
+        path = tmp / f"{case}.tar.zst"
+        path.write_bytes(whole[: int(len(whole) * 0.6)])
+        return path, r"archive is truncated"
+    if case == "tar_bomb":
+        header = info(layer_name, size=1 << 40).tobuf(tarfile.PAX_FORMAT)
+        path.write_bytes(header + b"\0" * 8192)
+        return path, rf"{layer_name}: declares 1\.0 TiB, far more than the whole archive .*refusing a tar bomb"
+    if case == "tar_bomb_zstd":
+        raw = tmp / "bomb.tar"
+        raw.write_bytes(info(layer_name, size=1 << 40).tobuf(tarfile.PAX_FORMAT) + b"\0" * (1 << 20))
+        return compress(raw, "zstd"), rf"{layer_name}: declares 1\.0 TiB, more than the archive can decompress"
+    if case == "not_tar":
+        path.write_bytes(os.urandom(4096))
+        return path, r"not a tar archive"
+    if case == "text":
+        path.write_text("this is not an image\n" * 100)
+        return path, r"not a tar archive"
+    if case == "empty":
+        path.write_bytes(b"")
+        return path, r"empty file"
+    if case == "gzip_not_tar":
+        path = tmp / "text.gz"
+        path.write_bytes(gzip.compress(b"hello " * 1000))
+        return path, r"not a tar archive after gzip decompression"
+    if case == "no_images":
+        return write_tar(path, [file_entry("hello.txt", b"hi")]), r"not an image archive"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["dotdot", "absolute", "symlink_absolute", "symlink_relative", "hardlink_outside", "hardlink_missing",
+             "device", "fifo", "duplicate", "missing_layer", "layer_mismatch", "layer_mismatch_zstd", "truncated",
+             "truncated_at_header", "truncated_gzip", "truncated_zstd", "tar_bomb", "tar_bomb_zstd", "not_tar",
+             "text", "empty",
+             "gzip_not_tar", "no_images"]
+
+
+@pytest.fixture(scope="module")
+def seeded(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding a preloaded image, so "unchanged" means something."""
+    data = tmp_path_factory.mktemp("seeded") / "data"
+    ok(preload(data, built.layout))
+    return data
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_refused_and_the_store_is_unchanged(
+    case: str, built: Built, seeded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, message = _bad(built, tmp_path, case)
+    before = snapshot(seeded)
+    for name in [k for k in os.environ if k.startswith("MIRROR_")]:
+        monkeypatch.delenv(name)
+    capsys.readouterr()
+    code = cli.main(["preload", "--data", str(seeded), str(archive)])  # in-process: the same CLI, faster
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert err.startswith(f"mirror: preload: {archive}: "), err
+    assert re.search(message, err), err
+    assert out == ""
+    assert snapshot(seeded) == before
+
+
+def test_store_is_clean_after_refused_input(built: Built, seeded: Path, tmp_path: Path) -> None:
+    for case in ("layer_mismatch", "truncated_gzip", "duplicate"):
+        archive, _ = _bad(built, tmp_path, case)
+        assert preload(seeded, archive).returncode == 1
+    fsck = mirror_cli("fsck", "--data", seeded)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+
+
+def test_one_bad_file_does_not_stop_the_others(built: Built, tmp_path: Path) -> None:
+    bad, _ = _bad(built, tmp_path, "text")
+    result = preload(tmp_path / "data", bad, built.layout)
+    assert result.returncode == 1
+    assert f"mirror: preload: {bad}: not a tar archive" in result.stderr
+    assert f"{built.layout}: 2 images" in result.stdout
+    assert "total: 1 of 2 files, 2 images" in result.stdout
+
+
+def test_help_describes_the_commands() -> None:
+    for command, words in (("preload", ["--data DIR", "--url URL", "digest differs"]),
+                           ("export", ["--platform", "--all-platforms", "--from-list", "-o FILE"])):
+        result = mirror_cli(command, "--help")
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        for word in words:
+            assert word in text, (command, word)
+
+
+# -- real clients ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_round_trip_dockerd_pulls_and_runs_from_a_preloaded_offline_mirror(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    offline_mirror: Callable[..., MirrorServer], dockerd_factory: Callable[..., Dockerd], skopeo: str,
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    a = mirror_factory()
+    for name in ("library/multi", "library/dlist"):
+        pull_all(http, a.url, name, "1")
+    bundle = tmp_path / "bundle.tar"
+    ok(mirror_cli("export", "--data", a.data_dir, "--upstream", upstream.url, "multi:1", "dlist:1",
+                  "--all-platforms", "-o", bundle))
+    # skopeo reads the bundle by name.
+    raw = subprocess.run([skopeo, "inspect", "--raw", f"oci-archive:{bundle}:docker.io/library/multi:1"],
+                         capture_output=True, check=True, timeout=120).stdout
+    assert sha256(raw) == images.multi.digest
+
+    b = offline_mirror()
+    ok(preload(b.data_dir, bundle))
+    b.start()
+    daemon = dockerd_factory(registry_mirror=b.url)
+    amd64 = images.multi.child("amd64")
+    daemon.docker("pull", "multi:1")
+    assert daemon.docker("run", "--rm", "--network", "none", "multi:1", "cat", "/etc/image-marker").stdout \
+        == "multi-amd64"
+    daemon.docker("pull", f"dlist@{images.dlist.digest}")
+    assert daemon.docker("run", "--rm", "--network", "none", f"dlist@{images.dlist.digest}", "cat",
+                         "/etc/image-marker").stdout == "dlist-amd64"
+    repo_digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", "multi:1").stdout
+    assert images.multi.digest in repo_digests or amd64.digest in repo_digests, repo_digests
+    for name, item in (("library/multi", images.multi), ("library/dlist", images.dlist)):
+        for where in (a, b):
+            raw = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
+                                  f"docker://{where.address}/{name}:1"],
+                                 capture_output=True, check=True, timeout=120).stdout
+            assert sha256(raw) == item.digest
+
+
+@pytest.mark.slow
+def test_real_docker_save_is_preloaded_pulled_and_run(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    dockerd_factory: Callable[..., Dockerd], tmp_path: Path
+) -> None:
+    server = mirror_factory()  # online: dockerd gets the image through it first
+    daemon = dockerd_factory(registry_mirror=server.url)
+    daemon.docker("pull", "small:1")
+    daemon.docker("tag", "small:1", "saved-app:7")
+    daemon.docker("tag", "small:1", "ghcr.io/acme/saved-app:7")
+    saved = tmp_path / "saved.tar"
+    daemon.docker("save", "-o", str(saved), "saved-app:7", "ghcr.io/acme/saved-app:7")
+    daemon.docker("rmi", "saved-app:7", "ghcr.io/acme/saved-app:7", "small:1")
+
+    out = ok(mirror_cli("preload", "--url", server.url, saved))  # into the running mirror
+    assert "1 image, 2 tags" in out
+    assert "nothing new" in ok(preload(server.data_dir, saved))
+    upstream.clear_counts()
+    daemon.docker("pull", "saved-app:7")  # exists only through the preload: not upstream
+    assert daemon.docker("run", "--rm", "--network", "none", "saved-app:7", "cat", "/etc/image-marker").stdout \
+        == "small"
+    assert upstream.count(None, "/v2/library/saved-app/", status=200) == 0
+
+
+@pytest.mark.slow
+def test_skopeo_oci_archive_is_preloaded_with_digests_preserved(
+    images: StandardImages, upstream: UpstreamRegistry, offline_mirror: Callable[..., MirrorServer], skopeo: str,
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    source = upstream.url.removeprefix("http://")
+    oci = tmp_path / "multi.tar"  # an OCI index: skopeo keeps it byte for byte
+    subprocess.run([skopeo, "copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+                    f"docker://{source}/library/multi:1", f"oci-archive:{oci}:docker.io/library/multi:1"],
+                   check=True, capture_output=True, timeout=120)
+    converted = tmp_path / "dlist.tar"  # a Docker manifest list: skopeo rewrites it as OCI (new digests)
+    subprocess.run([skopeo, "copy", "--all", "--src-tls-verify=false", f"docker://{source}/library/dlist:1",
+                    f"oci-archive:{converted}:dlist:1"], check=True, capture_output=True, timeout=120)
+    archived = sha256(subprocess.run([skopeo, "inspect", "--raw", f"oci-archive:{converted}:dlist:1"],
+                                     check=True, capture_output=True, timeout=120).stdout)
+    assert archived != images.dlist.digest
+
+    server = offline_mirror()
+    ok(preload(server.data_dir, oci, compress(converted, "zstd")))
+    server.start()
+    assert_serves(http, server.url, "library/multi", "1", images.multi)
+    answer = manifest(http, server.url, "library/dlist", "1")
+    assert answer.status_code == 200 and answer.headers["docker-content-digest"] == archived == sha256(answer.content)
+    for child in json.loads(answer.content)["manifests"]:
+        body = manifest(http, server.url, "library/dlist", child["digest"])
+        assert sha256(body.content) == child["digest"]
+        for descriptor in [json.loads(body.content)["config"], *json.loads(body.content)["layers"]]:
+            assert blob_digest(http, server.url, "library/dlist", descriptor["digest"]) == descriptor["digest"]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
@@ -180,3 +181,10 @@ def hub(hub_factory: Callable[..., HubEmulator]) -> HubEmulator:
 def skopeo() -> str:
     """Path of skopeo, or a loud failure saying how to install it."""
     return require_tool("skopeo", "skopeo")
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """A plain HTTP client for talking to the servers the tests start (no proxies from the environment)."""
+    with httpx.Client(timeout=60.0, trust_env=False) as session:
+        yield session

@@ -23,7 +23,14 @@ from tests.support import client
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
 from tests.support.faults import FaultProxy
-from tests.support.images import DEFAULT_APPLETS, MANIFEST_MEDIA_TYPES, Image, Index, file_digest
+from tests.support.images import (
+    DEFAULT_APPLETS,
+    MANIFEST_MEDIA_TYPES,
+    Image,
+    Index,
+    file_digest,
+    sha256_digest as sha256,
+)
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 
@@ -36,10 +43,6 @@ OTHER_ARCH = "arm64" if HOST_ARCH == "amd64" else "amd64"
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def blob_path(name: str, digest: str) -> re.Pattern[str]:

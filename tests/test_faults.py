@@ -23,7 +23,7 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 
@@ -43,10 +43,6 @@ FAIL_FAST = 3.0
 
 
 # Helpers --------------------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass

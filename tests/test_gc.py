@@ -6,7 +6,6 @@ the upstream has to serve again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,22 +21,19 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Image, build_image, random_layer
+from tests.support.images import (
+    MANIFEST_MEDIA_TYPES,
+    OCI_MANIFEST,
+    Image,
+    build_image,
+    random_layer,
+    sha256_digest as sha256,
+)
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def store_bytes(data_dir: Path) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,12 +18,6 @@ from tests.support.registry import UpstreamRegistry
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 SECOND = "registry.test"
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
 
 
 def manifest(http: httpx.Client, url: str) -> httpx.Response:

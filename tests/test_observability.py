@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
@@ -30,16 +29,6 @@ from tests.support.registry import UpstreamRegistry
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
 ACCESS_FIELDS = {"ts", "request_id", "method", "route", "path", "status", "cache", "bytes", "duration_ms", "client"}
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 Samples = list[tuple[str, dict[str, str], float]]

@@ -9,14 +9,13 @@ and reads OCI archives.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from tests.support.archives import (
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
+    sha256_digest as sha256,
     MANIFEST_MEDIA_TYPES,
     OCI_MANIFEST,
     Image,
@@ -57,10 +57,6 @@ from tests.support.registry import UpstreamRegistry
 UNREACHABLE = "http://127.0.0.1:1"
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 KIB = 1024
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def mirror_cli(*args: str | Path, env: dict[str, str] | None = None,
@@ -93,12 +89,6 @@ def snapshot(data: Path) -> tuple[list[str], list[str], dict[str, Any]]:
 def pins(data: Path) -> set[str]:
     with diskcache.Cache(os.fspath(data / "index")) as cache:
         return {key for key in cache.iterkeys() if isinstance(key, str) and key.startswith("pin/")}
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
 
 
 def manifest(http: httpx.Client, base: str, name: str, reference: str) -> httpx.Response:

@@ -14,7 +14,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import yaml
 
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
-from tests.support.images import MANIFEST_MEDIA_TYPES
+from tests.support.images import MANIFEST_MEDIA_TYPES, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.procs import require_tool
 from tests.support.prometheus import Prometheus, QueryError, panel_queries
@@ -44,16 +44,6 @@ def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
 
 def load_dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
 
 
 # Static checks ----------------------------------------------------------------------------

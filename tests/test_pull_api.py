@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 from tests.support import client
 from tests.support.catalog import StandardImages
 from tests.support.images import (
+    sha256_digest as sha256,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
@@ -35,16 +36,6 @@ from tests.support.registry import UpstreamRegistry
 LIBRARY = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def manifests_path(name: str, reference: str = "") -> re.Pattern[str]:

@@ -11,14 +11,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.images import OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 
@@ -27,21 +27,11 @@ EMPTY_CONFIG = b"{}"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def error_code(answer: httpx.Response) -> str:
     assert answer.headers["content-type"].startswith("application/json"), answer.text
     errors = answer.json()["errors"]
     assert errors and all({"code", "message"} <= set(e) for e in errors), errors
     return str(errors[0]["code"])
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60.0, trust_env=False) as session:
-        yield session
 
 
 @pytest.fixture

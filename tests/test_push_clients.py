@@ -9,7 +9,6 @@ see how the clients pushed (uploads, existence checks, cross-repository mounts).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
+    sha256_digest as sha256,
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
     Image,
@@ -41,10 +41,6 @@ PUSHED_DIGEST = re.compile(r"^\S+: digest: (sha256:[0-9a-f]{64}) size: \d+$", re
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def http_get(mirror: MirrorServer, path: str, *, method: str = "GET", accept: str = ACCEPT_ALL) -> httpx.Response:

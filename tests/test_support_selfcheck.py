@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,7 @@ from tests.support.dockerd import Dockerd
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import (
+    sha256_digest as sha256,
     DOCKER_LIST,
     MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
@@ -53,16 +54,6 @@ def live_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(stat.parent.name))
     return members
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30.0, trust_env=False) as session:
-        yield session
 
 
 # Images ---------------------------------------------------------------------------

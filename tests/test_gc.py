@@ -12,6 +12,7 @@ import random
 import re
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,13 +22,16 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.dockerd import Dockerd
 from tests.support.images import (
     MANIFEST_MEDIA_TYPES,
     OCI_MANIFEST,
     Image,
     build_image,
+    busybox_layer,
     random_layer,
     sha256_digest as sha256,
+    write_oci_layout,
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -282,3 +286,86 @@ def test_kill9_at_random_moments_leaves_a_consistent_store(
         with httpx.Client(timeout=60.0, trust_env=False) as http:
             for i, image in enumerate(images[:3]):
                 pull(http, mirror.url, f"library/img{i}", "1", image)
+
+
+@pytest.mark.slow
+def test_dockerd_pulls_300_mib_through_a_100_mib_cache(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    dockerd_factory: Callable[..., Dockerd], http: httpx.Client,
+) -> None:
+    registry = upstream_factory()
+    images = []
+    for i in range(6):  # 6 x 50 MiB: three times the budget
+        image = build_image(tmp_path / f"big{i}", [busybox_layer(tmp_path / f"big{i}", marker=f"big{i}"),
+                                                   random_layer(tmp_path / f"big{i}", 50 * MIB, seed=300 + i,
+                                                                compressed=False)])
+        registry.push_image(f"library/big{i}", "1", image)
+        images.append(image)
+    budget = 100 * MIB
+    one_image = sum(layer.size for layer in images[0].layers) + 64 * 1024
+    mirror = mirror_factory(registry.url, env={
+        "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", "MIRROR_CACHE_MAX_SIZE": "100MiB",
+        "MIRROR_CACHE_KEEP_RECENT": "1s",
+    })
+    # A pinned image beside the cache: pushed content is never evicted.
+    pinned = os.urandom(5 * MIB)
+    assert http.post(f"{mirror.url}/v2/team/pinned/blobs/uploads/", params={"digest": sha256(pinned)},
+                     content=pinned).status_code == 201
+    daemon = dockerd_factory(registry_mirror=mirror.url)
+    for i in range(6):
+        out = daemon.docker("pull", f"big{i}:1").stdout
+        assert f"Downloaded newer image for big{i}:1" in out, out
+        assert daemon.docker("run", "--rm", "--network", "none", f"big{i}:1", "cat", "/etc/image-marker").stdout \
+            .strip() == f"big{i}"
+        time.sleep(1.2)  # older than keep_recent: a candidate from now on
+        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+
+    # The newest images are still served from the store; the oldest was evicted and comes back.
+    registry.clear_counts()
+    recent = http.get(f"{mirror.url}/v2/library/big5/manifests/1", headers={"accept": ALL_TYPES})
+    assert recent.headers["x-mirror-cache"] == "HIT"
+    daemon.docker("rmi", "big0:1")
+    assert "Downloaded newer image for big0:1" in daemon.docker("pull", "big0:1").stdout
+    assert registry.count("GET", re.compile(f"^/v2/library/big0/blobs/{images[0].layers[1].digest}$")) == 1
+    assert registry.count("GET", re.compile("^/v2/library/big5/blobs/")) == 0
+    assert sha256(http.get(f"{mirror.url}/v2/team/pinned/blobs/{sha256(pinned)}").content) == sha256(pinned)
+
+
+@pytest.mark.slow
+def test_kill9_during_preload_leaves_a_consistent_store(
+    tmp_path: Path, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    image = build_image(tmp_path / "img", [random_layer(tmp_path / "img", 48 * MIB, seed=400 + n, compressed=False)
+                                           for n in range(3)])
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, image, "docker.io/library/preloaded:1")
+    archive = tmp_path / "preload.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout, arcname=".")
+    mirror = mirror_factory("http://127.0.0.1:9", start=False)
+    mirror.data_dir.mkdir(parents=True)
+    rng = random.Random(11)
+    for round_ in range(3):
+        loader = subprocess.Popen([sys.executable, "-m", "mirror", "preload", "--data", str(mirror.data_dir),
+                                   str(archive)], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.5))
+        loader.kill()
+        loader.wait()
+        mirror.start()  # sweeps what the killed preload left
+        check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+        assert check.returncode == 0, f"round {round_}: {check.stdout}"
+        # Tags are written last: the image is either all there or not visible at all.
+        answer = http.get(f"{mirror.url}/v2/library/preloaded/manifests/1", headers={"accept": ALL_TYPES})
+        assert answer.status_code in (200, 404, 503)
+        if answer.status_code == 200:
+            for layer in image.layers:
+                blob = http.get(f"{mirror.url}/v2/library/preloaded/blobs/{layer.digest}")
+                assert blob.status_code == 200 and sha256(blob.content) == layer.digest
+        mirror.stop()
+    done = mirror_cli("preload", "--data", str(mirror.data_dir), str(archive))
+    assert done.returncode == 0, done.stderr
+    mirror.start()
+    answer = http.get(f"{mirror.url}/v2/library/preloaded/manifests/1", headers={"accept": ALL_TYPES})
+    assert answer.status_code == 200 and answer.content == image.manifest

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -449,3 +450,18 @@ def test_push_policy(
     allowing = mirror_factory(env={"MIRROR_PUSH_OVER_CACHE": "true", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
     assert http.get(f"{allowing.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
     assert http.post(f"{allowing.url}/v2/library/small/blobs/uploads/").status_code == 202
+
+
+def test_abandoned_uploads_expire(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
+    registry = mirror_factory(env={"MIRROR_PUSH_UPLOAD_TTL": "1s"})
+    location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(registry.url + location, content=b"x" * 1000).status_code == 202
+    fresh = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    registry.stop()
+    time.sleep(1.2)
+    os.utime(registry.data_dir / "uploads" / fresh.rsplit("/", 1)[1])  # touched just now: still in use
+    registry.start()
+    gone = http.get(registry.url + location)
+    assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
+    assert http.get(registry.url + fresh).status_code == 204
+    assert sorted(p.name for p in (registry.data_dir / "uploads").iterdir()) == [fresh.rsplit("/", 1)[1]]

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support import client
 from tests.support.catalog import StandardImages
-from tests.support.dockerd import Dockerd
+from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
 from tests.support.images import (
     DEFAULT_APPLETS,
@@ -106,24 +106,6 @@ def layout_blobs(layout: Path) -> set[str]:
 def everything(item: Image | Index) -> set[str]:
     """Every digest of an image or index: manifests, configs, layers."""
     return set(item.blobs) | set(item.manifests)
-
-
-def pull(daemon: Dockerd, ref: str) -> None:
-    """``docker pull`` that must have downloaded the image (not found it locally)."""
-    out = daemon.docker("pull", ref).stdout
-    assert f"Status: Downloaded newer image for {ref}" in out, out
-
-
-def run(daemon: Dockerd, ref: str, *command: str) -> str:
-    return daemon.docker("run", "--rm", "--network", "none", ref, *command).stdout
-
-
-def forget_all(daemon: Dockerd) -> None:
-    """Remove every image, so the next pull has to download all of its blobs again."""
-    ids = daemon.docker("images", "-aq").stdout.split()
-    if ids:
-        daemon.docker("rmi", "-f", *set(ids))
-    assert daemon.docker("images", "-aq").stdout.strip() == ""
 
 
 def assert_stale(mirror: MirrorServer, name: str, tag: str, digest: str) -> None:

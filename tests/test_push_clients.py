@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.dockerd import Dockerd
+from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.images import (
     sha256_digest as sha256,
     DOCKER_MANIFEST,
@@ -95,24 +95,6 @@ def docker_push_fails(daemon: Dockerd, ref: str) -> str:
     done = daemon.docker("push", ref, check=False, timeout=120)
     assert done.returncode != 0, done.stdout
     return done.stdout + done.stderr
-
-
-def pull(daemon: Dockerd, ref: str) -> None:
-    """``docker pull`` that must have downloaded the image (not found it locally)."""
-    out = daemon.docker("pull", ref).stdout
-    assert f"Status: Downloaded newer image for {ref}" in out, out
-
-
-def run(daemon: Dockerd, ref: str, *command: str) -> str:
-    return daemon.docker("run", "--rm", "--network", "none", ref, *command).stdout
-
-
-def forget_all(daemon: Dockerd) -> None:
-    """Remove every image, so the next pull has to download all of its blobs again."""
-    ids = daemon.docker("images", "-aq").stdout.split()
-    if ids:
-        daemon.docker("rmi", "-f", *set(ids))
-    assert daemon.docker("images", "-aq").stdout.strip() == ""
 
 
 def query(uri: str) -> dict[str, str]:

@@ -170,3 +170,21 @@ class Dockerd:
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         if self._short_dir is not None:
             shutil.rmtree(self._short_dir, ignore_errors=True)
+
+
+def pull(daemon: Dockerd, ref: str) -> None:
+    """``docker pull`` that must have downloaded the image (not found it locally)."""
+    out = daemon.docker("pull", ref).stdout
+    assert f"Status: Downloaded newer image for {ref}" in out, out
+
+
+def run(daemon: Dockerd, ref: str, *command: str) -> str:
+    return daemon.docker("run", "--rm", "--network", "none", ref, *command).stdout
+
+
+def forget_all(daemon: Dockerd) -> None:
+    """Remove every image, so the next pull has to download all of its blobs again."""
+    ids = daemon.docker("images", "-aq").stdout.split()
+    if ids:
+        daemon.docker("rmi", "-f", *set(ids))
+    assert daemon.docker("images", "-aq").stdout.strip() == ""

@@ -10,7 +10,6 @@ content is fetched again on the next pull; it never invents data.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import re
 import sys
@@ -21,7 +20,7 @@ from .gc import _scandir
 from .manifest import references
 from .metadata import LOCAL, Metadata
 from .reference import ParseError, parse_digest
-from .store import CHUNK, UPLOAD_ID_RE, Store
+from .store import UPLOAD_ID_RE, Store, hash_file
 
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
 
@@ -106,7 +105,7 @@ class Fsck:
             if self.verify_content:
                 if self.progress:
                     self.progress(n, total)
-                if _hash_file(path, algorithm) != entry.name:
+                if hash_file(path, algorithm) != entry.name:
                     self._found("corrupt object (content does not match its digest)", digest,
                                 lambda p=path, d=digest: self._drop_object(p, d))
                     continue
@@ -122,11 +121,13 @@ class Fsck:
                                                         if k.endswith("@" + digest)])
 
     def _temps(self) -> None:
-        for entry in _scandir(self.store.tmp):
-            if entry.name.endswith(".partial") and not _locked(entry.path):
-                self._found("abandoned temp file", entry.path, lambda p=entry.path: _unlink(p))
-            elif entry.name.endswith(".meta") and not os.path.exists(entry.path[:-len(".meta")] + ".partial"):
-                self._found("abandoned temp file", entry.path, lambda p=entry.path: _unlink(p))
+        for path in self.store.abandoned_temps():
+            self._found("abandoned temp file", path)
+        if self.repair and any(f.kind == "abandoned temp file" for f in self.report.findings):
+            self.store.sweep_tmp()
+            for finding in self.report.findings:
+                if finding.kind == "abandoned temp file":
+                    finding.repaired = True
 
     def _uploads(self) -> None:
         for entry in _scandir(self.store.uploads):
@@ -171,28 +172,6 @@ class Fsck:
             return self.store.read_bytes(parse_digest(digest))
         except ParseError:
             return None
-
-
-def _hash_file(path: str, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while data := handle.read(CHUNK):
-            hasher.update(data)
-    return hasher.hexdigest()
-
-
-def _locked(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _unlink(path: str) -> None:

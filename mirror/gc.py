@@ -36,7 +36,7 @@ from .config import CacheConfig, GcConfig
 from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import Metrics
-from .reference import Digest, ParseError, parse_digest
+from .reference import ParseError, parse_digest
 from .store import Store
 
 log = logging.getLogger("mirror.gc")

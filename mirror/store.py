@@ -21,7 +21,9 @@ All methods do blocking file I/O: call them from a worker thread in async code.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -129,12 +131,7 @@ class Store:
         Raises :class:`DigestMismatch` and leaves *path* where it is when the bytes do not match.
         """
         with open(path, "rb") as handle:
-            actual = known_hex
-            if actual is None:
-                hasher = digest.hasher()
-                while data := handle.read(CHUNK):
-                    hasher.update(data)
-                actual = hasher.hexdigest()
+            actual = known_hex if known_hex is not None else hash_file(path, digest.algorithm)
             if actual != digest.hex:
                 raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{actual})")
             os.fchmod(handle.fileno(), VERIFIED_MODE)
@@ -154,11 +151,15 @@ class Store:
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""
-        removed = 0
+        return sum(path.endswith(".partial") for path in self.abandoned_temps(remove=True))
+
+    def abandoned_temps(self, *, remove: bool = False) -> list[str]:
+        """Temp files whose writer is gone (no flock held), removed while locked if *remove*."""
+        found = []
         try:
             entries = list(os.scandir(self.tmp))
         except FileNotFoundError:
-            return 0
+            return []
         for entry in entries:
             if not entry.name.endswith(".partial"):
                 continue
@@ -172,20 +173,30 @@ class Store:
                 os.close(fd)
                 continue
             try:
-                os.unlink(entry.path)
-                removed += 1
+                found.append(entry.path)
+                if remove:  # still under our lock: no new writer can have taken it over
+                    os.unlink(entry.path)
             except FileNotFoundError:
                 pass
             finally:
                 os.close(fd)
         for entry in list(os.scandir(self.tmp)):
             base, meta, _ = entry.path.partition(".meta")
-            if meta and not os.path.exists(base + ".partial"):
-                try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
-        return removed
+            if meta and (base + ".partial" in found or not os.path.exists(base + ".partial")):
+                found.append(entry.path)
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+        return found
+
+
+def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
+    """Hex digest of a file's content, read 1 MiB at a time."""
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while data := handle.read(CHUNK):
+            hasher.update(data)
+    return hasher.hexdigest()
 
 
 class Ingest:

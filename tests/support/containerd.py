@@ -19,8 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .dockerd import mounts_under, pids_mentioning
-from .procs import Proc, require_tool
+from .dockerd import reap
+from .procs import Proc, require_tool, run_checked
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -107,17 +107,10 @@ class Containerd:
     def ctr(self, *args: str, check: bool = True, timeout: float = 300.0,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``ctr --address SOCKET ARGS...``; with *check*, fail on a non-zero exit."""
-        result = subprocess.run(
-            [require_tool("ctr", "containerd"), "--address", str(self.socket), *args],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
-            env={**os.environ, "CONTAINERD_SNAPSHOTTER": SNAPSHOTTER, **(env or {})},
-        )
-        if check and result.returncode != 0:
-            raise RuntimeError(
-                f"ctr {' '.join(args)} exited {result.returncode}\n"
-                f"stdout: {result.stdout}\nstderr: {result.stderr}\n--- containerd log ---\n{self.log_tail(20)}"
-            )
-        return result
+        return run_checked([require_tool("ctr", "containerd"), "--address", str(self.socket), *args],
+                           env={**os.environ, "CONTAINERD_SNAPSHOTTER": SNAPSHOTTER, **(env or {})},
+                           timeout=timeout, check=check,
+                           context=lambda: f"--- containerd log ---\n{self.log_tail(20)}")
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of containerd's log."""
@@ -128,12 +121,6 @@ class Containerd:
         if self._proc is not None:
             self._proc.stop(grace=STOP_GRACE)
         # Shims run in sessions of their own and name our socket on their command line.
-        for pid in pids_mentioning(str(self.socket)):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        for point in mounts_under(self.root, self.state):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        reap(str(self.socket), self.root, self.state)
         if self._short_dir is not None:
             shutil.rmtree(self._short_dir, ignore_errors=True)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .procs import Proc, require_tool
+from .procs import Proc, require_tool, run_checked
 
 START_TIMEOUT = 60.0
 STOP_GRACE = 20.0
@@ -65,6 +65,15 @@ def pids_mentioning(text: str) -> list[int]:
         if text in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def reap(mentioning: str, *roots: Path) -> None:
+    """Kill (by pid) what a daemon left running that names *mentioning*, and unmount under *roots*."""
+    for pid in pids_mentioning(mentioning):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for point in mounts_under(*roots):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 class Dockerd:
@@ -142,16 +151,8 @@ class Dockerd:
         """Run ``docker -H SOCKET ARGS...``; with *check*, fail on non-zero exit."""
         env = {**os.environ, "DOCKER_CONFIG": str(self.config_dir)}
         env.pop("DOCKER_HOST", None)
-        result = subprocess.run(
-            [docker_client(), "-H", self.host, *args],
-            capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False,
-        )
-        if check and result.returncode != 0:
-            raise RuntimeError(
-                f"docker {' '.join(args)} exited {result.returncode}\n"
-                f"stdout: {result.stdout}\nstderr: {result.stderr}\n--- dockerd log ---\n{self.log_tail(20)}"
-            )
-        return result
+        return run_checked([docker_client(), "-H", self.host, *args], env=env, timeout=timeout, check=check,
+                           context=lambda: f"--- dockerd log ---\n{self.log_tail(20)}")
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of dockerd's log."""
@@ -163,11 +164,7 @@ class Dockerd:
             self._proc.stop(grace=STOP_GRACE)
         # containerd and its shims run in sessions of their own; find ours
         # by the exec root in their command lines and kill them by pid.
-        for pid in pids_mentioning(str(self.exec_root)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for point in mounts_under(self.data_root, self.exec_root):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        reap(str(self.exec_root), self.data_root, self.exec_root)
         if self._short_dir is not None:
             shutil.rmtree(self._short_dir, ignore_errors=True)
 

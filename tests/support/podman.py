@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .procs import require_tool
+from .procs import require_tool, run_checked
 
 #: Limits of every container (containers.conf ``default_ulimits``): podman's own defaults
 #: (nofile 1048576, nproc 32768) can be above what a process without CAP_SYS_RESOURCE may
@@ -76,12 +76,7 @@ class Podman:
             "CONTAINERS_CONF": str(self.containers_conf),
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
         }
-        result = subprocess.run([*self.args(), *args], capture_output=True, text=True, timeout=timeout,
-                                env=env, stdin=subprocess.DEVNULL, check=False)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"podman {' '.join(args)} exited {result.returncode}\n"
-                               f"stdout: {result.stdout}\nstderr: {result.stderr}")
-        return result
+        return run_checked([*self.args(), *args], env=env, timeout=timeout, check=check)
 
     def run(self, image: str, *command: str) -> str:
         """``podman run --rm --network none IMAGE COMMAND...``; its standard output."""

@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -200,3 +200,16 @@ class Proc:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def run_checked(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 300.0,
+                check: bool = True, context: Callable[[], str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a client command; with *check*, a non-zero exit raises with its output (and *context*, e.g.
+    the daemon's log tail)."""
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env,
+                            stdin=subprocess.DEVNULL, check=False)
+    if check and result.returncode != 0:
+        extra = f"\n{context()}" if context is not None else ""
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}\n"
+                           f"stdout: {result.stdout}\nstderr: {result.stderr}{extra}")
+    return result

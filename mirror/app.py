@@ -23,6 +23,7 @@ from .fill import Fills
 from .gc import AccessTracker, Collector, Maintenance
 from .hardening import Hardening
 from .local import LocalRegistry
+from .memo import ManifestMemo, MemoManifests
 from .metadata import Metadata
 from .metrics import Metrics, StoreCollector, exposition_registry
 from .pullthrough import PullThrough
@@ -35,6 +36,7 @@ log = logging.getLogger("mirror")
 
 def create_app(config: Config) -> Starlette:
     metrics = Metrics()
+    memo = ManifestMemo()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -44,6 +46,7 @@ def create_app(config: Config) -> Starlette:
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.tmp)
         metadata = Metadata(store.index)
+        memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
         upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
@@ -70,8 +73,10 @@ def create_app(config: Config) -> Starlette:
         upkeep = asyncio.create_task(maintenance.run())
         try:
             yield {"pull": pull, "pulls": pulls, "local": local, "config": config,
-                   "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata}
+                   "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
+                   "memo": memo}
         finally:
+            memo.attach(None)
             upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
@@ -102,7 +107,8 @@ def create_app(config: Config) -> Starlette:
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
-                    Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config)],
+                    Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config),
+                    Middleware(MemoManifests, memo=memo)],
     )
 
 

@@ -6,7 +6,8 @@
   disconnected instead of holding a worker's file and connection open for ever.
 - :class:`GuardedHttpToolsProtocol` (uvicorn's ``http=``): the same deadline for the request
   head, which uvicorn does not have (a client may otherwise trickle header bytes for ever,
-  the "slowloris" attack), and a cap on the size of the head (:data:`MAX_HEAD_BYTES`).
+  the "slowloris" attack), and a cap on the size of the head (:data:`MAX_HEAD_BYTES`).  It also
+  offers plain-HTTP requests zero-copy bodies (``zerocopy.py``).
 
 - :func:`server_options`: those, TLS (and mutual TLS) for ``uvicorn.run``; :func:`startup_problem`
   loads the certificate, key, client CA and htpasswd file once before serving, so a bad one stops
@@ -25,6 +26,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import zerocopy
 from .config import Config
 from .errors import APIError, error_response
 
@@ -94,6 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._tls = False
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -116,6 +119,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None  # no sendfile(2) through TLS
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -137,7 +141,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before and self.cycle is not None and not self._tls:
+            zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive)
 
 
 def server_options(config: Config) -> dict[str, Any]:

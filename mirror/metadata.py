@@ -15,6 +15,11 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``access/<repo>@<digest>``  -> when a manifest was last served for that repository (batched writes)
 * ``usage``                   -> bytes in the store (adjusted on every commit, recounted by the collector)
 
+Next to the database, ``generation`` holds 8 bytes that change whenever the index *withdraws*
+something (a link, a record, a tag) or turns a repository local.  Every process maps it, so
+answers kept in memory (``memo.py``) are dropped in all of them the moment one process, or an
+offline ``mirror gc``/``fsck``, takes something away.
+
 Repositories pushed to are filed under ``local/``: they never fall through to the upstream.
 
 diskcache (SQLite in WAL mode) is safe to share between worker processes.  Reads are cheap
@@ -23,6 +28,8 @@ enough for the event loop; writes should go through a worker thread.
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,12 +66,44 @@ def local_repo(name: str) -> str:
     return f"{LOCAL}/{name}"
 
 
+class Generation:
+    """A token shared by every process through a memory-mapped file; :meth:`bump` changes it.
+
+    Readers compare it with the token they saw when they last looked at the index: reading it
+    costs a memory access, not a query.  A bump writes random bytes rather than a count, so two
+    processes bumping at once can never leave the token at a value a reader has already seen.
+    """
+
+    SIZE = 8
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)  # a no-op for whoever comes second
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        return self._map[:self.SIZE]
+
+    def bump(self) -> None:
+        self._map[:self.SIZE] = os.urandom(self.SIZE)
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class Metadata:
     def __init__(self, directory: Path) -> None:
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
+        #: Changed after every commit that withdraws something (see the module's docstring).
+        self.generation = Generation(directory / "generation")
 
     def close(self) -> None:
         self._cache.close()
+        self.generation.close()
 
     # -- tags --
 
@@ -87,6 +126,7 @@ class Metadata:
             known = self._cache.get(f"tags/{repo}", ())
             if tag in known:
                 self._cache.set(f"tags/{repo}", tuple(t for t in known if t != tag))
+        self.generation.bump()
         return bool(found)
 
     def untag_many(self, repo: str, tags: Iterable[str]) -> None:
@@ -97,6 +137,7 @@ class Metadata:
                 self._cache.delete(f"tag/{repo}:{tag}")
             known = self._cache.get(f"tags/{repo}", ())
             self._cache.set(f"tags/{repo}", tuple(t for t in known if t not in gone))
+        self.generation.bump()
 
     def tags_pointing_to(self, repo: str, digest: str) -> list[str]:
         return [tag for tag in self.tags(repo) if (record := self.get_tag(repo, tag)) and record.digest == digest]
@@ -121,7 +162,9 @@ class Metadata:
 
     def unlink(self, repo: str, digest: str) -> bool:
         """Take a digest away from a repository; False if it was not linked."""
-        return bool(self._cache.delete(f"link/{repo}@{digest}"))
+        found = bool(self._cache.delete(f"link/{repo}@{digest}"))
+        self.generation.bump()
+        return found
 
     def is_linked(self, repo: str, digest: str) -> bool:
         return f"link/{repo}@{digest}" in self._cache
@@ -147,6 +190,7 @@ class Metadata:
             if f"local/{name}" not in self._cache:
                 self._cache.set(f"local/{name}", now)
             self._register(local_repo(name))
+        self.generation.bump()  # its requests no longer go to the upstream
 
     def is_local(self, name: str) -> bool:
         return f"local/{name}" in self._cache
@@ -228,6 +272,7 @@ class Metadata:
         with self._cache.transact():
             for key in keys:
                 self._cache.delete(key)
+        self.generation.bump()
 
     def add_usage(self, delta: int) -> int:
         """Adjust the store's byte count (shared by every process) and return it."""

@@ -37,6 +37,7 @@ in the process that answers, so they are counted once.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import threading
@@ -74,6 +75,18 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 _LEADING_INT = re.compile(r"\s*(\d+)")
 
 
+class _Pending:
+    """Requests of one route, method, status and cache outcome not yet written to the samples."""
+
+    __slots__ = ("buckets", "count", "seconds", "sent")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sent = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(HTTP_BUCKETS) + 1)
+
+
 def multiprocess_mode() -> bool:
     """True when samples go to ``PROMETHEUS_MULTIPROC_DIR`` (decided when prometheus-client was imported)."""
     return bool(getattr(values.ValueClass, "_multiprocess", False))
@@ -85,6 +98,9 @@ class Metrics:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.registry = CollectorRegistry()
+        # Requests are counted here and written to the (shared, memory-mapped) samples in batches.
+        self._in_flight = 0
+        self._pending: dict[tuple[str, str, int, str | None], _Pending] = {}
         if not enabled:
             return
         r = self.registry
@@ -152,30 +168,53 @@ class Metrics:
 
     def close(self) -> None:
         """This process is ending: its live gauges (in-flight requests, waiters) stop counting."""
+        self.flush_requests()
         if self.enabled and multiprocess_mode():
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     # -- HTTP --
 
+    # Recording a request costs a dict update; :meth:`flush_requests` writes the totals to the
+    # samples (eight memory-mapped writes per request would cost more than a cached manifest GET).
+    # The HTTP edge calls it once per event-loop turn, before anyone can scrape.
+
     def request_started(self) -> None:
-        if self.enabled:
-            self.http_in_flight.inc()
+        self._in_flight += 1
 
     def request_done(self, route: str, method: str, status: int, seconds: float, sent: int,
                      cache: str | None) -> None:
+        self._in_flight -= 1
+        key = (route, method, status, cache)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending()
+        pending.count += 1
+        pending.sent += sent
+        pending.seconds += seconds
+        pending.buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+
+    def flush_requests(self) -> None:
+        """Write the requests recorded since the last call to the samples."""
+        batch, self._pending = self._pending, {}
         if not self.enabled:
             return
-        method = method if method in METHODS else "other"
-        self.http_in_flight.dec()
-        self.http_requests.labels(route, method, str(status)).inc()
-        self.http_duration.labels(route, method).observe(seconds)
-        if sent:
-            self.http_bytes.labels(route).inc(sent)
-        if cache is not None and route in ("manifest", "blob"):
-            outcome = cache.lower()
-            self.cache_requests.labels(route, outcome).inc()
-            if sent:
-                self.cache_bytes.labels(route, outcome).inc(sent)
+        self.http_in_flight.set(self._in_flight)
+        for (route, method, status, cache), pending in batch.items():
+            method = method if method in METHODS else "other"
+            self.http_requests.labels(route, method, str(status)).inc(pending.count)
+            duration = self.http_duration.labels(route, method)
+            # Histogram.observe takes one value; these are its sum and buckets (+Inf last), added in bulk.
+            duration._sum.inc(pending.seconds)
+            for bucket, count in zip(duration._buckets, pending.buckets):
+                if count:
+                    bucket.inc(count)
+            if pending.sent:
+                self.http_bytes.labels(route).inc(pending.sent)
+            if cache is not None and route in ("manifest", "blob"):
+                outcome = cache.lower()
+                self.cache_requests.labels(route, outcome).inc(pending.count)
+                if pending.sent:
+                    self.cache_bytes.labels(route, outcome).inc(pending.sent)
 
     def waiting(self, delta: int) -> None:
         """A request started (+1) or stopped (-1) following another request's fetch."""

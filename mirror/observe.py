@@ -20,15 +20,17 @@ metrics' label sets stay bounded whatever clients send.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import functools
+import itertools
 import json
 import logging
 import os
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import zerocopy
 from .config import Config, ConfigError, LogConfig
 from .metadata import Metadata
 from .metrics import CONTENT_TYPE_LATEST, Metrics, render
@@ -80,21 +83,29 @@ def route_of(path: str) -> str:
 
 
 class Observe:
-    """Request id, request metrics and the JSON access log, around any ASGI app."""
+    """Request id, request metrics and the JSON access log, around any ASGI app.
+
+    Each request only appends to memory; once per event-loop turn (``call_soon``), the turn's
+    access lines go to the logger as one record and the metrics to their samples, a moment
+    after the responses left and long before anyone could scrape or read the log.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics, access: bool = True) -> None:
         self.app = app
         self.metrics = metrics
         self.access = access
+        self._lines: list[str] = []
+        self._flush_scheduled = False
+        # Request ids: random per process, then counted (as unique as a uuid4, at a fraction of the cost).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        path: str = scope["path"]
-        route = route_of(path)
-        request_id = _request_id(scope)
+        request_id = self._request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         status = 0
         cache: str | None = None
@@ -113,48 +124,68 @@ class Observe:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
+            if message["type"] == zerocopy.EXTENSION:
+                sent += message.get("sent", 0)
 
         self.metrics.request_started()
+        self._schedule_flush()
         try:
             await self.app(scope, receive, observed_send)
         finally:
             seconds = time.perf_counter() - started
             status = status or 500  # nothing was sent: the server answers 500
+            route = route_of(scope["path"])
             self.metrics.request_done(route, scope["method"], status, seconds, sent, cache)
-            if self.access and access_log.isEnabledFor(logging.INFO):
-                access_log.info(_entry(scope, request_id, route, status, cache, sent, seconds))
+            if self.access:
+                self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))
+            self._schedule_flush()
+
+    def _request_id(self, scope: Scope) -> bytes:
+        for key, value in scope["headers"]:
+            if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
+                return bytes(value)
+        return f"{self._id_prefix}{next(self._ids):016x}".encode()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what the requests since the last call recorded (also called at shutdown)."""
+        self._flush_scheduled = False
+        self.metrics.flush_requests()
+        if self._lines:
+            lines, self._lines = self._lines, []
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("\n".join(lines))
 
 
-def _request_id(scope: Scope) -> bytes:
-    for key, value in scope["headers"]:
-        if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
-            return bytes(value)
-    return uuid.uuid4().hex.encode()
+_json_str = json.encoder.encode_basestring_ascii
 
 
-def _entry(scope: Scope, request_id: bytes, route: str, status: int, cache: str | None, sent: int,
-           seconds: float) -> str:
+def access_line(scope: Scope, request_id: bytes, route: str, status: int, cache: str | None, sent: int,
+                seconds: float) -> str:
+    """One access log entry as a JSON object on one line (the fields in the module's docstring)."""
     now = time.time()
-    entry: dict[str, Any] = {
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-        "request_id": request_id.decode("latin-1"),
-        "method": scope["method"],
-        "route": route,
-        "path": scope["path"],
-        "status": status,
-        "cache": cache,
-        "bytes": sent,
-        "duration_ms": round(seconds * 1000, 3),
-        "client": scope["client"][0] if scope.get("client") else None,
-    }
+    client = scope.get("client")
+    line = (f'{{"ts":"{_iso_second(int(now))}.{int(now % 1 * 1000):03d}Z",'
+            f'"request_id":{_json_str(request_id.decode("latin-1"))},'
+            f'"method":{_json_str(scope["method"])},"route":"{route}","path":{_json_str(scope["path"])},'
+            f'"status":{status},"cache":{"null" if cache is None else _json_str(cache)},"bytes":{sent},'
+            f'"duration_ms":{round(seconds * 1000, 3)!r},"client":{_json_str(client[0]) if client else "null"}')
     if scope.get("query_string"):
-        entry["query"] = scope["query_string"].decode("latin-1")
+        line += f',"query":{_json_str(scope["query_string"].decode("latin-1"))}'
     for key, value in scope["headers"]:
         if key == b"user-agent":
-            entry["user_agent"] = value.decode("latin-1")[:200]
+            line += f',"user_agent":{_json_str(value.decode("latin-1")[:200])}'
             break
-    entry["pid"] = os.getpid()
-    return json.dumps(entry, separators=(",", ":"))
+    return f'{line},"pid":{os.getpid()}}}'
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 # -- endpoints --

@@ -103,6 +103,14 @@ class PullThrough:
             self.access.touch(self._repo(self.upstream.canonical_name(name)), result.digest)
         return result
 
+    def toucher(self, name: str, digest: str) -> Callable[[], None] | None:
+        """What :meth:`manifest` records about a use of *digest*, to repeat for answers kept elsewhere."""
+        access = self.access
+        if access is None:
+            return None
+        repo = self._repo(self.upstream.canonical_name(name))
+        return lambda: access.touch(repo, digest)
+
     async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(name, reference)

@@ -20,6 +20,7 @@ from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, referrers_index
 from .manifest import OCI_INDEX, accepted
+from .memo import ManifestMemo
 from .pullthrough import PullThrough, _paginate
 from .reference import (
     Digest,
@@ -135,12 +136,19 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
         return Response(status_code=202, headers=API_HEADERS)
     # Clients such as dockerd send one Accept header per media type.
     accept = accepted(", ".join(request.headers.getlist("accept")))
+    memo: ManifestMemo = request.state.memo
+    stamp = memo.stamp() if isinstance(reference, Digest) and not request.scope["query_string"] else None
+    touch = None
     if local.is_local(name):
         result = await local.manifest(name, reference, accept)
         outcome = "LOCAL"
     else:
         pulled = await pull.manifest(cached_name, reference, accept)
         result, outcome = pulled, pulled.outcome.value
+        touch = pull.toucher(cached_name, result.digest)
+    if stamp is not None:  # the same answer for this path from now on, until the index withdraws it
+        memo.remember(request.scope["path"], stamp, body=result.body, media_type=result.media_type,
+                      digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch)
     headers = {
         **API_HEADERS,
         "Docker-Content-Digest": result.digest,

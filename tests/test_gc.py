@@ -134,6 +134,48 @@ def test_eviction_keeps_the_store_under_its_budget(
     assert "evicting" in mirror.log_tail(400)
 
 
+def test_answers_from_memory_count_as_use_and_end_with_eviction(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """Repeated GETs by digest are answered from memory: they must still keep an image recently used,
+    and an eviction (online, or by `mirror gc` in another process) must end them."""
+    registry, images = sized_upstream
+    mirror = mirror_factory(registry.url, env={  # room for two of the 8 MiB images, not three
+        "MIRROR_CACHE_MAX_SIZE": str(20 * MIB), "MIRROR_CACHE_KEEP_RECENT": "0.3s", "MIRROR_GC_GRACE": "1h"})
+    first, second, third = images[0], images[1], images[2]
+
+    def by_digest(name: str, image: Image) -> str:
+        answer = http.get(f"{mirror.url}/v2/{name}/manifests/{image.digest}")
+        assert answer.status_code == 200 and answer.content == image.manifest
+        return answer.headers["x-mirror-cache"]
+
+    assert pull(http, mirror.url, "library/img0", "1", first) == "MISS"
+    assert [by_digest("library/img0", first) for _ in range(3)] == ["HIT"] * 3
+    time.sleep(0.4)
+    assert pull(http, mirror.url, "library/img1", "1", second) == "MISS"
+    time.sleep(0.4)
+    assert by_digest("library/img0", first) == "HIT"  # from memory: img0 is now the most recently used
+    time.sleep(0.4)
+    assert pull(http, mirror.url, "library/img2", "1", third) == "MISS"  # over the budget: one must go
+    assert wait_for(lambda: "evicting" in mirror.log_tail(400))
+    assert wait_for(lambda: store_bytes(mirror.data_dir) <= 20 * MIB)
+
+    registry.clear_counts()
+    assert pull(http, mirror.url, "library/img0", "1", first) == "HIT"
+    assert pull(http, mirror.url, "library/img1", "1", second) == "MISS"  # the least recently used went
+    assert registry.count("GET", re.compile(r"^/v2/library/img0/")) == 0
+
+    # An eviction by another process (`mirror gc`, unused images) ends the answers kept in memory.
+    assert [by_digest("library/img0", first) for _ in range(2)] == ["HIT"] * 2
+    time.sleep(1.5)
+    gc = mirror_cli("gc", "--data", str(mirror.data_dir), env={"MIRROR_CACHE_UNUSED_FOR": "1s",
+                                                                "MIRROR_CACHE_KEEP_RECENT": "0s"})
+    assert gc.returncode == 0 and "freed" in gc.stdout, gc.stdout + gc.stderr
+    assert by_digest("library/img0", first) == "MISS"
+    assert registry.count("GET", re.compile(rf"^/v2/library/img0/manifests/{first.digest}$")) == 1
+
+
 def test_gc_removes_only_unreferenced_objects_past_the_grace_period(
     mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:

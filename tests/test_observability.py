@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
@@ -50,12 +49,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:
     """The JSON access-log lines the mirror wrote so far."""
-    entries = []
-    for line in mirror.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                entries.append(json.loads(line))
-    return entries
+    return mirror.access_entries()
 
 
 def catalog_entries_are(mirror: MirrorServer, count: int) -> bool:

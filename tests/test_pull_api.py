@@ -113,6 +113,26 @@ def test_manifest_is_served_byte_exact_then_from_the_store(
                             headers={"accept": ALL_TYPES, "if-none-match": f'"{item.digest}"'})
     assert not_modified.status_code == 304 and not_modified.content == b""
 
+    # Later GETs and HEADs by digest are answered from memory: the same bytes and headers as the first.
+    remembered = http.get(f"{mirror.url}/v2/{name}/manifests/{item.digest}", headers={"accept": ALL_TYPES})
+    remembered_head = http.head(f"{mirror.url}/v2/{name}/manifests/{item.digest}")
+    assert remembered.status_code == remembered_head.status_code == 200
+    assert remembered.content == item.manifest and remembered_head.content == b""
+    for answer in (remembered, remembered_head):
+        assert same_headers(answer, by_digest), (answer.headers, by_digest.headers)
+        assert answer.headers["x-request-id"] != by_digest.headers["x-request-id"]
+    by_digest_not_modified = http.get(f"{mirror.url}/v2/{name}/manifests/{item.digest}",
+                                      headers={"if-none-match": f'"{item.digest}"'})
+    assert by_digest_not_modified.status_code == 304
+    assert upstream.count(None, manifests_path(name)) == 1
+
+
+def same_headers(answer: httpx.Response, reference: httpx.Response) -> bool:
+    """The headers a registry client reads are equal (request ids and dates aside)."""
+    keys = ("content-type", "content-length", "docker-content-digest", "etag", "x-mirror-cache",
+            "docker-distribution-api-version", "x-content-type-options")
+    return all(answer.headers.get(key) == reference.headers.get(key) is not None for key in keys)
+
 
 def test_children_of_an_index_are_served_by_digest(
     images: StandardImages, upstream: UpstreamRegistry, mirror: MirrorServer, http: httpx.Client

@@ -358,6 +358,41 @@ def test_deletes(registry: MirrorServer, http: httpx.Client) -> None:
     assert http.delete(f"{registry.url}/v2/team/app/blobs/{layer}").status_code == 404
 
 
+def test_a_delete_reaches_what_every_worker_remembers(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Each worker answers repeated GETs by digest from memory; a DELETE in one stops them all at once."""
+    registry = mirror_factory(workers=2)
+    manifest, _ = push_image(http, registry.url, "team/app", "v1", seed=8)
+    url = f"{registry.url}/v2/team/app/manifests/{sha256(manifest)}"
+    before = get_from_both_workers(registry, url, times=3)
+    assert all(status == 200 for statuses in before.values() for status in statuses), before
+    assert http.delete(url).status_code == 202
+    after = get_from_both_workers(registry, url, times=2)
+    assert all(status == 404 for statuses in after.values() for status in statuses), after
+    assert set(after) == set(before)
+
+
+def get_from_both_workers(mirror: MirrorServer, url: str, times: int) -> dict[object, list[int]]:
+    """GET *url* on new connections (the kernel spreads them over the workers) until each of the
+    two workers answered at least *times* times; the statuses each one gave."""
+    by_pid: dict[object, list[int]] = {}
+    for _ in range(40):
+        sent = {}
+        for _ in range(10):
+            answer = httpx.get(url, trust_env=False)
+            sent[answer.headers["x-request-id"]] = answer.status_code
+        deadline = time.monotonic() + 5
+        while {e["request_id"] for e in mirror.access_entries()} < set(sent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for entry in mirror.access_entries():
+            if entry["request_id"] in sent:
+                by_pid.setdefault(entry["pid"], []).append(sent[entry["request_id"]])
+        if len(by_pid) == 2 and all(len(statuses) >= times for statuses in by_pid.values()):
+            return by_pid
+    raise AssertionError(f"the kernel did not spread 400 connections over two workers: {by_pid}")
+
+
 def test_deletes_can_be_disabled(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
     registry = mirror_factory(env={"MIRROR_DELETE_ENABLED": "false"})
     manifest, blobs = push_image(http, registry.url, "team/app", "v1", seed=5)

@@ -36,7 +36,7 @@ from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
 from tests.support.client import push_image
 from tests.support.hub import HubEmulator
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, busybox_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, busybox_layer, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.procs import require_tool
 from tests.support.registry import UpstreamRegistry
@@ -395,6 +395,11 @@ def test_tls_serves_https_with_the_configured_certificate(
     answer = request(mirror, "GET", "/v2/library/small/manifests/1", verify=trusted)
     assert answer.status_code == 200 and answer.http_version == "HTTP/1.1"
     assert answer.headers["docker-content-digest"] == images.small.digest
+    for layer in images.small.layers:  # no sendfile(2) through TLS: the bytes take the ordinary way
+        blob = request(mirror, "GET", f"/v2/library/small/blobs/{layer.digest}", verify=trusted)
+        assert blob.status_code == 200 and sha256(blob.content) == layer.digest
+        assert request(mirror, "GET", f"/v2/library/small/blobs/{layer.digest}", verify=trusted).content \
+            == blob.content  # and again from the store
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         request(mirror, "GET", "/v2/", verify=pki.context(ca=pki.other_ca))
     with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
@@ -479,6 +484,48 @@ def test_slow_and_oversized_clients_are_cut_off(mirror_factory: Callable[..., Mi
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n")
         assert read_all(sock).startswith(b"HTTP/1.1 400")
     assert request(mirror, "GET", "/v2/").status_code == 200
+
+
+def test_blob_readers_that_stall_or_vanish_are_cut_off_and_hold_no_one_up(
+    mirror_factory: Callable[..., MirrorServer], images: StandardImages,
+) -> None:
+    mirror = mirror_factory(env={"MIRROR_HTTP_IDLE_TIMEOUT": "6s"})
+    layer = images.big.layers[2]  # 64 MiB: far more than the socket buffers hold
+    path = f"/v2/library/big/blobs/{layer.digest}"
+    assert request(mirror, "GET", "/v2/library/big/manifests/1").status_code == 200
+    assert request(mirror, "GET", path).status_code == 200  # now stored: sent with sendfile(2)
+    get = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    # Clients that hang up early.
+    for _ in range(5):
+        with raw_connection(mirror) as sock:
+            sock.sendall(get)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # More clients that stop reading than there are sending threads: the others are still served.
+    stalled = [raw_connection(mirror) for _ in range(70)]
+    try:
+        for sock in stalled:
+            sock.sendall(get)
+        time.sleep(1)
+        started = time.monotonic()
+        answer = request(mirror, "GET", path)
+        assert answer.status_code == 200 and sha256(answer.content) == layer.digest
+        assert time.monotonic() - started < 4, "a reader waited for a stalled one"
+        # After the idle timeout each stalled connection is closed, short of the blob.
+        time.sleep(8)
+        for sock in stalled:
+            sock.settimeout(30)
+            assert 0 < len(read_all(sock)) < layer.size
+    finally:
+        for sock in stalled:
+            sock.close()
+    answer = request(mirror, "GET", path, headers={"range": "bytes=1000-1999999"})
+    assert answer.status_code == 206 and answer.content == layer.path.read_bytes()[1000:2000000]
+    # The access log counts what went out, not what was meant to.
+    cut_short = [e for e in mirror.access_entries() if e["path"] == path and "user_agent" not in e]
+    assert len(cut_short) == 75 and all(0 < int(e["bytes"]) < layer.size for e in cut_short), cut_short
+    log = mirror.log_tail(2000)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
 
 # -- upstream credentials -------------------------------------------------------------------

@@ -10,6 +10,8 @@ plus environment variables such as ``MIRROR_CACHE_TAG_TTL=1s``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -127,6 +129,15 @@ class MirrorServer:
         """Stop (if running) and start again on the same port with the same data."""
         self.stop()
         return self.start(timeout)
+
+    def access_entries(self) -> list[dict[str, Any]]:
+        """The JSON access-log lines written so far, as dicts (with ``pid``: which worker answered)."""
+        entries = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    entries.append(json.loads(line))
+        return entries
 
     def log_tail(self, lines: int = 60) -> str:
         """The last *lines* lines of the mirror's log."""

@@ -570,9 +570,29 @@ def _flatten(mapping: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# What Kubernetes puts in a pod's environment for each Service (service links): for a Service
+# named "mirror-metrics", MIRROR_METRICS_SERVICE_HOST=10.0.0.7, MIRROR_METRICS_PORT=tcp://10.0.0.7:9090,
+# MIRROR_METRICS_PORT_9090_TCP_ADDR=10.0.0.7 ...  Name and value must both match to be skipped, so a
+# mistyped key such as MIRROR_HTTP_PORT=8080 is still refused.
+_IP = r"[0-9a-fA-F:.]+"
+_SERVICE_LINKS = [
+    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), re.compile(_IP)),
+    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(_[A-Z0-9_]+)?"), re.compile(r"\d{1,5}")),
+    (re.compile(r"[A-Z0-9_]+_PORT(_\d{1,5}_(TCP|UDP|SCTP))?"), re.compile(rf"(tcp|udp|sctp)://\[?{_IP}\]?:\d{{1,5}}")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d{1,5}")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+]
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """True for a variable Kubernetes made for a Service (see ``_SERVICE_LINKS``)."""
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
+
+
 def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or is_service_link(name, value):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         for section in SECTIONS:

@@ -51,6 +51,26 @@ def test_bad_env_value_and_unknown_env_key() -> None:
         load_config(env={"MIRROR_CACHE_TAG_TLL": "1s"})
 
 
+def test_kubernetes_service_links_are_not_configuration() -> None:
+    # What a pod gets for Services named mirror, mirror-metrics and mirror-http (enableServiceLinks).
+    links = {
+        "MIRROR_SERVICE_HOST": "10.96.0.12", "MIRROR_SERVICE_PORT": "5000", "MIRROR_SERVICE_PORT_HTTP": "5000",
+        "MIRROR_PORT": "tcp://10.96.0.12:5000", "MIRROR_PORT_5000_TCP": "tcp://10.96.0.12:5000",
+        "MIRROR_PORT_5000_TCP_PROTO": "tcp", "MIRROR_PORT_5000_TCP_PORT": "5000",
+        "MIRROR_PORT_5000_TCP_ADDR": "10.96.0.12",
+        "MIRROR_METRICS_SERVICE_HOST": "fd00::7", "MIRROR_METRICS_SERVICE_PORT": "9090",
+        "MIRROR_METRICS_PORT": "tcp://[fd00::7]:9090", "MIRROR_METRICS_PORT_9090_TCP_ADDR": "fd00::7",
+        "MIRROR_HTTP_PORT": "tcp://10.96.0.13:80", "MIRROR_HTTP_PORT_80_TCP_PORT": "80",
+    }
+    config = load_config(env={**links, "MIRROR_METRICS_LISTEN": "0.0.0.0:9090"})
+    assert config.metrics.listen == "0.0.0.0:9090"
+    assert config == load_config(env={"MIRROR_METRICS_LISTEN": "0.0.0.0:9090"})
+    # Only a service link's name *and* value are skipped: a mistyped key is still refused.
+    for name, value in (("MIRROR_HTTP_PORT", "8080"), ("MIRROR_METRICS_SERVICE_HOST", "metrics.local")):
+        with pytest.raises(ConfigError, match="unknown configuration key"):
+            load_config(env={name: value})
+
+
 def test_password_never_echoed() -> None:
     config = load_config(env={"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": "s3cr3t-token"})
     assert "s3cr3t-token" not in repr(config)

@@ -96,12 +96,14 @@ class GrowingBlob:
         stop = None if end is None else end + 1
         poll = self.fills.poll_interval
         settled = False
+        # The last byte asked for (of the blob, or of a range) waits for the verdict: nothing
+        # unverified is ever answered as a success.
+        last = stop if stop is not None else self.size
         while stop is None or offset < stop:
             want = CHUNK if stop is None else min(CHUNK, stop - offset)
             data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
             if data:
-                if self.size is not None and offset + len(data) >= self.size:
-                    # The last byte waits for the verdict: a body that looks complete must be verified.
+                if last is not None and offset + len(data) >= last:
                     if len(data) > 1:
                         yield data[:-1]
                     while (state := self.state()) == "filling":

@@ -179,6 +179,36 @@ def test_bad_blob_body_aborts_the_client_and_is_never_stored(
     assert upstream.count("GET", f"/blobs/{layer.digest}") == 2
 
 
+def test_a_range_of_a_blob_still_arriving_is_answered_only_once_verified(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+) -> None:
+    layer = images.big.layers[1]
+    mirror = proxied()
+    fault_proxy.add("corrupt", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=10, flip_bytes=3)
+    url = f"{mirror.url}/v2/big/blobs/{layer.digest}"
+    expected = layer.path.read_bytes()[:100_000]
+
+    def get_range() -> tuple[int, bytes, Exception | None]:
+        received, error = b"", None
+        with httpx.stream("GET", url, headers={"range": "bytes=0-99999"}, timeout=30.0, trust_env=False) as answer:
+            try:
+                for data in answer.iter_raw():
+                    received += data
+            except httpx.TransportError as exc:
+                error = exc
+        return answer.status_code, received, error
+
+    # The first 100 kB are wrong, but only the whole blob's digest can tell: the transfer is cut short.
+    status, received, error = get_range()
+    assert status == 206 and isinstance(error, httpx.RemoteProtocolError), (status, error)
+    assert len(received) < len(expected)
+    # Next time the upstream sends the right bytes: the range is answered, and the blob stored.
+    status, received, error = get_range()
+    assert (status, error, received == expected) == (206, None, True)
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
+
+
 @pytest.mark.parametrize(("kind", "by"), [("corrupt", "tag"), ("corrupt", "digest"), ("reset", "tag")])
 def test_bad_manifest_body_is_rejected_and_never_stored(
     kind: str, by: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,

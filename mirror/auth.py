@@ -26,6 +26,11 @@ pull at all).  So:
 
 Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
 metrics, ``/_mirror/``) are not this module's business.
+
+Guessing passwords is slow: a client address whose passwords failed :data:`MAX_FAILED_LOGINS`
+times within :data:`FAILED_LOGIN_WINDOW` seconds gets ``429 TOOMANYREQUESTS`` (with
+``Retry-After``) for any password not already known to be right, without a bcrypt round spent
+on it.  Users behind the same address whose password was accepted before keep working.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -54,6 +60,8 @@ from .reference import NAME_RE
 
 TOKEN_PATH = "/auth/token"
 TOKEN_TTL = 300
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW = 60.0
 KEY_BYTES = 32
 _UPLOAD_RE = re.compile(r"(?P<name>.+)/blobs/uploads/[^/]*")
 _REPO_RE = re.compile(r"(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list|referrers/[^/]+)")
@@ -148,6 +156,44 @@ class Rejected(Exception):
     """Credentials were sent and are wrong."""
 
 
+class Throttled(Exception):
+    """Too many wrong passwords from this address lately; ``retry_after`` seconds to wait."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; retry in {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class FailedLogins:
+    """Failed password checks per client address, over a sliding window (one process's view)."""
+
+    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW,
+                 max_addresses: int = 10000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def wait(self, address: str, now: float | None = None) -> float:
+        """Seconds until *address* may have a password checked again (0: now)."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._failures.get(address, ()) if t > now - self.window]
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
+        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if address not in self._failures and len(self._failures) >= self.max_addresses:
+            for stale in [a for a, times in self._failures.items() if times[-1] <= now - self.window]:
+                del self._failures[stale]
+            if len(self._failures) >= self.max_addresses:  # still full: forget the oldest address
+                del self._failures[next(iter(self._failures))]
+        self._failures.setdefault(address, []).append(now)
+
+
 def _need(method: str, path: str) -> tuple[str, str | None]:
     """(``ping`` | ``pull`` | ``push`` | ``delete``, repository name if the path names one)."""
     rest = path[len("/v2/"):] if path.startswith("/v2/") else ""
@@ -170,6 +216,7 @@ class AuthMiddleware:
         self.config = config
         self.users = Htpasswd(config.htpasswd_path)
         self.tokens = TokenSigner(load_or_create_key(key_path, tmp_dir))
+        self.failed_logins = FailedLogins()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,9 +240,11 @@ class AuthMiddleware:
         head = scope["method"] == "HEAD"
         need, name = _need(scope["method"], scope["path"])
         try:
-            who = await self._identify(_header(scope, b"authorization"))
+            who = await self._identify(scope)
         except Rejected as exc:
             return self._challenge(scope, name, need, str(exc), error="invalid_token")
+        except Throttled as exc:
+            return _throttled(exc, head)
         if need == "ping":
             allowed = who.presented
         elif need == "pull":
@@ -210,14 +259,15 @@ class AuthMiddleware:
         return self._challenge(scope, name, need, "authentication required",
                                error="insufficient_scope" if who.presented else None)
 
-    async def _identify(self, header: str | None) -> Identity:
+    async def _identify(self, scope: Scope) -> Identity:
+        header = _header(scope, b"authorization")
         if header is None:
             return Identity(None, False)
         scheme, _, value = header.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "basic":
             credentials = _basic(value)
-            if credentials is None or not await self._verify(*credentials):
+            if credentials is None or not await self._verify(scope, *credentials):
                 raise Rejected("invalid username or password")
             return Identity(credentials[0], True)
         if scheme == "bearer":
@@ -227,10 +277,19 @@ class AuthMiddleware:
             return Identity(user or None, True)
         raise Rejected("unsupported authorization scheme")
 
-    async def _verify(self, user: str, password: str) -> bool:
+    async def _verify(self, scope: Scope, user: str, password: str) -> bool:
+        """Check a password; :class:`Throttled` instead when its address failed too often lately."""
         if self.users.remembered(user, password):
             return True
-        return await anyio.to_thread.run_sync(self.users.verify, user, password)
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        wait = self.failed_logins.wait(address)
+        if wait > 0:
+            raise Throttled(wait)
+        if await anyio.to_thread.run_sync(self.users.verify, user, password):
+            return True
+        self.failed_logins.failed(address)
+        return False
 
     def _challenge(self, scope: Scope, name: str | None, need: str, message: str,
                    error: str | None = None) -> Response:
@@ -257,7 +316,11 @@ class AuthMiddleware:
         if header is not None:
             scheme, _, value = header.strip().partition(" ")
             credentials = _basic(value) if scheme.lower() == "basic" else None
-            if credentials is None or not await self._verify(*credentials):
+            try:
+                verified = credentials is not None and await self._verify(scope, *credentials)
+            except Throttled as exc:
+                return _throttled(exc, False)
+            if credentials is None or not verified:
                 return error_response(APIError("UNAUTHORIZED", "invalid username or password", headers=challenge))
             user = credentials[0]
         elif not self.config.anonymous_pull:
@@ -266,6 +329,11 @@ class AuthMiddleware:
         issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return JSONResponse({"token": token, "access_token": token, "expires_in": self.tokens.ttl,
                              "issued_at": issued}, headers={"Cache-Control": "no-store"})
+
+
+def _throttled(exc: Throttled, head: bool) -> Response:
+    retry = {"Retry-After": str(math.ceil(exc.retry_after))}
+    return error_response(APIError("TOOMANYREQUESTS", str(exc), headers=retry), head=head)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -15,6 +15,7 @@ turns store and upstream errors into API errors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -114,8 +115,8 @@ class PullThrough:
     async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(name, reference)
-        result = await self._single_flight(("tag", f"{name}:{reference}"),
-                                           lambda: self._manifest_by_tag(name, reference))
+        result = _followed(await self._single_flight(("tag", f"{name}:{reference}"),
+                                                     lambda: self._manifest_by_tag(name, reference)))
         if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
                 and accept & set(MANIFEST_MEDIA_TYPES):
             # An old client that cannot read an index gets the linux/amd64 image, as registries do.
@@ -179,7 +180,7 @@ class PullThrough:
             await self._save_manifest(repo, manifest, None)
             return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS)
 
-        return await self._single_flight(("digest", f"{name}@{key}"), fetch)
+        return _followed(await self._single_flight(("digest", f"{name}@{key}"), fetch))
 
     async def _stored_manifest(self, digest: str) -> bytes | None:
         """A stored manifest's bytes; recently read ones come from memory (under load a thread hop
@@ -298,11 +299,12 @@ class PullThrough:
 
     # -- helpers --
 
-    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[T]]) -> T:
-        """Concurrent callers with the same key share one execution of ``work``."""
+    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """Concurrent callers with the same key share one execution of ``work``: its result, and
+        whether this caller followed another one's."""
         pending = self._inflight.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)  # type: ignore[no-any-return]
+            return await asyncio.shield(pending), True
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
         self._inflight[key] = future
@@ -316,7 +318,7 @@ class PullThrough:
             raise
         else:
             future.set_result(result)
-            return result
+            return result, False
         finally:
             del self._inflight[key]
 
@@ -324,6 +326,13 @@ class PullThrough:
         if key not in self._stale_logged:
             self._stale_logged.add(key)
             log.warning("upstream failed for %s, serving the cached copy: %s", key, exc)
+
+
+def _followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
+    """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
+    result, joined = shared
+    return dataclasses.replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS \
+        else result
 
 
 def _digest(value: str) -> Digest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -379,6 +380,25 @@ def test_slow_blob_streams_first_bytes_early_and_is_stored(
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
     assert upstream.count("GET", f"/blobs/{layer.digest}") == 1
     assert temp_files(mirror) == []
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_clients_asking_for_a_manifest_being_fetched_share_the_fetch(
+    by: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+) -> None:
+    image = images.small
+    reference = "1" if by == "tag" else image.digest
+    mirror = proxied()
+    # A few hundred bytes, 40 at a time, 0.1 s apart: a second or more in flight.
+    fault_proxy.add("slow", f"/manifests/{reference}$", method="GET", chunk_size=40, delay=0.1)
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: get_manifest(mirror, "small", reference), range(5)))
+    assert all(a.status_code == 200 and a.content == image.manifest for a in answers)
+    outcomes = sorted(a.headers["x-mirror-cache"] for a in answers)
+    assert outcomes == ["COALESCED"] * 4 + ["MISS"], outcomes
+    assert fault_proxy.count("GET", f"/manifests/{reference}") == 1
+    metrics = httpx.get(f"{mirror.url}/metrics", trust_env=False).text
+    assert 'mirror_cache_requests_total{kind="manifest",outcome="coalesced"} 4.0' in metrics
 
 
 def test_client_disconnect_mid_transfer_does_not_stop_the_fill(

@@ -359,6 +359,27 @@ def test_with_anonymous_pull_clients_get_tokens_and_push_needs_a_user(
     assert_spec_error(request(mirror, "POST", "/auth/token"), 405, "UNSUPPORTED")
 
 
+@pytest.mark.parametrize("anonymous_pull", [False, True])
+def test_password_guessing_is_throttled_per_address(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, anonymous_pull: bool,
+) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=anonymous_pull))
+    login = "/auth/token" if anonymous_pull else "/v2/"  # where docker login sends the password
+    assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+    for attempt in range(10):
+        assert_spec_error(request(mirror, "GET", login, headers=basic("carol", f"guess-{attempt}")),
+                          401, "UNAUTHORIZED")
+    # The eleventh guess, and even carol's right password, are not checked for a minute...
+    for headers in (basic("carol", "guess-10"), basic("carol", "carol-pw")):
+        refused = request(mirror, "GET", login, headers=headers)
+        assert_spec_error(refused, 429, "TOOMANYREQUESTS")
+        assert 50 <= int(refused.headers["retry-after"]) <= 60
+    assert_spec_error(request(mirror, "GET", "/v2/library/small/manifests/1", headers=basic("bob", "guess")),
+                      429, "TOOMANYREQUESTS")
+    # ...while a password already accepted from this address keeps working.
+    assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+
+
 def test_htpasswd_changes_apply_without_a_restart(
     mirror_factory: Callable[..., MirrorServer], htpasswd: Path,
 ) -> None:

@@ -8,6 +8,7 @@ names the key.  The environment is read here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -215,6 +216,23 @@ def parse_prefixes(value: Any) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def parse_networks(value: Any) -> tuple[str, ...]:
+    """Addresses and networks (``10.0.0.0/8``, ``::1``; ``*`` for any): YAML list or comma-separated."""
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    networks = []
+    for item in items:
+        text = str(item).strip()
+        if text != "*":
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        networks.append(text)
+    return tuple(networks)
+
+
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]i?b?|b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "p": 1000**5}
 
@@ -281,6 +299,9 @@ class HttpConfig:
     # A client that sends nothing for this long while a request (head or body) is due is disconnected;
     # also how long an idle keep-alive connection is kept.
     idle_timeout: float = _key(parse_duration, 75.0)
+    # Reverse proxies whose X-Forwarded-For/-Proto are believed (the client's address, and https for
+    # the token realm when the proxy terminates TLS); empty: none.
+    trusted_proxies: tuple[str, ...] = _key(parse_networks, ("127.0.0.1", "::1"))
 
     def __post_init__(self) -> None:
         if (self.tls_certificate is None) != (self.tls_key is None):

@@ -148,9 +148,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def server_options(config: Config) -> dict[str, Any]:
-    """uvicorn settings for TLS and slow clients."""
+    """uvicorn settings for TLS, slow clients and trusted reverse proxies."""
     http = config.http
-    options: dict[str, Any] = {"http": GuardedHttpToolsProtocol, "timeout_keep_alive": http.idle_timeout}
+    options: dict[str, Any] = {"http": GuardedHttpToolsProtocol, "timeout_keep_alive": http.idle_timeout,
+                               "proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
     if http.tls_certificate is not None and http.tls_key is not None:
         options.update(ssl_certfile=str(http.tls_certificate), ssl_keyfile=str(http.tls_key))
         if http.tls_client_ca is not None:

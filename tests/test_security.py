@@ -380,6 +380,25 @@ def test_password_guessing_is_throttled_per_address(
     assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+def test_forwarded_headers_count_only_from_trusted_proxies(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, trusted: bool,
+) -> None:
+    proxies = "127.0.0.1,::1" if trusted else "10.0.0.0/8"
+    mirror = mirror_factory(env={**auth_env(htpasswd, anonymous_pull=True, realm="Mirror"),
+                                 "MIRROR_HTTP_TRUSTED_PROXIES": proxies})
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9", "X-Request-Id": "proxied-1"}
+    ping = request(mirror, "GET", "/v2/", headers=forwarded)
+    assert_spec_error(ping, 401, "UNAUTHORIZED")
+    scheme, client = ("https", "203.0.113.9") if trusted else ("http", "127.0.0.1")
+    assert ping.headers["www-authenticate"].startswith(f'Bearer realm="{scheme}://127.0.0.1:{mirror.port}/auth/token"')
+    deadline = time.monotonic() + 5
+    while not (logged := [e for e in mirror.access_entries() if e["request_id"] == "proxied-1"]):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.05)
+    assert logged[0]["client"] == client
+
+
 def test_htpasswd_changes_apply_without_a_restart(
     mirror_factory: Callable[..., MirrorServer], htpasswd: Path,
 ) -> None:

@@ -36,6 +36,25 @@ MAX_SENDERS = 64
 READ_CHUNK = 1 << 20
 
 
+class Senders:
+    """The sending threads of one server: at most ``limit`` transfers at a time, claimed without waiting."""
+
+    def __init__(self, limit: int = MAX_SENDERS) -> None:
+        self.limit = limit
+        self.busy = 0
+        # Never waited on: a transfer claims its place (busy) before it asks for a thread.
+        self.threads = anyio.CapacityLimiter(limit)
+
+    def claim(self) -> bool:
+        if self.busy >= self.limit:
+            return False
+        self.busy += 1
+        return True
+
+    def release(self) -> None:
+        self.busy -= 1
+
+
 class ZeroCopySend:
     """A request cycle's ``send``, taking ``http.response.zerocopysend`` too.
 
@@ -43,11 +62,11 @@ class ZeroCopySend:
     ``count``, or fewer when the client went away or stalled (the connection is then closed).
     """
 
-    def __init__(self, cycle: Any, send: Send, timeout: float, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, cycle: Any, send: Send, timeout: float, senders: Senders) -> None:
         self.cycle = cycle
         self.send = send
         self.timeout = timeout
-        self.limiter = limiter
+        self.senders = senders
 
     async def __call__(self, message: Message) -> None:
         if message["type"] != EXTENSION:
@@ -66,8 +85,11 @@ class ZeroCopySend:
             source = message["file"]
             file_fd = source if isinstance(source, int) else source.fileno()
             offset = int(message.get("offset", 0))
-            if self.limiter.available_tokens >= 1:
-                sent = await self._send_file(file_fd, offset, count)
+            if self.senders.claim():
+                try:
+                    sent = await self._send_file(file_fd, offset, count)
+                finally:
+                    self.senders.release()
             else:
                 sent = await self._send_read(file_fd, offset, count)
             message["sent"] = sent
@@ -86,7 +108,7 @@ class ZeroCopySend:
             return 0
         try:
             sent: int = await anyio.to_thread.run_sync(send_file, socket_fd, file_fd, offset, count, self.timeout,
-                                                       limiter=self.limiter)
+                                                       limiter=self.senders.threads)
         finally:
             os.close(socket_fd)
         self.cycle.expected_content_length -= sent
@@ -139,11 +161,11 @@ def send_file(socket_fd: int, file_fd: int, offset: int, count: int, timeout: fl
 
 def offer(cycle: Any, server_state: Any, timeout: float) -> None:
     """Give a new uvicorn request cycle the extension (before its ASGI task has started)."""
-    limiter = getattr(server_state, "zerocopy_senders", None)
-    if limiter is None:  # one per server (process), made on its event loop
-        limiter = server_state.zerocopy_senders = anyio.CapacityLimiter(MAX_SENDERS)
+    senders = getattr(server_state, "zerocopy_senders", None)
+    if senders is None:  # one per server (process), made on its event loop
+        senders = server_state.zerocopy_senders = Senders()
     cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
-    cycle.send = ZeroCopySend(cycle, cycle.send, timeout, limiter)
+    cycle.send = ZeroCopySend(cycle, cycle.send, timeout, senders)
 
 
 def available(scope: Scope) -> bool:

@@ -126,12 +126,15 @@ class Metadata:
             known = self._cache.get(f"tags/{repo}", ())
             if tag in known:
                 self._cache.set(f"tags/{repo}", tuple(t for t in known if t != tag))
-        self.generation.bump()
+        if found:
+            self.generation.bump()
         return bool(found)
 
     def untag_many(self, repo: str, tags: Iterable[str]) -> None:
         """Forget several tags of one repository in one transaction (eviction)."""
         gone = set(tags)
+        if not gone:
+            return
         with self._cache.transact():
             for tag in gone:
                 self._cache.delete(f"tag/{repo}:{tag}")
@@ -163,7 +166,8 @@ class Metadata:
     def unlink(self, repo: str, digest: str) -> bool:
         """Take a digest away from a repository; False if it was not linked."""
         found = bool(self._cache.delete(f"link/{repo}@{digest}"))
-        self.generation.bump()
+        if found:
+            self.generation.bump()
         return found
 
     def is_linked(self, repo: str, digest: str) -> bool:
@@ -187,10 +191,12 @@ class Metadata:
 
     def mark_local(self, name: str, now: float) -> None:
         with self._cache.transact():
-            if f"local/{name}" not in self._cache:
+            created = f"local/{name}" not in self._cache
+            if created:
                 self._cache.set(f"local/{name}", now)
             self._register(local_repo(name))
-        self.generation.bump()  # its requests no longer go to the upstream
+        if created:
+            self.generation.bump()  # its requests no longer go to the upstream
 
     def is_local(self, name: str) -> bool:
         return f"local/{name}" in self._cache
@@ -269,10 +275,12 @@ class Metadata:
                     self._cache.set(f"access/{key}", when)
 
     def forget(self, keys: Iterable[str]) -> None:
+        deleted = False
         with self._cache.transact():
             for key in keys:
-                self._cache.delete(key)
-        self.generation.bump()
+                deleted = bool(self._cache.delete(key)) or deleted
+        if deleted:
+            self.generation.bump()
 
     def add_usage(self, delta: int) -> int:
         """Adjust the store's byte count (shared by every process) and return it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -144,3 +144,31 @@ def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:
     os.close(fd)
     with pytest.raises(FillFailed):
         asyncio.run(read_all(reader))
+
+
+def test_the_index_generation_moves_on_withdrawals_only(tmp_path: Path) -> None:
+    """Answers kept in memory are dropped when the generation moves: it must move after every
+    withdrawal, seen through another process's mapping too, and not for nothing (that would
+    empty every worker's memory for no reason)."""
+    from mirror.metadata import Metadata
+
+    metadata, other = Metadata(tmp_path / "index"), Metadata(tmp_path / "index")
+    repo = "docker.io/library/a"
+    try:
+        def moves(action: Callable[[], object]) -> bool:
+            before = other.generation.read()
+            action()
+            return other.generation.read() != before
+
+        assert not moves(lambda: metadata.link(repo, ["sha256:1", "sha256:2"]))  # adds, withdraws nothing
+        assert not moves(lambda: metadata.forget([]))
+        assert not moves(lambda: metadata.forget([f"link/{repo}@sha256:9"]))  # not there
+        assert not moves(lambda: metadata.unlink(repo, "sha256:9"))
+        assert not moves(lambda: metadata.untag_many(repo, []))
+        assert moves(lambda: metadata.unlink(repo, "sha256:1"))
+        assert moves(lambda: metadata.forget([f"link/{repo}@sha256:2"]))
+        assert moves(lambda: metadata.mark_local("team/app", 1.0))  # its requests stop going upstream
+        assert not moves(lambda: metadata.mark_local("team/app", 2.0))
+    finally:
+        metadata.close()
+        other.close()

@@ -7,7 +7,7 @@
 - :class:`GuardedHttpToolsProtocol` (uvicorn's ``http=``): the same deadline for the request
   head, which uvicorn does not have (a client may otherwise trickle header bytes for ever,
   the "slowloris" attack), and a cap on the size of the head (:data:`MAX_HEAD_BYTES`).  It also
-  offers plain-HTTP requests zero-copy bodies (``zerocopy.py``).
+  offers requests zero-copy bodies on plain HTTP, and a clean abort (``zerocopy.py``).
 
 - :func:`server_options`: those, TLS (and mutual TLS) for ``uvicorn.run``; :func:`startup_problem`
   loads the certificate, key, client CA and htpasswd file once before serving, so a bad one stops
@@ -143,8 +143,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         before = self.cycle
         super().on_headers_complete()
-        if self.cycle is not before and self.cycle is not None and not self._tls:
-            zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive)
+        if self.cycle is not before and self.cycle is not None:
+            zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive, zero_copy=not self._tls)
 
 
 def server_options(config: Config) -> dict[str, Any]:

@@ -79,6 +79,8 @@ class BlobResponse:
             except FillFailed as exc:
                 # Headers are gone; the only honest signal left is an aborted transfer.
                 log.warning("aborting transfer of %s: %s", getattr(self.source, "digest", "blob"), exc)
+                if zerocopy.available(scope, zerocopy.ABORT):
+                    await send({"type": zerocopy.ABORT})
                 return
             finally:
                 watcher.cancel()

@@ -13,6 +13,11 @@ hand the number to another file.  The cycle's own bookkeeping (``Content-Length`
 completion) still goes through uvicorn: the body is followed by an empty ``http.response.body``.
 A client that goes away or stops reading for ``timeout`` ends the connection quietly.
 
+A second message, ``{"type": "mirror.response.abort"}`` (offered with TLS too), ends a response
+whose headers are gone but whose body cannot be finished (a fetch that failed verification): the
+connection is closed, and uvicorn is told the client went away rather than left to log an
+unfinished response as an error.
+
 With TLS the bytes must pass through the TLS layer: the extension is not offered, and apps
 fall back to ordinary body messages.  When every sending thread is busy, the bytes are read and
 sent as ordinary body messages instead, so a crowd of stalled clients cannot hold up everyone
@@ -31,6 +36,7 @@ import anyio.to_thread
 from starlette.types import Message, Scope, Send
 
 EXTENSION = "http.response.zerocopysend"
+ABORT = "mirror.response.abort"
 #: Transfers in progress per process; beyond this, responses use ordinary body messages.
 MAX_SENDERS = 64
 READ_CHUNK = 1 << 20
@@ -69,6 +75,10 @@ class ZeroCopySend:
         self.senders = senders
 
     async def __call__(self, message: Message) -> None:
+        if message["type"] == ABORT:
+            if not self.cycle.disconnected:
+                self._abandon()
+            return
         if message["type"] != EXTENSION:
             await self.send(message)
             return
@@ -159,14 +169,18 @@ def send_file(socket_fd: int, file_fd: int, offset: int, count: int, timeout: fl
     return sent
 
 
-def offer(cycle: Any, server_state: Any, timeout: float) -> None:
-    """Give a new uvicorn request cycle the extension (before its ASGI task has started)."""
+def offer(cycle: Any, server_state: Any, timeout: float, *, zero_copy: bool) -> None:
+    """Give a new uvicorn request cycle the abort message, and the zero-copy extension unless
+    *zero_copy* is false (TLS); call it before the cycle's ASGI task has started."""
     senders = getattr(server_state, "zerocopy_senders", None)
     if senders is None:  # one per server (process), made on its event loop
         senders = server_state.zerocopy_senders = Senders()
-    cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
+    extensions = cycle.scope.setdefault("extensions", {})
+    extensions[ABORT] = {}
+    if zero_copy:
+        extensions[EXTENSION] = {}
     cycle.send = ZeroCopySend(cycle, cycle.send, timeout, senders)
 
 
-def available(scope: Scope) -> bool:
-    return EXTENSION in (scope.get("extensions") or {})
+def available(scope: Scope, extension: str = EXTENSION) -> bool:
+    return extension in (scope.get("extensions") or {})

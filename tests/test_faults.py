@@ -164,6 +164,8 @@ def test_bad_blob_body_aborts_the_client_and_is_never_stored(
     assert stored(mirror) == []
     wait_for(lambda: temp_files(mirror) == [], what="the failed fill's temp files to go")
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+    log = mirror.log_tail(400)  # a warning of ours, not an error of the server's
+    assert "aborting transfer" in log and "without completing response" not in log, log
 
     good = get_blob(mirror, "big", layer.digest)
     assert (good.status, good.error, good.headers["x-mirror-cache"]) == (200, None, "MISS")

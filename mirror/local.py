@@ -15,7 +15,6 @@ before the file is moved into the store, like every other ingest.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
@@ -30,10 +29,18 @@ from .config import Config
 from .errors import APIError
 from .fill import StoredBlob
 from .gc import reference_lock
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, platform_manifest
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest
 from .metadata import LOCAL, Metadata, TagRecord, UploadRecord, local_repo
 from .metrics import Metrics
-from .reference import Digest, ParseError, parse_digest, parse_name, parse_tag
+from .pushed import (
+    check_manifest,
+    manifest_document,
+    manifest_media_type,
+    referrer_descriptor,
+    required_digests,
+    subject_digest,
+)
+from .reference import Digest, ParseError, parse_digest, parse_name
 from .store import DigestMismatch, Store, new_upload_id
 
 log = logging.getLogger("mirror.local")
@@ -339,14 +346,14 @@ class LocalRegistry:
         digest = Digest.of(body, reference.algorithm if isinstance(reference, Digest) else "sha256")
         if isinstance(reference, Digest) and digest != reference:
             raise APIError("DIGEST_INVALID", detail=f"manifest digest is {digest}, not {reference}")
-        doc = _manifest_document(body)
-        media_type = _manifest_media_type(content_type, doc)
-        subject = _check_manifest(doc, media_type)
-        descriptor = _referrer_descriptor(doc, media_type, str(digest), len(body)) if subject else None
+        doc = manifest_document(body)
+        media_type = manifest_media_type(content_type, doc)
+        subject = check_manifest(doc, media_type)
+        descriptor = referrer_descriptor(doc, media_type, str(digest), len(body)) if subject else None
 
         def save() -> None:
             with reference_lock(self.store):  # the collector must not sweep what was just checked
-                if missing := [d for d in _required(doc, media_type) if not self._present(repo, d)]:
+                if missing := [d for d in required_digests(doc, media_type) if not self._present(repo, d)]:
                     raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
                 self._save_manifest(repo, reference, digest, body, media_type, subject, descriptor)
 
@@ -387,7 +394,7 @@ class LocalRegistry:
         def forget() -> None:
             for tag in self.metadata.tags_pointing_to(repo, key):
                 self.metadata.untag(repo, tag)
-            subject = _subject(body) if body else None
+            subject = subject_digest(body) if body else None
             if subject:
                 self.metadata.remove_referrer(repo, subject, key)
             self.metadata.unlink(repo, key)
@@ -412,108 +419,9 @@ class LocalRegistry:
         return found
 
 
-def referrers_index(descriptors: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors},
-                      separators=(",", ":")).encode()
-
-
 def _content_range(value: str) -> tuple[int, int]:
     start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
     if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
             or int(end) < int(start):
         raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
     return int(start), int(end)
-
-
-def _manifest_document(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError("MANIFEST_INVALID", detail=f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise APIError("MANIFEST_INVALID", detail="a manifest must be a JSON object")
-    return doc
-
-
-def _manifest_media_type(content_type: str, doc: dict[str, Any]) -> str:
-    announced = content_type.split(";")[0].strip()
-    in_body = doc.get("mediaType")
-    if in_body is not None and not isinstance(in_body, str):
-        raise APIError("MANIFEST_INVALID", detail="mediaType must be a string")
-    if announced in MANIFEST_MEDIA_TYPES:
-        if in_body and in_body != announced:
-            raise APIError("MANIFEST_INVALID", detail=f"Content-Type {announced} but mediaType {in_body}")
-        return announced
-    if not announced and in_body in MANIFEST_MEDIA_TYPES:
-        return str(in_body)
-    raise APIError("MANIFEST_INVALID", detail=f"unsupported manifest media type {announced or in_body!r}")
-
-
-def _descriptor_ok(d: Any) -> bool:
-    if not isinstance(d, dict) or not isinstance(d.get("mediaType"), str):
-        return False
-    if not isinstance(d.get("size"), int) or isinstance(d.get("size"), bool) or d["size"] < 0:
-        return False
-    try:
-        parse_digest(d.get("digest", ""))
-    except (ParseError, TypeError):
-        return False
-    return True
-
-
-def _check_manifest(doc: dict[str, Any], media_type: str) -> str | None:
-    """Schema checks; return the subject digest if there is one."""
-    if doc.get("schemaVersion") != 2:
-        raise APIError("MANIFEST_INVALID", detail="schemaVersion must be 2")
-    if media_type in INDEX_TYPES:
-        entries = doc.get("manifests")
-        if not isinstance(entries, list) or not all(_descriptor_ok(d) for d in entries):
-            raise APIError("MANIFEST_INVALID", detail="manifests must be a list of descriptors")
-    else:
-        if not _descriptor_ok(doc.get("config")):
-            raise APIError("MANIFEST_INVALID", detail="config must be a descriptor")
-        layers = doc.get("layers", [])
-        if not isinstance(layers, list) or not all(_descriptor_ok(d) for d in layers):
-            raise APIError("MANIFEST_INVALID", detail="layers must be a list of descriptors")
-    subject = doc.get("subject")
-    if subject is None:
-        return None
-    if not _descriptor_ok(subject):
-        raise APIError("MANIFEST_INVALID", detail="subject must be a descriptor")
-    return str(subject["digest"])
-
-
-def _required(doc: dict[str, Any], media_type: str) -> list[str]:
-    """Digests that must be in the repository before this manifest may be stored."""
-    if media_type in INDEX_TYPES:
-        return [d["digest"] for d in doc["manifests"]]
-    return [doc["config"]["digest"], *(d["digest"] for d in doc.get("layers", []))]
-
-
-def _subject(body: bytes) -> str | None:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    subject = doc.get("subject") if isinstance(doc, dict) else None
-    return subject.get("digest") if isinstance(subject, dict) else None
-
-
-def _referrer_descriptor(doc: dict[str, Any], media_type: str, digest: str, size: int) -> dict[str, Any]:
-    descriptor: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
-    artifact_type = doc.get("artifactType")
-    if not isinstance(artifact_type, str):
-        config = doc.get("config")
-        artifact_type = config.get("mediaType") if isinstance(config, dict) else None
-    if isinstance(artifact_type, str):
-        descriptor["artifactType"] = artifact_type
-    if isinstance(doc.get("annotations"), dict):
-        descriptor["annotations"] = doc["annotations"]
-    return descriptor
-
-
-def validate_tag(tag: str) -> str:
-    try:
-        return parse_tag(tag)
-    except ParseError as exc:
-        raise APIError("TAG_INVALID", detail=str(exc)) from exc

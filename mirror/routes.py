@@ -18,10 +18,11 @@ from starlette.routing import Route
 from . import admin
 from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
-from .local import MAX_MANIFEST_BYTES, LocalRegistry, referrers_index
+from .local import MAX_MANIFEST_BYTES, LocalRegistry
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo
 from .pullthrough import PullThrough, _paginate
+from .pushed import referrers_index
 from .reference import (
     Digest,
     InvalidRange,

@@ -304,17 +304,20 @@ class LocalRegistry:
         return self._upload_headers(name, state.uuid, state.offset)
 
     def sweep_uploads(self) -> int:
-        """Remove uploads older than ``push.upload_ttl`` and files with no record; return how many."""
+        """Remove upload files untouched for ``push.upload_ttl``, and their records; return how many.
+
+        A file without a record is swept by the same rule, not at once: another worker may be
+        creating it (the file comes before its record) or finishing it (the record goes first).
+        """
         removed = 0
         cutoff = time.time() - self.config.push.upload_ttl
         for entry in list(os.scandir(self.store.uploads)):
-            record = self.metadata.get_upload(entry.name)
             try:
-                stale = record is None or entry.stat().st_mtime < cutoff
+                stale = entry.stat().st_mtime < cutoff
             except FileNotFoundError:
                 continue
             if stale:
-                self._drop_upload(entry.name) if record else os.unlink(entry.path)
+                self._drop_upload(entry.name)
                 removed += 1
         return removed
 

@@ -91,9 +91,6 @@ class ManifestMemo:
             return None
         return self._answers.get(path)
 
-    def __len__(self) -> int:
-        return len(self._answers)
-
 
 class MemoManifests:
     """Answers remembered manifest GETs and HEADs; everything else goes on to *app*."""

@@ -152,7 +152,7 @@ class Observe:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write what the requests since the last call recorded (also called at shutdown)."""
+        """Write what the requests since the last call recorded."""
         self._flush_scheduled = False
         self.metrics.flush_requests()
         if self._lines:

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from starlette.types import Message, Receive, Scope, Send
 
 from . import zerocopy
@@ -26,10 +23,6 @@ from .fill import FillFailed, GrowingBlob, StoredBlob
 from .reference import ByteRange
 
 log = logging.getLogger("mirror.responses")
-
-#: Chunk size for stored blobs: few syscalls per blob, yet little memory per client.
-SEND_CHUNK = 256 * 1024
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 
 
 class BlobResponse:
@@ -76,7 +69,7 @@ class BlobResponse:
                     if disconnected.is_set():
                         return
                 await send({"type": "http.response.body", "body": b""})
-            except FillFailed as exc:
+            except (FillFailed, zerocopy.ShortFile) as exc:
                 # Headers are gone; the only honest signal left is an aborted transfer.
                 log.warning("aborting transfer of %s: %s", getattr(self.source, "digest", "blob"), exc)
                 if zerocopy.available(scope, zerocopy.ABORT):
@@ -92,40 +85,8 @@ class BlobResponse:
     def _chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         if isinstance(self.source, GrowingBlob):
             return self.source.chunks(start, end)
-        return _read_file(self.source.fd, start, self.source.size - 1 if end is None else end)
-
-
-async def _read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
-    buffer = memoryview(bytearray(min(SEND_CHUNK, end + 1 - start)))
-    offset = start
-    while offset <= end:
-        want = min(len(buffer), end + 1 - offset)
-        data = _read_cached(fd, buffer[:want], offset)
-        if data is None:
-            data = await anyio.to_thread.run_sync(os.pread, fd, want, offset)
-        if not data:
-            raise FillFailed(f"stored file ended at {offset}, expected {end + 1} bytes")
-        offset += len(data)
-        yield data
-
-
-def _read_cached(fd: int, buffer: memoryview, offset: int) -> bytes | None:
-    """Bytes at *offset* that the page cache holds (up to ``len(buffer)``); None if reading would block.
-
-    A worker-thread hop per chunk costs more CPU than the copy itself, and under load each
-    hop waits for the GIL; a read that cannot block is cheaper done right here.
-    """
-    if _RWF_NOWAIT is None:
-        return None
-    try:
-        count = os.preadv(fd, [buffer], offset, _RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT for this file system or kernel
-            return None
-        raise
-    return bytes(buffer[:count])
+        stop = self.source.size if end is None else end + 1
+        return zerocopy.read_chunks(self.source.fd, start, stop - start)
 
 
 async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:

@@ -19,16 +19,19 @@ connection is closed, and uvicorn is told the client went away rather than left 
 unfinished response as an error.
 
 With TLS the bytes must pass through the TLS layer: the extension is not offered, and apps
-fall back to ordinary body messages.  When every sending thread is busy, the bytes are read and
-sent as ordinary body messages instead, so a crowd of stalled clients cannot hold up everyone
-else's transfers.
+fall back to ordinary body messages (:func:`read_chunks`).  When every sending thread is busy,
+the bytes are read and sent as ordinary body messages instead, so a crowd of stalled clients
+cannot hold up everyone else's transfers.  Ordinary body messages get the same deadline: a
+client whose buffers stay full for ``timeout`` is disconnected (uvicorn alone waits for ever).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -39,7 +42,10 @@ EXTENSION = "http.response.zerocopysend"
 ABORT = "mirror.response.abort"
 #: Transfers in progress per process; beyond this, responses use ordinary body messages.
 MAX_SENDERS = 64
-READ_CHUNK = 1 << 20
+#: Chunk size when bytes are read and written (TLS, or every sending thread busy): few syscalls,
+#: little memory per client.
+READ_CHUNK = 256 * 1024
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 
 
 class Senders:
@@ -61,10 +67,16 @@ class Senders:
         self.busy -= 1
 
 
-class ZeroCopySend:
-    """A request cycle's ``send``, taking ``http.response.zerocopysend`` too.
+class ShortFile(OSError):
+    """A stored file ended before the bytes a response promised."""
 
-    When that send returns, the message's ``"sent"`` says how many bytes went out: all of
+
+class ZeroCopySend:
+    """A request cycle's ``send``, taking ``http.response.zerocopysend`` and ``mirror.response.abort``
+    too, and cutting off a client that reads nothing of a body for ``timeout`` (uvicorn would wait
+    for it for ever).
+
+    When a zero-copy send returns, the message's ``"sent"`` says how many bytes went out: all of
     ``count``, or fewer when the client went away or stalled (the connection is then closed).
     """
 
@@ -75,13 +87,21 @@ class ZeroCopySend:
         self.senders = senders
 
     async def __call__(self, message: Message) -> None:
-        if message["type"] == ABORT:
+        kind = message["type"]
+        if kind == EXTENSION:
+            await self._zero_copy(message)
+        elif kind == ABORT:
             if not self.cycle.disconnected:
                 self._abandon()
-            return
-        if message["type"] != EXTENSION:
+        elif kind == "http.response.body" and self.cycle.flow.write_paused and not self.cycle.disconnected:
+            try:  # the client's buffers are full: it has this long to make room
+                await asyncio.wait_for(self.send(message), self.timeout)
+            except TimeoutError:
+                self._abandon()
+        else:
             await self.send(message)
-            return
+
+    async def _zero_copy(self, message: Message) -> None:
         cycle = self.cycle
         message["sent"] = 0
         if cycle.disconnected:
@@ -104,7 +124,8 @@ class ZeroCopySend:
                 sent = await self._send_read(file_fd, offset, count)
             message["sent"] = sent
             if sent < count:
-                self._abandon()
+                if not cycle.disconnected:
+                    self._abandon()
                 return
         await self.send({"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)})
 
@@ -125,24 +146,57 @@ class ZeroCopySend:
         return sent
 
     async def _send_read(self, file_fd: int, offset: int, count: int) -> int:
-        """The same bytes as ordinary body messages, read in a worker thread."""
+        """The same bytes as ordinary body messages (every sending thread is busy)."""
         sent = 0
-        while sent < count:
-            data = await anyio.to_thread.run_sync(os.pread, file_fd, min(READ_CHUNK, count - sent), offset + sent)
-            if not data:
-                break
-            try:  # uvicorn waits for ever on a client that stops reading; this does not
-                await asyncio.wait_for(self.send({"type": "http.response.body", "body": data, "more_body": True}),
-                                       self.timeout)
-            except TimeoutError:
-                break
-            sent += len(data)
+        try:
+            async for data in read_chunks(file_fd, offset, count):
+                await self({"type": "http.response.body", "body": data, "more_body": True})
+                if self.cycle.disconnected:
+                    break
+                sent += len(data)
+        except ShortFile:
+            pass
         return sent
 
     def _abandon(self) -> None:
         """End the connection: part of the body is gone, and nothing else can be said on it."""
         self.cycle.transport.close()
         self.cycle.disconnected = True  # later sends are dropped, as after the client hung up
+
+
+async def read_chunks(fd: int, offset: int, count: int) -> AsyncIterator[bytes]:
+    """*count* bytes of a stored file from *offset*, in :data:`READ_CHUNK` pieces; :class:`ShortFile`
+    if it ends first.  Cached pages are read right here, others in a worker thread."""
+    buffer = memoryview(bytearray(min(READ_CHUNK, count)))
+    end = offset + count
+    while offset < end:
+        want = min(len(buffer), end - offset)
+        data = _read_cached(fd, buffer[:want], offset)
+        if data is None:
+            data = await anyio.to_thread.run_sync(os.pread, fd, want, offset)
+        if not data:
+            raise ShortFile(errno.EIO, f"stored file ended at {offset}, expected {end} bytes")
+        offset += len(data)
+        yield data
+
+
+def _read_cached(fd: int, buffer: memoryview, offset: int) -> bytes | None:
+    """Bytes at *offset* that the page cache holds (up to ``len(buffer)``); None if reading would block.
+
+    A worker-thread hop per chunk costs more CPU than the copy itself, and under load each
+    hop waits for the GIL; a read that cannot block is cheaper done right here.
+    """
+    if _RWF_NOWAIT is None:
+        return None
+    try:
+        count = os.preadv(fd, [buffer], offset, _RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no RWF_NOWAIT for this file system or kernel
+            return None
+        raise
+    return bytes(buffer[:count])
 
 
 def send_file(socket_fd: int, file_fd: int, offset: int, count: int, timeout: float) -> int:

@@ -10,6 +10,7 @@ in the spec's format, and never creates, reads or deletes a file outside its dat
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -444,6 +445,28 @@ def test_tls_serves_https_with_the_configured_certificate(
         request(mirror, "GET", "/v2/", verify=pki.context(ca=pki.other_ca))
     with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
         httpx.get(f"http://127.0.0.1:{mirror.port}/v2/", trust_env=False, timeout=5)
+
+
+def test_a_blob_reader_that_stalls_over_tls_is_cut_off(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki, images: StandardImages,
+) -> None:
+    trusted = pki.context()
+    mirror = mirror_factory(env={**tls_env(pki), "MIRROR_HTTP_IDLE_TIMEOUT": "2s"}, scheme="https", verify=trusted)
+    layer = images.big.layers[2]  # 64 MiB: far more than the socket buffers hold
+    path = f"/v2/library/big/blobs/{layer.digest}"
+    assert request(mirror, "GET", "/v2/library/big/manifests/1", verify=trusted).status_code == 200
+    assert request(mirror, "GET", path, verify=trusted).status_code == 200  # stored: read and written, no sendfile
+    with trusted.wrap_socket(socket.create_connection(("127.0.0.1", mirror.port), timeout=30),
+                             server_hostname="127.0.0.1") as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(6)  # reads nothing for three idle timeouts
+        received = 0
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+    assert 0 < received < layer.size
+    log = mirror.log_tail(400)
+    assert "Traceback" not in log and "without completing response" not in log, log
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(

@@ -38,18 +38,17 @@ import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from types import FrameType
 
 import httpx
 
 from mirror.metadata import Metadata, TagRecord
 from mirror.reference import parse_digest
 from mirror.store import Store
+from tests.bench.harness import progress, scratch
 from tests.bench.load import WrkResult, wrk
 from tests.bench.proctree import machine_busy
 from tests.support.images import (
@@ -80,9 +79,6 @@ CLI_TIMEOUT = 600.0
 WRITE_CHUNK = 2000
 IMAGES_PER_TRANSACTION = 500
 
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- the synthetic store --
@@ -483,9 +479,6 @@ def run(root: Path, *, rps: bool) -> Results:
     return results
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds every `with`, which stops the servers
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gc_bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -495,18 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_rps and shutil.which("wrk") is None:
         print("gc_bench: missing wrk: apt-get install -y wrk (or pass --no-rps)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    root = Path(tempfile.mkdtemp(prefix="gc-bench-"))
     started = time.monotonic()
     busy_before = machine_busy()
-    try:
+    with scratch("gc-bench-", keep=args.keep) as root:
         results = run(root, rps=not args.no_rps)
         results.busy = (busy_before, machine_busy())
-    finally:
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     print(report(results))
     print(f"\n(total run time {time.monotonic() - started:.0f} s)")
     return 0 if all(ok for ok, _ in results.checks) else 1

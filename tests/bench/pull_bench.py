@@ -31,16 +31,14 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TypeVar
 
+from tests.bench.harness import progress, scratch
 from tests.bench.load import Downloads, WrkResult, download, wrk
 from tests.bench.nginx import NGINX_BINARY, NginxBlobServer
 from tests.bench.proctree import PeakRss, cpu_seconds, machine_busy
@@ -134,9 +132,6 @@ class Results:
     #: Share of the machine's CPU that was busy just before and just after the run (others' processes).
     busy: tuple[float, float] = (0.0, 0.0)
 
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- servers --
@@ -399,9 +394,6 @@ def _targets(results: Results, label: str) -> list[str]:
 
 # -- entry point --
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds every `with`, which stops the servers
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pull_bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -413,18 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pull_bench: missing {', '.join(missing)}: apt-get install -y docker-registry nginx-light wrk",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    root = Path(tempfile.mkdtemp(prefix="pull-bench-"))
     started = time.monotonic()
     busy_before = machine_busy()
-    try:
+    with scratch("pull-bench-", keep=args.keep) as root:
         results = run(root, workers2=not args.no_workers2)
         results.busy = (busy_before, machine_busy())
-    finally:
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     print(report(results))
     print(f"\n(total run time {time.monotonic() - started:.0f} s)")
     return 0

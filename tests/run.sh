@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2)
+packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2 python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -15,5 +15,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
-exec python3 -m pytest "$@"
+# The package and the test dependencies go into a virtual environment (.venv, or $VENV): stock Debian's
+# python3 refuses `pip install` outside one (PEP 668).
+. deploy/venv.sh
+venv_setup "[test]"
+exec "$VENV_PYTHON" -m pytest "$@"

@@ -42,7 +42,7 @@ log = logging.getLogger("mirror.upstream")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
-_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
 
@@ -140,6 +140,11 @@ class RegistryAuth(httpx.Auth):
     On a ``401`` with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` a token is
     fetched from the realm (anonymously, or with the configured user and password) and cached
     per scope until it expires; concurrent requests for one scope share one token request.
+    Registries refuse tokens before their ``expires_in`` (key rotation, revocation, clock skew;
+    RFC 6750 section 3.1 ``error="invalid_token"``): a token answered with ``401`` is dropped at
+    once for every scope it served, and the request is retried once with a new token.  A ``401``
+    to that new token is the answer (Docker Hub's ``insufficient_scope`` for a repository that
+    does not exist, or a refusal of the configured credentials).
     ``Basic`` challenges are answered with the configured credentials.
     """
 
@@ -161,16 +166,23 @@ class RegistryAuth(httpx.Auth):
             return entry[0]
         return None
 
-    def _authorize(self, request: httpx.Request, scope: str | None) -> None:
+    def _authorize(self, request: httpx.Request, scope: str | None) -> str | None:
+        """Set the request's ``Authorization``; the bearer token sent, if one was."""
         token = self._cached(scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._use_basic and self._basic is not None:
             request.headers["Authorization"] = self._basic
+        return token
+
+    def _drop(self, token: str) -> None:
+        """Forget a refused token under every scope it was cached for."""
+        for key in [key for key, (cached, _) in self._tokens.items() if cached == token]:
+            del self._tokens[key]
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         scope = self._scope_for(request)
-        self._authorize(request, scope)
+        sent = self._authorize(request, scope)
         response = yield request
         if response.status_code != 401:
             return
@@ -187,7 +199,10 @@ class RegistryAuth(httpx.Auth):
         key = params.get("scope") or scope or ""
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            token = self._cached(key)
+            if sent is not None:
+                log.info("%s refused the token for %s; fetching a new one", request.url.host, key)
+                self._drop(sent)
+            token = self._cached(key)  # another request may have fetched a new one meanwhile
             if token is None:
                 token_request = self._token_request(params, request.url)
                 if token_request is None:
@@ -200,7 +215,9 @@ class RegistryAuth(httpx.Auth):
         if scope and scope != key:
             self._tokens[scope] = self._tokens[key]
         request.headers["Authorization"] = f"Bearer {token}"
-        yield request
+        response = yield request
+        if response.status_code == 401 and _same_origin(response.request.url, request.url):
+            self._drop(token)  # refused too: the next request asks the realm again
 
     def _token_request(self, params: dict[str, str], registry: httpx.URL) -> httpx.Request | None:
         try:

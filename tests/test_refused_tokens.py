@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,9 @@ import pytest
 from tests.support.hub import HubEmulator
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, file_digest, random_layer
 from tests.support.images import sha256_digest as sha256
-from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import assert_store_sound
 
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
 ENV = {"MIRROR_UPSTREAM_RETRIES": "1", "MIRROR_UPSTREAM_READ_TIMEOUT": "10s"}
@@ -57,18 +57,6 @@ def api_error(answer: httpx.Response) -> dict[str, object]:
     errors = answer.json()["errors"]
     assert len(errors) == 1, errors
     return dict(errors[0])
-
-
-def assert_store_sound(mirror: MirrorServer, expected: set[str]) -> None:
-    """Every file under DATA/blobs hashes to its name, *expected* are all there, and fsck agrees."""
-    found = set()
-    for path in (mirror.data_dir / "blobs" / "sha256").glob("*/*"):
-        assert file_digest(path) == f"sha256:{path.name}", f"corrupt blob in the store: {path}"
-        found.add(f"sha256:{path.name}")
-    assert expected <= found, expected - found
-    fsck = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir), "--verify-content"],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
 
 
 @pytest.fixture
@@ -137,7 +125,7 @@ def test_a_refused_token_is_replaced_once_for_every_kind_of_request(
     pull(http, mirror, name, "6", built[5])
     assert hub.token_requests() == [] and hub.count(None, "", status=401) == 0
     assert not hub.cdn_saw_authorization
-    assert_store_sound(mirror, set(built[0].blobs) | set(built[5].blobs) | {layer})
+    assert_store_sound(mirror.data_dir, set(built[0].blobs) | set(built[5].blobs) | {layer})
 
 
 def test_concurrent_requests_refused_together_share_one_new_token(
@@ -181,7 +169,7 @@ def test_skopeo_copies_through_the_mirror_after_the_registry_refuses_its_token(
     for digest in built[1].blobs:
         assert file_digest(layout / "blobs" / "sha256" / digest.removeprefix("sha256:")) == digest
     assert len(hub.token_requests()) == 1
-    assert_store_sound(mirror, set(built[0].blobs) | set(built[1].blobs))
+    assert_store_sound(mirror.data_dir, set(built[0].blobs) | set(built[1].blobs))
 
 
 def test_a_fresh_token_refused_anonymously_means_the_repository_does_not_exist(
@@ -201,7 +189,7 @@ def test_a_fresh_token_refused_anonymously_means_the_repository_does_not_exist(
     assert hub.count(None, "", status=401) == 2
     cached = http.get(f"{mirror.url}/v2/{name}/manifests/{built[0].digest}", headers=ACCEPT)
     assert (cached.status_code, cached.content) == (200, built[0].manifest)
-    assert_store_sound(mirror, set(built[0].blobs))
+    assert_store_sound(mirror.data_dir, set(built[0].blobs))
 
 
 def test_credentials_refused_when_the_token_is_renewed_name_the_settings(
@@ -221,4 +209,4 @@ def test_credentials_refused_when_the_token_is_renewed_name_the_settings(
     assert (refused.status_code, error["code"]) == (503, "UNAVAILABLE")
     assert "upstream.username and upstream.password" in str(error["detail"])
     assert [(r.user, r.granted) for r in hub.token_requests()] == [("alice", False)]
-    assert_store_sound(mirror, set(built[0].blobs))
+    assert_store_sound(mirror.data_dir, set(built[0].blobs))

@@ -42,6 +42,8 @@ log = logging.getLogger("mirror.upstream")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
+#: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
+MAX_TAG_PAGES = 200
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
@@ -437,15 +439,42 @@ class Upstream:
         length = response.headers.get("content-length")
         return int(length) if length and length.isdigit() else None
 
-    async def tags(self, name: str, params: dict[str, str]) -> tuple[dict[str, Any], str | None]:
-        response = await self._send("GET", f"/v2/{name}/tags/list", params=params)
-        try:
-            doc = response.json()
-        except ValueError as exc:
-            raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
-        if not isinstance(doc, dict):
-            raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
-        return doc, response.headers.get("link")
+    async def tags(self, name: str) -> list[str]:
+        """Every tag of *name*, in the upstream's order, following the upstream's own paging.
+
+        A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
+        "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
+        link is followed as given, never rebuilt.  It may be relative or absolute, but must stay
+        on the registry's origin and this repository's tags path: credentials never go to
+        another host.  Raises :class:`UpstreamInvalid` for a link elsewhere, a link seen before,
+        a page that is not a JSON object, or more than :data:`MAX_TAG_PAGES` pages.
+        """
+        first = self.client.build_request("GET", f"/v2/{name}/tags/list").url
+        url, visited = first, {str(first)}
+        found: dict[str, None] = {}
+        for _ in range(MAX_TAG_PAGES):
+            response = await self._send("GET", str(url))
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
+            if not isinstance(doc, dict):
+                raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
+            found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
+            link = response.links.get("next", {}).get("url")
+            if not link:
+                return list(found)
+            try:
+                url = response.url.join(link)
+            except httpx.InvalidURL as exc:
+                raise UpstreamInvalid(f"tags list of {name} links to an invalid URL {link!r}") from exc
+            if not _same_origin(url, first) or url.path != first.path:
+                raise UpstreamInvalid(f"tags list of {name} continues outside the repository ({link!r}): "
+                                      "not followed")
+            if str(url) in visited:
+                raise UpstreamInvalid(f"tags list of {name} links back to a page already read ({link!r})")
+            visited.add(str(url))
+        raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")
 
     async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> dict[str, Any]:
         params = {"artifactType": artifact_type} if artifact_type is not None else None

@@ -14,7 +14,7 @@ and streams blobs.  Idempotent requests that fail before any byte arrived are re
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
-go to a plain-http realm.
+go to a plain-http realm; a tag list's next-page link is followed only on the registry's origin.
 """
 
 from __future__ import annotations

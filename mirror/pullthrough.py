@@ -262,23 +262,24 @@ class PullThrough:
     # -- tags --
 
     async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
-        """Tags of a repository (upstream's, or the locally known ones when it is down); more-follows flag."""
+        """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
+        distribution spec, "Listing Tags"), and whether more follow.
+
+        The upstream's whole list (it pages it its own way, see :meth:`Upstream.tags`) plus the
+        tags cached here; only the cached ones when the upstream fails.
+        """
         name = self.upstream.canonical_name(name)
-        params = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
         try:
-            doc, link = await self.upstream.tags(name, params)
+            listed = await self.upstream.tags(name)
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
             local = self.metadata.tags(self._repo(name))
             if not local:
                 raise _api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
             return _paginate(local, n, last)
-        tags = {t for t in doc.get("tags") or [] if isinstance(t, str)}
-        if not link:  # a complete answer: add the tags cached here (the upstream may have dropped some)
-            tags.update(self.metadata.tags(self._repo(name)))
-        # The spec wants lexical order and at most n; some registries ignore both.
-        page, more = _paginate(sorted(tags), n, last)
-        return page, more or bool(link)
+        # Add the tags cached here (the upstream may have dropped some).
+        tags = set(listed).union(self.metadata.tags(self._repo(name)))
+        return _paginate(sorted(tags), n, last)
 
     # -- referrers --
 

@@ -14,7 +14,7 @@ and streams blobs.  Idempotent requests that fail before any byte arrived are re
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
-go to a plain-http realm.
+go to a plain-http realm; a tag list's next-page link is followed only on the registry's origin.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ log = logging.getLogger("mirror.upstream")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
-_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+#: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
+MAX_TAG_PAGES = 200
+_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
 
@@ -140,6 +142,11 @@ class RegistryAuth(httpx.Auth):
     On a ``401`` with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` a token is
     fetched from the realm (anonymously, or with the configured user and password) and cached
     per scope until it expires; concurrent requests for one scope share one token request.
+    Registries refuse tokens before their ``expires_in`` (key rotation, revocation, clock skew;
+    RFC 6750 section 3.1 ``error="invalid_token"``): a token answered with ``401`` is dropped at
+    once for every scope it served, and the request is retried once with a new token.  A ``401``
+    to that new token is the answer (Docker Hub's ``insufficient_scope`` for a repository that
+    does not exist, or a refusal of the configured credentials).
     ``Basic`` challenges are answered with the configured credentials.
     """
 
@@ -161,16 +168,23 @@ class RegistryAuth(httpx.Auth):
             return entry[0]
         return None
 
-    def _authorize(self, request: httpx.Request, scope: str | None) -> None:
+    def _authorize(self, request: httpx.Request, scope: str | None) -> str | None:
+        """Set the request's ``Authorization``; the bearer token sent, if one was."""
         token = self._cached(scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._use_basic and self._basic is not None:
             request.headers["Authorization"] = self._basic
+        return token
+
+    def _drop(self, token: str) -> None:
+        """Forget a refused token under every scope it was cached for."""
+        for key in [key for key, (cached, _) in self._tokens.items() if cached == token]:
+            del self._tokens[key]
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         scope = self._scope_for(request)
-        self._authorize(request, scope)
+        sent = self._authorize(request, scope)
         response = yield request
         if response.status_code != 401:
             return
@@ -187,7 +201,10 @@ class RegistryAuth(httpx.Auth):
         key = params.get("scope") or scope or ""
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            token = self._cached(key)
+            if sent is not None:
+                log.info("%s refused the token for %s; fetching a new one", request.url.host, key)
+                self._drop(sent)
+            token = self._cached(key)  # another request may have fetched a new one meanwhile
             if token is None:
                 token_request = self._token_request(params, request.url)
                 if token_request is None:
@@ -200,7 +217,9 @@ class RegistryAuth(httpx.Auth):
         if scope and scope != key:
             self._tokens[scope] = self._tokens[key]
         request.headers["Authorization"] = f"Bearer {token}"
-        yield request
+        response = yield request
+        if response.status_code == 401 and _same_origin(response.request.url, request.url):
+            self._drop(token)  # refused too: the next request asks the realm again
 
     def _token_request(self, params: dict[str, str], registry: httpx.URL) -> httpx.Request | None:
         try:
@@ -420,15 +439,42 @@ class Upstream:
         length = response.headers.get("content-length")
         return int(length) if length and length.isdigit() else None
 
-    async def tags(self, name: str, params: dict[str, str]) -> tuple[dict[str, Any], str | None]:
-        response = await self._send("GET", f"/v2/{name}/tags/list", params=params)
-        try:
-            doc = response.json()
-        except ValueError as exc:
-            raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
-        if not isinstance(doc, dict):
-            raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
-        return doc, response.headers.get("link")
+    async def tags(self, name: str) -> list[str]:
+        """Every tag of *name*, in the upstream's order, following the upstream's own paging.
+
+        A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
+        "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
+        link is followed as given, never rebuilt.  It may be relative or absolute, but must stay
+        on the registry's origin and this repository's tags path: credentials never go to
+        another host.  Raises :class:`UpstreamInvalid` for a link elsewhere, a link seen before,
+        a page that is not a JSON object, or more than :data:`MAX_TAG_PAGES` pages.
+        """
+        first = self.client.build_request("GET", f"/v2/{name}/tags/list").url
+        url, visited = first, {str(first)}
+        found: dict[str, None] = {}
+        for _ in range(MAX_TAG_PAGES):
+            response = await self._send("GET", str(url))
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
+            if not isinstance(doc, dict):
+                raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
+            found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
+            link = response.links.get("next", {}).get("url")
+            if not link:
+                return list(found)
+            try:
+                url = response.url.join(link)
+            except httpx.InvalidURL as exc:
+                raise UpstreamInvalid(f"tags list of {name} links to an invalid URL {link!r}") from exc
+            if not _same_origin(url, first) or url.path != first.path:
+                raise UpstreamInvalid(f"tags list of {name} continues outside the repository ({link!r}): "
+                                      "not followed")
+            if str(url) in visited:
+                raise UpstreamInvalid(f"tags list of {name} links back to a page already read ({link!r})")
+            visited.add(str(url))
+        raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")
 
     async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> dict[str, Any]:
         params = {"artifactType": artifact_type} if artifact_type is not None else None

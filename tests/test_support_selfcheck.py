@@ -343,8 +343,15 @@ def test_hub_anonymous_tokens_and_revocation(hub: HubEmulator, http: httpx.Clien
     answer = http.get(f"{hub.url}/v2/library/small/manifests/1", headers=bearer)
     assert answer.status_code == 200 and "ratelimit-limit" not in answer.headers
     hub.revoke_tokens()
-    assert http.get(f"{hub.url}/v2/library/small/manifests/1", headers=bearer).status_code == 401
+    refused = http.get(f"{hub.url}/v2/library/small/manifests/1", headers=bearer)
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].endswith(',error="invalid_token"')
     assert hub.count("GET", "/manifests/1", status=401) == 1
+    hub.hidden.add("library/small")  # as Docker Hub: a token, but no access to a missing repository
+    token = http.get(f"{hub.auth_url}/token", params={"service": "registry.docker.io", "scope": scope}).json()
+    bearer = {**ACCEPT, "authorization": f"Bearer {token['token']}"}
+    hidden = http.get(f"{hub.url}/v2/library/small/manifests/1", headers=bearer)
+    assert hidden.status_code == 401
+    assert hidden.headers["www-authenticate"].endswith(',error="insufficient_scope"')
 
 
 # Processes ------------------------------------------------------------------------------

@@ -9,9 +9,14 @@ Three loopback servers, like Docker Hub's three hosts:
   :attr:`HubEmulator.manifest_limit` (429 TOOMANYREQUESTS past it) and carry
   ``ratelimit-limit`` / ``ratelimit-remaining``; manifest HEADs are not
   counted.  Blob GETs answer 307 to the CDN with a signed, expiring URL.
+  A token that is unknown, expired or revoked (:meth:`HubEmulator.revoke_tokens`)
+  is answered with ``error="invalid_token"`` in the challenge; a valid token
+  without pull access to the repository with ``error="insufficient_scope"``.
 * the token server (:attr:`HubEmulator.auth_url`): ``GET /token?service=
   &scope=`` returns ``{token, access_token, expires_in, issued_at}``,
-  optionally only to HTTP Basic credentials.
+  optionally only to HTTP Basic credentials.  Like Docker Hub, it grants a
+  token for any repository but leaves out pull access to the names in
+  :attr:`HubEmulator.hidden` (as if they did not exist).
 * the CDN (:attr:`HubEmulator.cdn_url`): serves blob bytes for valid
   signatures without auth, and records whether any request carried an
   ``Authorization`` header (a correct client never sends one there).
@@ -45,7 +50,7 @@ from .matching import PathMatch, request_matches
 
 SERVICE = "registry.docker.io"
 RATE_WINDOW = 21600  # Docker Hub's 6 h window, as in "100;w=21600"
-_REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?P<kind>manifests|blobs|tags)/(?P<ref>[^/]+)$")
+_REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?P<kind>manifests|blobs|tags|referrers)/(?P<ref>[^/]+)$")
 _CDN_DROP = ("docker-content-digest", "docker-distribution-api-version")
 
 
@@ -128,6 +133,8 @@ class HubEmulator:
         self.manifest_limit = manifest_limit
         self.token_ttl = token_ttl
         self.cdn_url_ttl = cdn_url_ttl
+        #: Repositories the token server grants no access to (Docker Hub's answer for a missing one).
+        self.hidden: set[str] = set()
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._tokens: dict[str, _Token] = {}
@@ -191,10 +198,11 @@ class HubEmulator:
         for server in (self._front, self._auth, self._cdn):
             server.stop()
 
-    def challenge(self, name: str | None) -> str:
-        """The ``WWW-Authenticate`` value for repository *name* (or ``/v2/``)."""
+    def challenge(self, name: str | None, error: str | None = None) -> str:
+        """The ``WWW-Authenticate`` value for repository *name* (or ``/v2/``), with an RFC 6750 *error*."""
         value = f'Bearer realm="{self.auth_url}/token",service="{SERVICE}"'
-        return value + (f',scope="repository:{name}:pull"' if name else "")
+        value += f',scope="repository:{name}:pull"' if name else ""
+        return value + (f',error="{error}"' if error else "")
 
     # Counters ------------------------------------------------------------------
 
@@ -251,7 +259,7 @@ class HubEmulator:
             self._cdn_log.clear()
 
     def revoke_tokens(self) -> None:
-        """Invalidate every token issued so far (as if they had expired)."""
+        """Refuse every token issued so far (key rotation); the token server keeps issuing new ones."""
         with self._lock:
             self._tokens.clear()
 
@@ -271,22 +279,26 @@ class HubEmulator:
         token = secrets.token_urlsafe(32)
         now = time.time()
         with self._lock:
-            self._tokens[token] = _Token(frozenset(scopes), now + self.token_ttl)
+            granted = frozenset(scope for scope in scopes
+                                if not any(_grants_pull(frozenset({scope}), name) for name in self.hidden))
+            self._tokens[token] = _Token(granted, now + self.token_ttl)
             self._token_log.append(TokenRequest(scopes, user, granted=True))
         issued = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat().replace("+00:00", "Z")
         return JSONResponse(
             {"token": token, "access_token": token, "expires_in": self.token_ttl, "issued_at": issued}
         )
 
-    def _authorized(self, request: Request, name: str | None) -> bool:
+    def _refusal(self, request: Request, name: str | None) -> str | None:
+        """None if the request may pass; else why not: ``""`` (no token), ``invalid_token``,
+        ``insufficient_scope`` (RFC 6750 section 3.1)."""
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
-            return False
+            return ""
         with self._lock:
             token = self._tokens.get(header[7:].strip())
         if token is None or token.expires_at < time.time():
-            return False
-        return name is None or _grants_pull(token.scopes, name)
+            return "invalid_token"
+        return None if name is None or _grants_pull(token.scopes, name) else "insufficient_scope"
 
     # Registry front ------------------------------------------------------------
 
@@ -298,11 +310,12 @@ class HubEmulator:
         path = request.url.path
         match = _REPO_PATH.match(path)
         name = match["name"] if match else None
-        if not self._authorized(request, name):
+        refusal = self._refusal(request, name)
+        if refusal is not None:
             self._log_front(request, 401, False)
             body = error_body("UNAUTHORIZED", "authentication required")
             return Response(body, status_code=401, media_type="application/json",
-                            headers={"www-authenticate": self.challenge(name),
+                            headers={"www-authenticate": self.challenge(name, refusal or None),
                                      "docker-distribution-api-version": "registry/2.0"})
         if request.method not in ("GET", "HEAD"):
             self._log_front(request, 405, True)

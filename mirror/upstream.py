@@ -34,7 +34,7 @@ import httpx
 
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
-from .manifest import MANIFEST_MEDIA_TYPES, SCHEMA1_SIGNED, detect_media_type
+from .manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1_SIGNED, detect_media_type
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
@@ -42,7 +42,10 @@ log = logging.getLogger("mirror.upstream")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
-_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+#: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
+MAX_REFERRER_PAGES = 16
+_NEXT_LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
 
@@ -91,6 +94,19 @@ class Manifest:
     body: bytes
     media_type: str
     digest: Digest
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """An upstream's answer to ``GET /v2/<name>/referrers/<digest>``, every page of it.
+
+    ``manifests`` is None when the answer was not an image index (the upstream has no Referrers
+    API, as oras-go and go-containerregistry read such an answer); ``filtered`` says the upstream
+    applied the ``artifactType`` filter (``OCI-Filters-Applied``, distribution-spec v1.1).
+    """
+
+    manifests: list[dict[str, Any]] | None
+    filtered: bool
 
 
 class BlobDownload:
@@ -430,14 +446,40 @@ class Upstream:
             raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
         return doc, response.headers.get("link")
 
-    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> dict[str, Any]:
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> Referrers:
+        """Every referrer the upstream lists for a digest, following ``Link`` pages.
+
+        Raises :class:`UpstreamNotFound` as any 404 (a registry without the Referrers API), and
+        :class:`UpstreamInvalid` for an index that is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
+        """
         params = {"artifactType": artifact_type} if artifact_type is not None else None
-        response = await self._send("GET", f"/v2/{name}/referrers/{digest}", params=params)
-        try:
-            doc = response.json()
-        except ValueError as exc:
-            raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
-        return doc if isinstance(doc, dict) else {}
+        path = f"/v2/{name}/referrers/{digest}"
+        found: list[dict[str, Any]] = []
+        filtered = True
+        for _ in range(MAX_REFERRER_PAGES):
+            response = await self._send("GET", path, params=params)
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                if _media_type(response.headers.get("content-type")) != OCI_INDEX:
+                    return Referrers(None, False)  # a page of some other kind: no API here
+                raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
+            entries = doc.get("manifests") if isinstance(doc, dict) else None
+            if not isinstance(entries, list):
+                return Referrers(None, False)
+            found += [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+            applied = response.headers.get("oci-filters-applied", "")
+            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+            link = _NEXT_LINK_RE.search(response.headers.get("link", ""))
+            if link is None:
+                return Referrers(found, filtered and artifact_type is not None)
+            target = response.request.url.join(link.group(1))
+            if not _same_origin(target, response.request.url):
+                raise UpstreamInvalid(f"referrers of {name}@{digest}: next page on another origin")
+            path, params = target.raw_path.decode("ascii"), None
+            prefix = self.client.base_url.raw_path.decode("ascii").rstrip("/")  # base_url adds it again
+            path = path.removeprefix(prefix) if prefix and path.startswith(prefix + "/") else path
+        raise UpstreamInvalid(f"referrers of {name}@{digest}: more than {MAX_REFERRER_PAGES} pages")
 
 
 def _media_type(content_type: str | None) -> str:

@@ -12,8 +12,8 @@ The mirror never answers "no referrers" for what it cannot know:
   then comes through the manifest path like any tag: cached, revalidated after ``cache.tag_ttl``,
   served stale when the upstream is down.  An index the mirror built from that tag would need the
   same revalidation a second time, and would claim an API the upstream does not have.
-* The upstream is unreachable and never listed this digest: the referrers pulled through, if the
-  upstream was seen with the API and some match, else 503.  An empty 200 would say "not signed".
+* The upstream is unreachable and never listed this digest: the referrers pulled through that
+  match, if there are any, else 503.  An empty 200 would say "not signed".
 
 Pulled-through manifests with a ``subject`` are recorded as referrers of it (:func:`referrer_of`),
 in the same index entries as pushed ones, so what is known survives the upstream going away.
@@ -105,14 +105,13 @@ class UpstreamReferrers:
 
     def _known(self, repo: str, digest: Digest, artifact_type: str | None, exc: UpstreamError) -> ReferrersAnswer:
         """The answer when the upstream cannot give one: what was kept, if it is enough to say anything."""
-        api = self.metadata.referrers_api(self.registry)
-        if api is False:
+        if self.metadata.referrers_api(self.registry) is False:
             raise _no_api(digest) from exc
         listed = self.metadata.upstream_referrers(repo, str(digest), artifact_type)
         pulled = self.metadata.referrers(repo, str(digest))
         seen = {d["digest"] for d in listed or ()}
         known = _of_type([*(listed or ()), *(d for d in pulled if d["digest"] not in seen)], artifact_type)
-        if listed is None and not (api and known):
+        if listed is None and not known:
             if isinstance(exc, UpstreamRateLimited):
                 headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
                 raise APIError("TOOMANYREQUESTS", "upstream rate limit reached and its referrers of this digest "

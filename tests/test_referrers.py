@@ -28,6 +28,7 @@ from tests.test_preload import mirror_cli
 
 SIGNATURE = "application/vnd.example.signature"
 SBOM = "application/vnd.example.sbom"
+COUNTER = "application/vnd.example.countersignature"
 EMPTY = "application/vnd.oci.empty.v1+json"
 NAME = "team/signed"
 #: Quick failures against a stopped upstream.
@@ -65,35 +66,45 @@ class Signed:
         return index(*(descriptor(OCI_MANIFEST, m, artifactType=json.loads(m)["artifactType"]) for m in manifests))
 
 
-def publish(registry: UpstreamRegistry, tmp_path: Path) -> Signed:
-    """Push an image, two artifacts whose subject it is, and the tag-schema index of the signature
-    (as a client that found no Referrers API leaves it)."""
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-    blobs = [config, b"{}", b"layer of the image", b"signature bytes", b"sbom bytes"]
+def push_blobs(registry: UpstreamRegistry, tmp_path: Path, *blobs: bytes) -> None:
     with client.session() as http:
         for data in blobs:
             path = tmp_path / sha256(data).replace(":", "-")
             path.write_bytes(data)
             client.push_blob(http, registry.url, NAME, sha256(data), path)
-        image = json.dumps({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
-            "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", b"layer of the image")],
-        }).encode()
+
+
+def push_artifact(registry: UpstreamRegistry, tmp_path: Path, artifact_type: str, payload: bytes,
+                  subject: bytes) -> bytes:
+    """Push an OCI 1.1 artifact (empty config, one layer) whose subject is the manifest *subject*."""
+    push_blobs(registry, tmp_path, b"{}", payload)
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+        "config": descriptor(EMPTY, b"{}"), "layers": [descriptor("application/octet-stream", payload)],
+        "subject": descriptor(OCI_MANIFEST, subject), "annotations": {"kind": artifact_type},
+    }).encode()
+    with client.session() as http:
+        client.put_manifest(http, registry.url, NAME, sha256(body), OCI_MANIFEST, body)
+    return body
+
+
+def publish(registry: UpstreamRegistry, tmp_path: Path) -> Signed:
+    """Push an image, two artifacts whose subject it is, and the tag-schema index of the signature
+    (as a client that found no Referrers API leaves it)."""
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    push_blobs(registry, tmp_path, config, b"layer of the image")
+    image = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", b"layer of the image")],
+    }).encode()
+    with client.session() as http:
         client.put_manifest(http, registry.url, NAME, "v1", OCI_MANIFEST, image)
-
-        def artifact(artifact_type: str, payload: bytes) -> bytes:
-            body = json.dumps({
-                "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
-                "config": descriptor(EMPTY, b"{}"), "layers": [descriptor("application/octet-stream", payload)],
-                "subject": descriptor(OCI_MANIFEST, image), "annotations": {"kind": artifact_type},
-            }).encode()
-            client.put_manifest(http, registry.url, NAME, sha256(body), OCI_MANIFEST, body)
-            return body
-
-        signature, sbom = artifact(SIGNATURE, b"signature bytes"), artifact(SBOM, b"sbom bytes")
-        fallback = index(descriptor(OCI_MANIFEST, signature, artifactType=SIGNATURE, annotations={"kind": SIGNATURE}))
+    signature = push_artifact(registry, tmp_path, SIGNATURE, b"signature bytes", image)
+    sbom = push_artifact(registry, tmp_path, SBOM, b"sbom bytes", image)
+    fallback = index(descriptor(OCI_MANIFEST, signature, artifactType=SIGNATURE, annotations={"kind": SIGNATURE}))
+    with client.session() as http:
         client.put_manifest(http, registry.url, NAME, sha256(image).replace(":", "-"), OCI_INDEX, fallback)
     return Signed(image, signature, sbom, fallback)
 
@@ -201,6 +212,9 @@ def test_upstream_with_referrers_api_offline_answers_what_is_known(
         mirror = mirror_factory(proxy.url, env=ENV)
         assert listed(referrers(http, mirror, signed.subject)) == {sha256(signed.signature)}
         assert manifest(http, mirror, sha256(signed.sbom)).content == signed.sbom  # pulled through: recorded
+        # A countersignature of the signature, pulled through; the signature's referrers were never listed.
+        counter = push_artifact(registry, tmp_path, COUNTER, b"countersignature bytes", signed.signature)
+        assert manifest(http, mirror, sha256(counter)).content == counter
     registry.stop()  # and the proxy is gone: nothing answers on the upstream's address
 
     known = referrers(http, mirror, signed.subject)
@@ -208,9 +222,11 @@ def test_upstream_with_referrers_api_offline_answers_what_is_known(
     assert known.headers["x-mirror-cache"] == "STALE"
     sboms = referrers(http, mirror, signed.subject, SBOM)
     assert listed(sboms) == {sha256(signed.sbom)} and sboms.headers["oci-filters-applied"] == "artifactType"
-    # Never listed, nothing pulled that refers to it: not an empty list.
-    unknown = referrers(http, mirror, sha256(signed.signature))
-    assert unknown.status_code == 503 and unknown.json()["errors"][0]["code"] == "UNAVAILABLE"
+    # Never listed: what was pulled through is known to exist; an empty list would be a guess.
+    countersigned = referrers(http, mirror, sha256(signed.signature))
+    assert listed(countersigned) == {sha256(counter)} and countersigned.headers["x-mirror-cache"] == "STALE"
+    for unknown in (referrers(http, mirror, sha256(signed.signature), SBOM), referrers(http, mirror, sha256(counter))):
+        assert unknown.status_code == 503 and unknown.json()["errors"][0]["code"] == "UNAVAILABLE"
     by_digest = {d["digest"]: d for d in known.json()["manifests"]}
     assert by_digest[sha256(signed.sbom)] == descriptor(OCI_MANIFEST, signed.sbom, artifactType=SBOM,
                                                          annotations={"kind": SBOM})

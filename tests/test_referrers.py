@@ -10,6 +10,8 @@ what it cannot know: a client reading an empty list concludes "not signed".
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,8 @@ from tests.support import client
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, sha256_digest as sha256
-from tests.support.mirror import MirrorServer
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.test_preload import mirror_cli
 
 SIGNATURE = "application/vnd.example.signature"
 SBOM = "application/vnd.example.sbom"
@@ -137,7 +138,9 @@ def manifest(http: httpx.Client, mirror: MirrorServer, reference: str) -> httpx.
 
 
 def assert_store_sound(mirror: MirrorServer) -> None:
-    check = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content")
+    """``mirror fsck --verify-content`` of the stopped mirror's data finds nothing."""
+    check = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir), "--verify-content"],
+                           capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

@@ -9,6 +9,10 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``repo/<repo>``             -> True, and ``catalog`` -> sorted tuple of every such repository
 * ``local/<name>``            -> created-at: a repository that was pushed to (filed as ``local/<name>``)
 * ``referrers/<repo>@<digest>`` -> tuple of descriptors (dicts) of manifests whose subject is the digest
+  (pushed ones, and pulled-through ones of a cached repository)
+* ``upstream-referrers/<repo>@<digest>[?<artifactType>]`` -> (fetched-at, tuple of descriptors): the
+  upstream's last complete referrers list (only of that artifact type when the upstream filtered it)
+* ``referrers-api/<registry>`` -> bool: whether that upstream answered the Referrers API when last asked
 * ``upload/<uuid>``           -> UploadRecord of a blob upload in progress
 * ``pin/<repo>@<digest>``     -> pinned-at: a preloaded manifest root (tagged manifest or index) that
   eviction and garbage collection must keep, with everything it references
@@ -218,6 +222,30 @@ class Metadata:
 
     def referrers(self, repo: str, subject: str) -> list[dict[str, object]]:
         return list(self._cache.get(f"referrers/{repo}@{subject}", ()))
+
+    def put_upstream_referrers(self, repo: str, subject: str, artifact_type: str | None,
+                               descriptors: Iterable[dict[str, Any]], now: float) -> None:
+        """Keep an upstream's complete referrers list (of *artifact_type* only, if it filtered)."""
+        suffix = f"?{artifact_type}" if artifact_type is not None else ""
+        self._cache.set(f"upstream-referrers/{repo}@{subject}{suffix}", (now, tuple(descriptors)))
+
+    def upstream_referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[dict[str, Any]] | None:
+        """The upstream's last list that covers *artifact_type* (its filtered list, else the whole one),
+        unfiltered; None if it never answered one."""
+        base = f"upstream-referrers/{repo}@{subject}"
+        value = self._cache.get(f"{base}?{artifact_type}") if artifact_type is not None else None
+        if value is None:
+            value = self._cache.get(base)
+        return None if value is None else list(value[1])
+
+    def set_referrers_api(self, registry: str, present: bool) -> None:
+        if self._cache.get(f"referrers-api/{registry}") is not present:
+            self._cache.set(f"referrers-api/{registry}", present)
+
+    def referrers_api(self, registry: str) -> bool | None:
+        """Whether *registry* answered the Referrers API when last asked; None if never asked."""
+        value = self._cache.get(f"referrers-api/{registry}")
+        return None if value is None else bool(value)
 
     # -- pins --
 

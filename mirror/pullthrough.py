@@ -31,6 +31,7 @@ from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, parse_digest, ParseError
+from .referrers import UpstreamReferrers, referrer_of
 from .store import Store
 from .upstream import (
     Manifest,
@@ -76,6 +77,12 @@ class BlobResult:
     outcome: Outcome
 
 
+@dataclass(frozen=True)
+class ReferrersResult:
+    manifests: list[dict[str, Any]]
+    outcome: Outcome
+
+
 class PullThrough:
     def __init__(self, store: Store, metadata: Metadata, fills: Fills, upstream: Upstream,
                  tag_ttl: float, registry: str) -> None:
@@ -92,6 +99,7 @@ class PullThrough:
         # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
         self._bodies: dict[str, bytes] = {}
         self._bodies_size = 0
+        self._referrers = UpstreamReferrers(metadata, upstream, registry)
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -203,12 +211,15 @@ class PullThrough:
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> None:
         key = str(manifest.digest)
         linked = [key, *(d.digest for d in references(manifest.body))]
+        referrer = referrer_of(manifest.body, manifest.media_type, key)
 
         def save() -> None:
             with reference_lock(self.store):  # not while the collector decides what is unreferenced
                 self.store.put_bytes(manifest.digest, manifest.body)
                 self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
                 self.metadata.link(repo, linked)
+                if referrer is not None:  # known even when the upstream is not
+                    self.metadata.add_referrer(repo, *referrer)
                 if tag is not None:
                     self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
 
@@ -283,20 +294,11 @@ class PullThrough:
 
     # -- referrers --
 
-    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
-        """The upstream's referrers of a digest; empty when it has none, lacks the API or is down."""
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> ReferrersResult:
+        """Referrers of a digest as the upstream lists them, or as known when it cannot (``referrers.py``)."""
         name = self.upstream.canonical_name(name)
-        try:
-            doc = await self.upstream.referrers(name, digest, artifact_type)
-        except UpstreamError:
-            return []
-        entries = doc.get("manifests") if isinstance(doc, dict) else None
-        if not isinstance(entries, list):
-            return []
-        found = [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
-        if artifact_type is not None:
-            found = [e for e in found if e.get("artifactType") == artifact_type]
-        return found
+        answer = await self._referrers.list(self._repo(name), name, digest, artifact_type)
+        return ReferrersResult(answer.manifests, Outcome.STALE if answer.stale else Outcome.MISS)
 
     # -- helpers --
 

@@ -289,12 +289,13 @@ async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
     pull, cached_name = _upstream_for(request, name)
     digest = _digest(m.group("digest"))
     artifact_type = _artifact_type(request.query_params.get("artifactType"))
-    found = local.referrers(name, digest, artifact_type)
-    if not local.is_local(name):
-        known = {d["digest"] for d in found}
-        found += [d for d in await pull.referrers(cached_name, digest, artifact_type) if d.get("digest") not in known]
-    headers = dict(API_HEADERS)
-    if artifact_type is not None:
+    if local.is_local(name):
+        found, outcome = local.referrers(name, digest, artifact_type), "LOCAL"
+    else:
+        result = await pull.referrers(cached_name, digest, artifact_type)
+        found, outcome = result.manifests, result.outcome.value
+    headers = {**API_HEADERS, CACHE_HEADER: outcome}
+    if artifact_type is not None:  # applied here, whether or not the upstream did
         headers["OCI-Filters-Applied"] = "artifactType"
     return Response(referrers_index(found), headers=headers, media_type=OCI_INDEX)
 

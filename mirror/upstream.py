@@ -34,7 +34,7 @@ import httpx
 
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
-from .manifest import MANIFEST_MEDIA_TYPES, SCHEMA1_SIGNED, detect_media_type
+from .manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1_SIGNED, detect_media_type
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
@@ -44,6 +44,8 @@ MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
+#: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
+MAX_REFERRER_PAGES = 16
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
@@ -93,6 +95,19 @@ class Manifest:
     body: bytes
     media_type: str
     digest: Digest
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """An upstream's answer to ``GET /v2/<name>/referrers/<digest>``, every page of it.
+
+    ``manifests`` is None when the answer was not an image index (the upstream has no Referrers
+    API, as oras-go and go-containerregistry read such an answer); ``filtered`` says the upstream
+    applied the ``artifactType`` filter (``OCI-Filters-Applied``, distribution-spec v1.1).
+    """
+
+    manifests: list[dict[str, Any]] | None
+    filtered: bool
 
 
 class BlobDownload:
@@ -444,13 +459,14 @@ class Upstream:
 
         A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
         "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
-        link is followed as given, never rebuilt.  It may be relative or absolute, but must stay
-        on the registry's origin and this repository's tags path: credentials never go to
-        another host.  Raises :class:`UpstreamInvalid` for a link elsewhere, a link seen before,
-        a page that is not a JSON object, or more than :data:`MAX_TAG_PAGES` pages.
+        link is followed as given (:func:`_next_page`), never rebuilt, and only on the registry's
+        origin: credentials never go to another host.  Raises :class:`UpstreamInvalid` for a link
+        elsewhere, a link seen before, a page that is not a JSON object, or more than
+        :data:`MAX_TAG_PAGES` pages.
         """
         first = self.client.build_request("GET", f"/v2/{name}/tags/list").url
-        url, visited = first, {str(first)}
+        url: httpx.URL | None = first
+        visited = {str(first)}
         found: dict[str, None] = {}
         for _ in range(MAX_TAG_PAGES):
             response = await self._send("GET", str(url))
@@ -461,29 +477,65 @@ class Upstream:
             if not isinstance(doc, dict):
                 raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
             found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
-            link = response.links.get("next", {}).get("url")
-            if not link:
+            url = _next_page(response, first, visited, f"tags list of {name}")
+            if url is None:
                 return list(found)
-            try:
-                url = response.url.join(link)
-            except httpx.InvalidURL as exc:
-                raise UpstreamInvalid(f"tags list of {name} links to an invalid URL {link!r}") from exc
-            if not _same_origin(url, first) or url.path != first.path:
-                raise UpstreamInvalid(f"tags list of {name} continues outside the repository ({link!r}): "
-                                      "not followed")
-            if str(url) in visited:
-                raise UpstreamInvalid(f"tags list of {name} links back to a page already read ({link!r})")
-            visited.add(str(url))
         raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")
 
-    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> dict[str, Any]:
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> Referrers:
+        """Every referrer the upstream lists for a digest, following ``Link`` pages.
+
+        Raises :class:`UpstreamNotFound` as any 404 (a registry without the Referrers API), and
+        :class:`UpstreamInvalid` for an index that is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
+        """
         params = {"artifactType": artifact_type} if artifact_type is not None else None
-        response = await self._send("GET", f"/v2/{name}/referrers/{digest}", params=params)
-        try:
-            doc = response.json()
-        except ValueError as exc:
-            raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
-        return doc if isinstance(doc, dict) else {}
+        first = self.client.build_request("GET", f"/v2/{name}/referrers/{digest}", params=params).url
+        url: httpx.URL | None = first
+        visited = {str(first)}
+        found: list[dict[str, Any]] = []
+        filtered = True
+        for _ in range(MAX_REFERRER_PAGES):
+            response = await self._send("GET", str(url))
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                if _media_type(response.headers.get("content-type")) != OCI_INDEX:
+                    return Referrers(None, False)  # a page of some other kind: no API here
+                raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
+            entries = doc.get("manifests") if isinstance(doc, dict) else None
+            if not isinstance(entries, list):
+                return Referrers(None, False)
+            found += [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+            applied = response.headers.get("oci-filters-applied", "")
+            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+            url = _next_page(response, first, visited, f"referrers of {name}@{digest}")
+            if url is None:
+                return Referrers(found, filtered and artifact_type is not None)
+        raise UpstreamInvalid(f"referrers of {name}@{digest} has more than {MAX_REFERRER_PAGES} pages")
+
+
+def _next_page(response: httpx.Response, first: httpx.URL, visited: set[str], what: str) -> httpx.URL | None:
+    """The page after *response* of a listing that began at *first*, or None after the last.
+
+    Pages link on with ``Link: <url>; rel="next"`` (RFC 8288; OCI distribution spec, "Listing
+    Tags" and "Listing Referrers"), whose query may be ``n``/``last`` or an opaque cursor, so the
+    link is followed as given, never rebuilt.  It may be relative or absolute, but must stay on
+    the registry's origin (scheme, host and port): credentials never go to another host.  Raises
+    :class:`UpstreamInvalid` for a link elsewhere or to a page already read (*visited*, updated).
+    """
+    link = response.links.get("next", {}).get("url")
+    if not link:
+        return None
+    try:
+        url = response.url.join(link)
+    except httpx.InvalidURL as exc:
+        raise UpstreamInvalid(f"{what} links to an invalid URL {link!r}") from exc
+    if not _same_origin(url, first):
+        raise UpstreamInvalid(f"{what} continues on another host ({link!r}): not followed")
+    if str(url) in visited:
+        raise UpstreamInvalid(f"{what} links back to a page already read ({link!r})")
+    visited.add(str(url))
+    return url
 
 
 def _media_type(content_type: str | None) -> str:

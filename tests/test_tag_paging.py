@@ -129,7 +129,7 @@ def test_links_to_another_host_are_not_followed(
         refused = http.get(f"{mirror.url}/v2/{name}/tags/list")
         assert refused.status_code == 502, refused.text
         error = refused.json()["errors"][0]
-        assert error["code"] == "UNAVAILABLE" and "outside the repository" in error["detail"]
+        assert error["code"] == "UNAVAILABLE" and "on another host" in error["detail"]
         assert elsewhere.tag_requests() == []
         assert len(pager.tag_requests()) == 1
         # With tags cached here, those are served instead (as when the upstream is down).

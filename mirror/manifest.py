@@ -1,8 +1,9 @@
 """Manifest media types and the little the mirror needs to read inside a manifest.
 
 Manifests are stored and served byte-for-byte; this module only looks into them to find the
-descriptors they reference (so a repository may serve those blobs) and, for clients that do
-not accept image indexes, the platform manifest to answer with.
+descriptors they reference (so a repository may serve those blobs), for clients that do
+not accept image indexes, the platform manifest to answer with, and what its registry
+digest is (:func:`registry_digest`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from . import schema1
+from .reference import Digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -20,6 +24,12 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
+#: The largest manifest the mirror reads (distribution's limit); larger is not a manifest.
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+class InvalidManifest(ValueError):
+    """An answer that is not the manifest it claims to be; the message says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -104,3 +114,14 @@ def accepted(accept_header: str | None) -> set[str]:
     if not accept_header:
         return set()
     return {part.split(";")[0].strip() for part in accept_header.split(",") if part.strip()}
+
+
+def registry_digest(body: bytes, media_type: str, algorithm: str = "sha256") -> Digest:
+    """The digest registries name a manifest by: of its bytes, except a signed schema 1 manifest,
+    named by its payload (``schema1.py``).  Raises :class:`InvalidManifest` if that cannot be cut."""
+    if media_type != SCHEMA1_SIGNED:
+        return Digest.of(body, algorithm)
+    try:
+        return schema1.digest(body, algorithm)
+    except schema1.Schema1Error as exc:
+        raise InvalidManifest(f"a signed schema 1 manifest: {exc}") from None

@@ -9,7 +9,7 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
      +-- UpstreamDenied         401 / 403 after authenticating
      +-- UpstreamInvalid        an answer that breaks the protocol (wrong digest, oversize manifest)
 
-This module knows nothing of the cache: it fetches, verifies manifests against their digest,
+This module knows nothing of the cache: it fetches, verifies manifests against their registry digest,
 and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
@@ -34,12 +34,11 @@ import httpx
 
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
-from .manifest import MANIFEST_MEDIA_TYPES, SCHEMA1_SIGNED, detect_media_type
+from .manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, InvalidManifest, detect_media_type, registry_digest
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
 
-MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
@@ -387,20 +386,24 @@ class Upstream:
         finally:
             await response.aclose()
         self.metrics.received(self.config.registry, "manifest", len(body))
-        media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
         announced = response.headers.get("docker-content-digest")
-        if isinstance(reference, Digest):
-            expected = reference
-        elif announced and media_type != SCHEMA1_SIGNED:
-            try:
-                expected = parse_digest(announced)
-            except ParseError as exc:
-                raise UpstreamInvalid(f"upstream sent a malformed digest {announced!r}") from exc
-        else:
-            expected = Digest.of(body)
-        actual = Digest.of(body, expected.algorithm)
-        if actual != expected:
-            raise UpstreamInvalid(f"manifest {name}:{reference} does not match its digest {expected}")
+        try:
+            media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
+            expected = [reference] if isinstance(reference, Digest) else []
+            if announced:
+                try:
+                    expected.append(parse_digest(announced))
+                except ParseError as exc:
+                    raise InvalidManifest(f"malformed Docker-Content-Digest {announced!r}") from exc
+            algorithm = expected[0].algorithm if expected else "sha256"
+            actual = registry_digest(body, media_type, algorithm)
+            for digest in expected:
+                if registry_digest(body, media_type, digest.algorithm) != digest:
+                    source = "asked for" if digest is reference else "announced"
+                    raise InvalidManifest(f"the manifest's digest is {actual}, not the {digest} {source}")
+        except InvalidManifest as exc:
+            raise self._failed(UpstreamInvalid(f"GET manifest {name}:{reference}: {exc}",
+                                               response.status_code)) from exc
         return Manifest(body, media_type, actual)
 
     @asynccontextmanager
@@ -441,4 +444,4 @@ class Upstream:
 
 
 def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";")[0].strip()
+    return (content_type or "").split(";")[0].strip().lower()

@@ -1,0 +1,194 @@
+"""Manifest answers from upstreams: what is not a manifest is refused, signed schema 1 is passed through.
+
+The upstream is a :class:`FaultProxy` in front of the session's docker-registry.  It answers
+manifest requests itself where a real registry cannot show the case: a login page (``200
+text/html``), bodies that claim a manifest media type but are not one, and a libtrust-signed
+schema 1 manifest whose ``Docker-Content-Digest`` is the digest of its payload.  Every test checks
+what the client got, how often the upstream was asked, and that nothing wrong reached ``DATA/``
+(a walk of ``blobs/`` and ``mirror fsck --verify-content``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
+from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer, sha256_digest as sha256
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, signed_schema1
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+ENV = {
+    "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true",
+    "MIRROR_UPSTREAM_RETRIES": "1",
+    "MIRROR_UPSTREAM_CONNECT_TIMEOUT": "2s",
+}
+TTL = 0.5
+SHORT_TTL = {**ENV, "MIRROR_CACHE_TAG_TTL": f"{int(TTL * 1000)}ms"}
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form>...</form></body></html>\n"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+# Helpers --------------------------------------------------------------------------------------------
+
+
+def request(mirror: MirrorServer, name: str, reference: str, method: str = "GET") -> httpx.Response:
+    return httpx.request(method, f"{mirror.url}/v2/{name}/manifests/{reference}", headers=ACCEPT,
+                         timeout=30.0, trust_env=False)
+
+
+def invalid_answer(answer: httpx.Response) -> str:
+    """The detail of a ``502 UNAVAILABLE`` "upstream sent an invalid answer" (checked to be one)."""
+    assert answer.status_code == 502, (answer.status_code, answer.text)
+    assert "x-mirror-cache" not in answer.headers
+    if not answer.content:  # a HEAD
+        return ""
+    assert answer.headers["content-type"].startswith("application/json"), answer.text
+    [error] = answer.json()["errors"]
+    assert (error["code"], error["message"]) == ("UNAVAILABLE", "upstream sent an invalid answer"), error
+    return str(error["detail"])
+
+
+def stored(mirror: MirrorServer) -> dict[str, bytes]:
+    """Every object under DATA/blobs by its name, and what it holds."""
+    return {f"{p.parent.parent.name}:{p.name}": p.read_bytes()
+            for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file()}
+
+
+def fsck_clean(mirror: MirrorServer) -> str:
+    done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir), "--verify-content"],
+                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")})
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
+    return done.stdout
+
+
+def stale_answers(mirror: MirrorServer) -> float:
+    answer = httpx.get(f"{mirror.url}/metrics", timeout=30.0, trust_env=False)
+    return sum(s.value for family in text_string_to_metric_families(answer.text) for s in family.samples
+               if s.name == "mirror_cache_requests_total" and s.labels == {"kind": "manifest", "outcome": "stale"})
+
+
+def past_ttl(since: float) -> None:
+    time.sleep(max(0.0, since + TTL + 0.1 - time.monotonic()))
+
+
+@pytest.fixture
+def proxied(fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+            upstream: UpstreamRegistry) -> Callable[..., MirrorServer]:
+    """Make a mirror whose upstream is the fault proxy; counters start at zero."""
+
+    def make(env: Mapping[str, str] = ENV) -> MirrorServer:
+        mirror = mirror_factory(fault_proxy.url, env=env)
+        fault_proxy.clear_counts()
+        upstream.clear_counts()
+        return mirror
+
+    return make
+
+
+def login_page(fault_proxy: FaultProxy, path: str = "/manifests/", method: str | None = None) -> None:
+    """Every manifest request matching *path* (and *method*) answered by a web login page."""
+    fault_proxy.add("status", path, method=method, status=200, body=LOGIN_PAGE,
+                    headers={"content-type": "text/html; charset=utf-8"})
+
+
+# Signed schema 1 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def old_image(upstream: UpstreamRegistry, fault_proxy: FaultProxy, tmp_path: Path) -> Schema1:
+    """A signed schema 1 image ``library/old:1``: its layers in the registry, its manifest (by tag and by
+    its registry digest) served by the fault proxy with that digest, as Docker Hub serves them."""
+    layers = [random_layer(tmp_path, 3000, 51), random_layer(tmp_path, 5000, 52)]
+    upstream.push_image("library/old", "v2", build_image(tmp_path, layers))  # the layers, in the real registry
+    old = signed_schema1("library/old", "1", layers)
+    assert old.digest != old.bytes_digest
+    headers = {"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest}
+    fault_proxy.add("status", f"/library/old/manifests/(1|{old.digest})$", status=200, body=old.body, headers=headers)
+    return old
+
+
+def test_signed_schema1_is_served_by_tag_and_by_its_payload_digest(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, old_image: Schema1, http: httpx.Client,
+) -> None:
+    old = old_image
+    for first, then in (("1", old.digest), (old.digest, "1")):  # each way round, in a new mirror
+        mirror = proxied()
+        for reference, cache in ((first, "MISS"), (then, "HIT" if then == old.digest else "MISS"), (first, "HIT")):
+            for method in ("GET", "HEAD"):
+                answer = request(mirror, "old", reference, method)
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["docker-content-digest"] == old.digest
+                assert answer.headers["content-type"] == SCHEMA1_SIGNED
+                assert answer.headers["content-length"] == str(len(old.body))
+                assert answer.content == (old.body if method == "GET" else b"")
+                if method == "GET":
+                    assert answer.headers["x-mirror-cache"] == cache, (reference, answer.headers)
+        for layer in old.layers:
+            blob = http.get(f"{mirror.url}/v2/old/blobs/{layer.digest}")
+            assert (blob.status_code, sha256(blob.content)) == (200, layer.digest)
+        # Stored byte for byte under the name registries give it.
+        assert stored(mirror)[old.digest] == old.body
+        assert old.bytes_digest not in stored(mirror)
+        fsck_clean(mirror)
+    assert fault_proxy.count("GET", f"/library/old/manifests/{old.digest}") == 1
+
+
+def test_signed_schema1_announced_with_the_hash_of_its_bytes_is_refused(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    old = signed_schema1("library/old", "2", [random_layer(tmp_path, 1000, 53)])
+    headers = {"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.bytes_digest}
+    fault_proxy.add("status", "/manifests/", status=200, body=old.body, headers=headers)
+    mirror = proxied()
+    detail = invalid_answer(request(mirror, "old", "2"))
+    assert f"digest is {old.digest}, not the {old.bytes_digest} announced" in detail, detail
+    detail = invalid_answer(request(mirror, "old", old.bytes_digest))
+    assert "asked for" in detail, detail
+    assert stored(mirror) == {}
+
+
+def test_collection_keeps_a_schema1_image_and_its_layers(
+    proxied: Callable[..., MirrorServer], old_image: Schema1, http: httpx.Client,
+) -> None:
+    mirror = proxied({**ENV, "MIRROR_GC_GRACE": "0s"})
+    assert request(mirror, "old", "1").status_code == 200
+    for layer in old_image.layers:
+        assert http.get(f"{mirror.url}/v2/old/blobs/{layer.digest}").status_code == 200
+    before = stored(mirror)
+    done = subprocess.run([sys.executable, "-m", "mirror", "gc", "--data", str(mirror.data_dir)],
+                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+                          env={**os.environ, "MIRROR_GC_GRACE": "0s"})
+    assert done.returncode == 0 and done.stdout.startswith("freed 0 objects"), done.stdout + done.stderr
+    assert stored(mirror) == before and set(before) == {old_image.digest, *(l.digest for l in old_image.layers)}
+    fsck_clean(mirror)
+
+
+def test_schema1_push_is_refused_with_a_clear_error(
+    mirror_factory: Callable[..., MirrorServer], tmp_path: Path, http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=ENV)
+    old = signed_schema1("team/old", "1", [random_layer(tmp_path, 1000, 54)])
+    for content_type in (SCHEMA1_SIGNED, "application/vnd.docker.distribution.manifest.v1+json"):
+        answer = http.put(f"{mirror.url}/v2/team/old/manifests/1", content=old.body,
+                          headers={"content-type": content_type})
+        assert answer.status_code == 400, answer.text
+        [error] = answer.json()["errors"]
+        assert error["code"] == "MANIFEST_INVALID" and "schema 1 manifests cannot be pushed" in error["detail"], error
+    assert http.get(f"{mirror.url}/v2/team/old/manifests/1").status_code == 404

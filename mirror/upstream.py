@@ -7,9 +7,11 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
      +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
      +-- UpstreamNotFound       404
      +-- UpstreamDenied         401 / 403 after authenticating
-     +-- UpstreamInvalid        an answer that breaks the protocol (wrong digest, oversize manifest)
+     +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
+                                a manifest answer that is not a manifest (a login page)
 
-This module knows nothing of the cache: it fetches, verifies manifests against their registry digest,
+This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
+(``manifest.checked_manifest``) and verifies it against its registry digest,
 and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
@@ -34,7 +36,7 @@ import httpx
 
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
-from .manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, InvalidManifest, detect_media_type, registry_digest
+from .manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, PLAIN_JSON, InvalidManifest, checked_manifest, registry_digest
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
@@ -363,10 +365,16 @@ class Upstream:
     async def head_manifest(self, name: str, reference: str) -> ManifestHead:
         response = await self._send("HEAD", f"/v2/{name}/manifests/{reference}",
                                     headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        media_type = _media_type(response.headers.get("content-type"))
+        if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:
+            # All a HEAD can show of a login page or a web UI answering in the registry's place.
+            raise self._failed(UpstreamInvalid(
+                f"HEAD manifest {name}:{reference}: Content-Type {media_type or '(none)'!r} is not a manifest "
+                f"media type", response.status_code))
         length = response.headers.get("content-length")
         return ManifestHead(
             digest=response.headers.get("docker-content-digest"),
-            media_type=_media_type(response.headers.get("content-type")),
+            media_type=media_type,
             size=int(length) if length and length.isdigit() else None,
         )
 
@@ -388,7 +396,7 @@ class Upstream:
         self.metrics.received(self.config.registry, "manifest", len(body))
         announced = response.headers.get("docker-content-digest")
         try:
-            media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
+            media_type = checked_manifest(body, response.headers.get("content-type", ""))
             expected = [reference] if isinstance(reference, Digest) else []
             if announced:
                 try:

@@ -108,6 +108,120 @@ def login_page(fault_proxy: FaultProxy, path: str = "/manifests/", method: str |
                     headers={"content-type": "text/html; charset=utf-8"})
 
 
+# Answers that are not manifests ---------------------------------------------------------------------
+
+
+def test_a_login_page_is_refused_and_never_stored(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
+) -> None:
+    mirror = proxied()
+    login_page(fault_proxy)
+    for reference in ("1", images.small.digest):
+        detail = invalid_answer(request(mirror, "small", reference))
+        assert "text/html" in detail and "not a manifest media type" in detail, detail
+        assert invalid_answer(request(mirror, "small", reference, "HEAD")) == ""  # a miss: a GET upstream
+        # Not remembered as bad either: the next request asks again.
+        invalid_answer(request(mirror, "small", reference))
+        assert fault_proxy.count("GET", f"/manifests/{reference}") == 3
+    assert stored(mirror) == {}
+
+    fault_proxy.clear_rules()  # the upstream recovers
+    for reference in ("1", images.small.digest):
+        good = request(mirror, "small", reference)
+        assert (good.status_code, good.content) == (200, images.small.manifest)
+        assert good.headers["docker-content-digest"] == images.small.digest
+    assert stored(mirror) == {images.small.digest: images.small.manifest}
+    fsck_clean(mirror)
+
+
+def test_a_login_page_after_the_tag_ttl_serves_the_cached_copy(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    before, after = (build_image(tmp_path, [random_layer(tmp_path, 4096, seed)]) for seed in (61, 62))
+    upstream.push_image("library/turns", "1", before)
+    mirror = proxied(SHORT_TTL)
+    first = request(mirror, "turns", "1")
+    fetched = time.monotonic()
+    assert (first.status_code, first.headers["x-mirror-cache"]) == (200, "MISS")
+    past_ttl(fetched)
+    fault_proxy.clear_counts()
+
+    login_page(fault_proxy)
+    for method in ("GET", "HEAD", "GET"):
+        stale = request(mirror, "turns", "1", method)
+        assert (stale.status_code, stale.headers["x-mirror-cache"]) == (200, "STALE"), stale.text
+        assert stale.headers["docker-content-digest"] == before.digest
+        assert stale.content == (before.manifest if method == "GET" else b"")
+    assert fault_proxy.count("HEAD", "/manifests/1") == 3  # every request asked again
+    assert stale_answers(mirror) == 3
+
+    # The tag moves upstream and only its GET is a login page (the HEAD shows the new digest).
+    fault_proxy.clear_rules()
+    upstream.push_image("library/turns", "1", after)
+    login_page(fault_proxy, method="GET")
+    stale = request(mirror, "turns", "1")
+    assert (stale.status_code, stale.headers["x-mirror-cache"], stale.content) == (200, "STALE", before.manifest)
+    assert fault_proxy.count("GET", "/manifests/1") == 1
+
+    fault_proxy.clear_rules()  # recovered: the new manifest is fetched, the HTML never was stored
+    fresh = request(mirror, "turns", "1")
+    assert (fresh.status_code, fresh.headers["x-mirror-cache"], fresh.content) == (200, "MISS", after.manifest)
+    assert stored(mirror) == {before.digest: before.manifest, after.digest: after.manifest}
+    fsck_clean(mirror)
+
+
+def _schema1_without_signatures() -> bytes:
+    return json.dumps({"schemaVersion": 1, "name": "library/small", "tag": "1",
+                       "fsLayers": [{"blobSum": sha256(b"x")}], "history": []}).encode()
+
+
+@pytest.mark.parametrize(("content_type", "body", "what"), [
+    (OCI_MANIFEST, LOGIN_PAGE, "is not JSON"),
+    (OCI_MANIFEST, b'["schemaVersion", 2]', "is not a JSON object"),
+    (OCI_MANIFEST, json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(),
+     f"its mediaType is '{OCI_INDEX}'"),
+    (DOCKER_MANIFEST, json.dumps({"schemaVersion": 1, "fsLayers": []}).encode(), "needs schemaVersion 2"),
+    (OCI_INDEX, json.dumps({"schemaVersion": 2, "manifests": {"digest": "sha256:00"}}).encode(),
+     "manifests is not a list"),
+    (OCI_MANIFEST, json.dumps({"schemaVersion": 2, "config": {"size": 2}, "layers": []}).encode(),
+     "an entry of config has no valid digest"),
+    ("application/json", b'{"status": "ok", "login": "/sso"}', "is not a manifest"),
+    (SCHEMA1_SIGNED, _schema1_without_signatures(), "no signatures"),
+    ("", json.dumps({"schemaVersion": 2, "manifests": []}).encode(), "'(none)' is not a manifest media type"),
+], ids=["html-as-oci", "array", "other-mediatype", "wrong-schema-version", "manifests-not-list",
+        "bad-config-digest", "json-not-manifest", "schema1-unsigned-as-signed", "no-content-type"])
+def test_a_body_that_is_not_the_manifest_it_claims_is_refused(
+    content_type: str, body: bytes, what: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,
+    images: StandardImages,
+) -> None:
+    mirror = proxied()
+    # Announced with the digest of the bytes sent, so that only the check of the body can refuse it.
+    headers = {"docker-content-digest": sha256(body), "content-type": content_type}
+    fault_proxy.add("status", "/manifests/", method="GET", status=200, body=body, headers=headers)
+    for _ in range(2):
+        detail = invalid_answer(request(mirror, "small", "1"))
+        assert what in detail, detail
+    assert fault_proxy.count("GET", "/manifests/1") == 2
+    assert stored(mirror) == {}
+    fault_proxy.clear_rules()
+    assert request(mirror, "small", "1").content == images.small.manifest
+    fsck_clean(mirror)
+
+
+def test_a_manifest_answer_that_does_not_match_the_digest_announced_is_refused(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
+) -> None:
+    mirror = proxied()
+    headers = {"docker-content-digest": images.small.digest, "content-type": images.small.media_type}
+    other = images.big.manifest  # a well-formed manifest, but not the one announced
+    fault_proxy.add("status", "/manifests/", method="GET", status=200, body=other, headers=headers)
+    detail = invalid_answer(request(mirror, "small", "1"))
+    assert f"not the {images.small.digest} announced" in detail, detail
+    detail = invalid_answer(request(mirror, "small", images.small.digest))
+    assert f"not the {images.small.digest} asked for" in detail, detail
+    assert stored(mirror) == {}
+
+
 # Signed schema 1 ------------------------------------------------------------------------------------
 
 

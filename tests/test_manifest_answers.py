@@ -306,3 +306,32 @@ def test_schema1_push_is_refused_with_a_clear_error(
         [error] = answer.json()["errors"]
         assert error["code"] == "MANIFEST_INVALID" and "schema 1 manifests cannot be pushed" in error["detail"], error
     assert http.get(f"{mirror.url}/v2/team/old/manifests/1").status_code == 404
+
+
+def skopeo_run(skopeo: str, *args: str) -> bytes:
+    done = subprocess.run([skopeo, *args], capture_output=True, timeout=180, check=False)
+    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr.decode()}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_skopeo_inspects_and_copies_a_signed_schema1_image_through_the_mirror(
+    skopeo: str, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, old_image: Schema1, tmp_path: Path,
+) -> None:
+    old = old_image
+    mirror = proxied()
+    layers = [layer.digest for layer in old.layers]  # base first, as skopeo lists them
+    for n, ref in enumerate(("library/old:1", f"library/old@{old.digest}")):
+        source = f"docker://{mirror.address}/{ref}"
+        assert skopeo_run(skopeo, "inspect", "--raw", "--tls-verify=false", source) == old.body
+        info = json.loads(skopeo_run(skopeo, "inspect", "--no-tags", "--tls-verify=false", source))
+        assert (info["Digest"], info["Layers"], info["Architecture"]) == (old.digest, layers, "amd64"), info
+        # skopeo checks the manifest against the digest it asked for (the payload's) and every layer.
+        target = tmp_path / f"copy-{n}"
+        skopeo_run(skopeo, "copy", "--src-tls-verify=false", source, f"dir:{target}")
+        assert (target / "manifest.json").read_bytes() == old.body
+        for layer in old.layers:
+            assert sha256((target / layer.digest.removeprefix("sha256:")).read_bytes()) == layer.digest
+    assert fault_proxy.count("GET", "/library/old/manifests/") == 1  # the tag's; the digest was stored with it
+    assert stored(mirror)[old.digest] == old.body
+    fsck_clean(mirror)

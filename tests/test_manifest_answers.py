@@ -70,18 +70,26 @@ def stored(mirror: MirrorServer) -> dict[str, bytes]:
             for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file()}
 
 
-def fsck_clean(mirror: MirrorServer) -> str:
-    done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir), "--verify-content"],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")})
+def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS`` with a clean ``MIRROR_*`` environment (plus *env*)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=PROJECT_ROOT, env={**clean, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def fsck_clean(mirror: MirrorServer) -> None:
+    done = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content")
     assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
-    return done.stdout
+
+
+def counter(mirror: MirrorServer, name: str, **labels: str) -> float:
+    answer = httpx.get(f"{mirror.url}/metrics", timeout=30.0, trust_env=False)
+    return sum(s.value for family in text_string_to_metric_families(answer.text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def stale_answers(mirror: MirrorServer) -> float:
-    answer = httpx.get(f"{mirror.url}/metrics", timeout=30.0, trust_env=False)
-    return sum(s.value for family in text_string_to_metric_families(answer.text) for s in family.samples
-               if s.name == "mirror_cache_requests_total" and s.labels == {"kind": "manifest", "outcome": "stale"})
+    return counter(mirror, "mirror_cache_requests_total", kind="manifest", outcome="stale")
 
 
 def past_ttl(since: float) -> None:
@@ -154,6 +162,7 @@ def test_a_login_page_after_the_tag_ttl_serves_the_cached_copy(
         assert stale.content == (before.manifest if method == "GET" else b"")
     assert fault_proxy.count("HEAD", "/manifests/1") == 3  # every request asked again
     assert stale_answers(mirror) == 3
+    assert counter(mirror, "mirror_upstream_errors_total", reason="invalid") == 3
 
     # The tag moves upstream and only its GET is a login page (the HEAD shows the new digest).
     fault_proxy.clear_rules()
@@ -278,6 +287,28 @@ def test_signed_schema1_announced_with_the_hash_of_its_bytes_is_refused(
     assert stored(mirror) == {}
 
 
+def test_signed_schema1_from_an_old_registry_as_application_json_is_served_as_what_it_is(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    old = signed_schema1("library/old", "3", [random_layer(tmp_path, 1000, 55)])
+    headers = {"content-type": "application/json; charset=utf-8", "docker-content-digest": old.digest}
+    fault_proxy.add("status", "/manifests/", status=200, body=old.body, headers=headers)
+    mirror = proxied()
+    for reference in ("3", old.digest):
+        answer = request(mirror, "old", reference)
+        assert (answer.status_code, answer.content) == (200, old.body), answer.text
+        assert answer.headers["content-type"] == SCHEMA1_SIGNED
+        assert answer.headers["docker-content-digest"] == old.digest
+    assert stored(mirror) == {old.digest: old.body}
+
+
+def test_export_refuses_a_schema1_image(fault_proxy: FaultProxy, old_image: Schema1, tmp_path: Path) -> None:
+    bundle = tmp_path / "old.tar"
+    done = mirror_cli("export", "--data", tmp_path / "data", "--upstream", fault_proxy.url, "old:1", "-o", bundle)
+    assert done.returncode == 1 and "schema 1 manifests cannot be exported" in done.stderr, done.stdout + done.stderr
+    assert not bundle.exists()
+
+
 def test_collection_keeps_a_schema1_image_and_its_layers(
     proxied: Callable[..., MirrorServer], old_image: Schema1, http: httpx.Client,
 ) -> None:
@@ -286,9 +317,7 @@ def test_collection_keeps_a_schema1_image_and_its_layers(
     for layer in old_image.layers:
         assert http.get(f"{mirror.url}/v2/old/blobs/{layer.digest}").status_code == 200
     before = stored(mirror)
-    done = subprocess.run([sys.executable, "-m", "mirror", "gc", "--data", str(mirror.data_dir)],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
-                          env={**os.environ, "MIRROR_GC_GRACE": "0s"})
+    done = mirror_cli("gc", "--data", mirror.data_dir, env={"MIRROR_GC_GRACE": "0s"})
     assert done.returncode == 0 and done.stdout.startswith("freed 0 objects"), done.stdout + done.stderr
     assert stored(mirror) == before and set(before) == {old_image.digest, *(l.digest for l in old_image.layers)}
     fsck_clean(mirror)

@@ -10,6 +10,7 @@ what the client got, how often the upstream was asked, and that nothing wrong re
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -27,7 +28,8 @@ from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, signed_schema1
+from mirror import schema1
+from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, b64url, signed_schema1
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
@@ -271,6 +273,35 @@ def test_signed_schema1_is_served_by_tag_and_by_its_payload_digest(
         assert old.bytes_digest not in stored(mirror)
         fsck_clean(mirror)
     assert fault_proxy.count("GET", f"/library/old/manifests/{old.digest}") == 1
+
+
+def _signed_with(old: Schema1, *changes: dict[str, object]) -> bytes:
+    """*old* with one signature per item of *changes*, each with its protected header changed that way."""
+    doc = json.loads(old.body)
+    signature = doc["signatures"][0]
+    header = json.loads(base64.urlsafe_b64decode(signature["protected"] + "=="))
+    blocks = [{**signature, "protected": b64url(json.dumps({**header, **change}).encode())} for change in changes]
+    signatures = json.dumps(blocks, indent=3).replace("\n", "\n   ")
+    cut = old.body.index(b',\n   "signatures"')
+    return old.body[:cut] + f',\n   "signatures": {signatures}\n}}'.encode()
+
+
+def test_schema1_payload_is_cut_as_libtrust_does_or_refused(tmp_path: Path) -> None:
+    old = signed_schema1("library/old", "4", [random_layer(tmp_path, 1000, 56)])
+    assert schema1.payload(old.body) == old.payload
+    assert schema1.payload(_signed_with(old, {}, {})) == old.payload  # two signatures that agree
+    short = len(old.payload) - 3
+    refused = {
+        "signatures disagree": _signed_with(old, {}, {"formatLength": short}),
+        "no valid formatLength": _signed_with(old, {"formatLength": 10**6}),
+        "formatTail is not a string": _signed_with(old, {"formatTail": None}),
+        "is not JSON": _signed_with(old, {"formatTail": b64url(b"\n")}),
+        "not the unsigned manifest": _signed_with(old, {"formatTail": b64url(b',"signatures":[]}')}),
+        "no signatures": _signed_with(old),
+    }
+    for what, body in refused.items():
+        with pytest.raises(schema1.Schema1Error, match=what):
+            schema1.payload(body)
 
 
 def test_signed_schema1_announced_with_the_hash_of_its_bytes_is_refused(

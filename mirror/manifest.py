@@ -127,6 +127,10 @@ def checked_manifest(body: bytes, content_type: str) -> str:
     type has (``manifests``, or ``config`` and ``layers``) and no other ``mediaType``, or
     ``schemaVersion`` 1 with ``fsLayers`` (signed: with signatures that cut out its payload,
     see ``schema1.py``).  Raises :class:`InvalidManifest` naming what is wrong.
+
+    The rule for ``mediaType`` is the OCI distribution spec's (a manifest's ``mediaType``, when
+    present, matches the Content-Type it is served with); ``application/json`` is what
+    distribution before 2.3 labelled schema 1 with.
     """
     media_type = content_type.split(";")[0].strip().lower()
     if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:

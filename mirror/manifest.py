@@ -27,7 +27,7 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
 #: The largest manifest the mirror reads (distribution's limit); larger is not a manifest.
 MAX_MANIFEST_BYTES = 4 << 20
-#: What old registries (distribution before 2.3) label every manifest with.
+#: What old registries (early distribution releases) label manifests with.
 PLAIN_JSON = "application/json"
 
 
@@ -130,7 +130,7 @@ def checked_manifest(body: bytes, content_type: str) -> str:
 
     The rule for ``mediaType`` is the OCI distribution spec's (a manifest's ``mediaType``, when
     present, matches the Content-Type it is served with); ``application/json`` is what
-    distribution before 2.3 labelled schema 1 with.
+    early distribution releases labelled schema 1 with.
     """
     media_type = content_type.split(";")[0].strip().lower()
     if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:

@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from .archive import human
 from .config import Config, UpstreamConfig
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, detect_media_type
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, local_repo
 from .names import ImageName, InvalidImageName, parse_image_name
 from .preload import CONTAINERD_NAME, REF_NAME, NoProgress, Progress
@@ -265,9 +265,12 @@ class Exporter:
         if depth > MAX_DEPTH:
             raise ExportError(f"{image.text}: indexes nested more than {MAX_DEPTH} deep")
         body = await self._manifest(image, digest)
+        media_type = detect_media_type(body, media_type)
+        if media_type in (SCHEMA1, SCHEMA1_SIGNED):  # named by their payload's digest: not an OCI layout's blob
+            raise ExportError(f"{image.text}: schema 1 manifests cannot be exported (schema 2 and OCI only)")
         objects[digest] = len(body)
         doc = json.loads(body)
-        if detect_media_type(body, media_type) in INDEX_TYPES:
+        if media_type in INDEX_TYPES:
             for child in self._select(image, doc.get("manifests") or []):
                 await self._gather(image, child["digest"], child.get("mediaType", ""), objects, depth + 1)
             return len(body)

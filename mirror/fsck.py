@@ -1,7 +1,8 @@
 """``mirror fsck``: check that the index and the store agree, and optionally repair them.
 
 Checks: leftovers in ``tmp/`` and ``uploads/``; objects in ``blobs/`` with names that are not
-digests; (with ``verify_content``) objects whose bytes do not hash to their name; tags whose
+digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed
+schema 1 manifest: whose payload does not, see ``store.py``); tags whose
 manifest is missing; manifest records and repository links whose object is missing; pushed
 images whose layers are missing.  ``repair`` removes what is corrupt or dangling, so cached
 content is fetched again on the next pull; it never invents data.
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from .gc import _scandir
 from .manifest import references
 from .metadata import LOCAL, Metadata
-from .reference import ParseError, parse_digest
-from .store import UPLOAD_ID_RE, Store, hash_file
+from .reference import Digest, ParseError, parse_digest
+from .store import UPLOAD_ID_RE, Store, object_matches
 
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
 
@@ -105,7 +106,7 @@ class Fsck:
             if self.verify_content:
                 if self.progress:
                     self.progress(n, total)
-                if hash_file(path, algorithm) != entry.name:
+                if not object_matches(path, Digest(algorithm, entry.name)):
                     self._found("corrupt object (content does not match its digest)", digest,
                                 lambda p=path, d=digest: self._drop_object(p, d))
                     continue

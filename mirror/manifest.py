@@ -1,8 +1,10 @@
 """Manifest media types and the little the mirror needs to read inside a manifest.
 
 Manifests are stored and served byte-for-byte; this module only looks into them to find the
-descriptors they reference (so a repository may serve those blobs) and, for clients that do
-not accept image indexes, the platform manifest to answer with.
+descriptors they reference (so a repository may serve those blobs), for clients that do
+not accept image indexes, the platform manifest to answer with, and to check that an
+upstream's answer is a manifest at all (:func:`checked_manifest`) and what its registry
+digest is (:func:`registry_digest`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from . import schema1
+from .reference import DIGEST_RE, Digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -20,6 +25,14 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
+#: The largest manifest the mirror reads (distribution's limit); larger is not a manifest.
+MAX_MANIFEST_BYTES = 4 << 20
+#: What old registries (early distribution releases) label manifests with.
+PLAIN_JSON = "application/json"
+
+
+class InvalidManifest(ValueError):
+    """An answer that is not the manifest it claims to be; the message says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -104,3 +117,72 @@ def accepted(accept_header: str | None) -> set[str]:
     if not accept_header:
         return set()
     return {part.split(";")[0].strip() for part in accept_header.split(",") if part.strip()}
+
+
+def checked_manifest(body: bytes, content_type: str) -> str:
+    """The media type of *body*, received as a manifest with *content_type*, once it is checked.
+
+    The Content-Type must be a manifest media type, or ``application/json`` (then the body says
+    which); the body a JSON object of that kind: ``schemaVersion`` 2 with the descriptors its
+    type has (``manifests``, or ``config`` and ``layers``) and no other ``mediaType``, or
+    ``schemaVersion`` 1 with ``fsLayers`` (signed: with signatures that cut out its payload,
+    see ``schema1.py``).  Raises :class:`InvalidManifest` naming what is wrong.
+
+    The rule for ``mediaType`` is the OCI distribution spec's (a manifest's ``mediaType``, when
+    present, matches the Content-Type it is served with); ``application/json`` is what
+    early distribution releases labelled schema 1 with.
+    """
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:
+        raise InvalidManifest(f"Content-Type {media_type or '(none)'!r} is not a manifest media type")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidManifest(f"the body sent as {media_type} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidManifest(f"the body sent as {media_type} is not a JSON object")
+    if media_type == PLAIN_JSON:
+        media_type = detect_media_type(body, media_type)
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            raise InvalidManifest("the body sent as application/json is not a manifest")
+    in_body = doc.get("mediaType")
+    if in_body is not None and in_body != media_type:
+        raise InvalidManifest(f"sent as {media_type} but its mediaType is {in_body!r}")
+    version = 1 if media_type in (SCHEMA1, SCHEMA1_SIGNED) else 2
+    if doc.get("schemaVersion") != version or isinstance(doc.get("schemaVersion"), bool):
+        raise InvalidManifest(f"a {media_type} manifest needs schemaVersion {version}, "
+                              f"not {doc.get('schemaVersion')!r}")
+    if version == 1:
+        _check_entries(doc, "fsLayers", "blobSum")
+        if media_type == SCHEMA1_SIGNED:
+            try:
+                schema1.payload(body)
+            except schema1.Schema1Error as exc:
+                raise InvalidManifest(f"a signed schema 1 manifest: {exc}") from None
+    elif media_type in INDEX_TYPES:
+        _check_entries(doc, "manifests", "digest")
+    else:
+        _check_entries({"config": [doc.get("config")]}, "config", "digest")
+        _check_entries(doc, "layers", "digest")
+    return media_type
+
+
+def _check_entries(doc: dict[str, Any], key: str, digest_key: str) -> None:
+    entries = doc.get(key)
+    if not isinstance(entries, list):
+        raise InvalidManifest(f"{key} is not a list")
+    for entry in entries:
+        value = entry.get(digest_key) if isinstance(entry, dict) else None
+        if not isinstance(value, str) or not DIGEST_RE.fullmatch(value):
+            raise InvalidManifest(f"an entry of {key} has no valid {digest_key}")
+
+
+def registry_digest(body: bytes, media_type: str, algorithm: str = "sha256") -> Digest:
+    """The digest registries name a manifest by: of its bytes, except a signed schema 1 manifest,
+    named by its payload (``schema1.py``).  Raises :class:`InvalidManifest` if that cannot be cut."""
+    if media_type != SCHEMA1_SIGNED:
+        return Digest.of(body, algorithm)
+    try:
+        return schema1.digest(body, algorithm)
+    except schema1.Schema1Error as exc:
+        raise InvalidManifest(f"a signed schema 1 manifest: {exc}") from None

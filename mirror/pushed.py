@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from .errors import APIError
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1, SCHEMA1_SIGNED
 from .reference import ParseError, parse_digest
 
 
@@ -33,6 +33,10 @@ def manifest_document(body: bytes) -> dict[str, Any]:
 
 def manifest_media_type(content_type: str, doc: dict[str, Any]) -> str:
     announced = content_type.split(";")[0].strip()
+    if announced in (SCHEMA1, SCHEMA1_SIGNED) or doc.get("schemaVersion") == 1:
+        # Deprecated by Docker (and refused by distribution by default); pulled-through ones are served.
+        raise APIError("MANIFEST_INVALID", detail="schema 1 manifests cannot be pushed: push the image as Docker "
+                                                  "schema 2 or OCI (e.g. skopeo copy --format v2s2)")
     in_body = doc.get("mediaType")
     if in_body is not None and not isinstance(in_body, str):
         raise APIError("MANIFEST_INVALID", detail="mediaType must be a string")

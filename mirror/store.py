@@ -13,7 +13,10 @@ Disk layout, produced by the methods of :class:`Store` and nowhere else::
       auth.key                            the key signing the login tokens (``auth.py``), mode 0600
 
 A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
-digest (and size) checked, fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
+digest (and size) checked, fsync, ``os.replace``.  An object is named by the digest registries
+give it, which is the hash of its bytes for everything but a signed schema 1 manifest: that one
+is named by the hash of its payload (``schema1.py``), stored byte for byte under that name, and
+checked that way (:func:`object_matches`).  Every temp file is flock'ed by the process writing it, so the
 start-up sweep removes exactly the leftovers of writers that died.
 
 All methods do blocking file I/O: call them from a worker thread in async code.
@@ -30,6 +33,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from . import schema1
+from .manifest import MAX_MANIFEST_BYTES
 from .reference import Digest
 
 CHUNK = 1024 * 1024
@@ -108,17 +113,25 @@ class Store:
 
     # -- writing --
 
-    def ingest(self, digest: Digest, expected_size: int | None = None) -> "Ingest":
+    def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> "Ingest":
+        """A new object to be stored as *digest*, whose bytes hash to *content* (default: *digest*)."""
         path = self.tmp / f"ingest-{secrets.token_hex(12)}.partial"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return Ingest(self, digest, path, fd, expected_size)
+        return Ingest(self, digest, path, fd, expected_size, content)
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
-        """Store a small object given in full (a manifest), verified like any other."""
+        """Store a small object given in full (a manifest), verified like any other.
+
+        *digest* is the hash of *data*, or for a signed schema 1 manifest that of its payload;
+        raises :class:`DigestMismatch` when it is neither.
+        """
         if self.exists(digest):
             return
-        ingest = self.ingest(digest, len(data))
+        content = Digest.of(data, digest.algorithm)
+        if content != digest and not _signed_schema1_named(data, digest):
+            raise DigestMismatch(f"content does not match {digest} (got {content})")
+        ingest = self.ingest(digest, len(data), content=content)
         try:
             ingest.write(data)
             ingest.commit()
@@ -190,6 +203,25 @@ class Store:
         return found
 
 
+def object_matches(path: str | os.PathLike[str], digest: Digest) -> bool:
+    """True if the stored object at *path* is what its name *digest* says (the rule is above)."""
+    if hash_file(path, digest.algorithm) == digest.hex:
+        return True
+    if os.stat(path).st_size > MAX_MANIFEST_BYTES:
+        return False
+    with open(path, "rb") as handle:
+        return _signed_schema1_named(handle.read(), digest)
+
+
+def _signed_schema1_named(data: bytes, digest: Digest) -> bool:
+    if not schema1.looks_signed(data):
+        return False
+    try:
+        return schema1.digest(data, digest.algorithm) == digest
+    except schema1.Schema1Error:
+        return False
+
+
 def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
     """Hex digest of a file's content, read 1 MiB at a time."""
     hasher = hashlib.new(algorithm)
@@ -202,14 +234,17 @@ def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
 class Ingest:
     """A temp file being written: hashed as bytes arrive, committed only when verified."""
 
-    def __init__(self, store: Store, digest: Digest, path: Path, fd: int, expected_size: int | None) -> None:
+    def __init__(self, store: Store, digest: Digest, path: Path, fd: int, expected_size: int | None,
+                 content: Digest | None = None) -> None:
         self.store = store
         self.digest = digest
+        #: What the bytes must hash to: the name, but for a signed schema 1 manifest (see above).
+        self.content = content or digest
         self.path = path
         self.fd = fd
         self.expected_size = expected_size
         self.written = 0
-        self._hasher = digest.hasher()
+        self._hasher = self.content.hasher()
         self._closed = False
 
     def write(self, data: bytes | memoryview) -> None:
@@ -224,8 +259,8 @@ class Ingest:
         if self.expected_size is not None and self.written != self.expected_size:
             raise SizeMismatch(f"{self.digest}: got {self.written} bytes, expected {self.expected_size}")
         actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
-            raise DigestMismatch(f"content does not match {self.digest} (got {self.digest.algorithm}:{actual})")
+        if actual != self.content.hex:
+            raise DigestMismatch(f"content does not match {self.content} (got {self.content.algorithm}:{actual})")
 
     def commit(self) -> None:
         """Verify, flush to disk and move into place.  Raises and leaves nothing behind on mismatch."""

@@ -7,9 +7,11 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
      +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
      +-- UpstreamNotFound       404
      +-- UpstreamDenied         401 / 403 after authenticating
-     +-- UpstreamInvalid        an answer that breaks the protocol (wrong digest, oversize manifest)
+     +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
+                                a manifest answer that is not a manifest (a login page)
 
-This module knows nothing of the cache: it fetches, verifies manifests against their digest,
+This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
+(``manifest.checked_manifest``) and verifies it against its registry digest,
 and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
@@ -34,12 +36,12 @@ import httpx
 
 from .config import UpstreamConfig
 from .reference import Digest, parse_digest, ParseError
-from .manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1_SIGNED, detect_media_type
+from .manifest import (MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX, PLAIN_JSON, InvalidManifest,
+                       checked_manifest, registry_digest)
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
 
-MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
@@ -398,10 +400,16 @@ class Upstream:
     async def head_manifest(self, name: str, reference: str) -> ManifestHead:
         response = await self._send("HEAD", f"/v2/{name}/manifests/{reference}",
                                     headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        media_type = _media_type(response.headers.get("content-type"))
+        if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:
+            # All a HEAD can show of a login page or a web UI answering in the registry's place.
+            raise self._failed(UpstreamInvalid(
+                f"HEAD manifest {name}:{reference}: Content-Type {media_type or '(none)'!r} is not a manifest "
+                f"media type", response.status_code))
         length = response.headers.get("content-length")
         return ManifestHead(
             digest=response.headers.get("docker-content-digest"),
-            media_type=_media_type(response.headers.get("content-type")),
+            media_type=media_type,
             size=int(length) if length and length.isdigit() else None,
         )
 
@@ -421,20 +429,24 @@ class Upstream:
         finally:
             await response.aclose()
         self.metrics.received(self.config.registry, "manifest", len(body))
-        media_type = detect_media_type(body, _media_type(response.headers.get("content-type")))
         announced = response.headers.get("docker-content-digest")
-        if isinstance(reference, Digest):
-            expected = reference
-        elif announced and media_type != SCHEMA1_SIGNED:
-            try:
-                expected = parse_digest(announced)
-            except ParseError as exc:
-                raise UpstreamInvalid(f"upstream sent a malformed digest {announced!r}") from exc
-        else:
-            expected = Digest.of(body)
-        actual = Digest.of(body, expected.algorithm)
-        if actual != expected:
-            raise UpstreamInvalid(f"manifest {name}:{reference} does not match its digest {expected}")
+        try:
+            media_type = checked_manifest(body, response.headers.get("content-type", ""))
+            expected = [reference] if isinstance(reference, Digest) else []
+            if announced:
+                try:
+                    expected.append(parse_digest(announced))
+                except ParseError as exc:
+                    raise InvalidManifest(f"malformed Docker-Content-Digest {announced!r}") from exc
+            algorithm = expected[0].algorithm if expected else "sha256"
+            actual = registry_digest(body, media_type, algorithm)
+            for digest in expected:
+                if registry_digest(body, media_type, digest.algorithm) != digest:
+                    source = "asked for" if digest is reference else "announced"
+                    raise InvalidManifest(f"the manifest's digest is {actual}, not the {digest} {source}")
+        except InvalidManifest as exc:
+            raise self._failed(UpstreamInvalid(f"GET manifest {name}:{reference}: {exc}",
+                                               response.status_code)) from exc
         return Manifest(body, media_type, actual)
 
     @asynccontextmanager
@@ -539,4 +551,4 @@ def _next_page(response: httpx.Response, first: httpx.URL, visited: set[str], wh
 
 
 def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";")[0].strip()
+    return (content_type or "").split(";")[0].strip().lower()

@@ -102,7 +102,7 @@ class Manifest:
 
 
 class BlobDownload:
-    """A blob body being received; ``size`` is the announced length, if any."""
+    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
 
     def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None) -> None:
         self.response = response

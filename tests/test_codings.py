@@ -73,8 +73,11 @@ def assert_identity(answer: httpx.Response, body: bytes, expected: bytes | None 
 
 
 def pull(http: httpx.Client, mirror: MirrorServer, name: str, image: Image, tag: str | None, *,
-         head_blobs: bool = False) -> None:
-    """Manifest (by tag if given, by digest, and HEAD), then every blob (HEAD first if asked), byte-exact."""
+         head_blobs: bool = False, coded_heads: bool = False) -> None:
+    """Manifest (by tag if given, by digest, and HEAD), then every blob (HEAD first if asked), byte-exact.
+
+    A blob HEAD the upstream answers coded (*coded_heads*) cannot tell the identity size: 502.
+    """
     base = f"{mirror.url}/v2/{name}"
     if tag is not None:
         answer, body = get_raw(http, f"{base}/manifests/{tag}", headers=ACCEPT)
@@ -89,9 +92,12 @@ def pull(http: httpx.Client, mirror: MirrorServer, name: str, image: Image, tag:
     for digest in image.blobs:
         if head_blobs:  # answered from the upstream's HEAD, before the blob is fetched
             head, _ = get_raw(http, f"{base}/blobs/{digest}", "HEAD")
-            assert_identity(head, b"")
-            assert (head.headers["x-mirror-cache"], head.headers["content-length"]) == \
-                ("MISS", str(image.blobs[digest].stat().st_size))
+            if coded_heads:
+                assert head.status_code == 502 and "content-encoding" not in head.headers, head.headers
+            else:
+                assert_identity(head, b"")
+                assert (head.headers["x-mirror-cache"], head.headers["content-length"]) == \
+                    ("MISS", str(image.blobs[digest].stat().st_size))
         answer, body = get_raw(http, f"{base}/blobs/{digest}")
         assert_identity(answer, body, digest=digest)
 
@@ -153,8 +159,7 @@ def test_manifests_blobs_and_tags_of_a_coding_registry(
         mirror = mirror_factory(proxy.url, env=ENV)
         image = images.small
         fetched = time.monotonic()
-        # A blob HEAD needs the identity length, which a coded HEAD answer does not tell.
-        pull(http, mirror, "small", image, "1", head_blobs=not always)
+        pull(http, mirror, "small", image, "1", head_blobs=True, coded_heads=always)
         tags, body = get_raw(http, f"{mirror.url}/v2/small/tags/list")
         assert_identity(tags, body)
         assert json.loads(body) == {"name": "small", "tags": ["1"]}

@@ -10,7 +10,7 @@ streams.  Answers that carry no representation (204, 206, 304, 1xx) are left
 alone.  Every request is recorded with its ``Accept-Encoding``.
 
 :class:`CodingProxy` is such a coder in front of a forwarding proxy to one
-upstream: the whole server as one loopback process thread.
+upstream, served on loopback from a thread of the test process.
 """
 
 from __future__ import annotations

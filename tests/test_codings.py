@@ -163,6 +163,9 @@ def test_manifests_blobs_and_tags_of_a_coding_registry(
         tags, body = get_raw(http, f"{mirror.url}/v2/small/tags/list")
         assert_identity(tags, body)
         assert json.loads(body) == {"name": "small", "tags": ["1"]}
+        # An error answer is read for its spec code, coded or not.
+        missing = http.get(f"{mirror.url}/v2/no-such-repository/tags/list")
+        assert missing.status_code == 404 and missing.json()["errors"][0]["code"] == "NAME_UNKNOWN", missing.text
 
         # Past the tag's TTL it is revalidated with a HEAD, coded too, and not fetched again.
         time.sleep(max(fetched + TTL + 0.1 - time.monotonic(), 0))

@@ -13,7 +13,8 @@ This module knows nothing of the cache: it fetches, verifies manifests against t
 and streams blobs.  Digests are over the identity bytes: every request (to the registry, its
 token realm and any redirect's target) carries ``Accept-Encoding: identity``, and an answer
 content-coded anyway (gzip, deflate, br or zstd; RFC 9110 section 8.4) is decoded before anything
-hashes or keeps it; one in a coding the mirror cannot decode is ``UpstreamInvalid``.  Idempotent requests that fail before any byte arrived are retried with
+hashes or keeps it; one in a coding the mirror cannot decode, or that does not decode, is
+``UpstreamInvalid``.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
@@ -222,7 +223,8 @@ class RegistryAuth(httpx.Auth):
                         realm.host)
             return None
         query = {k: v for k, v in params.items() if k in {"service", "scope"}}
-        request = httpx.Request("GET", realm.copy_merge_params(query), headers={"Accept-Encoding": ACCEPT_ENCODING})
+        request = httpx.Request("GET", realm.copy_merge_params(query),
+                                headers={"Accept-Encoding": ACCEPT_ENCODING})  # a client's default is none
         if self._basic is not None:
             request.headers["Authorization"] = self._basic
         return request

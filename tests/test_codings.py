@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -52,9 +52,10 @@ def http() -> Iterator[httpx.Client]:
 # What the client got, what the store holds ------------------------------------------------------------
 
 
-def get_raw(http: httpx.Client, url: str, method: str = "GET", **kwargs: object) -> tuple[httpx.Response, bytes]:
+def get_raw(http: httpx.Client, url: str, method: str = "GET", *,
+            headers: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:
     """An answer and its body exactly as it came over the wire (no decoding)."""
-    with http.stream(method, url, **kwargs) as answer:  # type: ignore[arg-type]
+    with http.stream(method, url, headers=headers) as answer:
         body = b"".join(answer.iter_raw())
     return answer, body
 
@@ -110,8 +111,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
         time.sleep(0.02)
 
 
-def assert_store_verified(mirror: MirrorServer, must_hold: set[str] = frozenset(),  # type: ignore[assignment]
-                          must_not_hold: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+def assert_store_verified(mirror: MirrorServer, must_hold: Iterable[str] = (),
+                          must_not_hold: Iterable[str] = ()) -> set[str]:
     """Walk ``DATA/``: every stored object hashes to its name, no fill is left behind; then fsck."""
     wait_for(lambda: not any((mirror.data_dir / "tmp").iterdir()), what="the fills' temp files to go")
     found = set()
@@ -124,8 +125,8 @@ def assert_store_verified(mirror: MirrorServer, must_hold: set[str] = frozenset(
                     hasher.update(data)
             assert "sha256:" + hasher.hexdigest() == digest, f"stored under a wrong name: {path}"
             found.add(digest)
-    assert must_hold <= found, must_hold - found
-    assert not must_not_hold & found, must_not_hold & found
+    assert set(must_hold) <= found, set(must_hold) - found
+    assert not set(must_not_hold) & found, set(must_not_hold) & found
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
     fsck = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir),
                            "--verify-content"], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,

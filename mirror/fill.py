@@ -213,19 +213,7 @@ class Fills:
                 ingest.expected_size = download.size
                 await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
                 started.set_result(download.size)
-                loop = asyncio.get_running_loop()
-                batch: list[bytes] = []
-                pending = 0
-                last_flush = 0.0
-                async for chunk in download.chunks():
-                    batch.append(chunk)
-                    pending += len(chunk)
-                    now = loop.time()
-                    if pending >= FLUSH_BYTES or now - last_flush >= FLUSH_SECONDS:
-                        await anyio.to_thread.run_sync(_write_all, ingest, batch)
-                        batch, pending, last_flush = [], 0, now
-                if batch:
-                    await anyio.to_thread.run_sync(_write_all, ingest, batch)
+                await _copy(download.chunks(), ingest)
             await anyio.to_thread.run_sync(ingest.commit)
         except BaseException as exc:
             if not started.done():
@@ -266,6 +254,64 @@ class Fills:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
+    """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived.
+
+    Chunks that arrive close together are written together (one thread hop per batch).  A batch
+    that is not full when the upstream pauses is written by a timer, not when the next chunk
+    comes: however slowly the upstream sends, readers see every byte received within that bound.
+    """
+    loop = asyncio.get_running_loop()
+    batch: list[bytes] = []
+    pending = 0
+    last_write = -FLUSH_SECONDS
+    timer: asyncio.TimerHandle | None = None
+    behind: asyncio.Task[None] | None = None  # a write the timer started: later writes wait for it
+
+    def take() -> list[bytes]:
+        nonlocal batch, pending, last_write, timer
+        parts, batch, pending, last_write = batch, [], 0, loop.time()
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        return parts
+
+    def write_due() -> None:
+        nonlocal behind
+        behind = asyncio.ensure_future(_write_after(behind, ingest, take()))
+
+    async def write(parts: list[bytes]) -> None:
+        nonlocal behind
+        if behind is not None:
+            await behind
+            behind = None
+        if parts:
+            await anyio.to_thread.run_sync(_write_all, ingest, parts)
+
+    try:
+        async for chunk in chunks:
+            batch.append(chunk)
+            pending += len(chunk)
+            if pending >= FLUSH_BYTES or loop.time() >= last_write + FLUSH_SECONDS:
+                await write(take())
+            elif timer is None:
+                timer = loop.call_at(last_write + FLUSH_SECONDS, write_due)
+        await write(take())
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if behind is not None:  # never leave a write running behind the ingest's back
+            with contextlib.suppress(BaseException):
+                await behind
+
+
+async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, parts: list[bytes]) -> None:
+    if previous is not None:
+        await previous
+    if parts:
+        await anyio.to_thread.run_sync(_write_all, ingest, parts)
 
 
 def _names_inode(path: os.PathLike[str] | str, fd: int) -> bool:

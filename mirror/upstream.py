@@ -11,8 +11,12 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
                                 a manifest answer that is not a manifest (a login page)
 
 This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
-(``manifest.checked_manifest``) and verifies it against its registry digest,
-and streams blobs.  Idempotent requests that fail before any byte arrived are retried with
+(``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs.
+Digests are over the identity bytes: every request (to the registry, its
+token realm and any redirect's target) carries ``Accept-Encoding: identity``, and an answer
+content-coded anyway (gzip, deflate, br or zstd; RFC 9110 section 8.4) is decoded before anything
+hashes or keeps it; one in a coding the mirror cannot decode, or that does not decode, is
+``UpstreamInvalid``.  Idempotent requests that fail before any byte arrived are retried with
 backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
 httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -48,6 +53,10 @@ RETRY_STATUSES = {502, 503, 504}
 MAX_TAG_PAGES = 200
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
 MAX_REFERRER_PAGES = 16
+#: RFC 9110 section 12.5.3: only the identity coding is acceptable in answers to the mirror.
+ACCEPT_ENCODING = "identity"
+#: Codings decoded anyway (httpx does it; ``br`` needs ``brotli``, ``zstd`` needs ``zstandard``).
+SUPPORTED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
@@ -113,17 +122,17 @@ class Referrers:
 
 
 class BlobDownload:
-    """A blob body being received; ``size`` is the announced length, if any."""
+    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
 
     def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None) -> None:
         self.response = response
-        length = response.headers.get("content-length")
-        self.size = int(length) if length and length.isdigit() else None
+        self.size = identity_length(response)
         self._count = count
 
     def chunks(self) -> AsyncIterator[bytes]:
-        raw = self.response.aiter_raw()
-        return raw if self._count is None else _Counted(raw, self._count)
+        """The identity bytes: decoded if the answer is content-coded."""
+        body = self.response.aiter_bytes()
+        return body if self._count is None else _Counted(body, self._count)
 
 
 class _Counted:
@@ -250,7 +259,8 @@ class RegistryAuth(httpx.Auth):
                         realm.host)
             return None
         query = {k: v for k, v in params.items() if k in {"service", "scope"}}
-        request = httpx.Request("GET", realm.copy_merge_params(query))
+        request = httpx.Request("GET", realm.copy_merge_params(query),
+                                headers={"Accept-Encoding": ACCEPT_ENCODING})  # a client's default is none
         if self._basic is not None:
             request.headers["Authorization"] = self._basic
         return request
@@ -279,6 +289,20 @@ class RegistryAuth(httpx.Auth):
         self._rejection_logged = False
         self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
         return str(token)
+
+
+def content_codings(response: httpx.Response) -> list[str]:
+    """The answer's content codings, in the order applied (RFC 9110 section 8.4); ``identity`` left out."""
+    return [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)
+            if value.strip() and value.strip().lower() != "identity"]
+
+
+def identity_length(response: httpx.Response) -> int | None:
+    """The length of the identity bytes, if announced: a coded answer's ``Content-Length`` counts coded bytes."""
+    length = response.headers.get("content-length")
+    if content_codings(response) or not length or not length.isdigit():
+        return None
+    return int(length)
 
 
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
@@ -310,7 +334,7 @@ class Upstream:
             follow_redirects=True,
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
-            headers={"User-Agent": "mirror/0.1"},
+            headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
         )
 
@@ -334,6 +358,8 @@ class Upstream:
             started = time.monotonic()
             try:
                 response = await self.client.send(request, stream=stream)
+            except httpx.DecodingError as exc:  # a coded body read whole (a token or a tags list) is corrupt
+                raise self._failed(UpstreamInvalid(f"{method} {path}: undecodable content coding: {exc}")) from exc
             except httpx.TransportError as exc:
                 self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
                 if attempt < self.config.retries:
@@ -349,6 +375,12 @@ class Upstream:
                 await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                 continue
             if 200 <= response.status_code < 300:
+                unknown = [c for c in content_codings(response) if c not in SUPPORTED_CODINGS]
+                if unknown:
+                    await response.aclose()
+                    raise self._failed(UpstreamInvalid(
+                        f"{method} {path}: upstream answered in content coding {', '.join(unknown)}, "
+                        f"which the mirror cannot decode (it asks for {ACCEPT_ENCODING})"))
                 return response
             try:
                 raise self._failed(await self._error(method, path, response))
@@ -373,10 +405,11 @@ class Upstream:
                 body = response.content[:MAX_ERROR_BYTES]  # already read (a non-streaming request)
             except httpx.ResponseNotRead:
                 body = b""
-                async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > MAX_ERROR_BYTES:
-                        break
+                with contextlib.suppress(httpx.DecodingError):
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_ERROR_BYTES:
+                            break
             try:
                 code = json.loads(body)["errors"][0]["code"]
             except (ValueError, KeyError, IndexError, TypeError):
@@ -406,11 +439,10 @@ class Upstream:
             raise self._failed(UpstreamInvalid(
                 f"HEAD manifest {name}:{reference}: Content-Type {media_type or '(none)'!r} is not a manifest "
                 f"media type", response.status_code))
-        length = response.headers.get("content-length")
         return ManifestHead(
             digest=response.headers.get("docker-content-digest"),
             media_type=media_type,
-            size=int(length) if length and length.isdigit() else None,
+            size=identity_length(response),
         )
 
     async def get_manifest(self, name: str, reference: str | Digest) -> Manifest:
@@ -418,16 +450,20 @@ class Upstream:
         response = await self._send("GET", f"/v2/{name}/manifests/{reference}",
                                     headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}, stream=True)
         try:
-            body = b""
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > MAX_MANIFEST_BYTES:
+            received = bytearray()
+            async for chunk in response.aiter_bytes():
+                received += chunk
+                if len(received) > MAX_MANIFEST_BYTES:
                     raise UpstreamInvalid(f"manifest {name}:{reference} is larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.DecodingError as exc:
+            self.metrics.upstream_error(self.config.registry, "invalid")
+            raise UpstreamInvalid(f"GET manifest {name}:{reference}: undecodable content coding: {exc}") from exc
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET manifest {name}:{reference}: {exc}") from exc
         finally:
             await response.aclose()
+        body = bytes(received)
         self.metrics.received(self.config.registry, "manifest", len(body))
         announced = response.headers.get("docker-content-digest")
         try:
@@ -455,6 +491,9 @@ class Upstream:
         response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
         try:
             yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+        except httpx.DecodingError as exc:
+            self.metrics.upstream_error(self.config.registry, "invalid")
+            raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
@@ -463,8 +502,7 @@ class Upstream:
 
     async def head_blob(self, name: str, digest: Digest) -> int | None:
         response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")
-        length = response.headers.get("content-length")
-        return int(length) if length and length.isdigit() else None
+        return identity_length(response)
 
     async def tags(self, name: str) -> list[str]:
         """Every tag of *name*, in the upstream's order, following the upstream's own paging.

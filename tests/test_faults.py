@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 import uuid
@@ -41,6 +42,9 @@ TTL = 0.5
 SHORT_TTL = {**ENV, "MIRROR_CACHE_TAG_TTL": f"{int(TTL * 1000)}ms"}
 #: An uncached request against a dead upstream must fail within this (retries and backoff included).
 FAIL_FAST = 3.0
+#: How long a byte the mirror received may take to reach its readers here: the mirror's bound
+#: (``mirror.fill.FLUSH_SECONDS``) plus room for a busy test machine.
+PAUSE = 0.5
 
 
 # Helpers --------------------------------------------------------------------------------------
@@ -423,6 +427,66 @@ def test_client_disconnect_mid_transfer_does_not_stop_the_fill(
     assert (hit.headers["x-mirror-cache"], hit.digest, hit.received) == ("HIT", layer.digest, layer.size)
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
     assert upstream.count("GET", f"/blobs/{layer.digest}") == 1
+
+
+class Reader:
+    """A client streaming a blob in a thread; ``received`` grows as bytes arrive."""
+
+    def __init__(self, mirror: MirrorServer, name: str, digest: str) -> None:
+        self.url = f"{mirror.url}/v2/{name}/blobs/{digest}"
+        self.received = 0
+        self.outcome: str | None = None
+        self.result: Transfer | None = None
+        self._hasher = hashlib.sha256()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        error = None
+        with httpx.Client(timeout=30.0, trust_env=False) as http, http.stream("GET", self.url) as answer:
+            self.outcome = answer.headers.get("x-mirror-cache")
+            try:
+                for data in answer.iter_raw():
+                    self._hasher.update(data)
+                    self.received += len(data)
+            except httpx.TransportError as exc:
+                error = exc
+        self.result = Transfer(answer.status_code, answer.headers, self.received,
+                              "sha256:" + self._hasher.hexdigest(), error, None, 0.0)
+
+    def join(self) -> Transfer:
+        self._thread.join(30.0)
+        assert self.result is not None, "the reader did not finish"
+        return self.result
+
+
+def test_every_byte_received_reaches_every_reader_while_the_upstream_pauses(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    # Most of a blob at once, then a pause far longer than the mirror's flush bound, then the rest.
+    name = f"faults/trickle-{uuid.uuid4().hex[:8]}"
+    image = build_image(tmp_path, [random_layer(tmp_path, 600 * 1024, seed=7)])
+    upstream.push_image(name, "1", image)
+    layer = image.layers[0]
+    mirror = proxied()
+    rule = fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", after_bytes=layer.size - 4096,
+                           chunk_size=4096, delay=2.0)
+
+    leader = Reader(mirror, name, layer.digest)
+    wait_for(lambda: leader.received > 0, what="the first bytes")
+    follower = Reader(mirror, name, layer.digest)
+    wait_for(lambda: rule.sent >= rule.after_bytes, what="the upstream to send its first part")
+    sent = rule.sent
+    time.sleep(PAUSE)  # far more than FLUSH_SECONDS, far less than the upstream's pause
+    assert rule.sent == sent < layer.size  # the upstream is still pausing
+    assert (leader.received, follower.received) == (sent, sent)
+
+    got = leader.join(), follower.join()
+    assert [(t.status, t.error, t.digest, t.received) for t in got] == [(200, None, layer.digest, layer.size)] * 2
+    assert (leader.outcome, follower.outcome) == ("MISS", "COALESCED")
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+    wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
+    assert sha256(blob_path(mirror, layer.digest).read_bytes()) == layer.digest
 
 
 # Retries ------------------------------------------------------------------------------------------

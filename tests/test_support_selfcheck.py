@@ -23,6 +23,7 @@ import pytest
 from tests.support import client
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
+from tests.support.codings import CODINGS, Coder, CodingProxy, accepts
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import (
@@ -249,12 +250,35 @@ def test_fault_reset_never_sends_a_whole_small_body(fault_proxy: FaultProxy, htt
 
 def test_fault_slow_delays_the_tail(fault_proxy: FaultProxy, images: StandardImages, http: httpx.Client) -> None:
     layer = images.small.layers[1]
-    fault_proxy.add("slow", "/blobs/", times=1, after_bytes=layer.size - 40_000, chunk_size=10_000, delay=0.1)
+    rule = fault_proxy.add("slow", "/blobs/", times=1, after_bytes=layer.size - 40_000, chunk_size=10_000, delay=0.1)
     started = time.monotonic()
     answer = http.get(f"{fault_proxy.url}/v2/library/small/blobs/{layer.digest}")
     elapsed = time.monotonic() - started
     assert sha256(answer.content) == layer.digest
     assert 0.35 <= elapsed < 3.0
+    assert rule.sent == layer.size
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_coding_proxy_codes_as_asked(coding: str, upstream: UpstreamRegistry, images: StandardImages) -> None:
+    layer, image = images.small.layers[1], images.small
+    blob, manifest = f"/v2/library/small/blobs/{layer.digest}", f"/v2/library/small/manifests/{image.digest}"
+    assert accepts(None, coding) and accepts("*", coding) and accepts(f"identity, {coding};q=0.5", coding)
+    assert not accepts("identity", coding) and not accepts(f"*, {coding};q=0", coding)
+    for always in (False, True):
+        coder = Coder(coding, always=always)
+        with CodingProxy(upstream.url, coder) as proxy, \
+                httpx.Client(base_url=proxy.url, trust_env=False, timeout=30.0) as http:
+            plain = http.get(blob, headers={"accept-encoding": "identity"})
+            assert plain.headers.get("content-encoding") == (coding if always else None)
+            coded = http.get(blob, headers={"accept-encoding": coding})
+            assert coded.headers["content-encoding"] == coding and "content-length" not in coded.headers
+            assert coded.content != b"" and sha256(coded.content) == sha256(plain.content) == layer.digest
+            with http.stream("GET", manifest, headers={"accept": OCI_MANIFEST, "accept-encoding": coding}) as raw:
+                wire = b"".join(raw.iter_raw())
+            assert wire != image.manifest and len(wire) < len(image.manifest)  # really coded, and smaller
+            assert coder.requests()[-1].coded
+            assert [r.accept_encoding for r in coder.requests()] == ["identity", coding, coding]
 
 
 def test_fault_refuse_closes_without_answer(fault_proxy: FaultProxy, http: httpx.Client) -> None:

@@ -12,7 +12,8 @@ limited to the first *times* matches, and inject one of:
 ``reset``   forward headers and ``after_bytes`` body bytes (never the whole
             body), then reset the connection (TCP RST);
 ``slow``    forward ``after_bytes`` bytes at once, then at most
-            ``chunk_size`` bytes every ``delay`` seconds;
+            ``chunk_size`` bytes every ``delay`` seconds (``sent`` counts
+            the body bytes passed on so far);
 ``refuse``  close the connection without any answer (FIN), not forwarded.
 
 The server runs in a thread of the test process, so rules and counters are
@@ -95,6 +96,7 @@ class FaultRule:
     chunk_size: int = 16 * 1024
     delay: float = 0.1
     hits: int = 0
+    sent: int = 0
 
     def matches(self, method: str, path: str) -> bool:
         """True if this rule applies to the request and has hits left."""
@@ -300,22 +302,27 @@ class FaultProxy:
         if self._server.abort(scope, reset=True):
             await wait_disconnect(receive)
 
-    @staticmethod
-    async def _send_slowly(body: AsyncIterator[bytes], rule: FaultRule, send: Send) -> None:
+    async def _send_slowly(self, body: AsyncIterator[bytes], rule: FaultRule, send: Send) -> None:
         """Pass ``after_bytes`` on as they come, then pieces of at most
         ``chunk_size`` bytes, each after a ``delay`` (nothing is buffered)."""
         passed = 0
         size = max(1, rule.chunk_size)
+
+        async def pass_on(piece: memoryview) -> None:
+            await send({"type": "http.response.body", "body": bytes(piece), "more_body": True})
+            with self._lock:
+                rule.sent += len(piece)
+
         async for data in body:
             view = memoryview(data)
             if passed < rule.after_bytes:
                 fast = view[: rule.after_bytes - passed]
-                await send({"type": "http.response.body", "body": bytes(fast), "more_body": True})
+                await pass_on(fast)
                 passed += len(fast)
                 view = view[len(fast):]
             for start in range(0, len(view), size):
                 await asyncio.sleep(rule.delay)
-                await send({"type": "http.response.body", "body": bytes(view[start:start + size]), "more_body": True})
+                await pass_on(view[start:start + size])
 
     @staticmethod
     async def _send_corrupted(body: AsyncIterator[bytes], rule: FaultRule, length: int | None,

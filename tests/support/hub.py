@@ -23,6 +23,8 @@ Three loopback servers, like Docker Hub's three hosts:
 
 Everything else (manifests, HEADs, tags) is forwarded to the upstream
 registry, so ``Docker-Content-Digest`` and bodies are the upstream's own.
+With a :class:`~tests.support.codings.Coder`, all three servers content-code
+their answers as it says.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .asgi import ThreadedServer, UpstreamClient, forward_headers, open_upstream
+from .codings import Coder
 from .faults import error_body
 from .matching import PathMatch, request_matches
 
@@ -126,6 +129,7 @@ class HubEmulator:
         manifest_limit: int | None = None,
         token_ttl: int = 300,
         cdn_url_ttl: int = 1200,
+        coder: Coder | None = None,
     ) -> None:
         self.upstream_url = upstream_url.rstrip("/")
         self.username = username
@@ -145,17 +149,19 @@ class HubEmulator:
         front_upstream, cdn_upstream = UpstreamClient(), UpstreamClient()
         self._front_upstream, self._cdn_upstream = front_upstream, cdn_upstream
         methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+        wrap = coder.wrap if coder is not None else (lambda app, server: app)
         self._front = ThreadedServer(
-            Starlette(routes=[Route("/{path:path}", self._registry, methods=methods)],
-                      lifespan=front_upstream.lifespan),
+            wrap(Starlette(routes=[Route("/{path:path}", self._registry, methods=methods)],
+                           lifespan=front_upstream.lifespan), "front"),
             name="hub-registry", lifespan="on",
         )
         self._auth = ThreadedServer(
-            Starlette(routes=[Route("/token", self._token, methods=["GET"])]), name="hub-auth", lifespan="on"
+            wrap(Starlette(routes=[Route("/token", self._token, methods=["GET"])]), "auth"),
+            name="hub-auth", lifespan="on",
         )
         self._cdn = ThreadedServer(
-            Starlette(routes=[Route("/registry-v2/{name:path}/blobs/{digest}", self._cdn_blob)],
-                      lifespan=cdn_upstream.lifespan),
+            wrap(Starlette(routes=[Route("/registry-v2/{name:path}/blobs/{digest}", self._cdn_blob)],
+                           lifespan=cdn_upstream.lifespan), "cdn"),
             name="hub-cdn", lifespan="on",
         )
 

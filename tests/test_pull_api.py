@@ -413,8 +413,10 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/v2/..%2f..%2fetc/manifests/1", {}, 400, "NAME_INVALID"),
     ("GET", "/v2/a/%2e%2e/b/blobs/sha256:" + "0" * 64, {}, 400, "NAME_INVALID"),
     ("GET", "/v2/" + "a/" * 200 + "x/manifests/1", {}, 400, "NAME_INVALID"),
-    ("GET", "/v2/library/small/manifests/-bad-tag", {}, 400, "TAG_INVALID"),
-    ("GET", "/v2/library/small/manifests/" + "t" * 129, {}, 400, "TAG_INVALID"),
+    # A reference that is no valid tag names no manifest: unknown to a read (a PUT is TAG_INVALID).
+    ("GET", "/v2/library/small/manifests/-bad-tag", {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/" + "t" * 129, {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/.INVALID_MANIFEST_NAME", {}, 404, "MANIFEST_UNKNOWN"),
     ("GET", "/v2/library/small/manifests/sha256:abc", {}, 400, "DIGEST_INVALID"),
     ("GET", "/v2/library/small/manifests/sha256:" + "Z" * 64, {}, 400, "DIGEST_INVALID"),
     ("GET", "/v2/library/small/blobs/sha256:%2e%2e", {}, 400, "DIGEST_INVALID"),

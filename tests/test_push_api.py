@@ -257,6 +257,28 @@ def test_manifest_put_errors(registry: MirrorServer, http: httpx.Client) -> None
     assert http.get(url).status_code == 404  # nothing was tagged by any of these
 
 
+def test_a_reference_that_is_no_tag_is_unknown_to_reads_and_invalid_to_writes(
+    registry: MirrorServer, upstream: UpstreamRegistry, http: httpx.Client
+) -> None:
+    """distribution-spec, "Pulling manifests": a manifest that does not exist is ``404`` with
+    ``MANIFEST_UNKNOWN``, and no tag can be ``.INVALID_MANIFEST_NAME`` (the conformance suite's
+    probe); "Pushing manifests": a PUT to a reference that is neither a tag nor a digest is invalid."""
+    manifest, _ = push_image(http, registry.url, "team/app", "v1", seed=11)
+    upstream.clear_counts()
+    for name in ("team/app", "library/small"):  # pushed, and pulled through
+        url = f"{registry.url}/v2/{name}/manifests/.INVALID_MANIFEST_NAME"
+        got = http.get(url, headers={"accept": ALL_TYPES})
+        assert got.status_code == 404 and error_code(got) == "MANIFEST_UNKNOWN", got.text
+        head = http.head(url, headers={"accept": ALL_TYPES})
+        assert head.status_code == 404 and head.content == b""
+        assert head.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert upstream.count(None, re.compile("INVALID_MANIFEST_NAME")) == 0
+    put = http.put(f"{registry.url}/v2/team/app/manifests/.INVALID_MANIFEST_NAME", content=manifest,
+                   headers={"content-type": OCI_MANIFEST})
+    assert put.status_code == 400 and error_code(put) == "TAG_INVALID"
+    assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
+
+
 def test_index_needs_its_children(registry: MirrorServer, http: httpx.Client) -> None:
     child, _ = push_image(http, registry.url, "team/multi", "amd64", seed=2)
     absent = image_manifest(b"{}", [])

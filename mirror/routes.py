@@ -256,7 +256,7 @@ async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
                                                   **local.upload_headers(name, state)})
     # PUT: the last chunk (optional) and the digest.
     digest = _query_digest(request)
-    await local.finish(name, uuid, digest, request.stream())
+    await local.finish(name, uuid, digest, request.stream(), request.headers.get("content-range"))
     return _blob_created(name, digest)
 
 

@@ -130,6 +130,42 @@ def test_chunked_upload_with_status_and_out_of_order_chunk(registry: MirrorServe
     assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
 
 
+def test_closing_put_with_a_range_that_does_not_follow_the_upload_is_refused(
+    registry: MirrorServer, http: httpx.Client
+) -> None:
+    """distribution-spec, "Pushing a blob in chunks": a chunk out of order is ``416 Requested Range
+    Not Satisfiable``, and the registry answers with the ``Range`` of what it holds.  The closing
+    ``PUT ?digest=`` may carry the last chunk, so the same holds for it: refused, the upload kept."""
+    data = os.urandom(200_000)
+    digest = sha256(data)
+    first, rest = data[:70_000], data[70_000:]
+    location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(registry.url + location, content=first,
+                      headers={"content-range": f"0-{len(first) - 1}"}).status_code == 202
+    held = f"0-{len(first) - 1}"
+    early = http.patch(registry.url + location, content=rest[10:],
+                       headers={"content-range": f"{len(first) + 10}-{len(data) - 1}"})
+    assert early.status_code == 416 and early.headers["range"] == held
+
+    for start in (len(first) + 10, 0, len(first) - 1):
+        wrong = http.put(registry.url + location, params={"digest": digest}, content=rest,
+                         headers={"content-range": f"{start}-{start + len(rest) - 1}",
+                                  "content-type": "application/octet-stream"})
+        assert wrong.status_code == 416, (start, wrong.text)
+        assert wrong.headers["range"] == held
+        assert wrong.headers["location"] == location
+        assert error_code(wrong) == "BLOB_UPLOAD_INVALID"
+        status = http.get(registry.url + location)  # the upload is intact and can go on
+        assert status.status_code == 204 and status.headers["range"] == held
+    assert http.head(f"{registry.url}/v2/team/app/blobs/{digest}").status_code == 404
+
+    done = http.put(registry.url + location, params={"digest": digest}, content=rest,
+                    headers={"content-range": f"{len(first)}-{len(data) - 1}",
+                             "content-type": "application/octet-stream"})
+    assert done.status_code == 201 and done.headers["docker-content-digest"] == digest
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{digest}").content == data
+
+
 def test_wrong_digest_stores_nothing(registry: MirrorServer, http: httpx.Client) -> None:
     data = os.urandom(100_000)
     claimed = sha256(b"something else")

@@ -96,6 +96,10 @@ class LocalRegistry:
             return rest
         return repo
 
+    def takes_pushes(self, name: str) -> bool:
+        """Would a push to *name* be accepted by the namespace policy (``push.enabled``, ``push.prefixes``)?"""
+        return self.config.push.enabled and self.config.push.allows(name)
+
     def check_push(self, name: str) -> None:
         """Refuse a push the policy does not allow; make the repository local otherwise."""
         push = self.config.push

@@ -216,17 +216,22 @@ class PullThrough:
 
     # -- blobs --
 
-    async def blob_head(self, name: str, digest: Digest) -> BlobHead:
+    async def blob_head(self, name: str, digest: Digest, *, pushable: bool = False) -> BlobHead:
+        """Whether the repository has the blob, and its size: from the store, else a HEAD upstream
+        (nothing is fetched).
+
+        *pushable* names a repository this registry takes pushes for.  If nothing was ever pulled
+        from it, a HEAD there is a pusher checking what it must upload (dockerd asks before its
+        first upload makes the repository local): it is answered here, since the upstream's answer
+        would make it skip uploads this registry does not have, and leak private names.
+        """
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if self.metadata.is_linked(self._repo(name), key):
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
-        if not self.metadata.has_repository(self._repo(name)):
-            # Nothing was ever pulled from this repository: a HEAD here is a pusher checking what it
-            # must upload (a pull starts with the manifest).  Answering from the upstream would make
-            # it skip uploads this registry does not have, and leak private names to the upstream.
+        if pushable and not self.metadata.has_repository(self._repo(name)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": key})
         try:
             size = await self.upstream.head_blob(name, digest)

@@ -209,7 +209,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         if is_local:
             size, outcome = await local.blob_size(name, digest), "LOCAL"
         else:
-            found = await pull.blob_head(cached_name, digest)
+            found = await pull.blob_head(cached_name, digest, pushable=local.takes_pushes(name))
             size, outcome = found.size, found.outcome.value
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})

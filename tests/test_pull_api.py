@@ -294,6 +294,42 @@ def test_blob_is_streamed_once_from_upstream_then_served_from_the_store(
     assert stored.headers["x-mirror-cache"] == "HIT" and stored.headers["content-length"] == str(layer.size)
 
 
+@pytest.mark.parametrize("push", ["disabled", "prefixes"])
+def test_a_blob_head_where_nothing_was_pulled_yet_is_answered_as_a_get_would_be(
+    push: str, images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client
+) -> None:
+    """distribution-spec, "Checking if content exists in the registry": HEAD on a blob is 200 with
+    ``Content-Length`` (and ``Docker-Content-Digest``) when the registry can serve it, as a GET
+    would, else 404.  A pull-through registry asks the upstream with a HEAD and fetches nothing.
+    Names this registry takes pushes for never reach the upstream this way (see the
+    ``pushable`` case of ``PullThrough.blob_head``)."""
+    env = {"MIRROR_PUSH_ENABLED": "false"} if push == "disabled" else {"MIRROR_PUSH_PREFIXES": "team"}
+    mirror = mirror_factory(env={**LIBRARY, **env})
+    layer = images.big.layers[0]
+    upstream.clear_counts()
+    url = f"{mirror.url}/v2/library/big/blobs/{layer.digest}"
+    head = http.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(layer.size)
+    assert head.headers["docker-content-digest"] == layer.digest
+    assert head.headers["x-mirror-cache"] == "MISS"
+    assert upstream.count("HEAD", blob_path("library/big", layer.digest)) == 1
+    assert upstream.count("GET", re.compile("/blobs/")) == 0
+    assert layer.digest not in stored_blobs(mirror.data_dir)
+    for path in (f"library/big/blobs/{sha256(b'not there')}", f"library/multi/blobs/{layer.digest}"):
+        absent = http.head(f"{mirror.url}/v2/{path}")
+        assert absent.status_code == 404 and absent.content == b"", path
+    if push == "prefixes":  # a name pushes go to: answered here, never asked upstream
+        upstream.clear_counts()
+        private = http.head(f"{mirror.url}/v2/team/app/blobs/{layer.digest}")
+        assert private.status_code == 404
+        assert upstream.requests() == []
+    got = http.get(url)
+    assert got.status_code == 200 and sha256(got.content) == layer.digest
+    assert http.head(url).headers["x-mirror-cache"] == "HIT"
+
+
 def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.Client) -> None:
     layer = images.big.layers[0]  # 1 MiB
     data = layer.path.read_bytes()

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +21,10 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.images import OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256
-from tests.support.mirror import MirrorServer
+from tests.support.images import (
+    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256,
+)
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -313,6 +317,71 @@ def test_a_reference_that_is_no_tag_is_unknown_to_reads_and_invalid_to_writes(
                    headers={"content-type": OCI_MANIFEST})
     assert put.status_code == 400 and error_code(put) == "TAG_INVALID"
     assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
+
+
+NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def test_manifests_with_non_distributable_layers_are_accepted_without_them(
+    registry: MirrorServer, http: httpx.Client
+) -> None:
+    """image-spec, "Non-distributable layers": clients fetch them from the descriptor's ``urls``,
+    not from the registry; distribution-spec, "Pushing manifests": a registry only MAY reject a
+    manifest whose blobs it lacks.  Accepted (201), then pullable by tag and by digest."""
+    config = b'{"architecture":"amd64","os":"windows"}'
+    layer = os.urandom(3000)
+    push_blob(http, registry.url, "team/win", config)
+    push_blob(http, registry.url, "team/win", layer)
+    foreign = os.urandom(5000)  # never pushed
+    url = f"https://downloads.example.com/layers/{sha256(foreign)}"
+    cases = [
+        ("oci", OCI_MANIFEST, "application/vnd.oci.image.config.v1+json", NONDISTRIBUTABLE,
+         "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ("docker", DOCKER_MANIFEST, "application/vnd.docker.container.image.v1+json", DOCKER_FOREIGN,
+         "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+    ]
+    for tag, media_type, config_type, foreign_type, layer_type in cases:
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+            "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign), "urls": [url]},
+                       {"mediaType": layer_type, "digest": sha256(layer), "size": len(layer)}],
+        }).encode()
+        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body, headers={"content-type": media_type})
+        assert put.status_code == 201, (tag, put.text)
+        assert put.headers["docker-content-digest"] == sha256(body)
+        assert put.headers["location"] == f"/v2/team/win/manifests/{sha256(body)}"
+        for reference in (tag, sha256(body)):
+            got = http.get(f"{registry.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+            assert got.status_code == 200 and got.content == body, (tag, reference)
+            assert got.headers["content-type"] == media_type
+            assert got.headers["docker-content-digest"] == sha256(body)
+            head = http.head(f"{registry.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+            assert head.status_code == 200 and head.headers["content-length"] == str(len(body))
+    # The layer itself is not here: clients go to its urls.
+    absent = http.get(f"{registry.url}/v2/team/win/blobs/{sha256(foreign)}")
+    assert absent.status_code == 404 and error_code(absent) == "BLOB_UNKNOWN"
+    assert http.get(f"{registry.url}/v2/team/win/tags/list").json()["tags"] == ["docker", "oci"]
+
+    # Only the non-distributable layer may be missing, and its urls must be http(s) URLs.
+    missing = image_manifest(config, [os.urandom(10)])
+    answer = http.put(f"{registry.url}/v2/team/win/manifests/bad", content=missing,
+                      headers={"content-type": OCI_MANIFEST})
+    assert answer.status_code == 400 and error_code(answer) == "MANIFEST_BLOB_UNKNOWN"
+    for bad_urls in (["file:///etc/passwd"], "https://example.com/x", [7], ["https://example.com/x#frag"]):
+        doc = json.loads(image_manifest(config, []))
+        doc["layers"] = [{"mediaType": NONDISTRIBUTABLE, "digest": sha256(foreign), "size": len(foreign),
+                          "urls": bad_urls}]
+        answer = http.put(f"{registry.url}/v2/team/win/manifests/bad", content=json.dumps(doc).encode(),
+                          headers={"content-type": OCI_MANIFEST})
+        assert answer.status_code == 400 and error_code(answer) == "MANIFEST_INVALID", bad_urls
+    assert http.get(f"{registry.url}/v2/team/win/manifests/bad").status_code == 404
+
+    registry.stop()
+    check = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(registry.data_dir)],
+                           capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_index_needs_its_children(registry: MirrorServer, http: httpx.Client) -> None:

@@ -34,6 +34,7 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
     ("http:\n  workers: 0\n", "bad value for http.workers"),
     ("http:\n  trusted_proxies: [10.0.0.0/8, proxy.local]\n", "bad value for http.trusted_proxies"),
     ("upstream:\n  url: ftp://x\n", "bad value for upstream.url"),
+    ("upstream:\n  foreign_layers: always\n", "bad value for upstream.foreign_layers"),
     ("nope:\n  a: 1\n", "unknown configuration section 'nope'"),
     ("http: [1, 2]\n", "section http must be a mapping"),
     ("http: {listen: 1\n", "not valid YAML"),

@@ -7,17 +7,24 @@ came from the store and what did not.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from tests.support import client
+from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
 from tests.support.images import (
     sha256_digest as sha256,
@@ -328,6 +335,108 @@ def test_a_blob_head_where_nothing_was_pulled_yet_is_answered_as_a_get_would_be(
     got = http.get(url)
     assert got.status_code == 200 and sha256(got.content) == layer.digest
     assert http.head(url).headers["x-mirror-cache"] == "HIT"
+
+
+FOREIGN_LAYER_TYPES = {  # manifest type: (config type, non-distributable layer type)
+    DOCKER_MANIFEST: ("application/vnd.docker.container.image.v1+json",
+                      "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+    OCI_MANIFEST: ("application/vnd.oci.image.config.v1+json",
+                   "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"),
+}
+
+
+def layer_host(blobs: dict[str, bytes], seen: list[tuple[str, str]]) -> ThreadedServer:
+    """A plain web server (not a registry) serving ``/layers/<digest>``, as a layer's ``urls`` name."""
+
+    async def serve(request: Request) -> Response:
+        seen.append((request.method, request.url.path))
+        body = blobs.get(request.path_params["digest"])
+        if body is None:
+            return Response(status_code=404)
+        return Response(body if request.method == "GET" else None, media_type="application/octet-stream",
+                        headers={"Content-Length": str(len(body))})
+
+    return ThreadedServer(Starlette(routes=[Route("/layers/{digest}", serve, methods=["GET", "HEAD"])]),
+                          name="layer-host")
+
+
+class UrlsAllowingRegistry(UpstreamRegistry):
+    """docker-registry that takes manifests whose layers have ``urls`` (refused unless allowed)."""
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}}}
+
+
+@pytest.fixture
+def urls_upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
+    registry = UrlsAllowingRegistry(tmp_path / "urls-upstream")
+    try:
+        yield registry.start()
+    finally:
+        registry.stop()
+
+
+@pytest.mark.parametrize("mode", ["skip", "fetch"])
+def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configured(
+    mode: str, urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    tmp_path: Path
+) -> None:
+    """image-spec, "Non-distributable layers": such a layer is downloaded from its descriptor's
+    ``urls``, and the registry need not have it.  Pulled through, the manifest is served as the
+    upstream has it; the layer is fetched (verified, then stored) from its urls only with
+    ``upstream.foreign_layers: fetch``, else left to the client, as dockerd and containerd do."""
+    seen: list[tuple[str, str]] = []
+    blobs: dict[str, bytes] = {}
+    upstream = urls_upstream
+    host = layer_host(blobs, seen).start()
+    try:
+        mirror = mirror_factory(upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": mode})
+        for n, (media_type, (config_type, foreign_type)) in enumerate(FOREIGN_LAYER_TYPES.items()):
+            config, layer, foreign = (f'{{"os":"windows","n":{n}}}'.encode(), os.urandom(2000), os.urandom(300_000))
+            blobs[sha256(foreign)] = foreign
+            with client.session() as upstream_http:
+                for i, blob in enumerate((config, layer)):
+                    (tmp_path / f"blob-{n}-{i}").write_bytes(blob)
+                    client.push_blob(upstream_http, upstream.url, "team/win", sha256(blob), tmp_path / f"blob-{n}-{i}")
+                body = json.dumps({
+                    "schemaVersion": 2, "mediaType": media_type,
+                    "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+                    "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign),
+                                "urls": [f"{host.url}/layers/{sha256(foreign)}"]},
+                               {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                                "size": len(layer)}],
+                }).encode()
+                tag = f"{mode}-{n}"
+                client.put_manifest(upstream_http, upstream.url, "team/win", tag, media_type, body)
+            upstream.clear_counts()
+            for reference in (tag, sha256(body)):
+                got = http.get(f"{mirror.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+                assert got.status_code == 200 and got.content == body, (media_type, reference)
+            regular = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(layer)}")
+            assert regular.status_code == 200 and regular.content == layer
+
+            url = f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}"
+            seen.clear()
+            if mode == "skip":
+                head, got = http.head(url), http.get(url)
+                assert head.status_code == 404 and got.status_code == 404 and error_code(got) == "BLOB_UNKNOWN"
+                assert seen == []
+                assert sha256(foreign) not in stored_blobs(mirror.data_dir)
+                continue
+            head = http.head(url)
+            assert head.status_code == 200 and head.headers["content-length"] == str(len(foreign))
+            assert head.headers["docker-content-digest"] == sha256(foreign)
+            assert seen == [("HEAD", f"/layers/{sha256(foreign)}")]
+            for expected in ("MISS", "HIT"):
+                got = http.get(url)
+                assert got.status_code == 200 and got.content == foreign
+                assert got.headers["x-mirror-cache"] == expected
+                assert got.headers["docker-content-digest"] == sha256(foreign)
+            assert seen == [("HEAD", f"/layers/{sha256(foreign)}"), ("GET", f"/layers/{sha256(foreign)}")]
+            assert upstream.count(None, re.compile(f"/blobs/{sha256(foreign)}")) == 0
+            assert sha256(foreign) in stored_blobs(mirror.data_dir)
+    finally:
+        host.stop()
 
 
 def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.Client) -> None:

@@ -382,5 +382,6 @@ routes = [
     Route("/v2", base, methods=["GET", "HEAD"]),
     Route("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     Route("/v2/{path:path}", dispatch, methods=ALL_METHODS),
+    Route("/_mirror/", admin.operator, methods=["GET"]),
     Route("/_mirror/preload", admin.preload, methods=["POST"]),
 ]

@@ -422,10 +422,13 @@ def test_operator_endpoints_need_an_operator_credential_behind_a_local_reverse_p
 
         assert "2 images, 2 tags (2 new or moved)" in ok(
             mirror_cli("preload", "--url", proxy.url, "--token-file", token, archive))
-        for headers in (bearer(token), token_of("ops", "ops-pw"),
-                        {"authorization": "Basic " + base64.b64encode(b"ops:ops-pw").decode()}):
+        for headers, who in ((bearer(token), "token"), (token_of("ops", "ops-pw"), "ops"),
+                             ({"authorization": "Basic " + base64.b64encode(b"ops:ops-pw").decode()}, "ops")):
             answer = http.post(f"{proxy.url}/_mirror/preload", content=body, headers=headers)
             assert answer.status_code == 200 and answer.json()["images"] == 2, answer.text
+            assert http.get(f"{proxy.url}/_mirror/", headers=headers).json() == {"operator": who}
+        for headers, status in (({}, 401), (token_of("dev", "dev-pw"), 403)):
+            assert http.get(f"{proxy.url}/_mirror/", headers=headers).status_code == status
         assert_serves(http, proxy.url, "library/pre-multi", "1", built.multi)
     # nginx added no X-Forwarded-For: the mirror saw every request come from loopback.
     clients = {e["client"] for e in server.access_entries() if e.get("path") == "/_mirror/preload"}

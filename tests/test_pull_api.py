@@ -26,6 +26,7 @@ from starlette.routing import Route
 from tests.support import client
 from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
+from tests.support.hub import HubEmulator
 from tests.support.images import (
     sha256_digest as sha256,
     DOCKER_LIST,
@@ -345,19 +346,43 @@ FOREIGN_LAYER_TYPES = {  # manifest type: (config type, non-distributable layer 
 }
 
 
-def layer_host(blobs: dict[str, bytes], seen: list[tuple[str, str]]) -> ThreadedServer:
-    """A plain web server (not a registry) serving ``/layers/<digest>``, as a layer's ``urls`` name."""
+def layer_host(blobs: dict[str, bytes], seen: list[tuple[str, str, str | None]]) -> ThreadedServer:
+    """A web server that is no registry, serving blobs at any path ending in their digest (as a
+    layer's ``urls`` name them); it records (method, path, Authorization) of each request."""
 
     async def serve(request: Request) -> Response:
-        seen.append((request.method, request.url.path))
-        body = blobs.get(request.path_params["digest"])
+        seen.append((request.method, request.url.path, request.headers.get("authorization")))
+        body = blobs.get(request.url.path.rpartition("/")[2])
         if body is None:
             return Response(status_code=404)
         return Response(body if request.method == "GET" else None, media_type="application/octet-stream",
                         headers={"Content-Length": str(len(body))})
 
-    return ThreadedServer(Starlette(routes=[Route("/layers/{digest}", serve, methods=["GET", "HEAD"])]),
+    return ThreadedServer(Starlette(routes=[Route("/{path:path}", serve, methods=["GET", "HEAD"])]),
                           name="layer-host")
+
+
+def push_with_foreign_layer(registry_url: str, name: str, tag: str, media_type: str, url: Callable[[str], str],
+                            tmp_path: Path) -> tuple[bytes, bytes, bytes]:
+    """Push an image whose first layer is non-distributable (not pushed; ``urls``: [url(digest)]);
+    return (manifest, regular layer, foreign layer)."""
+    config_type, foreign_type = FOREIGN_LAYER_TYPES[media_type]
+    config, layer, foreign = f'{{"os":"windows","tag":"{tag}"}}'.encode(), os.urandom(2000), os.urandom(300_000)
+    with client.session() as upstream_http:
+        for blob in (config, layer):
+            path = tmp_path / sha256(blob).replace(":", "-")
+            path.write_bytes(blob)
+            client.push_blob(upstream_http, registry_url, name, sha256(blob), path)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+            "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign),
+                        "urls": [url(sha256(foreign))]},
+                       {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                        "size": len(layer)}],
+        }).encode()
+        client.put_manifest(upstream_http, registry_url, name, tag, media_type, body)
+    return body, layer, foreign
 
 
 class UrlsAllowingRegistry(UpstreamRegistry):
@@ -385,29 +410,16 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
     ``urls``, and the registry need not have it.  Pulled through, the manifest is served as the
     upstream has it; the layer is fetched (verified, then stored) from its urls only with
     ``upstream.foreign_layers: fetch``, else left to the client, as dockerd and containerd do."""
-    seen: list[tuple[str, str]] = []
-    blobs: dict[str, bytes] = {}
     upstream = urls_upstream
-    host = layer_host(blobs, seen).start()
-    try:
+    seen: list[tuple[str, str, str | None]] = []
+    blobs: dict[str, bytes] = {}
+    with layer_host(blobs, seen) as host:
         mirror = mirror_factory(upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": mode})
-        for n, (media_type, (config_type, foreign_type)) in enumerate(FOREIGN_LAYER_TYPES.items()):
-            config, layer, foreign = (f'{{"os":"windows","n":{n}}}'.encode(), os.urandom(2000), os.urandom(300_000))
+        for n, media_type in enumerate(FOREIGN_LAYER_TYPES):
+            tag = f"{mode}-{n}"
+            body, layer, foreign = push_with_foreign_layer(upstream.url, "team/win", tag, media_type,
+                                                           lambda digest: f"{host.url}/layers/{digest}", tmp_path)
             blobs[sha256(foreign)] = foreign
-            with client.session() as upstream_http:
-                for i, blob in enumerate((config, layer)):
-                    (tmp_path / f"blob-{n}-{i}").write_bytes(blob)
-                    client.push_blob(upstream_http, upstream.url, "team/win", sha256(blob), tmp_path / f"blob-{n}-{i}")
-                body = json.dumps({
-                    "schemaVersion": 2, "mediaType": media_type,
-                    "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
-                    "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign),
-                                "urls": [f"{host.url}/layers/{sha256(foreign)}"]},
-                               {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
-                                "size": len(layer)}],
-                }).encode()
-                tag = f"{mode}-{n}"
-                client.put_manifest(upstream_http, upstream.url, "team/win", tag, media_type, body)
             upstream.clear_counts()
             for reference in (tag, sha256(body)):
                 got = http.get(f"{mirror.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
@@ -416,6 +428,7 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
             assert regular.status_code == 200 and regular.content == layer
 
             url = f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}"
+            path = f"/layers/{sha256(foreign)}"
             seen.clear()
             if mode == "skip":
                 head, got = http.head(url), http.get(url)
@@ -426,17 +439,40 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
             head = http.head(url)
             assert head.status_code == 200 and head.headers["content-length"] == str(len(foreign))
             assert head.headers["docker-content-digest"] == sha256(foreign)
-            assert seen == [("HEAD", f"/layers/{sha256(foreign)}")]
+            assert seen == [("HEAD", path, None)]
             for expected in ("MISS", "HIT"):
                 got = http.get(url)
                 assert got.status_code == 200 and got.content == foreign
                 assert got.headers["x-mirror-cache"] == expected
                 assert got.headers["docker-content-digest"] == sha256(foreign)
-            assert seen == [("HEAD", f"/layers/{sha256(foreign)}"), ("GET", f"/layers/{sha256(foreign)}")]
+            assert seen == [("HEAD", path, None), ("GET", path, None)]
             assert upstream.count(None, re.compile(f"/blobs/{sha256(foreign)}")) == 0
             assert sha256(foreign) in stored_blobs(mirror.data_dir)
-    finally:
-        host.stop()
+
+
+def test_non_distributable_layers_are_fetched_without_the_upstream_credentials(
+    urls_upstream: UpstreamRegistry, hub_factory: Callable[..., HubEmulator],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """A layer's urls often name another registry's blob path (Windows base layers name
+    mcr.microsoft.com/v2/.../blobs/...): the upstream's token or password must not go there."""
+    hub = hub_factory(urls_upstream.url, username="mirror-user", password="s3cret-pass")
+    seen: list[tuple[str, str, str | None]] = []
+    blobs: dict[str, bytes] = {}
+    with layer_host(blobs, seen) as host:
+        body, _, foreign = push_with_foreign_layer(
+            urls_upstream.url, "team/win", "1", OCI_MANIFEST,
+            lambda digest: f"{host.url}/v2/team/win/blobs/{digest}", tmp_path)
+        blobs[sha256(foreign)] = foreign
+        mirror = mirror_factory(hub.url, env={
+            "MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch", "MIRROR_UPSTREAM_USERNAME": "mirror-user",
+            "MIRROR_UPSTREAM_PASSWORD": "s3cret-pass"})
+        got = http.get(f"{mirror.url}/v2/team/win/manifests/1", headers={"accept": ALL_TYPES})
+        assert got.status_code == 200 and got.content == body
+        assert hub.tokens_issued, "the upstream was reached with a token"
+        layer = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}")
+        assert layer.status_code == 200 and layer.content == foreign
+    assert [(method, authorization) for method, _, authorization in seen] == [("GET", None)]
 
 
 def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.Client) -> None:

@@ -1,4 +1,4 @@
-"""Operator endpoints under ``/_mirror/``, answered only to clients on the mirror's own host.
+"""Operator endpoints under ``/_mirror/``: answered only to an operator credential.
 
 ``POST /_mirror/preload`` takes an image archive as its body (any file ``mirror preload``
 takes; ``mirror preload --url`` sends directories as a tar).  The body is written to a
@@ -8,14 +8,23 @@ is answered 400 in the spec's error format, the message naming the archive entry
 the store is then unchanged.
 
 Loading content into the cache is as powerful as the upstream itself (every client pulls
-what is loaded), so requests from other hosts are refused: behind a reverse proxy that
-passes ``X-Forwarded-For`` the real client counts, as uvicorn resolves it.
+what is loaded), so every request needs an operator credential, whoever the peer is: behind a
+reverse proxy on the same host, or a ``kubectl port-forward``, every client is loopback, so an
+address proves nothing.  An operator is
+
+- a request with ``Authorization: Bearer <token>``, the token of ``admin.token_file``
+  (what ``mirror preload --url`` sends), or
+- a user of ``auth.admins``, with a right password (Basic) or a token of the mirror's own
+  token server (Bearer): ``auth.py`` names the user, this module decides.
+
+With neither configured the endpoints are off: ``404``.  Without a credential: ``401`` with a
+challenge; a user who is no operator: ``403 DENIED``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import ipaddress
+import hmac
 import os
 import re
 import secrets
@@ -26,27 +35,58 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .archive import ArchiveError
+from .config import Config
 from .errors import APIError
 from .local import LocalRegistry
 from .preload import preload_file
 
 WRITE_BATCH = 1 << 20
+#: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
+REFUSED_BODY_LIMIT = 64 << 20
 _SOURCE_RE = re.compile(r"[\w.+-]{1,200}")
 
 
-def _from_this_host(request: Request) -> bool:
-    if request.client is None:
-        return False
-    try:
-        return ipaddress.ip_address(request.client.host).is_loopback
-    except ValueError:
-        return False
+def check_operator(request: Request) -> str:
+    """Who is operating (``"token"`` or an ``auth.admins`` user); :class:`APIError` otherwise."""
+    config: Config = request.state.config
+    token = config.admin.token_file.value if config.admin.token_file is not None else None
+    admins = config.auth.admins
+    if token is None and not admins:
+        raise APIError("NAME_UNKNOWN", "operator endpoints are off: set admin.token_file or auth.admins "
+                                       "(mirror preload --data works without them)", status=404)
+    scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+    if token is not None and scheme.lower() == "bearer" \
+            and hmac.compare_digest(value.strip().encode(), token.encode()):
+        return "token"
+    user: str | None = getattr(request.state, "user", None)
+    if user is not None and user in admins:
+        return user
+    if user is not None:
+        raise APIError("DENIED", f"{user} is not an operator (auth.admins)")
+    challenge = f'Basic realm="{config.auth.htpasswd_realm}"' if admins else 'Bearer realm="mirror operators"'
+    raise APIError("UNAUTHORIZED", "an operator credential is needed: the token of admin.token_file "
+                                   "(mirror preload --url --token-file) or a user of auth.admins",
+                   headers={"WWW-Authenticate": challenge})
+
+
+async def operator(request: Request) -> Response:
+    """``GET /_mirror/``: 200 with ``{"operator": who}`` for an operator credential, else the refusal
+    :func:`check_operator` gives (``mirror preload --url`` asks first, before sending an archive)."""
+    return JSONResponse({"operator": check_operator(request)}, headers={"Cache-Control": "no-store"})
 
 
 async def preload(request: Request) -> Response:
-    if not _from_this_host(request):
-        raise APIError("DENIED", "preload is only accepted from the mirror's own host; "
-                                 "run mirror preload --url there, or mirror preload --data")
+    try:
+        check_operator(request)
+    except APIError:
+        # Read (and drop) what the client is sending, up to a limit: a reverse proxy that sent the
+        # whole body first would see the connection reset and answer 502 instead of the refusal.
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > REFUSED_BODY_LIMIT:
+                break
+        raise
     local: LocalRegistry = request.state.local
     store, metadata = local.store, local.metadata
     source = request.headers.get("x-mirror-source", "")

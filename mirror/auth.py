@@ -25,7 +25,9 @@ pull at all).  So:
   the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes.
 
 Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
-metrics, ``/_mirror/``) are not this module's business.
+metrics) are not this module's business; under ``/_mirror/`` nothing is refused here: the user
+that right credentials name is handed on as ``request.state.user`` (None otherwise), and the
+operator endpoints decide (``admin.py``).
 
 Guessing passwords is slow: a client address whose passwords failed :data:`MAX_FAILED_LOGINS`
 times within :data:`FAILED_LOGIN_WINDOW` seconds gets ``429 TOOMANYREQUESTS`` (with
@@ -59,6 +61,7 @@ from .htpasswd import Htpasswd
 from .reference import NAME_RE
 
 TOKEN_PATH = "/auth/token"
+OPERATOR_PREFIX = "/_mirror/"
 TOKEN_TTL = 300
 MAX_FAILED_LOGINS = 10
 FAILED_LOGIN_WINDOW = 60.0
@@ -225,6 +228,17 @@ class AuthMiddleware:
         path: str = scope["path"]
         if path == TOKEN_PATH:
             await (await self._token(scope))(scope, receive, send)
+            return
+        if path.startswith(OPERATOR_PREFIX):
+            try:
+                who = await self._identify(scope)
+            except Rejected:
+                who = Identity(None, True)  # perhaps the operator token (admin.token_file): admin.py checks
+            except Throttled as exc:
+                await _throttled(exc, scope["method"] == "HEAD")(scope, receive, send)
+                return
+            scope.setdefault("state", {})["user"] = who.user
+            await self.app(scope, receive, send)
             return
         if path != "/v2" and not path.startswith("/v2/"):
             await self.app(scope, receive, send)

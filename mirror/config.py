@@ -34,6 +34,8 @@ from .values import (
     parse_path,
     parse_prefixes,
     parse_push_users,
+    parse_token_file,
+    parse_user_names,
     parse_realm,
     parse_registry,
     parse_secret_file,
@@ -110,6 +112,9 @@ class UpstreamConfig:
     retries: int = setting(parse_int(0, 10), 2)
     # This upstream's own tag TTL (default: cache.tag_ttl).
     tag_ttl: float | None = setting(parse_optional_duration, None)
+    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients, which fetch them
+    # from the layer's urls as dockerd and containerd do; "fetch" makes the mirror fetch (and cache) them.
+    foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
 
     def __post_init__(self) -> None:
         if self.password_file is not None:
@@ -172,12 +177,16 @@ class AuthConfig:
     anonymous_pull: bool = setting(parse_bool, True)
     # Who may push and delete: USER (any repository) or USER:PREFIX entries; empty: every user.
     push_users: tuple[str, ...] = setting(parse_push_users, ())
+    # Operators: users who may call the operator endpoints (/_mirror/...), with Basic or a Bearer token.
+    admins: tuple[str, ...] = setting(parse_user_names, ())
 
     def __post_init__(self) -> None:
         if self.htpasswd_path is None and not self.anonymous_pull:
             raise ConfigError("auth.anonymous_pull: false needs users: set auth.htpasswd.path")
         if self.htpasswd_path is None and self.push_users:
             raise ConfigError("auth.push_users needs users: set auth.htpasswd.path")
+        if self.htpasswd_path is None and self.admins:
+            raise ConfigError("auth.admins needs users: set auth.htpasswd.path")
 
     @property
     def enabled(self) -> bool:
@@ -194,6 +203,13 @@ class AuthConfig:
             if not sep or name is None or name == prefix or name.startswith(prefix + "/"):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # Operator endpoints (/_mirror/...) accept "Authorization: Bearer <the token in this file>";
+    # `mirror preload --url` reads it from here too.  Without it and without auth.admins they are off.
+    token_file: SecretFile | None = setting(parse_token_file, None)
 
 
 @dataclass(frozen=True)
@@ -223,6 +239,7 @@ class Config:
     push: PushConfig = field(default_factory=PushConfig)
     delete: DeleteConfig = field(default_factory=DeleteConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Every upstream, the default one (``upstream``) first; more come from the ``upstreams:`` list.
@@ -242,6 +259,7 @@ SECTIONS: dict[str, type] = {
     "push": PushConfig,
     "delete": DeleteConfig,
     "auth": AuthConfig,
+    "admin": AdminConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
 }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .gc import _scandir
-from .manifest import references
+from .manifest import is_nondistributable, references
 from .metadata import LOCAL, Metadata
 from .reference import Digest, ParseError, parse_digest
 from .store import UPLOAD_ID_RE, Store, object_matches
@@ -165,7 +165,8 @@ class Fsck:
             elif repo.startswith(LOCAL + "/") and self.metadata.get_manifest(digest) is not None:
                 body = self._read(digest)
                 for d in references(body or b""):
-                    if d.digest not in present and not key.endswith("@" + d.digest):
+                    if d.digest not in present and not key.endswith("@" + d.digest) \
+                            and not is_nondistributable(d.media_type):  # fetched from its urls, not here
                         self._found("pushed image refers to a missing object", f"{repo}@{digest} -> {d.digest}")
 
     def _read(self, digest: str) -> bytes | None:

@@ -96,6 +96,10 @@ class LocalRegistry:
             return rest
         return repo
 
+    def takes_pushes(self, name: str) -> bool:
+        """Would a push to *name* be accepted by the namespace policy (``push.enabled``, ``push.prefixes``)?"""
+        return self.config.push.enabled and self.config.push.allows(name)
+
     def check_push(self, name: str) -> None:
         """Refuse a push the policy does not allow; make the repository local otherwise."""
         push = self.config.push
@@ -201,23 +205,32 @@ class LocalRegistry:
         fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
         try:
             offset = os.fstat(fd).st_size
-            if content_range:
-                start, end = _content_range(content_range)
-                if start != offset:
-                    raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
-                                   status=416, headers=self._upload_headers(name, uuid, offset))
+            self._check_range(name, uuid, offset, content_range)
             offset = await self._write(uuid, fd, offset, body)
         finally:
             os.close(fd)
         return UploadState(uuid, offset)
 
-    async def finish(self, name: str, uuid: str, digest: Digest, body: AsyncIterator[bytes]) -> None:
-        """Append the last bytes (if any), verify the digest and move the blob into the store."""
+    def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None) -> None:
+        """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
+        the upload holds (distribution-spec, "Pushing a blob in chunks"), and nothing is written."""
+        if content_range:
+            start, _ = _content_range(content_range)
+            if start != offset:
+                raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
+                               status=416, headers=self._upload_headers(name, uuid, offset))
+
+    async def finish(self, name: str, uuid: str, digest: Digest, body: AsyncIterator[bytes],
+                     content_range: str | None = None) -> None:
+        """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
+        and move the blob into the store."""
         self._record(name, uuid)
         path = self.store.upload_path(uuid)
         fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
         try:
-            offset = await self._write(uuid, fd, os.fstat(fd).st_size, body)
+            offset = os.fstat(fd).st_size
+            self._check_range(name, uuid, offset, content_range)
+            offset = await self._write(uuid, fd, offset, body)
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
                 else None

@@ -22,6 +22,15 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+#: Layers a registry need not hold (OCI image-spec, "Non-distributable layers"; Docker's "foreign"
+#: layers, e.g. Windows base layers): clients fetch them from the descriptor's ``urls``.
+NONDISTRIBUTABLE_PREFIX = "application/vnd.oci.image.layer.nondistributable."
+DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def is_nondistributable(media_type: str) -> bool:
+    """A layer media type the registry need not hold (non-distributable or foreign)."""
+    return media_type.startswith(NONDISTRIBUTABLE_PREFIX) or media_type == DOCKER_FOREIGN_LAYER
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1)
@@ -41,6 +50,8 @@ class Descriptor:
     digest: str
     size: int
     platform: dict[str, Any] | None = None
+    #: Where a non-distributable layer can be downloaded (the descriptor's ``urls``, strings only).
+    urls: tuple[str, ...] = ()
 
 
 def _json(body: bytes) -> dict[str, Any] | None:
@@ -74,11 +85,13 @@ def _descriptor(entry: Any) -> Descriptor | None:
         return None
     size = entry.get("size")
     platform = entry.get("platform")
+    urls = entry.get("urls")
     return Descriptor(
         media_type=str(entry.get("mediaType", "")),
         digest=entry["digest"],
         size=size if isinstance(size, int) else -1,
         platform=platform if isinstance(platform, dict) else None,
+        urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
     )
 
 

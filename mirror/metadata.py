@@ -14,6 +14,7 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
   upstream's last complete referrers list (only of that artifact type when the upstream filtered it)
 * ``referrers-api/<registry>`` -> bool: whether that upstream answered the Referrers API when last asked
 * ``upload/<uuid>``           -> UploadRecord of a blob upload in progress
+* ``foreign/<digest>``        -> tuple of the ``urls`` a cached manifest gave a non-distributable layer
 * ``pin/<repo>@<digest>``     -> pinned-at: a preloaded manifest root (tagged manifest or index) that
   eviction and garbage collection must keep, with everything it references
 * ``access/<repo>@<digest>``  -> when a manifest was last served for that repository (batched writes)
@@ -264,6 +265,15 @@ class Metadata:
     def pins(self) -> list[tuple[str, str]]:
         """Every pinned (repository, digest)."""
         return [(repo, digest) for repo, _, digest in (key[4:].rpartition("@") for key in self.keys("pin/"))]
+
+    # -- non-distributable layers --
+
+    def set_foreign_urls(self, digest: str, urls: Iterable[str]) -> None:
+        self._cache.set(f"foreign/{digest}", tuple(urls))
+
+    def foreign_urls(self, digest: str) -> tuple[str, ...]:
+        """Where a non-distributable layer can be downloaded, as a cached manifest said; () if unknown."""
+        return tuple(self._cache.get(f"foreign/{digest}", ()))
 
     # -- uploads --
 

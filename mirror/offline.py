@@ -21,6 +21,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 
 PRELOAD_PATH = "/_mirror/preload"
+OPERATOR_PATH = "/_mirror/"
 CHUNK = 1 << 20
 
 
@@ -86,7 +87,8 @@ def _open(config: Config) -> Any:
 def run_preload(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="mirror: %(message)s")
     if args.url:
-        return _preload_url(args.url, args.files)
+        readable, token = _operator_token(args)
+        return _preload_url(args.url, args.files, token) if readable else 2
     config = _config(args)
     if config is None:
         return 2
@@ -122,7 +124,27 @@ def run_preload(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _preload_url(url: str, files: list[str]) -> int:
+def _operator_token(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """(readable, token) for ``--url``: the token of ``--token-file``, else of ``admin.token_file`` in
+    the configuration (``--config``, ``MIRROR_ADMIN_TOKEN_FILE``), None when neither is set;
+    readable is False (the reason printed) when the file or the configuration is bad."""
+    from .values import parse_token_file
+
+    if args.token_file is not None:
+        try:
+            secret = parse_token_file(args.token_file)
+        except ValueError as exc:
+            print(f"mirror: --token-file {args.token_file}: {exc}", file=sys.stderr)
+            return False, None
+    else:
+        config = _config(args)
+        if config is None:
+            return False, None
+        secret = config.admin.token_file
+    return True, secret.value if secret is not None else None
+
+
+def _preload_url(url: str, files: list[str], token: str | None = None) -> int:
     import httpx
 
     from .archive import human
@@ -130,7 +152,16 @@ def _preload_url(url: str, files: list[str]) -> int:
 
     endpoint = url.rstrip("/") + PRELOAD_PATH
     failed, images, new_bytes = 0, 0, 0
+    credential = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(timeout=httpx.Timeout(30.0, read=None, write=None), trust_env=False) as client:
+        try:  # is the credential good? asked before any archive is sent
+            check = client.get(url.rstrip("/") + OPERATOR_PATH, headers=credential)
+        except httpx.HTTPError as exc:
+            print(f"mirror: preload: cannot reach {url}: {exc}", file=sys.stderr)
+            return 1
+        if check.status_code != 200:
+            print(f"mirror: preload: {url}: {_error_message(check)}", file=sys.stderr)
+            return 1
         for file in files:
             path = Path(file)
             progress = TerminalProgress(file)
@@ -147,7 +178,7 @@ def _preload_url(url: str, files: list[str]) -> int:
                     continue
                 try:
                     response = client.post(endpoint, content=body, headers={
-                        "Content-Type": "application/octet-stream", "X-Mirror-Source": path.name})
+                        "Content-Type": "application/octet-stream", "X-Mirror-Source": path.name, **credential})
                 except httpx.HTTPError as exc:
                     print(f"mirror: preload: {file}: cannot send to {endpoint}: {exc}", file=sys.stderr)
                     failed += 1
@@ -278,7 +309,11 @@ def add_parsers(commands: Any) -> None:
     target.add_argument("--data", metavar="DIR", help="write the data directory directly (the server may be "
                                                       "running); default: storage.path of the config")
     target.add_argument("--url", metavar="URL", help="send the archives to a running mirror (e.g. "
-                                                     "http://127.0.0.1:5000; accepted from its own host only)")
+                                                     "http://127.0.0.1:5000), authenticated with its operator "
+                                                     "token (admin.token_file)")
+    preload.add_argument("--token-file", metavar="FILE", help="with --url: the file holding the mirror's "
+                                                              "operator token (default: admin.token_file of the "
+                                                              "config, or MIRROR_ADMIN_TOKEN_FILE)")
     preload.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     preload.add_argument("files", nargs="+", metavar="FILE", help="archive file or OCI layout directory")
 

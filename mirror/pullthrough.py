@@ -6,6 +6,8 @@
 * A missing blob is fetched once, however many requests want it (``fill.py``), and every
   reader streams it while it arrives.
 * When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
+* Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
+  ``upstream.foreign_layers: fetch``; by default they are the client's business, as in dockerd.
 
 A repository may serve a stored object only if it is *linked* to it: the object was fetched
 for that repository, or is referenced by a manifest that was.  This is the only layer that
@@ -28,7 +30,7 @@ import anyio.to_thread
 from .errors import APIError
 from .fill import Fills, GrowingBlob, StoredBlob
 from .gc import AccessTracker, reference_lock
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest, references
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, parse_digest, ParseError
 from .referrers import UpstreamReferrers, referrer_of
@@ -210,13 +212,17 @@ class PullThrough:
 
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> None:
         key = str(manifest.digest)
-        linked = [key, *(d.digest for d in references(manifest.body))]
+        refs = references(manifest.body)
+        linked = [key, *(d.digest for d in refs)]
         referrer = referrer_of(manifest.body, manifest.media_type, key)
+        foreign = [d for d in refs if d.urls and is_nondistributable(d.media_type)]
 
         def save() -> None:
             with reference_lock(self.store):  # not while the collector decides what is unreferenced
                 self.store.put_bytes(manifest.digest, manifest.body)
                 self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
+                for d in foreign:
+                    self.metadata.set_foreign_urls(d.digest, d.urls)
                 self.metadata.link(repo, linked)
                 if referrer is not None:  # known even when the upstream is not
                     self.metadata.add_referrer(repo, *referrer)
@@ -227,20 +233,27 @@ class PullThrough:
 
     # -- blobs --
 
-    async def blob_head(self, name: str, digest: Digest) -> BlobHead:
+    async def blob_head(self, name: str, digest: Digest, *, pushable: bool = False) -> BlobHead:
+        """Whether the repository has the blob, and its size: from the store, else a HEAD upstream
+        (nothing is fetched).
+
+        *pushable* names a repository this registry takes pushes for.  If nothing was ever pulled
+        from it, a HEAD there is a pusher checking what it must upload (dockerd asks before its
+        first upload makes the repository local): it is answered here, since the upstream's answer
+        would make it skip uploads this registry does not have, and leak private names.
+        """
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if self.metadata.is_linked(self._repo(name), key):
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
-        if not self.metadata.has_repository(self._repo(name)):
-            # Nothing was ever pulled from this repository: a HEAD here is a pusher checking what it
-            # must upload (a pull starts with the manifest).  Answering from the upstream would make
-            # it skip uploads this registry does not have, and leak private names to the upstream.
+        if pushable and not self.metadata.has_repository(self._repo(name)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": key})
+        urls = self._foreign_urls(name, key)
         try:
-            size = await self.upstream.head_blob(name, digest)
+            size = await (self.upstream.head_foreign_blob(urls, digest) if urls
+                          else self.upstream.head_blob(name, digest))
         except UpstreamError as exc:
             raise _api_error(exc, "BLOB_UNKNOWN") from exc
         if size is None:
@@ -261,14 +274,23 @@ class PullThrough:
                 await self.upstream.head_blob(name, digest)
             except UpstreamError as exc:
                 raise _api_error(exc, "BLOB_UNKNOWN") from exc
+        urls = self._foreign_urls(name, key)
         try:
-            source = await self.fills.open(digest, lambda: self.upstream.blob(name, digest))
+            source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
+                                           else lambda: self.upstream.blob(name, digest))
         except UpstreamError as exc:
             raise _api_error(exc, "BLOB_UNKNOWN") from exc
         await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
         if isinstance(source, StoredBlob):
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
+        """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
+        (else, or for any other blob, ``()``: the upstream is asked, as for every blob)."""
+        if self.upstream.config.foreign_layers != "fetch" or not self.metadata.is_linked(self._repo(name), digest):
+            return ()
+        return self.metadata.foreign_urls(digest)
 
     # -- tags --
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import APIError
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1, SCHEMA1_SIGNED
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, OCI_INDEX, SCHEMA1, SCHEMA1_SIGNED, is_nondistributable
 from .reference import ParseError, parse_digest
 
 
@@ -58,7 +59,18 @@ def descriptor_ok(d: Any) -> bool:
         parse_digest(d.get("digest", ""))
     except (ParseError, TypeError):
         return False
+    urls = d.get("urls")
+    if urls is not None and not (isinstance(urls, list) and all(_download_url(u) for u in urls)):
+        return False
     return True
+
+
+def _download_url(value: Any) -> bool:
+    """A descriptor's ``urls`` entry: an absolute http(s) URL (OCI image-spec, "Descriptor")."""
+    if not isinstance(value, str) or len(value) > 2048:
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.fragment
 
 
 def check_manifest(doc: dict[str, Any], media_type: str) -> str | None:
@@ -84,10 +96,17 @@ def check_manifest(doc: dict[str, Any], media_type: str) -> str | None:
 
 
 def required_digests(doc: dict[str, Any], media_type: str) -> list[str]:
-    """Digests that must be in the repository before this manifest may be stored."""
+    """Digests that must be in the repository before this manifest may be stored.
+
+    Non-distributable (and Docker's foreign) layers are not: clients fetch them from their
+    ``urls`` (image-spec, "Non-distributable layers"), and a registry only MAY reject a manifest
+    whose references it lacks (distribution-spec, "Pushing manifests"); as distribution and zot
+    do, they are accepted without their blobs.
+    """
     if media_type in INDEX_TYPES:
         return [d["digest"] for d in doc["manifests"]]
-    return [doc["config"]["digest"], *(d["digest"] for d in doc.get("layers", []))]
+    layers = [d["digest"] for d in doc.get("layers", []) if not is_nondistributable(d["mediaType"])]
+    return [doc["config"]["digest"], *layers]
 
 
 def subject_digest(body: bytes) -> str | None:

@@ -107,14 +107,23 @@ def _name(raw: str) -> str:
         raise APIError("NAME_INVALID", detail=str(exc)) from exc
 
 
-def _reference(raw: str) -> str | Digest:
+def _reference(raw: str, method: str) -> str | Digest:
+    """A manifest reference; a tag that cannot exist is unknown to a read, invalid to a write.
+
+    The spec's conformance suite reads ``.INVALID_MANIFEST_NAME`` and expects ``404
+    MANIFEST_UNKNOWN`` (distribution-spec, "Pulling manifests": a manifest that does not exist
+    is 404); a PUT or DELETE of such a tag is ``400 TAG_INVALID``.
+    """
     try:
         return parse_reference(raw)
     except UnsupportedDigest as exc:
         raise APIError("UNSUPPORTED", detail=str(exc), status=400) from exc
     except ParseError as exc:
-        code = "DIGEST_INVALID" if exc.kind == "digest" else "TAG_INVALID"
-        raise APIError(code, "invalid reference", detail=str(exc)) from exc
+        if exc.kind == "digest":
+            raise APIError("DIGEST_INVALID", "invalid reference", detail=str(exc)) from exc
+        if method in ("GET", "HEAD"):
+            raise APIError("MANIFEST_UNKNOWN", detail={"reference": raw[:200], "reason": str(exc)}) from exc
+        raise APIError("TAG_INVALID", "invalid reference", detail=str(exc)) from exc
 
 
 def _digest(raw: str) -> Digest:
@@ -129,7 +138,7 @@ def _digest(raw: str) -> Digest:
 async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
     pull, cached_name = _upstream_for(request, name)
     local: LocalRegistry = request.state.local
-    reference = _reference(m.group("reference"))
+    reference = _reference(m.group("reference"), request.method)
     if request.method == "PUT":
         return await _put_manifest(request, name, reference)
     if request.method == "DELETE":
@@ -200,7 +209,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         if is_local:
             size, outcome = await local.blob_size(name, digest), "LOCAL"
         else:
-            found = await pull.blob_head(cached_name, digest)
+            found = await pull.blob_head(cached_name, digest, pushable=local.takes_pushes(name))
             size, outcome = found.size, found.outcome.value
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
@@ -247,7 +256,7 @@ async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
                                                   **local.upload_headers(name, state)})
     # PUT: the last chunk (optional) and the digest.
     digest = _query_digest(request)
-    await local.finish(name, uuid, digest, request.stream())
+    await local.finish(name, uuid, digest, request.stream(), request.headers.get("content-range"))
     return _blob_created(name, digest)
 
 
@@ -374,5 +383,6 @@ routes = [
     Route("/v2", base, methods=["GET", "HEAD"]),
     Route("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     Route("/v2/{path:path}", dispatch, methods=ALL_METHODS),
+    Route("/_mirror/", admin.operator, methods=["GET"]),
     Route("/_mirror/preload", admin.preload, methods=["POST"]),
 ]

@@ -32,10 +32,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -499,6 +500,55 @@ class Upstream:
             raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
         finally:
             await response.aclose()
+
+    @asynccontextmanager
+    async def foreign_blob(self, urls: Sequence[str], digest: Digest) -> AsyncIterator[BlobDownload]:
+        """Stream a non-distributable layer from the first of its *urls* that serves it.
+
+        These are other hosts than the registry: no credentials are sent.  The caller verifies the
+        digest.  :class:`UpstreamNotFound` when each URL answered 404 or 410 (or none is http(s)),
+        else :class:`UpstreamUnavailable` when none served it.
+        """
+        response = await self._foreign("GET", urls, digest)
+        try:
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+        except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
+            raise UpstreamUnavailable(f"GET foreign layer {digest}: body interrupted: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    async def head_foreign_blob(self, urls: Sequence[str], digest: Digest) -> int | None:
+        """The size a non-distributable layer's first serving URL announces (as :meth:`foreign_blob`)."""
+        response = await self._foreign("HEAD", urls, digest)
+        await response.aclose()
+        length = response.headers.get("content-length")
+        return int(length) if length and length.isdigit() else None
+
+    async def _foreign(self, method: str, urls: Sequence[str], digest: Digest) -> httpx.Response:
+        failures: list[str] = []
+        not_found = True
+        for url in urls:
+            if urlsplit(url).scheme not in ("http", "https"):
+                continue
+            started = time.monotonic()
+            try:
+                request = self.client.build_request(method, url, headers={"Accept-Encoding": "identity"})
+                response = await self.client.send(request, stream=True, auth=None)
+            except (httpx.TransportError, httpx.InvalidURL) as exc:
+                self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
+                failures.append(f"{url}: {type(exc).__name__}")
+                not_found = False
+                continue
+            self.metrics.upstream_response(self.config.registry, method, response.status_code,
+                                           time.monotonic() - started)
+            if 200 <= response.status_code < 300:
+                return response
+            await response.aclose()
+            failures.append(f"{url}: {response.status_code}")
+            not_found = not_found and response.status_code in (404, 410)
+        message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no http(s) url")
+        raise self._failed(UpstreamNotFound(message, 404) if not_found else UpstreamUnavailable(message))
 
     async def head_blob(self, name: str, digest: Digest) -> int | None:
         response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")

@@ -170,6 +170,37 @@ def parse_push_users(value: Any) -> tuple[str, ...]:
     return tuple(entries)
 
 
+def parse_user_names(value: Any) -> tuple[str, ...]:
+    """htpasswd user names (YAML list, or comma-separated)."""
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = []
+    for item in items:
+        user = str(item).strip() if not isinstance(item, (dict, list)) else ""
+        if not user or ":" in user or any(c.isspace() or c == "," for c in user):
+            raise ValueError(f"{item!r} is not a user name")
+        names.append(user)
+    return tuple(names)
+
+
+#: Shortest operator token accepted (``admin.token_file``): 128 bits in hex.
+MIN_TOKEN_LENGTH = 32
+
+
+def parse_token_file(value: Any) -> SecretFile | None:
+    """A file holding a bearer token of printable ASCII, at least :data:`MIN_TOKEN_LENGTH` long."""
+    secret = parse_secret_file(value)
+    if secret is None:
+        return None
+    if not re.fullmatch(r"[\x21-\x7e]+", secret.value):
+        raise ValueError("the token must be one word of printable ASCII")
+    if len(secret.value) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"the token must be at least {MIN_TOKEN_LENGTH} characters "
+                         "(e.g. openssl rand -hex 32)")
+    return secret
+
+
 def redact(text: str) -> str:
     """Hide the user-info part of URLs in a message (``https://user:token@host`` -> ``https://***@host``)."""
     return re.sub(r"//[^/@\s]*@", "//***@", text)

@@ -34,6 +34,10 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
     ("http:\n  workers: 0\n", "bad value for http.workers"),
     ("http:\n  trusted_proxies: [10.0.0.0/8, proxy.local]\n", "bad value for http.trusted_proxies"),
     ("upstream:\n  url: ftp://x\n", "bad value for upstream.url"),
+    ("upstream:\n  foreign_layers: always\n", "bad value for upstream.foreign_layers"),
+    ("auth:\n  admins: [ops]\n", "auth.admins needs users: set auth.htpasswd.path"),
+    ("auth:\n  admins: ['ops team']\n", "bad value for auth.admins"),
+    ("admin:\n  token_file: /nonexistent/token\n", "bad value for admin.token_file"),
     ("nope:\n  a: 1\n", "unknown configuration section 'nope'"),
     ("http: [1, 2]\n", "section http must be a mapping"),
     ("http: {listen: 1\n", "not valid YAML"),
@@ -43,6 +47,19 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, message: str) 
     file.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
         load_config(file, env={})
+
+
+def test_operator_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef" * 4 + "\n")
+    config = load_config(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
+    assert config.admin.token_file is not None and config.admin.token_file.value == "0123456789abcdef" * 4
+    assert "0123456789abcdef" not in repr(config)
+    assert to_environ(config)["MIRROR_ADMIN_TOKEN_FILE"] == str(token)  # workers read the file themselves
+    for bad, message in (("short\n", "at least 32 characters"), ("two words" * 5, "one word"), ("", "empty")):
+        token.write_text(bad)
+        with pytest.raises(ConfigError, match=f"bad value for admin.token_file: .*{message}"):
+            load_config(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
 
 
 def test_bad_env_value_and_unknown_env_key() -> None:

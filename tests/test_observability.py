@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -258,8 +259,12 @@ def test_stale_serves_and_upstream_errors_are_counted(
 
 
 def test_uploads_and_preloads_are_counted(
-    mirror: MirrorServer, http: httpx.Client, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
 ) -> None:
+    token = tmp_path / "operator-token"
+    token.write_text(secrets.token_hex(32))
+    operator = {"authorization": f"Bearer {token.read_text()}"}
+    mirror = mirror_factory(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
     monolithic = os.urandom(70_000)
     assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(monolithic)},
                      content=monolithic).status_code == 201
@@ -281,9 +286,9 @@ def test_uploads_and_preloads_are_counted(
     layer_dir.mkdir()
     image = build_image(layer_dir, [random_layer(layer_dir, 64 * 1024, 901, compressed=False)], media="docker")
     archive = docker_save(tmp_path / "save.tar", [(image, ["obs/preloaded:1"])])
-    summary = http.post(f"{mirror.url}/_mirror/preload", content=archive.read_bytes())
+    summary = http.post(f"{mirror.url}/_mirror/preload", content=archive.read_bytes(), headers=operator)
     assert summary.status_code == 200, summary.text
-    refused = http.post(f"{mirror.url}/_mirror/preload", content=b"this is no archive")
+    refused = http.post(f"{mirror.url}/_mirror/preload", content=b"this is no archive", headers=operator)
     assert refused.status_code == 400
 
     metrics = scrape(f"{mirror.url}/metrics")

@@ -8,10 +8,12 @@ and reads OCI archives.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tarfile
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import diskcache
 import httpx
 import pytest
@@ -52,6 +55,7 @@ from tests.support.images import (
     write_oci_layout,
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
 
 UNREACHABLE = "http://127.0.0.1:1"
@@ -316,29 +320,119 @@ def test_docker_save_in_oci_form_keeps_its_manifests(
 # -- into a running mirror --------------------------------------------------------------------------
 
 
+def operator_token(tmp_path: Path) -> Path:
+    """A file holding a fresh operator token (``admin.token_file``)."""
+    path = tmp_path / "operator-token"
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def bearer(token_file: Path) -> dict[str, str]:
+    return {"authorization": f"Bearer {token_file.read_text().strip()}"}
+
+
 def test_url_loads_into_a_running_mirror_without_a_restart(
     built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
 ) -> None:
-    server = offline_mirror().start()
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
     assert manifest(http, server.url, "library/pre-multi", "1").status_code != 200
-    result = mirror_cli("preload", "--url", server.url, built.layout)  # a directory goes as a tar stream
+    result = mirror_cli("preload", "--url", server.url, "--token-file", token, built.layout)  # a directory: a tar
     assert "2 images, 2 tags (2 new or moved)" in ok(result)
     assert_serves(http, server.url, "library/pre-multi", "1", built.multi)
-    assert "nothing new" in ok(mirror_cli("preload", "--url", server.url, pack(built.layout, tmp_path / "l.tar")))
+    again = mirror_cli("preload", "--url", server.url, pack(built.layout, tmp_path / "l.tar"),
+                       env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})  # the token file from the environment
+    assert "nothing new" in ok(again)
 
     before = snapshot(server.data_dir)
     broken = tmp_path / "broken.tar"
     entries = [e for e in layout_entries(built.victim_layout)
                if e[0].name != f"blobs/sha256/{built.victim.layers[1].digest.removeprefix('sha256:')}"]
     write_tar(broken, entries)
-    bad = mirror_cli("preload", "--url", server.url, broken)
+    bad = mirror_cli("preload", "--url", server.url, "--token-file", token, broken)
     assert bad.returncode == 1
     assert re.search(rf"mirror: preload: {re.escape(str(broken))}: blobs/sha256/\w+: manifest sha256:\w+ names "
                      rf"layer {built.victim.layers[1].digest}, which is not in the archive", bad.stderr), bad.stderr
-    answer = http.post(f"{server.url}/_mirror/preload", content=broken.read_bytes())
+    answer = http.post(f"{server.url}/_mirror/preload", content=broken.read_bytes(), headers=bearer(token))
     assert answer.status_code == 400
     assert answer.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
     assert snapshot(server.data_dir) == before
+
+
+def test_operator_endpoints_are_off_when_no_operator_credential_is_configured(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    server = offline_mirror().start()
+    before = snapshot(server.data_dir)
+    archive = pack(built.layout, tmp_path / "layout.tar")
+    answer = http.post(f"{server.url}/_mirror/preload", content=archive.read_bytes())
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert "admin.token_file" in answer.json()["errors"][0]["message"]
+    refused = mirror_cli("preload", "--url", server.url, archive)
+    assert refused.returncode == 1 and "operator endpoints are off" in refused.stderr, refused.stderr
+    assert snapshot(server.data_dir) == before
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    unusable = mirror_cli("preload", "--url", server.url, "--token-file", short, archive)
+    assert unusable.returncode == 2 and "at least 32 characters" in unusable.stderr, unusable.stderr
+    server.stop()
+    assert "2 images" in ok(preload(server.data_dir, archive))  # the offline path needs no credential
+
+
+def test_operator_endpoints_need_an_operator_credential_behind_a_local_reverse_proxy(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """Behind nginx on the same host without X-Forwarded-For, every client is 127.0.0.1: the
+    address is no credential.  Operators are the token of admin.token_file, or users of
+    auth.admins (Basic, or a token of the mirror's token server)."""
+    token = operator_token(tmp_path)
+    users = tmp_path / "htpasswd"
+    users.write_text("".join(f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+                             for user, pw in (("ops", "ops-pw"), ("dev", "dev-pw"))))
+    server = offline_mirror(env={"MIRROR_AUTH_HTPASSWD_PATH": str(users), "MIRROR_AUTH_ADMINS": "ops",
+                                 "MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    archive = pack(built.layout, tmp_path / "layout.tar")
+    body = archive.read_bytes()
+    with NginxProxy(tmp_path / "nginx", server.url) as proxy:
+        def token_of(user: str, password: str) -> dict[str, str]:
+            answer = http.get(f"{proxy.url}/auth/token", auth=(user, password))
+            assert answer.status_code == 200, answer.text
+            return {"authorization": f"Bearer {answer.json()['token']}"}
+
+        before = snapshot(server.data_dir)
+        refusals = [
+            ({}, 401, "UNAUTHORIZED"),
+            ({"authorization": f"Bearer {secrets.token_hex(32)}"}, 401, "UNAUTHORIZED"),
+            ({"authorization": "Basic " + base64.b64encode(b"ops:wrong").decode()}, 401, "UNAUTHORIZED"),
+            ({"authorization": "Basic " + base64.b64encode(b"dev:dev-pw").decode()}, 403, "DENIED"),
+            (token_of("dev", "dev-pw"), 403, "DENIED"),
+        ]
+        for base in (proxy.url, server.url):  # through the proxy, and straight from loopback
+            for headers, status, code in refusals:
+                answer = http.post(f"{base}/_mirror/preload", content=body, headers=headers)
+                assert answer.status_code == status, (base, headers, answer.text)
+                assert answer.json()["errors"][0]["code"] == code
+            assert http.post(f"{base}/_mirror/preload", content=body).headers["www-authenticate"] \
+                == 'Basic realm="mirror"'
+        refused = mirror_cli("preload", "--url", proxy.url, archive)
+        assert refused.returncode == 1 and "operator credential is needed" in refused.stderr, refused.stderr
+        assert snapshot(server.data_dir) == before
+        assert manifest(http, proxy.url, "library/pre-multi", "1").status_code != 200  # not loaded
+
+        assert "2 images, 2 tags (2 new or moved)" in ok(
+            mirror_cli("preload", "--url", proxy.url, "--token-file", token, archive))
+        for headers, who in ((bearer(token), "token"), (token_of("ops", "ops-pw"), "ops"),
+                             ({"authorization": "Basic " + base64.b64encode(b"ops:ops-pw").decode()}, "ops")):
+            answer = http.post(f"{proxy.url}/_mirror/preload", content=body, headers=headers)
+            assert answer.status_code == 200 and answer.json()["images"] == 2, answer.text
+            assert http.get(f"{proxy.url}/_mirror/", headers=headers).json() == {"operator": who}
+        for headers, status in (({}, 401), (token_of("dev", "dev-pw"), 403)):
+            assert http.get(f"{proxy.url}/_mirror/", headers=headers).status_code == status
+        assert_serves(http, proxy.url, "library/pre-multi", "1", built.multi)
+    # nginx added no X-Forwarded-For: the mirror saw every request come from loopback.
+    clients = {e["client"] for e in server.access_entries() if e.get("path") == "/_mirror/preload"}
+    assert clients == {"127.0.0.1"}
 
 
 def test_preloaded_tags_are_served_as_loaded_by_an_online_mirror(
@@ -692,7 +786,8 @@ def test_real_docker_save_is_preloaded_pulled_and_run(
     images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
     dockerd_factory: Callable[..., Dockerd], tmp_path: Path
 ) -> None:
-    server = mirror_factory()  # online: dockerd gets the image through it first
+    token = operator_token(tmp_path)
+    server = mirror_factory(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})  # online: dockerd gets the image first
     daemon = dockerd_factory(registry_mirror=server.url)
     daemon.docker("pull", "small:1")
     daemon.docker("tag", "small:1", "saved-app:7")
@@ -701,7 +796,7 @@ def test_real_docker_save_is_preloaded_pulled_and_run(
     daemon.docker("save", "-o", str(saved), "saved-app:7", "ghcr.io/acme/saved-app:7")
     daemon.docker("rmi", "saved-app:7", "ghcr.io/acme/saved-app:7", "small:1")
 
-    out = ok(mirror_cli("preload", "--url", server.url, saved))  # into the running mirror
+    out = ok(mirror_cli("preload", "--url", server.url, "--token-file", token, saved))  # into the running mirror
     assert "1 image, 2 tags" in out
     assert "nothing new" in ok(preload(server.data_dir, saved))
     upstream.clear_counts()

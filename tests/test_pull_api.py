@@ -7,18 +7,26 @@ came from the store and what did not.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from tests.support import client
+from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
+from tests.support.hub import HubEmulator
 from tests.support.images import (
     sha256_digest as sha256,
     DOCKER_LIST,
@@ -294,6 +302,179 @@ def test_blob_is_streamed_once_from_upstream_then_served_from_the_store(
     assert stored.headers["x-mirror-cache"] == "HIT" and stored.headers["content-length"] == str(layer.size)
 
 
+@pytest.mark.parametrize("push", ["disabled", "prefixes"])
+def test_a_blob_head_where_nothing_was_pulled_yet_is_answered_as_a_get_would_be(
+    push: str, images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client
+) -> None:
+    """distribution-spec, "Checking if content exists in the registry": HEAD on a blob is 200 with
+    ``Content-Length`` (and ``Docker-Content-Digest``) when the registry can serve it, as a GET
+    would, else 404.  A pull-through registry asks the upstream with a HEAD and fetches nothing.
+    Names this registry takes pushes for never reach the upstream this way (see the
+    ``pushable`` case of ``PullThrough.blob_head``)."""
+    env = {"MIRROR_PUSH_ENABLED": "false"} if push == "disabled" else {"MIRROR_PUSH_PREFIXES": "team"}
+    mirror = mirror_factory(env={**LIBRARY, **env})
+    layer = images.big.layers[0]
+    upstream.clear_counts()
+    url = f"{mirror.url}/v2/library/big/blobs/{layer.digest}"
+    head = http.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(layer.size)
+    assert head.headers["docker-content-digest"] == layer.digest
+    assert head.headers["x-mirror-cache"] == "MISS"
+    assert upstream.count("HEAD", blob_path("library/big", layer.digest)) == 1
+    assert upstream.count("GET", re.compile("/blobs/")) == 0
+    assert layer.digest not in stored_blobs(mirror.data_dir)
+    for path in (f"library/big/blobs/{sha256(b'not there')}", f"library/multi/blobs/{layer.digest}"):
+        absent = http.head(f"{mirror.url}/v2/{path}")
+        assert absent.status_code == 404 and absent.content == b"", path
+    if push == "prefixes":  # a name pushes go to: answered here, never asked upstream
+        upstream.clear_counts()
+        private = http.head(f"{mirror.url}/v2/team/app/blobs/{layer.digest}")
+        assert private.status_code == 404
+        assert upstream.requests() == []
+    got = http.get(url)
+    assert got.status_code == 200 and sha256(got.content) == layer.digest
+    assert http.head(url).headers["x-mirror-cache"] == "HIT"
+
+
+FOREIGN_LAYER_TYPES = {  # manifest type: (config type, non-distributable layer type)
+    DOCKER_MANIFEST: ("application/vnd.docker.container.image.v1+json",
+                      "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+    OCI_MANIFEST: ("application/vnd.oci.image.config.v1+json",
+                   "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"),
+}
+
+
+def layer_host(blobs: dict[str, bytes], seen: list[tuple[str, str, str | None]]) -> ThreadedServer:
+    """A web server that is no registry, serving blobs at any path ending in their digest (as a
+    layer's ``urls`` name them); it records (method, path, Authorization) of each request."""
+
+    async def serve(request: Request) -> Response:
+        seen.append((request.method, request.url.path, request.headers.get("authorization")))
+        body = blobs.get(request.url.path.rpartition("/")[2])
+        if body is None:
+            return Response(status_code=404)
+        return Response(body if request.method == "GET" else None, media_type="application/octet-stream",
+                        headers={"Content-Length": str(len(body))})
+
+    return ThreadedServer(Starlette(routes=[Route("/{path:path}", serve, methods=["GET", "HEAD"])]),
+                          name="layer-host")
+
+
+def push_with_foreign_layer(registry_url: str, name: str, tag: str, media_type: str, url: Callable[[str], str],
+                            tmp_path: Path) -> tuple[bytes, bytes, bytes]:
+    """Push an image whose first layer is non-distributable (not pushed; ``urls``: [url(digest)]);
+    return (manifest, regular layer, foreign layer)."""
+    config_type, foreign_type = FOREIGN_LAYER_TYPES[media_type]
+    config, layer, foreign = f'{{"os":"windows","tag":"{tag}"}}'.encode(), os.urandom(2000), os.urandom(300_000)
+    with client.session() as upstream_http:
+        for blob in (config, layer):
+            path = tmp_path / sha256(blob).replace(":", "-")
+            path.write_bytes(blob)
+            client.push_blob(upstream_http, registry_url, name, sha256(blob), path)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+            "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign),
+                        "urls": [url(sha256(foreign))]},
+                       {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                        "size": len(layer)}],
+        }).encode()
+        client.put_manifest(upstream_http, registry_url, name, tag, media_type, body)
+    return body, layer, foreign
+
+
+class UrlsAllowingRegistry(UpstreamRegistry):
+    """docker-registry that takes manifests whose layers have ``urls`` (refused unless allowed)."""
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}}}
+
+
+@pytest.fixture
+def urls_upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
+    registry = UrlsAllowingRegistry(tmp_path / "urls-upstream")
+    try:
+        yield registry.start()
+    finally:
+        registry.stop()
+
+
+@pytest.mark.parametrize("mode", ["skip", "fetch"])
+def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configured(
+    mode: str, urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    tmp_path: Path
+) -> None:
+    """image-spec, "Non-distributable layers": such a layer is downloaded from its descriptor's
+    ``urls``, and the registry need not have it.  Pulled through, the manifest is served as the
+    upstream has it; the layer is fetched (verified, then stored) from its urls only with
+    ``upstream.foreign_layers: fetch``, else left to the client, as dockerd and containerd do."""
+    upstream = urls_upstream
+    seen: list[tuple[str, str, str | None]] = []
+    blobs: dict[str, bytes] = {}
+    with layer_host(blobs, seen) as host:
+        mirror = mirror_factory(upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": mode})
+        for n, media_type in enumerate(FOREIGN_LAYER_TYPES):
+            tag = f"{mode}-{n}"
+            body, layer, foreign = push_with_foreign_layer(upstream.url, "team/win", tag, media_type,
+                                                           lambda digest: f"{host.url}/layers/{digest}", tmp_path)
+            blobs[sha256(foreign)] = foreign
+            upstream.clear_counts()
+            for reference in (tag, sha256(body)):
+                got = http.get(f"{mirror.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+                assert got.status_code == 200 and got.content == body, (media_type, reference)
+            regular = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(layer)}")
+            assert regular.status_code == 200 and regular.content == layer
+
+            url = f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}"
+            path = f"/layers/{sha256(foreign)}"
+            seen.clear()
+            if mode == "skip":
+                head, got = http.head(url), http.get(url)
+                assert head.status_code == 404 and got.status_code == 404 and error_code(got) == "BLOB_UNKNOWN"
+                assert seen == []
+                assert sha256(foreign) not in stored_blobs(mirror.data_dir)
+                continue
+            head = http.head(url)
+            assert head.status_code == 200 and head.headers["content-length"] == str(len(foreign))
+            assert head.headers["docker-content-digest"] == sha256(foreign)
+            assert seen == [("HEAD", path, None)]
+            for expected in ("MISS", "HIT"):
+                got = http.get(url)
+                assert got.status_code == 200 and got.content == foreign
+                assert got.headers["x-mirror-cache"] == expected
+                assert got.headers["docker-content-digest"] == sha256(foreign)
+            assert seen == [("HEAD", path, None), ("GET", path, None)]
+            assert upstream.count(None, re.compile(f"/blobs/{sha256(foreign)}")) == 0
+            assert sha256(foreign) in stored_blobs(mirror.data_dir)
+
+
+def test_non_distributable_layers_are_fetched_without_the_upstream_credentials(
+    urls_upstream: UpstreamRegistry, hub_factory: Callable[..., HubEmulator],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """A layer's urls often name another registry's blob path (Windows base layers name
+    mcr.microsoft.com/v2/.../blobs/...): the upstream's token or password must not go there."""
+    hub = hub_factory(urls_upstream.url, username="mirror-user", password="s3cret-pass")
+    seen: list[tuple[str, str, str | None]] = []
+    blobs: dict[str, bytes] = {}
+    with layer_host(blobs, seen) as host:
+        body, _, foreign = push_with_foreign_layer(
+            urls_upstream.url, "team/win", "1", OCI_MANIFEST,
+            lambda digest: f"{host.url}/v2/team/win/blobs/{digest}", tmp_path)
+        blobs[sha256(foreign)] = foreign
+        mirror = mirror_factory(hub.url, env={
+            "MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch", "MIRROR_UPSTREAM_USERNAME": "mirror-user",
+            "MIRROR_UPSTREAM_PASSWORD": "s3cret-pass"})
+        got = http.get(f"{mirror.url}/v2/team/win/manifests/1", headers={"accept": ALL_TYPES})
+        assert got.status_code == 200 and got.content == body
+        assert hub.tokens_issued, "the upstream was reached with a token"
+        layer = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}")
+        assert layer.status_code == 200 and layer.content == foreign
+    assert [(method, authorization) for method, _, authorization in seen] == [("GET", None)]
+
+
 def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.Client) -> None:
     layer = images.big.layers[0]  # 1 MiB
     data = layer.path.read_bytes()
@@ -413,8 +594,10 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], int, str]] = [
     ("GET", "/v2/..%2f..%2fetc/manifests/1", {}, 400, "NAME_INVALID"),
     ("GET", "/v2/a/%2e%2e/b/blobs/sha256:" + "0" * 64, {}, 400, "NAME_INVALID"),
     ("GET", "/v2/" + "a/" * 200 + "x/manifests/1", {}, 400, "NAME_INVALID"),
-    ("GET", "/v2/library/small/manifests/-bad-tag", {}, 400, "TAG_INVALID"),
-    ("GET", "/v2/library/small/manifests/" + "t" * 129, {}, 400, "TAG_INVALID"),
+    # A reference that is no valid tag names no manifest: unknown to a read (a PUT is TAG_INVALID).
+    ("GET", "/v2/library/small/manifests/-bad-tag", {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/" + "t" * 129, {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/library/small/manifests/.INVALID_MANIFEST_NAME", {}, 404, "MANIFEST_UNKNOWN"),
     ("GET", "/v2/library/small/manifests/sha256:abc", {}, 400, "DIGEST_INVALID"),
     ("GET", "/v2/library/small/manifests/sha256:" + "Z" * 64, {}, 400, "DIGEST_INVALID"),
     ("GET", "/v2/library/small/blobs/sha256:%2e%2e", {}, 400, "DIGEST_INVALID"),

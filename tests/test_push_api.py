@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +21,10 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.images import OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256
-from tests.support.mirror import MirrorServer
+from tests.support.images import (
+    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256,
+)
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -128,6 +132,42 @@ def test_chunked_upload_with_status_and_out_of_order_chunk(registry: MirrorServe
     # The finished upload is gone.
     gone = http.get(registry.url + location)
     assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_closing_put_with_a_range_that_does_not_follow_the_upload_is_refused(
+    registry: MirrorServer, http: httpx.Client
+) -> None:
+    """distribution-spec, "Pushing a blob in chunks": a chunk out of order is ``416 Requested Range
+    Not Satisfiable``, and the registry answers with the ``Range`` of what it holds.  The closing
+    ``PUT ?digest=`` may carry the last chunk, so the same holds for it: refused, the upload kept."""
+    data = os.urandom(200_000)
+    digest = sha256(data)
+    first, rest = data[:70_000], data[70_000:]
+    location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(registry.url + location, content=first,
+                      headers={"content-range": f"0-{len(first) - 1}"}).status_code == 202
+    held = f"0-{len(first) - 1}"
+    early = http.patch(registry.url + location, content=rest[10:],
+                       headers={"content-range": f"{len(first) + 10}-{len(data) - 1}"})
+    assert early.status_code == 416 and early.headers["range"] == held
+
+    for start in (len(first) + 10, 0, len(first) - 1):
+        wrong = http.put(registry.url + location, params={"digest": digest}, content=rest,
+                         headers={"content-range": f"{start}-{start + len(rest) - 1}",
+                                  "content-type": "application/octet-stream"})
+        assert wrong.status_code == 416, (start, wrong.text)
+        assert wrong.headers["range"] == held
+        assert wrong.headers["location"] == location
+        assert error_code(wrong) == "BLOB_UPLOAD_INVALID"
+        status = http.get(registry.url + location)  # the upload is intact and can go on
+        assert status.status_code == 204 and status.headers["range"] == held
+    assert http.head(f"{registry.url}/v2/team/app/blobs/{digest}").status_code == 404
+
+    done = http.put(registry.url + location, params={"digest": digest}, content=rest,
+                    headers={"content-range": f"{len(first)}-{len(data) - 1}",
+                             "content-type": "application/octet-stream"})
+    assert done.status_code == 201 and done.headers["docker-content-digest"] == digest
+    assert http.get(f"{registry.url}/v2/team/app/blobs/{digest}").content == data
 
 
 def test_wrong_digest_stores_nothing(registry: MirrorServer, http: httpx.Client) -> None:
@@ -255,6 +295,93 @@ def test_manifest_put_errors(registry: MirrorServer, http: httpx.Client) -> None
                        headers={"content-type": OCI_MANIFEST})
     assert bad_tag.status_code == 400 and error_code(bad_tag) == "TAG_INVALID"
     assert http.get(url).status_code == 404  # nothing was tagged by any of these
+
+
+def test_a_reference_that_is_no_tag_is_unknown_to_reads_and_invalid_to_writes(
+    registry: MirrorServer, upstream: UpstreamRegistry, http: httpx.Client
+) -> None:
+    """distribution-spec, "Pulling manifests": a manifest that does not exist is ``404`` with
+    ``MANIFEST_UNKNOWN``, and no tag can be ``.INVALID_MANIFEST_NAME`` (the conformance suite's
+    probe); "Pushing manifests": a PUT to a reference that is neither a tag nor a digest is invalid."""
+    manifest, _ = push_image(http, registry.url, "team/app", "v1", seed=11)
+    upstream.clear_counts()
+    for name in ("team/app", "library/small"):  # pushed, and pulled through
+        url = f"{registry.url}/v2/{name}/manifests/.INVALID_MANIFEST_NAME"
+        got = http.get(url, headers={"accept": ALL_TYPES})
+        assert got.status_code == 404 and error_code(got) == "MANIFEST_UNKNOWN", got.text
+        head = http.head(url, headers={"accept": ALL_TYPES})
+        assert head.status_code == 404 and head.content == b""
+        assert head.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert upstream.count(None, re.compile("INVALID_MANIFEST_NAME")) == 0
+    put = http.put(f"{registry.url}/v2/team/app/manifests/.INVALID_MANIFEST_NAME", content=manifest,
+                   headers={"content-type": OCI_MANIFEST})
+    assert put.status_code == 400 and error_code(put) == "TAG_INVALID"
+    assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
+
+
+NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def test_manifests_with_non_distributable_layers_are_accepted_without_them(
+    registry: MirrorServer, http: httpx.Client
+) -> None:
+    """image-spec, "Non-distributable layers": clients fetch them from the descriptor's ``urls``,
+    not from the registry; distribution-spec, "Pushing manifests": a registry only MAY reject a
+    manifest whose blobs it lacks.  Accepted (201), then pullable by tag and by digest."""
+    config = b'{"architecture":"amd64","os":"windows"}'
+    layer = os.urandom(3000)
+    push_blob(http, registry.url, "team/win", config)
+    push_blob(http, registry.url, "team/win", layer)
+    foreign = os.urandom(5000)  # never pushed
+    url = f"https://downloads.example.com/layers/{sha256(foreign)}"
+    cases = [
+        ("oci", OCI_MANIFEST, "application/vnd.oci.image.config.v1+json", NONDISTRIBUTABLE,
+         "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ("docker", DOCKER_MANIFEST, "application/vnd.docker.container.image.v1+json", DOCKER_FOREIGN,
+         "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+    ]
+    for tag, media_type, config_type, foreign_type, layer_type in cases:
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": sha256(config), "size": len(config)},
+            "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign), "urls": [url]},
+                       {"mediaType": layer_type, "digest": sha256(layer), "size": len(layer)}],
+        }).encode()
+        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body, headers={"content-type": media_type})
+        assert put.status_code == 201, (tag, put.text)
+        assert put.headers["docker-content-digest"] == sha256(body)
+        assert put.headers["location"] == f"/v2/team/win/manifests/{sha256(body)}"
+        for reference in (tag, sha256(body)):
+            got = http.get(f"{registry.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+            assert got.status_code == 200 and got.content == body, (tag, reference)
+            assert got.headers["content-type"] == media_type
+            assert got.headers["docker-content-digest"] == sha256(body)
+            head = http.head(f"{registry.url}/v2/team/win/manifests/{reference}", headers={"accept": ALL_TYPES})
+            assert head.status_code == 200 and head.headers["content-length"] == str(len(body))
+    # The layer itself is not here: clients go to its urls.
+    absent = http.get(f"{registry.url}/v2/team/win/blobs/{sha256(foreign)}")
+    assert absent.status_code == 404 and error_code(absent) == "BLOB_UNKNOWN"
+    assert http.get(f"{registry.url}/v2/team/win/tags/list").json()["tags"] == ["docker", "oci"]
+
+    # Only the non-distributable layer may be missing, and its urls must be http(s) URLs.
+    missing = image_manifest(config, [os.urandom(10)])
+    answer = http.put(f"{registry.url}/v2/team/win/manifests/bad", content=missing,
+                      headers={"content-type": OCI_MANIFEST})
+    assert answer.status_code == 400 and error_code(answer) == "MANIFEST_BLOB_UNKNOWN"
+    for bad_urls in (["file:///etc/passwd"], "https://example.com/x", [7], ["https://example.com/x#frag"]):
+        doc = json.loads(image_manifest(config, []))
+        doc["layers"] = [{"mediaType": NONDISTRIBUTABLE, "digest": sha256(foreign), "size": len(foreign),
+                          "urls": bad_urls}]
+        answer = http.put(f"{registry.url}/v2/team/win/manifests/bad", content=json.dumps(doc).encode(),
+                          headers={"content-type": OCI_MANIFEST})
+        assert answer.status_code == 400 and error_code(answer) == "MANIFEST_INVALID", bad_urls
+    assert http.get(f"{registry.url}/v2/team/win/manifests/bad").status_code == 404
+
+    registry.stop()
+    check = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(registry.data_dir)],
+                           capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_index_needs_its_children(registry: MirrorServer, http: httpx.Client) -> None:

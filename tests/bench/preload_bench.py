@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import secrets  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -107,12 +108,15 @@ def main() -> None:
             seconds, rss, out = run_cli("preload", "--data", data, source)
             results.append(Result(case, seconds, source.stat().st_size, rss, out))
             print(results[-1].line(), flush=True)
-        server = MirrorServer(work / "data-url", "http://127.0.0.1:1", log_dir=work)
+        token = work / "operator-token"
+        token.write_text(secrets.token_hex(32))
+        server = MirrorServer(work / "data-url", "http://127.0.0.1:1", log_dir=work,
+                              env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
         server.start()
         try:
             assert server.pid is not None
             with PeakRss(server.pid) as peak:
-                seconds, rss, out = run_cli("preload", "--url", server.url, plain)
+                seconds, rss, out = run_cli("preload", "--url", server.url, "--token-file", token, plain)
             results.append(Result("plain tar, --url (client RSS)", seconds, plain.stat().st_size, rss, out))
             print(results[-1].line())
             print(f"{'  server during --url':<44} idle {peak.idle / MIB:.1f} MiB, peak {peak.peak / MIB:.1f} MiB")

@@ -87,8 +87,12 @@ class GrowingBlob:
             self.fills.metrics.waiting(-1)
 
     def state(self) -> str:
-        """``filling``, ``done`` or ``failed``."""
-        return _state(self.fd, self.fills.store.blob_path(self.digest))
+        """``filling``, ``done`` or ``failed``; once done, the blob is marked as being served."""
+        state = _state(self.fd, self.fills.store.blob_path(self.digest))
+        if state == "done":
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return state
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`."""
@@ -183,10 +187,16 @@ class Fills:
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
     def open_stored(self, digest: Digest) -> StoredBlob | None:
+        """The stored blob, marked as being served (a shared ``flock`` until it is closed).
+
+        The collector does not evict an image while one of its objects is marked (``gc.in_use``).
+        """
         try:
             fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        with contextlib.suppress(BlockingIOError):  # the collector looking at it this instant: serve anyway
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return StoredBlob(fd, os.fstat(fd).st_size)
 
     async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob:

@@ -32,6 +32,7 @@ in the process that answers, so they are counted once.
 ``mirror_gc_*``, ``mirror_evicted_images_total``  collector runs, durations, objects and bytes freed
 ``mirror_upload*_total``, ``mirror_preload*_total``  pushed blobs and preloaded archives
 ``mirror_store_*``                           size, budget and watermarks, objects, manifests, filesystem
+``mirror_store_over_budget``                 reason (in_use, recent, pinned, grace): eviction could not get under
 ==========================================  =============================================================
 """
 
@@ -78,6 +79,13 @@ CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "local")  # X-Mirror-Cach
 UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied", "invalid", "interrupted")
 UPSTREAM_METHODS = ("GET", "HEAD")
 GC_RESULTS = ("ok", "failed")
+#: Why the collector could not evict content (``mirror_store_over_budget``'s reasons).
+HELD_REASONS = {
+    "in_use": "in open transfers",
+    "recent": "used within cache.keep_recent",
+    "pinned": "pinned or pushed",
+    "grace": "not referenced yet, younger than gc.grace",
+}
 _LEADING_INT = re.compile(r"\s*(\d+)")
 
 
@@ -351,6 +359,13 @@ class StoreCollector(Collector):
                                     value=budget * self.cache.high_watermark)
             yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
                                     value=budget * self.cache.low_watermark)
+            over = GaugeMetricFamily(
+                "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
+                "could not evict enough, by what held the content back.", labels=["reason"])
+            held = self.metadata.held() if self.metadata.usage() > budget else {}
+            for reason in HELD_REASONS:
+                over.add_metric([reason], 1 if held.get(reason) else 0)
+            yield over
         objects, manifests, uploads = self._count()
         yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
         yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)

@@ -106,10 +106,11 @@ class Report:
         return self.budget is not None and self.usage_after > self.budget
 
     def held_summary(self) -> str:
-        """Why the store stays above its target, e.g. ``store 130.0 MiB, budget 100.0 MiB: ...``."""
+        """Why the store stays above its target, e.g. ``store 130.0 MiB stays above its budget
+        (100.0 MiB): 120.0 MiB in open transfers, 10.0 MiB pinned or pushed``."""
         parts = [f"{_size(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
-        return (f"store {_size(self.usage_after)} stays above {'its budget' if self.over_budget else 'the low watermark'}"
-                f" ({_size(self.budget if self.over_budget else self.target)}): " + (", ".join(parts) or "nothing evictable"))
+        line, limit = ("its budget", self.budget) if self.over_budget else ("the low watermark", self.target)
+        return f"store {_size(self.usage_after)} stays above {line} ({_size(limit)}): " + ", ".join(parts)
 
     def summary(self) -> str:
         verb = "would free" if self.dry_run else "freed"

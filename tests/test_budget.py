@@ -71,13 +71,15 @@ def slow_reader(address: str, path: str) -> Iterator[None]:
         yield
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_eviction_resumes_by_itself_and_spares_open_transfers(
     sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
-    http: httpx.Client,
+    http: httpx.Client, workers: int,
 ) -> None:
+    """With two workers, the transfer and the collector are in different processes half of the time."""
     registry, images = sized_upstream
     budget = 20 * MIB  # high watermark 19 MiB, low 10 MiB: two 8 MiB images are above the low one
-    mirror = mirror_factory(registry.url, env={
+    mirror = mirror_factory(registry.url, workers=workers, env={
         "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_LOW_WATERMARK": "50%",
         "MIRROR_CACHE_KEEP_RECENT": "2s", "MIRROR_GC_GRACE": "1h"})
 

@@ -14,6 +14,10 @@ Readers in any process learn the outcome from the file itself:
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
 mistakes an older attempt's file for the current one).
+
+A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
+closes: the collector keeps an image while any of its objects is filling or so marked
+(:func:`fills_in_progress`, :func:`being_served`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Protocol
 import anyio.to_thread
 
 from .metrics import Metrics
-from .reference import Digest
+from .reference import Digest, ParseError, parse_digest
 from .store import VERIFIED_MODE, Ingest, Store
 
 log = logging.getLogger("mirror.fill")
@@ -147,6 +151,45 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
     except FileNotFoundError:
         done = False
     return "done" if done else "failed"
+
+
+def fills_in_progress(store: Store) -> set[str]:
+    """Digests (``sha256:<hex>``) whose fetch is in progress, in any process: the locked fill files."""
+    found: set[str] = set()
+    try:
+        entries = list(os.scandir(store.tmp))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        algorithm, dash, rest = entry.name.partition("-")
+        if not dash or not rest.endswith(".partial") or algorithm == "ingest":
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found.add(f"{algorithm}:{rest[:-len('.partial')]}")
+        finally:
+            os.close(fd)
+    return found
+
+
+def being_served(store: Store, digest: str) -> bool:
+    """True while a reader in any process holds the stored object marked (see :meth:`Fills.open_stored`)."""
+    try:
+        fd = os.open(store.blob_path(parse_digest(digest)), os.O_RDONLY)
+    except (FileNotFoundError, ParseError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class Fills:

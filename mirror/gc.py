@@ -8,7 +8,7 @@
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
-  served (its file held with a shared ``flock``, see ``Fills.open_stored``).  Images used within
+  served (its file held with a shared ``flock``): see ``fill.py``.  Images used within
   ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
   When the target cannot be reached, :class:`Maintenance` runs the collector again after a
   short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from .config import CacheConfig, GcConfig
+from .fill import being_served, fills_in_progress
 from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import HELD_REASONS, Metrics
@@ -355,7 +356,7 @@ class Collector:
         counts: Counter[str] = Counter()
         for _, _, d in candidates:
             counts.update(self._closure_of({d}))
-        filling = self._filling()
+        filling = fills_in_progress(self.store)
 
         evicted: list[tuple[str, str]] = []
         freed: set[str] = set()
@@ -372,7 +373,7 @@ class Collector:
                     projected -= state.files[x][0]
 
         def busy(d: str) -> bool:
-            if d not in in_use and any(x in filling or x in state.files and self._served(x)
+            if d not in in_use and any(x in filling or x in state.files and being_served(self.store, x)
                                        for x in self._closure_of({d})):
                 in_use.add(d)
             return d in in_use
@@ -409,39 +410,6 @@ class Collector:
             report.held = {"in_use": size_of(held_in_use), "recent": size_of(held_recent),
                            "pinned": size_of(protected_objects)}
         return evicted, freed
-
-    def _filling(self) -> set[str]:
-        """Digests whose fetch is in progress, in any process (``tmp/<alg>-<hex>.partial``, locked)."""
-        found = set()
-        for entry in _scandir(self.store.tmp):
-            algorithm, dash, rest = entry.name.partition("-")
-            if not dash or not rest.endswith(".partial") or algorithm == "ingest":
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                found.add(f"{algorithm}:{rest[:-len('.partial')]}")
-            finally:
-                os.close(fd)
-        return found
-
-    def _served(self, digest: str) -> bool:
-        """True while any process serves the object (it holds a shared ``flock`` on the file)."""
-        try:
-            fd = os.open(self.store.blob_path(parse_digest(digest)), os.O_RDONLY)
-        except (FileNotFoundError, ParseError):
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
 
 class Maintenance:

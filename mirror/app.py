@@ -35,7 +35,7 @@ log = logging.getLogger("mirror")
 
 
 def create_app(config: Config) -> Starlette:
-    metrics = Metrics()
+    metrics = Metrics(upstreams=[u.registry for u in config.upstreams])
     memo = ManifestMemo()
 
     @contextlib.asynccontextmanager

@@ -14,6 +14,10 @@ Readers in any process learn the outcome from the file itself:
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
 mistakes an older attempt's file for the current one).
+
+A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
+closes: the collector keeps an image while any of its objects is filling or so marked
+(:func:`fills_in_progress`, :func:`being_served`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Protocol
 import anyio.to_thread
 
 from .metrics import Metrics
-from .reference import Digest
+from .reference import Digest, ParseError, parse_digest
 from .store import VERIFIED_MODE, Ingest, Store
 
 log = logging.getLogger("mirror.fill")
@@ -87,8 +91,12 @@ class GrowingBlob:
             self.fills.metrics.waiting(-1)
 
     def state(self) -> str:
-        """``filling``, ``done`` or ``failed``."""
-        return _state(self.fd, self.fills.store.blob_path(self.digest))
+        """``filling``, ``done`` or ``failed``; once done, the blob is marked as being served."""
+        state = _state(self.fd, self.fills.store.blob_path(self.digest))
+        if state == "done":
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return state
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`."""
@@ -145,6 +153,45 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
     return "done" if done else "failed"
 
 
+def fills_in_progress(store: Store) -> set[str]:
+    """Digests (``sha256:<hex>``) whose fetch is in progress, in any process: the locked fill files."""
+    found: set[str] = set()
+    try:
+        entries = list(os.scandir(store.tmp))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        algorithm, dash, rest = entry.name.partition("-")
+        if not dash or not rest.endswith(".partial") or algorithm == "ingest":
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found.add(f"{algorithm}:{rest[:-len('.partial')]}")
+        finally:
+            os.close(fd)
+    return found
+
+
+def being_served(store: Store, digest: str) -> bool:
+    """True while a reader in any process holds the stored object marked (see :meth:`Fills.open_stored`)."""
+    try:
+        fd = os.open(store.blob_path(parse_digest(digest)), os.O_RDONLY)
+    except (FileNotFoundError, ParseError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class Fills:
     """Coalesced, verified fetches into a :class:`Store`.  Built once per process."""
 
@@ -183,10 +230,16 @@ class Fills:
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
     def open_stored(self, digest: Digest) -> StoredBlob | None:
+        """The stored blob, marked as being served (a shared ``flock`` until it is closed).
+
+        The collector does not evict an image while one of its objects is marked (``gc.in_use``).
+        """
         try:
             fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        with contextlib.suppress(BlockingIOError):  # the collector looking at it this instant: serve anyway
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return StoredBlob(fd, os.fstat(fd).st_size)
 
     async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob:

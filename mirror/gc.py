@@ -6,7 +6,13 @@
   watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
   ``cache.unused_for``.  An image here is a manifest linked to a cached repository; evicting it
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
-  repositories (``local/...``) and pinned roots (preloaded images) are never candidates.
+  repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
+  an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
+  served (its file held with a shared ``flock``): see ``fill.py``.  Images used within
+  ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
+  When the target cannot be reached, :class:`Maintenance` runs the collector again after a
+  short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
+  for the ``mirror_store_over_budget`` gauge.
 * **Garbage collection** marks from every linked manifest, tag and pin through indexes,
   manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
 
@@ -33,9 +39,10 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from .config import CacheConfig, GcConfig
+from .fill import being_served, fills_in_progress
 from .manifest import references
 from .metadata import LOCAL, Metadata
-from .metrics import Metrics
+from .metrics import HELD_REASONS, Metrics
 from .reference import ParseError, parse_digest
 from .store import Store
 
@@ -43,6 +50,11 @@ log = logging.getLogger("mirror.gc")
 
 #: How often the server merges access times into the index.
 FLUSH_INTERVAL = 5.0
+#: After a collection that could not reach its target: first delay before the next one, and the
+#: longest, while what holds the store will pass by itself (transfers, recent use) or not.
+RETRY_FIRST = 0.5
+RETRY_MAX_PASSING = 5.0
+RETRY_MAX = 60.0
 
 
 class AccessTracker:
@@ -87,6 +99,19 @@ class Report:
     bytes_freed: int = 0
     objects_kept: int = 0
     seconds: float = 0.0
+    target: int | None = None  # the low watermark in bytes, when eviction for space was wanted
+    held: dict[str, int] = field(default_factory=dict)  # reason -> bytes, when the target was not reached
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.usage_after > self.budget
+
+    def held_summary(self) -> str:
+        """Why the store stays above its target, e.g. ``store 130.0 MiB stays above its budget
+        (100.0 MiB): 120.0 MiB in open transfers, 10.0 MiB pinned or pushed``."""
+        parts = [f"{_size(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
+        line, limit = ("its budget", self.budget) if self.over_budget else ("the low watermark", self.target)
+        return f"store {_size(self.usage_after)} stays above {line} ({_size(limit)}): " + ", ".join(parts)
 
     def summary(self) -> str:
         verb = "would free" if self.dry_run else "freed"
@@ -132,28 +157,33 @@ class Collector:
 
     # -- running --
 
-    def run(self, *, dry_run: bool = False, wait: bool = False) -> Report | None:
-        """Evict and collect once; None if another collector holds the lock and *wait* is false."""
+    def run(self, *, dry_run: bool = False, wait: bool = False, resume: bool = False) -> Report | None:
+        """Evict and collect once; None if another collector holds the lock and *wait* is false.
+
+        *resume*: a previous run did not reach the low watermark; evict down to it even if the
+        store is now below the high watermark.
+        """
         fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
-            return self._collect(dry_run)
+            return self._collect(dry_run, resume)
         finally:
             os.close(fd)
 
-    def _collect(self, dry_run: bool) -> Report:
+    def _collect(self, dry_run: bool, resume: bool = False) -> Report:
         started = time.monotonic()
         now = time.time()
+        counted = self.metadata.usage()  # the running total, as of the scan below
         state = self._load()
         self._manifests = state.manifests
         report = Report(dry_run=dry_run, budget=self.budget())
         report.usage_before = sum(size for size, _ in state.files.values())
 
         roots = self._roots(state)
-        evicted, freed_by_eviction = self._choose_evictions(state, roots, report.usage_before, now)
+        evicted, freed_by_eviction = self._choose_evictions(state, roots, report, now, resume)
 
         # Index changes of the eviction: tags, links and access times of the evicted images.
         tag_removals: list[tuple[str, str]] = []
@@ -187,9 +217,16 @@ class Collector:
         report.bytes_freed = sum(state.files[d][0] for d in doomed)
         report.objects_kept = len(state.files) - len(doomed)
         report.usage_after = report.usage_before - report.bytes_freed
+        if report.held and report.target is not None and report.usage_after <= report.target:
+            report.held = {}  # the collection of old, unreferenced objects made up for it
+        if report.held:
+            # What the collector could not remove, by reason; the rest is unreferenced and young.
+            report.held["grace"] = max(0, report.usage_after - sum(report.held.values()))
         if not dry_run:
             self._apply(tag_removals, link_removals, doomed, evicted)
-            self.metadata.set_usage(report.usage_after)
+            # The scan's figure, less what was freed, plus what was committed meanwhile.
+            self.metadata.add_usage(report.usage_after - counted)
+            self.metadata.set_held(report.held)
         report.seconds = time.monotonic() - started
         return report
 
@@ -275,15 +312,23 @@ class Collector:
             stack.extend(self._references(d))
         return seen
 
-    def _choose_evictions(self, state: _State, roots: dict[str, set[str]], usage: int,
-                          now: float) -> tuple[list[tuple[str, str]], set[str]]:
-        """Cached images to evict, least recently used first, and the objects that frees."""
-        budget = self.budget()
-        over = budget is not None and usage > budget * self.cache.high_watermark
+    def _choose_evictions(self, state: _State, roots: dict[str, set[str]], report: Report, now: float,
+                          resume: bool) -> tuple[list[tuple[str, str]], set[str]]:
+        """Cached images to evict, least recently used first, and the objects that frees.
+
+        For space: images not in use and not used within ``keep_recent`` down to the low
+        watermark, then recently used ones too while the store would stay above the high
+        watermark.  Fills ``report.target``, and ``report.held`` when the target is not reached.
+        """
+        usage = report.usage_before
+        budget = report.budget
+        low = int(budget * self.cache.low_watermark) if budget is not None else None
+        high = budget * self.cache.high_watermark if budget is not None else None
+        over = low is not None and high is not None and (usage > high or resume and usage > low)
         unused_cutoff = now - self.cache.unused_for if self.cache.unused_for else None
         if not over and unused_cutoff is None:
             return [], set()
-        target = budget * self.cache.low_watermark if over and budget is not None else None
+        report.target = low if over else None
 
         candidates: list[tuple[float, str, str]] = []
         retained_roots: list[str] = []
@@ -302,10 +347,8 @@ class Collector:
                 candidates.append((last_used, repo, d))
         for pinned in state.pins.values():
             retained_roots.extend(pinned)
-        # An image used in the last moments may still be arriving: never evict it for space.
+        candidates.sort()
         recent = now - self.cache.keep_recent
-        candidates = sorted(c for c in candidates if unused_cutoff is not None and c[0] < unused_cutoff
-                            or c[0] < recent)
 
         # Objects a retained image reaches are never freed; the rest are freed when the last
         # candidate image reaching them is evicted.
@@ -313,30 +356,69 @@ class Collector:
         counts: Counter[str] = Counter()
         for _, _, d in candidates:
             counts.update(self._closure_of({d}))
+        filling = fills_in_progress(self.store)
 
         evicted: list[tuple[str, str]] = []
         freed: set[str] = set()
+        in_use: set[str] = set()  # candidate roots skipped because a transfer is open
         projected = usage
-        for last_used, repo, d in candidates:  # oldest first: both reasons stop holding at some point
-            needed = target is not None and projected > target
-            unused = unused_cutoff is not None and last_used < unused_cutoff
-            if not needed and not unused:
-                break
+
+        def evict(repo: str, d: str) -> None:
+            nonlocal projected
             evicted.append((repo, d))
             for x in self._closure_of({d}):
                 counts[x] -= 1
-                if counts[x] == 0 and x not in protected_objects and x in state.files \
-                        and state.files[x][1] < recent:  # not an object that just arrived
+                if counts[x] == 0 and x not in protected_objects and x in state.files:
                     freed.add(x)
                     projected -= state.files[x][0]
+
+        def busy(d: str) -> bool:
+            if d not in in_use and any(x in filling or x in state.files and being_served(self.store, x)
+                                       for x in self._closure_of({d})):
+                in_use.add(d)
+            return d in in_use
+
+        # Oldest first: both reasons stop holding at some point.
+        for last_used, repo, d in candidates:
+            needed = over and low is not None and projected > low and last_used < recent
+            unused = unused_cutoff is not None and last_used < unused_cutoff
+            if not needed and not unused:
+                break
+            if not busy(d):
+                evict(repo, d)
+        # Still above the high watermark: recently used images go too (never those in use).
+        if over and high is not None and projected > high:
+            chosen = set(evicted)
+            for last_used, repo, d in candidates:
+                if projected <= high:
+                    break
+                if (repo, d) not in chosen and not busy(d):
+                    evict(repo, d)
+
         if evicted:
             log.info("evicting %d cached images (store %s, budget %s)", len(evicted), _size(usage),
                      _size(budget) if budget else "none")
+        if over and low is not None and projected > low:
+            gone = {d for _, d in evicted}
+            kept_recent = {d for t, _, d in candidates if d not in gone and d not in in_use and t >= recent}
+
+            def size_of(objects: set[str]) -> int:
+                return sum(state.files[x][0] for x in objects if x in state.files and x not in freed)
+
+            held_in_use = self._closure_of(in_use) - protected_objects
+            held_recent = self._closure_of(kept_recent) - protected_objects - held_in_use
+            report.held = {"in_use": size_of(held_in_use), "recent": size_of(held_recent),
+                           "pinned": size_of(protected_objects)}
         return evicted, freed
 
 
 class Maintenance:
-    """The server's upkeep task: flush access times, collect on schedule or when over budget."""
+    """The server's upkeep task: flush access times, collect on schedule or when over budget.
+
+    A collection that leaves the store above its low watermark is followed by another one
+    (after :data:`RETRY_FIRST`, doubling) until one reaches it: transfers end, images stop
+    being recent.  The reasons are logged when they change.
+    """
 
     def __init__(self, collector: Collector, tracker: AccessTracker, interval: float, *,
                  metrics: Metrics | None = None) -> None:
@@ -346,6 +428,9 @@ class Maintenance:
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry_at = float("inf")
+        self._retry_delay = RETRY_FIRST
+        self._reported: tuple[bool, frozenset[str]] | None = None  # what the log last said about held content
 
     def note_commit(self, size: int) -> None:
         """Count a new object (called from any thread); wake the collector when over budget."""
@@ -355,27 +440,51 @@ class Maintenance:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.collector.metadata.usage() == 0:
-            await anyio.to_thread.run_sync(self._recount)
+        await anyio.to_thread.run_sync(self._recount)
         next_run = time.monotonic() + self.interval if self.interval else float("inf")
         while True:
+            timeout = max(0.0, min(FLUSH_INTERVAL, self._retry_at - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+                await asyncio.wait_for(self._wake.wait(), timeout)
             woken = self._wake.is_set()
             self._wake.clear()
+            now = time.monotonic()
             try:
                 await anyio.to_thread.run_sync(self.tracker.flush)
-                if woken or time.monotonic() >= next_run:
-                    report = await anyio.to_thread.run_sync(lambda: self.collector.run())
-                    if report is not None:
-                        self.metrics.gc_finished(report)
-                    if report is not None and (report.objects_removed or report.evicted):
-                        log.info("collector: %s", report.summary())
-                    if self.interval:
+                if woken or now >= next_run or now >= self._retry_at:
+                    await self._collect(woken)
+                    if self.interval and now >= next_run:
                         next_run = time.monotonic() + self.interval
             except Exception:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
                 log.exception("maintenance run failed")
+
+    async def _collect(self, woken: bool) -> None:
+        resume = self._retry_at != float("inf")
+        report = await anyio.to_thread.run_sync(lambda: self.collector.run(resume=resume))
+        if report is None:  # another process is collecting; look again later if the target is not reached
+            if resume:
+                self._retry_at = time.monotonic() + self._retry_delay
+            return
+        self.metrics.gc_finished(report)
+        if report.objects_removed or report.evicted:
+            log.info("collector: %s", report.summary())
+        if not report.held:
+            if self._reported is not None and self._reported != (False, frozenset()):
+                log.info("store %s is back under its low watermark", _size(report.usage_after))
+            self._reported = (False, frozenset())
+            self._retry_at, self._retry_delay = float("inf"), RETRY_FIRST
+            return
+        if woken or not resume:
+            self._retry_delay = RETRY_FIRST
+        passing = bool(report.held.get("in_use") or report.held.get("recent"))
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_PASSING if passing else RETRY_MAX)
+        state = (report.over_budget, frozenset(r for r, n in report.held.items() if n))
+        if state != self._reported:
+            log.log(logging.WARNING if report.over_budget else logging.INFO, "%s; evicting again in %.1fs",
+                    report.held_summary(), self._retry_at - time.monotonic())
+            self._reported = state
 
     def _recount(self) -> None:
         total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)

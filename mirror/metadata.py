@@ -19,6 +19,8 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
   eviction and garbage collection must keep, with everything it references
 * ``access/<repo>@<digest>``  -> when a manifest was last served for that repository (batched writes)
 * ``usage``                   -> bytes in the store (adjusted on every commit, recounted by the collector)
+* ``held``                    -> {reason: bytes} that kept the store above its eviction target at the
+  last collection (empty when it reached it)
 
 Next to the database, ``generation`` holds 8 bytes that change whenever the index *withdraws*
 something (a link, a record, a tag) or turns a repository local.  Every process maps it, so
@@ -329,3 +331,10 @@ class Metadata:
 
     def usage(self) -> int:
         return int(self._cache.get("usage", 0))
+
+    def set_held(self, held: dict[str, int]) -> None:
+        """What kept the store above its eviction target at the last collection: reason -> bytes."""
+        self._cache.set("held", dict(held))
+
+    def held(self) -> dict[str, int]:
+        return dict(self._cache.get("held", None) or {})

@@ -32,6 +32,7 @@ in the process that answers, so they are counted once.
 ``mirror_gc_*``, ``mirror_evicted_images_total``  collector runs, durations, objects and bytes freed
 ``mirror_upload*_total``, ``mirror_preload*_total``  pushed blobs and preloaded archives
 ``mirror_store_*``                           size, budget and watermarks, objects, manifests, filesystem
+``mirror_store_over_budget``                 reason (in_use, recent, pinned, grace): eviction could not get under
 ==========================================  =============================================================
 """
 
@@ -72,6 +73,19 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 GC_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The known label values; each combination starts at 0 (see :meth:`Metrics.__init__`).
+CACHE_KINDS = ("manifest", "blob")
+CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "local")  # X-Mirror-Cache, lower-cased
+UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied", "invalid", "interrupted")
+UPSTREAM_METHODS = ("GET", "HEAD")
+GC_RESULTS = ("ok", "failed")
+#: Why the collector could not evict content (``mirror_store_over_budget``'s reasons).
+HELD_REASONS = {
+    "in_use": "in open transfers",
+    "recent": "used within cache.keep_recent",
+    "pinned": "pinned or pushed",
+    "grace": "not referenced yet, younger than gc.grace",
+}
 _LEADING_INT = re.compile(r"\s*(\d+)")
 
 
@@ -95,7 +109,8 @@ def multiprocess_mode() -> bool:
 class Metrics:
     """The metrics one process records (see the module docstring for the list)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, *, upstreams: Iterable[str] = ()) -> None:
+        """*upstreams*: the configured registries' names, whose series start at 0 with the others."""
         self.enabled = enabled
         self.registry = CollectorRegistry()
         # Requests are counted here and written to the (shared, memory-mapped) samples in batches.
@@ -165,6 +180,30 @@ class Metrics:
         self.preload_failures = Counter("mirror_preload_failures", "Image archives refused.", registry=r)
         self.preload_images = Counter("mirror_preload_images", "Images in the archives preloaded.", registry=r)
         self.preload_bytes = Counter("mirror_preload_bytes", "New bytes stored by preloads.", registry=r)
+        self._start_at_zero(tuple(upstreams))
+
+    def _start_at_zero(self, upstreams: tuple[str, ...]) -> None:
+        """Create every known label combination now, at 0.
+
+        A series that appears with its first event at 1 has no earlier sample, so ``rate()`` and
+        ``increase()`` never see that event: a first stale serve or 429 would not show on the
+        dashboard.  In multi-process mode each worker writes its zeros to its own file, and the
+        scrape sums them, so the totals are unchanged.
+        """
+        for kind in CACHE_KINDS:
+            for outcome in CACHE_OUTCOMES:
+                self.cache_requests.labels(kind, outcome)
+                self.cache_bytes.labels(kind, outcome)
+        for upstream in upstreams:
+            for reason in UPSTREAM_ERROR_REASONS:
+                self.upstream_errors.labels(upstream, reason)
+            for kind in CACHE_KINDS:
+                self.upstream_bytes.labels(upstream, kind)
+            for method in UPSTREAM_METHODS:
+                self.upstream_requests.labels(upstream, method, "error")
+                self.upstream_duration.labels(upstream, method)
+        for result in GC_RESULTS:
+            self.gc_runs.labels(result)
 
     def close(self) -> None:
         """This process is ending: its live gauges (in-flight requests, waiters) stop counting."""
@@ -320,6 +359,13 @@ class StoreCollector(Collector):
                                     value=budget * self.cache.high_watermark)
             yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
                                     value=budget * self.cache.low_watermark)
+            over = GaugeMetricFamily(
+                "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
+                "could not evict enough, by what held the content back.", labels=["reason"])
+            held = self.metadata.held() if self.metadata.usage() > budget else {}
+            for reason in HELD_REASONS:
+                over.add_metric([reason], 1 if held.get(reason) else 0)
+            yield over
         objects, manifests, uploads = self._count()
         yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
         yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)

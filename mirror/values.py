@@ -254,29 +254,48 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**
 
 
 def parse_size(value: Any) -> int | float:
-    """``0`` (no limit), ``500MiB``, ``50GB``, ``1073741824`` -> bytes; ``80%`` -> 0.8 (of the filesystem)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 50GiB or 80%")
-    if isinstance(value, (int, float)):
+    """A disk budget: bytes (``int``), or a share of the filesystem (``float`` in ``(0, 1]``).
+
+    ``0`` (no limit), ``1073741824``, ``500MB``, ``50GiB`` -> bytes; ``80%`` and ``0.8`` -> 0.8.
+    A number with a decimal point and no unit is a share when it is at most 1 (``1.0`` is 100%)
+    and bytes when it is a larger whole number (YAML's ``1.0e+9``); ``1.5`` could mean 1.5 bytes
+    or 150% and is refused, as is any size below one byte but not 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a size such as 50GiB, 500MB, 80% or 0.8")
+    if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
-        return int(value)
+        return value
     text = str(value).strip()
+    if text.startswith("-"):
+        raise ValueError("must not be negative")
     if text.endswith("%"):
         try:
-            percent = float(text[:-1])
+            share = float(text[:-1]) / 100
         except ValueError:
             raise ValueError("expected a percentage such as 80%") from None
-        if not 0 < percent <= 100:
+        if not 0 < share <= 1:
             raise ValueError("a percentage must be above 0 and at most 100")
-        return percent / 100
+        return share
     m = _SIZE_RE.fullmatch(text)
     if not m:
-        raise ValueError("expected a size such as 50GiB, 500MB or 80%")
-    unit = (m.group(2) or "").lower()
+        raise ValueError("expected a size such as 50GiB, 500MB, 80% or 0.8")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if not unit and "." in m.group(1) or isinstance(value, float):
+        if number == 0:
+            return 0
+        if number > 1 and not number.is_integer():
+            raise ValueError("ambiguous: a share of the disk is at most 1 (0.8 is 80%), and a size in bytes "
+                             "is a whole number or has a unit (1.5GB)")
+        if number <= 1:
+            return number
     base = 1024 if "i" in unit else 1000
     power = "bkmgtp".index(unit[0]) if unit else 0
-    return int(float(m.group(1)) * base**power)
+    size = int(number * base**power)
+    if size == 0 and number != 0:
+        raise ValueError("less than one byte (0 means no limit)")
+    return size
 
 
 def parse_fraction(value: Any) -> float:

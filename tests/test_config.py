@@ -116,10 +116,32 @@ def test_sizes(raw: object, expected: float) -> None:
     assert load_config(env={}, overrides={"cache.max_size": raw}).cache.max_size == expected
 
 
-@pytest.mark.parametrize("raw", ["lots", "-5", "0%", "150%", "12 apples", "%"])
+@pytest.mark.parametrize("raw", ["lots", "-5", "0%", "150%", "12 apples", "%", "1.5", "-0.5", "0.3B", "-1GB"])
 def test_bad_sizes_name_the_key(raw: str) -> None:
     with pytest.raises(ConfigError, match="cache.max_size"):
         load_config(env={"MIRROR_CACHE_MAX_SIZE": raw})
+
+
+@pytest.mark.parametrize(("yaml_value", "expected"), [
+    ("0.8", 0.8), ("'0.8'", 0.8), ("80%", 0.8), ("1.0", 1.0), ("0", 0), ("0.0", 0), ("104857600", 100 * 1024**2),
+    ("1.048576e+8", 104_857_600), ("100MiB", 100 * 1024**2), ("0.8GB", 800_000_000),
+])
+def test_max_size_in_yaml_a_share_or_bytes(tmp_path: Path, yaml_value: str, expected: float) -> None:
+    """A YAML float of at most 1 is a share of the disk, like a percentage (0.8 once meant no limit)."""
+    file = tmp_path / "mirror.yml"
+    file.write_text(f"cache:\n  max_size: {yaml_value}\n")
+    config = load_config(file, env={})
+    assert config.cache.max_size == expected and type(config.cache.max_size) is type(expected)
+    # ...and worker processes, which get it through the environment, read the same.
+    assert load_config(env=to_environ(config)).cache.max_size == expected
+
+
+@pytest.mark.parametrize("yaml_value", ["1.5", "-0.8", "-100", "1.5e+0", "true", "[1]", "0.1B", "150%"])
+def test_ambiguous_or_bad_max_size_in_yaml_stops_start_up(tmp_path: Path, yaml_value: str) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text(f"cache:\n  max_size: {yaml_value}\n")
+    with pytest.raises(ConfigError, match="bad value for cache.max_size"):
+        load_config(file, env={})
 
 
 def test_push_prefixes_and_round_trip_of_lists_and_shares() -> None:

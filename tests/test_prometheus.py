@@ -194,3 +194,52 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus(
         exposition = http.get(f"{mirror.url}/metrics").content
         linted = promtool("check", "metrics", stdin=exposition)
         assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_first_stale_serve_and_429_show_in_their_panels(
+    images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path, workers: int,
+) -> None:
+    """Series start at 0, so the very first event of its kind is an increase Prometheus can see."""
+    mirror = mirror_factory(fault_proxy.url, workers=workers,
+                            env={"MIRROR_CACHE_TAG_TTL": "1s", "MIRROR_UPSTREAM_RETRIES": "0"})
+    manifest_url = f"{mirror.url}/v2/library/small/manifests/1"
+    assert http.get(manifest_url, headers={"accept": ALL_TYPES}).headers["x-mirror-cache"] == "MISS"
+    panels = {(q.panel, q.expr) for q in panel_queries(load_dashboard())}
+    stale_panel = [expr for panel, expr in panels if panel == "Stale serves"]
+    limited_panel = [expr for panel, expr in panels if panel == "Rate-limited upstream answers"]
+    errors_panel = [expr for panel, expr in panels if panel == "Upstream errors by reason"]
+    assert len(stale_panel) == len(limited_panel) == len(errors_panel) == 1
+
+    with Prometheus(tmp_path / "prometheus", [mirror.address]) as prometheus:
+        # A few scrapes before anything goes wrong: the series are there, at 0.
+        deadline = time.monotonic() + 20
+        while (prometheus.value('count_over_time(up{job="mirror"}[1m])') or 0) < 3:
+            assert time.monotonic() < deadline, prometheus.log_tail()
+            time.sleep(0.5)
+        assert prometheus.value('sum(mirror_upstream_errors_total{reason="rate_limited"})') == 0
+        assert prometheus.value('sum(mirror_cache_requests_total{outcome="stale"})') == 0
+
+        # The tag's revalidation is answered 429: the cached manifest is served stale.
+        time.sleep(1.1)
+        fault_proxy.add("status", "/manifests/", method="HEAD", times=1, status=429)
+        assert http.get(manifest_url, headers={"accept": ALL_TYPES}).headers["x-mirror-cache"] == "STALE"
+
+        def shown(expr: str, labels: dict[str, str]) -> float:
+            return sum(float(s["value"][1]) for s in prometheus.query(expr)
+                       if all(s["metric"].get(k) == v for k, v in labels.items()))
+
+        deadline = time.monotonic() + 20
+        while True:
+            seen = {"stale": shown(stale_panel[0], {"kind": "manifest"}),
+                    "rate-limited": shown(limited_panel[0], {"upstream": "docker.io"}),
+                    "errors": shown(errors_panel[0], {"reason": "rate_limited"})}
+            if all(seen.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert all(value > 0 for value in seen.values()), seen
+        # Summed over every worker, each happened once.
+        assert prometheus.value('sum(mirror_upstream_errors_total{reason="rate_limited"})') == 1
+        assert prometheus.value('sum(mirror_cache_requests_total{kind="manifest", outcome="stale"})') == 1
+        assert prometheus.value('sum(mirror_cache_requests_total{kind="manifest", outcome="miss"})') == 1

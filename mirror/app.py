@@ -70,6 +70,7 @@ def create_app(config: Config) -> Starlette:
         exposition = exposition_registry(metrics, [
             StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
         store.on_commit = maintenance.note_commit
+        store.on_refused = maintenance.make_room
         upkeep = asyncio.create_task(maintenance.run())
         try:
             yield {"pull": pull, "pulls": pulls, "local": local, "config": config,

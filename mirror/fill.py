@@ -14,6 +14,14 @@ Readers in any process learn the outcome from the file itself:
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
 mistakes an older attempt's file for the current one).
+
+When the store cannot take the blob (no room for its announced size, or the filesystem refuses
+a create, write, fsync or rename: full, over quota, read-only), the fill *bypasses* the store:
+the leader marks its temp file :data:`REFUSED_MODE` and lets go of it, and hands the download to
+its own client as a :class:`BypassBlob` (streamed through, hashed as it passes, the last byte held
+back until the whole blob matched its digest; nothing stored).  Every other reader of that fill
+sees the mark and streams the upstream's bytes on its own in the same way (:meth:`Fills.bypass`),
+going on from the byte it had reached.
 """
 
 from __future__ import annotations
@@ -28,23 +36,32 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
 
 from .metrics import Metrics
 from .reference import Digest
-from .store import VERIFIED_MODE, Ingest, Store
+from .store import VERIFIED_MODE, Ingest, Store, refusal
 
 log = logging.getLogger("mirror.fill")
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
+#: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
+REFUSED_MODE = 0o600
+#: Chunks of a bypassed download in flight between the upstream and its client.
+RELAY_DEPTH = 16
 
 
 class FillFailed(Exception):
     """The fetch being followed did not complete with verified content."""
+
+
+class FillRefused(FillFailed):
+    """The store could not take the fetch being followed: its bytes must come from the upstream."""
 
 
 class Download(Protocol):
@@ -72,12 +89,15 @@ class StoredBlob:
 class GrowingBlob:
     """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
 
-    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool) -> None:
+    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool,
+                 fetch: Fetch | None = None) -> None:
         self.fills = fills
         self.digest = digest
         self.fd = fd
         self.size = size
         self.coalesced = coalesced
+        #: Where the bytes come from if the store refuses the fill (None: the reader fails instead).
+        self.fetch = fetch
         if coalesced:
             fills.metrics.waiting(1)
 
@@ -87,11 +107,33 @@ class GrowingBlob:
             self.fills.metrics.waiting(-1)
 
     def state(self) -> str:
-        """``filling``, ``done`` or ``failed``."""
+        """``filling``, ``done``, ``refused`` or ``failed``."""
         return _state(self.fd, self.fills.store.blob_path(self.digest))
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`."""
+        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`.
+
+        If the store refuses the fill, the rest comes straight from the upstream (:class:`BypassBlob`).
+        """
+        offset = start
+        try:
+            async for data in self._follow(start, end):
+                offset += len(data)
+                yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
+            bypass = await self.fills.bypass(self.digest, self.fetch)
+            try:
+                if bypass.size != self.size:
+                    raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
+                async for data in bypass.chunks(offset, end):
+                    yield data
+            finally:
+                bypass.close()
+
+    async def _follow(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         offset = start
         stop = None if end is None else end + 1
         poll = self.fills.poll_interval
@@ -108,6 +150,8 @@ class GrowingBlob:
                         yield data[:-1]
                     while (state := self.state()) == "filling":
                         await asyncio.sleep(poll)
+                    if state == "refused":
+                        raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
                         raise FillFailed(f"{self.digest}: fetch failed verification")
                     offset, data = offset + len(data) - 1, data[-1:]
@@ -115,8 +159,11 @@ class GrowingBlob:
                 yield data
                 continue
             if settled:  # nothing more after the writer finished
-                if self.state() == "done" and stop is None:
+                state = self.state()
+                if state == "done" and stop is None:
                     return
+                if state == "refused":
+                    raise FillRefused(f"{self.digest}: the store refused the fill at {offset} bytes")
                 raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
             state = self.state()
             if state == "filling":
@@ -125,8 +172,76 @@ class GrowingBlob:
                 settled = True  # re-read once: bytes may have landed just before the lock was released
         while (state := self.state()) == "filling":
             await asyncio.sleep(poll)
+        if state == "refused":
+            raise FillRefused(f"{self.digest}: the store refused the fill")
         if state != "done":
             raise FillFailed(f"{self.digest}: fetch failed")
+
+
+class BypassBlob:
+    """A blob streamed from the upstream to one client without being stored.
+
+    The bytes are hashed as they pass; the last one asked for (of the blob, or of a range) goes out
+    only once the whole blob matched its digest and announced size, as for a fill, so a client never
+    sees a complete answer with wrong bytes.  A task of :class:`Fills` reads the download and hands
+    its chunks over through a small queue; :meth:`close` stops it.
+    """
+
+    coalesced = False
+
+    def __init__(self, digest: Digest, size: int | None, queue: "asyncio.Queue[bytes | BaseException | None]",
+                 task: "asyncio.Task[None]") -> None:
+        self.digest = digest
+        self.size = size
+        self._queue = queue
+        self._task = task
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start..end`` (inclusive) of the upstream's body; raises :class:`FillFailed`."""
+        hasher = self.digest.hasher()
+        stop = None if end is None else end + 1
+        last = stop if stop is not None else self.size  # the byte held back, when known
+        offset = 0
+        held = b""
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise FillFailed(f"{self.digest}: upstream transfer failed after {offset} bytes: {item}") from item
+            hasher.update(item)
+            begin, offset = offset, offset + len(item)
+            if self.size is not None and offset > self.size:
+                raise FillFailed(f"{self.digest}: upstream sent more than the {self.size} bytes announced")
+            if stop is not None and begin >= stop or offset <= start:
+                continue  # outside the range: hashed only
+            piece = item[max(start - begin, 0):len(item) if stop is None else stop - begin]
+            if last is None:  # unknown length: hold back the last byte seen so far
+                if held:
+                    yield held
+                held, piece = piece[-1:], piece[:-1]
+            elif begin + len(item) >= last:
+                held, piece = piece[-1:], piece[:-1]
+            if piece:
+                yield piece
+        if self.size is not None and offset != self.size:
+            raise FillFailed(f"{self.digest}: upstream sent {offset} bytes, announced {self.size}")
+        if hasher.hexdigest() != self.digest.hex:
+            raise FillFailed(f"{self.digest}: upstream bytes do not match the digest")
+        if held:
+            yield held
+
+
+async def _relay(download: Download, queue: "asyncio.Queue[bytes | BaseException | None]") -> None:
+    """Hand a download's chunks to a :class:`BypassBlob` (None at the end, the error if it fails)."""
+    try:
+        async for chunk in download.chunks():
+            if chunk:
+                await queue.put(chunk)
+    except Exception as exc:  # noqa: BLE001 (the reader reports it)
+        await queue.put(exc)
+    else:
+        await queue.put(None)
 
 
 def _state(fd: int, final: os.PathLike[str] | str) -> str:
@@ -138,6 +253,8 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
     status = os.fstat(fd)
     if status.st_mode & 0o777 == VERIFIED_MODE:  # committed (even if evicted since)
         return "done"
+    if status.st_mode & 0o777 == REFUSED_MODE:
+        return "refused"
     try:
         done = os.stat(final).st_ino == status.st_ino
     except FileNotFoundError:
@@ -154,8 +271,9 @@ class Fills:
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob:
-        """The stored blob, or a reader of the fetch in progress (started here if there is none).
+    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob | BypassBlob:
+        """The stored blob, or a reader of the fetch in progress (started here if there is none), or
+        the upstream's bytes streamed through when the store cannot take them.
 
         Errors of ``fetch`` before its body starts are raised here.
         """
@@ -164,11 +282,19 @@ class Fills:
             if stored is not None:
                 return stored
             path = self.store.fill_path(digest)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if (reason := refusal(exc)) is None:
+                    raise
+                await anyio.to_thread.run_sync(self.store.refused, reason, None)
+                return await self.bypass(digest, fetch)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                follower = await self._follow(digest, fd)
+                follower = await self._follow(digest, fd, fetch)
+                if follower == "refused":
+                    return await self.bypass(digest, fetch)
                 if follower is not None:
                     return follower
                 continue  # the leader failed before its body started: try again, perhaps as leader
@@ -189,29 +315,80 @@ class Fills:
             return None
         return StoredBlob(fd, os.fstat(fd).st_size)
 
-    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob:
+    async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
+        """A fetch of this reader's own, streamed through without being stored.
+
+        Errors of ``fetch`` before its body starts are raised here.
+        """
+        started: asyncio.Future[BypassBlob] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        async def stream() -> None:
+            try:
+                async with fetch() as download:
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    started.set_result(BypassBlob(digest, download.size, queue, task))
+                    await _relay(download, queue)
+            except BaseException as exc:
+                if not started.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        started.cancel()
+                    else:
+                        started.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        task = asyncio.create_task(stream())
+        self._track(task)
+        return await _handed_over(started)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | BypassBlob:
         os.ftruncate(fd, 0)
         path = self.store.fill_path(digest)
         reader = os.open(path, os.O_RDONLY)
-        started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
         started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
         ingest = Ingest(self.store, digest, path, fd, None)
-        task = asyncio.create_task(self._pump(ingest, fetch, started))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
-            size = await asyncio.shield(started)
+            size = await _handed_over(started)
         except BaseException:
             os.close(reader)
             raise
-        return GrowingBlob(self, digest, reader, size, coalesced=False)
+        if isinstance(size, BypassBlob):
+            os.close(reader)
+            return size
+        return GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch)
 
-    async def _pump(self, ingest: Ingest, fetch: Fetch, started: asyncio.Future[int | None]) -> None:
+    async def _pump(self, ingest: Ingest, fetch: Fetch,
+                    started: asyncio.Future[int | None | BypassBlob]) -> None:
         meta = self.store.fill_meta_path(ingest.digest)
+        handed_over = False
         try:
             async with fetch() as download:
                 ingest.expected_size = download.size
-                await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                reason = await anyio.to_thread.run_sync(self.store.room_problem, download.size)
+                if reason is None:
+                    try:
+                        await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                    except OSError as exc:
+                        if (reason := refusal(exc)) is None:
+                            raise
+                if reason is not None:
+                    # No room: let go of the fill at once (followers fetch on their own) and hand the
+                    # download to this fill's own client.
+                    handed_over = True
+                    await anyio.to_thread.run_sync(self._let_go, ingest, reason)
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    task = asyncio.current_task()
+                    assert task is not None
+                    started.set_result(BypassBlob(ingest.digest, download.size, queue, task))  # type: ignore[arg-type]
+                    await _relay(download, queue)
+                    return
                 started.set_result(download.size)
                 loop = asyncio.get_running_loop()
                 batch: list[bytes] = []
@@ -228,33 +405,53 @@ class Fills:
                     await anyio.to_thread.run_sync(_write_all, ingest, batch)
             await anyio.to_thread.run_sync(ingest.commit)
         except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
             if not started.done():
-                if isinstance(exc, asyncio.CancelledError):
+                if cancelled:
                     started.cancel()
                 else:
                     started.set_exception(exc)
+            elif handed_over:
+                pass  # the reader has the error from the relay, or went away
+            elif (refused := refusal(exc)) is not None:
+                log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
+                            ingest.digest, ingest.written, refused)
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
-            ingest.discard()
-            if isinstance(exc, asyncio.CancelledError):
+            if not handed_over:
+                if (refused := refusal(exc)) is not None:
+                    # Without an announced size, what was written is the least the blob needs.
+                    needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
+                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, refused, needed))
+                _settle_failed(ingest, refused=refused is not None)
+            if cancelled:
                 raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(meta)
-            os.close(ingest.fd)  # releases the lock: followers now see the outcome
+            if not handed_over:
+                os.close(ingest.fd)  # releases the lock: followers now see the outcome
 
-    async def _follow(self, digest: Digest, fd: int) -> GrowingBlob | None:
-        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first."""
+    def _let_go(self, ingest: Ingest, reason: str) -> None:
+        """Give up a fill the store has no room for, before its body: followers see it refused."""
+        self.store.refused(reason, ingest.expected_size)
+        _settle_failed(ingest, refused=True)
+        os.close(ingest.fd)
+
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | str | None:
+        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
+        ``"refused"`` if the store refused it."""
         meta = self.store.fill_meta_path(digest)
         ino = os.fstat(fd).st_ino
         try:
             while True:
                 found = _read_meta(meta)
                 if found is not None and found[0] == ino:
-                    return GrowingBlob(self, digest, fd, found[1], coalesced=True)
-                if _state(fd, self.store.blob_path(digest)) != "filling":
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=True, fetch=fetch)
+                state = _state(fd, self.store.blob_path(digest))
+                if state != "filling":
                     os.close(fd)
-                    return None
+                    return "refused" if state == "refused" else None
                 await asyncio.sleep(self.poll_interval)
         except BaseException:
             os.close(fd)
@@ -266,6 +463,33 @@ class Fills:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _handed_over(started: "asyncio.Future[T]") -> "T":
+    """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
+    :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_close_unclaimed)
+        raise
+
+
+def _close_unclaimed(started: "asyncio.Future[Any]") -> None:
+    if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
+        started.result().close()
+
+
+def _settle_failed(ingest: Ingest, *, refused: bool) -> None:
+    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it.
+
+    A fill can fail after :meth:`Ingest.commit` marked it verified (fsync or rename refused): the
+    mark is taken back, since bytes that never reached their final path must not count as done.
+    """
+    with contextlib.suppress(OSError):
+        if not _names_inode(ingest.store.blob_path(ingest.digest), ingest.fd):
+            os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
+    ingest.discard()
 
 
 def _names_inode(path: os.PathLike[str] | str, fd: int) -> bool:

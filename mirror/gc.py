@@ -37,12 +37,14 @@ from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import Metrics
 from .reference import ParseError, parse_digest
-from .store import Store
+from .store import Store, refusal
 
 log = logging.getLogger("mirror.gc")
 
 #: How often the server merges access times into the index.
 FLUSH_INTERVAL = 5.0
+#: The least time between two collector runs asked for by writes that found the store full.
+ROOM_INTERVAL = 10.0
 
 
 class AccessTracker:
@@ -346,11 +348,20 @@ class Maintenance:
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._room_asked = -ROOM_INTERVAL
 
     def note_commit(self, size: int) -> None:
         """Count a new object (called from any thread); wake the collector when over budget."""
         usage = self.collector.metadata.add_usage(size)
         if self._loop is not None and self.collector.over_high_watermark(usage):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def make_room(self) -> None:
+        """A write found no room on the store's filesystem: collect now, at most every
+        :data:`ROOM_INTERVAL` seconds (called from any thread)."""
+        now = time.monotonic()
+        if self._loop is not None and now - self._room_asked >= ROOM_INTERVAL:
+            self._room_asked = now
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
@@ -373,9 +384,12 @@ class Maintenance:
                         log.info("collector: %s", report.summary())
                     if self.interval:
                         next_run = time.monotonic() + self.interval
-            except Exception:  # the upkeep must outlive any one failure
+            except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
-                log.exception("maintenance run failed")
+                if refusal(exc) is not None:  # the store is full: /readyz says so, no traceback needed
+                    log.warning("maintenance run failed: %s", exc)
+                else:
+                    log.exception("maintenance run failed")
 
     def _recount(self) -> None:
         total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from . import admin
 from .errors import APIError, error_response
-from .fill import GrowingBlob, StoredBlob
+from .fill import BypassBlob, GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo
@@ -147,7 +147,8 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
         pulled = await pull.manifest(cached_name, reference, accept)
         result, outcome = pulled, pulled.outcome.value
         touch = pull.toucher(cached_name, result.digest)
-    if stamp is not None:  # the same answer for this path from now on, until the index withdraws it
+    # The same answer for this path from now on, until the index withdraws it (unless it was not stored).
+    if stamp is not None and outcome != "BYPASS":
         memo.remember(request.scope["path"], stamp, body=result.body, media_type=result.media_type,
                       digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch)
     headers = {
@@ -205,7 +206,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
-    source: StoredBlob | GrowingBlob
+    source: StoredBlob | GrowingBlob | BypassBlob
     if is_local:
         source = await local.open_blob(name, digest)
         headers[CACHE_HEADER] = "LOCAL"

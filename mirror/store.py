@@ -16,18 +16,27 @@ A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.com
 digest (and size) checked, fsync, ``os.replace``.  Every temp file is flock'ed by the process writing it, so the
 start-up sweep removes exactly the leftovers of writers that died.
 
+When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
+with :meth:`Store.refused`; :meth:`Store.write_problem` then reports the store as unable to take writes
+until there is room again (what ``/readyz`` answers).
+
 All methods do blocking file I/O: call them from a worker thread in async code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import secrets
+import sqlite3
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .reference import Digest
@@ -36,6 +45,16 @@ CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
 VERIFIED_MODE = 0o444
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+#: errno values of a filesystem that cannot take a write: full, over quota, read-only.
+REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+READ_ONLY = os.strerror(errno.EROFS).lower()
+SQLITE_FULL = 13
+#: Free bytes a fill must leave on the filesystem (the index and temp files need some too).
+ROOM_MARGIN = 1 << 20
+#: How long a refused write keeps the store reported as unable to take writes, unless renewed.
+REFUSAL_MEMORY = 60.0
+
+log = logging.getLogger("mirror.store")
 
 
 def new_upload_id() -> str:
@@ -54,6 +73,28 @@ class SizeMismatch(StoreError):
     pass
 
 
+def refusal(exc: BaseException) -> str | None:
+    """Why the filesystem refused a write (``"no space left on device"``), if *exc* is such a refusal.
+
+    The index's SQLite database lives on the same filesystem: its ``SQLITE_FULL`` counts too.
+    """
+    if isinstance(exc, OSError) and exc.errno in REFUSALS:
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+        return os.strerror(errno.ENOSPC).lower()
+    return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A write the filesystem refused: why, how many bytes it needed (if known), the bytes free then."""
+
+    reason: str
+    needed: int | None
+    free: int
+    at: float
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -65,6 +106,9 @@ class Store:
         self.auth_key = root / "auth.key"
         #: Called with the size of every object newly placed in ``blobs/`` (usage accounting).
         self.on_commit: Callable[[int], None] | None = None
+        #: Called (from any thread) when a write was refused for lack of room: a request to free some.
+        self.on_refused: Callable[[], None] | None = None
+        self._refusal: Refusal | None = None
 
     def create(self) -> None:
         for d in (self.blobs, self.tmp, self.index, self.uploads):
@@ -147,7 +191,70 @@ class Store:
 
     def committed(self, size: int) -> None:
         if self.on_commit is not None:
-            self.on_commit(size)
+            try:
+                self.on_commit(size)
+            except Exception as exc:  # noqa: BLE001 (the object is stored; usage is recounted by the collector)
+                log.warning("could not account for a stored object of %d bytes: %s", size, exc)
+
+    # -- room --
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the store's filesystem (``statvfs``)."""
+        fs = os.statvfs(self.root)
+        return fs.f_bavail * fs.f_frsize
+
+    def room_problem(self, size: int | None) -> str | None:
+        """Why an object of *size* bytes cannot be stored now (too little free space), or None."""
+        if size is None:
+            return None
+        if size + ROOM_MARGIN > self.free_bytes():
+            return os.strerror(errno.ENOSPC).lower()
+        return None
+
+    def refused(self, reason: str, needed: int | None) -> None:
+        """Record that a write was refused (:func:`refusal`); asks for room (``on_refused``)."""
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = 0
+        self._refusal = Refusal(reason, needed, free, time.monotonic())
+        if self.on_refused is not None:
+            self.on_refused()
+
+    def write_problem(self) -> str | None:
+        """Why the store cannot take writes now, or None (blocking).
+
+        A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`) counts
+        until the filesystem has room for what it needed, or :data:`REFUSAL_MEMORY` seconds pass.
+        """
+        probe = self.tmp / f"readyz-{secrets.token_hex(8)}.partial"
+        try:
+            if not self.blobs.is_dir():
+                raise FileNotFoundError(f"{self.blobs} is missing")
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                    os.unlink(probe)
+        except OSError as exc:
+            return refusal(exc) or f"not writable: {exc.strerror or exc}" + (
+                f": {exc.filename}" if exc.filename else "")
+        last = self._refusal
+        if last is None:
+            return None
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = 0
+        want = (last.needed if last.needed is not None else last.free) + ROOM_MARGIN
+        # A read-only filesystem that took the probe is writable again; a full one needs room.
+        if last.reason == READ_ONLY or free >= want or time.monotonic() - last.at > REFUSAL_MEMORY:
+            self._refusal = None
+            return None
+        needed = f"{last.needed} bytes needed, " if last.needed is not None else ""
+        return f"{last.reason} ({needed}{free} bytes free)"
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""

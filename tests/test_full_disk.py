@@ -1,0 +1,209 @@
+"""A store that cannot take writes: its filesystem full (a small tmpfs as DATA/, filled with a
+ballast file), or read-only (a read-only bind mount of DATA/tmp).
+
+Pulls still get the upstream's bytes, verified, answered as ``X-Mirror-Cache: BYPASS`` and counted;
+``/readyz`` answers 503 with the reason until there is room again; nothing partial is left in
+DATA/ (``mirror fsck`` finds it clean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
+from tests.support.images import MANIFEST_MEDIA_TYPES
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
+from tests.test_faults import get_blob, wait_for
+from tests.test_observability import scrape, value
+
+ENV = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
+ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+#: The tmpfs holding DATA/: the index and a few small objects, not the 8 MiB layer once ballasted.
+SIZE_MIB = 24
+
+
+@pytest.fixture
+def small_mirror(mirror_factory: Callable[..., MirrorServer]) -> Iterator[Callable[..., MirrorServer]]:
+    """Make a mirror whose DATA/ is a tmpfs of :data:`SIZE_MIB` MiB; it is stopped before the unmount."""
+    with contextlib.ExitStack() as stack:
+
+        def make(upstream_url: str | None = None, workers: int = 1) -> MirrorServer:
+            server = mirror_factory(upstream_url, env=ENV, workers=workers, start=False)
+            stack.enter_context(tmpfs(server.data_dir, SIZE_MIB))
+            stack.callback(server.stop)
+            return server.start()
+
+        yield make
+
+
+def stored(mirror: MirrorServer) -> list[str]:
+    return sorted(p.name for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def temp_files(mirror: MirrorServer) -> list[str]:
+    return sorted(os.listdir(mirror.data_dir / "tmp"))
+
+
+def filling(mirror: MirrorServer) -> int:
+    """Bytes written so far by the fills in progress."""
+    total = 0
+    for path in (mirror.data_dir / "tmp").glob("sha256-*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def ready(mirror: MirrorServer) -> httpx.Response:
+    return httpx.get(f"{mirror.url}/readyz", timeout=30.0, trust_env=False)
+
+
+def store_problem(mirror: MirrorServer) -> str:
+    answer = ready(mirror)
+    assert answer.status_code == 503, answer.text
+    problems = answer.json()["problems"]
+    assert set(problems) == {"store"}, problems
+    return str(problems["store"])
+
+
+def fsck(mirror: MirrorServer) -> str:
+    """``mirror fsck`` of the (stopped) mirror's data: it must find nothing wrong."""
+    done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir)],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, check=False, timeout=120)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_blob_larger_than_the_free_space_is_served_through_and_stored_once_there_is_room(
+    small_mirror: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,
+) -> None:
+    image, layer = images.big, images.big.layers[1]  # 8 MiB
+    mirror = small_mirror()
+    upstream.clear_counts()
+    answer = httpx.get(f"{mirror.url}/v2/big/manifests/1", headers=ACCEPT, timeout=30.0, trust_env=False)
+    assert (answer.status_code, answer.headers["x-mirror-cache"]) == (200, "MISS")
+    assert get_blob(mirror, "big", image.config_digest).headers["x-mirror-cache"] == "MISS"
+    before = stored(mirror)
+    ballast = mirror.data_dir / "ballast"
+    assert fill_up(ballast, leave=4 * MIB) < layer.size
+
+    through = get_blob(mirror, "big", layer.digest)
+    assert (through.status, through.error, through.headers["x-mirror-cache"]) == (200, None, "BYPASS")
+    assert (through.digest, through.received) == (layer.digest, layer.size)
+    assert int(through.headers["content-length"]) == layer.size
+    assert stored(mirror) == before and temp_files(mirror) == []
+    assert store_problem(mirror).startswith("no space left on device")
+    assert httpx.get(f"{mirror.url}/healthz", trust_env=False).status_code == 200  # alive all the same
+    samples = scrape(f"{mirror.url}/metrics")
+    assert value(samples, "mirror_cache_requests_total", kind="blob", outcome="bypass") == 1
+    assert value(samples, "mirror_cache_served_bytes_total", kind="blob", outcome="bypass") == layer.size
+    wait_for(lambda: any(e.get("cache") == "BYPASS" for e in mirror.access_entries()), what="the access log")
+    [entry] = [e for e in mirror.access_entries() if e.get("cache") == "BYPASS"]
+    assert (entry["route"], entry["status"], entry["bytes"]) == ("blob", 200, layer.size)
+
+    ballast.unlink()
+    answer = ready(mirror)
+    assert answer.status_code == 200, answer.text
+    again = get_blob(mirror, "big", layer.digest)
+    assert (again.status, again.error, again.headers["x-mirror-cache"], again.digest) == \
+        (200, None, "MISS", layer.digest)
+    wait_for(lambda: layer.digest.removeprefix("sha256:") in stored(mirror), what="the layer to be stored")
+    hit = get_blob(mirror, "big", layer.digest)
+    assert (hit.status, hit.error, hit.headers["x-mirror-cache"], hit.digest) == (200, None, "HIT", layer.digest)
+    assert upstream.count("GET", f"/blobs/{layer.digest}") == 2  # the bypass, then the fill
+    mirror.stop()
+    assert temp_files(mirror) == []
+    fsck(mirror)
+
+
+def test_clients_sharing_a_fill_the_store_refuses_all_get_the_bytes(
+    small_mirror: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+) -> None:
+    """Two workers, six clients at once on an upstream that sends slowly: every one of them gets
+    the whole layer, verified, however it joined (as the leader's client, or following it)."""
+    layer = images.big.layers[1]
+    mirror = small_mirror(fault_proxy.url, workers=2)
+    fill_up(mirror.data_dir / "ballast", leave=4 * MIB)
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", chunk_size=MIB, delay=0.1)
+    fault_proxy.clear_counts()
+    with ThreadPoolExecutor(6) as pool:
+        transfers = list(pool.map(lambda _: get_blob(mirror, "big", layer.digest), range(6)))
+    for transfer in transfers:
+        assert (transfer.status, transfer.error, transfer.digest) == (200, None, layer.digest), transfer
+        assert transfer.headers["x-mirror-cache"] == "BYPASS"
+    assert 1 <= fault_proxy.count("GET", f"/blobs/{layer.digest}") <= 6
+    assert stored(mirror) == [] and temp_files(mirror) == []
+
+
+def test_a_fill_the_disk_runs_out_under_is_finished_from_the_upstream(
+    small_mirror: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+) -> None:
+    """There was room when the fill started; the disk fills up meanwhile.  The clients, whose
+    headers said MISS already, still get every byte, verified; nothing partial stays behind."""
+    layer = images.big.layers[1]
+    mirror = small_mirror(fault_proxy.url)
+    fill_up(mirror.data_dir / "ballast", leave=12 * MIB)
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=MIB,
+                    chunk_size=512 * 1024, delay=0.1)
+    fault_proxy.clear_counts()
+    with ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(get_blob, mirror, "big", layer.digest) for _ in range(3)]
+        wait_for(lambda: filling(mirror) > 0, what="the fill to start writing")
+        fill_up(mirror.data_dir / "more-ballast")  # every byte left
+        transfers = [p.result() for p in pending]
+    for transfer in transfers:
+        assert (transfer.status, transfer.error, transfer.digest) == (200, None, layer.digest), transfer
+        assert transfer.headers["x-mirror-cache"] in {"MISS", "COALESCED"}
+    assert stored(mirror) == [] and temp_files(mirror) == []
+    assert store_problem(mirror).startswith("no space left on device")
+    assert "store refused the fill" in mirror.log_tail(200)
+    (mirror.data_dir / "more-ballast").unlink()
+    assert ready(mirror).status_code == 200
+
+
+@pytest.mark.parametrize("state", ["full", "read-only"])
+def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
+    state: str, small_mirror: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,
+) -> None:
+    image = images.small
+    mirror = small_mirror()
+    ballast = mirror.data_dir / "ballast"
+    with contextlib.ExitStack() as stack:
+        if state == "full":
+            assert fill_up(ballast) == 0
+            reason = "no space left on device"
+        else:
+            stack.enter_context(read_only(mirror.data_dir / "tmp"))
+            reason = "read-only file system"
+        for _ in range(2):  # and again: nothing was kept
+            answer = httpx.get(f"{mirror.url}/v2/small/manifests/1", headers=ACCEPT, timeout=30.0, trust_env=False)
+            assert (answer.status_code, answer.headers["x-mirror-cache"]) == (200, "BYPASS"), answer.text
+            assert answer.content == image.manifest
+            for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+                got = get_blob(mirror, "small", digest)
+                assert (got.status, got.error, got.digest, got.headers["x-mirror-cache"]) == \
+                    (200, None, digest, "BYPASS")
+        assert stored(mirror) == []
+        assert store_problem(mirror).startswith(reason)
+    if state == "full":
+        ballast.unlink()
+    assert ready(mirror).status_code == 200
+    answer = httpx.get(f"{mirror.url}/v2/small/manifests/1", headers=ACCEPT, timeout=30.0, trust_env=False)
+    assert answer.headers["x-mirror-cache"] in {"MISS", "HIT"}
+    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+        assert get_blob(mirror, "small", digest).headers["x-mirror-cache"] == "MISS"
+        assert get_blob(mirror, "small", digest).headers["x-mirror-cache"] == "HIT"
+    mirror.stop()
+    assert temp_files(mirror) == []
+    fsck(mirror)

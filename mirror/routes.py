@@ -167,9 +167,10 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
 
 async def _put_manifest(request: Request, name: str, reference: str | Digest) -> Response:
     local: LocalRegistry = request.state.local
-    local.check_push(name)
-    body = await _read_limited(request, MAX_MANIFEST_BYTES)
-    digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
+    with local.storing():
+        local.check_push(name)
+        body = await _read_limited(request, MAX_MANIFEST_BYTES)
+        digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
     headers = {**API_HEADERS, "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
     if subject:
         headers["OCI-Subject"] = subject
@@ -228,6 +229,11 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
 
 async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
     local: LocalRegistry = request.state.local
+    with local.storing():
+        return await _upload_step(request, local, name, m)
+
+
+async def _upload_step(request: Request, local: LocalRegistry, name: str, m: re.Match[str]) -> Response:
     uuid = m.group("upload")
     method = request.method
     if not uuid:

@@ -179,14 +179,18 @@ class Store:
             if actual != digest.hex:
                 raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{actual})")
             os.fchmod(handle.fileno(), VERIFIED_MODE)
-            os.fsync(handle.fileno())
-        final = self.blob_path(digest)
-        if final.exists():
-            os.unlink(path)
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        size = os.stat(path).st_size
-        os.replace(path, final)
+            try:
+                os.fsync(handle.fileno())
+                final = self.blob_path(digest)
+                if final.exists():
+                    os.unlink(path)
+                    return
+                final.parent.mkdir(parents=True, exist_ok=True)
+                size = os.fstat(handle.fileno()).st_size
+                os.replace(path, final)
+            except OSError:
+                os.fchmod(handle.fileno(), 0o644)  # still an upload, to finish again
+                raise
         self.committed(size)
 
     def committed(self, size: int) -> None:

@@ -3,7 +3,7 @@ ballast file), or read-only (a read-only bind mount of DATA/tmp).
 
 Pulls still get the upstream's bytes, verified, answered as ``X-Mirror-Cache: BYPASS`` and counted;
 ``/readyz`` answers 503 with the reason until there is room again; nothing partial is left in
-DATA/ (``mirror fsck`` finds it clean).
+DATA/ (``mirror fsck`` finds it clean); pushes get a clear 507 and their uploads stay intact.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
-from tests.support.images import MANIFEST_MEDIA_TYPES
+from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
 from tests.test_faults import get_blob, wait_for
 from tests.test_observability import scrape, value
+from tests.test_push_api import image_manifest, push_blob
 
 ENV = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
@@ -206,4 +207,49 @@ def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
         assert get_blob(mirror, "small", digest).headers["x-mirror-cache"] == "HIT"
     mirror.stop()
     assert temp_files(mirror) == []
+    fsck(mirror)
+
+
+def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
+    small_mirror: Callable[..., MirrorServer],
+) -> None:
+    mirror = small_mirror()
+    data = os.urandom(6 * MIB)
+    first, second = data[:MIB], data[MIB:]
+    config = b'{"architecture": "amd64", "os": "linux"}'
+    manifest = image_manifest(config, [data])
+    ballast = mirror.data_dir / "ballast"
+    with httpx.Client(base_url=mirror.url, timeout=30.0, trust_env=False) as http:
+        push_blob(http, mirror.url, "team/app", config)
+        started = http.post("/v2/team/app/blobs/uploads/")
+        assert started.status_code == 202, started.text
+        location = started.headers["location"]
+        assert http.patch(location, content=first).status_code == 202
+        fill_up(ballast, leave=2 * MIB)
+
+        refused = http.patch(location, content=second)
+        assert refused.status_code == 507, refused.text
+        [error] = refused.json()["errors"]
+        assert error["code"] == "UNAVAILABLE" and error["detail"].endswith("no space left on device"), error
+        status = http.get(location)  # as it was before the refused chunk
+        assert (status.status_code, status.headers["range"]) == (204, f"0-{MIB - 1}")
+        assert store_problem(mirror).startswith("no space left on device")
+
+        ballast.unlink()
+        assert http.patch(location, content=second).status_code == 202
+        done = http.put(location, params={"digest": sha256(data)})
+        assert done.status_code == 201, done.text
+
+        fill_up(ballast)
+        put = http.put("/v2/team/app/manifests/1", content=manifest, headers={"content-type": OCI_MANIFEST})
+        assert put.status_code == 507, put.text
+        assert put.json()["errors"][0]["code"] == "UNAVAILABLE"
+        ballast.unlink()
+        put = http.put("/v2/team/app/manifests/1", content=manifest, headers={"content-type": OCI_MANIFEST})
+        assert put.status_code == 201, put.text
+        got = http.get("/v2/team/app/manifests/1", headers=ACCEPT)
+        assert got.status_code == 200 and got.content == manifest
+        got = http.get(f"/v2/team/app/blobs/{sha256(data)}")
+        assert got.status_code == 200 and got.content == data
+    mirror.stop()
     fsck(mirror)

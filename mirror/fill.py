@@ -36,10 +36,11 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from .bypass import RELAY_DEPTH, BypassBlob, Download, FillFailed, relay
 from .metrics import Metrics
 from .reference import Digest
 from .store import VERIFIED_MODE, Ingest, Store, refusal
@@ -52,24 +53,10 @@ FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
 #: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
 REFUSED_MODE = 0o600
-#: Chunks of a bypassed download in flight between the upstream and its client.
-RELAY_DEPTH = 16
-
-
-class FillFailed(Exception):
-    """The fetch being followed did not complete with verified content."""
 
 
 class FillRefused(FillFailed):
     """The store could not take the fetch being followed: its bytes must come from the upstream."""
-
-
-class Download(Protocol):
-    """What a fetch yields: the body's size when announced, and its bytes."""
-
-    size: int | None
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 Fetch = Callable[[], AbstractAsyncContextManager[Download]]
@@ -178,72 +165,6 @@ class GrowingBlob:
             raise FillFailed(f"{self.digest}: fetch failed")
 
 
-class BypassBlob:
-    """A blob streamed from the upstream to one client without being stored.
-
-    The bytes are hashed as they pass; the last one asked for (of the blob, or of a range) goes out
-    only once the whole blob matched its digest and announced size, as for a fill, so a client never
-    sees a complete answer with wrong bytes.  A task of :class:`Fills` reads the download and hands
-    its chunks over through a small queue; :meth:`close` stops it.
-    """
-
-    coalesced = False
-
-    def __init__(self, digest: Digest, size: int | None, queue: "asyncio.Queue[bytes | BaseException | None]",
-                 task: "asyncio.Task[None]") -> None:
-        self.digest = digest
-        self.size = size
-        self._queue = queue
-        self._task = task
-
-    def close(self) -> None:
-        self._task.cancel()
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``start..end`` (inclusive) of the upstream's body; raises :class:`FillFailed`."""
-        hasher = self.digest.hasher()
-        stop = None if end is None else end + 1
-        last = stop if stop is not None else self.size  # the byte held back, when known
-        offset = 0
-        held = b""
-        while (item := await self._queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise FillFailed(f"{self.digest}: upstream transfer failed after {offset} bytes: {item}") from item
-            hasher.update(item)
-            begin, offset = offset, offset + len(item)
-            if self.size is not None and offset > self.size:
-                raise FillFailed(f"{self.digest}: upstream sent more than the {self.size} bytes announced")
-            if stop is not None and begin >= stop or offset <= start:
-                continue  # outside the range: hashed only
-            piece = item[max(start - begin, 0):len(item) if stop is None else stop - begin]
-            if last is None:  # unknown length: hold back the last byte seen so far
-                if held:
-                    yield held
-                held, piece = piece[-1:], piece[:-1]
-            elif begin + len(item) >= last:
-                held, piece = piece[-1:], piece[:-1]
-            if piece:
-                yield piece
-        if self.size is not None and offset != self.size:
-            raise FillFailed(f"{self.digest}: upstream sent {offset} bytes, announced {self.size}")
-        if hasher.hexdigest() != self.digest.hex:
-            raise FillFailed(f"{self.digest}: upstream bytes do not match the digest")
-        if held:
-            yield held
-
-
-async def _relay(download: Download, queue: "asyncio.Queue[bytes | BaseException | None]") -> None:
-    """Hand a download's chunks to a :class:`BypassBlob` (None at the end, the error if it fails)."""
-    try:
-        async for chunk in download.chunks():
-            if chunk:
-                await queue.put(chunk)
-    except Exception as exc:  # noqa: BLE001 (the reader reports it)
-        await queue.put(exc)
-    else:
-        await queue.put(None)
-
-
 def _state(fd: int, final: os.PathLike[str] | str) -> str:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -328,7 +249,7 @@ class Fills:
                 async with fetch() as download:
                     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
                     started.set_result(BypassBlob(digest, download.size, queue, task))
-                    await _relay(download, queue)
+                    await relay(download, queue)
             except BaseException as exc:
                 if not started.done():
                     if isinstance(exc, asyncio.CancelledError):
@@ -348,6 +269,7 @@ class Fills:
 
     async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | BypassBlob:
         os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o644)  # whatever the umask: the modes of a refused or verified fill mean something
         path = self.store.fill_path(digest)
         reader = os.open(path, os.O_RDONLY)
         started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
@@ -387,7 +309,7 @@ class Fills:
                     task = asyncio.current_task()
                     assert task is not None
                     started.set_result(BypassBlob(ingest.digest, download.size, queue, task))  # type: ignore[arg-type]
-                    await _relay(download, queue)
+                    await relay(download, queue)
                     return
                 started.set_result(download.size)
                 loop = asyncio.get_running_loop()
@@ -434,9 +356,11 @@ class Fills:
 
     def _let_go(self, ingest: Ingest, reason: str) -> None:
         """Give up a fill the store has no room for, before its body: followers see it refused."""
-        self.store.refused(reason, ingest.expected_size)
-        _settle_failed(ingest, refused=True)
-        os.close(ingest.fd)
+        try:
+            self.store.refused(reason, ingest.expected_size)
+            _settle_failed(ingest, refused=True)
+        finally:
+            os.close(ingest.fd)
 
     async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | str | None:
         """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and

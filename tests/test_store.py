@@ -186,6 +186,28 @@ def test_bytes_streamed_through_are_verified_too(tmp_path: Path) -> None:
         assert left_in(store) == []
 
 
+def test_a_range_of_a_blob_streamed_through_waits_for_the_whole_blob(tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+
+        async def get(source: Source, start: int, end: int) -> bytes:
+            blob = await Fills(store).open(digest, source.fetch)
+            assert isinstance(blob, BypassBlob)
+            try:
+                return b"".join([chunk async for chunk in blob.chunks(start, end)])
+            finally:
+                blob.close()
+
+        for start, end in ((0, 0), (100, 70_000), (5 * MIB, 10 * MIB - 1)):
+            assert asyncio.run(get(Source(data), start, end)) == data[start:end + 1]
+        # Bytes past the range are wrong: only the whole blob's digest tells, and the range is cut short.
+        with pytest.raises(FillFailed):
+            asyncio.run(get(Source(data[:-1] + bytes([data[-1] ^ 1])), 0, 99))
+        assert left_in(store) == []
+
+
 def test_a_fill_the_disk_refuses_midway_is_finished_from_the_upstream(tmp_path: Path) -> None:
     """No announced size, so the fill starts, and the disk fills up under it: every reader, leader
     included, goes on with the upstream's bytes from where it was."""

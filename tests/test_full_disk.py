@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
@@ -251,5 +252,38 @@ def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
         assert got.status_code == 200 and got.content == manifest
         got = http.get(f"/v2/team/app/blobs/{sha256(data)}")
         assert got.status_code == 200 and got.content == data
+    mirror.stop()
+    fsck(mirror)
+
+
+@pytest.mark.slow
+def test_dockerd_pulls_and_runs_an_image_through_a_full_store(
+    small_mirror: Callable[..., MirrorServer], dockerd_factory: Callable[..., Dockerd], upstream: UpstreamRegistry,
+    images: StandardImages,
+) -> None:
+    image = images.small
+    mirror = small_mirror()
+    daemon = dockerd_factory(registry_mirror=mirror.url)
+    ballast = mirror.data_dir / "ballast"
+    assert fill_up(ballast) == 0
+    upstream.clear_counts()
+
+    pull(daemon, "small:1")  # no other registry is reachable: the mirror answered every request
+    assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
+    gets = [e for e in mirror.access_entries() if e["route"] in ("manifest", "blob") and e["method"] == "GET"]
+    assert {e["cache"] for e in gets} == {"BYPASS"}, gets
+    assert {e["path"].rpartition("/")[2] for e in gets if e["route"] == "blob"} == set(image.blobs)
+    assert stored(mirror) == [] and temp_files(mirror) == []
+    assert store_problem(mirror).startswith("no space left on device")
+
+    ballast.unlink()
+    assert ready(mirror).status_code == 200
+    forget_all(daemon)
+    pull(daemon, "small:1")
+    assert stored(mirror) == sorted(d.removeprefix("sha256:") for d in (image.digest, *image.blobs))
+    forget_all(daemon)
+    pull(daemon, "small:1")
+    assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
+    assert {d: upstream.count("GET", f"/blobs/{d}") for d in image.blobs} == dict.fromkeys(image.blobs, 2)
     mirror.stop()
     fsck(mirror)

@@ -206,9 +206,9 @@ class Fills:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                if (reason := refusal(exc)) is None:
+                if refusal(exc) is None:
                     raise
-                await anyio.to_thread.run_sync(self.store.refused, reason, None)
+                await anyio.to_thread.run_sync(self.store.refused, exc, None)
                 return await self.bypass(digest, fetch)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,18 +293,19 @@ class Fills:
         try:
             async with fetch() as download:
                 ingest.expected_size = download.size
-                reason = await anyio.to_thread.run_sync(self.store.room_problem, download.size)
-                if reason is None:
+                problem = await anyio.to_thread.run_sync(self.store.room_error, download.size)
+                if problem is None:
                     try:
                         await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
                     except OSError as exc:
-                        if (reason := refusal(exc)) is None:
+                        if refusal(exc) is None:
                             raise
-                if reason is not None:
+                        problem = exc
+                if problem is not None:
                     # No room: let go of the fill at once (followers fetch on their own) and hand the
                     # download to this fill's own client.
                     handed_over = True
-                    await anyio.to_thread.run_sync(self._let_go, ingest, reason)
+                    await anyio.to_thread.run_sync(self._let_go, ingest, problem)
                     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
                     task = asyncio.current_task()
                     assert task is not None
@@ -344,7 +345,7 @@ class Fills:
                 if (refused := refusal(exc)) is not None:
                     # Without an announced size, what was written is the least the blob needs.
                     needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
-                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, refused, needed))
+                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
                 _settle_failed(ingest, refused=refused is not None)
             if cancelled:
                 raise
@@ -354,10 +355,10 @@ class Fills:
             if not handed_over:
                 os.close(ingest.fd)  # releases the lock: followers now see the outcome
 
-    def _let_go(self, ingest: Ingest, reason: str) -> None:
+    def _let_go(self, ingest: Ingest, problem: OSError) -> None:
         """Give up a fill the store has no room for, before its body: followers see it refused."""
         try:
-            self.store.refused(reason, ingest.expected_size)
+            self.store.refused(problem, ingest.expected_size)
             _settle_failed(ingest, refused=True)
         finally:
             os.close(ingest.fd)

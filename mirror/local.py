@@ -111,7 +111,7 @@ class LocalRegistry:
             reason = refusal(exc)
             if reason is None:
                 raise
-            self.store.refused(reason, None)
+            self.store.refused(exc, None)
             raise APIError("UNAVAILABLE", "the registry's storage cannot take this write",
                            detail=f"store is full or read-only: {reason}", status=INSUFFICIENT_STORAGE) from exc
 

@@ -223,7 +223,7 @@ class PullThrough:
                         raise
                     # What got stored unrecorded is swept by the collector after its grace period.
                     log.warning("store refused manifest %s (%s): served without storing it", key, reason)
-                    self.store.refused(reason, len(manifest.body))
+                    self.store.refused(exc, len(manifest.body))
                     return False
                 return True
 

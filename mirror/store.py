@@ -10,6 +10,7 @@ Disk layout, produced by the methods of :class:`Store` and nowhere else::
         ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
       index/                              metadata (see ``metadata.py``)
       uploads/<uuid>                      a client's blob upload in progress (survives restarts)
+      refused                             the last write the filesystem refused (``refusals.py``)
       auth.key                            the key signing the login tokens (``auth.py``), mode 0600
 
 A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
@@ -18,7 +19,7 @@ start-up sweep removes exactly the leftovers of writers that died.
 
 When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
 with :meth:`Store.refused`; :meth:`Store.write_problem` then reports the store as unable to take writes
-until there is room again (what ``/readyz`` answers).
+until there is room again (what ``/readyz`` answers, in every worker process).
 
 All methods do blocking file I/O: call them from a worker thread in async code.
 """
@@ -33,22 +34,19 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .reference import Digest
+from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
+
+__all__ = ["Ingest", "Store", "StoreError", "refusal"]
 
 CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
 VERIFIED_MODE = 0o444
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
-#: errno values of a filesystem that cannot take a write: full, over quota, read-only.
-REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-READ_ONLY = os.strerror(errno.EROFS).lower()
-SQLITE_FULL = 13
 #: Free bytes a fill must leave on the filesystem (the index and temp files need some too).
 ROOM_MARGIN = 1 << 20
 #: How long a refused write keeps the store reported as unable to take writes, unless renewed.
@@ -73,28 +71,6 @@ class SizeMismatch(StoreError):
     pass
 
 
-def refusal(exc: BaseException) -> str | None:
-    """Why the filesystem refused a write (``"no space left on device"``), if *exc* is such a refusal.
-
-    The index's SQLite database lives on the same filesystem: its ``SQLITE_FULL`` counts too.
-    """
-    if isinstance(exc, OSError) and exc.errno in REFUSALS:
-        return os.strerror(exc.errno).lower()
-    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
-        return os.strerror(errno.ENOSPC).lower()
-    return None
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A write the filesystem refused: why, how many bytes it needed (if known), the bytes free then."""
-
-    reason: str
-    needed: int | None
-    free: int
-    at: float
-
-
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -108,11 +84,12 @@ class Store:
         self.on_commit: Callable[[int], None] | None = None
         #: Called (from any thread) when a write was refused for lack of room: a request to free some.
         self.on_refused: Callable[[], None] | None = None
-        self._refusal: Refusal | None = None
+        self._refusals = RefusalRecord(root / "refused")
 
     def create(self) -> None:
         for d in (self.blobs, self.tmp, self.index, self.uploads):
             d.mkdir(parents=True, exist_ok=True)
+        self._refusals.open()
 
     def upload_path(self, uuid: str) -> Path:
         """Where a blob upload's bytes collect; *uuid* must come from :func:`new_upload_id`."""
@@ -207,29 +184,32 @@ class Store:
         fs = os.statvfs(self.root)
         return fs.f_bavail * fs.f_frsize
 
-    def room_problem(self, size: int | None) -> str | None:
-        """Why an object of *size* bytes cannot be stored now (too little free space), or None."""
-        if size is None:
+    def room_error(self, size: int | None) -> OSError | None:
+        """The error storing an object of *size* bytes would meet now (``ENOSPC``: too little free
+        space, :data:`ROOM_MARGIN` kept), or None."""
+        if size is None or size + ROOM_MARGIN <= self.free_bytes():
             return None
-        if size + ROOM_MARGIN > self.free_bytes():
-            return os.strerror(errno.ENOSPC).lower()
-        return None
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def refused(self, reason: str, needed: int | None) -> None:
-        """Record that a write was refused (:func:`refusal`); asks for room (``on_refused``)."""
+    def refused(self, exc: BaseException, needed: int | None) -> None:
+        """Record that a write was refused (*exc*, a :func:`refusal`); asks for room (``on_refused``)."""
+        code = refusal_errno(exc)
+        if code is None:
+            return
         try:
             free = self.free_bytes()
         except OSError:
             free = 0
-        self._refusal = Refusal(reason, needed, free, time.monotonic())
-        if self.on_refused is not None:
+        self._refusals.write(Refusal(time.time(), needed, free, code))
+        if self.on_refused is not None and code != errno.EROFS:
             self.on_refused()
 
     def write_problem(self) -> str | None:
         """Why the store cannot take writes now, or None (blocking).
 
-        A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`) counts
-        until the filesystem has room for what it needed, or :data:`REFUSAL_MEMORY` seconds pass.
+        A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`, by
+        any process) counts until the filesystem has room for what it needed, or
+        :data:`REFUSAL_MEMORY` seconds pass.
         """
         probe = self.tmp / f"readyz-{secrets.token_hex(8)}.partial"
         try:
@@ -245,7 +225,7 @@ class Store:
         except OSError as exc:
             return refusal(exc) or f"not writable: {exc.strerror or exc}" + (
                 f": {exc.filename}" if exc.filename else "")
-        last = self._refusal
+        last = self._refusals.read()
         if last is None:
             return None
         try:
@@ -254,8 +234,8 @@ class Store:
             free = 0
         want = (last.needed if last.needed is not None else last.free) + ROOM_MARGIN
         # A read-only filesystem that took the probe is writable again; a full one needs room.
-        if last.reason == READ_ONLY or free >= want or time.monotonic() - last.at > REFUSAL_MEMORY:
-            self._refusal = None
+        if last.errno == errno.EROFS or free >= want or time.time() - last.at > REFUSAL_MEMORY:
+            self._refusals.write(None)
             return None
         needed = f"{last.needed} bytes needed, " if last.needed is not None else ""
         return f"{last.reason} ({needed}{free} bytes free)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
@@ -230,6 +231,26 @@ def test_a_fill_the_disk_refuses_midway_is_finished_from_the_upstream(tmp_path: 
         assert left_in(store) == []
         problem = store.write_problem()
         assert problem is not None and problem.startswith("no space left on device"), problem
+
+
+def test_a_refused_write_is_seen_by_every_process_until_there_is_room(tmp_path: Path) -> None:
+    """Two Store objects on one DATA/ stand for two workers: one records, both report; a clearance by
+    one outdates what the other remembers."""
+    with tmpfs(tmp_path / "fs", 8):
+        one, two = make_store(tmp_path / "fs"), Store(tmp_path / "fs" / "data")
+        two.create()
+        assert one.write_problem() is None and two.write_problem() is None
+        ballast = tmp_path / "fs" / "ballast"
+        ballast.write_bytes(bytes(5 * MIB))
+        one.refused(OSError(errno.ENOSPC, "full"), 4 * MIB)
+        for store in (one, two):
+            problem = store.write_problem()
+            assert problem is not None and problem.startswith("no space left on device (4194304 bytes needed"), problem
+        ballast.unlink()
+        assert two.write_problem() is None  # room again: cleared, for both
+        assert one.write_problem() is None
+        one.refused(OSError(errno.EROFS, "read-only"), None)  # the probe succeeds: writable again
+        assert two.write_problem() is None
 
 
 def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:

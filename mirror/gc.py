@@ -4,7 +4,8 @@
   batches, so serving a manifest costs no disk write.
 * **Eviction** drops the least recently used *cached* images when the store passes the high
   watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
-  ``cache.unused_for``.  An image here is a manifest linked to a cached repository; evicting it
+  ``cache.unused_for``; and, when a write found the filesystem full, as many as free the room it
+  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest linked to a cached repository; evicting it
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates.
 * **Garbage collection** marks from every linked manifest, tag and pin through indexes,
@@ -117,6 +118,8 @@ class Collector:
         self.gc = gc
         self._refs: dict[str, list[str]] = {}
         self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
+        #: Bytes the next run should free whatever the budget says: a write found the filesystem full.
+        self.room_wanted = 0
 
     # -- budget --
 
@@ -147,6 +150,7 @@ class Collector:
             os.close(fd)
 
     def _collect(self, dry_run: bool) -> Report:
+        room, self.room_wanted = self.room_wanted, 0
         started = time.monotonic()
         now = time.time()
         state = self._load()
@@ -155,7 +159,7 @@ class Collector:
         report.usage_before = sum(size for size, _ in state.files.values())
 
         roots = self._roots(state)
-        evicted, freed_by_eviction = self._choose_evictions(state, roots, report.usage_before, now)
+        evicted, freed_by_eviction = self._choose_evictions(state, roots, report.usage_before, now, room)
 
         # Index changes of the eviction: tags, links and access times of the evicted images.
         tag_removals: list[tuple[str, str]] = []
@@ -278,14 +282,17 @@ class Collector:
         return seen
 
     def _choose_evictions(self, state: _State, roots: dict[str, set[str]], usage: int,
-                          now: float) -> tuple[list[tuple[str, str]], set[str]]:
-        """Cached images to evict, least recently used first, and the objects that frees."""
+                          now: float, room: int = 0) -> tuple[list[tuple[str, str]], set[str]]:
+        """Cached images to evict, least recently used first, and the objects that frees (at least
+        *room* bytes if it can)."""
         budget = self.budget()
         over = budget is not None and usage > budget * self.cache.high_watermark
         unused_cutoff = now - self.cache.unused_for if self.cache.unused_for else None
-        if not over and unused_cutoff is None:
-            return [], set()
         target = budget * self.cache.low_watermark if over and budget is not None else None
+        if room:
+            target = usage - room if target is None else min(target, usage - room)
+        if target is None and unused_cutoff is None:
+            return [], set()
 
         candidates: list[tuple[float, str, str]] = []
         retained_roots: list[str] = []
@@ -356,9 +363,10 @@ class Maintenance:
         if self._loop is not None and self.collector.over_high_watermark(usage):
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def make_room(self) -> None:
-        """A write found no room on the store's filesystem: collect now, at most every
-        :data:`ROOM_INTERVAL` seconds (called from any thread)."""
+    def make_room(self, room: int) -> None:
+        """A write found no room on the store's filesystem: evict to free *room* bytes, now or at the
+        latest :data:`ROOM_INTERVAL` seconds after the last such run (called from any thread)."""
+        self.collector.room_wanted = max(self.collector.room_wanted, room)
         now = time.monotonic()
         if self._loop is not None and now - self._room_asked >= ROOM_INTERVAL:
             self._room_asked = now

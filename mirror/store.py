@@ -82,8 +82,8 @@ class Store:
         self.auth_key = root / "auth.key"
         #: Called with the size of every object newly placed in ``blobs/`` (usage accounting).
         self.on_commit: Callable[[int], None] | None = None
-        #: Called (from any thread) when a write was refused for lack of room: a request to free some.
-        self.on_refused: Callable[[], None] | None = None
+        #: Called (from any thread) with the bytes to free when a write was refused for lack of room.
+        self.on_refused: Callable[[int], None] | None = None
         self._refusals = RefusalRecord(root / "refused")
 
     def create(self) -> None:
@@ -202,7 +202,7 @@ class Store:
             free = 0
         self._refusals.write(Refusal(time.time(), needed, free, code))
         if self.on_refused is not None and code != errno.EROFS:
-            self.on_refused()
+            self.on_refused(max((needed or 0) + ROOM_MARGIN - free, ROOM_MARGIN))
 
     def write_problem(self) -> str | None:
         """Why the store cannot take writes now, or None (blocking).

@@ -12,8 +12,10 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -22,11 +24,12 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
-from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, sha256_digest as sha256
+from tests.support.client import push_image
+from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
-from tests.test_faults import get_blob, wait_for
+from tests.test_faults import get_blob, get_manifest, wait_for
 from tests.test_observability import scrape, value
 from tests.test_push_api import image_manifest, push_blob
 
@@ -42,8 +45,9 @@ def small_mirror(mirror_factory: Callable[..., MirrorServer]) -> Iterator[Callab
     """Make a mirror whose DATA/ is a tmpfs of :data:`SIZE_MIB` MiB; it is stopped before the unmount."""
     with contextlib.ExitStack() as stack:
 
-        def make(upstream_url: str | None = None, workers: int = 1) -> MirrorServer:
-            server = mirror_factory(upstream_url, env=ENV, workers=workers, start=False)
+        def make(upstream_url: str | None = None, workers: int = 1, env: Mapping[str, str] | None = None
+                 ) -> MirrorServer:
+            server = mirror_factory(upstream_url, env={**ENV, **(env or {})}, workers=workers, start=False)
             stack.enter_context(tmpfs(server.data_dir, SIZE_MIB))
             stack.callback(server.stop)
             return server.start()
@@ -187,6 +191,34 @@ def test_a_fill_the_disk_runs_out_under_is_finished_from_the_upstream(
     assert "store refused the fill" in mirror.log_tail(200)
     (mirror.data_dir / "more-ballast").unlink()
     assert ready(mirror).status_code == 200
+
+
+def test_a_blob_the_disk_has_no_room_for_makes_the_collector_evict_to_make_room(
+    small_mirror: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages, tmp_path: Path,
+) -> None:
+    """The store is within its budget, but other files filled its disk: the least recently used
+    cached image is evicted to make room for the blob that found none, which is stored next time."""
+    big, old = images.big, images.big.layers[1]
+    new_image = build_image(tmp_path / "new", [random_layer(tmp_path / "new", 6 * MIB, 77)])
+    push_image(upstream.url, "library/new", "1", new_image)
+    new = new_image.layers[0]
+    mirror = small_mirror(env={"MIRROR_CACHE_KEEP_RECENT": "1s"})
+    assert get_manifest(mirror, "big", "1").headers["x-mirror-cache"] == "MISS"
+    assert get_blob(mirror, "big", old.digest).headers["x-mirror-cache"] == "MISS"
+    assert get_manifest(mirror, "new", "1").headers["x-mirror-cache"] == "MISS"
+    fill_up(mirror.data_dir / "ballast", leave=5 * MIB)
+    time.sleep(1.5)  # the big image is no longer recent; the new one is used again below
+
+    through = get_blob(mirror, "new", new.digest)
+    assert (through.status, through.error, through.headers["x-mirror-cache"], through.digest) == \
+        (200, None, "BYPASS", new.digest)
+    wait_for(lambda: old.digest.removeprefix("sha256:") not in stored(mirror), what="the old image's eviction")
+    assert ready(mirror).status_code == 200
+    assert get_blob(mirror, "new", new.digest).headers["x-mirror-cache"] == "MISS"
+    wait_for(lambda: new.digest.removeprefix("sha256:") in stored(mirror), what="the new layer to be stored")
+    assert get_blob(mirror, "new", new.digest).headers["x-mirror-cache"] == "HIT"
+    assert "evicting 1 cached images" in mirror.log_tail(200)
+    assert get_blob(mirror, "big", old.digest).headers["x-mirror-cache"] == "BYPASS"  # no room for it now
 
 
 @pytest.mark.parametrize("state", ["full", "read-only"])

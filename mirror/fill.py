@@ -111,7 +111,10 @@ class GrowingBlob:
             if self.fetch is None:
                 raise
             log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
-            bypass = await self.fills.bypass(self.digest, self.fetch)
+            try:
+                bypass = await self.fills.bypass(self.digest, self.fetch)
+            except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+                raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
             try:
                 if bypass.size != self.size:
                     raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")

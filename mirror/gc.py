@@ -5,9 +5,10 @@
 * **Eviction** drops the least recently used *cached* images when the store passes the high
   watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
   ``cache.unused_for``; and, when a write found the filesystem full, as many as free the room it
-  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest linked to a cached repository; evicting it
-  removes its tags and links, and the objects no retained image references are deleted.  Pushed
-  repositories (``local/...``) and pinned roots (preloaded images) are never candidates.
+  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest
+  linked to a cached repository; evicting it removes its tags and links, and the objects no
+  retained image references are deleted.  Pushed repositories (``local/...``) and pinned roots
+  (preloaded images) are never candidates.
 * **Garbage collection** marks from every linked manifest, tag and pin through indexes,
   manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
 

@@ -233,6 +233,37 @@ def test_a_fill_the_disk_refuses_midway_is_finished_from_the_upstream(tmp_path: 
         assert problem is not None and problem.startswith("no space left on device"), problem
 
 
+def test_a_refused_fill_whose_upstream_then_fails_cuts_the_transfer_short(tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+        source = Source(data, pause=0.001, announce=False)
+
+        @asynccontextmanager
+        async def fetch() -> AsyncIterator[Source]:
+            if source.opened:
+                raise ConnectionRefusedError("upstream gone")
+            async with source.fetch() as download:
+                yield download
+
+        async def run() -> bytes:
+            fills = Fills(store)
+            blob = await fills.open(digest, fetch)
+            received = b""
+            with pytest.raises(FillFailed):
+                try:
+                    async for chunk in blob.chunks():
+                        received += chunk
+                finally:
+                    blob.close()
+                    await fills.aclose()
+            return received
+
+        assert len(asyncio.run(run())) < len(data)
+        assert left_in(store) == []
+
+
 def test_a_refused_write_is_seen_by_every_process_until_there_is_room(tmp_path: Path) -> None:
     """Two Store objects on one DATA/ stand for two workers: one records, both report; a clearance by
     one outdates what the other remembers."""

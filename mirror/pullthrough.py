@@ -153,7 +153,13 @@ class PullThrough:
                         self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
                         return True
 
-                if await anyio.to_thread.run_sync(refresh):
+                try:
+                    refreshed = await anyio.to_thread.run_sync(refresh)
+                except Exception as exc:
+                    if refusal(exc) is None:
+                        raise
+                    refreshed = True  # still stored, still the upstream's: only its check time is not saved
+                if refreshed:
                     return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
         try:
             manifest = await self.upstream.get_manifest(name, tag)

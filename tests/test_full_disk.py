@@ -221,6 +221,25 @@ def test_a_blob_the_disk_has_no_room_for_makes_the_collector_evict_to_make_room(
     assert get_blob(mirror, "big", old.digest).headers["x-mirror-cache"] == "BYPASS"  # no room for it now
 
 
+def test_cached_images_are_served_from_a_full_store_tags_revalidated(
+    small_mirror: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,
+) -> None:
+    image = images.small
+    mirror = small_mirror(env={"MIRROR_CACHE_TAG_TTL": "0"})  # every pull revalidates the tag
+    assert get_manifest(mirror, "small", "1").headers["x-mirror-cache"] == "MISS"
+    for digest in image.blobs:
+        assert get_blob(mirror, "small", digest).headers["x-mirror-cache"] == "MISS"
+    assert fill_up(mirror.data_dir / "ballast") == 0
+    upstream.clear_counts()
+    for _ in range(2):
+        answer = get_manifest(mirror, "small", "1")
+        assert (answer.status_code, answer.headers["x-mirror-cache"], answer.content) == (200, "HIT", image.manifest)
+        for digest in image.blobs:
+            got = get_blob(mirror, "small", digest)
+            assert (got.status, got.error, got.digest, got.headers["x-mirror-cache"]) == (200, None, digest, "HIT")
+    assert upstream.count("HEAD", "/manifests/1") == 2 and upstream.count("GET", "/blobs/") == 0
+
+
 @pytest.mark.parametrize("state", ["full", "read-only"])
 def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
     state: str, small_mirror: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,

@@ -43,7 +43,8 @@ import anyio.to_thread
 from .bypass import RELAY_DEPTH, BypassBlob, Download, FillFailed, relay
 from .metrics import Metrics
 from .reference import Digest
-from .store import VERIFIED_MODE, Ingest, Store, refusal
+from .refusals import refusal
+from .store import VERIFIED_MODE, Ingest, Store
 
 log = logging.getLogger("mirror.fill")
 T = TypeVar("T")

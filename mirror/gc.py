@@ -39,7 +39,8 @@ from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import Metrics
 from .reference import ParseError, parse_digest
-from .store import Store, refusal
+from .refusals import refusal
+from .store import Store
 
 log = logging.getLogger("mirror.gc")
 

@@ -42,7 +42,8 @@ from .pushed import (
     subject_digest,
 )
 from .reference import Digest, ParseError, parse_digest, parse_name
-from .store import DigestMismatch, Store, new_upload_id, refusal
+from .refusals import refusal
+from .store import DigestMismatch, Store, new_upload_id
 
 log = logging.getLogger("mirror.local")
 

@@ -33,7 +33,8 @@ from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, parse_digest, ParseError
-from .store import Store, refusal
+from .refusals import refusal
+from .store import Store
 from .upstream import (
     Manifest,
     Upstream,

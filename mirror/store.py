@@ -41,8 +41,6 @@ from pathlib import Path
 from .reference import Digest
 from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
 
-__all__ = ["Ingest", "Store", "StoreError", "refusal"]
-
 CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
 VERIFIED_MODE = 0o444

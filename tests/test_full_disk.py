@@ -1,9 +1,11 @@
 """A store that cannot take writes: its filesystem full (a small tmpfs as DATA/, filled with a
 ballast file), or read-only (a read-only bind mount of DATA/tmp).
 
-Pulls still get the upstream's bytes, verified, answered as ``X-Mirror-Cache: BYPASS`` and counted;
-``/readyz`` answers 503 with the reason until there is room again; nothing partial is left in
-DATA/ (``mirror fsck`` finds it clean); pushes get a clear 507 and their uploads stay intact.
+Pulls still get the upstream's bytes, verified, answered as ``X-Mirror-Cache: BYPASS`` and counted
+(whether the store refused them before the first byte or in the middle); cached content is still
+served; ``/readyz`` answers 503 with the reason, in every worker, until there is room again; the
+collector evicts to make that room; nothing partial is left in DATA/ (``mirror fsck`` finds it
+clean); pushes get a clear 507 and their uploads stay intact.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.client import push_image
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
-from tests.support.client import push_image
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry

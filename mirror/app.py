@@ -70,6 +70,7 @@ def create_app(config: Config) -> Starlette:
         exposition = exposition_registry(metrics, [
             StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
         store.on_commit = maintenance.note_commit
+        store.on_refused = maintenance.make_room
         upkeep = asyncio.create_task(maintenance.run())
         try:
             yield {"pull": pull, "pulls": pulls, "local": local, "config": config,
@@ -80,7 +81,10 @@ def create_app(config: Config) -> Starlette:
             upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
-            await anyio.to_thread.run_sync(tracker.flush)
+            try:
+                await anyio.to_thread.run_sync(tracker.flush)
+            except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
+                log.warning("last access times not saved: %s", exc)
             await fills.aclose()
             for each_upstream in upstreams:
                 await each_upstream.aclose()

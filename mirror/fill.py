@@ -18,6 +18,14 @@ mistakes an older attempt's file for the current one).
 A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
 closes: the collector keeps an image while any of its objects is filling or so marked
 (:func:`fills_in_progress`, :func:`being_served`).
+
+When the store cannot take the blob (no room for its announced size, or the filesystem refuses
+a create, write, fsync or rename: full, over quota, read-only), the fill *bypasses* the store:
+the leader marks its temp file :data:`REFUSED_MODE` and lets go of it, and hands the download to
+its own client as a :class:`BypassBlob` (streamed through, hashed as it passes, the last byte held
+back until the whole blob matched its digest; nothing stored).  Every other reader of that fill
+sees the mark and streams the upstream's bytes on its own in the same way (:meth:`Fills.bypass`),
+going on from the byte it had reached.
 """
 
 from __future__ import annotations
@@ -32,31 +40,28 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from .bypass import RELAY_DEPTH, BypassBlob, Download, FillFailed, relay
 from .metrics import Metrics
 from .reference import Digest, ParseError, parse_digest
+from .refusals import refusal
 from .store import VERIFIED_MODE, Ingest, Store
 
 log = logging.getLogger("mirror.fill")
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
+#: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
+REFUSED_MODE = 0o600
 
 
-class FillFailed(Exception):
-    """The fetch being followed did not complete with verified content."""
-
-
-class Download(Protocol):
-    """What a fetch yields: the body's size when announced, and its bytes."""
-
-    size: int | None
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
+class FillRefused(FillFailed):
+    """The store could not take the fetch being followed: its bytes must come from the upstream."""
 
 
 Fetch = Callable[[], AbstractAsyncContextManager[Download]]
@@ -76,12 +81,15 @@ class StoredBlob:
 class GrowingBlob:
     """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
 
-    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool) -> None:
+    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool,
+                 fetch: Fetch | None = None) -> None:
         self.fills = fills
         self.digest = digest
         self.fd = fd
         self.size = size
         self.coalesced = coalesced
+        #: Where the bytes come from if the store refuses the fill (None: the reader fails instead).
+        self.fetch = fetch
         if coalesced:
             fills.metrics.waiting(1)
 
@@ -91,7 +99,7 @@ class GrowingBlob:
             self.fills.metrics.waiting(-1)
 
     def state(self) -> str:
-        """``filling``, ``done`` or ``failed``; once done, the blob is marked as being served."""
+        """``filling``, ``done``, ``refused`` or ``failed``; once done, the blob is marked as being served."""
         state = _state(self.fd, self.fills.store.blob_path(self.digest))
         if state == "done":
             with contextlib.suppress(BlockingIOError):
@@ -99,7 +107,32 @@ class GrowingBlob:
         return state
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`."""
+        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`.
+
+        If the store refuses the fill, the rest comes straight from the upstream (:class:`BypassBlob`).
+        """
+        offset = start
+        try:
+            async for data in self._follow(start, end):
+                offset += len(data)
+                yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
+            try:
+                bypass = await self.fills.bypass(self.digest, self.fetch)
+            except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+                raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
+            try:
+                if bypass.size != self.size:
+                    raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
+                async for data in bypass.chunks(offset, end):
+                    yield data
+            finally:
+                bypass.close()
+
+    async def _follow(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         offset = start
         stop = None if end is None else end + 1
         poll = self.fills.poll_interval
@@ -116,6 +149,8 @@ class GrowingBlob:
                         yield data[:-1]
                     while (state := self.state()) == "filling":
                         await asyncio.sleep(poll)
+                    if state == "refused":
+                        raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
                         raise FillFailed(f"{self.digest}: fetch failed verification")
                     offset, data = offset + len(data) - 1, data[-1:]
@@ -123,8 +158,11 @@ class GrowingBlob:
                 yield data
                 continue
             if settled:  # nothing more after the writer finished
-                if self.state() == "done" and stop is None:
+                state = self.state()
+                if state == "done" and stop is None:
                     return
+                if state == "refused":
+                    raise FillRefused(f"{self.digest}: the store refused the fill at {offset} bytes")
                 raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
             state = self.state()
             if state == "filling":
@@ -133,6 +171,8 @@ class GrowingBlob:
                 settled = True  # re-read once: bytes may have landed just before the lock was released
         while (state := self.state()) == "filling":
             await asyncio.sleep(poll)
+        if state == "refused":
+            raise FillRefused(f"{self.digest}: the store refused the fill")
         if state != "done":
             raise FillFailed(f"{self.digest}: fetch failed")
 
@@ -146,6 +186,8 @@ def _state(fd: int, final: os.PathLike[str] | str) -> str:
     status = os.fstat(fd)
     if status.st_mode & 0o777 == VERIFIED_MODE:  # committed (even if evicted since)
         return "done"
+    if status.st_mode & 0o777 == REFUSED_MODE:
+        return "refused"
     try:
         done = os.stat(final).st_ino == status.st_ino
     except FileNotFoundError:
@@ -201,8 +243,9 @@ class Fills:
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob:
-        """The stored blob, or a reader of the fetch in progress (started here if there is none).
+    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob | BypassBlob:
+        """The stored blob, or a reader of the fetch in progress (started here if there is none), or
+        the upstream's bytes streamed through when the store cannot take them.
 
         Errors of ``fetch`` before its body starts are raised here.
         """
@@ -211,11 +254,19 @@ class Fills:
             if stored is not None:
                 return stored
             path = self.store.fill_path(digest)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if refusal(exc) is None:
+                    raise
+                await anyio.to_thread.run_sync(self.store.refused, exc, None)
+                return await self.bypass(digest, fetch)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                follower = await self._follow(digest, fd)
+                follower = await self._follow(digest, fd, fetch)
+                if follower == "refused":
+                    return await self.bypass(digest, fetch)
                 if follower is not None:
                     return follower
                 continue  # the leader failed before its body started: try again, perhaps as leader
@@ -242,60 +293,135 @@ class Fills:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return StoredBlob(fd, os.fstat(fd).st_size)
 
-    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob:
-        os.ftruncate(fd, 0)
-        path = self.store.fill_path(digest)
-        reader = os.open(path, os.O_RDONLY)
-        started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
-        ingest = Ingest(self.store, digest, path, fd, None)
-        task = asyncio.create_task(self._pump(ingest, fetch, started))
+    async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
+        """A fetch of this reader's own, streamed through without being stored.
+
+        Errors of ``fetch`` before its body starts are raised here.
+        """
+        started: asyncio.Future[BypassBlob] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        async def stream() -> None:
+            try:
+                async with fetch() as download:
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    started.set_result(BypassBlob(digest, download.size, queue, task))
+                    await relay(download, queue)
+            except BaseException as exc:
+                if not started.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        started.cancel()
+                    else:
+                        started.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        task = asyncio.create_task(stream())
+        self._track(task)
+        return await _handed_over(started)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | BypassBlob:
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o644)  # whatever the umask: the modes of a refused or verified fill mean something
+        path = self.store.fill_path(digest)
+        reader = os.open(path, os.O_RDONLY)
+        started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
+        ingest = Ingest(self.store, digest, path, fd, None)
+        self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
-            size = await asyncio.shield(started)
+            size = await _handed_over(started)
         except BaseException:
             os.close(reader)
             raise
-        return GrowingBlob(self, digest, reader, size, coalesced=False)
+        if isinstance(size, BypassBlob):
+            os.close(reader)
+            return size
+        return GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch)
 
-    async def _pump(self, ingest: Ingest, fetch: Fetch, started: asyncio.Future[int | None]) -> None:
+    async def _pump(self, ingest: Ingest, fetch: Fetch,
+                    started: asyncio.Future[int | None | BypassBlob]) -> None:
         meta = self.store.fill_meta_path(ingest.digest)
+        handed_over = False
         try:
             async with fetch() as download:
                 ingest.expected_size = download.size
-                await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                problem = await anyio.to_thread.run_sync(self.store.room_error, download.size)
+                if problem is None:
+                    try:
+                        await anyio.to_thread.run_sync(_write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                    except OSError as exc:
+                        if refusal(exc) is None:
+                            raise
+                        problem = exc
+                if problem is not None:
+                    # No room: let go of the fill at once (followers fetch on their own) and hand the
+                    # download to this fill's own client.
+                    handed_over = True
+                    await anyio.to_thread.run_sync(self._let_go, ingest, problem)
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    task = asyncio.current_task()
+                    assert task is not None
+                    started.set_result(BypassBlob(ingest.digest, download.size, queue, task))  # type: ignore[arg-type]
+                    await relay(download, queue)
+                    return
                 started.set_result(download.size)
                 await _copy(download.chunks(), ingest)
             await anyio.to_thread.run_sync(ingest.commit)
         except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
             if not started.done():
-                if isinstance(exc, asyncio.CancelledError):
+                if cancelled:
                     started.cancel()
                 else:
                     started.set_exception(exc)
+            elif handed_over:
+                pass  # the reader has the error from the relay, or went away
+            elif (refused := refusal(exc)) is not None:
+                log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
+                            ingest.digest, ingest.written, refused)
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
-            ingest.discard()
-            if isinstance(exc, asyncio.CancelledError):
+            if not handed_over:
+                if (refused := refusal(exc)) is not None:
+                    # Without an announced size, what was written is the least the blob needs.
+                    needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
+                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
+                _settle_failed(ingest, refused=refused is not None)
+            if cancelled:
                 raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(meta)
-            os.close(ingest.fd)  # releases the lock: followers now see the outcome
+            if not handed_over:
+                os.close(ingest.fd)  # releases the lock: followers now see the outcome
 
-    async def _follow(self, digest: Digest, fd: int) -> GrowingBlob | None:
-        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first."""
+    def _let_go(self, ingest: Ingest, problem: OSError) -> None:
+        """Give up a fill the store has no room for, before its body: followers see it refused."""
+        try:
+            self.store.refused(problem, ingest.expected_size)
+            _settle_failed(ingest, refused=True)
+        finally:
+            os.close(ingest.fd)
+
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | str | None:
+        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
+        ``"refused"`` if the store refused it."""
         meta = self.store.fill_meta_path(digest)
         ino = os.fstat(fd).st_ino
         try:
             while True:
                 found = _read_meta(meta)
                 if found is not None and found[0] == ino:
-                    return GrowingBlob(self, digest, fd, found[1], coalesced=True)
-                if _state(fd, self.store.blob_path(digest)) != "filling":
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=True, fetch=fetch)
+                state = _state(fd, self.store.blob_path(digest))
+                if state != "filling":
                     os.close(fd)
-                    return None
+                    return "refused" if state == "refused" else None
                 await asyncio.sleep(self.poll_interval)
         except BaseException:
             os.close(fd)
@@ -365,6 +491,33 @@ async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, part
         await previous
     if parts:
         await anyio.to_thread.run_sync(_write_all, ingest, parts)
+
+
+async def _handed_over(started: "asyncio.Future[T]") -> "T":
+    """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
+    :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_close_unclaimed)
+        raise
+
+
+def _close_unclaimed(started: "asyncio.Future[Any]") -> None:
+    if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
+        started.result().close()
+
+
+def _settle_failed(ingest: Ingest, *, refused: bool) -> None:
+    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it.
+
+    A fill can fail after :meth:`Ingest.commit` marked it verified (fsync or rename refused): the
+    mark is taken back, since bytes that never reached their final path must not count as done.
+    """
+    with contextlib.suppress(OSError):
+        if not _names_inode(ingest.store.blob_path(ingest.digest), ingest.fd):
+            os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
+    ingest.discard()
 
 
 def _names_inode(path: os.PathLike[str] | str, fd: int) -> bool:

@@ -4,7 +4,9 @@
   batches, so serving a manifest costs no disk write.
 * **Eviction** drops the least recently used *cached* images when the store passes the high
   watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
-  ``cache.unused_for``.  An image here is a manifest linked to a cached repository; evicting it
+  ``cache.unused_for``; and, when a write found the filesystem full, as many as free the room it
+  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest
+  linked to a cached repository; evicting it
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
@@ -44,6 +46,7 @@ from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import HELD_REASONS, Metrics
 from .reference import ParseError, parse_digest
+from .refusals import refusal
 from .store import Store
 
 log = logging.getLogger("mirror.gc")
@@ -55,6 +58,8 @@ FLUSH_INTERVAL = 5.0
 RETRY_FIRST = 0.5
 RETRY_MAX_PASSING = 5.0
 RETRY_MAX = 60.0
+#: The least time between two collector runs asked for by writes that found the store full.
+ROOM_INTERVAL = 10.0
 
 
 class AccessTracker:
@@ -99,7 +104,7 @@ class Report:
     bytes_freed: int = 0
     objects_kept: int = 0
     seconds: float = 0.0
-    target: int | None = None  # the low watermark in bytes, when eviction for space was wanted
+    target: int | None = None  # bytes to get down to (the low watermark, or less for room a write wanted)
     held: dict[str, int] = field(default_factory=dict)  # reason -> bytes, when the target was not reached
 
     @property
@@ -140,6 +145,8 @@ class Collector:
         self.gc = gc
         self._refs: dict[str, list[str]] = {}
         self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
+        #: Bytes the next run should free whatever the budget says: a write found the filesystem full.
+        self.room_wanted = 0
 
     # -- budget --
 
@@ -174,6 +181,7 @@ class Collector:
             os.close(fd)
 
     def _collect(self, dry_run: bool, resume: bool = False) -> Report:
+        room, self.room_wanted = self.room_wanted, 0
         started = time.monotonic()
         now = time.time()
         counted = self.metadata.usage()  # the running total, as of the scan below
@@ -183,7 +191,7 @@ class Collector:
         report.usage_before = sum(size for size, _ in state.files.values())
 
         roots = self._roots(state)
-        evicted, freed_by_eviction = self._choose_evictions(state, roots, report, now, resume)
+        evicted, freed_by_eviction = self._choose_evictions(state, roots, report, now, resume, room)
 
         # Index changes of the eviction: tags, links and access times of the evicted images.
         tag_removals: list[tuple[str, str]] = []
@@ -313,12 +321,13 @@ class Collector:
         return seen
 
     def _choose_evictions(self, state: _State, roots: dict[str, set[str]], report: Report, now: float,
-                          resume: bool) -> tuple[list[tuple[str, str]], set[str]]:
+                          resume: bool, room: int = 0) -> tuple[list[tuple[str, str]], set[str]]:
         """Cached images to evict, least recently used first, and the objects that frees.
 
         For space: images not in use and not used within ``keep_recent`` down to the low
-        watermark, then recently used ones too while the store would stay above the high
-        watermark.  Fills ``report.target``, and ``report.held`` when the target is not reached.
+        watermark (or further, to free *room* bytes a write found missing), then recently used
+        ones too while the store would stay above the high watermark.  Fills ``report.target``,
+        and ``report.held`` when the target is not reached.
         """
         usage = report.usage_before
         budget = report.budget
@@ -326,9 +335,12 @@ class Collector:
         high = budget * self.cache.high_watermark if budget is not None else None
         over = low is not None and high is not None and (usage > high or resume and usage > low)
         unused_cutoff = now - self.cache.unused_for if self.cache.unused_for else None
-        if not over and unused_cutoff is None:
+        target = low if over else None
+        if room:
+            target = usage - room if target is None else min(target, usage - room)
+        if target is None and unused_cutoff is None:
             return [], set()
-        report.target = low if over else None
+        report.target = target
 
         candidates: list[tuple[float, str, str]] = []
         retained_roots: list[str] = []
@@ -380,7 +392,7 @@ class Collector:
 
         # Oldest first: both reasons stop holding at some point.
         for last_used, repo, d in candidates:
-            needed = over and low is not None and projected > low and last_used < recent
+            needed = target is not None and projected > target and last_used < recent
             unused = unused_cutoff is not None and last_used < unused_cutoff
             if not needed and not unused:
                 break
@@ -431,11 +443,21 @@ class Maintenance:
         self._retry_at = float("inf")
         self._retry_delay = RETRY_FIRST
         self._reported: tuple[bool, frozenset[str]] | None = None  # what the log last said about held content
+        self._room_asked = -ROOM_INTERVAL
 
     def note_commit(self, size: int) -> None:
         """Count a new object (called from any thread); wake the collector when over budget."""
         usage = self.collector.metadata.add_usage(size)
         if self._loop is not None and self.collector.over_high_watermark(usage):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def make_room(self, room: int) -> None:
+        """A write found no room on the store's filesystem: evict to free *room* bytes, now or at the
+        latest :data:`ROOM_INTERVAL` seconds after the last such run (called from any thread)."""
+        self.collector.room_wanted = max(self.collector.room_wanted, room)
+        now = time.monotonic()
+        if self._loop is not None and now - self._room_asked >= ROOM_INTERVAL:
+            self._room_asked = now
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
@@ -455,9 +477,12 @@ class Maintenance:
                     await self._collect(woken)
                     if self.interval and now >= next_run:
                         next_run = time.monotonic() + self.interval
-            except Exception:  # the upkeep must outlive any one failure
+            except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
-                log.exception("maintenance run failed")
+                if refusal(exc) is not None:  # the store is full: /readyz says so, no traceback needed
+                    log.warning("maintenance run failed: %s", exc)
+                else:
+                    log.exception("maintenance run failed")
 
     async def _collect(self, woken: bool) -> None:
         resume = self._retry_at != float("inf")

@@ -14,12 +14,13 @@ before the file is moved into the store, like every other ingest.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +42,15 @@ from .pushed import (
     subject_digest,
 )
 from .reference import Digest, ParseError, parse_digest, parse_name
+from .refusals import refusal
 from .store import DigestMismatch, Store, new_upload_id
 
 log = logging.getLogger("mirror.local")
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024
+#: HTTP status of a write the store cannot take (RFC 4918 section 11.5, "Insufficient Storage").
+INSUFFICIENT_STORAGE = 507
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,22 @@ class LocalRegistry:
     def takes_pushes(self, name: str) -> bool:
         """Would a push to *name* be accepted by the namespace policy (``push.enabled``, ``push.prefixes``)?"""
         return self.config.push.enabled and self.config.push.allows(name)
+
+    @contextlib.contextmanager
+    def storing(self) -> Iterator[None]:
+        """Turn a write the store's filesystem refuses (full, over quota, read-only) into a
+        ``507`` ``UNAVAILABLE`` error, after the state it had before the write was kept."""
+        try:
+            yield
+        except APIError:
+            raise
+        except Exception as exc:
+            reason = refusal(exc)
+            if reason is None:
+                raise
+            self.store.refused(exc, None)
+            raise APIError("UNAVAILABLE", "the registry's storage cannot take this write",
+                           detail=f"store is full or read-only: {reason}", status=INSUFFICIENT_STORAGE) from exc
 
     def check_push(self, name: str) -> None:
         """Refuse a push the policy does not allow; make the repository local otherwise."""
@@ -228,9 +248,9 @@ class LocalRegistry:
         path = self.store.upload_path(uuid)
         fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
         try:
-            offset = os.fstat(fd).st_size
-            self._check_range(name, uuid, offset, content_range)
-            offset = await self._write(uuid, fd, offset, body)
+            before = os.fstat(fd).st_size
+            self._check_range(name, uuid, before, content_range)
+            offset = await self._write(uuid, fd, before, body)
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
                 else None
@@ -240,6 +260,11 @@ class LocalRegistry:
                 await anyio.to_thread.run_sync(self._drop_upload, uuid)
                 self.metrics.upload_failed()
                 raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
+            except OSError as exc:
+                if refusal(exc) is not None and os.path.exists(path):  # as it was before this request
+                    self._hashers.pop(uuid, None)
+                    await anyio.to_thread.run_sync(os.ftruncate, fd, before)
+                raise
         finally:
             os.close(fd)
         self._hashers.pop(uuid, None)
@@ -287,18 +312,25 @@ class LocalRegistry:
 
         pending: list[bytes] = []
         pending_size = 0
-        async for chunk in body:
-            if not chunk:
-                continue
-            pending.append(chunk)
-            pending_size += len(chunk)
-            if pending_size >= WRITE_BATCH:
+        start = offset
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BATCH:
+                    await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
+                    offset += pending_size
+                    pending, pending_size = [], 0
+            if pending:
                 await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
                 offset += pending_size
-                pending, pending_size = [], 0
-        if pending:
-            await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
-            offset += pending_size
+        except OSError as exc:
+            if refusal(exc) is not None:  # the upload stays as it was before this request
+                self._hashers.pop(uuid, None)
+                await anyio.to_thread.run_sync(os.ftruncate, fd, start)
+            raise
         if hasher is not None:
             self._hashers[uuid] = (offset, hasher)
         return offset

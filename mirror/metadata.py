@@ -88,6 +88,9 @@ class Generation:
         try:
             if os.fstat(fd).st_size < self.SIZE:
                 os.ftruncate(fd, self.SIZE)  # a no-op for whoever comes second
+            # A page of a mapped file is allocated when first touched: touched on a full filesystem,
+            # a hole kills the process (SIGBUS).  Allocated now, without changing a byte.
+            os.posix_fallocate(fd, 0, self.SIZE)
             self._map = mmap.mmap(fd, self.SIZE)
         finally:
             os.close(fd)

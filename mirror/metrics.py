@@ -21,7 +21,7 @@ in the process that answers, so they are counted once.
 ``mirror_http_request_duration_seconds``     route, method (histogram, to the last body byte)
 ``mirror_http_response_bytes_total``         route: body bytes sent
 ``mirror_http_requests_in_flight``           requests being answered
-``mirror_cache_requests_total``              kind (manifest, blob), outcome (hit, miss, stale, coalesced, local)
+``mirror_cache_requests_total``              kind (manifest, blob), outcome (hit, miss, stale, coalesced, bypass, local)
 ``mirror_cache_served_bytes_total``          kind, outcome: body bytes sent, by where they came from
 ``mirror_coalesced_waiters``                 requests following a fetch another request leads
 ``mirror_upstream_requests_total``           upstream, method, status (``error``: no answer)
@@ -132,7 +132,8 @@ class Metrics:
         self.cache_requests = Counter(
             "mirror_cache_requests", "Manifest and blob requests by cache outcome "
             "(hit: store, miss: fetched, stale: store while the upstream failed, coalesced: joined a fetch "
-            "in progress, local: pushed content).", ["kind", "outcome"], registry=r)
+            "in progress, bypass: fetched but the store took no writes, local: pushed content).",
+            ["kind", "outcome"], registry=r)
         self.cache_bytes = Counter(
             "mirror_cache_served_bytes", "Manifest and blob body bytes sent, by cache outcome.",
             ["kind", "outcome"], registry=r)

@@ -205,21 +205,14 @@ async def readyz(request: Request) -> Response:
 
 
 def readiness_problems(store: Store, metadata: Metadata) -> dict[str, str]:
-    """What keeps this process from serving: ``{"store": reason, "index": reason}`` (blocking)."""
+    """What keeps this process from serving: ``{"store": reason, "index": reason}`` (blocking).
+
+    ``store``: the store cannot take writes (:meth:`Store.write_problem`: e.g. ``"no space left on
+    device"`` after a fill found no room, until there is room again); ``index``: it cannot be read.
+    """
     problems: dict[str, str] = {}
-    probe = store.tmp / f"readyz-{secrets.token_hex(8)}.partial"
-    try:
-        if not store.blobs.is_dir():
-            raise FileNotFoundError(f"{store.blobs} is missing")
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"ready")
-        finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
-                os.unlink(probe)
-    except OSError as exc:
-        problems["store"] = f"not writable: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if (problem := store.write_problem()) is not None:
+        problems["store"] = problem
     try:
         metadata.usage()
     except Exception as exc:  # noqa: BLE001 (diskcache raises sqlite3 errors of many kinds)

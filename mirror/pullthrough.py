@@ -8,6 +8,8 @@
 * When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
 * Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
   ``upstream.foreign_layers: fetch``; by default they are the client's business, as in dockerd.
+* When the store cannot take what was fetched (full, over quota, read-only), the upstream's
+  bytes are served all the same, verified but not stored (``BYPASS``).
 
 A repository may serve a stored object only if it is *linked* to it: the object was fetched
 for that repository, or is referenced by a manifest that was.  This is the only layer that
@@ -28,12 +30,13 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from .errors import APIError
-from .fill import Fills, GrowingBlob, StoredBlob
+from .fill import BypassBlob, Fills, GrowingBlob, StoredBlob
 from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, parse_digest, ParseError
 from .referrers import UpstreamReferrers, referrer_of
+from .refusals import refusal
 from .store import Store
 from .upstream import (
     Manifest,
@@ -57,6 +60,7 @@ class Outcome(str, enum.Enum):
     MISS = "MISS"
     STALE = "STALE"
     COALESCED = "COALESCED"
+    BYPASS = "BYPASS"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class BlobHead:
 
 @dataclass
 class BlobResult:
-    source: StoredBlob | GrowingBlob
+    source: StoredBlob | GrowingBlob | BypassBlob
     outcome: Outcome
 
 
@@ -160,7 +164,13 @@ class PullThrough:
                         self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
                         return True
 
-                if await anyio.to_thread.run_sync(refresh):
+                try:
+                    refreshed = await anyio.to_thread.run_sync(refresh)
+                except Exception as exc:
+                    if refusal(exc) is None:
+                        raise
+                    refreshed = True  # still stored, still the upstream's: only its check time is not saved
+                if refreshed:
                     return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
         try:
             manifest = await self.upstream.get_manifest(name, tag)
@@ -170,8 +180,9 @@ class PullThrough:
                 self._log_stale(f"{repo}:{tag}", exc)
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
             raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
-        await self._save_manifest(repo, manifest, tag)
-        return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest), Outcome.MISS)
+        saved = await self._save_manifest(repo, manifest, tag)
+        return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
+                              Outcome.MISS if saved else Outcome.BYPASS)
 
     async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
         repo = self._repo(name)
@@ -187,8 +198,8 @@ class PullThrough:
                 manifest = await self.upstream.get_manifest(name, digest)
             except UpstreamError as exc:
                 raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
-            await self._save_manifest(repo, manifest, None)
-            return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS)
+            saved = await self._save_manifest(repo, manifest, None)
+            return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
 
         return _followed(await self._single_flight(("digest", f"{name}@{key}"), fetch))
 
@@ -210,26 +221,37 @@ class PullThrough:
                 self._bodies_size -= len(self._bodies.pop(next(iter(self._bodies))))
         return body
 
-    async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> None:
+    async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
+        """Store a fetched manifest and record it; False when the store refused it (it is served
+        all the same: the upstream layer verified it against its digest)."""
         key = str(manifest.digest)
         refs = references(manifest.body)
         linked = [key, *(d.digest for d in refs)]
         referrer = referrer_of(manifest.body, manifest.media_type, key)
         foreign = [d for d in refs if d.urls and is_nondistributable(d.media_type)]
 
-        def save() -> None:
+        def save() -> bool:
             with reference_lock(self.store):  # not while the collector decides what is unreferenced
-                self.store.put_bytes(manifest.digest, manifest.body)
-                self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
-                for d in foreign:
-                    self.metadata.set_foreign_urls(d.digest, d.urls)
-                self.metadata.link(repo, linked)
-                if referrer is not None:  # known even when the upstream is not
-                    self.metadata.add_referrer(repo, *referrer)
-                if tag is not None:
-                    self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
+                try:
+                    self.store.put_bytes(manifest.digest, manifest.body)
+                    self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
+                    for d in foreign:
+                        self.metadata.set_foreign_urls(d.digest, d.urls)
+                    self.metadata.link(repo, linked)
+                    if referrer is not None:  # known even when the upstream is not
+                        self.metadata.add_referrer(repo, *referrer)
+                    if tag is not None:
+                        self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
+                except Exception as exc:
+                    if (reason := refusal(exc)) is None:
+                        raise
+                    # What got stored unrecorded is swept by the collector after its grace period.
+                    log.warning("store refused manifest %s (%s): served without storing it", key, reason)
+                    self.store.refused(exc, len(manifest.body))
+                    return False
+                return True
 
-        await anyio.to_thread.run_sync(save)
+        return await anyio.to_thread.run_sync(save)
 
     # -- blobs --
 
@@ -280,7 +302,16 @@ class PullThrough:
                                            else lambda: self.upstream.blob(name, digest))
         except UpstreamError as exc:
             raise _api_error(exc, "BLOB_UNKNOWN") from exc
-        await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
+        if isinstance(source, BypassBlob):
+            return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
+        try:
+            await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
+        except Exception as exc:
+            if refusal(exc) is None:
+                source.close()
+                raise
+            # Served all the same; the next request finds it stored and links it then.
+            log.warning("index refused a link of %s to %s: %s", key, repo, exc)
         if isinstance(source, StoredBlob):
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)

@@ -5,8 +5,8 @@ better.  Over plain HTTP a stored blob goes from the page cache to the socket wi
 ``sendfile(2)`` (``zerocopy.py``).  Otherwise (TLS) it goes out in 256 KiB chunks read
 straight from the page cache on the event loop (``RWF_NOWAIT``: such a read never waits for
 the disk); only a chunk that is not cached is read in a worker thread.  A blob still arriving from the upstream
-is sent as it grows.  Neither ever holds a blob in memory, and both stop reading as soon as
-the client goes away.
+is sent as it grows, and one the store cannot take as the upstream sends it.  None ever holds a blob
+in memory, and all stop reading as soon as the client goes away.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from starlette.types import Message, Receive, Scope, Send
 
 from . import zerocopy
-from .fill import FillFailed, GrowingBlob, StoredBlob
+from .fill import BypassBlob, FillFailed, GrowingBlob, StoredBlob
 from .reference import ByteRange
 
 log = logging.getLogger("mirror.responses")
@@ -28,7 +28,7 @@ log = logging.getLogger("mirror.responses")
 class BlobResponse:
     """Send a stored or growing blob, whole or one byte range, or only its headers (HEAD)."""
 
-    def __init__(self, source: StoredBlob | GrowingBlob, headers: dict[str, str], *,
+    def __init__(self, source: StoredBlob | GrowingBlob | BypassBlob, headers: dict[str, str], *,
                  byte_range: ByteRange | None = None, head: bool = False) -> None:
         self.source = source
         self.byte_range = byte_range
@@ -83,7 +83,7 @@ class BlobResponse:
             self.source.close()
 
     def _chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        if isinstance(self.source, GrowingBlob):
+        if not isinstance(self.source, StoredBlob):
             return self.source.chunks(start, end)
         stop = self.source.size if end is None else end + 1
         return zerocopy.read_chunks(self.source.fd, start, stop - start)

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from . import admin
 from .errors import APIError, error_response
-from .fill import GrowingBlob, StoredBlob
+from .fill import BypassBlob, GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo
@@ -156,7 +156,8 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
         pulled = await pull.manifest(cached_name, reference, accept)
         result, outcome = pulled, pulled.outcome.value
         touch = pull.toucher(cached_name, result.digest)
-    if stamp is not None:  # the same answer for this path from now on, until the index withdraws it
+    # The same answer for this path from now on, until the index withdraws it (unless it was not stored).
+    if stamp is not None and outcome != "BYPASS":
         memo.remember(request.scope["path"], stamp, body=result.body, media_type=result.media_type,
                       digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch)
     headers = {
@@ -175,9 +176,10 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
 
 async def _put_manifest(request: Request, name: str, reference: str | Digest) -> Response:
     local: LocalRegistry = request.state.local
-    local.check_push(name)
-    body = await _read_limited(request, MAX_MANIFEST_BYTES)
-    digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
+    with local.storing():
+        local.check_push(name)
+        body = await _read_limited(request, MAX_MANIFEST_BYTES)
+        digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
     headers = {**API_HEADERS, "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
     if subject:
         headers["OCI-Subject"] = subject
@@ -214,7 +216,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
-    source: StoredBlob | GrowingBlob
+    source: StoredBlob | GrowingBlob | BypassBlob
     if is_local:
         source = await local.open_blob(name, digest)
         headers[CACHE_HEADER] = "LOCAL"
@@ -236,6 +238,11 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
 
 async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
     local: LocalRegistry = request.state.local
+    with local.storing():
+        return await _upload_step(request, local, name, m)
+
+
+async def _upload_step(request: Request, local: LocalRegistry, name: str, m: re.Match[str]) -> Response:
     uuid = m.group("upload")
     method = request.method
     if not uuid:

@@ -10,6 +10,7 @@ Disk layout, produced by the methods of :class:`Store` and nowhere else::
         ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
       index/                              metadata (see ``metadata.py``)
       uploads/<uuid>                      a client's blob upload in progress (survives restarts)
+      refused                             the last write the filesystem refused (``refusals.py``)
       auth.key                            the key signing the login tokens (``auth.py``), mode 0600
 
 A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
@@ -19,28 +20,42 @@ is named by the hash of its payload (``schema1.py``), stored byte for byte under
 checked that way (:func:`object_matches`).  Every temp file is flock'ed by the process writing it, so the
 start-up sweep removes exactly the leftovers of writers that died.
 
+When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
+with :meth:`Store.refused`; :meth:`Store.write_problem` then reports the store as unable to take writes
+until there is room again (what ``/readyz`` answers, in every worker process).
+
 All methods do blocking file I/O: call them from a worker thread in async code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import schema1
 from .manifest import MAX_MANIFEST_BYTES
 from .reference import Digest
+from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
 
 CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
 VERIFIED_MODE = 0o444
 UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+#: Free bytes a fill must leave on the filesystem (the index and temp files need some too).
+ROOM_MARGIN = 1 << 20
+#: How long a refused write keeps the store reported as unable to take writes, unless renewed.
+REFUSAL_MEMORY = 60.0
+
+log = logging.getLogger("mirror.store")
 
 
 def new_upload_id() -> str:
@@ -70,10 +85,14 @@ class Store:
         self.auth_key = root / "auth.key"
         #: Called with the size of every object newly placed in ``blobs/`` (usage accounting).
         self.on_commit: Callable[[int], None] | None = None
+        #: Called (from any thread) with the bytes to free when a write was refused for lack of room.
+        self.on_refused: Callable[[int], None] | None = None
+        self._refusals = RefusalRecord(root / "refused")
 
     def create(self) -> None:
         for d in (self.blobs, self.tmp, self.index, self.uploads):
             d.mkdir(parents=True, exist_ok=True)
+        self._refusals.open()
 
     def upload_path(self, uuid: str) -> Path:
         """Where a blob upload's bytes collect; *uuid* must come from :func:`new_upload_id`."""
@@ -148,19 +167,89 @@ class Store:
             if actual != digest.hex:
                 raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{actual})")
             os.fchmod(handle.fileno(), VERIFIED_MODE)
-            os.fsync(handle.fileno())
-        final = self.blob_path(digest)
-        if final.exists():
-            os.unlink(path)
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        size = os.stat(path).st_size
-        os.replace(path, final)
+            try:
+                os.fsync(handle.fileno())
+                final = self.blob_path(digest)
+                if final.exists():
+                    os.unlink(path)
+                    return
+                final.parent.mkdir(parents=True, exist_ok=True)
+                size = os.fstat(handle.fileno()).st_size
+                os.replace(path, final)
+            except OSError:
+                os.fchmod(handle.fileno(), 0o644)  # still an upload, to finish again
+                raise
         self.committed(size)
 
     def committed(self, size: int) -> None:
         if self.on_commit is not None:
-            self.on_commit(size)
+            try:
+                self.on_commit(size)
+            except Exception as exc:  # noqa: BLE001 (the object is stored; usage is recounted by the collector)
+                log.warning("could not account for a stored object of %d bytes: %s", size, exc)
+
+    # -- room --
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the store's filesystem (``statvfs``)."""
+        fs = os.statvfs(self.root)
+        return fs.f_bavail * fs.f_frsize
+
+    def room_error(self, size: int | None) -> OSError | None:
+        """The error storing an object of *size* bytes would meet now (``ENOSPC``: too little free
+        space, :data:`ROOM_MARGIN` kept), or None."""
+        if size is None or size + ROOM_MARGIN <= self.free_bytes():
+            return None
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def refused(self, exc: BaseException, needed: int | None) -> None:
+        """Record that a write was refused (*exc*, a :func:`refusal`); asks for room (``on_refused``)."""
+        code = refusal_errno(exc)
+        if code is None:
+            return
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = 0
+        self._refusals.write(Refusal(time.time(), needed, free, code))
+        if self.on_refused is not None and code != errno.EROFS:
+            self.on_refused(max((needed or 0) + ROOM_MARGIN - free, ROOM_MARGIN))
+
+    def write_problem(self) -> str | None:
+        """Why the store cannot take writes now, or None (blocking).
+
+        A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`, by
+        any process) counts until the filesystem has room for what it needed, or
+        :data:`REFUSAL_MEMORY` seconds pass.
+        """
+        probe = self.tmp / f"readyz-{secrets.token_hex(8)}.partial"
+        try:
+            if not self.blobs.is_dir():
+                raise FileNotFoundError(f"{self.blobs} is missing")
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                    os.unlink(probe)
+        except OSError as exc:
+            return refusal(exc) or f"not writable: {exc.strerror or exc}" + (
+                f": {exc.filename}" if exc.filename else "")
+        last = self._refusals.read()
+        if last is None:
+            return None
+        try:
+            free = self.free_bytes()
+        except OSError:
+            free = 0
+        want = (last.needed if last.needed is not None else last.free) + ROOM_MARGIN
+        # A read-only filesystem that took the probe is writable again; a full one needs room.
+        if last.errno == errno.EROFS or free >= want or time.time() - last.at > REFUSAL_MEMORY:
+            self._refusals.write(None)
+            return None
+        needed = f"{last.needed} bytes needed, " if last.needed is not None else ""
+        return f"{last.reason} ({needed}{free} bytes free)"
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""

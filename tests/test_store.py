@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
@@ -11,18 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from mirror.fill import FillFailed, Fills, GrowingBlob, StoredBlob
+from mirror.fill import BypassBlob, FillFailed, Fills, GrowingBlob, StoredBlob
 from mirror.reference import Digest
 from mirror.store import DigestMismatch, SizeMismatch, Store
+from tests.support.smallfs import MIB, tmpfs
 
 
 class Source:
     """Bytes handed out in chunks, with a pause between them and an optional fault."""
 
     def __init__(self, data: bytes, chunk: int = 64 << 10, pause: float = 0.0, corrupt: bool = False,
-                 cut_at: int | None = None) -> None:
+                 cut_at: int | None = None, announce: bool = True) -> None:
         self.data, self.chunk, self.pause, self.corrupt, self.cut_at = data, chunk, pause, corrupt, cut_at
-        self.size: int | None = len(data)
+        self.size: int | None = len(data) if announce else None
         self.opened = 0
 
     @asynccontextmanager
@@ -45,7 +47,7 @@ def make_store(tmp_path: Path) -> Store:
     return store
 
 
-async def read_all(blob: StoredBlob | GrowingBlob) -> bytes:
+async def read_all(blob: StoredBlob | GrowingBlob | BypassBlob) -> bytes:
     try:
         if isinstance(blob, StoredBlob):
             return os.pread(blob.fd, blob.size, 0)
@@ -129,6 +131,157 @@ def test_failed_fetch_aborts_readers_and_stores_nothing(tmp_path: Path, fault: s
 
     asyncio.run(run())
     assert store.blob_path(digest).read_bytes() == data
+
+
+def left_in(store: Store) -> list[str]:
+    """Every file under blobs/ and tmp/."""
+    return sorted(str(p.relative_to(store.root)) for d in (store.blobs, store.tmp) for p in d.rglob("*") if p.is_file())
+
+
+def test_a_blob_with_no_room_is_streamed_through_to_every_reader_and_not_stored(tmp_path: Path) -> None:
+    """Leader and followers (in this process and in another one: a second Fills on the same store) all
+    get the upstream's bytes; nothing is left on the disk; the store reports why it took nothing."""
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+        source = Source(data, pause=0.001)
+
+        async def run() -> None:
+            fills, other = Fills(store), Fills(Store(store.root))
+            blobs = await asyncio.gather(*(f.open(digest, source.fetch) for f in (fills, fills, other, fills)))
+            assert all(isinstance(b, BypassBlob) for b in blobs), blobs
+            results = await asyncio.gather(*(read_all(b) for b in blobs))
+            assert all(r == data for r in results)
+            await fills.aclose()
+            await other.aclose()
+
+        asyncio.run(run())
+        assert source.opened == 4  # one each: the store holds nothing they could share
+        assert left_in(store) == []
+        problem = store.write_problem()
+        assert problem is not None and problem.startswith("no space left on device"), problem
+
+
+def test_bytes_streamed_through_are_verified_too(tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+        source = Source(data, corrupt=True)
+
+        async def run() -> bytes:
+            blob = await Fills(store).open(digest, source.fetch)
+            assert isinstance(blob, BypassBlob)
+            received = b""
+            with pytest.raises(FillFailed):
+                try:
+                    async for chunk in blob.chunks():
+                        received += chunk
+                finally:
+                    blob.close()
+            return received
+
+        received = asyncio.run(run())
+        assert len(received) < len(data)  # never the whole answer
+        assert left_in(store) == []
+
+
+def test_a_range_of_a_blob_streamed_through_waits_for_the_whole_blob(tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+
+        async def get(source: Source, start: int, end: int) -> bytes:
+            blob = await Fills(store).open(digest, source.fetch)
+            assert isinstance(blob, BypassBlob)
+            try:
+                return b"".join([chunk async for chunk in blob.chunks(start, end)])
+            finally:
+                blob.close()
+
+        for start, end in ((0, 0), (100, 70_000), (5 * MIB, 10 * MIB - 1)):
+            assert asyncio.run(get(Source(data), start, end)) == data[start:end + 1]
+        # Bytes past the range are wrong: only the whole blob's digest tells, and the range is cut short.
+        with pytest.raises(FillFailed):
+            asyncio.run(get(Source(data[:-1] + bytes([data[-1] ^ 1])), 0, 99))
+        assert left_in(store) == []
+
+
+def test_a_fill_the_disk_refuses_midway_is_finished_from_the_upstream(tmp_path: Path) -> None:
+    """No announced size, so the fill starts, and the disk fills up under it: every reader, leader
+    included, goes on with the upstream's bytes from where it was."""
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+        source = Source(data, pause=0.001, announce=False)
+
+        async def run() -> None:
+            fills = Fills(store)
+            blobs = await asyncio.gather(*(fills.open(digest, source.fetch) for _ in range(3)))
+            assert sorted(type(b).__name__ for b in blobs) == ["GrowingBlob"] * 3
+            results = await asyncio.gather(*(read_all(b) for b in blobs))
+            assert all(r == data for r in results)
+            await fills.aclose()
+
+        asyncio.run(run())
+        assert source.opened == 4  # the fill, then one for each reader
+        assert left_in(store) == []
+        problem = store.write_problem()
+        assert problem is not None and problem.startswith("no space left on device"), problem
+
+
+def test_a_refused_fill_whose_upstream_then_fails_cuts_the_transfer_short(tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB)
+    digest = Digest.of(data)
+    with tmpfs(tmp_path / "fs", 8):
+        store = make_store(tmp_path / "fs")
+        source = Source(data, pause=0.001, announce=False)
+
+        @asynccontextmanager
+        async def fetch() -> AsyncIterator[Source]:
+            if source.opened:
+                raise ConnectionRefusedError("upstream gone")
+            async with source.fetch() as download:
+                yield download
+
+        async def run() -> bytes:
+            fills = Fills(store)
+            blob = await fills.open(digest, fetch)
+            received = b""
+            with pytest.raises(FillFailed):
+                try:
+                    async for chunk in blob.chunks():
+                        received += chunk
+                finally:
+                    blob.close()
+                    await fills.aclose()
+            return received
+
+        assert len(asyncio.run(run())) < len(data)
+        assert left_in(store) == []
+
+
+def test_a_refused_write_is_seen_by_every_process_until_there_is_room(tmp_path: Path) -> None:
+    """Two Store objects on one DATA/ stand for two workers: one records, both report; a clearance by
+    one outdates what the other remembers."""
+    with tmpfs(tmp_path / "fs", 8):
+        one, two = make_store(tmp_path / "fs"), Store(tmp_path / "fs" / "data")
+        two.create()
+        assert one.write_problem() is None and two.write_problem() is None
+        ballast = tmp_path / "fs" / "ballast"
+        ballast.write_bytes(bytes(5 * MIB))
+        one.refused(OSError(errno.ENOSPC, "full"), 4 * MIB)
+        for store in (one, two):
+            problem = store.write_problem()
+            assert problem is not None and problem.startswith("no space left on device (4194304 bytes needed"), problem
+        ballast.unlink()
+        assert two.write_problem() is None  # room again: cleared, for both
+        assert one.write_problem() is None
+        one.refused(OSError(errno.EROFS, "read-only"), None)  # the probe succeeds: writable again
+        assert two.write_problem() is None
 
 
 def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ GC_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: The known label values; each combination starts at 0 (see :meth:`Metrics.__init__`).
 CACHE_KINDS = ("manifest", "blob")
-CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "local")  # X-Mirror-Cache, lower-cased
+CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "bypass", "local")  # X-Mirror-Cache, lower-cased
 UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied", "invalid", "interrupted")
 UPSTREAM_METHODS = ("GET", "HEAD")
 GC_RESULTS = ("ok", "failed")

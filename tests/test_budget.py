@@ -30,10 +30,10 @@ from tests.support.images import (
     sha256_digest as sha256,
     write_oci_layout,
 )
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.test_gc import ALL_TYPES, MIB, mirror_cli, pull, sized_upstream, store_bytes, wait_for
-from tests.test_observability import scrape, value
 
 __all__ = ["sized_upstream"]  # the module fixture: six images of one 8 MiB layer (library/img0..img5:1)
 

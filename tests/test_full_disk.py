@@ -28,11 +28,11 @@ from tests.support.client import push_image
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image, random_layer, sha256_digest as sha256
+from tests.support.metrics import scrape, value
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
 from tests.test_faults import get_blob, get_manifest, wait_for
-from tests.test_observability import scrape, value
 from tests.test_push_api import image_manifest, push_blob
 
 T = TypeVar("T")

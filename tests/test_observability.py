@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
+from tests.support.metrics import Samples, scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
@@ -29,23 +29,6 @@ from tests.support.registry import UpstreamRegistry
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
 ACCESS_FIELDS = {"ts", "request_id", "method", "route", "path", "status", "cache", "bytes", "duration_ms", "client"}
-
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of one scrape of *url* (a new connection each time: any worker may answer)."""
-    answer = httpx.get(url, timeout=30.0, trust_env=False)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["content-type"].startswith("text/plain")
-    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(answer.text)
-            for s in family.samples]
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples called *name* whose labels include *labels*."""
-    return sum(v for n, ls, v in samples if n == name and labels.items() <= ls.items())
 
 
 def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:

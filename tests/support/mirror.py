@@ -44,6 +44,7 @@ class MirrorServer:
         scheme: str = "http",
         verify: Any = True,
         host: str = "127.0.0.1",
+        module: str = "mirror",
     ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
@@ -57,13 +58,15 @@ class MirrorServer:
         self.verify = verify
         #: The address it listens on (dockerd skips certificate checks for 127.0.0.0/8: TLS tests use another).
         self.host = host
+        #: What ``python -m`` runs: ``mirror``, or a test's launcher that prepares the process first.
+        self.module = module
         self.log_dir = log_dir or data_dir.parent
         self.log_path = self.log_dir / f"mirror-{self.port}.log"
         #: Requests the mirror answered, from its uvicorn access log (``count``, ``requests``, ``clear``).
         self.access = AccessLog(self.log_path, parse=parse_uvicorn_entry)
         #: The full command line (the CLI contract with the server).
         self.args: list[str] = [
-            sys.executable, "-m", "mirror", "serve",
+            sys.executable, "-m", module, "serve",
             "--listen", f"{host}:{self.port}",
             "--data", os.fspath(data_dir),
             "--upstream", upstream_url,

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _open_store(config: Config) -> tuple["Store", "Metadata"] | None:
+def _open_store(config: Config) -> tuple[Store, Metadata] | None:
     from .metadata import Metadata
     from .store import Store
 

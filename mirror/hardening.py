@@ -122,7 +122,8 @@ def missing_internals() -> list[str]:
         missing += [f"{class_name}.{name}" for name in names if name not in code.co_names]
     if not missing:
         protocol = importlib.import_module("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
-        missing += [f"HttpToolsProtocol.{hook}" for hook in UVICORN_HOOKS if not callable(getattr(protocol, hook, None))]
+        missing += [f"HttpToolsProtocol.{hook}" for hook in UVICORN_HOOKS
+                    if not callable(getattr(protocol, hook, None))]
     return list(dict.fromkeys(missing))
 
 

@@ -252,7 +252,7 @@ class Metrics:
             duration = self.http_duration.labels(route, method)
             # Histogram.observe takes one value; these are its sum and buckets (+Inf last), added in bulk.
             duration._sum.inc(pending.seconds)
-            for bucket, count in zip(duration._buckets, pending.buckets):
+            for bucket, count in zip(duration._buckets, pending.buckets, strict=True):
                 if count:
                     bucket.inc(count)
             if pending.sent:

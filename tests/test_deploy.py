@@ -267,7 +267,8 @@ def test_helm_chart_renders_valid_consistent_manifests(
     assert {mount["name"] for mount in container["volumeMounts"]} <= set(volumes)
     claim = volumes["data"].get("persistentVolumeClaim", {}).get("claimName")
     if values.get("persistence", {}).get("enabled", True):
-        expected = values.get("persistence", {}).get("existingClaim") or objects["PersistentVolumeClaim"]["metadata"]["name"]
+        expected = (values.get("persistence", {}).get("existingClaim")
+                    or objects["PersistentVolumeClaim"]["metadata"]["name"])
         assert claim == expected
     else:
         assert "emptyDir" in volumes["data"] and "PersistentVolumeClaim" not in objects

@@ -200,7 +200,7 @@ def test_a_blob_the_disk_has_no_room_for_makes_the_collector_evict_to_make_room(
 ) -> None:
     """The store is within its budget, but other files filled its disk: the least recently used
     cached image is evicted to make room for the blob that found none, which is stored next time."""
-    big, old = images.big, images.big.layers[1]
+    old = images.big.layers[1]
     new_image = build_image(tmp_path / "new", [random_layer(tmp_path / "new", 6 * MIB, 77)])
     push_image(upstream.url, "library/new", "1", new_image)
     new = new_image.layers[0]

@@ -305,7 +305,7 @@ def test_kill9_at_random_moments_leaves_a_consistent_store(
     for round_ in range(5):
         stop = threading.Event()
 
-        def load() -> None:
+        def load(stop: threading.Event = stop) -> None:
             with httpx.Client(timeout=30.0, trust_env=False) as http:
                 while not stop.is_set():
                     i = rng.randrange(len(images))

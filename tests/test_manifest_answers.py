@@ -23,12 +23,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror import schema1
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
-from mirror import schema1
 from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, b64url, signed_schema1
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -350,7 +350,7 @@ def test_collection_keeps_a_schema1_image_and_its_layers(
     before = stored(mirror)
     done = mirror_cli("gc", "--data", mirror.data_dir, env={"MIRROR_GC_GRACE": "0s"})
     assert done.returncode == 0 and done.stdout.startswith("freed 0 objects"), done.stdout + done.stderr
-    assert stored(mirror) == before and set(before) == {old_image.digest, *(l.digest for l in old_image.layers)}
+    assert stored(mirror) == before and set(before) == {old_image.digest, *(layer.digest for layer in old_image.layers)}
     fsck_clean(mirror)
 
 

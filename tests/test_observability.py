@@ -21,7 +21,7 @@ import pytest
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
-from tests.support.metrics import Samples, scrape, value
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry

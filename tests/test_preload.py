@@ -42,7 +42,6 @@ from tests.support.archives import (
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
-    sha256_digest as sha256,
     MANIFEST_MEDIA_TYPES,
     OCI_MANIFEST,
     Image,
@@ -52,6 +51,7 @@ from tests.support.images import (
     busybox_layer,
     dump_json,
     random_layer,
+    sha256_digest as sha256,
     write_oci_layout,
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer

@@ -22,7 +22,11 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.images import (
-    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256,
+    DOCKER_MANIFEST,
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    sha256_digest as sha256,
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -348,7 +352,8 @@ def test_manifests_with_non_distributable_layers_are_accepted_without_them(
             "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign), "urls": [url]},
                        {"mediaType": layer_type, "digest": sha256(layer), "size": len(layer)}],
         }).encode()
-        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body, headers={"content-type": media_type})
+        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body,
+                       headers={"content-type": media_type})
         assert put.status_code == 201, (tag, put.text)
         assert put.headers["docker-content-digest"] == sha256(body)
         assert put.headers["location"] == f"/v2/team/win/manifests/{sha256(body)}"

@@ -22,12 +22,12 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.images import (
-    sha256_digest as sha256,
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
     Image,
     Index,
     file_digest,
+    sha256_digest as sha256,
     write_oci_layout,
 )
 from tests.support.mirror import MirrorServer

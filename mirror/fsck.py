@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +20,7 @@ from functools import partial
 from .gc import _scandir
 from .manifest import is_nondistributable, references
 from .metadata import LOCAL, Metadata
+from .preload import NoProgress, Progress
 from .reference import Digest, ParseError, parse_digest
 from .store import UPLOAD_ID_RE, Store, object_matches
 
@@ -53,12 +53,13 @@ class FsckReport:
 
 class Fsck:
     def __init__(self, store: Store, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Progress | None = None) -> None:
+        """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``."""
         self.store = store
         self.metadata = metadata
         self.repair = repair
         self.verify_content = verify_content
-        self.progress = progress
+        self.progress = progress or NoProgress()
         self.report = FsckReport()
 
     def run(self) -> FsckReport:
@@ -94,8 +95,10 @@ class Fsck:
         present: dict[str, int] = {}
         entries = [(a.name, e) for a in _scandir(self.store.blobs) for p in _scandir(a.path)
                    for e in _scandir(p.path)]
-        total = len(entries)
-        for n, (algorithm, entry) in enumerate(entries, 1):
+        if self.verify_content:
+            self.progress.phase("verifying", sum(e.stat(follow_symlinks=False).st_size for _, e in entries
+                                                 if e.is_file(follow_symlinks=False)))
+        for algorithm, entry in entries:
             pattern = _HEX.get(algorithm)
             path = entry.path
             if pattern is None or not pattern.fullmatch(entry.name) or os.path.basename(
@@ -105,9 +108,9 @@ class Fsck:
             digest = f"{algorithm}:{entry.name}"
             size = entry.stat().st_size
             if self.verify_content:
-                if self.progress:
-                    self.progress(n, total)
-                if not object_matches(path, Digest(algorithm, entry.name)):
+                matches = object_matches(path, Digest(algorithm, entry.name))
+                self.progress.advance(size)
+                if not matches:
                     self._found("corrupt object (content does not match its digest)", digest,
                                 partial(self._drop_object, path, digest))
                     continue
@@ -182,16 +185,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def terminal_progress(label: str) -> Callable[[int, int], None] | None:
-    """A one-line progress display on a terminal; nothing when stderr is not one (CI)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        if done == total or done % 100 == 0:
-            end = "\n" if done == total else ""
-            print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show

@@ -6,13 +6,18 @@ the upstream has to serve again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
 import random
 import re
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -247,6 +252,32 @@ def test_fsck_finds_and_repairs_damage(
     assert upstream.count("GET", re.compile(f"/blobs/sha256:{layer}$")) == 1
     bad = mirror_cli("fsck", "--data", str(mirror.data_dir / "nowhere"))
     assert bad.returncode == 2 and "not a mirror data directory" in bad.stderr
+
+
+def test_fsck_shows_its_progress_on_a_terminal_only(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The display preload and export draw (tqdm, on stderr), while re-hashing; nothing in a pipe."""
+    mirror = mirror_factory()
+    pull(http, mirror.url, "library/small", "1", images.small)
+    mirror.stop()
+    quiet = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 wide
+    try:
+        done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir),
+                               "--verify-content"], stdout=subprocess.PIPE, stderr=follower, text=True,
+                              timeout=120, cwd=PROJECT_ROOT, check=False)
+    finally:
+        os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once everything written is read
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout
+    assert b"fsck: verifying" in shown and b"B/s" in shown, shown
 
 
 def test_online_gc_and_eviction_under_load(

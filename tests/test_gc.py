@@ -40,6 +40,8 @@ from tests.support.images import (
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
@@ -47,11 +49,6 @@ MIB = 1024 * 1024
 
 def store_bytes(data_dir: Path) -> int:
     return sum(p.stat().st_size for p in (data_dir / "blobs").rglob("*") if p.is_file())
-
-
-def mirror_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=120,
-                          cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
 
 
 def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> str:
@@ -80,15 +77,6 @@ def sized_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[U
         yield registry, images
     finally:
         registry.stop()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_eviction_keeps_the_store_under_its_budget(
@@ -121,9 +109,9 @@ def test_eviction_keeps_the_store_under_its_budget(
         assert pull(http, mirror.url, f"library/img{i}", "1", image) == "MISS"
         time.sleep(0.4)  # older than keep_recent: the previous images become candidates
         # The collector is woken by the commit that crossed the high watermark.
-        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+        assert eventually(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
         peak = max(peak, store_bytes(mirror.data_dir))
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
     assert peak <= budget + one_image
 
     registry.clear_counts()
@@ -163,8 +151,8 @@ def test_answers_from_memory_count_as_use_and_end_with_eviction(
     assert by_digest("library/img0", first) == "HIT"  # from memory: img0 is now the most recently used
     time.sleep(0.4)
     assert pull(http, mirror.url, "library/img2", "1", third) == "MISS"  # over the budget: one must go
-    assert wait_for(lambda: "evicting" in mirror.log_tail(400))
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= 20 * MIB)
+    assert eventually(lambda: "evicting" in mirror.log_tail(400))
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= 20 * MIB)
 
     registry.clear_counts()
     assert pull(http, mirror.url, "library/img0", "1", first) == "HIT"
@@ -391,8 +379,8 @@ def test_dockerd_pulls_300_mib_through_a_100_mib_cache(
         assert daemon.docker("run", "--rm", "--network", "none", f"big{i}:1", "cat", "/etc/image-marker").stdout \
             .strip() == f"big{i}"
         time.sleep(1.2)  # older than keep_recent: a candidate from now on
-        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+        assert eventually(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
 
     # The newest images are still served from the store; the oldest was evicted and comes back.
     registry.clear_counts()

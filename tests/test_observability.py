@@ -25,6 +25,7 @@ from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
@@ -38,15 +39,6 @@ def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:
 
 def catalog_entries_are(mirror: MirrorServer, count: int) -> bool:
     return sum(e["route"] == "catalog" for e in access_entries(mirror)) == count
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> list[str]:
@@ -139,7 +131,7 @@ def test_access_log_has_one_json_line_per_request(
     assert (manifest.status_code, blob.status_code, again.status_code, missing.status_code) == (200, 200, 206, 404)
     ids = {"pull-42", *(answer.headers["x-request-id"] for answer in (blob, again, missing))}
     # Each line is written once the response is complete: maybe a moment after the client has it.
-    assert wait_for(lambda: ids <= {e["request_id"] for e in access_entries(mirror)}, timeout=5)
+    assert eventually(lambda: ids <= {e["request_id"] for e in access_entries(mirror)}, timeout=5)
 
     by_id = {e["request_id"]: e for e in access_entries(mirror)}
     first = by_id["pull-42"]
@@ -315,7 +307,7 @@ def test_evictions_and_gc_runs_are_counted(
                 and value(metrics, "mirror_store_objects") == len(files)
                 and value(metrics, "mirror_store_size_bytes") == sum(p.stat().st_size for p in files))
 
-    assert wait_for(settled), mirror.log_tail(30)
+    assert eventually(settled), mirror.log_tail(30)
     metrics = scrape(f"{mirror.url}/metrics")
     runs = value(metrics, "mirror_gc_runs_total", result="ok")
     assert runs >= 1 and value(metrics, "mirror_gc_runs_total", result="failed") == 0
@@ -344,7 +336,7 @@ def test_one_scrape_reports_the_sum_over_two_workers(
         for _ in range(20):
             assert httpx.get(f"{mirror.url}/v2/_catalog", trust_env=False).status_code == 200
         sent += 20
-        assert wait_for(functools.partial(catalog_entries_are, mirror, sent), timeout=5)
+        assert eventually(functools.partial(catalog_entries_are, mirror, sent), timeout=5)
         if len({e["pid"] for e in access_entries(mirror) if e["route"] == "catalog"}) == 2:
             break
     by_pid: dict[object, int] = {}

@@ -30,6 +30,7 @@ from tests.support.images import (
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import stored_objects
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 EMPTY_CONFIG = b"{}"
@@ -81,7 +82,7 @@ def push_image(http: httpx.Client, base: str, name: str, tag: str, seed: int) ->
 
 
 def stored_files(data_dir: Path) -> set[str]:
-    return {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+    return {p.name for p in stored_objects(data_dir).values()}
 
 
 # Blob uploads -------------------------------------------------------------------------

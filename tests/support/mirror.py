@@ -16,18 +16,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from .accesslog import AccessLog, parse_uvicorn_entry
 from .procs import Proc, free_port, wait_http
+from .service import Service
 
 #: The repository root, so ``python -m mirror`` finds the package uninstalled.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 
 
-class MirrorServer:
+class MirrorServer(Service):
     """One mirror process on a fixed port; restarts keep the port and data."""
 
     def __init__(
@@ -81,13 +81,6 @@ class MirrorServer:
 
     def __repr__(self) -> str:
         return f"MirrorServer({self.url}, upstream={self.upstream_url})"
-
-    def __enter__(self) -> MirrorServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -12,7 +12,6 @@ import platform
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.support.images import (
 )
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.waiting import wait_for
 
 LIBRARY = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
 ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -336,10 +336,8 @@ def test_kill9_in_the_middle_of_a_cold_fetch_leaves_no_trace(
 
     reader = threading.Thread(target=fetch)
     reader.start()
-    deadline = time.monotonic() + 30
-    while not (partial.exists() and partial.stat().st_size >= 16 * MIB):
-        assert time.monotonic() < deadline, "the fetch never got going"
-        time.sleep(0.01)
+    wait_for(lambda: partial.exists() and partial.stat().st_size >= 16 * MIB, 30, "the fetch to get going",
+             interval=0.01)
     mirror.kill9()
     reader.join(30)
     assert not reader.is_alive()

@@ -268,6 +268,7 @@ def test_fsck_shows_its_progress_on_a_terminal_only(
     assert b"fsck: verifying" in shown and b"B/s" in shown, shown
 
 
+@pytest.mark.slow  # a 20 s soak under load
 def test_online_gc_and_eviction_under_load(
     sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
 ) -> None:

@@ -31,6 +31,7 @@ from tests.support.images import (
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import stored_objects
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 EMPTY_CONFIG = b"{}"
@@ -515,9 +516,7 @@ def get_from_both_workers(mirror: MirrorServer, url: str, times: int) -> dict[ob
         for _ in range(10):
             answer = httpx.get(url, trust_env=False)
             sent[answer.headers["x-request-id"]] = answer.status_code
-        deadline = time.monotonic() + 5
-        while {e["request_id"] for e in mirror.access_entries()} < set(sent) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda sent=sent: {e["request_id"] for e in mirror.access_entries()} >= set(sent), 5)
         for entry in mirror.access_entries():
             if entry["request_id"] in sent:
                 by_pid.setdefault(entry["pid"], []).append(sent[entry["request_id"]])

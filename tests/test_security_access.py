@@ -24,6 +24,7 @@ from tests.support.security import (
     push,
     request,
 )
+from tests.support.waiting import wait_for
 
 
 def test_without_anonymous_pull_every_request_needs_a_user(
@@ -145,10 +146,8 @@ def test_forwarded_headers_count_only_from_trusted_proxies(
     assert_spec_error(ping, 401, "UNAUTHORIZED")
     scheme, client = ("https", "203.0.113.9") if trusted else ("http", "127.0.0.1")
     assert ping.headers["www-authenticate"].startswith(f'Bearer realm="{scheme}://127.0.0.1:{mirror.port}/auth/token"')
-    deadline = time.monotonic() + 5
-    while not (logged := [e for e in mirror.access_entries() if e["request_id"] == "proxied-1"]):
-        assert time.monotonic() < deadline, "no access log line"
-        time.sleep(0.05)
+    wait_for(lambda: any(e["request_id"] == "proxied-1" for e in mirror.access_entries()), 5, "the access log line")
+    logged = [e for e in mirror.access_entries() if e["request_id"] == "proxied-1"]
     assert logged[0]["client"] == client
 
 
@@ -161,16 +160,18 @@ def test_htpasswd_changes_apply_without_a_restart(
     assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 200
     # bob's password changes, carol is removed; a broken file is ignored (with a log line).
     htpasswd.write_text(f"{ALICE}\n{bcrypt_entry('bob', 'new-pw')}\n")
-    deadline = time.monotonic() + 10
-    while request(mirror, "GET", "/v2/", headers=basic("bob", "bob-pw")).status_code != 401:
-        assert time.monotonic() < deadline, "the htpasswd file was not reloaded"
-        time.sleep(0.2)
+    wait_for(lambda: request(mirror, "GET", "/v2/", headers=basic("bob", "bob-pw")).status_code == 401, 10,
+             "the htpasswd file to be reloaded", interval=0.2)
     time.sleep(1.2)  # each worker looks at the file at most once a second
     for _ in range(4):  # whichever worker answers
         assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
         assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 401
     htpasswd.write_text(f"{ALICE}\nbroken line\n")
-    time.sleep(1.5)
+
+    def refused_while_serving() -> bool:  # a worker looks at the file when a request comes
+        assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+        return "keeping the 2 users read before" in mirror.log_tail(200)
+
+    wait_for(refused_while_serving, 10, "the broken file to be refused", interval=0.2)
     for _ in range(4):
         assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
-    assert "keeping the 2 users read before" in mirror.log_tail(200)

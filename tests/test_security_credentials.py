@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tests.support.security import (
     basic,
     request,
 )
+from tests.support.waiting import wait_for
 
 
 def secret_strings(user: str, password: str) -> list[str]:
@@ -83,8 +83,8 @@ def test_upstream_credentials_from_a_file_are_used_and_never_leak(
                                            "MIRROR_UPSTREAM_PASSWORD_FILE": str(wrong)})
     answer = request(refused, "GET", "/v2/library/dlist/manifests/1")
     assert answer.status_code >= 400 and answer.json()["errors"][0]["code"]
-    time.sleep(0.5)
-    assert "rejected the configured upstream credentials" in refused.log_tail(200)
+    wait_for(lambda: "rejected the configured upstream credentials" in refused.log_tail(200),
+             what="the log line on the refused credentials")
 
     metrics = request(mirror, "GET", "/metrics").text
     logs = mirror.log_path.read_text() + refused.log_path.read_text()

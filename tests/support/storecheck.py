@@ -28,6 +28,20 @@ def stored_objects(data_dir: Path) -> dict[str, Path]:
     return {f"{p.parent.parent.name}:{p.name}": p for p in sorted((data_dir / "blobs").rglob("*")) if p.is_file()}
 
 
+def verified_objects(data_dir: Path) -> set[str]:
+    """The digests of every object under ``DATA/blobs``, after checking that each file sits where its
+    name says and hashes to it."""
+    found = set()
+    for digest, path in stored_objects(data_dir).items():
+        algorithm, _, hex_ = digest.partition(":")
+        assert path.parent.name == hex_[:2], f"misplaced object in the store: {path}"
+        with path.open("rb") as handle:
+            actual = hashlib.file_digest(handle, algorithm).hexdigest()
+        assert actual == hex_, f"corrupt object in the store: {path}"
+        found.add(digest)
+    return found
+
+
 def fsck_clean(data_dir: Path, *, verify_content: bool = True) -> str:
     """``mirror fsck`` (``--verify-content``) of *data_dir* finds nothing wrong; its report."""
     done = mirror_cli("fsck", "--data", data_dir, *(["--verify-content"] if verify_content else []))
@@ -37,17 +51,13 @@ def fsck_clean(data_dir: Path, *, verify_content: bool = True) -> str:
 
 def assert_store_sound(data_dir: Path, expected: Iterable[str] = (), *, absent: Iterable[str] = (),
                        no_fills_left: bool = False) -> set[str]:
-    """Every object under ``DATA/blobs`` hashes to its name, the *expected* digests are all there and
-    the *absent* ones are not, and ``mirror fsck --verify-content`` finds the store clean; return the
-    digests.  *no_fills_left*: first wait for ``DATA/tmp`` to empty (fills still finishing)."""
+    """Every object under ``DATA/blobs`` hashes to its name (:func:`verified_objects`), the *expected*
+    digests are all there and the *absent* ones are not, and ``mirror fsck --verify-content`` finds the
+    store clean; return the digests.  *no_fills_left*: first wait for ``DATA/tmp`` to empty (fills still
+    finishing)."""
     if no_fills_left:
         wait_for(lambda: not any((data_dir / "tmp").iterdir()), what="the fills' temp files to go")
-    found = set()
-    for digest, path in stored_objects(data_dir).items():
-        algorithm, _, hex_ = digest.partition(":")
-        with path.open("rb") as handle:
-            assert hashlib.file_digest(handle, algorithm).hexdigest() == hex_, f"corrupt object in the store: {path}"
-        found.add(digest)
+    found = verified_objects(data_dir)
     missing = set(expected) - found
     assert not missing, f"not in the store: {missing}"
     present = set(absent) & found

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
     MANIFEST_MEDIA_TYPES,
@@ -53,14 +54,7 @@ def store_bytes(data_dir: Path) -> int:
 
 def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> str:
     """Pull an image over HTTP, checking every byte; return the manifest's X-Mirror-Cache."""
-    answer = http.get(f"{base}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
-    assert answer.status_code == 200, answer.text
-    assert answer.content == image.manifest
-    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
-        blob = http.get(f"{base}/v2/{name}/blobs/{digest}")
-        assert blob.status_code == 200, (digest, blob.text[:200])
-        assert sha256(blob.content) == digest
-    return answer.headers["x-mirror-cache"]
+    return pull_checked(http, base, name, tag, image)[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked as pull
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -39,18 +40,6 @@ def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:
 
 def catalog_entries_are(mirror: MirrorServer, count: int) -> bool:
     return sum(e["route"] == "catalog" for e in access_entries(mirror)) == count
-
-
-def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> list[str]:
-    """Pull an image, checking every byte; the X-Mirror-Cache of the manifest and of each blob."""
-    answer = http.get(f"{base}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
-    assert answer.status_code == 200 and answer.content == image.manifest, answer.text
-    outcomes = [answer.headers["x-mirror-cache"]]
-    for digest in blobs_of(image):
-        blob = http.get(f"{base}/v2/{name}/blobs/{digest}")
-        assert blob.status_code == 200 and sha256(blob.content) == digest
-        outcomes.append(blob.headers["x-mirror-cache"])
-    return outcomes
 
 
 def blobs_of(image: Image) -> list[str]:

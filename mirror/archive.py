@@ -48,10 +48,10 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip"}
 
 
-# tarfile's header errors (private names, stable since Python 3.2).
-_EOF_HEADER: type[Exception] = getattr(tarfile, "EOFHeaderError")
-_SHORT_HEADERS: tuple[type[Exception], ...] = (getattr(tarfile, "EmptyHeaderError"),
-                                               getattr(tarfile, "TruncatedHeaderError"))
+# tarfile's header errors (private names, stable since Python 3.2; not in typeshed, hence getattr).
+_EOF_HEADER: type[Exception] = getattr(tarfile, "EOFHeaderError")  # noqa: B009
+_SHORT_HEADERS: tuple[type[Exception], ...] = (
+    getattr(tarfile, "EmptyHeaderError"), getattr(tarfile, "TruncatedHeaderError"))  # noqa: B009
 
 
 class Reader(Protocol):

@@ -41,8 +41,8 @@ class BypassBlob:
 
     coalesced = False
 
-    def __init__(self, digest: Digest, size: int | None, queue: "asyncio.Queue[bytes | BaseException | None]",
-                 task: "asyncio.Task[None]") -> None:
+    def __init__(self, digest: Digest, size: int | None, queue: asyncio.Queue[bytes | BaseException | None],
+                 task: asyncio.Task[None]) -> None:
         self.digest = digest
         self.size = size
         self._queue = queue
@@ -84,7 +84,7 @@ class BypassBlob:
             yield held
 
 
-async def relay(download: Download, queue: "asyncio.Queue[bytes | BaseException | None]") -> None:
+async def relay(download: Download, queue: asyncio.Queue[bytes | BaseException | None]) -> None:
     """Hand a download's chunks to a :class:`BypassBlob` (None at the end, the error if it fails)."""
     try:
         async for chunk in download.chunks():

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _open_store(config: Config) -> tuple["Store", "Metadata"] | None:
+def _open_store(config: Config) -> tuple[Store, Metadata] | None:
     from .metadata import Metadata
     from .store import Store
 
@@ -115,16 +115,18 @@ def collect(config: Config, dry_run: bool) -> int:
 
 
 def fsck(config: Config, repair: bool, verify_content: bool) -> int:
-    from .fsck import Fsck, terminal_progress
+    from .fsck import Fsck
+    from .offline import TerminalProgress
 
     opened = _open_store(config)
     if opened is None:
         return 2
     store, metadata = opened
+    progress = TerminalProgress("fsck")
     try:
-        report = Fsck(store, metadata, repair=repair, verify_content=verify_content,
-                      progress=terminal_progress("verifying")).run()
+        report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress).run()
     finally:
+        progress.close()
         metadata.close()
     for finding in report.findings:
         print(finding)

@@ -34,13 +34,13 @@ from .values import (
     parse_path,
     parse_prefixes,
     parse_push_users,
-    parse_token_file,
-    parse_user_names,
     parse_realm,
     parse_registry,
     parse_secret_file,
     parse_size,
+    parse_token_file,
     parse_url,
+    parse_user_names,
     redact,
     render_size,
     setting,
@@ -364,7 +364,7 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
         if not isinstance(keys, dict):
             raise ConfigError(f"configuration section {section} must be a mapping")
         raw[section].update(_flatten(keys))
-    return extra  # type: ignore[no-any-return]
+    return extra
 
 
 def _flatten(mapping: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:

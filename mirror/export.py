@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import platform as host
@@ -315,7 +316,8 @@ class Exporter:
         size = self.store.size(parsed)
         if size is not None:
             return size
-        from .fill import FillFailed, GrowingBlob
+        from .bypass import FillFailed
+        from .fill import GrowingBlob
 
         result = await self._from_upstream(image, f"blob {digest}", lambda pull: pull.blob(image.pull_name, parsed))
         try:
@@ -338,16 +340,17 @@ class Exporter:
         partial = output.with_name(f".{output.name}.{secrets.token_hex(6)}.partial")
         try:
             with open(partial, "wb") as raw:
-                with _compressor(output.name, raw) as sink:
-                    tar = _TarWriter(sink)
-                    tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-                    tar.add_dir("blobs/")
+                # A tar stream (POSIX.1-2001 headers, mtime 0), written as it goes: nothing held in memory.
+                with _compressor(output.name, raw) as sink, tarfile.open(
+                        fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+                    tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # (not in typeshed) a MiB at a time
+                    _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                    tar.addfile(_entry("blobs/", tarfile.DIRTYPE))
                     for algorithm in sorted({d.partition(":")[0] for d in objects}):
-                        tar.add_dir(f"blobs/{algorithm}/")
+                        tar.addfile(_entry(f"blobs/{algorithm}/", tarfile.DIRTYPE))
                     for digest, size in objects.items():
                         self._add_object(tar, digest, size)
-                    tar.add_bytes("index.json", _index_json(images))
-                    tar.close()
+                    _add_bytes(tar, "index.json", _index_json(images))
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(partial, output)
@@ -356,23 +359,41 @@ class Exporter:
                 os.unlink(partial)
             raise
 
-    def _add_object(self, tar: _TarWriter, digest: str, size: int) -> None:
+    def _add_object(self, tar: tarfile.TarFile, digest: str, size: int) -> None:
         parsed = parse_digest(digest)
-        hasher = hashlib.new(parsed.algorithm)
         with open(self.store.blob_path(parsed), "rb") as source:
-            tar.begin_file(f"blobs/{parsed.algorithm}/{parsed.hex}", size)
-            left = size
-            while left:
-                data = source.read(min(CHUNK, left))
-                if not data:
-                    raise ExportError(f"store object {digest} is shorter than {size} bytes: run mirror fsck")
-                hasher.update(data)
-                tar.write(data)
-                left -= len(data)
-                self.progress.advance(len(data))
-            tar.end_file()
-        if hasher.hexdigest() != parsed.hex:
+            reader = _CheckedReader(source, digest, self.progress)
+            tar.addfile(_entry(f"blobs/{parsed.algorithm}/{parsed.hex}", tarfile.REGTYPE, size), reader)
+        if reader.hasher.hexdigest() != parsed.hex:
             raise ExportError(f"store object {digest} does not match its digest: run mirror fsck --repair")
+
+
+class _CheckedReader:
+    """A store object as tarfile copies it into the archive: hashed and counted on the way."""
+
+    def __init__(self, source: IO[bytes], digest: str, progress: Progress) -> None:
+        self.source = source
+        self.digest = digest
+        self.hasher = hashlib.new(digest.partition(":")[0])
+        self.progress = progress
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.source.read(size)
+        if len(data) < size:  # tarfile asks for no more than the entry's size
+            raise ExportError(f"store object {self.digest} is shorter than its size: run mirror fsck")
+        self.hasher.update(data)
+        self.progress.advance(len(data))
+        return data
+
+
+def _entry(name: str, kind: bytes, size: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.mtime = kind, size, 0o755 if kind == tarfile.DIRTYPE else 0o644, 0
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    tar.addfile(_entry(name, tarfile.REGTYPE, len(data)), io.BytesIO(data))
 
 
 def _index_json(images: list[_Image]) -> bytes:
@@ -397,47 +418,3 @@ def _compressor(filename: str, raw: IO[bytes]) -> Any:
             yield sink
     else:
         yield raw
-
-
-class _TarWriter:
-    """A tar stream of regular files and directories, written without holding any in memory."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-        self.written = 0
-        self._pending = 0
-
-    def _header(self, name: str, kind: bytes, size: int, mode: int) -> None:
-        info = tarfile.TarInfo(name)
-        info.type, info.size, info.mode, info.mtime = kind, size, mode, 0
-        self._out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-
-    def _out(self, data: bytes) -> None:
-        self.sink.write(data)
-        self.written += len(data)
-
-    def add_dir(self, name: str) -> None:
-        self._header(name, tarfile.DIRTYPE, 0, 0o755)
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.begin_file(name, len(data))
-        self.write(data)
-        self.end_file()
-
-    def begin_file(self, name: str, size: int) -> None:
-        self._header(name, tarfile.REGTYPE, size, 0o644)
-        self._pending = size
-
-    def write(self, data: bytes) -> None:
-        self._out(data)
-        self._pending -= len(data)
-
-    def end_file(self) -> None:
-        assert self._pending == 0
-        if self.written % tarfile.BLOCKSIZE:
-            self._out(b"\0" * (tarfile.BLOCKSIZE - self.written % tarfile.BLOCKSIZE))
-
-    def close(self) -> None:
-        self._out(b"\0" * (2 * tarfile.BLOCKSIZE))
-        if self.written % tarfile.RECORDSIZE:
-            self._out(b"\0" * (tarfile.RECORDSIZE - self.written % tarfile.RECORDSIZE))

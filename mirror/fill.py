@@ -40,7 +40,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 
@@ -81,7 +81,7 @@ class StoredBlob:
 class GrowingBlob:
     """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
 
-    def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool,
+    def __init__(self, fills: Fills, digest: Digest, fd: int, size: int | None, coalesced: bool,
                  fetch: Fetch | None = None) -> None:
         self.fills = fills
         self.digest = digest
@@ -366,7 +366,7 @@ class Fills:
                     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
                     task = asyncio.current_task()
                     assert task is not None
-                    started.set_result(BypassBlob(ingest.digest, download.size, queue, task))  # type: ignore[arg-type]
+                    started.set_result(BypassBlob(ingest.digest, download.size, queue, task))
                     await relay(download, queue)
                     return
                 started.set_result(download.size)
@@ -408,7 +408,7 @@ class Fills:
         finally:
             os.close(ingest.fd)
 
-    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | str | None:
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | Literal["refused"] | None:
         """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
         ``"refused"`` if the store refused it."""
         meta = self.store.fill_meta_path(digest)
@@ -493,7 +493,7 @@ async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, part
         await anyio.to_thread.run_sync(_write_all, ingest, parts)
 
 
-async def _handed_over(started: "asyncio.Future[T]") -> "T":
+async def _handed_over(started: asyncio.Future[T]) -> T:
     """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
     :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
     try:
@@ -503,7 +503,7 @@ async def _handed_over(started: "asyncio.Future[T]") -> "T":
         raise
 
 
-def _close_unclaimed(started: "asyncio.Future[Any]") -> None:
+def _close_unclaimed(started: asyncio.Future[Any]) -> None:
     if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
         started.result().close()
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from .gc import _scandir
 from .manifest import is_nondistributable, references
 from .metadata import LOCAL, Metadata
+from .preload import NoProgress, Progress
 from .reference import Digest, ParseError, parse_digest
 from .store import UPLOAD_ID_RE, Store, object_matches
 
@@ -52,12 +53,13 @@ class FsckReport:
 
 class Fsck:
     def __init__(self, store: Store, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Progress | None = None) -> None:
+        """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``."""
         self.store = store
         self.metadata = metadata
         self.repair = repair
         self.verify_content = verify_content
-        self.progress = progress
+        self.progress = progress or NoProgress()
         self.report = FsckReport()
 
     def run(self) -> FsckReport:
@@ -73,7 +75,7 @@ class Fsck:
             self._run()
         return self.report
 
-    def _found(self, kind: str, subject: str, fix: Callable[[], None] | None = None) -> None:
+    def _found(self, kind: str, subject: str, fix: Callable[[], object] | None = None) -> None:
         finding = Finding(kind, subject)
         if self.repair and fix is not None:
             fix()
@@ -93,22 +95,24 @@ class Fsck:
         present: dict[str, int] = {}
         entries = [(a.name, e) for a in _scandir(self.store.blobs) for p in _scandir(a.path)
                    for e in _scandir(p.path)]
-        total = len(entries)
-        for n, (algorithm, entry) in enumerate(entries, 1):
+        if self.verify_content:
+            self.progress.phase("verifying", sum(e.stat(follow_symlinks=False).st_size for _, e in entries
+                                                 if e.is_file(follow_symlinks=False)))
+        for algorithm, entry in entries:
             pattern = _HEX.get(algorithm)
             path = entry.path
             if pattern is None or not pattern.fullmatch(entry.name) or os.path.basename(
                     os.path.dirname(path)) != entry.name[:2] or not entry.is_file(follow_symlinks=False):
-                self._found("stray file in blobs/", path, lambda p=path: _unlink(p))
+                self._found("stray file in blobs/", path, partial(_unlink, path))
                 continue
             digest = f"{algorithm}:{entry.name}"
             size = entry.stat().st_size
             if self.verify_content:
-                if self.progress:
-                    self.progress(n, total)
-                if not object_matches(path, Digest(algorithm, entry.name)):
+                matches = object_matches(path, Digest(algorithm, entry.name))
+                self.progress.advance(size)
+                if not matches:
                     self._found("corrupt object (content does not match its digest)", digest,
-                                lambda p=path, d=digest: self._drop_object(p, d))
+                                partial(self._drop_object, path, digest))
                     continue
                 self.report.verified += 1
             present[digest] = size
@@ -133,12 +137,12 @@ class Fsck:
     def _uploads(self) -> None:
         for entry in _scandir(self.store.uploads):
             if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
-                self._found("upload without a record", entry.path, lambda p=entry.path: _unlink(p))
+                self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for key in self.metadata.keys("upload/"):
             uuid = key[len("upload/"):]
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (self.store.uploads / uuid).exists():
                 self._found("upload record without its file", uuid,
-                            lambda k=key: self.metadata.forget([k]))
+                            partial(self.metadata.forget, [key]))
 
     # -- the index --
 
@@ -146,14 +150,14 @@ class Fsck:
         for key in self.metadata.keys("manifest/"):
             digest = key[len("manifest/"):]
             if digest not in present:
-                self._found("manifest record without its object", digest, lambda k=key: self.metadata.forget([k]))
+                self._found("manifest record without its object", digest, partial(self.metadata.forget, [key]))
         for key, value in self.metadata.items("tag/").items():
             self.report.tags += 1
             repo, _, tag = key.rpartition(":")
             digest = value[0]
             if digest not in present:
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
-                            lambda r=repo, t=tag: self.metadata.untag(r, t))
+                            partial(self.metadata.untag, repo, tag))
         for key in self.metadata.keys("link/"):
             self.report.links += 1
             repo, _, digest = key[len("link/"):].rpartition("@")
@@ -161,7 +165,7 @@ class Fsck:
                 # A cached repository may link what it has not fetched yet (or lost): it fetches
                 # again on demand.  A pushed repository cannot.
                 if repo.startswith(LOCAL + "/"):
-                    self._found("pushed object missing", f"{repo}@{digest}", lambda k=key: self.metadata.forget([k]))
+                    self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.forget, [key]))
             elif repo.startswith(LOCAL + "/") and self.metadata.get_manifest(digest) is not None:
                 body = self._read(digest)
                 for d in references(body or b""):
@@ -181,16 +185,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def terminal_progress(label: str) -> Callable[[int, int], None] | None:
-    """A one-line progress display on a terminal; nothing when stderr is not one (CI)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        if done == total or done % 100 == 0:
-            end = "\n" if done == total else ""
-            print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show

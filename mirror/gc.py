@@ -401,7 +401,7 @@ class Collector:
         # Still above the high watermark: recently used images go too (never those in use).
         if over and high is not None and projected > high:
             chosen = set(evicted)
-            for last_used, repo, d in candidates:
+            for _last_used, repo, d in candidates:
                 if projected <= high:
                     break
                 if (repo, d) not in chosen and not busy(d):

@@ -4,10 +4,13 @@
   response, and a deadline on each chunk of a request body: a client that stops sending in
   the middle of an upload or a manifest for ``http.idle_timeout`` gets ``408`` and is
   disconnected instead of holding a worker's file and connection open for ever.
-- :class:`GuardedHttpToolsProtocol` (uvicorn's ``http=``): the same deadline for the request
-  head, which uvicorn does not have (a client may otherwise trickle header bytes for ever,
-  the "slowloris" attack), and a cap on the size of the head (:data:`MAX_HEAD_BYTES`).  It also
-  offers requests zero-copy bodies on plain HTTP, and a clean abort (``zerocopy.py``).
+- ``protocol.py``'s ``GuardedHttpToolsProtocol`` (uvicorn's ``http=``): the same deadline for the
+  request head, which uvicorn does not have (a client may otherwise trickle header bytes for ever,
+  the "slowloris" attack), and a cap on the size of the head.  It also offers requests zero-copy
+  bodies on plain HTTP, and a clean abort (``zerocopy.py``).  Both build on uvicorn's private
+  protocol classes: :func:`missing_internals` checks at start-up that what they use is there, and
+  when it is not (another uvicorn release) the server runs uvicorn's own protocol with one warning,
+  and blobs go out as ordinary body messages: slower, never broken.
 
 - :func:`server_options`: those, TLS (and mutual TLS) for ``uvicorn.run``; :func:`startup_problem`
   loads the certificate, key, client CA and htpasswd file once before serving, so a bad one stops
@@ -19,20 +22,37 @@ Bodies themselves are bounded where they are read: manifests at 4 MiB, uploads s
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import zerocopy
 from .config import Config
 from .errors import APIError, error_response
 
+log = logging.getLogger(__name__)
+
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
-#: Request line plus headers; uvicorn's httptools protocol has no limit of its own.
-MAX_HEAD_BYTES = 64 * 1024
+#: What ``protocol.py`` and ``zerocopy.py`` use of uvicorn's httptools protocol beyond its public
+#: options: (module, class, method) -> the names that method's code must use (the attributes it sets
+#: or calls).  The protocol's ``__init__`` sets what the guard reads; the request cycle's what the
+#: zero-copy send reads; ``run_asgi`` must hand the app the cycle's ``send`` (which is replaced).
+UVICORN_INTERNALS: dict[tuple[str, str, str], tuple[str, ...]] = {
+    ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "__init__"):
+        ("loop", "timeout_keep_alive", "server_state", "transport", "cycle"),
+    ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "on_headers_complete"): ("cycle",),
+    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", "__init__"):
+        ("scope", "transport", "flow", "disconnected", "response_started", "response_complete",
+         "chunked_encoding", "expected_content_length"),
+    ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", "run_asgi"): ("send",),
+    ("uvicorn.protocols.http.flow_control", "FlowControl", "__init__"): ("write_paused",),
+}
+#: The methods ``GuardedHttpToolsProtocol`` extends.
+UVICORN_HOOKS = ("connection_made", "connection_lost", "on_message_begin", "on_url", "on_header",
+                 "on_headers_complete")
 
 
 class Hardening:
@@ -85,72 +105,48 @@ def _stalled(path: str, timeout: float) -> APIError:
                     headers={"Connection": "close"})
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size cap for each request head.
+def missing_internals() -> list[str]:
+    """What of :data:`UVICORN_INTERNALS` and :data:`UVICORN_HOOKS` this uvicorn lacks (``Class.name``);
+    empty when the guarded, zero-copy protocol can run on it."""
+    missing: list[str] = []
+    for (module_name, class_name, method), names in UVICORN_INTERNALS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(module_name)
+            continue
+        code = getattr(getattr(getattr(module, class_name, None), method, None), "__code__", None)
+        if code is None:
+            missing.append(f"{class_name}.{method}")
+            continue
+        missing += [f"{class_name}.{name}" for name in names if name not in code.co_names]
+    if not missing:
+        protocol = importlib.import_module("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+        missing += [f"HttpToolsProtocol.{hook}" for hook in UVICORN_HOOKS
+                    if not callable(getattr(protocol, hook, None))]
+    return list(dict.fromkeys(missing))
 
-    The deadline is uvicorn's ``timeout_keep_alive`` (set from ``http.idle_timeout``): it runs
-    from the moment a connection opens, or a new request begins, until its headers are complete.
-    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
-        self._head_bytes = 0
-        self._tls = False
+def http_protocol() -> type | str:
+    """uvicorn's ``http=``: the guarded, zero-copy protocol, or uvicorn's own (``"auto"``) with a
+    warning when this uvicorn lacks what that protocol builds on."""
+    missing = missing_internals()
+    if missing:
+        import uvicorn
 
-    def _arm(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_timed_out)
+        log.warning("uvicorn %s lacks internals the zero-copy protocol uses (%s): running uvicorn's own protocol; "
+                    "blobs are read and written without sendfile(2), and request heads have no deadline or size "
+                    "cap", uvicorn.__version__, ", ".join(missing))
+        return "auto"
+    from .protocol import GuardedHttpToolsProtocol
 
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise ValueError("request head too large")  # httptools answers 400 and closes
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._tls = transport.get_extra_info("sslcontext") is not None  # no sendfile(2) through TLS
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_bytes = 0
-        self._arm()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        self._disarm()
-        before = self.cycle
-        super().on_headers_complete()
-        if self.cycle is not before and self.cycle is not None:
-            zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive, zero_copy=not self._tls)
+    return GuardedHttpToolsProtocol
 
 
 def server_options(config: Config) -> dict[str, Any]:
     """uvicorn settings for TLS, slow clients and trusted reverse proxies."""
     http = config.http
-    options: dict[str, Any] = {"http": GuardedHttpToolsProtocol, "timeout_keep_alive": http.idle_timeout,
+    options: dict[str, Any] = {"http": http_protocol(), "timeout_keep_alive": http.idle_timeout,
                                "proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
     if http.tls_certificate is not None and http.tls_key is not None:
         options.update(ssl_certfile=str(http.tls_certificate), ssl_keyfile=str(http.tls_key))

@@ -20,6 +20,7 @@ in the process that answers, so they are counted once.
 ``mirror_http_requests_total``               route, method, status
 ``mirror_http_request_duration_seconds``     route, method (histogram, to the last body byte)
 ``mirror_http_response_bytes_total``         route: body bytes sent
+``mirror_http_sendfile_bytes_total``         of those, the ones the kernel sent with ``sendfile(2)``
 ``mirror_http_requests_in_flight``           requests being answered
 ``mirror_cache_requests_total``              kind (manifest, blob), outcome (hit, miss, stale, coalesced, bypass, local)
 ``mirror_cache_served_bytes_total``          kind, outcome: body bytes sent, by where they came from
@@ -92,11 +93,12 @@ _LEADING_INT = re.compile(r"\s*(\d+)")
 class _Pending:
     """Requests of one route, method, status and cache outcome not yet written to the samples."""
 
-    __slots__ = ("buckets", "count", "seconds", "sent")
+    __slots__ = ("buckets", "count", "seconds", "sendfile", "sent")
 
     def __init__(self) -> None:
         self.count = 0
         self.sent = 0
+        self.sendfile = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(HTTP_BUCKETS) + 1)
 
@@ -127,6 +129,9 @@ class Metrics:
             ["route", "method"], buckets=HTTP_BUCKETS, registry=r)
         self.http_bytes = Counter(
             "mirror_http_response_bytes", "Response body bytes sent, by route template.", ["route"], registry=r)
+        self.http_sendfile_bytes = Counter(
+            "mirror_http_sendfile_bytes", "Response body bytes the kernel copied from the store to the socket "
+            "with sendfile(2) (zero-copy; part of mirror_http_response_bytes_total).", registry=r)
         self.http_in_flight = Gauge(
             "mirror_http_requests_in_flight", "Requests being answered.", registry=r, multiprocess_mode="livesum")
         self.cache_requests = Counter(
@@ -222,7 +227,8 @@ class Metrics:
         self._in_flight += 1
 
     def request_done(self, route: str, method: str, status: int, seconds: float, sent: int,
-                     cache: str | None) -> None:
+                     cache: str | None, sendfile: int = 0) -> None:
+        """A request was answered: *sent* body bytes in all, *sendfile* of them by ``sendfile(2)``."""
         self._in_flight -= 1
         key = (route, method, status, cache)
         pending = self._pending.get(key)
@@ -230,6 +236,7 @@ class Metrics:
             pending = self._pending[key] = _Pending()
         pending.count += 1
         pending.sent += sent
+        pending.sendfile += sendfile
         pending.seconds += seconds
         pending.buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
 
@@ -245,11 +252,13 @@ class Metrics:
             duration = self.http_duration.labels(route, method)
             # Histogram.observe takes one value; these are its sum and buckets (+Inf last), added in bulk.
             duration._sum.inc(pending.seconds)
-            for bucket, count in zip(duration._buckets, pending.buckets):
+            for bucket, count in zip(duration._buckets, pending.buckets, strict=True):
                 if count:
                     bucket.inc(count)
             if pending.sent:
                 self.http_bytes.labels(route).inc(pending.sent)
+            if pending.sendfile:
+                self.http_sendfile_bytes.inc(pending.sendfile)
             if cache is not None and route in ("manifest", "blob"):
                 outcome = cache.lower()
                 self.cache_requests.labels(route, outcome).inc(pending.count)

@@ -109,10 +109,10 @@ class Observe:
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         status = 0
         cache: str | None = None
-        sent = 0
+        sent = sendfile = 0
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, cache, sent
+            nonlocal status, cache, sent, sendfile
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))
@@ -126,6 +126,7 @@ class Observe:
             await send(message)
             if message["type"] == zerocopy.EXTENSION:
                 sent += message.get("sent", 0)
+                sendfile += message.get("sendfile", 0)
 
         self.metrics.request_started()
         self._schedule_flush()
@@ -135,7 +136,7 @@ class Observe:
             seconds = time.perf_counter() - started
             status = status or 500  # nothing was sent: the server answers 500
             route = route_of(scope["path"])
-            self.metrics.request_done(route, scope["method"], status, seconds, sent, cache)
+            self.metrics.request_done(route, scope["method"], status, seconds, sent, cache, sendfile)
             if self.access:
                 self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))
             self._schedule_flush()

@@ -1,4 +1,4 @@
-"""``mirror preload`` and ``mirror export``: configuration, progress display, ``--url`` upload.
+"""``mirror preload`` and ``mirror export``: configuration, progress display (``mirror fsck``'s too), ``--url`` upload.
 
 The work itself is in ``preload.py`` and ``export.py``; this module maps the command line onto
 them.  A progress display (bytes and images) is drawn on stderr only when it is a terminal;
@@ -42,7 +42,8 @@ class TerminalProgress:
 
         self._bar = tqdm(total=total, desc=f"{self.label}: {label}", unit="B", unit_scale=True,
                          unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True)
-        self._bar.set_postfix(images=self.images)
+        if self.images:
+            self._bar.set_postfix(images=self.images)
 
     def advance(self, nbytes: int) -> None:
         if self._bar is not None:

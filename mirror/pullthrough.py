@@ -29,12 +29,13 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from .bypass import BypassBlob
 from .errors import APIError
-from .fill import BypassBlob, Fills, GrowingBlob, StoredBlob
+from .fill import Fills, GrowingBlob, StoredBlob
 from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
-from .reference import Digest, parse_digest, ParseError
+from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
 from .store import Store

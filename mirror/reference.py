@@ -61,11 +61,11 @@ class Digest:
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"
 
-    def hasher(self) -> "hashlib._Hash":
+    def hasher(self) -> hashlib._Hash:
         return hashlib.new(self.algorithm)
 
     @classmethod
-    def of(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 

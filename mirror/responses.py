@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from starlette.types import Message, Receive, Scope, Send
 
 from . import zerocopy
-from .fill import BypassBlob, FillFailed, GrowingBlob, StoredBlob
+from .bypass import BypassBlob, FillFailed
+from .fill import GrowingBlob, StoredBlob
 from .reference import ByteRange
 
 log = logging.getLogger("mirror.responses")

@@ -16,12 +16,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import admin
+from .bypass import BypassBlob
 from .errors import APIError, error_response
-from .fill import BypassBlob, GrowingBlob, StoredBlob
-from .local import MAX_MANIFEST_BYTES, LocalRegistry
+from .fill import GrowingBlob, StoredBlob
+from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo
-from .pullthrough import PullThrough, _paginate
+from .pullthrough import ManifestResult, PullThrough, _paginate
 from .pushed import referrers_index
 from .reference import (
     Digest,
@@ -149,6 +150,7 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
     memo: ManifestMemo = request.state.memo
     stamp = memo.stamp() if isinstance(reference, Digest) and not request.scope["query_string"] else None
     touch = None
+    result: StoredManifest | ManifestResult
     if local.is_local(name):
         result = await local.manifest(name, reference, accept)
         outcome = "LOCAL"
@@ -276,8 +278,10 @@ async def _start_upload(request: Request, name: str) -> Response:
     if mount_digest is not None:
         digest = mount_digest
         source = request.query_params.get("from")
-        if source and await anyio.to_thread.run_sync(local.mount, name, digest, source):
-            return _blob_created(name, digest)
+        if source:
+            mounted: bool = await anyio.to_thread.run_sync(local.mount, name, digest, source)
+            if mounted:
+                return _blob_created(name, digest)
     state = await local.start_upload(name)
     if upload_digest is not None:  # monolithic upload
         await local.finish(name, state.uuid, upload_digest, request.stream())

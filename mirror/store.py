@@ -132,7 +132,7 @@ class Store:
 
     # -- writing --
 
-    def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> "Ingest":
+    def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> Ingest:
         """A new object to be stored as *digest*, whose bytes hash to *content* (default: *digest*)."""
         path = self.tmp / f"ingest-{secrets.token_hex(12)}.partial"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)

@@ -41,10 +41,17 @@ from urllib.parse import urlsplit
 import httpx
 
 from .config import UpstreamConfig
-from .reference import Digest, parse_digest, ParseError
-from .manifest import (MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX, PLAIN_JSON, InvalidManifest,
-                       checked_manifest, registry_digest)
+from .manifest import (
+    MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    PLAIN_JSON,
+    InvalidManifest,
+    checked_manifest,
+    registry_digest,
+)
 from .metrics import Metrics
+from .reference import Digest, ParseError, parse_digest
 
 log = logging.getLogger("mirror.upstream")
 

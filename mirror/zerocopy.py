@@ -77,7 +77,8 @@ class ZeroCopySend:
     for it for ever).
 
     When a zero-copy send returns, the message's ``"sent"`` says how many bytes went out: all of
-    ``count``, or fewer when the client went away or stalled (the connection is then closed).
+    ``count``, or fewer when the client went away or stalled (the connection is then closed); and
+    ``"sendfile"`` how many of them ``sendfile(2)`` sent (0 when they were read and written).
     """
 
     def __init__(self, cycle: Any, send: Send, timeout: float, senders: Senders) -> None:
@@ -103,7 +104,7 @@ class ZeroCopySend:
 
     async def _zero_copy(self, message: Message) -> None:
         cycle = self.cycle
-        message["sent"] = 0
+        message["sent"] = message["sendfile"] = 0
         if cycle.disconnected:
             return
         if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
@@ -117,7 +118,7 @@ class ZeroCopySend:
             offset = int(message.get("offset", 0))
             if self.senders.claim():
                 try:
-                    sent = await self._send_file(file_fd, offset, count)
+                    sent = message["sendfile"] = await self._send_file(file_fd, offset, count)
                 finally:
                     self.senders.release()
             else:

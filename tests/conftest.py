@@ -23,6 +23,9 @@ from tests.support.mirror import MirrorServer
 from tests.support.procs import require_tool
 from tests.support.registry import REGISTRY_BINARY, UpstreamRegistry
 
+#: Fixtures of the security tests (tests/test_security_*.py): a test PKI, htpasswd users, ...
+pytest_plugins = ["tests.support.security"]
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:

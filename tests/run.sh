@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything the test suite needs on a fresh Debian 12 machine, then run all of it.
+# Set up everything the test suite needs on a fresh Debian 12 machine, then run ruff, mypy and all of the tests.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -m "not slow"` for the quick part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +19,7 @@ fi
 # python3 refuses `pip install` outside one (PEP 668).
 . deploy/venv.sh
 venv_setup "[test]"
+# Lint and types first (settings in pyproject.toml): any finding fails the run.
+"$VENV_PYTHON" -m ruff check mirror tests
+"$VENV_PYTHON" -m mypy
 exec "$VENV_PYTHON" -m pytest "$@"

@@ -30,10 +30,12 @@ from tests.support.images import (
     sha256_digest as sha256,
     write_oci_layout,
 )
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.test_gc import ALL_TYPES, MIB, mirror_cli, pull, sized_upstream, store_bytes, wait_for
-from tests.test_observability import scrape, value
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
+from tests.test_gc import ALL_TYPES, MIB, pull, sized_upstream, store_bytes
 
 __all__ = ["sized_upstream"]  # the module fixture: six images of one 8 MiB layer (library/img0..img5:1)
 
@@ -87,11 +89,12 @@ def test_eviction_resumes_by_itself_and_spares_open_transfers(
     for i in range(3):
         assert pull(http, mirror.url, f"library/img{i}", "1", images[i]) == "MISS"
     # Under the budget at once (the oldest goes, recent as it is)...
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget, 5), store_bytes(mirror.data_dir)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget, 5), store_bytes(mirror.data_dir)
     # ...and under the low watermark once keep_recent has passed, with no request to wake the collector.
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget // 2, 10), store_bytes(mirror.data_dir)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget // 2, 10), store_bytes(mirror.data_dir)
     assert "used within cache.keep_recent" in mirror.log_tail(400)
-    assert "back under its low watermark" in mirror.log_tail(400)
+    # (the collector says so just after its deletions, which the store size already shows)
+    assert eventually(lambda: "back under its low watermark" in mirror.log_tail(400), 5)
     registry.clear_counts()
     assert pull(http, mirror.url, "library/img2", "1", images[2]) == "HIT"  # the newest stayed
     assert registry.count("GET", re.compile("/blobs/")) == 0
@@ -102,9 +105,9 @@ def test_eviction_resumes_by_itself_and_spares_open_transfers(
         time.sleep(2.2)  # img2 is no longer recent
         for i in (3, 4):
             assert pull(http, mirror.url, f"library/img{i}", "1", images[i]) == "MISS"
-        assert wait_for(lambda: "in open transfers" in mirror.log_tail(400), 10)
+        assert eventually(lambda: "in open transfers" in mirror.log_tail(400), 10)
         # While it is held the collector keeps trying, and takes what it may: img3, then img4.
-        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget // 2, 10), store_bytes(mirror.data_dir)
+        assert eventually(lambda: store_bytes(mirror.data_dir) <= budget // 2, 10), store_bytes(mirror.data_dir)
     registry.clear_counts()
     assert pull(http, mirror.url, "library/img2", "1", images[2]) == "HIT"
     assert registry.count("GET", re.compile("/blobs/")) == 0
@@ -129,7 +132,7 @@ def test_content_that_cannot_be_evicted_shows_over_budget(
         return value(samples, "mirror_store_over_budget", reason="pinned") == 1 \
             and value(samples, "mirror_store_over_budget") == 1
 
-    assert wait_for(over_for_pins, 10), scrape(f"{mirror.url}/metrics")
+    assert eventually(over_for_pins, 10), scrape(f"{mirror.url}/metrics")
     assert "stays above its budget" in mirror.log_tail(200) and "pinned or pushed" in mirror.log_tail(200)
     samples = scrape(f"{mirror.url}/metrics")
     assert value(samples, "mirror_store_size_bytes") == store_bytes(mirror.data_dir) > budget
@@ -182,7 +185,7 @@ def test_a_burst_of_dockerd_pulls_leaves_the_store_under_its_budget(
         size = value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes")
         return size == store_bytes(mirror.data_dir) and size <= budget and du_bytes(mirror.data_dir) <= budget
 
-    assert wait_for(under_budget, 15), (burst, du_bytes(mirror.data_dir), store_bytes(mirror.data_dir),
+    assert eventually(under_budget, 15), (burst, du_bytes(mirror.data_dir), store_bytes(mirror.data_dir),
                                         mirror.log_tail(40))
     assert abs(du_bytes(mirror.data_dir) - store_bytes(mirror.data_dir)) < 2 * MIB  # the index and the rest
     assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_over_budget") == 0

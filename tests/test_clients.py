@@ -10,9 +10,7 @@ import hashlib
 import json
 import platform
 import re
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,13 +24,14 @@ from tests.support.faults import FaultProxy
 from tests.support.images import (
     DEFAULT_APPLETS,
     MANIFEST_MEDIA_TYPES,
-    Image,
     Index,
-    file_digest,
     sha256_digest as sha256,
 )
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.skopeo import everything, layout_blobs, skopeo_run
+from tests.support.storecheck import verified_objects
+from tests.support.waiting import wait_for
 
 LIBRARY = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
 ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -67,23 +66,6 @@ def push(registry_url: str, images: StandardImages, *which: str) -> None:
             client.push_image(registry_url, name, tag, item)
 
 
-def store_contents(data_dir: Path) -> set[str]:
-    """Digests in ``DATA/blobs``, after checking that every file hashes to its name."""
-    found = set()
-    for path in (data_dir / "blobs" / "sha256").glob("*/*"):
-        digest = f"sha256:{path.name}"
-        assert path.parent.name == path.name[:2], path
-        assert file_digest(path) == digest, f"corrupt blob in the store: {path}"
-        found.add(digest)
-    return found
-
-
-def skopeo_run(skopeo: str, *args: str, timeout: float = 180) -> bytes:
-    done = subprocess.run([skopeo, *args], capture_output=True, timeout=timeout, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr.decode()}"
-    return done.stdout
-
-
 def copy_to_layout(skopeo: str, source: str, target: Path, *, all_platforms: bool = False) -> Path:
     """``skopeo copy`` an image from the mirror into an OCI layout; return the layout."""
     args = ["copy", "--src-tls-verify=false", "--preserve-digests"]
@@ -91,21 +73,6 @@ def copy_to_layout(skopeo: str, source: str, target: Path, *, all_platforms: boo
         args.append("--all")
     skopeo_run(skopeo, *args, source, f"oci:{target}:pulled")
     return target
-
-
-def layout_blobs(layout: Path) -> set[str]:
-    """Digests in an OCI layout, after checking that every file hashes to its name."""
-    found = set()
-    for path in (layout / "blobs" / "sha256").iterdir():
-        digest = f"sha256:{path.name}"
-        assert file_digest(path) == digest, f"skopeo wrote a corrupt blob {path}"
-        found.add(digest)
-    return found
-
-
-def everything(item: Image | Index) -> set[str]:
-    """Every digest of an image or index: manifests, configs, layers."""
-    return set(item.blobs) | set(item.manifests)
 
 
 def assert_stale(mirror: MirrorServer, name: str, tag: str, digest: str) -> None:
@@ -244,7 +211,7 @@ def test_skopeo_copies_a_whole_index_fetching_each_blob_once(
             for digest, path in child.blobs.items():
                 assert (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes() \
                     == path.read_bytes()
-    assert store_contents(mirror.data_dir) == everything(multi)
+    assert verified_objects(mirror.data_dir) == everything(multi)
     assert blob_gets(upstream, "library/multi", multi.blobs) == dict.fromkeys(multi.blobs, 1)
     assert upstream.count("GET", manifest_path("library/multi", "1")) == 1
     for child in multi.children:
@@ -264,7 +231,7 @@ def test_kill9_right_after_a_complete_pull_loses_nothing(
     upstream.clear_counts()
     copy_to_layout(skopeo, f"docker://{mirror.address}/library/big:1", tmp_path / "first")
     mirror.kill9()
-    assert store_contents(mirror.data_dir) == everything(big)
+    assert verified_objects(mirror.data_dir) == everything(big)
 
     mirror.start()
     layout = copy_to_layout(skopeo, f"docker://{mirror.address}/library/big:1", tmp_path / "again")
@@ -299,7 +266,7 @@ def test_a_client_with_the_last_byte_of_a_blob_finds_it_stored_after_a_crash(
                 mirror.kill9()
                 break
     assert received == layer.size and "sha256:" + hasher.hexdigest() == layer.digest
-    assert store_contents(mirror.data_dir) == {layer.digest}
+    assert verified_objects(mirror.data_dir) == {layer.digest}
 
     mirror.start()
     assert client.fetch_blob_digest(mirror.url, "library/big", layer.digest) == (layer.digest, layer.size)
@@ -336,10 +303,8 @@ def test_kill9_in_the_middle_of_a_cold_fetch_leaves_no_trace(
 
     reader = threading.Thread(target=fetch)
     reader.start()
-    deadline = time.monotonic() + 30
-    while not (partial.exists() and partial.stat().st_size >= 16 * MIB):
-        assert time.monotonic() < deadline, "the fetch never got going"
-        time.sleep(0.01)
+    wait_for(lambda: partial.exists() and partial.stat().st_size >= 16 * MIB, 30, "the fetch to get going",
+             interval=0.01)
     mirror.kill9()
     reader.join(30)
     assert not reader.is_alive()
@@ -347,13 +312,13 @@ def test_kill9_in_the_middle_of_a_cold_fetch_leaves_no_trace(
     assert 0 < outcome["received"] < layer.size  # type: ignore[operator]
     # The crash left the partial fetch behind, and nothing of it in the store.
     assert {p.name for p in tmp.iterdir()} == {partial.name, partial.with_suffix(".meta").name}
-    assert layer.digest not in store_contents(mirror.data_dir)
+    assert layer.digest not in verified_objects(mirror.data_dir)
 
     mirror.start()
     assert list(tmp.iterdir()) == []
     layout = copy_to_layout(skopeo, f"docker://{mirror.address}/library/big:1", tmp_path / "layout")
     assert layout_blobs(layout) == everything(big)
-    assert store_contents(mirror.data_dir) == everything(big)
+    assert verified_objects(mirror.data_dir) == everything(big)
     assert list(tmp.iterdir()) == []
     # One interrupted fetch, one complete one.
     assert fault_proxy.count("GET", blob_path("library/big", layer.digest)) == 2

@@ -15,9 +15,8 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -29,8 +28,9 @@ from tests.support.codings import CODINGS, Coder, CodingProxy
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Image, sha256_digest as sha256
-from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import assert_store_sound
 
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
 TTL = 0.5
@@ -103,38 +103,6 @@ def pull(http: httpx.Client, mirror: MirrorServer, name: str, image: Image, tag:
         assert_identity(answer, body, digest=digest)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def assert_store_verified(mirror: MirrorServer, must_hold: Iterable[str] = (),
-                          must_not_hold: Iterable[str] = ()) -> set[str]:
-    """Walk ``DATA/``: every stored object hashes to its name, no fill is left behind; then fsck."""
-    wait_for(lambda: not any((mirror.data_dir / "tmp").iterdir()), what="the fills' temp files to go")
-    found = set()
-    for path in (mirror.data_dir / "blobs" / "sha256").rglob("*"):
-        if path.is_file():
-            digest = f"sha256:{path.name}"
-            hasher = hashlib.sha256()
-            with path.open("rb") as f:
-                while data := f.read(1 << 20):
-                    hasher.update(data)
-            assert "sha256:" + hasher.hexdigest() == digest, f"stored under a wrong name: {path}"
-            found.add(digest)
-    assert set(must_hold) <= found, set(must_hold) - found
-    assert not set(must_not_hold) & found, set(must_not_hold) & found
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    fsck = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir),
-                           "--verify-content"], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
-                          env=clean, stdin=subprocess.DEVNULL)
-    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
-    return found
-
-
 def assert_asked_for_identity(coder: Coder, *, coded: bool, server: str | None = None) -> None:
     """Every request said ``Accept-Encoding: identity``; answers were coded (anyway) or not at all."""
     seen = coder.requests(server)
@@ -184,7 +152,7 @@ def test_manifests_blobs_and_tags_of_a_coding_registry(
             assert asked.count(("GET", f"/v2/library/small/blobs/{digest}")) == 1
 
         assert_asked_for_identity(coder, coded=always)
-        assert_store_verified(mirror, must_hold={image.digest, *image.blobs})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, expected={image.digest, *image.blobs})
 
 
 def test_referrers_of_a_registry_that_codes_regardless(
@@ -219,7 +187,7 @@ def test_referrers_of_a_registry_that_codes_regardless(
         assert json.loads(body)["tags"] == ["v1"]
         assert any(r.coded and "/referrers/" in r.path for r in coder.requests())
         assert_asked_for_identity(coder, coded=True)
-        assert_store_verified(mirror, must_hold={image.digest, *image.blobs})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, expected={image.digest, *image.blobs})
 
 
 def _file(mirror: MirrorServer, data: bytes) -> Path:
@@ -252,8 +220,8 @@ def test_hub_whose_token_server_and_cdn_code_regardless(
     assert not hub.cdn_saw_authorization
     for server in ("front", "auth", "cdn"):
         assert_asked_for_identity(coder, coded=True, server=server)
-    assert_store_verified(mirror, must_hold={index.digest, *(c.digest for c in index.children),
-                                             *(d for c in index.children for d in c.blobs)})
+    assert_store_sound(mirror.data_dir, {index.digest, *(c.digest for c in index.children),
+                                         *(d for c in index.children for d in c.blobs)}, no_fills_left=True)
 
 
 # Wrong bytes are still wrong ---------------------------------------------------------------------------
@@ -275,7 +243,7 @@ def test_wrong_bytes_under_a_coding_abort_and_store_nothing(
         # Flipped bytes are caught as not JSON or as not matching the digest, whichever shows first.
         assert bad.json()["errors"][0]["message"] == "upstream sent an invalid answer", bad.text
         assert_aborted(http, f"{mirror.url}/v2/small/blobs/{layer}", layer)
-        assert_store_verified(mirror, must_not_hold={image.digest, layer})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, absent={image.digest, layer})
 
 
 def test_a_corrupt_coded_stream_aborts_and_stores_nothing(
@@ -292,7 +260,7 @@ def test_a_corrupt_coded_stream_aborts_and_stores_nothing(
         bad = http.get(f"{mirror.url}/v2/small/manifests/{image.digest}", headers=ACCEPT)
         assert bad.status_code == 502 and bad.json()["errors"][0]["code"] == "UNAVAILABLE", bad.text
         assert_aborted(http, f"{mirror.url}/v2/small/blobs/{layer}", layer)
-        assert_store_verified(mirror, must_not_hold={image.digest, layer})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, absent={image.digest, layer})
 
 
 def test_a_coding_the_mirror_cannot_decode_is_a_clear_error(
@@ -307,7 +275,7 @@ def test_a_coding_the_mirror_cannot_decode_is_a_clear_error(
             bad = http.get(url, headers=ACCEPT)
             assert bad.status_code == 502 and bad.json()["errors"][0]["code"] == "UNAVAILABLE", bad.text
             assert "content coding x-proprietary" in bad.json()["errors"][0]["detail"]
-        assert_store_verified(mirror, must_not_hold={image.digest, layer})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, absent={image.digest, layer})
 
 
 def assert_aborted(http: httpx.Client, url: str, digest: str) -> None:
@@ -346,4 +314,4 @@ def test_skopeo_copies_through_the_mirror_from_a_gzip_registry(
         image = images.small
         assert {image.digest, *image.blobs} <= copied
         assert_asked_for_identity(coder, coded=always)
-        assert_store_verified(mirror, must_hold={image.digest, *image.blobs})
+        assert_store_sound(mirror.data_dir, no_fills_left=True, expected={image.digest, *image.blobs})

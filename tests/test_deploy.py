@@ -25,6 +25,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
+from importlib.metadata import version as version_of
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from referencing import Registry, Resource
 
 from mirror.config import load_config
@@ -263,7 +267,8 @@ def test_helm_chart_renders_valid_consistent_manifests(
     assert {mount["name"] for mount in container["volumeMounts"]} <= set(volumes)
     claim = volumes["data"].get("persistentVolumeClaim", {}).get("claimName")
     if values.get("persistence", {}).get("enabled", True):
-        expected = values.get("persistence", {}).get("existingClaim") or objects["PersistentVolumeClaim"]["metadata"]["name"]
+        expected = (values.get("persistence", {}).get("existingClaim")
+                    or objects["PersistentVolumeClaim"]["metadata"]["name"])
         assert claim == expected
     else:
         assert "emptyDir" in volumes["data"] and "PersistentVolumeClaim" not in objects
@@ -437,6 +442,28 @@ def test_dockerfile_is_slim_non_root_with_volume_port_and_healthcheck() -> None:
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for item in source.split():
             assert f"!{item.rstrip('/')}" in ignore or f"!{item.rstrip('/')}/" in ignore, item
+
+    # ... and installs the dependencies at the versions the suite passed on.
+    assert "pip install --constraint /tmp/constraints.txt /tmp/wheels/*.whl" in text
+
+
+def test_constraints_pin_every_dependency_within_the_declared_bounds() -> None:
+    """deploy/constraints.txt pins each runtime dependency (and what they need) to one version
+    that pyproject.toml's range admits: the versions this suite runs on."""
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in map(Requirement, declared):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not pinned"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
+    bounded = {canonicalize_name(r.name): r.specifier for r in map(Requirement, declared)}
+    for name in ("uvicorn", "httptools", "diskcache", "prometheus-client"):  # their internals are used
+        assert any(spec.operator == "<" for spec in bounded[name]), f"{name} has no upper bound"
+        assert pins[name] == Version(version_of(name)), f"{name}: the suite runs on {version_of(name)}"
 
 
 def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

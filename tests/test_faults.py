@@ -13,9 +13,9 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from tests.support.hub import HubEmulator
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import stored_objects
+from tests.support.waiting import wait_for
 
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
 RETRIES = 2
@@ -104,19 +106,11 @@ def blob_path(mirror: MirrorServer, digest: str) -> Path:
 
 def stored(mirror: MirrorServer) -> list[Path]:
     """Every file under DATA/blobs."""
-    return sorted(p for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
+    return list(stored_objects(mirror.data_dir).values())
 
 
 def temp_files(mirror: MirrorServer) -> list[str]:
     return sorted(os.listdir(mirror.data_dir / "tmp"))
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def past_ttl(since: float) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +26,13 @@ from tests.support.client import push_image
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image, random_layer, sha256_digest as sha256
-from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
-from tests.test_faults import get_blob, get_manifest, wait_for
-from tests.test_observability import scrape, value
+from tests.support.storecheck import fsck_clean, stored_objects
+from tests.support.waiting import wait_for
+from tests.test_faults import get_blob, get_manifest
 from tests.test_push_api import image_manifest, push_blob
 
 T = TypeVar("T")
@@ -58,7 +58,7 @@ def small_mirror(mirror_factory: Callable[..., MirrorServer]) -> Iterator[Callab
 
 
 def stored(mirror: MirrorServer) -> list[str]:
-    return sorted(p.name for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
+    return sorted(p.name for p in stored_objects(mirror.data_dir).values())
 
 
 def temp_files(mirror: MirrorServer) -> list[str]:
@@ -97,14 +97,6 @@ def ask_every_worker(mirror: MirrorServer, ask: Callable[[MirrorServer], T]) -> 
         if len(pids) == mirror.workers:
             return answers
     raise AssertionError(f"only workers {pids} answered")
-
-
-def fsck(mirror: MirrorServer) -> str:
-    """``mirror fsck`` of the (stopped) mirror's data: it must find nothing wrong."""
-    done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir)],
-                          capture_output=True, text=True, cwd=PROJECT_ROOT, check=False, timeout=120)
-    assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout + done.stderr
-    return done.stdout
 
 
 def test_a_blob_larger_than_the_free_space_is_served_through_and_stored_once_there_is_room(
@@ -147,7 +139,7 @@ def test_a_blob_larger_than_the_free_space_is_served_through_and_stored_once_the
     assert upstream.count("GET", f"/blobs/{layer.digest}") == 2  # the bypass, then the fill
     mirror.stop()
     assert temp_files(mirror) == []
-    fsck(mirror)
+    fsck_clean(mirror.data_dir, verify_content=False)
 
 
 def test_clients_sharing_a_fill_the_store_refuses_all_get_the_bytes(
@@ -200,7 +192,7 @@ def test_a_blob_the_disk_has_no_room_for_makes_the_collector_evict_to_make_room(
 ) -> None:
     """The store is within its budget, but other files filled its disk: the least recently used
     cached image is evicted to make room for the blob that found none, which is stored next time."""
-    big, old = images.big, images.big.layers[1]
+    old = images.big.layers[1]
     new_image = build_image(tmp_path / "new", [random_layer(tmp_path / "new", 6 * MIB, 77)])
     push_image(upstream.url, "library/new", "1", new_image)
     new = new_image.layers[0]
@@ -276,7 +268,7 @@ def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
         assert get_blob(mirror, "small", digest).headers["x-mirror-cache"] == "HIT"
     mirror.stop()
     assert temp_files(mirror) == []
-    fsck(mirror)
+    fsck_clean(mirror.data_dir, verify_content=False)
 
 
 def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
@@ -321,7 +313,7 @@ def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
         got = http.get(f"/v2/team/app/blobs/{sha256(data)}")
         assert got.status_code == 200 and got.content == data
     mirror.stop()
-    fsck(mirror)
+    fsck_clean(mirror.data_dir, verify_content=False)
 
 
 @pytest.mark.slow
@@ -354,4 +346,4 @@ def test_dockerd_pulls_and_runs_an_image_through_a_full_store(
     assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
     assert {d: upstream.count("GET", f"/blobs/{d}") for d in image.blobs} == dict.fromkeys(image.blobs, 2)
     mirror.stop()
-    fsck(mirror)
+    fsck_clean(mirror.data_dir, verify_content=False)

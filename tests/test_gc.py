@@ -6,13 +6,18 @@ the upstream has to serve again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
 import random
 import re
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +27,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
     MANIFEST_MEDIA_TYPES,
@@ -35,6 +41,8 @@ from tests.support.images import (
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
@@ -44,21 +52,9 @@ def store_bytes(data_dir: Path) -> int:
     return sum(p.stat().st_size for p in (data_dir / "blobs").rglob("*") if p.is_file())
 
 
-def mirror_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=120,
-                          cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
-
-
 def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> str:
     """Pull an image over HTTP, checking every byte; return the manifest's X-Mirror-Cache."""
-    answer = http.get(f"{base}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
-    assert answer.status_code == 200, answer.text
-    assert answer.content == image.manifest
-    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
-        blob = http.get(f"{base}/v2/{name}/blobs/{digest}")
-        assert blob.status_code == 200, (digest, blob.text[:200])
-        assert sha256(blob.content) == digest
-    return answer.headers["x-mirror-cache"]
+    return pull_checked(http, base, name, tag, image)[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +71,6 @@ def sized_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[U
         yield registry, images
     finally:
         registry.stop()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_eviction_keeps_the_store_under_its_budget(
@@ -116,9 +103,9 @@ def test_eviction_keeps_the_store_under_its_budget(
         assert pull(http, mirror.url, f"library/img{i}", "1", image) == "MISS"
         time.sleep(0.4)  # older than keep_recent: the previous images become candidates
         # The collector is woken by the commit that crossed the high watermark.
-        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+        assert eventually(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
         peak = max(peak, store_bytes(mirror.data_dir))
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
     assert peak <= budget + one_image
 
     registry.clear_counts()
@@ -158,8 +145,8 @@ def test_answers_from_memory_count_as_use_and_end_with_eviction(
     assert by_digest("library/img0", first) == "HIT"  # from memory: img0 is now the most recently used
     time.sleep(0.4)
     assert pull(http, mirror.url, "library/img2", "1", third) == "MISS"  # over the budget: one must go
-    assert wait_for(lambda: "evicting" in mirror.log_tail(400))
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= 20 * MIB)
+    assert eventually(lambda: "evicting" in mirror.log_tail(400))
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= 20 * MIB)
 
     registry.clear_counts()
     assert pull(http, mirror.url, "library/img0", "1", first) == "HIT"
@@ -249,6 +236,33 @@ def test_fsck_finds_and_repairs_damage(
     assert bad.returncode == 2 and "not a mirror data directory" in bad.stderr
 
 
+def test_fsck_shows_its_progress_on_a_terminal_only(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The display preload and export draw (tqdm, on stderr), while re-hashing; nothing in a pipe."""
+    mirror = mirror_factory()
+    pull(http, mirror.url, "library/small", "1", images.small)
+    mirror.stop()
+    quiet = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 wide
+    try:
+        done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir),
+                               "--verify-content"], stdout=subprocess.PIPE, stderr=follower, text=True,
+                              timeout=120, cwd=PROJECT_ROOT, check=False)
+    finally:
+        os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once everything written is read
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout
+    assert b"fsck: verifying" in shown and b"B/s" in shown, shown
+
+
+@pytest.mark.slow  # a 20 s soak under load
 def test_online_gc_and_eviction_under_load(
     sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
 ) -> None:
@@ -305,7 +319,7 @@ def test_kill9_at_random_moments_leaves_a_consistent_store(
     for round_ in range(5):
         stop = threading.Event()
 
-        def load() -> None:
+        def load(stop: threading.Event = stop) -> None:
             with httpx.Client(timeout=30.0, trust_env=False) as http:
                 while not stop.is_set():
                     i = rng.randrange(len(images))
@@ -360,8 +374,8 @@ def test_dockerd_pulls_300_mib_through_a_100_mib_cache(
         assert daemon.docker("run", "--rm", "--network", "none", f"big{i}:1", "cat", "/etc/image-marker").stdout \
             .strip() == f"big{i}"
         time.sleep(1.2)  # older than keep_recent: a candidate from now on
-        assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
-    assert wait_for(lambda: store_bytes(mirror.data_dir) <= budget)
+        assert eventually(lambda: store_bytes(mirror.data_dir) <= budget + one_image), store_bytes(mirror.data_dir)
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
 
     # The newest images are still served from the store; the oldest was evicted and comes back.
     registry.clear_counts()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,13 +21,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror import schema1
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
-from mirror import schema1
 from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, b64url, signed_schema1
+from tests.support.storecheck import fsck_clean, mirror_cli, stored_objects
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
@@ -68,20 +67,7 @@ def invalid_answer(answer: httpx.Response) -> str:
 
 def stored(mirror: MirrorServer) -> dict[str, bytes]:
     """Every object under DATA/blobs by its name, and what it holds."""
-    return {f"{p.parent.parent.name}:{p.name}": p.read_bytes()
-            for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file()}
-
-
-def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m mirror ARGS`` with a clean ``MIRROR_*`` environment (plus *env*)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=PROJECT_ROOT, env={**clean, **(env or {})}, stdin=subprocess.DEVNULL)
-
-
-def fsck_clean(mirror: MirrorServer) -> None:
-    done = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content")
-    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
+    return {digest: path.read_bytes() for digest, path in stored_objects(mirror.data_dir).items()}
 
 
 def counter(mirror: MirrorServer, name: str, **labels: str) -> float:
@@ -141,7 +127,7 @@ def test_a_login_page_is_refused_and_never_stored(
         assert (good.status_code, good.content) == (200, images.small.manifest)
         assert good.headers["docker-content-digest"] == images.small.digest
     assert stored(mirror) == {images.small.digest: images.small.manifest}
-    fsck_clean(mirror)
+    fsck_clean(mirror.data_dir)
 
 
 def test_a_login_page_after_the_tag_ttl_serves_the_cached_copy(
@@ -178,7 +164,7 @@ def test_a_login_page_after_the_tag_ttl_serves_the_cached_copy(
     fresh = request(mirror, "turns", "1")
     assert (fresh.status_code, fresh.headers["x-mirror-cache"], fresh.content) == (200, "MISS", after.manifest)
     assert stored(mirror) == {before.digest: before.manifest, after.digest: after.manifest}
-    fsck_clean(mirror)
+    fsck_clean(mirror.data_dir)
 
 
 def _schema1_without_signatures() -> bytes:
@@ -216,7 +202,7 @@ def test_a_body_that_is_not_the_manifest_it_claims_is_refused(
     assert stored(mirror) == {}
     fault_proxy.clear_rules()
     assert request(mirror, "small", "1").content == images.small.manifest
-    fsck_clean(mirror)
+    fsck_clean(mirror.data_dir)
 
 
 def test_a_manifest_answer_that_does_not_match_the_digest_announced_is_refused(
@@ -271,7 +257,7 @@ def test_signed_schema1_is_served_by_tag_and_by_its_payload_digest(
         # Stored byte for byte under the name registries give it.
         assert stored(mirror)[old.digest] == old.body
         assert old.bytes_digest not in stored(mirror)
-        fsck_clean(mirror)
+        fsck_clean(mirror.data_dir)
     assert fault_proxy.count("GET", f"/library/old/manifests/{old.digest}") == 1
 
 
@@ -350,8 +336,8 @@ def test_collection_keeps_a_schema1_image_and_its_layers(
     before = stored(mirror)
     done = mirror_cli("gc", "--data", mirror.data_dir, env={"MIRROR_GC_GRACE": "0s"})
     assert done.returncode == 0 and done.stdout.startswith("freed 0 objects"), done.stdout + done.stderr
-    assert stored(mirror) == before and set(before) == {old_image.digest, *(l.digest for l in old_image.layers)}
-    fsck_clean(mirror)
+    assert stored(mirror) == before and set(before) == {old_image.digest, *(layer.digest for layer in old_image.layers)}
+    fsck_clean(mirror.data_dir)
 
 
 def test_schema1_push_is_refused_with_a_clear_error(
@@ -394,4 +380,4 @@ def test_skopeo_inspects_and_copies_a_signed_schema1_image_through_the_mirror(
             assert sha256((target / layer.digest.removeprefix("sha256:")).read_bytes()) == layer.digest
     assert fault_proxy.count("GET", "/library/old/manifests/") == 1  # the tag's; the digest was stored with it
     assert stored(mirror)[old.digest] == old.body
-    fsck_clean(mirror)
+    fsck_clean(mirror.data_dir)

@@ -17,35 +17,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked as pull
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
 ACCESS_FIELDS = {"ts", "request_id", "method", "route", "path", "status", "cache", "bytes", "duration_ms", "client"}
-
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of one scrape of *url* (a new connection each time: any worker may answer)."""
-    answer = httpx.get(url, timeout=30.0, trust_env=False)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["content-type"].startswith("text/plain")
-    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(answer.text)
-            for s in family.samples]
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples called *name* whose labels include *labels*."""
-    return sum(v for n, ls, v in samples if n == name and labels.items() <= ls.items())
 
 
 def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:
@@ -55,27 +40,6 @@ def access_entries(mirror: MirrorServer) -> list[dict[str, object]]:
 
 def catalog_entries_are(mirror: MirrorServer, count: int) -> bool:
     return sum(e["route"] == "catalog" for e in access_entries(mirror)) == count
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
-def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> list[str]:
-    """Pull an image, checking every byte; the X-Mirror-Cache of the manifest and of each blob."""
-    answer = http.get(f"{base}/v2/{name}/manifests/{tag}", headers={"accept": ALL_TYPES})
-    assert answer.status_code == 200 and answer.content == image.manifest, answer.text
-    outcomes = [answer.headers["x-mirror-cache"]]
-    for digest in blobs_of(image):
-        blob = http.get(f"{base}/v2/{name}/blobs/{digest}")
-        assert blob.status_code == 200 and sha256(blob.content) == digest
-        outcomes.append(blob.headers["x-mirror-cache"])
-    return outcomes
 
 
 def blobs_of(image: Image) -> list[str]:
@@ -156,7 +120,7 @@ def test_access_log_has_one_json_line_per_request(
     assert (manifest.status_code, blob.status_code, again.status_code, missing.status_code) == (200, 200, 206, 404)
     ids = {"pull-42", *(answer.headers["x-request-id"] for answer in (blob, again, missing))}
     # Each line is written once the response is complete: maybe a moment after the client has it.
-    assert wait_for(lambda: ids <= {e["request_id"] for e in access_entries(mirror)}, timeout=5)
+    assert eventually(lambda: ids <= {e["request_id"] for e in access_entries(mirror)}, timeout=5)
 
     by_id = {e["request_id"]: e for e in access_entries(mirror)}
     first = by_id["pull-42"]
@@ -184,9 +148,10 @@ def test_access_log_can_be_turned_off(mirror_factory: Callable[..., MirrorServer
         assert http.get(f"{mirror.url}/v2/_catalog").status_code == 200
     answer = http.get(f"{mirror.url}/v2/_catalog")
     assert answer.headers["x-request-id"]
-    time.sleep(0.3)
+    # Request metrics are written when access lines would be: once they count all four, no line came.
+    assert eventually(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_total",
+                                    route="catalog") == 4, 5)
     assert access_entries(mirror) == []
-    assert value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_total", route="catalog") == 4
 
 
 # Counters ---------------------------------------------------------------------------------
@@ -332,7 +297,7 @@ def test_evictions_and_gc_runs_are_counted(
                 and value(metrics, "mirror_store_objects") == len(files)
                 and value(metrics, "mirror_store_size_bytes") == sum(p.stat().st_size for p in files))
 
-    assert wait_for(settled), mirror.log_tail(30)
+    assert eventually(settled), mirror.log_tail(30)
     metrics = scrape(f"{mirror.url}/metrics")
     runs = value(metrics, "mirror_gc_runs_total", result="ok")
     assert runs >= 1 and value(metrics, "mirror_gc_runs_total", result="failed") == 0
@@ -361,7 +326,7 @@ def test_one_scrape_reports_the_sum_over_two_workers(
         for _ in range(20):
             assert httpx.get(f"{mirror.url}/v2/_catalog", trust_env=False).status_code == 200
         sent += 20
-        assert wait_for(functools.partial(catalog_entries_are, mirror, sent), timeout=5)
+        assert eventually(functools.partial(catalog_entries_are, mirror, sent), timeout=5)
         if len({e["pid"] for e in access_entries(mirror) if e["route"] == "catalog"}) == 2:
             break
     by_pid: dict[object, int] = {}

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from tests.support.archives import (
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
-    sha256_digest as sha256,
     MANIFEST_MEDIA_TYPES,
     OCI_MANIFEST,
     Image,
@@ -52,24 +50,17 @@ from tests.support.images import (
     busybox_layer,
     dump_json,
     random_layer,
+    sha256_digest as sha256,
     write_oci_layout,
 )
-from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.mirror import MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import mirror_cli
 
 UNREACHABLE = "http://127.0.0.1:1"
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 KIB = 1024
-
-
-def mirror_cli(*args: str | Path, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mirror ARGS`` with a clean ``MIRROR_*`` environment."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], check=False, capture_output=True,
-                          text=True,
-                          cwd=PROJECT_ROOT, env={**clean, **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def preload(data: Path, *files: Path | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,6 @@ from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
 from tests.support.hub import HubEmulator
 from tests.support.images import (
-    sha256_digest as sha256,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
@@ -37,6 +36,7 @@ from tests.support.images import (
     Image,
     build_image,
     random_layer,
+    sha256_digest as sha256,
 )
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry

@@ -22,10 +22,16 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.images import (
-    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, MANIFEST_MEDIA_TYPES, sha256_digest as sha256,
+    DOCKER_MANIFEST,
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    sha256_digest as sha256,
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import stored_objects
+from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 EMPTY_CONFIG = b"{}"
@@ -77,7 +83,7 @@ def push_image(http: httpx.Client, base: str, name: str, tag: str, seed: int) ->
 
 
 def stored_files(data_dir: Path) -> set[str]:
-    return {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+    return {p.name for p in stored_objects(data_dir).values()}
 
 
 # Blob uploads -------------------------------------------------------------------------
@@ -348,7 +354,8 @@ def test_manifests_with_non_distributable_layers_are_accepted_without_them(
             "layers": [{"mediaType": foreign_type, "digest": sha256(foreign), "size": len(foreign), "urls": [url]},
                        {"mediaType": layer_type, "digest": sha256(layer), "size": len(layer)}],
         }).encode()
-        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body, headers={"content-type": media_type})
+        put = http.put(f"{registry.url}/v2/team/win/manifests/{tag}", content=body,
+                       headers={"content-type": media_type})
         assert put.status_code == 201, (tag, put.text)
         assert put.headers["docker-content-digest"] == sha256(body)
         assert put.headers["location"] == f"/v2/team/win/manifests/{sha256(body)}"
@@ -509,9 +516,7 @@ def get_from_both_workers(mirror: MirrorServer, url: str, times: int) -> dict[ob
         for _ in range(10):
             answer = httpx.get(url, trust_env=False)
             sent[answer.headers["x-request-id"]] = answer.status_code
-        deadline = time.monotonic() + 5
-        while {e["request_id"] for e in mirror.access_entries()} < set(sent) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda sent=sent: {e["request_id"] for e in mirror.access_entries()} >= set(sent), 5)
         for entry in mirror.access_entries():
             if entry["request_id"] in sent:
                 by_pid.setdefault(entry["pid"], []).append(sent[entry["request_id"]])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -22,16 +21,16 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd, forget_all, pull, run
 from tests.support.images import (
-    sha256_digest as sha256,
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
-    Image,
     Index,
-    file_digest,
+    sha256_digest as sha256,
     write_oci_layout,
 )
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.skopeo import everything, layout_blobs, skopeo_run
+from tests.support.storecheck import verified_objects
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +69,6 @@ def layer_digests(manifest: bytes) -> list[str]:
 def config_digest(manifest: bytes) -> str:
     digest: str = json.loads(manifest)["config"]["digest"]
     return digest
-
-
-def store_contents(data_dir: Path) -> set[str]:
-    """Digests in ``DATA/blobs``, after checking that every file hashes to its name."""
-    found = set()
-    for path in (data_dir / "blobs" / "sha256").glob("*/*"):
-        digest = f"sha256:{path.name}"
-        assert file_digest(path) == digest, f"corrupt blob in the store: {path}"
-        found.add(digest)
-    return found
 
 
 def docker_push(daemon: Dockerd, ref: str) -> tuple[str, str]:
@@ -129,27 +118,6 @@ def nothing_stored(mirror: MirrorServer) -> bool:
     return not any(path.is_file() for path in (data / "blobs").rglob("*")) and not any((data / "uploads").iterdir())
 
 
-def skopeo_run(skopeo: str, *args: str, timeout: float = 180) -> bytes:
-    done = subprocess.run([skopeo, *args], capture_output=True, timeout=timeout, check=False)
-    assert done.returncode == 0, f"skopeo {' '.join(args)}: {done.stderr.decode()}"
-    return done.stdout
-
-
-def layout_blobs(layout: Path) -> set[str]:
-    """Digests in an OCI layout, after checking that every file hashes to its name."""
-    found = set()
-    for path in (layout / "blobs" / "sha256").iterdir():
-        digest = f"sha256:{path.name}"
-        assert file_digest(path) == digest, f"skopeo wrote a corrupt blob {path}"
-        found.add(digest)
-    return found
-
-
-def everything(item: Image | Index) -> set[str]:
-    """Every digest of an image or index: manifests, configs, layers."""
-    return set(item.blobs) | set(item.manifests)
-
-
 def assert_only_existence_checks_reached_the_upstream(upstream: UpstreamRegistry, name: str,
                                                      digests: Iterable[str]) -> None:
     """Nothing of a push to *name* (of blobs known to docker as *digests*) reached the upstream.
@@ -189,7 +157,7 @@ def test_docker_pushes_and_pulls_a_private_image_beside_the_cached_hub_image(
     manifest = local_manifest(mirror, "my-small", "1")
     assert manifest.headers["docker-content-digest"] == pushed
     assert manifest.headers["content-type"] == DOCKER_MANIFEST  # what docker 20.10 pushes
-    stored = store_contents(mirror.data_dir)
+    stored = verified_objects(mirror.data_dir)
     assert {pushed, config_digest(manifest.content), *layer_digests(manifest.content)} <= stored
 
     daemon.docker("image", "rm", "small:1", mine)
@@ -223,7 +191,7 @@ def test_docker_skips_blobs_the_registry_has_and_mounts_them_across_repositories
     manifest = local_manifest(mirror, "my-small", "1").content
     layers, config = layer_digests(manifest), config_digest(manifest)
     assert uploaded_digests(mirror, "my-small") == {*layers, config}
-    stored = store_contents(mirror.data_dir)
+    stored = verified_objects(mirror.data_dir)
 
     # The same image again, under another tag: docker finds every blob there (HEAD 200).
     mirror.access.clear()
@@ -251,7 +219,7 @@ def test_docker_skips_blobs_the_registry_has_and_mounts_them_across_repositories
         answer = http_get(mirror, f"/v2/team/other/blobs/{digest}", method="HEAD")
         assert (answer.status_code, answer.headers["x-mirror-cache"]) == (200, "LOCAL")
     # Nothing new in the store, and nothing of it asked of the upstream.
-    assert store_contents(mirror.data_dir) == stored
+    assert verified_objects(mirror.data_dir) == stored
     assert_only_existence_checks_reached_the_upstream(upstream, "team/other", layers)
     assert sorted(catalog(mirror)) == ["library/small", "my-small", "team/other"]
 
@@ -309,7 +277,7 @@ def test_skopeo_copies_a_multi_arch_index_in_and_out_byte_for_byte(
                if method == "POST" and "mount" in q and status == 201}
     assert mounted == layers
     assert uploaded_digests(mirror, "team/multi-copy") == {child.config_digest for child in multi.children}
-    assert store_contents(mirror.data_dir) == everything(multi)
+    assert verified_objects(mirror.data_dir) == everything(multi)
     assert_only_existence_checks_reached_the_upstream(upstream, "team/multi-copy", multi.blobs)
     assert sorted(catalog(mirror)) == ["library/multi", "team/multi", "team/multi-copy"]
 
@@ -354,7 +322,7 @@ def test_push_policy_refuses_with_clear_errors_and_stores_nothing(
     assert catalog(team_only) == ["team/x"]
 
     # A repository the mirror caches from the upstream cannot be pushed over.
-    before = store_contents(cache.data_dir)
+    before = verified_objects(cache.data_dir)
     assert before == everything(images.small)
     out = docker_push_fails(daemon, refs["cached"])
     assert "denied: library/small is a cache of the upstream registry" in out, out
@@ -363,7 +331,7 @@ def test_push_policy_refuses_with_clear_errors_and_stores_nothing(
     cached = http_get(cache, "/v2/library/small/manifests/1")
     assert (cached.status_code, cached.headers["x-mirror-cache"], cached.content) \
         == (200, "HIT", images.small.manifest)
-    assert store_contents(cache.data_dir) == before
+    assert verified_objects(cache.data_dir) == before
     assert catalog(cache) == ["library/small"]
 
 

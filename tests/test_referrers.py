@@ -10,8 +10,6 @@ what it cannot know: a client reading an empty list concludes "not signed".
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,9 @@ from tests.support import client
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, sha256_digest as sha256
-from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import assert_store_sound
 
 SIGNATURE = "application/vnd.example.signature"
 SBOM = "application/vnd.example.sbom"
@@ -137,13 +136,6 @@ def manifest(http: httpx.Client, mirror: MirrorServer, reference: str) -> httpx.
     return http.get(f"{mirror.url}/v2/{NAME}/manifests/{reference}", headers={"accept": f"{OCI_MANIFEST}, {OCI_INDEX}"})
 
 
-def assert_store_sound(mirror: MirrorServer) -> None:
-    """``mirror fsck --verify-content`` of the stopped mirror's data finds nothing."""
-    check = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir), "--verify-content"],
-                           capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL)
-    assert check.returncode == 0, check.stdout + check.stderr
-
-
 def test_upstream_without_referrers_api_sends_clients_to_the_tag_schema_online_and_offline(
         upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
         http: httpx.Client, tmp_path: Path) -> None:
@@ -173,7 +165,7 @@ def test_upstream_without_referrers_api_sends_clients_to_the_tag_schema_online_a
     unknown = referrers(http, fresh, signed.subject)
     assert unknown.status_code == 503 and unknown.json()["errors"][0]["code"] == "UNAVAILABLE"
     mirror.stop()
-    assert_store_sound(mirror)
+    assert_store_sound(mirror.data_dir)
 
 
 def test_upstream_with_referrers_api_is_answered_filtered_here_when_it_did_not_filter(
@@ -234,7 +226,7 @@ def test_upstream_with_referrers_api_offline_answers_what_is_known(
     assert by_digest[sha256(signed.sbom)] == descriptor(OCI_MANIFEST, signed.sbom, artifactType=SBOM,
                                                          annotations={"kind": SBOM})
     mirror.stop()
-    assert_store_sound(mirror)
+    assert_store_sound(mirror.data_dir)
 
 
 def test_every_page_of_an_upstream_referrers_list_is_read(

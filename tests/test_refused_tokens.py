@@ -21,8 +21,14 @@ import httpx
 import pytest
 
 from tests.support.hub import HubEmulator
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, file_digest, random_layer
-from tests.support.images import sha256_digest as sha256
+from tests.support.images import (
+    MANIFEST_MEDIA_TYPES,
+    Image,
+    build_image,
+    file_digest,
+    random_layer,
+    sha256_digest as sha256,
+)
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import assert_store_sound

@@ -28,7 +28,7 @@ class Source:
         self.opened = 0
 
     @asynccontextmanager
-    async def fetch(self) -> AsyncIterator["Source"]:
+    async def fetch(self) -> AsyncIterator[Source]:
         self.opened += 1
         yield self
 

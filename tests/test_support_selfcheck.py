@@ -22,12 +22,11 @@ import pytest
 
 from tests.support import client
 from tests.support.catalog import StandardImages
-from tests.support.dockerd import Dockerd
 from tests.support.codings import CODINGS, Coder, CodingProxy, accepts
+from tests.support.dockerd import Dockerd
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import (
-    sha256_digest as sha256,
     DOCKER_LIST,
     MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
@@ -35,6 +34,7 @@ from tests.support.images import (
     build_image,
     busybox_layer,
     random_layer,
+    sha256_digest as sha256,
     write_oci_layout,
 )
 from tests.support.mirror import MirrorServer

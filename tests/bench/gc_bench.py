@@ -152,7 +152,7 @@ def make_plan(repos: int, tags_per_repo: int, total_objects: int | None, seed: i
                 "mediaType": OCI_MANIFEST,
                 "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
                 "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": d, "size": len(data)}
-                           for d, data in zip(layer_digests, layers)],
+                           for d, data in zip(layer_digests, layers, strict=True)],
             })
             accessed = now - 30 * DAY + ranks[i] * (29 * DAY / count)
             images.append(SyntheticImage(name, f"v{t:02d}", put(manifest, old),
@@ -445,7 +445,7 @@ def report(results: Results) -> str:
             big, small = _median_rps(results, "big", kind), _median_rps(results, "one image", kind)
             bad = sum(r.bad for key, runs in results.rps.items() if key[1] == kind for r in runs)
             rounds = ", ".join(f"{b.rps / o.rps:.2f}" for b, o in zip(results.rps[("big", kind)],
-                                                                      results.rps[("one image", kind)]))
+                                                                      results.rps[("one image", kind)], strict=False))
             out(f"   {'by ' + kind:<46}{big:>8.0f}{small:>11.0f}{big / small if small else 0:>8.2f}x{bad:>8}   "
                 f"{rounds}")
     out("")

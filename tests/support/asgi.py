@@ -16,13 +16,14 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
-from types import TracebackType
 from typing import Any
 
 import httpx
 import uvicorn
 from starlette.requests import Request
 from starlette.types import ASGIApp, Scope
+
+from tests.support.service import Service
 
 #: Headers that describe one hop and must not be forwarded as they are.
 HOP_BY_HOP = frozenset({
@@ -33,7 +34,7 @@ START_TIMEOUT = 10.0
 STOP_GRACE = 2.0
 
 
-class ThreadedServer:
+class ThreadedServer(Service):
     """uvicorn serving *app* on ``127.0.0.1`` from a daemon thread.
 
     The listening socket is bound in :meth:`__init__` so :attr:`url` is known
@@ -61,13 +62,6 @@ class ThreadedServer:
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> ThreadedServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -65,7 +65,8 @@ def project_requirements() -> list[str]:
 def wheelhouse() -> Path:
     """A directory of wheels for the build backend and every dependency (downloaded once)."""
     wanted = sorted([*BUILD_REQUIREMENTS, *project_requirements()])
-    key = hashlib.sha256("\n".join([sys.version, *wanted]).encode()).hexdigest()[:16]
+    constraints = PROJECT_ROOT / "deploy" / "constraints.txt"  # the versions the Dockerfile installs
+    key = hashlib.sha256("\n".join([sys.version, *wanted, constraints.read_text()]).encode()).hexdigest()[:16]
     target = CACHE / f"wheelhouse-{key}"
     if (target / ".complete").exists():
         return target
@@ -73,7 +74,8 @@ def wheelhouse() -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(partial), *wanted],
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(partial),
+         "--constraint", str(constraints), *wanted],
         capture_output=True, text=True, timeout=600, check=False,
     )
     if done.returncode != 0:

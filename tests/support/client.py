@@ -139,3 +139,18 @@ def fetch_blob_digest(
             hasher.update(data)
             size += len(data)
     return "sha256:" + hasher.hexdigest(), size
+
+
+def pull_checked(http: httpx.Client, base_url: str, name: str, tag: str, image: Image) -> list[str]:
+    """GET *image*'s manifest by *tag*, then its config and layers, checking every byte; the
+    ``X-Mirror-Cache`` of the manifest and of each blob, in that order."""
+    answer = http.get(f"{base_url}/v2/{name}/manifests/{tag}", headers={"accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+    assert answer.status_code == 200, answer.text
+    assert answer.content == image.manifest
+    outcomes = [answer.headers["x-mirror-cache"]]
+    for digest in (image.config_digest, *(layer.digest for layer in image.layers)):
+        blob = http.get(f"{base_url}/v2/{name}/blobs/{digest}")
+        assert blob.status_code == 200, (digest, blob.text[:200])
+        assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
+        outcomes.append(blob.headers["x-mirror-cache"])
+    return outcomes

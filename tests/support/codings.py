@@ -19,7 +19,6 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import brotli
@@ -32,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .asgi import ThreadedServer, UpstreamClient, forward_headers, open_upstream
+from .service import Service
 
 CODINGS = ("gzip", "deflate", "br", "zstd")
 _UNCODED_STATUSES = {204, 206, 304}
@@ -163,7 +163,7 @@ class Coder:
         await app(scope, receive, coding_send)
 
 
-class CodingProxy:
+class CodingProxy(Service):
     """A loopback server forwarding everything to *upstream_url*, its answers coded by *coder*."""
 
     def __init__(self, upstream_url: str, coder: Coder) -> None:
@@ -175,12 +175,13 @@ class CodingProxy:
                         lifespan=self._upstream.lifespan)
         self._server = ThreadedServer(coder.wrap(app, "proxy"), name="coding-proxy", lifespan="on")
 
-    def __enter__(self) -> CodingProxy:
+    def start(self) -> CodingProxy:
+        """Start serving (in a background thread)."""
         self._server.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def stop(self) -> None:
+        """Stop serving; safe to call twice."""
         self._server.stop()
 
     @property

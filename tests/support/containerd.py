@@ -16,11 +16,11 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from .dockerd import reap
 from .procs import Proc, require_tool, run_checked
+from .service import Service
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -36,7 +36,7 @@ DISABLED_PLUGINS = (
 )
 
 
-class Containerd:
+class Containerd(Service):
     """containerd with a config of its own; :meth:`ctr` runs the CLI against it."""
 
     def __init__(self, root_dir: Path) -> None:
@@ -52,13 +52,6 @@ class Containerd:
         self.config_path = root_dir / "config.toml"
         self.log_path = root_dir / "containerd.log"
         self._proc: Proc | None = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     def config(self) -> str:
         """The daemon's ``config.toml`` (version 2, as containerd 1.6 reads it)."""

@@ -18,9 +18,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from .procs import Proc, require_tool, run_checked
+from .service import Service
 
 START_TIMEOUT = 60.0
 STOP_GRACE = 20.0
@@ -76,7 +76,7 @@ def reap(mentioning: str, *roots: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
-class Dockerd:
+class Dockerd(Service):
     """dockerd with a registry mirror; :meth:`docker` runs the CLI against it."""
 
     def __init__(
@@ -102,13 +102,6 @@ class Dockerd:
         self.config_dir = root_dir / "client-config"
         self.log_path = root_dir / "dockerd.log"
         self._proc: Proc | None = None
-
-    def __enter__(self) -> Dockerd:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def host(self) -> str:

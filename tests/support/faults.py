@@ -30,7 +30,6 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 import httpx
@@ -48,6 +47,7 @@ from .asgi import (
     wait_disconnect,
 )
 from .matching import PathMatch, request_matches
+from .service import Service
 
 FaultKind = Literal["status", "corrupt", "reset", "slow", "refuse"]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
@@ -122,7 +122,7 @@ def _content_length(response: httpx.Response) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """Forwarding proxy with runtime-configurable fault injection."""
 
     def __init__(self, upstream_url: str) -> None:
@@ -136,13 +136,6 @@ class FaultProxy:
             lifespan=self._upstream.lifespan,
         )
         self._server = ThreadedServer(app, name="fault-proxy", lifespan="on")
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -38,7 +38,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -50,6 +49,7 @@ from .asgi import ThreadedServer, UpstreamClient, forward_headers, open_upstream
 from .codings import Coder
 from .faults import error_body
 from .matching import PathMatch, request_matches
+from .service import Service
 
 SERVICE = "registry.docker.io"
 RATE_WINDOW = 21600  # Docker Hub's 6 h window, as in "100;w=21600"
@@ -112,7 +112,7 @@ def _grants_pull(scopes: frozenset[str], name: str) -> bool:
     return False
 
 
-class HubEmulator:
+class HubEmulator(Service):
     """Docker Hub-like auth, CDN redirects and rate limits before *upstream_url*.
 
     *username*/*password*, if given, are required by the token server.
@@ -164,13 +164,6 @@ class HubEmulator:
                            lifespan=cdn_upstream.lifespan), "cdn"),
             name="hub-cdn", lifespan="on",
         )
-
-    def __enter__(self) -> HubEmulator:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     # Lifecycle and addresses -------------------------------------------------
 

@@ -16,18 +16,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from .accesslog import AccessLog, parse_uvicorn_entry
 from .procs import Proc, free_port, wait_http
+from .service import Service
 
 #: The repository root, so ``python -m mirror`` finds the package uninstalled.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 
 
-class MirrorServer:
+class MirrorServer(Service):
     """One mirror process on a fixed port; restarts keep the port and data."""
 
     def __init__(
@@ -44,6 +44,7 @@ class MirrorServer:
         scheme: str = "http",
         verify: Any = True,
         host: str = "127.0.0.1",
+        module: str = "mirror",
     ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
@@ -57,13 +58,15 @@ class MirrorServer:
         self.verify = verify
         #: The address it listens on (dockerd skips certificate checks for 127.0.0.0/8: TLS tests use another).
         self.host = host
+        #: What ``python -m`` runs: ``mirror``, or a test's launcher that prepares the process first.
+        self.module = module
         self.log_dir = log_dir or data_dir.parent
         self.log_path = self.log_dir / f"mirror-{self.port}.log"
         #: Requests the mirror answered, from its uvicorn access log (``count``, ``requests``, ``clear``).
         self.access = AccessLog(self.log_path, parse=parse_uvicorn_entry)
         #: The full command line (the CLI contract with the server).
         self.args: list[str] = [
-            sys.executable, "-m", "mirror", "serve",
+            sys.executable, "-m", module, "serve",
             "--listen", f"{host}:{self.port}",
             "--data", os.fspath(data_dir),
             "--upstream", upstream_url,
@@ -78,13 +81,6 @@ class MirrorServer:
 
     def __repr__(self) -> str:
         return f"MirrorServer({self.url}, upstream={self.upstream_url})"
-
-    def __enter__(self) -> MirrorServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

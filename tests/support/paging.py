@@ -25,7 +25,6 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from urllib.parse import urlencode
 
 from starlette.applications import Starlette
@@ -36,6 +35,7 @@ from starlette.routing import Route
 
 from .asgi import ThreadedServer, UpstreamClient, forward_headers, open_upstream
 from .faults import error_body
+from .service import Service
 
 PAGE_SIZE = 50
 
@@ -49,7 +49,7 @@ class TagRequest:
     authorization: str | None
 
 
-class CursorPager:
+class CursorPager(Service):
     """A cursor-paging front for the registry at *upstream_url* (see the module docstring)."""
 
     def __init__(self, upstream_url: str, *, page_size: int = PAGE_SIZE,
@@ -73,13 +73,6 @@ class CursorPager:
             ], lifespan=client.lifespan),
             name="cursor-pager", lifespan="on",
         )
-
-    def __enter__(self) -> CursorPager:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

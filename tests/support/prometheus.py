@@ -14,19 +14,19 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 from .procs import Proc, free_port, require_tool
+from .service import Service
 
 START_TIMEOUT = 30.0
 #: What Grafana's built-in interval variables become in a query (a 1 s scrape interval is assumed).
 GRAFANA_INTERVALS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
 
 
-class Prometheus:
+class Prometheus(Service):
     """One prometheus server with its own data directory, scraping *targets* (``HOST:PORT``) every second."""
 
     def __init__(self, root: Path, targets: Sequence[str], *, job: str = "mirror",
@@ -46,13 +46,6 @@ class Prometheus:
             self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={root / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
         ], root / "prometheus.log", name="prometheus")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

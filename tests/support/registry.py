@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
@@ -20,12 +19,13 @@ from .accesslog import AccessEntry, AccessLog
 from .images import MANIFEST_MEDIA_TYPES, Image, Index
 from .matching import PathMatch
 from .procs import Proc, free_port, require_tool, wait_http
+from .service import Service
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 START_TIMEOUT = 15.0
 
 
-class _RegistryProcess:
+class _RegistryProcess(Service):
     """Shared lifecycle and accounting of a docker-registry subprocess."""
 
     kind = "registry"
@@ -41,13 +41,6 @@ class _RegistryProcess:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url})"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -1,26 +1,66 @@
-"""Checks that a mirror's data directory holds nothing wrong."""
+"""A mirror's data directory as the tests look at it: its objects, ``mirror`` commands run on it, and
+checks that it holds nothing wrong."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .images import file_digest
 from .mirror import PROJECT_ROOT
+from .waiting import wait_for
 
 
-def assert_store_sound(data_dir: Path, expected: Iterable[str] = ()) -> set[str]:
-    """Every file under ``DATA/blobs`` hashes to its name, the *expected* digests are all
-    there, and ``mirror fsck --verify-content`` finds the store clean; return the digests."""
+def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS`` (this checkout's) with a clean ``MIRROR_*`` environment, plus *env*."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], check=False, capture_output=True,
+                          text=True, cwd=PROJECT_ROOT, env={**clean, **(env or {})}, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def stored_objects(data_dir: Path) -> dict[str, Path]:
+    """Every file under ``DATA/blobs``, by the digest its place names (``algorithm:hex``)."""
+    return {f"{p.parent.parent.name}:{p.name}": p for p in sorted((data_dir / "blobs").rglob("*")) if p.is_file()}
+
+
+def verified_objects(data_dir: Path) -> set[str]:
+    """The digests of every object under ``DATA/blobs``, after checking that each file sits where its
+    name says and hashes to it."""
     found = set()
-    for path in (data_dir / "blobs" / "sha256").glob("*/*"):
-        assert file_digest(path) == f"sha256:{path.name}", f"corrupt blob in the store: {path}"
-        found.add(f"sha256:{path.name}")
+    for digest, path in stored_objects(data_dir).items():
+        algorithm, _, hex_ = digest.partition(":")
+        assert path.parent.name == hex_[:2], f"misplaced object in the store: {path}"
+        with path.open("rb") as handle:
+            actual = hashlib.file_digest(handle, algorithm).hexdigest()
+        assert actual == hex_, f"corrupt object in the store: {path}"
+        found.add(digest)
+    return found
+
+
+def fsck_clean(data_dir: Path, *, verify_content: bool = True) -> str:
+    """``mirror fsck`` (``--verify-content``) of *data_dir* finds nothing wrong; its report."""
+    done = mirror_cli("fsck", "--data", data_dir, *(["--verify-content"] if verify_content else []))
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout + done.stderr
+    return done.stdout
+
+
+def assert_store_sound(data_dir: Path, expected: Iterable[str] = (), *, absent: Iterable[str] = (),
+                       no_fills_left: bool = False) -> set[str]:
+    """Every object under ``DATA/blobs`` hashes to its name (:func:`verified_objects`), the *expected*
+    digests are all there and the *absent* ones are not, and ``mirror fsck --verify-content`` finds the
+    store clean; return the digests.  *no_fills_left*: first wait for ``DATA/tmp`` to empty (fills still
+    finishing)."""
+    if no_fills_left:
+        wait_for(lambda: not any((data_dir / "tmp").iterdir()), what="the fills' temp files to go")
+    found = verified_objects(data_dir)
     missing = set(expected) - found
     assert not missing, f"not in the store: {missing}"
-    fsck = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(data_dir), "--verify-content"],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+    present = set(absent) & found
+    assert not present, f"in the store: {present}"
+    fsck_clean(data_dir)
     return found

@@ -1,0 +1,177 @@
+"""Access rights with htpasswd logins: who may pull and push, with and without anonymous pulls, tokens,
+password-guessing throttling, trusted proxies' forwarded addresses, and htpasswd changes applied live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.images import Image
+from tests.support.mirror import MirrorServer
+from tests.support.security import (
+    ALICE,
+    ALICE_PASSWORD,
+    assert_spec_error,
+    auth_env,
+    basic,
+    bcrypt_entry,
+    bearer,
+    push,
+    request,
+)
+from tests.support.waiting import wait_for
+
+
+def test_without_anonymous_pull_every_request_needs_a_user(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, images: StandardImages, tiny: Image,
+) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=False))
+    alice, carol = basic("alice", ALICE_PASSWORD), basic("carol", "carol-pw")
+
+    # Anonymous: a Basic challenge everywhere, the spec's error body.
+    for method, path in [("GET", "/v2/"), ("GET", "/v2/library/small/manifests/1"), ("GET", "/v2/_catalog"),
+                         ("POST", "/v2/mine/blobs/uploads/"), ("DELETE", "/v2/mine/manifests/1")]:
+        answer = request(mirror, method, path)
+        assert_spec_error(answer, 401, "UNAUTHORIZED")
+        assert answer.headers["www-authenticate"] == 'Basic realm="Test Registry"'
+        assert answer.headers["docker-distribution-api-version"] == "registry/2.0"
+    head = request(mirror, "HEAD", "/v2/library/small/manifests/1")
+    assert head.status_code == 401 and head.content == b"" and "basic" in head.headers["www-authenticate"].lower()
+
+    # What docker login does: GET /v2/ with the password.
+    assert request(mirror, "GET", "/v2/", headers=alice).status_code == 200
+    assert request(mirror, "GET", "/v2/", headers=carol).status_code == 200
+    for wrong in (basic("alice", "correct horsE"), basic("nobody", ALICE_PASSWORD), {"Authorization": "Basic !!"},
+                  {"Authorization": "Bearer forged.token"}, {"Authorization": "Digest x"}):
+        assert_spec_error(request(mirror, "GET", "/v2/", headers=wrong), 401, "UNAUTHORIZED")
+
+    # Users pull; pushes need the right.
+    pulled = request(mirror, "GET", "/v2/library/small/manifests/1", headers=carol)
+    assert pulled.status_code == 200 and pulled.headers["docker-content-digest"] == images.small.digest
+    assert_spec_error(request(mirror, "POST", "/v2/mine/blobs/uploads/", headers=carol), 403, "DENIED")
+    assert_spec_error(request(mirror, "POST", "/v2/other/blobs/uploads/", headers=basic("bob", "bob-pw")),
+                      403, "DENIED")
+    push(mirror, "team/app", "1", tiny, basic("bob", "bob-pw"))
+    push(mirror, "mine", "1", tiny, alice)
+    assert request(mirror, "GET", "/v2/mine/manifests/1", headers=carol).headers["x-mirror-cache"] == "LOCAL"
+    assert_spec_error(request(mirror, "DELETE", f"/v2/mine/manifests/{tiny.digest}", headers=carol), 403, "DENIED")
+    assert request(mirror, "DELETE", f"/v2/mine/manifests/{tiny.digest}", headers=alice).status_code == 202
+
+    # Health and metrics stay reachable for probes and Prometheus.
+    assert request(mirror, "GET", "/healthz").status_code == 200
+    assert request(mirror, "GET", "/metrics").status_code == 200
+
+
+def test_with_anonymous_pull_clients_get_tokens_and_push_needs_a_user(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, images: StandardImages, tiny: Image,
+) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True, realm="Mirror"))
+    realm = f'Bearer realm="{mirror.url}/auth/token",service="Mirror"'
+
+    # The ping challenges every client without credentials, so Docker clients set up token auth.
+    ping = request(mirror, "GET", "/v2/")
+    assert_spec_error(ping, 401, "UNAUTHORIZED")
+    assert ping.headers["www-authenticate"] == realm
+    # Anonymous reads work, with or without a token.
+    assert request(mirror, "GET", "/v2/library/small/manifests/1").status_code == 200
+    anonymous = request(mirror, "GET", "/auth/token", params={"service": "Mirror",
+                                                             "scope": "repository:library/small:pull"})
+    assert anonymous.status_code == 200 and anonymous.headers["cache-control"] == "no-store"
+    token = anonymous.json()["token"]
+    assert anonymous.json()["access_token"] == token and anonymous.json()["expires_in"] >= 60
+    assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 200
+    assert request(mirror, "GET", "/v2/library/small/manifests/1", headers=bearer(token)).status_code == 200
+
+    # An anonymous push is challenged for a token with push rights.
+    for headers in ({}, bearer(token)):
+        refused = request(mirror, "POST", "/v2/mine/blobs/uploads/", headers=headers)
+        assert_spec_error(refused, 401, "UNAUTHORIZED")
+        assert refused.headers["www-authenticate"].startswith(realm + ',scope="repository:mine:pull,push"')
+    assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
+
+    # docker login: a token for the user's password, refused for a wrong one.
+    assert_spec_error(request(mirror, "GET", "/auth/token", headers=basic("alice", "nope")), 401, "UNAUTHORIZED")
+    user_token = request(mirror, "GET", "/auth/token", headers=basic("alice", ALICE_PASSWORD),
+                         params={"account": "alice", "client_id": "docker", "offline_token": "true"}).json()["token"]
+    push(mirror, "mine", "1", tiny, bearer(user_token))
+    carol_token = request(mirror, "GET", "/auth/token", headers=basic("carol", "carol-pw")).json()["token"]
+    assert_spec_error(request(mirror, "POST", "/v2/mine/blobs/uploads/", headers=bearer(carol_token)), 403, "DENIED")
+    # Basic credentials are accepted directly too.
+    push(mirror, "team/app", "1", tiny, basic("bob", "bob-pw"))
+
+    # Tokens are signed and expire: anything else is refused.
+    forged = user_token[:-2] + ("AA" if not user_token.endswith("AA") else "BB")
+    for bad in (forged, "x", "-", user_token.split(".")[0], "a.b.c"):
+        answer = request(mirror, "GET", "/v2/", headers=bearer(bad))
+        assert_spec_error(answer, 401, "UNAUTHORIZED")
+        assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+    assert_spec_error(request(mirror, "POST", "/auth/token"), 405, "UNSUPPORTED")
+
+
+@pytest.mark.parametrize("anonymous_pull", [False, True])
+def test_password_guessing_is_throttled_per_address(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, anonymous_pull: bool,
+) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=anonymous_pull))
+    login = "/auth/token" if anonymous_pull else "/v2/"  # where docker login sends the password
+    assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+    for attempt in range(10):
+        assert_spec_error(request(mirror, "GET", login, headers=basic("carol", f"guess-{attempt}")),
+                          401, "UNAUTHORIZED")
+    # The eleventh guess, and even carol's right password, are not checked for a minute...
+    for headers in (basic("carol", "guess-10"), basic("carol", "carol-pw")):
+        refused = request(mirror, "GET", login, headers=headers)
+        assert_spec_error(refused, 429, "TOOMANYREQUESTS")
+        assert 50 <= int(refused.headers["retry-after"]) <= 60
+    assert_spec_error(request(mirror, "GET", "/v2/library/small/manifests/1", headers=basic("bob", "guess")),
+                      429, "TOOMANYREQUESTS")
+    # ...while a password already accepted from this address keeps working.
+    assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_forwarded_headers_count_only_from_trusted_proxies(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, trusted: bool,
+) -> None:
+    proxies = "127.0.0.1,::1" if trusted else "10.0.0.0/8"
+    mirror = mirror_factory(env={**auth_env(htpasswd, anonymous_pull=True, realm="Mirror"),
+                                 "MIRROR_HTTP_TRUSTED_PROXIES": proxies})
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9", "X-Request-Id": "proxied-1"}
+    ping = request(mirror, "GET", "/v2/", headers=forwarded)
+    assert_spec_error(ping, 401, "UNAUTHORIZED")
+    scheme, client = ("https", "203.0.113.9") if trusted else ("http", "127.0.0.1")
+    assert ping.headers["www-authenticate"].startswith(f'Bearer realm="{scheme}://127.0.0.1:{mirror.port}/auth/token"')
+    wait_for(lambda: any(e["request_id"] == "proxied-1" for e in mirror.access_entries()), 5, "the access log line")
+    logged = [e for e in mirror.access_entries() if e["request_id"] == "proxied-1"]
+    assert logged[0]["client"] == client
+
+
+def test_htpasswd_changes_apply_without_a_restart(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path,
+) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=False), workers=2)
+    assert request(mirror, "GET", "/v2/", headers=basic("bob", "bob-pw")).status_code == 200
+    token = request(mirror, "GET", "/auth/token", headers=basic("carol", "carol-pw")).json()["token"]
+    assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 200
+    # bob's password changes, carol is removed; a broken file is ignored (with a log line).
+    htpasswd.write_text(f"{ALICE}\n{bcrypt_entry('bob', 'new-pw')}\n")
+    wait_for(lambda: request(mirror, "GET", "/v2/", headers=basic("bob", "bob-pw")).status_code == 401, 10,
+             "the htpasswd file to be reloaded", interval=0.2)
+    time.sleep(1.2)  # each worker looks at the file at most once a second
+    for _ in range(4):  # whichever worker answers
+        assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+        assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 401
+    htpasswd.write_text(f"{ALICE}\nbroken line\n")
+
+    def refused_while_serving() -> bool:  # a worker looks at the file when a request comes
+        assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+        return "keeping the 2 users read before" in mirror.log_tail(200)
+
+    wait_for(refused_while_serving, 10, "the broken file to be refused", interval=0.2)
+    for _ in range(4):
+        assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200

@@ -1,0 +1,75 @@
+"""TLS and mutual TLS: the mirror serves HTTPS with its certificate, cuts off stalled readers through
+TLS too, and with a client CA accepts only clients whose certificate it signed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.images import sha256_digest as sha256
+from tests.support.mirror import MirrorServer
+from tests.support.security import (
+    Pki,
+    request,
+    tls_env,
+)
+
+
+def test_tls_serves_https_with_the_configured_certificate(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki, images: StandardImages,
+) -> None:
+    trusted = pki.context()
+    mirror = mirror_factory(env=tls_env(pki), scheme="https", verify=trusted)
+    assert mirror.url.startswith("https://127.0.0.1:")
+    answer = request(mirror, "GET", "/v2/library/small/manifests/1", verify=trusted)
+    assert answer.status_code == 200 and answer.http_version == "HTTP/1.1"
+    assert answer.headers["docker-content-digest"] == images.small.digest
+    for layer in images.small.layers:  # no sendfile(2) through TLS: the bytes take the ordinary way
+        blob = request(mirror, "GET", f"/v2/library/small/blobs/{layer.digest}", verify=trusted)
+        assert blob.status_code == 200 and sha256(blob.content) == layer.digest
+        assert request(mirror, "GET", f"/v2/library/small/blobs/{layer.digest}", verify=trusted).content \
+            == blob.content  # and again from the store
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        request(mirror, "GET", "/v2/", verify=pki.context(ca=pki.other_ca))
+    with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
+        httpx.get(f"http://127.0.0.1:{mirror.port}/v2/", trust_env=False, timeout=5)
+
+
+def test_a_blob_reader_that_stalls_over_tls_is_cut_off(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki, images: StandardImages,
+) -> None:
+    trusted = pki.context()
+    mirror = mirror_factory(env={**tls_env(pki), "MIRROR_HTTP_IDLE_TIMEOUT": "2s"}, scheme="https", verify=trusted)
+    layer = images.big.layers[2]  # 64 MiB: far more than the socket buffers hold
+    path = f"/v2/library/big/blobs/{layer.digest}"
+    assert request(mirror, "GET", "/v2/library/big/manifests/1", verify=trusted).status_code == 200
+    assert request(mirror, "GET", path, verify=trusted).status_code == 200  # stored: read and written, no sendfile
+    with trusted.wrap_socket(socket.create_connection(("127.0.0.1", mirror.port), timeout=30),
+                             server_hostname="127.0.0.1") as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(6)  # reads nothing for three idle timeouts
+        received = 0
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+    assert 0 < received < layer.size
+    log = mirror.log_tail(400)
+    assert "Traceback" not in log and "without completing response" not in log, log
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki,
+) -> None:
+    with_cert = pki.context(client_cert=True)
+    mirror = mirror_factory(env=tls_env(pki, client_ca=True), scheme="https", verify=with_cert)
+    assert request(mirror, "GET", "/v2/", verify=with_cert).status_code == 200
+    with pytest.raises(httpx.TransportError):
+        request(mirror, "GET", "/v2/", verify=pki.context())

@@ -112,8 +112,8 @@ class UpstreamConfig:
     retries: int = setting(parse_int(0, 10), 2)
     # This upstream's own tag TTL (default: cache.tag_ttl).
     tag_ttl: float | None = setting(parse_optional_duration, None)
-    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients, which fetch them
-    # from the layer's urls as dockerd and containerd do; "fetch" makes the mirror fetch (and cache) them.
+    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients that fetch them
+    # from the layer's urls (containerd; not dockerd on Linux); "fetch" makes the mirror fetch (and cache) them.
     foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@
   reader streams it while it arrives.
 * When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
 * Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
-  ``upstream.foreign_layers: fetch``; by default they are the client's business, as in dockerd.
+  ``upstream.foreign_layers: fetch``; by default they are the client's business (containerd).
 * When the store cannot take what was fetched (full, over quota, read-only), the upstream's
   bytes are served all the same, verified but not stored (``BYPASS``).
 
@@ -277,7 +277,7 @@ class PullThrough:
             size = await (self.upstream.head_foreign_blob(urls, digest) if urls
                           else self.upstream.head_blob(name, digest))
         except UpstreamError as exc:
-            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            raise self._blob_error(exc, name, key) from exc
         if size is None:
             raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
         return BlobHead(size, Outcome.MISS)
@@ -301,7 +301,7 @@ class PullThrough:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
                                            else lambda: self.upstream.blob(name, digest))
         except UpstreamError as exc:
-            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            raise self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         try:
@@ -315,6 +315,18 @@ class PullThrough:
         if isinstance(source, StoredBlob):
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
+        """The error for a blob the upstream did not give; for a non-distributable layer left to
+        clients (``foreign_layers: skip``) its detail says where it is and what would fetch it."""
+        error = _api_error(exc, "BLOB_UNKNOWN")
+        if (isinstance(exc, UpstreamNotFound) and self.upstream.config.foreign_layers == "skip"
+                and self.metadata.is_linked(self._repo(name), digest)
+                and (urls := self.metadata.foreign_urls(digest))):
+            return APIError("BLOB_UNKNOWN", "non-distributable layer: fetch it from its urls, or set "
+                            "upstream.foreign_layers: fetch for clients that do not (dockerd)",
+                            detail={"digest": digest, "urls": list(urls)})
+        return error
 
     def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``

@@ -337,12 +337,12 @@ class PullThrough:
 
     # -- tags --
 
-    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool, Outcome]:
         """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
-        distribution spec, "Listing Tags"), and whether more follow.
+        distribution spec, "Listing Tags"), whether more follow, and how it was served.
 
         The upstream's whole list (it pages it its own way, see :meth:`Upstream.tags`) plus the
-        tags cached here; only the cached ones when the upstream fails.
+        tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``).
         """
         name = self.upstream.canonical_name(name)
         try:
@@ -352,10 +352,10 @@ class PullThrough:
             if not local:
                 raise _api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
-            return _paginate(local, n, last)
+            return (*_paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
         tags = set(listed).union(self.metadata.tags(self._repo(name)))
-        return _paginate(sorted(tags), n, last)
+        return (*_paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
 

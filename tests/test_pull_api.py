@@ -256,7 +256,7 @@ def test_tags_list_comes_from_upstream_and_pages(
         own.push_image("library/tagged", tag, image)
     mirror = mirror_factory(own.url)
     answer = http.get(f"{mirror.url}/v2/library/tagged/tags/list")
-    assert answer.status_code == 200
+    assert answer.status_code == 200 and answer.headers["x-mirror-cache"] == "MISS"
     assert answer.json() == {"name": "library/tagged", "tags": ["a", "b", "c"]}
     page = http.get(f"{mirror.url}/v2/library/tagged/tags/list", params={"n": 2})
     assert page.json()["tags"] == ["a", "b"]

@@ -30,7 +30,7 @@ from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image, random_layer, sha256_digest as sha256
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
+from tests.support.smallfs import MIB, fill_up, free_bytes, read_only, tmpfs
 from tests.test_faults import get_blob, get_manifest, wait_for
 from tests.test_observability import scrape, value
 from tests.test_push_api import image_manifest, push_blob
@@ -322,6 +322,29 @@ def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
         assert got.status_code == 200 and got.content == data
     mirror.stop()
     fsck(mirror)
+
+
+def test_readyz_is_ready_again_once_a_push_refused_for_space_goes_through(
+    small_mirror: Callable[..., MirrorServer],
+) -> None:
+    """A refused chunk's size is unknown: its refusal is over once the push goes through, even
+    if that push leaves less room than there was when the chunk was refused."""
+    mirror = small_mirror()
+    data = os.urandom(14 * MIB)
+    ballast = mirror.data_dir / "ballast"
+    with httpx.Client(base_url=mirror.url, timeout=30.0, trust_env=False) as http:
+        location = http.post("/v2/team/app/blobs/uploads/").headers["location"]
+        fill_up(ballast, leave=10 * MIB)
+        assert http.patch(location, content=data).status_code == 507
+        problem = store_problem(mirror)
+        free_then = int(problem.rpartition("(")[2].split()[0])
+        assert problem == f"no space left on device ({free_then} bytes free)"
+
+        ballast.unlink()
+        assert http.patch(location, content=data).status_code == 202
+        assert http.put(location, params={"digest": sha256(data)}).status_code == 201
+        assert free_bytes(mirror.data_dir) < free_then + MIB  # less room than then: only the push proves it
+        assert ask_every_worker(mirror, lambda m: ready(m).status_code) == [200]
 
 
 @pytest.mark.slow

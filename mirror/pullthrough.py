@@ -52,6 +52,8 @@ from .upstream import (
 log = logging.getLogger("mirror.pullthrough")
 #: Bytes of manifest bodies kept in memory per process.
 MANIFEST_MEMORY = 8 << 20
+#: Repositories remembered as pulled from while the store could not record them.
+UNRECORDED_KEPT = 1024
 T = TypeVar("T")
 
 
@@ -102,6 +104,8 @@ class PullThrough:
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
+        # Repositories pulled from while the store took no writes (so not recorded), newest last.
+        self._unrecorded: dict[str, None] = {}
         # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
         self._bodies: dict[str, bytes] = {}
         self._bodies_size = 0
@@ -251,7 +255,10 @@ class PullThrough:
                     return False
                 return True
 
-        return await anyio.to_thread.run_sync(save)
+        saved = await anyio.to_thread.run_sync(save)
+        if not saved:
+            self._pulled_unrecorded(repo)
+        return saved
 
     # -- blobs --
 
@@ -270,7 +277,7 @@ class PullThrough:
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
-        if pushable and not self.metadata.has_repository(self._repo(name)):
+        if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
             raise APIError("BLOB_UNKNOWN", detail={"digest": key})
         urls = self._foreign_urls(name, key)
         try:
@@ -303,6 +310,7 @@ class PullThrough:
         except UpstreamError as exc:
             raise self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):
+            self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         try:
             await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
@@ -389,6 +397,14 @@ class PullThrough:
             return result, False
         finally:
             del self._inflight[key]
+
+    def _pulled_unrecorded(self, repo: str) -> None:
+        """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream
+        (see :meth:`blob_head`), as after any pull.  Kept in memory, the last :data:`UNRECORDED_KEPT`."""
+        self._unrecorded.pop(repo, None)
+        self._unrecorded[repo] = None
+        while len(self._unrecorded) > UNRECORDED_KEPT:
+            self._unrecorded.pop(next(iter(self._unrecorded)), None)
 
     def _log_stale(self, key: str, exc: Exception) -> None:
         if key not in self._stale_logged:

@@ -264,6 +264,9 @@ def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
                 got = get_blob(mirror, "small", digest)
                 assert (got.status, got.error, got.digest, got.headers["x-mirror-cache"]) == \
                     (200, None, digest, "BYPASS")
+                # The repository was pulled from, though not recorded: a HEAD agrees with the GET.
+                head = httpx.head(f"{mirror.url}/v2/small/blobs/{digest}", timeout=30.0, trust_env=False)
+                assert (head.status_code, head.headers.get("docker-content-digest")) == (200, digest), head.text
         assert stored(mirror) == []
         assert store_problem(mirror).startswith(reason)
     if state == "full":

@@ -112,8 +112,8 @@ class UpstreamConfig:
     retries: int = setting(parse_int(0, 10), 2)
     # This upstream's own tag TTL (default: cache.tag_ttl).
     tag_ttl: float | None = setting(parse_optional_duration, None)
-    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients, which fetch them
-    # from the layer's urls as dockerd and containerd do; "fetch" makes the mirror fetch (and cache) them.
+    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients that fetch them
+    # from the layer's urls (containerd; not dockerd on Linux); "fetch" makes the mirror fetch (and cache) them.
     foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
 
     def __post_init__(self) -> None:
@@ -139,6 +139,11 @@ class CacheConfig:
     unused_for: float = setting(parse_duration, 0.0)
     # Images used this recently are never evicted to make room: they may be being pulled right now.
     keep_recent: float = setting(parse_duration, 10.0)
+
+    def __post_init__(self) -> None:
+        if self.low_watermark >= self.high_watermark:
+            raise ConfigError(f"bad value for cache.low_watermark: {self.low_watermark:.0%}: must be below "
+                              f"cache.high_watermark ({self.high_watermark:.0%})")
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,7 @@ def load_config(
     extra: list[Any] = []
     if path is not None:
         extra = _merge_yaml(raw, path)
+    in_file = dict(raw["upstream"])  # the file's `upstream` section, before the environment refines it
     environ = os.environ if env is None else env
     if f"{ENV_PREFIX}UPSTREAMS" in environ:
         try:
@@ -306,10 +312,14 @@ def load_config(
         sections[name] = cls(**values)
     default = sections["upstream"]
     upstreams = [default]
+    default_entry: int | None = None
     for n, entry in enumerate(_upstream_list(extra)):
         parsed = _parse_section(UpstreamConfig, entry, f"upstreams[{n}]")
-        if parsed.registry == default.registry:
-            # The default registry's entry: the `upstream` section, env and flags refine it.
+        if parsed.registry == default.registry and default_entry is None:
+            # The default registry's entry: env and flags refine it; the file's `upstream` section may
+            # add keys but not contradict it (one of the two would silently be ignored).
+            default_entry = n
+            _check_no_conflict(in_file, entry, parsed, n)
             merged = {**entry, **raw["upstream"]}
             default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
         elif any(u.registry == parsed.registry for u in upstreams):
@@ -318,6 +328,15 @@ def load_config(
             upstreams.append(parsed)
     sections["upstream"] = default
     return Config(**sections, upstreams=tuple(upstreams))
+
+
+def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], parsed: Any, n: int) -> None:
+    """Refuse a key the file sets both in ``upstream:`` and in the default registry's ``upstreams[n]``."""
+    for key in entry.keys() & section.keys():
+        attr = key.replace(".", "_")
+        if getattr(_parse_section(UpstreamConfig, {key: section[key]}, "upstream"), attr) != getattr(parsed, attr):
+            raise ConfigError(f"upstream.{key} and upstreams[{n}].{key} both configure {parsed.registry} "
+                              "differently: keep one")
 
 
 def _upstream_list(value: Any) -> list[dict[str, Any]]:

@@ -425,7 +425,8 @@ class Collector:
 
 
 class Maintenance:
-    """The server's upkeep task: flush access times, collect on schedule or when over budget.
+    """The server's upkeep task: flush access times, collect on schedule or when over budget
+    (checked on every commit here, and every :data:`FLUSH_INTERVAL` for other processes' writes).
 
     A collection that leaves the store above its low watermark is followed by another one
     (after :data:`RETRY_FIRST`, doubling) until one reaches it: transfers end, images stop
@@ -473,8 +474,10 @@ class Maintenance:
             now = time.monotonic()
             try:
                 await anyio.to_thread.run_sync(self.tracker.flush)
-                if woken or now >= next_run or now >= self._retry_at:
-                    await self._collect(woken)
+                # Other processes (`mirror preload --data`) add to the store too: their count is in the index.
+                grown = not woken and self._retry_at == float("inf") and await anyio.to_thread.run_sync(self._grown)
+                if woken or grown or now >= next_run or now >= self._retry_at:
+                    await self._collect(woken or grown)
                     if self.interval and now >= next_run:
                         next_run = time.monotonic() + self.interval
             except Exception as exc:  # the upkeep must outlive any one failure
@@ -510,6 +513,10 @@ class Maintenance:
             log.log(logging.WARNING if report.over_budget else logging.INFO, "%s; evicting again in %.1fs",
                     report.held_summary(), self._retry_at - time.monotonic())
             self._reported = state
+
+    def _grown(self) -> bool:
+        """Is the store, as the index counts it, over its high watermark?"""
+        return self.collector.over_high_watermark(self.collector.metadata.usage())
 
     def _recount(self) -> None:
         total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)

@@ -12,7 +12,8 @@ directory before prometheus-client is first imported (it picks its value class a
 Each process then keeps its samples in memory-mapped files there, and whoever answers a scrape
 -- any worker, or the parent's ``metrics.listen`` server -- merges them all
 (:func:`exposition_registry`).  Gauges say how they merge: ``livesum`` for what live workers
-hold right now, ``mostrecent`` for what the upstream said last.  The store's figures (size,
+hold right now (a worker drops its own as it exits; one killed is dropped by the next worker
+to start, :func:`forget_dead_processes`), ``mostrecent`` for what the upstream said last.  The store's figures (size,
 budget, object counts) belong to no process: :class:`StoreCollector` reads them when scraped,
 in the process that answers, so they are counted once.
 
@@ -40,6 +41,7 @@ in the process that answers, so they are counted once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import re
 import threading
@@ -88,6 +90,8 @@ HELD_REASONS = {
     "grace": "not referenced yet, younger than gc.grace",
 }
 _LEADING_INT = re.compile(r"\s*(\d+)")
+#: prometheus-client's sample file of a process's live gauges: ``gauge_livesum_<pid>.db``.
+_LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
 
 
 class _Pending:
@@ -108,6 +112,38 @@ def multiprocess_mode() -> bool:
     return bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
+def forget_dead_processes() -> list[int]:
+    """Drop the live gauges (``livesum``) of worker processes that are gone; return their pids.
+
+    A worker that exits cleanly drops its own (:meth:`Metrics.close`); one killed (SIGKILL, the OOM
+    killer) cannot, and its last in-flight count would be summed forever.  Called as a worker starts,
+    i.e. when uvicorn has replaced a dead one; this process's pid counts as gone (a file with it is a
+    dead predecessor's).
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    pids = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if m := _LIVE_FILE.fullmatch(entry):
+                pids.add(int(m.group(1)))
+    dead = sorted(pid for pid in pids if pid == os.getpid() or not _alive(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Metrics:
     """The metrics one process records (see the module docstring for the list)."""
 
@@ -120,6 +156,8 @@ class Metrics:
         self._pending: dict[tuple[str, str, int, str | None], _Pending] = {}
         if not enabled:
             return
+        if multiprocess_mode():
+            forget_dead_processes()
         r = self.registry
         self.http_requests = Counter(
             "mirror_http_requests", "HTTP requests answered, by route template, method and status.",

@@ -7,7 +7,7 @@
   reader streams it while it arrives.
 * When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
 * Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
-  ``upstream.foreign_layers: fetch``; by default they are the client's business, as in dockerd.
+  ``upstream.foreign_layers: fetch``; by default they are the client's business (containerd).
 * When the store cannot take what was fetched (full, over quota, read-only), the upstream's
   bytes are served all the same, verified but not stored (``BYPASS``).
 
@@ -53,6 +53,8 @@ from .upstream import (
 log = logging.getLogger("mirror.pullthrough")
 #: Bytes of manifest bodies kept in memory per process.
 MANIFEST_MEMORY = 8 << 20
+#: Repositories remembered as pulled from while the store could not record them.
+UNRECORDED_KEPT = 1024
 T = TypeVar("T")
 
 
@@ -103,6 +105,8 @@ class PullThrough:
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
+        # Repositories pulled from while the store took no writes (so not recorded), newest last.
+        self._unrecorded: dict[str, None] = {}
         # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
         self._bodies: dict[str, bytes] = {}
         self._bodies_size = 0
@@ -252,7 +256,10 @@ class PullThrough:
                     return False
                 return True
 
-        return await anyio.to_thread.run_sync(save)
+        saved = await anyio.to_thread.run_sync(save)
+        if not saved:
+            self._pulled_unrecorded(repo)
+        return saved
 
     # -- blobs --
 
@@ -271,14 +278,14 @@ class PullThrough:
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
-        if pushable and not self.metadata.has_repository(self._repo(name)):
+        if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
             raise APIError("BLOB_UNKNOWN", detail={"digest": key})
         urls = self._foreign_urls(name, key)
         try:
             size = await (self.upstream.head_foreign_blob(urls, digest) if urls
                           else self.upstream.head_blob(name, digest))
         except UpstreamError as exc:
-            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            raise self._blob_error(exc, name, key) from exc
         if size is None:
             raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
         return BlobHead(size, Outcome.MISS)
@@ -302,8 +309,9 @@ class PullThrough:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
                                            else lambda: self.upstream.blob(name, digest))
         except UpstreamError as exc:
-            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            raise self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):
+            self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         try:
             await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
@@ -317,6 +325,18 @@ class PullThrough:
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 
+    def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
+        """The error for a blob the upstream did not give; for a non-distributable layer left to
+        clients (``foreign_layers: skip``) its detail says where it is and what would fetch it."""
+        error = _api_error(exc, "BLOB_UNKNOWN")
+        if (isinstance(exc, UpstreamNotFound) and self.upstream.config.foreign_layers == "skip"
+                and self.metadata.is_linked(self._repo(name), digest)
+                and (urls := self.metadata.foreign_urls(digest))):
+            return APIError("BLOB_UNKNOWN", "non-distributable layer: fetch it from its urls, or set "
+                            "upstream.foreign_layers: fetch for clients that do not (dockerd)",
+                            detail={"digest": digest, "urls": list(urls)})
+        return error
+
     def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
         (else, or for any other blob, ``()``: the upstream is asked, as for every blob)."""
@@ -326,12 +346,12 @@ class PullThrough:
 
     # -- tags --
 
-    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool]:
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool, Outcome]:
         """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
-        distribution spec, "Listing Tags"), and whether more follow.
+        distribution spec, "Listing Tags"), whether more follow, and how it was served.
 
         The upstream's whole list (it pages it its own way, see :meth:`Upstream.tags`) plus the
-        tags cached here; only the cached ones when the upstream fails.
+        tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``).
         """
         name = self.upstream.canonical_name(name)
         try:
@@ -341,10 +361,10 @@ class PullThrough:
             if not local:
                 raise _api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
-            return _paginate(local, n, last)
+            return (*_paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
         tags = set(listed).union(self.metadata.tags(self._repo(name)))
-        return _paginate(sorted(tags), n, last)
+        return (*_paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
 
@@ -378,6 +398,14 @@ class PullThrough:
             return result, False
         finally:
             del self._inflight[key]
+
+    def _pulled_unrecorded(self, repo: str) -> None:
+        """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream
+        (see :meth:`blob_head`), as after any pull.  Kept in memory, the last :data:`UNRECORDED_KEPT`."""
+        self._unrecorded.pop(repo, None)
+        self._unrecorded[repo] = None
+        while len(self._unrecorded) > UNRECORDED_KEPT:
+            self._unrecorded.pop(next(iter(self._unrecorded)), None)
 
     def _log_stale(self, key: str, exc: Exception) -> None:
         if key not in self._stale_logged:

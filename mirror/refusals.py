@@ -103,6 +103,12 @@ class RefusalRecord:
                     newest = Refusal(at, None if needed < 0 else needed, free, code)
         return newest if newest is not None and newest.errno else None
 
+    def wrote(self) -> None:
+        """A write went through: a refusal of unknown size (a push chunk) recorded before it is over."""
+        last = self.read()
+        if last is not None and last.needed is None and last.at < time.time():
+            self.write(None)
+
     def write(self, refused: Refusal | None) -> None:
         """Record *refused* (None: the store takes writes again)."""
         record = refused if refused is not None else Refusal(time.time(), None, 0, 0)

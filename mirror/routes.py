@@ -327,9 +327,11 @@ async def _tags(request: Request, name: str, m: re.Match[str]) -> Response:
     last = _last(request.query_params.get("last"), parse_tag, "TAG_INVALID")
     if local.is_local(name):
         tags, more = _paginate(local.tags(name), n, last)
+        outcome = "LOCAL"
     else:
-        tags, more = await pull.tags(cached_name, n, last)
-    headers = dict(API_HEADERS)
+        tags, more, served = await pull.tags(cached_name, n, last)
+        outcome = served.value
+    headers = {**API_HEADERS, CACHE_HEADER: outcome}
     if more and tags:
         query = urlencode({"n": n, "last": tags[-1]} if n is not None else {"last": tags[-1]})
         headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'

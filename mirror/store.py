@@ -182,6 +182,7 @@ class Store:
         self.committed(size)
 
     def committed(self, size: int) -> None:
+        self._refusals.wrote()
         if self.on_commit is not None:
             try:
                 self.on_commit(size)
@@ -219,8 +220,8 @@ class Store:
         """Why the store cannot take writes now, or None (blocking).
 
         A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`, by
-        any process) counts until the filesystem has room for what it needed, or
-        :data:`REFUSAL_MEMORY` seconds pass.
+        any process) counts until the filesystem has room for what it needed (and :data:`ROOM_MARGIN`),
+        or :data:`REFUSAL_MEMORY` seconds pass; one of unknown size, also until an object is stored.
         """
         probe = self.tmp / f"readyz-{secrets.token_hex(8)}.partial"
         try:
@@ -248,7 +249,7 @@ class Store:
         if last.errno == errno.EROFS or free >= want or time.time() - last.at > REFUSAL_MEMORY:
             self._refusals.write(None)
             return None
-        needed = f"{last.needed} bytes needed, " if last.needed is not None else ""
+        needed = f"{last.needed + ROOM_MARGIN} bytes needed with the reserve, " if last.needed is not None else ""
         return f"{last.reason} ({needed}{free} bytes free)"
 
     def sweep_tmp(self) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
@@ -148,11 +150,28 @@ def parse_realm(value: Any) -> str:
     return text
 
 
+def list_items(value: Any) -> list[Any]:
+    """The entries of a list value: a YAML list, or from the environment either comma-separated
+    (``team, ci``) or written as in the YAML file (``[team, ci]``; a JSON list is one too)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    text = str(value).strip()
+    if not text.startswith("["):
+        return text.split(",")
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError:
+        items = None
+    if not isinstance(items, list):
+        raise ValueError("expected a list: comma-separated, or [a, b] as in YAML or JSON")
+    return items
+
+
 def parse_push_users(value: Any) -> tuple[str, ...]:
     """``USER`` (may push anywhere) or ``USER:PREFIX`` entries (YAML list, or comma-separated)."""
     if value is None or value == "":
         return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = list_items(value)
     entries = []
     for item in items:
         if isinstance(item, (dict, list)):
@@ -174,7 +193,7 @@ def parse_user_names(value: Any) -> tuple[str, ...]:
     """htpasswd user names (YAML list, or comma-separated)."""
     if value is None or value == "":
         return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = list_items(value)
     names = []
     for item in items:
         user = str(item).strip() if not isinstance(item, (dict, list)) else ""
@@ -220,7 +239,7 @@ def parse_prefixes(value: Any) -> tuple[str, ...]:
     """A list of repository-name prefixes (YAML list, or comma-separated in the environment)."""
     if value is None or value == "":
         return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = list_items(value)
     prefixes = []
     for item in items:
         if isinstance(item, (dict, list)):
@@ -236,7 +255,7 @@ def parse_networks(value: Any) -> tuple[str, ...]:
     """Addresses and networks (``10.0.0.0/8``, ``::1``; ``*`` for any): YAML list or comma-separated."""
     if value is None or value == "":
         return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = list_items(value)
     networks = []
     for item in items:
         text = str(item).strip()

@@ -138,6 +138,39 @@ def test_content_that_cannot_be_evicted_shows_over_budget(
     assert value(samples, "mirror_store_size_bytes") == store_bytes(mirror.data_dir) > budget
 
 
+def test_a_preload_into_the_running_servers_store_is_evicted_for_within_seconds(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    """``mirror preload --data`` is another process: the server sees the store grow from the index's
+    count, without a pull through it, and evicts cached images to get back under the budget."""
+    registry, images = sized_upstream
+    mirror = mirror_factory(registry.url, workers=2, env={
+        "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", "MIRROR_CACHE_MAX_SIZE": "20MiB",
+        "MIRROR_CACHE_KEEP_RECENT": "0s"})
+    assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"
+    cached = store_bytes(mirror.data_dir)
+    preloaded = build_image(tmp_path / "pinned", [random_layer(tmp_path / "pinned", 14 * MIB, seed=591)])
+    write_oci_layout(tmp_path / "layout", preloaded, "docker.io/library/pinned:1")
+    with tarfile.open(tmp_path / "pinned.tar", "w") as tar:
+        tar.add(tmp_path / "layout", arcname=".")
+    loaded = mirror_cli("preload", "--data", str(mirror.data_dir), str(tmp_path / "pinned.tar"))
+    assert loaded.returncode == 0, loaded.stderr
+    assert store_bytes(mirror.data_dir) > cached + 14 * MIB > 20 * MIB * 0.95  # over the high watermark
+
+    def evicted() -> bool:
+        samples = scrape(f"{mirror.url}/metrics")
+        return store_bytes(mirror.data_dir) < cached + 14 * MIB and value(samples, "mirror_store_over_budget") == 0 \
+            and value(samples, "mirror_store_size_bytes") == store_bytes(mirror.data_dir) <= 20 * MIB * 0.85
+
+    assert eventually(evicted, 15), (store_bytes(mirror.data_dir), mirror.log_tail(40))
+    registry.clear_counts()
+    assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"  # evicted: fetched again
+    assert registry.count("GET", re.compile(f"/blobs/{images[0].layers[-1].digest}")) == 1
+    answer = http.get(f"{mirror.url}/v2/library/pinned/manifests/1", headers={"accept": ALL_TYPES})
+    assert answer.status_code == 200 and answer.content == preloaded.manifest
+
+
 def du_bytes(path: Path) -> int:
     done = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True, timeout=60)
     return int(done.stdout.split()[0])

@@ -155,3 +155,68 @@ def test_push_prefixes_and_round_trip_of_lists_and_shares() -> None:
     assert load_config(env=to_environ(config)) == config
     with pytest.raises(ConfigError, match="push.prefixes"):
         load_config(env={"MIRROR_PUSH_PREFIXES": "Team/../x"})
+
+
+def test_two_upstreams_entries_for_one_registry_stop_start_up(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("upstreams:\n  - {registry: docker.io, url: 'http://a.example'}\n"
+                    "  - {registry: docker.io, url: 'http://b.example'}\n")
+    with pytest.raises(ConfigError, match=r"upstreams\[1\].registry: docker.io is configured twice"):
+        load_config(file, env={})
+    file.write_text("upstreams:\n  - {registry: ghcr.io, url: 'http://a.example'}\n"
+                    "  - {registry: GHCR.io, url: 'http://b.example'}\n")
+    with pytest.raises(ConfigError, match=r"upstreams\[1\].registry: ghcr.io is configured twice"):
+        load_config(file, env={})
+
+
+def test_upstream_section_may_refine_but_not_contradict_the_default_entry(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("upstream: {url: 'http://a.example', retries: 1}\n"
+                    "upstreams:\n  - {registry: docker.io, url: 'http://b.example'}\n")
+    with pytest.raises(ConfigError, match=r"upstream.url and upstreams\[0\].url both configure docker.io"):
+        load_config(file, env={})
+    # Keys of their own, or the same value, combine; the environment and flags still override.
+    file.write_text("upstream: {url: 'http://a.example', retries: 1}\n"
+                    "upstreams:\n  - {registry: docker.io, url: 'http://a.example/', read_timeout: 9s}\n")
+    config = load_config(file, env={"MIRROR_UPSTREAM_URL": "http://c.example"})
+    assert len(config.upstreams) == 1
+    assert (config.upstream.url, config.upstream.retries, config.upstream.read_timeout) == ("http://c.example", 1, 9)
+    config = load_config(file, env={}, overrides={"upstream.url": "http://d.example"})
+    assert config.upstream.url == "http://d.example"
+
+
+@pytest.mark.parametrize("env", [{"MIRROR_CACHE_LOW_WATERMARK": "99%"},
+                                 {"MIRROR_CACHE_LOW_WATERMARK": "90%", "MIRROR_CACHE_HIGH_WATERMARK": "90%"}])
+def test_low_watermark_not_below_high_watermark_stops_start_up(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"cache.low_watermark: \d+%: must be below cache.high_watermark"):
+        load_config(env=env)
+
+
+@pytest.mark.parametrize(("name", "raw", "expected"), [
+    ("MIRROR_AUTH_ADMINS", "[ops]", ("ops",)),
+    ("MIRROR_AUTH_ADMINS", '["ops", "sre"]', ("ops", "sre")),
+    ("MIRROR_AUTH_ADMINS", "ops, sre", ("ops", "sre")),
+    ("MIRROR_AUTH_PUSH_USERS", "[alice, 'ci:team/builds']", ("alice", "ci:team/builds")),
+    ("MIRROR_PUSH_PREFIXES", "[team]", ("team",)),
+    ("MIRROR_PUSH_PREFIXES", "[]", ()),
+    ("MIRROR_HTTP_TRUSTED_PROXIES", '["10.0.0.0/8", "::1"]', ("10.0.0.0/8", "::1")),
+    ("MIRROR_HTTP_TRUSTED_PROXIES", "10.0.0.0/8,::1", ("10.0.0.0/8", "::1")),
+])
+def test_every_list_key_reads_the_environment_the_same_way(tmp_path: Path, name: str, raw: str,
+                                                           expected: tuple[str, ...]) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ops:$2y$05$abcdefghijklmnopqrstuv\n")
+    config = load_config(env={"MIRROR_AUTH_HTPASSWD_PATH": str(htpasswd), name: raw})
+    section, _, key = name[len("MIRROR_"):].lower().partition("_")
+    assert getattr(getattr(config, section), key) == expected
+    assert load_config(env=to_environ(config)) == config
+
+
+@pytest.mark.parametrize("name", ["MIRROR_AUTH_ADMINS", "MIRROR_AUTH_PUSH_USERS", "MIRROR_PUSH_PREFIXES",
+                                  "MIRROR_HTTP_TRUSTED_PROXIES"])
+def test_a_broken_list_in_the_environment_names_the_key(tmp_path: Path, name: str) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ops:$2y$05$abcdefghijklmnopqrstuv\n")
+    key = name[len("MIRROR_"):].lower().replace("_", ".", 1)
+    with pytest.raises(ConfigError, match=rf"bad value for {key}: .*expected a list"):
+        load_config(env={"MIRROR_AUTH_HTPASSWD_PATH": str(htpasswd), name: "[ops, [x"})

@@ -352,6 +352,9 @@ def test_upstream_down_serves_cache_and_fails_fast_otherwise(
         assert {r.fault for r in fault_proxy.requests()} == {"refuse"}
     assert stored(mirror) == sorted([blob_path(mirror, images.small.digest), blob_path(mirror, layer.digest)])
     assert temp_files(mirror) == []
+    # The tag list: only the tags cached here, and it says so.
+    tags = httpx.get(f"{mirror.url}/v2/small/tags/list", trust_env=False, timeout=30.0)
+    assert (tags.status_code, tags.headers.get("x-mirror-cache"), tags.json()["tags"]) == (200, "STALE", ["1"])
 
 
 # Slow upstream, and a client that goes away -------------------------------------------------------

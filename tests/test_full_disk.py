@@ -29,7 +29,7 @@ from tests.support.images import MANIFEST_MEDIA_TYPES, OCI_MANIFEST, build_image
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.support.smallfs import MIB, fill_up, read_only, tmpfs
+from tests.support.smallfs import MIB, fill_up, free_bytes, read_only, tmpfs
 from tests.support.storecheck import fsck_clean, stored_objects
 from tests.support.waiting import wait_for
 from tests.test_faults import get_blob, get_manifest
@@ -256,6 +256,9 @@ def test_uncached_images_are_pulled_through_a_store_that_takes_no_writes(
                 got = get_blob(mirror, "small", digest)
                 assert (got.status, got.error, got.digest, got.headers["x-mirror-cache"]) == \
                     (200, None, digest, "BYPASS")
+                # The repository was pulled from, though not recorded: a HEAD agrees with the GET.
+                head = httpx.head(f"{mirror.url}/v2/small/blobs/{digest}", timeout=30.0, trust_env=False)
+                assert (head.status_code, head.headers.get("docker-content-digest")) == (200, digest), head.text
         assert stored(mirror) == []
         assert store_problem(mirror).startswith(reason)
     if state == "full":
@@ -314,6 +317,29 @@ def test_a_push_to_a_full_store_gets_a_clear_error_and_its_upload_stays_intact(
         assert got.status_code == 200 and got.content == data
     mirror.stop()
     fsck_clean(mirror.data_dir, verify_content=False)
+
+
+def test_readyz_is_ready_again_once_a_push_refused_for_space_goes_through(
+    small_mirror: Callable[..., MirrorServer],
+) -> None:
+    """A refused chunk's size is unknown: its refusal is over once the push goes through, even
+    if that push leaves less room than there was when the chunk was refused."""
+    mirror = small_mirror()
+    data = os.urandom(14 * MIB)
+    ballast = mirror.data_dir / "ballast"
+    with httpx.Client(base_url=mirror.url, timeout=30.0, trust_env=False) as http:
+        location = http.post("/v2/team/app/blobs/uploads/").headers["location"]
+        fill_up(ballast, leave=10 * MIB)
+        assert http.patch(location, content=data).status_code == 507
+        problem = store_problem(mirror)
+        free_then = int(problem.rpartition("(")[2].split()[0])
+        assert problem == f"no space left on device ({free_then} bytes free)"
+
+        ballast.unlink()
+        assert http.patch(location, content=data).status_code == 202
+        assert http.put(location, params={"digest": sha256(data)}).status_code == 201
+        assert free_bytes(mirror.data_dir) < free_then + MIB  # less room than then: only the push proves it
+        assert ask_every_worker(mirror, lambda m: ready(m).status_code) == [200]
 
 
 @pytest.mark.slow

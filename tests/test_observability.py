@@ -10,6 +10,8 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -360,3 +362,37 @@ def test_metrics_listen_serves_every_worker_on_its_own_port(
     assert value(metrics, "mirror_upstream_received_bytes_total", kind="blob") == blob_bytes(images.small)
     assert value(metrics, "mirror_store_objects") == len(store_files(mirror.data_dir))
     assert value(metrics, "mirror_http_requests_total", route="metrics", status="200") == 0
+
+
+def worker_pids(mirror: MirrorServer) -> set[int]:
+    """The mirror's worker processes (uvicorn spawns them; its resource tracker is not one)."""
+    children = Path(f"/proc/{mirror.pid}/task/{mirror.pid}/children").read_text().split()
+    return {int(pid) for pid in children
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
+def test_a_killed_worker_leaves_no_requests_in_flight_behind(
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Live gauges of a worker that died without a clean exit (SIGKILL, the OOM killer) are dropped
+    when uvicorn starts its replacement: only the scrape itself is then in flight."""
+    mirror = mirror_factory(workers=2)
+    stalled = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(6):  # uploads whose body stops arriving: in flight until their worker dies
+            location = httpx.post(f"{mirror.url}/v2/team/app/blobs/uploads/", trust_env=False).headers["location"]
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", mirror.port)))
+            sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: mirror\r\nContent-Type: application/octet-stream\r\n"
+                         "Content-Length: 1000000\r\n\r\n".encode() + bytes(1000))
+            stalled.append(sock)
+        assert eventually(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_in_flight") == 7,
+                        timeout=10)
+        killed = worker_pids(mirror)
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        assert eventually(lambda: len(worker_pids(mirror) - killed) == 2, timeout=30)
+        assert eventually(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_in_flight") == 1,
+                        timeout=10)
+        for _ in range(6):  # new connections: either worker may answer
+            assert value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_in_flight") == 1

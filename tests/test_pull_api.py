@@ -256,7 +256,7 @@ def test_tags_list_comes_from_upstream_and_pages(
         own.push_image("library/tagged", tag, image)
     mirror = mirror_factory(own.url)
     answer = http.get(f"{mirror.url}/v2/library/tagged/tags/list")
-    assert answer.status_code == 200
+    assert answer.status_code == 200 and answer.headers["x-mirror-cache"] == "MISS"
     assert answer.json() == {"name": "library/tagged", "tags": ["a", "b", "c"]}
     page = http.get(f"{mirror.url}/v2/library/tagged/tags/list", params={"n": 2})
     assert page.json()["tags"] == ["a", "b"]
@@ -409,7 +409,8 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
     """image-spec, "Non-distributable layers": such a layer is downloaded from its descriptor's
     ``urls``, and the registry need not have it.  Pulled through, the manifest is served as the
     upstream has it; the layer is fetched (verified, then stored) from its urls only with
-    ``upstream.foreign_layers: fetch``, else left to the client, as dockerd and containerd do."""
+    ``upstream.foreign_layers: fetch``, else left to the client (containerd fetches the urls; dockerd
+    on Linux asks the registry and gets a BLOB_UNKNOWN that says so)."""
     upstream = urls_upstream
     seen: list[tuple[str, str, str | None]] = []
     blobs: dict[str, bytes] = {}
@@ -433,6 +434,10 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
             if mode == "skip":
                 head, got = http.head(url), http.get(url)
                 assert head.status_code == 404 and got.status_code == 404 and error_code(got) == "BLOB_UNKNOWN"
+                # dockerd on Linux asks the registry, not the urls: the error says what would serve it.
+                error = got.json()["errors"][0]
+                assert "upstream.foreign_layers: fetch" in error["message"]
+                assert error["detail"] == {"digest": sha256(foreign), "urls": [f"{host.url}{path}"]}
                 assert seen == []
                 assert sha256(foreign) not in stored_blobs(mirror.data_dir)
                 continue

@@ -547,6 +547,7 @@ def test_tags_and_catalog_pagination(
     page = http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 2})
     assert page.json() == {"name": "team/app", "tags": ["a", "b"]}
     assert page.headers["link"] == '</v2/team/app/tags/list?n=2&last=b>; rel="next"'
+    assert page.headers["x-mirror-cache"] == "LOCAL"
     last = http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 2, "last": "b"})
     assert last.json()["tags"] == ["c", "d"] and "link" not in last.headers
     assert http.get(f"{registry.url}/v2/team/app/tags/list", params={"n": 0}).json()["tags"] == []

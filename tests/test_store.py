@@ -14,7 +14,7 @@ import pytest
 
 from mirror.fill import BypassBlob, FillFailed, Fills, GrowingBlob, StoredBlob
 from mirror.reference import Digest
-from mirror.store import DigestMismatch, SizeMismatch, Store
+from mirror.store import ROOM_MARGIN, DigestMismatch, SizeMismatch, Store
 from tests.support.smallfs import MIB, tmpfs
 
 
@@ -276,12 +276,21 @@ def test_a_refused_write_is_seen_by_every_process_until_there_is_room(tmp_path: 
         one.refused(OSError(errno.ENOSPC, "full"), 4 * MIB)
         for store in (one, two):
             problem = store.write_problem()
-            assert problem is not None and problem.startswith("no space left on device (4194304 bytes needed"), problem
+            assert problem is not None and problem.startswith(
+                f"no space left on device ({4 * MIB + ROOM_MARGIN} bytes needed with the reserve"), problem
         ballast.unlink()
         assert two.write_problem() is None  # room again: cleared, for both
         assert one.write_problem() is None
         one.refused(OSError(errno.EROFS, "read-only"), None)  # the probe succeeds: writable again
         assert two.write_problem() is None
+        # A refusal of unknown size (a push chunk): over once any process stores an object.
+        ballast.write_bytes(bytes(5 * MIB))
+        one.refused(OSError(errno.ENOSPC, "full"), None)
+        ballast.unlink()
+        ballast.write_bytes(bytes(6 * MIB))  # less free than at the refusal: space is no proof
+        assert two.write_problem() is not None and one.write_problem() is not None
+        two.put_bytes(Digest.of(b"stored"), b"stored")
+        assert one.write_problem() is None and two.write_problem() is None
 
 
 def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:

@@ -37,18 +37,23 @@ http {{
     client_max_body_size 0;
     server {{
         listen 127.0.0.1:{port};
-        location / {{ proxy_pass {backend}; }}
+        {location}
     }}
 }}
 """
 
 
 class NginxProxy:
-    """nginx passing every request on to *backend* (``http://127.0.0.1:PORT``), adding no headers."""
+    """nginx passing every request on to *backend* (``http://127.0.0.1:PORT``), adding no headers.
 
-    def __init__(self, root: Path, backend: str, *, port: int | None = None) -> None:
+    With a *prefix* (``/artifactory/api/docker/remote``) only requests under it are passed on,
+    without it, as a repository manager serves a registry under a path (``url`` stays the origin).
+    """
+
+    def __init__(self, root: Path, backend: str, *, port: int | None = None, prefix: str = "") -> None:
         self.root = root
         self.backend = backend
+        self.prefix = prefix.rstrip("/")
         self.port = port or free_port()
         self.config_path = root / "nginx.conf"
         self._proc = Proc([NGINX_BINARY, "-p", root, "-c", self.config_path, "-e", root / "error.log"],
@@ -70,10 +75,12 @@ class NginxProxy:
         require_tool(NGINX_BINARY, "nginx-light")
         (self.root / "temp").mkdir(parents=True, exist_ok=True)
         user = pwd.getpwuid(os.geteuid()).pw_name  # workers must read our private temp dir
-        self.config_path.write_text(_CONFIG.format(root=self.root, port=self.port, user=user, backend=self.backend))
+        location = (f"location {self.prefix}/ {{ proxy_pass {self.backend.rstrip('/')}/; }}" if self.prefix
+                    else f"location / {{ proxy_pass {self.backend}; }}")
+        self.config_path.write_text(_CONFIG.format(root=self.root, port=self.port, user=user, location=location))
         self._proc.start()
         try:
-            wait_http(f"{self.url}/v2/", START_TIMEOUT, alive=self._proc)
+            wait_http(f"{self.url}{self.prefix}/v2/", START_TIMEOUT, alive=self._proc)
         except BaseException:
             self._proc.stop()
             raise

@@ -10,6 +10,12 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
      +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
                                 a manifest answer that is not a manifest (a login page)
 
+A token request that fails is the registry request's failure, never its answer: the token
+server's connection errors and 5xx are ``UpstreamUnavailable``, its 429 ``UpstreamRateLimited``,
+its 401/403 ``UpstreamCredentialsRejected`` with configured credentials (else ``UpstreamDenied``),
+and any other status, or a 200 that is not a JSON object with a ``token`` or ``access_token``
+(Docker registry token authentication), ``UpstreamInvalid``.
+
 This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
 (``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs.
 Digests are over the identity bytes: every request (to the registry, its
@@ -174,10 +180,17 @@ class RegistryAuth(httpx.Auth):
     once for every scope it served, and the request is retried once with a new token.  A ``401``
     to that new token is the answer (Docker Hub's ``insufficient_scope`` for a repository that
     does not exist, or a refusal of the configured credentials).
+    A token request that fails raises the :class:`UpstreamError` of its kind (see the module's
+    docstring): the token server's answer is never passed on as the registry's.
     ``Basic`` challenges are answered with the configured credentials.
+
+    *prefix* is the path the registry's ``/v2/`` API sits under (``/artifactory/api/docker/remote``
+    for ``http://host/artifactory/api/docker/remote``; ``""`` at the root): the repository a
+    request's token is for is read after it.
     """
 
-    def __init__(self, username: str | None, password: str | None) -> None:
+    def __init__(self, username: str | None, password: str | None, prefix: str = "") -> None:
+        self._prefix = prefix.rstrip("/")
         self._basic = _basic_header(username, password) if username else None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -186,7 +199,12 @@ class RegistryAuth(httpx.Auth):
         self.tokens_fetched = 0
 
     def _scope_for(self, request: httpx.Request) -> str | None:
-        m = _PATH_NAME_RE.match(request.url.path)
+        path = request.url.path
+        if self._prefix:
+            if not path.startswith(self._prefix + "/"):
+                return None
+            path = path[len(self._prefix):]
+        m = _PATH_NAME_RE.match(path)
         return f"repository:{m.group(1)}:pull" if m else None
 
     def _cached(self, scope: str | None) -> str | None:
@@ -239,8 +257,6 @@ class RegistryAuth(httpx.Auth):
                 token_response = yield token_request
                 await token_response.aread()
                 token = self._store_token(key, token_response)
-                if token is None:
-                    return
         if scope and scope != key:
             self._tokens[scope] = self._tokens[key]
         request.headers["Authorization"] = f"Bearer {token}"
@@ -266,26 +282,34 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic
         return request
 
-    def _store_token(self, key: str, response: httpx.Response) -> str | None:
-        if response.status_code in (401, 403) and self._basic is not None:
+    def _store_token(self, key: str, response: httpx.Response) -> str:
+        """Keep the token of a token server's answer; raise the failure of its kind if it has none."""
+        status, host = response.status_code, response.request.url.host
+        if status in (401, 403) and self._basic is not None:
             rejected = UpstreamCredentialsRejected(
-                f"the token server {response.request.url.host} rejected the configured upstream credentials "
-                f"({response.status_code}); check upstream.username and upstream.password", response.status_code)
+                f"the token server {host} rejected the configured upstream credentials "
+                f"({status}); check upstream.username and upstream.password", status)
             if not self._rejection_logged:  # once: an operator's problem, not each request's
                 self._rejection_logged = True
                 log.error("%s", rejected)
             raise rejected
-        if response.status_code != 200:
-            log.warning("token request to %s failed with %d", response.request.url.host, response.status_code)
-            return None
+        if status != 200:
+            message = f"the token server {host} answered {status} for {key or 'a token'}"
+            kind: type[UpstreamError] = (
+                UpstreamDenied if status in (401, 403) else  # it wants credentials the mirror has not got
+                UpstreamRateLimited if status == 429 else
+                UpstreamUnavailable if status >= 500 else UpstreamInvalid)
+            raise kind(message, status, None, response.headers.get("retry-after"))
         try:
             doc = response.json()
             token = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError):
-            return None
-        if not token:
-            return None
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UpstreamInvalid(f"the token server {host} answered 200 with no token document: {exc}",
+                                  status) from exc
+        if not token or not isinstance(token, str):
+            raise UpstreamInvalid(f"the token server {host} answered 200 with neither token nor access_token",
+                                  status)
         self.tokens_fetched += 1
         self._rejection_logged = False
         self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
@@ -328,7 +352,7 @@ class Upstream:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
-        self.auth = RegistryAuth(config.username, config.password)
+        self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
         self.client = httpx.AsyncClient(
             base_url=config.url,
             auth=self.auth,
@@ -361,6 +385,14 @@ class Upstream:
                 response = await self.client.send(request, stream=stream)
             except httpx.DecodingError as exc:  # a coded body read whole (a token or a tags list) is corrupt
                 raise self._failed(UpstreamInvalid(f"{method} {path}: undecodable content coding: {exc}")) from exc
+            except UpstreamCredentialsRejected:
+                raise  # logged once by RegistryAuth: an operator's problem
+            except UpstreamError as exc:  # the token request failed (RegistryAuth)
+                if isinstance(exc, UpstreamUnavailable) and attempt < self.config.retries:
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                    continue
+                raise self._failed(exc) from None
             except httpx.TransportError as exc:
                 self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
                 if attempt < self.config.retries:

@@ -5,10 +5,10 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
     UpstreamError
      +-- UpstreamUnavailable    connection refused or reset, timeout, 5xx
      +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
-     +-- UpstreamNotFound       404
+     +-- UpstreamNotFound       404 from the registry (see :func:`registry_not_found`)
      +-- UpstreamDenied         401 / 403 after authenticating
      +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
-                                a manifest answer that is not a manifest (a login page)
+                                a manifest answer that is not a manifest (a login page), an HTML 404
 
 A token request that fails is the registry request's failure, never its answer: the token
 server's connection errors and 5xx are ``UpstreamUnavailable``, its 429 ``UpstreamRateLimited``,
@@ -64,6 +64,8 @@ MAX_REFERRER_PAGES = 16
 ACCEPT_ENCODING = "identity"
 #: Codings decoded anyway (httpx does it; ``br`` needs ``brotli``, ``zstd`` needs ``zstandard``).
 SUPPORTED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+#: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
@@ -330,6 +332,20 @@ def identity_length(response: httpx.Response) -> int | None:
     return int(length)
 
 
+def registry_not_found(response: httpx.Response) -> bool:
+    """Whether a 404 is the registry's "does not exist", to be passed on as such.
+
+    A registry says it in the spec's JSON error format (OCI distribution spec, "Error Codes"),
+    on a HEAD with no body but its ``Content-Type``; a route it does not serve, in Go's plain
+    ``404 page not found`` (docker-registry 2.8 for the Referrers API, which :mod:`referrers`
+    reads as "no Referrers API").  A 404 served as a web page (``text/html`` or XHTML: a
+    misrouted ingress, a proxy's error page) is not the registry's answer, and says nothing of
+    what the registry holds: False, for the caller to take as an invalid answer.  Any other
+    404 (JSON, plain text, no type) is the registry's.
+    """
+    return _media_type(response.headers.get("content-type")) not in HTML_TYPES
+
+
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
@@ -451,6 +467,9 @@ class Upstream:
         kind: type[UpstreamError]
         if status == 429:
             kind = UpstreamRateLimited
+        elif status == 404 and not registry_not_found(response):
+            kind = UpstreamInvalid
+            message += f" with a web page ({_media_type(response.headers.get('content-type'))}), not a registry's answer"
         elif status == 404:
             kind = UpstreamNotFound
         elif status in (401, 403):
@@ -617,8 +636,9 @@ class Upstream:
     async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> Referrers:
         """Every referrer the upstream lists for a digest, following ``Link`` pages.
 
-        Raises :class:`UpstreamNotFound` as any 404 (a registry without the Referrers API), and
-        :class:`UpstreamInvalid` for an index that is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
+        Raises :class:`UpstreamNotFound` as a registry's 404 (a registry without the Referrers API;
+        :func:`registry_not_found`), and :class:`UpstreamInvalid` for a 404 web page, an index that
+        is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
         """
         params = {"artifactType": artifact_type} if artifact_type is not None else None
         first = self.client.build_request("GET", f"/v2/{name}/referrers/{digest}", params=params).url

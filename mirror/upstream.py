@@ -20,11 +20,13 @@ This module knows nothing of the cache: it fetches, checks that a manifest answe
 (``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs.
 Digests are over the identity bytes: every request (to the registry, its
 token realm and any redirect's target) carries ``Accept-Encoding: identity``, and an answer
-content-coded anyway (gzip, deflate, br or zstd; RFC 9110 section 8.4) is decoded before anything
-hashes or keeps it; one in a coding the mirror cannot decode, or that does not decode, is
-``UpstreamInvalid``.  Idempotent requests that fail before any byte arrived are retried with
-backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
-httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
+content-coded anyway (gzip or its alias x-gzip, deflate, br or zstd; RFC 9110 section 8.4) is
+decoded before anything hashes or keeps it; one in a coding the mirror cannot decode, or that does
+not decode, is ``UpstreamInvalid`` (a blob's first bytes are decoded before it is handed on, so a
+coding corrupt from the start fails before anything is served).  Idempotent requests that fail
+before any byte arrived are retried with backoff.  Credentials go only to the token realm (or, for
+Basic auth, to the registry itself); httpx drops ``Authorization`` when a redirect leaves the
+registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
 go to a plain-http realm; a tag list's next-page link is followed only on the registry's origin.
 """
@@ -64,6 +66,8 @@ MAX_REFERRER_PAGES = 16
 ACCEPT_ENCODING = "identity"
 #: Codings decoded anyway (httpx does it; ``br`` needs ``brotli``, ``zstd`` needs ``zstandard``).
 SUPPORTED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+#: RFC 9110 section 8.4.1: "x-gzip" and "x-compress" are the same codings as "gzip" and "compress".
+CODING_ALIASES = {"x-gzip": "gzip", "x-compress": "compress"}
 #: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
@@ -133,15 +137,33 @@ class Referrers:
 class BlobDownload:
     """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
 
-    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None) -> None:
+    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
+                 body: AsyncIterator[bytes] | None = None) -> None:
         self.response = response
         self.size = identity_length(response)
         self._count = count
+        self._body = body
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The identity bytes: decoded if the answer is content-coded."""
-        body = self.response.aiter_bytes()
+        body = self._body if self._body is not None else self.response.aiter_bytes()
         return body if self._count is None else _Counted(body, self._count)
+
+
+async def _primed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """*chunks* with the first one already received: a coding that does not decode fails here."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+    return body()
 
 
 class _Counted:
@@ -346,6 +368,15 @@ def registry_not_found(response: httpx.Response) -> bool:
     return _media_type(response.headers.get("content-type")) not in HTML_TYPES
 
 
+async def _unalias_codings(response: httpx.Response) -> None:
+    """Name a coding by its registered name before httpx decodes (``x-gzip`` is ``gzip``, RFC 9110
+    section 8.4.1.3): an httpx response hook, run for every answer, the token realm's and redirects' too."""
+    codings = response.headers.get_list("content-encoding", split_commas=True)
+    if any(c.strip().lower() in CODING_ALIASES for c in codings):
+        response.headers["content-encoding"] = ", ".join(
+            CODING_ALIASES.get(c.strip().lower(), c.strip()) for c in codings)
+
+
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
@@ -377,6 +408,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
             headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
+            event_hooks={"response": [_unalias_codings]},
         )
 
     async def aclose(self) -> None:
@@ -542,7 +574,11 @@ class Upstream:
         """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
         response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
         try:
-            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+            # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
+            # the start is an error before the blob is served (a 502, not a 200 cut short).
+            body = await _primed(response.aiter_bytes()) if content_codings(response) else None
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
+                               body)
         except httpx.DecodingError as exc:
             self.metrics.upstream_error(self.config.registry, "invalid")
             raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc

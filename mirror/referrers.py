@@ -5,8 +5,10 @@ The mirror never answers "no referrers" for what it cannot know:
 * The upstream has the Referrers API: its list, every page, filtered by ``artifactType`` here when
   it did not filter.  The list is kept, so that when the upstream is down, rate-limits or answers
   nonsense, the last list plus the referrers pulled through since is served (``STALE``).
-* The upstream has no Referrers API (a 404, as docker-registry 2.8 answers, or an answer that is
-  not an image index): ``404 UNSUPPORTED``.  That is the spec's signal for "read the referrers tag
+* The upstream has no Referrers API (a registry's 404, as docker-registry 2.8 answers, or an
+  answer that is not an image index): ``404 UNSUPPORTED``.  A 404 web page (``text/html``: an
+  ingress or proxy that does not route the request) is not the registry's answer and records
+  nothing: it is an invalid answer, as below.  That is the spec's signal for "read the referrers tag
   schema" (``<alg>-<hex>``): oras-go and notation fall back on any 404 but ``NAME_UNKNOWN`` (which
   they read as "no such repository"), go-containerregistry (cosign) on any 404.  The fallback tag
   then comes through the manifest path like any tag: cached, revalidated after ``cache.tag_ttl``,
@@ -33,7 +35,14 @@ from .errors import APIError
 from .metadata import Metadata
 from .pushed import referrer_descriptor
 from .reference import Digest, ParseError, parse_digest
-from .upstream import Upstream, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited
+from .upstream import (
+    Upstream,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+)
 
 log = logging.getLogger("mirror.referrers")
 
@@ -75,8 +84,8 @@ class UpstreamReferrers:
         """Referrers of *digest* in *repo* (the upstream's *name*).
 
         Raises :class:`APIError`: ``UNSUPPORTED`` (404) when the upstream has no Referrers API,
-        ``NAME_UNKNOWN`` when it has no such repository or refuses access, ``UNAVAILABLE`` or
-        ``TOOMANYREQUESTS`` when it cannot answer and nothing is known.
+        ``NAME_UNKNOWN`` when it has no such repository or refuses access, ``UNAVAILABLE`` (503, or
+        502 for an invalid answer) or ``TOOMANYREQUESTS`` when it cannot answer and nothing is known.
         """
         try:
             answer = await self.upstream.referrers(name, digest, artifact_type)
@@ -116,6 +125,9 @@ class UpstreamReferrers:
                 headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
                 raise APIError("TOOMANYREQUESTS", "upstream rate limit reached and its referrers of this digest "
                                                   "are not known", headers=headers) from exc
+            if isinstance(exc, UpstreamInvalid):  # as for manifests and blobs: a bad gateway
+                raise APIError("UNAVAILABLE", f"upstream sent an invalid answer and its referrers of {digest} "
+                                              "are not known", detail=str(exc), status=502) from exc
             raise APIError("UNAVAILABLE", f"upstream unavailable and its referrers of {digest} are not known",
                            detail=str(exc)) from exc
         key = f"{repo}@{digest}"

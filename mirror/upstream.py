@@ -5,20 +5,28 @@ Exceptions (each carries the upstream's status and spec error code when it sent 
     UpstreamError
      +-- UpstreamUnavailable    connection refused or reset, timeout, 5xx
      +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
-     +-- UpstreamNotFound       404
+     +-- UpstreamNotFound       404 from the registry (see :func:`registry_not_found`)
      +-- UpstreamDenied         401 / 403 after authenticating
      +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
-                                a manifest answer that is not a manifest (a login page)
+                                a manifest answer that is not a manifest (a login page), an HTML 404
+
+A token request that fails is the registry request's failure, never its answer: the token
+server's connection errors and 5xx are ``UpstreamUnavailable``, its 429 ``UpstreamRateLimited``,
+its 401/403 ``UpstreamCredentialsRejected`` with configured credentials (else ``UpstreamDenied``),
+and any other status, or a 200 that is not a JSON object with a ``token`` or ``access_token``
+(Docker registry token authentication), ``UpstreamInvalid``.
 
 This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
 (``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs.
 Digests are over the identity bytes: every request (to the registry, its
 token realm and any redirect's target) carries ``Accept-Encoding: identity``, and an answer
-content-coded anyway (gzip, deflate, br or zstd; RFC 9110 section 8.4) is decoded before anything
-hashes or keeps it; one in a coding the mirror cannot decode, or that does not decode, is
-``UpstreamInvalid``.  Idempotent requests that fail before any byte arrived are retried with
-backoff.  Credentials go only to the token realm (or, for Basic auth, to the registry itself);
-httpx drops ``Authorization`` when a redirect leaves the registry's origin (Docker Hub's CDN), and
+content-coded anyway (gzip or its alias x-gzip, deflate, br or zstd; RFC 9110 section 8.4) is
+decoded before anything hashes or keeps it; one in a coding the mirror cannot decode, or that does
+not decode, is ``UpstreamInvalid`` (a blob's first bytes are decoded before it is handed on, so a
+coding corrupt from the start fails before anything is served).  Idempotent requests that fail
+before any byte arrived are retried with backoff.  Credentials go only to the token realm (or, for
+Basic auth, to the registry itself); httpx drops ``Authorization`` when a redirect leaves the
+registry's origin (Docker Hub's CDN), and
 a challenge from such a redirect's target is not answered; an https registry's credentials never
 go to a plain-http realm; a tag list's next-page link is followed only on the registry's origin.
 """
@@ -65,6 +73,10 @@ MAX_REFERRER_PAGES = 16
 ACCEPT_ENCODING = "identity"
 #: Codings decoded anyway (httpx does it; ``br`` needs ``brotli``, ``zstd`` needs ``zstandard``).
 SUPPORTED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+#: RFC 9110 section 8.4.1: "x-gzip" and "x-compress" are the same codings as "gzip" and "compress".
+CODING_ALIASES = {"x-gzip": "gzip", "x-compress": "compress"}
+#: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 _PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
 
@@ -132,15 +144,33 @@ class Referrers:
 class BlobDownload:
     """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
 
-    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None) -> None:
+    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
+                 body: AsyncIterator[bytes] | None = None) -> None:
         self.response = response
         self.size = identity_length(response)
         self._count = count
+        self._body = body
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The identity bytes: decoded if the answer is content-coded."""
-        body = self.response.aiter_bytes()
+        body = self._body if self._body is not None else self.response.aiter_bytes()
         return body if self._count is None else _Counted(body, self._count)
+
+
+async def _primed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """*chunks* with the first one already received: a coding that does not decode fails here."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+    return body()
 
 
 class _Counted:
@@ -181,10 +211,17 @@ class RegistryAuth(httpx.Auth):
     once for every scope it served, and the request is retried once with a new token.  A ``401``
     to that new token is the answer (Docker Hub's ``insufficient_scope`` for a repository that
     does not exist, or a refusal of the configured credentials).
+    A token request that fails raises the :class:`UpstreamError` of its kind (see the module's
+    docstring): the token server's answer is never passed on as the registry's.
     ``Basic`` challenges are answered with the configured credentials.
+
+    *prefix* is the path the registry's ``/v2/`` API sits under (``/artifactory/api/docker/remote``
+    for ``http://host/artifactory/api/docker/remote``; ``""`` at the root): the repository a
+    request's token is for is read after it.
     """
 
-    def __init__(self, username: str | None, password: str | None) -> None:
+    def __init__(self, username: str | None, password: str | None, prefix: str = "") -> None:
+        self._prefix = prefix.rstrip("/")
         self._basic = _basic_header(username, password) if username else None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -193,7 +230,12 @@ class RegistryAuth(httpx.Auth):
         self.tokens_fetched = 0
 
     def _scope_for(self, request: httpx.Request) -> str | None:
-        m = _PATH_NAME_RE.match(request.url.path)
+        path = request.url.path
+        if self._prefix:
+            if not path.startswith(self._prefix + "/"):
+                return None
+            path = path[len(self._prefix):]
+        m = _PATH_NAME_RE.match(path)
         return f"repository:{m.group(1)}:pull" if m else None
 
     def _cached(self, scope: str | None) -> str | None:
@@ -246,8 +288,6 @@ class RegistryAuth(httpx.Auth):
                 token_response = yield token_request
                 await token_response.aread()
                 token = self._store_token(key, token_response)
-                if token is None:
-                    return
         if scope and scope != key:
             self._tokens[scope] = self._tokens[key]
         request.headers["Authorization"] = f"Bearer {token}"
@@ -273,26 +313,34 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic
         return request
 
-    def _store_token(self, key: str, response: httpx.Response) -> str | None:
-        if response.status_code in (401, 403) and self._basic is not None:
+    def _store_token(self, key: str, response: httpx.Response) -> str:
+        """Keep the token of a token server's answer; raise the failure of its kind if it has none."""
+        status, host = response.status_code, response.request.url.host
+        if status in (401, 403) and self._basic is not None:
             rejected = UpstreamCredentialsRejected(
-                f"the token server {response.request.url.host} rejected the configured upstream credentials "
-                f"({response.status_code}); check upstream.username and upstream.password", response.status_code)
+                f"the token server {host} rejected the configured upstream credentials "
+                f"({status}); check upstream.username and upstream.password", status)
             if not self._rejection_logged:  # once: an operator's problem, not each request's
                 self._rejection_logged = True
                 log.error("%s", rejected)
             raise rejected
-        if response.status_code != 200:
-            log.warning("token request to %s failed with %d", response.request.url.host, response.status_code)
-            return None
+        if status != 200:
+            message = f"the token server {host} answered {status} for {key or 'a token'}"
+            kind: type[UpstreamError] = (
+                UpstreamDenied if status in (401, 403) else  # it wants credentials the mirror has not got
+                UpstreamRateLimited if status == 429 else
+                UpstreamUnavailable if status >= 500 else UpstreamInvalid)
+            raise kind(message, status, None, response.headers.get("retry-after"))
         try:
             doc = response.json()
             token = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError):
-            return None
-        if not token:
-            return None
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UpstreamInvalid(f"the token server {host} answered 200 with no token document: {exc}",
+                                  status) from exc
+        if not token or not isinstance(token, str):
+            raise UpstreamInvalid(f"the token server {host} answered 200 with neither token nor access_token",
+                                  status)
         self.tokens_fetched += 1
         self._rejection_logged = False
         self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
@@ -311,6 +359,29 @@ def identity_length(response: httpx.Response) -> int | None:
     if content_codings(response) or not length or not length.isdigit():
         return None
     return int(length)
+
+
+def registry_not_found(response: httpx.Response) -> bool:
+    """Whether a 404 is the registry's "does not exist", to be passed on as such.
+
+    A registry says it in the spec's JSON error format (OCI distribution spec, "Error Codes"),
+    on a HEAD with no body but its ``Content-Type``; a route it does not serve, in Go's plain
+    ``404 page not found`` (docker-registry 2.8 for the Referrers API, which :mod:`referrers`
+    reads as "no Referrers API").  A 404 served as a web page (``text/html`` or XHTML: a
+    misrouted ingress, a proxy's error page) is not the registry's answer, and says nothing of
+    what the registry holds: False, for the caller to take as an invalid answer.  Any other
+    404 (JSON, plain text, no type) is the registry's.
+    """
+    return _media_type(response.headers.get("content-type")) not in HTML_TYPES
+
+
+async def _unalias_codings(response: httpx.Response) -> None:
+    """Name a coding by its registered name before httpx decodes (``x-gzip`` is ``gzip``, RFC 9110
+    section 8.4.1.3): an httpx response hook, run for every answer, the token realm's and redirects' too."""
+    codings = response.headers.get_list("content-encoding", split_commas=True)
+    if any(c.strip().lower() in CODING_ALIASES for c in codings):
+        response.headers["content-encoding"] = ", ".join(
+            CODING_ALIASES.get(c.strip().lower(), c.strip()) for c in codings)
 
 
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
@@ -335,7 +406,7 @@ class Upstream:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
-        self.auth = RegistryAuth(config.username, config.password)
+        self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
         self.client = httpx.AsyncClient(
             base_url=config.url,
             auth=self.auth,
@@ -344,6 +415,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
             headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
+            event_hooks={"response": [_unalias_codings]},
         )
 
     async def aclose(self) -> None:
@@ -368,6 +440,14 @@ class Upstream:
                 response = await self.client.send(request, stream=stream)
             except httpx.DecodingError as exc:  # a coded body read whole (a token or a tags list) is corrupt
                 raise self._failed(UpstreamInvalid(f"{method} {path}: undecodable content coding: {exc}")) from exc
+            except UpstreamCredentialsRejected:
+                raise  # logged once by RegistryAuth: an operator's problem
+            except UpstreamError as exc:  # the token request failed (RegistryAuth)
+                if isinstance(exc, UpstreamUnavailable) and attempt < self.config.retries:
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                    continue
+                raise self._failed(exc) from None
             except httpx.TransportError as exc:
                 self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
                 if attempt < self.config.retries:
@@ -426,6 +506,10 @@ class Upstream:
         kind: type[UpstreamError]
         if status == 429:
             kind = UpstreamRateLimited
+        elif status == 404 and not registry_not_found(response):
+            kind = UpstreamInvalid
+            page = _media_type(response.headers.get("content-type"))
+            message += f" with a web page ({page}), not a registry's answer"
         elif status == 404:
             kind = UpstreamNotFound
         elif status in (401, 403):
@@ -498,7 +582,11 @@ class Upstream:
         """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
         response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
         try:
-            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+            # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
+            # the start is an error before the blob is served (a 502, not a 200 cut short).
+            body = await _primed(response.aiter_bytes()) if content_codings(response) else None
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
+                               body)
         except httpx.DecodingError as exc:
             self.metrics.upstream_error(self.config.registry, "invalid")
             raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
@@ -592,8 +680,9 @@ class Upstream:
     async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> Referrers:
         """Every referrer the upstream lists for a digest, following ``Link`` pages.
 
-        Raises :class:`UpstreamNotFound` as any 404 (a registry without the Referrers API), and
-        :class:`UpstreamInvalid` for an index that is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
+        Raises :class:`UpstreamNotFound` as a registry's 404 (a registry without the Referrers API;
+        :func:`registry_not_found`), and :class:`UpstreamInvalid` for a 404 web page, an index that
+        is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
         """
         params = {"artifactType": artifact_type} if artifact_type is not None else None
         first = self.client.build_request("GET", f"/v2/{name}/referrers/{digest}", params=params).url

@@ -278,6 +278,39 @@ def test_a_coding_the_mirror_cannot_decode_is_a_clear_error(
         assert_store_sound(mirror.data_dir, no_fills_left=True, absent={image.digest, layer})
 
 
+def test_x_gzip_is_gzip_for_the_registry_its_token_server_and_cdn(
+    hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer],
+    images: StandardImages, http: httpx.Client,
+) -> None:
+    # RFC 9110 section 8.4.1.3: a recipient should treat "x-gzip" as "gzip".
+    coder = Coder("gzip", always=True, label="x-gzip")
+    hub = hub_factory(coder=coder)
+    mirror = mirror_factory(hub.url, env=ENV)
+    image = images.small
+    pull(http, mirror, "small", image, "1")
+    assert hub.tokens_issued == {"repository:library/small:pull": 1}  # the coded token answer was read
+    for server in ("front", "auth", "cdn"):
+        assert_asked_for_identity(coder, coded=True, server=server)
+    assert_store_sound(mirror.data_dir, no_fills_left=True, expected={image.digest, *image.blobs})
+
+
+def test_a_blob_coded_wrong_from_its_first_byte_is_a_502_not_a_cut_200(
+    mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,
+    http: httpx.Client,
+) -> None:
+    image = images.small
+    layer = image.layers[1].digest
+    with CodingProxy(upstream.url, Coder("gzip", always=True)) as coding, FaultProxy(coding.url) as faults:
+        faults.add("corrupt", f"/blobs/{layer}$", method="GET", after_bytes=0, flip_bytes=4)  # the gzip header
+        mirror = mirror_factory(faults.url, env=ENV)
+        for _ in range(2):  # nothing was kept of the first attempt
+            bad = http.get(f"{mirror.url}/v2/small/blobs/{layer}")
+            assert (bad.status_code, bad.json()["errors"][0]["code"]) == (502, "UNAVAILABLE"), bad.text
+            assert "undecodable content coding" in bad.json()["errors"][0]["detail"]
+        assert faults.count("GET", f"/blobs/{layer}") == 2
+        assert_store_sound(mirror.data_dir, no_fills_left=True, absent={layer})
+
+
 def assert_aborted(http: httpx.Client, url: str, digest: str) -> None:
     """The transfer did not complete with the right bytes."""
     hasher, error = hashlib.sha256(), None

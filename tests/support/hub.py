@@ -139,6 +139,8 @@ class HubEmulator(Service):
         self.cdn_url_ttl = cdn_url_ttl
         #: Repositories the token server grants no access to (Docker Hub's answer for a missing one).
         self.hidden: set[str] = set()
+        #: Base URL the challenges name as the realm's (None: :attr:`auth_url`), e.g. a fault proxy's.
+        self.realm_url: str | None = None
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._tokens: dict[str, _Token] = {}
@@ -199,7 +201,7 @@ class HubEmulator(Service):
 
     def challenge(self, name: str | None, error: str | None = None) -> str:
         """The ``WWW-Authenticate`` value for repository *name* (or ``/v2/``), with an RFC 6750 *error*."""
-        value = f'Bearer realm="{self.auth_url}/token",service="{SERVICE}"'
+        value = f'Bearer realm="{self.realm_url or self.auth_url}/token",service="{SERVICE}"'
         value += f',scope="repository:{name}:pull"' if name else ""
         return value + (f',error="{error}"' if error else "")
 

@@ -92,17 +92,23 @@ class Nginx(Service):
 
 
 class NginxProxy(Nginx):
-    """nginx passing every request on to *backend* (``http://127.0.0.1:PORT``), adding no headers."""
+    """nginx passing every request on to *backend* (``http://127.0.0.1:PORT``), adding no headers.
 
-    ready_path = "/v2/"
+    With a *prefix* (``/artifactory/api/docker/remote``) only requests under it are passed on,
+    without it, as a repository manager serves a registry under a path (``url`` stays the origin).
+    """
 
-    def __init__(self, root: Path, backend: str, *, port: int | None = None) -> None:
+    def __init__(self, root: Path, backend: str, *, port: int | None = None, prefix: str = "") -> None:
         super().__init__(root, port=port)
         self.backend = backend
+        self.prefix = prefix.rstrip("/")
+        self.ready_path = f"{self.prefix}/v2/"
 
     def http_block(self) -> str:
+        location = (f"location {self.prefix}/ {{ proxy_pass {self.backend.rstrip('/')}/; }}" if self.prefix
+                    else f"location / {{ proxy_pass {self.backend}; }}")
         return (f"    client_max_body_size 0;\n"
                 f"    server {{\n"
                 f"        listen 127.0.0.1:{self.port};\n"
-                f"        location / {{ proxy_pass {self.backend}; }}\n"
+                f"        {location}\n"
                 f"    }}")

@@ -163,9 +163,18 @@ def test_htpasswd_changes_apply_without_a_restart(
     wait_for(lambda: request(mirror, "GET", "/v2/", headers=basic("bob", "bob-pw")).status_code == 401, 10,
              "the htpasswd file to be reloaded", interval=0.2)
     time.sleep(1.2)  # each worker looks at the file at most once a second
-    for _ in range(4):  # whichever worker answers
-        assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+    # Both workers must have read this version before the next replaces it: a worker only looks at
+    # the file when a request comes, and the X-Request-Id prefix tells the workers apart.
+    answered_by: set[str] = set()
+
+    def read_by_both_workers() -> bool:
+        answer = request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw"))
+        assert answer.status_code == 200
         assert request(mirror, "GET", "/v2/", headers=bearer(token)).status_code == 401
+        answered_by.add(answer.headers["x-request-id"][:16])
+        return len(answered_by) == 2
+
+    wait_for(read_by_both_workers, 20, "both workers to answer with the new file", interval=0.05)
     htpasswd.write_text(f"{ALICE}\nbroken line\n")
 
     def refused_while_serving() -> bool:  # a worker looks at the file when a request comes

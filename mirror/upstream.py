@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from .config import UpstreamConfig
@@ -50,6 +51,12 @@ log = logging.getLogger("mirror.upstream")
 
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
+#: Bytes asked of the socket per read of an upstream answer.  httpcore asks 64 KiB; a blob body
+#: then costs a pass through httpcore, h11 and httpx every 64 KiB, which kept a cold fill on the
+#: event loop at ~300 MB/s (``tests/bench/README.md``).  A read returns what the socket holds, so a
+#: larger one never waits for more.
+READ_BYTES = 1 << 20
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.

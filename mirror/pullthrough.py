@@ -69,6 +69,9 @@ class ManifestResult:
     media_type: str
     digest: str
     outcome: Outcome
+    #: For an answer by tag: the ``time.time()`` until which it may be given again without asking
+    #: the upstream (one ``tag_ttl`` after the upstream last confirmed it); None otherwise.
+    fresh_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,14 @@ class PullThrough:
         record = self.metadata.get_tag(repo, tag)
         cached = await self._stored_manifest(record.digest) if record else None
         if record is not None and cached is not None:
-            if time.time() - record.fetched_at < self.tag_ttl or self.metadata.is_pinned(repo, record.digest):
-                # Fresh, or preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
-                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+            if time.time() - record.fetched_at < self.tag_ttl:
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      record.fetched_at + self.tag_ttl)
+            if self.metadata.is_pinned(repo, record.digest):
+                # Preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      time.time() + self.tag_ttl)
+            checked = time.time()
             try:
                 head = await self.upstream.head_manifest(name, tag)
             except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
@@ -171,7 +179,9 @@ class PullThrough:
                         raise
                     refreshed = True  # still stored, still the upstream's: only its check time is not saved
                 if refreshed:
-                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                          checked + self.tag_ttl)
+        checked = time.time()
         try:
             manifest = await self.upstream.get_manifest(name, tag)
         except UpstreamError as exc:
@@ -182,7 +192,7 @@ class PullThrough:
             raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
         saved = await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
-                              Outcome.MISS if saved else Outcome.BYPASS)
+                              Outcome.MISS if saved else Outcome.BYPASS, checked + self.tag_ttl if saved else None)
 
     async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
         repo = self._repo(name)

@@ -49,6 +49,7 @@ from .metrics import Metrics
 from .reference import Digest, ParseError, parse_digest
 from .refusals import refusal
 from .store import VERIFIED_MODE, Ingest, Store
+from .zerocopy import read_cached
 
 log = logging.getLogger("mirror.fill")
 T = TypeVar("T")
@@ -140,9 +141,14 @@ class GrowingBlob:
         # The last byte asked for (of the blob, or of a range) waits for the verdict: nothing
         # unverified is ever answered as a success.
         last = stop if stop is not None else self.size
+        buffer = memoryview(bytearray(CHUNK))
         while stop is None or offset < stop:
             want = CHUNK if stop is None else min(CHUNK, stop - offset)
-            data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
+            # What was just written is in the page cache: read right here, without a thread hop
+            # (which, while the fill's own thread hashes, waits for the GIL).
+            data = read_cached(self.fd, buffer[:want], offset)
+            if data is None:
+                data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
             if data:
                 if last is not None and offset + len(data) >= last:
                     if len(data) > 1:

@@ -8,6 +8,8 @@ as soon as they are written, and a client that disconnects stops only its own re
 
 Readers in any process learn the outcome from the file itself:
 
+* mode :data:`~mirror.store.VERIFIED_MODE` -> complete and verified (the leader may still be
+  making it durable: ``fsync`` and rename into ``blobs/`` follow the readers' last byte);
 * lock still held            -> more bytes may come;
 * lock free, and the inode is now ``blobs/...`` -> complete and verified;
 * lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
@@ -184,13 +186,18 @@ class GrowingBlob:
 
 
 def _state(fd: int, final: os.PathLike[str] | str) -> str:
+    # Verified: done, even while the leader still makes it durable (fsync, rename) or after it
+    # was committed and evicted since.  A crash before the rename loses the fetch, never a byte:
+    # the temp file is swept at start-up.
+    if os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE:
+        return "done"
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return "filling"
     fcntl.flock(fd, fcntl.LOCK_UN)
     status = os.fstat(fd)
-    if status.st_mode & 0o777 == VERIFIED_MODE:  # committed (even if evicted since)
+    if status.st_mode & 0o777 == VERIFIED_MODE:  # verified between the two looks
         return "done"
     if status.st_mode & 0o777 == REFUSED_MODE:
         return "refused"

@@ -384,7 +384,7 @@ class Fills:
                     return
                 started.set_result(download.size)
                 await _copy(download.chunks(), ingest)
-            await anyio.to_thread.run_sync(ingest.commit)
+            await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             if not started.done():
@@ -504,6 +504,21 @@ async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, part
         await previous
     if parts:
         await anyio.to_thread.run_sync(_write_all, ingest, parts)
+
+
+async def _to_the_end(work: Callable[[], None]) -> None:
+    """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
+    is raised once it ended).  Readers take a verified fill as done before it is durable (``_state``):
+    a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.
+    The thread's future is not a task, so cancelling every task (``asyncio.run``) does not end it."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        if not done.cancelled():
+            done.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 async def _handed_over(started: "asyncio.Future[T]") -> "T":

@@ -57,6 +57,8 @@ log = logging.getLogger("mirror.fill")
 T = TypeVar("T")
 
 CHUNK = 1 << 20
+#: Most bytes of a fill handed out at once as a span of its file (:meth:`GrowingBlob.spans`).
+SPAN = 64 << 20
 FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
 #: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
@@ -117,25 +119,51 @@ class GrowingBlob:
         offset = start
         try:
             async for data in self._follow(start, end):
+                assert isinstance(data, bytes)
                 offset += len(data)
                 yield data
         except FillRefused:
             if self.fetch is None:
                 raise
-            log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
-            try:
-                bypass = await self.fills.bypass(self.digest, self.fetch)
-            except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
-                raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
-            try:
-                if bypass.size != self.size:
-                    raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
-                async for data in bypass.chunks(offset, end):
-                    yield data
-            finally:
-                bypass.close()
+            async for data in self._bypassed(offset, end):
+                yield data
 
-    async def _follow(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | tuple[int, int]]:
+        """As :meth:`chunks`, but what is already in the file comes as ``(offset, count)``, to send
+        from ``fd`` (``sendfile``) without reading it; the last byte, held back until the verdict,
+        and what comes from the upstream after a refused fill come as bytes."""
+        offset = start
+        try:
+            async for data in self._follow(start, end, spans=True):
+                if isinstance(data, _Span):
+                    offset += data.count
+                    yield data.offset, data.count
+                else:
+                    offset += len(data)
+                    yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            async for piece in self._bypassed(offset, end):
+                yield piece
+
+    async def _bypassed(self, offset: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes ``offset..end`` straight from the upstream, the store having refused the fill."""
+        assert self.fetch is not None
+        log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
+        try:
+            bypass = await self.fills.bypass(self.digest, self.fetch)
+        except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+            raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
+        try:
+            if bypass.size != self.size:
+                raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
+            async for data in bypass.chunks(offset, end):
+                yield data
+        finally:
+            bypass.close()
+
+    async def _follow(self, start: int, end: int | None, *, spans: bool = False) -> AsyncIterator[bytes | _Span]:
         offset = start
         stop = None if end is None else end + 1
         poll = self.fills.poll_interval
@@ -145,23 +173,29 @@ class GrowingBlob:
         last = stop if stop is not None else self.size
         buffer = memoryview(bytearray(CHUNK))
         while stop is None or offset < stop:
-            want = CHUNK if stop is None else min(CHUNK, stop - offset)
-            # What was just written is in the page cache: read right here, without a thread hop
-            # (which, while the fill's own thread hashes, waits for the GIL).
-            data = read_cached(self.fd, buffer[:want], offset)
-            if data is None:
-                data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
+            data: bytes | _Span | None
+            if spans:
+                want = SPAN if stop is None else min(SPAN, stop - offset)
+                data = _Span(offset, max(0, min(want, os.fstat(self.fd).st_size - offset)))
+            else:
+                want = CHUNK if stop is None else min(CHUNK, stop - offset)
+                # What was just written is in the page cache: read right here, without a thread hop
+                # (which, while the fill's own thread hashes, waits for the GIL).
+                data = read_cached(self.fd, buffer[:want], offset)
+                if data is None:
+                    data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
             if data:
                 if last is not None and offset + len(data) >= last:
                     if len(data) > 1:
-                        yield data[:-1]
+                        yield data[:-1] if isinstance(data, bytes) else _Span(offset, len(data) - 1)
                     while (state := self.state()) == "filling":
                         await asyncio.sleep(poll)
                     if state == "refused":
                         raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
                         raise FillFailed(f"{self.digest}: fetch failed verification")
-                    offset, data = offset + len(data) - 1, data[-1:]
+                    offset, data = offset + len(data) - 1, (
+                        data[-1:] if isinstance(data, bytes) else os.pread(self.fd, 1, offset + len(data) - 1))
                 offset += len(data)
                 yield data
                 continue
@@ -183,6 +217,17 @@ class GrowingBlob:
             raise FillRefused(f"{self.digest}: the store refused the fill")
         if state != "done":
             raise FillFailed(f"{self.digest}: fetch failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Bytes ``offset..offset+count`` of a fill's file, not read."""
+
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def _state(fd: int, final: os.PathLike[str] | str) -> str:

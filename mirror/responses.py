@@ -67,11 +67,12 @@ class BlobResponse:
                 end = self.byte_range.end if self.byte_range else None
                 async for piece in self._pieces(scope, start, end):
                     if isinstance(piece, tuple):  # already in a fill's file: sendfile(2) it
+                        assert isinstance(self.source, GrowingBlob)
                         offset, count = piece
-                        message = {"type": zerocopy.EXTENSION, "file": self.source.fd, "offset": offset,
-                                   "count": count, "more_body": True}
+                        message: Message = {"type": zerocopy.EXTENSION, "file": self.source.fd, "offset": offset,
+                                            "count": count, "more_body": True}
                         await send(message)
-                        if message.get("sent", count) < count:
+                        if int(message.get("sent", count)) < count:
                             return  # the client went away or stalled: the connection is closed
                     else:
                         await send({"type": "http.response.body", "body": piece, "more_body": True})

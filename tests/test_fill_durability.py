@@ -37,15 +37,15 @@ def test_kill9_after_the_last_byte_before_durability_loses_only_the_cache_entry(
     for _ in range(ATTEMPTS):
         registry.clear_counts()
         hasher, received = hashlib.sha256(), 0
-        with httpx.Client(timeout=60.0, trust_env=False) as http:
-            with http.stream("GET", f"{mirror.url}{blob_url_path}") as answer:
-                assert answer.status_code == 200
-                for chunk in answer.iter_raw():
-                    hasher.update(chunk)
-                    received += len(chunk)
-                    if received == layer.size:
-                        mirror.kill9()  # the client has every byte: crash before durability if we can
-                        break
+        with httpx.Client(timeout=60.0, trust_env=False) as http, \
+                http.stream("GET", f"{mirror.url}{blob_url_path}") as answer:
+            assert answer.status_code == 200
+            for chunk in answer.iter_raw():
+                hasher.update(chunk)
+                received += len(chunk)
+                if received == layer.size:
+                    mirror.kill9()  # the client has every byte: crash before durability if we can
+                    break
         assert received == layer.size and f"sha256:{hasher.hexdigest()}" == layer.digest
         # Verified but not yet durable: the temp file marked verified, nothing in blobs/.
         window = not stored.exists() and partial.exists() and partial.stat().st_mode & 0o777 == 0o444

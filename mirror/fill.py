@@ -87,12 +87,14 @@ class GrowingBlob:
     """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
 
     def __init__(self, fills: "Fills", digest: Digest, fd: int, size: int | None, coalesced: bool,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, *, verified: bool = False) -> None:
         self.fills = fills
         self.digest = digest
         self.fd = fd
         self.size = size
         self.coalesced = coalesced
+        #: Already verified when joined (its leader was making it durable): served as if stored.
+        self.verified = verified
         #: Where the bytes come from if the store refuses the fill (None: the reader fails instead).
         self.fetch = fetch
         if coalesced:
@@ -475,7 +477,9 @@ class Fills:
             while True:
                 found = _read_meta(meta)
                 if found is not None and found[0] == ino:
-                    return GrowingBlob(self, digest, fd, found[1], coalesced=True, fetch=fetch)
+                    verified = os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=not verified, fetch=fetch,
+                                       verified=verified)
                 state = _state(fd, self.store.blob_path(digest))
                 if state != "filling":
                     os.close(fd)

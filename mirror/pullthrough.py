@@ -296,16 +296,16 @@ class PullThrough:
         """The blob's bytes: from the store, or streaming in from the upstream."""
         name = self.upstream.canonical_name(name)
         repo, key = self._repo(name), str(digest)
-        if self.metadata.is_linked(repo, key):
+        linked = self.metadata.is_linked(repo, key)
+        consented = False
+        if linked:
             stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
         elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:
             # Stored for another repository: serve it here only if the upstream has it here too.
-            try:
-                await self.upstream.head_blob(name, digest)
-            except UpstreamError as exc:
-                raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            await self._consent(name, digest)
+            consented = True
         urls = self._foreign_urls(name, key)
         try:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
@@ -314,6 +314,13 @@ class PullThrough:
             raise _api_error(exc, "BLOB_UNKNOWN") from exc
         if isinstance(source, BypassBlob):
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
+        if isinstance(source, GrowingBlob) and source.verified and not linked and not consented:
+            # Fetched for another repository and verified, only not yet moved into the store: the same.
+            try:
+                await self._consent(name, digest)
+            except APIError:
+                source.close()
+                raise
         try:
             await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
         except Exception as exc:
@@ -322,9 +329,16 @@ class PullThrough:
                 raise
             # Served all the same; the next request finds it stored and links it then.
             log.warning("index refused a link of %s to %s: %s", key, repo, exc)
-        if isinstance(source, StoredBlob):
+        if isinstance(source, StoredBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    async def _consent(self, name: str, digest: Digest) -> None:
+        """The upstream has the blob in this repository too (a HEAD), or the client's error."""
+        try:
+            await self.upstream.head_blob(name, digest)
+        except UpstreamError as exc:
+            raise _api_error(exc, "BLOB_UNKNOWN") from exc
 
     def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``

@@ -8,6 +8,8 @@ as soon as they are written, and a client that disconnects stops only its own re
 
 Readers in any process learn the outcome from the file itself:
 
+* mode :data:`~mirror.store.VERIFIED_MODE` -> complete and verified (the leader may still be
+  making it durable: ``fsync`` and rename into ``blobs/`` follow the readers' last byte);
 * lock still held            -> more bytes may come;
 * lock free, and the inode is now ``blobs/...`` -> complete and verified;
 * lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
@@ -49,11 +51,14 @@ from .metrics import Metrics
 from .reference import Digest, ParseError, parse_digest
 from .refusals import refusal
 from .store import VERIFIED_MODE, Ingest, Store
+from .zerocopy import read_cached
 
 log = logging.getLogger("mirror.fill")
 T = TypeVar("T")
 
 CHUNK = 1 << 20
+#: Most bytes of a fill handed out at once as a span of its file (:meth:`GrowingBlob.spans`).
+SPAN = 64 << 20
 FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
 #: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
@@ -82,12 +87,14 @@ class GrowingBlob:
     """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
 
     def __init__(self, fills: Fills, digest: Digest, fd: int, size: int | None, coalesced: bool,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, *, verified: bool = False) -> None:
         self.fills = fills
         self.digest = digest
         self.fd = fd
         self.size = size
         self.coalesced = coalesced
+        #: Already verified when joined (its leader was making it durable): served as if stored.
+        self.verified = verified
         #: Where the bytes come from if the store refuses the fill (None: the reader fails instead).
         self.fetch = fetch
         if coalesced:
@@ -114,25 +121,51 @@ class GrowingBlob:
         offset = start
         try:
             async for data in self._follow(start, end):
+                assert isinstance(data, bytes)
                 offset += len(data)
                 yield data
         except FillRefused:
             if self.fetch is None:
                 raise
-            log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
-            try:
-                bypass = await self.fills.bypass(self.digest, self.fetch)
-            except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
-                raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
-            try:
-                if bypass.size != self.size:
-                    raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
-                async for data in bypass.chunks(offset, end):
-                    yield data
-            finally:
-                bypass.close()
+            async for data in self._bypassed(offset, end):
+                yield data
 
-    async def _follow(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | tuple[int, int]]:
+        """As :meth:`chunks`, but what is already in the file comes as ``(offset, count)``, to send
+        from ``fd`` (``sendfile``) without reading it; the last byte, held back until the verdict,
+        and what comes from the upstream after a refused fill come as bytes."""
+        offset = start
+        try:
+            async for data in self._follow(start, end, spans=True):
+                if isinstance(data, _Span):
+                    offset += data.count
+                    yield data.offset, data.count
+                else:
+                    offset += len(data)
+                    yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            async for piece in self._bypassed(offset, end):
+                yield piece
+
+    async def _bypassed(self, offset: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes ``offset..end`` straight from the upstream, the store having refused the fill."""
+        assert self.fetch is not None
+        log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
+        try:
+            bypass = await self.fills.bypass(self.digest, self.fetch)
+        except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+            raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
+        try:
+            if bypass.size != self.size:
+                raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
+            async for data in bypass.chunks(offset, end):
+                yield data
+        finally:
+            bypass.close()
+
+    async def _follow(self, start: int, end: int | None, *, spans: bool = False) -> AsyncIterator[bytes | _Span]:
         offset = start
         stop = None if end is None else end + 1
         poll = self.fills.poll_interval
@@ -140,20 +173,31 @@ class GrowingBlob:
         # The last byte asked for (of the blob, or of a range) waits for the verdict: nothing
         # unverified is ever answered as a success.
         last = stop if stop is not None else self.size
+        buffer = memoryview(bytearray(CHUNK))
         while stop is None or offset < stop:
-            want = CHUNK if stop is None else min(CHUNK, stop - offset)
-            data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
+            data: bytes | _Span | None
+            if spans:
+                want = SPAN if stop is None else min(SPAN, stop - offset)
+                data = _Span(offset, max(0, min(want, os.fstat(self.fd).st_size - offset)))
+            else:
+                want = CHUNK if stop is None else min(CHUNK, stop - offset)
+                # What was just written is in the page cache: read right here, without a thread hop
+                # (which, while the fill's own thread hashes, waits for the GIL).
+                data = read_cached(self.fd, buffer[:want], offset)
+                if data is None:
+                    data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
             if data:
                 if last is not None and offset + len(data) >= last:
                     if len(data) > 1:
-                        yield data[:-1]
+                        yield data[:-1] if isinstance(data, bytes) else _Span(offset, len(data) - 1)
                     while (state := self.state()) == "filling":
                         await asyncio.sleep(poll)
                     if state == "refused":
                         raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
                         raise FillFailed(f"{self.digest}: fetch failed verification")
-                    offset, data = offset + len(data) - 1, data[-1:]
+                    offset, data = offset + len(data) - 1, (
+                        data[-1:] if isinstance(data, bytes) else os.pread(self.fd, 1, offset + len(data) - 1))
                 offset += len(data)
                 yield data
                 continue
@@ -177,14 +221,30 @@ class GrowingBlob:
             raise FillFailed(f"{self.digest}: fetch failed")
 
 
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Bytes ``offset..offset+count`` of a fill's file, not read."""
+
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def _state(fd: int, final: os.PathLike[str] | str) -> str:
+    # Verified: done, even while the leader still makes it durable (fsync, rename) or after it
+    # was committed and evicted since.  A crash before the rename loses the fetch, never a byte:
+    # the temp file is swept at start-up.
+    if os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE:
+        return "done"
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return "filling"
     fcntl.flock(fd, fcntl.LOCK_UN)
     status = os.fstat(fd)
-    if status.st_mode & 0o777 == VERIFIED_MODE:  # committed (even if evicted since)
+    if status.st_mode & 0o777 == VERIFIED_MODE:  # verified between the two looks
         return "done"
     if status.st_mode & 0o777 == REFUSED_MODE:
         return "refused"
@@ -371,7 +431,7 @@ class Fills:
                     return
                 started.set_result(download.size)
                 await _copy(download.chunks(), ingest)
-            await anyio.to_thread.run_sync(ingest.commit)
+            await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             if not started.done():
@@ -417,7 +477,9 @@ class Fills:
             while True:
                 found = _read_meta(meta)
                 if found is not None and found[0] == ino:
-                    return GrowingBlob(self, digest, fd, found[1], coalesced=True, fetch=fetch)
+                    verified = os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=not verified, fetch=fetch,
+                                       verified=verified)
                 state = _state(fd, self.store.blob_path(digest))
                 if state != "filling":
                     os.close(fd)
@@ -491,6 +553,21 @@ async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, part
         await previous
     if parts:
         await anyio.to_thread.run_sync(_write_all, ingest, parts)
+
+
+async def _to_the_end(work: Callable[[], None]) -> None:
+    """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
+    is raised once it ended).  Readers take a verified fill as done before it is durable (``_state``):
+    a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.
+    The thread's future is not a task, so cancelling every task (``asyncio.run``) does not end it."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        if not done.cancelled():
+            done.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 async def _handed_over(started: asyncio.Future[T]) -> T:

@@ -1,9 +1,16 @@
-"""Repeated manifest GETs by digest, answered from memory before the router.
+"""Repeated manifest GETs by digest, and by fresh tag, answered from memory before the router.
 
 A manifest named by digest never changes, so once the routes have served one for a path they
 :meth:`ManifestMemo.remember` the whole answer, and :class:`MemoManifests` (pure ASGI, innermost
 middleware: after authentication, inside the metrics and the access log) answers the next
 ``GET``/``HEAD`` of that path itself, without the router, the request objects or the index.
+
+An answer by tag is remembered under its path and ``Accept`` header (an index may be answered
+with one of its manifests to a client that cannot read indexes), and only while it is fresh: a
+pull-through tag until one ``cache.tag_ttl`` after the upstream last confirmed it, when the
+routes ask the upstream again; a pushed tag until the index moves.  Moving a tag moves the
+generation (:meth:`~mirror.metadata.Metadata.set_tag`), so a push, a delete or another worker
+seeing the upstream move the tag ends the answer in every process at once.
 
 What a memo may not do is outlive the right to serve: the link between the repository and the
 digest can be withdrawn (a ``DELETE``, eviction, garbage collection, ``fsck --repair``), or the
@@ -17,6 +24,7 @@ Requests with a query string (``?ns=``) or ``If-None-Match`` take the ordinary r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +43,13 @@ class Answer:
     body: bytes
     #: Records the use for eviction's least-recently-used order (pull-through repositories).
     touch: Callable[[], None] | None
+    #: ``time.time()`` from which the answer is no longer given (a tag's freshness), or None.
+    expires: float | None = None
+
+
+def accept_key(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request's ``Accept`` headers as one value: what an answer by tag is remembered under."""
+    return b", ".join(value for key, value in headers if key == b"accept")
 
 
 class ManifestMemo:
@@ -42,7 +57,8 @@ class ManifestMemo:
         self.max_bytes = max_bytes
         self._generation: Generation | None = None
         self._seen = b""
-        self._answers: dict[str, Answer] = {}
+        #: By path (a digest), or by path and :func:`accept_key` (a tag).
+        self._answers: dict[str | tuple[str, bytes], Answer] = {}
         self._size = 0
 
     def attach(self, generation: Generation | None) -> None:
@@ -66,10 +82,13 @@ class ManifestMemo:
         return now
 
     def remember(self, path: str, stamp: bytes | None, *, body: bytes, media_type: str, digest: str,
-                 outcome: str, touch: Callable[[], None] | None) -> None:
-        """Keep the answer for *path*, unless the index changed since *stamp* was read."""
+                 outcome: str, touch: Callable[[], None] | None, accept: bytes | None = None,
+                 expires: float | None = None) -> None:
+        """Keep the answer for *path* (for a tag: and *accept*, until *expires*, a ``time.time()``),
+        unless the index changed since *stamp* was read."""
         if stamp is None or self._current() != stamp or len(body) > self.max_bytes:
             return
+        key: str | tuple[str, bytes] = path if accept is None else (path, accept)
         headers = [
             (b"content-type", media_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
@@ -78,18 +97,27 @@ class ManifestMemo:
             (b"etag", f'"{digest}"'.encode()),
             (b"x-mirror-cache", outcome.encode()),
         ]
-        old = self._answers.pop(path, None)
+        old = self._answers.pop(key, None)
         if old is not None:
             self._size -= len(old.body)
-        self._answers[path] = Answer(headers, body, touch)
+        self._answers[key] = Answer(headers, body, touch, expires)
         self._size += len(body)
         while self._size > self.max_bytes:
             self._size -= len(self._answers.pop(next(iter(self._answers))).body)
 
-    def lookup(self, path: str) -> Answer | None:
+    def lookup(self, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Answer | None:
+        """The answer for *path* by digest, else by tag with the request's *headers*' ``Accept``."""
         if self._current() is None:
             return None
-        return self._answers.get(path)
+        answer = self._answers.get(path)
+        if answer is None and headers is not None:
+            key = (path, accept_key(headers))
+            answer = self._answers.get(key)
+            if answer is not None and answer.expires is not None and time.time() >= answer.expires:
+                del self._answers[key]
+                self._size -= len(answer.body)
+                return None
+        return answer
 
 
 class MemoManifests:
@@ -102,7 +130,7 @@ class MemoManifests:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["query_string"] and scope["method"] in ("GET", "HEAD") \
                 and "/manifests/" in scope["path"]:
-            answer = self.memo.lookup(scope["path"])
+            answer = self.memo.lookup(scope["path"], scope["headers"])
             if answer is not None and not any(key == b"if-none-match" for key, _ in scope["headers"]):
                 if answer.touch is not None:
                     answer.touch()

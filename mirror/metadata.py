@@ -122,12 +122,17 @@ class Metadata:
         return None if value is None else TagRecord(*value)
 
     def set_tag(self, repo: str, tag: str, record: TagRecord) -> None:
+        """Point *tag* at a manifest; moving it from another one withdraws that answer (the
+        generation moves: answers by tag kept in memory are dropped)."""
         with self._cache.transact():
+            old = self._cache.get(f"tag/{repo}:{tag}")
             self._cache.set(f"tag/{repo}:{tag}", (record.digest, record.media_type, record.fetched_at))
             known = self._cache.get(f"tags/{repo}", ())
             if tag not in known:
                 self._cache.set(f"tags/{repo}", tuple(sorted((*known, tag))))
             self._register(repo)
+        if old is not None and tuple(old[:2]) != (record.digest, record.media_type):
+            self.generation.bump()
 
     def untag(self, repo: str, tag: str) -> bool:
         """Forget a tag; False if it was not known."""

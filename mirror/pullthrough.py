@@ -72,6 +72,9 @@ class ManifestResult:
     media_type: str
     digest: str
     outcome: Outcome
+    #: For an answer by tag: the ``time.time()`` until which it may be given again without asking
+    #: the upstream (one ``tag_ttl`` after the upstream last confirmed it); None otherwise.
+    fresh_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,14 @@ class PullThrough:
         record = self.metadata.get_tag(repo, tag)
         cached = await self._stored_manifest(record.digest) if record else None
         if record is not None and cached is not None:
-            if time.time() - record.fetched_at < self.tag_ttl or self.metadata.is_pinned(repo, record.digest):
-                # Fresh, or preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
-                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+            if time.time() - record.fetched_at < self.tag_ttl:
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      record.fetched_at + self.tag_ttl)
+            if self.metadata.is_pinned(repo, record.digest):
+                # Preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      time.time() + self.tag_ttl)
+            checked = time.time()
             try:
                 head = await self.upstream.head_manifest(name, tag)
             except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
@@ -176,7 +184,9 @@ class PullThrough:
                         raise
                     refreshed = True  # still stored, still the upstream's: only its check time is not saved
                 if refreshed:
-                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT)
+                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                          checked + self.tag_ttl)
+        checked = time.time()
         try:
             manifest = await self.upstream.get_manifest(name, tag)
         except UpstreamError as exc:
@@ -187,7 +197,7 @@ class PullThrough:
             raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
         saved = await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
-                              Outcome.MISS if saved else Outcome.BYPASS)
+                              Outcome.MISS if saved else Outcome.BYPASS, checked + self.tag_ttl if saved else None)
 
     async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
         repo = self._repo(name)
@@ -294,16 +304,16 @@ class PullThrough:
         """The blob's bytes: from the store, or streaming in from the upstream."""
         name = self.upstream.canonical_name(name)
         repo, key = self._repo(name), str(digest)
-        if self.metadata.is_linked(repo, key):
+        linked = self.metadata.is_linked(repo, key)
+        consented = False
+        if linked:
             stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
         elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:
             # Stored for another repository: serve it here only if the upstream has it here too.
-            try:
-                await self.upstream.head_blob(name, digest)
-            except UpstreamError as exc:
-                raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            await self._consent(name, digest)
+            consented = True
         urls = self._foreign_urls(name, key)
         try:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
@@ -313,6 +323,13 @@ class PullThrough:
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
+        if isinstance(source, GrowingBlob) and source.verified and not linked and not consented:
+            # Fetched for another repository and verified, only not yet moved into the store: the same.
+            try:
+                await self._consent(name, digest)
+            except APIError:
+                source.close()
+                raise
         try:
             await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
         except Exception as exc:
@@ -321,7 +338,7 @@ class PullThrough:
                 raise
             # Served all the same; the next request finds it stored and links it then.
             log.warning("index refused a link of %s to %s: %s", key, repo, exc)
-        if isinstance(source, StoredBlob):
+        if isinstance(source, StoredBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 
@@ -336,6 +353,13 @@ class PullThrough:
                             "upstream.foreign_layers: fetch for clients that do not (dockerd)",
                             detail={"digest": digest, "urls": list(urls)})
         return error
+
+    async def _consent(self, name: str, digest: Digest) -> None:
+        """The upstream has the blob in this repository too (a HEAD), or the client's error."""
+        try:
+            await self.upstream.head_blob(name, digest)
+        except UpstreamError as exc:
+            raise _api_error(exc, "BLOB_UNKNOWN") from exc
 
     def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``

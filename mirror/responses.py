@@ -5,7 +5,8 @@ better.  Over plain HTTP a stored blob goes from the page cache to the socket wi
 ``sendfile(2)`` (``zerocopy.py``).  Otherwise (TLS) it goes out in 256 KiB chunks read
 straight from the page cache on the event loop (``RWF_NOWAIT``: such a read never waits for
 the disk); only a chunk that is not cached is read in a worker thread.  A blob still arriving from the upstream
-is sent as it grows, and one the store cannot take as the upstream sends it.  None ever holds a blob
+is sent as it grows (over plain HTTP, what is already written with ``sendfile(2)`` too), and one the
+store cannot take as the upstream sends it.  None ever holds a blob
 in memory, and all stop reading as soon as the client goes away.
 """
 
@@ -65,8 +66,17 @@ class BlobResponse:
             try:
                 start = self.byte_range.start if self.byte_range else 0
                 end = self.byte_range.end if self.byte_range else None
-                async for chunk in self._chunks(start, end):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                async for piece in self._pieces(scope, start, end):
+                    if isinstance(piece, tuple):  # already in a fill's file: sendfile(2) it
+                        assert isinstance(self.source, GrowingBlob)
+                        offset, count = piece
+                        message: Message = {"type": zerocopy.EXTENSION, "file": self.source.fd, "offset": offset,
+                                            "count": count, "more_body": True}
+                        await send(message)
+                        if int(message.get("sent", count)) < count:
+                            return  # the client went away or stalled: the connection is closed
+                    else:
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
                     if disconnected.is_set():
                         return
                 await send({"type": "http.response.body", "body": b""})
@@ -82,6 +92,13 @@ class BlobResponse:
                     await watcher
         finally:
             self.source.close()
+
+    def _pieces(self, scope: Scope, start: int, end: int | None) -> AsyncIterator[bytes | tuple[int, int]]:
+        """Body bytes, or for a fill followed over plain HTTP ``(offset, count)`` spans of its file
+        (sendfile needs a ``Content-Length``: not for a blob whose size the upstream did not announce)."""
+        if isinstance(self.source, GrowingBlob) and "Content-Length" in self.headers and zerocopy.available(scope):
+            return self.source.spans(start, end)
+        return self._chunks(start, end)
 
     def _chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         if not isinstance(self.source, StoredBlob):

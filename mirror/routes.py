@@ -21,7 +21,7 @@ from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
 from .manifest import OCI_INDEX, accepted
-from .memo import ManifestMemo
+from .memo import ManifestMemo, accept_key
 from .pullthrough import ManifestResult, PullThrough, _paginate
 from .pushed import referrers_index
 from .reference import (
@@ -148,9 +148,11 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
     # Clients such as dockerd send one Accept header per media type.
     accept = accepted(", ".join(request.headers.getlist("accept")))
     memo: ManifestMemo = request.state.memo
-    stamp = memo.stamp() if isinstance(reference, Digest) and not request.scope["query_string"] else None
+    stamp = memo.stamp() if not request.scope["query_string"] else None
     touch = None
     result: StoredManifest | ManifestResult
+    # How long an answer by tag may be given from memory: a pushed tag until the index moves.
+    fresh_until: float | None = None
     if local.is_local(name):
         result = await local.manifest(name, reference, accept)
         outcome = "LOCAL"
@@ -158,10 +160,16 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
         pulled = await pull.manifest(cached_name, reference, accept)
         result, outcome = pulled, pulled.outcome.value
         touch = pull.toucher(cached_name, result.digest)
-    # The same answer for this path from now on, until the index withdraws it (unless it was not stored).
-    if stamp is not None and outcome != "BYPASS":
+        fresh_until = pulled.fresh_until
+        if not isinstance(reference, Digest) and fresh_until is None:
+            stamp = None  # stale, or not stored: ask again next time
+    # The same answer for this path from now on, until the index withdraws it (unless it was not
+    # stored), or for a tag while it is fresh (``memo.py``).
+    if stamp is not None and outcome not in ("BYPASS", "STALE"):
         memo.remember(request.scope["path"], stamp, body=result.body, media_type=result.media_type,
-                      digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch)
+                      digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch,
+                      accept=None if isinstance(reference, Digest) else accept_key(request.scope["headers"]),
+                      expires=fresh_until)
     headers = {
         **API_HEADERS,
         "Docker-Content-Digest": result.digest,

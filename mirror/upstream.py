@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from .config import UpstreamConfig
@@ -65,6 +66,27 @@ log = logging.getLogger("mirror.upstream")
 
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
+#: Bytes asked of the socket per read of an upstream answer.  httpcore asks 64 KiB; a blob body
+#: then costs a pass through httpcore, h11 and httpx every 64 KiB, which kept a cold fill on the
+#: event loop at ~300 MB/s (``tests/bench/README.md``).  A read returns what the socket holds, so a
+#: larger one never waits for more.
+READ_BYTES = 1 << 20
+
+
+def larger_reads() -> bool:
+    """Make httpcore's HTTP/1.1 connections read :data:`READ_BYTES` at a time; whether they do.
+
+    ``AsyncHTTP11Connection.READ_NUM_BYTES`` is httpcore's own class constant, not public API
+    (pyproject bounds httpcore to the releases that have it).  When it is gone, one warning is logged
+    and answers are read httpcore's way: slower cold fills, nothing else.
+    """
+    connection = getattr(httpcore, "AsyncHTTP11Connection", None)
+    if not isinstance(getattr(connection, "READ_NUM_BYTES", None), int):
+        log.warning("httpcore %s has no AsyncHTTP11Connection.READ_NUM_BYTES: upstream answers are read "
+                    "64 KiB at a time (slower cold pulls)", getattr(httpcore, "__version__", "?"))
+        return False
+    connection.READ_NUM_BYTES = READ_BYTES  # type: ignore[union-attr]
+    return True
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
@@ -406,6 +428,7 @@ class Upstream:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self.larger_reads = larger_reads()
         self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
         self.client = httpx.AsyncClient(
             base_url=config.url,

@@ -172,7 +172,7 @@ async def read_chunks(fd: int, offset: int, count: int) -> AsyncIterator[bytes]:
     end = offset + count
     while offset < end:
         want = min(len(buffer), end - offset)
-        data = _read_cached(fd, buffer[:want], offset)
+        data = read_cached(fd, buffer[:want], offset)
         if data is None:
             data = await anyio.to_thread.run_sync(os.pread, fd, want, offset)
         if not data:
@@ -181,7 +181,7 @@ async def read_chunks(fd: int, offset: int, count: int) -> AsyncIterator[bytes]:
         yield data
 
 
-def _read_cached(fd: int, buffer: memoryview, offset: int) -> bytes | None:
+def read_cached(fd: int, buffer: memoryview, offset: int) -> bytes | None:
     """Bytes at *offset* that the page cache holds (up to ``len(buffer)``); None if reading would block.
 
     A worker-thread hop per chunk costs more CPU than the copy itself, and under load each

@@ -644,3 +644,21 @@ def test_bad_input_gets_the_right_error_and_touches_nothing(
     # Still healthy after all of that.
     good = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": ALL_TYPES})
     assert good.status_code == 200 and good.content == images.small.manifest
+
+
+def test_upstream_answers_are_read_a_mebibyte_at_a_time_or_httpcores_way(caplog: pytest.LogCaptureFixture) -> None:
+    """httpcore's read size is its own class constant: set where it exists, a warning where it is gone."""
+    import httpcore
+
+    from mirror import upstream
+
+    assert upstream.larger_reads() is True
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == upstream.READ_BYTES == 1 << 20
+    saved = httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
+    try:
+        del httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
+        with caplog.at_level("WARNING", logger="mirror.upstream"):
+            assert upstream.larger_reads() is False
+        assert "READ_NUM_BYTES" in caplog.text and "64 KiB" in caplog.text
+    finally:
+        httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = saved

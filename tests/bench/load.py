@@ -36,6 +36,8 @@ class BlobClient:
         self._sock = socket.create_connection((parts.hostname, parts.port), timeout=SOCKET_TIMEOUT)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._view = memoryview(bytearray(RECV_BYTES))
+        #: ``perf_counter()`` when the last :meth:`get` received its first body byte.
+        self.first_byte = 0.0
 
     def __enter__(self) -> Self:
         return self
@@ -50,6 +52,12 @@ class BlobClient:
         head, early = self._read_head()
         length = _content_length(head, path)
         remaining = length - early
+        if early == 0 and remaining > 0:
+            count = self._sock.recv_into(self._view, min(remaining, RECV_BYTES))
+            if count == 0:
+                raise ConnectionError(f"GET {path}: connection closed before the body")
+            remaining -= count
+        self.first_byte = time.perf_counter()
         while remaining > 0:
             count = self._sock.recv_into(self._view, min(remaining, RECV_BYTES))
             if count == 0:
@@ -91,6 +99,8 @@ class Downloads:
     bytes: int
     seconds: float
     client_cpu: float
+    #: Seconds from the start until the slowest client's first body byte (of its first GET).
+    first_byte: float = 0.0
 
     @property
     def gb_per_s(self) -> float:
@@ -103,6 +113,7 @@ def download(base_url: str, path: str, clients: int, repeats: int) -> Downloads:
     The clock runs from the moment every client is connected until the last one is done.
     """
     totals = [0] * clients
+    first_bytes = [0.0] * clients
     errors: list[BaseException] = []
     started: list[float] = []
     barrier = threading.Barrier(clients, action=lambda: started.append(time.perf_counter()))
@@ -111,8 +122,10 @@ def download(base_url: str, path: str, clients: int, repeats: int) -> Downloads:
         try:
             with BlobClient(base_url) as client:
                 barrier.wait()
-                for _ in range(repeats):
+                for repeat in range(repeats):
                     totals[slot] += client.get(path)
+                    if repeat == 0:
+                        first_bytes[slot] = client.first_byte
         except (OSError, RuntimeError, ValueError) as exc:  # handed to the caller below
             errors.append(exc)
             barrier.abort()
@@ -128,7 +141,7 @@ def download(base_url: str, path: str, clients: int, repeats: int) -> Downloads:
     if errors:
         cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         raise RuntimeError(f"a client failed on {base_url}{path}: {cause!r}") from cause
-    return Downloads(clients, sum(totals), finished - started[0], cpu)
+    return Downloads(clients, sum(totals), finished - started[0], cpu, max(first_bytes) - started[0])
 
 
 def _own_cpu() -> float:

@@ -1,0 +1,68 @@
+"""A pull-through fill becomes durable after its readers' last byte (``fill.py``): the bytes are
+verified first, and a crash before the ``fsync`` and rename loses the cache entry, never a byte.
+Real upstream registry, real mirror process, SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.support.images import build_image, random_layer
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.test_gc import mirror_cli
+
+MIB = 1 << 20
+ATTEMPTS = 5
+
+
+def test_kill9_after_the_last_byte_before_durability_loses_only_the_cache_entry(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    registry = upstream_factory()
+    layer = random_layer(tmp_path, 64 * MIB, seed=15, compressed=False)
+    registry.push_image("library/big", "1", build_image(tmp_path, [layer]))
+    hex_ = layer.digest.removeprefix("sha256:")
+    blob_url_path = f"/v2/library/big/blobs/{layer.digest}"
+    mirror = mirror_factory(registry.url)
+    partial = mirror.data_dir / "tmp" / f"sha256-{hex_}.partial"
+    stored = mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+
+    caught = 0
+    for _ in range(ATTEMPTS):
+        registry.clear_counts()
+        hasher, received = hashlib.sha256(), 0
+        with httpx.Client(timeout=60.0, trust_env=False) as http, \
+                http.stream("GET", f"{mirror.url}{blob_url_path}") as answer:
+            assert answer.status_code == 200
+            for chunk in answer.iter_raw():
+                hasher.update(chunk)
+                received += len(chunk)
+                if received == layer.size:
+                    mirror.kill9()  # the client has every byte: crash before durability if we can
+                    break
+        assert received == layer.size and f"sha256:{hasher.hexdigest()}" == layer.digest
+        # Verified but not yet durable: the temp file marked verified, nothing in blobs/.
+        window = not stored.exists() and partial.exists() and partial.stat().st_mode & 0o777 == 0o444
+        mirror.start()  # the start-up sweep removes what the dead leader left in tmp/
+        check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+        assert check.returncode == 0, check.stdout
+        if window:
+            caught += 1
+            assert not partial.exists() and not stored.exists()
+        # Served right after the crash: fetched again if it was lost, from the store otherwise.
+        again = httpx.get(f"{mirror.url}{blob_url_path}", timeout=60.0, trust_env=False)
+        assert again.status_code == 200 and hashlib.sha256(again.content).hexdigest() == hex_
+        fetched = registry.count("GET", re.compile(f"^{re.escape(blob_url_path)}$"))
+        assert fetched == (2 if window else 1)
+        if caught:
+            break
+        mirror.kill9()  # start cold again
+        mirror.start()
+        stored.unlink(missing_ok=True)
+    assert caught, f"the crash never landed between the last byte and durability in {ATTEMPTS} attempts"

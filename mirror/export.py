@@ -324,6 +324,7 @@ class Exporter:
             if isinstance(result.source, GrowingBlob):
                 async for _ in result.source.chunks():
                     pass
+                await result.source.fills.settled()  # the blob is in the store once its fill ended
         except FillFailed as exc:
             raise ExportError(f"{image.text}: fetching blob {digest} from the upstream failed: {exc}") from None
         finally:

@@ -489,6 +489,12 @@ class Fills:
             os.close(fd)
             raise
 
+    async def settled(self) -> None:
+        """Wait until every fill this process leads has ended: verified fills are then in the store
+        (their ``fsync`` and rename follow the last byte readers get), failed ones gone."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()

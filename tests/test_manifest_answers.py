@@ -29,6 +29,7 @@ from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.schema1 import SCHEMA1_SIGNED, Schema1, b64url, signed_schema1
 from tests.support.storecheck import fsck_clean, mirror_cli, stored_objects
+from tests.support.waiting import wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
@@ -333,6 +334,8 @@ def test_collection_keeps_a_schema1_image_and_its_layers(
     assert request(mirror, "old", "1").status_code == 200
     for layer in old_image.layers:
         assert http.get(f"{mirror.url}/v2/old/blobs/{layer.digest}").status_code == 200
+    # A fill is synced and moved into blobs/ just after its client's last byte.
+    wait_for(lambda: not any((mirror.data_dir / "tmp").iterdir()), what="the fills to be stored")
     before = stored(mirror)
     done = mirror_cli("gc", "--data", mirror.data_dir, env={"MIRROR_GC_GRACE": "0s"})
     assert done.returncode == 0 and done.stdout.startswith("freed 0 objects"), done.stdout + done.stderr

@@ -3,6 +3,7 @@ checks that it holds nothing wrong."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .mirror import PROJECT_ROOT
-from .waiting import wait_for
+from .waiting import eventually, wait_for
 
 
 def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None,
@@ -28,9 +29,33 @@ def stored_objects(data_dir: Path) -> dict[str, Path]:
     return {f"{p.parent.parent.name}:{p.name}": p for p in sorted((data_dir / "blobs").rglob("*")) if p.is_file()}
 
 
+def fills_running(data_dir: Path) -> bool:
+    """Whether a process is filling an object: a fill file in ``DATA/tmp`` is locked (its leader holds
+    it until the object is synced and moved into ``blobs/``, just after the client's last byte)."""
+    for path in (data_dir / "tmp").glob("*.partial"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def settle(data_dir: Path, timeout: float = 5.0) -> None:
+    """Give fills that are ending (their client already has every byte) up to *timeout* seconds to
+    reach the store; fills held open on purpose are left as they are."""
+    eventually(lambda: not fills_running(data_dir), timeout)
+
+
 def verified_objects(data_dir: Path) -> set[str]:
     """The digests of every object under ``DATA/blobs``, after checking that each file sits where its
-    name says and hashes to it."""
+    name says and hashes to it (fills ending are given a moment first: :func:`settle`)."""
+    settle(data_dir)
     found = set()
     for digest, path in stored_objects(data_dir).items():
         algorithm, _, hex_ = digest.partition(":")
@@ -44,6 +69,7 @@ def verified_objects(data_dir: Path) -> set[str]:
 
 def fsck_clean(data_dir: Path, *, verify_content: bool = True) -> str:
     """``mirror fsck`` (``--verify-content``) of *data_dir* finds nothing wrong; its report."""
+    settle(data_dir)
     done = mirror_cli("fsck", "--data", data_dir, *(["--verify-content"] if verify_content else []))
     assert done.returncode == 0 and done.stdout.rstrip().endswith("clean"), done.stdout + done.stderr
     return done.stdout

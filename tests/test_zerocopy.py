@@ -43,13 +43,15 @@ def test_stored_blobs_go_out_through_sendfile(
     metrics = f"{mirror.url}/metrics"
     assert value(scrape(metrics), SENDFILE) == 0
     assert get_blobs(mirror, images) == ["MISS"] * len(images.small.layers)
-    assert value(scrape(metrics), SENDFILE) == 0  # streamed as it arrived from the upstream
+    total = sum(layer.size for layer in images.small.layers)
+    # A fill's readers may get what is already written by sendfile too (GrowingBlob.spans).
+    cold = value(scrape(metrics), SENDFILE)
+    assert 0 <= cold <= total
     logged = blob_bytes_logged(mirror)
 
     assert get_blobs(mirror, images) == ["HIT"] * len(images.small.layers)
-    total = sum(layer.size for layer in images.small.layers)
     samples = scrape(metrics)
-    assert value(samples, SENDFILE) == total
+    assert value(samples, SENDFILE) - cold == total  # every byte of a stored blob
     assert value(samples, "mirror_http_response_bytes_total", route="blob") == 2 * total
     assert blob_bytes_logged(mirror) - logged == total
     # A range, too.
@@ -57,7 +59,7 @@ def test_stored_blobs_go_out_through_sendfile(
     answer = httpx.get(f"{mirror.url}/v2/library/small/blobs/{layer.digest}", headers={"range": "bytes=100-4195"},
                        trust_env=False, timeout=30)
     assert answer.status_code == 206 and answer.content == layer.path.read_bytes()[100:4196]
-    assert value(scrape(metrics), SENDFILE) == total + 4096
+    assert value(scrape(metrics), SENDFILE) - cold == total + 4096
     assert WARNING not in mirror.log_tail(200)
 
 

@@ -15,6 +15,7 @@ from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import settle
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 SECOND = "registry.test"
@@ -56,6 +57,7 @@ def test_requests_are_routed_by_ns_and_by_path_prefix(
     # The same blobs through the second upstream are stored once: its manifest vouches for them.
     for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
         assert client.fetch_blob_digest(mirror.url, "small", digest, client=http)[0] == digest
+    settle(mirror.data_dir)  # fills are synced and moved into blobs/ just after their last byte
     stored = sorted(p.name for p in (mirror.data_dir / "blobs").rglob("*") if p.is_file())
     second.clear_counts()
     assert manifest(http, f"{mirror.url}/v2/org/app/manifests/1?ns={SECOND}").content == images.small.manifest

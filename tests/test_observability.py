@@ -28,6 +28,7 @@ from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import settle
 from tests.support.waiting import eventually
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -53,6 +54,7 @@ def blob_bytes(image: Image) -> int:
 
 
 def store_files(data_dir: Path) -> list[Path]:
+    settle(data_dir)  # fills are synced and moved into blobs/ just after their last byte
     return [p for p in (data_dir / "blobs").rglob("*") if p.is_file()]
 
 

@@ -3,13 +3,15 @@ checks that it holds nothing wrong."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from mirror.fill import fills_in_progress
+from mirror.store import Store
 
 from .mirror import PROJECT_ROOT
 from .waiting import eventually, wait_for
@@ -30,20 +32,9 @@ def stored_objects(data_dir: Path) -> dict[str, Path]:
 
 
 def fills_running(data_dir: Path) -> bool:
-    """Whether a process is filling an object: a fill file in ``DATA/tmp`` is locked (its leader holds
-    it until the object is synced and moved into ``blobs/``, just after the client's last byte)."""
-    for path in (data_dir / "tmp").glob("*.partial"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-    return False
+    """Whether a process is filling an object: the mirror's own probe (a locked fill file in
+    ``DATA/tmp``; its leader holds it until the object is synced and moved into ``blobs/``)."""
+    return bool(fills_in_progress(Store(data_dir)))
 
 
 def settle(data_dir: Path, timeout: float = 5.0) -> None:

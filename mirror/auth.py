@@ -56,9 +56,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import AuthConfig
+from .endpoints import endpoint
 from .errors import APIError, error_response
 from .htpasswd import Htpasswd
-from .reference import NAME_RE
 
 TOKEN_PATH = "/auth/token"
 OPERATOR_PREFIX = "/_mirror/"
@@ -66,8 +66,6 @@ TOKEN_TTL = 300
 MAX_FAILED_LOGINS = 10
 FAILED_LOGIN_WINDOW = 60.0
 KEY_BYTES = 32
-_UPLOAD_RE = re.compile(r"(?P<name>.+)/blobs/uploads/[^/]*")
-_REPO_RE = re.compile(r"(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list|referrers/[^/]+)")
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
@@ -197,21 +195,6 @@ class FailedLogins:
         self._failures.setdefault(address, []).append(now)
 
 
-def _need(method: str, path: str) -> tuple[str, str | None]:
-    """(``ping`` | ``pull`` | ``push`` | ``delete``, repository name if the path names one)."""
-    rest = path[len("/v2/"):] if path.startswith("/v2/") else ""
-    if not rest:
-        return ("ping" if method in ("GET", "HEAD") else "push"), None
-    upload = _UPLOAD_RE.fullmatch(rest)
-    if upload:
-        return "push", upload.group("name")
-    repo = _REPO_RE.fullmatch(rest)
-    name = repo.group("name") if repo else None
-    if method in ("GET", "HEAD"):
-        return "pull", name
-    return ("delete" if method == "DELETE" else "push"), name
-
-
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, config: AuthConfig, key_path: Path, tmp_dir: Path) -> None:
         assert config.htpasswd_path is not None
@@ -252,11 +235,12 @@ class AuthMiddleware:
     async def _check(self, scope: Scope) -> Response | None:
         """None when the request may go on, else the answer refusing it."""
         head = scope["method"] == "HEAD"
-        need, name = _need(scope["method"], scope["path"])
+        found = endpoint(scope["path"], scope["method"])
+        need, repository = found.action, found.repository
         try:
             who = await self._identify(scope)
         except Rejected as exc:
-            return self._challenge(scope, name, need, str(exc), error="invalid_token")
+            return self._challenge(scope, repository, need, str(exc), error="invalid_token")
         except Throttled as exc:
             return _throttled(exc, head)
         if need == "ping":
@@ -264,13 +248,14 @@ class AuthMiddleware:
         elif need == "pull":
             allowed = who.user is not None or self.config.anonymous_pull
         else:
-            allowed = who.user is not None and self.config.may_write(who.user, name)
+            allowed = who.user is not None and self.config.may_write(who.user, found.name)
         if allowed:
             return None
         if who.user is not None:
+            name = found.name
             return error_response(APIError("DENIED", f"{who.user} may not {need} {name or 'here'}",
                                            detail={"name": name, "action": need}), head=head)
-        return self._challenge(scope, name, need, "authentication required",
+        return self._challenge(scope, repository, need, "authentication required",
                                error="insufficient_scope" if who.presented else None)
 
     async def _identify(self, scope: Scope) -> Identity:
@@ -307,10 +292,11 @@ class AuthMiddleware:
 
     def _challenge(self, scope: Scope, name: str | None, need: str, message: str,
                    error: str | None = None) -> Response:
+        """401 with the challenge for this mode; a token challenge names the scope of a valid *name*."""
         realm = self.config.htpasswd_realm
         if self.config.anonymous_pull:
             challenge = f'Bearer realm="{_origin(scope)}{TOKEN_PATH}",service="{realm}"'
-            if name is not None and NAME_RE.fullmatch(name):
+            if name is not None:
                 actions = "pull" if need in ("pull", "ping") else "pull,push" if need == "push" else "delete"
                 challenge += f',scope="repository:{name}:{actions}"'
             if error:

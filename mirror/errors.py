@@ -14,6 +14,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from .endpoints import API_HEADERS
+
 
 @dataclass(frozen=True)
 class ErrorCode:
@@ -72,7 +74,7 @@ def error_response(exc: APIError, *, head: bool = False) -> Response:
     if exc.detail is not None:
         entry["detail"] = exc.detail
     body = json.dumps({"errors": [entry]}).encode()
-    headers = {"Docker-Distribution-API-Version": "registry/2.0", "X-Content-Type-Options": "nosniff", **exc.headers}
+    headers = {**API_HEADERS, "X-Content-Type-Options": "nosniff", **exc.headers}
     if head:
         headers["Content-Length"] = str(len(body))
         return Response(None, status_code=exc.status, headers=headers, media_type="application/json")

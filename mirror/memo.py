@@ -30,11 +30,13 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .endpoints import API_VERSION, API_VERSION_HEADER, CACHE_HEADER
 from .metadata import Generation
 
 #: Bytes of manifest bodies remembered per process (bodies are shared with the store's reads).
 MEMO_BYTES = 16 << 20
-API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+_API_VERSION = (API_VERSION_HEADER.lower().encode(), API_VERSION.encode())
+_CACHE_KEY = CACHE_HEADER.lower().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +94,10 @@ class ManifestMemo:
         headers = [
             (b"content-type", media_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
-            API_VERSION,
+            _API_VERSION,
             (b"docker-content-digest", digest.encode()),
             (b"etag", f'"{digest}"'.encode()),
-            (b"x-mirror-cache", outcome.encode()),
+            (_CACHE_KEY, outcome.encode()),
         ]
         old = self._answers.pop(key, None)
         if old is not None:

@@ -14,8 +14,8 @@
      "path": "/v2/library/alpine/blobs/sha256:...", "status": 200, "cache": "HIT",
      "bytes": 3402431, "duration_ms": 12.5, "client": "10.0.0.7", ...}
 
-The route is derived from the path with the spec's patterns, never the raw path, so the
-metrics' label sets stay bounded whatever clients send.
+The route is derived from the path with the spec's patterns (``endpoints.py``), never the raw
+path, so the metrics' label sets stay bounded whatever clients send.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import zerocopy
 from .config import Config, ConfigError, LogConfig
+from .endpoints import CACHE_HEADER, endpoint
 from .metadata import Metadata
 from .metrics import CONTENT_TYPE_LATEST, Metrics, render
 from .store import Store
@@ -49,30 +50,15 @@ from .store import Store
 access_log = logging.getLogger("mirror.access")
 log = logging.getLogger("mirror.observe")
 
-CACHE_HEADER = b"x-mirror-cache"
+_CACHE_KEY = CACHE_HEADER.lower().encode()  # as ASGI gives header names
 REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
-_API_ROUTES = [  # the /v2/<name>/... endpoints, as routes.py dispatches them (most specific first)
-    (re.compile(r".+/blobs/uploads/[^/]*"), "upload"),
-    (re.compile(r".+/manifests/[^/]+"), "manifest"),
-    (re.compile(r".+/blobs/[^/]+"), "blob"),
-    (re.compile(r".+/tags/list"), "tags"),
-    (re.compile(r".+/referrers/[^/]+"), "referrers"),
-]
 
 
-def route_of(path: str) -> str:
-    """The route template of a request path (a bounded set of names)."""
-    if path in ("/v2/", "/v2"):
-        return "base"
-    if path.startswith("/v2/"):
-        if path == "/v2/_catalog":
-            return "catalog"
-        rest = path[4:]
-        for pattern, kind in _API_ROUTES:
-            if pattern.fullmatch(rest):
-                return kind
-        return "unknown"
+def route_of(path: str, method: str) -> str:
+    """The route template of a request (a bounded set of names): the ``/v2/`` endpoint, or the operator's."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return endpoint(path, method).kind.value
     if path == "/metrics":
         return "metrics"
     if path in ("/healthz", "/readyz"):
@@ -117,7 +103,7 @@ class Observe:
                 status = message["status"]
                 headers = list(message.get("headers", ()))
                 for key, value in headers:
-                    if key.lower() == CACHE_HEADER:
+                    if key.lower() == _CACHE_KEY:
                         cache = value.decode("latin-1")
                 headers.append((REQUEST_ID_HEADER, request_id))
                 message = {**message, "headers": headers}
@@ -135,7 +121,7 @@ class Observe:
         finally:
             seconds = time.perf_counter() - started
             status = status or 500  # nothing was sent: the server answers 500
-            route = route_of(scope["path"])
+            route = route_of(scope["path"], scope["method"])
             self.metrics.request_done(route, scope["method"], status, seconds, sent, cache, sendfile)
             if self.access:
                 self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))

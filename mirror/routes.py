@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from . import admin
 from .bypass import BypassBlob
+from .endpoints import API_HEADERS, CACHE_HEADER, Kind, endpoint
 from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
@@ -38,19 +39,7 @@ from .reference import (
 )
 from .responses import BlobResponse
 
-API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
-CACHE_HEADER = "X-Mirror-Cache"
 MAX_PAGE = 10000
-
-_ROUTES: list[tuple[re.Pattern[str], str, frozenset[str]]] = [
-    (re.compile(r"(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)"), "upload",
-     frozenset({"POST", "PATCH", "PUT", "GET", "HEAD", "DELETE"})),
-    (re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)"), "manifest",
-     frozenset({"GET", "HEAD", "PUT", "DELETE"})),
-    (re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)"), "blob", frozenset({"GET", "HEAD", "DELETE"})),
-    (re.compile(r"(?P<name>.+)/tags/list"), "tags", frozenset({"GET", "HEAD"})),
-    (re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)"), "referrers", frozenset({"GET", "HEAD"})),
-]
 
 
 async def base(request: Request) -> Response:
@@ -58,20 +47,17 @@ async def base(request: Request) -> Response:
 
 
 async def dispatch(request: Request) -> Response:
-    """Every ``/v2/<name>/...`` request."""
+    """Every ``/v2/<name>/...`` request, as :func:`~mirror.endpoints.endpoint` reads its path."""
     path = request.path_params["path"]
     head = request.method == "HEAD"
     try:
-        for pattern, kind, methods in _ROUTES:
-            m = pattern.fullmatch(path)
-            if m is None:
-                continue
-            if request.method not in methods:
-                raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
-            name = _name(m.group("name"))
-            handler = _HANDLERS[kind]
-            return await handler(request, name, m)
-        raise APIError("NAME_UNKNOWN", "unknown endpoint", detail={"path": path}, status=404)
+        found = endpoint(f"/v2/{path}", request.method)
+        handler = _HANDLERS.get(found.kind)
+        if handler is None or found.name is None or found.match is None:
+            raise APIError("NAME_UNKNOWN", "unknown endpoint", detail={"path": path}, status=404)
+        if not found.allowed:
+            raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
+        return await handler(request, _name(found.name), found.match)
     except APIError as exc:
         return error_response(exc, head=head)
 
@@ -389,12 +375,12 @@ def _artifact_type(raw: str | None) -> str | None:
         raise APIError("UNSUPPORTED", "invalid artifactType filter", detail=str(exc), status=400) from exc
 
 
-_HANDLERS: dict[str, Callable[[Request, str, re.Match[str]], Awaitable[Response]]] = {
-    "manifest": _manifest,
-    "blob": _blob,
-    "tags": _tags,
-    "upload": _upload,
-    "referrers": _referrers,
+_HANDLERS: dict[Kind, Callable[[Request, str, re.Match[str]], Awaitable[Response]]] = {
+    Kind.MANIFEST: _manifest,
+    Kind.BLOB: _blob,
+    Kind.TAGS: _tags,
+    Kind.UPLOAD: _upload,
+    Kind.REFERRERS: _referrers,
 }
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]

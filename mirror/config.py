@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .names import DOCKER_HUB, DOCKER_HUB_ALIASES
 from .values import (
     SecretFile,
     parse_bool,
@@ -47,7 +48,6 @@ from .values import (
 )
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
-DOCKER_HUB_HOSTS = {"registry-1.docker.io", "index.docker.io", "docker.io"}
 ENV_PREFIX = "MIRROR_"
 
 
@@ -100,7 +100,7 @@ class StorageConfig:
 class UpstreamConfig:
     url: str = setting(parse_url, DOCKER_HUB_URL)
     # Name the upstream's content is filed under in the index (Docker Hub is "docker.io").
-    registry: str = setting(parse_registry, "docker.io")
+    registry: str = setting(parse_registry, DOCKER_HUB)
     username: str | None = setting(parse_optional_str, None)
     password: str | None = setting(parse_optional_str, None, secret=True)
     # The password (access token) read from a file at start-up instead; takes precedence over password.
@@ -123,7 +123,7 @@ class UpstreamConfig:
     @property
     def adds_library_namespace(self) -> bool:
         if self.library_namespace == "auto":
-            return (urlsplit(self.url).hostname or "") in DOCKER_HUB_HOSTS
+            return (urlsplit(self.url).hostname or "") in DOCKER_HUB_ALIASES
         return self.library_namespace == "true"
 
 

@@ -23,6 +23,7 @@ from .fill import GrowingBlob, StoredBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo, accept_key
+from .names import DOCKER_HUB_ALIASES
 from .pullthrough import ManifestResult, PullThrough, _paginate
 from .pushed import referrers_index
 from .reference import (
@@ -60,9 +61,6 @@ async def dispatch(request: Request) -> Response:
         return await handler(request, _name(found.name), found.match)
     except APIError as exc:
         return error_response(exc, head=head)
-
-
-DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 
 def _upstream_for(request: Request, name: str) -> tuple[PullThrough, str]:

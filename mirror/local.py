@@ -30,7 +30,7 @@ from .config import Config
 from .errors import APIError
 from .fill import StoredBlob
 from .gc import reference_lock
-from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest
+from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
 from .metadata import LOCAL, Metadata, TagRecord, UploadRecord, local_repo
 from .metrics import Metrics
 from .pushed import (
@@ -47,7 +47,6 @@ from .store import DigestMismatch, Store, new_upload_id
 
 log = logging.getLogger("mirror.local")
 
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024
 #: HTTP status of a write the store cannot take (RFC 4918 section 11.5, "Insufficient Storage").
 INSUFFICIENT_STORAGE = 507

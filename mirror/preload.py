@@ -47,7 +47,7 @@ from .archive import (
     open_archive,
 )
 from .gc import reference_lock
-from .manifest import INDEX_TYPES, OCI_MANIFEST, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
+from .manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, OCI_MANIFEST, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, TagRecord
 from .names import ImageName, InvalidImageName, parse_image_name
 from .reference import Digest, ParseError, parse_digest
@@ -56,7 +56,6 @@ from .store import Store
 
 log = logging.getLogger("mirror.preload")
 
-MAX_MANIFEST_BYTES = 4 << 20
 MAX_JSON_BYTES = 16 << 20
 MAX_DEPTH = 4
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

@@ -20,8 +20,8 @@ from .bypass import BypassBlob
 from .endpoints import API_HEADERS, CACHE_HEADER, Kind, endpoint
 from .errors import APIError, error_response
 from .fill import GrowingBlob, StoredBlob
-from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
-from .manifest import OCI_INDEX, accepted
+from .local import LocalRegistry, StoredManifest
+from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX, accepted
 from .memo import ManifestMemo, accept_key
 from .names import DOCKER_HUB_ALIASES
 from .pullthrough import ManifestResult, PullThrough, _paginate

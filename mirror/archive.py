@@ -38,6 +38,7 @@ from typing import Any, Protocol, cast
 
 from .reference import ParseError, parse_digest
 from .staging import CHUNK, Staging, copy_hashing
+from .values import human
 
 MAX_ENTRIES = 200_000
 #: A compressed archive may expand to at most this many times its size (gzip's own limit is ~1032).
@@ -81,15 +82,6 @@ class ContentMismatch(ArchiveError):
 
 class MissingContent(ArchiveError):
     code = "MANIFEST_BLOB_UNKNOWN"
-
-
-def human(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 # -- entries --

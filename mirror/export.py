@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .archive import human
 from .config import Config, UpstreamConfig
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, local_repo
@@ -50,6 +49,7 @@ from .preload import CONTAINERD_NAME, REF_NAME, NoProgress, Progress
 from .reference import Digest, ParseError, parse_digest
 from .staging import CHUNK
 from .store import Store
+from .values import human
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MAX_DEPTH = 4

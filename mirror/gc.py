@@ -48,6 +48,7 @@ from .metrics import HELD_REASONS, Metrics
 from .reference import ParseError, parse_digest
 from .refusals import refusal
 from .store import Store
+from .values import human
 
 log = logging.getLogger("mirror.gc")
 
@@ -114,16 +115,16 @@ class Report:
     def held_summary(self) -> str:
         """Why the store stays above its target, e.g. ``store 130.0 MiB stays above its budget
         (100.0 MiB): 120.0 MiB in open transfers, 10.0 MiB pinned or pushed``."""
-        parts = [f"{_size(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
+        parts = [f"{human(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
         line, limit = ("its budget", self.budget) if self.over_budget else ("the low watermark", self.target)
-        return f"store {_size(self.usage_after)} stays above {line} ({_size(limit)}): " + ", ".join(parts)
+        return f"store {human(self.usage_after)} stays above {line} ({human(limit or 0)}): " + ", ".join(parts)
 
     def summary(self) -> str:
         verb = "would free" if self.dry_run else "freed"
-        budget = f" of a {_size(self.budget)} budget" if self.budget else ""
-        return (f"{verb} {self.objects_removed} objects, {_size(self.bytes_freed)} "
+        budget = f" of a {human(self.budget)} budget" if self.budget else ""
+        return (f"{verb} {self.objects_removed} objects, {human(self.bytes_freed)} "
                 f"({len(self.evicted)} images evicted, {self.tags_removed} tags and {self.links_removed} links "
-                f"removed); store {_size(self.usage_before)} -> {_size(self.usage_after)}{budget}, "
+                f"removed); store {human(self.usage_before)} -> {human(self.usage_after)}{budget}, "
                 f"{self.objects_kept} objects kept, {self.seconds:.2f}s")
 
 
@@ -408,8 +409,8 @@ class Collector:
                     evict(repo, d)
 
         if evicted:
-            log.info("evicting %d cached images (store %s, budget %s)", len(evicted), _size(usage),
-                     _size(budget) if budget else "none")
+            log.info("evicting %d cached images (store %s, budget %s)", len(evicted), human(usage),
+                     human(budget) if budget else "none")
         if over and low is not None and projected > low:
             gone = {d for _, d in evicted}
             kept_recent = {d for t, _, d in candidates if d not in gone and d not in in_use and t >= recent}
@@ -499,7 +500,7 @@ class Maintenance:
             log.info("collector: %s", report.summary())
         if not report.held:
             if self._reported is not None and self._reported != (False, frozenset()):
-                log.info("store %s is back under its low watermark", _size(report.usage_after))
+                log.info("store %s is back under its low watermark", human(report.usage_after))
             self._reported = (False, frozenset())
             self._retry_at, self._retry_delay = float("inf"), RETRY_FIRST
             return
@@ -532,12 +533,3 @@ def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
         return list(os.scandir(path))
     except FileNotFoundError:
         return []
-
-
-def _size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

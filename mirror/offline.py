@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .values import human
 
 PRELOAD_PATH = "/_mirror/preload"
 OPERATOR_PATH = "/_mirror/"
@@ -93,7 +94,7 @@ def run_preload(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         return 2
-    from .archive import ArchiveError, human
+    from .archive import ArchiveError
     from .preload import preload_file
 
     try:
@@ -148,7 +149,6 @@ def _operator_token(args: argparse.Namespace) -> tuple[bool, str | None]:
 def _preload_url(url: str, files: list[str], token: str | None = None) -> int:
     import httpx
 
-    from .archive import human
     from .preload import Summary
 
     endpoint = url.rstrip("/") + PRELOAD_PATH

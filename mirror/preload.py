@@ -43,7 +43,6 @@ from .archive import (
     MissingContent,
     blob_name_digest,
     clean_name,
-    human,
     open_archive,
 )
 from .gc import reference_lock
@@ -53,6 +52,7 @@ from .names import ImageName, InvalidImageName, parse_image_name
 from .reference import Digest, ParseError, parse_digest
 from .staging import Staging, copy_hashing
 from .store import Store
+from .values import human
 
 log = logging.getLogger("mirror.preload")
 

@@ -269,7 +269,6 @@ def parse_networks(value: Any) -> tuple[str, ...]:
 
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]i?b?|b)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "p": 1000**5}
 
 
 def parse_size(value: Any) -> int | float:
@@ -331,6 +330,15 @@ def parse_fraction(value: Any) -> float:
 
 def render_size(value: int | float) -> str:
     return f"{value * 100:g}%" if isinstance(value, float) else str(value)
+
+
+def human(n: float) -> str:
+    """A size in bytes for people, in binary units: ``512`` -> ``512 B``, ``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def setting(parser: Callable[[Any], Any], default: Any, *, secret: bool = False,

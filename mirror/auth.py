@@ -5,7 +5,8 @@ Every ``/v2/`` request is classified (ping, pull, push, delete; with the reposit
 checked against :class:`~mirror.config.AuthConfig`:
 
 - pull: any user; anonymous clients too when ``auth.anonymous_pull`` is true;
-- push (uploads, manifest PUT) and delete: users only, per ``auth.push_users`` when it is set;
+- push (uploads, manifest PUT) and delete: users only, per ``auth.push_users`` when it is set
+  (a user limited to name prefixes only where the path names a valid repository under one);
 - refused: ``401 UNAUTHORIZED`` with a challenge when the client is anonymous (so it logs in),
   ``403 DENIED`` when a user lacks the right.
 
@@ -248,7 +249,7 @@ class AuthMiddleware:
         elif need == "pull":
             allowed = who.user is not None or self.config.anonymous_pull
         else:
-            allowed = who.user is not None and self.config.may_write(who.user, found.name)
+            allowed = who.user is not None and self.config.may_write(who.user, repository)
         if allowed:
             return None
         if who.user is not None:

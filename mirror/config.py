@@ -198,14 +198,18 @@ class AuthConfig:
         return self.htpasswd_path is not None
 
     def may_write(self, user: str, name: str | None) -> bool:
-        """May *user* push to (and delete from) repository *name* (None: a name not parsed yet)?"""
+        """May *user* push to (and delete from) repository *name*?
+
+        *name* is None when the request names no valid repository: only a user without a
+        prefix may write there (and the routes then refuse the request for what it is).
+        """
         if not self.push_users:
             return True
         for entry in self.push_users:
             who, sep, prefix = entry.partition(":")
             if who != user:
                 continue
-            if not sep or name is None or name == prefix or name.startswith(prefix + "/"):
+            if not sep or (name is not None and (name == prefix or name.startswith(prefix + "/"))):
                 return True
         return False
 

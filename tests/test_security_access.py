@@ -114,6 +114,31 @@ def test_with_anonymous_pull_clients_get_tokens_and_push_needs_a_user(
 
 
 @pytest.mark.parametrize("anonymous_pull", [False, True])
+def test_a_user_limited_to_prefixes_may_not_write_where_no_valid_repository_is_named(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, anonymous_pull: bool,
+) -> None:
+    """bob may push under ``team/`` only: a write naming no repository, or one that does not parse
+    (even when it starts with ``team/``), is refused before the routes; alice, who may push
+    anywhere, still gets the routes' own answers to the same requests."""
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=anonymous_pull))
+    alice, bob = basic("alice", ALICE_PASSWORD), basic("bob", "bob-pw")
+    for method, path, status, code in [
+        ("POST", "/v2/", 404, "NAME_UNKNOWN"),  # no repository at all
+        ("PUT", "/v2/team/app/nonsense", 404, "NAME_UNKNOWN"),  # no endpoint, so no repository
+        ("DELETE", "/v2/team/app", 404, "NAME_UNKNOWN"),
+        ("POST", "/v2/team/App/blobs/uploads/", 400, "NAME_INVALID"),  # names that do not parse
+        ("PUT", "/v2/team//app/manifests/1", 400, "NAME_INVALID"),
+        ("DELETE", "/v2/team/app-/blobs/sha256:" + "0" * 64, 400, "NAME_INVALID"),
+    ]:
+        assert_spec_error(request(mirror, method, path, headers=alice), status, code)
+        refused = assert_spec_error(request(mirror, method, path, headers=bob), 403, "DENIED")
+        assert refused["detail"]["action"] == ("delete" if method == "DELETE" and path != "/v2/" else "push")
+    # Under the prefix, with a name that parses, bob reaches the routes.
+    assert request(mirror, "POST", "/v2/team/app/blobs/uploads/", headers=bob).status_code == 202
+    assert_spec_error(request(mirror, "POST", "/v2/other/blobs/uploads/", headers=bob), 403, "DENIED")
+
+
+@pytest.mark.parametrize("anonymous_pull", [False, True])
 def test_password_guessing_is_throttled_per_address(
     mirror_factory: Callable[..., MirrorServer], htpasswd: Path, anonymous_pull: bool,
 ) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Config
+from .endpoints import Kind, endpoint
 from .errors import APIError, error_response
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Hardening:
                 message = await asyncio.wait_for(receive(), self.idle_timeout)
             except TimeoutError:
                 body_done = True
-                raise _stalled(scope["path"], self.idle_timeout) from None
+                raise _stalled(scope["path"], scope["method"], self.idle_timeout) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
@@ -98,8 +99,9 @@ class Hardening:
             await error_response(exc, head=scope["method"] == "HEAD")(scope, receive, send_with_headers)
 
 
-def _stalled(path: str, timeout: float) -> APIError:
-    code = "BLOB_UPLOAD_INVALID" if "/blobs/uploads/" in path else "MANIFEST_INVALID" if "/manifests/" in path \
+def _stalled(path: str, method: str, timeout: float) -> APIError:
+    kind = endpoint(path, method).kind
+    code = "BLOB_UPLOAD_INVALID" if kind is Kind.UPLOAD else "MANIFEST_INVALID" if kind is Kind.MANIFEST \
         else "SIZE_INVALID"
     return APIError(code, f"no request data received for {timeout:g}s; request abandoned", status=408,
                     headers={"Connection": "close"})

@@ -24,7 +24,7 @@ from .gc import AccessTracker, Collector, Maintenance
 from .hardening import Hardening
 from .local import LocalRegistry
 from .memo import ManifestMemo, MemoManifests
-from .metadata import Metadata
+from .metadata import DiskcacheMetadata
 from .metrics import Metrics, StoreCollector, exposition_registry
 from .pullthrough import PullThrough
 from .routes import routes
@@ -45,7 +45,7 @@ def create_app(config: Config) -> Starlette:
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.tmp)
-        metadata = Metadata(store.index)
+        metadata = DiskcacheMetadata(store.index)
         memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.

@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_store(config: Config) -> tuple[Store, Metadata] | None:
-    from .metadata import Metadata
+    from .metadata import DiskcacheMetadata
     from .store import Store
 
     store = Store(config.storage.path)
     if not store.index.is_dir() or not store.blobs.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
         return None
-    return store, Metadata(store.index)
+    return store, DiskcacheMetadata(store.index)
 
 
 def collect(config: Config, dry_run: bool) -> int:

@@ -19,7 +19,7 @@ from functools import partial
 
 from .gc import _scandir
 from .manifest import is_nondistributable, references
-from .metadata import LOCAL, Metadata
+from .metadata_driver import LOCAL, Metadata
 from .preload import NoProgress, Progress
 from .reference import Digest, ParseError, parse_digest
 from .store import UPLOAD_ID_RE, Store, object_matches
@@ -122,8 +122,8 @@ class Fsck:
 
     def _drop_object(self, path: str, digest: str) -> None:
         _unlink(path)
-        self.metadata.forget([f"manifest/{digest}"] + [k for k in self.metadata.keys("link/")
-                                                        if k.endswith("@" + digest)])
+        self.metadata.forget(manifests=[digest],
+                             links=[(repo, d) for repo, d in self.metadata.all_links() if d == digest])
 
     def _temps(self) -> None:
         for path in self.store.abandoned_temps():
@@ -138,38 +138,35 @@ class Fsck:
         for entry in _scandir(self.store.uploads):
             if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
-        for key in self.metadata.keys("upload/"):
-            uuid = key[len("upload/"):]
+        for uuid in self.metadata.upload_ids():
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (self.store.uploads / uuid).exists():
-                self._found("upload record without its file", uuid,
-                            partial(self.metadata.forget, [key]))
+                self._found("upload record without its file", uuid, partial(self.metadata.delete_upload, uuid))
 
     # -- the index --
 
     def _index(self, present: dict[str, int]) -> None:
-        for key in self.metadata.keys("manifest/"):
-            digest = key[len("manifest/"):]
+        for digest in self.metadata.manifest_digests():
             if digest not in present:
-                self._found("manifest record without its object", digest, partial(self.metadata.forget, [key]))
-        for key, value in self.metadata.items("tag/").items():
+                self._found("manifest record without its object", digest,
+                            partial(self.metadata.forget, manifests=[digest]))
+        for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
-            repo, _, tag = key.rpartition(":")
-            digest = value[0]
+            digest = record.digest
             if digest not in present:
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
                             partial(self.metadata.untag, repo, tag))
-        for key in self.metadata.keys("link/"):
+        for repo, digest in self.metadata.all_links():
             self.report.links += 1
-            repo, _, digest = key[len("link/"):].rpartition("@")
             if digest not in present:
                 # A cached repository may link what it has not fetched yet (or lost): it fetches
                 # again on demand.  A pushed repository cannot.
                 if repo.startswith(LOCAL + "/"):
-                    self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.forget, [key]))
+                    self._found("pushed object missing", f"{repo}@{digest}",
+                                partial(self.metadata.unlink, repo, digest))
             elif repo.startswith(LOCAL + "/") and self.metadata.get_manifest(digest) is not None:
                 body = self._read(digest)
                 for d in references(body or b""):
-                    if d.digest not in present and not key.endswith("@" + d.digest) \
+                    if d.digest not in present and d.digest != digest \
                             and not is_nondistributable(d.media_type):  # fetched from its urls, not here
                         self._found("pushed image refers to a missing object", f"{repo}@{digest} -> {d.digest}")
 

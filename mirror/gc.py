@@ -43,7 +43,7 @@ import anyio.to_thread
 from .config import CacheConfig, GcConfig
 from .fill import being_served, fills_in_progress
 from .manifest import references
-from .metadata import LOCAL, Metadata
+from .metadata_driver import LOCAL, Metadata
 from .metrics import HELD_REASONS, Metrics
 from .reference import ParseError, parse_digest
 from .refusals import refusal
@@ -68,10 +68,10 @@ class AccessTracker:
 
     def __init__(self, metadata: Metadata) -> None:
         self.metadata = metadata
-        self._seen: dict[str, float] = {}
+        self._seen: dict[tuple[str, str], float] = {}
 
     def touch(self, repo: str, digest: str) -> None:
-        self._seen[f"{repo}@{digest}"] = time.time()
+        self._seen[repo, digest] = time.time()
 
     def flush(self) -> int:
         """Write the batch to the index (blocking: call from a worker thread)."""
@@ -135,7 +135,7 @@ class _State:
     links: dict[str, set[str]]                   # repo -> linked digests
     tags: dict[str, dict[str, tuple[str, float]]]  # repo -> tag -> (digest, fetched_at)
     pins: dict[str, set[str]]                    # repo -> pinned manifest digests
-    access: dict[str, float]                     # "<repo>@<digest>" -> last use
+    access: dict[tuple[str, str], float]         # (repo, digest) -> last use
 
 
 class Collector:
@@ -248,9 +248,7 @@ class Collector:
             by_repo[repo].append(tag)
         for repo, repo_tags in by_repo.items():
             self.metadata.untag_many(repo, repo_tags)
-        self.metadata.forget([f"link/{repo}@{d}" for repo, d in links]
-                             + [f"manifest/{d}" for d in doomed]
-                             + [f"access/{repo}@{d}" for repo, d in evicted])
+        self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
         for d in doomed:
             try:
                 os.unlink(self.store.blob_path(parse_digest(d)))
@@ -271,19 +269,16 @@ class Collector:
                         continue
                     files[f"{algorithm_dir.name}:{entry.name}"] = (st.st_size, st.st_mtime)
         links: dict[str, set[str]] = defaultdict(set)
-        for key in self.metadata.keys("link/"):
-            repo, _, digest = key[len("link/"):].rpartition("@")
+        for repo, digest in self.metadata.all_links():
             links[repo].add(digest)
         tags: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
-        for key, value in self.metadata.items("tag/").items():
-            repo, _, tag = key.rpartition(":")
-            tags[repo][tag] = (value[0], value[2])
+        for repo, tag, record in self.metadata.all_tags():
+            tags[repo][tag] = (record.digest, record.fetched_at)
         pins: dict[str, set[str]] = defaultdict(set)
-        for key in self.metadata.keys("pin/"):
-            repo, _, digest = key[len("pin/"):].rpartition("@")
+        for repo, digest in self.metadata.pins():
             pins[repo].add(digest)
-        manifests = {key[len("manifest/"):] for key in self.metadata.keys("manifest/")}
-        return _State(files, manifests, links, tags, pins, self.metadata.items("access/"))
+        manifests = set(self.metadata.manifest_digests())
+        return _State(files, manifests, links, tags, pins, self.metadata.access_times())
 
     def _roots(self, state: _State) -> dict[str, set[str]]:
         """Per repository, the manifests it holds: linked manifests and tag targets."""
@@ -355,7 +350,7 @@ class Collector:
                     retained_roots.append(d)
                     continue
                 fetched = tagged_at.get(d, 0.0)
-                last_used = max(state.access.get(f"{repo}@{d}", 0.0), fetched,
+                last_used = max(state.access.get((repo, d), 0.0), fetched,
                                 state.files.get(d, (0, 0.0))[1])
                 candidates.append((last_used, repo, d))
         for pinned in state.pins.values():

@@ -9,13 +9,13 @@ An answer by tag is remembered under its path and ``Accept`` header (an index ma
 with one of its manifests to a client that cannot read indexes), and only while it is fresh: a
 pull-through tag until one ``cache.tag_ttl`` after the upstream last confirmed it, when the
 routes ask the upstream again; a pushed tag until the index moves.  Moving a tag moves the
-generation (:meth:`~mirror.metadata.Metadata.set_tag`), so a push, a delete or another worker
+generation (:meth:`~mirror.metadata_driver.Metadata.set_tag`), so a push, a delete or another worker
 seeing the upstream move the tag ends the answer in every process at once.
 
 What a memo may not do is outlive the right to serve: the link between the repository and the
 digest can be withdrawn (a ``DELETE``, eviction, garbage collection, ``fsck --repair``), or the
 repository pushed to and made local, by any process.  Each of those changes the index's shared
-:class:`~mirror.metadata.Generation`; the memo compares it on every lookup and forgets
+:class:`~mirror.metadata_driver.Generation`; the memo compares it on every lookup and forgets
 everything when it moved.  An answer is remembered only under the generation read *before* the
 routes looked at the index, so a withdrawal that races with the lookup is never missed.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .endpoints import API_VERSION, API_VERSION_HEADER, CACHE_HEADER
-from .metadata import Generation
+from .metadata_driver import Generation
 
 #: Bytes of manifest bodies remembered per process (bodies are shared with the store's reads).
 MEMO_BYTES = 16 << 20

@@ -1,4 +1,4 @@
-"""The index: what the store's bytes mean, kept in diskcache under ``DATA/index/``.
+"""The ``diskcache`` metadata driver: the index (``metadata_driver.py``) under ``DATA/index/``.
 
 Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpine``):
 
@@ -21,11 +21,16 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``usage``                   -> bytes in the store (adjusted on every commit, recounted by the collector)
 * ``held``                    -> {reason: bytes} that kept the store above its eviction target at the
   last collection (empty when it reached it)
+* ``lease/<name>``            -> (holder, token, expires): the latest grant of a lease on *name*
+* ``lease-token``             -> the last fencing token granted (of any name)
 
 Next to the database, ``generation`` holds 8 bytes that change whenever the index *withdraws*
 something (a link, a record, a tag) or turns a repository local.  Every process maps it, so
 answers kept in memory (``memo.py``) are dropped in all of them the moment one process, or an
 offline ``mirror gc``/``fsck``, takes something away.
+
+Leases expire by the clock given to :class:`DiskcacheMetadata` (``time.time``): the clock of the
+one host whose processes share the directory.
 
 Repositories pushed to are filed under ``local/``: they never fall through to the upstream.
 
@@ -38,42 +43,27 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
+from .metadata_driver import (
+    LOCAL,
+    Lease,
+    ManifestRecord,
+    Metadata,
+    TagRecord,
+    UploadRecord,
+    local_repo,
+)
 
-@dataclass(frozen=True, slots=True)
-class TagRecord:
-    digest: str
-    media_type: str
-    fetched_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRecord:
-    media_type: str
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class UploadRecord:
-    name: str
-    started_at: float
+__all__ = ["LOCAL", "DiskcacheMetadata", "Lease", "ManifestRecord", "MappedGeneration", "Metadata", "TagRecord",
+           "UploadRecord", "local_repo"]
 
 
-LOCAL = "local"
-
-
-def local_repo(name: str) -> str:
-    """The index key of a pushed repository."""
-    return f"{LOCAL}/{name}"
-
-
-class Generation:
+class MappedGeneration:
     """A token shared by every process through a memory-mapped file; :meth:`bump` changes it.
 
     Readers compare it with the token they saw when they last looked at the index: reading it
@@ -105,15 +95,21 @@ class Generation:
         self._map.close()
 
 
-class Metadata:
-    def __init__(self, directory: Path) -> None:
+class DiskcacheMetadata(Metadata):
+    """The index in diskcache under *directory*; *clock* (seconds) times leases."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
-        #: Changed after every commit that withdraws something (see the module's docstring).
-        self.generation = Generation(directory / "generation")
+        self._generation = MappedGeneration(directory / "generation")
+        self._clock = clock
+
+    @property
+    def generation(self) -> MappedGeneration:
+        return self._generation
 
     def close(self) -> None:
         self._cache.close()
-        self.generation.close()
+        self._generation.close()
 
     # -- tags --
 
@@ -122,8 +118,6 @@ class Metadata:
         return None if value is None else TagRecord(*value)
 
     def set_tag(self, repo: str, tag: str, record: TagRecord) -> None:
-        """Point *tag* at a manifest; moving it from another one withdraws that answer (the
-        generation moves: answers by tag kept in memory are dropped)."""
         with self._cache.transact():
             old = self._cache.get(f"tag/{repo}:{tag}")
             self._cache.set(f"tag/{repo}:{tag}", (record.digest, record.media_type, record.fetched_at))
@@ -132,21 +126,19 @@ class Metadata:
                 self._cache.set(f"tags/{repo}", tuple(sorted((*known, tag))))
             self._register(repo)
         if old is not None and tuple(old[:2]) != (record.digest, record.media_type):
-            self.generation.bump()
+            self._generation.bump()
 
     def untag(self, repo: str, tag: str) -> bool:
-        """Forget a tag; False if it was not known."""
         with self._cache.transact():
             found = self._cache.delete(f"tag/{repo}:{tag}")
             known = self._cache.get(f"tags/{repo}", ())
             if tag in known:
                 self._cache.set(f"tags/{repo}", tuple(t for t in known if t != tag))
         if found:
-            self.generation.bump()
+            self._generation.bump()
         return bool(found)
 
     def untag_many(self, repo: str, tags: Iterable[str]) -> None:
-        """Forget several tags of one repository in one transaction (eviction)."""
         gone = set(tags)
         if not gone:
             return
@@ -155,13 +147,20 @@ class Metadata:
                 self._cache.delete(f"tag/{repo}:{tag}")
             known = self._cache.get(f"tags/{repo}", ())
             self._cache.set(f"tags/{repo}", tuple(t for t in known if t not in gone))
-        self.generation.bump()
+        self._generation.bump()
 
     def tags_pointing_to(self, repo: str, digest: str) -> list[str]:
         return [tag for tag in self.tags(repo) if (record := self.get_tag(repo, tag)) and record.digest == digest]
 
     def tags(self, repo: str) -> list[str]:
         return list(self._cache.get(f"tags/{repo}", ()))
+
+    def all_tags(self) -> list[tuple[str, str, TagRecord]]:
+        out = []
+        for key, value in self._items("tag/").items():
+            repo, _, tag = key.rpartition(":")
+            out.append((repo, tag, TagRecord(*value)))
+        return out
 
     # -- manifests and links --
 
@@ -172,6 +171,13 @@ class Metadata:
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
         self._cache.set(f"manifest/{digest}", (media_type, size))
 
+    def manifest_digests(self) -> list[str]:
+        return [key[len("manifest/"):] for key in self._keys("manifest/")]
+
+    def count_manifests(self) -> int:
+        return int(self._cache._sql("SELECT COUNT(*) FROM Cache WHERE raw = 1 AND key >= ? AND key < ?",
+                                    ("manifest/", "manifest/\U0010ffff")).fetchone()[0])
+
     def link(self, repo: str, digests: Iterable[str]) -> None:
         with self._cache.transact():
             for digest in digests:
@@ -179,14 +185,16 @@ class Metadata:
             self._register(repo)
 
     def unlink(self, repo: str, digest: str) -> bool:
-        """Take a digest away from a repository; False if it was not linked."""
         found = bool(self._cache.delete(f"link/{repo}@{digest}"))
         if found:
-            self.generation.bump()
+            self._generation.bump()
         return found
 
     def is_linked(self, repo: str, digest: str) -> bool:
         return f"link/{repo}@{digest}" in self._cache
+
+    def all_links(self) -> list[tuple[str, str]]:
+        return [_split(key, "link/") for key in self._keys("link/")]
 
     # -- repositories --
 
@@ -198,7 +206,6 @@ class Metadata:
         self._cache.set("catalog", tuple(sorted({*self._cache.get("catalog", ()), repo})))
 
     def repositories(self) -> list[str]:
-        """Every repository key known to the index, sorted."""
         return list(self._cache.get("catalog", ()))
 
     def has_repository(self, repo: str) -> bool:
@@ -211,7 +218,7 @@ class Metadata:
                 self._cache.set(f"local/{name}", now)
             self._register(local_repo(name))
         if created:
-            self.generation.bump()  # its requests no longer go to the upstream
+            self._generation.bump()  # its requests no longer go to the upstream
 
     def is_local(self, name: str) -> bool:
         return f"local/{name}" in self._cache
@@ -236,13 +243,10 @@ class Metadata:
 
     def put_upstream_referrers(self, repo: str, subject: str, artifact_type: str | None,
                                descriptors: Iterable[dict[str, Any]], now: float) -> None:
-        """Keep an upstream's complete referrers list (of *artifact_type* only, if it filtered)."""
         suffix = f"?{artifact_type}" if artifact_type is not None else ""
         self._cache.set(f"upstream-referrers/{repo}@{subject}{suffix}", (now, tuple(descriptors)))
 
     def upstream_referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[dict[str, Any]] | None:
-        """The upstream's last list that covers *artifact_type* (its filtered list, else the whole one),
-        unfiltered; None if it never answered one."""
         base = f"upstream-referrers/{repo}@{subject}"
         value = self._cache.get(f"{base}?{artifact_type}") if artifact_type is not None else None
         if value is None:
@@ -254,14 +258,12 @@ class Metadata:
             self._cache.set(f"referrers-api/{registry}", present)
 
     def referrers_api(self, registry: str) -> bool | None:
-        """Whether *registry* answered the Referrers API when last asked; None if never asked."""
         value = self._cache.get(f"referrers-api/{registry}")
         return None if value is None else bool(value)
 
     # -- pins --
 
     def pin(self, repo: str, digest: str, now: float | None = None) -> None:
-        """Keep a manifest root (and what it references) in *repo* whatever eviction and GC decide."""
         key = f"pin/{repo}@{digest}"
         if key not in self._cache:
             self._cache.set(key, time.time() if now is None else now)
@@ -273,8 +275,7 @@ class Metadata:
         return f"pin/{repo}@{digest}" in self._cache
 
     def pins(self) -> list[tuple[str, str]]:
-        """Every pinned (repository, digest)."""
-        return [(repo, digest) for repo, _, digest in (key[4:].rpartition("@") for key in self.keys("pin/"))]
+        return [_split(key, "pin/") for key in self._keys("pin/")]
 
     # -- non-distributable layers --
 
@@ -282,7 +283,6 @@ class Metadata:
         self._cache.set(f"foreign/{digest}", tuple(urls))
 
     def foreign_urls(self, digest: str) -> tuple[str, ...]:
-        """Where a non-distributable layer can be downloaded, as a cached manifest said; () if unknown."""
         return tuple(self._cache.get(f"foreign/{digest}", ()))
 
     # -- uploads --
@@ -297,41 +297,49 @@ class Metadata:
     def delete_upload(self, uuid: str) -> None:
         self._cache.delete(f"upload/{uuid}")
 
+    def upload_ids(self) -> list[str]:
+        return [key[len("upload/"):] for key in self._keys("upload/")]
+
     # -- maintenance: scans, access times, usage --
 
-    def keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str) -> list[str]:
         """Every key starting with *prefix* (an index range scan, not a walk of the whole index)."""
         rows = self._cache._sql(  # diskcache keeps str keys as raw TEXT, indexed
             "SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ?", (prefix, prefix + "\U0010ffff")
         ).fetchall()
         return [key for (key,) in rows]
 
-    def items(self, prefix: str) -> dict[str, Any]:
+    def _items(self, prefix: str) -> dict[str, Any]:
         """``{key without prefix: value}`` for every key starting with *prefix*."""
         out = {}
-        for key in self.keys(prefix):
+        for key in self._keys(prefix):
             value = self._cache.get(key)
             if value is not None:
                 out[key[len(prefix):]] = value
         return out
 
-    def record_access(self, seen: dict[str, float]) -> None:
-        """Merge a batch of ``{"<repo>@<digest>": last used}`` (collected in memory) into the index."""
+    def record_access(self, seen: Mapping[tuple[str, str], float]) -> None:
         with self._cache.transact():
-            for key, when in seen.items():
-                if when > self._cache.get(f"access/{key}", 0.0):
-                    self._cache.set(f"access/{key}", when)
+            for (repo, digest), when in seen.items():
+                key = f"access/{repo}@{digest}"
+                if when > self._cache.get(key, 0.0):
+                    self._cache.set(key, when)
 
-    def forget(self, keys: Iterable[str]) -> None:
+    def access_times(self) -> dict[tuple[str, str], float]:
+        return {_split(key, ""): when for key, when in self._items("access/").items()}
+
+    def forget(self, *, links: Iterable[tuple[str, str]] = (), manifests: Iterable[str] = (),
+               accesses: Iterable[tuple[str, str]] = ()) -> None:
+        keys = [*(f"link/{repo}@{digest}" for repo, digest in links), *(f"manifest/{d}" for d in manifests),
+                *(f"access/{repo}@{digest}" for repo, digest in accesses)]
         deleted = False
         with self._cache.transact():
             for key in keys:
                 deleted = bool(self._cache.delete(key)) or deleted
         if deleted:
-            self.generation.bump()
+            self._generation.bump()
 
     def add_usage(self, delta: int) -> int:
-        """Adjust the store's byte count (shared by every process) and return it."""
         return int(self._cache.incr("usage", delta, default=0))
 
     def set_usage(self, value: int) -> None:
@@ -341,8 +349,49 @@ class Metadata:
         return int(self._cache.get("usage", 0))
 
     def set_held(self, held: dict[str, int]) -> None:
-        """What kept the store above its eviction target at the last collection: reason -> bytes."""
         self._cache.set("held", dict(held))
 
     def held(self) -> dict[str, int]:
         return dict(self._cache.get("held", None) or {})
+
+    # -- leases --
+
+    def take_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        now = self._clock()
+        with self._cache.transact():
+            current = self._cache.get(f"lease/{name}")
+            if current is not None and current[2] > now:
+                return None
+            token = int(self._cache.incr("lease-token", 1, default=0))
+            self._cache.set(f"lease/{name}", (holder, token, now + ttl))
+        return Lease(name, holder, token, now + ttl)
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        now = self._clock()
+        with self._cache.transact():
+            current = self._cache.get(f"lease/{lease.name}")
+            if current is None or current[1] != lease.token or current[2] <= now:
+                return None
+            self._cache.set(f"lease/{lease.name}", (lease.holder, lease.token, now + ttl))
+        return Lease(lease.name, lease.holder, lease.token, now + ttl)
+
+    def release_lease(self, lease: Lease) -> bool:
+        now = self._clock()
+        with self._cache.transact():
+            current = self._cache.get(f"lease/{lease.name}")
+            if current is None or current[1] != lease.token:
+                return False
+            self._cache.delete(f"lease/{lease.name}")
+        return bool(current[2] > now)
+
+    def current_lease(self, name: str) -> Lease | None:
+        current = self._cache.get(f"lease/{name}")
+        if current is None or current[2] <= self._clock():
+            return None
+        return Lease(name, *current)
+
+
+def _split(key: str, prefix: str) -> tuple[str, str]:
+    """``<prefix><repo>@<digest>`` -> (repo, digest)."""
+    repo, _, digest = key[len(prefix):].rpartition("@")
+    return repo, digest

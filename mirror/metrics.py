@@ -67,7 +67,7 @@ from . import __version__
 if TYPE_CHECKING:
     from .config import CacheConfig
     from .gc import Report
-    from .metadata import Metadata
+    from .metadata_driver import Metadata
     from .store import Store
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "StoreCollector", "exposition_registry", "render"]
@@ -437,7 +437,7 @@ class StoreCollector(Collector):
                 objects = sum(1 for a in _scandir(self.store.blobs) for p in _scandir(a.path)
                               for _ in _scandir(p.path))
                 uploads = len(_scandir(self.store.uploads))
-                self._counts = (objects, len(self.metadata.keys("manifest/")), uploads)
+                self._counts = (objects, self.metadata.count_manifests(), uploads)
                 self._counted_at = time.monotonic()
                 self._count_every = max(1.0, 50 * (self._counted_at - now))
             return self._counts

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import zerocopy
 from .config import Config, ConfigError, LogConfig
 from .endpoints import CACHE_HEADER, endpoint
-from .metadata import Metadata
+from .metadata import DiskcacheMetadata, Metadata
 from .metrics import CONTENT_TYPE_LATEST, Metrics, render
 from .store import Store
 
@@ -252,7 +252,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from .metrics import StoreCollector, exposition_registry
 
     store = Store(config.storage.path)
-    metadata = Metadata(store.index)
+    metadata = DiskcacheMetadata(store.index)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [
         StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])

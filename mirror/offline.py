@@ -70,12 +70,12 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 
 def _open(config: Config) -> Any:
-    from .metadata import Metadata
+    from .metadata import DiskcacheMetadata
     from .store import Store
 
     store = Store(config.storage.path)
     store.create()
-    metadata = Metadata(store.index)
+    metadata = DiskcacheMetadata(store.index)
     def counted(size: int) -> None:
         metadata.add_usage(size)  # the store's byte count, as the server keeps it
 

@@ -41,8 +41,9 @@ from tests.support.images import (
 )
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.registry import UpstreamRegistry
-from tests.support.storecheck import mirror_cli
+from tests.support.storecheck import mirror_cli, stored_objects
 from tests.support.waiting import eventually
+from tests.test_push_api import push_image
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 MIB = 1024 * 1024
@@ -234,6 +235,54 @@ def test_fsck_finds_and_repairs_damage(
     assert upstream.count("GET", re.compile(f"/blobs/sha256:{layer}$")) == 1
     bad = mirror_cli("fsck", "--data", str(mirror.data_dir / "nowhere"))
     assert bad.returncode == 2 and "not a mirror data directory" in bad.stderr
+
+
+def test_fsck_repairs_what_the_index_says_of_objects_and_uploads_that_are_gone(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A pushed image whose manifest and a layer were lost: its tag, links and manifest record go
+    (a pull gets a clean 404, not a broken image); so do an upload record whose file is gone and
+    an upload file without a record.  What is still whole stays."""
+    mirror = mirror_factory(env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    manifest, (config, *layers) = push_image(http, mirror.url, "team/app", "v1", seed=1)
+    _, (kept_config, *_) = push_image(http, mirror.url, "team/kept", "v1", seed=2)
+    digest, layer = sha256(manifest), sha256(layers[0])
+    started = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/")
+    assert started.status_code == 202
+    uuid = started.headers["docker-upload-uuid"]
+    mirror.stop()
+    blobs = stored_objects(mirror.data_dir)
+    blobs[digest].unlink()
+    blobs[layer].unlink()
+    (mirror.data_dir / "uploads" / uuid).unlink()
+    stray_upload = mirror.data_dir / "uploads" / ("0" * 32)
+    stray_upload.write_bytes(b"abandoned")
+
+    check = mirror_cli("fsck", "--data", str(mirror.data_dir))
+    assert check.returncode == 1
+    found = set(check.stdout.splitlines())
+    wanted = {
+        f"manifest record without its object: {digest}",
+        f"tag points to a missing manifest: local/team/app:v1 -> {digest}",
+        f"pushed object missing: local/team/app@{digest}",
+        f"pushed object missing: local/team/app@{layer}",
+        f"upload record without its file: {uuid}",
+        f"upload without a record: {stray_upload}",
+    }
+    assert wanted <= found, check.stdout
+    repaired = mirror_cli("fsck", "--data", str(mirror.data_dir), "--repair")
+    assert repaired.returncode == 0 and {f"{line} (repaired)" for line in wanted} <= set(repaired.stdout.splitlines())
+    after = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
+    assert after.returncode == 0 and after.stdout.rstrip().endswith("clean"), after.stdout
+    assert not stray_upload.exists()
+
+    mirror.start()
+    gone = http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers={"accept": OCI_MANIFEST})
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/uploads/{uuid}").status_code == 404
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(config)}").status_code == 200
+    assert http.get(f"{mirror.url}/v2/team/kept/manifests/v1", headers={"accept": OCI_MANIFEST}).status_code == 200
+    assert http.get(f"{mirror.url}/v2/team/kept/blobs/{sha256(kept_config)}").status_code == 200
 
 
 def test_fsck_shows_its_progress_on_a_terminal_only(

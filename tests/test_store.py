@@ -312,9 +312,9 @@ def test_the_index_generation_moves_on_withdrawals_only(tmp_path: Path) -> None:
     """Answers kept in memory are dropped when the generation moves: it must move after every
     withdrawal, seen through another process's mapping too, and not for nothing (that would
     empty every worker's memory for no reason)."""
-    from mirror.metadata import Metadata
+    from mirror.metadata import DiskcacheMetadata
 
-    metadata, other = Metadata(tmp_path / "index"), Metadata(tmp_path / "index")
+    metadata, other = DiskcacheMetadata(tmp_path / "index"), DiskcacheMetadata(tmp_path / "index")
     repo = "docker.io/library/a"
     try:
         def moves(action: Callable[[], object]) -> bool:
@@ -323,12 +323,12 @@ def test_the_index_generation_moves_on_withdrawals_only(tmp_path: Path) -> None:
             return other.generation.read() != before
 
         assert not moves(lambda: metadata.link(repo, ["sha256:1", "sha256:2"]))  # adds, withdraws nothing
-        assert not moves(lambda: metadata.forget([]))
-        assert not moves(lambda: metadata.forget([f"link/{repo}@sha256:9"]))  # not there
+        assert not moves(lambda: metadata.forget())
+        assert not moves(lambda: metadata.forget(links=[(repo, "sha256:9")]))  # not there
         assert not moves(lambda: metadata.unlink(repo, "sha256:9"))
         assert not moves(lambda: metadata.untag_many(repo, []))
         assert moves(lambda: metadata.unlink(repo, "sha256:1"))
-        assert moves(lambda: metadata.forget([f"link/{repo}@sha256:2"]))
+        assert moves(lambda: metadata.forget(links=[(repo, "sha256:2")]))
         assert moves(lambda: metadata.mark_local("team/app", 1.0))  # its requests stop going upstream
         assert not moves(lambda: metadata.mark_local("team/app", 2.0))
     finally:

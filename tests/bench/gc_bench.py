@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from mirror.metadata import Metadata, TagRecord
+from mirror.metadata import DiskcacheMetadata, TagRecord
 from mirror.reference import parse_digest
 from mirror.store import Store
 from tests.bench.harness import progress, scratch
@@ -189,7 +189,7 @@ def _write_objects(root: str, chunk: list[tuple[str, bytes, float]]) -> int:
 
 def _write_index(root: Path, plan: Plan) -> None:
     """Tags, manifest records, links and access times of *plan*, as a pull would leave them."""
-    metadata = Metadata(Store(root).index)
+    metadata = DiskcacheMetadata(Store(root).index)
     fetched = plan.built_at - 40 * DAY
     try:
         for n in range(0, len(plan.images), IMAGES_PER_TRANSACTION):
@@ -200,7 +200,7 @@ def _write_index(root: Path, plan: Plan) -> None:
                     metadata.link(image.repo, [image.digest, *image.objects])
                     when = plan.built_at if image is plan.probe else fetched
                     metadata.set_tag(image.repo, image.tag, TagRecord(image.digest, OCI_MANIFEST, when))
-        metadata.record_access({f"{image.repo}@{image.digest}": image.accessed for image in plan.images})
+        metadata.record_access({(image.repo, image.digest): image.accessed for image in plan.images})
         metadata.set_usage(plan.size(plan.blobs))
     finally:
         metadata.close()

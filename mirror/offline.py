@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .config_load import load_config
 
 PRELOAD_PATH = "/_mirror/preload"
 OPERATOR_PATH = "/_mirror/"

@@ -44,8 +44,8 @@ from .archive import (
     blob_name_digest,
     clean_name,
     human,
-    open_archive,
 )
+from .archive_readers import open_archive
 from .gc import reference_lock
 from .manifest import INDEX_TYPES, OCI_MANIFEST, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, TagRecord

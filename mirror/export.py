@@ -46,7 +46,8 @@ from .config import Config, UpstreamConfig
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, local_repo
 from .names import ImageName, InvalidImageName, parse_image_name
-from .preload import CONTAINERD_NAME, REF_NAME, NoProgress, Progress
+from .preload import NoProgress, Progress
+from .preload_plan import CONTAINERD_NAME, REF_NAME
 from .reference import Digest, ParseError, parse_digest
 from .staging import CHUNK
 from .store import Store

@@ -11,8 +11,9 @@ Each carries the upstream's status and spec error code when it sent one::
      +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
                                 a manifest answer that is not a manifest (a login page), an HTML 404
 
-Raised by ``upstream.py`` and ``upstream_auth.py``; only the pull-through policy translates them into
-API errors.  This module imports nothing of the mirror.
+Raised by the upstream client (``upstream.py``, ``upstream_auth.py``, ``upstream_paging.py``); only
+the policy layer (``pullthrough.py``, ``referrers.py``) translates them into API errors.  This module
+imports nothing of the mirror.
 """
 
 from __future__ import annotations

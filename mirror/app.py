@@ -17,7 +17,8 @@ from starlette.responses import Response
 
 from . import observe
 from .auth import AuthMiddleware
-from .config import Config, load_config
+from .config import Config
+from .config_load import load_config
 from .errors import APIError, error_response
 from .fill import Fills
 from .gc import AccessTracker, Collector, Maintenance

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, ConfigError, load_config, to_environ
+from .config import Config, ConfigError
+from .config_load import load_config, to_environ
 
 if TYPE_CHECKING:
     from .metadata import Metadata

@@ -23,6 +23,10 @@ The index is always exported byte for byte, so its digest stays the registry's: 
 some platforms are included, the archive's index names manifests the archive does not hold.
 Every object is hashed again while it is written: a corrupt store object stops the export.
 A compressed archive is written when FILE ends in ``.gz``/``.tgz`` (gzip) or ``.zst`` (zstd).
+
+Platforms are parsed and matched in ``platforms.py``.  Imports the store, metadata, manifest,
+names and platforms modules; ``upstream``, ``pullthrough`` and ``fill`` only when an image must be
+pulled first.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import hashlib
 import io
 import json
 import os
-import platform as host
 import secrets
 import tarfile
 from dataclasses import dataclass, field
@@ -45,7 +48,9 @@ from .config import Config, UpstreamConfig
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from .metadata import Metadata, local_repo
 from .names import ImageName, InvalidImageName, parse_image_name
-from .preload import CONTAINERD_NAME, REF_NAME, NoProgress, Progress
+from .platforms import Platform, platform_text
+from .preload import NoProgress, Progress
+from .preload_plan import CONTAINERD_NAME, REF_NAME
 from .reference import Digest, ParseError, parse_digest
 from .staging import CHUNK
 from .store import Store
@@ -53,47 +58,10 @@ from .values import human
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MAX_DEPTH = 4
-_MACHINES = {"x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", None),
-             "arm64": ("arm64", None), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "i686": ("386", None),
-             "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None)}
 
 
 class ExportError(Exception):
     """An image cannot be exported (unknown, not cached and not pullable, corrupt...)."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"{text!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64/v8")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    @classmethod
-    def of_host(cls) -> Platform:
-        arch, variant = _MACHINES.get(host.machine(), (host.machine(), None))
-        return cls("linux", arch, variant)
-
-    def matches(self, found: Any) -> bool:
-        if not isinstance(found, dict):
-            return False
-        return found.get("os") == self.os and found.get("architecture") == self.architecture \
-            and (self.variant is None or found.get("variant") == self.variant)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def _platform_text(found: Any) -> str:
-    if not isinstance(found, dict):
-        return "unknown"
-    return "/".join(str(found[k]) for k in ("os", "architecture", "variant") if found.get(k))
 
 
 @dataclass
@@ -290,7 +258,7 @@ class Exporter:
             chosen = [c for c in children if any(p.matches(c.get("platform")) for p in self.platforms)]
             if not chosen:
                 raise ExportError(f"{image.text}: no manifest for {', '.join(map(str, self.platforms))} "
-                                  f"(it has {', '.join(_platform_text(c.get('platform')) for c in children)})")
+                                  f"(it has {', '.join(platform_text(c.get('platform')) for c in children)})")
             return chosen
         cached = [c for c in children if self._cached(c["digest"])]
         if cached:

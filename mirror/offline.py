@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .config_load import load_config
 from .values import human
 
 PRELOAD_PATH = "/_mirror/preload"
@@ -252,7 +253,8 @@ def _tar_directory(root: Path, progress: TerminalProgress) -> Iterator[bytes]:
 
 def run_export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="mirror: %(message)s")
-    from .export import Exporter, ExportError, Platform, read_image_list
+    from .export import Exporter, ExportError, read_image_list
+    from .platforms import Platform
 
     try:
         platforms = [Platform.parse(p) for p in args.platform or []]

@@ -39,9 +39,9 @@ from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
 from .store import Store
-from .upstream import (
-    Manifest,
-    Upstream,
+from .upstream import Upstream
+from .upstream_answers import Manifest
+from .upstream_errors import (
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,

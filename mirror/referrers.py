@@ -35,8 +35,8 @@ from .errors import APIError
 from .metadata import Metadata
 from .pushed import referrer_descriptor
 from .reference import Digest, ParseError, parse_digest
-from .upstream import (
-    Upstream,
+from .upstream import Upstream
+from .upstream_errors import (
     UpstreamDenied,
     UpstreamError,
     UpstreamInvalid,

@@ -1,55 +1,37 @@
 """The upstream registry client: the /v2/ read API over httpx, with registry auth.
 
-Exceptions (each carries the upstream's status and spec error code when it sent one)::
-
-    UpstreamError
-     +-- UpstreamUnavailable    connection refused or reset, timeout, 5xx
-     +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
-     +-- UpstreamNotFound       404 from the registry (see :func:`registry_not_found`)
-     +-- UpstreamDenied         401 / 403 after authenticating
-     +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
-                                a manifest answer that is not a manifest (a login page), an HTML 404
-
-A token request that fails is the registry request's failure, never its answer: the token
-server's connection errors and 5xx are ``UpstreamUnavailable``, its 429 ``UpstreamRateLimited``,
-its 401/403 ``UpstreamCredentialsRejected`` with configured credentials (else ``UpstreamDenied``),
-and any other status, or a 200 that is not a JSON object with a ``token`` or ``access_token``
-(Docker registry token authentication), ``UpstreamInvalid``.
+It raises the errors of ``upstream_errors.py`` (each carries the upstream's status and spec error
+code when it sent one) and answers with the types of ``upstream_answers.py``; the token flow is
+``upstream_auth.py``, content codings ``codings.py``.
 
 This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
-(``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs.
-Digests are over the identity bytes: every request (to the registry, its
-token realm and any redirect's target) carries ``Accept-Encoding: identity``, and an answer
-content-coded anyway (gzip or its alias x-gzip, deflate, br or zstd; RFC 9110 section 8.4) is
-decoded before anything hashes or keeps it; one in a coding the mirror cannot decode, or that does
-not decode, is ``UpstreamInvalid`` (a blob's first bytes are decoded before it is handed on, so a
-coding corrupt from the start fails before anything is served).  Idempotent requests that fail
-before any byte arrived are retried with backoff.  Credentials go only to the token realm (or, for
-Basic auth, to the registry itself); httpx drops ``Authorization`` when a redirect leaves the
-registry's origin (Docker Hub's CDN), and
-a challenge from such a redirect's target is not answered; an https registry's credentials never
-go to a plain-http realm; a tag list's next-page link is followed only on the registry's origin.
+(``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs
+as identity bytes (``codings.py``).  Idempotent requests that fail before any byte arrived are
+retried with backoff.  A listing's next-page link is followed only on the registry's origin
+(``upstream_paging.py``); non-distributable layers are fetched from their own URLs with no
+credentials.
+
+Imports the ``upstream_*`` modules, ``codings``, ``httpcore_reads``, ``config``, ``manifest``,
+``metrics`` and ``reference``; nothing of the cache or the HTTP routes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpcore
 import httpx
 
+from .codings import ACCEPT_ENCODING, SUPPORTED_CODINGS, content_codings, identity_length, primed, unalias_codings
 from .config import UpstreamConfig
+from .httpcore_reads import larger_reads
 from .manifest import (
     MANIFEST_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
@@ -61,326 +43,29 @@ from .manifest import (
 )
 from .metrics import Metrics
 from .reference import Digest, ParseError, parse_digest
+from .upstream_answers import BlobDownload, Manifest, ManifestHead, Referrers
+from .upstream_auth import RegistryAuth
+from .upstream_errors import (
+    UpstreamCredentialsRejected,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from .upstream_paging import next_page
 
 log = logging.getLogger("mirror.upstream")
 
 MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
-#: Bytes asked of the socket per read of an upstream answer.  httpcore asks 64 KiB; a blob body
-#: then costs a pass through httpcore, h11 and httpx every 64 KiB, which kept a cold fill on the
-#: event loop at ~300 MB/s (``tests/bench/README.md``).  A read returns what the socket holds, so a
-#: larger one never waits for more.
-READ_BYTES = 1 << 20
-
-
-def larger_reads() -> bool:
-    """Make httpcore's HTTP/1.1 connections read :data:`READ_BYTES` at a time; whether they do.
-
-    ``AsyncHTTP11Connection.READ_NUM_BYTES`` is httpcore's own class constant, not public API
-    (pyproject bounds httpcore to the releases that have it).  When it is gone, one warning is logged
-    and answers are read httpcore's way: slower cold fills, nothing else.
-    """
-    connection = getattr(httpcore, "AsyncHTTP11Connection", None)
-    if not isinstance(getattr(connection, "READ_NUM_BYTES", None), int):
-        log.warning("httpcore %s has no AsyncHTTP11Connection.READ_NUM_BYTES: upstream answers are read "
-                    "64 KiB at a time (slower cold pulls)", getattr(httpcore, "__version__", "?"))
-        return False
-    connection.READ_NUM_BYTES = READ_BYTES  # type: ignore[union-attr]
-    return True
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
 MAX_REFERRER_PAGES = 16
-#: RFC 9110 section 12.5.3: only the identity coding is acceptable in answers to the mirror.
-ACCEPT_ENCODING = "identity"
-#: Codings decoded anyway (httpx does it; ``br`` needs ``brotli``, ``zstd`` needs ``zstandard``).
-SUPPORTED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
-#: RFC 9110 section 8.4.1: "x-gzip" and "x-compress" are the same codings as "gzip" and "compress".
-CODING_ALIASES = {"x-gzip": "gzip", "x-compress": "compress"}
 #: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-_PATH_NAME_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
-_CHALLENGE_PARAM_RE = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
-
-
-class UpstreamError(Exception):
-    def __init__(self, message: str, status: int | None = None, code: str | None = None,
-                 retry_after: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
-
-
-class UpstreamUnavailable(UpstreamError):
-    pass
-
-
-class UpstreamCredentialsRejected(UpstreamUnavailable):
-    """The token server refused the mirror's own credentials (``upstream.username``/``password``)."""
-
-
-class UpstreamRateLimited(UpstreamError):
-    pass
-
-
-class UpstreamNotFound(UpstreamError):
-    pass
-
-
-class UpstreamDenied(UpstreamError):
-    pass
-
-
-class UpstreamInvalid(UpstreamError):
-    pass
-
-
-@dataclass(frozen=True)
-class ManifestHead:
-    digest: str | None
-    media_type: str
-    size: int | None
-
-
-@dataclass(frozen=True)
-class Manifest:
-    body: bytes
-    media_type: str
-    digest: Digest
-
-
-@dataclass(frozen=True)
-class Referrers:
-    """An upstream's answer to ``GET /v2/<name>/referrers/<digest>``, every page of it.
-
-    ``manifests`` is None when the answer was not an image index (the upstream has no Referrers
-    API, as oras-go and go-containerregistry read such an answer); ``filtered`` says the upstream
-    applied the ``artifactType`` filter (``OCI-Filters-Applied``, distribution-spec v1.1).
-    """
-
-    manifests: list[dict[str, Any]] | None
-    filtered: bool
-
-
-class BlobDownload:
-    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
-
-    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
-                 body: AsyncIterator[bytes] | None = None) -> None:
-        self.response = response
-        self.size = identity_length(response)
-        self._count = count
-        self._body = body
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The identity bytes: decoded if the answer is content-coded."""
-        body = self._body if self._body is not None else self.response.aiter_bytes()
-        return body if self._count is None else _Counted(body, self._count)
-
-
-async def _primed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """*chunks* with the first one already received: a coding that does not decode fails here."""
-    try:
-        first = await chunks.__anext__()
-    except StopAsyncIteration:
-        first = b""
-
-    async def body() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-    return body()
-
-
-class _Counted:
-    """Pass chunks through, reporting their sizes to *count* in batches (and when the body ends)."""
-
-    BATCH = 1 << 20
-
-    def __init__(self, chunks: AsyncIterator[bytes], count: Callable[[int], None]) -> None:
-        self._chunks = chunks
-        self._count = count
-        self._pending = 0
-
-    def __aiter__(self) -> _Counted:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self._chunks.__anext__()
-        except BaseException:
-            self._count(self._pending)
-            self._pending = 0
-            raise
-        self._pending += len(chunk)
-        if self._pending >= self.BATCH:
-            self._count(self._pending)
-            self._pending = 0
-        return chunk
-
-
-class RegistryAuth(httpx.Auth):
-    """The registry token dance as an httpx auth flow.
-
-    On a ``401`` with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` a token is
-    fetched from the realm (anonymously, or with the configured user and password) and cached
-    per scope until it expires; concurrent requests for one scope share one token request.
-    Registries refuse tokens before their ``expires_in`` (key rotation, revocation, clock skew;
-    RFC 6750 section 3.1 ``error="invalid_token"``): a token answered with ``401`` is dropped at
-    once for every scope it served, and the request is retried once with a new token.  A ``401``
-    to that new token is the answer (Docker Hub's ``insufficient_scope`` for a repository that
-    does not exist, or a refusal of the configured credentials).
-    A token request that fails raises the :class:`UpstreamError` of its kind (see the module's
-    docstring): the token server's answer is never passed on as the registry's.
-    ``Basic`` challenges are answered with the configured credentials.
-
-    *prefix* is the path the registry's ``/v2/`` API sits under (``/artifactory/api/docker/remote``
-    for ``http://host/artifactory/api/docker/remote``; ``""`` at the root): the repository a
-    request's token is for is read after it.
-    """
-
-    def __init__(self, username: str | None, password: str | None, prefix: str = "") -> None:
-        self._prefix = prefix.rstrip("/")
-        self._basic = _basic_header(username, password) if username else None
-        self._tokens: dict[str, tuple[str, float]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._use_basic = False
-        self._rejection_logged = False
-        self.tokens_fetched = 0
-
-    def _scope_for(self, request: httpx.Request) -> str | None:
-        path = request.url.path
-        if self._prefix:
-            if not path.startswith(self._prefix + "/"):
-                return None
-            path = path[len(self._prefix):]
-        m = _PATH_NAME_RE.match(path)
-        return f"repository:{m.group(1)}:pull" if m else None
-
-    def _cached(self, scope: str | None) -> str | None:
-        entry = self._tokens.get(scope or "")
-        if entry and entry[1] > time.monotonic():
-            return entry[0]
-        return None
-
-    def _authorize(self, request: httpx.Request, scope: str | None) -> str | None:
-        """Set the request's ``Authorization``; the bearer token sent, if one was."""
-        token = self._cached(scope)
-        if token:
-            request.headers["Authorization"] = f"Bearer {token}"
-        elif self._use_basic and self._basic is not None:
-            request.headers["Authorization"] = self._basic
-        return token
-
-    def _drop(self, token: str) -> None:
-        """Forget a refused token under every scope it was cached for."""
-        for key in [key for key, (cached, _) in self._tokens.items() if cached == token]:
-            del self._tokens[key]
-
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        scope = self._scope_for(request)
-        sent = self._authorize(request, scope)
-        response = yield request
-        if response.status_code != 401:
-            return
-        if not _same_origin(response.request.url, request.url):
-            return  # a challenge from a redirect's target (a CDN): credentials stay with the registry
-        scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
-        if scheme == "basic" and self._basic is not None and not self._use_basic:
-            self._use_basic = True
-            self._authorize(request, scope)
-            yield request
-            return
-        if scheme != "bearer" or "realm" not in params:
-            return
-        key = params.get("scope") or scope or ""
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if sent is not None:
-                log.info("%s refused the token for %s; fetching a new one", request.url.host, key)
-                self._drop(sent)
-            token = self._cached(key)  # another request may have fetched a new one meanwhile
-            if token is None:
-                token_request = self._token_request(params, request.url)
-                if token_request is None:
-                    return
-                token_response = yield token_request
-                await token_response.aread()
-                token = self._store_token(key, token_response)
-        if scope and scope != key:
-            self._tokens[scope] = self._tokens[key]
-        request.headers["Authorization"] = f"Bearer {token}"
-        response = yield request
-        if response.status_code == 401 and _same_origin(response.request.url, request.url):
-            self._drop(token)  # refused too: the next request asks the realm again
-
-    def _token_request(self, params: dict[str, str], registry: httpx.URL) -> httpx.Request | None:
-        try:
-            realm = httpx.URL(params["realm"])
-        except httpx.InvalidURL:
-            return None
-        if realm.scheme not in {"http", "https"}:
-            return None
-        if self._basic is not None and realm.scheme == "http" and registry.scheme == "https":
-            log.warning("not sending the upstream credentials to %s: the registry is https, its token realm is not",
-                        realm.host)
-            return None
-        query = {k: v for k, v in params.items() if k in {"service", "scope"}}
-        request = httpx.Request("GET", realm.copy_merge_params(query),
-                                headers={"Accept-Encoding": ACCEPT_ENCODING})  # a client's default is none
-        if self._basic is not None:
-            request.headers["Authorization"] = self._basic
-        return request
-
-    def _store_token(self, key: str, response: httpx.Response) -> str:
-        """Keep the token of a token server's answer; raise the failure of its kind if it has none."""
-        status, host = response.status_code, response.request.url.host
-        if status in (401, 403) and self._basic is not None:
-            rejected = UpstreamCredentialsRejected(
-                f"the token server {host} rejected the configured upstream credentials "
-                f"({status}); check upstream.username and upstream.password", status)
-            if not self._rejection_logged:  # once: an operator's problem, not each request's
-                self._rejection_logged = True
-                log.error("%s", rejected)
-            raise rejected
-        if status != 200:
-            message = f"the token server {host} answered {status} for {key or 'a token'}"
-            kind: type[UpstreamError] = (
-                UpstreamDenied if status in (401, 403) else  # it wants credentials the mirror has not got
-                UpstreamRateLimited if status == 429 else
-                UpstreamUnavailable if status >= 500 else UpstreamInvalid)
-            raise kind(message, status, None, response.headers.get("retry-after"))
-        try:
-            doc = response.json()
-            token = doc.get("token") or doc.get("access_token")
-            expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise UpstreamInvalid(f"the token server {host} answered 200 with no token document: {exc}",
-                                  status) from exc
-        if not token or not isinstance(token, str):
-            raise UpstreamInvalid(f"the token server {host} answered 200 with neither token nor access_token",
-                                  status)
-        self.tokens_fetched += 1
-        self._rejection_logged = False
-        self._tokens[key] = (token, time.monotonic() + max(expires_in - 10, 5))
-        return str(token)
-
-
-def content_codings(response: httpx.Response) -> list[str]:
-    """The answer's content codings, in the order applied (RFC 9110 section 8.4); ``identity`` left out."""
-    return [value.strip().lower() for value in response.headers.get_list("content-encoding", split_commas=True)
-            if value.strip() and value.strip().lower() != "identity"]
-
-
-def identity_length(response: httpx.Response) -> int | None:
-    """The length of the identity bytes, if announced: a coded answer's ``Content-Length`` counts coded bytes."""
-    length = response.headers.get("content-length")
-    if content_codings(response) or not length or not length.isdigit():
-        return None
-    return int(length)
 
 
 def registry_not_found(response: httpx.Response) -> bool:
@@ -395,30 +80,6 @@ def registry_not_found(response: httpx.Response) -> bool:
     404 (JSON, plain text, no type) is the registry's.
     """
     return _media_type(response.headers.get("content-type")) not in HTML_TYPES
-
-
-async def _unalias_codings(response: httpx.Response) -> None:
-    """Name a coding by its registered name before httpx decodes (``x-gzip`` is ``gzip``, RFC 9110
-    section 8.4.1.3): an httpx response hook, run for every answer, the token realm's and redirects' too."""
-    codings = response.headers.get_list("content-encoding", split_commas=True)
-    if any(c.strip().lower() in CODING_ALIASES for c in codings):
-        response.headers["content-encoding"] = ", ".join(
-            CODING_ALIASES.get(c.strip().lower(), c.strip()) for c in codings)
-
-
-def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
-    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
-
-
-def _basic_header(username: str, password: str | None) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _CHALLENGE_PARAM_RE.finditer(rest)}
-    return scheme.lower(), params
 
 
 class Upstream:
@@ -438,7 +99,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
             headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
-            event_hooks={"response": [_unalias_codings]},
+            event_hooks={"response": [unalias_codings]},
         )
 
     async def aclose(self) -> None:
@@ -607,7 +268,7 @@ class Upstream:
         try:
             # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
             # the start is an error before the blob is served (a 502, not a 200 cut short).
-            body = await _primed(response.aiter_bytes()) if content_codings(response) else None
+            body = await primed(response.aiter_bytes()) if content_codings(response) else None
             yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
                                body)
         except httpx.DecodingError as exc:
@@ -677,7 +338,7 @@ class Upstream:
 
         A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
         "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
-        link is followed as given (:func:`_next_page`), never rebuilt, and only on the registry's
+        link is followed as given (:func:`next_page`), never rebuilt, and only on the registry's
         origin: credentials never go to another host.  Raises :class:`UpstreamInvalid` for a link
         elsewhere, a link seen before, a page that is not a JSON object, or more than
         :data:`MAX_TAG_PAGES` pages.
@@ -695,7 +356,7 @@ class Upstream:
             if not isinstance(doc, dict):
                 raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
             found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
-            url = _next_page(response, first, visited, f"tags list of {name}")
+            url = next_page(response, first, visited, f"tags list of {name}")
             if url is None:
                 return list(found)
         raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")
@@ -727,34 +388,10 @@ class Upstream:
             found += [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
             applied = response.headers.get("oci-filters-applied", "")
             filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
-            url = _next_page(response, first, visited, f"referrers of {name}@{digest}")
+            url = next_page(response, first, visited, f"referrers of {name}@{digest}")
             if url is None:
                 return Referrers(found, filtered and artifact_type is not None)
         raise UpstreamInvalid(f"referrers of {name}@{digest} has more than {MAX_REFERRER_PAGES} pages")
-
-
-def _next_page(response: httpx.Response, first: httpx.URL, visited: set[str], what: str) -> httpx.URL | None:
-    """The page after *response* of a listing that began at *first*, or None after the last.
-
-    Pages link on with ``Link: <url>; rel="next"`` (RFC 8288; OCI distribution spec, "Listing
-    Tags" and "Listing Referrers"), whose query may be ``n``/``last`` or an opaque cursor, so the
-    link is followed as given, never rebuilt.  It may be relative or absolute, but must stay on
-    the registry's origin (scheme, host and port): credentials never go to another host.  Raises
-    :class:`UpstreamInvalid` for a link elsewhere or to a page already read (*visited*, updated).
-    """
-    link = response.links.get("next", {}).get("url")
-    if not link:
-        return None
-    try:
-        url = response.url.join(link)
-    except httpx.InvalidURL as exc:
-        raise UpstreamInvalid(f"{what} links to an invalid URL {link!r}") from exc
-    if not _same_origin(url, first):
-        raise UpstreamInvalid(f"{what} continues on another host ({link!r}): not followed")
-    if str(url) in visited:
-        raise UpstreamInvalid(f"{what} links back to a page already read ({link!r})")
-    visited.add(str(url))
-    return url
 
 
 def _media_type(content_type: str | None) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError, load_config, to_environ
+from mirror.config import ConfigError
+from mirror.config_load import load_config, to_environ
 from tests.support.mirror import PROJECT_ROOT
 from tests.support.security import (
     ALICE,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from .reference import ParseError, parse_digest, parse_name, parse_tag
 
 DOCKER_HUB = "docker.io"
-_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+#: The host names under which Docker Hub is written; all mean :data:`DOCKER_HUB`.
+DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", "registry-1.docker.io"})
 _HOST_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?")
 
 
@@ -75,7 +76,7 @@ def parse_image_name(text: str, *, default_tag: str | None = "latest") -> ImageN
             raise InvalidImageName(f"{text!r}: invalid registry host {first!r}")
     else:
         registry, path = DOCKER_HUB, rest
-    if registry in _HUB_ALIASES:
+    if registry in DOCKER_HUB_ALIASES:
         registry = DOCKER_HUB
         if "/" not in path:
             path = f"library/{path}"

@@ -19,12 +19,9 @@ turns store and upstream errors into API errors.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 
@@ -39,6 +36,7 @@ from .metadata import Metadata, TagRecord
 from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
+from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 from .store import Store
 from .upstream import (
     Manifest,
@@ -56,43 +54,6 @@ log = logging.getLogger("mirror.pullthrough")
 MANIFEST_MEMORY = 8 << 20
 #: Repositories remembered as pulled from while the store could not record them.
 UNRECORDED_KEPT = 1024
-
-
-class Outcome(str, enum.Enum):
-    HIT = "HIT"
-    MISS = "MISS"
-    STALE = "STALE"
-    COALESCED = "COALESCED"
-    BYPASS = "BYPASS"
-
-
-@dataclass(frozen=True)
-class ManifestResult:
-    body: bytes
-    media_type: str
-    digest: str
-    outcome: Outcome
-    #: For an answer by tag: the ``time.time()`` until which it may be given again without asking
-    #: the upstream (one ``tag_ttl`` after the upstream last confirmed it); None otherwise.
-    fresh_until: float | None = None
-
-
-@dataclass(frozen=True)
-class BlobHead:
-    size: int
-    outcome: Outcome
-
-
-@dataclass
-class BlobResult:
-    source: StoredBlob | GrowingBlob | BypassBlob
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class ReferrersResult:
-    manifests: list[dict[str, Any]]
-    outcome: Outcome
 
 
 class PullThrough:
@@ -370,7 +331,7 @@ class PullThrough:
 
     # -- tags --
 
-    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool, Outcome]:
+    async def tags(self, name: str, n: int | None, last: str | None) -> TagsPage:
         """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
         distribution spec, "Listing Tags"), whether more follow, and how it was served.
 
@@ -385,10 +346,10 @@ class PullThrough:
             if not local:
                 raise api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
-            return (*_paginate(local, n, last), Outcome.STALE)
+            return TagsPage(*paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
         tags = set(listed).union(self.metadata.tags(self._repo(name)))
-        return (*_paginate(sorted(tags), n, last), Outcome.MISS)
+        return TagsPage(*paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
 
@@ -426,10 +387,3 @@ def _digest(value: str) -> Digest:
         return parse_digest(value)
     except ParseError as exc:
         raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc
-
-
-def _paginate(tags: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    selected = [t for t in sorted(tags) if last is None or t > last]
-    if n is None:
-        return selected, False
-    return selected[:n], len(selected) > n

@@ -28,6 +28,9 @@ from .repository import (
 
 
 class CachedRepository:
+    """One upstream repository's cache, bound to the name the client used (*name*) and the name
+    the upstream knows it by (*upstream_name*)."""
+
     def __init__(self, pull: PullThrough, upstream_name: str, name: str, local: LocalRegistry) -> None:
         self.pull = pull
         #: The repository's name at the upstream (without the registry prefix it may have here).

@@ -21,6 +21,8 @@ from .repository import Repository
 
 
 class Namespaces:
+    """The repositories of this registry, by name; one per app, shared by its requests."""
+
     def __init__(self, local: LocalRegistry, pulls: dict[str, PullThrough], default: str) -> None:
         """*pulls*: the pull-through policy of each configured upstream, by registry host (Docker
         Hub as ``docker.io``); *default*: the registry of names that do not say."""

@@ -37,8 +37,9 @@ from starlette.responses import JSONResponse, Response
 from .archive import ArchiveError
 from .config import Config
 from .errors import APIError
-from .local import LocalRegistry
+from .metadata import Metadata
 from .preload import preload_file
+from .store import Store
 
 WRITE_BATCH = 1 << 20
 #: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
@@ -87,8 +88,8 @@ async def preload(request: Request) -> Response:
             if received > REFUSED_BODY_LIMIT:
                 break
         raise
-    local: LocalRegistry = request.state.local
-    store, metadata = local.store, local.metadata
+    store: Store = request.state.store
+    metadata: Metadata = request.state.metadata
     source = request.headers.get("x-mirror-source", "")
     source = source if _SOURCE_RE.fullmatch(source) else "upload"
 

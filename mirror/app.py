@@ -27,6 +27,7 @@ from .local import LocalRegistry
 from .memo import ManifestMemo, MemoManifests
 from .metadata import DiskcacheMetadata
 from .metrics import Metrics, StoreCollector, exposition_registry
+from .namespaces import Namespaces
 from .pullthrough import PullThrough
 from .routes import routes
 from .store import Store
@@ -58,9 +59,9 @@ def create_app(config: Config) -> Starlette:
             for u in upstreams
         }
         upstream = upstreams[0]
-        pull = pulls[config.upstream.registry]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
-        expired = await anyio.to_thread.run_sync(local.sweep_uploads)
+        namespaces = Namespaces(local, pulls, config.upstream.registry)
+        expired = await anyio.to_thread.run_sync(local.uploads.sweep)
         if expired:
             log.info("removed %d abandoned uploads", expired)
         tracker = AccessTracker(metadata)
@@ -74,7 +75,7 @@ def create_app(config: Config) -> Starlette:
         store.on_refused = maintenance.make_room
         upkeep = asyncio.create_task(maintenance.run())
         try:
-            yield {"pull": pull, "pulls": pulls, "local": local, "config": config,
+            yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
                    "memo": memo}
         finally:

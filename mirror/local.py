@@ -1,37 +1,31 @@
-"""The private registry: pushed repositories, blob uploads, manifest puts, deletes and referrers.
+"""The private registry: pushed repositories, manifest puts, mounts, deletes and referrers.
 
 A repository that was pushed to is *local*: it is filed under ``local/<name>`` in the index,
 served from the store only (a pull never falls through to the upstream for it) and pinned.
 Cached repositories share the store (a layer pulled from the upstream can be mounted into a
 pushed repository without a second copy) but never their index entries.
 
-Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can
-be continued by any worker process and after a restart.  Requests on one upload are
-serialised with ``flock`` on its file.  Finishing an upload verifies the digest (with the
-hash kept while the chunks arrived when this process saw them all, else by reading the file)
-before the file is moved into the store, like every other ingest.
+:class:`LocalRepository` is one pushed repository (or one about to be: its first write makes
+it local) as a :class:`~mirror.repository.Repository`; blob uploads are ``uploads.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
 
-from .config import Config
+from .config import Config, PushConfig
 from .errors import APIError
 from .fill import StoredBlob
 from .gc import reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
-from .metadata import LOCAL, Metadata, TagRecord, UploadRecord, local_repo
+from .metadata import LOCAL, Metadata, TagRecord, local_repo
 from .metrics import Metrics
 from .pushed import (
     check_manifest,
@@ -43,26 +37,25 @@ from .pushed import (
 )
 from .reference import Digest, ParseError, parse_digest, parse_name
 from .refusals import refusal
-from .store import DigestMismatch, Store, new_upload_id
+from .repository import (
+    BlobHead,
+    BlobResult,
+    ManifestResult,
+    Outcome,
+    PushedManifest,
+    ReferrersResult,
+    TagsPage,
+    UploadState,
+    paginate,
+    read_limited,
+)
+from .store import Store
+from .uploads import Uploads
 
 log = logging.getLogger("mirror.local")
 
-WRITE_BATCH = 1024 * 1024
 #: HTTP status of a write the store cannot take (RFC 4918 section 11.5, "Insufficient Storage").
 INSUFFICIENT_STORAGE = 507
-
-
-@dataclass(frozen=True)
-class UploadState:
-    uuid: str
-    offset: int
-
-
-@dataclass(frozen=True)
-class StoredManifest:
-    body: bytes
-    media_type: str
-    digest: str
 
 
 class LocalRegistry:
@@ -73,8 +66,7 @@ class LocalRegistry:
         self.config = config
         self.canonical_name = canonical_name
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
-        # uuid -> (offset, hasher) while this process has seen every byte of the upload.
-        self._hashers: dict[str, tuple[int, Any]] = {}
+        self.uploads = Uploads(store, metadata, config.push.upload_ttl, self.metrics)
 
     # -- naming --
 
@@ -122,11 +114,8 @@ class LocalRegistry:
     def check_push(self, name: str) -> None:
         """Refuse a push the policy does not allow; make the repository local otherwise."""
         push = self.config.push
-        if not push.enabled:
-            raise APIError("UNSUPPORTED", "push is disabled on this registry")
-        if not push.allows(name):
-            raise APIError("DENIED", f"push to {name} is not allowed here",
-                           detail={"allowed_prefixes": list(push.prefixes)})
+        if (refused := push_refusal(push, name)) is not None:
+            raise refused
         if self.metadata.is_local(name):
             return
         if self.metadata.has_repository(self.repo_key(name)) and not push.over_cache:
@@ -135,7 +124,7 @@ class LocalRegistry:
 
     # -- reads of local repositories --
 
-    async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> StoredManifest:
+    async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         repo = local_repo(name)
         if isinstance(reference, Digest):
             found = await self._read_manifest(repo, str(reference))
@@ -153,7 +142,7 @@ class LocalRegistry:
             return child_found
         return found
 
-    async def _read_manifest(self, repo: str, digest: str) -> StoredManifest | None:
+    async def _read_manifest(self, repo: str, digest: str) -> ManifestResult | None:
         record = self.metadata.get_manifest(digest)
         if record is None or not self.metadata.is_linked(repo, digest):
             return None
@@ -162,7 +151,8 @@ class LocalRegistry:
         except ParseError:
             return None
         body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
-        return None if body is None else StoredManifest(body, record.media_type, digest)
+        # Given again from memory until the index moves (a push, a delete): nothing else changes it.
+        return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True)
 
     async def open_blob(self, name: str, digest: Digest) -> StoredBlob:
         if self.metadata.is_linked(local_repo(name), str(digest)):
@@ -187,183 +177,6 @@ class LocalRegistry:
 
     def tags(self, name: str) -> list[str]:
         return self.metadata.tags(local_repo(name))
-
-    # -- uploads --
-
-    async def start_upload(self, name: str) -> UploadState:
-        uuid = new_upload_id()
-
-        def create() -> None:
-            fd = os.open(self.store.upload_path(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.close(fd)
-            self.metadata.put_upload(uuid, UploadRecord(name, time.time()))
-
-        await anyio.to_thread.run_sync(create)
-        self._hashers[uuid] = (0, Digest("sha256", "").hasher())
-        return UploadState(uuid, 0)
-
-    def _record(self, name: str, uuid: str) -> UploadRecord:
-        try:
-            self.store.upload_path(uuid)
-        except ValueError:
-            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
-        record = self.metadata.get_upload(uuid)
-        if record is None or record.name != name or not self.store.upload_path(uuid).exists():
-            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
-        return record
-
-    async def upload_status(self, name: str, uuid: str) -> UploadState:
-        self._record(name, uuid)
-        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.upload_path(uuid)).st_size)
-        return UploadState(uuid, size)
-
-    async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> UploadState:
-        """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
-        self._record(name, uuid)
-        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
-        try:
-            offset = os.fstat(fd).st_size
-            self._check_range(name, uuid, offset, content_range)
-            offset = await self._write(uuid, fd, offset, body)
-        finally:
-            os.close(fd)
-        return UploadState(uuid, offset)
-
-    def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None) -> None:
-        """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
-        the upload holds (distribution-spec, "Pushing a blob in chunks"), and nothing is written."""
-        if content_range:
-            start, _ = _content_range(content_range)
-            if start != offset:
-                raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
-                               status=416, headers=self._upload_headers(name, uuid, offset))
-
-    async def finish(self, name: str, uuid: str, digest: Digest, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> None:
-        """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
-        and move the blob into the store."""
-        self._record(name, uuid)
-        path = self.store.upload_path(uuid)
-        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
-        try:
-            before = os.fstat(fd).st_size
-            self._check_range(name, uuid, before, content_range)
-            offset = await self._write(uuid, fd, before, body)
-            known = self._hashers.get(uuid)
-            known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
-                else None
-            try:
-                await anyio.to_thread.run_sync(self.store.commit_file, path, digest, known_hex)
-            except DigestMismatch as exc:
-                await anyio.to_thread.run_sync(self._drop_upload, uuid)
-                self.metrics.upload_failed()
-                raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
-            except OSError as exc:
-                if refusal(exc) is not None and os.path.exists(path):  # as it was before this request
-                    self._hashers.pop(uuid, None)
-                    await anyio.to_thread.run_sync(os.ftruncate, fd, before)
-                raise
-        finally:
-            os.close(fd)
-        self._hashers.pop(uuid, None)
-        self.metrics.upload_finished(offset)
-        await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
-
-    def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
-        self.metadata.link(local_repo(name), [str(digest)])
-        self.metadata.delete_upload(uuid)
-
-    async def cancel(self, name: str, uuid: str) -> None:
-        self._record(name, uuid)
-        await anyio.to_thread.run_sync(self._drop_upload, uuid)
-
-    def _drop_upload(self, uuid: str) -> None:
-        self._hashers.pop(uuid, None)
-        self.metadata.delete_upload(uuid)
-        try:
-            os.unlink(self.store.upload_path(uuid))
-        except FileNotFoundError:
-            pass
-
-    def _lock_upload(self, uuid: str) -> int:
-        try:
-            fd = os.open(self.store.upload_path(uuid), os.O_RDWR)
-        except FileNotFoundError:
-            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-
-    async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes]) -> int:
-        """Write the request body at *offset*, 1 MiB per thread hop; return the new end."""
-        known = self._hashers.get(uuid)
-        hasher = known[1] if known and known[0] == offset else None
-        if hasher is None:
-            self._hashers.pop(uuid, None)
-
-        def flush(data: bytes, at: int) -> None:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
-            if hasher is not None:
-                hasher.update(data)
-
-        pending: list[bytes] = []
-        pending_size = 0
-        start = offset
-        try:
-            async for chunk in body:
-                if not chunk:
-                    continue
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_BATCH:
-                    await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
-                    offset += pending_size
-                    pending, pending_size = [], 0
-            if pending:
-                await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
-                offset += pending_size
-        except OSError as exc:
-            if refusal(exc) is not None:  # the upload stays as it was before this request
-                self._hashers.pop(uuid, None)
-                await anyio.to_thread.run_sync(os.ftruncate, fd, start)
-            raise
-        if hasher is not None:
-            self._hashers[uuid] = (offset, hasher)
-        return offset
-
-    def upload_location(self, name: str, uuid: str) -> str:
-        return f"/v2/{name}/blobs/uploads/{uuid}"
-
-    def _upload_headers(self, name: str, uuid: str, offset: int) -> dict[str, str]:
-        return {
-            "Location": self.upload_location(name, uuid),
-            "Docker-Upload-UUID": uuid,
-            "Range": f"0-{max(offset - 1, 0)}",
-        }
-
-    def upload_headers(self, name: str, state: UploadState) -> dict[str, str]:
-        return self._upload_headers(name, state.uuid, state.offset)
-
-    def sweep_uploads(self) -> int:
-        """Remove upload files untouched for ``push.upload_ttl``, and their records; return how many.
-
-        A file without a record is swept by the same rule, not at once: another worker may be
-        creating it (the file comes before its record) or finishing it (the record goes first).
-        """
-        removed = 0
-        cutoff = time.time() - self.config.push.upload_ttl
-        for entry in list(os.scandir(self.store.uploads)):
-            try:
-                stale = entry.stat().st_mtime < cutoff
-            except FileNotFoundError:
-                continue
-            if stale:
-                self._drop_upload(entry.name)
-                removed += 1
-        return removed
 
     # -- mounts --
 
@@ -466,9 +279,84 @@ class LocalRegistry:
         return found
 
 
-def _content_range(value: str) -> tuple[int, int]:
-    start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
-    if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
-            or int(end) < int(start):
-        raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
-    return int(start), int(end)
+def push_refusal(push: PushConfig, name: str) -> APIError | None:
+    """The error for a push to *name* the namespace policy refuses (``push.enabled``,
+    ``push.prefixes``), or None when it takes it."""
+    if not push.enabled:
+        return APIError("UNSUPPORTED", "push is disabled on this registry")
+    if not push.allows(name):
+        return APIError("DENIED", f"push to {name} is not allowed here",
+                        detail={"allowed_prefixes": list(push.prefixes)})
+    return None
+
+
+class LocalRepository:
+    """A pushed repository as a :class:`~mirror.repository.Repository`; every answer is ``LOCAL``.
+
+    Bound to a name that is local, or that a push may make local: each write first passes
+    :meth:`LocalRegistry.check_push`, and a write the store's filesystem refuses is a ``507``
+    (:meth:`LocalRegistry.storing`).
+    """
+
+    def __init__(self, local: LocalRegistry, name: str) -> None:
+        self.local = local
+        self.name = name
+
+    async def manifest(self, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        return await self.local.manifest(self.name, reference, accept)
+
+    async def manifest_head(self, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        return await self.manifest(reference, accept)
+
+    async def blob_head(self, digest: Digest) -> BlobHead:
+        return BlobHead(await self.local.blob_size(self.name, digest), Outcome.LOCAL)
+
+    async def blob(self, digest: Digest) -> BlobResult:
+        return BlobResult(await self.local.open_blob(self.name, digest), Outcome.LOCAL)
+
+    async def tags(self, n: int | None, last: str | None) -> TagsPage:
+        return TagsPage(*paginate(self.local.tags(self.name), n, last), Outcome.LOCAL)
+
+    async def referrers(self, digest: Digest, artifact_type: str | None) -> ReferrersResult:
+        return ReferrersResult(self.local.referrers(self.name, digest, artifact_type), Outcome.LOCAL)
+
+    async def put_manifest(self, reference: str | Digest, content_type: str, body: AsyncIterator[bytes],
+                           declared_length: str | None) -> PushedManifest:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            data = await read_limited(body, declared_length, MAX_MANIFEST_BYTES)
+            return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
+
+    async def delete_manifest(self, reference: str | Digest) -> None:
+        await self.local.delete_manifest(self.name, reference)
+
+    async def delete_blob(self, digest: Digest) -> None:
+        await self.local.delete_blob(self.name, digest)
+
+    async def start_upload(self) -> UploadState:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            return await self.local.uploads.start(self.name)
+
+    async def mount(self, digest: Digest, source: str) -> bool:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            mounted: bool = await anyio.to_thread.run_sync(self.local.mount, self.name, digest, source)
+            return mounted
+
+    async def upload_status(self, uuid: str) -> UploadState:
+        with self.local.storing():
+            return await self.local.uploads.status(self.name, uuid)
+
+    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None) -> UploadState:
+        with self.local.storing():
+            return await self.local.uploads.append(self.name, uuid, body, content_range)
+
+    async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
+                     content_range: str | None = None) -> None:
+        with self.local.storing():
+            await self.local.uploads.finish(self.name, uuid, digest, body, content_range)
+
+    async def cancel(self, uuid: str) -> None:
+        with self.local.storing():
+            await self.local.uploads.cancel(self.name, uuid)

@@ -18,26 +18,25 @@ turns store and upstream errors into API errors.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import anyio.to_thread
 
 from .bypass import BypassBlob
 from .errors import APIError
+from .failures import api_error
 from .fill import Fills, GrowingBlob, StoredBlob
+from .flight import SingleFlight
 from .gc import AccessTracker, reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
+from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 from .store import Store
 from .upstream import Upstream
 from .upstream_answers import Manifest
@@ -55,44 +54,6 @@ log = logging.getLogger("mirror.pullthrough")
 MANIFEST_MEMORY = 8 << 20
 #: Repositories remembered as pulled from while the store could not record them.
 UNRECORDED_KEPT = 1024
-T = TypeVar("T")
-
-
-class Outcome(str, enum.Enum):
-    HIT = "HIT"
-    MISS = "MISS"
-    STALE = "STALE"
-    COALESCED = "COALESCED"
-    BYPASS = "BYPASS"
-
-
-@dataclass(frozen=True)
-class ManifestResult:
-    body: bytes
-    media_type: str
-    digest: str
-    outcome: Outcome
-    #: For an answer by tag: the ``time.time()`` until which it may be given again without asking
-    #: the upstream (one ``tag_ttl`` after the upstream last confirmed it); None otherwise.
-    fresh_until: float | None = None
-
-
-@dataclass(frozen=True)
-class BlobHead:
-    size: int
-    outcome: Outcome
-
-
-@dataclass
-class BlobResult:
-    source: StoredBlob | GrowingBlob | BypassBlob
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class ReferrersResult:
-    manifests: list[dict[str, Any]]
-    outcome: Outcome
 
 
 class PullThrough:
@@ -104,7 +65,7 @@ class PullThrough:
         self.upstream = upstream
         self.tag_ttl = tag_ttl
         self.registry = registry
-        self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._flights: SingleFlight[tuple[str, str], ManifestResult] = SingleFlight()
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
@@ -137,7 +98,7 @@ class PullThrough:
     async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(name, reference)
-        result = _followed(await self._single_flight(("tag", f"{name}:{reference}"),
+        result = _followed(await self._flights.run(("tag", f"{name}:{reference}"),
                                                      lambda: self._manifest_by_tag(name, reference)))
         if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
                 and accept & set(MANIFEST_MEDIA_TYPES):
@@ -167,7 +128,7 @@ class PullThrough:
                 self._log_stale(f"{repo}:{tag}", exc)
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
             except UpstreamNotFound as exc:
-                raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+                raise api_error(exc, "MANIFEST_UNKNOWN") from exc
             self._stale_logged.discard(f"{repo}:{tag}")
             if head.digest == record.digest:
                 def refresh() -> bool:
@@ -194,7 +155,7 @@ class PullThrough:
                 # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).
                 self._log_stale(f"{repo}:{tag}", exc)
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
-            raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+            raise api_error(exc, "MANIFEST_UNKNOWN") from exc
         saved = await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
                               Outcome.MISS if saved else Outcome.BYPASS, checked + self.tag_ttl if saved else None)
@@ -212,11 +173,11 @@ class PullThrough:
             try:
                 manifest = await self.upstream.get_manifest(name, digest)
             except UpstreamError as exc:
-                raise _api_error(exc, "MANIFEST_UNKNOWN") from exc
+                raise api_error(exc, "MANIFEST_UNKNOWN") from exc
             saved = await self._save_manifest(repo, manifest, None)
             return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
 
-        return _followed(await self._single_flight(("digest", f"{name}@{key}"), fetch))
+        return _followed(await self._flights.run(("digest", f"{name}@{key}"), fetch))
 
     async def _stored_manifest(self, digest: str) -> bytes | None:
         """A stored manifest's bytes; recently read ones come from memory (under load a thread hop
@@ -345,7 +306,7 @@ class PullThrough:
     def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
         """The error for a blob the upstream did not give; for a non-distributable layer left to
         clients (``foreign_layers: skip``) its detail says where it is and what would fetch it."""
-        error = _api_error(exc, "BLOB_UNKNOWN")
+        error = api_error(exc, "BLOB_UNKNOWN")
         if (isinstance(exc, UpstreamNotFound) and self.upstream.config.foreign_layers == "skip"
                 and self.metadata.is_linked(self._repo(name), digest)
                 and (urls := self.metadata.foreign_urls(digest))):
@@ -359,7 +320,7 @@ class PullThrough:
         try:
             await self.upstream.head_blob(name, digest)
         except UpstreamError as exc:
-            raise _api_error(exc, "BLOB_UNKNOWN") from exc
+            raise api_error(exc, "BLOB_UNKNOWN") from exc
 
     def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
@@ -370,7 +331,7 @@ class PullThrough:
 
     # -- tags --
 
-    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[list[str], bool, Outcome]:
+    async def tags(self, name: str, n: int | None, last: str | None) -> TagsPage:
         """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
         distribution spec, "Listing Tags"), whether more follow, and how it was served.
 
@@ -383,12 +344,12 @@ class PullThrough:
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
             local = self.metadata.tags(self._repo(name))
             if not local:
-                raise _api_error(exc, "NAME_UNKNOWN") from exc
+                raise api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
-            return (*_paginate(local, n, last), Outcome.STALE)
+            return TagsPage(*paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
         tags = set(listed).union(self.metadata.tags(self._repo(name)))
-        return (*_paginate(sorted(tags), n, last), Outcome.MISS)
+        return TagsPage(*paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
 
@@ -399,29 +360,6 @@ class PullThrough:
         return ReferrersResult(answer.manifests, Outcome.STALE if answer.stale else Outcome.MISS)
 
     # -- helpers --
-
-    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """Concurrent callers with the same key share one execution of ``work``: its result, and
-        whether this caller followed another one's."""
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending), True
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
-        self._inflight[key] = future
-        try:
-            result = await work()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-            raise
-        else:
-            future.set_result(result)
-            return result, False
-        finally:
-            del self._inflight[key]
 
     def _pulled_unrecorded(self, repo: str) -> None:
         """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream
@@ -449,26 +387,3 @@ def _digest(value: str) -> Digest:
         return parse_digest(value)
     except ParseError as exc:
         raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc
-
-
-def _paginate(tags: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    selected = [t for t in sorted(tags) if last is None or t > last]
-    if n is None:
-        return selected, False
-    return selected[:n], len(selected) > n
-
-
-def _api_error(exc: UpstreamError, not_found: str) -> APIError:
-    """The client-facing error for an upstream failure with nothing cached to fall back on."""
-    if isinstance(exc, UpstreamNotFound):
-        code = exc.code if exc.code in {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} else not_found
-        return APIError(code)
-    if isinstance(exc, UpstreamRateLimited):
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
-        return APIError("TOOMANYREQUESTS", "upstream rate limit reached and no cached copy", headers=headers)
-    if isinstance(exc, UpstreamDenied):
-        return APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
-                                               "or needs credentials")
-    if isinstance(exc, UpstreamInvalid):
-        return APIError("UNAVAILABLE", "upstream sent an invalid answer", detail=str(exc), status=502)
-    return APIError("UNAVAILABLE", detail=str(exc))

@@ -1,7 +1,8 @@
-"""HTTP routes of the /v2/ API: parse, dispatch to the pull-through policy, render.
+"""HTTP routes of the /v2/ API: parse, call the repository the name is (``namespaces.py``), render.
 
-Routes know nothing of the disk layout or the upstream; every parameter is validated by
-``reference.py`` before it goes further, and every error leaves as the spec's JSON.
+Routes know nothing of the disk layout, the upstream, or which kind of repository they call;
+every parameter is validated by ``reference.py`` before it goes further, and every error leaves
+as the spec's JSON.
 """
 
 from __future__ import annotations
@@ -10,21 +11,16 @@ import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import admin
-from .bypass import BypassBlob
 from .endpoints import API_HEADERS, CACHE_HEADER, Kind, endpoint
 from .errors import APIError, error_response
-from .fill import GrowingBlob, StoredBlob
-from .local import LocalRegistry, StoredManifest
-from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX, accepted
+from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo, accept_key
-from .names import DOCKER_HUB_ALIASES
-from .pullthrough import ManifestResult, PullThrough, _paginate
+from .namespaces import Namespaces
 from .pushed import referrers_index
 from .reference import (
     Digest,
@@ -38,7 +34,9 @@ from .reference import (
     parse_reference,
     parse_tag,
 )
+from .repository import Repository, paginate
 from .responses import BlobResponse
+from .uploads import upload_headers
 
 MAX_PAGE = 10000
 
@@ -61,28 +59,6 @@ async def dispatch(request: Request) -> Response:
         return await handler(request, _name(found.name), found.match)
     except APIError as exc:
         return error_response(exc, head=head)
-
-
-def _upstream_for(request: Request, name: str) -> tuple[PullThrough, str]:
-    """The upstream a request is for, and the name to ask it for.
-
-    containerd names the registry in ``?ns=``; other clients can prefix the repository with it
-    (``/v2/ghcr.io/org/app/...``); anything else goes to the default upstream.
-    """
-    pulls: dict[str, PullThrough] = request.state.pulls
-    default: PullThrough = request.state.pull
-    ns = request.query_params.get("ns")
-    if ns:
-        registry = "docker.io" if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
-        if registry in pulls:
-            return pulls[registry], name
-        raise APIError("NAME_UNKNOWN", f"no upstream is configured for {ns}", detail={"ns": ns})
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first):
-        registry = "docker.io" if first in DOCKER_HUB_ALIASES else first
-        if registry in pulls:
-            return pulls[registry], rest
-    return default, name
 
 
 def _name(raw: str) -> str:
@@ -120,45 +96,38 @@ def _digest(raw: str) -> Digest:
         raise APIError("DIGEST_INVALID", "invalid digest", detail=str(exc)) from exc
 
 
+def _repository(request: Request, name: str) -> Repository:
+    namespaces: Namespaces = request.state.namespaces
+    return namespaces.repository(name, request.query_params.get("ns"))
+
+
 async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull, cached_name = _upstream_for(request, name)
-    local: LocalRegistry = request.state.local
+    memo: ManifestMemo = request.state.memo
+    # Read before the index is (the repository's kind included): see ``memo.py``.
+    stamp = memo.stamp() if not request.scope["query_string"] else None
+    repository = _repository(request, name)
     reference = _reference(m.group("reference"), request.method)
     if request.method == "PUT":
-        return await _put_manifest(request, name, reference)
+        return await _put_manifest(request, repository, reference)
     if request.method == "DELETE":
-        await local.delete_manifest(name, reference)
+        await repository.delete_manifest(reference)
         return Response(status_code=202, headers=API_HEADERS)
     # Clients such as dockerd send one Accept header per media type.
     accept = accepted(", ".join(request.headers.getlist("accept")))
-    memo: ManifestMemo = request.state.memo
-    stamp = memo.stamp() if not request.scope["query_string"] else None
-    touch = None
-    result: StoredManifest | ManifestResult
-    # How long an answer by tag may be given from memory: a pushed tag until the index moves.
-    fresh_until: float | None = None
-    if local.is_local(name):
-        result = await local.manifest(name, reference, accept)
-        outcome = "LOCAL"
-    else:
-        pulled = await pull.manifest(cached_name, reference, accept)
-        result, outcome = pulled, pulled.outcome.value
-        touch = pull.toucher(cached_name, result.digest)
-        fresh_until = pulled.fresh_until
-        if not isinstance(reference, Digest) and fresh_until is None:
-            stamp = None  # stale, or not stored: ask again next time
-    # The same answer for this path from now on, until the index withdraws it (unless it was not
-    # stored), or for a tag while it is fresh (``memo.py``).
-    if stamp is not None and outcome not in ("BYPASS", "STALE"):
+    read = repository.manifest_head if request.method == "HEAD" else repository.manifest
+    result = await read(reference, accept)
+    # The same answer for this path from now on, until the index withdraws it, or for a tag while
+    # it is fresh (``memo.py``); unless the repository says it may not be given again.
+    if stamp is not None and result.memorable:
         memo.remember(request.scope["path"], stamp, body=result.body, media_type=result.media_type,
-                      digest=result.digest, outcome="LOCAL" if outcome == "LOCAL" else "HIT", touch=touch,
+                      digest=result.digest, outcome=result.remembered_outcome, touch=result.touch,
                       accept=None if isinstance(reference, Digest) else accept_key(request.scope["headers"]),
-                      expires=fresh_until)
+                      expires=result.fresh_until)
     headers = {
         **API_HEADERS,
         "Docker-Content-Digest": result.digest,
         "ETag": f'"{result.digest}"',
-        CACHE_HEADER: outcome,
+        CACHE_HEADER: result.outcome.value,
     }
     if request.headers.get("if-none-match") == f'"{result.digest}"':
         return Response(status_code=304, headers=headers)
@@ -168,56 +137,31 @@ async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
     return Response(result.body, headers=headers, media_type=result.media_type)
 
 
-async def _put_manifest(request: Request, name: str, reference: str | Digest) -> Response:
-    local: LocalRegistry = request.state.local
-    with local.storing():
-        local.check_push(name)
-        body = await _read_limited(request, MAX_MANIFEST_BYTES)
-        digest, subject = await local.put_manifest(name, reference, request.headers.get("content-type", ""), body)
-    headers = {**API_HEADERS, "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
-    if subject:
-        headers["OCI-Subject"] = subject
+async def _put_manifest(request: Request, repository: Repository, reference: str | Digest) -> Response:
+    pushed = await repository.put_manifest(reference, request.headers.get("content-type", ""), request.stream(),
+                                           request.headers.get("content-length"))
+    headers = {**API_HEADERS, "Location": f"/v2/{repository.name}/manifests/{pushed.digest}",
+               "Docker-Content-Digest": pushed.digest}
+    if pushed.subject:
+        headers["OCI-Subject"] = pushed.subject
     return Response(status_code=201, headers=headers)
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
-    return bytes(body)
-
-
 async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull, cached_name = _upstream_for(request, name)
-    local: LocalRegistry = request.state.local
+    repository = _repository(request, name)
     digest = _digest(m.group("digest"))
     if request.method == "DELETE":
-        await local.delete_blob(name, digest)
+        await repository.delete_blob(digest)
         return Response(status_code=202, headers={**API_HEADERS, "Docker-Content-Digest": str(digest)})
     headers = {**API_HEADERS, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
-    is_local = local.is_local(name)
     if request.method == "HEAD":
-        if is_local:
-            size, outcome = await local.blob_size(name, digest), "LOCAL"
-        else:
-            found = await pull.blob_head(cached_name, digest, pushable=local.takes_pushes(name))
-            size, outcome = found.size, found.outcome.value
-        headers[CACHE_HEADER] = outcome
-        headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
+        found = await repository.blob_head(digest)
+        headers[CACHE_HEADER] = found.outcome.value
+        headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
-    source: StoredBlob | GrowingBlob | BypassBlob
-    if is_local:
-        source = await local.open_blob(name, digest)
-        headers[CACHE_HEADER] = "LOCAL"
-    else:
-        result = await pull.blob(cached_name, digest)
-        source = result.source
-        headers[CACHE_HEADER] = result.outcome.value
+    result = await repository.blob(digest)
+    source = result.source
+    headers[CACHE_HEADER] = result.outcome.value
     byte_range = None
     range_header = request.headers.get("range")
     if range_header and source.size is not None:
@@ -231,55 +175,46 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
 
 
 async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
-    local: LocalRegistry = request.state.local
-    with local.storing():
-        return await _upload_step(request, local, name, m)
-
-
-async def _upload_step(request: Request, local: LocalRegistry, name: str, m: re.Match[str]) -> Response:
+    namespaces: Namespaces = request.state.namespaces
+    repository = namespaces.repository(name)  # pushes go by the name alone, whatever ``?ns=`` says
     uuid = m.group("upload")
     method = request.method
     if not uuid:
         if method != "POST":
             raise APIError("UNSUPPORTED", f"{method} is not supported on this endpoint")
-        return await _start_upload(request, name)
+        return await _start_upload(request, repository)
     if method == "POST":
         raise APIError("UNSUPPORTED", "POST is not supported on an upload in progress")
     if method in ("GET", "HEAD"):
-        state = await local.upload_status(name, uuid)
-        return Response(status_code=204, headers={**API_HEADERS, **local.upload_headers(name, state)})
+        state = await repository.upload_status(uuid)
+        return Response(status_code=204, headers={**API_HEADERS, **upload_headers(name, state.uuid, state.offset)})
     if method == "DELETE":
-        await local.cancel(name, uuid)
+        await repository.cancel(uuid)
         return Response(status_code=204, headers=API_HEADERS)
     if method == "PATCH":
-        state = await local.append(name, uuid, request.stream(), request.headers.get("content-range"))
+        state = await repository.append(uuid, request.stream(), request.headers.get("content-range"))
         return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
-                                                  **local.upload_headers(name, state)})
+                                                  **upload_headers(name, state.uuid, state.offset)})
     # PUT: the last chunk (optional) and the digest.
     digest = _query_digest(request)
-    await local.finish(name, uuid, digest, request.stream(), request.headers.get("content-range"))
+    await repository.finish(uuid, digest, request.stream(), request.headers.get("content-range"))
     return _blob_created(name, digest)
 
 
-async def _start_upload(request: Request, name: str) -> Response:
-    local: LocalRegistry = request.state.local
+async def _start_upload(request: Request, repository: Repository) -> Response:
+    name = repository.name
     mount = request.query_params.get("mount")
     mount_digest = _digest(mount) if mount is not None else None
     upload_digest = _query_digest(request) if "digest" in request.query_params else None
-    local.check_push(name)
-    if mount_digest is not None:
-        digest = mount_digest
-        source = request.query_params.get("from")
-        if source:
-            mounted: bool = await anyio.to_thread.run_sync(local.mount, name, digest, source)
-            if mounted:
-                return _blob_created(name, digest)
-    state = await local.start_upload(name)
+    source = request.query_params.get("from")
+    if mount_digest is not None and source and await repository.mount(mount_digest, source):
+        return _blob_created(name, mount_digest)
+    state = await repository.start_upload()
     if upload_digest is not None:  # monolithic upload
-        await local.finish(name, state.uuid, upload_digest, request.stream())
+        await repository.finish(state.uuid, upload_digest, request.stream())
         return _blob_created(name, upload_digest)
     return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
-                                              **local.upload_headers(name, state)})
+                                              **upload_headers(name, state.uuid, state.offset)})
 
 
 def _query_digest(request: Request) -> Digest:
@@ -297,48 +232,37 @@ def _blob_created(name: str, digest: Digest) -> Response:
 
 
 async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
-    local: LocalRegistry = request.state.local
-    pull, cached_name = _upstream_for(request, name)
+    repository = _repository(request, name)
     digest = _digest(m.group("digest"))
     artifact_type = _artifact_type(request.query_params.get("artifactType"))
-    if local.is_local(name):
-        found, outcome = local.referrers(name, digest, artifact_type), "LOCAL"
-    else:
-        result = await pull.referrers(cached_name, digest, artifact_type)
-        found, outcome = result.manifests, result.outcome.value
-    headers = {**API_HEADERS, CACHE_HEADER: outcome}
+    result = await repository.referrers(digest, artifact_type)
+    headers = {**API_HEADERS, CACHE_HEADER: result.outcome.value}
     if artifact_type is not None:  # applied here, whether or not the upstream did
         headers["OCI-Filters-Applied"] = "artifactType"
-    return Response(referrers_index(found), headers=headers, media_type=OCI_INDEX)
+    return Response(referrers_index(result.manifests), headers=headers, media_type=OCI_INDEX)
 
 
 async def _tags(request: Request, name: str, m: re.Match[str]) -> Response:
-    pull, cached_name = _upstream_for(request, name)
-    local: LocalRegistry = request.state.local
+    repository = _repository(request, name)
     n = _page_size(request.query_params.get("n"))
     last = _last(request.query_params.get("last"), parse_tag, "TAG_INVALID")
-    if local.is_local(name):
-        tags, more = _paginate(local.tags(name), n, last)
-        outcome = "LOCAL"
-    else:
-        tags, more, served = await pull.tags(cached_name, n, last)
-        outcome = served.value
-    headers = {**API_HEADERS, CACHE_HEADER: outcome}
-    if more and tags:
+    page = await repository.tags(n, last)
+    tags = page.tags
+    headers = {**API_HEADERS, CACHE_HEADER: page.outcome.value}
+    if page.more and tags:
         query = urlencode({"n": n, "last": tags[-1]} if n is not None else {"last": tags[-1]})
         headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
     return JSONResponse({"name": name, "tags": tags}, headers=headers)
 
 
 async def catalog(request: Request) -> Response:
-    local: LocalRegistry = request.state.local
+    namespaces: Namespaces = request.state.namespaces
     try:
         n = _page_size(request.query_params.get("n"))
         last = _last(request.query_params.get("last"), parse_name, "NAME_INVALID")
     except APIError as exc:
         return error_response(exc, head=request.method == "HEAD")
-    names = sorted({local.catalog_name(repo) for repo in local.metadata.repositories()})
-    page, more = _paginate(names, n, last)
+    page, more = paginate(namespaces.catalog(), n, last)
     headers = dict(API_HEADERS)
     if more and page:
         query = urlencode({"n": n, "last": page[-1]} if n is not None else {"last": page[-1]})

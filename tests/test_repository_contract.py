@@ -17,6 +17,7 @@ A new implementation (a repository kept elsewhere) adds a case here and must pas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,12 +104,16 @@ class Case:
         return f"{self.mirror.url}/v2/{self.name}/{path}"
 
 
-@pytest.fixture(params=["cached", "cached-push-disabled", "local"])
-def case(request: pytest.FixtureRequest, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
-         tmp_path: Path) -> Iterator[Case]:
+READ_ONLY = ["cached", "cached-push-disabled"]
+WRITABLE = ["local"]
+
+
+@contextlib.contextmanager
+def _case(kind: str, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+          tmp_path: Path) -> Iterator[Case]:
     content = Content.make()
     token = secrets.token_hex(4)
-    if request.param == "local":
+    if kind == "local":
         mirror = mirror_factory(env={"MIRROR_PUSH_PREFIXES": "team"})
         name = f"team/contract-{token}"
         content.publish(mirror.url, name, tmp_path)
@@ -119,7 +124,7 @@ def case(request: pytest.FixtureRequest, upstream: UpstreamRegistry, mirror_fact
     with FaultProxy(upstream.url) as proxy:
         proxy.add("status", rf"^/v2/{name}/referrers/{sha256(content.image)}$", status=200,
                   body=content.referrers_index(), headers={"content-type": OCI_INDEX})
-        if request.param == "cached":
+        if kind == "cached":
             mirror = mirror_factory(proxy.url, env={"MIRROR_PUSH_PREFIXES": "team"})
             refusal = (403, "DENIED", f"push to {name} is not allowed here")
         else:
@@ -128,15 +133,30 @@ def case(request: pytest.FixtureRequest, upstream: UpstreamRegistry, mirror_fact
         yield Case(mirror, name, content, refusal)
 
 
-def writable(case: Case) -> None:
-    if case.refusal is not None:
-        pytest.skip("a read-only repository: its writes are refused (test_writes_are_refused_...)")
+@pytest.fixture(params=READ_ONLY + WRITABLE)
+def case(request: pytest.FixtureRequest, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+         tmp_path: Path) -> Iterator[Case]:
+    """Every kind of repository."""
+    with _case(request.param, upstream, mirror_factory, tmp_path) as made:
+        yield made
 
 
-def read_only(case: Case) -> tuple[int, str, str]:
-    if case.refusal is None:
-        pytest.skip("a repository that takes pushes")
-    return case.refusal
+@pytest.fixture(params=READ_ONLY)
+def read_only_case(request: pytest.FixtureRequest, upstream: UpstreamRegistry,
+                   mirror_factory: Callable[..., MirrorServer], tmp_path: Path) -> Iterator[Case]:
+    """The kinds that refuse writes."""
+    with _case(request.param, upstream, mirror_factory, tmp_path) as made:
+        assert made.refusal is not None
+        yield made
+
+
+@pytest.fixture(params=WRITABLE)
+def writable_case(request: pytest.FixtureRequest, upstream: UpstreamRegistry,
+                  mirror_factory: Callable[..., MirrorServer], tmp_path: Path) -> Iterator[Case]:
+    """The kinds that take pushes."""
+    with _case(request.param, upstream, mirror_factory, tmp_path) as made:
+        assert made.refusal is None
+        yield made
 
 
 def error(answer: httpx.Response) -> tuple[int, str]:
@@ -246,8 +266,10 @@ def test_referrers_list_the_artifacts_whose_subject_is_the_digest(case: Case, ht
 # -- writes ---------------------------------------------------------------------------------------
 
 
-def test_writes_are_refused_by_a_read_only_repository(case: Case, http: httpx.Client) -> None:
-    status, code, message = read_only(case)
+def test_writes_are_refused_by_a_read_only_repository(read_only_case: Case, http: httpx.Client) -> None:
+    case = read_only_case
+    assert case.refusal is not None
+    status, code, message = case.refusal
     body = json.dumps({"schemaVersion": 2}).encode()
     layer = sha256(case.content.layer)
     refused = [
@@ -265,8 +287,8 @@ def test_writes_are_refused_by_a_read_only_repository(case: Case, http: httpx.Cl
     assert error(unknown) == (404, "BLOB_UPLOAD_UNKNOWN")
 
 
-def test_uploads_in_chunks_then_a_manifest_put_then_deletes(case: Case, http: httpx.Client) -> None:
-    writable(case)
+def test_uploads_in_chunks_then_a_manifest_put_then_deletes(writable_case: Case, http: httpx.Client) -> None:
+    case = writable_case
     data = os.urandom(3000)
     digest = sha256(data)
     started = http.post(case.url("blobs/uploads/"))
@@ -307,8 +329,8 @@ def test_uploads_in_chunks_then_a_manifest_put_then_deletes(case: Case, http: ht
     assert error(http.get(case.url(f"blobs/{digest}"))) == (404, "BLOB_UNKNOWN")
 
 
-def test_a_blob_is_mounted_from_another_repository(case: Case, http: httpx.Client, tmp_path: Path) -> None:
-    writable(case)
+def test_a_blob_is_mounted_from_another_repository(writable_case: Case, http: httpx.Client, tmp_path: Path) -> None:
+    case = writable_case
     other = f"{case.name}-other"
     data = os.urandom(2000)
     path = tmp_path / "blob"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from .config import CacheConfig, GcConfig
-from .fill import being_served, fills_in_progress
+from .growing import being_served, fills_in_progress
 from .manifest import references
 from .metadata import LOCAL, Metadata
 from .metrics import HELD_REASONS, Metrics
@@ -83,7 +83,7 @@ class AccessTracker:
 @contextlib.contextmanager
 def reference_lock(store: Store) -> Iterator[None]:
     """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
-    fd = os.open(store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -154,8 +154,7 @@ class Collector:
         """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store), or None."""
         limit = self.cache.max_size
         if isinstance(limit, float):
-            stats = os.statvfs(self.store.root)
-            return int(stats.f_blocks * stats.f_frsize * limit)
+            return int(self.store.space().total * limit)
         return limit or None
 
     def over_high_watermark(self, usage: int) -> bool:
@@ -170,7 +169,7 @@ class Collector:
         *resume*: a previous run did not reach the low watermark; evict down to it even if the
         store is now below the high watermark.
         """
-        fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -251,24 +250,14 @@ class Collector:
                              + [f"manifest/{d}" for d in doomed]
                              + [f"access/{repo}@{d}" for repo, d in evicted])
         for d in doomed:
-            try:
-                os.unlink(self.store.blob_path(parse_digest(d)))
-            except (FileNotFoundError, ParseError):
-                pass
+            with contextlib.suppress(ParseError):
+                self.store.delete(parse_digest(d))
             self._refs.pop(d, None)
 
     # -- the graph --
 
     def _load(self) -> _State:
-        files: dict[str, tuple[int, float]] = {}
-        for algorithm_dir in _scandir(self.store.blobs):
-            for prefix_dir in _scandir(algorithm_dir.path):
-                for entry in _scandir(prefix_dir.path):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    files[f"{algorithm_dir.name}:{entry.name}"] = (st.st_size, st.st_mtime)
+        files = {found.name: (found.size, found.mtime) for found in self.store.objects()}
         links: dict[str, set[str]] = defaultdict(set)
         for key in self.metadata.keys("link/"):
             repo, _, digest = key[len("link/"):].rpartition("@")
@@ -519,19 +508,11 @@ class Maintenance:
         return self.collector.over_high_watermark(self.collector.metadata.usage())
 
     def _recount(self) -> None:
-        total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)
-                    for p in _scandir(a.path) for entry in _scandir(p.path))
+        total = sum(found.size for found in self.collector.store.objects())
         self.collector.metadata.set_usage(total)
 
     def flush(self) -> None:
         self.tracker.flush()
-
-
-def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
-    try:
-        return list(os.scandir(path))
-    except FileNotFoundError:
-        return []
 
 
 def _size(n: int | None) -> str:

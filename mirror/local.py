@@ -26,10 +26,11 @@ from typing import Any
 
 import anyio.to_thread
 
+from .blobstore import DigestMismatch
 from .config import Config
 from .errors import APIError
-from .fill import StoredBlob
 from .gc import reference_lock
+from .layout import new_upload_id
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest
 from .metadata import LOCAL, Metadata, TagRecord, UploadRecord, local_repo
 from .metrics import Metrics
@@ -43,7 +44,7 @@ from .pushed import (
 )
 from .reference import Digest, ParseError, parse_digest, parse_name
 from .refusals import refusal
-from .store import DigestMismatch, Store, new_upload_id
+from .store import Store, StoredBlob
 
 log = logging.getLogger("mirror.local")
 
@@ -167,14 +168,7 @@ class LocalRegistry:
 
     async def open_blob(self, name: str, digest: Digest) -> StoredBlob:
         if self.metadata.is_linked(local_repo(name), str(digest)):
-            def open_() -> StoredBlob | None:
-                try:
-                    fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                return StoredBlob(fd, os.fstat(fd).st_size)
-
-            stored = await anyio.to_thread.run_sync(open_)
+            stored = await anyio.to_thread.run_sync(self.store.open, digest)
             if stored is not None:
                 return stored
         raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
@@ -195,7 +189,7 @@ class LocalRegistry:
         uuid = new_upload_id()
 
         def create() -> None:
-            fd = os.open(self.store.upload_path(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
             self.metadata.put_upload(uuid, UploadRecord(name, time.time()))
 
@@ -205,17 +199,17 @@ class LocalRegistry:
 
     def _record(self, name: str, uuid: str) -> UploadRecord:
         try:
-            self.store.upload_path(uuid)
+            self.store.layout.upload(uuid)
         except ValueError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         record = self.metadata.get_upload(uuid)
-        if record is None or record.name != name or not self.store.upload_path(uuid).exists():
+        if record is None or record.name != name or not self.store.layout.upload(uuid).exists():
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
         return record
 
     async def upload_status(self, name: str, uuid: str) -> UploadState:
         self._record(name, uuid)
-        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.upload_path(uuid)).st_size)
+        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
         return UploadState(uuid, size)
 
     async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
@@ -245,7 +239,7 @@ class LocalRegistry:
         """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
         and move the blob into the store."""
         self._record(name, uuid)
-        path = self.store.upload_path(uuid)
+        path = self.store.layout.upload(uuid)
         fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
         try:
             before = os.fstat(fd).st_size
@@ -283,13 +277,13 @@ class LocalRegistry:
         self._hashers.pop(uuid, None)
         self.metadata.delete_upload(uuid)
         try:
-            os.unlink(self.store.upload_path(uuid))
+            os.unlink(self.store.layout.upload(uuid))
         except FileNotFoundError:
             pass
 
     def _lock_upload(self, uuid: str) -> int:
         try:
-            fd = os.open(self.store.upload_path(uuid), os.O_RDWR)
+            fd = os.open(self.store.layout.upload(uuid), os.O_RDWR)
         except FileNotFoundError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -356,7 +350,7 @@ class LocalRegistry:
         """
         removed = 0
         cutoff = time.time() - self.config.push.upload_ttl
-        for entry in list(os.scandir(self.store.uploads)):
+        for entry in self.store.layout.upload_entries():
             try:
                 stale = entry.stat().st_mtime < cutoff
             except FileNotFoundError:
@@ -379,7 +373,7 @@ class LocalRegistry:
             if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
                 return False
             self.metadata.link(local_repo(name), [key])
-            os.utime(self.store.blob_path(digest))  # young again: the grace period covers the manifest to come
+            self.store.touch(digest)  # young again: the grace period covers the manifest to come
         self.metrics.mounted()
         return True
 

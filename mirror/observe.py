@@ -266,7 +266,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from .metrics import StoreCollector, exposition_registry
 
     store = Store(config.storage.path)
-    metadata = Metadata(store.index)
+    metadata = Metadata(store.layout.index)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [
         StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])

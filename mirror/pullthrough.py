@@ -31,14 +31,15 @@ import anyio.to_thread
 
 from .bypass import BypassBlob
 from .errors import APIError
-from .fill import Fills, GrowingBlob, StoredBlob
+from .fill import Fills
 from .gc import AccessTracker, reference_lock
+from .growing import GrowingBlob
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
-from .store import Store
+from .store import Store, StoredBlob
 from .upstream import (
     Manifest,
     Upstream,

@@ -21,8 +21,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from . import zerocopy
 from .bypass import BypassBlob, FillFailed
-from .fill import GrowingBlob, StoredBlob
+from .growing import GrowingBlob
 from .reference import ByteRange
+from .store import StoredBlob
 
 log = logging.getLogger("mirror.responses")
 

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from . import admin
 from .bypass import BypassBlob
 from .errors import APIError, error_response
-from .fill import GrowingBlob, StoredBlob
+from .growing import GrowingBlob
 from .local import MAX_MANIFEST_BYTES, LocalRegistry, StoredManifest
 from .manifest import OCI_INDEX, accepted
 from .memo import ManifestMemo, accept_key
@@ -37,6 +37,7 @@ from .reference import (
     parse_tag,
 )
 from .responses import BlobResponse
+from .store import StoredBlob
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 CACHE_HEADER = "X-Mirror-Cache"

@@ -10,7 +10,7 @@
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
-  served (its file held with a shared ``flock``): see ``fill.py``.  Images used within
+  served (its file held with a shared ``flock``): see ``growing.py``.  Images used within
   ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
   When the target cannot be reached, :class:`Maintenance` runs the collector again after a
   short delay until it is, and the reasons (``Report.held``) go to the log and to the index,

@@ -8,6 +8,7 @@
       tmp/                                work in progress, on the same filesystem as blobs/ (renames)
         <algorithm>-<hex>.partial         the shared fetch of one digest; its leader holds flock on it
         <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for the readers following it
+        <algorithm>-<hex>.meta.<random>   that file being written (then renamed)
         ingest-<random>.partial           any other ingest (manifests, small objects); flock'ed by its writer
         stage-<random>.partial            the lock keeping a preload's staging directory alive
         stage-<random>.d/<n>              blobs of a preload, verified, waiting for the whole archive

@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from .blobstore import DigestMismatch
+from .blobstore import BlobReader, DigestMismatch
 from .config import Config
 from .errors import APIError
 from .gc import reference_lock
@@ -44,7 +44,7 @@ from .pushed import (
 )
 from .reference import Digest, ParseError, parse_digest, parse_name
 from .refusals import refusal
-from .store import Store, StoredBlob
+from .store import Store
 
 log = logging.getLogger("mirror.local")
 
@@ -166,7 +166,7 @@ class LocalRegistry:
         body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
         return None if body is None else StoredManifest(body, record.media_type, digest)
 
-    async def open_blob(self, name: str, digest: Digest) -> StoredBlob:
+    async def open_blob(self, name: str, digest: Digest) -> BlobReader:
         if self.metadata.is_linked(local_repo(name), str(digest)):
             stored = await anyio.to_thread.run_sync(self.store.open, digest)
             if stored is not None:

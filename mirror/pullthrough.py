@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from .blobstore import BlobReader
 from .bypass import BypassBlob
 from .errors import APIError
 from .fill import Fills
@@ -39,7 +40,7 @@ from .metadata import Metadata, TagRecord
 from .reference import Digest, ParseError, parse_digest
 from .referrers import UpstreamReferrers, referrer_of
 from .refusals import refusal
-from .store import Store, StoredBlob
+from .store import Store
 from .upstream import (
     Manifest,
     Upstream,
@@ -86,7 +87,7 @@ class BlobHead:
 
 @dataclass
 class BlobResult:
-    source: StoredBlob | GrowingBlob | BypassBlob
+    source: BlobReader | GrowingBlob | BypassBlob
     outcome: Outcome
 
 
@@ -339,7 +340,7 @@ class PullThrough:
                 raise
             # Served all the same; the next request finds it stored and links it then.
             log.warning("index refused a link of %s to %s: %s", key, repo, exc)
-        if isinstance(source, StoredBlob) or source.verified:  # verified: its fill is only being synced
+        if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import admin
+from .blobstore import BlobReader
 from .bypass import BypassBlob
 from .errors import APIError, error_response
 from .growing import GrowingBlob
@@ -37,7 +38,6 @@ from .reference import (
     parse_tag,
 )
 from .responses import BlobResponse
-from .store import StoredBlob
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 CACHE_HEADER = "X-Mirror-Cache"
@@ -227,7 +227,7 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
         headers[CACHE_HEADER] = outcome
         headers.update({"Content-Length": str(size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
-    source: StoredBlob | GrowingBlob | BypassBlob
+    source: BlobReader | GrowingBlob | BypassBlob
     if is_local:
         source = await local.open_blob(name, digest)
         headers[CACHE_HEADER] = "LOCAL"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import schema1
 from .blobstore import DigestMismatch, SizeMismatch, Space, StoredObject, StoreError
-from .layout import Layout
+from .layout import PARTIAL, Layout
 from .manifest import MAX_MANIFEST_BYTES
 from .reference import Digest
 from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
@@ -281,7 +281,7 @@ class Store:
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""
-        return sum(path.endswith(".partial") for path in self.layout.abandoned_temps(remove=True))
+        return sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

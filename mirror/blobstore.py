@@ -123,6 +123,11 @@ class BlobStore(Protocol):
         """Make the store ready for use (idempotent)."""
         ...
 
+    def sweep_tmp(self) -> int:
+        """Remove what writers that died left behind (temp files, unfinished multipart uploads), never
+        a write in progress; return how many were removed.  Run at start-up."""
+        ...
+
     # -- reading --
 
     def size(self, digest: Digest) -> int | None:

@@ -130,6 +130,20 @@ def test_an_ingest_closed_without_commit_leaves_nothing(driver: Driver) -> None:
     assert store.size(digest) is None and listed(store) == {} and driver.leftovers() == []
 
 
+def test_a_sweep_never_takes_a_write_in_progress(driver: Driver) -> None:
+    store, data = driver.store, os.urandom(100_000)
+    digest = Digest.of(data)
+    writer = store.ingest(digest, len(data))
+    try:
+        writer.write(data[:50_000])
+        assert store.sweep_tmp() == 0
+        writer.write(data[50_000:])
+        writer.commit()
+    finally:
+        writer.close()
+    assert read_all(store, digest) == data and driver.leftovers() == []
+
+
 def test_ranged_reads(driver: Driver) -> None:
     store, data = driver.store, os.urandom(3 << 20)
     digest = Digest.of(data)

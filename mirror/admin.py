@@ -27,7 +27,6 @@ import fcntl
 import hmac
 import os
 import re
-import secrets
 from pathlib import Path
 
 import anyio.to_thread
@@ -39,7 +38,7 @@ from .config import Config
 from .errors import APIError
 from .metadata import Metadata
 from .preload import preload_file
-from .store import Store
+from .store import Store, write_all
 
 WRITE_BATCH = 1 << 20
 #: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
@@ -94,16 +93,11 @@ async def preload(request: Request) -> Response:
     source = source if _SOURCE_RE.fullmatch(source) else "upload"
 
     def create() -> tuple[Path, int]:
-        store.tmp.mkdir(parents=True, exist_ok=True)
-        path = store.tmp / f"preload-{secrets.token_hex(12)}.partial"
+        store.layout.tmp.mkdir(parents=True, exist_ok=True)
+        path = store.layout.temp("preload")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return path, fd
-
-    def write(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
 
     path, fd = await anyio.to_thread.run_sync(create)
     try:
@@ -113,10 +107,10 @@ async def preload(request: Request) -> Response:
             pending.append(chunk)
             size += len(chunk)
             if size >= WRITE_BATCH:
-                await anyio.to_thread.run_sync(write, fd, b"".join(pending))
+                await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
                 pending, size = [], 0
         if pending:
-            await anyio.to_thread.run_sync(write, fd, b"".join(pending))
+            await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
         summary = await anyio.to_thread.run_sync(
             lambda: preload_file(path, store, metadata, label=source))
     except ArchiveError as exc:

@@ -46,8 +46,8 @@ def create_app(config: Config) -> Starlette:
         await anyio.to_thread.run_sync(store.create)
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
-            log.info("removed %d unfinished temp files from %s", swept, store.tmp)
-        metadata = DiskcacheMetadata(store.index)
+            log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
+        metadata = DiskcacheMetadata(store.layout.index)
         memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
@@ -123,7 +123,8 @@ def _auth(config: Config) -> list[Middleware]:
     if not config.auth.enabled:
         return []
     store = Store(config.storage.path)
-    return [Middleware(AuthMiddleware, config=config.auth, key_path=store.auth_key, tmp_dir=store.tmp)]
+    return [Middleware(AuthMiddleware, config=config.auth, key_path=store.layout.auth_key,
+                       tmp_dir=store.layout.tmp)]
 
 
 def create_app_from_environ() -> Starlette:

@@ -60,6 +60,7 @@ from .config import AuthConfig
 from .endpoints import endpoint
 from .errors import APIError, error_response
 from .htpasswd import Htpasswd
+from .layout import temp_file
 
 TOKEN_PATH = "/auth/token"
 OPERATOR_PREFIX = "/_mirror/"
@@ -81,7 +82,7 @@ def load_or_create_key(path: Path, tmp_dir: Path) -> bytes:
             key = path.read_bytes()
         except FileNotFoundError:
             tmp_dir.mkdir(parents=True, exist_ok=True)
-            tmp = tmp_dir / f"auth-key-{secrets.token_hex(8)}.partial"
+            tmp = temp_file(tmp_dir, "auth-key")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, secrets.token_bytes(KEY_BYTES))

@@ -93,10 +93,10 @@ def _open_store(config: Config) -> tuple[Store, Metadata] | None:
     from .store import Store
 
     store = Store(config.storage.path)
-    if not store.index.is_dir() or not store.blobs.is_dir():
+    if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
         return None
-    return store, DiskcacheMetadata(store.index)
+    return store, DiskcacheMetadata(store.layout.index)
 
 
 def collect(config: Config, dry_run: bool) -> int:
@@ -148,7 +148,7 @@ def serve(config: Config) -> int:
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     store = Store(config.storage.path)
-    problem = startup_problem(config, store.auth_key, store.tmp)
+    problem = startup_problem(config, store.layout.auth_key, store.layout.tmp)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2

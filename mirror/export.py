@@ -285,7 +285,7 @@ class Exporter:
         if size is not None:
             return size
         from .bypass import FillFailed
-        from .fill import GrowingBlob
+        from .growing import GrowingBlob
 
         result = await self._from_upstream(image, f"blob {digest}", lambda pull: pull.blob(image.pull_name, parsed))
         try:
@@ -330,7 +330,7 @@ class Exporter:
 
     def _add_object(self, tar: tarfile.TarFile, digest: str, size: int) -> None:
         parsed = parse_digest(digest)
-        with open(self.store.blob_path(parsed), "rb") as source:
+        with self.store.open_stream(parsed) as source:
             reader = _CheckedReader(source, digest, self.progress)
             tar.addfile(_entry(f"blobs/{parsed.algorithm}/{parsed.hex}", tarfile.REGTYPE, size), reader)
         if reader.hasher.hexdigest() != parsed.hex:

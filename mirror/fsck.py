@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from .gc import _scandir
+from .blobstore import StoredObject
+from .layout import UPLOAD_ID_RE
 from .manifest import is_nondistributable, references
 from .metadata_driver import LOCAL, Metadata
 from .preload import NoProgress, Progress
-from .reference import Digest, ParseError, parse_digest
-from .store import UPLOAD_ID_RE, Store, object_matches
-
-_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+from .reference import ParseError, parse_digest
+from .store import Store
 
 
 @dataclass
@@ -65,7 +63,7 @@ class Fsck:
     def run(self) -> FsckReport:
         if self.repair:
             # Repairs change the index: one collector-like writer at a time.
-            fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._run()
@@ -93,26 +91,20 @@ class Fsck:
     def _objects(self) -> dict[str, int]:
         """Every well-named object and its size; strays and (optionally) corrupt ones are reported."""
         present: dict[str, int] = {}
-        entries = [(a.name, e) for a in _scandir(self.store.blobs) for p in _scandir(a.path)
-                   for e in _scandir(p.path)]
+        entries = list(self.store.objects())
         if self.verify_content:
-            self.progress.phase("verifying", sum(e.stat(follow_symlinks=False).st_size for _, e in entries
-                                                 if e.is_file(follow_symlinks=False)))
-        for algorithm, entry in entries:
-            pattern = _HEX.get(algorithm)
-            path = entry.path
-            if pattern is None or not pattern.fullmatch(entry.name) or os.path.basename(
-                    os.path.dirname(path)) != entry.name[:2] or not entry.is_file(follow_symlinks=False):
-                self._found("stray file in blobs/", path, partial(_unlink, path))
+            self.progress.phase("verifying", sum(e.size for e in entries if e.digest is not None))
+        for found in entries:
+            if found.digest is None:
+                self._found("stray file in blobs/", found.location, partial(self.store.remove, found))
                 continue
-            digest = f"{algorithm}:{entry.name}"
-            size = entry.stat().st_size
+            digest, size = found.name, found.size
             if self.verify_content:
-                matches = object_matches(path, Digest(algorithm, entry.name))
+                matches = self.store.matches(found.digest)
                 self.progress.advance(size)
                 if not matches:
                     self._found("corrupt object (content does not match its digest)", digest,
-                                partial(self._drop_object, path, digest))
+                                partial(self._drop_object, found))
                     continue
                 self.report.verified += 1
             present[digest] = size
@@ -120,13 +112,14 @@ class Fsck:
             self.report.bytes += size
         return present
 
-    def _drop_object(self, path: str, digest: str) -> None:
-        _unlink(path)
+    def _drop_object(self, found: StoredObject) -> None:
+        self.store.remove(found)
+        digest = found.name
         self.metadata.forget(manifests=[digest],
                              links=[(repo, d) for repo, d in self.metadata.all_links() if d == digest])
 
     def _temps(self) -> None:
-        for path in self.store.abandoned_temps():
+        for path in self.store.layout.abandoned_temps():
             self._found("abandoned temp file", path)
         if self.repair and any(f.kind == "abandoned temp file" for f in self.report.findings):
             self.store.sweep_tmp()
@@ -135,11 +128,11 @@ class Fsck:
                     finding.repaired = True
 
     def _uploads(self) -> None:
-        for entry in _scandir(self.store.uploads):
+        for entry in self.store.layout.upload_entries():
             if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
-            if not UPLOAD_ID_RE.fullmatch(uuid) or not (self.store.uploads / uuid).exists():
+            if not UPLOAD_ID_RE.fullmatch(uuid) or not self.store.layout.upload(uuid).exists():
                 self._found("upload record without its file", uuid, partial(self.metadata.delete_upload, uuid))
 
     # -- the index --

@@ -10,7 +10,7 @@
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
-  served (its file held with a shared ``flock``): see ``fill.py``.  Images used within
+  served (its file held with a shared ``flock``): see ``growing.py``.  Images used within
   ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
   When the target cannot be reached, :class:`Maintenance` runs the collector again after a
   short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from .config import CacheConfig, GcConfig
-from .fill import being_served, fills_in_progress
+from .growing import being_served, fills_in_progress
 from .manifest import references
 from .metadata_driver import LOCAL, Metadata
 from .metrics import HELD_REASONS, Metrics
@@ -84,7 +84,7 @@ class AccessTracker:
 @contextlib.contextmanager
 def reference_lock(store: Store) -> Iterator[None]:
     """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
-    fd = os.open(store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -155,8 +155,7 @@ class Collector:
         """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store), or None."""
         limit = self.cache.max_size
         if isinstance(limit, float):
-            stats = os.statvfs(self.store.root)
-            return int(stats.f_blocks * stats.f_frsize * limit)
+            return int(self.store.space().total * limit)
         return limit or None
 
     def over_high_watermark(self, usage: int) -> bool:
@@ -171,7 +170,7 @@ class Collector:
         *resume*: a previous run did not reach the low watermark; evict down to it even if the
         store is now below the high watermark.
         """
-        fd = os.open(self.store.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -250,24 +249,14 @@ class Collector:
             self.metadata.untag_many(repo, repo_tags)
         self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
         for d in doomed:
-            try:
-                os.unlink(self.store.blob_path(parse_digest(d)))
-            except (FileNotFoundError, ParseError):
-                pass
+            with contextlib.suppress(ParseError):
+                self.store.delete(parse_digest(d))
             self._refs.pop(d, None)
 
     # -- the graph --
 
     def _load(self) -> _State:
-        files: dict[str, tuple[int, float]] = {}
-        for algorithm_dir in _scandir(self.store.blobs):
-            for prefix_dir in _scandir(algorithm_dir.path):
-                for entry in _scandir(prefix_dir.path):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    files[f"{algorithm_dir.name}:{entry.name}"] = (st.st_size, st.st_mtime)
+        files = {found.name: (found.size, found.mtime) for found in self.store.objects()}
         links: dict[str, set[str]] = defaultdict(set)
         for repo, digest in self.metadata.all_links():
             links[repo].add(digest)
@@ -515,16 +504,10 @@ class Maintenance:
         return self.collector.over_high_watermark(self.collector.metadata.usage())
 
     def _recount(self) -> None:
-        total = sum(entry.stat().st_size for a in _scandir(self.collector.store.blobs)
-                    for p in _scandir(a.path) for entry in _scandir(p.path))
+        total = sum(found.size for found in self.collector.store.objects())
         self.collector.metadata.set_usage(total)
 
     def flush(self) -> None:
         self.tracker.flush()
 
 
-def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
-    try:
-        return list(os.scandir(path))
-    except FileNotFoundError:
-        return []

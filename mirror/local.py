@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
 
+from .blobstore import BlobReader
 from .config import Config, PushConfig
 from .errors import APIError
-from .fill import StoredBlob
 from .gc import reference_lock
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
 from .metadata import LOCAL, Metadata, TagRecord, local_repo
@@ -154,16 +153,9 @@ class LocalRegistry:
         # Given again from memory until the index moves (a push, a delete): nothing else changes it.
         return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True)
 
-    async def open_blob(self, name: str, digest: Digest) -> StoredBlob:
+    async def open_blob(self, name: str, digest: Digest) -> BlobReader:
         if self.metadata.is_linked(local_repo(name), str(digest)):
-            def open_() -> StoredBlob | None:
-                try:
-                    fd = os.open(self.store.blob_path(digest), os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                return StoredBlob(fd, os.fstat(fd).st_size)
-
-            stored = await anyio.to_thread.run_sync(open_)
+            stored = await anyio.to_thread.run_sync(self.store.open, digest)
             if stored is not None:
                 return stored
         raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
@@ -191,7 +183,7 @@ class LocalRegistry:
             if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
                 return False
             self.metadata.link(local_repo(name), [key])
-            os.utime(self.store.blob_path(digest))  # young again: the grace period covers the manifest to come
+            self.store.touch(digest)  # young again: the grace period covers the manifest to come
         self.metrics.mounted()
         return True
 

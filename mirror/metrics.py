@@ -422,21 +422,22 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
                                 value=uploads)
         try:
-            fs = os.statvfs(self.store.root)
+            space = self.store.space()
         except OSError:
             return
+        if space is None:
+            return
         yield GaugeMetricFamily("mirror_store_filesystem_size_bytes", "Size of the filesystem holding the store.",
-                                value=fs.f_blocks * fs.f_frsize)
+                                value=space.total)
         yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
-                                value=fs.f_bavail * fs.f_frsize)
+                                value=space.available)
 
     def _count(self) -> tuple[int, int, int]:
         with self._lock:
             now = time.monotonic()
             if self._counts is None or now - self._counted_at >= self._count_every:
-                objects = sum(1 for a in _scandir(self.store.blobs) for p in _scandir(a.path)
-                              for _ in _scandir(p.path))
-                uploads = len(_scandir(self.store.uploads))
+                objects = sum(1 for _ in self.store.objects())
+                uploads = len(self.store.layout.upload_entries())
                 self._counts = (objects, self.metadata.count_manifests(), uploads)
                 self._counted_at = time.monotonic()
                 self._count_every = max(1.0, 50 * (self._counted_at - now))
@@ -458,10 +459,3 @@ def exposition_registry(metrics: Metrics, extra: Iterable[Collector] = ()) -> Co
 def render(registry: CollectorRegistry) -> bytes:
     """The Prometheus text format (blocking: reads the workers' files; call from a thread)."""
     return generate_latest(registry)
-
-
-def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
-    try:
-        return list(os.scandir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []

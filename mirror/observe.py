@@ -252,7 +252,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from .metrics import StoreCollector, exposition_registry
 
     store = Store(config.storage.path)
-    metadata = DiskcacheMetadata(store.index)
+    metadata = DiskcacheMetadata(store.layout.index)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [
         StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])

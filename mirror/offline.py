@@ -76,7 +76,7 @@ def _open(config: Config) -> Any:
 
     store = Store(config.storage.path)
     store.create()
-    metadata = DiskcacheMetadata(store.index)
+    metadata = DiskcacheMetadata(store.layout.index)
     def counted(size: int) -> None:
         metadata.add_usage(size)  # the store's byte count, as the server keeps it
 

@@ -100,8 +100,8 @@ def preload_file(path: Path, store: Store, metadata: Metadata, progress: Progres
     progress = progress or NoProgress()
     summary = Summary(label or str(path))
     store.create()
-    Staging.sweep(store.tmp)
-    staging = Staging(store.tmp)
+    Staging.sweep(store.layout)
+    staging = Staging(store.layout)
     try:
         def have(digest: str) -> bool:
             return store.exists(parse_digest(digest))

@@ -28,9 +28,10 @@ import anyio.to_thread
 from .bypass import BypassBlob
 from .errors import APIError
 from .failures import api_error
-from .fill import Fills, GrowingBlob, StoredBlob
+from .fill import Fills
 from .flight import SingleFlight
 from .gc import AccessTracker, reference_lock
+from .growing import GrowingBlob
 from .manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from .metadata import Metadata, TagRecord
 from .reference import Digest, ParseError, parse_digest
@@ -299,7 +300,7 @@ class PullThrough:
                 raise
             # Served all the same; the next request finds it stored and links it then.
             log.warning("index refused a link of %s to %s: %s", key, repo, exc)
-        if isinstance(source, StoredBlob) or source.verified:  # verified: its fill is only being synced
+        if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 

@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .blobstore import BlobReader
 from .bypass import BypassBlob
 from .errors import APIError
-from .fill import GrowingBlob, StoredBlob
+from .growing import GrowingBlob
 from .reference import Digest
 
 
@@ -71,7 +72,7 @@ class BlobResult:
     """A blob to send (``responses.BlobResponse`` closes the source); ``source.size`` is None
     while a fill of unknown length grows."""
 
-    source: StoredBlob | GrowingBlob | BypassBlob
+    source: BlobReader | GrowingBlob | BypassBlob
     outcome: Outcome
 
 

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator
 from starlette.types import Message, Receive, Scope, Send
 
 from . import zerocopy
+from .blobstore import BlobReader
 from .bypass import BypassBlob, FillFailed
-from .fill import GrowingBlob, StoredBlob
+from .growing import GrowingBlob
 from .reference import ByteRange
 
 log = logging.getLogger("mirror.responses")
@@ -30,7 +31,7 @@ log = logging.getLogger("mirror.responses")
 class BlobResponse:
     """Send a stored or growing blob, whole or one byte range, or only its headers (HEAD)."""
 
-    def __init__(self, source: StoredBlob | GrowingBlob | BypassBlob, headers: dict[str, str], *,
+    def __init__(self, source: BlobReader | GrowingBlob | BypassBlob, headers: dict[str, str], *,
                  byte_range: ByteRange | None = None, head: bool = False) -> None:
         self.source = source
         self.byte_range = byte_range
@@ -56,10 +57,11 @@ class BlobResponse:
             if self.head:
                 await send({"type": "http.response.body", "body": b""})
                 return
-            if isinstance(self.source, StoredBlob) and zerocopy.available(scope):
+            fd = None if isinstance(self.source, (GrowingBlob, BypassBlob)) else self.source.fd
+            if fd is not None and zerocopy.available(scope):  # a stored local file: sendfile(2)
                 start = self.byte_range.start if self.byte_range else 0
                 count = self.byte_range.length if self.byte_range else self.source.size
-                await send({"type": zerocopy.EXTENSION, "file": self.source.fd, "offset": start, "count": count})
+                await send({"type": zerocopy.EXTENSION, "file": fd, "offset": start, "count": count})
                 return
             disconnected = asyncio.Event()
             watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
@@ -101,10 +103,7 @@ class BlobResponse:
         return self._chunks(start, end)
 
     def _chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        if not isinstance(self.source, StoredBlob):
-            return self.source.chunks(start, end)
-        stop = self.source.size if end is None else end + 1
-        return zerocopy.read_chunks(self.source.fd, start, stop - start)
+        return self.source.chunks(start, end)
 
 
 async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:

@@ -13,11 +13,13 @@ import fcntl
 import hashlib
 import os
 import queue
-import secrets
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from .layout import Layout
+from .store import write_all
 
 CHUNK = 1 << 20
 PIPELINE_DEPTH = 8
@@ -30,13 +32,11 @@ class Staging:
     then removes the directory.  Files staged here are moved into the store by rename.
     """
 
-    def __init__(self, tmp: Path) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(8)
-        self.lock_path = tmp / f"stage-{token}.partial"
+    def __init__(self, layout: Layout) -> None:
+        layout.tmp.mkdir(parents=True, exist_ok=True)
+        self.lock_path, self.dir = layout.stage()
         self._lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.dir = tmp / f"stage-{token}.d"
         self.dir.mkdir()
         self._count = 0
 
@@ -59,11 +59,10 @@ class Staging:
         os.close(self._lock)
 
     @staticmethod
-    def sweep(tmp: Path) -> int:
+    def sweep(layout: Layout) -> int:
         """Remove staging directories whose writer is gone; return how many."""
         removed = 0
-        for entry in list(tmp.glob("stage-*.d")) if tmp.is_dir() else []:
-            lock = entry.with_suffix(".partial")
+        for lock, entry in layout.stages():
             try:
                 fd = os.open(lock, os.O_RDONLY)
             except FileNotFoundError:
@@ -99,7 +98,7 @@ def copy_hashing(read: Callable[[int], bytes], fd: int, size: int, algorithm: st
             if not data:
                 raise EOFError
             hasher.update(data)
-            _write_all(fd, data)
+            write_all(fd, data)
             left -= len(data)
             if progress is not None:
                 progress(len(data))
@@ -110,7 +109,7 @@ def copy_hashing(read: Callable[[int], bytes], fd: int, size: int, algorithm: st
     def writer() -> None:
         try:
             while (data := chunks.get()) is not None:
-                _write_all(fd, data)
+                write_all(fd, data)
         except BaseException as exc:
             failure.append(exc)
             while chunks.get() is not None:  # keep the reader from blocking
@@ -136,8 +135,3 @@ def copy_hashing(read: Callable[[int], bytes], fd: int, size: int, algorithm: st
         raise failure[0]
     return hasher.hexdigest()
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -1,24 +1,17 @@
-"""The content-addressed file store.
-
-Disk layout, produced by the methods of :class:`Store` and nowhere else::
-
-    DATA/
-      blobs/<algorithm>/<hex[:2]>/<hex>   verified content (layers, configs, manifests) by digest
-      tmp/                                ingest in progress, on the same filesystem as blobs/
-        <algorithm>-<hex>.partial         a shared fetch of one digest; its writer holds flock on it
-        <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for readers that follow it
-        ingest-<random>.partial           any other ingest (manifests, uploads); flock'ed by its writer
-      index/                              metadata (see ``metadata.py``)
-      uploads/<uuid>                      a client's blob upload in progress (survives restarts)
-      refused                             the last write the filesystem refused (``refusals.py``)
-      auth.key                            the key signing the login tokens (``auth.py``), mode 0600
+"""The filesystem blob-store driver (``blobstore.py``): objects under ``DATA/blobs/`` (``layout.py``).
 
 A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
-digest (and size) checked, fsync, ``os.replace``.  An object is named by the digest registries
+digest (and size) checked, fsync, ``os.replace``; it is then read-only (:data:`VERIFIED_MODE`).
+An object is named by the digest registries
 give it, which is the hash of its bytes for everything but a signed schema 1 manifest: that one
 is named by the hash of its payload (``schema1.py``), stored byte for byte under that name, and
 checked that way (:func:`object_matches`).  Every temp file is flock'ed by the process writing it, so the
 start-up sweep removes exactly the leftovers of writers that died.
+
+Readers get a :class:`StoredBlob`: an open descriptor (``sendfile`` sends from it), which keeps the
+object readable whatever the collector deletes meanwhile, and a shared ``flock`` on it that marks
+it as being served (``growing.being_served``).  The fetch that clients follow as it grows is
+``fill.py``'s, on this driver's temp files.
 
 When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
 with :meth:`Store.refused`; :meth:`Store.write_problem` then reports the store as unable to take writes
@@ -35,21 +28,23 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import schema1
+from .blobstore import DigestMismatch, SizeMismatch, Space, StoredObject, StoreError
+from .layout import PARTIAL, Layout
 from .manifest import MAX_MANIFEST_BYTES
 from .reference import Digest
 from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
+from .zerocopy import read_chunks
 
 CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
 VERIFIED_MODE = 0o444
-UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 #: Free bytes a fill must leave on the filesystem (the index and temp files need some too).
 ROOM_MARGIN = 1 << 20
 #: How long a refused write keeps the store reported as unable to take writes, unless renewed.
@@ -58,83 +53,110 @@ REFUSAL_MEMORY = 60.0
 log = logging.getLogger("mirror.store")
 
 
-def new_upload_id() -> str:
-    return secrets.token_hex(16)
+@dataclass
+class StoredBlob:
+    """Verified content already in the store; ``fd`` keeps it readable whatever GC does."""
 
+    fd: int
+    size: int
 
-class StoreError(Exception):
-    """Base of the store's errors."""
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start..end`` (inclusive; None: to the end)."""
+        stop = self.size if end is None else end + 1
+        return read_chunks(self.fd, start, stop - start)
 
-
-class DigestMismatch(StoreError):
-    pass
-
-
-class SizeMismatch(StoreError):
-    pass
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Store:
+    """The filesystem driver of :class:`~mirror.blobstore.BlobStore`, rooted at the data directory."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs = root / "blobs"
-        self.tmp = root / "tmp"
-        self.index = root / "index"
-        self.uploads = root / "uploads"
-        self.gc_lock = root / "gc.lock"
-        self.auth_key = root / "auth.key"
+        self.layout = Layout(root)
         #: Called with the size of every object newly placed in ``blobs/`` (usage accounting).
         self.on_commit: Callable[[int], None] | None = None
         #: Called (from any thread) with the bytes to free when a write was refused for lack of room.
         self.on_refused: Callable[[int], None] | None = None
-        self._refusals = RefusalRecord(root / "refused")
+        self._refusals = RefusalRecord(self.layout.refused)
 
     def create(self) -> None:
-        for d in (self.blobs, self.tmp, self.index, self.uploads):
+        for d in self.layout.directories():
             d.mkdir(parents=True, exist_ok=True)
         self._refusals.open()
-
-    def upload_path(self, uuid: str) -> Path:
-        """Where a blob upload's bytes collect; *uuid* must come from :func:`new_upload_id`."""
-        if not UPLOAD_ID_RE.fullmatch(uuid):
-            raise ValueError(f"invalid upload id {uuid!r}")
-        return self.uploads / uuid
-
-    # -- paths: only ever built from a validated Digest --
-
-    def blob_path(self, digest: Digest) -> Path:
-        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
-
-    def fill_path(self, digest: Digest) -> Path:
-        return self.tmp / f"{digest.algorithm}-{digest.hex}.partial"
-
-    def fill_meta_path(self, digest: Digest) -> Path:
-        return self.tmp / f"{digest.algorithm}-{digest.hex}.meta"
 
     # -- reading --
 
     def size(self, digest: Digest) -> int | None:
         """Size of a stored object, or None when it is not in the store."""
         try:
-            return os.stat(self.blob_path(digest)).st_size
+            return os.stat(self.layout.blob(digest)).st_size
         except FileNotFoundError:
             return None
 
     def exists(self, digest: Digest) -> bool:
         return self.size(digest) is not None
 
+    def open(self, digest: Digest) -> StoredBlob | None:
+        """The stored object, marked as being served (a shared ``flock`` until it is closed), or None.
+
+        The collector does not evict an image while one of its objects is marked (``gc.py``).
+        """
+        try:
+            fd = os.open(self.layout.blob(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(BlockingIOError):  # the collector looking at it this instant: serve anyway
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return StoredBlob(fd, os.fstat(fd).st_size)
+
     def read_bytes(self, digest: Digest) -> bytes | None:
         """A small object (a manifest) in full, or None when absent."""
         try:
-            return self.blob_path(digest).read_bytes()
+            return self.layout.blob(digest).read_bytes()
         except FileNotFoundError:
             return None
+
+    def open_stream(self, digest: Digest) -> BinaryIO:
+        return open(self.layout.blob(digest), "rb")
+
+    def redirect_url(self, digest: Digest) -> str | None:
+        return None  # served from the local file
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every file under ``blobs/`` (strays with ``digest`` None); ``location`` is its path."""
+        for found in self.layout.blob_entries():
+            try:
+                st = found.entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield StoredObject(found.name, st.st_size, st.st_mtime, found.digest, found.path)
+
+    def matches(self, digest: Digest) -> bool:
+        return object_matches(self.layout.blob(digest), digest)
+
+    # -- removing --
+
+    def delete(self, digest: Digest) -> bool:
+        try:
+            os.unlink(self.layout.blob(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self, found: StoredObject) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(found.location)
+
+    def touch(self, digest: Digest) -> None:
+        os.utime(self.layout.blob(digest))
 
     # -- writing --
 
     def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> Ingest:
         """A new object to be stored as *digest*, whose bytes hash to *content* (default: *digest*)."""
-        path = self.tmp / f"ingest-{secrets.token_hex(12)}.partial"
+        path = self.layout.temp("ingest")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return Ingest(self, digest, path, fd, expected_size, content)
@@ -169,7 +191,7 @@ class Store:
             os.fchmod(handle.fileno(), VERIFIED_MODE)
             try:
                 os.fsync(handle.fileno())
-                final = self.blob_path(digest)
+                final = self.layout.blob(digest)
                 if final.exists():
                     os.unlink(path)
                     return
@@ -190,6 +212,11 @@ class Store:
                 log.warning("could not account for a stored object of %d bytes: %s", size, exc)
 
     # -- room --
+
+    def space(self) -> Space:
+        """The filesystem holding the store (``statvfs``)."""
+        fs = os.statvfs(self.root)
+        return Space(fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize)
 
     def free_bytes(self) -> int:
         """Bytes available to this process on the store's filesystem (``statvfs``)."""
@@ -223,10 +250,10 @@ class Store:
         any process) counts until the filesystem has room for what it needed (and :data:`ROOM_MARGIN`),
         or :data:`REFUSAL_MEMORY` seconds pass; one of unknown size, also until an object is stored.
         """
-        probe = self.tmp / f"readyz-{secrets.token_hex(8)}.partial"
+        probe = self.layout.temp("readyz")
         try:
-            if not self.blobs.is_dir():
-                raise FileNotFoundError(f"{self.blobs} is missing")
+            if not self.layout.blobs.is_dir():
+                raise FileNotFoundError(f"{self.layout.blobs} is missing")
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, b"ready")
@@ -254,43 +281,14 @@ class Store:
 
     def sweep_tmp(self) -> int:
         """Remove temp files whose writer is gone; return how many were removed."""
-        return sum(path.endswith(".partial") for path in self.abandoned_temps(remove=True))
+        return sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
 
-    def abandoned_temps(self, *, remove: bool = False) -> list[str]:
-        """Temp files whose writer is gone (no flock held), removed while locked if *remove*."""
-        found = []
-        try:
-            entries = list(os.scandir(self.tmp))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if not entry.name.endswith(".partial"):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                found.append(entry.path)
-                if remove:  # still under our lock: no new writer can have taken it over
-                    os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(fd)
-        for entry in list(os.scandir(self.tmp)):
-            base, meta, _ = entry.path.partition(".meta")
-            if meta and (base + ".partial" in found or not os.path.exists(base + ".partial")):
-                found.append(entry.path)
-                if remove:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-        return found
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of *data* to *fd* (``os.write`` may take less at a time)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def object_matches(path: str | os.PathLike[str], digest: Digest) -> bool:
@@ -339,10 +337,7 @@ class Ingest:
 
     def write(self, data: bytes | memoryview) -> None:
         self._hasher.update(data)
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        write_all(self.fd, data)
         self.written += len(data)
 
     def verify(self) -> None:
@@ -361,7 +356,7 @@ class Ingest:
             raise
         os.fchmod(self.fd, VERIFIED_MODE)  # the mark readers following this fill look for
         os.fsync(self.fd)
-        final = self.store.blob_path(self.digest)
+        final = self.store.layout.blob(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, final)
         self.store.committed(self.written)
@@ -384,3 +379,10 @@ class Ingest:
             except FileNotFoundError:
                 pass
         os.close(self.fd)
+
+
+if TYPE_CHECKING:
+    from .blobstore import BlobStore
+
+    def _is_a_driver(store: Store) -> BlobStore:  # mypy checks that Store implements the interface
+        return store

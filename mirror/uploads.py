@@ -18,13 +18,15 @@ from typing import Any
 
 import anyio.to_thread
 
+from .blobstore import DigestMismatch
 from .errors import APIError
+from .layout import new_upload_id
 from .metadata import Metadata, UploadRecord, local_repo
 from .metrics import Metrics
 from .reference import Digest
 from .refusals import refusal
 from .repository import UploadState
-from .store import DigestMismatch, Store, new_upload_id
+from .store import Store
 
 WRITE_BATCH = 1024 * 1024
 
@@ -53,7 +55,7 @@ class Uploads:
         uuid = new_upload_id()
 
         def create() -> None:
-            fd = os.open(self.store.upload_path(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
             self.metadata.put_upload(uuid, UploadRecord(name, time.time()))
 
@@ -63,17 +65,17 @@ class Uploads:
 
     def _record(self, name: str, uuid: str) -> UploadRecord:
         try:
-            self.store.upload_path(uuid)
+            self.store.layout.upload(uuid)
         except ValueError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         record = self.metadata.get_upload(uuid)
-        if record is None or record.name != name or not self.store.upload_path(uuid).exists():
+        if record is None or record.name != name or not self.store.layout.upload(uuid).exists():
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
         return record
 
     async def status(self, name: str, uuid: str) -> UploadState:
         self._record(name, uuid)
-        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.upload_path(uuid)).st_size)
+        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
         return UploadState(uuid, size)
 
     async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
@@ -103,7 +105,7 @@ class Uploads:
         """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
         and move the blob into the store."""
         self._record(name, uuid)
-        path = self.store.upload_path(uuid)
+        path = self.store.layout.upload(uuid)
         fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
         try:
             before = os.fstat(fd).st_size
@@ -141,13 +143,13 @@ class Uploads:
         self._hashers.pop(uuid, None)
         self.metadata.delete_upload(uuid)
         try:
-            os.unlink(self.store.upload_path(uuid))
+            os.unlink(self.store.layout.upload(uuid))
         except FileNotFoundError:
             pass
 
     def _lock_upload(self, uuid: str) -> int:
         try:
-            fd = os.open(self.store.upload_path(uuid), os.O_RDWR)
+            fd = os.open(self.store.layout.upload(uuid), os.O_RDWR)
         except FileNotFoundError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -201,7 +203,7 @@ class Uploads:
         """
         removed = 0
         cutoff = time.time() - self.upload_ttl
-        for entry in list(os.scandir(self.store.uploads)):
+        for entry in self.store.layout.upload_entries():
             try:
                 stale = entry.stat().st_mtime < cutoff
             except FileNotFoundError:

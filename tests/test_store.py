@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mirror.fill import BypassBlob, FillFailed, Fills, GrowingBlob, StoredBlob
+from mirror.blobstore import DigestMismatch, SizeMismatch
+from mirror.bypass import BypassBlob, FillFailed
+from mirror.fill import Fills
+from mirror.growing import GrowingBlob
 from mirror.reference import Digest
-from mirror.store import ROOM_MARGIN, DigestMismatch, SizeMismatch, Store
+from mirror.store import ROOM_MARGIN, Store, StoredBlob
 from tests.support.smallfs import MIB, tmpfs
 
 
@@ -62,7 +65,7 @@ def test_ingest_verifies_and_leaves_nothing_on_mismatch(tmp_path: Path) -> None:
     digest = Digest.of(data)
     store.put_bytes(digest, data)
     assert store.read_bytes(digest) == data
-    assert store.blob_path(digest).parent.parent.name == "sha256"
+    assert store.layout.blob(digest).parent.parent.name == "sha256"
 
     wrong = Digest.of(b"other")
     ingest = store.ingest(wrong)
@@ -76,17 +79,17 @@ def test_ingest_verifies_and_leaves_nothing_on_mismatch(tmp_path: Path) -> None:
         short.commit()
     short.close()
     assert not store.exists(wrong)
-    assert os.listdir(store.tmp) == []
+    assert os.listdir(store.layout.tmp) == []
 
 
 def test_sweep_removes_only_abandoned_temp_files(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    abandoned = store.tmp / "sha256-abc.partial"
+    abandoned = store.layout.tmp / "sha256-abc.partial"
     abandoned.write_bytes(b"half")
-    (store.tmp / "sha256-abc.meta").write_text("{}")
+    (store.layout.tmp / "sha256-abc.meta").write_text("{}")
     live = store.ingest(Digest.of(b"x"))  # holds its lock
     assert store.sweep_tmp() == 1
-    assert sorted(os.listdir(store.tmp)) == [live.path.name]
+    assert sorted(os.listdir(store.layout.tmp)) == [live.path.name]
     live.close()
 
 
@@ -106,8 +109,8 @@ def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert source.opened == 1
-    assert store.blob_path(digest).read_bytes() == data
-    assert os.listdir(store.tmp) == []
+    assert store.layout.blob(digest).read_bytes() == data
+    assert os.listdir(store.layout.tmp) == []
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "cut"])
@@ -130,12 +133,13 @@ def test_failed_fetch_aborts_readers_and_stores_nothing(tmp_path: Path, fault: s
         assert good.opened == 1
 
     asyncio.run(run())
-    assert store.blob_path(digest).read_bytes() == data
+    assert store.layout.blob(digest).read_bytes() == data
 
 
 def left_in(store: Store) -> list[str]:
     """Every file under blobs/ and tmp/."""
-    return sorted(str(p.relative_to(store.root)) for d in (store.blobs, store.tmp) for p in d.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(store.root)) for d in (store.layout.blobs, store.layout.tmp)
+                  for p in d.rglob("*") if p.is_file())
 
 
 def test_a_blob_with_no_room_is_streamed_through_to_every_reader_and_not_stored(tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_reader_of_a_dead_process_fill_sees_failure(tmp_path: Path) -> None:
     """A leader that vanished (lock gone, file unlinked) is a failure, never a short success."""
     store = make_store(tmp_path)
     digest = Digest.of(b"never")
-    path = store.fill_path(digest)
+    path = store.layout.fill(digest)
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.write(fd, b"nev")

@@ -183,13 +183,13 @@ def _write_objects(root: str, chunk: list[tuple[str, bytes, float]]) -> int:
     for digest, data, mtime in chunk:
         parsed = parse_digest(digest)
         store.put_bytes(parsed, data)
-        os.utime(store.blob_path(parsed), (mtime, mtime))
+        os.utime(store.layout.blob(parsed), (mtime, mtime))
     return len(chunk)
 
 
 def _write_index(root: Path, plan: Plan) -> None:
     """Tags, manifest records, links and access times of *plan*, as a pull would leave them."""
-    metadata = DiskcacheMetadata(Store(root).index)
+    metadata = DiskcacheMetadata(Store(root).layout.index)
     fetched = plan.built_at - 40 * DAY
     try:
         for n in range(0, len(plan.images), IMAGES_PER_TRANSACTION):
@@ -307,7 +307,7 @@ def parse_summary(run: CliRun) -> GcSummary:
 
 def present(root: Path, digests: Iterable[str]) -> set[str]:
     store = Store(root)
-    return {d for d in digests if store.blob_path(parse_digest(d)).exists()}
+    return {d for d in digests if store.layout.blob(parse_digest(d)).exists()}
 
 
 # -- measurements --

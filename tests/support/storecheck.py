@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from mirror.fill import fills_in_progress
+from mirror.growing import fills_in_progress
 from mirror.store import Store
 
 from .mirror import PROJECT_ROOT

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, ConfigError
-from .config_load import load_config, to_environ
+from .config.load import load_config, to_environ
+from .config.sections import Config, ConfigError
 
 if TYPE_CHECKING:
-    from .metadata import Metadata
-    from .store import Store
+    from .metadata.diskcache import Metadata
+    from .storage.filesystem import Store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--repair", action="store_true",
                       help="remove corrupt and dangling entries (cached content is fetched again)")
     fsck.add_argument("--verify-content", action="store_true", help="re-hash every object (reads the whole store)")
-    from .offline import add_parsers
+    from .archive.offline import add_parsers
 
     add_parsers(commands)
     return parser
@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         return collect(config, args.dry_run) if args.command == "gc" else fsck(config, args.repair,
                                                                               args.verify_content)
     if args.command in ("preload", "export"):
-        from .offline import run
+        from .archive.offline import run
 
         return run(args)
     return 2
 
 
 def _open_store(config: Config) -> tuple[Store, Metadata] | None:
-    from .metadata import DiskcacheMetadata
-    from .store import Store
+    from .metadata.diskcache import DiskcacheMetadata
+    from .storage.filesystem import Store
 
     store = Store(config.storage.path)
     if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
@@ -100,7 +100,7 @@ def _open_store(config: Config) -> tuple[Store, Metadata] | None:
 
 
 def collect(config: Config, dry_run: bool) -> int:
-    from .gc import Collector
+    from .maintenance.gc import Collector
 
     opened = _open_store(config)
     if opened is None:
@@ -116,8 +116,8 @@ def collect(config: Config, dry_run: bool) -> int:
 
 
 def fsck(config: Config, repair: bool, verify_content: bool) -> int:
-    from .fsck import Fsck
-    from .offline import TerminalProgress
+    from .archive.offline import TerminalProgress
+    from .maintenance.fsck import Fsck
 
     opened = _open_store(config)
     if opened is None:
@@ -142,8 +142,8 @@ def serve(config: Config) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from .hardening import server_options, startup_problem
-    from .store import Store
+    from .server.hardening import server_options, startup_problem
+    from .storage.filesystem import Store
 
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -166,8 +166,8 @@ def serve(config: Config) -> int:
     # Every process (this one, each worker) keeps its metric samples in files there, so whichever
     # answers a scrape reports them all.  prometheus-client reads this when it is first imported.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    from .app import create_app
-    from .observe import logging_config, metrics_listener
+    from .api.observability import logging_config, metrics_listener
+    from .server.app import create_app
 
     # Our JSON access log (log.access) replaces uvicorn's.
     common = dict(host=config.http.host, port=config.http.port, log_level=config.log.level,
@@ -185,7 +185,7 @@ def serve(config: Config) -> int:
         with metrics_listener(config):
             if config.http.workers > 1:
                 os.environ.update(to_environ(config))
-                uvicorn.run("mirror.app:create_app_from_environ", factory=True, workers=config.http.workers,
+                uvicorn.run("mirror.server.app:create_app_from_environ", factory=True, workers=config.http.workers,
                             **common)
             else:
                 uvicorn.run(create_app(config), **common)

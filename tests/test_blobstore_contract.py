@@ -1,4 +1,4 @@
-"""The blob-store driver contract (``mirror/blobstore.py``): every driver passes this module.
+"""The blob-store driver contract (``mirror/storage/driver.py``): every driver passes this module.
 
 Each test runs once per driver (the ``driver`` fixture's params).  A driver comes with a probe of
 what it leaves behind outside its objects (temp files, unfinished uploads), which must be empty
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mirror.blobstore import BlobReader, BlobStore, DigestMismatch, SizeMismatch
-from mirror.reference import Digest
-from mirror.store import Store
+from mirror.spec.reference import Digest
+from mirror.storage.driver import BlobReader, BlobStore, DigestMismatch, SizeMismatch
+from mirror.storage.filesystem import Store
 
 
 @dataclass

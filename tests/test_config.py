@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import DOCKER_HUB_URL, ConfigError
-from mirror.config_load import load_config, to_environ
+from mirror.config.load import load_config, to_environ
+from mirror.config.sections import DOCKER_HUB_URL, ConfigError
 
 
 def test_defaults() -> None:

@@ -7,7 +7,7 @@
   fields are errors) and for internal consistency (selectors, ports, volumes, Secret keys).
 - The systemd unit passes ``systemd-analyze verify`` and its offline security rating.
 - Wherever a file hands the mirror settings (environment, config file, mounted secrets), they are
-  loaded with the mirror's own :func:`mirror.config_load.load_config`.
+  loaded with the mirror's own :func:`mirror.config.load.load_config`.
 - The image (slow): deploy/Dockerfile builds with a test dockerd's classic builder on a base image
   made offline from this machine's Python (tests/support/baseimage.py), runs as its non-root user,
   answers ``/v2/`` and pulls through to an upstream, and its HEALTHCHECK turns healthy.
@@ -38,7 +38,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 from referencing import Registry, Resource
 
-from mirror.config_load import load_config
+from mirror.config.load import load_config
 from tests.support.baseimage import import_args, rootfs_tar
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd, docker_client

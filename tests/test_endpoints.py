@@ -1,4 +1,4 @@
-"""The /v2/ URL grammar (mirror/endpoints.py): what the routes, the metrics' route label and access
+"""The /v2/ URL grammar (mirror/spec/endpoints.py): what the routes, the metrics' route label and access
 control all read from a request path.  The behaviour over HTTP is tested in test_pull_api.py,
 test_push_api.py, test_security_access.py and test_observability.py; this is the table itself."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.endpoints import Kind, endpoint
+from mirror.spec.endpoints import Kind, endpoint
 
 DIGEST = "sha256:" + "a" * 64
 

@@ -45,7 +45,7 @@ SHORT_TTL = {**ENV, "MIRROR_CACHE_TAG_TTL": f"{int(TTL * 1000)}ms"}
 #: An uncached request against a dead upstream must fail within this (retries and backoff included).
 FAIL_FAST = 3.0
 #: How long a byte the mirror received may take to reach its readers here: the mirror's bound
-#: (``mirror.fill.FLUSH_SECONDS``) plus room for a busy test machine.
+#: (``mirror.storage.fill.FLUSH_SECONDS``) plus room for a busy test machine.
 PAUSE = 0.5
 
 

@@ -1,4 +1,4 @@
-"""A pull-through fill becomes durable after its readers' last byte (``fill.py``): the bytes are
+"""A pull-through fill becomes durable after its readers' last byte (``storage/fill.py``): the bytes are
 verified first, and a crash before the ``fsync`` and rename loses the cache entry, never a byte.
 Real upstream registry, real mirror process, SIGKILL."""
 

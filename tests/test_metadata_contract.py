@@ -1,4 +1,4 @@
-"""The contract of a metadata driver (``mirror/metadata_driver.py``): every driver passes this module.
+"""The contract of a metadata driver (``mirror/metadata/driver.py``): every driver passes this module.
 
 Each test runs once per driver, over a fresh index.  What another process must see is checked
 from real other processes (spawned, each opening its own instance over the same data), as the
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from mirror.metadata import DiskcacheMetadata
-from mirror.metadata_driver import Lease, ManifestRecord, Metadata, TagRecord, UploadRecord, local_repo
+from mirror.metadata.diskcache import DiskcacheMetadata
+from mirror.metadata.driver import Lease, ManifestRecord, Metadata, TagRecord, UploadRecord, local_repo
 
 Clock = Callable[[], float]
 Opener = Callable[..., Metadata]

@@ -650,14 +650,14 @@ def test_upstream_answers_are_read_a_mebibyte_at_a_time_or_httpcores_way(caplog:
     """httpcore's read size is its own class constant: set where it exists, a warning where it is gone."""
     import httpcore
 
-    from mirror import httpcore_reads
+    from mirror.upstream import reads as httpcore_reads
 
     assert httpcore_reads.larger_reads() is True
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == httpcore_reads.READ_BYTES == 1 << 20
     saved = httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
     try:
         del httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
-        with caplog.at_level("WARNING", logger="mirror.upstream"):
+        with caplog.at_level("WARNING", logger="mirror.upstream.client"):
             assert httpcore_reads.larger_reads() is False
         assert "READ_NUM_BYTES" in caplog.text and "64 KiB" in caplog.text
     finally:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mirror.reference import (
+from mirror.spec.reference import (
     ByteRange,
     Digest,
     InvalidDigest,

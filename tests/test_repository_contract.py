@@ -1,4 +1,4 @@
-"""The repository contract (``mirror/repository.py``): what every kind of repository answers.
+"""The repository contract (``mirror/registry/repository.py``): what every kind of repository answers.
 
 The routes call one protocol whatever holds a repository; these tests hold each implementation
 to it through the real mirror over HTTP.  A case is a mirror in which a repository of one kind
@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mirror.repository import Outcome
+from mirror.registry.repository import Outcome
 from tests.support import client
 from tests.support.faults import FaultProxy
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, sha256_digest as sha256

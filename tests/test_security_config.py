@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError
-from mirror.config_load import load_config, to_environ
+from mirror.config.load import load_config, to_environ
+from mirror.config.sections import ConfigError
 from tests.support.mirror import PROJECT_ROOT
 from tests.support.security import (
     ALICE,

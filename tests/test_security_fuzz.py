@@ -177,7 +177,7 @@ def seg(text: str, *, slashes: bool = True) -> str:
 
 
 def check(answer: httpx.Response, method: str) -> None:
-    from mirror.errors import CODES
+    from mirror.spec.errors import CODES
 
     assert answer.status_code < 500, f"{method} {answer.request.url} -> {answer.status_code} {answer.text}"
     assert answer.headers.get("x-content-type-options") == "nosniff", answer.request.url

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mirror.blobstore import DigestMismatch, SizeMismatch
-from mirror.bypass import BypassBlob, FillFailed
-from mirror.fill import Fills
-from mirror.growing import GrowingBlob
-from mirror.reference import Digest
-from mirror.store import ROOM_MARGIN, Store, StoredBlob
+from mirror.spec.reference import Digest
+from mirror.storage.bypass import BypassBlob, FillFailed
+from mirror.storage.driver import DigestMismatch, SizeMismatch
+from mirror.storage.filesystem import ROOM_MARGIN, Store, StoredBlob
+from mirror.storage.fill import Fills
+from mirror.storage.growing import GrowingBlob
 from tests.support.smallfs import MIB, tmpfs
 
 
@@ -316,7 +316,7 @@ def test_the_index_generation_moves_on_withdrawals_only(tmp_path: Path) -> None:
     """Answers kept in memory are dropped when the generation moves: it must move after every
     withdrawal, seen through another process's mapping too, and not for nothing (that would
     empty every worker's memory for no reason)."""
-    from mirror.metadata import DiskcacheMetadata
+    from mirror.metadata.diskcache import DiskcacheMetadata
 
     metadata, other = DiskcacheMetadata(tmp_path / "index"), DiskcacheMetadata(tmp_path / "index")
     repo = "docker.io/library/a"

@@ -1,4 +1,4 @@
-"""Answers by tag kept in each worker's memory (``memo.py``) end when they must, in every worker:
+"""Answers by tag kept in each worker's memory (``api/memo.py``) end when they must, in every worker:
 within one ``tag_ttl`` of the upstream moving a pull-through tag, and at once when a push moves
 a pushed tag or a delete removes it.  Two workers, a real upstream registry, real HTTP."""
 

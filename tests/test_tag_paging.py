@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.upstream import MAX_TAG_PAGES
+from mirror.upstream.client import MAX_TAG_PAGES
 from tests.support import client
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
 from tests.support.mirror import MirrorServer

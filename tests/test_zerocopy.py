@@ -1,6 +1,6 @@
 """Which way blob bodies leave a real mirror: ``sendfile(2)`` for stored blobs on plain HTTP, and the
 ordinary body path, with one warning, when uvicorn lacks the protocol internals the zero-copy path
-builds on (``mirror/hardening.py``: ``missing_internals``).
+builds on (``mirror/api/hardening.py``: ``missing_internals``).
 
 The path is read from ``mirror_http_sendfile_bytes_total``, which counts the bytes the kernel copied,
 next to ``mirror_http_response_bytes_total`` and the access log's ``bytes``.

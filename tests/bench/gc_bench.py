@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from mirror.metadata import DiskcacheMetadata, TagRecord
-from mirror.reference import parse_digest
-from mirror.store import Store
+from mirror.metadata.diskcache import DiskcacheMetadata, TagRecord
+from mirror.spec.reference import parse_digest
+from mirror.storage.filesystem import Store
 from tests.bench.harness import progress, scratch
 from tests.bench.load import WrkResult, wrk
 from tests.bench.proctree import machine_busy

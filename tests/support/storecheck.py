@@ -10,8 +10,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from mirror.growing import fills_in_progress
-from mirror.store import Store
+from mirror.storage.filesystem import Store
+from mirror.storage.growing import fills_in_progress
 
 from .mirror import PROJECT_ROOT
 from .waiting import eventually, wait_for

@@ -1,0 +1,366 @@
+"""Who may do what under ``/v2/``: htpasswd users, anonymous pulls, push and delete rights.
+
+A pure ASGI middleware in front of the routes, active when ``auth.htpasswd.path`` is set.
+Every ``/v2/`` request is classified (ping, pull, push, delete; with the repository name) and
+checked against :class:`~mirror.config.sections.AuthConfig`:
+
+- pull: any user; anonymous clients too when ``auth.anonymous_pull`` is true;
+- push (uploads, manifest PUT) and delete: users only, per ``auth.push_users`` when it is set
+  (a user limited to name prefixes only where the path names a valid repository under one);
+- refused: ``401 UNAUTHORIZED`` with a challenge when the client is anonymous (so it logs in),
+  ``403 DENIED`` when a user lacks the right.
+
+Two challenges, because of how Docker clients work.  dockerd, containerd and skopeo ping
+``GET /v2/`` once, anonymously, and set up their authentication from that answer only: a
+``200`` means "no auth here" (credentials are then never sent, and a push fails on its first
+``401``), a ``Basic`` challenge means "always send the password" (a client without one cannot
+pull at all).  So:
+
+- ``auth.anonymous_pull: false``: ``WWW-Authenticate: Basic realm="<realm>"``, as
+  ``registry:2`` with htpasswd does; clients send the user's password with every request.
+- ``auth.anonymous_pull: true``: the mirror is its own token server, as Docker Hub is:
+  ``WWW-Authenticate: Bearer realm="<this server>/auth/token",service="<realm>"``.  Clients
+  fetch a token there, anonymously or with a user's password (HTTP Basic; a wrong one is
+  refused, so ``docker login`` checks it), and send it with each request.  A token names its
+  user (or nobody) and expires after :data:`TOKEN_TTL`; the rights are decided per request, by
+  the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes.
+
+Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
+metrics) are not this module's business; under ``/_mirror/`` nothing is refused here: the user
+that right credentials name is handed on as ``request.state.user`` (None otherwise), and the
+operator endpoints decide (``api/admin.py``).
+
+Guessing passwords is slow: a client address whose passwords failed :data:`MAX_FAILED_LOGINS`
+times within :data:`FAILED_LOGIN_WINDOW` seconds gets ``429 TOOMANYREQUESTS`` (with
+``Retry-After``) for any password not already known to be right, without a bcrypt round spent
+on it.  Users behind the same address whose password was accepted before keep working.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio.to_thread
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..config.sections import AuthConfig
+from ..spec.endpoints import endpoint
+from ..spec.errors import APIError, error_response
+from ..storage.layout import temp_file
+from .htpasswd import Htpasswd
+
+TOKEN_PATH = "/auth/token"
+OPERATOR_PREFIX = "/_mirror/"
+TOKEN_TTL = 300
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW = 60.0
+KEY_BYTES = 32
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+class AuthError(Exception):
+    """The token key cannot be read or created."""
+
+
+def load_or_create_key(path: Path, tmp_dir: Path) -> bytes:
+    """The token signing key; the first process to need it creates it (atomically, mode 0600)."""
+    for _ in range(5):
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            tmp = temp_file(tmp_dir, "auth-key")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, secrets.token_bytes(KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # fails if another process was first: then its key is read
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # swept by another process starting up: try again
+                continue
+            finally:
+                tmp.unlink(missing_ok=True)
+            continue
+        except OSError as exc:
+            raise AuthError(f"cannot read the token key {path}: {exc.strerror}") from None
+        if len(key) < KEY_BYTES:
+            raise AuthError(f"the token key {path} is too short; remove it and restart")
+        return key
+    raise AuthError(f"cannot create the token key {path}")
+
+
+class TokenSigner:
+    """Short-lived bearer tokens naming a user ("" for an anonymous client)."""
+
+    def __init__(self, key: bytes, ttl: int = TOKEN_TTL) -> None:
+        self._key = key
+        self.ttl = ttl
+
+    def _sign(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
+
+    def issue(self, user: str) -> str:
+        payload = json.dumps({"sub": user, "exp": int(time.time()) + self.ttl}, separators=(",", ":")).encode()
+        return f"{_b64(payload)}.{_b64(self._sign(payload))}"
+
+    def verify(self, token: str) -> str | None:
+        """The token's user, or None when it is forged, malformed or expired."""
+        encoded, _, signature = token.partition(".")
+        try:
+            payload = _unb64(encoded)
+            valid = hmac.compare_digest(_unb64(signature), self._sign(payload))
+            claims = json.loads(payload) if valid else None
+        except (ValueError, binascii.Error):
+            return None
+        if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str):
+            return None
+        expires = claims.get("exp")
+        if not isinstance(expires, int) or expires < time.time():
+            return None
+        return str(claims["sub"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,4096}", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request: ``user`` None is anonymous; ``presented`` says credentials came with it."""
+
+    user: str | None
+    presented: bool
+
+
+class Rejected(Exception):
+    """Credentials were sent and are wrong."""
+
+
+class Throttled(Exception):
+    """Too many wrong passwords from this address lately; ``retry_after`` seconds to wait."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; retry in {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class FailedLogins:
+    """Failed password checks per client address, over a sliding window (one process's view)."""
+
+    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW,
+                 max_addresses: int = 10000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def wait(self, address: str, now: float | None = None) -> float:
+        """Seconds until *address* may have a password checked again (0: now)."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._failures.get(address, ()) if t > now - self.window]
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
+        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if address not in self._failures and len(self._failures) >= self.max_addresses:
+            for stale in [a for a, times in self._failures.items() if times[-1] <= now - self.window]:
+                del self._failures[stale]
+            if len(self._failures) >= self.max_addresses:  # still full: forget the oldest address
+                del self._failures[next(iter(self._failures))]
+        self._failures.setdefault(address, []).append(now)
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, config: AuthConfig, key_path: Path, tmp_dir: Path) -> None:
+        assert config.htpasswd_path is not None
+        self.app = app
+        self.config = config
+        self.users = Htpasswd(config.htpasswd_path)
+        self.tokens = TokenSigner(load_or_create_key(key_path, tmp_dir))
+        self.failed_logins = FailedLogins()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == TOKEN_PATH:
+            await (await self._token(scope))(scope, receive, send)
+            return
+        if path.startswith(OPERATOR_PREFIX):
+            try:
+                who = await self._identify(scope)
+            except Rejected:
+                who = Identity(None, True)  # perhaps the operator token (admin.token_file): admin.py checks
+            except Throttled as exc:
+                await _throttled(exc, scope["method"] == "HEAD")(scope, receive, send)
+                return
+            scope.setdefault("state", {})["user"] = who.user
+            await self.app(scope, receive, send)
+            return
+        if path != "/v2" and not path.startswith("/v2/"):
+            await self.app(scope, receive, send)
+            return
+        refusal = await self._check(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope: Scope) -> Response | None:
+        """None when the request may go on, else the answer refusing it."""
+        head = scope["method"] == "HEAD"
+        found = endpoint(scope["path"], scope["method"])
+        need, repository = found.action, found.repository
+        try:
+            who = await self._identify(scope)
+        except Rejected as exc:
+            return self._challenge(scope, repository, need, str(exc), error="invalid_token")
+        except Throttled as exc:
+            return _throttled(exc, head)
+        if need == "ping":
+            allowed = who.presented
+        elif need == "pull":
+            allowed = who.user is not None or self.config.anonymous_pull
+        else:
+            allowed = who.user is not None and self.config.may_write(who.user, repository)
+        if allowed:
+            return None
+        if who.user is not None:
+            name = found.name
+            return error_response(APIError("DENIED", f"{who.user} may not {need} {name or 'here'}",
+                                           detail={"name": name, "action": need}), head=head)
+        return self._challenge(scope, repository, need, "authentication required",
+                               error="insufficient_scope" if who.presented else None)
+
+    async def _identify(self, scope: Scope) -> Identity:
+        header = _header(scope, b"authorization")
+        if header is None:
+            return Identity(None, False)
+        scheme, _, value = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            credentials = _basic(value)
+            if credentials is None or not await self._verify(scope, *credentials):
+                raise Rejected("invalid username or password")
+            return Identity(credentials[0], True)
+        if scheme == "bearer":
+            user = self.tokens.verify(value.strip())
+            if user is None or (user and not self.users.has_user(user)):
+                raise Rejected("invalid or expired token")
+            return Identity(user or None, True)
+        raise Rejected("unsupported authorization scheme")
+
+    async def _verify(self, scope: Scope, user: str, password: str) -> bool:
+        """Check a password; :class:`Throttled` instead when its address failed too often lately."""
+        if self.users.remembered(user, password):
+            return True
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        wait = self.failed_logins.wait(address)
+        if wait > 0:
+            raise Throttled(wait)
+        if await anyio.to_thread.run_sync(self.users.verify, user, password):
+            return True
+        self.failed_logins.failed(address)
+        return False
+
+    def _challenge(self, scope: Scope, name: str | None, need: str, message: str,
+                   error: str | None = None) -> Response:
+        """401 with the challenge for this mode; a token challenge names the scope of a valid *name*."""
+        realm = self.config.htpasswd_realm
+        if self.config.anonymous_pull:
+            challenge = f'Bearer realm="{_origin(scope)}{TOKEN_PATH}",service="{realm}"'
+            if name is not None:
+                actions = "pull" if need in ("pull", "ping") else "pull,push" if need == "push" else "delete"
+                challenge += f',scope="repository:{name}:{actions}"'
+            if error:
+                challenge += f',error="{error}"'
+        else:
+            challenge = f'Basic realm="{realm}"'
+        return error_response(APIError("UNAUTHORIZED", message, headers={"WWW-Authenticate": challenge}),
+                              head=scope["method"] == "HEAD")
+
+    async def _token(self, scope: Scope) -> Response:
+        """``GET /auth/token``: a token for the user of the Basic credentials, or for nobody."""
+        if scope["method"] != "GET":
+            return error_response(APIError("UNSUPPORTED", "only GET is supported here"), head=scope["method"] == "HEAD")
+        challenge = {"WWW-Authenticate": f'Basic realm="{self.config.htpasswd_realm}"'}
+        header = _header(scope, b"authorization")
+        user = ""
+        if header is not None:
+            scheme, _, value = header.strip().partition(" ")
+            credentials = _basic(value) if scheme.lower() == "basic" else None
+            try:
+                verified = credentials is not None and await self._verify(scope, *credentials)
+            except Throttled as exc:
+                return _throttled(exc, False)
+            if credentials is None or not verified:
+                return error_response(APIError("UNAUTHORIZED", "invalid username or password", headers=challenge))
+            user = credentials[0]
+        elif not self.config.anonymous_pull:
+            return error_response(APIError("UNAUTHORIZED", "log in to get a token", headers=challenge))
+        token = self.tokens.issue(user)
+        issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return JSONResponse({"token": token, "access_token": token, "expires_in": self.tokens.ttl,
+                             "issued_at": issued}, headers={"Cache-Control": "no-store"})
+
+
+def _throttled(exc: Throttled, head: bool) -> Response:
+    retry = {"Retry-After": str(math.ceil(exc.retry_after))}
+    return error_response(APIError("TOOMANYREQUESTS", str(exc), headers=retry), head=head)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
+def _basic(value: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+def _origin(scope: Scope) -> str:
+    """``scheme://host[:port]`` of this server as the client reached it (for the token realm)."""
+    scheme = "https" if scope.get("scheme") == "https" else "http"
+    host = _header(scope, b"host")
+    if host is None or not _HOST_RE.fullmatch(host):
+        server = scope.get("server") or ("localhost", None)
+        host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+    return f"{scheme}://{host}"

@@ -1,0 +1,274 @@
+"""Observability at the HTTP edge: request metrics, JSON access logs, ``/metrics``, ``/healthz``, ``/readyz``.
+
+:class:`Observe` is a pure ASGI middleware around the whole app.  For every request it
+
+* takes the request id from ``X-Request-Id`` (when it is a sane token) or makes one, and
+  echoes it in the response;
+* counts the request by *route template* (``manifest``, ``blob``, ``upload``, ``tags``,
+  ``catalog``, ``referrers``, ``base``, ``metrics``, ``health``, ``admin``, ``unknown``), method
+  and status, times it to its last body byte, and counts the body bytes -- and, for manifests
+  and blobs, the cache outcome the routes put in ``X-Mirror-Cache``;
+* writes one JSON line to the ``mirror.access`` logger::
+
+    {"ts": "2024-05-01T12:00:00.123Z", "request_id": "...", "method": "GET", "route": "blob",
+     "path": "/v2/library/alpine/blobs/sha256:...", "status": 200, "cache": "HIT",
+     "bytes": 3402431, "duration_ms": 12.5, "client": "10.0.0.7", ...}
+
+The route is derived from the path with the spec's patterns (``spec/endpoints.py``), never the raw
+path, so the metrics' label sets stay bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import functools
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..config.sections import Config, ConfigError, LogConfig
+from ..metadata.diskcache import DiskcacheMetadata, Metadata
+from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
+from ..spec.endpoints import CACHE_HEADER, endpoint
+from ..storage.filesystem import Store
+from . import extensions
+
+access_log = logging.getLogger("mirror.access")
+log = logging.getLogger("mirror.api.observability")
+
+_CACHE_KEY = CACHE_HEADER.lower().encode()  # as ASGI gives header names
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def route_of(path: str, method: str) -> str:
+    """The route template of a request (a bounded set of names): the ``/v2/`` endpoint, or the operator's."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return endpoint(path, method).kind.value
+    if path == "/metrics":
+        return "metrics"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    if path.startswith("/_mirror/"):
+        return "admin"
+    return "unknown"
+
+
+class Observe:
+    """Request id, request metrics and the JSON access log, around any ASGI app.
+
+    Each request only appends to memory; once per event-loop turn (``call_soon``), the turn's
+    access lines go to the logger as one record and the metrics to their samples, a moment
+    after the responses left and long before anyone could scrape or read the log.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, access: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access = access
+        self._lines: list[str] = []
+        self._flush_scheduled = False
+        # Request ids: random per process, then counted (as unique as a uuid4, at a fraction of the cost).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = self._request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
+        status = 0
+        cache: str | None = None
+        sent = sendfile = 0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, cache, sent, sendfile
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                for key, value in headers:
+                    if key.lower() == _CACHE_KEY:
+                        cache = value.decode("latin-1")
+                headers.append((REQUEST_ID_HEADER, request_id))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+            if message["type"] == extensions.EXTENSION:
+                sent += message.get("sent", 0)
+                sendfile += message.get("sendfile", 0)
+
+        self.metrics.request_started()
+        self._schedule_flush()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            seconds = time.perf_counter() - started
+            status = status or 500  # nothing was sent: the server answers 500
+            route = route_of(scope["path"], scope["method"])
+            self.metrics.request_done(route, scope["method"], status, seconds, sent, cache, sendfile)
+            if self.access:
+                self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))
+            self._schedule_flush()
+
+    def _request_id(self, scope: Scope) -> bytes:
+        for key, value in scope["headers"]:
+            if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
+                return bytes(value)
+        return f"{self._id_prefix}{next(self._ids):016x}".encode()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what the requests since the last call recorded."""
+        self._flush_scheduled = False
+        self.metrics.flush_requests()
+        if self._lines:
+            lines, self._lines = self._lines, []
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("\n".join(lines))
+
+
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def access_line(scope: Scope, request_id: bytes, route: str, status: int, cache: str | None, sent: int,
+                seconds: float) -> str:
+    """One access log entry as a JSON object on one line (the fields in the module's docstring)."""
+    now = time.time()
+    client = scope.get("client")
+    line = (f'{{"ts":"{_iso_second(int(now))}.{int(now % 1 * 1000):03d}Z",'
+            f'"request_id":{_json_str(request_id.decode("latin-1"))},'
+            f'"method":{_json_str(scope["method"])},"route":"{route}","path":{_json_str(scope["path"])},'
+            f'"status":{status},"cache":{"null" if cache is None else _json_str(cache)},"bytes":{sent},'
+            f'"duration_ms":{round(seconds * 1000, 3)!r},"client":{_json_str(client[0]) if client else "null"}')
+    if scope.get("query_string"):
+        line += f',"query":{_json_str(scope["query_string"].decode("latin-1"))}'
+    for key, value in scope["headers"]:
+        if key == b"user-agent":
+            line += f',"user_agent":{_json_str(value.decode("latin-1")[:200])}'
+            break
+    return f'{line},"pid":{os.getpid()}}}'
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+# -- endpoints --
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive and its event loop answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready to serve: the store takes writes and the index answers."""
+    problems = await anyio.to_thread.run_sync(readiness_problems, request.state.store, request.state.metadata)
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def readiness_problems(store: Store, metadata: Metadata) -> dict[str, str]:
+    """What keeps this process from serving: ``{"store": reason, "index": reason}`` (blocking).
+
+    ``store``: the store cannot take writes (:meth:`Store.write_problem`: e.g. ``"no space left on
+    device"`` after a fill found no room, until there is room again); ``index``: it cannot be read.
+    """
+    problems: dict[str, str] = {}
+    if (problem := store.write_problem()) is not None:
+        problems["store"] = problem
+    try:
+        metadata.usage()
+    except Exception as exc:  # noqa: BLE001 (diskcache raises sqlite3 errors of many kinds)
+        problems["index"] = f"not readable: {exc}"
+    return problems
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body = await anyio.to_thread.run_sync(render, request.state.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def routes(config: Config) -> list[Route]:
+    """``/healthz``, ``/readyz``, and ``/metrics`` unless it has a listener of its own."""
+    found = [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/readyz", readyz, methods=["GET", "HEAD"])]
+    if not config.metrics.listen:
+        found.append(Route("/metrics", metrics_endpoint, methods=["GET", "HEAD"]))
+    return found
+
+
+# -- process set-up (mirror serve) --
+
+
+def logging_config(config: LogConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's logging configuration *base*, plus ours: the ``mirror`` loggers on stderr, and the
+    access log as bare JSON lines on stdout.  uvicorn applies it in every worker process."""
+    out = copy.deepcopy(base)
+    out["formatters"]["mirror"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    out["formatters"]["json_lines"] = {"format": "%(message)s"}
+    out["handlers"]["mirror"] = {"class": "logging.StreamHandler", "formatter": "mirror",
+                                 "stream": "ext://sys.stderr"}
+    out["handlers"]["mirror_access"] = {"class": "logging.StreamHandler", "formatter": "json_lines",
+                                        "stream": "ext://sys.stdout"}
+    out["root"] = {"handlers": ["mirror"], "level": config.level.upper()}
+    out["loggers"]["httpx"] = {"level": "WARNING"}
+    out["loggers"]["httpcore"] = {"level": "WARNING"}
+    out["loggers"]["mirror.access"] = {"handlers": ["mirror_access"], "level": "INFO", "propagate": False}
+    return out
+
+
+@contextlib.contextmanager
+def metrics_listener(config: Config) -> Iterator[None]:
+    """Serve ``/metrics`` on ``metrics.listen`` from this (the parent) process, for every worker."""
+    if not config.metrics.listen:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    from ..maintenance.figures import StoreCollector
+    from ..maintenance.gc import Collector
+    from ..observe.metrics import exposition_registry
+
+    store = Store(config.storage.path)
+    metadata = DiskcacheMetadata(store.layout.index)
+    collector = Collector(store, metadata, config.cache, config.gc)
+    registry = exposition_registry(Metrics(enabled=False), [
+        StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
+    host, _, port = config.metrics.listen.rpartition(":")
+    try:
+        server, thread = start_http_server(int(port), host, registry)
+    except OSError as exc:
+        metadata.close()
+        raise ConfigError(f"cannot listen on metrics.listen {config.metrics.listen}: {exc.strerror or exc}") from exc
+    log.info("serving /metrics on http://%s", config.metrics.listen)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        metadata.close()
+

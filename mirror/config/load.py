@@ -1,0 +1,239 @@
+"""Loading the configuration: the YAML file, ``MIRROR_<SECTION>_<KEY>`` environment overrides and
+``"section.key"`` overrides from CLI flags, parsed into the typed sections of ``config/sections.py``.
+
+Precedence: defaults < YAML file < environment < command-line flags.  Everything is
+validated once, at start-up; a bad value raises :class:`~mirror.config.sections.ConfigError` with one line
+that names the key.  The environment is read here and nowhere else; :func:`to_environ` writes it
+back for worker processes.
+
+Imports ``config`` (the sections) and ``values`` (the parsers' helpers) only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .sections import (
+    AdminConfig,
+    AuthConfig,
+    CacheConfig,
+    Config,
+    ConfigError,
+    DeleteConfig,
+    GcConfig,
+    HttpConfig,
+    LogConfig,
+    MetricsConfig,
+    PushConfig,
+    StorageConfig,
+    UpstreamConfig,
+)
+from .values import redact
+
+ENV_PREFIX = "MIRROR_"
+
+
+SECTIONS: dict[str, type] = {
+    "http": HttpConfig,
+    "storage": StorageConfig,
+    "upstream": UpstreamConfig,
+    "cache": CacheConfig,
+    "gc": GcConfig,
+    "push": PushConfig,
+    "delete": DeleteConfig,
+    "auth": AuthConfig,
+    "admin": AdminConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def _section_keys(section: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from a YAML file, the environment and ``"section.key"`` overrides."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    extra: list[Any] = []
+    if path is not None:
+        extra = _merge_yaml(raw, path)
+    in_file = dict(raw["upstream"])  # the file's `upstream` section, before the environment refines it
+    environ = os.environ if env is None else env
+    if f"{ENV_PREFIX}UPSTREAMS" in environ:
+        try:
+            extra = json.loads(environ[f"{ENV_PREFIX}UPSTREAMS"])
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}UPSTREAMS must be a JSON list of upstream mappings") from None
+    _merge_env(raw, environ)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            raw[section][key] = value
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        keys = _section_keys(cls)
+        values: dict[str, Any] = {}
+        for key, value in raw[name].items():
+            attr = key.replace(".", "_")  # nested YAML mappings: http.tls.certificate -> tls_certificate
+            if attr not in keys:
+                raise ConfigError(f"unknown configuration key {name}.{key}")
+            try:
+                values[attr] = keys[attr].metadata["parse"](value)
+            except ValueError as exc:
+                shown = "***" if not keys[attr].repr else redact(repr(value))
+                raise ConfigError(f"bad value for {name}.{key}: {shown}: {exc}") from None
+        sections[name] = cls(**values)
+    default = sections["upstream"]
+    upstreams = [default]
+    default_entry: int | None = None
+    for n, entry in enumerate(_upstream_list(extra)):
+        parsed = _parse_section(UpstreamConfig, entry, f"upstreams[{n}]")
+        if parsed.registry == default.registry and default_entry is None:
+            # The default registry's entry: env and flags refine it; the file's `upstream` section may
+            # add keys but not contradict it (one of the two would silently be ignored).
+            default_entry = n
+            _check_no_conflict(in_file, entry, parsed, n)
+            merged = {**entry, **raw["upstream"]}
+            default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
+        elif any(u.registry == parsed.registry for u in upstreams):
+            raise ConfigError(f"upstreams[{n}].registry: {parsed.registry} is configured twice")
+        else:
+            upstreams.append(parsed)
+    sections["upstream"] = default
+    return Config(**sections, upstreams=tuple(upstreams))
+
+
+def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], parsed: Any, n: int) -> None:
+    """Refuse a key the file sets both in ``upstream:`` and in the default registry's ``upstreams[n]``."""
+    for key in entry.keys() & section.keys():
+        attr = key.replace(".", "_")
+        if getattr(_parse_section(UpstreamConfig, {key: section[key]}, "upstream"), attr) != getattr(parsed, attr):
+            raise ConfigError(f"upstream.{key} and upstreams[{n}].{key} both configure {parsed.registry} "
+                              "differently: keep one")
+
+
+def _upstream_list(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise ConfigError("upstreams must be a list of mappings (registry, url, username, ...)")
+    return [{str(k): v for k, v in e.items()} for e in value]
+
+
+def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
+    keys = _section_keys(cls)
+    parsed: dict[str, Any] = {}
+    for key, value in values.items():
+        attr = key.replace(".", "_")
+        if attr not in keys:
+            raise ConfigError(f"unknown configuration key {label}.{key}")
+        try:
+            parsed[attr] = keys[attr].metadata["parse"](value)
+        except ValueError as exc:
+            shown = "***" if not keys[attr].repr else redact(repr(value))
+            raise ConfigError(f"bad value for {label}.{key}: {shown}: {exc}") from None
+    return cls(**parsed)
+
+
+def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
+    """Merge the file's sections into *raw*; return its ``upstreams:`` list (if any)."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections")
+    extra = document.pop("upstreams", None) or []
+    for section, keys in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown configuration section {section!r} in {path}")
+        if keys is None:
+            continue
+        if not isinstance(keys, dict):
+            raise ConfigError(f"configuration section {section} must be a mapping")
+        raw[section].update(_flatten(keys))
+    return extra
+
+
+def _flatten(mapping: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: ``{"tls": {"key": k}}`` -> ``{"tls.key": k}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# What Kubernetes puts in a pod's environment for each Service (service links): for a Service
+# named "mirror-metrics", MIRROR_METRICS_SERVICE_HOST=10.0.0.7, MIRROR_METRICS_PORT=tcp://10.0.0.7:9090,
+# MIRROR_METRICS_PORT_9090_TCP_ADDR=10.0.0.7 ...  Name and value must both match to be skipped, so a
+# mistyped key such as MIRROR_HTTP_PORT=8080 is still refused.
+_IP = r"[0-9a-fA-F:.]+"
+_SERVICE_LINKS = [
+    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), re.compile(_IP)),
+    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(_[A-Z0-9_]+)?"), re.compile(r"\d{1,5}")),
+    (re.compile(r"[A-Z0-9_]+_PORT(_\d{1,5}_(TCP|UDP|SCTP))?"), re.compile(rf"(tcp|udp|sctp)://\[?{_IP}\]?:\d{{1,5}}")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d{1,5}")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d{1,5}_(TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+]
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """True for a variable Kubernetes made for a Service (see ``_SERVICE_LINKS``)."""
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
+
+
+def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or is_service_link(name, value):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        for section in SECTIONS:
+            if rest.startswith(section + "_"):
+                raw[section][rest[len(section) + 1:]] = value
+                break
+
+
+def to_environ(config: Config) -> dict[str, str]:
+    """The environment that reproduces ``config`` (handed to worker processes)."""
+    out: dict[str, str] = {}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            if value is not None and _exported(section, f.name):
+                out[f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"] = f.metadata["render"](value)
+    if len(config.upstreams) > 1:
+        out[f"{ENV_PREFIX}UPSTREAMS"] = json.dumps([
+            {f.name: f.metadata["render"](getattr(u, f.name)) for f in dataclasses.fields(u)
+             if getattr(u, f.name) is not None and _exported(u, f.name)}
+            for u in config.upstreams[1:]
+        ])
+    return out
+
+
+def _exported(section: Any, name: str) -> bool:
+    """A password read from ``password_file`` stays out of the environment: workers read the file again."""
+    return not (name == "password" and getattr(section, "password_file", None) is not None)

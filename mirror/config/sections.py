@@ -1,0 +1,252 @@
+"""Typed configuration: the frozen dataclasses of each section, their defaults and checks.
+
+Each key is a :func:`values.setting` with its parser; a section checks what involves several
+keys in ``__post_init__``.  A bad value raises :class:`ConfigError` with one line that names the
+key.  The YAML file, the environment and CLI flags are read and merged in ``config/load.py``.
+
+Imports ``values`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+from .values import (
+    SecretFile,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_fraction,
+    parse_int,
+    parse_listen,
+    parse_networks,
+    parse_optional_duration,
+    parse_optional_file,
+    parse_optional_str,
+    parse_path,
+    parse_prefixes,
+    parse_push_users,
+    parse_realm,
+    parse_registry,
+    parse_secret_file,
+    parse_size,
+    parse_token_file,
+    parse_url,
+    parse_user_names,
+    render_size,
+    setting,
+)
+
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+class ConfigError(Exception):
+    """A configuration key is unknown or has a bad value."""
+
+
+# -- the typed configuration --
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = setting(parse_listen, "0.0.0.0:5000")
+    workers: int = setting(parse_int(1, 64), 1)
+    # HTTPS: certificate chain and private key, PEM (http.tls.certificate, http.tls.key); both or neither.
+    tls_certificate: Path | None = setting(parse_optional_file, None)
+    tls_key: Path | None = setting(parse_optional_file, None)
+    # Mutual TLS: clients must present a certificate signed by a CA of this PEM file (http.tls.client_ca).
+    tls_client_ca: Path | None = setting(parse_optional_file, None)
+    # A client that sends nothing for this long while a request (head or body) is due is disconnected;
+    # also how long an idle keep-alive connection is kept.
+    idle_timeout: float = setting(parse_duration, 75.0)
+    # Reverse proxies whose X-Forwarded-For/-Proto are believed (the client's address, and https for
+    # the token realm when the proxy terminates TLS); empty: none.
+    trusted_proxies: tuple[str, ...] = setting(parse_networks, ("127.0.0.1", "::1"))
+
+    def __post_init__(self) -> None:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ConfigError("http.tls.certificate and http.tls.key must be set together")
+        if self.tls_client_ca is not None and self.tls_certificate is None:
+            raise ConfigError("http.tls.client_ca needs http.tls.certificate and http.tls.key")
+        if self.idle_timeout < 1:
+            raise ConfigError(f"bad value for http.idle_timeout: {self.idle_timeout:g}s: must be at least 1s")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = setting(parse_path, Path("./mirror-data"))
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = setting(parse_url, DOCKER_HUB_URL)
+    # Name the upstream's content is filed under in the index (Docker Hub is "docker.io").
+    registry: str = setting(parse_registry, DOCKER_HUB)
+    username: str | None = setting(parse_optional_str, None)
+    password: str | None = setting(parse_optional_str, None, secret=True)
+    # The password (access token) read from a file at start-up instead; takes precedence over password.
+    password_file: SecretFile | None = setting(parse_secret_file, None)
+    # "auto": one-component names get Docker Hub's implicit "library/" when the upstream is Docker Hub.
+    library_namespace: str = setting(parse_choice("auto", "true", "false"), "auto")
+    connect_timeout: float = setting(parse_duration, 5.0)
+    read_timeout: float = setting(parse_duration, 60.0)
+    retries: int = setting(parse_int(0, 10), 2)
+    # This upstream's own tag TTL (default: cache.tag_ttl).
+    tag_ttl: float | None = setting(parse_optional_duration, None)
+    # Non-distributable (foreign) layers of its images: "skip" leaves them to clients that fetch them
+    # from the layer's urls (containerd; not dockerd on Linux); "fetch" makes the mirror fetch (and cache) them.
+    foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
+
+    def __post_init__(self) -> None:
+        if self.password_file is not None:
+            object.__setattr__(self, "password", self.password_file.value)
+
+    @property
+    def adds_library_namespace(self) -> bool:
+        if self.library_namespace == "auto":
+            return (urlsplit(self.url).hostname or "") in DOCKER_HUB_ALIASES
+        return self.library_namespace == "true"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    tag_ttl: float = setting(parse_duration, 300.0)
+    # Disk budget of the store: bytes, or a fraction of the filesystem (from "80%"); 0 = no limit.
+    max_size: int | float = setting(parse_size, 0.8, render=render_size)
+    # Eviction starts above high_watermark * max_size and stops below low_watermark * max_size.
+    high_watermark: float = setting(parse_fraction, 0.95)
+    low_watermark: float = setting(parse_fraction, 0.85)
+    # Evict cached images not pulled for this long (0 = only when over the budget).
+    unused_for: float = setting(parse_duration, 0.0)
+    # Images used this recently are never evicted to make room: they may be being pulled right now.
+    keep_recent: float = setting(parse_duration, 10.0)
+
+    def __post_init__(self) -> None:
+        if self.low_watermark >= self.high_watermark:
+            raise ConfigError(f"bad value for cache.low_watermark: {self.low_watermark:.0%}: must be below "
+                              f"cache.high_watermark ({self.high_watermark:.0%})")
+
+
+@dataclass(frozen=True)
+class GcConfig:
+    # How often the online collector runs (0 = never; `mirror gc` still works).
+    interval: float = setting(parse_duration, 3600.0)
+    # Nothing younger than this is collected (uploads waiting for their manifest, fetches in flight).
+    grace: float = setting(parse_duration, 3600.0)
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    enabled: bool = setting(parse_bool, True)
+    # Empty: any repository; otherwise only names equal to or under one of these prefixes.
+    prefixes: tuple[str, ...] = setting(parse_prefixes, ())
+    # Allow pushing into a repository that is a cache of the upstream (it then becomes local).
+    over_cache: bool = setting(parse_bool, False)
+    # Unfinished uploads older than this are removed.
+    upload_ttl: float = setting(parse_duration, 86400.0)
+
+    def allows(self, name: str) -> bool:
+        return not self.prefixes or any(name == p or name.startswith(p + "/") for p in self.prefixes)
+
+
+@dataclass(frozen=True)
+class DeleteConfig:
+    enabled: bool = setting(parse_bool, True)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Users who may log in: an htpasswd file of bcrypt entries (htpasswd -B); unset: no authentication.
+    htpasswd_path: Path | None = setting(parse_optional_file, None)
+    htpasswd_realm: str = setting(parse_realm, "mirror")
+    # Pulls without logging in (push and delete always need a user).
+    anonymous_pull: bool = setting(parse_bool, True)
+    # Who may push and delete: USER (any repository) or USER:PREFIX entries; empty: every user.
+    push_users: tuple[str, ...] = setting(parse_push_users, ())
+    # Operators: users who may call the operator endpoints (/_mirror/...), with Basic or a Bearer token.
+    admins: tuple[str, ...] = setting(parse_user_names, ())
+
+    def __post_init__(self) -> None:
+        if self.htpasswd_path is None and not self.anonymous_pull:
+            raise ConfigError("auth.anonymous_pull: false needs users: set auth.htpasswd.path")
+        if self.htpasswd_path is None and self.push_users:
+            raise ConfigError("auth.push_users needs users: set auth.htpasswd.path")
+        if self.htpasswd_path is None and self.admins:
+            raise ConfigError("auth.admins needs users: set auth.htpasswd.path")
+
+    @property
+    def enabled(self) -> bool:
+        return self.htpasswd_path is not None
+
+    def may_write(self, user: str, name: str | None) -> bool:
+        """May *user* push to (and delete from) repository *name*?
+
+        *name* is None when the request names no valid repository: only a user without a
+        prefix may write there (and the routes then refuse the request for what it is).
+        """
+        if not self.push_users:
+            return True
+        for entry in self.push_users:
+            who, sep, prefix = entry.partition(":")
+            if who != user:
+                continue
+            if not sep or (name is not None and (name == prefix or name.startswith(prefix + "/"))):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # Operator endpoints (/_mirror/...) accept "Authorization: Bearer <the token in this file>";
+    # `mirror preload --url` reads it from here too.  Without it and without auth.admins they are off.
+    token_file: SecretFile | None = setting(parse_token_file, None)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting(parse_choice("debug", "info", "warning", "error"), "info")
+    # One JSON line per request on stdout (logger mirror.access); replaces uvicorn's access log.
+    access: bool = setting(parse_bool, True)
+
+
+def parse_optional_listen(value: Any) -> str | None:
+    return None if value is None or value == "" else parse_listen(value)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT of a listener of its own for /metrics (then not on http.listen); empty: http.listen.
+    listen: str | None = setting(parse_optional_listen, None)
+
+
+@dataclass(frozen=True)
+class Config:
+    http: HttpConfig = field(default_factory=HttpConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    delete: DeleteConfig = field(default_factory=DeleteConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: Every upstream, the default one (``upstream``) first; more come from the ``upstreams:`` list.
+    upstreams: tuple[UpstreamConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))

@@ -1,0 +1,6 @@
+"""Keeping the store healthy while it serves: online garbage collection and LRU eviction within
+the disk budget (``gc``), access times and the server's upkeep task that runs the collector
+(``upkeep``), the store's figures for ``/metrics`` (``figures``), and ``mirror fsck`` (``fsck``).
+
+May import: ``spec``, ``config``, ``observe``, ``storage``, ``metadata``, ``upstream``.
+"""

@@ -1,0 +1,90 @@
+"""The store's figures for ``/metrics``, read at scrape time: size and budget from the index,
+object counts from a scan of the store, and the filesystem's room.
+
+May import: ``config``, ``observe``, ``storage``, ``metadata``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..config.sections import CacheConfig
+from ..metadata.driver import Metadata
+from ..observe.metrics import HELD_REASONS
+from ..storage.filesystem import Store
+
+
+class StoreCollector(Collector):
+    """The store's figures, read at scrape time by the process that answers the scrape.
+
+    Size comes from the index's running total; object counts from a scan of ``blobs/`` that is
+    repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
+    """
+
+    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig,
+                 budget: Callable[[], int | None], workers: int = 1) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.cache = cache
+        self.budget = budget
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._counts: tuple[int, int, int] | None = None
+        self._counted_at = 0.0
+        self._count_every = 1.0
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("mirror_build_info", "The mirror's version (always 1).", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily("mirror_workers", "Worker processes configured.", value=self.workers)
+        yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=self.metadata.usage())
+        budget = self.budget()
+        if budget is not None:
+            yield GaugeMetricFamily("mirror_store_max_size_bytes", "The store's budget (cache.max_size).",
+                                    value=budget)
+            yield GaugeMetricFamily("mirror_store_high_watermark_bytes", "Eviction starts above this size.",
+                                    value=budget * self.cache.high_watermark)
+            yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
+                                    value=budget * self.cache.low_watermark)
+            over = GaugeMetricFamily(
+                "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
+                "could not evict enough, by what held the content back.", labels=["reason"])
+            held = self.metadata.held() if self.metadata.usage() > budget else {}
+            for reason in HELD_REASONS:
+                over.add_metric([reason], 1 if held.get(reason) else 0)
+            yield over
+        objects, manifests, uploads = self._count()
+        yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
+        yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
+        yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
+                                value=len(self.metadata.repositories()))
+        yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
+                                value=uploads)
+        try:
+            space = self.store.space()
+        except OSError:
+            return
+        if space is None:
+            return
+        yield GaugeMetricFamily("mirror_store_filesystem_size_bytes", "Size of the filesystem holding the store.",
+                                value=space.total)
+        yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
+                                value=space.available)
+
+    def _count(self) -> tuple[int, int, int]:
+        with self._lock:
+            now = time.monotonic()
+            if self._counts is None or now - self._counted_at >= self._count_every:
+                objects = sum(1 for _ in self.store.objects())
+                uploads = len(self.store.layout.upload_entries())
+                self._counts = (objects, self.metadata.count_manifests(), uploads)
+                self._counted_at = time.monotonic()
+                self._count_every = max(1.0, 50 * (self._counted_at - now))
+            return self._counts

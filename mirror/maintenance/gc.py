@@ -1,0 +1,379 @@
+"""Keeping the store within its budget: access tracking, LRU eviction and garbage collection.
+
+* **Access times** are collected in memory (``upkeep.AccessTracker``) and merged into the index in
+  batches, so serving a manifest costs no disk write.
+* **Eviction** drops the least recently used *cached* images when the store passes the high
+  watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
+  ``cache.unused_for``; and, when a write found the filesystem full, as many as free the room it
+  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest
+  linked to a cached repository; evicting it
+  removes its tags and links, and the objects no retained image references are deleted.  Pushed
+  repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
+  an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
+  served (its file held with a shared ``flock``): see ``storage/growing.py``.  Images used within
+  ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
+  When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a
+  short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
+  for the ``mirror_store_over_budget`` gauge.
+* **Garbage collection** marks from every linked manifest, tag and pin through indexes,
+  manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
+
+One collector runs at a time, across worker processes and the CLI: it holds ``DATA/gc.lock``
+exclusively.  Writers that make a stored object reachable again (a manifest push, a mount)
+hold it shared for that moment, so an object cannot be swept between their check and their
+write.  Objects being served stay readable (the reader holds an open descriptor), fetches and
+uploads in progress live outside ``blobs/``, and the grace period protects objects that are
+stored but not yet referenced (a pushed layer whose manifest is still to come).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..config.sections import CacheConfig, GcConfig
+from ..config.values import human
+from ..metadata.driver import LOCAL, Metadata
+from ..observe.metrics import HELD_REASONS
+from ..spec.manifest import references
+from ..spec.reference import ParseError, parse_digest
+from ..storage.filesystem import Store
+from ..storage.growing import being_served, fills_in_progress
+
+log = logging.getLogger("mirror.maintenance.gc")
+
+
+@contextlib.contextmanager
+def reference_lock(store: Store) -> Iterator[None]:
+    """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
+    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Report:
+    dry_run: bool
+    usage_before: int = 0
+    usage_after: int = 0
+    budget: int | None = None
+    evicted: list[str] = field(default_factory=list)
+    tags_removed: int = 0
+    links_removed: int = 0
+    objects_removed: int = 0
+    bytes_freed: int = 0
+    objects_kept: int = 0
+    seconds: float = 0.0
+    target: int | None = None  # bytes to get down to (the low watermark, or less for room a write wanted)
+    held: dict[str, int] = field(default_factory=dict)  # reason -> bytes, when the target was not reached
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.usage_after > self.budget
+
+    def held_summary(self) -> str:
+        """Why the store stays above its target, e.g. ``store 130.0 MiB stays above its budget
+        (100.0 MiB): 120.0 MiB in open transfers, 10.0 MiB pinned or pushed``."""
+        parts = [f"{human(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
+        line, limit = ("its budget", self.budget) if self.over_budget else ("the low watermark", self.target)
+        return f"store {human(self.usage_after)} stays above {line} ({human(limit or 0)}): " + ", ".join(parts)
+
+    def summary(self) -> str:
+        verb = "would free" if self.dry_run else "freed"
+        budget = f" of a {human(self.budget)} budget" if self.budget else ""
+        return (f"{verb} {self.objects_removed} objects, {human(self.bytes_freed)} "
+                f"({len(self.evicted)} images evicted, {self.tags_removed} tags and {self.links_removed} links "
+                f"removed); store {human(self.usage_before)} -> {human(self.usage_after)}{budget}, "
+                f"{self.objects_kept} objects kept, {self.seconds:.2f}s")
+
+
+@dataclass
+class _State:
+    files: dict[str, tuple[int, float]]          # digest -> (size, mtime) of every object in blobs/
+    manifests: set[str]                          # digests with a manifest record
+    links: dict[str, set[str]]                   # repo -> linked digests
+    tags: dict[str, dict[str, tuple[str, float]]]  # repo -> tag -> (digest, fetched_at)
+    pins: dict[str, set[str]]                    # repo -> pinned manifest digests
+    access: dict[tuple[str, str], float]         # (repo, digest) -> last use
+
+
+class Collector:
+    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig, gc: GcConfig) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.cache = cache
+        self.gc = gc
+        self._refs: dict[str, list[str]] = {}
+        self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
+        #: Bytes the next run should free whatever the budget says: a write found the filesystem full.
+        self.room_wanted = 0
+
+    # -- budget --
+
+    def budget(self) -> int | None:
+        """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store), or None."""
+        limit = self.cache.max_size
+        if isinstance(limit, float):
+            return int(self.store.space().total * limit)
+        return limit or None
+
+    def over_high_watermark(self, usage: int) -> bool:
+        budget = self.budget()
+        return budget is not None and usage > budget * self.cache.high_watermark
+
+    # -- running --
+
+    def run(self, *, dry_run: bool = False, wait: bool = False, resume: bool = False) -> Report | None:
+        """Evict and collect once; None if another collector holds the lock and *wait* is false.
+
+        *resume*: a previous run did not reach the low watermark; evict down to it even if the
+        store is now below the high watermark.
+        """
+        fd = os.open(self.store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            return self._collect(dry_run, resume)
+        finally:
+            os.close(fd)
+
+    def _collect(self, dry_run: bool, resume: bool = False) -> Report:
+        room, self.room_wanted = self.room_wanted, 0
+        started = time.monotonic()
+        now = time.time()
+        counted = self.metadata.usage()  # the running total, as of the scan below
+        state = self._load()
+        self._manifests = state.manifests
+        report = Report(dry_run=dry_run, budget=self.budget())
+        report.usage_before = sum(size for size, _ in state.files.values())
+
+        roots = self._roots(state)
+        evicted, freed_by_eviction = self._choose_evictions(state, roots, report, now, resume, room)
+
+        # Index changes of the eviction: tags, links and access times of the evicted images.
+        tag_removals: list[tuple[str, str]] = []
+        link_removals: set[tuple[str, str]] = set()
+        evicted_in: dict[str, set[str]] = defaultdict(set)  # per repository: one pass, not one per repository
+        for repo, digest in evicted:
+            report.evicted.append(f"{repo}@{digest}")
+            roots[repo].discard(digest)
+            evicted_in[repo].add(digest)
+        for repo, dropped_roots in evicted_in.items():
+            tag_removals += [(repo, tag) for tag, (d, _) in state.tags.get(repo, {}).items() if d in dropped_roots]
+            kept = self._closure_of(roots[repo] | state.pins.get(repo, set()))
+            dropped = self._closure_of(dropped_roots)
+            link_removals |= {(repo, d) for d in dropped - kept if d in state.links.get(repo, set())}
+
+        # Mark from every remaining root; sweep what is unmarked (and old, unless eviction freed it).
+        marked = self._closure_of(set().union(*roots.values()) | set().union(*state.pins.values(), set()))
+        cutoff = now - self.gc.grace
+        doomed = {d for d, (_, mtime) in state.files.items()
+                  if d not in marked and (d in freed_by_eviction or mtime < cutoff)}
+        holders: dict[str, list[str]] = defaultdict(list)
+        for repo, digests in state.links.items():
+            for d in digests & doomed:
+                holders[d].append(repo)
+        for d in doomed:
+            link_removals |= {(repo, d) for repo in holders.get(d, [])}
+
+        report.tags_removed = len(tag_removals)
+        report.links_removed = len(link_removals)
+        report.objects_removed = len(doomed)
+        report.bytes_freed = sum(state.files[d][0] for d in doomed)
+        report.objects_kept = len(state.files) - len(doomed)
+        report.usage_after = report.usage_before - report.bytes_freed
+        if report.held and report.target is not None and report.usage_after <= report.target:
+            report.held = {}  # the collection of old, unreferenced objects made up for it
+        if report.held:
+            # What the collector could not remove, by reason; the rest is unreferenced and young.
+            report.held["grace"] = max(0, report.usage_after - sum(report.held.values()))
+        if not dry_run:
+            self._apply(tag_removals, link_removals, doomed, evicted)
+            # The scan's figure, less what was freed, plus what was committed meanwhile.
+            self.metadata.add_usage(report.usage_after - counted)
+            self.metadata.set_held(report.held)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _apply(self, tags: list[tuple[str, str]], links: set[tuple[str, str]], doomed: set[str],
+               evicted: list[tuple[str, str]]) -> None:
+        # Index first: once nothing points at an object, deleting the file cannot break a reader
+        # that looks it up afterwards (it refetches, or gets a clean 404 for a pushed one).
+        by_repo: dict[str, list[str]] = defaultdict(list)
+        for repo, tag in tags:
+            by_repo[repo].append(tag)
+        for repo, repo_tags in by_repo.items():
+            self.metadata.untag_many(repo, repo_tags)
+        self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
+        for d in doomed:
+            with contextlib.suppress(ParseError):
+                self.store.delete(parse_digest(d))
+            self._refs.pop(d, None)
+
+    # -- the graph --
+
+    def _load(self) -> _State:
+        files = {found.name: (found.size, found.mtime) for found in self.store.objects()}
+        links: dict[str, set[str]] = defaultdict(set)
+        for repo, digest in self.metadata.all_links():
+            links[repo].add(digest)
+        tags: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
+        for repo, tag, record in self.metadata.all_tags():
+            tags[repo][tag] = (record.digest, record.fetched_at)
+        pins: dict[str, set[str]] = defaultdict(set)
+        for repo, digest in self.metadata.pins():
+            pins[repo].add(digest)
+        manifests = set(self.metadata.manifest_digests())
+        return _State(files, manifests, links, tags, pins, self.metadata.access_times())
+
+    def _roots(self, state: _State) -> dict[str, set[str]]:
+        """Per repository, the manifests it holds: linked manifests and tag targets."""
+        roots: dict[str, set[str]] = defaultdict(set)
+        for repo, digests in state.links.items():
+            roots[repo] |= {d for d in digests if d in state.manifests}
+        for repo, repo_tags in state.tags.items():
+            roots[repo] |= {d for d, _ in repo_tags.values()}
+        return roots
+
+    def _references(self, digest: str) -> list[str]:
+        # Only manifests (objects with a manifest record) are read: layers and configs reference
+        # nothing, and a layer may be gigabytes.  An object not stored yet is not remembered as a
+        # leaf: it may be a manifest by the next run.
+        if digest not in self._refs:
+            if digest not in self._manifests:
+                return []
+            try:
+                body = self.store.read_bytes(parse_digest(digest))
+            except ParseError:
+                body = None
+            if body is None:
+                return []
+            self._refs[digest] = [d.digest for d in references(body)]
+        return self._refs[digest]
+
+    def _closure_of(self, roots: set[str]) -> set[str]:
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            d = stack.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            stack.extend(self._references(d))
+        return seen
+
+    def _choose_evictions(self, state: _State, roots: dict[str, set[str]], report: Report, now: float,
+                          resume: bool, room: int = 0) -> tuple[list[tuple[str, str]], set[str]]:
+        """Cached images to evict, least recently used first, and the objects that frees.
+
+        For space: images not in use and not used within ``keep_recent`` down to the low
+        watermark (or further, to free *room* bytes a write found missing), then recently used
+        ones too while the store would stay above the high watermark.  Fills ``report.target``,
+        and ``report.held`` when the target is not reached.
+        """
+        usage = report.usage_before
+        budget = report.budget
+        low = int(budget * self.cache.low_watermark) if budget is not None else None
+        high = budget * self.cache.high_watermark if budget is not None else None
+        over = low is not None and high is not None and (usage > high or resume and usage > low)
+        unused_cutoff = now - self.cache.unused_for if self.cache.unused_for else None
+        target = low if over else None
+        if room:
+            target = usage - room if target is None else min(target, usage - room)
+        if target is None and unused_cutoff is None:
+            return [], set()
+        report.target = target
+
+        candidates: list[tuple[float, str, str]] = []
+        retained_roots: list[str] = []
+        for repo, digests in roots.items():
+            protected = self._closure_of(state.pins.get(repo, set()))
+            tagged_at: dict[str, float] = {}  # digest -> latest fetch of a tag on it (one pass over the tags)
+            for td, t in state.tags.get(repo, {}).values():
+                tagged_at[td] = max(t, tagged_at.get(td, 0.0))
+            for d in digests:
+                if repo.startswith(LOCAL + "/") or d in protected:
+                    retained_roots.append(d)
+                    continue
+                fetched = tagged_at.get(d, 0.0)
+                last_used = max(state.access.get((repo, d), 0.0), fetched,
+                                state.files.get(d, (0, 0.0))[1])
+                candidates.append((last_used, repo, d))
+        for pinned in state.pins.values():
+            retained_roots.extend(pinned)
+        candidates.sort()
+        recent = now - self.cache.keep_recent
+
+        # Objects a retained image reaches are never freed; the rest are freed when the last
+        # candidate image reaching them is evicted.
+        protected_objects = self._closure_of(set(retained_roots))
+        counts: Counter[str] = Counter()
+        for _, _, d in candidates:
+            counts.update(self._closure_of({d}))
+        filling = fills_in_progress(self.store)
+
+        evicted: list[tuple[str, str]] = []
+        freed: set[str] = set()
+        in_use: set[str] = set()  # candidate roots skipped because a transfer is open
+        projected = usage
+
+        def evict(repo: str, d: str) -> None:
+            nonlocal projected
+            evicted.append((repo, d))
+            for x in self._closure_of({d}):
+                counts[x] -= 1
+                if counts[x] == 0 and x not in protected_objects and x in state.files:
+                    freed.add(x)
+                    projected -= state.files[x][0]
+
+        def busy(d: str) -> bool:
+            if d not in in_use and any(x in filling or x in state.files and being_served(self.store, x)
+                                       for x in self._closure_of({d})):
+                in_use.add(d)
+            return d in in_use
+
+        # Oldest first: both reasons stop holding at some point.
+        for last_used, repo, d in candidates:
+            needed = target is not None and projected > target and last_used < recent
+            unused = unused_cutoff is not None and last_used < unused_cutoff
+            if not needed and not unused:
+                break
+            if not busy(d):
+                evict(repo, d)
+        # Still above the high watermark: recently used images go too (never those in use).
+        if over and high is not None and projected > high:
+            chosen = set(evicted)
+            for _last_used, repo, d in candidates:
+                if projected <= high:
+                    break
+                if (repo, d) not in chosen and not busy(d):
+                    evict(repo, d)
+
+        if evicted:
+            log.info("evicting %d cached images (store %s, budget %s)", len(evicted), human(usage),
+                     human(budget) if budget else "none")
+        if over and low is not None and projected > low:
+            gone = {d for _, d in evicted}
+            kept_recent = {d for t, _, d in candidates if d not in gone and d not in in_use and t >= recent}
+
+            def size_of(objects: set[str]) -> int:
+                return sum(state.files[x][0] for x in objects if x in state.files and x not in freed)
+
+            held_in_use = self._closure_of(in_use) - protected_objects
+            held_recent = self._closure_of(kept_recent) - protected_objects - held_in_use
+            report.held = {"in_use": size_of(held_in_use), "recent": size_of(held_recent),
+                           "pinned": size_of(protected_objects)}
+        return evicted, freed
+
+

@@ -1,0 +1,7 @@
+"""The index: what the stored bytes mean (tags, links, manifests, referrers, uploads, pins,
+access times, usage, leases, the generation that invalidates memos).
+
+Owns the metadata driver interface (``driver``) and its diskcache driver (``diskcache``).
+
+May import: ``spec``, ``config``, ``observe``, ``storage`` (for the layout of the data directory).
+"""

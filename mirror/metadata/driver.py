@@ -1,0 +1,286 @@
+"""The metadata driver interface: everything the index keeps, as typed operations.
+
+The index says what the store's bytes mean: which tags point where, which repository may serve
+which digest, what is pinned, uploaded, pushed, when it was last used and how big the store is.
+Every layer above (routes, pull-through, local, referrers, the collector, fsck, metrics) is
+typed against :class:`Metadata`, never against a driver; none of them builds a key.  Drivers:
+
+* ``diskcache`` (:class:`mirror.metadata.diskcache.DiskcacheMetadata`, the default): SQLite in WAL mode
+  under ``DATA/index/``, shared by the worker processes and the CLI of one host.
+
+Every driver passes ``tests/test_metadata_contract.py``.  What it promises besides the shapes:
+
+* **Shared.** Several instances over the same data (worker processes, ``mirror gc``, replicas)
+  see each other's writes; read-modify-writes (a repository's tag list, the catalog, a subject's
+  referrers, the usage count) are atomic across them.
+* **Generation.** :attr:`Metadata.generation` changes whenever the index *withdraws* something
+  (a link, a manifest record, a tag moved or removed) or a repository turns local, and not for
+  additions.  Answers kept in memory (``api/memo.py``) compare it on every lookup, so it must be as
+  cheap as a memory read.  A driver's own withdrawals show when the call returns; another
+  instance's as soon as the driver learns of them (at once for a shared file).
+* **Leases** (:class:`Leases`): exclusive, expiring claims on a name (say, a digest to fetch
+  once), with a fencing token that grows with every grant of it, measured by the driver's clock.
+* Repositories are keys like ``docker.io/library/alpine`` (cached, under their registry) or
+  ``local/<name>`` (pushed to, :func:`local_repo`); digests are ``<algorithm>:<hex>`` strings.
+  Calls block: the server makes writes from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+LOCAL = "local"
+
+
+def local_repo(name: str) -> str:
+    """The index key of a pushed repository."""
+    return f"{LOCAL}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: str
+    media_type: str
+    fetched_at: float  # time.time() when the upstream last confirmed it (pushed: when pushed)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRecord:
+    name: str
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An exclusive claim on *name* by *holder* until *expires* (seconds, the driver's clock).
+
+    *token* is the fencing token: larger than that of every earlier grant of the name, so a
+    holder that lost its lease (paused past the expiry, then taken over) carries a smaller one
+    than its successor, and a write checked against the current lease refuses it.  Holders
+    renew well before their ``ttl`` passes by their own clock and never compare *expires*
+    with it.
+    """
+
+    name: str
+    holder: str
+    token: int
+    expires: float
+
+
+class Generation(Protocol):
+    """A token that changes when the index withdraws something (see the module's docstring)."""
+
+    def read(self) -> bytes:
+        """The token now: a few bytes, compared for equality only; costs a memory read."""
+        ...
+
+
+class TagIndex(Protocol):
+    def get_tag(self, repo: str, tag: str) -> TagRecord | None: ...
+
+    def set_tag(self, repo: str, tag: str, record: TagRecord) -> None:
+        """Point *tag* at a manifest and register *repo* in the catalog; moving it from another
+        digest or media type is a withdrawal (the generation moves)."""
+        ...
+
+    def untag(self, repo: str, tag: str) -> bool:
+        """Forget a tag (the generation moves); False if it was not known."""
+        ...
+
+    def untag_many(self, repo: str, tags: Iterable[str]) -> None:
+        """Forget several tags of one repository at once (eviction); moves the generation unless
+        *tags* is empty."""
+        ...
+
+    def tags(self, repo: str) -> list[str]:
+        """The tags of *repo*, sorted."""
+        ...
+
+    def tags_pointing_to(self, repo: str, digest: str) -> list[str]: ...
+
+    def all_tags(self) -> list[tuple[str, str, TagRecord]]:
+        """Every ``(repo, tag, record)``: a snapshot, for the collector and fsck."""
+        ...
+
+
+class ManifestIndex(Protocol):
+    def get_manifest(self, digest: str) -> ManifestRecord | None: ...
+
+    def put_manifest(self, digest: str, media_type: str, size: int) -> None:
+        """Record that the stored object *digest* is a manifest of *media_type*, *size* bytes."""
+        ...
+
+    def manifest_digests(self) -> list[str]:
+        """Every digest with a manifest record: a snapshot."""
+        ...
+
+    def count_manifests(self) -> int: ...
+
+    def link(self, repo: str, digests: Iterable[str]) -> None:
+        """Let *repo* serve *digests* (manifests and blobs); registers *repo* in the catalog."""
+        ...
+
+    def unlink(self, repo: str, digest: str) -> bool:
+        """Take a digest away from a repository (the generation moves); False if not linked."""
+        ...
+
+    def is_linked(self, repo: str, digest: str) -> bool: ...
+
+    def all_links(self) -> list[tuple[str, str]]:
+        """Every ``(repo, digest)`` link: a snapshot."""
+        ...
+
+
+class RepositoryIndex(Protocol):
+    def repositories(self) -> list[str]:
+        """Every repository key known to the index (tagged, linked or made local), sorted."""
+        ...
+
+    def has_repository(self, repo: str) -> bool: ...
+
+    def mark_local(self, name: str, now: float) -> None:
+        """Make ``local/<name>`` a pushed repository, created at *now*: its requests never go to
+        the upstream again.  The first mark moves the generation; later ones change nothing."""
+        ...
+
+    def is_local(self, name: str) -> bool: ...
+
+
+class ReferrerIndex(Protocol):
+    def add_referrer(self, repo: str, subject: str, descriptor: dict[str, object]) -> None:
+        """Add the descriptor of a manifest whose ``subject`` is *subject* (once per its ``digest``)."""
+        ...
+
+    def remove_referrer(self, repo: str, subject: str, digest: str) -> None: ...
+
+    def referrers(self, repo: str, subject: str) -> list[dict[str, object]]:
+        """Descriptors added for *subject* in *repo*, in the order they were added."""
+        ...
+
+    def put_upstream_referrers(self, repo: str, subject: str, artifact_type: str | None,
+                               descriptors: Iterable[dict[str, Any]], now: float) -> None:
+        """Keep an upstream's complete referrers list (of *artifact_type* only, if it filtered)."""
+        ...
+
+    def upstream_referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[dict[str, Any]] | None:
+        """The upstream's last list that covers *artifact_type* (its filtered list, else the whole one),
+        unfiltered; None if it never answered one."""
+        ...
+
+    def set_referrers_api(self, registry: str, present: bool) -> None: ...
+
+    def referrers_api(self, registry: str) -> bool | None:
+        """Whether *registry* answered the Referrers API when last asked; None if never asked."""
+        ...
+
+
+class PinIndex(Protocol):
+    def pin(self, repo: str, digest: str, now: float | None = None) -> None:
+        """Keep a manifest root (and what it references) in *repo* whatever eviction and GC decide."""
+        ...
+
+    def unpin(self, repo: str, digest: str) -> bool: ...
+
+    def is_pinned(self, repo: str, digest: str) -> bool: ...
+
+    def pins(self) -> list[tuple[str, str]]:
+        """Every pinned ``(repo, digest)``."""
+        ...
+
+
+class UploadIndex(Protocol):
+    def put_upload(self, uuid: str, record: UploadRecord) -> None: ...
+
+    def get_upload(self, uuid: str) -> UploadRecord | None: ...
+
+    def delete_upload(self, uuid: str) -> None: ...
+
+    def upload_ids(self) -> list[str]:
+        """The uuid of every upload record: a snapshot, for fsck."""
+        ...
+
+
+class UpkeepIndex(Protocol):
+    """Non-distributable layers' urls, access times, the byte count, and withdrawals in bulk."""
+
+    def set_foreign_urls(self, digest: str, urls: Iterable[str]) -> None: ...
+
+    def foreign_urls(self, digest: str) -> tuple[str, ...]:
+        """Where a non-distributable layer can be downloaded, as a cached manifest said; () if unknown."""
+        ...
+
+    def record_access(self, seen: Mapping[tuple[str, str], float]) -> None:
+        """Merge a batch of ``{(repo, digest): last used}`` into the index, keeping the later time."""
+        ...
+
+    def access_times(self) -> dict[tuple[str, str], float]:
+        """``{(repo, digest): last used}`` of every manifest served since it was linked: a snapshot."""
+        ...
+
+    def forget(self, *, links: Iterable[tuple[str, str]] = (), manifests: Iterable[str] = (),
+               accesses: Iterable[tuple[str, str]] = ()) -> None:
+        """Withdraw ``(repo, digest)`` links, manifest records and access times in one
+        transaction; the generation moves if any of them was there."""
+        ...
+
+    def add_usage(self, delta: int) -> int:
+        """Adjust the store's byte count (shared by every instance) and return it; atomic."""
+        ...
+
+    def set_usage(self, value: int) -> None: ...
+
+    def usage(self) -> int:
+        """Bytes in the store as counted; 0 before anything was counted."""
+        ...
+
+    def set_held(self, held: dict[str, int]) -> None:
+        """What kept the store above its eviction target at the last collection: reason -> bytes."""
+        ...
+
+    def held(self) -> dict[str, int]: ...
+
+
+class Leases(Protocol):
+    """Exclusive, expiring claims on names, with fencing tokens (see :class:`Lease`).
+
+    A name is free when no lease on it was granted, or the last one was released or expired by
+    the driver's clock.  Tokens come from one counter that only grows (a sequence), so they grow
+    per name across releases and expiries too.
+    """
+
+    def take_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        """Claim *name* for *ttl* seconds if it is free; None while someone (*holder* too) holds it."""
+        ...
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend a lease still held to *ttl* seconds from now (same token); None if it expired or
+        was taken over: the holder must stop acting under it."""
+        ...
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give the name up if *lease* is still its latest grant; True if it had not expired."""
+        ...
+
+    def current_lease(self, name: str) -> Lease | None:
+        """The unexpired lease on *name* (who holds it, its token), or None if it is free."""
+        ...
+
+
+class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
+               Leases, Protocol):
+    """The whole index, as one driver keeps it (see the module's docstring)."""
+
+    @property
+    def generation(self) -> Generation:
+        """Changes on every withdrawal, by any instance over the same data."""
+        ...
+
+    def close(self) -> None: ...

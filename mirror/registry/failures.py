@@ -1,0 +1,26 @@
+"""Upstream failures as the client's API errors, when nothing cached can answer instead.
+
+The one place the pull-through policy (``registry/pullthrough.py``) maps the upstream client's error tree
+(``upstream/client.py``) onto the spec's error codes (``spec/errors.py``).
+"""
+
+from __future__ import annotations
+
+from ..spec.errors import APIError
+from ..upstream.errors import UpstreamDenied, UpstreamError, UpstreamInvalid, UpstreamNotFound, UpstreamRateLimited
+
+
+def api_error(exc: UpstreamError, not_found: str) -> APIError:
+    """The client-facing error for an upstream failure with nothing cached to fall back on."""
+    if isinstance(exc, UpstreamNotFound):
+        code = exc.code if exc.code in {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} else not_found
+        return APIError(code)
+    if isinstance(exc, UpstreamRateLimited):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
+        return APIError("TOOMANYREQUESTS", "upstream rate limit reached and no cached copy", headers=headers)
+    if isinstance(exc, UpstreamDenied):
+        return APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
+                                               "or needs credentials")
+    if isinstance(exc, UpstreamInvalid):
+        return APIError("UNAVAILABLE", "upstream sent an invalid answer", detail=str(exc), status=502)
+    return APIError("UNAVAILABLE", detail=str(exc))

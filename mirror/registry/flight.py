@@ -1,0 +1,45 @@
+"""Single flight: concurrent callers asking for the same thing share one execution of the work.
+
+Within one process only; across worker processes a blob fetch is shared through its temp file
+(``storage/fill.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[K, T]):
+    """The executions in progress, by key."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[K, asyncio.Future[T]] = {}
+
+    async def run(self, key: K, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """Concurrent callers with the same key share one execution of ``work``: its result, and
+        whether this caller followed another one's.  A cancelled execution cancels its followers;
+        an exception reaches them all."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending), True
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
+        self._inflight[key] = future
+        try:
+            result = await work()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+            raise
+        else:
+            future.set_result(result)
+            return result, False
+        finally:
+            del self._inflight[key]

@@ -1,0 +1,354 @@
+"""The private registry: pushed repositories, manifest puts, mounts, deletes and referrers.
+
+A repository that was pushed to is *local*: it is filed under ``local/<name>`` in the index,
+served from the store only (a pull never falls through to the upstream for it) and pinned.
+Cached repositories share the store (a layer pulled from the upstream can be mounted into a
+pushed repository without a second copy) but never their index entries.
+
+:class:`LocalRepository` is one pushed repository (or one about to be: its first write makes
+it local) as a :class:`~mirror.registry.repository.Repository`; blob uploads are ``registry/uploads.py``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anyio.to_thread
+
+from ..config.sections import Config, PushConfig
+from ..maintenance.gc import reference_lock
+from ..metadata.diskcache import LOCAL, Metadata, TagRecord, local_repo
+from ..observe.metrics import Metrics
+from ..spec.errors import APIError
+from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
+from ..spec.pushed import (
+    check_manifest,
+    manifest_document,
+    manifest_media_type,
+    referrer_descriptor,
+    required_digests,
+    subject_digest,
+)
+from ..spec.reference import Digest, ParseError, parse_digest, parse_name
+from ..storage.driver import BlobReader
+from ..storage.filesystem import Store
+from ..storage.refusals import refusal
+from .repository import (
+    BlobHead,
+    BlobResult,
+    ManifestResult,
+    Outcome,
+    PushedManifest,
+    ReferrersResult,
+    TagsPage,
+    UploadState,
+    paginate,
+    read_limited,
+)
+from .uploads import Uploads
+
+log = logging.getLogger("mirror.registry.local")
+
+#: HTTP status of a write the store cannot take (RFC 4918 section 11.5, "Insufficient Storage").
+INSUFFICIENT_STORAGE = 507
+
+
+class LocalRegistry:
+    def __init__(self, store: Store, metadata: Metadata, config: Config,
+                 canonical_name: Callable[[str], str], *, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.config = config
+        self.canonical_name = canonical_name
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self.uploads = Uploads(store, metadata, config.push.upload_ttl, self.metrics)
+
+    # -- naming --
+
+    def is_local(self, name: str) -> bool:
+        return self.metadata.is_local(name)
+
+    def repo_key(self, name: str) -> str:
+        """The index key of a repository: local if pushed to, else the upstream's cache."""
+        if self.metadata.is_local(name):
+            return local_repo(name)
+        first, _, rest = name.partition("/")
+        if rest and first in {u.registry for u in self.config.upstreams[1:]}:
+            return name  # another upstream's repository, named with its registry prefix
+        return f"{self.config.upstream.registry}/{self.canonical_name(name)}"
+
+    def catalog_name(self, repo: str) -> str:
+        """A repository's name as clients see it, from its index key."""
+        prefix, _, rest = repo.partition("/")
+        if prefix == LOCAL:
+            return rest
+        if prefix == self.config.upstream.registry:
+            return rest
+        return repo
+
+    def takes_pushes(self, name: str) -> bool:
+        """Would a push to *name* be accepted by the namespace policy (``push.enabled``, ``push.prefixes``)?"""
+        return self.config.push.enabled and self.config.push.allows(name)
+
+    @contextlib.contextmanager
+    def storing(self) -> Iterator[None]:
+        """Turn a write the store's filesystem refuses (full, over quota, read-only) into a
+        ``507`` ``UNAVAILABLE`` error, after the state it had before the write was kept."""
+        try:
+            yield
+        except APIError:
+            raise
+        except Exception as exc:
+            reason = refusal(exc)
+            if reason is None:
+                raise
+            self.store.refused(exc, None)
+            raise APIError("UNAVAILABLE", "the registry's storage cannot take this write",
+                           detail=f"store is full or read-only: {reason}", status=INSUFFICIENT_STORAGE) from exc
+
+    def check_push(self, name: str) -> None:
+        """Refuse a push the policy does not allow; make the repository local otherwise."""
+        push = self.config.push
+        if (refused := push_refusal(push, name)) is not None:
+            raise refused
+        if self.metadata.is_local(name):
+            return
+        if self.metadata.has_repository(self.repo_key(name)) and not push.over_cache:
+            raise APIError("DENIED", f"{name} is a cache of the upstream registry; push to another name")
+        self.metadata.mark_local(name, time.time())
+
+    # -- reads of local repositories --
+
+    async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        repo = local_repo(name)
+        if isinstance(reference, Digest):
+            found = await self._read_manifest(repo, str(reference))
+        else:
+            record = self.metadata.get_tag(repo, reference)
+            found = await self._read_manifest(repo, record.digest) if record else None
+        if found is None:
+            raise APIError("MANIFEST_UNKNOWN", detail={"name": name, "reference": str(reference)})
+        if not isinstance(reference, Digest) and found.media_type in INDEX_TYPES and accept \
+                and not accept & (INDEX_TYPES | {"*/*"}) and accept & set(MANIFEST_MEDIA_TYPES):
+            child = platform_manifest(found.body)
+            child_found = await self._read_manifest(repo, child.digest) if child else None
+            if child_found is None:
+                raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
+            return child_found
+        return found
+
+    async def _read_manifest(self, repo: str, digest: str) -> ManifestResult | None:
+        record = self.metadata.get_manifest(digest)
+        if record is None or not self.metadata.is_linked(repo, digest):
+            return None
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            return None
+        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        # Given again from memory until the index moves (a push, a delete): nothing else changes it.
+        return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True)
+
+    async def open_blob(self, name: str, digest: Digest) -> BlobReader:
+        if self.metadata.is_linked(local_repo(name), str(digest)):
+            stored = await anyio.to_thread.run_sync(self.store.open, digest)
+            if stored is not None:
+                return stored
+        raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+
+    async def blob_size(self, name: str, digest: Digest) -> int:
+        if self.metadata.is_linked(local_repo(name), str(digest)):
+            size = await anyio.to_thread.run_sync(self.store.size, digest)
+            if size is not None:
+                return size
+        raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+
+    def tags(self, name: str) -> list[str]:
+        return self.metadata.tags(local_repo(name))
+
+    # -- mounts --
+
+    def mount(self, name: str, digest: Digest, source: str) -> bool:
+        """Link a blob another repository holds into *name*; False when it cannot be mounted."""
+        try:
+            source = parse_name(source)
+        except ParseError:
+            return False
+        key = str(digest)
+        with reference_lock(self.store):
+            if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
+                return False
+            self.metadata.link(local_repo(name), [key])
+            self.store.touch(digest)  # young again: the grace period covers the manifest to come
+        self.metrics.mounted()
+        return True
+
+    # -- manifests --
+
+    async def put_manifest(self, name: str, reference: str | Digest, content_type: str,
+                           body: bytes) -> tuple[str, str | None]:
+        """Validate and store a pushed manifest; return its digest and its subject (if any)."""
+        repo = local_repo(name)
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise APIError("MANIFEST_INVALID", f"manifest is larger than {MAX_MANIFEST_BYTES} bytes", status=413)
+        digest = Digest.of(body, reference.algorithm if isinstance(reference, Digest) else "sha256")
+        if isinstance(reference, Digest) and digest != reference:
+            raise APIError("DIGEST_INVALID", detail=f"manifest digest is {digest}, not {reference}")
+        doc = manifest_document(body)
+        media_type = manifest_media_type(content_type, doc)
+        subject = check_manifest(doc, media_type)
+        descriptor = referrer_descriptor(doc, media_type, str(digest), len(body)) if subject else None
+
+        def save() -> None:
+            with reference_lock(self.store):  # the collector must not sweep what was just checked
+                if missing := [d for d in required_digests(doc, media_type) if not self._present(repo, d)]:
+                    raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
+                self._save_manifest(repo, reference, digest, body, media_type, subject, descriptor)
+
+        await anyio.to_thread.run_sync(save)
+        return str(digest), subject
+
+    def _save_manifest(self, repo: str, reference: str | Digest, digest: Digest, body: bytes, media_type: str,
+                       subject: str | None, descriptor: dict[str, Any] | None) -> None:
+        self.store.put_bytes(digest, body)
+        self.metadata.put_manifest(str(digest), media_type, len(body))
+        self.metadata.link(repo, [str(digest)])
+        if subject and descriptor:
+            self.metadata.add_referrer(repo, subject, descriptor)
+        if not isinstance(reference, Digest):
+            self.metadata.set_tag(repo, reference, TagRecord(str(digest), media_type, time.time()))
+
+    def _present(self, repo: str, digest: str) -> bool:
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            return False
+        return self.metadata.is_linked(repo, digest) and self.store.size(parsed) is not None
+
+    # -- deletes --
+
+    async def delete_manifest(self, name: str, reference: str | Digest) -> None:
+        self._check_delete()
+        repo = self.repo_key(name)
+        if not isinstance(reference, Digest):
+            if not await anyio.to_thread.run_sync(self.metadata.untag, repo, reference):
+                raise APIError("MANIFEST_UNKNOWN", detail={"tag": reference})
+            return
+        key = str(reference)
+        if self.metadata.get_manifest(key) is None or not self.metadata.is_linked(repo, key):
+            raise APIError("MANIFEST_UNKNOWN", detail={"digest": key})
+        body = await anyio.to_thread.run_sync(self.store.read_bytes, reference)
+
+        def forget() -> None:
+            for tag in self.metadata.tags_pointing_to(repo, key):
+                self.metadata.untag(repo, tag)
+            subject = subject_digest(body) if body else None
+            if subject:
+                self.metadata.remove_referrer(repo, subject, key)
+            self.metadata.unlink(repo, key)
+
+        await anyio.to_thread.run_sync(forget)
+
+    async def delete_blob(self, name: str, digest: Digest) -> None:
+        self._check_delete()
+        if not await anyio.to_thread.run_sync(self.metadata.unlink, self.repo_key(name), str(digest)):
+            raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+
+    def _check_delete(self) -> None:
+        if not self.config.delete.enabled:
+            raise APIError("UNSUPPORTED", "deletes are disabled on this registry")
+
+    # -- referrers --
+
+    def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
+        found = [dict(d) for d in self.metadata.referrers(self.repo_key(name), str(subject))]
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+        return found
+
+
+def push_refusal(push: PushConfig, name: str) -> APIError | None:
+    """The error for a push to *name* the namespace policy refuses (``push.enabled``,
+    ``push.prefixes``), or None when it takes it."""
+    if not push.enabled:
+        return APIError("UNSUPPORTED", "push is disabled on this registry")
+    if not push.allows(name):
+        return APIError("DENIED", f"push to {name} is not allowed here",
+                        detail={"allowed_prefixes": list(push.prefixes)})
+    return None
+
+
+class LocalRepository:
+    """A pushed repository as a :class:`~mirror.registry.repository.Repository`; every answer is ``LOCAL``.
+
+    Bound to a name that is local, or that a push may make local: each write first passes
+    :meth:`LocalRegistry.check_push`, and a write the store's filesystem refuses is a ``507``
+    (:meth:`LocalRegistry.storing`).
+    """
+
+    def __init__(self, local: LocalRegistry, name: str) -> None:
+        self.local = local
+        self.name = name
+
+    async def manifest(self, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        return await self.local.manifest(self.name, reference, accept)
+
+    async def manifest_head(self, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        return await self.manifest(reference, accept)
+
+    async def blob_head(self, digest: Digest) -> BlobHead:
+        return BlobHead(await self.local.blob_size(self.name, digest), Outcome.LOCAL)
+
+    async def blob(self, digest: Digest) -> BlobResult:
+        return BlobResult(await self.local.open_blob(self.name, digest), Outcome.LOCAL)
+
+    async def tags(self, n: int | None, last: str | None) -> TagsPage:
+        return TagsPage(*paginate(self.local.tags(self.name), n, last), Outcome.LOCAL)
+
+    async def referrers(self, digest: Digest, artifact_type: str | None) -> ReferrersResult:
+        return ReferrersResult(self.local.referrers(self.name, digest, artifact_type), Outcome.LOCAL)
+
+    async def put_manifest(self, reference: str | Digest, content_type: str, body: AsyncIterator[bytes],
+                           declared_length: str | None) -> PushedManifest:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            data = await read_limited(body, declared_length, MAX_MANIFEST_BYTES)
+            return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
+
+    async def delete_manifest(self, reference: str | Digest) -> None:
+        await self.local.delete_manifest(self.name, reference)
+
+    async def delete_blob(self, digest: Digest) -> None:
+        await self.local.delete_blob(self.name, digest)
+
+    async def start_upload(self) -> UploadState:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            return await self.local.uploads.start(self.name)
+
+    async def mount(self, digest: Digest, source: str) -> bool:
+        with self.local.storing():
+            self.local.check_push(self.name)
+            mounted: bool = await anyio.to_thread.run_sync(self.local.mount, self.name, digest, source)
+            return mounted
+
+    async def upload_status(self, uuid: str) -> UploadState:
+        with self.local.storing():
+            return await self.local.uploads.status(self.name, uuid)
+
+    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None) -> UploadState:
+        with self.local.storing():
+            return await self.local.uploads.append(self.name, uuid, body, content_range)
+
+    async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
+                     content_range: str | None = None) -> None:
+        with self.local.storing():
+            await self.local.uploads.finish(self.name, uuid, digest, body, content_range)
+
+    async def cancel(self, uuid: str) -> None:
+        with self.local.storing():
+            await self.local.uploads.cancel(self.name, uuid)

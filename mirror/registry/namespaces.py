@@ -1,0 +1,64 @@
+"""Which repository a request's name is: a pushed one, or the cache of which upstream.
+
+Built once at start-up (``server/app.py``) and reached as ``request.state.namespaces``; the routes ask
+it for a :class:`~mirror.registry.repository.Repository` bound to the name and never look further.
+
+* A name that was pushed to is local (``registry/local.py``), whatever upstream it might also name.
+* Any other name is the cache of an upstream (``registry/cached.py``): the registry containerd names in
+  ``?ns=`` (Docker Hub by any of its host names), else the registry a prefix of the name names
+  when one is configured (``/v2/ghcr.io/org/app/...`` is ``org/app`` there), else the default
+  upstream.  Names under ``push.prefixes`` take pushes; the first one makes them local.
+"""
+
+from __future__ import annotations
+
+from ..spec.errors import APIError
+from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+from .cached import CachedRepository
+from .local import LocalRegistry, LocalRepository
+from .pullthrough import PullThrough
+from .repository import Repository
+
+
+class Namespaces:
+    """The repositories of this registry, by name; one per app, shared by its requests."""
+
+    def __init__(self, local: LocalRegistry, pulls: dict[str, PullThrough], default: str) -> None:
+        """*pulls*: the pull-through policy of each configured upstream, by registry host (Docker
+        Hub as ``docker.io``); *default*: the registry of names that do not say."""
+        self.local = local
+        self.pulls = pulls
+        self.default = pulls[default]
+
+    def repository(self, name: str, ns: str | None = None) -> Repository:
+        """The repository *name* (already validated) is, for a request with ``?ns=`` *ns*.
+
+        Raises ``NAME_UNKNOWN`` when *ns* names a registry that is not configured (checked first,
+        for pushed repositories too).
+        """
+        pull, upstream_name = self.upstream_for(name, ns)
+        if self.local.is_local(name):
+            return LocalRepository(self.local, name)
+        return CachedRepository(pull, upstream_name, name, self.local)
+
+    def catalog(self) -> list[str]:
+        """Every repository's name as clients write it, sorted (pushed and cached alike)."""
+        return sorted({self.local.catalog_name(repo) for repo in self.local.metadata.repositories()})
+
+    def upstream_for(self, name: str, ns: str | None = None) -> tuple[PullThrough, str]:
+        """The upstream a name is for, and the name to ask it for.
+
+        containerd names the registry in ``?ns=``; other clients can prefix the repository with it
+        (``/v2/ghcr.io/org/app/...``); anything else goes to the default upstream.
+        """
+        if ns:
+            registry = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
+            if registry in self.pulls:
+                return self.pulls[registry], name
+            raise APIError("NAME_UNKNOWN", f"no upstream is configured for {ns}", detail={"ns": ns})
+        first, _, rest = name.partition("/")
+        if rest and ("." in first or ":" in first):
+            registry = DOCKER_HUB if first in DOCKER_HUB_ALIASES else first
+            if registry in self.pulls:
+                return self.pulls[registry], rest
+        return self.default, name

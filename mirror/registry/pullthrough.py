@@ -1,0 +1,391 @@
+"""The pull-through policy: what to answer from the store, what to ask the upstream, and when.
+
+* A digest is immutable: served from the store without asking the upstream.
+* A tag is fresh for ``cache.tag_ttl``; then it is revalidated with a HEAD (free under
+  Docker Hub's pull limit) and its manifest fetched again only if the digest changed.
+* A missing blob is fetched once, however many requests want it (``storage/fill.py``), and every
+  reader streams it while it arrives.
+* When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
+* Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
+  ``upstream.foreign_layers: fetch``; by default they are the client's business (containerd).
+* When the store cannot take what was fetched (full, over quota, read-only), the upstream's
+  bytes are served all the same, verified but not stored (``BYPASS``).
+
+A repository may serve a stored object only if it is *linked* to it: the object was fetched
+for that repository, or is referenced by a manifest that was.  This is the only layer that
+turns store and upstream errors into API errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import anyio.to_thread
+
+from ..maintenance.gc import reference_lock
+from ..maintenance.upkeep import AccessTracker
+from ..metadata.diskcache import Metadata, TagRecord
+from ..spec.errors import APIError
+from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
+from ..spec.reference import Digest, ParseError, parse_digest
+from ..storage.bypass import BypassBlob
+from ..storage.filesystem import Store
+from ..storage.fill import Fills
+from ..storage.growing import GrowingBlob
+from ..storage.refusals import refusal
+from ..upstream.answers import Manifest
+from ..upstream.client import Upstream
+from ..upstream.errors import (
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from .failures import api_error
+from .flight import SingleFlight
+from .referrers import UpstreamReferrers, referrer_of
+from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
+
+log = logging.getLogger("mirror.registry.pullthrough")
+#: Bytes of manifest bodies kept in memory per process.
+MANIFEST_MEMORY = 8 << 20
+#: Repositories remembered as pulled from while the store could not record them.
+UNRECORDED_KEPT = 1024
+
+
+class PullThrough:
+    def __init__(self, store: Store, metadata: Metadata, fills: Fills, upstream: Upstream,
+                 tag_ttl: float, registry: str) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.fills = fills
+        self.upstream = upstream
+        self.tag_ttl = tag_ttl
+        self.registry = registry
+        self._flights: SingleFlight[tuple[str, str], ManifestResult] = SingleFlight()
+        #: Where served manifests are recorded as used (for LRU eviction); set by the app.
+        self.access: AccessTracker | None = None
+        self._stale_logged: set[str] = set()
+        # Repositories pulled from while the store took no writes (so not recorded), newest last.
+        self._unrecorded: dict[str, None] = {}
+        # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
+        self._bodies: dict[str, bytes] = {}
+        self._bodies_size = 0
+        self._referrers = UpstreamReferrers(metadata, upstream, registry)
+
+    def _repo(self, name: str) -> str:
+        return f"{self.registry}/{name}"
+
+    # -- manifests --
+
+    async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        result = await self._manifest(self.upstream.canonical_name(name), reference, accept)
+        if self.access is not None:
+            self.access.touch(self._repo(self.upstream.canonical_name(name)), result.digest)
+        return result
+
+    def toucher(self, name: str, digest: str) -> Callable[[], None] | None:
+        """What :meth:`manifest` records about a use of *digest*, to repeat for answers kept elsewhere."""
+        access = self.access
+        if access is None:
+            return None
+        repo = self._repo(self.upstream.canonical_name(name))
+        return lambda: access.touch(repo, digest)
+
+    async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(name, reference)
+        result = _followed(await self._flights.run(("tag", f"{name}:{reference}"),
+                                                     lambda: self._manifest_by_tag(name, reference)))
+        if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
+                and accept & set(MANIFEST_MEDIA_TYPES):
+            # An old client that cannot read an index gets the linux/amd64 image, as registries do.
+            child = platform_manifest(result.body)
+            if child is None:
+                raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
+            return await self._manifest_by_digest(name, _digest(child.digest))
+        return result
+
+    async def _manifest_by_tag(self, name: str, tag: str) -> ManifestResult:
+        repo = self._repo(name)
+        record = self.metadata.get_tag(repo, tag)
+        cached = await self._stored_manifest(record.digest) if record else None
+        if record is not None and cached is not None:
+            if time.time() - record.fetched_at < self.tag_ttl:
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      record.fetched_at + self.tag_ttl)
+            if self.metadata.is_pinned(repo, record.digest):
+                # Preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                      time.time() + self.tag_ttl)
+            checked = time.time()
+            try:
+                head = await self.upstream.head_manifest(name, tag)
+            except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
+                self._log_stale(f"{repo}:{tag}", exc)
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
+            except UpstreamNotFound as exc:
+                raise api_error(exc, "MANIFEST_UNKNOWN") from exc
+            self._stale_logged.discard(f"{repo}:{tag}")
+            if head.digest == record.digest:
+                def refresh() -> bool:
+                    with reference_lock(self.store):  # the collector may have evicted it meanwhile
+                        if not self.store.exists(_digest(record.digest)):
+                            return False
+                        self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
+                        return True
+
+                try:
+                    refreshed = await anyio.to_thread.run_sync(refresh)
+                except Exception as exc:
+                    if refusal(exc) is None:
+                        raise
+                    refreshed = True  # still stored, still the upstream's: only its check time is not saved
+                if refreshed:
+                    return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
+                                          checked + self.tag_ttl)
+        checked = time.time()
+        try:
+            manifest = await self.upstream.get_manifest(name, tag)
+        except UpstreamError as exc:
+            if record is not None and cached is not None and not isinstance(exc, UpstreamNotFound):
+                # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).
+                self._log_stale(f"{repo}:{tag}", exc)
+                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
+            raise api_error(exc, "MANIFEST_UNKNOWN") from exc
+        saved = await self._save_manifest(repo, manifest, tag)
+        return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
+                              Outcome.MISS if saved else Outcome.BYPASS, checked + self.tag_ttl if saved else None)
+
+    async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
+        repo = self._repo(name)
+        key = str(digest)
+        record = self.metadata.get_manifest(key)
+        if record is not None and self.metadata.is_linked(repo, key):
+            body = await self._stored_manifest(key)
+            if body is not None:
+                return ManifestResult(body, record.media_type, key, Outcome.HIT)
+
+        async def fetch() -> ManifestResult:
+            try:
+                manifest = await self.upstream.get_manifest(name, digest)
+            except UpstreamError as exc:
+                raise api_error(exc, "MANIFEST_UNKNOWN") from exc
+            saved = await self._save_manifest(repo, manifest, None)
+            return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
+
+        return _followed(await self._flights.run(("digest", f"{name}@{key}"), fetch))
+
+    async def _stored_manifest(self, digest: str) -> bytes | None:
+        """A stored manifest's bytes; recently read ones come from memory (under load a thread hop
+        per request waits for the GIL and costs more than the rest of the request)."""
+        body = self._bodies.get(digest)
+        if body is not None:
+            return body
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            return None
+        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        if body is not None and digest not in self._bodies:
+            self._bodies[digest] = body
+            self._bodies_size += len(body)
+            while self._bodies_size > MANIFEST_MEMORY:
+                self._bodies_size -= len(self._bodies.pop(next(iter(self._bodies))))
+        return body
+
+    async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
+        """Store a fetched manifest and record it; False when the store refused it (it is served
+        all the same: the upstream layer verified it against its digest)."""
+        key = str(manifest.digest)
+        refs = references(manifest.body)
+        linked = [key, *(d.digest for d in refs)]
+        referrer = referrer_of(manifest.body, manifest.media_type, key)
+        foreign = [d for d in refs if d.urls and is_nondistributable(d.media_type)]
+
+        def save() -> bool:
+            with reference_lock(self.store):  # not while the collector decides what is unreferenced
+                try:
+                    self.store.put_bytes(manifest.digest, manifest.body)
+                    self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
+                    for d in foreign:
+                        self.metadata.set_foreign_urls(d.digest, d.urls)
+                    self.metadata.link(repo, linked)
+                    if referrer is not None:  # known even when the upstream is not
+                        self.metadata.add_referrer(repo, *referrer)
+                    if tag is not None:
+                        self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
+                except Exception as exc:
+                    if (reason := refusal(exc)) is None:
+                        raise
+                    # What got stored unrecorded is swept by the collector after its grace period.
+                    log.warning("store refused manifest %s (%s): served without storing it", key, reason)
+                    self.store.refused(exc, len(manifest.body))
+                    return False
+                return True
+
+        saved = await anyio.to_thread.run_sync(save)
+        if not saved:
+            self._pulled_unrecorded(repo)
+        return saved
+
+    # -- blobs --
+
+    async def blob_head(self, name: str, digest: Digest, *, pushable: bool = False) -> BlobHead:
+        """Whether the repository has the blob, and its size: from the store, else a HEAD upstream
+        (nothing is fetched).
+
+        *pushable* names a repository this registry takes pushes for.  If nothing was ever pulled
+        from it, a HEAD there is a pusher checking what it must upload (dockerd asks before its
+        first upload makes the repository local): it is answered here, since the upstream's answer
+        would make it skip uploads this registry does not have, and leak private names.
+        """
+        name = self.upstream.canonical_name(name)
+        key = str(digest)
+        if self.metadata.is_linked(self._repo(name), key):
+            size = await anyio.to_thread.run_sync(self.store.size, digest)
+            if size is not None:
+                return BlobHead(size, Outcome.HIT)
+        if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
+            raise APIError("BLOB_UNKNOWN", detail={"digest": key})
+        urls = self._foreign_urls(name, key)
+        try:
+            size = await (self.upstream.head_foreign_blob(urls, digest) if urls
+                          else self.upstream.head_blob(name, digest))
+        except UpstreamError as exc:
+            raise self._blob_error(exc, name, key) from exc
+        if size is None:
+            raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
+        return BlobHead(size, Outcome.MISS)
+
+    async def blob(self, name: str, digest: Digest) -> BlobResult:
+        """The blob's bytes: from the store, or streaming in from the upstream."""
+        name = self.upstream.canonical_name(name)
+        repo, key = self._repo(name), str(digest)
+        linked = self.metadata.is_linked(repo, key)
+        consented = False
+        if linked:
+            stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
+            if stored is not None:
+                return BlobResult(stored, Outcome.HIT)
+        elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:
+            # Stored for another repository: serve it here only if the upstream has it here too.
+            await self._consent(name, digest)
+            consented = True
+        urls = self._foreign_urls(name, key)
+        try:
+            source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
+                                           else lambda: self.upstream.blob(name, digest))
+        except UpstreamError as exc:
+            raise self._blob_error(exc, name, key) from exc
+        if isinstance(source, BypassBlob):
+            self._pulled_unrecorded(repo)
+            return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
+        if isinstance(source, GrowingBlob) and source.verified and not linked and not consented:
+            # Fetched for another repository and verified, only not yet moved into the store: the same.
+            try:
+                await self._consent(name, digest)
+            except APIError:
+                source.close()
+                raise
+        try:
+            await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
+        except Exception as exc:
+            if refusal(exc) is None:
+                source.close()
+                raise
+            # Served all the same; the next request finds it stored and links it then.
+            log.warning("index refused a link of %s to %s: %s", key, repo, exc)
+        if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
+            return BlobResult(source, Outcome.HIT)
+        return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
+        """The error for a blob the upstream did not give; for a non-distributable layer left to
+        clients (``foreign_layers: skip``) its detail says where it is and what would fetch it."""
+        error = api_error(exc, "BLOB_UNKNOWN")
+        if (isinstance(exc, UpstreamNotFound) and self.upstream.config.foreign_layers == "skip"
+                and self.metadata.is_linked(self._repo(name), digest)
+                and (urls := self.metadata.foreign_urls(digest))):
+            return APIError("BLOB_UNKNOWN", "non-distributable layer: fetch it from its urls, or set "
+                            "upstream.foreign_layers: fetch for clients that do not (dockerd)",
+                            detail={"digest": digest, "urls": list(urls)})
+        return error
+
+    async def _consent(self, name: str, digest: Digest) -> None:
+        """The upstream has the blob in this repository too (a HEAD), or the client's error."""
+        try:
+            await self.upstream.head_blob(name, digest)
+        except UpstreamError as exc:
+            raise api_error(exc, "BLOB_UNKNOWN") from exc
+
+    def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
+        """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
+        (else, or for any other blob, ``()``: the upstream is asked, as for every blob)."""
+        if self.upstream.config.foreign_layers != "fetch" or not self.metadata.is_linked(self._repo(name), digest):
+            return ()
+        return self.metadata.foreign_urls(digest)
+
+    # -- tags --
+
+    async def tags(self, name: str, n: int | None, last: str | None) -> TagsPage:
+        """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
+        distribution spec, "Listing Tags"), whether more follow, and how it was served.
+
+        The upstream's whole list (it pages it its own way, see :meth:`Upstream.tags`) plus the
+        tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``).
+        """
+        name = self.upstream.canonical_name(name)
+        try:
+            listed = await self.upstream.tags(name)
+        except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
+            local = self.metadata.tags(self._repo(name))
+            if not local:
+                raise api_error(exc, "NAME_UNKNOWN") from exc
+            self._log_stale(f"{self._repo(name)} tags", exc)
+            return TagsPage(*paginate(local, n, last), Outcome.STALE)
+        # Add the tags cached here (the upstream may have dropped some).
+        tags = set(listed).union(self.metadata.tags(self._repo(name)))
+        return TagsPage(*paginate(sorted(tags), n, last), Outcome.MISS)
+
+    # -- referrers --
+
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> ReferrersResult:
+        """Referrers of a digest as the upstream lists them, or as known when it cannot (``registry/referrers.py``)."""
+        name = self.upstream.canonical_name(name)
+        answer = await self._referrers.list(self._repo(name), name, digest, artifact_type)
+        return ReferrersResult(answer.manifests, Outcome.STALE if answer.stale else Outcome.MISS)
+
+    # -- helpers --
+
+    def _pulled_unrecorded(self, repo: str) -> None:
+        """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream
+        (see :meth:`blob_head`), as after any pull.  Kept in memory, the last :data:`UNRECORDED_KEPT`."""
+        self._unrecorded.pop(repo, None)
+        self._unrecorded[repo] = None
+        while len(self._unrecorded) > UNRECORDED_KEPT:
+            self._unrecorded.pop(next(iter(self._unrecorded)), None)
+
+    def _log_stale(self, key: str, exc: Exception) -> None:
+        if key not in self._stale_logged:
+            self._stale_logged.add(key)
+            log.warning("upstream failed for %s, serving the cached copy: %s", key, exc)
+
+
+def _followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
+    """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
+    result, joined = shared
+    return dataclasses.replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS \
+        else result
+
+
+def _digest(value: str) -> Digest:
+    try:
+        return parse_digest(value)
+    except ParseError as exc:
+        raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc

@@ -1,0 +1,222 @@
+"""Blob uploads of pushed repositories (distribution-spec, "Pushing blobs").
+
+Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can
+be continued by any worker process and after a restart.  Requests on one upload are
+serialised with ``flock`` on its file.  Finishing an upload verifies the digest (with the
+hash kept while the chunks arrived when this process saw them all, else by reading the file)
+before the file is moved into the store, like every other ingest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio.to_thread
+
+from ..metadata.diskcache import Metadata, UploadRecord, local_repo
+from ..observe.metrics import Metrics
+from ..spec.errors import APIError
+from ..spec.reference import Digest
+from ..storage.driver import DigestMismatch
+from ..storage.filesystem import Store
+from ..storage.layout import new_upload_id
+from ..storage.refusals import refusal
+from .repository import UploadState
+
+WRITE_BATCH = 1024 * 1024
+
+
+def upload_headers(name: str, uuid: str, offset: int) -> dict[str, str]:
+    """Where an upload of repository *name* continues and what it holds (``Range``, inclusive)."""
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{uuid}",
+        "Docker-Upload-UUID": uuid,
+        "Range": f"0-{max(offset - 1, 0)}",
+    }
+
+
+class Uploads:
+    """The uploads in progress, by uuid; each belongs to the repository name it was started for."""
+
+    def __init__(self, store: Store, metadata: Metadata, upload_ttl: float, metrics: Metrics) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.upload_ttl = upload_ttl
+        self.metrics = metrics
+        # uuid -> (offset, hasher) while this process has seen every byte of the upload.
+        self._hashers: dict[str, tuple[int, Any]] = {}
+
+    async def start(self, name: str) -> UploadState:
+        uuid = new_upload_id()
+
+        def create() -> None:
+            fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            self.metadata.put_upload(uuid, UploadRecord(name, time.time()))
+
+        await anyio.to_thread.run_sync(create)
+        self._hashers[uuid] = (0, Digest("sha256", "").hasher())
+        return UploadState(uuid, 0)
+
+    def _record(self, name: str, uuid: str) -> UploadRecord:
+        try:
+            self.store.layout.upload(uuid)
+        except ValueError:
+            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
+        record = self.metadata.get_upload(uuid)
+        if record is None or record.name != name or not self.store.layout.upload(uuid).exists():
+            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
+        return record
+
+    async def status(self, name: str, uuid: str) -> UploadState:
+        self._record(name, uuid)
+        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
+        return UploadState(uuid, size)
+
+    async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
+                     content_range: str | None = None) -> UploadState:
+        """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
+        self._record(name, uuid)
+        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
+        try:
+            offset = os.fstat(fd).st_size
+            self._check_range(name, uuid, offset, content_range)
+            offset = await self._write(uuid, fd, offset, body)
+        finally:
+            os.close(fd)
+        return UploadState(uuid, offset)
+
+    def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None) -> None:
+        """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
+        the upload holds (distribution-spec, "Pushing a blob in chunks"), and nothing is written."""
+        if content_range:
+            start, _ = _content_range(content_range)
+            if start != offset:
+                raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
+                               status=416, headers=upload_headers(name, uuid, offset))
+
+    async def finish(self, name: str, uuid: str, digest: Digest, body: AsyncIterator[bytes],
+                     content_range: str | None = None) -> None:
+        """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
+        and move the blob into the store."""
+        self._record(name, uuid)
+        path = self.store.layout.upload(uuid)
+        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
+        try:
+            before = os.fstat(fd).st_size
+            self._check_range(name, uuid, before, content_range)
+            offset = await self._write(uuid, fd, before, body)
+            known = self._hashers.get(uuid)
+            known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
+                else None
+            try:
+                await anyio.to_thread.run_sync(self.store.commit_file, path, digest, known_hex)
+            except DigestMismatch as exc:
+                await anyio.to_thread.run_sync(self._drop_upload, uuid)
+                self.metrics.upload_failed()
+                raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
+            except OSError as exc:
+                if refusal(exc) is not None and os.path.exists(path):  # as it was before this request
+                    self._hashers.pop(uuid, None)
+                    await anyio.to_thread.run_sync(os.ftruncate, fd, before)
+                raise
+        finally:
+            os.close(fd)
+        self._hashers.pop(uuid, None)
+        self.metrics.upload_finished(offset)
+        await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
+
+    def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
+        self.metadata.link(local_repo(name), [str(digest)])
+        self.metadata.delete_upload(uuid)
+
+    async def cancel(self, name: str, uuid: str) -> None:
+        self._record(name, uuid)
+        await anyio.to_thread.run_sync(self._drop_upload, uuid)
+
+    def _drop_upload(self, uuid: str) -> None:
+        self._hashers.pop(uuid, None)
+        self.metadata.delete_upload(uuid)
+        try:
+            os.unlink(self.store.layout.upload(uuid))
+        except FileNotFoundError:
+            pass
+
+    def _lock_upload(self, uuid: str) -> int:
+        try:
+            fd = os.open(self.store.layout.upload(uuid), os.O_RDWR)
+        except FileNotFoundError:
+            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes]) -> int:
+        """Write the request body at *offset*, 1 MiB per thread hop; return the new end."""
+        known = self._hashers.get(uuid)
+        hasher = known[1] if known and known[0] == offset else None
+        if hasher is None:
+            self._hashers.pop(uuid, None)
+
+        def flush(data: bytes, at: int) -> None:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+            if hasher is not None:
+                hasher.update(data)
+
+        pending: list[bytes] = []
+        pending_size = 0
+        start = offset
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BATCH:
+                    await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
+                    offset += pending_size
+                    pending, pending_size = [], 0
+            if pending:
+                await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
+                offset += pending_size
+        except OSError as exc:
+            if refusal(exc) is not None:  # the upload stays as it was before this request
+                self._hashers.pop(uuid, None)
+                await anyio.to_thread.run_sync(os.ftruncate, fd, start)
+            raise
+        if hasher is not None:
+            self._hashers[uuid] = (offset, hasher)
+        return offset
+
+    def sweep(self) -> int:
+        """Remove upload files untouched for ``push.upload_ttl``, and their records; return how many.
+
+        A file without a record is swept by the same rule, not at once: another worker may be
+        creating it (the file comes before its record) or finishing it (the record goes first).
+        """
+        removed = 0
+        cutoff = time.time() - self.upload_ttl
+        for entry in self.store.layout.upload_entries():
+            try:
+                stale = entry.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                self._drop_upload(entry.name)
+                removed += 1
+        return removed
+
+
+def _content_range(value: str) -> tuple[int, int]:
+    start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
+    if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
+            or int(end) < int(start):
+        raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
+    return int(start), int(end)

@@ -1,0 +1,134 @@
+"""The ASGI application: shared objects are built in the lifespan and reached via ``request.state``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..api import observability as observe
+from ..api.auth import AuthMiddleware
+from ..api.memo import ManifestMemo, MemoManifests
+from ..api.routes import routes
+from ..config.load import load_config
+from ..config.sections import Config
+from ..maintenance.figures import StoreCollector
+from ..maintenance.gc import Collector
+from ..maintenance.upkeep import AccessTracker, Maintenance
+from ..metadata.diskcache import DiskcacheMetadata
+from ..observe.metrics import Metrics, exposition_registry
+from ..registry.local import LocalRegistry
+from ..registry.namespaces import Namespaces
+from ..registry.pullthrough import PullThrough
+from ..spec.errors import APIError, error_response
+from ..storage.filesystem import Store
+from ..storage.fill import Fills
+from ..upstream.client import Upstream
+from .hardening import Hardening
+
+log = logging.getLogger("mirror")
+
+
+def create_app(config: Config) -> Starlette:
+    metrics = Metrics(upstreams=[u.registry for u in config.upstreams])
+    memo = ManifestMemo()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        store = Store(config.storage.path)
+        await anyio.to_thread.run_sync(store.create)
+        swept = await anyio.to_thread.run_sync(store.sweep_tmp)
+        if swept:
+            log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
+        metadata = DiskcacheMetadata(store.layout.index)
+        memo.attach(metadata.generation)
+        fills = Fills(store, metrics=metrics)
+        # One client and policy per upstream registry; they share the store, the index and the fills.
+        upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
+        pulls = {
+            u.config.registry: PullThrough(store, metadata, fills, u,
+                                           u.config.tag_ttl if u.config.tag_ttl is not None else config.cache.tag_ttl,
+                                           u.config.registry)
+            for u in upstreams
+        }
+        upstream = upstreams[0]
+        local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
+        namespaces = Namespaces(local, pulls, config.upstream.registry)
+        expired = await anyio.to_thread.run_sync(local.uploads.sweep)
+        if expired:
+            log.info("removed %d abandoned uploads", expired)
+        tracker = AccessTracker(metadata)
+        for each in pulls.values():
+            each.access = tracker
+        collector = Collector(store, metadata, config.cache, config.gc)
+        maintenance = Maintenance(collector, tracker, config.gc.interval, metrics=metrics)
+        exposition = exposition_registry(metrics, [
+            StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
+        store.on_commit = maintenance.note_commit
+        store.on_refused = maintenance.make_room
+        upkeep = asyncio.create_task(maintenance.run())
+        try:
+            yield {"namespaces": namespaces, "config": config,
+                   "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
+                   "memo": memo}
+        finally:
+            memo.attach(None)
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+            try:
+                await anyio.to_thread.run_sync(tracker.flush)
+            except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
+                log.warning("last access times not saved: %s", exc)
+            await fills.aclose()
+            for each_upstream in upstreams:
+                await each_upstream.aclose()
+            metadata.close()
+            metrics.close()
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc, head=request.method == "HEAD")
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no route) and 405 (method), in the spec's error format."""
+        assert isinstance(exc, HTTPException)
+        code = "NAME_UNKNOWN" if exc.status_code == 404 else "UNSUPPORTED"
+        return error_response(APIError(code, exc.detail, status=exc.status_code, headers=dict(exc.headers or {})),
+                              head=request.method == "HEAD")
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
+
+    return Starlette(
+        routes=[*observe.routes(config), *routes],
+        lifespan=lifespan,
+        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+        middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
+                    Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config),
+                    Middleware(MemoManifests, memo=memo)],
+    )
+
+
+def _auth(config: Config) -> list[Middleware]:
+    """Logins and access rights, when users are configured (``auth.htpasswd.path``)."""
+    if not config.auth.enabled:
+        return []
+    store = Store(config.storage.path)
+    return [Middleware(AuthMiddleware, config=config.auth, key_path=store.layout.auth_key,
+                       tmp_dir=store.layout.tmp)]
+
+
+def create_app_from_environ() -> Starlette:
+    """Factory for worker processes: the parent hands its configuration over in ``MIRROR_*``."""
+    return create_app(load_config())

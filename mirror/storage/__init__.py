@@ -1,0 +1,10 @@
+"""Blob storage: the content-addressed store and the way content gets into it.
+
+Owns the blob-store driver interface (``driver``) and its filesystem driver (``filesystem``),
+the one description of the data directory's layout (``layout``), reads of stored files
+(``reads``), fills that several readers follow while one fetch writes (``fill``,
+``growing``, ``bypass`` when the store has no room), staging files (``staging``), and the record
+of writes the filesystem refused (``refusals``).  Knows nothing of HTTP, repositories or tags.
+
+May import: ``spec``, ``config``, ``observe``.
+"""

@@ -1,0 +1,345 @@
+"""One upstream fetch per digest, shared by every reader in every worker process.
+
+The first request for a missing digest becomes the *leader*: it creates
+``tmp/<alg>-<hex>.partial`` (``storage/layout.py``), takes an exclusive ``flock`` on it, and a background task
+streams the upstream body into it (hashing as it writes: an :class:`~mirror.storage.filesystem.Ingest`).  Every
+reader follows that growing file (:class:`~mirror.storage.growing.GrowingBlob`, which says how readers in
+any process learn the outcome); the leader publishes the fetch's size in ``<alg>-<hex>.meta``.
+
+When the store cannot take the blob (no room for its announced size, or the filesystem refuses
+a create, write, fsync or rename: full, over quota, read-only), the fill *bypasses* the store:
+the leader marks its temp file :data:`~mirror.storage.growing.REFUSED_MODE` and lets go of it, and hands the
+download to its own client as a :class:`BypassBlob` (streamed through, hashed as it passes, the last
+byte held back until the whole blob matched its digest; nothing stored).  Every other reader of that
+fill sees the mark and streams the upstream's bytes on its own in the same way (:meth:`Fills.bypass`),
+going on from the byte it had reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, TypeVar
+
+import anyio.to_thread
+
+from ..observe.metrics import Metrics
+from ..spec.reference import Digest
+from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
+from .filesystem import VERIFIED_MODE, Ingest, Store, StoredBlob
+from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta
+from .refusals import refusal
+
+log = logging.getLogger("mirror.storage.fill")
+T = TypeVar("T")
+
+FLUSH_BYTES = 1 << 20
+FLUSH_SECONDS = 0.02
+
+
+class Fills:
+    """Coalesced, verified fetches into a :class:`Store`.  Built once per process."""
+
+    def __init__(self, store: Store, poll_interval: float = 0.005, *, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob | BypassBlob:
+        """The stored blob, or a reader of the fetch in progress (started here if there is none), or
+        the upstream's bytes streamed through when the store cannot take them.
+
+        Errors of ``fetch`` before its body starts are raised here.
+        """
+        for _ in range(100):
+            stored = self.open_stored(digest)
+            if stored is not None:
+                return stored
+            path = self.store.layout.fill(digest)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if refusal(exc) is None:
+                    raise
+                await anyio.to_thread.run_sync(self.store.refused, exc, None)
+                return await self.bypass(digest, fetch)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                follower = await self._follow(digest, fd, fetch)
+                if follower == "refused":
+                    return await self.bypass(digest, fetch)
+                if follower is not None:
+                    return follower
+                continue  # the leader failed before its body started: try again, perhaps as leader
+            if not names_inode(path, fd):
+                os.close(fd)  # lost a race with a finishing or failing leader
+                continue
+            if self.store.exists(digest):
+                os.unlink(path)
+                os.close(fd)
+                continue
+            return await self._lead(digest, fd, fetch)
+        raise FillFailed(f"{digest}: could not start or join a fetch")
+
+    def open_stored(self, digest: Digest) -> StoredBlob | None:
+        """The stored blob, marked as being served (:meth:`Store.open`), or None."""
+        return self.store.open(digest)
+
+    async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
+        """A fetch of this reader's own, streamed through without being stored.
+
+        Errors of ``fetch`` before its body starts are raised here.
+        """
+        started: asyncio.Future[BypassBlob] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        async def stream() -> None:
+            try:
+                async with fetch() as download:
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    started.set_result(BypassBlob(digest, download.size, queue, task))
+                    await relay(download, queue)
+            except BaseException as exc:
+                if not started.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        started.cancel()
+                    else:
+                        started.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        task = asyncio.create_task(stream())
+        self._track(task)
+        return await _handed_over(started)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | BypassBlob:
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o644)  # whatever the umask: the modes of a refused or verified fill mean something
+        path = self.store.layout.fill(digest)
+        reader = os.open(path, os.O_RDONLY)
+        started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
+        ingest = Ingest(self.store, digest, path, fd, None)
+        self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
+        try:
+            size = await _handed_over(started)
+        except BaseException:
+            os.close(reader)
+            raise
+        if isinstance(size, BypassBlob):
+            os.close(reader)
+            return size
+        return GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch)
+
+    async def _pump(self, ingest: Ingest, fetch: Fetch,
+                    started: asyncio.Future[int | None | BypassBlob]) -> None:
+        meta = self.store.layout.fill_meta(ingest.digest)
+        handed_over = False
+        try:
+            async with fetch() as download:
+                ingest.expected_size = download.size
+                problem = await anyio.to_thread.run_sync(self.store.room_error, download.size)
+                if problem is None:
+                    try:
+                        await anyio.to_thread.run_sync(write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                    except OSError as exc:
+                        if refusal(exc) is None:
+                            raise
+                        problem = exc
+                if problem is not None:
+                    # No room: let go of the fill at once (followers fetch on their own) and hand the
+                    # download to this fill's own client.
+                    handed_over = True
+                    await anyio.to_thread.run_sync(self._let_go, ingest, problem)
+                    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(RELAY_DEPTH)
+                    task = asyncio.current_task()
+                    assert task is not None
+                    started.set_result(BypassBlob(ingest.digest, download.size, queue, task))
+                    await relay(download, queue)
+                    return
+                started.set_result(download.size)
+                await _copy(download.chunks(), ingest)
+            await _to_the_end(ingest.commit)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if not started.done():
+                if cancelled:
+                    started.cancel()
+                else:
+                    started.set_exception(exc)
+            elif handed_over:
+                pass  # the reader has the error from the relay, or went away
+            elif (refused := refusal(exc)) is not None:
+                log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
+                            ingest.digest, ingest.written, refused)
+            else:
+                log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
+            if not handed_over:
+                if (refused := refusal(exc)) is not None:
+                    # Without an announced size, what was written is the least the blob needs.
+                    needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
+                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
+                _settle_failed(ingest, refused=refused is not None)
+            if cancelled:
+                raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(meta)
+            if not handed_over:
+                os.close(ingest.fd)  # releases the lock: followers now see the outcome
+
+    def _let_go(self, ingest: Ingest, problem: OSError) -> None:
+        """Give up a fill the store has no room for, before its body: followers see it refused."""
+        try:
+            self.store.refused(problem, ingest.expected_size)
+            _settle_failed(ingest, refused=True)
+        finally:
+            os.close(ingest.fd)
+
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | Literal["refused"] | None:
+        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
+        ``"refused"`` if the store refused it."""
+        meta = self.store.layout.fill_meta(digest)
+        ino = os.fstat(fd).st_ino
+        try:
+            while True:
+                found = read_meta(meta)
+                if found is not None and found[0] == ino:
+                    verified = os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE
+                    return GrowingBlob(self, digest, fd, found[1], coalesced=not verified, fetch=fetch,
+                                       verified=verified)
+                state = fill_state(fd, self.store.layout.blob(digest))
+                if state != "filling":
+                    os.close(fd)
+                    return "refused" if state == "refused" else None
+                await asyncio.sleep(self.poll_interval)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def settled(self) -> None:
+        """Wait until every fill this process leads has ended: verified fills are then in the store
+        (their ``fsync`` and rename follow the last byte readers get), failed ones gone."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
+    """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived.
+
+    Chunks that arrive close together are written together (one thread hop per batch).  A batch
+    that is not full when the upstream pauses is written by a timer, not when the next chunk
+    comes: however slowly the upstream sends, readers see every byte received within that bound.
+    """
+    loop = asyncio.get_running_loop()
+    batch: list[bytes] = []
+    pending = 0
+    last_write = -FLUSH_SECONDS
+    timer: asyncio.TimerHandle | None = None
+    behind: asyncio.Task[None] | None = None  # a write the timer started: later writes wait for it
+
+    def take() -> list[bytes]:
+        nonlocal batch, pending, last_write, timer
+        parts, batch, pending, last_write = batch, [], 0, loop.time()
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        return parts
+
+    def write_due() -> None:
+        nonlocal behind
+        behind = asyncio.ensure_future(_write_after(behind, ingest, take()))
+
+    async def write(parts: list[bytes]) -> None:
+        nonlocal behind
+        if behind is not None:
+            await behind
+            behind = None
+        if parts:
+            await anyio.to_thread.run_sync(_write_batch, ingest, parts)
+
+    try:
+        async for chunk in chunks:
+            batch.append(chunk)
+            pending += len(chunk)
+            if pending >= FLUSH_BYTES or loop.time() >= last_write + FLUSH_SECONDS:
+                await write(take())
+            elif timer is None:
+                timer = loop.call_at(last_write + FLUSH_SECONDS, write_due)
+        await write(take())
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if behind is not None:  # never leave a write running behind the ingest's back
+            with contextlib.suppress(BaseException):
+                await behind
+
+
+async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, parts: list[bytes]) -> None:
+    if previous is not None:
+        await previous
+    if parts:
+        await anyio.to_thread.run_sync(_write_batch, ingest, parts)
+
+
+async def _to_the_end(work: Callable[[], None]) -> None:
+    """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
+    is raised once it ended).  Readers take a verified fill as done before it is durable (``fill_state``):
+    a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.
+    The thread's future is not a task, so cancelling every task (``asyncio.run``) does not end it."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        if not done.cancelled():
+            done.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
+async def _handed_over(started: asyncio.Future[T]) -> T:
+    """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
+    :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_close_unclaimed)
+        raise
+
+
+def _close_unclaimed(started: asyncio.Future[Any]) -> None:
+    if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
+        started.result().close()
+
+
+def _settle_failed(ingest: Ingest, *, refused: bool) -> None:
+    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it.
+
+    A fill can fail after :meth:`Ingest.commit` marked it verified (fsync or rename refused): the
+    mark is taken back, since bytes that never reached their final path must not count as done.
+    """
+    with contextlib.suppress(OSError):
+        if not names_inode(ingest.store.layout.blob(ingest.digest), ingest.fd):
+            os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
+    ingest.discard()
+
+
+def _write_batch(ingest: Ingest, batch: list[bytes]) -> None:
+    ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])

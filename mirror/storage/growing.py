@@ -1,0 +1,285 @@
+"""Following a fetch in progress: the readers of ``tmp/<alg>-<hex>.partial`` (``storage/fill.py`` leads it).
+
+Every reader -- the leader's own client included -- *follows* the growing file with ``pread``:
+its first bytes go out as soon as they are written, and a client that disconnects stops only its
+own reading.  Readers in any process learn the outcome from the file itself:
+
+* mode :data:`~mirror.storage.filesystem.VERIFIED_MODE` -> complete and verified (the leader may still be
+  making it durable: ``fsync`` and rename into ``blobs/`` follow the readers' last byte);
+* mode :data:`REFUSED_MODE`, lock free -> the store refused it: the rest comes from the upstream;
+* lock still held            -> more bytes may come;
+* lock free, and the inode is now ``blobs/...`` -> complete and verified;
+* lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
+
+The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
+mistakes an older attempt's file for the current one): :func:`write_meta`, :func:`read_meta`.
+
+A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
+closes: the collector keeps an image while any of its objects is filling or so marked
+(:func:`fills_in_progress`, :func:`being_served`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from ..spec.reference import Digest, ParseError, parse_digest
+from .bypass import Download, FillFailed
+from .filesystem import VERIFIED_MODE, Store
+from .reads import read_cached
+
+if TYPE_CHECKING:
+    from .fill import Fills
+
+log = logging.getLogger("mirror.storage.fill")
+
+CHUNK = 1 << 20
+#: Most bytes of a fill handed out at once as a span of its file (:meth:`GrowingBlob.spans`).
+SPAN = 64 << 20
+#: A fill's temp file gets this mode when the store refused it: its readers fetch on their own.
+REFUSED_MODE = 0o600
+
+Fetch = Callable[[], AbstractAsyncContextManager[Download]]
+
+
+class FillRefused(FillFailed):
+    """The store could not take the fetch being followed: its bytes must come from the upstream."""
+
+
+class GrowingBlob:
+    """A reader following a fetch in progress (``coalesced`` when another request leads it)."""
+
+    def __init__(self, fills: Fills, digest: Digest, fd: int, size: int | None, coalesced: bool,
+                 fetch: Fetch | None = None, *, verified: bool = False) -> None:
+        self.fills = fills
+        self.digest = digest
+        self.fd = fd
+        self.size = size
+        self.coalesced = coalesced
+        #: Already verified when joined (its leader was making it durable): served as if stored.
+        self.verified = verified
+        #: Where the bytes come from if the store refuses the fill (None: the reader fails instead).
+        self.fetch = fetch
+        if coalesced:
+            fills.metrics.waiting(1)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.coalesced:
+            self.fills.metrics.waiting(-1)
+
+    def state(self) -> str:
+        """``filling``, ``done``, ``refused`` or ``failed``; once done, the blob is marked as being served."""
+        state = fill_state(self.fd, self.fills.store.layout.blob(self.digest))
+        if state == "done":
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return state
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`.
+
+        If the store refuses the fill, the rest comes straight from the upstream (:class:`BypassBlob`).
+        """
+        offset = start
+        try:
+            async for data in self._follow(start, end):
+                assert isinstance(data, bytes)
+                offset += len(data)
+                yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            async for data in self._bypassed(offset, end):
+                yield data
+
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | tuple[int, int]]:
+        """As :meth:`chunks`, but what is already in the file comes as ``(offset, count)``, to send
+        from ``fd`` (``sendfile``) without reading it; the last byte, held back until the verdict,
+        and what comes from the upstream after a refused fill come as bytes."""
+        offset = start
+        try:
+            async for data in self._follow(start, end, spans=True):
+                if isinstance(data, _Span):
+                    offset += data.count
+                    yield data.offset, data.count
+                else:
+                    offset += len(data)
+                    yield data
+        except FillRefused:
+            if self.fetch is None:
+                raise
+            async for piece in self._bypassed(offset, end):
+                yield piece
+
+    async def _bypassed(self, offset: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes ``offset..end`` straight from the upstream, the store having refused the fill."""
+        assert self.fetch is not None
+        log.info("store refused the fill of %s: streaming it from the upstream from byte %d", self.digest, offset)
+        try:
+            bypass = await self.fills.bypass(self.digest, self.fetch)
+        except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+            raise FillFailed(f"{self.digest}: the upstream failed after the store refused the fill: {exc}") from exc
+        try:
+            if bypass.size != self.size:
+                raise FillFailed(f"{self.digest}: the upstream now announces {bypass.size} bytes, not {self.size}")
+            async for data in bypass.chunks(offset, end):
+                yield data
+        finally:
+            bypass.close()
+
+    async def _follow(self, start: int, end: int | None, *, spans: bool = False) -> AsyncIterator[bytes | _Span]:
+        offset = start
+        stop = None if end is None else end + 1
+        poll = self.fills.poll_interval
+        settled = False
+        # The last byte asked for (of the blob, or of a range) waits for the verdict: nothing
+        # unverified is ever answered as a success.
+        last = stop if stop is not None else self.size
+        buffer = memoryview(bytearray(CHUNK))
+        while stop is None or offset < stop:
+            data: bytes | _Span | None
+            if spans:
+                want = SPAN if stop is None else min(SPAN, stop - offset)
+                data = _Span(offset, max(0, min(want, os.fstat(self.fd).st_size - offset)))
+            else:
+                want = CHUNK if stop is None else min(CHUNK, stop - offset)
+                # What was just written is in the page cache: read right here, without a thread hop
+                # (which, while the fill's own thread hashes, waits for the GIL).
+                data = read_cached(self.fd, buffer[:want], offset)
+                if data is None:
+                    data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)
+            if data:
+                if last is not None and offset + len(data) >= last:
+                    if len(data) > 1:
+                        yield data[:-1] if isinstance(data, bytes) else _Span(offset, len(data) - 1)
+                    while (state := self.state()) == "filling":
+                        await asyncio.sleep(poll)
+                    if state == "refused":
+                        raise FillRefused(f"{self.digest}: the store refused the fill")
+                    if state != "done":
+                        raise FillFailed(f"{self.digest}: fetch failed verification")
+                    offset, data = offset + len(data) - 1, (
+                        data[-1:] if isinstance(data, bytes) else os.pread(self.fd, 1, offset + len(data) - 1))
+                offset += len(data)
+                yield data
+                continue
+            if settled:  # nothing more after the writer finished
+                state = self.state()
+                if state == "done" and stop is None:
+                    return
+                if state == "refused":
+                    raise FillRefused(f"{self.digest}: the store refused the fill at {offset} bytes")
+                raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
+            state = self.state()
+            if state == "filling":
+                await asyncio.sleep(poll)
+            else:
+                settled = True  # re-read once: bytes may have landed just before the lock was released
+        while (state := self.state()) == "filling":
+            await asyncio.sleep(poll)
+        if state == "refused":
+            raise FillRefused(f"{self.digest}: the store refused the fill")
+        if state != "done":
+            raise FillFailed(f"{self.digest}: fetch failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Bytes ``offset..offset+count`` of a fill's file, not read."""
+
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def fill_state(fd: int, final: os.PathLike[str] | str) -> str:
+    # Verified: done, even while the leader still makes it durable (fsync, rename) or after it
+    # was committed and evicted since.  A crash before the rename loses the fetch, never a byte:
+    # the temp file is swept at start-up.
+    if os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE:
+        return "done"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "filling"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    status = os.fstat(fd)
+    if status.st_mode & 0o777 == VERIFIED_MODE:  # verified between the two looks
+        return "done"
+    if status.st_mode & 0o777 == REFUSED_MODE:
+        return "refused"
+    try:
+        done = os.stat(final).st_ino == status.st_ino
+    except FileNotFoundError:
+        done = False
+    return "done" if done else "failed"
+
+
+def fills_in_progress(store: Store) -> set[str]:
+    """Digests (``sha256:<hex>``) whose fetch is in progress, in any process: the locked fill files."""
+    found: set[str] = set()
+    for digest, path in store.layout.fill_entries():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found.add(digest)
+        finally:
+            os.close(fd)
+    return found
+
+
+def being_served(store: Store, digest: str) -> bool:
+    """True while a reader in any process holds the stored object marked (see :meth:`Store.open`)."""
+    try:
+        fd = os.open(store.layout.blob(parse_digest(digest)), os.O_RDONLY)
+    except (FileNotFoundError, ParseError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def names_inode(path: os.PathLike[str] | str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def write_meta(path: os.PathLike[str] | str, ino: int, size: int | None) -> None:
+    tmp = f"{os.fspath(path)}.{secrets.token_hex(6)}"
+    with open(tmp, "w") as f:
+        json.dump({"ino": ino, "size": size}, f)
+    os.replace(tmp, path)
+
+
+def read_meta(path: os.PathLike[str] | str) -> tuple[int, int | None] | None:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return int(meta["ino"]), meta["size"]

@@ -1,0 +1,218 @@
+"""The data directory (``--data``, ``storage.path``): every path under it, produced here and nowhere else.
+
+::
+
+    DATA/
+      blobs/                              verified objects (layers, configs, manifests), read-only (0444)
+        <algorithm>/<hex[:2]>/<hex>       one object, named by its digest (``storage/filesystem.py``)
+      tmp/                                work in progress, on the same filesystem as blobs/ (renames)
+        <algorithm>-<hex>.partial         the shared fetch of one digest; its leader holds flock on it
+        <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for the readers following it
+        <algorithm>-<hex>.meta.<random>   that file being written (then renamed)
+        ingest-<random>.partial           any other ingest (manifests, small objects); flock'ed by its writer
+        stage-<random>.partial            the lock keeping a preload's staging directory alive
+        stage-<random>.d/<n>              blobs of a preload, verified, waiting for the whole archive
+        preload-<random>.partial          an archive uploaded to ``/_mirror/preload``
+        readyz-<random>.partial           the write probe of ``/readyz``
+        auth-key-<random>.partial         ``auth.key`` being created
+      index/                              metadata in diskcache (``metadata/diskcache.py``)
+        generation                        8 bytes that change when the index withdraws something
+      uploads/<uuid>                      a client's blob upload in progress (survives restarts)
+      refused                             the last write the filesystem refused (``storage/refusals.py``)
+      gc.lock                             one collector at a time; writers making objects reachable
+                                          hold it shared (``maintenance/gc.py``)
+      auth.key                            the key signing login tokens (``api/auth.py``), mode 0600
+
+Every ``*.partial`` in ``tmp/`` is flock'ed by the process writing it: the start-up sweep
+(``Store.sweep_tmp``) removes exactly the leftovers of writers that died.  Paths of objects are
+only ever built from a validated :class:`~mirror.spec.reference.Digest`, and upload paths from an
+id :func:`new_upload_id` made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..spec.reference import Digest
+
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+#: The digest algorithms an object may be stored under, with the form of their hex part.
+HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+PARTIAL = ".partial"
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(16)
+
+
+def temp_file(tmp: Path, kind: str) -> Path:
+    """A new name ``tmp/<kind>-<random>.partial`` (``kind``: ``ingest``, ``preload``, ``auth-key``...)."""
+    return tmp / f"{kind}-{secrets.token_hex(12)}{PARTIAL}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    """A file found under ``blobs/``: ``name`` is ``<algorithm>:<file name>`` as found, ``digest`` its
+    digest when the place is a well-formed object path (a regular file), else None (a stray)."""
+
+    name: str
+    path: str
+    entry: os.DirEntry[str]
+    digest: Digest | None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The paths of one data directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def generation(self) -> Path:
+        return self.index / "generation"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def refused(self) -> Path:
+        return self.root / "refused"
+
+    @property
+    def gc_lock(self) -> Path:
+        return self.root / "gc.lock"
+
+    @property
+    def auth_key(self) -> Path:
+        return self.root / "auth.key"
+
+    def directories(self) -> tuple[Path, ...]:
+        """The directories a data directory is created with."""
+        return self.blobs, self.tmp, self.index, self.uploads
+
+    # -- objects and fills: only ever built from a validated Digest --
+
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def fill(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}{PARTIAL}"
+
+    def fill_meta(self, digest: Digest) -> Path:
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.meta"
+
+    def temp(self, kind: str) -> Path:
+        """A new temp file name in ``tmp/`` (see :func:`temp_file`)."""
+        return temp_file(self.tmp, kind)
+
+    def stage(self) -> tuple[Path, Path]:
+        """A new staging area: (its lock file, its directory)."""
+        token = secrets.token_hex(8)
+        return self.tmp / f"stage-{token}{PARTIAL}", self.tmp / f"stage-{token}.d"
+
+    def stages(self) -> list[tuple[Path, Path]]:
+        """Every staging directory in ``tmp/``, with the lock file that keeps it alive."""
+        if not self.tmp.is_dir():
+            return []
+        return [(d.with_suffix(PARTIAL), d) for d in self.tmp.glob("stage-*.d")]
+
+    def upload(self, uuid: str) -> Path:
+        """Where a blob upload's bytes collect; *uuid* must come from :func:`new_upload_id`."""
+        if not UPLOAD_ID_RE.fullmatch(uuid):
+            raise ValueError(f"invalid upload id {uuid!r}")
+        return self.uploads / uuid
+
+    # -- walks --
+
+    def blob_entries(self) -> Iterator[BlobEntry]:
+        """Every file under ``blobs/`` (the one walk of it), strays included."""
+        for algorithm in _scandir(self.blobs):
+            pattern = HEX.get(algorithm.name)
+            for prefix in _scandir(algorithm.path):
+                for entry in _scandir(prefix.path):
+                    well_formed = (pattern is not None and pattern.fullmatch(entry.name) is not None
+                                   and prefix.name == entry.name[:2] and _is_file(entry))
+                    yield BlobEntry(f"{algorithm.name}:{entry.name}", entry.path, entry,
+                                    Digest(algorithm.name, entry.name) if well_formed else None)
+
+    def fill_entries(self) -> Iterator[tuple[str, str]]:
+        """``(digest, path)`` of every fill file in ``tmp/`` (``<algorithm>-<hex>.partial``)."""
+        for entry in _scandir(self.tmp):
+            algorithm, dash, rest = entry.name.partition("-")
+            if not dash or not rest.endswith(PARTIAL) or algorithm not in HEX:
+                continue
+            yield f"{algorithm}:{rest[:-len(PARTIAL)]}", entry.path
+
+    def temp_entries(self) -> list[os.DirEntry[str]]:
+        """Everything in ``tmp/``."""
+        return _scandir(self.tmp)
+
+    def abandoned_temps(self, *, remove: bool = False) -> list[str]:
+        """Temp files whose writer is gone (no flock held), removed while locked if *remove*."""
+        found = []
+        for entry in self.temp_entries():
+            if not entry.name.endswith(".partial"):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                found.append(entry.path)
+                if remove:  # still under our lock: no new writer can have taken it over
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        for entry in self.temp_entries():
+            base, meta, _ = entry.path.partition(".meta")
+            if meta and (base + ".partial" in found or not os.path.exists(base + ".partial")):
+                found.append(entry.path)
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+        return found
+
+    def upload_entries(self) -> list[os.DirEntry[str]]:
+        """Everything in ``uploads/``."""
+        return _scandir(self.uploads)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,86 @@
+"""What the upstream client hands back: a manifest's HEAD, a verified manifest, a referrers list
+and a blob body being received.
+
+Imports ``codings`` (identity lengths) and ``reference`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..spec.reference import Digest
+from .codings import identity_length
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """An upstream's answer to ``GET /v2/<name>/referrers/<digest>``, every page of it.
+
+    ``manifests`` is None when the answer was not an image index (the upstream has no Referrers
+    API, as oras-go and go-containerregistry read such an answer); ``filtered`` says the upstream
+    applied the ``artifactType`` filter (``OCI-Filters-Applied``, distribution-spec v1.1).
+    """
+
+    manifests: list[dict[str, Any]] | None
+    filtered: bool
+
+
+class BlobDownload:
+    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
+
+    def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
+                 body: AsyncIterator[bytes] | None = None) -> None:
+        self.response = response
+        self.size = identity_length(response)
+        self._count = count
+        self._body = body
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The identity bytes: decoded if the answer is content-coded."""
+        body = self._body if self._body is not None else self.response.aiter_bytes()
+        return body if self._count is None else _Counted(body, self._count)
+
+
+class _Counted:
+    """Pass chunks through, reporting their sizes to *count* in batches (and when the body ends)."""
+
+    BATCH = 1 << 20
+
+    def __init__(self, chunks: AsyncIterator[bytes], count: Callable[[int], None]) -> None:
+        self._chunks = chunks
+        self._count = count
+        self._pending = 0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except BaseException:
+            self._count(self._pending)
+            self._pending = 0
+            raise
+        self._pending += len(chunk)
+        if self._pending >= self.BATCH:
+            self._count(self._pending)
+            self._pending = 0
+        return chunk

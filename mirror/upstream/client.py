@@ -1,0 +1,398 @@
+"""The upstream registry client: the /v2/ read API over httpx, with registry auth.
+
+It raises the errors of ``upstream/errors.py`` (each carries the upstream's status and spec error
+code when it sent one) and answers with the types of ``upstream/answers.py``; the token flow is
+``upstream/auth.py``, content codings ``upstream/codings.py``.
+
+This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
+(``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs
+as identity bytes (``upstream/codings.py``).  Idempotent requests that fail before any byte arrived are
+retried with backoff.  A listing's next-page link is followed only on the registry's origin
+(``upstream/paging.py``); non-distributable layers are fetched from their own URLs with no
+credentials.
+
+Imports the ``upstream_*`` modules, ``codings``, ``httpcore_reads``, ``config``, ``manifest``,
+``metrics`` and ``reference``; nothing of the cache or the HTTP routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..config.sections import UpstreamConfig
+from ..observe.metrics import Metrics
+from ..spec.manifest import (
+    MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    PLAIN_JSON,
+    InvalidManifest,
+    checked_manifest,
+    registry_digest,
+)
+from ..spec.reference import Digest, ParseError, parse_digest
+from .answers import BlobDownload, Manifest, ManifestHead, Referrers
+from .auth import RegistryAuth
+from .codings import ACCEPT_ENCODING, SUPPORTED_CODINGS, content_codings, identity_length, primed, unalias_codings
+from .errors import (
+    UpstreamCredentialsRejected,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from .paging import next_page
+from .reads import larger_reads
+
+log = logging.getLogger("mirror.upstream.client")
+
+MAX_ERROR_BYTES = 64 << 10
+RETRY_STATUSES = {502, 503, 504}
+#: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
+MAX_TAG_PAGES = 200
+#: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
+MAX_REFERRER_PAGES = 16
+#: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def registry_not_found(response: httpx.Response) -> bool:
+    """Whether a 404 is the registry's "does not exist", to be passed on as such.
+
+    A registry says it in the spec's JSON error format (OCI distribution spec, "Error Codes"),
+    on a HEAD with no body but its ``Content-Type``; a route it does not serve, in Go's plain
+    ``404 page not found`` (docker-registry 2.8 for the Referrers API, which :mod:`referrers`
+    reads as "no Referrers API").  A 404 served as a web page (``text/html`` or XHTML: a
+    misrouted ingress, a proxy's error page) is not the registry's answer, and says nothing of
+    what the registry holds: False, for the caller to take as an invalid answer.  Any other
+    404 (JSON, plain text, no type) is the registry's.
+    """
+    return _media_type(response.headers.get("content-type")) not in HTML_TYPES
+
+
+class Upstream:
+    """One upstream registry."""
+
+    def __init__(self, config: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None, *,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(enabled=False)
+        self.larger_reads = larger_reads()
+        self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
+        self.client = httpx.AsyncClient(
+            base_url=config.url,
+            auth=self.auth,
+            follow_redirects=True,
+            timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+            headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
+            transport=transport,
+            event_hooks={"response": [unalias_codings]},
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def canonical_name(self, name: str) -> str:
+        """Docker Hub's implicit ``library/`` namespace for one-component names."""
+        if self.config.adds_library_namespace and "/" not in name:
+            return f"library/{name}"
+        return name
+
+    # -- requests --
+
+    async def _send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                    params: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+        """Send with retries for failures before any byte; raise the mapped error for non-2xx."""
+        attempt = 0
+        while True:
+            request = self.client.build_request(method, path, headers=headers, params=params)
+            started = time.monotonic()
+            try:
+                response = await self.client.send(request, stream=stream)
+            except httpx.DecodingError as exc:  # a coded body read whole (a token or a tags list) is corrupt
+                raise self._failed(UpstreamInvalid(f"{method} {path}: undecodable content coding: {exc}")) from exc
+            except UpstreamCredentialsRejected:
+                raise  # logged once by RegistryAuth: an operator's problem
+            except UpstreamError as exc:  # the token request failed (RegistryAuth)
+                if isinstance(exc, UpstreamUnavailable) and attempt < self.config.retries:
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                    continue
+                raise self._failed(exc) from None
+            except httpx.TransportError as exc:
+                self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
+                if attempt < self.config.retries:
+                    attempt += 1
+                    await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                    continue
+                raise self._failed(UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
+            self.metrics.upstream_response(self.config.registry, method, response.status_code,
+                                           time.monotonic() - started, response.headers)
+            if response.status_code in RETRY_STATUSES and attempt < self.config.retries:
+                await response.aclose()
+                attempt += 1
+                await asyncio.sleep(0.1 * 3 ** (attempt - 1))
+                continue
+            if 200 <= response.status_code < 300:
+                unknown = [c for c in content_codings(response) if c not in SUPPORTED_CODINGS]
+                if unknown:
+                    await response.aclose()
+                    raise self._failed(UpstreamInvalid(
+                        f"{method} {path}: upstream answered in content coding {', '.join(unknown)}, "
+                        f"which the mirror cannot decode (it asks for {ACCEPT_ENCODING})"))
+                return response
+            try:
+                raise self._failed(await self._error(method, path, response))
+            finally:
+                await response.aclose()
+
+    def _failed(self, error: UpstreamError) -> UpstreamError:
+        """Count a request that failed for good (a 404 is an answer, not a failure)."""
+        if not isinstance(error, UpstreamNotFound):
+            reason = ("rate_limited" if isinstance(error, UpstreamRateLimited) else
+                      "denied" if isinstance(error, UpstreamDenied) else
+                      "invalid" if isinstance(error, UpstreamInvalid) else
+                      "server_error" if error.status else "unreachable")
+            self.metrics.upstream_error(self.config.registry, reason)
+        return error
+
+    async def _error(self, method: str, path: str, response: httpx.Response) -> UpstreamError:
+        status = response.status_code
+        code = None
+        if method != "HEAD":
+            try:
+                body = response.content[:MAX_ERROR_BYTES]  # already read (a non-streaming request)
+            except httpx.ResponseNotRead:
+                body = b""
+                with contextlib.suppress(httpx.DecodingError):
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_ERROR_BYTES:
+                            break
+            try:
+                code = json.loads(body)["errors"][0]["code"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                code = None
+        message = f"{method} {path}: upstream answered {status}"
+        kind: type[UpstreamError]
+        if status == 429:
+            kind = UpstreamRateLimited
+        elif status == 404 and not registry_not_found(response):
+            kind = UpstreamInvalid
+            page = _media_type(response.headers.get("content-type"))
+            message += f" with a web page ({page}), not a registry's answer"
+        elif status == 404:
+            kind = UpstreamNotFound
+        elif status in (401, 403):
+            kind = UpstreamDenied
+        elif status >= 500:
+            kind = UpstreamUnavailable
+        else:
+            kind = UpstreamInvalid
+        return kind(message, status, code if isinstance(code, str) else None, response.headers.get("retry-after"))
+
+    # -- the read API --
+
+    async def head_manifest(self, name: str, reference: str) -> ManifestHead:
+        response = await self._send("HEAD", f"/v2/{name}/manifests/{reference}",
+                                    headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        media_type = _media_type(response.headers.get("content-type"))
+        if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:
+            # All a HEAD can show of a login page or a web UI answering in the registry's place.
+            raise self._failed(UpstreamInvalid(
+                f"HEAD manifest {name}:{reference}: Content-Type {media_type or '(none)'!r} is not a manifest "
+                f"media type", response.status_code))
+        return ManifestHead(
+            digest=response.headers.get("docker-content-digest"),
+            media_type=media_type,
+            size=identity_length(response),
+        )
+
+    async def get_manifest(self, name: str, reference: str | Digest) -> Manifest:
+        """Fetch a manifest, verified against the digest asked for or announced."""
+        response = await self._send("GET", f"/v2/{name}/manifests/{reference}",
+                                    headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}, stream=True)
+        try:
+            received = bytearray()
+            async for chunk in response.aiter_bytes():
+                received += chunk
+                if len(received) > MAX_MANIFEST_BYTES:
+                    raise UpstreamInvalid(f"manifest {name}:{reference} is larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.DecodingError as exc:
+            self.metrics.upstream_error(self.config.registry, "invalid")
+            raise UpstreamInvalid(f"GET manifest {name}:{reference}: undecodable content coding: {exc}") from exc
+        except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
+            raise UpstreamUnavailable(f"GET manifest {name}:{reference}: {exc}") from exc
+        finally:
+            await response.aclose()
+        body = bytes(received)
+        self.metrics.received(self.config.registry, "manifest", len(body))
+        announced = response.headers.get("docker-content-digest")
+        try:
+            media_type = checked_manifest(body, response.headers.get("content-type", ""))
+            expected = [reference] if isinstance(reference, Digest) else []
+            if announced:
+                try:
+                    expected.append(parse_digest(announced))
+                except ParseError as exc:
+                    raise InvalidManifest(f"malformed Docker-Content-Digest {announced!r}") from exc
+            algorithm = expected[0].algorithm if expected else "sha256"
+            actual = registry_digest(body, media_type, algorithm)
+            for digest in expected:
+                if registry_digest(body, media_type, digest.algorithm) != digest:
+                    source = "asked for" if digest is reference else "announced"
+                    raise InvalidManifest(f"the manifest's digest is {actual}, not the {digest} {source}")
+        except InvalidManifest as exc:
+            raise self._failed(UpstreamInvalid(f"GET manifest {name}:{reference}: {exc}",
+                                               response.status_code)) from exc
+        return Manifest(body, media_type, actual)
+
+    @asynccontextmanager
+    async def blob(self, name: str, digest: Digest) -> AsyncIterator[BlobDownload]:
+        """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
+        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
+        try:
+            # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
+            # the start is an error before the blob is served (a 502, not a 200 cut short).
+            body = await primed(response.aiter_bytes()) if content_codings(response) else None
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
+                               body)
+        except httpx.DecodingError as exc:
+            self.metrics.upstream_error(self.config.registry, "invalid")
+            raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
+        except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
+            raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    @asynccontextmanager
+    async def foreign_blob(self, urls: Sequence[str], digest: Digest) -> AsyncIterator[BlobDownload]:
+        """Stream a non-distributable layer from the first of its *urls* that serves it.
+
+        These are other hosts than the registry: no credentials are sent.  The caller verifies the
+        digest.  :class:`UpstreamNotFound` when each URL answered 404 or 410 (or none is http(s)),
+        else :class:`UpstreamUnavailable` when none served it.
+        """
+        response = await self._foreign("GET", urls, digest)
+        try:
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+        except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
+            raise UpstreamUnavailable(f"GET foreign layer {digest}: body interrupted: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    async def head_foreign_blob(self, urls: Sequence[str], digest: Digest) -> int | None:
+        """The size a non-distributable layer's first serving URL announces (as :meth:`foreign_blob`)."""
+        response = await self._foreign("HEAD", urls, digest)
+        await response.aclose()
+        length = response.headers.get("content-length")
+        return int(length) if length and length.isdigit() else None
+
+    async def _foreign(self, method: str, urls: Sequence[str], digest: Digest) -> httpx.Response:
+        failures: list[str] = []
+        not_found = True
+        for url in urls:
+            if urlsplit(url).scheme not in ("http", "https"):
+                continue
+            started = time.monotonic()
+            try:
+                request = self.client.build_request(method, url, headers={"Accept-Encoding": "identity"})
+                response = await self.client.send(request, stream=True, auth=None)
+            except (httpx.TransportError, httpx.InvalidURL) as exc:
+                self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
+                failures.append(f"{url}: {type(exc).__name__}")
+                not_found = False
+                continue
+            self.metrics.upstream_response(self.config.registry, method, response.status_code,
+                                           time.monotonic() - started)
+            if 200 <= response.status_code < 300:
+                return response
+            await response.aclose()
+            failures.append(f"{url}: {response.status_code}")
+            not_found = not_found and response.status_code in (404, 410)
+        message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no http(s) url")
+        raise self._failed(UpstreamNotFound(message, 404) if not_found else UpstreamUnavailable(message))
+
+    async def head_blob(self, name: str, digest: Digest) -> int | None:
+        response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")
+        return identity_length(response)
+
+    async def tags(self, name: str) -> list[str]:
+        """Every tag of *name*, in the upstream's order, following the upstream's own paging.
+
+        A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
+        "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
+        link is followed as given (:func:`next_page`), never rebuilt, and only on the registry's
+        origin: credentials never go to another host.  Raises :class:`UpstreamInvalid` for a link
+        elsewhere, a link seen before, a page that is not a JSON object, or more than
+        :data:`MAX_TAG_PAGES` pages.
+        """
+        first = self.client.build_request("GET", f"/v2/{name}/tags/list").url
+        url: httpx.URL | None = first
+        visited = {str(first)}
+        found: dict[str, None] = {}
+        for _ in range(MAX_TAG_PAGES):
+            response = await self._send("GET", str(url))
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
+            if not isinstance(doc, dict):
+                raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
+            found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
+            url = next_page(response, first, visited, f"tags list of {name}")
+            if url is None:
+                return list(found)
+        raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")
+
+    async def referrers(self, name: str, digest: Digest, artifact_type: str | None) -> Referrers:
+        """Every referrer the upstream lists for a digest, following ``Link`` pages.
+
+        Raises :class:`UpstreamNotFound` as a registry's 404 (a registry without the Referrers API;
+        :func:`registry_not_found`), and :class:`UpstreamInvalid` for a 404 web page, an index that
+        is not JSON or more than ``MAX_REFERRER_PAGES`` pages.
+        """
+        params = {"artifactType": artifact_type} if artifact_type is not None else None
+        first = self.client.build_request("GET", f"/v2/{name}/referrers/{digest}", params=params).url
+        url: httpx.URL | None = first
+        visited = {str(first)}
+        found: list[dict[str, Any]] = []
+        filtered = True
+        for _ in range(MAX_REFERRER_PAGES):
+            response = await self._send("GET", str(url))
+            try:
+                doc = response.json()
+            except ValueError as exc:
+                if _media_type(response.headers.get("content-type")) != OCI_INDEX:
+                    return Referrers(None, False)  # a page of some other kind: no API here
+                raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
+            entries = doc.get("manifests") if isinstance(doc, dict) else None
+            if not isinstance(entries, list):
+                return Referrers(None, False)
+            found += [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+            applied = response.headers.get("oci-filters-applied", "")
+            filtered = filtered and "artifacttype" in applied.lower().replace(" ", "").split(",")
+            url = next_page(response, first, visited, f"referrers of {name}@{digest}")
+            if url is None:
+                return Referrers(found, filtered and artifact_type is not None)
+        raise UpstreamInvalid(f"referrers of {name}@{digest} has more than {MAX_REFERRER_PAGES} pages")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()

@@ -66,3 +66,42 @@ def test_kill9_after_the_last_byte_before_durability_loses_only_the_cache_entry(
         mirror.start()
         stored.unlink(missing_ok=True)
     assert caught, f"the crash never landed between the last byte and durability in {ATTEMPTS} attempts"
+
+
+def test_a_head_between_the_last_byte_and_durability_is_answered_as_cached(
+    tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A client that HEADs a blob right after its GET's last byte (the fill verified, its fsync
+    and rename still to come) hears what the GET said: stored here (HIT), the upstream not asked."""
+    registry = upstream_factory()
+    layer = random_layer(tmp_path, 64 * MIB, seed=16, compressed=False)
+    registry.push_image("library/big", "1", build_image(tmp_path, [layer]))
+    hex_ = layer.digest.removeprefix("sha256:")
+    blob_url_path = f"/v2/library/big/blobs/{layer.digest}"
+    mirror = mirror_factory(registry.url)
+    partial = mirror.data_dir / "tmp" / f"sha256-{hex_}.partial"
+    stored = mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+
+    caught = 0
+    for _ in range(ATTEMPTS):
+        registry.clear_counts()
+        received = 0
+        with httpx.Client(timeout=60.0, trust_env=False) as http:
+            with http.stream("GET", f"{mirror.url}{blob_url_path}") as answer:
+                assert answer.status_code == 200
+                for chunk in answer.iter_raw():
+                    received += len(chunk)
+            window = not stored.exists() and partial.exists() and partial.stat().st_mode & 0o777 == 0o444
+            head = http.head(f"{mirror.url}{blob_url_path}")
+        assert received == layer.size
+        assert head.status_code == 200 and head.headers["content-length"] == str(layer.size)
+        assert head.headers["x-mirror-cache"] == "HIT", f"in the window: {window}"
+        assert registry.count("HEAD", re.compile(f"^{re.escape(blob_url_path)}$")) == 0
+        caught += window
+        if caught:
+            break
+        mirror.kill9()  # start cold again: the blob linked, not stored
+        stored.unlink(missing_ok=True)
+        mirror.start()
+    assert caught, f"no HEAD landed between the last byte and durability in {ATTEMPTS} attempts"

@@ -207,6 +207,16 @@ class _Span:
         return self.count
 
 
+def verified_size(store: Store, digest: Digest) -> int | None:
+    """The size of *digest*'s fill if its bytes are all there and verified, only not yet moved
+    into ``blobs/`` (its leader is making it durable after its readers' last byte); else None."""
+    try:
+        status = os.stat(store.layout.fill(digest))
+    except FileNotFoundError:
+        return None
+    return status.st_size if status.st_mode & 0o777 == VERIFIED_MODE else None
+
+
 def fill_state(fd: int, final: os.PathLike[str] | str) -> str:
     # Verified: done, even while the leader still makes it durable (fsync, rename) or after it
     # was committed and evicted since.  A crash before the rename loses the fetch, never a byte:

@@ -18,7 +18,7 @@ from .config.load import load_config, to_environ
 from .config.sections import Config, ConfigError
 
 if TYPE_CHECKING:
-    from .metadata.diskcache import Metadata
+    from .metadata.driver import Metadata
     from .storage.filesystem import Store
 
 

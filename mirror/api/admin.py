@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from ..archive.members import ArchiveError
 from ..archive.preload import preload_file
 from ..config.sections import Config
-from ..metadata.diskcache import Metadata
+from ..metadata.driver import Metadata
 from ..spec.errors import APIError
 from ..storage.filesystem import Store, write_all
 

@@ -41,7 +41,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config.sections import Config, ConfigError, LogConfig
-from ..metadata.diskcache import DiskcacheMetadata, Metadata
+from ..metadata.diskcache import DiskcacheMetadata
+from ..metadata.driver import Metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from ..spec.endpoints import CACHE_HEADER, endpoint
 from ..storage.filesystem import Store

@@ -46,7 +46,7 @@ from typing import IO, Any
 
 from ..config.sections import Config, UpstreamConfig
 from ..config.values import human
-from ..metadata.diskcache import Metadata, local_repo
+from ..metadata.driver import Metadata, local_repo
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from ..spec.names import ImageName, InvalidImageName, parse_image_name

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config.values import human
 from ..maintenance.gc import reference_lock
-from ..metadata.diskcache import Metadata, TagRecord
+from ..metadata.driver import Metadata, TagRecord
 from ..observe.progress import NoProgress, Progress
 from ..spec.reference import parse_digest
 from ..storage.filesystem import Store

@@ -50,7 +50,6 @@ from typing import Any
 import diskcache
 
 from .driver import (
-    LOCAL,
     Lease,
     ManifestRecord,
     Metadata,
@@ -59,8 +58,7 @@ from .driver import (
     local_repo,
 )
 
-__all__ = ["LOCAL", "DiskcacheMetadata", "Lease", "ManifestRecord", "MappedGeneration", "Metadata", "TagRecord",
-           "UploadRecord", "local_repo"]
+__all__ = ["DiskcacheMetadata", "MappedGeneration"]
 
 
 class MappedGeneration:

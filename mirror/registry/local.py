@@ -21,7 +21,7 @@ import anyio.to_thread
 
 from ..config.sections import Config, PushConfig
 from ..maintenance.gc import reference_lock
-from ..metadata.diskcache import LOCAL, Metadata, TagRecord, local_repo
+from ..metadata.driver import LOCAL, Metadata, TagRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest

@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from ..maintenance.gc import reference_lock
 from ..maintenance.upkeep import AccessTracker
-from ..metadata.diskcache import Metadata, TagRecord
+from ..metadata.driver import Metadata, TagRecord
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from ..spec.reference import Digest, ParseError, parse_digest

@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from ..metadata.diskcache import Metadata
+from ..metadata.driver import Metadata
 from ..spec.errors import APIError
 from ..spec.pushed import referrer_descriptor
 from ..spec.reference import Digest, ParseError, parse_digest

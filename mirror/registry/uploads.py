@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from ..metadata.diskcache import Metadata, UploadRecord, local_repo
+from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest

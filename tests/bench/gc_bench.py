@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from mirror.metadata.diskcache import DiskcacheMetadata, TagRecord
+from mirror.metadata.diskcache import DiskcacheMetadata
+from mirror.metadata.driver import TagRecord
 from mirror.spec.reference import parse_digest
 from mirror.storage.filesystem import Store
 from tests.bench.harness import progress, scratch

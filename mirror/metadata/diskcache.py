@@ -49,6 +49,7 @@ from typing import Any
 
 import diskcache
 
+from ..storage.layout import generation_file
 from .driver import (
     Lease,
     ManifestRecord,
@@ -98,7 +99,7 @@ class DiskcacheMetadata(Metadata):
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
-        self._generation = MappedGeneration(directory / "generation")
+        self._generation = MappedGeneration(generation_file(directory))
         self._clock = clock
 
     @property

@@ -48,6 +48,11 @@ HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{12
 PARTIAL = ".partial"
 
 
+def generation_file(index: Path) -> Path:
+    """The generation token of the index kept in the directory *index*."""
+    return index / "generation"
+
+
 def new_upload_id() -> str:
     return secrets.token_hex(16)
 
@@ -88,7 +93,7 @@ class Layout:
 
     @property
     def generation(self) -> Path:
-        return self.index / "generation"
+        return generation_file(self.index)
 
     @property
     def uploads(self) -> Path:

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from ..registry.namespaces import Namespaces
 from ..registry.repository import Repository, paginate
 from ..registry.uploads import upload_headers
-from ..spec.endpoints import API_HEADERS, CACHE_HEADER, Kind, endpoint
+from ..spec.endpoints import API_HEADERS, CACHE_HEADER, Endpoint, Kind, endpoint
 from ..spec.errors import APIError, error_response
 from ..spec.manifest import OCI_INDEX, accepted
 from ..spec.pushed import referrers_index
@@ -52,11 +52,11 @@ async def dispatch(request: Request) -> Response:
     try:
         found = endpoint(f"/v2/{path}", request.method)
         handler = _HANDLERS.get(found.kind)
-        if handler is None or found.name is None or found.match is None:
+        if handler is None or found.name is None:
             raise APIError("NAME_UNKNOWN", "unknown endpoint", detail={"path": path}, status=404)
         if not found.allowed:
             raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
-        return await handler(request, _name(found.name), found.match)
+        return await handler(request, _name(found.name), found)
     except APIError as exc:
         return error_response(exc, head=head)
 
@@ -101,12 +101,12 @@ def _repository(request: Request, name: str) -> Repository:
     return namespaces.repository(name, request.query_params.get("ns"))
 
 
-async def _manifest(request: Request, name: str, m: re.Match[str]) -> Response:
+async def _manifest(request: Request, name: str, found: Endpoint) -> Response:
     memo: ManifestMemo = request.state.memo
     # Read before the index is (the repository's kind included): see ``api/memo.py``.
     stamp = memo.stamp() if not request.scope["query_string"] else None
     repository = _repository(request, name)
-    reference = _reference(m.group("reference"), request.method)
+    reference = _reference(found.reference or "", request.method)
     if request.method == "PUT":
         return await _put_manifest(request, repository, reference)
     if request.method == "DELETE":
@@ -147,17 +147,17 @@ async def _put_manifest(request: Request, repository: Repository, reference: str
     return Response(status_code=201, headers=headers)
 
 
-async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
+async def _blob(request: Request, name: str, found: Endpoint) -> Response:
     repository = _repository(request, name)
-    digest = _digest(m.group("digest"))
+    digest = _digest(found.digest or "")
     if request.method == "DELETE":
         await repository.delete_blob(digest)
         return Response(status_code=202, headers={**API_HEADERS, "Docker-Content-Digest": str(digest)})
     headers = {**API_HEADERS, "Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
     if request.method == "HEAD":
-        found = await repository.blob_head(digest)
-        headers[CACHE_HEADER] = found.outcome.value
-        headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
+        head = await repository.blob_head(digest)
+        headers[CACHE_HEADER] = head.outcome.value
+        headers.update({"Content-Length": str(head.size), "Accept-Ranges": "bytes"})
         return Response(None, headers=headers, media_type="application/octet-stream")
     result = await repository.blob(digest)
     source = result.source
@@ -174,10 +174,10 @@ async def _blob(request: Request, name: str, m: re.Match[str]) -> Response:
     return BlobResponse(source, headers, byte_range=byte_range)  # type: ignore[return-value]
 
 
-async def _upload(request: Request, name: str, m: re.Match[str]) -> Response:
+async def _upload(request: Request, name: str, found: Endpoint) -> Response:
     namespaces: Namespaces = request.state.namespaces
     repository = namespaces.repository(name)  # pushes go by the name alone, whatever ``?ns=`` says
-    uuid = m.group("upload")
+    uuid = found.upload or ""
     method = request.method
     if not uuid:
         if method != "POST":
@@ -231,9 +231,9 @@ def _blob_created(name: str, digest: Digest) -> Response:
     })
 
 
-async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
+async def _referrers(request: Request, name: str, found: Endpoint) -> Response:
     repository = _repository(request, name)
-    digest = _digest(m.group("digest"))
+    digest = _digest(found.digest or "")
     artifact_type = _artifact_type(request.query_params.get("artifactType"))
     result = await repository.referrers(digest, artifact_type)
     headers = {**API_HEADERS, CACHE_HEADER: result.outcome.value}
@@ -242,7 +242,7 @@ async def _referrers(request: Request, name: str, m: re.Match[str]) -> Response:
     return Response(referrers_index(result.manifests), headers=headers, media_type=OCI_INDEX)
 
 
-async def _tags(request: Request, name: str, m: re.Match[str]) -> Response:
+async def _tags(request: Request, name: str, found: Endpoint) -> Response:
     repository = _repository(request, name)
     n = _page_size(request.query_params.get("n"))
     last = _last(request.query_params.get("last"), parse_tag, "TAG_INVALID")
@@ -297,7 +297,7 @@ def _artifact_type(raw: str | None) -> str | None:
         raise APIError("UNSUPPORTED", "invalid artifactType filter", detail=str(exc), status=400) from exc
 
 
-_HANDLERS: dict[Kind, Callable[[Request, str, re.Match[str]], Awaitable[Response]]] = {
+_HANDLERS: dict[Kind, Callable[[Request, str, Endpoint], Awaitable[Response]]] = {
     Kind.MANIFEST: _manifest,
     Kind.BLOB: _blob,
     Kind.TAGS: _tags,

@@ -80,8 +80,6 @@ class Endpoint:
     digest: str | None = None
     #: ``upload``: the upload id as sent; ``""`` to start an upload.
     upload: str | None = None
-    #: The pattern's match, whose groups are the fields above.
-    match: re.Match[str] | None = None
 
     @property
     def allowed(self) -> bool:
@@ -133,5 +131,5 @@ def endpoint(path: str, method: str) -> Endpoint:
         if m is not None:
             groups = m.groupdict()
             return Endpoint(kind, method, methods, name=groups["name"], reference=groups.get("reference"),
-                            digest=groups.get("digest"), upload=groups.get("upload"), match=m)
+                            digest=groups.get("digest"), upload=groups.get("upload"))
     return Endpoint(Kind.UNKNOWN, method, frozenset())

@@ -94,3 +94,47 @@ def test_bad_upstreams_config_stops_start_up(tmp_path: Path, mirror_factory: Cal
     server = mirror_factory(config=config, start=False)
     with pytest.raises(RuntimeError, match=r"bad value for upstreams\[0\]\.url"):
         server.start(timeout=10)
+
+
+def test_a_delete_forgets_what_the_same_name_reads(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """A DELETE of cached content names the repository as a GET does, ``?ns=`` and registry
+    prefixes included, and forgets exactly what that GET is answered from."""
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": SECOND, "url": second.url},
+    ]}))
+    mirror = mirror_factory(config=config)
+    reads = {  # one URL per way of naming a cached repository
+        "ns": f"{mirror.url}/v2/org/app/manifests/1?ns={SECOND}",
+        "prefix": f"{mirror.url}/v2/docker.io/library/small/manifests/1",
+        "hub ns": f"{mirror.url}/v2/library/small/manifests/1?ns=docker.io",
+    }
+    for how, url in reads.items():
+        assert manifest(http, url).status_code == 200, how
+    digest = images.small.digest
+    config_blob = images.small.config_digest
+    blob = f"{mirror.url}/v2/{SECOND}/org/app/blobs/{config_blob}"
+    assert http.get(blob).status_code == 200
+    settle(mirror.data_dir)
+    second.stop()  # from now on, only what the mirror keeps can answer
+    upstream.stop()
+
+    deleted = http.delete(reads["ns"])
+    assert deleted.status_code == 202, deleted.text
+    assert manifest(http, reads["ns"]).status_code != 200  # the tag is forgotten, not served stale
+    assert http.delete(f"{mirror.url}/v2/{SECOND}/org/app/blobs/{config_blob}").status_code == 202
+    assert http.get(blob).status_code != 200
+
+    by_digest = f"{mirror.url}/v2/docker.io/library/small/manifests/{digest}"
+    assert manifest(http, by_digest).status_code == 200
+    deleted = http.delete(by_digest)
+    assert deleted.status_code == 202, deleted.text
+    for how in ("prefix", "hub ns"):
+        assert manifest(http, reads[how]).status_code != 200, how

@@ -78,10 +78,10 @@ class CachedRepository:
         return await self._pushes.put_manifest(reference, content_type, body, declared_length)
 
     async def delete_manifest(self, reference: str | Digest) -> None:
-        await self.local.delete_manifest(self.name, reference)
+        await self.local.delete_manifest(self.name, reference, repo=self.pull.repo_key(self.upstream_name))
 
     async def delete_blob(self, digest: Digest) -> None:
-        await self.local.delete_blob(self.name, digest)
+        await self.local.delete_blob(self.name, digest, repo=self.pull.repo_key(self.upstream_name))
 
     async def start_upload(self) -> UploadState:
         self._refuse_push()

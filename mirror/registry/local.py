@@ -231,9 +231,11 @@ class LocalRegistry:
 
     # -- deletes --
 
-    async def delete_manifest(self, name: str, reference: str | Digest) -> None:
+    async def delete_manifest(self, name: str, reference: str | Digest, *, repo: str | None = None) -> None:
+        """Forget a tag, or a manifest with its tags, in repository *name* (index key *repo*, if the
+        caller knows it better than :meth:`repo_key`: a cached repository named through ``?ns=``)."""
         self._check_delete()
-        repo = self.repo_key(name)
+        repo = repo if repo is not None else self.repo_key(name)
         if not isinstance(reference, Digest):
             if not await anyio.to_thread.run_sync(self.metadata.untag, repo, reference):
                 raise APIError("MANIFEST_UNKNOWN", detail={"tag": reference})
@@ -253,9 +255,10 @@ class LocalRegistry:
 
         await anyio.to_thread.run_sync(forget)
 
-    async def delete_blob(self, name: str, digest: Digest) -> None:
+    async def delete_blob(self, name: str, digest: Digest, *, repo: str | None = None) -> None:
         self._check_delete()
-        if not await anyio.to_thread.run_sync(self.metadata.unlink, self.repo_key(name), str(digest)):
+        repo = repo if repo is not None else self.repo_key(name)
+        if not await anyio.to_thread.run_sync(self.metadata.unlink, repo, str(digest)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
     def _check_delete(self) -> None:

@@ -34,7 +34,7 @@ from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.bypass import BypassBlob
 from ..storage.filesystem import Store
 from ..storage.fill import Fills
-from ..storage.growing import GrowingBlob, verified_size
+from ..storage.growing import GrowingBlob, stored_size
 from ..storage.refusals import refusal
 from ..upstream.answers import Manifest
 from ..upstream.client import Upstream
@@ -80,6 +80,10 @@ class PullThrough:
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
+
+    def repo_key(self, name: str) -> str:
+        """The index key of the cache of the upstream's repository *name*."""
+        return self._repo(self.upstream.canonical_name(name))
 
     # -- manifests --
 
@@ -248,7 +252,7 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if self.metadata.is_linked(self._repo(name), key):
-            size = await anyio.to_thread.run_sync(self._stored_size, digest)
+            size = await anyio.to_thread.run_sync(stored_size, self.store, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
         if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
@@ -262,14 +266,6 @@ class PullThrough:
         if size is None:
             raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
         return BlobHead(size, Outcome.MISS)
-
-    def _stored_size(self, digest: Digest) -> int | None:
-        """The blob's size if stored, or verified with its fill only being made durable (a HEAD
-        right after a GET's last byte is answered as the GET was)."""
-        size = self.store.size(digest)
-        if size is None:
-            size = verified_size(self.store, digest)
-        return size if size is not None else self.store.size(digest)  # renamed in between
 
     async def blob(self, name: str, digest: Digest) -> BlobResult:
         """The blob's bytes: from the store, or streaming in from the upstream."""

@@ -207,13 +207,18 @@ class _Span:
         return self.count
 
 
-def verified_size(store: Store, digest: Digest) -> int | None:
-    """The size of *digest*'s fill if its bytes are all there and verified, only not yet moved
-    into ``blobs/`` (its leader is making it durable after its readers' last byte); else None."""
+def stored_size(store: Store, digest: Digest) -> int | None:
+    """The size of *digest* if stored, or if its fill is all there and verified, only not yet
+    moved into ``blobs/`` (its leader makes it durable after its readers' last byte); else None.
+
+    A HEAD right after a GET's last byte is so answered as the GET was."""
+    size = store.size(digest)
+    if size is not None:
+        return size
     try:
         status = os.stat(store.layout.fill(digest))
     except FileNotFoundError:
-        return None
+        return store.size(digest)  # moved into the store in between
     return status.st_size if status.st_mode & 0o777 == VERIFIED_MODE else None
 
 

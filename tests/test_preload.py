@@ -825,3 +825,15 @@ def test_skopeo_oci_archive_is_preloaded_with_digests_preserved(
         assert sha256(body.content) == child["digest"]
         for descriptor in [json.loads(body.content)["config"], *json.loads(body.content)["layers"]]:
             assert blob_digest(http, server.url, "library/dlist", descriptor["digest"]) == descriptor["digest"]
+
+
+@pytest.mark.parametrize("command", ["preload", "export"])
+def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path, command: str) -> None:
+    """``--data`` naming a regular file: one line saying so, exit status 2, no traceback."""
+    data = tmp_path / "not-a-directory"
+    data.write_text("x")
+    args = [str(tmp_path / "missing.tar")] if command == "preload" else ["library/x:1", "-o", str(tmp_path / "o.tar")]
+    done = mirror_cli(command, "--data", str(data), *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"mirror: cannot use data directory {data}:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -71,12 +71,18 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 
 def _open(config: Config) -> Any:
+    """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
     from ..metadata.diskcache import DiskcacheMetadata
     from ..storage.filesystem import Store
 
-    store = Store(config.storage.path)
-    store.create()
-    metadata = DiskcacheMetadata(store.layout.index)
+    try:
+        store = Store(config.storage.path)
+        store.create()
+        metadata = DiskcacheMetadata(store.layout.index)
+    except OSError as exc:
+        print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
+        return None
+
     def counted(size: int) -> None:
         metadata.add_usage(size)  # the store's byte count, as the server keeps it
 
@@ -98,11 +104,10 @@ def run_preload(args: argparse.Namespace) -> int:
     from .members import ArchiveError
     from .preload import preload_file
 
-    try:
-        store, metadata = _open(config)
-    except OSError as exc:
-        print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
+    opened = _open(config)
+    if opened is None:
         return 2
+    store, metadata = opened
     failed, images, new_bytes = 0, 0, 0
     try:
         for file in args.files:
@@ -274,11 +279,10 @@ def run_export(args: argparse.Namespace) -> int:
     config = _config(args, **{"upstream.url": args.upstream})
     if config is None:
         return 2
-    try:
-        store, metadata = _open(config)
-    except OSError as exc:
-        print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
+    opened = _open(config)
+    if opened is None:
         return 2
+    store, metadata = opened
     progress = TerminalProgress("export")
     try:
         summary = Exporter(config, store, metadata, platforms=platforms, all_platforms=args.all_platforms,

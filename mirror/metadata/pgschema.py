@@ -22,6 +22,8 @@ __all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "m
 
 #: The NOTIFY channel on which each withdrawal publishes the new generation counter.
 CHANNEL = "mirror_metadata_generation"
+#: The application_name of each instance's listening connection (in pg_stat_activity).
+LISTENER = "mirror-metadata-generation"
 _LOCK = 0x6D6972726F72  # pg_advisory_xact_lock key of migrations ("mirror")
 
 _KEY = 'text COLLATE "C" NOT NULL'
@@ -119,7 +121,7 @@ class NotifiedGeneration:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._dsn, autocommit=True) as conn:
+                with psycopg.connect(self._dsn, autocommit=True, application_name=LISTENER) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")  # before reading: nothing committed after is missed
                     row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
                     with self._lock:

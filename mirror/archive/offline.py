@@ -71,12 +71,12 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 
 def _open(config: Config) -> Any:
-    from ..metadata.diskcache import DiskcacheMetadata
+    from ..metadata.opening import open_metadata
     from ..storage.filesystem import Store
 
     store = Store(config.storage.path)
     store.create()
-    metadata = DiskcacheMetadata(store.layout.index)
+    metadata = open_metadata(config.metadata, store.layout.index)
     def counted(size: int) -> None:
         metadata.add_usage(size)  # the store's byte count, as the server keeps it
 

@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_store(config: Config) -> tuple[Store, Metadata] | None:
-    from .metadata.diskcache import DiskcacheMetadata
+    from .metadata.opening import open_metadata
     from .storage.filesystem import Store
 
     store = Store(config.storage.path)
     if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
         return None
-    return store, DiskcacheMetadata(store.layout.index)
+    return store, open_metadata(config.metadata, store.layout.index)
 
 
 def collect(config: Config, dry_run: bool) -> int:

@@ -20,6 +20,7 @@ from tests.support.dockerd import Dockerd
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
 from tests.support.procs import require_tool
 from tests.support.registry import REGISTRY_BINARY, UpstreamRegistry
 
@@ -66,6 +67,14 @@ def images(upstream: UpstreamRegistry, tmp_path_factory: pytest.TempPathFactory)
     built = StandardImages.build(tmp_path_factory.mktemp("images"))
     built.push(upstream.url)
     return built
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL 15 cluster (fails, never skips, if it is not installed); each test
+    takes a database of its own with :meth:`PostgresServer.create_database`."""
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture

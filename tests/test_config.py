@@ -221,3 +221,32 @@ def test_a_broken_list_in_the_environment_names_the_key(tmp_path: Path, name: st
     key = name[len("MIRROR_"):].lower().replace("_", ".", 1)
     with pytest.raises(ConfigError, match=rf"bad value for {key}: .*expected a list"):
         load_config(env={"MIRROR_AUTH_HTPASSWD_PATH": str(htpasswd), name: "[ops, [x"})
+
+
+def test_metadata_driver_and_its_dsn_which_is_never_shown(tmp_path: Path) -> None:
+    assert load_config(env={}).metadata.driver == "diskcache"
+    with pytest.raises(ConfigError, match="metadata.driver: postgres needs metadata.postgres.dsn"):
+        load_config(env={"MIRROR_METADATA_DRIVER": "postgres"})
+    with pytest.raises(ConfigError, match="bad value for metadata.driver: 'mysql'"):
+        load_config(env={"MIRROR_METADATA_DRIVER": "mysql"})
+
+    path = tmp_path / "mirror.yaml"
+    path.write_text("metadata:\n  driver: postgres\n  postgres:\n    dsn: postgresql://m:file-pw@db/mirror\n")
+    in_file = load_config(path, env={})
+    assert (in_file.metadata.driver, in_file.metadata.postgres_dsn) == ("postgres", "postgresql://m:file-pw@db/mirror")
+    dsn = "host=db2 dbname=mirror user=m password=env-s3cr3t"
+    from_env = load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN": dsn})
+    assert from_env.metadata.postgres_dsn == dsn and "env-s3cr3t" not in repr(from_env)
+    assert load_config(env=to_environ(from_env)) == from_env
+
+    secret = tmp_path / "dsn"
+    secret.write_text("host=db3 dbname=mirror user=m password=file-s3cr3t\n")
+    from_file = load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)})
+    assert from_file.metadata.postgres_dsn == "host=db3 dbname=mirror user=m password=file-s3cr3t"
+    assert "file-s3cr3t" not in repr(from_file)
+    environ = to_environ(from_file)  # workers read the file again
+    assert "file-s3cr3t" not in str(environ) and environ["MIRROR_METADATA_POSTGRES_DSN_FILE"] == str(secret)
+    assert load_config(env=environ) == from_file
+    with pytest.raises(ConfigError, match="bad value for metadata.postgres.dsn_file: .*: the file is empty"):
+        secret.write_text("")
+        load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)})

@@ -6,7 +6,8 @@ server's workers, ``mirror gc`` and other replicas would.  Leases are checked ag
 injected clock, and for exclusivity and token order from two processes at once.
 
 A new driver adds an opener to :data:`DRIVERS`: a picklable ``(clock or None) -> Metadata``
-over data the test owns.
+over data the test owns.  Without a clock a driver times leases by its own (the postgres driver,
+by the database's); the other processes open theirs that way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import pytest
 
 from mirror.metadata.diskcache import DiskcacheMetadata
 from mirror.metadata.driver import Lease, ManifestRecord, Metadata, TagRecord, UploadRecord, local_repo
+from mirror.metadata.postgres import PostgresMetadata
+from tests.support.postgres import PostgresServer
 
 Clock = Callable[[], float]
 Opener = Callable[..., Metadata]
@@ -37,9 +40,20 @@ def open_diskcache(directory: Path, clock: Clock | None = None) -> Metadata:
     return DiskcacheMetadata(directory, clock=clock or time.time)
 
 
-#: name -> given a directory of the test's own, an opener over data that starts empty.
-DRIVERS: dict[str, Callable[[Path], Opener]] = {
-    "diskcache": lambda tmp: functools.partial(open_diskcache, tmp / "index"),
+def open_postgres(dsn: str, clock: Clock | None = None) -> Metadata:
+    return PostgresMetadata(dsn, clock=clock)
+
+
+def _postgres(request: pytest.FixtureRequest, tmp: Path) -> Opener:
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return functools.partial(open_postgres, server.create_database())
+
+
+#: name -> given the test's request (for the servers it needs) and a directory of its own, an opener
+#: over data that starts empty.
+DRIVERS: dict[str, Callable[[pytest.FixtureRequest, Path], Opener]] = {
+    "diskcache": lambda request, tmp: functools.partial(open_diskcache, tmp / "index"),
+    "postgres": _postgres,
 }
 
 
@@ -53,7 +67,7 @@ class FakeClock:
 
 @pytest.fixture(params=sorted(DRIVERS))
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    return DRIVERS[request.param](tmp_path)
+    return DRIVERS[request.param](request, tmp_path)
 
 
 @pytest.fixture

@@ -41,8 +41,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config.sections import Config, ConfigError, LogConfig
-from ..metadata.diskcache import DiskcacheMetadata
 from ..metadata.driver import Metadata
+from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from ..spec.endpoints import CACHE_HEADER, endpoint
 from ..storage.filesystem import Store
@@ -254,7 +254,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from ..observe.metrics import exposition_registry
 
     store = Store(config.storage.path)
-    metadata = DiskcacheMetadata(store.layout.index)
+    metadata = open_metadata(config.metadata, store.layout.index)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [
         StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])

@@ -72,13 +72,13 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
-    from ..metadata.diskcache import DiskcacheMetadata
+    from ..metadata.opening import open_metadata
     from ..storage.filesystem import Store
 
     try:
         store = Store(config.storage.path)
         store.create()
-        metadata = DiskcacheMetadata(store.layout.index)
+        metadata = open_metadata(config.metadata, store.layout.index)
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return None

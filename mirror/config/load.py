@@ -31,6 +31,7 @@ from .sections import (
     GcConfig,
     HttpConfig,
     LogConfig,
+    MetadataConfig,
     MetricsConfig,
     PushConfig,
     StorageConfig,
@@ -45,6 +46,7 @@ SECTIONS: dict[str, type] = {
     "http": HttpConfig,
     "storage": StorageConfig,
     "upstream": UpstreamConfig,
+    "metadata": MetadataConfig,
     "cache": CacheConfig,
     "gc": GcConfig,
     "push": PushConfig,
@@ -235,5 +237,5 @@ def to_environ(config: Config) -> dict[str, str]:
 
 
 def _exported(section: Any, name: str) -> bool:
-    """A password read from ``password_file`` stays out of the environment: workers read the file again."""
-    return not (name == "password" and getattr(section, "password_file", None) is not None)
+    """A password (or DSN) read from a file stays out of the environment: workers read the file again."""
+    return getattr(section, f"{name}_file", None) is None

@@ -121,6 +121,22 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class MetadataConfig:
+    # Where the index lives: "diskcache" (DATA/index/, one host) or "postgres" (a database, shared by hosts).
+    driver: str = setting(parse_choice("diskcache", "postgres"), "diskcache")
+    # libpq connection string or postgresql:// URL (metadata.postgres.dsn); it may hold a password: never shown.
+    postgres_dsn: str | None = setting(parse_optional_str, None, secret=True)
+    # The DSN read from a file at start-up instead (Docker / Kubernetes secrets); takes precedence over dsn.
+    postgres_dsn_file: SecretFile | None = setting(parse_secret_file, None)
+
+    def __post_init__(self) -> None:
+        if self.postgres_dsn_file is not None:
+            object.__setattr__(self, "postgres_dsn", self.postgres_dsn_file.value)
+        if self.driver == "postgres" and not self.postgres_dsn:
+            raise ConfigError("metadata.driver: postgres needs metadata.postgres.dsn or metadata.postgres.dsn_file")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     tag_ttl: float = setting(parse_duration, 300.0)
     # Disk budget of the store: bytes, or a fraction of the filesystem (from "80%"); 0 = no limit.
@@ -236,6 +252,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     gc: GcConfig = field(default_factory=GcConfig)
     push: PushConfig = field(default_factory=PushConfig)

@@ -1,7 +1,8 @@
 """The index: what the stored bytes mean (tags, links, manifests, referrers, uploads, pins,
 access times, usage, leases, the generation that invalidates memos).
 
-Owns the metadata driver interface (``driver``) and its diskcache driver (``diskcache``).
+Owns the metadata driver interface (``driver``) and its drivers: ``diskcache``, and ``postgres``
+(with its schema, ``pgschema``).
 
 May import: ``spec``, ``config``, ``observe``, ``storage`` (for the layout of the data directory).
 """

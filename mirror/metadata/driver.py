@@ -7,6 +7,9 @@ typed against :class:`Metadata`, never against a driver; none of them builds a k
 
 * ``diskcache`` (:class:`mirror.metadata.diskcache.DiskcacheMetadata`, the default): SQLite in WAL mode
   under ``DATA/index/``, shared by the worker processes and the CLI of one host.
+* ``postgres`` (:class:`mirror.metadata.postgres.PostgresMetadata`): a PostgreSQL database, shared
+  by several hosts; the generation is pushed to every instance by LISTEN/NOTIFY, leases expire by
+  the database's clock.
 
 Every driver passes ``tests/test_metadata_contract.py``.  What it promises besides the shapes:
 

@@ -24,7 +24,7 @@ from ..config.sections import Config
 from ..maintenance.figures import StoreCollector
 from ..maintenance.gc import Collector
 from ..maintenance.upkeep import AccessTracker, Maintenance
-from ..metadata.diskcache import DiskcacheMetadata
+from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
 from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
@@ -49,7 +49,7 @@ def create_app(config: Config) -> Starlette:
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
-        metadata = DiskcacheMetadata(store.layout.index)
+        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index)
         memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.

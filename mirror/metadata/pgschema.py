@@ -1,0 +1,141 @@
+"""The postgres metadata driver's schema, its migrations, and the generation pushed by LISTEN/NOTIFY.
+
+The schema is versioned in ``schema_version`` (one row).  :func:`migrate` brings a database up to
+:data:`SCHEMA_VERSION` at start, under an advisory lock so that workers starting together apply a
+migration once; a database whose version is newer than this code knows is refused
+(:class:`SchemaTooNew`) rather than written to by code that does not know its meaning.
+
+Keys are ``text COLLATE "C"``: sorted by code point, like the diskcache driver's lists, and
+compared byte for byte (digests, repository names and tags are ASCII).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any
+
+import psycopg
+
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "migrate"]
+
+#: The NOTIFY channel on which each withdrawal publishes the new generation counter.
+CHANNEL = "mirror_metadata_generation"
+#: The application_name of each instance's listening connection (in pg_stat_activity).
+LISTENER = "mirror-metadata-generation"
+_LOCK = 0x6D6972726F72  # pg_advisory_xact_lock key of migrations ("mirror")
+
+_KEY = 'text COLLATE "C" NOT NULL'
+
+#: MIGRATIONS[n] brings a database from version n to n + 1.
+MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE tags (repo {_KEY}, tag {_KEY}, digest {_KEY}, media_type text NOT NULL,
+                       fetched_at double precision NOT NULL, PRIMARY KEY (repo, tag));
+    CREATE INDEX tags_by_digest ON tags (repo, digest);
+    CREATE TABLE manifests (digest {_KEY} PRIMARY KEY, media_type text NOT NULL, size bigint NOT NULL);
+    CREATE TABLE links (repo {_KEY}, digest {_KEY}, PRIMARY KEY (repo, digest));
+    CREATE TABLE repositories (repo {_KEY} PRIMARY KEY);
+    CREATE TABLE locals (name {_KEY} PRIMARY KEY, created_at double precision NOT NULL);
+    CREATE TABLE referrers (repo {_KEY}, subject {_KEY}, digest {_KEY},
+                            added bigint GENERATED ALWAYS AS IDENTITY, descriptor jsonb NOT NULL,
+                            PRIMARY KEY (repo, subject, digest));
+    CREATE TABLE upstream_referrers (repo {_KEY}, subject {_KEY}, filter {_KEY},
+                                     fetched_at double precision NOT NULL, descriptors jsonb NOT NULL,
+                                     PRIMARY KEY (repo, subject, filter));
+    CREATE TABLE referrers_api (registry {_KEY} PRIMARY KEY, present boolean NOT NULL);
+    CREATE TABLE pins (repo {_KEY}, digest {_KEY}, pinned_at double precision NOT NULL,
+                       PRIMARY KEY (repo, digest));
+    CREATE TABLE uploads (uuid {_KEY} PRIMARY KEY, name text NOT NULL, started_at double precision NOT NULL);
+    CREATE TABLE foreign_urls (digest {_KEY} PRIMARY KEY, urls text[] NOT NULL);
+    CREATE TABLE access (repo {_KEY}, digest {_KEY}, used_at double precision NOT NULL,
+                         PRIMARY KEY (repo, digest));
+    CREATE TABLE counters (name {_KEY} PRIMARY KEY, value bigint NOT NULL);
+    INSERT INTO counters VALUES ('usage', 0), ('generation', 0);
+    CREATE TABLE settings (name {_KEY} PRIMARY KEY, value jsonb NOT NULL);
+    CREATE TABLE leases (name {_KEY} PRIMARY KEY, holder text NOT NULL, token bigint NOT NULL,
+                         expires double precision NOT NULL);
+    CREATE SEQUENCE lease_tokens AS bigint;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer mirror than this one."""
+
+
+def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """Bring the database of *conn* (autocommit) to :data:`SCHEMA_VERSION`; return the version it had.
+
+    Raises :class:`SchemaTooNew` if its version is newer than this code's.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = int(row[0]) if row is not None and row[0] is not None else 0
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(f"the metadata database has schema version {found}, newer than the {SCHEMA_VERSION}"
+                               " this mirror knows: upgrade the mirror (or point it at another database)")
+        for version in range(found, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[version])
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (max(found, SCHEMA_VERSION),))
+    return found
+
+
+class NotifiedGeneration:
+    """The generation counter as this process last learnt it, pushed by LISTEN/NOTIFY.
+
+    Every withdrawal increments ``counters.generation`` and, in the same transaction, notifies
+    :data:`CHANNEL` with the new value; a background thread of each instance listens on a
+    connection of its own and keeps the largest value seen, so :meth:`read` is a memory read.
+    The instance's own withdrawals are applied when they commit (:meth:`saw`).  While the
+    listener is not connected (before it is, or after losing the server) nothing can be known
+    of other processes' withdrawals, so every read returns a new token: memos never hit.
+    """
+
+    def __init__(self, dsn: str, *, wait: float = 10.0) -> None:
+        self._dsn = dsn
+        self._value: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="metadata-generation", daemon=True)
+        self._thread.start()
+        self._listening.wait(wait)
+
+    def read(self) -> bytes:
+        value = self._value
+        return os.urandom(8) if value is None else value.to_bytes(8, "big")
+
+    def saw(self, counter: int) -> None:
+        """Take a counter value committed by a withdrawal (values only grow: older news changes nothing)."""
+        with self._lock:
+            if self._value is not None and counter > self._value:
+                self._value = counter
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, application_name=LISTENER) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")  # before reading: nothing committed after is missed
+                    row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
+                    with self._lock:
+                        self._value = max(int(row[0]) if row else 0, self._value or 0)
+                    self._listening.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.1):
+                            with contextlib.suppress(ValueError):
+                                self.saw(int(note.payload))
+            except psycopg.Error:
+                with self._lock:
+                    self._value = None
+                self._stop.wait(1.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)

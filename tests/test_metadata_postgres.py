@@ -1,0 +1,151 @@
+"""What the postgres metadata driver does beyond the contract (tests/test_metadata_contract.py):
+its schema's versions, leases timed by the database's clock, the generation while its LISTEN
+connection is lost; and the real mirror configured with it.  Against the session's real
+PostgreSQL 15."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import httpx
+import psycopg
+import pytest
+
+from mirror.metadata.driver import TagRecord
+from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
+from mirror.metadata.postgres import PostgresMetadata
+from tests.support.catalog import StandardImages
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.waiting import eventually
+from tests.test_push_api import push_image
+
+REPO = "docker.io/library/alpine"
+D1, D2 = (f"sha256:{c * 64}" for c in "12")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def dsn(postgres: PostgresServer) -> str:
+    return postgres.create_database()
+
+
+def _query(dsn: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql)  # type: ignore[call-overload]
+        return cur.fetchall() if cur.description else []
+
+
+def _database_time(dsn: str) -> float:
+    return float(_query(dsn, "SELECT extract(epoch from clock_timestamp())::float8")[0][0])  # type: ignore[arg-type]
+
+
+def test_the_schema_is_made_once_and_a_newer_one_is_refused(dsn: str) -> None:
+    first = PostgresMetadata(dsn)
+    first.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+    first.close()
+    second = PostgresMetadata(dsn)  # a second start migrates nothing and keeps the data
+    try:
+        assert second.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
+    finally:
+        second.close()
+    assert _query(dsn, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+
+    _query(dsn, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")  # as a newer mirror leaves it
+    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade the mirror"):
+        PostgresMetadata(dsn)
+    assert _query(dsn, "SELECT version FROM schema_version") == [(SCHEMA_VERSION + 1,)]
+    assert _query(dsn, "SELECT digest FROM tags") == [(D1,)]
+
+
+def test_leases_expire_by_the_database_clock(dsn: str) -> None:
+    one, two = PostgresMetadata(dsn), PostgresMetadata(dsn)
+    try:
+        before = _database_time(dsn)
+        lease = one.take_lease("sha256:abc", "replica-1", ttl=1.0)
+        after = _database_time(dsn)
+        assert lease is not None and before + 1.0 <= lease.expires <= after + 1.0
+        assert two.take_lease("sha256:abc", "replica-2", ttl=1.0) is None
+        assert two.current_lease("sha256:abc") == lease
+        renewed = one.renew_lease(lease, ttl=1.0)
+        assert renewed is not None and renewed.expires >= lease.expires
+        time.sleep(max(0.0, renewed.expires - time.time()) + 0.2)  # the clocks of one host
+        assert two.current_lease("sha256:abc") is None
+        taken = two.take_lease("sha256:abc", "replica-2", ttl=30)
+        assert taken is not None and taken.token > lease.token
+        assert one.renew_lease(lease, ttl=30) is None and not one.release_lease(lease)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_the_generation_is_never_stale_while_its_connection_is_lost(dsn: str) -> None:
+    """Cut off from notifications, an instance cannot know what others withdraw: until it listens
+    again every read differs (memos miss); then it reads the counter, with what it missed."""
+    index, other = PostgresMetadata(dsn), PostgresMetadata(dsn)
+    try:
+        other.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+        steady = index.generation.read()
+        assert index.generation.read() == steady
+        _query(dsn, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{LISTENER}'"
+                    " AND datname = current_database()")
+        assert eventually(lambda: index.generation.read() != index.generation.read(), timeout=5)
+        other.untag(REPO, "1")  # withdrawn meanwhile (the listeners reconnect after a second)
+        listening = [index.generation, other.generation]
+        assert eventually(lambda: all(g.read() == g.read() for g in listening), timeout=10)
+        assert index.generation.read() != steady
+        assert index.generation.read() == other.generation.read()
+    finally:
+        index.close()
+        other.close()
+
+
+def test_the_mirror_keeps_its_index_in_postgres(
+    images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+    postgres: PostgresServer, http: httpx.Client,
+) -> None:
+    """Two workers sharing one database: a pull through is cached there and served again without
+    the upstream; a push is recorded there and read back."""
+    dsn = postgres.create_database()
+    mirror = mirror_factory(workers=2, env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    upstream.clear_counts()
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    first = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept)
+    assert first.status_code == 200 and first.content == item.manifest
+    assert first.headers["x-mirror-cache"] == "MISS"
+    layer = item.layers[-1].digest
+    assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer}").content == item.blobs[layer].read_bytes()
+    for _ in range(4):  # whichever worker answers
+        again = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept)
+        assert again.content == item.manifest and again.headers["x-mirror-cache"] == "HIT"
+    assert upstream.count("GET", re.compile(rf"^/v2/{re.escape(name)}/manifests/")) == 1
+    tags = _query(dsn, "SELECT repo, tag, digest FROM tags")
+    assert [(tag, item.digest)] == [(t, d) for repo, t, d in tags if str(repo).endswith(name)]
+    assert (item.digest,) in _query(dsn, "SELECT digest FROM manifests")
+
+    manifest, _ = push_image(http, mirror.url, "team/app", "v1", seed=7)
+    for _ in range(4):
+        pulled = http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers=accept)
+        assert pulled.status_code == 200 and pulled.content == manifest
+    assert http.get(f"{mirror.url}/v2/team/app/tags/list").json() == {"name": "team/app", "tags": ["v1"]}
+    assert _query(dsn, "SELECT name FROM locals") == [("team/app",)]
+    assert ("local/team/app", "v1") in _query(dsn, "SELECT repo, tag FROM tags")
+    assert not list((mirror.data_dir / "index").glob("*.db"))  # nothing went to the diskcache driver
+
+
+def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
+    mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+) -> None:
+    dsn = f"host=127.0.0.1 port={postgres.port} dbname=absent user=postgres password=s3cr3t-pw connect_timeout=5"
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn}
+    mirror = mirror_factory(start=False, env=env)
+    with pytest.raises(RuntimeError, match="mirror did not come up") as failed:
+        mirror.start(timeout=30)
+    assert 'database "absent" does not exist' in str(failed.value)
+    assert "s3cr3t-pw" not in mirror.log_tail(500)

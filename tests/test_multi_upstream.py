@@ -97,20 +97,21 @@ def test_bad_upstreams_config_stops_start_up(tmp_path: Path, mirror_factory: Cal
 
 
 def test_a_delete_forgets_what_the_same_name_reads(
-    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
-    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    tmp_path: Path, images: StandardImages, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client,
 ) -> None:
     """A DELETE of cached content names the repository as a GET does, ``?ns=`` and registry
     prefixes included, and forgets exactly what that GET is answered from."""
-    second = upstream_factory()
+    hub, second = upstream_factory(), upstream_factory()  # both stopped below: not the shared upstream
+    hub.push_image("library/small", "1", images.small)
     second.push_image("org/app", "1", images.small)
     config = tmp_path / "mirror.yml"
     config.write_text(yaml.safe_dump({"upstreams": [
-        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": "docker.io", "url": hub.url, "library_namespace": "true"},
         {"registry": SECOND, "url": second.url},
     ]}))
-    mirror = mirror_factory(config=config)
+    mirror = mirror_factory(hub.url, config=config)  # --upstream names the first upstream's URL
     reads = {  # one URL per way of naming a cached repository
         "ns": f"{mirror.url}/v2/org/app/manifests/1?ns={SECOND}",
         "prefix": f"{mirror.url}/v2/docker.io/library/small/manifests/1",
@@ -124,7 +125,7 @@ def test_a_delete_forgets_what_the_same_name_reads(
     assert http.get(blob).status_code == 200
     settle(mirror.data_dir)
     second.stop()  # from now on, only what the mirror keeps can answer
-    upstream.stop()
+    hub.stop()
 
     deleted = http.delete(reads["ns"])
     assert deleted.status_code == 202, deleted.text
@@ -137,4 +138,5 @@ def test_a_delete_forgets_what_the_same_name_reads(
     deleted = http.delete(by_digest)
     assert deleted.status_code == 202, deleted.text
     for how in ("prefix", "hub ns"):
-        assert manifest(http, reads[how]).status_code != 200, how
+        gone = manifest(http, reads[how])
+        assert gone.status_code != 200, (how, gone.headers.get("x-mirror-cache"))

@@ -49,16 +49,26 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
+class SharedUpstream(UpstreamRegistry):
+    """The session's registry: a test that stops it would break every test after it."""
+
+    def stop(self) -> None:
+        raise AssertionError("the session's shared upstream cannot be stopped: use upstream_factory()")
+
+    def close(self) -> None:
+        super().stop()
+
+
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamRegistry]:
-    """The session's docker-registry; tests must not stop or restart it."""
+    """The session's docker-registry; tests must not stop or restart it (both raise)."""
     require_tool(REGISTRY_BINARY, "docker-registry")
-    registry = UpstreamRegistry(tmp_path_factory.mktemp("upstream"))
+    registry = SharedUpstream(tmp_path_factory.mktemp("upstream"))
     try:
         registry.start()
         yield registry
     finally:
-        registry.stop()
+        registry.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """What only the S3 driver does (``mirror/storage/s3.py``), on a real S3 server (SeaweedFS).
 
 The blob-store contract (``test_blobstore_contract.py``) covers what every driver does; here:
-fixed-size parts, the sweep of abandoned multipart uploads, credentials, and options.
+fixed-size parts, the sweep of abandoned multipart uploads, credentials, options and the
+``storage.s3.*`` configuration.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from mirror.config.load import load_config
 from mirror.spec.reference import Digest
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
 from tests.support.seaweedfs import SeaweedS3
@@ -103,3 +105,19 @@ def test_options(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
     finally:
         reader.close()
     assert store.space() is None and store.room_error(1 << 40) is None
+
+
+def test_a_store_built_from_the_configuration(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+    config = load_config(env={
+        "MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": s3_bucket,
+        "MIRROR_STORAGE_S3_REGIONENDPOINT": seaweedfs.endpoint, "MIRROR_STORAGE_S3_FORCEPATHSTYLE": "true",
+        "MIRROR_STORAGE_S3_ACCESSKEY": seaweedfs.accesskey, "MIRROR_STORAGE_S3_SECRETKEY": seaweedfs.secretkey,
+        "MIRROR_STORAGE_S3_ROOTDIRECTORY": "/team/registry/", "MIRROR_STORAGE_S3_REDIRECT": "true"})
+    store = S3Store(S3Options.from_config(config.storage))
+    store.create()
+    digest = Digest.of(b"configured")
+    store.put_bytes(digest, b"configured")
+    keys = [o["Key"] for o in seaweedfs.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys == [f"team/registry/blobs/sha256/{digest.hex[:2]}/{digest.hex}"]
+    url = store.redirect_url(digest)
+    assert url is not None and url.startswith(seaweedfs.endpoint)

@@ -27,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.utils import determine_content_length
 
+from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import DigestMismatch, SizeMismatch, StoreError
 from .reads import READ_CHUNK, ShortFile, read_chunks
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .s3 import S3Store
 
 #: S3's smallest part but the last (``chunksize`` may not be less).
-MIN_CHUNK = 5 << 20
+MIN_CHUNK = S3_MIN_CHUNK
 DEFAULT_CHUNK = 16 << 20
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
@@ -54,6 +55,13 @@ class S3Options:
     forcepathstyle: bool = False
     chunksize: int = DEFAULT_CHUNK
     redirect: bool = False
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig) -> S3Options:
+        """The options of the ``storage.s3.*`` keys (``storage.driver: s3`` has made sure of a bucket)."""
+        return cls(storage.s3_bucket or "", storage.s3_region, storage.s3_regionendpoint, storage.s3_rootdirectory,
+                   storage.s3_accesskey or "", storage.s3_secretkey or "", storage.s3_forcepathstyle,
+                   storage.s3_chunksize, storage.s3_redirect)
 
     def __repr__(self) -> str:  # never show the secret
         return (f"S3Options(bucket={self.bucket!r}, region={self.region!r}, regionendpoint={self.regionendpoint!r},"

@@ -20,10 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.spec.reference import Digest
+from mirror.spec.reference import Digest, parse_digest
 from mirror.storage.driver import BlobReader, BlobStore, DigestMismatch, SizeMismatch
 from mirror.storage.filesystem import Store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
+from tests.support.images import random_layer
+from tests.support.schema1 import signed_schema1
 from tests.support.seaweedfs import SeaweedS3
 
 
@@ -325,6 +327,18 @@ def test_commit_file_stores_a_local_file_verified(driver: Driver) -> None:
     store.commit_file(again, digest, known_hex=digest.hex)  # already stored: the copy goes
     assert not again.exists() and listed(store) == {str(digest): len(data)}
     assert driver.leftovers() == []
+
+
+def test_a_signed_schema1_manifest_is_stored_under_its_payload_digest(driver: Driver, tmp_path: Path) -> None:
+    store, old = driver.store, signed_schema1("library/old", "1", [random_layer(tmp_path, 100, 7)])
+    name = parse_digest(old.digest)
+    assert name != parse_digest(old.bytes_digest)
+    store.put_bytes(name, old.body)
+    assert store.read_bytes(name) == old.body, "stored byte for byte"
+    assert store.matches(name) and listed(store) == {old.digest: len(old.body)}
+    with pytest.raises(DigestMismatch):  # its bytes are no name for something else
+        store.put_bytes(Digest.of(b"other"), old.body)
+    assert listed(store) == {old.digest: len(old.body)} and driver.leftovers() == []
 
 
 def test_on_commit_hears_of_every_new_object(driver: Driver) -> None:

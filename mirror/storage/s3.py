@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
-from .filesystem import _signed_schema1_named
+from .filesystem import signed_schema1_named
 from .layout import object_key, parse_object_key
 from .refusals import refusal_errno
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
@@ -177,7 +177,7 @@ class S3Store:
         if hasher.hexdigest() == digest.hex:
             return True
         whole = self.read_bytes(digest) if size <= MAX_MANIFEST_BYTES else None
-        return whole is not None and _signed_schema1_named(whole, digest)
+        return whole is not None and signed_schema1_named(whole, digest)
 
     # -- removing --
 
@@ -228,7 +228,7 @@ class S3Store:
         if self.exists(digest):
             return
         content = Digest.of(data, digest.algorithm)
-        if content != digest and not _signed_schema1_named(data, digest):
+        if content != digest and not signed_schema1_named(data, digest):
             raise DigestMismatch(f"content does not match {digest} (got {content})")
         writer = self.ingest(digest, len(data), content=content)
         try:

@@ -147,6 +147,10 @@ def serve(config: Config) -> int:
 
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if config.storage.driver != "filesystem":  # the fills clients follow and blob uploads need local files
+        print(f"mirror: storage.driver {config.storage.driver}: the server does not serve from it yet;"
+              " use storage.driver filesystem", file=sys.stderr)
+        return 2
     store = Store(config.storage.path)
     problem = startup_problem(config, store.layout.auth_key, store.layout.tmp)
     if problem:

@@ -24,8 +24,9 @@ from tests.support.postgres import PostgresServer
 from tests.support.procs import require_tool
 from tests.support.registry import REGISTRY_BINARY, UpstreamRegistry
 
-#: Fixtures of the security tests (tests/test_security_*.py): a test PKI, htpasswd users, ...
-pytest_plugins = ["tests.support.security"]
+#: Fixtures of the security tests (tests/test_security_*.py): a test PKI, htpasswd users, ...; a real
+#: S3 server (SeaweedFS) for the object-store driver.
+pytest_plugins = ["tests.support.security", "tests.support.seaweedfs"]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,8 +1,10 @@
 """The blob-store driver contract (``mirror/storage/driver.py``): every driver passes this module.
 
-Each test runs once per driver (the ``driver`` fixture's params).  A driver comes with a probe of
-what it leaves behind outside its objects (temp files, unfinished uploads), which must be empty
-after a failed ingest or a discarded one.
+Each test runs once per driver (the ``driver`` fixture's params): the filesystem one in a temp
+directory, the S3 one in a new bucket of a real S3 server (SeaweedFS, ``tests/support/seaweedfs.py``)
+with the smallest part size S3 allows, so objects of a few MiB are multipart uploads.  A driver
+comes with a probe of what it leaves behind outside its objects (temp files, unfinished uploads),
+which must be empty after a failed ingest or a discarded one.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from mirror.spec.reference import Digest
+from mirror.spec.reference import Digest, parse_digest
 from mirror.storage.driver import BlobReader, BlobStore, DigestMismatch, SizeMismatch
 from mirror.storage.filesystem import Store
+from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
+from tests.support.images import random_layer
+from tests.support.schema1 import signed_schema1
+from tests.support.seaweedfs import SeaweedS3
 
 
 @dataclass
@@ -29,21 +36,42 @@ class Driver:
     leftovers: Callable[[], list[str]]
     #: A local directory for files to hand to ``commit_file``.
     scratch: Path
+    #: The resolution of an object's ``mtime`` in seconds.
+    tick: float = 0.05
 
 
-def _filesystem(tmp_path: Path) -> Driver:
+def _filesystem(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
     store = Store(tmp_path / "data")
     store.create()
     scratch = tmp_path / "data" / "uploads"
     return Driver(store, lambda: sorted(os.listdir(store.layout.tmp)), scratch)
 
 
-DRIVERS: dict[str, Callable[[Path], Driver]] = {"filesystem": _filesystem}
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
+    server: SeaweedS3 = request.getfixturevalue("seaweedfs")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    options = S3Options(bucket, server.region, server.endpoint, "/registry/", server.accesskey, server.secretkey,
+                        forcepathstyle=True, chunksize=MIN_CHUNK, redirect=True)
+    (tmp_path / "spool").mkdir()
+    store = S3Store(options, tmp_path / "spool")
+    store.create()
+    client = server.client()
+
+    def leftovers() -> list[str]:  # unfinished uploads, and anything beside the objects
+        uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        strays = [key for key in keys if not key.startswith("registry/blobs/")]
+        return sorted([f"upload {u['Key']}" for u in uploads] + strays)
+
+    return Driver(store, leftovers, tmp_path / "scratch", tick=1.1)  # S3's LastModified is in seconds
+
+
+DRIVERS: dict[str, Callable[[pytest.FixtureRequest, Path], Driver]] = {"filesystem": _filesystem, "s3": _s3}
 
 
 @pytest.fixture(params=sorted(DRIVERS))
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
-    yield DRIVERS[request.param](tmp_path)
+    yield DRIVERS[request.param](request, tmp_path)
 
 
 def ingest(store: BlobStore, data: bytes, digest: Digest | None = None, size: int | None = None,
@@ -177,6 +205,31 @@ def test_a_redirect_is_a_url_or_none(driver: Driver) -> None:
     store.put_bytes(digest, b"here")
     url = store.redirect_url(digest)
     assert url is None or url.startswith(("https://", "http://")), url
+    if url is not None:  # a client needs nothing else to fetch the object there
+        with httpx.Client(trust_env=False) as client:
+            answer = client.get(url)
+        assert answer.status_code == 200 and answer.content == b"here", answer.text
+
+
+def test_a_large_object_in_many_pieces(driver: Driver) -> None:
+    """Bigger than two parts of an object store's smallest part size (5 MiB), in odd pieces."""
+    store, data = driver.store, os.urandom(2 * (5 << 20) + 3)
+    digest = Digest.of(data)
+    with pytest.raises(DigestMismatch):
+        ingest(store, data, Digest.of(b"other"), len(data), piece=(1 << 20) + 7)
+    assert listed(store) == {} and driver.leftovers() == []
+    writer = store.ingest(digest, len(data))
+    try:
+        for i in range(0, len(data), (1 << 20) + 7):
+            writer.write(data[i:i + (1 << 20) + 7])
+        assert store.size(digest) is None and listed(store) == {}, "visible before it was verified"
+        writer.commit()
+    finally:
+        writer.close()
+    assert store.size(digest) == len(data) and listed(store) == {str(digest): len(data)}
+    assert read_all(store, digest, (5 << 20) - 2, (5 << 20) + 1) == data[(5 << 20) - 2:(5 << 20) + 2]
+    assert read_all(store, digest) == data and store.matches(digest)
+    assert driver.leftovers() == []
 
 
 def test_delete(driver: Driver) -> None:
@@ -213,7 +266,7 @@ def test_touch_makes_an_object_young(driver: Driver) -> None:
     store, digest = driver.store, Digest.of(b"young")
     store.put_bytes(digest, b"young")
     entry = next(o for o in store.objects() if o.digest == digest)
-    time.sleep(0.05)
+    time.sleep(driver.tick)
     store.touch(digest)
     assert next(o for o in store.objects() if o.digest == digest).mtime > entry.mtime
 
@@ -274,6 +327,18 @@ def test_commit_file_stores_a_local_file_verified(driver: Driver) -> None:
     store.commit_file(again, digest, known_hex=digest.hex)  # already stored: the copy goes
     assert not again.exists() and listed(store) == {str(digest): len(data)}
     assert driver.leftovers() == []
+
+
+def test_a_signed_schema1_manifest_is_stored_under_its_payload_digest(driver: Driver, tmp_path: Path) -> None:
+    store, old = driver.store, signed_schema1("library/old", "1", [random_layer(tmp_path, 100, 7)])
+    name = parse_digest(old.digest)
+    assert name != parse_digest(old.bytes_digest)
+    store.put_bytes(name, old.body)
+    assert store.read_bytes(name) == old.body, "stored byte for byte"
+    assert store.matches(name) and listed(store) == {old.digest: len(old.body)}
+    with pytest.raises(DigestMismatch):  # its bytes are no name for something else
+        store.put_bytes(Digest.of(b"other"), old.body)
+    assert listed(store) == {old.digest: len(old.body)} and driver.leftovers() == []
 
 
 def test_on_commit_hears_of_every_new_object(driver: Driver) -> None:

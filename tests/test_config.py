@@ -1,5 +1,6 @@
 """Configuration: YAML, MIRROR_* environment overrides, flags, and one clear line per bad key."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from mirror.config.load import load_config, to_environ
 from mirror.config.sections import DOCKER_HUB_URL, ConfigError
+from mirror.storage.s3 import S3Options
 
 
 def test_defaults() -> None:
@@ -39,6 +41,12 @@ def test_precedence_yaml_env_flags(tmp_path: Path) -> None:
     ("auth:\n  admins: [ops]\n", "auth.admins needs users: set auth.htpasswd.path"),
     ("auth:\n  admins: ['ops team']\n", "bad value for auth.admins"),
     ("admin:\n  token_file: /nonexistent/token\n", "bad value for admin.token_file"),
+    ("storage:\n  driver: s4\n", "bad value for storage.driver"),
+    ("storage:\n  driver: s3\n", "storage.driver s3 needs storage.s3.bucket"),
+    ("storage:\n  s3: {bucket: b, chunksize: 4MiB}\n", "bad value for storage.s3.chunksize: '4MiB': must be at least"),
+    ("storage:\n  s3: {bucket: b, chunksize: 50%}\n", "bad value for storage.s3.chunksize"),
+    ("storage:\n  s3: {regionendpoint: 'minio:9000'}\n", "bad value for storage.s3.regionendpoint"),
+    ("storage:\n  s3: {accesskey: AK}\n", "accesskey and storage.s3.secretkey must be set together"),
     ("nope:\n  a: 1\n", "unknown configuration section 'nope'"),
     ("http: [1, 2]\n", "section http must be a mapping"),
     ("http: {listen: 1\n", "not valid YAML"),
@@ -93,6 +101,31 @@ def test_kubernetes_service_links_are_not_configuration() -> None:
 def test_password_never_echoed() -> None:
     config = load_config(env={"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": "s3cr3t-token"})
     assert "s3cr3t-token" not in repr(config)
+
+
+def test_s3_storage_from_the_environment_secret_never_echoed() -> None:
+    env = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images", "MIRROR_STORAGE_S3_REGION": "eu-west-3",
+           "MIRROR_STORAGE_S3_REGIONENDPOINT": "http://127.0.0.1:8333", "MIRROR_STORAGE_S3_ROOTDIRECTORY": "/registry",
+           "MIRROR_STORAGE_S3_ACCESSKEY": "AKID", "MIRROR_STORAGE_S3_SECRETKEY": "s3cr3t-key",
+           "MIRROR_STORAGE_S3_FORCEPATHSTYLE": "true", "MIRROR_STORAGE_S3_CHUNKSIZE": "32MiB",
+           "MIRROR_STORAGE_S3_REDIRECT": "true"}
+    config = load_config(env=env)
+    options = S3Options.from_config(config.storage)
+    assert options == S3Options("images", "eu-west-3", "http://127.0.0.1:8333", "/registry", "AKID", "s3cr3t-key",
+                                forcepathstyle=True, chunksize=32 << 20, redirect=True)
+    assert "s3cr3t-key" not in repr(config) and "s3cr3t-key" not in repr(options)
+    assert load_config(env=to_environ(config)) == config  # what workers get
+    defaults = load_config(env={}).storage
+    assert defaults.driver == "filesystem" and defaults.s3_chunksize == 16 << 20 and not defaults.s3_redirect
+
+
+def test_serve_refuses_a_driver_it_cannot_serve_from_yet(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--data", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "MIRROR_STORAGE_DRIVER": "s3",
+                                                      "MIRROR_STORAGE_S3_BUCKET": "b"})
+    assert done.returncode == 2
+    assert "storage.driver s3" in done.stderr and "use storage.driver filesystem" in done.stderr
+    assert not (tmp_path / "blobs").exists()
 
 
 def test_environ_round_trip() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from ..spec.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, OCI_MANIFEST, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from ..spec.names import ImageName, InvalidImageName, parse_image_name
 from ..spec.reference import Digest, ParseError, parse_digest
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
 from .members import Archive, ArchiveError, ContentMismatch, Member, MissingContent, blob_name_digest, clean_name
 
 MAX_JSON_BYTES = 16 << 20
@@ -52,7 +52,7 @@ class Image:
 class Content:
     """Blobs by digest: from the store if it has them, else from the archive."""
 
-    def __init__(self, archive: Archive, store: Store) -> None:
+    def __init__(self, archive: Archive, store: BlobStore) -> None:
         self.archive = archive
         self.store = store
         #: digest -> entry name, for archives that do not file blobs under blobs/<alg>/<hex>.
@@ -289,7 +289,7 @@ def _docker_save_images(archive: Archive, content: Content, warnings: list[str])
     return images
 
 
-def plan(archive: Archive, store: Store, warnings: list[str]) -> tuple[list[Image], Content]:
+def plan(archive: Archive, store: BlobStore, warnings: list[str]) -> tuple[list[Image], Content]:
     """Read what the archive holds; check names, manifests and that every blob is there."""
     content = Content(archive, store)
     if archive.member("index.json") is not None:

@@ -34,6 +34,7 @@ from .values import (
     parse_registry,
     parse_secret_file,
     parse_size,
+    parse_str,
     parse_token_file,
     parse_url,
     parse_user_names,
@@ -84,9 +85,50 @@ class HttpConfig:
         return int(self.listen.rpartition(":")[2])
 
 
+#: S3's smallest multipart part but the last: storage.s3.chunksize may not be less.
+S3_MIN_CHUNK = 5 << 20
+
+
+def parse_chunksize(value: Any) -> int:
+    """Bytes (``16MiB``, ``16777216``) of each part of an S3 multipart upload, at least 5 MiB."""
+    size = parse_size(value)
+    if isinstance(size, float):
+        raise ValueError("expected a number of bytes")
+    if size < S3_MIN_CHUNK:
+        raise ValueError(f"must be at least {S3_MIN_CHUNK} bytes (5MiB), the smallest part S3 takes")
+    return size
+
+
+def parse_endpoint(value: Any) -> str | None:
+    """An http(s) URL, or None when empty."""
+    return None if value is None or value == "" else parse_url(value)
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     path: Path = setting(parse_path, Path("./mirror-data"))
+    # Where blobs and manifests are kept: "filesystem" (under path) or "s3" (storage.s3.*; path still
+    # holds the index, uploads and temp files).  Keys of s3 as in distribution's s3 driver.
+    driver: str = setting(parse_choice("filesystem", "s3"), "filesystem")
+    s3_bucket: str | None = setting(parse_optional_str, None)
+    s3_region: str = setting(parse_str, "us-east-1")
+    # The endpoint for S3-compatible stores (MinIO, SeaweedFS, Ceph); none: AWS's for the region.
+    s3_regionendpoint: str | None = setting(parse_endpoint, None)
+    # Key prefix of everything stored (as a directory: "registry" -> registry/blobs/...).
+    s3_rootdirectory: str = setting(parse_str, "")
+    # Credentials; none: the SDK's usual sources (environment, instance role).
+    s3_accesskey: str | None = setting(parse_optional_str, None)
+    s3_secretkey: str | None = setting(parse_optional_str, None, secret=True)
+    s3_forcepathstyle: bool = setting(parse_bool, False)
+    s3_chunksize: int = setting(parse_chunksize, 16 << 20)
+    # Blob GETs are answered with a redirect to a presigned URL of the object.
+    s3_redirect: bool = setting(parse_bool, False)
+
+    def __post_init__(self) -> None:
+        if self.driver == "s3" and not self.s3_bucket:
+            raise ConfigError("storage.driver s3 needs storage.s3.bucket")
+        if (self.s3_accesskey is None) != (self.s3_secretkey is None):
+            raise ConfigError("storage.s3.accesskey and storage.s3.secretkey must be set together")
 
 
 @dataclass(frozen=True)

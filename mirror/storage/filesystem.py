@@ -170,7 +170,7 @@ class Store:
         if self.exists(digest):
             return
         content = Digest.of(data, digest.algorithm)
-        if content != digest and not _signed_schema1_named(data, digest):
+        if content != digest and not signed_schema1_named(data, digest):
             raise DigestMismatch(f"content does not match {digest} (got {content})")
         ingest = self.ingest(digest, len(data), content=content)
         try:
@@ -298,10 +298,11 @@ def object_matches(path: str | os.PathLike[str], digest: Digest) -> bool:
     if os.stat(path).st_size > MAX_MANIFEST_BYTES:
         return False
     with open(path, "rb") as handle:
-        return _signed_schema1_named(handle.read(), digest)
+        return signed_schema1_named(handle.read(), digest)
 
 
-def _signed_schema1_named(data: bytes, digest: Digest) -> bool:
+def signed_schema1_named(data: bytes, digest: Digest) -> bool:
+    """True if *data* is a signed schema 1 manifest whose payload hashes to *digest* (how it is named)."""
     if not schema1.looks_signed(data):
         return False
     try:

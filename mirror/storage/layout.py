@@ -23,6 +23,10 @@
                                           hold it shared (``maintenance/gc.py``)
       auth.key                            the key signing login tokens (``api/auth.py``), mode 0600
 
+In an object store (``storage/s3.py``) only ``blobs/`` exists, as keys under the bucket's
+``rootdirectory``: ``<rootdirectory>/blobs/<algorithm>/<hex[:2]>/<hex>`` (:func:`object_key`), each
+written once by an upload completed after its digest was verified.
+
 Every ``*.partial`` in ``tmp/`` is flock'ed by the process writing it: the start-up sweep
 (``Store.sweep_tmp``) removes exactly the leftovers of writers that died.  Paths of objects are
 only ever built from a validated :class:`~mirror.spec.reference.Digest`, and upload paths from an
@@ -60,6 +64,22 @@ def new_upload_id() -> str:
 def temp_file(tmp: Path, kind: str) -> Path:
     """A new name ``tmp/<kind>-<random>.partial`` (``kind``: ``ingest``, ``preload``, ``auth-key``...)."""
     return tmp / f"{kind}-{secrets.token_hex(12)}{PARTIAL}"
+
+
+def object_key(digest: Digest) -> str:
+    """An object's key below an object store's root: ``blobs/<algorithm>/<hex[:2]>/<hex>``."""
+    return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def parse_object_key(relative: str) -> tuple[str, Digest | None]:
+    """``(name, digest)`` of a key below ``blobs/`` (``<algorithm>/<hex[:2]>/<hex>``): the name as
+    ``<algorithm>:<last part>``, the digest None when the key is not a well-formed object (a stray)."""
+    parts = relative.split("/")
+    name = f"{parts[0]}:{parts[-1]}"
+    pattern = HEX.get(parts[0])
+    if len(parts) == 3 and pattern is not None and pattern.fullmatch(parts[2]) and parts[1] == parts[2][:2]:
+        return name, Digest(parts[0], parts[2])
+    return name, None
 
 
 @dataclass(frozen=True, slots=True)

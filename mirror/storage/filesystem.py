@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..spec import schema1
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, SizeMismatch, Space, StoredObject, StoreError
+from .driver import DigestMismatch, Space, StoredObject, StoreError
 from .layout import PARTIAL, Layout
 from .reads import read_chunks
 from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
+from .verify import check_written, put_verified, signed_schema1_named
 
 CHUNK = 1024 * 1024
 #: Verified objects are read-only; a fill's temp file gets this mode just before it is moved into place.
@@ -167,17 +167,7 @@ class Store:
         *digest* is the hash of *data*, or for a signed schema 1 manifest that of its payload;
         raises :class:`DigestMismatch` when it is neither.
         """
-        if self.exists(digest):
-            return
-        content = Digest.of(data, digest.algorithm)
-        if content != digest and not signed_schema1_named(data, digest):
-            raise DigestMismatch(f"content does not match {digest} (got {content})")
-        ingest = self.ingest(digest, len(data), content=content)
-        try:
-            ingest.write(data)
-            ingest.commit()
-        finally:
-            ingest.close()
+        put_verified(self, digest, data)
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
         """Move a finished upload into the store, verified (hashed again unless *known_hex* is given).
@@ -301,16 +291,6 @@ def object_matches(path: str | os.PathLike[str], digest: Digest) -> bool:
         return signed_schema1_named(handle.read(), digest)
 
 
-def signed_schema1_named(data: bytes, digest: Digest) -> bool:
-    """True if *data* is a signed schema 1 manifest whose payload hashes to *digest* (how it is named)."""
-    if not schema1.looks_signed(data):
-        return False
-    try:
-        return schema1.digest(data, digest.algorithm) == digest
-    except schema1.Schema1Error:
-        return False
-
-
 def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
     """Hex digest of a file's content, read 1 MiB at a time."""
     hasher = hashlib.new(algorithm)
@@ -342,11 +322,7 @@ class Ingest:
         self.written += len(data)
 
     def verify(self) -> None:
-        if self.expected_size is not None and self.written != self.expected_size:
-            raise SizeMismatch(f"{self.digest}: got {self.written} bytes, expected {self.expected_size}")
-        actual = self._hasher.hexdigest()
-        if actual != self.content.hex:
-            raise DigestMismatch(f"content does not match {self.content} (got {self.content.algorithm}:{actual})")
+        check_written(self.digest, self.content, self.expected_size, self.written, self._hasher.hexdigest())
 
     def commit(self) -> None:
         """Verify, flush to disk and move into place.  Raises and leaves nothing behind on mismatch."""

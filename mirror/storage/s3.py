@@ -36,10 +36,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
-from .filesystem import signed_schema1_named
 from .layout import object_key, parse_object_key
 from .refusals import refusal_errno
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
 
@@ -225,17 +225,7 @@ class S3Store:
         return S3Ingest(self, digest, expected_size, content)
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
-        if self.exists(digest):
-            return
-        content = Digest.of(data, digest.algorithm)
-        if content != digest and not signed_schema1_named(data, digest):
-            raise DigestMismatch(f"content does not match {digest} (got {content})")
-        writer = self.ingest(digest, len(data), content=content)
-        try:
-            writer.write(data)
-            writer.commit()
-        finally:
-            writer.close()
+        put_verified(self, digest, data)
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
         """Upload a finished local file as *digest* once it matched (hashed here, or *known_hex*)."""

@@ -29,8 +29,9 @@ from botocore.utils import determine_content_length
 
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
-from .driver import DigestMismatch, SizeMismatch, StoreError
+from .driver import StoreError
 from .reads import READ_CHUNK, ShortFile, read_chunks
+from .verify import check_written
 
 if TYPE_CHECKING:
     from .s3 import S3Store
@@ -179,11 +180,7 @@ class S3Ingest:
         self._parts.append({"PartNumber": number, "ETag": etag})
 
     def verify(self) -> None:
-        if self.expected_size is not None and self.written != self.expected_size:
-            raise SizeMismatch(f"{self.digest}: got {self.written} bytes, expected {self.expected_size}")
-        actual = self._hasher.hexdigest()
-        if actual != self.content.hex:
-            raise DigestMismatch(f"content does not match {self.content} (got {self.content.algorithm}:{actual})")
+        check_written(self.digest, self.content, self.expected_size, self.written, self._hasher.hexdigest())
 
     def commit(self) -> None:
         """Verify, then complete the upload (or put a small object); on a mismatch abort and raise."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.support.images import build_image, random_layer
+from tests.support.images import Layer, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.test_gc import mirror_cli
@@ -20,18 +21,48 @@ MIB = 1 << 20
 ATTEMPTS = 5
 
 
+@dataclass
+class _BigBlob:
+    """A 64 MiB layer in an upstream of its own, and a mirror in front of it: a fill long enough
+    for its fsync and rename to leave a window after the client's last byte."""
+
+    registry: UpstreamRegistry
+    layer: Layer
+    mirror: MirrorServer
+
+    @classmethod
+    def make(cls, tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+             mirror_factory: Callable[..., MirrorServer], *, seed: int) -> _BigBlob:
+        registry = upstream_factory()
+        layer = random_layer(tmp_path, 64 * MIB, seed=seed, compressed=False)
+        registry.push_image("library/big", "1", build_image(tmp_path, [layer]))
+        return cls(registry, layer, mirror_factory(registry.url))
+
+    @property
+    def hex(self) -> str:
+        return self.layer.digest.removeprefix("sha256:")
+
+    @property
+    def path(self) -> str:
+        return f"/v2/library/big/blobs/{self.layer.digest}"
+
+    @property
+    def partial(self) -> Path:
+        """The fill's temp file (``storage/layout.py``)."""
+        return self.mirror.data_dir / "tmp" / f"sha256-{self.hex}.partial"
+
+    @property
+    def stored(self) -> Path:
+        return self.mirror.data_dir / "blobs" / "sha256" / self.hex[:2] / self.hex
+
+
 def test_kill9_after_the_last_byte_before_durability_loses_only_the_cache_entry(
     tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
     mirror_factory: Callable[..., MirrorServer],
 ) -> None:
-    registry = upstream_factory()
-    layer = random_layer(tmp_path, 64 * MIB, seed=15, compressed=False)
-    registry.push_image("library/big", "1", build_image(tmp_path, [layer]))
-    hex_ = layer.digest.removeprefix("sha256:")
-    blob_url_path = f"/v2/library/big/blobs/{layer.digest}"
-    mirror = mirror_factory(registry.url)
-    partial = mirror.data_dir / "tmp" / f"sha256-{hex_}.partial"
-    stored = mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+    case = _BigBlob.make(tmp_path, upstream_factory, mirror_factory, seed=15)
+    registry, layer, mirror = case.registry, case.layer, case.mirror
+    hex_, blob_url_path, partial, stored = case.hex, case.path, case.partial, case.stored
 
     caught = 0
     for _ in range(ATTEMPTS):
@@ -74,14 +105,9 @@ def test_a_head_between_the_last_byte_and_durability_is_answered_as_cached(
 ) -> None:
     """A client that HEADs a blob right after its GET's last byte (the fill verified, its fsync
     and rename still to come) hears what the GET said: stored here (HIT), the upstream not asked."""
-    registry = upstream_factory()
-    layer = random_layer(tmp_path, 64 * MIB, seed=16, compressed=False)
-    registry.push_image("library/big", "1", build_image(tmp_path, [layer]))
-    hex_ = layer.digest.removeprefix("sha256:")
-    blob_url_path = f"/v2/library/big/blobs/{layer.digest}"
-    mirror = mirror_factory(registry.url)
-    partial = mirror.data_dir / "tmp" / f"sha256-{hex_}.partial"
-    stored = mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+    case = _BigBlob.make(tmp_path, upstream_factory, mirror_factory, seed=16)
+    registry, layer, mirror = case.registry, case.layer, case.mirror
+    blob_url_path, partial, stored = case.path, case.partial, case.stored
 
     caught = 0
     for _ in range(ATTEMPTS):

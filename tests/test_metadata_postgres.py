@@ -149,3 +149,43 @@ def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
         mirror.start(timeout=30)
     assert 'database "absent" does not exist' in str(failed.value)
     assert "s3cr3t-pw" not in mirror.log_tail(500)
+
+
+def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is_back(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A running mirror whose PostgreSQL stops: what needs the index fails fast with ``503
+    UNAVAILABLE`` naming the database (no 500, no password), ``/readyz`` says why; once the server
+    is back the pool and the listener reconnect by themselves.  On a cluster of the test's own."""
+    with PostgresServer() as own:
+        dsn = f"{own.create_database()} password=s3cr3t-pw"  # trust auth: only to prove it is never shown
+        mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+        accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+        name, tag, item = images.refs["small"]
+        assert isinstance(item, Image)
+        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
+        other, other_tag, other_item = images.refs["dlist"]  # never asked before: nothing in memory answers it
+
+        own.halt()
+        started = time.monotonic()
+        down = http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept)
+        took = time.monotonic() - started
+        assert down.status_code == 503, down.text
+        assert down.json() == {"errors": [{"code": "UNAVAILABLE", "message": "metadata database unavailable"}]}
+        assert took < 5.0, f"503 after {took:.1f}s"
+        ready = http.get(f"{mirror.url}/readyz")
+        assert ready.status_code == 503 and "metadata database unavailable" in ready.json()["problems"]["index"]
+
+        own.resume()
+        started = time.monotonic()
+        assert eventually(lambda: http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}",
+                                           headers=accept).status_code == 200, timeout=15, interval=0.25), \
+            mirror.log_tail()
+        recovered = time.monotonic() - started
+        assert http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept).content \
+            == other_item.manifest, f"recovered after {recovered:.1f}s"
+        assert http.get(f"{mirror.url}/readyz").status_code == 200
+        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
+        log = mirror.log_tail(500)
+        assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text
+        assert "Traceback" not in log, log

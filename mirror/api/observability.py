@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config.sections import Config, ConfigError, LogConfig
-from ..metadata.driver import Metadata
+from ..metadata.driver import Metadata, MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from ..spec.endpoints import CACHE_HEADER, endpoint
@@ -203,6 +203,8 @@ def readiness_problems(store: Store, metadata: Metadata) -> dict[str, str]:
         problems["store"] = problem
     try:
         metadata.usage()
+    except MetadataUnavailable as exc:  # its database is down or unreachable: the message names it
+        problems["index"] = str(exc)
     except Exception as exc:  # noqa: BLE001 (diskcache raises sqlite3 errors of many kinds)
         problems["index"] = f"not readable: {exc}"
     return problems

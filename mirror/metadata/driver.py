@@ -42,6 +42,12 @@ def local_repo(name: str) -> str:
     return f"{LOCAL}/{name}"
 
 
+class MetadataUnavailable(RuntimeError):
+    """The index cannot be reached now (its database server is down or unreachable): nothing was
+    read or changed by the failed call, and a later call may succeed.  Its message names the
+    database and never holds a password; the HTTP edge answers it with ``503 UNAVAILABLE``."""
+
+
 @dataclass(frozen=True, slots=True)
 class TagRecord:
     digest: str

@@ -18,6 +18,10 @@ fetched-at), ``manifests``, ``links``, ``repositories`` (the catalog), ``locals`
   A name's row stays after release (expired), so a new grant's token is drawn from the sequence
   only while its row is locked: later than every earlier grant's.
 * Connections come from a small pool (:data:`POOL_SIZE`) plus the listener's own connection.
+  Each is checked as it is taken, so the dead ones a restarted server left behind are replaced.
+  While the server cannot be reached, a call fails within :data:`POOL_WAIT` with
+  :class:`~mirror.metadata.driver.MetadataUnavailable`; the pool keeps trying to reconnect (backing
+  off for at most :data:`RECONNECT_WAIT`, then again on the next call), so it recovers by itself.
 """
 
 from __future__ import annotations
@@ -27,16 +31,23 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from .driver import Lease, ManifestRecord, Metadata, TagRecord, UploadRecord, local_repo
+from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
 from .pgschema import CHANNEL, NotifiedGeneration, migrate
 
-__all__ = ["POOL_SIZE", "PostgresMetadata"]
+__all__ = ["POOL_SIZE", "POOL_WAIT", "RECONNECT_WAIT", "PostgresMetadata"]
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
 POOL_SIZE = 4
+#: Seconds a call waits for a working connection before it fails with ``MetadataUnavailable``.
+POOL_WAIT = 2.0
+#: Seconds the pool retries a lost connection (backing off) before it waits for the next call to try again.
+RECONNECT_WAIT = 5.0
+#: Seconds a connection attempt may take, unless the DSN says (``connect_timeout``).
+CONNECT_TIMEOUT = 5
 
 Row = tuple[Any, ...]
 _NOW = "coalesce(%(now)s::float8, extract(epoch from statement_timestamp())::float8)"
@@ -48,16 +59,20 @@ class PostgresMetadata(Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *clock* (seconds), if given, times leases instead of the database.  Raises
-    :class:`psycopg.OperationalError` if the database cannot be reached, and
-    :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it.
+    :class:`psycopg.OperationalError` if the database cannot be reached at start, and
+    :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it; later calls
+    raise :class:`~mirror.metadata.driver.MetadataUnavailable` while it cannot be reached.
     """
 
     def __init__(self, dsn: str, *, clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:
+        if "connect_timeout" not in conninfo_to_dict(dsn):
+            dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
         self._clock = clock
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
-            dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True, name="metadata")
+            dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True, name="metadata",
+            timeout=POOL_WAIT, reconnect_timeout=RECONNECT_WAIT, check=ConnectionPool.check_connection)
         self._generation = NotifiedGeneration(dsn)
 
     @property
@@ -72,13 +87,17 @@ class PostgresMetadata(Metadata):
 
     @contextmanager
     def _cursor(self, *, transaction: bool = False) -> Iterator[psycopg.Cursor[Row]]:
-        with self._pool.connection() as conn:
-            if transaction:
-                with conn.transaction(), conn.cursor() as cur:
-                    yield cur
-            else:
-                with conn.cursor() as cur:
-                    yield cur
+        """A pooled connection's cursor; ``OperationalError`` (and ``PoolTimeout``) as ``MetadataUnavailable``."""
+        try:
+            with self._pool.connection() as conn:
+                if transaction:
+                    with conn.transaction(), conn.cursor() as cur:
+                        yield cur
+                else:
+                    with conn.cursor() as cur:
+                        yield cur
+        except psycopg.OperationalError as exc:
+            raise MetadataUnavailable(f"metadata database unavailable: {exc}") from exc
 
     def _one(self, query: str, params: Any = None) -> Row | None:
         with self._cursor() as cur:

@@ -24,6 +24,7 @@ from ..config.sections import Config
 from ..maintenance.figures import StoreCollector
 from ..maintenance.gc import Collector
 from ..maintenance.upkeep import AccessTracker, Maintenance
+from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
 from ..registry.local import LocalRegistry
@@ -106,6 +107,12 @@ def create_app(config: Config) -> Starlette:
         return error_response(APIError(code, exc.detail, status=exc.status_code, headers=dict(exc.headers or {})),
                               head=request.method == "HEAD")
 
+    async def on_index_down(request: Request, exc: Exception) -> Response:
+        """The index's database cannot be reached: a 503 the client may retry, no traceback."""
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(APIError("UNAVAILABLE", "metadata database unavailable", status=503),
+                              head=request.method == "HEAD")
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
@@ -113,7 +120,8 @@ def create_app(config: Config) -> Starlette:
     return Starlette(
         routes=[*observe.routes(config), *routes],
         lifespan=lifespan,
-        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+        exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
+                            MetadataUnavailable: on_index_down, Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
                     Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config),
                     Middleware(MemoManifests, memo=memo)],

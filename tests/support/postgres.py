@@ -68,9 +68,24 @@ class PostgresServer(Service):
                            "-h", "127.0.0.1", "-k", self.root, "-c", "fsync=off", "-c", "synchronous_commit=off",
                            "-c", "full_page_writes=off", "-c", "max_connections=300"],
                           self.root / "postgres.log", name="postgres")
+        self.resume()
+        return self
+
+    def halt(self) -> None:
+        """Shut the server down (fast: its clients are disconnected), keeping its data and port for :meth:`resume`.
+        Only for a cluster of the test's own, never the session's."""
+        assert self._proc is not None
+        self._proc.signal_group(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while self._proc.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._proc.stop()
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`halt`) and wait until it answers queries."""
+        assert self._proc is not None
         self._proc.start()
         self._wait_ready(30.0)
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
         """Until a real connection runs a query (the server accepts connections only once recovered)."""
@@ -99,10 +114,7 @@ class PostgresServer(Service):
         """Fast shutdown (SIGINT: clients are disconnected), then whatever is left is killed."""
         if self._proc is not None:
             if self._proc.running:
-                self._proc.signal_group(signal.SIGINT)
-                deadline = time.monotonic() + 10
-                while self._proc.running and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                self.halt()
             self._proc.stop()
             self._proc = None
         if self.root is not None:

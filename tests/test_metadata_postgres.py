@@ -13,9 +13,10 @@ import httpx
 import psycopg
 import pytest
 
-from mirror.metadata.driver import TagRecord
+from mirror.maintenance.upkeep import AccessTracker
+from mirror.metadata.driver import MetadataUnavailable, TagRecord
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
-from mirror.metadata.postgres import PostgresMetadata
+from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
 from tests.support.mirror import MirrorServer
@@ -102,6 +103,34 @@ def test_the_generation_is_never_stale_while_its_connection_is_lost(dsn: str) ->
     finally:
         index.close()
         other.close()
+
+
+def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back() -> None:
+    """A stopped server: every call raises ``MetadataUnavailable`` within the pool's wait, the
+    generation never repeats, access times wait in memory; after a restart the pool and the
+    listener reconnect by themselves.  On a cluster of the test's own."""
+    with PostgresServer() as own:
+        index = PostgresMetadata(own.create_database())
+        try:
+            index.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+            tracker = AccessTracker(index)
+            tracker.touch(REPO, D1)
+            own.halt()
+            retag = TagRecord(D2, OCI_MANIFEST, 2.0)
+            for call in (lambda: index.get_tag(REPO, "1"), lambda: index.set_tag(REPO, "1", retag),
+                         tracker.flush):
+                started = time.monotonic()
+                with pytest.raises(MetadataUnavailable, match="metadata database unavailable"):
+                    call()
+                assert time.monotonic() - started < POOL_WAIT + 1.0
+            assert eventually(lambda: index.generation.read() != index.generation.read(), timeout=5)
+
+            own.resume()
+            assert eventually(lambda: index.generation.read() == index.generation.read(), timeout=10)
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)  # a dead pooled connection is replaced
+            assert tracker.flush() == 1 and (REPO, D1) in index.access_times()
+        finally:
+            index.close()
 
 
 def test_the_mirror_keeps_its_index_in_postgres(

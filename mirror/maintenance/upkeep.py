@@ -15,7 +15,7 @@ import time
 import anyio.to_thread
 
 from ..config.values import human
-from ..metadata.driver import Metadata
+from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import Metrics
 from ..storage.refusals import refusal
 from .gc import Collector
@@ -53,10 +53,16 @@ class AccessTracker:
         self._seen[repo, digest] = time.time()
 
     def flush(self) -> int:
-        """Write the batch to the index (blocking: call from a worker thread)."""
+        """Write the batch to the index (blocking: call from a worker thread); while the index is
+        unavailable (:class:`MetadataUnavailable`, raised) the batch is kept for the next flush."""
         batch, self._seen = self._seen, {}
         if batch:
-            self.metadata.record_access(batch)
+            try:
+                self.metadata.record_access(batch)
+            except MetadataUnavailable:
+                for key, when in batch.items():  # a use since the swap is the later one
+                    self._seen.setdefault(key, when)
+                raise
         return len(batch)
 
 
@@ -118,7 +124,7 @@ class Maintenance:
                         next_run = time.monotonic() + self.interval
             except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
-                if refusal(exc) is not None:  # the store is full: /readyz says so, no traceback needed
+                if refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so: no traceback
                     log.warning("maintenance run failed: %s", exc)
                 else:
                     log.exception("maintenance run failed")

@@ -108,7 +108,8 @@ def test_the_generation_is_never_stale_while_its_connection_is_lost(dsn: str) ->
 def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back() -> None:
     """A stopped server: every call raises ``MetadataUnavailable`` within the pool's wait, the
     generation never repeats, access times wait in memory; after a restart the pool and the
-    listener reconnect by themselves.  On a cluster of the test's own."""
+    listener reconnect by themselves, and no call gets a connection the restart killed.  On a
+    cluster of the test's own."""
     with PostgresServer() as own:
         index = PostgresMetadata(own.create_database())
         try:
@@ -127,8 +128,12 @@ def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back
 
             own.resume()
             assert eventually(lambda: index.generation.read() == index.generation.read(), timeout=10)
-            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)  # a dead pooled connection is replaced
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
             assert tracker.flush() == 1 and (REPO, D1) in index.access_times()
+
+            own.halt()  # and back before any call: the pooled connection is dead, checked and replaced
+            own.resume()
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
         finally:
             index.close()
 

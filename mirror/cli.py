@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_store(config: Config) -> tuple[Store, Metadata] | None:
-    from .metadata.opening import open_metadata
+    from .metadata.opening import bind_data_directory, open_metadata
     from .storage.filesystem import Store
 
     store = Store(config.storage.path)
     if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
+        return None
+    problem = bind_data_directory(config.metadata, store.layout.index_binding)
+    if problem:
+        print(f"mirror: {problem}", file=sys.stderr)
         return None
     return store, open_metadata(config.metadata, store.layout.index)
 
@@ -142,6 +146,7 @@ def serve(config: Config) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from .metadata.opening import bind_data_directory
     from .server.hardening import server_options, startup_problem
     from .storage.filesystem import Store
 
@@ -152,7 +157,8 @@ def serve(config: Config) -> int:
               " use storage.driver filesystem", file=sys.stderr)
         return 2
     store = Store(config.storage.path)
-    problem = startup_problem(config, store.layout.auth_key, store.layout.tmp)
+    problem = startup_problem(config, store.layout.auth_key, store.layout.tmp) \
+        or bind_data_directory(config.metadata, store.layout.index_binding)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2

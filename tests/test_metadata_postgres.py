@@ -22,6 +22,7 @@ from tests.support.images import MANIFEST_MEDIA_TYPES, Image
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import mirror_cli, settle, stored_objects
 from tests.support.waiting import eventually
 from tests.test_push_api import push_image
 
@@ -223,3 +224,36 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         log = mirror.log_tail(500)
         assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text
         assert "Traceback" not in log, log
+
+
+def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+    http: httpx.Client,
+) -> None:
+    """A store kept with PostgreSQL, restarted without those settings (or with another database),
+    would see every blob as unreferenced and collect them all: serve, gc, fsck and preload refuse
+    it with one line, and nothing is deleted."""
+    dsn = postgres.create_database()
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": f"{dsn} password=s3cr3t-pw"}
+    mirror = mirror_factory(env=env)
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    layer = item.layers[-1].digest
+    assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer}").status_code == 200
+    mirror.stop()
+    settle(mirror.data_dir)
+    stored = stored_objects(mirror.data_dir)
+    assert layer in stored
+
+    other = postgres.create_database()
+    for wrong, says in (({}, "but this start uses diskcache"),
+                        ({"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": other},
+                         "but this start uses PostgreSQL database")):
+        for command in (["gc"], ["fsck"], ["preload", "none.tar"], ["serve", "--listen", "127.0.0.1:1"]):
+            done = mirror_cli(*command, "--data", mirror.data_dir, env={"MIRROR_GC_GRACE": "0s", **wrong}, timeout=30)
+            assert done.returncode == 2, (command, done.stdout, done.stderr)
+            assert says in done.stderr and "holds the blobs of the index in PostgreSQL" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr and "s3cr3t-pw" not in done.stderr
+    assert stored_objects(mirror.data_dir) == stored  # nothing collected
+    again = mirror_cli("fsck", "--data", mirror.data_dir, env=env)  # the right index: clean
+    assert again.returncode == 0, again.stdout + again.stderr

@@ -72,12 +72,16 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
-    from ..metadata.opening import open_metadata
+    from ..metadata.opening import bind_data_directory, open_metadata
     from ..storage.filesystem import Store
 
     try:
         store = Store(config.storage.path)
         store.create()
+        problem = bind_data_directory(config.metadata, store.layout.index_binding)
+        if problem:
+            print(f"mirror: {problem}", file=sys.stderr)
+            return None
         metadata = open_metadata(config.metadata, store.layout.index)
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from ..config.sections import MetadataConfig
@@ -24,3 +26,54 @@ def open_metadata(config: MetadataConfig, index: Path) -> Metadata:
     from .diskcache import DiskcacheMetadata
 
     return DiskcacheMetadata(index)
+
+
+def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
+    """Check that the data directory whose binding file is *binding* (``DATA/index.json``) is
+    opened with the index that describes its blobs; record the index the first time.
+
+    Returns why not, or None.  A store opened with another index (a restart that forgot
+    ``metadata.driver: postgres``, or pointed at another database) would see every blob as
+    unreferenced, and the collector would delete them all: it is refused instead.  The record
+    names the driver and, for PostgreSQL, the server and database; never a password.
+    """
+    wanted = _index_of(config)
+    if isinstance(wanted, str):
+        return wanted
+    try:
+        recorded = json.loads(binding.read_text())
+    except FileNotFoundError:
+        binding.parent.mkdir(parents=True, exist_ok=True)
+        partial = binding.with_name(f".{binding.name}.partial")
+        partial.write_text(json.dumps(wanted, sort_keys=True) + "\n")
+        os.replace(partial, binding)
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{binding}: unreadable ({exc}); it records which index holds this store's metadata"
+    if recorded == wanted:
+        return None
+    return (f"{binding.parent} holds the blobs of the index in {_describe(recorded)}, but this start uses "
+            f"{_describe(wanted)}: start it with the same metadata settings (another index would see every "
+            "blob as unreferenced, and the collector would delete them)")
+
+
+def _index_of(config: MetadataConfig) -> dict[str, str] | str:
+    """What identifies the configured index, or a message if its DSN cannot be read."""
+    if config.driver != "postgres":
+        return {"driver": config.driver}
+    from psycopg import conninfo
+
+    try:
+        parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
+    except Exception:  # the library's message quotes the DSN, password included
+        return "metadata.postgres.dsn: not a libpq connection string or postgresql:// URL"
+    return {"driver": "postgres", "host": str(parts.get("host") or parts.get("hostaddr") or "localhost"),
+            "port": str(parts.get("port") or "5432"), "database": str(parts.get("dbname") or parts.get("user") or "")}
+
+
+def _describe(index: object) -> str:
+    if not isinstance(index, dict):
+        return repr(index)
+    if index.get("driver") == "postgres":
+        return f"PostgreSQL database {index.get('database')!r} at {index.get('host')}:{index.get('port')}"
+    return f"{index.get('driver')} (DATA/index/)"

@@ -22,6 +22,7 @@
       gc.lock                             one collector at a time; writers making objects reachable
                                           hold it shared (``maintenance/gc.py``)
       auth.key                            the key signing login tokens (``api/auth.py``), mode 0600
+      index.json                          which index holds this store's metadata (``metadata/opening.py``)
 
 In an object store (``storage/s3.py``) only ``blobs/`` exists, as keys under the bucket's
 ``rootdirectory``: ``<rootdirectory>/blobs/<algorithm>/<hex[:2]>/<hex>`` (:func:`object_key`), each
@@ -130,6 +131,11 @@ class Layout:
     @property
     def auth_key(self) -> Path:
         return self.root / "auth.key"
+
+    @property
+    def index_binding(self) -> Path:
+        """Which index describes this directory's blobs (``metadata/opening.py``)."""
+        return self.root / "index.json"
 
     def directories(self) -> tuple[Path, ...]:
         """The directories a data directory is created with."""

@@ -8,13 +8,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from mirror.config.sections import MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import MetadataUnavailable, TagRecord
+from mirror.metadata.opening import bind_data_directory
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from tests.support.catalog import StandardImages
@@ -257,3 +260,14 @@ def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(
     assert stored_objects(mirror.data_dir) == stored  # nothing collected
     again = mirror_cli("fsck", "--data", mirror.data_dir, env=env)  # the right index: clean
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize(("dsn", "says"), [
+    ("postgresql+psycopg://mir:Sup3rS3cretPw@127.0.0.1/db", "not a libpq connection string"),
+    ("postgresql://mir:Sup3r@S3cretPw@127.0.0.1:5432/db", "percent-encode the password"),
+])
+def test_a_dsn_that_cannot_be_read_is_refused_without_quoting_it(tmp_path: Path, dsn: str, says: str) -> None:
+    binding = tmp_path / "index.json"
+    problem = bind_data_directory(MetadataConfig(driver="postgres", postgres_dsn=dsn), binding)
+    assert problem is not None and says in problem
+    assert "S3cret" not in problem and not binding.exists()

@@ -67,6 +67,8 @@ def _index_of(config: MetadataConfig) -> dict[str, str] | str:
         parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
     except Exception:  # the library's message quotes the DSN, password included
         return "metadata.postgres.dsn: not a libpq connection string or postgresql:// URL"
+    if "@" in str(parts.get("host") or ""):  # an unencoded "@" in the password: the rest reads as the host
+        return "metadata.postgres.dsn: percent-encode the password (an @ in it is read as the end of the user info)"
     return {"driver": "postgres", "host": str(parts.get("host") or parts.get("hostaddr") or "localhost"),
             "port": str(parts.get("port") or "5432"), "database": str(parts.get("dbname") or parts.get("user") or "")}
 

@@ -18,6 +18,7 @@ turns store and upstream errors into API errors.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -77,6 +78,7 @@ class PullThrough:
         self._bodies: dict[str, bytes] = {}
         self._bodies_size = 0
         self._referrers = UpstreamReferrers(metadata, upstream, registry)
+        self._links: set[asyncio.Task[None]] = set()
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -297,17 +299,29 @@ class PullThrough:
             except APIError:
                 source.close()
                 raise
-        try:
-            await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
-        except Exception as exc:
-            if refusal(exc) is None:
-                source.close()
-                raise
-            # Served all the same; the next request finds it stored and links it then.
-            log.warning("index refused a link of %s to %s: %s", key, repo, exc)
+        if not linked:
+            # Recorded beside the answer, not before it: the first byte does not wait for the index.
+            self._linking(repo, key)
         if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    def _linking(self, repo: str, key: str) -> None:
+        """Link *key* to *repo* in the index in the background (:meth:`settled` waits for it)."""
+        task = asyncio.create_task(self._link(repo, key))
+        self._links.add(task)
+        task.add_done_callback(self._links.discard)
+
+    async def _link(self, repo: str, key: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
+        except Exception as exc:  # noqa: BLE001 (served all the same; the next request links it)
+            log.warning("could not record %s as part of %s: %s", key, repo, exc)
+
+    async def settled(self) -> None:
+        """Wait until the links recorded in the background are written (shutdown, tests)."""
+        while self._links:
+            await asyncio.wait(list(self._links))
 
     def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
         """The error for a blob the upstream did not give; for a non-distributable layer left to

@@ -91,6 +91,8 @@ def create_app(config: Config) -> Starlette:
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
                 log.warning("last access times not saved: %s", exc)
             await fills.aclose()
+            for pull in pulls.values():
+                await pull.settled()
             for each_upstream in upstreams:
                 await each_upstream.aclose()
             metadata.close()

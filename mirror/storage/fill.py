@@ -49,6 +49,9 @@ class Fills:
         self.poll_interval = poll_interval
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Fills this process leads -> an event set (and replaced) whenever bytes or an outcome land.
+        self._progress: dict[Digest, asyncio.Event] = {}
+        self._leading: set[Digest] = set()
 
     async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob | BypassBlob:
         """The stored blob, or a reader of the fetch in progress (started here if there is none), or
@@ -118,6 +121,24 @@ class Fills:
         self._track(task)
         return await _handed_over(started)
 
+    def progressed(self, digest: Digest) -> None:
+        """Wake this process's readers of *digest*'s fill: bytes were written, or it ended."""
+        event = self._progress.pop(digest, None)
+        if event is not None:
+            event.set()
+
+    async def changed(self, digest: Digest, timeout: float) -> None:
+        """Until this process's fill of *digest* progresses, or *timeout* seconds pass (a fill led
+        by another process is only seen by looking again: its readers poll)."""
+        if digest not in self._leading:
+            await asyncio.sleep(timeout)
+            return
+        event = self._progress.get(digest)
+        if event is None:
+            event = self._progress[digest] = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -145,6 +166,7 @@ class Fills:
                     started: asyncio.Future[int | None | BypassBlob]) -> None:
         meta = self.store.layout.fill_meta(ingest.digest)
         handed_over = False
+        self._leading.add(ingest.digest)
         try:
             async with fetch() as download:
                 ingest.expected_size = download.size
@@ -168,7 +190,7 @@ class Fills:
                     await relay(download, queue)
                     return
                 started.set_result(download.size)
-                await _copy(download.chunks(), ingest)
+                await _copy(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -197,6 +219,8 @@ class Fills:
                 os.unlink(meta)
             if not handed_over:
                 os.close(ingest.fd)  # releases the lock: followers now see the outcome
+            self._leading.discard(ingest.digest)
+            self.progressed(ingest.digest)
 
     def _let_go(self, ingest: Ingest, problem: OSError) -> None:
         """Give up a fill the store has no room for, before its body: followers see it refused."""
@@ -241,8 +265,9 @@ class Fills:
                 await task
 
 
-async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
-    """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived.
+async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest, written: Callable[[], None]) -> None:
+    """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived;
+    call *written* after each batch (readers in this process wake up at once).
 
     Chunks that arrive close together are written together (one thread hop per batch).  A batch
     that is not full when the upstream pauses is written by a timer, not when the next chunk
@@ -265,7 +290,7 @@ async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
 
     def write_due() -> None:
         nonlocal behind
-        behind = asyncio.ensure_future(_write_after(behind, ingest, take()))
+        behind = asyncio.ensure_future(_write_after(behind, ingest, take(), written))
 
     async def write(parts: list[bytes]) -> None:
         nonlocal behind
@@ -274,6 +299,7 @@ async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
             behind = None
         if parts:
             await anyio.to_thread.run_sync(_write_batch, ingest, parts)
+            written()
 
     try:
         async for chunk in chunks:
@@ -292,11 +318,13 @@ async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest) -> None:
                 await behind
 
 
-async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, parts: list[bytes]) -> None:
+async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, parts: list[bytes],
+                       written: Callable[[], None]) -> None:
     if previous is not None:
         await previous
     if parts:
         await anyio.to_thread.run_sync(_write_batch, ingest, parts)
+        written()
 
 
 async def _to_the_end(work: Callable[[], None]) -> None:

@@ -21,7 +21,6 @@ closes: the collector keeps an image while any of its objects is filling or so m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -166,7 +165,7 @@ class GrowingBlob:
                     if len(data) > 1:
                         yield data[:-1] if isinstance(data, bytes) else _Span(offset, len(data) - 1)
                     while (state := self.state()) == "filling":
-                        await asyncio.sleep(poll)
+                        await self.fills.changed(self.digest, poll)
                     if state == "refused":
                         raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
@@ -185,11 +184,11 @@ class GrowingBlob:
                 raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
             state = self.state()
             if state == "filling":
-                await asyncio.sleep(poll)
+                await self.fills.changed(self.digest, poll)
             else:
                 settled = True  # re-read once: bytes may have landed just before the lock was released
         while (state := self.state()) == "filling":
-            await asyncio.sleep(poll)
+            await self.fills.changed(self.digest, poll)
         if state == "refused":
             raise FillRefused(f"{self.digest}: the store refused the fill")
         if state != "done":

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from tests.support import client
 from tests.support.asgi import ThreadedServer
 from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
 from tests.support.images import (
     DOCKER_LIST,
@@ -40,6 +41,7 @@ from tests.support.images import (
 )
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.waiting import wait_for
 
 LIBRARY = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -510,6 +512,29 @@ def test_blobs_are_not_shared_across_repositories_without_upstream_consent(
     # library/multi does not hold this blob upstream, so the mirror must not serve it from its store.
     other = http.get(f"{mirror.url}/v2/library/multi/blobs/{layer.digest}")
     assert other.status_code == 404 and error_code(other) == "BLOB_UNKNOWN"
+
+
+def test_a_fetch_in_progress_is_not_shared_with_a_repository_the_upstream_does_not_hold_it_in(
+    images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """Joining another repository's fill asks the upstream first, as serving a stored blob does."""
+    mirror = mirror_factory(fault_proxy.url)
+    layer = images.small.layers[-1]  # 1 MiB, in library/small only
+    # About 3 s to fill: the second request comes while the first one's fetch is running.
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1,
+                    chunk_size=layer.size // 30, delay=0.1)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.fetch_blob_digest, mirror.url, "library/small", layer.digest)
+        wait_for(lambda: fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1, 10.0, "the fetch")
+        time.sleep(0.3)  # the fill has started and published its size
+        other = http.get(f"{mirror.url}/v2/library/multi/blobs/{layer.digest}")
+        assert not first.done(), "the fill ended before the second request: the test proves nothing"
+        assert other.status_code == 404 and error_code(other) == "BLOB_UNKNOWN"
+        assert first.result(timeout=60) == (layer.digest, layer.size)
+    # The repository it was fetched for joins and serves it without asking again.
+    same = http.get(f"{mirror.url}/v2/library/small/blobs/{layer.digest}")
+    assert same.status_code == 200 and hashlib.sha256(same.content).hexdigest() == layer.digest.split(":")[1]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

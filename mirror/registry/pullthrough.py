@@ -79,6 +79,8 @@ class PullThrough:
         self._bodies_size = 0
         self._referrers = UpstreamReferrers(metadata, upstream, registry)
         self._links: set[asyncio.Task[None]] = set()
+        #: (repository, digest) links being written: fetched for, or consented to, that repository.
+        self._linking_now: set[tuple[str, str]] = set()
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -292,8 +294,10 @@ class PullThrough:
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
-        if isinstance(source, GrowingBlob) and source.verified and not linked and not consented:
-            # Fetched for another repository and verified, only not yet moved into the store: the same.
+        if (isinstance(source, GrowingBlob) and (source.verified or source.coalesced) and not linked
+                and not consented and (repo, key) not in self._linking_now):
+            # A fetch this request joined (or one verified, only not yet moved into the store) may
+            # be for another repository: served here only if the upstream has it here too.
             try:
                 await self._consent(name, digest)
             except APIError:
@@ -310,7 +314,13 @@ class PullThrough:
         """Link *key* to *repo* in the index in the background (:meth:`settled` waits for it)."""
         task = asyncio.create_task(self._link(repo, key))
         self._links.add(task)
-        task.add_done_callback(self._links.discard)
+        self._linking_now.add((repo, key))
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._links.discard(task)
+            self._linking_now.discard((repo, key))
+
+        task.add_done_callback(done)
 
     async def _link(self, repo: str, key: str) -> None:
         try:

@@ -146,7 +146,10 @@ class Observe:
         if self._lines:
             lines, self._lines = self._lines, []
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info("\n".join(lines))
+                # A record made here, not by access_log.info(): the caller's file and line (a frame
+                # walk and path splitting per record) are of no use in an access log.
+                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "\n".join(lines),
+                                                        None, None))
 
 
 _json_str = json.encoder.encode_basestring_ascii

@@ -49,7 +49,8 @@ CHUNK = 1 << 20
 
 
 class Refused(Exception):
-    """The migration cannot start; the message (one line) says why.  Nothing was written."""
+    """The migration cannot start; the message (one line) says why.  No object or record was
+    written (an empty target's directories may have been made)."""
 
 
 @dataclass
@@ -116,8 +117,6 @@ class Migration:
             if not one_directory:
                 stack.enter_context(_exclusive(new, "target"))
             old_store, old_index = self._open(source, "source", stack, create=False)
-            if not one_directory:
-                _bind(target, new, "target")
             new_store, new_index = self._open(target, "target", stack, create=True)
             snapshot = Snapshot.of(old_index)
             if not same_index:
@@ -125,6 +124,8 @@ class Migration:
                 if strangers:
                     raise Refused(f"the target's index holds {len(strangers)} records the source does not"
                                   f" (first: {strangers[0]}): it belongs to another store; migrate into an empty one")
+            if not one_directory:
+                _bind(target, new, "target")
             listed = list(old_store.objects())
             objects = [found for found in listed if found.digest is not None]
             self.report.strays = len(listed) - len(objects)
@@ -169,12 +170,12 @@ class Migration:
             if create:
                 store.sweep_tmp()  # what an interrupted run left
         except OSError as exc:
-            raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {exc}") from exc
+            raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc
         try:
             index = open_metadata(config.metadata, Layout(config.storage.path).index)
         except Exception as exc:  # the driver's errors never hold a password
             named = index_identity(config.metadata, Layout(config.storage.path).index)
-            raise Refused(f"{side}: cannot open the index ({named}): {exc}") from exc
+            raise Refused(f"{side}: cannot open the index ({named}): {_line(exc)}") from exc
         stack.callback(index.close)
         return store, index
 
@@ -240,6 +241,11 @@ class Migration:
         if lacking:
             self.report.notes.append(f"{len(lacking)} manifests the index names were not in the source store either"
                                      f" (first: {lacking[0]}; mirror fsck)")
+
+
+def _line(exc: BaseException) -> str:
+    """An error's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split())
 
 
 def _bind(config: Config, layout: Layout, side: str) -> None:

@@ -331,3 +331,26 @@ def test_a_target_bucket_that_does_not_exist_is_refused(tmp_path: Path, seaweedf
     line = refused(write_config(tmp_path / "old.yaml", data),
                    write_config(tmp_path / "new.yaml", tmp_path / "b", s3=(seaweedfs, "no-such-bucket")))
     assert "target: cannot open the store" in line and "no-such-bucket" in line
+
+
+# -- only the index moves ----------------------------------------------------------------------------
+
+
+def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
+    tmp_path: Path, postgres: PostgresServer,
+) -> None:
+    """The same data directory under another index driver: no object is copied, every record is, and
+    ``DATA/index.json`` then names the new index (the old configuration is refused, the new one opens)."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 919)
+    objects = sizes(data)
+    dsn = postgres.create_database()
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", data, dsn=dsn)
+    out = migrated(old, new)
+    assert "0 copied" in out and f"{data} is now bound to PostgreSQL database" in out
+    assert sizes(data) == objects and snapshot(old).differences(snapshot(new)) == []
+    with_postgres = mirror_cli("fsck", "--data", data, env={"MIRROR_METADATA_DRIVER": "postgres",
+                                                            "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    assert with_postgres.returncode == 0 and with_postgres.stdout.rstrip().endswith("clean"), with_postgres.stderr
+    with_diskcache = mirror_cli("fsck", "--data", data)
+    assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr

@@ -307,6 +307,24 @@ def test_a_store_in_use_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "blobs").exists()
 
 
+def test_a_store_a_running_server_has_open_is_refused(
+    tmp_path: Path, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+) -> None:
+    """Idle servers hold no lock file, but they hold their index open: diskcache's database (as
+    SQLite does while connected) or a listening connection to PostgreSQL; either refuses the migration."""
+    on_diskcache = mirror_factory()
+    dsn = postgres.create_database()
+    on_postgres = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    for server, config in ((on_diskcache, write_config(tmp_path / "disk.yaml", on_diskcache.data_dir)),
+                           (on_postgres, write_config(tmp_path / "pg.yaml", on_postgres.data_dir, dsn=dsn))):
+        target = write_config(tmp_path / "new.yaml", tmp_path / f"copy-{server.port}")
+        line = refused(config, target)
+        assert line.startswith("mirror: migrate: source: ") and "open" in line and "stop it" in line, line
+        assert not (tmp_path / f"copy-{server.port}" / "blobs").exists()
+        server.stop()
+        migrated(config, target)
+
+
 def test_a_source_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
     line = refused(write_config(tmp_path / "old.yaml", tmp_path / "nothing"),
                    write_config(tmp_path / "new.yaml", tmp_path / "b"))

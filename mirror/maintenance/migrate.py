@@ -4,7 +4,8 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
 1. Both sides are opened and checked (:class:`Refused`, one line, when they cannot be): not the
    same store, the source a data directory opened with its own index (``DATA/index.json``), no
    server or collector working on either data directory (their ``DATA/gc.lock``, which a
-   collection holds, and pushes share, is held for the whole migration), and the target's index
+   collection holds, and pushes share, is held for the whole migration), no other process with
+   either index open (``metadata/occupancy.py``), and the target's index
    empty or a copy, complete or not, of the source's (:meth:`Snapshot.strangers`).
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
+from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import bind_data_directory, index_identity, open_metadata, rebind_data_directory
 from ..metadata.transfer import Snapshot, copy_records
 from ..observe.progress import NoProgress, Progress
@@ -116,6 +118,11 @@ class Migration:
             stack.enter_context(_exclusive(old, "source"))
             if not one_directory:
                 stack.enter_context(_exclusive(new, "target"))
+            for side, config, layout in (("source", source, old), ("target", target, new)):
+                if side == "source" or not same_index:
+                    users = in_use_elsewhere(config.metadata, layout.index)
+                    if users:
+                        raise Refused(f"{side}: {users}; stop it before migrating")
             old_store, old_index = self._open(source, "source", stack, create=False)
             new_store, new_index = self._open(target, "target", stack, create=True)
             snapshot = Snapshot.of(old_index)

@@ -28,6 +28,7 @@ import yaml
 from mirror.config.load import load_config
 from mirror.metadata.opening import open_metadata
 from mirror.metadata.transfer import Snapshot
+from mirror.observe.progress import LineProgress
 from mirror.storage.layout import Layout
 from mirror.storage.s3 import MIN_CHUNK
 from tests.support import client
@@ -289,6 +290,7 @@ def test_a_target_that_is_an_earlier_partial_copy_is_taken_up(tmp_path: Path) ->
     preloaded(tmp_path, data, "two", 915)  # the source grew since: the copy is a part of it
     out = migrated(old, new)
     assert f"{len(sizes(data)) - len(first)} copied, {len(first)} already there" in out
+    assert out.startswith("migrate: objects (")  # not a terminal: plain progress lines
     assert sizes(tmp_path / "copy") == sizes(data)
     assert snapshot(old).differences(snapshot(new)) == []
 
@@ -372,3 +374,17 @@ def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
     assert with_postgres.returncode == 0 and with_postgres.stdout.rstrip().endswith("clean"), with_postgres.stderr
     with_diskcache = mirror_cli("fsck", "--data", data)
     assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr
+
+
+def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() -> None:
+    lines: list[str] = []
+    now = [0.0]
+    progress = LineProgress("migrate", lines.append, every=10.0, clock=lambda: now[0])
+    progress.phase("objects", 3000)
+    progress.advance(1000)
+    now[0] = 10.0
+    progress.advance(1000)
+    now[0] = 15.0
+    progress.advance(500)
+    progress.phase("index records", None)
+    assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]

@@ -1,6 +1,6 @@
 """Where long work reports its progress: a terminal display (``archive/offline.py``), plain lines, or nothing.
 
-Preload, export and fsck report through this one protocol, so the same display serves all three.
+Preload, export, fsck and migrate report through this one protocol, so the same display serves them all.
 
 May import: the standard library.
 """

@@ -27,7 +27,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,12 +92,11 @@ class Migration:
     """Copy the store *source* configures into the one *target* configures (see the module docstring)."""
 
     def __init__(self, source: Config, target: Config, *, verify_content: bool = False,
-                 progress: Progress | None = None, say: Callable[[str], None] = lambda line: None) -> None:
+                 progress: Progress | None = None) -> None:
         self.source = source
         self.target = target
         self.verify_content = verify_content
         self.progress = progress or NoProgress()
-        self.say = say
         self.report = Report()
 
     def run(self) -> Report:

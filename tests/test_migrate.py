@@ -388,3 +388,19 @@ def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() ->
     progress.advance(500)
     progress.phase("index records", None)
     assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]
+
+
+def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: Path) -> None:
+    """Bytes are checked as the target writes them: a layer rotted in the source (same size, other
+    bytes) is refused there, reported, and the run exits 1; everything else is copied."""
+    data = tmp_path / "data"
+    image = preloaded(tmp_path, data, "one", 920)
+    layer = stored_objects(data)[image.layers[0].digest]
+    rotten = bytearray(layer.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF
+    layer.chmod(0o644)
+    layer.write_bytes(bytes(rotten))
+    done = migrate(write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "copy"))
+    assert done.returncode == 1 and done.stdout.rstrip().endswith("2 problems"), done.stdout + done.stderr
+    assert f"source object {layer}: content does not match {image.layers[0].digest}" in done.stdout
+    assert set(sizes(tmp_path / "copy")) == set(sizes(data)) - {image.layers[0].digest}

@@ -33,10 +33,13 @@ from mirror.storage.layout import Layout
 from mirror.storage.s3 import MIN_CHUNK
 from tests.support import client
 from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
 from tests.support.images import Image, Index, build_image, random_layer, sha256_digest, write_oci_layout
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
+from tests.support.registry import UpstreamRegistry
+from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
 from tests.support.storecheck import mirror_cli, stored_objects
@@ -404,3 +407,29 @@ def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: 
     assert done.returncode == 1 and done.stdout.rstrip().endswith("2 problems"), done.stdout + done.stderr
     assert f"source object {layer}: content does not match {image.layers[0].digest}" in done.stdout
     assert set(sizes(tmp_path / "copy")) == set(sizes(data)) - {image.layers[0].digest}
+
+
+def test_a_signed_schema1_manifest_moves_under_the_digest_registries_give_it(
+    upstream: UpstreamRegistry, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """Named by the hash of its payload, not of its bytes: the target's write checks it that way
+    and keeps the bytes as they are (a signed schema 1 image pulled through, as Docker Hub serves one)."""
+    layers = [random_layer(tmp_path, 3000, 921), random_layer(tmp_path, 5000, 922)]
+    upstream.push_image("library/old-signed", "v2", build_image(tmp_path, layers))
+    old = signed_schema1("library/old-signed", "1", layers)
+    fault_proxy.add("status", f"/library/old-signed/manifests/(1|{old.digest})$", status=200, body=old.body,
+                    headers={"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest})
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    got = http.get(f"{mirror.url}/v2/old-signed/manifests/1", headers={"accept": SCHEMA1_SIGNED})
+    assert got.status_code == 200 and got.content == old.body, got.text
+    for layer in layers:
+        assert http.get(f"{mirror.url}/v2/old-signed/blobs/{layer.digest}").status_code == 200
+    mirror.stop()
+    assert old.digest in stored_objects(mirror.data_dir) and old.digest != old.bytes_digest
+
+    migrated(write_config(tmp_path / "old.yaml", mirror.data_dir),
+             write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket)), "--verify-content")
+    hex_ = old.digest.removeprefix("sha256:")
+    kept = seaweedfs.client().get_object(Bucket=s3_bucket, Key=f"store/blobs/sha256/{hex_[:2]}/{hex_}")
+    assert kept["Body"].read() == old.body

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--repair", action="store_true",
                       help="remove corrupt and dangling entries (cached content is fetched again)")
     fsck.add_argument("--verify-content", action="store_true", help="re-hash every object (reads the whole store)")
+    migrate = commands.add_parser("migrate", help="copy the store to other drivers", description=(
+        "Copy every object and index record of the store OLD.yaml configures into the one NEW.yaml configures "
+        "(e.g. filesystem + diskcache to S3 + PostgreSQL, or back), each object verified as it is written, then "
+        "check the copy. Objects the target has are skipped: run it again after an interruption. Stop the server "
+        "first. Only the files count (MIRROR_* variables are not read)."))
+    migrate.add_argument("--from-config", type=Path, required=True, metavar="OLD.yaml", help="the store to copy")
+    migrate.add_argument("--to-config", type=Path, required=True, metavar="NEW.yaml", help="where to copy it")
+    migrate.add_argument("--verify-content", action="store_true", help="re-hash every object in the target")
     from .archive.offline import add_parsers
 
     add_parsers(commands)
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return collect(config, args.dry_run) if args.command == "gc" else fsck(config, args.repair,
                                                                               args.verify_content)
+    if args.command == "migrate":
+        return migrate(args.from_config, args.to_config, args.verify_content)
     if args.command in ("preload", "export"):
         from .archive.offline import run
 
@@ -140,6 +150,41 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     print(f"{report.objects} objects ({report.bytes} bytes{verified}), {report.tags} tags, {report.links} links: "
           f"{state}")
     return 0 if report.clean else 1
+
+
+def migrate(old: Path, new: Path, verify_content: bool) -> int:
+    from .archive.offline import TerminalProgress
+    from .maintenance.migrate import Migration, Refused
+    from .observe.progress import LineProgress, Progress
+
+    configs = []
+    for path in (old, new):
+        try:
+            configs.append(load_config(path, env={}))
+        except ConfigError as exc:
+            print(f"mirror: migrate: {path}: {exc}", file=sys.stderr)
+            return 2
+    source, target = configs
+    terminal = TerminalProgress("migrate") if sys.stderr.isatty() else None
+    progress: Progress = terminal or LineProgress("migrate", lambda line: print(line, flush=True))
+    try:
+        report = Migration(source, target, verify_content=verify_content, progress=progress).run()
+    except Refused as exc:
+        print(f"mirror: migrate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mirror: migrate: interrupted; run it again to go on", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a driver failed midway (OSError, the index unreachable): nothing copied is lost
+        print(f"mirror: migrate: {exc}; run it again to go on", file=sys.stderr)
+        return 1
+    finally:
+        if terminal is not None:
+            terminal.close()
+    for line in (*report.notes, *report.problems):
+        print(line)
+    print(report.summary())
+    return 0 if not report.problems else 1
 
 
 def serve(config: Config) -> int:

@@ -1,6 +1,7 @@
 """Keeping the store healthy while it serves: online garbage collection and LRU eviction within
 the disk budget (``gc``), access times and the server's upkeep task that runs the collector
-(``upkeep``), the store's figures for ``/metrics`` (``figures``), and ``mirror fsck`` (``fsck``).
+(``upkeep``), the store's figures for ``/metrics`` (``figures``), ``mirror fsck`` (``fsck``), and
+``mirror migrate``, which copies a store to other drivers (``migrate``).
 
 May import: ``spec``, ``config``, ``observe``, ``storage``, ``metadata``, ``upstream``.
 """

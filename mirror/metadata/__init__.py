@@ -2,7 +2,8 @@
 access times, usage, leases, the generation that invalidates memos).
 
 Owns the metadata driver interface (``driver``) and its drivers: ``diskcache``, and ``postgres``
-(with its schema, ``pgschema``).
+(with its schema, ``pgschema``), each listing every record through ``inventory``; the one place
+that opens the configured driver (``opening``); and copying one index into another (``transfer``).
 
 May import: ``spec``, ``config``, ``observe``, ``storage`` (for the layout of the data directory).
 """

@@ -58,6 +58,7 @@ from .driver import (
     UploadRecord,
     local_repo,
 )
+from .inventory import DiskcacheInventory
 
 __all__ = ["DiskcacheMetadata", "MappedGeneration"]
 
@@ -94,7 +95,7 @@ class MappedGeneration:
         self._map.close()
 
 
-class DiskcacheMetadata(Metadata):
+class DiskcacheMetadata(DiskcacheInventory, Metadata):
     """The index in diskcache under *directory*; *clock* (seconds) times leases."""
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:

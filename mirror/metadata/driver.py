@@ -68,6 +68,18 @@ class UploadRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamReferrers:
+    """An upstream's referrers list as kept (:meth:`ReferrerIndex.put_upstream_referrers`):
+    *artifact_type* None for the whole list, else the type the upstream filtered it by."""
+
+    repo: str
+    subject: str
+    artifact_type: str | None
+    fetched_at: float
+    descriptors: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """An exclusive claim on *name* by *holder* until *expires* (seconds, the driver's clock).
 
@@ -257,6 +269,36 @@ class UpkeepIndex(Protocol):
     def held(self) -> dict[str, int]: ...
 
 
+class InventoryIndex(Protocol):
+    """Every record of the kinds the other protocols look up only by key, with the times they
+    keep: what ``mirror migrate`` copies into another index.  Snapshots; order is unspecified
+    unless given."""
+
+    def local_names(self) -> dict[str, float]:
+        """``{name: created at}`` of every pushed repository (:meth:`RepositoryIndex.mark_local`)."""
+        ...
+
+    def pin_times(self) -> dict[tuple[str, str], float]:
+        """``{(repo, digest): pinned at}`` of every pin."""
+        ...
+
+    def all_referrers(self) -> list[tuple[str, str, list[dict[str, object]]]]:
+        """``(repo, subject, descriptors in the order added)`` of every subject that has some."""
+        ...
+
+    def all_upstream_referrers(self) -> list[UpstreamReferrers]:
+        """Every upstream referrers list kept (one per repo, subject and filter)."""
+        ...
+
+    def referrers_apis(self) -> dict[str, bool]:
+        """``{registry: whether it answered the Referrers API}`` of every registry asked."""
+        ...
+
+    def all_foreign_urls(self) -> dict[str, tuple[str, ...]]:
+        """``{digest: urls}`` of every non-distributable layer whose urls are known."""
+        ...
+
+
 class Leases(Protocol):
     """Exclusive, expiring claims on names, with fencing tokens (see :class:`Lease`).
 
@@ -284,7 +326,7 @@ class Leases(Protocol):
 
 
 class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
-               Leases, Protocol):
+               InventoryIndex, Leases, Protocol):
     """The whole index, as one driver keeps it (see the module's docstring)."""
 
     @property

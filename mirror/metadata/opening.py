@@ -57,6 +57,26 @@ def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
             "blob as unreferenced, and the collector would delete them)")
 
 
+def rebind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
+    """Record that the index *config* names now describes the data directory's blobs (after
+    ``mirror migrate`` copied its metadata there), whatever index it recorded before; returns why
+    not (an unreadable DSN), or None."""
+    wanted = _index_of(config)
+    if isinstance(wanted, str):
+        return wanted
+    binding.unlink(missing_ok=True)
+    return bind_data_directory(config, binding)
+
+
+def index_identity(config: MetadataConfig, index: Path) -> str:
+    """What tells the index *config* names from any other: the resolved *index* directory for
+    diskcache (``DATA/index/``), the server and database for PostgreSQL (never a password)."""
+    wanted = _index_of(config)
+    if isinstance(wanted, str) or config.driver != "postgres":
+        return f"{config.driver} {index.resolve()}"
+    return _describe(wanted)
+
+
 def _index_of(config: MetadataConfig) -> dict[str, str] | str:
     """What identifies the configured index, or a message if its DSN cannot be read."""
     if config.driver != "postgres":

@@ -36,6 +36,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
+from .inventory import PostgresInventory
 from .pgschema import CHANNEL, NotifiedGeneration, migrate
 
 __all__ = ["POOL_SIZE", "POOL_WAIT", "RECONNECT_WAIT", "PostgresMetadata"]
@@ -55,7 +56,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(Metadata):
+class PostgresMetadata(PostgresInventory, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *clock* (seconds), if given, times leases instead of the database.  Raises

@@ -1,0 +1,279 @@
+"""``mirror migrate``: move a store (its objects and its index) to other drivers, e.g. from the
+filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
+
+1. Both sides are opened and checked (:class:`Refused`, one line, when they cannot be): not the
+   same store, the source a data directory opened with its own index (``DATA/index.json``), no
+   server or collector working on either data directory (their ``DATA/gc.lock``, which a
+   collection holds, and pushes share, is held for the whole migration), no other process with
+   either index open (``metadata/occupancy.py``), and the target's index
+   empty or a copy, complete or not, of the source's (:meth:`Snapshot.strangers`).
+2. Every object of the source is copied through the target driver's verified write path
+   (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
+   it is written, nothing larger than a manifest is held in memory); objects the target already
+   has at that size are skipped, so a run that was interrupted goes on where it stopped.
+3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes).
+4. Verified: every object of the source is in the target at its size (and, with
+   ``verify_content``, hashes to its digest there), and the target's index holds every record.
+
+Sides that are the same (the same data directory under another index driver, say) are not
+copied; when both use one data directory, it is bound to the target's index at the end.
+Objects of the source that do not match their digest are not copied and make the run fail
+(``mirror fsck`` the source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config.sections import Config, StorageConfig
+from ..metadata.driver import Metadata
+from ..metadata.occupancy import in_use_elsewhere
+from ..metadata.opening import bind_data_directory, index_identity, open_metadata, rebind_data_directory
+from ..metadata.transfer import Snapshot, copy_records
+from ..observe.progress import NoProgress, Progress
+from ..spec.manifest import MAX_MANIFEST_BYTES
+from ..spec.reference import Digest
+from ..storage.driver import StoredObject, StoreError
+from ..storage.layout import Layout
+from ..storage.opening import open_blob_store
+
+if TYPE_CHECKING:
+    from ..storage.filesystem import Store
+    from ..storage.s3 import S3Store
+
+CHUNK = 1 << 20
+
+
+class Refused(Exception):
+    """The migration cannot start; the message (one line) says why.  No object or record was
+    written (an empty target's directories may have been made)."""
+
+
+@dataclass
+class Report:
+    """What a migration did and found."""
+
+    objects: int = 0  # objects of the source (with a well-formed digest)
+    bytes: int = 0
+    copied: int = 0
+    bytes_copied: int = 0
+    present: int = 0  # already in the target
+    strays: int = 0  # not objects: left behind
+    records: dict[str, int] = field(default_factory=dict)
+    uploads: int = 0  # blob uploads in progress, not carried over
+    verified: int = 0  # re-hashed in the target
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        records = ", ".join(f"{count} {kind}" for kind, count in self.records.items() if count)
+        rehashed = f", {self.verified} re-hashed" if self.verified else ""
+        state = "verified" if not self.problems else f"{len(self.problems)} problems"
+        return (f"{self.objects} objects ({self.bytes} bytes; {self.copied} copied, {self.present} already there"
+                f"{rehashed}); {records or 'no records'}; {self.seconds:.1f}s: {state}")
+
+
+def store_identity(storage: StorageConfig) -> str:
+    """What tells the blob store *storage* names from any other."""
+    if storage.driver == "s3":
+        return (f"s3 {storage.s3_regionendpoint or storage.s3_region} bucket {storage.s3_bucket}"
+                f" /{storage.s3_rootdirectory.strip('/')}")
+    return f"filesystem {storage.path.resolve()}"
+
+
+class Migration:
+    """Copy the store *source* configures into the one *target* configures (see the module docstring)."""
+
+    def __init__(self, source: Config, target: Config, *, verify_content: bool = False,
+                 progress: Progress | None = None) -> None:
+        self.source = source
+        self.target = target
+        self.verify_content = verify_content
+        self.progress = progress or NoProgress()
+        self.report = Report()
+
+    def run(self) -> Report:
+        """Migrate; raises :class:`Refused` before writing anything if it cannot, ``OSError`` (or
+        the index's errors) if a driver fails midway (run it again to go on)."""
+        started = time.monotonic()
+        source, target = self.source, self.target
+        same_store = store_identity(source.storage) == store_identity(target.storage)
+        source_index = index_identity(source.metadata, Layout(source.storage.path).index)
+        same_index = source_index == index_identity(target.metadata, Layout(target.storage.path).index)
+        if same_store and same_index:
+            raise Refused(f"both configurations name the same store ({store_identity(source.storage)},"
+                          f" {source_index}): nothing to migrate")
+        old, new = Layout(source.storage.path), Layout(target.storage.path)
+        one_directory = old.root.resolve() == new.root.resolve()
+        self._check_source(old)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_exclusive(old, "source"))
+            if not one_directory:
+                stack.enter_context(_exclusive(new, "target"))
+            for side, config, layout in (("source", source, old), ("target", target, new)):
+                if side == "source" or not same_index:
+                    users = in_use_elsewhere(config.metadata, layout.index)
+                    if users:
+                        raise Refused(f"{side}: {users}; stop it before migrating")
+            old_store, old_index = self._open(source, "source", stack, create=False)
+            new_store, new_index = self._open(target, "target", stack, create=True)
+            snapshot = Snapshot.of(old_index)
+            if not same_index:
+                strangers = Snapshot.of(new_index).strangers(snapshot)
+                if strangers:
+                    raise Refused(f"the target's index holds {len(strangers)} records the source does not"
+                                  f" (first: {strangers[0]}): it belongs to another store; migrate into an empty one")
+            if not one_directory:
+                _bind(target, new, "target")
+            listed = list(old_store.objects())
+            objects = [found for found in listed if found.digest is not None]
+            self.report.strays = len(listed) - len(objects)
+            self.report.objects, self.report.bytes = len(objects), sum(found.size for found in objects)
+            if not same_store:
+                self._copy_objects(old_store, new_store, objects, snapshot)
+            if not same_index:
+                self.progress.phase("index records", None)
+                copy_records(snapshot, new_index)
+            self._verify(new_store, new_index, objects, snapshot, same_store)
+            if one_directory and not same_index and not self.report.problems:
+                problem = rebind_data_directory(target.metadata, new.index_binding)
+                if problem:
+                    self.report.problems.append(problem)
+                else:
+                    self.report.notes.append(f"{new.root} is now bound to {index_identity(target.metadata, new.index)}")
+        self.report.records = snapshot.counts()
+        self.report.uploads = snapshot.uploads
+        if snapshot.uploads:
+            self.report.notes.append(f"{snapshot.uploads} blob uploads in progress were not carried over"
+                                     " (their clients push again)")
+        if self.report.strays:
+            self.report.notes.append(f"{self.report.strays} stray files in the source were left behind (mirror fsck)")
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    # -- opening --
+
+    def _check_source(self, old: Layout) -> None:
+        if self.source.storage.driver == "filesystem" and not old.blobs.is_dir():
+            raise Refused(f"source: {old.root} is not a mirror data directory (no blobs/)")
+        if self.source.metadata.driver == "diskcache" and not old.index.is_dir():
+            raise Refused(f"source: {old.root} is not a mirror data directory (no index/)")
+        _bind(self.source, old, "source")
+
+    def _open(self, config: Config, side: str, stack: contextlib.ExitStack,
+              *, create: bool) -> tuple[Store | S3Store, Metadata]:
+        store = open_blob_store(config.storage)
+        try:
+            if create or config.storage.driver != "filesystem":
+                store.create()  # the filesystem makes its directories; S3 checks that the bucket answers
+            if create:
+                store.sweep_tmp()  # what an interrupted run left
+        except OSError as exc:
+            raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc
+        try:
+            index = open_metadata(config.metadata, Layout(config.storage.path).index)
+        except Exception as exc:  # the driver's errors never hold a password
+            named = index_identity(config.metadata, Layout(config.storage.path).index)
+            raise Refused(f"{side}: cannot open the index ({named}): {_line(exc)}") from exc
+        stack.callback(index.close)
+        return store, index
+
+    # -- objects --
+
+    def _copy_objects(self, old: Store | S3Store, new: Store | S3Store, objects: list[StoredObject],
+                      snapshot: Snapshot) -> None:
+        self.progress.phase("objects", self.report.bytes)
+        for found in objects:
+            assert found.digest is not None
+            if new.size(found.digest) == found.size:
+                self.report.present += 1
+            else:
+                try:
+                    self._copy(old, new, found.digest, found.size, str(found.digest) in snapshot.manifests)
+                except StoreError as exc:
+                    self.report.problems.append(f"source object {found.location}: {exc}")
+                    continue
+                self.report.copied += 1
+                self.report.bytes_copied += found.size
+            self.progress.advance(found.size)
+
+    def _copy(self, old: Store | S3Store, new: Store | S3Store, digest: Digest, size: int, manifest: bool) -> None:
+        if manifest and size <= MAX_MANIFEST_BYTES:  # a signed schema 1 one is checked by its payload's digest
+            data = old.read_bytes(digest)
+            if data is None:
+                raise StoreError(f"{digest} vanished from the source")
+            new.put_bytes(digest, data)
+            return
+        writer = new.ingest(digest, size)
+        try:
+            with old.open_stream(digest) as stream:
+                while chunk := stream.read(CHUNK):
+                    writer.write(chunk)
+            writer.commit()
+        finally:
+            writer.close()
+
+    # -- verifying --
+
+    def _verify(self, new: Store | S3Store, index: Metadata, objects: list[StoredObject], snapshot: Snapshot,
+                same_store: bool) -> None:
+        if not same_store:
+            missing = set()
+            for found in objects:
+                assert found.digest is not None
+                if new.size(found.digest) != found.size:
+                    missing.add(found.digest)
+                    self.report.problems.append(f"not in the target at {found.size} bytes: {found.digest}")
+            if self.verify_content:
+                self.progress.phase("re-hashing", self.report.bytes)
+                for found in objects:
+                    assert found.digest is not None
+                    if found.digest not in missing:
+                        if not new.matches(found.digest):
+                            self.report.problems.append(f"does not match its digest in the target: {found.digest}")
+                        self.report.verified += 1
+                    self.progress.advance(found.size)
+        self.report.problems += [f"index: {line}" for line in snapshot.differences(Snapshot.of(index))]
+        stored = {str(found.digest) for found in objects}
+        named = {record.digest for record in snapshot.tags.values()} | snapshot.manifests.keys()
+        lacking = sorted(named - stored)
+        if lacking:
+            self.report.notes.append(f"{len(lacking)} manifests the index names were not in the source store either"
+                                     f" (first: {lacking[0]}; mirror fsck)")
+
+
+def _line(exc: BaseException) -> str:
+    """An error's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split())
+
+
+def _bind(config: Config, layout: Layout, side: str) -> None:
+    problem = bind_data_directory(config.metadata, layout.index_binding)
+    if problem:
+        raise Refused(f"{side}: {problem}")
+
+
+@contextlib.contextmanager
+def _exclusive(layout: Layout, side: str) -> Iterator[None]:
+    """Hold ``DATA/gc.lock`` exclusively: no collection runs and no push makes content reachable meanwhile."""
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise Refused(f"{side}: cannot use {layout.root}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(f"{side}: {layout.gc_lock} is held: a server or `mirror gc` is working on {layout.root};"
+                          " stop it before migrating") from None
+        yield
+    finally:
+        os.close(fd)

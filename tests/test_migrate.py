@@ -1,0 +1,435 @@
+"""``mirror migrate``: a store moved between drivers (filesystem + diskcache, S3 + PostgreSQL) keeps
+every object and every index record, serves the same bytes afterwards, goes on after being
+interrupted, and refuses, in one line, what it cannot do.
+
+Stores are filled by the real mirror (pulled through from a real registry, pushed with skopeo) and
+by ``mirror preload``; the engines are real (SeaweedFS, PostgreSQL); the migrations run as
+``python -m mirror migrate``.  The index is compared record by record with the listings every
+driver passes the contract test for (``metadata/transfer.py``'s snapshot).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from mirror.config.load import load_config
+from mirror.metadata.opening import open_metadata
+from mirror.metadata.transfer import Snapshot
+from mirror.observe.progress import LineProgress
+from mirror.storage.layout import Layout
+from mirror.storage.s3 import MIN_CHUNK
+from tests.support import client
+from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
+from tests.support.images import Image, Index, build_image, random_layer, sha256_digest, write_oci_layout
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
+from tests.support.registry import UpstreamRegistry
+from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.skopeo import everything, layout_blobs, skopeo_run
+from tests.support.storecheck import mirror_cli, stored_objects
+
+KIB = 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+SIGNATURE = "application/vnd.example.signature"
+
+
+def write_config(path: Path, data: Path, *, s3: tuple[SeaweedS3, str] | None = None,
+                 dsn: str | None = None) -> Path:
+    """A config file: the store under *data*, in the bucket ``s3 = (server, bucket)`` if given, its
+    index in the PostgreSQL database *dsn* if given (else diskcache under *data*)."""
+    doc: dict[str, Any] = {"storage": {"path": str(data)}}
+    if s3 is not None:
+        server, bucket = s3
+        doc["storage"].update(driver="s3", s3={
+            "bucket": bucket, "region": server.region, "regionendpoint": server.endpoint, "rootdirectory": "store",
+            "accesskey": server.accesskey, "secretkey": server.secretkey, "forcepathstyle": True,
+            "chunksize": MIN_CHUNK})
+    if dsn is not None:
+        doc["metadata"] = {"driver": "postgres", "postgres": {"dsn": dsn}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def migrate(old: Path, new: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return mirror_cli("migrate", "--from-config", old, "--to-config", new, *flags, timeout=300)
+
+
+def migrated(old: Path, new: Path, *flags: str) -> str:
+    done = migrate(old, new, *flags)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("verified"), done.stdout + done.stderr
+    return done.stdout
+
+
+def refused(old: Path, new: Path) -> str:
+    """The one line ``mirror migrate`` refused with (exit status 2)."""
+    done = migrate(old, new)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mirror: migrate: "), done.stderr
+    return lines[0]
+
+
+def snapshot(config: Path) -> Snapshot:
+    """Every record of the index *config* names."""
+    loaded = load_config(config, env={})
+    index = open_metadata(loaded.metadata, Layout(loaded.storage.path).index)
+    try:
+        return Snapshot.of(index)
+    finally:
+        index.close()
+
+
+def bucket_objects(server: SeaweedS3, bucket: str) -> dict[str, int]:
+    """``{digest: size}`` of the objects under the bucket's ``store/blobs/``."""
+    found = {}
+    for page in server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="store/blobs/"):
+        for item in page.get("Contents", []):
+            algorithm, _, hex_ = item["Key"].removeprefix("store/blobs/").split("/")
+            found[f"{algorithm}:{hex_}"] = item["Size"]
+    return found
+
+
+def sizes(data: Path) -> dict[str, int]:
+    return {digest: path.stat().st_size for digest, path in stored_objects(data).items()}
+
+
+def preloaded(tmp_path: Path, data: Path, name: str, seed: int) -> Image:
+    """An image of its own preloaded (pinned) into *data* as ``docker.io/library/<name>:1``."""
+    blobs = tmp_path / f"{name}-blobs"
+    image = build_image(blobs, [random_layer(blobs, 96 * KIB, seed)])
+    layout = tmp_path / f"{name}-layout"
+    write_oci_layout(layout, image, f"docker.io/library/{name}:1")
+    done = mirror_cli("preload", "--data", data, layout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return image
+
+
+# -- a round trip through S3 and PostgreSQL ------------------------------------------------------
+
+
+def pull(skopeo: str, address: str, reference: str, layout: Path, *, every_platform: bool) -> set[str]:
+    """Copy *reference* from the mirror at *address* into an OCI layout; the digests it holds (checked)."""
+    skopeo_run(skopeo, "copy", *(["--all"] if every_platform else []), "--preserve-digests",
+               "--src-tls-verify=false", f"docker://{address}/{reference}", f"oci:{layout}:out")
+    return layout_blobs(layout)
+
+
+def push_signature(base_url: str, name: str, subject: Image, tmp_path: Path) -> str:
+    """Push an OCI 1.1 artifact whose subject is *subject* (a referrer); its digest."""
+    payload, empty = b"signature bytes", b"{}"
+    with client.session() as http:
+        for data in (payload, empty):
+            path = tmp_path / sha256_digest(data).replace(":", "-")
+            path.write_bytes(data)
+            client.push_blob(http, base_url, name, sha256_digest(data), path)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIGNATURE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(empty), "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": sha256_digest(payload),
+                        "size": len(payload)}],
+            "subject": subject.descriptor(),
+        }).encode()
+        return client.put_manifest(http, base_url, name, sha256_digest(body), OCI_MANIFEST, body)
+
+
+@pytest.mark.slow
+def test_a_store_moves_to_s3_and_postgres_and_back_and_serves_every_image_byte_for_byte(
+    images: StandardImages, upstream_factory: Callable[[], Any], mirror_factory: Callable[..., MirrorServer],
+    skopeo: str, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, http: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    """Cached (pulled through, one platform of a list too), pushed (with a referrer) and preloaded
+    (pinned) content goes filesystem + diskcache -> S3 + PostgreSQL -> filesystem + diskcache, and
+    -> filesystem + PostgreSQL; mirrors on both copies serve every image by tag and by digest with
+    the upstream stopped, byte for byte, and every index record made the trip."""
+    registry = upstream_factory()
+    wanted = {"small": True, "multi": True, "dlist": False}  # dlist: only this host's platform is pulled
+    for short in wanted:
+        repo, tag, item = images.refs[short]
+        (client.push_index if isinstance(item, Index) else client.push_image)(registry.url, repo, tag, item)
+    source = mirror_factory(registry.url)
+    expected: dict[str, tuple[set[str], bool]] = {}  # reference -> (its digests, every platform)
+    for short, every_platform in wanted.items():
+        repo, tag, item = images.refs[short]
+        digests = pull(skopeo, source.address, f"{repo}:{tag}", tmp_path / f"first-{short}",
+                       every_platform=every_platform)
+        expected[f"{repo}:{tag}"] = expected[f"{repo}@{item.digest}"] = digests, every_platform
+    blobs = tmp_path / "pushed-blobs"
+    pushed = build_image(blobs, [random_layer(blobs, 128 * KIB, 901)])
+    skopeo_run(skopeo, "copy", "--preserve-digests", "--dest-tls-verify=false",
+               write_oci_layout(tmp_path / "pushed-layout", pushed, "app"), f"docker://{source.address}/team/app:1")
+    expected["team/app:1"] = expected[f"team/app@{pushed.digest}"] = everything(pushed), False
+    signature = push_signature(source.url, "team/app", pushed, tmp_path)
+    source.stop()
+    pinned = preloaded(tmp_path, source.data_dir, "pre", 902)
+    expected["library/pre:1"] = expected[f"library/pre@{pinned.digest}"] = everything(pinned), False
+
+    old = write_config(tmp_path / "old.yaml", source.data_dir)
+    before = snapshot(old)
+    assert before.pins and before.locals and before.referrers and before.access and len(before.tags) >= 5
+    dsn = postgres.create_database()
+    cloud = write_config(tmp_path / "cloud.yaml", tmp_path / "cloud-spool", s3=(seaweedfs, s3_bucket), dsn=dsn)
+    out = migrated(old, cloud)
+    assert bucket_objects(seaweedfs, s3_bucket) == sizes(source.data_dir)
+    assert before.differences(snapshot(cloud)) == [], out
+
+    back = mirror_factory(registry.url, start=False)
+    out = migrated(cloud, write_config(tmp_path / "back.yaml", back.data_dir), "--verify-content")
+    assert f"{len(sizes(source.data_dir))} re-hashed" in out
+    assert sizes(back.data_dir) == sizes(source.data_dir)
+    assert before.differences(snapshot(tmp_path / "back.yaml")) == []
+    # The same index behind the filesystem: the database already holds a copy of this store's records.
+    indexed = mirror_factory(registry.url, start=False,
+                             env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    migrated(old, write_config(tmp_path / "pg.yaml", indexed.data_dir, dsn=dsn))
+
+    registry.stop()
+    for server in (back.start(), indexed.start()):
+        for n, (reference, (digests, every_platform)) in enumerate(expected.items()):
+            got = pull(skopeo, server.address, reference, tmp_path / f"{server.port}-{n}",
+                       every_platform=every_platform)
+            assert got == digests, reference
+        listed = http.get(f"{server.url}/v2/team/app/referrers/{pushed.digest}").json()
+        assert [d["digest"] for d in listed["manifests"]] == [signature], listed
+
+
+# -- going on after an interruption --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], skopeo: str, seaweedfs: SeaweedS3,
+    s3_bucket: str, postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """Stopped by Ctrl-C, then killed outright (SIGKILL) while copying, the migration run again
+    goes on (what is there is not copied again) and ends with every object and record."""
+    source = mirror_factory()
+    for short in ("big", "small", "multi", "dlist"):
+        repo, tag, _ = images.refs[short]
+        pull(skopeo, source.address, f"{repo}:{tag}", tmp_path / short, every_platform=short != "dlist")
+    source.stop()
+    old = write_config(tmp_path / "old.yaml", source.data_dir)
+    new = write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                       dsn=postgres.create_database())
+    everything_stored = sizes(source.data_dir)
+
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        copied_before = len(bucket_objects(seaweedfs, s3_bucket))
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        proc = subprocess.Popen([sys.executable, "-m", "mirror", "migrate", "--from-config", str(old),
+                                 "--to-config", str(new)], cwd=PROJECT_ROOT, env=clean, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while len(bucket_objects(seaweedfs, s3_bucket)) <= copied_before and proc.poll() is None:
+                assert time.monotonic() < deadline, "no object was copied"
+                time.sleep(0.02)
+            proc.send_signal(stop)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if stop == signal.SIGINT:
+            assert proc.returncode == 130 and "interrupted; run it again" in err, out + err
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        copied = bucket_objects(seaweedfs, s3_bucket)
+        assert copied_before < len(copied) < len(everything_stored), "not stopped midway"
+        assert all(everything_stored[digest] == size for digest, size in copied.items())
+
+    out = migrated(old, new, "--verify-content")
+    assert f"{len(copied)} already there" in out and f"{len(everything_stored) - len(copied)} copied" in out
+    assert bucket_objects(seaweedfs, s3_bucket) == everything_stored
+    assert snapshot(old).differences(snapshot(new)) == []
+    assert not seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "uploads left open"
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def test_the_same_store_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 911)
+    old = write_config(tmp_path / "old.yaml", data)
+    line = refused(old, write_config(tmp_path / "again.yaml", tmp_path / "." / "data"))
+    assert "same store" in line and str(data) in line
+
+
+def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    preloaded(tmp_path, ours, "one", 912)
+    preloaded(tmp_path, theirs, "two", 913)
+    new = write_config(tmp_path / "new.yaml", theirs)
+    objects, records = sizes(theirs), snapshot(new)
+    line = refused(write_config(tmp_path / "old.yaml", ours), new)
+    assert "belongs to another store" in line and "docker.io/library/two" in line
+    assert sizes(theirs) == objects and records.differences(snapshot(new)) == [] == snapshot(new).differences(records)
+
+
+def test_a_target_that_is_an_earlier_partial_copy_is_taken_up(tmp_path: Path) -> None:
+    """The opposite of the refusal above: a target holding part of the source's records goes on."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 914)
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "copy")
+    migrated(old, new)
+    first = sizes(data)
+    preloaded(tmp_path, data, "two", 915)  # the source grew since: the copy is a part of it
+    out = migrated(old, new)
+    assert f"{len(sizes(data)) - len(first)} copied, {len(first)} already there" in out
+    assert out.startswith("migrate: objects (")  # not a terminal: plain progress lines
+    assert sizes(tmp_path / "copy") == sizes(data)
+    assert snapshot(old).differences(snapshot(new)) == []
+
+
+def test_a_store_in_use_is_refused(tmp_path: Path) -> None:
+    """A collection (``mirror gc``, or a server's) holds ``DATA/gc.lock``; pushes share it."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 916)
+    fd = os.open(data / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        line = refused(write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "b"))
+    finally:
+        os.close(fd)
+    assert "gc.lock is held" in line and "stop it" in line
+    assert not (tmp_path / "b" / "blobs").exists()
+
+
+def test_a_store_a_running_server_has_open_is_refused(
+    tmp_path: Path, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+) -> None:
+    """Idle servers hold no lock file, but they hold their index open: diskcache's database (as
+    SQLite does while connected) or a listening connection to PostgreSQL; either refuses the migration."""
+    on_diskcache = mirror_factory()
+    dsn = postgres.create_database()
+    on_postgres = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    for server, config in ((on_diskcache, write_config(tmp_path / "disk.yaml", on_diskcache.data_dir)),
+                           (on_postgres, write_config(tmp_path / "pg.yaml", on_postgres.data_dir, dsn=dsn))):
+        target = write_config(tmp_path / "new.yaml", tmp_path / f"copy-{server.port}")
+        line = refused(config, target)
+        assert line.startswith("mirror: migrate: source: ") and "open" in line and "stop it" in line, line
+        assert not (tmp_path / f"copy-{server.port}" / "blobs").exists()
+        server.stop()
+        migrated(config, target)
+
+
+def test_a_source_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    line = refused(write_config(tmp_path / "old.yaml", tmp_path / "nothing"),
+                   write_config(tmp_path / "new.yaml", tmp_path / "b"))
+    assert "source:" in line and "not a mirror data directory" in line
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_target_whose_database_cannot_be_reached_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 917)
+    dsn = f"host=127.0.0.1 port={free_port()} user=postgres dbname=x password=s3cr3t-pw connect_timeout=3"
+    done = migrate(write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "b",
+                                                                           dsn=dsn))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "target: cannot open the index" in done.stderr and "s3cr3t-pw" not in done.stdout + done.stderr
+    assert not (tmp_path / "b" / "blobs").exists() or not any((tmp_path / "b" / "blobs").iterdir())
+
+
+def test_a_target_bucket_that_does_not_exist_is_refused(tmp_path: Path, seaweedfs: SeaweedS3) -> None:
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 918)
+    line = refused(write_config(tmp_path / "old.yaml", data),
+                   write_config(tmp_path / "new.yaml", tmp_path / "b", s3=(seaweedfs, "no-such-bucket")))
+    assert "target: cannot open the store" in line and "no-such-bucket" in line
+
+
+# -- only the index moves ----------------------------------------------------------------------------
+
+
+def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
+    tmp_path: Path, postgres: PostgresServer,
+) -> None:
+    """The same data directory under another index driver: no object is copied, every record is, and
+    ``DATA/index.json`` then names the new index (the old configuration is refused, the new one opens)."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 919)
+    objects = sizes(data)
+    dsn = postgres.create_database()
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", data, dsn=dsn)
+    out = migrated(old, new)
+    assert "0 copied" in out and f"{data} is now bound to PostgreSQL database" in out
+    assert sizes(data) == objects and snapshot(old).differences(snapshot(new)) == []
+    with_postgres = mirror_cli("fsck", "--data", data, env={"MIRROR_METADATA_DRIVER": "postgres",
+                                                            "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    assert with_postgres.returncode == 0 and with_postgres.stdout.rstrip().endswith("clean"), with_postgres.stderr
+    with_diskcache = mirror_cli("fsck", "--data", data)
+    assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr
+
+
+def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() -> None:
+    lines: list[str] = []
+    now = [0.0]
+    progress = LineProgress("migrate", lines.append, every=10.0, clock=lambda: now[0])
+    progress.phase("objects", 3000)
+    progress.advance(1000)
+    now[0] = 10.0
+    progress.advance(1000)
+    now[0] = 15.0
+    progress.advance(500)
+    progress.phase("index records", None)
+    assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]
+
+
+def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: Path) -> None:
+    """Bytes are checked as the target writes them: a layer rotted in the source (same size, other
+    bytes) is refused there, reported, and the run exits 1; everything else is copied."""
+    data = tmp_path / "data"
+    image = preloaded(tmp_path, data, "one", 920)
+    layer = stored_objects(data)[image.layers[0].digest]
+    rotten = bytearray(layer.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF
+    layer.chmod(0o644)
+    layer.write_bytes(bytes(rotten))
+    done = migrate(write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "copy"))
+    assert done.returncode == 1 and done.stdout.rstrip().endswith("2 problems"), done.stdout + done.stderr
+    assert f"source object {layer}: content does not match {image.layers[0].digest}" in done.stdout
+    assert set(sizes(tmp_path / "copy")) == set(sizes(data)) - {image.layers[0].digest}
+
+
+def test_a_signed_schema1_manifest_moves_under_the_digest_registries_give_it(
+    upstream: UpstreamRegistry, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """Named by the hash of its payload, not of its bytes: the target's write checks it that way
+    and keeps the bytes as they are (a signed schema 1 image pulled through, as Docker Hub serves one)."""
+    layers = [random_layer(tmp_path, 3000, 921), random_layer(tmp_path, 5000, 922)]
+    upstream.push_image("library/old-signed", "v2", build_image(tmp_path, layers))
+    old = signed_schema1("library/old-signed", "1", layers)
+    fault_proxy.add("status", f"/library/old-signed/manifests/(1|{old.digest})$", status=200, body=old.body,
+                    headers={"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest})
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    got = http.get(f"{mirror.url}/v2/old-signed/manifests/1", headers={"accept": SCHEMA1_SIGNED})
+    assert got.status_code == 200 and got.content == old.body, got.text
+    for layer in layers:
+        assert http.get(f"{mirror.url}/v2/old-signed/blobs/{layer.digest}").status_code == 200
+    mirror.stop()
+    assert old.digest in stored_objects(mirror.data_dir) and old.digest != old.bytes_digest
+
+    migrated(write_config(tmp_path / "old.yaml", mirror.data_dir),
+             write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket)), "--verify-content")
+    hex_ = old.digest.removeprefix("sha256:")
+    kept = seaweedfs.client().get_object(Bucket=s3_bucket, Key=f"store/blobs/sha256/{hex_[:2]}/{hex_}")
+    assert kept["Body"].read() == old.body

@@ -148,8 +148,8 @@ class Observe:
             if access_log.isEnabledFor(logging.INFO):
                 # A record made here, not by access_log.info(): the caller's file and line (a frame
                 # walk and path splitting per record) are of no use in an access log.
-                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "\n".join(lines),
-                                                        None, None))
+                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "\n".join(lines), (),
+                                                        None))
 
 
 _json_str = json.encoder.encode_basestring_ascii

@@ -1,6 +1,6 @@
 """Repositories and their policies: one :class:`~mirror.registry.repository.Repository` protocol,
 the namespace router that picks an implementation for a name (``namespaces``), the cached kind
-(``cached`` over the pull-through policy, ``pullthrough``, ``referrers``, ``flight``,
+(``cached`` over the pull-through policy, ``pullthrough``, ``links``, ``referrers``, ``flight``,
 ``failures``) and the pushed kind (``local``, ``uploads``).
 
 May import: ``spec``, ``config``, ``observe``, ``storage``, ``metadata``, ``upstream``,

@@ -18,7 +18,6 @@ turns store and upstream errors into API errors.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -49,6 +48,7 @@ from ..upstream.errors import (
 )
 from .failures import api_error
 from .flight import SingleFlight
+from .links import BackgroundLinks
 from .referrers import UpstreamReferrers, referrer_of
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 
@@ -78,9 +78,7 @@ class PullThrough:
         self._bodies: dict[str, bytes] = {}
         self._bodies_size = 0
         self._referrers = UpstreamReferrers(metadata, upstream, registry)
-        self._links: set[asyncio.Task[None]] = set()
-        #: (repository, digest) links being written: fetched for, or consented to, that repository.
-        self._linking_now: set[tuple[str, str]] = set()
+        self._links = BackgroundLinks(metadata)
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -295,7 +293,7 @@ class PullThrough:
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         if (isinstance(source, GrowingBlob) and (source.verified or source.coalesced) and not linked
-                and not consented and (repo, key) not in self._linking_now):
+                and not consented and not self._links.pending(repo, key)):
             # A fetch this request joined (or one verified, only not yet moved into the store) may
             # be for another repository: served here only if the upstream has it here too.
             try:
@@ -305,33 +303,14 @@ class PullThrough:
                 raise
         if not linked:
             # Recorded beside the answer, not before it: the first byte does not wait for the index.
-            self._linking(repo, key)
+            self._links.add(repo, key)
         if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 
-    def _linking(self, repo: str, key: str) -> None:
-        """Link *key* to *repo* in the index in the background (:meth:`settled` waits for it)."""
-        task = asyncio.create_task(self._link(repo, key))
-        self._links.add(task)
-        self._linking_now.add((repo, key))
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._links.discard(task)
-            self._linking_now.discard((repo, key))
-
-        task.add_done_callback(done)
-
-    async def _link(self, repo: str, key: str) -> None:
-        try:
-            await anyio.to_thread.run_sync(self.metadata.link, repo, [key])
-        except Exception as exc:  # noqa: BLE001 (served all the same; the next request links it)
-            log.warning("could not record %s as part of %s: %s", key, repo, exc)
-
     async def settled(self) -> None:
-        """Wait until the links recorded in the background are written (shutdown, tests)."""
-        while self._links:
-            await asyncio.wait(list(self._links))
+        """Wait until the links recorded in the background are written (shutdown)."""
+        await self._links.settled()
 
     def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
         """The error for a blob the upstream did not give; for a non-distributable layer left to

@@ -1,0 +1,154 @@
+"""The web UI over plain HTTP: paging and the ``?q=`` filter without JavaScript, pinned and pushed
+kinds, pull commands for the host the client used, the cache page against ``/metrics``, and
+``ui.enabled``.  The real mirror under uvicorn, in front of real upstream registries."""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.config.values import human
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked, push_image
+from tests.support.images import Image, write_oci_layout
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.storecheck import mirror_cli
+
+BULK = 150  # with one more: two pages of 100
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        yield client
+
+
+def names(page: httpx.Response) -> list[str]:
+    """The repository names the list shows, in order."""
+    assert page.status_code == 200, page.text
+    return [html.unescape(n) for n in re.findall(r'<td><a href="/ui/r/[^"]+">([^<]+)</a></td>', page.text)]
+
+
+def links(page: httpx.Response) -> dict[str, str]:
+    """The pager's links: ``{"prev": href, "next": href}``."""
+    return {rel: html.unescape(href) for rel, href in re.findall(r'<a rel="(prev|next)" href="([^"]+)"', page.text)}
+
+
+@pytest.fixture
+def crowded(mirror: MirrorServer, http: httpx.Client, tiny: Image) -> MirrorServer:
+    """A mirror holding ``bulk/r000`` ... ``bulk/r149`` and ``other/thing``, all pushed."""
+    for n in range(BULK):
+        push_image(mirror.url, f"bulk/r{n:03d}", "1", tiny, client=http)
+    push_image(mirror.url, "other/thing", "1", tiny, client=http)
+    return mirror
+
+
+def test_list_pages_by_100_and_filters_with_a_plain_get(crowded: MirrorServer, http: httpx.Client) -> None:
+    base = f"{crowded.url}/ui/"
+    first = http.get(base)
+    assert names(first) == [f"bulk/r{n:03d}" for n in range(100)]
+    assert "151 repositories" in first.text
+    assert links(first) == {"next": "?page=2"}
+    second = http.get(base, params={"page": "2"})
+    assert names(second) == [f"bulk/r{n:03d}" for n in range(100, BULK)] + ["other/thing"]
+    assert links(second) == {"prev": "?page=1"}
+    assert names(http.get(base, params={"page": "99"})) == names(second)  # past the end: the last page
+    assert names(http.get(base, params={"page": "x"})) == names(first)
+
+    assert names(http.get(base, params={"q": "r01"})) == [f"bulk/r{n:03d}" for n in range(10, 20)]
+    assert names(http.get(base, params={"q": "BULK r14"})) == [f"bulk/r{n:03d}" for n in range(140, 150)]
+    assert names(http.get(base, params={"q": "thing"})) == ["other/thing"]
+    filtered = http.get(base, params={"q": "bulk", "page": "2"})
+    assert names(filtered) == [f"bulk/r{n:03d}" for n in range(100, BULK)]
+    assert links(filtered) == {"prev": "?q=bulk&page=1"}
+    assert 'value="bulk"' in filtered.text  # the form keeps the query
+
+    hostile = http.get(base, params={"q": "<script>alert(1)</script>"})
+    assert names(hostile) == [] and "0 repositories" in hostile.text
+    assert "<script>alert" not in hostile.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in hostile.text
+
+    partial = http.get(base, params={"q": "thing", "partial": "1"})
+    assert names(partial) == ["other/thing"] and "<html" not in partial.text
+    assert "pushed" in partial.text
+
+
+def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
+        mirror: MirrorServer, http: httpx.Client, images: StandardImages, tmp_path: Path) -> None:
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, images.big, "docker.io/library/preloaded:7")
+    done = mirror_cli("preload", "--data", mirror.data_dir, layout)
+    assert done.returncode == 0, done.stderr
+
+    page = http.get(f"{mirror.url}/ui/")
+    assert names(page) == ["library/preloaded", "library/small"]
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    assert "cached</span> from docker.io" in rows["library/small"] and "pinned" not in rows["library/small"]
+    assert "pinned" in rows["library/preloaded"]
+
+    repository = http.get(f"{mirror.url}/ui/r/library/preloaded", headers={"host": "mirror.example.internal:5000"})
+    assert repository.status_code == 200
+    assert "docker pull mirror.example.internal:5000/library/preloaded:7" in repository.text
+    assert "podman pull mirror.example.internal:5000/library/preloaded:7" in repository.text
+    assert images.big.digest in repository.text and human(images.big.layers[2].size + images.big.layers[0].size
+                                                          + images.big.layers[1].size + len(images.big.config)) \
+        in repository.text
+    assert "default-src 'none'" in repository.headers["content-security-policy"]
+    odd = http.get(f"{mirror.url}/ui/r/library/preloaded", headers={"host": "evil\"><b>x"})
+    assert f"docker pull 127.0.0.1:{mirror.port}/library/preloaded:7" in odd.text
+
+    assert http.get(f"{mirror.url}/ui/r/library/nothing").status_code == 404
+    assert http.get(f"{mirror.url}/ui/r/Not..Valid").status_code == 404
+    assert http.get(f"{mirror.url}/ui/r/library/small@sha256:{'0' * 64}").status_code == 404
+    image = http.get(f"{mirror.url}/ui/r/library/small@{images.small.digest}")
+    assert image.status_code == 200 and images.small.layers[1].digest[7:19] in image.text
+
+
+def test_cache_page_shows_what_metrics_report_and_an_upstream_failing(
+        mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry],
+        http: httpx.Client, tiny: Image) -> None:
+    origin = upstream_factory()
+    push_image(origin.url, "team/tool", "1", tiny)
+    mirror = mirror_factory(origin.url, env={"MIRROR_CACHE_TAG_TTL": "0s"})
+    for _ in range(2):
+        pull_checked(http, mirror.url, "team/tool", "1", tiny)
+    page = http.get(f"{mirror.url}/ui/cache")
+    assert page.status_code == 200
+    metrics = scrape(f"{mirror.url}/metrics")
+
+    def shown(id: str) -> str:
+        found = re.search(rf'id="{id}">([^<]*)<', page.text)
+        assert found, id
+        return found.group(1).strip()
+
+    hits, misses = (value(metrics, "mirror_cache_requests_total", outcome=o) for o in ("hit", "miss"))
+    assert hits > 0 and misses > 0
+    assert shown("answers-hit") == str(int(hits)) and shown("answers-miss") == str(int(misses))
+    assert shown("hit-ratio") == f"{hits / (hits + misses) * 100:.1f} %"
+    assert shown("bytes-upstream") == human(int(value(metrics, "mirror_upstream_received_bytes_total")))
+    assert 'class="badge health-ok">ok<' in page.text
+
+    origin.stop()
+    answer = http.get(f"{mirror.url}/v2/team/tool/manifests/1", headers={"accept": tiny.media_type})
+    assert answer.headers["x-mirror-cache"] == "STALE"
+    page = http.get(f"{mirror.url}/ui/cache")
+    assert 'class="badge health-failing">failing<' in page.text
+    assert "unreachable, " + time.strftime("%Y-%m-%d", time.gmtime()) in page.text
+    assert shown("answers-stale") == "1"
+
+
+def test_ui_enabled_false_turns_it_off(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
+    mirror = mirror_factory(env={"MIRROR_UI_ENABLED": "false"})
+    for path in ("/ui/", "/ui", "/ui/cache", "/ui/static/ui.css"):
+        answer = http.get(f"{mirror.url}{path}")
+        assert answer.status_code == 404, path
+        assert answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert http.get(f"{mirror.url}/v2/").status_code == 200

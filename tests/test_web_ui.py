@@ -152,3 +152,19 @@ def test_ui_enabled_false_turns_it_off(mirror_factory: Callable[..., MirrorServe
         assert answer.status_code == 404, path
         assert answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"
     assert http.get(f"{mirror.url}/v2/").status_code == 200
+
+
+@pytest.mark.slow
+def test_last_pull_shows_once_the_access_times_are_written(mirror: MirrorServer, http: httpx.Client,
+                                                           images: StandardImages) -> None:
+    before = time.time()
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    today = time.strftime("%Y-%m-%d ", time.gmtime())
+    deadline = time.monotonic() + 30  # written every 5 s, read again by the pages after 5 s or more
+    while today not in (page := http.get(f"{mirror.url}/ui/")).text:
+        assert time.monotonic() < deadline, "no last pull shown"
+        time.sleep(0.5)
+    assert names(page) == ["library/small"]
+    shown = http.get(f"{mirror.url}/ui/r/library/small").text
+    stamp = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", shown)
+    assert len(stamp) == 1 and stamp[0] >= time.strftime("%Y-%m-%d %H:%M", time.gmtime(before))

@@ -20,6 +20,7 @@ from ..spec.manifest import INDEX_TYPES, Descriptor, references
 from ..spec.platforms import platform_text
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore
+from .listing import LastPulls
 
 #: The largest image config read to show its settings and history.
 MAX_CONFIG_BYTES = 4 << 20
@@ -191,14 +192,14 @@ def _platforms_and_size(store: BlobStore, metadata: Metadata, repo: str,
     return platforms, total if known else None
 
 
-def tag_page(store: BlobStore, metadata: Metadata, repo: str, number: int,
+def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: str, number: int,
              per_page: int = TAGS_PER_PAGE) -> TagPage:
     """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says."""
     tags = metadata.tags(repo)
     pages = max(1, math.ceil(len(tags) / per_page))
     number = min(max(number, 1), pages)
     shown = tags[(number - 1) * per_page:number * per_page]
-    last = {digest: when for (key, digest), when in metadata.access_times().items() if key == repo} if shown else {}
+    pulled = last_pulls.read(metadata)[0] if shown else {}
     rows = []
     for tag in shown:
         record = metadata.get_tag(repo, tag)
@@ -207,7 +208,7 @@ def tag_page(store: BlobStore, metadata: Metadata, repo: str, number: int,
         view = read_manifest(store, metadata, repo, record.digest)
         platforms, size = _platforms_and_size(store, metadata, repo, view) if view else ([], None)
         rows.append(TagRow(tag, record.digest, record.media_type, platforms, size, view is not None,
-                           last.get(record.digest)))
+                           pulled.get((repo, record.digest))))
     return TagPage(rows, len(tags), number, pages)
 
 

@@ -7,9 +7,12 @@ upstream.  Calls block (the index's driver does): the pages run them in a worker
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..maintenance.upkeep import FLUSH_INTERVAL
 from ..metadata.driver import LOCAL, Metadata
 from ..registry.local import LocalRegistry
 
@@ -45,6 +48,37 @@ class Page:
     pages: int
 
 
+class LastPulls:
+    """When each repository and manifest was last pulled, from the index's access times.
+
+    The whole list is read again at most every ``max(FLUSH_INTERVAL, 50 x`` the last read's
+    duration) seconds: the servers write access times in batches every :data:`FLUSH_INTERVAL`
+    anyway, and on a large index the read takes a while.  One per app, shared by its requests.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._manifests: dict[tuple[str, str], float] = {}
+        self._repositories: dict[str, float] = {}
+        self._read_at: float | None = None
+        self._every = FLUSH_INTERVAL
+
+    def read(self, metadata: Metadata) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+        """``({(repo, digest): last pull}, {repo: last pull})`` (``time.time()`` values)."""
+        with self._lock:
+            started = time.monotonic()
+            if self._read_at is None or started - self._read_at >= self._every:
+                manifests = metadata.access_times()
+                repositories: dict[str, float] = {}
+                for (repo, _), when in manifests.items():
+                    if when > repositories.get(repo, 0.0):
+                        repositories[repo] = when
+                self._manifests, self._repositories = manifests, repositories
+                self._read_at = time.monotonic()
+                self._every = max(FLUSH_INTERVAL, 50 * (self._read_at - started))
+            return self._manifests, self._repositories
+
+
 def names(metadata: Metadata, local: LocalRegistry) -> list[tuple[str, str]]:
     """``(name, key)`` of every repository, sorted by name; a name both pushed and cached (pushed
     over its cache) is the pushed one, as the API serves it."""
@@ -62,7 +96,7 @@ def matches(name: str, query: str) -> bool:
     return all(word in lowered for word in query.lower().split())
 
 
-def repository_page(metadata: Metadata, local: LocalRegistry, query: str, number: int,
+def repository_page(metadata: Metadata, local: LocalRegistry, last_pulls: LastPulls, query: str, number: int,
                     visible: Callable[[str], bool], per_page: int = PER_PAGE) -> Page:
     """Page *number* (1-based, clamped to the last) of the repositories *visible* to the viewer
     whose name matches *query*, with their tag counts, pins and last pulls."""
@@ -72,11 +106,7 @@ def repository_page(metadata: Metadata, local: LocalRegistry, query: str, number
     shown = selected[(number - 1) * per_page:number * per_page]
     keys = {key for _, key in shown}
     pinned = {repo for repo, _ in metadata.pins() if repo in keys}
-    last: dict[str, float] = {}
-    if keys:
-        for (repo, _), when in metadata.access_times().items():
-            if repo in keys and when > last.get(repo, 0.0):
-                last[repo] = when
+    last = last_pulls.read(metadata)[1] if keys else {}
     rows = []
     for name, key in shown:
         registry, _, _ = key.partition("/")

@@ -72,6 +72,7 @@ def _environment() -> jinja2.Environment:
 def routes(config: Config) -> list[BaseRoute]:
     """The UI's routes, to mount at ``/ui`` (the app adds them when ``ui.enabled``)."""
     templates = Jinja2Templates(env=_environment())
+    last_pulls = listing.LastPulls()
 
     def viewer(request: Request) -> str | None:
         return request.scope.get("state", {}).get("user")  # type: ignore[no-any-return]
@@ -100,7 +101,7 @@ def routes(config: Config) -> list[BaseRoute]:
         namespaces: Namespaces = request.state.namespaces
         query = request.query_params.get("q", "").strip()[:200]
         page = await anyio.to_thread.run_sync(
-            listing.repository_page, namespaces.local.metadata, namespaces.local, query,
+            listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
             _number(request), visible(request))
         template = "results.html" if request.query_params.get("partial") else "index.html"
         return render(request, template, page=page, query=query)
@@ -122,7 +123,8 @@ def routes(config: Config) -> list[BaseRoute]:
             return not_found(request, name)
         host = _host(request)
         if digest is None:
-            tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, key, _number(request))
+            tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
+                                                  _number(request))
             return render(request, "repository.html", name=name, key=key, tags=tags, host=host)
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:

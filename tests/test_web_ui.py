@@ -5,6 +5,7 @@ kinds, pull commands for the host the client used, the cache page against ``/met
 from __future__ import annotations
 
 import html
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +16,12 @@ import pytest
 
 from mirror.config.values import human
 from tests.support.catalog import StandardImages
-from tests.support.client import pull_checked, push_image
-from tests.support.images import Image, write_oci_layout
+from tests.support.client import pull_checked, push_blob, push_image, put_manifest, session
+from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.security import ALICE_PASSWORD, auth_env, basic
 from tests.support.storecheck import mirror_cli
 
 BULK = 150  # with one more: two pages of 100
@@ -96,6 +98,7 @@ def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
 
     repository = http.get(f"{mirror.url}/ui/r/library/preloaded", headers={"host": "mirror.example.internal:5000"})
     assert repository.status_code == 200
+    assert 'cached</span> from docker.io <span class="badge pinned">pinned</span>' in repository.text
     assert "docker pull mirror.example.internal:5000/library/preloaded:7" in repository.text
     assert "podman pull mirror.example.internal:5000/library/preloaded:7" in repository.text
     assert images.big.digest in repository.text and human(images.big.layers[2].size + images.big.layers[0].size
@@ -168,3 +171,67 @@ def test_last_pull_shows_once_the_access_times_are_written(mirror: MirrorServer,
     shown = http.get(f"{mirror.url}/ui/r/library/small").text
     stamp = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", shown)
     assert len(stamp) == 1 and stamp[0] >= time.strftime("%Y-%m-%d %H:%M", time.gmtime(before))
+
+
+def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image, tmp_path: Path) -> None:
+    push_image(mirror.url, "team/signed", "1", tiny, client=http)
+    payload = b'{"signature": "<b>not markup</b>"}'
+    with session(http) as client:
+        for data in (b"{}", payload):
+            path = tmp_path / sha256_digest(data).replace(":", "-")
+            path.write_bytes(data)
+            push_blob(client, mirror.url, "team/signed", sha256_digest(data), path)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.signature",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.example.payload", "digest": sha256_digest(payload),
+                        "size": len(payload)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": tiny.digest, "size": tiny.size},
+            "annotations": {"signed.by": "<script>alert(3)</script>"}}).encode()
+        signature = put_manifest(client, mirror.url, "team/signed", sha256_digest(body), OCI_MANIFEST, body)
+
+    image = http.get(f"{mirror.url}/ui/r/team/signed@{tiny.digest}")
+    assert image.status_code == 200
+    referrers = image.text.split('id="referrers"', 1)[1]
+    assert "application/vnd.example.signature" in referrers
+    assert f'href="/ui/r/team/signed@{signature}"' in referrers
+    artifact = http.get(f"{mirror.url}/ui/r/team/signed@{signature}")
+    assert artifact.status_code == 200
+    assert f'<a href="/ui/r/team/signed@{tiny.digest}">{tiny.digest}</a>' in artifact.text  # its subject
+    assert "application/vnd.example.payload" in artifact.text
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in artifact.text and "<script>alert" not in artifact.text
+
+
+def test_disk_budget_bar_is_cache_max_size_against_the_usage_metrics_report(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    mirror = mirror_factory(env={"MIRROR_CACHE_MAX_SIZE": "100MB"})
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    usage = int(value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes"))
+    assert usage > 1_000_000
+    page = http.get(f"{mirror.url}/ui/cache").text
+    meter = re.search(r'<meter id="budget"[^>]*>', page)
+    assert meter, page
+    assert 'max="100000000"' in meter.group(0) and f'value="{usage}"' in meter.group(0)
+    assert 'high="95000000"' in meter.group(0) and 'low="85000000"' in meter.group(0)
+    assert f"{human(usage)} of {human(100_000_000)} (<code>cache.max_size</code>), 2 %" in page
+
+
+def test_logging_in_when_anonymous_pulls_are_allowed(mirror_factory: Callable[..., MirrorServer],
+                                                    http: httpx.Client, htpasswd: Path, tiny: Image) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    with httpx.Client(trust_env=False, timeout=60, headers=basic("alice", ALICE_PASSWORD)) as alice:
+        push_image(mirror.url, "team/open", "1", tiny, client=alice)
+    anonymous = http.get(f"{mirror.url}/ui/")
+    assert names(anonymous) == ["team/open"]
+    assert '<a href="/ui/login" class="who">Log in</a>' in anonymous.text
+    challenge = http.get(f"{mirror.url}/ui/login")
+    assert challenge.status_code == 401
+    assert challenge.headers["www-authenticate"] == 'Basic realm="Test Registry", charset="UTF-8"'
+    assert http.get(f"{mirror.url}/ui/login", headers=basic("alice", "wrong")).status_code == 401
+    welcome = http.get(f"{mirror.url}/ui/login", headers=basic("alice", ALICE_PASSWORD))
+    assert welcome.status_code == 303 and welcome.headers["location"] == "/ui/"
+    signed_in = http.get(f"{mirror.url}/ui/", headers=basic("alice", ALICE_PASSWORD))
+    assert "Signed in as <strong>alice</strong>" in signed_in.text and names(signed_in) == ["team/open"]
+    wrong = http.get(f"{mirror.url}/ui/", headers=basic("alice", "wrong"))  # seen as anonymous, as /v2/ would not
+    assert names(wrong) == ["team/open"] and "Signed in" not in wrong.text

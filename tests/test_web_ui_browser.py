@@ -179,3 +179,31 @@ def test_index_pushed_here_lists_its_platforms_on_the_repository_page(
     row = browser.text("table.tags tbody")
     assert "linux/amd64, linux/arm64/v8" in row
     assert "application/vnd.oci.image.index.v1+json" in row
+
+
+def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: Browser,
+                                                images: StandardImages, tiny: Image) -> None:
+    _pull(mirror, "library/small", "1", images.small)
+    push_image(mirror.url, "team/a-rather-long-repository-name/with/several/components-of-its-own", "v1", tiny)
+    browser.viewport(390, 844, mobile=True)
+    for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}", "/ui/cache"):
+        assert browser.open(f"{mirror.url}{path}") == 200
+        assert browser.js("document.querySelector('meta[name=viewport]').content") == \
+            "width=device-width, initial-scale=1"
+        # Nothing wider than the screen but tables, which scroll in their own box.
+        assert browser.js("document.documentElement.scrollWidth") <= 390, path
+
+    browser.open(f"{mirror.url}/ui/")
+    browser.press("Tab")
+    assert browser.js("document.activeElement.innerText") == "Skip to content"
+    browser.press("/")  # focuses the filter
+    assert browser.js("document.activeElement.id") == "q"
+    for key in "small":
+        browser.press(key)
+    browser.wait_for("document.querySelectorAll('table.repos tbody tr').length === 1")
+    assert _rows(browser) == ["library/small"]
+    browser.press("Tab")  # the form's button
+    browser.press("Tab")  # the one repository's link
+    assert browser.js("document.activeElement.innerText") == "library/small"
+    browser.press("Enter")
+    browser.wait_for("location.pathname === '/ui/r/library/small'")

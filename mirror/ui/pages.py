@@ -37,6 +37,7 @@ from starlette.templating import Jinja2Templates
 
 from ..config.sections import Config
 from ..config.values import human
+from ..metadata.driver import LOCAL
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
 from . import figures, images, listing
@@ -125,7 +126,10 @@ def routes(config: Config) -> list[BaseRoute]:
         if digest is None:
             tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
                                                   _number(request))
-            return render(request, "repository.html", name=name, key=key, tags=tags, host=host)
+            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
+            registry = key.partition("/")[0]
+            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned,
+                          upstream=None if registry == LOCAL else registry)
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:
             return not_found(request, f"{name}@{digest}")

@@ -187,6 +187,22 @@ class Browser:
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
                                                    "clickCount": 1})
 
+    def press(self, key: str) -> None:
+        """Press and release one key: ``Tab``, ``Enter``, or a character (typed where the focus is)."""
+        codes = {"Tab": 9, "Enter": 13}
+        down: dict[str, Any] = {"type": "keyDown", "key": key, "windowsVirtualKeyCode": codes.get(key, 0)}
+        if key == "Enter":
+            down["text"] = "\r"
+        elif key not in codes:
+            down["text"] = key
+        self.send("Input.dispatchKeyEvent", down)
+        self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "windowsVirtualKeyCode": codes.get(key, 0)})
+
+    def viewport(self, width: int, height: int, *, mobile: bool = False) -> None:
+        """Emulate a screen of *width* x *height* CSS pixels (a phone with *mobile*)."""
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                         "mobile": mobile})
+
     def type(self, selector: str, text: str) -> None:
         """Focus the element and type *text* key by key, as a user would."""
         self.js(f"document.querySelector({json.dumps(selector)}).focus()")

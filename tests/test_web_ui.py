@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from mirror.config.values import human
 from tests.support.catalog import StandardImages
@@ -235,3 +236,29 @@ def test_logging_in_when_anonymous_pulls_are_allowed(mirror_factory: Callable[..
     assert "Signed in as <strong>alice</strong>" in signed_in.text and names(signed_in) == ["team/open"]
     wrong = http.get(f"{mirror.url}/ui/", headers=basic("alice", "wrong"))  # seen as anonymous, as /v2/ would not
     assert names(wrong) == ["team/open"] and "Signed in" not in wrong.text
+
+
+def test_repositories_of_several_upstreams_say_which_and_pull_through_their_prefix(
+        tmp_path: Path, upstream: UpstreamRegistry, upstream_factory: Callable[[], UpstreamRegistry],
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"registry": "docker.io", "url": upstream.url},
+                                                    {"registry": "ghcr.io", "url": second.url}]}))
+    mirror = mirror_factory(config=config)
+    pull_checked(http, mirror.url, "ghcr.io/org/app", "1", images.small)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+
+    page = http.get(f"{mirror.url}/ui/")
+    assert names(page) == ["ghcr.io/org/app", "library/small"]
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    assert "cached</span> from ghcr.io" in rows["ghcr.io/org/app"]
+    assert "cached</span> from docker.io" in rows["library/small"]
+    repository = http.get(f"{mirror.url}/ui/r/ghcr.io/org/app")
+    assert "cached</span> from ghcr.io" in repository.text
+    assert f"docker pull 127.0.0.1:{mirror.port}/ghcr.io/org/app:1" in repository.text
+    assert images.small.digest in repository.text
+    cache = http.get(f"{mirror.url}/ui/cache").text
+    assert f"ghcr.io <span class=\"meta\">{second.url}</span>" in cache
+    assert f"docker.io <span class=\"meta\">{upstream.url}</span>" in cache

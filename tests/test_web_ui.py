@@ -116,12 +116,14 @@ def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
     assert image.status_code == 200 and images.small.layers[1].digest[7:19] in image.text
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_cache_page_shows_what_metrics_report_and_an_upstream_failing(
-        mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry],
+        workers: int, mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry],
         http: httpx.Client, tiny: Image) -> None:
+    """With two workers, whichever answers the page reports every worker's figures, as /metrics does."""
     origin = upstream_factory()
     push_image(origin.url, "team/tool", "1", tiny)
-    mirror = mirror_factory(origin.url, env={"MIRROR_CACHE_TAG_TTL": "0s"})
+    mirror = mirror_factory(origin.url, workers=workers, env={"MIRROR_CACHE_TAG_TTL": "0s"})
     for _ in range(2):
         pull_checked(http, mirror.url, "team/tool", "1", tiny)
     page = http.get(f"{mirror.url}/ui/cache")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ import yaml
 
 from mirror.config.values import human
 from tests.support.catalog import StandardImages
-from tests.support.client import pull_checked, push_blob, push_image, put_manifest, session
+from tests.support.client import fetch_blob_digest, pull_checked, push_blob, push_image, put_manifest, session
+from tests.support.faults import FaultProxy
 from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -264,3 +266,32 @@ def test_repositories_of_several_upstreams_say_which_and_pull_through_their_pref
     cache = http.get(f"{mirror.url}/ui/cache").text
     assert f"ghcr.io <span class=\"meta\">{second.url}</span>" in cache
     assert f"docker.io <span class=\"meta\">{upstream.url}</span>" in cache
+
+
+def test_cache_page_shows_a_fetch_in_progress_and_who_follows_it(
+        fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+        images: StandardImages) -> None:
+    mirror = mirror_factory(fault_proxy.url)
+    layer = images.small.layers[1]  # 1 MiB: 32 KiB every 0.1 s after the first 256 KiB, ~2.5 s
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", after_bytes=256 * 1024,
+                    chunk_size=32 * 1024, delay=0.1)
+    assert http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": OCI_MANIFEST}).is_success
+    fetched: list[str] = []
+    clients = [threading.Thread(target=lambda: fetched.append(
+        fetch_blob_digest(mirror.url, "library/small", layer.digest)[0])) for _ in range(2)]
+    for each in clients:
+        each.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            page = http.get(f"{mirror.url}/ui/cache").text
+            fills = page.split('id="fills"', 1)[1]
+            if layer.digest[7:19] in fills and "1 request follows them" in fills:
+                break
+            assert time.monotonic() < deadline, fills
+            time.sleep(0.05)
+    finally:
+        for each in clients:
+            each.join(30)
+    assert fetched == [layer.digest, layer.digest]
+    assert "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text

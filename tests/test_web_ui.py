@@ -144,9 +144,15 @@ def test_cache_page_shows_what_metrics_report_and_an_upstream_failing(
     assert shown("bytes-upstream") == human(int(value(metrics, "mirror_upstream_received_bytes_total")))
     assert 'class="badge health-ok">ok<' in page.text
 
+    answered = value(metrics, "mirror_upstream_last_answer_timestamp_seconds", upstream="docker.io")
+    assert time.time() - 60 < answered <= time.time()
+    assert value(metrics, "mirror_upstream_last_error_timestamp_seconds", upstream="docker.io") == 0
     origin.stop()
     answer = http.get(f"{mirror.url}/v2/team/tool/manifests/1", headers={"accept": tiny.media_type})
     assert answer.headers["x-mirror-cache"] == "STALE"
+    failed = value(scrape(f"{mirror.url}/metrics"), "mirror_upstream_last_error_timestamp_seconds",
+                   upstream="docker.io", reason="unreachable")
+    assert answered <= failed <= time.time()
     page = http.get(f"{mirror.url}/ui/cache")
     assert 'class="badge health-failing">failing<' in page.text
     assert "unreachable, " + time.strftime("%Y-%m-%d", time.gmtime()) in page.text

@@ -83,6 +83,8 @@ def test_list_pages_by_100_and_filters_with_a_plain_get(crowded: MirrorServer, h
     partial = http.get(base, params={"q": "thing", "partial": "1"})
     assert names(partial) == ["other/thing"] and "<html" not in partial.text
     assert "pushed" in partial.text
+    # Counted under a route of their own, not as unknown paths.
+    assert value(scrape(f"{crowded.url}/metrics"), "mirror_http_requests_total", route="ui") == 10
 
 
 def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(

@@ -361,8 +361,14 @@ def _basic(value: str) -> tuple[str, str] | None:
 def _origin(scope: Scope) -> str:
     """``scheme://host[:port]`` of this server as the client reached it (for the token realm)."""
     scheme = "https" if scope.get("scheme") == "https" else "http"
+    return f"{scheme}://{client_host(scope)}"
+
+
+def client_host(scope: Scope) -> str:
+    """``host[:port]`` of this server as the client reached it: its ``Host`` header when well-formed,
+    else the address it listens on."""
     host = _header(scope, b"host")
     if host is None or not _HOST_RE.fullmatch(host):
         server = scope.get("server") or ("localhost", None)
         host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
-    return f"{scheme}://{host}"
+    return host

@@ -20,7 +20,6 @@ allowing this host's files only (no inline script).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from ..api.auth import client_host
 from ..config.sections import Config
 from ..config.values import human
 from ..metadata.driver import LOCAL
@@ -44,7 +44,6 @@ from . import figures, images, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -122,7 +121,7 @@ def routes(config: Config) -> list[BaseRoute]:
         key = await anyio.to_thread.run_sync(local.repo_key, name)
         if not await anyio.to_thread.run_sync(local.metadata.has_repository, key):
             return not_found(request, name)
-        host = _host(request)
+        host = client_host(request.scope)
         if digest is None:
             tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
                                                   _number(request))
@@ -173,12 +172,3 @@ def mount(config: Config) -> list[BaseRoute]:
 def _number(request: Request) -> int:
     raw = request.query_params.get("page", "1")
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else 1
-
-
-def _host(request: Request) -> str:
-    """This mirror's address as the client reached it, for ``docker pull`` commands."""
-    host = request.headers.get("host", "")
-    if _HOST_RE.fullmatch(host):
-        return host
-    server = request.scope.get("server") or ("localhost", None)
-    return f"{server[0]}:{server[1]}" if server[1] else str(server[0])

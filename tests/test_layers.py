@@ -26,6 +26,7 @@ LAYERS = [
     "registry",
     "archive",
     "api",
+    "ui",
     "server",
 ]
 TOP = {"cli", "__main__", "__init__"}  # the entry points: may import anything

@@ -26,9 +26,10 @@ pull at all).  So:
   the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes.
 
 Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
-metrics) are not this module's business; under ``/_mirror/`` nothing is refused here: the user
-that right credentials name is handed on as ``request.state.user`` (None otherwise), and the
-operator endpoints decide (``api/admin.py``).
+metrics) are not this module's business; under ``/_mirror/`` and the web UI's ``/ui/`` nothing is
+refused here: the user that right credentials name is handed on as ``request.state.user`` (None
+otherwise), and the operator endpoints (``api/admin.py``) or the UI's pages decide, the UI by
+:meth:`~mirror.config.sections.AuthConfig.may_pull` as for ``/v2/``.
 
 Guessing passwords is slow: a client address whose passwords failed :data:`MAX_FAILED_LOGINS`
 times within :data:`FAILED_LOGIN_WINDOW` seconds gets ``429 TOOMANYREQUESTS`` (with
@@ -64,6 +65,7 @@ from .htpasswd import Htpasswd
 
 TOKEN_PATH = "/auth/token"
 OPERATOR_PREFIX = "/_mirror/"
+UI_PREFIX = "/ui/"
 TOKEN_TTL = 300
 MAX_FAILED_LOGINS = 10
 FAILED_LOGIN_WINDOW = 60.0
@@ -214,7 +216,7 @@ class AuthMiddleware:
         if path == TOKEN_PATH:
             await (await self._token(scope))(scope, receive, send)
             return
-        if path.startswith(OPERATOR_PREFIX):
+        if path.startswith((OPERATOR_PREFIX, UI_PREFIX)) or path == UI_PREFIX.rstrip("/"):
             try:
                 who = await self._identify(scope)
             except Rejected:
@@ -248,7 +250,7 @@ class AuthMiddleware:
         if need == "ping":
             allowed = who.presented
         elif need == "pull":
-            allowed = who.user is not None or self.config.anonymous_pull
+            allowed = self.config.may_pull(who.user, repository)
         else:
             allowed = who.user is not None and self.config.may_write(who.user, repository)
         if allowed:
@@ -359,8 +361,14 @@ def _basic(value: str) -> tuple[str, str] | None:
 def _origin(scope: Scope) -> str:
     """``scheme://host[:port]`` of this server as the client reached it (for the token realm)."""
     scheme = "https" if scope.get("scheme") == "https" else "http"
+    return f"{scheme}://{client_host(scope)}"
+
+
+def client_host(scope: Scope) -> str:
+    """``host[:port]`` of this server as the client reached it: its ``Host`` header when well-formed,
+    else the address it listens on."""
     host = _header(scope, b"host")
     if host is None or not _HOST_RE.fullmatch(host):
         server = scope.get("server") or ("localhost", None)
         host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
-    return f"{scheme}://{host}"
+    return host

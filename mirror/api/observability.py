@@ -5,7 +5,7 @@
 * takes the request id from ``X-Request-Id`` (when it is a sane token) or makes one, and
   echoes it in the response;
 * counts the request by *route template* (``manifest``, ``blob``, ``upload``, ``tags``,
-  ``catalog``, ``referrers``, ``base``, ``metrics``, ``health``, ``admin``, ``unknown``), method
+  ``catalog``, ``referrers``, ``base``, ``metrics``, ``health``, ``admin``, ``ui``, ``unknown``), method
   and status, times it to its last body byte, and counts the body bytes -- and, for manifests
   and blobs, the cache outcome the routes put in ``X-Mirror-Cache``;
 * writes one JSON line to the ``mirror.access`` logger::
@@ -66,6 +66,8 @@ def route_of(path: str, method: str) -> str:
         return "health"
     if path.startswith("/_mirror/"):
         return "admin"
+    if path == "/ui" or path.startswith("/ui/"):
+        return "ui"
     return "unknown"
 
 

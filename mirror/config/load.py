@@ -35,6 +35,7 @@ from .sections import (
     MetricsConfig,
     PushConfig,
     StorageConfig,
+    UiConfig,
     UpstreamConfig,
 )
 from .values import redact
@@ -55,6 +56,7 @@ SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "ui": UiConfig,
 }
 
 

@@ -248,6 +248,14 @@ class AuthConfig:
     def enabled(self) -> bool:
         return self.htpasswd_path is not None
 
+    def may_pull(self, user: str | None, name: str | None) -> bool:
+        """May *user* (None: an anonymous client) pull from repository *name* (and see it in the web UI)?
+
+        Any user may, anonymous clients when ``auth.anonymous_pull`` is true; *name* is where a rule per
+        repository would apply.
+        """
+        return user is not None or self.anonymous_pull
+
     def may_write(self, user: str, name: str | None) -> bool:
         """May *user* push to (and delete from) repository *name*?
 
@@ -290,6 +298,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    # The web UI under /ui/ (repositories, tags, images, the cache's figures), for the users who may pull.
+    enabled: bool = setting(parse_bool, True)
+
+
+@dataclass(frozen=True)
 class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -303,6 +317,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     #: Every upstream, the default one (``upstream``) first; more come from the ``upstreams:`` list.
     upstreams: tuple[UpstreamConfig, ...] = ()
 

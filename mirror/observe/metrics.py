@@ -31,6 +31,7 @@ in the process that answers, so they are counted once.
 ``mirror_upstream_errors_total``             upstream, reason (unreachable, server_error, rate_limited, ...)
 ``mirror_upstream_received_bytes_total``     upstream, kind (manifest, blob)
 ``mirror_upstream_ratelimit_*``              upstream: Docker Hub's ``ratelimit-limit``/``-remaining``
+``mirror_upstream_last_*_timestamp_seconds`` upstream (and reason): when it last answered, last failed
 ``mirror_gc_*``, ``mirror_evicted_images_total``  collector runs, durations, objects and bytes freed
 ``mirror_upload*_total``, ``mirror_preload*_total``  pushed blobs and preloaded archives
 ``mirror_store_*``                           size, budget and watermarks, objects, manifests, filesystem
@@ -191,6 +192,12 @@ class Metrics:
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit", "Pulls allowed per window, as the upstream last said "
             "(Docker Hub's ratelimit-limit header).", ["upstream"], registry=r, multiprocess_mode="mostrecent")
+        self.upstream_last_answer = Gauge(
+            "mirror_upstream_last_answer_timestamp_seconds", "When an upstream last answered (not with a 5xx "
+            "or 429), Unix time.", ["upstream"], registry=r, multiprocess_mode="max")
+        self.upstream_last_error = Gauge(
+            "mirror_upstream_last_error_timestamp_seconds", "When a request to an upstream last failed, by "
+            "reason, Unix time.", ["upstream", "reason"], registry=r, multiprocess_mode="max")
         self.gc_runs = Counter(
             "mirror_gc_runs", "Collector runs (eviction and garbage collection), by result.", ["result"], registry=r)
         self.gc_duration = Histogram(
@@ -307,6 +314,8 @@ class Metrics:
         self.upstream_requests.labels(upstream, method, str(status) if status else "error").inc()
         if status is None:
             return
+        if status < 500 and status != 429:
+            self.upstream_last_answer.labels(upstream).set(time.time())
         self.upstream_duration.labels(upstream, method).observe(seconds)
         if headers is not None:
             for header, gauge in (("ratelimit-remaining", self.ratelimit_remaining),
@@ -318,6 +327,7 @@ class Metrics:
     def upstream_error(self, upstream: str, reason: str) -> None:
         if self.enabled:
             self.upstream_errors.labels(upstream, reason).inc()
+            self.upstream_last_error.labels(upstream, reason).set(time.time())
 
     def received(self, upstream: str, kind: str, size: int) -> None:
         if self.enabled and size:

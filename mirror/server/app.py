@@ -33,6 +33,7 @@ from ..registry.pullthrough import PullThrough
 from ..spec.errors import APIError, error_response
 from ..storage.filesystem import Store
 from ..storage.fill import Fills
+from ..ui import pages as ui
 from ..upstream.client import Upstream
 from .hardening import Hardening
 
@@ -120,7 +121,7 @@ def create_app(config: Config) -> Starlette:
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
 
     return Starlette(
-        routes=[*observe.routes(config), *routes],
+        routes=[*observe.routes(config), *routes, *(ui.mount(config) if config.ui.enabled else [])],
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, Exception: on_crash},

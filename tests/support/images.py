@@ -312,15 +312,22 @@ def build_image(
     *,
     variant: str | None = None,
     env: Sequence[str] = DEFAULT_ENV,
+    settings: Mapping[str, Any] | None = None,
+    history: Sequence[str] | None = None,
 ) -> Image:
-    """Write the config blob for *layers* into *dir* and build the manifest."""
+    """Write the config blob for *layers* into *dir* and build the manifest.
+
+    *settings* go into the config's ``config`` beside ``Cmd`` and ``Env`` (``Labels``,
+    ``Entrypoint``, ``ExposedPorts``...); *history* is each layer's ``created_by``.
+    """
+    steps = list(history) if history is not None else ["tests.support.images"] * len(layers)
     config_doc: dict[str, Any] = {
         "architecture": arch,
         "os": os,
         "created": EPOCH_ISO,
-        "config": {"Cmd": list(cmd), "Env": list(env)},
+        "config": {"Cmd": list(cmd), "Env": list(env), **(settings or {})},
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
-        "history": [{"created": EPOCH_ISO, "created_by": "tests.support.images"} for _ in layers],
+        "history": [{"created": EPOCH_ISO, "created_by": step} for step in steps],
     }
     if variant:
         config_doc["variant"] = variant

@@ -1,0 +1,221 @@
+"""What the web UI shows of a repository's tags and images, read from the store and the index.
+
+Manifests come from the store as the API serves them (a manifest the index does not link to the
+repository is not shown); an image's config blob is read when it is at most
+:data:`MAX_CONFIG_BYTES`.  Nothing here asks an upstream: what was never pulled shows as not
+cached.  Calls block (the store's and the index's reads): the pages run them in a worker thread.
+Shapes follow the OCI image spec ("Image Manifest", "Image Index", "Image Configuration") and
+Docker's schema 2, which has the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..metadata.driver import Metadata
+from ..spec.manifest import INDEX_TYPES, Descriptor, references
+from ..spec.platforms import platform_text
+from ..spec.reference import ParseError, parse_digest
+from ..storage.driver import BlobStore
+from .listing import LastPulls
+
+#: The largest image config read to show its settings and history.
+MAX_CONFIG_BYTES = 4 << 20
+#: Tags on one page of a repository.
+TAGS_PER_PAGE = 100
+
+
+@dataclass(frozen=True)
+class HistoryStep:
+    created: str
+    created_by: str
+    comment: str
+    empty_layer: bool
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    platform: str
+    created: str
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    env: list[str]
+    labels: dict[str, str]
+    exposed_ports: list[str]
+    workdir: str
+    user: str
+    history: list[HistoryStep]
+
+
+@dataclass(frozen=True)
+class ManifestView:
+    """One stored manifest: an index (``children``) or an image (``config``, ``layers``)."""
+
+    digest: str
+    media_type: str
+    size: int
+    is_index: bool
+    children: list[Descriptor] = field(default_factory=list)
+    layers: list[Descriptor] = field(default_factory=list)
+    config_descriptor: Descriptor | None = None
+    config: ImageConfig | None = None
+    subject: Descriptor | None = None
+    artifact_type: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int | None:
+        """Config and layers in bytes (an image's download size); None for an index."""
+        if self.is_index:
+            return None
+        parts = [d.size for d in self.layers] + ([self.config_descriptor.size] if self.config_descriptor else [])
+        return sum(p for p in parts if p > 0)
+
+
+@dataclass(frozen=True)
+class TagRow:
+    tag: str
+    digest: str
+    media_type: str
+    #: ``os/arch[/variant]`` of each image (an index's children, or the image's config).
+    platforms: list[str]
+    #: Bytes to pull (of every platform stored, for an index); None when not known.
+    size: int | None
+    stored: bool
+    last_pulled: float | None
+
+
+@dataclass(frozen=True)
+class TagPage:
+    rows: list[TagRow]
+    total: int
+    number: int
+    pages: int
+
+
+def _document(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _strings(value: Any) -> list[str] | None:
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
+def read_manifest(store: BlobStore, metadata: Metadata, repo: str, digest: str) -> ManifestView | None:
+    """The manifest *digest* as *repo* (an index key) serves it, or None if it does not."""
+    record = metadata.get_manifest(digest)
+    if record is None or not metadata.is_linked(repo, digest):
+        return None
+    try:
+        body = store.read_bytes(parse_digest(digest))
+    except ParseError:
+        return None
+    if body is None:
+        return None
+    doc = _document(body)
+    found = references(body)
+    subject = next((d for d in found if d.digest == (doc.get("subject") or {}).get("digest")), None) \
+        if isinstance(doc.get("subject"), dict) else None
+    annotations = doc.get("annotations")
+    view = ManifestView(
+        digest=digest, media_type=record.media_type, size=record.size, is_index=record.media_type in INDEX_TYPES,
+        subject=subject, artifact_type=str(doc.get("artifactType") or ""),
+        annotations={str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {})
+    if view.is_index:
+        return _replace(view, children=[d for d in found if d is not subject])
+    config_doc = doc.get("config")
+    config = next((d for d in found if isinstance(config_doc, dict) and d.digest == config_doc.get("digest")), None)
+    layers = [d for d in found if d is not config and d is not subject]
+    return _replace(view, layers=layers, config_descriptor=config,
+                    config=read_config(store, config) if config is not None else None)
+
+
+def _replace(view: ManifestView, **changes: Any) -> ManifestView:
+    return ManifestView(**{**view.__dict__, **changes})
+
+
+def read_config(store: BlobStore, descriptor: Descriptor) -> ImageConfig | None:
+    """An image's settings and history from its config blob; None when absent, too large or not JSON."""
+    try:
+        digest = parse_digest(descriptor.digest)
+    except ParseError:
+        return None
+    size = store.size(digest)
+    if size is None or size > MAX_CONFIG_BYTES:
+        return None
+    body = store.read_bytes(digest)
+    doc = _document(body or b"")
+    if not doc:
+        return None
+    settings = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    assert isinstance(settings, dict)
+    labels = settings.get("Labels")
+    ports = settings.get("ExposedPorts")
+    history = doc.get("history") if isinstance(doc.get("history"), list) else []
+    assert isinstance(history, list)
+    return ImageConfig(
+        platform=platform_text(doc),
+        created=str(doc.get("created") or ""),
+        entrypoint=_strings(settings.get("Entrypoint")),
+        cmd=_strings(settings.get("Cmd")),
+        env=_strings(settings.get("Env")) or [],
+        labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+        exposed_ports=sorted(str(p) for p in ports) if isinstance(ports, dict) else [],
+        workdir=str(settings.get("WorkingDir") or ""),
+        user=str(settings.get("User") or ""),
+        history=[HistoryStep(str(h.get("created") or ""), str(h.get("created_by") or ""),
+                             str(h.get("comment") or ""), bool(h.get("empty_layer")))
+                 for h in history if isinstance(h, dict)],
+    )
+
+
+def _platforms_and_size(store: BlobStore, metadata: Metadata, repo: str,
+                        view: ManifestView) -> tuple[list[str], int | None]:
+    if not view.is_index:
+        return ([view.config.platform] if view.config else []), view.image_size
+    platforms, total, known = [], 0, False
+    for child in view.children:
+        text = platform_text(child.platform)
+        if text != "unknown/unknown":  # build attestations, not a platform to run
+            platforms.append(text)
+        stored = read_manifest(store, metadata, repo, child.digest)
+        if stored is not None and stored.image_size is not None:
+            total += stored.image_size
+            known = True
+    return platforms, total if known else None
+
+
+def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: str, number: int,
+             per_page: int = TAGS_PER_PAGE) -> TagPage:
+    """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says."""
+    tags = metadata.tags(repo)
+    pages = max(1, math.ceil(len(tags) / per_page))
+    number = min(max(number, 1), pages)
+    shown = tags[(number - 1) * per_page:number * per_page]
+    pulled = last_pulls.read(metadata)[0] if shown else {}
+    rows = []
+    for tag in shown:
+        record = metadata.get_tag(repo, tag)
+        if record is None:
+            continue
+        view = read_manifest(store, metadata, repo, record.digest)
+        platforms, size = _platforms_and_size(store, metadata, repo, view) if view else ([], None)
+        rows.append(TagRow(tag, record.digest, record.media_type, platforms, size, view is not None,
+                           pulled.get((repo, record.digest))))
+    return TagPage(rows, len(tags), number, pages)
+
+
+def referrers(metadata: Metadata, repo: str, digest: str) -> list[dict[str, Any]]:
+    """Descriptors of the manifests whose subject is *digest*: pushed here, or as the upstream last listed them."""
+    found: dict[str, dict[str, Any]] = {}
+    for descriptor in [*metadata.referrers(repo, digest), *(metadata.upstream_referrers(repo, digest, None) or [])]:
+        key = str(descriptor.get("digest", ""))
+        found.setdefault(key, dict(descriptor))
+    return list(found.values())

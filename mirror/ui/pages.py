@@ -1,0 +1,174 @@
+"""The web UI's pages: routes under ``/ui/``, rendered with Jinja2 (autoescaped) from the same
+objects the ``/v2/`` routes use (the namespaces' index and store, the app's metrics).
+
+=========================  ===========================================================
+``/ui/``                    repositories, ``?q=`` filter (words, case ignored), ``?page=``
+``/ui/r/<name>``            a repository's tags, ``?page=``; pull commands
+``/ui/r/<name>@<digest>``   an image or index: platforms, layers, config, referrers
+``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress
+``/ui/login``               asks the browser for a user's password (HTTP Basic)
+``/ui/static/...``          the stylesheet and the script
+=========================  ===========================================================
+
+Who may see a repository is who may pull it (:meth:`AuthConfig.may_pull`): when anonymous pulls
+are off, an anonymous visitor gets ``401`` with a ``Basic`` challenge, so the browser asks for a
+password.  ``?partial=1`` on the list answers its results only (the script's filter as you
+type); without JavaScript the filter is a plain GET form.  Pages carry a Content-Security-Policy
+allowing this host's files only (no inline script).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import anyio.to_thread
+import jinja2
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from ..api.auth import client_host
+from ..config.sections import Config
+from ..config.values import human
+from ..metadata.driver import LOCAL
+from ..registry.namespaces import Namespaces
+from ..spec.reference import ParseError, parse_digest, parse_name
+from . import figures, images, listing
+
+HERE = Path(__file__).parent
+PREFIX = "/ui"
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _when(value: float | None) -> str:
+    return "" if value is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+
+
+def _size(value: object) -> str:
+    return human(value) if isinstance(value, int) and value >= 0 else ""
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(when=_when, size=_size, argv=lambda v: json.dumps(v, ensure_ascii=False),
+                       short=lambda d: str(d).partition(":")[2][:12], path=lambda n: quote(str(n), safe="/:@"))
+    return env
+
+
+def routes(config: Config) -> list[BaseRoute]:
+    """The UI's routes, to mount at ``/ui`` (the app adds them when ``ui.enabled``)."""
+    templates = Jinja2Templates(env=_environment())
+    last_pulls = listing.LastPulls()
+
+    def viewer(request: Request) -> str | None:
+        return request.scope.get("state", {}).get("user")  # type: ignore[no-any-return]
+
+    def visible(request: Request) -> Callable[[str], bool]:
+        user = viewer(request)
+        return lambda name: config.auth.may_pull(user, name)
+
+    def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        context.update(user=viewer(request), auth=config.auth.enabled, prefix=PREFIX)
+        response = templates.TemplateResponse(request, template, context, status_code=status, headers=HEADERS)
+        return response
+
+    def refused(request: Request) -> Response:
+        """Anonymous, when only users may pull: ask for a password."""
+        response = render(request, "login.html", status=401)
+        response.headers["WWW-Authenticate"] = f'Basic realm="{config.auth.htpasswd_realm}", charset="UTF-8"'
+        return response
+
+    def not_found(request: Request, what: str) -> Response:
+        return render(request, "missing.html", status=404, what=what)
+
+    async def index(request: Request) -> Response:
+        if not config.auth.may_pull(viewer(request), None):
+            return refused(request)
+        namespaces: Namespaces = request.state.namespaces
+        query = request.query_params.get("q", "").strip()[:200]
+        page = await anyio.to_thread.run_sync(
+            listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
+            _number(request), visible(request))
+        template = "results.html" if request.query_params.get("partial") else "index.html"
+        return render(request, template, page=page, query=query)
+
+    async def repository(request: Request) -> Response:
+        path: str = request.path_params["path"]
+        name, at, reference = path.partition("@")
+        try:
+            name = parse_name(name)
+            digest = str(parse_digest(reference)) if at else None
+        except ParseError:
+            return not_found(request, path)
+        if not config.auth.may_pull(viewer(request), name):
+            return refused(request)
+        namespaces: Namespaces = request.state.namespaces
+        local = namespaces.local
+        key = await anyio.to_thread.run_sync(local.repo_key, name)
+        if not await anyio.to_thread.run_sync(local.metadata.has_repository, key):
+            return not_found(request, name)
+        host = client_host(request.scope)
+        if digest is None:
+            tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
+                                                  _number(request))
+            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
+            registry = key.partition("/")[0]
+            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned,
+                          upstream=None if registry == LOCAL else registry)
+        view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
+        if view is None:
+            return not_found(request, f"{name}@{digest}")
+        found = await anyio.to_thread.run_sync(images.referrers, local.metadata, key, digest)
+        tagged = await anyio.to_thread.run_sync(local.metadata.tags_pointing_to, key, digest)
+        return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host)
+
+    async def cache(request: Request) -> Response:
+        if not config.auth.may_pull(viewer(request), None):
+            return refused(request)
+        state = request.state
+        shown = await anyio.to_thread.run_sync(figures.read, state.exposition, state.store, state.metadata, config)
+        return render(request, "cache.html", figures=shown)
+
+    async def login(request: Request) -> Response:
+        if config.auth.enabled and viewer(request) is None:
+            return refused(request)
+        return RedirectResponse(f"{PREFIX}/", status_code=303)
+
+    async def missing(request: Request) -> Response:
+        return not_found(request, request.url.path)
+
+    return [
+        Route("/", index, methods=["GET", "HEAD"]),
+        Route("/r/{path:path}", repository, methods=["GET", "HEAD"]),
+        Route("/cache", cache, methods=["GET", "HEAD"]),
+        Route("/login", login, methods=["GET", "HEAD"]),
+        Mount("/static", StaticFiles(directory=HERE / "static")),
+        Route("/{rest:path}", missing, methods=["GET", "HEAD"]),
+    ]
+
+
+def mount(config: Config) -> list[BaseRoute]:
+    """``/ui`` (a redirect to ``/ui/``) and the pages under it."""
+    async def home(request: Request) -> Response:
+        return RedirectResponse(f"{PREFIX}/", status_code=308)
+
+    return [Route(PREFIX, home, methods=["GET", "HEAD"]), Mount(PREFIX, routes=routes(config))]
+
+
+def _number(request: Request) -> int:
+    raw = request.query_params.get("page", "1")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else 1

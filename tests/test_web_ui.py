@@ -1,0 +1,305 @@
+"""The web UI over plain HTTP: paging and the ``?q=`` filter without JavaScript, pinned and pushed
+kinds, pull commands for the host the client used, the cache page against ``/metrics``, and
+``ui.enabled``.  The real mirror under uvicorn, in front of real upstream registries."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from mirror.config.values import human
+from tests.support.catalog import StandardImages
+from tests.support.client import fetch_blob_digest, pull_checked, push_blob, push_image, put_manifest, session
+from tests.support.faults import FaultProxy
+from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.security import ALICE_PASSWORD, auth_env, basic
+from tests.support.storecheck import mirror_cli
+
+BULK = 150  # with one more: two pages of 100
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        yield client
+
+
+def names(page: httpx.Response) -> list[str]:
+    """The repository names the list shows, in order."""
+    assert page.status_code == 200, page.text
+    return [html.unescape(n) for n in re.findall(r'<td><a href="/ui/r/[^"]+">([^<]+)</a></td>', page.text)]
+
+
+def links(page: httpx.Response) -> dict[str, str]:
+    """The pager's links: ``{"prev": href, "next": href}``."""
+    return {rel: html.unescape(href) for rel, href in re.findall(r'<a rel="(prev|next)" href="([^"]+)"', page.text)}
+
+
+@pytest.fixture
+def crowded(mirror: MirrorServer, http: httpx.Client, tiny: Image) -> MirrorServer:
+    """A mirror holding ``bulk/r000`` ... ``bulk/r149`` and ``other/thing``, all pushed."""
+    for n in range(BULK):
+        push_image(mirror.url, f"bulk/r{n:03d}", "1", tiny, client=http)
+    push_image(mirror.url, "other/thing", "1", tiny, client=http)
+    return mirror
+
+
+def test_list_pages_by_100_and_filters_with_a_plain_get(crowded: MirrorServer, http: httpx.Client) -> None:
+    base = f"{crowded.url}/ui/"
+    first = http.get(base)
+    assert names(first) == [f"bulk/r{n:03d}" for n in range(100)]
+    assert "151 repositories" in first.text
+    assert links(first) == {"next": "?page=2"}
+    second = http.get(base, params={"page": "2"})
+    assert names(second) == [f"bulk/r{n:03d}" for n in range(100, BULK)] + ["other/thing"]
+    assert links(second) == {"prev": "?page=1"}
+    assert names(http.get(base, params={"page": "99"})) == names(second)  # past the end: the last page
+    assert names(http.get(base, params={"page": "x"})) == names(first)
+
+    assert names(http.get(base, params={"q": "r01"})) == [f"bulk/r{n:03d}" for n in range(10, 20)]
+    assert names(http.get(base, params={"q": "BULK r14"})) == [f"bulk/r{n:03d}" for n in range(140, 150)]
+    assert names(http.get(base, params={"q": "thing"})) == ["other/thing"]
+    filtered = http.get(base, params={"q": "bulk", "page": "2"})
+    assert names(filtered) == [f"bulk/r{n:03d}" for n in range(100, BULK)]
+    assert links(filtered) == {"prev": "?q=bulk&page=1"}
+    assert 'value="bulk"' in filtered.text  # the form keeps the query
+
+    hostile = http.get(base, params={"q": "<script>alert(1)</script>"})
+    assert names(hostile) == [] and "0 repositories" in hostile.text
+    assert "<script>alert" not in hostile.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in hostile.text
+
+    partial = http.get(base, params={"q": "thing", "partial": "1"})
+    assert names(partial) == ["other/thing"] and "<html" not in partial.text
+    assert "pushed" in partial.text
+    # Counted under a route of their own, not as unknown paths.
+    assert value(scrape(f"{crowded.url}/metrics"), "mirror_http_requests_total", route="ui") == 10
+
+
+def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
+        mirror: MirrorServer, http: httpx.Client, images: StandardImages, tmp_path: Path) -> None:
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, images.big, "docker.io/library/preloaded:7")
+    done = mirror_cli("preload", "--data", mirror.data_dir, layout)
+    assert done.returncode == 0, done.stderr
+
+    page = http.get(f"{mirror.url}/ui/")
+    assert names(page) == ["library/preloaded", "library/small"]
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    assert "cached</span> from docker.io" in rows["library/small"] and "pinned" not in rows["library/small"]
+    assert "pinned" in rows["library/preloaded"]
+
+    repository = http.get(f"{mirror.url}/ui/r/library/preloaded", headers={"host": "mirror.example.internal:5000"})
+    assert repository.status_code == 200
+    assert 'cached</span> from docker.io <span class="badge pinned">pinned</span>' in repository.text
+    assert "docker pull mirror.example.internal:5000/library/preloaded:7" in repository.text
+    assert "podman pull mirror.example.internal:5000/library/preloaded:7" in repository.text
+    assert images.big.digest in repository.text and human(images.big.layers[2].size + images.big.layers[0].size
+                                                          + images.big.layers[1].size + len(images.big.config)) \
+        in repository.text
+    assert "default-src 'none'" in repository.headers["content-security-policy"]
+    odd = http.get(f"{mirror.url}/ui/r/library/preloaded", headers={"host": "evil\"><b>x"})
+    assert f"docker pull 127.0.0.1:{mirror.port}/library/preloaded:7" in odd.text
+
+    assert http.get(f"{mirror.url}/ui/r/library/nothing").status_code == 404
+    assert http.get(f"{mirror.url}/ui/r/Not..Valid").status_code == 404
+    assert http.get(f"{mirror.url}/ui/r/library/small@sha256:{'0' * 64}").status_code == 404
+    image = http.get(f"{mirror.url}/ui/r/library/small@{images.small.digest}")
+    assert image.status_code == 200 and images.small.layers[1].digest[7:19] in image.text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_page_shows_what_metrics_report_and_an_upstream_failing(
+        workers: int, mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry],
+        http: httpx.Client, tiny: Image) -> None:
+    """With two workers, whichever answers the page reports every worker's figures, as /metrics does."""
+    origin = upstream_factory()
+    push_image(origin.url, "team/tool", "1", tiny)
+    mirror = mirror_factory(origin.url, workers=workers, env={"MIRROR_CACHE_TAG_TTL": "0s"})
+    for _ in range(2):
+        pull_checked(http, mirror.url, "team/tool", "1", tiny)
+    page = http.get(f"{mirror.url}/ui/cache")
+    assert page.status_code == 200
+    metrics = scrape(f"{mirror.url}/metrics")
+
+    def shown(id: str) -> str:
+        found = re.search(rf'id="{id}">([^<]*)<', page.text)
+        assert found, id
+        return found.group(1).strip()
+
+    hits, misses = (value(metrics, "mirror_cache_requests_total", outcome=o) for o in ("hit", "miss"))
+    assert hits > 0 and misses > 0
+    assert shown("answers-hit") == str(int(hits)) and shown("answers-miss") == str(int(misses))
+    assert shown("hit-ratio") == f"{hits / (hits + misses) * 100:.1f} %"
+    assert shown("bytes-upstream") == human(int(value(metrics, "mirror_upstream_received_bytes_total")))
+    assert 'class="badge health-ok">ok<' in page.text
+
+    answered = value(metrics, "mirror_upstream_last_answer_timestamp_seconds", upstream="docker.io")
+    assert time.time() - 60 < answered <= time.time()
+    assert value(metrics, "mirror_upstream_last_error_timestamp_seconds", upstream="docker.io") == 0
+    origin.stop()
+    answer = http.get(f"{mirror.url}/v2/team/tool/manifests/1", headers={"accept": tiny.media_type})
+    assert answer.headers["x-mirror-cache"] == "STALE"
+    failed = value(scrape(f"{mirror.url}/metrics"), "mirror_upstream_last_error_timestamp_seconds",
+                   upstream="docker.io", reason="unreachable")
+    assert answered <= failed <= time.time()
+    page = http.get(f"{mirror.url}/ui/cache")
+    assert 'class="badge health-failing">failing<' in page.text
+    assert "unreachable, " + time.strftime("%Y-%m-%d", time.gmtime()) in page.text
+    assert shown("answers-stale") == "1"
+
+
+def test_ui_enabled_false_turns_it_off(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
+    mirror = mirror_factory(env={"MIRROR_UI_ENABLED": "false"})
+    for path in ("/ui/", "/ui", "/ui/cache", "/ui/static/ui.css"):
+        answer = http.get(f"{mirror.url}{path}")
+        assert answer.status_code == 404, path
+        assert answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert http.get(f"{mirror.url}/v2/").status_code == 200
+
+
+@pytest.mark.slow
+def test_last_pull_shows_once_the_access_times_are_written(mirror: MirrorServer, http: httpx.Client,
+                                                           images: StandardImages) -> None:
+    before = time.time()
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    today = time.strftime("%Y-%m-%d ", time.gmtime())
+    deadline = time.monotonic() + 30  # written every 5 s, read again by the pages after 5 s or more
+    while today not in (page := http.get(f"{mirror.url}/ui/")).text:
+        assert time.monotonic() < deadline, "no last pull shown"
+        time.sleep(0.5)
+    assert names(page) == ["library/small"]
+    shown = http.get(f"{mirror.url}/ui/r/library/small").text
+    stamp = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", shown)
+    assert len(stamp) == 1 and stamp[0] >= time.strftime("%Y-%m-%d %H:%M", time.gmtime(before))
+
+
+def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image, tmp_path: Path) -> None:
+    push_image(mirror.url, "team/signed", "1", tiny, client=http)
+    payload = b'{"signature": "<b>not markup</b>"}'
+    with session(http) as client:
+        for data in (b"{}", payload):
+            path = tmp_path / sha256_digest(data).replace(":", "-")
+            path.write_bytes(data)
+            push_blob(client, mirror.url, "team/signed", sha256_digest(data), path)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.signature",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.example.payload", "digest": sha256_digest(payload),
+                        "size": len(payload)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": tiny.digest, "size": tiny.size},
+            "annotations": {"signed.by": "<script>alert(3)</script>"}}).encode()
+        signature = put_manifest(client, mirror.url, "team/signed", sha256_digest(body), OCI_MANIFEST, body)
+
+    image = http.get(f"{mirror.url}/ui/r/team/signed@{tiny.digest}")
+    assert image.status_code == 200
+    referrers = image.text.split('id="referrers"', 1)[1]
+    assert "application/vnd.example.signature" in referrers
+    assert f'href="/ui/r/team/signed@{signature}"' in referrers
+    artifact = http.get(f"{mirror.url}/ui/r/team/signed@{signature}")
+    assert artifact.status_code == 200
+    assert f'<a href="/ui/r/team/signed@{tiny.digest}">{tiny.digest}</a>' in artifact.text  # its subject
+    assert "application/vnd.example.payload" in artifact.text
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in artifact.text and "<script>alert" not in artifact.text
+
+
+def test_disk_budget_bar_is_cache_max_size_against_the_usage_metrics_report(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    mirror = mirror_factory(env={"MIRROR_CACHE_MAX_SIZE": "100MB"})
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    usage = int(value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes"))
+    assert usage > 1_000_000
+    page = http.get(f"{mirror.url}/ui/cache").text
+    meter = re.search(r'<meter id="budget"[^>]*>', page)
+    assert meter, page
+    assert 'max="100000000"' in meter.group(0) and f'value="{usage}"' in meter.group(0)
+    assert 'high="95000000"' in meter.group(0) and 'low="85000000"' in meter.group(0)
+    assert f"{human(usage)} of {human(100_000_000)} (<code>cache.max_size</code>), 2 %" in page
+
+
+def test_logging_in_when_anonymous_pulls_are_allowed(mirror_factory: Callable[..., MirrorServer],
+                                                    http: httpx.Client, htpasswd: Path, tiny: Image) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    with httpx.Client(trust_env=False, timeout=60, headers=basic("alice", ALICE_PASSWORD)) as alice:
+        push_image(mirror.url, "team/open", "1", tiny, client=alice)
+    anonymous = http.get(f"{mirror.url}/ui/")
+    assert names(anonymous) == ["team/open"]
+    assert '<a href="/ui/login" class="who">Log in</a>' in anonymous.text
+    challenge = http.get(f"{mirror.url}/ui/login")
+    assert challenge.status_code == 401
+    assert challenge.headers["www-authenticate"] == 'Basic realm="Test Registry", charset="UTF-8"'
+    assert http.get(f"{mirror.url}/ui/login", headers=basic("alice", "wrong")).status_code == 401
+    welcome = http.get(f"{mirror.url}/ui/login", headers=basic("alice", ALICE_PASSWORD))
+    assert welcome.status_code == 303 and welcome.headers["location"] == "/ui/"
+    signed_in = http.get(f"{mirror.url}/ui/", headers=basic("alice", ALICE_PASSWORD))
+    assert "Signed in as <strong>alice</strong>" in signed_in.text and names(signed_in) == ["team/open"]
+    wrong = http.get(f"{mirror.url}/ui/", headers=basic("alice", "wrong"))  # seen as anonymous, as /v2/ would not
+    assert names(wrong) == ["team/open"] and "Signed in" not in wrong.text
+
+
+def test_repositories_of_several_upstreams_say_which_and_pull_through_their_prefix(
+        tmp_path: Path, upstream: UpstreamRegistry, upstream_factory: Callable[[], UpstreamRegistry],
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"registry": "docker.io", "url": upstream.url},
+                                                    {"registry": "ghcr.io", "url": second.url}]}))
+    mirror = mirror_factory(config=config)
+    pull_checked(http, mirror.url, "ghcr.io/org/app", "1", images.small)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+
+    page = http.get(f"{mirror.url}/ui/")
+    assert names(page) == ["ghcr.io/org/app", "library/small"]
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    assert "cached</span> from ghcr.io" in rows["ghcr.io/org/app"]
+    assert "cached</span> from docker.io" in rows["library/small"]
+    repository = http.get(f"{mirror.url}/ui/r/ghcr.io/org/app")
+    assert "cached</span> from ghcr.io" in repository.text
+    assert f"docker pull 127.0.0.1:{mirror.port}/ghcr.io/org/app:1" in repository.text
+    assert images.small.digest in repository.text
+    cache = http.get(f"{mirror.url}/ui/cache").text
+    assert f"ghcr.io <span class=\"meta\">{second.url}</span>" in cache
+    assert f"docker.io <span class=\"meta\">{upstream.url}</span>" in cache
+
+
+def test_cache_page_shows_a_fetch_in_progress_and_who_follows_it(
+        fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+        images: StandardImages) -> None:
+    mirror = mirror_factory(fault_proxy.url)
+    layer = images.small.layers[1]  # 1 MiB: 32 KiB every 0.1 s after the first 256 KiB, ~2.5 s
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", after_bytes=256 * 1024,
+                    chunk_size=32 * 1024, delay=0.1)
+    assert http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": OCI_MANIFEST}).is_success
+    fetched: list[str] = []
+    clients = [threading.Thread(target=lambda: fetched.append(
+        fetch_blob_digest(mirror.url, "library/small", layer.digest)[0])) for _ in range(2)]
+    for each in clients:
+        each.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            page = http.get(f"{mirror.url}/ui/cache").text
+            fills = page.split('id="fills"', 1)[1]
+            if layer.digest[7:19] in fills and "1 request follows them" in fills:
+                break
+            assert time.monotonic() < deadline, fills
+            time.sleep(0.05)
+    finally:
+        for each in clients:
+            each.join(30)
+    assert fetched == [layer.digest, layer.digest]
+    assert "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text

@@ -1,0 +1,209 @@
+"""The web UI as a user sees it: headless Chromium (driven over the DevTools Protocol) against the
+real mirror under uvicorn, in front of the session's real upstream registry.
+
+What is asserted is what the page shows (rendered text, links, buttons) and what the browser
+did (script-driven filtering without a reload, no dialog opened, no element injected).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.config.values import human
+from tests.support.browser import Browser
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked, push_image, push_index
+from tests.support.images import OCI_INDEX, Image, build_image, busybox_layer, random_layer
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
+
+pytestmark = pytest.mark.slow
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+HOSTILE_STEP = "RUN echo '<script>alert(2)</script>' > /x"
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamRegistry) -> Image:
+    """An image with labels (one of them hostile HTML), an entrypoint, ports and build steps, in
+    the upstream as ``webui/labelled:1``."""
+    dir = tmp_path_factory.mktemp("labelled")
+    image = build_image(
+        dir, [busybox_layer(dir, marker="webui"), random_layer(dir, 300_000, 901)],
+        settings={"Entrypoint": ["/bin/sh", "-c"], "ExposedPorts": {"8080/tcp": {}},
+                  "Labels": {"org.opencontainers.image.title": "labelled", "evil": HOSTILE}},
+        history=["ADD busybox /bin", HOSTILE_STEP])
+    push_image(upstream.url, "webui/labelled", "1", image)
+    return image
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    with Browser(tmp_path / "chromium") as started:
+        yield started
+
+
+def _pull(mirror: MirrorServer, name: str, tag: str, image: Image) -> None:
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        pull_checked(http, mirror.url, name, tag, image)
+
+
+def _rows(browser: Browser) -> list[str]:
+    """The repository names in the list's table, as shown."""
+    return list(browser.js("[...document.querySelectorAll('table.repos tbody tr td:first-child')]"
+                           ".map(td => td.innerText)"))
+
+
+def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you_type(
+        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tiny: Image) -> None:
+    assert browser.open(f"{mirror.url}/ui/") == 200
+    assert _rows(browser) == []
+    _pull(mirror, "webui/labelled", "1", labelled)
+    _pull(mirror, "library/small", "1", images.small)
+    push_image(mirror.url, "team/app", "v1", tiny)
+
+    assert browser.open(f"{mirror.url}/ui/") == 200
+    assert _rows(browser) == ["library/small", "team/app", "webui/labelled"]
+    rows = browser.text("table.repos tbody")
+    assert "pushed" in rows and "cached from docker.io" in rows
+    assert "3 repositories" in browser.text("#count")
+
+    browser.js("window.notReloaded = true")
+    browser.type("#q", "labe")
+    browser.wait_for("document.querySelectorAll('table.repos tbody tr').length === 1")
+    assert _rows(browser) == ["webui/labelled"]
+    assert browser.js("window.notReloaded") is True  # narrowed by the script, not by submitting the form
+    assert browser.js("location.search") == "?q=labe"
+    browser.type("#q", "x")  # "labex": nothing
+    browser.wait_for("document.getElementById('count').innerText.startsWith('0 ')")
+    assert _rows(browser) == []
+
+    # The row links to the repository's page.
+    browser.open(f"{mirror.url}/ui/?q=small")
+    assert _rows(browser) == ["library/small"]
+    browser.click("table.repos tbody a")
+    browser.wait_for("location.pathname === '/ui/r/library/small'")
+    browser.wait_for("document.querySelector('h1')?.innerText === 'library/small'")
+
+
+def test_repository_page_shows_tags_digests_and_copyable_pull_commands(
+        mirror: MirrorServer, browser: Browser, images: StandardImages) -> None:
+    _pull(mirror, "library/small", "1", images.small)
+    assert browser.open(f"{mirror.url}/ui/r/library/small") == 200
+    table = browser.text("table.tags")
+    assert images.small.digest.removeprefix("sha256:")[:12] in table
+    assert "application/vnd.oci.image.manifest.v1+json" in table
+    assert "linux/amd64" in table
+    assert browser.js("document.querySelector('table.tags td.tag').innerText") == "1"
+    copies = browser.js("[...document.querySelectorAll('button[data-copy]')].map(b => b.dataset.copy)")
+    host = f"127.0.0.1:{mirror.port}"
+    assert f"docker pull {host}/library/small:1" in copies
+    assert f"podman pull {host}/library/small:1" in copies
+    assert images.small.digest in copies
+    assert f"docker pull {host}/library/small:1" in browser.text("ul.commands")
+
+    browser.send("Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+                                              "origin": mirror.url})
+    digest_button = f"button[data-copy={json.dumps(images.small.digest)}]"
+    browser.click(digest_button)
+    browser.wait_for(f"document.querySelector('{digest_button}').innerText === 'Copied'")
+    assert browser.js("navigator.clipboard.readText()") == images.small.digest
+
+
+def test_image_pages_show_platforms_layers_config_and_hostile_text_as_text(
+        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages) -> None:
+    _pull(mirror, "webui/labelled", "1", labelled)
+    browser.open(f"{mirror.url}/ui/r/webui/labelled")
+    browser.click("table.tags tbody a")  # the tag's digest
+    browser.wait_for(f"location.pathname === '/ui/r/webui/labelled@{labelled.digest}'")
+    browser.wait_for("document.getElementById('layers') !== null")
+    rows = browser.js("[...document.querySelectorAll('table.layers tbody tr')].map(tr => tr.innerText)")
+    assert rows == [f"{n}\t{layer.digest.removeprefix('sha256:')[:12]}\t"
+                    f"application/vnd.oci.image.layer.v1.tar+gzip\t{human(layer.size)}"
+                    for n, layer in enumerate(labelled.layers, 1)]
+    labels = browser.text("table.labels")
+    assert "org.opencontainers.image.title" in labels and "labelled" in labels
+    assert HOSTILE in labels  # shown as the text it is
+    page = browser.text("main")
+    assert '["/bin/sh", "-c"]' in page and "8080/tcp" in page and HOSTILE_STEP in page
+    assert browser.js("document.querySelectorAll('main img, main script').length") == 0
+    browser.pump(1.0)
+    assert browser.dialogs == []
+
+    # An index: its platforms, each linked to its manifest.
+    index = images.multi.digest
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        answer = http.get(f"{mirror.url}/v2/library/multi/manifests/1", headers={"accept": OCI_INDEX})
+        assert answer.headers["docker-content-digest"] == index
+    assert browser.open(f"{mirror.url}/ui/r/library/multi@{index}") == 200
+    platforms = browser.text("main table")
+    assert "linux/amd64" in platforms and "linux/arm64/v8" in platforms
+    hrefs = browser.js("[...document.querySelectorAll('main table a')].map(a => a.getAttribute('href'))")
+    assert f"/ui/r/library/multi@{images.multi.child('arm64').digest}" in hrefs
+
+
+def test_a_user_without_pull_rights_does_not_see_the_private_repository(
+        mirror_factory: Callable[..., MirrorServer], browser: Browser, htpasswd: Path, tiny: Image) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=False))
+    push(mirror, "team/secret", "1", tiny, basic("alice", ALICE_PASSWORD))
+
+    assert browser.open(f"{mirror.url}/ui/") == 401
+    assert "team/secret" not in browser.text()
+    assert "Log in" in browser.text("main")
+    assert browser.open(f"{mirror.url}/ui/r/team/secret") == 401
+    assert "team/secret" not in browser.text()
+    assert browser.open(f"{mirror.url}/ui/?q=secret&partial=1") == 401
+    assert "team/secret" not in browser.text()
+    browser.headers(basic("carol", "wrong password"))
+    assert browser.open(f"{mirror.url}/ui/") == 401
+    assert "team/secret" not in browser.text()
+
+    browser.headers(basic("alice", ALICE_PASSWORD))
+    assert browser.open(f"{mirror.url}/ui/") == 200
+    assert _rows(browser) == ["team/secret"]
+    assert "Signed in as alice" in browser.text("header")
+    assert browser.open(f"{mirror.url}/ui/r/team/secret") == 200
+    assert "1" == browser.js("document.querySelector('table.tags td.tag').innerText")
+
+
+def test_index_pushed_here_lists_its_platforms_on_the_repository_page(
+        mirror: MirrorServer, browser: Browser, images: StandardImages) -> None:
+    push_index(mirror.url, "team/multi", "2", images.multi)
+    assert browser.open(f"{mirror.url}/ui/r/team/multi") == 200
+    row = browser.text("table.tags tbody")
+    assert "linux/amd64, linux/arm64/v8" in row
+    assert "application/vnd.oci.image.index.v1+json" in row
+
+
+def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: Browser,
+                                                images: StandardImages, tiny: Image) -> None:
+    _pull(mirror, "library/small", "1", images.small)
+    push_image(mirror.url, "team/a-rather-long-repository-name/with/several/components-of-its-own", "v1", tiny)
+    browser.viewport(390, 844, mobile=True)
+    for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}", "/ui/cache"):
+        assert browser.open(f"{mirror.url}{path}") == 200
+        assert browser.js("document.querySelector('meta[name=viewport]').content") == \
+            "width=device-width, initial-scale=1"
+        # Nothing wider than the screen but tables, which scroll in their own box.
+        assert browser.js("document.documentElement.scrollWidth") <= 390, path
+
+    browser.open(f"{mirror.url}/ui/")
+    browser.press("Tab")
+    assert browser.js("document.activeElement.innerText") == "Skip to content"
+    browser.press("/")  # focuses the filter
+    assert browser.js("document.activeElement.id") == "q"
+    for key in "small":
+        browser.press(key)
+    browser.wait_for("document.querySelectorAll('table.repos tbody tr').length === 1")
+    assert _rows(browser) == ["library/small"]
+    browser.press("Tab")  # the form's button
+    browser.press("Tab")  # the one repository's link
+    assert browser.js("document.activeElement.innerText") == "library/small"
+    browser.press("Enter")
+    browser.wait_for("location.pathname === '/ui/r/library/small'")

@@ -216,4 +216,4 @@ class S3Ingest:
         self._done = True
         self._buffer = bytearray()
         if self._upload is not None:
-            self.store._abort(self.key, self._upload)
+            self.store.abort(self.key, self._upload)

@@ -107,7 +107,9 @@ def test_options(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
         assert reader.fd is None, "no local file to send from"
     finally:
         reader.close()
-    assert store.space() is None and store.room_error(1 << 40) is None
+    assert store.space() is None, "a bucket has no fixed size"
+    assert store.room_error(1) is None and store.room_error(None) is None
+    assert store.room_error(1 << 60) is not None, "a fill's local file must fit in the data directory"
 
 
 def test_a_store_built_from_the_configuration(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:

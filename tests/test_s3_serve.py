@@ -26,6 +26,7 @@ from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
+from tests.support.smallfs import tmpfs
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
 
@@ -223,6 +224,30 @@ def test_a_corrupt_upstream_body_leaves_nothing_in_the_bucket(
     wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
     assert bucket.digest_of(layer.digest) == layer.digest and bucket.uploads() == []
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
+
+
+def test_a_blob_the_data_directory_cannot_spool_is_served_through_and_evicts_nothing(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    small, layer = images.small, images.big.layers[2]  # 64 MiB, on a 32 MiB data directory
+    mirror = mirror_factory(env=bucket.env(), start=False)
+    with tmpfs(mirror.data_dir, 32):
+        try:
+            mirror.start()
+            assert http.get(f"{mirror.url}/v2/library/small/manifests/1",
+                            headers={"accept": small.media_type}).status_code == 200
+            for digest in small.blobs:
+                assert get_digest(http, blob_url(mirror, "library/small", digest))[:2] == (200, digest)
+            wait_for(lambda: set(bucket.objects()) == everything(small), timeout=30, what="the small image stored")
+
+            assert get_digest(http, blob_url(mirror, "library/big", layer.digest)) == (
+                200, layer.digest, layer.size, "BYPASS")
+            time.sleep(1.0)  # what a request for room would have set off
+            assert set(bucket.objects()) == everything(small), "nothing stored, nothing evicted"
+            assert bucket.uploads() == []
+            assert [p.name for p in (mirror.data_dir / "tmp").iterdir()] == []
+        finally:
+            mirror.stop()
 
 
 def test_readyz_says_when_the_bucket_does_not_answer(

@@ -245,7 +245,7 @@ class BlobStore(Protocol):
         ...
 
     def room_error(self, size: int | None) -> OSError | None:
-        """The error storing an object of *size* bytes would meet now, or None."""
+        """The error a fill of *size* bytes would meet now (its local file, and the object), or None."""
         ...
 
     def refused(self, exc: BaseException, needed: int | None) -> None:

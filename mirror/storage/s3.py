@@ -41,6 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
+from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal_errno
 from .s3fill import S3Fill
@@ -305,13 +306,25 @@ class S3Store:
         return None  # a bucket has no fixed size
 
     def room_error(self, size: int | None) -> OSError | None:
-        return None
+        """``ENOSPC`` when the data directory's filesystem cannot hold a fill's local file of *size*
+        bytes (and :data:`~mirror.storage.filesystem.ROOM_MARGIN`): the bucket needs no room."""
+        if size is None:
+            return None
+        try:
+            fs = os.statvfs(self.layout.root)
+        except FileNotFoundError:
+            return None
+        if size + ROOM_MARGIN <= fs.f_bavail * fs.f_frsize:
+            return None
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for a local copy of {size} bytes")
 
     def refused(self, exc: BaseException, needed: int | None) -> None:
-        """A write the store refused for lack of room asks for room (``on_refused``); S3 rarely says so."""
+        """A refused write is logged; room is never asked for (``on_refused``): what a full disk or a
+        quota refuses here is the data directory's (fills, uploads), which evicting objects from the
+        bucket would not free."""
         code = refusal_errno(exc)
-        if code is not None and code != errno.EROFS and self.on_refused is not None:
-            self.on_refused(needed or 0)
+        if code is not None:
+            log.warning("the data directory refused a write (%s needed): %s", needed, exc)
 
     def write_problem(self) -> str | None:
         """Why the bucket cannot take writes now (it does not answer), or None."""

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
 from tests.support.faults import FaultProxy
 from tests.support.images import build_image, random_layer, write_oci_layout
 from tests.support.mirror import MirrorServer
@@ -353,3 +354,27 @@ def test_gc_evicts_and_deletes_from_the_bucket(
     assert bucket.objects() == {}
     fsck = mirror_cli("fsck", "--data", mirror.data_dir, env=env)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+
+
+def test_eviction_over_the_budget_deletes_from_the_bucket(
+    bucket: Bucket, tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    images = [build_image(tmp_path / f"img{i}", [random_layer(tmp_path / f"img{i}", 6 * MIB, seed=80 + i)])
+              for i in range(3)]
+    for i, image in enumerate(images):
+        own.push_image(f"library/img{i}", "1", image)
+    # Room for two of the 6 MiB images, not three.
+    mirror = mirror_factory(own.url, env=bucket.env(MIRROR_CACHE_MAX_SIZE=str(16 * MIB),
+                                                    MIRROR_CACHE_KEEP_RECENT="0.3s", MIRROR_GC_GRACE="1h"))
+    for i, image in enumerate(images):
+        assert pull_checked(http, mirror.url, f"library/img{i}", "1", image)[0] == "MISS"
+        time.sleep(0.4)  # older than keep_recent: the earlier images become candidates
+    wait_for(lambda: set(bucket.objects()) == everything(images[1]) | everything(images[2]), timeout=30,
+             what="the least recently used image to leave the bucket")
+    assert "evicting" in mirror.log_tail(400)
+    own.clear_counts()
+    assert pull_checked(http, mirror.url, "library/img2", "1", images[2])[0] == "HIT"
+    assert own.count("GET", re.compile("/blobs/")) == 0
+    assert pull_checked(http, mirror.url, "library/img0", "1", images[0])[0] == "MISS"

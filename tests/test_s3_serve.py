@@ -88,6 +88,15 @@ def only_work_in_progress(data_dir: Path) -> None:
     assert [p.name for p in (data_dir / "tmp").iterdir()] == []
 
 
+def parts_sent(bucket: Bucket) -> list[int]:
+    """Sizes of the parts of every unfinished multipart upload in *bucket*."""
+    sizes = []
+    for upload in bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []):
+        answer = bucket.client.list_parts(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
+        sizes += [part["Size"] for part in answer.get("Parts", [])]
+    return sizes
+
+
 def blob_url(mirror: MirrorServer, name: str, digest: str) -> str:
     return f"{mirror.url}/v2/{name}/blobs/{digest}"
 
@@ -190,20 +199,39 @@ def test_parts_go_up_while_the_fill_grows(
     fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=6 * MIB,
                     chunk_size=64 * 1024, delay=0.1)
 
-    def parts_sent() -> list[int]:
-        sizes = []
-        for upload in bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []):
-            answer = bucket.client.list_parts(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
-            sizes += [part["Size"] for part in answer.get("Parts", [])]
-        return sizes
-
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60.0, trust_env=False) as http:
         transfer = pool.submit(get_digest, http, blob_url(mirror, "library/big", layer.digest))
-        wait_for(lambda: parts_sent() == [5 * MIB], timeout=15, what="the first part in the bucket")
+        wait_for(lambda: parts_sent(bucket) == [5 * MIB], timeout=15, what="the first part in the bucket")
         assert not transfer.done() and bucket.objects() == {}, "sent while the upstream still sends"
         assert transfer.result()[:3] == (200, layer.digest, layer.size)
     wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
     assert bucket.digest_of(layer.digest) == layer.digest and bucket.uploads() == []
+
+
+def test_kill9_in_the_middle_of_a_fill_leaves_no_upload_after_the_restart(
+    bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    layer = images.big.layers[2]
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    # 12 MiB at once (two parts go up), then a trickle: the mirror is killed long before the end.
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                    chunk_size=64 * 1024, delay=0.05)
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60.0, trust_env=False) as own:
+        transfer = pool.submit(get_digest, own, blob_url(mirror, "library/big", layer.digest))
+        wait_for(lambda: bucket.uploads() != [] and parts_sent(bucket) == [5 * MIB, 5 * MIB], timeout=20,
+                 what="parts in the bucket")
+        mirror.kill9()
+        with pytest.raises(httpx.TransportError):
+            transfer.result()
+    assert bucket.objects() == {} and len(bucket.uploads()) == 1, "the killed fill's upload is left behind"
+
+    mirror.start()
+    assert bucket.uploads() == [], "aborted by the start-up sweep"
+    assert list((mirror.data_dir / "tmp").iterdir()) == []
+    assert get_digest(http, blob_url(mirror, "library/big", layer.digest))[:3] == (200, layer.digest, layer.size)
+    wait_for(lambda: set(bucket.objects()) == {layer.digest}, timeout=30, what="the layer in the bucket")
+    assert bucket.uploads() == [] and bucket.digest_of(layer.digest) == layer.digest
 
 
 def test_a_corrupt_upstream_body_leaves_nothing_in_the_bucket(

@@ -26,6 +26,7 @@ object is None / False / ``FileNotFoundError`` as the interface says.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -44,7 +45,7 @@ from .driver import DigestMismatch, Space, StoredObject
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal_errno
-from .s3fill import S3Fill
+from .s3fill import S3Fill, read_note
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
 from .verify import put_verified, signed_schema1_named
 
@@ -94,13 +95,40 @@ class S3Store:
     def sweep_tmp(self) -> int:
         """Remove the local temp files whose writer is gone, and abort unfinished multipart uploads
         older than ``stale_upload`` that this process did not start; return how many went."""
-        removed = sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
+        removed = self._sweep_notes()
+        removed += sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
         cutoff = time.time() - self.stale_upload
         for upload in self._unfinished():
             if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
                 continue
             self.abort(upload["Key"], upload["UploadId"])
             removed += 1
+        return removed
+
+    def _sweep_notes(self) -> int:
+        """Abort the uploads of fills whose writer is gone: their note is beside an unlocked fill file."""
+        removed = 0
+        for note, fill in self.layout.upload_notes():
+            try:
+                fd: int | None = os.open(fill, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its writer is alive
+                found = read_note(note)
+                if found is not None and found[1] in self._uploads:
+                    continue  # this process's own (its lock would have said so)
+                if found is not None:
+                    self.abort(*found)
+                    removed += 1
+                note.unlink(missing_ok=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
         return removed
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,9 @@ in memory), so the writer never waits for S3.  :meth:`S3Fill.commit` verifies si
 the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is
 left, completes the upload and removes the file.  A mismatch or a failure aborts the upload
 (:meth:`S3Fill.discard`): nothing is stored, as the driver interface wants (``storage/driver.py``).
+While the upload is open, ``tmp/<alg>-<hex>.meta-upload`` names it (:func:`write_note`): a writer
+killed meanwhile leaves the note beside its unlocked fill file, and the start-up sweep aborts the
+upload it names (``S3Store.sweep_tmp``).
 
 Blocking, like every driver method: ``fill.py`` calls it from worker threads.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,10 +72,19 @@ class S3Fill:
 
     def _send(self, length: int) -> None:
         if self._upload is None:
-            self._upload = self._threads.submit(self.store.started, self.key)
+            self._upload = self._threads.submit(self._start)
         number, offset = self._sent_to // self._chunk + 1, self._sent_to
         self._sending.append(self._threads.submit(self._part, number, offset, length))
         self._sent_to += length
+
+    def _start(self) -> str:
+        upload = self.store.started(self.key)
+        try:
+            write_note(self.store.layout.fill_upload(self.digest), self.key, upload)
+        except OSError:
+            self.store.abort(self.key, upload)
+            raise
+        return upload
 
     def _part(self, number: int, offset: int, length: int) -> dict[str, Any]:
         assert self._upload is not None
@@ -121,6 +135,7 @@ class S3Fill:
         self._threads.shutdown()
         if self._upload is not None:
             self.store.forget(self._upload.result())
+            self._drop_note()
         self._unlink()
         self.store.committed(self.written)
 
@@ -131,14 +146,35 @@ class S3Fill:
             self._done = True
             with contextlib.suppress(Exception):  # no upload was started: nothing to abort
                 self.store.abort(self.key, self._upload.result())
+                self._drop_note()
         self._done = True
         self._unlink()
+
+    def _drop_note(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.store.layout.fill_upload(self.digest))
 
     def _unlink(self) -> None:
         """Remove the fill's file, if it still is this fill's (a later fill may have taken the name)."""
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
+
+
+def write_note(path: Path, key: str, upload: str) -> None:
+    """Record in *path* that the multipart upload *upload* of *key* is open (written whole, then renamed)."""
+    partial = path.with_name(f"{path.name}.{secrets.token_hex(6)}")
+    partial.write_text(json.dumps({"key": key, "upload": upload}))
+    os.replace(partial, path)
+
+
+def read_note(path: Path) -> tuple[str, str] | None:
+    """``(key, upload)`` of a note :func:`write_note` wrote, or None if it is gone or unreadable."""
+    try:
+        note = json.loads(path.read_text())
+        return str(note["key"]), str(note["upload"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

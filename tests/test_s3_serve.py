@@ -406,3 +406,33 @@ def test_eviction_over_the_budget_deletes_from_the_bucket(
     assert pull_checked(http, mirror.url, "library/img2", "1", images[2])[0] == "HIT"
     assert own.count("GET", re.compile("/blobs/")) == 0
     assert pull_checked(http, mirror.url, "library/img0", "1", images[0])[0] == "MISS"
+
+
+def test_export_from_one_bucket_and_preload_into_another(
+    bucket: Bucket, seaweedfs: SeaweedS3, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    image = images.small
+    source = mirror_factory(env=bucket.env())
+    assert pull_checked(http, source.url, "library/small", "1", image)[0] in ("MISS", "HIT")
+    source.stop()
+    upstream.clear_counts()
+    bundle = tmp_path / "bundle.tar"
+    out = mirror_cli("export", "--data", source.data_dir, "--upstream", upstream.url, "small:1", "-o", bundle,
+                     env=bucket.env())
+    assert out.returncode == 0, out.stderr
+    assert upstream.count(None, "/v2/") == 0, "everything came from the bucket"
+
+    other = Bucket(seaweedfs, seaweedfs.new_bucket())
+    try:
+        served = mirror_factory(env=other.env(), start=False)
+        loaded = mirror_cli("preload", "--data", served.data_dir, bundle, env=other.env())
+        assert loaded.returncode == 0, loaded.stderr
+        assert set(other.objects()) == everything(image)
+        only_work_in_progress(served.data_dir)
+        served.start()
+        assert pull_checked(http, served.url, "library/small", "1", image)[0] == "HIT"
+        assert upstream.count("GET", re.compile("/blobs/")) == 0
+        served.stop()
+    finally:
+        seaweedfs.drop_bucket(other.name)

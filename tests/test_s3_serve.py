@@ -85,7 +85,7 @@ def only_work_in_progress(data_dir: Path) -> None:
     """The data directory holds no object: nothing but :data:`LOCAL`, and no fill left in ``tmp/``."""
     assert {p.name for p in data_dir.iterdir()} <= LOCAL, sorted(p.name for p in data_dir.iterdir())
     assert not (data_dir / "blobs").exists()
-    assert [p.name for p in (data_dir / "tmp").iterdir()] == []
+    wait_for(lambda: [p.name for p in (data_dir / "tmp").iterdir()] == [], what="tmp/ to be empty")
 
 
 def parts_sent(bucket: Bucket) -> list[int]:
@@ -436,3 +436,31 @@ def test_export_from_one_bucket_and_preload_into_another(
         served.stop()
     finally:
         seaweedfs.drop_bucket(other.name)
+
+
+def test_a_blob_served_from_the_bucket_keeps_its_image_from_an_eviction_in_another_process(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    image, layer = images.big, images.big.layers[2]
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    assert pull_checked(http, mirror.url, "library/big", "1", image)[0] in ("MISS", "HIT")
+    wait_for(lambda: set(bucket.objects()) == everything(image), timeout=30, what="the image in the bucket")
+    idle = {**env, "MIRROR_CACHE_UNUSED_FOR": "1s", "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"}
+    time.sleep(1.5)
+
+    with httpx.Client(timeout=60.0, trust_env=False) as slow, \
+            slow.stream("GET", blob_url(mirror, "library/big", layer.digest)) as answer:
+        assert answer.headers["x-mirror-cache"] == "HIT"
+        pieces = answer.iter_bytes(MIB)
+        hasher = hashlib.sha256(next(pieces))  # then the client stalls, the response half sent
+        held = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
+        assert held.returncode == 0 and "0 images evicted" in held.stdout, held.stdout + held.stderr
+        assert set(bucket.objects()) == everything(image), "the image being served stays"
+        for data in pieces:
+            hasher.update(data)
+    assert "sha256:" + hasher.hexdigest() == layer.digest
+    wait_for(lambda: not list((mirror.data_dir / "tmp").iterdir()), what="the reader's mark to go")
+    done = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
+    assert done.returncode == 0 and "1 images evicted" in done.stdout, done.stdout + done.stderr
+    assert bucket.objects() == {}

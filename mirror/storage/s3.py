@@ -9,9 +9,10 @@ The local data directory (``--data``, :attr:`S3Store.layout`) keeps what it keep
 driver but ``blobs/``: fills in progress, which are sent to the bucket as they grow
 (``storage/s3fill.py``), uploads being assembled, locks, the auth key, the diskcache index.
 
-Reads are ranged GETs.  A reader opened before a delete by this process reads on from a local
-copy that the delete makes first (in ``tmp/``); a delete by another process is not seen
-(:meth:`S3Store.serving` knows the readers of this process only).  Unfinished uploads older than
+Reads are ranged GETs; every reader marks the object as being served in ``tmp/`` (a shared ``flock``
+that :meth:`S3Store.serving` sees from any process, so the collector keeps the image).  A reader
+opened before a delete by this process reads on from a local copy that the delete makes first (in
+``tmp/``); one in another process reads on as long as S3 serves its GET.  Unfinished uploads older than
 ``stale_upload`` seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this
 process's own; it removes the local temp files of writers that died too.
 
@@ -46,7 +47,7 @@ from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal_errno
 from .s3fill import S3Fill, read_note
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -97,6 +98,8 @@ class S3Store:
         older than ``stale_upload`` that this process did not start; return how many went."""
         removed = self._sweep_notes()
         removed += sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
+        for mark in self.layout.reading_entries():
+            being_read(mark, remove=True)  # left by readers that died
         cutoff = time.time() - self.stale_upload
         for upload in self._unfinished():
             if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
@@ -160,9 +163,11 @@ class S3Store:
         return reader
 
     def serving(self, digest: Digest) -> bool:
-        """Whether a reader of this process is open on the object."""
+        """Whether a reader of any process is open on the object (its mark in ``tmp/``)."""
         with self._lock:
-            return digest in self._readers
+            if digest in self._readers:
+                return True
+        return being_read(self.layout.reading(digest))
 
     def closed(self, reader: S3Reader) -> None:
         with self._lock:

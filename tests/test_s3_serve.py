@@ -27,7 +27,7 @@ from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
-from tests.support.smallfs import tmpfs
+from tests.support.smallfs import read_only, tmpfs
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
 
@@ -290,6 +290,17 @@ def test_readyz_says_when_the_bucket_does_not_answer(
         assert gone.status_code == 503 and bucket.name in gone.text, gone.text
     finally:
         bucket.client.create_bucket(Bucket=bucket.name)
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+
+
+def test_readyz_says_when_the_data_directory_takes_no_writes(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    with read_only(mirror.data_dir):
+        refused = http.get(f"{mirror.url}/readyz")
+        assert refused.status_code == 503 and "read-only" in refused.text, refused.text
     assert http.get(f"{mirror.url}/readyz").status_code == 200
 
 

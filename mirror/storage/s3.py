@@ -26,6 +26,7 @@ object is None / False / ``FileNotFoundError`` as the interface says.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -45,7 +46,7 @@ from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
-from .refusals import refusal_errno
+from .refusals import refusal, refusal_errno
 from .s3fill import S3Fill, read_note
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
 from .verify import put_verified, signed_schema1_named
@@ -360,7 +361,19 @@ class S3Store:
             log.warning("the data directory refused a write (%s needed): %s", needed, exc)
 
     def write_problem(self) -> str | None:
-        """Why the bucket cannot take writes now (it does not answer), or None."""
+        """Why the store cannot take writes now, or None: the data directory refuses a small file in
+        ``tmp/`` (fills and uploads go there first), or the bucket does not answer."""
+        probe = self.layout.temp("readyz")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                    os.unlink(probe)
+        except OSError as exc:
+            return f"data directory {self.layout.root}: " + (refusal(exc) or f"not writable: {exc.strerror or exc}")
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:

@@ -19,7 +19,7 @@ from .config.sections import Config, ConfigError
 
 if TYPE_CHECKING:
     from .metadata.driver import Metadata
-    from .storage.filesystem import Store
+    from .storage.driver import BlobStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,13 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _open_store(config: Config) -> tuple[Store, Metadata] | None:
+def _open_store(config: Config) -> tuple[BlobStore, Metadata] | None:
     from .metadata.opening import bind_data_directory, open_metadata
-    from .storage.filesystem import Store
+    from .storage.opening import open_blob_store
 
-    store = Store(config.storage.path)
-    if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
-        print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
+    store = open_blob_store(config.storage)
+    local = store.layout.blobs if config.storage.driver == "filesystem" else store.layout.uploads
+    if not store.layout.index.is_dir() or not local.is_dir():
+        print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/)",
+              file=sys.stderr)
         return None
     problem = bind_data_directory(config.metadata, store.layout.index_binding)
     if problem:
@@ -193,15 +195,11 @@ def serve(config: Config) -> int:
 
     from .metadata.opening import bind_data_directory
     from .server.hardening import server_options, startup_problem
-    from .storage.filesystem import Store
+    from .storage.opening import open_blob_store
 
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if config.storage.driver != "filesystem":  # the fills clients follow and blob uploads need local files
-        print(f"mirror: storage.driver {config.storage.driver}: the server does not serve from it yet;"
-              " use storage.driver filesystem", file=sys.stderr)
-        return 2
-    store = Store(config.storage.path)
+    store = open_blob_store(config.storage)
     problem = startup_problem(config, store.layout.auth_key, store.layout.tmp) \
         or bind_data_directory(config.metadata, store.layout.index_binding)
     if problem:
@@ -210,7 +208,8 @@ def serve(config: Config) -> int:
     try:
         store.create()
     except OSError as exc:
-        print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
+        where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
+        print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
         metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))

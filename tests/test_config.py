@@ -108,7 +108,7 @@ def test_s3_storage_from_the_environment_secret_never_echoed() -> None:
            "MIRROR_STORAGE_S3_REGIONENDPOINT": "http://127.0.0.1:8333", "MIRROR_STORAGE_S3_ROOTDIRECTORY": "/registry",
            "MIRROR_STORAGE_S3_ACCESSKEY": "AKID", "MIRROR_STORAGE_S3_SECRETKEY": "s3cr3t-key",
            "MIRROR_STORAGE_S3_FORCEPATHSTYLE": "true", "MIRROR_STORAGE_S3_CHUNKSIZE": "32MiB",
-           "MIRROR_STORAGE_S3_REDIRECT": "true"}
+           "MIRROR_STORAGE_S3_REDIRECT": "true", "MIRROR_CACHE_MAX_SIZE": "500GiB"}
     config = load_config(env=env)
     options = S3Options.from_config(config.storage)
     assert options == S3Options("images", "eu-west-3", "http://127.0.0.1:8333", "/registry", "AKID", "s3cr3t-key",
@@ -119,13 +119,18 @@ def test_s3_storage_from_the_environment_secret_never_echoed() -> None:
     assert defaults.driver == "filesystem" and defaults.s3_chunksize == 16 << 20 and not defaults.s3_redirect
 
 
-def test_serve_refuses_a_driver_it_cannot_serve_from_yet(tmp_path: Path) -> None:
+def test_s3_storage_needs_a_budget_in_bytes(tmp_path: Path) -> None:
+    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "b"}
+    with pytest.raises(ConfigError, match=r"cache.max_size: 80% .*storage.driver s3.*give bytes"):
+        load_config(env=s3)  # the default is a fraction of the disk
+    with pytest.raises(ConfigError, match="cache.max_size"):
+        load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "50%"})
+    assert load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "0"}).cache.max_size == 0
+    assert load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "2GiB"}).cache.max_size == 2 << 30
     done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--data", str(tmp_path)], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "MIRROR_STORAGE_DRIVER": "s3",
-                                                      "MIRROR_STORAGE_S3_BUCKET": "b"})
-    assert done.returncode == 2
-    assert "storage.driver s3" in done.stderr and "use storage.driver filesystem" in done.stderr
-    assert not (tmp_path / "blobs").exists()
+                          text=True, timeout=60, env={**os.environ, **s3})
+    assert done.returncode == 2 and "cache.max_size" in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_environ_round_trip() -> None:

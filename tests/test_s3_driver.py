@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from mirror.config.load import load_config
 from mirror.spec.reference import Digest
+from mirror.storage.opening import open_blob_store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
 from tests.support.seaweedfs import SeaweedS3
 
@@ -27,8 +29,8 @@ def options(server: SeaweedS3, bucket: str, **overrides: object) -> S3Options:
     return S3Options(**values)  # type: ignore[arg-type]
 
 
-def test_parts_are_all_chunksize_but_the_last(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
-    store = S3Store(options(seaweedfs, s3_bucket))
+def test_parts_are_all_chunksize_but_the_last(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
     data = os.urandom(2 * MIN_CHUNK + 12345)
     digest = Digest.of(data)
     writer = store.ingest(digest, len(data))
@@ -48,36 +50,37 @@ def test_parts_are_all_chunksize_but_the_last(seaweedfs: SeaweedS3, s3_bucket: s
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
-def test_the_sweep_aborts_only_stale_uploads_of_writers_gone(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
-    mine = S3Store(options(seaweedfs, s3_bucket), stale_upload=0)
+def test_the_sweep_aborts_only_stale_uploads_of_writers_gone(seaweedfs: SeaweedS3, s3_bucket: str,
+                                                             tmp_path: Path) -> None:
+    mine = S3Store(options(seaweedfs, s3_bucket), tmp_path, stale_upload=0)
     writer = mine.ingest(Digest.of(b"never"), None)
     writer.write(os.urandom(MIN_CHUNK + 1))  # one part sent: an upload in progress
     client = seaweedfs.client()
     assert len(client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 1
     assert mine.sweep_tmp() == 0, "a write in progress in this process is never swept"
-    restarted = S3Store(options(seaweedfs, s3_bucket))  # another process, uploads younger than a day
+    restarted = S3Store(options(seaweedfs, s3_bucket), tmp_path)  # another process, uploads younger than a day
     assert restarted.sweep_tmp() == 0
     time.sleep(1.1)  # Initiated is in whole seconds
-    restarted_later = S3Store(options(seaweedfs, s3_bucket), stale_upload=0.5)
+    restarted_later = S3Store(options(seaweedfs, s3_bucket), tmp_path, stale_upload=0.5)
     assert restarted_later.sweep_tmp() == 1
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     writer.close()  # the upload is gone already: closing is quiet
 
 
-def test_wrong_credentials_are_refused(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
-    store = S3Store(options(seaweedfs, s3_bucket, secretkey="not-the-secret"))
+def test_wrong_credentials_are_refused(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket, secretkey="not-the-secret"), tmp_path)
     with pytest.raises(OSError, match="refused"):
         store.create()
     problem = store.write_problem()
     assert problem is not None and s3_bucket in problem
     with pytest.raises(OSError):
         store.put_bytes(Digest.of(b"x"), b"x")
-    assert S3Store(options(seaweedfs, s3_bucket)).write_problem() is None
+    assert S3Store(options(seaweedfs, s3_bucket), tmp_path).write_problem() is None
 
 
-def test_an_empty_object_does_not_stall_the_next_request(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+def test_an_empty_object_does_not_stall_the_next_request(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
     """SeaweedFS answers an empty PUT before ``100 Continue``; the next request must not wait a timeout."""
-    store = S3Store(options(seaweedfs, s3_bucket))
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
     started = time.monotonic()
     for data in (b"", b"a", b""):  # PUT after PUT: what stalled
         writer = store.ingest(Digest.of(data), len(data))
@@ -90,12 +93,12 @@ def test_an_empty_object_does_not_stall_the_next_request(seaweedfs: SeaweedS3, s
     assert store.read_bytes(Digest.of(b"a")) == b"a" and store.read_bytes(Digest.of(b"")) == b""
 
 
-def test_options(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+def test_options(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chunksize"):
-        S3Store(options(seaweedfs, s3_bucket, chunksize=MIN_CHUNK - 1))
+        S3Store(options(seaweedfs, s3_bucket, chunksize=MIN_CHUNK - 1), tmp_path)
     settings = options(seaweedfs, s3_bucket)
     assert seaweedfs.secretkey not in repr(settings) and seaweedfs.secretkey not in str(settings)
-    store = S3Store(settings)
+    store = S3Store(settings, tmp_path)
     store.put_bytes(Digest.of(b"x"), b"x")
     assert store.redirect_url(Digest.of(b"x")) is None, "redirect is off unless asked for"
     reader = store.open(Digest.of(b"x"))
@@ -104,16 +107,20 @@ def test_options(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
         assert reader.fd is None, "no local file to send from"
     finally:
         reader.close()
-    assert store.space() is None and store.room_error(1 << 40) is None
+    assert store.space() is None, "a bucket has no fixed size"
+    assert store.room_error(1) is None and store.room_error(None) is None
+    assert store.room_error(1 << 60) is not None, "a fill's local file must fit in the data directory"
 
 
-def test_a_store_built_from_the_configuration(seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+def test_a_store_built_from_the_configuration(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
     config = load_config(env={
         "MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": s3_bucket,
         "MIRROR_STORAGE_S3_REGIONENDPOINT": seaweedfs.endpoint, "MIRROR_STORAGE_S3_FORCEPATHSTYLE": "true",
         "MIRROR_STORAGE_S3_ACCESSKEY": seaweedfs.accesskey, "MIRROR_STORAGE_S3_SECRETKEY": seaweedfs.secretkey,
-        "MIRROR_STORAGE_S3_ROOTDIRECTORY": "/team/registry/", "MIRROR_STORAGE_S3_REDIRECT": "true"})
-    store = S3Store(S3Options.from_config(config.storage))
+        "MIRROR_STORAGE_S3_ROOTDIRECTORY": "/team/registry/", "MIRROR_STORAGE_S3_REDIRECT": "true",
+        "MIRROR_STORAGE_PATH": str(tmp_path), "MIRROR_CACHE_MAX_SIZE": "1GiB"})
+    store = open_blob_store(config.storage)
+    assert isinstance(store, S3Store) and store.layout.root == tmp_path
     store.create()
     digest = Digest.of(b"configured")
     store.put_bytes(digest, b"configured")

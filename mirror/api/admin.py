@@ -38,7 +38,8 @@ from ..archive.preload import preload_file
 from ..config.sections import Config
 from ..metadata.driver import Metadata
 from ..spec.errors import APIError
-from ..storage.filesystem import Store, write_all
+from ..storage.driver import BlobStore
+from ..storage.filesystem import write_all
 
 WRITE_BATCH = 1 << 20
 #: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
@@ -87,7 +88,7 @@ async def preload(request: Request) -> Response:
             if received > REFUSED_BODY_LIMIT:
                 break
         raise
-    store: Store = request.state.store
+    store: BlobStore = request.state.store
     metadata: Metadata = request.state.metadata
     source = request.headers.get("x-mirror-source", "")
     source = source if _SOURCE_RE.fullmatch(source) else "upload"

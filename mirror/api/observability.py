@@ -45,7 +45,8 @@ from ..metadata.driver import Metadata, MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from ..spec.endpoints import CACHE_HEADER, endpoint
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
+from ..storage.opening import open_blob_store
 from . import extensions
 
 access_log = logging.getLogger("mirror.access")
@@ -197,10 +198,10 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-def readiness_problems(store: Store, metadata: Metadata) -> dict[str, str]:
+def readiness_problems(store: BlobStore, metadata: Metadata) -> dict[str, str]:
     """What keeps this process from serving: ``{"store": reason, "index": reason}`` (blocking).
 
-    ``store``: the store cannot take writes (:meth:`Store.write_problem`: e.g. ``"no space left on
+    ``store``: the store cannot take writes (:meth:`BlobStore.write_problem`: e.g. ``"no space left on
     device"`` after a fill found no room, until there is room again); ``index``: it cannot be read.
     """
     problems: dict[str, str] = {}
@@ -260,7 +261,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from ..maintenance.gc import Collector
     from ..observe.metrics import exposition_registry
 
-    store = Store(config.storage.path)
+    store = open_blob_store(config.storage)
     metadata = open_metadata(config.metadata, store.layout.index)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [

@@ -34,6 +34,9 @@ from ..spec.reference import (
     parse_reference,
     parse_tag,
 )
+from ..storage.bypass import BypassBlob
+from ..storage.driver import BlobStore
+from ..storage.growing import GrowingBlob
 from . import admin
 from .memo import ManifestMemo, accept_key
 from .responses import BlobResponse
@@ -162,6 +165,11 @@ async def _blob(request: Request, name: str, found: Endpoint) -> Response:
     result = await repository.blob(digest)
     source = result.source
     headers[CACHE_HEADER] = result.outcome.value
+    if not isinstance(source, (GrowingBlob, BypassBlob)):  # stored: the store may hand it out itself
+        store: BlobStore = request.state.store
+        if (url := store.redirect_url(digest)) is not None:  # storage.s3.redirect: a presigned GET
+            source.close()
+            return Response(status_code=307, headers={**headers, "Location": url})
     byte_range = None
     range_header = request.headers.get("range")
     if range_header and source.size is not None:

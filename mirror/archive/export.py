@@ -52,7 +52,7 @@ from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_
 from ..spec.names import ImageName, InvalidImageName, parse_image_name
 from ..spec.platforms import Platform, platform_text
 from ..spec.reference import Digest, ParseError, parse_digest
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
 from ..storage.staging import CHUNK
 from .plan import CONTAINERD_NAME, REF_NAME
 
@@ -99,7 +99,7 @@ def read_image_list(path: Path) -> list[str]:
 
 
 class Exporter:
-    def __init__(self, config: Config, store: Store, metadata: Metadata, *, platforms: list[Platform] | None = None,
+    def __init__(self, config: Config, store: BlobStore, metadata: Metadata, *, platforms: list[Platform] | None = None,
                  all_platforms: bool = False, progress: Progress | None = None) -> None:
         self.config = config
         self.store = store

@@ -73,10 +73,10 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
     from ..metadata.opening import bind_data_directory, open_metadata
-    from ..storage.filesystem import Store
+    from ..storage.opening import open_blob_store
 
     try:
-        store = Store(config.storage.path)
+        store = open_blob_store(config.storage)
         store.create()
         problem = bind_data_directory(config.metadata, store.layout.index_binding)
         if problem:

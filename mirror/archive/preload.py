@@ -29,7 +29,7 @@ from ..maintenance.gc import reference_lock
 from ..metadata.driver import Metadata, TagRecord
 from ..observe.progress import NoProgress, Progress
 from ..spec.reference import parse_digest
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
 from ..storage.staging import Staging, copy_hashing
 from .members import ArchiveError, ContentMismatch
 from .plan import Content, Image, plan
@@ -74,7 +74,7 @@ class Summary:
 # -- steps 2 and 3 --
 
 
-def preload_file(path: Path, store: Store, metadata: Metadata, progress: Progress | None = None,
+def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Progress | None = None,
                  label: str | None = None, now: Callable[[], float] = time.time) -> Summary:
     """Import one archive (file or directory); raise ArchiveError and change nothing on bad input."""
     progress = progress or NoProgress()
@@ -136,7 +136,7 @@ def _stage(images: list[Image], content: Content, staging: Staging, progress: Pr
     return staged
 
 
-def _commit(images: list[Image], staged: dict[str, tuple[Path, str]], store: Store, metadata: Metadata,
+def _commit(images: list[Image], staged: dict[str, tuple[Path, str]], store: BlobStore, metadata: Metadata,
             progress: Progress, summary: Summary, now: float) -> None:
     # Shared with other writers, exclusive for the collector: nothing found present can be swept
     # between the check below and the links that make it reachable.
@@ -149,7 +149,7 @@ def _commit(images: list[Image], staged: dict[str, tuple[Path, str]], store: Sto
         _commit_locked(images, staged, store, metadata, progress, summary, now)
 
 
-def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], store: Store, metadata: Metadata,
+def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], store: BlobStore, metadata: Metadata,
                    progress: Progress, summary: Summary, now: float) -> None:
     for digest, (path, hexdigest) in staged.items():
         parsed = parse_digest(digest)

@@ -181,7 +181,8 @@ class MetadataConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     tag_ttl: float = setting(parse_duration, 300.0)
-    # Disk budget of the store: bytes, or a fraction of the filesystem (from "80%"); 0 = no limit.
+    # Disk budget of the store: bytes, or a fraction of the filesystem (from "80%"; not with storage.driver s3);
+    # 0 = no limit.
     max_size: int | float = setting(parse_size, 0.8, render=render_size)
     # Eviction starts above high_watermark * max_size and stops below low_watermark * max_size.
     high_watermark: float = setting(parse_fraction, 0.95)
@@ -324,3 +325,7 @@ class Config:
     def __post_init__(self) -> None:
         if not self.upstreams:
             object.__setattr__(self, "upstreams", (self.upstream,))
+        if self.storage.driver == "s3" and isinstance(self.cache.max_size, float):
+            raise ConfigError(f"bad value for cache.max_size: {self.cache.max_size:.0%} of the disk has no meaning "
+                              "with storage.driver s3 (a bucket has no fixed size): give bytes (e.g. 500GiB), or 0 "
+                              "for no limit")

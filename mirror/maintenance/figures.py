@@ -17,7 +17,7 @@ from .. import __version__
 from ..config.sections import CacheConfig
 from ..metadata.driver import Metadata
 from ..observe.metrics import HELD_REASONS
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
 
 
 class StoreCollector(Collector):
@@ -27,7 +27,7 @@ class StoreCollector(Collector):
     repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
     """
 
-    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig,
+    def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig,
                  budget: Callable[[], int | None], workers: int = 1) -> None:
         self.store = store
         self.metadata = metadata

@@ -20,8 +20,7 @@ from ..metadata.driver import LOCAL, Metadata
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import is_nondistributable, references
 from ..spec.reference import ParseError, parse_digest
-from ..storage.driver import StoredObject
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore, StoredObject
 from ..storage.layout import UPLOAD_ID_RE
 
 
@@ -50,7 +49,7 @@ class FsckReport:
 
 
 class Fsck:
-    def __init__(self, store: Store, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
+    def __init__(self, store: BlobStore, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
                  progress: Progress | None = None) -> None:
         """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``."""
         self.store = store

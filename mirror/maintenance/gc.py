@@ -10,7 +10,8 @@
   removes its tags and links, and the objects no retained image references are deleted.  Pushed
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
-  served (its file held with a shared ``flock``): see ``storage/growing.py``.  Images used within
+  served (``BlobStore.serving``: on the filesystem its file held with a shared ``flock``): see
+  ``storage/growing.py``.  Images used within
   ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
   When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a
   short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
@@ -43,14 +44,14 @@ from ..metadata.driver import LOCAL, Metadata
 from ..observe.metrics import HELD_REASONS
 from ..spec.manifest import references
 from ..spec.reference import ParseError, parse_digest
-from ..storage.filesystem import Store
-from ..storage.growing import being_served, fills_in_progress
+from ..storage.driver import BlobStore
+from ..storage.growing import fills_in_progress
 
 log = logging.getLogger("mirror.maintenance.gc")
 
 
 @contextlib.contextmanager
-def reference_lock(store: Store) -> Iterator[None]:
+def reference_lock(store: BlobStore) -> Iterator[None]:
     """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
     fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -107,7 +108,7 @@ class _State:
 
 
 class Collector:
-    def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig, gc: GcConfig) -> None:
+    def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig, gc: GcConfig) -> None:
         self.store = store
         self.metadata = metadata
         self.cache = cache
@@ -120,10 +121,12 @@ class Collector:
     # -- budget --
 
     def budget(self) -> int | None:
-        """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store), or None."""
+        """``cache.max_size`` in bytes (a fraction is of the filesystem holding the store; a store
+        without a fixed size has no budget then, which the configuration refuses), or None."""
         limit = self.cache.max_size
         if isinstance(limit, float):
-            return int(self.store.space().total * limit)
+            space = self.store.space()
+            return int(space.total * limit) if space is not None else None
         return limit or None
 
     def over_high_watermark(self, usage: int) -> bool:
@@ -246,6 +249,12 @@ class Collector:
             roots[repo] |= {d for d, _ in repo_tags.values()}
         return roots
 
+    def _serving(self, digest: str) -> bool:
+        try:
+            return self.store.serving(parse_digest(digest))
+        except ParseError:
+            return False
+
     def _references(self, digest: str) -> list[str]:
         # Only manifests (objects with a manifest record) are read: layers and configs reference
         # nothing, and a layer may be gigabytes.  An object not stored yet is not remembered as a
@@ -338,7 +347,7 @@ class Collector:
                     projected -= state.files[x][0]
 
         def busy(d: str) -> bool:
-            if d not in in_use and any(x in filling or x in state.files and being_served(self.store, x)
+            if d not in in_use and any(x in filling or x in state.files and self._serving(x)
                                        for x in self._closure_of({d})):
                 in_use.add(d)
             return d in in_use

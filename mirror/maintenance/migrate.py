@@ -29,7 +29,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
@@ -39,13 +38,9 @@ from ..metadata.transfer import Snapshot, copy_records
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from ..storage.driver import StoredObject, StoreError
+from ..storage.driver import BlobStore, StoredObject, StoreError
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
-
-if TYPE_CHECKING:
-    from ..storage.filesystem import Store
-    from ..storage.s3 import S3Store
 
 CHUNK = 1 << 20
 
@@ -168,7 +163,7 @@ class Migration:
         _bind(self.source, old, "source")
 
     def _open(self, config: Config, side: str, stack: contextlib.ExitStack,
-              *, create: bool) -> tuple[Store | S3Store, Metadata]:
+              *, create: bool) -> tuple[BlobStore, Metadata]:
         store = open_blob_store(config.storage)
         try:
             if create or config.storage.driver != "filesystem":
@@ -187,7 +182,7 @@ class Migration:
 
     # -- objects --
 
-    def _copy_objects(self, old: Store | S3Store, new: Store | S3Store, objects: list[StoredObject],
+    def _copy_objects(self, old: BlobStore, new: BlobStore, objects: list[StoredObject],
                       snapshot: Snapshot) -> None:
         self.progress.phase("objects", self.report.bytes)
         for found in objects:
@@ -204,7 +199,7 @@ class Migration:
                 self.report.bytes_copied += found.size
             self.progress.advance(found.size)
 
-    def _copy(self, old: Store | S3Store, new: Store | S3Store, digest: Digest, size: int, manifest: bool) -> None:
+    def _copy(self, old: BlobStore, new: BlobStore, digest: Digest, size: int, manifest: bool) -> None:
         if manifest and size <= MAX_MANIFEST_BYTES:  # a signed schema 1 one is checked by its payload's digest
             data = old.read_bytes(digest)
             if data is None:
@@ -222,7 +217,7 @@ class Migration:
 
     # -- verifying --
 
-    def _verify(self, new: Store | S3Store, index: Metadata, objects: list[StoredObject], snapshot: Snapshot,
+    def _verify(self, new: BlobStore, index: Metadata, objects: list[StoredObject], snapshot: Snapshot,
                 same_store: bool) -> None:
         if not same_store:
             missing = set()

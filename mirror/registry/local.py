@@ -34,8 +34,7 @@ from ..spec.pushed import (
     subject_digest,
 )
 from ..spec.reference import Digest, ParseError, parse_digest, parse_name
-from ..storage.driver import BlobReader
-from ..storage.filesystem import Store
+from ..storage.driver import BlobReader, BlobStore
 from ..storage.refusals import refusal
 from .repository import (
     BlobHead,
@@ -58,7 +57,7 @@ INSUFFICIENT_STORAGE = 507
 
 
 class LocalRegistry:
-    def __init__(self, store: Store, metadata: Metadata, config: Config,
+    def __init__(self, store: BlobStore, metadata: Metadata, config: Config,
                  canonical_name: Callable[[str], str], *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.metadata = metadata

@@ -32,7 +32,7 @@ from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
 from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.bypass import BypassBlob
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore
 from ..storage.fill import Fills
 from ..storage.growing import GrowingBlob, stored_size
 from ..storage.refusals import refusal
@@ -60,7 +60,7 @@ UNRECORDED_KEPT = 1024
 
 
 class PullThrough:
-    def __init__(self, store: Store, metadata: Metadata, fills: Fills, upstream: Upstream,
+    def __init__(self, store: BlobStore, metadata: Metadata, fills: Fills, upstream: Upstream,
                  tag_ttl: float, registry: str) -> None:
         self.store = store
         self.metadata = metadata

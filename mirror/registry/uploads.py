@@ -22,8 +22,7 @@ from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.driver import DigestMismatch
-from ..storage.filesystem import Store
+from ..storage.driver import BlobStore, DigestMismatch
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
 from .repository import UploadState
@@ -43,7 +42,7 @@ def upload_headers(name: str, uuid: str, offset: int) -> dict[str, str]:
 class Uploads:
     """The uploads in progress, by uuid; each belongs to the repository name it was started for."""
 
-    def __init__(self, store: Store, metadata: Metadata, upload_ttl: float, metrics: Metrics) -> None:
+    def __init__(self, store: BlobStore, metadata: Metadata, upload_ttl: float, metrics: Metrics) -> None:
         self.store = store
         self.metadata = metadata
         self.upload_ttl = upload_ttl

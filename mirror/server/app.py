@@ -31,8 +31,9 @@ from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
 from ..spec.errors import APIError, error_response
-from ..storage.filesystem import Store
 from ..storage.fill import Fills
+from ..storage.layout import Layout
+from ..storage.opening import open_blob_store
 from ..ui import pages as ui
 from ..upstream.client import Upstream
 from .hardening import Hardening
@@ -46,7 +47,7 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = Store(config.storage.path)
+        store = open_blob_store(config.storage)
         await anyio.to_thread.run_sync(store.create)
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
@@ -135,9 +136,8 @@ def _auth(config: Config) -> list[Middleware]:
     """Logins and access rights, when users are configured (``auth.htpasswd.path``)."""
     if not config.auth.enabled:
         return []
-    store = Store(config.storage.path)
-    return [Middleware(AuthMiddleware, config=config.auth, key_path=store.layout.auth_key,
-                       tmp_dir=store.layout.tmp)]
+    layout = Layout(config.storage.path)
+    return [Middleware(AuthMiddleware, config=config.auth, key_path=layout.auth_key, tmp_dir=layout.tmp)]
 
 
 def create_app_from_environ() -> Starlette:

@@ -1,7 +1,7 @@
 """The blob-store driver interface: content by digest, written once, verified before it is visible.
 
-Every driver (today the filesystem one, :class:`mirror.storage.filesystem.Store`, under ``--data``) keeps these
-rules, and ``tests/test_blobstore_contract.py`` checks them for each:
+Every driver (the filesystem one, :class:`mirror.storage.filesystem.Store`, under ``--data``, and the S3 one,
+:class:`mirror.storage.s3.S3Store`) keeps these rules, and ``tests/test_blobstore_contract.py`` checks them for each:
 
 * An object is visible under its digest (:meth:`BlobStore.size`, :meth:`~BlobStore.open`,
   :meth:`~BlobStore.objects`) only once :meth:`BlobWriter.commit` verified that its bytes hash to
@@ -14,6 +14,10 @@ rules, and ``tests/test_blobstore_contract.py`` checks them for each:
   pinned when opened, or serves the rest from its own copy).
 * :meth:`BlobStore.objects` lists what is stored with the size and time the collector needs; it
   may lag behind writes, never show an object that was not verified.
+
+Whatever the driver, the local data directory (:attr:`BlobStore.layout`) holds the work in progress:
+fills clients follow as they grow (``storage/fill.py``: a driver gives the writer of each,
+:meth:`BlobStore.fill_writer`), uploads being assembled, locks and the record of refused writes.
 
 Errors: :class:`StoreError` (and its subclasses below) for content that does not match; ``OSError``
 for what the backend refuses (``storage/refusals.py`` tells a full or read-only store from other failures).
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..spec.reference import Digest
+from .layout import Layout
 
 
 class StoreError(Exception):
@@ -111,6 +116,28 @@ class BlobWriter(Protocol):
         ...
 
 
+class FillWriter(Protocol):
+    """The writer of a fill (``storage/fill.py``): the upstream's bytes go to the local file ``path``
+    (open as ``fd``, flock'ed by the fill) that readers follow, hashed as they arrive; :meth:`commit`
+    verifies them, marks the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` and stores the
+    object (the file itself, moved into place, or its bytes, sent elsewhere); :meth:`discard` removes
+    the file and whatever was sent of it.  ``fd`` stays the fill's to close."""
+
+    digest: Digest
+    path: Path
+    fd: int
+    expected_size: int | None
+    written: int
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def commit(self) -> None:
+        """Verify, mark verified and store; on a mismatch (:class:`StoreError`) discard and raise."""
+        ...
+
+    def discard(self) -> None: ...
+
+
 class BlobStore(Protocol):
     """A content-addressed store of blobs and manifests (see the module docstring for the rules)."""
 
@@ -118,6 +145,12 @@ class BlobStore(Protocol):
     on_commit: Callable[[int], None] | None
     #: Called (from any thread) with the bytes to free when a write was refused for lack of room.
     on_refused: Callable[[int], None] | None
+
+    @property
+    def layout(self) -> Layout:
+        """The local data directory (``--data``): temp files and fills, uploads, locks, the auth key,
+        the diskcache index.  Its ``blobs/`` is the filesystem driver's own: no other code uses it."""
+        ...
 
     def create(self) -> None:
         """Make the store ready for use (idempotent)."""
@@ -138,6 +171,11 @@ class BlobStore(Protocol):
 
     def open(self, digest: Digest) -> BlobReader | None:
         """A reader of a stored object, or None; the object counts as being served until it is closed."""
+        ...
+
+    def serving(self, digest: Digest) -> bool:
+        """Whether a reader :meth:`open` gave is open on the object (the filesystem driver sees those of
+        every process, through ``flock``; an object store those of this process)."""
         ...
 
     def read_bytes(self, digest: Digest) -> bytes | None:
@@ -169,6 +207,15 @@ class BlobStore(Protocol):
         it differs only for a signed schema 1 manifest, see ``storage/filesystem.py``)."""
         ...
 
+    def fill_writer(self, digest: Digest, path: Path, fd: int) -> FillWriter:
+        """The writer of the fill of *digest* into the local file *path* (``layout.fill(digest)``), open as *fd*."""
+        ...
+
+    def fill_placed(self, digest: Digest, fd: int) -> bool:
+        """Whether the object stored as *digest* is the local file open as *fd* itself (a fill the
+        filesystem driver moved into place); always False for a driver that sends the bytes elsewhere."""
+        ...
+
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store a small object given in full, verified; :class:`DigestMismatch` if it is not *digest*."""
         ...
@@ -198,7 +245,7 @@ class BlobStore(Protocol):
         ...
 
     def room_error(self, size: int | None) -> OSError | None:
-        """The error storing an object of *size* bytes would meet now, or None."""
+        """The error a fill of *size* bytes would meet now (its local file, and the object), or None."""
         ...
 
     def refused(self, exc: BaseException, needed: int | None) -> None:

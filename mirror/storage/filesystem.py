@@ -10,7 +10,7 @@ start-up sweep removes exactly the leftovers of writers that died.
 
 Readers get a :class:`StoredBlob`: an open descriptor (``sendfile`` sends from it), which keeps the
 object readable whatever the collector deletes meanwhile, and a shared ``flock`` on it that marks
-it as being served (``growing.being_served``).  The fetch that clients follow as it grows is
+it as being served (:meth:`Store.serving`).  The fetch that clients follow as it grows is
 ``storage/fill.py``'s, on this driver's temp files.
 
 When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
@@ -111,6 +111,20 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return StoredBlob(fd, os.fstat(fd).st_size)
 
+    def serving(self, digest: Digest) -> bool:
+        """True while a reader in any process holds the stored object marked (see :meth:`open`)."""
+        try:
+            fd = os.open(self.layout.blob(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def read_bytes(self, digest: Digest) -> bytes | None:
         """A small object (a manifest) in full, or None when absent."""
         try:
@@ -160,6 +174,16 @@ class Store:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return Ingest(self, digest, path, fd, expected_size, content)
+
+    def fill_writer(self, digest: Digest, path: Path, fd: int) -> Ingest:
+        """The fill's own file, moved into ``blobs/`` by its commit."""
+        return Ingest(self, digest, path, fd, None)
+
+    def fill_placed(self, digest: Digest, fd: int) -> bool:
+        try:
+            return os.stat(self.layout.blob(digest)).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store a small object given in full (a manifest), verified like any other.

@@ -1,8 +1,10 @@
 """One upstream fetch per digest, shared by every reader in every worker process.
 
 The first request for a missing digest becomes the *leader*: it creates
-``tmp/<alg>-<hex>.partial`` (``storage/layout.py``), takes an exclusive ``flock`` on it, and a background task
-streams the upstream body into it (hashing as it writes: an :class:`~mirror.storage.filesystem.Ingest`).  Every
+``tmp/<alg>-<hex>.partial`` (``storage/layout.py``, in the local data directory whatever the driver), takes an
+exclusive ``flock`` on it, and a background task streams the upstream body into it (hashing as it writes: the
+driver's :meth:`~mirror.storage.driver.BlobStore.fill_writer`, which moves the file into ``blobs/`` on the
+filesystem, or sends it to the object store as it grows: ``storage/s3fill.py``).  Every
 reader follows that growing file (:class:`~mirror.storage.growing.GrowingBlob`, which says how readers in
 any process learn the outcome); the leader publishes the fetch's size in ``<alg>-<hex>.meta``.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +33,8 @@ import anyio.to_thread
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
-from .filesystem import VERIFIED_MODE, Ingest, Store, StoredBlob
+from .driver import BlobReader, BlobStore, FillWriter
+from .filesystem import VERIFIED_MODE
 from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta
 from .refusals import refusal
 
@@ -42,9 +46,9 @@ FLUSH_SECONDS = 0.02
 
 
 class Fills:
-    """Coalesced, verified fetches into a :class:`Store`.  Built once per process."""
+    """Coalesced, verified fetches into a :class:`~mirror.storage.driver.BlobStore`.  Built once per process."""
 
-    def __init__(self, store: Store, poll_interval: float = 0.005, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: BlobStore, poll_interval: float = 0.005, *, metrics: Metrics | None = None) -> None:
         self.store = store
         self.poll_interval = poll_interval
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
@@ -53,7 +57,7 @@ class Fills:
         self._progress: dict[Digest, asyncio.Event] = {}
         self._leading: set[Digest] = set()
 
-    async def open(self, digest: Digest, fetch: Fetch) -> StoredBlob | GrowingBlob | BypassBlob:
+    async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
         """The stored blob, or a reader of the fetch in progress (started here if there is none), or
         the upstream's bytes streamed through when the store cannot take them.
 
@@ -90,8 +94,8 @@ class Fills:
             return await self._lead(digest, fd, fetch)
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
-    def open_stored(self, digest: Digest) -> StoredBlob | None:
-        """The stored blob, marked as being served (:meth:`Store.open`), or None."""
+    def open_stored(self, digest: Digest) -> BlobReader | None:
+        """The stored blob, marked as being served (``BlobStore.open``), or None."""
         return self.store.open(digest)
 
     async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
@@ -150,7 +154,7 @@ class Fills:
         reader = os.open(path, os.O_RDONLY)
         started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
         started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
-        ingest = Ingest(self.store, digest, path, fd, None)
+        ingest = self.store.fill_writer(digest, path, fd)
         self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
             size = await _handed_over(started)
@@ -162,7 +166,7 @@ class Fills:
             return size
         return GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch)
 
-    async def _pump(self, ingest: Ingest, fetch: Fetch,
+    async def _pump(self, ingest: FillWriter, fetch: Fetch,
                     started: asyncio.Future[int | None | BypassBlob]) -> None:
         meta = self.store.layout.fill_meta(ingest.digest)
         handed_over = False
@@ -211,7 +215,7 @@ class Fills:
                     # Without an announced size, what was written is the least the blob needs.
                     needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
                     await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
-                _settle_failed(ingest, refused=refused is not None)
+                await _to_the_end(functools.partial(_settle_failed, self.store, ingest, refused=refused is not None))
             if cancelled:
                 raise
         finally:
@@ -222,11 +226,11 @@ class Fills:
             self._leading.discard(ingest.digest)
             self.progressed(ingest.digest)
 
-    def _let_go(self, ingest: Ingest, problem: OSError) -> None:
+    def _let_go(self, ingest: FillWriter, problem: OSError) -> None:
         """Give up a fill the store has no room for, before its body: followers see it refused."""
         try:
             self.store.refused(problem, ingest.expected_size)
-            _settle_failed(ingest, refused=True)
+            _settle_failed(self.store, ingest, refused=True)
         finally:
             os.close(ingest.fd)
 
@@ -242,7 +246,7 @@ class Fills:
                     verified = os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE
                     return GrowingBlob(self, digest, fd, found[1], coalesced=not verified, fetch=fetch,
                                        verified=verified)
-                state = fill_state(fd, self.store.layout.blob(digest))
+                state = fill_state(fd, functools.partial(self.store.fill_placed, digest, fd))
                 if state != "filling":
                     os.close(fd)
                     return "refused" if state == "refused" else None
@@ -265,7 +269,7 @@ class Fills:
                 await task
 
 
-async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest, written: Callable[[], None]) -> None:
+async def _copy(chunks: AsyncIterator[bytes], ingest: FillWriter, written: Callable[[], None]) -> None:
     """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived;
     call *written* after each batch (readers in this process wake up at once).
 
@@ -318,7 +322,7 @@ async def _copy(chunks: AsyncIterator[bytes], ingest: Ingest, written: Callable[
                 await behind
 
 
-async def _write_after(previous: asyncio.Task[None] | None, ingest: Ingest, parts: list[bytes],
+async def _write_after(previous: asyncio.Task[None] | None, ingest: FillWriter, parts: list[bytes],
                        written: Callable[[], None]) -> None:
     if previous is not None:
         await previous
@@ -357,17 +361,18 @@ def _close_unclaimed(started: asyncio.Future[Any]) -> None:
         started.result().close()
 
 
-def _settle_failed(ingest: Ingest, *, refused: bool) -> None:
-    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it.
+def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> None:
+    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it
+    (blocking: what was sent to an object store is taken back too).
 
-    A fill can fail after :meth:`Ingest.commit` marked it verified (fsync or rename refused): the
-    mark is taken back, since bytes that never reached their final path must not count as done.
+    A fill can fail after its commit marked it verified (fsync, rename or the upload refused): the
+    mark is taken back, since bytes that never were stored must not count as done.
     """
     with contextlib.suppress(OSError):
-        if not names_inode(ingest.store.layout.blob(ingest.digest), ingest.fd):
+        if not store.fill_placed(ingest.digest, ingest.fd):
             os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
     ingest.discard()
 
 
-def _write_batch(ingest: Ingest, batch: list[bytes]) -> None:
+def _write_batch(ingest: FillWriter, batch: list[bytes]) -> None:
     ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])

@@ -5,10 +5,11 @@ its first bytes go out as soon as they are written, and a client that disconnect
 own reading.  Readers in any process learn the outcome from the file itself:
 
 * mode :data:`~mirror.storage.filesystem.VERIFIED_MODE` -> complete and verified (the leader may still be
-  making it durable: ``fsync`` and rename into ``blobs/`` follow the readers' last byte);
+  making it durable: ``fsync`` and rename into ``blobs/``, or the last part sent to the object
+  store, follow the readers' last byte);
 * mode :data:`REFUSED_MODE`, lock free -> the store refused it: the rest comes from the upstream;
 * lock still held            -> more bytes may come;
-* lock free, and the inode is now ``blobs/...`` -> complete and verified;
+* lock free, and the inode is now the stored object (``BlobStore.fill_placed``) -> complete and verified;
 * lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
@@ -16,7 +17,7 @@ mistakes an older attempt's file for the current one): :func:`write_meta`, :func
 
 A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
 closes: the collector keeps an image while any of its objects is filling or so marked
-(:func:`fills_in_progress`, :func:`being_served`).
+(:func:`fills_in_progress`, ``BlobStore.serving``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from ..spec.reference import Digest, ParseError, parse_digest
+from ..spec.reference import Digest
 from .bypass import Download, FillFailed
-from .filesystem import VERIFIED_MODE, Store
+from .driver import BlobStore
+from .filesystem import VERIFIED_MODE
 from .reads import read_cached
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class GrowingBlob:
 
     def state(self) -> str:
         """``filling``, ``done``, ``refused`` or ``failed``; once done, the blob is marked as being served."""
-        state = fill_state(self.fd, self.fills.store.layout.blob(self.digest))
+        state = fill_state(self.fd, lambda: self.fills.store.fill_placed(self.digest, self.fd))
         if state == "done":
             with contextlib.suppress(BlockingIOError):
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -206,9 +208,9 @@ class _Span:
         return self.count
 
 
-def stored_size(store: Store, digest: Digest) -> int | None:
+def stored_size(store: BlobStore, digest: Digest) -> int | None:
     """The size of *digest* if stored, or if its fill is all there and verified, only not yet
-    moved into ``blobs/`` (its leader makes it durable after its readers' last byte); else None.
+    stored (its leader makes it durable after its readers' last byte); else None.
 
     A HEAD right after a GET's last byte is so answered as the GET was."""
     size = store.size(digest)
@@ -221,9 +223,11 @@ def stored_size(store: Store, digest: Digest) -> int | None:
     return status.st_size if status.st_mode & 0o777 == VERIFIED_MODE else None
 
 
-def fill_state(fd: int, final: os.PathLike[str] | str) -> str:
-    # Verified: done, even while the leader still makes it durable (fsync, rename) or after it
-    # was committed and evicted since.  A crash before the rename loses the fetch, never a byte:
+def fill_state(fd: int, placed: Callable[[], bool]) -> str:
+    """The state of the fill open as *fd* (see the module docstring); *placed* says whether its file
+    is now the stored object (``BlobStore.fill_placed``)."""
+    # Verified: done, even while the leader still makes it durable (fsync, rename, the last part) or
+    # after it was committed and evicted since.  A crash before that loses the fetch, never a byte:
     # the temp file is swept at start-up.
     if os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE:
         return "done"
@@ -237,14 +241,10 @@ def fill_state(fd: int, final: os.PathLike[str] | str) -> str:
         return "done"
     if status.st_mode & 0o777 == REFUSED_MODE:
         return "refused"
-    try:
-        done = os.stat(final).st_ino == status.st_ino
-    except FileNotFoundError:
-        done = False
-    return "done" if done else "failed"
+    return "done" if placed() else "failed"
 
 
-def fills_in_progress(store: Store) -> set[str]:
+def fills_in_progress(store: BlobStore) -> set[str]:
     """Digests (``sha256:<hex>``) whose fetch is in progress, in any process: the locked fill files."""
     found: set[str] = set()
     for digest, path in store.layout.fill_entries():
@@ -259,21 +259,6 @@ def fills_in_progress(store: Store) -> set[str]:
         finally:
             os.close(fd)
     return found
-
-
-def being_served(store: Store, digest: str) -> bool:
-    """True while a reader in any process holds the stored object marked (see :meth:`Store.open`)."""
-    try:
-        fd = os.open(store.layout.blob(parse_digest(digest)), os.O_RDONLY)
-    except (FileNotFoundError, ParseError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def names_inode(path: os.PathLike[str] | str, fd: int) -> bool:

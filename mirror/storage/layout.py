@@ -9,6 +9,8 @@
         <algorithm>-<hex>.partial         the shared fetch of one digest; its leader holds flock on it
         <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for the readers following it
         <algorithm>-<hex>.meta.<random>   that file being written (then renamed)
+        <algorithm>-<hex>.meta-upload     {"key", "upload"}: the multipart upload of that fetch (S3 driver)
+        <algorithm>-<hex>.reading         held with a shared flock by each reader of that object (S3 driver)
         ingest-<random>.partial           any other ingest (manifests, small objects); flock'ed by its writer
         stage-<random>.partial            the lock keeping a preload's staging directory alive
         stage-<random>.d/<n>              blobs of a preload, verified, waiting for the whole archive
@@ -151,6 +153,24 @@ class Layout:
 
     def fill_meta(self, digest: Digest) -> Path:
         return self.tmp / f"{digest.algorithm}-{digest.hex}.meta"
+
+    def fill_upload(self, digest: Digest) -> Path:
+        """The note of the multipart upload a fill sends its bytes to (``storage/s3fill.py``)."""
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.meta-upload"
+
+    def reading(self, digest: Digest) -> Path:
+        """The file every reader of a stored object holds a shared ``flock`` on (``storage/s3objects.py``)."""
+        return self.tmp / f"{digest.algorithm}-{digest.hex}.reading"
+
+    def reading_entries(self) -> list[Path]:
+        """Every such file in ``tmp/`` (see :meth:`reading`)."""
+        return [Path(entry.path) for entry in _scandir(self.tmp) if entry.name.endswith(".reading")]
+
+    def upload_notes(self) -> Iterator[tuple[Path, Path]]:
+        """``(note, fill file)`` of every multipart upload note in ``tmp/`` (see :meth:`fill_upload`)."""
+        for entry in _scandir(self.tmp):
+            if entry.name.endswith(".meta-upload"):
+                yield Path(entry.path), self.tmp / (entry.name.removesuffix(".meta-upload") + PARTIAL)
 
     def temp(self, kind: str) -> Path:
         """A new temp file name in ``tmp/`` (see :func:`temp_file`)."""

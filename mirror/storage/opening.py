@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..config.sections import StorageConfig
-from .layout import Layout
-
-if TYPE_CHECKING:
-    from .filesystem import Store
-    from .s3 import S3Store
+from .driver import BlobStore
 
 
-def open_blob_store(storage: StorageConfig) -> Store | S3Store:
+def open_blob_store(storage: StorageConfig) -> BlobStore:
     """The store as *storage* says: the filesystem driver under ``storage.path`` (``--data``), or
-    the S3 driver on ``storage.s3.*`` whose local spool is ``DATA/tmp/``.
+    the S3 driver on ``storage.s3.*``, whose local data directory (fills in progress, uploads,
+    locks) is ``storage.path`` too.
 
     Nothing is created or contacted here (call ``create()``); boto3 is imported only for ``s3``.
     """
@@ -22,7 +17,7 @@ def open_blob_store(storage: StorageConfig) -> Store | S3Store:
         from .s3 import S3Store
         from .s3objects import S3Options
 
-        return S3Store(S3Options.from_config(storage), Layout(storage.path).tmp)
+        return S3Store(S3Options.from_config(storage), storage.path)
     from .filesystem import Store
 
     return Store(storage.path)

@@ -5,10 +5,16 @@ An object is written once, to its final key, by a multipart upload of fixed ``ch
 (or one ``PutObject``) completed only after its digest matched (``storage/s3objects.py``): no
 temporary object is copied, and correctness relies neither on LIST nor on conditional writes.
 
-Reads are ranged GETs.  A reader opened before a delete by this process reads on from a local
-spool copy that the delete makes first (``spool``); a delete by another process is not seen
-(the collector runs where the server does).  Unfinished uploads older than ``stale_upload``
-seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this process's own.
+The local data directory (``--data``, :attr:`S3Store.layout`) keeps what it keeps for the filesystem
+driver but ``blobs/``: fills in progress, which are sent to the bucket as they grow
+(``storage/s3fill.py``), uploads being assembled, locks, the auth key, the diskcache index.
+
+Reads are ranged GETs; every reader marks the object as being served in ``tmp/`` (a shared ``flock``
+that :meth:`S3Store.serving` sees from any process, so the collector keeps the image).  A reader
+opened before a delete by this process reads on from a local copy that the delete makes first (in
+``tmp/``); one in another process reads on as long as S3 serves its GET.  Unfinished uploads older than
+``stale_upload`` seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this
+process's own; it removes the local temp files of writers that died too.
 
 Configuration keys follow distribution's s3 driver: ``regionendpoint``, ``region``, ``bucket``,
 ``rootdirectory``, ``accesskey``, ``secretkey``, ``forcepathstyle``, ``chunksize``, ``redirect``.
@@ -20,7 +26,9 @@ object is None / False / ``FileNotFoundError`` as the interface says.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -36,9 +44,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
-from .layout import object_key, parse_object_key
-from .refusals import refusal_errno
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .filesystem import ROOM_MARGIN
+from .layout import PARTIAL, Layout, object_key, parse_object_key
+from .refusals import refusal, refusal_errno
+from .s3fill import S3Fill, read_note
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -54,14 +64,15 @@ log = logging.getLogger("mirror.storage.s3")
 class S3Store:
     """The S3 driver of :class:`~mirror.storage.driver.BlobStore` (see the module docstring)."""
 
-    def __init__(self, options: S3Options, spool: Path | None = None, *, stale_upload: float = STALE_UPLOAD,
+    def __init__(self, options: S3Options, data: Path, *, stale_upload: float = STALE_UPLOAD,
                  client: Any = None) -> None:
+        """*data*: the local data directory (see the module docstring)."""
         if options.chunksize < MIN_CHUNK:
             raise ValueError(f"chunksize must be at least {MIN_CHUNK} bytes, got {options.chunksize}")
         self.options = options
         self.bucket = options.bucket
         self.root = options.rootdirectory.strip("/") + "/" if options.rootdirectory.strip("/") else ""
-        self.spool = spool
+        self.layout = Layout(data)
         self.stale_upload = stale_upload
         self.client = client if client is not None else make_client(options)
         self.on_commit: Callable[[int], None] | None = None
@@ -74,20 +85,54 @@ class S3Store:
         return self.root + object_key(digest)
 
     def create(self) -> None:
-        """Check that the bucket answers (it is not created: its policy is the operator's)."""
+        """Make the local directories, and check that the bucket answers (it is not created: its
+        policy is the operator's)."""
+        for directory in (self.layout.tmp, self.layout.uploads):
+            directory.mkdir(parents=True, exist_ok=True)
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"access to bucket {self.bucket!r}") from exc
 
     def sweep_tmp(self) -> int:
-        """Abort unfinished multipart uploads older than ``stale_upload`` that this process did not start."""
-        removed, cutoff = 0, time.time() - self.stale_upload
+        """Remove the local temp files whose writer is gone, and abort unfinished multipart uploads
+        older than ``stale_upload`` that this process did not start; return how many went."""
+        removed = self._sweep_notes()
+        removed += sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
+        for mark in self.layout.reading_entries():
+            being_read(mark, remove=True)  # left by readers that died
+        cutoff = time.time() - self.stale_upload
         for upload in self._unfinished():
             if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
                 continue
-            self._abort(upload["Key"], upload["UploadId"])
+            self.abort(upload["Key"], upload["UploadId"])
             removed += 1
+        return removed
+
+    def _sweep_notes(self) -> int:
+        """Abort the uploads of fills whose writer is gone: their note is beside an unlocked fill file."""
+        removed = 0
+        for note, fill in self.layout.upload_notes():
+            try:
+                fd: int | None = os.open(fill, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its writer is alive
+                found = read_note(note)
+                if found is not None and found[1] in self._uploads:
+                    continue  # this process's own (its lock would have said so)
+                if found is not None:
+                    self.abort(*found)
+                    removed += 1
+                note.unlink(missing_ok=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
         return removed
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
@@ -117,6 +162,13 @@ class S3Store:
         with self._lock:
             self._readers.setdefault(digest, set()).add(reader)
         return reader
+
+    def serving(self, digest: Digest) -> bool:
+        """Whether a reader of any process is open on the object (its mark in ``tmp/``)."""
+        with self._lock:
+            if digest in self._readers:
+                return True
+        return being_read(self.layout.reading(digest))
 
     def closed(self, reader: S3Reader) -> None:
         with self._lock:
@@ -193,7 +245,7 @@ class S3Store:
         return True
 
     def _spool_for(self, digest: Digest, readers: list[S3Reader]) -> None:
-        with tempfile.TemporaryFile(dir=self.spool) as copy, self.open_stream(digest) as body:
+        with tempfile.TemporaryFile(dir=self.layout.tmp) as copy, self.open_stream(digest) as body:
             while data := body.read(1 << 20):
                 copy.write(data)
             copy.flush()
@@ -223,6 +275,13 @@ class S3Store:
 
     def ingest(self, digest: Digest, expected_size: int | None = None, *, content: Digest | None = None) -> S3Ingest:
         return S3Ingest(self, digest, expected_size, content)
+
+    def fill_writer(self, digest: Digest, path: Path, fd: int) -> S3Fill:
+        """The fill's local file, sent to the bucket as it grows (``storage/s3fill.py``)."""
+        return S3Fill(self, digest, path, fd)
+
+    def fill_placed(self, digest: Digest, fd: int) -> bool:
+        return False  # the bytes are sent: the local file never is the object
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         put_verified(self, digest, data)
@@ -260,7 +319,8 @@ class S3Store:
             self._uploads.add(upload_id)
         return upload_id
 
-    def _abort(self, key: str, upload_id: str) -> None:
+    def abort(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload (one already gone is no error; others are logged)."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except ClientError as exc:
@@ -280,16 +340,40 @@ class S3Store:
         return None  # a bucket has no fixed size
 
     def room_error(self, size: int | None) -> OSError | None:
-        return None
+        """``ENOSPC`` when the data directory's filesystem cannot hold a fill's local file of *size*
+        bytes (and :data:`~mirror.storage.filesystem.ROOM_MARGIN`): the bucket needs no room."""
+        if size is None:
+            return None
+        try:
+            fs = os.statvfs(self.layout.root)
+        except FileNotFoundError:
+            return None
+        if size + ROOM_MARGIN <= fs.f_bavail * fs.f_frsize:
+            return None
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for a local copy of {size} bytes")
 
     def refused(self, exc: BaseException, needed: int | None) -> None:
-        """A write the store refused for lack of room asks for room (``on_refused``); S3 rarely says so."""
+        """A refused write is logged; room is never asked for (``on_refused``): what a full disk or a
+        quota refuses here is the data directory's (fills, uploads), which evicting objects from the
+        bucket would not free."""
         code = refusal_errno(exc)
-        if code is not None and code != errno.EROFS and self.on_refused is not None:
-            self.on_refused(needed or 0)
+        if code is not None:
+            log.warning("the data directory refused a write (%s needed): %s", needed, exc)
 
     def write_problem(self) -> str | None:
-        """Why the bucket cannot take writes now (it does not answer), or None."""
+        """Why the store cannot take writes now, or None: the data directory refuses a small file in
+        ``tmp/`` (fills and uploads go there first), or the bucket does not answer."""
+        probe = self.layout.temp("readyz")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                    os.unlink(probe)
+        except OSError as exc:
+            return f"data directory {self.layout.root}: " + (refusal(exc) or f"not writable: {exc.strerror or exc}")
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:

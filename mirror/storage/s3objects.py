@@ -7,18 +7,25 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 ``chunksize`` is one ``PutObject`` after it was verified.  No temporary object is ever copied.
 
 :class:`S3Reader` reads with ranged GETs, or from a local copy once its object was deleted
-(``S3Store.delete``).  The client is boto3's: thread-safe, with a pool of connections; every call
-here blocks but :meth:`S3Reader.chunks`, which runs them in worker threads.
+(``S3Store.delete``).  While it is open it holds a shared ``flock`` on ``tmp/<alg>-<hex>.reading``
+(:func:`mark_reading`), so that a collector in any process sees the object being served
+(:func:`being_read`); the last reader to let go removes the file.  The client is boto3's:
+thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
+which runs them in worker threads.
 
 Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -40,6 +47,8 @@ if TYPE_CHECKING:
 MIN_CHUNK = S3_MIN_CHUNK
 DEFAULT_CHUNK = 16 << 20
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+
+log = logging.getLogger("mirror.storage.s3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +106,59 @@ def make_client(options: S3Options) -> Any:
     return client
 
 
+def mark_reading(path: Path) -> int | None:
+    """A descriptor of *path* holding a shared ``flock`` on it (created if need be), or None if the
+    data directory refuses (the reader is then seen by its own process only)."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.debug("cannot mark %s as being read: %s", path, exc)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if _names(path, fd):
+            return fd
+        os.close(fd)  # removed by a last reader meanwhile: take the new one
+    return None
+
+
+def unmark_reading(path: Path, fd: int) -> None:
+    """Let go of a :func:`mark_reading` descriptor; the last reader removes *path*."""
+    try:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(path, fd):
+                os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def being_read(path: Path, *, remove: bool = False) -> bool:
+    """Whether a reader in any process holds *path* (:func:`mark_reading`); if not and *remove*, it
+    is removed (a reader that died left it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        if remove and _names(path, fd):
+            os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class S3Reader:
     """An object opened for reading: ranged GETs, or a local spool copy once this process deleted it."""
 
@@ -105,6 +167,8 @@ class S3Reader:
     def __init__(self, store: S3Store, digest: Digest, size: int) -> None:
         self._store, self.digest, self.size = store, digest, size
         self._spool: int | None = None
+        self._marked = store.layout.reading(digest)
+        self._mark = mark_reading(self._marked)
 
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive; None: to the end of the object)."""
@@ -137,6 +201,9 @@ class S3Reader:
         if self._spool is not None:
             os.close(self._spool)
             self._spool = None
+        if self._mark is not None:
+            unmark_reading(self._marked, self._mark)
+            self._mark = None
 
 
 class S3Ingest:
@@ -216,4 +283,4 @@ class S3Ingest:
         self._done = True
         self._buffer = bytearray()
         if self._upload is not None:
-            self.store._abort(self.key, self._upload)
+            self.store.abort(self.key, self._upload)

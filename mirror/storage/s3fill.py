@@ -1,0 +1,189 @@
+"""A fill on the S3 driver (``storage/s3.py``): the local file grows as ever, its parts go up as it grows.
+
+``storage/fill.py`` writes the upstream's body into ``DATA/tmp/<alg>-<hex>.partial`` as on the
+filesystem driver, and readers in every worker process follow that file (``storage/growing.py``).
+:class:`S3Fill` hashes what is written and, in threads of its own, sends each ``chunksize`` range of
+that file as soon as it is complete as one part of a multipart upload to the object's final key:
+:data:`IN_FLIGHT` parts at most at a time, each read back with ``pread`` (never more than those parts
+in memory), so the writer never waits for S3.  :meth:`S3Fill.commit` verifies size and digest, marks
+the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is
+left, completes the upload and removes the file.  A mismatch or a failure aborts the upload
+(:meth:`S3Fill.discard`): nothing is stored, as the driver interface wants (``storage/driver.py``).
+While the upload is open, ``tmp/<alg>-<hex>.meta-upload`` names it (:func:`write_note`): a writer
+killed meanwhile leaves the note beside its unlocked fill file, and the start-up sweep aborts the
+upload it names (``S3Store.sweep_tmp``).
+
+Blocking, like every driver method: ``fill.py`` calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..spec.reference import Digest
+from .driver import StoreError
+from .filesystem import VERIFIED_MODE, write_all
+from .s3objects import backend_error
+from .verify import check_written
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+#: Parts of one fill being sent at a time.
+IN_FLIGHT = 2
+
+
+class S3Fill:
+    """The writer of one fill on the S3 driver (a :class:`~mirror.storage.driver.FillWriter`)."""
+
+    def __init__(self, store: S3Store, digest: Digest, path: Path, fd: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.path = path
+        self.fd = fd
+        self.expected_size: int | None = None
+        self.written = 0
+        self.key = store.key(digest)
+        self._chunk = store.options.chunksize
+        self._hasher = digest.hasher()
+        self._threads = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="s3-fill")
+        self._upload: Future[str] | None = None  # the multipart upload's id, once S3 gave it
+        self._sending: list[Future[dict[str, Any]]] = []  # parts on their way, oldest first
+        self._parts: list[dict[str, Any]] = []  # parts S3 has
+        self._sent_to = 0  # bytes handed to parts so far
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._hasher.update(data)
+        write_all(self.fd, data)
+        self.written += len(data)
+        self._collect(wait=False)
+        while len(self._sending) < IN_FLIGHT and self._sent_to + self._chunk <= self.written:
+            self._send(self._chunk)
+
+    def _send(self, length: int) -> None:
+        if self._upload is None:
+            self._upload = self._threads.submit(self._start)
+        number, offset = self._sent_to // self._chunk + 1, self._sent_to
+        self._sending.append(self._threads.submit(self._part, number, offset, length))
+        self._sent_to += length
+
+    def _start(self) -> str:
+        upload = self.store.started(self.key)
+        try:
+            write_note(self.store.layout.fill_upload(self.digest), self.key, upload)
+        except OSError:
+            self.store.abort(self.key, upload)
+            raise
+        return upload
+
+    def _part(self, number: int, offset: int, length: int) -> dict[str, Any]:
+        assert self._upload is not None
+        upload = self._upload.result()
+        body = _pread_all(self.fd, length, offset)
+        try:
+            etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=upload,
+                                                 PartNumber=number, Body=body)["ETag"]
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"part {number} of {self.digest}") from exc
+        return {"PartNumber": number, "ETag": etag}
+
+    def _collect(self, *, wait: bool) -> None:
+        """Take the answers of parts sent (all of them if *wait*); a part S3 refused is raised."""
+        while self._sending and (wait or self._sending[0].done()):
+            self._parts.append(self._sending.pop(0).result())
+
+    def verify(self) -> None:
+        check_written(self.digest, self.digest, self.expected_size, self.written, self._hasher.hexdigest())
+
+    def commit(self) -> None:
+        """Verify, mark the file verified, send the rest and complete the upload; remove the file.
+
+        On a mismatch the upload is aborted and :class:`StoreError` raised; what S3 refuses is
+        ``OSError`` (the caller then discards the fill)."""
+        try:
+            self.verify()
+        except StoreError:
+            self.discard()
+            raise
+        os.fchmod(self.fd, VERIFIED_MODE)  # the mark readers following this fill look for
+        client, bucket = self.store.client, self.store.bucket
+        try:
+            if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
+                client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
+            else:
+                while self._sent_to < self.written:
+                    if len(self._sending) >= IN_FLIGHT:
+                        self._parts.append(self._sending.pop(0).result())
+                    self._send(min(self._chunk, self.written - self._sent_to))
+                self._collect(wait=True)
+                assert self._upload is not None  # started by the first part
+                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
+                                                 MultipartUpload={"Parts": self._parts})
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"storing {self.digest}") from exc
+        self._done = True
+        self._threads.shutdown()
+        if self._upload is not None:
+            self.store.forget(self._upload.result())
+            self._drop_note()
+        self._unlink()
+        self.store.committed(self.written)
+
+    def discard(self) -> None:
+        """Abort the upload (after the parts on their way) and remove the file; never raises."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        if not self._done and self._upload is not None:
+            self._done = True
+            with contextlib.suppress(Exception):  # no upload was started: nothing to abort
+                self.store.abort(self.key, self._upload.result())
+                self._drop_note()
+        self._done = True
+        self._unlink()
+
+    def _drop_note(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.store.layout.fill_upload(self.digest))
+
+    def _unlink(self) -> None:
+        """Remove the fill's file, if it still is this fill's (a later fill may have taken the name)."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+
+
+def write_note(path: Path, key: str, upload: str) -> None:
+    """Record in *path* that the multipart upload *upload* of *key* is open (written whole, then renamed)."""
+    partial = path.with_name(f"{path.name}.{secrets.token_hex(6)}")
+    partial.write_text(json.dumps({"key": key, "upload": upload}))
+    os.replace(partial, path)
+
+
+def read_note(path: Path) -> tuple[str, str] | None:
+    """``(key, upload)`` of a note :func:`write_note` wrote, or None if it is gone or unreadable."""
+    try:
+        note = json.loads(path.read_text())
+        return str(note["key"]), str(note["upload"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Bytes ``offset..offset+length`` of *fd*; ``OSError`` (``EIO``) if the file is shorter."""
+    pieces, got = [], 0
+    while got < length:
+        data = os.pread(fd, length - got, offset + got)
+        if not data:
+            raise OSError(errno.EIO, f"fill file ended at {offset + got} bytes, {offset + length} expected")
+        pieces.append(data)
+        got += len(data)
+    return b"".join(pieces) if len(pieces) != 1 else pieces[0]

@@ -60,6 +60,7 @@ def write_config(path: Path, data: Path, *, s3: tuple[SeaweedS3, str] | None = N
             "bucket": bucket, "region": server.region, "regionendpoint": server.endpoint, "rootdirectory": "store",
             "accesskey": server.accesskey, "secretkey": server.secretkey, "forcepathstyle": True,
             "chunksize": MIN_CHUNK})
+        doc["cache"] = {"max_size": "10GiB"}  # a bucket has no size to take a share of
     if dsn is not None:
         doc["metadata"] = {"driver": "postgres", "postgres": {"dsn": dsn}}
     path.write_text(yaml.safe_dump(doc))

@@ -146,6 +146,7 @@ def running_mirror_s3(root: Path, upstream_url: str, s3: SeaweedS3, postgres: Po
             "regionendpoint": s3.endpoint, "region": s3.region, "bucket": bucket, "rootdirectory": "/registry",
             "accesskey": s3.accesskey, "secretkey": s3.secretkey, "forcepathstyle": True, "redirect": False}},
         "metadata": {"driver": "postgres", "postgres": {"dsn": postgres.create_database()}},
+        "cache": {"max_size": "100GiB"},
     }))
     try:
         with MirrorServer(root / "data", upstream_url, workers=1, config=config, log_dir=root) as mirror:

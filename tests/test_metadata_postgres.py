@@ -8,16 +8,18 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from mirror.config.sections import MetadataConfig
+from mirror.config.load import load_config, to_environ
+from mirror.config.sections import ConfigError, MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import MetadataUnavailable, TagRecord
-from mirror.metadata.opening import bind_data_directory
+from mirror.metadata.opening import bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from tests.support.catalog import StandardImages
@@ -140,6 +142,36 @@ def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back
             assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
         finally:
             index.close()
+
+
+def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn: str, tmp_path: Path) -> None:
+    """Six calls at once, each kept waiting by a lock: the index opens two connections (the key's
+    value, from its environment variable, handed on to workers), not the default four."""
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn}
+    with pytest.raises(ConfigError, match=re.escape("bad value for metadata.postgres.pool_size: '0': must be")):
+        load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "0"})
+    assert load_config(env=env).metadata.postgres_pool_size == 4
+    config = load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "2"})
+    assert load_config(env=to_environ(config)).metadata.postgres_pool_size == 2
+
+    def pooled() -> int:  # this index's connections to the database, busy or idle, but its listener's
+        return len(_query(dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                               f" AND application_name NOT IN ('{LISTENER}', 'locker') AND pid <> pg_backend_pid()"))
+
+    index = open_metadata(config.metadata, tmp_path / "index")
+    try:
+        with ThreadPoolExecutor(6) as calls, psycopg.connect(dsn, application_name="locker") as locker:
+            locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # until the transaction ends
+            waiting = [calls.submit(index.get_tag, REPO, str(n)) for n in range(6)]
+            assert eventually(lambda: pooled() == 2, timeout=5)
+            time.sleep(0.5)
+            assert pooled() == 2
+            locker.rollback()
+            outcomes = [f.exception() for f in waiting]
+        assert outcomes.count(None) >= 2, outcomes  # the others timed out in the queue (MetadataUnavailable)
+        assert all(o is None or isinstance(o, MetadataUnavailable) for o in outcomes), outcomes
+    finally:
+        index.close()
 
 
 def test_the_mirror_keeps_its_index_in_postgres(

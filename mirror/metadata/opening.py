@@ -12,7 +12,8 @@ from .driver import Metadata
 
 def open_metadata(config: MetadataConfig, index: Path) -> Metadata:
     """The index as *config* says: the diskcache driver in *index* (``DATA/index/``), or the
-    postgres driver at ``metadata.postgres.dsn`` (its schema migrated).
+    postgres driver at ``metadata.postgres.dsn`` (its schema migrated), with a pool of
+    ``metadata.postgres.pool_size`` connections.
 
     Raises ``psycopg.OperationalError`` if the database cannot be reached and
     :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it; neither message
@@ -22,7 +23,7 @@ def open_metadata(config: MetadataConfig, index: Path) -> Metadata:
         from .postgres import PostgresMetadata  # psycopg is imported only when it is used
 
         assert config.postgres_dsn is not None  # checked by MetadataConfig
-        return PostgresMetadata(config.postgres_dsn)
+        return PostgresMetadata(config.postgres_dsn, pool_size=config.postgres_pool_size)
     from .diskcache import DiskcacheMetadata
 
     return DiskcacheMetadata(index)

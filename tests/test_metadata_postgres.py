@@ -6,6 +6,7 @@ PostgreSQL 15."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,12 @@ from mirror.metadata.driver import MetadataUnavailable, TagRecord
 from mirror.metadata.opening import bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
+from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import mirror_cli, settle, stored_objects
 from tests.support.waiting import eventually
@@ -219,6 +222,48 @@ def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
         mirror.start(timeout=30)
     assert 'database "absent" does not exist' in str(failed.value)
     assert "s3cr3t-pw" not in mirror.log_tail(500)
+
+
+def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """Refused, no such database, a wrong password, a schema from a newer mirror: ``serve`` exits 3
+    (before any worker starts), ``gc`` and ``fsck`` 1, each with one line naming the server and the
+    database, why, and what to check; never a traceback or the password."""
+    postgres.add_password_login("mirror_pw", "r1ght-pw")
+    newer = postgres.create_database()
+    PostgresMetadata(newer).close()
+    _query(newer, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")  # as a newer mirror leaves it
+    closed, here = free_port(), f"127.0.0.1:{postgres.port}"
+    cases = [
+        (f"host=127.0.0.1 port={closed} dbname=mirror user=postgres", f"'mirror' at 127.0.0.1:{closed}",
+         "Connection refused: check that PostgreSQL runs there and takes connections, and the host and port"),
+        (postgres.dsn("absent"), f"'absent' at {here}",
+         'database "absent" does not exist: create it, or correct the database name in metadata.postgres.dsn'),
+        (f"{postgres.dsn()} user=mirror_pw", f"'postgres' at {here}",
+         'password authentication failed for user "mirror_pw": check the user and password in metadata.postgres.dsn'),
+        (newer, f"'{newer.split('dbname=')[1].split()[0]}' at {here}",
+         f"has schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION} this mirror knows: upgrade"),
+    ]
+
+    def run(n: int, dsn: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+        env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": f"{dsn} password=s3cr3t-pw"}
+        return mirror_cli(*command, "--data", tmp_path / str(n), env=env, timeout=60)
+
+    commands = [(3, ["serve", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"])]
+    for n, _ in enumerate(cases):
+        Store(tmp_path / str(n)).create()
+    with ThreadPoolExecutor(4) as pool:
+        runs = [(n, status, pool.submit(run, n, dsn, command))
+                for n, (dsn, _, _) in enumerate(cases) for status, command in commands]
+        for n, status, running in runs:
+            done = running.result()
+            _, where, says = cases[n]
+            assert done.returncode == status, (n, status, done.returncode, done.stderr)
+            line = done.stderr.strip()
+            assert "\n" not in line and line.startswith(f"mirror: PostgreSQL database {where}"), line
+            assert says in line, line
+            assert "s3cr3t-pw" not in done.stderr + done.stdout
 
 
 def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is_back(

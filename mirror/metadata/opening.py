@@ -10,23 +10,56 @@ from ..config.sections import MetadataConfig
 from .driver import Metadata
 
 
+class CannotOpenIndex(Exception):
+    """The configured index cannot be opened: one line naming its server and database (never a
+    password), why, and what to check."""
+
+
 def open_metadata(config: MetadataConfig, index: Path) -> Metadata:
     """The index as *config* says: the diskcache driver in *index* (``DATA/index/``), or the
     postgres driver at ``metadata.postgres.dsn`` (its schema migrated), with a pool of
     ``metadata.postgres.pool_size`` connections.
 
-    Raises ``psycopg.OperationalError`` if the database cannot be reached and
-    :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it; neither message
-    holds the DSN's password.
+    Raises :class:`CannotOpenIndex` if the database does not answer (refused, unknown host,
+    wrong password, no such database) or a newer mirror migrated it
+    (:class:`~mirror.metadata.pgschema.SchemaTooNew`).
     """
     if config.driver == "postgres":
-        from .postgres import PostgresMetadata  # psycopg is imported only when it is used
+        import psycopg  # imported only when it is used
+
+        from .pgschema import SchemaTooNew
+        from .postgres import PostgresMetadata
 
         assert config.postgres_dsn is not None  # checked by MetadataConfig
-        return PostgresMetadata(config.postgres_dsn, pool_size=config.postgres_pool_size)
+        wanted = _index_of(config)
+        if isinstance(wanted, str):
+            raise CannotOpenIndex(wanted)
+        try:
+            return PostgresMetadata(config.postgres_dsn, pool_size=config.postgres_pool_size)
+        except psycopg.OperationalError as exc:
+            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), config.postgres_dsn)) from None
+        except SchemaTooNew as exc:
+            raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
     from .diskcache import DiskcacheMetadata
 
     return DiskcacheMetadata(index)
+
+
+def _unanswered(where: str, error: str, dsn: str) -> str:
+    """One line from libpq's *error* (``connection failed: connection to server at ... failed:
+    FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check."""
+    reason = (error.splitlines() or ["no answer"])[0].rpartition(" failed: ")[2].replace("FATAL:  ", "").strip()
+    if reason.startswith("database ") and reason.endswith("does not exist"):
+        check = "create it, or correct the database name in metadata.postgres.dsn"
+    elif any(word in reason for word in ("password", "authentication", "role ", "pg_hba.conf")):
+        check = "check the user and password in metadata.postgres.dsn (or its dsn_file) and the server's pg_hba.conf"
+    else:
+        check = "check that PostgreSQL runs there and takes connections, and the host and port in metadata.postgres.dsn"
+    from psycopg import conninfo
+
+    password = str(conninfo.conninfo_to_dict(dsn).get("password") or "")
+    line = f"{where} cannot be used: {reason}: {check}"
+    return line.replace(password, "***") if password else line
 
 
 def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:

@@ -99,7 +99,8 @@ def _open_store(config: Config) -> tuple[Store, Metadata] | int:
     from .storage.filesystem import Store
 
     store = Store(config.storage.path)
-    if not store.layout.index.is_dir() or not store.layout.blobs.is_dir():
+    local_index = config.metadata.driver == "diskcache"  # postgres keeps nothing in DATA/index/
+    if (local_index and not store.layout.index.is_dir()) or not store.layout.blobs.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or blobs/)", file=sys.stderr)
         return 2
     problem = bind_data_directory(config.metadata, store.layout.index_binding)

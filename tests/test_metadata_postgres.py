@@ -6,6 +6,7 @@ PostgreSQL 15."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -337,6 +338,34 @@ def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(
     assert stored_objects(mirror.data_dir) == stored  # nothing collected
     again = mirror_cli("fsck", "--data", mirror.data_dir, env=env)  # the right index: clean
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_gc_and_fsck_need_no_index_directory_when_the_index_is_in_postgres(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+    http: httpx.Client,
+) -> None:
+    """With the index in PostgreSQL, ``DATA/index/`` holds nothing: a data directory without it (made
+    by hand, or restored from a backup of blobs/ only) is checked and collected like any other."""
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": postgres.create_database()}
+    mirror = mirror_factory(env=env)
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    for layer in item.layers:
+        assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer.digest}").status_code == 200
+    mirror.stop()
+    settle(mirror.data_dir)
+    shutil.rmtree(mirror.data_dir / "index")
+    stored = stored_objects(mirror.data_dir)
+    assert item.digest in stored and all(layer.digest in stored for layer in item.layers)
+
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(stored)} objects" in checked.stdout and checked.stdout.rstrip().endswith(": clean"), checked.stdout
+    collected = mirror_cli("gc", "--data", mirror.data_dir, env={**env, "MIRROR_GC_GRACE": "0s"})
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert stored_objects(mirror.data_dir) == stored  # everything is referenced by the database's index
 
 
 @pytest.mark.parametrize(("dsn", "says"), [

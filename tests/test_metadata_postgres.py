@@ -27,6 +27,7 @@ from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
@@ -271,11 +272,15 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:
     """A running mirror whose PostgreSQL stops: what needs the index fails fast with ``503
-    UNAVAILABLE`` naming the database (no 500, no password), ``/readyz`` says why; once the server
-    is back the pool and the listener reconnect by themselves.  On a cluster of the test's own."""
+    UNAVAILABLE`` and ``Retry-After`` (no 500, no password), ``/readyz`` names the database,
+    ``/metrics`` answers without the figures the index gives (``mirror_index_up 0``); once the
+    server is back the pool and the listener reconnect by themselves.  On a cluster of the test's own."""
     with PostgresServer() as own:
         dsn = f"{own.create_database()} password=s3cr3t-pw"  # trust auth: only to prove it is never shown
         mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+        database = f"PostgreSQL database '{dsn.split('dbname=')[1].split()[0]}' at 127.0.0.1:{own.port}"
+        up = scrape(f"{mirror.url}/metrics")
+        assert value(up, "mirror_index_up") == 1 and "mirror_store_size_bytes" in {name for name, _, _ in up}
         accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
         name, tag, item = images.refs["small"]
         assert isinstance(item, Image)
@@ -288,9 +293,20 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         took = time.monotonic() - started
         assert down.status_code == 503, down.text
         assert down.json() == {"errors": [{"code": "UNAVAILABLE", "message": "metadata database unavailable"}]}
+        assert down.headers["retry-after"] == "5"
         assert took < 5.0, f"503 after {took:.1f}s"
+        head = http.head(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept)
+        assert head.status_code == 503 and head.headers["retry-after"] == "5"
         ready = http.get(f"{mirror.url}/readyz")
-        assert ready.status_code == 503 and "metadata database unavailable" in ready.json()["problems"]["index"]
+        assert ready.status_code == 503
+        assert ready.json()["problems"]["index"].startswith(f"metadata database unavailable: {database}: ")
+        started = time.monotonic()
+        figures = scrape(f"{mirror.url}/metrics")  # 200, or it fails
+        assert time.monotonic() - started < 5.0
+        assert value(figures, "mirror_index_up") == 0 and value(figures, "mirror_workers") == 1
+        names = {name for name, _, _ in figures}
+        assert "mirror_store_objects" in names and "mirror_http_requests_total" in names
+        assert not names & {"mirror_store_size_bytes", "mirror_store_manifests", "mirror_store_repositories"}
 
         own.resume()
         started = time.monotonic()
@@ -301,6 +317,7 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         assert http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept).content \
             == other_item.manifest, f"recovered after {recovered:.1f}s"
         assert http.get(f"{mirror.url}/readyz").status_code == 200
+        assert value(scrape(f"{mirror.url}/metrics"), "mirror_index_up") == 1
         assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
         log = mirror.log_tail(500)
         assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text

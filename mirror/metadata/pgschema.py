@@ -17,8 +17,9 @@ import threading
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "migrate"]
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "describe", "migrate"]
 
 #: The NOTIFY channel on which each withdrawal publishes the new generation counter.
 CHANNEL = "mirror_metadata_generation"
@@ -61,6 +62,15 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def describe(dsn: str) -> str:
+    """The database *dsn* names, as messages name it: ``PostgreSQL database 'mirror' at db:5432``
+    (libpq's defaults for what it leaves out; never the password)."""
+    parts = conninfo_to_dict(dsn)
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    database = str(parts.get("dbname") or parts.get("user") or "")
+    return f"PostgreSQL database {database!r} at {host}:{parts.get('port') or 5432}"
 
 
 class SchemaTooNew(RuntimeError):

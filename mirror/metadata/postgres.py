@@ -2,10 +2,9 @@
 
 For several hosts sharing one index (replicas behind a load balancer).  Tables, one per kind of
 record (``metadata/pgschema.py``, migrated at start): ``tags`` (repo, tag -> digest, media type,
-fetched-at), ``manifests``, ``links``, ``repositories`` (the catalog), ``locals``, ``referrers``
-(in the order added), ``upstream_referrers``, ``referrers_api``, ``pins``, ``uploads``,
-``foreign_urls``, ``access``, ``counters`` (``usage`` and ``generation``), ``settings``
-(``held``), ``leases`` and the ``lease_tokens`` sequence.
+fetched-at), ``manifests``, ``links``, ``repositories``, ``locals``, ``referrers`` (in the order
+added), ``upstream_referrers``, ``referrers_api``, ``pins``, ``uploads``, ``foreign_urls``,
+``access``, ``counters``, ``settings``, ``leases`` and the ``lease_tokens`` sequence.
 
 * Changes of several rows (a tag and the catalog, a withdrawal and the generation, ``forget``)
   are one transaction; read-modify-writes are single statements (``ON CONFLICT``, ``UPDATE ...
@@ -17,8 +16,8 @@ fetched-at), ``manifests``, ``links``, ``repositories`` (the catalog), ``locals`
   unless a *clock* is given (tests): then its reading is passed to the same statements instead.
   A name's row stays after release (expired), so a new grant's token is drawn from the sequence
   only while its row is locked: later than every earlier grant's.
-* Connections come from a small pool (:data:`POOL_SIZE`) plus the listener's own connection.
-  Each is checked as it is taken, so the dead ones a restarted server left behind are replaced.
+* Connections come from a pool (``pool_size``) plus the listener's own; each is checked as it is
+  taken, so the dead ones a restarted server left behind are replaced.
   While the server cannot be reached, a call fails within :data:`POOL_WAIT` with
   :class:`~mirror.metadata.driver.MetadataUnavailable`; the pool keeps trying to reconnect (backing
   off for at most :data:`RECONNECT_WAIT`, then again on the next call), so it recovers by itself.
@@ -36,7 +35,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
-from .pgschema import CHANNEL, NotifiedGeneration, migrate
+from .pgschema import CHANNEL, NotifiedGeneration, describe, migrate
 
 __all__ = ["POOL_SIZE", "POOL_WAIT", "RECONNECT_WAIT", "PostgresMetadata"]
 
@@ -65,6 +64,7 @@ class PostgresMetadata(Metadata):
     """
 
     def __init__(self, dsn: str, *, clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:
+        self._where = describe(dsn)
         if "connect_timeout" not in conninfo_to_dict(dsn):
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -97,7 +97,8 @@ class PostgresMetadata(Metadata):
                     with conn.cursor() as cur:
                         yield cur
         except psycopg.OperationalError as exc:
-            raise MetadataUnavailable(f"metadata database unavailable: {exc}") from exc
+            reason = str(exc).partition("\n")[0]  # libpq's hints follow on further lines
+            raise MetadataUnavailable(f"metadata database unavailable: {self._where}: {reason}") from exc
 
     def _one(self, query: str, params: Any = None) -> Row | None:
         with self._cursor() as cur:

@@ -108,7 +108,7 @@ def _open_store(config: Config) -> tuple[Store, Metadata] | int:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
     try:
-        return store, open_metadata(config.metadata, store.layout.index)
+        return store, open_metadata(config.metadata, store.layout.index, config.storage)
     except CannotOpenIndex as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
@@ -180,7 +180,7 @@ def serve(config: Config) -> int:
         return 2
     if config.metadata.driver == "postgres":  # once here, not in a traceback from each worker
         try:
-            open_metadata(config.metadata, store.layout.index).close()
+            open_metadata(config.metadata, store.layout.index, config.storage).close()
         except CannotOpenIndex as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return STARTUP_FAILED

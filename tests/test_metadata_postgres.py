@@ -21,7 +21,7 @@ from mirror.config.load import load_config, to_environ
 from mirror.config.sections import ConfigError, MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import MetadataUnavailable, TagRecord
-from mirror.metadata.opening import bind_data_directory, open_metadata
+from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from mirror.storage.filesystem import Store
@@ -163,7 +163,7 @@ def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn:
         return len(_query(dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                                f" AND application_name NOT IN ('{LISTENER}', 'locker') AND pid <> pg_backend_pid()"))
 
-    index = open_metadata(config.metadata, tmp_path / "index")
+    index = open_metadata(config.metadata, tmp_path / "index", config.storage)
     try:
         with ThreadPoolExecutor(6) as calls, psycopg.connect(dsn, application_name="locker") as locker:
             locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # until the transaction ends
@@ -383,6 +383,66 @@ def test_gc_and_fsck_need_no_index_directory_when_the_index_is_in_postgres(
     collected = mirror_cli("gc", "--data", mirror.data_dir, env={**env, "MIRROR_GC_GRACE": "0s"})
     assert collected.returncode == 0, collected.stdout + collected.stderr
     assert stored_objects(mirror.data_dir) == stored  # everything is referenced by the database's index
+
+
+def test_a_database_describes_one_blob_store_and_refuses_another_data_directory(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    """A second data directory (another blob store) on the database of a first would take the
+    first one's records as its own: serve, gc and fsck refuse it, and nothing is changed.  The
+    store is known by the id in its directory, not by its path: moved, it is still itself."""
+    dsn = postgres.create_database()
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn, "MIRROR_GC_GRACE": "0s"}
+    mirror = mirror_factory(env=env)
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    mirror.stop()
+    settle(mirror.data_dir)
+    first_id = (mirror.data_dir / "store-id").read_text().strip()
+    records = _query(dsn, "SELECT repo, tag, digest FROM tags")
+    assert records and _query(dsn, "SELECT value FROM settings WHERE name = 'store'")[0][0] == {
+        "driver": "filesystem", "id": first_id, "path": str(mirror.data_dir)}
+
+    second = tmp_path / "second"
+    Store(second).create()
+    for status, command in ((3, ["serve", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"])):
+        done = mirror_cli(*command, "--data", second, env=env, timeout=60)
+        assert done.returncode == status, (command, done.stdout, done.stderr)
+        line = done.stderr.strip()
+        assert "\n" not in line and line.startswith("mirror: PostgreSQL database "), line
+        assert f"holds the index of the data directory with id {first_id} (seen at {mirror.data_dir})" in line
+        assert "give each store a database of its own" in line
+    assert _query(dsn, "SELECT repo, tag, digest FROM tags") == records
+
+    moved = tmp_path / "moved"
+    mirror.data_dir.rename(moved)
+    checked = mirror_cli("fsck", "--data", moved, env=env)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith(": clean"), checked.stdout + checked.stderr
+
+
+def test_an_s3_store_is_known_by_its_bucket_and_rootdirectory_whatever_host_opens_it(
+    dsn: str, tmp_path: Path,
+) -> None:
+    """Replicas share one S3 store and one database, each with a local data directory of its own:
+    they are one store.  Another rootdirectory, or a filesystem store, is another and is refused."""
+    def opened(data: str, **storage: str) -> None:
+        env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+               "MIRROR_STORAGE_PATH": str(tmp_path / data), **storage}
+        config = load_config(env=env)
+        open_metadata(config.metadata, tmp_path / data / "index", config.storage).close()
+
+    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images"}
+    opened("replica-1", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="/mirror/")
+    opened("replica-2", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="mirror")
+    for data, storage in (("replica-3", {**s3, "MIRROR_STORAGE_S3_ROOTDIRECTORY": "other"}),
+                          ("replica-4", {**s3, "MIRROR_STORAGE_S3_BUCKET": "more-images"}), ("local", {})):
+        with pytest.raises(CannotOpenIndex, match="holds the index of S3 bucket 'images' under 'mirror', not of"):
+            opened(data, **storage)
+    assert _query(dsn, "SELECT value FROM settings WHERE name = 'store'") == [
+        ({"driver": "s3", "bucket": "images", "rootdirectory": "mirror"},)]
 
 
 @pytest.mark.parametrize(("dsn", "says"), [

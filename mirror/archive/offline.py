@@ -82,7 +82,7 @@ def _open(config: Config) -> Any:
         if problem:
             print(f"mirror: {problem}", file=sys.stderr)
             return None
-        metadata = open_metadata(config.metadata, store.layout.index)
+        metadata = open_metadata(config.metadata, store.layout.index, config.storage)
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return None

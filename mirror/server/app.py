@@ -53,7 +53,8 @@ def create_app(config: Config) -> Starlette:
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
-        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index)
+        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
+                                                   config.storage)
         memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.

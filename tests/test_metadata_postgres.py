@@ -230,8 +230,9 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
     postgres: PostgresServer, tmp_path: Path,
 ) -> None:
     """Refused, no such database, a wrong password, a schema from a newer mirror: ``serve`` exits 3
-    (before any worker starts), ``gc`` and ``fsck`` 1, each with one line naming the server and the
-    database, why, and what to check; never a traceback or the password."""
+    (before any worker starts), ``gc`` and ``fsck`` 1 (``preload`` 2, as for any data directory it
+    cannot use), each with one line naming the server and the database, why, and what to check;
+    never a traceback or the password."""
     postgres.add_password_login("mirror_pw", "r1ght-pw")
     newer = postgres.create_database()
     PostgresMetadata(newer).close()
@@ -252,7 +253,8 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
         env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": f"{dsn} password=s3cr3t-pw"}
         return mirror_cli(*command, "--data", tmp_path / str(n), env=env, timeout=60)
 
-    commands = [(3, ["serve", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"])]
+    commands = [(3, ["serve", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"]),
+                (2, ["preload", str(tmp_path / "none.tar")])]
     for n, _ in enumerate(cases):
         Store(tmp_path / str(n)).create()
     with ThreadPoolExecutor(4) as pool:

@@ -44,7 +44,7 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
         try:
             return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
         except psycopg.OperationalError as exc:
-            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), config.postgres_dsn)) from None
+            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
         except SchemaTooNew as exc:
             raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
         except StoreMismatch as exc:
@@ -88,7 +88,7 @@ def _describe_store(store: Mapping[str, Any]) -> str:
     return f"the data directory with id {store.get('id')} (seen at {store.get('path')})"
 
 
-def _unanswered(where: str, error: str, dsn: str) -> str:
+def _unanswered(where: str, error: str) -> str:
     """One line from libpq's *error* (``connection failed: connection to server at ... failed:
     FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check."""
     reason = (error.splitlines() or ["no answer"])[0].rpartition(" failed: ")[2].replace("FATAL:  ", "").strip()
@@ -98,11 +98,7 @@ def _unanswered(where: str, error: str, dsn: str) -> str:
         check = "check the user and password in metadata.postgres.dsn (or its dsn_file) and the server's pg_hba.conf"
     else:
         check = "check that PostgreSQL runs there and takes connections, and the host and port in metadata.postgres.dsn"
-    from psycopg import conninfo
-
-    password = str(conninfo.conninfo_to_dict(dsn).get("password") or "")
-    line = f"{where} cannot be used: {reason}: {check}"
-    return line.replace(password, "***") if password else line
+    return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
 def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .metadata.driver import Metadata
     from .storage.driver import BlobStore
 
+#: ``mirror serve``'s exit status when the index's database cannot be used at start (uvicorn's
+#: own, for an application whose start-up failed); 2 is for a configuration that is wrong.
+STARTUP_FAILED = 3
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description="Pull-through caching mirror and private registry "
@@ -98,29 +102,37 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _open_store(config: Config) -> tuple[BlobStore, Metadata] | None:
-    from .metadata.opening import bind_data_directory, open_metadata
+def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
+    """The data directory's store and index, or the exit status after saying why not: 2 when it
+    is not one (or not this index's), 1 when its index cannot be opened now."""
+    from .metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
     from .storage.opening import open_blob_store
 
     store = open_blob_store(config.storage)
+    local_index = config.metadata.driver == "diskcache"  # postgres keeps nothing in DATA/index/
+    # What the data directory holds besides the index: blobs/ on the filesystem, uploads/ beside a bucket.
     local = store.layout.blobs if config.storage.driver == "filesystem" else store.layout.uploads
-    if not store.layout.index.is_dir() or not local.is_dir():
+    if (local_index and not store.layout.index.is_dir()) or not local.is_dir():
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/)",
               file=sys.stderr)
-        return None
+        return 2
     problem = bind_data_directory(config.metadata, store.layout.index_binding)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
-        return None
-    return store, open_metadata(config.metadata, store.layout.index)
+        return 2
+    try:
+        return store, open_metadata(config.metadata, store.layout.index, config.storage)
+    except CannotOpenIndex as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
 
 
 def collect(config: Config, dry_run: bool) -> int:
     from .maintenance.gc import Collector
 
     opened = _open_store(config)
-    if opened is None:
-        return 2
+    if isinstance(opened, int):
+        return opened
     store, metadata = opened
     try:
         report = Collector(store, metadata, config.cache, config.gc).run(dry_run=dry_run, wait=True)
@@ -136,8 +148,8 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     from .maintenance.fsck import Fsck
 
     opened = _open_store(config)
-    if opened is None:
-        return 2
+    if isinstance(opened, int):
+        return opened
     store, metadata = opened
     progress = TerminalProgress("fsck")
     try:
@@ -193,7 +205,7 @@ def serve(config: Config) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from .metadata.opening import bind_data_directory
+    from .metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
     from .server.hardening import server_options, startup_problem
     from .storage.opening import open_blob_store
 
@@ -211,6 +223,12 @@ def serve(config: Config) -> int:
         where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
         print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
         return 2
+    if config.metadata.driver == "postgres":  # once here, not in a traceback from each worker
+        try:
+            open_metadata(config.metadata, store.layout.index, config.storage).close()
+        except CannotOpenIndex as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return STARTUP_FAILED
     try:
         metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))
     except OSError as exc:
@@ -246,6 +264,9 @@ def serve(config: Config) -> int:
     except ConfigError as exc:  # metrics.listen cannot be bound
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
+    except CannotOpenIndex as exc:  # metrics.listen's figures: gone since the check above
+        print(f"mirror: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.close(metrics_lock)

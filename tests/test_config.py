@@ -288,3 +288,22 @@ def test_metadata_driver_and_its_dsn_which_is_never_shown(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="bad value for metadata.postgres.dsn_file: .*: the file is empty"):
         secret.write_text("")
         load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)})
+
+
+@pytest.mark.parametrize(("name", "value", "key"), [
+    ("MIRROR_METADATA_POSTGRES_DSN_FILE", "{missing}", "metadata.postgres.dsn_file"),
+    ("MIRROR_METADATA_POSTGRES_DSN_FILE", "{empty}", "metadata.postgres.dsn_file"),
+    ("MIRROR_HTTP_TLS_CERTIFICATE", "{missing}", "http.tls.certificate"),
+    ("MIRROR_STORAGE_S3_CHUNKSIZE", "1MiB", "storage.s3.chunksize"),
+    ("MIRROR_UPSTREAM_PASSWORD_FILE", "{missing}", "upstream.password_file"),
+])
+def test_a_bad_value_from_the_environment_names_its_key_as_the_file_writes_it(
+    tmp_path: Path, name: str, value: str, key: str,
+) -> None:
+    """``MIRROR_METADATA_POSTGRES_DSN_FILE`` is ``metadata.postgres.dsn_file`` in the file and in the
+    message, not ``metadata.postgres_dsn_file``; a key that is not nested keeps its underscore."""
+    (tmp_path / "empty").write_text("")
+    env = {name: value.format(missing=tmp_path / "missing", empty=tmp_path / "empty")}
+    with pytest.raises(ConfigError) as refused:
+        load_config(env=env)
+    assert str(refused.value).startswith(f"bad value for {key}: "), refused.value

@@ -6,24 +6,31 @@ PostgreSQL 15."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from mirror.config.sections import MetadataConfig
+from mirror.config.load import load_config, to_environ
+from mirror.config.sections import ConfigError, MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import MetadataUnavailable, TagRecord
-from mirror.metadata.opening import bind_data_directory
+from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
+from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import mirror_cli, settle, stored_objects
 from tests.support.waiting import eventually
@@ -142,6 +149,36 @@ def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back
             index.close()
 
 
+def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn: str, tmp_path: Path) -> None:
+    """Six calls at once, each kept waiting by a lock: the index opens two connections (the key's
+    value, from its environment variable, handed on to workers), not the default four."""
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn}
+    with pytest.raises(ConfigError, match=re.escape("bad value for metadata.postgres.pool_size: '0': must be")):
+        load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "0"})
+    assert load_config(env=env).metadata.postgres_pool_size == 4
+    config = load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "2"})
+    assert load_config(env=to_environ(config)).metadata.postgres_pool_size == 2
+
+    def pooled() -> int:  # this index's connections to the database, busy or idle, but its listener's
+        return len(_query(dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                               f" AND application_name NOT IN ('{LISTENER}', 'locker') AND pid <> pg_backend_pid()"))
+
+    index = open_metadata(config.metadata, tmp_path / "index", config.storage)
+    try:
+        with ThreadPoolExecutor(6) as calls, psycopg.connect(dsn, application_name="locker") as locker:
+            locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # until the transaction ends
+            waiting = [calls.submit(index.get_tag, REPO, str(n)) for n in range(6)]
+            assert eventually(lambda: pooled() == 2, timeout=5)
+            time.sleep(0.5)
+            assert pooled() == 2
+            locker.rollback()
+            outcomes = [f.exception() for f in waiting]
+        assert outcomes.count(None) >= 2, outcomes  # the others timed out in the queue (MetadataUnavailable)
+        assert all(o is None or isinstance(o, MetadataUnavailable) for o in outcomes), outcomes
+    finally:
+        index.close()
+
+
 def test_the_mirror_keeps_its_index_in_postgres(
     images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
     postgres: PostgresServer, http: httpx.Client,
@@ -189,15 +226,63 @@ def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
     assert "s3cr3t-pw" not in mirror.log_tail(500)
 
 
+def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """Refused, no such database, a wrong password, a schema from a newer mirror: ``serve`` exits 3
+    (before any worker starts), ``gc`` and ``fsck`` 1 (``preload`` 2, as for any data directory it
+    cannot use), each with one line naming the server and the database, why, and what to check;
+    never a traceback or the password."""
+    postgres.add_password_login("mirror_pw", "r1ght-pw")
+    newer = postgres.create_database()
+    PostgresMetadata(newer).close()
+    _query(newer, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")  # as a newer mirror leaves it
+    closed, here = free_port(), f"127.0.0.1:{postgres.port}"
+    cases = [
+        (f"host=127.0.0.1 port={closed} dbname=mirror user=postgres", f"'mirror' at 127.0.0.1:{closed}",
+         "Connection refused: check that PostgreSQL runs there and takes connections, and the host and port"),
+        (postgres.dsn("absent"), f"'absent' at {here}",
+         'database "absent" does not exist: create it, or correct the database name in metadata.postgres.dsn'),
+        (f"{postgres.dsn()} user=mirror_pw", f"'postgres' at {here}",
+         'password authentication failed for user "mirror_pw": check the user and password in metadata.postgres.dsn'),
+        (newer, f"'{newer.split('dbname=')[1].split()[0]}' at {here}",
+         f"has schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION} this mirror knows: upgrade"),
+    ]
+
+    def run(n: int, dsn: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+        env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": f"{dsn} password=s3cr3t-pw"}
+        return mirror_cli(*command, "--data", tmp_path / str(n), env=env, timeout=60)
+
+    commands = [(3, ["serve", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"]),
+                (2, ["preload", str(tmp_path / "none.tar")])]
+    for n, _ in enumerate(cases):
+        Store(tmp_path / str(n)).create()
+    with ThreadPoolExecutor(4) as pool:
+        runs = [(n, status, pool.submit(run, n, dsn, command))
+                for n, (dsn, _, _) in enumerate(cases) for status, command in commands]
+        for n, status, running in runs:
+            done = running.result()
+            _, where, says = cases[n]
+            assert done.returncode == status, (n, status, done.returncode, done.stderr)
+            line = done.stderr.strip()
+            assert "\n" not in line and line.startswith(f"mirror: PostgreSQL database {where}"), line
+            assert says in line, line
+            assert "s3cr3t-pw" not in done.stderr + done.stdout
+
+
 def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is_back(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:
     """A running mirror whose PostgreSQL stops: what needs the index fails fast with ``503
-    UNAVAILABLE`` naming the database (no 500, no password), ``/readyz`` says why; once the server
-    is back the pool and the listener reconnect by themselves.  On a cluster of the test's own."""
+    UNAVAILABLE`` and ``Retry-After`` (no 500, no password), ``/readyz`` names the database,
+    ``/metrics`` answers without the figures the index gives (``mirror_index_up 0``); once the
+    server is back the pool and the listener reconnect by themselves.  On a cluster of the test's own."""
     with PostgresServer() as own:
         dsn = f"{own.create_database()} password=s3cr3t-pw"  # trust auth: only to prove it is never shown
         mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+        database = f"PostgreSQL database '{dsn.split('dbname=')[1].split()[0]}' at 127.0.0.1:{own.port}"
+        up = scrape(f"{mirror.url}/metrics")
+        assert value(up, "mirror_index_up") == 1 and "mirror_store_size_bytes" in {name for name, _, _ in up}
         accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
         name, tag, item = images.refs["small"]
         assert isinstance(item, Image)
@@ -210,9 +295,20 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         took = time.monotonic() - started
         assert down.status_code == 503, down.text
         assert down.json() == {"errors": [{"code": "UNAVAILABLE", "message": "metadata database unavailable"}]}
+        assert down.headers["retry-after"] == "5"
         assert took < 5.0, f"503 after {took:.1f}s"
+        head = http.head(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept)
+        assert head.status_code == 503 and head.headers["retry-after"] == "5"
         ready = http.get(f"{mirror.url}/readyz")
-        assert ready.status_code == 503 and "metadata database unavailable" in ready.json()["problems"]["index"]
+        assert ready.status_code == 503
+        assert ready.json()["problems"]["index"].startswith(f"metadata database unavailable: {database}: ")
+        started = time.monotonic()
+        figures = scrape(f"{mirror.url}/metrics")  # 200, or it fails
+        assert time.monotonic() - started < 5.0
+        assert value(figures, "mirror_index_up") == 0 and value(figures, "mirror_workers") == 1
+        names = {name for name, _, _ in figures}
+        assert "mirror_store_objects" in names and "mirror_http_requests_total" in names
+        assert not names & {"mirror_store_size_bytes", "mirror_store_manifests", "mirror_store_repositories"}
 
         own.resume()
         started = time.monotonic()
@@ -223,6 +319,7 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         assert http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept).content \
             == other_item.manifest, f"recovered after {recovered:.1f}s"
         assert http.get(f"{mirror.url}/readyz").status_code == 200
+        assert value(scrape(f"{mirror.url}/metrics"), "mirror_index_up") == 1
         assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
         log = mirror.log_tail(500)
         assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text
@@ -260,6 +357,94 @@ def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(
     assert stored_objects(mirror.data_dir) == stored  # nothing collected
     again = mirror_cli("fsck", "--data", mirror.data_dir, env=env)  # the right index: clean
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_gc_and_fsck_need_no_index_directory_when_the_index_is_in_postgres(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+    http: httpx.Client,
+) -> None:
+    """With the index in PostgreSQL, ``DATA/index/`` holds nothing: a data directory without it (made
+    by hand, or restored from a backup of blobs/ only) is checked and collected like any other."""
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": postgres.create_database()}
+    mirror = mirror_factory(env=env)
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    for layer in item.layers:
+        assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer.digest}").status_code == 200
+    mirror.stop()
+    settle(mirror.data_dir)
+    shutil.rmtree(mirror.data_dir / "index")
+    stored = stored_objects(mirror.data_dir)
+    assert item.digest in stored and all(layer.digest in stored for layer in item.layers)
+
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(stored)} objects" in checked.stdout and checked.stdout.rstrip().endswith(": clean"), checked.stdout
+    collected = mirror_cli("gc", "--data", mirror.data_dir, env={**env, "MIRROR_GC_GRACE": "0s"})
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert stored_objects(mirror.data_dir) == stored  # everything is referenced by the database's index
+
+
+def test_a_database_describes_one_blob_store_and_refuses_another_data_directory(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    """A second data directory (another blob store) on the database of a first would take the
+    first one's records as its own: serve, gc and fsck refuse it, and nothing is changed.  The
+    store is known by the id in its directory, not by its path: moved, it is still itself."""
+    dsn = postgres.create_database()
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn, "MIRROR_GC_GRACE": "0s"}
+    mirror = mirror_factory(env=env)
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    mirror.stop()
+    settle(mirror.data_dir)
+    first_id = (mirror.data_dir / "store-id").read_text().strip()
+    records = _query(dsn, "SELECT repo, tag, digest FROM tags")
+    assert records and _query(dsn, "SELECT value FROM settings WHERE name = 'store'")[0][0] == {
+        "driver": "filesystem", "id": first_id, "path": str(mirror.data_dir)}
+
+    second = tmp_path / "second"
+    Store(second).create()
+    for status, command in ((3, ["serve", "--listen", f"127.0.0.1:{free_port()}"]), (1, ["gc"]), (1, ["fsck"])):
+        done = mirror_cli(*command, "--data", second, env=env, timeout=60)
+        assert done.returncode == status, (command, done.stdout, done.stderr)
+        line = done.stderr.strip()
+        assert "\n" not in line and line.startswith("mirror: PostgreSQL database "), line
+        assert f"holds the index of the data directory with id {first_id} (seen at {mirror.data_dir})" in line
+        assert "give each store a database of its own" in line
+    assert _query(dsn, "SELECT repo, tag, digest FROM tags") == records
+
+    moved = tmp_path / "moved"
+    mirror.data_dir.rename(moved)
+    checked = mirror_cli("fsck", "--data", moved, env=env)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith(": clean"), checked.stdout + checked.stderr
+
+
+def test_an_s3_store_is_known_by_its_bucket_and_rootdirectory_whatever_host_opens_it(
+    dsn: str, tmp_path: Path,
+) -> None:
+    """Replicas share one S3 store and one database, each with a local data directory of its own:
+    they are one store.  Another rootdirectory, or a filesystem store, is another and is refused."""
+    def opened(data: str, **storage: str) -> None:
+        env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+               "MIRROR_STORAGE_PATH": str(tmp_path / data), **storage}
+        config = load_config(env=env)
+        open_metadata(config.metadata, tmp_path / data / "index", config.storage).close()
+
+    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images"}
+    opened("replica-1", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="/mirror/")
+    opened("replica-2", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="mirror")
+    for data, storage in (("replica-3", {**s3, "MIRROR_STORAGE_S3_ROOTDIRECTORY": "other"}),
+                          ("replica-4", {**s3, "MIRROR_STORAGE_S3_BUCKET": "more-images"}), ("local", {})):
+        with pytest.raises(CannotOpenIndex, match="holds the index of S3 bucket 'images' under 'mirror', not of"):
+            opened(data, **storage)
+    assert _query(dsn, "SELECT value FROM settings WHERE name = 'store'") == [
+        ({"driver": "s3", "bucket": "images", "rootdirectory": "mirror"},)]
 
 
 @pytest.mark.parametrize(("dsn", "says"), [

@@ -89,7 +89,7 @@ def refused(old: Path, new: Path) -> str:
 def snapshot(config: Path) -> Snapshot:
     """Every record of the index *config* names."""
     loaded = load_config(config, env={})
-    index = open_metadata(loaded.metadata, Layout(loaded.storage.path).index)
+    index = open_metadata(loaded.metadata, Layout(loaded.storage.path).index, loaded.storage)
     try:
         return Snapshot.of(index)
     finally:

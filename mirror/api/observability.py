@@ -262,7 +262,7 @@ def metrics_listener(config: Config) -> Iterator[None]:
     from ..observe.metrics import exposition_registry
 
     store = open_blob_store(config.storage)
-    metadata = open_metadata(config.metadata, store.layout.index)
+    metadata = open_metadata(config.metadata, store.layout.index, config.storage)
     collector = Collector(store, metadata, config.cache, config.gc)
     registry = exposition_registry(Metrics(enabled=False), [
         StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])

@@ -72,7 +72,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
-    from ..metadata.opening import bind_data_directory, open_metadata
+    from ..metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
     from ..storage.opening import open_blob_store
 
     try:
@@ -82,9 +82,12 @@ def _open(config: Config) -> Any:
         if problem:
             print(f"mirror: {problem}", file=sys.stderr)
             return None
-        metadata = open_metadata(config.metadata, store.layout.index)
+        metadata = open_metadata(config.metadata, store.layout.index, config.storage)
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
+        return None
+    except CannotOpenIndex as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
         return None
 
     def counted(size: int) -> None:

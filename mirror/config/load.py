@@ -41,6 +41,8 @@ from .sections import (
 from .values import redact
 
 ENV_PREFIX = "MIRROR_"
+#: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
+NESTED = ("tls", "s3", "postgres", "htpasswd")
 
 
 SECTIONS: dict[str, type] = {
@@ -58,6 +60,13 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "ui": UiConfig,
 }
+
+
+def user_key(attr: str) -> str:
+    """A key as users write it: ``postgres.dsn_file`` for the field ``postgres_dsn_file`` (which the
+    environment spells ``MIRROR_METADATA_POSTGRES_DSN_FILE``)."""
+    group, _, rest = attr.partition("_")
+    return f"{group}.{rest}" if group in NESTED and rest else attr
 
 
 def _section_keys(section: type) -> dict[str, dataclasses.Field[Any]]:
@@ -98,7 +107,7 @@ def load_config(
                 values[attr] = keys[attr].metadata["parse"](value)
             except ValueError as exc:
                 shown = "***" if not keys[attr].repr else redact(repr(value))
-                raise ConfigError(f"bad value for {name}.{key}: {shown}: {exc}") from None
+                raise ConfigError(f"bad value for {name}.{user_key(attr)}: {shown}: {exc}") from None
         sections[name] = cls(**values)
     default = sections["upstream"]
     upstreams = [default]
@@ -148,7 +157,7 @@ def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
             parsed[attr] = keys[attr].metadata["parse"](value)
         except ValueError as exc:
             shown = "***" if not keys[attr].repr else redact(repr(value))
-            raise ConfigError(f"bad value for {label}.{key}: {shown}: {exc}") from None
+            raise ConfigError(f"bad value for {label}.{user_key(attr)}: {shown}: {exc}") from None
     return cls(**parsed)
 
 

@@ -170,6 +170,9 @@ class MetadataConfig:
     postgres_dsn: str | None = setting(parse_optional_str, None, secret=True)
     # The DSN read from a file at start-up instead (Docker / Kubernetes secrets); takes precedence over dsn.
     postgres_dsn_file: SecretFile | None = setting(parse_secret_file, None)
+    # Most connections each process (worker, CLI) holds at once, besides its LISTEN connection
+    # (metadata.postgres.pool_size; Harbor's database.max_open_conns, per process).
+    postgres_pool_size: int = setting(parse_int(1, 1000), 4)
 
     def __post_init__(self) -> None:
         if self.postgres_dsn_file is not None:

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..config.sections import CacheConfig
-from ..metadata.driver import Metadata
+from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import HELD_REASONS
 from ..storage.driver import BlobStore
 
@@ -35,8 +35,10 @@ class StoreCollector(Collector):
         self.budget = budget
         self.workers = workers
         self._lock = threading.Lock()
-        self._counts: tuple[int, int, int] | None = None
+        self._counts: tuple[int, int] | None = None
         self._counted_at = 0.0
+        self._manifest_count: int | None = None
+        self._manifests_at = -1.0
         self._count_every = 1.0
 
     def collect(self) -> Iterator[Metric]:
@@ -44,8 +46,18 @@ class StoreCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily("mirror_workers", "Worker processes configured.", value=self.workers)
-        yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=self.metadata.usage())
         budget = self.budget()
+        objects, uploads = self._count()
+        try:
+            usage, held, manifests, repositories = self._from_index(budget)
+        except MetadataUnavailable:  # its database is down: the figures read from it are left out
+            indexed = False
+        else:
+            indexed = True
+        yield GaugeMetricFamily("mirror_index_up", "1 if the index answered this scrape; 0 leaves out the figures "
+                                "read from it (store size, over budget, manifests, repositories).", value=int(indexed))
+        if indexed:
+            yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=usage)
         if budget is not None:
             yield GaugeMetricFamily("mirror_store_max_size_bytes", "The store's budget (cache.max_size).",
                                     value=budget)
@@ -53,18 +65,18 @@ class StoreCollector(Collector):
                                     value=budget * self.cache.high_watermark)
             yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
                                     value=budget * self.cache.low_watermark)
-            over = GaugeMetricFamily(
-                "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
-                "could not evict enough, by what held the content back.", labels=["reason"])
-            held = self.metadata.held() if self.metadata.usage() > budget else {}
-            for reason in HELD_REASONS:
-                over.add_metric([reason], 1 if held.get(reason) else 0)
-            yield over
-        objects, manifests, uploads = self._count()
+            if indexed:
+                over = GaugeMetricFamily(
+                    "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
+                    "could not evict enough, by what held the content back.", labels=["reason"])
+                for reason in HELD_REASONS:
+                    over.add_metric([reason], 1 if held.get(reason) else 0)
+                yield over
         yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
-        yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
-        yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
-                                value=len(self.metadata.repositories()))
+        if indexed:
+            yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
+            yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
+                                    value=repositories)
         yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
                                 value=uploads)
         try:
@@ -78,13 +90,27 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
                                 value=space.available)
 
-    def _count(self) -> tuple[int, int, int]:
+    def _count(self) -> tuple[int, int]:
+        """Objects and uploads in the store, counted again once the last count is old enough."""
         with self._lock:
             now = time.monotonic()
             if self._counts is None or now - self._counted_at >= self._count_every:
                 objects = sum(1 for _ in self.store.objects())
-                uploads = len(self.store.layout.upload_entries())
-                self._counts = (objects, self.metadata.count_manifests(), uploads)
+                self._counts = (objects, len(self.store.layout.upload_entries()))
                 self._counted_at = time.monotonic()
                 self._count_every = max(1.0, 50 * (self._counted_at - now))
             return self._counts
+
+    def _from_index(self, budget: int | None) -> tuple[int, dict[str, int], int, int]:
+        """Usage, what holds it over *budget* (if it is), manifests and repositories, from the index."""
+        usage = self.metadata.usage()
+        held = self.metadata.held() if budget is not None and usage > budget else {}
+        return usage, held, self._manifests(), len(self.metadata.repositories())
+
+    def _manifests(self) -> int:
+        """Manifests in the index, counted again as often as the store's objects."""
+        with self._lock:
+            if self._manifest_count is None or self._manifests_at != self._counted_at:
+                self._manifest_count = self.metadata.count_manifests()
+                self._manifests_at = self._counted_at
+            return self._manifest_count

@@ -173,7 +173,7 @@ class Migration:
         except OSError as exc:
             raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc
         try:
-            index = open_metadata(config.metadata, Layout(config.storage.path).index)
+            index = open_metadata(config.metadata, Layout(config.storage.path).index, config.storage)
         except Exception as exc:  # the driver's errors never hold a password
             named = index_identity(config.metadata, Layout(config.storage.path).index)
             raise Refused(f"{side}: cannot open the index ({named}): {_line(exc)}") from exc

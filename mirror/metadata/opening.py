@@ -2,30 +2,103 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from ..config.sections import MetadataConfig
+from ..config.sections import MetadataConfig, StorageConfig
+from ..storage.layout import Layout
 from .driver import Metadata
 
 
-def open_metadata(config: MetadataConfig, index: Path) -> Metadata:
-    """The index as *config* says: the diskcache driver in *index* (``DATA/index/``), or the
-    postgres driver at ``metadata.postgres.dsn`` (its schema migrated).
+class CannotOpenIndex(Exception):
+    """The configured index cannot be opened: one line naming its server and database (never a
+    password), why, and what to check."""
 
-    Raises ``psycopg.OperationalError`` if the database cannot be reached and
-    :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it; neither message
-    holds the DSN's password.
+
+def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -> Metadata:
+    """The index as *config* says: the diskcache driver in *index* (``DATA/index/``), or the
+    postgres driver at ``metadata.postgres.dsn`` (its schema migrated), with a pool of
+    ``metadata.postgres.pool_size`` connections, for the blob store *storage* names
+    (:func:`store_identity`).
+
+    Raises :class:`CannotOpenIndex` if the database does not answer (refused, unknown host,
+    wrong password, no such database), a newer mirror migrated it
+    (:class:`~mirror.metadata.pgschema.SchemaTooNew`), or it holds another store's index.
     """
     if config.driver == "postgres":
-        from .postgres import PostgresMetadata  # psycopg is imported only when it is used
+        import psycopg  # imported only when it is used
+
+        from .pgschema import SchemaTooNew, StoreMismatch
+        from .postgres import PostgresMetadata
 
         assert config.postgres_dsn is not None  # checked by MetadataConfig
-        return PostgresMetadata(config.postgres_dsn)
+        wanted = _index_of(config)
+        if isinstance(wanted, str):
+            raise CannotOpenIndex(wanted)
+        store = store_identity(storage)
+        try:
+            return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
+        except psycopg.OperationalError as exc:
+            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
+        except SchemaTooNew as exc:
+            raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
+        except StoreMismatch as exc:
+            raise CannotOpenIndex(
+                f"{_describe(wanted)} holds the index of {_describe_store(exc.recorded)}, not of this store, "
+                f"{_describe_store(store)}: give each store a database of its own (each would take the other's "
+                "records as its own, and the collector would delete blobs the other needs)") from None
     from .diskcache import DiskcacheMetadata
 
     return DiskcacheMetadata(index)
+
+
+def store_identity(storage: StorageConfig) -> dict[str, str]:
+    """What names the blob store *storage* configures, as a PostgreSQL index records it: the
+    bucket and ``rootdirectory`` of an S3 store (the same for every replica sharing it); for a
+    data directory, the random id in ``DATA/store-id``, made the first time (the same wherever the
+    directory is mounted).  ``path`` (the data directory) is only shown in messages.
+
+    Raises :class:`CannotOpenIndex` if the id cannot be written.
+    """
+    if storage.driver == "s3":
+        return {"driver": "s3", "bucket": storage.s3_bucket or "", "rootdirectory": storage.s3_rootdirectory.strip("/")}
+    path = Layout(storage.path).store_id
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+            partial.write_text(f"{uuid.uuid4().hex}\n")
+            with contextlib.suppress(FileExistsError):  # another process made it first: theirs it is
+                os.link(partial, path)
+            partial.unlink()
+        ident = path.read_text().strip()
+    except OSError as exc:
+        raise CannotOpenIndex(f"cannot record this data directory's id in {path}: {exc.strerror or exc}") from None
+    return {"driver": "filesystem", "id": ident, "path": str(storage.path.absolute())}
+
+
+def _describe_store(store: Mapping[str, Any]) -> str:
+    if store.get("driver") == "s3":
+        return f"S3 bucket {store.get('bucket')!r} under {store.get('rootdirectory') or '/'!r}"
+    return f"the data directory with id {store.get('id')} (seen at {store.get('path')})"
+
+
+def _unanswered(where: str, error: str) -> str:
+    """One line from libpq's *error* (``connection failed: connection to server at ... failed:
+    FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check."""
+    reason = (error.splitlines() or ["no answer"])[0].rpartition(" failed: ")[2].replace("FATAL:  ", "").strip()
+    if reason.startswith("database ") and reason.endswith("does not exist"):
+        check = "create it, or correct the database name in metadata.postgres.dsn"
+    elif any(word in reason for word in ("password", "authentication", "role ", "pg_hba.conf")):
+        check = "check the user and password in metadata.postgres.dsn (or its dsn_file) and the server's pg_hba.conf"
+    else:
+        check = "check that PostgreSQL runs there and takes connections, and the host and port in metadata.postgres.dsn"
+    return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
 def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:

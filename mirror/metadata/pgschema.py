@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "migrate"]
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "StoreMismatch", "describe", "migrate"]
 
 #: The NOTIFY channel on which each withdrawal publishes the new generation counter.
 CHANNEL = "mirror_metadata_generation"
@@ -63,14 +66,37 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def describe(dsn: str) -> str:
+    """The database *dsn* names, as messages name it: ``PostgreSQL database 'mirror' at db:5432``
+    (libpq's defaults for what it leaves out; never the password)."""
+    parts = conninfo_to_dict(dsn)
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    database = str(parts.get("dbname") or parts.get("user") or "")
+    return f"PostgreSQL database {database!r} at {host}:{parts.get('port') or 5432}"
+
+
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer mirror than this one."""
 
 
-def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+class StoreMismatch(RuntimeError):
+    """The database holds the index of another blob store (:attr:`recorded`) than the one opening it."""
+
+    def __init__(self, recorded: dict[str, Any]) -> None:
+        super().__init__(f"the index of another blob store: {recorded}")
+        self.recorded = recorded
+
+
+def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] | None = None) -> int:
     """Bring the database of *conn* (autocommit) to :data:`SCHEMA_VERSION`; return the version it had.
 
-    Raises :class:`SchemaTooNew` if its version is newer than this code's.
+    *store*, if given, names the blob store whose index this is (its driver and identity, plus a
+    ``path`` shown in messages only): recorded in ``settings`` by the first start, compared by
+    every later one.  Two stores on one database would each see the other's records as their own
+    (links to blobs they lack; blobs the index does not reference, which the collector deletes).
+
+    Raises :class:`SchemaTooNew` if its version is newer than this code's, :class:`StoreMismatch`
+    if it describes another store.
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
@@ -84,7 +110,17 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
             conn.execute(MIGRATIONS[version])
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version VALUES (%s)", (max(found, SCHEMA_VERSION),))
+        if store is not None:
+            row = conn.execute("SELECT value FROM settings WHERE name = 'store'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO settings VALUES ('store', %s)", (Jsonb(dict(store)),))
+            elif _identity(row[0]) != _identity(store):
+                raise StoreMismatch(dict(row[0]))
     return found
+
+
+def _identity(store: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in store.items() if key != "path"}
 
 
 class NotifiedGeneration:

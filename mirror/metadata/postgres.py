@@ -1,11 +1,9 @@
-"""The ``postgres`` metadata driver: the index (``metadata/driver.py``) in a PostgreSQL database.
-
-For several hosts sharing one index (replicas behind a load balancer).  Tables, one per kind of
-record (``metadata/pgschema.py``, migrated at start): ``tags`` (repo, tag -> digest, media type,
-fetched-at), ``manifests``, ``links``, ``repositories`` (the catalog), ``locals``, ``referrers``
-(in the order added), ``upstream_referrers``, ``referrers_api``, ``pins``, ``uploads``,
-``foreign_urls``, ``access``, ``counters`` (``usage`` and ``generation``), ``settings``
-(``held``), ``leases`` and the ``lease_tokens`` sequence.
+"""The ``postgres`` metadata driver: the index (``metadata/driver.py``) in a PostgreSQL database,
+for several hosts sharing one index (replicas behind a load balancer).  Tables (``pgschema.py``,
+migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``manifests``, ``links``,
+``repositories``, ``locals``, ``referrers`` (in the order added), ``upstream_referrers``,
+``referrers_api``, ``pins``, ``uploads``, ``foreign_urls``, ``access``, ``counters``, ``settings``
+(``held``; ``store``, the blob store described), ``leases`` and the ``lease_tokens`` sequence.
 
 * Changes of several rows (a tag and the catalog, a withdrawal and the generation, ``forget``)
   are one transaction; read-modify-writes are single statements (``ON CONFLICT``, ``UPDATE ...
@@ -13,15 +11,14 @@ fetched-at), ``manifests``, ``links``, ``repositories`` (the catalog), ``locals`
 * The generation is a counter bumped, and NOTIFY'd, in the withdrawal's transaction; each
   instance keeps it in memory from LISTEN (:class:`~mirror.metadata.pgschema.NotifiedGeneration`),
   so reading it costs no query.
-* Leases expire by the database's clock (``statement_timestamp()``, one clock for every host),
-  unless a *clock* is given (tests): then its reading is passed to the same statements instead.
-  A name's row stays after release (expired), so a new grant's token is drawn from the sequence
-  only while its row is locked: later than every earlier grant's.
-* Connections come from a small pool (:data:`POOL_SIZE`) plus the listener's own connection.
-  Each is checked as it is taken, so the dead ones a restarted server left behind are replaced.
-  While the server cannot be reached, a call fails within :data:`POOL_WAIT` with
-  :class:`~mirror.metadata.driver.MetadataUnavailable`; the pool keeps trying to reconnect (backing
-  off for at most :data:`RECONNECT_WAIT`, then again on the next call), so it recovers by itself.
+* Leases expire by the database's clock (``statement_timestamp()``, one for every host; a *clock*
+  given by tests replaces it).  A name's row stays after release (expired), so a new grant's token
+  is drawn from the sequence only while its row is locked: later than every earlier grant's.
+* Connections come from a pool (``pool_size``) plus the listener's own; each is checked as it is
+  taken, so the dead ones a restarted server left behind are replaced.  While the server cannot
+  be reached, a call fails within :data:`POOL_WAIT` with ``MetadataUnavailable``; the pool keeps
+  trying to reconnect (backing off for at most :data:`RECONNECT_WAIT`, then again on the next
+  call), so it recovers by itself.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
 from .inventory import PostgresInventory
-from .pgschema import CHANNEL, NotifiedGeneration, migrate
+from .pgschema import CHANNEL, NotifiedGeneration, describe, migrate
 
 __all__ = ["POOL_SIZE", "POOL_WAIT", "RECONNECT_WAIT", "PostgresMetadata"]
 
@@ -59,17 +56,19 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
 class PostgresMetadata(PostgresInventory, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
-    *clock* (seconds), if given, times leases instead of the database.  Raises
-    :class:`psycopg.OperationalError` if the database cannot be reached at start, and
-    :class:`~mirror.metadata.pgschema.SchemaTooNew` if a newer mirror migrated it; later calls
-    raise :class:`~mirror.metadata.driver.MetadataUnavailable` while it cannot be reached.
+    *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),
+    if given, times leases instead of the database.  Raises :class:`psycopg.OperationalError` if the
+    database cannot be reached at start, and ``SchemaTooNew`` or ``StoreMismatch`` (``pgschema``);
+    later calls raise :class:`~mirror.metadata.driver.MetadataUnavailable` while it cannot be reached.
     """
 
-    def __init__(self, dsn: str, *, clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, dsn: str, *, store: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:
+        self._where = describe(dsn)
         if "connect_timeout" not in conninfo_to_dict(dsn):
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            migrate(conn)
+            migrate(conn, store)
         self._clock = clock
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True, name="metadata",
@@ -98,7 +97,8 @@ class PostgresMetadata(PostgresInventory, Metadata):
                     with conn.cursor() as cur:
                         yield cur
         except psycopg.OperationalError as exc:
-            raise MetadataUnavailable(f"metadata database unavailable: {exc}") from exc
+            reason = str(exc).partition("\n")[0]  # libpq's hints follow on further lines
+            raise MetadataUnavailable(f"metadata database unavailable: {self._where}: {reason}") from exc
 
     def _one(self, query: str, params: Any = None) -> Row | None:
         with self._cursor() as cur:

@@ -39,6 +39,9 @@ from ..upstream.client import Upstream
 from .hardening import Hardening
 
 log = logging.getLogger("mirror")
+#: Seconds a client is told to wait (``Retry-After``) when the index's database is down: about
+#: how long the metadata pool takes to try a lost server again.
+INDEX_RETRY_AFTER = 5
 
 
 def create_app(config: Config) -> Starlette:
@@ -52,7 +55,8 @@ def create_app(config: Config) -> Starlette:
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
             log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
-        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index)
+        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
+                                                   config.storage)
         memo.attach(metadata.generation)
         fills = Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
@@ -112,9 +116,11 @@ def create_app(config: Config) -> Starlette:
                               head=request.method == "HEAD")
 
     async def on_index_down(request: Request, exc: Exception) -> Response:
-        """The index's database cannot be reached: a 503 the client may retry, no traceback."""
+        """The index's database cannot be reached: a 503 the client may retry (``Retry-After``,
+        RFC 9110 section 10.2.3), no traceback."""
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return error_response(APIError("UNAVAILABLE", "metadata database unavailable", status=503),
+        return error_response(APIError("UNAVAILABLE", "metadata database unavailable", status=503,
+                                       headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
                               head=request.method == "HEAD")
 
     async def on_crash(request: Request, exc: Exception) -> Response:

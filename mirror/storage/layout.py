@@ -25,6 +25,7 @@
                                           hold it shared (``maintenance/gc.py``)
       auth.key                            the key signing login tokens (``api/auth.py``), mode 0600
       index.json                          which index holds this store's metadata (``metadata/opening.py``)
+      store-id                            this store's random id, recorded in a PostgreSQL index (same file)
 
 In an object store (``storage/s3.py``) only ``blobs/`` exists, as keys under the bucket's
 ``rootdirectory``: ``<rootdirectory>/blobs/<algorithm>/<hex[:2]>/<hex>`` (:func:`object_key`), each
@@ -138,6 +139,11 @@ class Layout:
     def index_binding(self) -> Path:
         """Which index describes this directory's blobs (``metadata/opening.py``)."""
         return self.root / "index.json"
+
+    @property
+    def store_id(self) -> Path:
+        """The id a PostgreSQL index records for the store in this directory (``metadata/opening.py``)."""
+        return self.root / "store-id"
 
     def directories(self) -> tuple[Path, ...]:
         """The directories a data directory is created with."""

@@ -110,6 +110,23 @@ class PostgresServer(Service):
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
+    def add_password_login(self, user: str, password: str) -> None:
+        """A role *user* that logs in over TCP only with *password* (every other login stays trusted)."""
+        assert self.root is not None
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE \"{user}\" LOGIN SUPERUSER PASSWORD '{password}'")  # type: ignore[arg-type]
+            hba = self.root / "data" / "pg_hba.conf"
+            hba.write_text(f"host all {user} 127.0.0.1/32 scram-sha-256\n{hba.read_text()}")
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the server has read the file again
+            try:
+                psycopg.connect(f"{self.dsn()} user={user} password=not-{password}").close()
+            except psycopg.OperationalError:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{user} still logs in without its password")
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT: clients are disconnected), then whatever is left is killed."""
         if self._proc is not None:

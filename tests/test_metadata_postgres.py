@@ -436,7 +436,7 @@ def test_an_s3_store_is_known_by_its_bucket_and_rootdirectory_whatever_host_open
         config = load_config(env=env)
         open_metadata(config.metadata, tmp_path / data / "index", config.storage).close()
 
-    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images"}
+    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images", "MIRROR_CACHE_MAX_SIZE": "10GiB"}
     opened("replica-1", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="/mirror/")
     opened("replica-2", **s3, MIRROR_STORAGE_S3_ROOTDIRECTORY="mirror")
     for data, storage in (("replica-3", {**s3, "MIRROR_STORAGE_S3_ROOTDIRECTORY": "other"}),

@@ -195,10 +195,11 @@ def test_a_store_moves_to_s3_and_postgres_and_back_and_serves_every_image_byte_f
     assert f"{len(sizes(source.data_dir))} re-hashed" in out
     assert sizes(back.data_dir) == sizes(source.data_dir)
     assert before.differences(snapshot(tmp_path / "back.yaml")) == []
-    # The same index behind the filesystem: the database already holds a copy of this store's records.
+    # The filesystem with its index in PostgreSQL (a database of its own: one describes one store).
+    own_dsn = postgres.create_database()
     indexed = mirror_factory(registry.url, start=False,
-                             env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
-    migrated(old, write_config(tmp_path / "pg.yaml", indexed.data_dir, dsn=dsn))
+                             env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": own_dsn})
+    migrated(old, write_config(tmp_path / "pg.yaml", indexed.data_dir, dsn=own_dsn))
 
     registry.stop()
     for server in (back.start(), indexed.start()):

@@ -169,6 +169,12 @@ class Migration:
             if create or config.storage.driver != "filesystem":
                 store.create()  # the filesystem makes its directories; S3 checks that the bucket answers
             if create:
+                if config.storage.driver == "s3":
+                    from ..storage.s3 import S3Store
+
+                    assert isinstance(store, S3Store)
+                    # The target is this run's alone: every unfinished upload is one a killed run left.
+                    store.stale_upload = 0.0
                 store.sweep_tmp()  # what an interrupted run left
         except OSError as exc:
             raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc

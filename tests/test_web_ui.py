@@ -23,9 +23,11 @@ from tests.support.faults import FaultProxy
 from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.security import ALICE_PASSWORD, auth_env, basic
 from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
 
 BULK = 150  # with one more: two pages of 100
 
@@ -303,3 +305,39 @@ def test_cache_page_shows_a_fetch_in_progress_and_who_follows_it(
             each.join(30)
     assert fetched == [layer.digest, layer.digest]
     assert "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text
+
+
+def test_cache_page_and_metrics_say_what_they_can_while_the_index_database_is_down(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    """The page that shows the mirror's health is the one to read when its PostgreSQL stops: it
+    answers, with the index named as the problem and the answers and upstreams as /metrics has
+    them (which answers too, without the figures only the index holds); back once it is."""
+    with PostgresServer() as own:
+        mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres",
+                                     "MIRROR_METADATA_POSTGRES_DSN": own.create_database()})
+        for _ in range(2):
+            pull_checked(http, mirror.url, "library/small", "1", images.small)
+        before = scrape(f"{mirror.url}/metrics")
+        hits = value(before, "mirror_cache_requests_total", outcome="hit")
+        assert hits > 0 and value(before, "mirror_store_size_bytes") > 0
+
+        own.halt()
+        started = time.monotonic()
+        page = http.get(f"{mirror.url}/ui/cache")
+        assert page.status_code == 200, page.text
+        assert time.monotonic() - started < 10
+        alert = page.text.split('role="alert"', 1)[1].split("</div>", 1)[0]
+        assert "index: metadata database unavailable" in alert
+        assert re.search(r'id="answers-hit">(\d+)<', page.text).group(1) == str(int(hits))  # type: ignore[union-attr]
+        assert 'class="badge health-ok">ok<' in page.text
+        assert "<dt>Repositories</dt><dd>—</dd>" in page.text  # not known, rather than 0
+        metrics = http.get(f"{mirror.url}/metrics")
+        assert metrics.status_code == 200, metrics.text
+        assert "mirror_cache_requests_total" in metrics.text and "mirror_store_size_bytes" not in metrics.text
+        listing = http.get(f"{mirror.url}/ui/")
+        assert listing.status_code == 503 and "metadata database unavailable" in listing.text
+
+        own.resume()
+        assert eventually(lambda: "<dt>Repositories</dt><dd>1</dd>" in http.get(f"{mirror.url}/ui/cache").text,
+                          timeout=15, interval=0.25)
+        assert "Traceback" not in mirror.log_tail(500)

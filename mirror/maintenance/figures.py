@@ -9,15 +9,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..config.sections import CacheConfig
-from ..metadata.driver import Metadata
+from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import HELD_REASONS
 from ..storage.filesystem import Store
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    usage: int
+    held: dict[str, int]
+    manifests: int
+    repositories: int
 
 
 class StoreCollector(Collector):
@@ -25,6 +34,8 @@ class StoreCollector(Collector):
 
     Size comes from the index's running total; object counts from a scan of ``blobs/`` that is
     repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
+    While the index's database cannot be reached, what only the index knows (size, manifests,
+    repositories, what holds the store over budget) is left out and the rest is still reported.
     """
 
     def __init__(self, store: Store, metadata: Metadata, cache: CacheConfig,
@@ -35,8 +46,10 @@ class StoreCollector(Collector):
         self.budget = budget
         self.workers = workers
         self._lock = threading.Lock()
-        self._counts: tuple[int, int, int] | None = None
+        self._counts: tuple[int, int] | None = None
         self._counted_at = 0.0
+        self._manifest_count: int | None = None
+        self._manifests_at = 0.0
         self._count_every = 1.0
 
     def collect(self) -> Iterator[Metric]:
@@ -44,8 +57,10 @@ class StoreCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily("mirror_workers", "Worker processes configured.", value=self.workers)
-        yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=self.metadata.usage())
         budget = self.budget()
+        indexed = self._from_index(budget)
+        if indexed is not None:
+            yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=indexed.usage)
         if budget is not None:
             yield GaugeMetricFamily("mirror_store_max_size_bytes", "The store's budget (cache.max_size).",
                                     value=budget)
@@ -53,18 +68,19 @@ class StoreCollector(Collector):
                                     value=budget * self.cache.high_watermark)
             yield GaugeMetricFamily("mirror_store_low_watermark_bytes", "Eviction stops below this size.",
                                     value=budget * self.cache.low_watermark)
-            over = GaugeMetricFamily(
-                "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
-                "could not evict enough, by what held the content back.", labels=["reason"])
-            held = self.metadata.held() if self.metadata.usage() > budget else {}
-            for reason in HELD_REASONS:
-                over.add_metric([reason], 1 if held.get(reason) else 0)
-            yield over
-        objects, manifests, uploads = self._count()
+            if indexed is not None:
+                over = GaugeMetricFamily(
+                    "mirror_store_over_budget", "1 while the store is above its budget and the last collection "
+                    "could not evict enough, by what held the content back.", labels=["reason"])
+                for reason in HELD_REASONS:
+                    over.add_metric([reason], 1 if indexed.held.get(reason) else 0)
+                yield over
+        objects, uploads = self._count()
         yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
-        yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
-        yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
-                                value=len(self.metadata.repositories()))
+        if indexed is not None:
+            yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=indexed.manifests)
+            yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
+                                    value=indexed.repositories)
         yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
                                 value=uploads)
         try:
@@ -78,13 +94,30 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
                                 value=space.available)
 
-    def _count(self) -> tuple[int, int, int]:
+    def _from_index(self, budget: int | None) -> _Indexed | None:
+        """What only the index knows; None while its database cannot be reached (``/readyz`` says
+        so, and the rest of the figures are still reported)."""
+        try:
+            usage = self.metadata.usage()
+            held = self.metadata.held() if budget is not None and usage > budget else {}
+            return _Indexed(usage, held, self._manifests(), len(self.metadata.repositories()))
+        except MetadataUnavailable:
+            return None
+
+    def _manifests(self) -> int:
+        with self._lock:
+            if self._manifest_count is None or time.monotonic() - self._manifests_at >= self._count_every:
+                self._manifest_count = self.metadata.count_manifests()
+                self._manifests_at = time.monotonic()
+            return self._manifest_count
+
+    def _count(self) -> tuple[int, int]:
+        """Objects and uploads in progress, from a scan of the store."""
         with self._lock:
             now = time.monotonic()
             if self._counts is None or now - self._counted_at >= self._count_every:
                 objects = sum(1 for _ in self.store.objects())
-                uploads = len(self.store.layout.upload_entries())
-                self._counts = (objects, self.metadata.count_manifests(), uploads)
+                self._counts = (objects, len(self.store.layout.upload_entries()))
                 self._counted_at = time.monotonic()
                 self._count_every = max(1.0, 50 * (self._counted_at - now))
             return self._counts

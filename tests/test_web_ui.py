@@ -341,3 +341,22 @@ def test_cache_page_and_metrics_say_what_they_can_while_the_index_database_is_do
         assert eventually(lambda: "<dt>Repositories</dt><dd>1</dd>" in http.get(f"{mirror.url}/ui/cache").text,
                           timeout=15, interval=0.25)
         assert "Traceback" not in mirror.log_tail(500)
+
+
+def test_a_page_number_past_the_end_shows_the_last_page_however_many_digits_it_has(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image) -> None:
+    push_image(mirror.url, "team/many", "t000", tiny, client=http)
+    for n in range(1, 101):
+        put_manifest(http, mirror.url, "team/many", f"t{n:03d}", tiny.media_type, tiny.manifest)
+
+    def shown(path: str, page: str) -> str:
+        answer = http.get(f"{mirror.url}{path}", params={"page": page})
+        assert answer.status_code == 200, answer.text
+        found = re.search(r"Page (\d+) of (\d+)", answer.text)
+        assert found, answer.text
+        return found.group(0)
+
+    for page in ("3", "99999999", "100000000", "99999999999999999999999999", "9" * 200):
+        assert shown("/ui/r/team/many", page) == "Page 2 of 2", page
+    for page in ("0", "-1", "-99999999999", "x", "1e3", "", "٣"):
+        assert shown("/ui/r/team/many", page) == "Page 1 of 2", page

@@ -169,6 +169,13 @@ def mount(config: Config) -> list[BaseRoute]:
     return [Route(PREFIX, home, methods=["GET", "HEAD"]), Mount(PREFIX, routes=routes(config))]
 
 
+#: Larger page numbers mean the last page (the listings clamp to it).
+MAX_PAGE = 10**8
+
+
 def _number(request: Request) -> int:
+    """``?page=``: 1 when absent or not a number of ASCII digits; a longer one than fits, the last page."""
     raw = request.query_params.get("page", "1")
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else 1
+    if not (raw.isascii() and raw.isdigit()):
+        return 1
+    return MAX_PAGE if len(raw) > 8 else int(raw)

@@ -283,6 +283,25 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     assert sizes(theirs) == objects and records.differences(snapshot(new)) == [] == snapshot(new).differences(records)
 
 
+def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_index_is_empty(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
+    """A fresh database paired with a bucket another store lives in: the two stores would share
+    its objects (a collection of either would take the other's).  Nothing is written."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    preloaded(tmp_path, ours, "one", 921)
+    preloaded(tmp_path, theirs, "two", 922)
+    migrated(write_config(tmp_path / "theirs.yaml", theirs),
+             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                          dsn=postgres.create_database()))
+    objects = bucket_objects(seaweedfs, s3_bucket)
+    assert objects == sizes(theirs)
+    new = write_config(tmp_path / "new.yaml", tmp_path / "other-spool", s3=(seaweedfs, s3_bucket),
+                       dsn=postgres.create_database())
+    line = refused(write_config(tmp_path / "ours.yaml", ours), new)
+    assert "belongs to another store" in line and f"{len(objects)} objects the source does not" in line, line
+    assert bucket_objects(seaweedfs, s3_bucket) == objects and snapshot(new).empty
+
+
 def test_a_target_that_is_an_earlier_partial_copy_is_taken_up(tmp_path: Path) -> None:
     """The opposite of the refusal above: a target holding part of the source's records goes on."""
     data = tmp_path / "data"

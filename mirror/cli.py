@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
+        if config.storage.driver != "filesystem":  # both walk and lock the data directory's files
+            print(f"mirror: {args.command}: storage.driver {config.storage.driver}: only a filesystem store can be"
+                  " checked and collected yet (mirror migrate it to one to check it)", file=sys.stderr)
+            return 2
         return collect(config, args.dry_run) if args.command == "gc" else fsck(config, args.repair,
                                                                               args.verify_content)
     if args.command == "migrate":

@@ -412,6 +412,20 @@ def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() ->
     assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]
 
 
+def test_gc_and_fsck_of_a_store_moved_to_s3_say_they_check_filesystem_stores_only(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+    """Rather than that the store is not a data directory (its data directory holds no blobs/)."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 923)
+    cloud = write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket))
+    migrated(write_config(tmp_path / "old.yaml", data), cloud)
+    for command in ("fsck", "gc"):
+        done = mirror_cli(command, "--config", cloud)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip() == (f"mirror: {command}: storage.driver s3: only a filesystem store can be"
+                                       " checked and collected yet (mirror migrate it to one to check it)"), done.stderr
+
+
 def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: Path) -> None:
     """Bytes are checked as the target writes them: a layer rotted in the source (same size, other
     bytes) is refused there, reported, and the run exits 1; everything else is copied."""

@@ -426,6 +426,20 @@ def test_gc_and_fsck_of_a_store_moved_to_s3_say_they_check_filesystem_stores_onl
                                        " checked and collected yet (mirror migrate it to one to check it)"), done.stderr
 
 
+@pytest.mark.parametrize("text", [
+    "storage:\n  s3:\n    secretkey: Sup3rS3cretKey: x\n",
+    "metadata:\n  postgres:\n    dsn: \"host=db password=Sup3rS3cretKey\n  x: [\n",
+])
+def test_a_config_file_that_is_not_yaml_is_refused_in_one_line_that_does_not_quote_it(
+        tmp_path: Path, text: str) -> None:
+    """The parser's message quotes the offending line, which may hold a secret: only where it is said."""
+    bad = tmp_path / "old.yaml"
+    bad.write_text(text)
+    line = refused(bad, write_config(tmp_path / "new.yaml", tmp_path / "b"))
+    assert "Sup3rS3cret" not in line
+    assert line.startswith(f"mirror: migrate: {bad}: config file {bad} is not valid YAML at line "), line
+
+
 def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: Path) -> None:
     """Bytes are checked as the target writes them: a layer rotted in the source (same size, other
     bytes) is refused there, reported, and the run exits 1; everything else is copied."""

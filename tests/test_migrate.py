@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,6 +397,30 @@ def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
     assert with_postgres.returncode == 0 and with_postgres.stdout.rstrip().endswith("clean"), with_postgres.stderr
     with_diskcache = mirror_cli("fsck", "--data", data)
     assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr
+
+
+def test_moving_the_index_back_onto_its_older_copy_says_so_and_what_to_remove(
+    tmp_path: Path, postgres: PostgresServer,
+) -> None:
+    """Back from PostgreSQL to the data directory's own diskcache index, once a tag was removed since
+    (as a client's DELETE does): the older copy is not taken for another store's index."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 924)
+    old = write_config(tmp_path / "old.yaml", data)
+    new = write_config(tmp_path / "new.yaml", data, dsn=postgres.create_database())
+    migrated(old, new)
+    loaded = load_config(new, env={})
+    index = open_metadata(loaded.metadata, Layout(data).index)
+    try:
+        assert index.untag("docker.io/library/one", "1")
+    finally:
+        index.close()
+    line = refused(new, old)
+    assert "older copy" in line and f"remove {Layout(data).index}" in line, line
+    assert "another store" not in line
+    shutil.rmtree(Layout(data).index)
+    migrated(new, old)
+    assert snapshot(new).differences(snapshot(old)) == [] == snapshot(old).differences(snapshot(new))
 
 
 def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() -> None:

@@ -128,6 +128,11 @@ class Migration:
             snapshot = Snapshot.of(old_index)
             if not same_index:
                 strangers = Snapshot.of(new_index).strangers(snapshot)
+                if strangers and one_directory and target.metadata.driver == "diskcache":
+                    # DATA/index/ of a directory bound to the source's index: what it held before a move
+                    raise Refused(f"the target's index ({new.index}) is an older copy of this store's index: it holds"
+                                  f" {len(strangers)} records the source no longer does (first: {strangers[0]});"
+                                  f" remove {new.index} and run again")
                 if strangers:
                     raise Refused(f"the target's index holds {len(strangers)} records the source does not"
                                   f" (first: {strangers[0]}): it belongs to another store; migrate into an empty one")

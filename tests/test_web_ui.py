@@ -360,3 +360,24 @@ def test_a_page_number_past_the_end_shows_the_last_page_however_many_digits_it_h
         assert shown("/ui/r/team/many", page) == "Page 2 of 2", page
     for page in ("0", "-1", "-99999999999", "x", "1e3", "", "٣"):
         assert shown("/ui/r/team/many", page) == "Page 1 of 2", page
+
+
+def test_an_index_page_links_the_platforms_pulled_and_marks_the_others_not_cached(
+        mirror: MirrorServer, http: httpx.Client, images: StandardImages) -> None:
+    """As a client pulling its own platform leaves it: the index and one image; the other's link
+    would lead to a page saying there is nothing of that name."""
+    index, pulled = images.multi, images.multi.children[0]
+    other = images.multi.children[1]
+    for digest, media_type in ((index.digest, index.media_type), (pulled.digest, pulled.media_type)):
+        answer = http.get(f"{mirror.url}/v2/library/multi/manifests/{digest}", headers={"accept": media_type})
+        assert answer.status_code == 200, answer.text
+    page = http.get(f"{mirror.url}/ui/r/library/multi@{index.digest}")
+    assert page.status_code == 200
+    platforms = page.text.split('id="platforms"', 1)[1].split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    rows = dict(zip(re.findall(r"<tr>\s*<td>([^<]+)</td>", platforms), re.findall(r"<tr>.*?</tr>", platforms, re.S),
+                    strict=True))
+    assert f'href="/ui/r/library/multi@{pulled.digest}"' in rows["linux/amd64"]
+    assert "not cached" not in rows["linux/amd64"]
+    assert "href" not in rows["linux/arm64/v8"] and "not cached" in rows["linux/arm64/v8"]
+    assert other.digest in rows["linux/arm64/v8"]  # still there to copy
+    assert http.get(f"{mirror.url}/ui/r/library/multi@{pulled.digest}").status_code == 200

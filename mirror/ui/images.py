@@ -137,6 +137,20 @@ def read_manifest(store: BlobStore, metadata: Metadata, repo: str, digest: str) 
                     config=read_config(store, config) if config is not None else None)
 
 
+def served(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> set[str]:
+    """Those of *digests* whose manifest *repo* serves from the store (an image page to link to);
+    the others were never pulled (an index's other platforms, an upstream's referrers)."""
+    found = set()
+    for digest in digests:
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            continue
+        if metadata.get_manifest(digest) is not None and metadata.is_linked(repo, digest) and store.exists(parsed):
+            found.add(digest)
+    return found
+
+
 def _replace(view: ManifestView, **changes: Any) -> ManifestView:
     return ManifestView(**{**view.__dict__, **changes})
 

@@ -134,7 +134,11 @@ def routes(config: Config) -> list[BaseRoute]:
             return not_found(request, f"{name}@{digest}")
         found = await anyio.to_thread.run_sync(images.referrers, local.metadata, key, digest)
         tagged = await anyio.to_thread.run_sync(local.metadata.tags_pointing_to, key, digest)
-        return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host)
+        linked = [d.digest for d in view.children] + [str(r.get("digest", "")) for r in found] \
+            + ([view.subject.digest] if view.subject else [])
+        stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
+        return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
+                      stored=stored)
 
     async def cache(request: Request) -> Response:
         if not config.auth.may_pull(viewer(request), None):

@@ -211,3 +211,19 @@ def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: B
     assert browser.js("document.activeElement.innerText") == "library/small"
     browser.press("Enter")
     browser.wait_for("location.pathname === '/ui/r/library/small'")
+
+
+def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, browser: Browser, tiny: Image) -> None:
+    """Every request a page makes is answered (the browser's icon included: no 404 in the access
+    log, no error in the console, for each page a user opens), and only of this host."""
+    push_image(mirror.url, "team/app", "v1", tiny)
+    for path in ("/ui/", "/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}", "/ui/cache"):
+        start = len(browser.events)
+        assert browser.open(f"{mirror.url}{path}") == 200
+        browser.pump(1.0)
+        answers = {p["response"]["url"]: p["response"]["status"] for m, p in browser.events[start:]
+                   if m == "Network.responseReceived"}
+        assert answers and all(url.startswith(f"{mirror.url}/ui/") for url in answers), answers
+        assert all(status == 200 for status in answers.values()), answers
+        failed = [p for m, p in browser.events[start:] if m == "Network.loadingFailed"]
+        assert failed == [], failed

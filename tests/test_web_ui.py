@@ -334,8 +334,12 @@ def test_cache_page_and_metrics_say_what_they_can_while_the_index_database_is_do
         metrics = http.get(f"{mirror.url}/metrics")
         assert metrics.status_code == 200, metrics.text
         assert "mirror_cache_requests_total" in metrics.text and "mirror_store_size_bytes" not in metrics.text
-        listing = http.get(f"{mirror.url}/ui/")
-        assert listing.status_code == 503 and "metadata database unavailable" in listing.text
+        for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}"):
+            down = http.get(f"{mirror.url}{path}")  # a page saying so, as the rest of the UI's answers are
+            assert down.status_code == 503 and down.headers["content-type"].startswith("text/html"), path
+            assert "<h1>Unavailable</h1>" in down.text and "index" in down.text and "retry" in down.text.lower()
+            assert down.headers["retry-after"].isdigit()
+            assert "default-src 'none'" in down.headers["content-security-policy"]
 
         own.resume()
         assert eventually(lambda: "<dt>Repositories</dt><dd>1</dd>" in http.get(f"{mirror.url}/ui/cache").text,

@@ -20,11 +20,12 @@ from mirror.config.values import human
 from tests.support.catalog import StandardImages
 from tests.support.client import fetch_blob_digest, pull_checked, push_blob, push_image, put_manifest, session
 from tests.support.faults import FaultProxy
-from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
+from tests.support.images import OCI_MANIFEST, Image, build_image, random_layer, sha256_digest, write_oci_layout
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
 from tests.support.security import ALICE_PASSWORD, auth_env, basic
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import eventually
@@ -385,3 +386,38 @@ def test_an_index_page_links_the_platforms_pulled_and_marks_the_others_not_cache
     assert "href" not in rows["linux/arm64/v8"] and "not cached" in rows["linux/arm64/v8"]
     assert other.digest in rows["linux/arm64/v8"]  # still there to copy
     assert http.get(f"{mirror.url}/ui/r/library/multi@{pulled.digest}").status_code == 200
+
+
+def test_a_schema1_image_shows_its_platform_settings_history_and_the_sizes_of_the_layers_cached(
+        upstream: UpstreamRegistry, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+        http: httpx.Client, tmp_path: Path) -> None:
+    """Schema 1 names no sizes and no config blob: the layers' sizes are the store's (unknown, not 0,
+    until cached) and its settings and history are in its ``v1Compatibility`` entries."""
+    layers = [random_layer(tmp_path, 3000, 931), random_layer(tmp_path, 5000, 932)]
+    upstream.push_image("library/old-signed", "v2", build_image(tmp_path, layers))
+    old = signed_schema1("library/old-signed", "1", layers)
+    fault_proxy.add("status", f"/library/old-signed/manifests/(1|{old.digest})$", status=200, body=old.body,
+                    headers={"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest})
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    assert http.get(f"{mirror.url}/v2/old-signed/manifests/1", headers={"accept": SCHEMA1_SIGNED}).status_code == 200
+
+    def row() -> str:
+        page = http.get(f"{mirror.url}/ui/r/old-signed")
+        assert page.status_code == 200
+        return re.sub(r"\s+", " ", page.text.split("<tbody>", 1)[1].split("</tbody>", 1)[0])
+
+    image = http.get(f"{mirror.url}/ui/r/old-signed@{old.digest}").text
+    assert "Image size" not in image and '<td class="num">0 B</td>' not in row()  # not known yet, not 0
+    assert "<td>linux/amd64</td>" in row()
+    for layer in layers:
+        assert http.get(f"{mirror.url}/v2/old-signed/blobs/{layer.digest}").status_code == 200
+    total = human(sum(layer.size for layer in layers))
+    assert f'<td class="num">{total}</td>' in row()
+    image = http.get(f"{mirror.url}/ui/r/old-signed@{old.digest}").text
+    assert f"<dt>Image size</dt><dd>{total}" in image
+    shown = re.findall(r'<tr><td class="num">\d</td><td><span title="([^"]+)">.*?<td class="num">([^<]*)</td></tr>',
+                       image.split('id="layers"', 1)[1])
+    assert shown == [(layer.digest, human(layer.size)) for layer in layers]
+    assert "<dt>Platform</dt><dd>linux/amd64</dd>" in image and "<code>[&#34;sh&#34;]</code>" in image
+    history = image.split('id="history"', 1)[1]
+    assert history.index("ADD layer 0") < history.index("ADD layer 1")

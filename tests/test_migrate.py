@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,25 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     assert sizes(theirs) == objects and records.differences(snapshot(new)) == [] == snapshot(new).differences(records)
 
 
+def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_index_is_empty(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
+    """A fresh database paired with a bucket another store lives in: the two stores would share
+    its objects (a collection of either would take the other's).  Nothing is written."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    preloaded(tmp_path, ours, "one", 921)
+    preloaded(tmp_path, theirs, "two", 922)
+    migrated(write_config(tmp_path / "theirs.yaml", theirs),
+             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                          dsn=postgres.create_database()))
+    objects = bucket_objects(seaweedfs, s3_bucket)
+    assert objects == sizes(theirs)
+    new = write_config(tmp_path / "new.yaml", tmp_path / "other-spool", s3=(seaweedfs, s3_bucket),
+                       dsn=postgres.create_database())
+    line = refused(write_config(tmp_path / "ours.yaml", ours), new)
+    assert "belongs to another store" in line and f"{len(objects)} objects the source does not" in line, line
+    assert bucket_objects(seaweedfs, s3_bucket) == objects and snapshot(new).empty
+
+
 def test_a_target_that_is_an_earlier_partial_copy_is_taken_up(tmp_path: Path) -> None:
     """The opposite of the refusal above: a target holding part of the source's records goes on."""
     data = tmp_path / "data"
@@ -381,6 +401,30 @@ def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
     assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr
 
 
+def test_moving_the_index_back_onto_its_older_copy_says_so_and_what_to_remove(
+    tmp_path: Path, postgres: PostgresServer,
+) -> None:
+    """Back from PostgreSQL to the data directory's own diskcache index, once a tag was removed since
+    (as a client's DELETE does): the older copy is not taken for another store's index."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 924)
+    old = write_config(tmp_path / "old.yaml", data)
+    new = write_config(tmp_path / "new.yaml", data, dsn=postgres.create_database())
+    migrated(old, new)
+    loaded = load_config(new, env={})
+    index = open_metadata(loaded.metadata, Layout(data).index, loaded.storage)
+    try:
+        assert index.untag("docker.io/library/one", "1")
+    finally:
+        index.close()
+    line = refused(new, old)
+    assert "older copy" in line and f"remove {Layout(data).index}" in line, line
+    assert "another store" not in line
+    shutil.rmtree(Layout(data).index)
+    migrated(new, old)
+    assert snapshot(new).differences(snapshot(old)) == [] == snapshot(old).differences(snapshot(new))
+
+
 def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() -> None:
     lines: list[str] = []
     now = [0.0]
@@ -393,6 +437,35 @@ def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() ->
     progress.advance(500)
     progress.phase("index records", None)
     assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]
+
+
+def test_gc_and_fsck_check_and_collect_a_store_moved_to_s3(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str) -> None:
+    """The moved store's data directory holds no blobs/: fsck and gc work on the bucket all the same."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 923)
+    cloud = write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket))
+    migrated(write_config(tmp_path / "old.yaml", data), cloud)
+    stored = bucket_objects(seaweedfs, s3_bucket)
+    checked = mirror_cli("fsck", "--config", cloud, "--verify-content")
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
+    collected = mirror_cli("gc", "--config", cloud)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert bucket_objects(seaweedfs, s3_bucket) == stored  # pinned: nothing to collect
+
+
+@pytest.mark.parametrize("text", [
+    "storage:\n  s3:\n    secretkey: Sup3rS3cretKey: x\n",
+    "metadata:\n  postgres:\n    dsn: \"host=db password=Sup3rS3cretKey\n  x: [\n",
+])
+def test_a_config_file_that_is_not_yaml_is_refused_in_one_line_that_does_not_quote_it(
+        tmp_path: Path, text: str) -> None:
+    """The parser's message quotes the offending line, which may hold a secret: only where it is said."""
+    bad = tmp_path / "old.yaml"
+    bad.write_text(text)
+    line = refused(bad, write_config(tmp_path / "new.yaml", tmp_path / "b"))
+    assert "Sup3rS3cret" not in line
+    assert line.startswith(f"mirror: migrate: {bad}: config file {bad} is not valid YAML at line "), line
 
 
 def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: Path) -> None:

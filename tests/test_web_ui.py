@@ -20,12 +20,15 @@ from mirror.config.values import human
 from tests.support.catalog import StandardImages
 from tests.support.client import fetch_blob_digest, pull_checked, push_blob, push_image, put_manifest, session
 from tests.support.faults import FaultProxy
-from tests.support.images import OCI_MANIFEST, Image, sha256_digest, write_oci_layout
+from tests.support.images import OCI_MANIFEST, Image, build_image, random_layer, sha256_digest, write_oci_layout
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
 from tests.support.security import ALICE_PASSWORD, auth_env, basic
 from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
 
 BULK = 150  # with one more: two pages of 100
 
@@ -303,3 +306,118 @@ def test_cache_page_shows_a_fetch_in_progress_and_who_follows_it(
             each.join(30)
     assert fetched == [layer.digest, layer.digest]
     assert "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text
+
+
+def test_cache_page_and_metrics_say_what_they_can_while_the_index_database_is_down(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    """The page that shows the mirror's health is the one to read when its PostgreSQL stops: it
+    answers, with the index named as the problem and the answers and upstreams as /metrics has
+    them (which answers too, without the figures only the index holds); back once it is."""
+    with PostgresServer() as own:
+        mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres",
+                                     "MIRROR_METADATA_POSTGRES_DSN": own.create_database()})
+        for _ in range(2):
+            pull_checked(http, mirror.url, "library/small", "1", images.small)
+        before = scrape(f"{mirror.url}/metrics")
+        hits = value(before, "mirror_cache_requests_total", outcome="hit")
+        assert hits > 0 and value(before, "mirror_store_size_bytes") > 0
+
+        own.halt()
+        started = time.monotonic()
+        page = http.get(f"{mirror.url}/ui/cache")
+        assert page.status_code == 200, page.text
+        assert time.monotonic() - started < 10
+        alert = page.text.split('role="alert"', 1)[1].split("</div>", 1)[0]
+        assert "index: metadata database unavailable" in alert
+        assert re.search(r'id="answers-hit">(\d+)<', page.text).group(1) == str(int(hits))  # type: ignore[union-attr]
+        assert 'class="badge health-ok">ok<' in page.text
+        assert "<dt>Repositories</dt><dd>—</dd>" in page.text  # not known, rather than 0
+        metrics = http.get(f"{mirror.url}/metrics")
+        assert metrics.status_code == 200, metrics.text
+        assert "mirror_cache_requests_total" in metrics.text and "mirror_store_size_bytes" not in metrics.text
+        for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}"):
+            down = http.get(f"{mirror.url}{path}")  # a page saying so, as the rest of the UI's answers are
+            assert down.status_code == 503 and down.headers["content-type"].startswith("text/html"), path
+            assert "<h1>Unavailable</h1>" in down.text and "index" in down.text and "retry" in down.text.lower()
+            assert down.headers["retry-after"].isdigit()
+            assert "default-src 'none'" in down.headers["content-security-policy"]
+
+        own.resume()
+        assert eventually(lambda: "<dt>Repositories</dt><dd>1</dd>" in http.get(f"{mirror.url}/ui/cache").text,
+                          timeout=15, interval=0.25)
+        assert "Traceback" not in mirror.log_tail(500)
+
+
+def test_a_page_number_past_the_end_shows_the_last_page_however_many_digits_it_has(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image) -> None:
+    push_image(mirror.url, "team/many", "t000", tiny, client=http)
+    for n in range(1, 101):
+        put_manifest(http, mirror.url, "team/many", f"t{n:03d}", tiny.media_type, tiny.manifest)
+
+    def shown(path: str, page: str) -> str:
+        answer = http.get(f"{mirror.url}{path}", params={"page": page})
+        assert answer.status_code == 200, answer.text
+        found = re.search(r"Page (\d+) of (\d+)", answer.text)
+        assert found, answer.text
+        return found.group(0)
+
+    for page in ("3", "99999999", "100000000", "99999999999999999999999999", "9" * 200):
+        assert shown("/ui/r/team/many", page) == "Page 2 of 2", page
+    for page in ("0", "-1", "-99999999999", "x", "1e3", "", "٣"):
+        assert shown("/ui/r/team/many", page) == "Page 1 of 2", page
+
+
+def test_an_index_page_links_the_platforms_pulled_and_marks_the_others_not_cached(
+        mirror: MirrorServer, http: httpx.Client, images: StandardImages) -> None:
+    """As a client pulling its own platform leaves it: the index and one image; the other's link
+    would lead to a page saying there is nothing of that name."""
+    index, pulled = images.multi, images.multi.children[0]
+    other = images.multi.children[1]
+    for digest, media_type in ((index.digest, index.media_type), (pulled.digest, pulled.media_type)):
+        answer = http.get(f"{mirror.url}/v2/library/multi/manifests/{digest}", headers={"accept": media_type})
+        assert answer.status_code == 200, answer.text
+    page = http.get(f"{mirror.url}/ui/r/library/multi@{index.digest}")
+    assert page.status_code == 200
+    platforms = page.text.split('id="platforms"', 1)[1].split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    rows = dict(zip(re.findall(r"<tr>\s*<td>([^<]+)</td>", platforms), re.findall(r"<tr>.*?</tr>", platforms, re.S),
+                    strict=True))
+    assert f'href="/ui/r/library/multi@{pulled.digest}"' in rows["linux/amd64"]
+    assert "not cached" not in rows["linux/amd64"]
+    assert "href" not in rows["linux/arm64/v8"] and "not cached" in rows["linux/arm64/v8"]
+    assert other.digest in rows["linux/arm64/v8"]  # still there to copy
+    assert http.get(f"{mirror.url}/ui/r/library/multi@{pulled.digest}").status_code == 200
+
+
+def test_a_schema1_image_shows_its_platform_settings_history_and_the_sizes_of_the_layers_cached(
+        upstream: UpstreamRegistry, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+        http: httpx.Client, tmp_path: Path) -> None:
+    """Schema 1 names no sizes and no config blob: the layers' sizes are the store's (unknown, not 0,
+    until cached) and its settings and history are in its ``v1Compatibility`` entries."""
+    layers = [random_layer(tmp_path, 3000, 931), random_layer(tmp_path, 5000, 932)]
+    upstream.push_image("library/old-signed", "v2", build_image(tmp_path, layers))
+    old = signed_schema1("library/old-signed", "1", layers)
+    fault_proxy.add("status", f"/library/old-signed/manifests/(1|{old.digest})$", status=200, body=old.body,
+                    headers={"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest})
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    assert http.get(f"{mirror.url}/v2/old-signed/manifests/1", headers={"accept": SCHEMA1_SIGNED}).status_code == 200
+
+    def row() -> str:
+        page = http.get(f"{mirror.url}/ui/r/old-signed")
+        assert page.status_code == 200
+        return re.sub(r"\s+", " ", page.text.split("<tbody>", 1)[1].split("</tbody>", 1)[0])
+
+    image = http.get(f"{mirror.url}/ui/r/old-signed@{old.digest}").text
+    assert "Image size" not in image and '<td class="num">0 B</td>' not in row()  # not known yet, not 0
+    assert "<td>linux/amd64</td>" in row()
+    for layer in layers:
+        assert http.get(f"{mirror.url}/v2/old-signed/blobs/{layer.digest}").status_code == 200
+    total = human(sum(layer.size for layer in layers))
+    assert f'<td class="num">{total}</td>' in row()
+    image = http.get(f"{mirror.url}/ui/r/old-signed@{old.digest}").text
+    assert f"<dt>Image size</dt><dd>{total}" in image
+    shown = re.findall(r'<tr><td class="num">\d</td><td><span title="([^"]+)">.*?<td class="num">([^<]*)</td></tr>',
+                       image.split('id="layers"', 1)[1])
+    assert shown == [(layer.digest, human(layer.size)) for layer in layers]
+    assert "<dt>Platform</dt><dd>linux/amd64</dd>" in image and "<code>[&#34;sh&#34;]</code>" in image
+    history = image.split('id="history"', 1)[1]
+    assert history.index("ADD layer 0") < history.index("ADD layer 1")

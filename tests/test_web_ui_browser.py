@@ -136,16 +136,20 @@ def test_image_pages_show_platforms_layers_config_and_hostile_text_as_text(
     browser.pump(1.0)
     assert browser.dialogs == []
 
-    # An index: its platforms, each linked to its manifest.
-    index = images.multi.digest
+    # An index: its platforms, each linked to its manifest once that is pulled too.
+    index, arm64 = images.multi.digest, images.multi.child("arm64")
     with httpx.Client(trust_env=False, timeout=30) as http:
         answer = http.get(f"{mirror.url}/v2/library/multi/manifests/1", headers={"accept": OCI_INDEX})
         assert answer.headers["docker-content-digest"] == index
+        assert browser.open(f"{mirror.url}/ui/r/library/multi@{index}") == 200
+        platforms = browser.text("main table")
+        assert "linux/amd64" in platforms and "linux/arm64/v8" in platforms and "not cached" in platforms
+        assert browser.js("document.querySelectorAll('main table a').length") == 0
+        assert http.get(f"{mirror.url}/v2/library/multi/manifests/{arm64.digest}",
+                        headers={"accept": arm64.media_type}).status_code == 200
     assert browser.open(f"{mirror.url}/ui/r/library/multi@{index}") == 200
-    platforms = browser.text("main table")
-    assert "linux/amd64" in platforms and "linux/arm64/v8" in platforms
     hrefs = browser.js("[...document.querySelectorAll('main table a')].map(a => a.getAttribute('href'))")
-    assert f"/ui/r/library/multi@{images.multi.child('arm64').digest}" in hrefs
+    assert hrefs == [f"/ui/r/library/multi@{arm64.digest}"]
 
 
 def test_a_user_without_pull_rights_does_not_see_the_private_repository(
@@ -207,3 +211,19 @@ def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: B
     assert browser.js("document.activeElement.innerText") == "library/small"
     browser.press("Enter")
     browser.wait_for("location.pathname === '/ui/r/library/small'")
+
+
+def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, browser: Browser, tiny: Image) -> None:
+    """Every request a page makes is answered (the browser's icon included: no 404 in the access
+    log, no error in the console, for each page a user opens), and only of this host."""
+    push_image(mirror.url, "team/app", "v1", tiny)
+    for path in ("/ui/", "/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}", "/ui/cache"):
+        start = len(browser.events)
+        assert browser.open(f"{mirror.url}{path}") == 200
+        browser.pump(1.0)
+        answers = {p["response"]["url"]: p["response"]["status"] for m, p in browser.events[start:]
+                   if m == "Network.responseReceived"}
+        assert answers and all(url.startswith(f"{mirror.url}/ui/") for url in answers), answers
+        assert all(status == 200 for status in answers.values()), answers
+        failed = [p for m, p in browser.events[start:] if m == "Network.loadingFailed"]
+        assert failed == [], failed

@@ -161,6 +161,17 @@ def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
     return cls(**parsed)
 
 
+def _where(exc: yaml.YAMLError) -> str:
+    """Where the parser stopped and why, on one line: never its excerpt of the file, which may
+    hold a password."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ""
+    mark = exc.problem_mark or exc.context_mark
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    why = "; ".join(part for part in (exc.problem, exc.context) if part)
+    return f"{at}: {why}" if why else at
+
+
 def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
     """Merge the file's sections into *raw*; return its ``upstreams:`` list (if any)."""
     try:
@@ -168,7 +179,7 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{_where(exc)}") from None
     if document is None:
         return []
     if not isinstance(document, dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -20,11 +21,21 @@ from ..observe.metrics import HELD_REASONS
 from ..storage.driver import BlobStore
 
 
+@dataclass(frozen=True)
+class _Indexed:
+    usage: int
+    held: dict[str, int]
+    manifests: int
+    repositories: int
+
+
 class StoreCollector(Collector):
     """The store's figures, read at scrape time by the process that answers the scrape.
 
     Size comes from the index's running total; object counts from a scan of ``blobs/`` that is
     repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
+    While the index's database cannot be reached, what only the index knows (size, manifests,
+    repositories, what holds the store over budget) is left out and the rest is still reported.
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig,

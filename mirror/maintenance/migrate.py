@@ -5,8 +5,9 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    same store, the source a data directory opened with its own index (``DATA/index.json``), no
    server or collector working on either data directory (their ``DATA/gc.lock``, which a
    collection holds, and pushes share, is held for the whole migration), no other process with
-   either index open (``metadata/occupancy.py``), and the target's index
-   empty or a copy, complete or not, of the source's (:meth:`Snapshot.strangers`).
+   either index open (``metadata/occupancy.py``), the target's index
+   empty or a copy, complete or not, of the source's (:meth:`Snapshot.strangers`), and the
+   target store's objects all the source's too.
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
    it is written, nothing larger than a manifest is held in memory); objects the target already
@@ -122,13 +123,20 @@ class Migration:
             snapshot = Snapshot.of(old_index)
             if not same_index:
                 strangers = Snapshot.of(new_index).strangers(snapshot)
+                if strangers and one_directory and target.metadata.driver == "diskcache":
+                    # DATA/index/ of a directory bound to the source's index: what it held before a move
+                    raise Refused(f"the target's index ({new.index}) is an older copy of this store's index: it holds"
+                                  f" {len(strangers)} records the source no longer does (first: {strangers[0]});"
+                                  f" remove {new.index} and run again")
                 if strangers:
                     raise Refused(f"the target's index holds {len(strangers)} records the source does not"
                                   f" (first: {strangers[0]}): it belongs to another store; migrate into an empty one")
-            if not one_directory:
-                _bind(target, new, "target")
             listed = list(old_store.objects())
             objects = [found for found in listed if found.digest is not None]
+            if not same_store:
+                _check_target_objects(new_store, objects)
+            if not one_directory:
+                _bind(target, new, "target")
             self.report.strays = len(listed) - len(objects)
             self.report.objects, self.report.bytes = len(objects), sum(found.size for found in objects)
             if not same_store:
@@ -248,6 +256,17 @@ class Migration:
         if lacking:
             self.report.notes.append(f"{len(lacking)} manifests the index names were not in the source store either"
                                      f" (first: {lacking[0]}; mirror fsck)")
+
+
+def _check_target_objects(new: BlobStore, objects: list[StoredObject]) -> None:
+    """Refuse a target store holding objects the source does not: another store lives there (a
+    bucket's is not bound to an index as a data directory is, so a new database does not show it)."""
+    ours = {found.digest for found in objects}
+    foreign = sorted(str(found.digest) for found in new.objects() if found.digest is not None
+                     and found.digest not in ours)
+    if foreign:
+        raise Refused(f"the target store holds {len(foreign)} objects the source does not (first: {foreign[0]}):"
+                      " it belongs to another store; migrate into an empty one")
 
 
 def _line(exc: BaseException) -> str:

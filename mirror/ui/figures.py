@@ -62,7 +62,8 @@ class CacheFigures:
     answers: dict[str, int]
     served_bytes: dict[str, int]
     upstreams: list[UpstreamHealth]
-    usage: int
+    #: None while the index cannot be read (its database is down), as the two below.
+    usage: int | None
     budget: int | None
     high_watermark: int | None
     low_watermark: int | None
@@ -72,8 +73,8 @@ class CacheFigures:
     fills: list[Fill]
     problems: dict[str, str]
     coalesced_waiters: int
-    repositories: int
-    manifests: int
+    repositories: int | None
+    manifests: int | None
     objects: int
 
     @property
@@ -93,7 +94,7 @@ class CacheFigures:
     @property
     def used_share(self) -> float | None:
         """Usage as a share of the budget (may pass 1), None without a budget."""
-        return None if not self.budget else self.usage / self.budget
+        return None if not self.budget or self.usage is None else self.usage / self.budget
 
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -115,6 +116,10 @@ def _sum(found: Samples, name: str, **labels: str) -> float:
 def _one(found: Samples, name: str) -> float | None:
     values = [v for _, v in found.get(name, ())]
     return values[0] if values else None
+
+
+def _integer(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: Config) -> CacheFigures:
@@ -151,15 +156,15 @@ def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: 
             if v and labels.get("reason") in HELD_REASONS]
     return CacheFigures(
         answers=answers, served_bytes=served, upstreams=upstreams,
-        usage=int(_one(found, "mirror_store_size_bytes") or 0),
+        usage=_integer(_one(found, "mirror_store_size_bytes")),
         budget=None if budget is None else int(budget),
         high_watermark=None if high is None else int(high), low_watermark=None if low is None else int(low),
         filesystem_total=None if total is None else int(total),
         filesystem_available=None if available is None else int(available),
         over_budget=over, fills=fills(store), problems=readiness_problems(store, metadata),
         coalesced_waiters=int(_sum(found, "mirror_coalesced_waiters")),
-        repositories=int(_one(found, "mirror_store_repositories") or 0),
-        manifests=int(_one(found, "mirror_store_manifests") or 0),
+        repositories=_integer(_one(found, "mirror_store_repositories")),
+        manifests=_integer(_one(found, "mirror_store_manifests")),
         objects=int(_one(found, "mirror_store_objects") or 0))
 
 

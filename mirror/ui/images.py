@@ -5,18 +5,19 @@ repository is not shown); an image's config blob is read when it is at most
 :data:`MAX_CONFIG_BYTES`.  Nothing here asks an upstream: what was never pulled shows as not
 cached.  Calls block (the store's and the index's reads): the pages run them in a worker thread.
 Shapes follow the OCI image spec ("Image Manifest", "Image Index", "Image Configuration") and
-Docker's schema 2, which has the same fields.
+Docker's schema 2, which has the same fields; a schema 1 image's settings are in its history.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..metadata.driver import Metadata
-from ..spec.manifest import INDEX_TYPES, Descriptor, references
+from ..spec.manifest import INDEX_TYPES, SCHEMA1, SCHEMA1_SIGNED, Descriptor, references
 from ..spec.platforms import platform_text
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore
@@ -72,7 +73,7 @@ class ManifestView:
         if self.is_index:
             return None
         parts = [d.size for d in self.layers] + ([self.config_descriptor.size] if self.config_descriptor else [])
-        return sum(p for p in parts if p > 0)
+        return None if any(p < 0 for p in parts) else sum(parts)  # schema 1 names no sizes
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class TagPage:
     pages: int
 
 
-def _document(body: bytes) -> dict[str, Any]:
+def _document(body: bytes | str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except ValueError:
@@ -130,11 +131,27 @@ def read_manifest(store: BlobStore, metadata: Metadata, repo: str, digest: str) 
         annotations={str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {})
     if view.is_index:
         return _replace(view, children=[d for d in found if d is not subject])
+    if record.media_type in (SCHEMA1, SCHEMA1_SIGNED):  # layers top first, sizes and settings not in descriptors
+        return _replace(view, layers=[_sized(store, d) for d in reversed(found)], config=schema1_config(doc))
     config_doc = doc.get("config")
     config = next((d for d in found if isinstance(config_doc, dict) and d.digest == config_doc.get("digest")), None)
     layers = [d for d in found if d is not config and d is not subject]
     return _replace(view, layers=layers, config_descriptor=config,
                     config=read_config(store, config) if config is not None else None)
+
+
+def served(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> set[str]:
+    """Those of *digests* whose manifest *repo* serves from the store (an image page to link to);
+    the others were never pulled (an index's other platforms, an upstream's referrers)."""
+    found = set()
+    for digest in digests:
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            continue
+        if metadata.get_manifest(digest) is not None and metadata.is_linked(repo, digest) and store.exists(parsed):
+            found.add(digest)
+    return found
 
 
 def _replace(view: ManifestView, **changes: Any) -> ManifestView:
@@ -154,14 +171,52 @@ def read_config(store: BlobStore, descriptor: Descriptor) -> ImageConfig | None:
     doc = _document(body or b"")
     if not doc:
         return None
+    history = doc.get("history") if isinstance(doc.get("history"), list) else []
+    assert isinstance(history, list)
+    return _image_config(doc, platform_text(doc), [
+        HistoryStep(str(h.get("created") or ""), str(h.get("created_by") or ""), str(h.get("comment") or ""),
+                    bool(h.get("empty_layer"))) for h in history if isinstance(h, dict)])
+
+
+def schema1_config(manifest: dict[str, Any]) -> ImageConfig | None:
+    """A schema 1 image's settings and history, from its ``history`` entries' ``v1Compatibility``
+    (top layer first; the first one holds the image's config, as Docker's "Image Manifest Version
+    2, Schema 1" describes); None when it has none."""
+    history = manifest.get("history")
+    entries = [doc for h in history if isinstance(h, dict) and (doc := _document(str(h.get("v1Compatibility", ""))))] \
+        if isinstance(history, list) else []
+    if not entries:
+        return None
+    top = entries[0]
+    platform = platform_text({"os": top.get("os"),
+                              "architecture": top.get("architecture") or manifest.get("architecture")})
+    steps = []
+    for entry in reversed(entries):
+        run = entry.get("container_config")
+        command = _strings(run.get("Cmd")) if isinstance(run, dict) else None
+        steps.append(HistoryStep(str(entry.get("created") or ""), " ".join(command or []),
+                                 str(entry.get("comment") or ""), bool(entry.get("throwaway"))))
+    return _image_config(top, platform, steps)
+
+
+def _sized(store: BlobStore, descriptor: Descriptor) -> Descriptor:
+    """*descriptor* with the stored blob's size when it names none (-1) and the blob is cached."""
+    if descriptor.size >= 0:
+        return descriptor
+    try:
+        size = store.size(parse_digest(descriptor.digest))
+    except ParseError:
+        return descriptor
+    return descriptor if size is None else dataclasses.replace(descriptor, size=size)
+
+
+def _image_config(doc: dict[str, Any], platform: str, history: list[HistoryStep]) -> ImageConfig:
     settings = doc.get("config") if isinstance(doc.get("config"), dict) else {}
     assert isinstance(settings, dict)
     labels = settings.get("Labels")
     ports = settings.get("ExposedPorts")
-    history = doc.get("history") if isinstance(doc.get("history"), list) else []
-    assert isinstance(history, list)
     return ImageConfig(
-        platform=platform_text(doc),
+        platform=platform,
         created=str(doc.get("created") or ""),
         entrypoint=_strings(settings.get("Entrypoint")),
         cmd=_strings(settings.get("Cmd")),
@@ -170,9 +225,7 @@ def read_config(store: BlobStore, descriptor: Descriptor) -> ImageConfig | None:
         exposed_ports=sorted(str(p) for p in ports) if isinstance(ports, dict) else [],
         workdir=str(settings.get("WorkingDir") or ""),
         user=str(settings.get("User") or ""),
-        history=[HistoryStep(str(h.get("created") or ""), str(h.get("created_by") or ""),
-                             str(h.get("comment") or ""), bool(h.get("empty_layer")))
-                 for h in history if isinstance(h, dict)],
+        history=history,
     )
 
 

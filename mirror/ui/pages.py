@@ -14,14 +14,17 @@ Who may see a repository is who may pull it (:meth:`AuthConfig.may_pull`): when 
 are off, an anonymous visitor gets ``401`` with a ``Basic`` challenge, so the browser asks for a
 password.  ``?partial=1`` on the list answers its results only (the script's filter as you
 type); without JavaScript the filter is a plain GET form.  Pages carry a Content-Security-Policy
-allowing this host's files only (no inline script).
+allowing this host's files only (no inline script).  While the index's database is down, the
+pages that read it answer ``503`` with a page saying so; ``/ui/cache`` still shows the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -37,13 +40,16 @@ from starlette.templating import Jinja2Templates
 from ..api.auth import client_host
 from ..config.sections import Config
 from ..config.values import human
-from ..metadata.driver import LOCAL
+from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
 from . import figures, images, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
+#: Seconds a browser is asked to wait before retrying a page while the index is down.
+RETRY_AFTER = 10
+log = logging.getLogger("mirror.ui")
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -95,6 +101,20 @@ def routes(config: Config) -> list[BaseRoute]:
     def not_found(request: Request, what: str) -> Response:
         return render(request, "missing.html", status=404, what=what)
 
+    def guarded(page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """*page*, or a page saying the index cannot be read now (its database is down: ``503``, as
+        the API answers) rather than the API's JSON error."""
+        @functools.wraps(page)
+        async def answer(request: Request) -> Response:
+            try:
+                return await page(request)
+            except MetadataUnavailable as exc:
+                log.warning("%s %s: %s", request.method, request.url.path, exc)
+                response = render(request, "unavailable.html", status=503)
+                response.headers["Retry-After"] = str(RETRY_AFTER)
+                return response
+        return answer
+
     async def index(request: Request) -> Response:
         if not config.auth.may_pull(viewer(request), None):
             return refused(request)
@@ -134,7 +154,11 @@ def routes(config: Config) -> list[BaseRoute]:
             return not_found(request, f"{name}@{digest}")
         found = await anyio.to_thread.run_sync(images.referrers, local.metadata, key, digest)
         tagged = await anyio.to_thread.run_sync(local.metadata.tags_pointing_to, key, digest)
-        return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host)
+        linked = [d.digest for d in view.children] + [str(r.get("digest", "")) for r in found] \
+            + ([view.subject.digest] if view.subject else [])
+        stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
+        return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
+                      stored=stored)
 
     async def cache(request: Request) -> Response:
         if not config.auth.may_pull(viewer(request), None):
@@ -152,9 +176,9 @@ def routes(config: Config) -> list[BaseRoute]:
         return not_found(request, request.url.path)
 
     return [
-        Route("/", index, methods=["GET", "HEAD"]),
-        Route("/r/{path:path}", repository, methods=["GET", "HEAD"]),
-        Route("/cache", cache, methods=["GET", "HEAD"]),
+        Route("/", guarded(index), methods=["GET", "HEAD"]),
+        Route("/r/{path:path}", guarded(repository), methods=["GET", "HEAD"]),
+        Route("/cache", guarded(cache), methods=["GET", "HEAD"]),
         Route("/login", login, methods=["GET", "HEAD"]),
         Mount("/static", StaticFiles(directory=HERE / "static")),
         Route("/{rest:path}", missing, methods=["GET", "HEAD"]),
@@ -169,6 +193,13 @@ def mount(config: Config) -> list[BaseRoute]:
     return [Route(PREFIX, home, methods=["GET", "HEAD"]), Mount(PREFIX, routes=routes(config))]
 
 
+#: Larger page numbers mean the last page (the listings clamp to it).
+MAX_PAGE = 10**8
+
+
 def _number(request: Request) -> int:
+    """``?page=``: 1 when absent or not a number of ASCII digits; a longer one than fits, the last page."""
     raw = request.query_params.get("page", "1")
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 9 else 1
+    if not (raw.isascii() and raw.isdigit()):
+        return 1
+    return MAX_PAGE if len(raw) > 8 else int(raw)

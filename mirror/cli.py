@@ -178,6 +178,10 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
         except ConfigError as exc:
             print(f"mirror: migrate: {path}: {exc}", file=sys.stderr)
             return 2
+        if not _names_data_directory(path):  # the default (./mirror-data) would be wherever this runs
+            print(f"mirror: migrate: {path}: storage.path is not set: name the store's data directory",
+                  file=sys.stderr)
+            return 2
     source, target = configs
     terminal = TerminalProgress("migrate") if sys.stderr.isatty() else None
     progress: Progress = terminal or LineProgress("migrate", lambda line: print(line, flush=True))
@@ -199,6 +203,15 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
         print(line)
     print(report.summary())
     return 0 if not report.problems else 1
+
+
+def _names_data_directory(path: Path) -> bool:
+    """True if the config file *path* (valid YAML, already loaded) sets ``storage.path``."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    storage = doc.get("storage") if isinstance(doc, dict) else None
+    return isinstance(storage, dict) and bool(storage.get("path"))
 
 
 def serve(config: Config) -> int:

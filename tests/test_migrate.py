@@ -454,6 +454,17 @@ def test_gc_and_fsck_check_and_collect_a_store_moved_to_s3(
     assert bucket_objects(seaweedfs, s3_bucket) == stored  # pinned: nothing to collect
 
 
+def test_a_config_file_that_does_not_name_the_data_directory_is_refused(tmp_path: Path) -> None:
+    """Else the default, ./mirror-data, would be wherever the command runs."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 925)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    line = refused(write_config(tmp_path / "old.yaml", data), empty)
+    assert line == f"mirror: migrate: {empty}: storage.path is not set: name the store's data directory", line
+    assert not (PROJECT_ROOT / "mirror-data").exists()
+
+
 @pytest.mark.parametrize("text", [
     "storage:\n  s3:\n    secretkey: Sup3rS3cretKey: x\n",
     "metadata:\n  postgres:\n    dsn: \"host=db password=Sup3rS3cretKey\n  x: [\n",

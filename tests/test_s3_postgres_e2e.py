@@ -9,26 +9,31 @@ left) and the rows in PostgreSQL.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.dockerd import Dockerd, pull, run
+from tests.support.images import build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
-from tests.support.skopeo import everything
+from tests.support.skopeo import everything, layout_blobs, skopeo_run
 from tests.support.waiting import wait_for
 from tests.test_s3_serve import Bucket
 
 pytestmark = pytest.mark.slow
 #: How the index names library/small of the default upstream (keys carry the registry's name).
 HUB_SMALL = "docker.io/library/small"
+MIB = 1 << 20
 
 
 @dataclass
@@ -82,3 +87,48 @@ def test_dockerd_pulls_and_runs_an_image_kept_in_the_bucket_and_indexed_in_postg
     linked = {d for (d,) in backends.rows("SELECT digest FROM links WHERE repo = %s", HUB_SMALL)}
     assert set(small.blobs) <= linked
     assert not (mirror.data_dir / "index").exists()
+
+
+def skopeo_pull(skopeo: str, mirror: MirrorServer, ref: str, layout: Path) -> set[str]:
+    """``skopeo copy`` *ref* from the mirror into an OCI layout; the digests it holds (each checked)."""
+    skopeo_run(skopeo, "copy", "--preserve-digests", "--src-tls-verify=false",
+               f"docker://{mirror.address}/{ref}", f"oci:{layout}:out")
+    return layout_blobs(layout)
+
+
+def test_with_the_upstream_down_tags_and_digests_pulled_before_are_served_stale_and_after_a_restart(
+    skopeo: str, backends: Backends, tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    own = upstream_factory()
+    image = build_image(tmp_path / "img", [random_layer(tmp_path / "img", 12 * MIB, seed=501),  # three parts
+                                           random_layer(tmp_path / "img", 4096, seed=502)])
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=503)])
+    own.push_image("library/app", "1", image)
+    own.push_image("library/app", "2", other)
+    # A tag TTL of 0 asks the upstream about the tag on every pull: with the upstream gone, the STALE path.
+    mirror = mirror_factory(own.url, env=backends.env(MIRROR_CACHE_TAG_TTL="0s", MIRROR_UPSTREAM_RETRIES="1",
+                                                      MIRROR_UPSTREAM_CONNECT_TIMEOUT="1s"))
+    assert skopeo_pull(skopeo, mirror, "app:1", tmp_path / "cold") == everything(image)
+    wait_for(lambda: set(backends.bucket.objects()) == everything(image), timeout=30, what="the image stored")
+    own.stop()
+
+    def check_served(round_: str) -> None:
+        assert skopeo_pull(skopeo, mirror, "app:1", tmp_path / f"{round_}-tag") == everything(image)
+        assert skopeo_pull(skopeo, mirror, f"app@{image.digest}", tmp_path / f"{round_}-digest") == everything(image)
+        by_tag = http.head(f"{mirror.url}/v2/library/app/manifests/1", headers={"accept": image.media_type})
+        assert (by_tag.status_code, by_tag.headers["x-mirror-cache"], by_tag.headers["docker-content-digest"]) \
+            == (200, "STALE", image.digest)
+        by_digest = http.head(f"{mirror.url}/v2/library/app/manifests/{image.digest}",
+                              headers={"accept": image.media_type})
+        assert (by_digest.status_code, by_digest.headers["x-mirror-cache"]) == (200, "HIT")
+        # What was never pulled cannot be served, and says why.
+        unknown = http.get(f"{mirror.url}/v2/library/app/manifests/2", headers={"accept": other.media_type})
+        assert unknown.status_code == 503 and unknown.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert subprocess.run([skopeo, "inspect", "--tls-verify=false", f"docker://{mirror.address}/app:2"],
+                              capture_output=True, timeout=120, check=False).returncode != 0
+
+    check_served("down")
+    mirror.restart()  # start-up needs neither the upstream nor anything but the bucket and the database
+    check_served("restarted")
+    assert backends.bucket.uploads() == []

@@ -8,8 +8,11 @@ left) and the rows in PostgreSQL.
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import psycopg
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd, pull, run
 from tests.support.images import build_image, random_layer
 from tests.support.mirror import MirrorServer
@@ -27,7 +31,8 @@ from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
-from tests.support.waiting import wait_for
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually, wait_for
 from tests.test_s3_serve import Bucket
 
 pytestmark = pytest.mark.slow
@@ -132,3 +137,62 @@ def test_with_the_upstream_down_tags_and_digests_pulled_before_are_served_stale_
     mirror.restart()  # start-up needs neither the upstream nor anything but the bucket and the database
     check_served("restarted")
     assert backends.bucket.uploads() == []
+
+
+def test_eviction_and_gc_under_concurrent_pulls_fail_no_pull_and_end_under_budget(
+    backends: Backends, tmp_path: Path, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    own, bucket = upstream_factory(), backends.bucket
+    images = [build_image(tmp_path / f"img{i}", [random_layer(tmp_path / f"img{i}", 6 * MIB, seed=510 + i)])
+              for i in range(6)]
+    for i, image in enumerate(images):
+        own.push_image(f"library/img{i}", "1", image)
+    budget = 16 * MIB  # room for two of the six images
+    collect = {"MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"}
+    mirror = mirror_factory(own.url, workers=2, env=backends.env(**collect, MIRROR_GC_INTERVAL="0.5s"))
+    stop = threading.Event()
+    failures: list[str] = []
+    pulls = [0]
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60.0, trust_env=False) as http:
+            while not stop.is_set():
+                i = rng.randrange(len(images))
+                try:
+                    pull_checked(http, mirror.url, f"library/img{i}", "1", images[i])
+                    pulls[0] += 1
+                except (AssertionError, httpx.HTTPError) as exc:
+                    failures.append(f"img{i}: {exc!r}")
+
+    def collector() -> None:  # another process collects at the same time, coordinated through PostgreSQL
+        while not stop.is_set():
+            done = mirror_cli("gc", "--data", mirror.data_dir, env=backends.env(**collect))
+            if done.returncode != 0:
+                failures.append(f"gc: {done.stdout}{done.stderr}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)] + [threading.Thread(target=collector)]
+    for thread in threads:
+        thread.start()
+    time.sleep(20)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:5]
+    assert pulls[0] >= 24, pulls
+    fetched = own.count("GET", re.compile(r"^/v2/library/img\d/blobs/"))
+    assert fetched > 2 * len(images), f"eviction made the upstream serve blobs again ({fetched} fetches)"
+
+    assert eventually(lambda: sum(bucket.objects().values()) <= budget, timeout=30), bucket.objects()
+    assert bucket.uploads() == []
+    for digest in bucket.objects():
+        assert bucket.digest_of(digest) == digest
+    mirror.stop()
+    check = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content", env=backends.env())
+    assert check.returncode == 0 and check.stdout.rstrip().endswith("clean"), check.stdout + check.stderr
+    # What the index still names is served whole, from the bucket.
+    mirror.start()
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for i, image in enumerate(images):
+            pull_checked(http, mirror.url, f"library/img{i}", "1", image)

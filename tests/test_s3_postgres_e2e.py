@@ -25,6 +25,7 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd, pull, run
+from tests.support.faults import FaultProxy
 from tests.support.images import build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
@@ -33,7 +34,7 @@ from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import eventually, wait_for
-from tests.test_s3_serve import Bucket
+from tests.test_s3_serve import ROOT, Bucket
 
 pytestmark = pytest.mark.slow
 #: How the index names library/small of the default upstream (keys carry the registry's name).
@@ -196,3 +197,58 @@ def test_eviction_and_gc_under_concurrent_pulls_fail_no_pull_and_end_under_budge
     with httpx.Client(timeout=60.0, trust_env=False) as http:
         for i, image in enumerate(images):
             pull_checked(http, mirror.url, f"library/img{i}", "1", image)
+
+
+def parts_of(bucket: Bucket, key: str) -> list[int]:
+    """Sizes of the parts sent so far to the unfinished multipart uploads of *key*."""
+    sizes = []
+    for upload in bucket.client.list_multipart_uploads(Bucket=bucket.name, Prefix=key).get("Uploads", []):
+        try:
+            answer = bucket.client.list_parts(Bucket=bucket.name, Key=key, UploadId=upload["UploadId"])
+        except bucket.client.exceptions.NoSuchUpload:
+            continue  # completed or aborted in between
+        sizes += [part["Size"] for part in answer.get("Parts", [])]
+    return sizes
+
+
+def test_kill9_in_the_middle_of_a_fill_then_a_restart_leaves_pulls_working_fsck_clean_and_no_upload(
+    skopeo: str, backends: Backends, images: StandardImages, fault_proxy: FaultProxy,
+    mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    big, bucket = images.big, backends.bucket
+    layer = big.layers[2]  # 64 MiB
+    key = f"{ROOT}/blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}"
+    mirror = mirror_factory(fault_proxy.url, env=backends.env())
+    # 12 MiB at once (two parts go up), then a trickle: the mirror is killed long before the end.
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                    chunk_size=64 * 1024, delay=0.05)
+    with subprocess.Popen(
+        [skopeo, "copy", "--preserve-digests", "--src-tls-verify=false", "--retry-times=0",
+         f"docker://{mirror.address}/big:1", f"oci:{tmp_path / 'killed'}:out"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    ) as pulling:
+        try:
+            wait_for(lambda: parts_of(bucket, key) == [5 * MIB, 5 * MIB], timeout=60,
+                     what="two parts of the layer sent")
+            mirror.kill9()
+            _, err = pulling.communicate(timeout=120)
+            assert pulling.returncode != 0, "the pull lost its server"
+            assert "unexpected EOF" in err.decode(), err.decode()
+        finally:
+            if pulling.poll() is None:
+                pulling.kill()
+    assert layer.digest not in bucket.objects()
+    assert key in bucket.uploads(), "the killed fill's upload is left behind"
+
+    mirror.start()
+    assert bucket.uploads() == [], "aborted by the start-up sweep"
+    assert skopeo_pull(skopeo, mirror, "big:1", tmp_path / "after") == everything(big)
+    wait_for(lambda: set(bucket.objects()) == everything(big), timeout=60, what="the image in the bucket")
+    for digest in bucket.objects():
+        assert bucket.digest_of(digest) == digest
+    assert bucket.uploads() == []
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2, "fetched again after the kill, once"
+    mirror.stop()
+    check = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content", env=backends.env())
+    assert check.returncode == 0 and check.stdout.rstrip().endswith("clean"), check.stdout + check.stderr
+    assert bucket.uploads() == []

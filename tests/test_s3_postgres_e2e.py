@@ -8,6 +8,7 @@ left) and the rows in PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import subprocess
@@ -34,6 +35,14 @@ from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import eventually, wait_for
+from tests.test_push_clients import (
+    config_digest,
+    docker_push,
+    layer_digests,
+    local_manifest,
+    upload_requests,
+    uploaded_digests,
+)
 from tests.test_s3_serve import ROOT, Bucket
 
 pytestmark = pytest.mark.slow
@@ -252,3 +261,52 @@ def test_kill9_in_the_middle_of_a_fill_then_a_restart_leaves_pulls_working_fsck_
     check = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content", env=backends.env())
     assert check.returncode == 0 and check.stdout.rstrip().endswith("clean"), check.stdout + check.stderr
     assert bucket.uploads() == []
+
+
+def test_docker_pushes_a_second_dockerd_pulls_and_a_mount_adds_no_object(
+    backends: Backends, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    dockerd_factory: Callable[..., Dockerd],
+) -> None:
+    bucket = backends.bucket
+    mirror = mirror_factory(env=backends.env())
+    pusher = dockerd_factory(registry_mirror=mirror.url, insecure_registries=[mirror.address])
+    mine, other = f"{mirror.address}/my-small:1", f"{mirror.address}/team/other:1"
+    pull(pusher, "small:1")
+    for ref in (mine, other):
+        pusher.docker("tag", "small:1", ref)
+
+    mirror.access.clear()
+    pushed, out = docker_push(pusher, mine)
+    assert "Pushed" in out, out
+    manifest = local_manifest(mirror, "my-small", "1").content
+    layers, config = layer_digests(manifest), config_digest(manifest)
+    assert uploaded_digests(mirror, "my-small") == {*layers, config}
+    wait_for(lambda: {pushed, config, *layers} <= set(bucket.objects()), timeout=30, what="the push in the bucket")
+    for digest in (pushed, config, *layers):
+        assert bucket.digest_of(digest) == digest
+    stored = bucket.objects()
+    assert backends.rows("SELECT digest FROM tags WHERE repo = 'local/my-small' AND tag = '1'") == [(pushed,)]
+    assert backends.rows("SELECT name FROM locals") == [("my-small",)]
+
+    # Into another repository of the same registry: the layers are mounted, not uploaded, nor stored again.
+    mirror.access.clear()
+    mounted, out = docker_push(pusher, other)
+    assert mounted == pushed
+    assert out.count("Mounted from my-small") == len(layers), out
+    mounts = [(status, q["mount"]) for method, status, q in upload_requests(mirror, "team/other")
+              if method == "POST" and q.get("from") == "my-small"]
+    assert sorted(mounts) == sorted((201, digest) for digest in layers)
+    assert uploaded_digests(mirror, "team/other") == {config}  # docker never mounts a config
+    assert bucket.objects() == stored
+    linked = {d for (d,) in backends.rows("SELECT digest FROM links WHERE repo = 'local/team/other'")}
+    assert {*layers, config} <= linked
+
+    # Another daemon, which never saw the image, pulls both and runs them.
+    puller = dockerd_factory(insecure_registries=[mirror.address])
+    for name, ref in (("my-small", mine), ("team/other", other)):
+        pull(puller, ref)
+        assert run(puller, ref, "cat", "/etc/image-marker") == "small"
+        repo_digests = json.loads(puller.docker("image", "inspect", "--format", "{{json .RepoDigests}}", ref).stdout)
+        assert f"{mirror.address}/{name}@{pushed}" in repo_digests
+    assert bucket.uploads() == []
+    assert backends.rows("SELECT count(*) FROM uploads") == [(0,)]

@@ -7,6 +7,7 @@ fixed-size parts, the sweep of abandoned multipart uploads, credentials, options
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from mirror.config.load import load_config
 from mirror.spec.reference import Digest
 from mirror.storage.opening import open_blob_store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
+from mirror.storage.s3objects import S3Reader
 from tests.support.seaweedfs import SeaweedS3
 
 
@@ -128,3 +130,31 @@ def test_a_store_built_from_the_configuration(seaweedfs: SeaweedS3, s3_bucket: s
     assert keys == [f"team/registry/blobs/sha256/{digest.hex[:2]}/{digest.hex}"]
     url = store.redirect_url(digest)
     assert url is not None and url.startswith(seaweedfs.endpoint)
+
+
+def read_all(reader: S3Reader) -> bytes:
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in reader.chunks()])
+    return asyncio.run(collect())
+
+
+def test_a_reader_in_another_process_keeps_its_object_from_a_delete(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """Two stores on one data directory are two processes (each sees only its own readers in memory)."""
+    serving, collecting = (S3Store(options(seaweedfs, s3_bucket), tmp_path) for _ in range(2))
+    serving.create()
+    data = os.urandom(MIN_CHUNK + 1000)
+    digest = Digest.of(data)
+    serving.put_bytes(digest, data)
+    reader = serving.open(digest)  # the response's headers are sent; no GET yet
+    assert reader is not None
+    try:
+        assert collecting.serving(digest)
+        assert collecting.delete(digest) is False, "kept while another process serves it"
+        assert read_all(reader) == data
+    finally:
+        reader.close()
+    assert collecting.delete(digest) is True and serving.size(digest) is None
+    assert serving.open(digest) is None
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [], "no reader's mark left"

@@ -12,7 +12,8 @@ driver but ``blobs/``: fills in progress, which are sent to the bucket as they g
 Reads are ranged GETs; every reader marks the object as being served in ``tmp/`` (a shared ``flock``
 that :meth:`S3Store.serving` sees from any process, so the collector keeps the image).  A reader
 opened before a delete by this process reads on from a local copy that the delete makes first (in
-``tmp/``); one in another process reads on as long as S3 serves its GET.  Unfinished uploads older than
+``tmp/``); one open in another process keeps the object, which the delete leaves to the next collection
+(readers mark before they look the object up, so none sees it then loses it).  Unfinished uploads older than
 ``stale_upload`` seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this
 process's own; it removes the local temp files of writers that died too.
 
@@ -48,7 +49,7 @@ from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal, refusal_errno
 from .s3fill import S3Fill, read_note
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing, unread
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -155,10 +156,9 @@ class S3Store:
         return self.size(digest) is not None
 
     def open(self, digest: Digest) -> S3Reader | None:
-        size = self.size(digest)
-        if size is None:
+        reader = S3Reader.opened(self, digest)
+        if reader is None:
             return None
-        reader = S3Reader(self, digest, size)
         with self._lock:
             self._readers.setdefault(digest, set()).add(reader)
         return reader
@@ -234,14 +234,19 @@ class S3Store:
     # -- removing --
 
     def delete(self, digest: Digest) -> bool:
-        """Remove an object; readers of it in this process read on from a local copy made first."""
+        """Remove an object; readers of it in this process read on from a local copy made first.  One
+        open in another process keeps it (False; the next collection removes it, unreferenced)."""
         with self._lock:
             readers = list(self._readers.get(digest, ()))
         if readers:
             self._spool_for(digest, readers)
-        elif self.size(digest) is None:
-            return False
-        self._delete_key(self.key(digest))
+        with unread(self.layout.reading(digest)) as free:
+            if not free:
+                log.info("kept %s, being read by another process", digest)
+                return False
+            if not readers and self.size(digest) is None:
+                return False
+            self._delete_key(self.key(digest))
         return True
 
     def _spool_for(self, digest: Digest, readers: list[S3Reader]) -> None:

@@ -23,7 +23,7 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +152,30 @@ def being_read(path: Path, *, remove: bool = False) -> bool:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def unread(path: Path) -> Iterator[bool]:
+    """Whether no reader in any process holds *path* (:func:`mark_reading`); while True, none can begin
+    (its :func:`mark_reading` waits, then looks the object up again) until the block ends, which removes
+    *path*.  True as well if the data directory refuses the file (readers are then unmarked too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.debug("cannot hold %s: %s", path, exc)
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        yield free
+    finally:
+        if free and _names(path, fd):
+            os.unlink(path)
+        os.close(fd)
+
+
 def _names(path: Path, fd: int) -> bool:
     try:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -164,11 +188,26 @@ class S3Reader:
 
     fd: int | None = None  # bytes come over HTTP: no zero-copy
 
-    def __init__(self, store: S3Store, digest: Digest, size: int) -> None:
+    def __init__(self, store: S3Store, digest: Digest, size: int, mark: int | None) -> None:
+        """A reader of *size* bytes holding *mark* (:func:`mark_reading`, taken before the object was looked up)."""
         self._store, self.digest, self.size = store, digest, size
         self._spool: int | None = None
         self._marked = store.layout.reading(digest)
-        self._mark = mark_reading(self._marked)
+        self._mark = mark
+
+    @classmethod
+    def opened(cls, store: S3Store, digest: Digest) -> S3Reader | None:
+        """A reader of the object, or None if it is not stored.  The mark comes before the HEAD: a
+        delete in any process (:func:`unread`) then keeps the object, or ends before the HEAD."""
+        marked = store.layout.reading(digest)
+        mark = mark_reading(marked)
+        size: int | None = None
+        try:
+            size = store.size(digest)
+        finally:
+            if size is None and mark is not None:
+                unmark_reading(marked, mark)
+        return None if size is None else cls(store, digest, size, mark)
 
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive; None: to the end of the object)."""
@@ -193,8 +232,12 @@ class S3Reader:
             body.close()
 
     def keep(self, spool: int) -> None:
-        """Read from here on from *spool* (a descriptor of a local copy, now this reader's)."""
+        """Read from here on from *spool* (a descriptor of a local copy, now this reader's): the object
+        is no longer needed, its mark is let go."""
         self._spool = spool
+        if self._mark is not None:
+            unmark_reading(self._marked, self._mark)
+            self._mark = None
 
     def close(self) -> None:
         self._store.closed(self)

@@ -152,7 +152,8 @@ def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back
 def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn: str, tmp_path: Path) -> None:
     """Six calls at once, each kept waiting by a lock: the index opens two connections (the key's
     value, from its environment variable, handed on to workers), not the default four."""
-    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn}
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+           "MIRROR_STORAGE_PATH": str(tmp_path / "data")}  # its store-id is written there
     with pytest.raises(ConfigError, match=re.escape("bad value for metadata.postgres.pool_size: '0': must be")):
         load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "0"})
     assert load_config(env=env).metadata.postgres_pool_size == 4

@@ -47,6 +47,7 @@ from .driver import DigestMismatch, Space, StoredObject
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal, refusal_errno
+from .s3damage import checked_bytes, read_whole
 from .s3fill import S3Fill, read_note
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
 from .verify import put_verified, signed_schema1_named
@@ -77,6 +78,9 @@ class S3Store:
         self.client = client if client is not None else make_client(options)
         self.on_commit: Callable[[int], None] | None = None
         self.on_refused: Callable[[int], None] | None = None
+        #: Called with the digest of every object found not to match it on a read (then removed).
+        self.on_corrupt: Callable[[Digest], None] | None = None
+        self.condemned: set[Digest] = set()  # found damaged, logged already
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
@@ -198,11 +202,8 @@ class S3Store:
         return cast(BinaryIO, answer["Body"])
 
     def read_bytes(self, digest: Digest) -> bytes | None:
-        try:
-            with self.open_stream(digest) as body:
-                return body.read()
-        except FileNotFoundError:
-            return None
+        """The whole object, or None if it is missing or does not match *digest* (then removed)."""
+        return checked_bytes(self, digest)
 
     def redirect_url(self, digest: Digest) -> str | None:
         """A presigned GET of the object when ``redirect`` is on, else None."""
@@ -228,7 +229,7 @@ class S3Store:
                 size += len(data)
         if hasher.hexdigest() == digest.hex:
             return True
-        whole = self.read_bytes(digest) if size <= MAX_MANIFEST_BYTES else None
+        whole = read_whole(self, digest) if size <= MAX_MANIFEST_BYTES else None
         return whole is not None and signed_schema1_named(whole, digest)
 
     # -- removing --
@@ -254,6 +255,10 @@ class S3Store:
 
     def remove(self, found: StoredObject) -> None:
         self._delete_key(found.location)
+
+    def remove_key(self, key: str) -> None:
+        """Delete *key* (gone already: no error), whoever reads it."""
+        self._delete_key(key)
 
     def _delete_key(self, key: str) -> None:
         try:

@@ -38,6 +38,7 @@ from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError
 from .reads import READ_CHUNK, ShortFile, read_chunks
+from .s3damage import mismatched
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -159,6 +160,20 @@ def _names(path: Path, fd: int) -> bool:
         return False
 
 
+def _read(body: Any, count: int, hasher: Any) -> bytes:
+    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same worker thread
+    (``hashlib`` lets go of the GIL: the event loop never waits for it)."""
+    data: bytes = body.read(count)
+    if hasher is not None:
+        hasher.update(data)
+    return data
+
+
+class CorruptObject(ShortFile):
+    """An object read from the bucket does not hash to its digest (replaced or truncated there): the
+    transfer is aborted before its last byte, as for a stored file that ends early."""
+
+
 class S3Reader:
     """An object opened for reading: ranged GETs, or a local spool copy once this process deleted it."""
 
@@ -178,17 +193,30 @@ class S3Reader:
         return self._ranged(start, stop)
 
     async def _ranged(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Ranged GETs; a whole-object read is hashed as it passes, and its last byte held back
+        until the digest matched (:class:`CorruptObject` otherwise): a tampered object never
+        reaches a client whole."""
         if stop <= start:
             return
+        hasher = self.digest.hasher() if start == 0 and stop == self.size else None
         body = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
         try:
             got = 0
             while got < stop - start:
-                data = await anyio.to_thread.run_sync(body.read, min(READ_CHUNK, stop - start - got))
+                data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - start - got), hasher)
                 if not data:
                     raise ShortFile(errno.EIO, f"{self.digest} ended at {start + got}, expected {stop} bytes")
                 got += len(data)
-                yield data
+                if hasher is None or got < stop - start:
+                    yield data
+                    continue
+                if len(data) > 1:
+                    yield data[:-1]
+                got_hex = hasher.hexdigest()
+                if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
+                        mismatched, self._store, self.digest, self.size, got_hex):
+                    raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
+                yield data[-1:]
         finally:
             body.close()
 

@@ -1,0 +1,103 @@
+"""The S3 driver when the bucket misbehaves: objects replaced or truncated behind the mirror's back.
+
+A real SeaweedFS bucket, a real upstream registry and the real mirror; the tampering is done with
+boto3 straight into the bucket, as someone with write access to it (or bit rot) would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.client import push_blob
+from tests.support.images import random_layer
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import ROOT, Bucket, blob_url, get_digest, upstream_blob
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedS3, s3_bucket: str) -> Bucket:
+    return Bucket(seaweedfs, s3_bucket)
+
+
+def key_of(digest: str) -> str:
+    hex_ = digest.removeprefix("sha256:")
+    return f"{ROOT}/blobs/sha256/{hex_[:2]}/{hex_}"
+
+
+def tamper(bucket: Bucket, digest: str, body: bytes) -> None:
+    """Replace the object stored as *digest* by *body*, as a writer to the bucket would."""
+    bucket.client.put_object(Bucket=bucket.name, Key=key_of(digest), Body=body)
+    assert bucket.digest_of(digest) != digest
+
+
+def received(http: httpx.Client, url: str) -> tuple[int, str, int]:
+    """``(status, digest, size)`` of what a client got; a transfer the mirror aborted raises."""
+    status, digest, size, _ = get_digest(http, url)
+    return status, digest, size
+
+
+@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+def test_a_tampered_cached_blob_is_never_served_and_is_fetched_again(
+    damage: str, bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    layer = images.big.layers[1]  # 8 MiB: two parts
+    url = blob_url(mirror, "library/big", layer.digest)
+    upstream.clear_counts()
+    assert received(http, url) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    wait_for(lambda: not list((mirror.data_dir / "tmp").iterdir()), what="the fill's local file to go")
+
+    bad = os.urandom(layer.size) if damage == "replaced" else layer.path.read_bytes()[:layer.size // 2]
+    tamper(bucket, layer.digest, bad)
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 1 and f"corrupt object (content does not match its digest): {layer.digest}" in \
+        fsck.stdout, fsck.stdout + fsck.stderr
+
+    with pytest.raises(httpx.RemoteProtocolError):  # aborted before its last byte
+        received(http, url)
+    assert layer.digest not in bucket.objects(), "removed from the bucket"
+    assert "does not match its digest" in mirror.log_tail(200)
+    assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_corrupt_objects_total") == 1
+
+    assert received(http, url) == (200, layer.digest, layer.size), "fetched again from the upstream"
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 2
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored again")
+    assert bucket.digest_of(layer.digest) == layer.digest
+    assert received(http, url) == (200, layer.digest, layer.size)
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 2, "served from the bucket"
+    assert mirror.log_tail(400).count("does not match its digest") == 1, "logged once"
+
+
+def test_a_tampered_pushed_blob_becomes_unknown(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    layer = random_layer(tmp_path, 6 * MIB, seed=91)
+    digest = layer.digest
+    assert push_blob(http, mirror.url, "team/app", digest, layer.path)
+    url = blob_url(mirror, "team/app", digest)
+    assert received(http, url) == (200, digest, layer.size)
+
+    tamper(bucket, digest, os.urandom(layer.size))
+    with pytest.raises(httpx.RemoteProtocolError):
+        received(http, url)
+    gone = http.get(url)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert http.head(url).status_code == 404
+    assert bucket.objects() == {}

@@ -101,3 +101,49 @@ def test_a_tampered_pushed_blob_becomes_unknown(
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert http.head(url).status_code == 404
     assert bucket.objects() == {}
+
+
+@pytest.fixture
+def own_bucket(own_seaweedfs: SeaweedS3) -> Bucket:
+    return Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
+
+
+def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
+    own_bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    bucket = own_bucket
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    image, other = images.small, images.big.layers[1]
+    manifest_url = f"{mirror.url}/v2/library/small/manifests/1"
+    assert http.get(manifest_url, headers={"accept": image.media_type}).status_code == 200
+    stored = next(iter(d for d in image.blobs if d != image.digest))
+    assert received(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    wait_for(lambda: stored in bucket.objects(), timeout=30, what="the blob in the bucket")
+
+    bucket.server.stop()
+    # A stored blob (GET and HEAD), and a new fill (the HEAD of a blob not stored asks only the upstream).
+    for method, url in (("GET", blob_url(mirror, "library/small", stored)),
+                        ("HEAD", blob_url(mirror, "library/small", stored)),
+                        ("GET", blob_url(mirror, "library/big", other.digest))):
+        answer = http.request(method, url)
+        assert answer.status_code == 503, (method, url, answer.status_code, answer.text)
+        if method == "GET":
+            error = answer.json()["errors"][0]
+            assert error["code"] == "UNAVAILABLE" and "object store" in error["message"], error
+    ready = http.get(f"{mirror.url}/readyz")
+    assert ready.status_code == 503 and bucket.name in ready.text and "does not answer" in ready.text, ready.text
+    memo = http.get(manifest_url, headers={"accept": image.media_type})
+    assert memo.status_code == 200 and memo.content == image.manifest, "answered from memory"
+    assert "Traceback" not in mirror.log_tail(400)
+
+    bucket.server.start()
+    assert stored in bucket.objects(), "kept over the restart"
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    assert received(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    assert received(http, blob_url(mirror, "library/big", other.digest)) == (200, other.digest, other.size)
+    wait_for(lambda: other.digest in bucket.objects(), timeout=30, what="the new blob in the bucket")
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+    assert "Traceback" not in mirror.log_tail(800)

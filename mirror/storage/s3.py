@@ -149,7 +149,7 @@ class S3Store:
     def size(self, digest: Digest) -> int | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 return None
             raise backend_error(exc, f"HEAD {digest}") from exc
@@ -186,7 +186,7 @@ class S3Store:
         """The body (a botocore ``StreamingBody``) of bytes ``first..last`` of an object."""
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest), Range=f"bytes={first}-{last}")
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
             raise backend_error(exc, f"GET {digest}") from exc
@@ -195,7 +195,7 @@ class S3Store:
     def open_stream(self, digest: Digest) -> BinaryIO:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
             raise backend_error(exc, f"GET {digest}") from exc
@@ -263,7 +263,7 @@ class S3Store:
     def _delete_key(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if not missing(exc):
                 raise backend_error(exc, f"DELETE {key}") from exc
 
@@ -273,7 +273,7 @@ class S3Store:
         try:
             self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                     MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"touch {digest}") from exc
 
     # -- writing --

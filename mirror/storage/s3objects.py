@@ -36,7 +36,7 @@ from botocore.utils import determine_content_length
 
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
-from .driver import StoreError
+from .driver import StoreError, StoreUnavailable
 from .reads import READ_CHUNK, ShortFile, read_chunks
 from .s3damage import mismatched
 from .verify import check_written
@@ -79,12 +79,17 @@ class S3Options:
                 f" rootdirectory={self.rootdirectory!r}, chunksize={self.chunksize}, redirect={self.redirect})")
 
 
-def missing(exc: ClientError) -> bool:
-    return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+def missing(exc: Exception) -> bool:
+    """Whether S3 answered that the object (or upload) is not there."""
+    return isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in _MISSING
 
 
-def backend_error(exc: Exception, what: str) -> OSError:
-    return OSError(errno.EIO, f"object store refused {what}: {exc}")
+def backend_error(exc: Exception, what: str) -> StoreUnavailable:
+    """What to raise for botocore's *exc*: the store did not answer (a connection error, a timeout:
+    botocore's retries are spent) or refused (an S3 error answer)."""
+    if isinstance(exc, ClientError):
+        return StoreUnavailable(errno.EIO, f"object store refused {what}: {exc}")
+    return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
 
 
 def _no_expect_for_nothing(request: Any, **_: Any) -> None:
@@ -163,7 +168,10 @@ def _names(path: Path, fd: int) -> bool:
 def _read(body: Any, count: int, hasher: Any) -> bytes:
     """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same worker thread
     (``hashlib`` lets go of the GIL: the event loop never waits for it)."""
-    data: bytes = body.read(count)
+    try:
+        data: bytes = body.read(count)
+    except BotoCoreError as exc:  # the store went away mid-body: cut the transfer short
+        raise ShortFile(errno.EIO, f"object store stopped sending: {exc}") from exc
     if hasher is not None:
         hasher.update(data)
     return data

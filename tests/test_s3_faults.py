@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
-from tests.test_s3_serve import ROOT, Bucket, blob_url, get_digest, upstream_blob
+from tests.test_s3_serve import ROOT, Bucket, blob_url, get_digest, parts_sent, upstream_blob
 
 MIB = 1 << 20
 
@@ -108,6 +109,7 @@ def own_bucket(own_seaweedfs: SeaweedS3) -> Bucket:
     return Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
 
 
+@pytest.mark.slow
 def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
     own_bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
     mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
@@ -147,3 +149,47 @@ def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
     fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
     assert "Traceback" not in mirror.log_tail(800)
+
+
+@pytest.mark.slow
+def test_kill9_in_the_middle_of_a_push_then_the_retry_succeeds_and_no_upload_is_left(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    layer = random_layer(tmp_path, 96 * MIB, seed=93)  # twenty 5 MiB parts go up after the last PUT
+    url = blob_url(mirror, "team/app", layer.digest)
+
+    # Killed while the PATCH chunks come in: nothing is in the bucket yet.
+    started = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/")
+    assert started.status_code == 202
+    location = httpx.URL(mirror.url).join(started.headers["location"])
+    with layer.path.open("rb") as source:
+        first = source.read(8 * MIB)
+    patched = http.patch(location, content=first, headers={"content-range": f"0-{len(first) - 1}",
+                                                           "content-type": "application/octet-stream"})
+    assert patched.status_code == 202
+    mirror.kill9()
+    assert bucket.objects() == {} and bucket.uploads() == []
+    mirror.start()
+
+    # Killed while the verified upload goes up to the bucket, its multipart upload open.
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+        push = pool.submit(push_blob, own, mirror.url, "team/app", layer.digest, layer.path)
+        wait_for(lambda: bucket.uploads() != [] and len(parts_sent(bucket)) >= 2, timeout=60, interval=0.02,
+                 what="parts of the push in the bucket")
+        mirror.kill9()
+        with pytest.raises((httpx.TransportError, RuntimeError)):
+            push.result()
+    assert bucket.objects() == {} and len(bucket.uploads()) == 1, "the killed push's upload is left behind"
+
+    mirror.start()
+    assert bucket.uploads() == [], "aborted by the start-up sweep"
+    assert [p.name for p in (mirror.data_dir / "tmp").iterdir()] == []
+    assert push_blob(http, mirror.url, "team/app", layer.digest, layer.path), "the client's retry"
+    assert received(http, url) == (200, layer.digest, layer.size)
+    assert bucket.objects() == {layer.digest: layer.size} and bucket.uploads() == []
+    assert bucket.digest_of(layer.digest) == layer.digest
+    mirror.stop()
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

@@ -48,7 +48,8 @@ from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal, refusal_errno
 from .s3damage import checked_bytes, read_whole
-from .s3fill import S3Fill, read_note
+from .s3fill import S3Fill
+from .s3notes import read_note
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing
 from .verify import put_verified, signed_schema1_named
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.reference import Digest
 from .driver import StoreError
 from .filesystem import VERIFIED_MODE, write_all
+from .s3notes import write_note
 from .s3objects import backend_error
 from .verify import check_written
 
@@ -159,22 +158,6 @@ class S3Fill:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
-
-
-def write_note(path: Path, key: str, upload: str) -> None:
-    """Record in *path* that the multipart upload *upload* of *key* is open (written whole, then renamed)."""
-    partial = path.with_name(f"{path.name}.{secrets.token_hex(6)}")
-    partial.write_text(json.dumps({"key": key, "upload": upload}))
-    os.replace(partial, path)
-
-
-def read_note(path: Path) -> tuple[str, str] | None:
-    """``(key, upload)`` of a note :func:`write_note` wrote, or None if it is gone or unreadable."""
-    try:
-        note = json.loads(path.read_text())
-        return str(note["key"]), str(note["upload"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

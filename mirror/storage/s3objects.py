@@ -39,6 +39,7 @@ from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .reads import READ_CHUNK, ShortFile, read_chunks
 from .s3damage import mismatched
+from .s3notes import IngestNote
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -257,6 +258,7 @@ class S3Ingest:
         self._hasher = self.content.hasher()
         self._buffer = bytearray()
         self._upload: str | None = None
+        self._note: IngestNote | None = None  # for the start-up sweep, if the process dies
         self._parts: list[dict[str, Any]] = []
         self._done = False
 
@@ -272,6 +274,7 @@ class S3Ingest:
     def _send_part(self, part: memoryview) -> None:
         if self._upload is None:
             self._upload = self.store.started(self.key)
+            self._note = IngestNote(self.store.layout, self.key, self._upload)
         number = len(self._parts) + 1
         try:
             etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
@@ -311,6 +314,12 @@ class S3Ingest:
         self._buffer = bytearray()
         if self._upload is not None:
             self.store.forget(self._upload)
+        self._drop_note()
+
+    def _drop_note(self) -> None:
+        if self._note is not None:
+            self._note.close()
+            self._note = None
 
     def close(self) -> None:
         """Release the buffer; an upload not completed is aborted."""
@@ -320,3 +329,4 @@ class S3Ingest:
         self._buffer = bytearray()
         if self._upload is not None:
             self.store.abort(self.key, self._upload)
+        self._drop_note()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.client import push_blob
+from tests.support.client import push_blob, push_image
 from tests.support.images import random_layer
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -193,3 +193,31 @@ def test_kill9_in_the_middle_of_a_push_then_the_retry_succeeds_and_no_upload_is_
     mirror.stop()
     fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_tampered_manifest_is_never_answered(
+    bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    image = images.small
+    pushed = f"{mirror.url}/v2/team/app/manifests/{image.digest}"
+    cached = f"{mirror.url}/v2/library/small/manifests/{image.digest}"
+    push_image(mirror.url, "team/app", "1", image, client=http)
+    assert http.get(cached, headers={"accept": image.media_type}).content == image.manifest
+    forged = image.manifest.replace(b'"schemaVersion":2,', b'"schemaVersion":3,')
+    assert forged != image.manifest and len(forged) == len(image.manifest)
+    tamper(bucket, image.digest, forged)
+    mirror.restart()  # nothing answered from memory
+
+    upstream.clear_counts()
+    answer = http.get(cached, headers={"accept": image.media_type})
+    assert answer.status_code == 200 and answer.content == image.manifest, "fetched again from the upstream"
+    assert upstream.count("GET", f"/v2/library/small/manifests/{image.digest}") == 1
+    assert bucket.digest_of(image.digest) == image.digest
+    assert "does not match its digest" in mirror.log_tail(200)
+
+    tamper(bucket, image.digest, forged)
+    mirror.restart()
+    unknown = http.get(pushed, headers={"accept": image.media_type})
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN", unknown.text

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.client import push_blob, push_image
+from tests.support.faults import FaultProxy
 from tests.support.images import random_layer
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -221,3 +222,26 @@ def test_a_tampered_manifest_is_never_answered(
     mirror.restart()
     unknown = http.get(pushed, headers={"accept": image.media_type})
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN", unknown.text
+
+
+@pytest.mark.slow
+def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstream(
+    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                    chunk_size=64 * 1024, delay=0.05)
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+        transfer = pool.submit(received, own, blob_url(mirror, "library/big", layer.digest))
+        wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
+        bucket.server.stop()
+        assert transfer.result() == (200, layer.digest, layer.size), "the rest came from the upstream"
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
+    assert "Traceback" not in mirror.log_tail(400)
+
+    bucket.server.start()
+    assert received(http, blob_url(mirror, "library/big", layer.digest)) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored once the store is back")
+    assert bucket.digest_of(layer.digest) == layer.digest

@@ -245,3 +245,28 @@ def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstrea
     assert received(http, blob_url(mirror, "library/big", layer.digest)) == (200, layer.digest, layer.size)
     wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored once the store is back")
     assert bucket.digest_of(layer.digest) == layer.digest
+
+
+def test_a_range_is_served_only_from_an_object_seen_whole_and_matching(
+    bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    layer = images.big.layers[1]
+    data = layer.path.read_bytes()
+    url = blob_url(mirror, "library/big", layer.digest)
+    middle = {"range": f"bytes={5 * MIB - 10}-{5 * MIB + 89}"}
+    assert received(http, url) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    mirror.restart()  # nothing seen yet by this process: the first range reads the object whole first
+    part = http.get(url, headers=middle)
+    assert part.status_code == 206 and part.content == data[5 * MIB - 10:5 * MIB + 90]
+
+    tamper(bucket, layer.digest, os.urandom(layer.size))
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get(url, headers=middle)
+    assert layer.digest not in bucket.objects()
+    upstream.clear_counts()
+    again = http.get(url, headers=middle)
+    assert again.status_code == 206 and again.content == data[5 * MIB - 10:5 * MIB + 90]
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1, "fetched again"

@@ -35,6 +35,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -82,6 +83,7 @@ class S3Store:
         #: Called with the digest of every object found not to match it on a read (then removed).
         self.on_corrupt: Callable[[Digest], None] | None = None
         self.condemned: set[Digest] = set()  # found damaged, logged already
+        self.vouched: OrderedDict[Digest, str] = OrderedDict()  # ETags of objects seen whole and matching
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
@@ -183,15 +185,16 @@ class S3Store:
                 if not readers:
                     del self._readers[reader.digest]
 
-    def get_range(self, digest: Digest, first: int, last: int) -> Any:
-        """The body (a botocore ``StreamingBody``) of bytes ``first..last`` of an object."""
+    def get_range(self, digest: Digest, first: int, last: int) -> dict[str, Any]:
+        """S3's answer to a GET of bytes ``first..last`` of an object: ``Body`` (a botocore
+        ``StreamingBody``) and ``ETag``."""
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest), Range=f"bytes={first}-{last}")
         except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
             raise backend_error(exc, f"GET {digest}") from exc
-        return answer["Body"]
+        return cast(dict[str, Any], answer)
 
     def open_stream(self, digest: Digest) -> BinaryIO:
         try:

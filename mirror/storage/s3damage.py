@@ -6,22 +6,66 @@ read with :func:`checked_bytes`, a blob as it streams (``S3Reader``, whose last 
 verdict).  An object that does not match its digest is logged once per process, counted
 (``S3Store.on_corrupt``) and removed (:func:`condemn`): a cached blob is then fetched again from
 its upstream, a pushed one is unknown; its bytes are never answered as the blob.
+
+A range cannot be checked by itself: it is served only from an object whose ``ETag`` this process
+saw with content that matched (:func:`vouch`: an object it stored or read whole); any other is
+first read whole and hashed (:func:`verify_whole`), once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from typing import TYPE_CHECKING
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
+from .reads import ShortFile
 from .verify import signed_schema1_named
 
 if TYPE_CHECKING:
     from .s3 import S3Store
 
 log = logging.getLogger("mirror.storage.s3")
+#: ETags remembered (:func:`vouch`), the least recently vouched forgotten first.
+VOUCHED = 65536
+
+
+class CorruptObject(ShortFile):
+    """An object read from the bucket does not hash to its digest (replaced or truncated there): the
+    transfer is aborted before its last byte, as for a stored file that ends early."""
+
+
+def vouch(store: S3Store, digest: Digest, etag: str | None) -> None:
+    """The object *digest* with *etag* was seen matching its digest (stored or read whole)."""
+    if etag:
+        store.vouched[digest] = etag
+        store.vouched.move_to_end(digest)
+        while len(store.vouched) > VOUCHED:
+            store.vouched.popitem(last=False)
+
+
+def vouched(store: S3Store, digest: Digest, etag: str | None) -> bool:
+    return etag is not None and store.vouched.get(digest) == etag
+
+
+def verify_whole(store: S3Store, digest: Digest, etag: str | None) -> None:
+    """Read the object whole and hash it before a range of it (with *etag*) is served; raise
+    :class:`CorruptObject` (and condemn it) if it does not match, :class:`ShortFile` if it changed
+    meanwhile.  Blocks: call it in a worker thread."""
+    answer = store.get_range(digest, 0, (1 << 62))
+    hasher, size = hashlib.new(digest.algorithm), 0
+    with answer["Body"] as body:
+        while data := body.read(1 << 20):
+            hasher.update(data)
+            size += len(data)
+    got = hasher.hexdigest()
+    if got != digest.hex and mismatched(store, digest, size, got):
+        raise CorruptObject(errno.EIO, f"{digest}: the object in the bucket does not match it")
+    vouch(store, digest, answer.get("ETag"))
+    if answer.get("ETag") != etag:
+        raise ShortFile(errno.EIO, f"{digest} changed in the bucket while a range of it was read")
 
 
 def read_whole(store: S3Store, digest: Digest) -> bytes | None:

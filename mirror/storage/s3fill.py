@@ -30,6 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.reference import Digest
 from .driver import StoreError
 from .filesystem import VERIFIED_MODE, write_all
+from .s3damage import vouch
 from .s3notes import write_note
 from .s3objects import backend_error
 from .verify import check_written
@@ -118,7 +119,7 @@ class S3Fill:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
-                client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
             else:
                 while self._sent_to < self.written:
                     if len(self._sending) >= IN_FLIGHT:
@@ -126,10 +127,11 @@ class S3Fill:
                     self._send(min(self._chunk, self.written - self._sent_to))
                 self._collect(wait=True)
                 assert self._upload is not None  # started by the first part
-                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
-                                                 MultipartUpload={"Parts": self._parts})
+                done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
+                                                        MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"storing {self.digest}") from exc
+        vouch(self.store, self.digest, done.get("ETag"))
         self._done = True
         self._threads.shutdown()
         if self._upload is not None:

@@ -38,7 +38,7 @@ from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .reads import READ_CHUNK, ShortFile, read_chunks
-from .s3damage import mismatched
+from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
 from .verify import check_written
 
@@ -178,11 +178,6 @@ def _read(body: Any, count: int, hasher: Any) -> bytes:
     return data
 
 
-class CorruptObject(ShortFile):
-    """An object read from the bucket does not hash to its digest (replaced or truncated there): the
-    transfer is aborted before its last byte, as for a stored file that ends early."""
-
-
 class S3Reader:
     """An object opened for reading: ranged GETs, or a local spool copy once this process deleted it."""
 
@@ -208,8 +203,11 @@ class S3Reader:
         if stop <= start:
             return
         hasher = self.digest.hasher() if start == 0 and stop == self.size else None
-        body = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+        answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+        body, etag = answer["Body"], answer.get("ETag")
         try:
+            if hasher is None and not vouched(self._store, self.digest, etag):
+                await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag)
             got = 0
             while got < stop - start:
                 data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - start - got), hasher)
@@ -225,6 +223,7 @@ class S3Reader:
                 if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
                         mismatched, self._store, self.digest, self.size, got_hex):
                     raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
+                vouch(self._store, self.digest, etag)
                 yield data[-1:]
         finally:
             body.close()
@@ -298,14 +297,15 @@ class S3Ingest:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None:
-                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
             else:
                 if self._buffer or not self._parts:
                     self._send_part(memoryview(self._buffer))
-                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
-                                                 MultipartUpload={"Parts": self._parts})
+                done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
+                                                        MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"storing {self.digest}") from exc
+        vouch(self.store, self.digest, done.get("ETag"))
         self._finish()
         self.store.committed(self.written)
 

@@ -242,6 +242,8 @@ def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstrea
     assert "Traceback" not in mirror.log_tail(400)
 
     bucket.server.start()
+    mirror.restart()
+    assert bucket.uploads() == [], "the fill's upload, which could not be aborted then, is by the start-up sweep"
     assert received(http, blob_url(mirror, "library/big", layer.digest)) == (200, layer.digest, layer.size)
     wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored once the store is back")
     assert bucket.digest_of(layer.digest) == layer.digest

@@ -328,15 +328,18 @@ class S3Store:
             self._uploads.add(upload_id)
         return upload_id
 
-    def abort(self, key: str, upload_id: str) -> None:
-        """Abort a multipart upload (one already gone is no error; others are logged)."""
+    def abort(self, key: str, upload_id: str) -> bool:
+        """Abort a multipart upload; False (logged) if the store refused or did not answer (one
+        already gone is no error): its note then stays for the next start-up sweep."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, BotoCoreError) or str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
+                return False
         finally:
             self.forget(upload_id)
+        return True
 
     def forget(self, upload_id: str) -> None:
         """The upload is no longer in progress here (completed or aborted)."""

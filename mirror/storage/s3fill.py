@@ -146,8 +146,8 @@ class S3Fill:
         if not self._done and self._upload is not None:
             self._done = True
             with contextlib.suppress(Exception):  # no upload was started: nothing to abort
-                self.store.abort(self.key, self._upload.result())
-                self._drop_note()
+                if self.store.abort(self.key, self._upload.result()):
+                    self._drop_note()  # else it stays for the start-up sweep
         self._done = True
         self._unlink()
 

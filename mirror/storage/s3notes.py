@@ -48,7 +48,7 @@ class IngestNote:
         """Lock ``tmp/ingest-upload-<random>.partial``, then note *upload* beside it.  If the data
         directory refuses, there is no note (the upload is aborted a day old, as before)."""
         self._lock: Path | None = layout.temp("ingest-upload")
-        self._note = Path(str(self._lock).removesuffix(PARTIAL) + NOTE)
+        self._note: Path | None = Path(str(self._lock).removesuffix(PARTIAL) + NOTE)
         self._fd: int | None = None
         try:
             self._fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -60,10 +60,20 @@ class IngestNote:
             log.warning("could not note the upload of %s in %s: %s", key, layout.tmp, exc)
             self.close()
 
+    def release(self) -> None:
+        """Let go of the lock but leave the note: the upload could not be aborted, the next
+        start-up sweep will."""
+        self._lock = self._note = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def close(self) -> None:
         """The upload is completed or aborted: remove the note, then the lock file."""
-        with contextlib.suppress(FileNotFoundError):
-            self._note.unlink()
+        if self._note is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._note.unlink()
+            self._note = None
         if self._lock is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._lock.unlink()

@@ -327,6 +327,6 @@ class S3Ingest:
             return
         self._done = True
         self._buffer = bytearray()
-        if self._upload is not None:
-            self.store.abort(self.key, self._upload)
+        if self._upload is not None and not self.store.abort(self.key, self._upload) and self._note is not None:
+            self._note.release()  # the start-up sweep aborts it
         self._drop_note()

@@ -220,6 +220,9 @@ class Metrics:
         self.preload_failures = Counter("mirror_preload_failures", "Image archives refused.", registry=r)
         self.preload_images = Counter("mirror_preload_images", "Images in the archives preloaded.", registry=r)
         self.preload_bytes = Counter("mirror_preload_bytes", "New bytes stored by preloads.", registry=r)
+        self.corrupt_objects = Counter(
+            "mirror_store_corrupt_objects", "Objects read from the object store that did not match their digest "
+            "(replaced or damaged there): removed, never served.", registry=r)
         self._start_at_zero(tuple(upstreams))
 
     def _start_at_zero(self, upstreams: tuple[str, ...]) -> None:
@@ -334,6 +337,11 @@ class Metrics:
             self.upstream_bytes.labels(upstream, kind).inc(size)
 
     # -- maintenance, uploads, preloads --
+
+    def corrupt_object(self, _digest: object = None) -> None:
+        """An object read from the store did not match its digest (and was removed)."""
+        if self.enabled:
+            self.corrupt_objects.inc()
 
     def gc_finished(self, *, seconds: float, bytes_freed: int, objects_removed: int, images_evicted: int) -> None:
         if not self.enabled:

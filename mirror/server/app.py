@@ -31,9 +31,11 @@ from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
 from ..spec.errors import APIError, error_response
+from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
+from ..storage.s3 import S3Store
 from ..ui import pages as ui
 from ..upstream.client import Upstream
 from .hardening import Hardening
@@ -82,6 +84,8 @@ def create_app(config: Config) -> Starlette:
             StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
         store.on_commit = maintenance.note_commit
         store.on_refused = maintenance.make_room
+        if isinstance(store, S3Store):
+            store.on_corrupt = metrics.corrupt_object
         upkeep = asyncio.create_task(maintenance.run())
         try:
             yield {"namespaces": namespaces, "config": config,
@@ -123,6 +127,14 @@ def create_app(config: Config) -> Starlette:
                                        headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
                               head=request.method == "HEAD")
 
+    async def on_store_down(request: Request, exc: Exception) -> Response:
+        """The object store does not answer (or refuses): a 503 the client may retry, no traceback;
+        the log has the details (the endpoint and key are not the client's business)."""
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(APIError("UNAVAILABLE", "object store unavailable", status=503,
+                                       headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
+                              head=request.method == "HEAD")
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
@@ -131,7 +143,8 @@ def create_app(config: Config) -> Starlette:
         routes=[*observe.routes(config), *routes, *(ui.mount(config) if config.ui.enabled else [])],
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                            MetadataUnavailable: on_index_down, Exception: on_crash},
+                            MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,
+                            Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
                     Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config),
                     Middleware(MemoManifests, memo=memo)],

@@ -40,6 +40,12 @@ class StoreError(Exception):
     """Base of the store's errors."""
 
 
+class StoreUnavailable(OSError):
+    """The object store does not answer now, or refuses a request (``EIO``; the message names the
+    store and the request): nothing stored was changed, and a later call may succeed.  The HTTP edge
+    answers it with ``503 UNAVAILABLE`` (RFC 9110 section 15.6.4)."""
+
+
 class DigestMismatch(StoreError):
     """The bytes do not hash to the digest they were to be stored under."""
 

@@ -33,7 +33,7 @@ import anyio.to_thread
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
-from .driver import BlobReader, BlobStore, FillWriter
+from .driver import BlobReader, BlobStore, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
 from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta
 from .refusals import refusal
@@ -205,13 +205,13 @@ class Fills:
                     started.set_exception(exc)
             elif handed_over:
                 pass  # the reader has the error from the relay, or went away
-            elif (refused := refusal(exc)) is not None:
+            elif (refused := _refusal(exc)) is not None:
                 log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
                             ingest.digest, ingest.written, refused)
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
             if not handed_over:
-                if (refused := refusal(exc)) is not None:
+                if (refused := _refusal(exc)) is not None:
                     # Without an announced size, what was written is the least the blob needs.
                     needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
                     await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
@@ -376,3 +376,12 @@ def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> No
 
 def _write_batch(ingest: FillWriter, batch: list[bytes]) -> None:
     ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """Why the store cannot take the fill, if it cannot (a refused write, or an object store that
+    stopped answering: :class:`StoreUnavailable`, whose message names the request): its readers
+    then fetch the rest from the upstream."""
+    if isinstance(exc, StoreUnavailable):
+        return exc.strerror or str(exc)
+    return refusal(exc)

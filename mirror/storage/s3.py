@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -48,7 +48,9 @@ from .driver import DigestMismatch, Space, StoredObject
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .refusals import refusal, refusal_errno
-from .s3fill import S3Fill, read_note
+from .s3damage import checked_bytes, read_whole
+from .s3fill import S3Fill
+from .s3notes import sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing, unread
 from .verify import put_verified, signed_schema1_named
 
@@ -78,6 +80,10 @@ class S3Store:
         self.client = client if client is not None else make_client(options)
         self.on_commit: Callable[[int], None] | None = None
         self.on_refused: Callable[[int], None] | None = None
+        #: Called with the digest of every object found not to match it on a read (then removed).
+        self.on_corrupt: Callable[[Digest], None] | None = None
+        self.condemned: set[Digest] = set()  # found damaged, logged already
+        self.vouched: OrderedDict[Digest, str] = OrderedDict()  # ETags of objects seen whole and matching
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
@@ -98,7 +104,7 @@ class S3Store:
     def sweep_tmp(self) -> int:
         """Remove the local temp files whose writer is gone, and abort unfinished multipart uploads
         older than ``stale_upload`` that this process did not start; return how many went."""
-        removed = self._sweep_notes()
+        removed = sweep_notes(self.layout, self._uploads, self.abort)
         removed += sum(path.endswith(PARTIAL) for path in self.layout.abandoned_temps(remove=True))
         for mark in self.layout.reading_entries():
             being_read(mark, remove=True)  # left by readers that died
@@ -108,32 +114,6 @@ class S3Store:
                 continue
             self.abort(upload["Key"], upload["UploadId"])
             removed += 1
-        return removed
-
-    def _sweep_notes(self) -> int:
-        """Abort the uploads of fills whose writer is gone: their note is beside an unlocked fill file."""
-        removed = 0
-        for note, fill in self.layout.upload_notes():
-            try:
-                fd: int | None = os.open(fill, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = None
-            try:
-                if fd is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # its writer is alive
-                found = read_note(note)
-                if found is not None and found[1] in self._uploads:
-                    continue  # this process's own (its lock would have said so)
-                if found is not None:
-                    self.abort(*found)
-                    removed += 1
-                note.unlink(missing_ok=True)
-            finally:
-                if fd is not None:
-                    os.close(fd)
         return removed
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
@@ -146,7 +126,7 @@ class S3Store:
     def size(self, digest: Digest) -> int | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 return None
             raise backend_error(exc, f"HEAD {digest}") from exc
@@ -178,31 +158,29 @@ class S3Store:
                 if not readers:
                     del self._readers[reader.digest]
 
-    def get_range(self, digest: Digest, first: int, last: int) -> Any:
-        """The body (a botocore ``StreamingBody``) of bytes ``first..last`` of an object."""
+    def get_range(self, digest: Digest, first: int, last: int) -> dict[str, Any]:
+        """S3's answer to a GET of bytes ``first..last`` of an object: ``Body`` (a botocore
+        ``StreamingBody``) and ``ETag``."""
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest), Range=f"bytes={first}-{last}")
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
             raise backend_error(exc, f"GET {digest}") from exc
-        return answer["Body"]
+        return cast(dict[str, Any], answer)
 
     def open_stream(self, digest: Digest) -> BinaryIO:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
             raise backend_error(exc, f"GET {digest}") from exc
         return cast(BinaryIO, answer["Body"])
 
     def read_bytes(self, digest: Digest) -> bytes | None:
-        try:
-            with self.open_stream(digest) as body:
-                return body.read()
-        except FileNotFoundError:
-            return None
+        """The whole object, or None if it is missing or does not match *digest* (then removed)."""
+        return checked_bytes(self, digest)
 
     def redirect_url(self, digest: Digest) -> str | None:
         """A presigned GET of the object when ``redirect`` is on, else None."""
@@ -228,7 +206,7 @@ class S3Store:
                 size += len(data)
         if hasher.hexdigest() == digest.hex:
             return True
-        whole = self.read_bytes(digest) if size <= MAX_MANIFEST_BYTES else None
+        whole = read_whole(self, digest) if size <= MAX_MANIFEST_BYTES else None
         return whole is not None and signed_schema1_named(whole, digest)
 
     # -- removing --
@@ -260,10 +238,14 @@ class S3Store:
     def remove(self, found: StoredObject) -> None:
         self._delete_key(found.location)
 
+    def remove_key(self, key: str) -> None:
+        """Delete *key* (gone already: no error), whoever reads it."""
+        self._delete_key(key)
+
     def _delete_key(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             if not missing(exc):
                 raise backend_error(exc, f"DELETE {key}") from exc
 
@@ -273,7 +255,7 @@ class S3Store:
         try:
             self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                     MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
-        except ClientError as exc:
+        except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"touch {digest}") from exc
 
     # -- writing --
@@ -324,15 +306,18 @@ class S3Store:
             self._uploads.add(upload_id)
         return upload_id
 
-    def abort(self, key: str, upload_id: str) -> None:
-        """Abort a multipart upload (one already gone is no error; others are logged)."""
+    def abort(self, key: str, upload_id: str) -> bool:
+        """Abort a multipart upload; False (logged) if the store refused or did not answer (one
+        already gone is no error): its note then stays for the next start-up sweep."""
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, BotoCoreError) or str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
+                return False
         finally:
             self.forget(upload_id)
+        return True
 
     def forget(self, upload_id: str) -> None:
         """The upload is no longer in progress here (completed or aborted)."""

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.reference import Digest
 from .driver import StoreError
 from .filesystem import VERIFIED_MODE, write_all
+from .s3damage import vouch
+from .s3notes import write_note
 from .s3objects import backend_error
 from .verify import check_written
 
@@ -119,7 +119,7 @@ class S3Fill:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
-                client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
             else:
                 while self._sent_to < self.written:
                     if len(self._sending) >= IN_FLIGHT:
@@ -127,10 +127,11 @@ class S3Fill:
                     self._send(min(self._chunk, self.written - self._sent_to))
                 self._collect(wait=True)
                 assert self._upload is not None  # started by the first part
-                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
-                                                 MultipartUpload={"Parts": self._parts})
+                done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
+                                                        MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"storing {self.digest}") from exc
+        vouch(self.store, self.digest, done.get("ETag"))
         self._done = True
         self._threads.shutdown()
         if self._upload is not None:
@@ -145,8 +146,8 @@ class S3Fill:
         if not self._done and self._upload is not None:
             self._done = True
             with contextlib.suppress(Exception):  # no upload was started: nothing to abort
-                self.store.abort(self.key, self._upload.result())
-                self._drop_note()
+                if self.store.abort(self.key, self._upload.result()):
+                    self._drop_note()  # else it stays for the start-up sweep
         self._done = True
         self._unlink()
 
@@ -159,22 +160,6 @@ class S3Fill:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
-
-
-def write_note(path: Path, key: str, upload: str) -> None:
-    """Record in *path* that the multipart upload *upload* of *key* is open (written whole, then renamed)."""
-    partial = path.with_name(f"{path.name}.{secrets.token_hex(6)}")
-    partial.write_text(json.dumps({"key": key, "upload": upload}))
-    os.replace(partial, path)
-
-
-def read_note(path: Path) -> tuple[str, str] | None:
-    """``(key, upload)`` of a note :func:`write_note` wrote, or None if it is gone or unreadable."""
-    try:
-        note = json.loads(path.read_text())
-        return str(note["key"]), str(note["upload"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

@@ -36,8 +36,10 @@ from botocore.utils import determine_content_length
 
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
-from .driver import StoreError
+from .driver import StoreError, StoreUnavailable
 from .reads import READ_CHUNK, ShortFile, read_chunks
+from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
+from .s3notes import IngestNote
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -78,12 +80,17 @@ class S3Options:
                 f" rootdirectory={self.rootdirectory!r}, chunksize={self.chunksize}, redirect={self.redirect})")
 
 
-def missing(exc: ClientError) -> bool:
-    return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+def missing(exc: Exception) -> bool:
+    """Whether S3 answered that the object (or upload) is not there."""
+    return isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in _MISSING
 
 
-def backend_error(exc: Exception, what: str) -> OSError:
-    return OSError(errno.EIO, f"object store refused {what}: {exc}")
+def backend_error(exc: Exception, what: str) -> StoreUnavailable:
+    """What to raise for botocore's *exc*: the store did not answer (a connection error, a timeout:
+    botocore's retries are spent) or refused (an S3 error answer)."""
+    if isinstance(exc, ClientError):
+        return StoreUnavailable(errno.EIO, f"object store refused {what}: {exc}")
+    return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
 
 
 def _no_expect_for_nothing(request: Any, **_: Any) -> None:
@@ -183,6 +190,18 @@ def _names(path: Path, fd: int) -> bool:
         return False
 
 
+def _read(body: Any, count: int, hasher: Any) -> bytes:
+    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same worker thread
+    (``hashlib`` lets go of the GIL: the event loop never waits for it)."""
+    try:
+        data: bytes = body.read(count)
+    except BotoCoreError as exc:  # the store went away mid-body: cut the transfer short
+        raise ShortFile(errno.EIO, f"object store stopped sending: {exc}") from exc
+    if hasher is not None:
+        hasher.update(data)
+    return data
+
+
 class S3Reader:
     """An object opened for reading: ranged GETs, or a local spool copy once this process deleted it."""
 
@@ -217,17 +236,34 @@ class S3Reader:
         return self._ranged(start, stop)
 
     async def _ranged(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Ranged GETs; a whole-object read is hashed as it passes, and its last byte held back
+        until the digest matched (:class:`CorruptObject` otherwise): a tampered object never
+        reaches a client whole."""
         if stop <= start:
             return
-        body = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+        hasher = self.digest.hasher() if start == 0 and stop == self.size else None
+        answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+        body, etag = answer["Body"], answer.get("ETag")
         try:
+            if hasher is None and not vouched(self._store, self.digest, etag):
+                await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag)
             got = 0
             while got < stop - start:
-                data = await anyio.to_thread.run_sync(body.read, min(READ_CHUNK, stop - start - got))
+                data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - start - got), hasher)
                 if not data:
                     raise ShortFile(errno.EIO, f"{self.digest} ended at {start + got}, expected {stop} bytes")
                 got += len(data)
-                yield data
+                if hasher is None or got < stop - start:
+                    yield data
+                    continue
+                if len(data) > 1:
+                    yield data[:-1]
+                got_hex = hasher.hexdigest()
+                if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
+                        mismatched, self._store, self.digest, self.size, got_hex):
+                    raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
+                vouch(self._store, self.digest, etag)
+                yield data[-1:]
         finally:
             body.close()
 
@@ -264,6 +300,7 @@ class S3Ingest:
         self._hasher = self.content.hasher()
         self._buffer = bytearray()
         self._upload: str | None = None
+        self._note: IngestNote | None = None  # for the start-up sweep, if the process dies
         self._parts: list[dict[str, Any]] = []
         self._done = False
 
@@ -279,6 +316,7 @@ class S3Ingest:
     def _send_part(self, part: memoryview) -> None:
         if self._upload is None:
             self._upload = self.store.started(self.key)
+            self._note = IngestNote(self.store.layout, self.key, self._upload)
         number = len(self._parts) + 1
         try:
             etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
@@ -302,14 +340,15 @@ class S3Ingest:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None:
-                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
             else:
                 if self._buffer or not self._parts:
                     self._send_part(memoryview(self._buffer))
-                client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
-                                                 MultipartUpload={"Parts": self._parts})
+                done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
+                                                        MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"storing {self.digest}") from exc
+        vouch(self.store, self.digest, done.get("ETag"))
         self._finish()
         self.store.committed(self.written)
 
@@ -318,6 +357,12 @@ class S3Ingest:
         self._buffer = bytearray()
         if self._upload is not None:
             self.store.forget(self._upload)
+        self._drop_note()
+
+    def _drop_note(self) -> None:
+        if self._note is not None:
+            self._note.close()
+            self._note = None
 
     def close(self) -> None:
         """Release the buffer; an upload not completed is aborted."""
@@ -325,5 +370,6 @@ class S3Ingest:
             return
         self._done = True
         self._buffer = bytearray()
-        if self._upload is not None:
-            self.store.abort(self.key, self._upload)
+        if self._upload is not None and not self.store.abort(self.key, self._upload) and self._note is not None:
+            self._note.release()  # the start-up sweep aborts it
+        self._drop_note()

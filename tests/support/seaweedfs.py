@@ -57,6 +57,21 @@ class SeaweedS3:
             aws_access_key_id=accesskey or self.accesskey, aws_secret_access_key=secretkey or self.secretkey,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
 
+    def stop(self) -> None:
+        """Stop the server (all of ``weed``, as an outage would); :meth:`start` brings it back."""
+        self.proc.stop(grace=2.0)
+
+    def start(self) -> None:
+        """Start the stopped server again on the same ports and data directory; return once it
+        answers S3 requests (what it stored before is there again)."""
+        self.proc.start()
+        try:
+            wait_http(self.endpoint, START_TIMEOUT, alive=self.proc)
+            _wait_s3_ready(self, time.monotonic() + START_TIMEOUT)
+        except BaseException:
+            self.proc.stop()
+            raise
+
     def new_bucket(self) -> str:
         """Create an empty bucket with a fresh name and return the name."""
         name = f"t-{secrets.token_hex(6)}"
@@ -131,6 +146,16 @@ def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """The session's SeaweedFS S3 server, stopped (by its process group) however the session ends."""
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.proc.stop(grace=2.0)
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedS3]:
+    """A SeaweedFS of the test's own, to stop and start (:meth:`SeaweedS3.stop`), stopped afterwards."""
+    server = start_seaweedfs(tmp_path / "seaweedfs")
     try:
         yield server
     finally:

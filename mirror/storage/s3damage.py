@@ -1,0 +1,116 @@
+"""Objects of the S3 driver found damaged in the bucket: replaced or truncated behind the mirror's back.
+
+Nothing guards a bucket against a writer other than the mirror (or bit rot), and S3 user metadata
+is no record (a replacing ``PutObject`` sets its own), so what is read whole is hashed: a manifest
+read with :func:`checked_bytes`, a blob as it streams (``S3Reader``, whose last byte waits for the
+verdict).  An object that does not match its digest is logged once per process, counted
+(``S3Store.on_corrupt``) and removed (:func:`condemn`): a cached blob is then fetched again from
+its upstream, a pushed one is unknown; its bytes are never answered as the blob.
+
+A range cannot be checked by itself: it is served only from an object whose ``ETag`` this process
+saw with content that matched (:func:`vouch`: an object it stored or read whole); any other is
+first read whole and hashed (:func:`verify_whole`), once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..spec.manifest import MAX_MANIFEST_BYTES
+from ..spec.reference import Digest
+from .reads import ShortFile
+from .verify import signed_schema1_named
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+log = logging.getLogger("mirror.storage.s3")
+#: ETags remembered (:func:`vouch`), the least recently vouched forgotten first.
+VOUCHED = 65536
+
+
+class CorruptObject(ShortFile):
+    """An object read from the bucket does not hash to its digest (replaced or truncated there): the
+    transfer is aborted before its last byte, as for a stored file that ends early."""
+
+
+def vouch(store: S3Store, digest: Digest, etag: str | None) -> None:
+    """The object *digest* with *etag* was seen matching its digest (stored or read whole)."""
+    if etag:
+        store.vouched[digest] = etag
+        store.vouched.move_to_end(digest)
+        while len(store.vouched) > VOUCHED:
+            store.vouched.popitem(last=False)
+
+
+def vouched(store: S3Store, digest: Digest, etag: str | None) -> bool:
+    return etag is not None and store.vouched.get(digest) == etag
+
+
+def verify_whole(store: S3Store, digest: Digest, etag: str | None) -> None:
+    """Read the object whole and hash it before a range of it (with *etag*) is served; raise
+    :class:`CorruptObject` (and condemn it) if it does not match, :class:`ShortFile` if it changed
+    meanwhile.  Blocks: call it in a worker thread."""
+    answer = store.get_range(digest, 0, (1 << 62))
+    hasher, size = hashlib.new(digest.algorithm), 0
+    with answer["Body"] as body:
+        while data := body.read(1 << 20):
+            hasher.update(data)
+            size += len(data)
+    got = hasher.hexdigest()
+    if got != digest.hex and mismatched(store, digest, size, got):
+        raise CorruptObject(errno.EIO, f"{digest}: the object in the bucket does not match it")
+    vouch(store, digest, answer.get("ETag"))
+    if answer.get("ETag") != etag:
+        raise ShortFile(errno.EIO, f"{digest} changed in the bucket while a range of it was read")
+
+
+def read_whole(store: S3Store, digest: Digest) -> bytes | None:
+    """The object's bytes as they are in the bucket (None: missing); not checked."""
+    try:
+        with store.open_stream(digest) as body:
+            data: bytes = body.read()
+            return data
+    except FileNotFoundError:
+        return None
+
+
+def checked_bytes(store: S3Store, digest: Digest) -> bytes | None:
+    """The whole object, or None if it is missing or does not match *digest* (then condemned)."""
+    data = read_whole(store, digest)
+    if data is None:
+        return None
+    got = hashlib.new(digest.algorithm, data).hexdigest()
+    if got != digest.hex and not signed_schema1_named(data, digest):
+        condemn(store, digest, len(data), got)
+        return None
+    return data
+
+
+def mismatched(store: S3Store, digest: Digest, size: int, got: str) -> bool:
+    """An object of *size* bytes read whole hashed to *got*, not to *digest*: True, and it is
+    condemned, unless it is a signed schema 1 manifest (named by its payload's digest)."""
+    if size <= MAX_MANIFEST_BYTES:
+        whole = read_whole(store, digest)
+        if whole is not None and signed_schema1_named(whole, digest):
+            return False
+    condemn(store, digest, size, got)
+    return True
+
+
+def condemn(store: S3Store, digest: Digest, size: int, got: str) -> None:
+    """Log (once per process), count and remove an object that does not match *digest*."""
+    key = store.key(digest)
+    if digest not in store.condemned:
+        store.condemned.add(digest)
+        log.error("object %s in bucket %r does not match its digest (%d bytes hashing to %s:%s):"
+                  " removed, never served", key, store.bucket, size, digest.algorithm, got)
+    if store.on_corrupt is not None:
+        store.on_corrupt(digest)
+    try:
+        store.remove_key(key)
+    except OSError as exc:
+        log.warning("could not remove the damaged object %s: %s", key, exc)

@@ -1,0 +1,274 @@
+"""The S3 driver when the bucket misbehaves: objects replaced or truncated behind the mirror's back.
+
+A real SeaweedFS bucket, a real upstream registry and the real mirror; the tampering is done with
+boto3 straight into the bucket, as someone with write access to it (or bit rot) would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.client import push_blob, push_image
+from tests.support.faults import FaultProxy
+from tests.support.images import random_layer
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import ROOT, Bucket, blob_url, get_digest, parts_sent, upstream_blob
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedS3, s3_bucket: str) -> Bucket:
+    return Bucket(seaweedfs, s3_bucket)
+
+
+def key_of(digest: str) -> str:
+    hex_ = digest.removeprefix("sha256:")
+    return f"{ROOT}/blobs/sha256/{hex_[:2]}/{hex_}"
+
+
+def tamper(bucket: Bucket, digest: str, body: bytes) -> None:
+    """Replace the object stored as *digest* by *body*, as a writer to the bucket would."""
+    bucket.client.put_object(Bucket=bucket.name, Key=key_of(digest), Body=body)
+    assert bucket.digest_of(digest) != digest
+
+
+def received(http: httpx.Client, url: str) -> tuple[int, str, int]:
+    """``(status, digest, size)`` of what a client got; a transfer the mirror aborted raises."""
+    status, digest, size, _ = get_digest(http, url)
+    return status, digest, size
+
+
+@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+def test_a_tampered_cached_blob_is_never_served_and_is_fetched_again(
+    damage: str, bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    layer = images.big.layers[1]  # 8 MiB: two parts
+    url = blob_url(mirror, "library/big", layer.digest)
+    upstream.clear_counts()
+    assert received(http, url) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    wait_for(lambda: not list((mirror.data_dir / "tmp").iterdir()), what="the fill's local file to go")
+
+    bad = os.urandom(layer.size) if damage == "replaced" else layer.path.read_bytes()[:layer.size // 2]
+    tamper(bucket, layer.digest, bad)
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 1 and f"corrupt object (content does not match its digest): {layer.digest}" in \
+        fsck.stdout, fsck.stdout + fsck.stderr
+
+    with pytest.raises(httpx.RemoteProtocolError):  # aborted before its last byte
+        received(http, url)
+    assert layer.digest not in bucket.objects(), "removed from the bucket"
+    assert "does not match its digest" in mirror.log_tail(200)
+    assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_corrupt_objects_total") == 1
+
+    assert received(http, url) == (200, layer.digest, layer.size), "fetched again from the upstream"
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 2
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored again")
+    assert bucket.digest_of(layer.digest) == layer.digest
+    assert received(http, url) == (200, layer.digest, layer.size)
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 2, "served from the bucket"
+    assert mirror.log_tail(400).count("does not match its digest") == 1, "logged once"
+
+
+def test_a_tampered_pushed_blob_becomes_unknown(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    layer = random_layer(tmp_path, 6 * MIB, seed=91)
+    digest = layer.digest
+    assert push_blob(http, mirror.url, "team/app", digest, layer.path)
+    url = blob_url(mirror, "team/app", digest)
+    assert received(http, url) == (200, digest, layer.size)
+
+    tamper(bucket, digest, os.urandom(layer.size))
+    with pytest.raises(httpx.RemoteProtocolError):
+        received(http, url)
+    gone = http.get(url)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert http.head(url).status_code == 404
+    assert bucket.objects() == {}
+
+
+@pytest.fixture
+def own_bucket(own_seaweedfs: SeaweedS3) -> Bucket:
+    return Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
+
+
+@pytest.mark.slow
+def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
+    own_bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    bucket = own_bucket
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    image, other = images.small, images.big.layers[1]
+    manifest_url = f"{mirror.url}/v2/library/small/manifests/1"
+    assert http.get(manifest_url, headers={"accept": image.media_type}).status_code == 200
+    stored = next(iter(d for d in image.blobs if d != image.digest))
+    assert received(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    wait_for(lambda: stored in bucket.objects(), timeout=30, what="the blob in the bucket")
+
+    bucket.server.stop()
+    # A stored blob (GET and HEAD), and a new fill (the HEAD of a blob not stored asks only the upstream).
+    for method, url in (("GET", blob_url(mirror, "library/small", stored)),
+                        ("HEAD", blob_url(mirror, "library/small", stored)),
+                        ("GET", blob_url(mirror, "library/big", other.digest))):
+        answer = http.request(method, url)
+        assert answer.status_code == 503, (method, url, answer.status_code, answer.text)
+        if method == "GET":
+            error = answer.json()["errors"][0]
+            assert error["code"] == "UNAVAILABLE" and "object store" in error["message"], error
+    ready = http.get(f"{mirror.url}/readyz")
+    assert ready.status_code == 503 and bucket.name in ready.text and "does not answer" in ready.text, ready.text
+    memo = http.get(manifest_url, headers={"accept": image.media_type})
+    assert memo.status_code == 200 and memo.content == image.manifest, "answered from memory"
+    assert "Traceback" not in mirror.log_tail(400)
+
+    bucket.server.start()
+    assert stored in bucket.objects(), "kept over the restart"
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    assert received(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    assert received(http, blob_url(mirror, "library/big", other.digest)) == (200, other.digest, other.size)
+    wait_for(lambda: other.digest in bucket.objects(), timeout=30, what="the new blob in the bucket")
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
+    assert "Traceback" not in mirror.log_tail(800)
+
+
+@pytest.mark.slow
+def test_kill9_in_the_middle_of_a_push_then_the_retry_succeeds_and_no_upload_is_left(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    layer = random_layer(tmp_path, 96 * MIB, seed=93)  # twenty 5 MiB parts go up after the last PUT
+    url = blob_url(mirror, "team/app", layer.digest)
+
+    # Killed while the PATCH chunks come in: nothing is in the bucket yet.
+    started = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/")
+    assert started.status_code == 202
+    location = httpx.URL(mirror.url).join(started.headers["location"])
+    with layer.path.open("rb") as source:
+        first = source.read(8 * MIB)
+    patched = http.patch(location, content=first, headers={"content-range": f"0-{len(first) - 1}",
+                                                           "content-type": "application/octet-stream"})
+    assert patched.status_code == 202
+    mirror.kill9()
+    assert bucket.objects() == {} and bucket.uploads() == []
+    mirror.start()
+
+    # Killed while the verified upload goes up to the bucket, its multipart upload open.
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+        push = pool.submit(push_blob, own, mirror.url, "team/app", layer.digest, layer.path)
+        wait_for(lambda: bucket.uploads() != [] and len(parts_sent(bucket)) >= 2, timeout=60, interval=0.02,
+                 what="parts of the push in the bucket")
+        mirror.kill9()
+        with pytest.raises((httpx.TransportError, RuntimeError)):
+            push.result()
+    assert bucket.objects() == {} and len(bucket.uploads()) == 1, "the killed push's upload is left behind"
+
+    mirror.start()
+    assert bucket.uploads() == [], "aborted by the start-up sweep"
+    assert [p.name for p in (mirror.data_dir / "tmp").iterdir()] == []
+    assert push_blob(http, mirror.url, "team/app", layer.digest, layer.path), "the client's retry"
+    assert received(http, url) == (200, layer.digest, layer.size)
+    assert bucket.objects() == {layer.digest: layer.size} and bucket.uploads() == []
+    assert bucket.digest_of(layer.digest) == layer.digest
+    mirror.stop()
+    fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_tampered_manifest_is_never_answered(
+    bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    image = images.small
+    pushed = f"{mirror.url}/v2/team/app/manifests/{image.digest}"
+    cached = f"{mirror.url}/v2/library/small/manifests/{image.digest}"
+    push_image(mirror.url, "team/app", "1", image, client=http)
+    assert http.get(cached, headers={"accept": image.media_type}).content == image.manifest
+    forged = image.manifest.replace(b'"schemaVersion":2,', b'"schemaVersion":3,')
+    assert forged != image.manifest and len(forged) == len(image.manifest)
+    tamper(bucket, image.digest, forged)
+    mirror.restart()  # nothing answered from memory
+
+    upstream.clear_counts()
+    answer = http.get(cached, headers={"accept": image.media_type})
+    assert answer.status_code == 200 and answer.content == image.manifest, "fetched again from the upstream"
+    assert upstream.count("GET", f"/v2/library/small/manifests/{image.digest}") == 1
+    assert bucket.digest_of(image.digest) == image.digest
+    assert "does not match its digest" in mirror.log_tail(200)
+
+    tamper(bucket, image.digest, forged)
+    mirror.restart()
+    unknown = http.get(pushed, headers={"accept": image.media_type})
+    assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN", unknown.text
+
+
+@pytest.mark.slow
+def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstream(
+    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                    chunk_size=64 * 1024, delay=0.05)
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+        transfer = pool.submit(received, own, blob_url(mirror, "library/big", layer.digest))
+        wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
+        bucket.server.stop()
+        assert transfer.result() == (200, layer.digest, layer.size), "the rest came from the upstream"
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
+    assert "Traceback" not in mirror.log_tail(400)
+
+    bucket.server.start()
+    mirror.restart()
+    assert bucket.uploads() == [], "the fill's upload, which could not be aborted then, is by the start-up sweep"
+    assert received(http, blob_url(mirror, "library/big", layer.digest)) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored once the store is back")
+    assert bucket.digest_of(layer.digest) == layer.digest
+
+
+def test_a_range_is_served_only_from_an_object_seen_whole_and_matching(
+    bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    mirror = mirror_factory(env=bucket.env())
+    layer = images.big.layers[1]
+    data = layer.path.read_bytes()
+    url = blob_url(mirror, "library/big", layer.digest)
+    middle = {"range": f"bytes={5 * MIB - 10}-{5 * MIB + 89}"}
+    assert received(http, url) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    mirror.restart()  # nothing seen yet by this process: the first range reads the object whole first
+    part = http.get(url, headers=middle)
+    assert part.status_code == 206 and part.content == data[5 * MIB - 10:5 * MIB + 90]
+
+    tamper(bucket, layer.digest, os.urandom(layer.size))
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get(url, headers=middle)
+    assert layer.digest not in bucket.objects()
+    upstream.clear_counts()
+    again = http.get(url, headers=middle)
+    assert again.status_code == 206 and again.content == data[5 * MIB - 10:5 * MIB + 90]
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1, "fetched again"

@@ -147,3 +147,37 @@ def test_pin_and_unpin_a_cached_image(guarded: MirrorServer, http: httpx.Client,
     done = http.post(f"{guarded.url}/ui/actions/unpin", data=fields, headers=ALICE)
     assert done.status_code == 200 and f"Unpinned library/small@{digest}." in done.text
     assert "pinned" not in pins()
+
+
+def test_prefetch_pulls_every_platform_of_an_index_into_the_cache(guarded: MirrorServer, http: httpx.Client,
+                                                                   images: StandardImages) -> None:
+    index = images.multi
+    home = http.get(f"{guarded.url}/ui/", headers=ALICE)
+    assert 'action="/ui/actions/prefetch"' in home.text
+    for headers in ({}, CAROL):
+        assert 'action="/ui/actions/prefetch"' not in http.get(f"{guarded.url}/ui/", headers=headers).text
+    actions = f"{guarded.url}/ui/actions/prefetch"
+    # bob writes under team/ only
+    assert http.get(actions, params={"name": "library/multi", "reference": "1"}, headers=BOB).status_code == 403
+    fields = form(http.get(actions, params={"name": "library/multi", "reference": "1"}, headers=ALICE))
+    assert http.post(actions, data={**fields, "token": "0.0"}, headers=ALICE).status_code == 403
+    assert http.get(f"{guarded.url}/ui/r/library/multi").status_code == 404  # nothing fetched
+
+    done = http.post(actions, data=fields, headers=ALICE)
+    assert done.status_code == 200, done.text
+    blobs = {d for child in index.children for d in [child.config_digest, *(x.digest for x in child.layers)]}
+    assert (f"Fetched library/multi:1 into the cache: {index.digest}, 3 manifest(s), {len(blobs)} blob(s) "
+            f"fetched, 0 already stored.") in html.unescape(done.text)
+    # Served from the store from now on: every platform's manifest and blobs.
+    for child in index.children:
+        answer = http.get(f"{guarded.url}/v2/library/multi/manifests/{child.digest}",
+                          headers={"accept": child.media_type})
+        assert answer.status_code == 200 and answer.headers["x-mirror-cache"] == "HIT"
+        for digest in [child.config_digest, *(layer.digest for layer in child.layers)]:
+            blob = http.get(f"{guarded.url}/v2/library/multi/blobs/{digest}")
+            assert blob.status_code == 200 and blob.headers["x-mirror-cache"] == "HIT", digest
+
+    again = http.post(actions, data=fields, headers=ALICE)
+    assert f"0 blob(s) fetched, {len(blobs)} already stored." in again.text
+    unknown = http.post(actions, data={**fields, "reference": "nope"}, headers=ALICE)
+    assert unknown.status_code == 404 and "Not done" in unknown.text

@@ -1,5 +1,5 @@
 """What a user allowed to write may do from the web UI: delete a tag or a manifest of a pushed
-repository, pin or unpin a cached image.
+repository, pin or unpin a cached image, prefetch an image from an upstream.
 
 =====================================  =====================================================
 ``GET /ui/actions/<verb>?name=&reference=``   a page asking to confirm, with a form
@@ -9,9 +9,11 @@ repository, pin or unpin a cached image.
 
 *verb* is ``delete`` (a tag or a ``sha256:`` digest, through the same repository objects the
 ``/v2/`` DELETE routes use, so ``delete.enabled`` and the index's updates are the same), ``pin`` or
-``unpin`` (a digest, in the index's pins, as ``mirror preload`` pins).  Only a logged-in user whom
-:meth:`~mirror.config.sections.AuthConfig.may_write` lets write the repository may: without users
-(no ``auth.htpasswd.path``) the UI only reads.  Anyone else gets ``403`` and a page saying so.
+``unpin`` (a digest, in the index's pins, as ``mirror preload`` pins), or ``prefetch`` (a tag or a
+digest of a cached repository, pulled into the cache as a client's pull would: ``prefetch``).
+Only a logged-in user whom :meth:`~mirror.config.sections.AuthConfig.may_write` lets write the
+repository may: without users (no ``auth.htpasswd.path``) the UI only reads.  Anyone else gets
+``403`` and a page saying so.
 
 Cross-site requests: the browser sends a user's Basic credentials with any request to this host,
 so every POST carries a token in a hidden field, HMAC-SHA-256 over the user and the time it was
@@ -39,12 +41,13 @@ from ..registry.namespaces import Namespaces
 from ..spec.errors import APIError
 from ..spec.reference import ParseError, parse_digest, parse_name, parse_reference
 from ..storage.layout import Layout
+from .prefetch import prefetch
 
 #: Seconds a confirmation form stays valid.
 TOKEN_TTL = 12 * 3600
 #: The largest form body read (the fields are a name, a reference and a token).
 MAX_FORM_BYTES = 8192
-VERBS = ("delete", "pin", "unpin")
+VERBS = ("delete", "pin", "unpin", "prefetch")
 
 Render = Callable[..., Response]
 
@@ -84,6 +87,9 @@ class Wanted:
         what = f"tag {self.reference}" if self.is_tag else f"manifest {self.reference}"
         if self.verb == "delete":
             return f"{'Deleted' if done else 'Delete'} {what} of {self.name}"
+        if self.verb == "prefetch":
+            at = ":" if self.is_tag else "@"
+            return f"{'Fetched' if done else 'Fetch'} {self.name}{at}{self.reference} into the cache"
         verb = {"pin": "Pinned" if done else "Pin", "unpin": "Unpinned" if done else "Unpin"}[self.verb]
         return f"{verb} {self.name}@{self.reference}"
 
@@ -107,6 +113,12 @@ class Actions:
         """May *user* act on repository *name* from the UI (a logged-in user with write rights)?"""
         return self.config.auth.enabled and user is not None and self.config.auth.may_write(user, name)
 
+    def writes_somewhere(self, user: str | None) -> bool:
+        """May *user* write some repository (and so prefetch into it)?"""
+        auth = self.config.auth
+        return auth.enabled and user is not None and (
+            not auth.push_users or any(e.partition(":")[0] == user for e in auth.push_users))
+
     def refuse(self, request: Request, message: str) -> Response:
         return self.render(request, "action.html", status=403, title="Refused", message=message, wanted=None,
                            token="", back=None)
@@ -129,7 +141,8 @@ class Actions:
             who = user or "An anonymous visitor"
             return self.refuse(request, f"{who} may not change {wanted.name}.")
         assert user is not None
-        back = f"/r/{wanted.name}" + ("" if wanted.is_tag or verb == "delete" else f"@{wanted.reference}")
+        back = "/" if verb == "prefetch" else \
+            f"/r/{wanted.name}" + ("" if wanted.is_tag or verb == "delete" else f"@{wanted.reference}")
         if request.method in ("GET", "HEAD"):
             return self.render(request, "action.html", title=wanted.text() + "?", message="", wanted=wanted,
                                token=self.tokens().issue(user), back=back)
@@ -137,22 +150,32 @@ class Actions:
             return self.refuse(request, "This form has expired or did not come from this page: nothing was "
                                         "changed. Go back, reload the page and try again.")
         try:
-            await self._do(request, wanted)
+            told = await self._do(request, wanted)
         except APIError as exc:
             return self.render(request, "action.html", status=exc.status, title="Not done",
                                message=f"{wanted.text()}: {exc.message}.", wanted=None, token="", back=back)
-        return self.render(request, "action.html", title="Done", message=wanted.text(done=True) + ".",
+        return self.render(request, "action.html", title="Done", message=wanted.text(done=True) + told + ".",
                            wanted=None, token="", back=f"/r/{wanted.name}")
 
-    async def _do(self, request: Request, wanted: Wanted) -> None:
+    async def _do(self, request: Request, wanted: Wanted) -> str:
+        """Do *wanted*; more to say of it (``""``, or ``": ..."``); :class:`APIError` if not done."""
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
-        if wanted.verb == "delete":
-            if not await anyio.to_thread.run_sync(local.is_local, wanted.name):
+        if wanted.verb in ("delete", "prefetch"):
+            pushed = await anyio.to_thread.run_sync(local.is_local, wanted.name)
+            repository = namespaces.repository(wanted.name)
+            reference = parse_reference(wanted.reference)
+            if wanted.verb == "prefetch":
+                if pushed:
+                    raise APIError("UNSUPPORTED", "it is a repository pushed here, not a cache", status=400)
+                done = await prefetch(repository, reference)
+                return (f": {done.digest}, {done.manifests} manifest(s), {done.fetched} blob(s) fetched, "
+                        f"{done.present} already stored")
+            if not pushed:
                 raise APIError("UNSUPPORTED", "only a pushed repository's tags and manifests are deleted here",
                                status=400)
-            await namespaces.repository(wanted.name).delete_manifest(parse_reference(wanted.reference))
-            return
+            await repository.delete_manifest(reference)
+            return ""
         key = await anyio.to_thread.run_sync(local.repo_key, wanted.name)
         metadata = local.metadata
 
@@ -166,11 +189,12 @@ class Actions:
                 raise APIError("MANIFEST_UNKNOWN", "it was not pinned", detail={"digest": wanted.reference})
 
         await anyio.to_thread.run_sync(change)
+        return ""
 
 
 def _reference(verb: str, raw: str) -> str:
     """A tag or a digest for a delete, a digest for a pin; :class:`ParseError` otherwise."""
-    if verb == "delete":
+    if verb in ("delete", "prefetch"):
         return str(parse_reference(raw))
     return str(parse_digest(raw))
 

@@ -127,7 +127,8 @@ def routes(config: Config) -> list[BaseRoute]:
             listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
             _number(request), visible(request))
         template = "results.html" if request.query_params.get("partial") else "index.html"
-        return render(request, template, page=page, query=query)
+        return render(request, template, page=page, query=query,
+                      prefetch=acting.writes_somewhere(viewer(request)))
 
     async def repository(request: Request) -> Response:
         path: str = request.path_params["path"]

@@ -146,12 +146,13 @@ def routes(config: Config) -> list[BaseRoute]:
         if not await anyio.to_thread.run_sync(local.metadata.has_repository, key):
             return not_found(request, name)
         host = client_host(request.scope)
+        crane = "--insecure " if request.url.scheme == "http" else ""  # crane speaks plain HTTP only then
         if digest is None:
             tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
                                                   _number(request))
             pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             registry = key.partition("/")[0]
-            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned,
+            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
                           upstream=None if registry == LOCAL else registry,
                           actions=acting.allowed(viewer(request), name))
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
@@ -164,7 +165,7 @@ def routes(config: Config) -> list[BaseRoute]:
         stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
         is_pinned = await anyio.to_thread.run_sync(local.metadata.is_pinned, key, digest)
         return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
-                      stored=stored, pushed=key.partition("/")[0] == LOCAL, pinned=is_pinned,
+                      stored=stored, crane=crane, pushed=key.partition("/")[0] == LOCAL, pinned=is_pinned,
                       actions=acting.allowed(viewer(request), name))
 
     async def cache(request: Request) -> Response:

@@ -16,7 +16,7 @@ import pytest
 from mirror.metadata.diskcache import DiskcacheMetadata
 from mirror.storage.layout import Layout
 from tests.support.catalog import StandardImages
-from tests.support.client import pull_checked
+from tests.support.client import pull_checked, push_image
 from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
@@ -181,3 +181,15 @@ def test_prefetch_pulls_every_platform_of_an_index_into_the_cache(guarded: Mirro
     assert f"0 blob(s) fetched, {len(blobs)} already stored." in again.text
     unknown = http.post(actions, data={**fields, "reference": "nope"}, headers=ALICE)
     assert unknown.status_code == 404 and "Not done" in unknown.text
+
+
+def test_without_users_the_ui_only_reads(mirror: MirrorServer, http: httpx.Client, tiny: Image) -> None:
+    """Without ``auth.htpasswd.path`` anyone may push through ``/v2/``, but a browser's forms are
+    not a client's deliberate request: no buttons, and the actions are refused."""
+    push_image(mirror.url, "team/app", "1", tiny, client=http)
+    assert "/ui/actions/" not in http.get(f"{mirror.url}/ui/r/team/app").text
+    assert "/ui/actions/" not in http.get(f"{mirror.url}/ui/").text
+    confirm = http.get(f"{mirror.url}/ui/actions/delete", params={"name": "team/app", "reference": "1"})
+    assert confirm.status_code == 403
+    done = http.post(f"{mirror.url}/ui/actions/delete", data={"name": "team/app", "reference": "1", "token": "1.a"})
+    assert done.status_code == 403 and manifest_status(http, mirror, "team/app", "1") == 200

@@ -181,6 +181,7 @@ def test_prefetch_pulls_every_platform_of_an_index_into_the_cache(guarded: Mirro
     assert f"0 blob(s) fetched, {len(blobs)} already stored." in again.text
     unknown = http.post(actions, data={**fields, "reference": "nope"}, headers=ALICE)
     assert unknown.status_code == 404 and "Not done" in unknown.text
+    assert '<a href="/ui/">All repositories</a>' in unknown.text
 
 
 def test_without_users_the_ui_only_reads(mirror: MirrorServer, http: httpx.Client, tiny: Image) -> None:

@@ -109,6 +109,9 @@ def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
     assert 'cached</span> from docker.io <span class="badge pinned">pinned</span>' in repository.text
     assert "docker pull mirror.example.internal:5000/library/preloaded:7" in repository.text
     assert "podman pull mirror.example.internal:5000/library/preloaded:7" in repository.text
+    assert "crane pull --insecure mirror.example.internal:5000/library/preloaded:7 preloaded.tar" in repository.text
+    assert "crane copy --insecure mirror.example.internal:5000/library/preloaded:7 REGISTRY/library/preloaded:7" \
+        in repository.text
     assert images.big.digest in repository.text and human(images.big.layers[2].size + images.big.layers[0].size
                                                           + images.big.layers[1].size + len(images.big.config)) \
         in repository.text

@@ -8,6 +8,7 @@ did (script-driven filtering without a reload, no dialog opened, no element inje
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamRegistr
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Browser]:
+    """A browser; what its page shows at the end of the test is saved as ``tmp_path/screenshot.png``."""
     with Browser(tmp_path / "chromium") as started:
         yield started
+        started.screenshot(tmp_path / "screenshot.png")
 
 
 def _pull(mirror: MirrorServer, name: str, tag: str, image: Image) -> None:
@@ -61,7 +64,8 @@ def _rows(browser: Browser) -> list[str]:
 
 
 def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you_type(
-        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tiny: Image) -> None:
+        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tiny: Image,
+        tmp_path: Path) -> None:
     assert browser.open(f"{mirror.url}/ui/") == 200
     assert _rows(browser) == []
     _pull(mirror, "webui/labelled", "1", labelled)
@@ -73,6 +77,7 @@ def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you
     rows = browser.text("table.repos tbody")
     assert "pushed" in rows and "cached from docker.io" in rows
     assert "3 repositories" in browser.text("#count")
+    browser.screenshot(tmp_path / "repositories.png")
 
     browser.js("window.notReloaded = true")
     browser.type("#q", "labe")
@@ -117,7 +122,7 @@ def test_repository_page_shows_tags_digests_and_copyable_pull_commands(
 
 
 def test_image_pages_show_platforms_layers_config_and_hostile_text_as_text(
-        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages) -> None:
+        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tmp_path: Path) -> None:
     _pull(mirror, "webui/labelled", "1", labelled)
     browser.open(f"{mirror.url}/ui/r/webui/labelled")
     browser.click("table.tags tbody a")  # the tag's digest
@@ -135,6 +140,7 @@ def test_image_pages_show_platforms_layers_config_and_hostile_text_as_text(
     assert browser.js("document.querySelectorAll('main img, main script').length") == 0
     browser.pump(1.0)
     assert browser.dialogs == []
+    browser.screenshot(tmp_path / "image.png")
 
     # An index: its platforms, each linked to its manifest once that is pulled too.
     index, arm64 = images.multi.digest, images.multi.child("arm64")
@@ -227,3 +233,43 @@ def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, br
         assert all(status == 200 for status in answers.values()), answers
         failed = [p for m, p in browser.events[start:] if m == "Network.loadingFailed"]
         assert failed == [], failed
+
+
+def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_actions(
+        mirror_factory: Callable[..., MirrorServer], browser: Browser, htpasswd: Path, tiny: Image, skopeo: str,
+        tmp_path: Path) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    alice = basic("alice", ALICE_PASSWORD)
+    push(mirror, "team/app", "1", tiny, alice)
+    push(mirror, "team/app", "2", tiny, alice)
+
+    def inspect(tag: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
+                               f"docker://{mirror.address}/team/app:{tag}"],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    assert inspect("1").returncode == 0
+    for path in ("/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}"):
+        assert browser.open(f"{mirror.url}{path}") == 200
+        assert browser.js("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 0
+        assert "Delete" not in browser.text("main")
+
+    browser.headers(alice)
+    assert browser.open(f"{mirror.url}/ui/r/team/app") == 200
+    assert browser.js("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 2
+    browser.screenshot(tmp_path / "repository.png")
+    assert browser.follow("a[aria-label='Delete the tag 1']") == 200
+    assert browser.text("h1") == "Delete tag 1 of team/app?"
+    browser.screenshot(tmp_path / "confirm.png")
+    assert browser.follow("form.confirm button[type=submit]") == 200
+    assert browser.text("h1") == "Done" and "Deleted tag 1 of team/app." in browser.text("main")
+    assert browser.follow("main p a") == 200
+    assert browser.js("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["2"]
+
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        gone = http.get(f"{mirror.url}/v2/team/app/manifests/1",
+                        headers={"accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    failed = inspect("1")
+    assert failed.returncode != 0 and "manifest unknown" in failed.stderr.lower()
+    assert inspect("2").returncode == 0

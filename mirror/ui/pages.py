@@ -7,6 +7,7 @@ objects the ``/v2/`` routes use (the namespaces' index and store, the app's metr
 ``/ui/r/<name>@<digest>``   an image or index: platforms, layers, config, referrers
 ``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress
 ``/ui/login``               asks the browser for a user's password (HTTP Basic)
+``/ui/actions/<verb>``      delete, pin, unpin: confirm (GET), then do (POST); see ``actions``
 ``/ui/static/...``          the stylesheet and the script
 =========================  ===========================================================
 
@@ -43,7 +44,7 @@ from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
-from . import figures, images, listing
+from . import actions, figures, images, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
@@ -98,6 +99,8 @@ def routes(config: Config) -> list[BaseRoute]:
         response.headers["WWW-Authenticate"] = f'Basic realm="{config.auth.htpasswd_realm}", charset="UTF-8"'
         return response
 
+    acting = actions.Actions(config, render, viewer)
+
     def not_found(request: Request, what: str) -> Response:
         return render(request, "missing.html", status=404, what=what)
 
@@ -124,7 +127,8 @@ def routes(config: Config) -> list[BaseRoute]:
             listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
             _number(request), visible(request))
         template = "results.html" if request.query_params.get("partial") else "index.html"
-        return render(request, template, page=page, query=query)
+        return render(request, template, page=page, query=query,
+                      prefetch=acting.writes_somewhere(viewer(request)))
 
     async def repository(request: Request) -> Response:
         path: str = request.path_params["path"]
@@ -142,13 +146,15 @@ def routes(config: Config) -> list[BaseRoute]:
         if not await anyio.to_thread.run_sync(local.metadata.has_repository, key):
             return not_found(request, name)
         host = client_host(request.scope)
+        crane = "--insecure " if request.url.scheme == "http" else ""  # crane speaks plain HTTP only then
         if digest is None:
             tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
                                                   _number(request))
             pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             registry = key.partition("/")[0]
-            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned,
-                          upstream=None if registry == LOCAL else registry)
+            return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
+                          upstream=None if registry == LOCAL else registry,
+                          actions=acting.allowed(viewer(request), name))
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:
             return not_found(request, f"{name}@{digest}")
@@ -157,8 +163,10 @@ def routes(config: Config) -> list[BaseRoute]:
         linked = [d.digest for d in view.children] + [str(r.get("digest", "")) for r in found] \
             + ([view.subject.digest] if view.subject else [])
         stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
+        is_pinned = await anyio.to_thread.run_sync(local.metadata.is_pinned, key, digest)
         return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
-                      stored=stored)
+                      stored=stored, crane=crane, pushed=key.partition("/")[0] == LOCAL, pinned=is_pinned,
+                      actions=acting.allowed(viewer(request), name))
 
     async def cache(request: Request) -> Response:
         if not config.auth.may_pull(viewer(request), None):
@@ -180,6 +188,7 @@ def routes(config: Config) -> list[BaseRoute]:
         Route("/r/{path:path}", guarded(repository), methods=["GET", "HEAD"]),
         Route("/cache", guarded(cache), methods=["GET", "HEAD"]),
         Route("/login", login, methods=["GET", "HEAD"]),
+        Route("/actions/{verb}", guarded(acting.page), methods=["GET", "HEAD", "POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static")),
         Route("/{rest:path}", missing, methods=["GET", "HEAD"]),
     ]

@@ -11,6 +11,7 @@ password does.  Protocol reference: the Chrome DevTools Protocol's
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
@@ -146,15 +147,31 @@ class Browser:
         result = self.send("Page.navigate", {"url": url})
         if result.get("errorText"):
             raise RuntimeError(f"{url}: {result['errorText']}")
-        frame = result.get("frameId")
+        return self._loaded(start, result.get("frameId"), url, timeout)
+
+    def _loaded(self, start: int, frame: str | None, what: str, timeout: float) -> int:
+        """Wait for a load event after event *start*; the HTTP status of the document *frame* got."""
         deadline = time.monotonic() + timeout
         while not any(m == "Page.loadEventFired" for m, _ in self.events[start:]):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not load")
+                raise TimeoutError(f"{what} did not load")
             self.pump(0.05)
         statuses = [p["response"]["status"] for m, p in self.events[start:]
-                    if m == "Network.responseReceived" and p.get("type") == "Document" and p.get("frameId") == frame]
+                    if m == "Network.responseReceived" and p.get("type") == "Document"
+                    and (frame is None or p.get("frameId") == frame)]
         return int(statuses[-1]) if statuses else 0
+
+    def follow(self, selector: str, timeout: float = 30.0) -> int:
+        """Click the link or button *selector* and wait for the page it loads; its HTTP status."""
+        start = len(self.events)
+        self.click(selector)
+        return self._loaded(start, None, selector, timeout)
+
+    def screenshot(self, path: Path) -> Path:
+        """Save what the page shows now as a PNG at *path* (``Page.captureScreenshot``)."""
+        data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
 
     def js(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""

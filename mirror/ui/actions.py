@@ -1,0 +1,216 @@
+"""What a user allowed to write may do from the web UI: delete a tag or a manifest of a pushed
+repository, pin or unpin a cached image, prefetch an image from an upstream.
+
+=====================================  =====================================================
+``GET /ui/actions/<verb>?name=&reference=``   a page asking to confirm, with a form
+``POST /ui/actions/<verb>``                   does it (form fields ``name``, ``reference``,
+                                              ``token``) and answers with a page saying what happened
+=====================================  =====================================================
+
+*verb* is ``delete`` (a tag or a ``sha256:`` digest, through the same repository objects the
+``/v2/`` DELETE routes use, so ``delete.enabled`` and the index's updates are the same), ``pin`` or
+``unpin`` (a digest, in the index's pins, as ``mirror preload`` pins), or ``prefetch`` (a tag or a
+digest of a cached repository, pulled into the cache as a client's pull would: ``prefetch``).
+Only a logged-in user whom :meth:`~mirror.config.sections.AuthConfig.may_write` lets write the
+repository may: without users (no ``auth.htpasswd.path``) the UI only reads.  Anyone else gets
+``403`` and a page saying so.
+
+Cross-site requests: the browser sends a user's Basic credentials with any request to this host,
+so every POST carries a token in a hidden field, HMAC-SHA-256 over the user and the time it was
+issued with a key derived from ``DATA/auth.key`` (shared by the worker processes), valid for
+:data:`TOKEN_TTL` seconds; a POST without a valid one does nothing and gets ``403``.  No cookies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..api.auth import load_or_create_key
+from ..config.sections import Config
+from ..registry.namespaces import Namespaces
+from ..spec.errors import APIError
+from ..spec.reference import ParseError, parse_digest, parse_name, parse_reference
+from ..storage.layout import Layout
+from .prefetch import prefetch
+
+#: Seconds a confirmation form stays valid.
+TOKEN_TTL = 12 * 3600
+#: The largest form body read (the fields are a name, a reference and a token).
+MAX_FORM_BYTES = 8192
+VERBS = ("delete", "pin", "unpin", "prefetch")
+
+Render = Callable[..., Response]
+
+
+class Tokens:
+    """Anti-forgery tokens for one user's forms: ``<issued>.<hex HMAC>``."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = hmac.new(key, b"mirror web UI forms", hashlib.sha256).digest()
+
+    def _mac(self, user: str, issued: int) -> str:
+        return hmac.new(self._key, f"{user}\0{issued}".encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, user: str, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        return f"{issued}.{self._mac(user, issued)}"
+
+    def valid(self, user: str, token: str, now: float | None = None) -> bool:
+        issued, _, mac = token.partition(".")
+        if not (issued.isascii() and issued.isdigit() and len(issued) <= 12):
+            return False
+        age = (time.time() if now is None else now) - int(issued)
+        return 0 <= age <= TOKEN_TTL and hmac.compare_digest(mac, self._mac(user, int(issued)))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    verb: str
+    name: str
+    reference: str
+
+    @property
+    def is_tag(self) -> bool:
+        return ":" not in self.reference
+
+    def text(self, done: bool = False) -> str:
+        what = f"tag {self.reference}" if self.is_tag else f"manifest {self.reference}"
+        if self.verb == "delete":
+            return f"{'Deleted' if done else 'Delete'} {what} of {self.name}"
+        if self.verb == "prefetch":
+            at = ":" if self.is_tag else "@"
+            return f"{'Fetched' if done else 'Fetch'} {self.name}{at}{self.reference} into the cache"
+        verb = {"pin": "Pinned" if done else "Pin", "unpin": "Unpinned" if done else "Unpin"}[self.verb]
+        return f"{verb} {self.name}@{self.reference}"
+
+
+class Actions:
+    """The confirmation pages and the POSTs behind them; *render* draws a template as the pages do."""
+
+    def __init__(self, config: Config, render: Render, viewer: Callable[[Request], str | None]) -> None:
+        self.config = config
+        self.render = render
+        self.viewer = viewer
+        self._tokens: Tokens | None = None
+
+    def tokens(self) -> Tokens:
+        if self._tokens is None:
+            layout = Layout(self.config.storage.path)
+            self._tokens = Tokens(load_or_create_key(layout.auth_key, layout.tmp))
+        return self._tokens
+
+    def allowed(self, user: str | None, name: str) -> bool:
+        """May *user* act on repository *name* from the UI (a logged-in user with write rights)?"""
+        return self.config.auth.enabled and user is not None and self.config.auth.may_write(user, name)
+
+    def writes_somewhere(self, user: str | None) -> bool:
+        """May *user* write some repository (and so prefetch into it)?"""
+        auth = self.config.auth
+        return auth.enabled and user is not None and (
+            not auth.push_users or any(e.partition(":")[0] == user for e in auth.push_users))
+
+    def refuse(self, request: Request, message: str) -> Response:
+        return self.render(request, "action.html", status=403, title="Refused", message=message, wanted=None,
+                           token="", back=None)
+
+    async def page(self, request: Request) -> Response:
+        verb = request.path_params["verb"]
+        if verb not in VERBS:
+            return self.render(request, "missing.html", status=404, what=request.url.path)
+        fields = dict(request.query_params) if request.method in ("GET", "HEAD") else await _form(request)
+        if fields is None:
+            return self.render(request, "action.html", status=400, title="Bad request",
+                               message="The form could not be read.", wanted=None, token="", back=None)
+        try:
+            wanted = Wanted(verb, parse_name(fields.get("name", "")), _reference(verb, fields.get("reference", "")))
+        except ParseError as exc:
+            return self.render(request, "action.html", status=400, title="Bad request", message=str(exc),
+                               wanted=None, token="", back=None)
+        user = self.viewer(request)
+        if not self.allowed(user, wanted.name):
+            who = user or "An anonymous visitor"
+            return self.refuse(request, f"{who} may not change {wanted.name}.")
+        assert user is not None
+        back = "/" if verb == "prefetch" else \
+            f"/r/{wanted.name}" + ("" if wanted.is_tag or verb == "delete" else f"@{wanted.reference}")
+        if request.method in ("GET", "HEAD"):
+            return self.render(request, "action.html", title=wanted.text() + "?", message="", wanted=wanted,
+                               token=self.tokens().issue(user), back=back)
+        if not self.tokens().valid(user, fields.get("token", "")):
+            return self.refuse(request, "This form has expired or did not come from this page: nothing was "
+                                        "changed. Go back, reload the page and try again.")
+        try:
+            told = await self._do(request, wanted)
+        except APIError as exc:
+            return self.render(request, "action.html", status=exc.status, title="Not done",
+                               message=f"{wanted.text()}: {exc.message}.", wanted=None, token="", back=back)
+        return self.render(request, "action.html", title="Done", message=wanted.text(done=True) + told + ".",
+                           wanted=None, token="", back=f"/r/{wanted.name}")
+
+    async def _do(self, request: Request, wanted: Wanted) -> str:
+        """Do *wanted*; more to say of it (``""``, or ``": ..."``); :class:`APIError` if not done."""
+        namespaces: Namespaces = request.state.namespaces
+        local = namespaces.local
+        if wanted.verb in ("delete", "prefetch"):
+            pushed = await anyio.to_thread.run_sync(local.is_local, wanted.name)
+            repository = namespaces.repository(wanted.name)
+            reference = parse_reference(wanted.reference)
+            if wanted.verb == "prefetch":
+                if pushed:
+                    raise APIError("UNSUPPORTED", "it is a repository pushed here, not a cache", status=400)
+                done = await prefetch(repository, reference)
+                return (f": {done.digest}, {done.manifests} manifest(s), {done.fetched} blob(s) fetched, "
+                        f"{done.present} already stored")
+            if not pushed:
+                raise APIError("UNSUPPORTED", "only a pushed repository's tags and manifests are deleted here",
+                               status=400)
+            await repository.delete_manifest(reference)
+            return ""
+        key = await anyio.to_thread.run_sync(local.repo_key, wanted.name)
+        metadata = local.metadata
+
+        def change() -> None:
+            if metadata.get_manifest(wanted.reference) is None or not metadata.is_linked(key, wanted.reference):
+                raise APIError("MANIFEST_UNKNOWN", "no such manifest in this repository",
+                               detail={"digest": wanted.reference})
+            if wanted.verb == "pin":
+                metadata.pin(key, wanted.reference)
+            elif not metadata.unpin(key, wanted.reference):
+                raise APIError("MANIFEST_UNKNOWN", "it was not pinned", detail={"digest": wanted.reference})
+
+        await anyio.to_thread.run_sync(change)
+        return ""
+
+
+def _reference(verb: str, raw: str) -> str:
+    """A tag or a digest for a delete, a digest for a pin; :class:`ParseError` otherwise."""
+    if verb in ("delete", "prefetch"):
+        return str(parse_reference(raw))
+    return str(parse_digest(raw))
+
+
+async def _form(request: Request) -> dict[str, Any] | None:
+    """An ``application/x-www-form-urlencoded`` body's fields (the last of each name); None when
+    it is not one or longer than :data:`MAX_FORM_BYTES`."""
+    if request.headers.get("content-type", "").partition(";")[0].strip() != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+

@@ -1,0 +1,196 @@
+"""The web UI's actions over plain HTTP: a confirmation form, then a POST carrying its token.
+A POST without the token, with a wrong or another user's token, or from a user without write
+rights changes nothing; pins show in the index and on the pages.  The real mirror under uvicorn,
+in front of the session's real upstream registry."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.metadata.diskcache import DiskcacheMetadata
+from mirror.storage.layout import Layout
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked, push_image
+from tests.support.images import Image
+from tests.support.mirror import MirrorServer
+from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
+
+ALICE = basic("alice", ALICE_PASSWORD)
+BOB = basic("bob", "bob-pw")
+CAROL = basic("carol", "carol-pw")
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def guarded(mirror_factory: Callable[..., MirrorServer], htpasswd: Path) -> MirrorServer:
+    """Users (alice writes anywhere, bob under ``team/``, carol nowhere); anonymous pulls allowed."""
+    return mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+
+
+def form(page: httpx.Response) -> dict[str, str]:
+    """The hidden fields of the confirmation form on *page*."""
+    assert page.status_code == 200, page.text
+    found = re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', page.text)
+    return {n: html.unescape(v) for n, v in found}
+
+
+def manifest_status(http: httpx.Client, mirror: MirrorServer, name: str, reference: str) -> int:
+    return http.get(f"{mirror.url}/v2/{name}/manifests/{reference}",
+                    headers={"accept": "application/vnd.oci.image.manifest.v1+json"}).status_code
+
+
+def test_deleting_a_tag_needs_the_forms_token_and_write_rights(guarded: MirrorServer, http: httpx.Client,
+                                                               tiny: Image) -> None:
+    push(guarded, "team/app", "1", tiny, ALICE)
+    push(guarded, "team/app", "2", tiny, ALICE)
+    actions = f"{guarded.url}/ui/actions/delete"
+
+    # Who may not write sees no button, and the form is refused to them.
+    for headers in ({}, CAROL):
+        page = http.get(f"{guarded.url}/ui/r/team/app", headers=headers)
+        assert page.status_code == 200 and "/ui/actions/" not in page.text
+        refused = http.get(actions, params={"name": "team/app", "reference": "1"}, headers=headers)
+        assert refused.status_code == 403 and "may not change team/app" in refused.text
+    page = http.get(f"{guarded.url}/ui/r/team/app", headers=BOB)
+    assert 'href="/ui/actions/delete?name=team%2Fapp&amp;reference=1"' in page.text
+
+    fields = form(http.get(actions, params={"name": "team/app", "reference": "1"}, headers=BOB))
+    assert fields["name"] == "team/app" and fields["reference"] == "1" and fields["token"]
+    carols = form(http.get(actions, params={"name": "team/app", "reference": "1"}, headers=ALICE))
+
+    refusals = [
+        ({"name": "team/app", "reference": "1"}, BOB),  # no token
+        ({**fields, "token": fields["token"][:-1] + ("0" if fields["token"][-1] != "0" else "1")}, BOB),
+        ({**fields, "token": "1.abc"}, BOB),
+        ({**fields, "token": carols["token"]}, BOB),  # another user's
+        (fields, CAROL),  # a user without the right, with a token that is not theirs
+        (fields, {}),
+    ]
+    for data, headers in refusals:
+        answer = http.post(actions, data=data, headers=headers)
+        assert answer.status_code == 403, (data, headers, answer.text)
+        assert "text/html" in answer.headers["content-type"]
+        assert manifest_status(http, guarded, "team/app", "1") == 200
+    assert "nothing was changed" in http.post(actions, data={"name": "team/app", "reference": "1"},
+                                              headers=BOB).text
+
+    done = http.post(actions, data=fields, headers=BOB)
+    assert done.status_code == 200 and "Deleted tag 1 of team/app." in done.text
+    assert manifest_status(http, guarded, "team/app", "1") == 404
+    assert manifest_status(http, guarded, "team/app", "2") == 200
+    again = http.post(actions, data=fields, headers=BOB)
+    assert again.status_code == 404 and "Not done" in again.text
+
+    # bob may write under team/ only; alice anywhere.
+    push(guarded, "other/app", "1", tiny, ALICE)
+    assert http.get(actions, params={"name": "other/app", "reference": "1"}, headers=BOB).status_code == 403
+    deleted = http.post(actions, data={**fields, "name": "other/app"}, headers=BOB)
+    assert deleted.status_code == 403 and manifest_status(http, guarded, "other/app", "1") == 200
+
+
+def test_deleting_a_manifest_by_digest_takes_its_tags(guarded: MirrorServer, http: httpx.Client,
+                                                      tiny: Image) -> None:
+    push(guarded, "team/app", "1", tiny, ALICE)
+    push(guarded, "team/app", "also", tiny, ALICE)
+    image = http.get(f"{guarded.url}/ui/r/team/app@{tiny.digest}", headers=ALICE)
+    assert "Delete this manifest" in image.text and ">Pin<" not in image.text
+    fields = form(http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tiny.digest},
+                           headers=ALICE))
+    done = http.post(f"{guarded.url}/ui/actions/delete", data=fields, headers=ALICE)
+    assert done.status_code == 200 and f"Deleted manifest {tiny.digest} of team/app." in done.text
+    for reference in ("1", "also", tiny.digest):
+        assert manifest_status(http, guarded, "team/app", reference) == 404
+
+
+def test_pin_and_unpin_a_cached_image(guarded: MirrorServer, http: httpx.Client, images: StandardImages) -> None:
+    pull_checked(http, guarded.url, "library/small", "1", images.small)
+    digest = images.small.digest
+    image_page = f"{guarded.url}/ui/r/library/small@{digest}"
+    assert "/ui/actions/" not in http.get(image_page).text  # anonymous
+    page = http.get(image_page, headers=ALICE)
+    assert f'href="/ui/actions/pin?name=library%2Fsmall&amp;reference={digest.replace(":", "%3A")}"' in page.text
+
+    def pins() -> str:
+        """The index's pins (read from its files, as another process would) and the list page."""
+        metadata = DiskcacheMetadata(Layout(guarded.data_dir).index)
+        try:
+            pinned = metadata.pins()
+        finally:
+            metadata.close()
+        listed = http.get(f"{guarded.url}/ui/", headers=ALICE).text
+        assert (pinned == [("docker.io/library/small", digest)]) == ('<span class="badge pinned">' in listed)
+        return f"{pinned} {listed}"
+
+    assert "pinned" not in pins()
+    fields = form(http.get(f"{guarded.url}/ui/actions/pin", params={"name": "library/small", "reference": digest},
+                           headers=ALICE))
+    assert http.post(f"{guarded.url}/ui/actions/pin", data={**fields, "token": ""}, headers=ALICE).status_code == 403
+    assert "pinned" not in pins()
+    done = http.post(f"{guarded.url}/ui/actions/pin", data=fields, headers=ALICE)
+    assert done.status_code == 200 and f"Pinned library/small@{digest}." in done.text
+    assert '<span class="badge pinned">pinned</span>' in pins()
+    assert "Unpin" in http.get(image_page, headers=ALICE).text
+
+    fields = form(http.get(f"{guarded.url}/ui/actions/unpin", params={"name": "library/small", "reference": digest},
+                           headers=ALICE))
+    done = http.post(f"{guarded.url}/ui/actions/unpin", data=fields, headers=ALICE)
+    assert done.status_code == 200 and f"Unpinned library/small@{digest}." in done.text
+    assert "pinned" not in pins()
+
+
+def test_prefetch_pulls_every_platform_of_an_index_into_the_cache(guarded: MirrorServer, http: httpx.Client,
+                                                                   images: StandardImages) -> None:
+    index = images.multi
+    home = http.get(f"{guarded.url}/ui/", headers=ALICE)
+    assert 'action="/ui/actions/prefetch"' in home.text
+    for headers in ({}, CAROL):
+        assert 'action="/ui/actions/prefetch"' not in http.get(f"{guarded.url}/ui/", headers=headers).text
+    actions = f"{guarded.url}/ui/actions/prefetch"
+    # bob writes under team/ only
+    assert http.get(actions, params={"name": "library/multi", "reference": "1"}, headers=BOB).status_code == 403
+    fields = form(http.get(actions, params={"name": "library/multi", "reference": "1"}, headers=ALICE))
+    assert http.post(actions, data={**fields, "token": "0.0"}, headers=ALICE).status_code == 403
+    assert http.get(f"{guarded.url}/ui/r/library/multi").status_code == 404  # nothing fetched
+
+    done = http.post(actions, data=fields, headers=ALICE)
+    assert done.status_code == 200, done.text
+    blobs = {d for child in index.children for d in [child.config_digest, *(x.digest for x in child.layers)]}
+    assert (f"Fetched library/multi:1 into the cache: {index.digest}, 3 manifest(s), {len(blobs)} blob(s) "
+            f"fetched, 0 already stored.") in html.unescape(done.text)
+    # Served from the store from now on: every platform's manifest and blobs.
+    for child in index.children:
+        answer = http.get(f"{guarded.url}/v2/library/multi/manifests/{child.digest}",
+                          headers={"accept": child.media_type})
+        assert answer.status_code == 200 and answer.headers["x-mirror-cache"] == "HIT"
+        for digest in [child.config_digest, *(layer.digest for layer in child.layers)]:
+            blob = http.get(f"{guarded.url}/v2/library/multi/blobs/{digest}")
+            assert blob.status_code == 200 and blob.headers["x-mirror-cache"] == "HIT", digest
+
+    again = http.post(actions, data=fields, headers=ALICE)
+    assert f"0 blob(s) fetched, {len(blobs)} already stored." in again.text
+    unknown = http.post(actions, data={**fields, "reference": "nope"}, headers=ALICE)
+    assert unknown.status_code == 404 and "Not done" in unknown.text
+    assert '<a href="/ui/">All repositories</a>' in unknown.text
+
+
+def test_without_users_the_ui_only_reads(mirror: MirrorServer, http: httpx.Client, tiny: Image) -> None:
+    """Without ``auth.htpasswd.path`` anyone may push through ``/v2/``, but a browser's forms are
+    not a client's deliberate request: no buttons, and the actions are refused."""
+    push_image(mirror.url, "team/app", "1", tiny, client=http)
+    assert "/ui/actions/" not in http.get(f"{mirror.url}/ui/r/team/app").text
+    assert "/ui/actions/" not in http.get(f"{mirror.url}/ui/").text
+    confirm = http.get(f"{mirror.url}/ui/actions/delete", params={"name": "team/app", "reference": "1"})
+    assert confirm.status_code == 403
+    done = http.post(f"{mirror.url}/ui/actions/delete", data={"name": "team/app", "reference": "1", "token": "1.a"})
+    assert done.status_code == 403 and manifest_status(http, mirror, "team/app", "1") == 200

@@ -38,8 +38,9 @@ from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject, StoreError
 from .layout import PARTIAL, Layout
+from .marks import being_read
 from .reads import read_chunks
-from .refusals import Refusal, RefusalRecord, refusal, refusal_errno
+from .refusals import Refusal, RefusalRecord, probe_writes, refusal_errno
 from .verify import check_written, put_verified, signed_schema1_named
 
 CHUNK = 1024 * 1024
@@ -113,17 +114,7 @@ class Store:
 
     def serving(self, digest: Digest) -> bool:
         """True while a reader in any process holds the stored object marked (see :meth:`open`)."""
-        try:
-            fd = os.open(self.layout.blob(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return being_read(self.layout.blob(digest))
 
     def read_bytes(self, digest: Digest) -> bytes | None:
         """A small object (a manifest) in full, or None when absent."""
@@ -264,20 +255,11 @@ class Store:
         any process) counts until the filesystem has room for what it needed (and :data:`ROOM_MARGIN`),
         or :data:`REFUSAL_MEMORY` seconds pass; one of unknown size, also until an object is stored.
         """
-        probe = self.layout.temp("readyz")
-        try:
-            if not self.layout.blobs.is_dir():
-                raise FileNotFoundError(f"{self.layout.blobs} is missing")
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"ready")
-            finally:
-                os.close(fd)
-                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
-                    os.unlink(probe)
-        except OSError as exc:
-            return refusal(exc) or f"not writable: {exc.strerror or exc}" + (
-                f": {exc.filename}" if exc.filename else "")
+        if not self.layout.blobs.is_dir():
+            return f"not writable: {self.layout.blobs} is missing"
+        problem = probe_writes(self.layout.temp("readyz"))
+        if problem is not None:
+            return problem
         last = self._refusals.read()
         if last is None:
             return None

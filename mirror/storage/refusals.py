@@ -29,6 +29,22 @@ _CRC = struct.Struct("<I")
 RECORD_SIZE = _FORMAT.size + _CRC.size
 
 
+def probe_writes(probe: Path) -> str | None:
+    """Why a small file cannot be written at *probe* (and removed again), or None: the reason of a
+    refusal (:func:`refusal`), else "not writable: ..." with the error and the path."""
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ready")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
+                os.unlink(probe)
+    except OSError as exc:
+        return refusal(exc) or f"not writable: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return None
+
+
 def refusal_errno(exc: BaseException) -> int | None:
     """The errno of a refused write (``ENOSPC``, ``EDQUOT``, ``EROFS``), or None for any other error.
 

@@ -27,7 +27,6 @@ object is None / False / ``FileNotFoundError`` as the interface says.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -47,11 +46,12 @@ from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
-from .refusals import refusal, refusal_errno
+from .marks import being_read, unread
+from .refusals import probe_writes, refusal_errno
 from .s3damage import checked_bytes, read_whole
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, being_read, make_client, missing, unread
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -353,17 +353,9 @@ class S3Store:
     def write_problem(self) -> str | None:
         """Why the store cannot take writes now, or None: the data directory refuses a small file in
         ``tmp/`` (fills and uploads go there first), or the bucket does not answer."""
-        probe = self.layout.temp("readyz")
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"ready")
-            finally:
-                os.close(fd)
-                with contextlib.suppress(FileNotFoundError):  # a starting worker's sweep may have taken it
-                    os.unlink(probe)
-        except OSError as exc:
-            return f"data directory {self.layout.root}: " + (refusal(exc) or f"not writable: {exc.strerror or exc}")
+        problem = probe_writes(self.layout.temp("readyz"))
+        if problem is not None:
+            return f"data directory {self.layout.root}: {problem}"
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:

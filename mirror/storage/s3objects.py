@@ -8,8 +8,8 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 
 :class:`S3Reader` reads with ranged GETs, or from a local copy once its object was deleted
 (``S3Store.delete``).  While it is open it holds a shared ``flock`` on ``tmp/<alg>-<hex>.reading``
-(:func:`mark_reading`), so that a collector in any process sees the object being served
-(:func:`being_read`); the last reader to let go removes the file.  The client is boto3's:
+(``storage/marks.py``), so that a collector in any process sees the object being served
+(``being_read``); the last reader to let go removes the file.  The client is boto3's:
 thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
 which runs them in worker threads.
 
@@ -18,14 +18,11 @@ Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -37,6 +34,7 @@ from botocore.utils import determine_content_length
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
+from .marks import mark_reading, unmark_reading
 from .reads import READ_CHUNK, ShortFile, read_chunks
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
@@ -111,83 +109,6 @@ def make_client(options: S3Options) -> Any:
                       request_checksum_calculation="when_required", response_checksum_validation="when_required"))
     client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_nothing)
     return client
-
-
-def mark_reading(path: Path) -> int | None:
-    """A descriptor of *path* holding a shared ``flock`` on it (created if need be), or None if the
-    data directory refuses (the reader is then seen by its own process only)."""
-    for _ in range(100):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-        except OSError as exc:
-            log.debug("cannot mark %s as being read: %s", path, exc)
-            return None
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        if _names(path, fd):
-            return fd
-        os.close(fd)  # removed by a last reader meanwhile: take the new one
-    return None
-
-
-def unmark_reading(path: Path, fd: int) -> None:
-    """Let go of a :func:`mark_reading` descriptor; the last reader removes *path*."""
-    try:
-        with contextlib.suppress(BlockingIOError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _names(path, fd):
-                os.unlink(path)
-    finally:
-        os.close(fd)
-
-
-def being_read(path: Path, *, remove: bool = False) -> bool:
-    """Whether a reader in any process holds *path* (:func:`mark_reading`); if not and *remove*, it
-    is removed (a reader that died left it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        if remove and _names(path, fd):
-            os.unlink(path)
-        return False
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def unread(path: Path) -> Iterator[bool]:
-    """Whether no reader in any process holds *path* (:func:`mark_reading`); while True, none can begin
-    (its :func:`mark_reading` waits, then looks the object up again) until the block ends, which removes
-    *path*.  True as well if the data directory refuses the file (readers are then unmarked too)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError as exc:
-        log.debug("cannot hold %s: %s", path, exc)
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            free = True
-        except BlockingIOError:
-            free = False
-        yield free
-    finally:
-        if free and _names(path, fd):
-            os.unlink(path)
-        os.close(fd)
-
-
-def _names(path: Path, fd: int) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def _read(body: Any, count: int, hasher: Any) -> bytes:

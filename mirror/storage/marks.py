@@ -1,0 +1,95 @@
+"""Marks of objects being read, seen by every process on the host: a shared ``flock`` on a file.
+
+A reader holds ``tmp/<alg>-<hex>.reading`` (:func:`mark_reading`) while it reads an object the
+collector could delete (the S3 driver's readers); the filesystem driver's readers hold the stored
+file itself.  :func:`being_read` tells the collector, :func:`unread` lets a delete wait out
+readers that are starting.  The last reader to let go removes the mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("mirror.storage.marks")
+
+
+def mark_reading(path: Path) -> int | None:
+    """A descriptor of *path* holding a shared ``flock`` on it (created if need be), or None if the
+    data directory refuses (the reader is then seen by its own process only)."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.debug("cannot mark %s as being read: %s", path, exc)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if _names(path, fd):
+            return fd
+        os.close(fd)  # removed by a last reader meanwhile: take the new one
+    return None
+
+
+def unmark_reading(path: Path, fd: int) -> None:
+    """Let go of a :func:`mark_reading` descriptor; the last reader removes *path*."""
+    try:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(path, fd):
+                os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def being_read(path: Path, *, remove: bool = False) -> bool:
+    """Whether a reader in any process holds *path* (:func:`mark_reading`); if not and *remove*, it
+    is removed (a reader that died left it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        if remove and _names(path, fd):
+            os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def unread(path: Path) -> Iterator[bool]:
+    """Whether no reader in any process holds *path* (:func:`mark_reading`); while True, none can begin
+    (its :func:`mark_reading` waits, then looks the object up again) until the block ends, which removes
+    *path*.  True as well if the data directory refuses the file (readers are then unmarked too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.debug("cannot hold %s: %s", path, exc)
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        yield free
+    finally:
+        if free and _names(path, fd):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

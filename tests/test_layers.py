@@ -87,3 +87,25 @@ def test_modules_stay_under_400_lines() -> None:
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+#: Modules that may import boto3 when loaded: the S3 driver's own (the ``s3`` extra).
+S3_ONLY = ("mirror/storage/s3.py", "mirror/storage/s3objects.py", "mirror/storage/s3fill.py",
+           "mirror/storage/s3damage.py", "mirror/storage/s3notes.py")
+
+
+def test_only_the_s3_driver_loads_boto3_for_a_filesystem_store() -> None:
+    """boto3 is the ``s3`` extra: a deployment on the filesystem (the image) does not install it,
+    so no module outside the S3 driver may import it, or import the driver, when loaded."""
+    driver = {Path(p).stem for p in S3_ONLY}
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if str(path.relative_to(PACKAGE.parent)) in S3_ONLY:
+            continue
+        for node in ast.parse(path.read_text()).body:  # top-level statements only: what runs on load
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.split(".")[0] in ("boto3", "botocore") or name.rsplit(".", 1)[-1] in driver:
+                    wrong.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {name}")
+    assert wrong == [], "\n".join(wrong)

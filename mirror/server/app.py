@@ -35,7 +35,6 @@ from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
-from ..storage.s3 import S3Store
 from ..ui import pages as ui
 from ..upstream.client import Upstream
 from .hardening import Hardening
@@ -84,7 +83,10 @@ def create_app(config: Config) -> Starlette:
             StoreCollector(store, metadata, config.cache, collector.budget, config.http.workers)])
         store.on_commit = maintenance.note_commit
         store.on_refused = maintenance.make_room
-        if isinstance(store, S3Store):
+        if config.storage.driver == "s3":
+            from ..storage.s3 import S3Store  # boto3 is imported only when S3 is used
+
+            assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
         upkeep = asyncio.create_task(maintenance.run())
         try:

@@ -149,6 +149,9 @@ def test_a_preload_into_the_running_servers_store_is_evicted_for_within_seconds(
         "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", "MIRROR_CACHE_MAX_SIZE": "20MiB",
         "MIRROR_CACHE_KEEP_RECENT": "0s"})
     assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"
+    # A fill is made durable (and moved into the store) just after its client's last byte.
+    layers = sum(layer.size for layer in images[0].layers)
+    assert eventually(lambda: store_bytes(mirror.data_dir) > layers, 10), store_bytes(mirror.data_dir)
     cached = store_bytes(mirror.data_dir)
     preloaded = build_image(tmp_path / "pinned", [random_layer(tmp_path / "pinned", 14 * MIB, seed=591)])
     write_oci_layout(tmp_path / "layout", preloaded, "docker.io/library/pinned:1")

@@ -292,10 +292,11 @@ class PullThrough:
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
-        if (isinstance(source, GrowingBlob) and (source.verified or source.coalesced) and not linked
-                and not consented and not self._links.pending(repo, key)):
-            # A fetch this request joined (or one verified, only not yet moved into the store) may
-            # be for another repository: served here only if the upstream has it here too.
+        started_here = isinstance(source, GrowingBlob) and not (source.verified or source.coalesced)
+        if not started_here and not linked and not consented and not self._links.pending(repo, key):
+            # A fetch this request joined, one verified and only not yet moved into the store, or one
+            # that landed in the store since the look above may be for another repository: served
+            # here only if the upstream has it here too.
             try:
                 await self._consent(name, digest)
             except APIError:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import httpx
 import pytest
 
@@ -307,6 +308,31 @@ def test_a_reader_opened_before_a_delete_reads_the_whole_object(driver: Driver) 
         assert read(reader) == data
     finally:
         reader.close()
+
+
+def test_a_read_begun_before_a_delete_of_this_process_ends_whole(driver: Driver) -> None:
+    """The collector may delete between a reader's look-up and its first GET, or in the middle of a
+    read: a whole read and a range both still end with the object's bytes."""
+    store, data = driver.store, os.urandom(3 << 20)
+    digest = Digest.of(data)
+    ingest(store, data)
+    whole, part = store.open(digest), store.open(digest)
+    assert whole is not None and part is not None
+
+    async def collect() -> tuple[bytes, bytes]:
+        reading, ranging = whole.chunks(), part.chunks(1000, (2 << 20) - 1)
+        first = await anext(reading)  # the whole read is under way, the range not yet begun
+        assert await anyio.to_thread.run_sync(store.delete, digest)
+        return first + b"".join([c async for c in reading]), b"".join([c async for c in ranging])
+
+    try:
+        got_whole, got_part = asyncio.run(collect())
+    finally:
+        whole.close()
+        part.close()
+    assert got_whole == data
+    assert got_part == data[1000:2 << 20]
+    assert store.size(digest) is None
 
 
 def test_commit_file_stores_a_local_file_verified(driver: Driver) -> None:

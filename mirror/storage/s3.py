@@ -228,10 +228,19 @@ class S3Store:
         return True
 
     def _spool_for(self, digest: Digest, readers: list[S3Reader]) -> None:
+        """A local copy of the object for *readers*, if it matches *digest* (else they are left to
+        fail: a tampered object is not handed on)."""
+        hasher = digest.hasher()
         with tempfile.TemporaryFile(dir=self.layout.tmp) as copy, self.open_stream(digest) as body:
             while data := body.read(1 << 20):
+                hasher.update(data)
                 copy.write(data)
             copy.flush()
+            size = copy.tell()
+            if hasher.hexdigest() != digest.hex and not (
+                    size <= MAX_MANIFEST_BYTES and signed_schema1_named(os.pread(copy.fileno(), size, 0), digest)):
+                log.warning("%s does not match its digest in the bucket: readers of it are cut short", digest)
+                return
             for reader in readers:
                 reader.keep(os.dup(copy.fileno()))
 

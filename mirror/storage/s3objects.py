@@ -163,30 +163,49 @@ class S3Reader:
         if stop <= start:
             return
         hasher = self.digest.hasher() if start == 0 and stop == self.size else None
-        answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
-        body, etag = answer["Body"], answer.get("ETag")
+        etag: list[str | None] = [None]
+        got = 0
+        async for data in self._pieces(start, stop, hasher, etag):
+            got += len(data)
+            if hasher is None or got < stop - start:
+                yield data
+                continue
+            if len(data) > 1:
+                yield data[:-1]
+            got_hex = hasher.hexdigest()
+            if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
+                    mismatched, self._store, self.digest, self.size, got_hex):
+                raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
+            vouch(self._store, self.digest, etag[0])
+            yield data[-1:]
+
+    async def _pieces(self, start: int, stop: int, hasher: Any, etag: list[str | None]) -> AsyncIterator[bytes]:
+        """Bytes ``start..stop - 1`` of the object (hashed into *hasher*, if any; ``etag[0]``: the
+        object's ETag).  A delete by this process (:meth:`keep`) may come at any point of the read,
+        even between the look-up and the GET: the rest then comes from the local copy."""
+        offset = start
         try:
-            if hasher is None and not vouched(self._store, self.digest, etag):
-                await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag)
-            got = 0
-            while got < stop - start:
-                data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - start - got), hasher)
-                if not data:
-                    raise ShortFile(errno.EIO, f"{self.digest} ended at {start + got}, expected {stop} bytes")
-                got += len(data)
-                if hasher is None or got < stop - start:
+            answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
+            body = answer["Body"]
+            etag[0] = answer.get("ETag")
+            try:
+                if hasher is None and not vouched(self._store, self.digest, etag[0]):
+                    await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag[0])
+                while offset < stop:
+                    data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - offset), hasher)
+                    if not data:
+                        raise ShortFile(errno.EIO, f"{self.digest} ended at {offset}, expected {stop} bytes")
+                    offset += len(data)
                     yield data
-                    continue
-                if len(data) > 1:
-                    yield data[:-1]
-                got_hex = hasher.hexdigest()
-                if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
-                        mismatched, self._store, self.digest, self.size, got_hex):
-                    raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
-                vouch(self._store, self.digest, etag)
-                yield data[-1:]
-        finally:
-            body.close()
+            finally:
+                body.close()
+        except (FileNotFoundError, ShortFile) as exc:
+            if self._spool is None or isinstance(exc, CorruptObject):
+                raise
+            async for data in read_chunks(self._spool, offset, stop - offset):
+                if hasher is not None:
+                    hasher.update(data)
+                yield data
 
     def keep(self, spool: int) -> None:
         """Read from here on from *spool* (a descriptor of a local copy, now this reader's): the object

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.registry.failures import UPSTREAM_RETRY_AFTER
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
@@ -290,16 +291,14 @@ def test_uncached_answers_429_or_503_as_the_upstream_did(
 ) -> None:
     mirror = proxied()
     layer = images.small.layers[1]
-    headers = {"Retry-After": "30"} if status == 429 else {}
-    fault_proxy.add("status", "/v2/library/small/", status=status, headers=headers)
+    fault_proxy.add("status", "/v2/library/small/", status=status, headers={"Retry-After": "30"})
 
     manifest = get_manifest(mirror, "small", "1")
     blob = httpx.get(f"{mirror.url}/v2/small/blobs/{layer.digest}", trust_env=False, timeout=30.0)
     for answer in (manifest, blob):
         assert (answer.status_code, api_error(answer)) == (status, code)
         assert "x-mirror-cache" not in answer.headers
-        if status == 429:
-            assert answer.headers["retry-after"] == "30"
+        assert answer.headers["retry-after"] == "30"  # the upstream's own wait, passed on
     assert fault_proxy.count("GET", "/manifests/1", status=status) == attempts
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}", status=status) == attempts
     assert stored(mirror) == [] and temp_files(mirror) == []
@@ -345,6 +344,7 @@ def test_upstream_down_serves_cache_and_fails_fast_otherwise(
         answer = httpx.request(method, mirror.url + path, headers=ACCEPT, trust_env=False, timeout=30.0)
         assert time.monotonic() - started < FAIL_FAST, (method, path)
         assert answer.status_code == 503, (method, path)
+        assert answer.headers["retry-after"] == str(UPSTREAM_RETRY_AFTER), (method, path)
         if method == "GET":
             assert api_error(answer) == "UNAVAILABLE"
     if how == "refuse":  # the tag revalidation and each uncached request: one try and RETRIES retries

@@ -9,6 +9,11 @@ from __future__ import annotations
 from ..spec.errors import APIError
 from ..upstream.errors import UpstreamDenied, UpstreamError, UpstreamInvalid, UpstreamNotFound, UpstreamRateLimited
 
+#: Seconds a client is told to wait (``Retry-After``, RFC 9110 section 10.2.3) before it asks again
+#: for something the upstream could not give and nothing cached answers, when the upstream named no
+#: time of its own: the retries are spent, asking again at once would only fail again.
+UPSTREAM_RETRY_AFTER = 10
+
 
 def api_error(exc: UpstreamError, not_found: str) -> APIError:
     """The client-facing error for an upstream failure with nothing cached to fall back on."""
@@ -23,4 +28,5 @@ def api_error(exc: UpstreamError, not_found: str) -> APIError:
                                                "or needs credentials")
     if isinstance(exc, UpstreamInvalid):
         return APIError("UNAVAILABLE", "upstream sent an invalid answer", detail=str(exc), status=502)
-    return APIError("UNAVAILABLE", detail=str(exc))
+    return APIError("UNAVAILABLE", detail=str(exc),
+                    headers={"Retry-After": exc.retry_after or str(UPSTREAM_RETRY_AFTER)})

@@ -27,7 +27,7 @@ from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd, pull, run
 from tests.support.faults import FaultProxy
-from tests.support.images import build_image, random_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
@@ -310,3 +310,45 @@ def test_docker_pushes_a_second_dockerd_pulls_and_a_mount_adds_no_object(
         assert f"{mirror.address}/{name}@{pushed}" in repo_digests
     assert bucket.uploads() == []
     assert backends.rows("SELECT count(*) FROM uploads") == [(0,)]
+
+
+def test_with_the_database_down_a_mirror_on_s3_fails_fast_names_it_and_recovers_with_every_object_kept(
+    seaweedfs: SeaweedS3, s3_bucket: str, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """PostgreSQL stops under a mirror on S3: what needs the index answers ``503 UNAVAILABLE`` with
+    ``Retry-After`` at once, ``/readyz`` names the database (not the bucket), ``/metrics`` answers
+    with ``mirror_index_up 0``; nothing in the bucket is lost, and everything works again once the
+    database is back."""
+    bucket = Bucket(seaweedfs, s3_bucket)
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    with PostgresServer() as own, httpx.Client(timeout=30.0, trust_env=False) as http:
+        mirror = mirror_factory(env=bucket.env(MIRROR_METADATA_DRIVER="postgres",
+                                               MIRROR_METADATA_POSTGRES_DSN=own.create_database()))
+        small = images.small
+        pull_checked(http, mirror.url, "library/small", "1", small)
+        kept = bucket.objects()
+        assert set(kept) == {small.digest, small.config_digest, *(layer.digest for layer in small.layers)}
+
+        own.halt()
+        for method, path in (("GET", "/v2/library/big/manifests/1"),
+                             ("GET", f"/v2/library/big/blobs/{images.big.layers[0].digest}"),
+                             ("HEAD", f"/v2/library/small/blobs/{small.layers[0].digest}")):
+            started = time.monotonic()
+            down = http.request(method, f"{mirror.url}{path}", headers=accept)
+            assert time.monotonic() - started < 5.0, (method, path)
+            assert (down.status_code, down.headers.get("retry-after")) == (503, "5"), (method, path, down.text)
+            if method == "GET":
+                assert down.json()["errors"][0]["code"] == "UNAVAILABLE"
+        ready = http.get(f"{mirror.url}/readyz")
+        assert ready.status_code == 503 and set(ready.json()["problems"]) == {"index"}, ready.text
+        metrics = http.get(f"{mirror.url}/metrics")
+        assert metrics.status_code == 200 and "\nmirror_index_up 0.0\n" in metrics.text
+        assert bucket.objects() == kept
+
+        own.resume()
+        assert eventually(lambda: http.get(f"{mirror.url}/readyz").status_code == 200, timeout=15, interval=0.25), \
+            mirror.log_tail()
+        pull_checked(http, mirror.url, "library/small", "1", small)
+        pull_checked(http, mirror.url, "library/big", "1", images.big)
+        assert set(bucket.objects()) >= set(kept)
+        assert "Traceback" not in mirror.log_tail(500)

@@ -290,6 +290,25 @@ def test_metadata_driver_and_its_dsn_which_is_never_shown(tmp_path: Path) -> Non
         load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)})
 
 
+def test_s3_keys_from_files_which_are_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "ak").write_text("AKFROMFILE\n")
+    (tmp_path / "sk").write_text("sk-file-s3cr3t\n")
+    env = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "mirror", "MIRROR_CACHE_MAX_SIZE": "1GiB",
+           "MIRROR_STORAGE_S3_ACCESSKEY_FILE": str(tmp_path / "ak"),
+           "MIRROR_STORAGE_S3_SECRETKEY_FILE": str(tmp_path / "sk")}
+    config = load_config(env=env)
+    assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKFROMFILE", "sk-file-s3cr3t")
+    assert "sk-file-s3cr3t" not in repr(config)
+    environ = to_environ(config)  # workers read the files again
+    assert "sk-file-s3cr3t" not in str(environ) and "AKFROMFILE" not in str(environ)
+    assert load_config(env=environ) == config
+    with pytest.raises(ConfigError, match="storage.s3.accesskey and storage.s3.secretkey must be set together"):
+        load_config(env={key: value for key, value in env.items() if "SECRETKEY" not in key})
+    with pytest.raises(ConfigError, match="bad value for storage.s3.secretkey_file: .*: the file is empty"):
+        (tmp_path / "sk").write_text("")
+        load_config(env=env)
+
+
 @pytest.mark.parametrize(("name", "value", "key"), [
     ("MIRROR_METADATA_POSTGRES_DSN_FILE", "{missing}", "metadata.postgres.dsn_file"),
     ("MIRROR_METADATA_POSTGRES_DSN_FILE", "{empty}", "metadata.postgres.dsn_file"),

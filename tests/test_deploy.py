@@ -115,6 +115,70 @@ def listen_port(value: str) -> int:
     return int(value.rpartition(":")[2])
 
 
+def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -> None:
+    """deploy/compose.cluster.yaml: replicas of the mirror on SeaweedFS and PostgreSQL behind the
+    shipped HAProxy configuration; every address, port, secret and key one part names is where
+    another part puts it, and the mirror accepts its settings."""
+    tool = require_tool("docker-compose", "docker-compose")
+    secrets = DEPLOY / "secrets"
+    made = not secrets.exists()
+    document = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    try:  # the secret files an operator creates first (see the file's header)
+        secrets.mkdir(exist_ok=True)
+        for spec in document["secrets"].values():
+            (DEPLOY / spec["file"]).touch()
+        done = subprocess.run([tool, "-f", str(DEPLOY / "compose.cluster.yaml"), "config", "--quiet"],
+                              capture_output=True, text=True, check=False, env={**os.environ, "MIRROR_IMAGE": "m:1"})
+    finally:
+        if made:
+            shutil.rmtree(secrets)
+    assert done.returncode == 0, done.stderr
+    assert str(document["version"]).startswith("3.")
+    services = document["services"]
+    assert set(services) == {"mirror", "haproxy", "seaweedfs", "bucket", "postgres"}
+    mirror = services["mirror"]
+    assert mirror["deploy"]["replicas"] == 3 and mirror["build"]["args"]["EXTRAS"] == "s3"
+    assert (PROJECT_ROOT / mirror["build"]["dockerfile"]).is_file()
+    for service in services.values():
+        assert set(service.get("depends_on", [])) <= set(services)
+        assert all(entry in document["secrets"] for entry in service.get("secrets", []))
+
+    # The mirror's settings, with its secrets as files.
+    keys = {"s3-accesskey": "AKCLUSTER", "s3-secretkey": "sk-cluster",
+            "postgres-dsn": "postgresql://mirror:pw@postgres:5432/mirror"}
+    for name, value in keys.items():
+        (tmp_path / name).write_text(value + "\n")
+    env = {key: str(value).replace("/run/secrets/", f"{tmp_path}/") for key, value in mirror["environment"].items()}
+    config = load_config(env=env)
+    assert set(mirror["secrets"]) == set(keys)
+    assert (config.storage.driver, config.metadata.driver) == ("s3", "postgres")
+    assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKCLUSTER", "sk-cluster")
+    assert config.metadata.postgres_dsn == keys["postgres-dsn"]
+
+    # HAProxy reaches the replicas where they listen, checks /readyz, and is what clients reach.
+    haproxy = services["haproxy"]
+    (entry,) = haproxy["configs"]
+    assert entry["target"] == "/usr/local/etc/haproxy/haproxy.cfg"
+    shipped = (DEPLOY / document["configs"][entry["source"]]["file"]).read_text()
+    assert re.search(rf"(?m)^\s+server-template mirror \d+ mirror:{config.http.port} ", shipped)
+    assert re.search(r"(?m)^\s+option httpchk GET /readyz$", shipped)
+    assert "balance roundrobin" in shipped and not re.search(r"(?m)^\s+(stick|cookie)", shipped)  # no stickiness
+    bound = re.search(r"(?m)^\s+bind :(\d+)$", shipped)
+    assert bound and haproxy["ports"] == [f"{bound[1]}:{bound[1]}"]
+    assert "ports" not in mirror  # replicas are reached through HAProxy only
+
+    # The bucket and the database are where the mirror looks for them.
+    seaweedfs = services["seaweedfs"]
+    assert config.storage.s3_regionendpoint == "http://seaweedfs:8333" and "-s3.port=8333" in seaweedfs["command"]
+    assert "/run/secrets/seaweedfs-s3.json" in seaweedfs["command"]
+    assert f"-name {config.storage.s3_bucket}" in " ".join(services["bucket"]["command"])
+    postgres = services["postgres"]
+    assert (postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"]) == ("mirror", "mirror")
+    assert "@postgres:5432/mirror" in keys["postgres-dsn"] and postgres["image"].startswith("postgres:15")
+    for name in ("seaweedfs", "postgres"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+
+
 @pytest.mark.parametrize("names", [("compose.yaml",), ("compose.yaml", "compose.tls.yaml")], ids=["plain", "tls"])
 def test_compose_files_are_valid_and_agree_with_each_other(
     names: tuple[str, ...], certificate: ServerCertificate
@@ -444,7 +508,8 @@ def test_dockerfile_is_slim_non_root_with_volume_port_and_healthcheck() -> None:
             assert f"!{item.rstrip('/')}" in ignore or f"!{item.rstrip('/')}/" in ignore, item
 
     # ... and installs the dependencies at the versions the suite passed on.
-    assert "pip install --constraint /tmp/constraints.txt /tmp/wheels/*.whl" in text
+    assert 'pip install --constraint /tmp/constraints.txt "${wheel}${EXTRAS:+[$EXTRAS]}"' in text
+    assert "ARG EXTRAS=" in final  # --build-arg EXTRAS=s3 for the S3 driver
 
 
 def test_constraints_pin_every_dependency_within_the_declared_bounds() -> None:
@@ -455,8 +520,9 @@ def test_constraints_pin_every_dependency_within_the_declared_bounds() -> None:
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[canonicalize_name(name)] = Version(version)
-    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for requirement in map(Requirement, declared):
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"]
+    for requirement in map(Requirement, [*declared, *project["optional-dependencies"]["s3"]]):
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not pinned"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"

@@ -119,12 +119,19 @@ class StorageConfig:
     # Credentials; none: the SDK's usual sources (environment, instance role).
     s3_accesskey: str | None = setting(parse_optional_str, None)
     s3_secretkey: str | None = setting(parse_optional_str, None, secret=True)
+    # Either read from a file at start-up instead (Docker / Kubernetes secrets); takes precedence.
+    s3_accesskey_file: SecretFile | None = setting(parse_secret_file, None)
+    s3_secretkey_file: SecretFile | None = setting(parse_secret_file, None)
     s3_forcepathstyle: bool = setting(parse_bool, False)
     s3_chunksize: int = setting(parse_chunksize, 16 << 20)
     # Blob GETs are answered with a redirect to a presigned URL of the object.
     s3_redirect: bool = setting(parse_bool, False)
 
     def __post_init__(self) -> None:
+        for key in ("s3_accesskey", "s3_secretkey"):
+            found: SecretFile | None = getattr(self, f"{key}_file")
+            if found is not None:
+                object.__setattr__(self, key, found.value)
         if self.driver == "s3" and not self.s3_bucket:
             raise ConfigError("storage.driver s3 needs storage.s3.bucket")
         if (self.s3_accesskey is None) != (self.s3_secretkey is None):

@@ -20,9 +20,11 @@
   manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
 
 One collector runs at a time, across worker processes and the CLI: it holds ``DATA/gc.lock``
-exclusively.  Writers that make a stored object reachable again (a manifest push, a mount)
-hold it shared for that moment, so an object cannot be swept between their check and their
-write.  Objects being served stay readable (the reader holds an open descriptor), fetches and
+exclusively, and across hosts sharing the index the index's lease too (``maintenance/collecting.py``).
+Writers that make a stored object reachable again (a manifest push, a mount) hold the lock file
+shared for that moment, so an object cannot be swept between their check and their write by a
+collector of their host (one of another host could: its grace period is what protects them then).
+Objects being served stay readable (the reader holds an open descriptor), fetches and
 uploads in progress live outside ``blobs/``, and the grace period protects objects that are
 stored but not yet referenced (a pushed layer whose manifest is still to come).
 """
@@ -46,6 +48,7 @@ from ..spec.manifest import references
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore
 from ..storage.growing import fills_in_progress
+from .collecting import CollectorBusy, CollectorLease, collector_lease
 
 log = logging.getLogger("mirror.maintenance.gc")
 
@@ -117,6 +120,7 @@ class Collector:
         self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
         #: Bytes the next run should free whatever the budget says: a write found the filesystem full.
         self.room_wanted = 0
+        self._lease: CollectorLease | None = None  # the cluster's lease while a run holds it
 
     # -- budget --
 
@@ -145,10 +149,12 @@ class Collector:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                with collector_lease(self.metadata, wait=wait) as self._lease:
+                    return self._collect(dry_run, resume)
+            except (BlockingIOError, CollectorBusy):
                 return None
-            return self._collect(dry_run, resume)
         finally:
+            self._lease = None
             os.close(fd)
 
     def _collect(self, dry_run: bool, resume: bool = False) -> Report:
@@ -220,6 +226,8 @@ class Collector:
             self.metadata.untag_many(repo, repo_tags)
         self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
         for d in doomed:
+            if self._lease is not None and self._lease.lost.is_set():
+                break  # another collector may run by now; the rest is unreferenced: the next run removes it
             with contextlib.suppress(ParseError):
                 self.store.delete(parse_digest(d))
             self._refs.pop(d, None)

@@ -329,6 +329,10 @@ class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex
                InventoryIndex, Leases, Protocol):
     """The whole index, as one driver keeps it (see the module's docstring)."""
 
+    #: True when instances on other hosts may share this index: what they must do one at a time
+    #: (the collector) they then settle through its leases, not through files of one data directory.
+    shared_by_hosts: bool = False
+
     @property
     def generation(self) -> Generation:
         """Changes on every withdrawal, by any instance over the same data."""

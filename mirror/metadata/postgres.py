@@ -36,8 +36,6 @@ from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRec
 from .inventory import PostgresInventory
 from .pgschema import CHANNEL, NotifiedGeneration, describe, migrate
 
-__all__ = ["POOL_SIZE", "POOL_WAIT", "RECONNECT_WAIT", "PostgresMetadata"]
-
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
 POOL_SIZE = 4
 #: Seconds a call waits for a working connection before it fails with ``MetadataUnavailable``.
@@ -61,6 +59,8 @@ class PostgresMetadata(PostgresInventory, Metadata):
     database cannot be reached at start, and ``SchemaTooNew`` or ``StoreMismatch`` (``pgschema``);
     later calls raise :class:`~mirror.metadata.driver.MetadataUnavailable` while it cannot be reached.
     """
+
+    shared_by_hosts = True
 
     def __init__(self, dsn: str, *, store: Mapping[str, str] | None = None,
                  clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:

@@ -1,0 +1,136 @@
+"""Replicas behind the shipped HAProxy configuration (``deploy/haproxy/haproxy.cfg``): several mirror
+processes on one SeaweedFS bucket and one PostgreSQL database, each with a data directory of its own,
+and HAProxy from Debian in front of them with no stickiness.
+
+- ``haproxy -c`` accepts the shipped file as it is, and as the tests adapt it to loopback.
+- dockerd pulls and runs an image through HAProxy; 8 looping pullers see no failure while every replica
+  is stopped and started again, one after the other; every replica answered some of them.
+- A replica whose ``/readyz`` fails (its database is gone) leaves HAProxy's rotation; the others serve.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
+from tests.support.dockerd import Dockerd, pull, run
+from tests.support.haproxy import SHIPPED, HAProxy, loopback_config
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.procs import require_tool, run_checked
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import Bucket
+
+REPLICAS = 3
+
+
+def test_the_shipped_haproxy_configuration_is_valid_as_shipped_and_on_loopback(tmp_path: Path) -> None:
+    haproxy = require_tool("/usr/sbin/haproxy", "haproxy")
+    run_checked([haproxy, "-c", "-f", str(SHIPPED)])
+    adapted = tmp_path / "haproxy.cfg"
+    adapted.write_text(loopback_config(SHIPPED.read_text(), 5000, ["127.0.0.1:5001", "127.0.0.1:5002"],
+                                       tmp_path / "admin.sock"))
+    run_checked([haproxy, "-c", "-f", str(adapted)])
+
+
+def all_up(balancer: HAProxy, count: int = REPLICAS) -> bool:
+    states = balancer.states()
+    return len(states) == count and all(state == "UP" for state in states.values())
+
+
+def start_replicas(mirror_factory: Callable[..., MirrorServer], env: dict[str, str]) -> list[MirrorServer]:
+    return [mirror_factory(env=env) for _ in range(REPLICAS)]
+
+
+@pytest.mark.slow
+def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_replicas_restart(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, images: StandardImages, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer], dockerd_factory: Callable[..., Dockerd],
+) -> None:
+    env = Bucket(seaweedfs, s3_bucket).env(MIRROR_METADATA_DRIVER="postgres",
+                                          MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
+    replicas = start_replicas(mirror_factory, env)
+    with HAProxy(tmp_path / "haproxy", [mirror.address for mirror in replicas]) as balancer:
+        wait_for(lambda: all_up(balancer), timeout=15, what=f"every replica UP in HAProxy: {balancer.states()}")
+        daemon = dockerd_factory(registry_mirror=balancer.url)
+        pull(daemon, "small:1")
+        assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
+
+        pulled = {"small": images.small, "big": images.big}
+        stop, failures, done = threading.Event(), list[str](), [0]
+
+        def puller(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(timeout=60.0, trust_env=False) as http:
+                while not stop.is_set():
+                    name = rng.choice(sorted(pulled))
+                    try:
+                        pull_checked(http, balancer.url, f"library/{name}", "1", pulled[name])
+                        done[0] += 1
+                    except (AssertionError, httpx.HTTPError) as exc:
+                        failures.append(f"{name}: {exc!r}")
+
+        threads = [threading.Thread(target=puller, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(2)
+            for mirror in replicas:  # a rolling restart: one replica at a time leaves and comes back
+                wanted = done[0] + 8
+                mirror.stop()
+                wait_for(lambda: done[0] >= wanted, timeout=30, what="pulls while a replica is down")  # noqa: B023
+                mirror.start()
+                wait_for(lambda: all_up(balancer), timeout=15, what=f"the replica back in: {balancer.states()}")
+            time.sleep(2)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(120)
+        assert not failures, failures[:5]
+        assert done[0] >= 40, done[0]
+        served = [sum(1 for entry in mirror.access_entries() if entry.get("route") == "blob") for mirror in replicas]
+        assert all(count > 0 for count in served), served
+
+        daemon.docker("rmi", "small:1")
+        pull(daemon, "small:1")  # after every replica restarted
+        assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
+        assert "Traceback" not in "".join(mirror.log_tail(400) for mirror in replicas)
+
+
+@pytest.mark.slow
+def test_a_replica_that_loses_its_database_leaves_the_rotation_and_the_others_serve(
+    seaweedfs: SeaweedS3, s3_bucket: str, images: StandardImages, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Two replicas on one database, a third on a database of its own that stops: HAProxy's check of
+    ``/readyz`` takes the third out, and no client sees its 503."""
+    bucket, own_bucket = Bucket(seaweedfs, s3_bucket), seaweedfs.new_bucket()
+    try:
+        with PostgresServer() as shared, PostgresServer() as lonely, \
+                httpx.Client(timeout=60.0, trust_env=False) as http:
+            env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=shared.create_database())
+            replicas = [mirror_factory(env=env) for _ in range(2)]
+            odd = mirror_factory(env=Bucket(seaweedfs, own_bucket).env(
+                MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=lonely.create_database()))
+            with HAProxy(tmp_path / "haproxy", [m.address for m in (*replicas, odd)]) as balancer:
+                wait_for(lambda: all_up(balancer), timeout=15, what=f"every replica UP: {balancer.states()}")
+                lonely.halt()
+                wait_for(lambda: balancer.states()["mirror3"].startswith("DOWN"), timeout=15,
+                         what=f"the replica without its database out of the rotation: {balancer.states()}")
+                odd.access.clear()
+                for _ in range(6):
+                    pull_checked(http, balancer.url, "library/small", "1", images.small)
+                assert odd.access.count(None, "/v2/") == 0
+                lonely.resume()
+                wait_for(lambda: all_up(balancer), timeout=20, what=f"the replica back: {balancer.states()}")
+    finally:
+        seaweedfs.drop_bucket(own_bucket)

@@ -262,6 +262,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "tls": {"enabled": True, "secretName": "mirror-tls"},
     },
     "ephemeral": {"persistence": {"enabled": False}},
+    "replicas": {
+        "replicaCount": 3,
+        "objectStorage": {"enabled": True, "bucket": "images", "regionendpoint": "http://seaweedfs:8333",
+                          "forcepathstyle": True, "maxSize": "500GiB", "existingSecret": "mirror-s3"},
+        "database": {"enabled": True, "existingSecret": "mirror-database"},
+    },
 }
 
 
@@ -316,7 +322,22 @@ def test_helm_chart_renders_valid_consistent_manifests(
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["selector"] == selector
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    replicas = values.get("replicaCount", 1)
+    assert deployment["spec"]["replicas"] == replicas
+    if values.get("objectStorage", {}).get("enabled"):  # pods share the bucket: roll one at a time
+        assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                                  "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    else:
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    if replicas > 1:
+        budget = objects["PodDisruptionBudget"]
+        assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        assert budget["spec"]["maxUnavailable"] == 1
+        (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    else:
+        assert "PodDisruptionBudget" not in objects
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 10001
     assert container["securityContext"]["readOnlyRootFilesystem"] and spec["enableServiceLinks"] is False
 
@@ -330,7 +351,9 @@ def test_helm_chart_renders_valid_consistent_manifests(
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert {mount["name"] for mount in container["volumeMounts"]} <= set(volumes)
     claim = volumes["data"].get("persistentVolumeClaim", {}).get("claimName")
-    if values.get("persistence", {}).get("enabled", True):
+    if values.get("objectStorage", {}).get("enabled"):  # each pod's spool only
+        assert volumes["data"]["emptyDir"]["sizeLimit"] == "20Gi" and "PersistentVolumeClaim" not in objects
+    elif values.get("persistence", {}).get("enabled", True):
         expected = (values.get("persistence", {}).get("existingClaim")
                     or objects["PersistentVolumeClaim"]["metadata"]["name"])
         assert claim == expected
@@ -358,6 +381,12 @@ def test_helm_chart_renders_valid_consistent_manifests(
         assert config.metrics.listen == f"0.0.0.0:{values['metrics']['port']}"
     assert [u.registry for u in config.upstreams] == \
         ["docker.io", *(u["registry"] for u in values.get("config", {}).get("upstreams", []))]
+    if values.get("objectStorage", {}).get("enabled"):
+        assert (config.storage.driver, config.storage.s3_bucket, config.cache.max_size) == ("s3", "images", 500 << 30)
+        assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKEXISTING", "sk-existing")
+        assert config.storage.s3_regionendpoint == "http://seaweedfs:8333" and config.storage.s3_forcepathstyle
+    if values.get("database", {}).get("enabled"):
+        assert (config.metadata.driver, config.metadata.postgres_dsn) == ("postgres", "postgresql://m:pw@db/mirror")
 
 
 def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], volumes: dict[str, Any],
@@ -367,6 +396,7 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
     chart's (existingSecret, the TLS Secret) get test content."""
     chart_secret = objects.get("Secret", {})
     external = {"password": "token-from-an-existing-secret", "username": "me", "htpasswd": HTPASSWD,
+                "accesskey": "AKEXISTING", "secretkey": "sk-existing", "dsn": "postgresql://m:pw@db/mirror",
                 "tls.crt": certificate.certificate.read_text(), "tls.key": certificate.key.read_text()}
 
     def secret_value(name: str, key: str) -> str:
@@ -397,6 +427,23 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
             mounted = value.startswith("/etc/mirror/")
             env[variable["name"]] = str(root / value.lstrip("/")) if mounted else value
     return env
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"replicaCount": 2}, "replicaCount > 1 needs objectStorage.enabled and database.enabled"),
+    ({"replicaCount": 2, "objectStorage": {"enabled": True, "bucket": "b", "maxSize": "1TiB"}},
+     "replicaCount > 1 needs objectStorage.enabled and database.enabled"),
+    ({"objectStorage": {"enabled": True, "maxSize": "1TiB"}}, "objectStorage.bucket is needed"),
+    ({"objectStorage": {"enabled": True, "bucket": "b"}}, "objectStorage.maxSize is needed"),
+    ({"database": {"enabled": True}}, "database.existingSecret (a Secret with the key dsn) is needed"),
+], ids=["replicas-on-a-volume", "replicas-without-a-database", "no-bucket", "no-budget", "no-dsn"])
+def test_helm_chart_refuses_replicas_that_would_not_share_their_store(
+    values: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    done = helm("template", "rel", str(CHART), "-f", str(path), check=False)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
 
 
 def test_helm_chart_refuses_tls_without_a_secret(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    target store's objects all the source's too.
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
-   it is written, nothing larger than a manifest is held in memory); objects the target already
-   has at that size are skipped, so a run that was interrupted goes on where it stopped.
+   it is written, nothing larger than a manifest or a part is held in memory), :data:`COPIERS`
+   at a time; objects the target already has at that size are skipped, so a run that was
+   interrupted goes on where it stopped.
 3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes).
 4. Verified: every object of the source is in the target at its size (and, with
    ``verify_content``, hashes to its digest there), and the target's index holds every record.
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from ..config.sections import Config, StorageConfig
@@ -44,6 +47,8 @@ from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
 
 CHUNK = 1 << 20
+#: Objects copied at once (each holds at most one part of the target's writer in memory).
+COPIERS = 4
 
 
 class Refused(Exception):
@@ -198,20 +203,41 @@ class Migration:
 
     def _copy_objects(self, old: BlobStore, new: BlobStore, objects: list[StoredObject],
                       snapshot: Snapshot) -> None:
+        """Copy what the target lacks, :data:`COPIERS` objects at a time (an object store answers each
+        request after a round trip: one at a time, a store of small objects takes as many round
+        trips as it has objects)."""
         self.progress.phase("objects", self.report.bytes)
-        for found in objects:
+
+        def one(found: StoredObject) -> bool:  # True: copied, False: there already
             assert found.digest is not None
             if new.size(found.digest) == found.size:
-                self.report.present += 1
-            else:
-                try:
-                    self._copy(old, new, found.digest, found.size, str(found.digest) in snapshot.manifests)
-                except StoreError as exc:
-                    self.report.problems.append(f"source object {found.location}: {exc}")
-                    continue
-                self.report.copied += 1
-                self.report.bytes_copied += found.size
-            self.progress.advance(found.size)
+                return False
+            self._copy(old, new, found.digest, found.size, str(found.digest) in snapshot.manifests)
+            return True
+
+        with ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate") as pool:
+            pending: dict[Future[bool], StoredObject] = {}
+            queue = iter(objects)
+            while True:
+                for found in itertools.islice(queue, COPIERS * 2 - len(pending)):
+                    pending[pool.submit(one, found)] = found
+                if not pending:
+                    break
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    found = pending.pop(future)
+                    try:
+                        copied = future.result()
+                    except StoreError as exc:
+                        self.report.problems.append(f"source object {found.location}: {exc}")
+                        continue
+                    finally:
+                        self.progress.advance(found.size)
+                    if copied:
+                        self.report.copied += 1
+                        self.report.bytes_copied += found.size
+                    else:
+                        self.report.present += 1
 
     def _copy(self, old: BlobStore, new: BlobStore, digest: Digest, size: int, manifest: bool) -> None:
         if manifest and size <= MAX_MANIFEST_BYTES:  # a signed schema 1 one is checked by its payload's digest

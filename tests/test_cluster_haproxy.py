@@ -5,11 +5,13 @@ and HAProxy from Debian in front of them with no stickiness.
 - ``haproxy -c`` accepts the shipped file as it is, and as the tests adapt it to loopback.
 - dockerd pulls and runs an image through HAProxy; 8 looping pullers see no failure while every replica
   is stopped and started again, one after the other; every replica answered some of them.
-- A replica whose ``/readyz`` fails (its database is gone) leaves HAProxy's rotation; the others serve.
+- A replica whose ``/readyz`` fails (its database is gone) leaves HAProxy's rotation; the others serve;
+  the dashboard's replica panels, queried in a real Prometheus scraping every replica, show it.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -26,11 +28,13 @@ from tests.support.haproxy import SHIPPED, HAProxy, loopback_config
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import require_tool, run_checked
+from tests.support.prometheus import Prometheus, panel_queries
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.waiting import wait_for
 from tests.test_s3_serve import Bucket
 
 REPLICAS = 3
+DASHBOARD = Path(__file__).resolve().parents[1] / "grafana" / "mirror.json"
 
 
 def test_the_shipped_haproxy_configuration_is_valid_as_shipped_and_on_loopback(tmp_path: Path) -> None:
@@ -121,8 +125,13 @@ def test_a_replica_that_loses_its_database_leaves_the_rotation_and_the_others_se
             replicas = [mirror_factory(env=env) for _ in range(2)]
             odd = mirror_factory(env=Bucket(seaweedfs, own_bucket).env(
                 MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=lonely.create_database()))
-            with HAProxy(tmp_path / "haproxy", [m.address for m in (*replicas, odd)]) as balancer:
+            members = [m.address for m in (*replicas, odd)]
+            with HAProxy(tmp_path / "haproxy", members) as balancer, \
+                    Prometheus(tmp_path / "prometheus", members, interval=3) as prometheus:  # a scrape
+                # of a replica whose database is down waits for it up to metadata's POOL_WAIT (2 s)
                 wait_for(lambda: all_up(balancer), timeout=15, what=f"every replica UP: {balancer.states()}")
+                for _ in range(6):
+                    pull_checked(http, balancer.url, "library/small", "1", images.small)
                 lonely.halt()
                 wait_for(lambda: balancer.states()["mirror3"].startswith("DOWN"), timeout=15,
                          what=f"the replica without its database out of the rotation: {balancer.states()}")
@@ -130,6 +139,22 @@ def test_a_replica_that_loses_its_database_leaves_the_rotation_and_the_others_se
                 for _ in range(6):
                     pull_checked(http, balancer.url, "library/small", "1", images.small)
                 assert odd.access.count(None, "/v2/") == 0
+
+                # The dashboard's replica panels: one series per replica, the lost index shown.
+                panels = {(q.panel, q.ref_id): q.expr for q in panel_queries(json.loads(DASHBOARD.read_text()))}
+
+                def per_replica(title: str) -> dict[str, float]:
+                    return {r["metric"]["instance"]: float(r["value"][1]) for r in prometheus.query(panels[title, "A"])}
+
+                wait_for(lambda: per_replica("Index up per replica") == {members[0]: 1, members[1]: 1, members[2]: 0},
+                         timeout=20, what="the index of the third replica down in Prometheus")
+                wait_for(lambda: all(per_replica("Requests per replica").get(m, 0) > 0 for m in members[:2]),
+                         timeout=20, what="the requests of each serving replica in Prometheus")
+                for _ in range(4):  # two serving replicas fetch it at most once each: at most half of it is fetched
+                    pull_checked(http, balancer.url, "library/big", "1", images.big)
+                ratio = panels["Cluster: upstream bytes per byte served", "A"]
+                wait_for(lambda: 0 < (prometheus.value(ratio) or 0) <= 0.6, timeout=20,
+                         what="the cluster's upstream bytes per byte served in Prometheus")
                 lonely.resume()
                 wait_for(lambda: all_up(balancer), timeout=20, what=f"the replica back: {balancer.states()}")
     finally:

@@ -27,16 +27,18 @@ GRAFANA_INTERVALS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5
 
 
 class Prometheus(Service):
-    """One prometheus server with its own data directory, scraping *targets* (``HOST:PORT``) every second."""
+    """One prometheus server with its own data directory, scraping *targets* (``HOST:PORT``) every
+    *interval* seconds (a scrape may take as long)."""
 
     def __init__(self, root: Path, targets: Sequence[str], *, job: str = "mirror",
-                 rule_files: Sequence[Path] = ()) -> None:
+                 rule_files: Sequence[Path] = (), interval: int = 1) -> None:
         self.binary = require_tool("prometheus", "prometheus")
         self.root = root
         self.port = free_port()
         self.config_path = root / "prometheus.yml"
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": f"{interval}s", "scrape_timeout": f"{interval}s",
+                       "evaluation_interval": "1s"},
             "rule_files": [os.fspath(p) for p in rule_files],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
         }

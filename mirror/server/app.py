@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..api import observability as observe
+from ..api import cluster as peers, observability as observe
 from ..api.auth import AuthMiddleware
 from ..api.memo import ManifestMemo, MemoManifests
 from ..api.routes import routes
@@ -92,7 +92,7 @@ def create_app(config: Config) -> Starlette:
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
-                   "memo": memo}
+                   "memo": memo, "fills": fills}
         finally:
             memo.attach(None)
             upkeep.cancel()
@@ -142,7 +142,7 @@ def create_app(config: Config) -> Starlette:
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
 
     return Starlette(
-        routes=[*observe.routes(config), *routes, *(ui.mount(config) if config.ui.enabled else [])],
+        routes=[*observe.routes(config), *routes, *peers.routes, *(ui.mount(config) if config.ui.enabled else [])],
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,

@@ -27,6 +27,7 @@ from ..maintenance.upkeep import AccessTracker, Maintenance
 from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
+from ..registry.cluster import Cluster, ClusterFills
 from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
@@ -59,7 +60,9 @@ def create_app(config: Config) -> Starlette:
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
-        fills = Fills(store, metrics=metrics)
+        # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
+        cluster = Cluster(config.cluster, metadata, store) if config.cluster.enabled else None
+        fills = ClusterFills(store, cluster, metrics=metrics) if cluster else Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
         upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
         pulls = {
@@ -103,6 +106,8 @@ def create_app(config: Config) -> Starlette:
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
                 log.warning("last access times not saved: %s", exc)
             await fills.aclose()
+            if cluster is not None:
+                await cluster.aclose()
             for pull in pulls.values():
                 await pull.settled()
             for each_upstream in upstreams:

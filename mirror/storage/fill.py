@@ -205,6 +205,7 @@ class Fills:
                     started.set_result(BypassBlob(ingest.digest, download.size, queue, task))
                     await relay(download, queue)
                     return
+                ingest.stored_elsewhere = getattr(download, "stored_elsewhere", None)
                 started.set_result(download.size)
                 await _copy(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)

@@ -184,3 +184,30 @@ def test_when_the_replica_fetching_dies_another_takes_the_fill_over_and_its_clie
     assert cluster.bucket.digest_of(layer.digest) == layer.digest
     holders = {holder for (_, holder, _) in cluster.leases()}
     assert holders <= {r.url for r in others}, holders  # the lease row now names the replica that took over
+
+
+def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    fault_proxy.add("corrupt", blob_path, method="GET", times=1, after_bytes=MIB)
+    fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.004)
+    pulls = [Pull(replicas[n % 3]) for n in range(6)]
+    for thread in run_pulls(pulls, layer.digest):
+        thread.join(180)
+
+    # A client got the blob's bytes, or a transfer cut short: never a whole answer with wrong bytes.
+    assert all(p.error is not None or p.sha256 == layer.digest for p in pulls), [(p.error, p.sha256) for p in pulls]
+    assert any(p.error is not None for p in pulls)  # the corrupted fetch was followed, and failed, somewhere
+    wait_for(lambda: all(not live for (_, _, live) in cluster.leases()), timeout=30, what="the leases given up")
+    assert layer.digest not in cluster.bucket.objects() or cluster.bucket.digest_of(layer.digest) == layer.digest
+    # Asked again, every replica serves the right bytes.
+    again = [Pull(r) for r in replicas]
+    for thread in run_pulls(again, layer.digest):
+        thread.join(180)
+    assert [(p.error, p.sha256) for p in again] == [(None, layer.digest)] * 3
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest

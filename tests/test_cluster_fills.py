@@ -139,7 +139,9 @@ def test_eight_clients_on_three_replicas_get_a_64mib_blob_from_one_upstream_fetc
     assert fault_proxy.count("GET", blob_path) == 1
     # Every client's first bytes came while the fill was still running: followed, not waited for.
     assert max(p.first_byte or 0 for p in pulls) < min(p.done or 0 for p in pulls)
-    # One stream per other replica from the one that fetched (the others' clients fanned out locally).
+    # One stream per other replica from the one that fetched (the others' clients fanned out locally);
+    # access lines are written just after their answers.
+    wait_for(lambda: sum(fills_requests(r) for r in replicas) >= 2, timeout=10, what="the fills requests logged")
     answered = [fills_requests(r) for r in replicas]
     assert sorted(answered) == [0, 0, 2], answered
     # The object is in the bucket, whole; no upload left open; the lease was given up.
@@ -211,3 +213,39 @@ def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
     assert [(p.error, p.sha256) for p in again] == [(None, layer.digest)] * 3
     wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
     assert cluster.bucket.digest_of(layer.digest) == layer.digest
+
+
+def test_a_replica_whose_lease_was_taken_over_stops_its_fetch_and_stores_nothing(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    owner, *others = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    pulls = [Pull(others[n % 2]) for n in range(4)]
+    threads = run_pulls(pulls, layer.digest)
+    wait_for(lambda: all(p.size >= 8 * MIB for p in pulls), timeout=60, what="the followers' clients under way")
+
+    # As if the owner had stalled past its lease and a replica elsewhere (that then vanished) took it:
+    # a later grant, with a larger fencing token.
+    with psycopg.connect(cluster.dsn) as conn:
+        taken = conn.execute("UPDATE leases SET holder = 'http://127.0.0.1:9', token = nextval('lease_tokens'),"
+                             " expires = extract(epoch from statement_timestamp()) + 3 WHERE holder = %s",
+                             (owner.url,)).rowcount
+    assert taken == 1
+    for thread in [*threads, first_thread]:
+        thread.join(180)
+
+    assert first.error is not None  # the fenced-off replica gave its fetch up: its client was cut off
+    assert "the fill lease expired or was taken over" in owner.log_path.read_text()
+    assert [p.error for p in pulls] == [None] * 4
+    assert [(p.size, p.sha256) for p in pulls] == [(layer.size, layer.digest)] * 4
+    assert fault_proxy.count("GET", blob_path) == 2  # fetched again, once, after the usurper's lease expired
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+    assert {holder for (_, holder, _) in cluster.leases()} <= {r.url for r in others}

@@ -124,6 +124,7 @@ class ClusterFetch:
         self._heartbeat: asyncio.Task[None] | None = None
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[bytes] | None = None
+        #: Whether the bytes come from another replica (or the store), not from the upstream under the lease.
         self._from_peer = False
         self._offset = 0
 
@@ -196,7 +197,15 @@ class ClusterFetch:
                 await asyncio.sleep(RETRY_INTERVAL)
 
     async def _lead(self, lease: Lease) -> None:
-        """Fetch from the upstream under *lease*, from the byte this fill reached."""
+        """Fetch from the upstream under *lease*, from the byte this fill reached; or, if the object
+        was stored meanwhile (its fetcher finished and let go of the lease), read it from the store."""
+        stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
+        if stored is not None:
+            self._stack.callback(stored.close)
+            await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)
+            self.size, self._from_peer = stored.size, True
+            self._source = stored.chunks(self._offset)
+            return
         self.lease, self._lost, self._from_peer = lease, False, False
         self._heartbeat = asyncio.create_task(self._beat())
         try:

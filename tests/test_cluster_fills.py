@@ -249,3 +249,22 @@ def test_a_replica_whose_lease_was_taken_over_stops_its_fetch_and_stores_nothing
     wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
     assert cluster.bucket.digest_of(layer.digest) == layer.digest
     assert {holder for (_, holder, _) in cluster.leases()} <= {r.url for r in others}
+
+
+def test_a_blob_another_replica_fetches_for_one_repository_needs_the_upstreams_consent_in_another(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    owner, other = start_replicas(cluster, 2, fault_proxy.url, mirror_factory)
+    rule = fault_proxy.add("slow", f"/v2/library/cluster-big/blobs/{layer.digest}", method="GET",
+                           chunk_size=64 << 10, delay=0.006)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        # The upstream has no such blob in library/elsewhere: the fill of library/cluster-big is not its answer.
+        answer = http.get(f"{other.url}/v2/library/elsewhere/blobs/{layer.digest}")
+    first_thread.join(180)
+    assert answer.status_code == 404 and answer.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert (first.error, first.sha256) == (None, layer.digest)

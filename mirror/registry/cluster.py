@@ -1,7 +1,7 @@
 """Replicas of one mirror on a shared bucket and database: one upstream fetch per digest across all of them.
 
 On every replica a missing blob is filled as on one host (``storage/fill.py``: one local fill per
-digest, followed by every local reader); :meth:`Cluster.fetch` decides where that fill's bytes come from.
+digest, followed by every local reader); :class:`ClusterFetch` decides where that fill's bytes come from.
 
 * The first replica to miss the digest takes the lease ``fill:<digest>`` in the index (a
   :class:`~mirror.metadata.driver.Lease`: expiry by the database's clock, ``cluster.lease_ttl``) and
@@ -76,11 +76,6 @@ class Cluster:
                                         trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def fetch(self, digest: Digest, upstream: Fetch) -> Fetch:
-        """A fetch of *digest* that goes to the *upstream* only under the fill lease, and otherwise
-        follows the replica that holds it."""
-        return lambda: ClusterFetch(self, digest, upstream)
-
     def signed(self, method: str, path: str) -> dict[str, str]:
         return sign(self._secret, method, path, self.replica)
 
@@ -99,15 +94,30 @@ class Cluster:
 
 
 class ClusterFills(Fills):
-    """The fills of a replica: each fetch goes through :meth:`Cluster.fetch` (what the pull-through
-    policy asks of :class:`~mirror.storage.fill.Fills` is otherwise unchanged)."""
+    """The fills of a replica: each fetch goes through a :class:`ClusterFetch` (what the pull-through
+    policy asks of :class:`~mirror.storage.fill.Fills` is otherwise unchanged).
+
+    A fill started here that follows another replica's fetch is answered as *coalesced*: that fetch
+    may be for another repository, so the policy asks the upstream's consent for this one, as for a
+    fetch joined on this host (``registry/pullthrough.py``).
+    """
 
     def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
         super().__init__(store, **options)
         self.cluster = cluster
 
     async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
-        return await super().open(digest, self.cluster.fetch(digest, fetch))
+        made: list[ClusterFetch] = []
+
+        def start() -> ClusterFetch:
+            made.append(ClusterFetch(self.cluster, digest, fetch))
+            return made[-1]
+
+        source = await super().open(digest, start)
+        if isinstance(source, GrowingBlob) and not source.coalesced and made and made[0].stored_elsewhere():
+            source.coalesced = True
+            self.metrics.waiting(1)  # as a reader joining a fetch counts itself (``GrowingBlob``)
+        return source
 
 
 class ClusterFetch:
@@ -199,7 +209,11 @@ class ClusterFetch:
     async def _lead(self, lease: Lease) -> None:
         """Fetch from the upstream under *lease*, from the byte this fill reached; or, if the object
         was stored meanwhile (its fetcher finished and let go of the lease), read it from the store."""
-        stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
+        try:
+            stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
+        except BaseException:
+            await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
+            raise
         if stored is not None:
             self._stack.callback(stored.close)
             await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)

@@ -63,10 +63,10 @@ def cluster(seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, tmp_
 
 
 def start_replicas(cluster: Cluster, count: int, upstream_url: str, factory: Callable[..., MirrorServer],
-                   **extra: str) -> list[MirrorServer]:
+                   workers: int = 1, **extra: str) -> list[MirrorServer]:
     for _ in range(count):
         port = free_port()
-        cluster.replicas.append(factory(upstream_url, port=port,
+        cluster.replicas.append(factory(upstream_url, port=port, workers=workers,
                                         env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, port,
                                                         **extra)))
     return cluster.replicas
@@ -123,7 +123,8 @@ def test_eight_clients_on_three_replicas_get_a_64mib_blob_from_one_upstream_fetc
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:
     layer = big_image.layers[0]
-    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory)
+    # Two worker processes each: a replica's clients share one stream whichever worker answers them.
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, workers=2)
     fault_proxy.clear_counts()
     blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
     # Some seconds for the whole layer (a pause before each piece of at most 64 KiB): every

@@ -269,3 +269,30 @@ def test_a_blob_another_replica_fetches_for_one_repository_needs_the_upstreams_c
     first_thread.join(180)
     assert answer.status_code == 404 and answer.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert (first.error, first.sha256) == (None, layer.digest)
+
+
+def test_a_replica_with_another_secret_is_refused_by_the_one_fetching_and_fetches_nothing(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    tmp_path: Path,
+) -> None:
+    layer = big_image.layers[0]
+    owner = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
+    cluster.secret_file = tmp_path / "another-secret"
+    cluster.secret_file.write_text(SECRET[::-1])
+    stranger = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.006)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        answer = http.get(f"{stranger.url}{blob_path}")
+    first_thread.join(180)
+    assert answer.status_code == 503 and answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "refused" in answer.json()["errors"][0]["message"]
+    assert "is cluster.secret_file the same on every replica?" in stranger.log_path.read_text()
+    assert (first.error, first.sha256) == (None, layer.digest)
+    assert fault_proxy.count("GET", blob_path) == 1
+    assert SECRET not in stranger.log_path.read_text() + owner.log_path.read_text()

@@ -18,7 +18,9 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
 * A stream that breaks (the holder died, or restarted) is asked for again from the byte reached;
   once the dead holder's lease expired, the first follower to take it fetches from the upstream again
   (skipping what it has) and stores the object itself: its clients see a pause, never an error.
-  No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill.
+  No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
+  and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
+  the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import httpx
 
 from ..config.sections import ClusterConfig
 from ..metadata.driver import Lease, Metadata
+from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob, Download, FillFailed
 from ..storage.driver import BlobReader, BlobStore
@@ -48,6 +51,8 @@ log = logging.getLogger("mirror.cluster")
 
 #: Seconds between two looks for a fill's source while none answers (the holder's lease not yet expired).
 RETRY_INTERVAL = 0.2
+#: Seconds a client is told to wait (``Retry-After``) when the replica fetching a blob cannot be followed.
+RETRY_AFTER = 5
 #: The path of a replica's fill of a digest, for the others.
 FILLS_PATH = "/_mirror/cluster/fills/"
 
@@ -143,7 +148,11 @@ class ClusterFetch:
         return self.lease is None
 
     async def __aenter__(self) -> ClusterFetch:
-        await self._connect()
+        try:
+            await self._connect()
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -202,8 +211,9 @@ class ClusterFetch:
                 if holder.holder != cluster.replica and await self._follow(holder.holder):
                     return
                 if loop.time() > give_up:
-                    raise FillFailed(f"{self.digest}: no bytes from {holder.holder}, which holds its fill, "
-                                     f"for {stall_limit(cluster.ttl):g}s")
+                    log.warning("%s: no bytes from %s, which holds its fill, for %gs", self.digest, holder.holder,
+                                stall_limit(cluster.ttl))
+                    raise _unavailable("the replica fetching this blob does not answer")
                 await asyncio.sleep(RETRY_INTERVAL)
 
     async def _lead(self, lease: Lease) -> None:
@@ -250,11 +260,12 @@ class ClusterFetch:
             return False
         size = _size(response, self._offset)
         if size is None or (self._offset and size != self.size):
+            await self._stack.aclose()
+            self._stack = AsyncExitStack()
             if response.status_code in (401, 403):
                 log.warning("%s: %s refused this replica's request (%d): is cluster.secret_file the same "
                             "on every replica?", self.digest, holder, response.status_code)
-            await self._stack.aclose()
-            self._stack = AsyncExitStack()
+                raise _unavailable("the replica fetching this blob refused this one's request")
             return False
         self.size, self._from_peer = size, True
         self._source = response.aiter_bytes()
@@ -291,6 +302,10 @@ class ClusterFetch:
             current = self.lease or lease
             with contextlib.suppress(Exception):
                 await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError("UNAVAILABLE", message, status=503, headers={"Retry-After": str(RETRY_AFTER)})
 
 
 async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:

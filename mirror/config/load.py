@@ -25,6 +25,7 @@ from .sections import (
     AdminConfig,
     AuthConfig,
     CacheConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     DeleteConfig,
@@ -59,6 +60,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "ui": UiConfig,
+    "cluster": ClusterConfig,
 }
 
 

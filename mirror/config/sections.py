@@ -314,6 +314,32 @@ class UiConfig:
     enabled: bool = setting(parse_bool, True)
 
 
+#: The shortest fill lease (cluster.lease_ttl): its holder renews it every third of it.
+MIN_LEASE_TTL = 0.5
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # This replica's base URL as the other replicas reach it (cluster.advertise); set with secret_file,
+    # it makes the mirror one replica of several sharing storage.s3 and metadata.postgres.
+    advertise: str | None = setting(parse_endpoint, None)
+    # The secret every replica shares, from a file (cluster.secret_file): requests between them are signed with it.
+    secret_file: SecretFile | None = setting(parse_token_file, None)
+    # How long a replica's claim on a fill lasts without its heartbeat (a dead replica's fill is taken over then).
+    lease_ttl: float = setting(parse_duration, 15.0)
+
+    def __post_init__(self) -> None:
+        if (self.advertise is None) != (self.secret_file is None):
+            raise ConfigError("cluster.advertise and cluster.secret_file must be set together")
+        if self.lease_ttl < MIN_LEASE_TTL:
+            raise ConfigError(f"bad value for cluster.lease_ttl: {self.lease_ttl:g}s: "
+                              f"must be at least {MIN_LEASE_TTL:g}s")
+
+    @property
+    def enabled(self) -> bool:
+        return self.advertise is not None
+
+
 @dataclass(frozen=True)
 class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -329,6 +355,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     #: Every upstream, the default one (``upstream``) first; more come from the ``upstreams:`` list.
     upstreams: tuple[UpstreamConfig, ...] = ()
 
@@ -339,3 +366,6 @@ class Config:
             raise ConfigError(f"bad value for cache.max_size: {self.cache.max_size:.0%} of the disk has no meaning "
                               "with storage.driver s3 (a bucket has no fixed size): give bytes (e.g. 500GiB), or 0 "
                               "for no limit")
+        if self.cluster.enabled and (self.storage.driver != "s3" or self.metadata.driver != "postgres"):
+            raise ConfigError("cluster.advertise needs storage.driver: s3 and metadata.driver: postgres "
+                              f"(the replicas share both; now {self.storage.driver} and {self.metadata.driver})")

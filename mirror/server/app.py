@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..api import observability as observe
+from ..api import cluster as peers, observability as observe
 from ..api.auth import AuthMiddleware
 from ..api.memo import ManifestMemo, MemoManifests
 from ..api.routes import routes
@@ -27,6 +27,7 @@ from ..maintenance.upkeep import AccessTracker, Maintenance
 from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
+from ..registry.cluster import Cluster, ClusterFills
 from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
@@ -59,7 +60,9 @@ def create_app(config: Config) -> Starlette:
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
-        fills = Fills(store, metrics=metrics)
+        # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
+        cluster = Cluster(config.cluster, metadata, store) if config.cluster.enabled else None
+        fills = ClusterFills(store, cluster, metrics=metrics) if cluster else Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
         upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
         pulls = {
@@ -92,7 +95,7 @@ def create_app(config: Config) -> Starlette:
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
-                   "memo": memo}
+                   "memo": memo, "fills": fills}
         finally:
             memo.attach(None)
             upkeep.cancel()
@@ -103,6 +106,8 @@ def create_app(config: Config) -> Starlette:
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
                 log.warning("last access times not saved: %s", exc)
             await fills.aclose()
+            if cluster is not None:
+                await cluster.aclose()
             for pull in pulls.values():
                 await pull.settled()
             for each_upstream in upstreams:
@@ -142,7 +147,7 @@ def create_app(config: Config) -> Starlette:
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
 
     return Starlette(
-        routes=[*observe.routes(config), *routes, *(ui.mount(config) if config.ui.enabled else [])],
+        routes=[*observe.routes(config), *routes, *peers.routes, *(ui.mount(config) if config.ui.enabled else [])],
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,

@@ -127,13 +127,19 @@ class FillWriter(Protocol):
     (open as ``fd``, flock'ed by the fill) that readers follow, hashed as they arrive; :meth:`commit`
     verifies them, marks the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` and stores the
     object (the file itself, moved into place, or its bytes, sent elsewhere); :meth:`discard` removes
-    the file and whatever was sent of it.  ``fd`` stays the fill's to close."""
+    the file and whatever was sent of it.  ``fd`` stays the fill's to close.
+
+    *stored_elsewhere*, when given (by the fetch's download, ``registry/cluster.py``), says whether
+    another replica stores the object now: while it does, the S3 driver's writer sends nothing, and
+    its commit verifies and waits for that replica's object instead (the filesystem driver ignores it:
+    replicas need a shared store)."""
 
     digest: Digest
     path: Path
     fd: int
     expected_size: int | None
     written: int
+    stored_elsewhere: Callable[[], bool] | None
 
     def write(self, data: bytes | memoryview) -> None: ...
 

@@ -319,6 +319,7 @@ class Ingest:
         self.fd = fd
         self.expected_size = expected_size
         self.written = 0
+        self.stored_elsewhere: Callable[[], bool] | None = None  # replicas need a shared store: ignored here
         self._hasher = self.content.hasher()
         self._closed = False
 

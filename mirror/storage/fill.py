@@ -94,6 +94,18 @@ class Fills:
             return await self._lead(digest, fd, fetch)
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
+    async def join(self, digest: Digest) -> BlobReader | GrowingBlob | None:
+        """The stored blob, or a reader of its fill in progress on this host, or None: nothing is fetched."""
+        stored = await anyio.to_thread.run_sync(self.open_stored, digest)
+        if stored is not None:
+            return stored
+        try:
+            fd = os.open(self.store.layout.fill(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        joined = await self._follow(digest, fd, None)
+        return joined if isinstance(joined, GrowingBlob) else await anyio.to_thread.run_sync(self.open_stored, digest)
+
     def open_stored(self, digest: Digest) -> BlobReader | None:
         """The stored blob, marked as being served (``BlobStore.open``), or None."""
         return self.store.open(digest)
@@ -193,6 +205,7 @@ class Fills:
                     started.set_result(BypassBlob(ingest.digest, download.size, queue, task))
                     await relay(download, queue)
                     return
+                ingest.stored_elsewhere = getattr(download, "stored_elsewhere", None)
                 started.set_result(download.size)
                 await _copy(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)
@@ -234,7 +247,7 @@ class Fills:
         finally:
             os.close(ingest.fd)
 
-    async def _follow(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | Literal["refused"] | None:
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch | None) -> GrowingBlob | Literal["refused"] | None:
         """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
         ``"refused"`` if the store refused it."""
         meta = self.store.layout.fill_meta(digest)

@@ -9,6 +9,9 @@ in memory), so the writer never waits for S3.  :meth:`S3Fill.commit` verifies si
 the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is
 left, completes the upload and removes the file.  A mismatch or a failure aborts the upload
 (:meth:`S3Fill.discard`): nothing is stored, as the driver interface wants (``storage/driver.py``).
+A fill whose bytes come from another replica that stores the object (``stored_elsewhere``) sends no
+part while it does; its commit verifies, marks the file and waits up to :data:`PEER_STORE_WAIT` seconds
+for that replica's object; if it takes the fill over, the parts go up from the first byte on.
 While the upload is open, ``tmp/<alg>-<hex>.meta-upload`` names it (:func:`write_note`): a writer
 killed meanwhile leaves the note beside its unlocked fill file, and the start-up sweep aborts the
 upload it names (``S3Store.sweep_tmp``).
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +46,9 @@ if TYPE_CHECKING:
 
 #: Parts of one fill being sent at a time.
 IN_FLIGHT = 2
+#: Seconds a fill stored by another replica waits for that replica's object after verifying its bytes.
+PEER_STORE_WAIT = 30.0
+log = logging.getLogger("mirror.storage.fill")
 
 
 class S3Fill:
@@ -61,13 +70,17 @@ class S3Fill:
         self._parts: list[dict[str, Any]] = []  # parts S3 has
         self._sent_to = 0  # bytes handed to parts so far
         self._done = False
+        self.stored_elsewhere: Callable[[], bool] | None = None
+
+    def _elsewhere(self) -> bool:
+        return self.stored_elsewhere is not None and self._upload is None and self.stored_elsewhere()
 
     def write(self, data: bytes | memoryview) -> None:
         self._hasher.update(data)
         write_all(self.fd, data)
         self.written += len(data)
         self._collect(wait=False)
-        while len(self._sending) < IN_FLIGHT and self._sent_to + self._chunk <= self.written:
+        while not self._elsewhere() and len(self._sending) < IN_FLIGHT and self._sent_to + self._chunk <= self.written:
             self._send(self._chunk)
 
     def _send(self, length: int) -> None:
@@ -116,6 +129,9 @@ class S3Fill:
             self.discard()
             raise
         os.fchmod(self.fd, VERIFIED_MODE)  # the mark readers following this fill look for
+        if self._elsewhere():
+            self._await_peer()
+            return
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
@@ -139,6 +155,20 @@ class S3Fill:
             self._drop_note()
         self._unlink()
         self.store.committed(self.written)
+
+    def _await_peer(self) -> None:
+        """The object another replica stores, verified here too: wait until it is in the bucket (a
+        request then finds it there), at most :data:`PEER_STORE_WAIT` seconds; remove the file."""
+        deadline = time.monotonic() + PEER_STORE_WAIT
+        while self.store.size(self.digest) is None:
+            if time.monotonic() > deadline:
+                log.warning("%s: the replica that fetched it has not stored it after %gs", self.digest,
+                            PEER_STORE_WAIT)
+                break
+            time.sleep(0.05)
+        self._done = True
+        self._threads.shutdown()
+        self._unlink()
 
     def discard(self) -> None:
         """Abort the upload (after the parts on their way) and remove the file; never raises."""

@@ -1,0 +1,347 @@
+"""Replicas of one mirror on a shared bucket and database: one upstream fetch per digest across all of them.
+
+On every replica a missing blob is filled as on one host (``storage/fill.py``: one local fill per
+digest, followed by every local reader); :class:`ClusterFetch` decides where that fill's bytes come from.
+
+* The first replica to miss the digest takes the lease ``fill:<digest>`` in the index (a
+  :class:`~mirror.metadata.driver.Lease`: expiry by the database's clock, ``cluster.lease_ttl``) and
+  fetches from the upstream, storing the object as usual.  While the fetch runs, a heartbeat renews
+  the lease every third of its TTL; when the upstream's last byte is in, the lease must still be the
+  one granted (its fencing token unchanged), else the fill fails.  The lease is released once the local
+  fill has ended: stored in the bucket, or failed.
+* Any other replica finds the lease held and streams the fill from its holder (the lease names it by
+  its ``cluster.advertise`` URL): ``GET /_mirror/cluster/fills/<digest>``, signed (``registry/peers.py``),
+  with ``Range: bytes=<offset>-`` from what it has.  The holder answers from its own fill as its local
+  clients get it, the last byte held back until the digest is verified (``api/cluster.py``).  This
+  replica's fill then stores nothing (``FillWriter.stored_elsewhere``): it verifies the bytes too, and
+  its commit waits for the holder's object in the bucket.
+* A stream that breaks (the holder died, or restarted) is asked for again from the byte reached;
+  once the dead holder's lease expired, the first follower to take it fetches from the upstream again
+  (skipping what it has) and stores the object itself: its clients see a pause, never an error.
+  No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
+  and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
+  the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio.to_thread
+import httpx
+
+from ..config.sections import ClusterConfig
+from ..metadata.driver import Lease, Metadata
+from ..spec.errors import APIError
+from ..spec.reference import Digest
+from ..storage.bypass import BypassBlob, Download, FillFailed
+from ..storage.driver import BlobReader, BlobStore
+from ..storage.fill import Fills
+from ..storage.growing import Fetch, GrowingBlob
+from .peers import sign
+
+log = logging.getLogger("mirror.cluster")
+
+#: Seconds between two looks for a fill's source while none answers (the holder's lease not yet expired).
+RETRY_INTERVAL = 0.2
+#: Seconds a client is told to wait (``Retry-After``) when the replica fetching a blob cannot be followed.
+RETRY_AFTER = 5
+#: The path of a replica's fill of a digest, for the others.
+FILLS_PATH = "/_mirror/cluster/fills/"
+
+
+def lease_name(digest: Digest) -> str:
+    """The lease that makes one replica the fetcher of *digest*."""
+    return f"fill:{digest}"
+
+
+def stall_limit(ttl: float) -> float:
+    """Seconds a follower waits without a byte while another replica holds the fill's lease."""
+    return 4 * ttl + 30
+
+
+class Cluster:
+    """This replica's side of the cluster: built once per process in the app's lifespan."""
+
+    def __init__(self, config: ClusterConfig, metadata: Metadata, store: BlobStore) -> None:
+        assert config.advertise is not None and config.secret_file is not None
+        self.replica = config.advertise
+        self.ttl = config.lease_ttl
+        self.metadata = metadata
+        self.store = store
+        self._secret = config.secret_file.value
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(max(2 * self.ttl, 10.0), connect=5.0),
+                                        trust_env=False)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def signed(self, method: str, path: str) -> dict[str, str]:
+        return sign(self._secret, method, path, self.replica)
+
+    def track(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.client.aclose()
+
+
+class ClusterFills(Fills):
+    """The fills of a replica: each fetch goes through a :class:`ClusterFetch` (what the pull-through
+    policy asks of :class:`~mirror.storage.fill.Fills` is otherwise unchanged).
+
+    A fill started here that follows another replica's fetch is answered as *coalesced*: that fetch
+    may be for another repository, so the policy asks the upstream's consent for this one, as for a
+    fetch joined on this host (``registry/pullthrough.py``).
+    """
+
+    def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
+        super().__init__(store, **options)
+        self.cluster = cluster
+
+    async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
+        made: list[ClusterFetch] = []
+
+        def start() -> ClusterFetch:
+            made.append(ClusterFetch(self.cluster, digest, fetch))
+            return made[-1]
+
+        source = await super().open(digest, start)
+        if isinstance(source, GrowingBlob) and not source.coalesced and made and made[0].stored_elsewhere():
+            source.coalesced = True
+            self.metrics.waiting(1)  # as a reader joining a fetch counts itself (``GrowingBlob``)
+        return source
+
+
+class ClusterFetch:
+    """One replica's fetch of one digest (a :class:`~mirror.storage.bypass.Download` in its context)."""
+
+    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch) -> None:
+        self.cluster = cluster
+        self.digest = digest
+        self.upstream = upstream
+        self.size: int | None = None
+        #: The fill lease while this replica holds it (it fetches from the upstream and stores).
+        self.lease: Lease | None = None
+        self._lost = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stack = AsyncExitStack()
+        self._source: AsyncIterator[bytes] | None = None
+        #: Whether the bytes come from another replica (or the store), not from the upstream under the lease.
+        self._from_peer = False
+        self._offset = 0
+
+    def stored_elsewhere(self) -> bool:
+        """Whether another replica stores the object (this one only follows its fill)."""
+        return self.lease is None
+
+    async def __aenter__(self) -> ClusterFetch:
+        try:
+            await self._connect()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._stack.aclose()
+        finally:
+            if self.lease is not None:
+                self.cluster.track(self._release_after_fill(self.lease))
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            assert self._source is not None
+            try:
+                async for chunk in self._source:
+                    if self._lost:
+                        raise FillFailed(f"{self.digest}: the fill lease was lost to another replica")
+                    self._offset += len(chunk)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                if not self._from_peer:
+                    raise
+                log.info("%s: the stream from the replica fetching it broke at byte %d (%s): asking again",
+                         self.digest, self._offset, exc)
+            else:
+                if not self._from_peer:
+                    await self._fenced()
+                    return
+                if self.size is None or self._offset >= self.size:
+                    return
+            await self._stack.aclose()
+            self._stack = AsyncExitStack()
+            await self._connect()
+
+    async def _fenced(self) -> None:
+        """The fetch is complete: go on only if the lease is still the one granted (its token)."""
+        assert self.lease is not None
+        renewed = None if self._lost else await anyio.to_thread.run_sync(
+            self.cluster.metadata.renew_lease, self.lease, self.cluster.ttl)
+        if renewed is None:
+            raise FillFailed(f"{self.digest}: the fill lease (token {self.lease.token}) expired or was taken over")
+        self.lease = renewed
+
+    async def _connect(self) -> None:
+        """Open the next source: the upstream under the lease, or the holder's fill."""
+        cluster, name = self.cluster, lease_name(self.digest)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + stall_limit(cluster.ttl)
+        while True:
+            lease = await anyio.to_thread.run_sync(cluster.metadata.take_lease, name, cluster.replica, cluster.ttl)
+            if lease is not None:
+                await self._lead(lease)
+                return
+            holder = await anyio.to_thread.run_sync(cluster.metadata.current_lease, name)
+            if holder is not None:
+                # This replica's own name: a lease left by its previous run, until it expires.
+                if holder.holder != cluster.replica and await self._follow(holder.holder):
+                    return
+                if loop.time() > give_up:
+                    log.warning("%s: no bytes from %s, which holds its fill, for %gs", self.digest, holder.holder,
+                                stall_limit(cluster.ttl))
+                    raise _unavailable("the replica fetching this blob does not answer")
+                await asyncio.sleep(RETRY_INTERVAL)
+
+    async def _lead(self, lease: Lease) -> None:
+        """Fetch from the upstream under *lease*, from the byte this fill reached; or, if the object
+        was stored meanwhile (its fetcher finished and let go of the lease), read it from the store."""
+        try:
+            stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
+        except BaseException:
+            await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
+            raise
+        if stored is not None:
+            self._stack.callback(stored.close)
+            await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)
+            self.size, self._from_peer = stored.size, True
+            self._source = stored.chunks(self._offset)
+            return
+        self.lease, self._lost, self._from_peer = lease, False, False
+        self._heartbeat = asyncio.create_task(self._beat())
+        try:
+            download: Download = await self._stack.enter_async_context(self.upstream())
+            if self._offset and download.size != self.size:
+                raise FillFailed(f"{self.digest}: the upstream now announces {download.size} bytes, not {self.size}")
+        except BaseException:
+            self._heartbeat.cancel()
+            self.lease = None
+            await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
+            raise
+        if self._offset:
+            log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
+        self.size = download.size
+        self._source = _skip(download.chunks(), self._offset)
+
+    async def _follow(self, holder: str) -> bool:
+        """Stream the fill from *holder* from the byte reached; False if it does not answer it now."""
+        path = f"{FILLS_PATH}{self.digest}"
+        headers = self.cluster.signed("GET", path)
+        if self._offset:
+            headers["Range"] = f"bytes={self._offset}-"
+        try:
+            response = await self._stack.enter_async_context(
+                self.cluster.client.stream("GET", holder + path, headers=headers))
+        except httpx.HTTPError as exc:
+            log.debug("%s: %s does not answer its fill: %s", self.digest, holder, exc)
+            return False
+        size = _size(response, self._offset)
+        if size is None or (self._offset and size != self.size):
+            await self._stack.aclose()
+            self._stack = AsyncExitStack()
+            if response.status_code in (401, 403):
+                log.warning("%s: %s refused this replica's request (%d): is cluster.secret_file the same "
+                            "on every replica?", self.digest, holder, response.status_code)
+                raise _unavailable("the replica fetching this blob refused this one's request")
+            return False
+        self.size, self._from_peer = size, True
+        self._source = response.aiter_bytes()
+        return True
+
+    async def _beat(self) -> None:
+        """Renew the lease every third of its TTL until cancelled; note when it is lost."""
+        while True:
+            await asyncio.sleep(self.cluster.ttl / 3)
+            lease = self.lease
+            if lease is None:
+                return
+            try:
+                renewed = await anyio.to_thread.run_sync(self.cluster.metadata.renew_lease, lease, self.cluster.ttl)
+            except Exception as exc:  # noqa: BLE001 (the index is down: try again; expiry fences this fill)
+                log.warning("%s: cannot renew the fill lease: %s", self.digest, exc)
+                continue
+            if renewed is None:
+                log.warning("%s: the fill lease expired or was taken over: this replica stops fetching", self.digest)
+                self._lost = True
+                return
+            self.lease = renewed
+
+    async def _release_after_fill(self, lease: Lease) -> None:
+        """Keep the lease until this host's fill of the digest ended (the object stored, or the fill
+        failed), then give it up: other replicas then find the object, or fetch it themselves."""
+        try:
+            path = self.cluster.store.layout.fill(self.digest)
+            while await anyio.to_thread.run_sync(_filling, path):
+                await asyncio.sleep(RETRY_INTERVAL)
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            current = self.lease or lease
+            with contextlib.suppress(Exception):
+                await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError("UNAVAILABLE", message, status=503, headers={"Retry-After": str(RETRY_AFTER)})
+
+
+async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
+    """*chunks* without their first *count* bytes."""
+    async for chunk in chunks:
+        if count >= len(chunk):
+            count -= len(chunk)
+            continue
+        yield chunk[count:] if count else chunk
+        count = 0
+
+
+def _size(response: httpx.Response, offset: int) -> int | None:
+    """The whole blob's size from a replica's answer for bytes *offset*..; None if it is not that."""
+    if offset == 0 and response.status_code == 200:
+        length = response.headers.get("content-length")
+        return int(length) if length is not None and length.isdigit() else None
+    if response.status_code != 206:
+        return None
+    unit, _, spec = response.headers.get("content-range", "").partition(" ")
+    span, _, total = spec.partition("/")
+    if unit != "bytes" or not total.isdigit() or not span.startswith(f"{offset}-"):
+        return None
+    return int(total)
+
+
+def _filling(path: os.PathLike[str] | str) -> bool:
+    """Whether the fill file at *path* is still locked by its writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -1,0 +1,192 @@
+"""Replicas of one mirror: the cluster's configuration, the signature of requests between replicas,
+and the internal endpoint that refuses any request not signed with the cluster's secret.
+
+The replicas' shared fills (one upstream fetch per digest, followers streaming from the owner, a dead
+owner's fill taken over) are in test_cluster_fills.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.config.load import load_config, to_environ
+from mirror.config.sections import ConfigError
+from mirror.registry.peers import MAX_SKEW, sign, verify
+from mirror.spec.errors import APIError
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
+from tests.test_s3_serve import Bucket
+
+SECRET = "c1a5f0e3d2b4a69788776655443322110fedcba9876543210"
+DIGEST = "sha256:" + "ab" * 32
+PATH = f"/_mirror/cluster/fills/{DIGEST}"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster-secret"
+    path.write_text(SECRET + "\n")
+    return path
+
+
+def shared(**extra: str) -> dict[str, str]:
+    """The keys that make a valid replica's environment, but for the cluster's."""
+    return {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "b", "MIRROR_CACHE_MAX_SIZE": "0",
+            "MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": "postgresql:///x", **extra}
+
+
+# -- configuration --
+
+
+def test_cluster_keys_come_from_the_file_and_the_environment(tmp_path: Path, secret_file: Path) -> None:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(f"cluster:\n  advertise: http://10.0.0.5:5000\n  secret_file: {secret_file}\n")
+    config = load_config(path, env=shared(MIRROR_CLUSTER_LEASE_TTL="2s"))
+    assert config.cluster.enabled
+    assert config.cluster.advertise == "http://10.0.0.5:5000"
+    assert config.cluster.secret_file is not None and config.cluster.secret_file.value == SECRET
+    assert config.cluster.lease_ttl == 2.0
+    # The environment overrides the file; the secret never shows, and workers read the file again.
+    env = shared(MIRROR_CLUSTER_ADVERTISE="http://10.0.0.6:5000")
+    assert load_config(path, env=env).cluster.advertise == "http://10.0.0.6:5000"
+    assert SECRET not in repr(config)
+    exported = to_environ(config)
+    assert exported["MIRROR_CLUSTER_SECRET_FILE"] == str(secret_file)
+    assert SECRET not in "".join(exported.values())
+    assert not load_config(env={}).cluster.enabled
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"MIRROR_CLUSTER_ADVERTISE": "10.0.0.5:5000"}, "bad value for cluster.advertise: "),
+    ({"MIRROR_CLUSTER_ADVERTISE": "http://10.0.0.5:5000"}, "cluster.advertise and cluster.secret_file must be set"),
+    ({"MIRROR_CLUSTER_SECRET_FILE": "/nonexistent/secret"}, "bad value for cluster.secret_file: "),
+    ({"MIRROR_CLUSTER_LEASE_TTL": "soon"}, "bad value for cluster.lease_ttl: "),
+    ({"MIRROR_CLUSTER_LEASE_TTL": "100ms"}, "bad value for cluster.lease_ttl: 0.1s: must be at least"),
+    ({"MIRROR_CLUSTER_PEERS": "x"}, "unknown configuration key cluster.peers"),
+])
+def test_bad_cluster_keys_stop_start_up_naming_the_key(env: dict[str, str], message: str,
+                                                       secret_file: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(env=shared(**env))
+    assert message in str(refused.value)
+
+
+def test_a_short_secret_is_refused_without_being_shown(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_text("hunter2hunter2")
+    with pytest.raises(ConfigError) as refused:
+        load_config(env=shared(MIRROR_CLUSTER_ADVERTISE="http://10.0.0.5:5000", MIRROR_CLUSTER_SECRET_FILE=str(path)))
+    assert str(refused.value).startswith("bad value for cluster.secret_file: ")
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("backends", [
+    {},
+    {"MIRROR_STORAGE_DRIVER": "filesystem", "MIRROR_CACHE_MAX_SIZE": "80%"},
+    {"MIRROR_METADATA_DRIVER": "diskcache"},
+])
+def test_a_replica_needs_s3_and_postgres(backends: dict[str, str], secret_file: Path, tmp_path: Path) -> None:
+    env = {**(shared(**backends) if backends else {}),
+           "MIRROR_CLUSTER_ADVERTISE": "http://10.0.0.5:5000", "MIRROR_CLUSTER_SECRET_FILE": str(secret_file)}
+    with pytest.raises(ConfigError) as refused:
+        load_config(env=env)
+    assert str(refused.value).startswith("cluster.advertise needs storage.driver: s3 and metadata.driver: postgres")
+    # The server refuses to start, with that message and nothing else.
+    done = mirror_cli("serve", "--data", tmp_path / "data", "--listen", f"127.0.0.1:{free_port()}", env=env, timeout=60)
+    assert done.returncode != 0
+    assert "cluster.advertise needs storage.driver: s3 and metadata.driver: postgres" in done.stderr + done.stdout
+    assert SECRET not in done.stderr + done.stdout
+
+
+# -- signatures --
+
+
+def test_a_signed_request_names_its_replica() -> None:
+    headers = {k.lower(): v for k, v in sign(SECRET, "GET", PATH, "http://10.0.0.5:5000").items()}
+    assert verify(SECRET, "GET", PATH, headers) == "http://10.0.0.5:5000"
+    assert SECRET not in "".join(headers.values())
+
+
+@pytest.mark.parametrize(("change", "status"), [
+    (lambda h: h.pop("x-mirror-signature"), 401),
+    (lambda h: h.clear(), 401),
+    (lambda h: h.update({"x-mirror-signature": "v1=" + "0" * 64}), 403),
+    (lambda h: h.update({"x-mirror-replica": "http://10.0.0.9:5000"}), 403),  # signed for another replica
+    (lambda h: h.update({"x-mirror-time": str(int(h["x-mirror-time"]) + 1)}), 403),
+    (lambda h: h.update({"x-mirror-time": "soon"}), 403),
+])
+def test_a_request_without_or_with_a_wrong_signature_is_refused(change: Callable[[dict[str, str]], object],
+                                                                status: int) -> None:
+    headers = {k.lower(): v for k, v in sign(SECRET, "GET", PATH, "http://10.0.0.5:5000").items()}
+    change(headers)
+    with pytest.raises(APIError) as refused:
+        verify(SECRET, "GET", PATH, headers)
+    assert refused.value.status == status
+
+
+def test_a_signature_holds_for_its_method_path_and_secret_only_and_for_a_bounded_time() -> None:
+    now = float(int(time.time()))
+    headers = {k.lower(): v for k, v in sign(SECRET, "GET", PATH, "r", now=now).items()}
+    for method, path, secret in [("HEAD", PATH, SECRET), ("GET", PATH + "x", SECRET), ("GET", PATH, SECRET + "x")]:
+        with pytest.raises(APIError) as refused:
+            verify(secret, method, path, headers, now=now)
+        assert refused.value.status == 403
+    assert verify(SECRET, "GET", PATH, headers, now=now + MAX_SKEW) == "r"
+    assert verify(SECRET, "GET", PATH, headers, now=now - MAX_SKEW + 1) == "r"
+    for skewed in (now + MAX_SKEW + 2, now - MAX_SKEW - 2):  # replayed later, or from a clock far ahead
+        with pytest.raises(APIError) as refused:
+            verify(SECRET, "GET", PATH, headers, now=skewed)
+        assert refused.value.status == 403 and "off" in refused.value.message
+
+
+# -- the internal endpoint --
+
+
+def replica_env(bucket: Bucket, dsn: str, secret_file: Path, port: int, **extra: str) -> dict[str, str]:
+    return bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=dsn,
+                      MIRROR_CLUSTER_ADVERTISE=f"http://127.0.0.1:{port}", MIRROR_CLUSTER_SECRET_FILE=str(secret_file),
+                      **extra)
+
+
+def test_the_fills_endpoint_answers_only_signed_requests(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    port = free_port()
+    mirror = mirror_factory(port=port, env=replica_env(Bucket(seaweedfs, s3_bucket), postgres.create_database(),
+                                                        secret_file, port))
+    url = mirror.url + PATH
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        unsigned = http.get(url)
+        assert unsigned.status_code == 401
+        assert unsigned.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        signed = sign(SECRET, "GET", PATH, "http://127.0.0.1:1")
+        forged = http.get(url, headers={**signed, "X-Mirror-Signature": "v1=" + "0" * 64})
+        assert forged.status_code == 403 and forged.json()["errors"][0]["code"] == "DENIED"
+        wrong_secret = http.get(url, headers=sign(SECRET[::-1], "GET", PATH, "http://127.0.0.1:1"))
+        assert wrong_secret.status_code == 403 and wrong_secret.json()["errors"][0]["code"] == "DENIED"
+        stale = http.get(url, headers=sign(SECRET, "GET", PATH, "http://127.0.0.1:1", now=time.time() - 600))
+        assert stale.status_code == 403 and stale.json()["errors"][0]["code"] == "DENIED"
+        # Signed: let in, and told this replica has no fill of that blob (nothing is fetched for it).
+        known = http.get(url, headers=signed)
+        assert known.status_code == 404 and known.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+        bad = f"/_mirror/cluster/fills/sha256:{'zz' * 32}"
+        invalid = http.get(mirror.url + bad, headers=sign(SECRET, "GET", bad, "http://127.0.0.1:1"))
+        assert invalid.status_code == 400 and invalid.json()["errors"][0]["code"] == "DIGEST_INVALID"
+        metrics = http.get(f"{mirror.url}/metrics").text
+    assert SECRET not in metrics
+    assert SECRET not in mirror.log_path.read_text()
+
+
+def test_the_fills_endpoint_is_off_without_a_cluster(mirror: MirrorServer) -> None:
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        answer = http.get(mirror.url + PATH, headers=sign(SECRET, "GET", PATH, "http://127.0.0.1:1"))
+    assert answer.status_code == 404 and answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"

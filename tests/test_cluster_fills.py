@@ -1,0 +1,298 @@
+"""Replicas of one mirror on one SeaweedFS bucket and one PostgreSQL database, each with its own data
+directory: one upstream fetch per digest among them, followed by every replica's clients as it runs,
+and taken over when the replica fetching it dies.
+
+The upstream is a real registry behind the fault proxy, which sends the 64 MiB layer slowly (the
+fill lasts seconds) and counts what it served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.support.faults import FaultProxy
+from tests.support.images import Image, build_image, random_layer
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
+from tests.support.registry import UpstreamRegistry
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.waiting import wait_for
+from tests.test_cluster import SECRET, replica_env
+from tests.test_s3_serve import Bucket
+
+pytestmark = pytest.mark.slow
+MIB = 1 << 20
+
+
+@dataclass
+class Cluster:
+    bucket: Bucket
+    dsn: str
+    secret_file: Path
+    replicas: list[MirrorServer] = field(default_factory=list)
+
+    def leases(self) -> list[tuple[str, str, bool]]:
+        """``(name, holder, unexpired)`` of every fill lease row."""
+        with psycopg.connect(self.dsn) as conn:
+            return conn.execute("SELECT name, holder, expires > extract(epoch from statement_timestamp())"
+                                " FROM leases").fetchall()
+
+
+@pytest.fixture
+def big_image(tmp_path: Path, upstream: UpstreamRegistry) -> Image:
+    image = build_image(tmp_path / "big", [random_layer(tmp_path / "big", 64 * MIB, seed=901, compressed=False)])
+    upstream.push_image("library/cluster-big", "1", image)
+    return image
+
+
+@pytest.fixture
+def cluster(seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, tmp_path: Path) -> Cluster:
+    secret = tmp_path / "cluster-secret"
+    secret.write_text(SECRET)
+    return Cluster(Bucket(seaweedfs, s3_bucket), postgres.create_database(), secret)
+
+
+def start_replicas(cluster: Cluster, count: int, upstream_url: str, factory: Callable[..., MirrorServer],
+                   workers: int = 1, **extra: str) -> list[MirrorServer]:
+    for _ in range(count):
+        port = free_port()
+        cluster.replicas.append(factory(upstream_url, port=port, workers=workers,
+                                        env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, port,
+                                                        **extra)))
+    return cluster.replicas
+
+
+@dataclass
+class Pull:
+    """One client's GET of the blob: when its first byte and its end came, what it got."""
+
+    replica: MirrorServer
+    started: float = 0.0
+    first_byte: float | None = None
+    done: float | None = None
+    size: int = 0
+    sha256: str = ""
+    error: str | None = None
+
+
+def pull_blob(pull: Pull, digest: str) -> None:
+    hasher = hashlib.sha256()
+    pull.started = time.monotonic()
+    try:
+        with httpx.Client(trust_env=False, timeout=120) as http, \
+                http.stream("GET", f"{pull.replica.url}/v2/library/cluster-big/blobs/{digest}") as answer:
+            if answer.status_code != 200:
+                answer.read()
+                pull.error = f"{answer.status_code} {answer.text[:200]}"
+                return
+            for chunk in answer.iter_bytes():
+                if pull.first_byte is None:
+                    pull.first_byte = time.monotonic()
+                hasher.update(chunk)
+                pull.size += len(chunk)
+    except httpx.HTTPError as exc:
+        pull.error = repr(exc)
+        return
+    pull.done = time.monotonic()
+    pull.sha256 = "sha256:" + hasher.hexdigest()
+
+
+def run_pulls(pulls: list[Pull], digest: str) -> list[threading.Thread]:
+    threads = [threading.Thread(target=pull_blob, args=(p, digest)) for p in pulls]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def fills_requests(replica: MirrorServer) -> int:
+    """Requests this replica answered on the fills endpoint (from its access log)."""
+    return sum(1 for e in replica.access_entries() if str(e.get("path", "")).startswith("/_mirror/cluster/fills/"))
+
+
+def test_eight_clients_on_three_replicas_get_a_64mib_blob_from_one_upstream_fetch(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    # Two worker processes each: a replica's clients share one stream whichever worker answers them.
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, workers=2)
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    # Some seconds for the whole layer (a pause before each piece of at most 64 KiB): every
+    # replica's clients arrive while the fill runs.
+    fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.006)
+    pulls = [Pull(replicas[n % 3]) for n in range(8)]
+    for thread in run_pulls(pulls, layer.digest):
+        thread.join(180)
+
+    assert [p.error for p in pulls] == [None] * 8
+    assert [(p.size, p.sha256) for p in pulls] == [(layer.size, layer.digest)] * 8
+    # The upstream served the blob exactly once, to one replica.
+    assert fault_proxy.count("GET", blob_path) == 1
+    # Every client's first bytes came while the fill was still running: followed, not waited for.
+    assert max(p.first_byte or 0 for p in pulls) < min(p.done or 0 for p in pulls)
+    # One stream per other replica from the one that fetched (the others' clients fanned out locally);
+    # access lines are written just after their answers.
+    wait_for(lambda: sum(fills_requests(r) for r in replicas) >= 2, timeout=10, what="the fills requests logged")
+    answered = [fills_requests(r) for r in replicas]
+    assert sorted(answered) == [0, 0, 2], answered
+    # The object is in the bucket, whole; no upload left open; the lease was given up.
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+    assert cluster.bucket.uploads() == []
+    wait_for(lambda: all(not live for (_, _, live) in cluster.leases()), timeout=30, what="the lease given up")
+    # Now every replica serves it from the bucket, without the upstream.
+    again = [Pull(r) for r in replicas]
+    for thread in run_pulls(again, layer.digest):
+        thread.join(120)
+    assert [(p.error, p.sha256) for p in again] == [(None, layer.digest)] * 3
+    assert fault_proxy.count("GET", blob_path) == 1
+
+
+def test_when_the_replica_fetching_dies_another_takes_the_fill_over_and_its_clients_only_pause(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    owner, *others = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    pulls = [Pull(others[n % 2]) for n in range(6)]
+    threads = run_pulls(pulls, layer.digest)
+    wait_for(lambda: all(p.size >= 8 * MIB for p in pulls), timeout=60, what="the followers' clients under way")
+
+    owner.kill9()  # mid-fill: its lease stays until it expires
+    for thread in [*threads, first_thread]:
+        thread.join(180)
+
+    assert first.error is not None  # the dead replica's own client was cut off
+    assert [p.error for p in pulls] == [None] * 6
+    assert [(p.size, p.sha256) for p in pulls] == [(layer.size, layer.digest)] * 6
+    # Fetched again once, by the replica that took the fill over: twice in all.
+    assert fault_proxy.count("GET", blob_path) == 2
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+    holders = {holder for (_, holder, _) in cluster.leases()}
+    assert holders <= {r.url for r in others}, holders  # the lease row now names the replica that took over
+
+
+def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    fault_proxy.add("corrupt", blob_path, method="GET", times=1, after_bytes=MIB)
+    fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.004)
+    pulls = [Pull(replicas[n % 3]) for n in range(6)]
+    for thread in run_pulls(pulls, layer.digest):
+        thread.join(180)
+
+    # A client got the blob's bytes, or a transfer cut short: never a whole answer with wrong bytes.
+    assert all(p.error is not None or p.sha256 == layer.digest for p in pulls), [(p.error, p.sha256) for p in pulls]
+    assert any(p.error is not None for p in pulls)  # the corrupted fetch was followed, and failed, somewhere
+    wait_for(lambda: all(not live for (_, _, live) in cluster.leases()), timeout=30, what="the leases given up")
+    assert layer.digest not in cluster.bucket.objects() or cluster.bucket.digest_of(layer.digest) == layer.digest
+    # Asked again, every replica serves the right bytes.
+    again = [Pull(r) for r in replicas]
+    for thread in run_pulls(again, layer.digest):
+        thread.join(180)
+    assert [(p.error, p.sha256) for p in again] == [(None, layer.digest)] * 3
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+
+
+def test_a_replica_whose_lease_was_taken_over_stops_its_fetch_and_stores_nothing(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    owner, *others = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    pulls = [Pull(others[n % 2]) for n in range(4)]
+    threads = run_pulls(pulls, layer.digest)
+    wait_for(lambda: all(p.size >= 8 * MIB for p in pulls), timeout=60, what="the followers' clients under way")
+
+    # As if the owner had stalled past its lease and a replica elsewhere (that then vanished) took it:
+    # a later grant, with a larger fencing token.
+    with psycopg.connect(cluster.dsn) as conn:
+        taken = conn.execute("UPDATE leases SET holder = 'http://127.0.0.1:9', token = nextval('lease_tokens'),"
+                             " expires = extract(epoch from statement_timestamp()) + 3 WHERE holder = %s",
+                             (owner.url,)).rowcount
+    assert taken == 1
+    for thread in [*threads, first_thread]:
+        thread.join(180)
+
+    assert first.error is not None  # the fenced-off replica gave its fetch up: its client was cut off
+    assert "the fill lease expired or was taken over" in owner.log_path.read_text()
+    assert [p.error for p in pulls] == [None] * 4
+    assert [(p.size, p.sha256) for p in pulls] == [(layer.size, layer.digest)] * 4
+    assert fault_proxy.count("GET", blob_path) == 2  # fetched again, once, after the usurper's lease expired
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+    assert {holder for (_, holder, _) in cluster.leases()} <= {r.url for r in others}
+
+
+def test_a_blob_another_replica_fetches_for_one_repository_needs_the_upstreams_consent_in_another(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    layer = big_image.layers[0]
+    owner, other = start_replicas(cluster, 2, fault_proxy.url, mirror_factory)
+    rule = fault_proxy.add("slow", f"/v2/library/cluster-big/blobs/{layer.digest}", method="GET",
+                           chunk_size=64 << 10, delay=0.006)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        # The upstream has no such blob in library/elsewhere: the fill of library/cluster-big is not its answer.
+        answer = http.get(f"{other.url}/v2/library/elsewhere/blobs/{layer.digest}")
+    first_thread.join(180)
+    assert answer.status_code == 404 and answer.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert (first.error, first.sha256) == (None, layer.digest)
+
+
+def test_a_replica_with_another_secret_is_refused_by_the_one_fetching_and_fetches_nothing(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    tmp_path: Path,
+) -> None:
+    layer = big_image.layers[0]
+    owner = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
+    cluster.secret_file = tmp_path / "another-secret"
+    cluster.secret_file.write_text(SECRET[::-1])
+    stranger = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.006)
+    first = Pull(owner)
+    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    first_thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        answer = http.get(f"{stranger.url}{blob_path}")
+    first_thread.join(180)
+    assert answer.status_code == 503 and answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "refused" in answer.json()["errors"][0]["message"]
+    assert "is cluster.secret_file the same on every replica?" in stranger.log_path.read_text()
+    assert (first.error, first.sha256) == (None, layer.digest)
+    assert fault_proxy.count("GET", blob_path) == 1
+    assert SECRET not in stranger.log_path.read_text() + owner.log_path.read_text()

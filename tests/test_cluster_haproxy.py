@@ -1,6 +1,6 @@
 """Replicas behind the shipped HAProxy configuration (``deploy/haproxy/haproxy.cfg``): several mirror
-processes on one SeaweedFS bucket and one PostgreSQL database, each with a data directory of its own,
-and HAProxy from Debian in front of them with no stickiness.
+processes on one SeaweedFS bucket and one PostgreSQL database, each with a data directory of its own
+(in cluster mode where they fetch together), and HAProxy from Debian in front of them with no stickiness.
 
 - ``haproxy -c`` accepts the shipped file as it is, and as the tests adapt it to loopback.
 - dockerd pulls and runs an image through HAProxy; 8 looping pullers see no failure while every replica
@@ -27,10 +27,11 @@ from tests.support.dockerd import Dockerd, pull, run
 from tests.support.haproxy import SHIPPED, HAProxy, loopback_config
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
-from tests.support.procs import require_tool, run_checked
+from tests.support.procs import free_port, require_tool, run_checked
 from tests.support.prometheus import Prometheus, panel_queries
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.waiting import wait_for
+from tests.test_cluster import SECRET, replica_env
 from tests.test_s3_serve import Bucket
 
 REPLICAS = 3
@@ -51,8 +52,12 @@ def all_up(balancer: HAProxy, count: int = REPLICAS) -> bool:
     return len(states) == count and all(state == "UP" for state in states.values())
 
 
-def start_replicas(mirror_factory: Callable[..., MirrorServer], env: dict[str, str]) -> list[MirrorServer]:
-    return [mirror_factory(env=env) for _ in range(REPLICAS)]
+def start_replicas(mirror_factory: Callable[..., MirrorServer], bucket: Bucket, dsn: str,
+                   secret_file: Path) -> list[MirrorServer]:
+    """Replicas in cluster mode (``cluster.advertise`` and ``secret_file``), each on a port of its own."""
+    secret_file.write_text(SECRET + "\n")
+    ports = [free_port() for _ in range(REPLICAS)]
+    return [mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port)) for port in ports]
 
 
 @pytest.mark.slow
@@ -60,9 +65,8 @@ def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_
     seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, images: StandardImages, tmp_path: Path,
     mirror_factory: Callable[..., MirrorServer], dockerd_factory: Callable[..., Dockerd],
 ) -> None:
-    env = Bucket(seaweedfs, s3_bucket).env(MIRROR_METADATA_DRIVER="postgres",
-                                          MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
-    replicas = start_replicas(mirror_factory, env)
+    replicas = start_replicas(mirror_factory, Bucket(seaweedfs, s3_bucket), postgres.create_database(),
+                              tmp_path / "cluster-secret")
     with HAProxy(tmp_path / "haproxy", [mirror.address for mirror in replicas]) as balancer:
         wait_for(lambda: all_up(balancer), timeout=15, what=f"every replica UP in HAProxy: {balancer.states()}")
         daemon = dockerd_factory(registry_mirror=balancer.url)

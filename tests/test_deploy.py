@@ -144,12 +144,20 @@ def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -
         assert all(entry in document["secrets"] for entry in service.get("secrets", []))
 
     # The mirror's settings, with its secrets as files.
-    keys = {"s3-accesskey": "AKCLUSTER", "s3-secretkey": "sk-cluster",
+    keys = {"s3-accesskey": "AKCLUSTER", "s3-secretkey": "sk-cluster", "cluster-secret": "c" * 64,
             "postgres-dsn": "postgresql://mirror:pw@postgres:5432/mirror"}
     for name, value in keys.items():
         (tmp_path / name).write_text(value + "\n")
     env = {key: str(value).replace("/run/secrets/", f"{tmp_path}/") for key, value in mirror["environment"].items()}
+    # The entrypoint adds the replica's own address, then runs the image's command.
+    shell, flag, script = mirror["entrypoint"]
+    assert (shell, flag) == ("/bin/sh", "-c") and script.endswith(" exec mirror serve")
+    own_address = r"\$\$\(hostname -i \| cut -d' ' -f1\)"  # $$: a literal $ for the shell
+    assignment = re.fullmatch(rf"MIRROR_CLUSTER_ADVERTISE=http://{own_address}:(\d+) exec mirror serve", script)
+    assert assignment, script
+    env["MIRROR_CLUSTER_ADVERTISE"] = f"http://10.0.0.5:{assignment[1]}"
     config = load_config(env=env)
+    assert config.cluster.enabled and config.cluster.advertise == "http://10.0.0.5:5000"
     assert set(mirror["secrets"]) == set(keys)
     assert (config.storage.driver, config.metadata.driver) == ("s3", "postgres")
     assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKCLUSTER", "sk-cluster")
@@ -267,6 +275,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "objectStorage": {"enabled": True, "bucket": "images", "regionendpoint": "http://seaweedfs:8333",
                           "forcepathstyle": True, "maxSize": "500GiB", "existingSecret": "mirror-s3"},
         "database": {"enabled": True, "existingSecret": "mirror-database"},
+        "cluster": {"existingSecret": "mirror-cluster"},
     },
 }
 
@@ -387,6 +396,10 @@ def test_helm_chart_renders_valid_consistent_manifests(
         assert config.storage.s3_regionendpoint == "http://seaweedfs:8333" and config.storage.s3_forcepathstyle
     if values.get("database", {}).get("enabled"):
         assert (config.metadata.driver, config.metadata.postgres_dsn) == ("postgres", "postgresql://m:pw@db/mirror")
+    if replicas > 1:  # the pods fetch together, each advertising its own address
+        assert config.cluster.enabled and config.cluster.advertise == "http://10.244.1.7:5000"
+    else:
+        assert not config.cluster.enabled
 
 
 def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], volumes: dict[str, Any],
@@ -397,6 +410,7 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
     chart_secret = objects.get("Secret", {})
     external = {"password": "token-from-an-existing-secret", "username": "me", "htpasswd": HTPASSWD,
                 "accesskey": "AKEXISTING", "secretkey": "sk-existing", "dsn": "postgresql://m:pw@db/mirror",
+                "secret": "c" * 64,
                 "tls.crt": certificate.certificate.read_text(), "tls.key": certificate.key.read_text()}
 
     def secret_value(name: str, key: str) -> str:
@@ -419,12 +433,16 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
                 (folder / item["path"]).write_text(secret_value(name, item["key"]))
     env = {}
     for variable in container["env"]:
-        if "valueFrom" in variable:
+        if "fieldRef" in variable.get("valueFrom", {}):
+            assert variable["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            env[variable["name"]] = "10.244.1.7"
+        elif "valueFrom" in variable:
             ref = variable["valueFrom"]["secretKeyRef"]
             env[variable["name"]] = secret_value(ref["name"], ref["key"])
         else:
             value = variable["value"]
             mounted = value.startswith("/etc/mirror/")
+            value = value.replace("$(POD_IP)", env.get("POD_IP", "$(POD_IP)"))  # as the kubelet expands it
             env[variable["name"]] = str(root / value.lstrip("/")) if mounted else value
     return env
 
@@ -436,7 +454,9 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
     ({"objectStorage": {"enabled": True, "maxSize": "1TiB"}}, "objectStorage.bucket is needed"),
     ({"objectStorage": {"enabled": True, "bucket": "b"}}, "objectStorage.maxSize is needed"),
     ({"database": {"enabled": True}}, "database.existingSecret (a Secret with the key dsn) is needed"),
-], ids=["replicas-on-a-volume", "replicas-without-a-database", "no-bucket", "no-budget", "no-dsn"])
+    ({"replicaCount": 2, "objectStorage": {"enabled": True, "bucket": "b", "maxSize": "1TiB"},
+      "database": {"enabled": True, "existingSecret": "db"}}, "cluster.existingSecret (a Secret with the key secret)"),
+], ids=["replicas-on-a-volume", "replicas-without-a-database", "no-bucket", "no-budget", "no-dsn", "no-cluster-secret"])
 def test_helm_chart_refuses_replicas_that_would_not_share_their_store(
     values: dict[str, Any], message: str, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ from tests.support.images import OCI_INDEX, Image, build_image, busybox_layer, r
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -290,3 +291,42 @@ def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_act
     failed = inspect("1")
     assert failed.returncode != 0 and "manifest unknown" in failed.stderr.lower()
     assert inspect("2").returncode == 0
+
+
+def test_prefetch_a_tag_only_the_upstream_lists_then_pull_it_with_the_upstream_down(
+        mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry], page: Page,
+        htpasswd: Path, tiny: Image, labelled: Image, skopeo: str, tmp_path: Path) -> None:
+    own = upstream_factory()
+    own.push_image("webui/app", "1", tiny)
+    own.push_image("webui/app", "2", labelled)
+    mirror = mirror_factory(upstream_url=own.url, env=auth_env(htpasswd, anonymous_pull=True))
+    _pull(mirror, "webui/app", "1", tiny)
+    page.context.set_extra_http_headers(basic("alice", ALICE_PASSWORD))
+
+    assert status(page, f"{mirror.url}/ui/r/webui/app") == 200
+    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]
+    assert "only upstream" in text(page, "table.tags tbody tr:nth-child(2)")
+    page.screenshot(path=tmp_path / "repository.png", full_page=True)
+    assert follow(page, "a[aria-label='Prefetch the tag 2']") == 200
+    assert text(page, "h1") == "Fetch webui/app:2 into the cache?"
+    assert follow(page, "form.confirm button[type=submit]") == 200
+    assert text(page, "h1") == "Done"
+    assert f"Fetched webui/app:2 into the cache: {labelled.digest}" in text(page, "main")
+    assert follow(page, "main p a") == 200  # back to the repository: tag 2 is cached now
+    row = text(page, "table.tags tbody tr:nth-child(2)")
+    assert labelled.digest.removeprefix("sha256:")[:12] in row and "only upstream" not in row
+
+    own.stop()
+    copied = subprocess.run([skopeo, "copy", "--src-tls-verify=false",
+                             f"docker://{mirror.address}/webui/app@{labelled.digest}", f"dir:{tmp_path / 'copy'}"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert copied.returncode == 0, copied.stderr
+    for layer in labelled.layers:
+        assert (tmp_path / "copy" / layer.digest.removeprefix("sha256:")).stat().st_size == layer.size
+
+    def told() -> bool:  # once the upstream's last answer is no longer remembered (10 s)
+        return status(page, f"{mirror.url}/ui/r/webui/app") == 200 and \
+            "could not be asked for its tags" in text(page, "#upstream-problem")
+
+    assert eventually(told, timeout=20, interval=1.0)
+    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]

@@ -3,7 +3,8 @@ objects the ``/v2/`` routes use (the namespaces' index and store, the app's metr
 
 =========================  ===========================================================
 ``/ui/``                    repositories, ``?q=`` filter (words, case ignored), ``?page=``
-``/ui/r/<name>``            a repository's tags, ``?page=``; pull commands
+``/ui/r/<name>``            a repository's tags (a cached one's: and those only its upstream
+                            lists, ``listed``), ``?page=``; pull commands
 ``/ui/r/<name>@<digest>``   an image or index: platforms, layers, config, referrers
 ``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress
 ``/ui/login``               asks the browser for a user's password (HTTP Basic)
@@ -44,7 +45,7 @@ from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
-from . import actions, figures, images, listing
+from . import actions, figures, images, listed, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
@@ -80,6 +81,7 @@ def routes(config: Config) -> list[BaseRoute]:
     """The UI's routes, to mount at ``/ui`` (the app adds them when ``ui.enabled``)."""
     templates = Jinja2Templates(env=_environment())
     last_pulls = listing.LastPulls()
+    upstream_tags = listed.UpstreamTags()
 
     def viewer(request: Request) -> str | None:
         return request.scope.get("state", {}).get("user")  # type: ignore[no-any-return]
@@ -148,12 +150,14 @@ def routes(config: Config) -> list[BaseRoute]:
         host = client_host(request.scope)
         crane = "--insecure " if request.url.scheme == "http" else ""  # crane speaks plain HTTP only then
         if digest is None:
-            tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
-                                                  _number(request))
-            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             registry = key.partition("/")[0]
+            upstream_list = None if registry == LOCAL else await upstream_tags.listed(namespaces, name, key)
+            tags = await anyio.to_thread.run_sync(functools.partial(
+                images.tag_page, local.store, local.metadata, last_pulls, key, _number(request),
+                listed=upstream_list.tags if upstream_list and upstream_list.tags else frozenset()))
+            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
-                          upstream=None if registry == LOCAL else registry,
+                          upstream=None if registry == LOCAL else registry, listed=upstream_list,
                           actions=acting.allowed(viewer(request), name))
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:

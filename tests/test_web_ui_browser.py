@@ -21,6 +21,7 @@ from tests.support.browser import Seen, chromium, follow, open_page, status, tex
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked, push_image, push_index
 from tests.support.images import OCI_INDEX, Image, build_image, busybox_layer, random_layer
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
@@ -291,6 +292,51 @@ def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_act
     failed = inspect("1")
     assert failed.returncode != 0 and "manifest unknown" in failed.stderr.lower()
     assert inspect("2").returncode == 0
+
+
+def test_the_cache_page_charts_the_last_hours_and_agrees_with_metrics(
+        mirror: MirrorServer, page: Page, browser: Browser, images: StandardImages, labelled: Image,
+        tmp_path: Path) -> None:
+    _pull(mirror, "library/small", "1", images.small)
+    _pull(mirror, "library/small", "1", images.small)  # from the store, this time
+    _pull(mirror, "webui/labelled", "1", labelled)
+    assert status(page, f"{mirror.url}/ui/cache") == 200
+    found = scrape(f"{mirror.url}/metrics")
+    sent = sum(value(found, "mirror_cache_served_bytes_total", outcome=o) for o in ("hit", "stale", "local"))
+    fetched = value(found, "mirror_upstream_received_bytes_total")
+    stored = value(found, "mirror_store_size_bytes")
+    small, other = (sum(layer.size for layer in image.layers) for image in (images.small, labelled))
+    assert sent >= small and fetched >= small + other and stored >= small + other
+    # The window began at the mirror's start: its totals are the mirror's.
+    shown = page.evaluate("['window-store', 'window-upstream', 'window-stored']"
+                          ".map(id => Number(document.getElementById(id).value))")
+    assert shown == [sent, fetched, stored]
+
+    for chart, title in (("traffic-chart", "Traffic per minute"), ("disk-chart", "Disk usage")):
+        svg = page.locator(f"svg#{chart}")
+        assert svg.get_attribute("role") == "img"
+        assert svg.get_attribute("aria-labelledby") == f"{chart[:-6]}-title {chart[:-6]}-desc"
+        assert svg.locator("title").text_content() == title
+    desc = page.locator("#traffic-desc").text_content() or ""
+    assert f"{human(int(sent))} sent from the store, {human(int(fetched))} fetched from upstreams" in desc
+    assert f"{human(int(stored))} now" in (page.locator("#disk-desc").text_content() or "")
+    # Drawn: lines that leave the bottom of the chart (y = 120) somewhere.
+    for line in ("#traffic-chart polyline.store", "#traffic-chart polyline.upstream", "#disk-chart polyline.disk"):
+        ys = [float(p.split(",")[1]) for p in (page.locator(line).get_attribute("points") or "").split()]
+        assert ys and min(ys) < 120, (line, ys)
+    assert page.locator("svg.chart").first.bounding_box()["width"] > 300  # type: ignore[index]
+
+    # The table under the chart, for who does not see it: its minutes add up to the totals.
+    page.click("details summary")
+    cells = page.evaluate("[...document.querySelectorAll('table.minutes tbody tr')]"
+                          ".map(tr => [...tr.querySelectorAll('data')].map(d => Number(d.value)))")
+    assert cells and [sum(c[0] for c in cells), sum(c[1] for c in cells)] == [sent, fetched]
+    page.screenshot(path=tmp_path / "cache.png", full_page=True)
+
+    # Drawn on the server: the same without JavaScript.
+    with open_page(browser, java_script_enabled=False) as (plain, _):
+        assert status(plain, f"{mirror.url}/ui/cache") == 200
+        assert plain.locator("svg.chart polyline").count() == 3
 
 
 def test_prefetch_a_tag_only_the_upstream_lists_then_pull_it_with_the_upstream_down(

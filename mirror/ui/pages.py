@@ -6,7 +6,8 @@ objects the ``/v2/`` routes use (the namespaces' index and store, the app's metr
 ``/ui/r/<name>``            a repository's tags (a cached one's: and those only its upstream
                             lists, ``listed``), ``?page=``; pull commands
 ``/ui/r/<name>@<digest>``   an image or index: platforms, layers, config, referrers
-``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress
+``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress, and a
+                            chart of the last hours' disk usage and traffic (``history``, ``chart``)
 ``/ui/login``               asks the browser for a user's password (HTTP Basic)
 ``/ui/actions/<verb>``      delete, pin, unpin: confirm (GET), then do (POST); see ``actions``
 ``/ui/static/...``          the stylesheet and the script
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -45,7 +47,7 @@ from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
-from . import actions, figures, images, listed, listing
+from . import actions, chart, figures, history, images, listed, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
@@ -176,8 +178,17 @@ def routes(config: Config) -> list[BaseRoute]:
         if not config.auth.may_pull(viewer(request), None):
             return refused(request)
         state = request.state
-        shown = await anyio.to_thread.run_sync(figures.read, state.exposition, state.store, state.metadata, config)
-        return render(request, "cache.html", figures=shown)
+        kept: history.History = state.history
+
+        def read() -> tuple[figures.CacheFigures, chart.Chart]:
+            found = figures.samples(state.exposition)
+            now = history.read(found, time.time())
+            return (figures.read(state.exposition, state.store, state.metadata, config, found),
+                    chart.draw(kept.samples(), now))
+
+        shown, drawn = await anyio.to_thread.run_sync(read)
+        return render(request, "cache.html", figures=shown, chart=drawn, pid=os.getpid(), workers=config.http.workers,
+                      width=chart.WIDTH, height=chart.HEIGHT)
 
     async def login(request: Request) -> Response:
         if config.auth.enabled and viewer(request) is None:

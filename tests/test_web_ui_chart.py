@@ -1,13 +1,22 @@
-"""The cache page's chart of the last hours, as pure logic: the ring of per-minute samples keeps
-six hours, and the chart's figures are the differences of the samples (the server and the browser
-are in ``tests/test_web_ui_browser.py``)."""
+"""The cache page's chart of the last hours: the ring of per-minute samples keeps six hours, the
+chart's figures are the differences of the samples, and with two workers each draws every worker's
+totals (the real mirror under uvicorn; the browser's view is in ``tests/test_web_ui_browser.py``)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+import httpx
 from prometheus_client import CollectorRegistry
 
 from mirror.ui.chart import HEIGHT, WIDTH, draw
 from mirror.ui.history import SPAN, History, Sample
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.waiting import eventually
 
 MiB = 1 << 20
 
@@ -42,3 +51,30 @@ def test_before_the_first_minute_there_is_nothing_to_draw() -> None:
     chart = draw([], Sample(10.0, None, 0, 0))
     assert chart.rows == [] and chart.store_line == chart.disk_line == ""
     assert chart.disk_summary == "The store's size is not known while its index cannot be read."
+
+
+def test_with_two_workers_each_draws_every_workers_totals(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    mirror = mirror_factory(workers=2)
+    seen: dict[int, tuple[int, int]] = {}
+
+    def look() -> tuple[int, tuple[int, int]]:
+        """One view of the cache page on a new connection (either worker): its pid and window totals."""
+        page = httpx.get(f"{mirror.url}/ui/cache", trust_env=False, timeout=30)
+        assert page.status_code == 200, page.text
+        pid = re.search(r"\(pid (\d+), one of 2; each keeps its own samples\)", page.text)
+        totals = [re.search(f'<data id="window-{which}" value="(\\d+)">', page.text) for which in ("store", "upstream")]
+        assert pid and all(totals), page.text
+        seen[int(pid.group(1))] = (int(totals[0].group(1)), int(totals[1].group(1)))  # type: ignore[union-attr]
+        return int(pid.group(1)), seen[int(pid.group(1))]
+
+    assert eventually(lambda: look() and len(seen) == 2, timeout=30), seen  # both started, before any pull
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    found = scrape(f"{mirror.url}/metrics")
+    sent = int(sum(value(found, "mirror_cache_served_bytes_total", outcome=o) for o in ("hit", "stale", "local")))
+    fetched = int(value(found, "mirror_upstream_received_bytes_total"))
+    assert sent and fetched
+    seen.clear()
+    assert eventually(lambda: look()[1] == (sent, fetched) and len(seen) == 2 and
+                      set(seen.values()) == {(sent, fetched)}, timeout=30), (seen, sent, fetched)

@@ -1,6 +1,6 @@
 """A cached repository's page over plain HTTP: the tags only its upstream lists, shown beside the
-cached ones and marked, asked of the upstream once for several views; with the upstream down,
-the cached tags and a line saying the upstream could not be asked.  The real mirror under uvicorn,
+cached ones and marked, asked of the upstream once for several views; with the upstream down or
+too slow, the cached tags and a line saying the upstream could not be asked.  The real mirror under uvicorn,
 in front of a real upstream registry of the test's own (stopped in the test)."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
+from tests.support.faults import FaultProxy
 from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -99,3 +101,18 @@ def test_a_user_who_may_write_gets_a_prefetch_button_on_each_tag_row(
     assert "Delete" not in page.text  # a cache's tags are not deleted here
     for headers in ({}, basic("carol", "carol-pw")):  # anonymous, and a user who may not write
         assert "/ui/actions/" not in http.get(f"{mirror.url}/ui/r/webui/tags", headers=headers).text
+
+
+def test_an_upstream_slow_to_list_its_tags_does_not_hold_the_page(
+        mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, http: httpx.Client,
+        images: StandardImages) -> None:
+    mirror = mirror_factory(fault_proxy.url)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    fault_proxy.add("slow", r"/tags/list", after_bytes=0, chunk_size=1, delay=5.0)
+
+    started = time.monotonic()
+    page = http.get(f"{mirror.url}/ui/r/library/small")
+    assert 2.9 < time.monotonic() - started < 4.5  # the 3 s the upstream is given
+    assert list(rows(page)) == ["1"]
+    assert ("The upstream (docker.io) could not be asked for its tags: no answer within 3 s. Only the tags "
+            "cached here are shown.") in html.unescape(page.text)

@@ -6,6 +6,7 @@ in front of a real upstream registry of the test's own (stopped in the test)."""
 from __future__ import annotations
 
 import html
+import json
 import re
 import time
 from collections.abc import Callable
@@ -116,3 +117,16 @@ def test_an_upstream_slow_to_list_its_tags_does_not_hold_the_page(
     assert list(rows(page)) == ["1"]
     assert ("The upstream (docker.io) could not be asked for its tags: no answer within 3 s. Only the tags "
             "cached here are shown.") in html.unescape(page.text)
+
+
+def test_names_an_upstream_lists_that_are_not_tags_are_left_out(
+        mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, http: httpx.Client,
+        images: StandardImages) -> None:
+    mirror = mirror_factory(fault_proxy.url)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    listed = {"name": "library/small", "tags": ["1", "<img src=x onerror=alert(1)>", "../../etc", "2", "x" * 129]}
+    fault_proxy.add("status", r"/library/small/tags/list$", status=200, body=json.dumps(listed).encode(),
+                    headers={"content-type": "application/json"})
+    page = http.get(f"{mirror.url}/ui/r/library/small")
+    assert list(rows(page)) == ["1", "2"] and "only upstream" in rows(page)["2"]
+    assert "<img" not in page.text and "etc" not in page.text

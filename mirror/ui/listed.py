@@ -2,9 +2,11 @@
 
 Asked of the repository's upstream as ``GET /v2/<name>/tags/list`` asks it (the whole list,
 following the upstream's own paging: :meth:`~mirror.upstream.client.Upstream.tags`), within
-:data:`WAIT` seconds, so that an upstream that hangs does not hang the page.  Each answer, and
-each failure, is kept :data:`KEEP` seconds for the repository (paging through a long list, or
-many views while the upstream is down, ask it once), for at most :data:`MEMO_SIZE` repositories.
+:data:`WAIT` seconds, so that an upstream that hangs does not hang the page; names that are not
+tags by the spec's grammar (OCI distribution spec, "Pulling manifests") are left out.  Each
+answer, and each failure, is kept :data:`KEEP` seconds for the repository (paging through a long
+list, or many views while the upstream is down, ask it once), for at most :data:`MEMO_SIZE`
+repositories at once.
 A failure is a :class:`Listed` without tags and with the reason, for the page to say why only
 the cached tags are shown.
 """
@@ -19,6 +21,7 @@ import anyio
 
 from ..registry.namespaces import Namespaces
 from ..spec.errors import APIError
+from ..spec.reference import TAG_RE
 from ..upstream.errors import (
     UpstreamDenied,
     UpstreamError,
@@ -32,7 +35,7 @@ WAIT = 3.0
 #: Seconds an answer (or a failure) is kept for the next views of the same repository.
 KEEP = 10.0
 #: Repositories whose upstream list is kept at once.
-MEMO_SIZE = 256
+MEMO_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,13 @@ class UpstreamTags:
             pull, upstream_name = namespaces.upstream_for(name)
             with anyio.fail_after(WAIT):
                 tags = await pull.upstream.tags(pull.upstream.canonical_name(upstream_name))
-            found = Listed(registry, frozenset(tags))
+            found = Listed(registry, frozenset(t for t in tags if TAG_RE.fullmatch(t)))
         except (UpstreamError, TimeoutError, APIError) as exc:
             found = Listed(registry, None, _reason(exc))
-        self._memo[key] = (time.monotonic(), found)
+        now = time.monotonic()
+        self._memo[key] = (now, found)
         self._memo.move_to_end(key)
-        while len(self._memo) > MEMO_SIZE:
+        # Oldest first: drop what expired, and beyond MEMO_SIZE.
+        while self._memo and (len(self._memo) > MEMO_SIZE or now - next(iter(self._memo.values()))[0] >= KEEP):
             self._memo.popitem(last=False)
         return found

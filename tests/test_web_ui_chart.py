@@ -22,7 +22,7 @@ MiB = 1 << 20
 
 
 def test_the_ring_keeps_six_hours_of_minutes() -> None:
-    history = History(CollectorRegistry())
+    history = History(CollectorRegistry(), lambda: 0)
     for minute in range(400):
         history.record(Sample(minute * 60.0, minute, minute, minute))
     kept = history.samples()

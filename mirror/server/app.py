@@ -90,7 +90,8 @@ def create_app(config: Config) -> Starlette:
             assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
         upkeep = asyncio.create_task(maintenance.run())
-        history = History(exposition)  # the cache page's chart: this worker's samples of every worker's totals
+        # The cache page's chart: this worker's samples of every worker's counters and the store's size.
+        history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
         try:
             yield {"namespaces": namespaces, "config": config,

@@ -8,22 +8,27 @@ upstreams (``mirror_upstream_received_bytes_total``).  The traffic of a minute i
 of two samples.
 
 Each worker process keeps its own ring, sampled by its own task (:meth:`History.run`, started
-with the app), but what it samples is every worker's totals (the exposition registry merges
-them, as a scrape does): any worker draws the whole mirror's history, from its own start on.
-Nothing is written to disk; a restart begins a new history.
+with the app), but what it samples is every worker's totals (the counters of every worker,
+merged as a scrape merges them, and the index's running total of the store's size): any worker
+draws the whole mirror's history, from its own start on.  A sample reads nothing else (not the
+store's object counts, a scan of ``blobs/`` or a LIST of the bucket).  Nothing is written to
+disk; a restart begins a new history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
+from ..metadata.driver import MetadataUnavailable
 from .figures import FROM_STORE, Samples, samples
 
 #: Seconds between two samples, and the seconds of samples kept (6 hours).
@@ -53,16 +58,24 @@ def read(found: Samples, at: float) -> Sample:
 
 
 class History:
-    """A ring of samples of *registry* (the app's exposition registry)."""
+    """A ring of samples of *registry* (every worker's metrics, as ``exposition_registry`` merges
+    them) and of *usage* (the store's size in bytes, from the index)."""
 
-    def __init__(self, registry: CollectorRegistry, interval: float = INTERVAL, span: float = SPAN) -> None:
+    def __init__(self, registry: CollectorRegistry, usage: Callable[[], int], interval: float = INTERVAL,
+                 span: float = SPAN) -> None:
         self.registry = registry
+        self.usage = usage
         self.interval = interval
         self._ring: deque[Sample] = deque(maxlen=int(span // interval) + 1)
 
     def sample(self, at: float | None = None) -> Sample:
-        """The totals now (blocking: reads every worker's figures; call from a thread)."""
-        return read(samples(self.registry), time.time() if at is None else at)
+        """The totals now (blocking: reads every worker's samples and the index; call from a thread)."""
+        taken = read(samples(self.registry), time.time() if at is None else at)
+        try:
+            stored: int | None = self.usage()
+        except MetadataUnavailable:  # its database is down: a gap in the disk's line
+            stored = None
+        return dataclasses.replace(taken, stored=stored)
 
     def record(self, sample: Sample) -> None:
         """Keep *sample*; the oldest goes once the ring holds :data:`SPAN` seconds of them."""

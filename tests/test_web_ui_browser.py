@@ -300,17 +300,24 @@ def test_the_cache_page_charts_the_last_hours_and_agrees_with_metrics(
     _pull(mirror, "library/small", "1", images.small)
     _pull(mirror, "library/small", "1", images.small)  # from the store, this time
     _pull(mirror, "webui/labelled", "1", labelled)
-    assert status(page, f"{mirror.url}/ui/cache") == 200
-    found = scrape(f"{mirror.url}/metrics")
-    sent = sum(value(found, "mirror_cache_served_bytes_total", outcome=o) for o in ("hit", "stale", "local"))
-    fetched = value(found, "mirror_upstream_received_bytes_total")
-    stored = value(found, "mirror_store_size_bytes")
     small, other = (sum(layer.size for layer in image.layers) for image in (images.small, labelled))
+    figures: list[float] = []
+
+    def agree() -> bool:
+        """The page's totals are the mirror's (the window began at its start), once the last blob
+        fetched is in the store (moved there right after its last byte reached the client)."""
+        assert status(page, f"{mirror.url}/ui/cache") == 200
+        found = scrape(f"{mirror.url}/metrics")
+        from_store = (value(found, "mirror_cache_served_bytes_total", outcome=o) for o in ("hit", "stale", "local"))
+        figures[:] = [sum(from_store), value(found, "mirror_upstream_received_bytes_total"),
+                      value(found, "mirror_store_size_bytes")]
+        shown = page.evaluate("['window-store', 'window-upstream', 'window-stored']"
+                              ".map(id => Number(document.getElementById(id).value))")
+        return bool(shown == figures)
+
+    assert eventually(agree, timeout=10, interval=0.2), figures
+    sent, fetched, stored = figures
     assert sent >= small and fetched >= small + other and stored >= small + other
-    # The window began at the mirror's start: its totals are the mirror's.
-    shown = page.evaluate("['window-store', 'window-upstream', 'window-stored']"
-                          ".map(id => Number(document.getElementById(id).value))")
-    assert shown == [sent, fetched, stored]
 
     for chart, title in (("traffic-chart", "Traffic per minute"), ("disk-chart", "Disk usage")):
         svg = page.locator(f"svg#{chart}")

@@ -4,10 +4,13 @@ totals (the real mirror under uvicorn; the browser's view is in ``tests/test_web
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from mirror.ui.chart import HEIGHT, WIDTH, draw
@@ -78,3 +81,36 @@ def test_with_two_workers_each_draws_every_workers_totals(
     seen.clear()
     assert eventually(lambda: look()[1] == (sent, fetched) and len(seen) == 2 and
                       set(seen.values()) == {(sent, fetched)}, timeout=30), (seen, sent, fetched)
+
+
+@pytest.mark.slow
+def test_with_two_workers_each_samples_every_workers_traffic_each_minute(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    """A worker that served nothing still has the other's traffic in the minute it happened, not
+    only in the figures taken when the page is drawn."""
+    mirror = mirror_factory(workers=2)
+    pids: set[str] = set()
+
+    def page() -> httpx.Response:
+        answer = httpx.get(f"{mirror.url}/ui/cache", trust_env=False, timeout=30)  # a new connection: any worker
+        assert answer.status_code == 200, answer.text
+        pids.update(re.findall(r"\(pid (\d+), one of 2;", answer.text))
+        return answer
+
+    assert eventually(lambda: bool(page()) and len(pids) == 2, timeout=30), pids  # both sampled at their start
+    started = time.time()
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    time.sleep(max(0.0, started + 70 - time.time()))  # each worker's next sample is a minute after its start
+
+    rows: dict[str, list[tuple[float, int]]] = {}
+    while len(rows) < 2:
+        text = page().text
+        pid = re.findall(r"\(pid (\d+), one of 2;", text)[0]
+        rows[pid] = [(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")), int(fetched)) for at, fetched in
+                     re.findall(r'<tr><td><time datetime="([^"]+)">.*?</td><td class="num"><data value="\d+">.*?'
+                                r'</data></td><td class="num"><data value="(\d+)">', text)]
+        assert time.time() - started < 110, "a worker did not answer before its third sample"
+    for pid, found in rows.items():
+        # One minute with the traffic, sampled after the pull, well before the page was drawn.
+        assert len(found) == 1 and found[0][1] > 0, (pid, found)
+        assert started < found[0][0] < time.time() - 5, (pid, found, started)

@@ -75,6 +75,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=_when, size=_size, argv=lambda v: json.dumps(v, ensure_ascii=False),
+                       iso=lambda v: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v)),
                        short=lambda d: str(d).partition(":")[2][:12], path=lambda n: quote(str(n), safe="/:@"))
     return env
 

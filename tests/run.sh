@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian 12 machine, then run ruff, mypy and all of the tests.
+# (libatomic1: the Node.js that Playwright's Python package runs; the web UI's tests launch Debian's chromium with it.)
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -m "not slow"` for the quick part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2 python3-venv postgresql chromium haproxy)
+packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2 python3-venv postgresql chromium libatomic1 haproxy)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,4 +1,4 @@
-"""The web UI as a user sees it: headless Chromium (driven over the DevTools Protocol) against the
+"""The web UI as a user sees it: Debian's headless Chromium, driven by Playwright, against the
 real mirror under uvicorn, in front of the session's real upstream registry.
 
 What is asserted is what the page shows (rendered text, links, buttons) and what the browser
@@ -14,15 +14,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, Page
 
 from mirror.config.values import human
-from tests.support.browser import Browser
+from tests.support.browser import Seen, chromium, follow, open_page, status, text
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked, push_image, push_index
 from tests.support.images import OCI_INDEX, Image, build_image, busybox_layer, random_layer
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +47,27 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamRegistr
     return image
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    """A browser; what its page shows at the end of the test is saved as ``tmp_path/screenshot.png``."""
-    with Browser(tmp_path / "chromium") as started:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as started:
         yield started
-        started.screenshot(tmp_path / "screenshot.png")
+
+
+@pytest.fixture
+def opened(browser: Browser, tmp_path: Path) -> Iterator[tuple[Page, Seen]]:
+    """A page of a fresh context; what it shows at the end of the test is saved as ``tmp_path/screenshot.png``."""
+    with open_page(browser, tmp_path / "screenshot.png") as both:
+        yield both
+
+
+@pytest.fixture
+def page(opened: tuple[Page, Seen]) -> Page:
+    return opened[0]
+
+
+@pytest.fixture
+def seen(opened: tuple[Page, Seen]) -> Seen:
+    return opened[1]
 
 
 def _pull(mirror: MirrorServer, name: str, tag: str, image: Image) -> None:
@@ -57,186 +75,187 @@ def _pull(mirror: MirrorServer, name: str, tag: str, image: Image) -> None:
         pull_checked(http, mirror.url, name, tag, image)
 
 
-def _rows(browser: Browser) -> list[str]:
+def _rows(page: Page) -> list[str]:
     """The repository names in the list's table, as shown."""
-    return list(browser.js("[...document.querySelectorAll('table.repos tbody tr td:first-child')]"
-                           ".map(td => td.innerText)"))
+    return list(page.evaluate("[...document.querySelectorAll('table.repos tbody tr td:first-child')]"
+                              ".map(td => td.innerText)"))
 
 
 def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you_type(
-        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tiny: Image,
+        mirror: MirrorServer, page: Page, labelled: Image, images: StandardImages, tiny: Image,
         tmp_path: Path) -> None:
-    assert browser.open(f"{mirror.url}/ui/") == 200
-    assert _rows(browser) == []
+    assert status(page, f"{mirror.url}/ui/") == 200
+    assert _rows(page) == []
     _pull(mirror, "webui/labelled", "1", labelled)
     _pull(mirror, "library/small", "1", images.small)
     push_image(mirror.url, "team/app", "v1", tiny)
 
-    assert browser.open(f"{mirror.url}/ui/") == 200
-    assert _rows(browser) == ["library/small", "team/app", "webui/labelled"]
-    rows = browser.text("table.repos tbody")
+    assert status(page, f"{mirror.url}/ui/") == 200
+    assert _rows(page) == ["library/small", "team/app", "webui/labelled"]
+    rows = text(page, "table.repos tbody")
     assert "pushed" in rows and "cached from docker.io" in rows
-    assert "3 repositories" in browser.text("#count")
-    browser.screenshot(tmp_path / "repositories.png")
+    assert "3 repositories" in text(page, "#count")
+    page.screenshot(path=tmp_path / "repositories.png", full_page=True)
 
-    browser.js("window.notReloaded = true")
-    browser.type("#q", "labe")
-    browser.wait_for("document.querySelectorAll('table.repos tbody tr').length === 1")
-    assert _rows(browser) == ["webui/labelled"]
-    assert browser.js("window.notReloaded") is True  # narrowed by the script, not by submitting the form
-    assert browser.js("location.search") == "?q=labe"
-    browser.type("#q", "x")  # "labex": nothing
-    browser.wait_for("document.getElementById('count').innerText.startsWith('0 ')")
-    assert _rows(browser) == []
+    page.evaluate("window.notReloaded = true")
+    page.locator("#q").press_sequentially("labe")
+    page.wait_for_function("() => document.querySelectorAll('table.repos tbody tr').length === 1")
+    assert _rows(page) == ["webui/labelled"]
+    assert page.evaluate("window.notReloaded") is True  # narrowed by the script, not by submitting the form
+    assert page.evaluate("location.search") == "?q=labe"
+    page.locator("#q").press_sequentially("x")  # "labex": nothing
+    page.wait_for_function("() => document.getElementById('count').innerText.startsWith('0 ')")
+    assert _rows(page) == []
 
     # The row links to the repository's page.
-    browser.open(f"{mirror.url}/ui/?q=small")
-    assert _rows(browser) == ["library/small"]
-    browser.click("table.repos tbody a")
-    browser.wait_for("location.pathname === '/ui/r/library/small'")
-    browser.wait_for("document.querySelector('h1')?.innerText === 'library/small'")
+    status(page, f"{mirror.url}/ui/?q=small")
+    assert _rows(page) == ["library/small"]
+    page.click("table.repos tbody a")
+    page.wait_for_function("() => location.pathname === '/ui/r/library/small'")
+    page.wait_for_function("() => document.querySelector('h1')?.innerText === 'library/small'")
 
 
 def test_repository_page_shows_tags_digests_and_copyable_pull_commands(
-        mirror: MirrorServer, browser: Browser, images: StandardImages) -> None:
+        mirror: MirrorServer, page: Page, images: StandardImages) -> None:
     _pull(mirror, "library/small", "1", images.small)
-    assert browser.open(f"{mirror.url}/ui/r/library/small") == 200
-    table = browser.text("table.tags")
+    assert status(page, f"{mirror.url}/ui/r/library/small") == 200
+    table = text(page, "table.tags")
     assert images.small.digest.removeprefix("sha256:")[:12] in table
     assert "application/vnd.oci.image.manifest.v1+json" in table
     assert "linux/amd64" in table
-    assert browser.js("document.querySelector('table.tags td.tag').innerText") == "1"
-    copies = browser.js("[...document.querySelectorAll('button[data-copy]')].map(b => b.dataset.copy)")
+    assert page.evaluate("document.querySelector('table.tags td.tag').innerText") == "1"
+    copies = page.evaluate("[...document.querySelectorAll('button[data-copy]')].map(b => b.dataset.copy)")
     host = f"127.0.0.1:{mirror.port}"
     assert f"docker pull {host}/library/small:1" in copies
     assert f"podman pull {host}/library/small:1" in copies
     assert images.small.digest in copies
-    assert f"docker pull {host}/library/small:1" in browser.text("ul.commands")
+    assert f"docker pull {host}/library/small:1" in text(page, "ul.commands")
 
-    browser.send("Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
-                                              "origin": mirror.url})
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=mirror.url)
     digest_button = f"button[data-copy={json.dumps(images.small.digest)}]"
-    browser.click(digest_button)
-    browser.wait_for(f"document.querySelector('{digest_button}').innerText === 'Copied'")
-    assert browser.js("navigator.clipboard.readText()") == images.small.digest
+    page.click(digest_button)
+    page.wait_for_function(f"() => document.querySelector('{digest_button}').innerText === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == images.small.digest
 
 
 def test_image_pages_show_platforms_layers_config_and_hostile_text_as_text(
-        mirror: MirrorServer, browser: Browser, labelled: Image, images: StandardImages, tmp_path: Path) -> None:
+        mirror: MirrorServer, page: Page, seen: Seen, labelled: Image, images: StandardImages,
+        tmp_path: Path) -> None:
     _pull(mirror, "webui/labelled", "1", labelled)
-    browser.open(f"{mirror.url}/ui/r/webui/labelled")
-    browser.click("table.tags tbody a")  # the tag's digest
-    browser.wait_for(f"location.pathname === '/ui/r/webui/labelled@{labelled.digest}'")
-    browser.wait_for("document.getElementById('layers') !== null")
-    rows = browser.js("[...document.querySelectorAll('table.layers tbody tr')].map(tr => tr.innerText)")
+    status(page, f"{mirror.url}/ui/r/webui/labelled")
+    page.click("table.tags tbody a")  # the tag's digest
+    page.wait_for_function(f"() => location.pathname === '/ui/r/webui/labelled@{labelled.digest}'")
+    page.wait_for_function("() => document.getElementById('layers') !== null")
+    rows = page.evaluate("[...document.querySelectorAll('table.layers tbody tr')].map(tr => tr.innerText)")
     assert rows == [f"{n}\t{layer.digest.removeprefix('sha256:')[:12]}\t"
                     f"application/vnd.oci.image.layer.v1.tar+gzip\t{human(layer.size)}"
                     for n, layer in enumerate(labelled.layers, 1)]
-    labels = browser.text("table.labels")
+    labels = text(page, "table.labels")
     assert "org.opencontainers.image.title" in labels and "labelled" in labels
     assert HOSTILE in labels  # shown as the text it is
-    page = browser.text("main")
-    assert '["/bin/sh", "-c"]' in page and "8080/tcp" in page and HOSTILE_STEP in page
-    assert browser.js("document.querySelectorAll('main img, main script').length") == 0
-    browser.pump(1.0)
-    assert browser.dialogs == []
-    browser.screenshot(tmp_path / "image.png")
+    main = text(page, "main")
+    assert '["/bin/sh", "-c"]' in main and "8080/tcp" in main and HOSTILE_STEP in main
+    assert page.evaluate("document.querySelectorAll('main img, main script').length") == 0
+    page.wait_for_timeout(1000)
+    assert seen.dialogs == []
+    page.screenshot(path=tmp_path / "image.png", full_page=True)
 
     # An index: its platforms, each linked to its manifest once that is pulled too.
     index, arm64 = images.multi.digest, images.multi.child("arm64")
     with httpx.Client(trust_env=False, timeout=30) as http:
         answer = http.get(f"{mirror.url}/v2/library/multi/manifests/1", headers={"accept": OCI_INDEX})
         assert answer.headers["docker-content-digest"] == index
-        assert browser.open(f"{mirror.url}/ui/r/library/multi@{index}") == 200
-        platforms = browser.text("main table")
+        assert status(page, f"{mirror.url}/ui/r/library/multi@{index}") == 200
+        platforms = text(page, "main table")
         assert "linux/amd64" in platforms and "linux/arm64/v8" in platforms and "not cached" in platforms
-        assert browser.js("document.querySelectorAll('main table a').length") == 0
+        assert page.evaluate("document.querySelectorAll('main table a').length") == 0
         assert http.get(f"{mirror.url}/v2/library/multi/manifests/{arm64.digest}",
                         headers={"accept": arm64.media_type}).status_code == 200
-    assert browser.open(f"{mirror.url}/ui/r/library/multi@{index}") == 200
-    hrefs = browser.js("[...document.querySelectorAll('main table a')].map(a => a.getAttribute('href'))")
+    assert status(page, f"{mirror.url}/ui/r/library/multi@{index}") == 200
+    hrefs = page.evaluate("[...document.querySelectorAll('main table a')].map(a => a.getAttribute('href'))")
     assert hrefs == [f"/ui/r/library/multi@{arm64.digest}"]
 
 
 def test_a_user_without_pull_rights_does_not_see_the_private_repository(
-        mirror_factory: Callable[..., MirrorServer], browser: Browser, htpasswd: Path, tiny: Image) -> None:
+        mirror_factory: Callable[..., MirrorServer], page: Page, htpasswd: Path, tiny: Image) -> None:
     mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=False))
     push(mirror, "team/secret", "1", tiny, basic("alice", ALICE_PASSWORD))
 
-    assert browser.open(f"{mirror.url}/ui/") == 401
-    assert "team/secret" not in browser.text()
-    assert "Log in" in browser.text("main")
-    assert browser.open(f"{mirror.url}/ui/r/team/secret") == 401
-    assert "team/secret" not in browser.text()
-    assert browser.open(f"{mirror.url}/ui/?q=secret&partial=1") == 401
-    assert "team/secret" not in browser.text()
-    browser.headers(basic("carol", "wrong password"))
-    assert browser.open(f"{mirror.url}/ui/") == 401
-    assert "team/secret" not in browser.text()
+    assert status(page, f"{mirror.url}/ui/") == 401
+    assert "team/secret" not in text(page)
+    assert "Log in" in text(page, "main")
+    assert status(page, f"{mirror.url}/ui/r/team/secret") == 401
+    assert "team/secret" not in text(page)
+    assert status(page, f"{mirror.url}/ui/?q=secret&partial=1") == 401
+    assert "team/secret" not in text(page)
+    page.context.set_extra_http_headers(basic("carol", "wrong password"))
+    assert status(page, f"{mirror.url}/ui/") == 401
+    assert "team/secret" not in text(page)
 
-    browser.headers(basic("alice", ALICE_PASSWORD))
-    assert browser.open(f"{mirror.url}/ui/") == 200
-    assert _rows(browser) == ["team/secret"]
-    assert "Signed in as alice" in browser.text("header")
-    assert browser.open(f"{mirror.url}/ui/r/team/secret") == 200
-    assert "1" == browser.js("document.querySelector('table.tags td.tag').innerText")
+    page.context.set_extra_http_headers(basic("alice", ALICE_PASSWORD))
+    assert status(page, f"{mirror.url}/ui/") == 200
+    assert _rows(page) == ["team/secret"]
+    assert "Signed in as alice" in text(page, "header")
+    assert status(page, f"{mirror.url}/ui/r/team/secret") == 200
+    assert "1" == page.evaluate("document.querySelector('table.tags td.tag').innerText")
 
 
 def test_index_pushed_here_lists_its_platforms_on_the_repository_page(
-        mirror: MirrorServer, browser: Browser, images: StandardImages) -> None:
+        mirror: MirrorServer, page: Page, images: StandardImages) -> None:
     push_index(mirror.url, "team/multi", "2", images.multi)
-    assert browser.open(f"{mirror.url}/ui/r/team/multi") == 200
-    row = browser.text("table.tags tbody")
+    assert status(page, f"{mirror.url}/ui/r/team/multi") == 200
+    row = text(page, "table.tags tbody")
     assert "linux/amd64, linux/arm64/v8" in row
     assert "application/vnd.oci.image.index.v1+json" in row
 
 
-def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: Browser,
+def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: Browser, tmp_path: Path,
                                                 images: StandardImages, tiny: Image) -> None:
     _pull(mirror, "library/small", "1", images.small)
     push_image(mirror.url, "team/a-rather-long-repository-name/with/several/components-of-its-own", "v1", tiny)
-    browser.viewport(390, 844, mobile=True)
-    for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}", "/ui/cache"):
-        assert browser.open(f"{mirror.url}{path}") == 200
-        assert browser.js("document.querySelector('meta[name=viewport]').content") == \
-            "width=device-width, initial-scale=1"
-        # Nothing wider than the screen but tables, which scroll in their own box.
-        assert browser.js("document.documentElement.scrollWidth") <= 390, path
+    phone = {"viewport": {"width": 390, "height": 844}, "is_mobile": True}
+    with open_page(browser, tmp_path / "screenshot.png", **phone) as (page, _):
+        for path in ("/ui/", "/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}", "/ui/cache"):
+            assert status(page, f"{mirror.url}{path}") == 200
+            assert page.evaluate("document.querySelector('meta[name=viewport]').content") == \
+                "width=device-width, initial-scale=1"
+            # Nothing wider than the screen but tables, which scroll in their own box.
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390, path
 
-    browser.open(f"{mirror.url}/ui/")
-    browser.press("Tab")
-    assert browser.js("document.activeElement.innerText") == "Skip to content"
-    browser.press("/")  # focuses the filter
-    assert browser.js("document.activeElement.id") == "q"
-    for key in "small":
-        browser.press(key)
-    browser.wait_for("document.querySelectorAll('table.repos tbody tr').length === 1")
-    assert _rows(browser) == ["library/small"]
-    browser.press("Tab")  # the form's button
-    browser.press("Tab")  # the one repository's link
-    assert browser.js("document.activeElement.innerText") == "library/small"
-    browser.press("Enter")
-    browser.wait_for("location.pathname === '/ui/r/library/small'")
+        status(page, f"{mirror.url}/ui/")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.innerText") == "Skip to content"
+        page.keyboard.press("/")  # focuses the filter
+        assert page.evaluate("document.activeElement.id") == "q"
+        for key in "small":
+            page.keyboard.press(key)
+        page.wait_for_function("() => document.querySelectorAll('table.repos tbody tr').length === 1")
+        assert _rows(page) == ["library/small"]
+        page.keyboard.press("Tab")  # the form's button
+        page.keyboard.press("Tab")  # the one repository's link
+        assert page.evaluate("document.activeElement.innerText") == "library/small"
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => location.pathname === '/ui/r/library/small'")
 
 
-def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, browser: Browser, tiny: Image) -> None:
+def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, page: Page, seen: Seen,
+                                                        tiny: Image) -> None:
     """Every request a page makes is answered (the browser's icon included: no 404 in the access
     log, no error in the console, for each page a user opens), and only of this host."""
     push_image(mirror.url, "team/app", "v1", tiny)
     for path in ("/ui/", "/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}", "/ui/cache"):
-        start = len(browser.events)
-        assert browser.open(f"{mirror.url}{path}") == 200
-        browser.pump(1.0)
-        answers = {p["response"]["url"]: p["response"]["status"] for m, p in browser.events[start:]
-                   if m == "Network.responseReceived"}
+        start, failures, errors = len(seen.responses), len(seen.failed), len(seen.errors)
+        assert status(page, f"{mirror.url}{path}") == 200
+        page.wait_for_timeout(1000)
+        answers = dict(seen.responses[start:])
         assert answers and all(url.startswith(f"{mirror.url}/ui/") for url in answers), answers
-        assert all(status == 200 for status in answers.values()), answers
-        failed = [p for m, p in browser.events[start:] if m == "Network.loadingFailed"]
-        assert failed == [], failed
+        assert all(code == 200 for code in answers.values()), answers
+        assert seen.failed[failures:] == [], seen.failed[failures:]
+        assert seen.errors[errors:] == [], seen.errors[errors:]
 
 
 def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_actions(
-        mirror_factory: Callable[..., MirrorServer], browser: Browser, htpasswd: Path, tiny: Image, skopeo: str,
+        mirror_factory: Callable[..., MirrorServer], page: Page, htpasswd: Path, tiny: Image, skopeo: str,
         tmp_path: Path) -> None:
     mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
     alice = basic("alice", ALICE_PASSWORD)
@@ -250,21 +269,21 @@ def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_act
 
     assert inspect("1").returncode == 0
     for path in ("/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}"):
-        assert browser.open(f"{mirror.url}{path}") == 200
-        assert browser.js("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 0
-        assert "Delete" not in browser.text("main")
+        assert status(page, f"{mirror.url}{path}") == 200
+        assert page.evaluate("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 0
+        assert "Delete" not in text(page, "main")
 
-    browser.headers(alice)
-    assert browser.open(f"{mirror.url}/ui/r/team/app") == 200
-    assert browser.js("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 2
-    browser.screenshot(tmp_path / "repository.png")
-    assert browser.follow("a[aria-label='Delete the tag 1']") == 200
-    assert browser.text("h1") == "Delete tag 1 of team/app?"
-    browser.screenshot(tmp_path / "confirm.png")
-    assert browser.follow("form.confirm button[type=submit]") == 200
-    assert browser.text("h1") == "Done" and "Deleted tag 1 of team/app." in browser.text("main")
-    assert browser.follow("main p a") == 200
-    assert browser.js("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["2"]
+    page.context.set_extra_http_headers(alice)
+    assert status(page, f"{mirror.url}/ui/r/team/app") == 200
+    assert page.evaluate("document.querySelectorAll('.action, form.confirm, a[href*=\\'/actions/\\']').length") == 2
+    page.screenshot(path=tmp_path / "repository.png", full_page=True)
+    assert follow(page, "a[aria-label='Delete the tag 1']") == 200
+    assert text(page, "h1") == "Delete tag 1 of team/app?"
+    page.screenshot(path=tmp_path / "confirm.png", full_page=True)
+    assert follow(page, "form.confirm button[type=submit]") == 200
+    assert text(page, "h1") == "Done" and "Deleted tag 1 of team/app." in text(page, "main")
+    assert follow(page, "main p a") == 200
+    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["2"]
 
     with httpx.Client(trust_env=False, timeout=60) as http:
         gone = http.get(f"{mirror.url}/v2/team/app/manifests/1",
@@ -273,3 +292,94 @@ def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_act
     failed = inspect("1")
     assert failed.returncode != 0 and "manifest unknown" in failed.stderr.lower()
     assert inspect("2").returncode == 0
+
+
+def test_the_cache_page_charts_the_last_hours_and_agrees_with_metrics(
+        mirror: MirrorServer, page: Page, browser: Browser, images: StandardImages, labelled: Image,
+        tmp_path: Path) -> None:
+    _pull(mirror, "library/small", "1", images.small)
+    _pull(mirror, "library/small", "1", images.small)  # from the store, this time
+    _pull(mirror, "webui/labelled", "1", labelled)
+    small, other = (sum(layer.size for layer in image.layers) for image in (images.small, labelled))
+    figures: list[float] = []
+
+    def agree() -> bool:
+        """The page's totals are the mirror's (the window began at its start), once the last blob
+        fetched is in the store (moved there right after its last byte reached the client)."""
+        assert status(page, f"{mirror.url}/ui/cache") == 200
+        found = scrape(f"{mirror.url}/metrics")
+        from_store = (value(found, "mirror_cache_served_bytes_total", outcome=o) for o in ("hit", "stale", "local"))
+        figures[:] = [sum(from_store), value(found, "mirror_upstream_received_bytes_total"),
+                      value(found, "mirror_store_size_bytes")]
+        shown = page.evaluate("['window-store', 'window-upstream', 'window-stored']"
+                              ".map(id => Number(document.getElementById(id).value))")
+        return bool(shown == figures)
+
+    assert eventually(agree, timeout=10, interval=0.2), figures
+    sent, fetched, stored = figures
+    assert sent >= small and fetched >= small + other and stored >= small + other
+
+    for chart, title in (("traffic-chart", "Traffic per minute"), ("disk-chart", "Disk usage")):
+        svg = page.locator(f"svg#{chart}")
+        assert svg.get_attribute("role") == "img"
+        assert svg.get_attribute("aria-labelledby") == f"{chart[:-6]}-title {chart[:-6]}-desc"
+        assert svg.locator("title").text_content() == title
+    desc = page.locator("#traffic-desc").text_content() or ""
+    assert f"{human(int(sent))} sent from the store, {human(int(fetched))} fetched from upstreams" in desc
+    assert f"{human(int(stored))} now" in (page.locator("#disk-desc").text_content() or "")
+    # Drawn: lines that leave the bottom of the chart (y = 120) somewhere.
+    for line in ("#traffic-chart polyline.store", "#traffic-chart polyline.upstream", "#disk-chart polyline.disk"):
+        ys = [float(p.split(",")[1]) for p in (page.locator(line).get_attribute("points") or "").split()]
+        assert ys and min(ys) < 120, (line, ys)
+    assert page.locator("svg.chart").first.bounding_box()["width"] > 300  # type: ignore[index]
+
+    # The table under the chart, for who does not see it: its minutes add up to the totals.
+    page.click("details summary")
+    cells = page.evaluate("[...document.querySelectorAll('table.minutes tbody tr')]"
+                          ".map(tr => [...tr.querySelectorAll('data')].map(d => Number(d.value)))")
+    assert cells and [sum(c[0] for c in cells), sum(c[1] for c in cells)] == [sent, fetched]
+    page.screenshot(path=tmp_path / "cache.png", full_page=True)
+
+    # Drawn on the server: the same without JavaScript.
+    with open_page(browser, java_script_enabled=False) as (plain, _):
+        assert status(plain, f"{mirror.url}/ui/cache") == 200
+        assert plain.locator("svg.chart polyline").count() == 3
+
+
+def test_prefetch_a_tag_only_the_upstream_lists_then_pull_it_with_the_upstream_down(
+        mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry], page: Page,
+        htpasswd: Path, tiny: Image, labelled: Image, skopeo: str, tmp_path: Path) -> None:
+    own = upstream_factory()
+    own.push_image("webui/app", "1", tiny)
+    own.push_image("webui/app", "2", labelled)
+    mirror = mirror_factory(upstream_url=own.url, env=auth_env(htpasswd, anonymous_pull=True))
+    _pull(mirror, "webui/app", "1", tiny)
+    page.context.set_extra_http_headers(basic("alice", ALICE_PASSWORD))
+
+    assert status(page, f"{mirror.url}/ui/r/webui/app") == 200
+    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]
+    assert "only upstream" in text(page, "table.tags tbody tr:nth-child(2)")
+    page.screenshot(path=tmp_path / "repository.png", full_page=True)
+    assert follow(page, "a[aria-label='Prefetch the tag 2']") == 200
+    assert text(page, "h1") == "Fetch webui/app:2 into the cache?"
+    assert follow(page, "form.confirm button[type=submit]") == 200
+    assert text(page, "h1") == "Done"
+    assert f"Fetched webui/app:2 into the cache: {labelled.digest}" in text(page, "main")
+    assert follow(page, "main p a") == 200  # back to the repository: tag 2 is cached now
+    row = text(page, "table.tags tbody tr:nth-child(2)")
+    assert labelled.digest.removeprefix("sha256:")[:12] in row and "only upstream" not in row
+
+    own.stop()
+    copied = subprocess.run([skopeo, "copy", "--src-tls-verify=false",
+                             f"docker://{mirror.address}/webui/app@{labelled.digest}", f"dir:{tmp_path / 'copy'}"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert copied.returncode == 0, copied.stderr
+    for layer in labelled.layers:
+        assert (tmp_path / "copy" / layer.digest.removeprefix("sha256:")).stat().st_size == layer.size
+
+    def told() -> bool:  # once the upstream's last answer is no longer remembered (10 s)
+        return status(page, f"{mirror.url}/ui/r/webui/app") == 200 and \
+            "could not be asked for its tags" in text(page, "#upstream-problem")
+
+    assert eventually(told, timeout=20, interval=1.0)
+    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]

@@ -37,6 +37,7 @@ from ..storage.fill import Fills
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
 from ..ui import pages as ui
+from ..ui.history import History
 from ..upstream.client import Upstream
 from .hardening import Hardening
 
@@ -92,15 +93,20 @@ def create_app(config: Config) -> Starlette:
             assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
         upkeep = asyncio.create_task(maintenance.run())
+        # The cache page's chart: this worker's samples of every worker's counters and the store's size.
+        history = History(exposition_registry(metrics), metadata.usage)
+        sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
-                   "memo": memo, "fills": fills}
+                   "memo": memo, "fills": fills, "history": history}
         finally:
             memo.attach(None)
-            upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await upkeep
+            for task in (upkeep, sampling):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             try:
                 await anyio.to_thread.run_sync(tracker.flush)
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)

@@ -122,8 +122,10 @@ def _integer(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: Config) -> CacheFigures:
-    found = samples(registry)
+def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: Config,
+         found: Samples | None = None) -> CacheFigures:
+    """The figures of *registry* (or of its samples *found*, when already read)."""
+    found = samples(registry) if found is None else found
     answers = {o: int(_sum(found, "mirror_cache_requests_total", outcome=o)) for o in CACHE_OUTCOMES}
     served = {o: int(_sum(found, "mirror_cache_served_bytes_total", outcome=o)) for o in CACHE_OUTCOMES}
     upstreams = []

@@ -87,6 +87,8 @@ class TagRow:
     size: int | None
     stored: bool
     last_pulled: float | None
+    #: Listed by the upstream and not cached here yet (nothing else is known of it then).
+    upstream_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class TagPage:
     total: int
     number: int
     pages: int
+    #: Of *total*, the tags only the upstream lists.
+    upstream_only: int = 0
 
 
 def _document(body: bytes | str) -> dict[str, Any]:
@@ -246,15 +250,21 @@ def _platforms_and_size(store: BlobStore, metadata: Metadata, repo: str,
 
 
 def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: str, number: int,
-             per_page: int = TAGS_PER_PAGE) -> TagPage:
-    """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says."""
-    tags = metadata.tags(repo)
+             per_page: int = TAGS_PER_PAGE, listed: frozenset[str] = frozenset()) -> TagPage:
+    """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says;
+    with the tags of *listed* (the upstream's list) that are not cached here among them."""
+    cached = metadata.tags(repo)
+    only_listed = listed.difference(cached)
+    tags = sorted(only_listed.union(cached)) if only_listed else cached
     pages = max(1, math.ceil(len(tags) / per_page))
     number = min(max(number, 1), pages)
     shown = tags[(number - 1) * per_page:number * per_page]
     pulled = last_pulls.read(metadata)[0] if shown else {}
     rows = []
     for tag in shown:
+        if tag in only_listed:
+            rows.append(TagRow(tag, "", "", [], None, False, None, upstream_only=True))
+            continue
         record = metadata.get_tag(repo, tag)
         if record is None:
             continue
@@ -262,7 +272,7 @@ def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: 
         platforms, size = _platforms_and_size(store, metadata, repo, view) if view else ([], None)
         rows.append(TagRow(tag, record.digest, record.media_type, platforms, size, view is not None,
                            pulled.get((repo, record.digest))))
-    return TagPage(rows, len(tags), number, pages)
+    return TagPage(rows, len(tags), number, pages, len(only_listed))
 
 
 def referrers(metadata: Metadata, repo: str, digest: str) -> list[dict[str, Any]]:

@@ -3,9 +3,11 @@ objects the ``/v2/`` routes use (the namespaces' index and store, the app's metr
 
 =========================  ===========================================================
 ``/ui/``                    repositories, ``?q=`` filter (words, case ignored), ``?page=``
-``/ui/r/<name>``            a repository's tags, ``?page=``; pull commands
+``/ui/r/<name>``            a repository's tags (a cached one's: and those only its upstream
+                            lists, ``listed``), ``?page=``; pull commands
 ``/ui/r/<name>@<digest>``   an image or index: platforms, layers, config, referrers
-``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress
+``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress, and a
+                            chart of the last hours' disk usage and traffic (``history``, ``chart``)
 ``/ui/login``               asks the browser for a user's password (HTTP Basic)
 ``/ui/actions/<verb>``      delete, pin, unpin: confirm (GET), then do (POST); see ``actions``
 ``/ui/static/...``          the stylesheet and the script
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,7 +47,7 @@ from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..spec.reference import ParseError, parse_digest, parse_name
-from . import actions, figures, images, listing
+from . import actions, chart, figures, history, images, listed, listing
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
@@ -72,6 +75,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=_when, size=_size, argv=lambda v: json.dumps(v, ensure_ascii=False),
+                       iso=lambda v: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v)),
                        short=lambda d: str(d).partition(":")[2][:12], path=lambda n: quote(str(n), safe="/:@"))
     return env
 
@@ -80,6 +84,7 @@ def routes(config: Config) -> list[BaseRoute]:
     """The UI's routes, to mount at ``/ui`` (the app adds them when ``ui.enabled``)."""
     templates = Jinja2Templates(env=_environment())
     last_pulls = listing.LastPulls()
+    upstream_tags = listed.UpstreamTags()
 
     def viewer(request: Request) -> str | None:
         return request.scope.get("state", {}).get("user")  # type: ignore[no-any-return]
@@ -148,12 +153,14 @@ def routes(config: Config) -> list[BaseRoute]:
         host = client_host(request.scope)
         crane = "--insecure " if request.url.scheme == "http" else ""  # crane speaks plain HTTP only then
         if digest is None:
-            tags = await anyio.to_thread.run_sync(images.tag_page, local.store, local.metadata, last_pulls, key,
-                                                  _number(request))
-            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             registry = key.partition("/")[0]
+            upstream_list = None if registry == LOCAL else await upstream_tags.listed(namespaces, name, key)
+            tags = await anyio.to_thread.run_sync(functools.partial(
+                images.tag_page, local.store, local.metadata, last_pulls, key, _number(request),
+                listed=upstream_list.tags if upstream_list and upstream_list.tags else frozenset()))
+            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
             return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
-                          upstream=None if registry == LOCAL else registry,
+                          upstream=None if registry == LOCAL else registry, listed=upstream_list,
                           actions=acting.allowed(viewer(request), name))
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:
@@ -172,8 +179,17 @@ def routes(config: Config) -> list[BaseRoute]:
         if not config.auth.may_pull(viewer(request), None):
             return refused(request)
         state = request.state
-        shown = await anyio.to_thread.run_sync(figures.read, state.exposition, state.store, state.metadata, config)
-        return render(request, "cache.html", figures=shown)
+        kept: history.History = state.history
+
+        def read() -> tuple[figures.CacheFigures, chart.Chart]:
+            found = figures.samples(state.exposition)
+            now = history.read(found, time.time())
+            return (figures.read(state.exposition, state.store, state.metadata, config, found),
+                    chart.draw(kept.samples(), now))
+
+        shown, drawn = await anyio.to_thread.run_sync(read)
+        return render(request, "cache.html", figures=shown, chart=drawn, pid=os.getpid(), workers=config.http.workers,
+                      width=chart.WIDTH, height=chart.HEIGHT)
 
     async def login(request: Request) -> Response:
         if config.auth.enabled and viewer(request) is None:

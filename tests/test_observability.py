@@ -369,8 +369,14 @@ def test_metrics_listen_serves_every_worker_on_its_own_port(
 def worker_pids(mirror: MirrorServer) -> set[int]:
     """The mirror's worker processes (uvicorn spawns them; its resource tracker is not one)."""
     children = Path(f"/proc/{mirror.pid}/task/{mirror.pid}/children").read_text().split()
-    return {int(pid) for pid in children
-            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+    def command(pid: str) -> bytes | None:  # None: it ended (a killed worker being reaped)
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ProcessLookupError, FileNotFoundError):
+            return None
+
+    return {int(pid) for pid in children if (line := command(pid)) is not None and b"resource_tracker" not in line}
 
 
 def test_a_killed_worker_leaves_no_requests_in_flight_behind(

@@ -26,9 +26,11 @@ SHIPPED = PROJECT_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 START_TIMEOUT = 10.0
 
 
-def loopback_config(shipped: str, port: int, backends: Sequence[str], admin: Path) -> str:
-    """*shipped* (the text of ``haproxy.cfg``) for replicas at *backends* (``host:port``) on loopback."""
+def loopback_config(shipped: str, port: int, backends: Sequence[str], admin: Path, check: str = "/readyz") -> str:
+    """*shipped* (the text of ``haproxy.cfg``) for replicas at *backends* (``host:port``) on loopback;
+    *check*: the path of the health check (a server that is not a mirror has no ``/readyz``)."""
     text, bound = re.subn(r"(?m)^(\s*)bind :5000$", rf"\g<1>bind 127.0.0.1:{port}", shipped)
+    text = text.replace("option httpchk GET /readyz", f"option httpchk GET {check}")
     text, templated = re.subn(
         r"(?m)^(\s*)server-template .*$",
         lambda m: "\n".join(f"{m[1]}server mirror{n} {address}" for n, address in enumerate(backends, 1)), text)
@@ -41,8 +43,8 @@ def loopback_config(shipped: str, port: int, backends: Sequence[str], admin: Pat
 class HAProxy(Service):
     """HAProxy balancing over *backends* (``127.0.0.1:port`` of each replica)."""
 
-    def __init__(self, root: Path, backends: Sequence[str], *, port: int | None = None) -> None:
-        self.root, self.backends = root, list(backends)
+    def __init__(self, root: Path, backends: Sequence[str], *, port: int | None = None, check: str = "/readyz") -> None:
+        self.root, self.backends, self.check = root, list(backends), check
         self.port = port or free_port()
         self.config_path = root / "haproxy.cfg"
         self.admin = root / "admin.sock"
@@ -60,7 +62,8 @@ class HAProxy(Service):
         """Write the configuration, start HAProxy and wait until a replica answers through it."""
         require_tool("/usr/sbin/haproxy", "haproxy")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(loopback_config(SHIPPED.read_text(), self.port, self.backends, self.admin))
+        self.config_path.write_text(loopback_config(SHIPPED.read_text(), self.port, self.backends, self.admin,
+                                                     self.check))
         self._proc.start()
         deadline = time.monotonic() + START_TIMEOUT
         while wait_http(f"{self.url}/v2/", START_TIMEOUT, alive=self._proc).status_code != 200:

@@ -15,7 +15,8 @@ opened before a delete by this process reads on from a local copy that the delet
 ``tmp/``); one open in another process keeps the object, which the delete leaves to the next collection
 (readers mark before they look the object up, so none sees it then loses it).  Unfinished uploads older than
 ``stale_upload`` seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this
-process's own; it removes the local temp files of writers that died too.
+process's own nor a push upload's whose local file is still there; it removes the local temp files of
+writers that died too.  Push uploads send their parts while they run (``storage/s3uploads.py``).
 
 Configuration keys follow distribution's s3 driver: ``regionendpoint``, ``region``, ``bucket``,
 ``rootdirectory``, ``accesskey``, ``secretkey``, ``forcepathstyle``, ``chunksize``, ``redirect``.
@@ -43,7 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, Space, StoredObject
+from .driver import DigestMismatch, Space, StoredObject, UploadParts
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import being_read, unread
@@ -52,6 +53,7 @@ from .s3damage import checked_bytes, read_whole
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -87,6 +89,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
+        self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
 
     def key(self, digest: Digest) -> str:
         return self.root + object_key(digest)
@@ -110,11 +113,20 @@ class S3Store:
             being_read(mark, remove=True)  # left by readers that died
         cutoff = time.time() - self.stale_upload
         for upload in self._unfinished():
-            if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
+            if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff \
+                    or self._pushing(upload["Key"]):
                 continue
             self.abort(upload["Key"], upload["UploadId"])
             removed += 1
         return removed
+
+    def _pushing(self, key: str) -> bool:
+        """Whether *key* is a push upload's (``uploads/<uuid>/data``) whose local file is still there."""
+        uuid = key[len(self.root):].removeprefix("uploads/").removesuffix("/data")
+        try:
+            return key.startswith(self.root + "uploads/") and self.layout.upload(uuid).exists()
+        except ValueError:
+            return False
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_multipart_uploads")
@@ -289,6 +301,19 @@ class S3Store:
         finally:
             writer.close()
         os.unlink(path)
+
+    def upload_part_size(self) -> int | None:
+        return self.options.chunksize
+
+    def send_upload_part(self, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
+        return send_part(self, uuid, path, parts)
+
+    def commit_upload(self, uuid: str, path: Path, digest: Digest, known_hex: str | None,
+                      parts: UploadParts | None) -> None:
+        commit_upload(self, uuid, path, digest, known_hex, parts)
+
+    def abort_upload(self, uuid: str, parts: UploadParts | None) -> None:
+        abort_upload(self, uuid, parts)
 
     def committed(self, size: int) -> None:
         if self.on_commit is not None:

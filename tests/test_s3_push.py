@@ -1,0 +1,113 @@
+"""Push uploads on the S3 driver (``mirror/storage/s3uploads.py``, ``mirror/registry/uploads.py``): parts
+sent to the bucket while the upload runs, the state in the index, the object copied to its digest's
+key once verified; on a real S3 server (SeaweedFS), with the real mirror under uvicorn and a real
+PostgreSQL where the index is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.spec.reference import Digest
+from mirror.storage.driver import DigestMismatch, UploadParts
+from mirror.storage.layout import new_upload_id
+from mirror.storage.s3 import MIN_CHUNK, S3Store
+from tests.support.seaweedfs import SeaweedS3
+from tests.test_s3_driver import options
+from tests.test_s3_serve import Bucket, parts_sent
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedS3, s3_bucket: str) -> Bucket:
+    return Bucket(seaweedfs, s3_bucket)
+
+
+def unfinished(store: S3Store) -> list[str]:
+    return [u["Key"] for u in store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])]
+
+
+def keys(store: S3Store) -> list[str]:
+    return [item["Key"] for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+            for item in page.get("Contents", [])]
+
+
+def spooled(store: S3Store, data: bytes) -> tuple[str, Path]:
+    """A new upload whose local file holds *data* (as ``registry/uploads.py`` writes it)."""
+    store.create()
+    uuid = new_upload_id()
+    path = store.layout.upload(uuid)
+    path.write_bytes(data)
+    return uuid, path
+
+
+def send_whole_parts(store: S3Store, uuid: str, path: Path, size: int) -> UploadParts | None:
+    parts = None
+    while size - (parts.sent if parts else 0) >= store.options.chunksize:
+        parts = store.send_upload_part(uuid, path, parts)
+    return parts
+
+
+@pytest.mark.parametrize("copy_in_ranges", [False, True], ids=["copy-object", "upload-part-copy"])
+def test_an_upload_goes_in_parts_to_its_own_key_and_is_copied_to_its_digest_once_verified(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path, copy_in_ranges: bool,
+) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    if copy_in_ranges:  # what a blob above S3's 5 GiB CopyObject limit takes
+        store.copy_limit, store.copy_part = 0, MIN_CHUNK
+    data = random.Random(7).randbytes(2 * MIN_CHUNK + 12345)
+    digest = Digest.of(data)
+    uuid, path = spooled(store, data)
+
+    parts = send_whole_parts(store, uuid, path, len(data))
+    assert parts is not None and parts.sent == 2 * MIN_CHUNK
+    assert unfinished(store) == [f"mirror/uploads/{uuid}/data"], "the upload's own key: the digest is not known yet"
+    assert parts_sent(Bucket(seaweedfs, s3_bucket)) == [MIN_CHUNK, MIN_CHUNK]
+    assert keys(store) == [] and store.size(digest) is None
+    # The first part is recorded by now (it was given back): its bytes leave the local file, its size stays.
+    store.send_upload_part(uuid, path, UploadParts(parts.upload_id, parts.part_size, parts.etags[:1]))
+    assert os.stat(path).st_size == len(data)
+    assert os.stat(path).st_blocks * 512 <= len(data) - MIN_CHUNK + (1 << 16)
+
+    store.commit_upload(uuid, path, digest, None, parts)  # no running hash: read back from the bucket
+    assert store.size(digest) == len(data)
+    assert hashlib.sha256(store.open_stream(digest).read()).hexdigest() == digest.hex
+    assert keys(store) == [f"mirror/blobs/sha256/{digest.hex[:2]}/{digest.hex}"], "the upload's object is gone"
+    assert unfinished(store) == [] and not path.exists()
+
+
+def test_an_upload_that_is_not_its_digest_leaves_nothing_and_aborting_removes_its_parts(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    data = os.urandom(MIN_CHUNK + 100)
+    claimed = Digest.of(b"something else")
+    for known_hex in (None, hashlib.sha256(data).hexdigest()):
+        uuid, path = spooled(store, data)
+        parts = send_whole_parts(store, uuid, path, len(data))
+        with pytest.raises(DigestMismatch):
+            store.commit_upload(uuid, path, claimed, known_hex, parts)
+        assert store.size(claimed) is None and not any(k.startswith("mirror/blobs/") for k in keys(store))
+        store.abort_upload(uuid, parts)
+        assert unfinished(store) == [] and keys(store) == []
+
+
+def test_the_start_up_sweep_keeps_the_parts_of_a_push_upload_still_in_progress(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    uuid, path = spooled(store, os.urandom(MIN_CHUNK))
+    send_whole_parts(store, uuid, path, MIN_CHUNK)
+    time.sleep(1.1)  # Initiated is in whole seconds
+    restarted = S3Store(options(seaweedfs, s3_bucket), tmp_path, stale_upload=0.5)
+    assert restarted.sweep_tmp() == 0 and len(unfinished(store)) == 1, "its local file is there: it goes on"
+    path.unlink()
+    assert restarted.sweep_tmp() == 1 and unfinished(store) == [], "its local file is gone: abandoned"
+

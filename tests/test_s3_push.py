@@ -10,17 +10,21 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mirror.spec.reference import Digest
 from mirror.storage.driver import DigestMismatch, UploadParts
 from mirror.storage.layout import new_upload_id
 from mirror.storage.s3 import MIN_CHUNK, S3Store
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
 from tests.support.seaweedfs import SeaweedS3
 from tests.test_s3_driver import options
-from tests.test_s3_serve import Bucket, parts_sent
+from tests.test_s3_serve import ROOT, Bucket, get_digest, parts_sent
 
 MIB = 1 << 20
 
@@ -111,3 +115,76 @@ def test_the_start_up_sweep_keeps_the_parts_of_a_push_upload_still_in_progress(
     path.unlink()
     assert restarted.sweep_tmp() == 1 and unfinished(store) == [], "its local file is gone: abandoned"
 
+
+# -- the mirror: chunked pushes over a restart, expiry --
+
+def push_env(bucket: Bucket, postgres: PostgresServer | None, **extra: str) -> dict[str, str]:
+    index = {} if postgres is None else {"MIRROR_METADATA_DRIVER": "postgres",
+                                         "MIRROR_METADATA_POSTGRES_DSN": postgres.create_database()}
+    return bucket.env(**index, **extra)
+
+
+@pytest.mark.parametrize("index", ["diskcache", "postgres"])
+def test_a_chunked_push_goes_on_after_a_kill9_and_the_blob_is_pulled_back(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    index: str,
+) -> None:
+    data = random.Random(11).randbytes(13 * MIB + 777)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    mirror = mirror_factory(env=push_env(bucket, postgres if index == "postgres" else None))
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    first = http.patch(mirror.url + location, content=data[:11 * MIB],
+                       headers={"content-range": f"0-{11 * MIB - 1}", "content-type": "application/octet-stream"})
+    assert first.status_code == 202 and first.headers["range"] == f"0-{11 * MIB - 1}"
+    # Two whole parts went up while the chunk arrived, to the upload's own key; nothing under a digest yet.
+    assert parts_sent(bucket) == [5 * MIB, 5 * MIB] and bucket.uploads() == [f"{ROOT}/uploads/{location[-32:]}/data"]
+    assert bucket.objects() == {}
+
+    mirror.kill9()
+    mirror.start()
+    status = http.get(mirror.url + location)
+    assert (status.status_code, status.headers["range"]) == (204, f"0-{11 * MIB - 1}")
+    second = http.patch(mirror.url + location, content=data[11 * MIB:12 * MIB],
+                        headers={"content-range": f"{11 * MIB}-{12 * MIB - 1}"})
+    assert second.status_code == 202 and second.headers["range"] == f"0-{12 * MIB - 1}"
+    done = http.put(f"{mirror.url}{location}?digest={digest}", content=data[12 * MIB:],
+                    headers={"content-range": f"{12 * MIB}-{len(data) - 1}"})
+    assert done.status_code == 201, done.text
+
+    assert bucket.objects() == {digest: len(data)} and bucket.digest_of(digest) == digest
+    assert bucket.uploads() == [], "the upload's multipart upload is completed, its object deleted"
+    assert get_digest(http, f"{mirror.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))
+    assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []
+
+
+def test_a_push_of_the_wrong_digest_after_a_restart_stores_nothing_and_aborts_its_parts(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    data = os.urandom(6 * MIB)
+    mirror = mirror_factory(env=bucket.env())
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=data).status_code == 202
+    assert parts_sent(bucket) == [5 * MIB]
+    mirror.restart()  # the running hash is gone: the bytes are read back from the bucket
+    wrong = "sha256:" + hashlib.sha256(b"not these bytes").hexdigest()
+    answer = http.put(f"{mirror.url}{location}?digest={wrong}")
+    assert answer.status_code == 400 and answer.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    assert bucket.objects() == {} and bucket.uploads() == []
+    assert bucket.client.list_objects_v2(Bucket=bucket.name).get("Contents", []) == []
+
+
+def test_an_expired_upload_aborts_its_multipart_upload(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    ttl = 3.0
+    mirror = mirror_factory(env=push_env(bucket, postgres, MIRROR_PUSH_UPLOAD_TTL=f"{ttl:g}s"))
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=os.urandom(7 * MIB)).status_code == 202
+    assert parts_sent(bucket) == [5 * MIB] and len(bucket.uploads()) == 1
+    mirror.kill9()
+    time.sleep(ttl + 0.5)
+    mirror.start()  # the start-up expiry of uploads
+    assert bucket.uploads() == [] and bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads") is None
+    gone = http.get(mirror.url + location)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []

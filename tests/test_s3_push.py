@@ -10,7 +10,7 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -188,3 +188,67 @@ def test_an_expired_upload_aborts_its_multipart_upload(
     gone = http.get(mirror.url + location)
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []
+
+
+def test_a_push_spread_over_two_workers_sends_its_parts_once_and_stores_the_blob(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """PATCHes of one upload answered by different worker processes (as by replicas sharing the index)."""
+    data = random.Random(13).randbytes(16 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    mirror = mirror_factory(workers=2, env=push_env(bucket, postgres))
+
+    def fresh() -> httpx.Client:  # a new connection per request: any worker may take it
+        return httpx.Client(timeout=60.0, trust_env=False, headers={"connection": "close"})
+
+    with fresh() as http:
+        location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    for start in range(0, len(data) - MIB, MIB):
+        with fresh() as http:
+            answer = http.patch(mirror.url + location, content=data[start:start + MIB],
+                                headers={"content-range": f"{start}-{start + MIB - 1}"})
+            assert answer.status_code == 202 and answer.headers["range"] == f"0-{start + MIB - 1}"
+    assert parts_sent(bucket) == [5 * MIB] * 3
+    with fresh() as http:
+        assert http.put(f"{mirror.url}{location}?digest={digest}", content=data[-MIB:]).status_code == 201
+        assert get_digest(http, f"{mirror.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))
+    pids = {e["pid"] for e in mirror.access_entries() if e["route"] == "upload" and e["method"] in ("PATCH", "PUT")}
+    assert len(pids) == 2, "the upload's requests went to both workers"
+    assert bucket.objects() == {digest: len(data)} and bucket.uploads() == []
+
+
+def peak_rss(pid: int) -> int:
+    """The largest resident set the process has had, in bytes (``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_push_sent_in_parts_keeps_the_mirrors_memory_bounded(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    size = 96 * MIB
+    mirror = mirror_factory(env=bucket.env())
+    assert mirror.pid is not None
+
+    def push(seed: int, size: int) -> str:
+        hasher, rng = hashlib.sha256(), random.Random(seed)
+
+        def body() -> Iterator[bytes]:
+            for _ in range(size // MIB):
+                chunk = rng.randbytes(MIB)
+                hasher.update(chunk)
+                yield chunk
+        location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+        assert http.patch(mirror.url + location, content=body()).status_code == 202
+        digest = "sha256:" + hasher.hexdigest()
+        assert http.put(f"{mirror.url}{location}?digest={digest}").status_code == 201
+        return digest
+
+    push(1, 11 * MIB)  # every code path loaded once
+    before = peak_rss(mirror.pid)
+    digest = push(2, size)
+    grown = peak_rss(mirror.pid) - before
+    assert bucket.objects()[digest] == size and bucket.uploads() == []
+    assert grown < 24 * MIB, f"the peak resident set grew by {grown / MIB:.1f} MiB for a {size // MIB} MiB blob"

@@ -252,3 +252,27 @@ def test_a_large_push_sent_in_parts_keeps_the_mirrors_memory_bounded(
     grown = peak_rss(mirror.pid) - before
     assert bucket.objects()[digest] == size and bucket.uploads() == []
     assert grown < 24 * MIB, f"the peak resident set grew by {grown / MIB:.1f} MiB for a {size // MIB} MiB blob"
+
+
+@pytest.mark.slow
+def test_chunks_that_arrive_while_the_bucket_is_down_are_kept_and_their_parts_sent_later(
+    own_seaweedfs: SeaweedS3, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    bucket = Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
+    data = random.Random(17).randbytes(12 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    mirror = mirror_factory(env=bucket.env())
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=data[:3 * MIB]).status_code == 202
+
+    own_seaweedfs.stop()
+    down = http.patch(mirror.url + location, content=data[3 * MIB:11 * MIB])
+    assert (down.status_code, down.headers["range"]) == (202, f"0-{11 * MIB - 1}"), down.text
+    own_seaweedfs.start()
+    assert bucket.uploads() == [], "nothing went up while the bucket was down"
+
+    done = http.put(f"{mirror.url}{location}?digest={digest}", content=data[11 * MIB:])
+    assert done.status_code == 201, done.text
+    assert bucket.objects() == {digest: len(data)} and bucket.digest_of(digest) == digest
+    assert bucket.uploads() == []
+    assert get_digest(http, f"{mirror.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))

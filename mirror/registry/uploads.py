@@ -28,7 +28,7 @@ from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.driver import BlobStore, DigestMismatch
+from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
 from .repository import UploadState
@@ -118,6 +118,7 @@ class Uploads:
             before = os.fstat(fd).st_size
             self._check_range(name, uuid, before, content_range)
             offset, record = await self._write(uuid, fd, before, body, record)
+            record = await anyio.to_thread.run_sync(self._send_parts, uuid, record, offset)  # any left behind
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
                 else None
@@ -189,14 +190,24 @@ class Uploads:
         if hasher is None:
             self._hashers.pop(uuid, None)
 
+        sending = True
+
         def flush(data: bytes, at: int, record: UploadRecord) -> UploadRecord:
+            nonlocal sending
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
             if hasher is not None:
                 hasher.update(data)
-            return self._send_parts(uuid, record, at)
+            if sending:
+                try:
+                    return self._send_parts(uuid, record, at)
+                except StoreUnavailable as exc:  # the bytes are safe here: the parts go later
+                    log.warning("upload %s keeps its parts for later: %s", uuid, exc)
+                    sending = False
+                    return self.metadata.get_upload(uuid) or record
+            return record
 
         pending: list[bytes] = []
         pending_size = 0

@@ -258,7 +258,8 @@ class BlobStore(Protocol):
 
     def send_upload_part(self, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
         """Send the next part of the upload *uuid* (bytes ``parts.sent`` on, ``part_size`` of them)
-        from its local file *path*, which may then stop holding them; return where its parts are now."""
+        from its local file *path*, which may then stop holding the parts sent before; return where its
+        parts are now.  With *parts* None, only start where they go (no part is sent)."""
         ...
 
     def commit_upload(self, uuid: str, path: Path, digest: Digest, known_hex: str | None,

@@ -107,15 +107,16 @@ def punch_hole(fd: int, start: int, size: int) -> None:
 
 def send_part(store: S3Store, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
     """Send bytes ``parts.sent`` on (``part_size`` of them) of the local file *path* as the next part
-    of the upload *uuid* (starting its multipart upload if *parts* is None); return the new parts.
-    What *parts* holds (recorded in the index by now) is punched out of the file first."""
+    of the upload *uuid*; return the new parts.  What *parts* holds (recorded in the index by now) is
+    punched out of the file first.  With *parts* None, only start the multipart upload (no part yet):
+    it is recorded before anything is sent to it."""
     key = store.root + upload_key(uuid)
     if parts is None:
         try:
             upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"an upload to {key}") from exc
-        parts = UploadParts(upload_id, store.options.chunksize)
+        return UploadParts(upload_id, store.options.chunksize)
     fd = os.open(path, os.O_RDWR)
     try:
         punch_hole(fd, 0, parts.sent)

@@ -5,7 +5,8 @@ be continued by any worker process and after a restart.  Requests on one upload 
 serialised with ``flock`` on its file.  A store that takes parts (S3,
 :meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is sent each whole part as soon as the
 file holds it, and where the parts went is recorded in the upload's record
-(:class:`~mirror.metadata.driver.UploadRecord`) before the next part goes.  Finishing an upload
+(:class:`~mirror.metadata.driver.UploadRecord`) before the next part goes; a part the store does
+not take now (``StoreUnavailable``) waits in the file for the next request.  Finishing an upload
 verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
 else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
 cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too.

@@ -23,6 +23,7 @@ from mirror.storage.s3 import MIN_CHUNK, S3Store
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
 from tests.test_s3_driver import options
 from tests.test_s3_serve import ROOT, Bucket, get_digest, parts_sent
 
@@ -252,6 +253,22 @@ def test_a_large_push_sent_in_parts_keeps_the_mirrors_memory_bounded(
     grown = peak_rss(mirror.pid) - before
     assert bucket.objects()[digest] == size and bucket.uploads() == []
     assert grown < 24 * MIB, f"the peak resident set grew by {grown / MIB:.1f} MiB for a {size // MIB} MiB blob"
+
+
+
+def test_fsck_repair_of_an_upload_record_without_its_file_aborts_its_parts(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=os.urandom(6 * MIB)).status_code == 202
+    mirror.stop()
+    (mirror.data_dir / "uploads" / location[-32:]).unlink()  # lost with a disk, say
+    assert len(bucket.uploads()) == 1
+    fsck = mirror_cli("fsck", "--repair", "--data", mirror.data_dir, env=env)
+    assert "upload record without its file" in fsck.stdout and "(repaired)" in fsck.stdout, fsck.stdout + fsck.stderr
+    assert bucket.uploads() == []
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ processes on one SeaweedFS bucket and one PostgreSQL database, each with a data 
 
 - ``haproxy -c`` accepts the shipped file as it is, and as the tests adapt it to loopback.
 - dockerd pulls and runs an image through HAProxy; 8 looping pullers see no failure while every replica
-  is stopped and started again, one after the other; every replica answered some of them.
+  is stopped and started again, one after the other; every replica answered some of them; dockerd then
+  pushes through HAProxy, and every replica serves the pushed image.
 - A replica whose ``/readyz`` fails (its database is gone) leaves HAProxy's rotation; the others serve;
   the dashboard's replica panels, queried in a real Prometheus scraping every replica, show it.
 """
@@ -25,6 +26,7 @@ from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd, pull, run
 from tests.support.haproxy import SHIPPED, HAProxy, loopback_config
+from tests.support.images import MANIFEST_MEDIA_TYPES, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port, require_tool, run_checked
@@ -32,6 +34,7 @@ from tests.support.prometheus import Prometheus, panel_queries
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.waiting import wait_for
 from tests.test_cluster import SECRET, replica_env
+from tests.test_push_clients import config_digest, docker_push, layer_digests, local_manifest
 from tests.test_s3_serve import Bucket
 
 REPLICAS = 3
@@ -69,7 +72,7 @@ def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_
                               tmp_path / "cluster-secret")
     with HAProxy(tmp_path / "haproxy", [mirror.address for mirror in replicas]) as balancer:
         wait_for(lambda: all_up(balancer), timeout=15, what=f"every replica UP in HAProxy: {balancer.states()}")
-        daemon = dockerd_factory(registry_mirror=balancer.url)
+        daemon = dockerd_factory(registry_mirror=balancer.url, insecure_registries=[balancer.address])
         pull(daemon, "small:1")
         assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
 
@@ -111,6 +114,23 @@ def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_
         daemon.docker("rmi", "small:1")
         pull(daemon, "small:1")  # after every replica restarted
         assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
+
+        # A push through HAProxy (its uploads pinned to the replica that started each), then the
+        # image pulled back from every replica directly: the same manifest and blobs everywhere.
+        ref = f"{balancer.address}/team/pushed:1"
+        daemon.docker("tag", "small:1", ref)
+        pushed, out = docker_push(daemon, ref)
+        assert "Pushed" in out, out
+        manifests = [local_manifest(mirror, "team/pushed", "1").content for mirror in replicas]
+        assert all(manifest == manifests[0] for manifest in manifests)
+        with httpx.Client(timeout=60.0, trust_env=False) as http:
+            for mirror in replicas:
+                for digest in (config_digest(manifests[0]), *layer_digests(manifests[0])):
+                    blob = http.get(f"{mirror.url}/v2/team/pushed/blobs/{digest}")
+                    assert blob.status_code == 200 and sha256(blob.content) == digest, (mirror, digest)
+                by_digest = http.get(f"{mirror.url}/v2/team/pushed/manifests/{pushed}",
+                                     headers={"accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+                assert by_digest.status_code == 200 and by_digest.content == manifests[0]
         assert "Traceback" not in "".join(mirror.log_tail(400) for mirror in replicas)
 
 

@@ -33,6 +33,7 @@ from mirror.metadata.driver import (
     local_repo,
 )
 from mirror.metadata.postgres import PostgresMetadata
+from mirror.storage.driver import UploadParts
 from tests.support.postgres import PostgresServer
 
 Clock = Callable[[], float]
@@ -277,6 +278,21 @@ def test_uploads(index: Metadata) -> None:
     index.delete_upload(uuids[0])
     index.delete_upload(uuids[0])
     assert index.get_upload(uuids[0]) is None and index.upload_ids() == [uuids[1]]
+
+
+def test_an_upload_record_keeps_where_its_parts_went_and_each_new_part(index: Metadata) -> None:
+    """The state a process restarted, or another one, continues an upload from (``registry/uploads.py``)."""
+    uuid = "5d1c0f0e8f7a4b7e9c3a2b1d0e9f8a7b"
+    index.put_upload(uuid, UploadRecord("team/app", 12.5))
+    first = UploadRecord("team/app", 12.5, UploadParts("mpu-1~x", 5 << 20, ('"etag-1"',)))
+    index.put_upload(uuid, first)
+    assert index.get_upload(uuid) == first
+    second = UploadRecord("team/app", 12.5, UploadParts("mpu-1~x", 5 << 20, ('"etag-1"', '"etag-2"')))
+    index.put_upload(uuid, second)
+    got = index.get_upload(uuid)
+    assert got == second and got is not None and got.parts is not None and got.parts.sent == 10 << 20
+    index.delete_upload(uuid)
+    assert index.get_upload(uuid) is None
 
 
 def test_foreign_layer_urls(index: Metadata) -> None:

@@ -132,7 +132,14 @@ class Fsck:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
             if not UPLOAD_ID_RE.fullmatch(uuid) or not self.store.layout.upload(uuid).exists():
-                self._found("upload record without its file", uuid, partial(self.metadata.delete_upload, uuid))
+                self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
+
+    def _drop_upload_record(self, uuid: str) -> None:
+        """Remove an upload's record, and the parts it sent to the store (S3) first."""
+        record = self.metadata.get_upload(uuid)
+        if record is not None and record.parts is not None and UPLOAD_ID_RE.fullmatch(uuid):
+            self.store.abort_upload(uuid, record.parts)
+        self.metadata.delete_upload(uuid)
 
     # -- the index --
 

@@ -13,7 +13,7 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``upstream-referrers/<repo>@<digest>[?<artifactType>]`` -> (fetched-at, tuple of descriptors): the
   upstream's last complete referrers list (only of that artifact type when the upstream filtered it)
 * ``referrers-api/<registry>`` -> bool: whether that upstream answered the Referrers API when last asked
-* ``upload/<uuid>``           -> UploadRecord of a blob upload in progress
+* ``upload/<uuid>``           -> UploadRecord of a blob upload in progress (``UploadRecord.flat``)
 * ``foreign/<digest>``        -> tuple of the ``urls`` a cached manifest gave a non-distributable layer
 * ``pin/<repo>@<digest>``     -> pinned-at: a preloaded manifest root (tagged manifest or index) that
   eviction and garbage collection must keep, with everything it references
@@ -288,11 +288,11 @@ class DiskcacheMetadata(DiskcacheInventory, Metadata):
     # -- uploads --
 
     def put_upload(self, uuid: str, record: UploadRecord) -> None:
-        self._cache.set(f"upload/{uuid}", (record.name, record.started_at))
+        self._cache.set(f"upload/{uuid}", record.flat())
 
     def get_upload(self, uuid: str) -> UploadRecord | None:
         value = self._cache.get(f"upload/{uuid}")
-        return None if value is None else UploadRecord(*value)
+        return None if value is None else UploadRecord.unflat(*value)
 
     def delete_upload(self, uuid: str) -> None:
         self._cache.delete(f"upload/{uuid}")

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..storage.driver import UploadParts
+
 LOCAL = "local"
 
 
@@ -63,8 +65,25 @@ class ManifestRecord:
 
 @dataclass(frozen=True, slots=True)
 class UploadRecord:
+    """A push upload in progress: the repository *name* it is for, when it started (``time.time()``),
+    and where its first bytes went in the blob store (``parts``; None while all are in its local file)."""
+
     name: str
     started_at: float
+    parts: UploadParts | None = None
+
+    def flat(self) -> tuple[str, float, str | None, int | None, list[str] | None]:
+        """``(name, started_at, upload_id, part_size, etags)``: the record as a driver keeps it."""
+        parts = self.parts
+        return (self.name, self.started_at, *((parts.upload_id, parts.part_size, list(parts.etags)) if parts
+                                               else (None, None, None)))
+
+    @classmethod
+    def unflat(cls, name: str, started_at: float, upload_id: str | None = None, part_size: int | None = None,
+               etags: Iterable[str] | None = None) -> UploadRecord:
+        """The record :meth:`flat` gave (or a record of a version that kept no parts: its first two)."""
+        parts = None if upload_id is None else UploadParts(upload_id, int(part_size or 0), tuple(etags or ()))
+        return cls(name, float(started_at), parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,8 @@ MIGRATIONS: tuple[str, ...] = (
                          expires double precision NOT NULL);
     CREATE SEQUENCE lease_tokens AS bigint;
     """,
+    # A push upload's parts sent to the blob store (UploadRecord.parts).
+    "ALTER TABLE uploads ADD COLUMN upload_id text, ADD COLUMN part_size bigint, ADD COLUMN etags text[];",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -296,13 +296,13 @@ class PostgresMetadata(PostgresInventory, Metadata):
     # -- uploads --
 
     def put_upload(self, uuid: str, record: UploadRecord) -> None:
-        self._one("INSERT INTO uploads VALUES (%s, %s, %s) ON CONFLICT (uuid) DO UPDATE"
-                  " SET name = excluded.name, started_at = excluded.started_at RETURNING 1",
-                  (uuid, record.name, record.started_at))
+        self._one("INSERT INTO uploads VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (uuid) DO UPDATE SET (name,"
+                  " started_at, upload_id, part_size, etags) = (excluded.name, excluded.started_at, excluded.upload_id,"
+                  " excluded.part_size, excluded.etags) RETURNING 1", (uuid, *record.flat()))
 
     def get_upload(self, uuid: str) -> UploadRecord | None:
-        row = self._one("SELECT name, started_at FROM uploads WHERE uuid = %s", (uuid,))
-        return None if row is None else UploadRecord(*row)
+        row = self._one("SELECT name, started_at, upload_id, part_size, etags FROM uploads WHERE uuid = %s", (uuid,))
+        return None if row is None else UploadRecord.unflat(*row)
 
     def delete_upload(self, uuid: str) -> None:
         self._one("DELETE FROM uploads WHERE uuid = %s RETURNING 1", (uuid,))

@@ -2,18 +2,25 @@
 
 Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can
 be continued by any worker process and after a restart.  Requests on one upload are
-serialised with ``flock`` on its file.  Finishing an upload verifies the digest (with the
-hash kept while the chunks arrived when this process saw them all, else by reading the file)
-before the file is moved into the store, like every other ingest.
+serialised with ``flock`` on its file.  A store that takes parts (S3,
+:meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is sent each whole part as soon as the
+file holds it, and where the parts went is recorded in the upload's record
+(:class:`~mirror.metadata.driver.UploadRecord`) before the next part goes; a part the store does
+not take now (``StoreUnavailable``) waits in the file for the next request.  Finishing an upload
+verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
+else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
+cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -22,10 +29,12 @@ from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.driver import BlobStore, DigestMismatch
+from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
 from .repository import UploadState
+
+log = logging.getLogger("mirror.uploads")
 
 WRITE_BATCH = 1024 * 1024
 
@@ -81,11 +90,11 @@ class Uploads:
                      content_range: str | None = None) -> UploadState:
         """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
         self._record(name, uuid)
-        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
+        fd, record = await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
         try:
             offset = os.fstat(fd).st_size
             self._check_range(name, uuid, offset, content_range)
-            offset = await self._write(uuid, fd, offset, body)
+            offset, _ = await self._write(uuid, fd, offset, body, record)
         finally:
             os.close(fd)
         return UploadState(uuid, offset)
@@ -105,16 +114,17 @@ class Uploads:
         and move the blob into the store."""
         self._record(name, uuid)
         path = self.store.layout.upload(uuid)
-        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
+        fd, record = await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
         try:
             before = os.fstat(fd).st_size
             self._check_range(name, uuid, before, content_range)
-            offset = await self._write(uuid, fd, before, body)
+            offset, record = await self._write(uuid, fd, before, body, record)
+            record = await anyio.to_thread.run_sync(self._send_parts, uuid, record, offset)  # any left behind
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
                 else None
             try:
-                await anyio.to_thread.run_sync(self.store.commit_file, path, digest, known_hex)
+                await anyio.to_thread.run_sync(self.store.commit_upload, uuid, path, digest, known_hex, record.parts)
             except DigestMismatch as exc:
                 await anyio.to_thread.run_sync(self._drop_upload, uuid)
                 self.metrics.upload_failed()
@@ -122,7 +132,7 @@ class Uploads:
             except OSError as exc:
                 if refusal(exc) is not None and os.path.exists(path):  # as it was before this request
                     self._hashers.pop(uuid, None)
-                    await anyio.to_thread.run_sync(os.ftruncate, fd, before)
+                    await anyio.to_thread.run_sync(os.ftruncate, fd, max(before, _sent(record)))
                 raise
         finally:
             os.close(fd)
@@ -140,34 +150,65 @@ class Uploads:
 
     def _drop_upload(self, uuid: str) -> None:
         self._hashers.pop(uuid, None)
+        record = self.metadata.get_upload(uuid)
+        if record is not None and record.parts is not None:
+            self.store.abort_upload(uuid, record.parts)
         self.metadata.delete_upload(uuid)
         try:
             os.unlink(self.store.layout.upload(uuid))
         except FileNotFoundError:
             pass
 
-    def _lock_upload(self, uuid: str) -> int:
+    def _lock_upload(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
+        """The upload's file, open and locked, and its record as it is now that no one else writes it."""
         try:
             fd = os.open(self.store.layout.upload(uuid), os.O_RDWR)
         except FileNotFoundError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        try:
+            return fd, self._record(name, uuid)
+        except BaseException:
+            os.close(fd)
+            raise
 
-    async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes]) -> int:
-        """Write the request body at *offset*, 1 MiB per thread hop; return the new end."""
+    def _send_parts(self, uuid: str, record: UploadRecord, offset: int) -> UploadRecord:
+        """Send every whole part the file holds past the parts sent (none if the store takes no
+        parts), recording each in the index before the next; return the record as it is then."""
+        part_size = record.parts.part_size if record.parts is not None else self.store.upload_part_size()
+        while part_size and offset - _sent(record) >= part_size:
+            parts = self.store.send_upload_part(uuid, self.store.layout.upload(uuid), record.parts)
+            record = replace(record, parts=parts)
+            self.metadata.put_upload(uuid, record)
+        return record
+
+    async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes],
+                     record: UploadRecord) -> tuple[int, UploadRecord]:
+        """Write the request body at *offset*, 1 MiB per thread hop, sending whole parts as they
+        fill (:meth:`_send_parts`); return the new end and record."""
         known = self._hashers.get(uuid)
         hasher = known[1] if known and known[0] == offset else None
         if hasher is None:
             self._hashers.pop(uuid, None)
 
-        def flush(data: bytes, at: int) -> None:
+        sending = True
+
+        def flush(data: bytes, at: int, record: UploadRecord) -> UploadRecord:
+            nonlocal sending
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
             if hasher is not None:
                 hasher.update(data)
+            if sending:
+                try:
+                    return self._send_parts(uuid, record, at)
+                except StoreUnavailable as exc:  # the bytes are safe here: the parts go later
+                    log.warning("upload %s keeps its parts for later: %s", uuid, exc)
+                    sending = False
+                    return self.metadata.get_upload(uuid) or record
+            return record
 
         pending: list[bytes] = []
         pending_size = 0
@@ -179,23 +220,24 @@ class Uploads:
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_BATCH:
-                    await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
+                    record = await anyio.to_thread.run_sync(flush, b"".join(pending), offset, record)
                     offset += pending_size
                     pending, pending_size = [], 0
             if pending:
-                await anyio.to_thread.run_sync(flush, b"".join(pending), offset)
+                record = await anyio.to_thread.run_sync(flush, b"".join(pending), offset, record)
                 offset += pending_size
         except OSError as exc:
-            if refusal(exc) is not None:  # the upload stays as it was before this request
+            if refusal(exc) is not None:  # the upload stays as it was before this request (but parts sent)
                 self._hashers.pop(uuid, None)
-                await anyio.to_thread.run_sync(os.ftruncate, fd, start)
+                await anyio.to_thread.run_sync(os.ftruncate, fd, max(start, _sent(record)))
             raise
         if hasher is not None:
             self._hashers[uuid] = (offset, hasher)
-        return offset
+        return offset, record
 
     def sweep(self) -> int:
-        """Remove upload files untouched for ``push.upload_ttl``, and their records; return how many.
+        """Remove upload files untouched for ``push.upload_ttl``, their records and the parts they sent;
+        return how many.
 
         A file without a record is swept by the same rule, not at once: another worker may be
         creating it (the file comes before its record) or finishing it (the record goes first).
@@ -208,9 +250,17 @@ class Uploads:
             except FileNotFoundError:
                 continue
             if stale:
-                self._drop_upload(entry.name)
+                try:
+                    self._drop_upload(entry.name)
+                except (OSError, ValueError) as exc:  # the store does not answer: swept next time
+                    log.warning("could not remove the expired upload %s: %s", entry.name, exc)
+                    continue
                 removed += 1
         return removed
+
+
+def _sent(record: UploadRecord) -> int:
+    return record.parts.sent if record.parts is not None else 0
 
 
 def _content_range(value: str) -> tuple[int, int]:

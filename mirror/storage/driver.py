@@ -18,6 +18,10 @@ Every driver (the filesystem one, :class:`mirror.storage.filesystem.Store`, unde
 Whatever the driver, the local data directory (:attr:`BlobStore.layout`) holds the work in progress:
 fills clients follow as they grow (``storage/fill.py``: a driver gives the writer of each,
 :meth:`BlobStore.fill_writer`), uploads being assembled, locks and the record of refused writes.
+A driver may send a push upload's bytes on while it runs, in parts of :meth:`BlobStore.upload_part_size`
+bytes (:meth:`~BlobStore.send_upload_part`; where they went is an :class:`UploadParts`, which the
+caller keeps in the index); :meth:`~BlobStore.commit_upload` then stores the upload under its digest,
+verified like every other write.
 
 Errors: :class:`StoreError` (and its subclasses below) for content that does not match; ``OSError``
 for what the backend refuses (``storage/refusals.py`` tells a full or read-only store from other failures).
@@ -69,6 +73,21 @@ class StoredObject:
     mtime: float
     digest: Digest | None
     location: str
+
+
+@dataclass(frozen=True, slots=True)
+class UploadParts:
+    """Where the first bytes of a push upload went in the backend: the multipart upload ``upload_id``
+    (S3) and the ETags of its parts, in order, each ``part_size`` bytes; they hold the upload's
+    bytes ``0..sent - 1``."""
+
+    upload_id: str
+    part_size: int
+    etags: tuple[str, ...] = ()
+
+    @property
+    def sent(self) -> int:
+        return self.part_size * len(self.etags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +255,28 @@ class BlobStore(Protocol):
         """Store a finished local file (an upload, a staged blob) as *digest*, verified (hashed again
         unless *known_hex* is given); :class:`DigestMismatch` leaves *path* where it is.  The file is
         gone from *path* once this returns."""
+        ...
+
+    def upload_part_size(self) -> int | None:
+        """Bytes of each part a push upload sends to the backend as soon as it holds them, or None:
+        an upload stays in its local file until :meth:`commit_upload`."""
+        ...
+
+    def send_upload_part(self, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
+        """Send the next part of the upload *uuid* (bytes ``parts.sent`` on, ``part_size`` of them)
+        from its local file *path*, which may then stop holding the parts sent before; return where its
+        parts are now.  With *parts* None, only start where they go (no part is sent)."""
+        ...
+
+    def commit_upload(self, uuid: str, path: Path, digest: Digest, known_hex: str | None,
+                      parts: UploadParts | None) -> None:
+        """Store the upload *uuid* as *digest* (its first bytes in *parts*, the rest in *path*), as
+        :meth:`commit_file` does: verified, :class:`DigestMismatch` otherwise; *path* is gone once
+        this returns, and so are *parts*."""
+        ...
+
+    def abort_upload(self, uuid: str, parts: UploadParts | None) -> None:
+        """Discard what an upload sent to the backend (nothing there is no error)."""
         ...
 
     def delete(self, digest: Digest) -> bool:

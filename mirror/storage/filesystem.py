@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, Space, StoredObject, StoreError
+from .driver import DigestMismatch, Space, StoredObject, StoreError, UploadParts
 from .layout import PARTIAL, Layout
 from .marks import being_read
 from .reads import read_chunks
@@ -207,6 +207,19 @@ class Store:
                 os.fchmod(handle.fileno(), 0o644)  # still an upload, to finish again
                 raise
         self.committed(size)
+
+    def upload_part_size(self) -> int | None:
+        return None  # an upload is one local file, moved into place by commit_upload
+
+    def send_upload_part(self, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
+        raise NotImplementedError("the filesystem driver sends no parts")
+
+    def commit_upload(self, uuid: str, path: Path, digest: Digest, known_hex: str | None,
+                      parts: UploadParts | None) -> None:
+        self.commit_file(path, digest, known_hex)
+
+    def abort_upload(self, uuid: str, parts: UploadParts | None) -> None:
+        pass  # nothing of it is anywhere but its local file
 
     def committed(self, size: int) -> None:
         self._refusals.wrote()

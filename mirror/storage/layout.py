@@ -29,7 +29,9 @@
 
 In an object store (``storage/s3.py``) only ``blobs/`` exists, as keys under the bucket's
 ``rootdirectory``: ``<rootdirectory>/blobs/<algorithm>/<hex[:2]>/<hex>`` (:func:`object_key`), each
-written once by an upload completed after its digest was verified.
+written once by an upload completed after its digest was verified.  A push upload's parts go to a
+multipart upload of ``<rootdirectory>/uploads/<uuid>/data`` (:func:`upload_key`), completed there
+at the upload's end, copied in the bucket to its digest's key once verified, then deleted.
 
 Every ``*.partial`` in ``tmp/`` is flock'ed by the process writing it: the start-up sweep
 (``Store.sweep_tmp``) removes exactly the leftovers of writers that died.  Paths of objects are
@@ -73,6 +75,14 @@ def temp_file(tmp: Path, kind: str) -> Path:
 def object_key(digest: Digest) -> str:
     """An object's key below an object store's root: ``blobs/<algorithm>/<hex[:2]>/<hex>``."""
     return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def upload_key(uuid: str) -> str:
+    """The key below an object store's root where the push upload *uuid* (from :func:`new_upload_id`)
+    collects: ``uploads/<uuid>/data``; never a digest's key."""
+    if not UPLOAD_ID_RE.fullmatch(uuid):
+        raise ValueError(f"invalid upload id {uuid!r}")
+    return f"uploads/{uuid}/data"
 
 
 def parse_object_key(relative: str) -> tuple[str, Digest | None]:

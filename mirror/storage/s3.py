@@ -15,7 +15,8 @@ opened before a delete by this process reads on from a local copy that the delet
 ``tmp/``); one open in another process keeps the object, which the delete leaves to the next collection
 (readers mark before they look the object up, so none sees it then loses it).  Unfinished uploads older than
 ``stale_upload`` seconds are aborted by :meth:`S3Store.sweep_tmp` (their writer is gone), never this
-process's own; it removes the local temp files of writers that died too.
+process's own nor a push upload's whose local file is still there; it removes the local temp files of
+writers that died too.  Push uploads send their parts while they run (``storage/s3uploads.py``).
 
 Configuration keys follow distribution's s3 driver: ``regionendpoint``, ``region``, ``bucket``,
 ``rootdirectory``, ``accesskey``, ``secretkey``, ``forcepathstyle``, ``chunksize``, ``redirect``.
@@ -31,7 +32,6 @@ import errno
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -43,15 +43,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, Space, StoredObject
+from .driver import DigestMismatch, Space, StoredObject, UploadParts
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import being_read, unread
 from .refusals import probe_writes, refusal_errno
-from .s3damage import checked_bytes, read_whole
+from .s3damage import checked_bytes, checked_copy, read_whole
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -87,6 +88,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
+        self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
 
     def key(self, digest: Digest) -> str:
         return self.root + object_key(digest)
@@ -110,11 +112,20 @@ class S3Store:
             being_read(mark, remove=True)  # left by readers that died
         cutoff = time.time() - self.stale_upload
         for upload in self._unfinished():
-            if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff:
+            if upload["UploadId"] in self._uploads or upload["Initiated"].timestamp() > cutoff \
+                    or self._pushing(upload["Key"]):
                 continue
             self.abort(upload["Key"], upload["UploadId"])
             removed += 1
         return removed
+
+    def _pushing(self, key: str) -> bool:
+        """Whether *key* is a push upload's (``uploads/<uuid>/data``) whose local file is still there."""
+        uuid = key[len(self.root):].removeprefix("uploads/").removesuffix("/data")
+        try:
+            return key.startswith(self.root + "uploads/") and self.layout.upload(uuid).exists()
+        except ValueError:
+            return False
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_multipart_uploads")
@@ -217,7 +228,11 @@ class S3Store:
         with self._lock:
             readers = list(self._readers.get(digest, ()))
         if readers:
-            self._spool_for(digest, readers)
+            copy = checked_copy(self, digest)
+            if copy is not None:
+                with copy:
+                    for reader in readers:
+                        reader.keep(os.dup(copy.fileno()))
         with unread(self.layout.reading(digest)) as free:
             if not free:
                 log.info("kept %s, being read by another process", digest)
@@ -226,23 +241,6 @@ class S3Store:
                 return False
             self._delete_key(self.key(digest))
         return True
-
-    def _spool_for(self, digest: Digest, readers: list[S3Reader]) -> None:
-        """A local copy of the object for *readers*, if it matches *digest* (else they are left to
-        fail: a tampered object is not handed on)."""
-        hasher = digest.hasher()
-        with tempfile.TemporaryFile(dir=self.layout.tmp) as copy, self.open_stream(digest) as body:
-            while data := body.read(1 << 20):
-                hasher.update(data)
-                copy.write(data)
-            copy.flush()
-            size = copy.tell()
-            if hasher.hexdigest() != digest.hex and not (
-                    size <= MAX_MANIFEST_BYTES and signed_schema1_named(os.pread(copy.fileno(), size, 0), digest)):
-                log.warning("%s does not match its digest in the bucket: readers of it are cut short", digest)
-                return
-            for reader in readers:
-                reader.keep(os.dup(copy.fileno()))
 
     def remove(self, found: StoredObject) -> None:
         self._delete_key(found.location)
@@ -298,6 +296,19 @@ class S3Store:
         finally:
             writer.close()
         os.unlink(path)
+
+    def upload_part_size(self) -> int | None:
+        return self.options.chunksize
+
+    def send_upload_part(self, uuid: str, path: Path, parts: UploadParts | None) -> UploadParts:
+        return send_part(self, uuid, path, parts)
+
+    def commit_upload(self, uuid: str, path: Path, digest: Digest, known_hex: str | None,
+                      parts: UploadParts | None) -> None:
+        commit_upload(self, uuid, path, digest, known_hex, parts)
+
+    def abort_upload(self, uuid: str, parts: UploadParts | None) -> None:
+        abort_upload(self, uuid, parts)
 
     def committed(self, size: int) -> None:
         if self.on_commit is not None:

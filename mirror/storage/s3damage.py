@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-from typing import TYPE_CHECKING
+import os
+import tempfile
+from typing import IO, TYPE_CHECKING
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
@@ -114,3 +116,23 @@ def condemn(store: S3Store, digest: Digest, size: int, got: str) -> None:
         store.remove_key(key)
     except OSError as exc:
         log.warning("could not remove the damaged object %s: %s", key, exc)
+
+
+def checked_copy(store: S3Store, digest: Digest) -> IO[bytes] | None:
+    """A local temporary copy of the object (in ``tmp/``; closing it removes it) for readers that
+    must read on once it is deleted, or None if it does not match *digest*: a tampered object is not
+    handed on (its readers are cut short).  Blocks: call it in a worker thread."""
+    hasher = digest.hasher()
+    copy = tempfile.TemporaryFile(dir=store.layout.tmp)
+    with store.open_stream(digest) as body:
+        while data := body.read(1 << 20):
+            hasher.update(data)
+            copy.write(data)
+    copy.flush()
+    size = copy.tell()
+    if hasher.hexdigest() == digest.hex or (
+            size <= MAX_MANIFEST_BYTES and signed_schema1_named(os.pread(copy.fileno(), size, 0), digest)):
+        return copy
+    copy.close()
+    log.warning("%s does not match its digest in the bucket: readers of it are cut short", digest)
+    return None

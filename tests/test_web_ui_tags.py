@@ -119,6 +119,21 @@ def test_an_upstream_slow_to_list_its_tags_does_not_hold_the_page(
             "cached here are shown.") in html.unescape(page.text)
 
 
+def test_a_failing_upstream_is_asked_once_for_a_page_not_retried(
+        mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, http: httpx.Client,
+        images: StandardImages) -> None:
+    """A page does not wait out the upstream client's retries: one try, remembered for the next views."""
+    mirror = mirror_factory(fault_proxy.url)
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    fault_proxy.add("status", r"/tags/list$", status=503)
+    fault_proxy.clear_counts()
+    for _ in range(2):
+        page = http.get(f"{mirror.url}/ui/r/library/small")
+        assert page.status_code == 200 and list(rows(page)) == ["1"]
+        assert "could not be asked for its tags: it answered 503" in html.unescape(page.text)
+    assert fault_proxy.count("GET", "/tags/list") == 1
+
+
 def test_names_an_upstream_lists_that_are_not_tags_are_left_out(
         mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, http: httpx.Client,
         images: StandardImages) -> None:

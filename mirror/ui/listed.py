@@ -79,7 +79,8 @@ class UpstreamTags:
         try:
             pull, upstream_name = namespaces.upstream_for(name)
             with anyio.fail_after(WAIT):
-                tags = await pull.upstream.tags(pull.upstream.canonical_name(upstream_name))
+                # One try: a page is not held back by retries; the next view in KEEP seconds asks again.
+                tags = await pull.upstream.tags(pull.upstream.canonical_name(upstream_name), retries=0)
             found = Listed(registry, frozenset(t for t in tags if TAG_RE.fullmatch(t)))
         except (UpstreamError, TimeoutError, APIError) as exc:
             found = Listed(registry, None, _reason(exc))

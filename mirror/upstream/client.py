@@ -114,9 +114,10 @@ class Upstream:
     # -- requests --
 
     async def _send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                    params: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
-        """Send with retries for failures before any byte; raise the mapped error for non-2xx."""
-        attempt = 0
+                    params: dict[str, str] | None = None, stream: bool = False,
+                    retries: int | None = None) -> httpx.Response:
+        """Send, retrying failures before any byte (*retries*: ``upstream.retries``); map non-2xx to errors."""
+        attempt, limit = 0, self.config.retries if retries is None else retries
         while True:
             request = self.client.build_request(method, path, headers=headers, params=params)
             started = time.monotonic()
@@ -127,21 +128,21 @@ class Upstream:
             except UpstreamCredentialsRejected:
                 raise  # logged once by RegistryAuth: an operator's problem
             except UpstreamError as exc:  # the token request failed (RegistryAuth)
-                if isinstance(exc, UpstreamUnavailable) and attempt < self.config.retries:
+                if isinstance(exc, UpstreamUnavailable) and attempt < limit:
                     attempt += 1
                     await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                     continue
                 raise self._failed(exc) from None
             except httpx.TransportError as exc:
                 self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
-                if attempt < self.config.retries:
+                if attempt < limit:
                     attempt += 1
                     await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                     continue
                 raise self._failed(UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
             self.metrics.upstream_response(self.config.registry, method, response.status_code,
                                            time.monotonic() - started, response.headers)
-            if response.status_code in RETRY_STATUSES and attempt < self.config.retries:
+            if response.status_code in RETRY_STATUSES and attempt < limit:
                 await response.aclose()
                 attempt += 1
                 await asyncio.sleep(0.1 * 3 ** (attempt - 1))
@@ -333,8 +334,9 @@ class Upstream:
         response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")
         return identity_length(response)
 
-    async def tags(self, name: str) -> list[str]:
-        """Every tag of *name*, in the upstream's order, following the upstream's own paging.
+    async def tags(self, name: str, *, retries: int | None = None) -> list[str]:
+        """Every tag of *name*, in the upstream's order, following the upstream's own paging
+        (each page tried ``upstream.retries`` more times unless *retries*).
 
         A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
         "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
@@ -348,7 +350,7 @@ class Upstream:
         visited = {str(first)}
         found: dict[str, None] = {}
         for _ in range(MAX_TAG_PAGES):
-            response = await self._send("GET", str(url))
+            response = await self._send("GET", str(url), retries=retries)
             try:
                 doc = response.json()
             except ValueError as exc:

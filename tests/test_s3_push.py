@@ -24,6 +24,7 @@ from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
+from tests.support.waiting import wait_for
 from tests.test_s3_driver import options
 from tests.test_s3_serve import ROOT, Bucket, get_digest, parts_sent
 
@@ -189,6 +190,22 @@ def test_an_expired_upload_aborts_its_multipart_upload(
     gone = http.get(mirror.url + location)
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []
+
+
+def test_an_upload_abandoned_while_the_server_runs_expires_without_a_restart(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    ttl = 2.0
+    mirror = mirror_factory(env=push_env(bucket, postgres, MIRROR_PUSH_UPLOAD_TTL=f"{ttl:g}s"))
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=os.urandom(7 * MIB)).status_code == 202
+    assert len(bucket.uploads()) == 1
+    wait_for(lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads") is None,
+             timeout=ttl * 4, what="the abandoned upload's parts aborted by the running server")
+    gone = http.get(mirror.url + location)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert bucket.uploads() == [] and [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []
+    assert "removed 1 abandoned uploads" in mirror.log_tail(200)
 
 
 def test_a_push_spread_over_two_workers_sends_its_parts_once_and_stores_the_blob(

@@ -31,6 +31,7 @@ from ..registry.cluster import Cluster, ClusterFills
 from ..registry.local import LocalRegistry
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
+from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
@@ -93,6 +94,7 @@ def create_app(config: Config) -> Starlette:
             assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
         upkeep = asyncio.create_task(maintenance.run())
+        expiry = asyncio.create_task(expire_uploads(local.uploads))
         # The cache page's chart: this worker's samples of every worker's counters and the store's size.
         history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
@@ -102,7 +104,7 @@ def create_app(config: Config) -> Starlette:
                    "memo": memo, "fills": fills, "history": history}
         finally:
             memo.attach(None)
-            for task in (upkeep, sampling):
+            for task in (upkeep, expiry, sampling):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -25,6 +25,8 @@ from .procs import Proc, free_port, wait_http
 #: Seconds SeaweedFS may take to answer S3 requests (master, volume, filer and gateway start in turn).
 START_TIMEOUT = 60.0
 REGION = "us-east-1"
+#: Starts tried with new ports when one of them was taken meanwhile.
+PORT_TRIES = 3
 
 
 def weed_binary() -> str:
@@ -105,22 +107,30 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
     config = workdir / "s3.json"
     config.write_text(json.dumps(identities))
     os.chmod(config, 0o600)
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "iam.port", "mq.agent.port", "mq.broker.port",
-        "sftp.port", "debug.port")}
-    args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
-            f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0",
-            "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
-    proc = Proc(args, workdir / "weed.log", name="weed").start()
-    server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey)
-    try:
-        wait_http(server.endpoint, START_TIMEOUT, alive=proc)
-        _wait_s3_ready(server, time.monotonic() + START_TIMEOUT)
-    except BaseException:
-        proc.stop()
-        raise
-    return server
+    for attempt in range(1, PORT_TRIES + 1):
+        ports = {name: free_port() for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc", "iam.port", "mq.agent.port", "mq.broker.port",
+            "sftp.port", "debug.port")}
+        args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
+                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0",
+                "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
+        proc = Proc(args, workdir / "weed.log", name="weed").start()
+        server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey)
+        try:
+            wait_http(server.endpoint, START_TIMEOUT, alive=proc)
+            _wait_s3_ready(server, time.monotonic() + START_TIMEOUT)
+        except RuntimeError:
+            proc.stop()
+            # One of its 13 ports, free when chosen, was taken by another process before weed bound it.
+            if attempt < PORT_TRIES and "address already in use" in proc.log_tail(200):
+                continue
+            raise
+        except BaseException:
+            proc.stop()
+            raise
+        return server
+    raise AssertionError("unreachable")
 
 
 def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:

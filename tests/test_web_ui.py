@@ -236,6 +236,27 @@ def test_disk_budget_bar_is_cache_max_size_against_the_usage_metrics_report(
     assert f"{human(usage)} of {human(100_000_000)} (<code>cache.max_size</code>), 2 %" in page
 
 
+def test_cache_page_shows_evictions_and_collector_runs_as_metrics_report_them(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    mirror = mirror_factory(env={"MIRROR_CACHE_MAX_SIZE": "2MB", "MIRROR_CACHE_KEEP_RECENT": "0s",
+                                 "MIRROR_GC_GRACE": "0s"})
+    before = http.get(f"{mirror.url}/ui/cache").text
+    assert '<dd id="evicted">0</dd>' in before and '<dd id="gc-runs">none yet</dd>' in before
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    pull_checked(http, mirror.url, "library/big", "1", images.big)  # over the budget: the first goes
+    assert eventually(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_evicted_images_total") >= 1,
+                      timeout=20), mirror.log_tail()
+    metrics = scrape(f"{mirror.url}/metrics")
+    page = http.get(f"{mirror.url}/ui/cache").text
+    evicted, freed = value(metrics, "mirror_evicted_images_total"), value(metrics, "mirror_gc_freed_bytes_total")
+    runs = value(metrics, "mirror_gc_runs_total", result="ok")
+    assert f'<dd id="evicted">{int(evicted)}</dd>' in page
+    assert f'<dd id="gc-runs">{int(runs)} ok</dd>' in page and runs >= 1
+    assert f'<dd id="gc-freed">{html.escape(human(int(freed)))}</dd>' in page and freed > 0
+    last = value(metrics, "mirror_gc_last_run_timestamp_seconds")
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) in page
+
+
 def test_logging_in_when_anonymous_pulls_are_allowed(mirror_factory: Callable[..., MirrorServer],
                                                     http: httpx.Client, htpasswd: Path, tiny: Image) -> None:
     mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))

@@ -76,6 +76,12 @@ class CacheFigures:
     repositories: int | None
     manifests: int | None
     objects: int
+    #: Eviction and garbage collection: images evicted, runs by result (``ok``, ``error``...),
+    #: bytes freed, and ``time.time()`` of the last run (None before any).
+    evicted_images: int = 0
+    gc_runs: dict[str, int] | None = None
+    gc_freed_bytes: int = 0
+    gc_last_run: float | None = None
 
     @property
     def hit_ratio(self) -> float | None:
@@ -167,7 +173,12 @@ def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: 
         coalesced_waiters=int(_sum(found, "mirror_coalesced_waiters")),
         repositories=_integer(_one(found, "mirror_store_repositories")),
         manifests=_integer(_one(found, "mirror_store_manifests")),
-        objects=int(_one(found, "mirror_store_objects") or 0))
+        objects=int(_one(found, "mirror_store_objects") or 0),
+        evicted_images=int(_sum(found, "mirror_evicted_images_total")),
+        gc_runs={result: int(v) for labels, v in found.get("mirror_gc_runs_total", ())
+                 if (result := labels.get("result", "")) and v},
+        gc_freed_bytes=int(_sum(found, "mirror_gc_freed_bytes_total")),
+        gc_last_run=max((v for _, v in found.get("mirror_gc_last_run_timestamp_seconds", ()) if v), default=None))
 
 
 def fills(store: Store) -> list[Fill]:

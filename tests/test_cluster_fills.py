@@ -19,8 +19,9 @@ import httpx
 import psycopg
 import pytest
 
+from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
-from tests.support.images import Image, build_image, random_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
@@ -296,3 +297,42 @@ def test_a_replica_with_another_secret_is_refused_by_the_one_fetching_and_fetche
     assert (first.error, first.sha256) == (None, layer.digest)
     assert fault_proxy.count("GET", blob_path) == 1
     assert SECRET not in stranger.log_path.read_text() + owner.log_path.read_text()
+
+
+def test_one_upstream_request_per_manifest_across_replicas_by_tag_by_digest_and_on_revalidation(
+    cluster: Cluster, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Docker Hub counts manifest GETs as pulls: clients of every replica asking for one manifest at
+    once cost one upstream request, not one per replica; so does the revalidation of a stale tag."""
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CACHE_TAG_TTL="3s")
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    fault_proxy.add("slow", "/manifests/", chunk_size=64, delay=0.05)  # each answer takes about half a second
+
+    def together(path: str) -> list[httpx.Response]:
+        answers: list[httpx.Response] = []
+
+        def ask(mirror: MirrorServer) -> None:
+            with httpx.Client(timeout=60.0, trust_env=False) as http:
+                answers.append(http.get(f"{mirror.url}{path}", headers=accept))
+
+        threads = [threading.Thread(target=ask, args=(replicas[n % 3],)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return answers
+
+    fault_proxy.clear_counts()
+    for answer in together("/v2/library/small/manifests/1"):
+        assert answer.status_code == 200 and answer.content == images.small.manifest
+    assert fault_proxy.count("GET", "/v2/library/small/manifests/1") == 1
+
+    for answer in together(f"/v2/library/big/manifests/{images.big.digest}"):
+        assert answer.status_code == 200 and answer.content == images.big.manifest
+    assert fault_proxy.count("GET", f"/v2/library/big/manifests/{images.big.digest}") == 1
+
+    time.sleep(3.5)  # the tag is stale on every replica: one of them revalidates it
+    fault_proxy.clear_counts()
+    for answer in together("/v2/library/small/manifests/1"):
+        assert answer.status_code == 200 and answer.content == images.small.manifest
+    assert fault_proxy.count(None, "/v2/library/small/manifests/1") == 1

@@ -49,12 +49,11 @@ from ..upstream.errors import (
 from .failures import api_error
 from .flight import SingleFlight
 from .links import BackgroundLinks
+from .manifests import ManifestBodies, PeerFlights
 from .referrers import UpstreamReferrers, referrer_of
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 
 log = logging.getLogger("mirror.registry.pullthrough")
-#: Bytes of manifest bodies kept in memory per process.
-MANIFEST_MEMORY = 8 << 20
 #: Repositories remembered as pulled from while the store could not record them.
 UNRECORDED_KEPT = 1024
 
@@ -74,9 +73,9 @@ class PullThrough:
         self._stale_logged: set[str] = set()
         # Repositories pulled from while the store took no writes (so not recorded), newest last.
         self._unrecorded: dict[str, None] = {}
-        # Manifest bodies by digest, oldest dropped first: content-addressed, so never stale.
-        self._bodies: dict[str, bytes] = {}
-        self._bodies_size = 0
+        self._bodies = ManifestBodies(store)
+        #: On replicas of a cluster: one upstream request per manifest across them (set by the app).
+        self.peers: PeerFlights | None = None
         self._referrers = UpstreamReferrers(metadata, upstream, registry)
         self._links = BackgroundLinks(metadata)
 
@@ -117,10 +116,10 @@ class PullThrough:
             return await self._manifest_by_digest(name, _digest(child.digest))
         return result
 
-    async def _manifest_by_tag(self, name: str, tag: str) -> ManifestResult:
+    async def _manifest_by_tag(self, name: str, tag: str, *, peered: bool = False) -> ManifestResult:
         repo = self._repo(name)
         record = self.metadata.get_tag(repo, tag)
-        cached = await self._stored_manifest(record.digest) if record else None
+        cached = await self._bodies.read(record.digest) if record else None
         if record is not None and cached is not None:
             if time.time() - record.fetched_at < self.tag_ttl:
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
@@ -129,6 +128,9 @@ class PullThrough:
                 # Preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
                                       time.time() + self.tag_ttl)
+        if self.peers is not None and not peered:  # one replica asks; the others then find its answer here
+            return await self.peers.run(f"tag:{repo}:{tag}", lambda: self._manifest_by_tag(name, tag, peered=True))
+        if record is not None and cached is not None:
             checked = time.time()
             try:
                 head = await self.upstream.head_manifest(name, tag)
@@ -173,11 +175,16 @@ class PullThrough:
         key = str(digest)
         record = self.metadata.get_manifest(key)
         if record is not None and self.metadata.is_linked(repo, key):
-            body = await self._stored_manifest(key)
+            body = await self._bodies.read(key)
             if body is not None:
                 return ManifestResult(body, record.media_type, key, Outcome.HIT)
 
         async def fetch() -> ManifestResult:
+            if self.peers is not None and self.metadata.is_linked(repo, key):  # another replica's answer
+                found = self.metadata.get_manifest(key)
+                body = await self._bodies.read(key) if found is not None else None
+                if found is not None and body is not None:
+                    return ManifestResult(body, found.media_type, key, Outcome.HIT)
             try:
                 manifest = await self.upstream.get_manifest(name, digest)
             except UpstreamError as exc:
@@ -185,25 +192,9 @@ class PullThrough:
             saved = await self._save_manifest(repo, manifest, None)
             return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
 
-        return _followed(await self._flights.run(("digest", f"{name}@{key}"), fetch))
-
-    async def _stored_manifest(self, digest: str) -> bytes | None:
-        """A stored manifest's bytes; recently read ones come from memory (under load a thread hop
-        per request waits for the GIL and costs more than the rest of the request)."""
-        body = self._bodies.get(digest)
-        if body is not None:
-            return body
-        try:
-            parsed = parse_digest(digest)
-        except ParseError:
-            return None
-        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
-        if body is not None and digest not in self._bodies:
-            self._bodies[digest] = body
-            self._bodies_size += len(body)
-            while self._bodies_size > MANIFEST_MEMORY:
-                self._bodies_size -= len(self._bodies.pop(next(iter(self._bodies))))
-        return body
+        peers = self.peers
+        return _followed(await self._flights.run(("digest", f"{name}@{key}"), fetch if peers is None
+                                                 else lambda: peers.run(f"digest:{repo}@{key}", fetch)))
 
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
         """Store a fetched manifest and record it; False when the store refused it (it is served

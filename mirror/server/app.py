@@ -29,6 +29,7 @@ from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
 from ..registry.cluster import Cluster, ClusterFills
 from ..registry.local import LocalRegistry
+from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
 from ..registry.uploads import expire_uploads
@@ -73,6 +74,9 @@ def create_app(config: Config) -> Starlette:
                                            u.config.registry)
             for u in upstreams
         }
+        if cluster is not None:  # one upstream request per manifest across the replicas too
+            for each in pulls.values():
+                each.peers = PeerFlights(metadata, cluster.replica, cluster.ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
         namespaces = Namespaces(local, pulls, config.upstream.registry)

@@ -1,0 +1,78 @@
+"""What the pull-through policy (``registry/pullthrough.py``) keeps of manifests besides the index.
+
+* :class:`ManifestBodies`: bodies of stored manifests recently read, in memory (content-addressed, so
+  never stale): under load a thread hop per request waits for the GIL and costs more than the rest of
+  the request.
+* :class:`PeerFlights`: on replicas of a cluster (``registry/cluster.py``), one upstream request for a
+  manifest (by tag or digest) across all of them.  The replica that takes the index's lease
+  ``manifest:<key>`` asks the upstream and records the answer; the others wait for the lease to be
+  given up, then look again, and find that answer in the index.  A holder that takes longer than the
+  lease's TTL is not waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio.to_thread
+
+from ..metadata.driver import Metadata
+from ..spec.reference import ParseError, parse_digest
+from ..storage.driver import BlobStore
+
+T = TypeVar("T")
+
+#: Bytes of manifest bodies kept in memory per process.
+MANIFEST_MEMORY = 8 << 20
+#: Seconds between two tries of a replica waiting for another's manifest request.
+PEER_POLL = 0.02
+
+
+class ManifestBodies:
+    """Stored manifests' bytes by digest, the oldest dropped first past :data:`MANIFEST_MEMORY`."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+        self._bodies: dict[str, bytes] = {}
+        self._size = 0
+
+    async def read(self, digest: str) -> bytes | None:
+        """The stored manifest *digest*'s bytes, or None if it is not stored (or not a digest)."""
+        body = self._bodies.get(digest)
+        if body is not None:
+            return body
+        try:
+            parsed = parse_digest(digest)
+        except ParseError:
+            return None
+        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        if body is not None and digest not in self._bodies:
+            self._bodies[digest] = body
+            self._size += len(body)
+            while self._size > MANIFEST_MEMORY:
+                self._size -= len(self._bodies.pop(next(iter(self._bodies))))
+        return body
+
+
+class PeerFlights:
+    """One replica at a time asks the upstream for a manifest *key* (see the module's docstring)."""
+
+    def __init__(self, metadata: Metadata, replica: str, ttl: float) -> None:
+        self.metadata, self.replica, self.ttl = metadata, replica, ttl
+
+    async def run(self, key: str, ask: Callable[[], Awaitable[T]]) -> T:
+        """*ask* (which looks in the index first, then asks the upstream) under the lease of *key*,
+        once another replica asking for it is done.  ``MetadataUnavailable`` while the index is down."""
+        name = f"manifest:{key}"
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.ttl
+        while (lease := await anyio.to_thread.run_sync(self.metadata.take_lease, name, self.replica, self.ttl)) is None:
+            if loop.time() > give_up:
+                return await ask()
+            await asyncio.sleep(PEER_POLL)
+        try:
+            return await ask()
+        finally:
+            await asyncio.shield(anyio.to_thread.run_sync(self.metadata.release_lease, lease))

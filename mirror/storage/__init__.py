@@ -1,7 +1,8 @@
 """Blob storage: the content-addressed store and the way content gets into it.
 
 Owns the blob-store driver interface (``driver``), its filesystem driver (``filesystem``) and its S3
-driver (``s3``, with ``s3objects``: one object's reader and writer, and ``s3fill``: a fill sent to
+driver (``s3``, with ``s3objects``: one object's reader and writer, ``s3reads``: a GET's body read
+ahead in a thread, and ``s3fill``: a fill sent to
 the bucket as it grows; ``s3damage``: objects found damaged in the bucket; ``s3notes``: the uploads
 a dead writer left, for the start-up sweep), the checks every driver makes before content is visible
 under a digest (``verify``), the one place that opens the configured driver (``opening``), the one

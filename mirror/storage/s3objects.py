@@ -11,7 +11,7 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 (``storage/marks.py``), so that a collector in any process sees the object being served
 (``being_read``); the last reader to let go removes the file.  The client is boto3's:
 thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
-which runs them in worker threads.
+which runs them in worker threads (the body in a thread of its own, ``storage/s3reads.py``).
 
 Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 """
@@ -19,6 +19,7 @@ Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -35,9 +36,10 @@ from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import mark_reading, unmark_reading
-from .reads import READ_CHUNK, ShortFile, read_chunks
+from .reads import ShortFile, read_chunks
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
+from .s3reads import ReadAhead
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -111,8 +113,8 @@ def make_client(options: S3Options) -> Any:
     return client
 
 
-def _read(body: Any, count: int, hasher: Any) -> bytes:
-    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same worker thread
+def _read(body: Any, count: int, *, hasher: Any) -> bytes:
+    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same thread
     (``hashlib`` lets go of the GIL: the event loop never waits for it)."""
     try:
         data: bytes = body.read(count)
@@ -157,22 +159,25 @@ class S3Reader:
         return self._ranged(start, stop)
 
     async def _ranged(self, start: int, stop: int) -> AsyncIterator[bytes]:
-        """Ranged GETs; a whole-object read is hashed as it passes, and its last byte held back
-        until the digest matched (:class:`CorruptObject` otherwise): a tampered object never
-        reaches a client whole."""
+        """Ranged GETs, read ahead of the client in a thread (``storage/s3reads.py``).
+
+        The bytes are served as they are only from an object whose ``ETag`` this process has seen
+        with content matching the digest (:func:`vouched`: it stored the object or read it whole).
+        Otherwise a whole-object read is hashed as it passes, its last byte held back until the
+        digest matched (:class:`CorruptObject` if not), and a range waits for the object to be
+        read whole first (:func:`verify_whole`): a tampered object never reaches a client whole."""
         if stop <= start:
             return
-        hasher = self.digest.hasher() if start == 0 and stop == self.size else None
         answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
         body, etag = answer["Body"], answer.get("ETag")
+        trusted = vouched(self._store, self.digest, etag)
+        hasher = self.digest.hasher() if not trusted and start == 0 and stop == self.size else None
+        ahead = ReadAhead(functools.partial(_read, body, hasher=hasher), stop - start, body.close)
         try:
-            if hasher is None and not vouched(self._store, self.digest, etag):
+            if hasher is None and not trusted:
                 await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag)
             got = 0
-            while got < stop - start:
-                data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - start - got), hasher)
-                if not data:
-                    raise ShortFile(errno.EIO, f"{self.digest} ended at {start + got}, expected {stop} bytes")
+            async for data in ahead:
                 got += len(data)
                 if hasher is None or got < stop - start:
                     yield data
@@ -186,7 +191,7 @@ class S3Reader:
                 vouch(self._store, self.digest, etag)
                 yield data[-1:]
         finally:
-            body.close()
+            ahead.close()
 
     def keep(self, spool: int) -> None:
         """Read from here on from *spool* (a descriptor of a local copy, now this reader's): the object

@@ -7,6 +7,7 @@ boto3 straight into the bucket, as someone with write access to it (or bit rot) 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.support.catalog import StandardImages
 from tests.support.client import push_blob, push_image
 from tests.support.faults import FaultProxy
 from tests.support.images import random_layer
+from tests.support.lagging import lagging_relay
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -305,3 +307,26 @@ def test_a_blob_read_whole_then_rewritten_part_for_part_is_never_served_whole(
         received(http, url)
     assert layer.digest not in bucket.objects(), "removed from the bucket"
     assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_corrupt_objects_total") == 1
+
+
+def test_a_slow_object_store_does_not_hold_up_other_requests_while_a_fill_starts(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Requests to the bucket run in worker threads, never on the event loop: with every request to
+    the bucket 0.6 s late, a cold blob's fill starting does not delay an answer that needs no bucket."""
+    endpoint = httpx.URL(bucket.server.endpoint)
+    with lagging_relay((endpoint.host, endpoint.port or 80)) as relay:
+        mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=relay.url))
+        layer = images.small.layers[1]
+        relay.delay = 0.6
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60.0, trust_env=False) as own:
+            transfer = pool.submit(received, own, blob_url(mirror, "library/small", layer.digest))
+            slowest, started = 0.0, time.monotonic()
+            while not transfer.done() and time.monotonic() < started + 30:
+                asked = time.monotonic()
+                assert http.get(f"{mirror.url}/v2/").status_code == 200
+                slowest = max(slowest, time.monotonic() - asked)
+                time.sleep(0.02)
+            assert transfer.result() == (200, layer.digest, layer.size)
+        assert time.monotonic() - started > 1.2, "the bucket was slow"
+        assert slowest < 0.3, f"an answer waited {slowest:.2f} s for the bucket"

@@ -64,7 +64,8 @@ class Fills:
         Errors of ``fetch`` before its body starts are raised here.
         """
         for _ in range(100):
-            stored = self.open_stored(digest)
+            # In a worker thread: on an object store these are requests (HEAD), not local lookups.
+            stored = await anyio.to_thread.run_sync(self.open_stored, digest)
             if stored is not None:
                 return stored
             path = self.store.layout.fill(digest)
@@ -87,7 +88,12 @@ class Fills:
             if not names_inode(path, fd):
                 os.close(fd)  # lost a race with a finishing or failing leader
                 continue
-            if self.store.exists(digest):
+            try:
+                stored_meanwhile = await anyio.to_thread.run_sync(self.store.exists, digest)
+            except BaseException:
+                os.close(fd)  # cancelled: let go of the lock, no fill was started
+                raise
+            if stored_meanwhile:
                 os.unlink(path)
                 os.close(fd)
                 continue

@@ -7,6 +7,7 @@ boto3 straight into the bucket, as someone with write access to it (or bit rot) 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.support.catalog import StandardImages
 from tests.support.client import push_blob, push_image
 from tests.support.faults import FaultProxy
 from tests.support.images import random_layer
+from tests.support.lagging import lagging_relay
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -277,3 +279,59 @@ def test_a_range_is_served_only_from_an_object_seen_whole_and_matching(
     again = http.get(url, headers=middle)
     assert again.status_code == 206 and again.content == data[5 * MIB - 10:5 * MIB + 90]
     assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1, "fetched again"
+
+
+def test_a_blob_read_whole_then_rewritten_part_for_part_is_never_served_whole(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A whole read of an object whose ``ETag`` a whole read vouched for is served unhashed: a
+    rewrite of the key with other bytes in the same parts (same size, same part count, an ``ETag``
+    of the same shape) must change that ``ETag``, and so be hashed and caught."""
+    mirror = mirror_factory(env=bucket.env())
+    layer = images.big.layers[1]  # 8 MiB: parts of 5 MiB and 3 MiB
+    url = blob_url(mirror, "library/big", layer.digest)
+    assert received(http, url) == (200, layer.digest, layer.size)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    mirror.restart()  # vouched by nothing: the next whole read hashes the object, then vouches for it
+    assert received(http, url) == (200, layer.digest, layer.size)
+    assert received(http, url) == (200, layer.digest, layer.size)
+
+    key, before = key_of(layer.digest), bucket.client.head_object(Bucket=bucket.name, Key=key_of(layer.digest))
+    upload = bucket.client.create_multipart_upload(Bucket=bucket.name, Key=key)["UploadId"]
+    parts = []
+    for number, size in enumerate((5 * MIB, layer.size - 5 * MIB), 1):
+        etag = bucket.client.upload_part(Bucket=bucket.name, Key=key, UploadId=upload, PartNumber=number,
+                                         Body=os.urandom(size))["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+    bucket.client.complete_multipart_upload(Bucket=bucket.name, Key=key, UploadId=upload,
+                                            MultipartUpload={"Parts": parts})
+    after = bucket.client.head_object(Bucket=bucket.name, Key=key)
+    assert after["ContentLength"] == layer.size and after["ETag"].endswith('-2"') and before["ETag"].endswith('-2"')
+
+    with pytest.raises(httpx.RemoteProtocolError):  # aborted before its last byte
+        received(http, url)
+    assert layer.digest not in bucket.objects(), "removed from the bucket"
+    assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_corrupt_objects_total") == 1
+
+
+def test_a_slow_object_store_does_not_hold_up_other_requests_while_a_fill_starts(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Requests to the bucket run in worker threads, never on the event loop: with every request to
+    the bucket 0.6 s late, a cold blob's fill starting does not delay an answer that needs no bucket."""
+    endpoint = httpx.URL(bucket.server.endpoint)
+    with lagging_relay((endpoint.host, endpoint.port or 80)) as relay:
+        mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=relay.url))
+        layer = images.small.layers[1]
+        relay.delay = 0.6
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60.0, trust_env=False) as own:
+            transfer = pool.submit(received, own, blob_url(mirror, "library/small", layer.digest))
+            slowest, started = 0.0, time.monotonic()
+            while not transfer.done() and time.monotonic() < started + 30:
+                asked = time.monotonic()
+                assert http.get(f"{mirror.url}/v2/").status_code == 200
+                slowest = max(slowest, time.monotonic() - asked)
+                time.sleep(0.02)
+            assert transfer.result() == (200, layer.digest, layer.size)
+        assert time.monotonic() - started > 1.2, "the bucket was slow"
+        assert slowest < 0.3, f"an answer waited {slowest:.2f} s for the bucket"

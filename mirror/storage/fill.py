@@ -25,13 +25,14 @@ import fcntl
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
+from .batches import write_in_batches
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
 from .driver import BlobReader, BlobStore, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
@@ -40,9 +41,6 @@ from .refusals import refusal
 
 log = logging.getLogger("mirror.storage.fill")
 T = TypeVar("T")
-
-FLUSH_BYTES = 1 << 20
-FLUSH_SECONDS = 0.02
 
 
 class Fills:
@@ -64,7 +62,8 @@ class Fills:
         Errors of ``fetch`` before its body starts are raised here.
         """
         for _ in range(100):
-            stored = self.open_stored(digest)
+            # In a worker thread: on an object store these are requests (HEAD), not local lookups.
+            stored = await anyio.to_thread.run_sync(self.open_stored, digest)
             if stored is not None:
                 return stored
             path = self.store.layout.fill(digest)
@@ -87,7 +86,12 @@ class Fills:
             if not names_inode(path, fd):
                 os.close(fd)  # lost a race with a finishing or failing leader
                 continue
-            if self.store.exists(digest):
+            try:
+                stored_meanwhile = await anyio.to_thread.run_sync(self.store.exists, digest)
+            except BaseException:
+                os.close(fd)  # cancelled: let go of the lock, no fill was started
+                raise
+            if stored_meanwhile:
                 os.unlink(path)
                 os.close(fd)
                 continue
@@ -207,7 +211,7 @@ class Fills:
                     return
                 ingest.stored_elsewhere = getattr(download, "stored_elsewhere", None)
                 started.set_result(download.size)
-                await _copy(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
+                await write_in_batches(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -282,68 +286,6 @@ class Fills:
                 await task
 
 
-async def _copy(chunks: AsyncIterator[bytes], ingest: FillWriter, written: Callable[[], None]) -> None:
-    """Write *chunks* to *ingest* in batches, each byte at most ``FLUSH_SECONDS`` after it arrived;
-    call *written* after each batch (readers in this process wake up at once).
-
-    Chunks that arrive close together are written together (one thread hop per batch).  A batch
-    that is not full when the upstream pauses is written by a timer, not when the next chunk
-    comes: however slowly the upstream sends, readers see every byte received within that bound.
-    """
-    loop = asyncio.get_running_loop()
-    batch: list[bytes] = []
-    pending = 0
-    last_write = -FLUSH_SECONDS
-    timer: asyncio.TimerHandle | None = None
-    behind: asyncio.Task[None] | None = None  # a write the timer started: later writes wait for it
-
-    def take() -> list[bytes]:
-        nonlocal batch, pending, last_write, timer
-        parts, batch, pending, last_write = batch, [], 0, loop.time()
-        if timer is not None:
-            timer.cancel()
-            timer = None
-        return parts
-
-    def write_due() -> None:
-        nonlocal behind
-        behind = asyncio.ensure_future(_write_after(behind, ingest, take(), written))
-
-    async def write(parts: list[bytes]) -> None:
-        nonlocal behind
-        if behind is not None:
-            await behind
-            behind = None
-        if parts:
-            await anyio.to_thread.run_sync(_write_batch, ingest, parts)
-            written()
-
-    try:
-        async for chunk in chunks:
-            batch.append(chunk)
-            pending += len(chunk)
-            if pending >= FLUSH_BYTES or loop.time() >= last_write + FLUSH_SECONDS:
-                await write(take())
-            elif timer is None:
-                timer = loop.call_at(last_write + FLUSH_SECONDS, write_due)
-        await write(take())
-    finally:
-        if timer is not None:
-            timer.cancel()
-        if behind is not None:  # never leave a write running behind the ingest's back
-            with contextlib.suppress(BaseException):
-                await behind
-
-
-async def _write_after(previous: asyncio.Task[None] | None, ingest: FillWriter, parts: list[bytes],
-                       written: Callable[[], None]) -> None:
-    if previous is not None:
-        await previous
-    if parts:
-        await anyio.to_thread.run_sync(_write_batch, ingest, parts)
-        written()
-
-
 async def _to_the_end(work: Callable[[], None]) -> None:
     """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
     is raised once it ended).  Readers take a verified fill as done before it is durable (``fill_state``):
@@ -385,10 +327,6 @@ def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> No
         if not store.fill_placed(ingest.digest, ingest.fd):
             os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
     ingest.discard()
-
-
-def _write_batch(ingest: FillWriter, batch: list[bytes]) -> None:
-    ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])
 
 
 def _refusal(exc: BaseException) -> str | None:

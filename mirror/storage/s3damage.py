@@ -9,7 +9,13 @@ its upstream, a pushed one is unknown; its bytes are never answered as the blob.
 
 A range cannot be checked by itself: it is served only from an object whose ``ETag`` this process
 saw with content that matched (:func:`vouch`: an object it stored or read whole); any other is
-first read whole and hashed (:func:`verify_whole`), once.
+first read whole and hashed (:func:`verify_whole`), once.  A whole read of such an object is not
+hashed again either.  That holds because the ``ETag`` is a function of the content: the MD5 of the
+object (``PutObject``), or the MD5 of its parts' MD5s and their count (a multipart upload), in S3
+and in SeaweedFS alike (metadata rewrites, as ``S3Store.touch`` does, keep it); any rewrite of the
+key with other bytes changes it, and a GET's ``ETag`` comes in the same answer as its body.  What
+it does not cover is an MD5 collision crafted by someone who both wrote the blob and can write to
+the bucket, or bytes changed under the store's own API (the store's checksums are for that).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 (``storage/marks.py``), so that a collector in any process sees the object being served
 (``being_read``); the last reader to let go removes the file.  The client is boto3's:
 thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
-which runs them in worker threads.
+which runs them in worker threads (the body in a thread of its own, ``storage/s3reads.py``).
 
 Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 """
@@ -19,6 +19,7 @@ Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -35,9 +36,10 @@ from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import mark_reading, unmark_reading
-from .reads import READ_CHUNK, ShortFile, read_chunks
+from .reads import ShortFile, read_chunks
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
+from .s3reads import ReadAhead
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -111,8 +113,8 @@ def make_client(options: S3Options) -> Any:
     return client
 
 
-def _read(body: Any, count: int, hasher: Any) -> bytes:
-    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same worker thread
+def _read(body: Any, count: int, *, hasher: Any) -> bytes:
+    """Up to *count* bytes of *body*, hashed into *hasher* (if any) in the same thread
     (``hashlib`` lets go of the GIL: the event loop never waits for it)."""
     try:
         data: bytes = body.read(count)
@@ -121,6 +123,17 @@ def _read(body: Any, count: int, hasher: Any) -> bytes:
     if hasher is not None:
         hasher.update(data)
     return data
+
+
+class _ReadState:
+    """What one ranged read learnt from its GET: the object's ETag, and the hasher its bytes go
+    through when they must be checked (None: vouched, or a range checked whole first)."""
+
+    __slots__ = ("etag", "hasher")
+
+    def __init__(self) -> None:
+        self.etag: str | None = None
+        self.hasher: Any = None
 
 
 class S3Reader:
@@ -157,16 +170,20 @@ class S3Reader:
         return self._ranged(start, stop)
 
     async def _ranged(self, start: int, stop: int) -> AsyncIterator[bytes]:
-        """Ranged GETs; a whole-object read is hashed as it passes, and its last byte held back
-        until the digest matched (:class:`CorruptObject` otherwise): a tampered object never
-        reaches a client whole."""
+        """Ranged GETs, read ahead of the client in a thread (``storage/s3reads.py``).
+
+        The bytes are served as they are only from an object whose ``ETag`` this process has seen
+        with content matching the digest (:func:`vouched`: it stored the object or read it whole).
+        Otherwise a whole-object read is hashed as it passes, its last byte held back until the
+        digest matched (:class:`CorruptObject` if not), and a range waits for the object to be
+        read whole first (:func:`verify_whole`): a tampered object never reaches a client whole."""
         if stop <= start:
             return
-        hasher = self.digest.hasher() if start == 0 and stop == self.size else None
-        etag: list[str | None] = [None]
+        whole, state = start == 0 and stop == self.size, _ReadState()
         got = 0
-        async for data in self._pieces(start, stop, hasher, etag):
+        async for data in self._pieces(start, stop, whole, state):
             got += len(data)
+            hasher = state.hasher
             if hasher is None or got < stop - start:
                 yield data
                 continue
@@ -176,35 +193,35 @@ class S3Reader:
             if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
                     mismatched, self._store, self.digest, self.size, got_hex):
                 raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
-            vouch(self._store, self.digest, etag[0])
+            vouch(self._store, self.digest, state.etag)
             yield data[-1:]
 
-    async def _pieces(self, start: int, stop: int, hasher: Any, etag: list[str | None]) -> AsyncIterator[bytes]:
-        """Bytes ``start..stop - 1`` of the object (hashed into *hasher*, if any; ``etag[0]``: the
-        object's ETag).  A delete by this process (:meth:`keep`) may come at any point of the read,
-        even between the look-up and the GET: the rest then comes from the local copy."""
+    async def _pieces(self, start: int, stop: int, whole: bool, state: _ReadState) -> AsyncIterator[bytes]:
+        """Bytes ``start..stop - 1`` of the object (*state*: its ETag, and the hasher they go through
+        when they must be checked).  A delete by this process (:meth:`keep`) may come at any point of
+        the read, even between the look-up and the GET: the rest then comes from its local copy, which
+        matched the digest."""
         offset = start
         try:
             answer = await anyio.to_thread.run_sync(self._store.get_range, self.digest, start, stop - 1)
-            body = answer["Body"]
-            etag[0] = answer.get("ETag")
+            body, state.etag = answer["Body"], answer.get("ETag")
+            trusted = vouched(self._store, self.digest, state.etag)
+            state.hasher = self.digest.hasher() if not trusted and whole else None
+            ahead = ReadAhead(functools.partial(_read, body, hasher=state.hasher), stop - start, body.close)
             try:
-                if hasher is None and not vouched(self._store, self.digest, etag[0]):
-                    await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, etag[0])
-                while offset < stop:
-                    data = await anyio.to_thread.run_sync(_read, body, min(READ_CHUNK, stop - offset), hasher)
-                    if not data:
-                        raise ShortFile(errno.EIO, f"{self.digest} ended at {offset}, expected {stop} bytes")
+                if state.hasher is None and not trusted:
+                    await anyio.to_thread.run_sync(verify_whole, self._store, self.digest, state.etag)
+                async for data in ahead:
                     offset += len(data)
                     yield data
             finally:
-                body.close()
+                ahead.close()
         except (FileNotFoundError, ShortFile) as exc:
             if self._spool is None or isinstance(exc, CorruptObject):
                 raise
             async for data in read_chunks(self._spool, offset, stop - offset):
-                if hasher is not None:
-                    hasher.update(data)
+                if state.hasher is not None:
+                    state.hasher.update(data)
                 yield data
 
     def keep(self, spool: int) -> None:

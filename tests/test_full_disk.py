@@ -108,6 +108,8 @@ def test_a_blob_larger_than_the_free_space_is_served_through_and_stored_once_the
     answer = httpx.get(f"{mirror.url}/v2/big/manifests/1", headers=ACCEPT, timeout=30.0, trust_env=False)
     assert (answer.status_code, answer.headers["x-mirror-cache"]) == (200, "MISS")
     assert get_blob(mirror, "big", image.config_digest).headers["x-mirror-cache"] == "MISS"
+    # A fetched blob is moved into the store just after its last byte was sent.
+    wait_for(lambda: image.config_digest.removeprefix("sha256:") in stored(mirror), what="the config stored")
     before = stored(mirror)
     ballast = mirror.data_dir / "ballast"
     assert fill_up(ballast, leave=4 * MIB) < layer.size

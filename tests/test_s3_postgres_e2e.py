@@ -326,8 +326,10 @@ def test_with_the_database_down_a_mirror_on_s3_fails_fast_names_it_and_recovers_
                                                MIRROR_METADATA_POSTGRES_DSN=own.create_database()))
         small = images.small
         pull_checked(http, mirror.url, "library/small", "1", small)
+        pulled = {small.digest, small.config_digest, *(layer.digest for layer in small.layers)}
+        # A fetched blob's upload ends just after its last byte was sent.
+        wait_for(lambda: set(bucket.objects()) == pulled, timeout=30, what="the image in the bucket")
         kept = bucket.objects()
-        assert set(kept) == {small.digest, small.config_digest, *(layer.digest for layer in small.layers)}
 
         own.halt()
         for method, path in (("GET", "/v2/library/big/manifests/1"),

@@ -214,25 +214,28 @@ class Fills:
                 await write_in_batches(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)
         except BaseException as exc:
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            if not started.done():
-                if cancelled:
-                    started.cancel()
-                else:
-                    started.set_exception(exc)
-            elif handed_over:
-                pass  # the reader has the error from the relay, or went away
+            cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()
+            if early or handed_over:
+                pass  # the reader gets the error (below, or from the relay), or went away
             elif (refused := _refusal(exc)) is not None:
                 log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
                             ingest.digest, ingest.written, refused)
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
-            if not handed_over:
-                if (refused := _refusal(exc)) is not None:
-                    # Without an announced size, what was written is the least the blob needs.
-                    needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
-                    await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
-                await _to_the_end(functools.partial(_settle_failed, self.store, ingest, refused=refused is not None))
+            try:
+                if not handed_over:
+                    if (refused := _refusal(exc)) is not None:
+                        # Without an announced size, what was written is the least the blob needs.
+                        needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
+                        await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
+                    await _to_the_end(functools.partial(_settle_failed, self.store, ingest,
+                                                        refused=refused is not None))
+            finally:
+                if early:  # told once the fill is cleared away: its client's answer leaves nothing behind
+                    if cancelled:
+                        started.cancel()
+                    else:
+                        started.set_exception(exc)
             if cancelled:
                 raise
         finally:

@@ -117,18 +117,18 @@ def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_
 
         # A push through HAProxy (its uploads pinned to the replica that started each), then the
         # image pulled back from every replica directly: the same manifest and blobs everywhere.
-        ref = f"{balancer.address}/team/pushed:1"
+        ref = f"{balancer.address}/haproxy/pushed:1"  # a name the session's upstream has no repository of
         daemon.docker("tag", "small:1", ref)
         pushed, out = docker_push(daemon, ref)
         assert "Pushed" in out, out
-        manifests = [local_manifest(mirror, "team/pushed", "1").content for mirror in replicas]
+        manifests = [local_manifest(mirror, "haproxy/pushed", "1").content for mirror in replicas]
         assert all(manifest == manifests[0] for manifest in manifests)
         with httpx.Client(timeout=60.0, trust_env=False) as http:
             for mirror in replicas:
                 for digest in (config_digest(manifests[0]), *layer_digests(manifests[0])):
-                    blob = http.get(f"{mirror.url}/v2/team/pushed/blobs/{digest}")
+                    blob = http.get(f"{mirror.url}/v2/haproxy/pushed/blobs/{digest}")
                     assert blob.status_code == 200 and sha256(blob.content) == digest, (mirror, digest)
-                by_digest = http.get(f"{mirror.url}/v2/team/pushed/manifests/{pushed}",
+                by_digest = http.get(f"{mirror.url}/v2/haproxy/pushed/manifests/{pushed}",
                                      headers={"accept": ", ".join(MANIFEST_MEDIA_TYPES)})
                 assert by_digest.status_code == 200 and by_digest.content == manifests[0]
         assert "Traceback" not in "".join(mirror.log_tail(400) for mirror in replicas)

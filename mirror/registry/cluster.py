@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -44,7 +42,7 @@ from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob, Download, FillFailed
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.fill import Fills
-from ..storage.growing import Fetch, GrowingBlob
+from ..storage.growing import Fetch, GrowingBlob, filling
 from .peers import sign
 
 log = logging.getLogger("mirror.cluster")
@@ -294,7 +292,7 @@ class ClusterFetch:
         failed), then give it up: other replicas then find the object, or fetch it themselves."""
         try:
             path = self.cluster.store.layout.fill(self.digest)
-            while await anyio.to_thread.run_sync(_filling, path):
+            while await anyio.to_thread.run_sync(filling, path):
                 await asyncio.sleep(RETRY_INTERVAL)
         finally:
             if self._heartbeat is not None:
@@ -330,18 +328,3 @@ def _size(response: httpx.Response, offset: int) -> int | None:
     if unit != "bytes" or not total.isdigit() or not span.startswith(f"{offset}-"):
         return None
     return int(total)
-
-
-def _filling(path: os.PathLike[str] | str) -> bool:
-    """Whether the fill file at *path* is still locked by its writer."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

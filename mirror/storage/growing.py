@@ -246,19 +246,22 @@ def fill_state(fd: int, placed: Callable[[], bool]) -> str:
 
 def fills_in_progress(store: BlobStore) -> set[str]:
     """Digests (``sha256:<hex>``) whose fetch is in progress, in any process: the locked fill files."""
-    found: set[str] = set()
-    for digest, path in store.layout.fill_entries():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            found.add(digest)
-        finally:
-            os.close(fd)
-    return found
+    return {digest for digest, path in store.layout.fill_entries() if filling(path)}
+
+
+def filling(path: os.PathLike[str] | str) -> bool:
+    """Whether the fill file at *path* is locked by its writer (a fetch in progress, in any process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def names_inode(path: os.PathLike[str] | str, fd: int) -> bool:

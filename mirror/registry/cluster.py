@@ -105,18 +105,23 @@ class ClusterFills(Fills):
     fetch joined on this host (``registry/pullthrough.py``).
     """
 
+    #: A fetch looks at the store once it holds the fill's lease (:meth:`ClusterFetch._lead`), which is
+    #: the lock that counts across replicas: a look under this host's lock would only repeat it.
+    look_after_lock = False
+
     def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
         super().__init__(store, **options)
         self.cluster = cluster
 
-    async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
+    async def open(self, digest: Digest, fetch: Fetch, *,
+                   looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
         made: list[ClusterFetch] = []
 
         def start() -> ClusterFetch:
             made.append(ClusterFetch(self.cluster, digest, fetch))
             return made[-1]
 
-        source = await super().open(digest, start)
+        source = await super().open(digest, start, looked=looked)
         if isinstance(source, GrowingBlob) and not source.coalesced and made and made[0].stored_elsewhere():
             source.coalesced = True
             self.metrics.waiting(1)  # as a reader joining a fetch counts itself (``GrowingBlob``)

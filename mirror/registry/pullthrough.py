@@ -274,10 +274,11 @@ class PullThrough:
             # Stored for another repository: serve it here only if the upstream has it here too.
             await self._consent(name, digest)
             consented = True
+        missing = not consented  # just looked at, and not stored: the fill need not look again first
         urls = self._foreign_urls(name, key)
         try:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
-                                           else lambda: self.upstream.blob(name, digest))
+                                           else lambda: self.upstream.blob(name, digest), looked=missing)
         except UpstreamError as exc:
             raise self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):

@@ -55,15 +55,24 @@ class Fills:
         self._progress: dict[Digest, asyncio.Event] = {}
         self._leading: set[Digest] = set()
 
-    async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
+    #: Whether the store is looked at again once this process holds a fill's lock (a fill of another
+    #: process may have stored the blob in between).  A subclass that looks under a lock of its own
+    #: before fetching turns it off (``registry/cluster.py``).
+    look_after_lock = True
+
+    async def open(self, digest: Digest, fetch: Fetch, *,
+                   looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
         """The stored blob, or a reader of the fetch in progress (started here if there is none), or
         the upstream's bytes streamed through when the store cannot take them.
 
-        Errors of ``fetch`` before its body starts are raised here.
+        *looked*: the caller has just found the blob missing from the store, so the first look here is
+        skipped (on an object store each look is a request).  The look once the fill's lock is held
+        is not: that one decides.  Errors of ``fetch`` before its body starts are raised here.
         """
         for _ in range(100):
             # In a worker thread: on an object store these are requests (HEAD), not local lookups.
-            stored = await anyio.to_thread.run_sync(self.open_stored, digest)
+            stored = None if looked else await anyio.to_thread.run_sync(self.open_stored, digest)
+            looked = False
             if stored is not None:
                 return stored
             path = self.store.layout.fill(digest)
@@ -87,7 +96,7 @@ class Fills:
                 os.close(fd)  # lost a race with a finishing or failing leader
                 continue
             try:
-                stored_meanwhile = await anyio.to_thread.run_sync(self.store.exists, digest)
+                stored_meanwhile = self.look_after_lock and await anyio.to_thread.run_sync(self.store.exists, digest)
             except BaseException:
                 os.close(fd)  # cancelled: let go of the lock, no fill was started
                 raise
@@ -99,14 +108,13 @@ class Fills:
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
     async def join(self, digest: Digest) -> BlobReader | GrowingBlob | None:
-        """The stored blob, or a reader of its fill in progress on this host, or None: nothing is fetched."""
-        stored = await anyio.to_thread.run_sync(self.open_stored, digest)
-        if stored is not None:
-            return stored
+        """A reader of the blob's fill in progress on this host, or the stored blob, or None: nothing
+        is fetched.  The fill is looked for first: it is what a replica asks for, and it costs no
+        request to an object store.  One that ends meanwhile is read from the store."""
         try:
             fd = os.open(self.store.layout.fill(digest), os.O_RDONLY)
         except FileNotFoundError:
-            return None
+            return await anyio.to_thread.run_sync(self.open_stored, digest)
         joined = await self._follow(digest, fd, None)
         return joined if isinstance(joined, GrowingBlob) else await anyio.to_thread.run_sync(self.open_stored, digest)
 

@@ -152,14 +152,21 @@ class ClusterFetch:
         return self.lease is None
 
     async def __aenter__(self) -> ClusterFetch:
-        marks = self.cluster.marks
-        if marks is not None:
-            await anyio.to_thread.run_sync(marks.hold, self.digest)
+        marks, held = self.cluster.marks, False
+
+        def hold() -> None:
+            nonlocal held
+            if marks is not None:
+                marks.hold(self.digest)
+                held = True  # released below even if this task is cancelled while the thread runs
+
         try:
+            if marks is not None:
+                await anyio.to_thread.run_sync(hold)
             await self._connect()
         except BaseException:
             await self._stack.aclose()
-            if marks is not None:
+            if held and marks is not None:
                 marks.release(self.digest)
             raise
         return self

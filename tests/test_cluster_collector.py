@@ -112,9 +112,7 @@ def test_eviction_and_gc_on_one_replica_while_pulls_run_on_two_others_fail_none_
     late = FaultProxy(seaweedfs.endpoint).start()
     late.add("late", r"/blobs/sha256/", method="GET", delay=0.5)
     try:
-        # Marks lasting 3 s: withdrawn a second or two after an image's last transfer.
-        serving = start_replicas(cluster, 2, own.url, mirror_factory, MIRROR_STORAGE_S3_REGIONENDPOINT=late.url,
-                                 MIRROR_CLUSTER_LEASE_TTL="3s")
+        serving = start_replicas(cluster, 2, own.url, mirror_factory, MIRROR_STORAGE_S3_REGIONENDPOINT=late.url)
         collector = start_replicas(cluster, 1, own.url, mirror_factory, MIRROR_CACHE_MAX_SIZE=str(budget),
                                    MIRROR_CACHE_KEEP_RECENT="0s", MIRROR_GC_GRACE="0s", MIRROR_GC_INTERVAL="1s")[-1]
         stop = threading.Event()

@@ -6,9 +6,10 @@ fills), so that a collector on another replica spares it and the images it belon
 cheap on the hot path: one mark per digest and process, counted in memory by every transfer that holds
 it, written to the index only when it is not there yet (or about to expire), then renewed for every
 digest still held in one statement per :attr:`~IndexMarks.beat` (a third of the mark's TTL) by a thread.
-A digest no transfer held for a beat has its mark withdrawn, in the next beat's one statement: until
-then a new transfer of it costs no round-trip either.  The marks of a process that died expire by the
-database's clock after their TTL.
+A mark no transfer held for :data:`LINGER` seconds is withdrawn, with those idle about as long, in one
+statement: a transfer of its blob starting meanwhile costs no round-trip either, and the collector
+soon sees the blob free again.  The marks of a process that died expire by the database's clock after
+their TTL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ log = logging.getLogger("mirror.maintenance.gc")
 
 #: Seconds a mark lasts in the index without being renewed, unless given (``cluster.lease_ttl``).
 TTL = 15.0
+#: Seconds a mark no transfer holds stays in the index (half as much more, to withdraw several at once).
+LINGER = 1.0
 
 
 @dataclass
@@ -48,7 +51,8 @@ class IndexMarks:
         self._marks: dict[str, _Mark] = {}
         self._state = threading.Lock()   # guards _marks
         self._writing = threading.Lock()  # orders this process's writes of marks: a withdrawal, then a new mark
-        self._done = threading.Event()
+        self._done = False
+        self._wake = threading.Condition(self._state)  # notified when a mark becomes idle, and on close
         self._thread = threading.Thread(target=self._run, name="in-use-marks", daemon=True)
         self._thread.start()
 
@@ -82,6 +86,7 @@ class IndexMarks:
                 mark.count -= 1
                 if mark.count == 0:
                     mark.idle_since = time.monotonic()
+                    self._wake.notify()
 
     def held(self) -> set[str]:
         """The digests this process holds marks on now (transfers running)."""
@@ -89,24 +94,39 @@ class IndexMarks:
             return {key for key, mark in self._marks.items() if mark.count}
 
     def _run(self) -> None:
-        while not self._done.wait(self.beat):
+        next_beat = time.monotonic() + self.beat
+        while True:
+            with self._state:
+                while not self._done and (now := time.monotonic()) < min(next_beat, self._withdrawal_due()):
+                    self._wake.wait(min(next_beat, self._withdrawal_due()) - now)
+                if self._done:
+                    return
+            beat = now >= next_beat
+            if beat:
+                next_beat = now + self.beat
             try:
-                self.renew()
+                self.renew(beat=beat)
             except MetadataUnavailable as exc:  # the marks expire if this goes on; transfers go on
                 log.warning("could not renew the marks of objects in use: %s", exc)
             except Exception:  # the thread must outlive any one failure
                 log.exception("could not renew the marks of objects in use")
 
-    def renew(self) -> None:
-        """One beat: mark again every digest held, withdraw those no transfer held for a beat."""
+    def _withdrawal_due(self) -> float:
+        """When the first idle mark is to be withdrawn (``inf``: none is idle); with the state lock held."""
+        return min((mark.idle_since + LINGER for mark in self._marks.values() if mark.count == 0),
+                   default=float("inf"))
+
+    def renew(self, *, beat: bool = True) -> None:
+        """Withdraw the marks idle for :data:`LINGER` (or half as long: one statement for several), and on
+        a *beat* mark again every digest held."""
         with self._writing:
             now = time.monotonic()
             with self._state:
                 idle = [key for key, mark in self._marks.items()
-                        if mark.count == 0 and (now - mark.idle_since >= self.beat or mark.deadline <= now)]
+                        if mark.count == 0 and (now - mark.idle_since >= LINGER / 2 or mark.deadline <= now)]
                 for key in idle:
                     del self._marks[key]
-                busy = [key for key, mark in self._marks.items() if mark.count]
+                busy = [key for key, mark in self._marks.items() if mark.count] if beat else []
             try:
                 if busy:
                     self.metadata.mark_in_use(self.holder, busy, self.ttl)
@@ -119,7 +139,9 @@ class IndexMarks:
                     self.metadata.unmark_in_use(self.holder, idle)
 
     def close(self) -> None:
-        self._done.set()
+        with self._state:
+            self._done = True
+            self._wake.notify()
         self._thread.join()
         with self._state:
             keys, self._marks = list(self._marks), {}

@@ -88,11 +88,6 @@ class IndexMarks:
                     mark.idle_since = time.monotonic()
                     self._wake.notify()
 
-    def held(self) -> set[str]:
-        """The digests this process holds marks on now (transfers running)."""
-        with self._state:
-            return {key for key, mark in self._marks.items() if mark.count}
-
     def _run(self) -> None:
         next_beat = time.monotonic() + self.beat
         while True:

@@ -1,24 +1,34 @@
 """One collector at a time across hosts that share one PostgreSQL index and one bucket: a collector
 of another host (another data directory) holds the index's ``collector`` lease, and this one waits
-for it instead of sweeping at the same time; once the lease is given up, it runs."""
+for it instead of sweeping at the same time; once the lease is given up, it runs.  And it spares what
+the other replicas serve or fill, which they mark in the index."""
 
 from __future__ import annotations
 
+import hashlib
+import random
+import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 
 from mirror.maintenance.collecting import LEASE
 from mirror.metadata.postgres import PostgresMetadata
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
+from tests.support.faults import FaultProxy
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
+from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
+from tests.test_cluster_fills import MIB, Cluster, cluster, start_replicas  # noqa: F401 (cluster: a fixture)
 from tests.test_s3_serve import Bucket
 
 
@@ -61,3 +71,87 @@ def test_a_collector_waits_while_another_hosts_collector_holds_the_lease(
         assert index.current_lease(LEASE) is None  # given up when it finished
     finally:
         index.close()
+
+
+#: Seconds the clients pull each two images before they turn to the next two.
+PHASE = 6.0
+
+
+def slow_pull(http: httpx.Client, replica: MirrorServer, name: str, image: Image) -> None:
+    """The manifest, then the config and the layer read slowly (64 KiB every 10 ms), every byte checked."""
+    answer = http.get(f"{replica.url}/v2/{name}/manifests/1", headers={"accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+    assert answer.status_code == 200 and answer.content == image.manifest, (answer.status_code, answer.text[:200])
+    for digest, size in ((image.config_digest, len(image.config)), *((lay.digest, lay.size) for lay in image.layers)):
+        hasher, got = hashlib.sha256(), 0
+        with http.stream("GET", f"{replica.url}/v2/{name}/blobs/{digest}") as blob:
+            assert blob.status_code == 200, (digest, blob.status_code, blob.read()[:200])
+            for chunk in blob.iter_bytes(64 << 10):
+                hasher.update(chunk)
+                got += len(chunk)
+                time.sleep(0.01)
+        assert (got, "sha256:" + hasher.hexdigest()) == (size, digest), f"{digest} from {replica.url}: {got} bytes"
+
+
+@pytest.mark.slow
+def test_eviction_and_gc_on_one_replica_while_pulls_run_on_two_others_fail_none_and_keep_the_budget(
+    cluster: Cluster, seaweedfs: SeaweedS3, tmp_path: Path,  # noqa: F811 (cluster: the fixture)
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Three replicas on one bucket and one database: clients pull from two while the third evicts and
+    collects under a budget of two images of five, the clients moving on to the next two images every
+    few seconds.  The two reach the bucket through a proxy that starts every GET half a second late, so
+    the collector runs between their look-up of an object and its read.  It sees their transfers through
+    their marks in the index: no pull fails or ends short, the images no longer pulled are evicted (and
+    fetched again when their turn comes back), and once the pulls stop the bucket is within the budget."""
+    own = upstream_factory()
+    images = [build_image(tmp_path / f"img{i}", [random_layer(tmp_path / f"img{i}", 4 * MIB, seed=620 + i,
+                                                              compressed=False)]) for i in range(5)]
+    for i, image in enumerate(images):
+        own.push_image(f"library/img{i}", "1", image)
+    budget = 9 * MIB  # two of the five images
+    late = FaultProxy(seaweedfs.endpoint).start()
+    late.add("late", r"/blobs/sha256/", method="GET", delay=0.5)
+    try:
+        serving = start_replicas(cluster, 2, own.url, mirror_factory, MIRROR_STORAGE_S3_REGIONENDPOINT=late.url)
+        collector = start_replicas(cluster, 1, own.url, mirror_factory, MIRROR_CACHE_MAX_SIZE=str(budget),
+                                   MIRROR_CACHE_KEEP_RECENT="0s", MIRROR_GC_GRACE="0s", MIRROR_GC_INTERVAL="1s")[-1]
+        stop = threading.Event()
+        failures: list[str] = []
+        pulls = [0]
+
+        started = time.monotonic()
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(timeout=60.0, trust_env=False) as http:
+                while not stop.is_set():
+                    turn = int((time.monotonic() - started) / PHASE)  # images turn and turn+1 now
+                    i, replica = (turn + rng.randrange(2)) % len(images), serving[rng.randrange(2)]
+                    try:
+                        slow_pull(http, replica, f"library/img{i}", images[i])
+                        pulls[0] += 1
+                    except (AssertionError, httpx.HTTPError) as exc:
+                        failures.append(f"img{i}: {exc!r}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(6 * PHASE)  # every image in turn, and the first two again
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        late.stop()
+
+    assert not failures, failures[:5]
+    assert pulls[0] >= 30, pulls
+    # The first two images were evicted once their turn passed: fetched again (config and layer) when it came back.
+    fetched = own.count("GET", re.compile(r"^/v2/library/img\d/blobs/"))
+    assert fetched >= 2 * len(images) + 4, f"the collector evicted no image out of use ({fetched} upstream fetches)"
+    assert "in open transfers" in collector.log_path.read_text()  # what the others served held the store
+    # The transfers over, their marks are withdrawn and the collector evicts down to the budget.
+    assert eventually(lambda: not cluster.in_use(), timeout=30), cluster.in_use()
+    assert eventually(lambda: sum(cluster.bucket.objects().values()) <= budget, timeout=30), cluster.bucket.objects()
+    assert cluster.bucket.uploads() == []
+    for digest in cluster.bucket.objects():
+        assert cluster.bucket.digest_of(digest) == digest

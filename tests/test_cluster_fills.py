@@ -48,6 +48,12 @@ class Cluster:
             return conn.execute("SELECT name, holder, expires > extract(epoch from statement_timestamp())"
                                 " FROM leases").fetchall()
 
+    def in_use(self) -> set[str]:
+        """Digests some replica marks in use (serving or filling them) now."""
+        with psycopg.connect(self.dsn) as conn:
+            return {d for (d,) in conn.execute("SELECT digest FROM in_use"
+                                               " WHERE expires > extract(epoch from statement_timestamp())")}
+
 
 @pytest.fixture
 def big_image(tmp_path: Path, upstream: UpstreamRegistry) -> Image:

@@ -325,7 +325,8 @@ class ClusterConfig:
     advertise: str | None = setting(parse_endpoint, None)
     # The secret every replica shares, from a file (cluster.secret_file): requests between them are signed with it.
     secret_file: SecretFile | None = setting(parse_token_file, None)
-    # How long a replica's claim on a fill lasts without its heartbeat (a dead replica's fill is taken over then).
+    # How long a replica's claim on a fill, and its marks of blobs in use, last without its heartbeat (a dead
+    # replica's fill is taken over then, and its marks expire).
     lease_ttl: float = setting(parse_duration, 15.0)
 
     def __post_init__(self) -> None:

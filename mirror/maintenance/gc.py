@@ -11,7 +11,8 @@
   repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
   an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
   served (``BlobStore.serving``: on the filesystem its file held with a shared ``flock``): see
-  ``storage/growing.py``.  Images used within
+  ``storage/growing.py``; nor, on a bucket and an index that hosts share, one with an object another
+  replica serves or fills (its mark in the index: ``maintenance/inuse.py``).  Images used within
   ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
   When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a
   short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
@@ -24,9 +25,10 @@ exclusively, and across hosts sharing the index the index's lease too (``mainten
 Writers that make a stored object reachable again (a manifest push, a mount) hold the lock file
 shared for that moment, so an object cannot be swept between their check and their write by a
 collector of their host (one of another host could: its grace period is what protects them then).
-Objects being served stay readable (the reader holds an open descriptor), fetches and
-uploads in progress live outside ``blobs/``, and the grace period protects objects that are
-stored but not yet referenced (a pushed layer whose manifest is still to come).
+An object marked in use in the index is never deleted: the check and the delete exclude new marks
+(``Metadata.unmarked``).  Objects being served stay readable (the reader holds an open descriptor),
+fetches and uploads in progress live outside ``blobs/``, and the grace period protects objects that
+are stored but not yet referenced (a pushed layer whose manifest is still to come).
 """
 
 from __future__ import annotations
@@ -228,8 +230,9 @@ class Collector:
         for d in doomed:
             if self._lease is not None and self._lease.lost.is_set():
                 break  # another collector may run by now; the rest is unreferenced: the next run removes it
-            with contextlib.suppress(ParseError):
-                self.store.delete(parse_digest(d))
+            with contextlib.suppress(ParseError), self.metadata.unmarked(d) as free:
+                if free:  # else served or filled on another host: unreferenced now, the next run removes it
+                    self.store.delete(parse_digest(d))
             self._refs.pop(d, None)
 
     # -- the graph --
@@ -338,7 +341,7 @@ class Collector:
         counts: Counter[str] = Counter()
         for _, _, d in candidates:
             counts.update(self._closure_of({d}))
-        filling = fills_in_progress(self.store)
+        filling = fills_in_progress(self.store) | self.metadata.in_use()  # here, and on every host
 
         evicted: list[tuple[str, str]] = []
         freed: set[str] = set()

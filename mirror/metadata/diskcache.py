@@ -59,6 +59,7 @@ from .driver import (
     local_repo,
 )
 from .inventory import DiskcacheInventory
+from .marks import HostMarks
 
 __all__ = ["DiskcacheMetadata", "MappedGeneration"]
 
@@ -95,7 +96,7 @@ class MappedGeneration:
         self._map.close()
 
 
-class DiskcacheMetadata(DiskcacheInventory, Metadata):
+class DiskcacheMetadata(DiskcacheInventory, HostMarks, Metadata):
     """The index in diskcache under *directory*; *clock* (seconds) times leases."""
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:

@@ -23,6 +23,7 @@ Every driver passes ``tests/test_metadata_contract.py``.  What it promises besid
   instance's as soon as the driver learns of them (at once for a shared file).
 * **Leases** (:class:`Leases`): exclusive, expiring claims on a name (say, a digest to fetch
   once), with a fencing token that grows with every grant of it, measured by the driver's clock.
+* **In-use marks** (``marks.py``): digests a host serves from the blob store or fills, spared by collectors.
 * Repositories are keys like ``docker.io/library/alpine`` (cached, under their registry) or
   ``local/<name>`` (pushed to, :func:`local_repo`); digests are ``<algorithm>:<hex>`` strings.
   Calls block: the server makes writes from a worker thread.
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..storage.driver import UploadParts
+from .marks import InUseMarks
 
 LOCAL = "local"
 
@@ -345,7 +347,7 @@ class Leases(Protocol):
 
 
 class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
-               InventoryIndex, Leases, Protocol):
+               InventoryIndex, Leases, InUseMarks, Protocol):
     """The whole index, as one driver keeps it (see the module's docstring)."""
 
     #: True when instances on other hosts may share this index: what they must do one at a time

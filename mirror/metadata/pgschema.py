@@ -63,6 +63,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # A push upload's parts sent to the blob store (UploadRecord.parts).
     "ALTER TABLE uploads ADD COLUMN upload_id text, ADD COLUMN part_size bigint, ADD COLUMN etags text[];",
+    # Digests being served from the blob store or filled, per holder (pgmarks.py).
+    f"CREATE TABLE in_use (digest {_KEY}, holder {_KEY}, expires double precision NOT NULL,"
+    " PRIMARY KEY (digest, holder));",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

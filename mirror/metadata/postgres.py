@@ -3,7 +3,7 @@ for several hosts sharing one index (replicas behind a load balancer).  Tables (
 migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``manifests``, ``links``,
 ``repositories``, ``locals``, ``referrers`` (in the order added), ``upstream_referrers``,
 ``referrers_api``, ``pins``, ``uploads``, ``foreign_urls``, ``access``, ``counters``, ``settings``
-(``held``; ``store``, the blob store described), ``leases`` and the ``lease_tokens`` sequence.
+(``held``; ``store``, the blob store described), ``leases``, the ``lease_tokens`` sequence, ``in_use`` (``pgmarks``).
 
 * Changes of several rows (a tag and the catalog, a withdrawal and the generation, ``forget``)
   are one transaction; read-modify-writes are single statements (``ON CONFLICT``, ``UPDATE ...
@@ -34,6 +34,7 @@ from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
 from .inventory import PostgresInventory
+from .pgmarks import NOW as _NOW, PostgresMarks
 from .pgschema import CHANNEL, NotifiedGeneration, describe, migrate
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
@@ -46,12 +47,11 @@ RECONNECT_WAIT = 5.0
 CONNECT_TIMEOUT = 5
 
 Row = tuple[Any, ...]
-_NOW = "coalesce(%(now)s::float8, extract(epoch from statement_timestamp())::float8)"
 _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'generation' RETURNING value)"
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(PostgresInventory, Metadata):
+class PostgresMetadata(PostgresInventory, PostgresMarks, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),

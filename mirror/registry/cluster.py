@@ -21,6 +21,8 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
   and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
   the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
+* Every replica filling a digest, the fetching one and those following it, marks it in use in the index
+  (:attr:`Cluster.marks`) until its local fill ended, so that the collector spares its image.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import anyio.to_thread
 import httpx
 
 from ..config.sections import ClusterConfig
+from ..maintenance.inuse import IndexMarks
 from ..metadata.driver import Lease, Metadata
 from ..spec.errors import APIError
 from ..spec.reference import Digest
@@ -68,12 +71,15 @@ def stall_limit(ttl: float) -> float:
 class Cluster:
     """This replica's side of the cluster: built once per process in the app's lifespan."""
 
-    def __init__(self, config: ClusterConfig, metadata: Metadata, store: BlobStore) -> None:
+    def __init__(self, config: ClusterConfig, metadata: Metadata, store: BlobStore,
+                 marks: IndexMarks | None = None) -> None:
         assert config.advertise is not None and config.secret_file is not None
         self.replica = config.advertise
         self.ttl = config.lease_ttl
         self.metadata = metadata
         self.store = store
+        #: This process's marks in the index of the objects it serves or fills (None: none are kept).
+        self.marks = marks
         self._secret = config.secret_file.value
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(max(2 * self.ttl, 10.0), connect=5.0),
                                         trust_env=False)
@@ -151,10 +157,22 @@ class ClusterFetch:
         return self.lease is None
 
     async def __aenter__(self) -> ClusterFetch:
+        marks, held = self.cluster.marks, False
+
+        def hold() -> None:
+            nonlocal held
+            if marks is not None:
+                marks.hold(self.digest)
+                held = True  # released below even if this task is cancelled while the thread runs
+
         try:
+            if marks is not None:
+                await anyio.to_thread.run_sync(hold)
             await self._connect()
         except BaseException:
             await self._stack.aclose()
+            if held and marks is not None:
+                marks.release(self.digest)
             raise
         return self
 
@@ -162,7 +180,7 @@ class ClusterFetch:
         try:
             await self._stack.aclose()
         finally:
-            if self.lease is not None:
+            if self.lease is not None or self.cluster.marks is not None:
                 self.cluster.track(self._release_after_fill(self.lease))
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -292,19 +310,23 @@ class ClusterFetch:
                 return
             self.lease = renewed
 
-    async def _release_after_fill(self, lease: Lease) -> None:
-        """Keep the lease until this host's fill of the digest ended (the object stored, or the fill
-        failed), then give it up: other replicas then find the object, or fetch it themselves."""
+    async def _release_after_fill(self, lease: Lease | None) -> None:
+        """Keep the lease (if this replica fetches) and the mark until this host's fill of the digest
+        ended (the object stored, or the fill failed), then give them up: other replicas then find the
+        object, or fetch it themselves."""
         try:
             path = self.cluster.store.layout.fill(self.digest)
             while await anyio.to_thread.run_sync(filling, path):
                 await asyncio.sleep(RETRY_INTERVAL)
         finally:
+            if self.cluster.marks is not None:
+                self.cluster.marks.release(self.digest)
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
             current = self.lease or lease
-            with contextlib.suppress(Exception):
-                await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+            if current is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
 
 
 def _unavailable(message: str) -> APIError:

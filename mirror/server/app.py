@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..config.load import load_config
 from ..config.sections import Config
 from ..maintenance.figures import StoreCollector
 from ..maintenance.gc import Collector
+from ..maintenance.inuse import IndexMarks
 from ..maintenance.upkeep import AccessTracker, Maintenance
 from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
@@ -63,8 +66,13 @@ def create_app(config: Config) -> Starlette:
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
+        # A bucket and an index other hosts share: what this process reads from the bucket or fills is
+        # marked in the index, so that their collectors spare it.
+        holder = f"{config.cluster.advertise or socket.gethostname()} pid {os.getpid()}"
+        shared = metadata.shared_by_hosts and config.storage.driver == "s3"
+        marks = IndexMarks(metadata, holder, config.cluster.lease_ttl) if shared else None
         # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
-        cluster = Cluster(config.cluster, metadata, store) if config.cluster.enabled else None
+        cluster = Cluster(config.cluster, metadata, store, marks) if config.cluster.enabled else None
         fills = ClusterFills(store, cluster, metrics=metrics) if cluster else Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
         upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
@@ -97,6 +105,7 @@ def create_app(config: Config) -> Starlette:
 
             assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
+            store.in_use = marks
         upkeep = asyncio.create_task(maintenance.run())
         expiry = asyncio.create_task(expire_uploads(local.uploads))
         # The cache page's chart: this worker's samples of every worker's counters and the store's size.
@@ -124,6 +133,8 @@ def create_app(config: Config) -> Starlette:
                 await pull.settled()
             for each_upstream in upstreams:
                 await each_upstream.aclose()
+            if marks is not None:
+                await anyio.to_thread.run_sync(marks.close)
             metadata.close()
             metrics.close()
 

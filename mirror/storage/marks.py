@@ -4,6 +4,9 @@ A reader holds ``tmp/<alg>-<hex>.reading`` (:func:`mark_reading`) while it reads
 collector could delete (the S3 driver's readers); the filesystem driver's readers hold the stored
 file itself.  :func:`being_read` tells the collector, :func:`unread` lets a delete wait out
 readers that are starting.  The last reader to let go removes the mark.
+
+Collectors of other hosts (replicas sharing the bucket and the index) do not see these files: readers of
+the bucket mark objects in the index too, through :class:`SharedMarks` (``maintenance/inuse.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,23 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
+
+from ..spec.reference import Digest
 
 log = logging.getLogger("mirror.storage.marks")
+
+
+class SharedMarks(Protocol):
+    """Marks of objects in use that collectors on every host see (the index's in-use marks).
+
+    :meth:`hold` blocks (call it from a worker thread) and comes before the object is looked up, so that
+    a collector deleting it then either sees the mark or has deleted it before the look-up; it raises
+    what the index raises when it cannot be reached.  Every :meth:`hold` is matched by one :meth:`release`."""
+
+    def hold(self, digest: Digest) -> None: ...
+
+    def release(self, digest: Digest) -> None: ...
 
 
 def mark_reading(path: Path) -> int | None:

@@ -10,7 +10,8 @@ driver but ``blobs/``: fills in progress, which are sent to the bucket as they g
 (``storage/s3fill.py``), uploads being assembled, locks, the auth key, the diskcache index.
 
 Reads are ranged GETs; every reader marks the object as being served in ``tmp/`` (a shared ``flock``
-that :meth:`S3Store.serving` sees from any process, so the collector keeps the image).  A reader
+that :meth:`S3Store.serving` sees from any process, so the collector keeps the image), and with
+:attr:`S3Store.in_use` a mark in the index that collectors of other hosts see.  A reader
 opened before a delete by this process reads on from a local copy that the delete makes first (in
 ``tmp/``); one open in another process keeps the object, which the delete leaves to the next collection
 (readers mark before they look the object up, so none sees it then loses it).  Unfinished uploads older than
@@ -46,7 +47,7 @@ from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject, UploadParts
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
-from .marks import being_read, unread
+from .marks import SharedMarks, being_read, unread
 from .refusals import probe_writes, refusal_errno
 from .s3damage import checked_bytes, checked_copy, read_whole
 from .s3fill import S3Fill
@@ -83,6 +84,8 @@ class S3Store:
         self.on_refused: Callable[[int], None] | None = None
         #: Called with the digest of every object found not to match it on a read (then removed).
         self.on_corrupt: Callable[[Digest], None] | None = None
+        #: Marks in the index of the objects this process reads (set by a server whose index hosts share).
+        self.in_use: SharedMarks | None = None
         self.condemned: set[Digest] = set()  # found damaged, logged already
         self.vouched: OrderedDict[Digest, str] = OrderedDict()  # ETags of objects seen whole and matching
         self._lock = threading.Lock()

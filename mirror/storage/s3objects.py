@@ -9,7 +9,8 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 :class:`S3Reader` reads with ranged GETs, or from a local copy once its object was deleted
 (``S3Store.delete``).  While it is open it holds a shared ``flock`` on ``tmp/<alg>-<hex>.reading``
 (``storage/marks.py``), so that a collector in any process sees the object being served
-(``being_read``); the last reader to let go removes the file.  The client is boto3's:
+(``being_read``); the last reader to let go removes the file.  With ``S3Store.in_use`` set, it holds
+the object's mark in the index as well, for the collectors of other hosts.  The client is boto3's:
 thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
 which runs them in worker threads (the body in a thread of its own, ``storage/s3reads.py``).
 
@@ -35,7 +36,7 @@ from botocore.utils import determine_content_length
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
-from .marks import mark_reading, unmark_reading
+from .marks import SharedMarks, mark_reading, unmark_reading
 from .reads import ShortFile, read_chunks
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
@@ -141,12 +142,15 @@ class S3Reader:
 
     fd: int | None = None  # bytes come over HTTP: no zero-copy
 
-    def __init__(self, store: S3Store, digest: Digest, size: int, mark: int | None) -> None:
-        """A reader of *size* bytes holding *mark* (:func:`mark_reading`, taken before the object was looked up)."""
+    def __init__(self, store: S3Store, digest: Digest, size: int, mark: int | None,
+                 shared: SharedMarks | None = None) -> None:
+        """A reader of *size* bytes holding *mark* (:func:`mark_reading`) and the index's mark held by
+        *shared*, both taken before the object was looked up."""
         self._store, self.digest, self.size = store, digest, size
         self._spool: int | None = None
         self._marked = store.layout.reading(digest)
         self._mark = mark
+        self._shared = shared
 
     @classmethod
     def opened(cls, store: S3Store, digest: Digest) -> S3Reader | None:
@@ -154,13 +158,19 @@ class S3Reader:
         delete in any process (:func:`unread`) then keeps the object, or ends before the HEAD."""
         marked = store.layout.reading(digest)
         mark = mark_reading(marked)
-        size: int | None = None
+        shared, size = None, None
         try:
+            if store.in_use is not None:
+                store.in_use.hold(digest)
+                shared = store.in_use
             size = store.size(digest)
         finally:
-            if size is None and mark is not None:
-                unmark_reading(marked, mark)
-        return None if size is None else cls(store, digest, size, mark)
+            if size is None:
+                if mark is not None:
+                    unmark_reading(marked, mark)
+                if shared is not None:
+                    shared.release(digest)
+        return None if size is None else cls(store, digest, size, mark, shared)
 
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive; None: to the end of the object)."""
@@ -228,18 +238,22 @@ class S3Reader:
         """Read from here on from *spool* (a descriptor of a local copy, now this reader's): the object
         is no longer needed, its mark is let go."""
         self._spool = spool
-        if self._mark is not None:
-            unmark_reading(self._marked, self._mark)
-            self._mark = None
+        self._unmark()
 
     def close(self) -> None:
         self._store.closed(self)
         if self._spool is not None:
             os.close(self._spool)
             self._spool = None
+        self._unmark()
+
+    def _unmark(self) -> None:
         if self._mark is not None:
             unmark_reading(self._marked, self._mark)
             self._mark = None
+        if self._shared is not None:
+            self._shared.release(self.digest)
+            self._shared = None
 
 
 class S3Ingest:

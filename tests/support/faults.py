@@ -15,6 +15,7 @@ limited to the first *times* matches, and inject one of:
             ``chunk_size`` bytes every ``delay`` seconds (``sent`` counts
             the body bytes passed on so far);
 ``refuse``  close the connection without any answer (FIN), not forwarded.
+``late``    wait ``delay`` seconds, then forward as it is (an answer that starts late).
 
 The server runs in a thread of the test process, so rules and counters are
 plain attributes guarded by a lock and can be changed while it runs.
@@ -49,7 +50,7 @@ from .asgi import (
 from .matching import PathMatch, request_matches
 from .service import Service
 
-FaultKind = Literal["status", "corrupt", "reset", "slow", "refuse"]
+FaultKind = Literal["status", "corrupt", "reset", "slow", "refuse", "late"]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
 #: Registry error code and message used for a status fault's default body.
@@ -246,6 +247,8 @@ class FaultProxy(Service):
 
     async def _forward(self, request: Request, rule: FaultRule | None,
                        scope: Scope, receive: Receive, send: Send) -> None:
+        if rule is not None and rule.kind == "late":
+            await asyncio.sleep(rule.delay)
         try:
             upstream = await open_upstream(self._upstream.http, request, self.upstream_url)
         except httpx.TransportError as exc:

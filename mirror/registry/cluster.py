@@ -17,7 +17,10 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   its commit waits for the holder's object in the bucket.
 * A stream that breaks (the holder died, or restarted) is asked for again from the byte reached;
   once the dead holder's lease expired, the first follower to take it fetches from the upstream again
-  (skipping what it has) and stores the object itself: its clients see a pause, never an error.
+  (skipping what it has) and stores the object itself: its clients see a pause, never an error.  A
+  holder that hangs is given up after :func:`read_limit` without a byte, and taken over the same way;
+  resumed, it finds its lease's token changed, fails its fill (storing nothing, cutting its clients
+  off) and counts it fenced.
   No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
   and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
   the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
@@ -37,6 +40,7 @@ import httpx
 
 from ..config.sections import ClusterConfig
 from ..metadata.driver import Lease, Metadata
+from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob, Download, FillFailed
@@ -65,6 +69,14 @@ def stall_limit(ttl: float) -> float:
     return 4 * ttl + 30
 
 
+def read_limit(ttl: float) -> float:
+    """Seconds a follower waits for the next byte of another replica's fill stream (or its answer)
+    before it gives the stream up and looks at the lease again: twice the TTL, at least 10 s.  A
+    holder that hangs (``SIGSTOP``, a stuck host: its connections open and silent) renews nothing
+    meanwhile, so by then its lease has expired and is taken over."""
+    return max(2 * ttl, 10.0)
+
+
 class Cluster:
     """This replica's side of the cluster: built once per process in the app's lifespan."""
 
@@ -75,8 +87,7 @@ class Cluster:
         self.metadata = metadata
         self.store = store
         self._secret = config.secret_file.value
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(max(2 * self.ttl, 10.0), connect=5.0),
-                                        trust_env=False)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def signed(self, method: str, path: str) -> dict[str, str]:
@@ -108,12 +119,13 @@ class ClusterFills(Fills):
     def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
         super().__init__(store, **options)
         self.cluster = cluster
+        self.figures = ClusterMetrics(self.metrics)
 
     async def open(self, digest: Digest, fetch: Fetch) -> BlobReader | GrowingBlob | BypassBlob:
         made: list[ClusterFetch] = []
 
         def start() -> ClusterFetch:
-            made.append(ClusterFetch(self.cluster, digest, fetch))
+            made.append(ClusterFetch(self.cluster, digest, fetch, self.figures))
             return made[-1]
 
         source = await super().open(digest, start)
@@ -126,10 +138,11 @@ class ClusterFills(Fills):
 class ClusterFetch:
     """One replica's fetch of one digest (a :class:`~mirror.storage.bypass.Download` in its context)."""
 
-    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch) -> None:
+    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch, figures: ClusterMetrics) -> None:
         self.cluster = cluster
         self.digest = digest
         self.upstream = upstream
+        self.figures = figures
         self.size: int | None = None
         #: The fill lease while this replica holds it (it fetches from the upstream and stores).
         self.lease: Lease | None = None
@@ -139,6 +152,12 @@ class ClusterFetch:
         self._source: AsyncIterator[bytes] | None = None
         #: Whether the bytes come from another replica (or the store), not from the upstream under the lease.
         self._from_peer = False
+        #: Whether another replica's fill was seen (followed, or its lease found held): a later lease is a takeover.
+        self._followed = False
+        #: Whether this replica is counted as a follower (:class:`ClusterMetrics`, once per fill).
+        self._counted_follower = False
+        #: Whether the source is another replica's fill stream (not the store, nor the upstream).
+        self._source_is_peer = False
         self._offset = 0
 
     def stored_elsewhere(self) -> bool:
@@ -163,15 +182,18 @@ class ClusterFetch:
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             assert self._source is not None
+            start = self._offset
             try:
                 async for chunk in self._source:
                     if self._lost:
+                        self.figures.fenced_off()
                         raise FillFailed(f"{self.digest}: the fill lease was lost to another replica")
                     self._offset += len(chunk)
                     yield chunk
             except httpx.HTTPError as exc:
                 if not self._from_peer:
                     raise
+                self.figures.stream_error("stalled" if isinstance(exc, httpx.TimeoutException) else "broken")
                 log.info("%s: the stream from the replica fetching it broke at byte %d (%s): asking again",
                          self.digest, self._offset, exc)
             else:
@@ -180,6 +202,9 @@ class ClusterFetch:
                     return
                 if self.size is None or self._offset >= self.size:
                     return
+            finally:
+                if self._source_is_peer:
+                    self.figures.received(self._offset - start)
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             await self._connect()
@@ -190,6 +215,7 @@ class ClusterFetch:
         renewed = None if self._lost else await anyio.to_thread.run_sync(
             self.cluster.metadata.renew_lease, self.lease, self.cluster.ttl)
         if renewed is None:
+            self.figures.fenced_off()
             raise FillFailed(f"{self.digest}: the fill lease (token {self.lease.token}) expired or was taken over")
         self.lease = renewed
 
@@ -205,6 +231,7 @@ class ClusterFetch:
                 return
             holder = await anyio.to_thread.run_sync(cluster.metadata.current_lease, name)
             if holder is not None:
+                self._followed = True
                 # This replica's own name: a lease left by its previous run, until it expires.
                 if holder.holder != cluster.replica and await self._follow(holder.holder):
                     return
@@ -225,10 +252,10 @@ class ClusterFetch:
         if stored is not None:
             self._stack.callback(stored.close)
             await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)
-            self.size, self._from_peer = stored.size, True
+            self.size, self._from_peer, self._source_is_peer = stored.size, True, False
             self._source = stored.chunks(self._offset)
             return
-        self.lease, self._lost, self._from_peer = lease, False, False
+        self.lease, self._lost, self._from_peer, self._source_is_peer = lease, False, False, False
         self._heartbeat = asyncio.create_task(self._beat())
         try:
             download: Download = await self._stack.enter_async_context(self.upstream())
@@ -239,6 +266,7 @@ class ClusterFetch:
             self.lease = None
             await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
             raise
+        self.figures.fill("takeover" if self._followed else "owner")
         if self._offset:
             log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
         self.size = download.size
@@ -261,12 +289,16 @@ class ClusterFetch:
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             if response.status_code in (401, 403):
+                self.figures.stream_error("refused")
                 log.warning("%s: %s refused this replica's request (%d): is cluster.secret_file the same "
                             "on every replica?", self.digest, holder, response.status_code)
                 raise _unavailable("the replica fetching this blob refused this one's request")
             return False
-        self.size, self._from_peer = size, True
+        self.size, self._from_peer, self._source_is_peer = size, True, True
         self._source = response.aiter_bytes()
+        if not self._counted_follower:
+            self._counted_follower = True
+            self.figures.fill("follower")
         return True
 
     async def _beat(self) -> None:

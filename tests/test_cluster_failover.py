@@ -170,6 +170,8 @@ def test_kill9_of_the_replica_fetching_256mib_at_30_percent_ends_every_client_wi
     assert fault_proxy.count("GET", f"/v2/{REPOSITORY}/blobs/{layer.digest}") <= 2
     wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=60, what="the layer in the bucket")
     assert cluster.bucket.digest_of(layer.digest) == layer.digest
+    # The killed replica's multipart upload was aborted by the one that took its fill over (it never restarts).
+    wait_for(lambda: cluster.bucket.uploads() == [], timeout=30, what=f"no upload left: {cluster.bucket.uploads()}")
     figures = {r.url: cluster_figures(r) for r in others}
     assert sum(f["takeover"] for f in figures.values()) == 1, figures  # one of them took the fill over
     assert sum(f["follower"] for f in figures.values()) == 2, figures

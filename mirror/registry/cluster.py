@@ -20,7 +20,7 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   (skipping what it has) and stores the object itself: its clients see a pause, never an error.  A
   holder that hangs is given up after :func:`read_limit` without a byte, and taken over the same way;
   resumed, it finds its lease's token changed, fails its fill (storing nothing, cutting its clients
-  off) and counts it fenced.
+  off) and counts it fenced; the taker aborts the multipart upload it left once it stored the object.
   No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
   and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
   the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -158,6 +159,8 @@ class ClusterFetch:
         self._counted_follower = False
         #: Whether the source is another replica's fill stream (not the store, nor the upstream).
         self._source_is_peer = False
+        #: When this replica took another's fill over (Unix time), if it did.
+        self._taken_over_at: float | None = None
         self._offset = 0
 
     def stored_elsewhere(self) -> bool:
@@ -267,6 +270,8 @@ class ClusterFetch:
             await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
             raise
         self.figures.fill("takeover" if self._followed else "owner")
+        if self._followed:
+            self._taken_over_at = time.time()
         if self._offset:
             log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
         self.size = download.size
@@ -326,12 +331,35 @@ class ClusterFetch:
             path = self.cluster.store.layout.fill(self.digest)
             while await anyio.to_thread.run_sync(filling, path):
                 await asyncio.sleep(RETRY_INTERVAL)
+            if self._taken_over_at is not None:
+                await anyio.to_thread.run_sync(self._abort_left_behind, self._taken_over_at)
         finally:
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
             current = self.lease or lease
             with contextlib.suppress(Exception):
                 await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+
+    def _abort_left_behind(self, since: float) -> None:
+        """After a takeover whose object is stored: abort the multipart upload the replica that
+        died or hung left in the bucket (its note is in its own data directory: only its restart
+        would abort it)."""
+        from ..storage.s3 import S3Store  # here: a store on a filesystem never loads boto3
+        from ..storage.s3notes import abort_left_behind
+
+        store = self.cluster.store
+        if not isinstance(store, S3Store):
+            return
+        try:
+            if store.size(self.digest) is None:
+                return
+            key = store.key(self.digest)
+            for upload in abort_left_behind(store.client, store.bucket, key, since, store.abort):
+                log.info("%s: aborted upload %s, left by the replica whose fill this one took over",
+                         self.digest, upload)
+        except Exception as exc:  # noqa: BLE001 (the upload is aborted by its replica's restart, or expires)
+            log.warning("%s: could not abort the upload left by the replica whose fill this one took over: %s",
+                        self.digest, exc)
 
 
 def _unavailable(message: str) -> APIError:

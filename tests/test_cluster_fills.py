@@ -22,6 +22,7 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
@@ -121,6 +122,19 @@ def run_pulls(pulls: list[Pull], digest: str) -> list[threading.Thread]:
     return threads
 
 
+#: The cluster's figures on a replica's /metrics: ``(name, labels)``, and the short names tests compare.
+FIGURES = [("mirror_cluster_fills_total", {"role": "owner"}), ("mirror_cluster_fills_total", {"role": "follower"}),
+           ("mirror_cluster_fills_total", {"role": "takeover"}), ("mirror_cluster_fills_fenced_total", {}),
+           ("mirror_cluster_peer_stream_errors_total", {}), ("mirror_cluster_peer_received_bytes_total", {})]
+FIGURE_NAMES = ("owner", "follower", "takeover", "fenced", "stream errors", "peer bytes")
+
+
+def cluster_figures(replica: MirrorServer) -> dict[str, float]:
+    """The cluster's figures of *replica* (its /metrics), by short name."""
+    samples = scrape(f"{replica.url}/metrics")
+    return {short: value(samples, name, **labels) for short, (name, labels) in zip(FIGURE_NAMES, FIGURES, strict=True)}
+
+
 def fills_requests(replica: MirrorServer) -> int:
     """Requests this replica answered on the fills endpoint (from its access log)."""
     return sum(1 for e in replica.access_entries() if str(e.get("path", "")).startswith("/_mirror/cluster/fills/"))
@@ -152,6 +166,12 @@ def test_eight_clients_on_three_replicas_get_a_64mib_blob_from_one_upstream_fetc
     wait_for(lambda: sum(fills_requests(r) for r in replicas) >= 2, timeout=10, what="the fills requests logged")
     answered = [fills_requests(r) for r in replicas]
     assert sorted(answered) == [0, 0, 2], answered
+    # Each replica's /metrics says its part: one owner, two followers that streamed the whole blob from it.
+    figures = [cluster_figures(r) for r in replicas]
+    owner = answered.index(2)
+    assert figures[owner] == {**dict.fromkeys(FIGURE_NAMES, 0.0), "owner": 1.0}, figures
+    for n in {0, 1, 2} - {owner}:
+        assert figures[n] == {**dict.fromkeys(FIGURE_NAMES, 0.0), "follower": 1.0, "peer bytes": layer.size}, figures
     # The object is in the bucket, whole; no upload left open; the lease was given up.
     wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
     assert cluster.bucket.digest_of(layer.digest) == layer.digest

@@ -17,7 +17,10 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   its commit waits for the holder's object in the bucket.
 * A stream that breaks (the holder died, or restarted) is asked for again from the byte reached;
   once the dead holder's lease expired, the first follower to take it fetches from the upstream again
-  (skipping what it has) and stores the object itself: its clients see a pause, never an error.
+  (skipping what it has) and stores the object itself: its clients see a pause, never an error.  A
+  holder that hangs is given up after :func:`read_limit` without a byte, and taken over the same way;
+  resumed, it finds its lease's token changed, fails its fill (storing nothing, cutting its clients
+  off) and counts it fenced; the taker aborts the multipart upload it left once it stored the object.
   No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
   and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
   the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -40,6 +44,7 @@ import httpx
 from ..config.sections import ClusterConfig
 from ..maintenance.inuse import IndexMarks
 from ..metadata.driver import Lease, Metadata
+from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob, Download, FillFailed
@@ -68,6 +73,14 @@ def stall_limit(ttl: float) -> float:
     return 4 * ttl + 30
 
 
+def read_limit(ttl: float) -> float:
+    """Seconds a follower waits for the next byte of another replica's fill stream (or its answer)
+    before it gives the stream up and looks at the lease again: twice the TTL, at least 10 s.  A
+    holder that hangs (``SIGSTOP``, a stuck host: its connections open and silent) renews nothing
+    meanwhile, so by then its lease has expired and is taken over."""
+    return max(2 * ttl, 10.0)
+
+
 class Cluster:
     """This replica's side of the cluster: built once per process in the app's lifespan."""
 
@@ -81,8 +94,7 @@ class Cluster:
         #: This process's marks in the index of the objects it serves or fills (None: none are kept).
         self.marks = marks
         self._secret = config.secret_file.value
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(max(2 * self.ttl, 10.0), connect=5.0),
-                                        trust_env=False)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def signed(self, method: str, path: str) -> dict[str, str]:
@@ -118,13 +130,14 @@ class ClusterFills(Fills):
     def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
         super().__init__(store, **options)
         self.cluster = cluster
+        self.figures = ClusterMetrics(self.metrics)
 
     async def open(self, digest: Digest, fetch: Fetch, *,
                    looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
         made: list[ClusterFetch] = []
 
         def start() -> ClusterFetch:
-            made.append(ClusterFetch(self.cluster, digest, fetch))
+            made.append(ClusterFetch(self.cluster, digest, fetch, self.figures))
             return made[-1]
 
         source = await super().open(digest, start, looked=looked)
@@ -137,10 +150,11 @@ class ClusterFills(Fills):
 class ClusterFetch:
     """One replica's fetch of one digest (a :class:`~mirror.storage.bypass.Download` in its context)."""
 
-    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch) -> None:
+    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch, figures: ClusterMetrics) -> None:
         self.cluster = cluster
         self.digest = digest
         self.upstream = upstream
+        self.figures = figures
         self.size: int | None = None
         #: The fill lease while this replica holds it (it fetches from the upstream and stores).
         self.lease: Lease | None = None
@@ -150,6 +164,14 @@ class ClusterFetch:
         self._source: AsyncIterator[bytes] | None = None
         #: Whether the bytes come from another replica (or the store), not from the upstream under the lease.
         self._from_peer = False
+        #: Whether another replica's fill was seen (followed, or its lease found held): a later lease is a takeover.
+        self._followed = False
+        #: Whether this replica is counted as a follower (:class:`ClusterMetrics`, once per fill).
+        self._counted_follower = False
+        #: Whether the source is another replica's fill stream (not the store, nor the upstream).
+        self._source_is_peer = False
+        #: When this replica took another's fill over (Unix time), if it did.
+        self._taken_over_at: float | None = None
         self._offset = 0
 
     def stored_elsewhere(self) -> bool:
@@ -186,15 +208,18 @@ class ClusterFetch:
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             assert self._source is not None
+            start = self._offset
             try:
                 async for chunk in self._source:
                     if self._lost:
+                        self.figures.fenced_off()
                         raise FillFailed(f"{self.digest}: the fill lease was lost to another replica")
                     self._offset += len(chunk)
                     yield chunk
             except httpx.HTTPError as exc:
                 if not self._from_peer:
                     raise
+                self.figures.stream_error("stalled" if isinstance(exc, httpx.TimeoutException) else "broken")
                 log.info("%s: the stream from the replica fetching it broke at byte %d (%s): asking again",
                          self.digest, self._offset, exc)
             else:
@@ -203,6 +228,9 @@ class ClusterFetch:
                     return
                 if self.size is None or self._offset >= self.size:
                     return
+            finally:
+                if self._source_is_peer:
+                    self.figures.received(self._offset - start)
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             await self._connect()
@@ -213,6 +241,7 @@ class ClusterFetch:
         renewed = None if self._lost else await anyio.to_thread.run_sync(
             self.cluster.metadata.renew_lease, self.lease, self.cluster.ttl)
         if renewed is None:
+            self.figures.fenced_off()
             raise FillFailed(f"{self.digest}: the fill lease (token {self.lease.token}) expired or was taken over")
         self.lease = renewed
 
@@ -228,6 +257,7 @@ class ClusterFetch:
                 return
             holder = await anyio.to_thread.run_sync(cluster.metadata.current_lease, name)
             if holder is not None:
+                self._followed = True
                 # This replica's own name: a lease left by its previous run, until it expires.
                 if holder.holder != cluster.replica and await self._follow(holder.holder):
                     return
@@ -248,10 +278,10 @@ class ClusterFetch:
         if stored is not None:
             self._stack.callback(stored.close)
             await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)
-            self.size, self._from_peer = stored.size, True
+            self.size, self._from_peer, self._source_is_peer = stored.size, True, False
             self._source = stored.chunks(self._offset)
             return
-        self.lease, self._lost, self._from_peer = lease, False, False
+        self.lease, self._lost, self._from_peer, self._source_is_peer = lease, False, False, False
         self._heartbeat = asyncio.create_task(self._beat())
         try:
             download: Download = await self._stack.enter_async_context(self.upstream())
@@ -262,6 +292,9 @@ class ClusterFetch:
             self.lease = None
             await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
             raise
+        self.figures.fill("takeover" if self._followed else "owner")
+        if self._followed:
+            self._taken_over_at = time.time()
         if self._offset:
             log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
         self.size = download.size
@@ -284,12 +317,16 @@ class ClusterFetch:
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             if response.status_code in (401, 403):
+                self.figures.stream_error("refused")
                 log.warning("%s: %s refused this replica's request (%d): is cluster.secret_file the same "
                             "on every replica?", self.digest, holder, response.status_code)
                 raise _unavailable("the replica fetching this blob refused this one's request")
             return False
-        self.size, self._from_peer = size, True
+        self.size, self._from_peer, self._source_is_peer = size, True, True
         self._source = response.aiter_bytes()
+        if not self._counted_follower:
+            self._counted_follower = True
+            self.figures.fill("follower")
         return True
 
     async def _beat(self) -> None:
@@ -318,6 +355,8 @@ class ClusterFetch:
             path = self.cluster.store.layout.fill(self.digest)
             while await anyio.to_thread.run_sync(filling, path):
                 await asyncio.sleep(RETRY_INTERVAL)
+            if self._taken_over_at is not None:
+                await anyio.to_thread.run_sync(self._abort_left_behind, self._taken_over_at)
         finally:
             if self.cluster.marks is not None:
                 self.cluster.marks.release(self.digest)
@@ -327,6 +366,27 @@ class ClusterFetch:
             if current is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+
+    def _abort_left_behind(self, since: float) -> None:
+        """After a takeover whose object is stored: abort the multipart upload the replica that
+        died or hung left in the bucket (its note is in its own data directory: only its restart
+        would abort it)."""
+        from ..storage.s3 import S3Store  # here: a store on a filesystem never loads boto3
+        from ..storage.s3notes import abort_left_behind
+
+        store = self.cluster.store
+        if not isinstance(store, S3Store):
+            return
+        try:
+            if store.size(self.digest) is None:
+                return
+            key = store.key(self.digest)
+            for upload in abort_left_behind(store.client, store.bucket, key, since, store.abort):
+                log.info("%s: aborted upload %s, left by the replica whose fill this one took over",
+                         self.digest, upload)
+        except Exception as exc:  # noqa: BLE001 (the upload is aborted by its replica's restart, or expires)
+            log.warning("%s: could not abort the upload left by the replica whose fill this one took over: %s",
+                        self.digest, exc)
 
 
 def _unavailable(message: str) -> APIError:

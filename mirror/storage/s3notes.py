@@ -19,6 +19,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .layout import PARTIAL, Layout
 
@@ -110,3 +111,22 @@ def sweep_notes(layout: Layout, own: set[str], abort: Callable[[str, str], objec
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+def abort_left_behind(client: Any, bucket: str, key: str, before: float,
+                      abort: Callable[[str, str], object]) -> list[str]:
+    """Abort (with *abort(key, upload_id)*) the unfinished multipart uploads of exactly *key* started
+    before *before* (Unix time; when each started is the bucket's ``Initiated``); return their ids.
+
+    For a replica that took over another's fill of *key* (``registry/cluster.py``) and stored the
+    object: the upload of the replica that died or hung is its note's, in that replica's data
+    directory, which no sweep here can read.  Called once the object is stored, so no writer of
+    *key* loses anything but a redundant upload.
+    """
+    answer = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    aborted = []
+    for upload in answer.get("Uploads", []):
+        if upload["Key"] == key and upload["Initiated"].timestamp() < before:
+            abort(key, upload["UploadId"])
+            aborted.append(str(upload["UploadId"]))
+    return aborted

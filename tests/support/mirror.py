@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -120,6 +121,14 @@ class MirrorServer(Service):
     def kill9(self) -> int | None:
         """Crash it: SIGKILL the whole process group at once."""
         return self._proc.kill9()
+
+    def pause(self) -> None:
+        """Hang it: SIGSTOP the whole process group (its connections stay open, nothing moves)."""
+        self._proc.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let it go on after :meth:`pause` (SIGCONT)."""
+        self._proc.signal_group(signal.SIGCONT)
 
     def restart(self, timeout: float = START_TIMEOUT) -> MirrorServer:
         """Stop (if running) and start again on the same port with the same data."""

@@ -41,9 +41,7 @@ from typing import Any
 import anyio.to_thread
 import httpx
 
-from ..config.sections import ClusterConfig
-from ..maintenance.inuse import IndexMarks
-from ..metadata.driver import Lease, Metadata
+from ..metadata.driver import Lease
 from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
@@ -51,68 +49,9 @@ from ..storage.bypass import BypassBlob, Download, FillFailed
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.fill import Fills
 from ..storage.growing import Fetch, GrowingBlob, filling
-from .peers import sign
+from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
 
 log = logging.getLogger("mirror.cluster")
-
-#: Seconds between two looks for a fill's source while none answers (the holder's lease not yet expired).
-RETRY_INTERVAL = 0.2
-#: Seconds a client is told to wait (``Retry-After``) when the replica fetching a blob cannot be followed.
-RETRY_AFTER = 5
-#: The path of a replica's fill of a digest, for the others.
-FILLS_PATH = "/_mirror/cluster/fills/"
-
-
-def lease_name(digest: Digest) -> str:
-    """The lease that makes one replica the fetcher of *digest*."""
-    return f"fill:{digest}"
-
-
-def stall_limit(ttl: float) -> float:
-    """Seconds a follower waits without a byte while another replica holds the fill's lease."""
-    return 4 * ttl + 30
-
-
-def read_limit(ttl: float) -> float:
-    """Seconds a follower waits for the next byte of another replica's fill stream (or its answer)
-    before it gives the stream up and looks at the lease again: twice the TTL, at least 10 s.  A
-    holder that hangs (``SIGSTOP``, a stuck host: its connections open and silent) renews nothing
-    meanwhile, so by then its lease has expired and is taken over."""
-    return max(2 * ttl, 10.0)
-
-
-class Cluster:
-    """This replica's side of the cluster: built once per process in the app's lifespan."""
-
-    def __init__(self, config: ClusterConfig, metadata: Metadata, store: BlobStore,
-                 marks: IndexMarks | None = None) -> None:
-        assert config.advertise is not None and config.secret_file is not None
-        self.replica = config.advertise
-        self.ttl = config.lease_ttl
-        self.metadata = metadata
-        self.store = store
-        #: This process's marks in the index of the objects it serves or fills (None: none are kept).
-        self.marks = marks
-        self._secret = config.secret_file.value
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def signed(self, method: str, path: str) -> dict[str, str]:
-        return sign(self._secret, method, path, self.replica)
-
-    def track(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        await self.client.aclose()
-
 
 class ClusterFills(Fills):
     """The fills of a replica: each fetch goes through a :class:`ClusterFetch` (what the pull-through

@@ -30,11 +30,12 @@ from ..maintenance.upkeep import AccessTracker, Maintenance
 from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import Metrics, exposition_registry
-from ..registry.cluster import Cluster, ClusterFills
+from ..registry.cluster import ClusterFills
 from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
+from ..registry.replica import Cluster
 from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable

@@ -174,6 +174,14 @@ def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -
     sticky = re.findall(r"(?m)^\s+stick (\S+) (.*)$", shipped)  # ...but for an upload in progress
     assert sticky == [("store-response", "res.hdr(Docker-Upload-UUID)"),
                       ("match", "path,word(-1,/) if { path_reg ^/v2/.+/blobs/uploads/[^/]+$ }")], sticky
+    # In a stack, a service's name is a virtual IP unless its endpoint_mode is dnsrr: the name HAProxy
+    # resolves must give every replica's own address (and the services reached by name inside the
+    # stack are reached at their task, with no IPVS between).
+    (template,) = re.findall(r"(?m)^\s+server-template mirror \d+ (\w+):\d+ ", shipped)
+    assert template == "mirror"
+    for name in ("mirror", "seaweedfs", "postgres"):
+        assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
+    assert "endpoint_mode" not in services["haproxy"].get("deploy", {})  # published: the ingress needs a VIP
     bound = re.search(r"(?m)^\s+bind :(\d+)$", shipped)
     assert bound and haproxy["ports"] == [f"{bound[1]}:{bound[1]}"]
     assert "ports" not in mirror  # replicas are reached through HAProxy only

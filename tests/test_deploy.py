@@ -22,6 +22,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -39,14 +40,18 @@ from packaging.version import Version
 from referencing import Registry, Resource
 
 from mirror.config.load import load_config
+from mirror.spec.reference import parse_digest
+from mirror.storage.layout import object_key
 from tests.support.baseimage import import_args, rootfs_tar
 from tests.support.catalog import StandardImages
-from tests.support.dockerd import Dockerd, docker_client
+from tests.support.dockerd import Dockerd, docker_client, pull
 from tests.support.helm import CACHE, KUBE_VERSION, helm_binary, kubernetes_definitions
 from tests.support.mirror import PROJECT_ROOT
 from tests.support.procs import free_port, require_tool
 from tests.support.registry import UpstreamRegistry
+from tests.support.standins import build_standins
 from tests.support.tls import ServerCertificate, server_certificate
+from tests.test_push_clients import docker_push
 
 DEPLOY = PROJECT_ROOT / "deploy"
 CHART = DEPLOY / "helm" / "mirror"
@@ -174,6 +179,14 @@ def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -
     sticky = re.findall(r"(?m)^\s+stick (\S+) (.*)$", shipped)  # ...but for an upload in progress
     assert sticky == [("store-response", "res.hdr(Docker-Upload-UUID)"),
                       ("match", "path,word(-1,/) if { path_reg ^/v2/.+/blobs/uploads/[^/]+$ }")], sticky
+    # In a stack, a service's name is a virtual IP unless its endpoint_mode is dnsrr: the name HAProxy
+    # resolves must give every replica's own address (and the services reached by name inside the
+    # stack are reached at their task, with no IPVS between).
+    (template,) = re.findall(r"(?m)^\s+server-template mirror \d+ (\w+):\d+ ", shipped)
+    assert template == "mirror"
+    for name in ("mirror", "seaweedfs", "postgres"):
+        assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
+    assert "endpoint_mode" not in services["haproxy"].get("deploy", {})  # published: the ingress needs a VIP
     bound = re.search(r"(?m)^\s+bind :(\d+)$", shipped)
     assert bound and haproxy["ports"] == [f"{bound[1]}:{bound[1]}"]
     assert "ports" not in mirror  # replicas are reached through HAProxy only
@@ -625,7 +638,8 @@ def test_healthcheck_script_checks_healthz_over_http_and_https(
 
 @pytest.fixture(scope="module")
 def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dockerd, str]]:
-    """A dockerd of this module's, with deploy/Dockerfile built on the offline base image."""
+    """A dockerd of this module's, with deploy/Dockerfile built on the offline base image (with the
+    ``s3`` extra, as compose.cluster.yaml builds it)."""
     require_tool("dockerd", "docker.io")
     root = tmp_path_factory.mktemp("image")
     daemon = Dockerd(root / "dockerd").start()
@@ -639,7 +653,7 @@ def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dock
         env.pop("DOCKER_HOST", None)
         build = subprocess.run(
             [docker_client(), "-H", daemon.host, "build", "--network", "none", "-f", "deploy/Dockerfile",
-             "--build-arg", "BASE=mirror-test-base:1", "-t", "mirror:test", "."],
+             "--build-arg", "BASE=mirror-test-base:1", "--build-arg", "EXTRAS=s3", "-t", "mirror:test", "."],
             capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT, env=env, check=False)
         assert build.returncode == 0, f"docker build failed:\n{build.stdout[-5000:]}\n{build.stderr[-3000:]}"
         yield daemon, "mirror:test"
@@ -821,3 +835,124 @@ def test_compose_file_deploys_as_a_swarm_stack_with_tls_secrets(
                  "/etc/grafana/provisioning/dashboards/mirror.yml",
                  "/var/lib/grafana/dashboards/mirror/mirror.json"):
         daemon.docker("exec", grafana, "test", "-s", path)
+
+
+def secrets_as_the_header_says(stack_file: Path, cwd: Path) -> None:
+    """Run the commands of *stack_file*'s header that make its secret files, as an operator would."""
+    lines = stack_file.read_text().splitlines()
+    start = lines.index("# The secrets, once (files under deploy/secrets/, readable by you only):") + 1
+    end = next(n for n in range(start, len(lines)) if lines[n].startswith("# Then"))
+    script = "\n".join(line.removeprefix("#   ") for line in lines[start:end])
+    done = subprocess.run(["sh", "-ec", script], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"{script}\n{done.stderr}"
+
+
+def healthy_tasks(daemon: Dockerd, service: str, count: int, timeout: float = 420) -> list[str]:
+    """The ids of *service*'s *count* running task containers, once every one's health check passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [row.split(" ", 1) for row in daemon.docker(
+            "ps", "--filter", f"label=com.docker.swarm.service.name={service}",
+            "--format", "{{.ID}} {{.Status}}").stdout.splitlines()]
+        healthy = [row[0] for row in rows if "(healthy)" in row[1]]
+        if len(healthy) == count:
+            return healthy
+        if time.monotonic() > deadline:
+            tasks = daemon.docker("service", "ps", "--no-trunc", service, check=False).stdout
+            logs = daemon.docker("service", "logs", "--tail", "30", service, check=False)
+            raise AssertionError(f"{service}: {rows}\n{tasks}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+        time.sleep(2)
+
+
+def task_address(daemon: Dockerd, container: str, network: str) -> str:
+    return daemon.docker("inspect", "--format", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}',
+                         container).stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # three stand-in images to build, six services to start on a loaded machine
+def test_cluster_compose_file_deploys_as_a_swarm_stack_of_three_replicas_on_s3(
+    swarm: Dockerd, built_image: tuple[Dockerd, str], tmp_path: Path
+) -> None:
+    """deploy/compose.cluster.yaml with `docker stack deploy`: three replicas behind HAProxy, which
+    checks each of them; a push through HAProxy lands in SeaweedFS's bucket and pulls back whole."""
+    daemon, image = swarm, built_image[1]
+    build_standins(daemon, tmp_path / "standins")  # haproxy:2.6, chrislusf/seaweedfs:3.80, postgres:15
+    kit = tmp_path / "kit"
+    shutil.copytree(DEPLOY, kit / "deploy")
+    secrets_as_the_header_says(kit / "deploy" / "compose.cluster.yaml", kit)
+    # HAProxy's port through swarm's ingress needs IPVS, missing on these machines: here it is
+    # published on the node itself (mode host), where this swarm's dockerd pushes and pulls.
+    document = yaml.safe_load((kit / "deploy" / "compose.cluster.yaml").read_text())
+    assert document["services"]["haproxy"]["ports"] == ["5000:5000"]
+    document["services"]["haproxy"]["ports"] = [{"target": 5000, "published": 5000, "mode": "host"}]
+    (kit / "deploy" / "compose.cluster.host.yaml").write_text(yaml.safe_dump(document))
+    env = {**os.environ, "DOCKER_CONFIG": str(daemon.config_dir), "MIRROR_IMAGE": image}
+    env.pop("DOCKER_HOST", None)
+    deployed = subprocess.run(
+        [docker_client(), "-H", daemon.host, "stack", "deploy", "--resolve-image", "never",
+         "-c", "compose.cluster.host.yaml", "mirror"],
+        cwd=kit / "deploy", env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert deployed.returncode == 0, deployed.stderr
+
+    # Everything comes up: the bucket job completes, the database, SeaweedFS and 3 replicas turn healthy.
+    healthy_tasks(daemon, "mirror_postgres", 1)
+    (seaweedfs,) = healthy_tasks(daemon, "mirror_seaweedfs", 1)
+    deadline = time.monotonic() + 300
+    while "Complete" not in (states := daemon.docker("service", "ps", "--format", "{{.CurrentState}}",
+                                                     "mirror_bucket").stdout):
+        assert time.monotonic() < deadline, f"{states}\n{daemon.docker('service', 'logs', 'mirror_bucket').stdout}"
+        time.sleep(2)
+    replicas = healthy_tasks(daemon, "mirror_mirror", 3)
+    haproxy = task_container(daemon, "mirror_haproxy")
+    addresses = {task_address(daemon, replica, "mirror_mirror") for replica in replicas}
+    assert len(addresses) == 3
+    for replica in replicas:
+        ready = daemon.docker("exec", replica, "python3", "-c", PYTHON_GET, "http://127.0.0.1:5000/readyz").stdout
+        assert ready.startswith("200 "), ready
+
+    # HAProxy found each replica (not one virtual IP) and its checks put all three in the rotation.
+    deadline = time.monotonic() + 60
+    while True:
+        log = daemon.docker("logs", haproxy).stdout  # what its configuration logs to stdout, in order
+        found = set(re.findall(r"mirrors/mirror\d+ changed its IP from \S* to ([\d.]+)", log))
+        servers = dict(re.findall(r"Server mirrors/(mirror\d+) (?:\('\w+'\) )?is (UP|DOWN)", log))
+        if found == addresses and sorted(servers.values()) == ["UP"] * 3:
+            break
+        assert time.monotonic() < deadline, f"{addresses}\n{log[-4000:]}"
+        time.sleep(1)
+    for _ in range(6):
+        answer = daemon.docker("exec", haproxy, "wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/").stdout
+        assert answer.strip() == "{}"
+    log = daemon.docker("logs", haproxy).stdout  # round-robin over the three, each in the rotation
+    assert len(set(re.findall(r'mirrors/(mirror\d+) .* "GET /v2/ HTTP', log))) == 3, log[-4000:]
+
+    # A push through HAProxy, pulled back through it whole.
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(1 << 20))
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as tar:
+        tar.add(payload, arcname="payload")
+    ref = "127.0.0.1:5000/cluster/pushed:1"
+    daemon.docker("import", str(layer), ref)
+    image_id = daemon.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
+    pushed, _ = docker_push(daemon, ref)
+    daemon.docker("rmi", ref)
+    pull(daemon, ref)
+    assert daemon.docker("image", "inspect", "--format", "{{.Id}}", ref).stdout.strip() == image_id
+    repo_digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", ref).stdout
+    assert json.loads(repo_digests) == [f"127.0.0.1:5000/cluster/pushed@{pushed}"]
+
+    # The layer is an object in SeaweedFS's bucket, not a file on any replica.
+    manifest = json.loads(daemon.docker(
+        "exec", haproxy, "wget", "-q", "-O", "-", "--header",
+        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        f"http://127.0.0.1:5000/v2/cluster/pushed/manifests/{pushed}").stdout)
+    (entry,) = manifest["layers"]
+    digest = parse_digest(entry["digest"])
+    key = f"/buckets/mirror/registry/{object_key(digest)}"
+    stored = daemon.docker("exec", seaweedfs, "sh", "-c", f"wget -q -O - http://127.0.0.1:8888{key} | sha256sum")
+    assert stored.stdout.split()[0] == digest.hex
+    for replica in replicas:
+        files = daemon.docker("exec", replica, "find", "/var/lib/mirror", "-type", "f").stdout
+        assert digest.hex not in files, files

@@ -9,8 +9,8 @@ filesystem holding:
 - every shared library that interpreter and its extension modules load (found with ``ldd``),
   at their Debian paths, with the dynamic loader;
 - static busybox as ``/bin/sh`` and the usual utilities (for the Dockerfile's ``RUN`` lines);
-- ``/wheelhouse``: wheels of the project's dependencies and build backend.  The image's
-  environment sets ``PIP_NO_INDEX=1`` and ``PIP_FIND_LINKS=/wheelhouse``, so the Dockerfile's
+- ``/wheelhouse``: wheels of the project's dependencies (the ``s3`` extra's too) and build backend.
+  The image's environment sets ``PIP_NO_INDEX=1`` and ``PIP_FIND_LINKS=/wheelhouse``, so the Dockerfile's
   unchanged ``pip`` commands install from it with no network.
 
 The wheels are fetched once with ``pip download`` from the package index and cached under
@@ -62,9 +62,15 @@ def project_requirements() -> list[str]:
     return list(document["project"]["dependencies"])
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """What the project's optional part *extra* (``s3``) adds, as pyproject.toml lists it."""
+    document = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    return list(document["project"]["optional-dependencies"][extra])
+
+
 def wheelhouse() -> Path:
     """A directory of wheels for the build backend and every dependency (downloaded once)."""
-    wanted = sorted([*BUILD_REQUIREMENTS, *project_requirements()])
+    wanted = sorted([*BUILD_REQUIREMENTS, *project_requirements(), *extra_requirements("s3")])
     constraints = PROJECT_ROOT / "deploy" / "constraints.txt"  # the versions the Dockerfile installs
     key = hashlib.sha256("\n".join([sys.version, *wanted, constraints.read_text()]).encode()).hexdigest()[:16]
     target = CACHE / f"wheelhouse-{key}"

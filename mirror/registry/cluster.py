@@ -66,10 +66,10 @@ class ClusterFills(Fills):
     #: the lock that counts across replicas: a look under this host's lock would only repeat it.
     look_after_lock = False
 
-    def __init__(self, store: BlobStore, cluster: Cluster, **options: Any) -> None:
+    def __init__(self, store: BlobStore, cluster: Cluster, figures: ClusterMetrics, **options: Any) -> None:
         super().__init__(store, **options)
         self.cluster = cluster
-        self.figures = ClusterMetrics(self.metrics)
+        self.figures = figures
 
     async def open(self, digest: Digest, fetch: Fetch, *,
                    looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:

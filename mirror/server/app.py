@@ -29,6 +29,7 @@ from ..maintenance.inuse import IndexMarks
 from ..maintenance.upkeep import AccessTracker, Maintenance
 from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
+from ..observe.cluster import ClusterMetrics
 from ..observe.metrics import Metrics, exposition_registry
 from ..registry.cluster import ClusterFills
 from ..registry.local import LocalRegistry
@@ -74,7 +75,8 @@ def create_app(config: Config) -> Starlette:
         marks = IndexMarks(metadata, holder, config.cluster.lease_ttl) if shared else None
         # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
         cluster = Cluster(config.cluster, metadata, store, marks) if config.cluster.enabled else None
-        fills = ClusterFills(store, cluster, metrics=metrics) if cluster else Fills(store, metrics=metrics)
+        figures = ClusterMetrics(metrics)  # exported at 0 on a single host too: one dashboard for both
+        fills = ClusterFills(store, cluster, figures, metrics=metrics) if cluster else Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.
         upstreams = [Upstream(u, metrics=metrics) for u in config.upstreams]
         pulls = {

@@ -32,12 +32,13 @@ from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
+from ..registry.roaming import RoamingUploads
 from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
 from ..storage.layout import Layout
-from ..storage.opening import open_blob_store
+from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
@@ -79,6 +80,9 @@ def create_app(config: Config) -> Starlette:
                 each.peers = PeerFlights(metadata, cluster.replica, cluster.ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
+        if cluster is not None:  # an upload goes on on any replica: its tail in the bucket between requests
+            local.uploads = RoamingUploads(store, metadata, config.push.upload_ttl, metrics, upload_tails(store),
+                                           cluster.replica, cluster.ttl)
         namespaces = Namespaces(local, pulls, config.upstream.registry)
         expired = await anyio.to_thread.run_sync(local.uploads.sweep)
         if expired:

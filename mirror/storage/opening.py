@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config.sections import StorageConfig
-from .driver import BlobStore
+from .driver import BlobStore, UploadTails
 
 
 def open_blob_store(storage: StorageConfig) -> BlobStore:
@@ -21,3 +21,14 @@ def open_blob_store(storage: StorageConfig) -> BlobStore:
     from .filesystem import Store
 
     return Store(storage.path)
+
+
+def upload_tails(store: BlobStore) -> UploadTails:
+    """Where the replicas of a cluster keep the unsent tails of push uploads: the bucket of *store*,
+    which must be the S3 driver's (a cluster needs ``storage.driver: s3``)."""
+    from .s3 import S3Store
+    from .s3uploads import S3UploadTails
+
+    if not isinstance(store, S3Store):
+        raise TypeError("the uploads of a cluster's replicas need the s3 storage driver")
+    return S3UploadTails(store)

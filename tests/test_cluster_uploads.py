@@ -20,8 +20,9 @@ from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
-from tests.test_cluster import SECRET
+from tests.test_cluster import SECRET, replica_env
 from tests.test_cluster_fills import Cluster, start_replicas
 from tests.test_s3_serve import ROOT, Bucket, get_digest, parts_sent
 
@@ -187,3 +188,20 @@ def test_a_cancelled_and_an_expired_upload_leave_neither_parts_nor_tail_in_the_b
     gone = http.get(replicas[1].url + expired)
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert [p.name for p in (replicas[1].data_dir / "uploads").iterdir()] == []
+
+
+def test_fsck_on_a_replica_without_the_file_of_an_upload_in_progress_leaves_the_upload_alone(
+    cluster: Cluster, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    replicas = start_replicas(cluster, 2, upstream.url, mirror_factory)
+    data = random.Random(24).randbytes(6 * MIB + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    location = http.post(f"{replicas[0].url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert patch(http, replicas[0], location, data[:-5], 0).status_code == 202
+    fsck = mirror_cli("fsck", "--repair", "--data", replicas[1].data_dir,
+                      env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, replicas[1].port))
+    assert fsck.returncode == 0 and "upload record" not in fsck.stdout, fsck.stdout + fsck.stderr
+    assert len(cluster.bucket.uploads()) == 1
+    done = http.put(f"{replicas[1].url}{location}?digest={digest}", content=data[-5:])
+    assert done.status_code == 201, done.text
+    assert cluster.bucket.objects() == {digest: len(data)}

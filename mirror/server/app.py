@@ -56,7 +56,7 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = open_blob_store(config.storage)
+        store = open_blob_store(config.storage, replica=config.cluster.enabled)
         await anyio.to_thread.run_sync(store.create)
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:

@@ -6,6 +6,7 @@ cancelled and expired uploads leaving nothing in the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from tests.support.mirror import MirrorServer
@@ -48,6 +50,13 @@ def bucket_keys(cluster: Cluster) -> list[str]:
     bucket = cluster.bucket
     return [item["Key"] for page in bucket.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name)
             for item in page.get("Contents", [])]
+
+
+def parts_recorded(cluster: Cluster) -> int:
+    """Parts the upload records in the index say were sent (of the one upload in progress)."""
+    with psycopg.connect(cluster.dsn) as conn:
+        row = conn.execute("SELECT coalesce(cardinality(etags), 0) FROM uploads").fetchone()
+    return int(row[0]) if row else 0
 
 
 def patch(http: httpx.Client, replica: MirrorServer, location: str, data: bytes, start: int) -> httpx.Response:
@@ -121,6 +130,46 @@ def test_an_upload_goes_on_on_another_replica_after_the_one_that_took_its_chunks
     for replica in replicas[1:]:
         assert get_digest(http, f"{replica.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))
     assert cluster.bucket.objects() == {digest: len(data)} and cluster.bucket.uploads() == []
+
+
+def test_a_replica_killed_in_the_middle_of_a_chunk_leaves_the_upload_where_its_record_says(
+    cluster: Cluster, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The replica dies after a part of the chunk went to the bucket: another replica answers the
+    offset recorded (the part: the tail kept before is in it), waits for the dead one's lease to
+    expire, and the client goes on from there."""
+    replicas = start_replicas(cluster, 2, upstream.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+    data = random.Random(25).randbytes(13 * MIB + 99)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    location = http.post(f"{replicas[0].url}/v2/team/app/blobs/uploads/").headers["location"]
+    head = 3 * MIB + 7  # a tail kept in the bucket before the chunk that is cut
+    assert patch(http, replicas[1], location, data[:head], 0).status_code == 202
+    chunk = data[head:12 * MIB]
+
+    def slowly() -> Iterator[bytes]:
+        for at in range(0, len(chunk), 512 * 1024):
+            yield chunk[at:at + 512 * 1024]
+            time.sleep(0.2)
+
+    def doomed() -> None:
+        with httpx.Client(timeout=60.0, trust_env=False) as own, contextlib.suppress(httpx.HTTPError):
+            own.patch(replicas[0].url + location, content=slowly(),
+                      headers={"content-range": f"{head}-{head + len(chunk) - 1}"})
+
+    thread = threading.Thread(target=doomed)
+    thread.start()
+    try:
+        wait_for(lambda: parts_recorded(cluster) == 1, timeout=30, what="the chunk's first part sent and recorded")
+        replicas[0].kill9()
+    finally:
+        thread.join(60)
+    status = http.get(replicas[1].url + location)
+    assert (status.status_code, status.headers["range"]) == (204, f"0-{PART - 1}")
+    answer = patch(http, replicas[1], location, data[PART:-MIB], PART)  # waits for the lease to expire
+    assert answer.status_code == 202 and answer.headers["range"] == f"0-{len(data) - MIB - 1}"
+    done = http.put(f"{replicas[1].url}{location}?digest={digest}", content=data[-MIB:])
+    assert done.status_code == 201, done.text
+    assert cluster.bucket.objects() == {digest: len(data)} and cluster.bucket.digest_of(digest) == digest
 
 
 def test_a_chunk_sent_to_another_replica_while_one_is_written_waits_for_it_and_is_refused(

@@ -82,17 +82,14 @@ class RoamingUploads(Uploads):
         # uuid -> the lease of the request of this process writing to the upload, and its heartbeat.
         self._leases: dict[str, Lease] = {}
         self._beats: dict[str, asyncio.Task[None]] = {}
-        # uuid -> the offset this process recorded last: its local file holds the upload up to there.
-        self._local: dict[str, int] = {}
+        # uuid -> (offset, written_at) of the record this process wrote or read last: while the record
+        # is still that one, its local file holds the upload up to the offset.
+        self._local: dict[str, tuple[int, float | None]] = {}
 
-    def _new_record(self, name: str) -> UploadRecord:
+    def _new_record(self, name: str, uuid: str) -> UploadRecord:
         now = time.time()
+        self._local[uuid] = (0, now)
         return UploadRecord(name, now, written_at=now)
-
-    async def start(self, name: str) -> UploadState:
-        state = await super().start(name)
-        self._local[state.uuid] = 0
-        return state
 
     def _record(self, name: str, uuid: str) -> UploadRecord:
         return self._known(name, uuid)  # its local file, if any, may be behind: rebuilt by _acquire
@@ -159,9 +156,13 @@ class RoamingUploads(Uploads):
                            detail={"uuid": uuid})
         self._leases[uuid] = renewed
 
-    def _keep(self, uuid: str, record: UploadRecord) -> None:
+    def _keep(self, uuid: str, record: UploadRecord) -> UploadRecord:
+        """Write *record*, stamped with this write's time (what tells the processes that a record
+        changed: see :meth:`_rebuild`), if the request still holds the upload's lease."""
+        record = replace(record, written_at=time.time())
         self._fence(uuid)
         self.metadata.put_upload(uuid, record)
+        return record
 
     # -- the local file, rebuilt from the record; the tail kept --
 
@@ -184,15 +185,17 @@ class RoamingUploads(Uploads):
             fcntl.flock(fd, fcntl.LOCK_EX)
             sent, offset = offset_of(record) - record.tail, offset_of(record)
             size = os.fstat(fd).st_size
-            if self._local.get(uuid) == offset and size >= offset:
+            if self._local.get(uuid) == (offset, record.written_at) and size >= offset:
                 if size > offset:  # bytes of a request that failed here
                     os.ftruncate(fd, offset)
                 return fd, record
+            # Another process wrote to the upload since: this one did not see every byte.
             self._local.pop(uuid, None)
+            self._hashers.pop(uuid, None)
             os.ftruncate(fd, sent)
             if record.tail:
                 self.tails.fetch(uuid, fd, sent, record.tail)
-            self._local[uuid] = offset
+            self._local[uuid] = (offset, record.written_at)
             return fd, record
         except BaseException:
             os.close(fd)
@@ -202,11 +205,11 @@ class RoamingUploads(Uploads):
         def keep() -> None:
             sent = offset_of(record) - record.tail
             tail = offset - sent
+            self._fence(uuid)
             if tail and tail != record.tail:  # else nothing came past what the bucket holds
-                self._fence(uuid)
                 self.tails.put(uuid, fd, sent, tail)
-            self._keep(uuid, replace(record, tail=tail, written_at=time.time()))
-            self._local[uuid] = offset
+            kept = self._keep(uuid, replace(record, tail=tail))
+            self._local[uuid] = (offset, kept.written_at)
 
         await anyio.to_thread.run_sync(keep)
 

@@ -66,13 +66,13 @@ class Uploads:
         def create() -> None:
             fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
-            self.metadata.put_upload(uuid, self._new_record(name))
+            self.metadata.put_upload(uuid, self._new_record(name, uuid))
 
         await anyio.to_thread.run_sync(create)
         self._hashers[uuid] = (0, Digest("sha256", "").hasher())
         return UploadState(uuid, 0)
 
-    def _new_record(self, name: str) -> UploadRecord:
+    def _new_record(self, name: str, uuid: str) -> UploadRecord:
         return UploadRecord(name, time.time())
 
     def _record(self, name: str, uuid: str) -> UploadRecord:
@@ -202,12 +202,15 @@ class Uploads:
         part_size = record.parts.part_size if record.parts is not None else self.store.upload_part_size()
         while part_size and offset - _sent(record) >= part_size:
             parts = self.store.send_upload_part(uuid, self.store.layout.upload(uuid), record.parts)
-            record = replace(record, parts=parts, tail=0)  # the tail kept so far is in the parts now
-            self._keep(uuid, record)
+            # A tail kept (registry/roaming.py) is in the part sent now (none when it was only started).
+            tail = 0 if parts.sent > _sent(record) else record.tail
+            record = self._keep(uuid, replace(record, parts=parts, tail=tail))
         return record
 
-    def _keep(self, uuid: str, record: UploadRecord) -> None:
+    def _keep(self, uuid: str, record: UploadRecord) -> UploadRecord:
+        """Write the upload's record; the record as written."""
         self.metadata.put_upload(uuid, record)
+        return record
 
     async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes],
                      record: UploadRecord) -> tuple[int, UploadRecord]:

@@ -10,6 +10,9 @@ not take now (``StoreUnavailable``) waits in the file for the next request.  Fin
 verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
 else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
 cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too.
+Replicas of a cluster keep the tail in the bucket too and continue an upload on any of them
+(``registry/roaming.py``, through the hooks :meth:`Uploads._acquire`, :meth:`Uploads._written`,
+:meth:`Uploads._let_go` and :meth:`Uploads._keep`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import threading
 import time
@@ -224,6 +225,11 @@ def test_a_cancelled_and_an_expired_upload_leave_neither_parts_nor_tail_in_the_b
     assert http.delete(replicas[1].url + cancelled).status_code == 204
     assert cluster.bucket.uploads() == [] and bucket_keys(cluster) == []
     assert http.get(replicas[0].url + cancelled).status_code == 404
+    # The first replica's file of it (no record now) goes once it is older than a record takes to come.
+    leftover = replicas[0].data_dir / "uploads" / cancelled.rsplit("/", 1)[-1]
+    assert leftover.exists()
+    os.utime(leftover, (time.time() - 120, time.time() - 120))
+    wait_for(lambda: not leftover.exists(), timeout=ttl * 4, what="the file of an upload cancelled elsewhere removed")
 
     # Abandoned after a chunk on one replica and one on the other; the first replica is gone for good:
     # the other expires it by its record, parts and tail included.

@@ -57,6 +57,9 @@ log = logging.getLogger("mirror.uploads")
 
 #: Seconds between two attempts at an upload's lease while another request holds it.
 WAIT_INTERVAL = 0.05
+#: Seconds after which a local file whose upload has no record (finished or cancelled on another
+#: replica) is deleted by the sweep: its record may still be being written.
+ORPHAN_GRACE = 60.0
 
 
 def lease_name(uuid: str) -> str:
@@ -192,6 +195,7 @@ class RoamingUploads(Uploads):
             # Another process wrote to the upload since: this one did not see every byte.
             self._local.pop(uuid, None)
             self._hashers.pop(uuid, None)
+            os.ftruncate(fd, 0)  # what the parts hold is not kept here: a hole up to them
             os.ftruncate(fd, sent)
             if record.tail:
                 self.tails.fetch(uuid, fd, sent, record.tail)
@@ -234,35 +238,43 @@ class RoamingUploads(Uploads):
 
     def sweep(self) -> int:
         """Drop the uploads whose last write is older than ``push.upload_ttl`` (by their record, on
-        any replica), and this replica's stale files of uploads that went on elsewhere; return how
-        many uploads went.  An upload a request holds is left for the next sweep."""
-        cutoff = time.time() - self.upload_ttl
-        stale_files = set()
+        any replica); delete this replica's files of uploads finished elsewhere (after
+        :data:`ORPHAN_GRACE`: a file comes before its record) and its stale files of uploads that
+        went on elsewhere; return how many uploads were dropped.  An upload a request holds is left
+        for the next sweep."""
+        now = time.time()
+        cutoff = now - self.upload_ttl
+        files: dict[str, float] = {}
         for entry in self.store.layout.upload_entries():
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < cutoff:
-                    stale_files.add(entry.name)
+                files[entry.name] = entry.stat().st_mtime
         removed = 0
-        for uuid in sorted(stale_files | set(self.metadata.upload_ids())):
+        for uuid in sorted(set(files) | set(self.metadata.upload_ids())):
             try:
                 record = self.metadata.get_upload(uuid)
-                if record is None and uuid not in stale_files:
-                    continue  # finished meanwhile
-                alive = record is not None and (record.written_at or record.started_at) >= cutoff
-                if alive and uuid not in stale_files:
-                    continue
-                lease = self.metadata.take_lease(lease_name(uuid), self.replica, self.ttl)
-                if lease is None:
-                    continue
-                try:
-                    if alive:
-                        self._local.pop(uuid, None)
-                        self.store.layout.upload(uuid).unlink(missing_ok=True)
-                    else:
-                        self._drop_upload(uuid)
-                        removed += 1
-                finally:
-                    self.metadata.release_lease(lease)
+                written = files.get(uuid, now)
+                if record is None:
+                    drop, go = False, written < now - ORPHAN_GRACE
+                else:
+                    drop = (record.written_at or record.started_at) < cutoff
+                    go = drop or written < cutoff  # an upload alive elsewhere: only this replica's file
+                if go and self._sweep_one(uuid, drop) and drop:
+                    removed += 1
             except (OSError, ValueError) as exc:  # the store does not answer: swept next time
                 log.warning("could not remove the expired upload %s: %s", uuid, exc)
         return removed
+
+    def _sweep_one(self, uuid: str, drop: bool) -> bool:
+        """Drop the upload (*drop*), or only this replica's file of it, unless a request holds it."""
+        lease = self.metadata.take_lease(lease_name(uuid), self.replica, self.ttl)
+        if lease is None:
+            return False
+        try:
+            if drop:
+                self._drop_upload(uuid)
+            else:
+                self._local.pop(uuid, None)
+                self.store.layout.upload(uuid).unlink(missing_ok=True)
+        finally:
+            self.metadata.release_lease(lease)
+        return True

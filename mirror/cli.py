@@ -108,7 +108,7 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     from .metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
     from .storage.opening import open_blob_store
 
-    store = open_blob_store(config.storage)
+    store = open_blob_store(config.storage, replica=config.cluster.enabled)
     local_index = config.metadata.driver == "diskcache"  # postgres keeps nothing in DATA/index/
     # What the data directory holds besides the index: blobs/ on the filesystem, uploads/ beside a bucket.
     local = store.layout.blobs if config.storage.driver == "filesystem" else store.layout.uploads

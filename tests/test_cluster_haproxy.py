@@ -5,7 +5,8 @@ processes on one SeaweedFS bucket and one PostgreSQL database, each with a data 
 - ``haproxy -c`` accepts the shipped file as it is, and as the tests adapt it to loopback.
 - dockerd pulls and runs an image through HAProxy; 8 looping pullers see no failure while every replica
   is stopped and started again, one after the other; every replica answered some of them; dockerd then
-  pushes through HAProxy, and every replica serves the pushed image.
+  pushes through HAProxy, each upload's requests spread over the replicas (no stickiness), and every
+  replica serves the pushed image.
 - A replica whose ``/readyz`` fails (its database is gone) leaves HAProxy's rotation; the others serve;
   the dashboard's replica panels, queried in a real Prometheus scraping every replica, show it.
 """
@@ -115,12 +116,20 @@ def test_dockerd_pulls_through_haproxy_and_looping_pullers_see_no_failure_while_
         pull(daemon, "small:1")  # after every replica restarted
         assert run(daemon, "small:1", "cat", "/etc/image-marker") == "small"
 
-        # A push through HAProxy (its uploads pinned to the replica that started each), then the
+        # A push through HAProxy, round-robin (an upload's requests reach any replica), then the
         # image pulled back from every replica directly: the same manifest and blobs everywhere.
         ref = f"{balancer.address}/haproxy/pushed:1"  # a name the session's upstream has no repository of
         daemon.docker("tag", "small:1", ref)
         pushed, out = docker_push(daemon, ref)
         assert "Pushed" in out, out
+        answered: dict[str, set[int]] = {}  # upload uuid -> the replicas that answered its PATCHes and PUT
+        for n, mirror in enumerate(replicas):
+            for entry in mirror.access_entries():
+                path = str(entry.get("path", ""))
+                if entry.get("route") == "upload" and path.startswith("/v2/haproxy/pushed/blobs/uploads/") \
+                        and entry.get("method") in ("PATCH", "PUT"):
+                    answered.setdefault(path.rsplit("/", 1)[-1], set()).add(n)
+        assert answered and any(len(each) > 1 for each in answered.values()), answered
         manifests = [local_manifest(mirror, "haproxy/pushed", "1").content for mirror in replicas]
         assert all(manifest == manifests[0] for manifest in manifests)
         with httpx.Client(timeout=60.0, trust_env=False) as http:

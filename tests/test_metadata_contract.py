@@ -295,6 +295,18 @@ def test_an_upload_record_keeps_where_its_parts_went_and_each_new_part(index: Me
     assert index.get_upload(uuid) is None
 
 
+def test_an_upload_record_keeps_the_size_of_its_tail_and_its_last_write(index: Metadata) -> None:
+    """What the replicas of a cluster continue an upload from (``registry/roaming.py``)."""
+    uuid = "7e2d1c0b9a8f4e6d8c7b6a5f4e3d2c1b"
+    index.put_upload(uuid, UploadRecord("team/app", 12.5, tail=12345, written_at=20.25))
+    assert index.get_upload(uuid) == UploadRecord("team/app", 12.5, None, 12345, 20.25)
+    parted = UploadRecord("team/app", 12.5, UploadParts("mpu-2~y", 5 << 20, ('"etag-1"',)), 0, 30.5)
+    index.put_upload(uuid, parted)
+    assert index.get_upload(uuid) == parted
+    assert UploadRecord.unflat("team/app", 1.0, "mpu", 5, ["e"]) == UploadRecord("team/app", 1.0, UploadParts(
+        "mpu", 5, ("e",))), "a record kept before tails were"
+
+
 def test_foreign_layer_urls(index: Metadata) -> None:
     assert index.foreign_urls(D1) == ()
     index.set_foreign_urls(D1, iter(["https://example.com/a", "https://example.com/b"]))

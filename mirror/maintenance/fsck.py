@@ -131,7 +131,9 @@ class Fsck:
             if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
-            if not UPLOAD_ID_RE.fullmatch(uuid) or not self.store.layout.upload(uuid).exists():
+            record = self.metadata.get_upload(uuid)
+            roaming = record is not None and record.written_at is not None  # its file may be on another replica
+            if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
 
     def _drop_upload_record(self, uuid: str) -> None:

@@ -68,24 +68,34 @@ class ManifestRecord:
 @dataclass(frozen=True, slots=True)
 class UploadRecord:
     """A push upload in progress: the repository *name* it is for, when it started (``time.time()``),
-    and where its first bytes went in the blob store (``parts``; None while all are in its local file)."""
+    and where its first bytes went in the blob store (``parts``; None while all are in its local file).
+
+    Replicas of a cluster (``registry/roaming.py``) also keep the upload's unsent *tail* in the
+    bucket: *tail* is how many bytes past the parts it holds (the upload's offset is
+    ``parts.sent + tail``), *written_at* when a request last wrote to the upload (``time.time()``).
+    One host keeps its tail in its local file only: 0 and None.
+    """
 
     name: str
     started_at: float
     parts: UploadParts | None = None
+    tail: int = 0
+    written_at: float | None = None
 
-    def flat(self) -> tuple[str, float, str | None, int | None, list[str] | None]:
-        """``(name, started_at, upload_id, part_size, etags)``: the record as a driver keeps it."""
+    def flat(self) -> tuple[str, float, str | None, int | None, list[str] | None, int, float | None]:
+        """``(name, started_at, upload_id, part_size, etags, tail, written_at)``: the record as a driver
+        keeps it."""
         parts = self.parts
         return (self.name, self.started_at, *((parts.upload_id, parts.part_size, list(parts.etags)) if parts
-                                               else (None, None, None)))
+                                               else (None, None, None)), self.tail, self.written_at)
 
     @classmethod
     def unflat(cls, name: str, started_at: float, upload_id: str | None = None, part_size: int | None = None,
-               etags: Iterable[str] | None = None) -> UploadRecord:
-        """The record :meth:`flat` gave (or a record of a version that kept no parts: its first two)."""
+               etags: Iterable[str] | None = None, tail: int | None = 0,
+               written_at: float | None = None) -> UploadRecord:
+        """The record :meth:`flat` gave (or a record of a version that kept less: its first two or five)."""
         parts = None if upload_id is None else UploadParts(upload_id, int(part_size or 0), tuple(etags or ()))
-        return cls(name, float(started_at), parts)
+        return cls(name, float(started_at), parts, int(tail or 0), None if written_at is None else float(written_at))
 
 
 @dataclass(frozen=True, slots=True)

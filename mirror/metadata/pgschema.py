@@ -21,7 +21,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "NotifiedGeneration", "SchemaTooNew", "StoreMismatch", "describe", "migrate"]
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "UPLOAD_COLUMNS", "UPLOAD_UPDATES", "NotifiedGeneration", "SchemaTooNew",
+           "StoreMismatch", "describe", "migrate"]
 
 #: The NOTIFY channel on which each withdrawal publishes the new generation counter.
 CHANNEL = "mirror_metadata_generation"
@@ -66,9 +67,14 @@ MIGRATIONS: tuple[str, ...] = (
     # Digests being served from the blob store or filled, per holder (pgmarks.py).
     f"CREATE TABLE in_use (digest {_KEY}, holder {_KEY}, expires double precision NOT NULL,"
     " PRIMARY KEY (digest, holder));",
+    # A push upload's tail kept in the bucket by the replicas of a cluster, and its last write (UploadRecord).
+    "ALTER TABLE uploads ADD COLUMN tail bigint NOT NULL DEFAULT 0, ADD COLUMN written_at double precision;",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+#: The columns of ``uploads`` besides its key, in the order of ``UploadRecord.flat``; their update from ``excluded``.
+UPLOAD_COLUMNS = "name, started_at, upload_id, part_size, etags, tail, written_at"
+UPLOAD_UPDATES = ", ".join(f"excluded.{column}" for column in UPLOAD_COLUMNS.split(", "))
 
 
 def describe(dsn: str) -> str:

@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
 from .inventory import PostgresInventory
 from .pgmarks import NOW as _NOW, PostgresMarks
-from .pgschema import CHANNEL, NotifiedGeneration, describe, migrate
+from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
 POOL_SIZE = 4
@@ -296,12 +296,11 @@ class PostgresMetadata(PostgresInventory, PostgresMarks, Metadata):
     # -- uploads --
 
     def put_upload(self, uuid: str, record: UploadRecord) -> None:
-        self._one("INSERT INTO uploads VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (uuid) DO UPDATE SET (name,"
-                  " started_at, upload_id, part_size, etags) = (excluded.name, excluded.started_at, excluded.upload_id,"
-                  " excluded.part_size, excluded.etags) RETURNING 1", (uuid, *record.flat()))
+        self._one(f"INSERT INTO uploads (uuid, {UPLOAD_COLUMNS}) VALUES (%s{', %s' * 7}) ON CONFLICT (uuid) DO UPDATE"
+                  f" SET ({UPLOAD_COLUMNS}) = ({UPLOAD_UPDATES}) RETURNING 1", (uuid, *record.flat()))
 
     def get_upload(self, uuid: str) -> UploadRecord | None:
-        row = self._one("SELECT name, started_at, upload_id, part_size, etags FROM uploads WHERE uuid = %s", (uuid,))
+        row = self._one(f"SELECT {UPLOAD_COLUMNS} FROM uploads WHERE uuid = %s", (uuid,))
         return None if row is None else UploadRecord.unflat(*row)
 
     def delete_upload(self, uuid: str) -> None:

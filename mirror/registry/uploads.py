@@ -10,6 +10,9 @@ not take now (``StoreUnavailable``) waits in the file for the next request.  Fin
 verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
 else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
 cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too.
+Replicas of a cluster keep the tail in the bucket too and continue an upload on any of them
+(``registry/roaming.py``, through the hooks :meth:`Uploads._acquire`, :meth:`Uploads._written`,
+:meth:`Uploads._let_go` and :meth:`Uploads._keep`).
 """
 
 from __future__ import annotations
@@ -66,19 +69,29 @@ class Uploads:
         def create() -> None:
             fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
-            self.metadata.put_upload(uuid, UploadRecord(name, time.time()))
+            self.metadata.put_upload(uuid, self._new_record(name, uuid))
 
         await anyio.to_thread.run_sync(create)
         self._hashers[uuid] = (0, Digest("sha256", "").hasher())
         return UploadState(uuid, 0)
 
+    def _new_record(self, name: str, uuid: str) -> UploadRecord:
+        return UploadRecord(name, time.time())
+
     def _record(self, name: str, uuid: str) -> UploadRecord:
+        record = self._known(name, uuid)
+        if not self.store.layout.upload(uuid).exists():
+            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
+        return record
+
+    def _known(self, name: str, uuid: str) -> UploadRecord:
+        """The record of the upload *uuid* of *name*; ``BLOB_UPLOAD_UNKNOWN`` if there is none."""
         try:
             self.store.layout.upload(uuid)
         except ValueError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         record = self.metadata.get_upload(uuid)
-        if record is None or record.name != name or not self.store.layout.upload(uuid).exists():
+        if record is None or record.name != name:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid})
         return record
 
@@ -91,14 +104,26 @@ class Uploads:
                      content_range: str | None = None) -> UploadState:
         """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
         self._record(name, uuid)
-        fd, record = await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
+        fd, record = await self._acquire(name, uuid)
         try:
             offset = os.fstat(fd).st_size
             self._check_range(name, uuid, offset, content_range)
-            offset, _ = await self._write(uuid, fd, offset, body, record)
+            offset, record = await self._write(uuid, fd, offset, body, record)
+            await self._written(uuid, fd, offset, record)
         finally:
-            os.close(fd)
+            await self._let_go(uuid, fd)
         return UploadState(uuid, offset)
+
+    async def _acquire(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
+        """The upload's local file, open, for this request alone, and its record (:meth:`_lock_upload`)."""
+        return await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
+
+    async def _written(self, uuid: str, fd: int, offset: int, record: UploadRecord) -> None:
+        """A chunk is in: the upload ends at *offset* (nothing more to keep: the file holds it)."""
+
+    async def _let_go(self, uuid: str, fd: int) -> None:
+        """The request on the upload is over: close its file (and give the upload up to the others)."""
+        os.close(fd)
 
     def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None) -> None:
         """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
@@ -115,12 +140,13 @@ class Uploads:
         and move the blob into the store."""
         self._record(name, uuid)
         path = self.store.layout.upload(uuid)
-        fd, record = await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
+        fd, record = await self._acquire(name, uuid)
         try:
             before = os.fstat(fd).st_size
             self._check_range(name, uuid, before, content_range)
             offset, record = await self._write(uuid, fd, before, body, record)
             record = await anyio.to_thread.run_sync(self._send_parts, uuid, record, offset)  # any left behind
+            await self._written(uuid, fd, offset, record)
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
                 else None
@@ -135,11 +161,11 @@ class Uploads:
                     self._hashers.pop(uuid, None)
                     await anyio.to_thread.run_sync(os.ftruncate, fd, max(before, _sent(record)))
                 raise
+            self._hashers.pop(uuid, None)
+            self.metrics.upload_finished(offset)
+            await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
         finally:
-            os.close(fd)
-        self._hashers.pop(uuid, None)
-        self.metrics.upload_finished(offset)
-        await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
+            await self._let_go(uuid, fd)
 
     def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
         self.metadata.link(local_repo(name), [str(digest)])
@@ -179,8 +205,14 @@ class Uploads:
         part_size = record.parts.part_size if record.parts is not None else self.store.upload_part_size()
         while part_size and offset - _sent(record) >= part_size:
             parts = self.store.send_upload_part(uuid, self.store.layout.upload(uuid), record.parts)
-            record = replace(record, parts=parts)
-            self.metadata.put_upload(uuid, record)
+            # A tail kept (registry/roaming.py) is in the part sent now (none when it was only started).
+            tail = 0 if parts.sent > _sent(record) else record.tail
+            record = self._keep(uuid, replace(record, parts=parts, tail=tail))
+        return record
+
+    def _keep(self, uuid: str, record: UploadRecord) -> UploadRecord:
+        """Write the upload's record; the record as written."""
+        self.metadata.put_upload(uuid, record)
         return record
 
     async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes],

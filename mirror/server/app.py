@@ -37,12 +37,13 @@ from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
 from ..registry.replica import Cluster
+from ..registry.roaming import RoamingUploads
 from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
 from ..storage.layout import Layout
-from ..storage.opening import open_blob_store
+from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
@@ -60,7 +61,7 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = open_blob_store(config.storage)
+        store = open_blob_store(config.storage, replica=config.cluster.enabled)
         await anyio.to_thread.run_sync(store.create)
         swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         if swept:
@@ -90,6 +91,9 @@ def create_app(config: Config) -> Starlette:
                 each.peers = PeerFlights(metadata, cluster.replica, cluster.ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
+        if cluster is not None:  # an upload goes on on any replica: its tail in the bucket between requests
+            local.uploads = RoamingUploads(store, metadata, config.push.upload_ttl, metrics, upload_tails(store),
+                                           cluster.replica, cluster.ttl)
         namespaces = Namespaces(local, pulls, config.upstream.registry)
         expired = await anyio.to_thread.run_sync(local.uploads.sweep)
         if expired:

@@ -90,6 +90,25 @@ class UploadParts:
         return self.part_size * len(self.etags)
 
 
+class UploadTails(Protocol):
+    """Where the replicas of a cluster keep a push upload's unsent tail (its bytes past the parts sent,
+    less than a part) between two of its requests, so that any replica continues it: one object per
+    upload, written whole at the end of a request (``registry/roaming.py``).  Errors: ``OSError``."""
+
+    def put(self, uuid: str, fd: int, start: int, size: int) -> None:
+        """Keep bytes ``start..start + size - 1`` of the file open as *fd* as the tail of *uuid*."""
+        ...
+
+    def fetch(self, uuid: str, fd: int, start: int, size: int) -> None:
+        """Write the first *size* bytes of the tail of *uuid* into the file open as *fd* at *start*;
+        ``OSError`` (``EIO``) if it holds fewer."""
+        ...
+
+    def remove(self, uuid: str) -> None:
+        """Delete the tail of *uuid* (none is no error)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Space:
     """Bytes of the backend holding the store: its ``total`` size and what is ``available``."""

@@ -31,7 +31,8 @@ In an object store (``storage/s3.py``) only ``blobs/`` exists, as keys under the
 ``rootdirectory``: ``<rootdirectory>/blobs/<algorithm>/<hex[:2]>/<hex>`` (:func:`object_key`), each
 written once by an upload completed after its digest was verified.  A push upload's parts go to a
 multipart upload of ``<rootdirectory>/uploads/<uuid>/data`` (:func:`upload_key`), completed there
-at the upload's end, copied in the bucket to its digest's key once verified, then deleted.
+at the upload's end, copied in the bucket to its digest's key once verified, then deleted; replicas of a
+cluster keep its unsent tail in ``<rootdirectory>/uploads/<uuid>/tail`` (:func:`upload_tail_key`).
 
 Every ``*.partial`` in ``tmp/`` is flock'ed by the process writing it: the start-up sweep
 (``Store.sweep_tmp``) removes exactly the leftovers of writers that died.  Paths of objects are
@@ -83,6 +84,12 @@ def upload_key(uuid: str) -> str:
     if not UPLOAD_ID_RE.fullmatch(uuid):
         raise ValueError(f"invalid upload id {uuid!r}")
     return f"uploads/{uuid}/data"
+
+
+def upload_tail_key(uuid: str) -> str:
+    """The key below an object store's root where the replicas of a cluster keep the unsent tail of the
+    push upload *uuid* between its requests: ``uploads/<uuid>/tail``; never a digest's key."""
+    return upload_key(uuid).removesuffix("/data") + "/tail"
 
 
 def parse_object_key(relative: str) -> tuple[str, Digest | None]:

@@ -92,6 +92,8 @@ class S3Store:
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
+        #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
+        self.shared_pushes = False
 
     def key(self, digest: Digest) -> str:
         return self.root + object_key(digest)
@@ -123,10 +125,11 @@ class S3Store:
         return removed
 
     def _pushing(self, key: str) -> bool:
-        """Whether *key* is a push upload's (``uploads/<uuid>/data``) whose local file is still there."""
+        """Whether *key* is a push upload's (``uploads/<uuid>/data``) whose local file is still there
+        (or, with :attr:`shared_pushes`, may be on another replica)."""
         uuid = key[len(self.root):].removeprefix("uploads/").removesuffix("/data")
         try:
-            return key.startswith(self.root + "uploads/") and self.layout.upload(uuid).exists()
+            return key.startswith(self.root + "uploads/") and (self.shared_pushes or self.layout.upload(uuid).exists())
         except ValueError:
             return False
 

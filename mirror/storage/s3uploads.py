@@ -23,6 +23,9 @@ byte of an upload gives its digest (*known_hex*, as for ``commit_file``); after 
 another worker took part of the upload, the completed object is read back once, streamed, and hashed
 before it is copied.
 
+:class:`S3UploadTails` keeps an upload's unsent tail in ``<rootdirectory>/uploads/<uuid>/tail`` between two
+requests, for the replicas of a cluster (``registry/roaming.py``).
+
 Errors: what S3 refuses is ``OSError`` (``EIO``, :func:`~mirror.storage.s3objects.backend_error`);
 :class:`~mirror.storage.driver.DigestMismatch` when the bytes are not the digest's (the caller then
 :func:`abort_upload`\\ s).
@@ -43,7 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.reference import Digest
 from .driver import DigestMismatch, UploadParts
-from .layout import upload_key
+from .layout import upload_key, upload_tail_key
 from .s3damage import vouch
 from .s3objects import backend_error, missing
 
@@ -229,3 +232,35 @@ def _copy(store: S3Store, source: str, target: str, size: int) -> str | None:
         return str(done.get("ETag") or "") or None
     except (BotoCoreError, ClientError) as exc:
         raise backend_error(exc, f"copying {source} to {target}") from exc
+
+
+class S3UploadTails:
+    """The unsent tails of push uploads as objects of the bucket (:class:`~mirror.storage.driver.UploadTails`):
+    one ``PutObject`` streamed from the local file at the end of a request, one ranged ``GetObject`` by the
+    next replica that continues the upload."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.store = store
+
+    def put(self, uuid: str, fd: int, start: int, size: int) -> None:
+        key = self.store.root + upload_tail_key(uuid)
+        try:
+            self.store.client.put_object(Bucket=self.store.bucket, Key=key, Body=FileSlice(fd, start, size),
+                                         ContentLength=size)
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"PUT {key}") from exc
+
+    def fetch(self, uuid: str, fd: int, start: int, size: int) -> None:
+        key, at = self.store.root + upload_tail_key(uuid), start
+        try:
+            body = self.store.client.get_object(Bucket=self.store.bucket, Key=key, Range=f"bytes=0-{size - 1}")["Body"]
+            with body:
+                while at < start + size and (data := body.read(min(1 << 20, start + size - at))):
+                    at += os.pwrite(fd, data, at)
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"GET {key}") from exc
+        if at != start + size:
+            raise OSError(errno.EIO, f"{key} holds {at - start} bytes, not the {size} of the upload's record")
+
+    def remove(self, uuid: str) -> None:
+        self.store.remove_key(self.store.root + upload_tail_key(uuid))

@@ -216,6 +216,46 @@ def test_when_the_replica_fetching_dies_another_takes_the_fill_over_and_its_clie
     assert holders <= {r.url for r in others}, holders  # the lease row now names the replica that took over
 
 
+def test_a_replica_whose_bucket_answers_slowly_follows_a_fill_in_progress_without_waiting_for_its_look(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, seaweedfs: SeaweedS3,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A replica whose looks in the bucket (HEAD) each take 3 s: while another replica fetches a blob, its
+    client's first byte does not wait for such a look.  The fill's lease in the index says the blob is
+    being fetched, so the replica follows that fetch at once (``ClusterFills.stored``)."""
+    layer = big_image.layers[0]
+    (owner,) = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)
+    slow_bucket = FaultProxy(seaweedfs.endpoint).start()
+    slow_bucket.add("late", r"/blobs/sha256/", method="HEAD", delay=3)
+    try:
+        follower = start_replicas(cluster, 1, fault_proxy.url, mirror_factory,
+                                  MIRROR_STORAGE_S3_REGIONENDPOINT=slow_bucket.url)[-1]
+        blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+        rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
+        first = Pull(owner)
+        first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+        first_thread.start()
+        wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+
+        def linked() -> bool:  # the owner records the repository's link beside its first answer
+            with psycopg.connect(cluster.dsn) as conn:
+                return conn.execute("SELECT 1 FROM links WHERE digest = %s", (layer.digest,)).fetchone() is not None
+
+        wait_for(linked, timeout=30, what="the blob linked to its repository in the index")
+        pull = Pull(follower)
+        for thread in [*run_pulls([pull], layer.digest), first_thread]:
+            thread.join(180)
+        looks = slow_bucket.count("HEAD", "/blobs/sha256/")
+    finally:
+        slow_bucket.stop()
+
+    assert (first.error, first.sha256, pull.error, pull.sha256) == (None, layer.digest, None, layer.digest)
+    assert looks >= 1  # the replica did look in the bucket (and was answered late)
+    assert pull.first_byte is not None and pull.first_byte - pull.started < 1.5, \
+        f"first byte after {pull.first_byte and pull.first_byte - pull.started:.2f} s: it waited for the look"
+    assert fault_proxy.count("GET", blob_path) == 1
+
+
 def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

@@ -49,7 +49,7 @@ from ..storage.bypass import BypassBlob, Download, FillFailed
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.fill import Fills
 from ..storage.growing import Fetch, GrowingBlob, filling
-from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
+from .replica import FILLS_PATH, HEDGE_AFTER, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
 
 log = logging.getLogger("mirror.cluster")
 
@@ -70,6 +70,35 @@ class ClusterFills(Fills):
         super().__init__(store, **options)
         self.cluster = cluster
         self.figures = figures
+
+    async def stored(self, digest: Digest) -> BlobReader | None:
+        """The stored blob, or None; a look at the store (a HEAD) that takes longer than
+        :data:`HEDGE_AFTER` seconds is raced by a look at the digest's fill lease in the index.
+
+        A bucket busy taking a fill answers slowly, and a blob being filled is exactly what the
+        clients of other replicas ask for at that moment.  If another replica (or another process of
+        this one) holds the fill's lease, the answer is None at once: the fill then follows the
+        fetch in progress, and the look under its own lease decides (:meth:`ClusterFetch._lead`),
+        so an object stored meanwhile is still found.  A reader the slow look opens after all is
+        let go.  The index down: the look is waited for.
+        """
+        look = asyncio.ensure_future(super().stored(digest))
+        try:
+            done, _ = await asyncio.wait([look], timeout=HEDGE_AFTER)
+            if done:
+                return look.result()
+            lease = asyncio.ensure_future(anyio.to_thread.run_sync(
+                self.cluster.metadata.current_lease, lease_name(digest)))
+            lease.add_done_callback(_retrieved)
+            racing: list[asyncio.Future[Any]] = [look, lease]
+            first, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            if look in first or lease.exception() is not None or lease.result() is None:
+                return await look
+        except BaseException:
+            look.add_done_callback(_close_reader)
+            raise
+        look.add_done_callback(_close_reader)
+        return None
 
     async def open(self, digest: Digest, fetch: Fetch, *,
                    looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
@@ -326,6 +355,18 @@ class ClusterFetch:
         except Exception as exc:  # noqa: BLE001 (the upload is aborted by its replica's restart, or expires)
             log.warning("%s: could not abort the upload left by the replica whose fill this one took over: %s",
                         self.digest, exc)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a background look's outcome as seen (an error of it is not this request's)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _close_reader(task: asyncio.Future[BlobReader | None]) -> None:
+    """Let go of the reader a look opened after its answer was no longer wanted."""
+    if not task.cancelled() and task.exception() is None and (reader := task.result()) is not None:
+        reader.close()
 
 
 def _unavailable(message: str) -> APIError:

@@ -267,7 +267,7 @@ class PullThrough:
         linked = self.metadata.is_linked(repo, key)
         consented = False
         if linked:
-            stored = await anyio.to_thread.run_sync(self.fills.open_stored, digest)
+            stored = await self.fills.stored(digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
         elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:

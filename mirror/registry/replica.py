@@ -21,6 +21,8 @@ from .peers import sign
 RETRY_INTERVAL = 0.2
 #: Seconds a client is told to wait (``Retry-After``) when the replica fetching a blob cannot be followed.
 RETRY_AFTER = 5
+#: Seconds a look at the store for a blob may take before the blob's fill lease is looked at too.
+HEDGE_AFTER = 0.005
 #: The path of a replica's fill of a digest, for the others.
 FILLS_PATH = "/_mirror/cluster/fills/"
 

@@ -122,6 +122,11 @@ class Fills:
         """The stored blob, marked as being served (``BlobStore.open``), or None."""
         return self.store.open(digest)
 
+    async def stored(self, digest: Digest) -> BlobReader | None:
+        """:meth:`open_stored` from a worker thread (on an object store it is a request): the stored
+        blob, or None if it is not stored, or not yet as far as this process can tell at once."""
+        return await anyio.to_thread.run_sync(self.open_stored, digest)
+
     async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
         """A fetch of this reader's own, streamed through without being stored.
 

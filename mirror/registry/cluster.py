@@ -24,6 +24,9 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   No progress for :func:`stall_limit` seconds while another replica holds the lease fails the fill,
   and so does a holder that refuses this replica's signature (``cluster.secret_file`` differs): before
   the first byte, the client is answered ``503 UNAVAILABLE``; after it, its transfer is cut short.
+* A replica's look in the bucket that a busy bucket answers late is raced by a look at the fill's
+  lease (``registry/sharedfills.py``): a blob another replica is fetching is followed at once, that
+  replica asked first without asking the index again.
 * Every replica filling a digest, the fetching one and those following it, marks it in use in the index
   (:attr:`Cluster.marks`) until its local fill ended, so that the collector spares its image.
 """
@@ -36,7 +39,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any
 
 import anyio.to_thread
 import httpx
@@ -45,81 +47,20 @@ from ..metadata.driver import Lease
 from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.bypass import BypassBlob, Download, FillFailed
-from ..storage.driver import BlobReader, BlobStore
-from ..storage.fill import Fills
-from ..storage.growing import Fetch, GrowingBlob, filling
-from .replica import FILLS_PATH, HEDGE_AFTER, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
+from ..storage.bypass import Download, FillFailed
+from ..storage.growing import Fetch, filling
+from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
 
 log = logging.getLogger("mirror.cluster")
-
-class ClusterFills(Fills):
-    """The fills of a replica: each fetch goes through a :class:`ClusterFetch` (what the pull-through
-    policy asks of :class:`~mirror.storage.fill.Fills` is otherwise unchanged).
-
-    A fill started here that follows another replica's fetch is answered as *coalesced*: that fetch
-    may be for another repository, so the policy asks the upstream's consent for this one, as for a
-    fetch joined on this host (``registry/pullthrough.py``).
-    """
-
-    #: A fetch looks at the store once it holds the fill's lease (:meth:`ClusterFetch._lead`), which is
-    #: the lock that counts across replicas: a look under this host's lock would only repeat it.
-    look_after_lock = False
-
-    def __init__(self, store: BlobStore, cluster: Cluster, figures: ClusterMetrics, **options: Any) -> None:
-        super().__init__(store, **options)
-        self.cluster = cluster
-        self.figures = figures
-
-    async def stored(self, digest: Digest) -> BlobReader | None:
-        """The stored blob, or None; a look at the store (a HEAD) that takes longer than
-        :data:`HEDGE_AFTER` seconds is raced by a look at the digest's fill lease in the index.
-
-        A bucket busy taking a fill answers slowly, and a blob being filled is exactly what the
-        clients of other replicas ask for at that moment.  If another replica (or another process of
-        this one) holds the fill's lease, the answer is None at once: the fill then follows the
-        fetch in progress, and the look under its own lease decides (:meth:`ClusterFetch._lead`),
-        so an object stored meanwhile is still found.  A reader the slow look opens after all is
-        let go.  The index down: the look is waited for.
-        """
-        look = asyncio.ensure_future(super().stored(digest))
-        try:
-            done, _ = await asyncio.wait([look], timeout=HEDGE_AFTER)
-            if done:
-                return look.result()
-            lease = asyncio.ensure_future(anyio.to_thread.run_sync(
-                self.cluster.metadata.current_lease, lease_name(digest)))
-            lease.add_done_callback(_retrieved)
-            racing: list[asyncio.Future[Any]] = [look, lease]
-            first, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-            if look in first or lease.exception() is not None or lease.result() is None:
-                return await look
-        except BaseException:
-            look.add_done_callback(_close_reader)
-            raise
-        look.add_done_callback(_close_reader)
-        return None
-
-    async def open(self, digest: Digest, fetch: Fetch, *,
-                   looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
-        made: list[ClusterFetch] = []
-
-        def start() -> ClusterFetch:
-            made.append(ClusterFetch(self.cluster, digest, fetch, self.figures))
-            return made[-1]
-
-        source = await super().open(digest, start, looked=looked)
-        if isinstance(source, GrowingBlob) and not source.coalesced and made and made[0].stored_elsewhere():
-            source.coalesced = True
-            self.metrics.waiting(1)  # as a reader joining a fetch counts itself (``GrowingBlob``)
-        return source
-
 
 class ClusterFetch:
     """One replica's fetch of one digest (a :class:`~mirror.storage.bypass.Download` in its context)."""
 
-    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch, figures: ClusterMetrics) -> None:
+    def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch, figures: ClusterMetrics,
+                 holder: str | None = None) -> None:
         self.cluster = cluster
+        #: The replica the fill lease named a moment ago, if known: followed first, without asking the index.
+        self._holder_hint = holder
         self.digest = digest
         self.upstream = upstream
         self.figures = figures
@@ -155,14 +96,20 @@ class ClusterFetch:
                 marks.hold(self.digest)
                 held = True  # released below even if this task is cancelled while the thread runs
 
+        def settle(holding: asyncio.Future[None]) -> None:
+            if not holding.cancelled() and holding.exception() is None and held and marks is not None:
+                marks.release(self.digest)
+
+        # The mark is written while the source is sought: nothing of this fill is stored before both.
+        holding = asyncio.ensure_future(anyio.to_thread.run_sync(hold)) if marks is not None else None
         try:
-            if marks is not None:
-                await anyio.to_thread.run_sync(hold)
             await self._connect()
+            if holding is not None:
+                await holding
         except BaseException:
             await self._stack.aclose()
-            if held and marks is not None:
-                marks.release(self.digest)
+            if holding is not None:
+                holding.add_done_callback(settle)
             raise
         return self
 
@@ -218,12 +165,22 @@ class ClusterFetch:
         cluster, name = self.cluster, lease_name(self.digest)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + stall_limit(cluster.ttl)
+        hint, self._holder_hint = self._holder_hint, None
+        if hint is not None and hint != cluster.replica:
+            self._followed = True
+            if await self._follow(hint):
+                return
+
+        def look() -> tuple[Lease | None, Lease | None]:
+            """The lease if granted to this replica, else who holds it (one trip to a worker thread)."""
+            taken = cluster.metadata.take_lease(name, cluster.replica, cluster.ttl)
+            return (taken, None) if taken is not None else (None, cluster.metadata.current_lease(name))
+
         while True:
-            lease = await anyio.to_thread.run_sync(cluster.metadata.take_lease, name, cluster.replica, cluster.ttl)
+            lease, holder = await anyio.to_thread.run_sync(look)
             if lease is not None:
                 await self._lead(lease)
                 return
-            holder = await anyio.to_thread.run_sync(cluster.metadata.current_lease, name)
             if holder is not None:
                 self._followed = True
                 # This replica's own name: a lease left by its previous run, until it expires.
@@ -355,18 +312,6 @@ class ClusterFetch:
         except Exception as exc:  # noqa: BLE001 (the upload is aborted by its replica's restart, or expires)
             log.warning("%s: could not abort the upload left by the replica whose fill this one took over: %s",
                         self.digest, exc)
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Mark a background look's outcome as seen (an error of it is not this request's)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _close_reader(task: asyncio.Future[BlobReader | None]) -> None:
-    """Let go of the reader a look opened after its answer was no longer wanted."""
-    if not task.cancelled() and task.exception() is None and (reader := task.result()) is not None:
-        reader.close()
 
 
 def _unavailable(message: str) -> APIError:

@@ -23,6 +23,8 @@ RETRY_INTERVAL = 0.2
 RETRY_AFTER = 5
 #: Seconds a look at the store for a blob may take before the blob's fill lease is looked at too.
 HEDGE_AFTER = 0.005
+#: Holders of fill leases remembered per process at most, from a look to the fill that follows it.
+HINTS = 4096
 #: The path of a replica's fill of a digest, for the others.
 FILLS_PATH = "/_mirror/cluster/fills/"
 

@@ -31,13 +31,13 @@ from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.cluster import ClusterMetrics
 from ..observe.metrics import Metrics, exposition_registry
-from ..registry.cluster import ClusterFills
 from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
 from ..registry.replica import Cluster
 from ..registry.roaming import RoamingUploads
+from ..registry.sharedfills import ClusterFills
 from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable

@@ -69,6 +69,14 @@ def test_a_collector_waits_while_another_hosts_collector_holds_the_lease(
         assert done and done[0].startswith("0:"), done
         assert "4 objects" in done[0] and bucket.objects() == {}, done
         assert index.current_lease(LEASE) is None  # given up when it finished
+        # Each collection forgets the leases released or expired an hour before (replicas leave one
+        # row per blob filled and per upload), not those of a minute ago.
+        for name, age in (("fill:sha256:old", 7200), ("upload:old", 3700), ("upload:recent", 60)):
+            index._all("INSERT INTO leases VALUES (%s, 'gone', nextval('lease_tokens'),"
+                       " extract(epoch from now()) - %s) RETURNING 1", (name, age))
+        collected = mirror_cli("gc", "--data", replica.data_dir, env=evicting)
+        assert collected.returncode == 0, collected.stderr
+        assert {name for (name, _) in index._all("SELECT name, expires FROM leases")} == {LEASE, "upload:recent"}
     finally:
         index.close()
 

@@ -527,6 +527,30 @@ def test_an_expired_lease_passes_on_with_a_larger_fencing_token(opener: Opener, 
         two.close()
 
 
+def test_leases_released_or_expired_long_enough_ago_are_forgotten_and_their_names_granted_again(
+    opener: Opener, clock: FakeClock,
+) -> None:
+    one = opener(clock)
+    try:
+        released = one.take_lease("upload:a", "replica-1", ttl=10)
+        expired = one.take_lease("fill:b", "replica-1", ttl=10)
+        assert released is not None and expired is not None and one.release_lease(released)
+        clock.now += 100
+        recent = one.take_lease("fill:c", "replica-2", ttl=10)
+        held = one.take_lease("collector", "replica-2", ttl=1000)
+        assert recent is not None and held is not None
+        clock.now += 50  # "upload:a" released 150 s ago, "fill:b" expired 140 s ago, "fill:c" 40 s ago
+        assert one.prune_leases(60) >= 1  # "fill:b"; a driver may forget a released lease at once
+        assert one.prune_leases(60) == 0
+        assert one.renew_lease(expired, ttl=10) is None and not one.release_lease(released)
+        assert one.current_lease("collector") == held  # held leases stay, whatever their age
+        assert one.renew_lease(recent, ttl=10) is None  # kept, still expired
+        again = one.take_lease("fill:b", "replica-2", ttl=10)
+        assert again is not None and again.token > max(held.token, recent.token)  # one counter, still growing
+    finally:
+        one.close()
+
+
 def test_leases_between_processes_are_exclusive_and_tokens_grow_in_holding_order(
     index: Metadata, opener: Opener, elsewhere: ProcessPoolExecutor, tmp_path: Path,
 ) -> None:

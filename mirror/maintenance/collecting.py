@@ -29,6 +29,8 @@ LEASE = "collector"
 TTL = 30.0
 #: Seconds between heartbeats, and between tries of a collector that waits for the lease.
 BEAT = TTL / 6
+#: Seconds a lease that was released or expired is kept before a collection forgets it.
+KEEP_LEASES = 3600.0
 
 
 class CollectorLease:
@@ -83,8 +85,21 @@ def collector_lease(metadata: Metadata, *, wait: bool) -> Iterator[CollectorLeas
     held = CollectorLease(metadata, lease)
     try:
         yield held
+        _prune_leases(metadata)
     finally:
         held.close()
+
+
+def _prune_leases(metadata: Metadata) -> None:
+    """Forget the leases released or expired :data:`KEEP_LEASES` ago (one row is left per blob
+    ever filled and per upload), once per collection; a failure is only logged."""
+    try:
+        pruned = metadata.prune_leases(KEEP_LEASES)
+    except MetadataUnavailable as exc:
+        log.warning("could not prune expired leases: %s", exc)
+        return
+    if pruned:
+        log.info("pruned %d expired leases", pruned)
 
 
 class CollectorBusy(Exception):

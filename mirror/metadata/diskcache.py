@@ -50,8 +50,8 @@ from typing import Any
 import diskcache
 
 from ..storage.layout import generation_file
+from .dcleases import DiskcacheLeases
 from .driver import (
-    Lease,
     ManifestRecord,
     Metadata,
     TagRecord,
@@ -96,7 +96,7 @@ class MappedGeneration:
         self._map.close()
 
 
-class DiskcacheMetadata(DiskcacheInventory, HostMarks, Metadata):
+class DiskcacheMetadata(DiskcacheInventory, DiskcacheLeases, HostMarks, Metadata):
     """The index in diskcache under *directory*; *clock* (seconds) times leases."""
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
@@ -354,42 +354,6 @@ class DiskcacheMetadata(DiskcacheInventory, HostMarks, Metadata):
 
     def held(self) -> dict[str, int]:
         return dict(self._cache.get("held", None) or {})
-
-    # -- leases --
-
-    def take_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
-        now = self._clock()
-        with self._cache.transact():
-            current = self._cache.get(f"lease/{name}")
-            if current is not None and current[2] > now:
-                return None
-            token = int(self._cache.incr("lease-token", 1, default=0))
-            self._cache.set(f"lease/{name}", (holder, token, now + ttl))
-        return Lease(name, holder, token, now + ttl)
-
-    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
-        now = self._clock()
-        with self._cache.transact():
-            current = self._cache.get(f"lease/{lease.name}")
-            if current is None or current[1] != lease.token or current[2] <= now:
-                return None
-            self._cache.set(f"lease/{lease.name}", (lease.holder, lease.token, now + ttl))
-        return Lease(lease.name, lease.holder, lease.token, now + ttl)
-
-    def release_lease(self, lease: Lease) -> bool:
-        now = self._clock()
-        with self._cache.transact():
-            current = self._cache.get(f"lease/{lease.name}")
-            if current is None or current[1] != lease.token:
-                return False
-            self._cache.delete(f"lease/{lease.name}")
-        return bool(current[2] > now)
-
-    def current_lease(self, name: str) -> Lease | None:
-        current = self._cache.get(f"lease/{name}")
-        if current is None or current[2] <= self._clock():
-            return None
-        return Lease(name, *current)
 
 
 def _split(key: str, prefix: str) -> tuple[str, str]:

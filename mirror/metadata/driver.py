@@ -355,6 +355,12 @@ class Leases(Protocol):
         """The unexpired lease on *name* (who holds it, its token), or None if it is free."""
         ...
 
+    def prune_leases(self, keep: float) -> int:
+        """Forget leases released or expired more than *keep* seconds ago (by the driver's clock), of
+        which one is left per name ever leased (a fill per blob, an upload): how many were.  What a
+        later grant of such a name draws is unchanged: tokens come from the one counter."""
+        ...
+
 
 class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
                InventoryIndex, Leases, InUseMarks, Protocol):

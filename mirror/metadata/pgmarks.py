@@ -6,7 +6,8 @@ a transaction-level advisory lock per digest (:data:`LOCK_SPACE`, ``hashtext(dig
 marks, which never wait for each other, exclusive for the collector, held across its delete, so a mark
 taken meanwhile comes after it (and its holder then finds no object).  A collector that dies mid-delete
 lets go of the lock with its connection.  Rows expired for an hour are removed when the collector reads
-the marks.
+the marks.  The expired rows of ``leases`` go here too (:meth:`PostgresMarks.prune_leases`, the
+collector's), this being the driver's module of rows that expire.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class PostgresMarks:
     def unmark_in_use(self, holder: str, digests: Collection[str]) -> None:
         if digests:
             self._all("DELETE FROM in_use WHERE holder = %s AND digest = ANY(%s) RETURNING 1", (holder, list(digests)))
+
+    def prune_leases(self, keep: float) -> int:
+        # Released leases expire at -Infinity; a grant racing this delete inserts its row anew.
+        return len(self._all(f"DELETE FROM leases WHERE expires < {NOW} - %(keep)s RETURNING 1",
+                             {"keep": keep, "now": self._now()}))
 
     def in_use(self) -> set[str]:
         rows = self._all(f"WITH gone AS (DELETE FROM in_use WHERE expires < {NOW} - %(keep)s)"

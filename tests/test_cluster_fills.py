@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, Layer, build_image, random_layer
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
@@ -115,6 +115,19 @@ def pull_blob(pull: Pull, digest: str) -> None:
     pull.sha256 = "sha256:" + hasher.hexdigest()
 
 
+def start_slow_fill(owner: MirrorServer, fault_proxy: FaultProxy, layer: Layer,
+                    delay: float = 0.01) -> tuple[str, Pull, threading.Thread]:
+    """A client of *owner* starts its fill of *layer*, which the upstream sends 64 KiB every *delay*
+    seconds; once 4 MiB are in: the blob's path, that client's :class:`Pull` and its thread."""
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=delay)
+    first = Pull(owner)
+    thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
+    thread.start()
+    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    return blob_path, first, thread
+
+
 def run_pulls(pulls: list[Pull], digest: str) -> list[threading.Thread]:
     threads = [threading.Thread(target=pull_blob, args=(p, digest)) for p in pulls]
     for thread in threads:
@@ -191,12 +204,7 @@ def test_when_the_replica_fetching_dies_another_takes_the_fill_over_and_its_clie
     layer = big_image.layers[0]
     owner, *others = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
     fault_proxy.clear_counts()
-    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
-    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
-    first = Pull(owner)
-    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
-    first_thread.start()
-    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer)
     pulls = [Pull(others[n % 2]) for n in range(6)]
     threads = run_pulls(pulls, layer.digest)
     wait_for(lambda: all(p.size >= 8 * MIB for p in pulls), timeout=60, what="the followers' clients under way")
@@ -230,12 +238,7 @@ def test_a_replica_whose_bucket_answers_slowly_follows_a_fill_in_progress_withou
     try:
         follower = start_replicas(cluster, 1, fault_proxy.url, mirror_factory,
                                   MIRROR_STORAGE_S3_REGIONENDPOINT=slow_bucket.url)[-1]
-        blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
-        rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
-        first = Pull(owner)
-        first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
-        first_thread.start()
-        wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+        blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer)
 
         def linked() -> bool:  # the owner records the repository's link beside its first answer
             with psycopg.connect(cluster.dsn) as conn:
@@ -289,12 +292,7 @@ def test_a_replica_whose_lease_was_taken_over_stops_its_fetch_and_stores_nothing
     layer = big_image.layers[0]
     owner, *others = start_replicas(cluster, 3, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
     fault_proxy.clear_counts()
-    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
-    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.01)
-    first = Pull(owner)
-    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
-    first_thread.start()
-    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer)
     pulls = [Pull(others[n % 2]) for n in range(4)]
     threads = run_pulls(pulls, layer.digest)
     wait_for(lambda: all(p.size >= 8 * MIB for p in pulls), timeout=60, what="the followers' clients under way")
@@ -324,12 +322,7 @@ def test_a_blob_another_replica_fetches_for_one_repository_needs_the_upstreams_c
 ) -> None:
     layer = big_image.layers[0]
     owner, other = start_replicas(cluster, 2, fault_proxy.url, mirror_factory)
-    rule = fault_proxy.add("slow", f"/v2/library/cluster-big/blobs/{layer.digest}", method="GET",
-                           chunk_size=64 << 10, delay=0.006)
-    first = Pull(owner)
-    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
-    first_thread.start()
-    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    _, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.006)
     with httpx.Client(trust_env=False, timeout=120) as http:
         # The upstream has no such blob in library/elsewhere: the fill of library/cluster-big is not its answer.
         answer = http.get(f"{other.url}/v2/library/elsewhere/blobs/{layer.digest}")
@@ -348,12 +341,7 @@ def test_a_replica_with_another_secret_is_refused_by_the_one_fetching_and_fetche
     cluster.secret_file.write_text(SECRET[::-1])
     stranger = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
     fault_proxy.clear_counts()
-    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
-    rule = fault_proxy.add("slow", blob_path, method="GET", chunk_size=64 << 10, delay=0.006)
-    first = Pull(owner)
-    first_thread = threading.Thread(target=pull_blob, args=(first, layer.digest))
-    first_thread.start()
-    wait_for(lambda: rule.sent >= 4 * MIB, timeout=60, what="the owner's fill under way")
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.006)
     with httpx.Client(trust_env=False, timeout=120) as http:
         answer = http.get(f"{stranger.url}{blob_path}")
     first_thread.join(180)

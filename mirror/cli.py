@@ -153,7 +153,8 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     store, metadata = opened
     progress = TerminalProgress("fsck")
     try:
-        report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress).run()
+        report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress,
+                      replica=config.cluster.enabled).run()
     finally:
         progress.close()
         metadata.close()

@@ -259,6 +259,30 @@ def test_a_replica_whose_bucket_answers_slowly_follows_a_fill_in_progress_withou
     assert fault_proxy.count("GET", blob_path) == 1
 
 
+def test_a_replica_whose_advertised_address_does_not_reach_it_is_named_in_a_warning_and_its_blob_still_served(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A replica whose ``cluster.advertise`` leads nowhere fetches a blob: another replica cannot follow
+    that fill, says so once in a warning naming the address, and serves the blob once it is stored."""
+    layer = big_image.layers[0]
+    port, nowhere = free_port(), f"http://127.0.0.1:{free_port()}"
+    env = replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, port)
+    env["MIRROR_CLUSTER_ADVERTISE"] = nowhere
+    owner = mirror_factory(fault_proxy.url, port=port, env=env)
+    (other,) = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)
+    fault_proxy.clear_counts()
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.004)
+    pull = Pull(other)
+    for thread in [*run_pulls([pull], layer.digest), first_thread]:
+        thread.join(180)
+
+    assert (first.error, first.sha256, pull.error, pull.sha256) == (None, layer.digest, None, layer.digest)
+    assert fault_proxy.count("GET", blob_path) == 1
+    warnings = [line for line in other.log_path.read_text().splitlines() if "does not answer" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and nowhere in warnings[0], warnings
+    assert "is its cluster.advertise reachable from here?" in warnings[0]
+
+
 def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

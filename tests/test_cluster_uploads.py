@@ -260,3 +260,9 @@ def test_fsck_on_a_replica_without_the_file_of_an_upload_in_progress_leaves_the_
     done = http.put(f"{replicas[1].url}{location}?digest={digest}", content=data[-5:])
     assert done.status_code == 201, done.text
     assert cluster.bucket.objects() == {digest: len(data)}
+    # The first replica's file of that upload, which ended on the other: no problem for fsck (the
+    # server's sweep removes it), nor is anything else after an ordinary push.
+    assert any(replicas[0].data_dir.joinpath("uploads").iterdir())
+    fsck = mirror_cli("fsck", "--data", replicas[0].data_dir,
+                      env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, replicas[0].port))
+    assert fsck.returncode == 0 and fsck.stdout.rstrip().endswith(": clean"), fsck.stdout + fsck.stderr

@@ -120,6 +120,22 @@ def listen_port(value: str) -> int:
     return int(value.rpartition(":")[2])
 
 
+def test_the_cluster_secrets_made_as_the_header_says_are_readable_by_the_mirror_and_by_no_one_else(
+    tmp_path: Path,
+) -> None:
+    """Compose mounts file secrets as they are, and the image runs as uid 10001: the files the header's
+    commands make are the ones the stack names, the mirror's readable by its uid, none by others."""
+    document = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    secrets_as_the_header_says(DEPLOY / "compose.cluster.yaml", tmp_path)
+    made = tmp_path / "deploy" / "secrets"
+    assert {p.name for p in made.iterdir()} == {Path(spec["file"]).name for spec in document["secrets"].values()}
+    for path in made.iterdir():
+        info = path.stat()
+        assert info.st_mode & 0o077 == 0, f"{path.name} is readable by others"
+        if path.name in document["services"]["mirror"]["secrets"]:
+            assert info.st_uid == 10001 and info.st_mode & 0o400, f"{path.name}: uid 10001 cannot read it"
+
+
 def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -> None:
     """deploy/compose.cluster.yaml: replicas of the mirror on SeaweedFS and PostgreSQL behind the
     shipped HAProxy configuration; every address, port, secret and key one part names is where
@@ -838,8 +854,9 @@ def test_compose_file_deploys_as_a_swarm_stack_with_tls_secrets(
 def secrets_as_the_header_says(stack_file: Path, cwd: Path) -> None:
     """Run the commands of *stack_file*'s header that make its secret files, as an operator would."""
     lines = stack_file.read_text().splitlines()
-    start = lines.index("# The secrets, once (files under deploy/secrets/, readable by you only):") + 1
+    start = next(n for n, line in enumerate(lines) if line.startswith("# The secrets, once")) + 1
     end = next(n for n in range(start, len(lines)) if lines[n].startswith("# Then"))
+    start += not lines[start].startswith("#   ")  # the heading's second line
     script = "\n".join(line.removeprefix("#   ") for line in lines[start:end])
     done = subprocess.run(["sh", "-ec", script], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, f"{script}\n{done.stderr}"

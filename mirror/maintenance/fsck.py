@@ -50,9 +50,13 @@ class FsckReport:
 
 class Fsck:
     def __init__(self, store: BlobStore, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
-                 progress: Progress | None = None) -> None:
-        """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``."""
+                 progress: Progress | None = None, replica: bool = False) -> None:
+        """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``.
+        *replica*: the store is a replica's of a cluster, whose push uploads continue on any replica:
+        a local file of an upload without a record is one that ended on another replica, which the
+        server's sweep removes (``registry/roaming.py``), not a problem."""
         self.store = store
+        self.replica = replica
         self.metadata = metadata
         self.repair = repair
         self.verify_content = verify_content
@@ -128,7 +132,9 @@ class Fsck:
 
     def _uploads(self) -> None:
         for entry in self.store.layout.upload_entries():
-            if not UPLOAD_ID_RE.fullmatch(entry.name) or self.metadata.get_upload(entry.name) is None:
+            if not UPLOAD_ID_RE.fullmatch(entry.name):
+                self._found("upload without a record", entry.path, partial(_unlink, entry.path))
+            elif not self.replica and self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
             record = self.metadata.get_upload(uuid)

@@ -49,7 +49,7 @@ from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import Download, FillFailed
 from ..storage.growing import Fetch, filling
-from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, stall_limit
+from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
 
 log = logging.getLogger("mirror.cluster")
 
@@ -136,7 +136,7 @@ class ClusterFetch:
                     raise
                 self.figures.stream_error("stalled" if isinstance(exc, httpx.TimeoutException) else "broken")
                 log.info("%s: the stream from the replica fetching it broke at byte %d (%s): asking again",
-                         self.digest, self._offset, exc)
+                         self.digest, self._offset, reason(exc))
             else:
                 if not self._from_peer:
                     await self._fenced()
@@ -235,7 +235,7 @@ class ClusterFetch:
             response = await self._stack.enter_async_context(
                 self.cluster.client.stream("GET", holder + path, headers=headers))
         except httpx.HTTPError as exc:
-            log.debug("%s: %s does not answer its fill: %s", self.digest, holder, exc)
+            self.cluster.unanswered(holder, self.digest, reason(exc))
             return False
         size = _size(response, self._offset)
         if size is None or (self._offset and size != self.size):

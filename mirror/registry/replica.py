@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from typing import Any
 
 import httpx
@@ -17,6 +19,8 @@ from ..spec.reference import Digest
 from ..storage.driver import BlobStore
 from .peers import sign
 
+log = logging.getLogger("mirror.cluster")
+
 #: Seconds between two looks for a fill's source while none answers (the holder's lease not yet expired).
 RETRY_INTERVAL = 0.2
 #: Seconds a client is told to wait (``Retry-After``) when the replica fetching a blob cannot be followed.
@@ -25,6 +29,8 @@ RETRY_AFTER = 5
 HEDGE_AFTER = 0.005
 #: Holders of fill leases remembered per process at most, from a look to the fill that follows it.
 HINTS = 4096
+#: Seconds between two warnings that one replica does not answer for its fills.
+WARN_INTERVAL = 60.0
 #: The path of a replica's fill of a digest, for the others.
 FILLS_PATH = "/_mirror/cluster/fills/"
 
@@ -62,9 +68,23 @@ class Cluster:
         self._secret = config.secret_file.value
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: dict[str, float] = {}  # replica -> when it was last said not to answer
 
     def signed(self, method: str, path: str) -> dict[str, str]:
         return sign(self._secret, method, path, self.replica)
+
+    def unanswered(self, holder: str, digest: Digest, why: str) -> None:
+        """Say (a warning, at most every :data:`WARN_INTERVAL` seconds per replica) that *holder*, which
+        holds *digest*'s fill lease, did not answer: it died (its lease then expires), or its
+        ``cluster.advertise`` does not reach it from here, and this replica's clients wait meanwhile."""
+        now = time.monotonic()
+        if now - self._warned.get(holder, -WARN_INTERVAL) < WARN_INTERVAL:
+            log.debug("%s: %s does not answer its fill: %s", digest, holder, why)
+            return
+        self._warned[holder] = now
+        log.warning("%s: %s, which fetches it, does not answer (%s): this replica's clients wait until it "
+                    "stores the blob or its lease expires; is its cluster.advertise reachable from here?",
+                    digest, holder, why)
 
     def track(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -78,3 +98,8 @@ class Cluster:
             with contextlib.suppress(BaseException):
                 await task
         await self.client.aclose()
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a log line: the exception's text, or its type when it has none (timeouts)."""
+    return str(exc) or type(exc).__name__

@@ -69,10 +69,11 @@ def create_app(config: Config) -> Starlette:
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
-        # A bucket and an index other hosts share: what this process reads from the bucket or fills is
-        # marked in the index, so that their collectors spare it.
+        # A replica of a cluster: what this process reads from the bucket or fills is marked in the
+        # index, so that the collectors of the other replicas spare it.  (This host's own collector
+        # sees its reads and fills through the data directory: a mark would only keep a blob longer.)
         holder = f"{config.cluster.advertise or socket.gethostname()} pid {os.getpid()}"
-        shared = metadata.shared_by_hosts and config.storage.driver == "s3"
+        shared = config.cluster.enabled and metadata.shared_by_hosts and config.storage.driver == "s3"
         marks = IndexMarks(metadata, holder, config.cluster.lease_ttl) if shared else None
         # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
         cluster = Cluster(config.cluster, metadata, store, marks) if config.cluster.enabled else None

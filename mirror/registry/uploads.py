@@ -97,7 +97,10 @@ class Uploads:
 
     async def status(self, name: str, uuid: str) -> UploadState:
         self._record(name, uuid)
-        size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
+        try:
+            size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
+        except FileNotFoundError:  # expired or cancelled since its record was read
+            raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
         return UploadState(uuid, size)
 
     async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],

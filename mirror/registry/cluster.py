@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 import anyio.to_thread
@@ -48,7 +48,7 @@ from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import Download, FillFailed
-from ..storage.growing import Fetch, filling
+from ..storage.growing import Fetch
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
 
 log = logging.getLogger("mirror.cluster")
@@ -82,6 +82,16 @@ class ClusterFetch:
         #: When this replica took another's fill over (Unix time), if it did.
         self._taken_over_at: float | None = None
         self._offset = 0
+        #: Set by the local fill this fetch feeds once it ended (:meth:`claimed`); None: no fill claimed it.
+        self._fill_ended: asyncio.Event | None = None
+
+    def claimed(self) -> Callable[[], None]:
+        """Called by the local fill whose source this fetch is (``storage/fill.py``); the callable returned
+        is called once that fill ended (stored, or failed).  The lease and the mark are kept until then:
+        the fill's commit comes after the last byte.  A fetch no fill claims (streamed through to one
+        client) gives them up when its context exits."""
+        self._fill_ended = asyncio.Event()
+        return self._fill_ended.set
 
     def stored_elsewhere(self) -> bool:
         """Whether another replica stores the object (this one only follows its fill)."""
@@ -273,13 +283,14 @@ class ClusterFetch:
             self.lease = renewed
 
     async def _release_after_fill(self, lease: Lease | None) -> None:
-        """Keep the lease (if this replica fetches) and the mark until this host's fill of the digest
+        """Keep the lease (if this replica fetches) and the mark until the local fill this fetch fed
         ended (the object stored, or the fill failed), then give them up: other replicas then find the
-        object, or fetch it themselves."""
+        object, or fetch it themselves.  That fill, not whichever fill of the digest is running: a fill
+        of the same digest started here after this one ended (the object stored, then collected) waits
+        for this lease, and must not be waited for in turn."""
         try:
-            path = self.cluster.store.layout.fill(self.digest)
-            while await anyio.to_thread.run_sync(filling, path):
-                await asyncio.sleep(RETRY_INTERVAL)
+            if self._fill_ended is not None:
+                await self._fill_ended.wait()
             if self._taken_over_at is not None:
                 await anyio.to_thread.run_sync(self._abort_left_behind, self._taken_over_at)
         finally:

@@ -199,9 +199,13 @@ class Fills:
                     started: asyncio.Future[int | None | BypassBlob]) -> None:
         meta = self.store.layout.fill_meta(ingest.digest)
         handed_over = False
+        ended: Callable[[], None] | None = None
         self._leading.add(ingest.digest)
         try:
             async with fetch() as download:
+                # A fetch that keeps something until its fill ended (a replica's fill lease) is told when.
+                if (claimed := getattr(download, "claimed", None)) is not None:
+                    ended = claimed()
                 ingest.expected_size = download.size
                 problem = await anyio.to_thread.run_sync(self.store.room_error, download.size)
                 if problem is None:
@@ -258,6 +262,8 @@ class Fills:
                 os.close(ingest.fd)  # releases the lock: followers now see the outcome
             self._leading.discard(ingest.digest)
             self.progressed(ingest.digest)
+            if ended is not None:
+                ended()
 
     def _let_go(self, ingest: FillWriter, problem: OSError) -> None:
         """Give up a fill the store has no room for, before its body: followers see it refused."""

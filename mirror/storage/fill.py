@@ -170,7 +170,8 @@ class Fills:
         if event is None:
             event = self._progress[digest] = asyncio.Event()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: its extra task cost the reader loop turns
+                await event.wait()
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)

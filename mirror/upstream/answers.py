@@ -1,7 +1,7 @@
 """What the upstream client hands back: a manifest's HEAD, a verified manifest, a referrers list
 and a blob body being received.
 
-Imports ``codings`` (identity lengths) and ``reference`` only.
+Imports ``codings`` (identity lengths), ``rawbody`` and ``reference`` only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import httpx
 
 from ..spec.reference import Digest
 from .codings import identity_length
+from .rawbody import raw_body
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class BlobDownload:
         self._body = body
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The identity bytes: decoded if the answer is content-coded."""
-        body = self._body if self._body is not None else self.response.aiter_bytes()
+        """The identity bytes: decoded if the answer is content-coded; a large one read from the
+        connection (``rawbody.py``)."""
+        body = self._body if self._body is not None else raw_body(self.response) or self.response.aiter_bytes()
         return body if self._count is None else _Counted(body, self._count)
 
 

@@ -229,6 +229,7 @@ class Fills:
                     return
                 ingest.stored_elsewhere = getattr(download, "stored_elsewhere", None)
                 started.set_result(download.size)
+                self.progressed(ingest.digest)  # the size is published: this process's followers go on
                 await write_in_batches(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
             await _to_the_end(ingest.commit)
         except BaseException as exc:
@@ -290,7 +291,7 @@ class Fills:
                 if state != "filling":
                     os.close(fd)
                     return "refused" if state == "refused" else None
-                await asyncio.sleep(self.poll_interval)
+                await self.changed(digest, self.poll_interval)  # woken when this process leads it
         except BaseException:
             os.close(fd)
             raise

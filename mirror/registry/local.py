@@ -73,8 +73,10 @@ class LocalRegistry:
 
     def repo_key(self, name: str) -> str:
         """The index key of a repository: local if pushed to, else the upstream's cache."""
-        if self.metadata.is_local(name):
-            return local_repo(name)
+        return local_repo(name) if self.metadata.is_local(name) else self.cache_key(name)
+
+    def cache_key(self, name: str) -> str:
+        """The index key of *name* as the upstream's cache, whether or not it is local now."""
         first, _, rest = name.partition("/")
         if rest and first in {u.registry for u in self.config.upstreams[1:]}:
             return name  # another upstream's repository, named with its registry prefix
@@ -116,7 +118,9 @@ class LocalRegistry:
             raise refused
         if self.metadata.is_local(name):
             return
-        if self.metadata.has_repository(self.repo_key(name)) and not push.over_cache:
+        # The cache's key, not repo_key(): a push made local by another process since the look above
+        # (another worker or replica taking one of this push's layers) is no cache of the upstream.
+        if self.metadata.has_repository(self.cache_key(name)) and not push.over_cache:
             raise APIError("DENIED", f"{name} is a cache of the upstream registry; push to another name")
         self.metadata.mark_local(name, time.time())
 

@@ -1,22 +1,30 @@
-"""Large blob bodies read from the upstream connection past httpx (``mirror/upstream/rawbody.py``):
-the same bytes and the same errors as through httpx, against the real registry and the fault proxy,
-and through the mirror a cut or corrupt body still aborts the client and stores nothing."""
+"""Large blob bodies read from the upstream connection past httpx (``mirror/upstream/rawbody.py``),
+or drained from it by a thread of their own (``mirror/upstream/drain.py``, what a fill does over
+plain TCP): the same bytes and the same errors as through httpx, against the real registry and the
+fault proxy; a cancelled drain stops its thread; a TLS answer is not drained; and through the mirror
+a cut or corrupt body still aborts the client and stores nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
 from mirror.upstream.answers import BlobDownload
+from mirror.upstream.drain import drainable
 from mirror.upstream.rawbody import RAW_AT_LEAST, raw_body
 from tests.support.faults import FaultProxy
 from tests.support.images import Image, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
+from tests.support.tls import server_certificate
 from tests.support.waiting import wait_for
 from tests.test_faults import ENV, blob_path, get_blob, stored, temp_files
 
@@ -59,6 +67,13 @@ def test_a_large_body_is_read_from_the_connection_and_a_small_one_through_httpx(
     raw, got, digest, error = asyncio.run(_read(f"{upstream.url}/v2/library/rawbody/blobs/{large.config_digest}"))
     assert (raw, got, digest, error) == (False, len(large.config), large.config_digest, None)
 
+    async def small_drainable() -> bool:
+        async with httpx.AsyncClient(trust_env=False) as client, \
+                client.stream("GET", f"{upstream.url}/v2/library/rawbody/blobs/{large.config_digest}") as response:
+            return drainable(response) is not None
+
+    assert asyncio.run(small_drainable()) is False
+
 
 def test_a_large_body_cut_short_or_stalled_ends_in_httpx_errors(
     fault_proxy: FaultProxy, large: Image,
@@ -76,6 +91,112 @@ def test_a_large_body_cut_short_or_stalled_ends_in_httpx_errors(
 
     raw, got, digest, error = asyncio.run(_read(url))  # the rules used up: the whole blob
     assert (raw, got, digest, error) == (True, layer.size, layer.digest, None)
+
+
+class Drained:
+    """What :func:`_drain` saw: the bytes the writer got (their count, sha256 and threads), the
+    bytes counted, the wake-ups on the event loop and the error that ended the drain."""
+
+    def __init__(self) -> None:
+        self.hasher, self.got, self.counted, self.wakes = hashlib.sha256(), 0, 0, 0
+        self.threads: set[int] = set()
+        self.error: BaseException | None = None
+
+    def write(self, data: memoryview) -> None:
+        self.hasher.update(data)
+        self.got += len(data)
+        self.threads.add(threading.get_ident())
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+async def _drain(url: str, *, read_timeout: float = 10.0, cancel_after: int | None = None) -> Drained:
+    """GET *url* and drain its body into a :class:`Drained`; with *cancel_after*, cancel the drain
+    once that many bytes were written (the error is then the cancellation)."""
+    seen = Drained()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout), trust_env=False) as client, \
+            client.stream("GET", url) as response:
+        assert response.status_code == 200, response.status_code
+        drain = drainable(response, lambda size: setattr(seen, "counted", seen.counted + size))
+        assert drain is not None
+        task = asyncio.create_task(drain.into(seen.write, lambda: setattr(seen, "wakes", seen.wakes + 1)))
+        if cancel_after is not None:
+            while seen.got < cancel_after and not task.done():
+                await asyncio.sleep(0.01)
+            task.cancel()
+        try:
+            await task
+        except (httpx.HTTPError, asyncio.CancelledError) as exc:
+            seen.error = exc
+    return seen
+
+
+def test_a_large_body_is_drained_by_a_thread_of_its_own_with_the_same_bytes_and_counts(
+    upstream: UpstreamRegistry, large: Image,
+) -> None:
+    layer = large.layers[0]
+    seen = asyncio.run(_drain(f"{upstream.url}/v2/library/rawbody/blobs/{layer.digest}"))
+    assert (seen.got, seen.digest, seen.error, seen.counted) == (layer.size, layer.digest, None, layer.size)
+    assert seen.threads and threading.get_ident() not in seen.threads, "written from the event loop's thread"
+    assert seen.wakes >= 1
+
+
+def test_a_drained_body_cut_short_or_stalled_ends_in_httpx_errors(fault_proxy: FaultProxy, large: Image) -> None:
+    layer = large.layers[0]
+    url = f"{fault_proxy.url}/v2/library/rawbody/blobs/{layer.digest}"
+    fault_proxy.add("reset", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=5 * MIB)
+    seen = asyncio.run(_drain(url))
+    assert seen.got <= 5 * MIB and isinstance(seen.error, (httpx.ReadError, httpx.RemoteProtocolError)), seen.error
+
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, chunk_size=64 << 10, delay=3.0)
+    seen = asyncio.run(_drain(url, read_timeout=1.0))
+    assert seen.got < layer.size and isinstance(seen.error, httpx.ReadTimeout), (seen.got, seen.error)
+
+    seen = asyncio.run(_drain(url))  # the rules used up: the whole blob
+    assert (seen.got, seen.digest, seen.error) == (layer.size, layer.digest, None)
+
+
+def test_a_cancelled_drain_stops_its_thread_at_once_and_writes_no_more(fault_proxy: FaultProxy, large: Image) -> None:
+    """64 KiB a second against a 30 s read timeout: the cancellation, not a timeout, ends the read."""
+    layer = large.layers[0]
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, chunk_size=64 << 10, delay=1.0)
+    started = time.monotonic()
+    seen = asyncio.run(_drain(f"{fault_proxy.url}/v2/library/rawbody/blobs/{layer.digest}", read_timeout=30.0,
+                              cancel_after=1))
+    took, written = time.monotonic() - started, seen.got
+    assert isinstance(seen.error, asyncio.CancelledError), seen.error
+    assert 0 < written < layer.size and took < 10, (written, took)
+    time.sleep(2.5)
+    assert seen.got == written, "the drain's thread wrote after it was cancelled"
+    assert not [t for t in threading.enumerate() if t.name == "upstream-drain"]
+
+
+def test_a_tls_answer_is_not_drained_and_is_read_from_the_connection_instead(
+    mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry, large: Image, tmp_path: Path,
+) -> None:
+    """A mirror serving TLS stands in for an https upstream: its bytes are decrypted on the event
+    loop, so the thread cannot read the socket; ``rawbody.py`` reads them."""
+    pki = server_certificate(tmp_path / "pki")
+    verify = ssl.create_default_context(cafile=str(pki.ca))
+    mirror = mirror_factory(upstream.url, scheme="https", verify=verify,
+                            env={"MIRROR_HTTP_TLS_CERTIFICATE": str(pki.certificate),
+                                 "MIRROR_HTTP_TLS_KEY": str(pki.key)})
+    layer = large.layers[0]
+
+    async def read() -> tuple[bool, bool, int, str]:
+        hasher, got = hashlib.sha256(), 0
+        async with httpx.AsyncClient(verify=verify, trust_env=False, timeout=30) as client, \
+                client.stream("GET", f"{mirror.url}/v2/library/rawbody/blobs/{layer.digest}") as response:
+            assert response.status_code == 200, response.status_code
+            drained, raw = drainable(response) is not None, raw_body(response) is not None
+            async for chunk in BlobDownload(response).chunks():
+                hasher.update(chunk)
+                got += len(chunk)
+        return drained, raw, got, "sha256:" + hasher.hexdigest()
+
+    assert asyncio.run(read()) == (False, True, layer.size, layer.digest)
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "reset"])

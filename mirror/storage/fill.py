@@ -230,7 +230,13 @@ class Fills:
                 ingest.stored_elsewhere = getattr(download, "stored_elsewhere", None)
                 started.set_result(download.size)
                 self.progressed(ingest.digest)  # the size is published: this process's followers go on
-                await write_in_batches(download.chunks(), ingest, lambda: self.progressed(ingest.digest))
+                wrote = functools.partial(self.progressed, ingest.digest)
+                # A large body over plain TCP goes from the socket to the writer in a thread of its own.
+                drain = getattr(download, "drain", None)
+                if (drained := drain() if drain is not None else None) is not None:
+                    await drained.into(ingest.write, wrote)
+                else:
+                    await write_in_batches(download.chunks(), ingest, wrote)
             await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()

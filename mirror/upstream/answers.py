@@ -1,7 +1,7 @@
 """What the upstream client hands back: a manifest's HEAD, a verified manifest, a referrers list
 and a blob body being received.
 
-Imports ``codings`` (identity lengths), ``rawbody`` and ``reference`` only.
+Imports ``codings`` (identity lengths), ``rawbody``, ``drain`` and ``reference`` only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import httpx
 
 from ..spec.reference import Digest
 from .codings import identity_length
+from .drain import Drain, drainable
 from .rawbody import raw_body
 
 
@@ -59,6 +60,11 @@ class BlobDownload:
         connection (``rawbody.py``)."""
         body = self._body if self._body is not None else raw_body(self.response) or self.response.aiter_bytes()
         return body if self._count is None else _Counted(body, self._count)
+
+    def drain(self) -> Drain | None:
+        """The body handed to a thread of its own (``drain.py``), if it is large, announced and
+        received over plain TCP; else None, and :meth:`chunks` reads it.  Use one or the other."""
+        return drainable(self.response, self._count) if self._body is None else None
 
 
 class _Counted:

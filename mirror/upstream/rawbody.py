@@ -28,7 +28,7 @@ import httpx
 from .codings import content_codings, identity_length
 from .reads import READ_BYTES
 
-__all__ = ["RAW_AT_LEAST", "raw_body"]
+__all__ = ["RAW_AT_LEAST", "raw_body", "raw_length"]
 
 #: Bodies at least this long (bytes) are read from the connection; smaller ones through httpx,
 #: which keeps their connection for the next request.
@@ -40,12 +40,21 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.NetworkError, httpx.NetworkError), (httpcore.TimeoutException, httpx.TimeoutException))
 
 
-def raw_body(response: httpx.Response) -> AsyncIterator[bytes] | None:
-    """The body of *response* read from its connection, or None when it is read through httpx
-    (too short or of unknown length, coded, chunked, not HTTP/1.1, or no network stream)."""
+def raw_length(response: httpx.Response) -> int | None:
+    """The length of *response*'s body if it is one to read from the connection, else None (too
+    short or of unknown length, coded, chunked, or not HTTP/1.1)."""
     size = identity_length(response)
     if (size is None or size < RAW_AT_LEAST or response.http_version != "HTTP/1.1"
             or content_codings(response) or "transfer-encoding" in response.headers):
+        return None
+    return size
+
+
+def raw_body(response: httpx.Response) -> AsyncIterator[bytes] | None:
+    """The body of *response* read from its connection, or None when it is read through httpx
+    (too short or of unknown length, coded, chunked, not HTTP/1.1, or no network stream)."""
+    size = raw_length(response)
+    if size is None:
         return None
     stream = response.extensions.get("network_stream")
     if stream is None or not callable(getattr(stream, "read", None)):

@@ -18,8 +18,10 @@ from mirror.config.load import load_config
 from mirror.spec.reference import Digest
 from mirror.storage.opening import open_blob_store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
+from mirror.storage.s3fill import IN_FLIGHT, SEND_AFTER
 from mirror.storage.s3objects import S3Reader
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.waiting import wait_for
 
 
 def options(server: SeaweedS3, bucket: str, **overrides: object) -> S3Options:
@@ -49,6 +51,39 @@ def test_parts_are_all_chunksize_but_the_last(seaweedfs: SeaweedS3, s3_bucket: s
     finally:
         writer.close()
     assert store.size(digest) == len(data)
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_a_fill_sends_no_part_before_it_ran_send_after_seconds_and_its_parts_as_they_complete_after(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """A fast fill leaves the CPU to its clients until its verdict; a slow one overlaps its uploads."""
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    client = seaweedfs.client()
+    data = os.urandom((IN_FLIGHT + 1) * MIN_CHUNK + 5)
+    digest = Digest.of(data)
+    path = store.layout.fill(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    writer = store.fill_writer(digest, path, fd)
+    writer.expected_size = len(data)
+    try:
+        writer.write(data[:IN_FLIGHT * MIN_CHUNK])
+        time.sleep(0.3)  # time for a part to show, had one been sent
+        assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == [], "a part of a young fill"
+        time.sleep(SEND_AFTER)
+        writer.write(data[IN_FLIGHT * MIN_CHUNK:])
+
+        def parts() -> list[int]:
+            uploads = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+            return [p["Size"] for u in uploads for p in client.list_parts(
+                Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])]
+
+        wait_for(lambda: parts() == [MIN_CHUNK] * IN_FLIGHT, timeout=15, what="the complete parts in the bucket")
+        writer.commit()
+    finally:
+        os.close(fd)
+    assert store.size(digest) == len(data) and not path.exists()
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.storage.s3fill import SEND_AFTER
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
 from tests.support.faults import FaultProxy
@@ -240,10 +241,14 @@ def test_a_corrupt_upstream_body_leaves_nothing_in_the_bucket(
 ) -> None:
     layer = images.big.layers[1]  # 8 MiB: its first 5 MiB part is sent before the end shows the damage
     mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    # The pause outlasts the time a fill runs before its parts go up (s3fill.SEND_AFTER).
     fault_proxy.add("corrupt", f"/blobs/{layer.digest}$", method="GET", times=1,
-                    after_bytes=layer.size - 1000, flip_bytes=3)
-    with pytest.raises(httpx.RemoteProtocolError):
-        get_digest(http, blob_url(mirror, "library/big", layer.digest))
+                    after_bytes=layer.size - 1000, flip_bytes=3, pause=SEND_AFTER + 1.5)
+    with ThreadPoolExecutor(1) as pool:
+        transfer = pool.submit(get_digest, http, blob_url(mirror, "library/big", layer.digest))
+        wait_for(lambda: parts_sent(bucket) == [5 * MIB], timeout=15, what="the first part in the bucket")
+        with pytest.raises(httpx.RemoteProtocolError):
+            transfer.result()
     wait_for(lambda: not list((mirror.data_dir / "tmp").iterdir()), what="the failed fill's local file to go")
     wait_for(lambda: bucket.uploads() == [], what="the multipart upload to be aborted")
     assert bucket.objects() == {}

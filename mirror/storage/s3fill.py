@@ -5,9 +5,13 @@ filesystem driver, and readers in every worker process follow that file (``stora
 :class:`S3Fill` hashes what is written and, in threads of its own, sends each ``chunksize`` range of
 that file as soon as it is complete as one part of a multipart upload to the object's final key:
 :data:`IN_FLIGHT` parts at most at a time, each read back with ``pread`` (never more than those parts
-in memory), so the writer never waits for S3.  :meth:`S3Fill.commit` verifies size and digest, marks
-the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is
-left, completes the upload and removes the file.  A mismatch or a failure aborts the upload
+in memory), so the writer never waits for S3.  Parts start going up once the fill has run
+:data:`SEND_AFTER` seconds: a fill faster than that (a fast upstream: the fill is bound by this
+host's CPU, which its clients' bytes need too) sends them all after its verdict, one slower overlaps
+its uploads with the rest of its body (measured in ``tests/bench/README.md``).
+:meth:`S3Fill.commit` verifies size and digest, marks the file
+:data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is left,
+completes the upload and removes the file.  A mismatch or a failure aborts the upload
 (:meth:`S3Fill.discard`): nothing is stored, as the driver interface wants (``storage/driver.py``).
 A fill whose bytes come from another replica that stores the object (``stored_elsewhere``) sends no
 part while it does; its commit verifies, marks the file and waits up to :data:`PEER_STORE_WAIT` seconds
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 
 #: Parts of one fill being sent at a time.
 IN_FLIGHT = 2
+#: Seconds a fill runs before its parts start going up (until then, or until its verdict, its clients
+#: have the CPU); at most this much of a slow fill waits for its verdict to be sent.
+SEND_AFTER = 1.0
 #: Seconds a fill stored by another replica waits for that replica's object after verifying its bytes.
 PEER_STORE_WAIT = 30.0
 log = logging.getLogger("mirror.storage.fill")
@@ -70,6 +77,7 @@ class S3Fill:
         self._parts: list[dict[str, Any]] = []  # parts S3 has
         self._sent_to = 0  # bytes handed to parts so far
         self._done = False
+        self._began = time.monotonic()
         self.stored_elsewhere: Callable[[], bool] | None = None
 
     def _elsewhere(self) -> bool:
@@ -80,6 +88,8 @@ class S3Fill:
         write_all(self.fd, data)
         self.written += len(data)
         self._collect(wait=False)
+        if time.monotonic() - self._began < SEND_AFTER:
+            return
         while not self._elsewhere() and len(self._sending) < IN_FLIGHT and self._sent_to + self._chunk <= self.written:
             self._send(self._chunk)
 

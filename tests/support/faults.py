@@ -96,6 +96,8 @@ class FaultRule:
     flip_bytes: int = 1
     chunk_size: int = 16 * 1024
     delay: float = 0.1
+    #: ``corrupt``: seconds the body pauses just before its first flipped byte.
+    pause: float = 0.0
     hits: int = 0
     sent: int = 0
 
@@ -328,6 +330,11 @@ class FaultProxy(Service):
         offset = 0
         async for data in body:
             end = offset + len(data)
+            if rule.pause and offset <= start < end:
+                if start > offset:  # what comes before the damage goes at once
+                    await send({"type": "http.response.body", "body": data[:start - offset], "more_body": True})
+                    data, offset = data[start - offset:], start
+                await asyncio.sleep(rule.pause)
             if offset < stop and end > start:
                 buffer = bytearray(data)
                 for index in range(max(start, offset), min(stop, end)):

@@ -565,6 +565,8 @@ def test_concurrent_cold_clients_share_one_upstream_fetch(
     assert upstream.count("GET", blob_path("library/big", layer.digest)) == 1
     assert upstream.bytes_served(blob_path("library/big", layer.digest)) == layer.size
     assert not list((mirror.data_dir / "tmp").glob("*.partial"))
+    if workers == 1:  # the fill linked the blob to its repository: the clients joining it asked nothing
+        assert upstream.count("HEAD", blob_path("library/big", layer.digest)) == 0
 
 
 # Upstream down -----------------------------------------------------------------------

@@ -18,10 +18,11 @@ turns store and upstream errors into API errors.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import anyio.to_thread
 
@@ -36,7 +37,7 @@ from ..storage.driver import BlobStore
 from ..storage.fill import Fills
 from ..storage.growing import GrowingBlob, stored_size
 from ..storage.refusals import refusal
-from ..upstream.answers import Manifest
+from ..upstream.answers import BlobDownload, Manifest
 from ..upstream.client import Upstream
 from ..upstream.errors import (
     UpstreamDenied,
@@ -278,28 +279,37 @@ class PullThrough:
         urls = self._foreign_urls(name, key)
         try:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
-                                           else lambda: self.upstream.blob(name, digest), looked=missing)
+                                           else lambda: self._fetch(name, repo, digest), looked=missing)
         except UpstreamError as exc:
             raise self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         started_here = isinstance(source, GrowingBlob) and not (source.verified or source.coalesced)
-        if not started_here and not linked and not consented and not self._links.pending(repo, key):
+        if (not started_here and not linked and not consented and not self._links.pending(repo, key)
+                and not self.metadata.is_linked(repo, key)):
             # A fetch this request joined, one verified and only not yet moved into the store, or one
             # that landed in the store since the look above may be for another repository: served
-            # here only if the upstream has it here too.
+            # here only if the upstream has it here too (a fetch for this repository linked it).
             try:
                 await self._consent(name, digest)
             except APIError:
                 source.close()
                 raise
-        if not linked:
+        if not linked and not self._links.pending(repo, key):
             # Recorded beside the answer, not before it: the first byte does not wait for the index.
             self._links.add(repo, key)
         if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
+
+    @asynccontextmanager
+    async def _fetch(self, name: str, repo: str, digest: Digest) -> AsyncIterator[BlobDownload]:
+        """The upstream's blob, linked to *repo* once it answered: requests joining the fill need no HEAD."""
+        async with self.upstream.blob(name, digest) as download:
+            if not self._links.pending(repo, str(digest)):
+                self._links.add(repo, str(digest))
+            yield download
 
     async def settled(self) -> None:
         """Wait until the links recorded in the background are written (shutdown)."""
@@ -380,8 +390,7 @@ class PullThrough:
 def _followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
     """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
     result, joined = shared
-    return dataclasses.replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS \
-        else result
+    return replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS else result
 
 
 def _digest(value: str) -> Digest:

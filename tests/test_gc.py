@@ -50,7 +50,13 @@ MIB = 1024 * 1024
 
 
 def store_bytes(data_dir: Path) -> int:
-    return sum(p.stat().st_size for p in (data_dir / "blobs").rglob("*") if p.is_file())
+    """Bytes of the objects under ``blobs/``; a file the collector removes while it is counted counts 0."""
+    total = 0
+    for root, _, files in os.walk(data_dir / "blobs"):  # a directory removed meanwhile is skipped
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 def pull(http: httpx.Client, base: str, name: str, tag: str, image: Image) -> str:

@@ -93,7 +93,10 @@ def parts_sent(bucket: Bucket) -> list[int]:
     """Sizes of the parts of every unfinished multipart upload in *bucket*."""
     sizes = []
     for upload in bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []):
-        answer = bucket.client.list_parts(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
+        try:
+            answer = bucket.client.list_parts(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
+        except bucket.client.exceptions.NoSuchUpload:
+            continue  # completed or aborted in between
         sizes += [part["Size"] for part in answer.get("Parts", [])]
     return sizes
 
@@ -241,9 +244,10 @@ def test_a_corrupt_upstream_body_leaves_nothing_in_the_bucket(
 ) -> None:
     layer = images.big.layers[1]  # 8 MiB: its first 5 MiB part is sent before the end shows the damage
     mirror = mirror_factory(fault_proxy.url, env=bucket.env())
-    # The pause outlasts the time a fill runs before its parts go up (s3fill.SEND_AFTER).
+    # The fill is older than SEND_AFTER when its first part is complete (so the part goes up), and
+    # the body stops before the damage long enough for that part to be seen in the bucket.
     fault_proxy.add("corrupt", f"/blobs/{layer.digest}$", method="GET", times=1,
-                    after_bytes=layer.size - 1000, flip_bytes=3, pause=SEND_AFTER + 1.5)
+                    after_bytes=layer.size - 1000, flip_bytes=3, pause_first=SEND_AFTER + 0.5, pause=3.0)
     with ThreadPoolExecutor(1) as pool:
         transfer = pool.submit(get_digest, http, blob_url(mirror, "library/big", layer.digest))
         wait_for(lambda: parts_sent(bucket) == [5 * MIB], timeout=15, what="the first part in the bucket")

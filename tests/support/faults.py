@@ -96,7 +96,8 @@ class FaultRule:
     flip_bytes: int = 1
     chunk_size: int = 16 * 1024
     delay: float = 0.1
-    #: ``corrupt``: seconds the body pauses just before its first flipped byte.
+    #: ``corrupt``: seconds the body pauses before its first byte, and just before its first flipped byte.
+    pause_first: float = 0.0
     pause: float = 0.0
     hits: int = 0
     sent: int = 0
@@ -328,6 +329,8 @@ class FaultProxy(Service):
         start = rule.after_bytes if length is None else min(rule.after_bytes, max(length - 1, 0))
         stop = start + max(1, rule.flip_bytes)
         offset = 0
+        if rule.pause_first:
+            await asyncio.sleep(rule.pause_first)
         async for data in body:
             end = offset + len(data)
             if rule.pause and offset <= start < end:

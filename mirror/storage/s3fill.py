@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 #: Parts of one fill being sent at a time.
 IN_FLIGHT = 2
 #: Seconds a fill runs before its parts start going up (until then, or until its verdict, its clients
-#: have the CPU); at most this much of a slow fill waits for its verdict to be sent.
+#: have the CPU); a slower fill sends its complete parts from its first write after that.
 SEND_AFTER = 1.0
 #: Seconds a fill stored by another replica waits for that replica's object after verifying its bytes.
 PEER_STORE_WAIT = 30.0

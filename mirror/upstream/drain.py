@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import httpx
 
-from .rawbody import raw_length
+from .rawbody import incomplete, raw_length
 
 __all__ = ["Drain", "drainable"]
 
@@ -164,9 +164,7 @@ class Drain:
             if self._stopping:
                 raise httpx.ReadError(os.strerror(errno.ECANCELED), request=request)
             if not got:
-                raise httpx.RemoteProtocolError(
-                    f"peer closed connection without sending complete message body: received {self.received}"
-                    f" bytes, expected {size}", request=request)
+                raise incomplete(request, self.received, size)
             write(buffer[:got])
             self.received += got
             progressed()

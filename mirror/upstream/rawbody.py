@@ -28,7 +28,7 @@ import httpx
 from .codings import content_codings, identity_length
 from .reads import READ_BYTES
 
-__all__ = ["RAW_AT_LEAST", "raw_body", "raw_length"]
+__all__ = ["RAW_AT_LEAST", "incomplete", "raw_body", "raw_length"]
 
 #: Bodies at least this long (bytes) are read from the connection; smaller ones through httpx,
 #: which keeps their connection for the next request.
@@ -38,6 +38,14 @@ RAW_AT_LEAST = 16 << 20
 _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.ReadTimeout, httpx.ReadTimeout), (httpcore.ReadError, httpx.ReadError),
     (httpcore.NetworkError, httpx.NetworkError), (httpcore.TimeoutException, httpx.TimeoutException))
+
+
+def incomplete(request: httpx.Request, got: int, size: int) -> httpx.RemoteProtocolError:
+    """The error of a body that ended after *got* of its *size* bytes, as httpx words it (RFC 9112
+    section 6.3: an incomplete message)."""
+    return httpx.RemoteProtocolError(
+        f"peer closed connection without sending complete message body: received {got} bytes, expected {size}",
+        request=request)
 
 
 def raw_length(response: httpx.Response) -> int | None:
@@ -80,9 +88,7 @@ async def _read(response: httpx.Response, stream: Any, size: int, timeout: float
                         raise ours(str(exc) or type(exc).__name__, request=response.request) from exc
                 raise
             if not chunk:
-                raise httpx.RemoteProtocolError(
-                    f"peer closed connection without sending complete message body: received {got} bytes,"
-                    f" expected {size}", request=response.request)
+                raise incomplete(response.request, got, size)
             got += len(chunk)
             yield chunk
     finally:

@@ -121,8 +121,12 @@ def test_access_log_has_one_json_line_per_request(
     blob = http.get(f"{mirror.url}/v2/library/small/blobs/{layer.digest}")
     again = http.get(f"{mirror.url}/v2/library/small/blobs/{layer.digest}", headers={"range": "bytes=0-99"})
     missing = http.get(f"{mirror.url}/v2/library/small/manifests/no-such-tag", params={"n": "1"})
+    # Answered from memory, before the middleware: logged all the same.
+    remembered = http.get(f"{mirror.url}/v2/library/small/manifests/1",
+                          headers={"accept": ALL_TYPES, "x-request-id": "pull-43", "user-agent": "obs-test/2"})
     assert (manifest.status_code, blob.status_code, again.status_code, missing.status_code) == (200, 200, 206, 404)
-    ids = {"pull-42", *(answer.headers["x-request-id"] for answer in (blob, again, missing))}
+    assert remembered.status_code == 200 and remembered.headers["x-request-id"] == "pull-43"
+    ids = {"pull-42", "pull-43", *(answer.headers["x-request-id"] for answer in (blob, again, missing))}
     # Each line is written once the response is complete: maybe a moment after the client has it.
     assert eventually(lambda: ids <= {e["request_id"] for e in access_entries(mirror)}, timeout=5)
 
@@ -140,6 +144,10 @@ def test_access_log_has_one_json_line_per_request(
     assert (served["route"], served["status"], served["cache"], served["bytes"]) == ("blob", 200, "MISS", layer.size)
     ranged = by_id[again.headers["x-request-id"]]
     assert (ranged["status"], ranged["cache"], ranged["bytes"]) == (206, "HIT", 100)
+    memo_hit = by_id["pull-43"]
+    assert ACCESS_FIELDS <= set(memo_hit) and memo_hit["user_agent"] == "obs-test/2"
+    assert (memo_hit["route"], memo_hit["path"], memo_hit["status"], memo_hit["cache"], memo_hit["bytes"]) == \
+        ("manifest", "/v2/library/small/manifests/1", 200, "HIT", len(images.small.manifest))
     failed = by_id[missing.headers["x-request-id"]]
     assert (failed["status"], failed["cache"], failed["query"]) == (404, None, "n=1")
     # uvicorn's own access log is off: one line per request, ours.

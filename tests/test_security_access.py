@@ -53,6 +53,11 @@ def test_without_anonymous_pull_every_request_needs_a_user(
     # Users pull; pushes need the right.
     pulled = request(mirror, "GET", "/v2/library/small/manifests/1", headers=carol)
     assert pulled.status_code == 200 and pulled.headers["docker-content-digest"] == images.small.digest
+    # Now remembered, by tag and by digest: still only for users.
+    again = request(mirror, "GET", f"/v2/library/small/manifests/{images.small.digest}", headers=carol)
+    assert again.status_code == 200 and again.content == pulled.content
+    for path in ("/v2/library/small/manifests/1", f"/v2/library/small/manifests/{images.small.digest}"):
+        assert_spec_error(request(mirror, "GET", path), 401, "UNAUTHORIZED")
     assert_spec_error(request(mirror, "POST", "/v2/mine/blobs/uploads/", headers=carol), 403, "DENIED")
     assert_spec_error(request(mirror, "POST", "/v2/other/blobs/uploads/", headers=basic("bob", "bob-pw")),
                       403, "DENIED")

@@ -4,6 +4,8 @@ A manifest named by digest never changes, so once the routes have served one for
 :meth:`ManifestMemo.remember` the whole answer, and :class:`MemoManifests` (pure ASGI, innermost
 middleware: after authentication, inside the metrics and the access log) answers the next
 ``GET``/``HEAD`` of that path itself, without the router, the request objects or the index.
+When no login is required, ``server/front.py`` gives these answers before the whole middleware
+stack instead (with the same metrics, access log line and headers).
 
 An answer by tag is remembered under its path and ``Accept`` header (an index may be answered
 with one of its manifests to a client that cannot read indexes), and only while it is fresh: a
@@ -45,6 +47,8 @@ class Answer:
     body: bytes
     #: Records the use for eviction's least-recently-used order (pull-through repositories).
     touch: Callable[[], None] | None
+    #: The ``X-Mirror-Cache`` value in *headers* (for the metrics and the access log).
+    outcome: str
     #: ``time.time()`` from which the answer is no longer given (a tag's freshness), or None.
     expires: float | None = None
 
@@ -102,7 +106,7 @@ class ManifestMemo:
         old = self._answers.pop(key, None)
         if old is not None:
             self._size -= len(old.body)
-        self._answers[key] = Answer(headers, body, touch, expires)
+        self._answers[key] = Answer(headers, body, touch, outcome, expires)
         self._size += len(body)
         while self._size > self.max_bytes:
             self._size -= len(self._answers.pop(next(iter(self._answers))).body)
@@ -122,6 +126,20 @@ class ManifestMemo:
         return answer
 
 
+    def hit(self, scope: Scope) -> Answer | None:
+        """The answer for an ASGI request, if it is a remembered ``GET``/``HEAD`` of a manifest without a
+        query string or ``If-None-Match``; None otherwise (the routes answer it)."""
+        if scope["type"] != "http" or scope["query_string"] or scope["method"] not in ("GET", "HEAD") \
+                or "/manifests/" not in scope["path"]:
+            return None
+        answer = self.lookup(scope["path"], scope["headers"])
+        if answer is None or any(key == b"if-none-match" for key, _ in scope["headers"]):
+            return None
+        if answer.touch is not None:
+            answer.touch()
+        return answer
+
+
 class MemoManifests:
     """Answers remembered manifest GETs and HEADs; everything else goes on to *app*."""
 
@@ -130,14 +148,9 @@ class MemoManifests:
         self.memo = memo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["query_string"] and scope["method"] in ("GET", "HEAD") \
-                and "/manifests/" in scope["path"]:
-            answer = self.memo.lookup(scope["path"], scope["headers"])
-            if answer is not None and not any(key == b"if-none-match" for key, _ in scope["headers"]):
-                if answer.touch is not None:
-                    answer.touch()
-                await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
-                await send({"type": "http.response.body",
-                            "body": answer.body if scope["method"] == "GET" else b""})
-                return
-        await self.app(scope, receive, send)
+        answer = self.memo.hit(scope)
+        if answer is None:
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
+        await send({"type": "http.response.body", "body": answer.body if scope["method"] == "GET" else b""})

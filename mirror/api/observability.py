@@ -1,6 +1,7 @@
 """Observability at the HTTP edge: request metrics, JSON access logs, ``/metrics``, ``/healthz``, ``/readyz``.
 
-:class:`Observe` is a pure ASGI middleware around the whole app.  For every request it
+:class:`Observe` is a pure ASGI middleware around the whole app (its :class:`Recorder` also records
+the manifests answered before it, ``api/memo.py``).  For every request it
 
 * takes the request id from ``X-Request-Id`` (when it is a sane token) or makes one, and
   echoes it in the response;
@@ -72,16 +73,16 @@ def route_of(path: str, method: str) -> str:
     return "unknown"
 
 
-class Observe:
-    """Request id, request metrics and the JSON access log, around any ASGI app.
+class Recorder:
+    """What each request leaves behind: its request id, its metrics and its access line.
 
     Each request only appends to memory; once per event-loop turn (``call_soon``), the turn's
     access lines go to the logger as one record and the metrics to their samples, a moment
-    after the responses left and long before anyone could scrape or read the log.
+    after the responses left and long before anyone could scrape or read the log.  Shared by
+    :class:`Observe` and the answers given before the middleware (``api/memo.py``'s ``MemoFront``).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, access: bool = True) -> None:
-        self.app = app
+    def __init__(self, metrics: Metrics, access: bool = True) -> None:
         self.metrics = metrics
         self.access = access
         self._lines: list[str] = []
@@ -90,12 +91,58 @@ class Observe:
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count()
 
+    def request_id(self, scope: Scope) -> bytes:
+        """The client's ``X-Request-Id`` when it is a sane token (1-128 characters), else a new one."""
+        for key, value in scope["headers"]:
+            if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
+                return bytes(value)
+        return f"{self._id_prefix}{next(self._ids):016x}".encode()
+
+    def started(self) -> None:
+        """A request began (the in-flight gauge)."""
+        self.metrics.request_started()
+        self._schedule_flush()
+
+    def done(self, scope: Scope, request_id: bytes, route: str, status: int, cache: str | None, sent: int,
+             sendfile: int, seconds: float) -> None:
+        """A request :meth:`started` was answered: *status*, *sent* body bytes (*sendfile* of them by
+        ``sendfile(2)``) in *seconds* to the last byte, and the ``X-Mirror-Cache`` outcome or None."""
+        self.metrics.request_done(route, scope["method"], status, seconds, sent, cache, sendfile)
+        if self.access:
+            self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what the requests since the last call recorded."""
+        self._flush_scheduled = False
+        self.metrics.flush_requests()
+        if self._lines:
+            lines, self._lines = self._lines, []
+            if access_log.isEnabledFor(logging.INFO):
+                # A record made here, not by access_log.info(): the caller's file and line (a frame
+                # walk and path splitting per record) are of no use in an access log.
+                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "\n".join(lines), (),
+                                                        None))
+
+
+class Observe:
+    """Request id, request metrics and the JSON access log (a :class:`Recorder`), around any ASGI app."""
+
+    def __init__(self, app: ASGIApp, recorder: Recorder) -> None:
+        self.app = app
+        self.recorder = recorder
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = self._request_id(scope)
+        request_id = self.recorder.request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         status = 0
         cache: str | None = None
@@ -118,41 +165,13 @@ class Observe:
                 sent += message.get("sent", 0)
                 sendfile += message.get("sendfile", 0)
 
-        self.metrics.request_started()
-        self._schedule_flush()
+        self.recorder.started()
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            seconds = time.perf_counter() - started
             status = status or 500  # nothing was sent: the server answers 500
-            route = route_of(scope["path"], scope["method"])
-            self.metrics.request_done(route, scope["method"], status, seconds, sent, cache, sendfile)
-            if self.access:
-                self._lines.append(access_line(scope, request_id, route, status, cache, sent, seconds))
-            self._schedule_flush()
-
-    def _request_id(self, scope: Scope) -> bytes:
-        for key, value in scope["headers"]:
-            if key == REQUEST_ID_HEADER and _REQUEST_ID_RE.fullmatch(value):
-                return bytes(value)
-        return f"{self._id_prefix}{next(self._ids):016x}".encode()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write what the requests since the last call recorded."""
-        self._flush_scheduled = False
-        self.metrics.flush_requests()
-        if self._lines:
-            lines, self._lines = self._lines, []
-            if access_log.isEnabledFor(logging.INFO):
-                # A record made here, not by access_log.info(): the caller's file and line (a frame
-                # walk and path splitting per record) are of no use in an access log.
-                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "\n".join(lines), (),
-                                                        None))
+            self.recorder.done(scope, request_id, route_of(scope["path"], scope["method"]), status, cache, sent,
+                               sendfile, time.perf_counter() - started)
 
 
 _json_str = json.encoder.encode_basestring_ascii

@@ -47,6 +47,7 @@ from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
+from .front import MemoFront, MirrorApp
 from .hardening import Hardening
 
 log = logging.getLogger("mirror")
@@ -55,7 +56,7 @@ log = logging.getLogger("mirror")
 INDEX_RETRY_AFTER = 5
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config) -> MirrorApp:
     metrics = Metrics(upstreams=[u.registry for u in config.upstreams])
     memo = ManifestMemo()
 
@@ -177,24 +178,29 @@ def create_app(config: Config) -> Starlette:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
 
-    return Starlette(
+    recorder = observe.Recorder(metrics, access=config.log.access)
+    app = MirrorApp(
         routes=[*observe.routes(config), *routes, *peers.routes, *(ui.mount(config) if config.ui.enabled else [])],
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,
                             Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
-                    Middleware(observe.Observe, metrics=metrics, access=config.log.access), *_auth(config),
-                    Middleware(MemoManifests, memo=memo)],
+                    Middleware(observe.Observe, recorder=recorder), *_auth(config, memo)],
     )
+    if not config.auth.enabled:  # every client may read every manifest: hits need no middleware
+        app.front = MemoFront(memo, recorder)
+    return app
 
 
-def _auth(config: Config) -> list[Middleware]:
-    """Logins and access rights, when users are configured (``auth.htpasswd.path``)."""
+def _auth(config: Config, memo: ManifestMemo) -> list[Middleware]:
+    """Logins and access rights, when users are configured (``auth.htpasswd.path``), and after them
+    the memo's answers (without users, ``MemoFront`` gives those before the middleware)."""
     if not config.auth.enabled:
         return []
     layout = Layout(config.storage.path)
-    return [Middleware(AuthMiddleware, config=config.auth, key_path=layout.auth_key, tmp_dir=layout.tmp)]
+    return [Middleware(AuthMiddleware, config=config.auth, key_path=layout.auth_key, tmp_dir=layout.tmp),
+            Middleware(MemoManifests, memo=memo)]
 
 
 def create_app_from_environ() -> Starlette:

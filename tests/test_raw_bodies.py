@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from mirror.upstream.answers import BlobDownload
-from mirror.upstream.drain import drainable
+from mirror.upstream.drain import RECV_BYTES, drainable
 from mirror.upstream.rawbody import RAW_AT_LEAST, raw_body
 from tests.support.faults import FaultProxy
 from tests.support.images import Image, build_image, random_layer
@@ -100,28 +100,39 @@ class Drained:
     def __init__(self) -> None:
         self.hasher, self.got, self.counted, self.wakes = hashlib.sha256(), 0, 0, 0
         self.threads: set[int] = set()
+        #: (thread, bytes) of each write, in order.
+        self.writes: list[tuple[int, int]] = []
         self.error: BaseException | None = None
 
     def write(self, data: memoryview) -> None:
         self.hasher.update(data)
         self.got += len(data)
         self.threads.add(threading.get_ident())
+        self.writes.append((threading.get_ident(), len(data)))
 
     @property
     def digest(self) -> str:
         return "sha256:" + self.hasher.hexdigest()
 
 
-async def _drain(url: str, *, read_timeout: float = 10.0, cancel_after: int | None = None) -> Drained:
+async def _drain(url: str, *, read_timeout: float = 10.0, cancel_after: int | None = None,
+                 cancel_on_wake: bool = False) -> Drained:
     """GET *url* and drain its body into a :class:`Drained`; with *cancel_after*, cancel the drain
-    once that many bytes were written (the error is then the cancellation)."""
+    once that many bytes were written, with *cancel_on_wake* at its first wake-up (the error is then
+    the cancellation)."""
     seen = Drained()
     async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout), trust_env=False) as client, \
             client.stream("GET", url) as response:
         assert response.status_code == 200, response.status_code
         drain = drainable(response, lambda size: setattr(seen, "counted", seen.counted + size))
         assert drain is not None
-        task = asyncio.create_task(drain.into(seen.write, lambda: setattr(seen, "wakes", seen.wakes + 1)))
+
+        def woken() -> None:
+            seen.wakes += 1
+            if cancel_on_wake and seen.wakes == 1:
+                task.cancel()
+
+        task = asyncio.create_task(drain.into(seen.write, woken))
         if cancel_after is not None:
             while seen.got < cancel_after and not task.done():
                 await asyncio.sleep(0.01)
@@ -139,7 +150,13 @@ def test_a_large_body_is_drained_by_a_thread_of_its_own_with_the_same_bytes_and_
     layer = large.layers[0]
     seen = asyncio.run(_drain(f"{upstream.url}/v2/library/rawbody/blobs/{layer.digest}"))
     assert (seen.got, seen.digest, seen.error, seen.counted) == (layer.size, layer.digest, None, layer.size)
-    assert seen.threads and threading.get_ident() not in seen.threads, "written from the event loop's thread"
+    # What was read before the drain began (a few KiB) is written at once from the event loop, the
+    # rest from the drain's thread, after it.
+    loop = threading.get_ident()
+    from_loop = [size for thread, size in seen.writes if thread == loop]
+    assert sum(from_loop) < RECV_BYTES, f"{sum(from_loop)} bytes written from the event loop's thread"
+    assert [thread for thread, _ in seen.writes[:len(from_loop)]] == [loop] * len(from_loop), seen.writes[:10]
+    assert len(seen.threads - {loop}) == 1
     assert seen.wakes >= 1
 
 
@@ -170,6 +187,26 @@ def test_a_cancelled_drain_stops_its_thread_at_once_and_writes_no_more(fault_pro
     assert 0 < written < layer.size and took < 10, (written, took)
     time.sleep(2.5)
     assert seen.got == written, "the drain's thread wrote after it was cancelled"
+    assert not [t for t in threading.enumerate() if t.name == "upstream-drain"]
+
+
+def test_a_drain_cancelled_before_its_thread_began_ends_it_at_once(upstream: UpstreamRegistry, large: Image) -> None:
+    """The first bytes (read before the drain began) are written from the event loop, and the thread
+    waits for the readers woken by them: a cancellation meanwhile must still end it."""
+    layer = large.layers[0]
+
+    async def run() -> Drained:
+        return await asyncio.wait_for(_drain(f"{upstream.url}/v2/library/rawbody/blobs/{layer.digest}",
+                                             cancel_on_wake=True), 10)
+
+    seen = asyncio.run(run())
+    assert isinstance(seen.error, asyncio.CancelledError), seen.error
+    assert seen.wakes >= 1 and 0 < seen.got < RECV_BYTES, (seen.wakes, seen.got)
+    assert seen.threads == {threading.get_ident()}, "the drain's thread wrote after it was cancelled"
+    for _ in range(50):
+        if not [t for t in threading.enumerate() if t.name == "upstream-drain"]:
+            break
+        time.sleep(0.1)
     assert not [t for t in threading.enumerate() if t.name == "upstream-drain"]
 
 

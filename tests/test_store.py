@@ -6,6 +6,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mirror.spec.reference import Digest
+from mirror.storage import growing
 from mirror.storage.bypass import BypassBlob, FillFailed
 from mirror.storage.driver import DigestMismatch, SizeMismatch
 from mirror.storage.filesystem import ROOM_MARGIN, Store, StoredBlob
@@ -111,6 +113,37 @@ def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
     assert source.opened == 1
     assert store.layout.blob(digest).read_bytes() == data
     assert os.listdir(store.layout.tmp) == []
+
+
+def test_a_reader_following_a_fill_by_spans_allocates_no_read_buffer(tmp_path: Path) -> None:
+    """Spans are sent from the file (sendfile): a reader of them needs no buffer of CHUNK bytes,
+    whose page faults were the whole cost of its first span."""
+    store = make_store(tmp_path)
+    data = os.urandom(3 << 20)
+    digest = Digest.of(data)
+    source = Source(data, chunk=16 << 10, pause=0.001)
+
+    async def run() -> tuple[int, int]:
+        fills = Fills(store)
+        blob = await fills.open(digest, source.fetch)
+        assert isinstance(blob, GrowingBlob)
+        got, held = 0, -1
+        tracemalloc.start()
+        try:
+            async for piece in blob.spans():
+                got += piece[1] if isinstance(piece, tuple) else len(piece)  # (offset, count), or bytes
+                if held < 0:  # what the reader holds once its first span is out
+                    ours = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, growing.__file__)])
+                    held = sum(stat.size for stat in ours.statistics("filename"))
+        finally:
+            tracemalloc.stop()
+            blob.close()
+        await fills.aclose()
+        return got, held
+
+    got, held = asyncio.run(run())
+    assert got == len(data)
+    assert 0 <= held < 64 << 10, f"the reader holds {held} bytes allocated in {growing.__name__}"
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "cut"])

@@ -246,7 +246,7 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if self.metadata.is_linked(self._repo(name), key):
-            size = await anyio.to_thread.run_sync(stored_size, self.store, digest)
+            size = await self.fills.look(stored_size, self.store, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
         if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
@@ -271,7 +271,7 @@ class PullThrough:
             stored = await self.fills.stored(digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
-        elif await anyio.to_thread.run_sync(self.store.size, digest) is not None:
+        elif await self.fills.look(self.store.size, digest) is not None:
             # Stored for another repository: serve it here only if the upstream has it here too.
             await self._consent(name, digest)
             consented = True

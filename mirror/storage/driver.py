@@ -26,7 +26,9 @@ verified like every other write.
 Errors: :class:`StoreError` (and its subclasses below) for content that does not match; ``OSError``
 for what the backend refuses (``storage/refusals.py`` tells a full or read-only store from other failures).
 
-All methods but :meth:`BlobReader.chunks` block: call them from a worker thread in async code.
+All methods but :meth:`BlobReader.chunks` block: call them from a worker thread in async code, except
+where :attr:`BlobStore.local` says lookups are local system calls, and :meth:`BlobStore.room_error`
+(a ``statvfs``), which async code calls directly.
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ class BlobStore(Protocol):
     on_commit: Callable[[int], None] | None
     #: Called (from any thread) with the bytes to free when a write was refused for lack of room.
     on_refused: Callable[[int], None] | None
+    #: True when :meth:`size`, :meth:`exists` and :meth:`open` are system calls on local files
+    #: (microseconds: async code makes them on its event loop); False when they are requests.
+    local: bool
 
     @property
     def layout(self) -> Layout:
@@ -317,7 +322,8 @@ class BlobStore(Protocol):
         ...
 
     def room_error(self, size: int | None) -> OSError | None:
-        """The error a fill of *size* bytes would meet now (its local file, and the object), or None."""
+        """The error a fill of *size* bytes would meet now (its local file, and the object), or None.
+        Local system calls only (``statvfs``), never a request: called on the event loop."""
         ...
 
     def refused(self, exc: BaseException, needed: int | None) -> None:

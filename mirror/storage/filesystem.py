@@ -73,6 +73,8 @@ class StoredBlob:
 class Store:
     """The filesystem driver of :class:`~mirror.storage.driver.BlobStore`, rooted at the data directory."""
 
+    local = True  # lookups are a stat or an open
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.layout = Layout(root)

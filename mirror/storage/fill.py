@@ -70,8 +70,8 @@ class Fills:
         is not: that one decides.  Errors of ``fetch`` before its body starts are raised here.
         """
         for _ in range(100):
-            # In a worker thread: on an object store these are requests (HEAD), not local lookups.
-            stored = None if looked else await anyio.to_thread.run_sync(self.open_stored, digest)
+            # On an object store these are requests (HEAD), made from a worker thread (look).
+            stored = None if looked else await self.look(self.open_stored, digest)
             looked = False
             if stored is not None:
                 return stored
@@ -96,7 +96,7 @@ class Fills:
                 os.close(fd)  # lost a race with a finishing or failing leader
                 continue
             try:
-                stored_meanwhile = self.look_after_lock and await anyio.to_thread.run_sync(self.store.exists, digest)
+                stored_meanwhile = self.look_after_lock and await self.look(self.store.exists, digest)
             except BaseException:
                 os.close(fd)  # cancelled: let go of the lock, no fill was started
                 raise
@@ -114,18 +114,26 @@ class Fills:
         try:
             fd = os.open(self.store.layout.fill(digest), os.O_RDONLY)
         except FileNotFoundError:
-            return await anyio.to_thread.run_sync(self.open_stored, digest)
+            return await self.look(self.open_stored, digest)
         joined = await self._follow(digest, fd, None)
-        return joined if isinstance(joined, GrowingBlob) else await anyio.to_thread.run_sync(self.open_stored, digest)
+        return joined if isinstance(joined, GrowingBlob) else await self.look(self.open_stored, digest)
 
     def open_stored(self, digest: Digest) -> BlobReader | None:
         """The stored blob, marked as being served (``BlobStore.open``), or None."""
         return self.store.open(digest)
 
     async def stored(self, digest: Digest) -> BlobReader | None:
-        """:meth:`open_stored` from a worker thread (on an object store it is a request): the stored
-        blob, or None if it is not stored, or not yet as far as this process can tell at once."""
-        return await anyio.to_thread.run_sync(self.open_stored, digest)
+        """:meth:`open_stored` (see :meth:`look`): the stored blob, or None if it is not stored, or not
+        yet as far as this process can tell at once."""
+        return await self.look(self.open_stored, digest)
+
+    async def look(self, lookup: Callable[..., T], *args: Any) -> T:
+        """``lookup(*args)``, a look at the store: on the event loop when the store's lookups are local
+        system calls (:attr:`BlobStore.local`; a thread hop costs more, and waits its turn behind
+        every other request's), else from a worker thread (on an object store it is a request)."""
+        if self.store.local:
+            return lookup(*args)
+        return await anyio.to_thread.run_sync(lookup, *args)
 
     async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
         """A fetch of this reader's own, streamed through without being stored.
@@ -208,10 +216,11 @@ class Fills:
                 if (claimed := getattr(download, "claimed", None)) is not None:
                     ended = claimed()
                 ingest.expected_size = download.size
-                problem = await anyio.to_thread.run_sync(self.store.room_error, download.size)
+                # Local system calls (statvfs, a small file) on the loop: the readers wait for them.
+                problem = self.store.room_error(download.size)
                 if problem is None:
                     try:
-                        await anyio.to_thread.run_sync(write_meta, meta, os.fstat(ingest.fd).st_ino, download.size)
+                        write_meta(meta, os.fstat(ingest.fd).st_ino, download.size)
                     except OSError as exc:
                         if refusal(exc) is None:
                             raise

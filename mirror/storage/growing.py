@@ -149,7 +149,10 @@ class GrowingBlob:
         # The last byte asked for (of the blob, or of a range) waits for the verdict: nothing
         # unverified is ever answered as a success.
         last = stop if stop is not None else self.size
-        buffer = memoryview(bytearray(CHUNK))
+        # Only chunks are read into it: a span is sent from the file.  (Allocating it costs its page
+        # faults, ~0.7 ms a MiB here: the whole cost of a reader's first span, eight times over
+        # when eight clients wait for one fill's first bytes.)
+        buffer = None if spans else memoryview(bytearray(CHUNK if stop is None else min(CHUNK, stop - offset)))
         while stop is None or offset < stop:
             data: bytes | _Span | None
             if spans:
@@ -159,6 +162,7 @@ class GrowingBlob:
                 want = CHUNK if stop is None else min(CHUNK, stop - offset)
                 # What was just written is in the page cache: read right here, without a thread hop
                 # (which, while the fill's own thread hashes, waits for the GIL).
+                assert buffer is not None
                 data = read_cached(self.fd, buffer[:want], offset)
                 if data is None:
                     data = await anyio.to_thread.run_sync(os.pread, self.fd, want, offset)

@@ -69,6 +69,8 @@ log = logging.getLogger("mirror.storage.s3")
 class S3Store:
     """The S3 driver of :class:`~mirror.storage.driver.BlobStore` (see the module docstring)."""
 
+    local = False  # lookups are requests (HEAD, GET)
+
     def __init__(self, options: S3Options, data: Path, *, stale_upload: float = STALE_UPLOAD,
                  client: Any = None) -> None:
         """*data*: the local data directory (see the module docstring)."""

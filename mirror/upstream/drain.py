@@ -11,7 +11,9 @@ fill's readers, once per batch of reads that landed while it was busy.
 How the connection is taken over, with nothing awaited in between (so no byte can be read by both):
 the bytes h11 already holds past the headers are taken (one item of ``aiter_raw()``), the
 connection's transport stops reading, and what it had already read (anyio's queue of received
-chunks) is taken too; the thread then reads a duplicate of the socket's descriptor.  Those are
+chunks) is taken too and written at once, from the loop (the fill's readers get their first bytes
+without waiting for the thread to start and take the GIL); the thread then reads a duplicate of the
+socket's descriptor.  Those are
 private parts of anyio's asyncio backend (``SocketStream._transport`` and ``._protocol.read_queue``;
 pyproject bounds anyio): :func:`drainable` checks for them and returns None when they are missing, or
 the connection is TLS (its bytes are decrypted on the loop), and the body is then read by
@@ -44,6 +46,10 @@ __all__ = ["Drain", "drainable"]
 
 #: Bytes asked of the socket per read (the size of the drain's one buffer).
 RECV_BYTES = 1 << 20
+#: Event-loop turns the readers of the first bytes get before the thread goes on: the readers woken
+#: by them run in the next turn, and a request that started the fill (woken through a shielded
+#: future) in the one after; one more for good measure.
+READERS_TURNS = 3
 #: Seconds per wait for bytes when the client has no read timeout (the wait then starts again).
 _NO_TIMEOUT_WAIT = 60.0
 
@@ -77,15 +83,17 @@ class Drain:
         self._transport, self._protocol, self._fd = transport, protocol, fd
         self._timeout, self._count = timeout, count
         self._stopping = False
-        self.received = 0  # bytes passed to the writer so far (written by the thread)
+        self.received = 0  # bytes passed to the writer so far (by the thread once it runs)
 
     async def into(self, write: Callable[[memoryview], None], wrote: Callable[[], None]) -> None:
         """Receive the whole body and pass it to *write*, in order, from the drain's thread (*write*
-        must not keep the view: its buffer is read into again).  *wrote* is called on the event loop
-        after bytes were written (at most one call pending at a time: reads that land meanwhile share
-        it) and once at the end.  What *write* raises, or the receiving (httpx's errors), is raised
-        here; if the caller is cancelled, the thread stops after its current read and the
-        cancellation is raised once it did (the writer is never used after this returns)."""
+        must not keep the view: its buffer is read into again); what was read before this call (a
+        few KiB, usually) is passed from the event loop, at once, before the thread starts.  *wrote*
+        is called on the event loop after bytes were written (at most one call pending at a time:
+        reads that land meanwhile share it) and once at the end.  What *write* raises, or the
+        receiving (httpx's errors), is raised here; if the caller is cancelled, the thread stops
+        after its current read and the cancellation is raised once it did (the writer is never used
+        after this returns)."""
         loop = asyncio.get_running_loop()
         head = cast(AsyncGenerator[bytes, None], self.response.aiter_raw())
         try:
@@ -97,6 +105,12 @@ class Drain:
             self._transport.pause_reading()
             taken += self._protocol.read_queue
             self._protocol.read_queue.clear()
+            # What was read already is written here: the readers get the first bytes without waiting
+            # for the thread to start and then for the event loop to let go of the GIL (up to 5 ms).
+            for piece in taken:
+                if piece := piece[:self.size - self.received]:
+                    write(memoryview(piece))
+                    self.received += len(piece)
             sock = socket.socket(fileno=os.dup(self._fd))
             done: asyncio.Future[None] = loop.create_future()
             pending = False
@@ -116,9 +130,20 @@ class Drain:
                     pending = True
                     loop.call_soon_threadsafe(wake)
 
+            # The readers woken by the bytes written above send them in the loop's next turns; the
+            # thread goes on once they did (``go``), so that the first thing each client gets is not
+            # held up by the thread's work (it takes the GIL between its system calls).
+            go = threading.Event()
+            if self.received:
+                wake()
+                _after_turns(loop, READERS_TURNS, go.set)
+            else:
+                go.set()
+
             def run() -> None:
                 try:
-                    self._receive(sock, taken, write, progressed)
+                    go.wait()
+                    self._receive(sock, write, progressed)
                 except BaseException as exc:  # noqa: BLE001 (raised on the event loop)
                     _settle(loop, done, exc)
                 else:
@@ -131,6 +156,7 @@ class Drain:
                 await asyncio.shield(done)
             except asyncio.CancelledError:
                 self._stopping = True
+                go.set()
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # a read waiting for bytes returns at once
                 with contextlib.suppress(BaseException):
@@ -141,15 +167,11 @@ class Drain:
         finally:
             await head.aclose()
 
-    def _receive(self, sock: socket.socket, taken: list[bytes], write: Callable[[memoryview], None],
+    def _receive(self, sock: socket.socket, write: Callable[[memoryview], None],
                  progressed: Callable[[], None]) -> None:
         size, request = self.size, self.response.request
-        for piece in taken:
-            piece = piece[:size - self.received]
-            if piece:
-                write(memoryview(piece))
-                self.received += len(piece)
-                progressed()
+        if self._stopping:
+            raise httpx.ReadError(os.strerror(errno.ECANCELED), request=request)
         sock.settimeout(self._timeout if self._timeout is not None else _NO_TIMEOUT_WAIT)
         buffer = memoryview(bytearray(min(RECV_BYTES, max(size - self.received, 1))))
         while self.received < size:
@@ -168,6 +190,14 @@ class Drain:
             write(buffer[:got])
             self.received += got
             progressed()
+
+
+def _after_turns(loop: asyncio.AbstractEventLoop, turns: int, then: Callable[[], None]) -> None:
+    """Call *then* on *loop* once it ran *turns* more turns (each runs what the one before made ready)."""
+    if turns <= 0:
+        then()
+    else:
+        loop.call_soon(_after_turns, loop, turns - 1, then)
 
 
 def _settle(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -33,6 +33,7 @@ from mirror.metadata.driver import (
     local_repo,
 )
 from mirror.metadata.postgres import PostgresMetadata
+from mirror.metadata.records import RecordKind
 from mirror.storage.driver import UploadParts
 from tests.support.postgres import PostgresServer
 
@@ -345,6 +346,68 @@ def test_the_inventory_lists_every_record_kept_only_by_key(index: Metadata) -> N
     ]
     assert index.referrers_apis() == {"docker.io": True, "ghcr.io": False}
     assert index.all_foreign_urls() == {D3: ("https://example.com/a", "https://example.com/b")}
+
+
+def test_every_kind_is_listed_a_page_at_a_time_and_found_by_key(index: Metadata) -> None:
+    """What ``mirror migrate`` copies and compares in bounded memory: each kind of record as listed
+    (in the same order whatever the page size, each once) and as looked up by key."""
+    assert all(list(index.records(kind)) == [] == list(index.find_records(kind, [])) for kind in RecordKind)
+    sig = {"digest": D2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.dev.cosign", "size": 10}
+    sbom = {"digest": D3, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json", "size": 20}
+    app, longer = "local/team/app", f"{REPO}-edge"  # a name that another one starts
+    index.set_tag(REPO, "3.19", TagRecord(D1, OCI_MANIFEST, 10.5))
+    index.set_tag(app, "1", TagRecord(D2, OCI_INDEX, 11.0))
+    index.put_manifest(D1, OCI_MANIFEST, 1234)
+    index.put_manifest(D2, OCI_INDEX, 567)
+    index.link(REPO, [D1, D2, D3])
+    index.link(longer, [D1])
+    index.mark_local("team/app", 100.5)
+    index.pin(REPO, D1, now=7.25)
+    index.add_referrer(REPO, D1, sbom)
+    index.add_referrer(REPO, D1, sig)
+    index.add_referrer(app, D2, sig)
+    index.add_referrer(app, D3, sbom)
+    index.remove_referrer(app, D3, D3)  # nothing left for that subject: not listed
+    index.put_upstream_referrers(REPO, D1, None, [sig, sbom], now=5.0)
+    index.put_upstream_referrers(REPO, D1, "application/spdx+json", [sbom], now=6.0)
+    index.set_referrers_api("docker.io", True)
+    index.set_referrers_api("ghcr.io", False)
+    index.set_foreign_urls(D3, ["https://example.com/a", "https://example.com/b"])
+    index.record_access({(REPO, D1): 10.0, (longer, D1): 8.0})
+
+    expected: dict[RecordKind, dict[tuple[str, ...], Any]] = {
+        RecordKind.TAGS: {(REPO, "3.19"): TagRecord(D1, OCI_MANIFEST, 10.5),
+                          (app, "1"): TagRecord(D2, OCI_INDEX, 11.0)},
+        RecordKind.MANIFESTS: {(D1,): ManifestRecord(OCI_MANIFEST, 1234), (D2,): ManifestRecord(OCI_INDEX, 567)},
+        RecordKind.LINKS: {(REPO, D1): True, (REPO, D2): True, (REPO, D3): True, (longer, D1): True},
+        RecordKind.REPOSITORIES: {(REPO,): True, (app,): True, (longer,): True},
+        RecordKind.LOCALS: {("team/app",): 100.5},
+        RecordKind.PINS: {(REPO, D1): 7.25},
+        RecordKind.REFERRERS: {(REPO, D1): (sbom, sig), (app, D2): (sig,)},
+        RecordKind.UPSTREAM_REFERRERS: {
+            (REPO, D1, ""): UpstreamReferrers(REPO, D1, None, 5.0, (sig, sbom)),
+            (REPO, D1, "application/spdx+json"): UpstreamReferrers(REPO, D1, "application/spdx+json", 6.0, (sbom,))},
+        RecordKind.REFERRERS_APIS: {("docker.io",): True, ("ghcr.io",): False},
+        RecordKind.FOREIGN_URLS: {(D3,): ("https://example.com/a", "https://example.com/b")},
+        RecordKind.ACCESS: {(REPO, D1): 10.0, (longer, D1): 8.0},
+    }
+    for kind, records in expected.items():
+        listings = [list(index.records(kind, page=page)) for page in (1, 2, 1000)]
+        assert listings[0] == listings[1] == listings[2] and dict(listings[0]) == records, kind
+        assert len(listings[0]) == len(records), kind
+        first = next(iter(records))
+        absent = ("docker.io/library/none", *first[1:])
+        assert index.find_records(kind, [*records, absent, first]) == records, kind
+
+
+def test_a_listing_reads_each_page_when_the_one_before_is_used_up(index: Metadata) -> None:
+    """No page is read ahead: records written or withdrawn further on while a listing runs are seen."""
+    index.link(REPO, [D1, D2])
+    listing = index.records(RecordKind.LINKS, page=1)
+    assert next(listing) == ((REPO, D1), True)
+    index.link(REPO, [D3])
+    index.forget(links=[(REPO, D2)])
+    assert list(listing) == [((REPO, D3), True)]
 
 
 # -- upkeep: access times, usage --

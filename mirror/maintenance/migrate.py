@@ -6,16 +6,18 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    server or collector working on either data directory (their ``DATA/gc.lock``, which a
    collection holds, and pushes share, is held for the whole migration), no other process with
    either index open (``metadata/occupancy.py``), the target's index
-   empty or a copy, complete or not, of the source's (:meth:`Snapshot.strangers`), and the
+   empty or a copy, complete or not, of the source's (``transfer.strangers``), and the
    target store's objects all the source's too.
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
    it is written, nothing larger than a manifest or a part is held in memory), :data:`COPIERS`
    at a time; objects the target already has at that size are skipped, so a run that was
    interrupted goes on where it stopped.
-3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes).
+3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes), kind by
+   kind, a batch at a time: memory holds no whole kind of record, however large the index.
 4. Verified: every object of the source is in the target at its size (and, with
-   ``verify_content``, hashes to its digest there), and the target's index holds every record.
+   ``verify_content``, hashes to its digest there), and the target's index holds every record
+   (``transfer.compare``, batch by batch too).
 
 Sides that are the same (the same data directory under another index driver, say) are not
 copied; when both use one data directory, it is bound to the target's index at the end.
@@ -38,7 +40,8 @@ from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
 from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import bind_data_directory, index_identity, open_metadata, rebind_data_directory
-from ..metadata.transfer import Snapshot, copy_records
+from ..metadata.records import RecordKind
+from ..metadata.transfer import BATCH, compare, copy_records, strangers, unstored
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
@@ -125,17 +128,16 @@ class Migration:
                         raise Refused(f"{side}: {users}; stop it before migrating")
             old_store, old_index = self._open(source, "source", stack, create=False)
             new_store, new_index = self._open(target, "target", stack, create=True)
-            snapshot = Snapshot.of(old_index)
             if not same_index:
-                strangers = Snapshot.of(new_index).strangers(snapshot)
-                if strangers and one_directory and target.metadata.driver == "diskcache":
+                found = strangers(new_index, old_index)
+                if found.count and one_directory and target.metadata.driver == "diskcache":
                     # DATA/index/ of a directory bound to the source's index: what it held before a move
                     raise Refused(f"the target's index ({new.index}) is an older copy of this store's index: it holds"
-                                  f" {len(strangers)} records the source no longer does (first: {strangers[0]});"
+                                  f" {found.count} records the source no longer does (first: {found.first});"
                                   f" remove {new.index} and run again")
-                if strangers:
-                    raise Refused(f"the target's index holds {len(strangers)} records the source does not"
-                                  f" (first: {strangers[0]}): it belongs to another store; migrate into an empty one")
+                if found.count:
+                    raise Refused(f"the target's index holds {found.count} records the source does not"
+                                  f" (first: {found.first}): it belongs to another store; migrate into an empty one")
             listed = list(old_store.objects())
             objects = [found for found in listed if found.digest is not None]
             if not same_store:
@@ -145,21 +147,20 @@ class Migration:
             self.report.strays = len(listed) - len(objects)
             self.report.objects, self.report.bytes = len(objects), sum(found.size for found in objects)
             if not same_store:
-                self._copy_objects(old_store, new_store, objects, snapshot)
+                self._copy_objects(old_store, new_store, objects, old_index)
             if not same_index:
                 self.progress.phase("index records", None)
-                copy_records(snapshot, new_index)
-            self._verify(new_store, new_index, objects, snapshot, same_store)
+                copy_records(old_index, new_index)
+            self._verify(new_store, new_index, objects, old_index, same_store)
+            self.report.uploads = len(old_index.upload_ids())
             if one_directory and not same_index and not self.report.problems:
                 problem = rebind_data_directory(target.metadata, new.index_binding)
                 if problem:
                     self.report.problems.append(problem)
                 else:
                     self.report.notes.append(f"{new.root} is now bound to {index_identity(target.metadata, new.index)}")
-        self.report.records = snapshot.counts()
-        self.report.uploads = snapshot.uploads
-        if snapshot.uploads:
-            self.report.notes.append(f"{snapshot.uploads} blob uploads in progress were not carried over"
+        if self.report.uploads:
+            self.report.notes.append(f"{self.report.uploads} blob uploads in progress were not carried over"
                                      " (their clients push again)")
         if self.report.strays:
             self.report.notes.append(f"{self.report.strays} stray files in the source were left behind (mirror fsck)")
@@ -201,26 +202,25 @@ class Migration:
 
     # -- objects --
 
-    def _copy_objects(self, old: BlobStore, new: BlobStore, objects: list[StoredObject],
-                      snapshot: Snapshot) -> None:
+    def _copy_objects(self, old: BlobStore, new: BlobStore, objects: list[StoredObject], index: Metadata) -> None:
         """Copy what the target lacks, :data:`COPIERS` objects at a time (an object store answers each
         request after a round trip: one at a time, a store of small objects takes as many round
         trips as it has objects)."""
         self.progress.phase("objects", self.report.bytes)
 
-        def one(found: StoredObject) -> bool:  # True: copied, False: there already
+        def one(found: StoredObject, manifest: bool) -> bool:  # True: copied, False: there already
             assert found.digest is not None
             if new.size(found.digest) == found.size:
                 return False
-            self._copy(old, new, found.digest, found.size, str(found.digest) in snapshot.manifests)
+            self._copy(old, new, found.digest, found.size, manifest)
             return True
 
         with ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate") as pool:
             pending: dict[Future[bool], StoredObject] = {}
-            queue = iter(objects)
+            queue = _with_manifests(objects, index)
             while True:
-                for found in itertools.islice(queue, COPIERS * 2 - len(pending)):
-                    pending[pool.submit(one, found)] = found
+                for found, manifest in itertools.islice(queue, COPIERS * 2 - len(pending)):
+                    pending[pool.submit(one, found, manifest)] = found
                 if not pending:
                     break
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -257,7 +257,7 @@ class Migration:
 
     # -- verifying --
 
-    def _verify(self, new: BlobStore, index: Metadata, objects: list[StoredObject], snapshot: Snapshot,
+    def _verify(self, new: BlobStore, index: Metadata, objects: list[StoredObject], source: Metadata,
                 same_store: bool) -> None:
         if not same_store:
             missing = set()
@@ -275,13 +275,23 @@ class Migration:
                             self.report.problems.append(f"does not match its digest in the target: {found.digest}")
                         self.report.verified += 1
                     self.progress.advance(found.size)
-        self.report.problems += [f"index: {line}" for line in snapshot.differences(Snapshot.of(index))]
-        stored = {str(found.digest) for found in objects}
-        named = {record.digest for record in snapshot.tags.values()} | snapshot.manifests.keys()
-        lacking = sorted(named - stored)
-        if lacking:
-            self.report.notes.append(f"{len(lacking)} manifests the index names were not in the source store either"
-                                     f" (first: {lacking[0]}; mirror fsck)")
+        compared = compare(source, index)
+        self.report.records = compared.counts
+        self.report.problems += [f"index: {line}" for line in compared.differences]
+        lacking = unstored(source, {str(found.digest) for found in objects})
+        if lacking.count:
+            self.report.notes.append(f"{lacking.count} manifests the index names were not in the source store either"
+                                     f" (first: {lacking.first}; mirror fsck)")
+
+
+def _with_manifests(objects: list[StoredObject], index: Metadata) -> Iterator[tuple[StoredObject, bool]]:
+    """Each object and whether *index* has a manifest record of it, looked up :data:`BATCH` objects at a time."""
+    for start in range(0, len(objects), BATCH):
+        batch = objects[start:start + BATCH]
+        small = [(str(found.digest),) for found in batch if found.size <= MAX_MANIFEST_BYTES]
+        manifests = index.find_records(RecordKind.MANIFESTS, small)
+        for found in batch:
+            yield found, (str(found.digest),) in manifests
 
 
 def _check_target_objects(new: BlobStore, objects: list[StoredObject]) -> None:

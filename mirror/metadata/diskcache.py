@@ -58,8 +58,8 @@ from .driver import (
     UploadRecord,
     local_repo,
 )
-from .inventory import DiskcacheInventory
 from .marks import HostMarks
+from .scans import DiskcacheRecords
 
 __all__ = ["DiskcacheMetadata", "MappedGeneration"]
 
@@ -96,7 +96,7 @@ class MappedGeneration:
         self._map.close()
 
 
-class DiskcacheMetadata(DiskcacheInventory, DiskcacheLeases, HostMarks, Metadata):
+class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
     """The index in diskcache under *directory*; *clock* (seconds) times leases."""
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from ..storage.driver import UploadParts
 from .marks import InUseMarks
+from .records import RecordListing
 
 LOCAL = "local"
 
@@ -302,8 +303,8 @@ class UpkeepIndex(Protocol):
 
 class InventoryIndex(Protocol):
     """Every record of the kinds the other protocols look up only by key, with the times they
-    keep: what ``mirror migrate`` copies into another index.  Snapshots; order is unspecified
-    unless given."""
+    keep.  Snapshots, each whole in memory (:class:`~.records.RecordListing` lists every kind a
+    page at a time); order is unspecified unless given."""
 
     def local_names(self) -> dict[str, float]:
         """``{name: created at}`` of every pushed repository (:meth:`RepositoryIndex.mark_local`)."""
@@ -363,7 +364,7 @@ class Leases(Protocol):
 
 
 class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
-               InventoryIndex, Leases, InUseMarks, Protocol):
+               InventoryIndex, RecordListing, Leases, InUseMarks, Protocol):
     """The whole index, as one driver keeps it (see the module's docstring)."""
 
     #: True when instances on other hosts may share this index: what they must do one at a time

@@ -33,9 +33,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
-from .inventory import PostgresInventory
 from .pgmarks import NOW as _NOW, PostgresMarks
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
+from .scans import PostgresRecords
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
 POOL_SIZE = 4
@@ -51,7 +51,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(PostgresInventory, PostgresMarks, Metadata):
+class PostgresMetadata(PostgresRecords, PostgresMarks, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),

@@ -1,5 +1,5 @@
-"""Copying one index into another (``mirror migrate``): a snapshot of every record, what a target
-holds that the source does not, the copy, and the comparison that verifies it.
+"""Copying one index into another (``mirror migrate``): what a target holds that the source does not,
+the copy, and the comparison that verifies it.
 
 Every record the index keeps is carried over with its times (tags with their fetched-at, manifest
 records, links, the catalog, pushed repositories, referrers in the order added, upstream referrers
@@ -7,169 +7,218 @@ lists, Referrers API answers, pins, foreign-layer urls, access times, the usage 
 reasons held), except what lives only while a server runs: blob uploads in progress (their bytes
 are in the old data directory, their clients gone with the server) and leases.  The writes are the
 drivers' own idempotent ones, so copying again after an interruption ends with the same index.
+Each function raises what the drivers raise (``MetadataUnavailable`` for a database out of reach).
+
+Memory is bounded whatever the size of the index: each kind of record is read a page at a time
+(:meth:`~mirror.metadata.records.RecordListing.records`), written :data:`BATCH` records at a time,
+and compared by looking each batch up in the other index (``find_records``), so no more than a
+batch of records, and the lookups of one, are held at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+import itertools
+from collections.abc import Callable, Container, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from .driver import ManifestRecord, Metadata, TagRecord, UpstreamReferrers
+from .driver import Metadata
+from .records import PAGE, RecordKey, RecordKind
 
-__all__ = ["Snapshot", "copy_records"]
+__all__ = ["BATCH", "Comparison", "Tally", "compare", "copy_records", "strangers", "unstored", "weight"]
 
-Pair = tuple[str, str]
+K = RecordKind
 T = TypeVar("T")
-#: Records written per call where the driver takes a batch (links of one repository, access times).
-BATCH = 1000
+Record = tuple[RecordKey, Any]
+#: Records read, written or looked up per call where the driver takes a batch.
+BATCH = PAGE
+#: The order of the copy: manifest records and links before the tags that lead to them, so an
+#: interrupted copy never has a tag whose manifest the target does not know.
+ORDER = (K.MANIFESTS, K.FOREIGN_URLS, K.LINKS, K.REPOSITORIES, K.LOCALS, K.REFERRERS, K.UPSTREAM_REFERRERS,
+         K.REFERRERS_APIS, K.PINS, K.ACCESS, K.TAGS)
+#: The kinds whose records tell another store's index from a copy of the source's.
+OWNED = (K.TAGS, K.MANIFESTS, K.LINKS, K.PINS, K.LOCALS, K.REPOSITORIES)
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Every record of one index, read once (``Snapshot.of``)."""
-
-    tags: dict[Pair, TagRecord]
-    manifests: dict[str, ManifestRecord]
-    links: frozenset[Pair]
-    repositories: frozenset[str]
-    locals: dict[str, float]
-    pins: dict[Pair, float]
-    referrers: dict[Pair, tuple[dict[str, object], ...]]
-    upstream_referrers: dict[tuple[str, str, str | None], UpstreamReferrers]
-    referrers_apis: dict[str, bool]
-    foreign_urls: dict[str, tuple[str, ...]]
-    access: dict[Pair, float]
-    uploads: int
-    usage: int
-    held: dict[str, int]
-
-    @classmethod
-    def of(cls, index: Metadata) -> Snapshot:
-        manifests = {}
-        for digest in index.manifest_digests():
-            record = index.get_manifest(digest)
-            if record is not None:  # withdrawn meanwhile
-                manifests[digest] = record
-        return cls(
-            tags={(repo, tag): record for repo, tag, record in index.all_tags()},
-            manifests=manifests,
-            links=frozenset(index.all_links()),
-            repositories=frozenset(index.repositories()),
-            locals=index.local_names(),
-            pins=index.pin_times(),
-            referrers={(repo, subject): tuple(found) for repo, subject, found in index.all_referrers()},
-            upstream_referrers={(u.repo, u.subject, u.artifact_type): u for u in index.all_upstream_referrers()},
-            referrers_apis=index.referrers_apis(),
-            foreign_urls=index.all_foreign_urls(),
-            access=index.access_times(),
-            uploads=len(index.upload_ids()),
-            usage=index.usage(),
-            held=index.held(),
-        )
-
-    def counts(self) -> dict[str, int]:
-        """Records of each kind, by the name the summary gives them."""
-        return {"tags": len(self.tags), "manifests": len(self.manifests), "links": len(self.links),
-                "repositories": len(self.repositories), "pushed repositories": len(self.locals),
-                "pins": len(self.pins), "referrers": sum(map(len, self.referrers.values())),
-                "upstream referrers lists": len(self.upstream_referrers),
-                "Referrers API answers": len(self.referrers_apis),
-                "foreign-layer urls": len(self.foreign_urls), "access times": len(self.access)}
-
-    @property
-    def empty(self) -> bool:
-        return not any(self.counts().values())
-
-    def strangers(self, source: Snapshot) -> list[str]:
-        """Records of this index that *source* does not hold (as it is), a few of each kind: empty
-        when this index is empty or a copy, complete or not, of *source*."""
-        found = [*(f"tag {repo}:{tag} -> {record.digest}" for (repo, tag), record in self.tags.items()
-                   if (known := source.tags.get((repo, tag))) is None
-                   or (known.digest, known.media_type) != (record.digest, record.media_type)),
-                 *(f"manifest {digest}" for digest in self.manifests.keys() - source.manifests.keys()),
-                 *(f"link {repo}@{digest}" for repo, digest in self.links - source.links),
-                 *(f"pin {repo}@{digest}" for repo, digest in self.pins.keys() - source.pins.keys()),
-                 *(f"pushed repository {name}" for name in self.locals.keys() - source.locals.keys()),
-                 *(f"repository {repo}" for repo in self.repositories - source.repositories)]
-        return sorted(found)
-
-    def differences(self, copy: Snapshot) -> list[str]:
-        """How *copy* (the target after copying) differs from this index: empty when it holds every
-        record, with the same values (access times as late or later)."""
-        out = []
-        for kind, mine, theirs in (
-            ("tags", self.tags, copy.tags), ("manifests", self.manifests, copy.manifests),
-            ("links", self.links, copy.links), ("repositories", self.repositories, copy.repositories),
-            ("pushed repositories", self.locals, copy.locals), ("pins", self.pins, copy.pins),
-            ("referrers", self.referrers, copy.referrers),
-            ("upstream referrers lists", self.upstream_referrers, copy.upstream_referrers),
-            ("Referrers API answers", self.referrers_apis, copy.referrers_apis),
-            ("foreign-layer urls", self.foreign_urls, copy.foreign_urls),
-        ):
-            if mine != theirs:
-                out.append(f"{kind}: {len(mine)} in the source, {len(theirs)} in the target"
-                           + ("" if len(mine) != len(theirs) else " (values differ)"))
-        late = [pair for pair, when in self.access.items() if copy.access.get(pair, -1.0) < when]
-        if late:
-            out.append(f"access times: {len(late)} of {len(self.access)} missing or older in the target")
-        if (self.held, self.usage) != (copy.held, copy.usage):
-            out.append(f"usage or held: {self.usage} {self.held} in the source, {copy.usage} {copy.held} in the target")
-        return out
+def weight(kind: RecordKind, value: Any) -> int:
+    """How many records a summary counts for one listed: a subject's referrers count one each."""
+    return len(value) if kind is K.REFERRERS else 1
 
 
-def copy_records(source: Snapshot, target: Metadata, advance: Callable[[int], None] = lambda n: None) -> None:
-    """Write every record of *source* into *target* (idempotent: an index holding some or all of them
-    already ends the same).  Manifest records and links come before the tags that lead to them, so an
-    interrupted copy never has a tag whose manifest the target does not know.  *advance* is told how
-    many records each step wrote."""
-    for digest, manifest in source.manifests.items():
-        target.put_manifest(digest, manifest.media_type, manifest.size)
-        advance(1)
-    for digest, urls in source.foreign_urls.items():
-        target.set_foreign_urls(digest, urls)
-        advance(1)
-    by_repo: dict[str, list[str]] = {repo: [] for repo in source.repositories}  # the catalog, linked or not
-    for repo, digest in source.links:
-        by_repo.setdefault(repo, []).append(digest)
-    for repo, digests in by_repo.items():
-        for digest_batch in _batches(sorted(digests)):
-            target.link(repo, digest_batch)
-            advance(len(digest_batch))
-        if not digests:
-            target.link(repo, [])  # registers it
-    for name, created in source.locals.items():
+def copy_records(source: Metadata, target: Metadata, advance: Callable[[int], None] = lambda n: None) -> None:
+    """Write every record of *source* into *target*, kind by kind in :data:`ORDER`, then the usage
+    count and the reasons held (idempotent: an index holding some or all of them already ends the
+    same).  *advance* is told how many records (as :func:`weight` counts them) each batch wrote."""
+    for kind in ORDER:
+        write = _WRITERS[kind]
+        for batch in _batches(source.records(kind)):
+            write(target, batch)
+            advance(sum(weight(kind, value) for _, value in batch))
+    target.set_usage(source.usage())
+    target.set_held(source.held())
+
+
+def _tags(target: Metadata, batch: list[Record]) -> None:
+    for (repo, tag), record in batch:
+        target.set_tag(repo, tag, record)
+
+
+def _manifests(target: Metadata, batch: list[Record]) -> None:
+    for (digest,), record in batch:
+        target.put_manifest(digest, record.media_type, record.size)
+
+
+def _links(target: Metadata, batch: list[Record]) -> None:
+    for repo, pairs in itertools.groupby((key for key, _ in batch), key=lambda key: key[0]):
+        target.link(repo, [digest for _, digest in pairs])
+
+
+def _repositories(target: Metadata, batch: list[Record]) -> None:
+    for (repo,), _ in batch:
+        target.link(repo, [])  # registers it (linked or not)
+
+
+def _locals(target: Metadata, batch: list[Record]) -> None:
+    for (name,), created in batch:
         target.mark_local(name, created)
-        advance(1)
-    for (repo, subject), descriptors in source.referrers.items():
+
+
+def _pins(target: Metadata, batch: list[Record]) -> None:
+    for (repo, digest), when in batch:
+        target.pin(repo, digest, now=when)
+
+
+def _referrers(target: Metadata, batch: list[Record]) -> None:
+    for (repo, subject), descriptors in batch:
         for descriptor in descriptors:  # in the order they were added
             target.add_referrer(repo, subject, descriptor)
-            advance(1)
-    for kept in source.upstream_referrers.values():
+
+
+def _upstream_referrers(target: Metadata, batch: list[Record]) -> None:
+    for _, kept in batch:
         target.put_upstream_referrers(kept.repo, kept.subject, kept.artifact_type, kept.descriptors, kept.fetched_at)
-        advance(1)
-    for registry, present in source.referrers_apis.items():
+
+
+def _referrers_apis(target: Metadata, batch: list[Record]) -> None:
+    for (registry,), present in batch:
         target.set_referrers_api(registry, present)
-        advance(1)
-    for (repo, digest), when in source.pins.items():
-        target.pin(repo, digest, now=when)
-        advance(1)
-    for batch in _batches(sorted(source.access)):
-        target.record_access({pair: source.access[pair] for pair in batch})
-        advance(len(batch))
-    for (repo, tag), record in source.tags.items():
-        target.set_tag(repo, tag, record)
-        advance(1)
-    target.set_usage(source.usage)
-    target.set_held(source.held)
+
+
+def _foreign_urls(target: Metadata, batch: list[Record]) -> None:
+    for (digest,), urls in batch:
+        target.set_foreign_urls(digest, urls)
+
+
+def _access(target: Metadata, batch: list[Record]) -> None:
+    target.record_access({(repo, digest): when for (repo, digest), when in batch})
+
+
+_WRITERS: dict[RecordKind, Callable[[Metadata, list[Record]], None]] = {
+    K.TAGS: _tags, K.MANIFESTS: _manifests, K.LINKS: _links, K.REPOSITORIES: _repositories, K.LOCALS: _locals,
+    K.PINS: _pins, K.REFERRERS: _referrers, K.UPSTREAM_REFERRERS: _upstream_referrers,
+    K.REFERRERS_APIS: _referrers_apis, K.FOREIGN_URLS: _foreign_urls, K.ACCESS: _access,
+}
+
+
+@dataclass
+class Tally:
+    """Records found wanting: how many, and the first of their descriptions in sorted order (say
+    ``link docker.io/library/x@sha256:...``), None when there are none."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, description: str) -> None:
+        self.count += 1
+        if self.first is None or description < self.first:
+            self.first = description
+
+
+def strangers(index: Metadata, source: Metadata) -> Tally:
+    """Records of *index* that *source* does not hold (as it is), among the :data:`OWNED` kinds: none
+    when *index* is empty or a copy, complete or not, of *source*.  A tag *source* points at another
+    digest or media type is one; its time (a copy's is older, checked since) is not."""
+    found = Tally()
+    for kind in OWNED:
+        for batch in _batches(index.records(kind)):
+            known = source.find_records(kind, [key for key, _ in batch])
+            for key, value in batch:
+                theirs = known.get(key)
+                if theirs is None or (kind is K.TAGS and (theirs.digest, theirs.media_type)
+                                      != (value.digest, value.media_type)):
+                    found.add(_describe(kind, key, value))
+    return found
+
+
+def unstored(index: Metadata, stored: Container[str]) -> Tally:
+    """The manifests *index* names (its manifest records, the digests its tags point at) that are not
+    among the digests *stored*, once each."""
+    found = Tally()
+    for (digest,), _ in index.records(K.MANIFESTS):
+        if digest not in stored:
+            found.add(digest)
+    unrecorded: set[str] = set()  # what tags name without a manifest record: none in a sound index
+    for batch in _batches(index.records(K.TAGS)):
+        wanted = {record.digest for _, record in batch} - unrecorded
+        wanted = {digest for digest in wanted if digest not in stored}
+        recorded = index.find_records(K.MANIFESTS, [(digest,) for digest in wanted])
+        for digest in wanted:
+            if (digest,) not in recorded:
+                unrecorded.add(digest)
+                found.add(digest)
+    return found
+
+
+def _describe(kind: RecordKind, key: RecordKey, value: Any) -> str:
+    if kind is K.TAGS:
+        return f"tag {key[0]}:{key[1]} -> {value.digest}"
+    names = {K.MANIFESTS: "manifest", K.LINKS: "link", K.PINS: "pin", K.LOCALS: "pushed repository",
+             K.REPOSITORIES: "repository"}
+    return f"{names[kind]} {'@'.join(key)}"
+
+
+@dataclass
+class Comparison:
+    """A source compared with its copy: *counts* of the source's records by kind (the summary's
+    names, :func:`weight`), and how the copy differs (empty when it holds every record)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    differences: list[str] = field(default_factory=list)
+
+
+def compare(source: Metadata, copy: Metadata) -> Comparison:
+    """Whether *copy* (the target after copying) holds every record of *source*, with the same values
+    (access times as late or later), and no other (access times of its own aside); the usage count
+    and the reasons held the same."""
+    out = Comparison()
+    for kind in RecordKind:
+        mine, differ = 0, 0
+        for batch in _batches(source.records(kind)):
+            mine += sum(weight(kind, value) for _, value in batch)
+            theirs = copy.find_records(kind, [key for key, _ in batch])
+            differ += sum(not _same(kind, value, theirs.get(key)) for key, value in batch)
+        out.counts[kind.value] = mine
+        if kind is K.ACCESS:
+            if differ:
+                out.differences.append(f"access times: {differ} of {mine} missing or older in the target")
+            continue
+        there = sum(weight(kind, value) for _, value in copy.records(kind))
+        if differ or there != mine:
+            out.differences.append(f"{kind.value}: {mine} in the source, {there} in the target"
+                                   + ("" if there != mine else " (values differ)"))
+    if (source.held(), source.usage()) != (copy.held(), copy.usage()):
+        out.differences.append(f"usage or held: {source.usage()} {source.held()} in the source,"
+                               f" {copy.usage()} {copy.held()} in the target")
+    return out
+
+
+def _same(kind: RecordKind, mine: Any, theirs: Any) -> bool:
+    if kind is K.ACCESS:
+        return theirs is not None and theirs >= mine
+    return theirs is not None and bool(theirs == mine)
 
 
 def _batches(items: Iterable[T]) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, BATCH)):
         yield batch

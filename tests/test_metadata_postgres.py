@@ -116,6 +116,35 @@ def test_the_generation_is_never_stale_while_its_connection_is_lost(dsn: str) ->
         other.close()
 
 
+def test_a_link_seen_is_answered_without_a_query_until_the_generation_moves(dsn: str) -> None:
+    """``is_linked`` (each blob GET's first question, on the event loop) asks the database once per
+    link; a withdrawal by this instance is seen at once, one by another instance once notified, and
+    while the listener is cut off every call asks again."""
+    index, other = PostgresMetadata(dsn), PostgresMetadata(dsn)
+    queries: list[str] = []
+    one = index._one
+    index._one = lambda query, params=None: queries.append(query) or one(query, params)  # type: ignore[method-assign]
+    try:
+        index.link(REPO, [D1, D2])
+        assert [index.is_linked(REPO, D1) for _ in range(3)] == [True] * 3 and len(queries) == 1
+        assert not index.is_linked(REPO, "sha256:" + "3" * 64) and len(queries) == 2  # absent: not remembered
+        assert index.unlink(REPO, D1)
+        assert not index.is_linked(REPO, D1)  # its own withdrawal: at once
+        assert index.is_linked(REPO, D2) and index.is_linked(REPO, D2)
+        assert other.unlink(REPO, D2)
+        assert eventually(lambda: not index.is_linked(REPO, D2), timeout=5)  # another's: once notified
+        index.link(REPO, [D2])
+        _query(dsn, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{LISTENER}'"
+                    " AND datname = current_database()")
+        assert eventually(lambda: index.generation.read() != index.generation.read(), timeout=5)
+        before = len(queries)
+        assert index.is_linked(REPO, D2) and index.is_linked(REPO, D2)
+        assert len(queries) == before + 2  # deaf to others' withdrawals: nothing is answered from memory
+    finally:
+        index.close()
+        other.close()
+
+
 def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back() -> None:
     """A stopped server: every call raises ``MetadataUnavailable`` within the pool's wait, the
     generation never repeats, access times wait in memory; after a restart the pool and the

@@ -20,7 +20,8 @@ Every driver passes ``tests/test_metadata_contract.py``.  What it promises besid
   (a link, a manifest record, a tag moved or removed) or a repository turns local, and not for
   additions.  Answers kept in memory (``api/memo.py``) compare it on every lookup, so it must be as
   cheap as a memory read.  A driver's own withdrawals show when the call returns; another
-  instance's as soon as the driver learns of them (at once for a shared file).
+  instance's as soon as the driver learns of them (at once for a shared file).  A driver may
+  answer :meth:`RepositoryIndex.is_linked` from links it found while the generation stood still.
 * **Leases** (:class:`Leases`): exclusive, expiring claims on a name (say, a digest to fetch
   once), with a fencing token that grows with every grant of it, measured by the driver's clock.
 * **In-use marks** (``marks.py``): digests a host serves from the blob store or fills, spared by collectors.

@@ -10,7 +10,7 @@ migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``ma
   RETURNING``), atomic across instances.
 * The generation is a counter bumped, and NOTIFY'd, in the withdrawal's transaction; each
   instance keeps it in memory from LISTEN (:class:`~mirror.metadata.pgschema.NotifiedGeneration`),
-  so reading it costs no query.
+  so reading it costs no query; nor does a link already seen while it stood still (``pglinks``).
 * Leases expire by the database's clock (``statement_timestamp()``, one for every host; a *clock*
   given by tests replaces it).  A name's row stays after release (expired), so a new grant's token
   is drawn from the sequence only while its row is locked: later than every earlier grant's.
@@ -33,6 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
+from .pglinks import RememberedLinks
 from .pgmarks import NOW as _NOW, PostgresMarks
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
 from .scans import PostgresRecords
@@ -51,7 +52,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(PostgresRecords, PostgresMarks, Metadata):
+class PostgresMetadata(RememberedLinks, PostgresRecords, PostgresMarks, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),
@@ -206,9 +207,6 @@ class PostgresMetadata(PostgresRecords, PostgresMarks, Metadata):
             if found:
                 bump()
         return found
-
-    def is_linked(self, repo: str, digest: str) -> bool:
-        return self._one("SELECT 1 FROM links WHERE repo = %s AND digest = %s", (repo, digest)) is not None
 
     def all_links(self) -> list[tuple[str, str]]:
         return [(repo, digest) for repo, digest in self._all("SELECT repo, digest FROM links")]

@@ -11,9 +11,9 @@ same files.  Measured:
 
 1. warm blob throughput with 1 and 8 clients, and server CPU-seconds per GB;
 2. manifest GETs per second by tag and by digest (``wrk``);
-3. a cold fetch of the 256 MiB blob by 1 and by 8 clients, each case on fresh storage:
-   wall time, time to the first byte (against the upstream's own, measured directly), and
-   bytes the upstream served divided by the blob's size;
+3. a cold fetch of the 256 MiB blob by 1 and by 8 clients, each case on fresh storage, three
+   times (the servers taking turns; medians): wall time, time to the first byte (against the
+   upstream's own, measured directly), and bytes the upstream served divided by the blob's size;
 4. peak RSS of each server's process tree while 32 clients fetch the warm blob.
 
 GB is 10^9 bytes, MiB 2^20.  Every process started here is stopped (by process group)
@@ -56,6 +56,9 @@ WARM_REPEATS = {1: 24, 8: 4}
 #: Rounds of each warm measurement: the median throughput is reported (a shared VM is noisy).
 WARM_ROUNDS = 3
 COLD_CLIENTS = (1, 8)
+#: Cold fetches per server and client count (fresh storage each, the servers taking turns): a single
+#: fetch of a few tenths of a second moves by a third from one run to the next on a small VM.
+COLD_ROUNDS = 3
 RSS_CLIENTS = 32
 WRK_SECONDS = 5
 
@@ -300,12 +303,23 @@ def run(root: Path, *, workers2: bool, parts: tuple[str, ...] = PARTS) -> Result
             *((f"mirror-w{n}", lambda dir, n=n: running_mirror(dir, upstream.url, n)) for n in worker_counts),
             ("proxy", lambda dir: running_proxy(dir, upstream.url)),
         ]
-        for name, start in starters:
-            for clients in COLD_CLIENTS:
-                cold_root = root / f"cold-{name}-{clients}"
-                results.cold.append(measure_cold(start, cold_root, upstream, cold, clients))
-                shutil.rmtree(cold_root, ignore_errors=True)
+        rounds: dict[tuple[str, int], list[Cold]] = {}
+        for round_ in range(COLD_ROUNDS):
+            for name, start in starters:
+                for clients in COLD_CLIENTS:
+                    cold_root = root / f"cold-{name}-{clients}-{round_}"
+                    rounds.setdefault((name, clients), []).append(
+                        measure_cold(start, cold_root, upstream, cold, clients))
+                    shutil.rmtree(cold_root, ignore_errors=True)
+        results.cold.extend(median_cold(each) for each in rounds.values())
     return results
+
+
+def median_cold(rounds: list[Cold]) -> Cold:
+    """One server's cold fetches with one client count: the medians of the times, and the most the
+    upstream served (1.00x must hold in every round)."""
+    return Cold(rounds[0].label, rounds[0].clients, statistics.median(c.seconds for c in rounds),
+                statistics.median(c.first_byte for c in rounds), max(c.upstream_ratio for c in rounds))
 
 
 # -- the report --
@@ -358,7 +372,8 @@ def report(results: Results) -> str:
             f"by digest {_x(_rps_ratio(results, label, 'digest'))}")
 
     out("")
-    out("3. Cold fetch of the 256 MiB blob, fresh storage for each case; first byte: the slowest client's")
+    out(f"3. Cold fetch of the 256 MiB blob, fresh storage for each case, medians of {COLD_ROUNDS} rounds;"
+        " first byte: the slowest client's")
     if results.upstream_ttfb is not None:
         out(f"   upstream's own first byte (median of {UPSTREAM_TTFB_TRIES} GETs): "
             f"{results.upstream_ttfb * 1000:.1f} ms")

@@ -13,14 +13,13 @@ the bytes h11 already holds past the headers are taken (one item of ``aiter_raw(
 connection's transport stops reading, and what it had already read (anyio's queue of received
 chunks) is taken too and written at once, from the loop (the fill's readers get their first bytes
 without waiting for the thread to start and take the GIL); the thread then reads a duplicate of the
-socket's descriptor.  Those are
-private parts of anyio's asyncio backend (``SocketStream._transport`` and ``._protocol.read_queue``;
-pyproject bounds anyio): :func:`drainable` checks for them and returns None when they are missing, or
-the connection is TLS (its bytes are decrypted on the loop), and the body is then read by
-``rawbody.py``.  As there, the body is read only when it is announced by ``Content-Length`` and at
-least :data:`~mirror.upstream.rawbody.RAW_AT_LEAST` bytes long, the connection is not reused, and
-errors are httpx's: a read timing out (the client's read timeout, per read) is
-:class:`httpx.ReadTimeout`, a reset :class:`httpx.ReadError`, a body ending early
+socket's descriptor.  Those are private parts of anyio's asyncio backend (``SocketStream._transport``
+and ``._protocol.read_queue``; pyproject bounds anyio): :func:`drainable` checks for them and returns
+None when they are missing, or the connection is TLS (its bytes are decrypted on the loop), and the
+body is then read by ``rawbody.py``.  As there, the body is read only when it is announced by
+``Content-Length`` and at least :data:`~mirror.upstream.rawbody.RAW_AT_LEAST` bytes long, the
+connection is not reused, and errors are httpx's: a read timing out (the client's read timeout,
+per read) is :class:`httpx.ReadTimeout`, a reset :class:`httpx.ReadError`, a body ending early
 :class:`httpx.RemoteProtocolError` (RFC 9112 section 6.3).
 
 Imports ``rawbody`` only.

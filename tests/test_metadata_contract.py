@@ -314,40 +314,6 @@ def test_foreign_layer_urls(index: Metadata) -> None:
     assert index.foreign_urls(D1) == ("https://example.com/a", "https://example.com/b")
 
 
-def test_the_inventory_lists_every_record_kept_only_by_key(index: Metadata) -> None:
-    """What ``mirror migrate`` reads: each kind the lookups reach only by key, with its times."""
-    assert (index.local_names(), index.pin_times(), index.all_referrers(), index.all_upstream_referrers(),
-            index.referrers_apis(), index.all_foreign_urls()) == ({}, {}, [], [], {}, {})
-    sig = {"digest": D2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.dev.cosign", "size": 10,
-           "annotations": {"org.example": "x"}}
-    sbom = {"digest": D3, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json", "size": 20}
-    index.mark_local("team/app", 100.5)
-    index.mark_local("team/other", 101.0)
-    index.pin(REPO, D1, now=7.25)
-    index.pin("local/team/app", D2, now=8.0)
-    index.add_referrer(REPO, D1, sbom)
-    index.add_referrer(REPO, D1, sig)
-    index.add_referrer("local/team/app", D2, sig)
-    index.add_referrer("local/team/app", D3, sbom)
-    index.remove_referrer("local/team/app", D3, D3)  # nothing left for that subject: not listed
-    index.put_upstream_referrers(REPO, D1, None, [sig, sbom], now=5.0)
-    index.put_upstream_referrers(REPO, D1, "application/spdx+json", [sbom], now=6.0)
-    index.set_referrers_api("docker.io", True)
-    index.set_referrers_api("ghcr.io", False)
-    index.set_foreign_urls(D3, ["https://example.com/a", "https://example.com/b"])
-
-    assert index.local_names() == {"team/app": 100.5, "team/other": 101.0}
-    assert index.pin_times() == {(REPO, D1): 7.25, ("local/team/app", D2): 8.0}
-    assert sorted(index.all_referrers(), key=str) == sorted([(REPO, D1, [sbom, sig]),
-                                                             ("local/team/app", D2, [sig])], key=str)
-    assert sorted(index.all_upstream_referrers(), key=lambda u: u.artifact_type or "") == [
-        UpstreamReferrers(REPO, D1, None, 5.0, (sig, sbom)),
-        UpstreamReferrers(REPO, D1, "application/spdx+json", 6.0, (sbom,)),
-    ]
-    assert index.referrers_apis() == {"docker.io": True, "ghcr.io": False}
-    assert index.all_foreign_urls() == {D3: ("https://example.com/a", "https://example.com/b")}
-
-
 def test_every_kind_is_listed_a_page_at_a_time_and_found_by_key(index: Metadata) -> None:
     """What ``mirror migrate`` copies and compares in bounded memory: each kind of record as listed
     (in the same order whatever the page size, each once) and as looked up by key."""

@@ -125,7 +125,6 @@ class ManifestMemo:
                 return None
         return answer
 
-
     def hit(self, scope: Scope) -> Answer | None:
         """The answer for an ASGI request, if it is a remembered ``GET``/``HEAD`` of a manifest without a
         query string or ``If-None-Match``; None otherwise (the routes answer it)."""

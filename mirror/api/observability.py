@@ -1,7 +1,7 @@
 """Observability at the HTTP edge: request metrics, JSON access logs, ``/metrics``, ``/healthz``, ``/readyz``.
 
 :class:`Observe` is a pure ASGI middleware around the whole app (its :class:`Recorder` also records
-the manifests answered before it, ``api/memo.py``).  For every request it
+the manifests answered before it, ``server/front.py``).  For every request it
 
 * takes the request id from ``X-Request-Id`` (when it is a sane token) or makes one, and
   echoes it in the response;
@@ -79,7 +79,7 @@ class Recorder:
     Each request only appends to memory; once per event-loop turn (``call_soon``), the turn's
     access lines go to the logger as one record and the metrics to their samples, a moment
     after the responses left and long before anyone could scrape or read the log.  Shared by
-    :class:`Observe` and the answers given before the middleware (``api/memo.py``'s ``MemoFront``).
+    :class:`Observe` and the answers given before the middleware (``server/front.py``'s ``MemoFront``).
     """
 
     def __init__(self, metrics: Metrics, access: bool = True) -> None:

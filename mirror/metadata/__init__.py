@@ -2,10 +2,9 @@
 access times, usage, leases, the generation that invalidates memos).
 
 Owns the metadata driver interface (``driver``) and its drivers: ``diskcache``, and ``postgres``
-(with its schema, ``pgschema``, and its memory of links, ``pglinks``), each listing every record
-through ``inventory`` and, a page at a time, ``scans`` (the kinds of record: ``records``); the one
-place that opens the configured driver (``opening``); and copying one index into another
-(``transfer``).
+(with its schema, ``pgschema``, and its memory of links, ``pglinks``), each listing every record a
+page at a time through ``scans`` (the kinds of record: ``records``); the one place that opens the
+configured driver (``opening``); and copying one index into another (``transfer``).
 
 May import: ``spec``, ``config``, ``observe``, ``storage`` (for the layout of the data directory).
 """

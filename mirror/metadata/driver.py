@@ -302,36 +302,6 @@ class UpkeepIndex(Protocol):
     def held(self) -> dict[str, int]: ...
 
 
-class InventoryIndex(Protocol):
-    """Every record of the kinds the other protocols look up only by key, with the times they
-    keep.  Snapshots, each whole in memory (:class:`~.records.RecordListing` lists every kind a
-    page at a time); order is unspecified unless given."""
-
-    def local_names(self) -> dict[str, float]:
-        """``{name: created at}`` of every pushed repository (:meth:`RepositoryIndex.mark_local`)."""
-        ...
-
-    def pin_times(self) -> dict[tuple[str, str], float]:
-        """``{(repo, digest): pinned at}`` of every pin."""
-        ...
-
-    def all_referrers(self) -> list[tuple[str, str, list[dict[str, object]]]]:
-        """``(repo, subject, descriptors in the order added)`` of every subject that has some."""
-        ...
-
-    def all_upstream_referrers(self) -> list[UpstreamReferrers]:
-        """Every upstream referrers list kept (one per repo, subject and filter)."""
-        ...
-
-    def referrers_apis(self) -> dict[str, bool]:
-        """``{registry: whether it answered the Referrers API}`` of every registry asked."""
-        ...
-
-    def all_foreign_urls(self) -> dict[str, tuple[str, ...]]:
-        """``{digest: urls}`` of every non-distributable layer whose urls are known."""
-        ...
-
-
 class Leases(Protocol):
     """Exclusive, expiring claims on names, with fencing tokens (see :class:`Lease`).
 
@@ -365,7 +335,7 @@ class Leases(Protocol):
 
 
 class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex, UploadIndex, UpkeepIndex,
-               InventoryIndex, RecordListing, Leases, InUseMarks, Protocol):
+               RecordListing, Leases, InUseMarks, Protocol):
     """The whole index, as one driver keeps it (see the module's docstring)."""
 
     #: True when instances on other hosts may share this index: what they must do one at a time

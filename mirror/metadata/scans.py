@@ -6,8 +6,8 @@ before (an index range scan: no query stays open between pages, no page costs mo
 records).  The diskcache driver's keys are strings (``diskcache.py``'s layout) and sort as such; the
 postgres driver's are the tables' primary keys (``pgschema.py``), ``COLLATE "C"``.
 
-The drivers take these classes as mixins in place of ``inventory.py``'s, which they extend, listed
-before ``Metadata``; each reads through its driver's own plumbing, declared here for the type
+The drivers take these classes as mixins, listed before ``Metadata`` (whose protocol stubs would
+otherwise hide them); each reads through its driver's own plumbing, declared here for the type
 checker only.
 """
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .driver import ManifestRecord, TagRecord, UpstreamReferrers
-from .inventory import DiskcacheInventory, PostgresInventory
 from .records import PAGE, RecordKey, RecordKind
 
 __all__ = ["DiskcacheRecords", "PostgresRecords"]
@@ -75,7 +74,7 @@ _FILED = {
 }
 
 
-class DiskcacheRecords(DiskcacheInventory):
+class DiskcacheRecords:
     """The listings over ``metadata/diskcache.py``'s keys, a range of one prefix per kind."""
 
     if TYPE_CHECKING:
@@ -149,7 +148,7 @@ _TABLES = {
 }
 
 
-class PostgresRecords(PostgresInventory):
+class PostgresRecords:
     """The listings over ``metadata/pgschema.py``'s tables, in the order of their primary keys."""
 
     if TYPE_CHECKING:

@@ -20,7 +20,7 @@ import pytest
 from mirror.config.load import load_config, to_environ
 from mirror.config.sections import ConfigError, MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
-from mirror.metadata.driver import MetadataUnavailable, TagRecord
+from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecord
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
@@ -145,6 +145,38 @@ def test_a_link_seen_is_answered_without_a_query_until_the_generation_moves(dsn:
         other.close()
 
 
+def test_a_names_kind_and_a_manifest_record_read_are_answered_without_a_query_until_the_generation_moves(
+        dsn: str) -> None:
+    """``is_local`` (asked by every request) is kept both ways, ``get_manifest`` when found: a name
+    made local here is seen at once, one made local by another instance once notified; a record
+    this instance writes again is read again; a forgotten one is gone at once."""
+    index, other = PostgresMetadata(dsn), PostgresMetadata(dsn)
+    queries: list[str] = []
+    one = index._one
+    index._one = lambda query, params=None: queries.append(query) or one(query, params)  # type: ignore[method-assign]
+    try:
+        index.put_manifest(D1, OCI_MANIFEST, 10)
+        assert index.known_manifest(D1) is None and index.known_local("team/app") is None
+        queries.clear()
+        assert [index.is_local("team/app") for _ in range(3)] == [False] * 3 and len(queries) == 1
+        assert index.known_local("team/app") is False
+        assert [index.get_manifest(D1) for _ in range(3)] == [ManifestRecord(OCI_MANIFEST, 10)] * 3
+        assert len(queries) == 2 and index.known_manifest(D1) == ManifestRecord(OCI_MANIFEST, 10)
+        assert index.get_manifest(D2) is None and index.get_manifest(D2) is None and len(queries) == 4  # absent
+        index.put_manifest(D1, OCI_MANIFEST, 11)  # the same digest recorded again here: read again
+        assert index.get_manifest(D1) == ManifestRecord(OCI_MANIFEST, 11)
+        index.mark_local("team/app", 1.0)
+        assert index.is_local("team/app")  # its own change: at once
+        assert not index.is_local("team/other")
+        other.mark_local("team/other", 1.0)
+        assert eventually(lambda: index.is_local("team/other"), timeout=5)  # another's: once notified
+        index.forget(manifests=[D1])
+        assert index.known_manifest(D1) is None and index.get_manifest(D1) is None
+    finally:
+        index.close()
+        other.close()
+
+
 def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back() -> None:
     """A stopped server: every call raises ``MetadataUnavailable`` within the pool's wait, the
     generation never repeats, access times wait in memory; after a restart the pool and the
@@ -242,6 +274,38 @@ def test_the_mirror_keeps_its_index_in_postgres(
     assert _query(dsn, "SELECT name FROM locals") == [("team/app",)]
     assert ("local/team/app", "v1") in _query(dsn, "SELECT repo, tag FROM tags")
     assert not list((mirror.data_dir / "index").glob("*.db"))  # nothing went to the diskcache driver
+
+
+def test_a_query_held_up_in_the_database_holds_up_no_other_request(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
+) -> None:
+    """While the ``tags`` table is locked by another session, a manifest GET by tag waits for it;
+    meanwhile the same worker answers ``/v2/``, a cached blob and a manifest by digest at once
+    (their reads are kept in memory, or made from worker threads, never on the event loop)."""
+    dsn = postgres.create_database()
+    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    name, tag, item = images.refs["small"]
+    other, other_tag, other_item = images.refs["dlist"]
+    assert isinstance(item, Image)
+    layer = item.layers[-1].digest
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer}").status_code == 200
+    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(1) as pool:
+        locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        try:
+            held = pool.submit(http.get, f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept,
+                               timeout=60)
+            assert eventually(lambda: bool(_query(dsn, "SELECT 1 FROM pg_locks WHERE NOT granted")), timeout=10)
+            for url in (f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
+                        f"{mirror.url}/v2/{name}/manifests/{item.digest}"):
+                started = time.monotonic()
+                answer = http.get(url, headers=accept, timeout=10)
+                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
+            assert not held.done()
+        finally:
+            locker.rollback()
+        assert held.result().status_code == 200 and held.result().content == other_item.manifest
 
 
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(

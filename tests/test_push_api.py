@@ -627,13 +627,17 @@ def test_abandoned_uploads_expire(mirror_factory: Callable[..., MirrorServer], h
     fresh = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]
     registry.stop()
     time.sleep(1.2)
-    os.utime(registry.data_dir / "uploads" / fresh.rsplit("/", 1)[1])  # touched just now: still in use
+    # Touched as if still written to (ahead of the clock: fresh however long the start takes under load,
+    # while the sweeps, at start and every second, look).
+    ahead = time.time() + 30
+    os.utime(registry.data_dir / "uploads" / fresh.rsplit("/", 1)[1], (ahead, ahead))
     # Files without a record: an old one is left over from a crash; a new one may be an upload another
     # worker is creating (file first, then record) or finishing, and must survive a worker starting up.
     old_orphan, new_orphan = registry.data_dir / "uploads" / ("0" * 32), registry.data_dir / "uploads" / ("1" * 32)
     old_orphan.write_bytes(b"left over")
     os.utime(old_orphan, (time.time() - 60, time.time() - 60))
     new_orphan.write_bytes(b"")
+    os.utime(new_orphan, (ahead, ahead))
     registry.start()
     gone = http.get(registry.url + location)
     assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"

@@ -99,16 +99,16 @@ def _digest(raw: str) -> Digest:
         raise APIError("DIGEST_INVALID", "invalid digest", detail=str(exc)) from exc
 
 
-def _repository(request: Request, name: str) -> Repository:
+async def _repository(request: Request, name: str) -> Repository:
     namespaces: Namespaces = request.state.namespaces
-    return namespaces.repository(name, request.query_params.get("ns"))
+    return await namespaces.repository(name, request.query_params.get("ns"))
 
 
 async def _manifest(request: Request, name: str, found: Endpoint) -> Response:
     memo: ManifestMemo = request.state.memo
     # Read before the index is (the repository's kind included): see ``api/memo.py``.
     stamp = memo.stamp() if not request.scope["query_string"] else None
-    repository = _repository(request, name)
+    repository = await _repository(request, name)
     reference = _reference(found.reference or "", request.method)
     if request.method == "PUT":
         return await _put_manifest(request, repository, reference)
@@ -151,7 +151,7 @@ async def _put_manifest(request: Request, repository: Repository, reference: str
 
 
 async def _blob(request: Request, name: str, found: Endpoint) -> Response:
-    repository = _repository(request, name)
+    repository = await _repository(request, name)
     digest = _digest(found.digest or "")
     if request.method == "DELETE":
         await repository.delete_blob(digest)
@@ -184,7 +184,7 @@ async def _blob(request: Request, name: str, found: Endpoint) -> Response:
 
 async def _upload(request: Request, name: str, found: Endpoint) -> Response:
     namespaces: Namespaces = request.state.namespaces
-    repository = namespaces.repository(name)  # pushes go by the name alone, whatever ``?ns=`` says
+    repository = await namespaces.repository(name)  # pushes go by the name alone, whatever ``?ns=`` says
     uuid = found.upload or ""
     method = request.method
     if not uuid:
@@ -240,7 +240,7 @@ def _blob_created(name: str, digest: Digest) -> Response:
 
 
 async def _referrers(request: Request, name: str, found: Endpoint) -> Response:
-    repository = _repository(request, name)
+    repository = await _repository(request, name)
     digest = _digest(found.digest or "")
     artifact_type = _artifact_type(request.query_params.get("artifactType"))
     result = await repository.referrers(digest, artifact_type)
@@ -251,7 +251,7 @@ async def _referrers(request: Request, name: str, found: Endpoint) -> Response:
 
 
 async def _tags(request: Request, name: str, found: Endpoint) -> Response:
-    repository = _repository(request, name)
+    repository = await _repository(request, name)
     n = _page_size(request.query_params.get("n"))
     last = _last(request.query_params.get("last"), parse_tag, "TAG_INVALID")
     page = await repository.tags(n, last)
@@ -270,7 +270,7 @@ async def catalog(request: Request) -> Response:
         last = _last(request.query_params.get("last"), parse_name, "NAME_INVALID")
     except APIError as exc:
         return error_response(exc, head=request.method == "HEAD")
-    page, more = paginate(namespaces.catalog(), n, last)
+    page, more = paginate(await namespaces.catalog(), n, last)
     headers = dict(API_HEADERS)
     if more and page:
         query = urlencode({"n": n, "last": page[-1]} if n is not None else {"last": page[-1]})

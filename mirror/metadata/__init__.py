@@ -2,7 +2,7 @@
 access times, usage, leases, the generation that invalidates memos).
 
 Owns the metadata driver interface (``driver``) and its drivers: ``diskcache``, and ``postgres``
-(with its schema, ``pgschema``, and its memory of links, ``pglinks``), each listing every record a
+(with its schema, ``pgschema``, and its memory of answers, ``pgremembered``), each listing every record a
 page at a time through ``scans`` (the kinds of record: ``records``); the one place that opens the
 configured driver (``opening``); and copying one index into another (``transfer``).
 

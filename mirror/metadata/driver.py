@@ -342,6 +342,26 @@ class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex
     #: (the collector) they then settle through its leases, not through files of one data directory.
     shared_by_hosts: bool = False
 
+    #: True when reads are answered in this process (a database file on local disk, microseconds):
+    #: code on the event loop calls them directly.  False for a database server (a round trip):
+    #: code on the event loop asks :meth:`known_link` and its siblings, then reads from a worker
+    #: thread only when they do not know (``registry/reads.py``), so one slow query holds up no
+    #: other request.
+    local: bool = True
+
+    def known_link(self, repo: str, digest: str) -> bool:
+        """True when this instance knows, without I/O, that *repo* holds *digest* (False: it does
+        not know; ask :meth:`is_linked`).  A driver that keeps no answers never knows."""
+        return False
+
+    def known_local(self, name: str) -> bool | None:
+        """What :meth:`is_local` would answer, when known without I/O; else None."""
+        return None
+
+    def known_manifest(self, digest: str) -> ManifestRecord | None:
+        """The manifest record of *digest* when known without I/O; else None (ask :meth:`get_manifest`)."""
+        return None
+
     @property
     def generation(self) -> Generation:
         """Changes on every withdrawal, by any instance over the same data."""

@@ -10,7 +10,8 @@ migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``ma
   RETURNING``), atomic across instances.
 * The generation is a counter bumped, and NOTIFY'd, in the withdrawal's transaction; each
   instance keeps it in memory from LISTEN (:class:`~mirror.metadata.pgschema.NotifiedGeneration`),
-  so reading it costs no query; nor does a link already seen while it stood still (``pglinks``).
+  so reading it costs no query; nor does a name's kind, a link or a manifest record already read
+  while it stood still (``pgremembered``).
 * Leases expire by the database's clock (``statement_timestamp()``, one for every host; a *clock*
   given by tests replaces it).  A name's row stays after release (expired), so a new grant's token
   is drawn from the sequence only while its row is locked: later than every earlier grant's.
@@ -32,9 +33,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from .driver import Lease, ManifestRecord, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
-from .pglinks import RememberedLinks
+from .driver import Lease, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
 from .pgmarks import NOW as _NOW, PostgresMarks
+from .pgremembered import Remembered
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
 from .scans import PostgresRecords
 
@@ -52,7 +53,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(RememberedLinks, PostgresRecords, PostgresMarks, Metadata):
+class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),
@@ -62,6 +63,7 @@ class PostgresMetadata(RememberedLinks, PostgresRecords, PostgresMarks, Metadata
     """
 
     shared_by_hosts = True
+    local = False
 
     def __init__(self, dsn: str, *, store: Mapping[str, str] | None = None,
                  clock: Callable[[], float] | None = None, pool_size: int = POOL_SIZE) -> None:
@@ -180,13 +182,10 @@ class PostgresMetadata(RememberedLinks, PostgresRecords, PostgresMarks, Metadata
 
     # -- manifests and links --
 
-    def get_manifest(self, digest: str) -> ManifestRecord | None:
-        row = self._one("SELECT media_type, size FROM manifests WHERE digest = %s", (digest,))
-        return None if row is None else ManifestRecord(*row)
-
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
         self._one("INSERT INTO manifests VALUES (%s, %s, %s) ON CONFLICT (digest) DO UPDATE"
                   " SET media_type = excluded.media_type, size = excluded.size RETURNING 1", (digest, media_type, size))
+        self._put_manifest_seen(digest)
 
     def manifest_digests(self) -> list[str]:
         return [digest for (digest,) in self._all("SELECT digest FROM manifests")]
@@ -225,9 +224,6 @@ class PostgresMetadata(RememberedLinks, PostgresRecords, PostgresMarks, Metadata
                            (name, now)).fetchone():
                 bump()  # its requests no longer go to the upstream
             self._register(cur, local_repo(name))
-
-    def is_local(self, name: str) -> bool:
-        return self._one("SELECT 1 FROM locals WHERE name = %s", (name,)) is not None
 
     # -- referrers --
 

@@ -36,6 +36,7 @@ from ..spec.pushed import (
 from ..spec.reference import Digest, ParseError, parse_digest, parse_name
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.refusals import refusal
+from .reads import IndexReads
 from .repository import (
     BlobHead,
     BlobResult,
@@ -65,6 +66,7 @@ class LocalRegistry:
         self.canonical_name = canonical_name
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.uploads = Uploads(store, metadata, config.push.upload_ttl, self.metrics)
+        self.reads = IndexReads(metadata)
 
     # -- naming --
 
@@ -74,6 +76,10 @@ class LocalRegistry:
     def repo_key(self, name: str) -> str:
         """The index key of a repository: local if pushed to, else the upstream's cache."""
         return local_repo(name) if self.metadata.is_local(name) else self.cache_key(name)
+
+    async def read_repo_key(self, name: str) -> str:
+        """:meth:`repo_key`, for code on the event loop (``registry/reads.py``)."""
+        return local_repo(name) if await self.reads.is_local(name) else self.cache_key(name)
 
     def cache_key(self, name: str) -> str:
         """The index key of *name* as the upstream's cache, whether or not it is local now."""
@@ -111,13 +117,15 @@ class LocalRegistry:
             raise APIError("UNAVAILABLE", "the registry's storage cannot take this write",
                            detail=f"store is full or read-only: {reason}", status=INSUFFICIENT_STORAGE) from exc
 
-    def check_push(self, name: str) -> None:
+    async def check_push(self, name: str) -> None:
         """Refuse a push the policy does not allow; make the repository local otherwise."""
-        push = self.config.push
-        if (refused := push_refusal(push, name)) is not None:
+        if (refused := push_refusal(self.config.push, name)) is not None:
             raise refused
-        if self.metadata.is_local(name):
-            return
+        if not await self.reads.is_local(name):
+            await anyio.to_thread.run_sync(self._make_local, name)
+
+    def _make_local(self, name: str) -> None:
+        push = self.config.push
         # The cache's key, not repo_key(): a push made local by another process since the look above
         # (another worker or replica taking one of this push's layers) is no cache of the upstream.
         if self.metadata.has_repository(self.cache_key(name)) and not push.over_cache:
@@ -131,7 +139,7 @@ class LocalRegistry:
         if isinstance(reference, Digest):
             found = await self._read_manifest(repo, str(reference))
         else:
-            record = self.metadata.get_tag(repo, reference)
+            record = await self.reads.ask(self.metadata.get_tag, repo, reference)
             found = await self._read_manifest(repo, record.digest) if record else None
         if found is None:
             raise APIError("MANIFEST_UNKNOWN", detail={"name": name, "reference": str(reference)})
@@ -145,8 +153,8 @@ class LocalRegistry:
         return found
 
     async def _read_manifest(self, repo: str, digest: str) -> ManifestResult | None:
-        record = self.metadata.get_manifest(digest)
-        if record is None or not self.metadata.is_linked(repo, digest):
+        record = await self.reads.get_manifest(digest)
+        if record is None or not await self.reads.is_linked(repo, digest):
             return None
         try:
             parsed = parse_digest(digest)
@@ -157,21 +165,21 @@ class LocalRegistry:
         return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True)
 
     async def open_blob(self, name: str, digest: Digest) -> BlobReader:
-        if self.metadata.is_linked(local_repo(name), str(digest)):
+        if await self.reads.is_linked(local_repo(name), str(digest)):
             stored = await anyio.to_thread.run_sync(self.store.open, digest)
             if stored is not None:
                 return stored
         raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
     async def blob_size(self, name: str, digest: Digest) -> int:
-        if self.metadata.is_linked(local_repo(name), str(digest)):
+        if await self.reads.is_linked(local_repo(name), str(digest)):
             size = await anyio.to_thread.run_sync(self.store.size, digest)
             if size is not None:
                 return size
         raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
-    def tags(self, name: str) -> list[str]:
-        return self.metadata.tags(local_repo(name))
+    async def tags(self, name: str) -> list[str]:
+        return await self.reads.ask(self.metadata.tags, local_repo(name))
 
     # -- mounts --
 
@@ -238,13 +246,13 @@ class LocalRegistry:
         """Forget a tag, or a manifest with its tags, in repository *name* (index key *repo*, if the
         caller knows it better than :meth:`repo_key`: a cached repository named through ``?ns=``)."""
         self._check_delete()
-        repo = repo if repo is not None else self.repo_key(name)
+        repo = repo if repo is not None else await self.read_repo_key(name)
         if not isinstance(reference, Digest):
             if not await anyio.to_thread.run_sync(self.metadata.untag, repo, reference):
                 raise APIError("MANIFEST_UNKNOWN", detail={"tag": reference})
             return
         key = str(reference)
-        if self.metadata.get_manifest(key) is None or not self.metadata.is_linked(repo, key):
+        if await self.reads.get_manifest(key) is None or not await self.reads.is_linked(repo, key):
             raise APIError("MANIFEST_UNKNOWN", detail={"digest": key})
         body = await anyio.to_thread.run_sync(self.store.read_bytes, reference)
 
@@ -260,7 +268,7 @@ class LocalRegistry:
 
     async def delete_blob(self, name: str, digest: Digest, *, repo: str | None = None) -> None:
         self._check_delete()
-        repo = repo if repo is not None else self.repo_key(name)
+        repo = repo if repo is not None else await self.read_repo_key(name)
         if not await anyio.to_thread.run_sync(self.metadata.unlink, repo, str(digest)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
@@ -270,8 +278,9 @@ class LocalRegistry:
 
     # -- referrers --
 
-    def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
-        found = [dict(d) for d in self.metadata.referrers(self.repo_key(name), str(subject))]
+    async def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
+        repo = await self.read_repo_key(name)
+        found = [dict(d) for d in await self.reads.ask(self.metadata.referrers, repo, str(subject))]
         if artifact_type is not None:
             found = [d for d in found if d.get("artifactType") == artifact_type]
         return found
@@ -313,15 +322,15 @@ class LocalRepository:
         return BlobResult(await self.local.open_blob(self.name, digest), Outcome.LOCAL)
 
     async def tags(self, n: int | None, last: str | None) -> TagsPage:
-        return TagsPage(*paginate(self.local.tags(self.name), n, last), Outcome.LOCAL)
+        return TagsPage(*paginate(await self.local.tags(self.name), n, last), Outcome.LOCAL)
 
     async def referrers(self, digest: Digest, artifact_type: str | None) -> ReferrersResult:
-        return ReferrersResult(self.local.referrers(self.name, digest, artifact_type), Outcome.LOCAL)
+        return ReferrersResult(await self.local.referrers(self.name, digest, artifact_type), Outcome.LOCAL)
 
     async def put_manifest(self, reference: str | Digest, content_type: str, body: AsyncIterator[bytes],
                            declared_length: str | None) -> PushedManifest:
         with self.local.storing():
-            self.local.check_push(self.name)
+            await self.local.check_push(self.name)
             data = await read_limited(body, declared_length, MAX_MANIFEST_BYTES)
             return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
 
@@ -333,12 +342,12 @@ class LocalRepository:
 
     async def start_upload(self) -> UploadState:
         with self.local.storing():
-            self.local.check_push(self.name)
+            await self.local.check_push(self.name)
             return await self.local.uploads.start(self.name)
 
     async def mount(self, digest: Digest, source: str) -> bool:
         with self.local.storing():
-            self.local.check_push(self.name)
+            await self.local.check_push(self.name)
             mounted: bool = await anyio.to_thread.run_sync(self.local.mount, self.name, digest, source)
             return mounted
 

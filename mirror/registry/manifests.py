@@ -19,7 +19,8 @@ from typing import TypeVar
 import anyio.to_thread
 
 from ..metadata.driver import Metadata
-from ..spec.reference import ParseError, parse_digest
+from ..spec.errors import APIError
+from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore
 
 T = TypeVar("T")
@@ -76,3 +77,11 @@ class PeerFlights:
             return await ask()
         finally:
             await asyncio.shield(anyio.to_thread.run_sync(self.metadata.release_lease, lease))
+
+
+def referred_digest(value: str) -> Digest:
+    """A digest a stored record or manifest refers to; ``MANIFEST_INVALID`` when it is not one."""
+    try:
+        return parse_digest(value)
+    except ParseError as exc:
+        raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc

@@ -30,20 +30,21 @@ class Namespaces:
         self.pulls = pulls
         self.default = pulls[default]
 
-    def repository(self, name: str, ns: str | None = None) -> Repository:
+    async def repository(self, name: str, ns: str | None = None) -> Repository:
         """The repository *name* (already validated) is, for a request with ``?ns=`` *ns*.
 
         Raises ``NAME_UNKNOWN`` when *ns* names a registry that is not configured (checked first,
         for pushed repositories too).
         """
         pull, upstream_name = self.upstream_for(name, ns)
-        if self.local.is_local(name):
+        if await self.local.reads.is_local(name):
             return LocalRepository(self.local, name)
         return CachedRepository(pull, upstream_name, name, self.local)
 
-    def catalog(self) -> list[str]:
+    async def catalog(self) -> list[str]:
         """Every repository's name as clients write it, sorted (pushed and cached alike)."""
-        return sorted({self.local.catalog_name(repo) for repo in self.local.metadata.repositories()})
+        local = self.local
+        return sorted({local.catalog_name(repo) for repo in await local.reads.ask(local.metadata.repositories)})
 
     def upstream_for(self, name: str, ns: str | None = None) -> tuple[PullThrough, str]:
         """The upstream a name is for, and the name to ask it for.

@@ -31,7 +31,7 @@ from ..maintenance.upkeep import AccessTracker
 from ..metadata.driver import Metadata, TagRecord
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
-from ..spec.reference import Digest, ParseError, parse_digest
+from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob
 from ..storage.driver import BlobStore
 from ..storage.fill import Fills
@@ -50,7 +50,8 @@ from ..upstream.errors import (
 from .failures import api_error
 from .flight import SingleFlight
 from .links import BackgroundLinks
-from .manifests import ManifestBodies, PeerFlights
+from .manifests import ManifestBodies, PeerFlights, referred_digest
+from .reads import IndexReads
 from .referrers import UpstreamReferrers, referrer_of
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 
@@ -64,6 +65,7 @@ class PullThrough:
                  tag_ttl: float, registry: str) -> None:
         self.store = store
         self.metadata = metadata
+        self.reads = IndexReads(metadata)
         self.fills = fills
         self.upstream = upstream
         self.tag_ttl = tag_ttl
@@ -114,18 +116,18 @@ class PullThrough:
             child = platform_manifest(result.body)
             if child is None:
                 raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
-            return await self._manifest_by_digest(name, _digest(child.digest))
+            return await self._manifest_by_digest(name, referred_digest(child.digest))
         return result
 
     async def _manifest_by_tag(self, name: str, tag: str, *, peered: bool = False) -> ManifestResult:
         repo = self._repo(name)
-        record = self.metadata.get_tag(repo, tag)
+        record = await self.reads.ask(self.metadata.get_tag, repo, tag)
         cached = await self._bodies.read(record.digest) if record else None
         if record is not None and cached is not None:
             if time.time() - record.fetched_at < self.tag_ttl:
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
                                       record.fetched_at + self.tag_ttl)
-            if self.metadata.is_pinned(repo, record.digest):
+            if await self.reads.ask(self.metadata.is_pinned, repo, record.digest):
                 # Preloaded: a pinned tag is served as loaded, never replaced by the upstream's.
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
                                       time.time() + self.tag_ttl)
@@ -144,7 +146,7 @@ class PullThrough:
             if head.digest == record.digest:
                 def refresh() -> bool:
                     with reference_lock(self.store):  # the collector may have evicted it meanwhile
-                        if not self.store.exists(_digest(record.digest)):
+                        if not self.store.exists(referred_digest(record.digest)):
                             return False
                         self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
                         return True
@@ -174,15 +176,15 @@ class PullThrough:
     async def _manifest_by_digest(self, name: str, digest: Digest) -> ManifestResult:
         repo = self._repo(name)
         key = str(digest)
-        record = self.metadata.get_manifest(key)
-        if record is not None and self.metadata.is_linked(repo, key):
+        record = await self.reads.get_manifest(key)
+        if record is not None and await self.reads.is_linked(repo, key):
             body = await self._bodies.read(key)
             if body is not None:
                 return ManifestResult(body, record.media_type, key, Outcome.HIT)
 
         async def fetch() -> ManifestResult:
-            if self.peers is not None and self.metadata.is_linked(repo, key):  # another replica's answer
-                found = self.metadata.get_manifest(key)
+            if self.peers is not None and await self.reads.is_linked(repo, key):  # another replica's answer
+                found = await self.reads.get_manifest(key)
                 body = await self._bodies.read(key) if found is not None else None
                 if found is not None and body is not None:
                     return ManifestResult(body, found.media_type, key, Outcome.HIT)
@@ -245,18 +247,19 @@ class PullThrough:
         """
         name = self.upstream.canonical_name(name)
         key = str(digest)
-        if self.metadata.is_linked(self._repo(name), key):
+        if await self.reads.is_linked(self._repo(name), key):
             size = await self.fills.look(stored_size, self.store, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
-        if pushable and not self.metadata.has_repository(self._repo(name)) and self._repo(name) not in self._unrecorded:
+        if (pushable and self._repo(name) not in self._unrecorded
+                and not await self.reads.ask(self.metadata.has_repository, self._repo(name))):
             raise APIError("BLOB_UNKNOWN", detail={"digest": key})
-        urls = self._foreign_urls(name, key)
+        urls = await self._foreign_urls(name, key)
         try:
             size = await (self.upstream.head_foreign_blob(urls, digest) if urls
                           else self.upstream.head_blob(name, digest))
         except UpstreamError as exc:
-            raise self._blob_error(exc, name, key) from exc
+            raise await self._blob_error(exc, name, key) from exc
         if size is None:
             raise APIError("UNAVAILABLE", detail="upstream did not announce the blob's size", status=502)
         return BlobHead(size, Outcome.MISS)
@@ -265,7 +268,7 @@ class PullThrough:
         """The blob's bytes: from the store, or streaming in from the upstream."""
         name = self.upstream.canonical_name(name)
         repo, key = self._repo(name), str(digest)
-        linked = self.metadata.is_linked(repo, key)
+        linked = await self.reads.is_linked(repo, key)
         consented = False
         if linked:
             stored = await self.fills.stored(digest)
@@ -276,18 +279,18 @@ class PullThrough:
             await self._consent(name, digest)
             consented = True
         missing = not consented  # just looked at, and not stored: the fill need not look again first
-        urls = self._foreign_urls(name, key)
+        urls = await self._foreign_urls(name, key)
         try:
             source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
                                            else lambda: self._fetch(name, repo, digest), looked=missing)
         except UpstreamError as exc:
-            raise self._blob_error(exc, name, key) from exc
+            raise await self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         started_here = isinstance(source, GrowingBlob) and not (source.verified or source.coalesced)
         if (not started_here and not linked and not consented and not self._links.pending(repo, key)
-                and not self.metadata.is_linked(repo, key)):
+                and not await self.reads.is_linked(repo, key)):
             # A fetch this request joined, one verified and only not yet moved into the store, or one
             # that landed in the store since the look above may be for another repository: served
             # here only if the upstream has it here too (a fetch for this repository linked it).
@@ -315,13 +318,13 @@ class PullThrough:
         """Wait until the links recorded in the background are written (shutdown)."""
         await self._links.settled()
 
-    def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
+    async def _blob_error(self, exc: UpstreamError, name: str, digest: str) -> APIError:
         """The error for a blob the upstream did not give; for a non-distributable layer left to
         clients (``foreign_layers: skip``) its detail says where it is and what would fetch it."""
         error = api_error(exc, "BLOB_UNKNOWN")
         if (isinstance(exc, UpstreamNotFound) and self.upstream.config.foreign_layers == "skip"
-                and self.metadata.is_linked(self._repo(name), digest)
-                and (urls := self.metadata.foreign_urls(digest))):
+                and await self.reads.is_linked(self._repo(name), digest)
+                and (urls := await self.reads.ask(self.metadata.foreign_urls, digest))):
             return APIError("BLOB_UNKNOWN", "non-distributable layer: fetch it from its urls, or set "
                             "upstream.foreign_layers: fetch for clients that do not (dockerd)",
                             detail={"digest": digest, "urls": list(urls)})
@@ -334,12 +337,12 @@ class PullThrough:
         except UpstreamError as exc:
             raise api_error(exc, "BLOB_UNKNOWN") from exc
 
-    def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
+    async def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
         (else, or for any other blob, ``()``: the upstream is asked, as for every blob)."""
-        if self.upstream.config.foreign_layers != "fetch" or not self.metadata.is_linked(self._repo(name), digest):
+        if self.upstream.config.foreign_layers != "fetch" or not await self.reads.is_linked(self._repo(name), digest):
             return ()
-        return self.metadata.foreign_urls(digest)
+        return await self.reads.ask(self.metadata.foreign_urls, digest)
 
     # -- tags --
 
@@ -354,13 +357,13 @@ class PullThrough:
         try:
             listed = await self.upstream.tags(name)
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
-            local = self.metadata.tags(self._repo(name))
+            local = await self.reads.ask(self.metadata.tags, self._repo(name))
             if not local:
                 raise api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
             return TagsPage(*paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
-        tags = set(listed).union(self.metadata.tags(self._repo(name)))
+        tags = set(listed).union(await self.reads.ask(self.metadata.tags, self._repo(name)))
         return TagsPage(*paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
@@ -391,10 +394,3 @@ def _followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
     """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
     result, joined = shared
     return replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS else result
-
-
-def _digest(value: str) -> Digest:
-    try:
-        return parse_digest(value)
-    except ParseError as exc:
-        raise APIError("MANIFEST_INVALID", detail=f"index refers to an invalid digest {value!r}") from exc

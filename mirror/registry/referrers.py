@@ -43,6 +43,7 @@ from ..upstream.errors import (
     UpstreamNotFound,
     UpstreamRateLimited,
 )
+from .reads import IndexReads
 
 log = logging.getLogger("mirror.registry.referrers")
 
@@ -76,6 +77,7 @@ class UpstreamReferrers:
 
     def __init__(self, metadata: Metadata, upstream: Upstream, registry: str) -> None:
         self.metadata = metadata
+        self.reads = IndexReads(metadata)
         self.upstream = upstream
         self.registry = registry
         self._stale_logged: set[str] = set()
@@ -98,7 +100,7 @@ class UpstreamReferrers:
             raise APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
                                                   "or needs credentials") from exc
         except UpstreamError as exc:
-            return self._known(repo, digest, artifact_type, exc)
+            return await self.reads.ask(self._known, repo, digest, artifact_type, exc)  # three reads
         manifests = answer.manifests
         if manifests is None:
             await anyio.to_thread.run_sync(self.metadata.set_referrers_api, self.registry, False)

@@ -98,10 +98,10 @@ class RoamingUploads(Uploads):
         return self._known(name, uuid)  # its local file, if any, may be behind: rebuilt by _acquire
 
     async def status(self, name: str, uuid: str) -> UploadState:
-        return UploadState(uuid, offset_of(self._record(name, uuid)))
+        return UploadState(uuid, offset_of(await self._asked(name, uuid)))
 
     async def cancel(self, name: str, uuid: str) -> None:
-        self._record(name, uuid)
+        await self._asked(name, uuid)
         await self._take(name, uuid)
         try:
             await anyio.to_thread.run_sync(self._drop_upload, uuid)
@@ -119,7 +119,7 @@ class RoamingUploads(Uploads):
                 self._leases[uuid] = lease
                 return lease
             if loop.time() > give_up:
-                offset = offset_of(self._record(name, uuid))
+                offset = offset_of(await self._asked(name, uuid))
                 raise APIError("BLOB_UPLOAD_INVALID", "another request is writing to this upload", status=416,
                                headers=upload_headers(name, uuid, offset))
             await asyncio.sleep(WAIT_INTERVAL)

@@ -36,6 +36,7 @@ from ..spec.reference import Digest
 from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
+from .reads import IndexReads
 from .repository import UploadState
 
 log = logging.getLogger("mirror.uploads")
@@ -58,6 +59,7 @@ class Uploads:
     def __init__(self, store: BlobStore, metadata: Metadata, upload_ttl: float, metrics: Metrics) -> None:
         self.store = store
         self.metadata = metadata
+        self.reads = IndexReads(metadata)
         self.upload_ttl = upload_ttl
         self.metrics = metrics
         # uuid -> (offset, hasher) while this process has seen every byte of the upload.
@@ -78,6 +80,10 @@ class Uploads:
     def _new_record(self, name: str, uuid: str) -> UploadRecord:
         return UploadRecord(name, time.time())
 
+    async def _asked(self, name: str, uuid: str) -> UploadRecord:
+        """:meth:`_record`, for code on the event loop (``registry/reads.py``)."""
+        return await self.reads.ask(self._record, name, uuid)
+
     def _record(self, name: str, uuid: str) -> UploadRecord:
         record = self._known(name, uuid)
         if not self.store.layout.upload(uuid).exists():
@@ -96,7 +102,7 @@ class Uploads:
         return record
 
     async def status(self, name: str, uuid: str) -> UploadState:
-        self._record(name, uuid)
+        await self._asked(name, uuid)
         try:
             size = await anyio.to_thread.run_sync(lambda: os.stat(self.store.layout.upload(uuid)).st_size)
         except FileNotFoundError:  # expired or cancelled since its record was read
@@ -106,7 +112,7 @@ class Uploads:
     async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
                      content_range: str | None = None) -> UploadState:
         """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
-        self._record(name, uuid)
+        await self._asked(name, uuid)
         fd, record = await self._acquire(name, uuid)
         try:
             offset = os.fstat(fd).st_size
@@ -141,7 +147,7 @@ class Uploads:
                      content_range: str | None = None) -> None:
         """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
         and move the blob into the store."""
-        self._record(name, uuid)
+        await self._asked(name, uuid)
         path = self.store.layout.upload(uuid)
         fd, record = await self._acquire(name, uuid)
         try:
@@ -175,7 +181,7 @@ class Uploads:
         self.metadata.delete_upload(uuid)
 
     async def cancel(self, name: str, uuid: str) -> None:
-        self._record(name, uuid)
+        await self._asked(name, uuid)
         await anyio.to_thread.run_sync(self._drop_upload, uuid)
 
     def _drop_upload(self, uuid: str) -> None:

@@ -163,7 +163,7 @@ class Actions:
         local = namespaces.local
         if wanted.verb in ("delete", "prefetch"):
             pushed = await anyio.to_thread.run_sync(local.is_local, wanted.name)
-            repository = namespaces.repository(wanted.name)
+            repository = await namespaces.repository(wanted.name)
             reference = parse_reference(wanted.reference)
             if wanted.verb == "prefetch":
                 if pushed:

@@ -1,15 +1,19 @@
 """What only the S3 driver does (``mirror/storage/s3.py``), on a real S3 server (SeaweedFS).
 
 The blob-store contract (``test_blobstore_contract.py``) covers what every driver does; here:
-fixed-size parts, the sweep of abandoned multipart uploads, credentials, options and the
+fixed-size parts, when a fill's parts go up (``storage/s3fill.py``: not while it is young, then even
+while its upstream stalls), the sweep of abandoned multipart uploads, credentials, options and the
 ``storage.s3.*`` configuration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from mirror.config.load import load_config
 from mirror.spec.reference import Digest
 from mirror.storage.opening import open_blob_store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
-from mirror.storage.s3fill import IN_FLIGHT, SEND_AFTER
+from mirror.storage.s3fill import IN_FLIGHT, SEND_AFTER, S3Fill
 from mirror.storage.s3objects import S3Reader
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.waiting import wait_for
@@ -31,6 +35,32 @@ def options(server: SeaweedS3, bucket: str, **overrides: object) -> S3Options:
         "chunksize": MIN_CHUNK}
     values.update(overrides)
     return S3Options(**values)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def fill_of(store: S3Store, data: bytes) -> Iterator[S3Fill]:
+    """The writer of a fill of *data* (not written yet), as ``storage/fill.py`` makes one; its file is closed after."""
+    digest = Digest.of(data)
+    path = store.layout.fill(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    writer = store.fill_writer(digest, path, fd)
+    writer.expected_size = len(data)
+    try:
+        yield writer
+    finally:
+        os.close(fd)
+
+
+def parts_sent(server: SeaweedS3, bucket: str) -> list[tuple[int, int]]:
+    """(number, size) of the parts of every unfinished multipart upload in *bucket*."""
+    client = server.client()
+    return [(p["PartNumber"], p["Size"]) for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            for p in client.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])]
+
+
+def fill_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("s3-fill")}
 
 
 def test_parts_are_all_chunksize_but_the_last(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
@@ -61,30 +91,84 @@ def test_a_fill_sends_no_part_before_it_ran_send_after_seconds_and_its_parts_as_
     store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
     client = seaweedfs.client()
     data = os.urandom((IN_FLIGHT + 1) * MIN_CHUNK + 5)
-    digest = Digest.of(data)
-    path = store.layout.fill(digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    writer = store.fill_writer(digest, path, fd)
-    writer.expected_size = len(data)
-    try:
+    with fill_of(store, data) as writer:
         writer.write(data[:IN_FLIGHT * MIN_CHUNK])
         time.sleep(0.3)  # time for a part to show, had one been sent
         assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == [], "a part of a young fill"
         time.sleep(SEND_AFTER)
         writer.write(data[IN_FLIGHT * MIN_CHUNK:])
-
-        def parts() -> list[int]:
-            uploads = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
-            return [p["Size"] for u in uploads for p in client.list_parts(
-                Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])]
-
-        wait_for(lambda: parts() == [MIN_CHUNK] * IN_FLIGHT, timeout=15, what="the complete parts in the bucket")
+        complete = [(n, MIN_CHUNK) for n in range(1, IN_FLIGHT + 2)]
+        wait_for(lambda: parts_sent(seaweedfs, s3_bucket) == complete, timeout=15,
+                 what="the complete parts in the bucket")
         writer.commit()
-    finally:
-        os.close(fd)
-    assert store.size(digest) == len(data) and not path.exists()
+    assert store.size(writer.digest) == len(data) and not writer.path.exists()
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_a_fill_whose_upstream_stalls_sends_its_complete_parts_meanwhile(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """More complete parts than go up at a time, all written within the fill's first second: they are
+    in the bucket once the fill is SEND_AFTER old, though no further byte came."""
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    client = seaweedfs.client()
+    complete = IN_FLIGHT + 1
+    data = os.urandom(complete * MIN_CHUNK + 12345)
+    threads = fill_threads()
+    with fill_of(store, data) as writer:
+        began = time.monotonic()
+        for i in range(0, complete * MIN_CHUNK + 100, 1 << 20):
+            writer.write(data[i:min(i + (1 << 20), complete * MIN_CHUNK + 100)])
+        assert time.monotonic() - began < SEND_AFTER, "written within the first second"
+        assert parts_sent(seaweedfs, s3_bucket) == [], "nothing sent by a young fill"
+        wait_for(lambda: parts_sent(seaweedfs, s3_bucket) == [(n, MIN_CHUNK) for n in range(1, complete + 1)],
+                 timeout=SEND_AFTER + 15, what="the complete parts in the bucket while the fill stalls")
+        assert time.monotonic() - began >= SEND_AFTER
+        assert store.size(writer.digest) is None and writer.written == complete * MIN_CHUNK + 100
+        writer.write(data[complete * MIN_CHUNK + 100:])
+        writer.commit()
+    assert store.size(writer.digest) == len(data) and not writer.path.exists()
+    assert client.get_object(Bucket=s3_bucket, Key=writer.key)["Body"].read() == data
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert fill_threads() <= threads, "the fill's threads end with it"
+
+
+def test_a_fill_done_before_send_after_sends_nothing_later_and_leaves_no_thread(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    client = seaweedfs.client()
+    discarded, committed = os.urandom(IN_FLIGHT * MIN_CHUNK + 1), os.urandom(IN_FLIGHT * MIN_CHUNK + 2)
+    threads = fill_threads()
+    with fill_of(store, discarded) as writer:
+        writer.write(discarded)
+        writer.discard()
+    with fill_of(store, committed) as writer:
+        writer.write(committed)
+        writer.commit()
+    assert fill_threads() <= threads, "no wake-up left waiting"
+    time.sleep(SEND_AFTER + 0.3)
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert store.size(Digest.of(discarded)) is None and store.size(Digest.of(committed)) == len(committed)
+
+
+def test_a_fill_another_replica_stores_sends_nothing_while_its_upstream_stalls(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    data = os.urandom(IN_FLIGHT * MIN_CHUNK + 3)
+    elsewhere = True
+    with fill_of(store, data) as writer:
+        writer.stored_elsewhere = lambda: elsewhere
+        writer.write(data[:-3])
+        time.sleep(SEND_AFTER + 0.5)
+        assert parts_sent(seaweedfs, s3_bucket) == [], "the other replica stores it"
+        elsewhere = False  # it went away: this fill takes over, from the first byte on
+        writer.write(data[-3:])
+        wait_for(lambda: parts_sent(seaweedfs, s3_bucket) == [(n, MIN_CHUNK) for n in range(1, IN_FLIGHT + 1)],
+                 timeout=15, what="the parts of the fill that took over")
+        writer.commit()
+    assert store.read_bytes(writer.digest) == data
 
 
 def test_the_sweep_aborts_only_stale_uploads_of_writers_gone(seaweedfs: SeaweedS3, s3_bucket: str,

@@ -8,7 +8,13 @@ that file as soon as it is complete as one part of a multipart upload to the obj
 in memory), so the writer never waits for S3.  Parts start going up once the fill has run
 :data:`SEND_AFTER` seconds: a fill faster than that (a fast upstream: the fill is bound by this
 host's CPU, which its clients' bytes need too) sends them all after its verdict, one slower overlaps
-its uploads with the rest of its body (measured in ``tests/bench/README.md``).
+its uploads with the rest of its body (measured in ``tests/bench/README.md``).  What sends them is
+whichever comes first of a write, the end of a part (the next complete range goes up in its place)
+and, for a fill that has a complete range before it is :data:`SEND_AFTER` old, a wake-up at that
+age in one of its threads: an upstream that stalls then keeps no complete part waiting for its next
+bytes.  The three share one lock; :meth:`S3Fill.commit` and :meth:`S3Fill.discard` take the sending
+over under it (nothing is sent in the background after that), so parts are numbered in order, each
+sent once, all ``chunksize`` bytes but the last, and none after an abort.
 :meth:`S3Fill.commit` verifies size and digest, marks the file
 :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is left,
 completes the upload and removes the file.  A mismatch or a failure aborts the upload
@@ -29,6 +35,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +58,7 @@ if TYPE_CHECKING:
 #: Parts of one fill being sent at a time.
 IN_FLIGHT = 2
 #: Seconds a fill runs before its parts start going up (until then, or until its verdict, its clients
-#: have the CPU); a slower fill sends its complete parts from its first write after that.
+#: have the CPU); at that age a slower fill sends the parts it has complete, even if no write comes.
 SEND_AFTER = 1.0
 #: Seconds a fill stored by another replica waits for that replica's object after verifying its bytes.
 PEER_STORE_WAIT = 30.0
@@ -76,6 +83,11 @@ class S3Fill:
         self._sending: list[Future[dict[str, Any]]] = []  # parts on their way, oldest first
         self._parts: list[dict[str, Any]] = []  # parts S3 has
         self._sent_to = 0  # bytes handed to parts so far
+        # Sending happens in the writer's thread, at the wake-up and at the end of each part: under this lock.
+        self._lock = threading.RLock()
+        self._in_pump = False  # a part that ends at once calls _pump back from _send: the loop goes on
+        self._over = threading.Event()  # set by commit or discard: they send the rest, nothing else does
+        self._wake: Future[None] | None = None  # the wake-up at SEND_AFTER, once a range is complete
         self._done = False
         self._began = time.monotonic()
         self.stored_elsewhere: Callable[[], bool] | None = None
@@ -87,18 +99,51 @@ class S3Fill:
         self._hasher.update(data)
         write_all(self.fd, data)
         self.written += len(data)
-        self._collect(wait=False)
-        if time.monotonic() - self._began < SEND_AFTER:
-            return
-        while not self._elsewhere() and len(self._sending) < IN_FLIGHT and self._sent_to + self._chunk <= self.written:
-            self._send(self._chunk)
+        young = SEND_AFTER - (time.monotonic() - self._began)
+        if young <= 0:
+            self._pump(raising=True)
+        elif self._wake is None and self.written >= self._chunk:
+            self._wake = self._threads.submit(self._wake_up, young)
+
+    def _wake_up(self, delay: float) -> None:
+        """Send the complete parts after *delay* seconds (when the fill is :data:`SEND_AFTER` old), unless
+        the fill was committed or discarded first."""
+        if not self._over.wait(delay):
+            self._pump(raising=False)
+
+    def _pump(self, *, raising: bool) -> None:
+        """Send complete ``chunksize`` ranges while fewer than :data:`IN_FLIGHT` parts are on their way.
+
+        A part S3 refused is raised if *raising* (the writer), else it stops the sending and is left
+        for the next write or the commit to raise.  Nothing once commit or discard took over."""
+        with self._lock:
+            if self._over.is_set() or self._in_pump:
+                return
+            self._in_pump = True
+            try:
+                while True:
+                    self._collect(wait=False, raising=raising)
+                    if (self._sending and self._sending[0].done()) or len(self._sending) >= IN_FLIGHT:
+                        return  # a part refused, or enough on their way
+                    if self._sent_to + self._chunk > self.written or self._elsewhere():
+                        return
+                    self._send(self._chunk)
+            finally:
+                self._in_pump = False
+
+    def _take_over(self) -> None:
+        """From now on only the caller (commit, discard) sends, and the wake-up ends."""
+        with self._lock:
+            self._over.set()
 
     def _send(self, length: int) -> None:
         if self._upload is None:
             self._upload = self._threads.submit(self._start)
         number, offset = self._sent_to // self._chunk + 1, self._sent_to
-        self._sending.append(self._threads.submit(self._part, number, offset, length))
+        part = self._threads.submit(self._part, number, offset, length)
+        self._sending.append(part)
         self._sent_to += length
+        part.add_done_callback(lambda _: self._pump(raising=False))
 
     def _start(self) -> str:
         upload = self.store.started(self.key)
@@ -120,9 +165,12 @@ class S3Fill:
             raise backend_error(exc, f"part {number} of {self.digest}") from exc
         return {"PartNumber": number, "ETag": etag}
 
-    def _collect(self, *, wait: bool) -> None:
-        """Take the answers of parts sent (all of them if *wait*); a part S3 refused is raised."""
+    def _collect(self, *, wait: bool, raising: bool = True) -> None:
+        """Take the answers of parts sent (all of them if *wait*); a part S3 refused is raised (if
+        *raising*, else it stays first in line)."""
         while self._sending and (wait or self._sending[0].done()):
+            if not raising and self._sending[0].exception() is not None:
+                return
             self._parts.append(self._sending.pop(0).result())
 
     def verify(self) -> None:
@@ -133,6 +181,7 @@ class S3Fill:
 
         On a mismatch the upload is aborted and :class:`StoreError` raised; what S3 refuses is
         ``OSError`` (the caller then discards the fill)."""
+        self._take_over()
         try:
             self.verify()
         except StoreError:
@@ -182,6 +231,7 @@ class S3Fill:
 
     def discard(self) -> None:
         """Abort the upload (after the parts on their way) and remove the file; never raises."""
+        self._take_over()
         self._threads.shutdown(wait=True, cancel_futures=True)
         if not self._done and self._upload is not None:
             self._done = True

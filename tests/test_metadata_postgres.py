@@ -5,6 +5,7 @@ PostgreSQL 15."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecor
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
 from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
+from mirror.registry.reads import INDEX_THREADS
 from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
@@ -39,6 +41,7 @@ from tests.test_push_api import push_image
 REPO = "docker.io/library/alpine"
 D1, D2 = (f"sha256:{c * 64}" for c in "12")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 @pytest.fixture
@@ -165,6 +168,8 @@ def test_a_names_kind_and_a_manifest_record_read_are_answered_without_a_query_un
         assert index.get_manifest(D2) is None and index.get_manifest(D2) is None and len(queries) == 4  # absent
         index.put_manifest(D1, OCI_MANIFEST, 11)  # the same digest recorded again here: read again
         assert index.get_manifest(D1) == ManifestRecord(OCI_MANIFEST, 11)
+        other.put_manifest(D1, OCI_INDEX, 11)  # by another instance, as another type: once notified
+        assert eventually(lambda: index.get_manifest(D1) == ManifestRecord(OCI_INDEX, 11), timeout=5)
         index.mark_local("team/app", 1.0)
         assert index.is_local("team/app")  # its own change: at once
         assert not index.is_local("team/other")
@@ -276,36 +281,47 @@ def test_the_mirror_keeps_its_index_in_postgres(
     assert not list((mirror.data_dir / "index").glob("*.db"))  # nothing went to the diskcache driver
 
 
-def test_a_query_held_up_in_the_database_holds_up_no_other_request(
+def test_queries_held_up_in_the_database_hold_up_no_other_request(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
 ) -> None:
-    """While the ``tags`` table is locked by another session, a manifest GET by tag waits for it;
-    meanwhile the same worker answers ``/v2/``, a cached blob and a manifest by digest at once
-    (their reads are kept in memory, or made from worker threads, never on the event loop)."""
+    """While the ``tags`` table is locked by another session, 60 manifest GETs by tag wait for it
+    (a pool of 64 connections: each holds one); meanwhile the same worker answers ``/v2/``, a cached
+    blob, a pushed one and a manifest by digest at once: their reads are kept in memory or made
+    from worker threads, never on the event loop, and the reads waiting for the database do not
+    take the threads that open stored blobs."""
     dsn = postgres.create_database()
-    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+                                 "MIRROR_METADATA_POSTGRES_POOL_SIZE": "64"})
     accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
     name, tag, item = images.refs["small"]
     other, other_tag, other_item = images.refs["dlist"]
     assert isinstance(item, Image)
     layer = item.layers[-1].digest
+    _, pushed = push_image(http, mirror.url, "team/app", "v1", seed=3)
+    pushed_layer = f"sha256:{hashlib.sha256(pushed[-1]).hexdigest()}"
+    urls = [f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
+            f"{mirror.url}/v2/team/app/blobs/{pushed_layer}", f"{mirror.url}/v2/{name}/manifests/{item.digest}"]
     assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
-    assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer}").status_code == 200
-    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(1) as pool:
+    assert all(http.get(url, headers=accept).status_code == 200 for url in urls)
+    waiting = [f"{mirror.url}/v2/{other}/manifests/{other_tag}", *(f"{mirror.url}/v2/library/held/manifests/t{n}"
+                                                                 for n in range(59))]
+    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(waiting)) as pool, \
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
         locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
         try:
-            held = pool.submit(http.get, f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept,
-                               timeout=60)
-            assert eventually(lambda: bool(_query(dsn, "SELECT 1 FROM pg_locks WHERE NOT granted")), timeout=10)
-            for url in (f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
-                        f"{mirror.url}/v2/{name}/manifests/{item.digest}"):
+            held = [pool.submit(crowd.get, url, headers=accept) for url in waiting]
+            # As many wait in the database as threads may read it; the others wait for one of those.
+            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
+                              == INDEX_THREADS, timeout=20)
+            for url in urls:
                 started = time.monotonic()
                 answer = http.get(url, headers=accept, timeout=10)
                 assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
-            assert not held.done()
+            assert not any(f.done() for f in held)
         finally:
             locker.rollback()
-        assert held.result().status_code == 200 and held.result().content == other_item.manifest
+        assert held[0].result().status_code == 200 and held[0].result().content == other_item.manifest
+        assert {f.result().status_code for f in held[1:]} == {404}
 
 
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(

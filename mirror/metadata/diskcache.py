@@ -170,7 +170,12 @@ class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
         return None if value is None else ManifestRecord(*value)
 
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
-        self._cache.set(f"manifest/{digest}", (media_type, size))
+        key = f"manifest/{digest}"
+        with self._cache.transact():
+            before = self._cache.get(key)
+            self._cache.set(key, (media_type, size))
+        if before is not None and tuple(before) != (media_type, size):
+            self._generation.bump()  # answers remembered of it (the memo's) are out of date
 
     def manifest_digests(self) -> list[str]:
         return [key[len("manifest/"):] for key in self._keys("manifest/")]

@@ -169,7 +169,8 @@ class ManifestIndex(Protocol):
     def get_manifest(self, digest: str) -> ManifestRecord | None: ...
 
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
-        """Record that the stored object *digest* is a manifest of *media_type*, *size* bytes."""
+        """Record that the stored object *digest* is a manifest of *media_type*, *size* bytes.  Recording
+        it again with another media type or size moves the generation (answers kept of it are out of date)."""
         ...
 
     def manifest_digests(self) -> list[str]:

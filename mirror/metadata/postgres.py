@@ -183,8 +183,14 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
     # -- manifests and links --
 
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
-        self._one("INSERT INTO manifests VALUES (%s, %s, %s) ON CONFLICT (digest) DO UPDATE"
-                  " SET media_type = excluded.media_type, size = excluded.size RETURNING 1", (digest, media_type, size))
+        with self._withdrawing() as (cur, bump):
+            row = cur.execute(
+                "INSERT INTO manifests VALUES (%s, %s, %s) ON CONFLICT (digest) DO UPDATE"
+                " SET media_type = excluded.media_type, size = excluded.size"
+                " WHERE (manifests.media_type, manifests.size) IS DISTINCT FROM (excluded.media_type, excluded.size)"
+                " RETURNING xmax::text <> '0'", (digest, media_type, size)).fetchone()
+            if row is not None and row[0]:
+                bump()  # a record other instances may keep in memory changed (pgremembered)
         self._put_manifest_seen(digest)
 
     def manifest_digests(self) -> list[str]:

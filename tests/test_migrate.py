@@ -10,23 +10,32 @@ driver passes the contract test for (``metadata/transfer.py``'s comparison, ``re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from mirror.config.load import load_config
 from mirror.maintenance.migrate import Migration
@@ -36,9 +45,11 @@ from mirror.metadata.opening import open_metadata
 from mirror.metadata.records import RecordKind
 from mirror.metadata.transfer import compare
 from mirror.observe.progress import LineProgress
+from mirror.spec.reference import parse_digest
 from mirror.storage.layout import Layout
 from mirror.storage.s3 import MIN_CHUNK
 from tests.support import client
+from tests.support.asgi import ThreadedServer, UpstreamClient, forward_headers, open_upstream, raw_headers
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import Image, Index, build_image, random_layer, sha256_digest, write_oci_layout
@@ -237,42 +248,139 @@ def test_a_store_moves_to_s3_and_postgres_and_back_and_serves_every_image_byte_f
 # -- going on after an interruption --------------------------------------------------------------
 
 
+class BucketGate:
+    """A relay between ``mirror migrate`` and the bucket that shuts as soon as an object is stored
+    through it (a ``PutObject`` or ``CompleteMultipartUpload`` of a key under ``blobs/`` answered
+    200): every request arriving after that waits, and goes on only once :meth:`open` is called,
+    never if the gate stops first.
+
+    While it is shut with nothing :attr:`sending`, no request can reach the bucket, so what the bucket
+    holds stays as it is however the migration is then stopped, and no request of a stopped client
+    is passed on cut short (SeaweedFS stores an empty object for a ``PutObject`` whose connection
+    closed right after its headers).
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.shut = False
+        self.opened = False
+        self.sending = 0  # requests passed on whose answer is not all passed back
+        self.held = 0  # requests waiting at the gate
+        self._lock = threading.Lock()
+        self._upstream = UpstreamClient()
+        route = Route("/{path:path}", self._endpoint, methods=["GET", "HEAD", "PUT", "POST", "DELETE"])
+        app = Starlette(routes=[route], lifespan=self._upstream.lifespan)
+        self._server = ThreadedServer(app, name="bucket-gate", lifespan="on")
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def __enter__(self) -> BucketGate:
+        self._server.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._server.stop()
+
+    def blocked(self) -> bool:
+        """Whether the client waits at the shut gate and nothing it sent is on its way to the bucket."""
+        with self._lock:
+            return self.shut and not self.opened and self.sending == 0 and self.held > 0
+
+    def open(self) -> None:
+        """Let the requests waiting, and every later one, go on."""
+        with self._lock:
+            self.opened = True
+
+    async def _endpoint(self, request: Request) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+        return functools.partial(self._relay, request)
+
+    async def _relay(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
+        with self._lock:
+            admitted = not self.shut or self.opened
+            self.sending += admitted
+            self.held += not admitted
+        while not admitted:  # cancelled when the gate stops: never passed on
+            await asyncio.sleep(0.01)
+            with self._lock:
+                admitted = self.opened
+                self.sending += admitted
+                self.held -= admitted
+        try:
+            upstream = await open_upstream(self._upstream.http, request, self.endpoint)
+            try:
+                if upstream.status_code == 200 and _stores_object(request):
+                    with self._lock:
+                        self.shut = True  # before the client hears of it and sends its next request
+                await send({"type": "http.response.start", "status": upstream.status_code,
+                            "headers": raw_headers(forward_headers(upstream.headers.multi_items()))})
+                async for data in upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                await upstream.aclose()
+        finally:
+            with self._lock:
+                self.sending -= 1
+
+
+def _stores_object(request: Request) -> bool:
+    """Whether *request* stores an object under ``blobs/``: a ``PutObject`` (not a part) or a
+    ``CompleteMultipartUpload``."""
+    query = request.query_params
+    return "/blobs/" in request.url.path and (
+        (request.method == "PUT" and "partNumber" not in query) or (request.method == "POST" and "uploadId" in query))
+
+
 @pytest.mark.slow
 def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], skopeo: str, seaweedfs: SeaweedS3,
     s3_bucket: str, postgres: PostgresServer, tmp_path: Path,
 ) -> None:
     """Stopped by Ctrl-C, then killed outright (SIGKILL) while copying, the migration run again
-    goes on (what is there is not copied again) and ends with every object and record."""
+    goes on (what is there is not copied again) and ends with every object and record.
+
+    Each run reaches the bucket through a :class:`BucketGate` and is stopped once an object was
+    stored and it waits at the shut gate with nothing on its way there: stopped midway whatever
+    the timing, and the bucket then stays as it is.  After Ctrl-C the gate opens so that the copies
+    running can end: they leave no upload open."""
     source = mirror_factory()
     for short in ("big", "small", "multi", "dlist"):
         repo, tag, _ = images.refs[short]
         pull(skopeo, source.address, f"{repo}:{tag}", tmp_path / short, every_platform=short != "dlist")
     source.stop()
     old = write_config(tmp_path / "old.yaml", source.data_dir)
-    new = write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
-                       dsn=postgres.create_database())
+    dsn = postgres.create_database()
+    new = write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket), dsn=dsn)
     everything_stored = sizes(source.data_dir)
 
     for stop in (signal.SIGINT, signal.SIGKILL):
         copied_before = len(bucket_objects(seaweedfs, s3_bucket))
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-        proc = subprocess.Popen([sys.executable, "-m", "mirror", "migrate", "--from-config", str(old),
-                                 "--to-config", str(new)], cwd=PROJECT_ROOT, env=clean, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while len(bucket_objects(seaweedfs, s3_bucket)) <= copied_before and proc.poll() is None:
-                assert time.monotonic() < deadline, "no object was copied"
-                time.sleep(0.02)
-            proc.send_signal(stop)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        with BucketGate(seaweedfs.endpoint) as gate:
+            gated = write_config(tmp_path / "gated.yaml", tmp_path / "spool",
+                                 s3=(dataclasses.replace(seaweedfs, endpoint=gate.url), s3_bucket), dsn=dsn)
+            proc = subprocess.Popen([sys.executable, "-m", "mirror", "migrate", "--from-config", str(old),
+                                     "--to-config", str(gated)], cwd=PROJECT_ROOT, env=clean,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                deadline = time.monotonic() + 60
+                while not gate.blocked():
+                    assert proc.poll() is None, "ended before it was stopped: " + "".join(proc.communicate())
+                    assert time.monotonic() < deadline, "no object was copied"
+                    time.sleep(0.02)
+                proc.send_signal(stop)
+                if stop == signal.SIGINT:
+                    gate.open()  # the copies running end; a killed process's requests never go on
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if stop == signal.SIGINT:
             assert proc.returncode == 130 and "interrupted; run it again" in err, out + err
+            assert not seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "uploads left open"
         else:
             assert proc.returncode == -signal.SIGKILL
         copied = bucket_objects(seaweedfs, s3_bucket)
@@ -280,7 +388,7 @@ def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
         assert all(everything_stored[digest] == size for digest, size in copied.items())
 
     out = migrated(old, new, "--verify-content")
-    assert f"{len(copied)} already there" in out and f"{len(everything_stored) - len(copied)} copied" in out
+    assert f"; {len(everything_stored) - len(copied)} copied, {len(copied)} already there" in out, out
     assert bucket_objects(seaweedfs, s3_bucket) == everything_stored
     assert differences(old, new) == []
     assert not seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "uploads left open"
@@ -325,6 +433,24 @@ def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_in
     line = refused(write_config(tmp_path / "ours.yaml", ours), new)
     assert "belongs to another store" in line and f"{len(objects)} objects the source does not" in line, line
     assert bucket_objects(seaweedfs, s3_bucket) == objects and not any(records(new).values())
+
+
+def test_a_target_directory_holding_objects_the_source_does_not_is_refused_with_their_count(tmp_path: Path) -> None:
+    """Each object of the target is looked up in the source: one the source has too is not counted,
+    and the message names the first of the others in order.  Nothing is written."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    image = preloaded(tmp_path, data, "one", 926)
+    bodies = {sha256_digest(body): body for body in (b"theirs 1", b"theirs 2", b"theirs 3")}
+    theirs = sorted(bodies)
+    bodies[image.layers[0].digest] = stored_objects(data)[image.layers[0].digest].read_bytes()
+    for digest, body in bodies.items():
+        path = Layout(copy).blob(parse_digest(digest))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    held = sizes(copy)
+    line = refused(write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", copy))
+    assert f"the target store holds 3 objects the source does not (first: {theirs[0]})" in line, line
+    assert sizes(copy) == held
 
 
 def test_a_target_that_is_an_earlier_partial_copy_is_taken_up(tmp_path: Path) -> None:
@@ -582,6 +708,50 @@ def test_a_large_index_is_copied_and_verified_in_bounded_memory(tmp_path: Path) 
         assert copy.count_manifests() == manifests and len(copy.access_times()) == links
         assert copy.get_tag(repos[7], "t7") == TagRecord(_digest(7), OCI_MANIFEST, 1.5e9 + 7)
         assert copy.is_linked(repos[-1], _digest(links - 1)) and copy.repositories() == sorted(repos)
+
+
+@pytest.mark.slow
+def test_a_large_store_is_copied_and_verified_in_bounded_memory(tmp_path: Path) -> None:
+    """20,000 small objects, a quarter of them in the target already (a run that was interrupted),
+    some recorded as manifests, and strays: counted, checked against the target, copied, re-hashed
+    and verified while the migration's Python objects never take more than a few MiB at once (about
+    7 MiB, 4 of them the copiers' reads of 1 MiB; holding the listing took 20 MiB)."""
+    count, data, copy = 20_000, tmp_path / "data", tmp_path / "copy"
+    absent = [_digest(n) for n in range(10)]  # manifests the index records that the store lacks
+    index = DiskcacheMetadata(Layout(data).index)
+    try:
+        for n in range(count):
+            body = b"object %d" % n
+            digest = parse_digest(sha256_digest(body))
+            for side in (data, copy) if n % 4 == 0 else (data,):
+                Layout(side).blob(digest).parent.mkdir(parents=True, exist_ok=True)
+                Layout(side).blob(digest).write_bytes(body)
+            if n % 40 == 0:
+                index.put_manifest(str(digest), OCI_MANIFEST, len(body))
+        for digest in absent:
+            index.put_manifest(digest, OCI_MANIFEST, 100)
+    finally:
+        index.close()
+    stored = sizes(data)
+    strays = [Layout(data).blobs / "sha256" / "00" / "not-a-digest", Layout(data).blobs / "md5" / "ab" / "ab12"]
+    for stray in strays:
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(b"stray")
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", copy)
+
+    tracemalloc.start()
+    try:
+        report = Migration(load_config(old, env={}), load_config(new, env={}), verify_content=True).run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.problems == [], report.problems
+    assert (report.objects, report.bytes, report.strays) == (count, sum(stored.values()), len(strays))
+    assert (report.copied, report.present, report.verified) == (count - count // 4, count // 4, count)
+    assert f"{len(absent)} manifests the index names were not in the source store either (first: {absent[0]};" \
+        in " ".join(report.notes), report.notes
+    assert peak < 10 << 20, f"{peak / (1 << 20):.1f} MiB at the peak"
+    assert sizes(copy) == stored
 
 
 def _digest(n: int) -> str:

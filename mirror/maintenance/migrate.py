@@ -7,12 +7,14 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    collection holds, and pushes share, is held for the whole migration), no other process with
    either index open (``metadata/occupancy.py``), the target's index
    empty or a copy, complete or not, of the source's (``transfer.strangers``), and the
-   target store's objects all the source's too.
+   target store's objects all the source's too (``objectcopy.foreign``).
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
    it is written, nothing larger than a manifest or a part is held in memory), :data:`COPIERS`
    at a time; objects the target already has at that size are skipped, so a run that was
-   interrupted goes on where it stopped.
+   interrupted goes on where it stopped.  No listing of a store is kept: each pass over the
+   objects (counting them, checking the target's, copying, verifying) lists the store again
+   (``objectcopy.py``), so memory does not grow with the number of objects.
 3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes), kind by
    kind, a batch at a time: memory holds no whole kind of record, however large the index.
 4. Verified: every object of the source is in the target at its size (and, with
@@ -31,23 +33,24 @@ import contextlib
 import fcntl
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
 from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import bind_data_directory, index_identity, open_metadata, rebind_data_directory
-from ..metadata.records import RecordKind
-from ..metadata.transfer import BATCH, compare, copy_records, strangers, unstored
+from ..metadata.transfer import compare, copy_records, strangers, unstored
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore, StoredObject, StoreError
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
+from .objectcopy import StoredDigests, census, digested, foreign, looked_up, with_manifests
 
 CHUNK = 1 << 20
 #: Objects copied at once (each holds at most one part of the target's writer in memory).
@@ -138,20 +141,19 @@ class Migration:
                 if found.count:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
                                   f" (first: {found.first}): it belongs to another store; migrate into an empty one")
-            listed = list(old_store.objects())
-            objects = [found for found in listed if found.digest is not None]
+            pool = stack.enter_context(ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate"))
+            held = census(old_store)
             if not same_store:
-                _check_target_objects(new_store, objects)
+                _check_target_objects(new_store, old_store, pool)
             if not one_directory:
                 _bind(target, new, "target")
-            self.report.strays = len(listed) - len(objects)
-            self.report.objects, self.report.bytes = len(objects), sum(found.size for found in objects)
+            self.report.objects, self.report.bytes, self.report.strays = held.objects, held.bytes, held.strays
             if not same_store:
-                self._copy_objects(old_store, new_store, objects, old_index)
+                self._copy_objects(old_store, new_store, old_index, pool)
             if not same_index:
                 self.progress.phase("index records", None)
                 copy_records(old_index, new_index)
-            self._verify(new_store, new_index, objects, old_index, same_store)
+            self._verify(old_store, new_store, new_index, old_index, same_store, pool)
             self.report.uploads = len(old_index.upload_ids())
             if one_directory and not same_index and not self.report.problems:
                 problem = rebind_data_directory(target.metadata, new.index_binding)
@@ -202,22 +204,24 @@ class Migration:
 
     # -- objects --
 
-    def _copy_objects(self, old: BlobStore, new: BlobStore, objects: list[StoredObject], index: Metadata) -> None:
-        """Copy what the target lacks, :data:`COPIERS` objects at a time (an object store answers each
-        request after a round trip: one at a time, a store of small objects takes as many round
-        trips as it has objects)."""
+    def _copy_objects(self, old: BlobStore, new: BlobStore, index: Metadata, pool: Executor) -> None:
+        """Copy what the target lacks, listing the source once more, :data:`COPIERS` objects at a time
+        in *pool* (an object store answers each request after a round trip: one at a time, a store of
+        small objects takes as many round trips as it has objects).  Interrupted (``KeyboardInterrupt``)
+        or failing, it starts no other copy, and those running stop before their next chunk."""
         self.progress.phase("objects", self.report.bytes)
+        stopping = threading.Event()
 
         def one(found: StoredObject, manifest: bool) -> bool:  # True: copied, False: there already
             assert found.digest is not None
             if new.size(found.digest) == found.size:
                 return False
-            self._copy(old, new, found.digest, found.size, manifest)
+            self._copy(old, new, found.digest, found.size, manifest, stopping)
             return True
 
-        with ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate") as pool:
-            pending: dict[Future[bool], StoredObject] = {}
-            queue = _with_manifests(objects, index)
+        pending: dict[Future[bool], StoredObject] = {}
+        queue = with_manifests((found for _, found in digested(old)), index)
+        try:
             while True:
                 for found, manifest in itertools.islice(queue, COPIERS * 2 - len(pending)):
                     pending[pool.submit(one, found, manifest)] = found
@@ -238,71 +242,85 @@ class Migration:
                         self.report.bytes_copied += found.size
                     else:
                         self.report.present += 1
+        except BaseException:
+            stopping.set()
+            for future in pending:
+                future.cancel()  # those not started yet
+            raise
 
-    def _copy(self, old: BlobStore, new: BlobStore, digest: Digest, size: int, manifest: bool) -> None:
+    def _copy(self, old: BlobStore, new: BlobStore, digest: Digest, size: int, manifest: bool,
+              stopping: threading.Event) -> None:
+        """Copy one object through the target's verified write path; raises :class:`_Stopped` (the write
+        aborted) once *stopping* is set."""
         if manifest and size <= MAX_MANIFEST_BYTES:  # a signed schema 1 one is checked by its payload's digest
             data = old.read_bytes(digest)
             if data is None:
                 raise StoreError(f"{digest} vanished from the source")
+            _go_on(stopping, digest)
             new.put_bytes(digest, data)
             return
         writer = new.ingest(digest, size)
         try:
             with old.open_stream(digest) as stream:
                 while chunk := stream.read(CHUNK):
+                    _go_on(stopping, digest)
                     writer.write(chunk)
+            _go_on(stopping, digest)
             writer.commit()
         finally:
-            writer.close()
+            writer.close()  # aborts a write not committed
 
     # -- verifying --
 
-    def _verify(self, new: BlobStore, index: Metadata, objects: list[StoredObject], source: Metadata,
-                same_store: bool) -> None:
+    def _verify(self, old: BlobStore, new: BlobStore, index: Metadata, source: Metadata, same_store: bool,
+                pool: Executor) -> None:
+        """Check the target against the source, listing the source once more for each pass over its
+        objects; the problems found go to the report."""
         if not same_store:
-            missing = set()
-            for found in objects:
-                assert found.digest is not None
-                if new.size(found.digest) != found.size:
-                    missing.add(found.digest)
-                    self.report.problems.append(f"not in the target at {found.size} bytes: {found.digest}")
+            lookups = None if new.local else pool
+            missing: set[Digest] = set()  # as many as the problems they make
+            for (digest, found), size in looked_up(lookups, lambda pair: new.size(pair[0]), digested(old), COPIERS):
+                if size != found.size:
+                    missing.add(digest)
+                    self.report.problems.append(f"not in the target at {found.size} bytes: {digest}")
             if self.verify_content:
                 self.progress.phase("re-hashing", self.report.bytes)
-                for found in objects:
-                    assert found.digest is not None
-                    if found.digest not in missing:
-                        if not new.matches(found.digest):
-                            self.report.problems.append(f"does not match its digest in the target: {found.digest}")
+
+                def rehash(digest: Digest) -> bool | None:  # None: not there to re-hash
+                    return None if digest in missing else new.matches(digest)
+
+                for (digest, found), matches in looked_up(pool, lambda pair: rehash(pair[0]), digested(old), COPIERS):
+                    if matches is not None:
+                        if not matches:
+                            self.report.problems.append(f"does not match its digest in the target: {digest}")
                         self.report.verified += 1
                     self.progress.advance(found.size)
         compared = compare(source, index)
         self.report.records = compared.counts
         self.report.problems += [f"index: {line}" for line in compared.differences]
-        lacking = unstored(source, {str(found.digest) for found in objects})
+        lacking = unstored(source, StoredDigests(old))
         if lacking.count:
             self.report.notes.append(f"{lacking.count} manifests the index names were not in the source store either"
                                      f" (first: {lacking.first}; mirror fsck)")
 
 
-def _with_manifests(objects: list[StoredObject], index: Metadata) -> Iterator[tuple[StoredObject, bool]]:
-    """Each object and whether *index* has a manifest record of it, looked up :data:`BATCH` objects at a time."""
-    for start in range(0, len(objects), BATCH):
-        batch = objects[start:start + BATCH]
-        small = [(str(found.digest),) for found in batch if found.size <= MAX_MANIFEST_BYTES]
-        manifests = index.find_records(RecordKind.MANIFESTS, small)
-        for found in batch:
-            yield found, (str(found.digest),) in manifests
-
-
-def _check_target_objects(new: BlobStore, objects: list[StoredObject]) -> None:
+def _check_target_objects(new: BlobStore, old: BlobStore, pool: Executor) -> None:
     """Refuse a target store holding objects the source does not: another store lives there (a
     bucket's is not bound to an index as a data directory is, so a new database does not show it)."""
-    ours = {found.digest for found in objects}
-    foreign = sorted(str(found.digest) for found in new.objects() if found.digest is not None
-                     and found.digest not in ours)
-    if foreign:
-        raise Refused(f"the target store holds {len(foreign)} objects the source does not (first: {foreign[0]}):"
+    found = foreign(new, old, pool, COPIERS)
+    if found.count:
+        raise Refused(f"the target store holds {found.count} objects the source does not (first: {found.first}):"
                       " it belongs to another store; migrate into an empty one")
+
+
+class _Stopped(Exception):
+    """A copy given up because the migration is stopping (interrupted, or a driver failed): its write
+    was aborted, nothing of it is stored."""
+
+
+def _go_on(stopping: threading.Event, digest: Digest) -> None:
+    if stopping.is_set():
+        raise _Stopped(f"the copy of {digest} was given up: the migration is stopping")
 
 
 def _line(exc: BaseException) -> str:

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mirror.config.load import load_config
 from mirror.spec.reference import Digest
+from mirror.storage.driver import StoreUnavailable
 from mirror.storage.opening import open_blob_store
 from mirror.storage.s3 import MIN_CHUNK, S3Options, S3Store
 from mirror.storage.s3fill import IN_FLIGHT, SEND_AFTER, S3Fill
@@ -169,6 +171,34 @@ def test_a_fill_another_replica_stores_sends_nothing_while_its_upstream_stalls(
                  timeout=15, what="the parts of the fill that took over")
         writer.commit()
     assert store.read_bytes(writer.digest) == data
+
+
+def test_an_object_put_whole_whose_body_arrives_cut_short_is_refused_and_never_stored(
+        seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    """A ``PutObject`` (a manifest, a small blob, a fill of one part at most) carries its
+    ``Content-MD5``: when the store receives fewer bytes than were sent (a writer killed in the middle
+    of its request), it refuses them, and no object is left under the digest's key."""
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    cut: list[int] = []
+
+    def cut_short(request: Any, **_: Any) -> None:  # what the store receives of a PutObject: half its body
+        body = request.body.read() if hasattr(request.body, "read") else bytes(request.body)
+        request.body = body[:len(body) // 2]
+        request.headers["Content-Length"] = str(len(request.body))
+        cut.append(len(request.body))
+
+    store.client.meta.events.register("before-send.s3.PutObject", cut_short)
+    small, one_part = b"a manifest, say" * 10, os.urandom(MIN_CHUNK // 2)
+    with pytest.raises(StoreUnavailable):
+        store.put_bytes(Digest.of(small), small)
+    with fill_of(store, one_part) as fill, pytest.raises(OSError):
+        fill.write(one_part)
+        fill.commit()
+    assert len(cut) >= 2
+    for data in (small, one_part):
+        assert store.size(Digest.of(data)) is None
+    listed = seaweedfs.client().list_objects_v2(Bucket=s3_bucket, Prefix="mirror/blobs/").get("Contents", [])
+    assert listed == [], listed
 
 
 def test_the_sweep_aborts_only_stale_uploads_of_writers_gone(seaweedfs: SeaweedS3, s3_bucket: str,

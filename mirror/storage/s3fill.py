@@ -49,7 +49,7 @@ from .driver import StoreError
 from .filesystem import VERIFIED_MODE, write_all
 from .s3damage import vouch
 from .s3notes import write_note
-from .s3objects import backend_error
+from .s3objects import backend_error, content_md5
 from .verify import check_written
 
 if TYPE_CHECKING:
@@ -194,7 +194,8 @@ class S3Fill:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
-                done = client.put_object(Bucket=bucket, Key=self.key, Body=_pread_all(self.fd, self.written, 0))
+                body = _pread_all(self.fd, self.written, 0)
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
             else:
                 while self._sent_to < self.written:
                     if len(self._sending) >= IN_FLIGHT:

@@ -19,8 +19,10 @@ Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -84,6 +86,13 @@ class S3Options:
 def missing(exc: Exception) -> bool:
     """Whether S3 answered that the object (or upload) is not there."""
     return isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in _MISSING
+
+
+def content_md5(body: bytes | bytearray | memoryview) -> str:
+    """The ``Content-MD5`` header of a ``PutObject`` of *body* (RFC 1864: the base64 of its MD5).  The
+    store refuses an object whose bytes received differ (``BadDigest``): a body cut short, by a writer
+    killed in the middle of its request say, is never left under a digest's key, empty or in part."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
 
 
 def backend_error(exc: Exception, what: str) -> StoreUnavailable:
@@ -311,7 +320,8 @@ class S3Ingest:
         client, bucket = self.store.client, self.store.bucket
         try:
             if self._upload is None:
-                done = client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self._buffer))
+                body = bytes(self._buffer)
+                done = client.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
             else:
                 if self._buffer or not self._parts:
                     self._send_part(memoryview(self._buffer))

@@ -23,7 +23,7 @@ from mirror.config.sections import ConfigError, MetadataConfig
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecord
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
-from mirror.metadata.pgschema import LISTENER, SCHEMA_VERSION, SchemaTooNew
+from mirror.metadata.pgschema import HEARTBEAT, HEARTBEAT_WAIT, LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from mirror.registry.reads import INDEX_THREADS
 from mirror.storage.filesystem import Store
@@ -117,6 +117,28 @@ def test_the_generation_is_never_stale_while_its_connection_is_lost(dsn: str) ->
     finally:
         index.close()
         other.close()
+
+
+def test_the_generation_is_never_stale_while_the_server_does_not_answer() -> None:
+    """A server that hangs (or a network that drops packets) ends no read with an error: the listener
+    checks its quiet connection every ``HEARTBEAT`` seconds, and once an answer is ``HEARTBEAT_WAIT``
+    late every read differs (memos and kept answers miss) until it listens again.  On a cluster of
+    the test's own."""
+    with PostgresServer() as own:
+        index = PostgresMetadata(own.create_database())
+        try:
+            assert eventually(lambda: index.generation.read() == index.generation.read(), timeout=10)
+            own.freeze()
+            try:
+                started = time.monotonic()
+                assert eventually(lambda: index.generation.read() != index.generation.read(),
+                                  timeout=HEARTBEAT + HEARTBEAT_WAIT + 5)
+                assert time.monotonic() - started >= HEARTBEAT_WAIT - 0.5  # not before an answer is late
+            finally:
+                own.thaw()
+            assert eventually(lambda: index.generation.read() == index.generation.read(), timeout=15)
+        finally:
+            index.close()
 
 
 def test_a_link_seen_is_answered_without_a_query_until_the_generation_moves(dsn: str) -> None:

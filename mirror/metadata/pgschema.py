@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,12 @@ __all__ = ["CHANNEL", "SCHEMA_VERSION", "UPLOAD_COLUMNS", "UPLOAD_UPDATES", "Not
 CHANNEL = "mirror_metadata_generation"
 #: The application_name of each instance's listening connection (in pg_stat_activity).
 LISTENER = "mirror-metadata-generation"
+#: Seconds without a notification after which the listener asks the server for the counter: a round
+#: trip that shows its connection still works (and brings any change it missed).
+HEARTBEAT = 2.0
+#: Seconds the listener waits for that answer before taking its connection for lost: a server that
+#: hangs, or a network that drops packets without a reset, ends no read with an error by itself.
+HEARTBEAT_WAIT = 3.0
 _LOCK = 0x6D6972726F72  # pg_advisory_xact_lock key of migrations ("mirror")
 
 _KEY = 'text COLLATE "C" NOT NULL'
@@ -142,7 +150,9 @@ class NotifiedGeneration:
     connection of its own and keeps the largest value seen, so :meth:`read` is a memory read.
     The instance's own withdrawals are applied when they commit (:meth:`saw`).  While the
     listener is not connected (before it is, or after losing the server) nothing can be known
-    of other processes' withdrawals, so every read returns a new token: memos never hit.
+    of other processes' withdrawals, so every read returns a new token: memos never hit.  A
+    connection that goes quiet is checked every :data:`HEARTBEAT` seconds; one that does not answer
+    within :data:`HEARTBEAT_WAIT` is taken for lost at once, as one that fails.
     """
 
     def __init__(self, dsn: str, *, wait: float = 10.0) -> None:
@@ -174,14 +184,40 @@ class NotifiedGeneration:
                     with self._lock:
                         self._value = max(int(row[0]) if row else 0, self._value or 0)
                     self._listening.set()
+                    quiet_since = time.monotonic()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.1):
+                            quiet_since = time.monotonic()
                             with contextlib.suppress(ValueError):
                                 self.saw(int(note.payload))
+                        if time.monotonic() - quiet_since >= HEARTBEAT:
+                            self._beat(conn)
+                            quiet_since = time.monotonic()
             except psycopg.Error:
                 with self._lock:
                     self._value = None
                 self._stop.wait(1.0)
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """Read the counter on the listener's connection; if no answer comes within :data:`HEARTBEAT_WAIT`
+        seconds, the connection is lost (:meth:`_lose`) and the read ends with an error."""
+        watchdog = threading.Timer(HEARTBEAT_WAIT, self._lose, args=(conn.pgconn.socket,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
+        finally:
+            watchdog.cancel()
+        if row is not None:
+            self.saw(int(row[0]))
+
+    def _lose(self, fd: int) -> None:
+        """The listener's connection (socket *fd*) stopped answering: from now on nothing is known of
+        other processes' withdrawals, and its socket is shut down so the listener connects again."""
+        with self._lock:
+            self._value = None
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._stop.set()

@@ -9,6 +9,7 @@ cluster dies with the session.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -80,6 +81,24 @@ class PostgresServer(Service):
         while self._proc.running and time.monotonic() < deadline:
             time.sleep(0.05)
         self._proc.stop()
+
+    def freeze(self) -> None:
+        """Stop every process of the server (``SIGSTOP``): connections stay open and nothing answers, as
+        a server that hangs, or a network that drops packets, looks to its clients.  Only for a cluster
+        of the test's own; :meth:`thaw` lets it go on."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        """Signal the postmaster and each of its children (a backend leads a process group of its own)."""
+        assert self._proc is not None and self.root is not None
+        postmaster = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def resume(self) -> None:
         """Start the server (again, after :meth:`halt`) and wait until it answers queries."""

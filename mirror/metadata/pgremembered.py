@@ -1,17 +1,17 @@
 """Answers of the ``postgres`` driver kept in memory once read, while the generation stands still.
 
-Three reads come before anything else on the request path, on the event loop: which kind a name
-is (``is_local``, every request), whether a repository holds a digest (``is_linked``, every blob
-and manifest GET) and a manifest's record (``get_manifest``, every manifest GET by digest).  With
+Three reads come before anything else on the request path, on the event loop: which kind a name is
+(``is_local``, every request), whether a repository holds a digest (``is_linked``, every blob and
+manifest GET) and a manifest's record (``get_manifest``, every manifest GET by digest).  With
 PostgreSQL each was a round trip to the database.  Each answer kept here can only be taken back by a
-change that moves the generation (``driver.py``): a link or a manifest record goes with a
-withdrawal, and a name becomes local by ``mark_local``, which moves it too; names never stop being
-local.  So :class:`Remembered` keeps those answers (a name's both ways, links and manifests when
-found) and forgets them all when the generation moved, exactly as the memo of manifest answers does
-(``api/memo.py``).  What another instance changes is therefore seen when its NOTIFY arrives, as for
-the memo (a few milliseconds); this instance's own changes at once; while the listener is not
-connected the generation reads differently every time, and every call asks the database.  Links and
-manifests not found are not kept: they appear without moving the generation.
+change that moves the generation (``driver.py``): a link or a manifest record goes with a withdrawal
+or is recorded again otherwise, a name becomes local by ``mark_local``, and all three move it; names
+never stop being local.  So :class:`Remembered` keeps those answers (a name's both ways, links and
+manifests when found) and forgets them all when the generation moved, exactly as the memo of
+manifest answers does (``api/memo.py``).  What another instance changes is therefore seen when its
+NOTIFY arrives, as for the memo (a few milliseconds); this instance's own changes at once; while the
+listener is not connected the generation reads differently every time, and every call asks the
+database.  Links and manifests not found are not kept: they appear without moving the generation.
 
 The answers kept are what :meth:`~mirror.metadata.driver.Metadata.known_link` and its siblings give
 callers on the event loop, which ask the database from a worker thread only when memory does not
@@ -91,10 +91,6 @@ class Remembered:
         record = ManifestRecord(*row)
         self._keep(stamp, (_MANIFEST, digest, ""), record)
         return record
-
-    def _put_manifest_seen(self, digest: str) -> None:
-        """This instance (re)recorded *digest*: what memory holds of it may be out of date."""
-        self._kept[1].pop((_MANIFEST, digest, ""), None)
 
     # -- memory --
 

@@ -191,7 +191,6 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
                 " RETURNING xmax::text <> '0'", (digest, media_type, size)).fetchone()
             if row is not None and row[0]:
                 bump()  # a record other instances may keep in memory changed (pgremembered)
-        self._put_manifest_seen(digest)
 
     def manifest_digests(self) -> list[str]:
         return [digest for (digest,) in self._all("SELECT digest FROM manifests")]

@@ -329,7 +329,9 @@ def test_cache_page_shows_a_fetch_in_progress_and_who_follows_it(
         for each in clients:
             each.join(30)
     assert fetched == [layer.digest, layer.digest]
-    assert "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text
+    # The fill is listed until it is stored, which may follow its clients' last byte (the sync).
+    assert eventually(lambda: "Fetches in progress</h2>\n<p>None.</p>" in http.get(f"{mirror.url}/ui/cache").text,
+                      timeout=10)
 
 
 def test_cache_page_and_metrics_say_what_they_can_while_the_index_database_is_down(

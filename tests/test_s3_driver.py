@@ -14,12 +14,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mirror.config.load import load_config
+from mirror.maintenance.objectcopy import StoredDigests
 from mirror.spec.reference import Digest
 from mirror.storage.driver import StoreUnavailable
 from mirror.storage.opening import open_blob_store
@@ -307,3 +309,37 @@ def test_a_reader_in_another_process_keeps_its_object_from_a_delete(
     assert collecting.delete(digest) is True and serving.size(digest) is None
     assert serving.open(digest) is None
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [], "no reader's mark left"
+
+
+def test_the_digests_an_object_store_holds_are_looked_up_several_at_once(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """``mirror migrate``'s last check (the manifests the index names that the source store lacks)
+    asks an object store about a batch of digests with several ``HEAD`` requests in flight, and
+    answers which it holds; a string that is not a digest is not held."""
+    store = S3Store(options(seaweedfs, s3_bucket), tmp_path)
+    bodies = [b"manifest %d" % n for n in range(24)]
+    for body in bodies[::2]:
+        store.put_bytes(Digest.of(body), body)
+    at_once = most = 0
+    lock = threading.Lock()
+    exists = store.exists
+
+    def counted(digest: Digest) -> bool:
+        nonlocal at_once, most
+        with lock:
+            at_once += 1
+            most = max(most, at_once)
+        try:
+            time.sleep(0.02)  # each lookup a little longer than a request on loopback
+            return exists(digest)
+        finally:
+            with lock:
+                at_once -= 1
+
+    store.exists = counted  # type: ignore[method-assign]
+    asked = [str(Digest.of(body)) for body in bodies] + ["sha256:not-a-digest"]
+    with ThreadPoolExecutor(4) as pool:
+        held = StoredDigests(store, pool, 4).among(asked)
+    assert held == {str(Digest.of(body)) for body in bodies[::2]}
+    assert most == 4, f"{most} lookups at once"

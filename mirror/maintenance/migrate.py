@@ -298,7 +298,7 @@ class Migration:
         compared = compare(source, index)
         self.report.records = compared.counts
         self.report.problems += [f"index: {line}" for line in compared.differences]
-        lacking = unstored(source, StoredDigests(old))
+        lacking = unstored(source, StoredDigests(old, None if old.local else pool, COPIERS).among)
         if lacking.count:
             self.report.notes.append(f"{lacking.count} manifests the index names were not in the source store either"
                                      f" (first: {lacking.first}; mirror fsck)")

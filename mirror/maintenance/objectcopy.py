@@ -112,16 +112,19 @@ def with_manifests(objects: Iterable[StoredObject], index: Metadata) -> Iterator
 
 
 class StoredDigests:
-    """The digests (``<algorithm>:<hex>``) of the objects a store holds, as a container that asks the
-    store about each (``in``: one lookup, a ``stat`` or a ``HEAD``); a string that is not a digest
-    is not in it.  Raises what the store raises (``OSError``)."""
+    """The digests (``<algorithm>:<hex>``) of the objects a store holds, looked up a batch at a time
+    (:meth:`among`), each digest one lookup (a ``stat``, or a ``HEAD`` of an object store), with
+    *workers* of them at once in *pool* (None: one after another in the calling thread, for a store
+    on local disk).  Raises what the store raises (``OSError``)."""
 
-    def __init__(self, store: BlobStore) -> None:
-        self.store = store
+    def __init__(self, store: BlobStore, pool: Executor | None = None, workers: int = 1) -> None:
+        self.store, self.pool, self.workers = store, pool, workers
 
-    def __contains__(self, digest: object) -> bool:
-        if not isinstance(digest, str):
-            return False
+    def among(self, digests: Iterable[str]) -> set[str]:
+        """Those of *digests* the store holds (a string that is not a digest is not held)."""
+        return {digest for digest, held in looked_up(self.pool, self._holds, digests, self.workers) if held}
+
+    def _holds(self, digest: str) -> bool:
         try:
             parsed = parse_digest(digest)
         except ParseError:

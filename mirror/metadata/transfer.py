@@ -150,20 +150,26 @@ def strangers(index: Metadata, source: Metadata) -> Tally:
     return found
 
 
-def unstored(index: Metadata, stored: Container[str]) -> Tally:
-    """The manifests *index* names (its manifest records, the digests its tags point at) that are not
-    among the digests *stored*, once each."""
+def unstored(index: Metadata, held: Callable[[list[str]], Container[str]]) -> Tally:
+    """The manifests *index* names (its manifest records, the digests its tags point at) that a store
+    does not hold, once each.  ``held(digests)`` answers which of *digests* (at most :data:`BATCH`,
+    each asked once) the store holds, so that a store reached over the network is asked about a
+    batch at once (``StoredDigests.among``)."""
     found = Tally()
-    for (digest,), _ in index.records(K.MANIFESTS):
-        if digest not in stored:
-            found.add(digest)
+    for batch in _batches(index.records(K.MANIFESTS)):
+        digests = [digest for (digest,), _ in batch]
+        present = held(digests)
+        for digest in digests:
+            if digest not in present:
+                found.add(digest)
     unrecorded: set[str] = set()  # what tags name without a manifest record: none in a sound index
     for batch in _batches(index.records(K.TAGS)):
-        wanted = {record.digest for _, record in batch} - unrecorded
-        wanted = {digest for digest in wanted if digest not in stored}
+        wanted = sorted({record.digest for _, record in batch} - unrecorded)
         recorded = index.find_records(K.MANIFESTS, [(digest,) for digest in wanted])
+        wanted = [digest for digest in wanted if (digest,) not in recorded]  # the records were checked above
+        present = held(wanted)
         for digest in wanted:
-            if (digest,) not in recorded:
+            if digest not in present:
                 unrecorded.add(digest)
                 found.add(digest)
     return found

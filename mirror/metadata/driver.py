@@ -350,6 +350,12 @@ class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex
     #: other request.
     local: bool = True
 
+    def open_thread(self) -> None:
+        """Open what this thread's reads need, if the driver opens it per thread on first use
+        (SQLite: one connection per thread): called on the event loop at start-up, so that the
+        first request after a start does not pay for it.  Raises what a read raises."""
+        return None
+
     def known_link(self, repo: str, digest: str) -> bool:
         """True when this instance knows, without I/O, that *repo* holds *digest* (False: it does
         not know; ask :meth:`is_linked`).  A driver that keeps no answers never knows."""

@@ -115,6 +115,10 @@ def create_app(config: Config) -> MirrorApp:
             assert isinstance(store, S3Store)
             store.on_corrupt = metrics.corrupt_object
             store.in_use = marks
+        # One-time costs the first pull after a start would otherwise wait for.
+        metadata.open_thread()
+        for client in upstreams:
+            client.prime()
         upkeep = asyncio.create_task(maintenance.run())
         expiry = asyncio.create_task(expire_uploads(local.uploads))
         # The cache page's chart: this worker's samples of every worker's counters and the store's size.

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -101,6 +102,13 @@ class Upstream:
             transport=transport,
             event_hooks={"response": [unalias_codings]},
         )
+
+    def prime(self) -> None:
+        """Pay at start-up what the first request to the upstream pays once otherwise (~0.5 ms in
+        all): the regular expressions httpx compiles the first time it takes a URL apart, and those
+        of the standard library's ``urllib`` that httpx's cookie handling uses.  Sends nothing."""
+        request = self.client.build_request("GET", "/v2/")
+        urllib.request.Request(str(request.url)).get_full_url()
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -129,19 +129,8 @@ class Drain:
                     pending = True
                     loop.call_soon_threadsafe(wake)
 
-            # The readers woken by the bytes written above send them in the loop's next turns; the
-            # thread goes on once they did (``go``), so that the first thing each client gets is not
-            # held up by the thread's work (it takes the GIL between its system calls).
-            go = threading.Event()
-            if self.received:
-                wake()
-                _after_turns(loop, READERS_TURNS, go.set)
-            else:
-                go.set()
-
             def run() -> None:
                 try:
-                    go.wait()
                     self._receive(sock, write, progressed)
                 except BaseException as exc:  # noqa: BLE001 (raised on the event loop)
                     _settle(loop, done, exc)
@@ -150,12 +139,21 @@ class Drain:
                 finally:
                     sock.close()
 
-            threading.Thread(target=run, name="upstream-drain", daemon=True).start()
+            # The readers woken by the bytes written above send them in the loop's next turns; the
+            # thread starts once they did, so that the first thing each client gets waits neither for
+            # the thread's start (the loop waits until a new thread runs) nor for its work (it takes
+            # the GIL between its system calls).  It starts even if this is cancelled meanwhile: it
+            # then stops at once (``_stopping``) and settles ``done``.
+            thread = threading.Thread(target=run, name="upstream-drain", daemon=True)
+            if self.received:
+                wake()
+                _after_turns(loop, READERS_TURNS, thread.start)
+            else:
+                thread.start()
             try:
                 await asyncio.shield(done)
             except asyncio.CancelledError:
                 self._stopping = True
-                go.set()
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # a read waiting for bytes returns at once
                 with contextlib.suppress(BaseException):

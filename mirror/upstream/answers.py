@@ -1,5 +1,5 @@
 """What the upstream client hands back: a manifest's HEAD, a verified manifest, a referrers list
-and a blob body being received.
+and a blob body being received; and whether a 404 is the registry's own answer.
 
 Imports ``codings`` (identity lengths), ``rawbody``, ``drain`` and ``reference`` only.
 """
@@ -92,3 +92,26 @@ class _Counted:
             self._count(self._pending)
             self._pending = 0
         return chunk
+
+
+#: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def registry_not_found(response: httpx.Response) -> bool:
+    """Whether a 404 is the registry's "does not exist", to be passed on as such.
+
+    A registry says it in the spec's JSON error format (OCI distribution spec, "Error Codes"),
+    on a HEAD with no body but its ``Content-Type``; a route it does not serve, in Go's plain
+    ``404 page not found`` (docker-registry 2.8 for the Referrers API, which :mod:`referrers`
+    reads as "no Referrers API").  A 404 served as a web page (``text/html`` or XHTML: a
+    misrouted ingress, a proxy's error page) is not the registry's answer, and says nothing of
+    what the registry holds: False, for the caller to take as an invalid answer.  Any other
+    404 (JSON, plain text, no type) is the registry's.
+    """
+    return media_type_of(response.headers.get("content-type")) not in HTML_TYPES
+
+
+def media_type_of(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` value, lower case, without its parameters ("" for none)."""
+    return (content_type or "").split(";")[0].strip().lower()

@@ -42,7 +42,7 @@ from ..spec.manifest import (
     registry_digest,
 )
 from ..spec.reference import Digest, ParseError, parse_digest
-from .answers import BlobDownload, Manifest, ManifestHead, Referrers
+from .answers import BlobDownload, Manifest, ManifestHead, Referrers, media_type_of, registry_not_found
 from .auth import RegistryAuth
 from .codings import ACCEPT_ENCODING, SUPPORTED_CODINGS, content_codings, identity_length, primed, unalias_codings
 from .errors import (
@@ -65,22 +65,6 @@ RETRY_STATUSES = {502, 503, 504}
 MAX_TAG_PAGES = 200
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
 MAX_REFERRER_PAGES = 16
-#: Content types of a 404 that is a web page, not a registry's answer (:func:`registry_not_found`).
-HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-
-
-def registry_not_found(response: httpx.Response) -> bool:
-    """Whether a 404 is the registry's "does not exist", to be passed on as such.
-
-    A registry says it in the spec's JSON error format (OCI distribution spec, "Error Codes"),
-    on a HEAD with no body but its ``Content-Type``; a route it does not serve, in Go's plain
-    ``404 page not found`` (docker-registry 2.8 for the Referrers API, which :mod:`referrers`
-    reads as "no Referrers API").  A 404 served as a web page (``text/html`` or XHTML: a
-    misrouted ingress, a proxy's error page) is not the registry's answer, and says nothing of
-    what the registry holds: False, for the caller to take as an invalid answer.  Any other
-    404 (JSON, plain text, no type) is the registry's.
-    """
-    return _media_type(response.headers.get("content-type")) not in HTML_TYPES
 
 
 class Upstream:
@@ -201,7 +185,7 @@ class Upstream:
             kind = UpstreamRateLimited
         elif status == 404 and not registry_not_found(response):
             kind = UpstreamInvalid
-            page = _media_type(response.headers.get("content-type"))
+            page = media_type_of(response.headers.get("content-type"))
             message += f" with a web page ({page}), not a registry's answer"
         elif status == 404:
             kind = UpstreamNotFound
@@ -218,7 +202,7 @@ class Upstream:
     async def head_manifest(self, name: str, reference: str) -> ManifestHead:
         response = await self._send("HEAD", f"/v2/{name}/manifests/{reference}",
                                     headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
-        media_type = _media_type(response.headers.get("content-type"))
+        media_type = media_type_of(response.headers.get("content-type"))
         if media_type not in MANIFEST_MEDIA_TYPES and media_type != PLAIN_JSON:
             # All a HEAD can show of a login page or a web UI answering in the registry's place.
             raise self._failed(UpstreamInvalid(
@@ -389,7 +373,7 @@ class Upstream:
             try:
                 doc = response.json()
             except ValueError as exc:
-                if _media_type(response.headers.get("content-type")) != OCI_INDEX:
+                if media_type_of(response.headers.get("content-type")) != OCI_INDEX:
                     return Referrers(None, False)  # a page of some other kind: no API here
                 raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc
             entries = doc.get("manifests") if isinstance(doc, dict) else None
@@ -403,6 +387,3 @@ class Upstream:
                 return Referrers(found, filtered and artifact_type is not None)
         raise UpstreamInvalid(f"referrers of {name}@{digest} has more than {MAX_REFERRER_PAGES} pages")
 
-
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";")[0].strip().lower()

@@ -6,7 +6,7 @@ Each carries the upstream's status and spec error code when it sent one::
      +-- UpstreamUnavailable    connection refused or reset, timeout, 5xx
      |    +-- UpstreamCredentialsRejected   the token server refused the configured credentials
      +-- UpstreamRateLimited    429 (Docker Hub's pull limit)
-     +-- UpstreamNotFound       404 from the registry (see :func:`upstream.registry_not_found`)
+     +-- UpstreamNotFound       404 from the registry (see :func:`upstream.answers.registry_not_found`)
      +-- UpstreamDenied         401 / 403 after authenticating
      +-- UpstreamInvalid        an answer that breaks the protocol: wrong digest, oversize manifest,
                                 a manifest answer that is not a manifest (a login page), an HTML 404

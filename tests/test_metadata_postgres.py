@@ -6,6 +6,7 @@ PostgreSQL 15."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -344,6 +345,62 @@ def test_queries_held_up_in_the_database_hold_up_no_other_request(
             locker.rollback()
         assert held[0].result().status_code == 200 and held[0].result().content == other_item.manifest
         assert {f.result().status_code for f in held[1:]} == {404}
+
+
+def test_writes_held_up_in_the_database_hold_up_no_other_request(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
+) -> None:
+    """While the ``tags`` table is locked by another session, 60 manifest PUTs of a pushed repository
+    (each a manifest of its own, tagged) wait for it, more than anyio's 40 default threads (a pool of
+    64 connections: each holds one); meanwhile the same worker answers ``/v2/``, a cached blob and a
+    pushed one at once: the writes wait in threads of the index's own, and each save stored its
+    manifest from a default thread before, so none of the threads that open and send stored blobs
+    waits on the database.  Once the lock is gone every PUT is answered ``201`` and its tag is there."""
+    dsn = postgres.create_database()
+    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+                                 "MIRROR_METADATA_POSTGRES_POOL_SIZE": "64"})
+    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    layer = item.layers[-1].digest
+    manifest, pushed = push_image(http, mirror.url, "team/app", "v1", seed=5)
+    pushed_layer = f"sha256:{hashlib.sha256(pushed[-1]).hexdigest()}"
+    urls = [f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
+            f"{mirror.url}/v2/team/app/blobs/{pushed_layer}"]
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    assert all(http.get(url).status_code == 200 for url in urls)  # cached and pushed: stored, their links known
+    doc = json.loads(manifest)
+    bodies = [json.dumps({**doc, "annotations": {"n": str(n)}}).encode() for n in range(60)]  # same blobs
+    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(bodies)) as pool, \
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
+        locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        try:
+            held = [pool.submit(crowd.put, f"{mirror.url}/v2/team/app/manifests/w{n}", content=body,
+                                headers={"content-type": OCI_MANIFEST}) for n, body in enumerate(bodies)]
+            # As many wait in the database as threads may write it; the others wait for one of those.
+            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
+                              >= INDEX_THREADS, timeout=20)
+            time.sleep(0.5)  # the rest of the crowd arrives at the mirror too
+            for url in urls:
+                started = time.monotonic()
+                try:
+                    answer = http.get(url, timeout=10)
+                except httpx.TimeoutException:
+                    pytest.fail(f"{url} not answered in 10 s while the writes wait for the database")
+                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
+            assert not any(f.done() for f in held)
+        finally:
+            locker.rollback()
+        answers = [f.result() for f in held]
+    assert [a.status_code for a in answers] == [201] * len(bodies), [a.text for a in answers if a.status_code != 201]
+    for n, body in enumerate(bodies):
+        digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
+        assert answers[n].headers["docker-content-digest"] == digest
+        got = http.get(f"{mirror.url}/v2/team/app/manifests/w{n}", headers=accept)
+        assert got.status_code == 200 and got.content == body and got.headers["docker-content-digest"] == digest
+    listed = http.get(f"{mirror.url}/v2/team/app/tags/list").json()["tags"]
+    assert sorted(listed) == sorted(["v1", *(f"w{n}" for n in range(len(bodies)))])
+    assert len(_query(dsn, "SELECT tag FROM tags WHERE repo = 'local/team/app'")) == len(bodies) + 1
 
 
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(

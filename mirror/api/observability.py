@@ -45,6 +45,7 @@ from ..config.sections import Config, ConfigError, LogConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
+from ..registry.reads import in_index_thread
 from ..spec.endpoints import CACHE_HEADER, endpoint
 from ..storage.driver import BlobStore
 from ..storage.opening import open_blob_store
@@ -222,7 +223,10 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready to serve: the store takes writes and the index answers."""
-    problems = await anyio.to_thread.run_sync(readiness_problems, request.state.store, request.state.metadata)
+    # The store's probe from a default thread, the index's from one of its own (registry/reads.py).
+    store = await anyio.to_thread.run_sync(request.state.store.write_problem)
+    index = await in_index_thread(index_problem, request.state.metadata)
+    problems = {key: problem for key, problem in (("store", store), ("index", index)) if problem is not None}
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -237,13 +241,20 @@ def readiness_problems(store: BlobStore, metadata: Metadata) -> dict[str, str]:
     problems: dict[str, str] = {}
     if (problem := store.write_problem()) is not None:
         problems["store"] = problem
+    if (problem := index_problem(metadata)) is not None:
+        problems["index"] = problem
+    return problems
+
+
+def index_problem(metadata: Metadata) -> str | None:
+    """Why the index cannot be read now, or None (blocking: one read)."""
     try:
         metadata.usage()
     except MetadataUnavailable as exc:  # its database is down or unreachable: the message names it
-        problems["index"] = str(exc)
+        return str(exc)
     except Exception as exc:  # noqa: BLE001 (diskcache raises sqlite3 errors of many kinds)
-        problems["index"] = f"not readable: {exc}"
-    return problems
+        return f"not readable: {exc}"
+    return None
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -49,6 +49,7 @@ from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.bypass import Download, FillFailed
 from ..storage.growing import Fetch
+from .reads import in_index_thread
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
 
 log = logging.getLogger("mirror.cluster")
@@ -111,7 +112,7 @@ class ClusterFetch:
                 marks.release(self.digest)
 
         # The mark is written while the source is sought: nothing of this fill is stored before both.
-        holding = asyncio.ensure_future(anyio.to_thread.run_sync(hold)) if marks is not None else None
+        holding = asyncio.ensure_future(in_index_thread(hold)) if marks is not None else None
         try:
             await self._connect()
             if holding is not None:
@@ -163,7 +164,7 @@ class ClusterFetch:
     async def _fenced(self) -> None:
         """The fetch is complete: go on only if the lease is still the one granted (its token)."""
         assert self.lease is not None
-        renewed = None if self._lost else await anyio.to_thread.run_sync(
+        renewed = None if self._lost else await in_index_thread(
             self.cluster.metadata.renew_lease, self.lease, self.cluster.ttl)
         if renewed is None:
             self.figures.fenced_off()
@@ -187,7 +188,7 @@ class ClusterFetch:
             return (taken, None) if taken is not None else (None, cluster.metadata.current_lease(name))
 
         while True:
-            lease, holder = await anyio.to_thread.run_sync(look)
+            lease, holder = await in_index_thread(look)
             if lease is not None:
                 await self._lead(lease)
                 return
@@ -208,11 +209,11 @@ class ClusterFetch:
         try:
             stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
         except BaseException:
-            await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
+            await asyncio.shield(in_index_thread(self.cluster.metadata.release_lease, lease))
             raise
         if stored is not None:
             self._stack.callback(stored.close)
-            await anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease)
+            await in_index_thread(self.cluster.metadata.release_lease, lease)
             self.size, self._from_peer, self._source_is_peer = stored.size, True, False
             self._source = stored.chunks(self._offset)
             return
@@ -225,7 +226,7 @@ class ClusterFetch:
         except BaseException:
             self._heartbeat.cancel()
             self.lease = None
-            await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, lease))
+            await asyncio.shield(in_index_thread(self.cluster.metadata.release_lease, lease))
             raise
         self.figures.fill("takeover" if self._followed else "owner")
         if self._followed:
@@ -272,7 +273,7 @@ class ClusterFetch:
             if lease is None:
                 return
             try:
-                renewed = await anyio.to_thread.run_sync(self.cluster.metadata.renew_lease, lease, self.cluster.ttl)
+                renewed = await in_index_thread(self.cluster.metadata.renew_lease, lease, self.cluster.ttl)
             except Exception as exc:  # noqa: BLE001 (the index is down: try again; expiry fences this fill)
                 log.warning("%s: cannot renew the fill lease: %s", self.digest, exc)
                 continue
@@ -301,7 +302,7 @@ class ClusterFetch:
             current = self.lease or lease
             if current is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(anyio.to_thread.run_sync(self.cluster.metadata.release_lease, current))
+                    await asyncio.shield(in_index_thread(self.cluster.metadata.release_lease, current))
 
     def _abort_left_behind(self, since: float) -> None:
         """After a takeover whose object is stored: abort the multipart upload the replica that

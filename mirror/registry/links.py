@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import anyio.to_thread
-
 from ..metadata.driver import Metadata
+from .reads import in_index_thread
 
 log = logging.getLogger("mirror.registry.pullthrough")
 
@@ -43,7 +42,7 @@ class BackgroundLinks:
 
     async def _link(self, repo: str, digest: str) -> None:
         try:
-            await anyio.to_thread.run_sync(self.metadata.link, repo, [digest])
+            await in_index_thread(self.metadata.link, repo, [digest])
         except Exception as exc:  # noqa: BLE001 (served all the same; the next request links it)
             log.warning("could not record %s as part of %s: %s", digest, repo, exc)
 

@@ -20,8 +20,7 @@ from typing import Any
 import anyio.to_thread
 
 from ..config.sections import Config, PushConfig
-from ..maintenance.gc import reference_lock
-from ..metadata.driver import LOCAL, Metadata, TagRecord, local_repo
+from ..metadata.driver import LOCAL, Metadata, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
@@ -36,7 +35,8 @@ from ..spec.pushed import (
 from ..spec.reference import Digest, ParseError, parse_digest, parse_name
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.refusals import refusal
-from .reads import IndexReads
+from .reads import IndexReads, in_index_thread
+from .records import referencing, save_pushed, to_the_end
 from .repository import (
     BlobHead,
     BlobResult,
@@ -122,7 +122,7 @@ class LocalRegistry:
         if (refused := push_refusal(self.config.push, name)) is not None:
             raise refused
         if not await self.reads.is_local(name):
-            await anyio.to_thread.run_sync(self._make_local, name)
+            await in_index_thread(self._make_local, name)
 
     def _make_local(self, name: str) -> None:
         push = self.config.push
@@ -183,18 +183,25 @@ class LocalRegistry:
 
     # -- mounts --
 
-    def mount(self, name: str, digest: Digest, source: str) -> bool:
+    async def mount(self, name: str, digest: Digest, source: str) -> bool:
         """Link a blob another repository holds into *name*; False when it cannot be mounted."""
         try:
             source = parse_name(source)
         except ParseError:
             return False
         key = str(digest)
-        with reference_lock(self.store):
-            if not self.metadata.is_linked(self.repo_key(source), key) or self.store.size(digest) is None:
-                return False
-            self.metadata.link(local_repo(name), [key])
-            self.store.touch(digest)  # young again: the grace period covers the manifest to come
+
+        async def mount() -> bool:
+            async with referencing(self.store):  # (registry/records.py)
+                if not await self.reads.ask(lambda: self.metadata.is_linked(self.repo_key(source), key)) \
+                        or await anyio.to_thread.run_sync(self.store.size, digest) is None:
+                    return False
+                await in_index_thread(self.metadata.link, local_repo(name), [key])
+                await anyio.to_thread.run_sync(self.store.touch, digest)  # young again: the manifest's grace
+            return True
+
+        if not await to_the_end(mount()):
+            return False
         self.metrics.mounted()
         return True
 
@@ -214,31 +221,9 @@ class LocalRegistry:
         subject = check_manifest(doc, media_type)
         descriptor = referrer_descriptor(doc, media_type, str(digest), len(body)) if subject else None
 
-        def save() -> None:
-            with reference_lock(self.store):  # the collector must not sweep what was just checked
-                if missing := [d for d in required_digests(doc, media_type) if not self._present(repo, d)]:
-                    raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
-                self._save_manifest(repo, reference, digest, body, media_type, subject, descriptor)
-
-        await anyio.to_thread.run_sync(save)
+        await save_pushed(self.store, self.metadata, repo, reference, digest, body, media_type,
+                          required_digests(doc, media_type), subject, descriptor)
         return str(digest), subject
-
-    def _save_manifest(self, repo: str, reference: str | Digest, digest: Digest, body: bytes, media_type: str,
-                       subject: str | None, descriptor: dict[str, Any] | None) -> None:
-        self.store.put_bytes(digest, body)
-        self.metadata.put_manifest(str(digest), media_type, len(body))
-        self.metadata.link(repo, [str(digest)])
-        if subject and descriptor:
-            self.metadata.add_referrer(repo, subject, descriptor)
-        if not isinstance(reference, Digest):
-            self.metadata.set_tag(repo, reference, TagRecord(str(digest), media_type, time.time()))
-
-    def _present(self, repo: str, digest: str) -> bool:
-        try:
-            parsed = parse_digest(digest)
-        except ParseError:
-            return False
-        return self.metadata.is_linked(repo, digest) and self.store.size(parsed) is not None
 
     # -- deletes --
 
@@ -248,7 +233,7 @@ class LocalRegistry:
         self._check_delete()
         repo = repo if repo is not None else await self.read_repo_key(name)
         if not isinstance(reference, Digest):
-            if not await anyio.to_thread.run_sync(self.metadata.untag, repo, reference):
+            if not await in_index_thread(self.metadata.untag, repo, reference):
                 raise APIError("MANIFEST_UNKNOWN", detail={"tag": reference})
             return
         key = str(reference)
@@ -264,12 +249,12 @@ class LocalRegistry:
                 self.metadata.remove_referrer(repo, subject, key)
             self.metadata.unlink(repo, key)
 
-        await anyio.to_thread.run_sync(forget)
+        await in_index_thread(forget)
 
     async def delete_blob(self, name: str, digest: Digest, *, repo: str | None = None) -> None:
         self._check_delete()
         repo = repo if repo is not None else await self.read_repo_key(name)
-        if not await anyio.to_thread.run_sync(self.metadata.unlink, repo, str(digest)):
+        if not await in_index_thread(self.metadata.unlink, repo, str(digest)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
     def _check_delete(self) -> None:
@@ -348,8 +333,7 @@ class LocalRepository:
     async def mount(self, digest: Digest, source: str) -> bool:
         with self.local.storing():
             await self.local.check_push(self.name)
-            mounted: bool = await anyio.to_thread.run_sync(self.local.mount, self.name, digest, source)
-            return mounted
+            return await self.local.mount(self.name, digest, source)
 
     async def upload_status(self, uuid: str) -> UploadState:
         with self.local.storing():

@@ -22,6 +22,7 @@ from ..metadata.driver import Metadata
 from ..spec.errors import APIError
 from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore
+from .reads import in_index_thread
 
 T = TypeVar("T")
 
@@ -69,14 +70,14 @@ class PeerFlights:
         name = f"manifest:{key}"
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.ttl
-        while (lease := await anyio.to_thread.run_sync(self.metadata.take_lease, name, self.replica, self.ttl)) is None:
+        while (lease := await in_index_thread(self.metadata.take_lease, name, self.replica, self.ttl)) is None:
             if loop.time() > give_up:
                 return await ask()
             await asyncio.sleep(PEER_POLL)
         try:
             return await ask()
         finally:
-            await asyncio.shield(anyio.to_thread.run_sync(self.metadata.release_lease, lease))
+            await asyncio.shield(in_index_thread(self.metadata.release_lease, lease))
 
 
 def referred_digest(value: str) -> Digest:

@@ -24,13 +24,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
-import anyio.to_thread
-
-from ..maintenance.gc import reference_lock
 from ..maintenance.upkeep import AccessTracker
-from ..metadata.driver import Metadata, TagRecord
+from ..metadata.driver import Metadata
 from ..spec.errors import APIError
-from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, is_nondistributable, platform_manifest, references
+from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob
 from ..storage.driver import BlobStore
@@ -52,7 +49,8 @@ from .flight import SingleFlight
 from .links import BackgroundLinks
 from .manifests import ManifestBodies, PeerFlights, referred_digest
 from .reads import IndexReads
-from .referrers import UpstreamReferrers, referrer_of
+from .records import refresh_tag, save_pulled
+from .referrers import UpstreamReferrers
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 
 log = logging.getLogger("mirror.registry.pullthrough")
@@ -144,15 +142,9 @@ class PullThrough:
                 raise api_error(exc, "MANIFEST_UNKNOWN") from exc
             self._stale_logged.discard(f"{repo}:{tag}")
             if head.digest == record.digest:
-                def refresh() -> bool:
-                    with reference_lock(self.store):  # the collector may have evicted it meanwhile
-                        if not self.store.exists(referred_digest(record.digest)):
-                            return False
-                        self.metadata.set_tag(repo, tag, TagRecord(record.digest, record.media_type, time.time()))
-                        return True
-
-                try:
-                    refreshed = await anyio.to_thread.run_sync(refresh)
+                try:  # the collector may have evicted it meanwhile
+                    refreshed = await refresh_tag(self.store, self.metadata, repo, tag, record.digest,
+                                                  record.media_type)
                 except Exception as exc:
                     if refusal(exc) is None:
                         raise
@@ -200,36 +192,9 @@ class PullThrough:
                                                  else lambda: peers.run(f"digest:{repo}@{key}", fetch)))
 
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
-        """Store a fetched manifest and record it; False when the store refused it (it is served
-        all the same: the upstream layer verified it against its digest)."""
-        key = str(manifest.digest)
-        refs = references(manifest.body)
-        linked = [key, *(d.digest for d in refs)]
-        referrer = referrer_of(manifest.body, manifest.media_type, key)
-        foreign = [d for d in refs if d.urls and is_nondistributable(d.media_type)]
-
-        def save() -> bool:
-            with reference_lock(self.store):  # not while the collector decides what is unreferenced
-                try:
-                    self.store.put_bytes(manifest.digest, manifest.body)
-                    self.metadata.put_manifest(key, manifest.media_type, len(manifest.body))
-                    for d in foreign:
-                        self.metadata.set_foreign_urls(d.digest, d.urls)
-                    self.metadata.link(repo, linked)
-                    if referrer is not None:  # known even when the upstream is not
-                        self.metadata.add_referrer(repo, *referrer)
-                    if tag is not None:
-                        self.metadata.set_tag(repo, tag, TagRecord(key, manifest.media_type, time.time()))
-                except Exception as exc:
-                    if (reason := refusal(exc)) is None:
-                        raise
-                    # What got stored unrecorded is swept by the collector after its grace period.
-                    log.warning("store refused manifest %s (%s): served without storing it", key, reason)
-                    self.store.refused(exc, len(manifest.body))
-                    return False
-                return True
-
-        saved = await anyio.to_thread.run_sync(save)
+        """Store a fetched manifest and record it (``registry/records.py``); False when the store refused
+        it (it is served all the same: the upstream layer verified it against its digest)."""
+        saved = await save_pulled(self.store, self.metadata, repo, manifest, tag)
         if not saved:
             self._pulled_unrecorded(repo)
         return saved

@@ -1,4 +1,5 @@
-"""The index's reads for code on the event loop: in place when they are local, else from a worker thread.
+"""The index from code on the event loop: reads in place when they are local, else (and every
+write) from a worker thread of the index's own.
 
 With the ``diskcache`` driver a read is a lookup in a database file on local disk, a few
 microseconds: a hop to a worker thread would cost more, and wait its turn behind every other
@@ -7,9 +8,15 @@ hold up every other request for as long as the network and the server take (a lo
 :class:`IndexReads` picks by :attr:`Metadata.local <mirror.metadata.driver.Metadata.local>`, and
 for the three reads every request makes first (a name's kind, a link, a manifest record) asks the
 driver's memory before a thread (:meth:`~mirror.metadata.driver.Metadata.known_link`): a warm
-request then waits on no query and no thread.  Those threads are counted apart from the ones that
-open and size stored blobs (:data:`INDEX_THREADS`): a database that is slow or locked ties up only
-requests that read it.  Writes are made from worker threads in any case.
+request then waits on no query and no thread.
+
+Writes (and reads not worth making in place) go to a worker thread with either driver
+(:func:`in_index_thread`): a write to diskcache locks and syncs its file.  Every thread that waits
+on the index is counted apart from anyio's default ones, which open, size, read and write stored
+blobs (:func:`index_threads`, :data:`INDEX_THREADS` per event loop): a database that is slow or
+locked ties up only the requests that wait for it, never a pull of a stored blob.  So a thread
+function touches either the index or the store, not both: work that needs both (saving a manifest:
+its bytes stored, then recorded) makes one hop of each kind, in that order (``registry/records.py``).
 """
 
 from __future__ import annotations
@@ -24,23 +31,36 @@ from anyio import CapacityLimiter
 
 from ..metadata.driver import ManifestRecord, Metadata
 
-__all__ = ["INDEX_THREADS", "IndexReads"]
+__all__ = ["INDEX_THREADS", "IndexReads", "in_index_thread", "index_threads"]
 
 T = TypeVar("T")
 
-#: Worker threads reading a database server at once per process, besides anyio's default ones (40):
-#: reads beyond them wait their turn without a thread, and the connection pool bounds the queries.
+#: Worker threads waiting on the index at once per event loop, besides anyio's default ones (40):
+#: calls beyond them wait their turn without a thread, and the connection pool bounds the queries.
 INDEX_THREADS = 40
 _limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = WeakKeyDictionary()
 
 
-def _threads() -> CapacityLimiter:
-    """This event loop's limiter of index reads (one per process's loop, made on first use)."""
+def index_threads() -> CapacityLimiter:
+    """This event loop's limiter of worker threads calling the index (one per loop, made on first use)."""
     loop = asyncio.get_running_loop()
     limiter = _limiters.get(loop)
     if limiter is None:
         limiter = _limiters[loop] = CapacityLimiter(INDEX_THREADS)
     return limiter
+
+
+async def in_index_thread(call: Callable[..., T], *args: object) -> T:
+    """``call(*args)`` from a worker thread counted by :func:`index_threads`, whatever the driver.
+
+    For every write to the index from the event loop (and reads better not made in place, or made
+    together), so that calls waiting for a locked or slow database never hold the default threads
+    that store work needs.  *call* should touch the index only: store work goes to anyio's default
+    threads (``anyio.to_thread.run_sync``).  Returns what *call* returns and raises what it raises
+    (``MetadataUnavailable`` while a database server cannot be reached).  Like any
+    ``anyio.to_thread.run_sync``, a call once started runs to its end even if the caller is cancelled.
+    """
+    return await anyio.to_thread.run_sync(call, *args, limiter=index_threads())
 
 
 class IndexReads:
@@ -51,10 +71,16 @@ class IndexReads:
         self.metadata = metadata
 
     async def ask(self, read: Callable[..., T], *args: object) -> T:
-        """``read(*args)``, a read of the index: in place when the driver is local, else from a worker thread."""
+        """``read(*args)``, a read of the index: in place when the driver is local, else from a
+        worker thread (:func:`in_index_thread`)."""
         if self.metadata.local:
             return read(*args)
-        return await anyio.to_thread.run_sync(read, *args, limiter=_threads())
+        return await in_index_thread(read, *args)
+
+    async def write(self, write: Callable[..., T], *args: object) -> T:
+        """``write(*args)``, a write of the index (or calls that include one): always from a worker
+        thread of the index's (:func:`in_index_thread`), with either driver."""
+        return await in_index_thread(write, *args)
 
     async def is_linked(self, repo: str, digest: str) -> bool:
         return self.metadata.known_link(repo, digest) or await self.ask(self.metadata.is_linked, repo, digest)

@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import anyio.to_thread
-
 from ..metadata.driver import Metadata
 from ..spec.errors import APIError
 from ..spec.pushed import referrer_descriptor
@@ -43,7 +41,7 @@ from ..upstream.errors import (
     UpstreamNotFound,
     UpstreamRateLimited,
 )
-from .reads import IndexReads
+from .reads import IndexReads, in_index_thread
 
 log = logging.getLogger("mirror.registry.referrers")
 
@@ -94,7 +92,7 @@ class UpstreamReferrers:
         except UpstreamNotFound as exc:
             if exc.code == "NAME_UNKNOWN":
                 raise APIError("NAME_UNKNOWN", detail={"name": name}) from exc
-            await anyio.to_thread.run_sync(self.metadata.set_referrers_api, self.registry, False)
+            await in_index_thread(self.metadata.set_referrers_api, self.registry, False)
             raise _no_api(digest) from exc
         except UpstreamDenied as exc:
             raise APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
@@ -103,7 +101,7 @@ class UpstreamReferrers:
             return await self.reads.ask(self._known, repo, digest, artifact_type, exc)  # three reads
         manifests = answer.manifests
         if manifests is None:
-            await anyio.to_thread.run_sync(self.metadata.set_referrers_api, self.registry, False)
+            await in_index_thread(self.metadata.set_referrers_api, self.registry, False)
             raise _no_api(digest)
 
         def keep() -> None:
@@ -111,7 +109,7 @@ class UpstreamReferrers:
             self.metadata.put_upstream_referrers(repo, str(digest), artifact_type if answer.filtered else None,
                                                  manifests, time.time())
 
-        await anyio.to_thread.run_sync(keep)
+        await in_index_thread(keep)
         return ReferrersAnswer(_of_type(manifests, artifact_type), stale=False)
 
     def _known(self, repo: str, digest: Digest, artifact_type: str | None, exc: UpstreamError) -> ReferrersAnswer:

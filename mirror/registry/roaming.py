@@ -49,6 +49,8 @@ from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore, UploadTails
+from .reads import in_index_thread
+from .records import to_the_end
 from .replica import stall_limit
 from .repository import UploadState
 from .uploads import Uploads, upload_headers
@@ -104,7 +106,7 @@ class RoamingUploads(Uploads):
         await self._asked(name, uuid)
         await self._take(name, uuid)
         try:
-            await anyio.to_thread.run_sync(self._drop_upload, uuid)
+            await to_the_end(self._discard(uuid))
         finally:
             await self._release(uuid)
 
@@ -114,7 +116,7 @@ class RoamingUploads(Uploads):
         loop = asyncio.get_running_loop()
         give_up = loop.time() + stall_limit(self.ttl)
         while True:
-            lease = await anyio.to_thread.run_sync(self.metadata.take_lease, lease_name(uuid), self.replica, self.ttl)
+            lease = await in_index_thread(self.metadata.take_lease, lease_name(uuid), self.replica, self.ttl)
             if lease is not None:
                 self._leases[uuid] = lease
                 return lease
@@ -131,7 +133,7 @@ class RoamingUploads(Uploads):
         lease = self._leases.pop(uuid, None)
         if lease is not None:
             with contextlib.suppress(Exception):  # it expires anyway
-                await asyncio.shield(anyio.to_thread.run_sync(self.metadata.release_lease, lease))
+                await asyncio.shield(in_index_thread(self.metadata.release_lease, lease))
 
     async def _beat(self, uuid: str) -> None:
         """Renew the request's lease every third of its TTL until cancelled."""
@@ -141,7 +143,7 @@ class RoamingUploads(Uploads):
             if lease is None:
                 return
             try:
-                renewed = await anyio.to_thread.run_sync(self.metadata.renew_lease, lease, self.ttl)
+                renewed = await in_index_thread(self.metadata.renew_lease, lease, self.ttl)
             except Exception as exc:  # noqa: BLE001 (the index is down: try again; the fence refuses writes)
                 log.warning("upload %s: cannot renew its lease: %s", uuid, exc)
                 continue
@@ -172,17 +174,17 @@ class RoamingUploads(Uploads):
     async def _acquire(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
         await self._take(name, uuid)
         try:
-            fd, record = await anyio.to_thread.run_sync(self._rebuild, name, uuid)
+            record = await self.reads.ask(self._record, name, uuid)
+            fd = await anyio.to_thread.run_sync(self._rebuild, uuid, record)
         except BaseException:
             await self._release(uuid)
             raise
         self._beats[uuid] = asyncio.create_task(self._beat(uuid))
         return fd, record
 
-    def _rebuild(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
-        """The local file, open and locked, holding the upload up to the record's offset from
-        ``parts.sent`` on (a hole before); the record."""
-        record = self._record(name, uuid)
+    def _rebuild(self, uuid: str, record: UploadRecord) -> int:
+        """The local file, open and locked, holding the upload up to *record*'s offset from
+        ``parts.sent`` on (a hole before)."""
         fd = os.open(self.store.layout.upload(uuid), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -191,7 +193,7 @@ class RoamingUploads(Uploads):
             if self._local.get(uuid) == (offset, record.written_at) and size >= offset:
                 if size > offset:  # bytes of a request that failed here
                     os.ftruncate(fd, offset)
-                return fd, record
+                return fd
             # Another process wrote to the upload since: this one did not see every byte.
             self._local.pop(uuid, None)
             self._hashers.pop(uuid, None)
@@ -200,34 +202,39 @@ class RoamingUploads(Uploads):
             if record.tail:
                 self.tails.fetch(uuid, fd, sent, record.tail)
             self._local[uuid] = (offset, record.written_at)
-            return fd, record
+            return fd
         except BaseException:
             os.close(fd)
             raise
 
     async def _written(self, uuid: str, fd: int, offset: int, record: UploadRecord) -> None:
-        def keep() -> None:
+        async def keep() -> None:  # the index's work and the bucket's from threads of their own (registry/reads.py)
             sent = offset_of(record) - record.tail
             tail = offset - sent
-            self._fence(uuid)
+            await in_index_thread(self._fence, uuid)
             if tail and tail != record.tail:  # else nothing came past what the bucket holds
-                self.tails.put(uuid, fd, sent, tail)
-            kept = self._keep(uuid, replace(record, tail=tail))
+                await anyio.to_thread.run_sync(self.tails.put, uuid, fd, sent, tail)
+            kept = await in_index_thread(self._keep, uuid, replace(record, tail=tail))
             self._local[uuid] = (offset, kept.written_at)
 
-        await anyio.to_thread.run_sync(keep)
+        await to_the_end(keep())
 
     async def _let_go(self, uuid: str, fd: int) -> None:
         os.close(fd)
         await self._release(uuid)
 
-    def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
-        super()._linked_upload_done(name, uuid, digest)
+    async def _completed(self, name: str, uuid: str, digest: Digest) -> None:
+        await super()._completed(name, uuid, digest)
         self._local.pop(uuid, None)
         try:
-            self.tails.remove(uuid)
+            await anyio.to_thread.run_sync(self.tails.remove, uuid)
         except OSError as exc:  # the blob is stored: only a small object is left behind
             log.warning("upload %s: could not delete its tail: %s", uuid, exc)
+
+    async def _discard(self, uuid: str) -> None:
+        await anyio.to_thread.run_sync(self.tails.remove, uuid)
+        self._local.pop(uuid, None)
+        await super()._discard(uuid)
 
     def _drop_upload(self, uuid: str) -> None:
         self.tails.remove(uuid)

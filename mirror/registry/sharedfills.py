@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import anyio.to_thread
-
 from ..observe.cluster import ClusterMetrics
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob
@@ -17,6 +15,7 @@ from ..storage.driver import BlobReader, BlobStore
 from ..storage.fill import Fills
 from ..storage.growing import Fetch, GrowingBlob
 from .cluster import ClusterFetch
+from .reads import in_index_thread
 from .replica import HEDGE_AFTER, HINTS, Cluster, lease_name
 
 
@@ -56,7 +55,7 @@ class ClusterFills(Fills):
             done, _ = await asyncio.wait([look], timeout=HEDGE_AFTER)
             if done:
                 return look.result()
-            lease = asyncio.ensure_future(anyio.to_thread.run_sync(
+            lease = asyncio.ensure_future(in_index_thread(
                 self.cluster.metadata.current_lease, lease_name(digest)))
             lease.add_done_callback(_retrieved)
             racing: list[asyncio.Future[Any]] = [look, lease]

@@ -36,7 +36,8 @@ from ..spec.reference import Digest
 from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
-from .reads import IndexReads
+from .reads import IndexReads, in_index_thread
+from .records import to_the_end
 from .repository import UploadState
 
 log = logging.getLogger("mirror.uploads")
@@ -71,9 +72,12 @@ class Uploads:
         def create() -> None:
             fd = os.open(self.store.layout.upload(uuid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
-            self.metadata.put_upload(uuid, self._new_record(name, uuid))
 
-        await anyio.to_thread.run_sync(create)
+        async def started() -> None:  # the file, then its record (a hop of each kind: registry/reads.py)
+            await anyio.to_thread.run_sync(create)
+            await in_index_thread(self.metadata.put_upload, uuid, self._new_record(name, uuid))
+
+        await to_the_end(started())
         self._hashers[uuid] = (0, Digest("sha256", "").hasher())
         return UploadState(uuid, 0)
 
@@ -124,8 +128,14 @@ class Uploads:
         return UploadState(uuid, offset)
 
     async def _acquire(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
-        """The upload's local file, open, for this request alone, and its record (:meth:`_lock_upload`)."""
-        return await anyio.to_thread.run_sync(self._lock_upload, name, uuid)
+        """The upload's local file, open and locked for this request alone (:meth:`_lock_upload`), and
+        its record as it is now that no one else writes it."""
+        fd = await anyio.to_thread.run_sync(self._lock_upload, uuid)
+        try:
+            return fd, await self.reads.ask(self._record, name, uuid)
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def _written(self, uuid: str, fd: int, offset: int, record: UploadRecord) -> None:
         """A chunk is in: the upload ends at *offset* (nothing more to keep: the file holds it)."""
@@ -154,7 +164,7 @@ class Uploads:
             before = os.fstat(fd).st_size
             self._check_range(name, uuid, before, content_range)
             offset, record = await self._write(uuid, fd, before, body, record)
-            record = await anyio.to_thread.run_sync(self._send_parts, uuid, record, offset)  # any left behind
+            record = await to_the_end(self._send_parts(uuid, record, offset))  # any left behind
             await self._written(uuid, fd, offset, record)
             known = self._hashers.get(uuid)
             known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
@@ -162,7 +172,7 @@ class Uploads:
             try:
                 await anyio.to_thread.run_sync(self.store.commit_upload, uuid, path, digest, known_hex, record.parts)
             except DigestMismatch as exc:
-                await anyio.to_thread.run_sync(self._drop_upload, uuid)
+                await to_the_end(self._discard(uuid))
                 self.metrics.upload_failed()
                 raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
             except OSError as exc:
@@ -172,9 +182,13 @@ class Uploads:
                 raise
             self._hashers.pop(uuid, None)
             self.metrics.upload_finished(offset)
-            await anyio.to_thread.run_sync(self._linked_upload_done, name, uuid, digest)
+            await to_the_end(self._completed(name, uuid, digest))
         finally:
             await self._let_go(uuid, fd)
+
+    async def _completed(self, name: str, uuid: str, digest: Digest) -> None:
+        """The blob is stored: link it to the repository and forget the upload."""
+        await in_index_thread(self._linked_upload_done, name, uuid, digest)
 
     def _linked_upload_done(self, name: str, uuid: str, digest: Digest) -> None:
         self.metadata.link(local_repo(name), [str(digest)])
@@ -182,41 +196,56 @@ class Uploads:
 
     async def cancel(self, name: str, uuid: str) -> None:
         await self._asked(name, uuid)
-        await anyio.to_thread.run_sync(self._drop_upload, uuid)
+        await to_the_end(self._discard(uuid))
+
+    async def _discard(self, uuid: str) -> None:
+        """:meth:`_drop_upload` for a request: the store's work and the index's from threads of their own."""
+        self._hashers.pop(uuid, None)
+        record = await self.reads.ask(self.metadata.get_upload, uuid)
+        if record is not None and record.parts is not None:
+            await anyio.to_thread.run_sync(self.store.abort_upload, uuid, record.parts)
+        await in_index_thread(self.metadata.delete_upload, uuid)
+        await anyio.to_thread.run_sync(self._remove_file, uuid)
 
     def _drop_upload(self, uuid: str) -> None:
+        """Discard the upload: its parts, its record, its file (blocking; :meth:`_discard` for requests)."""
         self._hashers.pop(uuid, None)
         record = self.metadata.get_upload(uuid)
         if record is not None and record.parts is not None:
             self.store.abort_upload(uuid, record.parts)
         self.metadata.delete_upload(uuid)
+        self._remove_file(uuid)
+
+    def _remove_file(self, uuid: str) -> None:
         try:
             os.unlink(self.store.layout.upload(uuid))
         except FileNotFoundError:
             pass
 
-    def _lock_upload(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
-        """The upload's file, open and locked, and its record as it is now that no one else writes it."""
+    def _lock_upload(self, uuid: str) -> int:
+        """The upload's file, open and locked (waiting while another request on it holds it)."""
         try:
             fd = os.open(self.store.layout.upload(uuid), os.O_RDWR)
         except FileNotFoundError:
             raise APIError("BLOB_UPLOAD_UNKNOWN", detail={"uuid": uuid}) from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            return fd, self._record(name, uuid)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise
+        return fd
 
-    def _send_parts(self, uuid: str, record: UploadRecord, offset: int) -> UploadRecord:
+    async def _send_parts(self, uuid: str, record: UploadRecord, offset: int) -> UploadRecord:
         """Send every whole part the file holds past the parts sent (none if the store takes no
-        parts), recording each in the index before the next; return the record as it is then."""
+        parts), recording each in the index before the next; return the record as it is then.
+        Run it to its end (``to_the_end``): a part sent is no longer in the file, only in its record."""
         part_size = record.parts.part_size if record.parts is not None else self.store.upload_part_size()
         while part_size and offset - _sent(record) >= part_size:
-            parts = self.store.send_upload_part(uuid, self.store.layout.upload(uuid), record.parts)
+            parts = await anyio.to_thread.run_sync(self.store.send_upload_part, uuid, self.store.layout.upload(uuid),
+                                                   record.parts)
             # A tail kept (registry/roaming.py) is in the part sent now (none when it was only started).
             tail = 0 if parts.sent > _sent(record) else record.tail
-            record = self._keep(uuid, replace(record, parts=parts, tail=tail))
+            record = await in_index_thread(self._keep, uuid, replace(record, parts=parts, tail=tail))
         return record
 
     def _keep(self, uuid: str, record: UploadRecord) -> UploadRecord:
@@ -235,21 +264,24 @@ class Uploads:
 
         sending = True
 
-        def flush(data: bytes, at: int, record: UploadRecord) -> UploadRecord:
-            nonlocal sending
+        def write(data: bytes, at: int) -> None:
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
             if hasher is not None:
                 hasher.update(data)
+
+        async def flush(data: bytes, at: int, record: UploadRecord) -> UploadRecord:
+            nonlocal sending
+            await anyio.to_thread.run_sync(write, data, at)
             if sending:
                 try:
-                    return self._send_parts(uuid, record, at)
+                    return await self._send_parts(uuid, record, at + len(data))
                 except StoreUnavailable as exc:  # the bytes are safe here: the parts go later
                     log.warning("upload %s keeps its parts for later: %s", uuid, exc)
                     sending = False
-                    return self.metadata.get_upload(uuid) or record
+                    return await self.reads.ask(self.metadata.get_upload, uuid) or record
             return record
 
         pending: list[bytes] = []
@@ -262,11 +294,11 @@ class Uploads:
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_BATCH:
-                    record = await anyio.to_thread.run_sync(flush, b"".join(pending), offset, record)
+                    record = await to_the_end(flush(b"".join(pending), offset, record))
                     offset += pending_size
                     pending, pending_size = [], 0
             if pending:
-                record = await anyio.to_thread.run_sync(flush, b"".join(pending), offset, record)
+                record = await to_the_end(flush(b"".join(pending), offset, record))
                 offset += pending_size
         except OSError as exc:
             if refusal(exc) is not None:  # the upload stays as it was before this request (but parts sent)

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..api.auth import load_or_create_key
 from ..config.sections import Config
 from ..registry.namespaces import Namespaces
+from ..registry.reads import in_index_thread
 from ..spec.errors import APIError
 from ..spec.reference import ParseError, parse_digest, parse_name, parse_reference
 from ..storage.layout import Layout
@@ -162,7 +162,7 @@ class Actions:
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
         if wanted.verb in ("delete", "prefetch"):
-            pushed = await anyio.to_thread.run_sync(local.is_local, wanted.name)
+            pushed = await in_index_thread(local.is_local, wanted.name)
             repository = await namespaces.repository(wanted.name)
             reference = parse_reference(wanted.reference)
             if wanted.verb == "prefetch":
@@ -176,7 +176,7 @@ class Actions:
                                status=400)
             await repository.delete_manifest(reference)
             return ""
-        key = await anyio.to_thread.run_sync(local.repo_key, wanted.name)
+        key = await in_index_thread(local.repo_key, wanted.name)
         metadata = local.metadata
 
         def change() -> None:
@@ -188,7 +188,7 @@ class Actions:
             elif not metadata.unpin(key, wanted.reference):
                 raise APIError("MANIFEST_UNKNOWN", "it was not pinned", detail={"digest": wanted.reference})
 
-        await anyio.to_thread.run_sync(change)
+        await in_index_thread(change)
         return ""
 
 

@@ -46,6 +46,7 @@ from ..config.sections import Config
 from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
+from ..registry.reads import in_index_thread
 from ..spec.reference import ParseError, parse_digest, parse_name
 from . import actions, chart, figures, history, images, listed, listing
 
@@ -128,7 +129,7 @@ def routes(config: Config) -> list[BaseRoute]:
             return refused(request)
         namespaces: Namespaces = request.state.namespaces
         query = request.query_params.get("q", "").strip()[:200]
-        page = await anyio.to_thread.run_sync(
+        page = await in_index_thread(
             listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
             _number(request), visible(request))
         template = "results.html" if request.query_params.get("partial") else "index.html"
@@ -147,8 +148,8 @@ def routes(config: Config) -> list[BaseRoute]:
             return refused(request)
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
-        key = await anyio.to_thread.run_sync(local.repo_key, name)
-        if not await anyio.to_thread.run_sync(local.metadata.has_repository, key):
+        key = await in_index_thread(local.repo_key, name)
+        if not await in_index_thread(local.metadata.has_repository, key):
             return not_found(request, name)
         host = client_host(request.scope)
         crane = "--insecure " if request.url.scheme == "http" else ""  # crane speaks plain HTTP only then
@@ -158,19 +159,19 @@ def routes(config: Config) -> list[BaseRoute]:
             tags = await anyio.to_thread.run_sync(functools.partial(
                 images.tag_page, local.store, local.metadata, last_pulls, key, _number(request),
                 listed=upstream_list.tags if upstream_list and upstream_list.tags else frozenset()))
-            pinned = any(repo == key for repo, _ in await anyio.to_thread.run_sync(local.metadata.pins))
+            pinned = any(repo == key for repo, _ in await in_index_thread(local.metadata.pins))
             return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
                           upstream=None if registry == LOCAL else registry, listed=upstream_list,
                           actions=acting.allowed(viewer(request), name))
         view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
         if view is None:
             return not_found(request, f"{name}@{digest}")
-        found = await anyio.to_thread.run_sync(images.referrers, local.metadata, key, digest)
-        tagged = await anyio.to_thread.run_sync(local.metadata.tags_pointing_to, key, digest)
+        found = await in_index_thread(images.referrers, local.metadata, key, digest)
+        tagged = await in_index_thread(local.metadata.tags_pointing_to, key, digest)
         linked = [d.digest for d in view.children] + [str(r.get("digest", "")) for r in found] \
             + ([view.subject.digest] if view.subject else [])
         stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
-        is_pinned = await anyio.to_thread.run_sync(local.metadata.is_pinned, key, digest)
+        is_pinned = await in_index_thread(local.metadata.is_pinned, key, digest)
         return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
                       stored=stored, crane=crane, pushed=key.partition("/")[0] == LOCAL, pinned=is_pinned,
                       actions=acting.allowed(viewer(request), name))

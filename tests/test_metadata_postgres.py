@@ -142,6 +142,47 @@ def test_the_generation_is_never_stale_while_the_server_does_not_answer() -> Non
             index.close()
 
 
+@pytest.mark.slow
+def test_a_query_in_flight_when_the_server_hangs_ends_and_later_calls_fail_at_once() -> None:
+    """A query waiting on the server when it stops answering is ended once the heartbeat finds it
+    silent (``MetadataUnavailable``, not a thread blocked until TCP gives up); calls meanwhile fail at
+    once; once it answers again, the pool has new connections for them.  On a cluster of the test's own."""
+    with PostgresServer() as own:
+        dsn = own.create_database()
+        index = PostgresMetadata(dsn, pool_size=2)
+        try:
+            index.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+            with ThreadPoolExecutor(1) as pool, psycopg.connect(dsn) as locker:  # unlocked before the wait for it
+                locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")
+                waiting = pool.submit(index.get_tag, REPO, "1")
+                assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] == 1,
+                                  timeout=10)
+                own.freeze()
+                frozen = time.monotonic()
+                try:
+                    with pytest.raises(MetadataUnavailable, match=r"at 127\.0\.0\.1:\d+: not answering"):
+                        waiting.result(timeout=60)
+                    assert time.monotonic() - frozen < HEARTBEAT + HEARTBEAT_WAIT + 3
+                    started = time.monotonic()
+                    with pytest.raises(MetadataUnavailable, match="not answering"):
+                        index.get_tag(REPO, "1")
+                    assert time.monotonic() - started < 0.5
+                finally:
+                    own.thaw()
+                locker.rollback()
+            assert eventually(lambda: _answers(index), timeout=10)
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
+        finally:
+            index.close()
+
+
+def _answers(index: PostgresMetadata) -> bool:
+    try:
+        return index.get_tag(REPO, "1") is not None
+    except MetadataUnavailable:
+        return False
+
+
 def test_a_link_seen_is_answered_without_a_query_until_the_generation_moves(dsn: str) -> None:
     """``is_linked`` (each blob GET's first question, on the event loop) asks the database once per
     link; a withdrawal by this instance is seen at once, one by another instance once notified, and

@@ -49,9 +49,11 @@ def local_repo(name: str) -> str:
 
 
 class MetadataUnavailable(RuntimeError):
-    """The index cannot be reached now (its database server is down or unreachable): nothing was
-    read or changed by the failed call, and a later call may succeed.  Its message names the
-    database and never holds a password; the HTTP edge answers it with ``503 UNAVAILABLE``."""
+    """The index cannot be reached now (its database server is down, unreachable or not answering):
+    nothing was read by the failed call, and a later call may succeed.  A change whose connection was
+    lost while its commit was on the way may still be applied by the server (as with any connection
+    lost then).  Its message names the database and never holds a password; the HTTP edge answers it
+    with ``503 UNAVAILABLE``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -22,6 +21,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
+
+from .pgwatch import ServerWatch, shut_down
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "UPLOAD_COLUMNS", "UPLOAD_UPDATES", "NotifiedGeneration", "SchemaTooNew",
            "StoreMismatch", "describe", "migrate"]
@@ -153,10 +154,15 @@ class NotifiedGeneration:
     of other processes' withdrawals, so every read returns a new token: memos never hit.  A
     connection that goes quiet is checked every :data:`HEARTBEAT` seconds; one that does not answer
     within :data:`HEARTBEAT_WAIT` is taken for lost at once, as one that fails.
+
+    *watch*, if given, is told what the listener finds (``pgwatch``): the server is silent when a
+    check is not answered in time, or a connection attempt times out; it answers again once the
+    listener has connected and read the counter.
     """
 
-    def __init__(self, dsn: str, *, wait: float = 10.0) -> None:
+    def __init__(self, dsn: str, *, wait: float = 10.0, watch: ServerWatch | None = None) -> None:
         self._dsn = dsn
+        self._watch = watch
         self._value: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -183,6 +189,8 @@ class NotifiedGeneration:
                     row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
                     with self._lock:
                         self._value = max(int(row[0]) if row else 0, self._value or 0)
+                    if self._watch is not None:
+                        self._watch.answered()
                     self._listening.set()
                     quiet_since = time.monotonic()
                     while not self._stop.is_set():
@@ -193,6 +201,12 @@ class NotifiedGeneration:
                         if time.monotonic() - quiet_since >= HEARTBEAT:
                             self._beat(conn)
                             quiet_since = time.monotonic()
+            except psycopg.errors.ConnectionTimeout:  # connect_timeout: the server does not answer either
+                with self._lock:
+                    self._value = None
+                if self._watch is not None:
+                    self._watch.silent("not answering (no answer to a connection attempt in time)")
+                self._stop.wait(1.0)
             except psycopg.Error:
                 with self._lock:
                     self._value = None
@@ -213,11 +227,13 @@ class NotifiedGeneration:
 
     def _lose(self, fd: int) -> None:
         """The listener's connection (socket *fd*) stopped answering: from now on nothing is known of
-        other processes' withdrawals, and its socket is shut down so the listener connects again."""
+        other processes' withdrawals, and its socket is shut down so the listener connects again; the
+        watch ends the pooled queries in flight (the server hangs: they wait for it too)."""
         with self._lock:
             self._value = None
-        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
+        shut_down(fd)
+        if self._watch is not None:
+            self._watch.silent(f"not answering (no answer to a check within {HEARTBEAT_WAIT:g} s)")
 
     def close(self) -> None:
         self._stop.set()

@@ -19,7 +19,8 @@ migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``ma
   taken, so the dead ones a restarted server left behind are replaced.  While the server cannot
   be reached, a call fails within :data:`POOL_WAIT` with ``MetadataUnavailable``; the pool keeps
   trying to reconnect (backing off for at most :data:`RECONNECT_WAIT`, then again on the next
-  call), so it recovers by itself.
+  call), so it recovers by itself.  A server that hangs is found by the listener's heartbeat: the
+  queries in flight are ended and calls fail at once until it answers again (``pgwatch``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from .driver import Lease, Metadata, MetadataUnavailable, TagRecord, UploadRecord, local_repo
+from .driver import Lease, Metadata, TagRecord, UploadRecord, local_repo
 from .pgmarks import NOW as _NOW, PostgresMarks
 from .pgremembered import Remembered
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
+from .pgwatch import ServerWatch
 from .scans import PostgresRecords
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
@@ -73,10 +75,11 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn, store)
         self._clock = clock
+        self._watch = ServerWatch(self._where)
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True, name="metadata",
-            timeout=POOL_WAIT, reconnect_timeout=RECONNECT_WAIT, check=ConnectionPool.check_connection)
-        self._generation = NotifiedGeneration(dsn)
+            timeout=POOL_WAIT, reconnect_timeout=RECONNECT_WAIT, check=self._watch.check)
+        self._generation = NotifiedGeneration(dsn, watch=self._watch)
 
     @property
     def generation(self) -> NotifiedGeneration:
@@ -90,18 +93,10 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
 
     @contextmanager
     def _cursor(self, *, transaction: bool = False) -> Iterator[psycopg.Cursor[Row]]:
-        """A pooled connection's cursor; ``OperationalError`` (and ``PoolTimeout``) as ``MetadataUnavailable``."""
-        try:
-            with self._pool.connection() as conn:
-                if transaction:
-                    with conn.transaction(), conn.cursor() as cur:
-                        yield cur
-                else:
-                    with conn.cursor() as cur:
-                        yield cur
-        except psycopg.OperationalError as exc:
-            reason = str(exc).partition("\n")[0]  # libpq's hints follow on further lines
-            raise MetadataUnavailable(f"metadata database unavailable: {self._where}: {reason}") from exc
+        """A pooled connection's cursor; ``OperationalError`` (and ``PoolTimeout``), or the server
+        not answering, as ``MetadataUnavailable`` (``pgwatch``)."""
+        with self._watch.cursor(self._pool, transaction=transaction) as cur:
+            yield cur
 
     def _one(self, query: str, params: Any = None) -> Row | None:
         with self._cursor() as cur:

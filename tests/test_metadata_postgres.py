@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,9 @@ from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import mirror_cli, settle, stored_objects
 from tests.support.waiting import eventually
 from tests.test_push_api import push_image
+
+#: The Accept header of a client that takes every manifest type.
+ACCEPT = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
 
 REPO = "docker.io/library/alpine"
 D1, D2 = (f"sha256:{c * 64}" for c in "12")
@@ -321,14 +325,13 @@ def test_the_mirror_keeps_its_index_in_postgres(
     name, tag, item = images.refs["small"]
     assert isinstance(item, Image)
     upstream.clear_counts()
-    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-    first = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept)
+    first = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT)
     assert first.status_code == 200 and first.content == item.manifest
     assert first.headers["x-mirror-cache"] == "MISS"
     layer = item.layers[-1].digest
     assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer}").content == item.blobs[layer].read_bytes()
     for _ in range(4):  # whichever worker answers
-        again = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept)
+        again = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT)
         assert again.content == item.manifest and again.headers["x-mirror-cache"] == "HIT"
     assert upstream.count("GET", re.compile(rf"^/v2/{re.escape(name)}/manifests/")) == 1
     tags = _query(dsn, "SELECT repo, tag, digest FROM tags")
@@ -337,12 +340,41 @@ def test_the_mirror_keeps_its_index_in_postgres(
 
     manifest, _ = push_image(http, mirror.url, "team/app", "v1", seed=7)
     for _ in range(4):
-        pulled = http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers=accept)
+        pulled = http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers=ACCEPT)
         assert pulled.status_code == 200 and pulled.content == manifest
     assert http.get(f"{mirror.url}/v2/team/app/tags/list").json() == {"name": "team/app", "tags": ["v1"]}
     assert _query(dsn, "SELECT name FROM locals") == [("team/app",)]
     assert ("local/team/app", "v1") in _query(dsn, "SELECT repo, tag FROM tags")
     assert not list((mirror.data_dir / "index").glob("*.db"))  # nothing went to the diskcache driver
+
+
+@dataclass(frozen=True)
+class _Served:
+    """A mirror on the database *dsn* that pulled the ``small`` image and was pushed ``team/app:v1``
+    (its *manifest*), and the *urls* each answered once, so their links are known: ``/v2/``, a cached
+    blob, a pushed blob, a manifest by digest."""
+
+    dsn: str
+    mirror: MirrorServer
+    manifest: bytes
+    urls: list[str]
+
+
+def _served(images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
+            http: httpx.Client, *, seed: int) -> _Served:
+    """A mirror on a new database with a pool of 64 connections, as :class:`_Served` says."""
+    dsn = postgres.create_database()
+    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
+                                 "MIRROR_METADATA_POSTGRES_POOL_SIZE": "64"})
+    name, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    manifest, pushed = push_image(http, mirror.url, "team/app", "v1", seed=seed)
+    pushed_layer = f"sha256:{hashlib.sha256(pushed[-1]).hexdigest()}"
+    urls = [f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{item.layers[-1].digest}",
+            f"{mirror.url}/v2/team/app/blobs/{pushed_layer}", f"{mirror.url}/v2/{name}/manifests/{item.digest}"]
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT).status_code == 200
+    assert all(http.get(url, headers=ACCEPT).status_code == 200 for url in urls)
+    return _Served(dsn, mirror, manifest, urls)
 
 
 def test_queries_held_up_in_the_database_hold_up_no_other_request(
@@ -353,33 +385,22 @@ def test_queries_held_up_in_the_database_hold_up_no_other_request(
     blob, a pushed one and a manifest by digest at once: their reads are kept in memory or made
     from worker threads, never on the event loop, and the reads waiting for the database do not
     take the threads that open stored blobs."""
-    dsn = postgres.create_database()
-    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
-                                 "MIRROR_METADATA_POSTGRES_POOL_SIZE": "64"})
-    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-    name, tag, item = images.refs["small"]
+    served = _served(images, mirror_factory, postgres, http, seed=3)
+    dsn, mirror, urls = served.dsn, served.mirror, served.urls
     other, other_tag, other_item = images.refs["dlist"]
-    assert isinstance(item, Image)
-    layer = item.layers[-1].digest
-    _, pushed = push_image(http, mirror.url, "team/app", "v1", seed=3)
-    pushed_layer = f"sha256:{hashlib.sha256(pushed[-1]).hexdigest()}"
-    urls = [f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
-            f"{mirror.url}/v2/team/app/blobs/{pushed_layer}", f"{mirror.url}/v2/{name}/manifests/{item.digest}"]
-    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
-    assert all(http.get(url, headers=accept).status_code == 200 for url in urls)
     waiting = [f"{mirror.url}/v2/{other}/manifests/{other_tag}", *(f"{mirror.url}/v2/library/held/manifests/t{n}"
                                                                  for n in range(59))]
     with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(waiting)) as pool, \
             httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
         locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
         try:
-            held = [pool.submit(crowd.get, url, headers=accept) for url in waiting]
+            held = [pool.submit(crowd.get, url, headers=ACCEPT) for url in waiting]
             # As many wait in the database as threads may read it; the others wait for one of those.
             assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
                               == INDEX_THREADS, timeout=20)
             for url in urls:
                 started = time.monotonic()
-                answer = http.get(url, headers=accept, timeout=10)
+                answer = http.get(url, headers=ACCEPT, timeout=10)
                 assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
             assert not any(f.done() for f in held)
         finally:
@@ -397,20 +418,9 @@ def test_writes_held_up_in_the_database_hold_up_no_other_request(
     pushed one at once: the writes wait in threads of the index's own, and each save stored its
     manifest from a default thread before, so none of the threads that open and send stored blobs
     waits on the database.  Once the lock is gone every PUT is answered ``201`` and its tag is there."""
-    dsn = postgres.create_database()
-    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn,
-                                 "MIRROR_METADATA_POSTGRES_POOL_SIZE": "64"})
-    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-    name, tag, item = images.refs["small"]
-    assert isinstance(item, Image)
-    layer = item.layers[-1].digest
-    manifest, pushed = push_image(http, mirror.url, "team/app", "v1", seed=5)
-    pushed_layer = f"sha256:{hashlib.sha256(pushed[-1]).hexdigest()}"
-    urls = [f"{mirror.url}/v2/", f"{mirror.url}/v2/{name}/blobs/{layer}",
-            f"{mirror.url}/v2/team/app/blobs/{pushed_layer}"]
-    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
-    assert all(http.get(url).status_code == 200 for url in urls)  # cached and pushed: stored, their links known
-    doc = json.loads(manifest)
+    served = _served(images, mirror_factory, postgres, http, seed=5)
+    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]  # the manifest by digest: a new generation
+    doc = json.loads(served.manifest)
     bodies = [json.dumps({**doc, "annotations": {"n": str(n)}}).encode() for n in range(60)]  # same blobs
     with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(bodies)) as pool, \
             httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
@@ -437,7 +447,7 @@ def test_writes_held_up_in_the_database_hold_up_no_other_request(
     for n, body in enumerate(bodies):
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         assert answers[n].headers["docker-content-digest"] == digest
-        got = http.get(f"{mirror.url}/v2/team/app/manifests/w{n}", headers=accept)
+        got = http.get(f"{mirror.url}/v2/team/app/manifests/w{n}", headers=ACCEPT)
         assert got.status_code == 200 and got.content == body and got.headers["docker-content-digest"] == digest
     listed = http.get(f"{mirror.url}/v2/team/app/tags/list").json()["tags"]
     assert sorted(listed) == sorted(["v1", *(f"w{n}" for n in range(len(bodies)))])
@@ -513,21 +523,20 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         database = f"PostgreSQL database '{dsn.split('dbname=')[1].split()[0]}' at 127.0.0.1:{own.port}"
         up = scrape(f"{mirror.url}/metrics")
         assert value(up, "mirror_index_up") == 1 and "mirror_store_size_bytes" in {name for name, _, _ in up}
-        accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
         name, tag, item = images.refs["small"]
         assert isinstance(item, Image)
-        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
+        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT).content == item.manifest
         other, other_tag, other_item = images.refs["dlist"]  # never asked before: nothing in memory answers it
 
         own.halt()
         started = time.monotonic()
-        down = http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept)
+        down = http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=ACCEPT)
         took = time.monotonic() - started
         assert down.status_code == 503, down.text
         assert down.json() == {"errors": [{"code": "UNAVAILABLE", "message": "metadata database unavailable"}]}
         assert down.headers["retry-after"] == "5"
         assert took < 5.0, f"503 after {took:.1f}s"
-        head = http.head(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept)
+        head = http.head(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=ACCEPT)
         assert head.status_code == 503 and head.headers["retry-after"] == "5"
         ready = http.get(f"{mirror.url}/readyz")
         assert ready.status_code == 503
@@ -543,14 +552,14 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         own.resume()
         started = time.monotonic()
         assert eventually(lambda: http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}",
-                                           headers=accept).status_code == 200, timeout=15, interval=0.25), \
+                                           headers=ACCEPT).status_code == 200, timeout=15, interval=0.25), \
             mirror.log_tail()
         recovered = time.monotonic() - started
-        assert http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=accept).content \
+        assert http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=ACCEPT).content \
             == other_item.manifest, f"recovered after {recovered:.1f}s"
         assert http.get(f"{mirror.url}/readyz").status_code == 200
         assert value(scrape(f"{mirror.url}/metrics"), "mirror_index_up") == 1
-        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).content == item.manifest
+        assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT).content == item.manifest
         log = mirror.log_tail(500)
         assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text
         assert "Traceback" not in log, log
@@ -599,8 +608,7 @@ def test_gc_and_fsck_need_no_index_directory_when_the_index_is_in_postgres(
     mirror = mirror_factory(env=env)
     name, tag, item = images.refs["small"]
     assert isinstance(item, Image)
-    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT).status_code == 200
     for layer in item.layers:
         assert http.get(f"{mirror.url}/v2/{name}/blobs/{layer.digest}").status_code == 200
     mirror.stop()
@@ -629,8 +637,7 @@ def test_a_database_describes_one_blob_store_and_refuses_another_data_directory(
     mirror = mirror_factory(env=env)
     name, tag, item = images.refs["small"]
     assert isinstance(item, Image)
-    accept = {"accept": ", ".join(MANIFEST_MEDIA_TYPES)}
-    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=accept).status_code == 200
+    assert http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT).status_code == 200
     mirror.stop()
     settle(mirror.data_dir)
     first_id = (mirror.data_dir / "store-id").read_text().strip()

@@ -936,11 +936,18 @@ def test_cluster_compose_file_deploys_as_a_swarm_stack_of_three_replicas_on_s3(
             break
         assert time.monotonic() < deadline, f"{addresses}\n{log[-4000:]}"
         time.sleep(1)
-    for _ in range(6):
-        answer = daemon.docker("exec", haproxy, "wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/").stdout
-        assert answer.strip() == "{}"
-    log = daemon.docker("logs", haproxy).stdout  # round-robin over the three, each in the rotation
-    assert len(set(re.findall(r'mirrors/(mirror\d+) .* "GET /v2/ HTTP', log))) == 3, log[-4000:]
+    # Round-robin over the three, each in the rotation: a server just put back gets its full share
+    # only once its slowstart (5 s) is over, so the requests go on until each served some.
+    deadline = time.monotonic() + 30
+    while True:
+        for _ in range(6):
+            answer = daemon.docker("exec", haproxy, "wget", "-q", "-O", "-", "http://127.0.0.1:5000/v2/").stdout
+            assert answer.strip() == "{}"
+        log = daemon.docker("logs", haproxy).stdout
+        if len(set(re.findall(r'mirrors/(mirror\d+) .* "GET /v2/ HTTP', log))) == 3:
+            break
+        assert time.monotonic() < deadline, log[-4000:]
+        time.sleep(1)
 
     # A push through HAProxy, pulled back through it whole.
     payload = tmp_path / "payload"

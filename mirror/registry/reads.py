@@ -77,11 +77,6 @@ class IndexReads:
             return read(*args)
         return await in_index_thread(read, *args)
 
-    async def write(self, write: Callable[..., T], *args: object) -> T:
-        """``write(*args)``, a write of the index (or calls that include one): always from a worker
-        thread of the index's (:func:`in_index_thread`), with either driver."""
-        return await in_index_thread(write, *args)
-
     async def is_linked(self, repo: str, digest: str) -> bool:
         return self.metadata.known_link(repo, digest) or await self.ask(self.metadata.is_linked, repo, digest)
 

@@ -9,7 +9,8 @@ An upstream docker-registry gets ``library/big:1``, an image with random layers 
 (``--workers 1``, and 2 where cheap), docker-registry in proxy mode, and nginx serving the
 same files.  Measured:
 
-1. warm blob throughput with 1 and 8 clients, and server CPU-seconds per GB;
+1. warm blob throughput with 1 and 8 clients (the servers taking turns, round after round), and
+   server CPU-seconds per GB;
 2. manifest GETs per second by tag and by digest (``wrk``);
 3. a cold fetch of the 256 MiB blob by 1 and by 8 clients, each case on fresh storage, three
    times (the servers taking turns; medians): wall time, time to the first byte (against the
@@ -53,8 +54,9 @@ REPO, TAG = "library/big", "1"
 WARM_SIZE, COLD_SIZE = 64 * MIB, 256 * MIB
 #: Downloads of the warm blob per client: about 1.5 GiB in all with 1 client, 2 GiB with 8.
 WARM_REPEATS = {1: 24, 8: 4}
-#: Rounds of each warm measurement: the median throughput is reported (a shared VM is noisy).
-WARM_ROUNDS = 3
+#: Rounds of each warm measurement, the servers taking turns: the median throughput is reported (a
+#: shared VM is noisy; a round costs about half a second).
+WARM_ROUNDS = 5
 COLD_CLIENTS = (1, 8)
 #: Cold fetches per server and client count (fresh storage each, the servers taking turns): a single
 #: fetch of a few tenths of a second moves by a third from one run to the next on a small VM.
@@ -200,16 +202,26 @@ def check_blob(server: Server, layer: Layer) -> None:
     wait_stored(server, layer.digest)
 
 
-def measure_warm(server: Server, layer: Layer, clients: int) -> Warm:
-    """Median throughput of :data:`WARM_ROUNDS` rounds; CPU per GB over all of them."""
-    before = cpu_seconds(server.pid)
-    rounds: list[Downloads] = [download(server.url, blob_path(layer.digest), clients, WARM_REPEATS[clients])
-                               for _ in range(WARM_ROUNDS)]
-    server_cpu = cpu_seconds(server.pid) - before
-    gigabytes = sum(got.bytes for got in rounds) / 1e9
-    client_cpu = sum(got.client_cpu for got in rounds)
-    return Warm(server.label, clients, statistics.median(got.gb_per_s for got in rounds),
-                server_cpu / gigabytes, client_cpu / gigabytes)
+def measure_warm(servers: list[Server], layer: Layer, results: Results) -> None:
+    """Each client count: :data:`WARM_ROUNDS` rounds, the servers taking turns in every round, so
+    each meets the same machine (a writeback or a neighbour's burst does not fall on one alone).
+    Reported: the median throughput of a server's rounds, and its CPU per GB over all of them."""
+    measured: dict[str, list[Warm]] = {server.label: [] for server in servers}
+    for clients in WARM_REPEATS:
+        rounds: dict[str, list[Downloads]] = {server.label: [] for server in servers}
+        cpu = dict.fromkeys(rounds, 0.0)
+        for _ in range(WARM_ROUNDS):
+            for server in servers:
+                before = cpu_seconds(server.pid)
+                rounds[server.label].append(download(server.url, blob_path(layer.digest), clients,
+                                                     WARM_REPEATS[clients]))
+                cpu[server.label] += cpu_seconds(server.pid) - before
+        for label, got in rounds.items():
+            gigabytes = sum(each.bytes for each in got) / 1e9
+            measured[label].append(Warm(label, clients, statistics.median(each.gb_per_s for each in got),
+                                        cpu[label] / gigabytes, sum(each.client_cpu for each in got) / gigabytes))
+    for rows in measured.values():
+        results.warm.extend(rows)
 
 
 def measure_memory(server: Server, layer: Layer) -> Memory:
@@ -228,26 +240,35 @@ def measure_rps(server: Server, image: Image) -> Rps:
     return Rps(server.label, tag, digest)
 
 
-def measure_server(server: Server, upstream: UpstreamRegistry, image: Image, warm: Layer,
-                   results: Results, parts: tuple[str, ...]) -> None:
-    """Of *parts*: warm throughput (1 and 8 clients) and peak RSS (32 clients), manifest rps."""
+def measure_servers(servers: list[Server], upstream: UpstreamRegistry, image: Image, warm: Layer,
+                    results: Results, parts: tuple[str, ...]) -> None:
+    """Of *parts*: warm throughput (1 and 8 clients, the servers taking turns) and peak RSS (32
+    clients), manifest rps (of the servers that have an upstream: not nginx)."""
     if "warm" in parts:
-        progress(f"{server.label}: warm blob throughput and memory")
-        check_blob(server, warm)
+        for server in servers:
+            progress(f"{server.label}: fetching the warm blob once")
+            check_blob(server, warm)
+        os.sync()  # what the set-up wrote goes to the disk now, not during some server's rounds
         upstream.clear_counts()
-        results.warm.extend(measure_warm(server, warm, clients) for clients in WARM_REPEATS)
-        results.memory.append(measure_memory(server, warm))
+        progress(f"warm blob throughput, {', '.join(server.label for server in servers)} taking turns")
+        measure_warm(servers, warm, results)
+        for server in servers:
+            progress(f"{server.label}: memory")
+            results.memory.append(measure_memory(server, warm))
         refetched = upstream.bytes_served(_hex(warm.digest))
         if refetched:
-            results.notes.append(f"{server.label} fetched {refetched} bytes of the warm blob again from upstream")
+            results.notes.append(f"{refetched} bytes of the warm blob were fetched again from upstream")
     if "rps" in parts:
-        progress(f"{server.label}: manifest requests per second")
-        results.rps.append(measure_rps(server, image))
+        for server in servers:
+            if server.label != NGINX:
+                progress(f"{server.label}: manifest requests per second")
+                results.rps.append(measure_rps(server, image))
 
 
 def measure_cold(start: Callable[[Path], AbstractContextManager[Server]], root: Path,
                  upstream: UpstreamRegistry, cold: Layer, clients: int) -> Cold:
     """*clients* fetch the cold blob at once from a server with empty storage."""
+    os.sync()  # the previous case's writes go to the disk before this one, not during it
     with start(root) as server:
         progress(f"{server.label}: cold fetch by {clients} client(s)")
         upstream.clear_counts()
@@ -284,16 +305,14 @@ def run(root: Path, *, workers2: bool, parts: tuple[str, ...] = PARTS) -> Result
         progress(f"pushing {REPO}:{TAG} to {upstream.url}")
         upstream.push_image(REPO, TAG, image)
         worker_counts = (1, 2) if workers2 else (1,)
-        shared_data = root / "mirror-warm"
         if "warm" in parts or "rps" in parts:
-            for workers in worker_counts:  # the second mirror reuses the first one's (warm) data
-                with running_mirror(shared_data, upstream.url, workers) as mirror:
-                    measure_server(mirror, upstream, image, warm, results, parts)
-            with running_proxy(root / "proxy-warm", upstream.url) as proxy:
-                measure_server(proxy, upstream, image, warm, results, parts)
-        if "warm" in parts:
-            with running_nginx(root / "nginx", {warm.digest: warm.path}) as nginx:
-                measure_server(nginx, upstream, image, warm, results, tuple(p for p in parts if p != "rps"))
+            with contextlib.ExitStack() as running:
+                servers = [running.enter_context(running_mirror(root / f"mirror-warm-w{n}", upstream.url, n))
+                           for n in worker_counts]
+                servers.append(running.enter_context(running_proxy(root / "proxy-warm", upstream.url)))
+                if "warm" in parts:
+                    servers.append(running.enter_context(running_nginx(root / "nginx", {warm.digest: warm.path})))
+                measure_servers(servers, upstream, image, warm, results, parts)
         if "cold" not in parts:
             return results
         progress("upstream: time to first byte of the cold blob")
@@ -350,7 +369,8 @@ def report(results: Results) -> str:
     out(f"Machine: {os.cpu_count()} CPUs; busy {before:.0%} just before the run, {after:.0%} just after "
         f"(other processes; anything but ~0% makes the figures noisy)")
     out("")
-    out(f"1. Warm blob throughput: 64 MiB blob, already cached; median of {WARM_ROUNDS} rounds; GB = 1e9 bytes")
+    out(f"1. Warm blob throughput: 64 MiB blob, already cached; median of {WARM_ROUNDS} rounds, "
+        "the servers taking turns; GB = 1e9 bytes")
     out(f"   {'server':<14}{'clients':>8}{'GB/s':>8}{'server CPU-s/GB':>17}{'client CPU-s/GB':>17}")
     for w in results.warm:
         out(f"   {w.label:<14}{w.clients:>8}{w.gb_per_s:>8.2f}{w.server_cpu_per_gb:>17.3f}"

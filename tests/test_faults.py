@@ -507,6 +507,23 @@ def test_blob_failure_before_any_byte_is_retried(
     wait_for(lambda: blob_path(mirror, layer.digest).exists(), what="the blob to be stored")
 
 
+def test_a_request_after_a_pause_of_seconds_reuses_the_upstream_connection(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+) -> None:
+    """The next pull after a few quiet seconds goes over the connection the last one used (with
+    Docker Hub: no new TLS handshake), as distribution's proxy does; httpx alone closes an idle
+    connection after 5 s."""
+    mirror = proxied()
+    assert get_manifest(mirror, "small", images.small.digest).content == images.small.manifest
+    used = {r.peer for r in fault_proxy.requests()}
+    assert len(used) == 1 and "" not in used, used
+    time.sleep(6.5)
+    fault_proxy.clear_counts()
+    assert get_manifest(mirror, "dlist", images.dlist.digest).content == images.dlist.manifest
+    after = fault_proxy.requests()
+    assert after and after[0].peer in used, (used, after)
+
+
 # Docker Hub emulator ------------------------------------------------------------------------------
 
 

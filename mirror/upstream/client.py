@@ -63,6 +63,11 @@ MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
+#: Seconds an idle connection to the upstream is kept for the next request: Go's default, which
+#: distribution's proxy keeps too.  httpx's own (5 s) made a pull that came after a pause of a few
+#: seconds open a new connection (with Docker Hub, a TLS handshake: a few round trips).  One the
+#: upstream closed meanwhile is seen as closed when taken from the pool, and not used.
+IDLE_CONNECTION_SECONDS = 90.0
 #: Pages of a referrers list followed (``Link: <...>; rel="next"``) before the answer is refused.
 MAX_REFERRER_PAGES = 16
 
@@ -81,7 +86,8 @@ class Upstream:
             auth=self.auth,
             follow_redirects=True,
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32,
+                                keepalive_expiry=IDLE_CONNECTION_SECONDS),
             headers={"User-Agent": "mirror/0.1", "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
             event_hooks={"response": [unalias_codings]},

@@ -113,12 +113,14 @@ class FaultRule:
 
 @dataclass(frozen=True)
 class ProxiedRequest:
-    """A request the proxy received; ``status`` is None if none was sent."""
+    """A request the proxy received; ``status`` is None if none was sent.  ``peer`` is the
+    client's ``host:port``: requests with the same one came over the same connection."""
 
     method: str
     path: str
     status: int | None
     fault: FaultKind | None
+    peer: str = ""
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -212,7 +214,8 @@ class FaultProxy(Service):
     # Server side -----------------------------------------------------------
 
     def _record(self, request: Request, status: int | None, rule: FaultRule | None) -> None:
-        entry = ProxiedRequest(request.method, request.url.path, status, rule.kind if rule else None)
+        peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        entry = ProxiedRequest(request.method, request.url.path, status, rule.kind if rule else None, peer)
         with self._lock:
             self._log.append(entry)
 

@@ -524,6 +524,22 @@ def test_a_request_after_a_pause_of_seconds_reuses_the_upstream_connection(
     assert after and after[0].peer in used, (used, after)
 
 
+def test_a_connection_the_upstream_closed_while_idle_is_not_used_again(
+    mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry, images: StandardImages,
+) -> None:
+    """An upstream that closes idle connections sooner than the mirror would keep them: the next
+    request goes over a new connection at once, neither failed nor retried."""
+    with FaultProxy(upstream.url, keep_alive=1) as closing:
+        mirror = mirror_factory(closing.url, env=ENV)
+        assert get_manifest(mirror, "small", images.small.digest).content == images.small.manifest
+        used = {r.peer for r in closing.requests()}
+        time.sleep(2.5)  # the proxy has closed the connection
+        closing.clear_counts()
+        assert get_manifest(mirror, "dlist", images.dlist.digest).content == images.dlist.manifest
+        after = closing.requests()
+        assert len(after) == 1 and after[0].status == 200 and after[0].peer not in used, (used, after)
+
+
 # Docker Hub emulator ------------------------------------------------------------------------------
 
 

@@ -41,7 +41,8 @@ class ThreadedServer(Service):
     at once and no other process can take the port.
     """
 
-    def __init__(self, app: ASGIApp, *, name: str = "asgi", lifespan: str = "auto") -> None:
+    def __init__(self, app: ASGIApp, *, name: str = "asgi", lifespan: str = "auto", keep_alive: int = 30) -> None:
+        """*keep_alive*: seconds an idle client connection is kept open."""
         self.name = name
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,7 +59,7 @@ class ThreadedServer(Service):
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=int(STOP_GRACE),
-            timeout_keep_alive=30,
+            timeout_keep_alive=keep_alive,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

@@ -131,7 +131,8 @@ def _content_length(response: httpx.Response) -> int | None:
 class FaultProxy(Service):
     """Forwarding proxy with runtime-configurable fault injection."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, *, keep_alive: int = 30) -> None:
+        """*keep_alive*: seconds the proxy keeps an idle connection of the mirror's open."""
         self.upstream_url = upstream_url.rstrip("/")
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
@@ -141,7 +142,7 @@ class FaultProxy(Service):
             routes=[Route("/{path:path}", self._endpoint, methods=METHODS)],
             lifespan=self._upstream.lifespan,
         )
-        self._server = ThreadedServer(app, name="fault-proxy", lifespan="on")
+        self._server = ThreadedServer(app, name="fault-proxy", lifespan="on", keep_alive=keep_alive)
 
     @property
     def url(self) -> str:

@@ -454,6 +454,53 @@ def test_writes_held_up_in_the_database_hold_up_no_other_request(
     assert len(_query(dsn, "SELECT tag FROM tags WHERE repo = 'local/team/app'")) == len(bodies) + 1
 
 
+def test_web_ui_pages_held_up_in_the_database_hold_up_no_other_request(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
+) -> None:
+    """While the ``tags`` and ``manifests`` tables are locked by another session, 30 GETs of a pushed
+    repository's page in the web UI (its tags) and 30 of its images' pages (each a manifest never read
+    before, so its record is asked of the database) wait for them, more than anyio's 40 default
+    threads; meanwhile the same worker answers ``/v2/``, a cached blob and a pushed one at once: the
+    pages wait in threads of the index's own, and read the store's bytes from default threads only
+    once the index answered.  Once the lock is gone every page is answered ``200`` with its content."""
+    served = _served(images, mirror_factory, postgres, http, seed=9)
+    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]
+    doc = json.loads(served.manifest)
+    bodies = [json.dumps({**doc, "annotations": {"n": str(n)}}).encode() for n in range(30)]  # same blobs
+    digests = [f"sha256:{hashlib.sha256(body).hexdigest()}" for body in bodies]
+    for n, body in enumerate(bodies):  # pushed, never read: the pages ask the database for their records
+        put = http.put(f"{mirror.url}/v2/team/app/manifests/m{n}", content=body, headers={"content-type": OCI_MANIFEST})
+        assert put.status_code == 201, put.text
+    pages = [f"{mirror.url}/ui/r/team/app"] * len(bodies) + [f"{mirror.url}/ui/r/team/app@{d}" for d in digests]
+    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(pages)) as pool, \
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
+        locker.execute("LOCK TABLE tags, manifests IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        try:
+            held = [pool.submit(crowd.get, url) for url in pages]
+            # As many wait in the database as threads may read it; the others wait for one of those.
+            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
+                              >= INDEX_THREADS, timeout=20)
+            time.sleep(0.5)  # the rest of the crowd arrives at the mirror too
+            for url in urls:
+                started = time.monotonic()
+                try:
+                    answer = http.get(url, timeout=10)
+                except httpx.TimeoutException:
+                    pytest.fail(f"{url} not answered in 10 s while the web UI's pages wait for the database")
+                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
+            assert not any(f.done() for f in held)
+        finally:
+            locker.rollback()
+        answers = [f.result() for f in held]
+    assert [a.status_code for a in answers] == [200] * len(pages)
+    for answer in answers[:len(bodies)]:
+        shown = re.findall(r'<td class="tag">([^<]*)</td>', answer.text)
+        assert sorted(shown) == sorted(["v1", *(f"m{n}" for n in range(len(bodies)))])
+        assert all(f"@{digest}" in answer.text for digest in digests)  # each stored: a link to its page
+    for n, answer in enumerate(answers[len(bodies):]):
+        assert digests[n] in answer.text and f"<td><code>n</code></td><td>{n}</td>" in answer.text
+
+
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
     mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
 ) -> None:

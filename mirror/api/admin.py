@@ -3,7 +3,10 @@
 ``POST /_mirror/preload`` takes an image archive as its body (any file ``mirror preload``
 takes; ``mirror preload --url`` sends directories as a tar).  The body is written to a
 flock'ed temp file in ``DATA/tmp/`` (swept like any other if the server dies), imported by the
-importer of ``archive/preload.py`` in a worker thread, and answered with its JSON summary.  Bad input
+importer of ``archive/preload.py`` in a worker thread, and answered with its JSON summary.  An
+import stores blobs and records them in the index all along: it runs on a thread of the preloads'
+own (:data:`PRELOAD_THREADS` at once), never on one of those that send stored blobs, so a locked or
+slow database holds up the preloads alone.  Bad input
 is answered 400 in the spec's error format, the message naming the archive entry at fault;
 the store is then unchanged.
 
@@ -23,13 +26,16 @@ challenge; a user who is no operator: ``403 DENIED``.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hmac
 import os
 import re
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import anyio.to_thread
+from anyio import CapacityLimiter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -45,6 +51,18 @@ WRITE_BATCH = 1 << 20
 #: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
 REFUSED_BODY_LIMIT = 64 << 20
 _SOURCE_RE = re.compile(r"[\w.+-]{1,200}")
+#: Preloads imported at once per event loop; more wait their turn.
+PRELOAD_THREADS = 4
+_limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = WeakKeyDictionary()
+
+
+def preload_threads() -> CapacityLimiter:
+    """This event loop's limiter of worker threads importing preloads (one per loop, made on first use)."""
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = CapacityLimiter(PRELOAD_THREADS)
+    return limiter
 
 
 def check_operator(request: Request) -> str:
@@ -113,7 +131,7 @@ async def preload(request: Request) -> Response:
         if pending:
             await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
         summary = await anyio.to_thread.run_sync(
-            lambda: preload_file(path, store, metadata, label=source))
+            lambda: preload_file(path, store, metadata, label=source), limiter=preload_threads())
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
         raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason}, status=400) from exc

@@ -2,6 +2,11 @@
 and the task that runs the collector (``gc.py``) on schedule, when the store passes its budget,
 and again after a collection that could not reach its target.
 
+What waits on the index (merging access times, reading the store's size, a collection, which
+reads and writes the index throughout) runs on a worker thread of the upkeep's own, never on one of
+anyio's default threads, which open and send stored blobs: a locked or slow database holds up the
+upkeep alone.  The store's own work (counting its objects, its filesystem's size) stays on those.
+
 May import: ``config``, ``observe``, ``storage``, ``metadata``, and ``gc`` of this package.
 """
 
@@ -11,8 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio.to_thread
+from anyio import CapacityLimiter
 
 from ..config.values import human
 from ..metadata.driver import Metadata, MetadataUnavailable
@@ -21,6 +29,7 @@ from ..storage.refusals import refusal
 from .gc import Collector
 
 log = logging.getLogger("mirror.maintenance.gc")
+T = TypeVar("T")
 
 
 #: How often the server merges access times into the index.
@@ -87,6 +96,7 @@ class Maintenance:
         self._retry_delay = RETRY_FIRST
         self._reported: tuple[bool, frozenset[str]] | None = None  # what the log last said about held content
         self._room_asked = -ROOM_INTERVAL
+        self._own: CapacityLimiter | None = None  # made by run(), on its event loop
 
     def note_commit(self, size: int) -> None:
         """Count a new object (called from any thread); wake the collector when over budget."""
@@ -103,9 +113,15 @@ class Maintenance:
             self._room_asked = now
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    async def _in_own_thread(self, call: Callable[[], T]) -> T:
+        """``call()`` from the upkeep's own worker thread (it does one thing at a time)."""
+        if self._own is None:
+            self._own = CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(call, limiter=self._own)
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await anyio.to_thread.run_sync(self._recount)
+        await self._recount()
         next_run = time.monotonic() + self.interval if self.interval else float("inf")
         while True:
             timeout = max(0.0, min(FLUSH_INTERVAL, self._retry_at - time.monotonic()))
@@ -115,9 +131,9 @@ class Maintenance:
             self._wake.clear()
             now = time.monotonic()
             try:
-                await anyio.to_thread.run_sync(self.tracker.flush)
+                await self._in_own_thread(self.tracker.flush)
                 # Other processes (`mirror preload --data`) add to the store too: their count is in the index.
-                grown = not woken and self._retry_at == float("inf") and await anyio.to_thread.run_sync(self._grown)
+                grown = not woken and self._retry_at == float("inf") and await self._grown()
                 if woken or grown or now >= next_run or now >= self._retry_at:
                     await self._collect(woken or grown)
                     if self.interval and now >= next_run:
@@ -131,7 +147,7 @@ class Maintenance:
 
     async def _collect(self, woken: bool) -> None:
         resume = self._retry_at != float("inf")
-        report = await anyio.to_thread.run_sync(lambda: self.collector.run(resume=resume))
+        report = await self._in_own_thread(lambda: self.collector.run(resume=resume))
         if report is None:  # another process is collecting; look again later if the target is not reached
             if resume:
                 self._retry_at = time.monotonic() + self._retry_delay
@@ -157,13 +173,16 @@ class Maintenance:
                     report.held_summary(), self._retry_at - time.monotonic())
             self._reported = state
 
-    def _grown(self) -> bool:
-        """Is the store, as the index counts it, over its high watermark?"""
-        return self.collector.over_high_watermark(self.collector.metadata.usage())
+    async def _grown(self) -> bool:
+        """Is the store, as the index counts it, over its high watermark?  (The budget may be a share
+        of the store's filesystem.)"""
+        usage = await self._in_own_thread(self.collector.metadata.usage)
+        return await anyio.to_thread.run_sync(self.collector.over_high_watermark, usage)
 
-    def _recount(self) -> None:
-        total = sum(found.size for found in self.collector.store.objects())
-        self.collector.metadata.set_usage(total)
+    async def _recount(self) -> None:
+        """The store's size in the index, as the store's objects add up now."""
+        total = await anyio.to_thread.run_sync(lambda: sum(found.size for found in self.collector.store.objects()))
+        await self._in_own_thread(lambda: self.collector.metadata.set_usage(total))
 
     def flush(self) -> None:
         self.tracker.flush()

@@ -36,7 +36,7 @@ from ..spec.reference import Digest, ParseError, parse_digest, parse_name
 from ..storage.driver import BlobReader, BlobStore
 from ..storage.refusals import refusal
 from .reads import IndexReads, in_index_thread
-from .records import referencing, save_pushed, to_the_end
+from .records import absent, referencing, save_pushed, to_the_end
 from .repository import (
     BlobHead,
     BlobResult,
@@ -193,8 +193,7 @@ class LocalRegistry:
 
         async def mount() -> bool:
             async with referencing(self.store):  # (registry/records.py)
-                if not await self.reads.ask(lambda: self.metadata.is_linked(self.repo_key(source), key)) \
-                        or await anyio.to_thread.run_sync(self.store.size, digest) is None:
+                if await absent(self.store, self.metadata, await self.read_repo_key(source), [key]):
                     return False
                 await in_index_thread(self.metadata.link, local_repo(name), [key])
                 await anyio.to_thread.run_sync(self.store.touch, digest)  # young again: the manifest's grace

@@ -87,7 +87,7 @@ async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference
 
     async def save() -> None:
         async with referencing(store):  # the collector must not sweep what was just checked
-            if missing := await _absent(store, metadata, repo, required):
+            if missing := await absent(store, metadata, repo, required):
                 raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
             await anyio.to_thread.run_sync(store.put_bytes, digest, body)
             await in_index_thread(record)
@@ -95,7 +95,7 @@ async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference
     await to_the_end(save())
 
 
-async def _absent(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> list[str]:
+async def absent(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> list[str]:
     """Those of *digests* (in their order) not linked to *repo*, or not stored: one look at the index,
     then one at the store for the linked ones."""
     parsed: dict[str, Digest] = {}

@@ -29,6 +29,7 @@ import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
 from ..metadata.driver import MetadataUnavailable
+from ..registry.reads import in_index_thread
 from .figures import FROM_STORE, Samples, samples
 
 #: Seconds between two samples, and the seconds of samples kept (6 hours).
@@ -68,14 +69,22 @@ class History:
         self.interval = interval
         self._ring: deque[Sample] = deque(maxlen=int(span // interval) + 1)
 
-    def sample(self, at: float | None = None) -> Sample:
-        """The totals now (blocking: reads every worker's samples and the index; call from a thread)."""
-        taken = read(samples(self.registry), time.time() if at is None else at)
+    def counted(self, at: float | None = None) -> Sample:
+        """The traffic's totals now, without the store's size (blocking: reads every worker's samples)."""
+        return read(samples(self.registry), time.time() if at is None else at)
+
+    def stored(self) -> int | None:
+        """The store's size now (blocking: reads the index); None while its database is down."""
         try:
-            stored: int | None = self.usage()
-        except MetadataUnavailable:  # its database is down: a gap in the disk's line
-            stored = None
-        return dataclasses.replace(taken, stored=stored)
+            return self.usage()
+        except MetadataUnavailable:  # a gap in the disk's line
+            return None
+
+    async def sample(self) -> Sample:
+        """The totals now: the workers' samples read from a default worker thread, the store's size
+        from one of the index's own (``registry/reads.py``), so a locked database holds up this alone."""
+        taken = await anyio.to_thread.run_sync(self.counted)
+        return dataclasses.replace(taken, stored=await in_index_thread(self.stored))
 
     def record(self, sample: Sample) -> None:
         """Keep *sample*; the oldest goes once the ring holds :data:`SPAN` seconds of them."""
@@ -89,7 +98,7 @@ class History:
         """Sample now and every :attr:`interval` seconds until cancelled."""
         while True:
             try:
-                self.record(await anyio.to_thread.run_sync(self.sample))
+                self.record(await self.sample())
             except Exception as exc:  # noqa: BLE001 (a sample missed is a gap in a chart, not a reason to stop)
                 log.warning("figures not sampled for the cache page's chart: %s", exc)
             await asyncio.sleep(self.interval)

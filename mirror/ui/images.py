@@ -3,7 +3,10 @@
 Manifests come from the store as the API serves them (a manifest the index does not link to the
 repository is not shown); an image's config blob is read when it is at most
 :data:`MAX_CONFIG_BYTES`.  Nothing here asks an upstream: what was never pulled shows as not
-cached.  Calls block (the store's and the index's reads): the pages run them in a worker thread.
+cached.  What the index says (which manifests a repository serves, its tags) is read apart from
+what the store holds (their bytes): a page whose database is slow or locked then waits for it
+alone, as the API's requests do (``registry/reads.py``).  The functions that read one or the other
+block: the pages run them in a worker thread of its kind.
 Shapes follow the OCI image spec ("Image Manifest", "Image Index", "Image Configuration") and
 Docker's schema 2, which has the same fields; a schema 1 image's settings are in its history.
 """
@@ -16,7 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metadata.driver import Metadata
+import anyio.to_thread
+
+from ..metadata.driver import ManifestRecord, Metadata, TagRecord
+from ..registry.reads import in_index_thread
 from ..spec.manifest import INDEX_TYPES, SCHEMA1, SCHEMA1_SIGNED, Descriptor, references
 from ..spec.platforms import platform_text
 from ..spec.reference import ParseError, parse_digest
@@ -113,10 +119,25 @@ def _strings(value: Any) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, list) else None
 
 
-def read_manifest(store: BlobStore, metadata: Metadata, repo: str, digest: str) -> ManifestView | None:
-    """The manifest *digest* as *repo* (an index key) serves it, or None if it does not."""
-    record = metadata.get_manifest(digest)
-    if record is None or not metadata.is_linked(repo, digest):
+def linked_records(metadata: Metadata, repo: str, digests: list[str]) -> dict[str, ManifestRecord]:
+    """The records of those of *digests* that *repo* (an index key) serves: recorded and linked to it
+    (the index only)."""
+    found = {}
+    for digest in digests:
+        try:
+            parse_digest(digest)
+        except ParseError:
+            continue
+        record = metadata.get_manifest(digest)
+        if record is not None and metadata.is_linked(repo, digest):
+            found[digest] = record
+    return found
+
+
+def read_manifest(store: BlobStore, digest: str, record: ManifestRecord | None) -> ManifestView | None:
+    """The manifest *digest* as the store holds it, shown as *record* (from :func:`linked_records`)
+    describes it; None without a record or when the store no longer holds it (the store only)."""
+    if record is None:
         return None
     try:
         body = store.read_bytes(parse_digest(digest))
@@ -144,18 +165,16 @@ def read_manifest(store: BlobStore, metadata: Metadata, repo: str, digest: str) 
                     config=read_config(store, config) if config is not None else None)
 
 
-def served(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> set[str]:
+def stored(store: BlobStore, digests: list[str]) -> set[str]:
+    """Those of *digests* the store holds (the store only)."""
+    return {digest for digest in digests if store.exists(parse_digest(digest))}
+
+
+async def served(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> set[str]:
     """Those of *digests* whose manifest *repo* serves from the store (an image page to link to);
     the others were never pulled (an index's other platforms, an upstream's referrers)."""
-    found = set()
-    for digest in digests:
-        try:
-            parsed = parse_digest(digest)
-        except ParseError:
-            continue
-        if metadata.get_manifest(digest) is not None and metadata.is_linked(repo, digest) and store.exists(parsed):
-            found.add(digest)
-    return found
+    records = await in_index_thread(linked_records, metadata, repo, digests)
+    return await anyio.to_thread.run_sync(stored, store, list(records)) if records else set()
 
 
 def _replace(view: ManifestView, **changes: Any) -> ManifestView:
@@ -233,8 +252,8 @@ def _image_config(doc: dict[str, Any], platform: str, history: list[HistoryStep]
     )
 
 
-def _platforms_and_size(store: BlobStore, metadata: Metadata, repo: str,
-                        view: ManifestView) -> tuple[list[str], int | None]:
+def _platforms_and_size(view: ManifestView, children: dict[str, ManifestView]) -> tuple[list[str], int | None]:
+    """An image's platform and size, or an index's platforms and the size of its *children* stored."""
     if not view.is_index:
         return ([view.config.platform] if view.config else []), view.image_size
     platforms, total, known = [], 0, False
@@ -242,17 +261,30 @@ def _platforms_and_size(store: BlobStore, metadata: Metadata, repo: str,
         text = platform_text(child.platform)
         if text != "unknown/unknown":  # build attestations, not a platform to run
             platforms.append(text)
-        stored = read_manifest(store, metadata, repo, child.digest)
+        stored = children.get(child.digest)
         if stored is not None and stored.image_size is not None:
             total += stored.image_size
             known = True
     return platforms, total if known else None
 
 
-def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: str, number: int,
-             per_page: int = TAGS_PER_PAGE, listed: frozenset[str] = frozenset()) -> TagPage:
-    """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says;
-    with the tags of *listed* (the upstream's list) that are not cached here among them."""
+@dataclass(frozen=True)
+class _Tags:
+    """What the index says of one page of tags: the page, each tag's record (None: untagged since),
+    the manifests the repository serves of them, and when each was last pulled."""
+
+    total: int
+    number: int
+    pages: int
+    shown: list[tuple[str, TagRecord | None]]
+    only_listed: frozenset[str]
+    records: dict[str, ManifestRecord]
+    pulled: dict[tuple[str, str], float]
+
+
+def _tags(metadata: Metadata, last_pulls: LastPulls, repo: str, number: int, per_page: int,
+          listed: frozenset[str]) -> _Tags:
+    """The index's part of :func:`tag_page`."""
     cached = metadata.tags(repo)
     only_listed = listed.difference(cached)
     tags = sorted(only_listed.union(cached)) if only_listed else cached
@@ -260,19 +292,39 @@ def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: 
     number = min(max(number, 1), pages)
     shown = tags[(number - 1) * per_page:number * per_page]
     pulled = last_pulls.read(metadata)[0] if shown else {}
+    records = [(tag, None if tag in only_listed else metadata.get_tag(repo, tag)) for tag in shown]
+    digests = list(dict.fromkeys(record.digest for _, record in records if record is not None))
+    return _Tags(len(tags), number, pages, records, frozenset(only_listed),
+                 linked_records(metadata, repo, digests), pulled)
+
+
+def _views(store: BlobStore, records: dict[str, ManifestRecord]) -> dict[str, ManifestView]:
+    """The manifests of *records* the store holds, by digest (the store only)."""
+    return {digest: view for digest, record in records.items()
+            if (view := read_manifest(store, digest, record)) is not None}
+
+
+async def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, repo: str, number: int,
+                   per_page: int = TAGS_PER_PAGE, listed: frozenset[str] = frozenset()) -> TagPage:
+    """Page *number* (1-based, clamped) of *repo*'s tags, sorted, each with what its manifest says;
+    with the tags of *listed* (the upstream's list) that are not cached here among them."""
+    found = await in_index_thread(_tags, metadata, last_pulls, repo, number, per_page, listed)
+    views = await anyio.to_thread.run_sync(_views, store, found.records) if found.records else {}
+    children = list(dict.fromkeys(c.digest for view in views.values() if view.is_index for c in view.children))
+    child_records = await in_index_thread(linked_records, metadata, repo, children) if children else {}
+    child_views = await anyio.to_thread.run_sync(_views, store, child_records) if child_records else {}
     rows = []
-    for tag in shown:
-        if tag in only_listed:
+    for tag, record in found.shown:
+        if tag in found.only_listed:
             rows.append(TagRow(tag, "", "", [], None, False, None, upstream_only=True))
             continue
-        record = metadata.get_tag(repo, tag)
         if record is None:
             continue
-        view = read_manifest(store, metadata, repo, record.digest)
-        platforms, size = _platforms_and_size(store, metadata, repo, view) if view else ([], None)
+        view = views.get(record.digest)
+        platforms, size = _platforms_and_size(view, child_views) if view else ([], None)
         rows.append(TagRow(tag, record.digest, record.media_type, platforms, size, view is not None,
-                           pulled.get((repo, record.digest))))
-    return TagPage(rows, len(tags), number, pages, len(only_listed))
+                           found.pulled.get((repo, record.digest))))
+    return TagPage(rows, found.total, found.number, found.pages, len(found.only_listed))
 
 
 def referrers(metadata: Metadata, repo: str, digest: str) -> list[dict[str, Any]]:

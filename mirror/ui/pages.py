@@ -156,21 +156,22 @@ def routes(config: Config) -> list[BaseRoute]:
         if digest is None:
             registry = key.partition("/")[0]
             upstream_list = None if registry == LOCAL else await upstream_tags.listed(namespaces, name, key)
-            tags = await anyio.to_thread.run_sync(functools.partial(
-                images.tag_page, local.store, local.metadata, last_pulls, key, _number(request),
-                listed=upstream_list.tags if upstream_list and upstream_list.tags else frozenset()))
+            tags = await images.tag_page(local.store, local.metadata, last_pulls, key, _number(request),
+                                         listed=upstream_list.tags if upstream_list and upstream_list.tags
+                                         else frozenset())
             pinned = any(repo == key for repo, _ in await in_index_thread(local.metadata.pins))
             return render(request, "repository.html", name=name, tags=tags, host=host, pinned=pinned, crane=crane,
                           upstream=None if registry == LOCAL else registry, listed=upstream_list,
                           actions=acting.allowed(viewer(request), name))
-        view = await anyio.to_thread.run_sync(images.read_manifest, local.store, local.metadata, key, digest)
+        record = (await in_index_thread(images.linked_records, local.metadata, key, [digest])).get(digest)
+        view = await anyio.to_thread.run_sync(images.read_manifest, local.store, digest, record) if record else None
         if view is None:
             return not_found(request, f"{name}@{digest}")
         found = await in_index_thread(images.referrers, local.metadata, key, digest)
         tagged = await in_index_thread(local.metadata.tags_pointing_to, key, digest)
         linked = [d.digest for d in view.children] + [str(r.get("digest", "")) for r in found] \
             + ([view.subject.digest] if view.subject else [])
-        stored = await anyio.to_thread.run_sync(images.served, local.store, local.metadata, key, linked)
+        stored = await images.served(local.store, local.metadata, key, linked)
         is_pinned = await in_index_thread(local.metadata.is_pinned, key, digest)
         return render(request, "image.html", name=name, view=view, referrers=found, tags=tagged, host=host,
                       stored=stored, crane=crane, pushed=key.partition("/")[0] == LOCAL, pinned=is_pinned,

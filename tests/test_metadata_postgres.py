@@ -27,7 +27,7 @@ from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecor
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
 from mirror.metadata.pgschema import HEARTBEAT, HEARTBEAT_WAIT, LISTENER, SCHEMA_VERSION, SchemaTooNew
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
-from mirror.registry.reads import INDEX_THREADS
+from mirror.registry.reads import INDEX_THREADS, MIXED_THREADS
 from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
@@ -144,6 +144,24 @@ def test_the_generation_is_never_stale_while_the_server_does_not_answer() -> Non
             assert eventually(lambda: index.generation.read() == index.generation.read(), timeout=15)
         finally:
             index.close()
+
+
+def test_a_lock_on_the_counter_the_heartbeat_reads_is_not_taken_for_a_server_that_does_not_answer(dsn: str) -> None:
+    """``VACUUM FULL counters`` or an ``ALTER TABLE`` hold a lock that stops every read of the table
+    the listener's heartbeat reads, longer than it waits for an answer: the server still answers
+    (the read gives up on the lock), so calls go on working and the generation stays known."""
+    index = PostgresMetadata(dsn, pool_size=2)
+    try:
+        index.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
+            time.sleep(2 * HEARTBEAT + HEARTBEAT_WAIT + 1)  # a heartbeat waited on the lock long enough
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
+            assert index.generation.read() == index.generation.read()  # known: memos may hit
+            locker.rollback()
+        assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)
+    finally:
+        index.close()
 
 
 @pytest.mark.slow
@@ -499,6 +517,41 @@ def test_web_ui_pages_held_up_in_the_database_hold_up_no_other_request(
         assert all(f"@{digest}" in answer.text for digest in digests)  # each stored: a link to its page
     for n, answer in enumerate(answers[len(bodies):]):
         assert digests[n] in answer.text and f"<td><code>n</code></td><td>{n}</td>" in answer.text
+
+
+def test_figures_held_up_in_the_database_hold_up_no_other_request(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
+) -> None:
+    """While the ``counters`` table (the store's size) is locked by another session, 30 scrapes of
+    ``/metrics`` and 30 views of the web UI's cache page wait for it, more than anyio's 40 default
+    threads; meanwhile the same worker answers ``/v2/``, a cached blob and a pushed one at once: the
+    figures, which read the store and the index in one call, wait in a few threads of their own.
+    Once the lock is gone every scrape and page is answered ``200`` with the store's size."""
+    served = _served(images, mirror_factory, postgres, http, seed=13)
+    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]
+    pages = [f"{mirror.url}/metrics"] * 30 + [f"{mirror.url}/ui/cache"] * 30
+    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(pages)) as pool, \
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
+        locker.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        try:
+            held = [pool.submit(crowd.get, url) for url in pages]
+            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
+                              >= MIXED_THREADS, timeout=20)
+            time.sleep(1.0)  # the rest of the crowd arrives at the mirror too
+            for url in urls:
+                started = time.monotonic()
+                try:
+                    answer = http.get(url, timeout=10)
+                except httpx.TimeoutException:
+                    pytest.fail(f"{url} not answered in 10 s while the figures wait for the database")
+                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
+            assert not any(f.done() for f in held)
+        finally:
+            locker.rollback()
+        answers = [f.result() for f in held]
+    assert [a.status_code for a in answers] == [200] * len(pages)
+    assert all("mirror_store_size_bytes" in a.text for a in answers[:30])
+    assert all("Cache" in a.text for a in answers[30:])
 
 
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(

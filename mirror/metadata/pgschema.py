@@ -37,6 +37,10 @@ HEARTBEAT = 2.0
 #: Seconds the listener waits for that answer before taking its connection for lost: a server that
 #: hangs, or a network that drops packets without a reset, ends no read with an error by itself.
 HEARTBEAT_WAIT = 3.0
+#: Seconds the listener's reads of the counter wait for a lock on its table (``VACUUM FULL``, ``ALTER
+#: TABLE``, an explicit ``LOCK``) before the server answers that they gave up: a server that answers
+#: so is not silent, and the heartbeat then learns nothing new, but ends nothing either.
+HEARTBEAT_LOCK_WAIT = 1.0
 _LOCK = 0x6D6972726F72  # pg_advisory_xact_lock key of migrations ("mirror")
 
 _KEY = 'text COLLATE "C" NOT NULL'
@@ -185,6 +189,7 @@ class NotifiedGeneration:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, application_name=LISTENER) as conn:
+                    conn.execute(f"SET lock_timeout = {int(HEARTBEAT_LOCK_WAIT * 1000)}")
                     conn.execute(f"LISTEN {CHANNEL}")  # before reading: nothing committed after is missed
                     row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
                     with self._lock:
@@ -220,6 +225,8 @@ class NotifiedGeneration:
         watchdog.start()
         try:
             row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
+        except psycopg.errors.LockNotAvailable:  # the table is locked: the server answered all the same
+            row = None
         finally:
             watchdog.cancel()
         if row is not None:

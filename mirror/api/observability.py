@@ -45,7 +45,7 @@ from ..config.sections import Config, ConfigError, LogConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
-from ..registry.reads import in_index_thread
+from ..registry.reads import in_index_thread, in_mixed_thread
 from ..spec.endpoints import CACHE_HEADER, endpoint
 from ..storage.driver import BlobStore
 from ..storage.opening import open_blob_store
@@ -258,7 +258,7 @@ def index_problem(metadata: Metadata) -> str | None:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    body = await anyio.to_thread.run_sync(render, request.state.exposition)
+    body = await in_mixed_thread(render, request.state.exposition)  # the index's figures and the store's
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

@@ -17,6 +17,9 @@ blobs (:func:`index_threads`, :data:`INDEX_THREADS` per event loop): a database 
 locked ties up only the requests that wait for it, never a pull of a stored blob.  So a thread
 function touches either the index or the store, not both: work that needs both (saving a manifest:
 its bytes stored, then recorded) makes one hop of each kind, in that order (``registry/records.py``).
+The few jobs that read both in one call and are not worth splitting (the figures of ``/metrics`` and
+of the cache page, the sweep of expired uploads) run on a third kind of thread, a few of their own
+(:func:`in_mixed_thread`).
 """
 
 from __future__ import annotations
@@ -31,23 +34,41 @@ from anyio import CapacityLimiter
 
 from ..metadata.driver import ManifestRecord, Metadata
 
-__all__ = ["INDEX_THREADS", "IndexReads", "in_index_thread", "index_threads"]
+__all__ = ["INDEX_THREADS", "MIXED_THREADS", "IndexReads", "in_index_thread", "in_mixed_thread", "index_threads"]
 
 T = TypeVar("T")
 
 #: Worker threads waiting on the index at once per event loop, besides anyio's default ones (40):
 #: calls beyond them wait their turn without a thread, and the connection pool bounds the queries.
 INDEX_THREADS = 40
-_limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = WeakKeyDictionary()
+#: Worker threads per event loop for the few jobs that read both the index and the store in one call
+#: (the figures of ``/metrics`` and of the cache page, the sweep of expired uploads): a thread kind of
+#: their own, so such jobs waiting on a locked database hold neither the index's threads nor the
+#: default ones; more wait their turn without a thread.
+MIXED_THREADS = 4
+_limiters: dict[str, WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter]] = {}
+
+
+def _limiter(kind: str, size: int) -> CapacityLimiter:
+    """This event loop's limiter of the threads of *kind*, *size* of them (made on first use)."""
+    loop = asyncio.get_running_loop()
+    made = _limiters.setdefault(kind, WeakKeyDictionary())
+    limiter = made.get(loop)
+    if limiter is None:
+        limiter = made[loop] = CapacityLimiter(size)
+    return limiter
 
 
 def index_threads() -> CapacityLimiter:
     """This event loop's limiter of worker threads calling the index (one per loop, made on first use)."""
-    loop = asyncio.get_running_loop()
-    limiter = _limiters.get(loop)
-    if limiter is None:
-        limiter = _limiters[loop] = CapacityLimiter(INDEX_THREADS)
-    return limiter
+    return _limiter("index", INDEX_THREADS)
+
+
+async def in_mixed_thread(call: Callable[..., T], *args: object) -> T:
+    """``call(*args)`` from one of :data:`MIXED_THREADS` worker threads per event loop: for a job
+    that reads the index and the store together and is not worth splitting in two.  Returns what
+    *call* returns and raises what it raises."""
+    return await anyio.to_thread.run_sync(call, *args, limiter=_limiter("mixed", MIXED_THREADS))
 
 
 async def in_index_thread(call: Callable[..., T], *args: object) -> T:

@@ -36,7 +36,7 @@ from ..spec.reference import Digest
 from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
-from .reads import IndexReads, in_index_thread
+from .reads import IndexReads, in_index_thread, in_mixed_thread
 from .records import to_the_end
 from .repository import UploadState
 
@@ -345,7 +345,7 @@ async def expire_uploads(uploads: Uploads) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            removed = await anyio.to_thread.run_sync(uploads.sweep)
+            removed = await in_mixed_thread(uploads.sweep)
         except Exception as exc:  # noqa: BLE001 (the index is down, say: next time)
             log.warning("could not look for expired uploads: %s", exc)
             continue

@@ -46,7 +46,7 @@ from ..config.sections import Config
 from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
-from ..registry.reads import in_index_thread
+from ..registry.reads import in_index_thread, in_mixed_thread
 from ..spec.reference import ParseError, parse_digest, parse_name
 from . import actions, chart, figures, history, images, listed, listing
 
@@ -189,7 +189,7 @@ def routes(config: Config) -> list[BaseRoute]:
             return (figures.read(state.exposition, state.store, state.metadata, config, found),
                     chart.draw(kept.samples(), now))
 
-        shown, drawn = await anyio.to_thread.run_sync(read)
+        shown, drawn = await in_mixed_thread(read)
         return render(request, "cache.html", figures=shown, chart=drawn, pid=os.getpid(), workers=config.http.workers,
                       width=chart.WIDTH, height=chart.HEIGHT)
 

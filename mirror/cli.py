@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     """The data directory's store and index, or the exit status after saying why not: 2 when it
-    is not one (or not this index's), 1 when its index cannot be opened now."""
-    from .metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
+    is not one (or not this index's, or its bucket another index's), 1 when its index or its bucket
+    cannot be opened now."""
+    from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from .storage.opening import open_blob_store
 
     store = open_blob_store(config.storage, replica=config.cluster.enabled)
@@ -121,10 +122,21 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
     try:
-        return store, open_metadata(config.metadata, store.layout.index, config.storage)
+        metadata = open_metadata(config.metadata, store.layout.index, config.storage)
     except CannotOpenIndex as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
+    try:
+        problem = bind_bucket(config.metadata, config.storage, store, metadata)
+    except OSError as exc:  # the bucket does not answer
+        problem, status = str(exc), 1
+    else:
+        status = 2
+    if problem:
+        metadata.close()
+        print(f"mirror: {problem}", file=sys.stderr)
+        return status
+    return store, metadata
 
 
 def collect(config: Config, dry_run: bool) -> int:
@@ -219,7 +231,7 @@ def serve(config: Config) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from .metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
+    from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from .server.hardening import server_options, startup_problem
     from .storage.opening import open_blob_store
 
@@ -237,12 +249,21 @@ def serve(config: Config) -> int:
         where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
         print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
         return 2
-    if config.metadata.driver == "postgres":  # once here, not in a traceback from each worker
+    if config.metadata.driver == "postgres" or config.storage.driver == "s3":  # once here, not in each worker
         try:
-            open_metadata(config.metadata, store.layout.index, config.storage).close()
+            metadata = open_metadata(config.metadata, store.layout.index, config.storage)
         except CannotOpenIndex as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return STARTUP_FAILED
+        try:
+            problem = bind_bucket(config.metadata, config.storage, store, metadata)
+        except OSError as exc:
+            problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc}"
+        finally:
+            metadata.close()
+        if problem:
+            print(f"mirror: {problem}", file=sys.stderr)
+            return 2
     try:
         metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))
     except OSError as exc:

@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 
+from mirror.storage.s3binding import BINDING
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
@@ -50,7 +51,7 @@ def http() -> Iterator[httpx.Client]:
 def bucket_keys(cluster: Cluster) -> list[str]:
     bucket = cluster.bucket
     return [item["Key"] for page in bucket.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name)
-            for item in page.get("Contents", [])]
+            for item in page.get("Contents", []) if item["Key"] != f"{ROOT}/{BINDING}"]
 
 
 def parts_recorded(cluster: Cluster) -> int:

@@ -20,6 +20,7 @@ from mirror.spec.reference import Digest
 from mirror.storage.driver import DigestMismatch, UploadParts
 from mirror.storage.layout import new_upload_id
 from mirror.storage.s3 import MIN_CHUNK, S3Store
+from mirror.storage.s3binding import BINDING
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.seaweedfs import SeaweedS3
@@ -175,7 +176,8 @@ def test_a_push_of_the_wrong_digest_after_a_restart_stores_nothing_and_aborts_it
     answer = http.put(f"{mirror.url}{location}?digest={wrong}")
     assert answer.status_code == 400 and answer.json()["errors"][0]["code"] == "DIGEST_INVALID"
     assert bucket.objects() == {} and bucket.uploads() == []
-    assert bucket.client.list_objects_v2(Bucket=bucket.name).get("Contents", []) == []
+    assert [item["Key"] for item in bucket.client.list_objects_v2(Bucket=bucket.name).get("Contents", [])] \
+        == [f"{ROOT}/{BINDING}"]  # which index the bucket's objects belong to, and nothing else
 
 
 def test_an_expired_upload_aborts_its_multipart_upload(

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.storage.s3binding import BINDING
 from mirror.storage.s3fill import SEND_AFTER
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
@@ -25,6 +26,7 @@ from tests.support.faults import FaultProxy
 from tests.support.images import build_image, random_layer, write_oci_layout
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.skopeo import everything, layout_blobs, skopeo_run
@@ -54,10 +56,13 @@ class Bucket:
                 "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", **extra}
 
     def objects(self) -> dict[str, int]:
-        """``{digest: size}`` of every object stored (fails on a key that is not a digest's)."""
+        """``{digest: size}`` of every object stored (fails on a key that is neither a digest's nor
+        the index's binding)."""
         found = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name):
             for item in page.get("Contents", []):
+                if item["Key"] == f"{ROOT}/{BINDING}":  # which index the objects belong to
+                    continue
                 match = re.fullmatch(rf"{ROOT}/blobs/sha256/([0-9a-f]{{2}})/(\1[0-9a-f]{{62}})", item["Key"])
                 assert match, f"unexpected key {item['Key']}"
                 found[f"sha256:{match[2]}"] = int(item["Size"])
@@ -484,3 +489,53 @@ def test_a_blob_served_from_the_bucket_keeps_its_image_from_an_eviction_in_anoth
     done = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
     assert done.returncode == 0 and "1 images evicted" in done.stdout, done.stdout + done.stderr
     assert bucket.objects() == {}
+
+
+def test_an_index_that_does_not_hold_the_bucket_is_refused_and_deletes_nothing(
+    bucket: Bucket, postgres: PostgresServer, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    """The bucket records the index its objects belong to.  Another index on it (a new database, a
+    re-created one, a staging mirror pointed at production's bucket) would see every object as
+    unreferenced, and its collector would delete them all: ``serve``, ``gc`` and ``fsck`` refuse it in
+    one line (exit 2), and nothing is deleted; the index the objects belong to still opens."""
+    image = images.small
+    env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=postgres.create_database(),
+                     MIRROR_GC_GRACE="0s", MIRROR_CACHE_UNUSED_FOR="1s", MIRROR_CACHE_KEEP_RECENT="0s")
+    mirror = mirror_factory(env=env)
+    manifest = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": image.media_type})
+    assert manifest.status_code == 200
+    for digest in image.blobs:
+        assert get_digest(http, blob_url(mirror, "library/small", digest))[:2] == (200, digest)
+    wait_for(lambda: set(bucket.objects()) == everything(image), timeout=30, what="every object in the bucket")
+    mirror.stop()
+    stored = bucket.objects()
+    time.sleep(1.5)  # past unused_for and the grace: a collector of the wrong index would delete everything
+
+    binding = f"{ROOT}/{BINDING}"
+    recorded = bucket.client.get_object(Bucket=bucket.name, Key=binding)["Body"].read().decode().strip()
+    second = postgres.create_database()
+    other = {**env, "MIRROR_METADATA_POSTGRES_DSN": second}
+    data = tmp_path / "second"
+    serve = mirror_cli("serve", "--data", data, "--listen", f"127.0.0.1:{free_port()}", env=other, timeout=60)
+    for done in (serve, mirror_cli("gc", "--data", data, env=other), mirror_cli("fsck", "--data", data, env=other)):
+        line = done.stderr.strip()
+        assert done.returncode == 2 and "\n" not in line, done.stdout + done.stderr
+        assert f"S3 bucket {bucket.name!r} under {ROOT!r} holds the objects of another index (id {recorded}), " \
+               f"not of PostgreSQL database '{second.split('dbname=')[1].split()[0]}'" in line, line
+        assert "point this mirror at the database that holds their index" in line, line
+    # A bucket filled before it recorded its index: an index that holds no manifest is refused too.
+    bucket.client.delete_object(Bucket=bucket.name, Key=binding)
+    done = mirror_cli("gc", "--data", data, env=other)
+    assert done.returncode == 2 and f"under {ROOT!r} holds objects, and PostgreSQL database" in done.stderr \
+        and "records none of them" in done.stderr, done.stderr
+    local = {key: value for key, value in env.items() if not key.startswith("MIRROR_METADATA")}
+    serve = mirror_cli("serve", "--data", tmp_path / "third", "--listen", f"127.0.0.1:{free_port()}", env=local,
+                       timeout=60)
+    assert serve.returncode == 2 and "diskcache (DATA/index/) records none of them" in serve.stderr, serve.stderr
+    assert bucket.objects() == stored
+    # The index the objects belong to opens (and records itself again), its collector sees them referenced.
+    done = mirror_cli("gc", "--dry-run", "--data", mirror.data_dir, env={**env, "MIRROR_CACHE_UNUSED_FOR": "0s"})
+    assert done.returncode == 0 and "would free 0 objects" in done.stdout, done.stdout + done.stderr
+    assert bucket.client.get_object(Bucket=bucket.name, Key=binding)["Body"].read().decode().strip() == recorded
+    assert bucket.objects() == stored

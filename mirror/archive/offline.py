@@ -72,7 +72,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
-    from ..metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
+    from ..metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from ..storage.opening import open_blob_store
 
     try:
@@ -83,6 +83,11 @@ def _open(config: Config) -> Any:
             print(f"mirror: {problem}", file=sys.stderr)
             return None
         metadata = open_metadata(config.metadata, store.layout.index, config.storage)
+        problem = bind_bucket(config.metadata, config.storage, store, metadata)
+        if problem:
+            metadata.close()
+            print(f"mirror: {problem}", file=sys.stderr)
+            return None
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return None

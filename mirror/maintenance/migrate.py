@@ -42,7 +42,13 @@ from dataclasses import dataclass, field
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
 from ..metadata.occupancy import in_use_elsewhere
-from ..metadata.opening import bind_data_directory, index_identity, open_metadata, rebind_data_directory
+from ..metadata.opening import (
+    bind_bucket,
+    bind_data_directory,
+    index_identity,
+    open_metadata,
+    rebind_data_directory,
+)
 from ..metadata.transfer import compare, copy_records, strangers, unstored
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
@@ -155,6 +161,8 @@ class Migration:
                 copy_records(old_index, new_index)
             self._verify(old_store, new_store, new_index, old_index, same_store, pool)
             self.report.uploads = len(old_index.upload_ids())
+            if target.storage.driver == "s3" and not self.report.problems:  # its objects are the new index's now
+                bind_bucket(target.metadata, target.storage, new_store, new_index, rebind=True)
             if one_directory and not same_index and not self.report.problems:
                 problem = rebind_data_directory(target.metadata, new.index_binding)
                 if problem:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
     def open_thread(self) -> None:
         """diskcache opens this thread's SQLite connection with its first query (~0.3 ms)."""
         self._cache.get(_NO_RECORD)
+
+    def index_id(self) -> str:
+        self._cache.add("index_id", uuid.uuid4().hex)  # the first opening's: add() keeps one made before
+        return str(self._cache.get("index_id"))
 
     def close(self) -> None:
         self._cache.close()

@@ -376,4 +376,9 @@ class Metadata(TagIndex, ManifestIndex, RepositoryIndex, ReferrerIndex, PinIndex
         """Changes on every withdrawal, by any instance over the same data."""
         ...
 
+    def index_id(self) -> str:
+        """What tells this index from every other: made by its first opening, kept for ever (a bucket
+        records the index its objects belong to: ``storage/s3binding.py``)."""
+        raise NotImplementedError
+
     def close(self) -> None: ...

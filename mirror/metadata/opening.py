@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.sections import MetadataConfig, StorageConfig
+from ..storage.driver import BlobStore
 from ..storage.layout import Layout
 from .driver import Metadata
 
@@ -80,6 +81,40 @@ def store_identity(storage: StorageConfig) -> dict[str, str]:
     except OSError as exc:
         raise CannotOpenIndex(f"cannot record this data directory's id in {path}: {exc.strerror or exc}") from None
     return {"driver": "filesystem", "id": ident, "path": str(storage.path.absolute())}
+
+
+def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore, metadata: Metadata, *,
+                rebind: bool = False) -> str | None:
+    """For an S3 store: check that its bucket's objects belong to *metadata*, the index *config*
+    names, recording it the first time (``storage/s3binding.py``; a data directory is bound by
+    :func:`bind_data_directory`).  Returns why not, or None; *rebind*: record *metadata* whatever the
+    bucket recorded (``mirror migrate``, once it copied the objects and their records there).
+
+    Refused: a bucket that records another index; one that records none but holds objects while the
+    index has no manifest (a new or re-created database, a mirror pointed at another's bucket).  Either
+    index would see every object as unreferenced, and the collector would delete them all.  Raises
+    ``StoreUnavailable`` (an ``OSError``) if the bucket does not answer.
+    """
+    if storage.driver != "s3":
+        return None
+    from ..storage.s3 import S3Store
+    from ..storage.s3binding import holds_objects, record_index, recorded_index
+
+    assert isinstance(store, S3Store)
+    mine, recorded = metadata.index_id(), None if rebind else recorded_index(store)
+    where, index = _describe_store(store_identity(storage)), _describe(_index_of(config))
+    if recorded is None:
+        if not rebind and holds_objects(store) and metadata.count_manifests() == 0:
+            return (f"{where} holds objects, and {index} records none of them (a new or re-created database, or"
+                    " another mirror's bucket?): point this mirror at the database that holds their index; if it"
+                    " is lost, empty the bucket's blobs/ or choose another storage.s3.rootdirectory (this index"
+                    " would see every object as unreferenced, and the collector would delete them)")
+        record_index(store, mine)
+    elif recorded != mine:
+        return (f"{where} holds the objects of another index (id {recorded}), not of {index} (id {mine}):"
+                " point this mirror at the database that holds their index (this one would see every object as"
+                " unreferenced, and the collector would delete them)")
+    return None
 
 
 def _describe_store(store: Mapping[str, Any]) -> str:

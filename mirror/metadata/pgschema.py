@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,6 +135,9 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] 
             conn.execute(MIGRATIONS[version])
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version VALUES (%s)", (max(found, SCHEMA_VERSION),))
+        # What tells this index from every other (``Metadata.index_id``), made once.
+        conn.execute("INSERT INTO settings VALUES ('index_id', %s) ON CONFLICT (name) DO NOTHING",
+                     (Jsonb(uuid.uuid4().hex),))
         if store is not None:
             row = conn.execute("SELECT value FROM settings WHERE name = 'store'").fetchone()
             if row is None:

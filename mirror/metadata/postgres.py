@@ -85,6 +85,10 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
     def generation(self) -> NotifiedGeneration:
         return self._generation
 
+    def index_id(self) -> str:
+        row = self._one("SELECT value FROM settings WHERE name = 'index_id'")  # made by migrate()
+        return str(row[0]) if row is not None else ""
+
     def close(self) -> None:
         self._generation.close()
         self._pool.close()

@@ -12,7 +12,7 @@ same files.  Measured:
 1. warm blob throughput with 1 and 8 clients (the servers taking turns, round after round), and
    server CPU-seconds per GB;
 2. manifest GETs per second by tag and by digest (``wrk``);
-3. a cold fetch of the 256 MiB blob by 1 and by 8 clients, each case on fresh storage, three
+3. a cold fetch of the 256 MiB blob by 1 and by 8 clients, each case on fresh storage, five
    times (the servers taking turns; medians): wall time, time to the first byte (against the
    upstream's own, measured directly), and bytes the upstream served divided by the blob's size;
 4. peak RSS of each server's process tree while 32 clients fetch the warm blob.
@@ -59,8 +59,9 @@ WARM_REPEATS = {1: 24, 8: 4}
 WARM_ROUNDS = 5
 COLD_CLIENTS = (1, 8)
 #: Cold fetches per server and client count (fresh storage each, the servers taking turns): a single
-#: fetch of a few tenths of a second moves by a third from one run to the next on a small VM.
-COLD_ROUNDS = 3
+#: fetch of a few tenths of a second moves by a third from one run to the next on a small VM, and its
+#: first byte with eight clients by half (the upstream's own answer takes 1-9 ms of it).
+COLD_ROUNDS = 5
 RSS_CLIENTS = 32
 WRK_SECONDS = 5
 

@@ -117,7 +117,7 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/)",
               file=sys.stderr)
         return 2
-    problem = bind_data_directory(config.metadata, store.layout.index_binding)
+    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage, record=False)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
@@ -126,8 +126,9 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     except CannotOpenIndex as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
-    try:
-        problem = bind_bucket(config.metadata, config.storage, store, metadata)
+    try:  # the index opened: the directory is bound to it (not to one a typo named)
+        problem = bind_bucket(config.metadata, config.storage, store, metadata) \
+            or bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
     except OSError as exc:  # the bucket does not answer
         problem, status = str(exc), 1
     else:
@@ -141,6 +142,7 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
 
 def collect(config: Config, dry_run: bool) -> int:
     from .maintenance.gc import Collector
+    from .storage.driver import StoreUnavailable
 
     opened = _open_store(config)
     if isinstance(opened, int):
@@ -148,6 +150,9 @@ def collect(config: Config, dry_run: bool) -> int:
     store, metadata = opened
     try:
         report = Collector(store, metadata, config.cache, config.gc).run(dry_run=dry_run, wait=True)
+    except StoreUnavailable as exc:  # the object store does not answer (or refuses): one line, no traceback
+        print(f"mirror: gc: {exc.strerror}", file=sys.stderr)
+        return 1
     finally:
         metadata.close()
     assert report is not None
@@ -158,6 +163,7 @@ def collect(config: Config, dry_run: bool) -> int:
 def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     from .archive.offline import TerminalProgress
     from .maintenance.fsck import Fsck
+    from .storage.driver import StoreUnavailable
 
     opened = _open_store(config)
     if isinstance(opened, int):
@@ -167,6 +173,10 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     try:
         report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress,
                       replica=config.cluster.enabled).run()
+    except StoreUnavailable as exc:  # the object store does not answer (or refuses): one line, no traceback
+        progress.close()
+        print(f"mirror: fsck: {exc.strerror}", file=sys.stderr)
+        return 1
     finally:
         progress.close()
         metadata.close()
@@ -239,7 +249,7 @@ def serve(config: Config) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     store = open_blob_store(config.storage)
     problem = startup_problem(config, store.layout.auth_key, store.layout.tmp) \
-        or bind_data_directory(config.metadata, store.layout.index_binding)
+        or bind_data_directory(config.metadata, store.layout.index_binding, config.storage, record=False)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
@@ -264,6 +274,11 @@ def serve(config: Config) -> int:
         if problem:
             print(f"mirror: {problem}", file=sys.stderr)
             return 2
+    # Recorded only now that the index opened (diskcache's opens in each worker): not one a typo named.
+    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
+    if problem:
+        print(f"mirror: {problem}", file=sys.stderr)
+        return 2
     try:
         metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))
     except OSError as exc:

@@ -121,9 +121,12 @@ def test_s3_storage_from_the_environment_secret_never_echoed() -> None:
 
 def test_s3_storage_needs_a_budget_in_bytes(tmp_path: Path) -> None:
     s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "b"}
-    with pytest.raises(ConfigError, match=r"cache.max_size: 80% .*storage.driver s3.*give bytes"):
-        load_config(env=s3)  # the default is a fraction of the disk
-    with pytest.raises(ConfigError, match="cache.max_size"):
+    with pytest.raises(ConfigError) as refused:
+        load_config(env=s3)  # the default is a fraction of the disk: said to be the default, not a bad value
+    assert str(refused.value).startswith("cache.max_size is not set, and its default, 80% of the disk, has no "
+                                         "meaning with storage.driver s3"), refused.value
+    assert "set cache.max_size in bytes (e.g. 500GiB), or 0 for no limit" in str(refused.value)
+    with pytest.raises(ConfigError, match=r"bad value for cache.max_size: 50% .*storage.driver s3.*give bytes"):
         load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "50%"})
     assert load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "0"}).cache.max_size == 0
     assert load_config(env={**s3, "MIRROR_CACHE_MAX_SIZE": "2GiB"}).cache.max_size == 2 << 30
@@ -279,6 +282,7 @@ def test_metadata_driver_and_its_dsn_which_is_never_shown(tmp_path: Path) -> Non
 
     secret = tmp_path / "dsn"
     secret.write_text("host=db3 dbname=mirror user=m password=file-s3cr3t\n")
+    path.write_text("metadata:\n  driver: postgres\n")
     from_file = load_config(path, env={"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)})
     assert from_file.metadata.postgres_dsn == "host=db3 dbname=mirror user=m password=file-s3cr3t"
     assert "file-s3cr3t" not in repr(from_file)
@@ -326,3 +330,59 @@ def test_a_bad_value_from_the_environment_names_its_key_as_the_file_writes_it(
     with pytest.raises(ConfigError) as refused:
         load_config(env=env)
     assert str(refused.value).startswith(f"bad value for {key}: "), refused.value
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("metadata:\n  driver: postgres\n  postgres:\n", "metadata.driver: postgres needs metadata.postgres.dsn or"),
+    ("storage:\n  driver: s3\n  s3:\n", "storage.driver s3 needs storage.s3.bucket"),
+])
+def test_an_empty_nested_section_is_an_empty_mapping(tmp_path: Path, yaml_text: str, message: str) -> None:
+    """``postgres:`` with nothing under it is null in YAML: read as no keys, not as an unknown key."""
+    file = tmp_path / "mirror.yml"
+    file.write_text(yaml_text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(file, env={})
+    assert str(refused.value).startswith(message), refused.value
+    file.write_text("http:\n  tls:\n  listen: 127.0.0.1:6000\nauth:\n  htpasswd:\n")
+    config = load_config(file, env={})
+    assert (config.http.tls_certificate, config.auth.htpasswd_path) == (None, None)
+    assert config.http.listen == "127.0.0.1:6000"
+
+
+def test_an_unknown_environment_variable_is_named_with_the_closest_key() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={"MIRROR_STORAGE_S3_FORCEPATHSTLYE": "true"})
+    assert str(refused.value) == ("unknown environment variable MIRROR_STORAGE_S3_FORCEPATHSTLYE (unknown configuration"
+                                  " key storage.s3.forcepathstlye): did you mean MIRROR_STORAGE_S3_FORCEPATHSTYLE?")
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={"MIRROR_METADATA_POSTGRES_DNS": "x"})
+    assert str(refused.value).startswith("unknown environment variable MIRROR_METADATA_POSTGRES_DNS ("), refused.value
+    assert str(refused.value).endswith("did you mean MIRROR_METADATA_POSTGRES_DSN?"), refused.value
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={"MIRROR_GC_WHENEVER": "1"})  # nothing close: no guess
+    assert str(refused.value) == ("unknown environment variable MIRROR_GC_WHENEVER"
+                                  " (unknown configuration key gc.whenever)")
+
+
+def test_dsn_and_dsn_file_together_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text("host=db dbname=mirror user=m password=file-s3cr3t\n")
+    path = tmp_path / "mirror.yaml"
+    path.write_text("metadata:\n  driver: postgres\n  postgres:\n    dsn: postgresql://m:yaml-s3cr3t@db/mirror\n")
+    for env in ({"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)}, {}):
+        with pytest.raises(ConfigError) as refused:
+            load_config(path, env=env, overrides={"metadata.postgres.dsn_file": None if env else str(secret)})
+        assert str(refused.value).startswith("metadata.postgres.dsn and metadata.postgres.dsn_file are both set:"
+                                             " keep one"), refused.value
+        assert "s3cr3t" not in str(refused.value)
+
+
+def test_an_s3_part_is_at_most_5_gib(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("storage:\n  s3: {bucket: b, chunksize: 1PiB}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(file, env={})
+    assert str(refused.value) == ("bad value for storage.s3.chunksize: '1PiB': must be at most 5368709120 bytes (5GiB),"
+                                  " the largest part S3 takes")
+    file.write_text("storage:\n  s3: {bucket: b, chunksize: 5GiB}\n")
+    assert load_config(file, env={}).storage.s3_chunksize == 5 << 30

@@ -787,9 +787,96 @@ def test_an_s3_store_is_known_by_its_bucket_and_rootdirectory_whatever_host_open
 @pytest.mark.parametrize(("dsn", "says"), [
     ("postgresql+psycopg://mir:Sup3rS3cretPw@127.0.0.1/db", "not a libpq connection string"),
     ("postgresql://mir:Sup3r@S3cretPw@127.0.0.1:5432/db", "percent-encode the password"),
+    ("postgresql://mir:Sup3r@S3cret:Pw/x@127.0.0.1:5432/db", "percent-encode the password"),  # port "Pw"
+    ("postgresql://mir:Sup3r@S3cret/Pw@127.0.0.1:5432/db", "percent-encode the password"),  # database "Pw@..."
+    ("postgresql://mir:Sup3r/S3cretPw@127.0.0.1:5432/db", "percent-encode the password"),  # host "mir", port "Sup3r"
+    ("postgresql://mir:Sup3r@S3cret:1/Pw@127.0.0.1:5432/db", "percent-encode the password"),  # database "Pw@..."
 ])
 def test_a_dsn_that_cannot_be_read_is_refused_without_quoting_it(tmp_path: Path, dsn: str, says: str) -> None:
     binding = tmp_path / "index.json"
     problem = bind_data_directory(MetadataConfig(driver="postgres", postgres_dsn=dsn), binding)
     assert problem is not None and says in problem
     assert "S3cret" not in problem and not binding.exists()
+
+
+def test_a_first_start_on_a_database_that_does_not_exist_binds_the_data_directory_to_nothing(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """A typo in the DSN of a new data directory: ``serve`` (and ``gc``, ``fsck``, ``preload``) refuse
+    it, and record no index in ``DATA/index.json`` (one that never opened describes nothing): once
+    the DSN is corrected, every command works, and the directory is bound to the right database."""
+    data = tmp_path / "data"
+    typo = {"MIRROR_METADATA_DRIVER": "postgres",
+            "MIRROR_METADATA_POSTGRES_DSN": f"{postgres.dsn('nosuchdb')} password=s3cr3t-pw"}
+    done = mirror_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--data", data, env=typo, timeout=60)
+    assert done.returncode == 3 and 'database "nosuchdb" does not exist' in done.stderr, done.stderr
+    for command in (["gc"], ["fsck"], ["preload", str(tmp_path / "none.tar")]):
+        done = mirror_cli(*command, "--data", data, env=typo, timeout=60)
+        assert done.returncode in (1, 2) and 'database "nosuchdb" does not exist' in done.stderr, done.stderr
+    assert (data / "blobs").is_dir() and not (data / "index.json").exists()
+
+    right = postgres.create_database()
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": right}
+    for command in (["fsck"], ["gc"]):
+        done = mirror_cli(*command, "--data", data, env=env, timeout=60)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    recorded = json.loads((data / "index.json").read_text())
+    assert recorded["database"] == right.split("dbname=")[1].split()[0]
+
+
+def test_a_binding_to_a_database_that_never_held_anything_says_how_to_start_over(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """What an older mirror left after a first start on a typo: ``DATA/index.json`` naming a database
+    that does not exist, nothing stored.  The refusal says to remove it (and names ``mirror migrate``)."""
+    data = tmp_path / "data"
+    Store(data).create()
+    stale = {"driver": "postgres", "host": "127.0.0.1", "port": str(postgres.port), "database": "nosuchdb"}
+    (data / "index.json").write_text(json.dumps(stale) + "\n")
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": postgres.create_database()}
+    done = mirror_cli("fsck", "--data", data, env=env, timeout=60)
+    line = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in line, line
+    assert line.startswith(f"mirror: {data} holds the blobs of the index in PostgreSQL database 'nosuchdb'"), line
+    assert "`mirror migrate`" in line, line
+    assert line.endswith(f"nothing was ever stored there: to start over with this index, remove {data / 'index.json'}")
+    (data / "index.json").unlink()
+    assert mirror_cli("fsck", "--data", data, env=env, timeout=60).returncode == 0
+
+
+def test_a_url_dsn_whose_password_is_not_percent_encoded_is_refused_without_any_part_of_it(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """``postgresql://mu:p@ss:w/rd#1@host:port/db``: libpq reads host ``ss``, port ``w``, database
+    ``rd#1@host:port/db``, all pieces of the password; the mirror names none of them, here or in
+    ``DATA/index.json``."""
+    dsn = f"postgresql://mu:p@ss:w/rd#1@127.0.0.1:{postgres.port}/mirror8"
+    data = tmp_path / "data"
+    done = mirror_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--data", data, timeout=60,
+                      env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("mirror: metadata.postgres.dsn: percent-encode the password"), done.stderr
+    for piece in ("rd#1", "'ss'", "ss:w", "mirror8", "p@ss"):
+        assert piece not in done.stderr + done.stdout
+    assert not (data / "index.json").exists()
+
+
+def test_the_refusal_of_another_index_words_what_the_data_directory_holds(tmp_path: Path) -> None:
+    """With S3 the data directory holds only work in progress, not blobs; one holding anything stored
+    is never said to be safe to start over."""
+    data = tmp_path / "data"
+    Store(data).create()
+    recorded = {"driver": "postgres", "host": "db", "port": "5432", "database": "mirror"}
+    (data / "index.json").write_text(json.dumps(recorded) + "\n")
+    diskcache = MetadataConfig()
+    s3 = load_config(env={"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images",
+                          "MIRROR_CACHE_MAX_SIZE": "1GiB", "MIRROR_STORAGE_PATH": str(data)}).storage
+    problem = bind_data_directory(diskcache, data / "index.json", s3, record=False)
+    assert problem is not None and problem.startswith(
+        f"{data} holds the work in progress (uploads, temp files) of the store whose index is in PostgreSQL"
+        " database 'mirror' at db:5432, but this start uses diskcache"), problem
+    assert problem.endswith(f"to start over with this index, remove {data / 'index.json'}"), problem
+    (data / "uploads" / "0f1e").write_bytes(b"part")  # a push upload in progress: something stored
+    problem = bind_data_directory(diskcache, data / "index.json", s3)
+    assert problem is not None and "`mirror migrate`" in problem and "remove" not in problem, problem
+    assert json.loads((data / "index.json").read_text()) == recorded

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import yaml
 from starlette.applications import Starlette
@@ -411,9 +412,15 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     preloaded(tmp_path, theirs, "two", 913)
     new = write_config(tmp_path / "new.yaml", theirs)
     objects, kept = sizes(theirs), records(new)
-    line = refused(write_config(tmp_path / "old.yaml", ours), new)
-    assert "belongs to another store" in line and "docker.io/library/two" in line
+    old = write_config(tmp_path / "old.yaml", ours)
+    line = refused(old, new)  # its objects are checked first (before its index is opened)
+    assert "it belongs to another store" in line and f"holds {len(objects)} objects the source does not" in line
     assert sizes(theirs) == objects and records(new) == kept
+    shutil.rmtree(theirs / "blobs")  # its index alone, then
+    (theirs / "blobs").mkdir()
+    line = refused(old, new)
+    assert "belongs to another store" in line and "docker.io/library/two" in line
+    assert sizes(theirs) == {} and records(new) == kept
 
 
 def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_index_is_empty(
@@ -433,6 +440,33 @@ def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_in
     line = refused(write_config(tmp_path / "ours.yaml", ours), new)
     assert "belongs to another store" in line and f"{len(objects)} objects the source does not" in line, line
     assert bucket_objects(seaweedfs, s3_bucket) == objects and not any(records(new).values())
+
+
+def test_a_refused_target_database_is_left_free_for_the_bucket_of_the_next_run(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
+    """A migration into a new database whose bucket is refused (another store lives there) records
+    no store in that database: the next run, into an empty bucket, takes it."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    preloaded(tmp_path, ours, "one", 931)
+    preloaded(tmp_path, theirs, "two", 932)
+    migrated(write_config(tmp_path / "theirs.yaml", theirs),
+             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                          dsn=postgres.create_database()))
+    dsn, source = postgres.create_database(), write_config(tmp_path / "ours.yaml", ours)
+    line = refused(source, write_config(tmp_path / "new.yaml", tmp_path / "new-spool", s3=(seaweedfs, s3_bucket),
+                                        dsn=dsn))
+    assert "belongs to another store" in line, line
+    with psycopg.connect(dsn) as conn:
+        tables = conn.execute("SELECT 1 FROM pg_tables WHERE tablename = 'settings'").fetchall()
+        assert not tables or conn.execute("SELECT value FROM settings WHERE name = 'store'").fetchall() == []
+    assert not (tmp_path / "new-spool" / "index.json").exists()
+    empty = seaweedfs.new_bucket()
+    try:
+        target = write_config(tmp_path / "empty.yaml", tmp_path / "empty-spool", s3=(seaweedfs, empty), dsn=dsn)
+        migrated(source, target)
+        assert bucket_objects(seaweedfs, empty) == sizes(ours) and differences(source, target) == []
+    finally:
+        seaweedfs.drop_bucket(empty)
 
 
 def test_a_target_directory_holding_objects_the_source_does_not_is_refused_with_their_count(tmp_path: Path) -> None:

@@ -78,12 +78,15 @@ def _open(config: Config) -> Any:
     try:
         store = open_blob_store(config.storage)
         store.create()
-        problem = bind_data_directory(config.metadata, store.layout.index_binding)
+        binding = store.layout.index_binding
+        problem = bind_data_directory(config.metadata, binding, config.storage, record=False)
         if problem:
             print(f"mirror: {problem}", file=sys.stderr)
             return None
         metadata = open_metadata(config.metadata, store.layout.index, config.storage)
-        problem = bind_bucket(config.metadata, config.storage, store, metadata)
+        # Recorded once the index opened: not an index a typo named, that never did.
+        problem = bind_bucket(config.metadata, config.storage, store, metadata) \
+            or bind_data_directory(config.metadata, binding, config.storage)
         if problem:
             metadata.close()
             print(f"mirror: {problem}", file=sys.stderr)

@@ -12,6 +12,7 @@ Imports ``config`` (the sections) and ``values`` (the parsers' helpers) only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -92,11 +93,12 @@ def load_config(
             extra = json.loads(environ[f"{ENV_PREFIX}UPSTREAMS"])
         except ValueError:
             raise ConfigError(f"{ENV_PREFIX}UPSTREAMS must be a JSON list of upstream mappings") from None
-    _merge_env(raw, environ)
+    variables = _merge_env(raw, environ)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
             raw[section][key] = value
+            variables.pop((section, key), None)
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         keys = _section_keys(cls)
@@ -104,7 +106,7 @@ def load_config(
         for key, value in raw[name].items():
             attr = key.replace(".", "_")  # nested YAML mappings: http.tls.certificate -> tls_certificate
             if attr not in keys:
-                raise ConfigError(f"unknown configuration key {name}.{key}")
+                raise ConfigError(_unknown(name, attr, keys, variables.get((name, key))))
             try:
                 values[attr] = keys[attr].metadata["parse"](value)
             except ValueError as exc:
@@ -128,7 +130,25 @@ def load_config(
         else:
             upstreams.append(parsed)
     sections["upstream"] = default
+    if sections["storage"].driver == "s3" and "max_size" not in raw["cache"]:
+        # Config would call the default "bad value for cache.max_size: 80% ...", a value nobody wrote.
+        raise ConfigError("cache.max_size is not set, and its default, 80% of the disk, has no meaning with "
+                          "storage.driver s3 (a bucket has no fixed size): set cache.max_size in bytes "
+                          "(e.g. 500GiB), or 0 for no limit")
     return Config(**sections, upstreams=tuple(upstreams))
+
+
+def _unknown(section: str, attr: str, keys: Mapping[str, Any], variable: str | None) -> str:
+    """Why the key *attr* of *section* is refused, naming it as the user wrote it: the environment
+    *variable* that set it, if one did (``storage.s3_forcepathstlye`` is no key anybody wrote), and
+    the closest known key, if one is close (a typo)."""
+    close = difflib.get_close_matches(attr, list(keys), n=1, cutoff=0.75)
+    if variable is not None:
+        hint = f": did you mean {ENV_PREFIX}{section.upper()}_{close[0].upper()}?" if close else ""
+        return (f"unknown environment variable {variable} (unknown configuration key "
+                f"{section}.{user_key(attr)}){hint}")
+    hint = f" (did you mean {section}.{user_key(close[0])}?)" if close else ""
+    return f"unknown configuration key {section}.{user_key(attr)}{hint}"
 
 
 def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], parsed: Any, n: int) -> None:
@@ -154,7 +174,7 @@ def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
     for key, value in values.items():
         attr = key.replace(".", "_")
         if attr not in keys:
-            raise ConfigError(f"unknown configuration key {label}.{key}")
+            raise ConfigError(_unknown(label, attr, keys, None))
         try:
             parsed[attr] = keys[attr].metadata["parse"](value)
         except ValueError as exc:
@@ -199,9 +219,13 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
 
 
 def _flatten(mapping: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys: ``{"tls": {"key": k}}`` -> ``{"tls.key": k}``."""
+    """Nested mappings as dotted keys: ``{"tls": {"key": k}}`` -> ``{"tls.key": k}``.  A group left
+    empty (``postgres:`` with nothing under it, which YAML reads as null) is an empty mapping, as an
+    empty section is: the keys it lacks then get their own message (``... needs metadata.postgres.dsn``)."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
+        if value is None and not prefix and key in NESTED:
+            continue
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
@@ -229,15 +253,21 @@ def is_service_link(name: str, value: str) -> bool:
     return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
 
 
-def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """Merge the ``MIRROR_<SECTION>_<KEY>`` variables of *env* into *raw*; return the variable that
+    set each ``(section, key)``, for a message about an unknown key to name what the user wrote."""
+    variables: dict[tuple[str, str], str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or is_service_link(name, value):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         for section in SECTIONS:
             if rest.startswith(section + "_"):
-                raw[section][rest[len(section) + 1:]] = value
+                key = rest[len(section) + 1:]
+                raw[section][key] = value
+                variables[(section, key)] = name
                 break
+    return variables
 
 
 def to_environ(config: Config) -> dict[str, str]:

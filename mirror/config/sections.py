@@ -87,15 +87,19 @@ class HttpConfig:
 
 #: S3's smallest multipart part but the last: storage.s3.chunksize may not be less.
 S3_MIN_CHUNK = 5 << 20
+#: S3's largest part: storage.s3.chunksize may not be more (every upload of a blob would fail).
+S3_MAX_CHUNK = 5 << 30
 
 
 def parse_chunksize(value: Any) -> int:
-    """Bytes (``16MiB``, ``16777216``) of each part of an S3 multipart upload, at least 5 MiB."""
+    """Bytes (``16MiB``, ``16777216``) of each part of an S3 multipart upload, from 5 MiB to 5 GiB."""
     size = parse_size(value)
     if isinstance(size, float):
         raise ValueError("expected a number of bytes")
     if size < S3_MIN_CHUNK:
         raise ValueError(f"must be at least {S3_MIN_CHUNK} bytes (5MiB), the smallest part S3 takes")
+    if size > S3_MAX_CHUNK:
+        raise ValueError(f"must be at most {S3_MAX_CHUNK} bytes (5GiB), the largest part S3 takes")
     return size
 
 
@@ -175,7 +179,7 @@ class MetadataConfig:
     driver: str = setting(parse_choice("diskcache", "postgres"), "diskcache")
     # libpq connection string or postgresql:// URL (metadata.postgres.dsn); it may hold a password: never shown.
     postgres_dsn: str | None = setting(parse_optional_str, None, secret=True)
-    # The DSN read from a file at start-up instead (Docker / Kubernetes secrets); takes precedence over dsn.
+    # The DSN read from a file at start-up instead (Docker / Kubernetes secrets); one or the other, not both.
     postgres_dsn_file: SecretFile | None = setting(parse_secret_file, None)
     # Most connections each process (worker, CLI) holds at once, besides its LISTEN connection
     # (metadata.postgres.pool_size; Harbor's database.max_open_conns, per process).
@@ -183,6 +187,9 @@ class MetadataConfig:
 
     def __post_init__(self) -> None:
         if self.postgres_dsn_file is not None:
+            if self.postgres_dsn is not None:  # which should win? a stale DSN left beside its file, or the file
+                raise ConfigError("metadata.postgres.dsn and metadata.postgres.dsn_file are both set: keep one"
+                                  " (from the file, the environment or a flag)")
             object.__setattr__(self, "postgres_dsn", self.postgres_dsn_file.value)
         if self.driver == "postgres" and not self.postgres_dsn:
             raise ConfigError("metadata.driver: postgres needs metadata.postgres.dsn or metadata.postgres.dsn_file")

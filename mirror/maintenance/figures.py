@@ -1,5 +1,7 @@
 """The store's figures for ``/metrics``, read at scrape time: size and budget from the index,
-object counts from a scan of the store, and the filesystem's room.
+object counts from a scan of the store, and the filesystem's room.  Either may be down (a
+PostgreSQL index, an S3 bucket): the scrape still answers, without what it would have read there,
+and says which is down (``mirror_index_up``, ``mirror_store_up``).
 
 May import: ``config``, ``observe``, ``storage``, ``metadata``.
 """
@@ -35,7 +37,9 @@ class StoreCollector(Collector):
     Size comes from the index's running total; object counts from a scan of ``blobs/`` that is
     repeated at most every ``50 x`` its own duration (so a large store is not walked every second).
     While the index's database cannot be reached, what only the index knows (size, manifests,
-    repositories, what holds the store over budget) is left out and the rest is still reported.
+    repositories, what holds the store over budget) is left out and the rest is still reported; so is
+    the object count while the store cannot be listed (an object store down or hung: the listing
+    is asked again at the next scrape, a second on at least).
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig,
@@ -46,8 +50,8 @@ class StoreCollector(Collector):
         self.budget = budget
         self.workers = workers
         self._lock = threading.Lock()
-        self._counts: tuple[int, int] | None = None
-        self._counted_at = 0.0
+        self._counts: tuple[int | None, int] = (None, 0)  # objects (None: the store did not answer), uploads
+        self._counted_at = float("-inf")
         self._manifest_count: int | None = None
         self._manifests_at = -1.0
         self._count_every = 1.0
@@ -83,7 +87,11 @@ class StoreCollector(Collector):
                 for reason in HELD_REASONS:
                     over.add_metric([reason], 1 if held.get(reason) else 0)
                 yield over
-        yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.", value=objects)
+        yield GaugeMetricFamily("mirror_store_up", "1 if the store answered the last count of its objects; 0 leaves "
+                                "out mirror_store_objects.", value=int(objects is not None))
+        if objects is not None:
+            yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.",
+                                    value=objects)
         if indexed:
             yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
             yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
@@ -101,15 +109,20 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
                                 value=space.available)
 
-    def _count(self) -> tuple[int, int]:
-        """Objects and uploads in the store, counted again once the last count is old enough."""
+    def _count(self) -> tuple[int | None, int]:
+        """Objects and uploads in the store, counted again once the last count is old enough (a
+        second after one the store did not answer: objects None, whatever ``OSError`` its listing
+        raised, ``StoreUnavailable`` for a bucket; ``/readyz`` names the problem)."""
         with self._lock:
             now = time.monotonic()
-            if self._counts is None or now - self._counted_at >= self._count_every:
-                objects = sum(1 for _ in self.store.objects())
+            if now - self._counted_at >= self._count_every:
+                try:
+                    objects: int | None = sum(1 for _ in self.store.objects())
+                except OSError:
+                    objects = None
                 self._counts = (objects, len(self.store.layout.upload_entries()))
                 self._counted_at = time.monotonic()
-                self._count_every = max(1.0, 50 * (self._counted_at - now))
+                self._count_every = 1.0 if objects is None else max(1.0, 50 * (self._counted_at - now))
             return self._counts
 
     def _from_index(self, budget: int | None) -> tuple[int, dict[str, int], int, int]:

@@ -7,7 +7,9 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    collection holds, and pushes share, is held for the whole migration), no other process with
    either index open (``metadata/occupancy.py``), the target's index
    empty or a copy, complete or not, of the source's (``transfer.strangers``), and the
-   target store's objects all the source's too (``objectcopy.foreign``).
+   target store's objects all the source's too (``objectcopy.foreign``).  The target's store and
+   data directory are checked before its index is opened: a PostgreSQL index records the store
+   that first opens it, and a refused run leaves it free for the store the next run names.
 2. Every object of the source is copied through the target driver's verified write path
    (``put_bytes`` for a manifest, else ``ingest`` fed 1 MiB at a time: the digest is checked as
    it is written, nothing larger than a manifest or a part is held in memory), :data:`COPIERS`
@@ -135,8 +137,19 @@ class Migration:
                     users = in_use_elsewhere(config.metadata, layout.index)
                     if users:
                         raise Refused(f"{side}: {users}; stop it before migrating")
-            old_store, old_index = self._open(source, "source", stack, create=False)
-            new_store, new_index = self._open(target, "target", stack, create=True)
+            old_store = self._open_store(source, "source", create=False)
+            old_index = self._open_index(source, "source", stack)
+            _bind(source, old, "source")  # the source's index opened: a directory that recorded none records it
+            new_store = self._open_store(target, "target", create=True)
+            pool = stack.enter_context(ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate"))
+            # The target's store and directory are checked before its index is opened: a PostgreSQL index
+            # records the store that first opens it (settings.store), and a refused run must leave it as it
+            # found it, free for the store the next run names.
+            if not same_store:
+                _check_target_objects(new_store, old_store, pool)
+            if not one_directory:
+                _bind(target, new, "target", record=False)
+            new_index = self._open_index(target, "target", stack)
             if not same_index:
                 found = strangers(new_index, old_index)
                 if found.count and one_directory and target.metadata.driver == "diskcache":
@@ -147,10 +160,7 @@ class Migration:
                 if found.count:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
                                   f" (first: {found.first}): it belongs to another store; migrate into an empty one")
-            pool = stack.enter_context(ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate"))
             held = census(old_store)
-            if not same_store:
-                _check_target_objects(new_store, old_store, pool)
             if not one_directory:
                 _bind(target, new, "target")
             self.report.objects, self.report.bytes, self.report.strays = held.objects, held.bytes, held.strays
@@ -184,10 +194,9 @@ class Migration:
             raise Refused(f"source: {old.root} is not a mirror data directory (no blobs/)")
         if self.source.metadata.driver == "diskcache" and not old.index.is_dir():
             raise Refused(f"source: {old.root} is not a mirror data directory (no index/)")
-        _bind(self.source, old, "source")
+        _bind(self.source, old, "source", record=False)
 
-    def _open(self, config: Config, side: str, stack: contextlib.ExitStack,
-              *, create: bool) -> tuple[BlobStore, Metadata]:
+    def _open_store(self, config: Config, side: str, *, create: bool) -> BlobStore:
         store = open_blob_store(config.storage)
         try:
             if create or config.storage.driver != "filesystem":
@@ -202,13 +211,16 @@ class Migration:
                 store.sweep_tmp()  # what an interrupted run left
         except OSError as exc:
             raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc
+        return store
+
+    def _open_index(self, config: Config, side: str, stack: contextlib.ExitStack) -> Metadata:
         try:
             index = open_metadata(config.metadata, Layout(config.storage.path).index, config.storage)
         except Exception as exc:  # the driver's errors never hold a password
             named = index_identity(config.metadata, Layout(config.storage.path).index)
             raise Refused(f"{side}: cannot open the index ({named}): {_line(exc)}") from exc
         stack.callback(index.close)
-        return store, index
+        return index
 
     # -- objects --
 
@@ -336,8 +348,10 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _bind(config: Config, layout: Layout, side: str) -> None:
-    problem = bind_data_directory(config.metadata, layout.index_binding)
+def _bind(config: Config, layout: Layout, side: str, *, record: bool = True) -> None:
+    """Refuse a data directory bound to another index than *config*'s; with *record*, bind one that is
+    bound to none (only once its index opened: see :func:`bind_data_directory`)."""
+    problem = bind_data_directory(config.metadata, layout.index_binding, config.storage, record=record)
     if problem:
         raise Refused(f"{side}: {problem}")
 

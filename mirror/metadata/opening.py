@@ -136,14 +136,22 @@ def _unanswered(where: str, error: str) -> str:
     return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
-def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
+def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageConfig | None = None, *,
+                        record: bool = True) -> str | None:
     """Check that the data directory whose binding file is *binding* (``DATA/index.json``) is
-    opened with the index that describes its blobs; record the index the first time.
+    opened with the index that describes what it holds; with *record*, record that index the first
+    time.
 
     Returns why not, or None.  A store opened with another index (a restart that forgot
     ``metadata.driver: postgres``, or pointed at another database) would see every blob as
     unreferenced, and the collector would delete them all: it is refused instead.  The record
     names the driver and, for PostgreSQL, the server and database; never a password.
+
+    Callers check (``record=False``) before they open the index and record only once it opened (and
+    an S3 store's bucket was bound to it, :func:`bind_bucket`): a first start refused on a typo in
+    the DSN (no such database, a wrong host) must not bind the directory to an index that never
+    opened, which would refuse every start after the typo is corrected.  *storage* (the data
+    directory's) words the message: with S3, the directory holds only work in progress.
     """
     wanted = _index_of(config)
     if isinstance(wanted, str):
@@ -151,18 +159,53 @@ def bind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
     try:
         recorded = json.loads(binding.read_text())
     except FileNotFoundError:
-        binding.parent.mkdir(parents=True, exist_ok=True)
-        partial = binding.with_name(f".{binding.name}.partial")
-        partial.write_text(json.dumps(wanted, sort_keys=True) + "\n")
-        os.replace(partial, binding)
-        return None
+        if not record:
+            return None
+        try:
+            recorded = _record(binding, wanted)
+        except OSError as exc:
+            return f"cannot record which index holds this store's metadata in {binding}: {exc.strerror or exc}"
     except (OSError, ValueError) as exc:
         return f"{binding}: unreadable ({exc}); it records which index holds this store's metadata"
     if recorded == wanted:
         return None
-    return (f"{binding.parent} holds the blobs of the index in {_describe(recorded)}, but this start uses "
-            f"{_describe(wanted)}: start it with the same metadata settings (another index would see every "
-            "blob as unreferenced, and the collector would delete them)")
+    if storage is not None and storage.driver == "s3":
+        holds = (f"{binding.parent} holds the work in progress (uploads, temp files) of the store whose index is in"
+                 f" {_describe(recorded)}")
+        why = "that index records its uploads"
+    else:
+        holds = f"{binding.parent} holds the blobs of the index in {_describe(recorded)}"
+        why = "another index would see every blob as unreferenced, and the collector would delete them"
+    advice = f"start it with the same metadata settings ({why}), or move the store's index with `mirror migrate`"
+    if not _holds_anything(Layout(binding.parent)):
+        advice += f"; nothing was ever stored there: to start over with this index, remove {binding}"
+    return f"{holds}, but this start uses {_describe(wanted)}: {advice}"
+
+
+def _record(binding: Path, wanted: dict[str, str]) -> Any:
+    """Record *wanted* in *binding* unless another process recorded an index first; the index recorded."""
+    binding.parent.mkdir(parents=True, exist_ok=True)
+    partial = binding.with_name(f".{binding.name}.{uuid.uuid4().hex}.partial")
+    partial.write_text(json.dumps(wanted, sort_keys=True) + "\n")
+    try:
+        os.link(partial, binding)
+    except FileExistsError:  # another start recorded its index first: compared with this one's
+        return json.loads(binding.read_text())
+    finally:
+        partial.unlink()
+    return wanted
+
+
+def _holds_anything(layout: Layout) -> bool:
+    """Whether anything was ever stored in the data directory *layout*: a blob, an upload, or the
+    diskcache index's files (a start that failed leaves its directories, empty)."""
+    for directory in (layout.blobs, layout.uploads, layout.index):
+        try:
+            if any(path.is_file() for path in directory.rglob("*")):
+                return True
+        except OSError:
+            return True  # cannot tell: say nothing of starting over
+    return False
 
 
 def rebind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
@@ -173,7 +216,7 @@ def rebind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
     if isinstance(wanted, str):
         return wanted
     binding.unlink(missing_ok=True)
-    return bind_data_directory(config, binding)
+    return bind_data_directory(config, binding, record=True)
 
 
 def index_identity(config: MetadataConfig, index: Path) -> str:
@@ -195,10 +238,26 @@ def _index_of(config: MetadataConfig) -> dict[str, str] | str:
         parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
     except Exception:  # the library's message quotes the DSN, password included
         return "metadata.postgres.dsn: not a libpq connection string or postgresql:// URL"
-    if "@" in str(parts.get("host") or ""):  # an unencoded "@" in the password: the rest reads as the host
-        return "metadata.postgres.dsn: percent-encode the password (an @ in it is read as the end of the user info)"
+    if _password_spilled(config.postgres_dsn or "", parts):
+        # Never named: the host, port or database read so holds pieces of the password.
+        return ("metadata.postgres.dsn: percent-encode the password (an @, : or / in it is read as the end of the"
+                " user info, the host or the port: write %40, %3A, %2F)")
     return {"driver": "postgres", "host": str(parts.get("host") or parts.get("hostaddr") or "localhost"),
             "port": str(parts.get("port") or "5432"), "database": str(parts.get("dbname") or parts.get("user") or "")}
+
+
+def _password_spilled(dsn: str, parts: Mapping[str, Any]) -> bool:
+    """Whether libpq read part of a URL DSN's password as its host, port or database: an unencoded
+    ``@`` ends the user info early (``postgresql://u:p@ss@db/x``: host ``ss@db``), a ``:`` or ``/``
+    after it ends the host or the port (``postgresql://u:p@ss:w/rd@db:5432/x``: host ``ss``, port
+    ``w``, database ``rd@db:5432/x``; ``postgresql://u:pa/ss@db/x``: host ``u``, port ``pa``).  A
+    port is digits (one per host, by commas, or none), and neither a host nor a database name holds an ``@``."""
+    if "@" in str(parts.get("host") or ""):
+        return True
+    if not dsn.lstrip().startswith(("postgresql://", "postgres://")):
+        return False
+    port, database = str(parts.get("port") or ""), str(parts.get("dbname") or "")
+    return not all(p.isdigit() or not p for p in port.split(",")) or "@" in database
 
 
 def _describe(index: object) -> str:

@@ -36,6 +36,7 @@ in the process that answers, so they are counted once.
 ``mirror_upload*_total``, ``mirror_preload*_total``  pushed blobs and preloaded archives
 ``mirror_store_*``                           size, budget and watermarks, objects, manifests, filesystem
 ``mirror_store_over_budget``                 reason (in_use, recent, pinned, grace): eviction could not get under
+``mirror_index_up``, ``mirror_store_up``     1 while the index / the store answers a scrape; 0 leaves their figures out
 ``mirror_cluster_*``                         replicas' shared fills: by role, fenced, peer streams (``cluster.py``)
 ==========================================  =============================================================
 """

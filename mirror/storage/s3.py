@@ -23,8 +23,12 @@ Configuration keys follow distribution's s3 driver: ``regionendpoint``, ``region
 ``rootdirectory``, ``accesskey``, ``secretkey``, ``forcepathstyle``, ``chunksize``, ``redirect``.
 Every method here blocks: call it from a worker thread in async code, as for the filesystem driver.
 
-Errors: what S3 refuses is raised as ``OSError`` (``EIO``) from botocore's error; a missing
-object is None / False / ``FileNotFoundError`` as the interface says.
+Requests go on three clients with timeouts of their own (``s3client.py``): :attr:`S3Store.quick` for small
+ones (HEAD, LIST, DELETE, a GET to its headers), :attr:`S3Store.client` for those that send or copy bytes,
+:attr:`S3Store.probe` for ``/readyz``: a hung store is reported within seconds.
+
+Errors: what S3 refuses or leaves unanswered is raised as ``StoreUnavailable`` (``EIO``) from botocore's
+error (listings too); a missing object is None / False / ``FileNotFoundError`` as the interface says.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
 from .refusals import probe_writes, refusal_errno
+from .s3client import make_clients
 from .s3damage import checked_bytes, checked_copy, read_whole
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, make_client, missing
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, missing
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
@@ -81,7 +86,8 @@ class S3Store:
         self.root = options.rootdirectory.strip("/") + "/" if options.rootdirectory.strip("/") else ""
         self.layout = Layout(data)
         self.stale_upload = stale_upload
-        self.client = client if client is not None else make_client(options)
+        #: Clients for transfers, small requests and ``/readyz`` (*client*, if given, is all three).
+        self.client, self.quick, self.probe = (client,) * 3 if client is not None else make_clients(options)
         self.on_commit: Callable[[int], None] | None = None
         self.on_refused: Callable[[int], None] | None = None
         #: Called with the digest of every object found not to match it on a read (then removed).
@@ -106,7 +112,7 @@ class S3Store:
         for directory in (self.layout.tmp, self.layout.uploads):
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self.quick.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"access to bucket {self.bucket!r}") from exc
 
@@ -144,7 +150,7 @@ class S3Store:
 
     def size(self, digest: Digest) -> int | None:
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
+            head = self.quick.head_object(Bucket=self.bucket, Key=self.key(digest))
         except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 return None
@@ -180,22 +186,10 @@ class S3Store:
     def get_range(self, digest: Digest, first: int, last: int) -> dict[str, Any]:
         """S3's answer to a GET of bytes ``first..last`` of an object: ``Body`` (a botocore
         ``StreamingBody``) and ``ETag``."""
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest), Range=f"bytes={first}-{last}")
-        except (BotoCoreError, ClientError) as exc:
-            if missing(exc):
-                raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
-            raise backend_error(exc, f"GET {digest}") from exc
-        return cast(dict[str, Any], answer)
+        return get_object(self, digest, Range=f"bytes={first}-{last}")
 
     def open_stream(self, digest: Digest) -> BinaryIO:
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest))
-        except (BotoCoreError, ClientError) as exc:
-            if missing(exc):
-                raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
-            raise backend_error(exc, f"GET {digest}") from exc
-        return cast(BinaryIO, answer["Body"])
+        return cast(BinaryIO, get_object(self, digest)["Body"])
 
     def read_bytes(self, digest: Digest) -> bytes | None:
         """The whole object, or None if it is missing or does not match *digest* (then removed)."""
@@ -212,10 +206,13 @@ class S3Store:
     def objects(self) -> Iterator[StoredObject]:
         """Every key under ``<rootdirectory>/blobs/`` (strays with ``digest`` None); ``location`` is the key."""
         prefix = self.root + "blobs/"
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                name, digest = parse_object_key(item["Key"][len(prefix):])
-                yield StoredObject(name, int(item["Size"]), item["LastModified"].timestamp(), digest, item["Key"])
+        try:
+            for page in self.quick.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    name, digest = parse_object_key(item["Key"][len(prefix):])
+                    yield StoredObject(name, int(item["Size"]), item["LastModified"].timestamp(), digest, item["Key"])
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"LIST {prefix}") from exc
 
     def matches(self, digest: Digest) -> bool:
         hasher, size = hashlib.new(digest.algorithm), 0
@@ -259,7 +256,7 @@ class S3Store:
 
     def _delete_key(self, key: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            self.quick.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
             if not missing(exc):
                 raise backend_error(exc, f"DELETE {key}") from exc
@@ -327,7 +324,7 @@ class S3Store:
 
     def started(self, key: str) -> str:
         try:
-            upload_id: str = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            upload_id: str = self.quick.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"an upload to {key}") from exc
         with self._lock:
@@ -338,7 +335,7 @@ class S3Store:
         """Abort a multipart upload; False (logged) if the store refused or did not answer (one
         already gone is no error): its note then stays for the next start-up sweep."""
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            self.quick.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (BotoCoreError, ClientError) as exc:
             if isinstance(exc, BotoCoreError) or str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
@@ -385,7 +382,7 @@ class S3Store:
         if problem is not None:
             return f"data directory {self.layout.root}: {problem}"
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self.probe.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
             return f"bucket {self.bucket!r} does not answer: {exc}"
         return None

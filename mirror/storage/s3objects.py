@@ -1,4 +1,4 @@
-"""One object of the S3 driver (``storage/s3.py``): the options and client, a reader, a writer.
+"""One object of the S3 driver (``storage/s3.py``): the options, a GET, a reader, a writer.
 
 :class:`S3Ingest` writes an object to its final key: bytes are hashed as they pass and collected in
 a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a multipart upload
@@ -13,6 +13,8 @@ a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a 
 the object's mark in the index as well, for the collectors of other hosts.  The client is boto3's:
 thread-safe, with a pool of connections; every call here blocks but :meth:`S3Reader.chunks`,
 which runs them in worker threads (the body in a thread of its own, ``storage/s3reads.py``).
+
+The clients and their timeouts are ``storage/s3client.py``'s.
 
 Errors: what S3 refuses is ``OSError`` (``EIO``) raised from botocore's error.
 """
@@ -30,16 +32,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.utils import determine_content_length
 
 from ..config.sections import S3_MIN_CHUNK, StorageConfig
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import SharedMarks, mark_reading, unmark_reading
 from .reads import ShortFile, read_chunks
+from .s3client import BODY_READ
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
 from .s3reads import ReadAhead
@@ -103,24 +103,17 @@ def backend_error(exc: Exception, what: str) -> StoreUnavailable:
     return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
 
 
-def _no_expect_for_nothing(request: Any, **_: Any) -> None:
-    """Send an empty object without ``Expect: 100-continue``: a server that answers such a PUT at once
-    (SeaweedFS does) leaves botocore's connection to wait out its read timeout on the next request
-    (what botocore's ``BOTO_EXPERIMENTAL__NO_EMPTY_CONTINUE`` does, without an environment variable)."""
-    if determine_content_length(request.body) == 0 and "Expect" in request.headers:
-        del request.headers["Expect"]
-
-
-def make_client(options: S3Options) -> Any:
-    """A boto3 S3 client for *options* (path-style addressing when ``forcepathstyle``)."""
-    client = boto3.client(
-        "s3", endpoint_url=options.regionendpoint or None, region_name=options.region,
-        aws_access_key_id=options.accesskey or None, aws_secret_access_key=options.secretkey or None,
-        config=Config(s3={"addressing_style": "path" if options.forcepathstyle else "auto"},
-                      signature_version="s3v4", max_pool_connections=64, retries={"mode": "standard"},
-                      request_checksum_calculation="when_required", response_checksum_validation="when_required"))
-    client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_nothing)
-    return client
+def get_object(store: S3Store, digest: Digest, **extra: str) -> dict[str, Any]:
+    """S3's answer to a GET of the object (*extra*: a ``Range``): asked as a small request, its body
+    then read with :data:`BODY_READ` seconds per read.  ``FileNotFoundError`` when it is not stored."""
+    try:
+        answer: dict[str, Any] = store.quick.get_object(Bucket=store.bucket, Key=store.key(digest), **extra)
+    except (BotoCoreError, ClientError) as exc:
+        if missing(exc):
+            raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
+        raise backend_error(exc, f"GET {digest}") from exc
+    answer["Body"].set_socket_timeout(BODY_READ)  # urllib3 sets the request's own again on the next one
+    return answer
 
 
 def _read(body: Any, count: int, *, hasher: Any) -> bytes:

@@ -75,7 +75,8 @@ class CacheFigures:
     coalesced_waiters: int
     repositories: int | None
     manifests: int | None
-    objects: int
+    #: None while the store cannot be listed (an object store down: ``mirror_store_up 0``).
+    objects: int | None
     #: Eviction and garbage collection: images evicted, runs by result (``ok``, ``error``...),
     #: bytes freed, and ``time.time()`` of the last run (None before any).
     evicted_images: int = 0
@@ -173,7 +174,7 @@ def read(registry: CollectorRegistry, store: Store, metadata: Metadata, config: 
         coalesced_waiters=int(_sum(found, "mirror_coalesced_waiters")),
         repositories=_integer(_one(found, "mirror_store_repositories")),
         manifests=_integer(_one(found, "mirror_store_manifests")),
-        objects=int(_one(found, "mirror_store_objects") or 0),
+        objects=_integer(_one(found, "mirror_store_objects")),
         evicted_images=int(_sum(found, "mirror_evicted_images_total")),
         gc_runs={result: int(v) for labels, v in found.get("mirror_gc_runs_total", ())
                  if (result := labels.get("result", "")) and v},

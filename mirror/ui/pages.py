@@ -18,7 +18,8 @@ are off, an anonymous visitor gets ``401`` with a ``Basic`` challenge, so the br
 password.  ``?partial=1`` on the list answers its results only (the script's filter as you
 type); without JavaScript the filter is a plain GET form.  Pages carry a Content-Security-Policy
 allowing this host's files only (no inline script).  While the index's database is down, the
-pages that read it answer ``503`` with a page saying so; ``/ui/cache`` still shows the rest.
+pages that read it answer ``503`` with a page saying so; ``/ui/cache`` still shows the rest, as it
+does while the object store is down (its problem named, the object count left out).
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""The S3 driver's clients (``storage/s3.py``): boto3's, with timeouts and retries of their own.
+
+Timeouts (botocore's own are 60 s to connect and 60 s per read, which a hung store -- its
+connections accepted, nothing answered -- made every request wait out, retries on top): the driver
+has three clients, each with botocore's ``standard`` retries (a connection error, a timeout or a
+5xx tried again after a jittered pause of at most a few hundred milliseconds):
+
+* :data:`SMALL` (connect 3 s, read 3 s, 2 attempts): HEAD, LIST, DELETE, the start and abort of a
+  multipart upload, and every GET until its answer's headers -- a hung store is reported (``503``)
+  within about 6 s.  A GET's body then reads with :data:`BODY_READ` (20 s) per socket read: a large
+  object streams for as long as it takes, cut only when the store sends nothing for 20 s;
+* :data:`TRANSFER` (connect 5 s, read 60 s, 3 attempts): what sends or copies bytes (parts, small
+  objects, completions, copies, the metadata rewrite of ``touch``).  A server-side copy (up to 5 GiB
+  in one ``CopyObject``) answers only once done, so its read timeout stays 60 s;
+* :data:`PROBE` (connect 2 s, read 2 s, 1 attempt): ``/readyz``'s HEAD of the bucket, within a
+  probe's usual 5 s timeout.
+
+The connect timeout also bounds each block of a request body being sent (urllib3 sends with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.utils import determine_content_length
+
+if TYPE_CHECKING:
+    from .s3objects import S3Options
+
+
+def _no_expect_for_nothing(request: Any, **_: Any) -> None:
+    """Send an empty object without ``Expect: 100-continue``: a server that answers such a PUT at once
+    (SeaweedFS does) leaves botocore's connection to wait out its read timeout on the next request
+    (what botocore's ``BOTO_EXPERIMENTAL__NO_EMPTY_CONTINUE`` does, without an environment variable)."""
+    if determine_content_length(request.body) == 0 and "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds one kind of request may wait to connect and per socket read, and its attempts in all."""
+
+    connect: float
+    read: float
+    attempts: int
+
+
+#: HEAD, LIST, DELETE, a multipart upload's start and abort, a GET to its headers.
+SMALL = Timeouts(connect=3.0, read=3.0, attempts=2)
+#: What sends or copies bytes: a server-side copy answers only once done.
+TRANSFER = Timeouts(connect=5.0, read=60.0, attempts=3)
+#: ``/readyz``'s HEAD of the bucket.
+PROBE = Timeouts(connect=2.0, read=2.0, attempts=1)
+#: Seconds one socket read of a GET's body may wait (the request itself is :data:`SMALL`'s).
+BODY_READ = 20.0
+
+
+def make_client(options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
+    """A boto3 S3 client for *options* (path-style addressing when ``forcepathstyle``) with *timeouts*."""
+    client = boto3.client(
+        "s3", endpoint_url=options.regionendpoint or None, region_name=options.region,
+        aws_access_key_id=options.accesskey or None, aws_secret_access_key=options.secretkey or None,
+        config=Config(s3={"addressing_style": "path" if options.forcepathstyle else "auto"},
+                      signature_version="s3v4", max_pool_connections=64,
+                      connect_timeout=timeouts.connect, read_timeout=timeouts.read,
+                      retries={"mode": "standard", "total_max_attempts": timeouts.attempts},
+                      request_checksum_calculation="when_required", response_checksum_validation="when_required"))
+    client.meta.events.register("before-sign.s3.PutObject", _no_expect_for_nothing)
+    return client
+
+
+def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
+    """The driver's clients: transfers, small requests, and ``/readyz``'s probe (see the module docstring)."""
+    return make_client(options, TRANSFER), make_client(options, SMALL), make_client(options, PROBE)

@@ -1,0 +1,189 @@
+"""The S3 driver while its object store is down or hangs, on a real SeaweedFS: ``/metrics`` and
+``/ui/cache`` still answer (``mirror_store_up 0``), ``mirror gc`` and ``mirror fsck`` stop with one
+line, and a hung store (``SIGSTOP``: connections accepted, nothing answered) is reported within
+seconds, not botocore's 60 s (``storage/s3client.py``: the clients' timeouts).
+
+A test that stops or freezes SeaweedFS has one of its own; one that needs only some requests to go
+unanswered puts a :class:`FaultProxy` between the mirror and the session's SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.spec.reference import parse_digest
+from mirror.storage.driver import StoreUnavailable
+from mirror.storage.s3 import S3Options, S3Store
+from mirror.storage.s3client import BODY_READ, SMALL
+from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
+from tests.support.metrics import scrape, value
+from tests.support.mirror import MirrorServer
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import Bucket, blob_url, get_digest
+
+#: Seconds a small request to a hung store may take: two attempts of SMALL's read timeout, and a margin.
+BOUND = 2 * SMALL.read + 3.0
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedS3, s3_bucket: str) -> Bucket:
+    return Bucket(seaweedfs, s3_bucket)
+
+
+@pytest.fixture
+def own_bucket(own_seaweedfs: SeaweedS3) -> Bucket:
+    return Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
+
+
+@pytest.fixture
+def s3_proxy(seaweedfs: SeaweedS3) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session's SeaweedFS (it passes ``Host`` on: signatures hold)."""
+    with FaultProxy(seaweedfs.endpoint) as proxy:
+        yield proxy
+
+
+def cached(mirror: MirrorServer, http: httpx.Client, images: StandardImages, bucket: Bucket) -> str:
+    """Pull the small image's manifest and a blob through *mirror*, wait for the blob in the bucket;
+    the blob's digest."""
+    image = images.small
+    url = f"{mirror.url}/v2/library/small/manifests/1"
+    assert http.get(url, headers={"accept": image.media_type}).status_code == 200
+    stored = next(d for d in image.blobs if d != image.digest)
+    assert get_digest(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    wait_for(lambda: stored in bucket.objects() and image.digest in bucket.objects(), timeout=30,
+             what="the image in the bucket")
+    return stored
+
+
+def names(samples: list[tuple[str, dict[str, str], float]]) -> set[str]:
+    return {name for name, _, _ in samples}
+
+
+@pytest.mark.slow
+def test_metrics_and_the_cache_page_answer_while_the_object_store_is_down(
+    own_bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    bucket = own_bucket
+    mirror = mirror_factory(env=bucket.env())
+    cached(mirror, http, images, bucket)
+    up = scrape(f"{mirror.url}/metrics")
+    assert value(up, "mirror_store_up") == 1 and value(up, "mirror_store_objects") == len(bucket.objects())
+
+    bucket.server.stop()
+    time.sleep(1.1)  # the last count is a second old at least: the next scrape lists the bucket again
+    down = scrape(f"{mirror.url}/metrics")  # 200, or it fails
+    assert value(down, "mirror_store_up") == 0 and value(down, "mirror_index_up") == 1
+    assert "mirror_store_objects" not in names(down) and "mirror_uploads_in_progress" in names(down)
+    page = http.get(f"{mirror.url}/ui/cache")
+    assert page.status_code == 200, page.text
+    assert "Not ready" in page.text and f"bucket &#39;{bucket.name}&#39; does not answer" in page.text, page.text
+    assert "<dt>Objects</dt><dd>—</dd>" in page.text
+    assert "Traceback" not in mirror.log_tail(400)
+
+    bucket.server.start()
+    time.sleep(1.1)
+    again = scrape(f"{mirror.url}/metrics")
+    assert value(again, "mirror_store_up") == 1 and value(again, "mirror_store_objects") == len(bucket.objects())
+
+
+def test_gc_and_fsck_say_in_one_line_that_the_object_store_does_not_answer(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """The store answers the data directory's opening (its binding to the index) and then no more:
+    the listing of ``blobs/`` (every command), or the GET of an object (``--verify-content``)."""
+    mirror = mirror_factory(env=bucket.env())
+    stored = cached(mirror, http, images, bucket)
+    env = bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url)
+    listing = s3_proxy.add("refuse", rf"^/{bucket.name}/?$", method="GET")  # LIST, not the binding's GET
+    for command in (["gc"], ["gc", "--dry-run"], ["fsck"], ["fsck", "--verify-content"]):
+        done = mirror_cli(*command, "--data", mirror.data_dir, env=env)
+        line = done.stderr.strip()
+        assert done.returncode == 1, (command, done.returncode, done.stdout, done.stderr)
+        assert "\n" not in line and line.startswith(f"mirror: {command[0]}: object store does not answer (LIST "), \
+            (command, line)
+    s3_proxy.remove(listing)
+    s3_proxy.add("refuse", rf"^/{bucket.name}/.*/blobs/sha256/../{stored.removeprefix('sha256:')}$", method="GET")
+    done = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    line = done.stderr.strip()
+    assert done.returncode == 1 and "\n" not in line, (done.returncode, done.stdout, done.stderr)
+    assert line.startswith(f"mirror: fsck: object store does not answer (GET {stored})"), line
+    s3_proxy.clear_rules()
+    clean = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+
+
+def test_a_get_whose_answer_is_late_fails_within_seconds_and_a_slow_body_is_read_whole(
+    seaweedfs: SeaweedS3, s3_bucket: str, s3_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    """The time to a GET's headers is a small request's (no 60 s wait for a store that hangs), the
+    body's reads wait :data:`BODY_READ` each (a pause longer than a small request's read timeout is
+    no reason to cut a stream)."""
+    store = S3Store(S3Options(s3_bucket, seaweedfs.region, s3_proxy.url, "registry", seaweedfs.accesskey,
+                              seaweedfs.secretkey, True), tmp_path)
+    store.create()
+    data = b"layer " * 20000
+    digest = parse_digest(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    store.put_bytes(digest, data)
+
+    with s3_proxy.fault("late", rf"/blobs/.*{digest.hex}$", method="GET", delay=30.0):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=f"object store does not answer \\(GET {digest}\\)"):
+            store.open_stream(digest)
+        assert time.monotonic() - started < BOUND
+
+    assert SMALL.read + 1.0 < BODY_READ
+    with s3_proxy.fault("slow", rf"/blobs/.*{digest.hex}$", method="GET", after_bytes=len(data) - 10,
+                        chunk_size=10, delay=SMALL.read + 1.0):
+        started = time.monotonic()
+        with store.open_stream(digest) as body:
+            assert body.read() == data
+        assert time.monotonic() - started > SMALL.read + 1.0
+
+
+@pytest.mark.slow
+def test_a_hung_object_store_is_reported_within_seconds_and_the_mirror_recovers(
+    own_bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    bucket = own_bucket
+    mirror = mirror_factory(env=bucket.env())
+    stored = cached(mirror, http, images, bucket)
+    manifest = images.small.digest
+    mirror.restart()  # no manifest in memory: a GET of one asks the bucket
+
+    proc = bucket.server.proc
+    proc.signal_group(signal.SIGSTOP)
+    try:
+        timed: dict[str, tuple[int, float]] = {}
+        for what, method, url in (
+                ("readyz", "GET", f"{mirror.url}/readyz"),
+                ("metrics", "GET", f"{mirror.url}/metrics"),
+                ("blob HEAD", "HEAD", blob_url(mirror, "library/small", stored)),
+                ("blob GET", "GET", blob_url(mirror, "library/small", stored)),
+                ("manifest GET", "GET", f"{mirror.url}/v2/library/small/manifests/{manifest}")):
+            started = time.monotonic()
+            answer = http.request(method, url, headers={"accept": images.small.media_type})
+            timed[what] = (answer.status_code, round(time.monotonic() - started, 1))
+            if what == "metrics":
+                assert "\nmirror_store_up 0.0\n" in answer.text, answer.text
+        assert timed["readyz"][0] == 503 and timed["metrics"][0] == 200, timed
+        assert all(status == 503 for what, (status, _) in timed.items() if what not in ("readyz", "metrics")), timed
+        assert all(seconds < BOUND for _, seconds in timed.values()), timed
+    finally:
+        proc.signal_group(signal.SIGCONT)
+
+    wait_for(lambda: http.get(f"{mirror.url}/readyz").status_code == 200, timeout=30, what="ready again")
+    assert get_digest(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+    again = http.get(f"{mirror.url}/v2/library/small/manifests/{manifest}", headers={"accept": images.small.media_type})
+    assert again.status_code == 200 and again.content == images.small.manifest
+    assert "Traceback" not in mirror.log_tail(800)

@@ -5,6 +5,7 @@ PostgreSQL 15."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -427,6 +428,41 @@ def test_queries_held_up_in_the_database_hold_up_no_other_request(
         assert {f.result().status_code for f in held[1:]} == {404}
 
 
+def _held_up(served: _Served, http: httpx.Client, tables: str, requests: list[Callable[[httpx.Client], httpx.Response]],
+             waiting: int, what: str) -> list[httpx.Response]:
+    """Send *requests* (each given a client of its own pool) while another session holds *tables*
+    locked, until *waiting* queries wait for the lock; meanwhile ``/v2/``, a cached blob and a pushed
+    one (``served.urls[:3]``) must each answer ``200`` in under 2 s, and none of *requests* may be
+    answered.  The answers to *requests*, once the lock is gone."""
+    with psycopg.connect(served.dsn) as locker, ThreadPoolExecutor(len(requests)) as pool, \
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
+        locker.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        try:
+            held = [pool.submit(request, crowd) for request in requests]
+            assert eventually(lambda: _query(served.dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
+                              >= waiting, timeout=20)
+            time.sleep(1.0)  # the rest of the crowd arrives at the mirror too
+            for url in served.urls[:3]:
+                started = time.monotonic()
+                try:
+                    answer = http.get(url, timeout=10)
+                except httpx.TimeoutException:
+                    pytest.fail(f"{url} not answered in 10 s while {what} wait for the database")
+                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
+            assert not any(f.done() for f in held)
+        finally:
+            locker.rollback()
+        return [f.result() for f in held]
+
+
+def _get(url: str, client: httpx.Client) -> httpx.Response:
+    return client.get(url)
+
+
+def _put(url: str, body: bytes, client: httpx.Client) -> httpx.Response:
+    return client.put(url, content=body, headers={"content-type": OCI_MANIFEST})
+
+
 def test_writes_held_up_in_the_database_hold_up_no_other_request(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer, http: httpx.Client,
 ) -> None:
@@ -437,30 +473,12 @@ def test_writes_held_up_in_the_database_hold_up_no_other_request(
     manifest from a default thread before, so none of the threads that open and send stored blobs
     waits on the database.  Once the lock is gone every PUT is answered ``201`` and its tag is there."""
     served = _served(images, mirror_factory, postgres, http, seed=5)
-    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]  # the manifest by digest: a new generation
+    dsn, mirror = served.dsn, served.mirror
     doc = json.loads(served.manifest)
     bodies = [json.dumps({**doc, "annotations": {"n": str(n)}}).encode() for n in range(60)]  # same blobs
-    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(bodies)) as pool, \
-            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
-        locker.execute("LOCK TABLE tags IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
-        try:
-            held = [pool.submit(crowd.put, f"{mirror.url}/v2/team/app/manifests/w{n}", content=body,
-                                headers={"content-type": OCI_MANIFEST}) for n, body in enumerate(bodies)]
-            # As many wait in the database as threads may write it; the others wait for one of those.
-            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
-                              >= INDEX_THREADS, timeout=20)
-            time.sleep(0.5)  # the rest of the crowd arrives at the mirror too
-            for url in urls:
-                started = time.monotonic()
-                try:
-                    answer = http.get(url, timeout=10)
-                except httpx.TimeoutException:
-                    pytest.fail(f"{url} not answered in 10 s while the writes wait for the database")
-                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
-            assert not any(f.done() for f in held)
-        finally:
-            locker.rollback()
-        answers = [f.result() for f in held]
+    answers = _held_up(served, http, "tags", [
+        functools.partial(_put, f"{mirror.url}/v2/team/app/manifests/w{n}", body) for n, body in enumerate(bodies)],
+        INDEX_THREADS, "the writes")  # as many wait in the database as threads may write it
     assert [a.status_code for a in answers] == [201] * len(bodies), [a.text for a in answers if a.status_code != 201]
     for n, body in enumerate(bodies):
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
@@ -482,7 +500,7 @@ def test_web_ui_pages_held_up_in_the_database_hold_up_no_other_request(
     pages wait in threads of the index's own, and read the store's bytes from default threads only
     once the index answered.  Once the lock is gone every page is answered ``200`` with its content."""
     served = _served(images, mirror_factory, postgres, http, seed=9)
-    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]
+    mirror = served.mirror
     doc = json.loads(served.manifest)
     bodies = [json.dumps({**doc, "annotations": {"n": str(n)}}).encode() for n in range(30)]  # same blobs
     digests = [f"sha256:{hashlib.sha256(body).hexdigest()}" for body in bodies]
@@ -490,26 +508,8 @@ def test_web_ui_pages_held_up_in_the_database_hold_up_no_other_request(
         put = http.put(f"{mirror.url}/v2/team/app/manifests/m{n}", content=body, headers={"content-type": OCI_MANIFEST})
         assert put.status_code == 201, put.text
     pages = [f"{mirror.url}/ui/r/team/app"] * len(bodies) + [f"{mirror.url}/ui/r/team/app@{d}" for d in digests]
-    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(pages)) as pool, \
-            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
-        locker.execute("LOCK TABLE tags, manifests IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
-        try:
-            held = [pool.submit(crowd.get, url) for url in pages]
-            # As many wait in the database as threads may read it; the others wait for one of those.
-            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
-                              >= INDEX_THREADS, timeout=20)
-            time.sleep(0.5)  # the rest of the crowd arrives at the mirror too
-            for url in urls:
-                started = time.monotonic()
-                try:
-                    answer = http.get(url, timeout=10)
-                except httpx.TimeoutException:
-                    pytest.fail(f"{url} not answered in 10 s while the web UI's pages wait for the database")
-                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
-            assert not any(f.done() for f in held)
-        finally:
-            locker.rollback()
-        answers = [f.result() for f in held]
+    answers = _held_up(served, http, "tags, manifests", [functools.partial(_get, url) for url in pages],
+                       INDEX_THREADS, "the web UI's pages")
     assert [a.status_code for a in answers] == [200] * len(pages)
     for answer in answers[:len(bodies)]:
         shown = re.findall(r'<td class="tag">([^<]*)</td>', answer.text)
@@ -528,27 +528,10 @@ def test_figures_held_up_in_the_database_hold_up_no_other_request(
     figures, which read the store and the index in one call, wait in a few threads of their own.
     Once the lock is gone every scrape and page is answered ``200`` with the store's size."""
     served = _served(images, mirror_factory, postgres, http, seed=13)
-    dsn, mirror, urls = served.dsn, served.mirror, served.urls[:3]
+    mirror = served.mirror
     pages = [f"{mirror.url}/metrics"] * 30 + [f"{mirror.url}/ui/cache"] * 30
-    with psycopg.connect(dsn) as locker, ThreadPoolExecutor(len(pages)) as pool, \
-            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=100)) as crowd:
-        locker.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
-        try:
-            held = [pool.submit(crowd.get, url) for url in pages]
-            assert eventually(lambda: _query(dsn, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]
-                              >= MIXED_THREADS, timeout=20)
-            time.sleep(1.0)  # the rest of the crowd arrives at the mirror too
-            for url in urls:
-                started = time.monotonic()
-                try:
-                    answer = http.get(url, timeout=10)
-                except httpx.TimeoutException:
-                    pytest.fail(f"{url} not answered in 10 s while the figures wait for the database")
-                assert answer.status_code == 200 and time.monotonic() - started < 2.0, (url, answer.status_code)
-            assert not any(f.done() for f in held)
-        finally:
-            locker.rollback()
-        answers = [f.result() for f in held]
+    answers = _held_up(served, http, "counters", [functools.partial(_get, url) for url in pages],
+                       MIXED_THREADS, "the figures")
     assert [a.status_code for a in answers] == [200] * len(pages)
     assert all("mirror_store_size_bytes" in a.text for a in answers[:30])
     assert all("Cache" in a.text for a in answers[30:])

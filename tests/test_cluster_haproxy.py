@@ -176,11 +176,13 @@ def test_a_replica_that_loses_its_database_leaves_the_rotation_and_the_others_se
                 # The dashboard's replica panels: one series per replica, the lost index shown.
                 panels = {(q.panel, q.ref_id): q.expr for q in panel_queries(json.loads(DASHBOARD.read_text()))}
 
-                def per_replica(title: str) -> dict[str, float]:
-                    return {r["metric"]["instance"]: float(r["value"][1]) for r in prometheus.query(panels[title, "A"])}
+                def per_replica(title: str, ref: str = "A") -> dict[str, float]:
+                    return {r["metric"]["instance"]: float(r["value"][1]) for r in prometheus.query(panels[title, ref])}
 
-                wait_for(lambda: per_replica("Index up per replica") == {members[0]: 1, members[1]: 1, members[2]: 0},
+                up = "Index and store up per replica"
+                wait_for(lambda: per_replica(up) == {members[0]: 1, members[1]: 1, members[2]: 0},
                          timeout=20, what="the index of the third replica down in Prometheus")
+                assert per_replica(up, "B") == dict.fromkeys(members, 1)  # every bucket answers
                 wait_for(lambda: all(per_replica("Requests per replica").get(m, 0) > 0 for m in members[:2]),
                          timeout=20, what="the requests of each serving replica in Prometheus")
                 for _ in range(4):  # two serving replicas fetch it at most once each: at most half of it is fetched

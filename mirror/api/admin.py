@@ -26,13 +26,11 @@ challenge; a user who is no operator: ``403 DENIED``.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import hmac
 import os
 import re
 from pathlib import Path
-from weakref import WeakKeyDictionary
 
 import anyio.to_thread
 from anyio import CapacityLimiter
@@ -43,6 +41,7 @@ from ..archive.members import ArchiveError
 from ..archive.preload import preload_file
 from ..config.sections import Config
 from ..metadata.driver import Metadata
+from ..registry.reads import loop_limiter
 from ..spec.errors import APIError
 from ..storage.driver import BlobStore
 from ..storage.filesystem import write_all
@@ -53,16 +52,11 @@ REFUSED_BODY_LIMIT = 64 << 20
 _SOURCE_RE = re.compile(r"[\w.+-]{1,200}")
 #: Preloads imported at once per event loop; more wait their turn.
 PRELOAD_THREADS = 4
-_limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = WeakKeyDictionary()
 
 
 def preload_threads() -> CapacityLimiter:
     """This event loop's limiter of worker threads importing preloads (one per loop, made on first use)."""
-    loop = asyncio.get_running_loop()
-    limiter = _limiters.get(loop)
-    if limiter is None:
-        limiter = _limiters[loop] = CapacityLimiter(PRELOAD_THREADS)
-    return limiter
+    return loop_limiter("preload", PRELOAD_THREADS)
 
 
 def check_operator(request: Request) -> str:

@@ -25,6 +25,7 @@ from anyio import CapacityLimiter
 from ..config.values import human
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import Metrics
+from ..storage.driver import StoreUnavailable
 from ..storage.refusals import refusal
 from .gc import Collector
 
@@ -140,7 +141,9 @@ class Maintenance:
                         next_run = time.monotonic() + self.interval
             except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
-                if refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so: no traceback
+                if isinstance(exc, StoreUnavailable):  # /readyz and mirror_store_up say so: no traceback
+                    log.warning("maintenance run failed: %s", exc.strerror)
+                elif refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so
                     log.warning("maintenance run failed: %s", exc)
                 else:
                     log.exception("maintenance run failed")

@@ -49,8 +49,9 @@ MIXED_THREADS = 4
 _limiters: dict[str, WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter]] = {}
 
 
-def _limiter(kind: str, size: int) -> CapacityLimiter:
-    """This event loop's limiter of the threads of *kind*, *size* of them (made on first use)."""
+def loop_limiter(kind: str, size: int) -> CapacityLimiter:
+    """This event loop's limiter of the worker threads of *kind*, *size* of them: one per event
+    loop and kind, made on first use (an anyio limiter belongs to the loop it was made in)."""
     loop = asyncio.get_running_loop()
     made = _limiters.setdefault(kind, WeakKeyDictionary())
     limiter = made.get(loop)
@@ -61,14 +62,14 @@ def _limiter(kind: str, size: int) -> CapacityLimiter:
 
 def index_threads() -> CapacityLimiter:
     """This event loop's limiter of worker threads calling the index (one per loop, made on first use)."""
-    return _limiter("index", INDEX_THREADS)
+    return loop_limiter("index", INDEX_THREADS)
 
 
 async def in_mixed_thread(call: Callable[..., T], *args: object) -> T:
     """``call(*args)`` from one of :data:`MIXED_THREADS` worker threads per event loop: for a job
     that reads the index and the store together and is not worth splitting in two.  Returns what
     *call* returns and raises what it raises."""
-    return await anyio.to_thread.run_sync(call, *args, limiter=_limiter("mixed", MIXED_THREADS))
+    return await anyio.to_thread.run_sync(call, *args, limiter=loop_limiter("mixed", MIXED_THREADS))
 
 
 async def in_index_thread(call: Callable[..., T], *args: object) -> T:

@@ -32,7 +32,7 @@ from mirror.registry.reads import INDEX_THREADS, MIXED_THREADS
 from mirror.storage.filesystem import Store
 from tests.support.catalog import StandardImages
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image
-from tests.support.metrics import scrape, value
+from tests.support.metrics import parse, scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
@@ -533,8 +533,16 @@ def test_figures_held_up_in_the_database_hold_up_no_other_request(
     answers = _held_up(served, http, "counters", [functools.partial(_get, url) for url in pages],
                        MIXED_THREADS, "the figures")
     assert [a.status_code for a in answers] == [200] * len(pages)
-    assert all("mirror_store_size_bytes" in a.text for a in answers[:30])
-    assert all("Cache" in a.text for a in answers[30:])
+    settle(mirror.data_dir)
+    objects = stored_objects(mirror.data_dir)
+    size = sum(path.stat().st_size for path in objects.values())
+    for scraped in answers[:30]:  # the figures read once the lock was gone: the index's and the store's
+        samples = parse(scraped.text)
+        assert value(samples, "mirror_store_size_bytes") == size and value(samples, "mirror_index_up") == 1
+        assert value(samples, "mirror_store_objects") == len(objects), scraped.text
+    for page in answers[30:]:
+        assert '<meter id="budget" class="budget" min="0"' in page.text and f'value="{size}"' in page.text, page.text
+        assert f"<dt>Objects</dt><dd>{len(objects)}</dd>" in page.text, page.text
 
 
 def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(

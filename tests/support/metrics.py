@@ -13,8 +13,12 @@ def scrape(url: str) -> Samples:
     answer = httpx.get(url, timeout=30.0, trust_env=False)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("text/plain")
-    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(answer.text)
-            for s in family.samples]
+    return parse(answer.text)
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a scrape's body in the Prometheus text format."""
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -5,8 +5,10 @@ TLS too, and with a client CA accepts only clients whose certificate it signed.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -73,3 +75,26 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
     assert request(mirror, "GET", "/v2/", verify=with_cert).status_code == 200
     with pytest.raises(httpx.TransportError):
         request(mirror, "GET", "/v2/", verify=pki.context())
+
+
+def test_a_client_that_speaks_tls_to_the_plain_http_port_is_told_so(
+    mirror: MirrorServer, skopeo: str,
+) -> None:
+    """skopeo with ``--tls-verify=true`` (what dockerd and containerd do first for a registry not
+    marked insecure) starts a TLS handshake on the plain-HTTP port: it gets a plain-HTTP 400, which Go
+    clients report as "server gave HTTP response to HTTPS client" (and use to fall back to http://
+    where allowed), and the mirror's log names the client and what to change, once per host."""
+    target = f"docker://127.0.0.1:{mirror.port}/library/small:1"
+    for _ in range(3):
+        done = subprocess.run([skopeo, "inspect", "--tls-verify=true", "--retry-times=0", target],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode != 0 and "server gave HTTP response to HTTPS client" in done.stderr, done.stderr
+    with socket.create_connection(("127.0.0.1", mirror.port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    log = mirror.log_tail(400)
+    assert log.count("began a TLS handshake on this plain-HTTP port") == 1, log
+    assert re.search(r"127\.0\.0\.1:\d+ began a TLS handshake on this plain-HTTP port: it expects HTTPS\. "
+                     r"Either tell it the registry is plain HTTP \(dockerd: insecure-registries;", log), log
+    assert "Invalid HTTP request received" not in log, log
+    assert request(mirror, "GET", "/v2/").status_code == 200  # plain HTTP still served

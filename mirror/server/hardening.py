@@ -43,7 +43,7 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
 #: zero-copy send reads; ``run_asgi`` must hand the app the cycle's ``send`` (which is replaced).
 UVICORN_INTERNALS: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "__init__"):
-        ("loop", "timeout_keep_alive", "server_state", "transport", "cycle"),
+        ("loop", "timeout_keep_alive", "server_state", "transport", "cycle", "client"),
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "on_headers_complete"): ("cycle",),
     ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", "__init__"):
         ("scope", "transport", "flow", "disconnected", "response_started", "response_complete",
@@ -52,8 +52,8 @@ UVICORN_INTERNALS: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("uvicorn.protocols.http.flow_control", "FlowControl", "__init__"): ("write_paused",),
 }
 #: The methods ``GuardedHttpToolsProtocol`` extends.
-UVICORN_HOOKS = ("connection_made", "connection_lost", "on_message_begin", "on_url", "on_header",
-                 "on_headers_complete")
+UVICORN_HOOKS = ("connection_made", "connection_lost", "data_received", "send_400_response", "on_message_begin",
+                 "on_url", "on_header", "on_headers_complete")
 
 
 class Hardening:

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with a deadline and a size cap for each request head, and zero-copy bodies.
+"""uvicorn's httptools protocol with a deadline and a size cap for each request head, zero-copy
+bodies, and a clear log line for a client that speaks TLS to a plain-HTTP port.
 
 It subclasses uvicorn's private ``HttpToolsProtocol``: ``hardening.missing_internals`` checks at
 start-up that what it uses is there before it is chosen (``hardening.http_protocol``).
@@ -7,6 +8,8 @@ start-up that what it uses is there before it is chosen (``hardening.http_protoc
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -15,6 +18,13 @@ from . import zerocopy
 
 #: Request line plus headers; uvicorn's httptools protocol has no limit of its own.
 MAX_HEAD_BYTES = 64 * 1024
+#: The first bytes of a TLS handshake record (content type 22, major version 3: RFC 8446 section 5.1).
+TLS_HANDSHAKE = b"\x16\x03"
+#: Seconds between two warnings of TLS handshakes from one client host (the rest are logged at DEBUG):
+#: docker, containerd and skopeo try HTTPS first on every pull from an "insecure" registry.
+TLS_WARN_INTERVAL = 600.0
+_tls_warned: dict[str, float] = {}
+log = logging.getLogger("mirror.server")
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -29,6 +39,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._tls = False
+        self._first = True
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -54,6 +65,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._tls = transport.get_extra_info("sslcontext") is not None  # no sendfile(2) through TLS
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        first, self._first = self._first, False
+        if first and not self._tls and data.startswith(TLS_HANDSHAKE):
+            _tls_on_plain_port(self.client)
+            # Answered in plain HTTP, as for any request that does not parse: a Go client (dockerd,
+            # containerd, skopeo, podman) then reports "server gave HTTP response to HTTPS client" and,
+            # for a registry it was told is insecure, falls back to http://.
+            self.send_400_response("This port serves plain HTTP, not TLS.")
+            return
+        super().data_received(data)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
@@ -77,3 +99,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not before and self.cycle is not None:
             zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive, zero_copy=not self._tls)
+
+
+def _tls_on_plain_port(client: tuple[str, int] | None) -> None:
+    """Log that *client* began a TLS handshake here: at WARNING once per :data:`TLS_WARN_INTERVAL` per host."""
+    host = client[0] if client else "a client"
+    peer = f"{client[0]}:{client[1]}" if client else "a client"
+    now = time.monotonic()
+    level = logging.DEBUG
+    if now - _tls_warned.get(host, -TLS_WARN_INTERVAL) >= TLS_WARN_INTERVAL:
+        if len(_tls_warned) > 1000:
+            _tls_warned.clear()
+        _tls_warned[host], level = now, logging.WARNING
+    log.log(level, "%s began a TLS handshake on this plain-HTTP port: it expects HTTPS. Either tell it "
+                   "the registry is plain HTTP (dockerd: insecure-registries; containerd: hosts.toml "
+                   "server = \"http://...\"; podman, skopeo: --tls-verify=false or insecure = true in "
+                   "registries.conf), or serve HTTPS (http.tls.certificate, http.tls.key)", peer)

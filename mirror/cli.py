@@ -10,11 +10,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config.load import load_config, to_environ
+from .config.load import DATA_DEFAULT, load_config, to_environ
 from .config.sections import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 #: ``mirror serve``'s exit status when the index's database cannot be used at start (uvicorn's
 #: own, for an application whose start-up failed); 2 is for a configuration that is wrong.
 STARTUP_FAILED = 3
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but lines are never broken at a hyphen (``./mirror-data``, ``--config``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Settings come from the config file, then MIRROR_<SECTION>_<KEY> environment variables, then these flags."))
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
-    serve.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
+    serve.add_argument("--data", metavar="DIR", help=f"data directory (default: {DATA_DEFAULT})")
     serve.add_argument("--upstream", metavar="URL", help="upstream registry (default https://registry-1.docker.io)")
     serve.add_argument("--workers", metavar="N", help="worker processes (default 1)")
 
@@ -46,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         "cache.unused_for), then remove objects nothing references any more that are older than gc.grace. "
         "Safe while the server runs: one collector works at a time."))
     gc.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
-    gc.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
+    gc.add_argument("--data", metavar="DIR", help=f"data directory (default: {DATA_DEFAULT})")
     gc.add_argument("--dry-run", action="store_true", help="report what would be freed, change nothing")
 
     fsck = commands.add_parser("fsck", help="check the store and its index", description=(
         "Check that the index and the store agree: tags -> manifests -> objects present, no stray or "
         "abandoned files; optionally re-hash every object. Exits 1 when problems remain."))
     fsck.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
-    fsck.add_argument("--data", metavar="DIR", help="data directory (default ./mirror-data)")
+    fsck.add_argument("--data", metavar="DIR", help=f"data directory (default: {DATA_DEFAULT})")
     fsck.add_argument("--repair", action="store_true",
                       help="remove corrupt and dangling entries (cached content is fetched again)")
     fsck.add_argument("--verify-content", action="store_true", help="re-hash every object (reads the whole store)")
@@ -68,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .archive.offline import add_parsers
 
     add_parsers(commands)
+    for command in commands.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -129,8 +139,8 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     try:  # the index opened: the directory is bound to it (not to one a typo named)
         problem = bind_bucket(config.metadata, config.storage, store, metadata) \
             or bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
-    except OSError as exc:  # the bucket does not answer
-        problem, status = str(exc), 1
+    except OSError as exc:  # the bucket does not answer, refuses the credentials, does not exist
+        problem, status = exc.strerror or str(exc), 1
     else:
         status = 2
     if problem:
@@ -243,6 +253,7 @@ def serve(config: Config) -> int:
 
     from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from .server.hardening import server_options, startup_problem
+    from .storage.driver import StoreUnavailable
     from .storage.opening import open_blob_store
 
     logging.basicConfig(level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -255,6 +266,9 @@ def serve(config: Config) -> int:
         return 2
     try:
         store.create()
+    except StoreUnavailable as exc:  # the bucket: its message names it, and what to check
+        print(f"mirror: {exc.strerror}", file=sys.stderr)
+        return 2
     except OSError as exc:
         where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
         print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
@@ -268,7 +282,7 @@ def serve(config: Config) -> int:
         try:
             problem = bind_bucket(config.metadata, config.storage, store, metadata)
         except OSError as exc:
-            problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc}"
+            problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
         finally:
             metadata.close()
         if problem:

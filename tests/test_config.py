@@ -150,6 +150,35 @@ def test_cli_reports_bad_value_and_exits_nonzero(tmp_path: Path) -> None:
                                                 "e.g. 0.0.0.0:5000"]
 
 
+def test_every_data_flag_says_where_the_data_directory_is_without_it(tmp_path: Path) -> None:
+    """``--data``'s help tells the precedence the commands follow (flag, MIRROR_STORAGE_PATH, the
+    config file's storage.path, ./mirror-data), never a bare ./mirror-data the config file overrides."""
+    default = "default: MIRROR_STORAGE_PATH if set, else storage.path of the --config file, else ./mirror-data"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    root = str(Path(__file__).resolve().parents[1])
+
+    def mirror(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path, env={**clean, "PYTHONPATH": root, "COLUMNS": "70", **env})
+
+    for command in ("serve", "gc", "fsck", "preload", "export"):
+        text = mirror(command, "--help").stdout
+        assert default in " ".join(text.split()), (command, text)
+        assert "(default ./mirror-data)" not in text and "mirror- " not in " ".join(text.split()), (command, text)
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"storage:\n  path: {tmp_path / 'from-file'}\n")
+    for command in ("gc", "fsck"):  # which directory each one opens, by what it says of it
+        for args, env, used in (([], {}, "mirror-data"), (["--config", str(config)], {}, tmp_path / "from-file"),
+                                (["--config", str(config)], {"MIRROR_STORAGE_PATH": "from-env"}, "from-env"),
+                                (["--config", str(config), "--data", "from-flag"],
+                                 {"MIRROR_STORAGE_PATH": "from-env"}, "from-flag")):
+            done = mirror(command, *args, **env)
+            assert done.returncode == 2, (command, args, env, done.stderr)
+            assert done.stderr == f"mirror: {used} is not a mirror data directory (no index/ or blobs/)\n", \
+                (command, args, env, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror.yaml"]  # nothing was created
+
+
 @pytest.mark.parametrize(("raw", "expected"), [
     ("0", 0), ("1000", 1000), ("500MB", 500_000_000), ("100MiB", 100 * 1024**2), ("50GiB", 50 * 1024**3),
     ("1.5 GB", 1_500_000_000), ("80%", 0.8), ("100%", 1.0), (4096, 4096),

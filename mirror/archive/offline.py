@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config.load import load_config
+from ..config.load import DATA_DEFAULT, load_config
 from ..config.sections import Config, ConfigError
 from ..config.values import human
 
@@ -73,6 +73,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Config | None:
 def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
     from ..metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
+    from ..storage.driver import StoreUnavailable
     from ..storage.opening import open_blob_store
 
     try:
@@ -91,6 +92,9 @@ def _open(config: Config) -> Any:
             metadata.close()
             print(f"mirror: {problem}", file=sys.stderr)
             return None
+    except StoreUnavailable as exc:  # the bucket: its message names it, and what to check
+        print(f"mirror: {exc.strerror}", file=sys.stderr)
+        return None
     except OSError as exc:
         print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return None
@@ -329,7 +333,7 @@ def add_parsers(commands: Any) -> None:
         "from the registry's. Running it twice stores nothing new."))
     target = preload.add_mutually_exclusive_group()
     target.add_argument("--data", metavar="DIR", help="write the data directory directly (the server may be "
-                                                      "running); default: storage.path of the config")
+                                                      f"running); default: {DATA_DEFAULT}")
     target.add_argument("--url", metavar="URL", help="send the archives to a running mirror (e.g. "
                                                      "http://127.0.0.1:5000), authenticated with its operator "
                                                      "token (admin.token_file)")
@@ -355,7 +359,7 @@ def add_parsers(commands: Any) -> None:
     which.add_argument("--all-platforms", action="store_true", help="every platform of multi-platform images")
     export.add_argument("--from-list", metavar="FILE", help="more image references, one per line")
     export.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
-    export.add_argument("--data", metavar="DIR", help="data directory (default: storage.path of the config)")
+    export.add_argument("--data", metavar="DIR", help=f"data directory (default: {DATA_DEFAULT})")
     export.add_argument("--upstream", metavar="URL", help="upstream to pull missing images from "
                                                           "(default: upstream.url of the config)")
 

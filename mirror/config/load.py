@@ -45,6 +45,8 @@ from .values import redact
 ENV_PREFIX = "MIRROR_"
 #: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
 NESTED = ("tls", "s3", "postgres", "htpasswd")
+#: Where a command's data directory is when ``--data`` is not given: the precedence above, for ``storage.path``.
+DATA_DEFAULT = f"{ENV_PREFIX}STORAGE_PATH if set, else storage.path of the --config file, else ./mirror-data"
 
 
 SECTIONS: dict[str, type] = {

@@ -29,6 +29,7 @@ ones (HEAD, LIST, DELETE, a GET to its headers), :attr:`S3Store.client` for thos
 
 Errors: what S3 refuses or leaves unanswered is raised as ``StoreUnavailable`` (``EIO``) from botocore's
 error (listings too); a missing object is None / False / ``FileNotFoundError`` as the interface says.
+Credentials the store refuses and a bucket that does not exist say what to check (``s3client.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
 from .refusals import probe_writes, refusal_errno
-from .s3client import make_clients
+from .s3client import make_clients, settings_problem
 from .s3damage import checked_bytes, checked_copy, read_whole
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
@@ -114,7 +115,7 @@ class S3Store:
         try:
             self.quick.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"access to bucket {self.bucket!r}") from exc
+            raise backend_error(exc, f"access to bucket {self.bucket!r}", self.options) from exc
 
     def sweep_tmp(self) -> int:
         """Remove the local temp files whose writer is gone, and abort unfinished multipart uploads
@@ -154,7 +155,7 @@ class S3Store:
         except (BotoCoreError, ClientError) as exc:
             if missing(exc):
                 return None
-            raise backend_error(exc, f"HEAD {digest}") from exc
+            raise backend_error(exc, f"HEAD {digest}", self.options) from exc
         return int(head["ContentLength"])
 
     def exists(self, digest: Digest) -> bool:
@@ -212,7 +213,7 @@ class S3Store:
                     name, digest = parse_object_key(item["Key"][len(prefix):])
                     yield StoredObject(name, int(item["Size"]), item["LastModified"].timestamp(), digest, item["Key"])
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"LIST {prefix}") from exc
+            raise backend_error(exc, f"LIST {prefix}", self.options) from exc
 
     def matches(self, digest: Digest) -> bool:
         hasher, size = hashlib.new(digest.algorithm), 0
@@ -259,7 +260,7 @@ class S3Store:
             self.quick.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
             if not missing(exc):
-                raise backend_error(exc, f"DELETE {key}") from exc
+                raise backend_error(exc, f"DELETE {key}", self.options) from exc
 
     def touch(self, digest: Digest) -> None:
         """Rewrite the object's metadata in place (S3 has no utime): its ``LastModified`` is now."""
@@ -268,7 +269,7 @@ class S3Store:
             self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                     MetadataDirective="REPLACE", Metadata={"touched": f"{time.time():.3f}"})
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"touch {digest}") from exc
+            raise backend_error(exc, f"touch {digest}", self.options) from exc
 
     # -- writing --
 
@@ -326,7 +327,7 @@ class S3Store:
         try:
             upload_id: str = self.quick.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"an upload to {key}") from exc
+            raise backend_error(exc, f"an upload to {key}", self.options) from exc
         with self._lock:
             self._uploads.add(upload_id)
         return upload_id
@@ -383,8 +384,9 @@ class S3Store:
             return f"data directory {self.layout.root}: {problem}"
         try:
             self.probe.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
-            return f"bucket {self.bucket!r} does not answer: {exc}"
+        except (BotoCoreError, ClientError) as exc:  # a refusal of the settings says what to check
+            return settings_problem(exc, self.options, "HEAD of the bucket") \
+                or f"bucket {self.bucket!r} does not answer: {exc}"
         return None
 
 

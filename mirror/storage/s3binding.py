@@ -32,7 +32,8 @@ def recorded_index(store: S3Store) -> str | None:
     except (BotoCoreError, ClientError) as exc:
         if missing(exc):
             return None
-        raise backend_error(exc, f"reading {store.root + BINDING!r} in bucket {store.bucket!r}") from exc
+        what = f"reading {store.root + BINDING!r} in bucket {store.bucket!r}"
+        raise backend_error(exc, what, store.options) from exc
 
 
 def record_index(store: S3Store, index_id: str) -> None:
@@ -40,7 +41,8 @@ def record_index(store: S3Store, index_id: str) -> None:
     try:
         store.client.put_object(Bucket=store.bucket, Key=store.root + BINDING, Body=f"{index_id}\n".encode())
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"writing {store.root + BINDING!r} in bucket {store.bucket!r}") from exc
+        what = f"writing {store.root + BINDING!r} in bucket {store.bucket!r}"
+        raise backend_error(exc, what, store.options) from exc
 
 
 def holds_objects(store: S3Store) -> bool:
@@ -48,5 +50,5 @@ def holds_objects(store: S3Store) -> bool:
     try:
         answer = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.root + "blobs/", MaxKeys=1)
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"listing bucket {store.bucket!r}") from exc
+        raise backend_error(exc, f"listing bucket {store.bucket!r}", store.options) from exc
     return bool(answer.get("Contents"))

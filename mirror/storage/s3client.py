@@ -16,6 +16,10 @@ has three clients, each with botocore's ``standard`` retries (a connection error
   probe's usual 5 s timeout.
 
 The connect timeout also bounds each block of a request body being sent (urllib3 sends with it).
+
+:func:`settings_problem` reads, in an error, what the ``storage.s3`` settings got wrong (credentials
+the store refuses, a bucket that does not exist), in words that name the bucket, the endpoint and the
+settings to check, never any part of a key.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError, NoCredentialsError
 from botocore.utils import determine_content_length
 
 if TYPE_CHECKING:
@@ -75,3 +80,39 @@ def make_client(options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
 def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
     """The driver's clients: transfers, small requests, and ``/readyz``'s probe (see the module docstring)."""
     return make_client(options, TRANSFER), make_client(options, SMALL), make_client(options, PROBE)
+
+
+#: S3 error codes of credentials the store refuses: an unknown key, a signature made with another
+#: secret, a key that may not do this, a session token not (or no longer) valid; "403" is the bare
+#: status of an answer without a body (a HEAD's).
+CREDENTIALS_REFUSED = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                                 "ExpiredToken", "403"})
+#: The settings of the keys (either pair), and where the AWS SDK looks when neither is set.
+_KEY_SETTINGS = ("storage.s3.accesskey and storage.s3.secretkey (or the files storage.s3.accesskey_file and"
+                 " storage.s3.secretkey_file name; MIRROR_STORAGE_S3_* variables override the configuration file)")
+_SDK_CHAIN = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE and its ~/.aws/credentials, or the"
+              " instance's role")
+
+
+def settings_problem(exc: Exception, options: S3Options, what: str) -> str | None:
+    """What botocore's *exc* (raised by *what*: ``"HEAD of the bucket"``) says is wrong with the
+    ``storage.s3`` settings, or None if it says nothing of them (the store is down, an object is
+    missing): credentials refused, a bucket that does not exist, no credentials at all."""
+    endpoint = options.regionendpoint or f"AWS S3 in {options.region}"
+    if isinstance(exc, NoCredentialsError):
+        return (f"no credentials for bucket {options.bucket!r} at {endpoint} ({what}): storage.s3.accesskey is not"
+                f" set and the AWS SDK found none ({_SDK_CHAIN}): set {_KEY_SETTINGS}")
+    if not isinstance(exc, ClientError):
+        return None
+    code = str(exc.response.get("Error", {}).get("Code"))
+    shown = f"HTTP {code}" if code.isdigit() else code  # a bare status: the answer had no body (a HEAD's)
+    if code == "NoSuchBucket" or (code in ("404", "NotFound") and exc.operation_name == "HeadBucket"):
+        return (f"bucket {options.bucket!r} does not exist at {endpoint} ({shown}, {what}): create it, or correct"
+                " storage.s3.bucket (or storage.s3.regionendpoint); the mirror never creates a bucket")
+    if code not in CREDENTIALS_REFUSED:
+        return None
+    check = f"check {_KEY_SETTINGS}" if options.accesskey else (
+        f"storage.s3.accesskey is not set, so the AWS SDK's own credentials were used: check {_SDK_CHAIN}"
+        " (or set storage.s3.accesskey and storage.s3.secretkey)")
+    return (f"the object store at {endpoint} refused the credentials for bucket {options.bucket!r} ({shown}, {what}):"
+            f" {check}, and that the key may use the bucket")

@@ -162,7 +162,7 @@ class S3Fill:
             etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=upload,
                                                  PartNumber=number, Body=body)["ETag"]
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"part {number} of {self.digest}") from exc
+            raise backend_error(exc, f"part {number} of {self.digest}", self.store.options) from exc
         return {"PartNumber": number, "ETag": etag}
 
     def _collect(self, *, wait: bool, raising: bool = True) -> None:
@@ -206,7 +206,7 @@ class S3Fill:
                 done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload.result(),
                                                         MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"storing {self.digest}") from exc
+            raise backend_error(exc, f"storing {self.digest}", self.store.options) from exc
         vouch(self.store, self.digest, done.get("ETag"))
         self._done = True
         self._threads.shutdown()

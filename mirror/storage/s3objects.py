@@ -39,7 +39,7 @@ from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import SharedMarks, mark_reading, unmark_reading
 from .reads import ShortFile, read_chunks
-from .s3client import BODY_READ
+from .s3client import BODY_READ, settings_problem
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
 from .s3reads import ReadAhead
@@ -95,9 +95,13 @@ def content_md5(body: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
 
 
-def backend_error(exc: Exception, what: str) -> StoreUnavailable:
-    """What to raise for botocore's *exc*: the store did not answer (a connection error, a timeout:
-    botocore's retries are spent) or refused (an S3 error answer)."""
+def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavailable:
+    """What to raise for botocore's *exc*: the store refused the credentials or has no such bucket
+    (:func:`~mirror.storage.s3client.settings_problem`: what to check), did not answer (a connection
+    error, a timeout: botocore's retries are spent) or refused otherwise (an S3 error answer)."""
+    problem = settings_problem(exc, options, what)
+    if problem is not None:
+        return StoreUnavailable(errno.EIO, problem)
     if isinstance(exc, ClientError):
         return StoreUnavailable(errno.EIO, f"object store refused {what}: {exc}")
     return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
@@ -111,7 +115,7 @@ def get_object(store: S3Store, digest: Digest, **extra: str) -> dict[str, Any]:
     except (BotoCoreError, ClientError) as exc:
         if missing(exc):
             raise FileNotFoundError(errno.ENOENT, f"{digest} is not stored") from exc
-        raise backend_error(exc, f"GET {digest}") from exc
+        raise backend_error(exc, f"GET {digest}", store.options) from exc
     answer["Body"].set_socket_timeout(BODY_READ)  # urllib3 sets the request's own again on the next one
     return answer
 
@@ -295,7 +299,7 @@ class S3Ingest:
             etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
                                                  PartNumber=number, Body=bytes(part))["ETag"]
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"part {number} of {self.digest}") from exc
+            raise backend_error(exc, f"part {number} of {self.digest}", self.store.options) from exc
         finally:
             part.release()
         self._parts.append({"PartNumber": number, "ETag": etag})
@@ -321,7 +325,7 @@ class S3Ingest:
                 done = client.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self._upload,
                                                         MultipartUpload={"Parts": self._parts})
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"storing {self.digest}") from exc
+            raise backend_error(exc, f"storing {self.digest}", self.store.options) from exc
         vouch(self.store, self.digest, done.get("ETag"))
         self._finish()
         self.store.committed(self.written)

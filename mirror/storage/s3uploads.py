@@ -118,7 +118,7 @@ def send_part(store: S3Store, uuid: str, path: Path, parts: UploadParts | None) 
         try:
             upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"an upload to {key}") from exc
+            raise backend_error(exc, f"an upload to {key}", store.options) from exc
         return UploadParts(upload_id, store.options.chunksize)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -134,7 +134,7 @@ def _upload_part(store: S3Store, key: str, upload_id: str, number: int, fd: int,
         etag: str = store.client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                              Body=FileSlice(fd, start, size), ContentLength=size)["ETag"]
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"part {number} of {key}") from exc
+        raise backend_error(exc, f"part {number} of {key}", store.options) from exc
     return etag
 
 
@@ -176,7 +176,7 @@ def _size(store: S3Store, key: str) -> int | None:
     except (BotoCoreError, ClientError) as exc:
         if missing(exc):
             return None
-        raise backend_error(exc, f"HEAD {key}") from exc
+        raise backend_error(exc, f"HEAD {key}", store.options) from exc
 
 
 def _complete(store: S3Store, key: str, path: Path, size: int, parts: UploadParts) -> None:
@@ -193,7 +193,7 @@ def _complete(store: S3Store, key: str, path: Path, size: int, parts: UploadPart
         store.client.complete_multipart_upload(Bucket=store.bucket, Key=key, UploadId=parts.upload_id,
                                                MultipartUpload={"Parts": listed})
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"completing {key}") from exc
+        raise backend_error(exc, f"completing {key}", store.options) from exc
 
 
 def _hash_object(store: S3Store, key: str, algorithm: str) -> str:
@@ -204,7 +204,7 @@ def _hash_object(store: S3Store, key: str, algorithm: str) -> str:
             while data := body.read(1 << 20):
                 hasher.update(data)
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"GET {key}") from exc
+        raise backend_error(exc, f"GET {key}", store.options) from exc
     return hasher.hexdigest()
 
 
@@ -231,7 +231,7 @@ def _copy(store: S3Store, source: str, target: str, size: int) -> str | None:
         store.forget(upload_id)
         return str(done.get("ETag") or "") or None
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"copying {source} to {target}") from exc
+        raise backend_error(exc, f"copying {source} to {target}", store.options) from exc
 
 
 class S3UploadTails:
@@ -248,7 +248,7 @@ class S3UploadTails:
             self.store.client.put_object(Bucket=self.store.bucket, Key=key, Body=FileSlice(fd, start, size),
                                          ContentLength=size)
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"PUT {key}") from exc
+            raise backend_error(exc, f"PUT {key}", self.store.options) from exc
 
     def fetch(self, uuid: str, fd: int, start: int, size: int) -> None:
         key, at = self.store.root + upload_tail_key(uuid), start
@@ -258,7 +258,7 @@ class S3UploadTails:
                 while at < start + size and (data := body.read(min(1 << 20, start + size - at))):
                     at += os.pwrite(fd, data, at)
         except (BotoCoreError, ClientError) as exc:
-            raise backend_error(exc, f"GET {key}") from exc
+            raise backend_error(exc, f"GET {key}", self.store.options) from exc
         if at != start + size:
             raise OSError(errno.EIO, f"{key} holds {at - start} bytes, not the {size} of the upload's record")
 

@@ -48,6 +48,8 @@ class SeaweedS3:
     accesskey: str
     secretkey: str
     region: str = REGION
+    #: The ``-s3.config`` file holding the identity's keys (:meth:`change_keys` rewrites it).
+    identities: Path | None = None
 
     def client(self, accesskey: str | None = None, secretkey: str | None = None) -> Any:
         """A boto3 S3 client for this server (path-style addressing)."""
@@ -73,6 +75,16 @@ class SeaweedS3:
         except BaseException:
             self.proc.stop()
             raise
+
+    def change_keys(self) -> None:
+        """Give the identity new keys (as an operator rotating them would): the server is stopped,
+        its identities file rewritten and the server started again, so that a client holding the
+        old keys is refused from then on (``InvalidAccessKeyId``) while what was stored stays."""
+        assert self.identities is not None
+        self.stop()
+        self.accesskey, self.secretkey = _new_keys()
+        _write_identities(self.identities, self.accesskey, self.secretkey)
+        self.start()
 
     def new_bucket(self) -> str:
         """Create an empty bucket with a fresh name and return the name."""
@@ -100,13 +112,9 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
     weed = weed_binary()
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    accesskey, secretkey = f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
-    identities = {"identities": [{
-        "name": "mirror", "credentials": [{"accessKey": accesskey, "secretKey": secretkey}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    accesskey, secretkey = _new_keys()
     config = workdir / "s3.json"
-    config.write_text(json.dumps(identities))
-    os.chmod(config, 0o600)
+    _write_identities(config, accesskey, secretkey)
     for attempt in range(1, PORT_TRIES + 1):
         ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -116,7 +124,7 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
                 f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0",
                 "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
         proc = Proc(args, workdir / "weed.log", name="weed").start()
-        server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey)
+        server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey, identities=config)
         try:
             wait_http(server.endpoint, START_TIMEOUT, alive=proc)
             _wait_s3_ready(server, time.monotonic() + START_TIMEOUT)
@@ -131,6 +139,21 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
             raise
         return server
     raise AssertionError("unreachable")
+
+
+def _new_keys() -> tuple[str, str]:
+    """A fresh access key and secret key."""
+    return f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
+
+
+def _write_identities(path: Path, accesskey: str, secretkey: str) -> None:
+    """The ``-s3.config`` file of one identity, allowed everything, with these keys: SeaweedFS then
+    refuses every request not signed with them."""
+    identities = {"identities": [{
+        "name": "mirror", "credentials": [{"accessKey": accesskey, "secretKey": secretkey}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    path.write_text(json.dumps(identities))
+    os.chmod(path, 0o600)
 
 
 def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:

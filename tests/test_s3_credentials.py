@@ -1,0 +1,167 @@
+"""What the S3 driver says of settings the object store refuses, on a real SeaweedFS that checks
+credentials (``tests/support/seaweedfs.py``: one identity in its ``-s3.config``) and a real PostgreSQL
+index: keys it refuses, and a bucket that does not exist.
+
+``mirror gc``, ``mirror fsck`` and ``mirror serve``'s start-up stop with one line that says so, naming
+the bucket, the endpoint and the settings to check, never any part of a secret, and exit non-zero;
+a running mirror whose keys the store stops taking (rotated on the store) says it in ``/readyz`` and
+in its log (``storage/s3client.py``: ``settings_problem``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.catalog import StandardImages
+from tests.support.mirror import MirrorServer
+from tests.support.postgres import PostgresServer
+from tests.support.procs import free_port
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.storecheck import mirror_cli
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import Bucket, blob_url, get_digest
+
+#: What gc and fsck exit with when the bucket cannot be used now; serve's start-up exits 2.
+EXIT = {"gc": 1, "fsck": 1, "serve": 2}
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedS3, s3_bucket: str) -> Bucket:
+    return Bucket(seaweedfs, s3_bucket)
+
+
+def run(command: str, data: Path, env: Mapping[str, str]) -> tuple[int, str]:
+    """``mirror COMMAND --data DATA`` (serve on a free port): its exit status and stderr."""
+    extra = ["--listen", f"127.0.0.1:{free_port()}"] if command == "serve" else []
+    done = mirror_cli(command, *extra, "--data", data, env=env, timeout=60)
+    return done.returncode, done.stderr
+
+
+def one_line(command: str, status: int, stderr: str) -> str:
+    """The single line *command* printed, after checking that it exited as it should and that no
+    traceback went with it (serve logs at INFO: botocore's "Found credentials in ..." may come first)."""
+    assert status == EXIT[command], (command, status, stderr)
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and [line for line in lines if " INFO " not in line] == lines[-1:], \
+        (command, stderr)
+    assert lines[-1].startswith("mirror: "), lines[-1]
+    return lines[-1]
+
+
+def no_secret(text: str, *secrets: str) -> None:
+    """No 8 characters in a row of any of *secrets* appear in *text*."""
+    for secret in secrets:
+        pieces = {secret[i:i + 8] for i in range(len(secret) - 7)}
+        assert not any(piece in text for piece in pieces), "a piece of a secret key is shown"
+
+
+def indexed_in_postgres(bucket: Bucket, postgres: PostgresServer) -> dict[str, str]:
+    """The environment of a mirror on *bucket* with its index in a new PostgreSQL database."""
+    return bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
+
+
+def set_up(bucket: Bucket, env: Mapping[str, str], mirror_factory: Callable[..., MirrorServer]) -> Path:
+    """Serve once on *bucket* (the data directory and the bucket bound to the index), then stop;
+    the data directory."""
+    mirror = mirror_factory(env=env)
+    mirror.stop()
+    done = mirror_cli("fsck", "--data", mirror.data_dir, env=env)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
+    return mirror.data_dir
+
+
+def test_gc_fsck_and_serve_say_in_one_line_that_the_object_store_refused_the_credentials(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    server = bucket.server
+    env = indexed_in_postgres(bucket, postgres)
+    data = set_up(bucket, env, mirror_factory)
+    wrong_secret = "0123456789abcdefghij" * 2
+    (tmp_path / "access").write_text(server.accesskey + "\n")
+    (tmp_path / "secret").write_text(wrong_secret + "\n")
+    without_keys = {k: v for k, v in env.items() if not k.startswith("MIRROR_STORAGE_S3_") or "KEY" not in k}
+    # The SDK's other sources out of the way: no profile files, no instance metadata service.
+    sdk_elsewhere = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                     "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    variants = {
+        "a secret key of another": ({**env, "MIRROR_STORAGE_S3_SECRETKEY": wrong_secret}, "storage.s3.secretkey"),
+        "an access key it does not know": ({**env, "MIRROR_STORAGE_S3_ACCESSKEY": "AKNOSUCHKEY0000000000"},
+                                           "storage.s3.accesskey"),
+        "keys from files": ({**without_keys, "MIRROR_STORAGE_S3_ACCESSKEY_FILE": str(tmp_path / "access"),
+                             "MIRROR_STORAGE_S3_SECRETKEY_FILE": str(tmp_path / "secret")},
+                            "storage.s3.secretkey_file"),
+        "the AWS SDK's own chain": ({**without_keys, **sdk_elsewhere, "AWS_ACCESS_KEY_ID": server.accesskey,
+                                     "AWS_SECRET_ACCESS_KEY": wrong_secret}, "AWS_SECRET_ACCESS_KEY"),
+    }
+    for variant, (wrong, setting) in variants.items():
+        for command in ("gc", "fsck", "serve"):
+            line = one_line(command, *run(command, data, wrong))
+            assert f"the object store at {server.endpoint} refused the credentials for bucket {bucket.name!r}" \
+                in line, (variant, command, line)
+            assert setting in line, (variant, command, line)
+            no_secret(line, wrong_secret, server.secretkey)
+    # No keys at all (none set, none for the SDK to find): said before anything is asked of the store.
+    nowhere = {**without_keys, **sdk_elsewhere}
+    for command in ("gc", "serve"):
+        line = one_line(command, *run(command, data, nowhere))
+        assert f"no credentials for bucket {bucket.name!r} at {server.endpoint}" in line, (command, line)
+        assert "storage.s3.accesskey is not set and the AWS SDK found none" in line, (command, line)
+    # The right keys again: nothing was changed.
+    done = mirror_cli("fsck", "--data", data, env=env)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_bucket_that_does_not_exist_is_named_by_serve_gc_and_fsck(
+    seaweedfs: SeaweedS3, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    # A new mirror named a bucket nobody created (a typo): serve's start-up says so.
+    typo = Bucket(seaweedfs, "no-such-bucket-here")
+    status, stderr = run("serve", tmp_path / "new", indexed_in_postgres(typo, postgres))
+    line = one_line("serve", status, stderr)
+    assert f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}" in line, line
+    assert "storage.s3.bucket" in line, line
+
+    # The bucket of a mirror that served is gone: every command says so.
+    bucket = Bucket(seaweedfs, seaweedfs.new_bucket())
+    env = indexed_in_postgres(bucket, postgres)
+    try:
+        data = set_up(bucket, env, mirror_factory)
+    finally:
+        seaweedfs.drop_bucket(bucket.name)
+    for command in ("gc", "fsck", "serve"):
+        line = one_line(command, *run(command, data, env))
+        assert f"bucket {bucket.name!r} does not exist at {seaweedfs.endpoint}" in line, (command, line)
+        assert "storage.s3.bucket" in line, (command, line)
+
+
+def test_a_mirror_whose_keys_the_store_stops_taking_says_so_in_readyz_and_its_log(
+    own_seaweedfs: SeaweedS3, postgres: PostgresServer, images: StandardImages,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The operator rotates the keys on the store and not in the mirror's settings."""
+    server = own_seaweedfs
+    bucket = Bucket(server, server.new_bucket())
+    mirror = mirror_factory(env=indexed_in_postgres(bucket, postgres))
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    layer = images.small.layers[-1].digest
+    url = blob_url(mirror, "library/small", layer)
+    assert get_digest(http, url)[:2] == (200, layer)
+    wait_for(lambda: layer in bucket.objects(), timeout=30, what="the layer in the bucket")
+    old_secret = server.secretkey
+
+    server.change_keys()
+    assert get_digest(http, url)[0] == 503  # the HEAD of the object is refused: the store is unavailable
+    ready = http.get(f"{mirror.url}/readyz")
+    assert ready.status_code == 503, ready.text
+    problem = ready.json()["problems"]["store"]
+    assert problem.startswith(f"the object store at {server.endpoint} refused the credentials for bucket "
+                              f"{bucket.name!r}"), problem
+    assert "storage.s3.accesskey" in problem, problem
+    log = mirror.log_tail(400)
+    assert f"refused the credentials for bucket {bucket.name!r}" in log, log
+    assert "Traceback" not in log, log
+    no_secret(ready.text + log, old_secret, server.secretkey)

@@ -212,3 +212,30 @@ def test_the_servers_own_collection_says_in_one_line_that_the_object_store_does_
     done = failed()
     wait_for(lambda: (value(scrape(f"{mirror.url}/metrics"), "mirror_gc_runs_total", result="ok")) >= 1
              and failed() == done, timeout=30, what="a collection that succeeds")
+
+
+@pytest.mark.slow
+def test_an_upkeep_whose_first_count_of_the_store_fails_goes_on_and_counts_it_later(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """A bucket that answers the start-up's check of its binding but not its listings: the start-up
+    sweep of unfinished multipart uploads is left for the next start (one line, and the mirror
+    serves), and the upkeep's count of the store's bytes is made on a later turn: the upkeep goes
+    on flushing and collecting, and the count it records is the bucket's."""
+    mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url, MIRROR_GC_INTERVAL="1s"))
+    cached(mirror, http, images, bucket)  # and the bucket records its index: no listing at the next start
+    mirror.stop()
+    listing = s3_proxy.add("refuse", rf"^/{bucket.name}/?$", method="GET")
+    mirror.start()
+    wait_for(lambda: "counting the store failed: object store does not answer (LIST " in mirror.log_tail(400),
+             timeout=30, what="the first count failing")
+    assert "start-up sweep not finished: object store does not answer (listing unfinished multipart uploads)" \
+        in mirror.log_tail(400)
+    s3_proxy.remove(listing)
+    wait_for(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_gc_runs_total", result="ok") >= 1,
+             timeout=30, what="a collection")
+    sizes = bucket.objects()
+    wait_for(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes") == sum(sizes.values()),
+             timeout=30, what="the bucket's size counted")
+    assert "Traceback" not in mirror.log_tail(800)

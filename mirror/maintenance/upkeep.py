@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -27,7 +28,7 @@ from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import Metrics
 from ..storage.driver import StoreUnavailable
 from ..storage.refusals import refusal
-from .gc import Collector
+from .gc import Collector, Report
 
 log = logging.getLogger("mirror.maintenance.gc")
 T = TypeVar("T")
@@ -80,6 +81,9 @@ class Maintenance:
     """The server's upkeep task: flush access times, collect on schedule or when over budget
     (checked on every commit here, and every :data:`FLUSH_INTERVAL` for other processes' writes).
 
+    The sizes of objects committed while the index was unavailable are kept here and added to the
+    store's byte count with the next flush, and before any collection (whose scan counts them too).
+
     A collection that leaves the store above its low watermark is followed by another one
     (after :data:`RETRY_FIRST`, doubling) until one reaches it: transfers end, images stop
     being recent.  The reasons are logged when they change.
@@ -98,12 +102,50 @@ class Maintenance:
         self._reported: tuple[bool, frozenset[str]] | None = None  # what the log last said about held content
         self._room_asked = -ROOM_INTERVAL
         self._own: CapacityLimiter | None = None  # made by run(), on its event loop
+        self._uncounted = 0  # bytes committed that the index could not add yet
+        self._uncounted_lock = threading.Lock()
 
     def note_commit(self, size: int) -> None:
-        """Count a new object (called from any thread); wake the collector when over budget."""
-        usage = self.collector.metadata.add_usage(size)
+        """Count a new object (called from any thread); wake the collector when over budget.
+
+        While the index is unavailable the size is kept for the next flush (which logs the outage,
+        once per flush rather than once per object), and so are the sizes committed after it until
+        then, without waiting for the index again (the caller may be a thread that sends blobs).
+        One such commit during a collection, before the collector's scan reached its object, is
+        counted by the scan and again by the flush: the figure is that much too high until the
+        next collection.
+        """
+        with self._uncounted_lock:
+            if self._uncounted:
+                self._uncounted += size
+                return
+        try:
+            usage = self.collector.metadata.add_usage(size)
+        except MetadataUnavailable:
+            with self._uncounted_lock:
+                self._uncounted += size
+            return
         if self._loop is not None and self.collector.over_high_watermark(usage):
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _count_uncounted(self) -> None:
+        """Add the sizes :meth:`note_commit` kept to the index (blocking: call from a worker thread);
+        while the index is unavailable (raised) they are kept for the next time."""
+        with self._uncounted_lock:
+            pending, self._uncounted = self._uncounted, 0
+        if pending:
+            try:
+                self.collector.metadata.add_usage(pending)
+            except Exception:
+                with self._uncounted_lock:
+                    self._uncounted += pending
+                raise
+
+    def flush(self) -> None:
+        """Write what waits in memory to the index: the uncounted sizes, then the access times
+        (blocking: call from a worker thread)."""
+        self._count_uncounted()
+        self.tracker.flush()
 
     def make_room(self, room: int) -> None:
         """A write found no room on the store's filesystem: evict to free *room* bytes, now or at the
@@ -122,7 +164,12 @@ class Maintenance:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._recount()
+        try:
+            await self._recount()
+            recounted = True
+        except Exception as exc:  # the index or the store does not answer yet: counted on a later turn
+            self._failed(exc, "counting the store")
+            recounted = False
         next_run = time.monotonic() + self.interval if self.interval else float("inf")
         while True:
             timeout = max(0.0, min(FLUSH_INTERVAL, self._retry_at - time.monotonic()))
@@ -132,7 +179,10 @@ class Maintenance:
             self._wake.clear()
             now = time.monotonic()
             try:
-                await self._in_own_thread(self.tracker.flush)
+                if not recounted:
+                    await self._recount()
+                    recounted = True
+                await self._in_own_thread(self.flush)
                 # Other processes (`mirror preload --data`) add to the store too: their count is in the index.
                 grown = not woken and self._retry_at == float("inf") and await self._grown()
                 if woken or grown or now >= next_run or now >= self._retry_at:
@@ -141,16 +191,28 @@ class Maintenance:
                         next_run = time.monotonic() + self.interval
             except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
-                if isinstance(exc, StoreUnavailable):  # /readyz and mirror_store_up say so: no traceback
-                    log.warning("maintenance run failed: %s", exc.strerror)
-                elif refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so
-                    log.warning("maintenance run failed: %s", exc)
-                else:
-                    log.exception("maintenance run failed")
+                self._failed(exc, "maintenance run")
+
+    @staticmethod
+    def _failed(exc: Exception, what: str) -> None:
+        """Log that *what* failed: one line when ``/readyz`` says why too, else with the traceback."""
+        if isinstance(exc, StoreUnavailable):  # /readyz and mirror_store_up say so
+            log.warning("%s failed: %s", what, exc.strerror)
+        elif refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so
+            log.warning("%s failed: %s", what, exc)
+        else:
+            log.error("%s failed", what, exc_info=exc)
 
     async def _collect(self, woken: bool) -> None:
         resume = self._retry_at != float("inf")
-        report = await self._in_own_thread(lambda: self.collector.run(resume=resume))
+
+        def collect() -> Report | None:
+            # What was committed before the scan must be in the count the collector reconciles the
+            # scan with, or the flush after it would count it a second time.
+            self._count_uncounted()
+            return self.collector.run(resume=resume)
+
+        report = await self._in_own_thread(collect)
         if report is None:  # another process is collecting; look again later if the target is not reached
             if resume:
                 self._retry_at = time.monotonic() + self._retry_delay
@@ -183,9 +245,10 @@ class Maintenance:
         return await anyio.to_thread.run_sync(self.collector.over_high_watermark, usage)
 
     async def _recount(self) -> None:
-        """The store's size in the index, as the store's objects add up now."""
+        """The store's size in the index, as the store's objects add up now (the sizes kept
+        uncounted so far are among them)."""
+        with self._uncounted_lock:
+            self._uncounted = 0
         total = await anyio.to_thread.run_sync(lambda: sum(found.size for found in self.collector.store.objects()))
         await self._in_own_thread(lambda: self.collector.metadata.set_usage(total))
 
-    def flush(self) -> None:
-        self.tracker.flush()

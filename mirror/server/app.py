@@ -64,9 +64,13 @@ def create_app(config: Config) -> MirrorApp:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store = open_blob_store(config.storage, replica=config.cluster.enabled)
         await anyio.to_thread.run_sync(store.create)
-        swept = await anyio.to_thread.run_sync(store.sweep_tmp)
-        if swept:
-            log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
+        try:
+            swept = await anyio.to_thread.run_sync(store.sweep_tmp)
+        except StoreUnavailable as exc:  # what it leaves is swept at the next start; /readyz says the rest
+            log.warning("start-up sweep not finished: %s", exc.strerror)
+        else:
+            if swept:
+                log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
@@ -136,9 +140,9 @@ def create_app(config: Config) -> MirrorApp:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             try:
-                await anyio.to_thread.run_sync(tracker.flush)
+                await anyio.to_thread.run_sync(maintenance.flush)
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)
-                log.warning("last access times not saved: %s", exc)
+                log.warning("last access times or store size not saved: %s", exc)
             await fills.aclose()
             if cluster is not None:
                 await cluster.aclose()

@@ -143,9 +143,12 @@ class S3Store:
             return False
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.root):
-            yield from page.get("Uploads", [])
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.root)
+        try:
+            for page in pages:
+                yield from page.get("Uploads", [])
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, "listing unfinished multipart uploads", self.options) from exc
 
     # -- reading --
 

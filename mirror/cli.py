@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report what would be freed, change nothing")
 
     fsck = commands.add_parser("fsck", help="check the store and its index", description=(
-        "Check that the index and the store agree: tags -> manifests -> objects present, no stray or "
+        "Check that the index and the store agree: tags -> manifests -> objects present and of the sizes "
+        "recorded, pushed images with every object stored and linked in their repository, no stray or "
         "abandoned files; optionally re-hash every object. Exits 1 when problems remain."))
     fsck.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     fsck.add_argument("--data", metavar="DIR", help=f"data directory (default: {DATA_DEFAULT})")

@@ -2,10 +2,23 @@
 
 Checks: leftovers in ``tmp/`` and ``uploads/``; objects in ``blobs/`` with names that are not
 digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed
-schema 1 manifest: whose payload does not, see ``storage/filesystem.py``); tags whose
-manifest is missing; manifest records and repository links whose object is missing; pushed
-images whose layers are missing.  ``repair`` removes what is corrupt or dangling, so cached
-content is fetched again on the next pull; it never invents data.
+schema 1 manifest: whose payload does not, see ``storage/filesystem.py``); objects whose size (as
+the store lists it: no object is read) differs from their manifest record or from a descriptor of
+a pushed image that needs them; tags whose manifest is missing; manifest records and repository
+links whose object is missing; pushed images that need an object missing from the store, or not
+linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
+which a pull of it then fails on).  What an image needs: its layers (not non-distributable ones,
+fetched from their urls), config, child manifests; not its ``subject``, which may be absent.
+
+``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull;
+it never invents data.  An object whose size differs from its manifest record is removed as a
+corrupt one: the record is the length of the very bytes named by the digest (but for a signed
+schema 1 manifest, named by its payload, whose copy signed again by its upstream may be the one
+recorded: not compared).  One whose size differs only from a pushed image's descriptor, which the
+client wrote, is re-hashed first and removed only if it does not match its digest; if it does,
+the manifest is what is wrong, and stays reported.  Pushed images that lack an object or its link
+are reported, never repaired: the bytes may be gone, and a link the repository's owner deleted is
+not restored.
 """
 
 from __future__ import annotations
@@ -17,11 +30,18 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..metadata.driver import LOCAL, Metadata
+from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
-from ..spec.manifest import is_nondistributable, references
+from ..spec.manifest import SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
+from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject
 from ..storage.layout import UPLOAD_ID_RE
+
+#: What a finding of an object whose listed size is not the one recorded of it is called.
+SIZE_DIFFERS = "object size differs from its record"
+#: ... once re-hashed (``repair``, ``verify_content``) and found whole: the descriptor is wrong.
+WRONG_DESCRIPTOR = "pushed image gives a wrong size for an object"
 
 
 @dataclass
@@ -48,6 +68,16 @@ class FsckReport:
         return all(f.repaired for f in self.findings)
 
 
+@dataclass(frozen=True, slots=True)
+class PushedImage:
+    """A manifest of a pushed repository, and the ``(digest, size)`` of each object a pull of it
+    needs (size -1: not given)."""
+
+    repo: str
+    digest: str
+    needs: tuple[tuple[str, int], ...]
+
+
 class Fsck:
     def __init__(self, store: BlobStore, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
                  progress: Progress | None = None, replica: bool = False) -> None:
@@ -62,6 +92,8 @@ class Fsck:
         self.verify_content = verify_content
         self.progress = progress or NoProgress()
         self.report = FsckReport()
+        self._sized: set[str] = set()  # objects whose size was found wrong (reported once)
+        self._dropped: set[str] = set()  # objects removed by a repair, with their links
 
     def run(self) -> FsckReport:
         if self.repair:
@@ -91,9 +123,9 @@ class Fsck:
 
     # -- the store --
 
-    def _objects(self) -> dict[str, int]:
-        """Every well-named object and its size; strays and (optionally) corrupt ones are reported."""
-        present: dict[str, int] = {}
+    def _objects(self) -> dict[str, StoredObject]:
+        """Every well-named object by its name; strays and (optionally) corrupt ones are reported."""
+        present: dict[str, StoredObject] = {}
         entries = list(self.store.objects())
         if self.verify_content:
             self.progress.phase("verifying", sum(e.size for e in entries if e.digest is not None))
@@ -101,23 +133,23 @@ class Fsck:
             if found.digest is None:
                 self._found("stray file in blobs/", found.location, partial(self.store.remove, found))
                 continue
-            digest, size = found.name, found.size
             if self.verify_content:
                 matches = self.store.matches(found.digest)
-                self.progress.advance(size)
+                self.progress.advance(found.size)
                 if not matches:
-                    self._found("corrupt object (content does not match its digest)", digest,
+                    self._found("corrupt object (content does not match its digest)", found.name,
                                 partial(self._drop_object, found))
                     continue
                 self.report.verified += 1
-            present[digest] = size
+            present[found.name] = found
             self.report.objects += 1
-            self.report.bytes += size
+            self.report.bytes += found.size
         return present
 
     def _drop_object(self, found: StoredObject) -> None:
         self.store.remove(found)
         digest = found.name
+        self._dropped.add(digest)
         self.metadata.forget(manifests=[digest],
                              links=[(repo, d) for repo, d in self.metadata.all_links() if d == digest])
 
@@ -151,37 +183,106 @@ class Fsck:
 
     # -- the index --
 
-    def _index(self, present: dict[str, int]) -> None:
-        for digest in self.metadata.manifest_digests():
-            if digest not in present:
-                self._found("manifest record without its object", digest,
-                            partial(self.metadata.forget, manifests=[digest]))
+    def _index(self, present: dict[str, StoredObject]) -> None:
+        manifests = self._manifests(present)
+        links = self.metadata.all_links()
+        # Each pushed manifest read once (not one found damaged: the S3 driver would remove it as it reads it).
+        images = [PushedImage(repo, digest, _needed(self._read(digest) or b"", digest)) for repo, digest in links
+                  if repo.startswith(LOCAL + "/") and digest in manifests and digest in present
+                  and digest not in self._sized]
+        self._descriptor_sizes(images, present)
         for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
             digest = record.digest
             if digest not in present:
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
                             partial(self.metadata.untag, repo, tag))
-        for repo, digest in self.metadata.all_links():
+        for repo, digest in links:
+            if digest in self._dropped:
+                continue  # forgotten with its object
             self.report.links += 1
-            if digest not in present:
-                # A cached repository may link what it has not fetched yet (or lost): it fetches
-                # again on demand.  A pushed repository cannot.
-                if repo.startswith(LOCAL + "/"):
-                    self._found("pushed object missing", f"{repo}@{digest}",
-                                partial(self.metadata.unlink, repo, digest))
-            elif repo.startswith(LOCAL + "/") and self.metadata.get_manifest(digest) is not None:
-                body = self._read(digest)
-                for d in references(body or b""):
-                    if d.digest not in present and d.digest != digest \
-                            and not is_nondistributable(d.media_type):  # fetched from its urls, not here
-                        self._found("pushed image refers to a missing object", f"{repo}@{digest} -> {d.digest}")
+            # A cached repository may link what it has not fetched yet (or lost): it fetches
+            # again on demand.  A pushed repository cannot.
+            if digest not in present and repo.startswith(LOCAL + "/"):
+                self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
+        self._needs(images, set(links), present)
+
+    def _manifests(self, present: dict[str, StoredObject]) -> set[str]:
+        """The digests of the manifest records; those whose object is missing, or of another size
+        than recorded, are reported."""
+        recorded = set()
+        for (digest,), record in self.metadata.records(RecordKind.MANIFESTS):
+            recorded.add(digest)
+            found = present.get(digest)
+            if found is None:
+                self._found("manifest record without its object", digest,
+                            partial(self.metadata.forget, manifests=[digest]))
+            elif found.size != record.size and record.media_type not in (SCHEMA1, SCHEMA1_SIGNED):
+                self._sized.add(digest)
+                self._found(SIZE_DIFFERS, f"{digest}: {found.size} bytes, the index records {record.size}",
+                            partial(self._drop_object, found))
+                if self.repair:
+                    del present[digest]
+        return recorded
+
+    def _descriptor_sizes(self, images: list[PushedImage], present: dict[str, StoredObject]) -> None:
+        """Objects of another size than a descriptor of a pushed image that needs them says.
+
+        The client wrote the descriptor (a push does not check sizes, nor does distribution's):
+        whether the object or the manifest is wrong, only the object's bytes can say.  Re-hashed
+        (``verify_content`` did already, ``repair`` does), an object that matches its digest leaves
+        each image that gives it a wrong size reported; one that does not is removed."""
+        whole: dict[str, bool | None] = {}  # the verdict on each object (None: not re-hashed, reported once)
+        for image in images:
+            for digest, size in image.needs:
+                found = present.get(digest)
+                if found is None or size < 0 or found.size == size or digest in self._sized:
+                    continue
+                if digest not in whole:
+                    whole[digest] = self._whole(found)
+                    if not whole[digest]:
+                        where = f"{image.repo}@{image.digest}"
+                        self._found(SIZE_DIFFERS, f"{digest}: {found.size} bytes, {size} in {where}",
+                                    partial(self._drop_object, found))
+                        if self.repair:
+                            del present[digest]
+                if whole[digest]:
+                    self._found(WRONG_DESCRIPTOR, f"{image.repo}@{image.digest} -> {digest}: {size} bytes, "
+                                                  f"stored {found.size}")
+
+    def _whole(self, found: StoredObject) -> bool | None:
+        """Whether *found* matches its digest: known (``verify_content`` re-hashed it) or found out
+        (``repair``); None without either."""
+        if self.verify_content:
+            return True
+        if self.repair and found.digest is not None:
+            return self.store.matches(found.digest)
+        return None
+
+    def _needs(self, images: list[PushedImage], linked: set[tuple[str, str]], present: dict[str, StoredObject]) -> None:
+        """Pushed images that need an object missing from the store, or not linked in their repository."""
+        for image in images:
+            if image.digest not in present:
+                continue  # removed by a repair, with its links
+            for digest, _ in image.needs:
+                if digest not in present:
+                    self._found("pushed image refers to a missing object", f"{image.repo}@{image.digest} -> {digest}")
+                elif (image.repo, digest) not in linked:
+                    self._found("pushed image refers to an object not linked in its repository",
+                                f"{image.repo}@{image.digest} -> {digest}")
 
     def _read(self, digest: str) -> bytes | None:
         try:
             return self.store.read_bytes(parse_digest(digest))
         except ParseError:
             return None
+
+
+def _needed(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:
+    """``(digest, size)`` of what a pull of the manifest *body* (named *digest*) needs from the store."""
+    subject = subject_digest(body)
+    return tuple((d.digest, -1 if isinstance(d.size, bool) else d.size) for d in references(body)
+                 if d.digest not in (digest, subject) and not is_nondistributable(d.media_type))
 
 
 def _unlink(path: str) -> None:

@@ -1,0 +1,301 @@
+"""``mirror fsck`` without ``--verify-content``: objects whose size is not the one recorded of them, and
+pushed images that need what a ``DELETE`` took out of their repository.
+
+Each test runs twice: on the filesystem and diskcache, and on a real SeaweedFS bucket with the index in
+a real PostgreSQL database.  A real upstream registry and the real mirror under uvicorn fill the store
+through the API; the damage is done as someone with access to the store would do it, the mirror
+stopped, then ``mirror fsck`` runs as an operator runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.archives import compress
+from tests.support.catalog import StandardImages
+from tests.support.client import pull_checked, push_image, push_index
+from tests.support.faults import FaultProxy
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, Image, Index, random_layer, sha256_digest as sha256
+from tests.support.mirror import MirrorServer
+from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
+from tests.support.storecheck import mirror_cli, stored_objects
+from tests.support.waiting import wait_for
+from tests.test_s3_serve import ROOT, Bucket
+
+SIZE = "object size differs from its record"
+WRONG = "pushed image gives a wrong size for an object"
+NOT_LINKED = "pushed image refers to an object not linked in its repository"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass
+class Backend:
+    """Where a test's mirror keeps its objects and its index: its data directory and diskcache, or a
+    bucket and a PostgreSQL database."""
+
+    bucket: Bucket | None = None
+    dsn: str | None = None
+
+    def env(self) -> dict[str, str]:
+        """The mirror's environment (and its CLI's) for these backends."""
+        if self.bucket is None:
+            return {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"}
+        return self.bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=str(self.dsn))
+
+    def objects(self, mirror: MirrorServer) -> dict[str, int]:
+        """``{digest: size}`` of every object stored."""
+        if self.bucket is not None:
+            return self.bucket.objects()
+        return {digest: path.stat().st_size for digest, path in stored_objects(mirror.data_dir).items()}
+
+    def overwrite(self, mirror: MirrorServer, digest: str, body: bytes) -> None:
+        """Put *body* where the object *digest* is, behind the mirror's back."""
+        if self.bucket is not None:
+            hex_ = digest.removeprefix("sha256:")
+            key = f"{ROOT}/blobs/sha256/{hex_[:2]}/{hex_}"
+            self.bucket.client.put_object(Bucket=self.bucket.name, Key=key, Body=body)
+            return
+        path = stored_objects(mirror.data_dir)[digest]
+        path.unlink()
+        path.write_bytes(body)
+
+    def wait_stored(self, mirror: MirrorServer, digests: Iterable[str]) -> None:
+        """Wait for the fills of *digests* to reach the store (just after their client's last byte)."""
+        wanted = set(digests)
+        wait_for(lambda: wanted <= set(self.objects(mirror)), timeout=30, what="the objects in the store")
+
+
+@pytest.fixture(params=["filesystem", "s3+postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "filesystem":
+        return Backend()
+    bucket = Bucket(request.getfixturevalue("seaweedfs"), request.getfixturevalue("s3_bucket"))
+    return Backend(bucket, request.getfixturevalue("postgres").create_database())
+
+
+def fsck(mirror: MirrorServer, backend: Backend, *flags: str) -> tuple[int, set[str]]:
+    """``mirror fsck FLAGS`` of the mirror's store: its exit status and the lines it printed."""
+    done: subprocess.CompletedProcess[str] = mirror_cli("fsck", "--data", mirror.data_dir, *flags, env=backend.env())
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    return done.returncode, set(done.stdout.splitlines())
+
+
+def clean(mirror: MirrorServer, backend: Backend, *flags: str) -> None:
+    status, lines = fsck(mirror, backend, *flags)
+    assert status == 0 and any(line.endswith(": clean") for line in lines), lines
+
+
+def upload(http: httpx.Client, base: str, name: str, data: bytes) -> str:
+    answer = http.post(f"{base}/v2/{name}/blobs/uploads/", params={"digest": sha256(data)}, content=data)
+    assert answer.status_code == 201, answer.text
+    return sha256(data)
+
+
+def put_manifest(http: httpx.Client, base: str, name: str, reference: str, document: dict[str, object]) -> bytes:
+    body = json.dumps(document).encode()
+    answer = http.put(f"{base}/v2/{name}/manifests/{reference}", content=body,
+                      headers={"content-type": str(document["mediaType"])})
+    assert answer.status_code == 201, answer.text
+    return body
+
+
+def descriptor(media_type: str, data: bytes, size: int | None = None) -> dict[str, object]:
+    return {"mediaType": media_type, "digest": sha256(data), "size": len(data) if size is None else size}
+
+
+def push(http: httpx.Client, base: str, name: str, reference: str, seed: int,
+         layer_sizes: Iterable[int | None] = (None, None)) -> tuple[bytes, list[bytes]]:
+    """Push an image of a config and random layers (their descriptors giving *layer_sizes*, None: the
+    right one); its manifest and ``[config, *layers]``."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+    sizes = list(layer_sizes)
+    layers = [os.urandom(3000 + 1000 * n + seed) for n in range(len(sizes))]
+    for blob in (config, *layers):
+        upload(http, base, name, blob)
+    manifest = put_manifest(http, base, name, reference, {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor(OCI_CONFIG, config),
+        "layers": [descriptor(OCI_LAYER, layer, size) for layer, size in zip(layers, sizes, strict=True)]})
+    return manifest, [config, *layers]
+
+
+def pull_through(http: httpx.Client, base: str, name: str, item: Image | Index) -> None:
+    """Pull *item* (an index: and each of its images) through the mirror, checking every byte."""
+    if isinstance(item, Index):
+        answer = http.get(f"{base}/v2/{name}/manifests/1", headers={"accept": item.media_type})
+        assert (answer.status_code, answer.content) == (200, item.manifest), answer.text
+        for child in item.children:
+            pull_checked(http, base, name, child.digest, child)
+    else:
+        pull_checked(http, base, name, "1", item)
+
+
+def test_fsck_finds_objects_whose_size_differs_from_their_record_and_repair_removes_them(
+    backend: Backend, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A cached manifest replaced by other bytes of another length (its record in the index gives its
+    length), a pushed layer truncated (the pushed manifest that needs it gives its size): found from
+    the store's listing alone, removed by ``--repair``.  The cached image comes back from the upstream;
+    the pushed layer's bytes are lost, so the image that needs it stays reported until it is pushed again."""
+    mirror = mirror_factory(env=backend.env())
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    manifest, (_, layer, _) = push(http, mirror.url, "team/app", "v1", seed=1)
+    image, cached, lost = sha256(manifest), images.small.digest, sha256(layer)
+    backend.wait_stored(mirror, [cached, *images.small.blobs, image, lost])
+    mirror.stop()
+    backend.overwrite(mirror, cached, images.small.manifest + b"\n")
+    backend.overwrite(mirror, lost, layer[:1000])
+
+    status, lines = fsck(mirror, backend)
+    found = {f"{SIZE}: {cached}: {images.small.size + 1} bytes, the index records {images.small.size}",
+             f"{SIZE}: {lost}: 1000 bytes, {len(layer)} in local/team/app@{image}"}
+    assert status == 1 and found <= lines, lines
+
+    status, lines = fsck(mirror, backend, "--repair")
+    assert {f"{line} (repaired)" for line in found} <= lines, lines
+    assert any(line.startswith("tag points to a missing manifest: ") and line.endswith(f"{cached} (repaired)")
+               for line in lines), lines
+    assert status == 1 and f"pushed image refers to a missing object: local/team/app@{image} -> {lost}" in lines
+    assert not {cached, lost} & set(backend.objects(mirror))
+
+    mirror.start()
+    assert pull_checked(http, mirror.url, "library/small", "1", images.small)[0] == "MISS"
+    gone = http.get(f"{mirror.url}/v2/team/app/blobs/{lost}")
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    upload(http, mirror.url, "team/app", layer)  # the client pushes it again
+    backend.wait_stored(mirror, [cached])
+    mirror.stop()
+    clean(mirror, backend)
+
+
+def test_fsck_repair_keeps_an_object_a_pushed_manifest_gives_a_wrong_size(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A push is not refused for a descriptor's size (nor is it by distribution): the object may be
+    whole and the manifest wrong.  ``--repair`` re-hashes it before removing anything, keeps it, and
+    reports the image, which clients that check sizes cannot pull."""
+    mirror = mirror_factory(env=backend.env())
+    manifest, (_, layer) = push(http, mirror.url, "team/app", "v1", seed=2, layer_sizes=[3009])
+    image, digest = sha256(manifest), sha256(layer)
+    assert len(layer) == 3002
+    mirror.stop()
+
+    status, lines = fsck(mirror, backend)
+    assert status == 1 and f"{SIZE}: {digest}: 3002 bytes, 3009 in local/team/app@{image}" in lines, lines
+    wrong = f"{WRONG}: local/team/app@{image} -> {digest}: 3009 bytes, stored 3002"
+    for flags in (["--repair"], ["--verify-content"]):
+        status, lines = fsck(mirror, backend, *flags)
+        assert status == 1 and wrong in lines and not any(line.endswith("(repaired)") for line in lines), lines
+    assert backend.objects(mirror)[digest] == 3002
+
+    mirror.start()
+    kept = http.get(f"{mirror.url}/v2/team/app/blobs/{digest}")
+    assert (kept.status_code, kept.content) == (200, layer)
+
+
+def test_fsck_reports_pushed_images_that_need_what_was_deleted_from_their_repository(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """``DELETE`` of a layer an image needs, and of the child manifest an index needs: allowed (as
+    distribution allows it), and the objects stay (the manifests still reference them), but pulls of
+    those images now fail.  fsck says so, and ``--repair`` does not undo the deletes."""
+    mirror = mirror_factory(env=backend.env())
+    manifest, (_, layer, _) = push(http, mirror.url, "team/app", "v1", seed=3)
+    child, _ = push(http, mirror.url, "team/app", "child", seed=4)
+    index = put_manifest(http, mirror.url, "team/app", "multi", {
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{**descriptor(OCI_MANIFEST, child), "platform": {"architecture": "amd64", "os": "linux"}}]})
+    image, deleted_layer, deleted_child, listed = sha256(manifest), sha256(layer), sha256(child), sha256(index)
+    clean(mirror, backend)
+
+    assert http.delete(f"{mirror.url}/v2/team/app/blobs/{deleted_layer}").status_code == 202
+    assert http.delete(f"{mirror.url}/v2/team/app/manifests/{deleted_child}").status_code == 202
+    assert http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers={"accept": OCI_MANIFEST}).status_code == 200
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{deleted_layer}").status_code == 404
+    assert http.get(f"{mirror.url}/v2/team/app/manifests/{deleted_child}",
+                    headers={"accept": OCI_MANIFEST}).status_code == 404
+    mirror.stop()
+    assert {deleted_layer, deleted_child} <= set(backend.objects(mirror))
+
+    found = {f"{NOT_LINKED}: local/team/app@{image} -> {deleted_layer}",
+             f"{NOT_LINKED}: local/team/app@{listed} -> {deleted_child}"}
+    for flags in ([], ["--repair"]):
+        status, lines = fsck(mirror, backend, *flags)
+        assert status == 1 and found <= lines and not any(line.endswith("(repaired)") for line in lines), lines
+
+    mirror.start()
+    assert http.get(f"{mirror.url}/v2/team/app/blobs/{deleted_layer}").status_code == 404, "not linked again"
+    upload(http, mirror.url, "team/app", layer)  # pushed again, as a client would
+    put_manifest(http, mirror.url, "team/app", deleted_child, json.loads(child))
+    mirror.stop()
+    clean(mirror, backend)
+
+
+def test_fsck_does_not_ask_for_the_subject_of_a_pushed_referrer(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A registry accepts a manifest whose ``subject`` it does not hold (distribution-spec, "Pushing
+    Manifests with Subject"): an artifact pushed before its image, or kept after the image was deleted,
+    can be pulled; nothing is missing."""
+    mirror = mirror_factory(env=backend.env())
+    empty, signature = b"{}", os.urandom(700)
+    for blob in (empty, signature):
+        upload(http, mirror.url, "team/app", blob)
+    absent = {"mediaType": OCI_MANIFEST, "digest": sha256(b"an image pushed later"), "size": 21}
+    put_manifest(http, mirror.url, "team/app", "sig", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.signature",
+        "config": descriptor("application/vnd.oci.empty.v1+json", empty),
+        "layers": [descriptor("application/vnd.example.signature", signature)], "subject": absent})
+    mirror.stop()
+    clean(mirror, backend)
+
+
+def test_fsck_finds_nothing_wrong_in_a_healthy_store(
+    backend: Backend, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client, tmp_path: Path,
+) -> None:
+    """No false alarm from the new checks: images pulled through (gzip layers, an OCI index, a Docker
+    list), pushed (gzip and zstd layers, an index), and a signed schema 1 manifest whose index record
+    is the length of a copy signed again, longer than the one stored (both named by their payload)."""
+    mirror = mirror_factory(fault_proxy.url, env=backend.env())
+    for short, (name, _, item) in images.refs.items():
+        if short != "big":
+            pull_through(http, mirror.url, name, item)
+    push_image(mirror.url, "team/small", "1", images.small, client=http)
+    push_index(mirror.url, "team/multi", "1", images.multi, client=http)
+    plain = random_layer(tmp_path, 20000, 61, compressed=False)
+    zstd = compress(plain.path, "zstd").read_bytes()
+    upload(http, mirror.url, "team/zstd", config := b'{"architecture":"amd64","os":"linux"}')
+    upload(http, mirror.url, "team/zstd", zstd)
+    put_manifest(http, mirror.url, "team/zstd", "1", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor(OCI_CONFIG, config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+zstd", zstd)]})
+
+    old = signed_schema1("library/old", "1", [random_layer(tmp_path, 3000, 62)])
+    resigned = twice_signed(old.body)
+    for repo, body in (("old", old.body), ("old2", resigned)):
+        fault_proxy.add("status", f"/library/{repo}/manifests/1$", status=200, body=body,
+                        headers={"content-type": SCHEMA1_SIGNED, "docker-content-digest": old.digest})
+        answer = http.get(f"{mirror.url}/v2/{repo}/manifests/1", headers={"accept": SCHEMA1_SIGNED})
+        assert (answer.status_code, answer.headers["docker-content-digest"]) == (200, old.digest), answer.text
+    backend.wait_stored(mirror, [old.digest])
+    assert backend.objects(mirror)[old.digest] == len(old.body) < len(resigned)  # stored once: the first copy
+    mirror.stop()
+    clean(mirror, backend)
+    clean(mirror, backend, "--verify-content")
+
+
+def twice_signed(body: bytes) -> bytes:
+    """A signed schema 1 manifest with its signature given twice: the same payload (and digest), more bytes."""
+    signatures = json.loads(body)["signatures"]
+    cut = body.index(b',\n   "signatures"')
+    block = json.dumps(signatures * 2, indent=3).replace("\n", "\n   ")
+    return body[:cut] + f',\n   "signatures": {block}\n}}'.encode()

@@ -49,7 +49,11 @@ class StoreError(Exception):
 class StoreUnavailable(OSError):
     """The object store does not answer now, or refuses a request (``EIO``; the message names the
     store and the request): nothing stored was changed, and a later call may succeed.  The HTTP edge
-    answers it with ``503 UNAVAILABLE`` (RFC 9110 section 15.6.4)."""
+    answers it with ``503 UNAVAILABLE`` (RFC 9110 section 15.6.4).  Its ``str()`` is the message alone
+    (without ``[Errno 5]``): it goes to logs and command lines as it is."""
+
+    def __str__(self) -> str:
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 class DigestMismatch(StoreError):

@@ -299,3 +299,29 @@ def twice_signed(body: bytes) -> bytes:
     cut = body.index(b',\n   "signatures"')
     block = json.dumps(signatures * 2, indent=3).replace("\n", "\n   ")
     return body[:cut] + f',\n   "signatures": {block}\n}}'.encode()
+
+
+def test_fsck_reports_a_tampered_pushed_manifest_and_changes_nothing_without_repair(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A pushed manifest's bytes changed in the store, its length kept: plain ``fsck`` reads it as it
+    is stored, past the S3 driver's check (which removes what does not match as it reads it), reports
+    it, and leaves the store as it found it; ``--repair`` removes it and the tag that names it."""
+    mirror = mirror_factory(env=backend.env())
+    manifest, _ = push(http, mirror.url, "team/app", "v1", seed=5)
+    image = sha256(manifest)
+    mirror.stop()
+    tampered = manifest[:-1] + b" "  # its closing brace: the length kept, the bytes not
+    assert manifest.endswith(b"}")
+    backend.overwrite(mirror, image, tampered)
+
+    corrupt = f"corrupt object (content does not match its digest): {image}"
+    for _ in range(2):
+        status, lines = fsck(mirror, backend)
+        assert status == 1 and corrupt in lines, lines
+        assert backend.objects(mirror)[image] == len(manifest)  # still there: nothing was changed
+    status, lines = fsck(mirror, backend, "--repair")
+    assert status == 0 and f"{corrupt} (repaired)" in lines, lines
+    assert f"tag points to a missing manifest: local/team/app:v1 -> {image} (repaired)" in lines, lines
+    assert image not in backend.objects(mirror)
+    clean(mirror, backend)

@@ -2,7 +2,9 @@
 
 Checks: leftovers in ``tmp/`` and ``uploads/``; objects in ``blobs/`` with names that are not
 digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed
-schema 1 manifest: whose payload does not, see ``storage/filesystem.py``); objects whose size (as
+schema 1 manifest: whose payload does not, see ``storage/filesystem.py``), and without it the
+pushed manifests, which fsck reads anyway (as stored: the S3 driver's own read would remove one that
+does not match, and fsck without ``repair`` changes nothing); objects whose size (as
 the store lists it: no object is read) differs from their manifest record or from a descriptor of
 a pushed image that needs them; tags whose manifest is missing; manifest records and repository
 links whose object is missing; pushed images that need an object missing from the store, or not
@@ -24,6 +26,7 @@ not restored.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +35,11 @@ from functools import partial
 from ..metadata.driver import LOCAL, Metadata
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
-from ..spec.manifest import SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
+from ..spec.manifest import MAX_MANIFEST_BYTES, SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
 from ..spec.pushed import subject_digest
-from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject
 from ..storage.layout import UPLOAD_ID_RE
+from ..storage.verify import signed_schema1_named
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
 SIZE_DIFFERS = "object size differs from its record"
@@ -186,10 +189,17 @@ class Fsck:
     def _index(self, present: dict[str, StoredObject]) -> None:
         manifests = self._manifests(present)
         links = self.metadata.all_links()
-        # Each pushed manifest read once (not one found damaged: the S3 driver would remove it as it reads it).
-        images = [PushedImage(repo, digest, _needed(self._read(digest) or b"", digest)) for repo, digest in links
-                  if repo.startswith(LOCAL + "/") and digest in manifests and digest in present
-                  and digest not in self._sized]
+        bodies: dict[str, bytes | None] = {}  # each pushed manifest read once (not one of a wrong size)
+        images = []
+        for repo, digest in links:
+            if repo.startswith(LOCAL + "/") and digest in manifests and digest in present \
+                    and digest not in self._sized:
+                if digest not in bodies:
+                    bodies[digest] = self._read(present[digest])
+                    if self.repair and digest in self._dropped:
+                        del present[digest]
+                if (body := bodies[digest]) is not None:
+                    images.append(PushedImage(repo, digest, _needed(body, digest)))
         self._descriptor_sizes(images, present)
         for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
@@ -271,11 +281,24 @@ class Fsck:
                     self._found("pushed image refers to an object not linked in its repository",
                                 f"{image.repo}@{image.digest} -> {digest}")
 
-    def _read(self, digest: str) -> bytes | None:
-        try:
-            return self.store.read_bytes(parse_digest(digest))
-        except ParseError:
+    def _read(self, found: StoredObject) -> bytes | None:
+        """A manifest's bytes as stored, read past the driver's own check (the S3 driver removes an
+        object that does not match as it reads it: without ``repair`` fsck changes nothing); None,
+        and the object reported as corrupt, if they do not match its digest (``verify_content``
+        checked every object already)."""
+        if found.digest is None:
             return None
+        try:
+            with self.store.open_stream(found.digest) as stream:
+                data = stream.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if not self.verify_content and hashlib.new(found.digest.algorithm, data).hexdigest() != found.digest.hex \
+                and not signed_schema1_named(data, found.digest):
+            self._found("corrupt object (content does not match its digest)", found.name,
+                        partial(self._drop_object, found))
+            return None
+        return data
 
 
 def _needed(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:

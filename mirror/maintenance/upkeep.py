@@ -49,6 +49,10 @@ RETRY_MAX_PASSING = 5.0
 RETRY_MAX = 60.0
 
 
+#: Seconds before the same failure of the upkeep is logged again (at WARNING).
+FAILURE_LOG_INTERVAL = 60.0
+
+
 #: The least time between two collector runs asked for by writes that found the store full.
 ROOM_INTERVAL = 10.0
 
@@ -103,6 +107,8 @@ class Maintenance:
         self._room_asked = -ROOM_INTERVAL
         self._own: CapacityLimiter | None = None  # made by run(), on its event loop
         self._uncounted = 0  # bytes committed that the index could not add yet
+        self._failures = 0  # turns failed in a row
+        self._failing: tuple[str, float] | None = None  # the failure last logged, and when
         self._uncounted_lock = threading.Lock()
 
     def note_commit(self, size: int) -> None:
@@ -192,16 +198,26 @@ class Maintenance:
             except Exception as exc:  # the upkeep must outlive any one failure
                 self.metrics.gc_failed()
                 self._failed(exc, "maintenance run")
+            else:
+                if self._failures:
+                    log.info("maintenance runs again, after %d failed turns", self._failures)
+                self._failures, self._failing = 0, None
 
-    @staticmethod
-    def _failed(exc: Exception, what: str) -> None:
-        """Log that *what* failed: one line when ``/readyz`` says why too, else with the traceback."""
-        if isinstance(exc, StoreUnavailable):  # /readyz and mirror_store_up say so
-            log.warning("%s failed: %s", what, exc.strerror)
-        elif refusal(exc) is not None or isinstance(exc, MetadataUnavailable):  # /readyz says so
-            log.warning("%s failed: %s", what, exc)
+    def _failed(self, exc: Exception, what: str) -> None:
+        """Log that *what* failed: one line when ``/readyz`` says why too, else with the traceback;
+        the same failure again within :data:`FAILURE_LOG_INTERVAL` at DEBUG only (an outage fails
+        every turn, every :data:`FLUSH_INTERVAL`)."""
+        self._failures += 1
+        said = f"{what} failed: {exc.strerror if isinstance(exc, StoreUnavailable) else exc}"
+        now = time.monotonic()
+        if self._failing is not None and self._failing[0] == said and now - self._failing[1] < FAILURE_LOG_INTERVAL:
+            log.debug("%s", said)
+            return
+        self._failing = (said, now)
+        if isinstance(exc, StoreUnavailable) or refusal(exc) is not None or isinstance(exc, MetadataUnavailable):
+            log.warning("%s", said)  # /readyz (and mirror_store_up, mirror_index_up) say so too
         else:
-            log.error("%s failed", what, exc_info=exc)
+            log.error("%s", said, exc_info=exc)
 
     async def _collect(self, woken: bool) -> None:
         resume = self._retry_at != float("inf")

@@ -53,13 +53,17 @@ def received(http: httpx.Client, url: str) -> tuple[int, str, int]:
     return status, digest, size
 
 
-@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+@pytest.mark.parametrize(("damage", "redirect"), [("replaced", False), ("truncated", False), ("replaced", True)])
 def test_a_tampered_cached_blob_is_never_served_and_is_fetched_again(
-    damage: str, bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
+    damage: str, redirect: bool, bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
     mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:
-    env = bucket.env()
+    """With ``redirect: true`` too: a client is sent to the bucket only for an object whose ``ETag``
+    this process saw with bytes that matched (it stored it, or read it whole); any other is served
+    from here, hashed as it goes."""
+    env = bucket.env(MIRROR_STORAGE_S3_REDIRECT="true") if redirect else bucket.env()
     mirror = mirror_factory(env=env)
+    http = httpx.Client(timeout=60.0, trust_env=False, follow_redirects=True) if redirect else http
     layer = images.big.layers[1]  # 8 MiB: two parts
     url = blob_url(mirror, "library/big", layer.digest)
     upstream.clear_counts()
@@ -86,6 +90,9 @@ def test_a_tampered_cached_blob_is_never_served_and_is_fetched_again(
     assert received(http, url) == (200, layer.digest, layer.size)
     assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 2, "served from the bucket"
     assert mirror.log_tail(400).count("does not match its digest") == 1, "logged once"
+    if redirect:
+        assert httpx.get(url, trust_env=False).status_code == 307, "stored by this process: handed out"
+        http.close()
 
 
 def test_a_tampered_pushed_blob_becomes_unknown(

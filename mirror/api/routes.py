@@ -167,7 +167,7 @@ async def _blob(request: Request, name: str, found: Endpoint) -> Response:
     headers[CACHE_HEADER] = result.outcome.value
     if not isinstance(source, (GrowingBlob, BypassBlob)):  # stored: the store may hand it out itself
         store: BlobStore = request.state.store
-        if (url := store.redirect_url(digest)) is not None:  # storage.s3.redirect: a presigned GET
+        if (url := store.redirect_url(digest, source)) is not None:  # storage.s3.redirect: a presigned GET
             source.close()
             return Response(status_code=307, headers={**headers, "Location": url})
     byte_range = None

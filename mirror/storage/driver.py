@@ -246,8 +246,9 @@ class BlobStore(Protocol):
         ``FileNotFoundError`` when it is not stored."""
         ...
 
-    def redirect_url(self, digest: Digest) -> str | None:
-        """Where a client may fetch the object itself (a presigned URL), or None: serve it from here."""
+    def redirect_url(self, digest: Digest, source: object = None) -> str | None:
+        """Where a client may fetch the object itself (a presigned URL), or None: serve it from here
+        (*source*, the reader the object was opened with, may say it must be read here first)."""
         ...
 
     def objects(self) -> Iterator[StoredObject]:

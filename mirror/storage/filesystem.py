@@ -128,7 +128,7 @@ class Store:
     def open_stream(self, digest: Digest) -> BinaryIO:
         return open(self.layout.blob(digest), "rb")
 
-    def redirect_url(self, digest: Digest) -> str | None:
+    def redirect_url(self, digest: Digest, source: object = None) -> str | None:
         return None  # served from the local file
 
     def objects(self) -> Iterator[StoredObject]:

@@ -55,10 +55,10 @@ from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
 from .refusals import probe_writes, refusal_errno
 from .s3client import make_clients, settings_problem
-from .s3damage import checked_bytes, checked_copy, read_whole
+from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, missing
+from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
@@ -153,13 +153,8 @@ class S3Store:
     # -- reading --
 
     def size(self, digest: Digest) -> int | None:
-        try:
-            head = self.quick.head_object(Bucket=self.bucket, Key=self.key(digest))
-        except (BotoCoreError, ClientError) as exc:
-            if missing(exc):
-                return None
-            raise backend_error(exc, f"HEAD {digest}", self.options) from exc
-        return int(head["ContentLength"])
+        found = head(self, digest)
+        return None if found is None else found[0]
 
     def exists(self, digest: Digest) -> bool:
         return self.size(digest) is not None
@@ -199,10 +194,11 @@ class S3Store:
         """The whole object, or None if it is missing or does not match *digest* (then removed)."""
         return checked_bytes(self, digest)
 
-    def redirect_url(self, digest: Digest) -> str | None:
-        """A presigned GET of the object when ``redirect`` is on, else None."""
-        if not self.options.redirect:
-            return None
+    def redirect_url(self, digest: Digest, source: object = None) -> str | None:
+        """A presigned GET of the object when ``redirect`` is on and it may be handed out unread (of
+        *source*, an opened reader: only one this process saw match its digest), else None."""
+        if not self.options.redirect or (isinstance(source, S3Reader) and not vouched(self, digest, source.etag)):
+            return None  # served from here, hashed as it goes, and vouched for if it matches
         url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.key(digest)}, ExpiresIn=REDIRECT_EXPIRY)
         return url

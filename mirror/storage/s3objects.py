@@ -107,6 +107,17 @@ def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavail
     return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
 
 
+def head(store: S3Store, digest: Digest) -> tuple[int, str | None] | None:
+    """The object's size and ``ETag`` (a HEAD), or None if it is not stored."""
+    try:
+        answer = store.quick.head_object(Bucket=store.bucket, Key=store.key(digest))
+    except (BotoCoreError, ClientError) as exc:
+        if missing(exc):
+            return None
+        raise backend_error(exc, f"HEAD {digest}", store.options) from exc
+    return int(answer["ContentLength"]), answer.get("ETag")
+
+
 def get_object(store: S3Store, digest: Digest, **extra: str) -> dict[str, Any]:
     """S3's answer to a GET of the object (*extra*: a ``Range``): asked as a small request, its body
     then read with :data:`BODY_READ` seconds per read.  ``FileNotFoundError`` when it is not stored."""
@@ -149,10 +160,10 @@ class S3Reader:
     fd: int | None = None  # bytes come over HTTP: no zero-copy
 
     def __init__(self, store: S3Store, digest: Digest, size: int, mark: int | None,
-                 shared: SharedMarks | None = None) -> None:
+                 shared: SharedMarks | None = None, etag: str | None = None) -> None:
         """A reader of *size* bytes holding *mark* (:func:`mark_reading`) and the index's mark held by
-        *shared*, both taken before the object was looked up."""
-        self._store, self.digest, self.size = store, digest, size
+        *shared*, both taken before the object was looked up; *etag*: the object's when looked up."""
+        self._store, self.digest, self.size, self.etag = store, digest, size, etag
         self._spool: int | None = None
         self._marked = store.layout.reading(digest)
         self._mark = mark
@@ -164,19 +175,19 @@ class S3Reader:
         delete in any process (:func:`unread`) then keeps the object, or ends before the HEAD."""
         marked = store.layout.reading(digest)
         mark = mark_reading(marked)
-        shared, size = None, None
+        shared, found = None, None
         try:
             if store.in_use is not None:
                 store.in_use.hold(digest)
                 shared = store.in_use
-            size = store.size(digest)
+            found = head(store, digest)
         finally:
-            if size is None:
+            if found is None:
                 if mark is not None:
                     unmark_reading(marked, mark)
                 if shared is not None:
                     shared.release(digest)
-        return None if size is None else cls(store, digest, size, mark, shared)
+        return None if found is None else cls(store, digest, found[0], mark, shared, found[1])
 
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive; None: to the end of the object)."""

@@ -415,3 +415,21 @@ def test_an_s3_part_is_at_most_5_gib(tmp_path: Path) -> None:
                                   " the largest part S3 takes")
     file.write_text("storage:\n  s3: {bucket: b, chunksize: 5GiB}\n")
     assert load_config(file, env={}).storage.s3_chunksize == 5 << 30
+
+
+def test_a_key_of_distributions_s3_driver_says_what_to_do_instead(tmp_path: Path) -> None:
+    """A registry:2 configuration's s3 section carries over but for a few keys: each is named as
+    distribution's, with what this mirror does instead (``secure: false`` is no typo of ``secretkey``)."""
+    file = tmp_path / "config.yaml"
+    file.write_text("storage:\n  driver: s3\n  s3:\n    bucket: b\n    regionendpoint: https://s3.example\n"
+                    "    secure: false\ncache:\n  max_size: 1GiB\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(file, env={})
+    assert str(refused.value) == ("storage.s3.secure is a setting of distribution's s3 driver that this mirror does "
+                                  "not take: write the scheme in storage.s3.regionendpoint instead (http://... for "
+                                  "secure: false)")
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={"MIRROR_STORAGE_S3_V4AUTH": "true"})
+    assert str(refused.value).startswith("MIRROR_STORAGE_S3_V4AUTH is a setting of distribution's s3 driver"), \
+        refused.value
+    assert "signature version 4" in str(refused.value)

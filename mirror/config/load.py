@@ -140,10 +140,37 @@ def load_config(
     return Config(**sections, upstreams=tuple(upstreams))
 
 
+#: Keys of distribution's ``s3`` storage driver that this one does not take, and what to do instead
+#: (a ``registry:2`` configuration carries over but for these).
+DISTRIBUTION_S3_KEYS = {
+    "secure": "write the scheme in storage.s3.regionendpoint instead (http://... for secure: false)",
+    "v4auth": "requests are always signed with signature version 4: remove it",
+    "skipverify": "certificates are always verified: point the AWS_CA_BUNDLE environment variable at the "
+                  "store's CA certificate",
+    "encrypt": "objects get the bucket's default encryption: remove it, and set that on the bucket",
+    "keyid": "objects get the bucket's default encryption: remove it, and set that on the bucket",
+    "storageclass": "objects get the bucket's default storage class: remove it",
+    "objectacl": "objects are written without an ACL (the bucket's policy applies): remove it",
+    "multipartcopychunksize": "copies inside the bucket are sized by the mirror: remove it",
+    "multipartcopymaxconcurrency": "copies inside the bucket are sized by the mirror: remove it",
+    "multipartcopythresholdsize": "copies inside the bucket are sized by the mirror: remove it",
+    "accelerate": "set storage.s3.regionendpoint to the endpoint to use instead",
+    "usedualstack": "set storage.s3.regionendpoint to the endpoint to use instead",
+    "loglevel": "use log.level",
+    "useragent": "remove it",
+    "sessiontoken": "give it as AWS_SESSION_TOKEN, with the keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
+
+
 def _unknown(section: str, attr: str, keys: Mapping[str, Any], variable: str | None) -> str:
     """Why the key *attr* of *section* is refused, naming it as the user wrote it: the environment
     *variable* that set it, if one did (``storage.s3_forcepathstlye`` is no key anybody wrote), and
-    the closest known key, if one is close (a typo)."""
+    the closest known key, if one is close (a typo), or what to do instead of a key of distribution's
+    ``s3`` driver (:data:`DISTRIBUTION_S3_KEYS`)."""
+    instead = DISTRIBUTION_S3_KEYS.get(attr.removeprefix("s3_")) if section == "storage" else None
+    if instead is not None and attr.startswith("s3_"):
+        named = variable or f"{section}.{user_key(attr)}"
+        return f"{named} is a setting of distribution's s3 driver that this mirror does not take: {instead}"
     close = difflib.get_close_matches(attr, list(keys), n=1, cutoff=0.75)
     if variable is not None:
         hint = f": did you mean {ENV_PREFIX}{section.upper()}_{close[0].upper()}?" if close else ""

@@ -125,7 +125,10 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     # What the data directory holds besides the index: blobs/ on the filesystem, uploads/ beside a bucket.
     local = store.layout.blobs if config.storage.driver == "filesystem" else store.layout.uploads
     if (local_index and not store.layout.index.is_dir()) or not local.is_dir():
-        print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/)",
+        why = "" if config.storage.driver == "filesystem" else (
+            ": with storage.driver s3 it is still the server's own, whose uploads in progress are checked"
+            " against the index; run this on the mirror's host, --data naming that directory")
+        print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/){why}",
               file=sys.stderr)
         return 2
     problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage, record=False)

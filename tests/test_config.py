@@ -176,6 +176,14 @@ def test_every_data_flag_says_where_the_data_directory_is_without_it(tmp_path: P
             assert done.returncode == 2, (command, args, env, done.stderr)
             assert done.stderr == f"mirror: {used} is not a mirror data directory (no index/ or blobs/)\n", \
                 (command, args, env, done.stderr)
+    s3 = {"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "b", "MIRROR_CACHE_MAX_SIZE": "1GiB",
+          "MIRROR_STORAGE_S3_REGIONENDPOINT": "http://127.0.0.1:9", "MIRROR_METADATA_DRIVER": "postgres",
+          "MIRROR_METADATA_POSTGRES_DSN": "postgresql://mirror@127.0.0.1:9/mirror"}
+    for command in ("gc", "fsck"):  # on S3 too: the server's own directory, which says what it holds
+        done = mirror(command, "--data", "elsewhere", **s3)
+        assert done.returncode == 2 and done.stderr.startswith(
+            "mirror: elsewhere is not a mirror data directory (no index/ or uploads/): with storage.driver s3 it is "
+            "still the server's own"), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror.yaml"]  # nothing was created
 
 

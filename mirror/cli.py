@@ -222,6 +222,9 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
     source, target = configs
     terminal = TerminalProgress("migrate") if sys.stderr.isatty() else None
     progress: Progress = terminal or LineProgress("migrate", lambda line: print(line, flush=True))
+    previous = None
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (a background job)
+        previous = signal.signal(signal.SIGINT, _Interrupts())
     try:
         report = Migration(source, target, verify_content=verify_content, progress=progress).run()
     except Refused as exc:
@@ -234,12 +237,33 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
         print(f"mirror: migrate: {exc}; run it again to go on", file=sys.stderr)
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         if terminal is not None:
             terminal.close()
     for line in (*report.notes, *report.problems):
         print(line)
     print(report.summary())
     return 0 if not report.problems else 1
+
+
+class _Interrupts:
+    """``mirror migrate``'s SIGINT handler: the first Ctrl-C lets the copies in flight end (a store
+    that hangs keeps them up to its timeouts) and says so at once; the second stops at once, leaving
+    what the next run sweeps up (an open multipart upload, a temp file)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.seen:
+            print("mirror: migrate: stopped at once; run it again to go on (it cleans up what this one left)",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.seen = True
+        print("mirror: migrate: interrupted: letting the copies in flight end (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
 
 
 def _names_data_directory(path: Path) -> bool:

@@ -339,8 +339,9 @@ def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], skopeo: str, seaweedfs: SeaweedS3,
     s3_bucket: str, postgres: PostgresServer, tmp_path: Path,
 ) -> None:
-    """Stopped by Ctrl-C, then killed outright (SIGKILL) while copying, the migration run again
-    goes on (what is there is not copied again) and ends with every object and record.
+    """Stopped by Ctrl-C, by Ctrl-C twice (the second stops at once, the copies in flight waiting on
+    a store that does not answer), then killed outright (SIGKILL) while copying, the migration run
+    again goes on (what is there is not copied again) and ends with every object and record.
 
     Each run reaches the bucket through a :class:`BucketGate` and is stopped once an object was
     stored and it waits at the shut gate with nothing on its way there: stopped midway whatever
@@ -356,7 +357,7 @@ def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
     new = write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket), dsn=dsn)
     everything_stored = sizes(source.data_dir)
 
-    for stop in (signal.SIGINT, signal.SIGKILL):
+    for stop in (signal.SIGINT, "twice", signal.SIGKILL):
         copied_before = len(bucket_objects(seaweedfs, s3_bucket))
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
         with BucketGate(seaweedfs.endpoint) as gate:
@@ -371,17 +372,24 @@ def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
                     assert proc.poll() is None, "ended before it was stopped: " + "".join(proc.communicate())
                     assert time.monotonic() < deadline, "no object was copied"
                     time.sleep(0.02)
-                proc.send_signal(stop)
+                proc.send_signal(signal.SIGINT if stop == "twice" else stop)
                 if stop == signal.SIGINT:
                     gate.open()  # the copies running end; a killed process's requests never go on
-                out, err = proc.communicate(timeout=60)
+                if stop == "twice":  # the gate stays shut: the copies in flight would wait for ever
+                    time.sleep(0.5)
+                    proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=60 if stop != "twice" else 10)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
         if stop == signal.SIGINT:
             assert proc.returncode == 130 and "interrupted; run it again" in err, out + err
+            assert "letting the copies in flight end (Ctrl-C again to stop at once)" in err, err
             assert not seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "uploads left open"
+        elif stop == "twice":
+            assert proc.returncode == 130 and "Ctrl-C again to stop at once" in err, out + err
+            assert "stopped at once; run it again to go on" in err, err
         else:
             assert proc.returncode == -signal.SIGKILL
         copied = bucket_objects(seaweedfs, s3_bucket)

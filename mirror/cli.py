@@ -135,6 +135,12 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
+    if config.storage.driver == "s3":
+        try:  # the bucket exists and takes the keys: checked before a new index records which store it holds
+            store.create()
+        except OSError as exc:
+            print(f"mirror: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     try:
         metadata = open_metadata(config.metadata, store.layout.index, config.storage)
     except CannotOpenIndex as exc:

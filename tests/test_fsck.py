@@ -31,6 +31,7 @@ from tests.support.waiting import wait_for
 from tests.test_s3_serve import ROOT, Bucket
 
 SIZE = "object size differs from its record"
+DESCRIPTOR = "object size differs from a pushed image's descriptor"
 WRONG = "pushed image gives a wrong size for an object"
 NOT_LINKED = "pushed image refers to an object not linked in its repository"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -155,11 +156,13 @@ def test_fsck_finds_objects_whose_size_differs_from_their_record_and_repair_remo
     backend.overwrite(mirror, lost, layer[:1000])
 
     status, lines = fsck(mirror, backend)
-    found = {f"{SIZE}: {cached}: {images.small.size + 1} bytes, the index records {images.small.size}",
-             f"{SIZE}: {lost}: 1000 bytes, {len(layer)} in local/team/app@{image}"}
-    assert status == 1 and found <= lines, lines
+    record = f"{SIZE}: {cached}: {images.small.size + 1} bytes, the index records {images.small.size}"
+    assert status == 1 and record in lines, lines
+    assert f"{DESCRIPTOR}: {lost}: 1000 bytes, {len(layer)} in local/team/app@{image} (the object or the manifest " \
+           "is wrong: --repair re-hashes it)" in lines, lines
 
     status, lines = fsck(mirror, backend, "--repair")
+    found = {record, f"{SIZE}: {lost}: 1000 bytes, {len(layer)} in local/team/app@{image}"}  # re-hashed: the object
     assert {f"{line} (repaired)" for line in found} <= lines, lines
     assert any(line.startswith("tag points to a missing manifest: ") and line.endswith(f"{cached} (repaired)")
                for line in lines), lines
@@ -189,7 +192,8 @@ def test_fsck_repair_keeps_an_object_a_pushed_manifest_gives_a_wrong_size(
     mirror.stop()
 
     status, lines = fsck(mirror, backend)
-    assert status == 1 and f"{SIZE}: {digest}: 3002 bytes, 3009 in local/team/app@{image}" in lines, lines
+    assert status == 1 and f"{DESCRIPTOR}: {digest}: 3002 bytes, 3009 in local/team/app@{image} (the object or " \
+        "the manifest is wrong: --repair re-hashes it)" in lines, lines
     wrong = f"{WRONG}: local/team/app@{image} -> {digest}: 3009 bytes, stored 3002"
     for flags in (["--repair"], ["--verify-content"]):
         status, lines = fsck(mirror, backend, *flags)

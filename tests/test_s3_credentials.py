@@ -124,6 +124,18 @@ def test_a_bucket_that_does_not_exist_is_named_by_serve_gc_and_fsck(
     line = one_line("serve", status, stderr)
     assert f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}" in line, line
     assert "storage.s3.bucket" in line, line
+    # gc and fsck of a data directory with a new database and the typo: refused before the new
+    # index records which store it holds, so the right bucket is taken on the next run.
+    (tmp_path / "spool" / "uploads").mkdir(parents=True)
+    dsn = postgres.create_database()
+    for command in ("gc", "fsck"):
+        typo_env = typo.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=dsn)
+        line = one_line(command, *run(command, tmp_path / "spool", typo_env))
+        assert f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}" in line, (command, line)
+    right = Bucket(seaweedfs, seaweedfs.new_bucket())
+    done = mirror_cli("fsck", "--data", tmp_path / "spool",
+                      env=right.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=dsn))
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
 
     # The bucket of a mirror that served is gone: every command says so.
     bucket = Bucket(seaweedfs, seaweedfs.new_bucket())

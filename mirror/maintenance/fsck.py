@@ -43,6 +43,8 @@ from ..storage.verify import signed_schema1_named
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
 SIZE_DIFFERS = "object size differs from its record"
+#: ... from a pushed image's descriptor only, not re-hashed: the object or the manifest is wrong.
+DESCRIPTOR_DIFFERS = "object size differs from a pushed image's descriptor"
 #: ... once re-hashed (``repair``, ``verify_content``) and found whole: the descriptor is wrong.
 WRONG_DESCRIPTOR = "pushed image gives a wrong size for an object"
 
@@ -250,8 +252,11 @@ class Fsck:
                     continue
                 if digest not in whole:
                     whole[digest] = self._whole(found)
-                    if not whole[digest]:
-                        where = f"{image.repo}@{image.digest}"
+                    where = f"{image.repo}@{image.digest}"
+                    if whole[digest] is None:  # not re-hashed: either may be wrong
+                        self._found(DESCRIPTOR_DIFFERS, f"{digest}: {found.size} bytes, {size} in {where} (the "
+                                                        "object or the manifest is wrong: --repair re-hashes it)")
+                    elif not whole[digest]:
                         self._found(SIZE_DIFFERS, f"{digest}: {found.size} bytes, {size} in {where}",
                                     partial(self._drop_object, found))
                         if self.repair:

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
         return serve(config)
+    # The commands below say in one line what failed: the driver's pool retrying and discarding
+    # connections as a database goes away would only add lines before it.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if args.command in ("gc", "fsck"):
         try:
             config = load_config(args.config, overrides={"storage.path": args.data})
@@ -162,6 +165,7 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
 
 def collect(config: Config, dry_run: bool) -> int:
     from .maintenance.gc import Collector
+    from .metadata.driver import MetadataUnavailable
     from .storage.driver import StoreUnavailable
 
     opened = _open_store(config)
@@ -170,8 +174,8 @@ def collect(config: Config, dry_run: bool) -> int:
     store, metadata = opened
     try:
         report = Collector(store, metadata, config.cache, config.gc).run(dry_run=dry_run, wait=True)
-    except StoreUnavailable as exc:  # the object store does not answer (or refuses): one line, no traceback
-        print(f"mirror: gc: {exc.strerror}", file=sys.stderr)
+    except (StoreUnavailable, MetadataUnavailable) as exc:  # the store or the index does not answer: one line
+        print(f"mirror: gc: {exc}", file=sys.stderr)
         return 1
     finally:
         metadata.close()
@@ -183,6 +187,7 @@ def collect(config: Config, dry_run: bool) -> int:
 def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     from .archive.offline import TerminalProgress
     from .maintenance.fsck import Fsck
+    from .metadata.driver import MetadataUnavailable
     from .storage.driver import StoreUnavailable
 
     opened = _open_store(config)
@@ -193,9 +198,9 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     try:
         report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress,
                       replica=config.cluster.enabled).run()
-    except StoreUnavailable as exc:  # the object store does not answer (or refuses): one line, no traceback
+    except (StoreUnavailable, MetadataUnavailable) as exc:  # the store or the index does not answer: one line
         progress.close()
-        print(f"mirror: fsck: {exc.strerror}", file=sys.stderr)
+        print(f"mirror: fsck: {exc}", file=sys.stderr)
         return 1
     finally:
         progress.close()

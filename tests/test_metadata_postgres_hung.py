@@ -6,19 +6,24 @@ own (frozen by the test), against the session's upstream registry."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
 from mirror.metadata.pgschema import HEARTBEAT, HEARTBEAT_WAIT
+from tests.support.archives import pack
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
-from tests.support.images import MANIFEST_MEDIA_TYPES, Image
-from tests.support.mirror import MirrorServer
+from tests.support.images import MANIFEST_MEDIA_TYPES, Image, write_oci_layout
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import eventually
 
@@ -120,3 +125,45 @@ def test_a_mirror_whose_database_hangs_answers_503_within_a_bound_and_recovers(
         pull_checked(http, mirror.url, big, big_tag, big_item)
         pull_checked(http, mirror.url, name, tag, item)
         assert "Traceback" not in mirror.log_tail(1000), mirror.log_tail(1000)
+
+
+@pytest.mark.slow
+def test_gc_fsck_and_preload_whose_database_goes_away_midway_say_so_in_one_line(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    """``mirror gc``, ``mirror fsck`` and ``mirror preload --data`` that lose the database while they
+    run (here: waiting on a table another session locked, when the server shuts down) stop with one
+    line naming the database, exit 1, and leave nothing a later run cannot take up."""
+    with PostgresServer() as own:
+        dsn = own.create_database()
+        env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn}
+        mirror = mirror_factory(env=env)
+        pull_checked(http, mirror.url, "library/small", "1", images.small)
+        mirror.stop()
+        write_oci_layout(tmp_path / "layout", images.big, "docker.io/team/big:1")
+        archive = pack(tmp_path / "layout", tmp_path / "big.tar")
+        for command, extra in (("gc", []), ("fsck", []), ("preload", [str(archive)])):
+            locker = psycopg.connect(dsn, autocommit=False)
+            locker.execute("LOCK TABLE tags, manifests, links, access, pins IN ACCESS EXCLUSIVE MODE")
+            proc = subprocess.Popen([sys.executable, "-m", "mirror", command, "--data", str(mirror.data_dir), *extra],
+                                    cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                with psycopg.connect(dsn, autocommit=True) as watcher:
+                    eventually(lambda: watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] > 0,
+                        30)
+                own.halt()
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                locker.close()
+            lines = err.strip().splitlines()
+            assert proc.returncode == 1 and "Traceback" not in err and len(lines) == 1, (command, out, err)
+            assert lines[0].startswith(f"mirror: {command}: ") and "database" in lines[0], lines
+            own.resume()
+        done = subprocess.run([sys.executable, "-m", "mirror", "fsck", "--data", str(mirror.data_dir)],
+                              cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr

@@ -120,6 +120,8 @@ def run_preload(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         return 2
+    from ..metadata.driver import MetadataUnavailable
+    from ..storage.driver import StoreUnavailable
     from .members import ArchiveError
     from .preload import preload_file
 
@@ -137,6 +139,10 @@ def run_preload(args: argparse.Namespace) -> int:
                 print(f"mirror: preload: {file}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
+            except (StoreUnavailable, MetadataUnavailable) as exc:  # the rest would fail the same way
+                print(f"mirror: preload: {file}: {exc}; run it again to go on (what is stored stays)",
+                      file=sys.stderr)
+                return 1
             finally:
                 progress.close()
             for warning in summary.warnings:
@@ -277,7 +283,9 @@ def _tar_directory(root: Path, progress: TerminalProgress) -> Iterator[bytes]:
 
 def run_export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="mirror: %(message)s")
+    from ..metadata.driver import MetadataUnavailable
     from ..spec.platforms import Platform
+    from ..storage.driver import StoreUnavailable
     from .export import Exporter, ExportError, read_image_list
 
     try:
@@ -307,6 +315,9 @@ def run_export(args: argparse.Namespace) -> int:
         summary = Exporter(config, store, metadata, platforms=platforms, all_platforms=args.all_platforms,
                            progress=progress).export(references, Path(args.output))
     except ExportError as exc:
+        print(f"mirror: export: {exc}", file=sys.stderr)
+        return 1
+    except (StoreUnavailable, MetadataUnavailable) as exc:  # not the output's fault: the store or the index
         print(f"mirror: export: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

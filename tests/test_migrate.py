@@ -431,18 +431,26 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     assert sizes(theirs) == {} and records(new) == kept
 
 
+def _another_store_in_the_bucket(tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer,
+                                 *, seed: int) -> Path:
+    """A store ``theirs`` migrated into *s3_bucket* (with a database of its own); the data directory
+    of another store, ``ours``, not migrated yet."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    preloaded(tmp_path, ours, "one", seed)
+    preloaded(tmp_path, theirs, "two", seed + 1)
+    migrated(write_config(tmp_path / "theirs.yaml", theirs),
+             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                          dsn=postgres.create_database()))
+    return ours
+
+
 def test_a_target_bucket_holding_another_stores_objects_is_refused_though_its_index_is_empty(
         tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
     """A fresh database paired with a bucket another store lives in: the two stores would share
     its objects (a collection of either would take the other's).  Nothing is written."""
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    preloaded(tmp_path, ours, "one", 921)
-    preloaded(tmp_path, theirs, "two", 922)
-    migrated(write_config(tmp_path / "theirs.yaml", theirs),
-             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
-                          dsn=postgres.create_database()))
+    ours = _another_store_in_the_bucket(tmp_path, seaweedfs, s3_bucket, postgres, seed=921)
     objects = bucket_objects(seaweedfs, s3_bucket)
-    assert objects == sizes(theirs)
+    assert objects == sizes(tmp_path / "theirs")
     new = write_config(tmp_path / "new.yaml", tmp_path / "other-spool", s3=(seaweedfs, s3_bucket),
                        dsn=postgres.create_database())
     line = refused(write_config(tmp_path / "ours.yaml", ours), new)
@@ -454,12 +462,7 @@ def test_a_refused_target_database_is_left_free_for_the_bucket_of_the_next_run(
         tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
     """A migration into a new database whose bucket is refused (another store lives there) records
     no store in that database: the next run, into an empty bucket, takes it."""
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    preloaded(tmp_path, ours, "one", 931)
-    preloaded(tmp_path, theirs, "two", 932)
-    migrated(write_config(tmp_path / "theirs.yaml", theirs),
-             write_config(tmp_path / "cloud.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
-                          dsn=postgres.create_database()))
+    ours = _another_store_in_the_bucket(tmp_path, seaweedfs, s3_bucket, postgres, seed=931)
     dsn, source = postgres.create_database(), write_config(tmp_path / "ours.yaml", ours)
     line = refused(source, write_config(tmp_path / "new.yaml", tmp_path / "new-spool", s3=(seaweedfs, s3_bucket),
                                         dsn=dsn))

@@ -46,6 +46,7 @@ class MirrorServer(Service):
         verify: Any = True,
         host: str = "127.0.0.1",
         module: str = "mirror",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
@@ -66,8 +67,9 @@ class MirrorServer(Service):
         #: Requests the mirror answered, from its uvicorn access log (``count``, ``requests``, ``clear``).
         self.access = AccessLog(self.log_path, parse=parse_uvicorn_entry)
         #: The full command line (the CLI contract with the server).
+        #: *wrapper* runs the server (e.g. ``strace`` injecting a slow disk's ``fsync``).
         self.args: list[str] = [
-            sys.executable, "-m", module, "serve",
+            *wrapper, sys.executable, "-m", module, "serve",
             "--listen", f"{host}:{self.port}",
             "--data", os.fspath(data_dir),
             "--upstream", upstream_url,

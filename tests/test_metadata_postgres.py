@@ -560,7 +560,8 @@ def test_a_mirror_whose_database_cannot_be_reached_does_not_start_and_says_why(
 def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
     postgres: PostgresServer, tmp_path: Path,
 ) -> None:
-    """Refused, no such database, a wrong password, a schema from a newer mirror: ``serve`` exits 3
+    """Refused, no such database, a wrong password, a schema from a newer mirror, a user that may not
+    create tables, another application's tables, a schema version removed: ``serve`` exits 3
     (before any worker starts), ``gc`` and ``fsck`` 1 (``preload`` 2, as for any data directory it
     cannot use), each with one line naming the server and the database, why, and what to check;
     never a traceback or the password."""
@@ -568,7 +569,18 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
     newer = postgres.create_database()
     PostgresMetadata(newer).close()
     _query(newer, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")  # as a newer mirror leaves it
+    # A database handed over with CONNECT only: PostgreSQL 15 lets no one but its owner create tables in it.
+    _query(postgres.dsn(), "CREATE ROLE mirror_plain LOGIN NOSUPERUSER")
+    granted = postgres.create_database()
+    # Another application's database, with a table of a name the mirror uses; a mirror's, its version row removed.
+    foreign, emptied = postgres.create_database(), postgres.create_database()
+    _query(foreign, "CREATE TABLE tags (label text); INSERT INTO tags VALUES ('theirs')")
+    PostgresMetadata(emptied).close()
+    _query(emptied, "DELETE FROM schema_version")
     closed, here = free_port(), f"127.0.0.1:{postgres.port}"
+
+    def named(dsn: str) -> str:
+        return f"'{dsn.split('dbname=')[1].split()[0]}' at {here}"
     cases = [
         (f"host=127.0.0.1 port={closed} dbname=mirror user=postgres", f"'mirror' at 127.0.0.1:{closed}",
          "Connection refused: check that PostgreSQL runs there and takes connections, and the host and port"),
@@ -576,8 +588,13 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
          'database "absent" does not exist: create it, or correct the database name in metadata.postgres.dsn'),
         (f"{postgres.dsn()} user=mirror_pw", f"'postgres' at {here}",
          'password authentication failed for user "mirror_pw": check the user and password in metadata.postgres.dsn'),
-        (newer, f"'{newer.split('dbname=')[1].split()[0]}' at {here}",
+        (newer, named(newer),
          f"has schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION} this mirror knows: upgrade"),
+        (f"{granted} user=mirror_plain", named(granted),
+         "refused the mirror's schema: permission denied for schema public: the mirror creates its tables at its "
+         "first start: make its user the database's owner, or grant it CREATE on the schema"),
+        (foreign, named(foreign), "has tables named tags but no schema version of this mirror: another application's"),
+        (emptied, named(emptied), "has tables named access, counters, "),
     ]
 
     def run(n: int, dsn: str, command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -599,6 +616,9 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
             assert "\n" not in line and line.startswith(f"mirror: PostgreSQL database {where}"), line
             assert says in line, line
             assert "s3cr3t-pw" not in done.stderr + done.stdout
+    # Nothing of the other application's was changed, nor made beside it.
+    assert _query(foreign, "SELECT label FROM tags") == [("theirs",)]
+    assert _query(foreign, "SELECT to_regclass('schema_version')") == [(None,)]
 
 
 def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is_back(

@@ -34,7 +34,7 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
     if config.driver == "postgres":
         import psycopg  # imported only when it is used
 
-        from .pgschema import SchemaTooNew, StoreMismatch
+        from .pgschema import ForeignTables, SchemaTooNew, StoreMismatch
         from .postgres import PostgresMetadata
 
         assert config.postgres_dsn is not None  # checked by MetadataConfig
@@ -48,6 +48,17 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
             raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
         except SchemaTooNew as exc:
             raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
+        except ForeignTables as exc:
+            raise CannotOpenIndex(
+                f"{_describe(wanted)} has tables named {exc.names} but no schema version of this mirror: another "
+                "application's, or the mirror's with its schema_version table emptied: give the mirror a database "
+                "of its own (nothing was changed)") from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise CannotOpenIndex(
+                f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}: the mirror creates its tables "
+                "at its first start: make its user the database's owner, or grant it CREATE on the schema") from None
+        except psycopg.DatabaseError as exc:  # anything else the server refuses at start
+            raise CannotOpenIndex(f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}") from None
         except StoreMismatch as exc:
             raise CannotOpenIndex(
                 f"{_describe(wanted)} holds the index of {_describe_store(exc.recorded)}, not of this store, "
@@ -121,6 +132,10 @@ def _describe_store(store: Mapping[str, Any]) -> str:
     if store.get("driver") == "s3":
         return f"S3 bucket {store.get('bucket')!r} under {store.get('rootdirectory') or '/'!r}"
     return f"the data directory with id {store.get('id')} (seen at {store.get('path')})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0].strip()
 
 
 def _unanswered(where: str, error: str) -> str:

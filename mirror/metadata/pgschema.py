@@ -25,7 +25,8 @@ from psycopg.types.json import Jsonb
 
 from .pgwatch import ServerWatch, shut_down
 
-__all__ = ["CHANNEL", "SCHEMA_VERSION", "UPLOAD_COLUMNS", "UPLOAD_UPDATES", "NotifiedGeneration", "SchemaTooNew",
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "UPLOAD_COLUMNS", "UPLOAD_UPDATES", "ForeignTables", "NotifiedGeneration",
+           "SchemaTooNew",
            "StoreMismatch", "describe", "migrate"]
 
 #: The NOTIFY channel on which each withdrawal publishes the new generation counter.
@@ -42,6 +43,9 @@ HEARTBEAT_WAIT = 3.0
 #: TABLE``, an explicit ``LOCK``) before the server answers that they gave up: a server that answers
 #: so is not silent, and the heartbeat then learns nothing new, but ends nothing either.
 HEARTBEAT_LOCK_WAIT = 1.0
+#: The tables the first migration creates (a database with one of them and no version is not new).
+_FIRST_TABLES = ("tags", "manifests", "links", "repositories", "locals", "referrers", "upstream_referrers",
+                 "referrers_api", "pins", "uploads", "foreign_urls", "access", "counters", "settings", "leases")
 _LOCK = 0x6D6972726F72  # pg_advisory_xact_lock key of migrations ("mirror")
 
 _KEY = 'text COLLATE "C" NOT NULL'
@@ -104,6 +108,15 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer mirror than this one."""
 
 
+class ForeignTables(RuntimeError):
+    """The database has tables of the names this mirror creates, but no schema version of its own:
+    another application's, or a mirror's whose ``schema_version`` was removed (:attr:`names`)."""
+
+    def __init__(self, names: str) -> None:
+        super().__init__(f"tables named {names} but no schema version of this mirror")
+        self.names = names
+
+
 class StoreMismatch(RuntimeError):
     """The database holds the index of another blob store (:attr:`recorded`) than the one opening it."""
 
@@ -120,8 +133,10 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] 
     every later one.  Two stores on one database would each see the other's records as their own
     (links to blobs they lack; blobs the index does not reference, which the collector deletes).
 
-    Raises :class:`SchemaTooNew` if its version is newer than this code's, :class:`StoreMismatch`
-    if it describes another store.
+    Raises :class:`SchemaTooNew` if its version is newer than this code's, :class:`ForeignTables` if
+    it has no version but tables of this mirror's names (written over, they would be another's data),
+    :class:`StoreMismatch` if it describes another store; psycopg's errors if the server refuses the
+    schema (``InsufficientPrivilege``: the user may not create tables).
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
@@ -131,6 +146,12 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] 
         if found > SCHEMA_VERSION:
             raise SchemaTooNew(f"the metadata database has schema version {found}, newer than the {SCHEMA_VERSION}"
                                " this mirror knows: upgrade the mirror (or point it at another database)")
+        if found == 0:
+            row = conn.execute("SELECT string_agg(table_name, ', ' ORDER BY table_name) FROM information_schema.tables"
+                               " WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+                               (list(_FIRST_TABLES),)).fetchone()
+            if row is not None and row[0]:
+                raise ForeignTables(str(row[0]))
         for version in range(found, SCHEMA_VERSION):
             conn.execute(MIGRATIONS[version])
         conn.execute("DELETE FROM schema_version")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import shutil
@@ -83,7 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .storage.driver import StoreSetupError
+
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except StoreSetupError as exc:  # the store's client cannot be made (the AWS SDK's profile, say)
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         try:
             config = load_config(args.config, overrides={
@@ -218,6 +227,7 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
     from .archive.offline import TerminalProgress
     from .maintenance.migrate import Migration, Refused
     from .observe.progress import LineProgress, Progress
+    from .storage.driver import StoreSetupError
 
     configs = []
     for path in (old, new):
@@ -238,7 +248,7 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
         previous = signal.signal(signal.SIGINT, _Interrupts())
     try:
         report = Migration(source, target, verify_content=verify_content, progress=progress).run()
-    except Refused as exc:
+    except (Refused, StoreSetupError) as exc:
         print(f"mirror: migrate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -292,6 +302,7 @@ def serve(config: Config) -> int:
 
     from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from .server.hardening import server_options, startup_problem
+    from .server.metricsdir import metrics_directory
     from .storage.driver import StoreUnavailable
     from .storage.opening import open_blob_store
 
@@ -333,7 +344,7 @@ def serve(config: Config) -> int:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
     try:
-        metrics_dir, metrics_lock = _metrics_dir(Path(tempfile.gettempdir()))
+        metrics_dir, metrics_lock = metrics_directory(Path(tempfile.gettempdir()))
     except OSError as exc:
         print(f"mirror: cannot create a metrics directory in {tempfile.gettempdir()}: {exc.strerror}",
               file=sys.stderr)
@@ -374,24 +385,3 @@ def serve(config: Config) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.close(metrics_lock)
     return 0
-
-
-def _metrics_dir(parent: Path) -> tuple[Path, int]:
-    """A fresh ``mirror-metrics-*`` directory in *parent* (the system's temp directory), flock'ed
-    while this server runs; those of servers that are gone (killed) are removed."""
-    for old in parent.glob("mirror-metrics-*"):
-        try:
-            fd = os.open(old / "lock", os.O_RDONLY)
-        except OSError:
-            continue  # being created, or not ours
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue
-        finally:
-            os.close(fd)
-        shutil.rmtree(old, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix="mirror-metrics-", dir=parent))
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return path, fd

@@ -177,3 +177,34 @@ def test_a_mirror_whose_keys_the_store_stops_taking_says_so_in_readyz_and_its_lo
     assert f"refused the credentials for bucket {bucket.name!r}" in log, log
     assert "Traceback" not in log and "[Errno" not in log, log
     no_secret(ready.text + log, old_secret, server.secretkey)
+
+
+def test_a_stale_aws_profile_does_not_matter_with_the_keys_set_and_is_named_in_one_line_without(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    """``AWS_PROFILE`` naming no profile (left on a host), or an AWS config file the SDK cannot parse:
+    with ``storage.s3.accesskey`` set the SDK's profile is not read and everything works; without it,
+    ``serve``, ``gc`` and ``fsck`` say in one line what to check and exit 2 (it was a botocore traceback)."""
+    env = indexed_in_postgres(bucket, postgres)
+    stale = {**env, "AWS_PROFILE": "nosuchprofile"}
+    mirror = mirror_factory(env=stale)
+    assert httpx.get(f"{mirror.url}/v2/", timeout=10).status_code == 200
+    mirror.stop()
+    for command in ("gc", "fsck"):
+        done = mirror_cli(command, "--data", mirror.data_dir, env=stale)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stdout + done.stderr)
+    server = bucket.server
+    (tmp_path / "config").write_text("[profile broken\nregion = us-east-1\n")
+    sdk = {**{k: v for k, v in env.items() if not k.startswith("MIRROR_STORAGE_S3_") or "KEY" not in k},
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": server.accesskey,
+           "AWS_SECRET_ACCESS_KEY": server.secretkey}
+    broken = {"The config profile (nosuchprofile) could not be found": {"AWS_PROFILE": "nosuchprofile"},
+              f"Unable to parse config file: {tmp_path / 'config'}": {"AWS_CONFIG_FILE": str(tmp_path / "config")}}
+    for says, variables in broken.items():
+        for command in ("gc", "fsck", "serve"):
+            status, stderr = run(command, mirror.data_dir, {**sdk, **variables})
+            lines = stderr.strip().splitlines()
+            assert status == 2 and "Traceback" not in stderr and len(lines) == 1, (command, status, stderr)
+            assert lines[0].startswith(f"mirror: the AWS SDK cannot make a client for bucket {bucket.name!r}: "
+                                       f"{says}: check AWS_PROFILE, AWS_CONFIG_FILE"), lines[0]
+            no_secret(stderr, server.secretkey)

@@ -56,6 +56,12 @@ class StoreUnavailable(OSError):
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
+class StoreSetupError(ValueError):
+    """The store's client cannot be made from its settings and the environment (the AWS SDK's
+    ``AWS_PROFILE`` naming no profile, an ``AWS_CONFIG_FILE`` it cannot parse): nothing was asked of the
+    store.  The message says what to check; commands print it in one line and exit 2."""
+
+
 class DigestMismatch(StoreError):
     """The bytes do not hash to the digest they were to be stored under."""
 

@@ -28,9 +28,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import boto3.session
+import botocore.session
 from botocore.config import Config
-from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.utils import determine_content_length
+
+from .driver import StoreSetupError
 
 if TYPE_CHECKING:
     from .s3objects import S3Options
@@ -63,9 +67,10 @@ PROBE = Timeouts(connect=2.0, read=2.0, attempts=1)
 BODY_READ = 20.0
 
 
-def make_client(options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
-    """A boto3 S3 client for *options* (path-style addressing when ``forcepathstyle``) with *timeouts*."""
-    client = boto3.client(
+def make_client(session: boto3.session.Session, options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
+    """A boto3 S3 client of *session* for *options* (path-style addressing when ``forcepathstyle``)
+    with *timeouts*."""
+    client = session.client(
         "s3", endpoint_url=options.regionendpoint or None, region_name=options.region,
         aws_access_key_id=options.accesskey or None, aws_secret_access_key=options.secretkey or None,
         config=Config(s3={"addressing_style": "path" if options.forcepathstyle else "auto"},
@@ -78,8 +83,22 @@ def make_client(options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
 
 
 def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
-    """The driver's clients: transfers, small requests, and ``/readyz``'s probe (see the module docstring)."""
-    return make_client(options, TRANSFER), make_client(options, SMALL), make_client(options, PROBE)
+    """The driver's clients: transfers, small requests, and ``/readyz``'s probe (see the module docstring).
+
+    With the keys set (``storage.s3.accesskey``), the SDK's profile (``AWS_PROFILE``) is not read: a
+    stale one left in the environment does not matter.  Raises :class:`StoreSetupError` if the SDK
+    cannot make them (a profile that does not exist, a config file it cannot parse)."""
+    try:
+        # session_vars: where the SDK finds its profile; none, when the keys are given here.
+        session = boto3.session.Session(botocore_session=botocore.session.Session(
+            session_vars={"profile": (None, None, None, None)} if options.accesskey else None))
+        return (make_client(session, options, TRANSFER), make_client(session, options, SMALL),
+                make_client(session, options, PROBE))
+    except BotoCoreError as exc:
+        raise StoreSetupError(
+            f"the AWS SDK cannot make a client for bucket {options.bucket!r}: {exc}: check AWS_PROFILE,"
+            " AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE (or set storage.s3.accesskey and storage.s3.secretkey,"
+            " and the SDK's profile is not read)") from None
 
 
 #: S3 error codes of credentials the store refuses: an unknown key, a signature made with another

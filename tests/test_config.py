@@ -401,14 +401,18 @@ def test_an_unknown_environment_variable_is_named_with_the_closest_key() -> None
                                   " (unknown configuration key gc.whenever)")
 
 
-def test_dsn_and_dsn_file_together_are_refused(tmp_path: Path) -> None:
+def test_dsn_and_dsn_file_together_in_one_place_are_refused(tmp_path: Path) -> None:
+    """Both in the file, or both in the environment: which was meant cannot be told.  (One in the file
+    and the other in the environment: the environment's wins, ``test_config_s3_values.py``.)"""
     secret = tmp_path / "dsn"
     secret.write_text("host=db dbname=mirror user=m password=file-s3cr3t\n")
     path = tmp_path / "mirror.yaml"
-    path.write_text("metadata:\n  driver: postgres\n  postgres:\n    dsn: postgresql://m:yaml-s3cr3t@db/mirror\n")
-    for env in ({"MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)}, {}):
+    path.write_text("metadata:\n  driver: postgres\n  postgres:\n    dsn: postgresql://m:yaml-s3cr3t@db/mirror\n"
+                    f"    dsn_file: {secret}\n")
+    for env in ({}, {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": "host=db",
+                     "MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)}):
         with pytest.raises(ConfigError) as refused:
-            load_config(path, env=env, overrides={"metadata.postgres.dsn_file": None if env else str(secret)})
+            load_config(None if env else path, env=env)
         assert str(refused.value).startswith("metadata.postgres.dsn and metadata.postgres.dsn_file are both set:"
                                              " keep one"), refused.value
         assert "s3cr3t" not in str(refused.value)

@@ -40,7 +40,7 @@ from .sections import (
     UiConfig,
     UpstreamConfig,
 )
-from .values import redact
+from .values import dsn_problem, redact
 
 ENV_PREFIX = "MIRROR_"
 #: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
@@ -84,23 +84,30 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Build the configuration from a YAML file, the environment and ``"section.key"`` overrides."""
-    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    # Each source's keys by section, as field names (``http.tls.key`` is ``tls_key``), lowest first.
+    file: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     extra: list[Any] = []
     if path is not None:
-        extra = _merge_yaml(raw, path)
-    in_file = dict(raw["upstream"])  # the file's `upstream` section, before the environment refines it
+        extra = _merge_yaml(file, path)
+    in_file = dict(file["upstream"])  # the file's `upstream` section, before the environment refines it
     environ = os.environ if env is None else env
     if f"{ENV_PREFIX}UPSTREAMS" in environ:
         try:
             extra = json.loads(environ[f"{ENV_PREFIX}UPSTREAMS"])
         except ValueError:
             raise ConfigError(f"{ENV_PREFIX}UPSTREAMS must be a JSON list of upstream mappings") from None
-    variables = _merge_env(raw, environ)
+    from_env: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    variables = _merge_env(from_env, environ)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
-            raw[section][key] = value
-            variables.pop((section, key), None)
+            flags[section][key.replace(".", "_")] = value
+            variables.pop((section, key.replace(".", "_")), None)
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for layer, where in ((file, f"in {path}"), (from_env, "in the environment"), (flags, "given as flags")):
+        for name, cls in SECTIONS.items():
+            _overlay(raw[name], layer[name], _section_keys(cls), name, where)
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         keys = _section_keys(cls)
@@ -119,19 +126,27 @@ def load_config(
     upstreams = [default]
     default_entry: int | None = None
     for n, entry in enumerate(_upstream_list(extra)):
-        parsed = _parse_section(UpstreamConfig, entry, f"upstreams[{n}]")
-        if parsed.registry == default.registry and default_entry is None:
+        label = f"upstreams[{n}]"
+        _overlay({}, entry, _section_keys(UpstreamConfig), label)  # refuses a key and its _file both set
+        registry = _parse_section(UpstreamConfig, {k: v for k, v in entry.items() if k == "registry"}, label).registry
+        if registry == default.registry and default_entry is None:
             # The default registry's entry: env and flags refine it; the file's `upstream` section may
             # add keys but not contradict it (one of the two would silently be ignored).
             default_entry = n
-            _check_no_conflict(in_file, entry, parsed, n)
-            merged = {**entry, **raw["upstream"]}
+            _check_no_conflict(in_file, entry, registry, n)
+            merged = _overlay(dict(entry), raw["upstream"], _section_keys(UpstreamConfig), "upstream")
+            _parse_section(UpstreamConfig, {k: v for k, v in merged.items() if k not in raw["upstream"]}, label)
             default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
-        elif any(u.registry == parsed.registry for u in upstreams):
-            raise ConfigError(f"upstreams[{n}].registry: {parsed.registry} is configured twice")
+        elif any(u.registry == registry for u in upstreams):
+            raise ConfigError(f"{label}.registry: {registry} is configured twice")
         else:
-            upstreams.append(parsed)
+            upstreams.append(_parse_section(UpstreamConfig, entry, label))
     sections["upstream"] = default
+    metadata = sections["metadata"]
+    if metadata.driver == "postgres" and (problem := dsn_problem(metadata.postgres_dsn or "")) is not None:
+        # Here, not in MetadataConfig: the index's own check (metadata/opening.py) takes any DSN it is given.
+        which = f"dsn_file: the DSN in {metadata.postgres_dsn_file}" if metadata.postgres_dsn_file else "dsn"
+        raise ConfigError(f"metadata.postgres.{which}: {problem}")
     if sections["storage"].driver == "s3" and "max_size" not in raw["cache"]:
         # Config would call the default "bad value for cache.max_size: 80% ...", a value nobody wrote.
         raise ConfigError("cache.max_size is not set, and its default, 80% of the disk, has no meaning with "
@@ -180,13 +195,39 @@ def _unknown(section: str, attr: str, keys: Mapping[str, Any], variable: str | N
     return f"unknown configuration key {section}.{user_key(attr)}{hint}"
 
 
-def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], parsed: Any, n: int) -> None:
-    """Refuse a key the file sets both in ``upstream:`` and in the default registry's ``upstreams[n]``."""
+def _overlay(lower: dict[str, Any], layer: Mapping[str, Any], keys: Mapping[str, Any], label: str,
+             where: str = "") -> dict[str, Any]:
+    """Lay one source's keys of a section (*layer*) over the lower sources' (*lower*, updated and
+    returned).  A key and its ``_file`` twin (``s3.secretkey``, ``s3.secretkey_file``) are one setting:
+    either set here replaces both below; both set here (*where*) are refused.  Empty is not set."""
+    for attr, value in layer.items():
+        twin = attr.removesuffix("_file") if attr.endswith("_file") else f"{attr}_file"
+        if twin not in keys or value is None or value == "":
+            continue
+        if layer.get(twin) not in (None, ""):
+            key, file = sorted((attr, twin), key=len)
+            raise ConfigError(f"{label}.{user_key(key)} and {label}.{user_key(file)} are both set: keep one"
+                              + (f" (both {where})" if where else ""))
+        lower.pop(twin, None)
+    lower.update(layer)
+    return lower
+
+
+def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], registry: str, n: int) -> None:
+    """Refuse a key the file sets both in ``upstream:`` and in the default registry's ``upstreams[n]``,
+    or one there and its ``_file`` twin here (or the other way round)."""
+    keys = _section_keys(UpstreamConfig)
     for key in entry.keys() & section.keys():
         attr = key.replace(".", "_")
-        if getattr(_parse_section(UpstreamConfig, {key: section[key]}, "upstream"), attr) != getattr(parsed, attr):
-            raise ConfigError(f"upstream.{key} and upstreams[{n}].{key} both configure {parsed.registry} "
+        ours, theirs = (getattr(_parse_section(UpstreamConfig, {key: values[key]}, label), attr)
+                        for values, label in ((section, "upstream"), (entry, f"upstreams[{n}]")))
+        if ours != theirs:
+            raise ConfigError(f"upstream.{key} and upstreams[{n}].{key} both configure {registry} "
                               "differently: keep one")
+    for key, value in section.items():
+        twin = key.removesuffix("_file") if key.endswith("_file") else f"{key}_file"
+        if twin in keys and value not in (None, "") and entry.get(twin) not in (None, ""):
+            raise ConfigError(f"upstream.{key} and upstreams[{n}].{twin} are both set: keep one")
 
 
 def _upstream_list(value: Any) -> list[dict[str, Any]]:
@@ -243,7 +284,7 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
             continue
         if not isinstance(keys, dict):
             raise ConfigError(f"configuration section {section} must be a mapping")
-        raw[section].update(_flatten(keys))
+        raw[section].update((key.replace(".", "_"), value) for key, value in _flatten(keys).items())
     return extra
 
 
@@ -284,7 +325,8 @@ def is_service_link(name: str, value: str) -> bool:
 
 def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
     """Merge the ``MIRROR_<SECTION>_<KEY>`` variables of *env* into *raw*; return the variable that
-    set each ``(section, key)``, for a message about an unknown key to name what the user wrote."""
+    set each ``(section, key)`` (``key`` as a field name: ``s3_bucket``), for a message about an
+    unknown key to name what the user wrote."""
     variables: dict[tuple[str, str], str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or is_service_link(name, value):

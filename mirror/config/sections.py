@@ -9,6 +9,7 @@ Imports ``values`` only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .values import (
     parse_duration,
     parse_fraction,
     parse_int,
+    parse_key_prefix,
     parse_listen,
     parse_networks,
     parse_optional_duration,
@@ -31,10 +33,10 @@ from .values import (
     parse_prefixes,
     parse_push_users,
     parse_realm,
+    parse_region,
     parse_registry,
     parse_secret_file,
     parse_size,
-    parse_str,
     parse_token_file,
     parse_url,
     parse_user_names,
@@ -47,6 +49,15 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 
 class ConfigError(Exception):
     """A configuration key is unknown or has a bad value."""
+
+
+def read_secret_files(section: Any, *keys: str) -> None:
+    """Each of *keys* given as its ``_file`` twin takes the file's secret (``config/load.py`` keeps
+    only one of the two: the higher source's, and refuses both from one source)."""
+    for key in keys:
+        found: SecretFile | None = getattr(section, f"{key}_file")
+        if found is not None:
+            object.__setattr__(section, key, found.value)
 
 
 # -- the typed configuration --
@@ -93,9 +104,12 @@ S3_MAX_CHUNK = 5 << 30
 
 def parse_chunksize(value: Any) -> int:
     """Bytes (``16MiB``, ``16777216``) of each part of an S3 multipart upload, from 5 MiB to 5 GiB."""
-    size = parse_size(value)
-    if isinstance(size, float):
-        raise ValueError("expected a number of bytes")
+    try:
+        size = parse_size(value)
+    except ValueError:  # its examples are of a disk budget: shares of the disk too
+        size = None
+    if not isinstance(size, int):
+        raise ValueError("expected a number of bytes such as 16MiB or 5242880")
     if size < S3_MIN_CHUNK:
         raise ValueError(f"must be at least {S3_MIN_CHUNK} bytes (5MiB), the smallest part S3 takes")
     if size > S3_MAX_CHUNK:
@@ -103,9 +117,9 @@ def parse_chunksize(value: Any) -> int:
     return size
 
 
-def parse_endpoint(value: Any) -> str | None:
-    """An http(s) URL, or None when empty."""
-    return None if value is None or value == "" else parse_url(value)
+def parse_endpoint(credentials: str) -> Callable[[Any], str | None]:
+    """An http(s) URL, or None when empty; *credentials* says where they go instead of in the URL."""
+    return lambda value: None if value is None or value == "" else parse_url(value, credentials)
 
 
 @dataclass(frozen=True)
@@ -115,15 +129,16 @@ class StorageConfig:
     # holds the index, uploads and temp files).  Keys of s3 as in distribution's s3 driver.
     driver: str = setting(parse_choice("filesystem", "s3"), "filesystem")
     s3_bucket: str | None = setting(parse_optional_str, None)
-    s3_region: str = setting(parse_str, "us-east-1")
+    s3_region: str = setting(parse_region, "us-east-1")
     # The endpoint for S3-compatible stores (MinIO, SeaweedFS, Ceph); none: AWS's for the region.
-    s3_regionendpoint: str | None = setting(parse_endpoint, None)
+    s3_regionendpoint: str | None = setting(parse_endpoint(
+        "set storage.s3.accesskey and storage.s3.secretkey (or their _file keys)"), None)
     # Key prefix of everything stored (as a directory: "registry" -> registry/blobs/...).
-    s3_rootdirectory: str = setting(parse_str, "")
+    s3_rootdirectory: str = setting(parse_key_prefix, "")
     # Credentials; none: the SDK's usual sources (environment, instance role).
     s3_accesskey: str | None = setting(parse_optional_str, None)
     s3_secretkey: str | None = setting(parse_optional_str, None, secret=True)
-    # Either read from a file at start-up instead (Docker / Kubernetes secrets); takes precedence.
+    # Either read from a file at start-up instead (Docker / Kubernetes secrets); not both.
     s3_accesskey_file: SecretFile | None = setting(parse_secret_file, None)
     s3_secretkey_file: SecretFile | None = setting(parse_secret_file, None)
     s3_forcepathstyle: bool = setting(parse_bool, False)
@@ -132,10 +147,7 @@ class StorageConfig:
     s3_redirect: bool = setting(parse_bool, False)
 
     def __post_init__(self) -> None:
-        for key in ("s3_accesskey", "s3_secretkey"):
-            found: SecretFile | None = getattr(self, f"{key}_file")
-            if found is not None:
-                object.__setattr__(self, key, found.value)
+        read_secret_files(self, "s3_accesskey", "s3_secretkey")
         if self.driver == "s3" and not self.s3_bucket:
             raise ConfigError("storage.driver s3 needs storage.s3.bucket")
         if (self.s3_accesskey is None) != (self.s3_secretkey is None):
@@ -149,7 +161,7 @@ class UpstreamConfig:
     registry: str = setting(parse_registry, DOCKER_HUB)
     username: str | None = setting(parse_optional_str, None)
     password: str | None = setting(parse_optional_str, None, secret=True)
-    # The password (access token) read from a file at start-up instead; takes precedence over password.
+    # The password (access token) read from a file at start-up instead; not both.
     password_file: SecretFile | None = setting(parse_secret_file, None)
     # "auto": one-component names get Docker Hub's implicit "library/" when the upstream is Docker Hub.
     library_namespace: str = setting(parse_choice("auto", "true", "false"), "auto")
@@ -163,8 +175,7 @@ class UpstreamConfig:
     foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
 
     def __post_init__(self) -> None:
-        if self.password_file is not None:
-            object.__setattr__(self, "password", self.password_file.value)
+        read_secret_files(self, "password")
 
     @property
     def adds_library_namespace(self) -> bool:
@@ -186,11 +197,7 @@ class MetadataConfig:
     postgres_pool_size: int = setting(parse_int(1, 1000), 4)
 
     def __post_init__(self) -> None:
-        if self.postgres_dsn_file is not None:
-            if self.postgres_dsn is not None:  # which should win? a stale DSN left beside its file, or the file
-                raise ConfigError("metadata.postgres.dsn and metadata.postgres.dsn_file are both set: keep one"
-                                  " (from the file, the environment or a flag)")
-            object.__setattr__(self, "postgres_dsn", self.postgres_dsn_file.value)
+        read_secret_files(self, "postgres_dsn")
         if self.driver == "postgres" and not self.postgres_dsn:
             raise ConfigError("metadata.driver: postgres needs metadata.postgres.dsn or metadata.postgres.dsn_file")
 
@@ -329,7 +336,7 @@ MIN_LEASE_TTL = 0.5
 class ClusterConfig:
     # This replica's base URL as the other replicas reach it (cluster.advertise); set with secret_file,
     # it makes the mirror one replica of several sharing storage.s3 and metadata.postgres.
-    advertise: str | None = setting(parse_endpoint, None)
+    advertise: str | None = setting(parse_endpoint("replicas sign their requests with cluster.secret_file"), None)
     # The secret every replica shares, from a file (cluster.secret_file): requests between them are signed with it.
     secret_file: SecretFile | None = setting(parse_token_file, None)
     # How long a replica's claim on a fill, and its marks of blobs in use, last without its heartbeat (a dead

@@ -81,13 +81,34 @@ def parse_listen(value: Any) -> str:
     return f"{host.strip('[]') or '0.0.0.0'}:{int(port)}"
 
 
-def parse_url(value: Any) -> str:
+def parse_url(value: Any, credentials: str = "set upstream.username and upstream.password") -> str:
+    """An http(s) URL without user info; *credentials* says where they go instead."""
     text = str(value).strip().rstrip("/")
     parts = urlsplit(text)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
     if "@" in parts.netloc:
-        raise ValueError("credentials do not belong in the URL; set upstream.username and upstream.password")
+        raise ValueError(f"credentials do not belong in the URL; {credentials}")
+    return text
+
+
+#: The region names botocore takes (``botocore.utils.validate_region_name``).
+_REGION_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
+
+
+def parse_region(value: Any) -> str:
+    text = parse_str(value).strip()
+    if not _REGION_RE.fullmatch(text):
+        raise ValueError("expected a region name such as us-east-1: letters, digits and inner hyphens")
+    return text
+
+
+def parse_key_prefix(value: Any) -> str:
+    """A prefix of object keys, as a directory (``registry``, ``/team/registry/``): no ``.`` or ``..``
+    segment, which S3 keeps as written but S3-compatible stores refuse or resolve."""
+    text = parse_str(value)
+    if any(segment in (".", "..") for segment in text.split("/")):
+        raise ValueError("'.' and '..' segments are not allowed (it is a key prefix, not a path)")
     return text
 
 
@@ -218,6 +239,27 @@ def parse_token_file(value: Any) -> SecretFile | None:
         raise ValueError(f"the token must be at least {MIN_TOKEN_LENGTH} characters "
                          "(e.g. openssl rand -hex 32)")
     return secret
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq cannot connect with *dsn* (a connection string or a postgresql:// URL), as far as
+    reading it tells, without its password; None if nothing is wrong there."""
+    from psycopg import conninfo  # libpq's own reading of it (loaded only when a DSN is used)
+
+    try:
+        parts = conninfo.conninfo_to_dict(dsn)
+    except Exception:  # the library's message quotes the DSN, password included
+        return "not a libpq connection string or postgresql:// URL"
+    url = dsn.lstrip().startswith(("postgresql://", "postgres://"))
+    # In a URL, an @, : or / of the password ends the user info, the host or the port early: what
+    # follows (the real @host included) is read as the host, the port or the database.
+    if url and any("@" in str(parts.get(key) or "") for key in ("host", "port", "dbname")):
+        return ("percent-encode the password (an @, : or / in it is read as the end of the user info, the host"
+                " or the port: write %40, %3A, %2F)")
+    port = next((p for p in str(parts.get("port") or "").split(",") if p and not p.isdigit()), None)
+    if port is not None and url and "user" not in parts and "password" not in parts:
+        return "the port after the host is not a number"  # no @: this "port" may be a password (user:password)
+    return f"port {port!r} is not a number" if port is not None else None
 
 
 def redact(text: str) -> str:

@@ -187,7 +187,8 @@ class Store:
         put_verified(self, digest, data)
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
-        """Move a finished upload into the store, verified (hashed again unless *known_hex* is given).
+        """Move a finished upload into the store, verified (hashed again unless *known_hex* is given); an
+        object stored already is kept if of its size, else (damaged: truncated, written over) replaced.
 
         Raises :class:`DigestMismatch` and leaves *path* where it is when the bytes do not match.
         """
@@ -199,16 +200,20 @@ class Store:
             try:
                 os.fsync(handle.fileno())
                 final = self.layout.blob(digest)
-                if final.exists():
+                size = os.fstat(handle.fileno()).st_size
+                stored = _size_of(final)
+                if stored == size:
                     os.unlink(path)
                     return
                 final.parent.mkdir(parents=True, exist_ok=True)
-                size = os.fstat(handle.fileno()).st_size
                 os.replace(path, final)
             except OSError:
                 os.fchmod(handle.fileno(), 0o644)  # still an upload, to finish again
                 raise
-        self.committed(size)
+        if stored is not None:
+            log.warning("%s: the stored object had %d bytes, not the %d pushed: replaced by the pushed bytes,"
+                        " which match the digest", digest, stored, size)
+        self.committed(size - (stored or 0))
 
     def upload_part_size(self) -> int | None:
         return None  # an upload is one local file, moved into place by commit_upload
@@ -385,3 +390,11 @@ if TYPE_CHECKING:
 
     def _is_a_driver(store: Store) -> BlobStore:  # mypy checks that Store implements the interface
         return store
+
+
+def _size_of(path: Path) -> int | None:
+    """The size of the file at *path*, or None if there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None

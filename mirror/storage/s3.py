@@ -49,7 +49,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, Space, StoredObject, UploadParts
+from .driver import Space, StoredObject, UploadParts
 from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
@@ -59,7 +59,7 @@ from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
 from .s3notes import sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
-from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_upload, send_part
+from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
 __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
@@ -287,20 +287,7 @@ class S3Store:
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
         """Upload a finished local file as *digest* once it matched (hashed here, or *known_hex*)."""
-        if known_hex is not None and known_hex != digest.hex:
-            raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
-        if known_hex is not None and self.exists(digest):
-            os.unlink(path)
-            return
-        writer = self.ingest(digest, os.stat(path).st_size)
-        try:
-            with open(path, "rb") as handle:
-                while data := handle.read(self.options.chunksize):
-                    writer.write(data)
-            writer.commit()
-        finally:
-            writer.close()
-        os.unlink(path)
+        commit_file(self, path, digest, known_hex)
 
     def upload_part_size(self) -> int | None:
         return self.options.chunksize

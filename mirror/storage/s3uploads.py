@@ -138,12 +138,44 @@ def _upload_part(store: S3Store, key: str, upload_id: str, number: int, fd: int,
     return etag
 
 
+def commit_file(store: S3Store, path: Path, digest: Digest, known_hex: str | None) -> None:
+    """Upload the finished local file *path* as *digest* once it matched (hashed on its way, or
+    *known_hex*).  An object already stored of the same size is kept (the file is dropped); one of
+    another size is damaged (truncated, replaced by another writer) and the verified bytes replace it."""
+    if known_hex is not None and known_hex != digest.hex:
+        raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
+    size = os.stat(path).st_size
+    stored = store.size(digest)
+    if known_hex is not None and stored == size:
+        os.unlink(path)
+        return
+    writer = store.ingest(digest, size)
+    try:
+        with open(path, "rb") as handle:
+            while data := handle.read(store.options.chunksize):
+                writer.write(data)
+        writer.commit()  # counts *size* bytes stored
+    finally:
+        writer.close()
+    if stored is not None and stored != size:
+        _replaced(store, digest, stored, size)
+    os.unlink(path)
+
+
+def _replaced(store: S3Store, digest: Digest, stored: int, size: int) -> None:
+    """Say that the damaged object of *stored* bytes under *digest* was replaced by *size* verified
+    bytes, and count only the difference (the commit counted them all)."""
+    log.warning("%s: the stored object had %d bytes, not the %d pushed: replaced by the pushed bytes, which"
+                " match the digest", digest, stored, size)
+    store.committed(-stored)
+
+
 def commit_upload(store: S3Store, uuid: str, path: Path, digest: Digest, known_hex: str | None,
                   parts: UploadParts | None) -> None:
     """Store the upload as *digest* (see the module docstring); :class:`DigestMismatch` leaves the
     upload's object for :func:`abort_upload`."""
     if parts is None:  # smaller than a part: one PutObject from the local file
-        store.commit_file(path, digest, known_hex)
+        commit_file(store, path, digest, known_hex)
         return
     if known_hex is not None and known_hex != digest.hex:
         raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
@@ -155,9 +187,12 @@ def commit_upload(store: S3Store, uuid: str, path: Path, digest: Digest, known_h
         known_hex = _hash_object(store, key, digest.algorithm)
         if known_hex != digest.hex:
             raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
-    if store.size(digest) is None:
+    stored = store.size(digest)
+    if stored != size:  # not stored, or damaged (another size): the verified upload takes its place
         vouch(store, digest, _copy(store, key, store.key(digest), size))
         store.committed(size)
+        if stored is not None:
+            _replaced(store, digest, stored, size)
     store.remove_key(key)
     os.unlink(path)
 

@@ -370,7 +370,14 @@ def serve(config: Config) -> int:
     try:
         with metrics_listener(config):
             if config.http.workers > 1:
-                os.environ.update(to_environ(config))
+                # Inline secrets go to the workers as files in the metrics directory (0700, removed at exit).
+                secrets = metrics_dir / "secrets"
+                secrets.mkdir(mode=0o700)
+                handed = to_environ(config, secrets)
+                for name in handed:  # a secret now in a file: not also in the variable the user set
+                    if name.endswith("_FILE"):
+                        os.environ.pop(name.removesuffix("_FILE"), None)
+                os.environ.update(handed)
                 uvicorn.run("mirror.server.app:create_app_from_environ", factory=True, workers=config.http.workers,
                             **common)
             else:

@@ -214,3 +214,20 @@ def test_a_dot_segment_in_the_root_directory_is_refused(tmp_path: Path, root: st
 @pytest.mark.parametrize("root", ["", "/", "registry", "/registry/", "team/registry", "a..b", ".hidden/x", "v1.2"])
 def test_a_root_directory_without_dot_segments_is_kept_as_written(root: str) -> None:
     assert load_config(env={"MIRROR_STORAGE_S3_ROOTDIRECTORY": root}).storage.s3_rootdirectory == root
+
+
+def test_inline_secrets_go_to_the_workers_as_files(tmp_path: Path) -> None:
+    """``to_environ`` with a directory for secrets: the passwords and the DSN given inline are written
+    there (0600) and handed over as their ``_file`` twins; the workers' configuration is the same."""
+    file = write(tmp_path, "upstream:\n  url: http://127.0.0.1:1\n  username: u\n  password: top-secret-1\n"
+                 "upstreams:\n  - {registry: ghcr.io, url: 'http://127.0.0.1:2', username: g, password: top-secret-2}\n"
+                 "metadata:\n  driver: postgres\n  postgres:\n    dsn: postgresql://m:top-secret-3@127.0.0.1/db\n")
+    config = load_config(file, env={})
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    handed = to_environ(config, secrets)
+    assert not any("top-secret" in value for value in handed.values()), handed
+    again = load_config(env=handed)
+    assert [u.password for u in again.upstreams] == ["top-secret-1", "top-secret-2"]
+    assert again.metadata.postgres_dsn == "postgresql://m:top-secret-3@127.0.0.1/db"
+    assert {path.stat().st_mode & 0o777 for path in secrets.iterdir()} == {0o600} and len(list(secrets.iterdir())) == 3

@@ -10,6 +10,8 @@ in its log (``storage/s3client.py``: ``settings_problem``).
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tests.support.procs import free_port
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
+from tests.test_observability import worker_pids
 from tests.test_s3_serve import Bucket, blob_url, get_digest
 
 #: What gc and fsck exit with when the bucket cannot be used now; serve's start-up exits 2.
@@ -208,3 +211,38 @@ def test_a_stale_aws_profile_does_not_matter_with_the_keys_set_and_is_named_in_o
             assert lines[0].startswith(f"mirror: the AWS SDK cannot make a client for bucket {bucket.name!r}: "
                                        f"{says}: check AWS_PROFILE, AWS_CONFIG_FILE"), lines[0]
             no_secret(stderr, server.secretkey)
+
+
+def test_the_workers_get_inline_secrets_in_files_not_in_their_environment(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """``--workers 2`` with the secret key and the database password given inline (here in ``MIRROR_*``
+    variables): the workers read them from files the server writes in a directory of its own (0700,
+    removed when it stops), so neither secret is in any worker's environment (``/proc/PID/environ``,
+    ``ps eww``), and both work in every worker (the store checks the keys, the database the password)."""
+    password = "Pg-pw-0123456789abcdef"
+    postgres.add_password_login("mirror_secret", password)
+    dsn = f"{postgres.create_database()} user=mirror_secret password={password}"
+    env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=dsn)
+    mirror = mirror_factory(env=env, workers=2)
+    workers = worker_pids(mirror)
+    assert len(workers) == 2, workers
+    secrets = (bucket.server.secretkey.encode(), password.encode())
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert not any(secret in environ for secret in secrets), f"a secret is in worker {pid}'s environment"
+        assert b"MIRROR_STORAGE_S3_SECRETKEY_FILE=" in environ and b"MIRROR_METADATA_POSTGRES_DSN_FILE=" in environ
+    blob = b"pushed through both workers" * 1000
+    digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
+    with httpx.Client(timeout=30, trust_env=False) as http:
+        answered = http.post(f"{mirror.url}/v2/team/secrets/blobs/uploads/", params={"digest": digest}, content=blob)
+        assert answered.status_code == 201, answered.text
+        for _ in range(60):  # new connections: the kernel spreads them over both workers
+            answer = httpx.get(f"{mirror.url}/v2/team/secrets/blobs/{digest}", timeout=30, trust_env=False)
+            assert answer.status_code == 200 and answer.content == blob
+    wait_for(lambda: {e["pid"] for e in mirror.access_entries() if e["route"] == "blob"} == workers, timeout=10,
+             what="both workers to have served the blob")
+    mirror.stop()
+    left = [path for path in Path(tempfile.gettempdir()).glob("mirror-metrics-*/secrets/*")
+            if path.read_text() in (bucket.server.secretkey, password)]
+    assert left == [], "the secrets' files outlived the server"

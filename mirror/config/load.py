@@ -341,23 +341,36 @@ def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[t
     return variables
 
 
-def to_environ(config: Config) -> dict[str, str]:
-    """The environment that reproduces ``config`` (handed to worker processes)."""
+def to_environ(config: Config, secrets: Path | None = None) -> dict[str, str]:
+    """The environment that reproduces ``config`` (handed to worker processes).  With *secrets* (a
+    directory only this user may read), a secret given inline (``storage.s3.secretkey``, a password, the
+    DSN) is written to a file there (mode 0600) and handed over as its ``_file`` twin, so that no
+    process's environment carries it; without, it is handed over as it is."""
     out: dict[str, str] = {}
-    for name in SECTIONS:
-        section = getattr(config, name)
+
+    def exported(section: Any, label: str) -> dict[str, str]:
+        found: dict[str, str] = {}
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if isinstance(value, tuple):
                 value = ",".join(value)
-            if value is not None and _exported(section, f.name):
-                out[f"{ENV_PREFIX}{name.upper()}_{f.name.upper()}"] = f.metadata["render"](value)
+            if value is None or not _exported(section, f.name):
+                continue
+            if secrets is not None and not f.repr and hasattr(section, f"{f.name}_file"):
+                path = secrets / f"{label}.{f.name}"
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+                    handle.write(str(value))
+                found[f"{f.name}_file"] = str(path)
+            else:
+                found[f.name] = f.metadata["render"](value)
+        return found
+
+    for name in SECTIONS:
+        for key, value in exported(getattr(config, name), name).items():
+            out[f"{ENV_PREFIX}{name.upper()}_{key.upper()}"] = value
     if len(config.upstreams) > 1:
-        out[f"{ENV_PREFIX}UPSTREAMS"] = json.dumps([
-            {f.name: f.metadata["render"](getattr(u, f.name)) for f in dataclasses.fields(u)
-             if getattr(u, f.name) is not None and _exported(u, f.name)}
-            for u in config.upstreams[1:]
-        ])
+        out[f"{ENV_PREFIX}UPSTREAMS"] = json.dumps(
+            [exported(u, f"upstreams{n}") for n, u in enumerate(config.upstreams[1:], 1)])
     return out
 
 

@@ -374,9 +374,9 @@ def serve(config: Config) -> int:
                 secrets = metrics_dir / "secrets"
                 secrets.mkdir(mode=0o700)
                 handed = to_environ(config, secrets)
-                for name in handed:  # a secret now in a file: not also in the variable the user set
-                    if name.endswith("_FILE"):
-                        os.environ.pop(name.removesuffix("_FILE"), None)
+                inline = {name.removesuffix("_FILE") for name in handed if name.endswith("_FILE")}
+                for name in [name for name in os.environ if name.upper() in inline]:  # names are read in any case
+                    del os.environ[name]  # a secret now in a file: not also in the variable the user set
                 os.environ.update(handed)
                 uvicorn.run("mirror.server.app:create_app_from_environ", factory=True, workers=config.http.workers,
                             **common)

@@ -39,7 +39,7 @@ def test_a_region_name_botocore_takes_is_accepted(tmp_path: Path, region: str) -
     assert load_config(env={"MIRROR_STORAGE_S3_REGION": region}).storage.s3_region == region
 
 
-@pytest.mark.parametrize("region", ["not a region!", "", "-us-east-1", "us_east_1", "eu-west-3-", "a" * 64])
+@pytest.mark.parametrize("region", ["not a region!", "-us-east-1", "us_east_1", "eu-west-3-", "a" * 64])
 def test_a_region_botocore_would_refuse_stops_start_up_naming_the_key(tmp_path: Path, region: str) -> None:
     in_file = refused(write(tmp_path, f"storage:\n  s3: {{region: '{region}'}}\n"))
     assert in_file.startswith(f"bad value for storage.s3.region: {region!r}: "), in_file
@@ -231,3 +231,58 @@ def test_inline_secrets_go_to_the_workers_as_files(tmp_path: Path) -> None:
     assert [u.password for u in again.upstreams] == ["top-secret-1", "top-secret-2"]
     assert again.metadata.postgres_dsn == "postgresql://m:top-secret-3@127.0.0.1/db"
     assert {path.stat().st_mode & 0o777 for path in secrets.iterdir()} == {0o600} and len(list(secrets.iterdir())) == 3
+
+
+def test_keys_left_blank_are_empty_not_the_string_none(tmp_path: Path) -> None:
+    """``region:`` and ``rootdirectory:`` left blank, as in the README's template: the SDK's own region
+    and no prefix (they became the text "None": every key under ``None/``); the Helm chart's empty
+    ``MIRROR_STORAGE_S3_REGION`` too."""
+    config = load_config(write(tmp_path, "storage:\n  s3:\n    bucket: b\n    region:\n    rootdirectory:\n"
+                               "cache:\n  max_size: 1GiB\n"), env={})
+    assert (config.storage.s3_region, config.storage.s3_rootdirectory) == ("", "")
+    assert load_config(env={**S3, "MIRROR_STORAGE_S3_REGION": ""}).storage.s3_region == ""
+
+
+@pytest.mark.parametrize("url", ["http://AKID:in/line@127.0.0.1:9000", "https://me:pass/word@registry.example:443",
+                                 "https://me@host/path"])
+def test_credentials_in_a_url_are_refused_and_never_shown_even_with_a_slash_in_them(url: str) -> None:
+    for env in ({**S3, "MIRROR_STORAGE_S3_REGIONENDPOINT": url}, {"MIRROR_UPSTREAM_URL": url}):
+        message = refused(env=env)
+        assert "credentials do not belong in the URL" in message, message
+        assert "in/line" not in message and "pass/word" not in message and "me@" not in message, message
+
+
+def test_a_port_that_is_not_a_number_is_refused() -> None:
+    message = refused(env={"MIRROR_UPSTREAM_URL": "https://registry.example.com:abc"})
+    assert message.endswith(": the port is not a number"), message
+
+
+@pytest.mark.parametrize("variable", ["MIRROR_UPSTREAM_PASSWORD_FILE", "MIRROR_STORAGE_S3_SECRETKEY_FILE",
+                                      "MIRROR_METADATA_POSTGRES_DSN_FILE", "MIRROR_ADMIN_TOKEN_FILE"])
+def test_a_secret_given_where_its_file_goes_is_not_quoted(variable: str) -> None:
+    """The likeliest mix-up of a key and its ``_file`` twin: the secret itself in the file's key."""
+    env = {**S3, variable: "dckr_pat_INLINE-S3CRET"}
+    message = refused(env=env)
+    assert "INLINE" not in message and "not shown: not a path" in message, message
+    path = refused(env={**env, variable: "/run/secrets/absent"})
+    assert "'/run/secrets/absent': cannot read the file" in path, path
+
+
+def test_an_inline_secret_is_read_as_its_file_would_be_in_every_process(tmp_path: Path) -> None:
+    """A Kubernetes secret in a variable ends in a newline: the server and its workers (which read it
+    from a file, stripped) use the same password."""
+    env = {"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": " top-secret\n",
+           "MIRROR_UPSTREAMS": '[{"registry": "docker.io", "url": "https://registry-1.docker.io", "username": "u",'
+                               ' "password": "json-secret"}]'}
+    env.pop("MIRROR_UPSTREAM_PASSWORD")
+    config = load_config(env=env)
+    assert config.upstream.password == "json-secret"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    handed = to_environ(config, secrets)
+    # The user's MIRROR_UPSTREAMS is replaced: its password is in no worker's environment.
+    assert not any("json-secret" in value for value in handed.values()), handed
+    assert load_config(env=handed).upstream.password == "json-secret"
+    padded = load_config(env={"MIRROR_UPSTREAM_PASSWORD": " top-secret\n"})
+    assert padded.upstream.password == "top-secret"
+    assert load_config(env=to_environ(padded, secrets)).upstream.password == "top-secret"

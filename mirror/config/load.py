@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .dsn import dsn_problem
 from .sections import (
     AdminConfig,
     AuthConfig,
@@ -40,7 +41,7 @@ from .sections import (
     UiConfig,
     UpstreamConfig,
 )
-from .values import dsn_problem, redact
+from .values import shown
 
 ENV_PREFIX = "MIRROR_"
 #: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
@@ -119,8 +120,8 @@ def load_config(
             try:
                 values[attr] = keys[attr].metadata["parse"](value)
             except ValueError as exc:
-                shown = "***" if not keys[attr].repr else redact(repr(value))
-                raise ConfigError(f"bad value for {name}.{user_key(attr)}: {shown}: {exc}") from None
+                quoted = shown(value, secret=not keys[attr].repr, names_file=attr.endswith("_file"))
+                raise ConfigError(f"bad value for {name}.{user_key(attr)}: {quoted}: {exc}") from None
         sections[name] = cls(**values)
     default = sections["upstream"]
     upstreams = [default]
@@ -248,8 +249,8 @@ def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
         try:
             parsed[attr] = keys[attr].metadata["parse"](value)
         except ValueError as exc:
-            shown = "***" if not keys[attr].repr else redact(repr(value))
-            raise ConfigError(f"bad value for {label}.{user_key(attr)}: {shown}: {exc}") from None
+            quoted = shown(value, secret=not keys[attr].repr, names_file=attr.endswith("_file"))
+            raise ConfigError(f"bad value for {label}.{user_key(attr)}: {quoted}: {exc}") from None
     return cls(**parsed)
 
 
@@ -368,7 +369,7 @@ def to_environ(config: Config, secrets: Path | None = None) -> dict[str, str]:
     for name in SECTIONS:
         for key, value in exported(getattr(config, name), name).items():
             out[f"{ENV_PREFIX}{name.upper()}_{key.upper()}"] = value
-    if len(config.upstreams) > 1:
+    if len(config.upstreams) > 1 or secrets is not None:  # (replacing one the user set, its secrets too)
         out[f"{ENV_PREFIX}UPSTREAMS"] = json.dumps(
             [exported(u, f"upstreams{n}") for n, u in enumerate(config.upstreams[1:], 1)])
     return out

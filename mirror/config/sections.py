@@ -35,6 +35,7 @@ from .values import (
     parse_realm,
     parse_region,
     parse_registry,
+    parse_secret,
     parse_secret_file,
     parse_size,
     parse_token_file,
@@ -137,7 +138,7 @@ class StorageConfig:
     s3_rootdirectory: str = setting(parse_key_prefix, "")
     # Credentials; none: the SDK's usual sources (environment, instance role).
     s3_accesskey: str | None = setting(parse_optional_str, None)
-    s3_secretkey: str | None = setting(parse_optional_str, None, secret=True)
+    s3_secretkey: str | None = setting(parse_secret, None, secret=True)
     # Either read from a file at start-up instead (Docker / Kubernetes secrets); not both.
     s3_accesskey_file: SecretFile | None = setting(parse_secret_file, None)
     s3_secretkey_file: SecretFile | None = setting(parse_secret_file, None)
@@ -160,7 +161,7 @@ class UpstreamConfig:
     # Name the upstream's content is filed under in the index (Docker Hub is "docker.io").
     registry: str = setting(parse_registry, DOCKER_HUB)
     username: str | None = setting(parse_optional_str, None)
-    password: str | None = setting(parse_optional_str, None, secret=True)
+    password: str | None = setting(parse_secret, None, secret=True)
     # The password (access token) read from a file at start-up instead; not both.
     password_file: SecretFile | None = setting(parse_secret_file, None)
     # "auto": one-component names get Docker Hub's implicit "library/" when the upstream is Docker Hub.
@@ -189,7 +190,7 @@ class MetadataConfig:
     # Where the index lives: "diskcache" (DATA/index/, one host) or "postgres" (a database, shared by hosts).
     driver: str = setting(parse_choice("diskcache", "postgres"), "diskcache")
     # libpq connection string or postgresql:// URL (metadata.postgres.dsn); it may hold a password: never shown.
-    postgres_dsn: str | None = setting(parse_optional_str, None, secret=True)
+    postgres_dsn: str | None = setting(parse_secret, None, secret=True)
     # The DSN read from a file at start-up instead (Docker / Kubernetes secrets); one or the other, not both.
     postgres_dsn_file: SecretFile | None = setting(parse_secret_file, None)
     # Most connections each process (worker, CLI) holds at once, besides its LISTEN connection

@@ -87,8 +87,12 @@ def parse_url(value: Any, credentials: str = "set upstream.username and upstream
     parts = urlsplit(text)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
-    if "@" in parts.netloc:
+    if "@" in text:  # user info, even one whose password holds a / (urlsplit ends the host there)
         raise ValueError(f"credentials do not belong in the URL; {credentials}")
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port when it is read)
+    except ValueError:
+        raise ValueError("the port is not a number") from None
     return text
 
 
@@ -97,7 +101,10 @@ _REGION_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
 
 
 def parse_region(value: Any) -> str:
+    """A region name, or "" (left blank: the AWS SDK's own, ``AWS_REGION``)."""
     text = parse_str(value).strip()
+    if not text:
+        return ""
     if not _REGION_RE.fullmatch(text):
         raise ValueError("expected a region name such as us-east-1: letters, digits and inner hyphens")
     return text
@@ -113,9 +120,17 @@ def parse_key_prefix(value: Any) -> str:
 
 
 def parse_str(value: Any) -> str:
+    """A string; "" for a key left blank in YAML (``key:``), never "None"."""
     if isinstance(value, (dict, list)):
         raise ValueError("expected a string")
-    return str(value)
+    return "" if value is None else str(value)
+
+
+def parse_secret(value: Any) -> str | None:
+    """A password, key or DSN given inline, without the whitespace around it (as read from a file:
+    a Kubernetes secret's trailing newline), or None when empty."""
+    text = parse_str(value).strip()
+    return text or None
 
 
 def parse_optional_str(value: Any) -> str | None:
@@ -241,30 +256,20 @@ def parse_token_file(value: Any) -> SecretFile | None:
     return secret
 
 
-def dsn_problem(dsn: str) -> str | None:
-    """Why libpq cannot connect with *dsn* (a connection string or a postgresql:// URL), as far as
-    reading it tells, without its password; None if nothing is wrong there."""
-    from psycopg import conninfo  # libpq's own reading of it (loaded only when a DSN is used)
-
-    try:
-        parts = conninfo.conninfo_to_dict(dsn)
-    except Exception:  # the library's message quotes the DSN, password included
-        return "not a libpq connection string or postgresql:// URL"
-    url = dsn.lstrip().startswith(("postgresql://", "postgres://"))
-    # In a URL, an @, : or / of the password ends the user info, the host or the port early: what
-    # follows (the real @host included) is read as the host, the port or the database.
-    if url and any("@" in str(parts.get(key) or "") for key in ("host", "port", "dbname")):
-        return ("percent-encode the password (an @, : or / in it is read as the end of the user info, the host"
-                " or the port: write %40, %3A, %2F)")
-    port = next((p for p in str(parts.get("port") or "").split(",") if p and not p.isdigit()), None)
-    if port is not None and url and "user" not in parts and "password" not in parts:
-        return "the port after the host is not a number"  # no @: this "port" may be a password (user:password)
-    return f"port {port!r} is not a number" if port is not None else None
-
-
 def redact(text: str) -> str:
-    """Hide the user-info part of URLs in a message (``https://user:token@host`` -> ``https://***@host``)."""
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
+    """Hide the user-info part of URLs in a message (``https://user:token@host`` -> ``https://***@host``;
+    a password may hold a ``/``)."""
+    return re.sub(r"//[^@\s]*@", "//***@", text)
+
+
+def shown(value: Any, *, secret: bool, names_file: bool) -> str:
+    """*value* as a configuration error quotes it: a secret never; a key naming a secret's file only if
+    it looks like a path (one that does not may be the secret itself, given by mistake)."""
+    if secret:
+        return "***"
+    if names_file and not re.fullmatch(r"[/.~][^\s=]*", str(value)):
+        return "(not shown: not a path, and maybe the secret itself)"
+    return redact(repr(value))
 
 
 def parse_choice(*choices: str) -> Callable[[Any], str]:

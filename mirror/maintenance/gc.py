@@ -189,8 +189,10 @@ class Collector:
         # Mark from every remaining root; sweep what is unmarked (and old, unless eviction freed it).
         marked = self._closure_of(set().union(*roots.values()) | set().union(*state.pins.values(), set()))
         cutoff = now - self.gc.grace
+        # Not freed if a repository the eviction leaves links it (pushed, its manifest to come: the grace's).
+        elsewhere = {d for r, ds in state.links.items() for d in ds & freed_by_eviction if (r, d) not in link_removals}
         doomed = {d for d, (_, mtime) in state.files.items()
-                  if d not in marked and (d in freed_by_eviction or mtime < cutoff)}
+                  if d not in marked and ((d in freed_by_eviction and d not in elsewhere) or mtime < cutoff)}
         holders: dict[str, list[str]] = defaultdict(list)
         for repo, digests in state.links.items():
             for d in digests & doomed:

@@ -187,8 +187,8 @@ class Store:
         put_verified(self, digest, data)
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:
-        """Move a finished upload into the store, verified (hashed again unless *known_hex* is given); an
-        object stored already is kept if of its size, else (damaged: truncated, written over) replaced.
+        """Move a finished upload into the store, verified (hashed again unless *known_hex* is given); it
+        replaces an object stored already (damaged, maybe; and young again for the collector's grace).
 
         Raises :class:`DigestMismatch` and leaves *path* where it is when the bytes do not match.
         """
@@ -202,15 +202,12 @@ class Store:
                 final = self.layout.blob(digest)
                 size = os.fstat(handle.fileno()).st_size
                 stored = _size_of(final)
-                if stored == size:
-                    os.unlink(path)
-                    return
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, final)
             except OSError:
                 os.fchmod(handle.fileno(), 0o644)  # still an upload, to finish again
                 raise
-        if stored is not None:
+        if stored is not None and stored != size:
             log.warning("%s: the stored object had %d bytes, not the %d pushed: replaced by the pushed bytes,"
                         " which match the digest", digest, stored, size)
         self.committed(size - (stored or 0))

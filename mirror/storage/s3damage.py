@@ -27,6 +27,8 @@ import os
 import tempfile
 from typing import IO, TYPE_CHECKING
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .reads import ShortFile
@@ -69,7 +71,7 @@ def verify_whole(store: S3Store, digest: Digest, etag: str | None) -> None:
             hasher.update(data)
             size += len(data)
     got = hasher.hexdigest()
-    if got != digest.hex and mismatched(store, digest, size, got):
+    if got != digest.hex and mismatched(store, digest, size, got, etag):
         raise CorruptObject(errno.EIO, f"{digest}: the object in the bucket does not match it")
     vouch(store, digest, answer.get("ETag"))
     if answer.get("ETag") != etag:
@@ -98,20 +100,30 @@ def checked_bytes(store: S3Store, digest: Digest) -> bytes | None:
     return data
 
 
-def mismatched(store: S3Store, digest: Digest, size: int, got: str) -> bool:
-    """An object of *size* bytes read whole hashed to *got*, not to *digest*: True, and it is
-    condemned, unless it is a signed schema 1 manifest (named by its payload's digest)."""
+def mismatched(store: S3Store, digest: Digest, size: int, got: str, etag: str | None = None) -> bool:
+    """An object of *size* bytes (with *etag*, if known) read whole hashed to *got*, not to *digest*:
+    True, and it is condemned, unless it is a signed schema 1 manifest (named by its payload's digest)."""
     if size <= MAX_MANIFEST_BYTES:
         whole = read_whole(store, digest)
         if whole is not None and signed_schema1_named(whole, digest):
             return False
-    condemn(store, digest, size, got)
+    condemn(store, digest, size, got, etag)
     return True
 
 
-def condemn(store: S3Store, digest: Digest, size: int, got: str) -> None:
-    """Log (once per process), count and remove an object that does not match *digest*."""
+def condemn(store: S3Store, digest: Digest, size: int, got: str, etag: str | None = None) -> None:
+    """Log (once per process), count and remove an object that does not match *digest*: the one read
+    (with *etag*, if known).  One that replaced it meanwhile (a push of the blob, verified) is kept: its
+    ``ETag`` is another, or this process vouched for it."""
     key = store.key(digest)
+    try:
+        now = store.quick.head_object(Bucket=store.bucket, Key=key).get("ETag")
+    except (BotoCoreError, ClientError):
+        now = None  # gone already, or the store does not answer: the delete below says which
+    if now is not None and (vouched(store, digest, now) or (etag is not None and now != etag)):
+        log.warning("object %s in bucket %r did not match its digest as read (%d bytes hashing to %s:%s), but"
+                    " was replaced meanwhile: the new one is kept", key, store.bucket, size, digest.algorithm, got)
+        return
     if digest not in store.condemned:
         store.condemned.add(digest)
         log.error("object %s in bucket %r does not match its digest (%d bytes hashing to %s:%s):"
@@ -122,6 +134,9 @@ def condemn(store: S3Store, digest: Digest, size: int, got: str) -> None:
         store.remove_key(key)
     except OSError as exc:
         log.warning("could not remove the damaged object %s: %s", key, exc)
+    else:
+        if now is not None:
+            store.committed(-size)  # no longer in the store's size
 
 
 def checked_copy(store: S3Store, digest: Digest) -> IO[bytes] | None:

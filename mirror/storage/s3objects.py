@@ -218,7 +218,7 @@ class S3Reader:
                 yield data[:-1]
             got_hex = hasher.hexdigest()
             if got_hex != self.digest.hex and await anyio.to_thread.run_sync(
-                    mismatched, self._store, self.digest, self.size, got_hex):
+                    mismatched, self._store, self.digest, self.size, got_hex, state.etag):
                 raise CorruptObject(errno.EIO, f"{self.digest}: the object in the bucket does not match it")
             vouch(self._store, self.digest, state.etag)
             yield data[-1:]

@@ -140,15 +140,11 @@ def _upload_part(store: S3Store, key: str, upload_id: str, number: int, fd: int,
 
 def commit_file(store: S3Store, path: Path, digest: Digest, known_hex: str | None) -> None:
     """Upload the finished local file *path* as *digest* once it matched (hashed on its way, or
-    *known_hex*).  An object already stored of the same size is kept (the file is dropped); one of
-    another size is damaged (truncated, replaced by another writer) and the verified bytes replace it."""
+    *known_hex*).  An object stored already under *digest* is replaced (see :func:`_replaced`)."""
     if known_hex is not None and known_hex != digest.hex:
         raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
     size = os.stat(path).st_size
     stored = store.size(digest)
-    if known_hex is not None and stored == size:
-        os.unlink(path)
-        return
     writer = store.ingest(digest, size)
     try:
         with open(path, "rb") as handle:
@@ -157,16 +153,19 @@ def commit_file(store: S3Store, path: Path, digest: Digest, known_hex: str | Non
         writer.commit()  # counts *size* bytes stored
     finally:
         writer.close()
-    if stored is not None and stored != size:
+    if stored is not None:
         _replaced(store, digest, stored, size)
     os.unlink(path)
 
 
 def _replaced(store: S3Store, digest: Digest, stored: int, size: int) -> None:
-    """Say that the damaged object of *stored* bytes under *digest* was replaced by *size* verified
-    bytes, and count only the difference (the commit counted them all)."""
-    log.warning("%s: the stored object had %d bytes, not the %d pushed: replaced by the pushed bytes, which"
-                " match the digest", digest, stored, size)
+    """The object of *stored* bytes under *digest* was replaced by the *size* verified bytes of a push:
+    count only the difference (the commit counted them all).  Replaced, not kept: it may be damaged
+    (truncated, written over), and a blob pushed again is young again for the collector's grace
+    (its manifest is still to come)."""
+    if stored != size:
+        log.warning("%s: the stored object had %d bytes, not the %d pushed: replaced by the pushed bytes, which"
+                    " match the digest", digest, stored, size)
     store.committed(-stored)
 
 
@@ -188,11 +187,10 @@ def commit_upload(store: S3Store, uuid: str, path: Path, digest: Digest, known_h
         if known_hex != digest.hex:
             raise DigestMismatch(f"content does not match {digest} (got {digest.algorithm}:{known_hex})")
     stored = store.size(digest)
-    if stored != size:  # not stored, or damaged (another size): the verified upload takes its place
-        vouch(store, digest, _copy(store, key, store.key(digest), size))
-        store.committed(size)
-        if stored is not None:
-            _replaced(store, digest, stored, size)
+    vouch(store, digest, _copy(store, key, store.key(digest), size))  # stored already: see _replaced
+    store.committed(size)
+    if stored is not None:
+        _replaced(store, digest, stored, size)
     store.remove_key(key)
     os.unlink(path)
 

@@ -2,21 +2,19 @@
 
 * **Access times** are collected in memory (``upkeep.AccessTracker``) and merged into the index in
   batches, so serving a manifest costs no disk write.
-* **Eviction** drops the least recently used *cached* images when the store passes the high
-  watermark of ``cache.max_size`` (down to the low watermark), and images not pulled for
-  ``cache.unused_for``; and, when a write found the filesystem full, as many as free the room it
-  wanted (:attr:`Collector.room_wanted`), within the budget or not.  An image here is a manifest
-  linked to a cached repository; evicting it
-  removes its tags and links, and the objects no retained image references are deleted.  Pushed
-  repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor is
-  an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or
-  served (``BlobStore.serving``: on the filesystem its file held with a shared ``flock``): see
-  ``storage/growing.py``; nor, on a bucket and an index that hosts share, one with an object another
-  replica serves or fills (its mark in the index: ``maintenance/inuse.py``).  Images used within
-  ``cache.keep_recent`` go only when the store would otherwise stay above the high watermark.
-  When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a
-  short delay until it is, and the reasons (``Report.held``) go to the log and to the index,
-  for the ``mirror_store_over_budget`` gauge.
+* **Eviction** drops the least recently used *cached* images when the store passes the high watermark of
+  ``cache.max_size`` (down to the low watermark), and images not pulled for ``cache.unused_for``; and, when a
+  write found the filesystem full, as many as free the room it wanted (:attr:`Collector.room_wanted`), within
+  the budget or not.  An image here is a manifest linked to a cached repository; evicting it removes its tags
+  and links, and the objects no retained image references are deleted.  Pushed repositories (``local/...``)
+  and pinned roots (preloaded images) are never candidates, nor is an image *in use*: one of its objects is
+  being filled (``tmp/<alg>-<hex>.partial`` locked) or served (``BlobStore.serving``: on the filesystem its
+  file held with a shared ``flock``): see ``storage/growing.py``; nor, on a bucket and an index that hosts
+  share, one with an object another replica serves or fills (its mark in the index: ``maintenance/inuse.py``).
+  Images used within ``cache.keep_recent`` go only when the store would otherwise stay above the high
+  watermark. When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a short
+  delay until it is, and the reasons (``Report.held``) go to the log and to the index, for the
+  ``mirror_store_over_budget`` gauge.
 * **Garbage collection** marks from every linked manifest, tag and pin through indexes,
   manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
 

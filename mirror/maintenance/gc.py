@@ -395,5 +395,3 @@ class Collector:
             report.held = {"in_use": size_of(held_in_use), "recent": size_of(held_recent),
                            "pinned": size_of(protected_objects)}
         return evicted, freed
-
-

@@ -22,6 +22,7 @@ from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.security import (
     basic,
+    bcrypt_entry,
     request,
 )
 from tests.support.waiting import wait_for
@@ -135,3 +136,46 @@ def test_upstream_credentials_are_not_sent_to_a_host_the_registry_redirects_to(
         assert trap.seen_by_other_host, "the mirror did not follow the redirect"
         assert all(path != "/token" for path, _ in trap.seen_by_other_host), trap.seen_by_other_host
         assert all(auth is None for _, auth in trap.seen_by_other_host), trap.seen_by_other_host
+
+
+class BasicAuthRegistry(UpstreamRegistry):
+    """Distribution's registry with ``auth: htpasswd`` (Basic auth) once :attr:`users` is set."""
+
+    users: Path | None = None
+
+    def config(self) -> dict[str, object]:
+        config = super().config()
+        if self.users is not None:
+            config["auth"] = {"htpasswd": {"realm": "basic-upstream", "path": str(self.users)}}
+        return config
+
+
+def test_an_upstream_that_refuses_the_basic_credentials_is_said_so_in_the_log_once(
+    mirror_factory: Callable[..., MirrorServer], images: StandardImages, tmp_path: Path,
+) -> None:
+    """A registry behind Basic auth (distribution's htpasswd) that refuses the configured password:
+    the log says once that it rejected the configured credentials, and pulls fail with the spec's
+    JSON error, never ``404 NAME_UNKNOWN`` (it said nothing, and clients heard that the repository
+    did not exist); the right password pulls."""
+    registry = BasicAuthRegistry(tmp_path / "basic")
+    registry.start()
+    try:
+        registry.push_image("library/small", "1", images.small)
+        registry.stop()
+        registry.users = tmp_path / "users"
+        registry.users.write_text(bcrypt_entry("puller", "right-pw") + "\n")
+        registry.start()
+        right = mirror_factory(registry.url, env={"MIRROR_UPSTREAM_USERNAME": "puller",
+                                                  "MIRROR_UPSTREAM_PASSWORD": "right-pw"})
+        assert request(right, "GET", "/v2/library/small/manifests/1").status_code == 200
+        wrong = mirror_factory(registry.url, env={"MIRROR_UPSTREAM_USERNAME": "puller",
+                                                  "MIRROR_UPSTREAM_PASSWORD": "wrong-pw"})
+        for _ in range(3):
+            answer = request(wrong, "GET", "/v2/library/small/manifests/1")
+            assert answer.status_code >= 500 and answer.json()["errors"][0]["code"] == "UNAVAILABLE", answer.text
+        said = "the registry 127.0.0.1 rejected the configured upstream credentials (401 to Basic auth)"
+        wait_for(lambda: said in wrong.log_tail(200), what="the log line on the refused credentials")
+        assert wrong.log_tail(400).count(said) == 1
+        assert "wrong-pw" not in wrong.log_path.read_text() + answer.text
+    finally:
+        registry.stop()

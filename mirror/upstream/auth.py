@@ -6,7 +6,8 @@ token the registry refused before it expired.
 
 A token request that fails is the registry request's failure, never its answer: the token
 server's connection errors and 5xx are ``UpstreamUnavailable``, its 429 ``UpstreamRateLimited``,
-its 401/403 ``UpstreamCredentialsRejected`` with configured credentials (else ``UpstreamDenied``),
+its 401/403 ``UpstreamCredentialsRejected`` with configured credentials (else ``UpstreamDenied``; so is a 401
+to the configured Basic credentials),
 and any other status, or a 200 that is not a JSON object with a ``token`` or ``access_token``
 (Docker registry token authentication), ``UpstreamInvalid``.
 
@@ -112,11 +113,16 @@ class RegistryAuth(httpx.Auth):
         if not same_origin(response.request.url, request.url):
             return  # a challenge from a redirect's target (a CDN): credentials stay with the registry
         scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
-        if scheme == "basic" and self._basic is not None and not self._use_basic:
-            self._use_basic = True
-            self._authorize(request, scope)
-            yield request
-            return
+        if scheme == "basic" and self._basic is not None:
+            if request.headers.get("Authorization") != self._basic:
+                self._use_basic = True
+                self._authorize(request, scope)
+                response = yield request
+                if response.status_code != 401 or not same_origin(response.request.url, request.url):
+                    self._rejection_logged = False
+                    return
+            raise self._rejected(f"the registry {request.url.host} rejected the configured upstream credentials"
+                                 " (401 to Basic auth); check upstream.username and upstream.password", 401)
         if scheme != "bearer" or "realm" not in params:
             return
         key = params.get("scope") or scope or ""
@@ -158,17 +164,21 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic
         return request
 
+    def _rejected(self, message: str, status: int) -> UpstreamCredentialsRejected:
+        """The refusal of the configured credentials, logged once until they work again (an operator's
+        problem, not each request's)."""
+        rejected = UpstreamCredentialsRejected(message, status)
+        if not self._rejection_logged:
+            self._rejection_logged = True
+            log.error("%s", rejected)
+        return rejected
+
     def _store_token(self, key: str, response: httpx.Response) -> str:
         """Keep the token of a token server's answer; raise the failure of its kind if it has none."""
         status, host = response.status_code, response.request.url.host
         if status in (401, 403) and self._basic is not None:
-            rejected = UpstreamCredentialsRejected(
-                f"the token server {host} rejected the configured upstream credentials "
-                f"({status}); check upstream.username and upstream.password", status)
-            if not self._rejection_logged:  # once: an operator's problem, not each request's
-                self._rejection_logged = True
-                log.error("%s", rejected)
-            raise rejected
+            raise self._rejected(f"the token server {host} rejected the configured upstream credentials "
+                                 f"({status}); check upstream.username and upstream.password", status)
         if status != 200:
             message = f"the token server {host} answered {status} for {key or 'a token'}"
             kind: type[UpstreamError] = (

@@ -286,3 +286,9 @@ def test_an_inline_secret_is_read_as_its_file_would_be_in_every_process(tmp_path
     padded = load_config(env={"MIRROR_UPSTREAM_PASSWORD": " top-secret\n"})
     assert padded.upstream.password == "top-secret"
     assert load_config(env=to_environ(padded, secrets)).upstream.password == "top-secret"
+
+
+@pytest.mark.parametrize("value", ["*INLINE-S3CRET", "!INLINE-S3CRET"])
+def test_a_yaml_error_in_an_unquoted_password_does_not_quote_it(tmp_path: Path, value: str) -> None:
+    message = refused(write(tmp_path, f"upstream:\n  username: u\n  password: {value}\n"))
+    assert "is not valid YAML at line 3" in message and "INLINE" not in message, message

@@ -202,7 +202,7 @@ def _overlay(lower: dict[str, Any], layer: Mapping[str, Any], keys: Mapping[str,
     returned).  A key and its ``_file`` twin (``s3.secretkey``, ``s3.secretkey_file``) are one setting:
     either set here replaces both below; both set here (*where*) are refused.  Empty is not set."""
     for attr, value in layer.items():
-        twin = attr.removesuffix("_file") if attr.endswith("_file") else f"{attr}_file"
+        twin = _twin(attr)
         if twin not in keys or value is None or value == "":
             continue
         if layer.get(twin) not in (None, ""):
@@ -212,6 +212,11 @@ def _overlay(lower: dict[str, Any], layer: Mapping[str, Any], keys: Mapping[str,
         lower.pop(twin, None)
     lower.update(layer)
     return lower
+
+
+def _twin(key: str) -> str:
+    """The other member of a key and its ``_file`` twin (``password`` <-> ``password_file``)."""
+    return key.removesuffix("_file") if key.endswith("_file") else f"{key}_file"
 
 
 def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], registry: str, n: int) -> None:
@@ -226,7 +231,7 @@ def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], reg
             raise ConfigError(f"upstream.{key} and upstreams[{n}].{key} both configure {registry} "
                               "differently: keep one")
     for key, value in section.items():
-        twin = key.removesuffix("_file") if key.endswith("_file") else f"{key}_file"
+        twin = _twin(key)
         if twin in keys and value not in (None, "") and entry.get(twin) not in (None, ""):
             raise ConfigError(f"upstream.{key} and upstreams[{n}].{twin} are both set: keep one")
 

@@ -249,30 +249,14 @@ def _index_of(config: MetadataConfig) -> dict[str, str] | str:
         return {"driver": config.driver}
     from psycopg import conninfo
 
-    try:
-        parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
-    except Exception:  # the library's message quotes the DSN, password included
-        return "metadata.postgres.dsn: not a libpq connection string or postgresql:// URL"
-    if _password_spilled(config.postgres_dsn or "", parts):
-        # Never named: the host, port or database read so holds pieces of the password.
-        return ("metadata.postgres.dsn: percent-encode the password (an @, : or / in it is read as the end of the"
-                " user info, the host or the port: write %40, %3A, %2F)")
+    from ..config.dsn import dsn_problem
+
+    # Never named when it cannot be read: the host, port or database read so may hold pieces of the password.
+    if (problem := dsn_problem(config.postgres_dsn or "")) is not None:
+        return f"metadata.postgres.dsn: {problem}"
+    parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
     return {"driver": "postgres", "host": str(parts.get("host") or parts.get("hostaddr") or "localhost"),
             "port": str(parts.get("port") or "5432"), "database": str(parts.get("dbname") or parts.get("user") or "")}
-
-
-def _password_spilled(dsn: str, parts: Mapping[str, Any]) -> bool:
-    """Whether libpq read part of a URL DSN's password as its host, port or database: an unencoded
-    ``@`` ends the user info early (``postgresql://u:p@ss@db/x``: host ``ss@db``), a ``:`` or ``/``
-    after it ends the host or the port (``postgresql://u:p@ss:w/rd@db:5432/x``: host ``ss``, port
-    ``w``, database ``rd@db:5432/x``; ``postgresql://u:pa/ss@db/x``: host ``u``, port ``pa``).  A
-    port is digits (one per host, by commas, or none), and neither a host nor a database name holds an ``@``."""
-    if "@" in str(parts.get("host") or ""):
-        return True
-    if not dsn.lstrip().startswith(("postgresql://", "postgres://")):
-        return False
-    port, database = str(parts.get("port") or ""), str(parts.get("dbname") or "")
-    return not all(p.isdigit() or not p for p in port.split(",")) or "@" in database
 
 
 def _describe(index: object) -> str:

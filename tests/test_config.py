@@ -445,3 +445,43 @@ def test_a_key_of_distributions_s3_driver_says_what_to_do_instead(tmp_path: Path
     assert str(refused.value).startswith("MIRROR_STORAGE_S3_V4AUTH is a setting of distribution's s3 driver"), \
         refused.value
     assert "signature version 4" in str(refused.value)
+
+
+def test_mirror_upstreams_overrides_the_files_upstream_section_and_empty_is_not_set(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("upstream: {url: 'http://a.example', retries: 1, username: me}\n"
+                    "upstreams:\n  - {registry: ghcr.io, url: 'http://g.example'}\n")
+    listed = '[{"registry": "docker.io", "url": "http://b.example", "password": "pw"}, {"registry": "quay.io"}]'
+    config = load_config(file, env={"MIRROR_UPSTREAMS": listed})
+    # The environment's entry overrides the file's section, whose other keys stay; the list replaces the file's.
+    assert (config.upstream.url, config.upstream.retries) == ("http://b.example", 1)
+    assert (config.upstream.username, config.upstream.password) == ("me", "pw")
+    assert [u.registry for u in config.upstreams] == ["docker.io", "quay.io"]
+    # MIRROR_UPSTREAM_* and flags still override the entry.
+    config = load_config(file, env={"MIRROR_UPSTREAMS": listed, "MIRROR_UPSTREAM_URL": "http://c.example"})
+    assert config.upstream.url == "http://c.example"
+    config = load_config(file, env={"MIRROR_UPSTREAMS": listed}, overrides={"upstream.url": "http://d.example"})
+    assert config.upstream.url == "http://d.example"
+    # Empty (a chart's unset value) is not set: the file's list stands.
+    for empty in ("", "  "):
+        config = load_config(file, env={"MIRROR_UPSTREAMS": empty})
+        assert [u.registry for u in config.upstreams] == ["docker.io", "ghcr.io"]
+        assert config.upstream.url == "http://a.example"
+    with pytest.raises(ConfigError, match=r"^MIRROR_UPSTREAMS must be a list of mappings"):
+        load_config(file, env={"MIRROR_UPSTREAMS": '{"registry": "docker.io"}'})
+    with pytest.raises(ConfigError, match=r"^bad value for MIRROR_UPSTREAMS\[1\]\.url"):
+        load_config(file, env={"MIRROR_UPSTREAMS": '[{"registry": "quay.io"}, {"registry": "x.io", "url": "ftp://x"}]'})
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(tmp_path: Path) -> None:
+    file = tmp_path / "mirror.yml"
+    file.write_text("cache:\n  tag_ttl: soon\n")
+    with pytest.raises(ConfigError, match=r"^bad value for cache.tag_ttl: 'soon'"):
+        load_config(file, env={})
+    with pytest.raises(ConfigError, match=r"^bad value for cache.tag_ttl: 'later': .*\(set by MIRROR_CACHE_TAG_TTL\)$"):
+        load_config(file, env={"MIRROR_CACHE_TAG_TTL": "later"})
+    with pytest.raises(ConfigError, match=r"^bad value for storage.s3.region: .*\(set by MIRROR_STORAGE_S3_REGION\)$"):
+        load_config(env={"MIRROR_STORAGE_S3_REGION": "us east"})
+    # A flag that replaces the variable is what is named (no variable).
+    with pytest.raises(ConfigError, match=r"^bad value for cache.tag_ttl: 'never': [^(]*$"):
+        load_config(file, env={"MIRROR_CACHE_TAG_TTL": "later"}, overrides={"cache.tag_ttl": "never"})

@@ -44,7 +44,7 @@ def test_a_region_botocore_would_refuse_stops_start_up_naming_the_key(tmp_path: 
     in_file = refused(write(tmp_path, f"storage:\n  s3: {{region: '{region}'}}\n"))
     assert in_file.startswith(f"bad value for storage.s3.region: {region!r}: "), in_file
     assert "us-east-1" in in_file, in_file  # what a region looks like
-    assert refused(env={"MIRROR_STORAGE_S3_REGION": region}) == in_file
+    assert refused(env={"MIRROR_STORAGE_S3_REGION": region}) == f"{in_file} (set by MIRROR_STORAGE_S3_REGION)"
 
 
 def test_mirror_serve_with_a_bad_region_exits_2_with_one_line(tmp_path: Path) -> None:
@@ -208,7 +208,8 @@ def test_a_bad_chunksize_gives_examples_of_bytes_only(tmp_path: Path, value: str
 def test_a_dot_segment_in_the_root_directory_is_refused(tmp_path: Path, root: str) -> None:
     message = refused(write(tmp_path, f"storage:\n  s3: {{rootdirectory: '{root}'}}\n"))
     assert message.startswith(f"bad value for storage.s3.rootdirectory: {root!r}: "), message
-    assert refused(env={"MIRROR_STORAGE_S3_ROOTDIRECTORY": root}) == message
+    in_env = refused(env={"MIRROR_STORAGE_S3_ROOTDIRECTORY": root})
+    assert in_env == f"{message} (set by MIRROR_STORAGE_S3_ROOTDIRECTORY)"
 
 
 @pytest.mark.parametrize("root", ["", "/", "registry", "/registry/", "team/registry", "a..b", ".hidden/x", "v1.2"])
@@ -254,7 +255,7 @@ def test_credentials_in_a_url_are_refused_and_never_shown_even_with_a_slash_in_t
 
 def test_a_port_that_is_not_a_number_is_refused() -> None:
     message = refused(env={"MIRROR_UPSTREAM_URL": "https://registry.example.com:abc"})
-    assert message.endswith(": the port is not a number"), message
+    assert message.endswith(": the port is not a number (set by MIRROR_UPSTREAM_URL)"), message
 
 
 @pytest.mark.parametrize("variable", ["MIRROR_UPSTREAM_PASSWORD_FILE", "MIRROR_STORAGE_S3_SECRETKEY_FILE",

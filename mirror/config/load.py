@@ -92,11 +92,12 @@ def load_config(
         extra = _merge_yaml(file, path)
     in_file = dict(file["upstream"])  # the file's `upstream` section, before the environment refines it
     environ = os.environ if env is None else env
-    if f"{ENV_PREFIX}UPSTREAMS" in environ:
+    listed = f"{ENV_PREFIX}UPSTREAMS" if environ.get(f"{ENV_PREFIX}UPSTREAMS", "").strip() else None
+    if listed:  # replaces the file's list; empty is not set, as for every other variable
         try:
-            extra = json.loads(environ[f"{ENV_PREFIX}UPSTREAMS"])
+            extra = json.loads(environ[listed])
         except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}UPSTREAMS must be a JSON list of upstream mappings") from None
+            raise ConfigError(f"{listed} must be a JSON list of upstream mappings") from None
     from_env: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     variables = _merge_env(from_env, environ)
@@ -121,22 +122,30 @@ def load_config(
                 values[attr] = keys[attr].metadata["parse"](value)
             except ValueError as exc:
                 quoted = shown(value, secret=not keys[attr].repr, names_file=attr.endswith("_file"))
-                raise ConfigError(f"bad value for {name}.{user_key(attr)}: {quoted}: {exc}") from None
+                source = f" (set by {variables[name, key]})" if (name, key) in variables else ""
+                raise ConfigError(f"bad value for {name}.{user_key(attr)}: {quoted}: {exc}{source}") from None
         sections[name] = cls(**values)
     default = sections["upstream"]
     upstreams = [default]
     default_entry: int | None = None
-    for n, entry in enumerate(_upstream_list(extra)):
-        label = f"upstreams[{n}]"
-        _overlay({}, entry, _section_keys(UpstreamConfig), label)  # refuses a key and its _file both set
+    upstream_keys = _section_keys(UpstreamConfig)
+    for n, entry in enumerate(_upstream_list(extra, listed)):
+        label = f"{listed or 'upstreams'}[{n}]"
+        _overlay({}, entry, upstream_keys, label)  # refuses a key and its _file both set
         registry = _parse_section(UpstreamConfig, {k: v for k, v in entry.items() if k == "registry"}, label).registry
         if registry == default.registry and default_entry is None:
-            # The default registry's entry: env and flags refine it; the file's `upstream` section may
-            # add keys but not contradict it (one of the two would silently be ignored).
+            # The default registry's entry: env and flags refine it. The file's `upstream` section may
+            # add keys but not contradict it (one of the two would silently be ignored); an entry of
+            # MIRROR_UPSTREAMS overrides it, as the environment overrides the file.
             default_entry = n
-            _check_no_conflict(in_file, entry, registry, n)
-            merged = _overlay(dict(entry), raw["upstream"], _section_keys(UpstreamConfig), "upstream")
-            _parse_section(UpstreamConfig, {k: v for k, v in merged.items() if k not in raw["upstream"]}, label)
+            if listed:
+                below = _overlay(dict(in_file), entry, upstream_keys, label)
+                above = _overlay(dict(from_env["upstream"]), flags["upstream"], upstream_keys, "upstream")
+            else:
+                _check_no_conflict(in_file, entry, registry, n)
+                below, above = dict(entry), raw["upstream"]
+            merged = _overlay(dict(below), above, upstream_keys, "upstream")
+            _parse_section(UpstreamConfig, {k: v for k, v in entry.items() if k in merged and k not in above}, label)
             default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
         elif any(u.registry == registry for u in upstreams):
             raise ConfigError(f"{label}.registry: {registry} is configured twice")
@@ -236,11 +245,11 @@ def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], reg
             raise ConfigError(f"upstream.{key} and upstreams[{n}].{twin} are both set: keep one")
 
 
-def _upstream_list(value: Any) -> list[dict[str, Any]]:
+def _upstream_list(value: Any, variable: str | None) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
-        raise ConfigError("upstreams must be a list of mappings (registry, url, username, ...)")
+        raise ConfigError(f"{variable or 'upstreams'} must be a list of mappings (registry, url, username, ...)")
     return [{str(k): v for k, v in e.items()} for e in value]
 
 

@@ -31,8 +31,8 @@ from tests.support.waiting import wait_for
 from tests.test_s3_serve import ROOT, Bucket
 
 SIZE = "object size differs from its record"
-DESCRIPTOR = "object size differs from a pushed image's descriptor"
-WRONG = "pushed image gives a wrong size for an object"
+DESCRIPTOR = "object size differs from an image's descriptor"
+WRONG = "image gives a wrong size for an object"
 NOT_LINKED = "pushed image refers to an object not linked in its repository"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -175,6 +175,34 @@ def test_fsck_finds_objects_whose_size_differs_from_their_record_and_repair_remo
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     upload(http, mirror.url, "team/app", layer)  # the client pushes it again
     backend.wait_stored(mirror, [cached])
+    mirror.stop()
+    clean(mirror, backend)
+
+
+def test_fsck_finds_a_truncated_cached_layer_without_re_hashing_and_repair_has_it_fetched_again(
+    backend: Backend, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A layer pulled through and then cut short (a disk that lost its tail): the cached image's
+    manifest gives its size, so the store's listing shows it; ``--repair`` re-hashes and removes it,
+    and the next pull fetches it from the upstream again."""
+    mirror = mirror_factory(env=backend.env())
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    backend.wait_stored(mirror, [images.small.digest, *images.small.blobs])
+    mirror.stop()
+    layer = images.small.layers[0]
+    backend.overwrite(mirror, layer.digest, layer.path.read_bytes()[: layer.size // 2])
+
+    status, lines = fsck(mirror, backend)
+    found = f"{layer.digest}: {layer.size // 2} bytes, {layer.size} in docker.io/library/small@{images.small.digest}"
+    assert status == 1 and f"{DESCRIPTOR}: {found} (the object or the manifest is wrong: --repair re-hashes it)" \
+        in lines, lines
+    status, lines = fsck(mirror, backend, "--repair")
+    assert status == 0 and f"{SIZE}: {found} (repaired)" in lines, lines
+    assert layer.digest not in backend.objects(mirror)
+
+    mirror.start()
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    backend.wait_stored(mirror, [layer.digest])
     mirror.stop()
     clean(mirror, backend)
 

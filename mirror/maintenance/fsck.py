@@ -6,7 +6,8 @@ schema 1 manifest: whose payload does not, see ``storage/filesystem.py``), and w
 pushed manifests, which fsck reads anyway (as stored: the S3 driver's own read would remove one that
 does not match, and fsck without ``repair`` changes nothing); objects whose size (as
 the store lists it: no object is read) differs from their manifest record or from a descriptor of
-a pushed image that needs them; tags whose manifest is missing; manifest records and repository
+an image in the index that needs them (pushed or cached: a truncated layer shows so without
+re-hashing it); tags whose manifest is missing; manifest records and repository
 links whose object is missing; pushed images that need an object missing from the store, or not
 linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
 which a pull of it then fails on).  What an image needs: its layers (not non-distributable ones,
@@ -16,9 +17,10 @@ fetched from their urls), config, child manifests; not its ``subject``, which ma
 it never invents data.  An object whose size differs from its manifest record is removed as a
 corrupt one: the record is the length of the very bytes named by the digest (but for a signed
 schema 1 manifest, named by its payload, whose copy signed again by its upstream may be the one
-recorded: not compared).  One whose size differs only from a pushed image's descriptor, which the
-client wrote, is re-hashed first and removed only if it does not match its digest; if it does,
-the manifest is what is wrong, and stays reported.  Pushed images that lack an object or its link
+recorded: not compared).  One whose size differs only from an image's descriptor, which the
+client (or the upstream) wrote, is re-hashed first and removed only if it does not match its digest
+(a cached one is fetched again on the next pull); if it does, the manifest is what is wrong, and stays
+reported.  Pushed images that lack an object or its link
 are reported, never repaired: the bytes may be gone, and a link the repository's owner deleted is
 not restored.
 """
@@ -43,10 +45,10 @@ from ..storage.verify import signed_schema1_named
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
 SIZE_DIFFERS = "object size differs from its record"
-#: ... from a pushed image's descriptor only, not re-hashed: the object or the manifest is wrong.
-DESCRIPTOR_DIFFERS = "object size differs from a pushed image's descriptor"
+#: ... from an image's descriptor only, not re-hashed: the object or the manifest is wrong.
+DESCRIPTOR_DIFFERS = "object size differs from an image's descriptor"
 #: ... once re-hashed (``repair``, ``verify_content``) and found whole: the descriptor is wrong.
-WRONG_DESCRIPTOR = "pushed image gives a wrong size for an object"
+WRONG_DESCRIPTOR = "image gives a wrong size for an object"
 
 
 @dataclass
@@ -74,8 +76,8 @@ class FsckReport:
 
 
 @dataclass(frozen=True, slots=True)
-class PushedImage:
-    """A manifest of a pushed repository, and the ``(digest, size)`` of each object a pull of it
+class Image:
+    """A manifest linked in a repository, and the ``(digest, size)`` of each object a pull of it
     needs (size -1: not given)."""
 
     repo: str
@@ -191,17 +193,16 @@ class Fsck:
     def _index(self, present: dict[str, StoredObject]) -> None:
         manifests = self._manifests(present)
         links = self.metadata.all_links()
-        bodies: dict[str, bytes | None] = {}  # each pushed manifest read once (not one of a wrong size)
+        bodies: dict[str, bytes | None] = {}  # each manifest read once (not one of a wrong size)
         images = []
         for repo, digest in links:
-            if repo.startswith(LOCAL + "/") and digest in manifests and digest in present \
-                    and digest not in self._sized:
+            if digest in manifests and digest in present and digest not in self._sized:
                 if digest not in bodies:
                     bodies[digest] = self._read(present[digest])
                     if self.repair and digest in self._dropped:
                         del present[digest]
                 if (body := bodies[digest]) is not None:
-                    images.append(PushedImage(repo, digest, _needed(body, digest)))
+                    images.append(Image(repo, digest, _needed(body, digest)))
         self._descriptor_sizes(images, present)
         for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
@@ -217,7 +218,7 @@ class Fsck:
             # again on demand.  A pushed repository cannot.
             if digest not in present and repo.startswith(LOCAL + "/"):
                 self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
-        self._needs(images, set(links), present)
+        self._needs([i for i in images if i.repo.startswith(LOCAL + "/")], set(links), present)
 
     def _manifests(self, present: dict[str, StoredObject]) -> set[str]:
         """The digests of the manifest records; those whose object is missing, or of another size
@@ -237,10 +238,10 @@ class Fsck:
                     del present[digest]
         return recorded
 
-    def _descriptor_sizes(self, images: list[PushedImage], present: dict[str, StoredObject]) -> None:
-        """Objects of another size than a descriptor of a pushed image that needs them says.
+    def _descriptor_sizes(self, images: list[Image], present: dict[str, StoredObject]) -> None:
+        """Objects of another size than a descriptor of an image that needs them says.
 
-        The client wrote the descriptor (a push does not check sizes, nor does distribution's):
+        The client (or the upstream) wrote the descriptor (a push does not check sizes, nor does distribution's):
         whether the object or the manifest is wrong, only the object's bytes can say.  Re-hashed
         (``verify_content`` did already, ``repair`` does), an object that matches its digest leaves
         each image that gives it a wrong size reported; one that does not is removed."""
@@ -274,7 +275,7 @@ class Fsck:
             return self.store.matches(found.digest)
         return None
 
-    def _needs(self, images: list[PushedImage], linked: set[tuple[str, str]], present: dict[str, StoredObject]) -> None:
+    def _needs(self, images: list[Image], linked: set[tuple[str, str]], present: dict[str, StoredObject]) -> None:
         """Pushed images that need an object missing from the store, or not linked in their repository."""
         for image in images:
             if image.digest not in present:

@@ -200,6 +200,28 @@ def test_redirect_sends_clients_of_a_stored_blob_to_the_bucket(
     assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1
 
 
+def test_a_blob_handed_out_by_a_redirect_keeps_its_image_from_an_eviction_until_the_client_fetched_it(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The client of a ``307`` fetches the object after the answer: a collector in another process
+    (``mirror gc``) evicting the image in between would leave it a ``404`` from the bucket."""
+    image, layer = images.small, images.small.layers[0]
+    env = bucket.env(MIRROR_STORAGE_S3_REDIRECT="true")
+    mirror = mirror_factory(env=env)
+    assert pull_checked(http, mirror.url, "library/small", "1", image)[0] == "MISS"
+    wait_for(lambda: set(bucket.objects()) == everything(image), timeout=30, what="the image in the bucket")
+    idle = {**env, "MIRROR_CACHE_UNUSED_FOR": "1s", "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"}
+    time.sleep(1.5)
+
+    moved = http.get(blob_url(mirror, "library/small", layer.digest))
+    assert moved.status_code == 307, moved.text
+    held = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
+    assert held.returncode == 0 and "0 images evicted" in held.stdout, held.stdout + held.stderr
+    assert get_digest(http, moved.headers["location"])[:3] == (200, layer.digest, layer.size)
+    assert set(bucket.objects()) == everything(image)
+    assert [p.name for p in (mirror.data_dir / "tmp").iterdir()] != [], "the mark is held a while"
+
+
 def test_parts_go_up_while_the_fill_grows(
     bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

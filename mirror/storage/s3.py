@@ -57,6 +57,7 @@ from .refusals import probe_writes, refusal_errno
 from .s3client import make_clients, settings_problem
 from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
+from .s3handout import HandedOut
 from .s3notes import sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
@@ -100,6 +101,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
+        self.handed_out = HandedOut()  # marks of objects handed out by presigned URLs
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
         #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
         self.shared_pushes = False
@@ -196,11 +198,15 @@ class S3Store:
 
     def redirect_url(self, digest: Digest, source: object = None) -> str | None:
         """A presigned GET of the object when ``redirect`` is on and it may be handed out unread (of
-        *source*, an opened reader: only one this process saw match its digest), else None."""
+        *source*, an opened reader: only one this process saw match its digest), else None.  The
+        reader's marks are then kept a while (``storage/s3handout.py``): no collector deletes the
+        object before the client has fetched it."""
         if not self.options.redirect or (isinstance(source, S3Reader) and not vouched(self, digest, source.etag)):
             return None  # served from here, hashed as it goes, and vouched for if it matches
         url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.key(digest)}, ExpiresIn=REDIRECT_EXPIRY)
+        if isinstance(source, S3Reader):
+            self.handed_out.keep(digest, source.handed_out())
         return url
 
     def objects(self) -> Iterator[StoredObject]:

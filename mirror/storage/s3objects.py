@@ -27,7 +27,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -256,6 +256,14 @@ class S3Reader:
         is no longer needed, its mark is let go."""
         self._spool = spool
         self._unmark()
+
+    def handed_out(self) -> Callable[[], None]:
+        """Close the reader but keep its marks (the object handed out by a presigned URL, see
+        ``storage/s3handout.py``): they go when the function returned is called."""
+        held = S3Reader(self._store, self.digest, self.size, self._mark, self._shared, self.etag)
+        self._mark = self._shared = None
+        self.close()
+        return held._unmark
 
     def close(self) -> None:
         self._store.closed(self)

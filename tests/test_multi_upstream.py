@@ -140,3 +140,54 @@ def test_a_delete_forgets_what_the_same_name_reads(
     for how in ("prefix", "hub ns"):
         gone = manifest(http, reads[how])
         assert gone.status_code != 200, (how, gone.headers.get("x-mirror-cache"))
+
+
+def test_a_name_of_another_upstream_is_never_a_pushed_repository_and_takes_no_pushes(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """A pushed repository shares the default registry's names only: the same name of another
+    upstream (``?ns=`` or its prefix) is that registry's, and a push cannot stand in for it."""
+    second = upstream_factory()
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=78)])
+    second.push_image("team/plain", "1", other)
+    for n in range(5):
+        second.push_image("many/tags", f"g{n}", other)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": SECOND, "url": second.url},
+    ]}))
+    mirror = mirror_factory(config=config)
+    client.push_image(mirror.url, "team/plain", "1", images.small, client=http)
+    for url in (f"{mirror.url}/v2/team/plain/manifests/1", f"{mirror.url}/v2/team/plain/manifests/1?ns=docker.io"):
+        mine = manifest(http, url)
+        assert (mine.content, mine.headers["x-mirror-cache"]) == (images.small.manifest, "LOCAL"), url
+    for url in (f"{mirror.url}/v2/team/plain/manifests/1?ns={SECOND}",
+                f"{mirror.url}/v2/{SECOND}/team/plain/manifests/1"):
+        theirs = manifest(http, url)
+        assert theirs.status_code == 200 and theirs.content == other.manifest, (url, theirs.text)
+        assert theirs.headers["x-mirror-cache"] in ("MISS", "HIT"), url
+
+    # Pushes to a name of the second upstream's, by prefix or by ?ns=, are refused before anything is stored.
+    config_blob = images.small.config
+    for url, ns in ((f"{mirror.url}/v2/{SECOND}/org/shadow/blobs/uploads/", {}),
+                    (f"{mirror.url}/v2/org/shadow/blobs/uploads/", {"ns": SECOND})):
+        refused = http.post(url, params={**ns, "digest": images.small.config_digest}, content=config_blob)
+        assert refused.status_code == 403 and refused.json()["errors"][0]["code"] == "DENIED", (url, refused.text)
+        assert SECOND in refused.json()["errors"][0]["message"]
+    put = http.put(f"{mirror.url}/v2/{SECOND}/org/shadow/manifests/1", content=images.small.manifest,
+                   headers={"content-type": images.small.media_type})
+    assert put.status_code == 403 and put.json()["errors"][0]["code"] == "DENIED", put.text
+    assert "org/shadow" not in " ".join(http.get(f"{mirror.url}/v2/_catalog").json()["repositories"])
+
+    # A tag list's next page is of the same registry.
+    listed, url = [], f"{mirror.url}/v2/many/tags/tags/list?ns={SECOND}&n=2"
+    while url:
+        page = http.get(url)
+        assert page.status_code == 200, page.text
+        listed += page.json()["tags"]
+        link = page.headers.get("link")
+        url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
+    assert listed == [f"g{n}" for n in range(5)]

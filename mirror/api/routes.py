@@ -184,8 +184,10 @@ async def _blob(request: Request, name: str, found: Endpoint) -> Response:
 
 async def _upload(request: Request, name: str, found: Endpoint) -> Response:
     namespaces: Namespaces = request.state.namespaces
-    repository = await namespaces.repository(name)  # pushes go by the name alone, whatever ``?ns=`` says
     uuid = found.upload or ""
+    # An upload goes on by its name alone (its location carries no ``?ns=``); it starts only for a name
+    # of this registry's: one ``?ns=`` gives to another upstream is refused (``registry/namespaces.py``).
+    repository = await namespaces.repository(name, None if uuid else request.query_params.get("ns"))
     method = request.method
     if not uuid:
         if method != "POST":
@@ -258,7 +260,9 @@ async def _tags(request: Request, name: str, found: Endpoint) -> Response:
     tags = page.tags
     headers = {**API_HEADERS, CACHE_HEADER: page.outcome.value}
     if page.more and tags:
-        query = urlencode({"n": n, "last": tags[-1]} if n is not None else {"last": tags[-1]})
+        # The next page is of the same repository: of the same registry too (``?ns=``).
+        ns = {"ns": ns} if (ns := request.query_params.get("ns")) else {}
+        query = urlencode({**ns, "n": n, "last": tags[-1]} if n is not None else {**ns, "last": tags[-1]})
         headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
     return JSONResponse({"name": name, "tags": tags}, headers=headers)
 

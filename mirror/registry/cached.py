@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
+from ..spec.errors import APIError
 from ..spec.reference import Digest
 from .local import LocalRegistry, LocalRepository, push_refusal
 from .pullthrough import PullThrough
@@ -31,14 +32,18 @@ class CachedRepository:
     """One upstream repository's cache, bound to the name the client used (*name*) and the name
     the upstream knows it by (*upstream_name*)."""
 
-    def __init__(self, pull: PullThrough, upstream_name: str, name: str, local: LocalRegistry) -> None:
+    def __init__(self, pull: PullThrough, upstream_name: str, name: str, local: LocalRegistry, *,
+                 foreign: bool = False) -> None:
+        """*foreign*: the name is one of an upstream other than the default (``registry/namespaces.py``),
+        which takes no pushes here."""
         self.pull = pull
         #: The repository's name at the upstream (without the registry prefix it may have here).
         self.upstream_name = upstream_name
         self.name = name
         self.local = local
+        self.foreign = foreign
         #: A HEAD of a blob never pulled here is a pusher's question (see :meth:`PullThrough.blob_head`).
-        self.pushable = local.takes_pushes(name)
+        self.pushable = not foreign and local.takes_pushes(name)
         self._pushes = LocalRepository(local, name)
 
     # -- reads --
@@ -69,6 +74,9 @@ class CachedRepository:
     # -- writes --
 
     def _refuse_push(self) -> None:
+        if self.foreign:
+            raise APIError("DENIED", f"{self.name} is a repository of {self.pull.registry}, an upstream of this "
+                           "mirror: it takes no pushes here; push to a name of this registry's own")
         if (refused := push_refusal(self.local.config.push, self.name)) is not None:
             raise refused
 

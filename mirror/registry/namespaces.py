@@ -3,11 +3,16 @@
 Built once at start-up (``server/app.py``) and reached as ``request.state.namespaces``; the routes ask
 it for a :class:`~mirror.registry.repository.Repository` bound to the name and never look further.
 
-* A name that was pushed to is local (``registry/local.py``), whatever upstream it might also name.
-* Any other name is the cache of an upstream (``registry/cached.py``): the registry containerd names in
-  ``?ns=`` (Docker Hub by any of its host names), else the registry a prefix of the name names
-  when one is configured (``/v2/ghcr.io/org/app/...`` is ``org/app`` there), else the default
-  upstream.  Names under ``push.prefixes`` take pushes; the first one makes them local.
+* The upstream a name is for: the registry containerd names in ``?ns=`` (Docker Hub by any of its host
+  names), else the registry a prefix of the name names when one is configured
+  (``/v2/ghcr.io/org/app/...`` is ``org/app`` there), else the default upstream.
+* A name of the default upstream's that was pushed to is local (``registry/local.py``): pushed
+  repositories share the default registry's names (what ``dockerd --registry-mirror`` and a
+  containerd mirror of it ask for).  Any other name is that upstream's cache (``registry/cached.py``).
+  Names under ``push.prefixes`` take pushes; the first one makes them local.
+* A name of another upstream's (by ``?ns=`` or by its prefix) is always that registry's: it is never
+  answered with a pushed repository, and takes no pushes (``DENIED``), so a push cannot stand in for
+  another registry's image.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Namespaces:
         for pushed repositories too).
         """
         pull, upstream_name = self.upstream_for(name, ns)
+        if pull is not self.default:
+            return CachedRepository(pull, upstream_name, name, self.local, foreign=True)
         if await self.local.reads.is_local(name):
             return LocalRepository(self.local, name)
         return CachedRepository(pull, upstream_name, name, self.local)

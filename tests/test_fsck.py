@@ -19,6 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.cli import main as cli_main
+from mirror.maintenance.fsck import Fsck
+from mirror.storage.driver import StoredObject
 from tests.support.archives import compress
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked, push_image, push_index
@@ -205,6 +208,44 @@ def test_fsck_finds_a_truncated_cached_layer_without_re_hashing_and_repair_has_i
     backend.wait_stored(mirror, [layer.digest])
     mirror.stop()
     clean(mirror, backend)
+
+
+def test_fsck_beside_a_serving_mirror_takes_nothing_stored_after_its_listing_for_missing(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """fsck lists the store, then reads the index: what a server running beside it stores in between
+    has links, tags and records whose objects the listing lacks.  They are looked up again before
+    anything is called missing: plain fsck is clean with a whole image pushed in between, and
+    ``--repair`` (which holds manifest pushes off) unlinks none of the layers uploaded meanwhile, so the
+    manifest that needs them is taken once it returns."""
+    mirror = mirror_factory(env=backend.env())
+    push(http, mirror.url, "team/app", "v1", seed=3)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": 11}).encode()
+    layer = os.urandom(5000)
+    listing = Fsck._objects
+    during: list[Callable[[], object]] = [lambda: push(http, mirror.url, "team/late", "v1", seed=10),
+                                          lambda: [upload(http, mirror.url, "team/late", b) for b in (config, layer)]]
+
+    def listed_then_stored(self: Fsck) -> dict[str, StoredObject]:
+        found = listing(self)
+        during.pop(0)()
+        return found
+
+    monkeypatch.setattr(Fsck, "_objects", listed_then_stored)
+    for key in [k for k in os.environ if k.startswith("MIRROR_")]:
+        monkeypatch.delenv(key)
+    for key, value in backend.env().items():
+        monkeypatch.setenv(key, value)
+    for flags in ([], ["--repair"]):
+        status = cli_main(["fsck", "--data", str(mirror.data_dir), *flags])
+        printed = capsys.readouterr().out.splitlines()
+        assert status == 0 and len(printed) == 1 and printed[0].endswith(": clean"), printed
+    assert not during
+    put_manifest(http, mirror.url, "team/late", "v2", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor(OCI_CONFIG, config),
+        "layers": [descriptor(OCI_LAYER, layer)]})
+    assert http.get(f"{mirror.url}/v2/team/late/blobs/{sha256(layer)}").content == layer
 
 
 def test_fsck_repair_keeps_an_object_a_pushed_manifest_gives_a_wrong_size(

@@ -13,6 +13,10 @@ linked in their repository (a ``DELETE`` of a blob or of a child manifest the im
 which a pull of it then fails on).  What an image needs: its layers (not non-distributable ones,
 fetched from their urls), config, child manifests; not its ``subject``, which may be absent.
 
+fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object
+stored in between (a push, a fill) is looked up again before a record, link or tag of it is called
+missing.
+
 ``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull;
 it never invents data.  An object whose size differs from its manifest record is removed as a
 corrupt one: the record is the length of the very bytes named by the digest (but for a signed
@@ -39,6 +43,7 @@ from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES, SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
 from ..spec.pushed import subject_digest
+from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject
 from ..storage.layout import UPLOAD_ID_RE
 from ..storage.verify import signed_schema1_named
@@ -207,7 +212,7 @@ class Fsck:
         for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
             digest = record.digest
-            if digest not in present:
+            if digest not in present and self._missing(digest):
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
                             partial(self.metadata.untag, repo, tag))
         for repo, digest in links:
@@ -216,7 +221,7 @@ class Fsck:
             self.report.links += 1
             # A cached repository may link what it has not fetched yet (or lost): it fetches
             # again on demand.  A pushed repository cannot.
-            if digest not in present and repo.startswith(LOCAL + "/"):
+            if digest not in present and repo.startswith(LOCAL + "/") and self._missing(digest):
                 self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
         self._needs([i for i in images if i.repo.startswith(LOCAL + "/")], set(links), present)
 
@@ -228,6 +233,8 @@ class Fsck:
             recorded.add(digest)
             found = present.get(digest)
             if found is None:
+                if not self._missing(digest):
+                    continue
                 self._found("manifest record without its object", digest,
                             partial(self.metadata.forget, manifests=[digest]))
             elif found.size != record.size and record.media_type not in (SCHEMA1, SCHEMA1_SIGNED):
@@ -282,10 +289,22 @@ class Fsck:
                 continue  # removed by a repair, with its links
             for digest, _ in image.needs:
                 if digest not in present:
-                    self._found("pushed image refers to a missing object", f"{image.repo}@{image.digest} -> {digest}")
+                    if self._missing(digest):
+                        self._found("pushed image refers to a missing object",
+                                    f"{image.repo}@{image.digest} -> {digest}")
                 elif (image.repo, digest) not in linked:
                     self._found("pushed image refers to an object not linked in its repository",
                                 f"{image.repo}@{image.digest} -> {digest}")
+
+    def _missing(self, digest: str) -> bool:
+        """Whether an object the listing did not have is still missing: one stored since (a push or a
+        fill of a server running beside fsck) is not, and its record, link or tag is no problem."""
+        if digest in self._dropped:
+            return True
+        try:
+            return not self.store.exists(parse_digest(digest))
+        except ParseError:
+            return True
 
     def _read(self, found: StoredObject) -> bytes | None:
         """A manifest's bytes as stored, read past the driver's own check (the S3 driver removes an

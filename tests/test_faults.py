@@ -243,6 +243,57 @@ def test_bad_manifest_body_is_rejected_and_never_stored(
 # Error statuses -----------------------------------------------------------------------------------
 
 
+def test_a_hung_upstream_holds_a_cached_tag_for_one_attempt_then_not_at_all(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
+) -> None:
+    """An upstream that takes connections and never answers: a revalidation of a cached tag (or tag
+    list) waits one attempt's time (connect + read timeouts) rather than every attempt's, and while
+    that upstream is quiet afterwards (three times as long) cached copies answer without asking."""
+    env = {**SHORT_TTL, "MIRROR_UPSTREAM_CONNECT_TIMEOUT": "0.5s", "MIRROR_UPSTREAM_READ_TIMEOUT": "1s"}
+    mirror = proxied(env)  # one attempt: 1.5 s; three attempts with their backoff: 3.4 s
+    assert get_manifest(mirror, "small", "1").headers["x-mirror-cache"] == "MISS"
+    assert httpx.get(f"{mirror.url}/v2/small/tags/list", timeout=30, trust_env=False).status_code == 200
+    past_ttl(time.monotonic())
+    fault_proxy.clear_counts()
+    with fault_proxy.fault("late", "/(manifests|tags)/", delay=60.0):
+        started = time.monotonic()
+        first = get_manifest(mirror, "small", "1")
+        waited = time.monotonic() - started
+        assert (first.status_code, first.headers["x-mirror-cache"]) == (200, "STALE") and 1.4 < waited < 2.8, waited
+        asked = fault_proxy.count(None, "/manifests/1")
+        for _ in range(3):
+            started = time.monotonic()
+            again = get_manifest(mirror, "small", "1")
+            assert again.headers["x-mirror-cache"] == "STALE" and time.monotonic() - started < 0.5
+            listed = httpx.get(f"{mirror.url}/v2/small/tags/list", timeout=30, trust_env=False)
+            assert (listed.headers["x-mirror-cache"], listed.json()["tags"]) == ("STALE", ["1"])
+        assert fault_proxy.count(None, "/manifests/1") == asked and fault_proxy.count(None, "/tags/") == 0
+    # Quiet for three times the wait from the time-out, then asked again.
+    time.sleep(max(0.0, started + 4.6 - time.monotonic()))
+    revalidated = get_manifest(mirror, "small", "1")
+    assert revalidated.headers["x-mirror-cache"] == "HIT", revalidated.headers
+
+
+def test_a_tag_the_upstream_deleted_leaves_the_tag_list_and_is_not_served_stale(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    image = build_image(tmp_path / "gone", [random_layer(tmp_path / "gone", 2048, seed=91)])
+    upstream.push_image("library/gone", "2", image)
+    upstream.push_image("library/gone", "1", image)
+    mirror = proxied(SHORT_TTL)
+    assert get_manifest(mirror, "gone", "2").status_code == 200
+    assert upstream.delete_manifest("library/gone", image.digest) == 202  # both tags go upstream
+    upstream.push_image("library/gone", "1", image)  # and one comes back
+    past_ttl(time.monotonic())
+    deleted = get_manifest(mirror, "gone", "2")
+    assert (deleted.status_code, api_error(deleted)) == (404, "MANIFEST_UNKNOWN"), deleted.text
+    listed = httpx.get(f"{mirror.url}/v2/gone/tags/list", timeout=30, trust_env=False).json()["tags"]
+    assert listed == ["1"]
+    with fault_proxy.fault("status", "/", status=503):
+        gone = get_manifest(mirror, "gone", "2")
+        assert gone.status_code == 503 and api_error(gone) == "UNAVAILABLE", gone.text
+
+
 def test_cached_tag_is_served_stale_while_revalidation_gets_429_or_503(
     proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
 ) -> None:

@@ -5,7 +5,13 @@
   Docker Hub's pull limit) and its manifest fetched again only if the digest changed.
 * A missing blob is fetched once, however many requests want it (``storage/fill.py``), and every
   reader streams it while it arrives.
-* When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).
+* When the upstream is down, answers 5xx or 429, the cached copy is served (``STALE``).  A revalidation
+  of something cached waits for the upstream (which may accept connections and never answer) at most
+  one attempt's time, ``upstream.connect_timeout`` + ``read_timeout``, and :data:`REVALIDATE_WAIT`
+  seconds; one that ran out of time makes the cached copies of that upstream answer without asking
+  for :data:`QUIET_TIMES` that long.
+* A tag the upstream answers ``404`` for is forgotten here too: it leaves the tag list, and is no
+  longer served stale.
 * Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
   ``upstream.foreign_layers: fetch``; by default they are the client's business (containerd).
 * When the store cannot take what was fetched (full, over quota, read-only), the upstream's
@@ -18,11 +24,13 @@ turns store and upstream errors into API errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import TypeVar
 
 from ..maintenance.upkeep import AccessTracker
 from ..metadata.driver import Metadata
@@ -48,12 +56,20 @@ from .failures import api_error
 from .flight import SingleFlight
 from .links import BackgroundLinks
 from .manifests import ManifestBodies, PeerFlights, referred_digest
-from .reads import IndexReads
+from .reads import IndexReads, in_index_thread
 from .records import refresh_tag, save_pulled
 from .referrers import UpstreamReferrers
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
 
+T = TypeVar("T")
 log = logging.getLogger("mirror.registry.pullthrough")
+#: Most seconds a revalidation of a cached tag or tag list waits for the upstream (its retries
+#: included) before the cached copy answers: the client waits too, and a hung upstream would hold it
+#: for ``upstream.read_timeout`` times its attempts (3 minutes by default).
+REVALIDATE_WAIT = 10.0
+#: After a revalidation ran out of time, that upstream's cached copies answer (``STALE``) without
+#: asking it for this many times the wait (30 s by default): each request would wait again.
+QUIET_TIMES = 3
 #: Repositories remembered as pulled from while the store could not record them.
 UNRECORDED_KEPT = 1024
 
@@ -79,6 +95,9 @@ class PullThrough:
         self.peers: PeerFlights | None = None
         self._referrers = UpstreamReferrers(metadata, upstream, registry)
         self._links = BackgroundLinks(metadata)
+        self._quiet_until = 0.0  # time.monotonic() until which cached copies answer without asking
+        timeouts = upstream.config.connect_timeout + upstream.config.read_timeout
+        self.revalidate_wait = min(REVALIDATE_WAIT, timeouts)
 
     def _repo(self, name: str) -> str:
         return f"{self.registry}/{name}"
@@ -134,11 +153,12 @@ class PullThrough:
         if record is not None and cached is not None:
             checked = time.time()
             try:
-                head = await self.upstream.head_manifest(name, tag)
+                head = await self._revalidating(self.upstream.head_manifest, name, tag)
             except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
                 self._log_stale(f"{repo}:{tag}", exc)
                 return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
             except UpstreamNotFound as exc:
+                await in_index_thread(self.metadata.untag, repo, tag)  # deleted there: not listed, not served stale
                 raise api_error(exc, "MANIFEST_UNKNOWN") from exc
             self._stale_logged.discard(f"{repo}:{tag}")
             if head.digest == record.digest:
@@ -319,16 +339,16 @@ class PullThrough:
         tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``).
         """
         name = self.upstream.canonical_name(name)
+        local = await self.reads.ask(self.metadata.tags, self._repo(name))
         try:
-            listed = await self.upstream.tags(name)
+            listed = await (self._revalidating(self.upstream.tags, name) if local else self.upstream.tags(name))
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
-            local = await self.reads.ask(self.metadata.tags, self._repo(name))
             if not local:
                 raise api_error(exc, "NAME_UNKNOWN") from exc
             self._log_stale(f"{self._repo(name)} tags", exc)
             return TagsPage(*paginate(local, n, last), Outcome.STALE)
         # Add the tags cached here (the upstream may have dropped some).
-        tags = set(listed).union(await self.reads.ask(self.metadata.tags, self._repo(name)))
+        tags = set(listed).union(local)
         return TagsPage(*paginate(sorted(tags), n, last), Outcome.MISS)
 
     # -- referrers --
@@ -340,6 +360,20 @@ class PullThrough:
         return ReferrersResult(answer.manifests, Outcome.STALE if answer.stale else Outcome.MISS)
 
     # -- helpers --
+
+    async def _revalidating(self, ask: Callable[..., Awaitable[T]], *args: str) -> T:
+        """``await ask(*args)``, a question to the upstream about something a cached copy can answer:
+        :class:`UpstreamUnavailable` after :attr:`revalidate_wait` seconds, and at once while the
+        upstream is quiet after one that ran out of time (see the module docstring)."""
+        wait = self.revalidate_wait
+        if time.monotonic() < self._quiet_until:
+            raise UpstreamUnavailable(f"the upstream did not answer within {wait:g}s a moment ago")
+        try:
+            return await asyncio.wait_for(ask(*args), wait)
+        except TimeoutError:
+            self._quiet_until = time.monotonic() + QUIET_TIMES * wait
+            raise UpstreamUnavailable(f"no answer within {wait:g}s; cached copies answer without asking "
+                                      f"for {QUIET_TIMES * wait:g}s") from None
 
     def _pulled_unrecorded(self, repo: str) -> None:
         """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream

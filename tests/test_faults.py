@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.registry.failures import UPSTREAM_RETRY_AFTER
 from tests.support.catalog import StandardImages
@@ -114,6 +115,13 @@ def temp_files(mirror: MirrorServer) -> list[str]:
     return sorted(os.listdir(mirror.data_dir / "tmp"))
 
 
+def upstream_errors(mirror: MirrorServer) -> dict[str, float]:
+    """``mirror_upstream_errors_total`` by reason, those above 0."""
+    answer = httpx.get(f"{mirror.url}/metrics", timeout=30.0, trust_env=False)
+    return {s.labels["reason"]: s.value for family in text_string_to_metric_families(answer.text)
+            for s in family.samples if s.name == "mirror_upstream_errors_total" and s.value}
+
+
 def past_ttl(since: float) -> None:
     """Sleep until the tag TTL counted from *since* (monotonic) has passed."""
     remaining = since + TTL + 0.1 - time.monotonic()
@@ -165,6 +173,9 @@ def test_bad_blob_body_aborts_the_client_and_is_never_stored(
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
     log = mirror.log_tail(400)  # a warning of ours, not an error of the server's
     assert "aborting transfer" in log and "without completing response" not in log, log
+    # A body that is not the blob is the upstream's invalid answer; one cut short, an interrupted one.
+    reason = "invalid" if kind == "corrupt" else "interrupted"
+    assert upstream_errors(mirror) == {reason: 1.0}, upstream_errors(mirror)
 
     good = get_blob(mirror, "big", layer.digest)
     assert (good.status, good.error, good.headers["x-mirror-cache"]) == (200, None, "MISS")

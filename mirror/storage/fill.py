@@ -34,7 +34,7 @@ from ..observe.metrics import Metrics
 from ..spec.reference import Digest
 from .batches import write_in_batches
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
-from .driver import BlobReader, BlobStore, FillWriter, StoreUnavailable
+from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
 from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta
 from .refusals import refusal
@@ -209,9 +209,11 @@ class Fills:
         meta = self.store.layout.fill_meta(ingest.digest)
         handed_over = False
         ended: Callable[[], None] | None = None
+        fetched: object = None
         self._leading.add(ingest.digest)
         try:
             async with fetch() as download:
+                fetched = download
                 # A fetch that keeps something until its fill ended (a replica's fill lease) is told when.
                 if (claimed := getattr(download, "claimed", None)) is not None:
                     ended = claimed()
@@ -256,6 +258,8 @@ class Fills:
                             ingest.digest, ingest.written, refused)
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
+                if isinstance(exc, DigestMismatch) and callable(mismatched := getattr(fetched, "mismatched", None)):
+                    mismatched()  # the upstream's answer was not the blob: counted as its invalid answer
             try:
                 if not handed_over:
                     if (refused := _refusal(exc)) is not None:

@@ -49,11 +49,18 @@ class BlobDownload:
     """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
 
     def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
-                 body: AsyncIterator[bytes] | None = None) -> None:
+                 body: AsyncIterator[bytes] | None = None, invalid: Callable[[], None] | None = None) -> None:
         self.response = response
         self.size = identity_length(response)
         self._count = count
         self._body = body
+        self._invalid = invalid
+
+    def mismatched(self) -> None:
+        """The body did not hash to the digest asked for: an invalid answer of the upstream's (counted
+        in ``mirror_upstream_errors_total{reason="invalid"}``)."""
+        if self._invalid is not None:
+            self._invalid()
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The identity bytes: decoded if the answer is content-coded; a large one read from the

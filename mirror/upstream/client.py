@@ -158,6 +158,9 @@ class Upstream:
             finally:
                 await response.aclose()
 
+    def _invalid(self) -> None:
+        self.metrics.upstream_error(self.config.registry, "invalid")
+
     def _failed(self, error: UpstreamError) -> UpstreamError:
         """Count a request that failed for good (a 404 is an answer, not a failure)."""
         if not isinstance(error, UpstreamNotFound):
@@ -269,7 +272,7 @@ class Upstream:
             # the start is an error before the blob is served (a 502, not a 200 cut short).
             body = await primed(response.aiter_bytes()) if content_codings(response) else None
             yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
-                               body)
+                               body, self._invalid)
         except httpx.DecodingError as exc:
             self.metrics.upstream_error(self.config.registry, "invalid")
             raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
@@ -289,7 +292,8 @@ class Upstream:
         """
         response = await self._foreign("GET", urls, digest)
         try:
-            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size))
+            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
+                               invalid=self._invalid)
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET foreign layer {digest}: body interrupted: {exc}") from exc

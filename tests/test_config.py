@@ -485,3 +485,12 @@ def test_a_bad_value_from_the_environment_names_its_variable(tmp_path: Path) -> 
     # A flag that replaces the variable is what is named (no variable).
     with pytest.raises(ConfigError, match=r"^bad value for cache.tag_ttl: 'never': [^(]*$"):
         load_config(file, env={"MIRROR_CACHE_TAG_TTL": "later"}, overrides={"cache.tag_ttl": "never"})
+
+
+def test_an_upstream_entry_without_a_url_is_served_by_its_own_registry_host() -> None:
+    listed = '[{"registry": "quay.io"}, {"registry": "reg.local:5000"}, {"registry": "ghcr.io", "url": "http://g:1"}]'
+    config = load_config(env={"MIRROR_UPSTREAMS": listed})
+    assert [(u.registry, u.url) for u in config.upstreams] == [
+        ("docker.io", DOCKER_HUB_URL), ("quay.io", "https://quay.io"), ("reg.local:5000", "https://reg.local:5000"),
+        ("ghcr.io", "http://g:1")]
+    assert not config.upstreams[1].adds_library_namespace

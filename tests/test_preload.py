@@ -227,8 +227,14 @@ def test_names_are_normalised_and_other_registries_kept(
     index = {"schemaVersion": 2, "manifests": [{**built.amd64.descriptor(), "annotations": a} for a in entries]}
     (layout / "index.json").write_bytes(dump_json(index))
     server = offline_mirror(env={"MIRROR_UPSTREAM_REGISTRY": "ghcr.io"})
-    out = ok(preload(server.data_dir, layout))
-    assert "1 image, 4 tags" in out
+    done = preload(server.data_dir, layout)
+    assert "1 image, 4 tags" in ok(done)
+    # Stored all the same, but no pull reaches a registry that is not an upstream: the preload says so.
+    warned = [line for line in done.stderr.splitlines() if "is not an upstream of this mirror" in line]
+    assert [line.split(": ")[4] for line in warned] == ["ghcr.io/acme/tool:2", "localhost:5000/x/y:3"], done.stderr
+    again = preload(server.data_dir, layout, env={"MIRROR_UPSTREAM_REGISTRY": "ghcr.io",
+                                                  "MIRROR_UPSTREAMS": '[{"registry": "localhost:5000"}]'})
+    assert ok(again) and "docker.io/library/ubuntu:18.04" in again.stderr and "ghcr.io" not in again.stderr
     with diskcache.Cache(os.fspath(server.data_dir / "index")) as cache:
         assert set(cache.get("catalog")) == {"docker.io/library/ubuntu", "ghcr.io/acme/tool", "docker.io/team/app",
                                              "localhost:5000/x/y"}

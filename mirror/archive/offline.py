@@ -134,7 +134,8 @@ def run_preload(args: argparse.Namespace) -> int:
         for file in args.files:
             progress = TerminalProgress(file)
             try:
-                summary = preload_file(Path(file), store, metadata, progress, label=file)
+                summary = preload_file(Path(file), store, metadata, progress, label=file,
+                                       registries={u.registry for u in config.upstreams})
             except ArchiveError as exc:
                 print(f"mirror: preload: {file}: {exc}", file=sys.stderr)
                 failed += 1

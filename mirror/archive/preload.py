@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,12 @@ class Summary:
 
 
 def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Progress | None = None,
-                 label: str | None = None, now: Callable[[], float] = time.time) -> Summary:
-    """Import one archive (file or directory); raise ArchiveError and change nothing on bad input."""
+                 label: str | None = None, now: Callable[[], float] = time.time,
+                 registries: Collection[str] | None = None) -> Summary:
+    """Import one archive (file or directory); raise ArchiveError and change nothing on bad input.
+
+    *registries*: the upstreams' (``upstreams:``); an image named for another registry is stored all
+    the same, with a warning: no request reaches it until that registry is one of them."""
     progress = progress or NoProgress()
     summary = Summary(label or str(path))
     store.create()
@@ -93,6 +97,8 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
         progress.phase("reading", size)
         with open_archive(path, staging, have, progress.advance) as archive:
             images, content = plan(archive, store, summary.warnings)
+            if registries is not None:
+                summary.warnings += _unreachable(images, registries)
             staged = _stage(images, content, staging, progress, summary)
         _commit(images, staged, store, metadata, progress, summary, now())
     except OSError as exc:
@@ -100,6 +106,18 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
     finally:
         staging.cleanup()
     return summary
+
+
+def _unreachable(images: list[Image], registries: Collection[str]) -> list[str]:
+    """A warning per registry the images name that is not one of *registries*."""
+    named: dict[str, list[str]] = {}
+    for image in images:
+        for name in image.names:
+            if name.registry not in registries:
+                named.setdefault(name.registry, []).append(str(name))
+    return [f"{', '.join(names)}: {registry} is not an upstream of this mirror, so no pull reaches "
+            f"{'them' if len(names) > 1 else 'it'} until it is one (upstreams: - {{registry: {registry}}})"
+            for registry, names in named.items()]
 
 
 def _stage(images: list[Image], content: Content, staging: Staging, progress: Progress,

@@ -22,8 +22,10 @@ from typing import Any
 
 import yaml
 
+from ..spec.names import DOCKER_HUB
 from .dsn import dsn_problem
 from .sections import (
+    DOCKER_HUB_URL,
     AdminConfig,
     AuthConfig,
     CacheConfig,
@@ -149,8 +151,9 @@ def load_config(
             default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
         elif any(u.registry == registry for u in upstreams):
             raise ConfigError(f"{label}.registry: {registry} is configured twice")
-        else:
-            upstreams.append(_parse_section(UpstreamConfig, entry, label))
+        else:  # served by its own host when no url says otherwise, as containerd takes it
+            url = DOCKER_HUB_URL if registry == DOCKER_HUB else f"https://{registry}"
+            upstreams.append(_parse_section(UpstreamConfig, {"url": url, **entry}, label))
     sections["upstream"] = default
     metadata = sections["metadata"]
     if metadata.driver == "postgres" and (problem := dsn_problem(metadata.postgres_dsn or "")) is not None:

@@ -183,8 +183,7 @@ class Metrics:
             ["upstream", "method"], buckets=UPSTREAM_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "mirror_upstream_errors", "Upstream requests that failed after retries, by reason "
-            "(unreachable, server_error, rate_limited, denied, invalid: not what was asked for, such as a blob "
-            "body that does not match its digest, interrupted).",
+            "(unreachable, server_error, rate_limited, denied, invalid: not what was asked, interrupted).",
             ["upstream", "reason"], registry=r)
         self.upstream_bytes = Counter(
             "mirror_upstream_received_bytes", "Manifest and blob body bytes received from an upstream.",

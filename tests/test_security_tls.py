@@ -15,6 +15,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from mirror.server.protocol import FALLBACK_GRACE
 from tests.support.catalog import StandardImages
 from tests.support.images import sha256_digest as sha256
 from tests.support.mirror import MirrorServer
@@ -23,6 +24,7 @@ from tests.support.security import (
     request,
     tls_env,
 )
+from tests.support.waiting import wait_for
 
 
 def test_tls_serves_https_with_the_configured_certificate(
@@ -92,9 +94,27 @@ def test_a_client_that_speaks_tls_to_the_plain_http_port_is_told_so(
     with socket.create_connection(("127.0.0.1", mirror.port), timeout=5) as raw:
         with pytest.raises(ssl.SSLError):
             ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    # Warned of once no plain-HTTP request came from that host for a while after the handshake.
+    wait_for(lambda: "began a TLS handshake" in mirror.log_tail(400), timeout=10, what="the warning")
     log = mirror.log_tail(400)
     assert log.count("began a TLS handshake on this plain-HTTP port") == 1, log
     assert re.search(r"127\.0\.0\.1:\d+ began a TLS handshake on this plain-HTTP port: it expects HTTPS\. "
                      r"Either tell it the registry is plain HTTP \(dockerd: insecure-registries;", log), log
     assert "Invalid HTTP request received" not in log, log
     assert request(mirror, "GET", "/v2/").status_code == 200  # plain HTTP still served
+
+
+def test_a_client_told_the_registry_is_plain_http_that_tries_tls_first_is_not_warned_of(
+    mirror: MirrorServer, skopeo: str, images: StandardImages,
+) -> None:
+    """skopeo ``--tls-verify=false`` (as dockerd and podman for an insecure registry) begins with a TLS
+    handshake and falls back to http:// when answered in plain HTTP: configured right, nothing to warn of."""
+    for _ in range(2):
+        done = subprocess.run([skopeo, "inspect", "--tls-verify=false", "--retry-times=0", "--raw",
+                               f"docker://127.0.0.1:{mirror.port}/library/small:1"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    time.sleep(FALLBACK_GRACE + 1.0)
+    log = mirror.log_tail(400)
+    assert "began a TLS handshake" not in log, log
+    assert "/v2/library/small/manifests/1" in log  # it did come back in plain HTTP

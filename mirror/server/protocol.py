@@ -23,7 +23,12 @@ TLS_HANDSHAKE = b"\x16\x03"
 #: Seconds between two warnings of TLS handshakes from one client host (the rest are logged at DEBUG):
 #: docker, containerd and skopeo try HTTPS first on every pull from an "insecure" registry.
 TLS_WARN_INTERVAL = 600.0
+#: Seconds a client host that began a TLS handshake has to come back in plain HTTP (what dockerd,
+#: skopeo and podman do for a registry they were told is insecure: HTTPS first, then http://) before
+#: the handshake is taken for a client that expects HTTPS and warned of.
+FALLBACK_GRACE = 2.0
 _tls_warned: dict[str, float] = {}
+_plain_seen: dict[str, float] = {}  # client host -> time.monotonic() of its latest plain-HTTP request
 log = logging.getLogger("mirror.server")
 
 
@@ -68,7 +73,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         first, self._first = self._first, False
         if first and not self._tls and data.startswith(TLS_HANDSHAKE):
-            _tls_on_plain_port(self.client)
+            self.loop.call_later(FALLBACK_GRACE, _tls_on_plain_port, self.client, time.monotonic())
             # Answered in plain HTTP, as for any request that does not parse: a Go client (dockerd,
             # containerd, skopeo, podman) then reports "server gave HTTP response to HTTPS client" and,
             # for a registry it was told is insecure, falls back to http://.
@@ -95,18 +100,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        if self.client and not self._tls:
+            if len(_plain_seen) > 1000:
+                _plain_seen.clear()
+            _plain_seen[self.client[0]] = time.monotonic()
         before = self.cycle
         super().on_headers_complete()
         if self.cycle is not before and self.cycle is not None:
             zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive, zero_copy=not self._tls)
 
 
-def _tls_on_plain_port(client: tuple[str, int] | None) -> None:
-    """Log that *client* began a TLS handshake here: at WARNING once per :data:`TLS_WARN_INTERVAL` per host."""
+def _tls_on_plain_port(client: tuple[str, int] | None, since: float) -> None:
+    """Log that *client* began a TLS handshake here (at *since*, :data:`FALLBACK_GRACE` seconds ago):
+    at WARNING once per :data:`TLS_WARN_INTERVAL` per host, unless the host came back in plain HTTP
+    since (then at DEBUG: it was told the registry is plain HTTP, and tries HTTPS first all the same)."""
     host = client[0] if client else "a client"
     peer = f"{client[0]}:{client[1]}" if client else "a client"
     now = time.monotonic()
     level = logging.DEBUG
+    if _plain_seen.get(host, -1.0) >= since:
+        log.debug("%s began a TLS handshake on this plain-HTTP port, then came back in plain HTTP", peer)
+        return
     if now - _tls_warned.get(host, -TLS_WARN_INTERVAL) >= TLS_WARN_INTERVAL:
         if len(_tls_warned) > 1000:
             _tls_warned.clear()

@@ -191,3 +191,34 @@ def test_a_name_of_another_upstream_is_never_a_pushed_repository_and_takes_no_pu
         link = page.headers.get("link")
         url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
     assert listed == [f"g{n}" for n in range(5)]
+
+
+def test_a_registry_with_a_port_is_listed_paged_and_shown_by_the_name_the_catalog_gives(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """``reg.local:5000`` is what containerd names a private registry on a port (``?ns=``): its
+    repositories are listed as ``reg.local:5000/org/app``, which the catalog's ``last`` and the web
+    UI take back."""
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": "reg.local:5000", "url": second.url},
+    ]}))
+    mirror = mirror_factory(config=config)
+    assert manifest(http, f"{mirror.url}/v2/org/app/manifests/1?ns=reg.local:5000").content == images.small.manifest
+    assert manifest(http, f"{mirror.url}/v2/small/manifests/1").status_code == 200
+    client.push_image(mirror.url, "team/x", "1", images.small, client=http)  # listed after it
+    listed, url = [], f"{mirror.url}/v2/_catalog?n=1"
+    while url:
+        page = http.get(url)
+        assert page.status_code == 200, page.text
+        listed += page.json()["repositories"]
+        link = page.headers.get("link")
+        url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
+    assert listed == ["library/small", "reg.local:5000/org/app", "team/x"]
+    shown = http.get(f"{mirror.url}/ui/r/reg.local:5000/org/app")
+    assert shown.status_code == 200 and "reg.local:5000/org/app" in shown.text, shown.status_code

@@ -28,6 +28,7 @@ from ..spec.reference import (
     ParseError,
     UnsupportedDigest,
     parse_digest,
+    parse_listed_name,
     parse_media_type,
     parse_name,
     parse_range,
@@ -271,7 +272,7 @@ async def catalog(request: Request) -> Response:
     namespaces: Namespaces = request.state.namespaces
     try:
         n = _page_size(request.query_params.get("n"))
-        last = _last(request.query_params.get("last"), parse_name, "NAME_INVALID")
+        last = _last(request.query_params.get("last"), parse_listed_name, "NAME_INVALID")
     except APIError as exc:
         return error_response(exc, head=request.method == "HEAD")
     page, more = paginate(await namespaces.catalog(), n, last)

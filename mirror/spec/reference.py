@@ -75,6 +75,19 @@ def parse_name(name: str) -> str:
     return name
 
 
+#: A repository as the catalog lists it: a name, or one of an upstream whose registry has a port
+#: (``reg.local:5000/org/app``: not a name, so only ``?ns=reg.local:5000`` reaches it).
+LISTED_NAME_RE = re.compile(rf"(?:{NAME_COMPONENT}(?:\.{NAME_COMPONENT})*:[0-9]{{1,5}}/)?{NAME_RE.pattern}")
+
+
+def parse_listed_name(name: str) -> str:
+    """A repository name, or a name as the catalog lists one of a registry with a port (see
+    :data:`LISTED_NAME_RE`): a catalog's ``last`` marker, a web UI page."""
+    if len(name) > MAX_NAME_LENGTH + 6 or not LISTED_NAME_RE.fullmatch(name):
+        raise InvalidName(f"invalid repository name {name!r}")
+    return name
+
+
 def parse_tag(tag: str) -> str:
     if not TAG_RE.fullmatch(tag):
         raise InvalidTag(f"invalid tag {tag!r}")

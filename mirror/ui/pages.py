@@ -48,7 +48,7 @@ from ..config.values import human
 from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..registry.reads import in_index_thread, in_mixed_thread
-from ..spec.reference import ParseError, parse_digest, parse_name
+from ..spec.reference import ParseError, parse_digest, parse_listed_name
 from . import actions, chart, figures, history, images, listed, listing
 
 HERE = Path(__file__).parent
@@ -141,7 +141,7 @@ def routes(config: Config) -> list[BaseRoute]:
         path: str = request.path_params["path"]
         name, at, reference = path.partition("@")
         try:
-            name = parse_name(name)
+            name = parse_listed_name(name)
             digest = str(parse_digest(reference)) if at else None
         except ParseError:
             return not_found(request, path)

@@ -494,3 +494,11 @@ def test_an_upstream_entry_without_a_url_is_served_by_its_own_registry_host() ->
         ("docker.io", DOCKER_HUB_URL), ("quay.io", "https://quay.io"), ("reg.local:5000", "https://reg.local:5000"),
         ("ghcr.io", "http://g:1")]
     assert not config.upstreams[1].adds_library_namespace
+
+
+def test_mirror_upstreams_is_written_in_json_or_as_in_the_file() -> None:
+    for listed in ('[{"registry": "quay.io", "tag_ttl": "1m"}]', "[{registry: quay.io, tag_ttl: 1m}]"):
+        config = load_config(env={"MIRROR_UPSTREAMS": listed})
+        assert [(u.registry, u.tag_ttl) for u in config.upstreams] == [("docker.io", None), ("quay.io", 60.0)]
+    with pytest.raises(ConfigError, match=r"^MIRROR_UPSTREAMS is not a list of upstream mappings in JSON or YAML"):
+        load_config(env={"MIRROR_UPSTREAMS": "[{registry: quay.io"})

@@ -305,6 +305,18 @@ def test_a_tag_the_upstream_deleted_leaves_the_tag_list_and_is_not_served_stale(
         assert gone.status_code == 503 and api_error(gone) == "UNAVAILABLE", gone.text
 
 
+def test_an_error_about_the_upstream_names_its_path_never_its_address(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,
+) -> None:
+    mirror = proxied()
+    address = fault_proxy.url.split("://", 1)[1]
+    with fault_proxy.fault("refuse", "/"):
+        for path in ("/v2/never/tags/list", "/v2/never/manifests/1"):
+            failed = httpx.get(f"{mirror.url}{path}", headers=ACCEPT, timeout=30, trust_env=False)
+            assert failed.status_code == 503 and api_error(failed) == "UNAVAILABLE", failed.text
+            assert "/v2/library/never/" in failed.text and address not in failed.text, failed.text
+
+
 def test_cached_tag_is_served_stale_while_revalidation_gets_429_or_503(
     proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages
 ) -> None:

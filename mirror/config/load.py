@@ -97,9 +97,9 @@ def load_config(
     listed = f"{ENV_PREFIX}UPSTREAMS" if environ.get(f"{ENV_PREFIX}UPSTREAMS", "").strip() else None
     if listed:  # replaces the file's list; empty is not set, as for every other variable
         try:
-            extra = json.loads(environ[listed])
-        except ValueError:
-            raise ConfigError(f"{listed} must be a JSON list of upstream mappings") from None
+            extra = yaml.safe_load(environ[listed])  # JSON, or YAML flow as in the file
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{listed} is not a list of upstream mappings in JSON or YAML{_where(exc)}") from None
     from_env: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     variables = _merge_env(from_env, environ)

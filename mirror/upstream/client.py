@@ -116,13 +116,14 @@ class Upstream:
                     retries: int | None = None) -> httpx.Response:
         """Send, retrying failures before any byte (*retries*: ``upstream.retries``); map non-2xx to errors."""
         attempt, limit = 0, self.config.retries if retries is None else retries
+        shown = httpx.URL(path).raw_path.decode("ascii", "replace") if "://" in path else path  # no host in errors
         while True:
             request = self.client.build_request(method, path, headers=headers, params=params)
             started = time.monotonic()
             try:
                 response = await self.client.send(request, stream=stream)
             except httpx.DecodingError as exc:  # a coded body read whole (a token or a tags list) is corrupt
-                raise self._failed(UpstreamInvalid(f"{method} {path}: undecodable content coding: {exc}")) from exc
+                raise self._failed(UpstreamInvalid(f"{method} {shown}: undecodable content coding: {exc}")) from exc
             except UpstreamCredentialsRejected:
                 raise  # logged once by RegistryAuth: an operator's problem
             except UpstreamError as exc:  # the token request failed (RegistryAuth)
@@ -137,7 +138,7 @@ class Upstream:
                     attempt += 1
                     await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                     continue
-                raise self._failed(UpstreamUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
+                raise self._failed(UpstreamUnavailable(f"{method} {shown}: {type(exc).__name__}: {exc}")) from exc
             self.metrics.upstream_response(self.config.registry, method, response.status_code,
                                            time.monotonic() - started, response.headers)
             if response.status_code in RETRY_STATUSES and attempt < limit:
@@ -150,11 +151,11 @@ class Upstream:
                 if unknown:
                     await response.aclose()
                     raise self._failed(UpstreamInvalid(
-                        f"{method} {path}: upstream answered in content coding {', '.join(unknown)}, "
+                        f"{method} {shown}: upstream answered in content coding {', '.join(unknown)}, "
                         f"which the mirror cannot decode (it asks for {ACCEPT_ENCODING})"))
                 return response
             try:
-                raise self._failed(await self._error(method, path, response))
+                raise self._failed(await self._error(method, shown, response))
             finally:
                 await response.aclose()
 

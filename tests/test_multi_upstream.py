@@ -25,6 +25,19 @@ def manifest(http: httpx.Client, url: str) -> httpx.Response:
     return http.get(url, headers={"accept": ALL_TYPES})
 
 
+def every_page(http: httpx.Client, mirror: MirrorServer, path: str, key: str) -> list[str]:
+    """The *key* lists of a paged answer from *path* on, following the mirror's ``Link`` headers."""
+    listed: list[str] = []
+    url = f"{mirror.url}{path}"
+    while url:
+        page = http.get(url)
+        assert page.status_code == 200, page.text
+        listed += page.json()[key]
+        link = page.headers.get("link")
+        url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
+    return listed
+
+
 def test_requests_are_routed_by_ns_and_by_path_prefix(
     tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
     upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
@@ -183,14 +196,7 @@ def test_a_name_of_another_upstream_is_never_a_pushed_repository_and_takes_no_pu
     assert "org/shadow" not in " ".join(http.get(f"{mirror.url}/v2/_catalog").json()["repositories"])
 
     # A tag list's next page is of the same registry.
-    listed, url = [], f"{mirror.url}/v2/many/tags/tags/list?ns={SECOND}&n=2"
-    while url:
-        page = http.get(url)
-        assert page.status_code == 200, page.text
-        listed += page.json()["tags"]
-        link = page.headers.get("link")
-        url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
-    assert listed == [f"g{n}" for n in range(5)]
+    assert every_page(http, mirror, f"/v2/many/tags/tags/list?ns={SECOND}&n=2", "tags") == [f"g{n}" for n in range(5)]
 
 
 def test_a_registry_with_a_port_is_listed_paged_and_shown_by_the_name_the_catalog_gives(
@@ -212,13 +218,7 @@ def test_a_registry_with_a_port_is_listed_paged_and_shown_by_the_name_the_catalo
     assert manifest(http, f"{mirror.url}/v2/org/app/manifests/1?ns=reg.local:5000").content == images.small.manifest
     assert manifest(http, f"{mirror.url}/v2/small/manifests/1").status_code == 200
     client.push_image(mirror.url, "team/x", "1", images.small, client=http)  # listed after it
-    listed, url = [], f"{mirror.url}/v2/_catalog?n=1"
-    while url:
-        page = http.get(url)
-        assert page.status_code == 200, page.text
-        listed += page.json()["repositories"]
-        link = page.headers.get("link")
-        url = f"{mirror.url}{link.split(';')[0].strip('<>')}" if link else ""
+    listed = every_page(http, mirror, "/v2/_catalog?n=1", "repositories")
     assert listed == ["library/small", "reg.local:5000/org/app", "team/x"]
     shown = http.get(f"{mirror.url}/ui/r/reg.local:5000/org/app")
     assert shown.status_code == 200 and "reg.local:5000/org/app" in shown.text, shown.status_code

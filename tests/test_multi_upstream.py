@@ -186,7 +186,9 @@ def test_a_name_of_another_upstream_is_never_a_pushed_repository_and_takes_no_pu
     # Pushes to a name of the second upstream's, by prefix or by ?ns=, are refused before anything is stored.
     config_blob = images.small.config
     for url, ns in ((f"{mirror.url}/v2/{SECOND}/org/shadow/blobs/uploads/", {}),
-                    (f"{mirror.url}/v2/org/shadow/blobs/uploads/", {"ns": SECOND})):
+                    (f"{mirror.url}/v2/org/shadow/blobs/uploads/", {"ns": SECOND}),
+                    (f"{mirror.url}/v2/{SECOND}/org/shadow/blobs/uploads/", {"ns": "docker.io"}),
+                    (f"{mirror.url}/v2/{SECOND}/org/shadow/blobs/uploads/", {"ns": "Index.Docker.IO"})):
         refused = http.post(url, params={**ns, "digest": images.small.config_digest}, content=config_blob)
         assert refused.status_code == 403 and refused.json()["errors"][0]["code"] == "DENIED", (url, refused.text)
         assert SECOND in refused.json()["errors"][0]["message"]
@@ -222,3 +224,39 @@ def test_a_registry_with_a_port_is_listed_paged_and_shown_by_the_name_the_catalo
     assert listed == ["library/small", "reg.local:5000/org/app", "team/x"]
     shown = http.get(f"{mirror.url}/ui/r/reg.local:5000/org/app")
     assert shown.status_code == 200 and "reg.local:5000/org/app" in shown.text, shown.status_code
+
+
+def test_a_repository_pushed_before_its_prefix_became_an_upstream_is_reached_only_with_the_default_ns(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """``registry.test/old/pushed`` pushed while ``registry.test`` was no upstream, which is then added:
+    that name is now the upstream's, for pulls, the web UI and its actions alike; the pushed repository
+    is reached with ``?ns=docker.io`` only, to pull it or delete it."""
+    second = upstream_factory()
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=79)])
+    second.push_image("old/pushed", "1", other)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"}],
+        "delete": {"enabled": True}}))
+    mirror = mirror_factory(config=config)
+    client.push_image(mirror.url, f"{SECOND}/old/pushed", "1", images.small, client=http)
+    mirror.stop()
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url, "library_namespace": "true"},
+        {"registry": SECOND, "url": second.url}], "delete": {"enabled": True}}))
+    mirror.start()
+
+    theirs = manifest(http, f"{mirror.url}/v2/{SECOND}/old/pushed/manifests/1")
+    assert (theirs.content, theirs.headers["x-mirror-cache"]) == (other.manifest, "MISS"), theirs.text
+    page = http.get(f"{mirror.url}/ui/r/{SECOND}/old/pushed")
+    assert page.status_code == 200 and f"cached</span> from {SECOND}" in page.text, page.text
+    pushed = f"{mirror.url}/v2/{SECOND}/old/pushed/manifests/"
+    mine = manifest(http, f"{pushed}1?ns=docker.io")
+    assert (mine.content, mine.headers["x-mirror-cache"]) == (images.small.manifest, "LOCAL")
+    gone = http.delete(f"{pushed}{images.small.digest}", params={"ns": "docker.io"})
+    assert gone.status_code == 202, gone.text
+    assert manifest(http, f"{pushed}1?ns=docker.io").status_code == 404
+    assert manifest(http, f"{pushed}1").headers["x-mirror-cache"] == "HIT"  # the upstream's copy is untouched

@@ -109,6 +109,8 @@ class CachedRepository:
 
     async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
                      content_range: str | None = None) -> None:
+        if self.foreign:  # an upload started by another route (?ns= of the default) ends here: not into this name
+            self._refuse_push()
         await self._pushes.finish(uuid, digest, body, content_range)
 
     async def cancel(self, uuid: str) -> None:

@@ -74,17 +74,24 @@ class LocalRegistry:
         return self.metadata.is_local(name)
 
     def repo_key(self, name: str) -> str:
-        """The index key of a repository: local if pushed to, else the upstream's cache."""
-        return local_repo(name) if self.metadata.is_local(name) else self.cache_key(name)
+        """The index key of the repository a request for *name* without ``?ns=`` reaches: local if
+        pushed to (and not named for another upstream: ``registry/namespaces.py``), else the cache."""
+        return local_repo(name) if not self.foreign(name) and self.metadata.is_local(name) else self.cache_key(name)
 
     async def read_repo_key(self, name: str) -> str:
         """:meth:`repo_key`, for code on the event loop (``registry/reads.py``)."""
-        return local_repo(name) if await self.reads.is_local(name) else self.cache_key(name)
+        local = not self.foreign(name) and await self.reads.is_local(name)
+        return local_repo(name) if local else self.cache_key(name)
+
+    def foreign(self, name: str) -> bool:
+        """Whether *name* begins with the registry of an upstream other than the default
+        (``ghcr.io/org/app``): that registry's repository, which takes no pushes."""
+        first, _, rest = name.partition("/")
+        return bool(rest) and first in {u.registry for u in self.config.upstreams[1:]}
 
     def cache_key(self, name: str) -> str:
         """The index key of *name* as the upstream's cache, whether or not it is local now."""
-        first, _, rest = name.partition("/")
-        if rest and first in {u.registry for u in self.config.upstreams[1:]}:
+        if self.foreign(name):
             return name  # another upstream's repository, named with its registry prefix
         return f"{self.config.upstream.registry}/{self.canonical_name(name)}"
 
@@ -263,7 +270,7 @@ class LocalRegistry:
     # -- referrers --
 
     async def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> list[dict[str, Any]]:
-        repo = await self.read_repo_key(name)
+        repo = local_repo(name)  # a pushed repository's (LocalRepository)
         found = [dict(d) for d in await self.reads.ask(self.metadata.referrers, repo, str(subject))]
         if artifact_type is not None:
             found = [d for d in found if d.get("artifactType") == artifact_type]
@@ -319,10 +326,10 @@ class LocalRepository:
             return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
 
     async def delete_manifest(self, reference: str | Digest) -> None:
-        await self.local.delete_manifest(self.name, reference)
+        await self.local.delete_manifest(self.name, reference, repo=local_repo(self.name))
 
     async def delete_blob(self, digest: Digest) -> None:
-        await self.local.delete_blob(self.name, digest)
+        await self.local.delete_blob(self.name, digest, repo=local_repo(self.name))
 
     async def start_upload(self) -> UploadState:
         with self.local.storing():

@@ -42,11 +42,12 @@ class Namespaces:
         for pushed repositories too).
         """
         pull, upstream_name = self.upstream_for(name, ns)
-        if pull is not self.default:
-            return CachedRepository(pull, upstream_name, name, self.local, foreign=True)
-        if await self.local.reads.is_local(name):
+        if pull is self.default and await self.local.reads.is_local(name):
+            # (One named for another upstream was pushed before such names were refused: only a
+            # ``?ns=`` of the default registry reaches it, to pull or delete it.)
             return LocalRepository(self.local, name)
-        return CachedRepository(pull, upstream_name, name, self.local)
+        foreign = pull is not self.default or self.local.foreign(name)
+        return CachedRepository(pull, upstream_name, name, self.local, foreign=foreign)
 
     async def catalog(self) -> list[str]:
         """Every repository's name as clients write it, sorted (pushed and cached alike)."""

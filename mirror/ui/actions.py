@@ -36,6 +36,7 @@ from starlette.responses import Response
 
 from ..api.auth import load_or_create_key
 from ..config.sections import Config
+from ..registry.local import LocalRepository
 from ..registry.namespaces import Namespaces
 from ..registry.reads import in_index_thread
 from ..spec.errors import APIError
@@ -162,8 +163,8 @@ class Actions:
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
         if wanted.verb in ("delete", "prefetch"):
-            pushed = await in_index_thread(local.is_local, wanted.name)
             repository = await namespaces.repository(wanted.name)
+            pushed = isinstance(repository, LocalRepository)  # as the API routes the name
             reference = parse_reference(wanted.reference)
             if wanted.verb == "prefetch":
                 if pushed:

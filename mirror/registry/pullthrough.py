@@ -341,7 +341,9 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         local = await self.reads.ask(self.metadata.tags, self._repo(name))
         try:
-            listed = await (self._revalidating(self.upstream.tags, name) if local else self.upstream.tags(name))
+            # (A long list of many pages may take its time: its wait does not quiet the upstream.)
+            listed = await (self._revalidating(self.upstream.tags, name, quiets=False) if local
+                            else self.upstream.tags(name))
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
             if not local:
                 raise api_error(exc, "NAME_UNKNOWN") from exc
@@ -361,16 +363,19 @@ class PullThrough:
 
     # -- helpers --
 
-    async def _revalidating(self, ask: Callable[..., Awaitable[T]], *args: str) -> T:
+    async def _revalidating(self, ask: Callable[..., Awaitable[T]], *args: str, quiets: bool = True) -> T:
         """``await ask(*args)``, a question to the upstream about something a cached copy can answer:
         :class:`UpstreamUnavailable` after :attr:`revalidate_wait` seconds, and at once while the
-        upstream is quiet after one that ran out of time (see the module docstring)."""
+        upstream is quiet after one that ran out of time (see the module docstring; unless not
+        *quiets*, running out of time makes it quiet)."""
         wait = self.revalidate_wait
         if time.monotonic() < self._quiet_until:
             raise UpstreamUnavailable(f"the upstream did not answer within {wait:g}s a moment ago")
         try:
             return await asyncio.wait_for(ask(*args), wait)
         except TimeoutError:
+            if not quiets:
+                raise UpstreamUnavailable(f"no answer within {wait:g}s") from None
             self._quiet_until = time.monotonic() + QUIET_TIMES * wait
             raise UpstreamUnavailable(f"no answer within {wait:g}s; cached copies answer without asking "
                                       f"for {QUIET_TIMES * wait:g}s") from None

@@ -9,6 +9,7 @@ index.  Upstream counts prove what came from the bucket.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Callable
@@ -220,6 +221,26 @@ def test_a_blob_handed_out_by_a_redirect_keeps_its_image_from_an_eviction_until_
     assert get_digest(http, moved.headers["location"])[:3] == (200, layer.digest, layer.size)
     assert set(bucket.objects()) == everything(image)
     assert [p.name for p in (mirror.data_dir / "tmp").iterdir()] != [], "the mark is held a while"
+
+
+def test_a_collection_counts_an_object_a_redirect_holds_as_kept_not_freed(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """An unreferenced object the collector may not delete (a client was just sent to it) stays in
+    the bucket and in the store's figure: the report and the usage count say so."""
+    env = bucket.env(MIRROR_STORAGE_S3_REDIRECT="true", MIRROR_DELETE_ENABLED="true")
+    mirror = mirror_factory(env=env)
+    layer = os.urandom(100_000)
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": digest},
+                     content=layer).status_code == 201
+    moved = http.get(blob_url(mirror, "team/app", digest))
+    assert moved.status_code == 307, moved.text
+    assert http.delete(blob_url(mirror, "team/app", digest)).status_code == 202  # unreferenced now
+    done = mirror_cli("gc", "--data", mirror.data_dir, env={**env, "MIRROR_GC_GRACE": "0s"})
+    assert done.returncode == 0 and "freed 0 objects, 0 B" in done.stdout, done.stdout + done.stderr
+    assert "1 objects kept" in done.stdout and "-> 97.7 KiB" in done.stdout, done.stdout
+    assert get_digest(http, moved.headers["location"])[:3] == (200, digest, len(layer))
 
 
 def test_parts_go_up_while_the_fill_grows(

@@ -38,17 +38,17 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config.sections import CacheConfig, GcConfig
 from ..config.values import human
 from ..metadata.driver import LOCAL, Metadata
-from ..observe.metrics import HELD_REASONS
 from ..spec.manifest import references
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore
 from ..storage.growing import fills_in_progress
 from .collecting import CollectorBusy, CollectorLease, collector_lease
+from .gcreport import Report
 
 log = logging.getLogger("mirror.maintenance.gc")
 
@@ -62,42 +62,6 @@ def reference_lock(store: BlobStore) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-@dataclass
-class Report:
-    dry_run: bool
-    usage_before: int = 0
-    usage_after: int = 0
-    budget: int | None = None
-    evicted: list[str] = field(default_factory=list)
-    tags_removed: int = 0
-    links_removed: int = 0
-    objects_removed: int = 0
-    bytes_freed: int = 0
-    objects_kept: int = 0
-    seconds: float = 0.0
-    target: int | None = None  # bytes to get down to (the low watermark, or less for room a write wanted)
-    held: dict[str, int] = field(default_factory=dict)  # reason -> bytes, when the target was not reached
-
-    @property
-    def over_budget(self) -> bool:
-        return self.budget is not None and self.usage_after > self.budget
-
-    def held_summary(self) -> str:
-        """Why the store stays above its target, e.g. ``store 130.0 MiB stays above its budget
-        (100.0 MiB): 120.0 MiB in open transfers, 10.0 MiB pinned or pushed``."""
-        parts = [f"{human(n)} {HELD_REASONS[reason]}" for reason, n in self.held.items() if n]
-        line, limit = ("its budget", self.budget) if self.over_budget else ("the low watermark", self.target)
-        return f"store {human(self.usage_after)} stays above {line} ({human(limit or 0)}): " + ", ".join(parts)
-
-    def summary(self) -> str:
-        verb = "would free" if self.dry_run else "freed"
-        budget = f" of a {human(self.budget)} budget" if self.budget else ""
-        return (f"{verb} {self.objects_removed} objects, {human(self.bytes_freed)} "
-                f"({len(self.evicted)} images evicted, {self.tags_removed} tags and {self.links_removed} links "
-                f"removed); store {human(self.usage_before)} -> {human(self.usage_after)}{budget}, "
-                f"{self.objects_kept} objects kept, {self.seconds:.2f}s")
 
 
 @dataclass
@@ -210,7 +174,7 @@ class Collector:
             # What the collector could not remove, by reason; the rest is unreferenced and young.
             report.held["grace"] = max(0, report.usage_after - sum(report.held.values()))
         if not dry_run:
-            self._apply(tag_removals, link_removals, doomed, evicted)
+            report.kept(self._apply(tag_removals, link_removals, doomed, evicted), state.files)
             # The scan's figure, less what was freed, plus what was committed meanwhile.
             self.metadata.add_usage(report.usage_after - counted)
             self.metadata.set_held(report.held)
@@ -218,7 +182,9 @@ class Collector:
         return report
 
     def _apply(self, tags: list[tuple[str, str]], links: set[tuple[str, str]], doomed: set[str],
-               evicted: list[tuple[str, str]]) -> None:
+               evicted: list[tuple[str, str]]) -> set[str]:
+        """Change the index, then delete the *doomed* objects; return those kept (being read or
+        filled, on this host or another: unreferenced now, the next run removes them)."""
         # Index first: once nothing points at an object, deleting the file cannot break a reader
         # that looks it up afterwards (it refetches, or gets a clean 404 for a pushed one).
         by_repo: dict[str, list[str]] = defaultdict(list)
@@ -227,13 +193,16 @@ class Collector:
         for repo, repo_tags in by_repo.items():
             self.metadata.untag_many(repo, repo_tags)
         self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
+        kept = set(doomed)
         for d in doomed:
             if self._lease is not None and self._lease.lost.is_set():
-                break  # another collector may run by now; the rest is unreferenced: the next run removes it
+                break  # another collector may run by now
             with contextlib.suppress(ParseError), self.metadata.unmarked(d) as free:
-                if free:  # else served or filled on another host: unreferenced now, the next run removes it
-                    self.store.delete(parse_digest(d))
+                digest = parse_digest(d)
+                if (free and self.store.delete(digest)) or not self.store.exists(digest):
+                    kept.discard(d)  # (gone already: another collector's, or a DELETE's)
             self._refs.pop(d, None)
+        return kept
 
     # -- the graph --
 

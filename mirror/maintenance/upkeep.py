@@ -28,7 +28,8 @@ from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import Metrics
 from ..storage.driver import StoreUnavailable
 from ..storage.refusals import refusal
-from .gc import Collector, Report
+from .gc import Collector
+from .gcreport import Report
 
 log = logging.getLogger("mirror.maintenance.gc")
 T = TypeVar("T")

@@ -248,18 +248,21 @@ class Fsck:
     def _descriptor_sizes(self, images: list[Image], present: dict[str, StoredObject]) -> None:
         """Objects of another size than a descriptor of an image that needs them says.
 
-        The client (or the upstream) wrote the descriptor (a push does not check sizes, nor does distribution's):
-        whether the object or the manifest is wrong, only the object's bytes can say.  Re-hashed
-        (``verify_content`` did already, ``repair`` does), an object that matches its digest leaves
-        each image that gives it a wrong size reported; one that does not is removed."""
+        The client (or the upstream) wrote the descriptor (a push does not check sizes, nor does
+        distribution's): whether the object or the manifest is wrong, only the object's bytes can say.
+        Re-hashed (``verify_content`` did already, ``repair`` does, and so does any run for a cached
+        image's: a rare case, and an upstream's manifest is nothing to report here), an object that
+        does not match its digest is removed; one that does leaves each pushed image that gives it a
+        wrong size reported."""
         whole: dict[str, bool | None] = {}  # the verdict on each object (None: not re-hashed, reported once)
         for image in images:
+            pushed = image.repo.startswith(LOCAL + "/")
             for digest, size in image.needs:
                 found = present.get(digest)
                 if found is None or size < 0 or found.size == size or digest in self._sized:
                     continue
-                if digest not in whole:
-                    whole[digest] = self._whole(found)
+                if digest not in whole or (whole[digest] is None and not pushed):
+                    whole[digest] = self._whole(found, now=not pushed)
                     where = f"{image.repo}@{image.digest}"
                     if whole[digest] is None:  # not re-hashed: either may be wrong
                         self._found(DESCRIPTOR_DIFFERS, f"{digest}: {found.size} bytes, {size} in {where} (the "
@@ -269,16 +272,16 @@ class Fsck:
                                     partial(self._drop_object, found))
                         if self.repair:
                             del present[digest]
-                if whole[digest]:
+                if whole[digest] and pushed:
                     self._found(WRONG_DESCRIPTOR, f"{image.repo}@{image.digest} -> {digest}: {size} bytes, "
                                                   f"stored {found.size}")
 
-    def _whole(self, found: StoredObject) -> bool | None:
+    def _whole(self, found: StoredObject, *, now: bool = False) -> bool | None:
         """Whether *found* matches its digest: known (``verify_content`` re-hashed it) or found out
-        (``repair``); None without either."""
+        (``repair``, or *now*); None otherwise."""
         if self.verify_content:
             return True
-        if self.repair and found.digest is not None:
+        if (self.repair or now) and found.digest is not None:
             return self.store.matches(found.digest)
         return None
 

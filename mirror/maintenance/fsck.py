@@ -6,8 +6,8 @@ schema 1 manifest: whose payload does not, see ``storage/filesystem.py``), and w
 pushed manifests, which fsck reads anyway (as stored: the S3 driver's own read would remove one that
 does not match, and fsck without ``repair`` changes nothing); objects whose size (as
 the store lists it: no object is read) differs from their manifest record or from a descriptor of
-an image in the index that needs them (pushed or cached: a truncated layer shows so without
-re-hashing it); tags whose manifest is missing; manifest records and repository
+an image in the index that needs them (pushed or cached: a truncated layer shows so); tags whose
+manifest is missing; manifest records and repository
 links whose object is missing; pushed images that need an object missing from the store, or not
 linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
 which a pull of it then fails on).  What an image needs: its layers (not non-distributable ones,
@@ -22,9 +22,10 @@ it never invents data.  An object whose size differs from its manifest record is
 corrupt one: the record is the length of the very bytes named by the digest (but for a signed
 schema 1 manifest, named by its payload, whose copy signed again by its upstream may be the one
 recorded: not compared).  One whose size differs only from an image's descriptor, which the
-client (or the upstream) wrote, is re-hashed first and removed only if it does not match its digest
-(a cached one is fetched again on the next pull); if it does, the manifest is what is wrong, and stays
-reported.  Pushed images that lack an object or its link
+client (or the upstream) wrote, is re-hashed first (a pushed image's by ``repair``, a cached image's
+by any run) and removed only if it does not match its digest (a cached one is fetched again on the
+next pull); if it does, a pushed image's manifest is what is wrong, and stays reported (a cached
+image's is its upstream's: nothing to repair here).  Pushed images that lack an object or its link
 are reported, never repaired: the bytes may be gone, and a link the repository's owner deleted is
 not restored.
 """

@@ -76,6 +76,10 @@ class HttpConfig:
     # A client that sends nothing for this long while a request (head or body) is due is disconnected;
     # also how long an idle keep-alive connection is kept.
     idle_timeout: float = setting(parse_duration, 75.0)
+    # After SIGTERM: how long requests under way may take to finish before they are cut off (new
+    # connections are refused at once); distribution's http.draintimeout.  Below the orchestrator's
+    # grace period (30 s in the shipped units), so the process ends by itself, its records saved.
+    draintimeout: float = setting(parse_duration, 25.0)
     # Reverse proxies whose X-Forwarded-For/-Proto are believed (the client's address, and https for
     # the token realm when the proxy terminates TLS); empty: none.
     trusted_proxies: tuple[str, ...] = setting(parse_networks, ("127.0.0.1", "::1"))

@@ -146,9 +146,10 @@ def http_protocol() -> type | str:
 
 
 def server_options(config: Config) -> dict[str, Any]:
-    """uvicorn settings for TLS, slow clients and trusted reverse proxies."""
+    """uvicorn settings for TLS, slow clients, the drain after SIGTERM and trusted reverse proxies."""
     http = config.http
     options: dict[str, Any] = {"http": http_protocol(), "timeout_keep_alive": http.idle_timeout,
+                               "timeout_graceful_shutdown": http.draintimeout,
                                "proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
     if http.tls_certificate is not None and http.tls_key is not None:
         options.update(ssl_certfile=str(http.tls_certificate), ssl_keyfile=str(http.tls_key))

@@ -501,6 +501,13 @@ def test_blob_ranges(images: StandardImages, mirror: MirrorServer, http: httpx.C
         assert bad.status_code == 416, header
         assert bad.headers["content-range"] == f"bytes */{size}"
         assert error_code(bad) == "RANGE_INVALID"
+    # RFC 9110 14.2: a set of several ranges, or another unit, is ignored: the whole blob, 200.
+    for header in ("bytes=0-9,20-29", f"bytes=0-9, {size}-", "items=0-9"):
+        whole = http.get(url, headers={"range": header})
+        assert whole.status_code == 200 and whole.content == data, header
+        assert "content-range" not in whole.headers, header
+    several_beyond = http.get(url, headers={"range": f"bytes={size}-,{size + 5}-"})
+    assert several_beyond.status_code == 416 and error_code(several_beyond) == "RANGE_INVALID"
 
 
 def test_blobs_are_not_shared_across_repositories_without_upstream_consent(

@@ -63,13 +63,18 @@ def test_reference_is_tag_or_digest() -> None:
     ("bytes=-10", ByteRange(90, 99)),
     ("bytes=90-1000", ByteRange(90, 99)),
     ("bytes=-1000", ByteRange(0, 99)),
+    ("Bytes= 0-9 ,", ByteRange(0, 9)),  # the unit case-insensitive, empty list elements and spaces ignored
+    # RFC 9110 14.2: another unit is ignored, as (here) is a set of several ranges: the whole body.
+    ("items=0-1", None),
+    ("bytes=0-1,5-6", None),
+    ("bytes=0-1, 200-300", None),
 ])
-def test_ranges(header: str, expected: ByteRange) -> None:
+def test_ranges(header: str, expected: ByteRange | None) -> None:
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=5-1", "bytes=-0", "bytes=-", "items=0-1", "bytes=0-1,5-6",
-                                    "bytes=a-b", "bytes=" + "9" * 30 + "-"])
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=5-1", "bytes=-0", "bytes=-", "bytes=0-1,5-x", "bytes=,",
+                                    "bytes=100-,200-", "=0-1", "0-1", "bytes=a-b", "bytes=" + "9" * 30 + "-"])
 def test_bad_ranges(header: str) -> None:
     with pytest.raises(InvalidRange):
         parse_range(header, 100)

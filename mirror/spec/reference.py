@@ -137,29 +137,46 @@ class ByteRange:
         return self.end - self.start + 1
 
 
-_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_RANGE_SPEC_RE = re.compile(r"([0-9]{0,19})-([0-9]{0,19})")
 
 
-def parse_range(header: str, size: int) -> ByteRange:
-    """Parse a single ``Range: bytes=...`` against a resource of ``size`` bytes.
+def parse_range(header: str, size: int) -> ByteRange | None:
+    """The byte range a ``Range`` header asks of a resource of ``size`` bytes, or None: serve it whole.
 
-    Raises :class:`InvalidRange` for anything malformed, multi-range or unsatisfiable.
+    RFC 9110 section 14.2: a range unit other than ``bytes`` is ignored (the server MUST), and so is a
+    set of several ranges (the server MAY: answered ``200`` with the whole body, as no client of a
+    registry asks for ``multipart/byteranges``), unless none of them is satisfiable (``416``, 15.5.17).
+    Raises :class:`InvalidRange` for a malformed ``bytes`` ranges-specifier, or none satisfiable.
     """
-    m = _RANGE_RE.fullmatch(header.strip())
+    unit, equals, ranges = header.strip().partition("=")
+    if not equals or not unit.strip():
+        raise InvalidRange(f"invalid range {header!r}")
+    if unit.strip().lower() != "bytes":
+        return None
+    asked = [_byte_range(part.strip(), size, header) for part in ranges.split(",") if part.strip()]
+    if not asked:
+        raise InvalidRange(f"invalid range {header!r}")
+    satisfiable = [each for each in asked if each is not None]
+    if not satisfiable:
+        raise InvalidRange(f"unsatisfiable range {header!r}")
+    return satisfiable[0] if len(asked) == 1 else None
+
+
+def _byte_range(spec: str, size: int, header: str) -> ByteRange | None:
+    """One ``first-last``, ``first-`` or ``-suffix`` of *header*; None if it is unsatisfiable."""
+    m = _RANGE_SPEC_RE.fullmatch(spec)
     if not m or (not m.group(1) and not m.group(2)):
         raise InvalidRange(f"invalid range {header!r}")
     first, last = m.group(1), m.group(2)
-    if len(first) > 19 or len(last) > 19:
-        raise InvalidRange(f"invalid range {header!r}")
     if not first:  # suffix range: the last N bytes
         suffix = int(last)
         if suffix == 0 or size == 0:
-            raise InvalidRange(f"unsatisfiable range {header!r}")
+            return None
         return ByteRange(max(0, size - suffix), size - 1)
     start = int(first)
     end = int(last) if last else size - 1
     if last and end < start:
         raise InvalidRange(f"invalid range {header!r}")
     if start >= size:
-        raise InvalidRange(f"unsatisfiable range {header!r}")
+        return None
     return ByteRange(start, min(end, size - 1))

@@ -12,6 +12,7 @@ import yaml
 
 from tests.support import client
 from tests.support.catalog import StandardImages
+from tests.support.containerd import Containerd
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -224,6 +225,18 @@ def test_a_registry_with_a_port_is_listed_paged_and_shown_by_the_name_the_catalo
     assert listed == ["library/small", "reg.local:5000/org/app", "team/x"]
     shown = http.get(f"{mirror.url}/ui/r/reg.local:5000/org/app")
     assert shown.status_code == 200 and "reg.local:5000/org/app" in shown.text, shown.status_code
+    # Its pull command is containerd's (only ?ns= reaches it), none with the port in a path prefix, and
+    # a real containerd pulls with it as it is, the mirror a host of that registry's hosts.toml.
+    assert f"{mirror.address}/reg.local:5000" not in shown.text
+    commands = re.findall(r'data-copy="(ctr images pull [^"]+)"', shown.text)
+    assert commands == ["ctr images pull --hosts-dir /etc/containerd/certs.d reg.local:5000/org/app:1"], commands
+    hosts = tmp_path / "certs.d"
+    (hosts / "reg.local:5000").mkdir(parents=True)
+    (hosts / "reg.local:5000" / "hosts.toml").write_text(
+        f'server = "http://reg.local:5000"\n\n[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
+    with Containerd(tmp_path / "containerd") as daemon:
+        daemon.ctr(*commands[0].replace("/etc/containerd/certs.d", str(hosts)).split()[1:])
+        assert "reg.local:5000/org/app:1" in daemon.ctr("images", "ls", "--quiet").stdout.split()
 
 
 def test_a_repository_pushed_before_its_prefix_became_an_upstream_is_reached_only_with_the_default_ns(

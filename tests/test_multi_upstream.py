@@ -273,3 +273,26 @@ def test_a_repository_pushed_before_its_prefix_became_an_upstream_is_reached_onl
     assert gone.status_code == 202, gone.text
     assert manifest(http, f"{pushed}1?ns=docker.io").status_code == 404
     assert manifest(http, f"{pushed}1").headers["x-mirror-cache"] == "HIT"  # the upstream's copy is untouched
+
+
+def test_the_default_registrys_prefix_names_the_same_pushed_repository_as_the_bare_name(
+    tmp_path: Path, images: StandardImages, mirror: MirrorServer, http: httpx.Client,
+) -> None:
+    """``docker.io/team/x`` is ``team/x``, as reads already took it: a push by the prefixed name lands
+    in ``team/x`` (one repository, listed once), and either name reads what either pushed."""
+    other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 4096, seed=81)])
+    client.push_image(mirror.url, "docker.io/team/x", "1", images.small, client=http)
+    client.push_image(mirror.url, "team/y", "1", other, client=http)
+    for name, image in (("team/x", images.small), ("docker.io/team/x", images.small),
+                        ("index.docker.io/team/x", images.small), ("docker.io/team/y", other)):
+        got = manifest(http, f"{mirror.url}/v2/{name}/manifests/1")
+        assert got.status_code == 200 and got.content == image.manifest, (name, got.status_code, got.text)
+        assert got.headers.get("x-mirror-cache") != "MISS", name
+    assert every_page(http, mirror, "/v2/_catalog", "repositories") == ["team/x", "team/y"]
+    assert every_page(http, mirror, "/v2/docker.io/team/x/tags/list", "tags") == ["1"]
+    layer = next(iter(images.small.blobs))
+    mounted = http.post(f"{mirror.url}/v2/team/z/blobs/uploads/", params={"mount": layer, "from": "docker.io/team/x"})
+    assert mounted.status_code == 201, mounted.text
+    gone = http.delete(f"{mirror.url}/v2/docker.io/team/y/manifests/{other.digest}")
+    assert gone.status_code == 202, gone.text
+    assert manifest(http, f"{mirror.url}/v2/team/y/manifests/1").status_code == 404

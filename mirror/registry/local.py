@@ -24,6 +24,7 @@ from ..metadata.driver import LOCAL, Metadata, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
+from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
 from ..spec.pushed import (
     check_manifest,
     manifest_document,
@@ -73,13 +74,22 @@ class LocalRegistry:
     def is_local(self, name: str) -> bool:
         return self.metadata.is_local(name)
 
+    def own_name(self, name: str) -> str:
+        """*name* without the default registry's prefix (``docker.io/team/x`` is ``team/x``), as a
+        request without ``?ns=`` is routed (``registry/namespaces.py``)."""
+        first, _, rest = name.partition("/")
+        registry = DOCKER_HUB if first in DOCKER_HUB_ALIASES else first
+        return rest if rest and registry == self.config.upstream.registry else name
+
     def repo_key(self, name: str) -> str:
         """The index key of the repository a request for *name* without ``?ns=`` reaches: local if
         pushed to (and not named for another upstream: ``registry/namespaces.py``), else the cache."""
+        name = self.own_name(name)
         return local_repo(name) if not self.foreign(name) and self.metadata.is_local(name) else self.cache_key(name)
 
     async def read_repo_key(self, name: str) -> str:
         """:meth:`repo_key`, for code on the event loop (``registry/reads.py``)."""
+        name = self.own_name(name)
         local = not self.foreign(name) and await self.reads.is_local(name)
         return local_repo(name) if local else self.cache_key(name)
 

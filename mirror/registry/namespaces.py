@@ -6,6 +6,7 @@ it for a :class:`~mirror.registry.repository.Repository` bound to the name and n
 * The upstream a name is for: the registry containerd names in ``?ns=`` (Docker Hub by any of its host
   names), else the registry a prefix of the name names when one is configured
   (``/v2/ghcr.io/org/app/...`` is ``org/app`` there), else the default upstream.
+* A name with the default registry's prefix is the name without it (``docker.io/team/x`` is ``team/x``).
 * A name of the default upstream's that was pushed to is local (``registry/local.py``): pushed
   repositories share the default registry's names (what ``dockerd --registry-mirror`` and a
   containerd mirror of it ask for).  Any other name is that upstream's cache (``registry/cached.py``).
@@ -42,6 +43,8 @@ class Namespaces:
         for pushed repositories too).
         """
         pull, upstream_name = self.upstream_for(name, ns)
+        if pull is self.default and not ns:
+            name = upstream_name  # the default registry's own prefix (docker.io/team/x): the name without it
         if pull is self.default and await self.local.reads.is_local(name):
             # (One named for another upstream was pushed before such names were refused: only a
             # ``?ns=`` of the default registry reaches it, to pull or delete it.)

@@ -425,7 +425,7 @@ def test_an_s3_part_is_at_most_5_gib(tmp_path: Path) -> None:
         load_config(file, env={})
     assert str(refused.value) == ("bad value for storage.s3.chunksize: '1PiB': must be at most 5368709120 bytes (5GiB),"
                                   " the largest part S3 takes")
-    file.write_text("storage:\n  s3: {bucket: b, chunksize: 5GiB}\n")
+    file.write_text("storage:\n  driver: s3\n  s3: {bucket: b, chunksize: 5GiB}\ncache:\n  max_size: 1GiB\n")
     assert load_config(file, env={}).storage.s3_chunksize == 5 << 30
 
 
@@ -441,10 +441,14 @@ def test_a_key_of_distributions_s3_driver_says_what_to_do_instead(tmp_path: Path
                                   "not take: write the scheme in storage.s3.regionendpoint instead (http://... for "
                                   "secure: false)")
     with pytest.raises(ConfigError) as refused:
-        load_config(env={"MIRROR_STORAGE_S3_V4AUTH": "true"})
+        load_config(env={"MIRROR_STORAGE_S3_V4AUTH": "false"})
     assert str(refused.value).startswith("MIRROR_STORAGE_S3_V4AUTH is a setting of distribution's s3 driver"), \
         refused.value
     assert "signature version 4" in str(refused.value)
+    # Values that say what the mirror does anyway, as registry:2 configurations often carry them, are taken.
+    file.write_text("storage:\n  driver: s3\n  s3:\n    bucket: b\n    v4auth: true\n    secure: true\n"
+                    "    encrypt: false\n    skipverify: false\ncache:\n  max_size: 1GiB\n")
+    assert load_config(file, env={}).storage.s3_bucket == "b"
 
 
 def test_mirror_upstreams_overrides_the_files_upstream_section_and_empty_is_not_set(tmp_path: Path) -> None:

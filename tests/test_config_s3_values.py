@@ -35,8 +35,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-3", "cn-north-1", "garage", "us-gov-west-1"])
 def test_a_region_name_botocore_takes_is_accepted(tmp_path: Path, region: str) -> None:
-    assert load_config(write(tmp_path, f"storage:\n  s3: {{region: {region}}}\n"), env={}).storage.s3_region == region
-    assert load_config(env={"MIRROR_STORAGE_S3_REGION": region}).storage.s3_region == region
+    in_file = write(tmp_path, f"storage:\n  driver: s3\n  s3: {{bucket: b, region: {region}}}\n"
+                              "cache:\n  max_size: 1GiB\n")
+    assert load_config(in_file, env={}).storage.s3_region == region
+    assert load_config(env={**S3, "MIRROR_STORAGE_S3_REGION": region}).storage.s3_region == region
 
 
 @pytest.mark.parametrize("region", ["not a region!", "-us-east-1", "us_east_1", "eu-west-3-", "a" * 64])
@@ -84,7 +86,8 @@ def test_the_environment_overrides_an_s3_key_the_file_reads_from_a_file(secrets:
     assert "sk-from-env" not in repr(config)
     assert load_config(env=to_environ(config)) == config  # what workers get
     # One of the pair from the environment, the other from the file: each overrides its own twin only.
-    file.write_text(f"storage:\n  s3:\n    accesskey_file: {secrets / 'ak'}\n    secretkey: sk-in-yaml\n")
+    file.write_text(f"storage:\n  driver: s3\n  s3:\n    bucket: b\n    accesskey_file: {secrets / 'ak'}\n"
+                    "    secretkey: sk-in-yaml\ncache:\n  max_size: 1GiB\n")
     mixed = load_config(file, env={"MIRROR_STORAGE_S3_SECRETKEY_FILE": str(secrets / "sk")}).storage
     assert (mixed.s3_accesskey, mixed.s3_secretkey) == ("AK-FROM-FILE", "sk-from-file")
     mixed = load_config(file, env={"MIRROR_STORAGE_S3_ACCESSKEY": "AK-FROM-ENV"}).storage
@@ -102,7 +105,7 @@ def test_an_s3_key_and_its_file_both_set_in_one_place_are_refused(secrets: Path,
     assert "in-env" not in message and "sk-from-file" not in message
     # An empty value is no value: the file is used.
     both = {"MIRROR_STORAGE_S3_ACCESSKEY": "AK", "MIRROR_STORAGE_S3_SECRETKEY": "SK"}
-    storage = load_config(env={**both, name: "", f"{name}_FILE": str(secrets / "sk")}).storage
+    storage = load_config(env={**S3, **both, name: "", f"{name}_FILE": str(secrets / "sk")}).storage
     assert getattr(storage, f"s3_{key}") == "sk-from-file"
 
 
@@ -214,7 +217,7 @@ def test_a_dot_segment_in_the_root_directory_is_refused(tmp_path: Path, root: st
 
 @pytest.mark.parametrize("root", ["", "/", "registry", "/registry/", "team/registry", "a..b", ".hidden/x", "v1.2"])
 def test_a_root_directory_without_dot_segments_is_kept_as_written(root: str) -> None:
-    assert load_config(env={"MIRROR_STORAGE_S3_ROOTDIRECTORY": root}).storage.s3_rootdirectory == root
+    assert load_config(env={**S3, "MIRROR_STORAGE_S3_ROOTDIRECTORY": root}).storage.s3_rootdirectory == root
 
 
 def test_inline_secrets_go_to_the_workers_as_files(tmp_path: Path) -> None:
@@ -238,8 +241,8 @@ def test_keys_left_blank_are_empty_not_the_string_none(tmp_path: Path) -> None:
     """``region:`` and ``rootdirectory:`` left blank, as in the README's template: the SDK's own region
     and no prefix (they became the text "None": every key under ``None/``); the Helm chart's empty
     ``MIRROR_STORAGE_S3_REGION`` too."""
-    config = load_config(write(tmp_path, "storage:\n  s3:\n    bucket: b\n    region:\n    rootdirectory:\n"
-                               "cache:\n  max_size: 1GiB\n"), env={})
+    config = load_config(write(tmp_path, "storage:\n  driver: s3\n  s3:\n    bucket: b\n    region:\n"
+                               "    rootdirectory:\ncache:\n  max_size: 1GiB\n"), env={})
     assert (config.storage.s3_region, config.storage.s3_rootdirectory) == ("", "")
     assert load_config(env={**S3, "MIRROR_STORAGE_S3_REGION": ""}).storage.s3_region == ""
 

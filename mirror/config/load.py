@@ -12,7 +12,6 @@ Imports ``config`` (the sections) and ``values`` (the parsers' helpers) only.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -24,6 +23,16 @@ import yaml
 
 from ..spec.names import DOCKER_HUB
 from .dsn import dsn_problem
+from .hints import (
+    ENV_PREFIX,
+    NESTED,
+    NOT_SETTINGS,
+    drop_harmless_s3,
+    unknown_key,
+    unknown_section,
+    unknown_variable,
+    user_key,
+)
 from .sections import (
     DOCKER_HUB_URL,
     AdminConfig,
@@ -45,9 +54,6 @@ from .sections import (
 )
 from .values import shown
 
-ENV_PREFIX = "MIRROR_"
-#: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
-NESTED = ("tls", "s3", "postgres", "htpasswd")
 #: Where a command's data directory is when ``--data`` is not given: the precedence above, for ``storage.path``.
 DATA_DEFAULT = f"{ENV_PREFIX}STORAGE_PATH if set, else storage.path of the --config file, else ./mirror-data"
 
@@ -70,13 +76,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def user_key(attr: str) -> str:
-    """A key as users write it: ``postgres.dsn_file`` for the field ``postgres_dsn_file`` (which the
-    environment spells ``MIRROR_METADATA_POSTGRES_DSN_FILE``)."""
-    group, _, rest = attr.partition("_")
-    return f"{group}.{rest}" if group in NESTED and rest else attr
-
-
 def _section_keys(section: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(section)}
 
@@ -90,8 +89,10 @@ def load_config(
     # Each source's keys by section, as field names (``http.tls.key`` is ``tls_key``), lowest first.
     file: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     extra: list[Any] = []
+    problems: list[str] = []  # every unknown key and section, told at once
+    written: dict[tuple[str, str], str] = {}  # the file's keys as written: ("storage", "s3_bucket") -> "s3.bucket"
     if path is not None:
-        extra = _merge_yaml(file, path)
+        extra = _merge_yaml(file, path, problems, written)
     in_file = dict(file["upstream"])  # the file's `upstream` section, before the environment refines it
     environ = os.environ if env is None else env
     listed = f"{ENV_PREFIX}UPSTREAMS" if environ.get(f"{ENV_PREFIX}UPSTREAMS", "").strip() else None
@@ -102,7 +103,7 @@ def load_config(
             raise ConfigError(f"{listed} is not a list of upstream mappings in JSON or YAML{_where(exc)}") from None
     from_env: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     flags: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    variables = _merge_env(from_env, environ)
+    variables = _merge_env(from_env, environ, problems)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
@@ -112,14 +113,19 @@ def load_config(
     for layer, where in ((file, f"in {path}"), (from_env, "in the environment"), (flags, "given as flags")):
         for name, cls in SECTIONS.items():
             _overlay(raw[name], layer[name], _section_keys(cls), name, where)
+    drop_harmless_s3(raw["storage"])
+    for name, cls in SECTIONS.items():
+        keys = _section_keys(cls)
+        problems += [unknown_key(name, written.get((name, key), user_key(key)), keys, variables.get((name, key)))
+                     for key in raw[name] if key not in keys]
+    if problems:
+        raise ConfigError("\n".join(problems))
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         keys = _section_keys(cls)
         values: dict[str, Any] = {}
         for key, value in raw[name].items():
             attr = key.replace(".", "_")  # nested YAML mappings: http.tls.certificate -> tls_certificate
-            if attr not in keys:
-                raise ConfigError(_unknown(name, attr, keys, variables.get((name, key))))
             try:
                 values[attr] = keys[attr].metadata["parse"](value)
             except ValueError as exc:
@@ -165,47 +171,9 @@ def load_config(
         raise ConfigError("cache.max_size is not set, and its default, 80% of the disk, has no meaning with "
                           "storage.driver s3 (a bucket has no fixed size): set cache.max_size in bytes "
                           "(e.g. 500GiB), or 0 for no limit")
-    return Config(**sections, upstreams=tuple(upstreams))
-
-
-#: Keys of distribution's ``s3`` storage driver that this one does not take, and what to do instead
-#: (a ``registry:2`` configuration carries over but for these).
-DISTRIBUTION_S3_KEYS = {
-    "secure": "write the scheme in storage.s3.regionendpoint instead (http://... for secure: false)",
-    "v4auth": "requests are always signed with signature version 4: remove it",
-    "skipverify": "certificates are always verified: point the AWS_CA_BUNDLE environment variable at the "
-                  "store's CA certificate",
-    "encrypt": "objects get the bucket's default encryption: remove it, and set that on the bucket",
-    "keyid": "objects get the bucket's default encryption: remove it, and set that on the bucket",
-    "storageclass": "objects get the bucket's default storage class: remove it",
-    "objectacl": "objects are written without an ACL (the bucket's policy applies): remove it",
-    "multipartcopychunksize": "copies inside the bucket are sized by the mirror: remove it",
-    "multipartcopymaxconcurrency": "copies inside the bucket are sized by the mirror: remove it",
-    "multipartcopythresholdsize": "copies inside the bucket are sized by the mirror: remove it",
-    "accelerate": "set storage.s3.regionendpoint to the endpoint to use instead",
-    "usedualstack": "set storage.s3.regionendpoint to the endpoint to use instead",
-    "loglevel": "use log.level",
-    "useragent": "remove it",
-    "sessiontoken": "give it as AWS_SESSION_TOKEN, with the keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-}
-
-
-def _unknown(section: str, attr: str, keys: Mapping[str, Any], variable: str | None) -> str:
-    """Why the key *attr* of *section* is refused, naming it as the user wrote it: the environment
-    *variable* that set it, if one did (``storage.s3_forcepathstlye`` is no key anybody wrote), and
-    the closest known key, if one is close (a typo), or what to do instead of a key of distribution's
-    ``s3`` driver (:data:`DISTRIBUTION_S3_KEYS`)."""
-    instead = DISTRIBUTION_S3_KEYS.get(attr.removeprefix("s3_")) if section == "storage" else None
-    if instead is not None and attr.startswith("s3_"):
-        named = variable or f"{section}.{user_key(attr)}"
-        return f"{named} is a setting of distribution's s3 driver that this mirror does not take: {instead}"
-    close = difflib.get_close_matches(attr, list(keys), n=1, cutoff=0.75)
-    if variable is not None:
-        hint = f": did you mean {ENV_PREFIX}{section.upper()}_{close[0].upper()}?" if close else ""
-        return (f"unknown environment variable {variable} (unknown configuration key "
-                f"{section}.{user_key(attr)}){hint}")
-    hint = f" (did you mean {section}.{user_key(close[0])}?)" if close else ""
-    return f"unknown configuration key {section}.{user_key(attr)}{hint}"
+    config = Config(**sections, upstreams=tuple(upstreams))
+    _check_driver_keys(config.storage, variables)
+    return config
 
 
 def _overlay(lower: dict[str, Any], layer: Mapping[str, Any], keys: Mapping[str, Any], label: str,
@@ -229,6 +197,18 @@ def _overlay(lower: dict[str, Any], layer: Mapping[str, Any], keys: Mapping[str,
 def _twin(key: str) -> str:
     """The other member of a key and its ``_file`` twin (``password`` <-> ``password_file``)."""
     return key.removesuffix("_file") if key.endswith("_file") else f"{key}_file"
+
+
+def _check_driver_keys(storage: StorageConfig, variables: Mapping[tuple[str, str], str]) -> None:
+    """Refuse storage.s3 keys set while storage.driver is filesystem: the bucket named would be silently
+    left unused (a forgotten ``driver: s3`` storing into a pod's own disk)."""
+    if storage.driver != "filesystem":
+        return
+    for f in dataclasses.fields(storage):
+        if f.name.startswith("s3_") and f.name != "s3_redirect" and getattr(storage, f.name) != f.default:
+            named = variables.get(("storage", f.name)) or f"storage.{user_key(f.name)}"
+            raise ConfigError(f"{named} is set, but storage.driver is filesystem: set storage.driver to s3 to "
+                              "store in the bucket, or remove the storage.s3 keys")
 
 
 def _check_no_conflict(section: Mapping[str, Any], entry: Mapping[str, Any], registry: str, n: int) -> None:
@@ -262,7 +242,7 @@ def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:
     for key, value in values.items():
         attr = key.replace(".", "_")
         if attr not in keys:
-            raise ConfigError(_unknown(label, attr, keys, None))
+            raise ConfigError(unknown_key(label, key, keys, None))
         try:
             parsed[attr] = keys[attr].metadata["parse"](value)
         except ValueError as exc:
@@ -283,8 +263,10 @@ def _where(exc: yaml.YAMLError) -> str:
     return f"{at}: {why}" if why else at
 
 
-def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
-    """Merge the file's sections into *raw*; return its ``upstreams:`` list (if any)."""
+def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path, problems: list[str],
+                written: dict[tuple[str, str], str]) -> list[Any]:
+    """Merge the file's sections into *raw*; return its ``upstreams:`` list (if any).  Unknown
+    sections go to *problems*; each key as written (dotted) to *written*, by section and field name."""
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -298,12 +280,15 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path) -> list[Any]:
     extra = document.pop("upstreams", None) or []
     for section, keys in document.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown configuration section {section!r} in {path}")
+            problems.append(unknown_section(str(section), keys, SECTIONS, str(path)))
+            continue
         if keys is None:
             continue
         if not isinstance(keys, dict):
             raise ConfigError(f"configuration section {section} must be a mapping")
-        raw[section].update((key.replace(".", "_"), value) for key, value in _flatten(keys).items())
+        for key, value in _flatten(keys).items():
+            raw[section][key.replace(".", "_")] = value
+            written[section, key.replace(".", "_")] = key
     return extra
 
 
@@ -342,13 +327,15 @@ def is_service_link(name: str, value: str) -> bool:
     return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
 
 
-def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str],
+               problems: list[str]) -> dict[tuple[str, str], str]:
     """Merge the ``MIRROR_<SECTION>_<KEY>`` variables of *env* into *raw*; return the variable that
     set each ``(section, key)`` (``key`` as a field name: ``s3_bucket``), for a message about an
-    unknown key to name what the user wrote."""
+    unknown key to name what the user wrote.  One of no section goes to *problems* (a typo there would
+    leave, say, authentication off without a word)."""
     variables: dict[tuple[str, str], str] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or is_service_link(name, value):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS or is_service_link(name, value):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         for section in SECTIONS:
@@ -357,6 +344,9 @@ def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> dict[t
                 raw[section][key] = value
                 variables[(section, key)] = name
                 break
+        else:
+            if rest != "upstreams":
+                problems.append(unknown_variable(name, SECTIONS))
     return variables
 
 

@@ -160,8 +160,13 @@ def test_password_guessing_is_throttled_per_address(
         assert 50 <= int(refused.headers["retry-after"]) <= 60
     assert_spec_error(request(mirror, "GET", "/v2/library/small/manifests/1", headers=basic("bob", "guess")),
                       429, "TOOMANYREQUESTS")
-    # ...while a password already accepted from this address keeps working.
+    # ...while a password already accepted from this address keeps working,
     assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+    # also once the file was edited (a user added): what was accepted is bound to its user's entry.
+    htpasswd.write_text(htpasswd.read_text().rstrip("\n") + f"\n{bcrypt_entry('dave', 'dave-pw')}\n")
+    time.sleep(1.2)  # the file is looked at once a second at most, when a request comes
+    assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+    wait_for(lambda: "users" in mirror.log_tail(400) and "reloaded" in mirror.log_tail(400), 5, "the reload's log line")
 
 
 @pytest.mark.parametrize("trusted", [True, False])

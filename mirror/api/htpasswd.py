@@ -108,8 +108,9 @@ class Htpasswd:
         if users is not None:
             if not initial:
                 log.info("reloaded %s: %d users", self.path, len(users))
+            # Remembered passwords stay: each is bound to its user's hash, so a changed or removed
+            # entry no longer matches, while the others' users keep working through a throttle.
             self._users = users
-            self._remembered = set()
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()

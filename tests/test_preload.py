@@ -242,6 +242,12 @@ def test_names_are_normalised_and_other_registries_kept(
         assert cache.get("tag/docker.io/team/app:latest")[0] == built.amd64.digest
     server.start()  # its upstream is "ghcr.io": ghcr.io/acme/tool is served as acme/tool
     assert_serves(http, server.url, "acme/tool", "2", built.amd64)
+    # What no request reaches (docker.io's and localhost:5000's, no upstreams here) is not listed:
+    # the catalog and the web UI name nothing a client cannot pull.
+    assert http.get(f"{server.url}/v2/_catalog").json()["repositories"] == ["acme/tool"]
+    listed = http.get(f"{server.url}/ui/")
+    assert listed.status_code == 200 and "acme/tool" in listed.text, listed.status_code
+    assert "ubuntu" not in listed.text and "x/y" not in listed.text and "team/app" not in listed.text
 
     # A ref.name that is only a tag names no repository.
     index["manifests"] = [{**built.amd64.descriptor(), "annotations": {"org.opencontainers.image.ref.name": "3"}}]

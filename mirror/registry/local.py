@@ -105,6 +105,13 @@ class LocalRegistry:
             return name  # another upstream's repository, named with its registry prefix
         return f"{self.config.upstream.registry}/{self.canonical_name(name)}"
 
+    def served(self, repo: str) -> bool:
+        """Whether requests reach the repository of index key *repo*: a pushed one, or the cache of a
+        configured upstream's (not one preloaded for a registry that is none: ``archive/preload.py``
+        warns of those, kept until that registry is configured)."""
+        prefix = repo.partition("/")[0]
+        return prefix == LOCAL or any(u.registry == prefix for u in self.config.upstreams)
+
     def catalog_name(self, repo: str) -> str:
         """A repository's name as clients see it, from its index key."""
         prefix, _, rest = repo.partition("/")

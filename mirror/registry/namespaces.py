@@ -53,9 +53,11 @@ class Namespaces:
         return CachedRepository(pull, upstream_name, name, self.local, foreign=foreign)
 
     async def catalog(self) -> list[str]:
-        """Every repository's name as clients write it, sorted (pushed and cached alike)."""
+        """Every repository's name as clients write it, sorted (pushed and cached alike; not one that
+        no request reaches: ``LocalRegistry.served``)."""
         local = self.local
-        return sorted({local.catalog_name(repo) for repo in await local.reads.ask(local.metadata.repositories)})
+        return sorted({local.catalog_name(repo) for repo in await local.reads.ask(local.metadata.repositories)
+                       if local.served(repo)})
 
     def upstream_for(self, name: str, ns: str | None = None) -> tuple[PullThrough, str]:
         """The upstream a name is for, and the name to ask it for.

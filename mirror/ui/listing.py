@@ -98,9 +98,9 @@ class LastPulls:
 
 def names(metadata: Metadata, local: LocalRegistry) -> list[tuple[str, str]]:
     """``(name, key)`` of every repository, sorted by name; a name both pushed and cached (pushed
-    over its cache) is the pushed one, as the API serves it."""
+    over its cache) is the pushed one, as the API serves it; none that no request reaches."""
     found: dict[str, str] = {}
-    for key in metadata.repositories():
+    for key in filter(local.served, metadata.repositories()):
         name = local.catalog_name(key)
         if name not in found or key.startswith(LOCAL + "/"):
             found[name] = key

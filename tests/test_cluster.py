@@ -18,12 +18,15 @@ from mirror.config.load import load_config, to_environ
 from mirror.config.sections import ConfigError
 from mirror.registry.peers import MAX_SKEW, sign, verify
 from mirror.spec.errors import APIError
+from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.security import ALICE_PASSWORD, auth_env, basic, bearer, push
 from tests.support.storecheck import mirror_cli
 from tests.test_s3_serve import Bucket
+from tests.test_web_ui_actions import form
 
 SECRET = "c1a5f0e3d2b4a69788776655443322110fedcba9876543210"
 DIGEST = "sha256:" + "ab" * 32
@@ -190,3 +193,36 @@ def test_the_fills_endpoint_is_off_without_a_cluster(mirror: MirrorServer) -> No
     with httpx.Client(trust_env=False, timeout=30) as http:
         answer = http.get(mirror.url + PATH, headers=sign(SECRET, "GET", PATH, "http://127.0.0.1:1"))
     assert answer.status_code == 404 and answer.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+# -- logins across replicas --
+
+
+def test_a_token_or_a_web_ui_form_one_replica_issued_is_taken_by_the_others(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, htpasswd: Path,
+    tiny: Image, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Behind a load balancer without stickiness, ``docker login``'s token and the requests that carry
+    it reach any replica, as does a web UI form and its POST: the keys that sign them are the cluster's
+    (derived from ``cluster.secret_file``), not each replica's own data directory's."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    ports = [free_port(), free_port()]
+    first, second = (mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port,
+                                                                **auth_env(htpasswd, anonymous_pull=True)))
+                     for port in ports)
+    scope = {"service": "Test Registry", "scope": "repository:team/app:pull,push"}
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        issued = http.get(f"{first.url}/auth/token", params=scope, headers=basic("alice", ALICE_PASSWORD))
+        assert issued.status_code == 200, issued.text
+        token = issued.json()["token"]
+        started = http.post(f"{second.url}/v2/team/app/blobs/uploads/", headers=bearer(token))
+        assert started.status_code == 202, started.text
+        anonymous = http.get(f"{first.url}/auth/token", params={"service": "Test Registry"}).json()["token"]
+        assert http.get(f"{second.url}/v2/", headers=bearer(anonymous)).status_code == 200
+        push(second, "team/app", "1", tiny, bearer(token))
+        fields = form(http.get(f"{first.url}/ui/actions/delete", params={"name": "team/app", "reference": "1"},
+                               headers=basic("alice", ALICE_PASSWORD)))
+        done = http.post(f"{second.url}/ui/actions/delete", data=fields, headers=basic("alice", ALICE_PASSWORD))
+        assert done.status_code == 200 and "Deleted" in done.text, done.text
+        gone = http.get(f"{first.url}/v2/team/app/manifests/1", headers={**bearer(token), "accept": tiny.media_type})
+        assert gone.status_code == 404, gone.text

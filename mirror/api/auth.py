@@ -23,7 +23,9 @@ pull at all).  So:
   fetch a token there, anonymously or with a user's password (HTTP Basic; a wrong one is
   refused, so ``docker login`` checks it), and send it with each request.  A token names its
   user (or nobody) and expires after :data:`TOKEN_TTL`; the rights are decided per request, by
-  the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes.
+  the same policy.  Tokens are HMAC-signed with ``DATA/auth.key``, shared by worker processes; on a
+  replica of a cluster with a key derived from ``cluster.secret_file``, so that every replica takes
+  what any one issued (:func:`token_key`).
 
 Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
 metrics) are not this module's business; under ``/_mirror/`` and the web UI's ``/ui/`` nothing is
@@ -57,7 +59,7 @@ import anyio.to_thread
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..config.sections import AuthConfig
+from ..config.sections import AuthConfig, Config
 from ..spec.endpoints import endpoint
 from ..spec.errors import APIError, error_response
 from ..storage.layout import temp_file
@@ -106,6 +108,16 @@ def load_or_create_key(path: Path, tmp_dir: Path) -> bytes:
             raise AuthError(f"the token key {path} is too short; remove it and restart")
         return key
     raise AuthError(f"cannot create the token key {path}")
+
+
+def token_key(config: Config, path: Path, tmp_dir: Path) -> bytes:
+    """The key tokens (and the web UI's form tokens) are signed with, 32 bytes: on a replica of a
+    cluster, derived from ``cluster.secret_file`` (HMAC-SHA256), the same on every replica, as a load
+    balancer sends a client's requests to any of them; else :func:`load_or_create_key` of *path*."""
+    secret = config.cluster.secret_file
+    if config.cluster.enabled and secret is not None:
+        return hmac.new(secret.value.encode(), b"mirror token signing key", hashlib.sha256).digest()
+    return load_or_create_key(path, tmp_dir)
 
 
 class TokenSigner:
@@ -200,12 +212,13 @@ class FailedLogins:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, config: AuthConfig, key_path: Path, tmp_dir: Path) -> None:
+    def __init__(self, app: ASGIApp, config: AuthConfig, key: bytes) -> None:
+        """*key*: the tokens' (:func:`token_key`)."""
         assert config.htpasswd_path is not None
         self.app = app
         self.config = config
         self.users = Htpasswd(config.htpasswd_path)
-        self.tokens = TokenSigner(load_or_create_key(key_path, tmp_dir))
+        self.tokens = TokenSigner(key)
         self.failed_logins = FailedLogins()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

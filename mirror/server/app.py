@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..api import cluster as peers, observability as observe
-from ..api.auth import AuthMiddleware
+from ..api.auth import AuthMiddleware, token_key
 from ..api.memo import ManifestMemo, MemoManifests
 from ..api.routes import routes
 from ..config.load import load_config
@@ -207,7 +207,7 @@ def _auth(config: Config, memo: ManifestMemo) -> list[Middleware]:
     if not config.auth.enabled:
         return []
     layout = Layout(config.storage.path)
-    return [Middleware(AuthMiddleware, config=config.auth, key_path=layout.auth_key, tmp_dir=layout.tmp),
+    return [Middleware(AuthMiddleware, config=config.auth, key=token_key(config, layout.auth_key, layout.tmp)),
             Middleware(MemoManifests, memo=memo)]
 
 

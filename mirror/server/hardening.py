@@ -175,7 +175,7 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
             except (ssl.SSLError, OSError) as exc:
                 return f"http.tls.client_ca {http.tls_client_ca}: not a PEM CA certificate file ({exc})"
     if config.auth.htpasswd_path is not None:
-        from ..api.auth import AuthError, load_or_create_key
+        from ..api.auth import AuthError, token_key
         from ..api.htpasswd import Htpasswd, HtpasswdError
 
         try:
@@ -183,7 +183,7 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
         except HtpasswdError as exc:
             return f"auth.htpasswd.path: {exc}"
         try:
-            load_or_create_key(auth_key, tmp_dir)
+            token_key(config, auth_key, tmp_dir)
         except (AuthError, OSError) as exc:
             return str(exc)
     return None

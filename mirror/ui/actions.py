@@ -17,8 +17,9 @@ repository may: without users (no ``auth.htpasswd.path``) the UI only reads.  An
 
 Cross-site requests: the browser sends a user's Basic credentials with any request to this host,
 so every POST carries a token in a hidden field, HMAC-SHA-256 over the user and the time it was
-issued with a key derived from ``DATA/auth.key`` (shared by the worker processes), valid for
-:data:`TOKEN_TTL` seconds; a POST without a valid one does nothing and gets ``403``.  No cookies.
+issued with a key derived from the token key (``api/auth.py``: shared by the worker processes and
+the replicas), valid for :data:`TOKEN_TTL` seconds; a POST without a valid one does nothing and
+gets ``403``.  No cookies.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..api.auth import load_or_create_key
+from ..api.auth import token_key
 from ..config.sections import Config
 from ..registry.local import LocalRepository
 from ..registry.namespaces import Namespaces
@@ -107,7 +108,7 @@ class Actions:
     def tokens(self) -> Tokens:
         if self._tokens is None:
             layout = Layout(self.config.storage.path)
-            self._tokens = Tokens(load_or_create_key(layout.auth_key, layout.tmp))
+            self._tokens = Tokens(token_key(self.config, layout.auth_key, layout.tmp))
         return self._tokens
 
     def allowed(self, user: str | None, name: str) -> bool:

@@ -7,6 +7,8 @@ owner's fill taken over) are in test_cluster_fills.py.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from mirror.config.load import load_config, to_environ
 from mirror.config.sections import ConfigError
 from mirror.registry.peers import MAX_SKEW, sign, verify
 from mirror.spec.errors import APIError
+from tests.support.client import push_image
 from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
@@ -226,3 +229,45 @@ def test_a_token_or_a_web_ui_form_one_replica_issued_is_taken_by_the_others(
         assert done.status_code == 200 and "Deleted" in done.text, done.text
         gone = http.get(f"{first.url}/v2/team/app/manifests/1", headers={**bearer(token), "accept": tiny.media_type})
         assert gone.status_code == 404, gone.text
+
+
+def test_a_tag_moved_through_one_replica_is_read_moved_through_another_at_once(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, tiny: Image,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A CI job pushes ``:latest`` through one replica and, once answered 201, pulls it through another
+    (a load balancer without stickiness): it gets what it pushed, never the tag's previous manifest
+    that replica had remembered (its memo learnt of the move only when the NOTIFY arrived)."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    ports = [free_port(), free_port()]
+    writer, reader = (mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port)) for port in ports)
+    stop = threading.Event()
+
+    def busy() -> None:  # the reader serving others meanwhile, as a replica does: its listener waits its turn
+        with httpx.Client(trust_env=False, timeout=30) as other:
+            while not stop.is_set():
+                other.get(f"{reader.url}/v2/team/memo/manifests/{tiny.digest}", headers={"accept": tiny.media_type})
+
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        push_image(writer.url, "team/memo", "latest", tiny, client=http)
+        document = json.loads(tiny.manifest)
+        stale: list[int] = []
+        others = [threading.Thread(target=busy, daemon=True) for _ in range(4)]
+        for thread in others:
+            thread.start()
+        for round_ in range(80):
+            reader_sees = http.get(f"{reader.url}/v2/team/memo/manifests/latest", headers={"accept": tiny.media_type})
+            assert reader_sees.status_code == 200  # remembered there now, by tag
+            body = json.dumps({**document, "annotations": {"round": str(round_)}}).encode()
+            moved = http.put(f"{writer.url}/v2/team/memo/manifests/latest", content=body,
+                             headers={"content-type": tiny.media_type})
+            assert moved.status_code == 201, moved.text
+            for method in ("HEAD", "GET"):
+                seen = http.request(method, f"{reader.url}/v2/team/memo/manifests/latest",
+                                    headers={"accept": tiny.media_type})
+                if seen.headers.get("docker-content-digest") != moved.headers["docker-content-digest"]:
+                    stale.append(round_)
+        stop.set()
+        for thread in others:
+            thread.join()
+    assert not stale, f"the reader answered the previous manifest after the move's 201 in rounds {stale}"

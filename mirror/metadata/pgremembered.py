@@ -92,6 +92,15 @@ class Remembered:
         self._keep(stamp, (_MANIFEST, digest, ""), record)
         return record
 
+    def sync_generation(self) -> None:
+        """Learn the generation from the database now, not when its NOTIFY arrives (milliseconds
+        later, more on a busy host): a replica of a cluster calls this before a read that a change
+        on another replica may have moved (a tag), so that a client sees at once what it pushed or
+        deleted through another replica.  Blocking: one round trip."""
+        row = self._one("SELECT value FROM counters WHERE name = 'generation'")
+        if row is not None:
+            self._generation.saw(int(row[0]))
+
     # -- memory --
 
     def _recall(self, key: tuple[str, str, str]) -> Any:

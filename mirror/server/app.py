@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -35,6 +36,7 @@ from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
 from ..registry.pullthrough import PullThrough
+from ..registry.reads import in_index_thread
 from ..registry.replica import Cluster
 from ..registry.roaming import RoamingUploads
 from ..registry.sharedfills import ClusterFills
@@ -74,6 +76,8 @@ def create_app(config: Config) -> MirrorApp:
         metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
                                                    config.storage)
         memo.attach(metadata.generation)
+        if config.cluster.enabled and (sync := getattr(metadata, "sync_generation", None)) is not None:
+            app.sync = functools.partial(_synced, sync)  # type: ignore[attr-defined]
         # A replica of a cluster: what this process reads from the bucket or fills is marked in the
         # index, so that the collectors of the other replicas spare it.  (This host's own collector
         # sees its reads and fills through the data directory: a mark would only keep a blob longer.)
@@ -134,6 +138,7 @@ def create_app(config: Config) -> MirrorApp:
                    "memo": memo, "fills": fills, "history": history}
         finally:
             memo.attach(None)
+            app.sync = None  # type: ignore[attr-defined]
             for task in (upkeep, expiry, sampling):
                 if task is not None:
                     task.cancel()
@@ -199,6 +204,13 @@ def create_app(config: Config) -> MirrorApp:
     if not config.auth.enabled:  # every client may read every manifest: hits need no middleware
         app.front = MemoFront(memo, recorder)
     return app
+
+
+async def _synced(sync: Callable[[], None]) -> None:
+    """*sync* (``sync_generation``) from an index thread; a database that does not answer is left to
+    the routes, which answer ``503`` naming it where they need it."""
+    with contextlib.suppress(MetadataUnavailable):
+        await in_index_thread(sync)
 
 
 def _auth(config: Config, memo: ManifestMemo) -> list[Middleware]:

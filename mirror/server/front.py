@@ -14,6 +14,7 @@ read: a hit is a GET or HEAD.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
@@ -22,7 +23,7 @@ from ..api.memo import ManifestMemo
 from ..api.observability import REQUEST_ID_HEADER, Recorder
 from .hardening import SECURITY_HEADERS
 
-__all__ = ["MemoFront", "MirrorApp"]
+__all__ = ["MemoFront", "MirrorApp", "reads_a_tag"]
 
 
 class MemoFront:
@@ -56,12 +57,27 @@ class MemoFront:
         return True
 
 
+def reads_a_tag(scope: Scope) -> bool:
+    """A ``GET``/``HEAD`` of a manifest by tag, of a tag list or of the catalog."""
+    if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+        return False
+    path: str = scope["path"]
+    if "/manifests/" in path:
+        return ":" not in path.rpartition("/")[2]  # not a digest
+    return path.endswith("/tags/list") or path == "/v2/_catalog"
+
+
 class MirrorApp(Starlette):
-    """Starlette, asking :attr:`front` (when set) before its middleware stack."""
+    """Starlette, asking :attr:`front` (when set) before its middleware stack; on a replica of a
+    cluster, learning the index's generation first (:attr:`sync`) when the request reads a tag:
+    what another replica changed before answering its client is then seen here, memos included."""
 
     front: MemoFront | None = None
+    sync: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.sync is not None and reads_a_tag(scope):
+            await self.sync()
         front = self.front
         if front is None or not await front.answered(scope, send):
             await super().__call__(scope, receive, send)

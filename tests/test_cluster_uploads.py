@@ -267,3 +267,23 @@ def test_fsck_on_a_replica_without_the_file_of_an_upload_in_progress_leaves_the_
     fsck = mirror_cli("fsck", "--data", replicas[0].data_dir,
                       env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, replicas[0].port))
     assert fsck.returncode == 0 and fsck.stdout.rstrip().endswith(": clean"), fsck.stdout + fsck.stderr
+
+
+def test_a_tail_left_in_the_bucket_after_its_upload_ended_is_swept_and_found_by_fsck(
+    cluster: Cluster, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A completed upload whose tail could not be deleted (the bucket did not answer the ``DELETE``)
+    leaves ``uploads/<uuid>/tail`` behind, its record gone: fsck reports it, and the replicas' sweep
+    removes it (a tail comes after its record, so none is coming for it)."""
+    first = start_replicas(cluster, 1, upstream.url, mirror_factory)[0]
+    first.stop()  # its data directory, for fsck
+    uuid = "0123456789abcdef0123456789abcdef"
+    key = f"{ROOT}/uploads/{uuid}/tail"
+    cluster.bucket.client.put_object(Bucket=cluster.bucket.name, Key=key, Body=b"x" * 2048)
+    found = mirror_cli("fsck", "--data", first.data_dir,
+                       env=replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, first.port))
+    assert found.returncode != 0 and "upload tail without a record" in found.stdout and uuid in found.stdout, \
+        found.stdout + found.stderr
+    assert key in bucket_keys(cluster)  # reported, not removed, without --repair
+    start_replicas(cluster, 2, upstream.url, mirror_factory, MIRROR_PUSH_UPLOAD_TTL="3s")
+    wait_for(lambda: key not in bucket_keys(cluster), timeout=12, what="the tail left behind swept")

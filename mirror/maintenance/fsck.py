@@ -1,6 +1,7 @@
 """``mirror fsck``: check that the index and the store agree, and optionally repair them.
 
-Checks: leftovers in ``tmp/`` and ``uploads/``; objects in ``blobs/`` with names that are not
+Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that
+outlived its record: ``registry/roaming.py``); objects in ``blobs/`` with names that are not
 digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed
 schema 1 manifest: whose payload does not, see ``storage/filesystem.py``), and without it the
 pushed manifests, which fsck reads anyway (as stored: the S3 driver's own read would remove one that
@@ -45,8 +46,9 @@ from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES, SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
 from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
-from ..storage.driver import BlobStore, StoredObject
+from ..storage.driver import BlobStore, StoredObject, UploadTails
 from ..storage.layout import UPLOAD_ID_RE
+from ..storage.opening import upload_tails
 from ..storage.verify import signed_schema1_named
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
@@ -186,6 +188,11 @@ class Fsck:
             roaming = record is not None and record.written_at is not None  # its file may be on another replica
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
+
+        if (tails := _tails(self.store)) is not None:  # a tail comes after its record: none is coming for these
+            for uuid in tails.listed():
+                if self.metadata.get_upload(uuid) is None:
+                    self._found("upload tail without a record", uuid, partial(tails.remove, uuid))
 
     def _drop_upload_record(self, uuid: str) -> None:
         """Remove an upload's record, and the parts it sent to the store (S3) first."""
@@ -342,3 +349,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _tails(store: BlobStore) -> UploadTails | None:
+    """Where a cluster's replicas keep push uploads' tails: the bucket of an S3 store, else none."""
+    try:
+        return upload_tails(store)
+    except TypeError:
+        return None

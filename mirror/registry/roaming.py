@@ -247,20 +247,28 @@ class RoamingUploads(Uploads):
         """Drop the uploads whose last write is older than ``push.upload_ttl`` (by their record, on
         any replica); delete this replica's files of uploads finished elsewhere (after
         :data:`ORPHAN_GRACE`: a file comes before its record) and its stale files of uploads that
-        went on elsewhere; return how many uploads were dropped.  An upload a request holds is left
-        for the next sweep."""
+        went on elsewhere, and the tails of ended uploads a failed delete left in the bucket (a tail
+        comes after its record: one without is left behind); return how many uploads were dropped.
+        An upload a request holds is left for the next sweep."""
         now = time.time()
         cutoff = now - self.upload_ttl
         files: dict[str, float] = {}
         for entry in self.store.layout.upload_entries():
             with contextlib.suppress(FileNotFoundError):
                 files[entry.name] = entry.stat().st_mtime
+        try:  # tails whose delete failed when their upload completed (its record gone by then)
+            tails = self.tails.listed()
+        except OSError as exc:
+            log.warning("could not list the uploads' tails: %s", exc)
+            tails = {}
         removed = 0
-        for uuid in sorted(set(files) | set(self.metadata.upload_ids())):
+        for uuid in sorted(set(files) | set(self.metadata.upload_ids()) | set(tails)):
             try:
                 record = self.metadata.get_upload(uuid)
                 written = files.get(uuid, now)
-                if record is None:
+                if record is None:  # a file or a tail left behind (the upload ended): only removed
+                    if uuid in tails:  # a tail comes after its record: none is coming for this one
+                        self.tails.remove(uuid)
                     drop, go = False, written < now - ORPHAN_GRACE
                 else:
                     drop = (record.written_at or record.started_at) < cutoff

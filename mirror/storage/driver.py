@@ -120,6 +120,11 @@ class UploadTails(Protocol):
         """Delete the tail of *uuid* (none is no error)."""
         ...
 
+    def listed(self) -> dict[str, float]:
+        """Every upload with a tail kept: its uuid -> the tail's last write (``time.time()``).  For the
+        sweep of tails left behind (a delete that failed), never for an upload's own state."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Space:

@@ -78,12 +78,16 @@ def object_key(digest: Digest) -> str:
     return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
 
+#: The key prefix below an object store's root of every push upload's objects (:func:`upload_key`).
+UPLOADS_PREFIX = "uploads/"
+
+
 def upload_key(uuid: str) -> str:
     """The key below an object store's root where the push upload *uuid* (from :func:`new_upload_id`)
     collects: ``uploads/<uuid>/data``; never a digest's key."""
     if not UPLOAD_ID_RE.fullmatch(uuid):
         raise ValueError(f"invalid upload id {uuid!r}")
-    return f"uploads/{uuid}/data"
+    return f"{UPLOADS_PREFIX}{uuid}/data"
 
 
 def upload_tail_key(uuid: str) -> str:

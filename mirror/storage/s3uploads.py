@@ -46,7 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.reference import Digest
 from .driver import DigestMismatch, UploadParts
-from .layout import upload_key, upload_tail_key
+from .layout import UPLOAD_ID_RE, UPLOADS_PREFIX, upload_key, upload_tail_key
 from .s3damage import vouch
 from .s3objects import backend_error, missing
 
@@ -297,3 +297,17 @@ class S3UploadTails:
 
     def remove(self, uuid: str) -> None:
         self.store.remove_key(self.store.root + upload_tail_key(uuid))
+
+    def listed(self) -> dict[str, float]:
+        prefix = self.store.root + UPLOADS_PREFIX
+        found: dict[str, float] = {}
+        try:
+            for page in self.store.quick.get_paginator("list_objects_v2").paginate(Bucket=self.store.bucket,
+                                                                                    Prefix=prefix):
+                for item in page.get("Contents", []):
+                    uuid, _, rest = item["Key"][len(prefix):].partition("/")
+                    if rest == "tail" and UPLOAD_ID_RE.fullmatch(uuid):
+                        found[uuid] = item["LastModified"].timestamp()
+        except (BotoCoreError, ClientError) as exc:
+            raise backend_error(exc, f"LIST {prefix}", self.store.options) from exc
+        return found

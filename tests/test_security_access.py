@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.catalog import StandardImages
 from tests.support.images import Image
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.security import (
     ALICE,
@@ -160,6 +161,10 @@ def test_password_guessing_is_throttled_per_address(
         assert 50 <= int(refused.headers["retry-after"]) <= 60
     assert_spec_error(request(mirror, "GET", "/v2/library/small/manifests/1", headers=basic("bob", "guess")),
                       429, "TOOMANYREQUESTS")
+    if anonymous_pull:  # the failed logins are told apart on dashboards by their route
+        failed = value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_total", route="token", method="GET",
+                       status="401")
+        assert failed == 10, failed
     # ...while a password already accepted from this address keeps working,
     assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
     # also once the file was edited (a user added): what was accepted is bound to its user's entry.

@@ -71,6 +71,8 @@ def route_of(path: str, method: str) -> str:
         return "admin"
     if path == "/ui" or path.startswith("/ui/"):
         return "ui"
+    if path == "/auth/token":  # logins: failed ones apart from the rest (401, 429)
+        return "token"
     return "unknown"
 
 

@@ -173,7 +173,8 @@ def test_an_upstream_that_refuses_the_basic_credentials_is_said_so_in_the_log_on
         for _ in range(3):
             answer = request(wrong, "GET", "/v2/library/small/manifests/1")
             assert answer.status_code >= 500 and answer.json()["errors"][0]["code"] == "UNAVAILABLE", answer.text
-        said = "the registry 127.0.0.1 rejected the configured upstream credentials (401 to Basic auth)"
+        said = (f"the registry 127.0.0.1:{registry.port} rejected the configured upstream credentials "
+                "(401 to Basic auth)")
         wait_for(lambda: said in wrong.log_tail(200), what="the log line on the refused credentials")
         assert wrong.log_tail(400).count(said) == 1
         assert "wrong-pw" not in wrong.log_path.read_text() + answer.text

@@ -121,8 +121,8 @@ class RegistryAuth(httpx.Auth):
                 if response.status_code != 401 or not same_origin(response.request.url, request.url):
                     self._rejection_logged = False
                     return
-            raise self._rejected(f"the registry {request.url.host} rejected the configured upstream credentials"
-                                 " (401 to Basic auth); check upstream.username and upstream.password", 401)
+            raise self._rejected(f"the registry {request.url.netloc.decode()} rejected the configured upstream "
+                                 "credentials (401 to Basic auth); check upstream.username and upstream.password", 401)
         if scheme != "bearer" or "realm" not in params:
             return
         key = params.get("scope") or scope or ""
@@ -175,7 +175,7 @@ class RegistryAuth(httpx.Auth):
 
     def _store_token(self, key: str, response: httpx.Response) -> str:
         """Keep the token of a token server's answer; raise the failure of its kind if it has none."""
-        status, host = response.status_code, response.request.url.host
+        status, host = response.status_code, response.request.url.netloc.decode()  # host[:port], no userinfo
         if status in (401, 403) and self._basic is not None:
             raise self._rejected(f"the token server {host} rejected the configured upstream credentials "
                                  f"({status}); check upstream.username and upstream.password", status)

@@ -674,6 +674,8 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         log = mirror.log_tail(500)
         assert "s3cr3t-pw" not in log and "s3cr3t-pw" not in down.text + ready.text
         assert "Traceback" not in log, log
+        assert "psycopg.pool" not in log, log  # the mirror says it once; not the pool's every attempt
+        assert f"{database}: " in log, log  # said by the mirror, naming the database
 
 
 def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(

@@ -288,6 +288,8 @@ def logging_config(config: LogConfig, base: dict[str, Any]) -> dict[str, Any]:
     out["root"] = {"handlers": ["mirror"], "level": config.level.upper()}
     out["loggers"]["httpx"] = {"level": "WARNING"}
     out["loggers"]["httpcore"] = {"level": "WARNING"}
+    # Its "error connecting" at every attempt while the database is down: the mirror says it once.
+    out["loggers"]["psycopg.pool"] = {"level": "ERROR"}
     out["loggers"]["mirror.access"] = {"handlers": ["mirror_access"], "level": "INFO", "propagate": False}
     return out
 

@@ -159,7 +159,9 @@ def server_options(config: Config) -> dict[str, Any]:
 
 
 def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None:
-    """Why the server cannot start with this TLS and auth configuration, or None."""
+    """Why the server cannot start with this TLS, auth and data configuration, or None."""
+    if (problem := _distribution_storage(config.storage.path)) is not None:
+        return problem
     http = config.http
     if http.tls_certificate is not None and http.tls_key is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -187,3 +189,14 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
         except (AuthError, OSError) as exc:
             return str(exc)
     return None
+
+
+def _distribution_storage(data: Path) -> str | None:
+    """A first start on a distribution registry's storage (``docker/registry/v2`` under it, as
+    ``registry:2``'s ``rootdirectory`` holds it): refused, as the mirror would serve none of it while
+    writing its own store beside it."""
+    if not (data / "docker" / "registry" / "v2").is_dir() or (data / "blobs").exists() or (data / "index").exists():
+        return None
+    return (f"{data} holds a distribution registry's storage (docker/registry/v2), which this mirror does not "
+            "read: start it with another --data (storage.path), then copy the images in, e.g. with "
+            "`skopeo sync --all` from that registry serving it, or `mirror preload` of an export")

@@ -229,6 +229,9 @@ def test_a_token_or_a_web_ui_form_one_replica_issued_is_taken_by_the_others(
         assert done.status_code == 200 and "Deleted" in done.text, done.text
         gone = http.get(f"{first.url}/v2/team/app/manifests/1", headers={**bearer(token), "accept": tiny.media_type})
         assert gone.status_code == 404, gone.text
+        # The web UI's cache page says whose answers it counts (each replica its own).
+        cache = http.get(f"{second.url}/ui/cache", headers=basic("alice", ALICE_PASSWORD))
+        assert cache.status_code == 200 and f"The answers and bytes of the replica at {second.url}" in cache.text
 
 
 def test_a_tag_moved_through_one_replica_is_read_moved_through_another_at_once(

@@ -192,7 +192,8 @@ def routes(config: Config) -> list[BaseRoute]:
 
         shown, drawn = await in_mixed_thread(read)
         return render(request, "cache.html", figures=shown, chart=drawn, pid=os.getpid(), workers=config.http.workers,
-                      width=chart.WIDTH, height=chart.HEIGHT)
+                      width=chart.WIDTH, height=chart.HEIGHT,
+                      replica=config.cluster.advertise if config.cluster.enabled else None)
 
     async def login(request: Request) -> Response:
         if config.auth.enabled and viewer(request) is None:

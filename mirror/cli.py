@@ -301,6 +301,7 @@ def serve(config: Config) -> int:
     from uvicorn.config import LOGGING_CONFIG
 
     from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
+    from .registry.sharedsecret import secret_problem
     from .server.hardening import server_options, startup_problem
     from .server.metricsdir import metrics_directory
     from .storage.driver import StoreUnavailable
@@ -330,7 +331,8 @@ def serve(config: Config) -> int:
             print(f"mirror: {exc}", file=sys.stderr)
             return STARTUP_FAILED
         try:
-            problem = bind_bucket(config.metadata, config.storage, store, metadata)
+            problem = bind_bucket(config.metadata, config.storage, store, metadata) \
+                or secret_problem(config.cluster, metadata)
         except OSError as exc:
             problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
         finally:

@@ -274,3 +274,31 @@ def test_a_tag_moved_through_one_replica_is_read_moved_through_another_at_once(
         for thread in others:
             thread.join()
     assert not stale, f"the reader answered the previous manifest after the move's 201 in rounds {stale}"
+
+
+def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_starts_once_all_stopped(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Before, it started and reported itself ready, and whenever another replica fetched what its
+    clients asked for they got ``503`` (each side refusing the other's signature)."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    ttl = {"MIRROR_CLUSTER_LEASE_TTL": "2s"}
+    port = free_port()
+    running = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
+    other_secret = tmp_path / "other-secret"
+    other_secret.write_text(SECRET[::-1] + "\n")
+    other = free_port()
+    env = replica_env(bucket, dsn, other_secret, other, **ttl)
+    refused = mirror_cli("serve", "--data", tmp_path / "other", "--listen", f"127.0.0.1:{other}", env=env, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"mirror: cluster.secret_file {other_secret}: the replicas running on this "
+                                     "database use another secret"), refused.stderr
+    assert SECRET not in refused.stderr + refused.stdout and SECRET[::-1] not in refused.stderr
+    # The same secret joins; a new secret starts once every replica of the old one is stopped.
+    same = free_port()
+    mirror_factory(port=same, env=replica_env(bucket, dsn, secret_file, same, **ttl)).stop()
+    running.stop()
+    time.sleep(2.5)
+    changed = mirror_factory(port=other, env=env)
+    assert httpx.get(f"{changed.url}/readyz", trust_env=False).status_code == 200

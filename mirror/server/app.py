@@ -40,6 +40,7 @@ from ..registry.reads import in_index_thread
 from ..registry.replica import Cluster
 from ..registry.roaming import RoamingUploads
 from ..registry.sharedfills import ClusterFills
+from ..registry.sharedsecret import keep_claim
 from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
@@ -132,6 +133,7 @@ def create_app(config: Config) -> MirrorApp:
         # The cache page's chart: this worker's samples of every worker's counters and the store's size.
         history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
+        claiming = asyncio.create_task(keep_claim(config.cluster, metadata)) if cluster is not None else None
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
@@ -139,7 +141,7 @@ def create_app(config: Config) -> MirrorApp:
         finally:
             memo.attach(None)
             app.sync = None  # type: ignore[attr-defined]
-            for task in (upkeep, expiry, sampling):
+            for task in (upkeep, expiry, sampling, claiming):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

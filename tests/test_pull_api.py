@@ -177,6 +177,17 @@ def test_a_client_that_cannot_read_indexes_gets_the_amd64_image(
         full = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}",
                         headers={"accept": f"{accept}, {OCI_INDEX}, {DOCKER_LIST}"})
         assert full.content == index.manifest and full.headers["content-type"] == index.media_type
+    # A client that takes neither the index nor its linux/amd64 manifest's type gets neither (as from
+    # distribution, "OCI index found, but accept header does not support OCI indexes"), not a
+    # manifest it cannot read.
+    schema1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    for which, accept in (("multi", DOCKER_MANIFEST), ("multi", schema1), ("dlist", OCI_MANIFEST)):
+        name, tag, index = images.refs[which]
+        head = http.head(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": accept})
+        assert head.status_code == 404, (which, accept, head.headers)
+        refused = http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers={"accept": accept})
+        assert refused.status_code == 404 and error_code(refused) == "MANIFEST_UNKNOWN", refused.text
+        assert "does not take" in refused.json()["errors"][0]["detail"], refused.text
 
 
 def test_one_component_names_map_to_the_library_namespace(

@@ -413,6 +413,10 @@ def test_index_needs_its_children(registry: MirrorServer, http: httpx.Client) ->
     # A client that cannot read indexes gets the amd64 child, as from the cache.
     old = http.get(f"{registry.url}/v2/team/multi/manifests/1", headers={"accept": OCI_MANIFEST})
     assert old.content == child
+    # One that takes neither the index nor that child's type gets neither.
+    older = http.get(f"{registry.url}/v2/team/multi/manifests/1",
+                     headers={"accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    assert older.status_code == 404 and error_code(older) == "MANIFEST_UNKNOWN", older.text
 
 
 # Referrers ----------------------------------------------------------------------------

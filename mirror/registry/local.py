@@ -23,7 +23,7 @@ from ..config.sections import Config, PushConfig
 from ..metadata.driver import LOCAL, Metadata, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
-from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, platform_manifest
+from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, child_for_old_client
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
 from ..spec.pushed import (
     check_manifest,
@@ -169,8 +169,10 @@ class LocalRegistry:
             raise APIError("MANIFEST_UNKNOWN", detail={"name": name, "reference": str(reference)})
         if not isinstance(reference, Digest) and found.media_type in INDEX_TYPES and accept \
                 and not accept & (INDEX_TYPES | {"*/*"}) and accept & set(MANIFEST_MEDIA_TYPES):
-            child = platform_manifest(found.body)
-            child_found = await self._read_manifest(repo, child.digest) if child else None
+            child = child_for_old_client(found.body, accept)
+            if isinstance(child, str):
+                raise APIError("MANIFEST_UNKNOWN", detail=child)
+            child_found = await self._read_manifest(repo, child.digest)
             if child_found is None:
                 raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
             return child_found

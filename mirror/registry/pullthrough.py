@@ -35,7 +35,7 @@ from typing import TypeVar
 from ..maintenance.upkeep import AccessTracker
 from ..metadata.driver import Metadata
 from ..spec.errors import APIError
-from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, platform_manifest
+from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, child_for_old_client
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob
 from ..storage.driver import BlobStore
@@ -130,9 +130,9 @@ class PullThrough:
         if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
                 and accept & set(MANIFEST_MEDIA_TYPES):
             # An old client that cannot read an index gets the linux/amd64 image, as registries do.
-            child = platform_manifest(result.body)
-            if child is None:
-                raise APIError("MANIFEST_UNKNOWN", detail="no linux/amd64 manifest for a client without index support")
+            child = child_for_old_client(result.body, accept)
+            if isinstance(child, str):
+                raise APIError("MANIFEST_UNKNOWN", detail=child)
             return await self._manifest_by_digest(name, referred_digest(child.digest))
         return result
 

@@ -125,6 +125,20 @@ def platform_manifest(body: bytes, os_name: str = "linux", architecture: str = "
     return None
 
 
+def child_for_old_client(body: bytes, accept: set[str]) -> Descriptor | str:
+    """The manifest of the index *body* a client that takes no index gets (its ``Accept`` media types
+    *accept*): the first ``linux/amd64`` one, as registries answer old clients, if the client takes its
+    media type; else why none (a ``404 MANIFEST_UNKNOWN`` detail, as distribution answers a client
+    that takes neither an OCI index nor what it holds)."""
+    child = platform_manifest(body)
+    if child is None:
+        return "no linux/amd64 manifest for a client without index support"
+    if child.media_type not in accept:
+        return (f"the index's linux/amd64 manifest is a {child.media_type}, which the Accept header "
+                "does not take (nor the index)")
+    return child
+
+
 def accepted(accept_header: str | None) -> set[str]:
     """Media types named by an ``Accept`` header (parameters and q-values dropped)."""
     if not accept_header:

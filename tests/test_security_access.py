@@ -224,3 +224,22 @@ def test_htpasswd_changes_apply_without_a_restart(
     wait_for(refused_while_serving, 10, "the broken file to be refused", interval=0.2)
     for _ in range(4):
         assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+
+
+def test_rights_go_by_the_name_without_the_default_registrys_prefix(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, tiny: Image,
+) -> None:
+    """``docker.io/team/app`` is ``team/app`` (one repository, ``registry/namespaces.py``), and so are its
+    rights: bob (``team/``) pushes to it by either name; carol, given ``docker.io`` as her prefix, may
+    not write ``team/app`` through that spelling, nor anything else of the default registry's."""
+    env = {**auth_env(htpasswd, anonymous_pull=True), "MIRROR_AUTH_PUSH_USERS": "alice,bob:team,carol:docker.io"}
+    mirror = mirror_factory(env=env)
+    push(mirror, "docker.io/team/app", "1", tiny, basic("bob", "bob-pw"))
+    got = request(mirror, "GET", "/v2/team/app/manifests/1", headers=basic("bob", "bob-pw"))
+    assert got.status_code == 200 and got.headers["docker-content-digest"] == tiny.digest
+    for path in ("/v2/docker.io/team/app/blobs/uploads/", "/v2/index.docker.io/team/app/blobs/uploads/",
+                 "/v2/docker.io/carol/blobs/uploads/"):
+        refused = assert_spec_error(request(mirror, "POST", path, headers=basic("carol", "carol-pw")), 403, "DENIED")
+        assert refused["detail"]["action"] == "push"
+    assert_spec_error(request(mirror, "POST", "/v2/docker.io/other/blobs/uploads/", headers=basic("bob", "bob-pw")),
+                      403, "DENIED")

@@ -62,6 +62,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..config.sections import AuthConfig, Config
 from ..spec.endpoints import endpoint
 from ..spec.errors import APIError, error_response
+from ..spec.names import without_registry
 from ..storage.layout import temp_file
 from .htpasswd import Htpasswd
 
@@ -212,8 +213,10 @@ class FailedLogins:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, config: AuthConfig, key: bytes) -> None:
-        """*key*: the tokens' (:func:`token_key`)."""
+    def __init__(self, app: ASGIApp, config: AuthConfig, key: bytes, registry: str = "docker.io") -> None:
+        """*key*: the tokens' (:func:`token_key`); *registry*: the default upstream's, whose own
+        prefix a name may carry (rights are decided on the name without it, as it is routed)."""
+        self.registry = registry
         assert config.htpasswd_path is not None
         self.app = app
         self.config = config
@@ -254,6 +257,8 @@ class AuthMiddleware:
         head = scope["method"] == "HEAD"
         found = endpoint(scope["path"], scope["method"])
         need, repository = found.action, found.repository
+        if repository is not None:  # docker.io/team/x is team/x (registry/namespaces.py): its rights too
+            repository = without_registry(repository, self.registry)
         try:
             who = await self._identify(scope)
         except Rejected as exc:

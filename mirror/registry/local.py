@@ -24,7 +24,7 @@ from ..metadata.driver import LOCAL, Metadata, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, child_for_old_client
-from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+from ..spec.names import without_registry
 from ..spec.pushed import (
     check_manifest,
     manifest_document,
@@ -77,9 +77,7 @@ class LocalRegistry:
     def own_name(self, name: str) -> str:
         """*name* without the default registry's prefix (``docker.io/team/x`` is ``team/x``), as a
         request without ``?ns=`` is routed (``registry/namespaces.py``)."""
-        first, _, rest = name.partition("/")
-        registry = DOCKER_HUB if first in DOCKER_HUB_ALIASES else first
-        return rest if rest and registry == self.config.upstream.registry else name
+        return without_registry(name, self.config.upstream.registry)
 
     def repo_key(self, name: str) -> str:
         """The index key of the repository a request for *name* without ``?ns=`` reaches: local if

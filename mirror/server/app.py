@@ -221,7 +221,8 @@ def _auth(config: Config, memo: ManifestMemo) -> list[Middleware]:
     if not config.auth.enabled:
         return []
     layout = Layout(config.storage.path)
-    return [Middleware(AuthMiddleware, config=config.auth, key=token_key(config, layout.auth_key, layout.tmp)),
+    return [Middleware(AuthMiddleware, config=config.auth, key=token_key(config, layout.auth_key, layout.tmp),
+                       registry=config.upstream.registry),
             Middleware(MemoManifests, memo=memo)]
 
 

@@ -20,6 +20,14 @@ DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", "registry-1.docke
 _HOST_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?")
 
 
+def without_registry(name: str, registry: str) -> str:
+    """A repository path *name* without *registry*'s own prefix, as a request without ``?ns=`` for the
+    default registry *registry* takes it: ``docker.io/team/x`` (or ``index.docker.io/team/x``) is
+    ``team/x`` for Docker Hub; any other *name* as it is."""
+    first, _, rest = name.partition("/")
+    return rest if rest and (DOCKER_HUB if first in DOCKER_HUB_ALIASES else first) == registry else name
+
+
 class InvalidImageName(ValueError):
     """Not an image reference (``[registry/]name[:tag][@digest]``)."""
 

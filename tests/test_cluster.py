@@ -7,6 +7,7 @@ owner's fill taken over) are in test_cluster_fills.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -302,3 +303,42 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
     time.sleep(2.5)
     changed = mirror_factory(port=other, env=env)
     assert httpx.get(f"{changed.url}/readyz", trust_env=False).status_code == 200
+
+
+def test_generation_reads_asked_at_once_are_one_and_each_starts_after_its_asker_came() -> None:
+    """``server/front.py``'s ``Coalesced``: the database read a tag read waits for (above) is shared by
+    every request that came before it started, and a request that comes while one runs waits for the
+    next, which starts after it came; one that fails releases its waiters."""
+    from mirror.server.front import Coalesced
+
+    async def scenario() -> tuple[int, list[tuple[float, float]], bool]:
+        loop = asyncio.get_running_loop()
+        started: list[float] = []
+
+        async def read() -> None:
+            started.append(loop.time())
+            await asyncio.sleep(0.02)
+
+        shared = Coalesced(read)
+        await asyncio.gather(*(shared() for _ in range(100)))
+        at_once = len(started)
+
+        async def asker(delay: float) -> tuple[float, float]:
+            await asyncio.sleep(delay)
+            came = loop.time()
+            await shared()
+            return came, max(started)  # the last read started before this one was answered
+
+        seen = await asyncio.gather(*(asker(delay) for delay in (0.0, 0.005, 0.01, 0.03)))
+
+        async def broken() -> None:
+            raise RuntimeError("the database went away")
+
+        failing = Coalesced(broken)
+        await asyncio.wait_for(asyncio.gather(failing(), failing()), 2)
+        return at_once, list(seen), True
+
+    at_once, seen, released = asyncio.run(scenario())
+    assert at_once == 1
+    assert all(last >= came for came, last in seen), seen
+    assert released

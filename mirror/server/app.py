@@ -50,7 +50,7 @@ from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
-from .front import MemoFront, MirrorApp
+from .front import Coalesced, MemoFront, MirrorApp
 from .hardening import Hardening
 
 log = logging.getLogger("mirror")
@@ -78,7 +78,7 @@ def create_app(config: Config) -> MirrorApp:
                                                    config.storage)
         memo.attach(metadata.generation)
         if config.cluster.enabled and (sync := getattr(metadata, "sync_generation", None)) is not None:
-            app.sync = functools.partial(_synced, sync)  # type: ignore[attr-defined]
+            app.sync = Coalesced(functools.partial(_synced, sync))  # type: ignore[attr-defined]
         # A replica of a cluster: what this process reads from the bucket or fills is marked in the
         # index, so that the collectors of the other replicas spare it.  (This host's own collector
         # sees its reads and fills through the data directory: a mark would only keep a blob longer.)

@@ -13,6 +13,8 @@ read: a hit is a GET or HEAD.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,7 +25,9 @@ from ..api.memo import ManifestMemo
 from ..api.observability import REQUEST_ID_HEADER, Recorder
 from .hardening import SECURITY_HEADERS
 
-__all__ = ["MemoFront", "MirrorApp", "reads_a_tag"]
+__all__ = ["Coalesced", "MemoFront", "MirrorApp", "reads_a_tag"]
+
+log = logging.getLogger("mirror")
 
 
 class MemoFront:
@@ -55,6 +59,42 @@ class MemoFront:
             recorder.done(scope, request_id, "manifest", status, answer.outcome, sent, 0,
                           time.perf_counter() - started)
         return True
+
+
+class Coalesced:
+    """*call* run for every caller, once per round for all who came before it started: a caller waits
+    for the round after the one running when it came (whose *call* starts after it came), shared with
+    every other caller of that moment.  So many requests at once cost one *call* per round trip, not
+    one each.  What *call* raises is logged; a caller cancelled leaves its round running."""
+
+    def __init__(self, call: Callable[[], Awaitable[None]]) -> None:
+        self._call = call
+        self._pending: asyncio.Future[None] | None = None  # the next round's, while callers wait for it
+        self._running: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> None:
+        waiter = self._pending
+        if waiter is None:
+            waiter = self._pending = asyncio.get_running_loop().create_future()
+            if self._running is None:
+                self._running = asyncio.create_task(self._rounds())
+        await asyncio.shield(waiter)
+
+    async def _rounds(self) -> None:
+        try:
+            while (waiter := self._pending) is not None:
+                self._pending = None  # callers from now on wait for the next round
+                try:
+                    await self._call()
+                except Exception:  # the callers go on as without it
+                    log.exception("%s failed", self._call)
+                finally:
+                    waiter.set_result(None)
+        finally:
+            self._running = None
+            if self._pending is not None:  # cancelled (shutdown): nobody is left waiting
+                self._pending.set_result(None)
+                self._pending = None
 
 
 def reads_a_tag(scope: Scope) -> bool:

@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 
+from mirror.registry.sharedsecret import LEASE as SECRET_LEASE
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, Layer, build_image, random_layer
@@ -47,7 +48,7 @@ class Cluster:
         """``(name, holder, unexpired)`` of every fill lease row."""
         with psycopg.connect(self.dsn) as conn:
             return conn.execute("SELECT name, holder, expires > extract(epoch from statement_timestamp())"
-                                " FROM leases").fetchall()
+                                " FROM leases WHERE name LIKE 'fill:%'").fetchall()
 
     def in_use(self) -> set[str]:
         """Digests some replica marks in use (serving or filling them) now."""
@@ -360,9 +361,14 @@ def test_a_replica_with_another_secret_is_refused_by_the_one_fetching_and_fetche
     tmp_path: Path,
 ) -> None:
     layer = big_image.layers[0]
+    """A replica of another secret is refused at start-up (``registry/sharedsecret.py``); one that
+    started all the same (the running replicas' claim lapsed, here taken away) is refused every
+    signed request, and says so."""
     owner = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
     cluster.secret_file = tmp_path / "another-secret"
     cluster.secret_file.write_text(SECRET[::-1])
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM leases WHERE name = %s", (SECRET_LEASE,))
     stranger = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)[-1]
     fault_proxy.clear_counts()
     blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.006)

@@ -304,6 +304,7 @@ def serve(config: Config) -> int:
     from .registry.sharedsecret import secret_problem
     from .server.hardening import server_options, startup_problem
     from .server.metricsdir import metrics_directory
+    from .server.workers import run_workers
     from .storage.driver import StoreUnavailable
     from .storage.opening import open_blob_store
 
@@ -380,8 +381,7 @@ def serve(config: Config) -> int:
                 for name in [name for name in os.environ if name.upper() in inline]:  # names are read in any case
                     del os.environ[name]  # a secret now in a file: not also in the variable the user set
                 os.environ.update(handed)
-                uvicorn.run("mirror.server.app:create_app_from_environ", factory=True, workers=config.http.workers,
-                            **common)
+                run_workers("mirror.server.app:create_app_from_environ", config.http.workers, **common)
             else:
                 uvicorn.run(create_app(config), **common)
     except ConfigError as exc:  # metrics.listen cannot be bound

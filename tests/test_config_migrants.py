@@ -118,15 +118,20 @@ def test_mirror_serve_with_a_mistyped_section_exits_2_naming_it(tmp_path: Path) 
     assert not (tmp_path / "data").exists()
 
 
-def test_a_first_start_on_a_registry2_storage_directory_is_refused_saying_what_to_do(tmp_path: Path) -> None:
-    """``--data`` naming registry:2's ``rootdirectory``: before, the mirror started empty beside it and
-    served none of its images without a word."""
-    data = tmp_path / "registry"
-    (data / "docker" / "registry" / "v2" / "repositories" / "team").mkdir(parents=True)
+@pytest.mark.parametrize("below", ["", "docker", "docker/registry", "docker/registry/v2"])
+def test_a_start_on_a_registry2_storage_directory_is_refused_saying_what_to_do(tmp_path: Path, below: str) -> None:
+    """``--data`` naming registry:2's ``rootdirectory``, or a directory of it down to ``v2``: before, the
+    mirror started empty beside it and served none of its images without a word (on ``v2`` itself it
+    took the registry's blob directories for blobs, answered one 200 and cut it short)."""
+    root = tmp_path / "registry"
+    (root / "docker" / "registry" / "v2" / "repositories" / "team").mkdir(parents=True)
+    (root / "docker" / "registry" / "v2" / "blobs" / "sha256" / "49").mkdir(parents=True)
+    data = root / below if below else root
+    before = sorted(p.name for p in data.iterdir())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
     done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"mirror: {data} holds a distribution registry's storage (docker/registry/v2)")
+    assert done.stderr.startswith(f"mirror: {data} holds a distribution registry's storage ("), done.stderr
     assert "skopeo sync" in done.stderr
-    assert sorted(p.name for p in data.iterdir()) == ["docker"]  # nothing of the mirror's written there
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing of the mirror's written there

@@ -480,3 +480,30 @@ def test_kill9_during_preload_leaves_a_consistent_store(
     mirror.start()
     answer = http.get(f"{mirror.url}/v2/library/preloaded/manifests/1", headers={"accept": ALL_TYPES})
     assert answer.status_code == 200 and answer.content == image.manifest
+
+
+def test_a_directory_in_blobs_is_reported_and_left_where_it_is_by_fsck_and_gc(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A directory where an object's file would be (another registry's layout copied in, say) is not
+    the mirror's: fsck reports it and ``--repair`` leaves it (it crashed on ``unlink`` before), gc
+    neither counts it nor crashes."""
+    mirror = mirror_factory()
+    pull(http, mirror.url, "library/small", "1", images.small)
+    mirror.stop()
+    hex_ = "49" + "0" * 62
+    foreign = mirror.data_dir / "blobs" / "sha256" / "49" / hex_
+    foreign.mkdir(parents=True)
+    (foreign / "data").write_text("not the mirror's")
+    for flags in ((), ("--repair",)):
+        check = mirror_cli("fsck", "--data", str(mirror.data_dir), *flags)
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert f"stray directory in blobs/ (not removed): {foreign}" in check.stdout, check.stdout
+        assert "Traceback" not in check.stderr, check.stderr
+    assert (foreign / "data").read_text() == "not the mirror's"
+    for flags in (("--dry-run",), ()):
+        collected = mirror_cli("gc", "--data", str(mirror.data_dir), *flags)
+        assert collected.returncode == 0 and "Traceback" not in collected.stderr, collected.stdout + collected.stderr
+    assert (foreign / "data").read_text() == "not the mirror's"
+    mirror.start()
+    pull(http, mirror.url, "library/small", "1", images.small)

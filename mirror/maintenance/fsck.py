@@ -146,7 +146,10 @@ class Fsck:
             self.progress.phase("verifying", sum(e.size for e in entries if e.digest is not None))
         for found in entries:
             if found.digest is None:
-                self._found("stray file in blobs/", found.location, partial(self.store.remove, found))
+                if os.path.isdir(found.location):  # never written by the mirror: left to whoever put it there
+                    self._found("stray directory in blobs/ (not removed)", found.location)
+                else:
+                    self._found("stray file in blobs/", found.location, partial(self.store.remove, found))
                 continue
             if self.verify_content:
                 matches = self.store.matches(found.digest)

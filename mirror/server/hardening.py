@@ -192,11 +192,13 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
 
 
 def _distribution_storage(data: Path) -> str | None:
-    """A first start on a distribution registry's storage (``docker/registry/v2`` under it, as
-    ``registry:2``'s ``rootdirectory`` holds it): refused, as the mirror would serve none of it while
-    writing its own store beside it."""
-    if not (data / "docker" / "registry" / "v2").is_dir() or (data / "blobs").exists() or (data / "index").exists():
-        return None
-    return (f"{data} holds a distribution registry's storage (docker/registry/v2), which this mirror does not "
-            "read: start it with another --data (storage.path), then copy the images in, e.g. with "
-            "`skopeo sync --all` from that registry serving it, or `mirror preload` of an export")
+    """*data* a distribution registry's storage: its ``rootdirectory`` (``docker/registry/v2`` under it)
+    or a directory of that path down to ``v2``, which holds ``repositories/``.  Refused, as the mirror
+    would serve none of it while writing its own store beside it (and take its ``blobs/`` for its own).
+    A mirror's store never holds either."""
+    for v2 in (data / "docker" / "registry" / "v2", data / "registry" / "v2", data / "v2", data):
+        if (v2 / "repositories").is_dir():
+            return (f"{data} holds a distribution registry's storage ({v2.relative_to(data.parent)}), which this "
+                    "mirror does not read: start it with another --data (storage.path), then copy the images in, "
+                    "e.g. with `skopeo sync --all` from that registry serving it, or `mirror preload` of an export")
+    return None

@@ -53,11 +53,14 @@ class Namespaces:
         return CachedRepository(pull, upstream_name, name, self.local, foreign=foreign)
 
     async def catalog(self) -> list[str]:
-        """Every repository's name as clients write it, sorted (pushed and cached alike; not one that
-        no request reaches: ``LocalRegistry.served``)."""
+        """Every repository's name as clients write it, sorted (pushed and cached alike), that a request
+        reaches by that name: not one no request reaches (``LocalRegistry.served``), nor one of a
+        registry with a port (``reg.local:5000/org/app``: reached with ``?ns=`` only, and outside the
+        spec's name grammar, which clients walking the catalog would fail on; the web UI lists it)."""
         local = self.local
-        return sorted({local.catalog_name(repo) for repo in await local.reads.ask(local.metadata.repositories)
-                       if local.served(repo)})
+        names = {local.catalog_name(repo) for repo in await local.reads.ask(local.metadata.repositories)
+                 if local.served(repo)}
+        return sorted(name for name in names if ":" not in name.partition("/")[0])
 
     def upstream_for(self, name: str, ns: str | None = None) -> tuple[PullThrough, str]:
         """The upstream a name is for, and the name to ask it for.

@@ -116,6 +116,29 @@ def test_a_client_that_stops_reading_holds_a_sigterm_for_the_drain_timeout_only(
         assert received < BLOB_SIZE
     finally:
         stalled.close()
+    log = mirror.log_path.read_text()
+    assert "cut off, http.draintimeout over" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_an_upload_cut_off_at_the_end_of_the_drain_is_answered_503_to_retry(
+    tmp_path: Path, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A ``PATCH`` whose client had sent part of its body when SIGTERM came, and nothing more by the end
+    of the drain: ``503 UNAVAILABLE`` with ``Retry-After`` (before: ``500`` and a traceback)."""
+    mirror, _ = _serving(tmp_path, mirror_factory, 1)
+    with httpx.Client(timeout=30) as client:
+        location = client.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    with socket.create_connection(("127.0.0.1", mirror.port)) as patching:
+        patching.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {mirror.address}\r\nContent-Length: {MIB}\r\n"
+                         "Content-Type: application/octet-stream\r\n\r\n".encode() + b"x" * 4096)
+        time.sleep(0.3)
+        _exited_within(mirror, DRAIN_S + 8)
+        patching.settimeout(5)
+        answer = patching.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"retry-after: 5" in answer.lower() and b'"UNAVAILABLE"' in answer, answer
+    log = mirror.log_path.read_text()
+    assert "PATCH /v2/team/app/blobs/uploads/" in log and "cut off" in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -3,7 +3,9 @@
 - :class:`Hardening` (pure ASGI, outermost): ``X-Content-Type-Options: nosniff`` on every
   response, and a deadline on each chunk of a request body: a client that stops sending in
   the middle of an upload or a manifest for ``http.idle_timeout`` gets ``408`` and is
-  disconnected instead of holding a worker's file and connection open for ever.
+  disconnected instead of holding a worker's file and connection open for ever.  A request still
+  running when ``http.draintimeout`` is over after ``SIGTERM`` ends with one log line: a ``503`` if
+  its answer had not begun (the client retries, elsewhere), else its connection cut.
 - ``server/protocol.py``'s ``GuardedHttpToolsProtocol`` (uvicorn's ``http=``): the same deadline for the
   request head, which uvicorn does not have (a client may otherwise trickle header bytes for ever,
   the "slowloris" attack), and a cap on the size of the head.  It also offers requests zero-copy
@@ -35,6 +37,9 @@ from ..spec.endpoints import Kind, endpoint
 from ..spec.errors import APIError, error_response
 
 log = logging.getLogger(__name__)
+#: What uvicorn cancels the requests still running with once ``timeout_graceful_shutdown``
+#: (``http.draintimeout``) is over.
+DRAIN_OVER = "Task cancelled, timeout graceful shutdown exceeded"
 
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
 #: What ``server/protocol.py`` and ``server/zerocopy.py`` use of uvicorn's httptools protocol beyond its public
@@ -97,6 +102,24 @@ class Hardening:
             if started:
                 raise
             await error_response(exc, head=scope["method"] == "HEAD")(scope, receive, send_with_headers)
+        except asyncio.CancelledError as exc:
+            if exc.args != (DRAIN_OVER,):  # a cancellation like any other
+                raise
+            # The end of http.draintimeout: one line, not uvicorn's traceback; an answer not begun is a
+            # 503 the client may retry elsewhere, one begun is cut (the client sees it unfinished).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.warning("%s %s: cut off, http.draintimeout over", scope["method"], scope["path"])
+            try:
+                if started:
+                    await send({"type": "mirror.response.abort"})
+                else:
+                    await error_response(APIError("UNAVAILABLE", "the server is shutting down", status=503,
+                                                  headers={"Retry-After": "5", "Connection": "close"}),
+                                         head=scope["method"] == "HEAD")(scope, receive, send_with_headers)
+            except Exception:  # noqa: BLE001 (the connection is gone, or the protocol has no abort)
+                log.debug("%s %s: nothing more sent", scope["method"], scope["path"])
 
 
 def _stalled(path: str, method: str, timeout: float) -> APIError:

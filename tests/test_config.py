@@ -433,8 +433,7 @@ def test_a_key_of_distributions_s3_driver_says_what_to_do_instead(tmp_path: Path
     """A registry:2 configuration's s3 section carries over but for a few keys: each is named as
     distribution's, with what this mirror does instead (``secure: false`` is no typo of ``secretkey``)."""
     file = tmp_path / "config.yaml"
-    file.write_text("storage:\n  driver: s3\n  s3:\n    bucket: b\n    regionendpoint: https://s3.example\n"
-                    "    secure: false\ncache:\n  max_size: 1GiB\n")
+    file.write_text("storage:\n  driver: s3\n  s3:\n    bucket: b\n    secure: false\ncache:\n  max_size: 1GiB\n")
     with pytest.raises(ConfigError) as refused:
         load_config(file, env={})
     assert str(refused.value) == ("storage.s3.secure is a setting of distribution's s3 driver that this mirror does "
@@ -449,6 +448,10 @@ def test_a_key_of_distributions_s3_driver_says_what_to_do_instead(tmp_path: Path
     file.write_text("storage:\n  driver: s3\n  s3:\n    bucket: b\n    v4auth: true\n    secure: true\n"
                     "    encrypt: false\n    skipverify: false\ncache:\n  max_size: 1GiB\n")
     assert load_config(file, env={}).storage.s3_bucket == "b"
+    for endpoint, secure in (("http://127.0.0.1:8333", "true"), ("https://s3.example", "false")):  # the scheme decides
+        file.write_text(f"storage:\n  driver: s3\n  s3:\n    bucket: b\n    regionendpoint: {endpoint}\n"
+                        f"    secure: {secure}\ncache:\n  max_size: 1GiB\n")
+        assert load_config(file, env={}).storage.s3_regionendpoint == endpoint
 
 
 def test_mirror_upstreams_overrides_the_files_upstream_section_and_empty_is_not_set(tmp_path: Path) -> None:

@@ -119,15 +119,16 @@ def as_variable(dotted: str) -> str:
 
 
 def drop_harmless_s3(storage: MutableMapping[str, Any]) -> None:
-    """Drop ``storage.s3.v4auth: true``, ``encrypt: false``, ``skipverify: false`` and ``secure: true``
-    (with no ``http://`` endpoint) from *storage* (field names: ``s3_v4auth``...): a registry:2
-    configuration's usual values, which describe this mirror too."""
+    """Drop ``storage.s3.v4auth: true``, ``encrypt: false``, ``skipverify: false`` and ``secure`` (but
+    ``false`` without ``regionendpoint``: plain HTTP to AWS) from *storage* (field names:
+    ``s3_v4auth``...): a registry:2 configuration's usual values, which describe this mirror too
+    (with ``regionendpoint``, its scheme decides, as it does for distribution's SDK)."""
     for key, harmless in _HARMLESS_S3.items():
         if str(storage.get(f"s3_{key}", "")).strip().lower() == harmless:
             del storage[f"s3_{key}"]
-    endpoint = str(storage.get("s3_regionendpoint") or "")
-    if str(storage.get("s3_secure", "")).strip().lower() == "true" and not endpoint.startswith("http://"):
-        del storage["s3_secure"]  # HTTPS: AWS's own endpoints, or the scheme of regionendpoint
+    endpoint = str(storage.get("s3_regionendpoint") or "").strip()
+    if "s3_secure" in storage and (endpoint or str(storage["s3_secure"]).strip().lower() == "true"):
+        del storage["s3_secure"]  # the endpoint's scheme decides, as for distribution's SDK; AWS's: HTTPS
 
 
 def _instead(written: str) -> str | None:

@@ -8,6 +8,8 @@ also gets the log tails of its mirrors printed in its report.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,20 @@ from tests.support.registry import REGISTRY_BINARY, UpstreamRegistry
 #: Fixtures of the security tests (tests/test_security_*.py): a test PKI, htpasswd users, ...; a real
 #: S3 server (SeaweedFS) for the object-store driver.
 pytest_plugins = ["tests.support.security", "tests.support.seaweedfs"]
+
+
+def _free_disk() -> str:
+    where = tempfile.gettempdir()
+    return f"free disk under {where}: {shutil.disk_usage(where).free / 2**30:.1f} GiB"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """A full disk fails tests anywhere in the run with errors far from their cause: say how much is free."""
+    return f"{_free_disk()} (a full run needs about 12 GiB at its peak)"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(f"at the end, {_free_disk()}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

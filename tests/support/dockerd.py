@@ -41,13 +41,14 @@ def _unescape_mount(path: str) -> str:
 
 
 def mounts_under(*roots: Path) -> list[str]:
-    """Mount points below any of *roots*, deepest first."""
+    """Mount points at or below any of *roots*, deepest first (dockerd may mount its data root on itself)."""
     prefixes = tuple(f"{root}/" for root in roots)
+    exact = {str(root) for root in roots}
     points = []
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         for line in info:
             point = _unescape_mount(line.split()[4])
-            if point.startswith(prefixes):
+            if point in exact or point.startswith(prefixes):
                 points.append(point)
     return sorted(points, key=len, reverse=True)
 

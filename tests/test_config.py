@@ -509,3 +509,21 @@ def test_mirror_upstreams_is_written_in_json_or_as_in_the_file() -> None:
         assert [(u.registry, u.tag_ttl) for u in config.upstreams] == [("docker.io", None), ("quay.io", 60.0)]
     with pytest.raises(ConfigError, match=r"^MIRROR_UPSTREAMS is not a list of upstream mappings in JSON or YAML"):
         load_config(env={"MIRROR_UPSTREAMS": "[{registry: quay.io"})
+
+
+
+@pytest.mark.parametrize(("written", "taken"), [
+    ("https://fd00:10:244::7:5000", "https://[fd00:10:244::7]:5000"),
+    ("http://::1:5001/", "http://[::1]:5001"),
+    ("https://[fd00::7]:5000", "https://[fd00::7]:5000"),
+])
+def test_an_ipv6_address_before_a_port_is_taken_with_or_without_brackets(written: str, taken: str) -> None:
+    """Kubernetes' $(POD_IP) and ``hostname -i`` give an IPv6 address bare, and the Helm chart and the
+    cluster compose file put a port after it (RFC 3986 3.2.2 wants brackets)."""
+    assert load_config(env={"MIRROR_UPSTREAM_URL": written}).upstream.url == taken
+
+
+@pytest.mark.parametrize("written", ["http://fd00::7", "https://fd00::7:5000:x", "http://fd00::zz:5000"])
+def test_an_ipv6_address_without_brackets_or_port_is_refused_saying_how_to_write_it(written: str) -> None:
+    with pytest.raises(ConfigError, match=r"upstream.url.*brackets.*\[fd00::7\]:5000"):
+        load_config(env={"MIRROR_UPSTREAM_URL": written})

@@ -258,7 +258,7 @@ def test_credentials_in_a_url_are_refused_and_never_shown_even_with_a_slash_in_t
 
 def test_a_port_that_is_not_a_number_is_refused() -> None:
     message = refused(env={"MIRROR_UPSTREAM_URL": "https://registry.example.com:abc"})
-    assert message.endswith(": the port is not a number (set by MIRROR_UPSTREAM_URL)"), message
+    assert message.endswith(": the port is not a number from 0 to 65535 (set by MIRROR_UPSTREAM_URL)"), message
 
 
 @pytest.mark.parametrize("variable", ["MIRROR_UPSTREAM_PASSWORD_FILE", "MIRROR_STORAGE_S3_SECRETKEY_FILE",

@@ -179,6 +179,8 @@ def test_the_cluster_compose_file_is_valid_and_its_parts_agree(tmp_path: Path) -
     env["MIRROR_CLUSTER_ADVERTISE"] = f"http://10.0.0.5:{assignment[1]}"
     config = load_config(env=env)
     assert config.cluster.enabled and config.cluster.advertise == "http://10.0.0.5:5000"
+    env["MIRROR_CLUSTER_ADVERTISE"] = f"http://fd00::5:{assignment[1]}"  # hostname -i on an IPv6 network
+    assert load_config(env=env).cluster.advertise == "http://[fd00::5]:5000"
     assert set(mirror["secrets"]) == set(keys)
     assert (config.storage.driver, config.metadata.driver) == ("s3", "postgres")
     assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKCLUSTER", "sk-cluster")
@@ -428,6 +430,9 @@ def test_helm_chart_renders_valid_consistent_manifests(
         assert (config.metadata.driver, config.metadata.postgres_dsn) == ("postgres", "postgresql://m:pw@db/mirror")
     if replicas > 1:  # the pods fetch together, each advertising its own address
         assert config.cluster.enabled and config.cluster.advertise == "http://10.244.1.7:5000"
+        ipv6 = {**env, "MIRROR_CLUSTER_ADVERTISE": env["MIRROR_CLUSTER_ADVERTISE"].replace("10.244.1.7", "fd00::7")}
+        assert load_config(root / "etc/mirror/config/config.yaml", env=ipv6).cluster.advertise == \
+            "http://[fd00::7]:5000"
     else:
         assert not config.cluster.enabled
 

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+from .addresses import parse_listen, parse_url
 from .values import (
     SecretFile,
     parse_bool,
@@ -24,7 +25,6 @@ from .values import (
     parse_fraction,
     parse_int,
     parse_key_prefix,
-    parse_listen,
     parse_networks,
     parse_optional_duration,
     parse_optional_file,
@@ -39,7 +39,6 @@ from .values import (
     parse_secret_file,
     parse_size,
     parse_token_file,
-    parse_url,
     parse_user_names,
     render_size,
     setting,

@@ -14,8 +14,10 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,7 @@ from tests.support.images import (
 from tests.support.mirror import MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
-from tests.support.storecheck import mirror_cli
+from tests.support.storecheck import mirror_cli, stored_objects
 
 UNREACHABLE = "http://127.0.0.1:1"
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -452,6 +454,91 @@ def test_preloaded_tags_are_served_as_loaded_by_an_online_mirror(
         assert answer.status_code == 200 and answer.content == built.multi.manifest
         assert answer.headers["x-mirror-cache"] == "HIT"
     assert upstream.count(None, "pre-multi") == 0
+
+
+def test_a_delete_unpins_a_preloaded_image_so_the_collector_may_free_it(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client
+) -> None:
+    server = offline_mirror(env={"MIRROR_DELETE_ENABLED": "true"})
+    ok(preload(server.data_dir, built.layout))
+    pin = f"pin/docker.io/library/pre-multi@{built.multi.digest}"
+    assert pin in pins(server.data_dir)
+    server.start()
+    # By its last tag: the image is no longer kept (it stays cached, for eviction to decide).
+    assert http.delete(f"{server.url}/v2/library/pre-multi/manifests/1").status_code == 202
+    assert pin not in pins(server.data_dir)
+    ok(preload(server.data_dir, built.layout))
+    assert pin in pins(server.data_dir)
+    # By digest: forgotten with its tags, and no longer kept either.
+    assert http.delete(f"{server.url}/v2/library/pre-multi/manifests/{built.multi.digest}").status_code == 202
+    assert pin not in pins(server.data_dir)
+    assert manifest(http, server.url, "library/pre-multi", "1").status_code != 200
+    server.stop()
+    before = stored_objects(server.data_dir)
+    out = ok(mirror_cli("gc", "--data", server.data_dir, env={"MIRROR_GC_GRACE": "0s"}))
+    assert built.multi.digest not in stored_objects(server.data_dir), (out, sorted(before))
+    assert built.amd64.digest in stored_objects(server.data_dir)  # still pinned as ghcr.io/acme/tool:2
+
+
+def test_a_tag_a_later_preload_moves_unpins_the_image_it_named(built: Built, tmp_path: Path) -> None:
+    """A site that preloads a new bundle each week under the same tags keeps only the latest images."""
+    data = tmp_path / "data"
+    for week, image in enumerate([built.amd64, built.victim, built.victim]):
+        layout = tmp_path / f"week{week}"
+        write_oci_layout(layout, image, "docker.io/library/app:latest")
+        ok(preload(data, layout))
+    assert {p for p in pins(data) if "/library/app@" in p} == {f"pin/docker.io/library/app@{built.victim.digest}"}
+    # Another tag still naming the image keeps it.
+    both = tmp_path / "both"
+    write_oci_layout(both, built.amd64, "docker.io/library/app:latest")
+    write_oci_layout(both, built.amd64, "docker.io/library/app:stable")
+    ok(preload(data, both))
+    moved = tmp_path / "moved"
+    write_oci_layout(moved, built.victim, "docker.io/library/app:latest")
+    ok(preload(data, moved))
+    assert f"pin/docker.io/library/app@{built.amd64.digest}" in pins(data)
+
+
+def test_an_image_named_for_a_pushed_repository_is_refused(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """The pushed repository answers the name: a preloaded copy could never be read, and stayed pinned."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    client.push_image(server.url, "team/own", "1", built.amd64)
+    client.push_image(server.url, "solo", "1", built.amd64)
+    before = snapshot(server.data_dir)
+    for name in ["team/own:1", "docker.io/team/own:2", "solo:1", "library/solo:2"]:
+        layout = tmp_path / name.replace("/", "_").replace(":", "_")
+        write_oci_layout(layout, built.victim, name)
+        refused = preload(server.data_dir, layout)
+        assert refused.returncode == 1, refused
+        pushed = "solo" if "solo" in name else "team/own"
+        assert f"{pushed} is a repository pushed to this registry" in refused.stderr, refused.stderr
+    answer = http.post(f"{server.url}/_mirror/preload", content=pack(layout, tmp_path / "l.tar").read_bytes(),
+                       headers=bearer(token))
+    assert answer.status_code == 400 and answer.json()["errors"][0]["code"] == "DENIED", answer.text
+    assert snapshot(server.data_dir) == before
+    assert manifest(http, server.url, "team/own", "1").content == built.amd64.manifest
+
+
+def test_a_preload_upload_cut_short_by_its_client_is_a_client_error_not_a_crash(
+    built: Built, offline_mirror: Callable[..., MirrorServer], tmp_path: Path
+) -> None:
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    head = (f"POST /_mirror/preload HTTP/1.1\r\nHost: {server.address}\r\nContent-Length: 1000000\r\n"
+            f"Authorization: {bearer(token)['authorization']}\r\n\r\n").encode()
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + b"x" * 100_000)
+    deadline = time.monotonic() + 10
+    while not (entries := [e for e in server.access_entries() if e.get("path") == "/_mirror/preload"]):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.1)
+    assert entries[0]["status"] == 400, entries
+    assert "unhandled error" not in server.log_tail(200) and "Traceback" not in server.log_tail(200)
+    assert not list((server.data_dir / "tmp").glob("*preload*"))
 
 
 def test_data_directory_is_written_safely_while_the_server_runs(

@@ -124,9 +124,11 @@ async def preload(request: Request) -> Response:
                 pending, size = [], 0
         if pending:
             await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
-        registries = {u.registry for u in request.state.config.upstreams}
+        config = request.state.config
+        registries = {u.registry for u in config.upstreams}
         summary = await anyio.to_thread.run_sync(
-            lambda: preload_file(path, store, metadata, label=source, registries=registries), limiter=preload_threads())
+            lambda: preload_file(path, store, metadata, label=source, registries=registries,
+                                 default_registry=config.upstream.registry), limiter=preload_threads())
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
         raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason}, status=400) from exc

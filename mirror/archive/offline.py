@@ -135,7 +135,8 @@ def run_preload(args: argparse.Namespace) -> int:
             progress = TerminalProgress(file)
             try:
                 summary = preload_file(Path(file), store, metadata, progress, label=file,
-                                       registries={u.registry for u in config.upstreams})
+                                       registries={u.registry for u in config.upstreams},
+                                       default_registry=config.upstream.registry)
             except ArchiveError as exc:
                 print(f"mirror: preload: {file}: {exc}", file=sys.stderr)
                 failed += 1

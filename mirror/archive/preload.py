@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config.values import human
 from ..maintenance.gc import reference_lock
-from ..metadata.driver import Metadata, TagRecord
+from ..metadata.driver import Metadata, TagRecord, unpin_if_untagged
 from ..observe.progress import NoProgress, Progress
 from ..spec.reference import parse_digest
 from ..storage.driver import BlobStore
@@ -74,13 +74,21 @@ class Summary:
 # -- steps 2 and 3 --
 
 
+class NameTaken(ArchiveError):
+    """An image is named for a repository pushed to this registry, which answers that name instead."""
+
+    code = "DENIED"
+
+
 def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Progress | None = None,
                  label: str | None = None, now: Callable[[], float] = time.time,
-                 registries: Collection[str] | None = None) -> Summary:
+                 registries: Collection[str] | None = None, default_registry: str = "docker.io") -> Summary:
     """Import one archive (file or directory); raise ArchiveError and change nothing on bad input.
 
     *registries*: the upstreams' (``upstreams:``); an image named for another registry is stored all
-    the same, with a warning: no request reaches it until that registry is one of them."""
+    the same, with a warning: no request reaches it until that registry is one of them.
+    *default_registry*: the one requests without ``?ns=`` go to (``upstream.registry``): an image named
+    for a repository pushed there is refused (:class:`NameTaken`), since its name reads the pushed one."""
     progress = progress or NoProgress()
     summary = Summary(label or str(path))
     store.create()
@@ -97,6 +105,7 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
         progress.phase("reading", size)
         with open_archive(path, staging, have, progress.advance) as archive:
             images, content = plan(archive, store, summary.warnings)
+            _refuse_pushed_names(images, metadata, default_registry)
             if registries is not None:
                 summary.warnings += _unreachable(images, registries)
             staged = _stage(images, content, staging, progress, summary)
@@ -106,6 +115,18 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
     finally:
         staging.cleanup()
     return summary
+
+
+def _refuse_pushed_names(images: list[Image], metadata: Metadata, default_registry: str) -> None:
+    for image in images:
+        for name in image.names:
+            if name.registry != default_registry:
+                continue
+            paths = [name.name, name.name.removeprefix("library/")]  # library/x is read as x too
+            pushed = next((p for p in dict.fromkeys(paths) if metadata.is_local(p)), None)
+            if pushed is not None:
+                raise NameTaken(None, f"{name}: {pushed} is a repository pushed to this registry, which answers "
+                                      "that name: push the image to it instead, or delete the pushed repository")
 
 
 def _unreachable(images: list[Image], registries: Collection[str]) -> list[str]:
@@ -178,6 +199,8 @@ def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], sto
             summary.new_objects += 1
             summary.new_bytes += size
     counted: set[str] = set()
+    pinned: set[tuple[str, str]] = set()
+    moved: set[tuple[str, str]] = set()  # images a tag named before this preload moved it
     for image in images:
         for digest, (media_type, body) in image.manifests.items():
             parsed = parse_digest(digest)
@@ -196,6 +219,7 @@ def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], sto
         for name in image.names:
             metadata.link(name.repo, linked)
             metadata.pin(name.repo, image.digest)
+            pinned.add((name.repo, image.digest))
         # Tags last: until now nothing pointed at this image.
         for name in image.names:
             if name.tag is None:
@@ -205,7 +229,11 @@ def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], sto
             if record is None or record.digest != image.digest or record.media_type != image.media_type:
                 metadata.set_tag(name.repo, name.tag, TagRecord(image.digest, image.media_type, now))
                 summary.tags_changed += 1
+                if record is not None and record.digest != image.digest:
+                    moved.add((name.repo, record.digest))
         summary.images += 1
         summary.names += [str(n) for n in image.names]
         progress.image_done(str(image.names[0]))
         log.info("preloaded %s (%s)", ", ".join(map(str, image.names)), image.digest)
+    for repo, digest in moved - pinned:  # no longer kept, unless another tag names it
+        unpin_if_untagged(metadata, repo, digest)

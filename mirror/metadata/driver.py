@@ -48,6 +48,13 @@ def local_repo(name: str) -> str:
     return f"{LOCAL}/{name}"
 
 
+def unpin_if_untagged(metadata: Metadata, repo: str, digest: str) -> None:
+    """Unpin *digest* in *repo* once no tag there names it: a preloaded image's pin goes with its
+    last tag (deleted, or moved by a later preload), so eviction and the collector may free it."""
+    if metadata.is_pinned(repo, digest) and not metadata.tags_pointing_to(repo, digest):
+        metadata.unpin(repo, digest)
+
+
 class MetadataUnavailable(RuntimeError):
     """The index cannot be reached now (its database server is down, unreachable or not answering):
     nothing was read by the failed call, and a later call may succeed.  A change whose connection was

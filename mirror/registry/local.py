@@ -20,7 +20,7 @@ from typing import Any
 import anyio.to_thread
 
 from ..config.sections import Config, PushConfig
-from ..metadata.driver import LOCAL, Metadata, local_repo
+from ..metadata.driver import LOCAL, Metadata, local_repo, unpin_if_untagged
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, child_for_old_client
@@ -256,7 +256,7 @@ class LocalRegistry:
         self._check_delete()
         repo = repo if repo is not None else await self.read_repo_key(name)
         if not isinstance(reference, Digest):
-            if not await in_index_thread(self.metadata.untag, repo, reference):
+            if not await in_index_thread(self._untag, repo, reference):
                 raise APIError("MANIFEST_UNKNOWN", detail={"tag": reference})
             return
         key = str(reference)
@@ -271,8 +271,17 @@ class LocalRegistry:
             if subject:
                 self.metadata.remove_referrer(repo, subject, key)
             self.metadata.unlink(repo, key)
+            self.metadata.unpin(repo, key)  # a preloaded image: deleted, it is no longer kept
 
         await in_index_thread(forget)
+
+    def _untag(self, repo: str, tag: str) -> bool:
+        record = self.metadata.get_tag(repo, tag)
+        if not self.metadata.untag(repo, tag):
+            return False
+        if record is not None:
+            unpin_if_untagged(self.metadata, repo, record.digest)
+        return True
 
     async def delete_blob(self, name: str, digest: Digest, *, repo: str | None = None) -> None:
         self._check_delete()

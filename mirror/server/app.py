@@ -15,7 +15,7 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..api import cluster as peers, observability as observe
@@ -189,6 +189,12 @@ def create_app(config: Config) -> MirrorApp:
                                        headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
                               head=request.method == "HEAD")
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        """The client went away before the end of the body it was sending: a 400 nobody reads (for the
+        access log; not the server's fault), no traceback."""
+        log.info("%s %s: the client went away before the end of its request body", request.method, request.url.path)
+        return error_response(APIError("SIZE_INVALID", "the request body ended early: the client went away"))
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError("UNAVAILABLE", "internal error", status=500), head=request.method == "HEAD")
@@ -199,7 +205,7 @@ def create_app(config: Config) -> MirrorApp:
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,
-                            Exception: on_crash},
+                            ClientDisconnect: on_client_gone, Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
                     Middleware(observe.Observe, recorder=recorder), *_auth(config, memo)],
     )

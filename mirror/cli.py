@@ -325,22 +325,21 @@ def serve(config: Config) -> int:
         where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
         print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
         return 2
-    if config.metadata.driver == "postgres" or config.storage.driver == "s3":  # once here, not in each worker
-        try:
-            metadata = open_metadata(config.metadata, store.layout.index, config.storage)
-        except CannotOpenIndex as exc:
-            print(f"mirror: {exc}", file=sys.stderr)
-            return STARTUP_FAILED
-        try:
-            problem = bind_bucket(config.metadata, config.storage, store, metadata) \
-                or secret_problem(config.cluster, metadata)
-        except OSError as exc:
-            problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
-        finally:
-            metadata.close()
-        if problem:
-            print(f"mirror: {problem}", file=sys.stderr)
-            return 2
+    try:  # once here, not in each worker's start-up (a read-only index directory: one line, no traceback)
+        metadata = open_metadata(config.metadata, store.layout.index, config.storage)
+    except CannotOpenIndex as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    try:
+        problem = bind_bucket(config.metadata, config.storage, store, metadata) \
+            or secret_problem(config.cluster, metadata)
+    except OSError as exc:
+        problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
+    finally:
+        metadata.close()
+    if problem:
+        print(f"mirror: {problem}", file=sys.stderr)
+        return 2
     # Recorded only now that the index opened (diskcache's opens in each worker): not one a typo named.
     problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
     if problem:

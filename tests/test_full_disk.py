@@ -30,7 +30,7 @@ from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.smallfs import MIB, fill_up, free_bytes, read_only, tmpfs
-from tests.support.storecheck import fsck_clean, stored_objects
+from tests.support.storecheck import fsck_clean, mirror_cli, stored_objects
 from tests.support.waiting import wait_for
 from tests.test_faults import get_blob, get_manifest
 from tests.test_push_api import image_manifest, push_blob
@@ -375,3 +375,21 @@ def test_dockerd_pulls_and_runs_an_image_through_a_full_store(
     assert {d: upstream.count("GET", f"/blobs/{d}") for d in image.blobs} == dict.fromkeys(image.blobs, 2)
     mirror.stop()
     fsck_clean(mirror.data_dir, verify_content=False)
+
+
+def test_a_data_directory_that_is_read_only_at_start_up_is_refused_by_every_command_in_one_line(
+    mirror_factory: Callable[..., MirrorServer], tmp_path: Path
+) -> None:
+    """The index is a SQLite database the mirror writes (a store copied to read-only media, say)."""
+    mirror = mirror_factory()
+    mirror.stop()
+    dead = ["--upstream", "http://127.0.0.1:1"]
+    commands = {"serve": ["--listen", "127.0.0.1:0", *dead], "gc": [], "fsck": [],
+                "export": ["library/x:1", "-o", str(tmp_path / "x.tar"), *dead], "preload": [str(tmp_path)]}
+    with read_only(mirror.data_dir):
+        for command, args in commands.items():
+            done = mirror_cli(command, "--data", mirror.data_dir, *args, timeout=60)
+            assert done.returncode != 0, (command, done)
+            assert f"mirror: cannot open the index in {mirror.data_dir}/index: " in done.stderr, (command, done.stderr)
+            assert "writable" in done.stderr and "Traceback" not in done.stderr, (command, done.stderr)
+    fsck_clean(mirror.data_dir)

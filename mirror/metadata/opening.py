@@ -64,9 +64,15 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
                 f"{_describe(wanted)} holds the index of {_describe_store(exc.recorded)}, not of this store, "
                 f"{_describe_store(store)}: give each store a database of its own (each would take the other's "
                 "records as its own, and the collector would delete blobs the other needs)") from None
+    import sqlite3
+
     from .diskcache import DiskcacheMetadata
 
-    return DiskcacheMetadata(index)
+    try:
+        return DiskcacheMetadata(index)
+    except (sqlite3.Error, OSError) as exc:  # a read-only or full disk, a file where the directory goes...
+        raise CannotOpenIndex(f"cannot open the index in {index}: {exc}: the index is a SQLite database the "
+                              "mirror writes, so the data directory must be writable") from None
 
 
 def store_identity(storage: StorageConfig) -> dict[str, str]:

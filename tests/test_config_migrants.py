@@ -14,6 +14,7 @@ import pytest
 
 from mirror.config.load import load_config
 from mirror.config.sections import ConfigError
+from tests.support.images import build_image, random_layer, write_oci_layout
 
 #: A registry:2 proxy's config.yml as its guides write it.
 REGISTRY2 = """\
@@ -129,9 +130,35 @@ def test_a_start_on_a_registry2_storage_directory_is_refused_saying_what_to_do(t
     data = root / below if below else root
     before = sorted(p.name for p in data.iterdir())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"mirror: {data} holds a distribution registry's storage ("), done.stderr
-    assert "skopeo sync" in done.stderr
-    assert sorted(p.name for p in data.iterdir()) == before  # nothing of the mirror's written there
+    archive = tmp_path / "layout"
+    write_oci_layout(archive, build_image(tmp_path / "built", [random_layer(tmp_path / "built", 1024, 7)]), "x:1")
+    for command, args in COMMANDS_ON_A_DATA_DIRECTORY.items():  # preload and export too: they would write there
+        done = subprocess.run([sys.executable, "-m", "mirror", command, "--data", str(data), *args(archive)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.startswith(f"mirror: {data} holds a distribution registry's storage ("), done.stderr
+        assert "skopeo sync" in done.stderr
+        assert sorted(p.name for p in data.iterdir()) == before  # nothing of the mirror's written there
+
+
+COMMANDS_ON_A_DATA_DIRECTORY = {
+    "serve": lambda archive: ["--listen", "127.0.0.1:0"],
+    "preload": lambda archive: [str(archive)],
+    "export": lambda archive: ["--upstream", "http://127.0.0.1:1", "x:1", "-o", str(archive.parent / "out.tar")],
+}
+
+
+def test_an_oci_layout_named_as_the_data_directory_is_refused_saying_where_it_goes(tmp_path: Path) -> None:
+    """``mirror preload --data LAYOUT ARCHIVE`` (arguments swapped): before, the store's directories were
+    made inside the layout, then its index.json was read as the store's own record ("the index in None")."""
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, build_image(tmp_path / "built", [random_layer(tmp_path / "built", 1024, 8)]), "x:1")
+    before = sorted(p.relative_to(layout) for p in layout.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    for command, args in COMMANDS_ON_A_DATA_DIRECTORY.items():
+        done = subprocess.run([sys.executable, "-m", "mirror", command, "--data", str(layout), *args(tmp_path / "a")],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr == (f"mirror: {layout} is an OCI image layout, not a mirror's data directory: to load its "
+                               "images, name it after --data DIR (mirror preload --data DIR LAYOUT)\n"), done.stderr
+        assert sorted(p.relative_to(layout) for p in layout.rglob("*")) == before

@@ -74,8 +74,12 @@ def _open(config: Config) -> Any:
     """``(store, metadata)`` of the data directory, or None after saying why it cannot be used."""
     from ..metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
     from ..storage.driver import StoreUnavailable
+    from ..storage.layout import foreign_data_directory
     from ..storage.opening import open_blob_store
 
+    if (foreign := foreign_data_directory(config.storage.path)) is not None:
+        print(f"mirror: {foreign}", file=sys.stderr)
+        return None
     try:
         store = open_blob_store(config.storage)
         store.create()

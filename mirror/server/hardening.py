@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config.sections import Config
 from ..spec.endpoints import Kind, endpoint
 from ..spec.errors import APIError, error_response
+from ..storage.layout import foreign_data_directory
 
 log = logging.getLogger(__name__)
 #: What uvicorn cancels the requests still running with once ``timeout_graceful_shutdown``
@@ -183,7 +184,7 @@ def server_options(config: Config) -> dict[str, Any]:
 
 def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None:
     """Why the server cannot start with this TLS, auth and data configuration, or None."""
-    if (problem := _distribution_storage(config.storage.path)) is not None:
+    if (problem := foreign_data_directory(config.storage.path)) is not None:
         return problem
     http = config.http
     if http.tls_certificate is not None and http.tls_key is not None:
@@ -211,17 +212,4 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
             token_key(config, auth_key, tmp_dir)
         except (AuthError, OSError) as exc:
             return str(exc)
-    return None
-
-
-def _distribution_storage(data: Path) -> str | None:
-    """*data* a distribution registry's storage: its ``rootdirectory`` (``docker/registry/v2`` under it)
-    or a directory of that path down to ``v2``, which holds ``repositories/``.  Refused, as the mirror
-    would serve none of it while writing its own store beside it (and take its ``blobs/`` for its own).
-    A mirror's store never holds either."""
-    for v2 in (data / "docker" / "registry" / "v2", data / "registry" / "v2", data / "v2", data):
-        if (v2 / "repositories").is_dir():
-            return (f"{data} holds a distribution registry's storage ({v2.relative_to(data.parent)}), which this "
-                    "mirror does not read: start it with another --data (storage.path), then copy the images in, "
-                    "e.g. with `skopeo sync --all` from that registry serving it, or `mirror preload` of an export")
     return None

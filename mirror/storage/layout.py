@@ -294,3 +294,24 @@ def _scandir(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
         return list(os.scandir(path))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def foreign_data_directory(data: Path) -> str | None:
+    """Why *data* is another program's directory, not one for a mirror's store, or None.
+
+    * A distribution registry's storage: its ``rootdirectory`` (``docker/registry/v2`` under it) or a
+      directory of that path down to ``v2``, which holds ``repositories/``.  The mirror would serve
+      none of it while writing its own store beside it (and take its ``blobs/`` for its own).
+    * An OCI image layout (``oci-layout``, OCI image-layout spec): an archive to preload, whose
+      ``index.json`` and ``blobs/`` a store would take for its own.
+
+    A mirror's store never holds ``repositories/`` or ``oci-layout``."""
+    for v2 in (data / "docker" / "registry" / "v2", data / "registry" / "v2", data / "v2", data):
+        if (v2 / "repositories").is_dir():
+            return (f"{data} holds a distribution registry's storage ({v2.relative_to(data.parent)}), which this "
+                    "mirror does not read: start it with another --data (storage.path), then copy the images in, "
+                    "e.g. with `skopeo sync --all` from that registry serving it, or `mirror preload` of an export")
+    if (data / "oci-layout").is_file():
+        return (f"{data} is an OCI image layout, not a mirror's data directory: to load its images, name it after "
+                "--data DIR (mirror preload --data DIR LAYOUT)")
+    return None

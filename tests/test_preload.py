@@ -661,6 +661,21 @@ def test_leftovers_of_a_crashed_preload_are_removed(built: Built, tmp_path: Path
     assert not crashed.exists()
 
 
+def test_fsck_reports_and_repairs_the_staging_directory_of_a_crashed_preload(built: Built, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ok(preload(data, built.layout))
+    crashed = data / "tmp" / "stage-0123456789abcdef.d"
+    crashed.mkdir()
+    (crashed / "1").write_bytes(b"half a layer")
+    (data / "tmp" / "stage-0123456789abcdef.partial").touch()  # its lock, no longer held: its writer died
+    found = mirror_cli("fsck", "--data", data)
+    assert found.returncode == 1 and f"abandoned temp file: {crashed}" in found.stdout, found.stdout
+    repaired = mirror_cli("fsck", "--repair", "--data", data)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert not crashed.exists() and not list((data / "tmp").iterdir())
+    assert ok(mirror_cli("fsck", "--data", data)).rstrip().endswith("clean")
+
+
 def test_export_fails_clearly(tmp_path: Path) -> None:
     missing = mirror_cli("export", "--data", tmp_path / "data", "--upstream", UNREACHABLE, "nothere:1",
                          "-o", tmp_path / "x.tar")

@@ -49,6 +49,7 @@ from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject, UploadTails
 from ..storage.layout import UPLOAD_ID_RE
 from ..storage.opening import upload_tails
+from ..storage.staging import Staging
 from ..storage.verify import signed_schema1_named
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
@@ -172,10 +173,15 @@ class Fsck:
                              links=[(repo, d) for repo, d in self.metadata.all_links() if d == digest])
 
     def _temps(self) -> None:
-        for path in self.store.layout.abandoned_temps():
+        abandoned = self.store.layout.abandoned_temps()
+        for path in abandoned:
             self._found("abandoned temp file", path)
+        for lock, directory in self.store.layout.stages():  # a preload's blobs, kept alive by its lock
+            if str(lock) in abandoned or not lock.exists():
+                self._found("abandoned temp file", str(directory))
         if self.repair and any(f.kind == "abandoned temp file" for f in self.report.findings):
             self.store.sweep_tmp()
+            Staging.sweep(self.store.layout)
             for finding in self.report.findings:
                 if finding.kind == "abandoned temp file":
                     finding.repaired = True

@@ -676,6 +676,25 @@ def test_fsck_reports_and_repairs_the_staging_directory_of_a_crashed_preload(bui
     assert ok(mirror_cli("fsck", "--data", data)).rstrip().endswith("clean")
 
 
+def test_fsck_reports_a_preloaded_image_that_lost_an_object_until_it_is_preloaded_again(
+    built: Built, tmp_path: Path
+) -> None:
+    """An air-gapped mirror cannot fetch it again: before, fsck said clean and the pull failed with 503."""
+    data = tmp_path / "data"
+    ok(preload(data, built.layout))
+    lost = built.arm64.layers[1].digest  # a layer of a child of the preloaded index
+    path = stored_objects(data)[lost]
+    path.chmod(0o644)
+    path.unlink()
+    for args in (["fsck"], ["fsck", "--repair"]):
+        found = mirror_cli(*args, "--data", data)
+        assert found.returncode == 1, found.stdout + found.stderr
+        assert (f"preloaded image refers to a missing object (preload it again): docker.io/library/pre-multi@"
+                f"{built.arm64.digest} -> {lost}") in found.stdout, found.stdout
+    ok(preload(data, built.layout))
+    assert ok(mirror_cli("fsck", "--data", data)).rstrip().endswith("clean")
+
+
 def test_export_fails_clearly(tmp_path: Path) -> None:
     missing = mirror_cli("export", "--data", tmp_path / "data", "--upstream", UNREACHABLE, "nothere:1",
                          "-o", tmp_path / "x.tar")

@@ -11,7 +11,8 @@ an image in the index that needs them (pushed or cached: a truncated layer shows
 manifest is missing; manifest records and repository
 links whose object is missing; pushed images that need an object missing from the store, or not
 linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
-which a pull of it then fails on).  What an image needs: its layers (not non-distributable ones,
+which a pull of it then fails on); preloaded (pinned) images, with their child manifests, that need
+an object missing from the store, which an air-gapped mirror cannot fetch again.  What an image needs: its layers (not non-distributable ones,
 fetched from their urls), config, child manifests; not its ``subject``, which may be absent.
 
 fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object
@@ -241,6 +242,27 @@ class Fsck:
             if digest not in present and repo.startswith(LOCAL + "/") and self._missing(digest):
                 self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
         self._needs([i for i in images if i.repo.startswith(LOCAL + "/")], set(links), present)
+        self._preloaded(images, present)
+
+    def _preloaded(self, images: list[Image], present: dict[str, StoredObject]) -> None:
+        """Preloaded images (pinned, with their child manifests) that need an object missing from the
+        store: an air-gapped mirror cannot fetch it again.  Reported, never repaired (preload again)."""
+        kept = set(self.metadata.pins())
+        by_key = {(i.repo, i.digest): i for i in images}
+        todo = [by_key[key] for key in kept if key in by_key]
+        while todo:
+            image = todo.pop()
+            for digest, _ in image.needs:
+                if (child := by_key.get((image.repo, digest))) is not None and (image.repo, digest) not in kept:
+                    kept.add((image.repo, digest))
+                    todo.append(child)
+        for repo, digest in sorted(kept & by_key.keys()):
+            if digest not in present:
+                continue  # removed by a repair, with its links
+            for needed, _ in by_key[repo, digest].needs:
+                if needed not in present and self._missing(needed):
+                    self._found("preloaded image refers to a missing object (preload it again)",
+                                f"{repo}@{digest} -> {needed}")
 
     def _manifests(self, present: dict[str, StoredObject]) -> set[str]:
         """The digests of the manifest records; those whose object is missing, or of another size

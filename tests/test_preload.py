@@ -16,6 +16,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from tests.support.images import (
     sha256_digest as sha256,
     write_oci_layout,
 )
-from tests.support.mirror import MirrorServer
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import mirror_cli, stored_objects
@@ -693,6 +694,38 @@ def test_fsck_reports_a_preloaded_image_that_lost_an_object_until_it_is_preloade
                 f"{built.arm64.digest} -> {lost}") in found.stdout, found.stdout
     ok(preload(data, built.layout))
     assert ok(mirror_cli("fsck", "--data", data)).rstrip().endswith("clean")
+
+
+def test_export_to_standard_output_piped_into_a_preload_from_standard_input(built: Built, tmp_path: Path) -> None:
+    """``mirror export ... -o - | ssh airgapped mirror preload -`` and ``docker save IMAGE | mirror preload -``."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    ok(preload(source, built.layout))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    exported = subprocess.run([sys.executable, "-m", "mirror", "export", "--data", str(source), "--upstream",
+                               UNREACHABLE, "pre-multi:1", "--all-platforms", "-o", "-"],
+                              capture_output=True, env=env, timeout=120, check=False, stdin=subprocess.DEVNULL,
+                              cwd=PROJECT_ROOT)
+    assert exported.returncode == 0, exported.stderr
+    assert b"docker.io/library/pre-multi:1" in exported.stderr  # the summary: stdout is the archive
+    loaded = subprocess.run([sys.executable, "-m", "mirror", "preload", "--data", str(target), "-"],
+                            input=exported.stdout, capture_output=True, env=env, timeout=120, check=False,
+                            cwd=PROJECT_ROOT)
+    assert loaded.returncode == 0, loaded.stderr
+    assert b"1 image, 1 tag (1 new or moved)" in loaded.stdout, loaded.stdout
+    assert f"pin/docker.io/library/pre-multi@{built.multi.digest}" in pins(target)
+    assert set(stored_objects(target)) <= set(stored_objects(source))
+    assert ok(mirror_cli("fsck", "--verify-content", "--data", target)).rstrip().endswith("clean")
+
+
+def test_a_compressed_export_names_its_file_not_the_temporary_one_in_the_gzip_header(
+    built: Built, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    ok(preload(data, built.layout))
+    ok(mirror_cli("export", "--data", data, "--upstream", UNREACHABLE, "pre-multi:1", "-o", tmp_path / "b.tar.gz"))
+    header = (tmp_path / "b.tar.gz").read_bytes()[:64]
+    assert header[3] & 0x08, header  # FNAME (RFC 1952 2.3.1)
+    assert header[10:header.index(b"\0", 10)] == b"b.tar"
 
 
 def test_export_fails_clearly(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import secrets
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,21 +306,16 @@ class Exporter:
     # -- writing --
 
     def _write(self, output: Path, images: list[_Image], objects: dict[str, int]) -> None:
+        if str(output) == "-":  # standard output, as it goes (e.g. into mirror preload - on another host)
+            self._write_tar(sys.stdout.buffer, images, objects)
+            sys.stdout.buffer.flush()
+            return
         output = output.absolute()
         partial = output.with_name(f".{output.name}.{secrets.token_hex(6)}.partial")
         try:
             with open(partial, "wb") as raw:
-                # A tar stream (POSIX.1-2001 headers, mtime 0), written as it goes: nothing held in memory.
-                with _compressor(output.name, raw) as sink, tarfile.open(
-                        fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
-                    tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # (not in typeshed) a MiB at a time
-                    _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-                    tar.addfile(_entry("blobs/", tarfile.DIRTYPE))
-                    for algorithm in sorted({d.partition(":")[0] for d in objects}):
-                        tar.addfile(_entry(f"blobs/{algorithm}/", tarfile.DIRTYPE))
-                    for digest, size in objects.items():
-                        self._add_object(tar, digest, size)
-                    _add_bytes(tar, "index.json", _index_json(images))
+                with _compressor(output.name, raw) as sink:
+                    self._write_tar(sink, images, objects)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(partial, output)
@@ -327,6 +323,18 @@ class Exporter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
             raise
+
+    def _write_tar(self, sink: IO[bytes], images: list[_Image], objects: dict[str, int]) -> None:
+        """A tar stream (POSIX.1-2001 headers, mtime 0), written as it goes: nothing held in memory."""
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+            tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # (not in typeshed) a MiB at a time
+            _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            tar.addfile(_entry("blobs/", tarfile.DIRTYPE))
+            for algorithm in sorted({d.partition(":")[0] for d in objects}):
+                tar.addfile(_entry(f"blobs/{algorithm}/", tarfile.DIRTYPE))
+            for digest, size in objects.items():
+                self._add_object(tar, digest, size)
+            _add_bytes(tar, "index.json", _index_json(images))
 
     def _add_object(self, tar: tarfile.TarFile, digest: str, size: int) -> None:
         parsed = parse_digest(digest)
@@ -378,7 +386,7 @@ def _index_json(images: list[_Image]) -> bytes:
 @contextlib.contextmanager
 def _compressor(filename: str, raw: IO[bytes]) -> Any:
     if filename.endswith((".gz", ".tgz")):
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as sink:
+        with gzip.GzipFile(filename, mode="wb", compresslevel=1, mtime=0, fileobj=raw) as sink:  # named, not the temp
             yield sink
     elif filename.endswith((".zst", ".zstd")):
         import zstandard

@@ -138,7 +138,7 @@ def run_preload(args: argparse.Namespace) -> int:
         for file in args.files:
             progress = TerminalProgress(file)
             try:
-                summary = preload_file(Path(file), store, metadata, progress, label=file,
+                summary = preload_file(_input(file), store, metadata, progress, label=file,
                                        registries={u.registry for u in config.upstreams},
                                        default_registry=config.upstream.registry)
             except ArchiveError as exc:
@@ -201,14 +201,14 @@ def _preload_url(url: str, files: list[str], token: str | None = None) -> int:
             print(f"mirror: preload: {url}: {_error_message(check)}", file=sys.stderr)
             return 1
         for file in files:
-            path = Path(file)
+            path = _input(file)
             progress = TerminalProgress(file)
             try:
                 if path.is_dir():
                     progress.phase("uploading", None)
                     body: Iterator[bytes] = _tar_directory(path, progress)
-                elif path.is_file():
-                    progress.phase("uploading", path.stat().st_size)
+                elif path.is_file() or file == "-":
+                    progress.phase("uploading", path.stat().st_size if path.is_file() else None)
                     body = _file_chunks(path, progress)
                 else:
                     print(f"mirror: preload: {file}: no such file or directory", file=sys.stderr)
@@ -245,6 +245,11 @@ def _error_message(response: Any) -> str:
         return str(errors[0]["message"])
     except (ValueError, KeyError, IndexError, TypeError):
         return f"the mirror answered {response.status_code}: {response.text[:200]}"
+
+
+def _input(file: str) -> Path:
+    """An archive named on the command line: ``-`` is standard input (``docker save IMAGE | mirror preload -``)."""
+    return Path("/dev/stdin") if file == "-" else Path(file)
 
 
 def _file_chunks(path: Path, progress: TerminalProgress) -> Iterator[bytes]:
@@ -332,9 +337,10 @@ def run_export(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         metadata.close()
-    print(summary.describe())
+    out = sys.stderr if args.output == "-" else sys.stdout  # "-": the archive itself is on stdout
+    print(summary.describe(), file=out)
     for name in summary.images:
-        print(f"  {name}")
+        print(f"  {name}", file=out)
     return 0
 
 
@@ -358,7 +364,8 @@ def add_parsers(commands: Any) -> None:
                                                               "operator token (default: admin.token_file of the "
                                                               "config, or MIRROR_ADMIN_TOKEN_FILE)")
     preload.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
-    preload.add_argument("files", nargs="+", metavar="FILE", help="archive file or OCI layout directory")
+    preload.add_argument("files", nargs="+", metavar="FILE", help="archive file or OCI layout directory; - reads "
+                                                                  "a (compressed) tar from standard input")
 
     export = commands.add_parser("export", help="write images into one OCI archive", description=(
         "Write images (their indexes, manifests, configs and layers, byte for byte) from the store into one OCI "
@@ -369,7 +376,8 @@ def add_parsers(commands: Any) -> None:
         "FILE ending in .gz or .zst is compressed."))
     export.add_argument("images", nargs="*", metavar="IMAGE", help="image reference, e.g. alpine:3.20, "
                                                                    "ghcr.io/org/app:1, name@sha256:...")
-    export.add_argument("-o", "--output", required=True, metavar="FILE", help="archive to write (replaced whole)")
+    export.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="archive to write (replaced whole); -: an uncompressed tar to standard output")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
                        help="only this platform of multi-platform images (repeatable)")

@@ -12,8 +12,9 @@ manifest is missing; manifest records and repository
 links whose object is missing; pushed images that need an object missing from the store, or not
 linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
 which a pull of it then fails on); preloaded (pinned) images, with their child manifests, that need
-an object missing from the store, which an air-gapped mirror cannot fetch again.  What an image needs: its layers (not non-distributable ones,
-fetched from their urls), config, child manifests; not its ``subject``, which may be absent.
+an object missing from the store, which an air-gapped mirror cannot fetch again.  What an image
+needs: its layers (not non-distributable ones, fetched from their urls), config, child manifests;
+not its ``subject``, which may be absent.
 
 fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object
 stored in between (a push, a fill) is looked up again before a record, link or tag of it is called

@@ -121,6 +121,33 @@ def test_a_token_request_that_fails_is_an_upstream_failure(
     assert_store_sound(mirror.data_dir, {cached.digest, uncached.digest, blob})
 
 
+def test_a_token_realm_that_does_not_answer_is_given_up_after_the_read_timeout(
+    hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer],
+    upstream: UpstreamRegistry, tmp_path: Path, http: httpx.Client,
+) -> None:
+    """Before, the token request had no timeout: a stalled realm held a cold pull for as long as it stalled."""
+    name = f"realm/{uuid.uuid4().hex[:8]}"
+    cached, uncached = own_images(tmp_path, 2)
+    upstream.push_image(name, "cached", cached)
+    upstream.push_image(name, "uncached", uncached)
+    hub = hub_factory()
+    with FaultProxy(hub.auth_url) as realm:
+        hub.realm_url = realm.url
+        mirror = mirror_factory(hub.url, env={**ENV, "MIRROR_UPSTREAM_READ_TIMEOUT": "2s"})
+        base = f"{mirror.url}/v2/{name}"
+        assert http.get(f"{base}/manifests/cached", headers=ACCEPT).status_code == 200
+        hub.revoke_tokens()
+        realm.add("late", "/token", delay=60)
+        time.sleep(TTL + 0.1)
+        started = time.monotonic()
+        answer = http.get(f"{base}/manifests/uncached", headers=ACCEPT, timeout=60)
+        assert answer.status_code == 503 and api_error(answer) == "UNAVAILABLE", answer.text
+        assert answer.headers.get("retry-after"), answer.headers
+        assert time.monotonic() - started < 15, time.monotonic() - started
+        stale = http.get(f"{base}/manifests/cached", headers=ACCEPT, timeout=60)
+        assert (stale.status_code, stale.headers.get("x-mirror-cache")) == (200, "STALE"), stale.text
+
+
 def test_a_registry_under_a_path_prefix_sends_cached_tokens_and_renews_refused_ones(
     hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer],
     upstream: UpstreamRegistry, tmp_path: Path, http: httpx.Client,

@@ -133,7 +133,7 @@ class RegistryAuth(httpx.Auth):
                 self._drop(sent)
             token = self._cached(key)  # another request may have fetched a new one meanwhile
             if token is None:
-                token_request = self._token_request(params, request.url)
+                token_request = self._token_request(params, request)
                 if token_request is None:
                     return
                 token_response = yield token_request
@@ -146,7 +146,10 @@ class RegistryAuth(httpx.Auth):
         if response.status_code == 401 and same_origin(response.request.url, request.url):
             self._drop(token)  # refused too: the next request asks the realm again
 
-    def _token_request(self, params: dict[str, str], registry: httpx.URL) -> httpx.Request | None:
+    def _token_request(self, params: dict[str, str], original: httpx.Request) -> httpx.Request | None:
+        """The realm's token request for the challenge *params* of *original*, with its timeouts
+        (``upstream.connect_timeout`` / ``read_timeout``): a bare request would wait for ever."""
+        registry = original.url
         try:
             realm = httpx.URL(params["realm"])
         except httpx.InvalidURL:
@@ -159,7 +162,8 @@ class RegistryAuth(httpx.Auth):
             return None
         query = {k: v for k, v in params.items() if k in {"service", "scope"}}
         request = httpx.Request("GET", realm.copy_merge_params(query),
-                                headers={"Accept-Encoding": ACCEPT_ENCODING})  # a client's default is none
+                                headers={"Accept-Encoding": ACCEPT_ENCODING},  # a client's default is none
+                                extensions={"timeout": original.extensions.get("timeout", {})})
         if self._basic is not None:
             request.headers["Authorization"] = self._basic
         return request

@@ -707,8 +707,11 @@ def test_hub_rate_limit_429_when_uncached_cached_copy_otherwise(
 
     limited = get_manifest(mirror, "multi", "1")
     assert (limited.status_code, api_error(limited)) == (429, "TOOMANYREQUESTS")
+    # Docker Hub's 429 names no wait: the client is told the mirror's own (README, "Upstream failures").
+    assert limited.headers.get("retry-after") == "10", limited.headers
     limited = get_manifest(mirror, "small", images.small.layers[0].digest)  # uncached digest
     assert (limited.status_code, api_error(limited)) == (429, "TOOMANYREQUESTS")
+    assert limited.headers.get("retry-after") == "10", limited.headers
 
     past_ttl(fetched)
     upstream.push_image(name, "1", new)  # the tag moves while the pull limit is spent

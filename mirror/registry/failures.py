@@ -21,8 +21,8 @@ def api_error(exc: UpstreamError, not_found: str) -> APIError:
         code = exc.code if exc.code in {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} else not_found
         return APIError(code)
     if isinstance(exc, UpstreamRateLimited):
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else {}
-        return APIError("TOOMANYREQUESTS", "upstream rate limit reached and no cached copy", headers=headers)
+        return APIError("TOOMANYREQUESTS", "upstream rate limit reached and no cached copy",
+                        headers={"Retry-After": exc.retry_after or str(UPSTREAM_RETRY_AFTER)})
     if isinstance(exc, UpstreamDenied):
         return APIError("NAME_UNKNOWN", detail="upstream refused access: the repository does not exist "
                                                "or needs credentials")

@@ -269,6 +269,27 @@ def test_pins(index: Metadata) -> None:
     assert index.unpin(REPO, D1) and index.pins() == [("local/team/app", D2)]
 
 
+def test_a_pin_made_under_a_tag_is_taken_back_by_unpin_tagged_only_while_every_pin_of_it_was(
+    index: Metadata,
+) -> None:
+    """A preload under a tag pins ``tagged``: the pin goes with the image's last tag.  A user's pin (the
+    web UI) or a preload by digest is for good, whichever came first."""
+    index.pin(REPO, D1, tagged=True)
+    assert index.pins(tagged=True) == [(REPO, D1)] and index.unpin_tagged(REPO, D1)
+    assert not index.is_pinned(REPO, D1) and index.pins() == [] and not index.unpin_tagged(REPO, D1)
+    index.pin(REPO, D1, tagged=True)
+    index.pin(REPO, D1)  # then pinned by a user
+    index.pin(REPO, D2)
+    index.pin(REPO, D2, tagged=True)  # then preloaded under a tag
+    assert index.pins(tagged=True) == [] and sorted(index.pins()) == sorted([(REPO, D1), (REPO, D2)])
+    assert not index.unpin_tagged(REPO, D1) and not index.unpin_tagged(REPO, D2)
+    assert index.is_pinned(REPO, D1) and index.is_pinned(REPO, D2)
+    index.pin("local/team/app", D1, tagged=True)
+    assert index.unpin("local/team/app", D1)  # unpin takes back any pin, and its kind with it
+    index.pin("local/team/app", D1)
+    assert not index.unpin_tagged("local/team/app", D1) and index.is_pinned("local/team/app", D1)
+
+
 def test_uploads(index: Metadata) -> None:
     uuids = ["0f6f3a0e-6a51-4f7b-9bd2-4f0b0f1bd3a1", "a4c2d7b4-1d61-4c4c-8a0e-0e6f4f9c3b22"]
     assert index.get_upload(uuids[0]) is None and index.upload_ids() == []

@@ -498,6 +498,16 @@ def test_a_tag_a_later_preload_moves_unpins_the_image_it_named(built: Built, tmp
     write_oci_layout(moved, built.victim, "docker.io/library/app:latest")
     ok(preload(data, moved))
     assert f"pin/docker.io/library/app@{built.amd64.digest}" in pins(data)
+    # An image preloaded by digest is kept for good (manifests may name it so), whatever its tags do.
+    by_digest = tmp_path / "by-digest"
+    write_oci_layout(by_digest, built.arm64, f"docker.io/library/app@{built.arm64.digest}")
+    tagged = tmp_path / "tagged"
+    write_oci_layout(tagged, built.arm64, "docker.io/library/app:arm")
+    retagged = tmp_path / "retagged"
+    write_oci_layout(retagged, built.victim, "docker.io/library/app:arm")
+    for layout in (by_digest, tagged, retagged):
+        ok(preload(data, layout))
+    assert f"pin/docker.io/library/app@{built.arm64.digest}" in pins(data)
 
 
 def test_an_image_named_for_a_pushed_repository_is_refused(
@@ -726,6 +736,18 @@ def test_a_compressed_export_names_its_file_not_the_temporary_one_in_the_gzip_he
     header = (tmp_path / "b.tar.gz").read_bytes()[:64]
     assert header[3] & 0x08, header  # FNAME (RFC 1952 2.3.1)
     assert header[10:header.index(b"\0", 10)] == b"b.tar"
+
+
+def test_a_store_preloaded_from_an_export_of_some_platforms_passes_fsck(built: Built, tmp_path: Path) -> None:
+    """The export keeps the whole index, which names manifests the archive does not hold: not missing."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    ok(preload(source, built.layout))
+    bundle = tmp_path / "amd64.tar"
+    ok(mirror_cli("export", "--data", source, "--upstream", UNREACHABLE, "pre-multi:1", "--platform", "linux/amd64",
+                  "-o", bundle))
+    ok(preload(target, bundle))
+    assert built.arm64.digest not in stored_objects(target)
+    assert ok(mirror_cli("fsck", "--data", target)).rstrip().endswith("clean")
 
 
 def test_export_fails_clearly(tmp_path: Path) -> None:

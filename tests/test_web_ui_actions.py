@@ -194,3 +194,21 @@ def test_without_users_the_ui_only_reads(mirror: MirrorServer, http: httpx.Clien
     assert confirm.status_code == 403
     done = http.post(f"{mirror.url}/ui/actions/delete", data={"name": "team/app", "reference": "1", "token": "1.a"})
     assert done.status_code == 403 and manifest_status(http, mirror, "team/app", "1") == 200
+
+
+def test_a_pin_made_in_the_web_ui_outlives_a_delete_of_the_images_last_tag(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path, http: httpx.Client, images: StandardImages
+) -> None:
+    """Only a preload's pin under a tag goes with the tag; a user's pin is kept until it is unpinned."""
+    server = mirror_factory(env={**auth_env(htpasswd, anonymous_pull=True), "MIRROR_DELETE_ENABLED": "true"})
+    pull_checked(http, server.url, "library/small", "1", images.small)
+    digest = images.small.digest
+    fields = form(http.get(f"{server.url}/ui/actions/pin", params={"name": "library/small", "reference": digest},
+                           headers=ALICE))
+    assert http.post(f"{server.url}/ui/actions/pin", data=fields, headers=ALICE).status_code == 200
+    assert http.delete(f"{server.url}/v2/library/small/manifests/1", headers=ALICE).status_code == 202
+    metadata = DiskcacheMetadata(Layout(server.data_dir).index)
+    try:
+        assert metadata.pins() == [("docker.io/library/small", digest)]
+    finally:
+        metadata.close()

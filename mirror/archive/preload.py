@@ -218,7 +218,7 @@ def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], sto
         linked = [*image.manifests, *image.blobs]
         for name in image.names:
             metadata.link(name.repo, linked)
-            metadata.pin(name.repo, image.digest)
+            metadata.pin(name.repo, image.digest, tagged=name.tag is not None)  # by digest: for good
             pinned.add((name.repo, image.digest))
         # Tags last: until now nothing pointed at this image.
         for name in image.names:

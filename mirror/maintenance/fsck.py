@@ -45,7 +45,15 @@ from functools import partial
 from ..metadata.driver import LOCAL, Metadata
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
-from ..spec.manifest import MAX_MANIFEST_BYTES, SCHEMA1, SCHEMA1_SIGNED, is_nondistributable, references
+from ..spec.manifest import (
+    INDEX_TYPES,
+    MAX_MANIFEST_BYTES,
+    SCHEMA1,
+    SCHEMA1_SIGNED,
+    detect_media_type,
+    is_nondistributable,
+    references,
+)
 from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject, UploadTails
@@ -94,6 +102,7 @@ class Image:
     repo: str
     digest: str
     needs: tuple[tuple[str, int], ...]
+    index: bool = False  # an image index (or manifest list): what it needs are manifests
 
 
 class Fsck:
@@ -226,7 +235,8 @@ class Fsck:
                     if self.repair and digest in self._dropped:
                         del present[digest]
                 if (body := bodies[digest]) is not None:
-                    images.append(Image(repo, digest, _needed(body, digest)))
+                    images.append(Image(repo, digest, _needed(body, digest),
+                                        detect_media_type(body, "") in INDEX_TYPES))
         self._descriptor_sizes(images, present)
         for repo, tag, record in self.metadata.all_tags():
             self.report.tags += 1
@@ -246,24 +256,22 @@ class Fsck:
         self._preloaded(images, present)
 
     def _preloaded(self, images: list[Image], present: dict[str, StoredObject]) -> None:
-        """Preloaded images (pinned, with their child manifests) that need an object missing from the
-        store: an air-gapped mirror cannot fetch it again.  Reported, never repaired (preload again)."""
-        kept = set(self.metadata.pins())
+        """Images preloaded under a tag (and their child manifests) lacking a layer or config an air-gapped
+        mirror cannot fetch again (not an index's children: an export of some platforms keeps them all)."""
+        kept = set(self.metadata.pins(tagged=True))
         by_key = {(i.repo, i.digest): i for i in images}
         todo = [by_key[key] for key in kept if key in by_key]
-        while todo:
+        while todo:  # the child manifests of the pinned indexes
             image = todo.pop()
-            for digest, _ in image.needs:
-                if (child := by_key.get((image.repo, digest))) is not None and (image.repo, digest) not in kept:
-                    kept.add((image.repo, digest))
-                    todo.append(child)
-        for repo, digest in sorted(kept & by_key.keys()):
-            if digest not in present:
-                continue  # removed by a repair, with its links
-            for needed, _ in by_key[repo, digest].needs:
+            children = [by_key[image.repo, d] for d, _ in image.needs
+                        if (image.repo, d) in by_key and (image.repo, d) not in kept]
+            kept.update((child.repo, child.digest) for child in children)
+            todo += children
+        for image in [by_key[key] for key in sorted(kept & by_key.keys()) if key[1] in present]:
+            for needed, _ in () if image.index else image.needs:  # (not one a repair removed)
                 if needed not in present and self._missing(needed):
                     self._found("preloaded image refers to a missing object (preload it again)",
-                                f"{repo}@{digest} -> {needed}")
+                                f"{image.repo}@{image.digest} -> {needed}")
 
     def _manifests(self, present: dict[str, StoredObject]) -> set[str]:
         """The digests of the manifest records; those whose object is missing, or of another size

@@ -17,6 +17,7 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
 * ``foreign/<digest>``        -> tuple of the ``urls`` a cached manifest gave a non-distributable layer
 * ``pin/<repo>@<digest>``     -> pinned-at: a preloaded manifest root (tagged manifest or index) that
   eviction and garbage collection must keep, with everything it references
+* ``pin-tagged/<repo>@<digest>`` -> True: that pin goes with the image's last tag (a preload under a tag)
 * ``access/<repo>@<digest>``  -> when a manifest was last served for that repository (batched writes)
 * ``usage``                   -> bytes in the store (adjusted on every commit, recounted by the collector)
 * ``held``                    -> {reason: bytes} that kept the store above its eviction target at the
@@ -282,19 +283,31 @@ class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
 
     # -- pins --
 
-    def pin(self, repo: str, digest: str, now: float | None = None) -> None:
-        key = f"pin/{repo}@{digest}"
-        if key not in self._cache:
-            self._cache.set(key, time.time() if now is None else now)
+    def pin(self, repo: str, digest: str, now: float | None = None, *, tagged: bool = False) -> None:
+        key, kind = f"pin/{repo}@{digest}", f"pin-tagged/{repo}@{digest}"
+        with self._cache.transact():
+            if key not in self._cache:
+                self._cache.set(key, time.time() if now is None else now)
+                if tagged:
+                    self._cache.set(kind, True)
+            elif not tagged:
+                self._cache.delete(kind)
 
     def unpin(self, repo: str, digest: str) -> bool:
-        return bool(self._cache.delete(f"pin/{repo}@{digest}"))
+        with self._cache.transact():
+            self._cache.delete(f"pin-tagged/{repo}@{digest}")
+            return bool(self._cache.delete(f"pin/{repo}@{digest}"))
+
+    def unpin_tagged(self, repo: str, digest: str) -> bool:
+        with self._cache.transact():
+            return bool(self._cache.delete(f"pin-tagged/{repo}@{digest}")) and self.unpin(repo, digest)
 
     def is_pinned(self, repo: str, digest: str) -> bool:
         return f"pin/{repo}@{digest}" in self._cache
 
-    def pins(self) -> list[tuple[str, str]]:
-        return [_split(key, "pin/") for key in self._keys("pin/")]
+    def pins(self, *, tagged: bool = False) -> list[tuple[str, str]]:
+        prefix = "pin-tagged/" if tagged else "pin/"
+        return [_split(key, prefix) for key in self._keys(prefix)]
 
     # -- non-distributable layers --
 

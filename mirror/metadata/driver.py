@@ -49,10 +49,11 @@ def local_repo(name: str) -> str:
 
 
 def unpin_if_untagged(metadata: Metadata, repo: str, digest: str) -> None:
-    """Unpin *digest* in *repo* once no tag there names it: a preloaded image's pin goes with its
-    last tag (deleted, or moved by a later preload), so eviction and the collector may free it."""
+    """Unpin *digest* in *repo* once no tag there names it, if its pin is one that goes with its last
+    tag (``pin(tagged=True)``: a preload under a tag, deleted or moved by a later preload), so eviction
+    and the collector may free it.  A pin of a user's, or of a preload by digest, stays."""
     if metadata.is_pinned(repo, digest) and not metadata.tags_pointing_to(repo, digest):
-        metadata.unpin(repo, digest)
+        metadata.unpin_tagged(repo, digest)
 
 
 class MetadataUnavailable(RuntimeError):
@@ -247,16 +248,22 @@ class ReferrerIndex(Protocol):
 
 
 class PinIndex(Protocol):
-    def pin(self, repo: str, digest: str, now: float | None = None) -> None:
-        """Keep a manifest root (and what it references) in *repo* whatever eviction and GC decide."""
+    def pin(self, repo: str, digest: str, now: float | None = None, *, tagged: bool = False) -> None:
+        """Keep a manifest root (and what it references) in *repo* whatever eviction and GC decide.
+        *tagged*: until its last tag goes (:meth:`unpin_tagged`); a pin stays *tagged* only while
+        every pin of it was."""
         ...
 
     def unpin(self, repo: str, digest: str) -> bool: ...
 
+    def unpin_tagged(self, repo: str, digest: str) -> bool:
+        """Unpin *digest* in *repo* if its pin is *tagged*; whether it was."""
+        ...
+
     def is_pinned(self, repo: str, digest: str) -> bool: ...
 
-    def pins(self) -> list[tuple[str, str]]:
-        """Every pinned ``(repo, digest)``."""
+    def pins(self, *, tagged: bool = False) -> list[tuple[str, str]]:
+        """Every pinned ``(repo, digest)``; only the *tagged* ones if asked."""
         ...
 
 

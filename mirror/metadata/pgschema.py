@@ -87,6 +87,8 @@ MIGRATIONS: tuple[str, ...] = (
     " PRIMARY KEY (digest, holder));",
     # A push upload's tail kept in the bucket by the replicas of a cluster, and its last write (UploadRecord).
     "ALTER TABLE uploads ADD COLUMN tail bigint NOT NULL DEFAULT 0, ADD COLUMN written_at double precision;",
+    # A pin that goes with its image's last tag (pgpins.py); those made before were all kept for good.
+    "ALTER TABLE pins ADD COLUMN tagged boolean NOT NULL DEFAULT false;",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -36,6 +36,7 @@ from psycopg_pool import ConnectionPool
 
 from .driver import Lease, Metadata, TagRecord, UploadRecord, local_repo
 from .pgmarks import NOW as _NOW, PostgresMarks
+from .pgpins import PostgresPins
 from .pgremembered import Remembered
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
 from .pgwatch import ServerWatch
@@ -55,7 +56,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
+class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),
@@ -265,21 +266,6 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, Metadata):
     def referrers_api(self, registry: str) -> bool | None:
         row = self._one("SELECT present FROM referrers_api WHERE registry = %s", (registry,))
         return None if row is None else bool(row[0])
-
-    # -- pins --
-
-    def pin(self, repo: str, digest: str, now: float | None = None) -> None:
-        self._one("INSERT INTO pins VALUES (%s, %s, coalesce(%s::float8, extract(epoch from now())::float8))"
-                  " ON CONFLICT DO NOTHING RETURNING 1", (repo, digest, now))
-
-    def unpin(self, repo: str, digest: str) -> bool:
-        return self._one("DELETE FROM pins WHERE repo = %s AND digest = %s RETURNING 1", (repo, digest)) is not None
-
-    def is_pinned(self, repo: str, digest: str) -> bool:
-        return self._one("SELECT 1 FROM pins WHERE repo = %s AND digest = %s", (repo, digest)) is not None
-
-    def pins(self) -> list[tuple[str, str]]:
-        return [(repo, digest) for repo, digest in self._all("SELECT repo, digest FROM pins")]
 
     # -- non-distributable layers --
 

@@ -653,6 +653,25 @@ def test_hub_one_token_per_scope_and_cdn_never_sees_authorization(
     assert not hub.cdn_saw_authorization
 
 
+def test_a_cdn_url_refused_after_the_redirect_is_asked_for_again_never_answered_as_a_missing_repository(
+    hub: HubEmulator, mirror_factory: Callable[..., MirrorServer], images: StandardImages
+) -> None:
+    """A signed CDN URL that expired on its way gets 403 from the CDN: not the registry refusing the
+    repository (before, the client got 404 NAME_UNKNOWN, and dockerd went around the mirror)."""
+    mirror = mirror_factory(hub.url, env=ENV)
+    layer, other = images.small.layers[1], images.small.layers[0]
+    hub.expired_redirects = 1
+    answer = httpx.get(f"{mirror.url}/v2/small/blobs/{layer.digest}", trust_env=False, timeout=30.0)
+    assert (answer.status_code, sha256(answer.content)) == (200, layer.digest)
+    assert [r.status for r in hub.cdn_requests()] == [403, 200]
+    hub.clear_counts()
+    hub.expired_redirects = 100  # every new URL refused: the retries are spent
+    answer = httpx.get(f"{mirror.url}/v2/small/blobs/{other.digest}", trust_env=False, timeout=30.0)
+    assert (answer.status_code, api_error(answer)) == (503, "UNAVAILABLE"), answer.text
+    assert answer.headers.get("retry-after"), answer.headers
+    assert [r.status for r in hub.cdn_requests()] == [403] * (RETRIES + 1)
+
+
 def test_hub_credentials_go_to_the_token_server_only(
     hub_factory: Callable[..., HubEmulator], mirror_factory: Callable[..., MirrorServer], images: StandardImages
 ) -> None:

@@ -1,11 +1,14 @@
 """What the upstream client hands back: a manifest's HEAD, a verified manifest, a referrers list
 and a blob body being received; and whether a 404 is the registry's own answer.
 
-Imports ``codings`` (identity lengths), ``rawbody``, ``drain`` and ``reference`` only.
+Also the error tree's (``errors.py``) member for an answer that is not a success (:func:`upstream_error`).
+Imports ``codings`` (identity lengths), ``rawbody``, ``drain``, ``errors`` and ``reference`` only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,18 @@ import httpx
 from ..spec.reference import Digest
 from .codings import identity_length
 from .drain import Drain, drainable
+from .errors import (
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from .rawbody import raw_body
+
+#: Most bytes of an error answer's body read for its error code.
+MAX_ERROR_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -122,3 +136,53 @@ def registry_not_found(response: httpx.Response) -> bool:
 def media_type_of(content_type: str | None) -> str:
     """The media type of a ``Content-Type`` value, lower case, without its parameters ("" for none)."""
     return (content_type or "").split(";")[0].strip().lower()
+
+
+async def upstream_error(method: str, path: str, response: httpx.Response) -> UpstreamError:
+    """The failure a non-2xx *response* to ``method path`` means, with its error code (OCI distribution
+    spec, "Error Codes") when its body has one."""
+    status = response.status_code
+    code = None
+    if method != "HEAD":
+        try:
+            body = response.content[:MAX_ERROR_BYTES]  # already read (a non-streaming request)
+        except httpx.ResponseNotRead:
+            body = b""
+            with contextlib.suppress(httpx.DecodingError):
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ERROR_BYTES:
+                        break
+        try:
+            code = json.loads(body)["errors"][0]["code"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            code = None
+    message = f"{method} {path}: upstream answered {status}"
+    kind: type[UpstreamError]
+    if status == 429:
+        kind = UpstreamRateLimited
+    elif status == 404 and not registry_not_found(response):
+        kind = UpstreamInvalid
+        page = media_type_of(response.headers.get("content-type"))
+        message += f" with a web page ({page}), not a registry's answer"
+    elif status == 404:
+        kind = UpstreamNotFound
+    elif refused_redirect(response):  # a blob's signed CDN URL that expired on its way: not the registry's
+        kind = UpstreamUnavailable
+        message += f" from {response.url.host}, where the registry redirected it"
+    elif status in (401, 403):
+        kind = UpstreamDenied
+    elif status >= 500:
+        kind = UpstreamUnavailable
+    else:
+        kind = UpstreamInvalid
+    return kind(message, status, code if isinstance(code, str) else None, response.headers.get("retry-after"))
+
+
+def refused_redirect(response: httpx.Response) -> bool:
+    """A 401/403 from another origin the registry redirected to (a blob's signed CDN URL, expired or
+    refused): asking the registry again gets a new URL, unlike the registry's own refusal."""
+    if response.status_code not in (401, 403) or not response.history:
+        return False
+    first, last = response.history[0].url, response.url
+    return (first.scheme, first.host, first.port) != (last.scheme, last.host, last.port)

@@ -18,8 +18,6 @@ Imports the ``upstream_*`` modules, ``codings``, ``httpcore_reads``, ``config``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 import urllib.request
@@ -42,7 +40,7 @@ from ..spec.manifest import (
     registry_digest,
 )
 from ..spec.reference import Digest, ParseError, parse_digest
-from .answers import BlobDownload, Manifest, ManifestHead, Referrers, media_type_of, registry_not_found
+from .answers import BlobDownload, Manifest, ManifestHead, Referrers, media_type_of, refused_redirect, upstream_error
 from .auth import RegistryAuth
 from .codings import ACCEPT_ENCODING, SUPPORTED_CODINGS, content_codings, identity_length, primed, unalias_codings
 from .errors import (
@@ -59,7 +57,6 @@ from .reads import larger_reads
 
 log = logging.getLogger("mirror.upstream.client")
 
-MAX_ERROR_BYTES = 64 << 10
 RETRY_STATUSES = {502, 503, 504}
 #: Pages of an upstream tag list followed for one listing (50 tags a page: 10,000 tags).
 MAX_TAG_PAGES = 200
@@ -141,7 +138,7 @@ class Upstream:
                 raise self._failed(UpstreamUnavailable(f"{method} {shown}: {type(exc).__name__}: {exc}")) from exc
             self.metrics.upstream_response(self.config.registry, method, response.status_code,
                                            time.monotonic() - started, response.headers)
-            if response.status_code in RETRY_STATUSES and attempt < limit:
+            if (response.status_code in RETRY_STATUSES or refused_redirect(response)) and attempt < limit:
                 await response.aclose()
                 attempt += 1
                 await asyncio.sleep(0.1 * 3 ** (attempt - 1))
@@ -155,7 +152,7 @@ class Upstream:
                         f"which the mirror cannot decode (it asks for {ACCEPT_ENCODING})"))
                 return response
             try:
-                raise self._failed(await self._error(method, shown, response))
+                raise self._failed(await upstream_error(method, shown, response))
             finally:
                 await response.aclose()
 
@@ -171,41 +168,6 @@ class Upstream:
                       "server_error" if error.status else "unreachable")
             self.metrics.upstream_error(self.config.registry, reason)
         return error
-
-    async def _error(self, method: str, path: str, response: httpx.Response) -> UpstreamError:
-        status = response.status_code
-        code = None
-        if method != "HEAD":
-            try:
-                body = response.content[:MAX_ERROR_BYTES]  # already read (a non-streaming request)
-            except httpx.ResponseNotRead:
-                body = b""
-                with contextlib.suppress(httpx.DecodingError):
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > MAX_ERROR_BYTES:
-                            break
-            try:
-                code = json.loads(body)["errors"][0]["code"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                code = None
-        message = f"{method} {path}: upstream answered {status}"
-        kind: type[UpstreamError]
-        if status == 429:
-            kind = UpstreamRateLimited
-        elif status == 404 and not registry_not_found(response):
-            kind = UpstreamInvalid
-            page = media_type_of(response.headers.get("content-type"))
-            message += f" with a web page ({page}), not a registry's answer"
-        elif status == 404:
-            kind = UpstreamNotFound
-        elif status in (401, 403):
-            kind = UpstreamDenied
-        elif status >= 500:
-            kind = UpstreamUnavailable
-        else:
-            kind = UpstreamInvalid
-        return kind(message, status, code if isinstance(code, str) else None, response.headers.get("retry-after"))
 
     # -- the read API --
 
@@ -397,4 +359,3 @@ class Upstream:
             if url is None:
                 return Referrers(found, filtered and artifact_type is not None)
         raise UpstreamInvalid(f"referrers of {name}@{digest} has more than {MAX_REFERRER_PAGES} pages")
-

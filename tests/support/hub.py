@@ -137,6 +137,9 @@ class HubEmulator(Service):
         self.manifest_limit = manifest_limit
         self.token_ttl = token_ttl
         self.cdn_url_ttl = cdn_url_ttl
+        #: The next this many blob redirects name a CDN URL that has expired already (as one that
+        #: expires between the redirect and its fetch): the CDN refuses it with 403.
+        self.expired_redirects = 0
         #: Repositories the token server grants no access to (Docker Hub's answer for a missing one).
         self.hidden: set[str] = set()
         #: Base URL the challenges name as the realm's (None: :attr:`auth_url`), e.g. a fault proxy's.
@@ -370,6 +373,10 @@ class HubEmulator(Service):
         if probe.status_code != 200:
             return await self._forward(request, {})
         expires = int(time.time()) + self.cdn_url_ttl
+        with self._lock:
+            if self.expired_redirects > 0:
+                self.expired_redirects -= 1
+                expires = int(time.time()) - 1
         location = (f"{self.cdn_url}/registry-v2/{name}/blobs/{digest}"
                     f"?expires={expires}&signature={self._sign(name, digest, expires)}")
         self._log_front(request, 307, True)

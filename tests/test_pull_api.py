@@ -587,6 +587,30 @@ def test_concurrent_cold_clients_share_one_upstream_fetch(
         assert upstream.count("HEAD", blob_path("library/big", layer.digest)) == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_cold_clients_of_a_manifest_share_one_upstream_get_across_workers(
+    workers: int, images: StandardImages, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Each manifest GET counts against Docker Hub's pull limit: N workers must not make it N (before,
+    each worker process fetched the same cold manifest)."""
+    child = images.multi.children[0]
+    with FaultProxy(upstream.url) as proxy:
+        mirror = mirror_factory(proxy.url, workers=workers, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+        proxy.add("late", "/manifests/", method="GET", delay=1.5)
+        for name, reference, expected in [("library/small", "1", images.small.manifest),
+                                          ("library/multi", child.digest, child.manifest)]:
+            url = f"{mirror.url}/v2/{name}/manifests/{reference}"
+
+            def get(_: int, url: str = url) -> tuple[int, bytes]:
+                answer = httpx.get(url, headers={"accept": ALL_TYPES}, trust_env=False, timeout=60.0)
+                return answer.status_code, answer.content
+
+            with ThreadPoolExecutor(12) as pool:
+                answers = list(pool.map(get, range(12)))
+            assert set(answers) == {(200, expected)}
+            assert proxy.count("GET", f"/v2/{name}/manifests/") == 1, (name, proxy.count("GET", "/manifests/"))
+
+
 # Upstream down -----------------------------------------------------------------------
 
 

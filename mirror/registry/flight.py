@@ -1,7 +1,7 @@
 """Single flight: concurrent callers asking for the same thing share one execution of the work.
 
 Within one process only; across worker processes a blob fetch is shared through its temp file
-(``storage/fill.py``).
+(``storage/fill.py``), a manifest fetch through a lease of the index (``registry/manifests.py``).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 * :class:`ManifestBodies`: bodies of stored manifests recently read, in memory (content-addressed, so
   never stale): under load a thread hop per request waits for the GIL and costs more than the rest of
   the request.
-* :class:`PeerFlights`: on replicas of a cluster (``registry/cluster.py``), one upstream request for a
-  manifest (by tag or digest) across all of them.  The replica that takes the index's lease
-  ``manifest:<key>`` asks the upstream and records the answer; the others wait for the lease to be
-  given up, then look again, and find that answer in the index.  A holder that takes longer than the
-  lease's TTL is not waited for.
+* :class:`PeerFlights`: on replicas of a cluster (``registry/cluster.py``), or the worker processes of
+  one host, one upstream request for a manifest (by tag or digest) across all of them.  The one that
+  takes the index's lease ``manifest:<key>`` asks the upstream and records the answer; the others wait
+  for the lease to be given up, then look again, and find that answer in the index.  A holder that
+  takes longer than the lease's TTL is not waited for.
 """
 
 from __future__ import annotations

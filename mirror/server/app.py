@@ -97,9 +97,12 @@ def create_app(config: Config) -> MirrorApp:
                                            u.config.registry)
             for u in upstreams
         }
-        if cluster is not None:  # one upstream request per manifest across the replicas too
+        # One upstream request per manifest across the replicas, or the worker processes, too (each
+        # manifest GET counts against Docker Hub's pull limit); one process shares its own (flight.py).
+        if cluster is not None or config.http.workers > 1:
             for each in pulls.values():
-                each.peers = PeerFlights(metadata, cluster.replica, cluster.ttl)
+                each.peers = PeerFlights(metadata, cluster.replica if cluster else holder,
+                                         cluster.ttl if cluster else config.cluster.lease_ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics)
         if cluster is not None:  # an upload goes on on any replica: its tail in the bucket between requests

@@ -382,6 +382,26 @@ def test_uncached_answers_429_or_503_as_the_upstream_did(
     assert stored(mirror) == [] and temp_files(mirror) == []
 
 
+def test_a_moved_tag_whose_new_manifest_trickles_in_is_answered_stale_within_the_revalidation_bound(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    """Each read within read_timeout, the whole never done: before, the client waited for all of it
+    (280 s for a 563-byte manifest), though the cached copy could answer."""
+    name = f"faults/trickle-{uuid.uuid4().hex[:8]}"
+    old, new = (build_image(tmp_path, [random_layer(tmp_path, 4096, seed=seed)]) for seed in (3, 4))
+    upstream.push_image(name, "1", old)
+    mirror = proxied({**SHORT_TTL, "MIRROR_UPSTREAM_CONNECT_TIMEOUT": "1s", "MIRROR_UPSTREAM_READ_TIMEOUT": "2s"})
+    assert get_manifest(mirror, name, "1").content == old.manifest
+    fetched = time.monotonic()
+    upstream.push_image(name, "1", new)
+    fault_proxy.add("slow", f"/v2/{name}/manifests/", method="GET", chunk_size=1, delay=0.5)
+    past_ttl(fetched)
+    started = time.monotonic()
+    answer = get_manifest(mirror, name, "1")
+    assert (answer.status_code, answer.headers["x-mirror-cache"], answer.content) == (200, "STALE", old.manifest)
+    assert time.monotonic() - started < 6, time.monotonic() - started  # revalidation bound: 1 s + 2 s
+
+
 # Upstream down ------------------------------------------------------------------------------------
 
 

@@ -172,9 +172,9 @@ class PullThrough:
                 if refreshed:
                     return ManifestResult(cached, record.media_type, record.digest, Outcome.HIT,
                                           checked + self.tag_ttl)
-        checked = time.time()
+        checked, ask = time.time(), self.upstream.get_manifest  # bounded as a revalidation while a copy can answer
         try:
-            manifest = await self.upstream.get_manifest(name, tag)
+            manifest = await (self._revalidating(ask, name, tag) if record and cached is not None else ask(name, tag))
         except UpstreamError as exc:
             if record is not None and cached is not None and not isinstance(exc, UpstreamNotFound):
                 # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).

@@ -130,12 +130,16 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     is not one (or not this index's, or its bucket another index's), 1 when its index or its bucket
     cannot be opened now."""
     from .metadata.opening import CannotOpenIndex, bind_bucket, bind_data_directory, open_metadata
+    from .storage.layout import foreign_data_directory
     from .storage.opening import open_blob_store
 
     store = open_blob_store(config.storage, replica=config.cluster.enabled)
     local_index = config.metadata.driver == "diskcache"  # postgres keeps nothing in DATA/index/
     # What the data directory holds besides the index: blobs/ on the filesystem, uploads/ beside a bucket.
     local = store.layout.blobs if config.storage.driver == "filesystem" else store.layout.uploads
+    if (foreign := foreign_data_directory(config.storage.path)) is not None:
+        print(f"mirror: {foreign}", file=sys.stderr)
+        return 2
     if (local_index and not store.layout.index.is_dir()) or not local.is_dir():
         why = "" if config.storage.driver == "filesystem" else (
             ": with storage.driver s3 it is still the server's own, whose uploads in progress are checked"

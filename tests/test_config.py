@@ -527,3 +527,9 @@ def test_an_ipv6_address_before_a_port_is_taken_with_or_without_brackets(written
 def test_an_ipv6_address_without_brackets_or_port_is_refused_saying_how_to_write_it(written: str) -> None:
     with pytest.raises(ConfigError, match=r"upstream.url.*brackets.*\[fd00::7\]:5000"):
         load_config(env={"MIRROR_UPSTREAM_URL": written})
+
+
+@pytest.mark.parametrize("written", ["http://host:5000:6000", "http://127.0.0.1:5102:"])
+def test_a_url_with_a_second_port_is_refused_as_a_bad_port_not_taken_for_an_ipv6_address(written: str) -> None:
+    with pytest.raises(ConfigError, match="the port is not a number from 0 to 65535"):
+        load_config(env={"MIRROR_UPSTREAM_URL": written})

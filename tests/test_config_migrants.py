@@ -143,6 +143,8 @@ def test_a_start_on_a_registry2_storage_directory_is_refused_saying_what_to_do(t
 
 COMMANDS_ON_A_DATA_DIRECTORY = {
     "serve": lambda archive: ["--listen", "127.0.0.1:0"],
+    "gc": lambda archive: [],
+    "fsck": lambda archive: [],
     "preload": lambda archive: [str(archive)],
     "export": lambda archive: ["--upstream", "http://127.0.0.1:1", "x:1", "-o", str(archive.parent / "out.tar")],
 }

@@ -528,7 +528,7 @@ def test_an_image_named_for_a_pushed_repository_is_refused(
         assert f"{pushed} is a repository pushed to this registry" in refused.stderr, refused.stderr
     answer = http.post(f"{server.url}/_mirror/preload", content=pack(layout, tmp_path / "l.tar").read_bytes(),
                        headers=bearer(token))
-    assert answer.status_code == 400 and answer.json()["errors"][0]["code"] == "DENIED", answer.text
+    assert answer.status_code == 403 and answer.json()["errors"][0]["code"] == "DENIED", answer.text
     assert snapshot(server.data_dir) == before
     assert manifest(http, server.url, "team/own", "1").content == built.amd64.manifest
 

@@ -131,7 +131,8 @@ async def preload(request: Request) -> Response:
                                  default_registry=config.upstream.registry), limiter=preload_threads())
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
-        raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason}, status=400) from exc
+        raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason},
+                       status=403 if exc.code == "DENIED" else 400) from exc
     except OSError as exc:
         raise APIError("UNAVAILABLE", f"cannot store the upload: {exc.strerror or exc}", status=507) from exc
     finally:

@@ -126,7 +126,7 @@ def _refuse_pushed_names(images: list[Image], metadata: Metadata, default_regist
             pushed = next((p for p in dict.fromkeys(paths) if metadata.is_local(p)), None)
             if pushed is not None:
                 raise NameTaken(None, f"{name}: {pushed} is a repository pushed to this registry, which answers "
-                                      "that name: push the image to it instead, or delete the pushed repository")
+                                      "that name for good: push the image to it instead")
 
 
 def _unreachable(images: list[Image], registries: Collection[str]) -> list[str]:

@@ -25,7 +25,7 @@ def parse_url(value: Any, credentials: str = "set upstream.username and upstream
         raise ValueError("expected an http:// or https:// URL")
     if "@" in text:  # user info, even one whose password holds a / (urlsplit ends the host there)
         raise ValueError(f"credentials do not belong in the URL; {credentials}")
-    if parts.netloc.count(":") > 1 and not parts.netloc.startswith("["):
+    if ("::" in parts.netloc or parts.netloc.count(":") > 2) and not parts.netloc.startswith("["):
         parts = parts._replace(netloc=_bracketed(parts.netloc))
         text = parts.geturl()
     if not parts.hostname:

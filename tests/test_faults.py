@@ -331,7 +331,8 @@ def test_cached_tag_is_served_stale_while_revalidation_gets_429_or_503(
     past_ttl(fetched)
     fault_proxy.clear_counts()
 
-    with fault_proxy.fault("status", "/manifests/", status=429, headers={"Retry-After": "30"}):
+    with fault_proxy.fault("status", "/manifests/", status=429, headers={"Retry-After": "2"}):
+        limited = time.monotonic()
         for method in ("GET", "HEAD"):
             stale = get_manifest(mirror, "small", "1", method)
             assert (stale.status_code, stale.headers["x-mirror-cache"]) == (200, "STALE")
@@ -339,9 +340,12 @@ def test_cached_tag_is_served_stale_while_revalidation_gets_429_or_503(
         assert stale.headers["content-length"] == str(len(images.small.manifest))
         assert stale.content == b""  # HEAD
         assert get_manifest(mirror, "small", "1").content == images.small.manifest
-    # Revalidation is a HEAD (free under Hub's pull limit); a 429 is not retried.
-    assert fault_proxy.count("HEAD", "/manifests/1", status=429) == 3
+        assert time.monotonic() - limited < 2
+    # Revalidation is a HEAD (free under Hub's pull limit); a 429 is not retried, and for its
+    # Retry-After the cached copies answer without asking again.
+    assert fault_proxy.count("HEAD", "/manifests/1", status=429) == 1
     assert fault_proxy.count("GET", "/manifests/") == 0
+    time.sleep(max(0.0, 2.1 - (time.monotonic() - limited)))
 
     fault_proxy.clear_counts()
     with fault_proxy.fault("status", "/manifests/", status=503):
@@ -400,6 +404,36 @@ def test_a_moved_tag_whose_new_manifest_trickles_in_is_answered_stale_within_the
     answer = get_manifest(mirror, name, "1")
     assert (answer.status_code, answer.headers["x-mirror-cache"], answer.content) == (200, "STALE", old.manifest)
     assert time.monotonic() - started < 6, time.monotonic() - started  # revalidation bound: 1 s + 2 s
+
+
+@pytest.mark.parametrize(("retry_after", "quiet"), [("3", 3.0), (None, 10.0)])
+def test_a_rate_limited_upstream_is_not_asked_again_for_its_retry_after(
+    retry_after: str | None, quiet: float, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy,
+    upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    """A moved tag whose new manifest's GET gets 429: the cached copy answers, and for the 429's
+    Retry-After (none: 10 s) the upstream is not asked again (before: a HEAD and a GET per request)."""
+    name = f"faults/limited-{uuid.uuid4().hex[:8]}"
+    old, new = (build_image(tmp_path, [random_layer(tmp_path, 4096, seed=seed)]) for seed in (5, 6))
+    upstream.push_image(name, "1", old)
+    mirror = proxied(SHORT_TTL)
+    assert get_manifest(mirror, name, "1").content == old.manifest
+    fetched = time.monotonic()
+    upstream.push_image(name, "1", new)
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    fault_proxy.add("status", f"/v2/{name}/manifests/", method="GET", status=429, headers=headers)
+    past_ttl(fetched)
+    fault_proxy.clear_counts()
+    limited = time.monotonic()
+    for _ in range(10):
+        answer = get_manifest(mirror, name, "1")
+        assert (answer.headers["x-mirror-cache"], answer.content) == ("STALE", old.manifest)
+    assert time.monotonic() - limited < quiet
+    assert (fault_proxy.count("HEAD", "/manifests/"), fault_proxy.count("GET", "/manifests/")) == (1, 1)
+    time.sleep(quiet - (time.monotonic() - limited) + 0.2)
+    fault_proxy.clear_rules()  # the limit is over: the next request asks, and gets the new manifest
+    answer = get_manifest(mirror, name, "1")
+    assert (answer.headers["x-mirror-cache"], answer.content) == ("MISS", new.manifest)
 
 
 # Upstream down ------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ from ..upstream.errors import UpstreamDenied, UpstreamError, UpstreamInvalid, Up
 #: for something the upstream could not give and nothing cached answers, when the upstream named no
 #: time of its own: the retries are spent, asking again at once would only fail again.
 UPSTREAM_RETRY_AFTER = 10
+#: After a 429, an upstream's cached copies answer without asking it for its Retry-After (seconds; else
+#: :data:`UPSTREAM_RETRY_AFTER`), at most this long: each request would spend a HEAD and a refused GET.
+RATE_LIMITED_QUIET = 60.0
 
 
 def api_error(exc: UpstreamError, not_found: str) -> APIError:

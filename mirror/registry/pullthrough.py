@@ -29,11 +29,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import TypeVar
 
 from ..maintenance.upkeep import AccessTracker
-from ..metadata.driver import Metadata
+from ..metadata.driver import Metadata, TagRecord
 from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, child_for_old_client
 from ..spec.reference import Digest
@@ -52,14 +51,14 @@ from ..upstream.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from .failures import api_error
+from .failures import RATE_LIMITED_QUIET, UPSTREAM_RETRY_AFTER, api_error
 from .flight import SingleFlight
 from .links import BackgroundLinks
 from .manifests import ManifestBodies, PeerFlights, referred_digest
 from .reads import IndexReads, in_index_thread
 from .records import refresh_tag, save_pulled
 from .referrers import UpstreamReferrers
-from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, paginate
+from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, followed, paginate
 
 T = TypeVar("T")
 log = logging.getLogger("mirror.registry.pullthrough")
@@ -125,7 +124,7 @@ class PullThrough:
     async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(name, reference)
-        result = _followed(await self._flights.run(("tag", f"{name}:{reference}"),
+        result = followed(await self._flights.run(("tag", f"{name}:{reference}"),
                                                      lambda: self._manifest_by_tag(name, reference)))
         if result.media_type in INDEX_TYPES and accept and not accept & (INDEX_TYPES | {"*/*"}) \
                 and accept & set(MANIFEST_MEDIA_TYPES):
@@ -155,8 +154,7 @@ class PullThrough:
             try:
                 head = await self._revalidating(self.upstream.head_manifest, name, tag)
             except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid) as exc:
-                self._log_stale(f"{repo}:{tag}", exc)
-                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
+                return self._stale(f"{repo}:{tag}", exc, cached, record)
             except UpstreamNotFound as exc:
                 await in_index_thread(self.metadata.untag, repo, tag)  # deleted there: not listed, not served stale
                 raise api_error(exc, "MANIFEST_UNKNOWN") from exc
@@ -178,8 +176,7 @@ class PullThrough:
         except UpstreamError as exc:
             if record is not None and cached is not None and not isinstance(exc, UpstreamNotFound):
                 # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).
-                self._log_stale(f"{repo}:{tag}", exc)
-                return ManifestResult(cached, record.media_type, record.digest, Outcome.STALE)
+                return self._stale(f"{repo}:{tag}", exc, cached, record)
             raise api_error(exc, "MANIFEST_UNKNOWN") from exc
         saved = await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
@@ -208,7 +205,7 @@ class PullThrough:
             return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
 
         peers = self.peers
-        return _followed(await self._flights.run(("digest", f"{name}@{key}"), fetch if peers is None
+        return followed(await self._flights.run(("digest", f"{name}@{key}"), fetch if peers is None
                                                  else lambda: peers.run(f"digest:{repo}@{key}", fetch)))
 
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
@@ -370,7 +367,7 @@ class PullThrough:
         *quiets*, running out of time makes it quiet)."""
         wait = self.revalidate_wait
         if time.monotonic() < self._quiet_until:
-            raise UpstreamUnavailable(f"the upstream did not answer within {wait:g}s a moment ago")
+            raise UpstreamUnavailable("the upstream ran out of time or rate-limited a moment ago: not asked")
         try:
             return await asyncio.wait_for(ask(*args), wait)
         except TimeoutError:
@@ -388,13 +385,16 @@ class PullThrough:
         while len(self._unrecorded) > UNRECORDED_KEPT:
             self._unrecorded.pop(next(iter(self._unrecorded)), None)
 
+    def _stale(self, key: str, exc: UpstreamError, body: bytes, record: TagRecord) -> ManifestResult:
+        """The cached copy of a tag the upstream did not revalidate (after a 429: see :data:`RATE_LIMITED_QUIET`)."""
+        if isinstance(exc, UpstreamRateLimited):
+            retry = exc.retry_after or ""
+            wait = min(float(retry) if retry.isdigit() else UPSTREAM_RETRY_AFTER, RATE_LIMITED_QUIET)
+            self._quiet_until = max(self._quiet_until, time.monotonic() + wait)
+        self._log_stale(key, exc)
+        return ManifestResult(body, record.media_type, record.digest, Outcome.STALE)
+
     def _log_stale(self, key: str, exc: Exception) -> None:
         if key not in self._stale_logged:
             self._stale_logged.add(key)
             log.warning("upstream failed for %s, serving the cached copy: %s", key, exc)
-
-
-def _followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
-    """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
-    result, joined = shared
-    return replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS else result

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ..spec.errors import APIError
@@ -195,3 +195,9 @@ async def read_limited(body: AsyncIterator[bytes], declared_length: str | None, 
         if len(received) > limit:
             raise APIError("MANIFEST_INVALID", f"manifest is larger than {limit} bytes", status=413)
     return bytes(received)
+
+
+def followed(shared: tuple[ManifestResult, bool]) -> ManifestResult:
+    """A single-flight manifest result as this caller saw it: a fetch it joined is ``COALESCED``."""
+    result, joined = shared
+    return replace(result, outcome=Outcome.COALESCED) if joined and result.outcome is Outcome.MISS else result

@@ -218,6 +218,27 @@ def test_skopeo_copies_a_whole_index_fetching_each_blob_once(
         assert upstream.count("GET", manifest_path("library/multi", child.digest)) == 1
 
 
+def test_skopeo_copies_an_image_whose_upstream_breaks_off_a_layer_mid_body(
+    skopeo: str, images: StandardImages, fault_proxy: FaultProxy,
+    mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    """skopeo does not resume a blob itself: before, the upstream's reset cut its copy off.  The mirror
+    now asks for the rest (``Range``), and skopeo gets the whole layer from one fill."""
+    mirror = mirror_factory(fault_proxy.url, env=LIBRARY)
+    big = images.big
+    layer = big.layers[1]
+    fault_proxy.clear_counts()
+    fault_proxy.add("reset", blob_path("library/big", layer.digest).pattern, method="GET", times=1,
+                    after_bytes=2 * MIB)
+    layout = copy_to_layout(skopeo, f"docker://{mirror.address}/library/big:1", tmp_path / "copy")
+    assert layout_blobs(layout) == everything(big)
+    copied = layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")
+    assert copied.read_bytes() == layer.path.read_bytes()
+    statuses = [r.status for r in fault_proxy.requests()
+                if r.method == "GET" and blob_path("library/big", layer.digest).search(r.path)]
+    assert statuses == [200, 206], statuses
+
+
 # -- crashes ---------------------------------------------------------------------------
 
 

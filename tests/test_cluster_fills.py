@@ -311,6 +311,31 @@ def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
     assert cluster.bucket.digest_of(layer.digest) == layer.digest
 
 
+def test_a_body_the_upstream_breaks_off_is_resumed_by_the_replica_fetching_it_for_every_replica(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """The upstream resets its first two answers after 16 MiB: the replica fetching the blob asks for
+    the rest with ``Range`` each time, and the clients of all three replicas get the whole blob from
+    that one fill, no byte fetched twice.  Before, the first reset cut every client off."""
+    layer = big_image.layers[0]
+    replicas = start_replicas(cluster, 3, fault_proxy.url, mirror_factory)
+    fault_proxy.clear_counts()
+    blob_path = f"/v2/library/cluster-big/blobs/{layer.digest}"
+    fault_proxy.add("reset", blob_path, method="GET", times=2, after_bytes=16 * MIB)
+    pulls = [Pull(replicas[n % 3]) for n in range(6)]
+    for thread in run_pulls(pulls, layer.digest):
+        thread.join(180)
+
+    assert [(p.error, p.sha256) for p in pulls] == [(None, layer.digest)] * 6
+    gets = [r.status for r in fault_proxy.requests() if r.method == "GET" and r.path == blob_path]
+    assert gets == [200, 206, 206], gets
+    received = sum(value(scrape(f"{r.url}/metrics"), "mirror_upstream_received_bytes_total", kind="blob")
+                   for r in replicas)
+    assert received == layer.size
+    wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+    assert cluster.bucket.digest_of(layer.digest) == layer.digest
+
+
 def test_a_replica_whose_lease_was_taken_over_stops_its_fetch_and_stores_nothing(
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

@@ -241,9 +241,10 @@ def test_a_large_blob_cut_or_corrupt_aborts_the_client_stores_nothing_and_is_fet
     kind: str, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry,
     large: Image,
 ) -> None:
-    """As ``test_faults`` does for an 8 MiB layer, for one read from the connection."""
+    """As ``test_faults`` does for an 8 MiB layer, for one read from the connection (a reset with no
+    retries left: with them, the rest is asked for)."""
     layer = large.layers[0]
-    mirror = mirror_factory(fault_proxy.url, env=ENV)
+    mirror = mirror_factory(fault_proxy.url, env=ENV if kind == "corrupt" else {**ENV, "MIRROR_UPSTREAM_RETRIES": "0"})
     if kind == "corrupt":
         fault_proxy.add("corrupt", f"/blobs/{layer.digest}$", method="GET", times=1,
                         after_bytes=layer.size - 1000, flip_bytes=3)

@@ -47,6 +47,7 @@ from ..metadata.driver import Lease
 from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
+from ..storage.batches import resumed_chunks
 from ..storage.bypass import Download, FillFailed
 from ..storage.growing import Fetch
 from .reads import in_index_thread
@@ -234,7 +235,9 @@ class ClusterFetch:
         if self._offset:
             log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
         self.size = download.size
-        self._source = _skip(download.chunks(), self._offset)
+        rests = AsyncExitStack()  # a body that breaks off is resumed where it broke, its rests kept here
+        self._stack.push_async_callback(rests.aclose)
+        self._source = _skip(resumed_chunks(download, self.digest, rests), self._offset)
 
     async def _follow(self, holder: str) -> bool:
         """Stream the fill from *holder* from the byte reached; False if it does not answer it now."""

@@ -1,5 +1,6 @@
 """A fill's bytes written to its writer in batches (``storage/fill.py``): one thread hop per batch,
-not per chunk, and no byte waits longer than :data:`FLUSH_SECONDS` for its batch.
+not per chunk, and no byte waits longer than :data:`FLUSH_SECONDS` for its batch; and a body that
+broke off resumed where it broke (:func:`receive`).
 
 May import: the standard library, anyio, ``storage/driver.py``.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio.to_thread
 
@@ -17,6 +20,82 @@ from .driver import FillWriter
 #: Bytes that make a batch full, and seconds a byte may wait for its batch to be written.
 FLUSH_BYTES = 1 << 20
 FLUSH_SECONDS = 0.02
+
+log = logging.getLogger("mirror.storage.fill")
+
+
+async def receive(download: Any, ingest: FillWriter, written: Callable[[], None]) -> None:
+    """Write *download*'s whole body to *ingest*: drained by a thread of its own when it can be
+    (``download.drain()``), else read in batches (:func:`write_in_batches`).
+
+    A body that breaks off is resumed from the byte *ingest* reached (:class:`Resumption`), so the
+    fill and every client following it go on, and the bytes already received are not fetched again.
+    """
+    resumption = Resumption(download)
+    async with contextlib.AsyncExitStack() as rests:
+        while True:
+            try:
+                drain = getattr(download, "drain", None)
+                if (drained := drain() if drain is not None else None) is not None:
+                    await drained.into(ingest.write, written)
+                else:
+                    await write_in_batches(download.chunks(), ingest, written)
+                return
+            except Exception as exc:
+                rest = await resumption.rest(download, exc, ingest.digest, ingest.written, rests)
+                if rest is None:
+                    raise
+                download = rest
+
+
+async def resumed_chunks(download: Any, digest: object, rests: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+    """``download.chunks()``, resumed where the body broke off (:class:`Resumption`); the rests are
+    entered into *rests*, which the caller closes."""
+    resumption, offset = Resumption(download), 0
+    while True:
+        try:
+            async for chunk in download.chunks():
+                offset += len(chunk)
+                yield chunk
+            return
+        except Exception as exc:
+            rest = await resumption.rest(download, exc, digest, offset, rests)
+            if rest is None:
+                raise
+            download = rest
+
+
+class Resumption:
+    """The rests of one upstream body that broke off (``download.broken(exc)``: a reset, a stall past
+    the read timeout, an early end), each asked for from the byte reached (``download.resume(offset)``:
+    the upstream client's ``Range`` request, RFC 9110 section 14.2).
+
+    At most ``download.resumes`` times in a row with no byte received in between
+    (``upstream.retries``), after a pause of 0.1 s, 0.3 s, 0.9 s...
+    """
+
+    def __init__(self, download: Any) -> None:
+        self.resumes = self.left = getattr(download, "resumes", 0)
+        self.reached = 0
+
+    async def rest(self, download: Any, exc: Exception, digest: object, offset: int,
+                   rests: contextlib.AsyncExitStack) -> Any | None:
+        """The download of the rest from *offset*, entered into *rests* (the broken rest before it
+        closed); None when *exc* is not the body breaking off, *download* cannot resume, or the
+        resumes are spent: the caller raises *exc*.  The rest's own errors are raised."""
+        resume = getattr(download, "resume", None)
+        if resume is None or not download.broken(exc):
+            return None
+        if offset > self.reached:
+            self.left, self.reached = self.resumes, offset
+        if self.left <= 0:
+            return None
+        log.warning("the upstream body of %s broke off after %d bytes (%s): asking for the rest",
+                    digest, offset, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        await rests.aclose()  # the broken rest before, if any
+        await asyncio.sleep(0.1 * 3 ** (self.resumes - self.left))
+        self.left -= 1
+        return await rests.enter_async_context(resume(offset))
 
 
 async def write_in_batches(chunks: AsyncIterator[bytes], ingest: FillWriter, written: Callable[[], None]) -> None:

@@ -32,7 +32,7 @@ import anyio.to_thread
 
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
-from .batches import write_in_batches
+from .batches import receive
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
@@ -242,12 +242,9 @@ class Fills:
                 started.set_result(download.size)
                 self.progressed(ingest.digest)  # the size is published: this process's followers go on
                 wrote = functools.partial(self.progressed, ingest.digest)
-                # A large body over plain TCP goes from the socket to the writer in a thread of its own.
-                drain = getattr(download, "drain", None)
-                if (drained := drain() if drain is not None else None) is not None:
-                    await drained.into(ingest.write, wrote)
-                else:
-                    await write_in_batches(download.chunks(), ingest, wrote)
+                # A large body over plain TCP goes from the socket to the writer in a thread of its own;
+                # one that breaks off is resumed where it broke.
+                await receive(download, ingest, wrote)
             await _to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +61,33 @@ class Referrers:
 
 
 class BlobDownload:
-    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's)."""
+    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's).
+
+    ``resume``, when set, fetches the rest of a body that broke off (:meth:`broken`): called with the
+    identity bytes received, it gives an async context manager of a :class:`BlobDownload` of the
+    bytes from there on (``Upstream._blob_rest``, a ``Range`` request), or raises an
+    :class:`~.errors.UpstreamError`; ``resumes`` is how many times in a row it may be asked with no
+    byte received in between (``upstream.retries``).
+    """
 
     def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
-                 body: AsyncIterator[bytes] | None = None, invalid: Callable[[], None] | None = None) -> None:
+                 body: AsyncIterator[bytes] | None = None, invalid: Callable[[], None] | None = None,
+                 resume: Callable[[int], AbstractAsyncContextManager[BlobDownload]] | None = None,
+                 resumes: int = 0) -> None:
         self.response = response
         self.size = identity_length(response)
         self._count = count
         self._body = body
         self._invalid = invalid
+        self.resume = resume
+        self.resumes = resumes
+
+    @staticmethod
+    def broken(exc: BaseException) -> bool:
+        """Whether *exc*, raised while the body was read, is the body breaking off (a reset, a read
+        timing out, the connection closed early: RFC 9112 section 6.3), not the store's or the
+        reader's failure."""
+        return isinstance(exc, httpx.TransportError)
 
     def mismatched(self) -> None:
         """The body did not hash to the digest asked for: an invalid answer of the upstream's (counted

@@ -18,6 +18,7 @@ Imports the ``upstream_*`` modules, ``codings``, ``httpcore_reads``, ``config``,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import urllib.request
@@ -42,7 +43,15 @@ from ..spec.manifest import (
 from ..spec.reference import Digest, ParseError, parse_digest
 from .answers import BlobDownload, Manifest, ManifestHead, Referrers, media_type_of, refused_redirect, upstream_error
 from .auth import RegistryAuth
-from .codings import ACCEPT_ENCODING, SUPPORTED_CODINGS, content_codings, identity_length, primed, unalias_codings
+from .codings import (
+    ACCEPT_ENCODING,
+    SUPPORTED_CODINGS,
+    content_codings,
+    content_range,
+    identity_length,
+    primed,
+    unalias_codings,
+)
 from .errors import (
     UpstreamCredentialsRejected,
     UpstreamDenied,
@@ -234,14 +243,43 @@ class Upstream:
             # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
             # the start is an error before the blob is served (a 502, not a 200 cut short).
             body = await primed(response.aiter_bytes()) if content_codings(response) else None
-            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
-                               body, self._invalid)
+            size = identity_length(response)
+            # An uncoded body of announced length broken off is resumed where it broke (_blob_rest).
+            resume = (functools.partial(self._blob_rest, name, digest, size)
+                      if body is None and size is not None and response.status_code == 200 else None)
+            yield BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
+                               body, self._invalid, resume, self.config.retries)
         except httpx.DecodingError as exc:
             self.metrics.upstream_error(self.config.registry, "invalid")
             raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    @asynccontextmanager
+    async def _blob_rest(self, name: str, digest: Digest, size: int, offset: int) -> AsyncIterator[BlobDownload]:
+        """The rest of a blob whose body broke off after *offset* identity bytes of *size*: ``Range:
+        bytes=<offset>-`` (RFC 9110 section 14.2), answered ``206`` with the ``Content-Range`` of that
+        rest (section 14.4), uncoded; any other answer is :class:`UpstreamUnavailable`.  Each call
+        counts one interrupted body (``mirror_upstream_errors_total{reason="interrupted"}``)."""
+        self.metrics.upstream_error(self.config.registry, "interrupted")
+        shown = f"GET blob {digest} from byte {offset}"
+        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True,
+                                    headers={"Range": f"bytes={offset}-", "Accept-Encoding": ACCEPT_ENCODING})
+        try:
+            if (response.status_code != 206 or content_codings(response)
+                    or content_range(response) != (offset, size)):
+                raise self._failed(UpstreamUnavailable(
+                    f"{shown}: upstream answered {response.status_code} "
+                    f"({response.headers.get('content-range') or 'no Content-Range'}), not the rest of the blob"))
+            log.info("%s: the body broke off; resumed", shown)
+            yield BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
+                               invalid=self._invalid, resume=functools.partial(self._blob_rest, name, digest, size))
+        except httpx.TransportError as exc:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
+            raise UpstreamUnavailable(f"{shown}: body interrupted: {exc}") from exc
         finally:
             await response.aclose()
 

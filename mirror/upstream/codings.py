@@ -39,6 +39,19 @@ def identity_length(response: httpx.Response) -> int | None:
     return int(length)
 
 
+def content_range(response: httpx.Response) -> tuple[int, int] | None:
+    """``(first byte, complete length)`` of a ``206``'s ``Content-Range: bytes <first>-<last>/<length>``
+    whose range runs to the last byte (RFC 9110 section 14.4); None for any other value."""
+    unit, _, rest = (response.headers.get("content-range") or "").strip().partition(" ")
+    span, _, complete = rest.partition("/")
+    first, _, last = span.partition("-")
+    if unit.lower() != "bytes" or not (first.isdigit() and last.isdigit() and complete.isdigit()):
+        return None
+    if int(last) != int(complete) - 1 or int(first) > int(last):
+        return None
+    return int(first), int(complete)
+
+
 async def unalias_codings(response: httpx.Response) -> None:
     """Name a coding by its registered name before httpx decodes (``x-gzip`` is ``gzip``, RFC 9110
     section 8.4.1.3): an httpx response hook, run for every answer, the token realm's and redirects' too."""

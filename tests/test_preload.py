@@ -574,7 +574,9 @@ def test_export_then_preload_restores_every_image_with_the_same_digests(
     upstream.clear_counts()
     bundle = tmp_path / "bundle.tar"
     wanted = tmp_path / "images.txt"
-    wanted.write_text("# what the site needs\n\ndlist:1   # the Docker manifest list\n")
+    # One image named three ways is written once.
+    wanted.write_text("# what the site needs\n\ndlist:1   # the Docker manifest list\n"
+                      "docker.io/library/multi:1\nlibrary/dlist:1\n")
     out = ok(mirror_cli("export", "--data", a.data_dir, "--upstream", upstream.url, "multi:1",
                         "--from-list", wanted, "-o", bundle))
     assert "2 images" in out and "docker.io/library/multi:1" in out

@@ -9,11 +9,10 @@ The archive::
                         and ``io.containerd.image.name``
 
 so ``skopeo copy oci-archive:FILE:docker.io/library/alpine:3.20 ...`` finds an image by name, and
-``mirror preload FILE`` on another mirror restores every image with the same digests.
-
-An image that is not in the store is pulled through the upstream first (the upstream configured
-for its registry, when there is one and it answers).  Pushed repositories are exported from the
-store only.  Which platforms of a multi-platform image go in:
+``mirror preload FILE`` on another mirror restores every image with the same digests.  An image
+not in the store is pulled through the upstream first (the upstream configured for its registry,
+when there is one and it answers); pushed repositories are exported from the store only.
+Which platforms of a multi-platform image go in:
 
 * ``--all-platforms``: every one (missing ones are pulled);
 * ``--platform P``: those matching ``P`` (``linux/arm64`` matches any variant);
@@ -114,8 +113,12 @@ class Exporter:
         self.pulled = 0
 
     def export(self, references: list[str], output: Path) -> ExportSummary:
-        """Write every image named by *references* into *output* (replaced atomically)."""
-        images = [self._image(text) for text in references]
+        """Write every image named by *references* into *output* (replaced atomically), once each."""
+        named: dict[str, _Image] = {}
+        for text in references:
+            image = self._image(text)
+            named.setdefault(str(image.name), image)
+        images = list(named.values())
         if not images:
             raise ExportError("no image to export")
         self.progress.phase("collecting", None)

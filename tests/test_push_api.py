@@ -591,7 +591,8 @@ def test_pushed_repositories_never_reach_the_upstream(
 
 
 def test_push_policy(
-    mirror_factory: Callable[..., MirrorServer], images: StandardImages, http: httpx.Client
+    mirror_factory: Callable[..., MirrorServer], images: StandardImages, upstream: UpstreamRegistry,
+    http: httpx.Client
 ) -> None:
     disabled = mirror_factory(env={"MIRROR_PUSH_ENABLED": "false"})
     answer = http.post(f"{disabled.url}/v2/team/app/blobs/uploads/")
@@ -619,9 +620,29 @@ def test_push_policy(
                    headers={"content-type": OCI_MANIFEST})
     assert put.status_code == 403 and error_code(put) == "DENIED"
     assert http.post(f"{default.url}/v2/team/app/blobs/uploads/").status_code == 202
+    # So is the first push to a repository the upstream serves that nobody pulled yet: it would stand
+    # in for the upstream's image for every client, for good (docker.io/ and ?ns=docker.io included).
+    upstream.clear_counts()
+    for path in ("library/dlist", "dlist", "docker.io/library/dlist", "library/dlist?ns=docker.io"):
+        name, _, query = path.partition("?")
+        shadow = http.post(f"{default.url}/v2/{name}/blobs/uploads/" + (f"?{query}" if query else ""))
+        assert (shadow.status_code, error_code(shadow)) == (403, "DENIED"), (path, shadow.text)
+        assert "is a repository of the upstream registry" in shadow.json()["errors"][0]["message"]
+    put = http.put(f"{default.url}/v2/dlist/manifests/1", content=images.small.manifest,
+                   headers={"content-type": OCI_MANIFEST})
+    assert put.status_code == 403 and error_code(put) == "DENIED"
+    assert upstream.count("GET", re.compile(r"^/v2/library/dlist/tags/list$")) == 5
+    assert http.get(f"{default.url}/v2/_catalog").json() == {"repositories": ["library/small", "team/app"]}
+    pulled = http.get(f"{default.url}/v2/dlist/manifests/1", headers={"accept": ALL_TYPES})
+    assert (pulled.status_code, pulled.headers["x-mirror-cache"]) == (200, "MISS")
     allowing = mirror_factory(env={"MIRROR_PUSH_OVER_CACHE": "true", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
     assert http.get(f"{allowing.url}/v2/small/manifests/1", headers={"accept": ALL_TYPES}).status_code == 200
     assert http.post(f"{allowing.url}/v2/library/small/blobs/uploads/").status_code == 202
+    assert http.post(f"{allowing.url}/v2/library/dlist/blobs/uploads/").status_code == 202
+    # An upstream that cannot answer does not hold pushes up: the push goes on, with a warning.
+    offline = mirror_factory("http://127.0.0.1:9", env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
+    assert http.post(f"{offline.url}/v2/library/dlist/blobs/uploads/").status_code == 202
+    assert "did not say whether it serves that repository" in offline.log_tail(100)
 
 
 def test_abandoned_uploads_expire(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:

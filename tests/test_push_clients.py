@@ -301,6 +301,7 @@ def test_push_policy_refuses_with_clear_errors_and_stores_nothing(
         "outside": f"{team_only.address}/other/x:1",
         "inside": f"{team_only.address}/team/x:1",
         "cached": f"{cache.address}/library/small:1",
+        "upstream": f"{cache.address}/dlist:1",  # the upstream's library/dlist, never pulled here
     }
     for ref in refs.values():
         daemon.docker("tag", "small:1", ref)
@@ -333,6 +334,15 @@ def test_push_policy_refuses_with_clear_errors_and_stores_nothing(
         == (200, "HIT", images.small.manifest)
     assert verified_objects(cache.data_dir) == before
     assert catalog(cache) == ["library/small"]
+
+    # Nor can a repository the upstream serves, before anyone pulled it: the push would stand in for it.
+    out = docker_push_fails(daemon, refs["upstream"])
+    assert "denied: dlist is a repository of the upstream registry" in out, out
+    assert refused_uploads(cache, "dlist") == {403}
+    assert verified_objects(cache.data_dir) == before
+    assert catalog(cache) == ["library/small"]
+    pulled = http_get(cache, "/v2/library/dlist/manifests/1")
+    assert (pulled.status_code, pulled.headers["x-mirror-cache"]) == (200, "MISS")
 
 
 # -- restart ---------------------------------------------------------------------------

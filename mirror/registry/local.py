@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
@@ -60,7 +60,10 @@ INSUFFICIENT_STORAGE = 507
 
 class LocalRegistry:
     def __init__(self, store: BlobStore, metadata: Metadata, config: Config,
-                 canonical_name: Callable[[str], str], *, metrics: Metrics | None = None) -> None:
+                 canonical_name: Callable[[str], str], *, metrics: Metrics | None = None,
+                 upstream_serves: Callable[[str], Awaitable[bool]] | None = None) -> None:
+        """*upstream_serves*: whether the default upstream serves a repository (``registry/shadowing.py``)."""
+        self.upstream_serves = upstream_serves
         self.store = store
         self.metadata = metadata
         self.config = config
@@ -144,6 +147,10 @@ class LocalRegistry:
         if (refused := push_refusal(self.config.push, name)) is not None:
             raise refused
         if not await self.reads.is_local(name):
+            if (not self.config.push.over_cache and self.upstream_serves is not None and not self.foreign(name)
+                    and not await self.reads.ask(self.metadata.has_repository, self.cache_key(name))
+                    and await self.upstream_serves(name)):  # (a cached one is refused as such, below)
+                raise APIError("DENIED", f"{name} is a repository of the upstream registry; push to another name")
             await in_index_thread(self._make_local, name)
 
     def _make_local(self, name: str) -> None:

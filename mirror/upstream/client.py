@@ -337,9 +337,10 @@ class Upstream:
         response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")
         return identity_length(response)
 
-    async def tags(self, name: str, *, retries: int | None = None) -> list[str]:
+    async def tags(self, name: str, *, retries: int | None = None, limit: int | None = None) -> list[str]:
         """Every tag of *name*, in the upstream's order, following the upstream's own paging
-        (each page tried ``upstream.retries`` more times unless *retries*).
+        (each page tried ``upstream.retries`` more times unless *retries*); with *limit*, only the
+        first page, of at most that many (``?n=``).
 
         A page links to the next with ``Link: <url>; rel="next"`` (OCI distribution spec,
         "Listing Tags"; RFC 8288), whose query may be ``n``/``last`` or an opaque cursor, so the
@@ -348,7 +349,7 @@ class Upstream:
         elsewhere, a link seen before, a page that is not a JSON object, or more than
         :data:`MAX_TAG_PAGES` pages.
         """
-        first = self.client.build_request("GET", f"/v2/{name}/tags/list").url
+        first = self.client.build_request("GET", f"/v2/{name}/tags/list", params={"n": limit} if limit else None).url
         url: httpx.URL | None = first
         visited = {str(first)}
         found: dict[str, None] = {}
@@ -361,7 +362,7 @@ class Upstream:
             if not isinstance(doc, dict):
                 raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
             found.update((tag, None) for tag in doc.get("tags") or [] if isinstance(tag, str))
-            url = next_page(response, first, visited, f"tags list of {name}")
+            url = None if limit else next_page(response, first, visited, f"tags list of {name}")
             if url is None:
                 return list(found)
         raise UpstreamInvalid(f"tags list of {name} has more than {MAX_TAG_PAGES} pages")

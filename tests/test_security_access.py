@@ -4,12 +4,15 @@ password-guessing throttling, trusted proxies' forwarded addresses, and htpasswd
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
+from mirror.api.htpasswd import Htpasswd
 from tests.support.catalog import StandardImages
 from tests.support.images import Image
 from tests.support.metrics import scrape, value
@@ -172,6 +175,48 @@ def test_password_guessing_is_throttled_per_address(
     time.sleep(1.2)  # the file is looked at once a second at most, when a request comes
     assert request(mirror, "GET", login, headers=basic("alice", ALICE_PASSWORD)).status_code == 200
     wait_for(lambda: "users" in mirror.log_tail(400) and "reloaded" in mirror.log_tail(400), 5, "the reload's log line")
+
+
+def test_concurrent_password_guesses_are_throttled_as_if_one_after_the_other(
+    mirror_factory: Callable[..., MirrorServer], htpasswd: Path,
+) -> None:
+    """40 guesses at once from one address: only the first 10 are checked (a check under way counts
+    as failed); before, every one passed the throttle before the first failure was counted."""
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+
+    async def guess_all() -> list[int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=40)) as http:
+            answers = await asyncio.gather(*(http.get(f"{mirror.url}/auth/token", headers=basic("carol", f"g{n}"))
+                                             for n in range(40)))
+        return [a.status_code for a in answers]
+
+    statuses = asyncio.run(guess_all())
+    assert sorted(statuses) == [401] * 10 + [429] * 30, statuses
+    assert request(mirror, "GET", "/auth/token", headers=basic("alice", ALICE_PASSWORD)).status_code == 429
+    # A right password (checked before the throttle, one at a time) is not counted as failed.
+    other = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    for _ in range(12):
+        assert request(other, "GET", "/auth/token", headers=basic("bob", "bob-pw")).status_code == 200
+    for n in range(10):
+        assert request(other, "GET", "/auth/token", headers=basic("carol", f"g{n}")).status_code == 401
+
+
+def test_an_unknown_user_costs_what_a_known_one_does(tmp_path: Path) -> None:
+    """The users' hashes are of cost 5 (``htpasswd -B``'s): an unknown user is checked against a hash
+    of that cost too, not of cost 10, which told users apart by time (about 2 ms against 50 ms)."""
+    path = tmp_path / "htpasswd"
+    path.write_text("\n".join([bcrypt_entry("bob", "bob-pw"), bcrypt_entry("carol", "carol-pw"), ""]))
+    users = Htpasswd(path)
+
+    def took(user: str) -> float:
+        started = time.perf_counter()
+        for n in range(10):
+            assert not users.verify(user, f"wrong-{n}")
+        return time.perf_counter() - started
+
+    took("bob"), took("nobody")  # warmed up
+    known, unknown = min(took("bob") for _ in range(3)), min(took("nobody") for _ in range(3))
+    assert unknown < 3 * known, (known, unknown)
 
 
 @pytest.mark.parametrize("trusted", [True, False])

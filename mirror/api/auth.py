@@ -33,10 +33,11 @@ refused here: the user that right credentials name is handed on as ``request.sta
 otherwise), and the operator endpoints (``api/admin.py``) or the UI's pages decide, the UI by
 :meth:`~mirror.config.sections.AuthConfig.may_pull` as for ``/v2/``.
 
-Guessing passwords is slow: a client address whose passwords failed :data:`MAX_FAILED_LOGINS`
-times within :data:`FAILED_LOGIN_WINDOW` seconds gets ``429 TOOMANYREQUESTS`` (with
-``Retry-After``) for any password not already known to be right, without a bcrypt round spent
-on it.  Users behind the same address whose password was accepted before keep working.
+Guessing passwords is slow: a client address whose passwords failed ``MAX_FAILED_LOGINS``
+times within ``FAILED_LOGIN_WINDOW`` seconds (``api/htpasswd.py``; checks under way count as
+failed) gets ``429 TOOMANYREQUESTS`` (with ``Retry-After``) for any password not already known to
+be right, without a bcrypt round spent on it.  Users behind the same address whose password was
+accepted before keep working.
 """
 
 from __future__ import annotations
@@ -64,14 +65,12 @@ from ..spec.endpoints import endpoint
 from ..spec.errors import APIError, error_response
 from ..spec.names import without_registry
 from ..storage.layout import temp_file
-from .htpasswd import Htpasswd
+from .htpasswd import FailedLogins, Htpasswd
 
 TOKEN_PATH = "/auth/token"
 OPERATOR_PREFIX = "/_mirror/"
 UI_PREFIX = "/ui/"
 TOKEN_TTL = 300
-MAX_FAILED_LOGINS = 10
-FAILED_LOGIN_WINDOW = 60.0
 KEY_BYTES = 32
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -182,36 +181,6 @@ class Throttled(Exception):
         self.retry_after = retry_after
 
 
-class FailedLogins:
-    """Failed password checks per client address, over a sliding window (one process's view)."""
-
-    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW,
-                 max_addresses: int = 10000) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_addresses = max_addresses
-        self._failures: dict[str, list[float]] = {}
-
-    def wait(self, address: str, now: float | None = None) -> float:
-        """Seconds until *address* may have a password checked again (0: now)."""
-        now = time.monotonic() if now is None else now
-        recent = [t for t in self._failures.get(address, ()) if t > now - self.window]
-        if recent:
-            self._failures[address] = recent
-        else:
-            self._failures.pop(address, None)
-        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
-
-    def failed(self, address: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        if address not in self._failures and len(self._failures) >= self.max_addresses:
-            for stale in [a for a, times in self._failures.items() if times[-1] <= now - self.window]:
-                del self._failures[stale]
-            if len(self._failures) >= self.max_addresses:  # still full: forget the oldest address
-                del self._failures[next(iter(self._failures))]
-        self._failures.setdefault(address, []).append(now)
-
-
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, config: AuthConfig, key: bytes, registry: str = "docker.io") -> None:
         """*key*: the tokens' (:func:`token_key`); *registry*: the default upstream's, whose own
@@ -307,9 +276,12 @@ class AuthMiddleware:
         wait = self.failed_logins.wait(address)
         if wait > 0:
             raise Throttled(wait)
+        # Counted as failed while bcrypt runs: concurrent guesses from one address cannot all pass
+        # the check above before the first failure is counted (OWASP ASVS 2.2.1).
+        counted = self.failed_logins.failed(address)
         if await anyio.to_thread.run_sync(self.users.verify, user, password):
+            self.failed_logins.forgive(address, counted)
             return True
-        self.failed_logins.failed(address)
         return False
 
     def _challenge(self, scope: Scope, name: str | None, need: str, message: str,

@@ -15,6 +15,7 @@ Unknown users cost the same bcrypt round as known ones, and bcrypt compares in c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -23,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import bcrypt
@@ -79,8 +81,7 @@ class Htpasswd:
         self._checked = 0.0
         self._key = secrets.token_bytes(32)
         self._remembered: set[bytes] = set()
-        # Unknown users are checked against this, so they cost what known users cost.
-        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=10))
+        self._dummy = b""
         self._load(initial=True)
 
     def has_user(self, user: str) -> bool:
@@ -111,6 +112,7 @@ class Htpasswd:
             # Remembered passwords stay: each is bound to its user's hash, so a changed or removed
             # entry no longer matches, while the others' users keep working through a throttle.
             self._users = users
+            self._dummy = _dummy_hash(users)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -158,3 +160,59 @@ class Htpasswd:
                 self._remembered = set()
             self._remembered.add(token)
         return ok
+
+
+def _dummy_hash(users: dict[str, bytes]) -> bytes:
+    """What an unknown user's password is checked against, so that it costs what a known user's
+    does (CWE-208: no telling users apart by the time an answer takes): a hash of a random password
+    at the cost most of *users*' hashes have (``htpasswd -B`` writes 5; 10 when there is none)."""
+    costs = Counter(int(part) for stored in users.values()
+                    if len(parts := stored.split(b"$")) > 2 and (part := parts[2]).isdigit() and 4 <= int(part) <= 31)
+    rounds = costs.most_common(1)[0][0] if costs else 10
+    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=rounds))
+
+
+#: Failed password checks from one client address within FAILED_LOGIN_WINDOW seconds before it is throttled.
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW = 60.0
+
+
+class FailedLogins:
+    """Failed password checks per client address, over a sliding window (one process's view); a
+    check is counted as failed from its start, so that concurrent guesses are counted too."""
+
+    def __init__(self, limit: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW,
+                 max_addresses: int = 10000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: dict[str, list[float]] = {}
+
+    def wait(self, address: str, now: float | None = None) -> float:
+        """Seconds until *address* may have a password checked again (0: now)."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._failures.get(address, ()) if t > now - self.window]
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
+        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, address: str, now: float | None = None) -> float:
+        """Count a failed check of *address*'s (or one under way: :meth:`forgive` it if it succeeds);
+        the time it is counted at."""
+        now = time.monotonic() if now is None else now
+        if address not in self._failures and len(self._failures) >= self.max_addresses:
+            for stale in [a for a, times in self._failures.items() if times[-1] <= now - self.window]:
+                del self._failures[stale]
+            if len(self._failures) >= self.max_addresses:  # still full: forget the oldest address
+                del self._failures[next(iter(self._failures))]
+        self._failures.setdefault(address, []).append(now)
+        return now
+
+    def forgive(self, address: str, counted: float) -> None:
+        """Take back the failure counted at *counted*: that check succeeded."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._failures[address].remove(counted)
+            if not self._failures[address]:
+                del self._failures[address]

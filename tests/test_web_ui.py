@@ -222,6 +222,33 @@ def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
     assert "&lt;script&gt;alert(3)&lt;/script&gt;" in artifact.text and "<script>alert" not in artifact.text
 
 
+def test_json_nested_too_deep_to_parse_is_refused_in_a_manifest_and_shown_without_its_settings_in_a_config(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image, tmp_path: Path) -> None:
+    """Python's JSON parser gives up on deep nesting with RecursionError, not ValueError: a manifest
+    so nested answered 500, and an image whose config was so nested broke its UI pages for good."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    deep = b'{"schemaVersion":2,"mediaType":"' + OCI_MANIFEST.encode() + b'","x":' + nested + b"}"
+    refused = http.put(f"{mirror.url}/v2/team/deep/manifests/1", content=deep, headers={"content-type": OCI_MANIFEST})
+    assert (refused.status_code, refused.json()["errors"][0]["code"]) == (400, "MANIFEST_INVALID"), refused.text
+    config = b'{"architecture":"amd64","os":"linux","x":' + nested + b"}"
+    with session(http) as client:
+        path = tmp_path / "config"
+        path.write_bytes(config)
+        push_blob(client, mirror.url, "team/deepcfg", sha256_digest(config), path)
+        for digest, blob in tiny.blobs.items():
+            push_blob(client, mirror.url, "team/deepcfg", digest, blob)
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(config),
+                       "size": len(config)},
+            "layers": json.loads(tiny.manifest)["layers"]}).encode()
+        digest = put_manifest(client, mirror.url, "team/deepcfg", "1", OCI_MANIFEST, body)
+    for page in ("/ui/r/team/deepcfg", f"/ui/r/team/deepcfg@{digest}"):
+        answer = http.get(mirror.url + page)
+        assert answer.status_code == 200, (page, answer.text[:300])
+    assert "Traceback" not in mirror.log_tail(400)
+
+
 def test_disk_budget_bar_is_cache_max_size_against_the_usage_metrics_report(
         mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
     mirror = mirror_factory(env={"MIRROR_CACHE_MAX_SIZE": "100MB"})

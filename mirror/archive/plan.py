@@ -93,7 +93,7 @@ class Content:
 def _json(data: bytes, where: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ArchiveError(where, f"not valid JSON: {exc}") from None
 
 

@@ -58,7 +58,7 @@ def referrer_of(body: bytes, media_type: str, digest: str) -> tuple[str, dict[st
     """``(subject digest, referrer descriptor)`` of a manifest with a valid ``subject``, else None."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     subject = doc.get("subject") if isinstance(doc, dict) else None
     if not isinstance(subject, dict) or not isinstance(subject.get("digest"), str):

@@ -57,7 +57,7 @@ class Descriptor:
 def _json(body: bytes) -> dict[str, Any] | None:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -164,7 +164,7 @@ def checked_manifest(body: bytes, content_type: str) -> str:
         raise InvalidManifest(f"Content-Type {media_type or '(none)'!r} is not a manifest media type")
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise InvalidManifest(f"the body sent as {media_type} is not JSON") from None
     if not isinstance(doc, dict):
         raise InvalidManifest(f"the body sent as {media_type} is not a JSON object")

@@ -25,7 +25,7 @@ def referrers_index(descriptors: list[dict[str, Any]]) -> bytes:
 def manifest_document(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise APIError("MANIFEST_INVALID", detail=f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise APIError("MANIFEST_INVALID", detail="a manifest must be a JSON object")
@@ -112,7 +112,7 @@ def required_digests(doc: dict[str, Any], media_type: str) -> list[str]:
 def subject_digest(body: bytes) -> str | None:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     subject = doc.get("subject") if isinstance(doc, dict) else None
     return subject.get("digest") if isinstance(subject, dict) else None

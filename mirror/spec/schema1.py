@@ -41,7 +41,7 @@ def payload(body: bytes) -> bytes:
     """The signed payload of a pretty-JWS *body*; raises :class:`Schema1Error`."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Schema1Error(f"not JSON: {exc}") from None
     signatures = doc.get(SIGNATURES) if isinstance(doc, dict) else None
     if not isinstance(signatures, list) or not signatures:
@@ -52,7 +52,7 @@ def payload(body: bytes) -> bytes:
             raise Schema1Error(f"signature {n} is not an object")
         try:
             header = json.loads(_b64url(signature.get("protected"), f"signature {n}'s protected header"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Schema1Error(f"signature {n}'s protected header is not JSON") from None
         length = header.get("formatLength") if isinstance(header, dict) else None
         if not isinstance(length, int) or isinstance(length, bool) or not 0 < length <= len(body):
@@ -65,7 +65,7 @@ def payload(body: bytes) -> bytes:
     signed = body[:cut[0]] + cut[1]
     try:
         unsigned = json.loads(signed)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Schema1Error("the payload cut out by formatLength and formatTail is not JSON") from None
     if not isinstance(unsigned, dict) or SIGNATURES in unsigned:
         raise Schema1Error("the payload cut out by formatLength and formatTail is not the unsigned manifest")

@@ -110,7 +110,7 @@ class TagPage:
 def _document(body: bytes | str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -174,7 +174,7 @@ async def upstream_error(method: str, path: str, response: httpx.Response) -> Up
                         break
         try:
             code = json.loads(body)["errors"][0]["code"]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             code = None
     message = f"{method} {path}: upstream answered {status}"
     kind: type[UpstreamError]

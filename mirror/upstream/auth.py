@@ -194,7 +194,7 @@ class RegistryAuth(httpx.Auth):
             doc = response.json()
             token = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
             raise UpstreamInvalid(f"the token server {host} answered 200 with no token document: {exc}",
                                   status) from exc
         if not token or not isinstance(token, str):

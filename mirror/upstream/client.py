@@ -357,7 +357,7 @@ class Upstream:
             response = await self._send("GET", str(url), retries=retries)
             try:
                 doc = response.json()
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise UpstreamInvalid(f"tags list of {name} is not JSON") from exc
             if not isinstance(doc, dict):
                 raise UpstreamInvalid(f"tags list of {name} is not a JSON object")
@@ -384,7 +384,7 @@ class Upstream:
             response = await self._send("GET", str(url))
             try:
                 doc = response.json()
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 if media_type_of(response.headers.get("content-type")) != OCI_INDEX:
                     return Referrers(None, False)  # a page of some other kind: no API here
                 raise UpstreamInvalid(f"referrers of {name}@{digest} is not JSON") from exc

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from mirror.api.htpasswd import Htpasswd
 from tests.support.catalog import StandardImages
 from tests.support.images import Image
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
 from tests.support.security import (
     ALICE,
     ALICE_PASSWORD,
@@ -269,6 +271,35 @@ def test_htpasswd_changes_apply_without_a_restart(
     wait_for(refused_while_serving, 10, "the broken file to be refused", interval=0.2)
     for _ in range(4):
         assert request(mirror, "GET", "/v2/", headers=basic("bob", "new-pw")).status_code == 200
+
+
+def test_rights_go_by_the_repository_a_ns_query_reaches(
+    mirror_factory: Callable[..., MirrorServer], upstream_factory: Callable[[], UpstreamRegistry],
+    htpasswd: Path, tiny: Image, tmp_path: Path,
+) -> None:
+    """``team/cached?ns=ghcr.io`` (containerd's spelling) is ghcr.io's ``team/cached``, as
+    ``/v2/ghcr.io/team/cached`` is: bob, whose right is ``team``, may not delete it by either
+    spelling, and carol, whose right is ``ghcr.io/team``, may by both.  Before, rights ignored
+    ``?ns=``: bob deleted other registries' cached images under his prefix, and carol could not."""
+    second = upstream_factory()
+    second.push_image("team/cached", "1", tiny)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"registry": "docker.io", "url": "http://127.0.0.1:9"},
+                                                    {"registry": "ghcr.io", "url": second.url}]}))
+    env = {**auth_env(htpasswd, anonymous_pull=True), "MIRROR_AUTH_PUSH_USERS": "alice,bob:team,carol:ghcr.io/team"}
+    mirror = mirror_factory(config=config, env=env)
+    by_ns, by_prefix = "/v2/team/cached/manifests/{}?ns=ghcr.io", "/v2/ghcr.io/team/cached/manifests/{}"
+    for path in (by_ns, by_prefix):
+        assert request(mirror, "GET", path.format("1")).status_code == 200
+        refused = request(mirror, "DELETE", path.format(tiny.digest), headers=basic("bob", "bob-pw"))
+        assert_spec_error(refused, 403, "DENIED")
+    assert request(mirror, "DELETE", by_ns.format(tiny.digest), headers=basic("carol", "carol-pw")).status_code == 202
+    assert request(mirror, "GET", by_ns.format("1")).headers["x-mirror-cache"] == "MISS"  # it was deleted
+    assert request(mirror, "DELETE", by_prefix.format(tiny.digest),
+                   headers=basic("carol", "carol-pw")).status_code == 202
+    # An anonymous request's challenge names the repository it reaches.
+    challenge = request(mirror, "DELETE", by_ns.format(tiny.digest)).headers["www-authenticate"]
+    assert 'scope="repository:ghcr.io/team/cached:delete"' in challenge, challenge
 
 
 def test_rights_go_by_the_name_without_the_default_registrys_prefix(

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import anyio.to_thread
 from starlette.responses import JSONResponse, Response
@@ -63,7 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..config.sections import AuthConfig, Config
 from ..spec.endpoints import endpoint
 from ..spec.errors import APIError, error_response
-from ..spec.names import without_registry
+from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES, without_registry
 from ..storage.layout import temp_file
 from .htpasswd import FailedLogins, Htpasswd
 
@@ -226,8 +227,8 @@ class AuthMiddleware:
         head = scope["method"] == "HEAD"
         found = endpoint(scope["path"], scope["method"])
         need, repository = found.action, found.repository
-        if repository is not None:  # docker.io/team/x is team/x (registry/namespaces.py): its rights too
-            repository = without_registry(repository, self.registry)
+        if repository is not None:  # the rights of the repository the request reaches (registry/namespaces.py)
+            repository = _reached(repository, _query(scope, "ns"), self.registry)
         try:
             who = await self._identify(scope)
         except Rejected as exc:
@@ -323,6 +324,23 @@ class AuthMiddleware:
         issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return JSONResponse({"token": token, "access_token": token, "expires_in": self.tokens.ttl,
                              "issued_at": issued}, headers={"Cache-Control": "no-store"})
+
+
+def _reached(name: str, ns: str | None, registry: str) -> str:
+    """The repository a request for *name* reaches, as rights name it: ``docker.io/team/x`` is ``team/x``
+    of the default *registry*; ``team/x?ns=ghcr.io`` (containerd's) is ``ghcr.io/team/x``, as
+    ``/v2/ghcr.io/team/x`` is; with ``?ns=`` of the default registry, *name* as it is routed."""
+    if not ns:
+        return without_registry(name, registry)
+    named = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
+    return name if named == registry else f"{named}/{name}"
+
+
+def _query(scope: Scope, key: str) -> str | None:
+    """The last value of *key* in the request's query (as ``request.query_params`` has it)."""
+    found = [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+             if k == key]
+    return found[-1] if found else None
 
 
 def _throttled(exc: Throttled, head: bool) -> Response:

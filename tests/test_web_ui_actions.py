@@ -5,8 +5,12 @@ in front of the session's real upstream registry."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
+import select
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,11 +61,12 @@ def test_deleting_a_tag_needs_the_forms_token_and_write_rights(guarded: MirrorSe
     actions = f"{guarded.url}/ui/actions/delete"
 
     # Who may not write sees no button, and the form is refused to them.
-    for headers in ({}, CAROL):
+    for headers, told in (({}, "An anonymous visitor may not change anything here"),
+                          (CAROL, "may not change team/app")):
         page = http.get(f"{guarded.url}/ui/r/team/app", headers=headers)
         assert page.status_code == 200 and "/ui/actions/" not in page.text
         refused = http.get(actions, params={"name": "team/app", "reference": "1"}, headers=headers)
-        assert refused.status_code == 403 and "may not change team/app" in refused.text
+        assert refused.status_code == 403 and told in refused.text
     page = http.get(f"{guarded.url}/ui/r/team/app", headers=BOB)
     assert 'href="/ui/actions/delete?name=team%2Fapp&amp;reference=1"' in page.text
 
@@ -97,6 +102,31 @@ def test_deleting_a_tag_needs_the_forms_token_and_write_rights(guarded: MirrorSe
     assert http.get(actions, params={"name": "other/app", "reference": "1"}, headers=BOB).status_code == 403
     deleted = http.post(actions, data={**fields, "name": "other/app"}, headers=BOB)
     assert deleted.status_code == 403 and manifest_status(http, guarded, "other/app", "1") == 200
+
+
+def test_an_anonymous_forms_body_is_not_read_and_a_refused_preloads_not_for_long(guarded: MirrorServer) -> None:
+    """A client that announces a large body and trickles it: an anonymous form post is refused at once,
+    before its body, and a refused preload's body is read (for a proxy's sake) for 5 s at most.  Before,
+    each held its connection for as long as the client kept sending a byte now and then."""
+
+    def answered_after(path: str, content_type: str) -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=15) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: 1000000\r\n\r\n".encode())
+            sock.setblocking(False)
+            answer = b""
+            while time.monotonic() - started < 15 and b"\r\n\r\n" not in answer:
+                with contextlib.suppress(BlockingIOError):
+                    sock.sendall(b"a")  # a byte every 0.5 s: never idle long enough to time out
+                ready, _, _ = select.select([sock], [], [], 0.5)
+                if ready:
+                    answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+        return time.monotonic() - started
+
+    assert answered_after("/ui/actions/delete", "application/x-www-form-urlencoded") < 2
+    assert answered_after("/_mirror/preload", "application/x-tar") < 8
 
 
 def test_deleting_a_manifest_by_digest_takes_its_tags(guarded: MirrorServer, http: httpx.Client,

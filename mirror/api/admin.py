@@ -26,6 +26,8 @@ challenge; a user who is no operator: ``403 DENIED``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import hmac
 import os
@@ -47,8 +49,10 @@ from ..storage.driver import BlobStore
 from ..storage.filesystem import write_all
 
 WRITE_BATCH = 1 << 20
-#: Bytes of a refused request's body read before it is answered (the rest: the connection closes).
+#: Bytes of a refused request's body read before it is answered, and seconds spent reading them
+#: (the rest: the connection closes), so that a refused client cannot hold a connection by trickling.
 REFUSED_BODY_LIMIT = 64 << 20
+REFUSED_BODY_SECONDS = 5.0
 _SOURCE_RE = re.compile(r"[\w.+-]{1,200}")
 #: Preloads imported at once per event loop; more wait their turn.
 PRELOAD_THREADS = 4
@@ -95,10 +99,12 @@ async def preload(request: Request) -> Response:
         # Read (and drop) what the client is sending, up to a limit: a reverse proxy that sent the
         # whole body first would see the connection reset and answer 502 instead of the refusal.
         received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > REFUSED_BODY_LIMIT:
-                break
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSED_BODY_SECONDS):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > REFUSED_BODY_LIMIT:
+                        break
         raise
     store: BlobStore = request.state.store
     metadata: Metadata = request.state.metadata

@@ -47,6 +47,29 @@ def test_tls_serves_https_with_the_configured_certificate(
         httpx.get(f"http://127.0.0.1:{mirror.port}/v2/", trust_env=False, timeout=5)
 
 
+def test_tls_takes_only_forward_secret_aead_suites_whatever_the_systems_policy(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki,
+) -> None:
+    """A TLS 1.2 client offering only CBC suites (all TLS 1.0 and 1.1 have) is refused; one offering
+    an AEAD suite, and TLS 1.3, get through.  Before, uvicorn's ``TLSv1`` cipher string took CBC."""
+    trusted = pki.context()
+    mirror = mirror_factory(env=tls_env(pki), scheme="https", verify=trusted)
+
+    def handshake(ciphers: str | None, version: ssl.TLSVersion) -> str:
+        context = pki.context()
+        context.maximum_version = version
+        if ciphers:
+            context.set_ciphers(ciphers)
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", mirror.port), timeout=10),
+                                 server_hostname="127.0.0.1") as sock:
+            return str(sock.version())
+
+    with pytest.raises(ssl.SSLError):
+        handshake("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:AES128-SHA256:AES128-SHA", ssl.TLSVersion.TLSv1_2)
+    assert handshake("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256", ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert handshake(None, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
 def test_a_blob_reader_that_stalls_over_tls_is_cut_off(
     mirror_factory: Callable[..., MirrorServer], pki: Pki, images: StandardImages,
 ) -> None:

@@ -169,6 +169,15 @@ def http_protocol() -> type | str:
     return GuardedHttpToolsProtocol
 
 
+#: TLS 1.2 cipher suites offered (TLS 1.3's are OpenSSL's own): forward-secret AEAD ones only, Mozilla's
+#: "intermediate" list (RFC 9325 section 4.2).  As TLS 1.0 and 1.1 have none of them, they are refused
+#: whatever the system's OpenSSL policy allows; uvicorn's own default, ``TLSv1``, took CBC suites too.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305"])
+
+
 def server_options(config: Config) -> dict[str, Any]:
     """uvicorn settings for TLS, slow clients, the drain after SIGTERM and trusted reverse proxies."""
     http = config.http
@@ -176,7 +185,7 @@ def server_options(config: Config) -> dict[str, Any]:
                                "timeout_graceful_shutdown": http.draintimeout,
                                "proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
     if http.tls_certificate is not None and http.tls_key is not None:
-        options.update(ssl_certfile=str(http.tls_certificate), ssl_keyfile=str(http.tls_key))
+        options.update(ssl_certfile=str(http.tls_certificate), ssl_keyfile=str(http.tls_key), ssl_ciphers=TLS12_CIPHERS)
         if http.tls_client_ca is not None:
             options.update(ssl_ca_certs=str(http.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
     return options

@@ -140,6 +140,27 @@ def test_chunked_upload_with_status_and_out_of_order_chunk(registry: MirrorServe
     assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
 
 
+@pytest.mark.parametrize("ns", ["docker.io", "Index.Docker.IO"])
+def test_an_upload_started_with_the_registrys_own_prefix_and_ns_goes_on_at_its_location(
+    registry: MirrorServer, http: httpx.Client, ns: str
+) -> None:
+    """``/v2/docker.io/team/ns/...?ns=docker.io`` names ``team/ns``, as without ``?ns=``: its upload's
+    ``Location`` (which a client follows as given) reaches it.  Before, the upload was bound to the
+    name ``docker.io/team/ns`` and its location to ``team/ns``: every PATCH answered 404."""
+    data = os.urandom(100_000)
+    started = http.post(f"{registry.url}/v2/docker.io/team/ns/blobs/uploads/", params={"ns": ns})
+    assert started.status_code == 202, started.text
+    location = started.headers["location"]
+    assert location.startswith("/v2/team/ns/blobs/uploads/"), location
+    assert http.patch(registry.url + location, content=data).status_code == 202
+    done = http.put(registry.url + location, params={"digest": sha256(data)})
+    assert done.status_code == 201, done.text
+    for url in (f"{registry.url}/v2/team/ns/blobs/{sha256(data)}",
+                f"{registry.url}/v2/docker.io/team/ns/blobs/{sha256(data)}?ns={ns}"):
+        assert http.get(url).content == data
+    assert http.get(f"{registry.url}/v2/_catalog").json() == {"repositories": ["team/ns"]}
+
+
 def test_closing_put_with_a_range_that_does_not_follow_the_upload_is_refused(
     registry: MirrorServer, http: httpx.Client
 ) -> None:
@@ -586,7 +607,9 @@ def test_pushed_repositories_never_reach_the_upstream(
     for path in ("manifests/nope", f"blobs/{sha256(b'nope')}"):
         assert http.get(f"{registry.url}/v2/team/app/{path}").status_code == 404
     assert http.get(f"{registry.url}/v2/team/app/tags/list").json()["tags"] == ["v1"]
-    assert upstream.count(None, re.compile("team/app")) == 0
+    # Only the question, before the first push, whether the upstream serves that repository.
+    assert upstream.count(None, re.compile("team/app")) == 1
+    assert upstream.count("GET", re.compile("^/v2/team/app/tags/list$"), 404) == 1
     assert upstream.count("GET", re.compile("^/v2/library/small/manifests/1$")) == 1
 
 

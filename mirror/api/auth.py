@@ -329,10 +329,11 @@ class AuthMiddleware:
 def _reached(name: str, ns: str | None, registry: str) -> str:
     """The repository a request for *name* reaches, as rights name it: ``docker.io/team/x`` is ``team/x``
     of the default *registry*; ``team/x?ns=ghcr.io`` (containerd's) is ``ghcr.io/team/x``, as
-    ``/v2/ghcr.io/team/x`` is; with ``?ns=`` of the default registry, *name* as it is routed."""
+    ``/v2/ghcr.io/team/x`` is."""
     if not ns:
         return without_registry(name, registry)
     named = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
+    name = without_registry(name, named)  # ghcr.io/team/x?ns=ghcr.io is team/x of ghcr.io too
     return name if named == registry else f"{named}/{name}"
 
 

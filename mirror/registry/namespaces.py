@@ -19,7 +19,7 @@ it for a :class:`~mirror.registry.repository.Repository` bound to the name and n
 from __future__ import annotations
 
 from ..spec.errors import APIError
-from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES, without_registry
 from .cached import CachedRepository
 from .local import LocalRegistry, LocalRepository
 from .pullthrough import PullThrough
@@ -43,7 +43,7 @@ class Namespaces:
         for pushed repositories too).
         """
         pull, upstream_name = self.upstream_for(name, ns)
-        if pull is self.default and not ns:
+        if pull is self.default:
             name = upstream_name  # the default registry's own prefix (docker.io/team/x): the name without it
         if pull is self.default and await self.local.reads.is_local(name):
             # (One named for another upstream was pushed before such names were refused: only a
@@ -70,8 +70,8 @@ class Namespaces:
         """
         if ns:
             registry = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
-            if registry in self.pulls:
-                return self.pulls[registry], name
+            if registry in self.pulls:  # (team/x with the registry's own prefix too: the same repository)
+                return self.pulls[registry], without_registry(name, registry)
             raise APIError("NAME_UNKNOWN", f"no upstream is configured for {ns}", detail={"ns": ns})
         first, _, rest = name.partition("/")
         if rest and ("." in first or ":" in first):

@@ -13,6 +13,8 @@ processes on one SeaweedFS bucket and one PostgreSQL database, each with a data 
 
 from __future__ import annotations
 
+import collections
+import http.server
 import json
 import random
 import threading
@@ -49,6 +51,71 @@ def test_the_shipped_haproxy_configuration_is_valid_as_shipped_and_on_loopback(t
     adapted.write_text(loopback_config(SHIPPED.read_text(), 5000, ["127.0.0.1:5001", "127.0.0.1:5002"],
                                        tmp_path / "admin.sock"))
     run_checked([haproxy, "-c", "-f", str(adapted)])
+
+
+class Dropping(http.server.BaseHTTPRequestHandler):
+    """A replica killed while it handles each request: it reads the request, counts it and closes the
+    connection unanswered (``drop``), or answers ``200`` (a replica alive)."""
+
+    drop = False
+    seen: collections.Counter[tuple[int, str]]
+
+    def handle_one_request(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline or not self.parse_request():
+            self.close_connection = True
+            return
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path != "/healthz":  # (HAProxy's checks: answered by both)
+            self.seen[(self.server.server_address[1], self.command)] += 1
+            if self.drop:
+                self.close_connection = True  # applied, and the answer lost
+                return
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_shipped_haproxy_sends_a_dropped_read_to_another_replica_but_never_a_write(tmp_path: Path) -> None:
+    """A replica that drops requests unanswered (killed at the wrong moment): HAProxy sends a ``GET`` or
+    ``HEAD`` on to the other replica, and answers a ``PATCH``, ``PUT``, ``POST`` or ``DELETE`` with ``502``,
+    sending it nowhere else.  Before, it sent those on too: a chunk appended twice made the upload's
+    ``PUT ?digest=`` fail with ``DIGEST_INVALID``."""
+    require_tool("/usr/sbin/haproxy", "haproxy")
+    seen: collections.Counter[tuple[int, str]] = collections.Counter()
+    servers = []
+    for drop in (True, False):
+        handler = type("Replica", (Dropping,), {"drop": drop, "seen": seen})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    dying, alive = (s.server_address[1] for s in servers)
+    balancer = HAProxy(tmp_path / "haproxy", [f"127.0.0.1:{dying}", f"127.0.0.1:{alive}"], check="/healthz")
+    try:
+        balancer.start()
+        wait_for(lambda: all_up(balancer, 2), timeout=20, what="both stand-ins up")
+        seen.clear()
+        answers: collections.Counter[tuple[str, int]] = collections.Counter()
+        with httpx.Client(trust_env=False, timeout=30) as client:
+            for method in ("GET", "HEAD", "PATCH", "PUT", "POST", "DELETE"):
+                for _ in range(4):  # round robin: two reach the dying one first
+                    answers[(method, client.request(method, f"{balancer.url}/v2/x", content=b"chunk" * (
+                        method in ("PATCH", "PUT", "POST"))).status_code)] += 1
+    finally:
+        balancer.stop()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    for method in ("GET", "HEAD"):  # each dropped one sent on, and answered
+        assert answers[(method, 200)] == 4 and seen[(alive, method)] == 4 and seen[(dying, method)] >= 1, \
+            (answers, seen)
+    for method in ("PATCH", "PUT", "POST", "DELETE"):  # each sent once: a dropped one is answered 502
+        assert seen[(alive, method)] + seen[(dying, method)] == 4 and seen[(dying, method)] >= 1, seen
+        assert (answers[(method, 200)], answers[(method, 502)]) == (seen[(alive, method)], seen[(dying, method)]), \
+            (answers, seen)
 
 
 def all_up(balancer: HAProxy, count: int = REPLICAS) -> bool:

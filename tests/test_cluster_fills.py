@@ -284,6 +284,35 @@ def test_a_replica_whose_advertised_address_does_not_reach_it_is_named_in_a_warn
     assert "is its cluster.advertise reachable from here?" in warnings[0]
 
 
+def test_a_replica_whose_clock_is_far_off_is_not_ready_and_the_others_wait_for_its_fill(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A replica 45 s ahead (a VM without NTP) fetches a blob: its ``/readyz`` says its clock is off the
+    database's (so a load balancer drains it), and another replica, whose requests it refuses as too far
+    off in time, says so and serves the blob once it is stored.  Before, that replica answered its client
+    ``503`` at once, blaming the secret, and the skewed one stayed ready."""
+    layer = big_image.layers[0]
+    port = free_port()
+    env = {**replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, port), "SKEWED_CLOCK_SECONDS": "45"}
+    owner = mirror_factory(fault_proxy.url, port=port, env=env, module="tests.support.skewed_clock")
+    (other,) = start_replicas(cluster, 1, fault_proxy.url, mirror_factory)
+    ready = httpx.get(f"{owner.url}/readyz", trust_env=False, timeout=30)
+    assert ready.status_code == 503 and "clock is +45s off the database's" in ready.json()["problems"]["clock"], \
+        ready.text
+    assert httpx.get(f"{other.url}/readyz", trust_env=False, timeout=30).status_code == 200
+    fault_proxy.clear_counts()
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.004)
+    pull = Pull(other)
+    for thread in [*run_pulls([pull], layer.digest), first_thread]:
+        thread.join(180)
+
+    assert (first.error, first.sha256, pull.error, pull.sha256) == (None, layer.digest, None, layer.digest)
+    assert fault_proxy.count("GET", blob_path) == 1
+    warnings = [line for line in other.log_path.read_text().splitlines() if "does not answer" in line]
+    assert len(warnings) == 1 and "off its clock" in warnings[0] and "(NTP)" in warnings[0], warnings
+    assert "cluster.secret_file" not in other.log_path.read_text()
+
+
 def test_bytes_the_upstream_corrupted_are_never_answered_whole_by_any_replica(
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

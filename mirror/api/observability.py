@@ -45,6 +45,7 @@ from ..config.sections import Config, ConfigError, LogConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.metrics import CONTENT_TYPE_LATEST, Metrics, render
+from ..registry.peers import MAX_SKEW
 from ..registry.reads import in_index_thread, in_mixed_thread
 from ..spec.endpoints import CACHE_HEADER, endpoint
 from ..storage.driver import BlobStore
@@ -228,7 +229,11 @@ async def readyz(request: Request) -> Response:
     # The store's probe from a default thread, the index's from one of its own (registry/reads.py).
     store = await anyio.to_thread.run_sync(request.state.store.write_problem)
     index = await in_index_thread(index_problem, request.state.metadata)
-    problems = {key: problem for key, problem in (("store", store), ("index", index)) if problem is not None}
+    clock = None
+    if request.state.config.cluster.enabled and index is None:
+        clock = await in_index_thread(clock_problem, request.state.metadata)
+    problems = {key: problem for key, problem in (("store", store), ("index", index), ("clock", clock))
+                if problem is not None}
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -246,6 +251,29 @@ def readiness_problems(store: BlobStore, metadata: Metadata) -> dict[str, str]:
     if (problem := index_problem(metadata)) is not None:
         problems["index"] = problem
     return problems
+
+
+def clock_problem(metadata: Metadata) -> str | None:
+    """Why this replica's clock keeps it from serving in a cluster, or None (blocking: one read).
+
+    Replicas refuse each other's signed requests more than ``MAX_SKEW`` (30) seconds off their own
+    clock (``registry/peers.py``): a replica more than half that off the database's clock, which every
+    one can read, is not ready, so a load balancer takes it out of rotation rather than its fills
+    failing.  Measured against the middle of the round trip to the database.
+    """
+    clock = getattr(metadata, "clock", None)
+    if clock is None:
+        return None
+    try:
+        before = time.time()
+        database = clock()
+        offset = (before + time.time()) / 2 - database
+    except Exception:  # noqa: BLE001 (the index's own check says what is wrong with it)
+        return None
+    if abs(offset) <= MAX_SKEW / 2:
+        return None
+    return (f"this host's clock is {offset:+.0f}s off the database's (at most {MAX_SKEW / 2:.0f}s): the other "
+            f"replicas refuse its requests; keep the hosts' clocks synchronized (NTP)")
 
 
 def index_problem(metadata: Metadata) -> str | None:

@@ -332,6 +332,12 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
     def set_usage(self, value: int) -> None:
         self._one("UPDATE counters SET value = %s WHERE name = 'usage' RETURNING value", (value,))
 
+    def clock(self) -> float:
+        """Seconds since the epoch by the database's clock, the one every replica's leases go by."""
+        row = self._one("SELECT extract(epoch from statement_timestamp())")
+        assert row is not None
+        return float(row[0])
+
     def usage(self) -> int:
         row = self._one("SELECT value FROM counters WHERE name = 'usage'")
         return int(row[0]) if row else 0

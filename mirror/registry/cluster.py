@@ -50,6 +50,7 @@ from ..spec.reference import Digest
 from ..storage.batches import resumed_chunks
 from ..storage.bypass import Download, FillFailed
 from ..storage.growing import Fetch
+from .peers import MAX_SKEW, REFUSED_HEADER
 from .reads import in_index_thread
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
 
@@ -255,6 +256,11 @@ class ClusterFetch:
         if size is None or (self._offset and size != self.size):
             await self._stack.aclose()
             self._stack = AsyncExitStack()
+            if response.headers.get(REFUSED_HEADER) == "clock":  # the secret is right: wait, as for a silent one
+                self.figures.stream_error("refused")
+                self.cluster.unanswered(holder, self.digest, "it refused this replica's request as more than "
+                                        f"{MAX_SKEW}s off its clock", "keep the hosts' clocks synchronized (NTP)")
+                return False
             if response.status_code in (401, 403):
                 self.figures.stream_error("refused")
                 log.warning("%s: %s refused this replica's request (%d): is cluster.secret_file the same "

@@ -10,7 +10,8 @@ A request from a replica carries three headers:
 
 The receiver recomputes the HMAC and compares in constant time (:func:`hmac.compare_digest`).  A
 request without the headers is answered ``401 UNAUTHORIZED``; one whose signature or time is wrong
-``403 DENIED``, in the spec's JSON error format (:class:`~mirror.spec.errors.APIError`).  The
+``403 DENIED``, in the spec's JSON error format (:class:`~mirror.spec.errors.APIError`), the time's
+with ``X-Mirror-Refused: clock`` (the secret is right: the two hosts' clocks are apart).  The
 secret itself never leaves the process: not in a header, a log line or a metric.
 """
 
@@ -27,6 +28,8 @@ from ..spec.errors import APIError
 REPLICA_HEADER = "X-Mirror-Replica"
 TIME_HEADER = "X-Mirror-Time"
 SIGNATURE_HEADER = "X-Mirror-Signature"
+#: On a refusal of a rightly signed request whose time is too far off: ``clock``.
+REFUSED_HEADER = "X-Mirror-Refused"
 #: Seconds a signed request's time may differ from the receiver's clock, either way.
 MAX_SKEW = 30
 _SCHEME = "v1="
@@ -66,5 +69,6 @@ def verify(secret: str, method: str, path: str, headers: Mapping[str, str], now:
         raise APIError("DENIED", "bad replica signature")
     skew = abs((time.time() if now is None else now) - int(timestamp))
     if skew > MAX_SKEW:
-        raise APIError("DENIED", f"replica signature's time is {skew:.0f}s off (at most {MAX_SKEW}s)")
+        raise APIError("DENIED", f"replica signature's time is {skew:.0f}s off (at most {MAX_SKEW}s)",
+                       headers={REFUSED_HEADER: "clock"})
     return replica

@@ -73,18 +73,19 @@ class Cluster:
     def signed(self, method: str, path: str) -> dict[str, str]:
         return sign(self._secret, method, path, self.replica)
 
-    def unanswered(self, holder: str, digest: Digest, why: str) -> None:
+    def unanswered(self, holder: str, digest: Digest, why: str,
+                   hint: str = "is its cluster.advertise reachable from here?") -> None:
         """Say (a warning, at most every :data:`WARN_INTERVAL` seconds per replica) that *holder*, which
         holds *digest*'s fill lease, did not answer: it died (its lease then expires), or its
-        ``cluster.advertise`` does not reach it from here, and this replica's clients wait meanwhile."""
+        ``cluster.advertise`` does not reach it from here (else *hint*), and this replica's clients wait
+        meanwhile."""
         now = time.monotonic()
         if now - self._warned.get(holder, -WARN_INTERVAL) < WARN_INTERVAL:
             log.debug("%s: %s does not answer its fill: %s", digest, holder, why)
             return
         self._warned[holder] = now
         log.warning("%s: %s, which fetches it, does not answer (%s): this replica's clients wait until it "
-                    "stores the blob or its lease expires; is its cluster.advertise reachable from here?",
-                    digest, holder, why)
+                    "stores the blob or its lease expires; %s", digest, holder, why, hint)
 
     def track(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -296,6 +296,14 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
     assert refused.stderr.startswith(f"mirror: cluster.secret_file {other_secret}: the replicas running on this "
                                      "database use another secret"), refused.stderr
     assert SECRET not in refused.stderr + refused.stdout and SECRET[::-1] not in refused.stderr
+    # Nor does a mirror without cluster settings on the cluster's bucket and database (an entrypoint that
+    # lost MIRROR_CLUSTER_ADVERTISE): it would fetch again what they fetch, its reads unmarked.
+    alone = {k: v for k, v in env.items() if not k.startswith("MIRROR_CLUSTER_")}
+    lone = mirror_cli("serve", "--data", tmp_path / "alone", "--listen", f"127.0.0.1:{free_port()}", env=alone,
+                      timeout=60)
+    assert lone.returncode == 2, lone.stderr
+    assert lone.stderr.startswith("mirror: the replicas of a cluster run on this database: a mirror beside them "
+                                  "needs cluster.advertise"), lone.stderr
     # The same secret joins; a new secret starts once every replica of the old one is stopped.
     same = free_port()
     mirror_factory(port=same, env=replica_env(bucket, dsn, secret_file, same, **ttl)).stop()
@@ -303,6 +311,9 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
     time.sleep(2.5)
     changed = mirror_factory(port=other, env=env)
     assert httpx.get(f"{changed.url}/readyz", trust_env=False).status_code == 200
+    changed.stop()
+    time.sleep(2.5)  # no replica holds the claim any more: a mirror alone may use the database
+    assert httpx.get(f"{mirror_factory(env=alone).url}/readyz", trust_env=False).status_code == 200
 
 
 def test_generation_reads_asked_at_once_are_one_and_each_starts_after_its_asker_came() -> None:

@@ -46,9 +46,15 @@ def claim(metadata: Metadata, check: str, ttl: float, held: Lease | None) -> tup
 
 def secret_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
     """Why this replica may not start with its ``cluster.secret_file``, or None (and the claim
-    taken, or a sibling's found).  Blocking."""
+    taken, or a sibling's found); for a mirror without ``cluster``, why it may not start beside the
+    replicas of a cluster on the same database (they hold the claim).  Blocking."""
     if not config.enabled or config.secret_file is None:
-        return None
+        if metadata.current_lease(LEASE) is None:
+            return None
+        return ("the replicas of a cluster run on this database: a mirror beside them needs cluster.advertise (its "
+                "own address) and their cluster.secret_file, else it fetches again what they fetch and its reads "
+                "are not marked in use for their collectors (if they all stopped, start this one "
+                f"cluster.lease_ttl ({config.lease_ttl:g}s) later)")
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
     if not other:
         return None

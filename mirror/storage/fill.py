@@ -254,7 +254,8 @@ class Fills:
                 log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
                             ingest.digest, ingest.written, refused)
             else:
-                log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written, exc)
+                log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written,
+                            str(exc) or type(exc).__name__)
                 if isinstance(exc, DigestMismatch) and callable(mismatched := getattr(fetched, "mismatched", None)):
                     mismatched()  # the upstream's answer was not the blob: counted as its invalid answer
             try:

@@ -50,7 +50,7 @@ DISTRIBUTION_KEYS: dict[str, str] = {
     "http.tls.clientcas": "http.tls.client_ca (one PEM file of CA certificates)",
     "http.tls.clientauth": "http.tls.client_ca (a client certificate is then required)",
     "http.tls.minimumtls": "TLS 1.2 or later is required: remove it",
-    "http.tls.ciphersuites": "Python's secure defaults are used: remove it",
+    "http.tls.ciphersuites": "TLS 1.3 and TLS 1.2's forward-secret AEAD suites are offered: remove it",
     "storage.filesystem.rootdirectory": "storage.path",
     "storage.filesystem.maxthreads": _REMOVE,
     "storage.filesystem": "storage.path",

@@ -233,12 +233,19 @@ class ClusterFetch:
         self.figures.fill("takeover" if self._followed else "owner")
         if self._followed:
             self._taken_over_at = time.time()
-        if self._offset:
-            log.info("%s: took over the fill at byte %d; fetching it from the upstream", self.digest, self._offset)
         self.size = download.size
         rests = AsyncExitStack()  # a body that breaks off is resumed where it broke, its rests kept here
         self._stack.push_async_callback(rests.aclose)
-        self._source = _skip(resumed_chunks(download, self.digest, rests), self._offset)
+        skip = self._offset
+        if self._offset and (resume := getattr(download, "resume", None)) is not None:
+            # Only the rest is asked for (Range), not the bytes the fill reached again.
+            if (whole := getattr(download, "response", None)) is not None:
+                await whole.aclose()
+            download, skip = await rests.enter_async_context(resume(self._offset, broken=False)), 0
+        if self._offset:
+            log.info("%s: took over the fill at byte %d; fetching %s from the upstream", self.digest, self._offset,
+                     "the rest" if not skip else "it")
+        self._source = _skip(resumed_chunks(download, self.digest, rests, self._offset - skip), skip)
 
     async def _follow(self, holder: str) -> bool:
         """Stream the fill from *holder* from the byte reached; False if it does not answer it now."""

@@ -48,10 +48,11 @@ async def receive(download: Any, ingest: FillWriter, written: Callable[[], None]
                 download = rest
 
 
-async def resumed_chunks(download: Any, digest: object, rests: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
-    """``download.chunks()``, resumed where the body broke off (:class:`Resumption`); the rests are
-    entered into *rests*, which the caller closes."""
-    resumption, offset = Resumption(download), 0
+async def resumed_chunks(download: Any, digest: object, rests: contextlib.AsyncExitStack,
+                         start: int = 0) -> AsyncIterator[bytes]:
+    """``download.chunks()`` (the blob's bytes from *start* on), resumed where the body broke off
+    (:class:`Resumption`); the rests are entered into *rests*, which the caller closes."""
+    resumption, offset = Resumption(download), start
     while True:
         try:
             async for chunk in download.chunks():

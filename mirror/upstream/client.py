@@ -7,9 +7,8 @@ code when it sent one) and answers with the types of ``upstream/answers.py``; th
 This module knows nothing of the cache: it fetches, checks that a manifest answer is a manifest
 (``manifest.checked_manifest``) and verifies it against its registry digest, and streams blobs
 as identity bytes (``upstream/codings.py``).  Idempotent requests that fail before any byte arrived are
-retried with backoff.  A listing's next-page link is followed only on the registry's origin
-(``upstream/paging.py``); non-distributable layers are fetched from their own URLs with no
-credentials.
+retried with backoff; a listing's next page is followed on the registry's origin only (``paging.py``);
+non-distributable layers are fetched from their own URLs with no credentials.
 
 Imports the ``upstream_*`` modules, ``codings``, ``httpcore_reads``, ``config``, ``manifest``,
 ``metrics`` and ``reference``; nothing of the cache or the HTTP routes.
@@ -259,12 +258,13 @@ class Upstream:
             await response.aclose()
 
     @asynccontextmanager
-    async def _blob_rest(self, name: str, digest: Digest, size: int, offset: int) -> AsyncIterator[BlobDownload]:
-        """The rest of a blob whose body broke off after *offset* identity bytes of *size*: ``Range:
-        bytes=<offset>-`` (RFC 9110 section 14.2), answered ``206`` with the ``Content-Range`` of that
-        rest (section 14.4), uncoded; any other answer is :class:`UpstreamUnavailable`.  Each call
-        counts one interrupted body (``mirror_upstream_errors_total{reason="interrupted"}``)."""
-        self.metrics.upstream_error(self.config.registry, "interrupted")
+    async def _blob_rest(self, name: str, digest: Digest, size: int, offset: int, *, broken: bool = True
+                         ) -> AsyncIterator[BlobDownload]:
+        """The rest of a blob from byte *offset* of *size* (its body *broken* off there): ``Range: bytes=
+        <offset>-`` (RFC 9110 section 14.2), answered ``206`` with that rest's ``Content-Range`` (14.4),
+        uncoded, else :class:`UpstreamUnavailable`; *broken* counts ``{reason="interrupted"}``."""
+        if broken:
+            self.metrics.upstream_error(self.config.registry, "interrupted")
         shown = f"GET blob {digest} from byte {offset}"
         response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True,
                                     headers={"Range": f"bytes={offset}-", "Accept-Encoding": ACCEPT_ENCODING})

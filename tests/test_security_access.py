@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bcrypt
 import httpx
 import pytest
 import yaml
@@ -182,18 +183,28 @@ def test_password_guessing_is_throttled_per_address(
 def test_concurrent_password_guesses_are_throttled_as_if_one_after_the_other(
     mirror_factory: Callable[..., MirrorServer], htpasswd: Path,
 ) -> None:
-    """40 guesses at once from one address: only the first 10 are checked (a check under way counts
-    as failed); before, every one passed the throttle before the first failure was counted."""
+    """40 guesses at once from one address: only 10 are checked (more wait while those under way could
+    reach the limit); before, every one passed the throttle before the first failure was counted.  And
+    30 logins at once with the right password all succeed (one bcrypt round, and the others find it
+    right), where a throttle counting checks under way as failed refused 20 of them."""
     mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
 
-    async def guess_all() -> list[int]:
-        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=40)) as http:
-            answers = await asyncio.gather(*(http.get(f"{mirror.url}/auth/token", headers=basic("carol", f"g{n}"))
-                                             for n in range(40)))
-        return [a.status_code for a in answers]
+    def at_once(server: MirrorServer, logins: list[dict[str, str]]) -> list[int]:
+        async def send() -> list[int]:
+            async with httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=40)) as c:
+                answers = await asyncio.gather(*(c.get(f"{server.url}/auth/token", headers=h) for h in logins))
+            return [a.status_code for a in answers]
 
-    statuses = asyncio.run(guess_all())
+        return asyncio.run(send())
+
+    statuses = at_once(mirror, [basic("carol", f"g{n}") for n in range(40)])
     assert sorted(statuses) == [401] * 10 + [429] * 30, statuses
+    # dora's hash has cost 12 (a quarter of a second a check): the first checks are still under way
+    # when the later ones come.
+    entry = f"dora:{bcrypt.hashpw(b'dora-pw', bcrypt.gensalt(rounds=12)).decode()}"
+    htpasswd.write_text(htpasswd.read_text().rstrip("\n") + f"\n{entry}\n")
+    assert at_once(mirror_factory(env=auth_env(htpasswd, anonymous_pull=True)),
+                   [basic("dora", "dora-pw")] * 30) == [200] * 30
     assert request(mirror, "GET", "/auth/token", headers=basic("alice", ALICE_PASSWORD)).status_code == 429
     # A right password (checked before the throttle, one at a time) is not counted as failed.
     other = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))

@@ -33,15 +33,16 @@ refused here: the user that right credentials name is handed on as ``request.sta
 otherwise), and the operator endpoints (``api/admin.py``) or the UI's pages decide, the UI by
 :meth:`~mirror.config.sections.AuthConfig.may_pull` as for ``/v2/``.
 
-Guessing passwords is slow: a client address whose passwords failed ``MAX_FAILED_LOGINS``
-times within ``FAILED_LOGIN_WINDOW`` seconds (``api/htpasswd.py``; checks under way count as
-failed) gets ``429 TOOMANYREQUESTS`` (with ``Retry-After``) for any password not already known to
-be right, without a bcrypt round spent on it.  Users behind the same address whose password was
+Guessing passwords is slow: a client address whose passwords failed ``MAX_FAILED_LOGINS`` times
+within ``FAILED_LOGIN_WINDOW`` seconds (``api/htpasswd.py``; more checks wait while those under way
+could reach it) gets ``429 TOOMANYREQUESTS`` (with ``Retry-After``) for any password not already
+known to be right, without a bcrypt round spent on it.  Users behind the same address whose password was
 accepted before keep working.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -193,6 +194,7 @@ class AuthMiddleware:
         self.users = Htpasswd(config.htpasswd_path)
         self.tokens = TokenSigner(key)
         self.failed_logins = FailedLogins()
+        self._checked = asyncio.Condition()  # notified whenever a password check ends
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -274,16 +276,28 @@ class AuthMiddleware:
             return True
         client = scope.get("client")
         address = str(client[0]) if client else ""
-        wait = self.failed_logins.wait(address)
-        if wait > 0:
-            raise Throttled(wait)
-        # Counted as failed while bcrypt runs: concurrent guesses from one address cannot all pass
-        # the check above before the first failure is counted (OWASP ASVS 2.2.1).
-        counted = self.failed_logins.failed(address)
-        if await anyio.to_thread.run_sync(self.users.verify, user, password):
-            self.failed_logins.forgive(address, counted)
-            return True
-        return False
+        async with self._checked:
+            while True:
+                wait = self.failed_logins.wait(address)
+                if wait > 0:
+                    raise Throttled(wait)
+                # Concurrent guesses from one address wait while those under way could reach the limit,
+                # so they cannot all start before the first failure is counted (OWASP ASVS 2.2.1); a
+                # right password that waited may meanwhile be known right (no bcrypt then).
+                if not self.failed_logins.busy(address):
+                    break
+                await self._checked.wait()
+                if self.users.remembered(user, password):
+                    return True
+            self.failed_logins.begin(address)
+        ok: bool | None = None  # (None: the check did not end, e.g. its client went away)
+        try:
+            ok = await anyio.to_thread.run_sync(self.users.verify, user, password)
+        finally:
+            async with self._checked:
+                self.failed_logins.end(address, failed=ok is False)
+                self._checked.notify_all()
+        return bool(ok)
 
     def _challenge(self, scope: Scope, name: str | None, need: str, message: str,
                    error: str | None = None) -> Response:

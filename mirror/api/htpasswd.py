@@ -15,7 +15,6 @@ Unknown users cost the same bcrypt round as known ones, and bcrypt compares in c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -178,8 +177,9 @@ FAILED_LOGIN_WINDOW = 60.0
 
 
 class FailedLogins:
-    """Failed password checks per client address, over a sliding window (one process's view); a
-    check is counted as failed from its start, so that concurrent guesses are counted too."""
+    """Failed password checks per client address, over a sliding window (one process's view), and the
+    checks under way: a check waits while those could reach the limit (:meth:`busy`), so that
+    concurrent guesses cannot all start before the first failure is counted."""
 
     def __init__(self, limit: int = MAX_FAILED_LOGINS, window: float = FAILED_LOGIN_WINDOW,
                  max_addresses: int = 10000) -> None:
@@ -187,6 +187,7 @@ class FailedLogins:
         self.window = window
         self.max_addresses = max_addresses
         self._failures: dict[str, list[float]] = {}
+        self._checking: dict[str, int] = {}
 
     def wait(self, address: str, now: float | None = None) -> float:
         """Seconds until *address* may have a password checked again (0: now)."""
@@ -198,9 +199,8 @@ class FailedLogins:
             self._failures.pop(address, None)
         return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
 
-    def failed(self, address: str, now: float | None = None) -> float:
-        """Count a failed check of *address*'s (or one under way: :meth:`forgive` it if it succeeds);
-        the time it is counted at."""
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Count a failed check of *address*'s."""
         now = time.monotonic() if now is None else now
         if address not in self._failures and len(self._failures) >= self.max_addresses:
             for stale in [a for a, times in self._failures.items() if times[-1] <= now - self.window]:
@@ -208,11 +208,22 @@ class FailedLogins:
             if len(self._failures) >= self.max_addresses:  # still full: forget the oldest address
                 del self._failures[next(iter(self._failures))]
         self._failures.setdefault(address, []).append(now)
-        return now
 
-    def forgive(self, address: str, counted: float) -> None:
-        """Take back the failure counted at *counted*: that check succeeded."""
-        with contextlib.suppress(KeyError, ValueError):
-            self._failures[address].remove(counted)
-            if not self._failures[address]:
-                del self._failures[address]
+    def busy(self, address: str) -> bool:
+        """Whether the checks of *address*'s under way could, failing, reach the limit: another one waits."""
+        recent = len(self._failures.get(address, ()))
+        return recent + self._checking.get(address, 0) >= self.limit
+
+    def begin(self, address: str) -> None:
+        """A check of *address*'s starts (:meth:`end` it)."""
+        self._checking[address] = self._checking.get(address, 0) + 1
+
+    def end(self, address: str, failed: bool) -> None:
+        """A check of *address*'s ended, *failed* or not."""
+        left = self._checking.get(address, 1) - 1
+        if left > 0:
+            self._checking[address] = left
+        else:
+            self._checking.pop(address, None)
+        if failed:
+            self.failed(address)

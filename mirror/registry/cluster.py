@@ -50,6 +50,7 @@ from ..spec.reference import Digest
 from ..storage.batches import resumed_chunks
 from ..storage.bypass import Download, FillFailed
 from ..storage.growing import Fetch
+from ..upstream.errors import UpstreamError
 from .peers import MAX_SKEW, REFUSED_HEADER
 from .reads import in_index_thread
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
@@ -221,10 +222,22 @@ class ClusterFetch:
             return
         self.lease, self._lost, self._from_peer, self._source_is_peer = lease, False, False, False
         self._heartbeat = asyncio.create_task(self._beat())
+        rests = AsyncExitStack()  # a body that breaks off is resumed where it broke, its rests kept here
+        self._stack.push_async_callback(rests.aclose)
+        skip = self._offset
         try:
             download: Download = await self._stack.enter_async_context(self.upstream())
             if self._offset and download.size != self.size:
                 raise FillFailed(f"{self.digest}: the upstream now announces {download.size} bytes, not {self.size}")
+            if self._offset and (resume := getattr(download, "resume", None)) is not None:
+                # Only the rest is asked for (Range), not the bytes the fill reached again.
+                if (whole := getattr(download, "response", None)) is not None:
+                    await whole.aclose()
+                try:
+                    download, skip = await rests.enter_async_context(resume(self._offset, broken=False)), 0
+                except UpstreamError as exc:  # an upstream without ranges: the whole blob again, its start dropped
+                    log.info("%s: the upstream gave no rest from byte %d (%s)", self.digest, self._offset, exc)
+                    download = await rests.enter_async_context(self.upstream())
         except BaseException:
             self._heartbeat.cancel()
             self.lease = None
@@ -233,15 +246,7 @@ class ClusterFetch:
         self.figures.fill("takeover" if self._followed else "owner")
         if self._followed:
             self._taken_over_at = time.time()
-        self.size = download.size
-        rests = AsyncExitStack()  # a body that breaks off is resumed where it broke, its rests kept here
-        self._stack.push_async_callback(rests.aclose)
-        skip = self._offset
-        if self._offset and (resume := getattr(download, "resume", None)) is not None:
-            # Only the rest is asked for (Range), not the bytes the fill reached again.
-            if (whole := getattr(download, "response", None)) is not None:
-                await whole.aclose()
-            download, skip = await rests.enter_async_context(resume(self._offset, broken=False)), 0
+        self.size = download.size if not self._offset else self.size
         if self._offset:
             log.info("%s: took over the fill at byte %d; fetching %s from the upstream", self.digest, self._offset,
                      "the rest" if not skip else "it")

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
+from tests.support.faults import FaultProxy
 from tests.support.images import (
     DOCKER_MANIFEST,
     MANIFEST_MEDIA_TYPES,
@@ -666,6 +667,28 @@ def test_push_policy(
     offline = mirror_factory("http://127.0.0.1:9", env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})
     assert http.post(f"{offline.url}/v2/library/dlist/blobs/uploads/").status_code == 202
     assert "did not say whether it serves that repository" in offline.log_tail(100)
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+def test_a_first_push_is_refused_while_the_upstream_cannot_tell_whether_it_serves_the_name(
+    mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+    http: httpx.Client, status: int,
+) -> None:
+    """The upstream answers the question (tags/list?n=1) with an error, after the retries: the push is
+    refused 503 with Retry-After, and the name stays the upstream's.  Before, a single blip let the
+    push go on, and the pushed repository then answered every pull of the upstream's image (404)."""
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true",
+                                                  "MIRROR_UPSTREAM_RETRIES": "1"})
+    with fault_proxy.fault("status", "/tags/list$", status=status):
+        refused = http.post(f"{mirror.url}/v2/dlist/blobs/uploads/")
+        assert (refused.status_code, error_code(refused)) == (503, "UNAVAILABLE"), refused.text
+        assert int(refused.headers["retry-after"]) > 0
+        assert fault_proxy.count("GET", "/v2/library/dlist/tags/list") == {503: 2, 429: 1, 500: 1}[status]
+    assert http.get(f"{mirror.url}/v2/_catalog").json() == {"repositories": []}
+    pulled = http.get(f"{mirror.url}/v2/dlist/manifests/1", headers={"accept": ALL_TYPES})
+    assert (pulled.status_code, pulled.headers["x-mirror-cache"]) == (200, "MISS")
+    # The upstream answers again: a name it does not serve takes the push.
+    assert http.post(f"{mirror.url}/v2/team/new/blobs/uploads/").status_code == 202
 
 
 def test_abandoned_uploads_expire(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:

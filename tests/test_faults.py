@@ -9,12 +9,13 @@ registry's access log too).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.registry.failures import UPSTREAM_RETRY_AFTER
+from mirror.storage.batches import write_in_batches
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.hub import HubEmulator
@@ -198,14 +200,15 @@ def test_a_blob_body_that_breaks_off_is_resumed_where_it_broke_for_every_client_
     size: int, proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, upstream: UpstreamRegistry,
     tmp_path: Path,
 ) -> None:
-    """The upstream's first two answers are reset after 3 MiB (a flaky CDN): the fill asks for the
+    """The upstream's first two answers are reset after 3 MiB or so (a flaky CDN): the fill asks for the
     rest with ``Range`` each time, so the three clients following it get the whole blob, and no byte
     is fetched twice.  Before, the first reset cut every client off (skopeo and podman then failed)."""
     image = build_image(tmp_path, [random_layer(tmp_path, size, seed=17)])
     layer = image.layers[0]
     upstream.push_image("library/flaky", "1", image)
     mirror = proxied()
-    fault_proxy.add("reset", f"/blobs/{layer.digest}$", method="GET", times=2, after_bytes=3 << 20)
+    # (3 MiB and a bit: the bytes received since the last batch written are written before the rest is asked.)
+    fault_proxy.add("reset", f"/blobs/{layer.digest}$", method="GET", times=2, after_bytes=(3 << 20) + 123_456)
 
     with ThreadPoolExecutor(3) as pool:
         transfers = list(pool.map(lambda _: get_blob(mirror, "flaky", layer.digest), range(3)))
@@ -223,6 +226,28 @@ def test_a_blob_body_that_breaks_off_is_resumed_where_it_broke_for_every_client_
     assert upstream_blob_bytes(mirror) == layer.size
     log = mirror.log_tail(400)
     assert log.count(f"the upstream body of {layer.digest} broke off") == breaks, log
+
+
+def test_the_bytes_received_before_a_body_breaks_off_are_written_before_the_rest_is_asked_for() -> None:
+    """``write_in_batches`` gathers up to 1 MiB (or 20 ms) per write: when the body breaks off, what it
+    gathered is written before the error goes on, so the resume asks from the byte received, not from
+    the last batch written (which fetched up to 1 MiB again)."""
+
+    class Ingest:
+        digest, written = "sha256:" + "0" * 64, 0
+
+        def write(self, data: bytes) -> None:
+            self.written += len(data)
+
+    async def broken() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 40_000
+        raise httpx.ReadError("reset")
+
+    ingest = Ingest()
+    with pytest.raises(httpx.ReadError):
+        asyncio.run(write_in_batches(broken(), ingest, lambda: None))  # type: ignore[arg-type]
+    assert ingest.written == 120_000
 
 
 def test_a_blob_body_that_breaks_off_again_with_nothing_received_is_given_up_after_the_retries(

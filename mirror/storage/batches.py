@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -136,7 +136,7 @@ async def write_in_batches(chunks: AsyncIterator[bytes], ingest: FillWriter, wri
             written()
 
     try:
-        async for chunk in chunks:
+        async for chunk in _flushed_when_broken(chunks, lambda: write(take())):
             batch.append(chunk)
             pending += len(chunk)
             if pending >= FLUSH_BYTES or loop.time() >= last_write + FLUSH_SECONDS:
@@ -150,6 +150,22 @@ async def write_in_batches(chunks: AsyncIterator[bytes], ingest: FillWriter, wri
         if behind is not None:  # never leave a write running behind the ingest's back
             with contextlib.suppress(BaseException):
                 await behind
+
+
+async def _flushed_when_broken(chunks: AsyncIterator[bytes], flush: Callable[[], Awaitable[None]]
+                               ) -> AsyncIterator[bytes]:
+    """*chunks*; when they fail (the body broke off), *flush* is awaited first: the bytes received
+    before are written, and a resumed body goes on after them, not from the last batch written."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except Exception:
+            await flush()
+            raise
+        yield chunk
 
 
 async def _write_after(previous: asyncio.Task[None] | None, ingest: FillWriter, parts: list[bytes],

@@ -114,10 +114,10 @@ class Exporter:
 
     def export(self, references: list[str], output: Path) -> ExportSummary:
         """Write every image named by *references* into *output* (replaced atomically), once each."""
-        named: dict[str, _Image] = {}
+        named: dict[tuple[str, str], _Image] = {}  # by the repository read and the name: once each
         for text in references:
             image = self._image(text)
-            named.setdefault(str(image.name), image)
+            named.setdefault((image.repo, str(image.name)), image)
         images = list(named.values())
         if not images:
             raise ExportError("no image to export")

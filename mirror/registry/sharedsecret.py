@@ -6,16 +6,20 @@ The secret itself never leaves the process.  Its check, ``HMAC-SHA256(secret, "m
 check")`` (hex, 64 characters), is the holder of the lease :data:`LEASE` in the index
 (:class:`~mirror.metadata.driver.Lease`, ``cluster.lease_ttl``): some replica of the secret keeps it
 (:func:`keep_claim`, every third of the TTL, taking it over when it expired), and a replica starting
-while it is held under another check is refused (:func:`secret_problem`).  Changing the secret on
-purpose: stop every replica, wait one ``cluster.lease_ttl``, start them with the new one.
+while it is held under another check is refused (:func:`secret_problem`), and so is a mirror without
+``cluster`` settings while it is held at all.  A replica stopping gives the claim up (another one
+running takes it again).  Changing the secret on purpose: stop every replica (one killed: wait one
+``cluster.lease_ttl``), start them with the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
+import time
 
 from ..config.sections import ClusterConfig
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
@@ -49,12 +53,13 @@ def secret_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
     taken, or a sibling's found); for a mirror without ``cluster``, why it may not start beside the
     replicas of a cluster on the same database (they hold the claim).  Blocking."""
     if not config.enabled or config.secret_file is None:
-        if metadata.current_lease(LEASE) is None:
+        if (held := metadata.current_lease(LEASE)) is None:
             return None
+        left = held.expires - getattr(metadata, "clock", time.time)()
         return ("the replicas of a cluster run on this database: a mirror beside them needs cluster.advertise (its "
                 "own address) and their cluster.secret_file, else it fetches again what they fetch and its reads "
-                "are not marked in use for their collectors (if they all stopped, start this one "
-                f"cluster.lease_ttl ({config.lease_ttl:g}s) later)")
+                "are not marked in use for their collectors (if none runs any more, their claim lapses in "
+                f"{max(left, 0):.0f}s)")
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
     if not other:
         return None
@@ -68,14 +73,26 @@ async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
     another secret holding it is said as an error, once until it goes."""
     assert config.secret_file is not None
     check, held, said = secret_check(config.secret_file.value), None, False
-    while True:
-        try:
-            held, other = await in_index_thread(claim, metadata, check, config.lease_ttl, held)
-        except MetadataUnavailable:  # said where requests need it; claimed again once it answers
-            held, other = None, False
-        if other and not said:
-            log.error("a replica with another cluster.secret_file holds this database's cluster: this "
-                      "replica's requests to it and its to this one are refused; is %s the same file on every "
-                      "replica?", config.secret_file.path)
-        said = other
-        await asyncio.sleep(config.lease_ttl / 3)
+    try:
+        while True:
+            try:
+                held, other = await in_index_thread(claim, metadata, check, config.lease_ttl, held)
+            except MetadataUnavailable:  # said where requests need it; claimed again once it answers
+                held, other = None, False
+            if other and not said:
+                log.error("a replica with another cluster.secret_file holds this database's cluster: this "
+                          "replica's requests to it and its to this one are refused; is %s the same file on every "
+                          "replica?", config.secret_file.path)
+            said = other
+            await asyncio.sleep(config.lease_ttl / 3)
+    finally:  # stopping: the claim goes with it (another replica running takes it again)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(in_index_thread(_give_up, metadata, check))
+
+
+def _give_up(metadata: Metadata, check: str) -> None:
+    """Release the claim if it is this secret's (whichever replica of it took it: start-up's check
+    takes it too)."""
+    current = metadata.current_lease(LEASE)
+    if current is not None and current.holder == check:
+        metadata.release_lease(current)

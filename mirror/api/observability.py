@@ -229,13 +229,12 @@ async def readyz(request: Request) -> Response:
     # The store's probe from a default thread, the index's from one of its own (registry/reads.py).
     store = await anyio.to_thread.run_sync(request.state.store.write_problem)
     index = await in_index_thread(index_problem, request.state.metadata)
-    clock = None
-    if request.state.config.cluster.enabled and index is None:
-        clock = await in_index_thread(clock_problem, request.state.metadata)
-    problems = {key: problem for key, problem in (("store", store), ("index", index), ("clock", clock))
-                if problem is not None}
+    problems = {key: problem for key, problem in (("store", store), ("index", index)) if problem is not None}
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    if request.state.config.cluster.enabled and (clock := await in_index_thread(clock_problem,
+                                                                               request.state.metadata)):
+        return JSONResponse({"status": "ready", "warnings": {"clock": clock}})
     return JSONResponse({"status": "ready"})
 
 
@@ -254,12 +253,14 @@ def readiness_problems(store: BlobStore, metadata: Metadata) -> dict[str, str]:
 
 
 def clock_problem(metadata: Metadata) -> str | None:
-    """Why this replica's clock keeps it from serving in a cluster, or None (blocking: one read).
+    """What is wrong with this replica's clock in a cluster, or None (blocking: one read).
 
     Replicas refuse each other's signed requests more than ``MAX_SKEW`` (30) seconds off their own
-    clock (``registry/peers.py``): a replica more than half that off the database's clock, which every
-    one can read, is not ready, so a load balancer takes it out of rotation rather than its fills
-    failing.  Measured against the middle of the round trip to the database.
+    clock (``registry/peers.py``), and the clients of one so refused wait for the blob to be stored
+    rather than follow its fill: a replica more than half that off the database's clock, which every
+    one can read, says so in ``/readyz`` (a warning: still ready, since the database's clock may be
+    the one that is off, and every replica would then be) and in its log, once every
+    :data:`CLOCK_WARNING_INTERVAL` seconds.  Measured against the middle of the round trip to the database.
     """
     clock = getattr(metadata, "clock", None)
     if clock is None:
@@ -272,8 +273,18 @@ def clock_problem(metadata: Metadata) -> str | None:
         return None
     if abs(offset) <= MAX_SKEW / 2:
         return None
-    return (f"this host's clock is {offset:+.0f}s off the database's (at most {MAX_SKEW / 2:.0f}s): the other "
-            f"replicas refuse its requests; keep the hosts' clocks synchronized (NTP)")
+    problem = (f"this host's clock is {offset:+.0f}s off the database's (at most {MAX_SKEW / 2:.0f}s): replicas "
+               f"more than {MAX_SKEW}s apart refuse each other's requests; keep the hosts' clocks synchronized (NTP)")
+    global _clock_warned
+    if time.monotonic() - _clock_warned > CLOCK_WARNING_INTERVAL:
+        _clock_warned = time.monotonic()
+        log.warning("%s", problem)
+    return problem
+
+
+#: Seconds between two warnings of a clock off the database's in the log.
+CLOCK_WARNING_INTERVAL = 600.0
+_clock_warned = -CLOCK_WARNING_INTERVAL
 
 
 def index_problem(metadata: Metadata) -> str | None:

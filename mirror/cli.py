@@ -336,7 +336,7 @@ def serve(config: Config) -> int:
         return STARTUP_FAILED
     try:
         problem = bind_bucket(config.metadata, config.storage, store, metadata) \
-            or secret_problem(config.cluster, metadata)
+            or secret_problem(config.cluster, metadata, {u.registry: u.url for u in config.upstreams})
     except OSError as exc:
         problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
     finally:

@@ -27,6 +27,7 @@ from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
+from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, bearer, push
 from tests.support.storecheck import mirror_cli
@@ -276,6 +277,25 @@ def test_a_tag_moved_through_one_replica_is_read_moved_through_another_at_once(
         for thread in others:
             thread.join()
     assert not stale, f"the reader answered the previous manifest after the move's 201 in rounds {stale}"
+
+
+def test_a_replica_started_with_other_upstreams_than_the_one_before_it_says_so(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Replicas share each registry's tags and manifests: one started with another upstream for docker.io
+    (a rolling change, or a config gone astray) warns, naming both; one like its predecessor does not.
+    Before, nothing said so, and a pull could get one upstream's manifest and a 404 for its layer."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    ports = [free_port() for _ in range(3)]
+    mirror_factory(port=ports[0], env=replica_env(bucket, dsn, secret_file, ports[0]))
+    elsewhere = "http://127.0.0.1:9"
+    second = mirror_factory(elsewhere, port=ports[1], env=replica_env(bucket, dsn, secret_file, ports[1]))
+    warned = [line for line in second.log_path.read_text().splitlines() if "started before this one" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0], warned
+    assert f"fetched docker.io from {upstream.url}; this one fetches docker.io from {elsewhere}" in warned[0]
+    third = mirror_factory(elsewhere, port=ports[2], env=replica_env(bucket, dsn, secret_file, ports[2]))
+    assert "started before this one" not in third.log_path.read_text()
 
 
 def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_starts_once_all_stopped(

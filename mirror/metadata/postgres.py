@@ -342,6 +342,13 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
         row = self._one("SELECT value FROM counters WHERE name = 'usage'")
         return int(row[0]) if row else 0
 
+    def swap_setting(self, name: str, value: Any) -> Any:
+        """Record *value* (JSON) as setting *name*; the value it had before (None: none)."""
+        row = self._one("WITH old AS (SELECT value FROM settings WHERE name = %s) INSERT INTO settings VALUES (%s, %s)"
+                        " ON CONFLICT (name) DO UPDATE SET value = excluded.value RETURNING (SELECT value FROM old)",
+                        (name, name, Jsonb(value)))
+        return row[0] if row else None
+
     def set_held(self, held: dict[str, int]) -> None:
         self._one("INSERT INTO settings VALUES ('held', %s) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
                   " RETURNING 1", (Jsonb(dict(held)),))

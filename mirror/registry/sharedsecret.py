@@ -48,10 +48,15 @@ def claim(metadata: Metadata, check: str, ttl: float, held: Lease | None) -> tup
     return None, current is not None and current.holder != check
 
 
-def secret_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
+def secret_problem(config: ClusterConfig, metadata: Metadata, upstreams: dict[str, str] | None = None) -> str | None:
     """Why this replica may not start with its ``cluster.secret_file``, or None (and the claim
     taken, or a sibling's found); for a mirror without ``cluster``, why it may not start beside the
-    replicas of a cluster on the same database (they hold the claim).  Blocking."""
+    replicas of a cluster on the same database (they hold the claim).  Blocking.
+
+    A replica's *upstreams* (registry -> URL) are recorded in the index, and a warning logged when
+    the replica started before had others: replicas share each registry's tags and manifests, so one
+    fetching a registry from elsewhere serves its manifests to all, whose blobs their upstream may
+    not have (a rolling change of upstream warns once, harmlessly)."""
     if not config.enabled or config.secret_file is None:
         if (held := metadata.current_lease(LEASE)) is None:
             return None
@@ -61,11 +66,21 @@ def secret_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
                 "are not marked in use for their collectors (if none runs any more, their claim lapses in "
                 f"{max(left, 0):.0f}s)")
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
+    swap = getattr(metadata, "swap_setting", None)
+    if not other and upstreams is not None and swap is not None \
+            and (before := swap("upstreams", upstreams)) not in (None, upstreams):
+        log.warning("the replica that started before this one on this database fetched %s; this one fetches %s: "
+                    "replicas share each registry's tags and manifests, so give them all the same upstreams",
+                    _shown(before), _shown(upstreams))
     if not other:
         return None
     return (f"cluster.secret_file {config.secret_file.path}: the replicas running on this database use another "
             "secret; every replica needs the same file (to change it on purpose, stop every replica, wait "
             f"cluster.lease_ttl ({config.lease_ttl:g}s), and start them with the new one)")
+
+
+def _shown(upstreams: dict[str, str]) -> str:
+    return ", ".join(f"{registry} from {url}" for registry, url in sorted(upstreams.items()))
 
 
 async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:

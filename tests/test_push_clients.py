@@ -120,16 +120,18 @@ def nothing_stored(mirror: MirrorServer) -> bool:
 
 def assert_only_existence_checks_reached_the_upstream(upstream: UpstreamRegistry, name: str,
                                                      digests: Iterable[str]) -> None:
-    """Nothing of a push to *name* (of blobs known to docker as *digests*) reached the upstream.
+    """Nothing of a push to *name* (of blobs known to docker as *digests*) reached the upstream but
+    the question, before its first upload, whether the upstream serves that repository (one
+    ``GET /v2/<name>/tags/list?n=1``: ``registry/shadowing.py``).
 
     dockerd begins a push with a HEAD in the target repository for each layer digest it
     remembers (from a pull, or a push to another repository), before its first upload makes
-    the repository local.  The mirror answers those from its own store: a repository nothing
-    was ever pulled from is not asked about upstream (which would leak private names, and make
-    docker skip uploads of blobs this registry does not have).
+    the repository local.  The mirror answers those from its own store: blobs of a repository
+    nothing was ever pulled from are not asked about upstream (which would make docker skip
+    uploads of blobs this registry does not have).
     """
     seen = [e for e in upstream.requests() if name in e.uri]
-    assert seen == [], seen
+    assert [(e.method, e.path.endswith(f"/{name}/tags/list")) for e in seen] == [("GET", True)], seen
 
 
 # -- docker push / pull ------------------------------------------------------------------

@@ -147,8 +147,10 @@ class LocalRegistry:
         if (refused := push_refusal(self.config.push, name)) is not None:
             raise refused
         if not await self.reads.is_local(name):
-            if (not self.config.push.over_cache and self.upstream_serves is not None and not self.foreign(name)
-                    and not await self.reads.ask(self.metadata.has_repository, self.cache_key(name))
+            push = self.config.push  # (push.prefixes: the site's own names, never asked about upstream)
+            if (not push.over_cache and not push.prefixes and self.upstream_serves is not None
+                    and not self.foreign(name) and not await self.reads.ask(self.metadata.has_repository,
+                                                                            self.cache_key(name))
                     and await self.upstream_serves(name)):  # (a cached one is refused as such, below)
                 raise APIError("DENIED", f"{name} is a repository of the upstream registry; push to another name")
             await in_index_thread(self._make_local, name)

@@ -5,19 +5,21 @@ upstream serves would replace the upstream's image for every client of the mirro
 ``--registry-mirror``, containerd's ``?ns=docker.io``), for good.  A push to a name the mirror has
 cached is refused for that reason; so is the first push to a name it has not cached yet, when the
 upstream lists a tag of that repository (``GET /v2/<name>/tags/list?n=1``, OCI distribution spec,
-"Listing Tags").  ``push.over_cache: true`` allows both.
+"Listing Tags").  ``push.over_cache: true`` allows both.  With ``push.prefixes`` set, the names
+under them are the site's own: none is asked about upstream (the question names the repository to
+the upstream, which a site keeping its names private may not want).
 
 The upstream's answer decides:
 
 * ``404`` (no such repository), ``401`` or ``403`` (not served to the mirror: nothing to stand in
   for), or an empty list: the push goes on;
-* an answer that cannot tell (``5xx``, ``429``, one that is not a tag list), after ``upstream.retries``:
-  the push is refused ``503 UNAVAILABLE`` with ``Retry-After`` (else a blip would let a push shadow
-  the upstream's image for good);
-* no answer at all within :data:`ASK_SECONDS` (unreachable, hung, or absent on an air-gapped site):
-  the push goes on, with a warning, so that pushes do not depend on an upstream that is not there.
+* an answer that cannot tell (``5xx``, ``429``, one that is not a tag list) is asked again
+  (``upstream.retries``, so a blip does not let a push through), and so is a connection that failed;
+* then, or with no answer at all within :data:`ASK_SECONDS` (down, hung, or absent on an air-gapped
+  site), the push goes on, with a warning naming it: pushes beside the cache do not depend on the
+  upstream being up.
 
-Imports ``upstream/errors.py`` and ``registry/failures.py`` only; the client is passed in.
+Imports ``upstream/errors.py`` only; the client is passed in.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ import asyncio
 import logging
 from typing import Any
 
-from ..spec.errors import APIError
 from ..upstream.errors import UpstreamDenied, UpstreamError, UpstreamNotFound
-from .failures import UPSTREAM_RETRY_AFTER
 
 log = logging.getLogger("mirror.registry.local")
 
@@ -38,8 +38,8 @@ ASK_SECONDS = 10.0
 
 async def upstream_serves(upstream: Any, name: str) -> bool:
     """Whether *upstream* (an :class:`~mirror.upstream.client.Upstream`) lists a tag of repository
-    *name* (as a client names it: the library namespace is added as for a pull); :class:`APIError`
-    ``UNAVAILABLE`` when its answer cannot tell."""
+    *name* (as a client names it: the library namespace is added as for a pull); False when it
+    cannot tell."""
     config = upstream.config
     try:
         async with asyncio.timeout(min(ASK_SECONDS, config.connect_timeout + config.read_timeout)):
@@ -47,11 +47,7 @@ async def upstream_serves(upstream: Any, name: str) -> bool:
     except (UpstreamNotFound, UpstreamDenied):
         return False
     except UpstreamError as exc:
-        if exc.status is None:  # not answered: unreachable
-            return _unanswered(config.registry, name, str(exc))
-        raise APIError("UNAVAILABLE", f"cannot tell whether the upstream serves {name}, which a push would stand "
-                                      "in for: try again", detail=str(exc),
-                       headers={"Retry-After": exc.retry_after or str(UPSTREAM_RETRY_AFTER)}) from exc
+        return _unanswered(config.registry, name, str(exc))
     except TimeoutError:
         return _unanswered(config.registry, name, "no answer in time")
 
@@ -60,3 +56,21 @@ def _unanswered(registry: str, name: str, why: str) -> bool:
     log.warning("push to %s: the upstream %s did not say whether it serves that repository (%s); the push goes on",
                 name, registry, why)
     return False
+
+
+class UpstreamQuestions:
+    """:func:`upstream_serves` of one upstream, one question per name at a time: the first writes of a
+    push come together (dockerd uploads its layers in parallel), and share one answer."""
+
+    def __init__(self, upstream: Any) -> None:
+        self.upstream = upstream
+        self._asking: dict[str, asyncio.Future[bool]] = {}
+
+    async def __call__(self, name: str) -> bool:
+        asking = self._asking.get(name)
+        if asking is None:
+            asking = self._asking[name] = asyncio.ensure_future(upstream_serves(self.upstream, name))
+            asking.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
+            asking.add_done_callback(lambda done: self._asking.pop(name, None) if self._asking.get(name) is done
+                                     else None)
+        return await asyncio.shield(asking)

@@ -39,7 +39,7 @@ from ..registry.pullthrough import PullThrough
 from ..registry.reads import in_index_thread
 from ..registry.replica import Cluster
 from ..registry.roaming import RoamingUploads
-from ..registry.shadowing import upstream_serves
+from ..registry.shadowing import UpstreamQuestions
 from ..registry.sharedfills import ClusterFills
 from ..registry.sharedsecret import keep_claim
 from ..registry.uploads import expire_uploads
@@ -106,7 +106,7 @@ def create_app(config: Config) -> MirrorApp:
                                          cluster.ttl if cluster else config.cluster.lease_ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics,
-                              upstream_serves=functools.partial(upstream_serves, upstream))
+                              upstream_serves=UpstreamQuestions(upstream))
         if cluster is not None:  # an upload goes on on any replica: its tail in the bucket between requests
             local.uploads = RoamingUploads(store, metadata, config.push.upload_ttl, metrics, upload_tails(store),
                                            cluster.replica, cluster.ttl)

@@ -344,7 +344,7 @@ def _reached(name: str, ns: str | None, registry: str) -> str:
     """The repository a request for *name* reaches, as rights name it: ``docker.io/team/x`` is ``team/x``
     of the default *registry*; ``team/x?ns=ghcr.io`` (containerd's) is ``ghcr.io/team/x``, as
     ``/v2/ghcr.io/team/x`` is."""
-    if not ns:
+    if not ns or not _HOST_RE.fullmatch(ns):  # (no registry's name: refused where it is routed)
         return without_registry(name, registry)
     named = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
     name = without_registry(name, named)  # ghcr.io/team/x?ns=ghcr.io is team/x of ghcr.io too

@@ -229,12 +229,11 @@ class ClusterFetch:
             download: Download = await self._stack.enter_async_context(self.upstream())
             if self._offset and download.size != self.size:
                 raise FillFailed(f"{self.digest}: the upstream now announces {download.size} bytes, not {self.size}")
-            if self._offset and (resume := getattr(download, "resume", None)) is not None:
+            rest_from = getattr(download, "rest_from", None)  # an upstream's (upstream/answers.py)
+            if self._offset and rest_from is not None and (rest := await rest_from(self._offset)) is not None:
                 # Only the rest is asked for (Range), not the bytes the fill reached again.
-                if (whole := getattr(download, "response", None)) is not None:
-                    await whole.aclose()
                 try:
-                    download, skip = await rests.enter_async_context(resume(self._offset, broken=False)), 0
+                    download, skip = await rests.enter_async_context(rest), 0
                 except UpstreamError as exc:  # an upstream without ranges: the whole blob again, its start dropped
                     log.info("%s: the upstream gave no rest from byte %d (%s)", self.digest, self._offset, exc)
                     download = await rests.enter_async_context(self.upstream())

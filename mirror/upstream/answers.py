@@ -83,6 +83,14 @@ class BlobDownload:
         self.resume = resume
         self.resumes = resumes
 
+    async def rest_from(self, offset: int) -> AbstractAsyncContextManager[BlobDownload] | None:
+        """The download of the bytes from *offset* on, for a fill taken over there (none broke off
+        here): this answer is closed unread first; None when this body cannot be resumed."""
+        if self.resume is None:
+            return None
+        await self.response.aclose()
+        return self.resume(offset, broken=False)
+
     @staticmethod
     def broken(exc: BaseException) -> bool:
         """Whether *exc*, raised while the body was read, is the body breaking off (a reset, a read

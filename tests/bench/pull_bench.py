@@ -40,7 +40,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from tests.bench.harness import progress, scratch
+from tests.bench.harness import new_pages_write, progress, scratch
 from tests.bench.load import Downloads, WrkResult, download, wrk
 from tests.bench.nginx import NGINX_BINARY, NginxBlobServer
 from tests.bench.proctree import PeakRss, cpu_seconds, machine_busy
@@ -147,6 +147,8 @@ class Results:
     upstream_ttfb: float | None = None
     #: Share of the machine's CPU that was busy just before and just after the run (others' processes).
     busy: tuple[float, float] = (0.0, 0.0)
+    #: Seconds to write 256 MiB to new page-cache pages at the start (harness.new_pages_write).
+    new_pages: float = 0.0
 
 
 
@@ -368,7 +370,8 @@ def report(results: Results) -> str:
 
     before, after = results.busy
     out(f"Machine: {os.cpu_count()} CPUs; busy {before:.0%} just before the run, {after:.0%} just after "
-        f"(other processes; anything but ~0% makes the figures noisy)")
+        f"(other processes; anything but ~0% makes the figures noisy); 256 MiB written to new "
+        f"page-cache pages in {results.new_pages:.2f} s (a cold fill writes so: see tests/bench/README.md)")
     out("")
     out(f"1. Warm blob throughput: 64 MiB blob, already cached; median of {WARM_ROUNDS} rounds, "
         "the servers taking turns; GB = 1e9 bytes")
@@ -497,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     busy_before = machine_busy()
     with scratch("pull-bench-", keep=args.keep) as root:
+        new_pages = new_pages_write(root)
         results = run(root, workers2=not args.no_workers2, parts=tuple(args.only or PARTS))
-        results.busy = (busy_before, machine_busy())
+        results.busy, results.new_pages = (busy_before, machine_busy()), new_pages
     print(report(results))
     print(f"\n(total run time {time.monotonic() - started:.0f} s)")
     return 0

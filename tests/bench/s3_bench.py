@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.harness import progress, scratch
+from tests.bench.harness import new_pages_write, progress, scratch
 from tests.bench.load import download, wrk
 from tests.bench.proctree import machine_busy
 from tests.bench.pull_bench import REPO, TAG, blob_path, build_image_files
@@ -87,6 +87,8 @@ class Results:
     push: dict[str, float] = field(default_factory=dict)  # label -> wall s
     notes: list[str] = field(default_factory=list)
     busy: tuple[float, float] = (0.0, 0.0)
+    #: Seconds to write 256 MiB to new page-cache pages at the start (harness.new_pages_write).
+    new_pages: float = 0.0
 
 
 # -- servers --
@@ -291,7 +293,8 @@ def report(results: Results) -> str:
     lines: list[str] = []
     out = lines.append
     before, after = results.busy
-    out(f"Machine: {os.cpu_count()} CPUs; busy {before:.0%} just before the run, {after:.0%} just after")
+    out(f"Machine: {os.cpu_count()} CPUs; busy {before:.0%} just before the run, {after:.0%} just after; "
+        f"256 MiB written to new page-cache pages in {results.new_pages:.2f} s (see tests/bench/README.md)")
     labels = (MIRROR_S3, DISTRIBUTION_S3, MIRROR_FS)
     out("")
     out(f"1. Warm 64 MiB blob, GB/s (median of {WARM_ROUNDS} rounds)")
@@ -352,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     busy_before = machine_busy()
     with scratch("s3-bench-", keep=args.keep) as root:
+        new_pages = new_pages_write(root)
         results = run(root)
-        results.busy = (busy_before, machine_busy())
+        results.busy, results.new_pages = (busy_before, machine_busy()), new_pages
     print(report(results))
     print(f"\n(total run time {time.monotonic() - started:.0f} s)")
     return 0

@@ -163,8 +163,8 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
     try:  # the index opened: the directory is bound to it (not to one a typo named)
-        problem = bind_bucket(config.metadata, config.storage, store, metadata) \
-            or bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
+        problem = bind_bucket(config.metadata, config.storage, store, metadata) or bind_data_directory(
+            config.metadata, store.layout.index_binding, config.storage, index_id=metadata.index_id())
     except OSError as exc:  # the bucket does not answer, refuses the credentials, does not exist
         problem, status = exc.strerror or str(exc), 1
     else:
@@ -335,6 +335,7 @@ def serve(config: Config) -> int:
         print(f"mirror: {exc}", file=sys.stderr)
         return STARTUP_FAILED
     try:
+        index_id = metadata.index_id()
         problem = bind_bucket(config.metadata, config.storage, store, metadata) \
             or secret_problem(config.cluster, metadata, {u.registry: u.url for u in config.upstreams})
     except OSError as exc:
@@ -345,7 +346,7 @@ def serve(config: Config) -> int:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2
     # Recorded only now that the index opened (diskcache's opens in each worker): not one a typo named.
-    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage)
+    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage, index_id=index_id)
     if problem:
         print(f"mirror: {problem}", file=sys.stderr)
         return 2

@@ -91,7 +91,7 @@ def _open(config: Config) -> Any:
         metadata = open_metadata(config.metadata, store.layout.index, config.storage)
         # Recorded once the index opened: not an index a typo named, that never did.
         problem = bind_bucket(config.metadata, config.storage, store, metadata) \
-            or bind_data_directory(config.metadata, binding, config.storage)
+            or bind_data_directory(config.metadata, binding, config.storage, index_id=metadata.index_id())
         if problem:
             metadata.close()
             print(f"mirror: {problem}", file=sys.stderr)

@@ -139,7 +139,8 @@ class Migration:
                         raise Refused(f"{side}: {users}; stop it before migrating")
             old_store = self._open_store(source, "source", create=False)
             old_index = self._open_index(source, "source", stack)
-            _bind(source, old, "source")  # the source's index opened: a directory that recorded none records it
+            # The source's index opened: a directory that recorded none records it.
+            _bind(source, old, "source", index_id=old_index.index_id())
             new_store = self._open_store(target, "target", create=True)
             pool = stack.enter_context(ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate"))
             # The target's store and directory are checked before its index is opened: a PostgreSQL index
@@ -150,6 +151,12 @@ class Migration:
             if not one_directory:
                 _bind(target, new, "target", record=False)
             new_index = self._open_index(target, "target", stack)
+            if not same_index and source.metadata.driver == target.metadata.driver == "postgres" \
+                    and old_index.index_id() == new_index.index_id():  # one database, named two ways
+                if same_store:
+                    raise Refused(f"both configurations name the same store ({store_identity(source.storage)}) and"
+                                  f" the same index (id {old_index.index_id()}): nothing to migrate")
+                same_index = True
             if not same_index:
                 found = strangers(new_index, old_index)
                 if found.count and one_directory and target.metadata.driver == "diskcache":
@@ -162,7 +169,7 @@ class Migration:
                                   f" (first: {found.first}): it belongs to another store; migrate into an empty one")
             held = census(old_store)
             if not one_directory:
-                _bind(target, new, "target")
+                _bind(target, new, "target", index_id=new_index.index_id())
             self.report.objects, self.report.bytes, self.report.strays = held.objects, held.bytes, held.strays
             if not same_store:
                 self._copy_objects(old_store, new_store, old_index, pool)
@@ -174,7 +181,7 @@ class Migration:
             if target.storage.driver == "s3" and not self.report.problems:  # its objects are the new index's now
                 bind_bucket(target.metadata, target.storage, new_store, new_index, rebind=True)
             if one_directory and not same_index and not self.report.problems:
-                problem = rebind_data_directory(target.metadata, new.index_binding)
+                problem = rebind_data_directory(target.metadata, new.index_binding, new_index.index_id())
                 if problem:
                     self.report.problems.append(problem)
                 else:
@@ -348,10 +355,12 @@ def _line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _bind(config: Config, layout: Layout, side: str, *, record: bool = True) -> None:
-    """Refuse a data directory bound to another index than *config*'s; with *record*, bind one that is
-    bound to none (only once its index opened: see :func:`bind_data_directory`)."""
-    problem = bind_data_directory(config.metadata, layout.index_binding, config.storage, record=record)
+def _bind(config: Config, layout: Layout, side: str, *, record: bool = True, index_id: str | None = None) -> None:
+    """Refuse a data directory bound to another index than *config*'s (whose id is *index_id* once it
+    opened); with *record*, bind one that is bound to none (only once its index opened: see
+    :func:`bind_data_directory`)."""
+    problem = bind_data_directory(config.metadata, layout.index_binding, config.storage, record=record,
+                                  index_id=index_id)
     if problem:
         raise Refused(f"{side}: {problem}")
 

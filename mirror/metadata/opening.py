@@ -158,7 +158,7 @@ def _unanswered(where: str, error: str) -> str:
 
 
 def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageConfig | None = None, *,
-                        record: bool = True) -> str | None:
+                        record: bool = True, index_id: str | None = None) -> str | None:
     """Check that the data directory whose binding file is *binding* (``DATA/index.json``) is
     opened with the index that describes what it holds; with *record*, record that index the first
     time.
@@ -166,7 +166,14 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     Returns why not, or None.  A store opened with another index (a restart that forgot
     ``metadata.driver: postgres``, or pointed at another database) would see every blob as
     unreferenced, and the collector would delete them all: it is refused instead.  The record
-    names the driver and, for PostgreSQL, the server and database; never a password.
+    names the driver and, for PostgreSQL, the server and database (never a password) and the
+    index's id (``settings.index_id``), given as *index_id* once the index opened.
+
+    A PostgreSQL index is known by its id, not by where it is: a database restored from a backup
+    under another name, moved to another server, or named by another host spelling (``localhost``
+    for ``127.0.0.1``) holds the same id and is taken (the record then names the new place); a
+    database dropped and made again at the same place holds another id and is refused.  Before the
+    index opened (*index_id* None), another place of a recorded id is left to the check after it.
 
     Callers check (``record=False``) before they open the index and record only once it opened (and
     an S3 store's bucket was bound to it, :func:`bind_bucket`): a first start refused on a typo in
@@ -177,6 +184,8 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     wanted = _index_of(config)
     if isinstance(wanted, str):
         return wanted
+    if index_id and wanted.get("driver") == "postgres":
+        wanted = {**wanted, "index_id": index_id}
     try:
         recorded = json.loads(binding.read_text())
     except FileNotFoundError:
@@ -188,8 +197,19 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
             return f"cannot record which index holds this store's metadata in {binding}: {exc.strerror or exc}"
     except (OSError, ValueError) as exc:
         return f"{binding}: unreadable ({exc}); it records which index holds this store's metadata"
-    if recorded == wanted:
+    if not isinstance(recorded, dict):
+        return f"{binding}: unreadable (not an object); it records which index holds this store's metadata"
+    known = recorded.get("index_id")
+    same_place = _place(recorded) == _place(wanted)
+    if same_place and (not known or not index_id or known == index_id):
+        if record and index_id and recorded != wanted:  # the id, first recorded now
+            return _rewrite(binding, wanted)
         return None
+    if known and recorded.get("driver") == wanted.get("driver") == "postgres":
+        if index_id is None:
+            return None  # the index's id decides, once it opened
+        if known == index_id:  # the same index, restored or moved: the record follows it
+            return _rewrite(binding, wanted) if record else None
     if storage is not None and storage.driver == "s3":
         holds = (f"{binding.parent} holds the work in progress (uploads, temp files) of the store whose index is in"
                  f" {_describe(recorded)}")
@@ -201,6 +221,23 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     if not _holds_anything(Layout(binding.parent)):
         advice += f"; nothing was ever stored there: to start over with this index, remove {binding}"
     return f"{holds}, but this start uses {_describe(wanted)}: {advice}"
+
+
+def _place(index: Mapping[str, Any]) -> dict[str, Any]:
+    """A binding record less the index's id: the driver and, for PostgreSQL, where the database is."""
+    return {k: v for k, v in index.items() if k != "index_id"}
+
+
+def _rewrite(binding: Path, wanted: dict[str, str]) -> str | None:
+    """Record *wanted* in *binding* in place of what it recorded; why not, or None."""
+    partial = binding.with_name(f".{binding.name}.{uuid.uuid4().hex}.partial")
+    try:
+        partial.write_text(json.dumps(wanted, sort_keys=True) + "\n")
+        os.replace(partial, binding)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        return f"cannot record which index holds this store's metadata in {binding}: {exc.strerror or exc}"
+    return None
 
 
 def _record(binding: Path, wanted: dict[str, str]) -> Any:
@@ -229,15 +266,15 @@ def _holds_anything(layout: Layout) -> bool:
     return False
 
 
-def rebind_data_directory(config: MetadataConfig, binding: Path) -> str | None:
-    """Record that the index *config* names now describes the data directory's blobs (after
-    ``mirror migrate`` copied its metadata there), whatever index it recorded before; returns why
-    not (an unreadable DSN), or None."""
+def rebind_data_directory(config: MetadataConfig, binding: Path, index_id: str | None = None) -> str | None:
+    """Record that the index *config* names (whose id is *index_id*) now describes the data
+    directory's blobs (after ``mirror migrate`` copied its metadata there), whatever index it
+    recorded before; returns why not (an unreadable DSN), or None."""
     wanted = _index_of(config)
     if isinstance(wanted, str):
         return wanted
     binding.unlink(missing_ok=True)
-    return bind_data_directory(config, binding, record=True)
+    return bind_data_directory(config, binding, record=True, index_id=index_id)
 
 
 def index_identity(config: MetadataConfig, index: Path) -> str:
@@ -269,5 +306,6 @@ def _describe(index: object) -> str:
     if not isinstance(index, dict):
         return repr(index)
     if index.get("driver") == "postgres":
-        return f"PostgreSQL database {index.get('database')!r} at {index.get('host')}:{index.get('port')}"
+        ident = f" (index id {index['index_id']})" if index.get("index_id") else ""
+        return f"PostgreSQL database {index.get('database')!r} at {index.get('host')}:{index.get('port')}{ident}"
     return f"{index.get('driver')} (DATA/index/)"

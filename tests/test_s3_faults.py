@@ -263,6 +263,33 @@ def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstrea
     assert bucket.digest_of(layer.digest) == layer.digest
 
 
+def test_a_fills_upload_that_could_not_be_aborted_is_aborted_while_the_mirror_runs(
+    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """The object store stops mid-fill: the fill's upload cannot be aborted then.  A mirror that runs on
+    (no start-up sweep) aborts it once the store is back: when the blob is fetched again (its note,
+    one name per digest, was written over and lost before) and when another upload starts."""
+    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    # Another blob sent in parts (8 MiB), then the same blob again.
+    for n, fetched in enumerate([images.big.layers[1], layer]):
+        fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                        chunk_size=64 * 1024, delay=0.05)
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+            transfer = pool.submit(received, own, blob_url(mirror, "library/big", layer.digest))
+            wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
+            bucket.server.stop()
+            assert transfer.result() == (200, layer.digest, layer.size), "the rest came from the upstream"
+        bucket.server.start()
+        assert bucket.uploads() == [key_of(layer.digest)], "left by the fill"
+        assert received(http, blob_url(mirror, "library/big", fetched.digest)) == (200, fetched.digest, fetched.size)
+        wait_for(lambda digest=fetched.digest: digest in bucket.objects(), timeout=30, what="the blob stored")
+        wait_for(lambda: bucket.uploads() == [], timeout=30, what=f"the upload left to be aborted ({n})")
+        assert not list((mirror.data_dir / "tmp").glob("*.meta-upload")), "its note went with it"
+    assert "Traceback" not in mirror.log_tail(400)
+
+
 def test_a_range_is_served_only_from_an_object_seen_whole_and_matching(
     bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
     mirror_factory: Callable[..., MirrorServer], http: httpx.Client,

@@ -58,7 +58,7 @@ from .s3client import make_clients, settings_problem
 from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
 from .s3handout import HandedOut
-from .s3notes import sweep_notes
+from .s3notes import abort_again, sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
@@ -101,6 +101,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
+        self._unaborted: dict[str, str] = {}  # upload id -> key: aborts refused here, asked again (started)
         self.handed_out = HandedOut()  # marks of objects handed out by presigned URLs
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
         #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
@@ -316,25 +317,33 @@ class S3Store:
                 log.warning("could not account for a stored object of %d bytes: %s", size, exc)
 
     def started(self, key: str) -> str:
+        """A new multipart upload of *key*; the store answers: the aborts it refused before are asked again."""
         try:
             upload_id: str = self.quick.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"an upload to {key}", self.options) from exc
         with self._lock:
             self._uploads.add(upload_id)
+            unaborted = list(self._unaborted.items())
+        abort_again(self.layout, unaborted, self.abort)
         return upload_id
 
     def abort(self, key: str, upload_id: str) -> bool:
         """Abort a multipart upload; False (logged) if the store refused or did not answer (one
-        already gone is no error): its note then stays for the next start-up sweep."""
+        already gone is no error): its note then stays for the next start-up sweep, and it is asked
+        again when this process starts another upload (:meth:`started`)."""
         try:
             self.quick.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (BotoCoreError, ClientError) as exc:
             if isinstance(exc, BotoCoreError) or str(exc.response.get("Error", {}).get("Code")) != "NoSuchUpload":
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
+                with self._lock:
+                    self._unaborted[upload_id] = key
                 return False
         finally:
             self.forget(upload_id)
+        with self._lock:
+            self._unaborted.pop(upload_id, None)
         return True
 
     def forget(self, upload_id: str) -> None:

@@ -48,7 +48,7 @@ from ..spec.reference import Digest
 from .driver import StoreError
 from .filesystem import VERIFIED_MODE, write_all
 from .s3damage import vouch
-from .s3notes import write_note
+from .s3notes import abort_left, write_note
 from .s3objects import backend_error, content_md5
 from .verify import check_written
 
@@ -146,9 +146,10 @@ class S3Fill:
         part.add_done_callback(lambda _: self._pump(raising=False))
 
     def _start(self) -> str:
-        upload = self.store.started(self.key)
+        upload, note = self.store.started(self.key), self.store.layout.fill_upload(self.digest)
         try:
-            write_note(self.store.layout.fill_upload(self.digest), self.key, upload)
+            abort_left(note, self.store.abort)  # an earlier fill's of this object, left: not written over
+            write_note(note, self.key, upload)
         except OSError:
             self.store.abort(self.key, upload)
             raise

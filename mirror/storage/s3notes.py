@@ -34,6 +34,27 @@ def write_note(path: Path, key: str, upload: str) -> None:
     os.replace(partial, path)
 
 
+def abort_left(path: Path, abort: Callable[[str, str], bool]) -> None:
+    """Abort (with *abort(key, upload_id)*) the upload the note at *path* names, if any: an earlier
+    writer's of the same object, whose abort failed.  The note goes once it is aborted, else it is
+    kept under a name of its own: beside no file, the start-up sweep aborts it."""
+    found = read_note(path)
+    if found is not None and abort(*found):
+        path.unlink(missing_ok=True)
+    elif found is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, path.with_name(f"{path.name.removesuffix(NOTE)}-left-{secrets.token_hex(6)}{NOTE}"))
+
+
+def abort_again(layout: Layout, unaborted: list[tuple[str, str]], abort: Callable[[str, str], bool]) -> None:
+    """Abort (with *abort(key, upload_id)*) the *unaborted* ``(upload_id, key)`` again, whose abort
+    failed before, and remove the notes of those it aborts now."""
+    aborted = {upload for upload, key in unaborted if abort(key, upload)}
+    for note, _ in layout.upload_notes() if aborted else ():
+        if (found := read_note(note)) is not None and found[1] in aborted:
+            note.unlink(missing_ok=True)
+
+
 def read_note(path: Path) -> tuple[str, str] | None:
     """``(key, upload)`` of a note :func:`write_note` wrote, or None if it is gone or unreadable."""
     try:

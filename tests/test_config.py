@@ -533,3 +533,31 @@ def test_an_ipv6_address_without_brackets_or_port_is_refused_saying_how_to_write
 def test_a_url_with_a_second_port_is_refused_as_a_bad_port_not_taken_for_an_ipv6_address(written: str) -> None:
     with pytest.raises(ConfigError, match="the port is not a number from 0 to 65535"):
         load_config(env={"MIRROR_UPSTREAM_URL": written})
+
+
+def test_an_upstreams_entry_names_its_registry_once_and_its_credentials_whole(tmp_path: Path) -> None:
+    """What a list of upstreams got wrong silently: an entry without ``registry`` was Docker Hub's (its
+    content filed as docker.io's), Docker Hub's other names were entries no request could reach, a
+    password without a user was never sent, and a URL ending in the API's ``/v2`` was asked ``/v2/v2/``."""
+    file = tmp_path / "mirror.yml"
+
+    def refused(text: str) -> str:
+        file.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(file, env={})
+        return str(caught.value)
+
+    assert refused("upstreams:\n  - {url: 'http://quay.example'}\n") == \
+        "upstreams[0].registry is not set: name the registry it serves (docker.io, ghcr.io...)"
+    assert refused("upstreams:\n  - {registry: docker.io, url: 'http://a.example'}\n"
+                   "  - {registry: index.docker.io, url: 'http://b.example'}\n") == \
+        "upstreams[1].registry: docker.io is configured twice"
+    file.write_text("upstreams:\n  - {registry: Registry-1.Docker.io, url: 'http://b.example'}\n")
+    assert [(u.registry, u.url) for u in load_config(file, env={}).upstreams] == [("docker.io", "http://b.example")]
+    assert refused("upstreams:\n  - {registry: ghcr.io, url: 'http://g.example', password: pw}\n") == \
+        "upstreams[0].password is set without upstreams[0].username: set both"
+    assert refused("upstream: {password: pw}\n") == "upstream.password is set without upstream.username: set both"
+    file.write_text("upstreams:\n  - {registry: registry.k8s.io, url: 'http://k.example/k8s/v2/'}\n"
+                    "  - {registry: quay.io, url: 'http://q.example/v2'}\n  - {registry: a.io, url: 'http://a/v2x'}\n")
+    assert [u.url for u in load_config(file, env={}).upstreams] == \
+        [DOCKER_HUB_URL, "http://k.example/k8s", "http://q.example", "http://a/v2x"]

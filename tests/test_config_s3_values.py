@@ -139,7 +139,7 @@ def test_the_upstream_password_and_its_file_follow_the_same_precedence(secrets: 
     assert message.startswith("upstream.password and upstream.password_file are both set: keep one"), message
     assert "in-yaml" not in message and "pw-from-file" not in message
     # The default registry's entry of `upstreams:` is overridden the same way...
-    file.write_text(f"upstreams:\n  - {{registry: docker.io, password_file: {secrets / 'missing'}}}\n")
+    file.write_text(f"upstreams:\n  - {{registry: docker.io, username: u, password_file: {secrets / 'missing'}}}\n")
     assert load_config(file, env={"MIRROR_UPSTREAM_PASSWORD": "pw-from-env"}).upstream.password == "pw-from-env"
     # ...may not say otherwise than the `upstream:` section...
     file.write_text(f"upstream:\n  password: in-yaml\nupstreams:\n  - {{registry: docker.io, password_file: "
@@ -287,7 +287,7 @@ def test_an_inline_secret_is_read_as_its_file_would_be_in_every_process(tmp_path
     # The user's MIRROR_UPSTREAMS is replaced: its password is in no worker's environment.
     assert not any("json-secret" in value for value in handed.values()), handed
     assert load_config(env=handed).upstream.password == "json-secret"
-    padded = load_config(env={"MIRROR_UPSTREAM_PASSWORD": " top-secret\n"})
+    padded = load_config(env={"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": " top-secret\n"})
     assert padded.upstream.password == "top-secret"
     assert load_config(env=to_environ(padded, secrets)).upstream.password == "top-secret"
 

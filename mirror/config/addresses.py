@@ -37,6 +37,14 @@ def parse_url(value: Any, credentials: str = "set upstream.username and upstream
     return text
 
 
+def parse_upstream_url(value: Any) -> str:
+    """An upstream registry's URL (:func:`parse_url`): its root, a path prefix included; the API's
+    own ``/v2`` at its end is dropped (``https://host/prefix/v2/`` is ``https://host/prefix``), as
+    containerd takes a host's path: the mirror adds ``/v2/`` to every request."""
+    text = parse_url(value)
+    return text.removesuffix("/v2") if urlsplit(text).path.endswith("/v2") else text
+
+
 def _bracketed(netloc: str) -> str:
     """``fd00::7:5000`` as ``[fd00::7]:5000``: an IPv6 address as Kubernetes' ``$(POD_IP)`` and
     ``hostname -i`` give it, with a port after it; the port is what follows the last colon.

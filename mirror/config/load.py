@@ -134,12 +134,14 @@ def load_config(
                 raise ConfigError(f"bad value for {name}.{user_key(attr)}: {quoted}: {exc}{source}") from None
         sections[name] = cls(**values)
     default = sections["upstream"]
-    upstreams = [default]
+    upstreams, labels = [default], ["upstream"]
     default_entry: int | None = None
     upstream_keys = _section_keys(UpstreamConfig)
     for n, entry in enumerate(_upstream_list(extra, listed)):
         label = f"{listed or 'upstreams'}[{n}]"
         _overlay({}, entry, upstream_keys, label)  # refuses a key and its _file both set
+        if "registry" not in entry:  # (it would have been docker.io's, its content filed as Docker Hub's)
+            raise ConfigError(f"{label}.registry is not set: name the registry it serves (docker.io, ghcr.io...)")
         registry = _parse_section(UpstreamConfig, {k: v for k, v in entry.items() if k == "registry"}, label).registry
         if registry == default.registry and default_entry is None:
             # The default registry's entry: env and flags refine it. The file's `upstream` section may
@@ -155,11 +157,16 @@ def load_config(
             merged = _overlay(dict(below), above, upstream_keys, "upstream")
             _parse_section(UpstreamConfig, {k: v for k, v in entry.items() if k in merged and k not in above}, label)
             default = upstreams[0] = _parse_section(UpstreamConfig, merged, "upstream")
+            labels[0] = label
         elif any(u.registry == registry for u in upstreams):
             raise ConfigError(f"{label}.registry: {registry} is configured twice")
         else:  # served by its own host when no url says otherwise, as containerd takes it
             url = DOCKER_HUB_URL if registry == DOCKER_HUB else f"https://{registry}"
             upstreams.append(_parse_section(UpstreamConfig, {"url": url, **entry}, label))
+            labels.append(label)
+    for upstream, label in zip(upstreams, labels, strict=True):
+        if upstream.password is not None and not upstream.username:  # (it would be sent with no user: never)
+            raise ConfigError(f"{label}.password is set without {label}.username: set both")
     sections["upstream"] = default
     metadata = sections["metadata"]
     if metadata.driver == "postgres" and (problem := dsn_problem(metadata.postgres_dsn or "")) is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
-from .addresses import parse_listen, parse_url
+from .addresses import parse_listen, parse_upstream_url, parse_url
 from .values import (
     SecretFile,
     parse_bool,
@@ -160,7 +160,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    url: str = setting(parse_url, DOCKER_HUB_URL)
+    url: str = setting(parse_upstream_url, DOCKER_HUB_URL)
     # Name the upstream's content is filed under in the index (Docker Hub is "docker.io").
     registry: str = setting(parse_registry, DOCKER_HUB)
     username: str | None = setting(parse_optional_str, None)

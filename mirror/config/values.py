@@ -40,11 +40,15 @@ def parse_optional_duration(value: Any) -> float | None:
 
 
 def parse_registry(value: Any) -> str:
-    """A registry host name as images name it: ``docker.io``, ``ghcr.io``, ``registry.local:5000``."""
+    """A registry host name as images name it: ``docker.io``, ``ghcr.io``, ``registry.local:5000``;
+    Docker Hub's other names (``index.docker.io``, ``registry-1.docker.io``) are ``docker.io``, as
+    clients and the routes take them."""
+    from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES
+
     text = str(value).strip().lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?", text):
         raise ValueError("expected a registry host name such as ghcr.io or registry.local:5000")
-    return text
+    return DOCKER_HUB if text in DOCKER_HUB_ALIASES else text
 
 
 def parse_int(minimum: int, maximum: int) -> Callable[[Any], int]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import settle
+from tests.support.tls import ServerCertificate, server_certificate
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 SECOND = "registry.test"
@@ -299,3 +302,56 @@ def test_the_default_registrys_prefix_names_the_same_pushed_repository_as_the_ba
     gone = http.delete(f"{mirror.url}/v2/docker.io/team/y/manifests/{other.digest}")
     assert gone.status_code == 202, gone.text
     assert manifest(http, f"{mirror.url}/v2/team/y/manifests/1").status_code == 404
+
+
+class TlsUpstream(UpstreamRegistry):
+    """A registry on TLS with a certificate of a private CA, serving *storage* (another registry's)."""
+
+    def __init__(self, root: Path, storage: Path, certificate: ServerCertificate) -> None:
+        super().__init__(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.data_dir, self.certificate = storage, certificate
+        self.verify = ssl.create_default_context(cafile=certificate.ca)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        config["http"]["tls"] = {"certificate": str(self.certificate.certificate), "key": str(self.certificate.key)}
+        return config
+
+
+def test_an_upstream_whose_certificate_a_private_ca_signed_is_trusted_with_its_tls_ca_only(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """``upstreams[n].tls.ca``: the CA is trusted for that upstream (and its token realm), besides the
+    usual roots; without it the upstream's certificate is refused, and a file that is not a PEM CA
+    stops start-up naming the key."""
+    certificate = server_certificate(tmp_path / "ca")
+    with TlsUpstream(tmp_path / "tls", upstream.data_dir, certificate) as private:
+        entries = [{"registry": "docker.io", "url": upstream.url},
+                   {"registry": SECOND, "url": private.url, "tls": {"ca": str(certificate.ca)}, "tag_ttl": "0s"},
+                   {"registry": "other.test", "url": private.url}]
+        config = tmp_path / "mirror.yml"
+        config.write_text(yaml.safe_dump({"upstreams": entries}))
+        mirror = mirror_factory(config=config, workers=2)  # the workers get it from the server too
+        for _ in range(6):  # revalidated each time (tag_ttl 0s), by either worker
+            trusted = manifest(http, f"{mirror.url}/v2/library/small/manifests/1?ns={SECOND}")
+            assert (trusted.status_code, trusted.content) == (200, images.small.manifest), trusted.text
+            assert trusted.headers["x-mirror-cache"] in ("MISS", "HIT"), trusted.headers
+        for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
+            got = client.fetch_blob_digest(mirror.url, f"{SECOND}/library/small", digest, client=http)
+            assert got[0] == digest
+        refused = manifest(http, f"{mirror.url}/v2/library/small/manifests/1?ns=other.test")
+        assert refused.status_code == 503 and "CERTIFICATE_VERIFY_FAILED" in refused.text, refused.text
+        assert private.count("HEAD", re.compile("^/v2/library/small/manifests/1$")) >= 5
+
+    (tmp_path / "not-a-ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n")
+    config.write_text(yaml.safe_dump({"upstreams": [{"registry": SECOND, "url": "https://x.test",
+                                                     "tls": {"ca": str(tmp_path / "not-a-ca.pem")}}]}))
+    server = mirror_factory(config=config, start=False)
+    with pytest.raises(RuntimeError, match=r"bad value for upstreams\[0\]\.tls\.ca: .*not a PEM file of CA"):
+        server.start(timeout=10)

@@ -240,7 +240,7 @@ def _upstream_list(value: Any, variable: str | None) -> list[dict[str, Any]]:
         return []
     if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
         raise ConfigError(f"{variable or 'upstreams'} must be a list of mappings (registry, url, username, ...)")
-    return [{str(k): v for k, v in e.items()} for e in value]
+    return [{str(k).replace(".", "_"): v for k, v in _flatten(e).items()} for e in value]
 
 
 def _parse_section(cls: type, values: Mapping[str, Any], label: str) -> Any:

@@ -20,6 +20,7 @@ from .addresses import parse_listen, parse_upstream_url, parse_url
 from .values import (
     SecretFile,
     parse_bool,
+    parse_ca_file,
     parse_choice,
     parse_duration,
     parse_fraction,
@@ -169,6 +170,8 @@ class UpstreamConfig:
     password_file: SecretFile | None = setting(parse_secret_file, None)
     # "auto": one-component names get Docker Hub's implicit "library/" when the upstream is Docker Hub.
     library_namespace: str = setting(parse_choice("auto", "true", "false"), "auto")
+    # CA certificates (PEM) trusted for this upstream's TLS besides the usual roots (a private CA).
+    tls_ca: Path | None = setting(parse_ca_file, None)
     connect_timeout: float = setting(parse_duration, 5.0)
     read_timeout: float = setting(parse_duration, 60.0)
     retries: int = setting(parse_int(0, 10), 2)

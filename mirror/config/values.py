@@ -122,6 +122,19 @@ def parse_path(value: Any) -> Path:
     return Path(parse_str(value)).expanduser()
 
 
+def parse_ca_file(value: Any) -> Path | None:
+    """A PEM file of CA certificates (:func:`parse_optional_file`) that OpenSSL can load."""
+    import ssl
+
+    path = parse_optional_file(value)
+    if path is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=path)
+        except ssl.SSLError as exc:
+            raise ValueError(f"not a PEM file of CA certificates ({exc.reason or exc})") from None
+    return path
+
+
 def parse_optional_file(value: Any) -> Path | None:
     """A file that must exist and be readable (a certificate, a key, an htpasswd file)."""
     if value is None or value == "":

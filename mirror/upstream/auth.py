@@ -25,8 +25,10 @@ import asyncio
 import base64
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 import httpx
 
@@ -219,3 +221,14 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
               for m in _CHALLENGE_PARAM_RE.finditer(rest)}
     return scheme.lower(), params
+
+
+def trusted(ca: Path | None) -> ssl.SSLContext | bool:
+    """What an upstream's (and its token realm's) TLS certificates are verified against: httpx's
+    roots (certifi's, or ``SSL_CERT_FILE``), and with *ca* (``upstream.tls.ca``, a PEM file) its CA
+    certificates too: a private registry's CA, trusted for that upstream only."""
+    if ca is None:
+        return True
+    context = httpx.create_ssl_context()
+    context.load_verify_locations(cafile=ca)
+    return context

@@ -41,7 +41,7 @@ from ..spec.manifest import (
 )
 from ..spec.reference import Digest, ParseError, parse_digest
 from .answers import BlobDownload, Manifest, ManifestHead, Referrers, media_type_of, refused_redirect, upstream_error
-from .auth import RegistryAuth
+from .auth import RegistryAuth, trusted
 from .codings import (
     ACCEPT_ENCODING,
     SUPPORTED_CODINGS,
@@ -87,8 +87,7 @@ class Upstream:
         self.larger_reads = larger_reads()
         self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
         self.client = httpx.AsyncClient(
-            base_url=config.url,
-            auth=self.auth,
+            base_url=config.url, auth=self.auth, verify=trusted(config.tls_ca),
             follow_redirects=True,
             timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32,

@@ -29,6 +29,8 @@ class _RegistryProcess(Service):
     """Shared lifecycle and accounting of a docker-registry subprocess."""
 
     kind = "registry"
+    #: What ``GET /v2/`` at start is verified with (a TLS registry: its CA file).
+    verify: Any = True
 
     def __init__(self, root: Path, *, port: int | None = None) -> None:
         self.root = root
@@ -79,7 +81,7 @@ class _RegistryProcess(Service):
             self._proc = Proc([REGISTRY_BINARY, "serve", self.config_path], self.log_path, name=self.kind)
         self._proc.start()
         try:
-            wait_http(f"{self.url}/v2/", START_TIMEOUT, alive=self._proc)
+            wait_http(f"{self.url}/v2/", START_TIMEOUT, alive=self._proc, verify=self.verify)
         except BaseException:
             self._proc.stop()
             raise

@@ -375,7 +375,8 @@ class S3Store:
         bucket would not free."""
         code = refusal_errno(exc)
         if code is not None:
-            log.warning("the data directory refused a write (%s needed): %s", needed, exc)
+            wanted = "" if needed is None else f" ({needed} bytes needed)"
+            log.warning("the data directory refused a write%s: %s", wanted, exc)
 
     def write_problem(self) -> str | None:
         """Why the store cannot take writes now, or None: the data directory refuses a small file in

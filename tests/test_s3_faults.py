@@ -18,7 +18,7 @@ import pytest
 from tests.support.catalog import StandardImages
 from tests.support.client import push_blob, push_image
 from tests.support.faults import FaultProxy
-from tests.support.images import random_layer
+from tests.support.images import Layer, random_layer
 from tests.support.lagging import lagging_relay
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -238,13 +238,9 @@ def test_a_tampered_manifest_is_never_answered(
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN", unknown.text
 
 
-@pytest.mark.slow
-def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstream(
-    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
-    http: httpx.Client,
-) -> None:
-    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
-    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+def stop_the_store_mid_fill(bucket: Bucket, fault_proxy: FaultProxy, mirror: MirrorServer, layer: Layer) -> None:
+    """Stop the bucket's SeaweedFS once a slowed fill of *layer* sent two parts to it; the client still
+    gets the whole blob (the rest streamed from the upstream)."""
     fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
                     chunk_size=64 * 1024, delay=0.05)
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
@@ -252,6 +248,16 @@ def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstrea
         wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
         bucket.server.stop()
         assert transfer.result() == (200, layer.digest, layer.size), "the rest came from the upstream"
+
+
+@pytest.mark.slow
+def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstream(
+    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    stop_the_store_mid_fill(bucket, fault_proxy, mirror, layer)
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
     assert "Traceback" not in mirror.log_tail(400)
 
@@ -274,13 +280,7 @@ def test_a_fills_upload_that_could_not_be_aborted_is_aborted_while_the_mirror_ru
     mirror = mirror_factory(fault_proxy.url, env=bucket.env())
     # Another blob sent in parts (8 MiB), then the same blob again.
     for n, fetched in enumerate([images.big.layers[1], layer]):
-        fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
-                        chunk_size=64 * 1024, delay=0.05)
-        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
-            transfer = pool.submit(received, own, blob_url(mirror, "library/big", layer.digest))
-            wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
-            bucket.server.stop()
-            assert transfer.result() == (200, layer.digest, layer.size), "the rest came from the upstream"
+        stop_the_store_mid_fill(bucket, fault_proxy, mirror, layer)
         bucket.server.start()
         assert bucket.uploads() == [key_of(layer.digest)], "left by the fill"
         assert received(http, blob_url(mirror, "library/big", fetched.digest)) == (200, fetched.digest, fetched.size)

@@ -108,3 +108,21 @@ def test_migrate_between_two_spellings_of_one_database_and_one_store_is_refused(
     done = mirror_cli("migrate", "--from-config", configs[0], "--to-config", configs[1], timeout=60)
     assert done.returncode != 0, done.stdout
     assert "the same index (id " in done.stderr and "nothing to migrate" in done.stderr, done.stderr
+
+
+def test_another_database_is_refused_before_anything_is_made_in_it(
+    postgres: PostgresServer, upstream: UpstreamRegistry, tmp_path: Path,
+) -> None:
+    """A data directory bound to an index, started on another (empty) database: refused, and that
+    database is left as it was (opening it would make the mirror's tables in it, and record this store)."""
+    data, first, other = tmp_path / "data", postgres.create_database(), postgres.create_database()
+    with MirrorServer(data, upstream.url, env=_env(first), log_dir=tmp_path / "first"):
+        pass
+    bound = json.loads((data / "index.json").read_text())
+    for command in (["fsck"], ["serve", "--listen", f"127.0.0.1:{free_port()}"]):
+        done = mirror_cli(*command, "--data", data, env=_env(other), timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert f"index in PostgreSQL database '{_database(first)}'" in done.stderr, done.stderr
+    with psycopg.connect(other) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+    assert json.loads((data / "index.json").read_text()) == bound

@@ -206,8 +206,10 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
             return _rewrite(binding, wanted)
         return None
     if known and recorded.get("driver") == wanted.get("driver") == "postgres":
-        if index_id is None:
-            return None  # the index's id decides, once it opened
+        if index_id is None:  # asked before the index is opened (which would make its schema there)
+            index_id = _peek_index_id(config.postgres_dsn or "")
+            if index_id is None or known == index_id:
+                return None  # no answer (opening it says why), or the same index: taken once it opened
         if known == index_id:  # the same index, restored or moved: the record follows it
             return _rewrite(binding, wanted) if record else None
     if storage is not None and storage.driver == "s3":
@@ -221,6 +223,26 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     if not _holds_anything(Layout(binding.parent)):
         advice += f"; nothing was ever stored there: to start over with this index, remove {binding}"
     return f"{holds}, but this start uses {_describe(wanted)}: {advice}"
+
+
+def _peek_index_id(dsn: str) -> str | None:
+    """The id of the index in the database *dsn* names, read without changing anything: ``""`` when
+    it holds none (no mirror's tables), None when it does not answer."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from .postgres import CONNECT_TIMEOUT
+
+    if "connect_timeout" not in conninfo_to_dict(dsn):
+        dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT value FROM settings WHERE name = 'index_id'").fetchone()
+    except psycopg.OperationalError:
+        return None
+    except psycopg.Error:  # no settings table: not a mirror's index (yet)
+        return ""
+    return str(row[0]) if row is not None else ""
 
 
 def _place(index: Mapping[str, Any]) -> dict[str, Any]:

@@ -658,7 +658,8 @@ def test_push_policy(
     put = http.put(f"{default.url}/v2/dlist/manifests/1", content=images.small.manifest,
                    headers={"content-type": OCI_MANIFEST})
     assert put.status_code == 403 and error_code(put) == "DENIED"
-    assert upstream.count("GET", re.compile(r"^/v2/library/dlist/tags/list$")) == 5
+    # Asked once for each spelling the checks see (library/dlist, dlist): an answer is kept a while.
+    assert upstream.count("GET", re.compile(r"^/v2/library/dlist/tags/list$")) == 2
     assert http.get(f"{default.url}/v2/_catalog").json() == {"repositories": ["library/small", "team/app"]}
     pulled = http.get(f"{default.url}/v2/dlist/manifests/1", headers={"accept": ALL_TYPES})
     assert (pulled.status_code, pulled.headers["x-mirror-cache"]) == (200, "MISS")

@@ -60,17 +60,25 @@ def _unanswered(registry: str, name: str, why: str) -> bool:
 
 class UpstreamQuestions:
     """:func:`upstream_serves` of one upstream, one question per name at a time: the first writes of a
-    push come together (dockerd uploads its layers in parallel), and share one answer."""
+    push come together (dockerd uploads its layers in parallel), and share one answer.  An answer is
+    kept :data:`ANSWER_KEPT` seconds: a write that comes just after it, before the first one made the
+    repository local in the index (skopeo's mounts and uploads), takes it rather than asking again."""
+
+    #: Seconds an answer is kept for the push's later first writes.
+    ANSWER_KEPT = 10.0
 
     def __init__(self, upstream: Any) -> None:
         self.upstream = upstream
-        self._asking: dict[str, asyncio.Future[bool]] = {}
+        self._asking: dict[str, tuple[asyncio.Future[bool], float]] = {}  # name -> (question, when asked)
 
     async def __call__(self, name: str) -> bool:
-        asking = self._asking.get(name)
-        if asking is None:
-            asking = self._asking[name] = asyncio.ensure_future(upstream_serves(self.upstream, name))
+        now = asyncio.get_running_loop().time()
+        found = self._asking.get(name)
+        if found is None or (found[0].done() and (found[0].cancelled() or found[0].exception() is not None
+                                                  or now - found[1] > self.ANSWER_KEPT)):
+            for old in [n for n, (q, at) in self._asking.items() if q.done() and now - at > self.ANSWER_KEPT]:
+                del self._asking[old]
+            asking = asyncio.ensure_future(upstream_serves(self.upstream, name))
             asking.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
-            asking.add_done_callback(lambda done: self._asking.pop(name, None) if self._asking.get(name) is done
-                                     else None)
-        return await asyncio.shield(asking)
+            found = self._asking[name] = (asking, now)
+        return await asyncio.shield(found[0])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,13 @@ import yaml
 from tests.support import client
 from tests.support.catalog import StandardImages
 from tests.support.containerd import Containerd
+from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.storecheck import settle
 from tests.support.tls import ServerCertificate, server_certificate
+from tests.support.waiting import wait_for
 
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
 SECOND = "registry.test"
@@ -355,3 +360,53 @@ def test_an_upstream_whose_certificate_a_private_ca_signed_is_trusted_with_its_t
     server = mirror_factory(config=config, start=False)
     with pytest.raises(RuntimeError, match=r"bad value for upstreams\[0\]\.tls\.ca: .*not a PEM file of CA"):
         server.start(timeout=10)
+
+
+def test_a_client_of_one_upstream_does_not_wait_for_another_upstreams_hung_fetch_of_the_same_blob(
+    tmp_path: Path, images: StandardImages, fault_proxy: FaultProxy, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A blob's fetch is shared by digest, whichever upstream it is from.  Its readers asking the same
+    upstream wait for it however long it takes (one fetch for all of them); one asking another upstream
+    waits at most ``OTHER_UPSTREAM_WAIT`` (2 s) for its first answer, then streams its own upstream's
+    bytes (``BYPASS``); the hung fetch still lands in the store for everyone."""
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)  # the same content as the default's small:1
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": fault_proxy.url, "library_namespace": "true", "read_timeout": "60s"},
+        {"registry": SECOND, "url": second.url},
+    ]}))
+    mirror = mirror_factory(fault_proxy.url, config=config, workers=2)
+    assert manifest(http, f"{mirror.url}/v2/small/manifests/1").content == images.small.manifest
+    assert manifest(http, f"{mirror.url}/v2/{SECOND}/org/app/manifests/1").content == images.small.manifest
+    layer = images.small.layers[0].digest
+    pattern = re.compile(f"/blobs/{re.escape(layer)}$")
+    late = fault_proxy.add("late", f"/blobs/{layer}$", method="GET", delay=8.0)
+    got: list[tuple[str, int]] = []
+
+    def hub_client() -> None:
+        with httpx.Client(timeout=60.0, trust_env=False) as own:
+            got.append(client.fetch_blob_digest(mirror.url, "small", layer, client=own))
+
+    hub_clients = [threading.Thread(target=hub_client) for _ in range(2)]
+    for each in hub_clients:
+        each.start()
+        wait_for(lambda: late.hits == 1, timeout=10, what="the default upstream asked for the blob")
+    started = time.monotonic()
+    answer = http.get(f"{mirror.url}/v2/{SECOND}/org/app/blobs/{layer}")
+    waited = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert "sha256:" + hashlib.sha256(answer.content).hexdigest() == layer
+    assert answer.headers["x-mirror-cache"] == "BYPASS"
+    assert waited < late.delay, f"waited {waited:.1f} s for the other upstream's fetch"
+    assert second.count("GET", pattern) == 1
+
+    for each in hub_clients:
+        each.join(timeout=60)
+    assert got == [(layer, images.small.layers[0].size)] * 2
+    assert fault_proxy.count("GET", pattern) == 1 and late.hits == 1  # its two clients shared one fetch
+    settle(mirror.data_dir)
+    again = http.get(f"{mirror.url}/v2/{SECOND}/org/app/blobs/{layer}")
+    assert again.status_code == 200 and again.headers["x-mirror-cache"] == "HIT"
+    assert second.count("GET", pattern) == 1

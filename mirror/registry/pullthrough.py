@@ -262,9 +262,9 @@ class PullThrough:
             consented = True
         missing = not consented  # just looked at, and not stored: the fill need not look again first
         urls = await self._foreign_urls(name, key)
+        fetch = (lambda: self.upstream.foreign_blob(urls, digest)) if urls else lambda: self._fetch(name, repo, digest)
         try:
-            source = await self.fills.open(digest, (lambda: self.upstream.foreign_blob(urls, digest)) if urls
-                                           else lambda: self._fetch(name, repo, digest), looked=missing)
+            source = await self.fills.open(digest, fetch, looked=missing, origin=self.registry)
         except UpstreamError as exc:
             raise await self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):

@@ -35,7 +35,7 @@ class Outcome(str, enum.Enum):
     MISS = "MISS"  # from the upstream, stored while it was served
     STALE = "STALE"  # from the store, the upstream failing
     COALESCED = "COALESCED"  # following another request's fetch from the upstream
-    BYPASS = "BYPASS"  # from the upstream, the store refusing to take it
+    BYPASS = "BYPASS"  # from the upstream, not stored (the store refused it, or another upstream's fill hangs)
     LOCAL = "LOCAL"  # from a pushed repository
 
 

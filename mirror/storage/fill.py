@@ -25,6 +25,7 @@ import fcntl
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -36,11 +37,15 @@ from .batches import receive
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
-from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta
+from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta, write_pending
 from .refusals import refusal
 
 log = logging.getLogger("mirror.storage.fill")
 T = TypeVar("T")
+
+#: Seconds a reader asking one upstream for a digest waits for another upstream's fetch of it to be
+#: answered (counted from that fetch's start) before fetching on its own (:meth:`Fills._follow`).
+OTHER_UPSTREAM_WAIT = 2.0
 
 
 class Fills:
@@ -60,14 +65,18 @@ class Fills:
     #: before fetching turns it off (``registry/cluster.py``).
     look_after_lock = True
 
-    async def open(self, digest: Digest, fetch: Fetch, *,
-                   looked: bool = False) -> BlobReader | GrowingBlob | BypassBlob:
+    async def open(self, digest: Digest, fetch: Fetch, *, looked: bool = False,
+                   origin: str | None = None) -> BlobReader | GrowingBlob | BypassBlob:
         """The stored blob, or a reader of the fetch in progress (started here if there is none), or
         the upstream's bytes streamed through when the store cannot take them.
 
         *looked*: the caller has just found the blob missing from the store, so the first look here is
         skipped (on an object store each look is a request).  The look once the fill's lock is held
         is not: that one decides.  Errors of ``fetch`` before its body starts are raised here.
+
+        *origin*: the upstream registry ``fetch`` asks, when there are several.  A fetch of the same
+        digest from another one that has had no answer for :data:`OTHER_UPSTREAM_WAIT` seconds is not
+        waited for: this reader streams its own upstream's bytes through (verified, not stored).
         """
         for _ in range(100):
             # On an object store these are requests (HEAD), made from a worker thread (look).
@@ -86,8 +95,8 @@ class Fills:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                follower = await self._follow(digest, fd, fetch)
-                if follower == "refused":
+                follower = await self._follow(digest, fd, fetch, origin)
+                if follower == "refused" or follower == "elsewhere":
                     return await self.bypass(digest, fetch)
                 if follower is not None:
                     return follower
@@ -104,7 +113,7 @@ class Fills:
                 os.unlink(path)
                 os.close(fd)
                 continue
-            return await self._lead(digest, fd, fetch)
+            return await self._lead(digest, fd, fetch, origin)
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
     async def join(self, digest: Digest) -> BlobReader | GrowingBlob | None:
@@ -185,7 +194,7 @@ class Fills:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _lead(self, digest: Digest, fd: int, fetch: Fetch) -> GrowingBlob | BypassBlob:
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch, origin: str | None) -> GrowingBlob | BypassBlob:
         os.ftruncate(fd, 0)
         os.fchmod(fd, 0o644)  # whatever the umask: the modes of a refused or verified fill mean something
         path = self.store.layout.fill(digest)
@@ -193,6 +202,9 @@ class Fills:
         started: asyncio.Future[int | None | BypassBlob] = asyncio.get_running_loop().create_future()
         started.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no one waits
         ingest = self.store.fill_writer(digest, path, fd)
+        if origin is not None:  # (without it, readers for other upstreams wait as for any fill)
+            with contextlib.suppress(OSError):
+                write_pending(self.store.layout.fill_meta(digest), os.fstat(fd).st_ino, origin)
         self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
             size = await _handed_over(started)
@@ -292,18 +304,27 @@ class Fills:
         finally:
             os.close(ingest.fd)
 
-    async def _follow(self, digest: Digest, fd: int, fetch: Fetch | None) -> GrowingBlob | Literal["refused"] | None:
-        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first, and
-        ``"refused"`` if the store refused it."""
+    async def _follow(self, digest: Digest, fd: int, fetch: Fetch | None,
+                      origin: str | None = None) -> GrowingBlob | Literal["refused", "elsewhere"] | None:
+        """Wait for the leader of ``fd``'s inode to publish its size; None if it failed first,
+        ``"refused"`` if the store refused it, and ``"elsewhere"`` if it asks another upstream than
+        *origin* and has had no answer for :data:`OTHER_UPSTREAM_WAIT` seconds (a client of one upstream
+        must not wait out another's timeouts, up to ``read_timeout`` x (1 + ``retries``))."""
         meta = self.store.layout.fill_meta(digest)
         ino = os.fstat(fd).st_ino
         try:
             while True:
                 found = read_meta(meta)
-                if found is not None and found[0] == ino:
+                if found is not None and found.ino == ino and found.answered:
                     verified = os.fstat(fd).st_mode & 0o777 == VERIFIED_MODE
-                    return GrowingBlob(self, digest, fd, found[1], coalesced=not verified, fetch=fetch,
+                    return GrowingBlob(self, digest, fd, found.size, coalesced=not verified, fetch=fetch,
                                        verified=verified)
+                if (found is not None and found.ino == ino and fetch is not None and found.origin not in (None, origin)
+                        and origin is not None and (waited := time.time() - found.written) >= OTHER_UPSTREAM_WAIT):
+                    log.info("the fetch of %s from %s has had no answer for %.0f s: a client of %s fetches "
+                             "it on its own", digest, found.origin, waited, origin)
+                    os.close(fd)
+                    return "elsewhere"
                 state = fill_state(fd, functools.partial(self.store.fill_placed, digest, fd))
                 if state != "filling":
                     os.close(fd)

@@ -13,7 +13,8 @@ own reading.  Readers in any process learn the outcome from the file itself:
 * lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
-mistakes an older attempt's file for the current one): :func:`write_meta`, :func:`read_meta`.
+mistakes an older attempt's file for the current one): :func:`write_meta`, :func:`read_meta`.  With
+several upstreams, the leader first says there which upstream it waits for (:func:`write_pending`).
 
 A reader of a stored blob (and of a fill, once it is done) holds a shared ``flock`` on it until it
 closes: the collector keeps an image while any of its objects is filling or so marked
@@ -31,7 +32,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio.to_thread
 
@@ -275,17 +276,49 @@ def names_inode(path: os.PathLike[str] | str, fd: int) -> bool:
         return False
 
 
+class FillMeta(NamedTuple):
+    """What ``<alg>-<hex>.meta`` says of the fetch whose temp file is inode *ino*."""
+
+    ino: int
+    #: The upstream's announced size (None: not announced).  Meaningful once *answered*.
+    size: int | None
+    #: False while the leader still waits for the upstream's answer (only a fill with an *origin*
+    #: says so: :func:`write_pending`).
+    answered: bool
+    #: The upstream registry the fetch asks (``docker.io``, ``ghcr.io``), when the leader said.
+    origin: str | None
+    #: When the file was written (``time.time()`` seconds): for a pending fill, when its fetch began.
+    written: float
+
+
 def write_meta(path: os.PathLike[str] | str, ino: int, size: int | None) -> None:
+    """Publish the fetch's size: its readers go on (see the module docstring)."""
+    _write(path, {"ino": ino, "size": size})
+
+
+def write_pending(path: os.PathLike[str] | str, ino: int, origin: str) -> None:
+    """Say which upstream the fetch of inode *ino* waits for, before it answered: a reader asking
+    another upstream for the same digest need not wait on this one for long (``Fills._follow``)."""
+    _write(path, {"ino": ino, "origin": origin})
+
+
+def _write(path: os.PathLike[str] | str, meta: dict[str, object]) -> None:
     tmp = f"{os.fspath(path)}.{secrets.token_hex(6)}"
-    with open(tmp, "w") as f:
-        json.dump({"ino": ino, "size": size}, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: nothing left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-def read_meta(path: os.PathLike[str] | str) -> tuple[int, int | None] | None:
+def read_meta(path: os.PathLike[str] | str) -> FillMeta | None:
     try:
         with open(path) as f:
+            written = os.fstat(f.fileno()).st_mtime
             meta = json.load(f)
     except (FileNotFoundError, ValueError):
         return None
-    return int(meta["ino"]), meta["size"]
+    return FillMeta(int(meta["ino"]), meta.get("size"), "size" in meta, meta.get("origin"), written)

@@ -8,6 +8,7 @@
       tmp/                                work in progress, on the same filesystem as blobs/ (renames)
         <algorithm>-<hex>.partial         the shared fetch of one digest; its leader holds flock on it
         <algorithm>-<hex>.meta            {"ino", "size"} of that fetch, for the readers following it
+                                          ({"ino", "origin"} while it waits for an upstream's answer)
         <algorithm>-<hex>.meta.<random>   that file being written (then renamed)
         <algorithm>-<hex>.meta-upload     {"key", "upload"}: the multipart upload of that fetch (S3 driver)
         <algorithm>-<hex>.reading         held with a shared flock by each reader of that object (S3 driver)

@@ -177,6 +177,7 @@ def test_an_upstream_that_refuses_the_basic_credentials_is_said_so_in_the_log_on
                 "(401 to Basic auth)")
         wait_for(lambda: said in wrong.log_tail(200), what="the log line on the refused credentials")
         assert wrong.log_tail(400).count(said) == 1
+        assert "check the credentials of the upstream docker.io (upstream.username" in wrong.log_tail(400)
         assert "wrong-pw" not in wrong.log_path.read_text() + answer.text
     finally:
         registry.stop()

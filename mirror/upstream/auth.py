@@ -68,8 +68,11 @@ class RegistryAuth(httpx.Auth):
     request's token is for is read after it.
     """
 
-    def __init__(self, username: str | None, password: str | None, prefix: str = "") -> None:
+    def __init__(self, username: str | None, password: str | None, prefix: str = "", registry: str = "") -> None:
         self._prefix = prefix.rstrip("/")
+        #: Where the refused credentials are configured, for the operator (several upstreams each have theirs).
+        self._keys = (f"the credentials of the upstream {registry} (upstream.username and upstream.password, "
+                      "or its upstreams entry's)" if registry else "upstream.username and upstream.password")
         self._basic = _basic_header(username, password) if username else None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -124,7 +127,7 @@ class RegistryAuth(httpx.Auth):
                     self._rejection_logged = False
                     return
             raise self._rejected(f"the registry {request.url.netloc.decode()} rejected the configured upstream "
-                                 "credentials (401 to Basic auth); check upstream.username and upstream.password", 401)
+                                 f"credentials (401 to Basic auth); check {self._keys}", 401)
         if scheme != "bearer" or "realm" not in params:
             return
         key = params.get("scope") or scope or ""
@@ -184,7 +187,7 @@ class RegistryAuth(httpx.Auth):
         status, host = response.status_code, response.request.url.netloc.decode()  # host[:port], no userinfo
         if status in (401, 403) and self._basic is not None:
             raise self._rejected(f"the token server {host} rejected the configured upstream credentials "
-                                 f"({status}); check upstream.username and upstream.password", status)
+                                 f"({status}); check {self._keys}", status)
         if status != 200:
             message = f"the token server {host} answered {status} for {key or 'a token'}"
             kind: type[UpstreamError] = (

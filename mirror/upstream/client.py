@@ -85,7 +85,7 @@ class Upstream:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.larger_reads = larger_reads()
-        self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path)
+        self.auth = RegistryAuth(config.username, config.password, httpx.URL(config.url).path, config.registry)
         self.client = httpx.AsyncClient(
             base_url=config.url, auth=self.auth, verify=trusted(config.tls_ca),
             follow_redirects=True,

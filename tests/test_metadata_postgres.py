@@ -678,6 +678,36 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         assert f"{database}: " in log, log  # said by the mirror, naming the database
 
 
+def test_a_database_dropped_or_made_again_under_a_running_mirror_is_said_so_with_503s(
+    images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, postgres: PostgresServer,
+) -> None:
+    """The index's database dropped while the mirror runs: ``503 UNAVAILABLE``, and ``/readyz`` says why the
+    pool gets no connection (libpq's answer to the last attempt: the database does not exist), not only that
+    it waited.  The database made again, empty, under it: still 503 (not a 500 with a traceback), saying the
+    tables are gone and that a restart is needed."""
+    dsn = postgres.create_database()
+    name = dsn.split("dbname=")[1].split()[0]
+    mirror = mirror_factory(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+    image, tag, item = images.refs["small"]
+    assert isinstance(item, Image)
+    assert http.get(f"{mirror.url}/v2/{image}/manifests/{tag}", headers=ACCEPT).content == item.manifest
+
+    _query(postgres.dsn(), f'DROP DATABASE "{name}" WITH (FORCE)')
+    gone = http.get(f"{mirror.url}/v2/_catalog")
+    assert gone.status_code == 503 and gone.json()["errors"][0]["code"] == "UNAVAILABLE", gone.text
+    said = f'FATAL:  database "{name}" does not exist'
+    assert eventually(lambda: said in http.get(f"{mirror.url}/readyz").json().get("problems", {}).get("index", ""),
+                      timeout=15, interval=0.5), http.get(f"{mirror.url}/readyz").text
+
+    _query(postgres.dsn(), f'CREATE DATABASE "{name}"')
+    for path in (f"/v2/{image}/manifests/{tag}", "/v2/_catalog", "/readyz"):
+        empty = http.get(f"{mirror.url}{path}", headers=ACCEPT)
+        assert empty.status_code == 503, empty.text
+    ready = http.get(f"{mirror.url}/readyz").json()["problems"]["index"]
+    assert "does not exist (the database was dropped or made again while the mirror ran: restart it)" in ready
+    assert "Traceback" not in mirror.log_tail(500), mirror.log_tail(500)
+
+
 def test_a_data_directory_opens_only_with_the_index_that_describes_its_blobs(
     images: StandardImages, mirror_factory: Callable[..., MirrorServer], postgres: PostgresServer,
     http: httpx.Client,

@@ -239,9 +239,11 @@ class NotifiedGeneration:
                 if self._watch is not None:
                     self._watch.silent("not answering (no answer to a connection attempt in time)")
                 self._stop.wait(1.0)
-            except psycopg.Error:
+            except psycopg.Error as exc:
                 with self._lock:
                     self._value = None
+                if self._watch is not None and isinstance(exc, psycopg.OperationalError):
+                    self._watch.refused(str(exc).partition("\n")[0])
                 self._stop.wait(1.0)
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:

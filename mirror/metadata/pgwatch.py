@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .driver import MetadataUnavailable
 
@@ -62,6 +62,7 @@ class ServerWatch:
         self._lock = threading.Lock()
         self._in_use: dict[int, psycopg.Connection[Row]] = {}  # by id(): handed out, not given back yet
         self._silence: str | None = None  # why calls fail at once, while the server does not answer
+        self._refused: str | None = None  # why the listener's last connection attempt failed, until one works
 
     @property
     def silence(self) -> str | None:
@@ -81,10 +82,15 @@ class ServerWatch:
         if first:
             log.warning("%s: %s: %d queries in flight ended", self._where, reason, ended)
 
+    def refused(self, reason: str) -> None:
+        """The listener's attempt to connect failed (libpq's *reason*: the server refused, the database does
+        not exist, the password was wrong...): said with a call that waited in vain for a pool connection."""
+        self._refused = reason
+
     def answered(self) -> None:
         """The server answers again (the listener connected and read): calls go to the pool again."""
         with self._lock:
-            back, self._silence = self._silence is not None, None
+            back, self._silence, self._refused = self._silence is not None, None, None
         if back:
             log.info("%s answers again", self._where)
 
@@ -110,8 +116,9 @@ class ServerWatch:
     def cursor(self, pool: ConnectionPool[psycopg.Connection[Row]], *,
                transaction: bool = False) -> Iterator[psycopg.Cursor[Row]]:
         """A cursor of a connection from *pool* (checked by :meth:`check`), in a transaction if
-        *transaction*; ``OperationalError`` (a lost connection, ``PoolTimeout``), and any call while
-        silent, as ``MetadataUnavailable`` naming the database."""
+        *transaction*; ``OperationalError`` (a lost connection, ``PoolTimeout``), any call while
+        silent, and a query of a table that is gone (the database dropped and made again under the running
+        mirror), as ``MetadataUnavailable`` naming the database."""
         try:
             if self._silence is not None:
                 raise psycopg.OperationalError(self._silence)
@@ -128,4 +135,10 @@ class ServerWatch:
         except psycopg.OperationalError as exc:
             # Ended by silent(): say why, not libpq's "server closed the connection unexpectedly".
             reason = self._silence or str(exc).partition("\n")[0]  # libpq's hints follow on further lines
+            if isinstance(exc, PoolTimeout) and self._refused is not None:
+                reason = f"{reason}; the last attempt to connect: {self._refused}"
             raise MetadataUnavailable(f"metadata database unavailable: {self._where}: {reason}") from exc
+        except psycopg.errors.UndefinedTable as exc:
+            reason = str(exc).partition("\n")[0]
+            raise MetadataUnavailable(f"metadata database unavailable: {self._where}: {reason} (the database was "
+                                      "dropped or made again while the mirror ran: restart it)") from exc

@@ -33,7 +33,7 @@ from mirror.metadata.driver import (
     local_repo,
 )
 from mirror.metadata.postgres import PostgresMetadata
-from mirror.metadata.records import RecordKind
+from mirror.metadata.records import PinRecord, RecordKind
 from mirror.storage.driver import UploadParts
 from tests.support.postgres import PostgresServer
 
@@ -350,6 +350,7 @@ def test_every_kind_is_listed_a_page_at_a_time_and_found_by_key(index: Metadata)
     index.link(longer, [D1])
     index.mark_local("team/app", 100.5)
     index.pin(REPO, D1, now=7.25)
+    index.pin(longer, D1, now=8.5, tagged=True)
     index.add_referrer(REPO, D1, sbom)
     index.add_referrer(REPO, D1, sig)
     index.add_referrer(app, D2, sig)
@@ -369,7 +370,7 @@ def test_every_kind_is_listed_a_page_at_a_time_and_found_by_key(index: Metadata)
         RecordKind.LINKS: {(REPO, D1): True, (REPO, D2): True, (REPO, D3): True, (longer, D1): True},
         RecordKind.REPOSITORIES: {(REPO,): True, (app,): True, (longer,): True},
         RecordKind.LOCALS: {("team/app",): 100.5},
-        RecordKind.PINS: {(REPO, D1): 7.25},
+        RecordKind.PINS: {(REPO, D1): PinRecord(7.25, False), (longer, D1): PinRecord(8.5, True)},
         RecordKind.REFERRERS: {(REPO, D1): (sbom, sig), (app, D2): (sig,)},
         RecordKind.UPSTREAM_REFERRERS: {
             (REPO, D1, ""): UpstreamReferrers(REPO, D1, None, 5.0, (sig, sbom)),

@@ -124,6 +124,12 @@ def records(config: Path) -> dict[str, Any]:
                 "usage": index.usage(), "held": index.held()}
 
 
+def tagged_pins(config: Path) -> list[tuple[str, str]]:
+    """The pins that go with their image's last tag (a preload's under a tag) in the index *config* names."""
+    with opened(config) as index:
+        return sorted(index.pins(tagged=True))
+
+
 def differences(source: Path, copy: Path) -> list[str]:
     """How the index *copy* names differs from the one *source* names (``transfer.compare``)."""
     with opened(source) as old, opened(copy) as new:
@@ -218,12 +224,14 @@ def test_a_store_moves_to_s3_and_postgres_and_back_and_serves_every_image_byte_f
     old = write_config(tmp_path / "old.yaml", source.data_dir)
     before = records(old)
     assert before["pins"] and before["pushed repositories"] and before["referrers"] and before["access times"]
+    assert tagged_pins(old) == sorted(before["pins"])  # preloaded under a tag
     assert len(before["tags"]) >= 5
     dsn = postgres.create_database()
     cloud = write_config(tmp_path / "cloud.yaml", tmp_path / "cloud-spool", s3=(seaweedfs, s3_bucket), dsn=dsn)
     out = migrated(old, cloud)
     assert bucket_objects(seaweedfs, s3_bucket) == sizes(source.data_dir)
     assert differences(old, cloud) == [], out
+    assert tagged_pins(cloud) == tagged_pins(old)
 
     back = mirror_factory(registry.url, start=False)
     out = migrated(cloud, write_config(tmp_path / "back.yaml", back.data_dir), "--verify-content")
@@ -428,6 +436,7 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     (theirs / "blobs").mkdir()
     line = refused(old, new)
     assert "belongs to another store" in line and "docker.io/library/two" in line
+    assert "or is a copy of this one made before a tag was deleted or moved" in line
     assert sizes(theirs) == {} and records(new) == kept
 
 
@@ -587,11 +596,40 @@ def test_the_index_alone_moves_to_postgres_and_the_data_directory_follows_it(
     out = migrated(old, new)
     assert "0 copied" in out and f"{data} is now bound to PostgreSQL database" in out
     assert sizes(data) == objects and differences(old, new) == []
+    assert tagged_pins(new) == tagged_pins(old) != []  # see the test below
     with_postgres = mirror_cli("fsck", "--data", data, env={"MIRROR_METADATA_DRIVER": "postgres",
                                                             "MIRROR_METADATA_POSTGRES_DSN": dsn})
     assert with_postgres.returncode == 0 and with_postgres.stdout.rstrip().endswith("clean"), with_postgres.stderr
     with_diskcache = mirror_cli("fsck", "--data", data)
     assert with_diskcache.returncode == 2 and "holds the blobs of the index in PostgreSQL" in with_diskcache.stderr
+
+
+def test_a_preloads_pin_keeps_going_with_its_tag_and_a_copy_that_lost_that_is_mended_by_a_run_again(
+    tmp_path: Path, postgres: PostgresServer,
+) -> None:
+    """A pin made by a preload under a tag goes when the image's last tag goes, and fsck checks what
+    it pins: that is part of the pin, copied with it both ways.  A copy made without it (as an older
+    version did) differs from its source, and migrating again mends it."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 925)
+    dsn = postgres.create_database()
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "new", dsn=dsn)
+    migrated(old, new)
+    assert tagged_pins(new) == tagged_pins(old) != [] and differences(old, new) == []
+    loaded = load_config(new, env={})
+    index = open_metadata(loaded.metadata, Layout(tmp_path / "new").index, loaded.storage)
+    try:
+        (repo, digest), = index.pins()
+        index.unpin(repo, digest)
+        index.pin(repo, digest, now=records(old)["pins"][repo, digest].pinned_at)
+    finally:
+        index.close()
+    assert differences(old, new) == ["pins: 1 in the source, 1 in the target (values differ)"]
+    migrated(old, new)
+    assert differences(old, new) == [] and tagged_pins(new) == tagged_pins(old)
+    back = write_config(tmp_path / "back.yaml", tmp_path / "back")
+    migrated(new, back)
+    assert records(back) == records(old) and tagged_pins(back) == tagged_pins(old)
 
 
 def test_moving_the_index_back_onto_its_older_copy_says_so_and_what_to_remove(
@@ -688,6 +726,30 @@ def test_a_source_object_that_does_not_match_its_digest_is_not_copied(tmp_path: 
     assert done.returncode == 1 and done.stdout.rstrip().endswith("2 problems"), done.stdout + done.stderr
     assert f"source object {layer}: content does not match {image.layers[0].digest}" in done.stdout
     assert set(sizes(tmp_path / "copy")) == set(sizes(data)) - {image.layers[0].digest}
+
+
+def test_target_objects_damaged_since_they_were_copied_are_copied_again_by_a_run_that_re_hashes(tmp_path: Path) -> None:
+    """A run again skips what the target holds at its size; with ``--verify-content`` a layer and a
+    manifest rotted in the target since (same size, other bytes) are replaced with the source's, said
+    in the summary, and the run ends verified: the source's good copy is what mends them."""
+    data = tmp_path / "data"
+    image = preloaded(tmp_path, data, "one", 926)
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", tmp_path / "copy")
+    migrated(old, new)
+    rotted = (image.layers[0].digest, image.digest)
+    for digest in rotted:
+        path = stored_objects(tmp_path / "copy")[digest]
+        rotten = bytearray(path.read_bytes())
+        rotten[len(rotten) // 2] ^= 0xFF
+        path.chmod(0o644)
+        path.write_bytes(bytes(rotten))
+    assert "0 copied" in migrated(old, new)  # skipped: at their size
+    out = migrated(old, new, "--verify-content")
+    for digest in rotted:
+        assert f"did not match its digest in the target, copied again: {digest}" in out, out
+        assert stored_objects(tmp_path / "copy")[digest].read_bytes() == stored_objects(data)[digest].read_bytes()
+    checked = mirror_cli("fsck", "--data", tmp_path / "copy", "--verify-content")
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
 
 
 def test_a_signed_schema1_manifest_moves_under_the_digest_registries_give_it(

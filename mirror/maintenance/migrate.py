@@ -20,8 +20,8 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
 3. Every record of the index is copied (``metadata/transfer.py``; idempotent writes), kind by
    kind, a batch at a time: memory holds no whole kind of record, however large the index.
 4. Verified: every object of the source is in the target at its size (and, with
-   ``verify_content``, hashes to its digest there), and the target's index holds every record
-   (``transfer.compare``, batch by batch too).
+   ``verify_content``, hashes to its digest there: one that does not, damaged since it was copied, is
+   copied again), and the target's index holds every record (``transfer.compare``, batch by batch too).
 
 Sides that are the same (the same data directory under another index driver, say) are not
 copied; when both use one data directory, it is bound to the target's index at the end.
@@ -166,7 +166,7 @@ class Migration:
                                   f" remove {new.index} and run again")
                 if found.count:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
-                                  f" (first: {found.first}): it belongs to another store; migrate into an empty one")
+                                  f" (first: {found.first}): it belongs to another store, {SINCE}")
             held = census(old_store)
             if not one_directory:
                 _bind(target, new, "target", index_id=new_index.index_id())
@@ -297,6 +297,18 @@ class Migration:
         finally:
             writer.close()  # aborts a write not committed
 
+    def _copy_again(self, old: BlobStore, new: BlobStore, index: Metadata, found: StoredObject) -> None:
+        """Replace a target object not matching its digest (damaged since copied) with the source's, verified."""
+        assert found.digest is not None
+        (_, manifest), = with_manifests([found], index)
+        try:
+            new.delete(found.digest)
+            self._copy(old, new, found.digest, found.size, manifest, threading.Event())
+        except (StoreError, OSError) as exc:
+            self.report.problems.append(f"does not match its digest in the target: {found.digest} ({exc})")
+            return
+        self.report.notes.append(f"did not match its digest in the target, copied again: {found.digest}")
+
     # -- verifying --
 
     def _verify(self, old: BlobStore, new: BlobStore, index: Metadata, source: Metadata, same_store: bool,
@@ -316,10 +328,10 @@ class Migration:
                 def rehash(digest: Digest) -> bool | None:  # None: not there to re-hash
                     return None if digest in missing else new.matches(digest)
 
-                for (digest, found), matches in looked_up(pool, lambda pair: rehash(pair[0]), digested(old), COPIERS):
+                for (_, found), matches in looked_up(pool, lambda pair: rehash(pair[0]), digested(old), COPIERS):
                     if matches is not None:
                         if not matches:
-                            self.report.problems.append(f"does not match its digest in the target: {digest}")
+                            self._copy_again(old, new, index, found)
                         self.report.verified += 1
                     self.progress.advance(found.size)
         compared = compare(source, index)
@@ -337,7 +349,11 @@ def _check_target_objects(new: BlobStore, old: BlobStore, pool: Executor) -> Non
     found = foreign(new, old, pool, COPIERS)
     if found.count:
         raise Refused(f"the target store holds {found.count} objects the source does not (first: {found.first}):"
-                      " it belongs to another store; migrate into an empty one")
+                      f" it belongs to another store, {SINCE}")
+
+
+#: The other reason a target holds what the source does not, and what to do (both refusals say it).
+SINCE = "or is a copy of this one made before a tag was deleted or moved, or content evicted: migrate into an empty one"
 
 
 class _Stopped(Exception):

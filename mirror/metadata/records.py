@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-__all__ = ["PAGE", "RecordKey", "RecordKind", "RecordListing"]
+__all__ = ["PAGE", "PinRecord", "RecordKey", "RecordKind", "RecordListing"]
 
 #: Records a listing reads per query, and keys a lookup asks for per query.
 PAGE = 1000
 
 #: A record's key: a tuple of strings, by kind (:class:`RecordKind`).
 RecordKey = tuple[str, ...]
+
+
+class PinRecord(NamedTuple):
+    """A pin: when it was made (``float``, ``pin``'s *now*), and whether it goes with its image's last
+    tag (``pin``'s *tagged*: a preload under a tag)."""
+
+    pinned_at: float
+    tagged: bool
 
 
 class RecordKind(enum.Enum):
@@ -29,7 +37,7 @@ class RecordKind(enum.Enum):
     links                      ``(repo, digest)``              ``True``
     repositories               ``(repo,)``                     ``True`` (the catalog)
     pushed repositories        ``(name,)``                     created at (``float``, ``mark_local``'s *now*)
-    pins                       ``(repo, digest)``              pinned at (``float``)
+    pins                       ``(repo, digest)``              :class:`PinRecord`
     referrers                  ``(repo, subject)``             tuple of descriptors (dicts), in the order added;
                                                                subjects that have none are not listed
     upstream referrers lists   ``(repo, subject, type)``       ``driver.UpstreamReferrers``; *type* is the

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .driver import ManifestRecord, TagRecord, UpstreamReferrers
-from .records import PAGE, RecordKey, RecordKind
+from .records import PAGE, PinRecord, RecordKey, RecordKind
 
 __all__ = ["DiskcacheRecords", "PostgresRecords"]
 
@@ -91,8 +91,7 @@ class DiskcacheRecords:
                 (after, end, page)).fetchall()]
             for name in names:
                 key = filed.key(name[len(filed.prefix):])
-                kept = self._cache.get(name)
-                value = None if kept is None else filed.value(key, kept)  # None: withdrawn meanwhile
+                value = self._value(kind, key, self._cache.get(name))  # None: withdrawn meanwhile
                 if value is not None:
                     yield key, value
             if len(names) < page:
@@ -103,11 +102,18 @@ class DiskcacheRecords:
         filed = _FILED[kind]
         found = {}
         for key in keys:
-            kept = self._cache.get(filed.prefix + filed.rest(key))
-            value = None if kept is None else filed.value(key, kept)
+            value = self._value(kind, key, self._cache.get(filed.prefix + filed.rest(key)))
             if value is not None:
                 found[key] = value
         return found
+
+    def _value(self, kind: RecordKind, key: RecordKey, kept: Any) -> Any:
+        """The record of *key* of what its key keeps (None: no record); a pin's *tagged* is a key of its own."""
+        filed = _FILED[kind]
+        value = None if kept is None else filed.value(key, kept)
+        if value is not None and kind is RecordKind.PINS:
+            return PinRecord(value, f"pin-tagged/{filed.rest(key)}" in self._cache)
+        return value
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ _TABLES = {
     RecordKind.LINKS: _Table("links", _KEYS, "true", lambda key, row: True),
     RecordKind.REPOSITORIES: _Table("repositories", ("repo",), "true", lambda key, row: True),
     RecordKind.LOCALS: _Table("locals", ("name",), "created_at", lambda key, row: float(row[0])),
-    RecordKind.PINS: _Table("pins", _KEYS, "pinned_at", lambda key, row: float(row[0])),
+    RecordKind.PINS: _Table("pins", _KEYS, "pinned_at, tagged", lambda key, row: PinRecord(float(row[0]), row[1])),
     RecordKind.REFERRERS: _Table("referrers", ("repo", "subject"), "jsonb_agg(descriptor ORDER BY added)",
                                  lambda key, row: _descriptors(row[0]), grouped=True),
     RecordKind.UPSTREAM_REFERRERS: _Table(  # filter: '' for the whole list, '?<artifact type>' for a filtered one

@@ -84,8 +84,11 @@ def _locals(target: Metadata, batch: list[Record]) -> None:
 
 
 def _pins(target: Metadata, batch: list[Record]) -> None:
-    for (repo, digest), when in batch:
-        target.pin(repo, digest, now=when)
+    held = target.find_records(K.PINS, [key for key, _ in batch])
+    for (repo, digest), record in batch:
+        if (kept := held.get((repo, digest))) is not None and kept != record:
+            target.unpin(repo, digest)  # a pin copied before without its *tagged* (pin() keeps what it finds)
+        target.pin(repo, digest, now=record.pinned_at, tagged=record.tagged)
 
 
 def _referrers(target: Metadata, batch: list[Record]) -> None:

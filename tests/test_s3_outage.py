@@ -119,6 +119,12 @@ def test_gc_and_fsck_say_in_one_line_that_the_object_store_does_not_answer(
     assert done.returncode == 1 and "\n" not in line, (done.returncode, done.stdout, done.stderr)
     assert line.startswith(f"mirror: fsck: object store does not answer (GET {stored})"), line
     s3_proxy.clear_rules()
+    failing = s3_proxy.add("status", rf"^/{bucket.name}/?$", method="GET", status=500)  # a store stopping
+    done = mirror_cli("gc", "--data", mirror.data_dir, env=env)
+    line = done.stderr.strip()
+    assert done.returncode == 1 and "\n" not in line, (done.returncode, done.stdout, done.stderr)
+    assert line.startswith("mirror: gc: object store failed (LIST ") and "HTTP 500, a server error" in line, line
+    s3_proxy.remove(failing)
     clean = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
     assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
 

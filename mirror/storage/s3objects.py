@@ -103,6 +103,9 @@ def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavail
     if problem is not None:
         return StoreUnavailable(errno.EIO, problem)
     if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500:  # not a refusal: the store failed (starting, stopping, overloaded), retries spent
+            return StoreUnavailable(errno.EIO, f"object store failed ({what}): HTTP {status}, a server error: {exc}")
         return StoreUnavailable(errno.EIO, f"object store refused {what}: {exc}")
     return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
 

@@ -66,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="remove corrupt and dangling entries (cached content is fetched again)")
     fsck.add_argument("--verify-content", action="store_true", help="re-hash every object (reads the whole store)")
     migrate = commands.add_parser("migrate", help="copy the store to other drivers", description=(
-        "Copy every object and index record of the store OLD.yaml configures into the one NEW.yaml configures "
-        "(e.g. filesystem + diskcache to S3 + PostgreSQL, or back), each object verified as it is written, then "
-        "check the copy. Objects the target has are skipped: run it again after an interruption. Stop the server "
-        "first. Only the files count (MIRROR_* variables are not read)."))
+        "Copy every object and index record of the store OLD.yaml configures into the one NEW.yaml configures (e.g. "
+        "filesystem + diskcache to S3 + PostgreSQL), each verified as written, then check the copy. What the target "
+        "has is skipped: run it again after an interruption. Stop the server first. MIRROR_* variables are not read."))
     migrate.add_argument("--from-config", type=Path, required=True, metavar="OLD.yaml", help="the store to copy")
     migrate.add_argument("--to-config", type=Path, required=True, metavar="NEW.yaml", help="where to copy it")
     migrate.add_argument("--verify-content", action="store_true", help="re-hash every object in the target")
+    migrate.add_argument("--delete", action="store_true", help="catch a copy made before up with the source:"
+                         " withdraw from it what the source no longer holds (as rsync --delete)")
     from .archive.offline import add_parsers
-
     add_parsers(commands)
     for command in commands.choices.values():
         command.formatter_class = _HelpFormatter
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         return collect(config, args.dry_run) if args.command == "gc" else fsck(config, args.repair,
                                                                               args.verify_content)
     if args.command == "migrate":
-        return migrate(args.from_config, args.to_config, args.verify_content)
+        return migrate(args.from_config, args.to_config, args.verify_content, args.delete)
     if args.command in ("preload", "export"):
         from .archive.offline import run
 
@@ -227,7 +227,7 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     return 0 if report.clean else 1
 
 
-def migrate(old: Path, new: Path, verify_content: bool) -> int:
+def migrate(old: Path, new: Path, verify_content: bool, delete: bool) -> int:
     from .archive.offline import TerminalProgress
     from .maintenance.migrate import Migration, Refused
     from .observe.progress import LineProgress, Progress
@@ -251,7 +251,7 @@ def migrate(old: Path, new: Path, verify_content: bool) -> int:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (a background job)
         previous = signal.signal(signal.SIGINT, _Interrupts())
     try:
-        report = Migration(source, target, verify_content=verify_content, progress=progress).run()
+        report = Migration(source, target, verify_content=verify_content, delete=delete, progress=progress).run()
     except (Refused, StoreSetupError) as exc:
         print(f"mirror: migrate: {exc}", file=sys.stderr)
         return 2

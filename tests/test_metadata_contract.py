@@ -335,6 +335,15 @@ def test_foreign_layer_urls(index: Metadata) -> None:
     assert index.foreign_urls(D1) == ("https://example.com/a", "https://example.com/b")
 
 
+def test_an_index_records_whose_copy_it_is(index: Metadata) -> None:
+    """``mirror migrate`` marks its target a copy of the source (by id): a later run takes it for one."""
+    assert index.copy_of() is None
+    index.mark_copy_of("0123abcd")
+    assert index.copy_of() == "0123abcd" != index.index_id()
+    index.mark_copy_of("4567ef")
+    assert index.copy_of() == "4567ef"
+
+
 def test_every_kind_is_listed_a_page_at_a_time_and_found_by_key(index: Metadata) -> None:
     """What ``mirror migrate`` copies and compares in bounded memory: each kind of record as listed
     (in the same order whatever the page size, each once) and as looked up by key."""

@@ -436,7 +436,9 @@ def test_a_target_holding_another_stores_index_is_refused_and_left_alone(tmp_pat
     (theirs / "blobs").mkdir()
     line = refused(old, new)
     assert "belongs to another store" in line and "docker.io/library/two" in line
-    assert "or is a copy of this one made before a tag was deleted or moved" in line
+    assert "or is a copy of this one made by an older version of the mirror" in line
+    deleting = migrate(old, new, "--delete")  # not a copy of this store: left alone all the same
+    assert deleting.returncode == 2 and "belongs to another store" in deleting.stderr, deleting.stdout + deleting.stderr
     assert sizes(theirs) == {} and records(new) == kept
 
 
@@ -632,27 +634,65 @@ def test_a_preloads_pin_keeps_going_with_its_tag_and_a_copy_that_lost_that_is_me
     assert records(back) == records(old) and tagged_pins(back) == tagged_pins(old)
 
 
-def test_moving_the_index_back_onto_its_older_copy_says_so_and_what_to_remove(
-    tmp_path: Path, postgres: PostgresServer,
+@pytest.mark.parametrize("driver", ["filesystem", "s3"])
+def test_a_copy_made_before_the_source_changed_catches_up_and_so_does_the_source_after_a_rollback(
+    tmp_path: Path, postgres: PostgresServer, driver: str, request: pytest.FixtureRequest,
 ) -> None:
+    """Copy while the old store still serves, then again at the cutover: a copy made by ``mirror migrate``
+    (it records whose copy it is) takes what the source withdrew since (a tag deleted, an image
+    collected) and drops it too, objects included, when asked (``--delete``: what was written to the
+    copy meanwhile would be lost).  Back the other way, the store a copy was made of catches up with
+    the copy.  An index of another store is still refused, with or without it (the tests above)."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    one = preloaded(tmp_path, data, "one", 927)
+    preloaded(tmp_path, data, "two", 928)
+    old = write_config(tmp_path / "old.yaml", data)
+    bucket = (request.getfixturevalue("seaweedfs"), request.getfixturevalue("s3_bucket")) if driver == "s3" else None
+    new = write_config(tmp_path / "new.yaml", copy, s3=bucket, dsn=postgres.create_database())
+
+    def copied() -> dict[str, int]:
+        return bucket_objects(*bucket) if bucket else sizes(copy)
+
+    migrated(old, new)
+    with opened(old) as index:  # as a DELETE of its tag and a collection do
+        assert index.untag("docker.io/library/one", "1") and index.unpin_tagged("docker.io/library/one", one.digest)
+    collected = mirror_cli("gc", "--data", data, env={"MIRROR_GC_GRACE": "0s", "MIRROR_CACHE_MAX_SIZE": "1024"})
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert one.layers[0].digest not in sizes(data), collected.stdout + collected.stderr
+    three = preloaded(tmp_path, data, "three", 929)
+    line = refused(old, new)  # the copy may have been written to since: only when asked
+    assert "it is a copy of this store made before: to withdraw from it what the source no longer holds, run again" \
+        " with --delete" in line, line
+    out = migrated(old, new, "--delete")
+    assert "records the source no longer holds were withdrawn from the target" in out, out
+    assert copied() == sizes(data) and differences(old, new) == [], out
+    assert "3 objects the source no longer holds were deleted from the target" in out, out  # manifest, config, layer
+
+    with opened(new) as index:  # the copy serves and changes; then back to where it came from
+        assert index.untag("docker.io/library/three", "1")
+    out = migrated(new, old, "--delete")
+    assert "1 records the source no longer holds were withdrawn from the target (first: tag docker.io/library/three:1" \
+        in out, out
+    assert differences(new, old) == [] == differences(old, new)
+    assert three.digest in sizes(data)  # no collection ran on the copy: the image is still there
+
+
+def test_moving_the_index_back_onto_its_older_copy_catches_it_up(tmp_path: Path, postgres: PostgresServer) -> None:
     """Back from PostgreSQL to the data directory's own diskcache index, once a tag was removed since
-    (as a client's DELETE does): the older copy is not taken for another store's index."""
+    (as a client's DELETE does): the older copy, the index the PostgreSQL one was copied from, catches
+    up (before, it had to be removed first)."""
     data = tmp_path / "data"
     preloaded(tmp_path, data, "one", 924)
     old = write_config(tmp_path / "old.yaml", data)
     new = write_config(tmp_path / "new.yaml", data, dsn=postgres.create_database())
     migrated(old, new)
-    loaded = load_config(new, env={})
-    index = open_metadata(loaded.metadata, Layout(data).index, loaded.storage)
-    try:
+    with opened(new) as index:
         assert index.untag("docker.io/library/one", "1")
-    finally:
-        index.close()
-    line = refused(new, old)
-    assert "older copy" in line and f"remove {Layout(data).index}" in line, line
-    assert "another store" not in line
-    shutil.rmtree(Layout(data).index)
-    migrated(new, old)
+    assert "run again with --delete" in refused(new, old)
+    out = migrated(new, old, "--delete")
+    assert "1 records the source no longer holds were withdrawn from the target (first: tag docker.io/library/one:1" \
+        in out, out
+    assert f"{data} is now bound to diskcache" in out
     assert differences(new, old) == [] == differences(old, new)
 
 

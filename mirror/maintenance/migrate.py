@@ -7,7 +7,10 @@ filesystem and diskcache under ``--data`` to S3 and PostgreSQL, or back.
    collection holds, and pushes share, is held for the whole migration), no other process with
    either index open (``metadata/occupancy.py``), the target's index
    empty or a copy, complete or not, of the source's (``transfer.strangers``), and the
-   target store's objects all the source's too (``objectcopy.foreign``).  The target's store and
+   target store's objects all the source's too (``objectcopy.foreign``).  A target that records
+   being a copy of the source (``copy_of``, marked by every run), or that the source records being
+   a copy of (a rollback), may hold more when asked (``delete``): it catches up (``transfer.withdraw``,
+   and its objects the source lacks are deleted).  The target's store and
    data directory are checked before its index is opened: a PostgreSQL index records the store
    that first opens it, and a refused run leaves it free for the store the next run names.
 2. Every object of the source is copied through the target driver's verified write path
@@ -39,7 +42,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
@@ -49,50 +51,23 @@ from ..metadata.opening import (
     bind_data_directory,
     index_identity,
     open_metadata,
+    peek_lineage,
     rebind_data_directory,
 )
-from ..metadata.transfer import compare, copy_records, strangers, unstored
+from ..metadata.transfer import compare, copy_records, strangers, unstored, withdraw
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore, StoredObject, StoreError
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
+from .migratereport import Refused, Report
 from .objectcopy import StoredDigests, census, digested, foreign, looked_up, with_manifests
 
+__all__ = ["COPIERS", "Migration", "Refused", "Report", "store_identity"]
 CHUNK = 1 << 20
 #: Objects copied at once (each holds at most one part of the target's writer in memory).
 COPIERS = 4
-
-
-class Refused(Exception):
-    """The migration cannot start; the message (one line) says why.  No object or record was
-    written (an empty target's directories may have been made)."""
-
-
-@dataclass
-class Report:
-    """What a migration did and found."""
-
-    objects: int = 0  # objects of the source (with a well-formed digest)
-    bytes: int = 0
-    copied: int = 0
-    bytes_copied: int = 0
-    present: int = 0  # already in the target
-    strays: int = 0  # not objects: left behind
-    records: dict[str, int] = field(default_factory=dict)
-    uploads: int = 0  # blob uploads in progress, not carried over
-    verified: int = 0  # re-hashed in the target
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        records = ", ".join(f"{count} {kind}" for kind, count in self.records.items() if count)
-        rehashed = f", {self.verified} re-hashed" if self.verified else ""
-        state = "verified" if not self.problems else f"{len(self.problems)} problems"
-        return (f"{self.objects} objects ({self.bytes} bytes; {self.copied} copied, {self.present} already there"
-                f"{rehashed}); {records or 'no records'}; {self.seconds:.1f}s: {state}")
 
 
 def store_identity(storage: StorageConfig) -> str:
@@ -106,11 +81,12 @@ def store_identity(storage: StorageConfig) -> str:
 class Migration:
     """Copy the store *source* configures into the one *target* configures (see the module docstring)."""
 
-    def __init__(self, source: Config, target: Config, *, verify_content: bool = False,
+    def __init__(self, source: Config, target: Config, *, verify_content: bool = False, delete: bool = False,
                  progress: Progress | None = None) -> None:
         self.source = source
         self.target = target
         self.verify_content = verify_content
+        self.delete = delete  # a related target catches up (what the source no longer holds is withdrawn)
         self.progress = progress or NoProgress()
         self.report = Report()
 
@@ -146,8 +122,13 @@ class Migration:
             # The target's store and directory are checked before its index is opened: a PostgreSQL index
             # records the store that first opens it (settings.store), and a refused run must leave it as it
             # found it, free for the store the next run names.
-            if not same_store:
-                _check_target_objects(new_store, old_store, pool)
+            # A copy of this store made before (or the store it was copied from) catches up with it.
+            target_id, copied_from = peek_lineage(target.metadata, new.index)
+            related = target_id != old_index.index_id() and (bool(copied_from) and copied_from == old_index.index_id()
+                                                             or bool(target_id) and target_id == old_index.copy_of())
+            catch_up = related and self.delete
+            if not same_store and not catch_up:
+                _check_target_objects(new_store, old_store, pool, related)
             if not one_directory:
                 _bind(target, new, "target", record=False)
             new_index = self._open_index(target, "target", stack)
@@ -158,15 +139,26 @@ class Migration:
                                   f" the same index (id {old_index.index_id()}): nothing to migrate")
                 same_index = True
             if not same_index:
-                found = strangers(new_index, old_index)
-                if found.count and one_directory and target.metadata.driver == "diskcache":
+                found = strangers(new_index, old_index) if not catch_up else withdraw(new_index, old_index)
+                if catch_up and found.count:
+                    self.report.notes.append(f"{found.count} records the source no longer holds were withdrawn from"
+                                             f" the target (first: {found.first})")
+                elif found.count and related:
+                    raise Refused(f"the target's index holds {found.count} records the source does not (first:"
+                                  f" {found.first}):{DELETE}")
+                elif found.count and one_directory and target.metadata.driver == "diskcache":
                     # DATA/index/ of a directory bound to the source's index: what it held before a move
                     raise Refused(f"the target's index ({new.index}) is an older copy of this store's index: it holds"
                                   f" {found.count} records the source no longer does (first: {found.first});"
                                   f" remove {new.index} and run again")
-                if found.count:
+                elif found.count:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
                                   f" (first: {found.first}): it belongs to another store, {SINCE}")
+                new_index.mark_copy_of(old_index.index_id())
+            gone = foreign(new_store, old_store, pool, COPIERS, remove=True) if catch_up and not same_store else None
+            if gone is not None and gone.count:
+                self.report.notes.append(f"{gone.count} objects the source no longer holds were deleted from the"
+                                         " target")
             held = census(old_store)
             if not one_directory:
                 _bind(target, new, "target", index_id=new_index.index_id())
@@ -343,17 +335,24 @@ class Migration:
                                      f" (first: {lacking.first}; mirror fsck)")
 
 
-def _check_target_objects(new: BlobStore, old: BlobStore, pool: Executor) -> None:
+def _check_target_objects(new: BlobStore, old: BlobStore, pool: Executor, related: bool) -> None:
     """Refuse a target store holding objects the source does not: another store lives there (a
-    bucket's is not bound to an index as a data directory is, so a new database does not show it)."""
+    bucket's is not bound to an index as a data directory is, so a new database does not show it),
+    or a copy of this one made before (*related*) that the source has dropped some of since."""
     found = foreign(new, old, pool, COPIERS)
     if found.count:
         raise Refused(f"the target store holds {found.count} objects the source does not (first: {found.first}):"
-                      f" it belongs to another store, {SINCE}")
+                      + (f" it belongs to another store, {SINCE}" if not related else DELETE))
 
 
 #: The other reason a target holds what the source does not, and what to do (both refusals say it).
-SINCE = "or is a copy of this one made before a tag was deleted or moved, or content evicted: migrate into an empty one"
+SINCE = ("or is a copy of this one made by an older version of the mirror (copies made now catch up when run"
+         " again): migrate into an empty one")
+
+
+#: What to do with a copy made before that holds what the source no longer does.
+DELETE = (" it is a copy of this store made before: to withdraw from it what the source no longer holds, run again"
+          " with --delete (what was written to the target since it was copied is lost)")
 
 
 class _Stopped(Exception):

@@ -88,15 +88,19 @@ def looked_up(pool: Executor | None, look: Callable[[T], R], items: Iterable[T],
             future.cancel()
 
 
-def foreign(target: BlobStore, source: BlobStore, pool: Executor | None, workers: int) -> Tally:
+def foreign(target: BlobStore, source: BlobStore, pool: Executor | None, workers: int, *,
+            remove: bool = False) -> Tally:
     """The objects of *target* (by digest) that *source* does not hold, described by their digest:
     none for an empty target or a copy, complete or not, of *source*.  Lists *target* once and looks
-    each of its objects up in *source* (in *pool* unless *source* answers with local system calls)."""
+    each of its objects up in *source* (in *pool* unless *source* answers with local system calls).
+    *remove*: delete them from *target* (a copy of *source* made before it dropped them)."""
     found = Tally()
     digests = (digest for digest, _ in digested(target))
     for digest, held in looked_up(None if source.local else pool, source.exists, digests, workers):
         if not held:
             found.add(str(digest))
+            if remove:
+                target.delete(digest)
     return found
 
 

@@ -24,6 +24,7 @@ Keys (repositories are filed under their registry, e.g. ``docker.io/library/alpi
   last collection (empty when it reached it)
 * ``lease/<name>``            -> (holder, token, expires): the latest grant of a lease on *name*
 * ``lease-token``             -> the last fencing token granted (of any name)
+* ``copy-of``                 -> the ``index_id`` of the index ``mirror migrate`` copied into this one
 
 Next to the database, ``generation`` holds 8 bytes that change whenever the index *withdraws*
 something (a link, a record, a tag) or turns a repository local.  Every process maps it, so

@@ -207,7 +207,7 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
         return None
     if known and recorded.get("driver") == wanted.get("driver") == "postgres":
         if index_id is None:  # asked before the index is opened (which would make its schema there)
-            index_id = _peek_index_id(config.postgres_dsn or "")
+            index_id = _peek_settings(config.postgres_dsn or "").get("index_id")
             if index_id is None or known == index_id:
                 return None  # no answer (opening it says why), or the same index: taken once it opened
         if known == index_id:  # the same index, restored or moved: the record follows it
@@ -225,9 +225,24 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     return f"{holds}, but this start uses {_describe(wanted)}: {advice}"
 
 
-def _peek_index_id(dsn: str) -> str | None:
-    """The id of the index in the database *dsn* names, read without changing anything: ``""`` when
-    it holds none (no mirror's tables), None when it does not answer."""
+def peek_lineage(config: MetadataConfig, index: Path) -> tuple[str | None, str | None]:
+    """``(index_id, copy_of)`` of the index *config* names (``Metadata.index_id``, ``copy_of``), read
+    without changing anything (neither is made, nor a table); None for what it has not, or all of it
+    when there is no index there or it does not answer."""
+    if config.driver == "postgres":
+        found = _peek_settings(config.postgres_dsn or "")
+        return found.get("index_id") or None, found.get("copy_of") or None
+    if not (index / "cache.db").is_file():
+        return None, None
+    import diskcache
+
+    with diskcache.Cache(str(index)) as cache:  # its own settings, as recorded
+        return cache.get("index_id"), cache.get("copy-of")
+
+
+def _peek_settings(dsn: str) -> dict[str, str | None]:
+    """``{"index_id", "copy_of"}`` of the index in the database *dsn* names, read without changing
+    anything: ``""`` for each when it holds no mirror's tables, None when it does not answer."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -237,12 +252,12 @@ def _peek_index_id(dsn: str) -> str | None:
         dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT value FROM settings WHERE name = 'index_id'").fetchone()
+            rows = conn.execute("SELECT name, value FROM settings WHERE name IN ('index_id', 'copy_of')").fetchall()
     except psycopg.OperationalError:
-        return None
+        return {"index_id": None, "copy_of": None}
     except psycopg.Error:  # no settings table: not a mirror's index (yet)
-        return ""
-    return str(row[0]) if row is not None else ""
+        return {"index_id": "", "copy_of": ""}
+    return {"index_id": "", "copy_of": "", **{str(name): str(value) for name, value in rows}}
 
 
 def _place(index: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,3 +75,11 @@ class RecordListing(Protocol):
         """``{key: value}`` of the records of *kind* the index holds under *keys* (those it does not hold
         are left out), asked :data:`PAGE` keys per query."""
         ...
+
+    def copy_of(self) -> str | None:
+        """The id (``Metadata.index_id``) of the index ``mirror migrate`` copied into this one, or None."""
+        ...
+
+    def mark_copy_of(self, index_id: str) -> None:
+        """Record that this index is being made a copy of the index whose id is *index_id*."""
+        ...

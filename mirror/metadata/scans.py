@@ -107,6 +107,13 @@ class DiskcacheRecords:
                 found[key] = value
         return found
 
+    def copy_of(self) -> str | None:
+        kept = self._cache.get("copy-of")
+        return None if kept is None else str(kept)
+
+    def mark_copy_of(self, index_id: str) -> None:
+        self._cache.set("copy-of", index_id)
+
     def _value(self, kind: RecordKind, key: RecordKey, kept: Any) -> Any:
         """The record of *key* of what its key keeps (None: no record); a pin's *tagged* is a key of its own."""
         filed = _FILED[kind]
@@ -159,6 +166,15 @@ class PostgresRecords:
 
     if TYPE_CHECKING:
         def _all(self, query: str, params: Any = None) -> list[Row]: ...
+
+        def swap_setting(self, name: str, value: Any) -> Any: ...
+
+    def copy_of(self) -> str | None:
+        rows = self._all("SELECT value FROM settings WHERE name = 'copy_of'")
+        return str(rows[0][0]) if rows else None
+
+    def mark_copy_of(self, index_id: str) -> None:
+        self.swap_setting("copy_of", index_id)
 
     def records(self, kind: RecordKind, *, page: int = PAGE) -> Iterator[tuple[RecordKey, Any]]:
         table = _TABLES[kind]

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from .driver import Metadata
 from .records import PAGE, RecordKey, RecordKind
 
-__all__ = ["BATCH", "Comparison", "Tally", "compare", "copy_records", "strangers", "unstored", "weight"]
+__all__ = ["BATCH", "Comparison", "Tally", "compare", "copy_records", "strangers", "unstored", "weight", "withdraw"]
 
 K = RecordKind
 T = TypeVar("T")
@@ -150,6 +150,41 @@ def strangers(index: Metadata, source: Metadata) -> Tally:
                 if theirs is None or (kind is K.TAGS and (theirs.digest, theirs.media_type)
                                       != (value.digest, value.media_type)):
                     found.add(_describe(kind, key, value))
+    return found
+
+
+#: The kinds of record an index withdraws as it runs (a tag deleted, a manifest collected or evicted, a
+#: referrer deleted, an image unpinned): what a copy made before may hold that its source no longer does.
+#: (Repositories, pushed repositories and the caches of upstream answers are only ever added or replaced.)
+WITHDRAWN = (K.TAGS, K.PINS, K.REFERRERS, K.LINKS, K.ACCESS, K.MANIFESTS)
+
+
+def withdraw(index: Metadata, source: Metadata) -> Tally:
+    """Withdraw from *index*, a copy of *source* made before, the records *source* has withdrawn since
+    (:data:`WITHDRAWN`; a tag moved since is left to the copy, which writes it over): the tally of them.
+    Referrers are withdrawn one descriptor at a time, those *source* no longer lists for the subject."""
+    found = Tally()
+    for kind in WITHDRAWN:
+        for batch in _batches(index.records(kind)):
+            known = source.find_records(kind, [key for key, _ in batch])
+            if kind is K.REFERRERS:
+                for (repo, subject), descriptors in batch:
+                    kept = {str(d["digest"]) for d in known.get((repo, subject), ())}
+                    for digest in sorted({str(d["digest"]) for d in descriptors} - kept):
+                        found.add(f"referrer {repo}@{subject} <- {digest}")
+                        index.remove_referrer(repo, subject, digest)
+                continue
+            gone = [(key, value) for key, value in batch if known.get(key) is None]
+            for key, value in gone:
+                found.add(_describe(kind, key, value) if kind in OWNED else f"access time {'@'.join(key)}")
+                if kind is K.TAGS:
+                    index.untag(*key)
+                elif kind is K.PINS:
+                    index.unpin(*key)
+            pairs = [(key[0], key[-1]) for key, _ in gone]
+            if pairs and kind in (K.LINKS, K.ACCESS, K.MANIFESTS):
+                index.forget(links=pairs if kind is K.LINKS else (), accesses=pairs if kind is K.ACCESS else (),
+                             manifests=[digest for _, digest in pairs] if kind is K.MANIFESTS else ())
     return found
 
 

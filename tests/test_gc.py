@@ -223,17 +223,22 @@ def test_fsck_finds_and_repairs_damage(
     (blobs / config[:2] / config).unlink()                        # missing config
     (blobs / "zz").mkdir()
     (blobs / "zz" / "not-a-digest").write_text("stray")           # stray file
+    (blobs / "yy").write_text("stray")                             # where a prefix's directory would be
+    (blobs.parent / "notes.txt").write_text("stray")               # where an algorithm's would be
     (mirror.data_dir / "tmp" / "sha256-abc.partial").write_text("abandoned")
 
     check = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
     assert check.returncode == 1
     assert "corrupt object (content does not match its digest): sha256:" + layer in check.stdout
     assert "stray file in blobs/" in check.stdout and "abandoned temp file" in check.stdout
+    for stray in (blobs / "zz" / "not-a-digest", blobs / "yy", blobs.parent / "notes.txt"):
+        assert f"stray file in blobs/: {stray}" in check.stdout, check.stdout
     repaired = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content", "--repair")
     assert repaired.returncode == 0, repaired.stdout
     assert "(repaired)" in repaired.stdout
     after = mirror_cli("fsck", "--data", str(mirror.data_dir), "--verify-content")
     assert after.returncode == 0 and after.stdout.rstrip().endswith("clean"), after.stdout
+    assert not (blobs / "yy").exists() and not (blobs.parent / "notes.txt").exists()
 
     mirror.start()
     upstream.clear_counts()

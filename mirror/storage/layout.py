@@ -224,10 +224,15 @@ class Layout:
     # -- walks --
 
     def blob_entries(self) -> Iterator[BlobEntry]:
-        """Every file under ``blobs/`` (the one walk of it), strays included."""
+        """Every file under ``blobs/`` (the one walk of it), strays included: a file where a directory of
+        an algorithm or a prefix would be is one too."""
         for algorithm in _scandir(self.blobs):
+            if _is_file(algorithm):
+                yield BlobEntry(algorithm.name, algorithm.path, algorithm, None)
             pattern = HEX.get(algorithm.name)
             for prefix in _scandir(algorithm.path):
+                if _is_file(prefix):
+                    yield BlobEntry(f"{algorithm.name}:{prefix.name}", prefix.path, prefix, None)
                 for entry in _scandir(prefix.path):
                     well_formed = (pattern is not None and pattern.fullmatch(entry.name) is not None
                                    and prefix.name == entry.name[:2] and _is_file(entry))

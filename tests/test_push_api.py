@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -549,6 +550,36 @@ def get_from_both_workers(mirror: MirrorServer, url: str, times: int) -> dict[ob
         if len(by_pid) == 2 and all(len(statuses) >= times for statuses in by_pid.values()):
             return by_pid
     raise AssertionError(f"the kernel did not spread 400 connections over two workers: {by_pid}")
+
+
+@pytest.mark.parametrize("index", ["diskcache", "postgres"])
+def test_a_delete_of_a_digest_racing_with_a_push_of_it_under_a_tag_leaves_no_tag_without_its_manifest(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, index: str, request: pytest.FixtureRequest,
+) -> None:
+    """``DELETE /manifests/<digest>`` and ``PUT /manifests/<new tag>`` of that manifest at once, in two
+    workers: either ordering may win (the tag gone, or the tag and its manifest there), never a tag
+    listed whose manifest answers 404 (the DELETE read the tags before the PUT set its own, then
+    unlinked the manifest)."""
+    env = {}
+    if index == "postgres":
+        env = {"MIRROR_METADATA_DRIVER": "postgres",
+               "MIRROR_METADATA_POSTGRES_DSN": request.getfixturevalue("postgres").create_database()}
+    registry = mirror_factory(workers=2, env=env)
+    manifest, _ = push_image(http, registry.url, "team/race", "t0", seed=9)
+    url, digest = f"{registry.url}/v2/team/race/manifests", sha256(manifest)
+    broken = []
+    for n in range(1, 41):
+        assert http.put(f"{url}/t0", content=manifest, headers={"content-type": OCI_MANIFEST}).status_code == 201
+        with httpx.Client(timeout=30, trust_env=False) as one, httpx.Client(timeout=30, trust_env=False) as two, \
+                ThreadPoolExecutor(2) as pool:
+            deleted = pool.submit(one.delete, f"{url}/{digest}")
+            pushed = pool.submit(two.put, f"{url}/t{n}", content=manifest, headers={"content-type": OCI_MANIFEST})
+            assert (deleted.result().status_code, pushed.result().status_code) == (202, 201)
+        listed = http.get(f"{registry.url}/v2/team/race/tags/list").json().get("tags") or []
+        got = http.get(f"{url}/t{n}", headers={"accept": OCI_MANIFEST}).status_code
+        if (f"t{n}" in listed) != (got == 200):
+            broken.append((n, listed, got))
+    assert not broken, broken
 
 
 def test_deletes_can_be_disabled(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:

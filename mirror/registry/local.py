@@ -281,6 +281,8 @@ class LocalRegistry:
                 self.metadata.remove_referrer(repo, subject, key)
             self.metadata.unlink(repo, key)
             self.metadata.unpin(repo, key)  # a preloaded image: deleted, it is no longer kept
+            if self.metadata.tags_pointing_to(repo, key):  # a push tagged it meanwhile: that push came last
+                self.metadata.link(repo, [key])
 
         await in_index_thread(forget)
 

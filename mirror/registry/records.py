@@ -28,6 +28,7 @@ import anyio.to_thread
 
 from ..maintenance.gc import reference_lock
 from ..metadata.driver import Metadata, TagRecord
+from ..metadata.records import RecordKind
 from ..spec.errors import APIError
 from ..spec.manifest import is_nondistributable, references
 from ..spec.reference import Digest, ParseError, parse_digest
@@ -84,6 +85,11 @@ async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference
             metadata.add_referrer(repo, subject, descriptor)
         if not isinstance(reference, Digest):
             metadata.set_tag(repo, reference, TagRecord(str(digest), media_type, time.time()))
+            # A DELETE of the digest that read the tags before this one was set may have unlinked the
+            # manifest since: linked again, as the DELETE links it again if it then finds a tag
+            # (``LocalRegistry.delete_manifest``).  Asked of the index itself, not of what it remembers.
+            if not metadata.find_records(RecordKind.LINKS, [(repo, str(digest))]):
+                metadata.link(repo, [str(digest)])
 
     async def save() -> None:
         async with referencing(store):  # the collector must not sweep what was just checked

@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -314,4 +315,95 @@ def test_chunks_that_arrive_while_the_bucket_is_down_are_kept_and_their_parts_se
     assert done.status_code == 201, done.text
     assert bucket.objects() == {digest: len(data)} and bucket.digest_of(digest) == digest
     assert bucket.uploads() == []
+    assert get_digest(http, f"{mirror.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))
+
+
+def abort_behind_the_mirrors_back(bucket: Bucket) -> None:
+    """What a bucket lifecycle rule for incomplete multipart uploads does: abort every one."""
+    for upload in bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []):
+        bucket.client.abort_multipart_upload(Bucket=bucket.name, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def test_an_upload_whose_parts_the_bucket_dropped_is_lost_with_404_not_503_for_ever(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Its multipart upload aborted behind the mirror's back: the next chunk (or the final ``PUT``) answers
+    ``404 BLOB_UPLOAD_UNKNOWN`` and the upload is discarded, record and file, so its client pushes the blob
+    again; before, every chunk was kept "for later" (the spool growing) and every ``PUT`` answered 503."""
+    data = os.urandom(12 * MIB)
+    mirror = mirror_factory(env=push_env(bucket, postgres))
+    for finish in (False, True):
+        location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+        assert http.patch(mirror.url + location, content=data[:6 * MIB]).status_code == 202
+        assert parts_sent(bucket) == [5 * MIB]
+        abort_behind_the_mirrors_back(bucket)
+        if finish:
+            lost = http.put(f"{mirror.url}{location}?digest=sha256:{hashlib.sha256(data).hexdigest()}",
+                            content=data[6 * MIB:])
+        else:
+            lost = http.patch(mirror.url + location, content=data[6 * MIB:])
+        assert lost.status_code == 404 and lost.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN", lost.text
+        assert "upload lost: the object store no longer holds the multipart upload" in lost.text
+        gone = http.get(mirror.url + location)
+        assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == [] and bucket.uploads() == []
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=mirror.env)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
+    again = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/?digest=sha256:{hashlib.sha256(data).hexdigest()}",
+                      content=data)
+    assert again.status_code == 201, again.text
+
+
+def test_a_cancel_during_a_chunk_waits_for_it_and_leaves_nothing_behind(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """``DELETE`` of an upload while a ``PATCH`` streams into it: the cancel waits for the chunk, then
+    discards everything (before, the ``PATCH`` failed with 500 and left its record and a multipart
+    upload behind for good)."""
+    mirror = mirror_factory(env=push_env(bucket, postgres))
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+
+    def slowly() -> Iterator[bytes]:
+        for _ in range(8):
+            yield os.urandom(MIB)
+            time.sleep(0.1)
+
+    with httpx.Client(timeout=30, trust_env=False) as other, ThreadPoolExecutor(1) as pool:
+        patched = pool.submit(other.patch, mirror.url + location, content=slowly())
+        time.sleep(0.3)
+        cancelled = http.delete(mirror.url + location)
+        assert cancelled.status_code == 204, cancelled.text
+        assert patched.result().status_code == 202, patched.result().text
+    gone = http.get(mirror.url + location)
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads") is None
+    assert [p.name for p in (mirror.data_dir / "uploads").iterdir()] == [] and bucket.uploads() == []
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=mirror.env)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
+    assert "Traceback" not in mirror.log_tail(300)
+
+
+@pytest.mark.slow
+def test_a_final_put_answered_503_is_taken_when_sent_again_as_it_was(
+    own_seaweedfs: SeaweedS3, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The bucket down during the final ``PUT`` (with the last bytes in its body): ``503`` with
+    ``Retry-After``, and the upload as it was before that request, so the same request sent again
+    once the bucket is back stores the blob (before, it answered 416: the bytes had been kept)."""
+    bucket = Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
+    data = random.Random(19).randbytes(15 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    mirror = mirror_factory(env=bucket.env())
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=data[:12 * MIB]).status_code == 202
+    own_seaweedfs.stop()
+    final = {"url": f"{mirror.url}{location}?digest={digest}", "content": data[12 * MIB:],
+             "headers": {"content-range": f"{12 * MIB}-{len(data) - 1}"}}
+    down = http.put(**final)  # type: ignore[arg-type]
+    assert down.status_code == 503 and "retry-after" in down.headers, down.text
+    status = http.get(mirror.url + location)
+    assert (status.status_code, status.headers["range"]) == (204, f"0-{12 * MIB - 1}")
+    own_seaweedfs.start()
+    done = http.put(**final)  # type: ignore[arg-type]
+    assert done.status_code == 201, done.text
     assert get_digest(http, f"{mirror.url}/v2/team/app/blobs/{digest}")[:3] == (200, digest, len(data))

@@ -78,6 +78,8 @@ class RoamingUploads(Uploads):
     """The uploads of a replica (see the module's docstring); *replica* names it in leases, *ttl* is
     ``cluster.lease_ttl``."""
 
+    records_end = True
+
     def __init__(self, store: BlobStore, metadata: Metadata, upload_ttl: float, metrics: Metrics,
                  tails: UploadTails, replica: str, ttl: float) -> None:
         super().__init__(store, metadata, upload_ttl, metrics)

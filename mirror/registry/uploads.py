@@ -33,7 +33,7 @@ from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable
+from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable, UploadLost
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
 from .reads import IndexReads, in_index_thread, in_mixed_thread
@@ -123,9 +123,23 @@ class Uploads:
             self._check_range(name, uuid, offset, content_range)
             offset, record = await self._write(uuid, fd, offset, body, record)
             await self._written(uuid, fd, offset, record)
+        except UploadLost as exc:
+            raise await self._lost(uuid, exc) from exc
         finally:
             await self._let_go(uuid, fd)
         return UploadState(uuid, offset)
+
+    #: Whether :meth:`_written` records where the upload ends outside this host's file (a cluster's
+    #: uploads, ``registry/roaming.py``): a request failing after it is then not undone by shortening it.
+    records_end = False
+
+    async def _lost(self, uuid: str, exc: UploadLost) -> APIError:
+        """Discard an upload whose parts the store lost: ``BLOB_UPLOAD_UNKNOWN`` (404), so that its
+        client starts the blob's push again, rather than a 503 for ever."""
+        log.warning("upload %s: %s: discarded", uuid, exc)
+        await to_the_end(self._discard(uuid))
+        self.metrics.upload_failed()
+        return APIError("BLOB_UPLOAD_UNKNOWN", f"upload lost: {exc}", detail={"uuid": uuid})
 
     async def _acquire(self, name: str, uuid: str) -> tuple[int, UploadRecord]:
         """The upload's local file, open and locked for this request alone (:meth:`_lock_upload`), and
@@ -163,22 +177,30 @@ class Uploads:
         try:
             before = os.fstat(fd).st_size
             self._check_range(name, uuid, before, content_range)
-            offset, record = await self._write(uuid, fd, before, body, record)
-            record = await to_the_end(self._send_parts(uuid, record, offset))  # any left behind
-            await self._written(uuid, fd, offset, record)
-            known = self._hashers.get(uuid)
-            known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
-                else None
+            written = False
             try:
+                offset, record = await self._write(uuid, fd, before, body, record)
+                record = await to_the_end(self._send_parts(uuid, record, offset))  # any left behind
+                await self._written(uuid, fd, offset, record)
+                written = True
+                known = self._hashers.get(uuid)
+                known_hex = known[1].hexdigest() if known and known[0] == offset and digest.algorithm == "sha256" \
+                    else None
                 await anyio.to_thread.run_sync(self.store.commit_upload, uuid, path, digest, known_hex, record.parts)
             except DigestMismatch as exc:
                 await to_the_end(self._discard(uuid))
                 self.metrics.upload_failed()
                 raise APIError("DIGEST_INVALID", detail=str(exc)) from exc
+            except UploadLost as exc:
+                raise await self._lost(uuid, exc) from exc
             except OSError as exc:
-                if refusal(exc) is not None and os.path.exists(path):  # as it was before this request
+                undone = isinstance(exc, StoreUnavailable) and not (written and self.records_end)
+                if (refusal(exc) is not None or undone) and os.path.exists(path):
+                    # As it was before this request (but the parts sent since): a client repeating it
+                    # (a 503 says to) sends the same bytes from the same offset.
                     self._hashers.pop(uuid, None)
-                    await anyio.to_thread.run_sync(os.ftruncate, fd, max(before, _sent(record)))
+                    current: UploadRecord | None = await self.reads.ask(self.metadata.get_upload, uuid)
+                    await anyio.to_thread.run_sync(os.ftruncate, fd, max(before, _sent(current or record)))
                 raise
             self._hashers.pop(uuid, None)
             self.metrics.upload_finished(offset)
@@ -195,8 +217,13 @@ class Uploads:
         self.metadata.delete_upload(uuid)
 
     async def cancel(self, name: str, uuid: str) -> None:
+        """Discard the upload, once a request writing to it (a ``PATCH`` or ``PUT`` under way) is done."""
         await self._asked(name, uuid)
-        await to_the_end(self._discard(uuid))
+        fd, _ = await self._acquire(name, uuid)
+        try:
+            await to_the_end(self._discard(uuid))
+        finally:
+            await self._let_go(uuid, fd)
 
     async def _discard(self, uuid: str) -> None:
         """:meth:`_drop_upload` for a request: the store's work and the index's from threads of their own."""

@@ -62,6 +62,12 @@ class StoreSetupError(ValueError):
     store.  The message says what to check; commands print it in one line and exit 2."""
 
 
+class UploadLost(StoreError):
+    """The object store no longer holds what an upload sent to it (its multipart upload was aborted
+    behind the mirror's back: a bucket lifecycle rule for incomplete uploads, say): the upload cannot
+    go on, and its client must push the blob again."""
+
+
 class DigestMismatch(StoreError):
     """The bytes do not hash to the digest they were to be stored under."""
 

@@ -28,7 +28,7 @@ requests, for the replicas of a cluster (``registry/roaming.py``).
 
 Errors: what S3 refuses is ``OSError`` (``EIO``, :func:`~mirror.storage.s3objects.backend_error`);
 :class:`~mirror.storage.driver.DigestMismatch` when the bytes are not the digest's (the caller then
-:func:`abort_upload`\\ s).
+:func:`abort_upload`\\ s); :class:`~mirror.storage.driver.UploadLost` when the multipart upload is gone.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.reference import Digest
-from .driver import DigestMismatch, UploadParts
+from .driver import DigestMismatch, UploadLost, UploadParts
 from .layout import UPLOAD_ID_RE, UPLOADS_PREFIX, upload_key, upload_tail_key
 from .s3damage import vouch
 from .s3objects import backend_error, missing
@@ -134,8 +134,16 @@ def _upload_part(store: S3Store, key: str, upload_id: str, number: int, fd: int,
         etag: str = store.client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                              Body=FileSlice(fd, start, size), ContentLength=size)["ETag"]
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"part {number} of {key}", store.options) from exc
+        raise _lost(exc, key) or backend_error(exc, f"part {number} of {key}", store.options) from exc
     return etag
+
+
+def _lost(exc: Exception, key: str) -> UploadLost | None:
+    """:class:`UploadLost` when S3 says the multipart upload is gone (``NoSuchUpload``), else None."""
+    if isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) == "NoSuchUpload":
+        return UploadLost(f"the object store no longer holds the multipart upload of {key} (NoSuchUpload: aborted,"
+                          " by a lifecycle rule for incomplete uploads, say)")
+    return None
 
 
 def commit_file(store: S3Store, path: Path, digest: Digest, known_hex: str | None) -> None:
@@ -226,7 +234,7 @@ def _complete(store: S3Store, key: str, path: Path, size: int, parts: UploadPart
         store.client.complete_multipart_upload(Bucket=store.bucket, Key=key, UploadId=parts.upload_id,
                                                MultipartUpload={"Parts": listed})
     except (BotoCoreError, ClientError) as exc:
-        raise backend_error(exc, f"completing {key}", store.options) from exc
+        raise _lost(exc, key) or backend_error(exc, f"completing {key}", store.options) from exc
 
 
 def _hash_object(store: S3Store, key: str, algorithm: str) -> str:

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -294,16 +295,32 @@ def test_fsck_repair_of_an_upload_record_without_its_file_aborts_its_parts(
     assert bucket.uploads() == []
 
 
+@dataclass
+class StartedPush:
+    bucket: Bucket
+    mirror: MirrorServer
+    data: bytes
+    digest: str
+    location: str
+
+
+def started_push(seaweedfs: SeaweedS3, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, *,
+                 seed: int, size: int, first: int) -> StartedPush:
+    """A mirror on a new bucket of *seaweedfs*, and an upload of *size* random bytes whose *first* came in."""
+    bucket = Bucket(seaweedfs, seaweedfs.new_bucket())
+    data = random.Random(seed).randbytes(size)
+    mirror = mirror_factory(env=bucket.env())
+    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
+    assert http.patch(mirror.url + location, content=data[:first]).status_code == 202
+    return StartedPush(bucket, mirror, data, "sha256:" + hashlib.sha256(data).hexdigest(), location)
+
+
 @pytest.mark.slow
 def test_chunks_that_arrive_while_the_bucket_is_down_are_kept_and_their_parts_sent_later(
     own_seaweedfs: SeaweedS3, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:
-    bucket = Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
-    data = random.Random(17).randbytes(12 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    mirror = mirror_factory(env=bucket.env())
-    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
-    assert http.patch(mirror.url + location, content=data[:3 * MIB]).status_code == 202
+    push = started_push(own_seaweedfs, mirror_factory, http, seed=17, size=12 * MIB, first=3 * MIB)
+    bucket, mirror, data, digest, location = push.bucket, push.mirror, push.data, push.digest, push.location
 
     own_seaweedfs.stop()
     down = http.patch(mirror.url + location, content=data[3 * MIB:11 * MIB])
@@ -390,12 +407,8 @@ def test_a_final_put_answered_503_is_taken_when_sent_again_as_it_was(
     """The bucket down during the final ``PUT`` (with the last bytes in its body): ``503`` with
     ``Retry-After``, and the upload as it was before that request, so the same request sent again
     once the bucket is back stores the blob (before, it answered 416: the bytes had been kept)."""
-    bucket = Bucket(own_seaweedfs, own_seaweedfs.new_bucket())
-    data = random.Random(19).randbytes(15 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    mirror = mirror_factory(env=bucket.env())
-    location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
-    assert http.patch(mirror.url + location, content=data[:12 * MIB]).status_code == 202
+    push = started_push(own_seaweedfs, mirror_factory, http, seed=19, size=15 * MIB, first=12 * MIB)
+    mirror, data, digest, location = push.mirror, push.data, push.digest, push.location
     own_seaweedfs.stop()
     final = {"url": f"{mirror.url}{location}?digest={digest}", "content": data[12 * MIB:],
              "headers": {"content-range": f"{12 * MIB}-{len(data) - 1}"}}

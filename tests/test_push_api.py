@@ -596,6 +596,7 @@ def test_deletes_can_be_disabled(mirror_factory: Callable[..., MirrorServer], ht
     for path in (f"manifests/{sha256(manifest)}", "manifests/v1", f"blobs/{sha256(blobs[0])}"):
         answer = http.delete(f"{registry.url}/v2/team/app/{path}")
         assert answer.status_code == 405 and error_code(answer) == "UNSUPPORTED"
+        assert answer.headers["allow"] == ("GET, HEAD" if "blobs" in path else "GET, HEAD, PUT")
     assert http.get(f"{registry.url}/v2/team/app/manifests/v1").content == manifest
 
 
@@ -662,6 +663,12 @@ def test_push_policy(
     assert answer.status_code == 405 and error_code(answer) == "UNSUPPORTED"
     put = http.put(f"{disabled.url}/v2/team/app/manifests/v1", content=b"{}", headers={"content-type": OCI_MANIFEST})
     assert put.status_code == 405 and error_code(put) == "UNSUPPORTED"
+    assert answer.headers["allow"] == put.headers["allow"] == "GET, HEAD"  # RFC 9110 section 15.5.6: a MUST
+    for method, path, allowed in (("POST", "team/app/manifests/v1", "DELETE, GET, HEAD, PUT"),
+                                  ("PUT", "team/app/blobs/uploads/", "POST"),
+                                  ("PATCH", "team/app/tags/list", "GET, HEAD")):
+        other = http.request(method, f"{disabled.url}/v2/{path}")
+        assert (other.status_code, other.headers.get("allow")) == (405, allowed), (method, path, other.text)
     assert http.get(f"{disabled.url}/v2/_catalog").json() == {"repositories": []}
 
     limited = mirror_factory(env={"MIRROR_PUSH_PREFIXES": "team,ops/ci", "MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true"})

@@ -318,7 +318,8 @@ class AuthMiddleware:
     async def _token(self, scope: Scope) -> Response:
         """``GET /auth/token``: a token for the user of the Basic credentials, or for nobody."""
         if scope["method"] != "GET":
-            return error_response(APIError("UNSUPPORTED", "only GET is supported here"), head=scope["method"] == "HEAD")
+            return error_response(APIError("UNSUPPORTED", "only GET is supported here", headers={"Allow": "GET"}),
+                                  head=scope["method"] == "HEAD")
         challenge = {"WWW-Authenticate": f'Basic realm="{self.config.htpasswd_realm}"'}
         header = _header(scope, b"authorization")
         user = ""

@@ -58,8 +58,9 @@ async def dispatch(request: Request) -> Response:
         handler = _HANDLERS.get(found.kind)
         if handler is None or found.name is None:
             raise APIError("NAME_UNKNOWN", "unknown endpoint", detail={"path": path}, status=404)
-        if not found.allowed:
-            raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint")
+        if not found.allowed:  # with the methods it does answer (RFC 9110 section 15.5.6)
+            raise APIError("UNSUPPORTED", f"{request.method} is not supported on this endpoint",
+                           headers={"Allow": ", ".join(sorted(found.methods))})
         return await handler(request, _name(found.name), found)
     except APIError as exc:
         return error_response(exc, head=head)
@@ -192,10 +193,11 @@ async def _upload(request: Request, name: str, found: Endpoint) -> Response:
     method = request.method
     if not uuid:
         if method != "POST":
-            raise APIError("UNSUPPORTED", f"{method} is not supported on this endpoint")
+            raise APIError("UNSUPPORTED", f"{method} is not supported on this endpoint", headers={"Allow": "POST"})
         return await _start_upload(request, repository)
     if method == "POST":
-        raise APIError("UNSUPPORTED", "POST is not supported on an upload in progress")
+        raise APIError("UNSUPPORTED", "POST is not supported on an upload in progress",
+                       headers={"Allow": "DELETE, GET, HEAD, PATCH, PUT"})
     if method in ("GET", "HEAD"):
         state = await repository.upload_status(uuid)
         return Response(status_code=204, headers={**API_HEADERS, **upload_headers(name, state.uuid, state.offset)})

@@ -262,7 +262,7 @@ class LocalRegistry:
     async def delete_manifest(self, name: str, reference: str | Digest, *, repo: str | None = None) -> None:
         """Forget a tag, or a manifest with its tags, in repository *name* (index key *repo*, if the
         caller knows it better than :meth:`repo_key`: a cached repository named through ``?ns=``)."""
-        self._check_delete()
+        self._check_delete("GET, HEAD, PUT")
         repo = repo if repo is not None else await self.read_repo_key(name)
         if not isinstance(reference, Digest):
             if not await in_index_thread(self._untag, repo, reference):
@@ -300,9 +300,9 @@ class LocalRegistry:
         if not await in_index_thread(self.metadata.unlink, repo, str(digest)):
             raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)})
 
-    def _check_delete(self) -> None:
-        if not self.config.delete.enabled:
-            raise APIError("UNSUPPORTED", "deletes are disabled on this registry")
+    def _check_delete(self, allow: str = "GET, HEAD") -> None:
+        if not self.config.delete.enabled:  # (405 names what is allowed: RFC 9110 section 15.5.6)
+            raise APIError("UNSUPPORTED", "deletes are disabled on this registry", headers={"Allow": allow})
 
     # -- referrers --
 
@@ -318,7 +318,7 @@ def push_refusal(push: PushConfig, name: str) -> APIError | None:
     """The error for a push to *name* the namespace policy refuses (``push.enabled``,
     ``push.prefixes``), or None when it takes it."""
     if not push.enabled:
-        return APIError("UNSUPPORTED", "push is disabled on this registry")
+        return APIError("UNSUPPORTED", "push is disabled on this registry", headers={"Allow": "GET, HEAD"})
     if not push.allows(name):
         return APIError("DENIED", f"push to {name} is not allowed here",
                         detail={"allowed_prefixes": list(push.prefixes)})

@@ -638,9 +638,9 @@ def test_a_preloads_pin_keeps_going_with_its_tag_and_a_copy_that_lost_that_is_me
 def test_a_copy_made_before_the_source_changed_catches_up_and_so_does_the_source_after_a_rollback(
     tmp_path: Path, postgres: PostgresServer, driver: str, request: pytest.FixtureRequest,
 ) -> None:
-    """Copy while the old store still serves, then again at the cutover: a copy made by ``mirror migrate``
-    (it records whose copy it is) takes what the source withdrew since (a tag deleted, an image
-    collected) and drops it too, objects included, when asked (``--delete``: what was written to the
+    """Copy during a first stop of the old store's server, serve, then copy again at the cutover: a copy
+    made by ``mirror migrate`` (it records whose copy it is) takes what the source withdrew since (a tag
+    deleted, an image collected) and drops it too, objects included, when asked (``--delete``: what was written to the
     copy meanwhile would be lost).  Back the other way, the store a copy was made of catches up with
     the copy.  An index of another store is still refused, with or without it (the tests above)."""
     data, copy = tmp_path / "data", tmp_path / "copy"

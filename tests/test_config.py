@@ -1,9 +1,12 @@
 """Configuration: YAML, MIRROR_* environment overrides, flags, and one clear line per bad key."""
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +104,34 @@ def test_kubernetes_service_links_are_not_configuration() -> None:
 def test_password_never_echoed() -> None:
     config = load_config(env={"MIRROR_UPSTREAM_USERNAME": "u", "MIRROR_UPSTREAM_PASSWORD": "s3cr3t-token"})
     assert "s3cr3t-token" not in repr(config)
+
+
+S3_KEYS = "storage:\n  driver: s3\n  s3:\n    bucket: b\n    {keys}\ncache:\n  max_size: 1GiB\n"
+
+
+@pytest.mark.parametrize(("key", "written", "template", "read"), [
+    ("upstream.password", "0644", "upstream:\n  username: u\n  password: {v}\n", lambda c: c.upstream.password),
+    ("upstream.username", "12:30", "upstream:\n  username: {v}\n", lambda c: c.upstream.username),
+    ("storage.s3.secretkey", "01234567", S3_KEYS.format(keys="accesskey: AKID\n    secretkey: {v}"),
+     lambda c: c.storage.s3_secretkey),
+    ("storage.s3.accesskey", "0x1F", S3_KEYS.format(keys="accesskey: {v}\n    secretkey: x"),
+     lambda c: c.storage.s3_accesskey),
+    ("upstreams[0].password", "3.10", "upstreams:\n  - registry: ghcr.io\n    username: u\n    password: {v}\n",
+     lambda c: c.upstreams[1].password),
+])
+def test_a_credential_yaml_reads_as_another_type_is_refused_not_changed(
+        tmp_path: Path, key: str, written: str, template: str, read: Callable[[Any], str]) -> None:
+    """YAML 1.1 reads an unquoted 0644 as 420, 12:30 as 750, 0x1F as 31, 3.10 as 3.1: a credential changed without a
+    word (then refused by the registry or the store) is refused at start-up, asking for quotes, and a
+    secret is not quoted back; quoted, it is taken as written."""
+    path = tmp_path / "mirror.yml"
+    path.write_text(template.format(v=written))
+    with pytest.raises(ConfigError, match=rf"bad value for {re.escape(key)}: .*write it in quotes") as refused:
+        load_config(path, env={})
+    if "password" in key or "secretkey" in key:
+        assert written not in str(refused.value)
+    path.write_text(template.format(v=f"'{written}'"))
+    assert read(load_config(path, env={})) == written
 
 
 def test_s3_storage_from_the_environment_secret_never_echoed() -> None:

@@ -97,6 +97,7 @@ def test_the_compose_files_image_variable_and_service_links_are_no_settings() ->
 @pytest.mark.parametrize("text", [
     "storage:\n  s3:\n    bucket: images\n",  # distribution's way: the section names the driver
     "storage:\n  s3:\n    rootdirectory: /srv/registry\n",
+    "storage:\n  s3:\n    redirect: true\n",  # blobs served by the mirror all the same, without a word
 ])
 def test_s3_keys_without_the_s3_driver_stop_start_up(tmp_path: Path, text: str) -> None:
     path = tmp_path / "mirror.yml"
@@ -106,6 +107,7 @@ def test_s3_keys_without_the_s3_driver_stop_start_up(tmp_path: Path, text: str) 
     assert lines[0].endswith("is set, but storage.driver is filesystem: set storage.driver to s3 to store in the "
                              "bucket, or remove the storage.s3 keys"), lines
     assert refusal(env={"MIRROR_STORAGE_S3_BUCKET": "images"})[0].startswith("MIRROR_STORAGE_S3_BUCKET is set, but")
+    assert refusal(env={"MIRROR_STORAGE_S3_REDIRECT": "true"})[0].startswith("MIRROR_STORAGE_S3_REDIRECT is set, but")
 
 
 def test_mirror_serve_with_a_mistyped_section_exits_2_naming_it(tmp_path: Path) -> None:

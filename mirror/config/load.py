@@ -212,7 +212,7 @@ def _check_driver_keys(storage: StorageConfig, variables: Mapping[tuple[str, str
     if storage.driver != "filesystem":
         return
     for f in dataclasses.fields(storage):
-        if f.name.startswith("s3_") and f.name != "s3_redirect" and getattr(storage, f.name) != f.default:
+        if f.name.startswith("s3_") and getattr(storage, f.name) != f.default:
             named = variables.get(("storage", f.name)) or f"storage.{user_key(f.name)}"
             raise ConfigError(f"{named} is set, but storage.driver is filesystem: set storage.driver to s3 to "
                               "store in the bucket, or remove the storage.s3 keys")

@@ -22,6 +22,7 @@ from .values import (
     parse_bool,
     parse_ca_file,
     parse_choice,
+    parse_credential,
     parse_duration,
     parse_fraction,
     parse_int,
@@ -141,7 +142,7 @@ class StorageConfig:
     # Key prefix of everything stored (as a directory: "registry" -> registry/blobs/...).
     s3_rootdirectory: str = setting(parse_key_prefix, "")
     # Credentials; none: the SDK's usual sources (environment, instance role).
-    s3_accesskey: str | None = setting(parse_optional_str, None)
+    s3_accesskey: str | None = setting(parse_credential, None)
     s3_secretkey: str | None = setting(parse_secret, None, secret=True)
     # Either read from a file at start-up instead (Docker / Kubernetes secrets); not both.
     s3_accesskey_file: SecretFile | None = setting(parse_secret_file, None)
@@ -164,7 +165,7 @@ class UpstreamConfig:
     url: str = setting(parse_upstream_url, DOCKER_HUB_URL)
     # Name the upstream's content is filed under in the index (Docker Hub is "docker.io").
     registry: str = setting(parse_registry, DOCKER_HUB)
-    username: str | None = setting(parse_optional_str, None)
+    username: str | None = setting(parse_credential, None)
     password: str | None = setting(parse_secret, None, secret=True)
     # The password (access token) read from a file at start-up instead; not both.
     password_file: SecretFile | None = setting(parse_secret_file, None)

@@ -109,9 +109,22 @@ def parse_str(value: Any) -> str:
 
 def parse_secret(value: Any) -> str | None:
     """A password, key or DSN given inline, without the whitespace around it (as read from a file:
-    a Kubernetes secret's trailing newline), or None when empty."""
-    text = parse_str(value).strip()
-    return text or None
+    a Kubernetes secret's trailing newline), or None when empty.  Text only (:func:`parse_credential`)."""
+    text = parse_credential(value)
+    return text.strip() or None if text is not None else None
+
+
+def parse_credential(value: Any) -> str | None:
+    """A user name, key or password as written, or None when empty.  A YAML scalar read as another
+    type is refused: YAML 1.1 turns an unquoted ``0755`` into 493, ``12:30`` into 750 and ``0x1F``
+    into 31, and such a credential would be refused by the registry or store without a word of why
+    (the value is not quoted back: it may be a secret)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("YAML read it as a number, a date or a boolean, not as it is written (an unquoted 0755 "
+                         "is the number 493): write it in quotes")
+    return value
 
 
 def parse_optional_str(value: Any) -> str | None:

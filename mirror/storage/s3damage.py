@@ -48,16 +48,17 @@ class CorruptObject(ShortFile):
 
 
 def vouch(store: S3Store, digest: Digest, etag: str | None) -> None:
-    """The object *digest* with *etag* was seen matching its digest (stored or read whole)."""
+    """The object *digest* with *etag* was seen matching its digest (stored or read whole).  An ETag is
+    compared without its quotes: SeaweedFS answers a ``CopyObject``'s bare and a HEAD's quoted."""
     if etag:
-        store.vouched[digest] = etag
+        store.vouched[digest] = etag.strip('"')
         store.vouched.move_to_end(digest)
         while len(store.vouched) > VOUCHED:
             store.vouched.popitem(last=False)
 
 
 def vouched(store: S3Store, digest: Digest, etag: str | None) -> bool:
-    return etag is not None and store.vouched.get(digest) == etag
+    return etag is not None and store.vouched.get(digest) == etag.strip('"')
 
 
 def verify_whole(store: S3Store, digest: Digest, etag: str | None) -> None:

@@ -96,6 +96,29 @@ def test_metrics_and_the_cache_page_answer_while_the_object_store_is_down(
     assert value(again, "mirror_store_up") == 1 and value(again, "mirror_store_objects") == len(bucket.objects())
 
 
+def test_a_bucket_that_stops_answering_is_down_in_the_metrics_at_once_though_its_listing_is_slow(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """The objects are counted again only after 50 times the last listing took (a large bucket's listing
+    takes minutes): ``mirror_store_up`` follows a look at one object at every scrape in between, so an
+    alert on it fires with the bucket's outage, not at the next count."""
+    mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url))
+    cached(mirror, http, images, bucket)
+    slow = s3_proxy.add("late", rf"^/{bucket.name}/?$", method="GET", delay=0.5)  # the LIST, not an object
+    up = scrape(f"{mirror.url}/metrics")  # the first count, half a second long: the next in 25 s at least
+    assert value(up, "mirror_store_up") == 1 and slow.hits == 1
+    s3_proxy.remove(slow)
+    s3_proxy.add("refuse", "")  # nothing answers
+    try:
+        down = scrape(f"{mirror.url}/metrics")
+        assert value(down, "mirror_store_up") == 0 and "mirror_store_objects" not in names(down)
+    finally:
+        s3_proxy.clear_rules()
+    wait_for(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_store_up") == 1, timeout=15,
+             what="the store up again once it answers")
+
+
 def test_gc_and_fsck_say_in_one_line_that_the_object_store_does_not_answer(
     bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client,

@@ -20,7 +20,11 @@ from .. import __version__
 from ..config.sections import CacheConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.metrics import HELD_REASONS
+from ..spec.reference import Digest
 from ..storage.driver import BlobStore
+
+#: The object looked at between two counts of a remote store's objects (any answer will do: the empty blob).
+ALIVE = Digest("sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,9 @@ class StoreCollector(Collector):
                 for reason in HELD_REASONS:
                     over.add_metric([reason], 1 if held.get(reason) else 0)
                 yield over
-        yield GaugeMetricFamily("mirror_store_up", "1 if the store answered the last count of its objects; 0 leaves "
-                                "out mirror_store_objects.", value=int(objects is not None))
+        yield GaugeMetricFamily("mirror_store_up", "1 if the store answered the last count of its objects (and a "
+                                "bucket a look since); 0 leaves out mirror_store_objects.",
+                                value=int(objects is not None))
         if objects is not None:
             yield GaugeMetricFamily("mirror_store_objects", "Objects (blobs and manifests) in the store.",
                                     value=objects)
@@ -112,9 +117,16 @@ class StoreCollector(Collector):
     def _count(self) -> tuple[int | None, int]:
         """Objects and uploads in the store, counted again once the last count is old enough (a
         second after one the store did not answer: objects None, whatever ``OSError`` its listing
-        raised, ``StoreUnavailable`` for a bucket; ``/readyz`` names the problem)."""
+        raised, ``StoreUnavailable`` for a bucket; ``/readyz`` names the problem).  Between two
+        counts, a store that is not local is looked at (one object's ``HEAD``): one that does not
+        answer is down at once, not only at the next count, which a large bucket's listing makes rare."""
         with self._lock:
             now = time.monotonic()
+            if now - self._counted_at < self._count_every and self._counts[0] is not None and not self.store.local:
+                try:
+                    self.store.exists(ALIVE)
+                except OSError:
+                    self._counts, self._counted_at, self._count_every = (None, self._counts[1]), now, 1.0
             if now - self._counted_at >= self._count_every:
                 try:
                     objects: int | None = sum(1 for _ in self.store.objects())

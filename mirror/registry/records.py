@@ -71,14 +71,12 @@ async def referencing(store: BlobStore) -> AsyncIterator[None]:
 
 
 async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference: str | Digest, digest: Digest,
-                      body: bytes, media_type: str, required: dict[str, int | None], subject: str | None,
+                      body: bytes, media_type: str, required: list[str], subject: str | None,
                       descriptor: dict[str, Any] | None) -> None:
     """Store a pushed manifest and record it in *repo* (tagged *reference* unless it is its digest),
     with its referrer's *descriptor* of *subject*; ``MANIFEST_BLOB_UNKNOWN`` (400) and nothing written
-    when one of the *required* digests is not linked to *repo* or not stored, ``MANIFEST_INVALID``
-    when one is stored at another size than its descriptor gives (its clients would refuse it: OCI
-    image-spec, "Descriptor", ``size``).  What the store or the index raises is raised (a refused
-    write is the caller's ``507``)."""
+    when one of the *required* digests is not linked to *repo* or not stored.  What the store or the
+    index raises is raised (a refused write is the caller's ``507``)."""
 
     def record() -> None:
         metadata.put_manifest(str(digest), media_type, len(body))
@@ -95,12 +93,8 @@ async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference
 
     async def save() -> None:
         async with referencing(store):  # the collector must not sweep what was just checked
-            held = await held_sizes(store, metadata, repo, list(required))
-            if missing := [d for d in required if held.get(d) is None]:
+            if missing := await absent(store, metadata, repo, required):
                 raise APIError("MANIFEST_BLOB_UNKNOWN", detail={"digests": missing}, status=400)
-            if wrong := {d: {"descriptor": size, "stored": held[d]} for d, size in required.items()
-                         if size is not None and size != held[d]}:
-                raise APIError("MANIFEST_INVALID", "a descriptor's size is not its blob's", detail=wrong)
             await anyio.to_thread.run_sync(store.put_bytes, digest, body)
             await in_index_thread(record)
 
@@ -108,14 +102,8 @@ async def save_pushed(store: BlobStore, metadata: Metadata, repo: str, reference
 
 
 async def absent(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> list[str]:
-    """Those of *digests* (in their order) not linked to *repo*, or not stored (:func:`held_sizes`)."""
-    held = await held_sizes(store, metadata, repo, digests)
-    return [d for d in digests if held.get(d) is None]
-
-
-async def held_sizes(store: BlobStore, metadata: Metadata, repo: str, digests: list[str]) -> dict[str, int]:
-    """The stored size of each of *digests* linked to *repo* (those not linked, or not stored, are left
-    out): one look at the index, then one at the store for the linked ones."""
+    """Those of *digests* (in their order) not linked to *repo*, or not stored: one look at the index,
+    then one at the store for the linked ones."""
     parsed: dict[str, Digest] = {}
     for digest in digests:
         try:
@@ -123,8 +111,8 @@ async def held_sizes(store: BlobStore, metadata: Metadata, repo: str, digests: l
         except ParseError:
             continue
     linked = await IndexReads(metadata).ask(lambda: [d for d in parsed if metadata.is_linked(repo, d)])
-    sizes = await anyio.to_thread.run_sync(lambda: {d: store.size(parsed[d]) for d in linked})
-    return {d: size for d, size in sizes.items() if size is not None}
+    stored = await anyio.to_thread.run_sync(lambda: {d for d in linked if store.size(parsed[d]) is not None})
+    return [d for d in digests if d not in stored]
 
 
 async def save_pulled(store: BlobStore, metadata: Metadata, repo: str, manifest: Manifest, tag: str | None) -> bool:

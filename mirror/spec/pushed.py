@@ -95,9 +95,8 @@ def check_manifest(doc: dict[str, Any], media_type: str) -> str | None:
     return str(subject["digest"])
 
 
-def required_digests(doc: dict[str, Any], media_type: str) -> dict[str, int | None]:
-    """Digests that must be in the repository before this manifest may be stored, each with the size
-    its descriptor gives (None: none given), in the manifest's order.
+def required_digests(doc: dict[str, Any], media_type: str) -> list[str]:
+    """Digests that must be in the repository before this manifest may be stored.
 
     Non-distributable (and Docker's foreign) layers are not: clients fetch them from their
     ``urls`` (image-spec, "Non-distributable layers"), and a registry only MAY reject a manifest
@@ -105,10 +104,9 @@ def required_digests(doc: dict[str, Any], media_type: str) -> dict[str, int | No
     do, they are accepted without their blobs.
     """
     if media_type in INDEX_TYPES:
-        wanted = list(doc["manifests"])
-    else:
-        wanted = [doc["config"], *(d for d in doc.get("layers", []) if not is_nondistributable(d["mediaType"]))]
-    return {d["digest"]: d.get("size") if isinstance(d.get("size"), int) else None for d in wanted}
+        return [d["digest"] for d in doc["manifests"]]
+    layers = [d["digest"] for d in doc.get("layers", []) if not is_nondistributable(d["mediaType"])]
+    return [doc["config"]["digest"], *layers]
 
 
 def subject_digest(body: bytes) -> str | None:

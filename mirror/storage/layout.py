@@ -48,6 +48,7 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,10 @@ class Layout:
                 if remove:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+        if remove:  # a preload's staging directory whose lock is gone (made first, removed last: it died)
+            for lock, directory in self.stages():
+                if not lock.exists():
+                    shutil.rmtree(directory, ignore_errors=True)
         return found
 
     def upload_entries(self) -> list[os.DirEntry[str]]:

@@ -410,3 +410,32 @@ def test_a_client_of_one_upstream_does_not_wait_for_another_upstreams_hung_fetch
     again = http.get(f"{mirror.url}/v2/{SECOND}/org/app/blobs/{layer}")
     assert again.status_code == 200 and again.headers["x-mirror-cache"] == "HIT"
     assert second.count("GET", pattern) == 1
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one-upstream", "several-upstreams"])
+def test_a_fill_notes_which_upstream_it_waits_for_only_when_there_are_several(
+    tmp_path: Path, images: StandardImages, fault_proxy: FaultProxy, upstream_factory: Callable[[], UpstreamRegistry],
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, several: bool,
+) -> None:
+    """The note (``tmp/<digest>.meta``) lets a client of another upstream stop waiting for the fill;
+    with one upstream there is no other, and a cold fill writes nothing before its upstream answers."""
+    upstreams: list[dict[str, str]] = [{"registry": "docker.io", "url": fault_proxy.url, "library_namespace": "true"}]
+    if several:
+        upstreams.append({"registry": SECOND, "url": upstream_factory().url})
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": upstreams}))
+    mirror = mirror_factory(fault_proxy.url, config=config)
+    assert manifest(http, f"{mirror.url}/v2/small/manifests/1").content == images.small.manifest
+    layer = images.small.layers[0].digest
+    late = fault_proxy.add("late", f"/blobs/{layer}$", method="GET", delay=3.0)
+    got: list[tuple[str, int]] = []
+    puller = threading.Thread(target=lambda: got.append(client.fetch_blob_digest(mirror.url, "small", layer)))
+    puller.start()
+    try:
+        wait_for(lambda: late.hits == 1, timeout=10, what="the upstream asked for the blob")
+        note = mirror.data_dir / "tmp" / f"{layer.replace(':', '-')}.meta"
+        time.sleep(0.5)  # the fill is waiting for the upstream's answer
+        assert note.exists() is several
+    finally:
+        puller.join(timeout=30)
+    assert got == [(layer, images.small.layers[0].size)]

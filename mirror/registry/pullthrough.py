@@ -10,16 +10,14 @@
   one attempt's time, ``upstream.connect_timeout`` + ``read_timeout``, and :data:`REVALIDATE_WAIT`
   seconds; one that ran out of time makes the cached copies of that upstream answer without asking
   for :data:`QUIET_TIMES` that long.
-* A tag the upstream answers ``404`` for is forgotten here too: it leaves the tag list, and is no
-  longer served stale.
-* Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with
-  ``upstream.foreign_layers: fetch``; by default they are the client's business (containerd).
+* A tag the upstream answers ``404`` for is forgotten here too: it leaves the tag list, and is no longer served stale.
+* Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with ``upstream.foreign_layers:
+  fetch``; by default they are the client's business (containerd).
 * When the store cannot take what was fetched (full, over quota, read-only), the upstream's
   bytes are served all the same, verified but not stored (``BYPASS``).
 
-A repository may serve a stored object only if it is *linked* to it: the object was fetched
-for that repository, or is referenced by a manifest that was.  This is the only layer that
-turns store and upstream errors into API errors.
+A repository may serve a stored object only if it is *linked* to it: the object was fetched for that repository,
+or is referenced by a manifest that was.  This is the only layer that turns store and upstream errors into API errors.
 """
 
 from __future__ import annotations
@@ -83,6 +81,8 @@ class PullThrough:
         self.upstream = upstream
         self.tag_ttl = tag_ttl
         self.registry = registry
+        #: With several upstreams (set by the app), the upstream fills say they wait for (Fills.open).
+        self.origin: str | None = None
         self._flights: SingleFlight[tuple[str, str], ManifestResult] = SingleFlight()
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
@@ -264,7 +264,7 @@ class PullThrough:
         urls = await self._foreign_urls(name, key)
         fetch = (lambda: self.upstream.foreign_blob(urls, digest)) if urls else lambda: self._fetch(name, repo, digest)
         try:
-            source = await self.fills.open(digest, fetch, looked=missing, origin=self.registry)
+            source = await self.fills.open(digest, fetch, looked=missing, origin=self.origin)
         except UpstreamError as exc:
             raise await self._blob_error(exc, name, key) from exc
         if isinstance(source, BypassBlob):

@@ -98,6 +98,9 @@ def create_app(config: Config) -> MirrorApp:
                                            u.config.registry)
             for u in upstreams
         }
+        if len(pulls) > 1:  # with one upstream, every fill is its clients' own: no note of whose it is
+            for registry, each in pulls.items():
+                each.origin = registry
         # One upstream request per manifest across the replicas, or the worker processes, too (each
         # manifest GET counts against Docker Hub's pull limit); one process shares its own (flight.py).
         if cluster is not None or config.http.workers > 1:

@@ -25,6 +25,7 @@ from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked
 from tests.support.faults import FaultProxy
 from tests.support.images import build_image, random_layer, write_oci_layout
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
@@ -199,6 +200,9 @@ def test_redirect_sends_clients_of_a_stored_blob_to_the_bucket(
     assert get_digest(http, location)[:3] == (200, layer.digest, layer.size)
     assert http.head(url).status_code == 200
     assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1
+    # Served from the store though sent by the bucket: the dashboards' saved bytes count it.
+    samples = scrape(f"{mirror.url}/metrics")
+    assert value(samples, "mirror_cache_served_bytes_total", kind="blob", outcome="hit") == layer.size
 
 
 def test_a_blob_handed_out_by_a_redirect_keeps_its_image_from_an_eviction_until_the_client_fetched_it(

@@ -171,6 +171,7 @@ async def _blob(request: Request, name: str, found: Endpoint) -> Response:
         store: BlobStore = request.state.store
         if (url := store.redirect_url(digest, source)) is not None:  # storage.s3.redirect: a presigned GET
             source.close()
+            request.state.metrics.handed_out(result.outcome.value, source.size or 0)  # fetched from the bucket
             return Response(status_code=307, headers={**headers, "Location": url})
     byte_range = None
     range_header = request.headers.get("range")

@@ -7,15 +7,14 @@ Every metric lives on a :class:`Metrics` built once per process with a registry 
 (never prometheus-client's global one).  Code records through its methods; ``Metrics(enabled=False)``
 records nothing, for the tools that run the same code outside the server (``mirror export``).
 
-Several worker processes: ``mirror serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
-directory before prometheus-client is first imported (it picks its value class at import).
-Each process then keeps its samples in memory-mapped files there, and whoever answers a scrape
--- any worker, or the parent's ``metrics.listen`` server -- merges them all
-(:func:`exposition_registry`).  Gauges say how they merge: ``livesum`` for what live workers
-hold right now (a worker drops its own as it exits; one killed is dropped by the next worker
-to start, :func:`forget_dead_processes`), ``mostrecent`` for what the upstream said last.  The store's figures (size,
-budget, object counts) belong to no process: :class:`StoreCollector` reads them when scraped,
-in the process that answers, so they are counted once.
+Several worker processes: ``mirror serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before
+prometheus-client is first imported (it picks its value class at import). Each process then keeps its samples in
+memory-mapped files there, and whoever answers a scrape -- any worker, or the parent's ``metrics.listen`` server --
+merges them all (:func:`exposition_registry`). Gauges say how they merge: ``livesum`` for what live workers hold right
+now (a worker drops its own as it exits; one killed is dropped by the next worker to start,
+:func:`forget_dead_processes`), ``mostrecent`` for what the upstream said last. The store's figures (size, budget,
+object counts) belong to no process: :class:`StoreCollector` reads them when scraped, in the process that answers, so
+they are counted once.
 
 ==========================================  =============================================================
 ``mirror_http_requests_total``               route, method, status
@@ -24,7 +23,8 @@ in the process that answers, so they are counted once.
 ``mirror_http_sendfile_bytes_total``         of those, the ones the kernel sent with ``sendfile(2)``
 ``mirror_http_requests_in_flight``           requests being answered
 ``mirror_cache_requests_total``              kind (manifest, blob), outcome (hit, miss, stale, coalesced, bypass, local)
-``mirror_cache_served_bytes_total``          kind, outcome: body bytes sent, by where they came from
+``mirror_cache_served_bytes_total``          kind, outcome: body bytes sent, by where they came from (and the
+                                             size of a stored blob handed out by a redirect to the bucket)
 ``mirror_coalesced_waiters``                 requests following a fetch another request leads
 ``mirror_upstream_requests_total``           upstream, method, status (``error``: no answer)
 ``mirror_upstream_request_duration_seconds`` upstream, method (histogram, to the response headers)
@@ -75,12 +75,8 @@ UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied
 UPSTREAM_METHODS = ("GET", "HEAD")
 GC_RESULTS = ("ok", "failed")
 #: Why the collector could not evict content (``mirror_store_over_budget``'s reasons).
-HELD_REASONS = {
-    "in_use": "in open transfers",
-    "recent": "used within cache.keep_recent",
-    "pinned": "pinned or pushed",
-    "grace": "not referenced yet, younger than gc.grace",
-}
+HELD_REASONS = {"in_use": "in open transfers", "recent": "used within cache.keep_recent", "pinned": "pinned or pushed",
+                "grace": "not referenced yet, younger than gc.grace"}
 _LEADING_INT = re.compile(r"\s*(\d+)")
 #: prometheus-client's sample file of a process's live gauges: ``gauge_livesum_<pid>.db``.
 _LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
@@ -92,9 +88,7 @@ class _Pending:
     __slots__ = ("buckets", "count", "seconds", "sendfile", "sent")
 
     def __init__(self) -> None:
-        self.count = 0
-        self.sent = 0
-        self.sendfile = 0
+        self.count = self.sent = self.sendfile = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(HTTP_BUCKETS) + 1)
 
@@ -303,6 +297,11 @@ class Metrics:
                 self.cache_requests.labels(route, outcome).inc(pending.count)
                 if pending.sent:
                     self.cache_bytes.labels(route, outcome).inc(pending.sent)
+
+    def handed_out(self, outcome: str, size: int) -> None:
+        """A stored blob of *size* bytes answered ``307`` to the bucket (``storage.s3.redirect``): served, unsent."""
+        if self.enabled and size:
+            self.cache_bytes.labels("blob", outcome.lower()).inc(size)
 
     def waiting(self, delta: int) -> None:
         """A request started (+1) or stopped (-1) following another request's fetch."""

@@ -584,6 +584,10 @@ def test_a_database_that_cannot_be_used_stops_serve_gc_and_fsck_with_one_line(
     cases = [
         (f"host=127.0.0.1 port={closed} dbname=mirror user=postgres", f"'mirror' at 127.0.0.1:{closed}",
          "Connection refused: check that PostgreSQL runs there and takes connections, and the host and port"),
+        (f"{postgres.dsn()} sslmode=bogus", f"'postgres' at {here}",
+         'invalid sslmode value: "bogus": correct that option in metadata.postgres.dsn'),
+        (f"{postgres.dsn()} connect_timeout=abc", f"'postgres' at {here}",
+         "bad value for connect_timeout: 'abc': correct that option in metadata.postgres.dsn"),
         (postgres.dsn("absent"), f"'absent' at {here}",
          'database "absent" does not exist: create it, or correct the database name in metadata.postgres.dsn'),
         (f"{postgres.dsn()} user=mirror_pw", f"'postgres' at {here}",

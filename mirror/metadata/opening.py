@@ -58,6 +58,8 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
                 f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}: the mirror creates its tables "
                 "at its first start: make its user the database's owner, or grant it CREATE on the schema") from None
         except psycopg.DatabaseError as exc:  # anything else the server refuses at start
+            if str(exc).startswith("bad value for "):  # psycopg's own check of an option (connect_timeout)
+                raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
             raise CannotOpenIndex(f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}") from None
         except StoreMismatch as exc:
             raise CannotOpenIndex(
@@ -148,10 +150,13 @@ def _unanswered(where: str, error: str) -> str:
     """One line from libpq's *error* (``connection failed: connection to server at ... failed:
     FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check."""
     reason = (error.splitlines() or ["no answer"])[0].rpartition(" failed: ")[2].replace("FATAL:  ", "").strip()
+    reason = reason.removeprefix("connection is bad: ")
     if reason.startswith("database ") and reason.endswith("does not exist"):
         check = "create it, or correct the database name in metadata.postgres.dsn"
     elif any(word in reason for word in ("password", "authentication", "role ", "pg_hba.conf")):
         check = "check the user and password in metadata.postgres.dsn (or its dsn_file) and the server's pg_hba.conf"
+    elif reason.startswith(("invalid ", "unrecognized ", "bad value for ")):  # an option refused before connecting
+        check = "correct that option in metadata.postgres.dsn (libpq's connection parameters)"
     else:
         check = "check that PostgreSQL runs there and takes connections, and the host and port in metadata.postgres.dsn"
     return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password

@@ -270,6 +270,11 @@ def test_a_secret_given_where_its_file_goes_is_not_quoted(variable: str) -> None
     assert "INLINE" not in message and "not shown: not a path" in message, message
     path = refused(env={**env, variable: "/run/secrets/absent"})
     assert "'/run/secrets/absent': cannot read the file" in path, path
+    # An S3 secret key may hold "/" and even start with one: under no directory there is, it is not shown.
+    slashed = refused(env={**env, variable: "/wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"})
+    assert "K7MDENG" not in slashed and "not shown: no such directory" in slashed, slashed
+    slashed = refused(env={**env, variable: "/K7MDENGbPxRfiCYEXAMPLEKEY"})
+    assert "K7MDENG" not in slashed and "not shown: no such directory" in slashed, slashed
 
 
 def test_an_inline_secret_is_read_as_its_file_would_be_in_every_process(tmp_path: Path) -> None:

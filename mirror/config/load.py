@@ -33,6 +33,7 @@ from .hints import (
     unknown_variable,
     user_key,
 )
+from .quoting import shown
 from .sections import (
     DOCKER_HUB_URL,
     AdminConfig,
@@ -52,7 +53,6 @@ from .sections import (
     UiConfig,
     UpstreamConfig,
 )
-from .values import shown
 
 #: Where a command's data directory is when ``--data`` is not given: the precedence above, for ``storage.path``.
 DATA_DEFAULT = f"{ENV_PREFIX}STORAGE_PATH if set, else storage.path of the --config file, else ./mirror-data"

@@ -10,6 +10,7 @@ unanswered puts a :class:`FaultProxy` between the mirror and the session's Seawe
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -277,3 +278,45 @@ def test_an_upkeep_whose_first_count_of_the_store_fails_goes_on_and_counts_it_la
     wait_for(lambda: value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes") == sum(sizes.values()),
              timeout=30, what="the bucket's size counted")
     assert "Traceback" not in mirror.log_tail(800)
+
+
+@pytest.mark.slow
+def test_a_bucket_that_stops_taking_writes_serves_what_it_holds_and_readyz_says_so(
+    own_bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The bucket refuses writes (``AccessDenied``: a read-only policy; an account over its quota) but
+    reads: stored blobs are served, cold manifests and blobs are served through unstored, a push gets
+    ``507`` naming the bucket, and ``/readyz`` says the bucket takes no writes (as for a read-only data
+    directory) until it takes them again, which it finds out by itself."""
+    bucket = own_bucket
+    mirror = mirror_factory(env=bucket.env())
+    stored = cached(mirror, http, images, bucket)
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    before = bucket.objects()
+    bucket.server.take_writes(False)
+    try:
+        assert get_digest(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
+        big = images.big
+        answer = http.get(f"{mirror.url}/v2/library/big/manifests/1", headers={"accept": big.media_type})
+        assert answer.status_code == 200 and answer.content == big.manifest, answer.text
+        cold = big.layers[0]
+        assert get_digest(http, blob_url(mirror, "library/big", cold.digest))[:3] == (200, cold.digest, cold.size)
+        data = os.urandom(4096)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        started = http.post(f"{mirror.url}/v2/own/app/blobs/uploads/")
+        assert started.status_code == 202, started.text
+        pushed = http.put(f"{mirror.url}{started.headers['location']}", params={"digest": digest}, content=data)
+        assert pushed.status_code == 507 and pushed.json()["errors"][0]["code"] == "UNAVAILABLE", pushed.text
+        assert "takes no writes (AccessDenied" in pushed.text and bucket.name in pushed.text, pushed.text
+        ready = http.get(f"{mirror.url}/readyz")
+        assert ready.status_code == 503 and "takes no writes (AccessDenied" in ready.json()["problems"]["store"], \
+            ready.text
+        assert "refused the credentials" not in mirror.log_tail(200)  # the keys are right: it reads
+    finally:
+        bucket.server.take_writes(True)
+    assert bucket.objects() == before  # nothing was lost or added
+    wait_for(lambda: http.get(f"{mirror.url}/readyz").status_code == 200, timeout=30, what="ready again")
+    assert get_digest(http, blob_url(mirror, "library/big", cold.digest))[:3] == (200, cold.digest, cold.size)
+    wait_for(lambda: cold.digest in bucket.objects(), timeout=30, what="the cold layer stored at last")
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=bucket.env(), timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -58,9 +58,13 @@ def refusal_errno(exc: BaseException) -> int | None:
 
 
 def refusal(exc: BaseException) -> str | None:
-    """Why the filesystem refused a write (``"no space left on device"``), if *exc* is such a refusal."""
+    """Why the filesystem refused a write (``"no space left on device"``), if *exc* is such a refusal;
+    an object store's refusal (``storage/s3objects.py``'s ``WritesRefused``) says it in its own words."""
     code = refusal_errno(exc)
-    return None if code is None else reason_of(code)
+    if code is None:
+        return None
+    own = getattr(exc, "strerror", None)
+    return own if isinstance(own, str) and own != os.strerror(code) else reason_of(code)
 
 
 def reason_of(code: int) -> str:

@@ -34,7 +34,6 @@ Credentials the store refuses and a bucket that does not exist say what to check
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -50,16 +49,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import Space, StoredObject, UploadParts
-from .filesystem import ROOM_MARGIN
 from .layout import PARTIAL, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
-from .refusals import probe_writes, refusal_errno
-from .s3client import make_clients, settings_problem
+from .refusals import RefusalRecord
+from .s3client import make_clients
 from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
 from .s3handout import HandedOut
 from .s3notes import abort_again, sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
+from .s3room import refused, room_error, write_problem
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
@@ -103,6 +102,7 @@ class S3Store:
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
         self._unaborted: dict[str, str] = {}  # upload id -> key: aborts refused here, asked again (started)
         self.handed_out = HandedOut()  # marks of objects handed out by presigned URLs
+        self.refusals = RefusalRecord(self.layout.refused)  # the bucket's last refusal of a write (s3room.py)
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
         #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
         self.shared_pushes = False
@@ -115,6 +115,7 @@ class S3Store:
         policy is the operator's)."""
         for directory in (self.layout.tmp, self.layout.uploads):
             directory.mkdir(parents=True, exist_ok=True)
+        self.refusals.open()
         try:
             self.quick.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
@@ -310,6 +311,7 @@ class S3Store:
         abort_upload(self, uuid, parts)
 
     def committed(self, size: int) -> None:
+        self.refusals.wrote()  # a refusal of the bucket's is over
         if self.on_commit is not None:
             try:
                 self.on_commit(size)
@@ -357,39 +359,13 @@ class S3Store:
         return None  # a bucket has no fixed size
 
     def room_error(self, size: int | None) -> OSError | None:
-        """``ENOSPC`` when the data directory's filesystem cannot hold a fill's local file of *size*
-        bytes (and :data:`~mirror.storage.filesystem.ROOM_MARGIN`): the bucket needs no room."""
-        if size is None:
-            return None
-        try:
-            fs = os.statvfs(self.layout.root)
-        except FileNotFoundError:
-            return None
-        if size + ROOM_MARGIN <= fs.f_bavail * fs.f_frsize:
-            return None
-        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} for a local copy of {size} bytes")
+        return room_error(self, size)
 
     def refused(self, exc: BaseException, needed: int | None) -> None:
-        """A refused write is logged; room is never asked for (``on_refused``): what a full disk or a
-        quota refuses here is the data directory's (fills, uploads), which evicting objects from the
-        bucket would not free."""
-        code = refusal_errno(exc)
-        if code is not None:
-            wanted = "" if needed is None else f" ({needed} bytes needed)"
-            log.warning("the data directory refused a write%s: %s", wanted, exc)
+        refused(self, exc, needed)
 
     def write_problem(self) -> str | None:
-        """Why the store cannot take writes now, or None: the data directory refuses a small file in
-        ``tmp/`` (fills and uploads go there first), or the bucket does not answer."""
-        problem = probe_writes(self.layout.temp("readyz"))
-        if problem is not None:
-            return f"data directory {self.layout.root}: {problem}"
-        try:
-            self.probe.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:  # a refusal of the settings says what to check
-            return settings_problem(exc, self.options, "HEAD of the bucket") \
-                or f"bucket {self.bucket!r} does not answer: {exc}"
-        return None
+        return write_problem(self)
 
 
 if TYPE_CHECKING:

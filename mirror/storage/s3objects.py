@@ -95,10 +95,31 @@ def content_md5(body: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
 
 
+#: Requests that write or delete an object: ``AccessDenied`` to one of them, from a bucket that lets the key
+#: read, is a bucket that takes no writes (a read-only policy), not keys it refuses.
+WRITES = frozenset({"CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject", "CopyObject",
+                    "DeleteObject"})
+#: Answers of a store that takes no more bytes (Ceph RGW's quota, MinIO's bucket quota).
+OVER_QUOTA = frozenset({"QuotaExceeded", "XMinioAdminBucketQuotaExceeded"})
+
+
+class WritesRefused(StoreUnavailable):
+    """The bucket refuses to store objects (``EROFS``: to the fills and pushes, a read-only store),
+    while it may still serve what it holds."""
+
+
 def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavailable:
     """What to raise for botocore's *exc*: the store refused the credentials or has no such bucket
-    (:func:`~mirror.storage.s3client.settings_problem`: what to check), did not answer (a connection
-    error, a timeout: botocore's retries are spent) or refused otherwise (an S3 error answer)."""
+    (:func:`~mirror.storage.s3client.settings_problem`: what to check), refused a write
+    (:class:`WritesRefused`), did not answer (a connection error, a timeout: botocore's retries are
+    spent) or refused otherwise (an S3 error answer)."""
+    if isinstance(exc, ClientError) and exc.operation_name in WRITES \
+            and (code := str(exc.response.get("Error", {}).get("Code"))) in ("AccessDenied", *OVER_QUOTA):
+        why = "is over its quota" if code in OVER_QUOTA else "lets the key read but not write"
+        return WritesRefused(errno.EROFS, f"bucket {options.bucket!r} takes no writes ({code}, {what}): it {why}:"
+                                          " check that storage.s3's key may write and delete objects (s3:PutObject,"
+                                          " s3:DeleteObject, multipart uploads) under storage.s3.rootdirectory,"
+                                          " and the bucket's quota")
     problem = settings_problem(exc, options, what)
     if problem is not None:
         return StoreUnavailable(errno.EIO, problem)

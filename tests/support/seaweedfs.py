@@ -50,6 +50,8 @@ class SeaweedS3:
     region: str = REGION
     #: The ``-s3.config`` file holding the identity's keys (:meth:`change_keys` rewrites it).
     identities: Path | None = None
+    #: Whether the identity may write (:meth:`take_writes`).
+    writes: bool = True
 
     def client(self, accesskey: str | None = None, secretkey: str | None = None) -> Any:
         """A boto3 S3 client for this server (path-style addressing)."""
@@ -71,7 +73,7 @@ class SeaweedS3:
         self.proc.start()
         try:
             wait_http(self.endpoint, START_TIMEOUT, alive=self.proc)
-            _wait_s3_ready(self, time.monotonic() + START_TIMEOUT)
+            _wait_s3_ready(self, time.monotonic() + START_TIMEOUT, writes=self.writes)
         except BaseException:
             self.proc.stop()
             raise
@@ -84,6 +86,16 @@ class SeaweedS3:
         self.stop()
         self.accesskey, self.secretkey = _new_keys()
         _write_identities(self.identities, self.accesskey, self.secretkey)
+        self.start()
+
+    def take_writes(self, allowed: bool) -> None:
+        """Let the identity write, or only read and list (a bucket policy, or an account over its quota,
+        refusing writes with ``AccessDenied``): the server is stopped, its identities file rewritten and
+        the server started again."""
+        assert self.identities is not None
+        self.stop()
+        self.writes = allowed
+        _write_identities(self.identities, self.accesskey, self.secretkey, writes=allowed)
         self.start()
 
     def new_bucket(self) -> str:
@@ -146,18 +158,19 @@ def _new_keys() -> tuple[str, str]:
     return f"AK{secrets.token_hex(8).upper()}", secrets.token_hex(20)
 
 
-def _write_identities(path: Path, accesskey: str, secretkey: str) -> None:
-    """The ``-s3.config`` file of one identity, allowed everything, with these keys: SeaweedFS then
-    refuses every request not signed with them."""
+def _write_identities(path: Path, accesskey: str, secretkey: str, *, writes: bool = True) -> None:
+    """The ``-s3.config`` file of one identity, allowed everything (without *writes*: to read and list
+    only), with these keys: SeaweedFS then refuses every request not signed with them."""
+    actions = ["Admin", "Read", "Write", "List", "Tagging"] if writes else ["Read", "List"]
     identities = {"identities": [{
-        "name": "mirror", "credentials": [{"accessKey": accesskey, "secretKey": secretkey}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        "name": "mirror", "credentials": [{"accessKey": accesskey, "secretKey": secretkey}], "actions": actions}]}
     path.write_text(json.dumps(identities))
     os.chmod(path, 0o600)
 
 
-def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:
-    """Wait until a bucket can be created, written and removed (the filer and a volume are up)."""
+def _wait_s3_ready(server: SeaweedS3, deadline: float, *, writes: bool = True) -> None:
+    """Wait until a bucket can be created, written and removed (the filer and a volume are up); an
+    identity without *writes*: until the buckets can be listed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     last: Exception | None = None
@@ -165,6 +178,12 @@ def _wait_s3_ready(server: SeaweedS3, deadline: float) -> None:
         if not server.proc.running:
             raise RuntimeError(f"weed exited with {server.proc.returncode}; log tail:\n{server.proc.log_tail()}")
         try:
+            if not writes:  # until it lists the buckets and serves an object of each (its volumes are up)
+                client = server.client()
+                for each in client.list_buckets()["Buckets"]:
+                    for item in client.list_objects_v2(Bucket=each["Name"], MaxKeys=1).get("Contents", []):
+                        client.get_object(Bucket=each["Name"], Key=item["Key"])["Body"].read()
+                return
             bucket = server.new_bucket()
             server.client().put_object(Bucket=bucket, Key="probe", Body=b"probe")
             server.drop_bucket(bucket)

@@ -220,8 +220,8 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
         metadata.close()
     for finding in report.findings:
         print(finding)
-    verified = f", {report.verified} re-hashed" if verify_content else ""
-    state = "clean" if not report.findings else ("repaired" if report.clean else f"{len(report.findings)} problems")
+    count, verified = len(report.findings), f", {report.verified} re-hashed" if verify_content else ""
+    state = "clean" if not count else ("repaired" if report.clean else f"{count} problem{'s' * (count != 1)}")
     print(f"{report.objects} objects ({report.bytes} bytes{verified}), {report.tags} tags, {report.links} links: "
           f"{state}")
     return 0 if report.clean else 1

@@ -301,3 +301,49 @@ def test_an_inline_secret_is_read_as_its_file_would_be_in_every_process(tmp_path
 def test_a_yaml_error_in_an_unquoted_password_does_not_quote_it(tmp_path: Path, value: str) -> None:
     message = refused(write(tmp_path, f"upstream:\n  username: u\n  password: {value}\n"))
     assert "is not valid YAML at line 3" in message and "INLINE" not in message, message
+
+
+def test_settings_the_sdk_would_refuse_before_any_request_are_named_not_taken_for_an_outage(tmp_path: Path) -> None:
+    """botocore refuses a bucket name it does not take and an endpoint with a query before sending
+    anything; the mirror reported "object store does not answer", quoting the endpoint's query."""
+    message = refused(env={**S3, "MIRROR_STORAGE_S3_BUCKET": "Bad_Bucket!"})
+    assert message.startswith("bad value for storage.s3.bucket: 'Bad_Bucket!': expected a bucket name"), message
+    for endpoint in ("http://127.0.0.1:9000/?token=s3cr3t", "http://127.0.0.1:9000#s3cr3t"):
+        message = refused(env={**S3, "MIRROR_STORAGE_S3_REGIONENDPOINT": endpoint})
+        assert "a query (?...) or fragment (#...) does not belong in the URL" in message, message
+        assert "s3cr3t" not in message, message
+    assert load_config(env={**S3, "MIRROR_STORAGE_S3_BUCKET": "my.bucket-1_a"}).storage.s3_bucket == "my.bucket-1_a"
+
+
+def test_secure_takes_a_boolean_whatever_the_endpoint(tmp_path: Path) -> None:
+    """distribution's ``secure`` is dropped when the endpoint's scheme decides, but only as a boolean: any
+    other value is refused, as distribution refuses it (it was taken silently)."""
+    for value in ("maybe", "42", "''"):
+        message = refused(write(tmp_path, "storage:\n  driver: s3\n  s3:\n    bucket: b\n    regionendpoint:"
+                                          f" http://127.0.0.1:9000\n    secure: {value}\ncache:\n  max_size: 1GiB\n"))
+        assert message.startswith("storage.s3.secure is a setting of distribution's s3 driver"), message
+
+
+def test_an_empty_variable_that_clears_a_file_setting_is_named(tmp_path: Path) -> None:
+    """A compose file's ``${VAR}`` left unset gives an empty variable, which overrides the file's value:
+    the rule between keys it then breaks names the variable."""
+    file = write(tmp_path, "storage:\n  driver: s3\n  s3:\n    bucket: b\n    accesskey: AK\n    secretkey: sk\n"
+                           "cache:\n  max_size: 1GiB\n")
+    message = refused(file, env={"MIRROR_STORAGE_S3_SECRETKEY": ""})
+    assert message == ("storage.s3.accesskey and storage.s3.secretkey must be set together"
+                       " (MIRROR_STORAGE_S3_SECRETKEY set and empty: it clears the file's value)"), message
+    message = refused(file, env={"MIRROR_STORAGE_S3_BUCKET": ""})
+    assert message.endswith("(MIRROR_STORAGE_S3_BUCKET set and empty: it clears the file's value)"), message
+    assert "set and empty" not in refused(write(tmp_path, "storage:\n  driver: s3\n"), env={})
+
+
+def test_an_unknown_dsn_option_is_named(tmp_path: Path) -> None:
+    for dsn in ("postgresql://mirror@127.0.0.1/db?sslmod=require", "host=127.0.0.1 dbname=db sslmod=require"):
+        message = refused(env={"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN": dsn})
+        assert message.startswith("metadata.postgres.dsn: libpq has no connection option 'sslmod'"), message
+
+
+def test_a_hint_naming_one_of_our_s3_keys_says_use_it() -> None:
+    message = refused(env={"MIRROR_STORAGE_REDIRECT_DISABLE": "true"})
+    assert message.endswith("does not take: use MIRROR_STORAGE_S3_REDIRECT (true to answer blob GETs with presigned"
+                            " URLs)"), message

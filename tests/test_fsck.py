@@ -208,7 +208,7 @@ def test_fsck_finds_a_truncated_cached_layer_without_re_hashing_and_repair_has_i
 
     status, lines = fsck(mirror, backend)  # a cached image's object is re-hashed at once: no manifest of ours
     found = f"{layer.digest}: {layer.size // 2} bytes, {layer.size} in docker.io/library/small@{images.small.digest}"
-    assert status == 1 and f"{SIZE}: {found}" in lines and any(line.endswith(": 1 problems") for line in lines), lines
+    assert status == 1 and f"{SIZE}: {found}" in lines and any(line.endswith(": 1 problem") for line in lines), lines
     assert layer.digest in backend.objects(mirror)  # nothing changed without --repair
     status, lines = fsck(mirror, backend, "--repair")
     assert status == 0 and f"{SIZE}: {found} (repaired)" in lines, lines

@@ -30,6 +30,8 @@ def parse_url(value: Any, credentials: str = "set upstream.username and upstream
         text = parts.geturl()
     if not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError("a query (?...) or fragment (#...) does not belong in the URL")
     try:
         parts.port  # noqa: B018 (urlsplit checks the port when it is read)
     except ValueError:

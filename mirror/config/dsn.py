@@ -3,6 +3,11 @@ never quote its password."""
 
 from __future__ import annotations
 
+import re
+
+#: Where libpq's connection parameters are listed.
+LIBPQ_PARAMETERS = "https://www.postgresql.org/docs/15/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
+
 
 def dsn_problem(dsn: str) -> str | None:
     """Why libpq cannot connect with *dsn* (a connection string or a postgresql:// URL), as far as
@@ -11,7 +16,9 @@ def dsn_problem(dsn: str) -> str | None:
 
     try:
         parts = conninfo.conninfo_to_dict(dsn)
-    except Exception:  # the library's message quotes the DSN, password included
+    except Exception as exc:  # the library's message may quote the DSN, password included
+        if m := re.fullmatch(r'invalid (?:connection option|URI query parameter:) "([a-z_]{1,40})"', str(exc).strip()):
+            return f"libpq has no connection option {m.group(1)!r} (the parameters: {LIBPQ_PARAMETERS})"
         return "not a libpq connection string or postgresql:// URL"
     url = dsn.lstrip().startswith(("postgresql://", "postgres://"))
     # In a URL, an @, : or / of the password ends the user info, the host or the port early: what

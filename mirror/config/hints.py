@@ -101,7 +101,7 @@ DISTRIBUTION_S3_KEYS = {
     "sessiontoken": "give it as AWS_SESSION_TOKEN, with the keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
 }
 #: A key of ours at the start of a table entry: ``upstream.url``, ``upstream (...)``.
-_KEY = re.compile(r"[a-z_]+(?:\.[a-z_]+)+|upstream")
+_KEY = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+|upstream")
 #: distribution's ``s3`` values that say what the mirror does anyway: taken, and dropped.
 _HARMLESS_S3 = {"v4auth": "true", "encrypt": "false", "skipverify": "false"}
 
@@ -127,7 +127,8 @@ def drop_harmless_s3(storage: MutableMapping[str, Any]) -> None:
         if str(storage.get(f"s3_{key}", "")).strip().lower() == harmless:
             del storage[f"s3_{key}"]
     endpoint = str(storage.get("s3_regionendpoint") or "").strip()
-    if "s3_secure" in storage and (endpoint or str(storage["s3_secure"]).strip().lower() == "true"):
+    secure = str(storage.get("s3_secure", "")).strip().lower()
+    if secure in ("true", "false") and (endpoint or secure == "true"):  # anything else is refused as it is
         del storage["s3_secure"]  # the endpoint's scheme decides, as for distribution's SDK; AWS's: HTTPS
 
 

@@ -59,20 +59,9 @@ DATA_DEFAULT = f"{ENV_PREFIX}STORAGE_PATH if set, else storage.path of the --con
 
 
 SECTIONS: dict[str, type] = {
-    "http": HttpConfig,
-    "storage": StorageConfig,
-    "upstream": UpstreamConfig,
-    "metadata": MetadataConfig,
-    "cache": CacheConfig,
-    "gc": GcConfig,
-    "push": PushConfig,
-    "delete": DeleteConfig,
-    "auth": AuthConfig,
-    "admin": AdminConfig,
-    "log": LogConfig,
-    "metrics": MetricsConfig,
-    "ui": UiConfig,
-    "cluster": ClusterConfig,
+    "http": HttpConfig, "storage": StorageConfig, "upstream": UpstreamConfig, "metadata": MetadataConfig,
+    "cache": CacheConfig, "gc": GcConfig, "push": PushConfig, "delete": DeleteConfig, "auth": AuthConfig,
+    "admin": AdminConfig, "log": LogConfig, "metrics": MetricsConfig, "ui": UiConfig, "cluster": ClusterConfig,
 }
 
 
@@ -132,7 +121,13 @@ def load_config(
                 quoted = shown(value, secret=not keys[attr].repr, names_file=attr.endswith("_file"))
                 source = f" (set by {variables[name, key]})" if (name, key) in variables else ""
                 raise ConfigError(f"bad value for {name}.{user_key(attr)}: {quoted}: {exc}{source}") from None
-        sections[name] = cls(**values)
+        try:
+            sections[name] = cls(**values)
+        except ConfigError as exc:  # a rule between keys: an empty variable may have cleared one of them
+            blank = sorted(v for (n, key), v in variables.items() if n == name and str(raw[name].get(key)) == "")
+            if blank:
+                raise ConfigError(f"{exc} ({', '.join(blank)} set and empty: it clears the file's value)") from None
+            raise
     default = sections["upstream"]
     upstreams, labels = [default], ["upstream"]
     default_entry: int | None = None

@@ -9,8 +9,8 @@ from typing import Any
 
 def redact(text: str) -> str:
     """Hide the user-info part of URLs in a message (``https://user:token@host`` -> ``https://***@host``;
-    a password may hold a ``/``)."""
-    return re.sub(r"//[^@\s]*@", "//***@", text)
+    a password may hold a ``/``), and their query and fragment (``?token=...`` -> ``?***``)."""
+    return re.sub(r"(https?://[^\s?#'\"]*)[?#][^\s'\"]*", r"\1?***", re.sub(r"//[^@\s]*@", "//***@", text))
 
 
 def shown(value: Any, *, secret: bool, names_file: bool) -> str:

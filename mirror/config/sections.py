@@ -20,6 +20,7 @@ from .addresses import parse_listen, parse_upstream_url, parse_url
 from .values import (
     SecretFile,
     parse_bool,
+    parse_bucket,
     parse_ca_file,
     parse_choice,
     parse_credential,
@@ -30,7 +31,6 @@ from .values import (
     parse_networks,
     parse_optional_duration,
     parse_optional_file,
-    parse_optional_str,
     parse_path,
     parse_prefixes,
     parse_push_users,
@@ -134,7 +134,7 @@ class StorageConfig:
     # Where blobs and manifests are kept: "filesystem" (under path) or "s3" (storage.s3.*; path still
     # holds the index, uploads and temp files).  Keys of s3 as in distribution's s3 driver.
     driver: str = setting(parse_choice("filesystem", "s3"), "filesystem")
-    s3_bucket: str | None = setting(parse_optional_str, None)
+    s3_bucket: str | None = setting(parse_bucket, None)
     s3_region: str = setting(parse_region, "us-east-1")
     # The endpoint for S3-compatible stores (MinIO, SeaweedFS, Ceph); none: AWS's for the region.
     s3_regionendpoint: str | None = setting(parse_endpoint(

@@ -131,6 +131,15 @@ def parse_optional_str(value: Any) -> str | None:
     return None if value is None or value == "" else parse_str(value)
 
 
+def parse_bucket(value: Any) -> str | None:
+    """An S3 bucket's name, as botocore takes it (it refuses any other before sending a request)."""
+    text = parse_optional_str(value)
+    if text is not None and not re.fullmatch(r"[a-zA-Z0-9.\-_]{1,255}", text):
+        raise ValueError("expected a bucket name: letters, digits, '.', '-' and '_' (S3's own rule: 3 to 63"
+                         " lowercase letters, digits, '.' and '-')")
+    return text
+
+
 def parse_path(value: Any) -> Path:
     return Path(parse_str(value)).expanduser()
 

@@ -32,6 +32,6 @@ class Report:
     def summary(self) -> str:
         records = ", ".join(f"{count} {kind}" for kind, count in self.records.items() if count)
         rehashed = f", {self.verified} re-hashed" if self.verified else ""
-        state = "verified" if not self.problems else f"{len(self.problems)} problems"
+        state = "verified" if not self.problems else f"{len(self.problems)} problem{'s' * (len(self.problems) != 1)}"
         return (f"{self.objects} objects ({self.bytes} bytes; {self.copied} copied, {self.present} already there"
                 f"{rehashed}); {records or 'no records'}; {self.seconds:.1f}s: {state}")

@@ -67,4 +67,6 @@ def _postgres_listeners(dsn: str) -> str | None:
     except psycopg.Error:
         return None
     count = int(row[0]) if row else 0
+    if count == 1:
+        return "1 mirror process has the index in this database open"
     return f"{count} mirror processes have the index in this database open" if count else None

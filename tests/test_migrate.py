@@ -903,3 +903,24 @@ def test_a_large_store_is_copied_and_verified_in_bounded_memory(tmp_path: Path) 
 
 def _digest(n: int) -> str:
     return f"sha256:{n:064x}"
+
+
+def test_a_copy_in_a_bucket_is_not_taken_over_by_a_run_into_another_database(
+        tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer) -> None:
+    """A copy made into a bucket belongs to the database it went to.  A run again into the same bucket
+    with another (fresh) database, a mistyped name at the cutover, was taken: it rebound the bucket,
+    and the copy's own database could serve no more.  It is refused, and the bucket stays the copy's."""
+    source = write_config(tmp_path / "ours.yaml", tmp_path / "ours")
+    preloaded(tmp_path, tmp_path / "ours", "one", 941)
+    copy = write_config(tmp_path / "copy.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                        dsn=postgres.create_database())
+    migrated(source, copy)
+    objects = bucket_objects(seaweedfs, s3_bucket)
+    mistyped = write_config(tmp_path / "other.yaml", tmp_path / "other-spool", s3=(seaweedfs, s3_bucket),
+                            dsn=postgres.create_database())
+    line = refused(source, mistyped)
+    assert "holds the objects of another index" in line and "name the database that holds it" in line, line
+    assert bucket_objects(seaweedfs, s3_bucket) == objects
+    assert "verified" in migrated(source, copy)  # the copy's own database still goes on
+    checked = mirror_cli("fsck", "--config", copy)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
+from typing import Any, cast
 
 from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
@@ -49,6 +50,7 @@ from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import (
     bind_bucket,
     bind_data_directory,
+    bound_elsewhere,
     index_identity,
     open_metadata,
     peek_lineage,
@@ -129,6 +131,8 @@ class Migration:
             catch_up = related and self.delete
             if not same_store and not catch_up:
                 _check_target_objects(new_store, old_store, pool, related)
+            if (problem := bound_elsewhere(target.storage, new_store, old_index.index_id(), target_id)) is not None:
+                raise Refused(f"target: {problem}")
             if not one_directory:
                 _bind(target, new, "target", record=False)
             new_index = self._open_index(target, "target", stack)
@@ -201,12 +205,8 @@ class Migration:
             if create or config.storage.driver != "filesystem":
                 store.create()  # the filesystem makes its directories; S3 checks that the bucket answers
             if create:
-                if config.storage.driver == "s3":
-                    from ..storage.s3 import S3Store
-
-                    assert isinstance(store, S3Store)
-                    # The target is this run's alone: every unfinished upload is one a killed run left.
-                    store.stale_upload = 0.0
+                if config.storage.driver == "s3":  # the target is this run's: unfinished uploads are a killed run's
+                    cast(Any, store).stale_upload = 0.0  # (S3Store's)
                 store.sweep_tmp()  # what an interrupted run left
         except OSError as exc:
             raise Refused(f"{side}: cannot open the store ({store_identity(config.storage)}): {_line(exc)}") from exc

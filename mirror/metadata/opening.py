@@ -102,6 +102,24 @@ def store_identity(storage: StorageConfig) -> dict[str, str]:
     return {"driver": "filesystem", "id": ident, "path": str(storage.path.absolute())}
 
 
+def bound_elsewhere(storage: StorageConfig, store: BlobStore, *ids: str | None) -> str | None:
+    """For an S3 store: why its bucket holds the objects of another index than one of *ids* (``mirror
+    migrate``'s source and target), or None.  A copy made before into that bucket, recorded by the
+    database it went to, would otherwise be taken over by a run into another (a mistyped database name)."""
+    if storage.driver != "s3":
+        return None
+    from ..storage.s3 import S3Store
+    from ..storage.s3binding import recorded_index
+
+    assert isinstance(store, S3Store)
+    recorded = recorded_index(store)
+    if recorded is None or recorded in ids:
+        return None
+    return (f"{_describe_store(store_identity(storage))} holds the objects of another index (id {recorded}), not"
+            " this run's source or target: name the database that holds it (a copy made before), or choose another"
+            " storage.s3.rootdirectory (that index would lose its objects)")
+
+
 def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore, metadata: Metadata, *,
                 rebind: bool = False) -> str | None:
     """For an S3 store: check that its bucket's objects belong to *metadata*, the index *config*

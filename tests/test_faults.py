@@ -365,6 +365,9 @@ def test_a_hung_upstream_holds_a_cached_tag_for_one_attempt_then_not_at_all(
         assert slow.headers["x-mirror-cache"] == "STALE"
         revalidated = get_manifest(mirror, "small", "1")
         assert revalidated.headers["x-mirror-cache"] == "HIT", revalidated.headers
+    with fault_proxy.fault("late", "/manifests/", delay=60.0):  # nothing cached: the error says why
+        uncached = get_manifest(mirror, "big", "1")
+        assert uncached.status_code == 503 and "ReadTimeout: no answer in time" in uncached.text, uncached.text
 
 
 def test_a_tag_the_upstream_deleted_leaves_the_tag_list_and_is_not_served_stale(
@@ -881,3 +884,24 @@ def test_hub_rate_limit_429_when_uncached_cached_copy_otherwise(
     assert hub.count("GET", f"/v2/{name}/manifests/1", status=429) == 1
     assert hub.count("GET", "/manifests/", status=200) == 0
     assert hub.manifest_gets == 0
+
+
+def test_a_head_of_a_blob_being_filled_is_answered_as_the_fill_is_without_asking_the_upstream(
+    proxied: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages, http: httpx.Client,
+) -> None:
+    """A HEAD while a GET of the same blob streams in (dockerd and containerd ask both) was sent to the
+    upstream, and answered its 429 while the GET was served: they disagreed on the blob (OCI
+    distribution spec: a HEAD answers as a GET would)."""
+    layer = images.big.layers[1]  # 8 MiB, each upstream read (<= 64 KiB) held back 20 ms
+    mirror = proxied()
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", chunk_size=64 * 1024, delay=0.02)
+    limited = fault_proxy.add("status", f"/blobs/{layer.digest}$", method="HEAD", status=429,
+                              headers={"Retry-After": "30"})
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get_blob, mirror, "big", layer.digest)
+        wait_for(lambda: fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1, what="the fill started")
+        time.sleep(0.5)  # its upstream answered: the size is known
+        head = http.head(f"{mirror.url}/v2/big/blobs/{layer.digest}")
+        assert head.status_code == 200 and int(head.headers["content-length"]) == layer.size, head.headers
+        assert limited.hits == 0
+        assert (slow.result().status, slow.result().digest) == (200, layer.digest)

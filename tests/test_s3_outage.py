@@ -320,3 +320,28 @@ def test_a_bucket_that_stops_taking_writes_serves_what_it_holds_and_readyz_says_
     wait_for(lambda: cold.digest in bucket.objects(), timeout=30, what="the cold layer stored at last")
     checked = mirror_cli("fsck", "--data", mirror.data_dir, env=bucket.env(), timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_cached_tags_and_digests_are_served_while_the_bucket_does_not_answer(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """A tag past ``cache.tag_ttl`` is revalidated and its manifest read from the store: with the bucket
+    down that read failed, and the pull with it (503), for an image its client already had (dockerd
+    then asks Docker Hub itself).  The upstream's copy is served instead, verified and unstored, in
+    every worker; by digest too."""
+    env = bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url, MIRROR_CACHE_TAG_TTL="1s")
+    mirror = mirror_factory(env=env, workers=2)
+    image = images.small
+    cached(mirror, http, images, bucket)
+    s3_proxy.add("refuse", "")  # nothing answers
+    try:
+        time.sleep(1.2)  # the tag is to be revalidated
+        for _ in range(6):  # (two workers: one of them has never read the manifest)
+            for reference in ("1", image.digest):
+                answer = http.get(f"{mirror.url}/v2/library/small/manifests/{reference}",
+                                  headers={"accept": image.media_type})
+                assert answer.status_code == 200 and answer.content == image.manifest, (reference, answer.text)
+    finally:
+        s3_proxy.clear_rules()
+    assert "Traceback" not in mirror.log_tail(400)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,10 +22,11 @@ import anyio.to_thread
 from ..metadata.driver import Metadata
 from ..spec.errors import APIError
 from ..spec.reference import Digest, ParseError, parse_digest
-from ..storage.driver import BlobStore
+from ..storage.driver import BlobStore, StoreUnavailable
 from .reads import in_index_thread
 
 T = TypeVar("T")
+log = logging.getLogger("mirror.registry.manifests")
 
 #: Bytes of manifest bodies kept in memory per process.
 MANIFEST_MEMORY = 8 << 20
@@ -41,7 +43,8 @@ class ManifestBodies:
         self._size = 0
 
     async def read(self, digest: str) -> bytes | None:
-        """The stored manifest *digest*'s bytes, or None if it is not stored (or not a digest)."""
+        """The stored manifest *digest*'s bytes, or None if it is not stored (or not a digest), or the
+        store does not answer (the caller then fetches the upstream's copy, which is served unstored)."""
         body = self._bodies.get(digest)
         if body is not None:
             return body
@@ -49,7 +52,11 @@ class ManifestBodies:
             parsed = parse_digest(digest)
         except ParseError:
             return None
-        body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        try:
+            body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        except StoreUnavailable as exc:
+            log.info("manifest %s not read from the store (%s): asking the upstream", digest, exc)
+            return None
         if body is not None and digest not in self._bodies:
             self._bodies[digest] = body
             self._size += len(body)

@@ -35,9 +35,9 @@ from ..spec.errors import APIError
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, child_for_old_client
 from ..spec.reference import Digest
 from ..storage.bypass import BypassBlob
-from ..storage.driver import BlobStore
+from ..storage.driver import BlobStore, StoreUnavailable
 from ..storage.fill import Fills
-from ..storage.growing import GrowingBlob, stored_size
+from ..storage.growing import GrowingBlob, known_size
 from ..storage.refusals import refusal
 from ..upstream.answers import BlobDownload, Manifest
 from ..upstream.client import Upstream
@@ -163,8 +163,8 @@ class PullThrough:
                 try:  # the collector may have evicted it meanwhile
                     refreshed = await refresh_tag(self.store, self.metadata, repo, tag, record.digest,
                                                   record.media_type)
-                except Exception as exc:
-                    if refusal(exc) is None:
+                except Exception as exc:  # (a store that does not answer: the copy in memory is the upstream's)
+                    if refusal(exc) is None and not isinstance(exc, StoreUnavailable):
                         raise
                     refreshed = True  # still stored, still the upstream's: only its check time is not saved
                 if refreshed:
@@ -230,7 +230,7 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if await self.reads.is_linked(self._repo(name), key):
-            size = await self.fills.look(stored_size, self.store, digest)
+            size = await self.fills.look(known_size, self.store, digest)
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
         if (pushable and self._repo(name) not in self._unrecorded

@@ -32,7 +32,7 @@ from ..metadata.records import RecordKind
 from ..spec.errors import APIError
 from ..spec.manifest import is_nondistributable, references
 from ..spec.reference import Digest, ParseError, parse_digest
-from ..storage.driver import BlobStore
+from ..storage.driver import BlobStore, StoreUnavailable
 from ..storage.refusals import refusal
 from ..upstream.answers import Manifest
 from .manifests import referred_digest
@@ -142,7 +142,11 @@ async def save_pulled(store: BlobStore, metadata: Metadata, repo: str, manifest:
                 await in_index_thread(record)
             except Exception as exc:
                 if (reason := refusal(exc)) is None:
-                    raise
+                    if not isinstance(exc, StoreUnavailable):
+                        raise
+                    # The store does not answer: the upstream's copy was verified against its digest.
+                    log.warning("store unavailable, manifest %s served without storing it: %s", key, exc)
+                    return False
                 log.warning("store refused manifest %s (%s): served without storing it", key, reason)
                 await anyio.to_thread.run_sync(store.refused, exc, len(manifest.body))
                 return False

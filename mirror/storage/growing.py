@@ -213,19 +213,27 @@ class _Span:
         return self.count
 
 
-def stored_size(store: BlobStore, digest: Digest) -> int | None:
+def known_size(store: BlobStore, digest: Digest) -> int | None:
     """The size of *digest* if stored, or if its fill is all there and verified, only not yet
-    stored (its leader makes it durable after its readers' last byte); else None.
+    stored (its leader makes it durable after its readers' last byte), or if its fill is under way
+    and the upstream announced its size; else None.
 
-    A HEAD right after a GET's last byte is so answered as the GET was."""
+    A HEAD during or right after a GET is so answered as the GET is, without asking the upstream
+    (which may answer a HEAD otherwise meanwhile: a 429)."""
     size = store.size(digest)
     if size is not None:
         return size
+    path = store.layout.fill(digest)
     try:
-        status = os.stat(store.layout.fill(digest))
+        status = os.stat(path)
     except FileNotFoundError:
         return store.size(digest)  # moved into the store in between
-    return status.st_size if status.st_mode & 0o777 == VERIFIED_MODE else None
+    if status.st_mode & 0o777 == VERIFIED_MODE:
+        return status.st_size
+    meta = read_meta(store.layout.fill_meta(digest))
+    if meta is not None and meta.ino == status.st_ino and meta.size is not None and filling(path):
+        return int(meta.size)
+    return None
 
 
 def fill_state(fd: int, placed: Callable[[], bool]) -> str:

@@ -66,6 +66,8 @@ __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
 
 #: Seconds a presigned GET stays valid (distribution's default too).
 REDIRECT_EXPIRY = 20 * 60
+#: Seconds between two tries of the aborts the store refused (it did not answer: a fill broken by an outage).
+ABORT_RETRY = 10.0
 #: Age in seconds of an unfinished multipart upload whose writer is taken to be gone.
 STALE_UPLOAD = 24 * 3600.0
 
@@ -100,7 +102,8 @@ class S3Store:
         self._lock = threading.Lock()
         self._readers: dict[Digest, set[S3Reader]] = {}
         self._uploads: set[str] = set()  # multipart uploads this process has in progress
-        self._unaborted: dict[str, str] = {}  # upload id -> key: aborts refused here, asked again (started)
+        self._unaborted: dict[str, str] = {}  # upload id -> key: aborts refused here, asked again (abort)
+        self._abort_timer: threading.Timer | None = None
         self.handed_out = HandedOut()  # marks of objects handed out by presigned URLs
         self.refusals = RefusalRecord(self.layout.refused)  # the bucket's last refusal of a write (s3room.py)
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
@@ -332,8 +335,8 @@ class S3Store:
 
     def abort(self, key: str, upload_id: str) -> bool:
         """Abort a multipart upload; False (logged) if the store refused or did not answer (one
-        already gone is no error): its note then stays for the next start-up sweep, and it is asked
-        again when this process starts another upload (:meth:`started`)."""
+        already gone is no error): its note then stays, and it is asked again every
+        :data:`ABORT_RETRY` seconds, and when this process starts another upload (:meth:`started`)."""
         try:
             self.quick.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (BotoCoreError, ClientError) as exc:
@@ -341,12 +344,22 @@ class S3Store:
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
                 with self._lock:
                     self._unaborted[upload_id] = key
+                    if self._abort_timer is None:  # one at a time; a daemon: it never holds up an exit
+                        self._abort_timer = threading.Timer(ABORT_RETRY, self._abort_again)
+                        self._abort_timer.daemon = True
+                        self._abort_timer.start()
                 return False
         finally:
             self.forget(upload_id)
         with self._lock:
             self._unaborted.pop(upload_id, None)
         return True
+
+    def _abort_again(self) -> None:
+        with self._lock:
+            self._abort_timer = None
+            unaborted = list(self._unaborted.items())
+        abort_again(self.layout, unaborted, self.abort)
 
     def forget(self, upload_id: str) -> None:
         """The upload is no longer in progress here (completed or aborted)."""

@@ -142,7 +142,8 @@ class Upstream:
                     attempt += 1
                     await asyncio.sleep(0.1 * 3 ** (attempt - 1))
                     continue
-                raise self._failed(UpstreamUnavailable(f"{method} {shown}: {type(exc).__name__}: {exc}")) from exc
+                why = str(exc) or "no answer in time"  # (httpx's timeouts say nothing more)
+                raise self._failed(UpstreamUnavailable(f"{method} {shown}: {type(exc).__name__}: {why}")) from exc
             self.metrics.upstream_response(self.config.registry, method, response.status_code,
                                            time.monotonic() - started, response.headers)
             if (response.status_code in RETRY_STATUSES or refused_redirect(response)) and attempt < limit:

@@ -587,3 +587,18 @@ def test_an_index_that_does_not_hold_the_bucket_is_refused_and_deletes_nothing(
     assert done.returncode == 0 and "would free 0 objects" in done.stdout, done.stdout + done.stderr
     assert bucket.client.get_object(Bucket=bucket.name, Key=binding)["Body"].read().decode().strip() == recorded
     assert bucket.objects() == stored
+
+
+def test_a_registry2_store_under_the_same_root_is_named_at_start_up_and_left_alone(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A registry:2 configuration carried over names the bucket and rootdirectory distribution stored
+    into: its images are not this mirror's (another layout), which says so rather than look empty."""
+    legacy = f"{ROOT}/docker/registry/v2/repositories/team/app/_layers/sha256/{'a' * 64}/link"
+    bucket.client.put_object(Bucket=bucket.name, Key=legacy, Body=b"sha256:" + b"a" * 64)
+    mirror = mirror_factory(env=bucket.env())
+    assert http.get(f"{mirror.url}/readyz").status_code == 200
+    assert f"holds a registry:2 store under '{ROOT}/docker/registry/v2/'" in mirror.log_tail(100)
+    checked = mirror_cli("fsck", "--repair", "--data", mirror.data_dir, env=bucket.env())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert bucket.client.head_object(Bucket=bucket.name, Key=legacy)["ContentLength"] == 71

@@ -66,6 +66,8 @@ __all__ = ["MIN_CHUNK", "S3Options", "S3Store"]
 
 #: Seconds a presigned GET stays valid (distribution's default too).
 REDIRECT_EXPIRY = 20 * 60
+#: Where distribution's s3 driver keeps its store, under the same ``rootdirectory``.
+LEGACY = "docker/registry/v2/"
 #: Seconds between two tries of the aborts the store refused (it did not answer: a fill broken by an outage).
 ABORT_RETRY = 10.0
 #: Age in seconds of an unfinished multipart upload whose writer is taken to be gone.
@@ -121,8 +123,14 @@ class S3Store:
         self.refusals.open()
         try:
             self.quick.head_bucket(Bucket=self.bucket)
+            # distribution's own layout under the same rootdirectory: a registry:2 configuration carried over
+            legacy = self.quick.list_objects_v2(Bucket=self.bucket, Prefix=self.root + LEGACY, MaxKeys=1)
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"access to bucket {self.bucket!r}", self.options) from exc
+        if legacy.get("KeyCount"):
+            log.warning("bucket %r holds a registry:2 store under %r: the mirror neither reads nor removes it (its"
+                        " images are not served from here; copy them in with skopeo sync, or pull them through)",
+                        self.bucket, self.root + LEGACY)
 
     def sweep_tmp(self) -> int:
         """Remove the local temp files whose writer is gone, and abort unfinished multipart uploads

@@ -7,8 +7,10 @@ would otherwise put each gRPC port at its HTTP port + 10000, and open fixed port
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sysconfig
@@ -25,6 +27,8 @@ from .procs import Proc, free_port, wait_http
 #: Seconds SeaweedFS may take to answer S3 requests (master, volume, filer and gateway start in turn).
 START_TIMEOUT = 60.0
 REGION = "us-east-1"
+#: A Unix socket ``weed`` listens on, as its log names it.
+_SOCKET = re.compile(r"listening on Unix socket (/tmp/seaweedfs-[\w.-]+\.sock)")
 #: Starts tried with new ports when one of them was taken meanwhile.
 PORT_TRIES = 3
 
@@ -66,6 +70,10 @@ class SeaweedS3:
     def stop(self) -> None:
         """Stop the server (all of ``weed``, as an outage would); :meth:`start` brings it back."""
         self.proc.stop(grace=2.0)
+        # Its gRPC servers' Unix sockets, which it puts in /tmp whatever TMPDIR says and leaves there.
+        with contextlib.suppress(OSError):
+            for path in set(_SOCKET.findall(self.proc.log_path.read_text(errors="replace"))):
+                Path(path).unlink(missing_ok=True)
 
     def start(self) -> None:
         """Start the stopped server again on the same ports and data directory; return once it
@@ -135,7 +143,9 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
         args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
                 f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0",
                 "-master.volumeSizeLimitMB=64", *(f"-{name}={port}" for name, port in ports.items())]
-        proc = Proc(args, workdir / "weed.log", name="weed").start()
+        # Its logs go to the temp directory: the test's own, not /tmp.
+        (workdir / "tmp").mkdir(exist_ok=True)
+        proc = Proc(args, workdir / "weed.log", name="weed", env={"TMPDIR": str(workdir / "tmp")}).start()
         server = SeaweedS3(proc, f"http://127.0.0.1:{ports['s3.port']}", accesskey, secretkey, identities=config)
         try:
             wait_http(server.endpoint, START_TIMEOUT, alive=proc)
@@ -201,7 +211,7 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     try:
         yield server
     finally:
-        server.proc.stop(grace=2.0)
+        server.stop()
 
 
 @pytest.fixture
@@ -211,7 +221,7 @@ def own_seaweedfs(tmp_path: Path) -> Iterator[SeaweedS3]:
     try:
         yield server
     finally:
-        server.proc.stop(grace=2.0)
+        server.stop()
 
 
 @pytest.fixture

@@ -123,10 +123,12 @@ class S3Store:
         self.refusals.open()
         try:
             self.quick.head_bucket(Bucket=self.bucket)
-            # distribution's own layout under the same rootdirectory: a registry:2 configuration carried over
-            legacy = self.quick.list_objects_v2(Bucket=self.bucket, Prefix=self.root + LEGACY, MaxKeys=1)
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"access to bucket {self.bucket!r}", self.options) from exc
+        try:  # distribution's own layout under the same rootdirectory: a registry:2 configuration carried over
+            legacy = self.quick.list_objects_v2(Bucket=self.bucket, Prefix=self.root + LEGACY, MaxKeys=1)
+        except (BotoCoreError, ClientError):
+            legacy = {}  # a hint only: what needs the bucket says what is wrong with it
         if legacy.get("KeyCount"):
             log.warning("bucket %r holds a registry:2 store under %r: the mirror neither reads nor removes it (its"
                         " images are not served from here; copy them in with skopeo sync, or pull them through)",

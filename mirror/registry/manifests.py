@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -30,6 +31,8 @@ log = logging.getLogger("mirror.registry.manifests")
 
 #: Bytes of manifest bodies kept in memory per process.
 MANIFEST_MEMORY = 8 << 20
+#: Seconds after a read the store did not answer during which fetched manifests are not stored.
+STORE_QUIET = 10.0
 #: Seconds between two tries of a replica waiting for another's manifest request.
 PEER_POLL = 0.02
 
@@ -39,6 +42,7 @@ class ManifestBodies:
 
     def __init__(self, store: BlobStore) -> None:
         self.store = store
+        self._failed_at = -STORE_QUIET
         self._bodies: dict[str, bytes] = {}
         self._size = 0
 
@@ -56,6 +60,7 @@ class ManifestBodies:
             body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
         except StoreUnavailable as exc:
             log.info("manifest %s not read from the store (%s): asking the upstream", digest, exc)
+            self._failed_at = time.monotonic()
             return None
         if body is not None and digest not in self._bodies:
             self._bodies[digest] = body
@@ -63,6 +68,11 @@ class ManifestBodies:
             while self._size > MANIFEST_MEMORY:
                 self._size -= len(self._bodies.pop(next(iter(self._bodies))))
         return body
+
+    def failing(self) -> bool:
+        """Whether a read failed for the store in the last :data:`STORE_QUIET` seconds: a manifest
+        fetched meanwhile is served without being stored (the write would wait for the store too)."""
+        return time.monotonic() - self._failed_at < STORE_QUIET
 
 
 class PeerFlights:

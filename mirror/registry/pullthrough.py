@@ -211,7 +211,7 @@ class PullThrough:
     async def _save_manifest(self, repo: str, manifest: Manifest, tag: str | None) -> bool:
         """Store a fetched manifest and record it (``registry/records.py``); False when the store refused
         it (it is served all the same: the upstream layer verified it against its digest)."""
-        saved = await save_pulled(self.store, self.metadata, repo, manifest, tag)
+        saved = not self._bodies.failing() and await save_pulled(self.store, self.metadata, repo, manifest, tag)
         if not saved:
             self._pulled_unrecorded(repo)
         return saved

@@ -59,12 +59,13 @@ def refusal_errno(exc: BaseException) -> int | None:
 
 def refusal(exc: BaseException) -> str | None:
     """Why the filesystem refused a write (``"no space left on device"``), if *exc* is such a refusal;
-    an object store's refusal (``storage/s3objects.py``'s ``WritesRefused``) says it in its own words."""
+    an error with a ``reason`` of its own (``storage/s3objects.py``'s ``WritesRefused``: what the
+    bucket refused and what to check) says that instead."""
     code = refusal_errno(exc)
     if code is None:
         return None
-    own = getattr(exc, "strerror", None)
-    return own if isinstance(own, str) and own != os.strerror(code) else reason_of(code)
+    own = getattr(exc, "reason", None)
+    return own if isinstance(own, str) else reason_of(code)
 
 
 def reason_of(code: int) -> str:

@@ -105,7 +105,11 @@ OVER_QUOTA = frozenset({"QuotaExceeded", "XMinioAdminBucketQuotaExceeded"})
 
 class WritesRefused(StoreUnavailable):
     """The bucket refuses to store objects (``EROFS``: to the fills and pushes, a read-only store),
-    while it may still serve what it holds."""
+    while it may still serve what it holds.  Its ``reason`` (``refusals.refusal``) is its message."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.strerror)
 
 
 def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavailable:

@@ -190,7 +190,7 @@ def run(root: Path) -> Results:
     with contextlib.ExitStack() as stack:
         progress("starting SeaweedFS, PostgreSQL and the upstream")
         s3 = start_seaweedfs(root / "weed")
-        stack.callback(s3.proc.stop)
+        stack.callback(s3.stop)
         postgres = stack.enter_context(PostgresServer())
         upstream = stack.enter_context(UpstreamRegistry(root / "upstream"))
         upstream.push_image(REPO, TAG, image)

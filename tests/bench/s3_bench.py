@@ -240,7 +240,7 @@ def run(root: Path) -> Results:
     with contextlib.ExitStack() as stack:
         progress("starting SeaweedFS and PostgreSQL")
         s3 = start_seaweedfs(root / "weed")
-        stack.callback(s3.proc.stop)
+        stack.callback(s3.stop)
         postgres = stack.enter_context(PostgresServer())
         upstream = stack.enter_context(UpstreamRegistry(root / "upstream"))
         progress(f"pushing {REPO}:{TAG} to {upstream.url}")

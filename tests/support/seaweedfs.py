@@ -29,6 +29,8 @@ START_TIMEOUT = 60.0
 REGION = "us-east-1"
 #: A Unix socket ``weed`` listens on, as its log names it.
 _SOCKET = re.compile(r"listening on Unix socket (/tmp/seaweedfs-[\w.-]+\.sock)")
+#: A port argument of a server that also listens on a local Unix socket of its port's name.
+_LOCAL = re.compile(r"-(s3|filer|sftp)\.port=(\d+)")
 #: Starts tried with new ports when one of them was taken meanwhile.
 PORT_TRIES = 3
 
@@ -69,11 +71,7 @@ class SeaweedS3:
 
     def stop(self) -> None:
         """Stop the server (all of ``weed``, as an outage would); :meth:`start` brings it back."""
-        self.proc.stop(grace=2.0)
-        # Its gRPC servers' Unix sockets, which it puts in /tmp whatever TMPDIR says and leaves there.
-        with contextlib.suppress(OSError):
-            for path in set(_SOCKET.findall(self.proc.log_path.read_text(errors="replace"))):
-                Path(path).unlink(missing_ok=True)
+        _stop(self.proc)
 
     def start(self) -> None:
         """Start the stopped server again on the same ports and data directory; return once it
@@ -83,7 +81,7 @@ class SeaweedS3:
             wait_http(self.endpoint, START_TIMEOUT, alive=self.proc)
             _wait_s3_ready(self, time.monotonic() + START_TIMEOUT, writes=self.writes)
         except BaseException:
-            self.proc.stop()
+            _stop(self.proc)
             raise
 
     def change_keys(self) -> None:
@@ -151,16 +149,27 @@ def start_seaweedfs(workdir: Path) -> SeaweedS3:
             wait_http(server.endpoint, START_TIMEOUT, alive=proc)
             _wait_s3_ready(server, time.monotonic() + START_TIMEOUT)
         except RuntimeError:
-            proc.stop()
+            _stop(proc)
             # One of its 13 ports, free when chosen, was taken by another process before weed bound it.
             if attempt < PORT_TRIES and "address already in use" in proc.log_tail(200):
                 continue
             raise
         except BaseException:
-            proc.stop()
+            _stop(proc)
             raise
         return server
     raise AssertionError("unreachable")
+
+
+def _stop(proc: Proc) -> None:
+    """Stop ``weed`` and remove its gRPC servers' Unix sockets, which it puts in /tmp whatever
+    TMPDIR says and leaves there."""
+    proc.stop(grace=2.0)
+    # The gRPC servers' (named in its log) and the gateways' local ones (at /tmp/seaweedfs-<name>-<port>.sock).
+    local = {f"/tmp/seaweedfs-{m[1]}-{m[2]}.sock" for arg in proc.args if (m := _LOCAL.fullmatch(arg))}
+    with contextlib.suppress(OSError):
+        for path in local | set(_SOCKET.findall(proc.log_path.read_text(errors="replace"))):
+            Path(path).unlink(missing_ok=True)
 
 
 def _new_keys() -> tuple[str, str]:

@@ -193,7 +193,10 @@ class FillWriter(Protocol):
     *stored_elsewhere*, when given (by the fetch's download, ``registry/cluster.py``), says whether
     another replica stores the object now: while it does, the S3 driver's writer sends nothing, and
     its commit verifies and waits for that replica's object instead (the filesystem driver ignores it:
-    replicas need a shared store)."""
+    replicas need a shared store).
+
+    *serves_unstored*: the verified mark stays for the readers if storing fails after it (the S3
+    driver's, whose file is never the object; the filesystem's file may not be durable)."""
 
     digest: Digest
     path: Path
@@ -201,6 +204,7 @@ class FillWriter(Protocol):
     expected_size: int | None
     written: int
     stored_elsewhere: Callable[[], bool] | None
+    serves_unstored: bool
 
     def write(self, data: bytes | memoryview) -> None: ...
 

@@ -337,6 +337,7 @@ class Ingest:
         self.expected_size = expected_size
         self.written = 0
         self.stored_elsewhere: Callable[[], bool] | None = None  # replicas need a shared store: ignored here
+        self.serves_unstored = False  # a file whose fsync or rename failed may not read back as written
         self._hasher = self.content.hasher()
         self._closed = False
 

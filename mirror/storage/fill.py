@@ -263,8 +263,8 @@ class Fills:
             if early or handed_over:
                 pass  # the reader gets the error (below, or from the relay), or went away
             elif (refused := _refusal(exc)) is not None:
-                log.warning("store refused the fill of %s after %d bytes (%s): its readers fetch on their own",
-                            ingest.digest, ingest.written, refused)
+                log.warning("store refused the fill of %s after %d bytes (%s): %s", ingest.digest, ingest.written,
+                            refused, "served unstored" if ingest.serves_unstored else "its readers fetch on their own")
             else:
                 log.warning("fetch of %s failed after %d bytes: %s", ingest.digest, ingest.written,
                             str(exc) or type(exc).__name__)
@@ -383,10 +383,10 @@ def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> No
     (blocking: what was sent to an object store is taken back too).
 
     A fill can fail after its commit marked it verified (fsync, rename or the upload refused): the
-    mark is taken back, since bytes that never were stored must not count as done.
+    mark is taken back (bytes never stored must not count as done) unless the writer ``serves_unstored``.
     """
     with contextlib.suppress(OSError):
-        if not store.fill_placed(ingest.digest, ingest.fd):
+        if not ingest.serves_unstored and not store.fill_placed(ingest.digest, ingest.fd):
             os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
     ingest.discard()
 

@@ -19,6 +19,10 @@ sent once, all ``chunksize`` bytes but the last, and none after an abort.
 :data:`~mirror.storage.filesystem.VERIFIED_MODE` (its readers are then done), sends what is left,
 completes the upload and removes the file.  A mismatch or a failure aborts the upload
 (:meth:`S3Fill.discard`): nothing is stored, as the driver interface wants (``storage/driver.py``).
+A part the store refuses or does not answer (its outage, a policy refusing writes) ends the sending,
+not the fill: the body still goes into the local file, hashed, so that every reader of the fill gets
+it from the one upstream fetch; the commit verifies it, marks it verified (:attr:`S3Fill.serves_unstored`:
+the readers keep that mark) and then raises the store's error.
 A fill whose bytes come from another replica that stores the object (``stored_elsewhere``) sends no
 part while it does; its commit verifies, marks the file and waits up to :data:`PEER_STORE_WAIT` seconds
 for that replica's object; if it takes the fill over, the parts go up from the first byte on.
@@ -91,6 +95,9 @@ class S3Fill:
         self._done = False
         self._began = time.monotonic()
         self.stored_elsewhere: Callable[[], bool] | None = None
+        #: Set once the commit marked the file verified: a failure to store it after that leaves the mark.
+        self.serves_unstored = False
+        self._broken: OSError | None = None  # the store's refusal of a part: nothing more is sent
 
     def _elsewhere(self) -> bool:
         return self.stored_elsewhere is not None and self._upload is None and self.stored_elsewhere()
@@ -101,9 +108,21 @@ class S3Fill:
         self.written += len(data)
         young = SEND_AFTER - (time.monotonic() - self._began)
         if young <= 0:
-            self._pump(raising=True)
+            self._pump_or_stop()
         elif self._wake is None and self.written >= self._chunk:
             self._wake = self._threads.submit(self._wake_up, young)
+
+    def _pump_or_stop(self) -> None:
+        """:meth:`_pump`; a part the store refused (or its upload's start) stops the sending for good."""
+        try:
+            self._pump(raising=True)
+        except OSError as exc:  # StoreUnavailable, or the upload's note (local): the fill goes on
+            with self._lock:
+                self._over.set()
+                if self._broken is None:
+                    self._broken = exc
+                    log.warning("%s: the store failed after %d bytes of the fill (%s): the rest is written"
+                                " here for its readers, not stored", self.digest, self.written, exc)
 
     def _wake_up(self, delay: float) -> None:
         """Send the complete parts after *delay* seconds (when the fill is :data:`SEND_AFTER` old), unless
@@ -189,6 +208,9 @@ class S3Fill:
             self.discard()
             raise
         os.fchmod(self.fd, VERIFIED_MODE)  # the mark readers following this fill look for
+        self.serves_unstored = True  # their bytes are verified, stored or not
+        if self._broken is not None:
+            raise self._broken  # the caller discards the fill: the upload is aborted
         if self._elsewhere():
             self._await_peer()
             return

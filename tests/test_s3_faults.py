@@ -7,6 +7,7 @@ boto3 straight into the bucket, as someone with write access to it (or bit rot) 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +281,31 @@ def test_a_fill_under_way_when_the_object_store_stops_is_served_from_the_upstrea
     assert received(http, blob_url(mirror, "library/big", layer.digest)) == (200, layer.digest, layer.size)
     wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer stored once the store is back")
     assert bucket.digest_of(layer.digest) == layer.digest
+
+
+@pytest.mark.slow
+def test_a_client_asking_while_the_object_store_hangs_joins_the_fill_under_way(
+    own_bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """The bucket hangs (stopped, not down) during a slowed fill: a client asking for the blob then
+    follows the fill without waiting for a look in the bucket, and both clients get the whole blob
+    from the one upstream fetch, verified (unstored: the parts did not go up)."""
+    bucket, layer = own_bucket, images.big.layers[2]  # 64 MiB
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env())
+    fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
+                    chunk_size=64 * 1024, delay=0.02)
+    url = blob_url(mirror, "library/big", layer.digest)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
+        first = pool.submit(received, own, url)
+        wait_for(lambda: len(parts_sent(bucket)) >= 2, timeout=20, what="parts of the fill in the bucket")
+        bucket.server.proc.signal_group(signal.SIGSTOP)
+        try:
+            second = pool.submit(received, own, url)
+            assert second.result() == first.result() == (200, layer.digest, layer.size)
+        finally:
+            bucket.server.proc.signal_group(signal.SIGCONT)
+    assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 1
+    assert "Traceback" not in mirror.log_tail(400)
 
 
 def test_a_fills_upload_that_could_not_be_aborted_is_aborted_while_the_mirror_runs(

@@ -256,7 +256,7 @@ class PullThrough:
             stored = await self.fills.stored(digest)
             if stored is not None:
                 return BlobResult(stored, Outcome.HIT)
-        elif await self.fills.look(self.store.size, digest) is not None:
+        elif await self.fills.stored_size(digest) is not None:
             # Stored for another repository: serve it here only if the upstream has it here too.
             await self._consent(name, digest)
             consented = True

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..spec.reference import Digest
+
+T = TypeVar("T")
 
 #: Chunks of a bypassed download in flight between the upstream and its client.
 RELAY_DEPTH = 16
@@ -94,3 +96,18 @@ async def relay(download: Download, queue: asyncio.Queue[bytes | BaseException |
         await queue.put(exc)
     else:
         await queue.put(None)
+
+
+async def handed_over(started: asyncio.Future[T]) -> T:
+    """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
+    :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_close_unclaimed)
+        raise
+
+
+def _close_unclaimed(started: asyncio.Future[Any]) -> None:
+    if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
+        started.result().close()

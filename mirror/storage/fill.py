@@ -9,12 +9,11 @@ reader follows that growing file (:class:`~mirror.storage.growing.GrowingBlob`, 
 any process learn the outcome); the leader publishes the fetch's size in ``<alg>-<hex>.meta``.
 
 When the store cannot take the blob (no room for its announced size, or the filesystem refuses
-a create, write, fsync or rename: full, over quota, read-only), the fill *bypasses* the store:
-the leader marks its temp file :data:`~mirror.storage.growing.REFUSED_MODE` and lets go of it, and hands the
-download to its own client as a :class:`BypassBlob` (streamed through, hashed as it passes, the last
-byte held back until the whole blob matched its digest; nothing stored).  Every other reader of that
-fill sees the mark and streams the upstream's bytes on its own in the same way (:meth:`Fills.bypass`),
-going on from the byte it had reached.
+a create, write, fsync or rename: full, over quota, read-only), the fill *bypasses* the store: the
+leader marks its temp file :data:`~mirror.storage.growing.REFUSED_MODE`, lets go of it and hands the
+download to its own client as a :class:`BypassBlob` (hashed as it passes, the last byte held back
+until the whole blob matched its digest; nothing stored).  Every other reader of that fill sees the
+mark and streams the upstream's bytes on its own in the same way (:meth:`Fills.bypass`).
 """
 
 from __future__ import annotations
@@ -34,10 +33,20 @@ import anyio.to_thread
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
 from .batches import receive
-from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, relay
+from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handed_over, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
-from .growing import REFUSED_MODE, Fetch, GrowingBlob, fill_state, names_inode, read_meta, write_meta, write_pending
+from .growing import (
+    REFUSED_MODE,
+    Fetch,
+    GrowingBlob,
+    fill_state,
+    filling,
+    names_inode,
+    read_meta,
+    write_meta,
+    write_pending,
+)
 from .refusals import refusal
 
 log = logging.getLogger("mirror.storage.fill")
@@ -132,9 +141,15 @@ class Fills:
         return self.store.open(digest)
 
     async def stored(self, digest: Digest) -> BlobReader | None:
-        """:meth:`open_stored` (see :meth:`look`): the stored blob, or None if it is not stored, or not
-        yet as far as this process can tell at once."""
-        return await self.look(self.open_stored, digest)
+        """:meth:`open_stored` (see :meth:`look`): the stored blob, or None: not stored, or a fill of it
+        under way on this host (:meth:`open` joins it; an object store, perhaps down, is not asked)."""
+        return None if self._filling_here(digest) else await self.look(self.open_stored, digest)
+
+    async def stored_size(self, digest: Digest) -> int | None:  # the stored blob's size, or None, as stored()
+        return None if self._filling_here(digest) else await self.look(self.store.size, digest)
+
+    def _filling_here(self, digest: Digest) -> bool:
+        return not self.store.local and filling(self.store.layout.fill(digest))
 
     async def look(self, lookup: Callable[..., T], *args: Any) -> T:
         """``lookup(*args)``, a look at the store: on the event loop when the store's lookups are local
@@ -169,7 +184,7 @@ class Fills:
 
         task = asyncio.create_task(stream())
         self._track(task)
-        return await _handed_over(started)
+        return await handed_over(started)
 
     def progressed(self, digest: Digest) -> None:
         """Wake this process's readers of *digest*'s fill: bytes were written, or it ended."""
@@ -207,7 +222,7 @@ class Fills:
                 write_pending(self.store.layout.fill_meta(digest), os.fstat(fd).st_ino, origin)
         self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
-            size = await _handed_over(started)
+            size = await handed_over(started)
         except BaseException:
             os.close(reader)
             raise
@@ -361,21 +376,6 @@ async def _to_the_end(work: Callable[[], None]) -> None:
         if not done.cancelled():
             done.exception()  # retrieved: the cancellation is what the caller sees
         raise
-
-
-async def _handed_over(started: asyncio.Future[T]) -> T:
-    """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
-    :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
-    try:
-        return await asyncio.shield(started)
-    except asyncio.CancelledError:
-        started.add_done_callback(_close_unclaimed)
-        raise
-
-
-def _close_unclaimed(started: asyncio.Future[Any]) -> None:
-    if not started.cancelled() and started.exception() is None and isinstance(started.result(), BypassBlob):
-        started.result().close()
 
 
 def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> None:

@@ -651,6 +651,10 @@ def test_cached_content_is_served_while_the_upstream_is_down_and_across_restarts
         assert unknown.status_code == 503 and error_code(unknown) == "UNAVAILABLE"
         blob = http.get(f"{mirror.url}/v2/library/app/blobs/{other.layers[0].digest}")
         assert blob.status_code == 503 and error_code(blob) == "UNAVAILABLE"
+        # Stored, but for another repository: not served without the upstream's word, and said so.
+        elsewhere = http.get(f"{mirror.url}/v2/library/elsewhere/blobs/{image.layers[0].digest}")
+        assert elsewhere.status_code == 503 and error_code(elsewhere) == "UNAVAILABLE"
+        assert "cached for other repositories only" in elsewhere.json()["errors"][0]["message"], elsewhere.text
         assert time.monotonic() - started < 10
 
     check_served()

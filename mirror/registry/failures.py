@@ -18,8 +18,18 @@ UPSTREAM_RETRY_AFTER = 10
 RATE_LIMITED_QUIET = 60.0
 
 
-def api_error(exc: UpstreamError, not_found: str) -> APIError:
-    """The client-facing error for an upstream failure with nothing cached to fall back on."""
+def api_error(exc: UpstreamError, not_found: str, *, unconfirmed: bool = False) -> APIError:
+    """The client-facing error for an upstream failure with nothing cached to fall back on; with
+    *unconfirmed*, a blob stored for another repository only, which the upstream could not confirm
+    this repository has (it is not served here without that: ``PullThrough._consent``)."""
+    error = _api_error(exc, not_found)
+    if unconfirmed:  # "... and no cached copy" would say the blob is not stored
+        error.message = error.message.replace("no cached copy", "the blob is cached for other repositories only:"
+                                              " the upstream must confirm this one has it")
+    return error
+
+
+def _api_error(exc: UpstreamError, not_found: str) -> APIError:
     if isinstance(exc, UpstreamNotFound):
         code = exc.code if exc.code in {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"} else not_found
         return APIError(code)

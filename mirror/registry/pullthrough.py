@@ -317,7 +317,7 @@ class PullThrough:
         try:
             await self.upstream.head_blob(name, digest)
         except UpstreamError as exc:
-            raise api_error(exc, "BLOB_UNKNOWN") from exc
+            raise api_error(exc, "BLOB_UNKNOWN", unconfirmed=True) from exc
 
     async def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``

@@ -482,3 +482,35 @@ def test_one_upstream_request_per_manifest_across_replicas_by_tag_by_digest_and_
     for answer in together("/v2/library/small/manifests/1"):
         assert answer.status_code == 200 and answer.content == images.small.manifest
     assert fault_proxy.count(None, "/v2/library/small/manifests/1") == 1
+
+
+def test_a_database_outage_longer_than_the_lease_does_not_end_the_fetch_no_replica_took_over(
+    seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path, big_image: Image, fault_proxy: FaultProxy,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """PostgreSQL stops for four times ``cluster.lease_ttl`` (a failover) while a replica fetches a blob
+    that a client of another replica follows: the lease expired meanwhile, but no replica could take
+    it, so the fetching replica is granted it again and goes on.  Both clients get the whole blob, from
+    the upstream's one answer."""
+    layer = big_image.layers[0]
+    secret = tmp_path / "cluster-secret"
+    secret.write_text(SECRET)
+    with PostgresServer() as own:
+        cluster = Cluster(Bucket(seaweedfs, s3_bucket), own.create_database(), secret)
+        owner, other = start_replicas(cluster, 2, fault_proxy.url, mirror_factory, MIRROR_CLUSTER_LEASE_TTL="2s")
+        fault_proxy.clear_counts()
+        blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.02)
+        follower = Pull(other)
+        (thread,) = run_pulls([follower], layer.digest)
+        wait_for(lambda: follower.size >= MIB, timeout=60, what="the other replica's client under way")
+        own.halt()
+        time.sleep(8)
+        own.resume()
+        for each in (thread, first_thread):
+            each.join(180)
+        assert [(p.error, p.size, p.sha256) for p in (first, follower)] == [(None, layer.size, layer.digest)] * 2
+        assert fault_proxy.count("GET", blob_path) == 1
+        assert "granted again" in owner.log_path.read_text()
+        wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer in the bucket")
+        for replica in (owner, other):
+            replica.stop()

@@ -3,12 +3,11 @@
 On every replica a missing blob is filled as on one host (``storage/fill.py``: one local fill per
 digest, followed by every local reader); :class:`ClusterFetch` decides where that fill's bytes come from.
 
-* The first replica to miss the digest takes the lease ``fill:<digest>`` in the index (a
-  :class:`~mirror.metadata.driver.Lease`: expiry by the database's clock, ``cluster.lease_ttl``) and
-  fetches from the upstream, storing the object as usual.  While the fetch runs, a heartbeat renews
-  the lease every third of its TTL; when the upstream's last byte is in, the lease must still be the
-  one granted (its fencing token unchanged), else the fill fails.  The lease is released once the local
-  fill has ended: stored in the bucket, or failed.
+* The first replica to miss the digest takes the lease ``fill:<digest>`` in the index (a :class:`Lease`:
+  expiry by the database's clock, ``cluster.lease_ttl``) and fetches from the upstream, storing the
+  object as usual.  A heartbeat renews the lease every third of its TTL (one that expired while the
+  index did not answer is granted again if no replica took it); once the upstream's last byte is in,
+  the lease must still be this replica's, else the fill fails.  It is released once the fill ended.
 * Any other replica finds the lease held and streams the fill from its holder (the lease names it by
   its ``cluster.advertise`` URL): ``GET /_mirror/cluster/fills/<digest>``, signed (``registry/peers.py``),
   with ``Range: bytes=<offset>-`` from what it has.  The holder answers from its own fill as its local
@@ -55,6 +54,8 @@ from .peers import MAX_SKEW, REFUSED_HEADER
 from .reads import in_index_thread
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
 
+#: Seconds a fetch that is complete waits for the index to answer the renewal of its fill lease.
+FENCE_WAIT = 30.0
 log = logging.getLogger("mirror.cluster")
 
 class ClusterFetch:
@@ -72,6 +73,7 @@ class ClusterFetch:
         #: The fill lease while this replica holds it (it fetches from the upstream and stores).
         self.lease: Lease | None = None
         self._lost = False
+        self._unanswered = False  # a renewal of the lease failed since the last that went through (index down)
         self._heartbeat: asyncio.Task[None] | None = None
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[bytes] | None = None
@@ -165,10 +167,21 @@ class ClusterFetch:
             await self._connect()
 
     async def _fenced(self) -> None:
-        """The fetch is complete: go on only if the lease is still the one granted (its token)."""
+        """The fetch is complete: go on only if the lease is still the one granted (its token), or
+        granted again (:meth:`_renew`).  The index down, it is asked again for :data:`FENCE_WAIT`
+        seconds (the fill's clients wait for their last byte meanwhile)."""
         assert self.lease is not None
-        renewed = None if self._lost else await in_index_thread(
-            self.cluster.metadata.renew_lease, self.lease, self.cluster.ttl)
+        renewed, deadline = None, time.monotonic() + FENCE_WAIT
+        while not self._lost:
+            try:
+                renewed = await self._renew(self.lease)
+                break
+            except Exception as exc:  # noqa: BLE001 (raised once FENCE_WAIT is over)
+                self._unanswered = True
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: fetched; the fill lease cannot be renewed: %s", self.digest, exc)
+                await asyncio.sleep(self.cluster.ttl / 3)
         if renewed is None:
             self.figures.fenced_off()
             raise FillFailed(f"{self.digest}: the fill lease (token {self.lease.token}) expired or was taken over")
@@ -293,8 +306,9 @@ class ClusterFetch:
             if lease is None:
                 return
             try:
-                renewed = await in_index_thread(self.cluster.metadata.renew_lease, lease, self.cluster.ttl)
+                renewed = await self._renew(lease)
             except Exception as exc:  # noqa: BLE001 (the index is down: try again; expiry fences this fill)
+                self._unanswered = True
                 log.warning("%s: cannot renew the fill lease: %s", self.digest, exc)
                 continue
             if renewed is None:
@@ -302,6 +316,18 @@ class ClusterFetch:
                 self._lost = True
                 return
             self.lease = renewed
+
+    async def _renew(self, lease: Lease) -> Lease | None:
+        """*lease* renewed, or None: taken over.  One that expired while the index did not answer (a database
+        failover longer than ``cluster.lease_ttl``) is granted again if no replica took it since."""
+        renewed = await in_index_thread(self.cluster.metadata.renew_lease, lease, self.cluster.ttl)
+        if renewed is None and self._unanswered:
+            renewed = await in_index_thread(self.cluster.metadata.take_lease, lease.name, lease.holder,
+                                            self.cluster.ttl)
+            if renewed is not None:
+                log.warning("%s: the fill lease expired while the index did not answer: granted again", self.digest)
+        self._unanswered = False
+        return renewed
 
     async def _release_after_fill(self, lease: Lease | None) -> None:
         """Keep the lease (if this replica fetches) and the mark until the local fill this fetch fed

@@ -176,7 +176,7 @@ class GrowingBlob:
                     if state == "refused":
                         raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
-                        raise FillFailed(f"{self.digest}: fetch failed verification")
+                        raise FillFailed(f"{self.digest}: the fetch failed (its warning says why)")
                     offset, data = offset + len(data) - 1, (
                         data[-1:] if isinstance(data, bytes) else os.pread(self.fd, 1, offset + len(data) - 1))
                 offset += len(data)

@@ -118,6 +118,42 @@ def test_the_shipped_haproxy_sends_a_dropped_read_to_another_replica_but_never_a
             (answers, seen)
 
 
+def test_the_shipped_haproxy_answers_the_registry_apis_json_503_when_no_replica_is_ready(tmp_path: Path) -> None:
+    """Every replica out of the rotation (their database down): a client gets the spec's JSON error with
+    a ``Retry-After``, which docker and skopeo show, not HAProxy's HTML page."""
+    require_tool("/usr/sbin/haproxy", "haproxy")
+    ready = threading.Event()
+    ready.set()
+
+    class Replica(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if ready.is_set() else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replica) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    balancer = HAProxy(tmp_path / "haproxy", [f"127.0.0.1:{s.server_address[1]}" for s in servers])
+    try:
+        balancer.start()
+        ready.clear()  # /readyz answers 503 on both
+        wait_for(lambda: set(balancer.states().values()) == {"DOWN"}, timeout=20, what="both replicas out")
+        with httpx.Client(trust_env=False, timeout=30) as client:
+            answer = client.get(f"{balancer.url}/v2/library/alpine/manifests/3.20")
+    finally:
+        balancer.stop()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
+    assert answer.headers["retry-after"] == "10"
+    assert answer.json()["errors"][0]["code"] == "UNAVAILABLE", answer.text
+
+
 def all_up(balancer: HAProxy, count: int = REPLICAS) -> bool:
     states = balancer.states()
     return len(states) == count and all(state == "UP" for state in states.values())

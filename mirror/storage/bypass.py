@@ -98,7 +98,7 @@ async def relay(download: Download, queue: asyncio.Queue[bytes | BaseException |
         await queue.put(None)
 
 
-async def handed_over(started: asyncio.Future[T]) -> T:
+async def handover(started: asyncio.Future[T]) -> T:
     """What a task hands over through *started*; if the waiter is cancelled meanwhile, a
     :class:`BypassBlob` handed over anyway is closed (nobody else would stop its transfer)."""
     try:

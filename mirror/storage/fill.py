@@ -33,7 +33,7 @@ import anyio.to_thread
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
 from .batches import receive
-from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handed_over, relay
+from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handover, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
 from .growing import (
@@ -184,7 +184,7 @@ class Fills:
 
         task = asyncio.create_task(stream())
         self._track(task)
-        return await handed_over(started)
+        return await handover(started)
 
     def progressed(self, digest: Digest) -> None:
         """Wake this process's readers of *digest*'s fill: bytes were written, or it ended."""
@@ -222,7 +222,7 @@ class Fills:
                 write_pending(self.store.layout.fill_meta(digest), os.fstat(fd).st_ino, origin)
         self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
-            size = await handed_over(started)
+            size = await handover(started)
         except BaseException:
             os.close(reader)
             raise

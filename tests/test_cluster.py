@@ -337,6 +337,34 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
     assert httpx.get(f"{mirror_factory(env=alone).url}/readyz", trust_env=False).status_code == 200
 
 
+def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A configuration copied with ``cluster.advertise`` unchanged: before, the copy started and the
+    other replicas asked the first one for the copy's fills (its clients then waited for the whole
+    blob to be stored, not streamed).  A replica stopped, or killed, gives its address up (at once,
+    or after ``cluster.lease_ttl``)."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    ttl = {"MIRROR_CLUSTER_LEASE_TTL": "2s"}
+    port = free_port()
+    running = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
+    copied = replica_env(bucket, dsn, secret_file, port, **ttl)  # advertises the running replica's URL
+    started = time.monotonic()
+    refused = mirror_cli("serve", "--data", tmp_path / "copy", "--listen", f"127.0.0.1:{free_port()}", env=copied,
+                         timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"mirror: cluster.advertise http://127.0.0.1:{port}: another replica running "
+                                     "on this database advertises the same address"), refused.stderr
+    assert time.monotonic() - started > 2.0  # it waited for the lease to lapse: it did not
+    running.stop()  # gives it up: a replica at that address starts at once
+    again = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
+    assert httpx.get(f"{again.url}/readyz", trust_env=False).status_code == 200
+    again.kill9()  # a replica killed: its successor at the address waits for the lease to lapse, then starts
+    successor = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
+    assert httpx.get(f"{successor.url}/readyz", trust_env=False).status_code == 200
+
+
 def test_generation_reads_asked_at_once_are_one_and_each_starts_after_its_asker_came() -> None:
     """``server/front.py``'s ``Coalesced``: the database read a tag read waits for (above) is shared by
     every request that came before it started, and a request that comes while one runs waits for the

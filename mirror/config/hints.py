@@ -21,7 +21,7 @@ ENV_PREFIX = "MIRROR_"
 #: The nested groups of keys (``http.tls.key`` is the field ``tls_key``), as users write them in the file.
 NESTED = ("tls", "s3", "postgres", "htpasswd")
 #: ``MIRROR_*`` names that are not settings: the image the compose files run (``${MIRROR_IMAGE}``).
-NOT_SETTINGS = frozenset({f"{ENV_PREFIX}IMAGE"})
+NOT_SETTINGS = frozenset({f"{ENV_PREFIX}IMAGE", f"{ENV_PREFIX}SERVE_INSTANCE"})
 
 _REMOVE = "remove it"
 _DRIVERS = "the storage drivers are filesystem and s3 (storage.driver)"

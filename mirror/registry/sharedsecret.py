@@ -10,6 +10,12 @@ while it is held under another check is refused (:func:`secret_problem`), and so
 ``cluster`` settings while it is held at all.  A replica stopping gives the claim up (another one
 running takes it again).  Changing the secret on purpose: stop every replica (one killed: wait one
 ``cluster.lease_ttl``), start them with the new one.
+
+A replica's ``cluster.advertise`` URL is its name to the others: the lease ``replica:<URL>`` is held
+by the running replica that advertises it (:func:`instance`, one per ``mirror serve``, its workers
+included).  A replica starting while another one holds its URL (a configuration copied with the
+address unchanged) waits up to ``cluster.lease_ttl`` for it to lapse (a predecessor killed at
+that address), then is refused: the other replicas would ask it for the fills of the first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
+import secrets
+import socket
 import time
 
 from ..config.sections import ClusterConfig
@@ -29,6 +38,31 @@ log = logging.getLogger("mirror.cluster")
 
 #: The lease whose holder is the check of the cluster's secret.
 LEASE = "cluster-secret"
+#: The environment variable naming this ``mirror serve``'s instance for its worker processes.
+INSTANCE = "MIRROR_SERVE_INSTANCE"
+
+
+def instance() -> str:
+    """This replica's instance: host, pid of ``mirror serve`` and a random part, made once by that
+    process and handed to its workers through the environment (:data:`INSTANCE`)."""
+    return os.environ.setdefault(INSTANCE, f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}")
+
+
+def address_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
+    """Why this replica may not take its ``cluster.advertise`` URL, or None (and it is taken): another
+    running replica holds it past ``cluster.lease_ttl`` (and one more second).  Blocking."""
+    assert config.advertise is not None
+    name, mine = f"replica:{config.advertise}", instance()
+    deadline = time.monotonic() + config.lease_ttl + 1.0
+    while (current := metadata.current_lease(name)) is None or current.holder != mine:
+        if current is None and metadata.take_lease(name, mine, config.lease_ttl) is not None:
+            return None
+        if time.monotonic() > deadline:
+            return (f"cluster.advertise {config.advertise}: another replica running on this database advertises "
+                    f"the same address ({current.holder if current else 'just taken'}); each replica needs its "
+                    "own, the URL the other replicas reach it at")
+        time.sleep(0.25)
+    return None
 
 
 def secret_check(secret: str) -> str:
@@ -66,6 +100,8 @@ def secret_problem(config: ClusterConfig, metadata: Metadata, upstreams: dict[st
                 "are not marked in use for their collectors (if none runs any more, their claim lapses in "
                 f"{max(left, 0):.0f}s)")
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
+    if not other and (problem := address_problem(config, metadata)) is not None:
+        return problem
     swap = getattr(metadata, "swap_setting", None)
     if not other and upstreams is not None and swap is not None \
             and (before := swap("upstreams", upstreams)) not in (None, upstreams):
@@ -87,13 +123,18 @@ async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
     """Keep the claim of this replica's secret while the server runs (until cancelled); a replica of
     another secret holding it is said as an error, once until it goes."""
     assert config.secret_file is not None
-    check, held, said = secret_check(config.secret_file.value), None, False
+    check, held, said, twin = secret_check(config.secret_file.value), None, False, None
     try:
         while True:
             try:
                 held, other = await in_index_thread(claim, metadata, check, config.lease_ttl, held)
             except MetadataUnavailable:  # said where requests need it; claimed again once it answers
                 held, other = None, False
+            with contextlib.suppress(MetadataUnavailable):
+                if (other_holder := await in_index_thread(_keep_address, metadata, config)) not in (None, twin):
+                    log.error("another replica running on this database advertises this replica's address %s (%s):"
+                              " give each replica its own cluster.advertise", config.advertise, other_holder)
+                twin = other_holder
             if other and not said:
                 log.error("a replica with another cluster.secret_file holds this database's cluster: this "
                           "replica's requests to it and its to this one are refused; is %s the same file on every "
@@ -102,12 +143,29 @@ async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
             await asyncio.sleep(config.lease_ttl / 3)
     finally:  # stopping: the claim goes with it (another replica running takes it again)
         with contextlib.suppress(Exception):
-            await asyncio.shield(in_index_thread(_give_up, metadata, check))
+            await asyncio.shield(in_index_thread(_give_up, metadata, check, f"replica:{config.advertise}"))
 
 
-def _give_up(metadata: Metadata, check: str) -> None:
+def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
+    """Renew this replica's hold on its ``cluster.advertise`` URL (every worker does), or take it
+    again if it lapsed (the index was down); the instance of another replica holding it, or None."""
+    name, mine = f"replica:{config.advertise}", instance()
+    current = metadata.current_lease(name)
+    if current is None:
+        metadata.take_lease(name, mine, config.lease_ttl)
+    elif current.holder == mine:
+        metadata.renew_lease(current, config.lease_ttl)
+    else:
+        return current.holder
+    return None
+
+
+def _give_up(metadata: Metadata, check: str, address: str) -> None:
     """Release the claim if it is this secret's (whichever replica of it took it: start-up's check
-    takes it too)."""
+    takes it too), and this replica's address (once its last worker stops, another takes it again)."""
     current = metadata.current_lease(LEASE)
     if current is not None and current.holder == check:
         metadata.release_lease(current)
+    held = metadata.current_lease(address)
+    if held is not None and held.holder == instance():
+        metadata.release_lease(held)

@@ -162,7 +162,7 @@ def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
 
 def _give_up(metadata: Metadata, check: str, address: str) -> None:
     """Release the claim if it is this secret's (whichever replica of it took it: start-up's check
-    takes it too), and this replica's address (once its last worker stops, another takes it again)."""
+    takes it too), and this replica's address (workers of it still running take it again)."""
     current = metadata.current_lease(LEASE)
     if current is not None and current.holder == check:
         metadata.release_lease(current)

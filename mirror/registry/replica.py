@@ -74,7 +74,7 @@ class Cluster:
         return sign(self._secret, method, path, self.replica)
 
     def unanswered(self, holder: str, digest: Digest, why: str,
-                   hint: str = "is its cluster.advertise reachable from here?") -> None:
+                   hint: str = "if it still runs, is its cluster.advertise reachable from here?") -> None:
         """Say (a warning, at most every :data:`WARN_INTERVAL` seconds per replica) that *holder*, which
         holds *digest*'s fill lease, did not answer: it died (its lease then expires), or its
         ``cluster.advertise`` does not reach it from here (else *hint*), and this replica's clients wait

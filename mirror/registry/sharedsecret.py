@@ -48,11 +48,16 @@ def instance() -> str:
     return os.environ.setdefault(INSTANCE, f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}")
 
 
+def address_lease(config: ClusterConfig) -> str:
+    """The name of the lease by which a running replica holds its ``cluster.advertise`` URL."""
+    return f"replica:{config.advertise}"
+
+
 def address_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
     """Why this replica may not take its ``cluster.advertise`` URL, or None (and it is taken): another
     running replica holds it past ``cluster.lease_ttl`` (and one more second).  Blocking."""
     assert config.advertise is not None
-    name, mine = f"replica:{config.advertise}", instance()
+    name, mine = address_lease(config), instance()
     deadline = time.monotonic() + config.lease_ttl + 1.0
     while (current := metadata.current_lease(name)) is None or current.holder != mine:
         if current is None and metadata.take_lease(name, mine, config.lease_ttl) is not None:
@@ -143,13 +148,13 @@ async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
             await asyncio.sleep(config.lease_ttl / 3)
     finally:  # stopping: the claim goes with it (another replica running takes it again)
         with contextlib.suppress(Exception):
-            await asyncio.shield(in_index_thread(_give_up, metadata, check, f"replica:{config.advertise}"))
+            await asyncio.shield(in_index_thread(_give_up, metadata, check, address_lease(config)))
 
 
 def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
     """Renew this replica's hold on its ``cluster.advertise`` URL (every worker does), or take it
     again if it lapsed (the index was down); the instance of another replica holding it, or None."""
-    name, mine = f"replica:{config.advertise}", instance()
+    name, mine = address_lease(config), instance()
     current = metadata.current_lease(name)
     if current is None:
         metadata.take_lease(name, mine, config.lease_ttl)

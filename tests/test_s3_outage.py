@@ -89,6 +89,11 @@ def test_metrics_and_the_cache_page_answer_while_the_object_store_is_down(
     assert page.status_code == 200, page.text
     assert "Not ready" in page.text and f"bucket &#39;{bucket.name}&#39; does not answer" in page.text, page.text
     assert "<dt>Objects</dt><dd>—</dd>" in page.text
+    for path in ("/ui/r/library/small", f"/ui/r/library/small@{images.small.digest}"):  # they read manifests
+        page = http.get(f"{mirror.url}{path}")
+        assert page.status_code == 503 and page.headers["content-type"].startswith("text/html"), page.text
+        assert "The object store holding this mirror's images cannot be read now" in page.text, page.text
+        assert page.headers["retry-after"] == "10" and "Content-Security-Policy" in page.headers
     assert "Traceback" not in mirror.log_tail(400)
 
     bucket.server.start()

@@ -122,6 +122,13 @@ def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
     assert http.get(f"{mirror.url}/ui/r/library/nothing").status_code == 404
     assert http.get(f"{mirror.url}/ui/r/Not..Valid").status_code == 404
     assert http.get(f"{mirror.url}/ui/r/library/small@sha256:{'0' * 64}").status_code == 404
+    # A browser gets pages, not the API's JSON errors: a file that is not there, a method not taken.
+    for method, path, status in (("GET", "/ui/static/nope.js", 404), ("POST", "/ui/", 405),
+                                 ("DELETE", "/ui/r/library/small", 405)):
+        answer = http.request(method, f"{mirror.url}{path}")
+        assert answer.status_code == status and answer.headers["content-type"].startswith("text/html"), answer.text
+        assert "default-src 'none'" in answer.headers["content-security-policy"]
+    assert answer.headers["allow"] == "GET, HEAD" and "DELETE is not taken here" in answer.text
     image = http.get(f"{mirror.url}/ui/r/library/small@{images.small.digest}")
     assert image.status_code == 200 and images.small.layers[1].digest[7:19] in image.text
 
@@ -178,18 +185,22 @@ def test_ui_enabled_false_turns_it_off(mirror_factory: Callable[..., MirrorServe
 
 @pytest.mark.slow
 def test_last_pull_shows_once_the_access_times_are_written(mirror: MirrorServer, http: httpx.Client,
-                                                           images: StandardImages) -> None:
+                                                           images: StandardImages, tiny: Image) -> None:
+    """Of a cached repository and of a pushed one alike."""
+    push_image(mirror.url, "team/mine", "1", tiny, client=http)
     before = time.time()
     pull_checked(http, mirror.url, "library/small", "1", images.small)
+    pull_checked(http, mirror.url, "team/mine", "1", tiny)
     today = time.strftime("%Y-%m-%d ", time.gmtime())
     deadline = time.monotonic() + 30  # written every 5 s, read again by the pages after 5 s or more
-    while today not in (page := http.get(f"{mirror.url}/ui/")).text:
-        assert time.monotonic() < deadline, "no last pull shown"
+    while (page := http.get(f"{mirror.url}/ui/")).text.count(today) < 2:
+        assert time.monotonic() < deadline, f"a last pull not shown: {page.text}"
         time.sleep(0.5)
-    assert names(page) == ["library/small"]
-    shown = http.get(f"{mirror.url}/ui/r/library/small").text
-    stamp = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", shown)
-    assert len(stamp) == 1 and stamp[0] >= time.strftime("%Y-%m-%d %H:%M", time.gmtime(before))
+    assert names(page) == ["library/small", "team/mine"]
+    for name in ("library/small", "team/mine"):
+        shown = http.get(f"{mirror.url}/ui/r/{name}").text
+        stamp = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", shown)
+        assert len(stamp) == 1 and stamp[0] >= time.strftime("%Y-%m-%d %H:%M", time.gmtime(before)), name
 
 
 def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
@@ -219,6 +230,9 @@ def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
     assert artifact.status_code == 200
     assert f'<a href="/ui/r/team/signed@{tiny.digest}">{tiny.digest}</a>' in artifact.text  # its subject
     assert "application/vnd.example.payload" in artifact.text
+    # Its config is the empty descriptor of the OCI image spec's artifact guidelines: an artifact's, stored.
+    assert "is an artifact's (<span class=\"mt\">application/vnd.oci.empty.v1+json</span>, 2 B)" in artifact.text
+    assert "is not cached" not in artifact.text
     assert "&lt;script&gt;alert(3)&lt;/script&gt;" in artifact.text and "<script>alert" not in artifact.text
 
 

@@ -143,6 +143,35 @@ def test_deleting_a_manifest_by_digest_takes_its_tags(guarded: MirrorServer, htt
         assert manifest_status(http, guarded, "team/app", reference) == 404
 
 
+def test_the_last_tag_deleted_the_page_offers_no_pull_of_it(guarded: MirrorServer, http: httpx.Client,
+                                                            tiny: Image) -> None:
+    """The pull commands name ``latest`` when there is one, else the first tag; with none left, no tag."""
+    for tag in ("1", "latest"):
+        push(guarded, "team/app", tag, tiny, ALICE)
+    assert f"docker pull 127.0.0.1:{guarded.port}/team/app:latest" in http.get(f"{guarded.url}/ui/r/team/app").text
+    for tag in ("latest", "1"):
+        fields = form(http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tag},
+                               headers=ALICE))
+        assert http.post(f"{guarded.url}/ui/actions/delete", data=fields, headers=ALICE).status_code == 200
+        page = http.get(f"{guarded.url}/ui/r/team/app").text
+        assert f"team/app:{tag}" not in page
+    assert "No tag to pull: pull an image by its digest." in page and "docker pull" not in page
+    assert "No tags." in page and "pulled by digest only" not in page  # a pushed repository's
+
+
+def test_with_deletes_disabled_writers_get_no_delete_button_nor_form(
+        mirror_factory: Callable[..., MirrorServer], htpasswd: Path, http: httpx.Client, tiny: Image) -> None:
+    mirror = mirror_factory(env={**auth_env(htpasswd, anonymous_pull=True), "MIRROR_DELETE_ENABLED": "false"})
+    push(mirror, "team/app", "1", tiny, ALICE)
+    for page in ("/ui/r/team/app", f"/ui/r/team/app@{tiny.digest}"):
+        shown = http.get(f"{mirror.url}{page}", headers=ALICE)
+        assert shown.status_code == 200 and "/ui/actions/delete" not in shown.text, page
+    confirm = http.get(f"{mirror.url}/ui/actions/delete", params={"name": "team/app", "reference": "1"},
+                       headers=ALICE)
+    assert confirm.status_code == 403 and "Deletes are disabled on this registry" in confirm.text
+    assert 'name="token"' not in confirm.text and manifest_status(http, mirror, "team/app", "1") == 200
+
+
 def test_pin_and_unpin_a_cached_image(guarded: MirrorServer, http: httpx.Client, images: StandardImages) -> None:
     pull_checked(http, guarded.url, "library/small", "1", images.small)
     digest = images.small.digest

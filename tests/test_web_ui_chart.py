@@ -48,6 +48,9 @@ def test_the_chart_draws_each_minutes_traffic_and_the_store_size() -> None:
     assert upstream[-1] == (WIDTH, HEIGHT - 1 / 5 * HEIGHT)
     assert len(chart.disk_line.split()) == 5
     assert "2.0 MiB sent from the store, 4.0 MiB fetched from upstreams" in chart.traffic_summary
+    # The summaries (the charts' descriptions) give the largest figures drawn, not the axes' rounded tops.
+    assert chart.traffic_summary.endswith("at most 3.0 MiB in a minute.")
+    assert chart.disk_summary.endswith("the store held at most 4.0 MiB; 4.0 MiB now.")
 
 
 def test_before_the_first_minute_there_is_nothing_to_draw() -> None:

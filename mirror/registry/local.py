@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -52,6 +52,9 @@ from .repository import (
 )
 from .uploads import Uploads
 
+if TYPE_CHECKING:
+    from ..maintenance.upkeep import AccessTracker
+
 log = logging.getLogger("mirror.registry.local")
 
 #: HTTP status of a write the store cannot take (RFC 4918 section 11.5, "Insufficient Storage").
@@ -71,6 +74,7 @@ class LocalRegistry:
         self.metrics = metrics if metrics is not None else Metrics(enabled=False)
         self.uploads = Uploads(store, metadata, config.push.upload_ttl, self.metrics)
         self.reads = IndexReads(metadata)
+        self.access: AccessTracker | None = None  # pulls of pushed manifests, for the UI's "last pull"
 
     # -- naming --
 
@@ -116,11 +120,7 @@ class LocalRegistry:
     def catalog_name(self, repo: str) -> str:
         """A repository's name as clients see it, from its index key."""
         prefix, _, rest = repo.partition("/")
-        if prefix == LOCAL:
-            return rest
-        if prefix == self.config.upstream.registry:
-            return rest
-        return repo
+        return rest if prefix in (LOCAL, self.config.upstream.registry) else repo
 
     def takes_pushes(self, name: str) -> bool:
         """Would a push to *name* be accepted by the namespace policy (``push.enabled``, ``push.prefixes``)?"""
@@ -194,8 +194,12 @@ class LocalRegistry:
         except ParseError:
             return None
         body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
+        access = self.access
+        if (touch := None if body is None or access is None else (lambda: access.touch(repo, digest))) is not None:
+            touch()
         # Given again from memory until the index moves (a push, a delete): nothing else changes it.
-        return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True)
+        return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL,
+                                                        memorable=True, touch=touch)
 
     async def open_blob(self, name: str, digest: Digest) -> BlobReader:
         if await self.reads.is_linked(local_repo(name), str(digest)):

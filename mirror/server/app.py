@@ -118,6 +118,7 @@ def create_app(config: Config) -> MirrorApp:
         if expired:
             log.info("removed %d abandoned uploads", expired)
         tracker = AccessTracker(metadata)
+        local.access = tracker
         for each in pulls.values():
             each.access = tracker
         collector = Collector(store, metadata, config.cache, config.gc)

@@ -129,6 +129,8 @@ class Actions:
         verb = request.path_params["verb"]
         if verb not in VERBS:
             return self.render(request, "missing.html", status=404, what=request.url.path)
+        if verb == "delete" and not self.config.delete.enabled:
+            return self.refuse(request, "Deletes are disabled on this registry (delete.enabled: false).")
         if not self.config.auth.enabled or self.viewer(request) is None:  # refused before its form is read
             return self.refuse(request, "An anonymous visitor may not change anything here.")
         fields = dict(request.query_params) if request.method in ("GET", "HEAD") else await _form(request)

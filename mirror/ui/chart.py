@@ -39,9 +39,12 @@ class Chart:
     store_line: str
     upstream_line: str
     disk_line: str
-    #: The largest value of each chart's y axis (its top), in bytes (of an interval, of the store).
+    #: The largest value of each chart's y axis (its top, rounded up), in bytes (of an interval, of the store).
     traffic_top: int
     disk_top: int
+    #: The largest value drawn on each chart: the busiest interval's bytes, the store's largest size.
+    traffic_peak: int
+    disk_peak: int
     rows: list[Row]
     #: Bytes sent from the store and fetched from the upstreams from the first sample to now.
     from_store: int
@@ -53,14 +56,14 @@ class Chart:
     def traffic_summary(self) -> str:
         return (f"From {_clock(self.start)} to {_clock(self.end)} UTC: {human(self.from_store)} sent from the "
                 f"store, {human(self.from_upstream)} fetched from upstreams; at most "
-                f"{human(self.traffic_top)} in a minute.")
+                f"{human(self.traffic_peak)} in a minute.")
 
     @property
     def disk_summary(self) -> str:
         if self.stored is None:
             return "The store's size is not known while its index cannot be read."
         return (f"From {_clock(self.start)} to {_clock(self.end)} UTC the store held at most "
-                f"{human(self.disk_top)}; {human(self.stored)} now.")
+                f"{human(self.disk_peak)}; {human(self.stored)} now.")
 
 
 def _clock(at: float) -> str:
@@ -97,9 +100,10 @@ def draw(kept: list[Sample], now: Sample) -> Chart:
         rates.append((before.at, after.at, row.from_store, row.from_upstream))
         if row.from_store or row.from_upstream or row.stored != before.stored:
             rows.append(row)
-    traffic_top = _top(max([max(r[2], r[3]) for r in rates], default=0))
+    traffic_peak = max([max(r[2], r[3]) for r in rates], default=0)
     sizes = [(s.at, s.stored) for s in points if s.stored is not None]
-    disk_top = _top(max([size for _, size in sizes], default=0))
+    disk_peak = max([size for _, size in sizes], default=0)
+    traffic_top, disk_top = _top(traffic_peak), _top(disk_peak)
 
     def y(value: float, top: int) -> str:
         return _fmt(HEIGHT - value / top * HEIGHT)
@@ -112,6 +116,6 @@ def draw(kept: list[Sample], now: Sample) -> Chart:
 
     disk = " ".join(f"{x(at)},{y(size, disk_top)}" for at, size in sizes) if len(sizes) > 1 else ""
     return Chart(start=start, end=end, store_line=steps(0), upstream_line=steps(1), disk_line=disk,
-                 traffic_top=traffic_top, disk_top=disk_top, rows=rows,
+                 traffic_top=traffic_top, disk_top=disk_top, traffic_peak=traffic_peak, disk_peak=disk_peak, rows=rows,
                  from_store=max(0, now.from_store - points[0].from_store),
                  from_upstream=max(0, now.from_upstream - points[0].from_upstream), stored=now.stored)

@@ -33,6 +33,9 @@ from .listing import LastPulls
 MAX_CONFIG_BYTES = 4 << 20
 #: Tags on one page of a repository.
 TAGS_PER_PAGE = 100
+#: The config media types of an image (OCI image spec "Image Configuration"; Docker's schema 2).
+IMAGE_CONFIG_TYPES = frozenset({"application/vnd.oci.image.config.v1+json",
+                                "application/vnd.docker.container.image.v1+json"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,13 @@ class ManifestView:
         parts = [d.size for d in self.layers] + ([self.config_descriptor.size] if self.config_descriptor else [])
         return None if any(p < 0 for p in parts) else sum(parts)  # schema 1 names no sizes
 
+    @property
+    def artifact_config(self) -> bool:
+        """Its config is not an image's but an artifact's (OCI image spec 1.1, "Guidelines for
+        Artifact Usage": e.g. the empty descriptor, ``application/vnd.oci.empty.v1+json``, ``{}``);
+        it has no settings or history to show."""
+        return self.config_descriptor is not None and self.config_descriptor.media_type not in IMAGE_CONFIG_TYPES
+
 
 @dataclass(frozen=True)
 class TagRow:
@@ -105,6 +115,8 @@ class TagPage:
     pages: int
     #: Of *total*, the tags only the upstream lists.
     upstream_only: int = 0
+    #: The tag the pull commands name: ``latest`` if there is one, else the first; None without tags.
+    pull_tag: str | None = None
 
 
 def _document(body: bytes | str) -> dict[str, Any]:
@@ -161,8 +173,8 @@ def read_manifest(store: BlobStore, digest: str, record: ManifestRecord | None) 
     config_doc = doc.get("config")
     config = next((d for d in found if isinstance(config_doc, dict) and d.digest == config_doc.get("digest")), None)
     layers = [d for d in found if d is not config and d is not subject]
-    return _replace(view, layers=layers, config_descriptor=config,
-                    config=read_config(store, config) if config is not None else None)
+    view = _replace(view, layers=layers, config_descriptor=config)
+    return view if config is None or view.artifact_config else _replace(view, config=read_config(store, config))
 
 
 def stored(store: BlobStore, digests: list[str]) -> set[str]:
@@ -280,6 +292,7 @@ class _Tags:
     only_listed: frozenset[str]
     records: dict[str, ManifestRecord]
     pulled: dict[tuple[str, str], float]
+    pull_tag: str | None
 
 
 def _tags(metadata: Metadata, last_pulls: LastPulls, repo: str, number: int, per_page: int,
@@ -295,7 +308,8 @@ def _tags(metadata: Metadata, last_pulls: LastPulls, repo: str, number: int, per
     records = [(tag, None if tag in only_listed else metadata.get_tag(repo, tag)) for tag in shown]
     digests = list(dict.fromkeys(record.digest for _, record in records if record is not None))
     return _Tags(len(tags), number, pages, records, frozenset(only_listed),
-                 linked_records(metadata, repo, digests), pulled)
+                 linked_records(metadata, repo, digests), pulled,
+                 "latest" if "latest" in tags else next(iter(tags), None))
 
 
 def _views(store: BlobStore, records: dict[str, ManifestRecord]) -> dict[str, ManifestView]:
@@ -324,7 +338,7 @@ async def tag_page(store: BlobStore, metadata: Metadata, last_pulls: LastPulls, 
         platforms, size = _platforms_and_size(view, child_views) if view else ([], None)
         rows.append(TagRow(tag, record.digest, record.media_type, platforms, size, view is not None,
                            found.pulled.get((repo, record.digest))))
-    return TagPage(rows, found.total, found.number, found.pages, len(found.only_listed))
+    return TagPage(rows, found.total, found.number, found.pages, len(found.only_listed), found.pull_tag)
 
 
 def referrers(metadata: Metadata, repo: str, digest: str) -> list[dict[str, Any]]:

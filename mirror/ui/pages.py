@@ -17,9 +17,9 @@ Who may see a repository is who may pull it (:meth:`AuthConfig.may_pull`): when 
 are off, an anonymous visitor gets ``401`` with a ``Basic`` challenge, so the browser asks for a
 password.  ``?partial=1`` on the list answers its results only (the script's filter as you
 type); without JavaScript the filter is a plain GET form.  Pages carry a Content-Security-Policy
-allowing this host's files only (no inline script).  While the index's database is down, the
-pages that read it answer ``503`` with a page saying so; ``/ui/cache`` still shows the rest, as it
-does while the object store is down (its problem named, the object count left out).
+allowing this host's files only (no inline script).  While the index's database or the object
+store is down, the pages that read them answer ``503`` with a page saying so; ``/ui/cache`` still
+shows the rest, the problem named (the object count left out while the store is down).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from urllib.parse import quote
 
 import anyio.to_thread
 import jinja2
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import Scope
 
 from ..api.auth import client_host
 from ..config.sections import Config
@@ -49,6 +51,7 @@ from ..metadata.driver import LOCAL, MetadataUnavailable
 from ..registry.namespaces import Namespaces
 from ..registry.reads import in_index_thread, in_mixed_thread
 from ..spec.reference import ParseError, parse_digest, parse_listed_name
+from ..storage.driver import StoreUnavailable
 from . import actions, chart, figures, history, images, listed, listing
 
 HERE = Path(__file__).parent
@@ -96,7 +99,7 @@ def routes(config: Config) -> list[BaseRoute]:
         return lambda name: config.auth.may_pull(user, name)
 
     def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
-        context.update(user=viewer(request), auth=config.auth.enabled, prefix=PREFIX)
+        context.update(user=viewer(request), auth=config.auth.enabled, prefix=PREFIX, deletes=config.delete.enabled)
         response = templates.TemplateResponse(request, template, context, status_code=status, headers=HEADERS)
         return response
 
@@ -112,15 +115,16 @@ def routes(config: Config) -> list[BaseRoute]:
         return render(request, "missing.html", status=404, what=what)
 
     def guarded(page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """*page*, or a page saying the index cannot be read now (its database is down: ``503``, as
-        the API answers) rather than the API's JSON error."""
+        """*page*, or a page saying the index or the object store cannot be read now (its database or
+        the bucket is down: ``503``, as the API answers) rather than the API's JSON error."""
         @functools.wraps(page)
         async def answer(request: Request) -> Response:
             try:
                 return await page(request)
-            except MetadataUnavailable as exc:
+            except (MetadataUnavailable, StoreUnavailable) as exc:
                 log.warning("%s %s: %s", request.method, request.url.path, exc)
-                response = render(request, "unavailable.html", status=503)
+                response = render(request, "unavailable.html", status=503,
+                                  store=isinstance(exc, StoreUnavailable))
                 response.headers["Retry-After"] = str(RETRY_AFTER)
                 return response
         return answer
@@ -203,14 +207,33 @@ def routes(config: Config) -> list[BaseRoute]:
     async def missing(request: Request) -> Response:
         return not_found(request, request.url.path)
 
+    async def not_allowed(request: Request) -> Response:
+        """A method the pages do not take (RFC 9110 section 15.5.6: ``Allow`` names those they do)."""
+        response = render(request, "action.html", status=405, title="Not allowed", wanted=None, token="", back=None,
+                          message=f"{request.method} is not taken here: this page is read with GET.")
+        response.headers["Allow"] = "GET, HEAD"
+        return response
+
+    class Static(StaticFiles):
+        """The stylesheet and the script; a file that is not there, the pages' "Not found"."""
+
+        async def get_response(self, path: str, scope: Scope) -> Response:
+            try:
+                return await super().get_response(path, scope)
+            except HTTPException as exc:
+                if exc.status_code != 404:
+                    raise
+                return not_found(Request(scope), f"{PREFIX}/static/{path}")
+
     return [
         Route("/", guarded(index), methods=["GET", "HEAD"]),
         Route("/r/{path:path}", guarded(repository), methods=["GET", "HEAD"]),
         Route("/cache", guarded(cache), methods=["GET", "HEAD"]),
         Route("/login", login, methods=["GET", "HEAD"]),
         Route("/actions/{verb}", guarded(acting.page), methods=["GET", "HEAD", "POST"]),
-        Mount("/static", StaticFiles(directory=HERE / "static")),
+        Mount("/static", Static(directory=HERE / "static")),
         Route("/{rest:path}", missing, methods=["GET", "HEAD"]),
+        Route("/{rest:path}", not_allowed, methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
 
 

@@ -18,9 +18,26 @@ import yaml
 
 from mirror.config.values import human
 from tests.support.catalog import StandardImages
-from tests.support.client import fetch_blob_digest, pull_checked, push_blob, push_image, put_manifest, session
+from tests.support.client import (
+    fetch_blob_digest,
+    pull_checked,
+    push_blob,
+    push_image,
+    push_index,
+    put_manifest,
+    session,
+)
 from tests.support.faults import FaultProxy
-from tests.support.images import OCI_MANIFEST, Image, build_image, random_layer, sha256_digest, write_oci_layout
+from tests.support.images import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    build_image,
+    build_index,
+    random_layer,
+    sha256_digest,
+    write_oci_layout,
+)
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
@@ -453,6 +470,29 @@ def test_an_index_page_links_the_platforms_pulled_and_marks_the_others_not_cache
     assert "href" not in rows["linux/arm64/v8"] and "not cached" in rows["linux/arm64/v8"]
     assert other.digest in rows["linux/arm64/v8"]  # still there to copy
     assert http.get(f"{mirror.url}/ui/r/library/multi@{pulled.digest}").status_code == 200
+
+
+def test_an_index_rows_platforms_and_size_leave_out_attestations_and_a_nested_index(
+        mirror: MirrorServer, http: httpx.Client, tiny: Image, tmp_path: Path) -> None:
+    """A build attestation (platform ``unknown/unknown``) is no platform to run and no client pulls it;
+    an index inside an index names no platform of its own."""
+    attestation = build_image(tmp_path, [random_layer(tmp_path, 3000, seed=41)], arch="unknown", os="unknown")
+    inner = build_index([tiny])
+    push_image(mirror.url, "team/built", None, attestation, client=http)
+    push_index(mirror.url, "team/built", None, inner, client=http)
+    push_image(mirror.url, "team/built", None, tiny, client=http)
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**tiny.descriptor(), "platform": tiny.platform},
+        {**attestation.descriptor(), "platform": attestation.platform}, inner.descriptor()]}).encode()
+    with session(http) as client:
+        put_manifest(client, mirror.url, "team/built", "1", OCI_INDEX, body)
+    page = http.get(f"{mirror.url}/ui/r/team/built")
+    row = re.search(r'<td class="tag">1</td>.*?</tr>', page.text, re.S)
+    assert page.status_code == 200 and row, page.text
+    cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(0),
+                                                                                   re.S)]
+    assert cells[3] == "linux/amd64", cells  # not "linux/amd64, unknown"
+    assert cells[4] == human(len(tiny.config) + sum(layer.size for layer in tiny.layers)), cells
 
 
 def test_a_schema1_image_shows_its_platform_settings_history_and_the_sizes_of_the_layers_cached(

@@ -265,13 +265,16 @@ def _image_config(doc: dict[str, Any], platform: str, history: list[HistoryStep]
 
 
 def _platforms_and_size(view: ManifestView, children: dict[str, ManifestView]) -> tuple[list[str], int | None]:
-    """An image's platform and size, or an index's platforms and the size of its *children* stored."""
+    """An image's platform and size, or an index's platforms and the size of its *children* stored
+    (build attestations, ``unknown/unknown``, left out: no platform to run, and no client pulls them)."""
     if not view.is_index:
         return ([view.config.platform] if view.config else []), view.image_size
     platforms, total, known = [], 0, False
     for child in view.children:
         text = platform_text(child.platform)
-        if text != "unknown/unknown":  # build attestations, not a platform to run
+        if text == "unknown/unknown":
+            continue
+        if text != "unknown":  # a nested index names no platform
             platforms.append(text)
         stored = children.get(child.digest)
         if stored is not None and stored.image_size is not None:

@@ -152,11 +152,16 @@ def test_the_last_tag_deleted_the_page_offers_no_pull_of_it(guarded: MirrorServe
     for tag in ("latest", "1"):
         fields = form(http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tag},
                                headers=ALICE))
-        assert http.post(f"{guarded.url}/ui/actions/delete", data=fields, headers=ALICE).status_code == 200
+        done = http.post(f"{guarded.url}/ui/actions/delete", data=fields, headers=ALICE)
+        assert done.status_code == 200, done.text
         page = http.get(f"{guarded.url}/ui/r/team/app").text
         assert f"team/app:{tag}" not in page
     assert "No tag to pull: pull an image by its digest." in page and "docker pull" not in page
     assert "No tags." in page and "pulled by digest only" not in page  # a pushed repository's
+    # The manifest the last tag named is listed nowhere now: the answer says so and leads to its page.
+    assert f"Deleted tag 1 of team/app: its manifest {tiny.digest} is left without a tag." in done.text
+    assert f'<a href="/ui/r/team/app@{tiny.digest}">' in done.text
+    assert "Delete this manifest" in http.get(f"{guarded.url}/ui/r/team/app@{tiny.digest}", headers=ALICE).text
 
 
 def test_with_deletes_disabled_writers_get_no_delete_button_nor_form(

@@ -156,15 +156,17 @@ class Actions:
             return self.refuse(request, "This form has expired or did not come from this page: nothing was "
                                         "changed. Go back, reload the page and try again.")
         try:
-            told = await self._do(request, wanted)
+            told, back = await self._do(request, wanted)
         except APIError as exc:
             return self.render(request, "action.html", status=exc.status, title="Not done",
                                message=f"{wanted.text()}: {exc.message}.", wanted=None, token="", back=back)
         return self.render(request, "action.html", title="Done", message=wanted.text(done=True) + told + ".",
-                           wanted=None, token="", back=f"/r/{wanted.name}")
+                           wanted=None, token="", back=back)
 
-    async def _do(self, request: Request, wanted: Wanted) -> str:
-        """Do *wanted*; more to say of it (``""``, or ``": ..."``); :class:`APIError` if not done."""
+    async def _do(self, request: Request, wanted: Wanted) -> tuple[str, str]:
+        """Do *wanted*; more to say of it (``""``, or ``": ..."``) and the page to go back to;
+        :class:`APIError` if not done."""
+        back = f"/r/{wanted.name}"
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
         if wanted.verb in ("delete", "prefetch"):
@@ -176,12 +178,20 @@ class Actions:
                     raise APIError("UNSUPPORTED", "it is a repository pushed here, not a cache", status=400)
                 done = await prefetch(repository, reference)
                 return (f": {done.digest}, {done.manifests} manifest(s), {done.fetched} blob(s) fetched, "
-                        f"{done.present} already stored")
+                        f"{done.present} already stored"), back
             if not pushed:
                 raise APIError("UNSUPPORTED", "only a pushed repository's tags and manifests are deleted here",
                                status=400)
+            key = await local.read_repo_key(wanted.name) if wanted.is_tag else None
+            record = await in_index_thread(local.metadata.get_tag, key, wanted.reference) if key else None
             await repository.delete_manifest(reference)
-            return ""
+            if record is None or key is None:
+                return "", back
+            others: list[str] = await in_index_thread(local.metadata.tags_pointing_to, key, record.digest)
+            if others:
+                return "", back
+            # Still pulled by digest, and listed nowhere now: its own page has the button that deletes it.
+            return f": its manifest {record.digest} is left without a tag", f"{back}@{record.digest}"
         key = await in_index_thread(local.repo_key, wanted.name)
         metadata = local.metadata
 
@@ -195,7 +205,7 @@ class Actions:
                 raise APIError("MANIFEST_UNKNOWN", "it was not pinned", detail={"digest": wanted.reference})
 
         await in_index_thread(change)
-        return ""
+        return "", back
 
 
 def _reference(verb: str, raw: str) -> str:

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2 python3-venv postgresql chromium libatomic1 haproxy strace)
+packages=(docker.io docker-registry skopeo busybox-static nginx-light wrk prometheus e2fsprogs containerd runc podman docker-compose openssl systemd iproute2 python3-venv postgresql chromium libatomic1 haproxy strace faketime)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

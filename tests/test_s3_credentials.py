@@ -11,6 +11,11 @@ in its log (``storage/s3client.py``: ``settings_problem``).
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +24,7 @@ import httpx
 import pytest
 
 from tests.support.catalog import StandardImages
-from tests.support.mirror import MirrorServer
+from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
 from tests.support.seaweedfs import SeaweedS3
@@ -246,3 +251,24 @@ def test_the_workers_get_inline_secrets_in_files_not_in_their_environment(
     left = [path for path in Path(tempfile.gettempdir()).glob("mirror-metrics-*/secrets/*")
             if path.read_text() in (bucket.server.secretkey, password)]
     assert left == [], "the secrets' files outlived the server"
+
+
+def test_gc_and_serve_on_a_host_whose_clock_is_off_say_so_not_that_the_credentials_are_wrong(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """S3 refuses a request signed more than 15 minutes off its clock (``RequestTimeTooSkewed``; a HEAD's
+    answer has no body, only a 403 and its ``Date``): a host 20 minutes ahead is told to fix its clock."""
+    env = bucket.env()
+    data = set_up(bucket, env, mirror_factory)
+    faketime = shutil.which("faketime")
+    assert faketime, "faketime is missing: apt-get install faketime (tests/run.sh installs it)"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    for command in ("gc", "serve"):
+        extra = ["--listen", f"127.0.0.1:{free_port()}"] if command == "serve" else []
+        done = subprocess.run([faketime, "-f", "+20m", sys.executable, "-m", "mirror", command, *extra, "--data",
+                               str(data)], env={**clean, **env}, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=60, check=False, stdin=subprocess.DEVNULL)
+        line = one_line(command, done.returncode, done.stderr)
+        assert re.search(r"whose clock is \+1[12]\d\ds off its own: S3 refuses requests signed more than 15 minutes "
+                         r"off its clock; keep the hosts' clocks synchronized \(NTP\)", line), line
+        assert "credentials" not in line, line

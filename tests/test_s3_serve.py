@@ -247,6 +247,24 @@ def test_a_collection_counts_an_object_a_redirect_holds_as_kept_not_freed(
     assert get_digest(http, moved.headers["location"])[:3] == (200, digest, len(layer))
 
 
+def test_gc_on_a_host_whose_clock_runs_ahead_spares_a_blob_younger_than_the_grace_by_the_stores_clock(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """``gc.grace`` is measured on the clock that dates the objects, the object store's: ``mirror gc``
+    on a host 10 minutes ahead, with a grace of 5, leaves a layer pushed just now (its manifest to come)."""
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    layer = os.urandom(100_000)
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": digest},
+                     content=layer).status_code == 201
+    ahead = {**env, "MIRROR_GC_GRACE": "5m", "SKEWED_CLOCK_SECONDS": "600"}
+    done = mirror_cli("gc", "--data", mirror.data_dir, env=ahead, module="tests.support.skewed_clock")
+    assert done.returncode == 0 and "freed 0 objects, 0 B" in done.stdout, done.stdout + done.stderr
+    assert http.head(blob_url(mirror, "team/app", digest)).status_code == 200
+    assert digest.removeprefix("sha256:") in " ".join(bucket.objects())
+
+
 def test_parts_go_up_while_the_fill_grows(
     bucket: Bucket, images: StandardImages, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
 ) -> None:

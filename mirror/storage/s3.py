@@ -58,7 +58,7 @@ from .s3fill import S3Fill
 from .s3handout import HandedOut
 from .s3notes import abort_again, sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
-from .s3room import refused, room_error, write_problem
+from .s3room import refused, room_error, store_clock, write_problem
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
@@ -108,6 +108,7 @@ class S3Store:
         self._abort_timer: threading.Timer | None = None
         self.handed_out = HandedOut()  # marks of objects handed out by presigned URLs
         self.refusals = RefusalRecord(self.layout.refused)  # the bucket's last refusal of a write (s3room.py)
+        self.clock: Callable[[], float] = lambda: store_clock(self)  # what dates the objects (the collector's grace)
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
         #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
         self.shared_pushes = False

@@ -24,7 +24,9 @@ settings to check, never any part of a key.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -105,7 +107,9 @@ def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
 #: secret, a key that may not do this, a session token not (or no longer) valid; "403" is the bare
 #: status of an answer without a body (a HEAD's).
 CREDENTIALS_REFUSED = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
-                                 "ExpiredToken", "403"})
+                                 "ExpiredToken", "RequestTimeTooSkewed", "403"})
+#: Seconds a signed request may be off the store's clock (AWS Signature Version 4: 15 minutes).
+MAX_SIGNED_SKEW = 900
 #: The settings of the keys (either pair), and where the AWS SDK looks when neither is set.
 _KEY_SETTINGS = ("storage.s3.accesskey and storage.s3.secretkey (or the files storage.s3.accesskey_file and"
                  " storage.s3.secretkey_file name; MIRROR_STORAGE_S3_* variables override the configuration file)")
@@ -130,8 +134,24 @@ def settings_problem(exc: Exception, options: S3Options, what: str) -> str | Non
                 " storage.s3.bucket (or storage.s3.regionendpoint); the mirror never creates a bucket")
     if code not in CREDENTIALS_REFUSED:
         return None
+    skew = answer_skew(exc.response)
+    if code == "RequestTimeTooSkewed" or (skew is not None and abs(skew) > MAX_SIGNED_SKEW):
+        off = f" {skew:+.0f}s" if skew is not None else ""
+        return (f"the object store at {endpoint} refused a request of this host ({shown}, {what}), whose clock is{off}"
+                f" off its own: S3 refuses requests signed more than {MAX_SIGNED_SKEW // 60} minutes off its clock;"
+                " keep the hosts' clocks synchronized (NTP)")
     check = f"check {_KEY_SETTINGS}" if options.accesskey else (
         f"storage.s3.accesskey is not set, so the AWS SDK's own credentials were used: check {_SDK_CHAIN}"
         " (or set storage.s3.accesskey and storage.s3.secretkey)")
     return (f"the object store at {endpoint} refused the credentials for bucket {options.bucket!r} ({shown}, {what}):"
             f" {check}, and that the key may use the bucket")
+
+
+def answer_skew(response: dict[str, Any]) -> float | None:
+    """Seconds this host's clock is ahead of the store's (behind: negative), by the ``Date`` of one of
+    its answers (RFC 9110 section 6.6.1; one second's precision), or None if it has none."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return time.time() - parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None

@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .filesystem import ROOM_MARGIN
 from .refusals import Refusal, probe_writes, refusal_errno
-from .s3client import settings_problem
+from .s3client import answer_skew, settings_problem
 from .s3objects import WritesRefused, backend_error
 
 if TYPE_CHECKING:
@@ -86,3 +86,14 @@ def write_problem(store: S3Store) -> str | None:
         store.probe.abort_multipart_upload(Bucket=store.bucket, Key=key, UploadId=upload)
     store.refusals.write(None)
     return None
+
+
+def store_clock(store: S3Store) -> float:
+    """Now by the object store's clock, which dates its objects (``LastModified``): this host's, less
+    how far it is off the ``Date`` of a HEAD of the bucket (this host's alone if the answer has none).
+    Raises ``StoreUnavailable``."""
+    try:
+        answer = store.quick.head_bucket(Bucket=store.bucket)
+    except (BotoCoreError, ClientError) as exc:
+        raise backend_error(exc, f"access to bucket {store.bucket!r}", store.options) from exc
+    return time.time() - (answer_skew(answer) or 0.0)

@@ -17,11 +17,12 @@ from .mirror import PROJECT_ROOT
 from .waiting import eventually, wait_for
 
 
-def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m mirror ARGS`` (this checkout's) with a clean ``MIRROR_*`` environment, plus *env*."""
+def mirror_cli(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 120,
+               module: str = "mirror") -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS`` (this checkout's; or *module*, ``tests.support.skewed_clock``) with a
+    clean ``MIRROR_*`` environment, plus *env*."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args)], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], check=False, capture_output=True,
                           text=True, cwd=PROJECT_ROOT, env={**clean, **(env or {})}, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

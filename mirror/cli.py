@@ -337,7 +337,7 @@ def serve(config: Config) -> int:
     try:
         index_id = metadata.index_id()
         problem = bind_bucket(config.metadata, config.storage, store, metadata) \
-            or secret_problem(config.cluster, metadata, {u.registry: u.url for u in config.upstreams})
+            or secret_problem(config, metadata)
     except OSError as exc:
         problem = f"cannot use storage.s3.bucket {config.storage.s3_bucket}: {exc.strerror or exc}"
     finally:

@@ -365,6 +365,32 @@ def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(
     assert httpx.get(f"{successor.url}/readyz", trust_env=False).status_code == 200
 
 
+def test_a_replica_with_other_access_settings_than_the_running_ones_does_not_start(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, tmp_path: Path,
+    htpasswd: Path, mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tiny: Image,
+) -> None:
+    """Before, a replica started with ``auth`` beside replicas without it (or the reverse) started, and
+    behind a round-robin load balancer anonymous pushes were taken by some replicas and refused by
+    others.  Every replica stopped, they start again with the new settings."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    first_port, second_port = free_port(), free_port()
+    first = mirror_factory(port=first_port, env=replica_env(bucket, dsn, secret_file, first_port))
+    guarded = {**replica_env(bucket, dsn, secret_file, second_port), **auth_env(htpasswd, anonymous_pull=False)}
+    refused = mirror_cli("serve", "--data", tmp_path / "second", "--listen", f"127.0.0.1:{second_port}",
+                         env=guarded, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("mirror: the replicas running on this database have other access settings ("
+                           'auth.anonymous_pull true there, false here; auth.htpasswd.path "not set" there, "set" '
+                           "here"), line
+    assert "stop every replica, wait cluster.lease_ttl" in line and str(htpasswd) not in line, line
+    push_image(first.url, "team/app", "1", tiny, client=http)  # the running replica is untouched
+    first.stop()  # the last one running: the settings may change
+    second = mirror_factory(port=second_port, env=guarded)
+    assert http.get(f"{second.url}/v2/").status_code == 401
+    assert http.get(f"{second.url}/v2/", headers=basic("alice", ALICE_PASSWORD)).status_code == 200
+
+
 def test_generation_reads_asked_at_once_are_one_and_each_starts_after_its_asker_came() -> None:
     """``server/front.py``'s ``Coalesced``: the database read a tag read waits for (above) is shared by
     every request that came before it started, and a request that comes while one runs waits for the

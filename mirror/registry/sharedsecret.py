@@ -16,6 +16,12 @@ by the running replica that advertises it (:func:`instance`, one per ``mirror se
 included).  A replica starting while another one holds its URL (a configuration copied with the
 address unchanged) waits up to ``cluster.lease_ttl`` for it to lapse (a predecessor killed at
 that address), then is refused: the other replicas would ask it for the fills of the first.
+
+Replicas share who may do what: the settings that decide it (:func:`access_settings`) are the holder of
+the lease :data:`ACCESS_LEASE`, kept as the secret's claim is, and a replica starting with others
+while it is held is refused (:func:`access_problem`), naming the settings that differ.  Behind a load
+balancer, a request one replica refuses would be taken by the next (an anonymous push to a replica
+started without ``auth``).  Changing them on purpose: as for the secret, stop every replica first.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import socket
 import time
 
-from ..config.sections import ClusterConfig
+from ..config.sections import ClusterConfig, Config
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
 from .reads import in_index_thread
 
@@ -38,6 +45,8 @@ log = logging.getLogger("mirror.cluster")
 
 #: The lease whose holder is the check of the cluster's secret.
 LEASE = "cluster-secret"
+#: The lease whose holder is the replicas' access settings (:func:`access_settings`).
+ACCESS_LEASE = "cluster-access"
 #: The environment variable naming this ``mirror serve``'s instance for its worker processes.
 INSTANCE = "MIRROR_SERVE_INSTANCE"
 
@@ -75,27 +84,62 @@ def secret_check(secret: str) -> str:
     return hmac.new(secret.encode(), b"mirror cluster secret check", hashlib.sha256).hexdigest()
 
 
-def claim(metadata: Metadata, check: str, ttl: float, held: Lease | None) -> tuple[Lease | None, bool]:
-    """Renew *held*, or take the lease when it is free; return the lease now held (None if a sibling
-    holds it) and whether the holder is a replica of another secret (blocking: index calls)."""
+def claim(metadata: Metadata, check: str, ttl: float, held: Lease | None,
+          name: str = LEASE) -> tuple[Lease | None, bool]:
+    """Renew *held*, or take the lease *name* when it is free; return the lease now held (None if a
+    sibling holds it) and whether the holder is a replica of another *check* (blocking: index calls)."""
     if held is not None and (renewed := metadata.renew_lease(held, ttl)) is not None:
         return renewed, False
-    current = metadata.current_lease(LEASE)
-    if current is None and (taken := metadata.take_lease(LEASE, check, ttl)) is not None:
+    current = metadata.current_lease(name)
+    if current is None and (taken := metadata.take_lease(name, check, ttl)) is not None:
         return taken, False
-    current = current or metadata.current_lease(LEASE)
+    current = current or metadata.current_lease(name)
     return None, current is not None and current.holder != check
 
 
-def secret_problem(config: ClusterConfig, metadata: Metadata, upstreams: dict[str, str] | None = None) -> str | None:
-    """Why this replica may not start with its ``cluster.secret_file``, or None (and the claim
-    taken, or a sibling's found); for a mirror without ``cluster``, why it may not start beside the
+def access_settings(config: Config) -> str:
+    """The settings that decide who may pull, push and delete, as JSON (keys sorted): whether users
+    are configured (``auth.htpasswd.path``; not the file's users, which may change while it runs),
+    ``auth.anonymous_pull``, ``auth.push_users``, ``auth.admins``, ``push.enabled``, ``push.prefixes``,
+    ``push.over_cache``, ``delete.enabled``."""
+    auth, push = config.auth, config.push
+    return json.dumps({"auth.htpasswd.path": "set" if auth.enabled else "not set",
+                       "auth.anonymous_pull": auth.anonymous_pull, "auth.push_users": sorted(auth.push_users),
+                       "auth.admins": sorted(auth.admins), "push.enabled": push.enabled,
+                       "push.prefixes": sorted(push.prefixes), "push.over_cache": push.over_cache,
+                       "delete.enabled": config.delete.enabled}, sort_keys=True)
+
+
+def access_problem(config: Config, metadata: Metadata) -> str | None:
+    """Why this replica may not start with its access settings, or None (and their lease taken, or a
+    sibling's found): the replicas running on this database have others.  Blocking."""
+    mine = access_settings(config)
+    _, other = claim(metadata, mine, config.cluster.lease_ttl, None, ACCESS_LEASE)
+    if not other or (current := metadata.current_lease(ACCESS_LEASE)) is None:
+        return None
+    try:
+        theirs = json.loads(current.holder)
+    except ValueError:
+        theirs = {}
+    ours = json.loads(mine)
+    differ = "; ".join(f"{key} {json.dumps(theirs.get(key))} there, {json.dumps(ours[key])} here"
+                       for key in sorted(ours) if theirs.get(key) != ours[key])
+    return (f"the replicas running on this database have other access settings ({differ}): every replica needs "
+            "the same, else a request one refuses the next allows; to change them, stop every replica, wait "
+            f"cluster.lease_ttl ({config.cluster.lease_ttl:g}s), and start them with the new ones")
+
+
+def secret_problem(settings: Config, metadata: Metadata) -> str | None:
+    """Why this replica may not start with its ``cluster.secret_file``, its access settings
+    (:func:`access_problem`) or its ``cluster.advertise`` (:func:`address_problem`), or None (and the
+    claims taken, or a sibling's found); for a mirror without ``cluster``, why it may not start beside the
     replicas of a cluster on the same database (they hold the claim).  Blocking.
 
-    A replica's *upstreams* (registry -> URL) are recorded in the index, and a warning logged when
+    A replica's upstreams (registry -> URL) are recorded in the index, and a warning logged when
     the replica started before had others: replicas share each registry's tags and manifests, so one
     fetching a registry from elsewhere serves its manifests to all, whose blobs their upstream may
     not have (a rolling change of upstream warns once, harmlessly)."""
+    config, upstreams = settings.cluster, {u.registry: u.url for u in settings.upstreams}
     if not config.enabled or config.secret_file is None:
         if (held := metadata.current_lease(LEASE)) is None:
             return None
@@ -105,10 +149,10 @@ def secret_problem(config: ClusterConfig, metadata: Metadata, upstreams: dict[st
                 "are not marked in use for their collectors (if none runs any more, their claim lapses in "
                 f"{max(left, 0):.0f}s)")
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
-    if not other and (problem := address_problem(config, metadata)) is not None:
+    if not other and (problem := access_problem(settings, metadata) or address_problem(config, metadata)):
         return problem
     swap = getattr(metadata, "swap_setting", None)
-    if not other and upstreams is not None and swap is not None \
+    if not other and swap is not None \
             and (before := swap("upstreams", upstreams)) not in (None, upstreams):
         log.warning("the replica that started before this one on this database fetched %s; this one fetches %s: "
                     "replicas share each registry's tags and manifests, so give them all the same upstreams",
@@ -124,17 +168,26 @@ def _shown(upstreams: dict[str, str]) -> str:
     return ", ".join(f"{registry} from {url}" for registry, url in sorted(upstreams.items()))
 
 
-async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
-    """Keep the claim of this replica's secret while the server runs (until cancelled); a replica of
-    another secret holding it is said as an error, once until it goes."""
+async def keep_claim(settings: Config, metadata: Metadata) -> None:
+    """Keep the claims of this replica's secret and access settings while the server runs (until
+    cancelled); a replica of another secret or other settings holding them is said as an error, once
+    until it goes."""
+    config, access = settings.cluster, access_settings(settings)
     assert config.secret_file is not None
     check, held, said, twin = secret_check(config.secret_file.value), None, False, None
+    access_held, access_said = None, False
     try:
         while True:
             try:
                 held, other = await in_index_thread(claim, metadata, check, config.lease_ttl, held)
+                access_held, access_other = await in_index_thread(claim, metadata, access, config.lease_ttl,
+                                                                  access_held, ACCESS_LEASE)
             except MetadataUnavailable:  # said where requests need it; claimed again once it answers
-                held, other = None, False
+                held, other, access_held, access_other = None, False, None, False
+            if access_other and not access_said:
+                log.error("replicas with other access settings (auth, push, delete) run on this database: a "
+                          "request one refuses the next may allow; give every replica the same settings")
+            access_said = access_other
             with contextlib.suppress(MetadataUnavailable):
                 if (other_holder := await in_index_thread(_keep_address, metadata, config)) not in (None, twin):
                     log.error("another replica running on this database advertises this replica's address %s (%s):"
@@ -148,7 +201,8 @@ async def keep_claim(config: ClusterConfig, metadata: Metadata) -> None:
             await asyncio.sleep(config.lease_ttl / 3)
     finally:  # stopping: the claim goes with it (another replica running takes it again)
         with contextlib.suppress(Exception):
-            await asyncio.shield(in_index_thread(_give_up, metadata, check, address_lease(config)))
+            await asyncio.shield(in_index_thread(_give_up, metadata, {LEASE: check, ACCESS_LEASE: access},
+                                                 address_lease(config)))
 
 
 def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
@@ -165,12 +219,14 @@ def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
     return None
 
 
-def _give_up(metadata: Metadata, check: str, address: str) -> None:
-    """Release the claim if it is this secret's (whichever replica of it took it: start-up's check
-    takes it too), and this replica's address (workers of it still running take it again)."""
-    current = metadata.current_lease(LEASE)
-    if current is not None and current.holder == check:
-        metadata.release_lease(current)
+def _give_up(metadata: Metadata, claims: dict[str, str], address: str) -> None:
+    """Release each of *claims* (lease name -> holder) that is still this replica's kind's (whichever
+    replica of it took it: start-up's checks take them too), and this replica's address (workers of it
+    still running take them again)."""
+    for name, check in claims.items():
+        current = metadata.current_lease(name)
+        if current is not None and current.holder == check:
+            metadata.release_lease(current)
     held = metadata.current_lease(address)
     if held is not None and held.holder == instance():
         metadata.release_lease(held)

@@ -142,7 +142,7 @@ def create_app(config: Config) -> MirrorApp:
         # The cache page's chart: this worker's samples of every worker's counters and the store's size.
         history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
-        claiming = asyncio.create_task(keep_claim(config.cluster, metadata)) if cluster is not None else None
+        claiming = asyncio.create_task(keep_claim(config, metadata)) if cluster is not None else None
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,

@@ -210,7 +210,9 @@ def test_the_first_stale_serve_and_429_show_in_their_panels(
     stale_panel = [expr for panel, expr in panels if panel == "Stale serves"]
     limited_panel = [expr for panel, expr in panels if panel == "Rate-limited upstream answers"]
     errors_panel = [expr for panel, expr in panels if panel == "Upstream errors by reason"]
-    assert len(stale_panel) == len(limited_panel) == len(errors_panel) == 1
+    status_panel = [expr for panel, expr in panels if panel == "Upstream requests by status"]
+    route_panel = [expr for panel, expr in panels if panel == "Request rate by route"]
+    assert len(stale_panel) == len(limited_panel) == len(errors_panel) == len(status_panel) == len(route_panel) == 1
 
     with Prometheus(tmp_path / "prometheus", [mirror.address]) as prometheus:
         # A few scrapes before anything goes wrong: the series are there, at 0.
@@ -225,6 +227,8 @@ def test_the_first_stale_serve_and_429_show_in_their_panels(
         time.sleep(1.1)
         fault_proxy.add("status", "/manifests/", method="HEAD", times=1, status=429)
         assert http.get(manifest_url, headers={"accept": ALL_TYPES}).headers["x-mirror-cache"] == "STALE"
+        # The first blob GET since the start, and the upstream's first answer of its kind (the 429).
+        assert http.get(f"{mirror.url}/v2/library/small/blobs/{images.small.layers[0].digest}").status_code == 200
 
         def shown(expr: str, labels: dict[str, str]) -> float:
             return sum(float(s["value"][1]) for s in prometheus.query(expr)
@@ -234,7 +238,9 @@ def test_the_first_stale_serve_and_429_show_in_their_panels(
         while True:
             seen = {"stale": shown(stale_panel[0], {"kind": "manifest"}),
                     "rate-limited": shown(limited_panel[0], {"upstream": "docker.io"}),
-                    "errors": shown(errors_panel[0], {"reason": "rate_limited"})}
+                    "errors": shown(errors_panel[0], {"reason": "rate_limited"}),
+                    "upstream 429": shown(status_panel[0], {"upstream": "docker.io", "status": "429"}),
+                    "blob requests": shown(route_panel[0], {"route": "blob"})}
             if all(seen.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

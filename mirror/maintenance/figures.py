@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..config.sections import CacheConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
-from ..observe.metrics import HELD_REASONS
+from ..observe.labels import HELD_REASONS
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore
 

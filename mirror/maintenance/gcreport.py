@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config.values import human
-from ..observe.metrics import HELD_REASONS
+from ..observe.labels import HELD_REASONS
 
 
 @dataclass

@@ -62,21 +62,10 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
+from . import labels
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "exposition_registry", "render"]
 
-HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-GC_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-#: The known label values; each combination starts at 0 (see :meth:`Metrics.__init__`).
-CACHE_KINDS = ("manifest", "blob")
-CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "bypass", "local")  # X-Mirror-Cache, lower-cased
-UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied", "invalid", "interrupted")
-UPSTREAM_METHODS = ("GET", "HEAD")
-GC_RESULTS = ("ok", "failed")
-#: Why the collector could not evict content (``mirror_store_over_budget``'s reasons).
-HELD_REASONS = {"in_use": "in open transfers", "recent": "used within cache.keep_recent", "pinned": "pinned or pushed",
-                "grace": "not referenced yet, younger than gc.grace"}
 _LEADING_INT = re.compile(r"\s*(\d+)")
 #: prometheus-client's sample file of a process's live gauges: ``gauge_livesum_<pid>.db``.
 _LIVE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
@@ -90,7 +79,7 @@ class _Pending:
     def __init__(self) -> None:
         self.count = self.sent = self.sendfile = 0
         self.seconds = 0.0
-        self.buckets = [0] * (len(HTTP_BUCKETS) + 1)
+        self.buckets = [0] * (len(labels.HTTP_BUCKETS) + 1)
 
 
 def multiprocess_mode() -> bool:
@@ -150,7 +139,7 @@ class Metrics:
             ["route", "method", "status"], registry=r)
         self.http_duration = Histogram(
             "mirror_http_request_duration_seconds", "Time from request to the last body byte sent.",
-            ["route", "method"], buckets=HTTP_BUCKETS, registry=r)
+            ["route", "method"], buckets=labels.HTTP_BUCKETS, registry=r)
         self.http_bytes = Counter(
             "mirror_http_response_bytes", "Response body bytes sent, by route template.", ["route"], registry=r)
         self.http_sendfile_bytes = Counter(
@@ -174,7 +163,7 @@ class Metrics:
             ["upstream", "method", "status"], registry=r)
         self.upstream_duration = Histogram(
             "mirror_upstream_request_duration_seconds", "Time until an upstream's response headers arrived.",
-            ["upstream", "method"], buckets=UPSTREAM_BUCKETS, registry=r)
+            ["upstream", "method"], buckets=labels.UPSTREAM_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "mirror_upstream_errors", "Upstream requests that failed after retries, by reason "
             "(unreachable, server_error, rate_limited, denied, invalid: not what was asked, interrupted).",
@@ -197,7 +186,7 @@ class Metrics:
         self.gc_runs = Counter(
             "mirror_gc_runs", "Collector runs (eviction and garbage collection), by result.", ["result"], registry=r)
         self.gc_duration = Histogram(
-            "mirror_gc_duration_seconds", "Duration of a collector run.", buckets=GC_BUCKETS, registry=r)
+            "mirror_gc_duration_seconds", "Duration of a collector run.", buckets=labels.GC_BUCKETS, registry=r)
         self.gc_freed_bytes = Counter(
             "mirror_gc_freed_bytes", "Bytes of objects the collector removed.", registry=r)
         self.gc_removed_objects = Counter(
@@ -229,19 +218,26 @@ class Metrics:
         dashboard.  In multi-process mode each worker writes its zeros to its own file, and the
         scrape sums them, so the totals are unchanged.
         """
-        for kind in CACHE_KINDS:
-            for outcome in CACHE_OUTCOMES:
+        for kind in labels.CACHE_KINDS:
+            for outcome in labels.CACHE_OUTCOMES:
                 self.cache_requests.labels(kind, outcome)
                 self.cache_bytes.labels(kind, outcome)
+        for route in labels.TRAFFIC_ROUTES:
+            self.http_bytes.labels(route)
+            for method in labels.UPSTREAM_METHODS:
+                self.http_duration.labels(route, method)
+                for status in labels.HTTP_STATUSES:
+                    self.http_requests.labels(route, method, status)
         for upstream in upstreams:
-            for reason in UPSTREAM_ERROR_REASONS:
+            for reason in labels.UPSTREAM_ERROR_REASONS:
                 self.upstream_errors.labels(upstream, reason)
-            for kind in CACHE_KINDS:
+            for kind in labels.CACHE_KINDS:
                 self.upstream_bytes.labels(upstream, kind)
-            for method in UPSTREAM_METHODS:
-                self.upstream_requests.labels(upstream, method, "error")
+            for method in labels.UPSTREAM_METHODS:
                 self.upstream_duration.labels(upstream, method)
-        for result in GC_RESULTS:
+                for status in labels.UPSTREAM_STATUSES:
+                    self.upstream_requests.labels(upstream, method, status)
+        for result in labels.GC_RESULTS:
             self.gc_runs.labels(result)
 
     def close(self) -> None:
@@ -271,7 +267,7 @@ class Metrics:
         pending.sent += sent
         pending.sendfile += sendfile
         pending.seconds += seconds
-        pending.buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+        pending.buckets[bisect.bisect_left(labels.HTTP_BUCKETS, seconds)] += 1
 
     def flush_requests(self) -> None:
         """Write the requests recorded since the last call to the samples."""
@@ -280,7 +276,7 @@ class Metrics:
             return
         self.http_in_flight.set(self._in_flight)
         for (route, method, status, cache), pending in batch.items():
-            method = method if method in METHODS else "other"
+            method = method if method in labels.METHODS else "other"
             self.http_requests.labels(route, method, str(status)).inc(pending.count)
             duration = self.http_duration.labels(route, method)
             # Histogram.observe takes one value; these are its sum and buckets (+Inf last), added in bulk.

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from ..api.observability import readiness_problems
 from ..config.sections import Config
 from ..metadata.driver import Metadata
-from ..observe.metrics import CACHE_OUTCOMES, HELD_REASONS
+from ..observe.labels import CACHE_OUTCOMES, HELD_REASONS
 from ..storage.filesystem import Store
 
 #: Outcomes answered from the store's bytes, and those fetched from an upstream for the request.

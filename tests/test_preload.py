@@ -28,6 +28,7 @@ import bcrypt
 import diskcache
 import httpx
 import pytest
+import zstandard
 
 from mirror import cli
 from tests.support import client
@@ -727,6 +728,12 @@ def test_export_to_standard_output_piped_into_a_preload_from_standard_input(buil
     assert f"pin/docker.io/library/pre-multi@{built.multi.digest}" in pins(target)
     assert set(stored_objects(target)) <= set(stored_objects(source))
     assert ok(mirror_cli("fsck", "--verify-content", "--data", target)).rstrip().endswith("clean")
+    # Compressed in the pipe too (``zcat``-less: ``ssh host cat bundle.tar.zst | mirror preload -``).
+    for kind, packed in (("gzip", gzip.compress(exported.stdout)),
+                         ("zstd", zstandard.ZstdCompressor().compress(exported.stdout))):
+        piped = subprocess.run([sys.executable, "-m", "mirror", "preload", "--data", str(tmp_path / kind), "-"],
+                               input=packed, capture_output=True, env=env, timeout=120, check=False, cwd=PROJECT_ROOT)
+        assert piped.returncode == 0 and b"1 image, 1 tag (1 new or moved)" in piped.stdout, (kind, piped.stderr)
 
 
 def test_a_compressed_export_names_its_file_not_the_temporary_one_in_the_gzip_header(

@@ -212,8 +212,12 @@ class StreamArchive(Archive):
         self._have = have
         raw = open(path, "rb")
         try:
-            compressed_size = os.fstat(raw.fileno()).st_size
-            self.limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * compressed_size) if compression else None
+            st = os.fstat(raw.fileno())
+            if stat.S_ISFIFO(st.st_mode) and compression is None:  # its first bytes, peeked: still to be read
+                compression = compression_of(raw.peek(len(ZSTD_MAGIC)))
+            # A pipe's size is not known: what it decompresses to is bounded by the staging room alone.
+            self.limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * st.st_size) \
+                if compression and stat.S_ISREG(st.st_mode) else None
             counted = _Counting(raw, progress)
             decompressed: Any
             if compression == "gzip":
@@ -301,6 +305,11 @@ class DirArchive(Archive):
         return Member(name, st.st_size, path=resolved)
 
 
+def compression_of(head: bytes) -> str | None:
+    """``"gzip"`` or ``"zstd"`` if *head*, a file's first bytes, begins with that format's magic number."""
+    return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else None
+
+
 def detect(path: Path) -> tuple[str, str | None]:
     """``("dir", None)``, ``("tar", None|"gzip"|"zstd")``, or ``("stream", ...)`` for unseekable files."""
     st = os.stat(path)
@@ -309,13 +318,11 @@ def detect(path: Path) -> tuple[str, str | None]:
     if not stat.S_ISREG(st.st_mode) and not stat.S_ISFIFO(st.st_mode):
         raise ArchiveError(None, "not a regular file or directory")
     if stat.S_ISFIFO(st.st_mode):
-        return "stream", None  # magic bytes are checked by the tar reader
+        return "stream", None  # its magic bytes are peeked when it is read (StreamArchive)
     with open(path, "rb") as f:
         head = f.read(512)
-    if head.startswith(GZIP_MAGIC):
-        return "stream", "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "stream", "zstd"
+    if compression := compression_of(head):
+        return "stream", compression
     for magic, kind in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise ArchiveError(None, f"{kind} files are not supported: use a tar, gzip- or zstd-compressed tar")

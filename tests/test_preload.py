@@ -201,6 +201,35 @@ def test_oci_layout_is_preloaded_with_digests_preserved(
     assert manifest(http, server.url, "acme/tool", "2").status_code != 200
 
 
+def test_an_artifact_preloaded_with_its_subject_is_listed_as_a_referrer_offline(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """An air-gapped site's signature or SBOM: the Referrers API of its subject lists it with the
+    upstream unreachable (it answered 503, "not known", and signature checks failed)."""
+    subject = built.amd64
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"{}")
+    body = dump_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sbom",
+                      "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
+                                 "size": 2},
+                      "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
+                                  "size": 2}],
+                      "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size}})
+    sbom = Image(manifest=body, media_type=OCI_MANIFEST, digest=sha256(body), config=b"{}", config_digest=sha256(b"{}"),
+                 layers=(), blobs={sha256(b"{}"): empty}, architecture="", os="")
+    layout = tmp_path / "signed"
+    write_oci_layout(layout, subject, "docker.io/library/signed:1")
+    write_oci_layout(layout, sbom, "docker.io/library/signed:sbom")
+    server = offline_mirror()
+    ok(preload(server.data_dir, layout))
+    ok(preload(server.data_dir, layout))  # again: listed once
+    server.start()
+    listed = http.get(f"{server.url}/v2/library/signed/referrers/{subject.digest}")
+    assert listed.status_code == 200, listed.text
+    assert [(d["digest"], d.get("artifactType")) for d in listed.json()["manifests"]] == \
+        [(sbom.digest, "application/vnd.example.sbom")]
+
+
 def test_second_run_stores_nothing_new_and_says_so(built: Built, tmp_path: Path) -> None:
     data = tmp_path / "data"
     archive = pack(built.layout, tmp_path / "layout.tar", "zstd")

@@ -28,6 +28,7 @@ from ..config.values import human
 from ..maintenance.gc import reference_lock
 from ..metadata.driver import Metadata, TagRecord, unpin_if_untagged
 from ..observe.progress import NoProgress, Progress
+from ..registry.referrers import referrer_of
 from ..spec.reference import parse_digest
 from ..storage.driver import BlobStore
 from ..storage.staging import Staging, copy_hashing
@@ -216,8 +217,13 @@ def _commit_locked(images: list[Image], staged: dict[str, tuple[Path, str]], sto
             if metadata.get_manifest(digest) is None:
                 metadata.put_manifest(digest, media_type, len(body))
         linked = [*image.manifests, *image.blobs]
+        # A manifest's subject knows it as a referrer, as for one pulled through: known offline too.
+        referring = [found for digest, (media_type, body) in image.manifests.items()
+                     if (found := referrer_of(body, media_type, digest)) is not None]
         for name in image.names:
             metadata.link(name.repo, linked)
+            for subject, descriptor in referring:
+                metadata.add_referrer(name.repo, subject, descriptor)
             metadata.pin(name.repo, image.digest, tagged=name.tag is not None)  # by digest: for good
             pinned.add((name.repo, image.digest))
         # Tags last: until now nothing pointed at this image.

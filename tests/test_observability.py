@@ -12,6 +12,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +108,30 @@ def test_readyz_fails_while_the_store_is_not_writable(mirror: MirrorServer, http
         # Alive all the same: a restart would not help.
         assert http.get(f"{mirror.url}/healthz").status_code == 200
     assert http.get(f"{mirror.url}/readyz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_request_that_waits_out_an_index_locked_by_another_process_gets_a_503_without_a_traceback(
+        mirror_factory: Callable[..., MirrorServer], http: httpx.Client, images: StandardImages) -> None:
+    """A tool holding the diskcache index's write lock (``sqlite3`` with ``BEGIN EXCLUSIVE``): a
+    request that must write waits out diskcache's 60 s, then gets the registry's 503, not a 500 with
+    two tracebacks in the log."""
+    mirror = mirror_factory(env={"MIRROR_CACHE_TAG_TTL": "0s"})  # each GET by tag writes the tag again
+    pull(http, mirror.url, "library/small", "1", images.small)
+    holder = sqlite3.connect(mirror.data_dir / "index" / "cache.db", timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        answer = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": images.small.media_type},
+                          timeout=120)
+    finally:
+        holder.close()
+    assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0, answer.text
+    error = answer.json()["errors"][0]
+    assert (error["code"], error["message"]) == ("UNAVAILABLE", "the index is locked by another process"), error
+    log = mirror.log_tail(200)
+    assert "stayed locked by another process" in log and "Traceback" not in log, log
+    assert http.get(f"{mirror.url}/v2/library/small/manifests/1",
+                    headers={"accept": images.small.media_type}).status_code == 200
 
 
 # Access log -------------------------------------------------------------------------------

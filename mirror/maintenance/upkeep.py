@@ -209,7 +209,7 @@ class Maintenance:
         the same failure again within :data:`FAILURE_LOG_INTERVAL` at DEBUG only (an outage fails
         every turn, every :data:`FLUSH_INTERVAL`)."""
         self._failures += 1
-        said = f"{what} failed: {exc.strerror if isinstance(exc, StoreUnavailable) else exc}"
+        said = f"{what} failed: {exc.strerror if isinstance(exc, StoreUnavailable) else str(exc) or type(exc).__name__}"
         now = time.monotonic()
         if self._failing is not None and self._failing[0] == said and now - self._failing[1] < FAILURE_LOG_INTERVAL:
             log.debug("%s", said)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio.to_thread
+from diskcache import Timeout as IndexBusy
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -190,6 +191,15 @@ def create_app(config: Config) -> MirrorApp:
                                        headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
                               head=request.method == "HEAD")
 
+    async def on_index_busy(request: Request, exc: Exception) -> Response:
+        """The diskcache index stayed locked by another process (a write transaction, or a tool holding
+        it) past its timeout: a 503 the client may retry, one line in the log, no traceback."""
+        log.warning("%s %s: the index under %s stayed locked by another process (diskcache %s)", request.method,
+                    request.url.path, config.storage.path, type(exc).__name__)
+        return error_response(APIError("UNAVAILABLE", "the index is locked by another process", status=503,
+                                       headers={"Retry-After": str(INDEX_RETRY_AFTER)}),
+                              head=request.method == "HEAD")
+
     async def on_store_down(request: Request, exc: Exception) -> Response:
         """The object store does not answer (or refuses): a 503 the client may retry, no traceback;
         the log has the details (the endpoint and key are not the client's business)."""
@@ -214,7 +224,7 @@ def create_app(config: Config) -> MirrorApp:
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                             MetadataUnavailable: on_index_down, StoreUnavailable: on_store_down,
-                            ClientDisconnect: on_client_gone, Exception: on_crash},
+                            IndexBusy: on_index_busy, ClientDisconnect: on_client_gone, Exception: on_crash},
         middleware=[Middleware(Hardening, idle_timeout=config.http.idle_timeout),
                     Middleware(observe.Observe, recorder=recorder), *_auth(config, memo)],
     )

@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.archives import docker_save
 from tests.support.catalog import StandardImages
-from tests.support.client import pull_checked as pull
+from tests.support.client import pull_checked as pull, push_image
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer, sha256_digest as sha256
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -132,6 +132,29 @@ def test_a_request_that_waits_out_an_index_locked_by_another_process_gets_a_503_
     assert "stayed locked by another process" in log and "Traceback" not in log, log
     assert http.get(f"{mirror.url}/v2/library/small/manifests/1",
                     headers={"accept": images.small.media_type}).status_code == 200
+
+
+def test_a_store_directory_gone_is_a_store_down_not_an_empty_store(mirror: MirrorServer, http: httpx.Client,
+                                                                   tiny: Image) -> None:
+    """``DATA/blobs`` moved away (a volume not mounted): a pushed blob answers 503, not 404 (it looked
+    lost), and ``mirror_store_up`` is 0 (it counted the store empty, and the store-down alert could not fire)."""
+    push_image(mirror.url, "team/app", "1", tiny, client=http)
+    blob = f"{mirror.url}/v2/team/app/blobs/{tiny.layers[0].digest}"
+    blobs = mirror.data_dir / "blobs"
+    blobs.rename(mirror.data_dir / "blobs.away")
+    try:
+        time.sleep(1.1)  # the last count of the objects is a second old: the next scrape counts again
+        for method in ("HEAD", "GET"):
+            answer = http.request(method, blob)
+            assert answer.status_code == 503, (method, answer.status_code, answer.text)
+        assert "is missing: is its volume mounted?" in mirror.log_tail(50)
+        assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_up") == 0
+        assert http.get(f"{mirror.url}/readyz").status_code == 503
+    finally:
+        (mirror.data_dir / "blobs.away").rename(blobs)
+    time.sleep(1.1)
+    assert http.get(blob).status_code == 200
+    assert value(scrape(f"{mirror.url}/metrics"), "mirror_store_up") == 1
 
 
 # Access log -------------------------------------------------------------------------------

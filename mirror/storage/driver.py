@@ -33,6 +33,7 @@ where :attr:`BlobStore.local` says lookups are local system calls, and :meth:`Bl
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,14 @@ class StoreUnavailable(OSError):
 
     def __str__(self) -> str:
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
+
+
+def missing_root(layout: Layout) -> None:
+    """Raise :class:`StoreUnavailable` if the store's ``blobs/`` directory itself is gone (its volume
+    not mounted, say): an object missing from it is then not known to be absent (no ``404``, no fetch
+    written into nowhere, no collection that counts the store empty)."""
+    if not layout.blobs.is_dir():
+        raise StoreUnavailable(errno.EIO, f"the store's directory {layout.blobs} is missing: is its volume mounted?")
 
 
 class StoreSetupError(ValueError):

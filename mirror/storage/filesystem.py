@@ -1,12 +1,12 @@
 """The filesystem blob-store driver (``storage/driver.py``): objects under ``DATA/blobs/`` (``storage/layout.py``).
 
-A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`:
-digest (and size) checked, fsync, ``os.replace``; it is then read-only (:data:`VERIFIED_MODE`).
-An object is named by the digest registries
-give it, which is the hash of its bytes for everything but a signed schema 1 manifest: that one
-is named by the hash of its payload (``schema1.py``), stored byte for byte under that name, and
-checked that way (:func:`object_matches`).  Every temp file is flock'ed by the process writing it, so the
-start-up sweep removes exactly the leftovers of writers that died.
+A file reaches ``blobs/`` only through :meth:`Ingest.commit` or :meth:`Store.commit_file`: digest (and size)
+checked, fsync, ``os.replace``; it is then read-only (:data:`VERIFIED_MODE`).  An object is named by the digest
+registries give it, which is the hash of its bytes for everything but a signed schema 1 manifest: that one is
+named by the hash of its payload (``schema1.py``), stored byte for byte under that name, and checked that way
+(:func:`object_matches`).  Every temp file is flock'ed by the process writing it, so the start-up sweep removes
+exactly the leftovers of writers that died.  With ``blobs/`` itself gone (a volume not mounted), a look for an
+object raises ``StoreUnavailable`` (:func:`~mirror.storage.driver.missing_root`), not "absent".
 
 Readers get a :class:`StoredBlob`: an open descriptor (``sendfile`` sends from it), which keeps the
 object readable whatever the collector deletes meanwhile, and a shared ``flock`` on it that marks
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
-from .driver import DigestMismatch, Space, StoredObject, StoreError, UploadParts
+from .driver import DigestMismatch, Space, StoredObject, StoreError, UploadParts, missing_root
 from .layout import PARTIAL, Layout
 from .marks import being_read
 from .reads import read_chunks
@@ -96,6 +96,7 @@ class Store:
         try:
             return os.stat(self.layout.blob(digest)).st_size
         except FileNotFoundError:
+            missing_root(self.layout)
             return None
 
     def exists(self, digest: Digest) -> bool:
@@ -109,6 +110,7 @@ class Store:
         try:
             fd = os.open(self.layout.blob(digest), os.O_RDONLY)
         except FileNotFoundError:
+            missing_root(self.layout)
             return None
         with contextlib.suppress(BlockingIOError):  # the collector looking at it this instant: serve anyway
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -123,6 +125,7 @@ class Store:
         try:
             return self.layout.blob(digest).read_bytes()
         except FileNotFoundError:
+            missing_root(self.layout)
             return None
 
     def open_stream(self, digest: Digest) -> BinaryIO:
@@ -133,6 +136,7 @@ class Store:
 
     def objects(self) -> Iterator[StoredObject]:
         """Every file under ``blobs/`` (strays with ``digest`` None); ``location`` is its path."""
+        missing_root(self.layout)
         for found in self.layout.blob_entries():
             try:
                 st = found.entry.stat(follow_symlinks=False)
@@ -179,11 +183,8 @@ class Store:
             return False
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
-        """Store a small object given in full (a manifest), verified like any other.
-
-        *digest* is the hash of *data*, or for a signed schema 1 manifest that of its payload;
-        raises :class:`DigestMismatch` when it is neither.
-        """
+        """Store a small object given in full (a manifest), verified like any other: *digest* is the hash
+        of *data*, or for a signed schema 1 manifest that of its payload (else :class:`DigestMismatch`)."""
         put_verified(self, digest, data)
 
     def commit_file(self, path: Path, digest: Digest, known_hex: str | None = None) -> None:

@@ -425,7 +425,7 @@ def test_skopeo_pushes_to_the_bucket_and_pulls_by_tag_and_digest_with_postgres(
     env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
     mirror = mirror_factory(workers=2, env=env)
     skopeo_run(skopeo, "copy", "--preserve-digests", "--dest-tls-verify=false",
-               write_oci_layout(tmp_path / "source", image, "1"), f"docker://{mirror.address}/team/app:1")
+               write_oci_layout(tmp_path / "source", image, "1"), f"docker://{mirror.address}/s3pushed/app:1")
     assert set(bucket.objects()) == everything(image)
     for digest in bucket.objects():
         assert bucket.digest_of(digest) == digest
@@ -436,17 +436,19 @@ def test_skopeo_pushes_to_the_bucket_and_pulls_by_tag_and_digest_with_postgres(
 
     # Mounted into another repository, by tag and by digest, and again after a restart.
     skopeo_run(skopeo, "copy", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
-               f"docker://{mirror.address}/team/app:1", f"docker://{mirror.address}/team/copy:2")
+               f"docker://{mirror.address}/s3pushed/app:1", f"docker://{mirror.address}/s3pushed/copy:2")
     mirror.restart()
-    for ref, out in (("team/app:1", "by-tag"), (f"team/copy@{image.digest}", "by-digest")):
+    for ref, out in (("s3pushed/app:1", "by-tag"), (f"s3pushed/copy@{image.digest}", "by-digest")):
         skopeo_run(skopeo, "copy", "--preserve-digests", "--src-tls-verify=false",
                    f"docker://{mirror.address}/{ref}", f"oci:{tmp_path / out}:out")
         assert layout_blobs(tmp_path / out) == everything(image)
         for digest, path in image.blobs.items():
             assert (tmp_path / out / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes() == \
                 path.read_bytes()
-    # Pushed repositories reach the upstream only with the question, before a first push, whether it serves them.
-    assert upstream.count(None, "team/") == upstream.count("GET", re.compile(r"^/v2/team/(app|copy)/tags/list$")) >= 2
+    # Pushed repositories reach the upstream only with the question, before a first push, whether it
+    # serves them (under names no other test asks the session's upstream for).
+    asked = upstream.count("GET", re.compile(r"^/v2/s3pushed/(app|copy)/tags/list$"))
+    assert upstream.count(None, "s3pushed/") == asked >= 2
 
 
 def test_gc_evicts_and_deletes_from_the_bucket(

@@ -151,7 +151,7 @@ class Collector:
         # Mark from every remaining root; sweep what is unmarked (and old, unless eviction freed it).
         marked = self._closure_of(set().union(*roots.values()) | set().union(*state.pins.values(), set()))
         # On the clock that dates the objects too (an object store's may be behind this host's): the earlier.
-        cutoff = min(now, getattr(self.store, "clock", time.time)()) - self.gc.grace
+        cutoff = min(now, self.store.clock()) - self.gc.grace
         # Not freed if a repository the eviction leaves links it (pushed, its manifest to come: the grace's).
         elsewhere = {d for r, ds in state.links.items() for d in ds & freed_by_eviction if (r, d) not in link_removals}
         doomed = {d for d, (_, mtime) in state.files.items()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -67,6 +68,12 @@ class AccessTracker:
 
     def touch(self, repo: str, digest: str) -> None:
         self._seen[repo, digest] = time.time()
+
+    def used(self, repo: str, digest: str) -> Callable[[], None]:
+        """Record a use of *digest* in *repo* now; the call that records another, for an answer
+        given again from memory (``api/memo.py``)."""
+        self.touch(repo, digest)
+        return functools.partial(self.touch, repo, digest)
 
     def flush(self) -> int:
         """Write the batch to the index (blocking: call from a worker thread); while the index is

@@ -16,7 +16,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 CACHE_KINDS = ("manifest", "blob")
 CACHE_OUTCOMES = ("hit", "miss", "stale", "coalesced", "bypass", "local")  # X-Mirror-Cache, lower-cased
 UPSTREAM_ERROR_REASONS = ("unreachable", "server_error", "rate_limited", "denied", "invalid", "interrupted")
-UPSTREAM_METHODS = ("GET", "HEAD")
+#: The methods that read (the traffic's, and the upstream's): their series start at 0.
+READ_METHODS = ("GET", "HEAD")
 GC_RESULTS = ("ok", "failed")
 #: Why the collector could not evict content (``mirror_store_over_budget``'s reasons).
 HELD_REASONS = {"in_use": "in open transfers", "recent": "used within cache.keep_recent", "pinned": "pinned or pushed",

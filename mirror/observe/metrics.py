@@ -224,7 +224,7 @@ class Metrics:
                 self.cache_bytes.labels(kind, outcome)
         for route in labels.TRAFFIC_ROUTES:
             self.http_bytes.labels(route)
-            for method in labels.UPSTREAM_METHODS:
+            for method in labels.READ_METHODS:
                 self.http_duration.labels(route, method)
                 for status in labels.HTTP_STATUSES:
                     self.http_requests.labels(route, method, status)
@@ -233,7 +233,7 @@ class Metrics:
                 self.upstream_errors.labels(upstream, reason)
             for kind in labels.CACHE_KINDS:
                 self.upstream_bytes.labels(upstream, kind)
-            for method in labels.UPSTREAM_METHODS:
+            for method in labels.READ_METHODS:
                 self.upstream_duration.labels(upstream, method)
                 for status in labels.UPSTREAM_STATUSES:
                     self.upstream_requests.labels(upstream, method, status)

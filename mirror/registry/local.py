@@ -194,12 +194,11 @@ class LocalRegistry:
         except ParseError:
             return None
         body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
-        access = self.access
-        if (touch := None if body is None or access is None else (lambda: access.touch(repo, digest))) is not None:
-            touch()
+        if body is None:
+            return None
+        touch = None if self.access is None else self.access.used(repo, digest)
         # Given again from memory until the index moves (a push, a delete): nothing else changes it.
-        return None if body is None else ManifestResult(body, record.media_type, digest, Outcome.LOCAL,
-                                                        memorable=True, touch=touch)
+        return ManifestResult(body, record.media_type, digest, Outcome.LOCAL, memorable=True, touch=touch)
 
     async def open_blob(self, name: str, digest: Digest) -> BlobReader:
         if await self.reads.is_linked(local_repo(name), str(digest)):

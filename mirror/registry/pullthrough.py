@@ -23,6 +23,7 @@ or is referenced by a manifest that was.  This is the only layer that turns stor
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,16 +111,12 @@ class PullThrough:
     async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         result = await self._manifest(self.upstream.canonical_name(name), reference, accept)
         if self.access is not None:
-            self.access.touch(self._repo(self.upstream.canonical_name(name)), result.digest)
+            self.access.touch(self.repo_key(name), result.digest)
         return result
 
     def toucher(self, name: str, digest: str) -> Callable[[], None] | None:
         """What :meth:`manifest` records about a use of *digest*, to repeat for answers kept elsewhere."""
-        access = self.access
-        if access is None:
-            return None
-        repo = self._repo(self.upstream.canonical_name(name))
-        return lambda: access.touch(repo, digest)
+        return None if self.access is None else functools.partial(self.access.touch, self.repo_key(name), digest)
 
     async def _manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
         if isinstance(reference, Digest):

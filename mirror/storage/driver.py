@@ -234,6 +234,9 @@ class BlobStore(Protocol):
     #: True when :meth:`size`, :meth:`exists` and :meth:`open` are system calls on local files
     #: (microseconds: async code makes them on its event loop); False when they are requests.
     local: bool
+    #: Now, in seconds since the epoch, by the clock that dates the stored objects (the collector's
+    #: ``gc.grace`` cutoff): this host's for files; the object store's for S3 (its ``LastModified``).
+    clock: Callable[[], float]
 
     @property
     def layout(self) -> Layout:

@@ -74,6 +74,7 @@ class Store:
     """The filesystem driver of :class:`~mirror.storage.driver.BlobStore`, rooted at the data directory."""
 
     local = True  # lookups are a stat or an open
+    clock = staticmethod(time.time)  # files are dated by this host's clock
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -169,6 +169,7 @@ class Actions:
         back = f"/r/{wanted.name}"
         namespaces: Namespaces = request.state.namespaces
         local = namespaces.local
+        key = await local.read_repo_key(wanted.name)
         if wanted.verb in ("delete", "prefetch"):
             repository = await namespaces.repository(wanted.name)
             pushed = isinstance(repository, LocalRepository)  # as the API routes the name
@@ -182,17 +183,14 @@ class Actions:
             if not pushed:
                 raise APIError("UNSUPPORTED", "only a pushed repository's tags and manifests are deleted here",
                                status=400)
-            key = await local.read_repo_key(wanted.name) if wanted.is_tag else None
-            record = await in_index_thread(local.metadata.get_tag, key, wanted.reference) if key else None
+            record = await in_index_thread(local.metadata.get_tag, key, wanted.reference) if wanted.is_tag else None
             await repository.delete_manifest(reference)
-            if record is None or key is None:
+            if record is None:
                 return "", back
-            others: list[str] = await in_index_thread(local.metadata.tags_pointing_to, key, record.digest)
-            if others:
+            if await in_index_thread(local.metadata.tags_pointing_to, key, record.digest) != []:
                 return "", back
             # Still pulled by digest, and listed nowhere now: its own page has the button that deletes it.
             return f": its manifest {record.digest} is left without a tag", f"{back}@{record.digest}"
-        key = await in_index_thread(local.repo_key, wanted.name)
         metadata = local.metadata
 
         def change() -> None:

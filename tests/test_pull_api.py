@@ -375,6 +375,11 @@ def layer_host(blobs: dict[str, bytes], seen: list[tuple[str, str, str | None]])
                           name="layer-host")
 
 
+def named(host: ThreadedServer) -> str:
+    """*host*'s URL by name (``localhost``) rather than by address."""
+    return f"http://localhost:{host.port}"
+
+
 def push_with_foreign_layer(registry_url: str, name: str, tag: str, media_type: str, url: Callable[[str], str],
                             tmp_path: Path) -> tuple[bytes, bytes, bytes]:
     """Push an image whose first layer is non-distributable (not pushed; ``urls``: [url(digest)]);
@@ -428,11 +433,13 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
     seen: list[tuple[str, str, str | None]] = []
     blobs: dict[str, bytes] = {}
     with layer_host(blobs, seen) as host:
-        mirror = mirror_factory(upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": mode})
+        # Its layers' host is on loopback, as every test server is: a host the default refuses.
+        mirror = mirror_factory(upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": mode,
+                                                   "MIRROR_UPSTREAM_FOREIGN_LAYERS_PRIVATE": "true"})
         for n, media_type in enumerate(FOREIGN_LAYER_TYPES):
             tag = f"{mode}-{n}"
             body, layer, foreign = push_with_foreign_layer(upstream.url, "team/win", tag, media_type,
-                                                           lambda digest: f"{host.url}/layers/{digest}", tmp_path)
+                                                           lambda digest: f"{named(host)}/layers/{digest}", tmp_path)
             blobs[sha256(foreign)] = foreign
             upstream.clear_counts()
             for reference in (tag, sha256(body)):
@@ -450,7 +457,7 @@ def test_non_distributable_layers_are_fetched_from_their_urls_only_when_configur
                 # dockerd on Linux asks the registry, not the urls: the error says what would serve it.
                 error = got.json()["errors"][0]
                 assert "upstream.foreign_layers: fetch" in error["message"]
-                assert error["detail"] == {"digest": sha256(foreign), "urls": [f"{host.url}{path}"]}
+                assert error["detail"] == {"digest": sha256(foreign), "urls": [f"{named(host)}{path}"]}
                 assert seen == []
                 assert sha256(foreign) not in stored_blobs(mirror.data_dir)
                 continue
@@ -483,7 +490,8 @@ def test_non_distributable_layers_are_fetched_without_the_upstream_credentials(
             lambda digest: f"{host.url}/v2/team/win/blobs/{digest}", tmp_path)
         blobs[sha256(foreign)] = foreign
         mirror = mirror_factory(hub.url, env={
-            "MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch", "MIRROR_UPSTREAM_USERNAME": "mirror-user",
+            "MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch", "MIRROR_UPSTREAM_FOREIGN_LAYERS_PRIVATE": "true",
+            "MIRROR_UPSTREAM_USERNAME": "mirror-user",
             "MIRROR_UPSTREAM_PASSWORD": "s3cret-pass"})
         got = http.get(f"{mirror.url}/v2/team/win/manifests/1", headers={"accept": ALL_TYPES})
         assert got.status_code == 200 and got.content == body

@@ -181,6 +181,9 @@ class UpstreamConfig:
     # Non-distributable (foreign) layers of its images: "skip" leaves them to clients that fetch them
     # from the layer's urls (containerd; not dockerd on Linux); "fetch" makes the mirror fetch (and cache) them.
     foreign_layers: str = setting(parse_choice("skip", "fetch"), "skip")
+    # With "fetch", also from hosts whose addresses are not public (loopback, private, link-local): an
+    # internal copy of the layers.  Off, a published image cannot make the mirror reach those.
+    foreign_layers_private: bool = setting(parse_bool, False)
 
     def __post_init__(self) -> None:
         read_secret_files(self, "password")

@@ -264,6 +264,10 @@ class PullThrough:
             source = await self.fills.open(digest, fetch, looked=missing, origin=self.origin)
         except UpstreamError as exc:
             raise await self._blob_error(exc, name, key) from exc
+        if urls and (isinstance(source, BypassBlob) or isinstance(source, GrowingBlob) and not source.verified
+                     and await source.verdict() != "done"):  # a stranger's URLs: nothing unverified is sent
+            source.close()
+            raise APIError("UNAVAILABLE", "the layer was not fetched whole and verified from its urls", status=502)
         if isinstance(source, BypassBlob):
             self._pulled_unrecorded(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
@@ -319,9 +323,8 @@ class PullThrough:
     async def _foreign_urls(self, name: str, digest: str) -> tuple[str, ...]:
         """Where to fetch a non-distributable layer of this repository, when ``foreign_layers: fetch``
         (else, or for any other blob, ``()``: the upstream is asked, as for every blob)."""
-        if self.upstream.config.foreign_layers != "fetch" or not await self.reads.is_linked(self._repo(name), digest):
-            return ()
-        return await self.reads.ask(self.metadata.foreign_urls, digest)
+        wanted = self.upstream.config.foreign_layers == "fetch" and await self.reads.is_linked(self._repo(name), digest)
+        return await self.reads.ask(self.metadata.foreign_urls, digest) if wanted else ()
 
     # -- tags --
 

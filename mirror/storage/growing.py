@@ -90,6 +90,12 @@ class GrowingBlob:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return state
 
+    async def verdict(self) -> str:
+        """The fill's end (see :meth:`state`): ``done`` (verified), ``refused`` or ``failed``."""
+        while (state := self.state()) == "filling":
+            await self.fills.changed(self.digest, self.fills.poll_interval)
+        return state
+
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``start..end`` (inclusive) as they become available; raises :class:`FillFailed`.
 

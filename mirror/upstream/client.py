@@ -24,7 +24,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -60,6 +59,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from .foreign import first_serving
 from .paging import next_page
 from .reads import larger_reads
 
@@ -309,29 +309,10 @@ class Upstream:
         return int(length) if length and length.isdigit() else None
 
     async def _foreign(self, method: str, urls: Sequence[str], digest: Digest) -> httpx.Response:
-        failures: list[str] = []
-        not_found = True
-        for url in urls:
-            if urlsplit(url).scheme not in ("http", "https"):
-                continue
-            started = time.monotonic()
-            try:
-                request = self.client.build_request(method, url, headers={"Accept-Encoding": "identity"})
-                response = await self.client.send(request, stream=True, auth=None)
-            except (httpx.TransportError, httpx.InvalidURL) as exc:
-                self.metrics.upstream_response(self.config.registry, method, None, time.monotonic() - started)
-                failures.append(f"{url}: {type(exc).__name__}")
-                not_found = False
-                continue
-            self.metrics.upstream_response(self.config.registry, method, response.status_code,
-                                           time.monotonic() - started)
-            if 200 <= response.status_code < 300:
-                return response
-            await response.aclose()
-            failures.append(f"{url}: {response.status_code}")
-            not_found = not_found and response.status_code in (404, 410)
-        message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no http(s) url")
-        raise self._failed(UpstreamNotFound(message, 404) if not_found else UpstreamUnavailable(message))
+        try:
+            return await first_serving(self, method, urls, digest)
+        except UpstreamError as exc:
+            raise self._failed(exc) from None
 
     async def head_blob(self, name: str, digest: Digest) -> int | None:
         response = await self._send("HEAD", f"/v2/{name}/blobs/{digest}")

@@ -1,0 +1,127 @@
+"""Non-distributable (foreign) layers, fetched from their descriptors' ``urls`` (image-spec,
+"Non-distributable layers") when ``upstream.foreign_layers: fetch``.
+
+Those URLs are written by whoever published the image, not by the mirror's operator: fetching one
+is a request the mirror makes on a stranger's word (server-side request forgery, OWASP's SSRF
+prevention cheat sheet).  So:
+
+* only ``http`` and ``https`` URLs are fetched, without the upstream's credentials;
+* redirects are followed here, at most :data:`MAX_REDIRECTS`, each hop checked as the first;
+* a host that resolves to an address that is not public (loopback, private, link-local, shared,
+  reserved: :attr:`ipaddress.IPv4Address.is_global` false) is refused unless
+  ``upstream.foreign_layers_private: true``.  The connection goes to the address checked (no second
+  lookup that could answer otherwise), the name kept for ``Host`` and for TLS (SNI, certificate);
+* the caller serves the layer only once all of it is stored and verified (``registry/pullthrough.py``),
+  so nothing a URL answers reaches a client unless it is the layer its digest names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from ..spec.reference import Digest
+from .errors import UpstreamInvalid, UpstreamNotFound, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from .client import Upstream
+
+log = logging.getLogger("mirror.upstream.foreign")
+
+MAX_REDIRECTS = 5
+
+
+class ForeignRefused(Exception):
+    """A foreign layer's URL the mirror does not fetch (its message says why)."""
+
+
+async def first_serving(upstream: Upstream, method: str, urls: Sequence[str], digest: Digest) -> httpx.Response:
+    """The streaming answer (2xx) of the first of *urls* that serves the layer.
+
+    :class:`UpstreamInvalid` (logged: the publisher named a URL the mirror does not fetch) when one was
+    refused, :class:`UpstreamNotFound` when each answered 404 or 410, else :class:`UpstreamUnavailable`;
+    the message names each URL and what it did.
+    """
+    failures: list[str] = []
+    not_found, refused = True, False
+    for url in urls:
+        started = time.monotonic()
+        try:
+            response = await fetch(upstream.client, method, url, private=upstream.config.foreign_layers_private)
+        except ForeignRefused as exc:
+            failures.append(f"{url}: refused: {exc}")
+            refused = True
+            continue
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            upstream.metrics.upstream_response(upstream.config.registry, method, None, time.monotonic() - started)
+            failures.append(f"{url}: {type(exc).__name__}")
+            not_found = False
+            continue
+        upstream.metrics.upstream_response(upstream.config.registry, method, response.status_code,
+                                           time.monotonic() - started)
+        if 200 <= response.status_code < 300:
+            return response
+        await response.aclose()
+        failures.append(f"{url}: {response.status_code}")
+        not_found = not_found and response.status_code in (404, 410)
+    message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no url")
+    if refused:
+        log.warning("%s", message)
+        raise UpstreamInvalid(message)
+    raise UpstreamNotFound(message, 404) if not_found else UpstreamUnavailable(message)
+
+
+async def fetch(client: httpx.AsyncClient, method: str, url: str, *, private: bool) -> httpx.Response:
+    """*url*'s answer, streaming, redirects followed (see the module's docstring).
+
+    :class:`ForeignRefused` for a URL or hop that is not http(s), has credentials, or names a host that
+    is not public (unless *private*), and after :data:`MAX_REDIRECTS` redirects; httpx's errors (a name
+    that does not resolve is an :class:`httpx.ConnectError`) otherwise.
+    """
+    for _ in range(MAX_REDIRECTS + 1):
+        target = httpx.URL(url)
+        if target.scheme not in ("http", "https") or not target.host:
+            raise ForeignRefused("not an http(s) URL")
+        if target.userinfo:
+            raise ForeignRefused("a URL with credentials")
+        pinned, extensions = await _pinned(target, private)
+        request = client.build_request(method, pinned, extensions=extensions,
+                                       headers={"Accept-Encoding": "identity", "Host": target.netloc.decode()})
+        response = await client.send(request, stream=True, auth=None, follow_redirects=False)
+        if not response.has_redirect_location:
+            return response
+        await response.aclose()
+        url = str(target.join(response.headers["location"]))
+    raise ForeignRefused(f"more than {MAX_REDIRECTS} redirects")
+
+
+async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, Any]]:
+    """*url* with its host replaced by the address it resolves to, checked; the TLS name to keep."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = await anyio.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise httpx.ConnectError(f"{url.host}: {exc}") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+    if not private:
+        for address in addresses:
+            if not public(address):
+                raise ForeignRefused(f"{url.host} is {address}, not a public address "
+                                     "(upstream.foreign_layers_private: true fetches from those too)")
+    if not addresses or str(addresses[0]) == url.host:
+        return url, {}
+    return url.copy_with(host=str(addresses[0])), ({"sni_hostname": url.host} if url.scheme == "https" else {})
+
+
+def public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether *address* is on the public internet (an IPv4 address mapped into IPv6 as itself)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast

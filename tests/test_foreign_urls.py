@@ -1,0 +1,104 @@
+"""Non-distributable layers' ``urls`` are a publisher's word: with ``upstream.foreign_layers: fetch``
+the mirror must not be a way to read what only it can reach (server-side request forgery).
+
+The layers' host here is a real web server on loopback, the kind of address the mirror refuses by
+default; the upstream is Debian's docker-registry, which takes manifests whose layers have urls.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from tests.support.asgi import ThreadedServer
+from tests.support.images import OCI_MANIFEST, sha256_digest as sha256
+from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
+from tests.test_pull_api import ALL_TYPES, push_with_foreign_layer, urls_upstream  # noqa: F401 (a fixture)
+
+SECRET = b"INTERNAL-ONLY-ADMIN-PAGE token=abc123\n"
+
+
+def internal_host(seen: list[str]) -> ThreadedServer:
+    """A web server only the mirror's host reaches: a secret page, a redirect to it, a redirect loop."""
+
+    async def serve(request: Request) -> Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path == "/secret.txt":
+            return Response(SECRET if request.method == "GET" else None, media_type="text/plain",
+                            headers={"Content-Length": str(len(SECRET))})
+        if request.url.path == "/hop":
+            return RedirectResponse("/secret.txt", status_code=302)
+        return RedirectResponse(request.url.path, status_code=302)  # any other path: a loop
+
+    return ThreadedServer(Starlette(routes=[Route("/{path:path}", serve, methods=["GET", "HEAD"])]),
+                          name="internal-host")
+
+
+def test_a_layer_url_on_a_loopback_address_is_not_fetched_by_default(
+    urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    seen: list[str] = []
+    with internal_host(seen) as host:
+        for n, base in enumerate((host.url, f"http://localhost:{host.port}")):  # by address, and by name
+            body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", f"{n}", OCI_MANIFEST,
+                                                       lambda _, base=base: f"{base}/secret.txt", tmp_path)
+            mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch"})
+            got = http.get(f"{mirror.url}/v2/team/win/manifests/{n}", headers={"accept": ALL_TYPES})
+            assert got.status_code == 200 and got.content == body
+            url = f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}"
+            head, got = http.head(url), http.get(url)
+            assert (head.status_code, got.status_code) == (502, 502), "neither its size nor its bytes"
+            assert SECRET[:8] not in got.content
+            message = str(got.json()["errors"][0]["detail"])
+            assert "refused" in message and "not a public address" in message, message
+            assert "upstream.foreign_layers_private" in message, message
+            assert seen == [], "the internal host was never asked"
+            mirror.stop()
+
+
+def test_a_layer_url_answering_other_bytes_sends_none_of_them(
+    urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Allowed to reach the host (``foreign_layers_private: true``), the mirror still answers nothing
+    that does not match the layer's digest: it streamed all but the last byte before."""
+    seen: list[str] = []
+    with internal_host(seen) as host:
+        mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch",
+                                                        "MIRROR_UPSTREAM_FOREIGN_LAYERS_PRIVATE": "true"})
+        for n, path in enumerate(("/secret.txt", "/hop")):  # directly, and through a redirect
+            body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", f"{n}", OCI_MANIFEST,
+                                                       lambda _, path=path: f"{host.url}{path}", tmp_path)
+            assert http.get(f"{mirror.url}/v2/team/win/manifests/{n}", headers={"accept": ALL_TYPES}).content == body
+            seen.clear()
+            got = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}")
+            assert got.status_code == 502 and got.content.startswith(b'{"errors"'), got.content[:80]
+            assert SECRET[:8] not in got.content
+            assert seen[-1] == "GET /secret.txt", seen
+        # A redirect loop ends after 5 redirects.
+        body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", "loop", OCI_MANIFEST,
+                                                   lambda _: f"{host.url}/loop", tmp_path)
+        assert http.get(f"{mirror.url}/v2/team/win/manifests/loop", headers={"accept": ALL_TYPES}).content == body
+        seen.clear()
+        got = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}")
+        assert got.status_code == 502 and "more than 5 redirects" in str(got.json()["errors"][0]["detail"])
+        assert seen == ["GET /loop"] * 6
+
+
+def test_which_addresses_are_public() -> None:
+    from mirror.upstream.foreign import public
+
+    for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"):
+        assert not public(ipaddress.ip_address(address)), address
+    for address in ("13.107.42.14", "2603:1061:13f1:4c06::1", "::ffff:13.107.42.14"):
+        assert public(ipaddress.ip_address(address)), address

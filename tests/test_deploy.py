@@ -49,6 +49,7 @@ from tests.support.helm import CACHE, KUBE_VERSION, helm_binary, kubernetes_defi
 from tests.support.mirror import PROJECT_ROOT
 from tests.support.procs import free_port, require_tool
 from tests.support.registry import UpstreamRegistry
+from tests.support.security import Pki, tls_env
 from tests.support.standins import build_standins
 from tests.support.tls import ServerCertificate, server_certificate
 from tests.test_push_clients import docker_push
@@ -983,3 +984,19 @@ def test_cluster_compose_file_deploys_as_a_swarm_stack_of_three_replicas_on_s3(
     for replica in replicas:
         files = daemon.docker("exec", replica, "find", "/var/lib/mirror", "-type", "f").stdout
         assert digest.hex not in files, files
+
+
+def test_healthcheck_script_with_mutual_tls(mirror_factory: Any, pki: Pki) -> None:
+    """With a client CA, the healthcheck sends the certificate it is given (then /healthz must answer),
+    and without one takes the mirror's demand for a certificate as the listener being alive.  Before,
+    the container of a mirror with mutual TLS stayed unhealthy."""
+    mirror = mirror_factory(env=tls_env(pki, client_ca=True), scheme="https", verify=pki.context(client_cert=True))
+    env = {"MIRROR_HTTP_LISTEN": f"0.0.0.0:{mirror.port}", **tls_env(pki, client_ca=True)}
+    assert healthcheck(env).returncode == 0
+    client = {"HEALTHCHECK_CLIENT_CERTIFICATE": str(pki.client_cert), "HEALTHCHECK_CLIENT_KEY": str(pki.client_key)}
+    assert healthcheck({**env, **client}).returncode == 0
+    wrong = healthcheck({**env, **client, "HEALTHCHECK_URL": f"https://127.0.0.1:{mirror.port}/nothing-here"})
+    assert wrong.returncode == 1, "with a certificate, the answer counts"
+    mirror.stop()
+    dead = healthcheck(env)
+    assert dead.returncode == 1 and "unhealthy" in dead.stderr

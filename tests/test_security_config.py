@@ -95,3 +95,10 @@ def test_unusable_certificate_stops_start_up(tmp_path: Path, pki: Pki) -> None:
     assert "http.tls.certificate" in message and "http.tls.key" in message, message
     message = serve_fails(tmp_path, {"MIRROR_HTTP_TLS_CERTIFICATE": str(pki.server_cert)})
     assert "http.tls.certificate and http.tls.key must be set together" in message, message
+    # A chain with the intermediate (here the CA) first: said so, not that the key does not match.
+    reversed_chain = tmp_path / "chain.pem"
+    reversed_chain.write_text(pki.ca.read_text() + pki.server_cert.read_text())
+    message = serve_fails(tmp_path, {"MIRROR_HTTP_TLS_CERTIFICATE": str(reversed_chain),
+                                     "MIRROR_HTTP_TLS_KEY": str(pki.server_key)})
+    assert "its certificate 2 of the file, not its first, is the one http.tls.key belongs to" in message, message
+    assert "list the server's own certificate first" in message, message

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,10 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
             # A password-protected key fails here rather than prompting on a terminal.
             context.load_cert_chain(http.tls_certificate, http.tls_key, password=lambda: b"")
         except (ssl.SSLError, OSError) as exc:
+            if (found := key_matches_later(http.tls_certificate, http.tls_key)) is not None:
+                return (f"http.tls.certificate {http.tls_certificate}: its certificate {found} of the file, not its "
+                        "first, is the one http.tls.key belongs to: list the server's own certificate first, then "
+                        "the intermediates")
             return (f"http.tls.certificate {http.tls_certificate} / http.tls.key {http.tls_key}: cannot load them "
                     f"as a PEM certificate chain and its unencrypted private key ({exc})")
         if http.tls_client_ca is not None:
@@ -221,4 +227,23 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
             token_key(config, auth_key, tmp_dir)
         except (AuthError, OSError) as exc:
             return str(exc)
+    return None
+
+
+def key_matches_later(chain: Path, key: Path) -> int | None:
+    """Which certificate of the PEM file *chain* (counted from 1), if not its first, the private key *key*
+    belongs to: a chain in the wrong order (RFC 8446 section 4.4.2: the sender's certificate comes first)."""
+    try:
+        blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", chain.read_text(), re.S)
+    except (OSError, UnicodeDecodeError):
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        for n, block in enumerate(blocks[1:], start=2):
+            single = Path(scratch, f"{n}.pem")
+            single.write_text(block + "\n")
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(single, key, password=lambda: b"")
+            except (ssl.SSLError, OSError):
+                continue
+            return n
     return None

@@ -5,12 +5,16 @@ TLS too, and with a client CA accepts only clients whose certificate it signed.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +26,7 @@ from tests.support.mirror import MirrorServer
 from tests.support.security import (
     Pki,
     request,
+    sign,
     tls_env,
 )
 from tests.support.waiting import wait_for
@@ -141,3 +146,53 @@ def test_a_client_told_the_registry_is_plain_http_that_tries_tls_first_is_not_wa
     log = mirror.log_tail(400)
     assert "began a TLS handshake" not in log, log
     assert "/v2/library/small/manifests/1" in log  # it did come back in plain HTTP
+
+
+def served_certificate(port: int, pki: Pki) -> bytes:
+    """The DER certificate the server on *port* presents to a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pki.context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    mirror_factory: Callable[..., MirrorServer], pki: Pki, tmp_path: Path,
+) -> None:
+    """cert-manager or certbot replace the files before the old certificate expires: the next
+    connections get the new one (SIGHUP: at once; else within CHECK_INTERVAL), a pair caught halfway
+    through being copied is not taken (the old one is served, and the error said once), and SIGHUP
+    no longer ends the server.  Before, the old certificate was served until a restart, and SIGHUP
+    killed the process."""
+    live = tmp_path / "live"
+    live.mkdir()
+    certificate, key = live / "tls.crt", live / "tls.key"
+    shutil.copy(pki.server_cert, certificate)
+    shutil.copy(pki.server_key, key)
+    trusted = pki.context()
+    mirror = mirror_factory(env={"MIRROR_HTTP_TLS_CERTIFICATE": str(certificate), "MIRROR_HTTP_TLS_KEY": str(key)},
+                            scheme="https", verify=trusted)
+    first = served_certificate(mirror.port, pki)
+    renewed = sign(tmp_path, "renewed", (pki.ca, pki.ca.with_suffix(".key")),
+                   "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    assert renewed[0].read_bytes() != pki.server_cert.read_bytes()
+
+    # Halfway: the new certificate beside the old key.
+    shutil.copy(renewed[0], certificate)
+    assert mirror.pid is not None
+    os.kill(mirror.pid, signal.SIGHUP)
+    for _ in range(3):
+        assert served_certificate(mirror.port, pki) == first
+    assert request(mirror, "GET", "/v2/", verify=trusted).status_code == 200
+    wait_for(lambda: "changed but do not load" in mirror.log_tail(200), timeout=10, what="the error")
+
+    # The key too: the next connection takes the pair, the one after it presents it.
+    shutil.copy(renewed[1], key)
+    os.kill(mirror.pid, signal.SIGHUP)
+    served_certificate(mirror.port, pki)
+    now = served_certificate(mirror.port, pki)
+    assert now != first and now == ssl.PEM_cert_to_DER_cert(renewed[0].read_text())
+    assert request(mirror, "GET", "/v2/", verify=trusted).status_code == 200
+    log = mirror.log_tail(400)
+    assert log.count("changed but do not load") == 1 and "loaded the renewed certificate" in log, log

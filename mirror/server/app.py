@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -52,6 +53,7 @@ from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
+from . import certificates
 from .front import Coalesced, MemoFront, MirrorApp
 from .hardening import Hardening
 
@@ -144,6 +146,10 @@ def create_app(config: Config) -> MirrorApp:
         history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
         claiming = asyncio.create_task(keep_claim(config, metadata)) if cluster is not None else None
+        if config.http.tls_certificate is not None and config.http.tls_key is not None:
+            certificates.rotation = certificates.Rotation(config.http.tls_certificate, config.http.tls_key)
+            # A renewed certificate at the next connection (uvicorn leaves SIGHUP to its default: exit).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, certificates.rotation.soon)
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,

@@ -14,7 +14,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import zerocopy
+from . import certificates, zerocopy
 
 #: Request line plus headers; uvicorn's httptools protocol has no limit of its own.
 MAX_HEAD_BYTES = 64 * 1024
@@ -67,7 +67,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._tls = transport.get_extra_info("sslcontext") is not None  # no sendfile(2) through TLS
+        context = transport.get_extra_info("sslcontext")
+        self._tls = context is not None  # no sendfile(2) through TLS
+        if context is not None and certificates.rotation is not None:
+            certificates.rotation.check(context)
         self._arm()
 
     def data_received(self, data: bytes) -> None:

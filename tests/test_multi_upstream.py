@@ -75,6 +75,10 @@ def test_requests_are_routed_by_ns_and_by_path_prefix(
 
     unknown = manifest(http, f"{mirror.url}/v2/library/small/manifests/1?ns=quay.io")
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    # containerd asks with HEAD, never sees that text, and goes to quay.io itself: the log says so, once.
+    assert http.head(f"{mirror.url}/v2/library/small/manifests/1?ns=Quay.io").status_code == 404
+    wait_for(lambda: "no upstream is configured for it" in mirror.log_tail(300), timeout=10, what="the warning")
+    assert mirror.log_tail(300).count("requests for registry quay.io (?ns=") == 1
 
     # The same blobs through the second upstream are stored once: its manifest vouches for them.
     for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
@@ -200,7 +204,7 @@ def test_a_name_of_another_upstream_is_never_a_pushed_repository_and_takes_no_pu
                     (f"{mirror.url}/v2/{SECOND}/org/shadow/blobs/uploads/", {"ns": "Index.Docker.IO"})):
         refused = http.post(url, params={**ns, "digest": images.small.config_digest}, content=config_blob)
         assert refused.status_code == 403 and refused.json()["errors"][0]["code"] == "DENIED", (url, refused.text)
-        assert SECOND in refused.json()["errors"][0]["message"]
+        assert f"is a repository of {SECOND}," in refused.json()["errors"][0]["message"], refused.text
     put = http.put(f"{mirror.url}/v2/{SECOND}/org/shadow/manifests/1", content=images.small.manifest,
                    headers={"content-type": images.small.media_type})
     assert put.status_code == 403 and put.json()["errors"][0]["code"] == "DENIED", put.text
@@ -439,3 +443,25 @@ def test_a_fill_notes_which_upstream_it_waits_for_only_when_there_are_several(
     finally:
         puller.join(timeout=30)
     assert got == [(layer, images.small.layers[0].size)]
+
+
+def test_an_upstream_named_localhost_is_reached_by_its_prefix_as_by_ns(
+    tmp_path: Path, upstream: UpstreamRegistry, images: StandardImages,
+    upstream_factory: Callable[[], UpstreamRegistry], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """``localhost`` is a registry's name as a dotted one is (as docker parses names); before, its
+    prefix went to the default upstream as part of the repository's name, while the catalog listed it."""
+    second = upstream_factory()
+    second.push_image("org/app", "1", images.small)
+    config = tmp_path / "mirror.yml"
+    config.write_text(yaml.safe_dump({"upstreams": [
+        {"registry": "docker.io", "url": upstream.url}, {"registry": "localhost", "url": second.url}]}))
+    mirror = mirror_factory(config=config)
+    for url in (f"{mirror.url}/v2/org/app/manifests/1?ns=localhost", f"{mirror.url}/v2/localhost/org/app/manifests/1"):
+        answer = manifest(http, url)
+        assert answer.status_code == 200 and answer.content == images.small.manifest, (url, answer.text)
+    assert "localhost/org/app" in http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
+    tags = http.get(f"{mirror.url}/v2/localhost/org/app/tags/list")
+    assert tags.status_code == 200 and tags.json() == {"name": "localhost/org/app", "tags": ["1"]}, tags.text
+    assert upstream.count(None, "localhost/") == 0, "the default upstream was never asked"

@@ -75,7 +75,8 @@ class CachedRepository:
 
     def _refuse_push(self) -> None:
         if self.foreign:
-            raise APIError("DENIED", f"{self.name} is a repository of {self.pull.registry}, an upstream of this "
+            whose = self.name.partition("/")[0] if self.local.foreign(self.name) else self.pull.registry
+            raise APIError("DENIED", f"{self.name} is a repository of {whose}, an upstream of this "
                            "mirror: it takes no pushes here; push to a name of this registry's own")
         if (refused := push_refusal(self.local.config.push, self.name)) is not None:
             raise refused

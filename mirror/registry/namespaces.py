@@ -18,12 +18,34 @@ it for a :class:`~mirror.registry.repository.Repository` bound to the name and n
 
 from __future__ import annotations
 
+import logging
+import time
+
 from ..spec.errors import APIError
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES, without_registry
 from .cached import CachedRepository
 from .local import LocalRegistry, LocalRepository
 from .pullthrough import PullThrough
 from .repository import Repository
+
+log = logging.getLogger("mirror.registry")
+
+#: Seconds between two warnings of requests for one registry that is not configured.
+UNCONFIGURED_WARN_INTERVAL = 600.0
+_warned: dict[str, float] = {}
+
+
+def unconfigured(ns: str) -> None:
+    """Warn (once per :data:`UNCONFIGURED_WARN_INTERVAL` per registry) of a request whose ``?ns=`` names
+    a registry without an upstream here: containerd, which asks with HEAD and never sees the error's
+    text, then pulls from that registry directly, and a fleet bypasses the cache unnoticed."""
+    key, now = ns.lower(), time.monotonic()
+    if now - _warned.get(key, -UNCONFIGURED_WARN_INTERVAL) >= UNCONFIGURED_WARN_INTERVAL:
+        if len(_warned) > 1000:
+            _warned.clear()
+        _warned[key] = now
+        log.warning("requests for registry %s (?ns=%s) are answered 404: no upstream is configured for it "
+                    "(add it to upstreams: to cache it; clients such as containerd then go to it directly)", key, ns)
 
 
 class Namespaces:
@@ -72,9 +94,10 @@ class Namespaces:
             registry = DOCKER_HUB if ns.lower() in DOCKER_HUB_ALIASES else ns.lower()
             if registry in self.pulls:  # (team/x with the registry's own prefix too: the same repository)
                 return self.pulls[registry], without_registry(name, registry)
+            unconfigured(ns)
             raise APIError("NAME_UNKNOWN", f"no upstream is configured for {ns}", detail={"ns": ns})
         first, _, rest = name.partition("/")
-        if rest and ("." in first or ":" in first):
+        if rest and ("." in first or ":" in first or first == "localhost"):  # as spec/names.py tells a registry
             registry = DOCKER_HUB if first in DOCKER_HUB_ALIASES else first
             if registry in self.pulls:
                 return self.pulls[registry], rest

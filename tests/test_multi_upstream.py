@@ -79,6 +79,19 @@ def test_requests_are_routed_by_ns_and_by_path_prefix(
     assert http.head(f"{mirror.url}/v2/library/small/manifests/1?ns=Quay.io").status_code == 404
     wait_for(lambda: "no upstream is configured for it" in mirror.log_tail(300), timeout=10, what="the warning")
     assert mirror.log_tail(300).count("requests for registry quay.io (?ns=") == 1
+    # By its prefix, a registry with no upstream is not asked of Docker Hub (whose names never begin with
+    # a host): before, the default upstream was asked for "quay.io/org/app", and said only "manifest unknown".
+    upstream.clear_counts()
+    for path in ("manifests/1", f"blobs/{images.small.config_digest}", "tags/list"):
+        prefixed = http.get(f"{mirror.url}/v2/quay.io/org/app/{path}")
+        assert prefixed.status_code == 404, (path, prefixed.text)
+        assert prefixed.json()["errors"][0]["code"] == "NAME_UNKNOWN", (path, prefixed.text)
+        assert prefixed.json()["errors"][0]["message"] == "no upstream is configured for quay.io", prefixed.text
+    assert upstream.count(None, "quay.io") == 0
+    # Pushes to such a name go on as to any (push.prefixes decides who may), and are then served.
+    client.push_image(mirror.url, "quay.io/team/own", "1", images.small, client=http)
+    own = manifest(http, f"{mirror.url}/v2/quay.io/team/own/manifests/1")
+    assert (own.content, own.headers["x-mirror-cache"]) == (images.small.manifest, "LOCAL")
 
     # The same blobs through the second upstream are stored once: its manifest vouches for them.
     for digest in (images.small.config_digest, *(layer.digest for layer in images.small.layers)):
@@ -103,7 +116,7 @@ def test_requests_are_routed_by_ns_and_by_path_prefix(
     assert second.count("HEAD", re.compile("^/v2/org/app/manifests/1$")) == 1
 
     catalog = http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
-    assert catalog == ["library/small", f"{SECOND}/library/small", f"{SECOND}/org/app"]
+    assert catalog == ["library/small", "quay.io/team/own", f"{SECOND}/library/small", f"{SECOND}/org/app"]
     tags = http.get(f"{mirror.url}/v2/{SECOND}/org/app/tags/list").json()
     assert tags == {"name": f"{SECOND}/org/app", "tags": ["1"]}
 

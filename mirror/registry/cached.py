@@ -116,3 +116,29 @@ class CachedRepository:
 
     async def cancel(self, uuid: str) -> None:
         await self._pushes.cancel(uuid)
+
+
+class UnmirroredRegistryRepository(CachedRepository):
+    """A repository named for a registry no upstream is configured for (``quay.io/org/app``), not
+    pushed here, while the default upstream is Docker Hub, whose names never begin with a host: its
+    reads answer ``NAME_UNKNOWN`` saying so, without asking Docker Hub (which would only answer that
+    it does not know it, and learn another registry's names); pushes go on as for any name."""
+
+    def _unknown(self) -> APIError:
+        registry = self.name.partition("/")[0]
+        return APIError("NAME_UNKNOWN", f"no upstream is configured for {registry}", detail={"name": self.name})
+
+    async def manifest(self, reference: str | Digest, accept: set[str]) -> ManifestResult:
+        raise self._unknown()
+
+    async def blob_head(self, digest: Digest) -> BlobHead:
+        raise APIError("BLOB_UNKNOWN", detail={"digest": str(digest)}) if self.pushable else self._unknown()
+
+    async def blob(self, digest: Digest) -> BlobResult:
+        raise self._unknown()
+
+    async def tags(self, n: int | None, last: str | None) -> TagsPage:
+        raise self._unknown()
+
+    async def referrers(self, digest: Digest, artifact_type: str | None) -> ReferrersResult:
+        raise self._unknown()

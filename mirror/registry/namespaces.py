@@ -11,6 +11,9 @@ it for a :class:`~mirror.registry.repository.Repository` bound to the name and n
   repositories share the default registry's names (what ``dockerd --registry-mirror`` and a
   containerd mirror of it ask for).  Any other name is that upstream's cache (``registry/cached.py``).
   Names under ``push.prefixes`` take pushes; the first one makes them local.
+* A name that begins with the host of a registry no upstream is configured for (``quay.io/org/app``),
+  while the default upstream is Docker Hub, whose names never do, is not asked of Docker Hub: its
+  reads answer ``NAME_UNKNOWN`` saying no upstream is configured for it (it takes pushes as any name).
 * A name of another upstream's (by ``?ns=`` or by its prefix) is always that registry's: it is never
   answered with a pushed repository, and takes no pushes (``DENIED``), so a push cannot stand in for
   another registry's image.
@@ -23,7 +26,7 @@ import time
 
 from ..spec.errors import APIError
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES, without_registry
-from .cached import CachedRepository
+from .cached import CachedRepository, UnmirroredRegistryRepository
 from .local import LocalRegistry, LocalRepository
 from .pullthrough import PullThrough
 from .repository import Repository
@@ -72,6 +75,10 @@ class Namespaces:
             # ``?ns=`` of the default registry reaches it, to pull or delete it.)
             return LocalRepository(self.local, name)
         foreign = pull is not self.default or self.local.foreign(name)
+        first, _, rest = name.partition("/")
+        if (pull is self.default and rest and pull.upstream.config.adds_library_namespace
+                and ("." in first or ":" in first or first == "localhost")):
+            return UnmirroredRegistryRepository(pull, upstream_name, name, self.local, foreign=foreign)
         return CachedRepository(pull, upstream_name, name, self.local, foreign=foreign)
 
     async def catalog(self) -> list[str]:

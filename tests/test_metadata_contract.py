@@ -628,3 +628,23 @@ def test_leases_between_processes_are_exclusive_and_tokens_grow_in_holding_order
     assert len(held) == 2 * turns and held == sorted(set(held))
     assert sorted(tokens[0] + tokens[1]) == held
     assert index.current_lease("sha256:filled-once") is None
+
+
+def test_a_diskcache_index_a_later_version_wrote_is_read_leaving_its_new_fields_aside(tmp_path: Path) -> None:
+    """A rollback reads records a later version wrote with more fields (an upload record that grew
+    from 3 to 8 fields made an older version answer 500 and its fsck crash): the fields it knows are
+    taken, the rest left aside."""
+    index = open_diskcache(tmp_path / "index")
+    try:
+        cache = index._cache  # type: ignore[attr-defined]
+        cache.set("tag/team/app:1", (D1, "application/vnd.oci.image.manifest.v1+json", 1700000000.0, "later"))
+        cache.set(f"manifest/{D1}", ("application/vnd.oci.image.manifest.v1+json", 512, "later"))
+        cache.set("upload/u1", ("team/app", 1700000000.0, None, None, None, 0, None, "later", 7))
+        assert index.get_tag("team/app", "1") == TagRecord(D1, "application/vnd.oci.image.manifest.v1+json",
+                                                            1700000000.0)
+        assert [t for _, t, _ in index.all_tags()] == ["1"]
+        assert index.get_manifest(D1) == ManifestRecord("application/vnd.oci.image.manifest.v1+json", 512)
+        upload = index.get_upload("u1")
+        assert upload is not None and (upload.name, upload.started_at, upload.parts) == ("team/app", 1700000000.0, None)
+    finally:
+        index.close()

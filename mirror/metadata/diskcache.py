@@ -131,7 +131,7 @@ class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
 
     def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         value = self._cache.get(f"tag/{repo}:{tag}")
-        return None if value is None else TagRecord(*value)
+        return None if value is None else TagRecord(*value[:3])  # (more: a later version's fields)
 
     def set_tag(self, repo: str, tag: str, record: TagRecord) -> None:
         with self._cache.transact():
@@ -175,14 +175,14 @@ class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
         out = []
         for key, value in self._items("tag/").items():
             repo, _, tag = key.rpartition(":")
-            out.append((repo, tag, TagRecord(*value)))
+            out.append((repo, tag, TagRecord(*value[:3])))
         return out
 
     # -- manifests and links --
 
     def get_manifest(self, digest: str) -> ManifestRecord | None:
         value = self._cache.get(f"manifest/{digest}")
-        return None if value is None else ManifestRecord(*value)
+        return None if value is None else ManifestRecord(*value[:2])
 
     def put_manifest(self, digest: str, media_type: str, size: int) -> None:
         key = f"manifest/{digest}"

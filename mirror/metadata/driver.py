@@ -104,8 +104,9 @@ class UploadRecord:
     @classmethod
     def unflat(cls, name: str, started_at: float, upload_id: str | None = None, part_size: int | None = None,
                etags: Iterable[str] | None = None, tail: int | None = 0,
-               written_at: float | None = None) -> UploadRecord:
-        """The record :meth:`flat` gave (or a record of a version that kept less: its first two or five)."""
+               written_at: float | None = None, *later: object) -> UploadRecord:
+        """The record :meth:`flat` gave (a version that kept less: its first two or five; more, *later*:
+        the fields a later version added, which a rollback to this one leaves aside)."""
         parts = None if upload_id is None else UploadParts(upload_id, int(part_size or 0), tuple(etags or ()))
         return cls(name, float(started_at), parts, int(tail or 0), None if written_at is None else float(written_at))
 

@@ -58,8 +58,8 @@ class _Filed:
 _ONE = (lambda rest: (rest,)), (lambda key: key[0])
 _AT = _split, "@".join
 _FILED = {
-    RecordKind.TAGS: _Filed("tag/", lambda rest: _split(rest, ":"), ":".join, lambda key, kept: TagRecord(*kept)),
-    RecordKind.MANIFESTS: _Filed("manifest/", *_ONE, lambda key, kept: ManifestRecord(*kept)),
+    RecordKind.TAGS: _Filed("tag/", lambda rest: _split(rest, ":"), ":".join, lambda key, kept: TagRecord(*kept[:3])),
+    RecordKind.MANIFESTS: _Filed("manifest/", *_ONE, lambda key, kept: ManifestRecord(*kept[:2])),
     RecordKind.LINKS: _Filed("link/", *_AT, lambda key, kept: True),
     RecordKind.REPOSITORIES: _Filed("repo/", *_ONE, lambda key, kept: True),
     RecordKind.LOCALS: _Filed("local/", *_ONE, lambda key, kept: float(kept)),

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from tests.support.asgi import ThreadedServer
 from tests.support.images import OCI_MANIFEST, sha256_digest as sha256
 from tests.support.mirror import MirrorServer
+from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
 from tests.test_pull_api import ALL_TYPES, push_with_foreign_layer, urls_upstream  # noqa: F401 (a fixture)
 
@@ -102,3 +103,24 @@ def test_which_addresses_are_public() -> None:
         assert not public(ipaddress.ip_address(address)), address
     for address in ("13.107.42.14", "2603:1061:13f1:4c06::1", "::ffff:13.107.42.14"):
         assert public(ipaddress.ip_address(address)), address
+
+
+def test_through_a_proxy_a_layer_urls_name_is_left_to_the_proxy_and_an_address_is_still_checked(
+    urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With ``HTTP_PROXY`` set, the mirror's host may not resolve the layer's host (the proxy does): the
+    name is not looked up here; an address written in the URL is still refused if not public."""
+    seen: list[str] = []
+    with internal_host(seen) as host:
+        dead_proxy = f"http://127.0.0.1:{free_port()}"
+        mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch",
+                                                        "HTTP_PROXY": dead_proxy, "NO_PROXY": "127.0.0.1"})
+        for n, base, status in ((0, f"http://localhost:{host.port}", 503), (1, f"http://10.0.0.1:{host.port}", 502)):
+            body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", f"p{n}", OCI_MANIFEST,
+                                                       lambda _, base=base: f"{base}/secret.txt", tmp_path)
+            assert http.get(f"{mirror.url}/v2/team/win/manifests/p{n}", headers={"accept": ALL_TYPES}).content == body
+            got = http.get(f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}")
+            assert got.status_code == status, (base, got.text)
+            assert ("not a public address" in got.text) == (status == 502), got.text
+        assert seen == []

@@ -10,7 +10,9 @@ prevention cheat sheet).  So:
 * a host that resolves to an address that is not public (loopback, private, link-local, shared,
   reserved: :attr:`ipaddress.IPv4Address.is_global` false) is refused unless
   ``upstream.foreign_layers_private: true``.  The connection goes to the address checked (no second
-  lookup that could answer otherwise), the name kept for ``Host`` and for TLS (SNI, certificate);
+  lookup that could answer otherwise), the name kept for ``Host`` and for TLS (SNI, certificate).
+  Through a proxy from the environment (``HTTPS_PROXY``, ``NO_PROXY``: as httpx takes them), whose
+  own lookup decides, only an address written in the URL is checked;
 * the caller serves the layer only once all of it is stored and verified (``registry/pullthrough.py``),
   so nothing a URL answers reaches a client unless it is the layer its digest names.
 """
@@ -21,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
+import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +108,15 @@ async def fetch(client: httpx.AsyncClient, method: str, url: str, *, private: bo
 async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, Any]]:
     """*url* with its host replaced by the address it resolves to, checked; the TLS name to keep."""
     port = url.port or (443 if url.scheme == "https" else 80)
+    if _proxied(url):
+        try:
+            literal = ipaddress.ip_address(url.host)
+        except ValueError:
+            return url, {}  # the proxy looks the name up (the mirror's host may not resolve it)
+        if not private and not public(literal):
+            raise ForeignRefused(f"{url.host} is not a public address "
+                                 "(upstream.foreign_layers_private: true fetches from those too)")
+        return url, {}
     try:
         infos = await anyio.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -113,11 +125,18 @@ async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, A
     if not private:
         for address in addresses:
             if not public(address):
-                raise ForeignRefused(f"{url.host} is {address}, not a public address "
+                shown = url.host if str(address) == url.host else f"{url.host} is {address}, which"
+                raise ForeignRefused(f"{shown} is not a public address "
                                      "(upstream.foreign_layers_private: true fetches from those too)")
     if not addresses or str(addresses[0]) == url.host:
         return url, {}
     return url.copy_with(host=str(addresses[0])), ({"sni_hostname": url.host} if url.scheme == "https" else {})
+
+
+def _proxied(url: httpx.URL) -> bool:
+    """Whether the environment sends requests for *url* through a proxy."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.host)
 
 
 def public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -194,7 +194,8 @@ def server_options(config: Config) -> dict[str, Any]:
 
 
 def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None:
-    """Why the server cannot start with this TLS, auth and data configuration, or None."""
+    """Why the server cannot start with this TLS, auth and data configuration, or None; logs a warning
+    when users are configured but anonymous clients may still pull everything."""
     if (problem := foreign_data_directory(config.storage.path)) is not None:
         return problem
     http = config.http
@@ -223,6 +224,11 @@ def startup_problem(config: Config, auth_key: Path, tmp_dir: Path) -> str | None
             Htpasswd(config.auth.htpasswd_path)
         except HtpasswdError as exc:
             return f"auth.htpasswd.path: {exc}"
+        if config.auth.anonymous_pull:  # registry:2 with htpasswd asks every request for a password
+            log.warning("auth.anonymous_pull is true: clients without a password may pull every repository, "
+                        "pushed ones included (the users in auth.htpasswd.path are asked for pushes, deletes "
+                        "and the web UI's actions); set auth.anonymous_pull: false to ask for a password for "
+                        "every request, as registry:2 with htpasswd does")
         try:
             token_key(config, auth_key, tmp_dir)
         except (AuthError, OSError) as exc:

@@ -98,6 +98,24 @@ def unwritable(directory: Path) -> Iterator[None]:
         subprocess.run([chattr, "-i", str(directory)], check=True)
 
 
+def test_the_root_path_answers_as_registry_2s_does_for_probes_that_ask_it(
+    mirror: MirrorServer, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """``GET /`` answered 404; registry:2 answers 200 (no body, ``Cache-Control: no-cache``), and
+    health checks carried over from it ask there.  With the web UI, a redirect to it (Kubernetes,
+    HAProxy and ``curl -f`` take a 3xx as a success too); never asking for a password."""
+    for method in ("GET", "HEAD"):
+        answer = http.request(method, f"{mirror.url}/", follow_redirects=False)
+        assert (answer.status_code, answer.headers["location"]) == (302, "/ui/"), (method, answer.text)
+    ui = http.get(f"{mirror.url}/", follow_redirects=True)
+    assert (ui.status_code, ui.url.path) == (200, "/ui/") and "text/html" in ui.headers["content-type"]
+    bare = mirror_factory(env={"MIRROR_UI_ENABLED": "false"})
+    for method in ("GET", "HEAD"):
+        answer = http.request(method, f"{bare.url}/", follow_redirects=False)
+        assert (answer.status_code, answer.content) == (200, b""), method
+        assert answer.headers["cache-control"] == "no-cache"
+
+
 def test_readyz_fails_while_the_store_is_not_writable(mirror: MirrorServer, http: httpx.Client) -> None:
     with unwritable(mirror.data_dir / "tmp"):
         answer = http.get(f"{mirror.url}/readyz")

@@ -37,7 +37,7 @@ from typing import Any
 
 import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,7 +66,7 @@ def route_of(path: str, method: str) -> str:
         return endpoint(path, method).kind.value
     if path == "/metrics":
         return "metrics"
-    if path in ("/healthz", "/readyz"):
+    if path in ("/healthz", "/readyz", "/"):
         return "health"
     if path.startswith("/_mirror/"):
         return "admin"
@@ -303,9 +303,19 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+async def root(request: Request) -> Response:
+    """``/``: what registry:2 answers there (200, no body, ``Cache-Control: no-cache``), for the probes
+    and checks that ask it; with the web UI, a redirect to it (which probes take as a success too)."""
+    if request.state.config.ui.enabled:
+        return RedirectResponse("/ui/", status_code=302, headers={"Cache-Control": "no-cache"})
+    return Response(b"", headers={"Cache-Control": "no-cache"})
+
+
 def routes(config: Config) -> list[Route]:
-    """``/healthz``, ``/readyz``, and ``/metrics`` unless it has a listener of its own."""
+    """``/healthz``, ``/readyz``, ``/`` (with the web UI, a redirect to it), and ``/metrics`` unless it
+    has a listener of its own."""
     found = [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/readyz", readyz, methods=["GET", "HEAD"])]
+    found.append(Route("/", root, methods=["GET", "HEAD"]))
     if not config.metrics.listen:
         found.append(Route("/metrics", metrics_endpoint, methods=["GET", "HEAD"]))
     return found

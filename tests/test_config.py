@@ -432,6 +432,26 @@ def test_an_unknown_environment_variable_is_named_with_the_closest_key() -> None
                                   " (unknown configuration key gc.whenever)")
 
 
+def test_registry_2s_variables_are_refused_saying_what_to_set_instead() -> None:
+    """registry:2 containers are configured with ``REGISTRY_<SECTION>_<KEY>``; the mirror started with
+    them as if they were not there (Docker Hub as upstream, 0.0.0.0:5000).  A Kubernetes Service named
+    ``registry`` makes ``REGISTRY_PORT`` and the like, and other ``REGISTRY_*`` names are none of
+    distribution's settings: both are left alone."""
+    for name, value, told in (
+        ("REGISTRY_PROXY_REMOTEURL", "https://registry-1.docker.io", "use MIRROR_UPSTREAM_URL"),
+        ("REGISTRY_HTTP_ADDR", ":5000", "use MIRROR_HTTP_LISTEN"),
+        ("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", "/var/lib/registry", "use MIRROR_STORAGE_PATH"),
+        ("REGISTRY_AUTH_HTPASSWD_PATH", "/auth/htpasswd", "set MIRROR_AUTH_HTPASSWD_PATH if it is one of the mirror's"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            load_config(env={name: value})
+        assert str(refused.value).startswith(f"{name} is a variable of registry:2's, which the mirror does not "
+                                             f"read: {told}"), refused.value
+    config = load_config(env={"REGISTRY_PORT": "tcp://10.96.0.9:5000", "REGISTRY_SERVICE_HOST": "10.96.0.9",
+                              "REGISTRY_HTTP_SERVICE_PORT": "5000", "REGISTRY_USER": "ci", "REGISTRY_TOKEN": "x"})
+    assert config.http.listen == "0.0.0.0:5000"
+
+
 def test_dsn_and_dsn_file_together_in_one_place_are_refused(tmp_path: Path) -> None:
     """Both in the file, or both in the environment: which was meant cannot be told.  (One in the file
     and the other in the environment: the environment's wins, ``test_config_s3_values.py``.)"""

@@ -191,3 +191,20 @@ def unknown_variable(name: str, sections: Collection[str]) -> str:
     close = difflib.get_close_matches(word, list(sections), n=1, cutoff=0.7)
     hint = f": did you mean {ENV_PREFIX}{close[0].upper()}_{rest.partition('_')[2].upper()}?" if close else ""
     return f"unknown environment variable {name} (no configuration section {word}){hint}"
+
+
+#: distribution's top-level sections: ``REGISTRY_<SECTION>_...`` variables configure registry:2.
+DISTRIBUTION_SECTIONS = ("version", "log", "loglevel", "storage", "auth", "middleware", "reporting", "http",
+                         "notifications", "redis", "health", "proxy", "compatibility", "validation", "policy",
+                         "catalog")
+
+
+def distribution_variable(name: str) -> str | None:
+    """Why registry:2's variable *name* (``REGISTRY_PROXY_REMOTEURL``) is refused, or None when it sets
+    none of distribution's settings (a Kubernetes Service named ``registry`` makes ``REGISTRY_PORT``)."""
+    rest = name.removeprefix("REGISTRY_").lower()
+    if not any(rest == section or rest.startswith(section + "_") for section in DISTRIBUTION_SECTIONS):
+        return None
+    instead = _instead(rest)
+    told = _said(instead, True) if instead else f"set {ENV_PREFIX}{rest.upper()} if it is one of the mirror's too"
+    return f"{name} is a variable of registry:2's, which the mirror does not read: {told}"

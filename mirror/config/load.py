@@ -27,6 +27,7 @@ from .hints import (
     ENV_PREFIX,
     NESTED,
     NOT_SETTINGS,
+    distribution_variable,
     drop_harmless_s3,
     unknown_key,
     unknown_section,
@@ -337,6 +338,10 @@ def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str],
     leave, say, authentication off without a word)."""
     variables: dict[tuple[str, str], str] = {}
     for name, value in env.items():
+        if name.startswith("REGISTRY_") and not is_service_link(name, value):
+            if (said := distribution_variable(name)) is not None:  # registry:2's: silently unread, misleading
+                problems.append(said)
+            continue
         if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS or is_service_link(name, value):
             continue
         rest = name[len(ENV_PREFIX):].lower()

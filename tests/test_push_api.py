@@ -142,6 +142,23 @@ def test_chunked_upload_with_status_and_out_of_order_chunk(registry: MirrorServe
     assert gone.status_code == 404 and error_code(gone) == "BLOB_UPLOAD_UNKNOWN"
 
 
+def test_a_chunks_content_range_may_be_written_as_rfc_9110_writes_it(
+    registry: MirrorServer, http: httpx.Client,
+) -> None:
+    """``bytes 0-999/*`` and ``bytes 1000-1999/3000`` (RFC 9110 section 14.4) as well as the spec's
+    ``0-999``; they were refused with 416.  A total that is no number is still refused."""
+    data = os.urandom(3000)
+    location = http.post(f"{registry.url}/v2/team/rfc/blobs/uploads/").headers["location"]
+    bad = http.patch(registry.url + location, content=data[:1000], headers={"content-range": "bytes 0-999/lots"})
+    assert bad.status_code == 416 and error_code(bad) == "BLOB_UPLOAD_INVALID"
+    for header, chunk in (("bytes 0-999/*", data[:1000]), ("bytes 1000-1999/3000", data[1000:2000])):
+        answer = http.patch(registry.url + location, content=chunk, headers={"content-range": header})
+        assert answer.status_code == 202, (header, answer.text)
+    done = http.put(registry.url + location, params={"digest": sha256(data)}, content=data[2000:])
+    assert done.status_code == 201
+    assert http.get(f"{registry.url}/v2/team/rfc/blobs/{sha256(data)}").content == data
+
+
 @pytest.mark.parametrize("ns", ["docker.io", "Index.Docker.IO"])
 def test_an_upload_started_with_the_registrys_own_prefix_and_ns_goes_on_at_its_location(
     registry: MirrorServer, http: httpx.Client, ns: str

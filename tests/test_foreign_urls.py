@@ -116,7 +116,8 @@ def test_through_a_proxy_a_layer_urls_name_is_left_to_the_proxy_and_an_address_i
         dead_proxy = f"http://127.0.0.1:{free_port()}"
         mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch",
                                                         "HTTP_PROXY": dead_proxy, "NO_PROXY": "127.0.0.1"})
-        for n, base, status in ((0, f"http://localhost:{host.port}", 503), (1, f"http://10.0.0.1:{host.port}", 502)):
+        for n, base, status in ((0, f"http://localhost:{host.port}", 503), (1, f"http://10.0.0.1:{host.port}", 502),
+                                (2, f"http://2130706433:{host.port}", 502)):  # 127.0.0.1 as inet_aton spells it too
             body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", f"p{n}", OCI_MANIFEST,
                                                        lambda _, base=base: f"{base}/secret.txt", tmp_path)
             assert http.get(f"{mirror.url}/v2/team/win/manifests/p{n}", headers={"accept": ALL_TYPES}).content == body

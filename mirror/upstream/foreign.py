@@ -112,7 +112,10 @@ async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, A
         try:
             literal = ipaddress.ip_address(url.host)
         except ValueError:
-            return url, {}  # the proxy looks the name up (the mirror's host may not resolve it)
+            try:  # an address in one of inet_aton's older spellings (2130706433, 0x7f.1, 017700000001)
+                literal = ipaddress.ip_address(socket.inet_aton(url.host))
+            except OSError:
+                return url, {}  # a name: the proxy looks it up (the mirror's host may not resolve it)
         if not private and not public(literal):
             raise ForeignRefused(f"{url.host} is not a public address "
                                  "(upstream.foreign_layers_private: true fetches from those too)")

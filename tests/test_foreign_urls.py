@@ -8,13 +8,13 @@ default; the upstream is Debian's docker-registry, which takes manifests whose l
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.asgi import ThreadedServer
@@ -37,6 +37,11 @@ def internal_host(seen: list[str]) -> ThreadedServer:
                             headers={"Content-Length": str(len(SECRET))})
         if request.url.path == "/hop":
             return RedirectResponse("/secret.txt", status_code=302)
+        if request.url.path == "/endless":  # no Content-Length, and (all but) no end: 64 MiB at most
+            async def endless() -> AsyncIterator[bytes]:
+                for _ in range(1024):
+                    yield b"\0" * 65536
+            return StreamingResponse(endless(), media_type="application/octet-stream")
         return RedirectResponse(request.url.path, status_code=302)  # any other path: a loop
 
     return ThreadedServer(Starlette(routes=[Route("/{path:path}", serve, methods=["GET", "HEAD"])]),
@@ -125,3 +130,29 @@ def test_through_a_proxy_a_layer_urls_name_is_left_to_the_proxy_and_an_address_i
             assert got.status_code == status, (base, got.text)
             assert ("not a public address" in got.text) == (status == 502), got.text
         assert seen == []
+
+
+def test_a_layer_url_that_never_stops_sending_is_cut_off_at_the_layers_size(
+    urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A URL answering without end (no Content-Length) was written to disk until the disk filled, after
+    the client had gone: no more than the descriptor's size is taken, and a HEAD gives that size, not
+    the URL's."""
+    seen: list[str] = []
+    with internal_host(seen) as host:
+        mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch",
+                                                        "MIRROR_UPSTREAM_FOREIGN_LAYERS_PRIVATE": "true"})
+        body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", "endless", OCI_MANIFEST,
+                                                   lambda _: f"{host.url}/endless", tmp_path)
+        assert http.get(f"{mirror.url}/v2/team/win/manifests/endless", headers={"accept": ALL_TYPES}).content == body
+        url = f"{mirror.url}/v2/team/win/blobs/{sha256(foreign)}"
+        head = http.head(url)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(foreign))
+        got = http.get(url)
+        assert got.status_code == 502, got.text
+        assert f"more than the layer's {len(foreign)} bytes" in mirror.log_tail(300)
+        hexdigest = sha256(foreign).removeprefix("sha256:")
+        assert not (mirror.data_dir / "blobs" / "sha256" / hexdigest[:2] / hexdigest).exists(), "nothing stored"
+        largest = max((f.stat().st_size for f in mirror.data_dir.rglob("*") if f.is_file()), default=0)
+        assert largest <= len(foreign), largest

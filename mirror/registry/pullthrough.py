@@ -310,7 +310,7 @@ class PullThrough:
                 and (urls := await self.reads.ask(self.metadata.foreign_urls, digest))):
             return APIError("BLOB_UNKNOWN", "non-distributable layer: fetch it from its urls, or set "
                             "upstream.foreign_layers: fetch for clients that do not (dockerd)",
-                            detail={"digest": digest, "urls": list(urls)})
+                            detail={"digest": digest, "urls": [u for u in urls if not u.startswith("#")]})
         return error
 
     async def _consent(self, name: str, digest: Digest) -> None:

@@ -35,6 +35,7 @@ from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore, StoreUnavailable
 from ..storage.refusals import refusal
 from ..upstream.answers import Manifest
+from ..upstream.foreign import with_size
 from .manifests import referred_digest
 from .reads import IndexReads, in_index_thread
 from .referrers import referrer_of
@@ -128,7 +129,7 @@ async def save_pulled(store: BlobStore, metadata: Metadata, repo: str, manifest:
     def record() -> None:
         metadata.put_manifest(key, manifest.media_type, len(manifest.body))
         for d in foreign:
-            metadata.set_foreign_urls(d.digest, d.urls)
+            metadata.set_foreign_urls(d.digest, with_size(d.urls, d.size))  # (a URL's body: at most that)
         metadata.link(repo, linked)
         if referrer is not None:  # known even when the upstream is not
             metadata.add_referrer(repo, *referrer)

@@ -59,7 +59,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from .foreign import first_serving
+from .foreign import bounded, first_serving, split_record
 from .paging import next_page
 from .reads import larger_reads
 
@@ -291,10 +291,18 @@ class Upstream:
         digest.  :class:`UpstreamNotFound` when each URL answered 404 or 410 (or none is http(s)),
         else :class:`UpstreamUnavailable` when none served it.
         """
+        urls, size = split_record(urls)
         response = await self._foreign("GET", urls, digest)
         try:
-            yield BlobDownload(response, lambda size: self.metrics.received(self.config.registry, "blob", size),
-                               invalid=self._invalid)
+            announced = identity_length(response)
+            limit = size if size is not None else announced
+            shown = f"GET foreign layer {digest} from {response.request.url.host}"
+            if limit is None or (announced is not None and announced != limit):
+                raise self._failed(UpstreamInvalid(f"{shown}: it announces {announced} bytes, the layer has {size}"))
+            download = BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
+                                    body=bounded(response.aiter_bytes(), limit, shown), invalid=self._invalid)
+            download.size = limit
+            yield download
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"GET foreign layer {digest}: body interrupted: {exc}") from exc
@@ -302,11 +310,13 @@ class Upstream:
             await response.aclose()
 
     async def head_foreign_blob(self, urls: Sequence[str], digest: Digest) -> int | None:
-        """The size a non-distributable layer's first serving URL announces (as :meth:`foreign_blob`)."""
+        """The layer's size (its descriptor's; a record without it: what its first serving URL announces),
+        once one of its urls answered (as :meth:`foreign_blob`)."""
+        urls, size = split_record(urls)
         response = await self._foreign("HEAD", urls, digest)
         await response.aclose()
         length = response.headers.get("content-length")
-        return int(length) if length and length.isdigit() else None
+        return size if size is not None else int(length) if length and length.isdigit() else None
 
     async def _foreign(self, method: str, urls: Sequence[str], digest: Digest) -> httpx.Response:
         try:

@@ -24,7 +24,7 @@ import logging
 import socket
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +39,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("mirror.upstream.foreign")
 
 MAX_REDIRECTS = 5
+#: A layer's record of urls (``Metadata.foreign_urls``) ends with its descriptor's size, so marked
+#: (``registry/records.py``): no body longer than that is taken from a URL.
+SIZE_MARK = "#size="
+
+
+def with_size(urls: Sequence[str], size: int) -> tuple[str, ...]:
+    """The record of a layer's *urls* and its descriptor's *size*."""
+    return (*urls, f"{SIZE_MARK}{size}")
+
+
+def split_record(record: Sequence[str]) -> tuple[tuple[str, ...], int | None]:
+    """``(urls, size)`` of a record :func:`with_size` made (size None in one written before sizes were)."""
+    urls = tuple(u for u in record if not u.startswith(SIZE_MARK))
+    sizes = [u[len(SIZE_MARK):] for u in record if u.startswith(SIZE_MARK)]
+    return urls, int(sizes[-1]) if sizes and sizes[-1].isdigit() else None
+
+
+async def bounded(chunks: AsyncIterator[bytes], limit: int, what: str) -> AsyncIterator[bytes]:
+    """*chunks*, failing with :class:`UpstreamInvalid` once more than *limit* bytes came (a URL that
+    never stops sending would fill the store's disk)."""
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+        if received > limit:
+            raise UpstreamInvalid(f"{what}: more than the layer's {limit} bytes came")
+        yield chunk
 
 
 class ForeignRefused(Exception):

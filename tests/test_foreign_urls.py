@@ -104,9 +104,13 @@ def test_which_addresses_are_public() -> None:
     from mirror.upstream.foreign import public
 
     for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"):
+                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+                    # IPv6 that carries IPv4: compatible, NAT64 (a DNS64 network's), 6to4, translated; site-local
+                    "::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::",
+                    "::ffff:0:7f00:1", "fec0::1"):
         assert not public(ipaddress.ip_address(address)), address
-    for address in ("13.107.42.14", "2603:1061:13f1:4c06::1", "::ffff:13.107.42.14"):
+    for address in ("13.107.42.14", "2603:1061:13f1:4c06::1", "::ffff:13.107.42.14", "64:ff9b::d6b:2a0e",
+                    "2002:d6b:2a0e::1"):
         assert public(ipaddress.ip_address(address)), address
 
 
@@ -114,15 +118,17 @@ def test_through_a_proxy_a_layer_urls_name_is_left_to_the_proxy_and_an_address_i
     urls_upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """With ``HTTP_PROXY`` set, the mirror's host may not resolve the layer's host (the proxy does): the
-    name is not looked up here; an address written in the URL is still refused if not public."""
+    """With ``HTTP_PROXY`` set, the mirror's host may not resolve the layer's host (the proxy does): a
+    name that does not resolve here is left to the proxy; one that does (``localhost``: whether httpx
+    sends it to the proxy is its ``NO_PROXY`` call), and an address in any spelling, are still checked."""
     seen: list[str] = []
     with internal_host(seen) as host:
         dead_proxy = f"http://127.0.0.1:{free_port()}"
         mirror = mirror_factory(urls_upstream.url, env={"MIRROR_UPSTREAM_FOREIGN_LAYERS": "fetch",
                                                         "HTTP_PROXY": dead_proxy, "NO_PROXY": "127.0.0.1"})
-        for n, base, status in ((0, f"http://localhost:{host.port}", 503), (1, f"http://10.0.0.1:{host.port}", 502),
-                                (2, f"http://2130706433:{host.port}", 502)):  # 127.0.0.1 as inet_aton spells it too
+        for n, base, status in ((0, f"http://layers.invalid:{host.port}", 503),  # RFC 6761: never resolves
+                                (1, f"http://10.0.0.1:{host.port}", 502), (2, f"http://localhost:{host.port}", 502),
+                                (3, f"http://2130706433:{host.port}", 502)):  # 127.0.0.1 as inet_aton spells it
             body, _, foreign = push_with_foreign_layer(urls_upstream.url, "team/win", f"p{n}", OCI_MANIFEST,
                                                        lambda _, base=base: f"{base}/secret.txt", tmp_path)
             assert http.get(f"{mirror.url}/v2/team/win/manifests/p{n}", headers={"accept": ALL_TYPES}).content == body

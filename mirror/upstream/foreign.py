@@ -132,23 +132,19 @@ async def fetch(client: httpx.AsyncClient, method: str, url: str, *, private: bo
 
 
 async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, Any]]:
-    """*url* with its host replaced by the address it resolves to, checked; the TLS name to keep."""
+    """*url* with its host replaced by the address it resolves to, checked; the TLS name to keep.
+
+    A name that does not resolve here is left to a proxy from the environment, if one is set (the
+    mirror's host may not resolve public names); an address is checked in any spelling (``inet_aton``'s
+    older ones too: ``2130706433``, ``0x7f.1``).  Whether a request goes through the proxy is httpx's
+    call (``NO_PROXY`` as it reads it), so what resolves here is checked either way, and pinned when
+    no proxy takes it."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    if _proxied(url):
-        try:
-            literal = ipaddress.ip_address(url.host)
-        except ValueError:
-            try:  # an address in one of inet_aton's older spellings (2130706433, 0x7f.1, 017700000001)
-                literal = ipaddress.ip_address(socket.inet_aton(url.host))
-            except OSError:
-                return url, {}  # a name: the proxy looks it up (the mirror's host may not resolve it)
-        if not private and not public(literal):
-            raise ForeignRefused(f"{url.host} is not a public address "
-                                 "(upstream.foreign_layers_private: true fetches from those too)")
-        return url, {}
     try:
         infos = await anyio.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
+        if _proxied(url):
+            return url, {}
         raise httpx.ConnectError(f"{url.host}: {exc}") from exc
     addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
     if not private:
@@ -157,7 +153,7 @@ async def _pinned(url: httpx.URL, private: bool) -> tuple[httpx.URL, dict[str, A
                 shown = url.host if str(address) == url.host else f"{url.host} is {address}, which"
                 raise ForeignRefused(f"{shown} is not a public address "
                                      "(upstream.foreign_layers_private: true fetches from those too)")
-    if not addresses or str(addresses[0]) == url.host:
+    if not addresses or str(addresses[0]) == url.host or _proxied(url):
         return url, {}
     return url.copy_with(host=str(addresses[0])), ({"sni_hostname": url.host} if url.scheme == "https" else {})
 
@@ -169,7 +165,22 @@ def _proxied(url: httpx.URL) -> bool:
 
 
 def public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether *address* is on the public internet (an IPv4 address mapped into IPv6 as itself)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether *address* is on the public internet.  An IPv6 address that carries an IPv4 one is
+    judged by it: mapped (``::ffff:a.b.c.d``), compatible (``::a.b.c.d``), 6to4 (``2002::/16``), NAT64
+    (``64:ff9b::/96`` and ``64:ff9b:1::/48``, RFC 6052 and 8215: a DNS64 network reaches IPv4 through
+    them); site-local ``fec0::/10`` (deprecated, RFC 3879) is not public."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inside = any(address in n for n in _CARRYING_IPV4)
+        carried = address.ipv4_mapped or address.sixtofour or (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+                                                                if inside else None)
+        if carried is not None:
+            return public(carried)
+        if address in _SITE_LOCAL:
+            return False
     return address.is_global and not address.is_multicast
+
+
+#: IPv6 ranges whose last 32 bits are an IPv4 address (IPv4-compatible, RFC 4291; NAT64, RFC 6052, 8215;
+#: and ``::ffff:0:0/96``, RFC 2765's translated form).
+_CARRYING_IPV4 = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96"))
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")

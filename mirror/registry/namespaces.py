@@ -22,6 +22,7 @@ it for a :class:`~mirror.registry.repository.Repository` bound to the name and n
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from ..spec.errors import APIError
@@ -35,20 +36,33 @@ log = logging.getLogger("mirror.registry")
 
 #: Seconds between two warnings of requests for one registry that is not configured.
 UNCONFIGURED_WARN_INTERVAL = 600.0
+#: At most this many such warnings per interval, whatever the registries (anyone may send any ?ns=).
+UNCONFIGURED_WARN_LIMIT = 20
+_REGISTRY_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?")
 _warned: dict[str, float] = {}
+_window = [0.0, 0]  # start of the current interval, warnings in it
 
 
 def unconfigured(ns: str) -> None:
-    """Warn (once per :data:`UNCONFIGURED_WARN_INTERVAL` per registry) of a request whose ``?ns=`` names
-    a registry without an upstream here: containerd, which asks with HEAD and never sees the error's
-    text, then pulls from that registry directly, and a fleet bypasses the cache unnoticed."""
+    """Warn (once per :data:`UNCONFIGURED_WARN_INTERVAL` per registry, at most
+    :data:`UNCONFIGURED_WARN_LIMIT` in all) of a request whose ``?ns=`` names a registry without an
+    upstream here: containerd, which asks with HEAD and never sees the error's text, then pulls from
+    that registry directly, and a fleet bypasses the cache unnoticed.  A value that is no host name
+    is not written to the log."""
     key, now = ns.lower(), time.monotonic()
-    if now - _warned.get(key, -UNCONFIGURED_WARN_INTERVAL) >= UNCONFIGURED_WARN_INTERVAL:
-        if len(_warned) > 1000:
-            _warned.clear()
-        _warned[key] = now
-        log.warning("requests for registry %s (?ns=%s) are answered 404: no upstream is configured for it "
-                    "(add it to upstreams: to cache it; clients such as containerd then go to it directly)", key, ns)
+    if not _REGISTRY_HOST.fullmatch(key) or now - _warned.get(key, -UNCONFIGURED_WARN_INTERVAL) < \
+            UNCONFIGURED_WARN_INTERVAL:
+        return
+    if now - _window[0] >= UNCONFIGURED_WARN_INTERVAL:
+        _window[:] = [now, 0]
+        _warned.clear()
+    _window[1] += 1
+    if _window[1] > UNCONFIGURED_WARN_LIMIT:
+        return
+    _warned[key] = now
+    log.warning("requests for registry %s are answered 404: no upstream is configured for it (add it to "
+                "upstreams: to cache it; clients such as containerd then go to it directly)%s", key,
+                "; no more such warnings for 10 minutes" if _window[1] == UNCONFIGURED_WARN_LIMIT else "")
 
 
 class Namespaces:

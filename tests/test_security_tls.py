@@ -196,3 +196,11 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     assert request(mirror, "GET", "/v2/", verify=trusted).status_code == 200
     log = mirror.log_tail(400)
     assert log.count("changed but do not load") == 1 and "loaded the renewed certificate" in log, log
+
+    # Files gone (a volume unmounted): the certificate loaded goes on being served, and that is said once.
+    key.unlink()
+    os.kill(mirror.pid, signal.SIGHUP)
+    for _ in range(3):
+        assert served_certificate(mirror.port, pki) == now
+    wait_for(lambda: "one of them is missing" in mirror.log_tail(200), timeout=10, what="the error")
+    assert mirror.log_tail(400).count("one of them is missing") == 1

@@ -5,11 +5,14 @@ before the old certificate expires; a server that read them once at start-up goe
 the old one until it expires and every client fails.  Each worker therefore looks at the two files
 (their modification time, size and inode: a change of the symbolic links a Kubernetes Secret
 volume swaps counts) at most every :data:`CHECK_INTERVAL` seconds, when a TLS connection opens, and
-on ``SIGHUP`` at the next one.  A changed pair is first loaded into a scratch context; only if that
-works (the key belongs to the certificate: a pair caught halfway through being copied does not) is
-it loaded into the listener's own, which OpenSSL applies to the handshakes that follow
-(``SSL_CTX_use_certificate_chain_file``).  A pair that does not load is logged once and tried again
-at the next check; the previous certificate is served meanwhile.
+on ``SIGHUP`` at the next one (a single process's; with several workers ``SIGHUP`` goes to uvicorn's
+supervisor, which replaces the workers one at a time, each loading the files anew).  A changed pair
+is read once and first loaded into a scratch context; only if that works (the key belongs to the
+certificate: a pair caught halfway through being copied does not) is the same copy loaded into the
+listener's own, which OpenSSL applies to the handshakes that follow
+(``SSL_CTX_use_certificate_chain_file``; a failed load there would leave the new certificate with
+the old key).  A pair that does not load, or is missing, is logged once and tried again at the next
+check; the previous certificate is served meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,11 +51,20 @@ class Rotation:
             return
         self._next = now + CHECK_INTERVAL
         stamp = self._stamp()
-        if stamp is None or stamp == self._loaded:
+        if stamp == self._loaded:
             return
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.certificate, self.key, password=lambda: b"")
-            context.load_cert_chain(self.certificate, self.key, password=lambda: b"")
+            if stamp is None:
+                raise FileNotFoundError("one of them is missing")
+            # One read of each file: what the scratch context took is what the listener's takes (a
+            # failed load there would leave it the new certificate with the old key).
+            with tempfile.TemporaryDirectory(prefix="mirror-tls-") as scratch:
+                certificate, key = Path(scratch, "certificate.pem"), Path(scratch, "key.pem")
+                certificate.write_bytes(self.certificate.read_bytes())
+                key.touch(mode=0o600)
+                key.write_bytes(self.key.read_bytes())
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certificate, key, password=lambda: b"")
+                context.load_cert_chain(certificate, key, password=lambda: b"")
         except (ssl.SSLError, OSError) as exc:
             if stamp != self._complained:
                 self._complained = stamp

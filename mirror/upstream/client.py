@@ -297,8 +297,10 @@ class Upstream:
             announced = identity_length(response)
             limit = size if size is not None else announced
             shown = f"GET foreign layer {digest} from {response.request.url.host}"
-            if limit is None or (announced is not None and announced != limit):
-                raise self._failed(UpstreamInvalid(f"{shown}: it announces {announced} bytes, the layer has {size}"))
+            if limit is None:  # (a record written before sizes were, and an answer without a length)
+                raise self._failed(UpstreamInvalid(f"{shown}: the layer's size is not known, nor announced"))
+            if announced is not None and announced != limit:
+                raise self._failed(UpstreamInvalid(f"{shown}: it announces {announced} bytes, the layer has {limit}"))
             download = BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
                                     body=bounded(response.aiter_bytes(), limit, shown), invalid=self._invalid)
             download.size = limit

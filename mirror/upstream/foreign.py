@@ -81,6 +81,8 @@ async def first_serving(upstream: Upstream, method: str, urls: Sequence[str], di
     failures: list[str] = []
     not_found, refused = True, False
     for url in urls:
+        if not url.lower().startswith(("http://", "https://")):
+            continue  # another scheme's (as image-spec allows): not for the mirror to fetch; "not found" if all are
         started = time.monotonic()
         try:
             response = await fetch(upstream.client, method, url, private=upstream.config.foreign_layers_private)
@@ -100,7 +102,7 @@ async def first_serving(upstream: Upstream, method: str, urls: Sequence[str], di
         await response.aclose()
         failures.append(f"{url}: {response.status_code}")
         not_found = not_found and response.status_code in (404, 410)
-    message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no url")
+    message = f"{method} foreign layer {digest}: " + ("; ".join(failures) or "no http(s) url")
     if refused:
         log.warning("%s", message)
         raise UpstreamInvalid(message)

@@ -302,11 +302,19 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceMonitor": {"enabled": True, "tlsConfig": {"insecureSkipVerify": True}},
         "tls": {"enabled": True, "secretName": "mirror-tls"},
     },
-    "ephemeral": {"persistence": {"enabled": False}},
+    "ephemeral": {"persistence": {"enabled": False}, "preStopSleepSeconds": 0,
+                  "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
+                  # The README's advice under mutual TLS: TCP probes, which replace the default httpGet.
+                  "livenessProbe": {"tcpSocket": {"port": "http"}}, "readinessProbe": {"tcpSocket": {"port": "http"}},
+                  "extraEnv": [{"name": "MIRROR_ADMIN_TOKEN_FILE", "value": "/etc/mirror/admin/token"}],
+                  "extraVolumes": [{"name": "admin", "secret": {"secretName": "mirror-admin",
+                                                                "items": [{"key": "token", "path": "token"}]}}],
+                  "extraVolumeMounts": [{"name": "admin", "mountPath": "/etc/mirror/admin", "readOnly": True}]},
     "replicas": {
         "replicaCount": 3,
         "objectStorage": {"enabled": True, "bucket": "images", "regionendpoint": "http://seaweedfs:8333",
-                          "forcepathstyle": True, "maxSize": "500GiB", "existingSecret": "mirror-s3"},
+                          # A whole number of bytes (YAML reads it as a float: never written 5.36870912e+11).
+                          "forcepathstyle": True, "maxSize": 536870912000, "existingSecret": "mirror-s3"},
         "database": {"enabled": True, "existingSecret": "mirror-database"},
         "cluster": {"existingSecret": "mirror-cluster"},
     },
@@ -384,12 +392,35 @@ def test_helm_chart_renders_valid_consistent_manifests(
     assert container["securityContext"]["readOnlyRootFilesystem"] and spec["enableServiceLinks"] is False
 
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    scheme = "HTTPS" if values.get("tls", {}).get("enabled") else "HTTP"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert container[probe]["httpGet"]["port"] in ports
-        assert container[probe]["httpGet"]["scheme"] == ("HTTPS" if values.get("tls", {}).get("enabled") else "HTTP")
-    assert {container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]} \
-        == {"/healthz", "/readyz"}
+        handlers = {"httpGet", "tcpSocket", "exec", "grpc"} & set(container[probe])
+        assert len(handlers) == 1, (probe, handlers)  # the API server refuses a probe with two
+        (handler,) = handlers
+        assert container[probe][handler]["port"] in ports
+        if probe in values:
+            assert handler == next(iter(values[probe]))
+        else:
+            assert container[probe]["httpGet"]["scheme"] == scheme
+    if "livenessProbe" not in values:
+        assert {container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]} \
+            == {"/healthz", "/readyz"}
     assert {port["targetPort"] for port in service["spec"]["ports"]} <= set(ports)
+    assert [port["appProtocol"] for port in service["spec"]["ports"]] == \
+        [scheme.lower(), *(["http"] if values.get("metrics", {}).get("port") else [])]
+    # New credentials or users in the chart's Secret roll the pods, as a config change does.
+    assert {"checksum/config", "checksum/secret"} <= set(pod["metadata"]["annotations"])
+    sleep = values.get("preStopSleepSeconds", 5)
+    if sleep:
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(sleep)]
+        assert spec["terminationGracePeriodSeconds"] >= sleep + 25  # + http.draintimeout
+    else:
+        assert "lifecycle" not in container
+    account = values.get("serviceAccount", {})
+    assert spec["serviceAccountName"] == (objects["ServiceAccount"]["metadata"]["name"] if account.get("create")
+                                          else "default")
+    if account.get("create"):
+        assert objects["ServiceAccount"]["metadata"]["annotations"] == account["annotations"]
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert {mount["name"] for mount in container["volumeMounts"]} <= set(volumes)
     claim = volumes["data"].get("persistentVolumeClaim", {}).get("claimName")
@@ -399,8 +430,8 @@ def test_helm_chart_renders_valid_consistent_manifests(
         expected = (values.get("persistence", {}).get("existingClaim")
                     or objects["PersistentVolumeClaim"]["metadata"]["name"])
         assert claim == expected
-    else:
-        assert "emptyDir" in volumes["data"] and "PersistentVolumeClaim" not in objects
+    else:  # an emptyDir of persistence.size, the budget within it (a share would be of the node's disk)
+        assert volumes["data"]["emptyDir"]["sizeLimit"] == "50Gi" and "PersistentVolumeClaim" not in objects
 
     if "ServiceMonitor" in objects:
         monitor = objects["ServiceMonitor"]
@@ -427,6 +458,10 @@ def test_helm_chart_renders_valid_consistent_manifests(
         assert (config.storage.driver, config.storage.s3_bucket, config.cache.max_size) == ("s3", "images", 500 << 30)
         assert (config.storage.s3_accesskey, config.storage.s3_secretkey) == ("AKEXISTING", "sk-existing")
         assert config.storage.s3_regionendpoint == "http://seaweedfs:8333" and config.storage.s3_forcepathstyle
+    if not values.get("persistence", {}).get("enabled", True):
+        assert config.cache.max_size == 40 << 30
+    if "extraEnv" in values:
+        assert config.admin.token_file is not None and config.admin.token_file.value == "t" * 40
     if values.get("database", {}).get("enabled"):
         assert (config.metadata.driver, config.metadata.postgres_dsn) == ("postgres", "postgresql://m:pw@db/mirror")
     if replicas > 1:  # the pods fetch together, each advertising its own address
@@ -446,7 +481,7 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
     chart_secret = objects.get("Secret", {})
     external = {"password": "token-from-an-existing-secret", "username": "me", "htpasswd": HTPASSWD,
                 "accesskey": "AKEXISTING", "secretkey": "sk-existing", "dsn": "postgresql://m:pw@db/mirror",
-                "secret": "c" * 64,
+                "secret": "c" * 64, "token": "t" * 40,
                 "tls.crt": certificate.certificate.read_text(), "tls.key": certificate.key.read_text()}
 
     def secret_value(name: str, key: str) -> str:
@@ -487,13 +522,26 @@ def materialize(objects: dict[str, dict[str, Any]], container: dict[str, Any], v
     ({"replicaCount": 2}, "replicaCount > 1 needs objectStorage.enabled and database.enabled"),
     ({"replicaCount": 2, "objectStorage": {"enabled": True, "bucket": "b", "maxSize": "1TiB"}},
      "replicaCount > 1 needs objectStorage.enabled and database.enabled"),
-    ({"objectStorage": {"enabled": True, "maxSize": "1TiB"}}, "objectStorage.bucket is needed"),
-    ({"objectStorage": {"enabled": True, "bucket": "b"}}, "objectStorage.maxSize is needed"),
+    ({"objectStorage": {"enabled": True, "maxSize": "1TiB"}, "database": {"enabled": True, "existingSecret": "db"}},
+     "objectStorage.bucket is needed"),
+    ({"objectStorage": {"enabled": True, "bucket": "b"}, "database": {"enabled": True, "existingSecret": "db"}},
+     "objectStorage.maxSize is needed"),
     ({"database": {"enabled": True}}, "database.existingSecret (a Secret with the key dsn) is needed"),
     ({"replicaCount": 2, "objectStorage": {"enabled": True, "bucket": "b", "maxSize": "1TiB"},
       "database": {"enabled": True, "existingSecret": "db"}}, "cluster.existingSecret (a Secret with the key secret)"),
-], ids=["replicas-on-a-volume", "replicas-without-a-database", "no-bucket", "no-budget", "no-dsn", "no-cluster-secret"])
-def test_helm_chart_refuses_replicas_that_would_not_share_their_store(
+    # One pod on a bucket keeps its index in PostgreSQL too: in its emptyDir the index would be lost
+    # with the pod, and the bucket would refuse the next pod (it remembers its index).
+    ({"objectStorage": {"enabled": True, "bucket": "b", "maxSize": "1TiB"}}, "objectStorage.enabled needs database"),
+    ({"metrics": {"port": 5000}}, "metrics.port must not be 5000"),
+    ({"podLabels": {"app.kubernetes.io/name": "other"}}, "podLabels must not set app.kubernetes.io/name"),
+    ({"upstreamCredentials": {"username": "me"}}, "upstreamCredentials.username is set without"),
+    ({"tls": {"enabled": True, "secretName": "t"}, "serviceMonitor": {"enabled": True}},
+     "serviceMonitor with tls.enabled scrapes the HTTPS API port"),
+    ({"persistence": {"enabled": False, "size": "50G"}}, "persistence.size \"50G\""),
+], ids=["replicas-on-a-volume", "replicas-without-a-database", "no-bucket", "no-budget", "no-dsn", "no-cluster-secret",
+        "bucket-without-a-database", "metrics-on-the-api-port", "labels-over-the-selector", "username-alone",
+        "scraping-tls-blind", "emptydir-size-unreadable"])
+def test_helm_chart_refuses_values_that_would_make_a_broken_pod(
     values: dict[str, Any], message: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "values.yaml"

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from .local import LocalRegistry, LocalRepository, push_refusal
+from .local import LocalRegistry, push_refusal
 from .pullthrough import PullThrough
+from .pushes import LocalRepository
 from .repository import (
     BlobHead,
     BlobResult,

@@ -28,8 +28,9 @@ import time
 from ..spec.errors import APIError
 from ..spec.names import DOCKER_HUB, DOCKER_HUB_ALIASES, without_registry
 from .cached import CachedRepository, UnmirroredRegistryRepository
-from .local import LocalRegistry, LocalRepository
+from .local import LocalRegistry
 from .pullthrough import PullThrough
+from .pushes import LocalRepository
 from .repository import Repository
 
 log = logging.getLogger("mirror.registry")

@@ -37,8 +37,8 @@ from starlette.responses import Response
 
 from ..api.auth import token_key
 from ..config.sections import Config
-from ..registry.local import LocalRepository
 from ..registry.namespaces import Namespaces
+from ..registry.pushes import LocalRepository
 from ..registry.reads import in_index_thread
 from ..spec.errors import APIError
 from ..spec.reference import ParseError, parse_digest, parse_name, parse_reference

@@ -57,8 +57,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* A probe from values, its httpGet speaking the listener's scheme. */}}
 {{- define "mirror.probe" -}}
 {{- $probe := deepCopy .probe }}
+{{- if or $probe.tcpSocket $probe.exec $probe.grpc }}
+{{- /* values given replace the default httpGet: a probe has one handler */}}
+{{- $_ := unset $probe "httpGet" }}
+{{- end }}
 {{- if $probe.httpGet }}
 {{- $_ := set $probe.httpGet "scheme" (include "mirror.scheme" .root) }}
 {{- end }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{- define "mirror.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mirror.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* cache.max_size of a pod on an emptyDir of persistence.size (e.g. 50Gi): 80% of it. */}}
+{{- define "mirror.ephemeralBudget" -}}
+{{- $size := toString .Values.persistence.size }}
+{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi|Ti)$" $size) }}
+{{- fail (printf "persistence.size %q: with persistence.enabled false it is the emptyDir's limit, written as a whole number of Ki, Mi, Gi or Ti (e.g. 50Gi)" $size) }}
+{{- end }}
+{{- $number := regexReplaceAll "[A-Za-z]+$" $size "" | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+" $size "" }}
+{{- $kib := dict "Ki" 1 "Mi" 1024 "Gi" 1048576 "Ti" 1073741824 }}
+{{- $budget := div (mul $number (get $kib $unit) 8) 10 }}
+{{- if eq (mod $budget 1048576) 0 }}{{ printf "%dGiB" (div $budget 1048576) }}
+{{- else if eq (mod $budget 1024) 0 }}{{ printf "%dMiB" (div $budget 1024) }}
+{{- else }}{{ printf "%dKiB" $budget }}{{ end }}
 {{- end }}

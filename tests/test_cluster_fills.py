@@ -9,6 +9,7 @@ fill lasts seconds) and counts what it served.
 from __future__ import annotations
 
 import hashlib
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,12 +24,13 @@ from mirror.registry.sharedsecret import LEASE as SECRET_LEASE
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, Layer, build_image, random_layer
-from tests.support.metrics import scrape, value
+from tests.support.metrics import parse, scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.procs import free_port
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.tls import server_certificate
 from tests.support.waiting import wait_for
 from tests.test_cluster import SECRET, replica_env
 from tests.test_s3_serve import Bucket
@@ -98,7 +100,7 @@ def pull_blob(pull: Pull, digest: str) -> None:
     hasher = hashlib.sha256()
     pull.started = time.monotonic()
     try:
-        with httpx.Client(trust_env=False, timeout=120) as http, \
+        with httpx.Client(trust_env=False, timeout=120, verify=pull.replica.verify) as http, \
                 http.stream("GET", f"{pull.replica.url}/v2/library/cluster-big/blobs/{digest}") as answer:
             if answer.status_code != 200:
                 answer.read()
@@ -264,6 +266,41 @@ def test_a_replica_whose_bucket_answers_slowly_follows_a_fill_in_progress_withou
     assert pull.first_byte is not None and pull.first_byte - pull.started < 1.5, \
         f"first byte after {pull.first_byte and pull.first_byte - pull.started:.2f} s: it waited for the look"
     assert fault_proxy.count("GET", blob_path) == 1
+
+
+def test_replicas_serving_https_follow_each_others_fills_trusting_the_one_certificate_they_serve(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
+    tmp_path: Path,
+) -> None:
+    """Replicas serving HTTPS with one certificate (one Secret in every pod), from a CA no trust store
+    holds, naming none of the addresses they advertise (as cert-manager's, reached at ``$(POD_IP)``):
+    a client of a replica streams the fill another replica fetches.  Before, each request to the other
+    replica failed certificate verification, and the client waited for the whole blob to be stored."""
+    certificate = server_certificate(tmp_path / "tls", ("mirror.cluster.internal",), local=False)
+    trusting = ssl.create_default_context(cafile=certificate.ca)
+    trusting.check_hostname = False  # the tests' own client: the certificate names no address
+    replicas = []
+    for _ in range(2):
+        port = free_port()
+        env = replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, port,
+                          MIRROR_HTTP_TLS_CERTIFICATE=str(certificate.certificate),
+                          MIRROR_HTTP_TLS_KEY=str(certificate.key))
+        env["MIRROR_CLUSTER_ADVERTISE"] = f"https://127.0.0.1:{port}"
+        replicas.append(mirror_factory(fault_proxy.url, port=port, env=env, scheme="https", verify=trusting))
+    owner, follower = replicas
+    layer = big_image.layers[0]
+    blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer)
+    pull = Pull(follower)
+    for thread in [*run_pulls([pull], layer.digest), first_thread]:
+        thread.join(180)
+    assert (first.error, first.sha256, pull.error, pull.sha256) == (None, layer.digest, None, layer.digest)
+    assert fault_proxy.count("GET", blob_path) == 1
+    with httpx.Client(trust_env=False, timeout=30, verify=trusting) as http:
+        samples = parse(http.get(f"{follower.url}/metrics").text)
+    assert value(samples, "mirror_cluster_fills_total", role="follower") == 1
+    assert value(samples, "mirror_cluster_peer_received_bytes_total") > 0
+    assert fills_requests(owner) >= 1
+    assert "does not answer" not in follower.log_path.read_text()
 
 
 def test_a_replica_whose_advertised_address_does_not_reach_it_is_named_in_a_warning_and_its_blob_still_served(

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -53,11 +56,58 @@ def read_limit(ttl: float) -> float:
     return max(2 * ttl, 10.0)
 
 
+class PeerTrust:
+    """Whom this replica's requests to the others trust over HTTPS: the certificate it serves itself.
+
+    Replicas serve one certificate (one Secret mounted in every pod) and reach each other by
+    address (``$(POD_IP)``), which a certificate from cert-manager or a public CA does not name, from
+    a CA the default trust store may not hold.  So the certificate this replica serves (the first of
+    ``http.tls.certificate``, trusted alone: ``VERIFY_X509_PARTIAL_CHAIN``, not its issuer's other
+    certificates) is the one a peer must present, whatever its address; it is also sent as the client
+    certificate, for a peer with ``http.tls.client_ca`` (which must then have signed it).  The files
+    are looked at again at most every :data:`TRUST_INTERVAL` seconds: a renewed certificate is
+    trusted beside the previous one, as the replicas take it one after another."""
+
+    def __init__(self, certificate: Path, key: Path) -> None:
+        self.certificate, self.key = certificate, key
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False  # (before CERT_REQUIRED, which PROTOCOL_TLS_CLIENT sets)
+        self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        self._stamp: tuple[int, int, int] | None = None
+        self._next = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + TRUST_INTERVAL
+        try:
+            info = os.stat(self.certificate)
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            if stamp == self._stamp:
+                return
+            text = self.certificate.read_text()
+            end = text.index(PEM_END) + len(PEM_END)
+            self.context.load_verify_locations(cadata=text[text.index("-----BEGIN CERTIFICATE-----"):end])
+            self.context.load_cert_chain(self.certificate, self.key)
+            self._stamp = stamp
+        except (OSError, ValueError, ssl.SSLError) as exc:  # half copied: the next look
+            log.warning("cannot read %s for requests to the other replicas: %s", self.certificate, exc)
+
+
+#: Seconds between two looks at ``http.tls.certificate`` for the requests to the other replicas.
+TRUST_INTERVAL = 10.0
+PEM_END = "-----END CERTIFICATE-----"
+
+
 class Cluster:
     """This replica's side of the cluster: built once per process in the app's lifespan."""
 
     def __init__(self, config: ClusterConfig, metadata: Metadata, store: BlobStore,
-                 marks: IndexMarks | None = None) -> None:
+                 marks: IndexMarks | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        """*tls*: this replica's certificate and key files (``http.tls.*``), when it serves HTTPS:
+        see :class:`PeerTrust`."""
         assert config.advertise is not None and config.secret_file is not None
         self.replica = config.advertise
         self.ttl = config.lease_ttl
@@ -66,9 +116,18 @@ class Cluster:
         #: This process's marks in the index of the objects it serves or fills (None: none are kept).
         self.marks = marks
         self._secret = config.secret_file.value
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False)
+        self.trust = PeerTrust(*tls) if tls is not None else None
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(read_limit(self.ttl), connect=5.0), trust_env=False,
+                                         verify=self.trust.context if self.trust else True)
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: dict[str, float] = {}  # replica -> when it was last said not to answer
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The client for requests to the other replicas (trusting a renewed certificate once read)."""
+        if self.trust is not None:
+            self.trust.refresh()
+        return self._client
 
     def signed(self, method: str, path: str) -> dict[str, str]:
         return sign(self._secret, method, path, self.replica)
@@ -98,7 +157,7 @@ class Cluster:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        await self.client.aclose()
+        await self._client.aclose()
 
 
 def reason(exc: BaseException) -> str:

@@ -90,7 +90,9 @@ def create_app(config: Config) -> MirrorApp:
         shared = config.cluster.enabled and metadata.shared_by_hosts and config.storage.driver == "s3"
         marks = IndexMarks(metadata, holder, config.cluster.lease_ttl) if shared else None
         # A replica of a cluster: each fetch under a lease shared by the replicas, or from its holder.
-        cluster = Cluster(config.cluster, metadata, store, marks) if config.cluster.enabled else None
+        certificate, key = config.http.tls_certificate, config.http.tls_key
+        tls = (certificate, key) if certificate is not None and key is not None else None
+        cluster = Cluster(config.cluster, metadata, store, marks, tls) if config.cluster.enabled else None
         figures = ClusterMetrics(metrics)  # exported at 0 on a single host too: one dashboard for both
         fills = ClusterFills(store, cluster, figures, metrics=metrics) if cluster else Fills(store, metrics=metrics)
         # One client and policy per upstream registry; they share the store, the index and the fills.

@@ -227,6 +227,28 @@ def test_local_marks(index: Metadata) -> None:
     assert index.repositories() == [local_repo("team/app")] and index.has_repository("local/team/app")
 
 
+def test_a_local_name_that_holds_nothing_is_given_back(index: Metadata) -> None:
+    """``release_local``: only a name that holds no link, tag or referrer and has no upload left."""
+    assert not index.release_local("team/never")  # not local
+    names = ["team/linked", "team/tagged", "team/referred", "team/uploading", "team/empty", "team/empty2"]
+    for name in names:
+        index.mark_local(name, 1.0)
+    index.link(local_repo("team/linked"), [D1])
+    index.set_tag(local_repo("team/tagged"), "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+    index.add_referrer(local_repo("team/referred"), D1, {"digest": D2, "mediaType": OCI_MANIFEST, "size": 1})
+    index.put_upload("u" * 32, UploadRecord("team/uploading", 1.0))
+    index.put_upload("v" * 32, UploadRecord("team/empty2/more", 1.0))  # another name, which it prefixes
+    index.link(local_repo("team/empty2/more"), [D2])
+    assert [index.release_local(name) for name in names] == [False, False, False, False, True, True]
+    assert not index.is_local("team/empty") and not index.has_repository(local_repo("team/empty"))
+    assert local_repo("team/empty") not in index.repositories() and index.is_local("team/linked")
+    assert not index.release_local("team/empty")  # once
+    index.delete_upload("u" * 32)
+    assert index.release_local("team/uploading")
+    index.mark_local("team/empty", 2.0)  # pushed to again: local and in the catalog again
+    assert index.is_local("team/empty") and local_repo("team/empty") in index.repositories()
+
+
 # -- referrers, pins, uploads, foreign layers --
 
 def test_referrers_pushed_and_upstream(index: Metadata) -> None:
@@ -501,6 +523,8 @@ def test_the_generation_moves_on_withdrawals_only_in_every_process(
         assert moves("forget", manifests=[D1], here=here)
         assert moves("mark_local", f"team/{here}", 1.0, here=here)  # its requests stop going upstream
         assert not moves("mark_local", f"team/{here}", 2.0, here=here, stays=True)
+        assert moves("release_local", f"team/{here}", here=here)  # its requests go upstream again
+        assert not moves("release_local", f"team/{here}", here=here, stays=True)
 
 
 def test_writes_of_one_instance_are_read_by_another(index: Metadata, opener: Opener,

@@ -747,6 +747,47 @@ def test_the_question_before_a_first_push_is_asked_again_after_a_blip_and_an_ups
     assert "push to team/down: the upstream docker.io did not say whether it serves" in mirror.log_tail(100)
 
 
+def test_a_push_given_up_before_any_content_landed_gives_its_name_back(
+    mirror_factory: Callable[..., MirrorServer], images: StandardImages, upstream: UpstreamRegistry,
+    http: httpx.Client,
+) -> None:
+    """A started upload makes its name a pushed repository; once its last upload is cancelled or
+    expires with nothing stored in it, the name is given back: it leaves the catalog, and a pull of it
+    falls through to the upstream again (before, every POST claimed its name for good).  A name that
+    holds a blob keeps it."""
+    mirror = mirror_factory(env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", "MIRROR_PUSH_UPLOAD_TTL": "2s"})
+    base = mirror.url
+    started = [http.post(f"{base}/v2/squat/later/blobs/uploads/") for _ in range(2)]
+    assert [answer.status_code for answer in started] == [202] * 2
+    assert http.delete(base + started[0].headers["location"]).status_code == 204
+    assert http.get(f"{base}/v2/_catalog").json() == {"repositories": ["squat/later"]}  # one upload left
+    assert http.delete(base + started[1].headers["location"]).status_code == 204
+    missing = http.post(f"{base}/v2/squat/mounting/blobs/uploads/",
+                        params={"mount": sha256(b"nowhere"), "from": "squat/later"})
+    assert missing.status_code == 202  # not mounted: an upload starts instead
+    assert http.delete(base + missing.headers["location"]).status_code == 204
+    assert http.get(f"{base}/v2/_catalog").json() == {"repositories": []}
+
+    upstream.push_image("squat/later", "1", images.small)
+    pulled = http.get(f"{base}/v2/squat/later/manifests/1", headers={"accept": ALL_TYPES})
+    assert (pulled.status_code, pulled.headers["x-mirror-cache"]) == (200, "MISS"), pulled.text
+
+    layer = os.urandom(3000)
+    digest = push_blob(http, base, "squat/mine", layer)
+    extra = http.post(f"{base}/v2/squat/mine/blobs/uploads/").headers["location"]
+    assert http.delete(base + extra).status_code == 204
+    abandoned = http.post(f"{base}/v2/squat/abandoned/blobs/uploads/")
+    assert http.patch(base + abandoned.headers["location"], content=b"x" * 100).status_code == 202
+    # Expired (2 s after its last write), swept within a second or so: given back.
+    expected = {"repositories": ["squat/later", "squat/mine"]}
+    assert eventually(lambda: http.get(f"{base}/v2/_catalog").json() == expected, timeout=20), \
+        http.get(f"{base}/v2/_catalog").json()
+    assert http.get(base + abandoned.headers["location"]).status_code == 404
+    mine = http.get(f"{base}/v2/squat/mine/blobs/{digest}")
+    assert (mine.status_code, mine.headers["x-mirror-cache"], mine.content) == (200, "LOCAL", layer)
+    assert "squat/abandoned is no pushed repository any more" in mirror.log_path.read_text()
+
+
 def test_abandoned_uploads_expire(mirror_factory: Callable[..., MirrorServer], http: httpx.Client) -> None:
     registry = mirror_factory(env={"MIRROR_PUSH_UPLOAD_TTL": "1s"})
     location = http.post(f"{registry.url}/v2/team/app/blobs/uploads/").headers["location"]

@@ -62,6 +62,7 @@ from .driver import (
     local_repo,
 )
 from .marks import HostMarks
+from .releases import DiskcacheReleases
 from .scans import DiskcacheRecords
 
 __all__ = ["DiskcacheMetadata", "MappedGeneration"]
@@ -103,7 +104,7 @@ class MappedGeneration:
 _NO_RECORD = ("open_thread",)
 
 
-class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, HostMarks, Metadata):
+class DiskcacheMetadata(DiskcacheRecords, DiskcacheLeases, DiskcacheReleases, HostMarks, Metadata):
     """The index in diskcache under *directory*; *clock* (seconds) times leases."""
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:

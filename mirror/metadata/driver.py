@@ -17,8 +17,8 @@ Every driver passes ``tests/test_metadata_contract.py``.  What it promises besid
   see each other's writes; read-modify-writes (a repository's tag list, the catalog, a subject's
   referrers, the usage count) are atomic across them.
 * **Generation.** :attr:`Metadata.generation` changes whenever the index *withdraws* something
-  (a link, a manifest record, a tag moved or removed) or a repository turns local, and not for
-  additions.  Answers kept in memory (``api/memo.py``) compare it on every lookup, so it must be as
+  (a link, a manifest record, a tag moved or removed) or a repository turns local (or back), and
+  not for additions.  Answers kept in memory (``api/memo.py``) compare it on every lookup, so it must be as
   cheap as a memory read.  A driver's own withdrawals show when the call returns; another
   instance's as soon as the driver learns of them (at once for a shared file).  A driver may
   answer :meth:`RepositoryIndex.is_linked` from links it found while the generation stood still.
@@ -59,9 +59,8 @@ def unpin_if_untagged(metadata: Metadata, repo: str, digest: str) -> None:
 class MetadataUnavailable(RuntimeError):
     """The index cannot be reached now (its database server is down, unreachable or not answering):
     nothing was read by the failed call, and a later call may succeed.  A change whose connection was
-    lost while its commit was on the way may still be applied by the server (as with any connection
-    lost then).  Its message names the database and never holds a password; the HTTP edge answers it
-    with ``503 UNAVAILABLE``."""
+    lost while its commit was on the way may still be applied by the server.  Its message names the
+    database and never holds a password; the HTTP edge answers it with ``503 UNAVAILABLE``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +126,10 @@ class UpstreamReferrers:
 class Lease:
     """An exclusive claim on *name* by *holder* until *expires* (seconds, the driver's clock).
 
-    *token* is the fencing token: larger than that of every earlier grant of the name, so a
-    holder that lost its lease (paused past the expiry, then taken over) carries a smaller one
-    than its successor, and a write checked against the current lease refuses it.  Holders
-    renew well before their ``ttl`` passes by their own clock and never compare *expires*
-    with it.
-    """
+    *token* is the fencing token: larger than that of every earlier grant of the name, so a holder
+    that lost its lease (paused past the expiry, then taken over) carries a smaller one than its
+    successor, and a write checked against the current lease refuses it.  Holders renew well before
+    their ``ttl`` passes by their own clock and never compare *expires* with it."""
 
     name: str
     holder: str
@@ -165,9 +162,7 @@ class TagIndex(Protocol):
         *tags* is empty."""
         ...
 
-    def tags(self, repo: str) -> list[str]:
-        """The tags of *repo*, sorted."""
-        ...
+    def tags(self, repo: str) -> list[str]: ...  # sorted
 
     def tags_pointing_to(self, repo: str, digest: str) -> list[str]: ...
 
@@ -184,9 +179,7 @@ class ManifestIndex(Protocol):
         it again with another media type or size moves the generation (answers kept of it are out of date)."""
         ...
 
-    def manifest_digests(self) -> list[str]:
-        """Every digest with a manifest record: a snapshot."""
-        ...
+    def manifest_digests(self) -> list[str]: ...  # every digest with a manifest record: a snapshot
 
     def count_manifests(self) -> int: ...
 
@@ -218,6 +211,12 @@ class RepositoryIndex(Protocol):
         ...
 
     def is_local(self, name: str) -> bool: ...
+
+    def release_local(self, name: str) -> bool:
+        """Undo :meth:`mark_local` of *name* if it holds nothing (no link, tag or referrer in
+        ``local/<name>``) and has no upload: its pushes given up before any content landed.  It
+        leaves the catalog and the generation moves; False if it holds something or is not local."""
+        ...
 
 
 class ReferrerIndex(Protocol):

@@ -5,10 +5,10 @@ Three reads come before anything else on the request path, on the event loop: wh
 manifest GET) and a manifest's record (``get_manifest``, every manifest GET by digest).  With
 PostgreSQL each was a round trip to the database.  Each answer kept here can only be taken back by a
 change that moves the generation (``driver.py``): a link or a manifest record goes with a withdrawal
-or is recorded again otherwise, a name becomes local by ``mark_local``, and all three move it; names
-never stop being local.  So :class:`Remembered` keeps those answers (a name's both ways, links and
-manifests when found) and forgets them all when the generation moved, exactly as the memo of
-manifest answers does (``api/memo.py``).  What another instance changes is therefore seen when its
+or is recorded again otherwise, a name becomes local by ``mark_local`` (and stops being so by
+``release_local``), and all of them move it.  So :class:`Remembered` keeps those answers (a name's
+both ways, links and manifests when found) and forgets them all when the generation moved, exactly
+as the memo of manifest answers does (``api/memo.py``).  What another instance changes is therefore seen when its
 NOTIFY arrives, as for the memo (a few milliseconds); this instance's own changes at once; while the
 listener is not connected the generation reads differently every time, and every call asks the
 database.  Links and manifests not found are not kept: they appear without moving the generation.

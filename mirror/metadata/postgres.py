@@ -40,6 +40,7 @@ from .pgpins import PostgresPins
 from .pgremembered import Remembered
 from .pgschema import CHANNEL, UPLOAD_COLUMNS, UPLOAD_UPDATES, NotifiedGeneration, describe, migrate
 from .pgwatch import ServerWatch
+from .releases import PostgresReleases
 from .scans import PostgresRecords
 
 #: Most connections an instance holds at once (besides the listener's): its worker threads queue for them.
@@ -56,7 +57,7 @@ _BUMP = (f"WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'genera
          f" SELECT value, pg_notify('{CHANNEL}', value::text) FROM g")
 
 
-class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins, Metadata):
+class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins, PostgresReleases, Metadata):
     """The index in the PostgreSQL database at *dsn* (a libpq connection string or URL).
 
     *store*, if given, names the blob store it describes (``pgschema.migrate``).  *clock* (seconds),

@@ -150,6 +150,12 @@ class LocalRegistry:
             raise APIError("DENIED", f"{name} is a cache of the upstream registry; push to another name")
         self.metadata.mark_local(name, time.time())
 
+    def kept_local(self, name: str) -> None:
+        """Content just landed in *name*: mark it local again, in case an upload of it, cancelled or
+        expired meanwhile, gave it back before this content showed (``metadata/releases.py``; asked
+        of the database, not of answers kept in memory, which may not know of that yet)."""
+        self.metadata.mark_local(name, time.time())
+
     # -- reads of local repositories --
 
     async def manifest(self, name: str, reference: str | Digest, accept: set[str]) -> ManifestResult:
@@ -219,6 +225,7 @@ class LocalRegistry:
                 if await absent(self.store, self.metadata, await self.read_repo_key(source), [key]):
                     return False
                 await in_index_thread(self.metadata.link, local_repo(name), [key])
+                await in_index_thread(self.kept_local, name)
                 await anyio.to_thread.run_sync(self.store.touch, digest)  # young again: the manifest's grace
             return True
 
@@ -245,6 +252,7 @@ class LocalRegistry:
 
         await save_pushed(self.store, self.metadata, repo, reference, digest, body, media_type,
                           required_digests(doc, media_type), subject, descriptor)
+        await in_index_thread(self.kept_local, name)
         return str(digest), subject
 
     # -- deletes --

@@ -1,15 +1,15 @@
 """Blob uploads of pushed repositories (distribution-spec, "Pushing blobs").
 
-Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can
-be continued by any worker process and after a restart.  Requests on one upload are
-serialised with ``flock`` on its file.  A store that takes parts (S3,
-:meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is sent each whole part as soon as the
-file holds it, and where the parts went is recorded in the upload's record
+Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can be continued
+by any worker process and after a restart; requests on one upload are serialised with ``flock`` on its
+file.  A store that takes parts (S3, :meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is
+sent each whole part as soon as the file holds it, and where the parts went is recorded in the upload's record
 (:class:`~mirror.metadata.driver.UploadRecord`) before the next part goes; a part the store does
 not take now (``StoreUnavailable``) waits in the file for the next request.  Finishing an upload
 verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
 else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
-cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too.
+cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too, and
+gives its name back if nothing landed in it.
 Replicas of a cluster keep the tail in the bucket too and continue an upload on any of them
 (``registry/roaming.py``, through the hooks :meth:`Uploads._acquire`, :meth:`Uploads._written`,
 :meth:`Uploads._let_go` and :meth:`Uploads._keep`).
@@ -18,6 +18,7 @@ Replicas of a cluster keep the tail in the bucket too and continue an upload on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -231,7 +232,7 @@ class Uploads:
         record = await self.reads.ask(self.metadata.get_upload, uuid)
         if record is not None and record.parts is not None:
             await anyio.to_thread.run_sync(self.store.abort_upload, uuid, record.parts)
-        await in_index_thread(self.metadata.delete_upload, uuid)
+        await in_index_thread(self._forget, uuid, record)
         await anyio.to_thread.run_sync(self._remove_file, uuid)
 
     def _drop_upload(self, uuid: str) -> None:
@@ -240,14 +241,18 @@ class Uploads:
         record = self.metadata.get_upload(uuid)
         if record is not None and record.parts is not None:
             self.store.abort_upload(uuid, record.parts)
-        self.metadata.delete_upload(uuid)
+        self._forget(uuid, record)
         self._remove_file(uuid)
 
+    def _forget(self, uuid: str, record: UploadRecord | None) -> None:
+        """Delete the upload's record; give its name back if nothing landed in it (``metadata/releases.py``)."""
+        self.metadata.delete_upload(uuid)
+        if record is not None and self.metadata.release_local(record.name):
+            log.info("%s is no pushed repository any more: its pushes ended before any content landed", record.name)
+
     def _remove_file(self, uuid: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.store.layout.upload(uuid))
-        except FileNotFoundError:
-            pass
 
     def _lock_upload(self, uuid: str) -> int:
         """The upload's file, open and locked (waiting while another request on it holds it)."""

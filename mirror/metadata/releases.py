@@ -1,0 +1,74 @@
+"""A pushed name given back (:meth:`~mirror.metadata.driver.RepositoryIndex.release_local`), in both drivers.
+
+A push makes its name local when it starts (``registry/local.py``), so that an upload's blobs and the
+manifest that follows land in a repository that never falls through to the upstream.  When its last
+upload is cancelled or expires before any content landed, the name holds nothing: it is given back,
+so that abandoned pushes leave no empty repository in the catalog and claim no name for good.  The
+check and the release are one transaction (diskcache) or one statement (PostgreSQL): a link, a tag, a
+referrer or an upload record, of another push of the name, committed before it keeps the name; one
+committed after it lands in a name no longer local, which the pusher marks again (``LocalRegistry``).
+These mixins are listed before ``Metadata`` in their drivers; they read through the driver's own
+plumbing, declared here for the type checker only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+from .driver import local_repo
+
+if TYPE_CHECKING:
+    import diskcache
+
+    from .diskcache import MappedGeneration
+
+__all__ = ["DiskcacheReleases", "PostgresReleases"]
+
+
+class DiskcacheReleases:
+    """``local/<name>`` marks, ``link/<repo>@``, ``tag/<repo>:``, ``referrers/<repo>@``, ``upload/<uuid>``,
+    and the catalog (``repo/<repo>``, ``catalog``)."""
+
+    if TYPE_CHECKING:
+        _cache: diskcache.Cache
+        _generation: MappedGeneration
+
+        def _keys(self, prefix: str) -> list[str]: ...
+
+    def release_local(self, name: str) -> bool:
+        repo = local_repo(name)
+        with self._cache.transact():
+            if f"local/{name}" not in self._cache or any(
+                    self._keys(prefix) for prefix in (f"link/{repo}@", f"tag/{repo}:", f"referrers/{repo}@")):
+                return False
+            if any((self._cache.get(key) or (None,))[0] == name for key in self._keys("upload/")):
+                return False
+            self._cache.delete(f"local/{name}")
+            self._cache.delete(f"repo/{repo}")
+            self._cache.set("catalog", tuple(r for r in self._cache.get("catalog", ()) if r != repo))
+        self._generation.bump()  # its requests go to the upstream again
+        return True
+
+
+class PostgresReleases:
+    """The tables ``locals``, ``links``, ``tags``, ``referrers``, ``uploads`` and ``repositories``."""
+
+    if TYPE_CHECKING:
+        def _withdrawing(self) -> AbstractContextManager[tuple[Any, Callable[[], None]]]: ...
+
+    def release_local(self, name: str) -> bool:
+        repo = local_repo(name)
+        with self._withdrawing() as (cur, bump):
+            released = cur.execute(
+                "DELETE FROM locals WHERE name = %(name)s"
+                " AND NOT EXISTS (SELECT 1 FROM links WHERE repo = %(repo)s)"
+                " AND NOT EXISTS (SELECT 1 FROM tags WHERE repo = %(repo)s)"
+                " AND NOT EXISTS (SELECT 1 FROM referrers WHERE repo = %(repo)s)"
+                " AND NOT EXISTS (SELECT 1 FROM uploads WHERE name = %(name)s) RETURNING 1",
+                {"name": name, "repo": repo}).fetchone() is not None
+            if released:
+                cur.execute("DELETE FROM repositories WHERE repo = %s", (repo,))
+                bump()  # its requests go to the upstream again
+        return released

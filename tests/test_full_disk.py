@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -92,8 +92,12 @@ def ask_every_worker(mirror: MirrorServer, ask: Callable[[MirrorServer], T]) -> 
     answers: list[T] = []
     for _ in range(100):
         answers.append(ask(mirror))
-        wait_for(lambda: len(mirror.access_entries()) > start + len(answers) - 1, what="the access log")
-        pids = {e["pid"] for e in mirror.access_entries()[start:] if e["path"] == "/readyz"}
+
+        def asked() -> list[dict[str, Any]]:  # (another request's line may come after start, late)
+            return [e for e in mirror.access_entries()[start:] if e["path"] == "/readyz"]
+
+        wait_for(lambda: len(asked()) >= len(answers), what="the access log")
+        pids = {e["pid"] for e in asked()}
         if len(pids) == mirror.workers:
             return answers
     raise AssertionError(f"only workers {pids} answered")

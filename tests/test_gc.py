@@ -128,6 +128,33 @@ def test_eviction_keeps_the_store_under_its_budget(
     assert "evicting" in mirror.log_tail(400)
 
 
+def test_blobs_no_image_reaches_go_before_any_image_when_the_store_is_over_its_budget(
+    sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """Blobs fetched by digest whose manifests never came are the cache's orphans: over the budget
+    they go at once, before any image, however recently fetched.  Before, they waited ``gc.grace``
+    (an hour) while the store stayed above its budget, and the images being pulled went instead."""
+    registry, images = sized_upstream
+    budget = 30 * MIB
+    mirror = mirror_factory(registry.url, env={
+        "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "0.3s", "MIRROR_GC_GRACE": "1h",
+    })
+    assert pull(http, mirror.url, "library/img5", "1", images[5]) == "MISS"
+    for i in range(4):
+        layer = images[i].layers[0]
+        answer = http.get(f"{mirror.url}/v2/library/img{i}/blobs/{layer.digest}")
+        assert answer.status_code == 200 and sha256(answer.content) == layer.digest
+    assert eventually(lambda: store_bytes(mirror.data_dir) <= budget), store_bytes(mirror.data_dir)
+    registry.clear_counts()
+    assert pull(http, mirror.url, "library/img5", "1", images[5]) == "HIT"  # the image stayed
+    assert registry.count("GET", re.compile("/blobs/")) == 0
+    # A blob that went is fetched again when asked for.
+    layer = images[0].layers[0]
+    again = http.get(f"{mirror.url}/v2/library/img0/blobs/{layer.digest}")
+    assert again.status_code == 200 and sha256(again.content) == layer.digest
+
+
 def test_answers_from_memory_count_as_use_and_end_with_eviction(
     sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client,

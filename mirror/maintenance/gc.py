@@ -52,6 +52,9 @@ from .gcreport import Report
 
 log = logging.getLogger("mirror.maintenance.gc")
 
+#: Seconds an object no repository links must be old before eviction counts it as the cache's orphan.
+ORPHAN_AGE = 300.0
+
 
 @contextlib.contextmanager
 def reference_lock(store: BlobStore) -> Iterator[None]:
@@ -152,8 +155,9 @@ class Collector:
         marked = self._closure_of(set().union(*roots.values()) | set().union(*state.pins.values(), set()))
         # On the clock that dates the objects too (an object store's may be behind this host's): the earlier.
         cutoff = min(now, self.store.clock()) - self.gc.grace
-        # Not freed if a repository the eviction leaves links it (pushed, its manifest to come: the grace's).
-        elsewhere = {d for r, ds in state.links.items() for d in ds & freed_by_eviction if (r, d) not in link_removals}
+        # Not freed if a pushed repository links it (its manifest to come: the grace's); a cached one's
+        # link without an image reaching the object goes with it (fetched again if asked for).
+        elsewhere = {d for r, ds in state.links.items() if r.startswith(LOCAL + "/") for d in ds & freed_by_eviction}
         doomed = {d for d, (_, mtime) in state.files.items()
                   if d not in marked and ((d in freed_by_eviction and d not in elsewhere) or mtime < cutoff)}
         holders: dict[str, list[str]] = defaultdict(list)
@@ -263,14 +267,29 @@ class Collector:
             stack.extend(self._references(d))
         return seen
 
+    def _orphans(self, state: _State, roots: dict[str, set[str]], filling: set[str], now: float) -> set[str]:
+        """Objects no image reaches that only the cache holds, not in use: blobs fetched by digest whose
+        manifest never came, or kept by an earlier run because they were being read as their image
+        went.  They can be fetched again, and waiting ``gc.grace`` for them kept the store above its
+        budget while the images in use were evicted instead.  An object a pushed repository links
+        (its manifest to come) is not one, nor one no repository links that is younger than
+        :data:`ORPHAN_AGE` (an upload's blob stored a moment before its link)."""
+        reached = self._closure_of(set().union(*roots.values(), *state.pins.values()))
+        pushed = set().union(*(ds for r, ds in state.links.items() if r.startswith(LOCAL + "/")))
+        cached = set().union(*(ds for r, ds in state.links.items() if not r.startswith(LOCAL + "/")))
+        young = min(now, self.store.clock()) - min(ORPHAN_AGE, self.gc.grace)
+        return {d for d, (_, mtime) in state.files.items()
+                if d not in reached and d not in pushed and d not in filling and (d in cached or mtime < young)
+                and not self._serving(d)}
+
     def _choose_evictions(self, state: _State, roots: dict[str, set[str]], report: Report, now: float,
                           resume: bool, room: int = 0) -> tuple[list[tuple[str, str]], set[str]]:
         """Cached images to evict, least recently used first, and the objects that frees.
 
-        For space: images not in use and not used within ``keep_recent`` down to the low
-        watermark (or further, to free *room* bytes a write found missing), then recently used
-        ones too while the store would stay above the high watermark.  Fills ``report.target``,
-        and ``report.held`` when the target is not reached.
+        For space: the cache's orphans (:meth:`_orphans`), then images not in use and not used
+        within ``keep_recent`` down to the low watermark (or further, to free *room* bytes a write
+        found missing), then recently used ones too while the store would stay above the high
+        watermark.  Fills ``report.target``, and ``report.held`` when the target is not reached.
         """
         usage = report.usage_before
         budget = report.budget
@@ -314,9 +333,12 @@ class Collector:
         filling = fills_in_progress(self.store) | self.metadata.in_use()  # here, and on every host
 
         evicted: list[tuple[str, str]] = []
-        freed: set[str] = set()
         in_use: set[str] = set()  # candidate roots skipped because a transfer is open
-        projected = usage
+        # For space, the cache's orphans go first, before any image (see _orphans); those stored or
+        # made young within keep_recent, before any recently used image.
+        orphans = self._orphans(state, roots, filling, now) if target is not None else set()
+        freed = {x for x in orphans if state.files[x][1] < min(recent, self.store.clock() - self.cache.keep_recent)}
+        projected = usage - sum(state.files[x][0] for x in freed)
 
         def evict(repo: str, d: str) -> None:
             nonlocal projected
@@ -341,8 +363,10 @@ class Collector:
                 break
             if not busy(d):
                 evict(repo, d)
-        # Still above the high watermark: recently used images go too (never those in use).
+        # Still above the high watermark: recent orphans, then recently used images go too (never those in use).
         if over and high is not None and projected > high:
+            projected -= sum(state.files[x][0] for x in orphans - freed)
+            freed |= orphans
             chosen = set(evicted)
             for _last_used, repo, d in candidates:
                 if projected <= high:

@@ -64,9 +64,11 @@ class PeerTrust:
     a CA the default trust store may not hold.  So the certificate this replica serves (the first of
     ``http.tls.certificate``, trusted alone: ``VERIFY_X509_PARTIAL_CHAIN``, not its issuer's other
     certificates) is the one a peer must present, whatever its address; it is also sent as the client
-    certificate, for a peer with ``http.tls.client_ca`` (which must then have signed it).  The files
-    are looked at again at most every :data:`TRUST_INTERVAL` seconds: a renewed certificate is
-    trusted beside the previous one, as the replicas take it one after another."""
+    certificate, for a peer with ``http.tls.client_ca`` (which must then have signed it, for client
+    authentication too).  The files are looked at again at most every :data:`TRUST_INTERVAL`
+    seconds: a renewed certificate is trusted beside the previous ones (until a restart), so a
+    replica that has it trusts those that do not yet; one that does not yet have it refuses those
+    that do, and its clients wait for stored blobs meanwhile."""
 
     def __init__(self, certificate: Path, key: Path) -> None:
         self.certificate, self.key = certificate, key
@@ -88,8 +90,10 @@ class PeerTrust:
             if stamp == self._stamp:
                 return
             text = self.certificate.read_text()
-            end = text.index(PEM_END) + len(PEM_END)
-            self.context.load_verify_locations(cadata=text[text.index("-----BEGIN CERTIFICATE-----"):end])
+            start, end = text.find(PEM_BEGIN), text.find(PEM_END)
+            if start < 0 or end < start:
+                raise ValueError("it holds no PEM certificate")
+            self.context.load_verify_locations(cadata=text[start:end + len(PEM_END)])
             self.context.load_cert_chain(self.certificate, self.key)
             self._stamp = stamp
         except (OSError, ValueError, ssl.SSLError) as exc:  # half copied: the next look
@@ -98,7 +102,7 @@ class PeerTrust:
 
 #: Seconds between two looks at ``http.tls.certificate`` for the requests to the other replicas.
 TRUST_INTERVAL = 10.0
-PEM_END = "-----END CERTIFICATE-----"
+PEM_BEGIN, PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
 
 
 class Cluster:

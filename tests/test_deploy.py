@@ -550,6 +550,23 @@ def test_helm_chart_refuses_values_that_would_make_a_broken_pod(
     assert done.returncode != 0 and message in done.stderr, done.stderr
 
 
+def test_helm_chart_gives_way_to_variables_the_user_sets(tmp_path: Path) -> None:
+    """A variable the chart sets itself (the derived budget of an emptyDir, the listener) and the user
+    sets too, in ``env`` or ``extraEnv``, appears once, with the user's value (a duplicate entry is
+    refused by server-side apply)."""
+    objects = render(tmp_path, {"persistence": {"enabled": False, "size": "1Ki"},
+                                "env": {"MIRROR_HTTP_LISTEN": "[::]:5000"},
+                                "extraEnv": [{"name": "MIRROR_CACHE_MAX_SIZE", "value": "1GiB"}]})
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    names = [variable["name"] for variable in container["env"]]
+    assert names.count("MIRROR_CACHE_MAX_SIZE") == names.count("MIRROR_HTTP_LISTEN") == 1, names
+    values = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert (values["MIRROR_CACHE_MAX_SIZE"], values["MIRROR_HTTP_LISTEN"]) == ("1GiB", "[::]:5000")
+    tiny = render(tmp_path, {"persistence": {"enabled": False, "size": "1Ki"}})
+    (container,) = tiny["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert {v["name"]: v.get("value") for v in container["env"]}["MIRROR_CACHE_MAX_SIZE"] == "819"  # not 0: no limit
+
+
 def test_helm_chart_refuses_tls_without_a_secret(tmp_path: Path) -> None:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump({"tls": {"enabled": True}}))

@@ -78,14 +78,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* cache.max_size of a pod on an emptyDir of persistence.size (e.g. 50Gi): 80% of it. */}}
 {{- define "mirror.ephemeralBudget" -}}
 {{- $size := toString .Values.persistence.size }}
-{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi|Ti)$" $size) }}
+{{- if not (regexMatch "^[1-9][0-9]*(Ki|Mi|Gi|Ti)$" $size) }}
 {{- fail (printf "persistence.size %q: with persistence.enabled false it is the emptyDir's limit, written as a whole number of Ki, Mi, Gi or Ti (e.g. 50Gi)" $size) }}
 {{- end }}
 {{- $number := regexReplaceAll "[A-Za-z]+$" $size "" | int64 }}
 {{- $unit := regexReplaceAll "^[0-9]+" $size "" }}
 {{- $kib := dict "Ki" 1 "Mi" 1024 "Gi" 1048576 "Ti" 1073741824 }}
-{{- $budget := div (mul $number (get $kib $unit) 8) 10 }}
-{{- if eq (mod $budget 1048576) 0 }}{{ printf "%dGiB" (div $budget 1048576) }}
-{{- else if eq (mod $budget 1024) 0 }}{{ printf "%dMiB" (div $budget 1024) }}
-{{- else }}{{ printf "%dKiB" $budget }}{{ end }}
+{{- $budget := div (mul $number (get $kib $unit) 8192) 10 }}
+{{- if eq (mod $budget 1073741824) 0 }}{{ printf "%dGiB" (div $budget 1073741824) }}
+{{- else if eq (mod $budget 1048576) 0 }}{{ printf "%dMiB" (div $budget 1048576) }}
+{{- else }}{{ printf "%d" $budget }}{{ end }}
+{{- end }}
+
+{{/* "true" when the user sets the variable .name in env or extraEnv (the chart's own entry then gives way). */}}
+{{- define "mirror.userSets" -}}
+{{- $name := .name }}
+{{- $found := hasKey .root.Values.env $name }}
+{{- range .root.Values.extraEnv }}{{ if eq .name $name }}{{ $found = true }}{{ end }}{{ end }}
+{{- if $found }}true{{ end }}
 {{- end }}

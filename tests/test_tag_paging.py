@@ -14,6 +14,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ import pytest
 
 from mirror.upstream.client import MAX_TAG_PAGES
 from tests.support import client
+from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, build_image, random_layer
 from tests.support.mirror import MirrorServer
 from tests.support.paging import CursorPager
@@ -168,3 +170,24 @@ def test_skopeo_lists_every_tag_through_the_mirror(
                             capture_output=True, text=True, timeout=180)
     assert copied.returncode == 0, copied.stderr
     assert_store_sound(mirror.data_dir, image.blobs)
+
+
+def test_concurrent_tag_lists_of_one_repository_make_one_upstream_listing(
+    fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer], tagged: tuple[str, Image],
+) -> None:
+    """Twenty clients list one repository's tags while the upstream takes a second to answer: one
+    listing (before, one each: 300 nodes listing a large repository cost thousands of upstream calls)."""
+    name, _ = tagged
+    mirror = mirror_factory(fault_proxy.url, env=ENV)
+    fault_proxy.add("late", f"/v2/{name}/tags/list", method="GET", delay=1.0)
+    fault_proxy.clear_counts()
+
+    def listed(_: int) -> list[str]:
+        answer = httpx.get(f"{mirror.url}/v2/{name}/tags/list", timeout=30, trust_env=False)
+        assert answer.status_code == 200, answer.text
+        return list(answer.json()["tags"])
+
+    with ThreadPoolExecutor(20) as pool:
+        lists = list(pool.map(listed, range(20)))
+    assert lists == [sorted(TAGS)] * 20
+    assert fault_proxy.count("GET", f"/v2/{name}/tags/list") == 1

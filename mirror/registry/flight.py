@@ -43,3 +43,25 @@ class SingleFlight(Generic[K, T]):
             return result, False
         finally:
             del self._inflight[key]
+
+
+class SharedTasks(Generic[K, T]):
+    """Concurrent callers asking for the same key await one task running ``work(key)``.  Unlike
+    :class:`SingleFlight`, a caller that stops waiting (its own time-out, its client gone) leaves the
+    task running for the others; its exception reaches each of them."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[K, asyncio.Task[T]] = {}
+
+    async def run(self, work: Callable[[K], Awaitable[T]], key: K) -> T:
+        task = self._tasks.get(key)
+        if task is None:
+            task = self._tasks[key] = asyncio.ensure_future(work(key))
+            task.add_done_callback(lambda done: self._ended(key, done))
+        return await asyncio.shield(task)
+
+    def _ended(self, key: K, task: asyncio.Task[T]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even if no one waits any more

@@ -51,7 +51,7 @@ from ..upstream.errors import (
     UpstreamUnavailable,
 )
 from .failures import RATE_LIMITED_QUIET, UPSTREAM_RETRY_AFTER, api_error
-from .flight import SingleFlight
+from .flight import SharedTasks, SingleFlight
 from .links import BackgroundLinks
 from .manifests import ManifestBodies, PeerFlights, referred_digest
 from .reads import IndexReads, in_index_thread
@@ -85,6 +85,7 @@ class PullThrough:
         #: With several upstreams (set by the app), the upstream fills say they wait for (Fills.open).
         self.origin: str | None = None
         self._flights: SingleFlight[tuple[str, str], ManifestResult] = SingleFlight()
+        self._listings: SharedTasks[str, list[str]] = SharedTasks()  # one upstream listing for concurrent requests
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
@@ -329,18 +330,16 @@ class PullThrough:
     # -- tags --
 
     async def tags(self, name: str, n: int | None, last: str | None) -> TagsPage:
-        """One page of a repository's tags in lexical order, at most *n* after *last* (OCI
-        distribution spec, "Listing Tags"), whether more follow, and how it was served.
-
-        The upstream's whole list (it pages it its own way, see :meth:`Upstream.tags`) plus the
-        tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``).
-        """
+        """One page of a repository's tags in lexical order, at most *n* after *last* (OCI distribution
+        spec, "Listing Tags"), whether more follow, and how it was served.  The upstream's whole list
+        (it pages it its own way, see :meth:`Upstream.tags`; one listing for concurrent requests) plus
+        the tags cached here (``MISS``); only the cached ones when the upstream fails (``STALE``)."""
         name = self.upstream.canonical_name(name)
         local = await self.reads.ask(self.metadata.tags, self._repo(name))
+        ask = functools.partial(self._listings.run, self.upstream.tags)
         try:
             # (A long list of many pages may take its time: its wait does not quiet the upstream.)
-            listed = await (self._revalidating(self.upstream.tags, name, quiets=False) if local
-                            else self.upstream.tags(name))
+            listed = await (self._revalidating(ask, name, quiets=False) if local else ask(name))
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamDenied, UpstreamInvalid, UpstreamNotFound) as exc:
             if not local:
                 raise api_error(exc, "NAME_UNKNOWN") from exc

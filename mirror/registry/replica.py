@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 
 from ..config.sections import ClusterConfig
+from ..config.tlspair import WatchedPair
 from ..maintenance.inuse import IndexMarks
 from ..metadata.driver import Metadata
 from ..spec.reference import Digest
@@ -65,43 +65,35 @@ class PeerTrust:
     ``http.tls.certificate``, trusted alone: ``VERIFY_X509_PARTIAL_CHAIN``, not its issuer's other
     certificates) is the one a peer must present, whatever its address; it is also sent as the client
     certificate, for a peer with ``http.tls.client_ca`` (which must then have signed it, for client
-    authentication too).  The files are looked at again at most every :data:`TRUST_INTERVAL`
-    seconds: a renewed certificate is trusted beside the previous ones (until a restart), so a
-    replica that has it trusts those that do not yet; one that does not yet have it refuses those
-    that do, and its clients wait for stored blobs meanwhile."""
+    authentication too).  The files are looked at again as the listener's are (``config/tlspair.py``):
+    a renewed certificate is trusted beside the previous ones (until a restart), so a replica that has
+    it trusts those that do not yet; one that does not yet have it refuses those that do, and its
+    clients wait for stored blobs meanwhile."""
 
     def __init__(self, certificate: Path, key: Path) -> None:
-        self.certificate, self.key = certificate, key
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.context.check_hostname = False  # (before CERT_REQUIRED, which PROTOCOL_TLS_CLIENT sets)
         self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        self._stamp: tuple[int, int, int] | None = None
-        self._next = 0.0
+        self.pair = WatchedPair(
+            certificate, key, log,
+            failure="cannot load {certificate} / {key} for requests to the other replicas ({error}): "
+                    "tried again every {interval:.0f} s",
+            renewal="the other replicas are trusted with the renewed certificate {certificate} too")
         self.refresh()
 
     def refresh(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + TRUST_INTERVAL
-        try:
-            info = os.stat(self.certificate)
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-            if stamp == self._stamp:
-                return
-            text = self.certificate.read_text()
-            start, end = text.find(PEM_BEGIN), text.find(PEM_END)
-            if start < 0 or end < start:
-                raise ValueError("it holds no PEM certificate")
-            self.context.load_verify_locations(cadata=text[start:end + len(PEM_END)])
-            self.context.load_cert_chain(self.certificate, self.key)
-            self._stamp = stamp
-        except (OSError, ValueError, ssl.SSLError) as exc:  # half copied: the next look
-            log.warning("cannot read %s for requests to the other replicas: %s", self.certificate, exc)
+        self.pair.look(self._load)
+
+    def _load(self, certificate: Path, key: Path) -> None:
+        text = certificate.read_text()
+        start, end = text.find(PEM_BEGIN), text.find(PEM_END)
+        if start < 0 or end < start:
+            raise ValueError("it holds no PEM certificate")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certificate, key)  # the key is the certificate's
+        self.context.load_verify_locations(cadata=text[start:end + len(PEM_END)])
+        self.context.load_cert_chain(certificate, key)
 
 
-#: Seconds between two looks at ``http.tls.certificate`` for the requests to the other replicas.
-TRUST_INTERVAL = 10.0
 PEM_BEGIN, PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
 
 

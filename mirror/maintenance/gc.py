@@ -275,8 +275,10 @@ class Collector:
         (its manifest to come) is not one, nor one no repository links that is younger than
         :data:`ORPHAN_AGE` (an upload's blob stored a moment before its link)."""
         reached = self._closure_of(set().union(*roots.values(), *state.pins.values()))
-        pushed = set().union(*(ds for r, ds in state.links.items() if r.startswith(LOCAL + "/")))
-        cached = set().union(*(ds for r, ds in state.links.items() if not r.startswith(LOCAL + "/")))
+        pushed: set[str] = set()
+        cached: set[str] = set()
+        for repo, digests in state.links.items():
+            (pushed if repo.startswith(LOCAL + "/") else cached).update(digests)
         young = min(now, self.store.clock()) - min(ORPHAN_AGE, self.gc.grace)
         return {d for d, (_, mtime) in state.files.items()
                 if d not in reached and d not in pushed and d not in filling and (d in cached or mtime < young)

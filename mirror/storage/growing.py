@@ -10,7 +10,9 @@ own reading.  Readers in any process learn the outcome from the file itself:
 * mode :data:`REFUSED_MODE`, lock free -> the store refused it: the rest comes from the upstream;
 * lock still held            -> more bytes may come;
 * lock free, and the inode is now the stored object (``BlobStore.fill_placed``) -> complete and verified;
-* lock free otherwise         -> the fetch failed (the leader unlinked the file): abort.
+* lock free otherwise         -> the fetch failed (the leader unlinked the file): abort; or, when
+  the file is still there under its name, its leader's process died without settling it (killed):
+  a reader that can fetch takes the fill over (:meth:`GrowingBlob.chunks`).
 
 The fetch's size is published in ``<alg>-<hex>.meta`` (with the inode, so a reader never
 mistakes an older attempt's file for the current one): :func:`write_meta`, :func:`read_meta`.  With
@@ -58,6 +60,11 @@ Fetch = Callable[[], AbstractAsyncContextManager[Download]]
 
 class FillRefused(FillFailed):
     """The store could not take the fetch being followed: its bytes must come from the upstream."""
+
+
+class FillOrphaned(FillFailed):
+    """The leader of the fetch being followed died without settling it (its process was killed: the
+    file left unlocked under its name, neither verified nor refused)."""
 
 
 class GrowingBlob:
@@ -112,6 +119,11 @@ class GrowingBlob:
                 raise
             async for data in self._bypassed(offset, end):
                 yield data
+        except FillOrphaned:
+            if self.fetch is None:
+                raise
+            async for data in self._taken_over(offset, end):
+                yield data
 
     async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | tuple[int, int]]:
         """As :meth:`chunks`, but what is already in the file comes as ``(offset, count)``, to send
@@ -131,6 +143,11 @@ class GrowingBlob:
                 raise
             async for piece in self._bypassed(offset, end):
                 yield piece
+        except FillOrphaned:
+            if self.fetch is None:
+                raise
+            async for data in self._taken_over(offset, end):  # bytes: another file's, perhaps
+                yield data
 
     async def _bypassed(self, offset: int, end: int | None) -> AsyncIterator[bytes]:
         """Bytes ``offset..end`` straight from the upstream, the store having refused the fill."""
@@ -147,6 +164,31 @@ class GrowingBlob:
                 yield data
         finally:
             bypass.close()
+
+    async def _taken_over(self, offset: int, end: int | None) -> AsyncIterator[bytes]:
+        """Bytes ``offset..end`` of a fill whose leader died (:class:`FillOrphaned`): from a fill started
+        anew, which this reader leads or follows (the first reader of any process to ask leads it, the
+        others follow as usual: one upstream fetch), or from the store if it was stored meanwhile.
+        Before, a worker killed mid-fill cut every reader of the fill, those of the other workers too."""
+        assert self.fetch is not None
+        log.warning("the fill of %s stopped at byte %d without an outcome (its worker process ended): "
+                    "fetching it again for its readers", self.digest, offset)
+        try:
+            reader = await self.fills.open(self.digest, self.fetch)
+        except Exception as exc:  # the upstream's own errors: headers are gone, the transfer is cut short
+            raise FillFailed(f"{self.digest}: fetching it again failed: {exc}") from exc
+        try:
+            if self.size is not None and reader.size is not None and reader.size != self.size:
+                raise FillFailed(f"{self.digest}: the upstream now announces {reader.size} bytes, not {self.size}")
+            async for data in reader.chunks(offset, end):
+                yield data
+        finally:
+            reader.close()
+
+    def _failed(self, message: str) -> FillFailed:
+        """The error of a fill that ended unverified: :class:`FillOrphaned` if its leader died."""
+        orphaned = names_inode(self.fills.store.layout.fill(self.digest), self.fd)
+        return FillOrphaned(message) if orphaned else FillFailed(message)
 
     async def _follow(self, start: int, end: int | None, *, spans: bool = False) -> AsyncIterator[bytes | _Span]:
         offset = start
@@ -182,7 +224,7 @@ class GrowingBlob:
                     if state == "refused":
                         raise FillRefused(f"{self.digest}: the store refused the fill")
                     if state != "done":
-                        raise FillFailed(f"{self.digest}: the fetch failed (its warning says why)")
+                        raise self._failed(f"{self.digest}: the fetch failed (its warning says why)")
                     offset, data = offset + len(data) - 1, (
                         data[-1:] if isinstance(data, bytes) else os.pread(self.fd, 1, offset + len(data) - 1))
                 offset += len(data)
@@ -194,7 +236,7 @@ class GrowingBlob:
                     return
                 if state == "refused":
                     raise FillRefused(f"{self.digest}: the store refused the fill at {offset} bytes")
-                raise FillFailed(f"{self.digest}: fetch ended at {offset} bytes")
+                raise self._failed(f"{self.digest}: fetch ended at {offset} bytes")
             state = self.state()
             if state == "filling":
                 await self.fills.changed(self.digest, poll)
@@ -205,7 +247,7 @@ class GrowingBlob:
         if state == "refused":
             raise FillRefused(f"{self.digest}: the store refused the fill")
         if state != "done":
-            raise FillFailed(f"{self.digest}: fetch failed")
+            raise self._failed(f"{self.digest}: fetch failed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ def http() -> Iterator[httpx.Client]:
 def names(page: httpx.Response) -> list[str]:
     """The repository names the list shows, in order."""
     assert page.status_code == 200, page.text
-    return [html.unescape(n) for n in re.findall(r'<td><a href="/ui/r/[^"]+">([^<]+)</a></td>', page.text)]
+    return [html.unescape(n) for n in re.findall(r'<th scope="row"><a href="/ui/r/[^"]+">([^<]+)</a></th>', page.text)]
 
 
 def links(page: httpx.Response) -> dict[str, str]:
@@ -82,6 +82,11 @@ def test_list_pages_by_100_and_filters_with_a_plain_get(crowded: MirrorServer, h
     assert names(first) == [f"bulk/r{n:03d}" for n in range(100)]
     assert "151 repositories" in first.text
     assert links(first) == {"next": "?page=2"}
+    # Paged above the table too (a few keystrokes away); the table's box is a labelled region to scroll.
+    assert first.text.count('rel="next"') == 2 and first.text.index('rel="next"') < first.text.index("<table")
+    assert '<div class="scroll" tabindex="0" role="region" aria-label="Repositories">' in first.text
+    assert '<a href="/ui/" aria-current="page">Repositories</a>' in first.text
+    assert "<title>Repositories, page 1 of 2 · mirror</title>" in first.text
     second = http.get(base, params={"page": "2"})
     assert names(second) == [f"bulk/r{n:03d}" for n in range(100, BULK)] + ["other/thing"]
     assert links(second) == {"prev": "?page=1"}
@@ -94,6 +99,7 @@ def test_list_pages_by_100_and_filters_with_a_plain_get(crowded: MirrorServer, h
     filtered = http.get(base, params={"q": "bulk", "page": "2"})
     assert names(filtered) == [f"bulk/r{n:03d}" for n in range(100, BULK)]
     assert links(filtered) == {"prev": "?q=bulk&page=1"}
+    assert "<title>Repositories matching “bulk”, page 2 of 2 · mirror</title>" in filtered.text
     assert 'value="bulk"' in filtered.text  # the form keeps the query
 
     hostile = http.get(base, params={"q": "<script>alert(1)</script>"})
@@ -117,7 +123,7 @@ def test_pinned_and_cached_kinds_and_pull_commands_for_the_clients_host(
 
     page = http.get(f"{mirror.url}/ui/")
     assert names(page) == ["library/preloaded", "library/small"]
-    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<th scope=\"row\">.*?</tr>", page.text, re.S), strict=True))
     assert "cached</span> from docker.io" in rows["library/small"] and "pinned" not in rows["library/small"]
     assert "pinned" in rows["library/preloaded"]
 
@@ -247,6 +253,9 @@ def test_image_page_lists_referrers_and_an_artifact_links_its_subject(
     assert artifact.status_code == 200
     assert f'<a href="/ui/r/team/signed@{tiny.digest}">{tiny.digest}</a>' in artifact.text  # its subject
     assert "application/vnd.example.payload" in artifact.text
+    annotations = artifact.text.split('id="annotations"', 1)[1]
+    assert '<thead><tr><th scope="col">Key</th><th scope="col">Value</th></tr></thead>' in annotations
+    assert 'aria-current' not in artifact.text  # neither the list nor the cache page
     # Its config is the empty descriptor of the OCI image spec's artifact guidelines: an artifact's, stored.
     assert "is an artifact's (<span class=\"mt\">application/vnd.oci.empty.v1+json</span>, 2 B)" in artifact.text
     assert "is not cached" not in artifact.text
@@ -325,12 +334,20 @@ def test_logging_in_when_anonymous_pulls_are_allowed(mirror_factory: Callable[..
     assert '<a href="/ui/login" class="who">Log in</a>' in anonymous.text
     challenge = http.get(f"{mirror.url}/ui/login")
     assert challenge.status_code == 401
+    # Cancelled: the page says anyone may look, and links the list.
+    assert "Only users may see" not in challenge.text and "Anyone may look without logging in" in challenge.text
+    assert '<a href="/ui/">all repositories</a>' in challenge.text
     assert challenge.headers["www-authenticate"] == 'Basic realm="Test Registry", charset="UTF-8"'
     assert http.get(f"{mirror.url}/ui/login", headers=basic("alice", "wrong")).status_code == 401
     welcome = http.get(f"{mirror.url}/ui/login", headers=basic("alice", ALICE_PASSWORD))
     assert welcome.status_code == 303 and welcome.headers["location"] == "/ui/"
     signed_in = http.get(f"{mirror.url}/ui/", headers=basic("alice", ALICE_PASSWORD))
     assert "Signed in as <strong>alice</strong>" in signed_in.text and names(signed_in) == ["team/open"]
+    assert '<a href="/ui/logout" id="logout">Log out</a>' in signed_in.text
+    logged_out = http.get(f"{mirror.url}/ui/logout", headers=basic("alice", ALICE_PASSWORD))
+    assert logged_out.status_code == 401 and "www-authenticate" in logged_out.headers  # the browser drops it
+    assert "<h1>Logged out</h1>" in logged_out.text and "Signed in" not in logged_out.text
+    assert http.get(f"{mirror.url}/ui/logout").status_code == 200  # once it is forgotten
     wrong = http.get(f"{mirror.url}/ui/", headers=basic("alice", "wrong"))  # seen as anonymous, as /v2/ would not
     assert names(wrong) == ["team/open"] and "Signed in" not in wrong.text
 
@@ -349,7 +366,7 @@ def test_repositories_of_several_upstreams_say_which_and_pull_through_their_pref
 
     page = http.get(f"{mirror.url}/ui/")
     assert names(page) == ["ghcr.io/org/app", "library/small"]
-    rows = dict(zip(names(page), re.findall(r"<tr>\s*<td>.*?</tr>", page.text, re.S), strict=True))
+    rows = dict(zip(names(page), re.findall(r"<tr>\s*<th scope=\"row\">.*?</tr>", page.text, re.S), strict=True))
     assert "cached</span> from ghcr.io" in rows["ghcr.io/org/app"]
     assert "cached</span> from docker.io" in rows["library/small"]
     repository = http.get(f"{mirror.url}/ui/r/ghcr.io/org/app")
@@ -447,6 +464,9 @@ def test_a_page_number_past_the_end_shows_the_last_page_however_many_digits_it_h
 
     for page in ("3", "99999999", "100000000", "99999999999999999999999999", "9" * 200):
         assert shown("/ui/r/team/many", page) == "Page 2 of 2", page
+    last = http.get(f"{mirror.url}/ui/r/team/many", params={"page": "2"}).text
+    assert "<title>team/many, tags page 2 of 2 · mirror</title>" in last
+    assert last.count('rel="prev"') == 2 and last.index('rel="prev"') < last.index('<table class="tags">')
     for page in ("0", "-1", "-99999999999", "x", "1e3", "", "٣"):
         assert shown("/ui/r/team/many", page) == "Page 1 of 2", page
 
@@ -487,12 +507,12 @@ def test_an_index_rows_platforms_and_size_leave_out_attestations_and_a_nested_in
     with session(http) as client:
         put_manifest(client, mirror.url, "team/built", "1", OCI_INDEX, body)
     page = http.get(f"{mirror.url}/ui/r/team/built")
-    row = re.search(r'<td class="tag">1</td>.*?</tr>', page.text, re.S)
+    row = re.search(r'<th scope="row" class="tag">1</th>.*?</tr>', page.text, re.S)
     assert page.status_code == 200 and row, page.text
     cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(0),
                                                                                    re.S)]
-    assert cells[3] == "linux/amd64", cells  # not "linux/amd64, unknown"
-    assert cells[4] == human(len(tiny.config) + sum(layer.size for layer in tiny.layers)), cells
+    assert cells[2] == "linux/amd64", cells  # not "linux/amd64, unknown"
+    assert cells[3] == human(len(tiny.config) + sum(layer.size for layer in tiny.layers)), cells
 
 
 def test_a_schema1_image_shows_its_platform_settings_history_and_the_sizes_of_the_layers_cached(

@@ -20,7 +20,7 @@ import pytest
 from mirror.metadata.diskcache import DiskcacheMetadata
 from mirror.storage.layout import Layout
 from tests.support.catalog import StandardImages
-from tests.support.client import pull_checked, push_image
+from tests.support.client import pull_checked, push_image, put_manifest
 from tests.support.images import Image
 from tests.support.mirror import MirrorServer
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, push
@@ -67,6 +67,7 @@ def test_deleting_a_tag_needs_the_forms_token_and_write_rights(guarded: MirrorSe
         assert page.status_code == 200 and "/ui/actions/" not in page.text
         refused = http.get(actions, params={"name": "team/app", "reference": "1"}, headers=headers)
         assert refused.status_code == 403 and told in refused.text
+        assert ('<a href="/ui/login">Log in</a>' in refused.text) == (headers == {})  # what to do next
     page = http.get(f"{guarded.url}/ui/r/team/app", headers=BOB)
     assert 'href="/ui/actions/delete?name=team%2Fapp&amp;reference=1"' in page.text
 
@@ -87,11 +88,14 @@ def test_deleting_a_tag_needs_the_forms_token_and_write_rights(guarded: MirrorSe
         assert answer.status_code == 403, (data, headers, answer.text)
         assert "text/html" in answer.headers["content-type"]
         assert manifest_status(http, guarded, "team/app", "1") == 200
-    assert "nothing was changed" in http.post(actions, data={"name": "team/app", "reference": "1"},
-                                              headers=BOB).text
+    expired = http.post(actions, data={"name": "team/app", "reference": "1"}, headers=BOB).text
+    assert "nothing was changed" in expired
+    assert '<a href="/ui/actions/delete?name=team%2Fapp&amp;reference=1">Ask again</a>' in expired
+    assert '<a href="/ui/r/team/app">Back to team/app</a>' in expired
 
     done = http.post(actions, data=fields, headers=BOB)
     assert done.status_code == 200 and "Deleted tag 1 of team/app." in done.text
+    assert "<title>Deleted tag 1 of team/app · mirror</title>" in done.text
     assert manifest_status(http, guarded, "team/app", "1") == 404
     assert manifest_status(http, guarded, "team/app", "2") == 200
     again = http.post(actions, data=fields, headers=BOB)
@@ -135,12 +139,35 @@ def test_deleting_a_manifest_by_digest_takes_its_tags(guarded: MirrorServer, htt
     push(guarded, "team/app", "also", tiny, ALICE)
     image = http.get(f"{guarded.url}/ui/r/team/app@{tiny.digest}", headers=ALICE)
     assert "Delete this manifest" in image.text and ">Pin<" not in image.text
-    fields = form(http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tiny.digest},
-                           headers=ALICE))
+    confirm = http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tiny.digest},
+                       headers=ALICE)
+    assert "The manifest goes, and the 2 tags pointing to it: 1, also." in confirm.text  # named, counted
+    fields = form(confirm)
     done = http.post(f"{guarded.url}/ui/actions/delete", data=fields, headers=ALICE)
     assert done.status_code == 200 and f"Deleted manifest {tiny.digest} of team/app." in done.text
     for reference in ("1", "also", tiny.digest):
         assert manifest_status(http, guarded, "team/app", reference) == 404
+
+
+def test_a_manifest_with_many_tags_says_how_many_go_and_one_with_none_says_so(guarded: MirrorServer,
+                                                                             http: httpx.Client, tiny: Image) -> None:
+    push(guarded, "team/app", "t00", tiny, ALICE)
+    with httpx.Client(trust_env=False, timeout=60, headers=ALICE) as alice:
+        for n in range(1, 12):
+            put_manifest(alice, guarded.url, "team/app", f"t{n:02d}", tiny.media_type, tiny.manifest)
+
+    def goes() -> str:
+        page = http.get(f"{guarded.url}/ui/actions/delete", params={"name": "team/app", "reference": tiny.digest},
+                        headers=ALICE)
+        assert page.status_code == 200, page.text
+        found = re.search(r'<p id="goes">([^<]*)</p>', page.text)
+        assert found, page.text
+        return html.unescape(found.group(1))
+
+    assert goes().startswith("The manifest goes, and the 12 tags pointing to it. Clients")  # too many to name
+    for n in range(12):
+        assert http.delete(f"{guarded.url}/v2/team/app/manifests/t{n:02d}", headers=ALICE).status_code == 202
+    assert goes().startswith("The manifest goes; no tag points to it.")
 
 
 def test_the_last_tag_deleted_the_page_offers_no_pull_of_it(guarded: MirrorServer, http: httpx.Client,

@@ -20,7 +20,7 @@ from mirror.config.values import human
 from tests.support.browser import Seen, chromium, follow, open_page, status, text
 from tests.support.catalog import StandardImages
 from tests.support.client import pull_checked, push_image, push_index
-from tests.support.images import OCI_INDEX, Image, build_image, busybox_layer, random_layer
+from tests.support.images import OCI_INDEX, Image, build_image, build_index, busybox_layer, random_layer
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
@@ -77,7 +77,7 @@ def _pull(mirror: MirrorServer, name: str, tag: str, image: Image) -> None:
 
 def _rows(page: Page) -> list[str]:
     """The repository names in the list's table, as shown."""
-    return list(page.evaluate("[...document.querySelectorAll('table.repos tbody tr td:first-child')]"
+    return list(page.evaluate("[...document.querySelectorAll('table.repos tbody th')]"
                               ".map(td => td.innerText)"))
 
 
@@ -95,6 +95,9 @@ def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you
     rows = text(page, "table.repos tbody")
     assert "pushed" in rows and "cached from docker.io" in rows
     assert "3 repositories" in text(page, "#count")
+    # Only the count is read out as the filter narrows the list, not the whole table.
+    assert page.evaluate("document.getElementById('count').getAttribute('aria-live')") == "polite"
+    assert page.evaluate("document.querySelector('[aria-live]:has(table), [role=status]:has(table)')") is None
     page.screenshot(path=tmp_path / "repositories.png", full_page=True)
 
     page.evaluate("window.notReloaded = true")
@@ -103,6 +106,7 @@ def test_pulled_and_pushed_repositories_are_listed_and_the_filter_narrows_as_you
     assert _rows(page) == ["webui/labelled"]
     assert page.evaluate("window.notReloaded") is True  # narrowed by the script, not by submitting the form
     assert page.evaluate("location.search") == "?q=labe"
+    assert page.title() == "Repositories matching “labe” · mirror"
     page.locator("#q").press_sequentially("x")  # "labex": nothing
     page.wait_for_function("() => document.getElementById('count').innerText.startsWith('0 ')")
     assert _rows(page) == []
@@ -123,7 +127,7 @@ def test_repository_page_shows_tags_digests_and_copyable_pull_commands(
     assert images.small.digest.removeprefix("sha256:")[:12] in table
     assert "application/vnd.oci.image.manifest.v1+json" in table
     assert "linux/amd64" in table
-    assert page.evaluate("document.querySelector('table.tags td.tag').innerText") == "1"
+    assert page.evaluate("document.querySelector('table.tags .tag').innerText") == "1"
     copies = page.evaluate("[...document.querySelectorAll('button[data-copy]')].map(b => b.dataset.copy)")
     host = f"127.0.0.1:{mirror.port}"
     assert f"docker pull {host}/library/small:1" in copies
@@ -135,6 +139,8 @@ def test_repository_page_shows_tags_digests_and_copyable_pull_commands(
     digest_button = f"button[data-copy={json.dumps(images.small.digest)}]"
     page.click(digest_button)
     page.wait_for_function(f"() => document.querySelector('{digest_button}').innerText === 'Copied'")
+    assert page.evaluate("document.getElementById('said').getAttribute('aria-live')") == "polite"
+    assert text(page, "#said") == "Copied"  # said to a screen reader too
     assert page.evaluate("navigator.clipboard.readText()") == images.small.digest
 
 
@@ -197,7 +203,7 @@ def test_a_user_without_pull_rights_does_not_see_the_private_repository(
     assert _rows(page) == ["team/secret"]
     assert "Signed in as alice" in text(page, "header")
     assert status(page, f"{mirror.url}/ui/r/team/secret") == 200
-    assert "1" == page.evaluate("document.querySelector('table.tags td.tag').innerText")
+    assert "1" == page.evaluate("document.querySelector('table.tags .tag').innerText")
 
 
 def test_index_pushed_here_lists_its_platforms_on_the_repository_page(
@@ -281,9 +287,10 @@ def test_a_user_with_push_rights_deletes_a_tag_and_anonymous_visitors_see_no_act
     assert text(page, "h1") == "Delete tag 1 of team/app?"
     page.screenshot(path=tmp_path / "confirm.png", full_page=True)
     assert follow(page, "form.confirm button[type=submit]") == 200
-    assert text(page, "h1") == "Done" and "Deleted tag 1 of team/app." in text(page, "main")
-    assert follow(page, "main p a") == 200
-    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["2"]
+    assert text(page, "h1") == "Deleted tag 1 of team/app" and "Deleted tag 1 of team/app." in text(page, "main")
+    assert page.title() == "Deleted tag 1 of team/app · mirror"
+    assert follow(page, "main ul.next a") == 200
+    assert page.evaluate("[...document.querySelectorAll('table.tags .tag')].map(td => td.innerText)") == ["2"]
 
     with httpx.Client(trust_env=False, timeout=60) as http:
         gone = http.get(f"{mirror.url}/v2/team/app/manifests/1",
@@ -357,15 +364,15 @@ def test_prefetch_a_tag_only_the_upstream_lists_then_pull_it_with_the_upstream_d
     page.context.set_extra_http_headers(basic("alice", ALICE_PASSWORD))
 
     assert status(page, f"{mirror.url}/ui/r/webui/app") == 200
-    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]
+    assert page.evaluate("[...document.querySelectorAll('table.tags .tag')].map(td => td.innerText)") == ["1", "2"]
     assert "only upstream" in text(page, "table.tags tbody tr:nth-child(2)")
     page.screenshot(path=tmp_path / "repository.png", full_page=True)
     assert follow(page, "a[aria-label='Prefetch the tag 2']") == 200
     assert text(page, "h1") == "Fetch webui/app:2 into the cache?"
     assert follow(page, "form.confirm button[type=submit]") == 200
-    assert text(page, "h1") == "Done"
+    assert text(page, "h1") == "Fetched webui/app:2 into the cache"
     assert f"Fetched webui/app:2 into the cache: {labelled.digest}" in text(page, "main")
-    assert follow(page, "main p a") == 200  # back to the repository: tag 2 is cached now
+    assert follow(page, "main ul.next a") == 200  # back to the repository: tag 2 is cached now
     row = text(page, "table.tags tbody tr:nth-child(2)")
     assert labelled.digest.removeprefix("sha256:")[:12] in row and "only upstream" not in row
 
@@ -382,4 +389,118 @@ def test_prefetch_a_tag_only_the_upstream_lists_then_pull_it_with_the_upstream_d
             "could not be asked for its tags" in text(page, "#upstream-problem")
 
     assert eventually(told, timeout=20, interval=1.0)
-    assert page.evaluate("[...document.querySelectorAll('table.tags td.tag')].map(td => td.innerText)") == ["1", "2"]
+    assert page.evaluate("[...document.querySelectorAll('table.tags .tag')].map(td => td.innerText)") == ["1", "2"]
+
+
+#: ``contrast(element)``: the lowest contrast ratio (WCAG 2) of *element*'s text colour against the
+#: nearest background drawn behind it and the page's --bg and --tint (rows' hover); ``edge(element)``:
+#: its border colour's against the background around it.
+CONTRAST = """() => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => v / 255)
+    .map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+    .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+  const behind = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = rgb(getComputedStyle(el).backgroundColor);
+      if (c.length === 3 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const hex = (v) => {
+    v = v.trim().replace(/^#(.)(.)(.)$/, "#$1$1$2$2$3$3");
+    return [1, 3, 5].map(i => parseInt(v.slice(i, i + 2), 16));
+  };
+  const page = ["--bg", "--tint"].map(v => hex(getComputedStyle(document.documentElement).getPropertyValue(v)));
+  window.contrast = (el) => Math.min(...[behind(el), ...page].map(bg => ratio(rgb(getComputedStyle(el).color), bg)));
+  window.edge = (el) => ratio(rgb(getComputedStyle(el).borderTopColor), behind(el.parentElement));
+}"""
+
+
+def _lowest(page: Page, selector: str) -> float:
+    """The lowest contrast of the elements *selector* finds (at least one)."""
+    page.evaluate(CONTRAST)
+    found = page.evaluate(f"[...document.querySelectorAll({json.dumps(selector)})].map(contrast)")
+    assert found, selector
+    return float(min(found))
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_colour_keeps_4_5_to_1_in_light_and_dark_mode(
+        mirror_factory: Callable[..., MirrorServer], browser: Browser, htpasswd: Path, tiny: Image,
+        images: StandardImages, scheme: str) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    alice = basic("alice", ALICE_PASSWORD)
+    push(mirror, "team/app", "1", tiny, alice)
+    _pull(mirror, "library/small", "1", images.small)
+    with open_page(browser, color_scheme=scheme, extra_http_headers=alice) as (page, _):
+        assert status(page, f"{mirror.url}/ui/cache") == 200
+        assert _lowest(page, ".health-ok") >= 4.5
+        # What only shows when something is wrong (a failing upstream), pinned or listed only upstream.
+        page.evaluate("""document.querySelector('main').insertAdjacentHTML('beforeend',
+            '<p class="alert">a</p><span class="badge health-failing">failing</span>'
+            + '<span class="badge pinned">pinned</span><span class="badge upstream">only upstream</span>')""")
+        for selector in (".alert", ".health-failing", ".pinned", ".upstream", ".meta", "a"):
+            assert _lowest(page, selector) >= 4.5, selector
+
+        assert status(page, f"{mirror.url}/ui/") == 200
+        page.evaluate(CONTRAST)
+        assert page.evaluate("edge(document.getElementById('q'))") >= 3  # WCAG 1.4.11: a control's boundary
+        assert status(page, f"{mirror.url}/ui/r/team/app") == 200
+        page.hover("a.action.danger")
+        assert _lowest(page, "a.action.danger") >= 4.5
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=mirror.url)
+        page.click("ul.commands button.copy")
+        page.wait_for_function("() => document.querySelector('button.copied') !== null")
+        assert _lowest(page, "button.copied") >= 4.5
+        assert follow(page, "a.action.danger") == 200
+        assert _lowest(page, "button.action.danger") >= 4.5
+
+
+def _overflow(page: Page) -> tuple[int, list[str]]:
+    """The page's width as scrolled, and the elements wider than the window (to say which)."""
+    width = int(page.evaluate("document.scrollingElement.scrollWidth"))
+    wide = page.evaluate("""[...document.querySelectorAll('body *')].filter(e => !e.parentElement.closest('.scroll')
+        && (e.getBoundingClientRect().right > innerWidth || e.scrollWidth > e.clientWidth + 1))
+        .map(e => e.tagName + '.' + e.className)""")
+    return width, list(wide)
+
+
+def test_long_names_wrap_and_no_page_scrolls_sideways(mirror: MirrorServer, browser: Browser, tmp_path: Path,
+                                                     images: StandardImages) -> None:
+    long_name = "team/" + "a" * 250  # the longest a repository's name may be: 255
+    long_tag = "t" * 128
+    layers = [random_layer(tmp_path, 64, seed) for seed in range(100)]
+    deep = build_image(tmp_path / "deep", layers)
+    platforms = build_index([build_image(tmp_path / str(n), layers[:1], arch=f"arch{n}", variant="v8")
+                             for n in range(10)])
+    push_image(mirror.url, long_name, long_tag, deep)
+    push_index(mirror.url, "team/platforms", "1", platforms)
+    pages = ["/ui/", f"/ui/r/{long_name}", f"/ui/r/{long_name}@{deep.digest}",
+             f"/ui/r/team/platforms@{platforms.digest}"]
+    for width in (1280, 320):
+        with open_page(browser, tmp_path / f"{width}.png", viewport={"width": width, "height": 800}) as (page, _):
+            for path in pages:
+                assert status(page, f"{mirror.url}{path}") == 200
+                shown, wide = _overflow(page)
+                assert shown <= width, (width, path, shown, wide)
+                if width == 1280:  # the tables fit too: the names wrap in their cells
+                    assert page.evaluate("Math.max(...[...document.querySelectorAll('main table')]"
+                                         ".map(t => t.getBoundingClientRect().width))") <= 1280, path
+
+
+def test_log_out_makes_the_browser_forget_the_password(mirror_factory: Callable[..., MirrorServer], browser: Browser,
+                                                      htpasswd: Path, tmp_path: Path) -> None:
+    mirror = mirror_factory(env=auth_env(htpasswd, anonymous_pull=True))
+    alice = {"username": "alice", "password": ALICE_PASSWORD}  # typed at the browser's prompt
+    with open_page(browser, tmp_path / "screenshot.png", http_credentials=alice) as (page, _):
+        status(page, f"{mirror.url}/ui/login")
+        assert status(page, f"{mirror.url}/ui/") == 200  # not asked: the browser sends the password it keeps
+        assert "Signed in as alice" in text(page, "header")
+        assert follow(page, "a#logout") == 401
+        assert text(page, "h1") == "Logged out" and "Signed in" not in text(page, "header")
+        assert "Close every window of the browser" in text(page, "main")
+        assert status(page, f"{mirror.url}/ui/") == 200
+        assert "Signed in" not in text(page, "header") and "Log in" in text(page, "header")
+        assert page.evaluate("document.querySelector('a#logout')") is None

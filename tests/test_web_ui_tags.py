@@ -29,7 +29,7 @@ def rows(page: httpx.Response) -> dict[str, str]:
     assert page.status_code == 200, page.text
     found = {}
     for row in re.findall(r"<tr[ >].*?</tr>", page.text, flags=re.S):
-        tag = re.search(r'<td class="tag">([^<]*)</td>', row)
+        tag = re.search(r'<th scope="row" class="tag">([^<]*)</th>', row)
         if tag:
             found[html.unescape(tag.group(1))] = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", row)).split())
     return found

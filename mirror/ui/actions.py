@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -121,9 +121,11 @@ class Actions:
         return auth.enabled and user is not None and (
             not auth.push_users or any(e.partition(":")[0] == user for e in auth.push_users))
 
-    def refuse(self, request: Request, message: str) -> Response:
+    def refuse(self, request: Request, message: str, back: str | None = None, **more: Any) -> Response:
+        """``403`` saying *message*, with links to what may be done next (*more*: ``login=True``, a
+        ``retry`` page)."""
         return self.render(request, "action.html", status=403, title="Refused", message=message, wanted=None,
-                           token="", back=None)
+                           token="", back=back, **more)
 
     async def page(self, request: Request) -> Response:
         verb = request.path_params["verb"]
@@ -132,7 +134,8 @@ class Actions:
         if verb == "delete" and not self.config.delete.enabled:
             return self.refuse(request, "Deletes are disabled on this registry (delete.enabled: false).")
         if not self.config.auth.enabled or self.viewer(request) is None:  # refused before its form is read
-            return self.refuse(request, "An anonymous visitor may not change anything here.")
+            return self.refuse(request, "An anonymous visitor may not change anything here.",
+                               login=self.config.auth.enabled)
         fields = dict(request.query_params) if request.method in ("GET", "HEAD") else await _form(request)
         if fields is None:
             return self.render(request, "action.html", status=400, title="Bad request",
@@ -150,18 +153,26 @@ class Actions:
         back = "/" if verb == "prefetch" else \
             f"/r/{wanted.name}" + ("" if wanted.is_tag or verb == "delete" else f"@{wanted.reference}")
         if request.method in ("GET", "HEAD"):
+            tagged = [] if wanted.is_tag or verb != "delete" else await self._tagged(request, wanted)
             return self.render(request, "action.html", title=wanted.text() + "?", message="", wanted=wanted,
-                               token=self.tokens().issue(user), back=back)
+                               token=self.tokens().issue(user), back=back, tagged=tagged)
         if not self.tokens().valid(user, fields.get("token", "")):
+            retry = f"/actions/{verb}?" + urlencode({"name": wanted.name, "reference": wanted.reference})
             return self.refuse(request, "This form has expired or did not come from this page: nothing was "
-                                        "changed. Go back, reload the page and try again.")
+                                        "changed. Ask again and confirm on the new form.", back=back, retry=retry)
         try:
             told, back = await self._do(request, wanted)
         except APIError as exc:
-            return self.render(request, "action.html", status=exc.status, title="Not done",
+            return self.render(request, "action.html", status=exc.status, title=f"Not done: {wanted.text()}",
                                message=f"{wanted.text()}: {exc.message}.", wanted=None, token="", back=back)
-        return self.render(request, "action.html", title="Done", message=wanted.text(done=True) + told + ".",
-                           wanted=None, token="", back=back)
+        return self.render(request, "action.html", title=wanted.text(done=True),
+                           message=wanted.text(done=True) + told + ".", wanted=None, token="", back=back)
+
+    async def _tagged(self, request: Request, wanted: Wanted) -> list[str]:
+        """The tags pointing to the manifest *wanted* names, sorted (none when it is not there)."""
+        local = request.state.namespaces.local
+        key = await local.read_repo_key(wanted.name)
+        return sorted(await in_index_thread(local.metadata.tags_pointing_to, key, wanted.reference))
 
     async def _do(self, request: Request, wanted: Wanted) -> tuple[str, str]:
         """Do *wanted*; more to say of it (``""``, or ``": ..."``) and the page to go back to;

@@ -9,6 +9,7 @@ objects the ``/v2/`` routes use (the namespaces' index and store, the app's metr
 ``/ui/cache``               hits, bytes, upstreams, the disk budget, fills in progress, and a
                             chart of the last hours' disk usage and traffic (``history``, ``chart``)
 ``/ui/login``               asks the browser for a user's password (HTTP Basic)
+``/ui/logout``              ``401`` to the user's password, so that the browser forgets it
 ``/ui/actions/<verb>``      delete, pin, unpin: confirm (GET), then do (POST); see ``actions``
 ``/ui/static/...``          the stylesheet and the script
 =========================  ===========================================================
@@ -99,13 +100,17 @@ def routes(config: Config) -> list[BaseRoute]:
         return lambda name: config.auth.may_pull(user, name)
 
     def render(request: Request, template: str, status: int = 200, **context: Any) -> Response:
-        context.update(user=viewer(request), auth=config.auth.enabled, prefix=PREFIX, deletes=config.delete.enabled)
+        context = {"user": viewer(request), **context}  # the logout page shows nobody signed in
+        context.update(auth=config.auth.enabled, prefix=PREFIX, deletes=config.delete.enabled,
+                       anonymous=config.auth.anonymous_pull)
         response = templates.TemplateResponse(request, template, context, status_code=status, headers=HEADERS)
         return response
 
     def refused(request: Request) -> Response:
         """Anonymous, when only users may pull: ask for a password."""
-        response = render(request, "login.html", status=401)
+        return challenged(render(request, "login.html", status=401))
+
+    def challenged(response: Response) -> Response:
         response.headers["WWW-Authenticate"] = f'Basic realm="{config.auth.htpasswd_realm}", charset="UTF-8"'
         return response
 
@@ -138,7 +143,9 @@ def routes(config: Config) -> list[BaseRoute]:
             listing.repository_page, namespaces.local.metadata, namespaces.local, last_pulls, query,
             _number(request), visible(request))
         template = "results.html" if request.query_params.get("partial") else "index.html"
-        return render(request, template, page=page, query=query,
+        heading = "Repositories" + (f" matching “{query}”" if query else "") \
+            + (f", page {page.number} of {page.pages}" if page.pages > 1 else "")
+        return render(request, template, page=page, query=query, heading=heading,
                       prefetch=acting.writes_somewhere(viewer(request)))
 
     async def repository(request: Request) -> Response:
@@ -204,6 +211,16 @@ def routes(config: Config) -> list[BaseRoute]:
             return refused(request)
         return RedirectResponse(f"{PREFIX}/", status_code=303)
 
+    async def logout(request: Request) -> Response:
+        """HTTP Basic has no logout: a browser forgets a password when it is refused (Chromium and
+        Firefox drop the rejected credentials from their cache), so a user's password is answered
+        ``401``; the page (shown once the prompt that may follow is cancelled) says so."""
+        if not config.auth.enabled:
+            return RedirectResponse(f"{PREFIX}/", status_code=303)
+        if viewer(request) is None:
+            return render(request, "logout.html")
+        return challenged(render(request, "logout.html", status=401, user=None))
+
     async def missing(request: Request) -> Response:
         return not_found(request, request.url.path)
 
@@ -230,6 +247,7 @@ def routes(config: Config) -> list[BaseRoute]:
         Route("/r/{path:path}", guarded(repository), methods=["GET", "HEAD"]),
         Route("/cache", guarded(cache), methods=["GET", "HEAD"]),
         Route("/login", login, methods=["GET", "HEAD"]),
+        Route("/logout", logout, methods=["GET", "HEAD"]),
         Route("/actions/{verb}", guarded(acting.page), methods=["GET", "HEAD", "POST"]),
         Mount("/static", Static(directory=HERE / "static")),
         Route("/{rest:path}", missing, methods=["GET", "HEAD"]),

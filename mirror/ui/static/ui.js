@@ -1,4 +1,5 @@
-// The web UI's only script: the repository filter narrows as you type, copy buttons copy.
+// The web UI's only script: the repository filter narrows as you type, copy buttons copy (and say
+// so through the live region #said), a table's box is a tab stop only while it scrolls.
 // Everything works without it (the filter is a GET form; the text to copy is on the page).
 "use strict";
 
@@ -19,7 +20,19 @@ function filterAsYouType(input) {
         if (!answer.ok || mine !== asked) return;
         const html = await answer.text();
         if (mine !== asked) return;
-        results.innerHTML = html;  // rendered and escaped by the server
+        // Rendered and escaped by the server.  Only the count is a live region: its text changes,
+        // the table is replaced silently.
+        const fresh = document.createElement("template");
+        fresh.innerHTML = html;
+        const count = fresh.content.getElementById("count");
+        const shownCount = document.getElementById("count");
+        if (count && shownCount) {
+          shownCount.textContent = count.textContent;
+          document.title = count.dataset.title + " · mirror";
+        }
+        const rest = fresh.content.getElementById("results");
+        results.replaceChildren(...(rest ? rest.childNodes : []));
+        scrollStops();
         const shown = new URLSearchParams();
         if (query) shown.set("q", query);
         history.replaceState(null, "", input.dataset.filter + (query ? "?" + shown : ""));
@@ -48,14 +61,31 @@ async function copy(button) {
     area.remove();
   }
   const label = button.textContent;
+  const said = document.getElementById("said");
   button.textContent = done ? "Copied" : "Select and copy";
   button.classList.toggle("copied", done);
-  setTimeout(() => { button.textContent = label; button.classList.remove("copied"); }, 1500);
+  if (said) said.textContent = done ? "Copied" : "Not copied: select the text and copy it";
+  setTimeout(() => {
+    button.textContent = label;
+    button.classList.remove("copied");
+    if (said) said.textContent = "";
+  }, 1500);
+}
+
+function scrollStops() {
+  // A table's box is focusable (to scroll it with the arrow keys) while it is narrower than its table.
+  for (const box of document.querySelectorAll(".scroll")) {
+    if (box.scrollWidth > box.clientWidth) box.setAttribute("tabindex", "0");
+    else box.removeAttribute("tabindex");
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   const input = document.querySelector("input[data-filter]");
   if (input) filterAsYouType(input);
+  scrollStops();
+  window.addEventListener("resize", scrollStops);
+  document.addEventListener("toggle", scrollStops, true);  // a table in <details> shown
   document.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-copy]");
     if (button) copy(button);

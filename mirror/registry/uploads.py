@@ -17,7 +17,6 @@ Replicas of a cluster keep the tail in the bucket too and continue an upload on 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -37,7 +36,7 @@ from ..spec.reference import Digest
 from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable, UploadLost
 from ..storage.layout import new_upload_id
 from ..storage.refusals import refusal
-from .reads import IndexReads, in_index_thread, in_mixed_thread
+from .reads import IndexReads, in_index_thread
 from .records import to_the_end
 from .repository import UploadState
 
@@ -66,6 +65,7 @@ class Uploads:
         self.metrics = metrics
         # uuid -> (offset, hasher) while this process has seen every byte of the upload.
         self._hashers: dict[str, tuple[int, Any]] = {}
+        self._fileless: set[str] = set()  # upload records the last sweep found without a file
 
     async def start(self, name: str) -> UploadState:
         uuid = new_upload_id()
@@ -347,42 +347,35 @@ class Uploads:
 
         A file without a record is swept by the same rule, not at once: another worker may be
         creating it (the file comes before its record) or finishing it (the record goes first).
+        A record without a file (its process ended between storing the blob, which takes the file,
+        and forgetting the upload) is dropped at the next sweep that still finds it so: no request
+        can continue it, and it would keep its name a pushed repository for good.
         """
-        removed = 0
+        removed, files = 0, set()
         cutoff = time.time() - self.upload_ttl
         for entry in self.store.layout.upload_entries():
+            files.add(entry.name)
             try:
                 stale = entry.stat().st_mtime < cutoff
             except FileNotFoundError:
                 continue
-            if stale:
-                try:
-                    self._drop_upload(entry.name)
-                except (OSError, ValueError) as exc:  # the store does not answer: swept next time
-                    log.warning("could not remove the expired upload %s: %s", entry.name, exc)
-                    continue
+            if stale and self._swept(entry.name):
+                removed += 1
+        seen, self._fileless = self._fileless, set(self.metadata.upload_ids()) - files
+        for uuid in sorted(seen & self._fileless):
+            log.info("upload %s has no file left (its process ended as it finished): its record dropped", uuid)
+            if self._swept(uuid):
                 removed += 1
         return removed
 
-
-#: Most seconds between two looks for expired uploads while the server runs.
-SWEEP_EVERY = 600.0
-
-
-async def expire_uploads(uploads: Uploads) -> None:
-    """Sweep expired uploads (:meth:`Uploads.sweep`) every ``push.upload_ttl / 2`` seconds (at most
-    :data:`SWEEP_EVERY`) while the server runs, so an upload abandoned meanwhile does not keep its
-    file, record and parts until the next start.  Runs until cancelled; a failure is logged."""
-    interval = min(max(uploads.upload_ttl / 2, 1.0), SWEEP_EVERY)
-    while True:
-        await asyncio.sleep(interval)
+    def _swept(self, uuid: str) -> bool:
         try:
-            removed = await in_mixed_thread(uploads.sweep)
-        except Exception as exc:  # noqa: BLE001 (the index is down, say: next time)
-            log.warning("could not look for expired uploads: %s", exc)
-            continue
-        if removed:
-            log.info("removed %d abandoned uploads", removed)
+            self._drop_upload(uuid)
+        except (OSError, ValueError) as exc:  # the store does not answer: swept next time
+            log.warning("could not remove the expired upload %s: %s", uuid, exc)
+            return False
+        return True
+
 
 
 def _sent(record: UploadRecord) -> int:

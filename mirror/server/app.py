@@ -34,6 +34,7 @@ from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.cluster import ClusterMetrics
 from ..observe.metrics import Metrics, exposition_registry
+from ..registry.expiry import expire_uploads
 from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
 from ..registry.namespaces import Namespaces
@@ -44,7 +45,6 @@ from ..registry.roaming import RoamingUploads
 from ..registry.shadowing import UpstreamQuestions
 from ..registry.sharedfills import ClusterFills
 from ..registry.sharedsecret import keep_claim
-from ..registry.uploads import expire_uploads
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills

@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -115,3 +116,35 @@ def test_the_readers_of_a_fill_whose_worker_is_killed_take_it_over(
     assert fault_proxy.count("GET", f"/blobs/{layer.digest}") == 2
     if stores is not None:
         assert stores.bucket.digest_of(layer.digest) == layer.digest
+
+
+def test_a_manifest_request_waiting_for_a_killed_workers_lease_asks_the_upstream_itself(
+    fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer], images: StandardImages,
+) -> None:
+    """Two workers; a client of the first asks for a tag whose upstream answer is slow, a client of the
+    second asks for it too and waits for the first worker's answer (one upstream request across the
+    workers); the first is killed.  Its lease of the manifest is released for the second, which asks
+    the upstream itself.  Before, the second waited out the lease's TTL (here two minutes: the client's
+    time-out came first)."""
+    env = {"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true", "MIRROR_CLUSTER_LEASE_TTL": "120s"}
+    mirror = mirror_factory(fault_proxy.url, workers=2, env=env)
+    path = "/v2/small/manifests/1"
+    slow = fault_proxy.add("late", "/manifests/1$", method="GET", times=1, delay=300)
+    answers: list[httpx.Response] = []
+
+    def ask(client: httpx.Client) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the killed worker's client: its connection cut
+            answers.append(client.get(path, timeout=30))
+
+    with client_per_worker(mirror) as clients:
+        (leading, first), (_, second) = clients.items()
+        threading.Thread(target=ask, args=(first,), daemon=True).start()
+        wait_for(lambda: slow.hits == 1, timeout=30, what="the first worker's upstream GET")
+        waiting = threading.Thread(target=ask, args=(second,), daemon=True)
+        waiting.start()
+        time.sleep(0.5)  # waiting for the lease (if not yet, it finds it held by the killed worker)
+        os.kill(leading, signal.SIGKILL)
+        waiting.join(60)
+    assert len(answers) == 1 and answers[0].status_code == 200, answers
+    assert answers[0].headers["docker-content-digest"] == images.small.digest
+    assert "asking the upstream for it is gone: asked again" in mirror.log_tail(200)

@@ -7,13 +7,15 @@
   one host, one upstream request for a manifest (by tag or digest) across all of them.  The one that
   takes the index's lease ``manifest:<key>`` asks the upstream and records the answer; the others wait
   for the lease to be given up, then look again, and find that answer in the index.  A holder that
-  takes longer than the lease's TTL is not waited for.
+  takes longer than the lease's TTL is not waited for; the lease of a worker process of this host
+  gone meanwhile (killed: it could not give it up) is released for the next to take.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -35,6 +37,8 @@ MANIFEST_MEMORY = 8 << 20
 STORE_QUIET = 10.0
 #: Seconds between two tries of a replica waiting for another's manifest request.
 PEER_POLL = 0.02
+#: Seconds between two looks at whether the worker process holding the lease is still there.
+HOLDER_LOOK = 1.0
 
 
 class ManifestBodies:
@@ -76,25 +80,46 @@ class ManifestBodies:
 
 
 class PeerFlights:
-    """One replica at a time asks the upstream for a manifest *key* (see the module's docstring)."""
+    """One replica at a time asks the upstream for a manifest *key* (see the module's docstring).
+    *site* names this host (a replica's ``cluster.advertise``, else the host's name); a lease's holder
+    is ``<site> pid <worker's pid>``."""
 
-    def __init__(self, metadata: Metadata, replica: str, ttl: float) -> None:
-        self.metadata, self.replica, self.ttl = metadata, replica, ttl
+    def __init__(self, metadata: Metadata, site: str, ttl: float) -> None:
+        self.metadata, self.site, self.ttl = metadata, site, ttl
+        self.replica = f"{site} pid {os.getpid()}"
 
     async def run(self, key: str, ask: Callable[[], Awaitable[T]]) -> T:
         """*ask* (which looks in the index first, then asks the upstream) under the lease of *key*,
         once another replica asking for it is done.  ``MetadataUnavailable`` while the index is down."""
         name = f"manifest:{key}"
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.ttl
+        give_up, look = loop.time() + self.ttl, loop.time() + HOLDER_LOOK
         while (lease := await in_index_thread(self.metadata.take_lease, name, self.replica, self.ttl)) is None:
             if loop.time() > give_up:
                 return await ask()
+            if loop.time() > look:
+                look = loop.time() + HOLDER_LOOK
+                await in_index_thread(self._free_if_gone, name)
             await asyncio.sleep(PEER_POLL)
         try:
             return await ask()
         finally:
             await asyncio.shield(in_index_thread(self.metadata.release_lease, lease))
+
+    def _free_if_gone(self, name: str) -> None:
+        """Release the lease *name* if a worker process of this host that is gone holds it, for one of
+        those waiting to take it next (blocking)."""
+        current = self.metadata.current_lease(name)
+        site, _, pid = ("", "", "") if current is None else current.holder.rpartition(" pid ")
+        if current is None or site != self.site or not pid.isdigit():
+            return
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if self.metadata.release_lease(current):
+                log.warning("%s: the worker process %s asking the upstream for it is gone: asked again", name, pid)
+        except OSError:  # another user's process: there
+            pass
 
 
 def referred_digest(value: str) -> Digest:

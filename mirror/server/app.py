@@ -110,7 +110,7 @@ def create_app(config: Config) -> MirrorApp:
         # manifest GET counts against Docker Hub's pull limit); one process shares its own (flight.py).
         if cluster is not None or config.http.workers > 1:
             for each in pulls.values():
-                each.peers = PeerFlights(metadata, cluster.replica if cluster else holder,
+                each.peers = PeerFlights(metadata, cluster.replica if cluster else socket.gethostname(),
                                          cluster.ttl if cluster else config.cluster.lease_ttl)
         upstream = upstreams[0]
         local = LocalRegistry(store, metadata, config, upstream.canonical_name, metrics=metrics,

@@ -249,6 +249,26 @@ def test_a_local_name_that_holds_nothing_is_given_back(index: Metadata) -> None:
     assert index.is_local("team/empty") and local_repo("team/empty") in index.repositories()
 
 
+def test_a_repository_that_holds_nothing_leaves_the_catalog(index: Metadata) -> None:
+    """``release_repository`` (``mirror migrate --delete``): a cached repository, or a pushed one as
+    ``release_local`` gives it back, only once nothing is linked, tagged or referred to in it."""
+    cached = ["docker.io/library/linked", "docker.io/library/tagged", "docker.io/library/referred",
+              "docker.io/library/empty"]
+    for repo in cached:
+        index.link(repo, [])
+    index.link("docker.io/library/linked", [D1])
+    index.set_tag("docker.io/library/tagged", "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+    index.add_referrer("docker.io/library/referred", D1, {"digest": D2, "mediaType": OCI_MANIFEST, "size": 1})
+    index.mark_local("team/empty", 1.0)
+    assert not index.release_repository("docker.io/library/never")
+    assert [index.release_repository(repo) for repo in cached] == [False, False, False, True]
+    assert index.release_repository(local_repo("team/empty")) and not index.is_local("team/empty")
+    assert index.repositories() == sorted(cached[:3]) and not index.has_repository("docker.io/library/empty")
+    index.unlink("docker.io/library/linked", D1)
+    assert index.release_repository("docker.io/library/linked")
+    assert index.repositories() == sorted(cached[1:3])
+
+
 # -- referrers, pins, uploads, foreign layers --
 
 def test_referrers_pushed_and_upstream(index: Metadata) -> None:

@@ -41,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 from mirror.config.load import load_config
 from mirror.maintenance.migrate import Migration
 from mirror.metadata.diskcache import DiskcacheMetadata
-from mirror.metadata.driver import Metadata, TagRecord
+from mirror.metadata.driver import Metadata, TagRecord, local_repo
 from mirror.metadata.opening import open_metadata
 from mirror.metadata.records import RecordKind
 from mirror.metadata.transfer import compare
@@ -654,6 +654,11 @@ def test_a_copy_made_before_the_source_changed_catches_up_and_so_does_the_source
         return bucket_objects(*bucket) if bucket else sizes(copy)
 
     migrated(old, new)
+    with opened(new) as index:  # the copy served meanwhile: a name pushed to it, another cached by it
+        index.mark_local("team/onlynew", time.time())
+        index.link(local_repo("team/onlynew"), [one.digest])
+        index.set_tag(local_repo("team/onlynew"), "1", TagRecord(one.digest, one.media_type, time.time()))
+        index.link("docker.io/library/onlyhere", [one.digest])
     with opened(old) as index:  # as a DELETE of its tag and a collection do
         assert index.untag("docker.io/library/one", "1") and index.unpin_tagged("docker.io/library/one", one.digest)
     collected = mirror_cli("gc", "--data", data, env={"MIRROR_GC_GRACE": "0s", "MIRROR_CACHE_MAX_SIZE": "1024"})
@@ -663,9 +668,11 @@ def test_a_copy_made_before_the_source_changed_catches_up_and_so_does_the_source
     line = refused(old, new)  # the copy may have been written to since: only when asked
     assert "it is a copy of this store made before: to withdraw from it what the source no longer holds, run again" \
         " with --delete" in line, line
-    out = migrated(old, new, "--delete")
+    out = migrated(old, new, "--delete")  # the copy's own names go too: it is the source's again
     assert "records the source no longer holds were withdrawn from the target" in out, out
     assert copied() == sizes(data) and differences(old, new) == [], out
+    with opened(new) as index:
+        assert not index.is_local("team/onlynew") and "docker.io/library/onlyhere" not in index.repositories()
     assert "3 objects the source no longer holds were deleted from the target" in out, out  # manifest, config, layer
 
     with opened(new) as index:  # the copy serves and changes; then back to where it came from

@@ -193,15 +193,11 @@ class ManifestIndex(Protocol):
 
     def is_linked(self, repo: str, digest: str) -> bool: ...
 
-    def all_links(self) -> list[tuple[str, str]]:
-        """Every ``(repo, digest)`` link: a snapshot."""
-        ...
+    def all_links(self) -> list[tuple[str, str]]: ...  # every (repo, digest) link: a snapshot
 
 
 class RepositoryIndex(Protocol):
-    def repositories(self) -> list[str]:
-        """Every repository key known to the index (tagged, linked or made local), sorted."""
-        ...
+    def repositories(self) -> list[str]: ...  # every repository key (tagged, linked or made local), sorted
 
     def has_repository(self, repo: str) -> bool: ...
 
@@ -216,6 +212,11 @@ class RepositoryIndex(Protocol):
         """Undo :meth:`mark_local` of *name* if it holds nothing (no link, tag or referrer in
         ``local/<name>``) and has no upload: its pushes given up before any content landed.  It
         leaves the catalog and the generation moves; False if it holds something or is not local."""
+        ...
+
+    def release_repository(self, repo: str) -> bool:
+        """Take *repo* out of the catalog if it holds nothing (a ``local/<name>``: :meth:`release_local`);
+        the generation moves.  False if it holds something or is not there (``mirror migrate --delete``)."""
         ...
 
 

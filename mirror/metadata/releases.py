@@ -51,6 +51,18 @@ class DiskcacheReleases:
         self._generation.bump()  # its requests go to the upstream again
         return True
 
+    def release_repository(self, repo: str) -> bool:
+        if repo.startswith("local/"):
+            return self.release_local(repo.removeprefix("local/"))
+        with self._cache.transact():
+            if f"repo/{repo}" not in self._cache or any(
+                    self._keys(prefix) for prefix in (f"link/{repo}@", f"tag/{repo}:", f"referrers/{repo}@")):
+                return False
+            self._cache.delete(f"repo/{repo}")
+            self._cache.set("catalog", tuple(r for r in self._cache.get("catalog", ()) if r != repo))
+        self._generation.bump()
+        return True
+
 
 class PostgresReleases:
     """The tables ``locals``, ``links``, ``tags``, ``referrers``, ``uploads`` and ``repositories``."""
@@ -71,4 +83,18 @@ class PostgresReleases:
             if released:
                 cur.execute("DELETE FROM repositories WHERE repo = %s", (repo,))
                 bump()  # its requests go to the upstream again
+        return released
+
+    def release_repository(self, repo: str) -> bool:
+        if repo.startswith("local/"):
+            return self.release_local(repo.removeprefix("local/"))
+        with self._withdrawing() as (cur, bump):
+            released = cur.execute(
+                "DELETE FROM repositories WHERE repo = %(repo)s"
+                " AND NOT EXISTS (SELECT 1 FROM links WHERE repo = %(repo)s)"
+                " AND NOT EXISTS (SELECT 1 FROM tags WHERE repo = %(repo)s)"
+                " AND NOT EXISTS (SELECT 1 FROM referrers WHERE repo = %(repo)s) RETURNING 1",
+                {"repo": repo}).fetchone() is not None
+            if released:
+                bump()
         return released

@@ -162,7 +162,9 @@ WITHDRAWN = (K.TAGS, K.PINS, K.REFERRERS, K.LINKS, K.ACCESS, K.MANIFESTS)
 def withdraw(index: Metadata, source: Metadata) -> Tally:
     """Withdraw from *index*, a copy of *source* made before, the records *source* has withdrawn since
     (:data:`WITHDRAWN`; a tag moved since is left to the copy, which writes it over): the tally of them.
-    Referrers are withdrawn one descriptor at a time, those *source* no longer lists for the subject."""
+    Referrers are withdrawn one descriptor at a time, those *source* no longer lists for the subject.
+    Then the repositories and pushed names *source* does not have, emptied by that, leave the catalog
+    (pushed to the copy only, since it was made)."""
     found = Tally()
     for kind in WITHDRAWN:
         for batch in _batches(index.records(kind)):
@@ -185,6 +187,13 @@ def withdraw(index: Metadata, source: Metadata) -> Tally:
             if pairs and kind in (K.LINKS, K.ACCESS, K.MANIFESTS):
                 index.forget(links=pairs if kind is K.LINKS else (), accesses=pairs if kind is K.ACCESS else (),
                              manifests=[digest for _, digest in pairs] if kind is K.MANIFESTS else ())
+    for kind in (K.LOCALS, K.REPOSITORIES):  # emptied above: names pushed or cached only in the copy
+        for batch in _batches(index.records(kind)):
+            known = source.find_records(kind, [key for key, _ in batch])
+            for key, value in batch:
+                if known.get(key) is None:
+                    found.add(_describe(kind, key, value))
+                    (index.release_local if kind is K.LOCALS else index.release_repository)(key[0])
     return found
 
 

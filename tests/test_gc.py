@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pty
@@ -137,8 +138,9 @@ def test_blobs_no_image_reaches_go_before_any_image_when_the_store_is_over_its_b
     (an hour) while the store stayed above its budget, and the images being pulled went instead."""
     registry, images = sized_upstream
     budget = 30 * MIB
+    # The image and the blobs all used within keep_recent, however slow the machine: the blobs go first.
     mirror = mirror_factory(registry.url, env={
-        "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "0.3s", "MIRROR_GC_GRACE": "1h",
+        "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "10s", "MIRROR_GC_GRACE": "1h",
     })
     assert pull(http, mirror.url, "library/img5", "1", images[5]) == "MISS"
     for i in range(4):
@@ -153,6 +155,42 @@ def test_blobs_no_image_reaches_go_before_any_image_when_the_store_is_over_its_b
     layer = images[0].layers[0]
     again = http.get(f"{mirror.url}/v2/library/img0/blobs/{layer.digest}")
     assert again.status_code == 200 and sha256(again.content) == layer.digest
+
+
+def test_a_shared_layer_being_read_does_not_hold_every_image_that_has_it_above_the_budget(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    """Five images on one 16 MiB base layer (as images on a popular base are), the base being read
+    by a slow client the whole time: before, every image reaching it counted as in use, and the
+    store stayed above its budget for as long as someone read the base ("in open transfers").  Now
+    the images whose only open object is shared go when the budget needs it; the base, being read,
+    is not deleted, and its reader gets every byte."""
+    registry = UpstreamRegistry(tmp_path / "registry").start()
+    try:
+        base = random_layer(tmp_path, 16 * MIB, seed=700)
+        images = [build_image(tmp_path / f"img{i}", [base, random_layer(tmp_path, 4 * MIB, seed=710 + i)])
+                  for i in range(5)]
+        for i, image in enumerate(images):
+            registry.push_image(f"library/based{i}", "1", image)
+        budget = 30 * MIB
+        mirror = mirror_factory(registry.url, env={
+            "MIRROR_CACHE_MAX_SIZE": str(budget), "MIRROR_CACHE_KEEP_RECENT": "0.3s", "MIRROR_GC_GRACE": "1h"})
+        assert pull(http, mirror.url, "library/based0", "1", images[0]) == "MISS"
+        with httpx.Client(trust_env=False, timeout=120) as slow, \
+                slow.stream("GET", f"{mirror.url}/v2/library/based0/blobs/{base.digest}") as reading:
+            received = hashlib.sha256()
+            chunks = reading.iter_raw(64 * 1024)
+            received.update(next(chunks))  # then nothing for a while: the base stays open
+            for i in range(1, 5):
+                assert pull(http, mirror.url, f"library/based{i}", "1", images[i]) == "MISS"
+            assert eventually(lambda: store_bytes(mirror.data_dir) <= budget, timeout=30), \
+                (store_bytes(mirror.data_dir), mirror.log_tail(40))
+            for chunk in chunks:
+                received.update(chunk)
+        assert f"sha256:{received.hexdigest()}" == base.digest
+        assert "evicting" in mirror.log_tail(400)
+    finally:
+        registry.stop()
 
 
 def test_answers_from_memory_count_as_use_and_end_with_eviction(

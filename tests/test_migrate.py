@@ -411,6 +411,41 @@ def test_an_interrupted_migration_run_again_ends_with_the_whole_store(
     assert not seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "uploads left open"
 
 
+def test_a_target_left_midway_is_refused_by_the_server_fsck_and_gc_until_a_run_again_ends(tmp_path: Path) -> None:
+    """A run killed midway into a data directory: before, ``fsck`` called the partial copy clean and
+    ``serve`` started on it, its pushed names missing (their requests went to the upstream)."""
+    data, copy, blobs = tmp_path / "data", tmp_path / "copy", tmp_path / "blobs"
+    big = build_image(blobs, [random_layer(blobs, 48 << 20, 931)])
+    write_oci_layout(tmp_path / "layout", big, "docker.io/library/big:1")
+    assert mirror_cli("preload", "--data", data, tmp_path / "layout").returncode == 0
+    preloaded(tmp_path, data, "small", 932)
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", copy)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    proc = subprocess.Popen([sys.executable, "-m", "mirror", "migrate", "--from-config", str(old), "--to-config",
+                             str(new)], cwd=PROJECT_ROOT, env=clean, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mark = copy / "migrating"
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "ended before its copy began"
+            time.sleep(0.002)
+        proc.kill()  # the copy under way: the mark goes only at the end of a run
+    finally:
+        proc.kill()
+        proc.wait()
+    assert mark.exists() and f"from filesystem {data.resolve()}, begun " in mark.read_text()
+    for command in (["fsck"], ["gc"], ["serve", "--listen", f"127.0.0.1:{free_port()}"]):
+        done = mirror_cli(*command, "--config", new, timeout=60)
+        assert done.returncode == 2, (command, done.stdout + done.stderr)
+        assert f"{copy} is the target of a `mirror migrate` that did not finish" in done.stderr, done.stderr
+        assert "run the same `mirror migrate` again to finish it" in done.stderr, done.stderr
+    migrated(old, new)
+    assert not mark.exists() and differences(old, new) == []
+    checked = mirror_cli("fsck", "--config", new, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 

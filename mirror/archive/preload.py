@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.values import human
-from ..maintenance.gc import reference_lock
+from ..maintenance.collecting import reference_lock
 from ..metadata.driver import Metadata, TagRecord, unpin_if_untagged
 from ..observe.progress import NoProgress, Progress
 from ..registry.referrers import referrer_of

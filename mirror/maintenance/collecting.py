@@ -12,6 +12,7 @@ and did not delete is unreferenced, and the next collection removes it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -20,8 +21,21 @@ import time
 from collections.abc import Iterator
 
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
+from ..storage.driver import BlobStore
 
 log = logging.getLogger("mirror.maintenance.gc")
+
+
+@contextlib.contextmanager
+def reference_lock(store: BlobStore) -> Iterator[None]:
+    """``DATA/gc.lock``, held (shared) while making stored objects reachable; the collector holds it
+    exclusively (``maintenance/gc.py``)."""
+    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 #: The name of the collector's lease in the index.
 LEASE = "collector"

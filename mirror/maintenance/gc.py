@@ -11,6 +11,8 @@
   being filled (``tmp/<alg>-<hex>.partial`` locked) or served (``BlobStore.serving``: on the filesystem its
   file held with a shared ``flock``): see ``storage/growing.py``; nor, on a bucket and an index that hosts
   share, one with an object another replica serves or fills (its mark in the index: ``maintenance/inuse.py``).
+  When the budget needs it, an image whose open objects all are shared with other images goes too (a base
+  layer always being read for one of them would keep them all); no open object is deleted.
   Images used within ``cache.keep_recent`` go only when the store would otherwise stay above the high
   watermark. When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a short
   delay until it is, and the reasons (``Report.held``) go to the log and to the index, for the
@@ -37,7 +39,6 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config.sections import CacheConfig, GcConfig
@@ -54,17 +55,6 @@ log = logging.getLogger("mirror.maintenance.gc")
 
 #: Seconds an object no repository links must be old before eviction counts it as the cache's orphan.
 ORPHAN_AGE = 300.0
-
-
-@contextlib.contextmanager
-def reference_lock(store: BlobStore) -> Iterator[None]:
-    """Held (shared) while making stored objects reachable; the collector holds it exclusively."""
-    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -335,6 +325,7 @@ class Collector:
         filling = fills_in_progress(self.store) | self.metadata.in_use()  # here, and on every host
 
         evicted: list[tuple[str, str]] = []
+        chosen: set[tuple[str, str]] = set()  # what evicted holds
         in_use: set[str] = set()  # candidate roots skipped because a transfer is open
         # For space, the cache's orphans go first, before any image (see _orphans); those stored or
         # made young within keep_recent, before any recently used image.
@@ -345,42 +336,51 @@ class Collector:
         def evict(repo: str, d: str) -> None:
             nonlocal projected
             evicted.append((repo, d))
+            chosen.add((repo, d))
             for x in self._closure_of({d}):
                 counts[x] -= 1
                 if counts[x] == 0 and x not in protected_objects and x in state.files:
                     freed.add(x)
                     projected -= state.files[x][0]
 
-        def busy(d: str) -> bool:
-            if d not in in_use and any(x in filling or x in state.files and self._serving(x)
-                                       for x in self._closure_of({d})):
-                in_use.add(d)
-            return d in in_use
+        reach = Counter(x for d in {d for _, _, d in candidates} for x in self._closure_of({d}))
+        opened: dict[str, set[str]] = {}  # candidate image -> the objects it reaches that are read or filled
 
-        # Oldest first: both reasons stop holding at some point.
-        for last_used, repo, d in candidates:
-            needed = target is not None and projected > target and last_used < recent
-            unused = unused_cutoff is not None and last_used < unused_cutoff
-            if not needed and not unused:
-                break
-            if not busy(d):
-                evict(repo, d)
+        def busy(d: str, strict: bool) -> bool:
+            """Whether an object *d* reaches is open (on any host); not *strict*, only one no other image
+            reaches counts: a layer many images share, always being read for one of them, kept them all."""
+            if d not in opened:
+                opened[d] = {x for x in self._closure_of({d}) if x in filling or x in state.files and self._serving(x)}
+            found = any(strict or x == d or reach[x] == 1 for x in opened[d])
+            in_use.update({d} if found else ())
+            return found
+
+        # Oldest first: both reasons stop holding at some point.  Then, for space, the images whose open
+        # objects are all shared with others (their bytes stay while they are read: _apply).
+        for strict in (True, False):
+            for last_used, repo, d in candidates:
+                needed = target is not None and projected > target and last_used < recent
+                if not needed and (not strict or unused_cutoff is None or last_used >= unused_cutoff):
+                    break
+                if (repo, d) not in chosen and not busy(d, strict):
+                    evict(repo, d)
         # Still above the high watermark: recent orphans, then recently used images go too (never those in use).
         if over and high is not None and projected > high:
             projected -= sum(state.files[x][0] for x in orphans - freed)
             freed |= orphans
-            chosen = set(evicted)
-            for _last_used, repo, d in candidates:
-                if projected <= high:
-                    break
-                if (repo, d) not in chosen and not busy(d):
-                    evict(repo, d)
+            for strict in (True, False):
+                for _last_used, repo, d in candidates:
+                    if projected <= high:
+                        break
+                    if (repo, d) not in chosen and not busy(d, strict):
+                        evict(repo, d)
 
         if evicted:
             log.info("evicting %d cached images (store %s, budget %s)", len(evicted), human(usage),
                      human(budget) if budget else "none")
         if over and low is not None and projected > low:
             gone = {d for _, d in evicted}
+            in_use -= gone
             kept_recent = {d for t, _, d in candidates if d not in gone and d not in in_use and t >= recent}
 
             def size_of(objects: set[str]) -> int:

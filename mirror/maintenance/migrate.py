@@ -35,12 +35,9 @@ Objects of the source that do not match their digest are not copied and make the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
-import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from typing import Any, cast
 
@@ -49,7 +46,6 @@ from ..metadata.driver import Metadata
 from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import (
     bind_bucket,
-    bind_data_directory,
     bound_elsewhere,
     index_identity,
     open_metadata,
@@ -64,6 +60,7 @@ from ..storage.driver import BlobStore, StoredObject, StoreError
 from ..storage.layout import Layout
 from ..storage.opening import open_blob_store
 from .migratereport import Refused, Report
+from .migrateside import bind as _bind, exclusive as _exclusive, unfinished
 from .objectcopy import StoredDigests, census, digested, foreign, looked_up, with_manifests
 
 __all__ = ["COPIERS", "Migration", "Refused", "Report", "store_identity"]
@@ -134,7 +131,7 @@ class Migration:
             if (problem := bound_elsewhere(target.storage, new_store, old_index.index_id(), target_id)) is not None:
                 raise Refused(f"target: {problem}")
             if not one_directory:
-                _bind(target, new, "target", record=False)
+                _bind(target, new, "target", record=False, migrating=True)
             new_index = self._open_index(target, "target", stack)
             if not same_index and source.metadata.driver == target.metadata.driver == "postgres" \
                     and old_index.index_id() == new_index.index_id():  # one database, named two ways
@@ -159,13 +156,15 @@ class Migration:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
                                   f" (first: {found.first}): it belongs to another store, {SINCE}")
                 new_index.mark_copy_of(old_index.index_id())
+            if not one_directory:  # marked until this run reaches its end: no server takes a partial copy
+                stack.enter_context(unfinished(new, store_identity(source.storage)))
             gone = foreign(new_store, old_store, pool, COPIERS, remove=True) if catch_up and not same_store else None
             if gone is not None and gone.count:
                 self.report.notes.append(f"{gone.count} objects the source no longer holds were deleted from the"
                                          " target")
             held = census(old_store)
             if not one_directory:
-                _bind(target, new, "target", index_id=new_index.index_id())
+                _bind(target, new, "target", index_id=new_index.index_id(), migrating=True)
             self.report.objects, self.report.bytes, self.report.strays = held.objects, held.bytes, held.strays
             if not same_store:
                 self._copy_objects(old_store, new_store, old_index, pool)
@@ -368,32 +367,3 @@ def _go_on(stopping: threading.Event, digest: Digest) -> None:
 def _line(exc: BaseException) -> str:
     """An error's message on one line (libpq's span several)."""
     return " ".join(str(exc).split())
-
-
-def _bind(config: Config, layout: Layout, side: str, *, record: bool = True, index_id: str | None = None) -> None:
-    """Refuse a data directory bound to another index than *config*'s (whose id is *index_id* once it
-    opened); with *record*, bind one that is bound to none (only once its index opened: see
-    :func:`bind_data_directory`)."""
-    problem = bind_data_directory(config.metadata, layout.index_binding, config.storage, record=record,
-                                  index_id=index_id)
-    if problem:
-        raise Refused(f"{side}: {problem}")
-
-
-@contextlib.contextmanager
-def _exclusive(layout: Layout, side: str) -> Iterator[None]:
-    """Hold ``DATA/gc.lock`` exclusively: no collection runs and no push makes content reachable meanwhile."""
-    try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise Refused(f"{side}: cannot use {layout.root}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Refused(f"{side}: {layout.gc_lock} is held: a server or `mirror gc` is working on {layout.root};"
-                          " stop it before migrating") from None
-        yield
-    finally:
-        os.close(fd)

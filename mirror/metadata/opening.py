@@ -143,8 +143,9 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
     if recorded is None:
         if not rebind and holds_objects(store) and metadata.count_manifests() == 0:
             return (f"{where} holds objects, and {index} records none of them (a new or re-created database, or"
-                    " another mirror's bucket?): point this mirror at the database that holds their index; if it"
-                    " is lost, empty the bucket's blobs/ or choose another storage.s3.rootdirectory (this index"
+                    " another mirror's bucket, or a `mirror migrate` into it stopped midway: run it again): point this"
+                    " mirror at the database that holds their index; if it is lost, empty the bucket's blobs/ or"
+                    " choose another storage.s3.rootdirectory (this index"
                     " would see every object as unreferenced, and the collector would delete them)")
         record_index(store, mine)
     elif recorded != mine:
@@ -180,11 +181,16 @@ def _unanswered(where: str, error: str) -> str:
     return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
+#: The file ``mirror migrate`` keeps in its target's data directory until a run reaches its end.
+MIGRATING = "migrating"
+
+
 def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageConfig | None = None, *,
-                        record: bool = True, index_id: str | None = None) -> str | None:
+                        record: bool = True, index_id: str | None = None, migrating: bool = False) -> str | None:
     """Check that the data directory whose binding file is *binding* (``DATA/index.json``) is
-    opened with the index that describes what it holds; with *record*, record that index the first
-    time.
+    opened with the index that describes what it holds, and (unless *migrating*: ``mirror migrate``
+    going on with it) is no target of a ``mirror migrate`` stopped midway (``DATA/migrating``), which
+    holds part of a store; with *record*, record that index the first time.
 
     Returns why not, or None.  A store opened with another index (a restart that forgot
     ``metadata.driver: postgres``, or pointed at another database) would see every blob as
@@ -204,6 +210,12 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     opened, which would refuse every start after the typo is corrected.  *storage* (the data
     directory's) words the message: with S3, the directory holds only work in progress.
     """
+    mark = binding.with_name(MIGRATING)
+    with contextlib.suppress(FileNotFoundError):
+        if not migrating:
+            return (f"{binding.parent} is the target of a `mirror migrate` that did not finish"
+                    f" ({mark.read_text().strip()}): it holds part of a store; run the same `mirror migrate` again"
+                    f" to finish it (or remove {mark} to use the directory as it is)")
     wanted = _index_of(config)
     if isinstance(wanted, str):
         return wanted

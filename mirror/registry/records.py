@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from ..maintenance.gc import reference_lock
+from ..maintenance.collecting import reference_lock
 from ..metadata.driver import Metadata, TagRecord
 from ..metadata.records import RecordKind
 from ..spec.errors import APIError

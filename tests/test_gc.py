@@ -193,6 +193,19 @@ def test_a_shared_layer_being_read_does_not_hold_every_image_that_has_it_above_t
         registry.stop()
 
 
+def test_mirror_gc_says_why_the_store_stays_above_its_budget(tmp_path: Path) -> None:
+    """Before, it printed what it freed (nothing) and the sizes, not what held the store."""
+    data, blobs = tmp_path / "data", tmp_path / "blobs"
+    image = build_image(blobs, [random_layer(blobs, 2 * MIB, seed=720)])
+    write_oci_layout(tmp_path / "layout", image, "docker.io/library/kept:1")
+    assert mirror_cli("preload", "--data", data, tmp_path / "layout").returncode == 0  # pinned
+    done = mirror_cli("gc", "--data", data, env={"MIRROR_CACHE_MAX_SIZE": str(MIB)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = done.stdout.strip().splitlines()
+    assert first.startswith("freed 0 objects") and "of a 1.0 MiB budget" in first, first
+    assert second.startswith("store 2.0 MiB stays above its budget (1.0 MiB): 2.0 MiB pinned"), second
+
+
 def test_answers_from_memory_count_as_use_and_end_with_eviction(
     sized_upstream: tuple[UpstreamRegistry, list[Image]], mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client,

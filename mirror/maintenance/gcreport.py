@@ -45,9 +45,11 @@ class Report:
         return f"store {human(self.usage_after)} stays above {line} ({human(limit or 0)}): " + ", ".join(parts)
 
     def summary(self) -> str:
+        """One line of what the run did; a second, :meth:`held_summary`, when the store stays above its target."""
         verb = "would free" if self.dry_run else "freed"
         budget = f" of a {human(self.budget)} budget" if self.budget else ""
+        held = f"\n{self.held_summary()}" if any(self.held.values()) else ""
         return (f"{verb} {self.objects_removed} objects, {human(self.bytes_freed)} "
                 f"({len(self.evicted)} images evicted, {self.tags_removed} tags and {self.links_removed} links "
                 f"removed); store {human(self.usage_before)} -> {human(self.usage_after)}{budget}, "
-                f"{self.objects_kept} objects kept, {self.seconds:.2f}s")
+                f"{self.objects_kept} objects kept, {self.seconds:.2f}s{held}")

@@ -512,7 +512,7 @@ def test_web_ui_pages_held_up_in_the_database_hold_up_no_other_request(
                        INDEX_THREADS, "the web UI's pages")
     assert [a.status_code for a in answers] == [200] * len(pages)
     for answer in answers[:len(bodies)]:
-        shown = re.findall(r'<td class="tag">([^<]*)</td>', answer.text)
+        shown = re.findall(r'<th scope="row" class="tag">([^<]*)</th>', answer.text)
         assert sorted(shown) == sorted(["v1", *(f"m{n}" for n in range(len(bodies)))])
         assert all(f"@{digest}" in answer.text for digest in digests)  # each stored: a link to its page
     for n, answer in enumerate(answers[len(bodies):]):

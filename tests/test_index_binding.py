@@ -126,3 +126,31 @@ def test_another_database_is_refused_before_anything_is_made_in_it(
     with psycopg.connect(other) as conn:
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
     assert json.loads((data / "index.json").read_text()) == bound
+
+
+def test_a_first_start_refused_for_another_indexs_bucket_leaves_the_new_database_free(
+    postgres: PostgresServer, upstream: UpstreamRegistry, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """A new database, started first with a bucket that holds another index's objects (a copied
+    configuration, a typo): refused.  Before, the database kept that bucket as its store, and the
+    corrected configuration was refused too ("holds the index of S3 bucket ..."), until the database
+    was dropped.  Now the refused start forgets what it recorded, and the corrected one starts."""
+    seaweedfs = request.getfixturevalue("seaweedfs")
+    used, new = Bucket(seaweedfs, seaweedfs.new_bucket()), Bucket(seaweedfs, seaweedfs.new_bucket())
+    with MirrorServer(tmp_path / "first", upstream.url, env={**_env(postgres.create_database()), **used.env()},
+                      log_dir=tmp_path / "first-log") as mirror, httpx.Client(timeout=30) as http:
+        push_image(http, mirror.url, "team/app", "1", seed=8)
+    held = used.objects()
+    fresh, data = postgres.create_database(), tmp_path / "data"
+    done = mirror_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--data", data,
+                      env={**_env(fresh), **used.env()}, timeout=60)
+    assert done.returncode == 2 and "holds the objects of another index" in done.stderr, done.stderr
+    with MirrorServer(data, upstream.url, env={**_env(fresh), **new.env()}, log_dir=tmp_path / "second") as mirror, \
+            httpx.Client(timeout=30) as http:
+        manifest, _ = push_image(http, mirror.url, "team/other", "1", seed=9)
+        answer = http.get(f"{mirror.url}/v2/team/other/manifests/1", headers={"Accept": OCI_MANIFEST})
+        assert (answer.status_code, answer.content) == (200, manifest), answer.text
+    assert used.objects() == held  # the other index's bucket: untouched
+    with psycopg.connect(fresh) as conn:
+        row = conn.execute("SELECT value FROM settings WHERE name = 'store'").fetchone()
+    assert row is not None and row[0]["bucket"] == new.name, row

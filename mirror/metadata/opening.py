@@ -18,7 +18,12 @@ from .driver import Metadata
 
 class CannotOpenIndex(Exception):
     """The configured index cannot be opened: one line naming its server and database (never a
-    password), why, and what to check."""
+    password), why, and what to check.  ``transient``: the database did not answer or refused the
+    connection (it may a moment later); otherwise what it holds or its schema is wrong."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -> Metadata:
@@ -45,7 +50,7 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
         try:
             return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
         except psycopg.OperationalError as exc:
-            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
+            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc)), transient=True) from None
         except SchemaTooNew as exc:
             raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
         except ForeignTables as exc:
@@ -142,6 +147,7 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
     where, index = _describe_store(store_identity(storage)), _describe(_index_of(config))
     if recorded is None:
         if not rebind and holds_objects(store) and metadata.count_manifests() == 0:
+            _forget_store(metadata)
             return (f"{where} holds objects, and {index} records none of them (a new or re-created database, or"
                     " another mirror's bucket, or a `mirror migrate` into it stopped midway: run it again): point this"
                     " mirror at the database that holds their index; if it is lost, empty the bucket's blobs/ or"
@@ -149,10 +155,17 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
                     " would see every object as unreferenced, and the collector would delete them)")
         record_index(store, mine)
     elif recorded != mine:
+        _forget_store(metadata)
         return (f"{where} holds the objects of another index (id {recorded}), not of {index} (id {mine}):"
                 " point this mirror at the database that holds their index (this one would see every object as"
                 " unreferenced, and the collector would delete them)")
     return None
+
+
+def _forget_store(metadata: Metadata) -> None:
+    """A refused start leaves a new database as it found it: free for the store the next start names."""
+    if (forget := getattr(metadata, "forget_store", None)) is not None:
+        forget()  # (PostgreSQL: the diskcache index is the data directory's, which records no store)
 
 
 def _describe_store(store: Mapping[str, Any]) -> str:

@@ -127,8 +127,9 @@ class StoreMismatch(RuntimeError):
         self.recorded = recorded
 
 
-def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] | None = None) -> int:
-    """Bring the database of *conn* (autocommit) to :data:`SCHEMA_VERSION`; return the version it had.
+def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] | None = None) -> tuple[int, bool]:
+    """Bring the database of *conn* (autocommit) to :data:`SCHEMA_VERSION`; return the version it had,
+    and whether this call recorded *store* (:func:`forget_store` undoes it while the index is empty).
 
     *store*, if given, names the blob store whose index this is (its driver and identity, plus a
     ``path`` shown in messages only): recorded in ``settings`` by the first start, compared by
@@ -161,13 +162,27 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]], store: Mapping[str, str] 
         # What tells this index from every other (``Metadata.index_id``), made once.
         conn.execute("INSERT INTO settings VALUES ('index_id', %s) ON CONFLICT (name) DO NOTHING",
                      (Jsonb(uuid.uuid4().hex),))
+        recorded = False
         if store is not None:
             row = conn.execute("SELECT value FROM settings WHERE name = 'store'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO settings VALUES ('store', %s)", (Jsonb(dict(store)),))
+                recorded = True
             elif _identity(row[0]) != _identity(store):
                 raise StoreMismatch(dict(row[0]))
-    return found
+    return found, recorded
+
+
+def forget_store(cur: psycopg.Cursor[Any], store: Mapping[str, str]) -> bool:
+    """In *cur*'s transaction, remove the record of *store* that :func:`migrate` made, if the index is
+    still empty (no manifest, link, pushed name or upload: a start refused at once, e.g. for a bucket
+    that holds another index's objects), so that a corrected configuration may open the database;
+    whether it went."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+    return cur.execute(
+        "DELETE FROM settings WHERE name = 'store' AND value = %s AND NOT EXISTS (SELECT 1 FROM manifests)"
+        " AND NOT EXISTS (SELECT 1 FROM links) AND NOT EXISTS (SELECT 1 FROM locals)"
+        " AND NOT EXISTS (SELECT 1 FROM uploads) RETURNING 1", (Jsonb(dict(store)),)).fetchone() is not None
 
 
 def _identity(store: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
         if "connect_timeout" not in conninfo_to_dict(dsn):
             dsn = make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            migrate(conn, store)
+            self.recorded_store = store if migrate(conn, store)[1] else None  # this start's: forget_store
         self._clock = clock
         self._watch = ServerWatch(self._where)
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(

@@ -13,7 +13,7 @@ plumbing, declared here for the type checker only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +65,25 @@ class DiskcacheReleases:
 
 
 class PostgresReleases:
-    """The tables ``locals``, ``links``, ``tags``, ``referrers``, ``uploads`` and ``repositories``."""
+    """The tables ``locals``, ``links``, ``tags``, ``referrers``, ``uploads`` and ``repositories``;
+    and the blob store this start recorded, given back when the start is refused (:meth:`forget_store`)."""
 
     if TYPE_CHECKING:
+        recorded_store: Mapping[str, str] | None
+
         def _withdrawing(self) -> AbstractContextManager[tuple[Any, Callable[[], None]]]: ...
+        def _cursor(self, *, transaction: bool = False) -> AbstractContextManager[Any]: ...
+
+    def forget_store(self) -> bool:
+        """Remove the record of the blob store this instance's start made (``pgschema.migrate``) while
+        the index holds nothing: a first start refused (a bucket holding another index's objects) must
+        not bind a new database to the store it wrongly named.  Whether it went."""
+        from .pgschema import forget_store  # psycopg: imported only by the driver that uses it
+
+        if self.recorded_store is None:
+            return False
+        with self._cursor(transaction=True) as cur:
+            return forget_store(cur, self.recorded_store)
 
     def release_local(self, name: str) -> bool:
         repo = local_repo(name)

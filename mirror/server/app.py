@@ -56,6 +56,7 @@ from ..upstream.client import Upstream
 from . import certificates
 from .front import Coalesced, MemoFront, MirrorApp
 from .hardening import Hardening
+from .starting import create_store, open_index
 
 log = logging.getLogger("mirror")
 #: Seconds a client is told to wait (``Retry-After``) when the index's database is down: about
@@ -70,7 +71,7 @@ def create_app(config: Config) -> MirrorApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store = open_blob_store(config.storage, replica=config.cluster.enabled)
-        await anyio.to_thread.run_sync(store.create)
+        await create_store(store)  # the bucket not answering: logged, 503s until it does (starting.py)
         try:
             swept = await anyio.to_thread.run_sync(store.sweep_tmp)
         except StoreUnavailable as exc:  # what it leaves is swept at the next start; /readyz says the rest
@@ -78,8 +79,8 @@ def create_app(config: Config) -> MirrorApp:
         else:
             if swept:
                 log.info("removed %d unfinished temp files from %s", swept, store.layout.tmp)
-        metadata = await anyio.to_thread.run_sync(open_metadata, config.metadata, store.layout.index,
-                                                   config.storage)
+        metadata = await open_index(functools.partial(open_metadata, config.metadata, store.layout.index,
+                                                      config.storage))
         memo.attach(metadata.generation)
         if config.cluster.enabled and (sync := getattr(metadata, "sync_generation", None)) is not None:
             app.sync = Coalesced(functools.partial(_synced, sync))  # type: ignore[attr-defined]

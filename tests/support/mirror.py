@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,28 @@ class MirrorServer(Service):
         return self._proc.pid
 
     def start(self, timeout: float = START_TIMEOUT) -> MirrorServer:
-        """Start and wait until ``GET /v2/`` answers; fail with the log tail."""
+        """Start and wait until ``GET /v2/`` answers, and every worker has started (a test's fault
+        must not meet a worker still starting); fail with the log tail."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._proc.start()
         try:
             wait_http(f"{self.url}/v2/", timeout, alive=self._proc, verify=self.verify)
+            deadline = time.monotonic() + timeout
+            while self._started_workers(offset) < self.workers:
+                if time.monotonic() > deadline or not self._proc.running:
+                    raise RuntimeError(f"{self._started_workers(offset)} of {self.workers} workers started")
+                time.sleep(0.05)
         except (TimeoutError, RuntimeError) as exc:
             self._proc.stop()
             raise RuntimeError(f"mirror did not come up: {exc}\n--- log tail ---\n{self.log_tail()}") from None
         return self
+
+    def _started_workers(self, offset: int) -> int:
+        """Workers whose start-up completed, by the log written since *offset*."""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().count(b"Application startup complete")
 
     def stop(self) -> int | None:
         """Graceful stop (SIGTERM, then SIGKILL); safe to call twice."""

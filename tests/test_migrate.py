@@ -446,6 +446,33 @@ def test_a_target_left_midway_is_refused_by_the_server_fsck_and_gc_until_a_run_a
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_a_catch_up_stopped_during_its_withdrawals_leaves_the_target_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--delete`` withdraws records from the copy before it copies any object: a run stopped there
+    (the withdrawal failing here, as a kill would stop it) left no mark, and the copy served as a
+    complete one with part of the withdrawals done.  Now the mark is there from the first withdrawal."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    preloaded(tmp_path, data, "one", 933)
+    old, new = write_config(tmp_path / "old.yaml", data), write_config(tmp_path / "new.yaml", copy)
+    migrated(old, new)
+    with opened(old) as index:  # as a DELETE of its tag does
+        assert index.untag("docker.io/library/one", "1")
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, between two withdrawals
+
+    monkeypatch.setattr("mirror.maintenance.migrate.withdraw", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        Migration(load_config(old, env={}), load_config(new, env={}), delete=True).run()
+    assert (copy / "migrating").exists()
+    done = mirror_cli("fsck", "--config", new, timeout=60)
+    assert done.returncode == 2 and "did not finish" in done.stderr, done.stdout + done.stderr
+    monkeypatch.undo()
+    migrated(old, new, "--delete")
+    assert not (copy / "migrating").exists() and differences(old, new) == []
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 

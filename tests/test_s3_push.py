@@ -207,8 +207,9 @@ def test_an_upload_abandoned_while_the_server_runs_expires_without_a_restart(
     location = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/").headers["location"]
     assert http.patch(mirror.url + location, content=os.urandom(7 * MIB)).status_code == 202
     assert len(bucket.uploads()) == 1
-    wait_for(lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads") is None,
-             timeout=ttl * 4, what="the abandoned upload's parts aborted by the running server")
+    wait_for(lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads") is None
+             and http.get(mirror.url + location).status_code == 404,  # the parts go first, then the record
+             timeout=ttl * 4, what="the abandoned upload's parts aborted and its record dropped by the running server")
     gone = http.get(mirror.url + location)
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert bucket.uploads() == [] and [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []

@@ -37,6 +37,7 @@ def reference_lock(store: BlobStore) -> Iterator[None]:
     finally:
         os.close(fd)
 
+
 #: The name of the collector's lease in the index.
 LEASE = "collector"
 #: Seconds a lease lasts without a heartbeat (one crashed collector holds the next one back that long).

@@ -352,7 +352,8 @@ class Collector:
             if d not in opened:
                 opened[d] = {x for x in self._closure_of({d}) if x in filling or x in state.files and self._serving(x)}
             found = any(strict or x == d or reach[x] == 1 for x in opened[d])
-            in_use.update({d} if found else ())
+            if found:
+                in_use.add(d)
             return found
 
         # Oldest first: both reasons stop holding at some point.  Then, for space, the images whose open

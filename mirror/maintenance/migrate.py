@@ -139,6 +139,9 @@ class Migration:
                     raise Refused(f"both configurations name the same store ({store_identity(source.storage)}) and"
                                   f" the same index (id {old_index.index_id()}): nothing to migrate")
                 same_index = True
+            marking = not one_directory  # marked until this run reaches its end: no server takes a partial copy
+            if marking and catch_up:  # from the first withdrawal (a refused run leaves no mark: below)
+                stack.enter_context(unfinished(new, store_identity(source.storage)))
             if not same_index:
                 found = strangers(new_index, old_index) if not catch_up else withdraw(new_index, old_index)
                 if catch_up and found.count:
@@ -156,7 +159,7 @@ class Migration:
                     raise Refused(f"the target's index holds {found.count} records the source does not"
                                   f" (first: {found.first}): it belongs to another store, {SINCE}")
                 new_index.mark_copy_of(old_index.index_id())
-            if not one_directory:  # marked until this run reaches its end: no server takes a partial copy
+            if marking and not catch_up:
                 stack.enter_context(unfinished(new, store_identity(source.storage)))
             gone = foreign(new_store, old_store, pool, COPIERS, remove=True) if catch_up and not same_store else None
             if gone is not None and gone.count:

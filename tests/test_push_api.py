@@ -159,6 +159,27 @@ def test_a_chunks_content_range_may_be_written_as_rfc_9110_writes_it(
     assert http.get(f"{registry.url}/v2/team/rfc/blobs/{sha256(data)}").content == data
 
 
+def test_a_chunk_whose_length_is_not_its_content_ranges_is_refused_and_writes_nothing(
+    registry: MirrorServer, http: httpx.Client,
+) -> None:
+    """A PATCH whose ``Content-Length`` differs from the size of its ``Content-Range`` is refused with
+    ``416`` and the ``Range`` the upload holds, as distribution refuses it; before, its bytes were
+    appended and the upload ended where the client's next range did not expect it."""
+    data = os.urandom(3000)
+    location = http.post(f"{registry.url}/v2/team/lengths/blobs/uploads/").headers["location"]
+    first = http.patch(registry.url + location, content=data[:1000], headers={"content-range": "0-999"})
+    assert first.status_code == 202
+    for header, chunk in (("1000-2999", data[1000:2000]), ("1000-1499", data[1000:2000]), ("bytes 1000-1999/*", b"")):
+        wrong = http.patch(registry.url + location, content=chunk, headers={"content-range": header})
+        assert wrong.status_code == 416 and error_code(wrong) == "BLOB_UPLOAD_INVALID", (header, wrong.text)
+        assert wrong.headers["range"] == "0-999" and wrong.headers["location"] == location
+        assert http.get(registry.url + location).headers["range"] == "0-999"
+    assert http.patch(registry.url + location, content=data[1000:2000],
+                      headers={"content-range": "1000-1999"}).status_code == 202
+    assert http.put(registry.url + location, params={"digest": sha256(data)}, content=data[2000:]).status_code == 201
+    assert http.get(f"{registry.url}/v2/team/lengths/blobs/{sha256(data)}").content == data
+
+
 @pytest.mark.parametrize("ns", ["docker.io", "Index.Docker.IO"])
 def test_an_upload_started_with_the_registrys_own_prefix_and_ns_goes_on_at_its_location(
     registry: MirrorServer, http: httpx.Client, ns: str

@@ -163,7 +163,7 @@ class Uploads:
         """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
         the upload holds (distribution-spec, "Pushing a blob in chunks"), and nothing is written."""
         if content_range:
-            start, _ = _content_range(content_range)
+            start, _ = chunk_range(content_range)
             if start != offset:
                 raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
                                status=416, headers=upload_headers(name, uuid, offset))
@@ -382,12 +382,12 @@ def _sent(record: UploadRecord) -> int:
     return record.parts.sent if record.parts is not None else 0
 
 
-def _content_range(value: str) -> tuple[int, int]:
-    """``start-end`` (distribution-spec), also as RFC 9110 section 14.4 writes it (``bytes start-end/total``,
-    the total a number or ``*``)."""
+def chunk_range(value: str) -> tuple[int, int]:
+    """A chunk's ``Content-Range``, ``start-end`` (distribution-spec), also as RFC 9110 section 14.4
+    writes it (``bytes start-end/total``, the total a number or ``*``)."""
     start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
     end, slash, total = end.partition("/")
     if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
             or int(end) < int(start) or (slash and not re.fullmatch(r"\*|[0-9]{1,19}", total)):
         raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
-    return int(start), int(end)
+    return int(start), int(end)  # both inclusive

@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from mirror.archive.offline import TerminalProgress
 from mirror.config.load import load_config
 from mirror.maintenance.migrate import Migration
 from mirror.metadata.diskcache import DiskcacheMetadata
@@ -777,6 +778,21 @@ def test_progress_off_a_terminal_is_a_line_per_phase_and_one_every_interval() ->
     progress.advance(500)
     progress.phase("index records", None)
     assert lines == ["migrate: objects (3000 bytes)", "migrate: objects: 2000 of 3000 bytes", "migrate: index records"]
+
+
+def test_progress_on_a_terminal_shows_no_bytes_for_a_phase_that_counts_none(capsys: pytest.CaptureFixture[str]) -> None:
+    """The terminal's display of a phase of no known size (``index records``, export's ``collecting``)
+    shows its time, not ``0.00B``; one that then counts bytes (an upload of unknown size) shows them."""
+    progress = TerminalProgress("migrate", enabled=True)
+    progress.phase("index records", None)
+    progress.close()
+    shown = capsys.readouterr().err
+    assert "migrate: index records: 00:00" in shown and "B" not in shown.replace("migrate: index records", ""), shown
+    progress.phase("uploading", None)
+    progress.advance(3 * 1024 * 1024)
+    progress._bar.refresh()
+    progress.close()
+    assert "3.00MB" in capsys.readouterr().err
 
 
 def test_gc_and_fsck_check_and_collect_a_store_moved_to_s3(

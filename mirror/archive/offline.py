@@ -42,13 +42,17 @@ class TerminalProgress:
             return
         from tqdm import tqdm
 
+        # A phase of no known size shows its time alone until it counts bytes ("index records" counts
+        # none: "0.00B" would say nothing true).
         self._bar = tqdm(total=total, desc=f"{self.label}: {label}", unit="B", unit_scale=True,
-                         unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True)
+                         unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True,
+                         bar_format=None if total is not None else "{desc}: {elapsed}{postfix}")
         if self.images:
             self._bar.set_postfix(images=self.images)
 
     def advance(self, nbytes: int) -> None:
         if self._bar is not None:
+            self._bar.bar_format = None  # bytes now counted: tqdm's usual display
             self._bar.update(nbytes)
 
     def image_done(self, name: str) -> None:

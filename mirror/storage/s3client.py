@@ -112,7 +112,8 @@ CREDENTIALS_REFUSED = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", 
 MAX_SIGNED_SKEW = 900
 #: The settings of the keys (either pair), and where the AWS SDK looks when neither is set.
 _KEY_SETTINGS = ("storage.s3.accesskey and storage.s3.secretkey (or the files storage.s3.accesskey_file and"
-                 " storage.s3.secretkey_file name; MIRROR_STORAGE_S3_* variables override the configuration file)")
+                 " storage.s3.secretkey_file name; MIRROR_STORAGE_S3_* variables override the configuration file,"
+                 " but not for mirror migrate, which reads its two files alone)")
 _SDK_CHAIN = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE and its ~/.aws/credentials, or the"
               " instance's role")
 

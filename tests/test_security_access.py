@@ -170,6 +170,14 @@ def test_password_guessing_is_throttled_per_address(
         assert 50 <= int(refused.headers["retry-after"]) <= 60
     assert_spec_error(request(mirror, "GET", "/v2/library/small/manifests/1", headers=basic("bob", "guess")),
                       429, "TOOMANYREQUESTS")
+    # The web UI says so on a page of its own (it was the API's JSON); the operator endpoints as the API.
+    for path in ("/ui/", "/ui/login", "/ui/cache"):
+        page = request(mirror, "GET", path, headers=basic("carol", "carol-pw"))
+        assert page.status_code == 429 and page.headers["content-type"].startswith("text/html"), (path, page.text)
+        assert "<h1>Too many failed logins</h1>" in page.text and 50 <= int(page.headers["retry-after"]) <= 60
+        assert "www-authenticate" not in page.headers  # no prompt for another password meanwhile
+    assert_spec_error(request(mirror, "GET", "/_mirror/", headers=basic("carol", "carol-pw")), 429, "TOOMANYREQUESTS")
+    assert request(mirror, "GET", "/ui/", headers=basic("alice", ALICE_PASSWORD)).status_code == 200
     if anonymous_pull:  # the failed logins are told apart on dashboards by their route
         failed = value(scrape(f"{mirror.url}/metrics"), "mirror_http_requests_total", route="token", method="GET",
                        status="401")

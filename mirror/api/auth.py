@@ -27,11 +27,11 @@ pull at all).  So:
   replica of a cluster with a key derived from ``cluster.secret_file``, so that every replica takes
   what any one issued (:func:`token_key`).
 
-Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health,
-metrics) are not this module's business; under ``/_mirror/`` and the web UI's ``/ui/`` nothing is
-refused here: the user that right credentials name is handed on as ``request.state.user`` (None
-otherwise), and the operator endpoints (``api/admin.py``) or the UI's pages decide, the UI by
-:meth:`~mirror.config.sections.AuthConfig.may_pull` as for ``/v2/``.
+Basic credentials and tokens are accepted in both modes.  Paths outside ``/v2`` (health, metrics) are not
+this module's business; under ``/_mirror/`` and the web UI's ``/ui/`` nothing is refused here: the user that
+right credentials name is handed on as ``request.state.user`` (None otherwise), and the operator endpoints
+(``api/admin.py``) or the UI's pages decide, the UI by :meth:`~mirror.config.sections.AuthConfig.may_pull`
+as for ``/v2/`` (``request.state.throttled``: seconds to wait, after too many failed logins: a page says so).
 
 Guessing passwords is slow: a client address whose passwords failed ``MAX_FAILED_LOGINS`` times
 within ``FAILED_LOGIN_WINDOW`` seconds (``api/htpasswd.py``; more checks wait while those under way
@@ -70,8 +70,7 @@ from ..storage.layout import temp_file
 from .htpasswd import FailedLogins, Htpasswd
 
 TOKEN_PATH = "/auth/token"
-OPERATOR_PREFIX = "/_mirror/"
-UI_PREFIX = "/ui/"
+OPERATOR_PREFIX, UI_PREFIX = "/_mirror/", "/ui/"
 TOKEN_TTL = 300
 KEY_BYTES = 32
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -209,9 +208,12 @@ class AuthMiddleware:
                 who = await self._identify(scope)
             except Rejected:
                 who = Identity(None, True)  # perhaps the operator token (admin.token_file): admin.py checks
-            except Throttled as exc:
-                await _throttled(exc, scope["method"] == "HEAD")(scope, receive, send)
-                return
+            except Throttled as exc:  # the web UI answers with a page of its own (ui/pages.py)
+                if path.startswith(OPERATOR_PREFIX):
+                    await _throttled(exc, scope["method"] == "HEAD")(scope, receive, send)
+                    return
+                who = Identity(None, True)
+                scope.setdefault("state", {})["throttled"] = exc.retry_after
             scope.setdefault("state", {})["user"] = who.user
             await self.app(scope, receive, send)
             return

@@ -20,7 +20,8 @@ password.  ``?partial=1`` on the list answers its results only (the script's fil
 type); without JavaScript the filter is a plain GET form.  Pages carry a Content-Security-Policy
 allowing this host's files only (no inline script).  While the index's database or the object
 store is down, the pages that read them answer ``503`` with a page saying so; ``/ui/cache`` still
-shows the rest, the problem named (the object count left out while the store is down).
+shows the rest, the problem named (the object count left out while the store is down).  An address
+whose passwords failed too often lately gets ``429`` and a page saying when to try again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -119,11 +121,20 @@ def routes(config: Config) -> list[BaseRoute]:
     def not_found(request: Request, what: str) -> Response:
         return render(request, "missing.html", status=404, what=what)
 
+    def throttled(request: Request, wait: float) -> Response:
+        """Too many passwords from this address failed lately (``api/auth.py``): ``429`` and a page
+        saying when to try again, rather than the API's JSON error."""
+        response = render(request, "throttled.html", status=429, wait=math.ceil(wait))
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
+
     def guarded(page: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """*page*, or a page saying the index or the object store cannot be read now (its database or
         the bucket is down: ``503``, as the API answers) rather than the API's JSON error."""
         @functools.wraps(page)
         async def answer(request: Request) -> Response:
+            if (wait := request.scope.get("state", {}).get("throttled")) is not None:
+                return throttled(request, wait)
             try:
                 return await page(request)
             except (MetadataUnavailable, StoreUnavailable) as exc:
@@ -246,7 +257,7 @@ def routes(config: Config) -> list[BaseRoute]:
         Route("/", guarded(index), methods=["GET", "HEAD"]),
         Route("/r/{path:path}", guarded(repository), methods=["GET", "HEAD"]),
         Route("/cache", guarded(cache), methods=["GET", "HEAD"]),
-        Route("/login", login, methods=["GET", "HEAD"]),
+        Route("/login", guarded(login), methods=["GET", "HEAD"]),
         Route("/logout", logout, methods=["GET", "HEAD"]),
         Route("/actions/{verb}", guarded(acting.page), methods=["GET", "HEAD", "POST"]),
         Mount("/static", Static(directory=HERE / "static")),

@@ -162,9 +162,10 @@ def test_a_chunks_content_range_may_be_written_as_rfc_9110_writes_it(
 def test_a_chunk_whose_length_is_not_its_content_ranges_is_refused_and_writes_nothing(
     registry: MirrorServer, http: httpx.Client,
 ) -> None:
-    """A PATCH whose ``Content-Length`` differs from the size of its ``Content-Range`` is refused with
-    ``416`` and the ``Range`` the upload holds, as distribution refuses it; before, its bytes were
-    appended and the upload ended where the client's next range did not expect it."""
+    """A PATCH (or the closing PUT) whose ``Content-Length`` differs from the size of its
+    ``Content-Range`` is refused with ``416`` and the ``Range`` the upload holds, as distribution
+    refuses it; before, its bytes were appended and the upload ended where the client's next range
+    did not expect it."""
     data = os.urandom(3000)
     location = http.post(f"{registry.url}/v2/team/lengths/blobs/uploads/").headers["location"]
     first = http.patch(registry.url + location, content=data[:1000], headers={"content-range": "0-999"})
@@ -176,7 +177,13 @@ def test_a_chunk_whose_length_is_not_its_content_ranges_is_refused_and_writes_no
         assert http.get(registry.url + location).headers["range"] == "0-999"
     assert http.patch(registry.url + location, content=data[1000:2000],
                       headers={"content-range": "1000-1999"}).status_code == 202
-    assert http.put(registry.url + location, params={"digest": sha256(data)}, content=data[2000:]).status_code == 201
+    # The closing PUT's last chunk is held to its range alike.
+    short = http.put(registry.url + location, params={"digest": sha256(data)}, content=data[2000:2500],
+                     headers={"content-range": "2000-2999"})
+    assert short.status_code == 416 and error_code(short) == "BLOB_UPLOAD_INVALID", short.text
+    assert short.headers["range"] == "0-1999" and http.get(registry.url + location).headers["range"] == "0-1999"
+    assert http.put(registry.url + location, params={"digest": sha256(data)}, content=data[2000:],
+                    headers={"content-range": "2000-2999"}).status_code == 201
     assert http.get(f"{registry.url}/v2/team/lengths/blobs/{sha256(data)}").content == data
 
 

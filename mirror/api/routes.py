@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from ..registry.namespaces import Namespaces
 from ..registry.repository import Repository, paginate
-from ..registry.uploads import chunk_range, upload_headers
+from ..registry.uploads import upload_headers
 from ..spec.endpoints import API_HEADERS, CACHE_HEADER, Endpoint, Kind, endpoint
 from ..spec.errors import APIError, error_response
 from ..spec.manifest import OCI_INDEX, accepted
@@ -206,29 +206,21 @@ async def _upload(request: Request, name: str, found: Endpoint) -> Response:
         await repository.cancel(uuid)
         return Response(status_code=204, headers=API_HEADERS)
     if method == "PATCH":
-        await _check_chunk_length(request, repository, uuid)
-        state = await repository.append(uuid, request.stream(), request.headers.get("content-range"))
+        state = await repository.append(uuid, request.stream(), request.headers.get("content-range"),
+                                        _content_length(request))
         return Response(status_code=202, headers={**API_HEADERS, "Content-Length": "0",
                                                   **upload_headers(name, state.uuid, state.offset)})
     # PUT: the last chunk (optional) and the digest.
     digest = _query_digest(request)
-    await repository.finish(uuid, digest, request.stream(), request.headers.get("content-range"))
+    await repository.finish(uuid, digest, request.stream(), request.headers.get("content-range"),
+                            _content_length(request))
     return _blob_created(name, digest)
 
 
-async def _check_chunk_length(request: Request, repository: Repository, uuid: str) -> None:
-    """A chunk whose ``Content-Length`` is not the size its ``Content-Range`` gives (``end - start + 1``)
-    is refused before a byte of it is written: ``416`` with the ``Range`` the upload holds, as distribution
-    refuses it; else the upload would end elsewhere than the client's next range expects."""
-    value, length = request.headers.get("content-range"), request.headers.get("content-length")
-    if not value or not length or not length.isdigit():
-        return
-    start, end = chunk_range(value)
-    if int(length) != end - start + 1:
-        state = await repository.upload_status(uuid)
-        raise APIError("BLOB_UPLOAD_INVALID", f"Content-Length {length} is not the {end - start + 1} bytes of "
-                       f"Content-Range {value!r}", status=416,
-                       headers=upload_headers(repository.name, state.uuid, state.offset))
+def _content_length(request: Request) -> int | None:
+    """The request's ``Content-Length`` (RFC 9110 section 8.6), ``None`` when absent (chunked)."""
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
 
 
 async def _start_upload(request: Request, repository: Repository) -> Response:

@@ -106,14 +106,15 @@ class CachedRepository:
     async def upload_status(self, uuid: str) -> UploadState:
         return await self._pushes.upload_status(uuid)
 
-    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None) -> UploadState:
-        return await self._pushes.append(uuid, body, content_range)
+    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None,
+                     length: int | None = None) -> UploadState:
+        return await self._pushes.append(uuid, body, content_range, length)
 
     async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> None:
+                     content_range: str | None = None, length: int | None = None) -> None:
         if self.foreign:  # an upload started by another route (?ns= of the default) ends here: not into this name
             self._refuse_push()
-        await self._pushes.finish(uuid, digest, body, content_range)
+        await self._pushes.finish(uuid, digest, body, content_range, length)
 
     async def cancel(self, uuid: str) -> None:
         await self._pushes.cancel(uuid)

@@ -80,14 +80,15 @@ class LocalRepository:
         with self.local.storing():
             return await self.local.uploads.status(self.name, uuid)
 
-    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None) -> UploadState:
+    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None,
+                     length: int | None = None) -> UploadState:
         with self.local.storing():
-            return await self.local.uploads.append(self.name, uuid, body, content_range)
+            return await self.local.uploads.append(self.name, uuid, body, content_range, length)
 
     async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> None:
+                     content_range: str | None = None, length: int | None = None) -> None:
         with self.local.storing():
-            await self.local.uploads.finish(self.name, uuid, digest, body, content_range)
+            await self.local.uploads.finish(self.name, uuid, digest, body, content_range, length)
 
     async def cancel(self, uuid: str) -> None:
         with self.local.storing():

@@ -162,13 +162,15 @@ class Repository(Protocol):
     async def upload_status(self, uuid: str) -> UploadState:
         ...
 
-    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None) -> UploadState:
-        """Add a chunk at the end of the upload (``Content-Range`` must start there, else ``416``)."""
+    async def append(self, uuid: str, body: AsyncIterator[bytes], content_range: str | None,
+                     length: int | None = None) -> UploadState:
+        """Add a chunk at the end of the upload (``Content-Range`` must start there and span the body's
+        *length*, its ``Content-Length``, else ``416``)."""
         ...
 
     async def finish(self, uuid: str, digest: Digest, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> None:
-        """Append the last bytes, verify *digest* and move the blob into the store."""
+                     content_range: str | None = None, length: int | None = None) -> None:
+        """Append the last bytes (as :meth:`append`), verify *digest* and move the blob into the store."""
         ...
 
     async def cancel(self, uuid: str) -> None:

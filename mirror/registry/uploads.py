@@ -115,13 +115,13 @@ class Uploads:
         return UploadState(uuid, size)
 
     async def append(self, name: str, uuid: str, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> UploadState:
-        """Add a chunk at the end of the upload (``Content-Range`` must start there)."""
+                     content_range: str | None = None, length: int | None = None) -> UploadState:
+        """Add a chunk at the end of the upload (:meth:`_check_range`)."""
         await self._asked(name, uuid)
         fd, record = await self._acquire(name, uuid)
         try:
             offset = os.fstat(fd).st_size
-            self._check_range(name, uuid, offset, content_range)
+            self._check_range(name, uuid, offset, content_range, length)
             offset, record = await self._write(uuid, fd, offset, body, record)
             await self._written(uuid, fd, offset, record)
         except UploadLost as exc:
@@ -159,17 +159,22 @@ class Uploads:
         """The request on the upload is over: close its file (and give the upload up to the others)."""
         os.close(fd)
 
-    def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None) -> None:
-        """A chunk's ``Content-Range`` must start where the upload ends: else ``416`` with the ``Range``
-        the upload holds (distribution-spec, "Pushing a blob in chunks"), and nothing is written."""
-        if content_range:
-            start, _ = chunk_range(content_range)
-            if start != offset:
-                raise APIError("BLOB_UPLOAD_INVALID", f"chunk starts at {start}, upload is at {offset}",
-                               status=416, headers=upload_headers(name, uuid, offset))
+    def _check_range(self, name: str, uuid: str, offset: int, content_range: str | None,
+                     length: int | None) -> None:
+        """A chunk's ``Content-Range`` must start where the upload ends and span its *length* (its
+        ``Content-Length``, when given): else ``416`` with the ``Range`` the upload holds and nothing is
+        written (distribution-spec, "Pushing a blob in chunks"; distribution refuses both the same way)."""
+        if not content_range:
+            return
+        start, end = chunk_range(content_range)
+        wrong = f"chunk starts at {start}, upload is at {offset}" if start != offset else None
+        if length is not None and length != end - start + 1:
+            wrong = f"Content-Length {length} is not the {end - start + 1} bytes of Content-Range {content_range!r}"
+        if wrong:
+            raise APIError("BLOB_UPLOAD_INVALID", wrong, status=416, headers=upload_headers(name, uuid, offset))
 
     async def finish(self, name: str, uuid: str, digest: Digest, body: AsyncIterator[bytes],
-                     content_range: str | None = None) -> None:
+                     content_range: str | None = None, length: int | None = None) -> None:
         """Append the last bytes (if any; ``Content-Range`` as for :meth:`append`), verify the digest
         and move the blob into the store."""
         await self._asked(name, uuid)
@@ -177,7 +182,7 @@ class Uploads:
         fd, record = await self._acquire(name, uuid)
         try:
             before = os.fstat(fd).st_size
-            self._check_range(name, uuid, before, content_range)
+            self._check_range(name, uuid, before, content_range, length)
             written = False
             try:
                 offset, record = await self._write(uuid, fd, before, body, record)

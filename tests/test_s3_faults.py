@@ -244,7 +244,7 @@ def stop_the_store_mid_fill(bucket: Bucket, fault_proxy: FaultProxy, mirror: Mir
     """Stop the bucket's SeaweedFS once a slowed fill of *layer* sent two parts to it, with three
     clients following the fill; each of them still gets the whole blob."""
     fault_proxy.add("slow", f"/blobs/{layer.digest}$", method="GET", times=1, after_bytes=12 * MIB,
-                    chunk_size=64 * 1024, delay=0.05)
+                    chunk_size=64 * 1024, delay=0.02)
     url = blob_url(mirror, "library/big", layer.digest)
     with ThreadPoolExecutor(3) as pool, httpx.Client(timeout=120.0, trust_env=False) as own:
         transfers = [pool.submit(received, own, url)]

@@ -238,10 +238,39 @@ def test_keyboard_only_and_a_phone_sized_screen(mirror: MirrorServer, browser: B
         page.wait_for_function("() => document.querySelectorAll('table.repos tbody tr').length === 1")
         assert _rows(page) == ["library/small"]
         page.keyboard.press("Tab")  # the form's button
+        page.keyboard.press("Tab")  # the shortcut's
+        assert page.evaluate("document.activeElement.innerText") == "Turn the / shortcut off"
         page.keyboard.press("Tab")  # the one repository's link
         assert page.evaluate("document.activeElement.innerText") == "library/small"
         page.keyboard.press("Enter")
         page.wait_for_function("() => location.pathname === '/ui/r/library/small'")
+
+
+def test_the_single_key_shortcut_can_be_turned_off_and_stays_off(mirror: MirrorServer, page: Page) -> None:
+    """``/`` focuses the filter; the page says so beside it and offers to turn it off (WCAG 2.1
+    success criterion 2.1.4: a speech-input user's words must not fire single-key shortcuts).  Off,
+    ``/`` does nothing, on this page and the next ones; it can be turned on again.  ``/`` typed into
+    a field is typed, never taken."""
+    focused = "document.activeElement.id"
+    assert status(page, f"{mirror.url}/ui/") == 200
+    assert text(page, "#shortcut") == "Press / to filter. Turn the / shortcut off"
+    page.keyboard.press("/")
+    assert page.evaluate(focused) == "q"
+    page.keyboard.type("team/")  # typed in the filter, not taken as the shortcut
+    assert page.input_value("#q") == "team/"
+
+    page.click("#shortcut button")
+    assert text(page, "#shortcut") == "The / shortcut is off. Turn the / shortcut on"
+    assert status(page, f"{mirror.url}/ui/") == 200  # another page of this browser
+    assert text(page, "#shortcut") == "The / shortcut is off. Turn the / shortcut on"
+    page.keyboard.press("/")
+    assert page.evaluate(focused) != "q" and page.input_value("#q") == ""
+
+    page.click("#shortcut button")
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("/")
+    assert page.evaluate(focused) == "q"
+    assert text(page, "#shortcut") == "Press / to filter. Turn the / shortcut off"
 
 
 def test_a_page_view_asks_for_nothing_that_is_not_there(mirror: MirrorServer, page: Page, seen: Seen,

@@ -90,12 +90,43 @@ document.addEventListener("DOMContentLoaded", () => {
     const button = event.target.closest("button[data-copy]");
     if (button) copy(button);
   });
-  document.addEventListener("keydown", (event) => {
-    // "/" focuses the filter, as on many code hosts.
-    if (event.key === "/" && input && document.activeElement !== input
-        && !(document.activeElement && /INPUT|TEXTAREA/.test(document.activeElement.tagName))) {
-      event.preventDefault();
-      input.focus();
-    }
-  });
+  const shortcut = document.getElementById("shortcut");
+  if (input && shortcut) offerShortcut(input, shortcut);
 });
+
+// "/" focuses the filter, as on many code hosts.  A single-key shortcut can be turned off
+// (WCAG 2.1 success criterion 2.1.4): the choice is kept in this browser (localStorage).
+const SHORTCUT_KEY = "mirror-ui-shortcut";
+
+let shortcutHere = null;  // the choice on this page, where the browser keeps no storage
+
+function shortcutOn() {
+  if (shortcutHere !== null) return shortcutHere;
+  try { return localStorage.getItem(SHORTCUT_KEY) !== "off"; } catch (e) { return true; }
+}
+
+function offerShortcut(input, shortcut) {
+  const said = shortcut.querySelector("span");
+  const toggle = shortcut.querySelector("button[data-shortcut]");
+  const show = () => {
+    const on = shortcutOn();
+    said.replaceChildren(...(on
+      ? ["Press ", Object.assign(document.createElement("kbd"), { textContent: "/" }), " to filter."]
+      : ["The / shortcut is off."]));
+    toggle.textContent = on ? "Turn the / shortcut off" : "Turn the / shortcut on";
+  };
+  toggle.addEventListener("click", () => {
+    const on = !shortcutOn();
+    try { localStorage.setItem(SHORTCUT_KEY, on ? "on" : "off"); } catch (e) { shortcutHere = on; }
+    show();
+  });
+  show();
+  shortcut.hidden = false;
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "/" || event.ctrlKey || event.metaKey || event.altKey || !shortcutOn()) return;
+    const active = document.activeElement;
+    if (active && (/INPUT|TEXTAREA|SELECT/.test(active.tagName) || active.isContentEditable)) return;
+    event.preventDefault();
+    input.focus();
+  });
+}

@@ -235,6 +235,40 @@ def test_a_link_seen_is_answered_without_a_query_until_the_generation_moves(dsn:
         other.close()
 
 
+def test_a_release_and_a_link_committing_at_the_same_time_never_leave_content_out_of_the_catalog(dsn: str) -> None:
+    """``release_repository`` (the collector's, of a cached repository it emptied) and a fill's link
+    to it, committing at once: the release waits for the link's transaction and keeps the repository
+    (before, it deleted the row the link had found there, and the repository held a blob that
+    ``_catalog`` no longer listed); a release that locked the row first is followed by the link's
+    putting it back."""
+    index, other = PostgresMetadata(dsn), PostgresMetadata(dsn)
+    try:
+        index.link(REPO, [D1])
+        assert index.unlink(REPO, D1) and index.has_repository(REPO)  # empty, still listed
+        with ThreadPoolExecutor(1) as pool:
+            with index._cursor(transaction=True) as cur:  # a fill's link, not yet committed
+                cur.execute("INSERT INTO links VALUES (%s, %s)", (REPO, D1))
+                index._register(cur, REPO)
+                release = pool.submit(other.release_repository, REPO)
+                time.sleep(1.0)
+                assert not release.done(), "the release waits for the link's transaction"
+            assert release.result(timeout=10) is False
+        assert index.has_repository(REPO) and REPO in other.repositories() and other.is_linked(REPO, D1)
+
+        assert index.unlink(REPO, D1)
+        with psycopg.connect(dsn) as conn, ThreadPoolExecutor(1) as pool:  # a release that came first
+            conn.execute("SELECT 1 FROM repositories WHERE repo = %s FOR UPDATE", (REPO,))
+            conn.execute("DELETE FROM repositories WHERE repo = %s", (REPO,))
+            link = pool.submit(index.link, REPO, [D2])
+            time.sleep(0.5)
+            conn.commit()
+            link.result(timeout=10)
+        assert other.repositories() == [REPO] and other.is_linked(REPO, D2)
+    finally:
+        index.close()
+        other.close()
+
+
 def test_a_names_kind_and_a_manifest_record_read_are_answered_without_a_query_until_the_generation_moves(
         dsn: str) -> None:
     """``is_local`` (asked by every request) is kept both ways, ``get_manifest`` when found: a name

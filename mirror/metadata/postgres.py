@@ -128,9 +128,6 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
         if bumped:
             self._generation.saw(bumped[0])
 
-    def _register(self, cur: psycopg.Cursor[Row], repo: str) -> None:
-        cur.execute("INSERT INTO repositories VALUES (%s) ON CONFLICT DO NOTHING", (repo,))
-
     # -- tags --
 
     def get_tag(self, repo: str, tag: str) -> TagRecord | None:

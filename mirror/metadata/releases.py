@@ -4,9 +4,11 @@ A push makes its name local when it starts (``registry/local.py``), so that an u
 manifest that follows land in a repository that never falls through to the upstream.  When its last
 upload is cancelled or expires before any content landed, the name holds nothing: it is given back,
 so that abandoned pushes leave no empty repository in the catalog and claim no name for good.  The
-check and the release are one transaction (diskcache) or one statement (PostgreSQL): a link, a tag, a
-referrer or an upload record, of another push of the name, committed before it keeps the name; one
-committed after it lands in a name no longer local, which the pusher marks again (``LocalRegistry``).
+check and the release are one transaction (diskcache) or one statement after a lock of the name's
+catalog row (PostgreSQL, ``_register``): a link, a tag, a referrer or an upload record, of another push of
+the name, committed before it keeps the name; one committed after it lands in a name no longer local,
+which the pusher marks again (``LocalRegistry``).  A cached repository emptied by the collector leaves
+the catalog the same way (:meth:`release_repository`); a fill's link puts it back.
 These mixins are listed before ``Metadata`` in their drivers; they read through the driver's own
 plumbing, declared here for the type checker only.
 """
@@ -85,9 +87,28 @@ class PostgresReleases:
         with self._cursor(transaction=True) as cur:
             return forget_store(cur, self.recorded_store)
 
+    def _register(self, cur: Any, repo: str) -> None:
+        """Put *repo* in the catalog, in the transaction that gives it content (a link, a tag), and hold
+        its row there (``FOR KEY SHARE``) until that commits: a release waits for it, then sees the
+        content; one that deleted the row first makes this insert it again (PostgreSQL's row locks,
+        "Explicit Locking", 13.3.2: ``FOR KEY SHARE`` blocks a ``DELETE``)."""
+        while not cur.execute("SELECT 1 FROM repositories WHERE repo = %s FOR KEY SHARE", (repo,)).fetchone():
+            if cur.execute("INSERT INTO repositories VALUES (%s) ON CONFLICT DO NOTHING RETURNING 1",
+                           (repo,)).fetchone():
+                return  # (its own row, uncommitted: no other transaction sees it to delete it)
+
+    @staticmethod
+    def _hold_row(cur: Any, repo: str) -> None:
+        """Lock *repo*'s catalog row before a release checks that it holds nothing: a transaction giving
+        it content holds the row (:meth:`_register`) until it commits, and the check that follows, a
+        new statement, sees its snapshot from after that (READ COMMITTED; a ``DELETE`` waiting for the
+        row itself would check its subqueries against its first snapshot)."""
+        cur.execute("SELECT 1 FROM repositories WHERE repo = %s FOR UPDATE", (repo,))
+
     def release_local(self, name: str) -> bool:
         repo = local_repo(name)
         with self._withdrawing() as (cur, bump):
+            self._hold_row(cur, repo)
             released = cur.execute(
                 "DELETE FROM locals WHERE name = %(name)s"
                 " AND NOT EXISTS (SELECT 1 FROM links WHERE repo = %(repo)s)"
@@ -104,6 +125,7 @@ class PostgresReleases:
         if repo.startswith("local/"):
             return self.release_local(repo.removeprefix("local/"))
         with self._withdrawing() as (cur, bump):
+            self._hold_row(cur, repo)
             released = cur.execute(
                 "DELETE FROM repositories WHERE repo = %(repo)s"
                 " AND NOT EXISTS (SELECT 1 FROM links WHERE repo = %(repo)s)"

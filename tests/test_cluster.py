@@ -31,6 +31,7 @@ from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.security import ALICE_PASSWORD, auth_env, basic, bearer, push
 from tests.support.storecheck import mirror_cli
+from tests.support.waiting import eventually
 from tests.test_s3_serve import Bucket
 from tests.test_web_ui_actions import form
 
@@ -337,6 +338,27 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
     assert httpx.get(f"{changed.url}/readyz", trust_env=False).status_code == 200
     changed.stop()  # a replica stopping gives its claim up: a mirror alone may use the database at once
     assert httpx.get(f"{mirror_factory(env=alone).url}/readyz", trust_env=False).status_code == 200
+
+
+def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_lasts(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """Two mirrors without ``cluster`` settings on one bucket and database start (a rollout's surge pod
+    runs beside the pod it replaces for a moment), but one that lasts, eight lease TTLs here, is said
+    as a warning, once, by the mirror that does not hold the claim; the workers of one mirror are one
+    holder.  Before, nothing said so, and each one's collector could evict what the other served."""
+    said = "another mirror without cluster settings ("
+    env = Bucket(seaweedfs, s3_bucket).env(MIRROR_METADATA_DRIVER="postgres", MIRROR_CLUSTER_LEASE_TTL="2s",
+                                           MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
+    first = mirror_factory(workers=2, env=env)
+    second = mirror_factory(env=env)
+    time.sleep(4)
+    assert said not in first.log_tail(400) + second.log_tail(400), "not at once"
+    assert eventually(lambda: said in second.log_tail(400), timeout=40), second.log_tail(40)
+    time.sleep(2)
+    warned = [line for line in second.log_path.read_text().splitlines() if said in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "has run on this database for" in warned[0], warned
+    assert said not in first.log_path.read_text(), "its two workers are one mirror"
 
 
 def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(

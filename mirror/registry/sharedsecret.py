@@ -22,6 +22,12 @@ the lease :data:`ACCESS_LEASE`, kept as the secret's claim is, and a replica sta
 while it is held is refused (:func:`access_problem`), naming the settings that differ.  Behind a load
 balancer, a request one replica refuses would be taken by the next (an anonymous push to a replica
 started without ``auth``).  Changing them on purpose: as for the secret, stop every replica first.
+
+A mirror without ``cluster`` settings on a database that hosts share (PostgreSQL) holds the lease
+:data:`ALONE_LEASE` while it runs (:func:`keep_alone`): another one holding it for :data:`LASTING`
+leases' TTLs is said as a warning (two such mirrors on one bucket mark no reads in use for each other's
+collector, nor follow each other's fills).  Not at once: a rollout's surge pod runs beside the one it
+replaces for a moment (its drain), then holds it alone.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ log = logging.getLogger("mirror.cluster")
 LEASE = "cluster-secret"
 #: The lease whose holder is the replicas' access settings (:func:`access_settings`).
 ACCESS_LEASE = "cluster-access"
+#: The lease held by a mirror without ``cluster`` settings on a database that hosts share.
+ALONE_LEASE = "instance-without-cluster"
+#: How many ``cluster.lease_ttl`` another such mirror holds :data:`ALONE_LEASE` before it is said.
+LASTING = 8
 #: The environment variable naming this ``mirror serve``'s instance for its worker processes.
 INSTANCE = "MIRROR_SERVE_INSTANCE"
 
@@ -140,6 +150,7 @@ def secret_problem(settings: Config, metadata: Metadata) -> str | None:
     fetching a registry from elsewhere serves its manifests to all, whose blobs their upstream may
     not have (a rolling change of upstream warns once, harmlessly)."""
     config, upstreams = settings.cluster, {u.registry: u.url for u in settings.upstreams}
+    instance()  # made by ``mirror serve`` itself, for its workers to share
     if not config.enabled or config.secret_file is None:
         if (held := metadata.current_lease(LEASE)) is None:
             return None
@@ -227,6 +238,45 @@ def _give_up(metadata: Metadata, claims: dict[str, str], address: str) -> None:
         current = metadata.current_lease(name)
         if current is not None and current.holder == check:
             metadata.release_lease(current)
-    held = metadata.current_lease(address)
+    held = metadata.current_lease(address) if address else None
     if held is not None and held.holder == instance():
         metadata.release_lease(held)
+
+
+async def keep_alone(settings: Config, metadata: Metadata) -> None:
+    """Hold :data:`ALONE_LEASE` for this mirror (every worker of it renews it; until cancelled), and warn,
+    once per other holder, when another mirror without ``cluster`` settings has held it for
+    :data:`LASTING` times ``cluster.lease_ttl``: both run on this database, and their bucket."""
+    ttl, mine = settings.cluster.lease_ttl, instance()
+    other: str | None = None
+    since, said = 0.0, None
+    try:
+        while True:
+            with contextlib.suppress(MetadataUnavailable):  # said where requests need it
+                holder = await in_index_thread(_keep_alone, metadata, mine, ttl)
+                if holder != other:
+                    other, since = holder, time.monotonic()
+                elif other is not None and other != said and time.monotonic() - since >= LASTING * ttl:
+                    said = other
+                    log.warning("another mirror without cluster settings (%s) has run on this database for %.0fs: "
+                                "two such mirrors on one bucket do not mark their reads in use for each other's "
+                                "collector (one can evict what the other serves) nor follow each other's fills; "
+                                "give both cluster settings (cluster.advertise, cluster.secret_file), or stop one",
+                                other, time.monotonic() - since)
+            await asyncio.sleep(ttl / 3)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(in_index_thread(_give_up, metadata, {ALONE_LEASE: mine}, ""))
+
+
+def _keep_alone(metadata: Metadata, mine: str, ttl: float) -> str | None:
+    """Renew or take :data:`ALONE_LEASE` for *mine*; the other instance holding it, or None."""
+    current = metadata.current_lease(ALONE_LEASE)
+    if current is None:
+        taken = metadata.take_lease(ALONE_LEASE, mine, ttl)
+        return None if taken is not None or (current := metadata.current_lease(ALONE_LEASE)) is None \
+            or current.holder == mine else current.holder
+    if current.holder == mine:
+        metadata.renew_lease(current, ttl)
+        return None
+    return current.holder

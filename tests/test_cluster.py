@@ -341,15 +341,18 @@ def test_a_replica_with_another_secret_does_not_start_and_a_changed_secret_start
 
 
 def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_lasts(
-    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path,
+    mirror_factory: Callable[..., MirrorServer],
 ) -> None:
     """Two mirrors without ``cluster`` settings on one bucket and database start (a rollout's surge pod
-    runs beside the pod it replaces for a moment), but one that lasts, eight lease TTLs here, is said
-    as a warning, once, by the mirror that does not hold the claim; the workers of one mirror are one
-    holder.  Before, nothing said so, and each one's collector could evict what the other served."""
+    runs beside the pod it replaces while that drains), but one that lasts (eight lease TTLs here, and
+    more than the drain) is said as a warning, once, by the mirror that does not hold the claim; the
+    workers of one mirror are one holder.  A cluster's replicas started beside one are said too.
+    Before, nothing said so, and each one's collector could evict what the other served."""
     said = "another mirror without cluster settings ("
-    env = Bucket(seaweedfs, s3_bucket).env(MIRROR_METADATA_DRIVER="postgres", MIRROR_CLUSTER_LEASE_TTL="2s",
-                                           MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_CLUSTER_LEASE_TTL="2s", MIRROR_HTTP_DRAINTIMEOUT="1s",
+                     MIRROR_METADATA_POSTGRES_DSN=dsn)
     first = mirror_factory(workers=2, env=env)
     second = mirror_factory(env=env)
     time.sleep(4)
@@ -359,6 +362,12 @@ def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_l
     warned = [line for line in second.log_path.read_text().splitlines() if said in line]
     assert len(warned) == 1 and "WARNING" in warned[0] and "has run on this database for" in warned[0], warned
     assert said not in first.log_path.read_text(), "its two workers are one mirror"
+
+    second.stop()
+    port = free_port()
+    mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, MIRROR_CLUSTER_LEASE_TTL="2s"))
+    assert eventually(lambda: "the replicas of a cluster has run on this database" in first.log_tail(400),
+                      timeout=40), first.log_tail(40)
 
 
 def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(

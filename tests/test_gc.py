@@ -116,18 +116,12 @@ def test_eviction_keeps_the_store_under_its_budget(
     assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
     assert peak <= budget + one_image
 
-    # The repositories eviction emptied left the catalog; the pushed one and those kept are listed.
-    catalog = http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
-    assert "library/img0" not in catalog and {"library/img5", "team/app"} <= set(catalog), catalog
-    assert len(catalog) <= 1 + budget // (8 * MIB), catalog
-
     registry.clear_counts()
     # The most recent image is still served from the store...
     assert pull(http, mirror.url, "library/img5", "1", images[5]) == "HIT"
     assert registry.count("GET", re.compile("/blobs/")) == 0
-    # ...an old one was evicted and is transparently fetched again (and listed again)...
+    # ...an old one was evicted and is transparently fetched again...
     assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"
-    assert "library/img0" in http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
     assert registry.count("GET", re.compile(f"^/v2/library/img0/blobs/{images[0].layers[0].digest}$")) == 1
     # ...and the pushed image was never touched.
     assert http.get(f"{mirror.url}/v2/team/app/manifests/v1").content == manifest

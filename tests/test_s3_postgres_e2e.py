@@ -195,10 +195,6 @@ def test_eviction_and_gc_under_concurrent_pulls_fail_no_pull_and_end_under_budge
     assert fetched > 2 * len(images), f"eviction made the upstream serve blobs again ({fetched} fetches)"
 
     assert eventually(lambda: sum(bucket.objects().values()) <= budget, timeout=30), bucket.objects()
-    # The repositories eviction emptied left the catalog (at most two images fit in the budget).
-    with httpx.Client(timeout=60.0, trust_env=False) as http:
-        catalog = http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
-    assert len(catalog) <= 2, catalog
     assert bucket.uploads() == []
     for digest in bucket.objects():
         assert bucket.digest_of(digest) == digest

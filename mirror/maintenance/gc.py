@@ -6,12 +6,11 @@
   ``cache.max_size`` (down to the low watermark), and images not pulled for ``cache.unused_for``; and, when a
   write found the filesystem full, as many as free the room it wanted (:attr:`Collector.room_wanted`), within
   the budget or not.  An image here is a manifest linked to a cached repository; evicting it removes its tags
-  and links (a repository left empty leaves the catalog), and the objects no retained image references are
-  deleted.  Pushed repositories (``local/...``) and pinned roots (preloaded images) are never candidates, nor
-  is an image *in use*: one of its objects is being filled (``tmp/<alg>-<hex>.partial`` locked) or served
-  (``BlobStore.serving``: on the filesystem its file held with a shared ``flock``): see
-  ``storage/growing.py``; nor, on a bucket and an index that hosts share, one with an object another replica
-  serves or fills (its mark in the index: ``maintenance/inuse.py``).
+  and links, and the objects no retained image references are deleted.  Pushed repositories (``local/...``)
+  and pinned roots (preloaded images) are never candidates, nor is an image *in use*: one of its objects is
+  being filled (``tmp/<alg>-<hex>.partial`` locked) or served (``BlobStore.serving``: on the filesystem its
+  file held with a shared ``flock``): see ``storage/growing.py``; nor, on a bucket and an index that hosts
+  share, one with an object another replica serves or fills (its mark in the index: ``maintenance/inuse.py``).
   When the budget needs it, an image whose open objects all are shared with other images goes too (a base
   layer always being read for one of them would keep them all); no open object is deleted.
   Images used within ``cache.keep_recent`` go only when the store would otherwise stay above the high
@@ -189,9 +188,6 @@ class Collector:
         for repo, repo_tags in by_repo.items():
             self.metadata.untag_many(repo, repo_tags)
         self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
-        for repo in {repo for repo, _ in tags} | {repo for repo, _ in links}:
-            if not repo.startswith(LOCAL + "/"):  # a cached one emptied leaves the catalog (a pull brings it back)
-                self.metadata.release_repository(repo)
         kept = set(doomed)
         for d in doomed:
             if self._lease is not None and self._lease.lost.is_set():

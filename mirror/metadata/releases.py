@@ -7,8 +7,9 @@ so that abandoned pushes leave no empty repository in the catalog and claim no n
 check and the release are one transaction (diskcache) or one statement after a lock of the name's
 catalog row (PostgreSQL, ``_register``): a link, a tag, a referrer or an upload record, of another push of
 the name, committed before it keeps the name; one committed after it lands in a name no longer local,
-which the pusher marks again (``LocalRegistry``).  A cached repository emptied by the collector leaves
-the catalog the same way (:meth:`release_repository`); a fill's link puts it back.
+which the pusher marks again (``LocalRegistry``).  A cached repository stays in the catalog when the
+collector empties it (as in distribution): its entry is what refuses a push to the name of a cache while
+the upstream cannot be asked (``LocalRegistry._make_local``); ``mirror migrate --delete`` releases it.
 These mixins are listed before ``Metadata`` in their drivers; they read through the driver's own
 plumbing, declared here for the type checker only.
 """

@@ -245,24 +245,33 @@ def _give_up(metadata: Metadata, claims: dict[str, str], address: str) -> None:
 
 async def keep_alone(settings: Config, metadata: Metadata) -> None:
     """Hold :data:`ALONE_LEASE` for this mirror (every worker of it renews it; until cancelled), and warn,
-    once per other holder, when another mirror without ``cluster`` settings has held it for
-    :data:`LASTING` times ``cluster.lease_ttl``: both run on this database, and their bucket."""
+    once per other holder, when another mirror without ``cluster`` settings, or a cluster's replicas
+    (:data:`LEASE`), have run on this database for :data:`LASTING` times ``cluster.lease_ttl`` (and
+    longer than a rollout's drain, ``http.draintimeout``, lasts): they share its bucket."""
     ttl, mine = settings.cluster.lease_ttl, instance()
+    lasting = max(LASTING * ttl, settings.http.draintimeout + 3 * ttl)
     other: str | None = None
-    since, said = 0.0, None
+    since, said, failed = 0.0, None, False
     try:
         while True:
-            with contextlib.suppress(MetadataUnavailable):  # said where requests need it
+            try:
                 holder = await in_index_thread(_keep_alone, metadata, mine, ttl)
-                if holder != other:
-                    other, since = holder, time.monotonic()
-                elif other is not None and other != said and time.monotonic() - since >= LASTING * ttl:
-                    said = other
-                    log.warning("another mirror without cluster settings (%s) has run on this database for %.0fs: "
-                                "two such mirrors on one bucket do not mark their reads in use for each other's "
-                                "collector (one can evict what the other serves) nor follow each other's fills; "
-                                "give both cluster settings (cluster.advertise, cluster.secret_file), or stop one",
-                                other, time.monotonic() - since)
+            except MetadataUnavailable:  # said where requests need it
+                holder = other
+            except Exception as exc:  # e.g. a standby that refuses writes: said once, tried again
+                holder = other
+                if not failed:
+                    log.warning("cannot hold this mirror's claim in the index: %s", exc)
+                failed = True
+            if holder != other:
+                other, since = holder, time.monotonic()
+            elif other is not None and other != said and time.monotonic() - since >= lasting:
+                said = other
+                log.warning("%s has run on this database for %.0fs beside this mirror without cluster settings: "
+                            "mirrors on one bucket that are not replicas of one cluster do not mark their reads in "
+                            "use for each other's collector (one can evict what the other serves) nor follow each "
+                            "other's fills; give them all cluster settings (cluster.advertise, "
+                            "cluster.secret_file), or stop one", other, time.monotonic() - since)
             await asyncio.sleep(ttl / 3)
     finally:
         with contextlib.suppress(Exception):
@@ -270,13 +279,16 @@ async def keep_alone(settings: Config, metadata: Metadata) -> None:
 
 
 def _keep_alone(metadata: Metadata, mine: str, ttl: float) -> str | None:
-    """Renew or take :data:`ALONE_LEASE` for *mine*; the other instance holding it, or None."""
+    """Renew or take :data:`ALONE_LEASE` for *mine*; who else runs on the database (another mirror
+    without ``cluster`` settings holding it, or a cluster's replicas holding :data:`LEASE`), or None."""
+    if metadata.current_lease(LEASE) is not None:
+        return "the replicas of a cluster"
     current = metadata.current_lease(ALONE_LEASE)
-    if current is None:
-        taken = metadata.take_lease(ALONE_LEASE, mine, ttl)
-        return None if taken is not None or (current := metadata.current_lease(ALONE_LEASE)) is None \
-            or current.holder == mine else current.holder
-    if current.holder == mine:
-        metadata.renew_lease(current, ttl)
+    if current is None and metadata.take_lease(ALONE_LEASE, mine, ttl) is not None:
         return None
-    return current.holder
+    current = current or metadata.current_lease(ALONE_LEASE)
+    if current is None or current.holder == mine:
+        if current is not None:
+            metadata.renew_lease(current, ttl)
+        return None
+    return f"another mirror without cluster settings ({current.holder})"

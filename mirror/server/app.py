@@ -44,7 +44,7 @@ from ..registry.replica import Cluster
 from ..registry.roaming import RoamingUploads
 from ..registry.shadowing import UpstreamQuestions
 from ..registry.sharedfills import ClusterFills
-from ..registry.sharedsecret import keep_alone, keep_claim
+from ..registry.sharedsecret import INSTANCE, keep_alone, keep_claim
 from ..spec.errors import APIError, error_response
 from ..storage.driver import StoreUnavailable
 from ..storage.fill import Fills
@@ -149,7 +149,8 @@ def create_app(config: Config) -> MirrorApp:
         history = History(exposition_registry(metrics), metadata.usage)
         sampling = asyncio.create_task(history.run()) if config.ui.enabled else None
         claiming = asyncio.create_task(keep_claim(config, metadata)) if cluster is not None else \
-            asyncio.create_task(keep_alone(config, metadata)) if metadata.shared_by_hosts else None
+            asyncio.create_task(keep_alone(config, metadata)) if metadata.shared_by_hosts \
+            and config.storage.driver == "s3" and os.environ.get(INSTANCE) else None  # (mirror serve names it)
         if config.http.tls_certificate is not None and config.http.tls_key is not None:
             certificates.rotation = certificates.Rotation(config.http.tls_certificate, config.http.tls_key)
             # A renewed certificate at the next connection (uvicorn leaves SIGHUP to its default: exit).

@@ -98,7 +98,7 @@ document.addEventListener("DOMContentLoaded", () => {
 // (WCAG 2.1 success criterion 2.1.4): the choice is kept in this browser (localStorage).
 const SHORTCUT_KEY = "mirror-ui-shortcut";
 
-let shortcutHere = null;  // the choice on this page, where the browser keeps no storage
+let shortcutHere = null;  // the choice made on this page (the browser may keep none)
 
 function shortcutOn() {
   if (shortcutHere !== null) return shortcutHere;
@@ -117,7 +117,8 @@ function offerShortcut(input, shortcut) {
   };
   toggle.addEventListener("click", () => {
     const on = !shortcutOn();
-    try { localStorage.setItem(SHORTCUT_KEY, on ? "on" : "off"); } catch (e) { shortcutHere = on; }
+    shortcutHere = on;  // this page's choice, whether or not the browser keeps it
+    try { localStorage.setItem(SHORTCUT_KEY, on ? "on" : "off"); } catch (e) { /* this page only */ }
     show();
   });
   show();

@@ -218,12 +218,8 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     finally:
         progress.close()
         metadata.close()
-    for finding in report.findings:
-        print(finding)
-    count, verified = len(report.findings), f", {report.verified} re-hashed" if verify_content else ""
-    state = "clean" if not count else ("repaired" if report.clean else f"{count} problem{'s' * (count != 1)}")
-    print(f"{report.objects} objects ({report.bytes} bytes{verified}), {report.tags} tags, {report.links} links: "
-          f"{state}")
+    for line in report.lines(verify_content):
+        print(line)
     return 0 if report.clean else 1
 
 

@@ -345,6 +345,30 @@ def test_fsck_reports_pushed_images_that_need_what_was_deleted_from_their_reposi
     clean(mirror, backend)
 
 
+def test_fsck_counts_the_objects_no_repository_links_and_gc_removes_them(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A blob pushed, then deleted (its object stays: distribution's ``DELETE`` unlinks), as a collector
+    stopped between its index and its deletes leaves objects: fsck counts it on a line of its own and
+    calls the store clean; ``mirror gc`` removes it.  Before, fsck said nothing of it."""
+    mirror = mirror_factory(env=backend.env())
+    data = os.urandom(5000)
+    assert http.post(f"{mirror.url}/v2/team/app/blobs/uploads/", params={"digest": sha256(data)},
+                     content=data).status_code == 201
+    backend.wait_stored(mirror, [sha256(data)])
+    assert http.delete(f"{mirror.url}/v2/team/app/blobs/{sha256(data)}").status_code == 202
+    mirror.stop()
+    said = "1 object (4.9 KiB) no repository links: mirror gc removes them once older than gc.grace"
+    status, lines = fsck(mirror, backend)
+    assert status == 0 and said in lines and any(line.endswith(": clean") for line in lines), lines
+
+    collected = mirror_cli("gc", "--data", mirror.data_dir, env={**backend.env(), "MIRROR_GC_GRACE": "0s"})
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert sha256(data) not in backend.objects(mirror)
+    status, lines = fsck(mirror, backend)
+    assert status == 0 and not any("no repository links" in line for line in lines), lines
+
+
 def test_fsck_does_not_ask_for_the_subject_of_a_pushed_referrer(
     backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:

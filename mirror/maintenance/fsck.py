@@ -1,36 +1,34 @@
 """``mirror fsck``: check that the index and the store agree, and optionally repair them.
 
-Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that
-outlived its record: ``registry/roaming.py``); objects in ``blobs/`` with names that are not
-digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed
-schema 1 manifest: whose payload does not, see ``storage/filesystem.py``), and without it the
-pushed manifests, which fsck reads anyway (as stored: the S3 driver's own read would remove one that
-does not match, and fsck without ``repair`` changes nothing); objects whose size (as
-the store lists it: no object is read) differs from their manifest record or from a descriptor of
-an image in the index that needs them (pushed or cached: a truncated layer shows so); tags whose
-manifest is missing; manifest records and repository
-links whose object is missing; pushed images that need an object missing from the store, or not
-linked in their repository (a ``DELETE`` of a blob or of a child manifest the image still needs,
-which a pull of it then fails on); preloaded (pinned) images, with their child manifests, that need
-an object missing from the store, which an air-gapped mirror cannot fetch again.  What an image
-needs: its layers (not non-distributable ones, fetched from their urls), config, child manifests;
-not its ``subject``, which may be absent.
+Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that outlived its
+record: ``registry/roaming.py``); objects in ``blobs/`` with names that are not digests; (with
+``verify_content``) objects whose bytes do not hash to their name (a signed schema 1 manifest: whose payload
+does not, see ``storage/filesystem.py``), and without it the pushed manifests, which fsck reads anyway (as
+stored: the S3 driver's own read would remove one that does not match, and fsck without ``repair`` changes
+nothing); objects whose size (as the store lists it: no object is read) differs from their manifest record
+or from a descriptor of an image in the index that needs them (pushed or cached: a truncated layer shows
+so); tags whose manifest is missing; manifest records and repository links whose object is missing; pushed
+images that need an object missing from the store, or not linked in their repository (a ``DELETE`` of a blob
+or of a child manifest the image still needs, which a pull of it then fails on); preloaded (pinned) images,
+with their child manifests, that need an object missing from the store, which an air-gapped mirror cannot
+fetch again.  What an image needs: its layers (not non-distributable ones, fetched from their urls), config,
+child manifests; not its ``subject``, which may be absent.  Objects no repository links are counted, not
+reported (``mirror gc`` removes those older than ``gc.grace``: a collector killed between its index and its
+deletes leaves some).
 
-fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object
-stored in between (a push, a fill) is looked up again before a record, link or tag of it is called
-missing.
+fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object stored in
+between (a push, a fill) is looked up again before a record, link or tag of it is called missing.
 
-``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull;
-it never invents data.  An object whose size differs from its manifest record is removed as a
-corrupt one: the record is the length of the very bytes named by the digest (but for a signed
-schema 1 manifest, named by its payload, whose copy signed again by its upstream may be the one
-recorded: not compared).  One whose size differs only from an image's descriptor, which the
-client (or the upstream) wrote, is re-hashed first (a pushed image's by ``repair``, a cached image's
-by any run) and removed only if it does not match its digest (a cached one is fetched again on the
-next pull); if it does, a pushed image's manifest is what is wrong, and stays reported (a cached
-image's is its upstream's: nothing to repair here).  Pushed images that lack an object or its link
-are reported, never repaired: the bytes may be gone, and a link the repository's owner deleted is
-not restored.
+``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull; it
+never invents data.  An object whose size differs from its manifest record is removed as a corrupt one: the
+record is the length of the very bytes named by the digest (but for a signed schema 1 manifest, named by its
+payload, whose copy signed again by its upstream may be the one recorded: not compared).  One whose size
+differs only from an image's descriptor, which the client (or the upstream) wrote, is re-hashed first (a
+pushed image's by ``repair``, a cached image's by any run) and removed only if it does not match its digest
+(a cached one is fetched again on the next pull); if it does, a pushed image's manifest is what is wrong,
+and stays reported (a cached image's is its upstream's: nothing to repair here).  Pushed images that lack an
+object or its link are reported, never repaired: the bytes may be gone, and a link the repository's owner
+deleted is not restored.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from ..metadata.driver import LOCAL, Metadata
@@ -61,6 +59,7 @@ from ..storage.layout import UPLOAD_ID_RE
 from ..storage.opening import upload_tails
 from ..storage.staging import Staging
 from ..storage.verify import signed_schema1_named
+from .fsckreport import Finding, FsckReport
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
 SIZE_DIFFERS = "object size differs from its record"
@@ -68,30 +67,6 @@ SIZE_DIFFERS = "object size differs from its record"
 DESCRIPTOR_DIFFERS = "object size differs from an image's descriptor"
 #: ... once re-hashed (``repair``, ``verify_content``) and found whole: the descriptor is wrong.
 WRONG_DESCRIPTOR = "image gives a wrong size for an object"
-
-
-@dataclass
-class Finding:
-    kind: str
-    subject: str
-    repaired: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.subject}" + (" (repaired)" if self.repaired else "")
-
-
-@dataclass
-class FsckReport:
-    objects: int = 0
-    bytes: int = 0
-    verified: int = 0
-    tags: int = 0
-    links: int = 0
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return all(f.repaired for f in self.findings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +227,9 @@ class Fsck:
             # again on demand.  A pushed repository cannot.
             if digest not in present and repo.startswith(LOCAL + "/") and self._missing(digest):
                 self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
+        referenced = {d for _, d in links} | {d for image in images for d, _ in image.needs}
+        referenced |= self._dropped
+        self.report.unreferenced = [o.size for d, o in present.items() if d not in referenced]
         self._needs([i for i in images if i.repo.startswith(LOCAL + "/")], set(links), present)
         self._preloaded(images, present)
 

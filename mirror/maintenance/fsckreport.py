@@ -1,0 +1,45 @@
+"""The report of one run of ``mirror fsck`` (``maintenance/fsck.py``): its findings, what it looked at,
+and the objects no repository links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config.values import human
+
+
+@dataclass
+class Finding:
+    kind: str
+    subject: str
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.subject}" + (" (repaired)" if self.repaired else "")
+
+
+@dataclass
+class FsckReport:
+    objects: int = 0
+    bytes: int = 0
+    verified: int = 0
+    tags: int = 0
+    links: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    unreferenced: list[int] = field(default_factory=list)  # sizes of the objects no repository links
+
+    @property
+    def clean(self) -> bool:
+        return all(f.repaired for f in self.findings)
+
+    def lines(self, verify_content: bool) -> list[str]:
+        """What ``mirror fsck`` prints: each finding, the objects no repository links (a count: not a
+        problem, ``mirror gc`` removes them), then the summary, whose last word is ``clean``,
+        ``repaired`` or the number of problems."""
+        unused, count = self.unreferenced, len(self.findings)
+        said = [f"{len(unused)} object{'s' * (len(unused) != 1)} ({human(sum(unused))}) no repository links: "
+                "mirror gc removes them once older than gc.grace"] if unused else []
+        state = "clean" if not count else ("repaired" if self.clean else f"{count} problem{'s' * (count != 1)}")
+        verified = f", {self.verified} re-hashed" if verify_content else ""
+        return [*map(str, self.findings), *said, f"{self.objects} objects ({self.bytes} bytes{verified}), "
+                f"{self.tags} tags, {self.links} links: {state}"]

@@ -219,12 +219,16 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
 def _keep_address(metadata: Metadata, config: ClusterConfig) -> str | None:
     """Renew this replica's hold on its ``cluster.advertise`` URL (every worker does), or take it
     again if it lapsed (the index was down); the instance of another replica holding it, or None."""
-    name, mine = address_lease(config), instance()
+    return _hold_lease(metadata, address_lease(config), instance(), config.lease_ttl)
+
+
+def _hold_lease(metadata: Metadata, name: str, mine: str, ttl: float) -> str | None:
+    """Renew the lease *name* held by *mine*, or take it when it is free; the other holder, or None."""
     current = metadata.current_lease(name)
     if current is None:
-        metadata.take_lease(name, mine, config.lease_ttl)
+        metadata.take_lease(name, mine, ttl)
     elif current.holder == mine:
-        metadata.renew_lease(current, config.lease_ttl)
+        metadata.renew_lease(current, ttl)
     else:
         return current.holder
     return None
@@ -283,12 +287,5 @@ def _keep_alone(metadata: Metadata, mine: str, ttl: float) -> str | None:
     without ``cluster`` settings holding it, or a cluster's replicas holding :data:`LEASE`), or None."""
     if metadata.current_lease(LEASE) is not None:
         return "the replicas of a cluster"
-    current = metadata.current_lease(ALONE_LEASE)
-    if current is None and metadata.take_lease(ALONE_LEASE, mine, ttl) is not None:
-        return None
-    current = current or metadata.current_lease(ALONE_LEASE)
-    if current is None or current.holder == mine:
-        if current is not None:
-            metadata.renew_lease(current, ttl)
-        return None
-    return f"another mirror without cluster settings ({current.holder})"
+    other = _hold_lease(metadata, ALONE_LEASE, mine, ttl)
+    return None if other is None else f"another mirror without cluster settings ({other})"

@@ -60,7 +60,9 @@ from tests.support.images import (
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
+from tests.support.smallfs import MIB, tmpfs
 from tests.support.storecheck import mirror_cli, stored_objects
+from tests.support.waiting import wait_for
 
 UNREACHABLE = "http://127.0.0.1:1"
 ALL_TYPES = ", ".join(MANIFEST_MEDIA_TYPES)
@@ -580,6 +582,44 @@ def test_a_preload_upload_cut_short_by_its_client_is_a_client_error_not_a_crash(
     assert entries[0]["status"] == 400, entries
     assert "unhandled error" not in server.log_tail(200) and "Traceback" not in server.log_tail(200)
     assert not list((server.data_dir / "tmp").glob("*preload*"))
+
+
+def test_an_uploaded_archive_needs_the_room_of_what_it_brings_not_of_the_archive_twice(
+    offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """The body is read as it arrives: a 20 MiB archive goes into a 36 MiB data directory (spooled
+    first, then staged, it needed 40).  A client gone half-way leaves nothing behind."""
+    blobs = tmp_path / "blobs"
+    image = build_image(blobs, [random_layer(blobs, 20 * MIB, 521, compressed=False)])
+    layout = tmp_path / "big"
+    write_oci_layout(layout, image, "docker.io/library/big:1")
+    archive = pack(layout, tmp_path / "big.tar")
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
+    with tmpfs(server.data_dir, 36):
+        try:
+            server.start()
+            body = archive.read_bytes()
+            head = (f"POST /_mirror/preload HTTP/1.1\r\nHost: {server.address}\r\nContent-Length: {len(body)}\r\n"
+                    f"Authorization: {bearer(token)['authorization']}\r\n\r\n").encode()
+            host, port = server.address.rsplit(":", 1)
+            before = snapshot(server.data_dir)
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(head + body[:len(body) // 2])
+            deadline = time.monotonic() + 20
+            while not [e for e in server.access_entries() if e.get("path") == "/_mirror/preload"]:
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.1)
+            wait_for(lambda: not list((server.data_dir / "tmp").glob("stage-*")), timeout=10)
+            assert snapshot(server.data_dir) == before
+
+            result = mirror_cli("preload", "--url", server.url, "--token-file", token, archive)
+            assert "1 image, 1 tag (1 new or moved)" in ok(result)
+            assert_serves(http, server.url, "library/big", "1", image)
+            assert not [p.name for p in (server.data_dir / "tmp").iterdir()
+                        if p.name.startswith(("preload-", "stage-"))]
+        finally:
+            server.stop()
 
 
 def test_data_directory_is_written_safely_while_the_server_runs(

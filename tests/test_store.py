@@ -90,9 +90,15 @@ def test_sweep_removes_only_abandoned_temp_files(tmp_path: Path) -> None:
     abandoned.write_bytes(b"half")
     (store.layout.tmp / "sha256-abc.meta").write_text("{}")
     live = store.ingest(Digest.of(b"x"))  # holds its lock
+    os.mkfifo(store.layout.tmp / "preload-gone.fifo")  # its upload's lock file is gone: the server died
+    uploading = store.layout.tmp / "preload-live.partial"
+    held = os.open(uploading, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.mkfifo(uploading.with_suffix(".fifo"))  # never opened by the sweep: that would wait for a writer
     assert store.sweep_tmp() == 1
-    assert sorted(os.listdir(store.layout.tmp)) == [live.path.name]
+    assert sorted(os.listdir(store.layout.tmp)) == sorted([live.path.name, uploading.name, "preload-live.fifo"])
     live.close()
+    os.close(held)
 
 
 def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:

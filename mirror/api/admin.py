@@ -1,14 +1,16 @@
 """Operator endpoints under ``/_mirror/``: answered only to an operator credential.
 
 ``POST /_mirror/preload`` takes an image archive as its body (any file ``mirror preload``
-takes; ``mirror preload --url`` sends directories as a tar).  The body is written to a
-flock'ed temp file in ``DATA/tmp/`` (swept like any other if the server dies), imported by the
-importer of ``archive/preload.py`` in a worker thread, and answered with its JSON summary.  An
-import stores blobs and records them in the index all along: it runs on a thread of the preloads'
-own (:data:`PRELOAD_THREADS` at once), never on one of those that send stored blobs, so a locked or
-slow database holds up the preloads alone.  Bad input
+takes; ``mirror preload --url`` sends directories as a tar).  The body is streamed through a named
+pipe (``DATA/tmp/preload-<id>.fifo``, beside its flock'ed ``.partial``) into the importer of
+``archive/preload.py``, which reads it once, as it reads a compressed archive: the content of each
+entry it will store is staged as it passes, hashed on the way, and a blob the store already has is
+skipped.  So an upload needs the room of what it brings, not of the archive twice; and a client's
+sending waits while the importer is behind.  An import stores blobs and records them in the index
+all along: it runs on a thread of the preloads' own (:data:`PRELOAD_THREADS` at once), never on one
+of those that send stored blobs, so a locked or slow database holds up the preloads alone.  Bad input
 is answered 400 in the spec's error format, the message naming the archive entry at fault;
-the store is then unchanged.
+the store is then unchanged, as it is when the client goes before the end of its archive.
 
 Loading content into the cache is as powerful as the upstream itself (every client pulls
 what is loaded), so every request needs an operator credential, whoever the peer is: behind a
@@ -28,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hmac
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio.to_thread
@@ -40,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..archive.members import ArchiveError
-from ..archive.preload import preload_file
+from ..archive.preload import Summary, preload_file
 from ..config.sections import Config
 from ..metadata.driver import Metadata
 from ..registry.reads import loop_limiter
@@ -49,6 +53,9 @@ from ..storage.driver import BlobStore
 from ..storage.filesystem import write_all
 
 WRITE_BATCH = 1 << 20
+#: The named pipe beside a preload's lock file (``tmp/preload-<id>.fifo``).
+FIFO = ".fifo"
+OPEN_POLL_SECONDS = 0.02
 #: Bytes of a refused request's body read before it is answered, and seconds spent reading them
 #: (the rest: the connection closes), so that a refused client cannot hold a connection by trickling.
 REFUSED_BODY_LIMIT = 64 << 20
@@ -96,45 +103,37 @@ async def preload(request: Request) -> Response:
     try:
         check_operator(request)
     except APIError:
-        # Read (and drop) what the client is sending, up to a limit: a reverse proxy that sent the
-        # whole body first would see the connection reset and answer 502 instead of the refusal.
-        received = 0
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REFUSED_BODY_SECONDS):
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > REFUSED_BODY_LIMIT:
-                        break
+        await _drain(request.stream())
         raise
     store: BlobStore = request.state.store
     metadata: Metadata = request.state.metadata
+    config: Config = request.state.config
     source = request.headers.get("x-mirror-source", "")
     source = source if _SOURCE_RE.fullmatch(source) else "upload"
-
-    def create() -> tuple[Path, int]:
-        store.layout.tmp.mkdir(parents=True, exist_ok=True)
-        path = store.layout.temp("preload")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return path, fd
-
-    path, fd = await anyio.to_thread.run_sync(create)
+    registries = {u.registry for u in config.upstreams}
     try:
-        pending: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= WRITE_BATCH:
-                await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
-                pending, size = [], 0
-        if pending:
-            await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
-        config = request.state.config
-        registries = {u.registry for u in config.upstreams}
-        summary = await anyio.to_thread.run_sync(
-            lambda: preload_file(path, store, metadata, label=source, registries=registries,
-                                 default_registry=config.upstream.registry), limiter=preload_threads())
+        lock, pipe, lock_fd = await anyio.to_thread.run_sync(_make_pipe, store)
+    except OSError as exc:
+        raise APIError("UNAVAILABLE", f"cannot store the upload: {exc.strerror or exc}", status=507) from exc
+    importer = asyncio.ensure_future(anyio.to_thread.run_sync(
+        lambda: preload_file(pipe, store, metadata, label=source, registries=registries,
+                             default_registry=config.upstream.registry), limiter=preload_threads()))
+    body = request.stream()
+    writer: int | None = None
+    try:
+        writer = await _open_writer(pipe, importer)
+        if writer is not None:
+            os.unlink(pipe)  # both ends are open: nothing is left behind if this process dies
+            try:
+                await _send(body, writer)
+            except BrokenPipeError:  # the importer stopped reading: done (trailing padding) or failed
+                await _drain(body)
+        else:  # the importer ended before it read a byte
+            await _drain(body)
+        if writer is not None:
+            os.close(writer)  # the end of the archive
+            writer = None
+        summary = await importer
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
         raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason},
@@ -142,10 +141,89 @@ async def preload(request: Request) -> Response:
     except OSError as exc:
         raise APIError("UNAVAILABLE", f"cannot store the upload: {exc.strerror or exc}", status=507) from exc
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+        if writer is not None:
+            os.close(writer)  # the importer reads a truncated archive and changes nothing
+        elif not importer.done():
+            _release_reader(pipe)
+        with contextlib.suppress(Exception):  # its end waited for (and its failure, answered above, taken)
+            await asyncio.shield(importer)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pipe)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(lock_fd)
     request.state.metrics.preload_finished(summary.images, summary.new_bytes)
     return JSONResponse(summary.to_json())
+
+
+def _make_pipe(store: BlobStore) -> tuple[Path, Path, int]:
+    """``(lock, pipe, lock descriptor)``: ``tmp/preload-<id>.partial``, flock'ed (what keeps the
+    start-up sweep off), and the named pipe ``tmp/preload-<id>.fifo`` beside it."""
+    store.layout.tmp.mkdir(parents=True, exist_ok=True)
+    lock = store.layout.temp("preload")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pipe = lock.with_suffix(FIFO)
+        os.mkfifo(pipe, 0o600)
+    except OSError:
+        os.close(fd)
+        os.unlink(lock)
+        raise
+    return lock, pipe, fd
+
+
+async def _open_writer(pipe: Path, importer: asyncio.Future[Summary]) -> int | None:
+    """The pipe's write end, once the importer has opened its read end (it may wait its turn among
+    :data:`PRELOAD_THREADS`); None if the importer ended first."""
+    while not importer.done():
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader has it open
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            await asyncio.wait({importer}, timeout=OPEN_POLL_SECONDS)
+            continue
+        os.set_blocking(fd, True)
+        with contextlib.suppress(OSError):  # fewer thread hops per MiB; the default 64 KiB still works
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, WRITE_BATCH)
+        return fd
+    return None
+
+
+async def _send(body: AsyncIterator[bytes], fd: int) -> None:
+    """Write the request's *body* to the pipe *fd*, :data:`WRITE_BATCH` bytes per write (in a thread:
+    a write waits while the importer is behind, and the client's sending waits with it)."""
+    pending: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= WRITE_BATCH:
+            await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
+            pending, size = [], 0
+    if pending:
+        await anyio.to_thread.run_sync(write_all, fd, b"".join(pending))
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    """Read (and drop) the rest of what the client is sending, up to a limit, before answering: a reverse
+    proxy that sent the whole body first would see the connection reset and answer 502 instead."""
+    received = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(REFUSED_BODY_SECONDS):
+            async for chunk in body:
+                received += len(chunk)
+                if received > REFUSED_BODY_LIMIT:
+                    break
+
+
+def _release_reader(pipe: Path) -> None:
+    """Let an importer that opened (or is opening) *pipe* see an empty archive, and no later one open it."""
+    try:
+        fd = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)  # a writer for a moment: a waiting reader goes on
+    except FileNotFoundError:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pipe)
+    os.close(fd)

@@ -15,7 +15,8 @@
         ingest-<random>.partial           any other ingest (manifests, small objects); flock'ed by its writer
         stage-<random>.partial            the lock keeping a preload's staging directory alive
         stage-<random>.d/<n>              blobs of a preload, verified, waiting for the whole archive
-        preload-<random>.partial          an archive uploaded to ``/_mirror/preload``
+        preload-<random>.partial          the lock of an archive being uploaded to ``/_mirror/preload``
+        preload-<random>.fifo             the named pipe it is read from (removed once both ends are open)
         readyz-<random>.partial           the write probe of ``/readyz``
         auth-key-<random>.partial         ``auth.key`` being created
       index/                              metadata in diskcache (``metadata/diskcache.py``)
@@ -59,6 +60,7 @@ UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 #: The digest algorithms an object may be stored under, with the form of their hex part.
 HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
 PARTIAL = ".partial"
+FIFO = ".fifo"
 
 
 def generation_file(index: Path) -> Path:
@@ -275,8 +277,10 @@ class Layout:
                 pass
             finally:
                 os.close(fd)
-        for entry in self.temp_entries():
+        for entry in self.temp_entries():  # what sits beside a writer's .partial goes with it
             base, meta, _ = entry.path.partition(".meta")
+            if not meta and entry.name.endswith(FIFO):
+                base, meta = entry.path[:-len(FIFO)], FIFO
             if meta and (base + ".partial" in found or not os.path.exists(base + ".partial")):
                 found.append(entry.path)
                 if remove:

@@ -13,7 +13,8 @@ archive per second) and the peak RSS of the process (``wait4``'s ``ru_maxrss``):
 1. plain tar, ``--data`` (read in place with ``pread``);
 2. zstd-compressed tar, ``--data`` (read once as a stream, staged while decompressed);
 3. the plain tar again into the same store (nothing new: no blob is read);
-4. plain tar, ``--url`` into a running mirror (upload, then import), with the server's peak RSS.
+4. plain tar, ``--url`` into a running mirror (streamed into the import as it arrives), with the
+   server's peak RSS and the peak disk use of its data directory (sampled every 50 ms).
 
 The archive is read from the page cache (it was just written, then synced); the store is on the
 same disk, and each preload fsyncs what it stores, so the disk's write speed is the ceiling.
@@ -28,11 +29,13 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -57,6 +60,35 @@ class Result:
         rate = self.archive_bytes / self.seconds / 1e6
         return (f"{self.case:<44} {self.seconds:7.2f} s  {rate:8.1f} MB/s  peak RSS {self.peak_rss / MIB:6.1f} MiB"
                 f"   | {self.output.strip().splitlines()[-1] if self.output.strip() else ''}")
+
+
+class PeakDisk:
+    """The largest disk use (allocated blocks) of everything under a directory, sampled in a thread."""
+
+    def __init__(self, root: Path, interval: float = 0.05) -> None:
+        self.root, self.interval, self.peak = root, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _used(self) -> int:
+        total = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self) -> PeakDisk:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def build(work: Path, size_mib: int) -> tuple[Path, Path]:
@@ -115,11 +147,13 @@ def main() -> None:
         server.start()
         try:
             assert server.pid is not None
-            with PeakRss(server.pid) as peak:
+            with PeakRss(server.pid) as peak, PeakDisk(work / "data-url") as disk:
                 seconds, rss, out = run_cli("preload", "--url", server.url, "--token-file", token, plain)
             results.append(Result("plain tar, --url (client RSS)", seconds, plain.stat().st_size, rss, out))
             print(results[-1].line())
             print(f"{'  server during --url':<44} idle {peak.idle / MIB:.1f} MiB, peak {peak.peak / MIB:.1f} MiB")
+            print(f"{'  data directory during --url':<44} peak {disk.peak / MIB:.0f} MiB on disk, "
+                  f"{disk.peak / plain.stat().st_size:.2f}x the archive")
         finally:
             server.stop()
     finally:

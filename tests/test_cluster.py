@@ -347,7 +347,8 @@ def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_l
     """Two mirrors without ``cluster`` settings on one bucket and database start (a rollout's surge pod
     runs beside the pod it replaces while that drains), but one that lasts (eight lease TTLs here, and
     more than the drain) is said as a warning, once, by the mirror that does not hold the claim; the
-    workers of one mirror are one holder.  A cluster's replicas started beside one are said too.
+    workers of one mirror are one holder.  A cluster's replicas started beside one are said too, by it
+    and by them.
     Before, nothing said so, and each one's collector could evict what the other served."""
     said = "another mirror without cluster settings ("
     dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
@@ -365,9 +366,11 @@ def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_l
 
     second.stop()
     port = free_port()
-    mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, MIRROR_CLUSTER_LEASE_TTL="2s"))
+    replica = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, MIRROR_CLUSTER_LEASE_TTL="2s"))
     assert eventually(lambda: "the replicas of a cluster has run on this database" in first.log_tail(400),
                       timeout=40), first.log_tail(40)
+    assert eventually(lambda: "a mirror without cluster settings (" in replica.log_tail(400), timeout=20), \
+        replica.log_tail(40)  # the replica says so too: before, the other mirror's claim lapsed beside a cluster
 
 
 def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(

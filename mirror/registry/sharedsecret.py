@@ -26,7 +26,8 @@ started without ``auth``).  Changing them on purpose: as for the secret, stop ev
 A mirror without ``cluster`` settings on a database that hosts share (PostgreSQL) holds the lease
 :data:`ALONE_LEASE` while it runs (:func:`keep_alone`): another one holding it for :data:`LASTING`
 leases' TTLs is said as a warning (two such mirrors on one bucket mark no reads in use for each other's
-collector, nor follow each other's fills).  Not at once: a rollout's surge pod runs beside the one it
+collector, nor follow each other's fills), as are a cluster's replicas beside it, by it and by them
+(:func:`keep_claim`).  Not at once: a rollout's surge pod runs beside the one it
 replaces for a moment (its drain), then holds it alone.
 """
 
@@ -187,6 +188,7 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
     assert config.secret_file is not None
     check, held, said, twin = secret_check(config.secret_file.value), None, False, None
     access_held, access_said = None, False
+    alone = _Beside(_lasting(settings))
     try:
         while True:
             try:
@@ -209,6 +211,11 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
                           "replica's requests to it and its to this one are refused; is %s the same file on every "
                           "replica?", config.secret_file.path)
             said = other
+            with contextlib.suppress(MetadataUnavailable):
+                if (seconds := alone.seen(lone := await in_index_thread(_alone_holder, metadata))) is not None:
+                    log.warning("a mirror without cluster settings (%s) has run on this database for %.0fs beside "
+                                "this cluster's replicas: it does not mark its reads in use for their collectors, "
+                                "nor they theirs for its; give it the cluster's settings, or stop it", lone, seconds)
             await asyncio.sleep(config.lease_ttl / 3)
     finally:  # stopping: the claim goes with it (another replica running takes it again)
         with contextlib.suppress(Exception):
@@ -247,35 +254,55 @@ def _give_up(metadata: Metadata, claims: dict[str, str], address: str) -> None:
         metadata.release_lease(held)
 
 
+class _Beside:
+    """Another holder seen beside this mirror, said once it has lasted *lasting* seconds (once per holder)."""
+
+    def __init__(self, lasting: float) -> None:
+        self.lasting, self.since = lasting, 0.0
+        self.other: str | None = None
+        self.said: str | None = None
+
+    def seen(self, holder: str | None) -> float | None:
+        """How long *holder* (None: nobody) has run beside this mirror, when that is to be said now; else None."""
+        now = time.monotonic()
+        if holder != self.other:
+            self.other, self.since = holder, now
+        elif holder is not None and holder != self.said and now - self.since >= self.lasting:
+            self.said = holder
+            return now - self.since
+        return None
+
+
+def _lasting(settings: Config) -> float:
+    """Seconds another mirror runs beside this one before it is said: :data:`LASTING` lease TTLs, and
+    longer than a rollout's drain (``http.draintimeout``) lasts."""
+    ttl = settings.cluster.lease_ttl
+    return max(LASTING * ttl, settings.http.draintimeout + 3 * ttl)
+
+
 async def keep_alone(settings: Config, metadata: Metadata) -> None:
     """Hold :data:`ALONE_LEASE` for this mirror (every worker of it renews it; until cancelled), and warn,
     once per other holder, when another mirror without ``cluster`` settings, or a cluster's replicas
-    (:data:`LEASE`), have run on this database for :data:`LASTING` times ``cluster.lease_ttl`` (and
-    longer than a rollout's drain, ``http.draintimeout``, lasts): they share its bucket."""
+    (:data:`LEASE`), have run on this database for :func:`_lasting` seconds: they share its bucket."""
     ttl, mine = settings.cluster.lease_ttl, instance()
-    lasting = max(LASTING * ttl, settings.http.draintimeout + 3 * ttl)
-    other: str | None = None
-    since, said, failed = 0.0, None, False
+    beside, failed = _Beside(_lasting(settings)), False
     try:
         while True:
             try:
                 holder = await in_index_thread(_keep_alone, metadata, mine, ttl)
             except MetadataUnavailable:  # said where requests need it
-                holder = other
+                holder = beside.other
             except Exception as exc:  # e.g. a standby that refuses writes: said once, tried again
-                holder = other
+                holder = beside.other
                 if not failed:
                     log.warning("cannot hold this mirror's claim in the index: %s", exc)
                 failed = True
-            if holder != other:
-                other, since = holder, time.monotonic()
-            elif other is not None and other != said and time.monotonic() - since >= lasting:
-                said = other
+            if (seconds := beside.seen(holder)) is not None:
                 log.warning("%s has run on this database for %.0fs beside this mirror without cluster settings: "
                             "mirrors on one bucket that are not replicas of one cluster do not mark their reads in "
                             "use for each other's collector (one can evict what the other serves) nor follow each "
                             "other's fills; give them all cluster settings (cluster.advertise, "
-                            "cluster.secret_file), or stop one", other, time.monotonic() - since)
+                            "cluster.secret_file), or stop one", holder, seconds)
             await asyncio.sleep(ttl / 3)
     finally:
         with contextlib.suppress(Exception):
@@ -285,7 +312,13 @@ async def keep_alone(settings: Config, metadata: Metadata) -> None:
 def _keep_alone(metadata: Metadata, mine: str, ttl: float) -> str | None:
     """Renew or take :data:`ALONE_LEASE` for *mine*; who else runs on the database (another mirror
     without ``cluster`` settings holding it, or a cluster's replicas holding :data:`LEASE`), or None."""
+    other = _hold_lease(metadata, ALONE_LEASE, mine, ttl)  # held beside a cluster too: its replicas say so
     if metadata.current_lease(LEASE) is not None:
         return "the replicas of a cluster"
-    other = _hold_lease(metadata, ALONE_LEASE, mine, ttl)
     return None if other is None else f"another mirror without cluster settings ({other})"
+
+
+def _alone_holder(metadata: Metadata) -> str | None:
+    """The instance of a mirror without ``cluster`` settings running on this database, or None."""
+    current = metadata.current_lease(ALONE_LEASE)
+    return None if current is None else current.holder

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -618,8 +619,73 @@ def test_an_uploaded_archive_needs_the_room_of_what_it_brings_not_of_the_archive
             assert_serves(http, server.url, "library/big", "1", image)
             assert not [p.name for p in (server.data_dir / "tmp").iterdir()
                         if p.name.startswith(("preload-", "stage-"))]
+
+            other = build_image(blobs, [random_layer(blobs, 20 * MIB, 522, compressed=False)])
+            write_oci_layout(tmp_path / "other", other, "docker.io/library/other:1")
+            before = snapshot(server.data_dir)
+            full = http.post(f"{server.url}/_mirror/preload", headers=bearer(token),
+                             content=pack(tmp_path / "other", tmp_path / "other.tar").read_bytes())
+            assert full.status_code == 507 and full.json()["errors"][0]["code"] == "UNAVAILABLE", full.text
+            assert "more than is free in the data directory" in full.text, full.text  # not the input's fault
+            assert snapshot(server.data_dir) == before
         finally:
             server.stop()
+
+
+def test_an_upload_cut_off_by_the_shutdown_is_answered_503_and_leaves_nothing(
+    built: Built, offline_mirror: Callable[..., MirrorServer], tmp_path: Path
+) -> None:
+    """SIGTERM while a client is sending its archive, and nothing more by the end of ``http.draintimeout``:
+    ``503`` to retry, and the data directory as it was (before: no answer, the upload's lock and staging
+    left behind, ``mirror fsck`` unclean until the next start)."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token), "MIRROR_HTTP_DRAINTIMEOUT": "1s"}).start()
+    body = pack(built.layout, tmp_path / "l.tar").read_bytes()
+    head = (f"POST /_mirror/preload HTTP/1.1\r\nHost: {server.address}\r\nContent-Length: {len(body)}\r\n"
+            f"Authorization: {bearer(token)['authorization']}\r\n\r\n").encode()
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body[:len(body) // 2])
+        wait_for(lambda: bool(list((server.data_dir / "tmp").glob("stage-*.d"))), what="the import under way")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGTERM)
+        sock.settimeout(15)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    wait_for(lambda: not server.running, timeout=15, what="the server to end")
+    assert not [p.name for p in (server.data_dir / "tmp").iterdir()], server.log_tail()
+    assert "Traceback" not in server.log_path.read_text()
+    assert ok(mirror_cli("fsck", "--data", server.data_dir)).rstrip().endswith("clean")
+
+
+def _zstd_bomb(path: Path, size: int) -> Path:
+    """A zstd-compressed tar of one entry of *size* zero bytes (a few KiB per hundreds of MiB)."""
+    with open(path, "wb") as out, zstandard.ZstdCompressor().stream_writer(out) as writer:
+        writer.write(info("junk", size=size).tobuf(tarfile.PAX_FORMAT))
+        for _ in range(size // MIB):
+            writer.write(bytes(MIB))
+        writer.write(bytes(1024))
+    return path
+
+
+def test_a_compressed_bomb_sent_to_the_server_is_refused_before_it_is_decompressed(
+    offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """The upload's ``Content-Length`` bounds what it may decompress to, as a file's size does; a body sent
+    without one (chunked) is bounded as it comes, to 1000 times what came through.  Before, an upload of
+    any size decompressed all it held (10 GiB from 329 KiB: 70 s of an import)."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    bomb = _zstd_bomb(tmp_path / "bomb.tar.zst", 4 << 30).read_bytes()
+    assert len(bomb) < MIB
+    before = snapshot(server.data_dir)
+    sized = http.post(f"{server.url}/_mirror/preload", content=bomb, headers=bearer(token))
+    assert sized.status_code == 400 and "refusing a tar bomb" in sized.json()["errors"][0]["message"], sized.text
+    chunked = http.post(f"{server.url}/_mirror/preload", content=iter([bomb[:4096], bomb[4096:]]),
+                        headers=bearer(token))
+    assert chunked.status_code == 400, chunked.text
+    assert "refusing a decompression bomb" in chunked.json()["errors"][0]["message"], chunked.text
+    assert snapshot(server.data_dir) == before
 
 
 def test_data_directory_is_written_safely_while_the_server_runs(

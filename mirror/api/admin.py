@@ -43,7 +43,7 @@ from anyio import CapacityLimiter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..archive.members import ArchiveError
+from ..archive.members import ArchiveError, NoRoom
 from ..archive.preload import Summary, preload_file
 from ..config.sections import Config
 from ..metadata.driver import Metadata
@@ -61,8 +61,11 @@ OPEN_POLL_SECONDS = 0.02
 REFUSED_BODY_LIMIT = 64 << 20
 REFUSED_BODY_SECONDS = 5.0
 _SOURCE_RE = re.compile(r"[\w.+-]{1,200}")
-#: Preloads imported at once per event loop; more wait their turn.
-PRELOAD_THREADS = 4
+#: Preloads imported at once per event loop; more wait their turn.  An import reads its upload as
+#: it arrives, so a slow client holds one of them while it sends.
+PRELOAD_THREADS = 16
+#: The imports under way in this process.
+_IMPORTING: set[asyncio.Future[Summary]] = set()
 
 
 def preload_threads() -> CapacityLimiter:
@@ -115,11 +118,16 @@ async def preload(request: Request) -> Response:
         lock, pipe, lock_fd = await anyio.to_thread.run_sync(_make_pipe, store)
     except OSError as exc:
         raise APIError("UNAVAILABLE", f"cannot store the upload: {exc.strerror or exc}", status=507) from exc
+    length = request.headers.get("content-length", "")
+    size = int(length) if length.isdigit() else None  # bounds what a compressed body may decompress to
     importer = asyncio.ensure_future(anyio.to_thread.run_sync(
         lambda: preload_file(pipe, store, metadata, label=source, registries=registries,
-                             default_registry=config.upstream.registry), limiter=preload_threads()))
+                             default_registry=config.upstream.registry, size=size), limiter=preload_threads()))
+    _IMPORTING.add(importer)
+    importer.add_done_callback(_IMPORTING.discard)
     body = request.stream()
     writer: int | None = None
+    cancelled = False
     try:
         writer = await _open_writer(pipe, importer)
         if writer is not None:
@@ -133,25 +141,27 @@ async def preload(request: Request) -> Response:
         if writer is not None:
             os.close(writer)  # the end of the archive
             writer = None
-        summary = await importer
+        summary = await asyncio.shield(importer)  # a cancelled request leaves it to end by itself
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
         raise APIError(exc.code, str(exc), detail={"entry": exc.entry, "reason": exc.reason},
-                       status=403 if exc.code == "DENIED" else 400) from exc
+                       status=403 if exc.code == "DENIED" else 507 if isinstance(exc, NoRoom) else 400) from exc
     except OSError as exc:
         raise APIError("UNAVAILABLE", f"cannot store the upload: {exc.strerror or exc}", status=507) from exc
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
         if writer is not None:
             os.close(writer)  # the importer reads a truncated archive and changes nothing
         elif not importer.done():
             _release_reader(pipe)
-        with contextlib.suppress(Exception):  # its end waited for (and its failure, answered above, taken)
-            await asyncio.shield(importer)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pipe)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(lock_fd)
+        if not cancelled:  # cancelled (http.draintimeout over): not waited for here, but by the shutdown
+            with contextlib.suppress(Exception):  # its end (and its failure, answered above, taken)
+                await asyncio.shield(importer)
+        _release_lock(importer, lock, lock_fd)
     request.state.metrics.preload_finished(summary.images, summary.new_bytes)
     return JSONResponse(summary.to_json())
 
@@ -216,6 +226,29 @@ async def _drain(body: AsyncIterator[bytes]) -> None:
                 received += len(chunk)
                 if received > REFUSED_BODY_LIMIT:
                     break
+
+
+def _release_lock(importer: asyncio.Future[Summary], lock: Path, fd: int) -> None:
+    """Remove the upload's lock file once its importer has ended (now, or when it does)."""
+
+    def release(done: asyncio.Future[Summary]) -> None:
+        if not done.cancelled():
+            done.exception()  # taken: answered, or moot once the request is gone
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+    if importer.done():
+        release(importer)
+    else:
+        importer.add_done_callback(release)
+
+
+async def preloads_finished(timeout: float = 10.0) -> None:
+    """Wait (at most *timeout* seconds) for the imports of requests cut off by the shutdown to end: the end
+    of their pipe makes each one stop, remove what it staged, and give its lock up."""
+    if _IMPORTING:
+        await asyncio.wait(set(_IMPORTING), timeout=timeout)
 
 
 def _release_reader(pipe: Path) -> None:

@@ -63,6 +63,12 @@ class ContentMismatch(ArchiveError):
     code = "DIGEST_INVALID"
 
 
+class NoRoom(ArchiveError):
+    """The data directory has no room for what the archive brings: not the archive's fault (``507``)."""
+
+    code = "UNAVAILABLE"
+
+
 class MissingContent(ArchiveError):
     code = "MANIFEST_BLOB_UNKNOWN"
 

@@ -211,8 +211,9 @@ def _preload_url(url: str, files: list[str], token: str | None = None) -> int:
                 if path.is_dir():
                     progress.phase("uploading", None)
                     body: Iterator[bytes] = _tar_directory(path, progress)
-                elif path.is_file() or file == "-":
-                    progress.phase("uploading", path.stat().st_size if path.is_file() else None)
+                elif path.is_file() or file == "-":  # a file's size bounds what it may decompress to
+                    size = path.stat().st_size if path.is_file() else None
+                    progress.phase("uploading", size)
                     body = _file_chunks(path, progress)
                 else:
                     print(f"mirror: preload: {file}: no such file or directory", file=sys.stderr)
@@ -220,7 +221,8 @@ def _preload_url(url: str, files: list[str], token: str | None = None) -> int:
                     continue
                 try:
                     response = client.post(endpoint, content=body, headers={
-                        "Content-Type": "application/octet-stream", "X-Mirror-Source": path.name, **credential})
+                        "Content-Type": "application/octet-stream", "X-Mirror-Source": path.name, **credential,
+                        **({"Content-Length": str(path.stat().st_size)} if path.is_file() else {})})
                 except httpx.HTTPError as exc:
                     print(f"mirror: preload: {file}: cannot send to {endpoint}: {exc}", file=sys.stderr)
                     failed += 1

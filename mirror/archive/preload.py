@@ -16,6 +16,7 @@ Imports ``preload_plan``, ``archive_readers``, ``archive``, ``staging``, ``store
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -32,7 +33,7 @@ from ..registry.referrers import referrer_of
 from ..spec.reference import parse_digest
 from ..storage.driver import BlobStore
 from ..storage.staging import Staging, copy_hashing
-from .members import ArchiveError, ContentMismatch
+from .members import ArchiveError, ContentMismatch, NoRoom
 from .plan import Content, Image, plan
 from .readers import open_archive
 
@@ -83,13 +84,16 @@ class NameTaken(ArchiveError):
 
 def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Progress | None = None,
                  label: str | None = None, now: Callable[[], float] = time.time,
-                 registries: Collection[str] | None = None, default_registry: str = "docker.io") -> Summary:
+                 registries: Collection[str] | None = None, default_registry: str = "docker.io",
+                 size: int | None = None) -> Summary:
     """Import one archive (file or directory); raise ArchiveError and change nothing on bad input.
 
     *registries*: the upstreams' (``upstreams:``); an image named for another registry is stored all
     the same, with a warning: no request reaches it until that registry is one of them.
     *default_registry*: the one requests without ``?ns=`` go to (``upstream.registry``): an image named
-    for a repository pushed there is refused (:class:`NameTaken`), since its name reads the pushed one."""
+    for a repository pushed there is refused (:class:`NameTaken`), since its name reads the pushed one.
+    *size*: the bytes *path*, a pipe, will bring, when its writer says (a compressed one may decompress to
+    ``MAX_EXPANSION`` times that, as a file may)."""
     progress = progress or NoProgress()
     summary = Summary(label or str(path))
     store.create()
@@ -100,11 +104,11 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
             return store.exists(parse_digest(digest))
 
         try:
-            size = path.stat().st_size if path.is_file() else None
+            size = path.stat().st_size if path.is_file() else size
         except OSError:
-            size = None
+            pass
         progress.phase("reading", size)
-        with open_archive(path, staging, have, progress.advance) as archive:
+        with open_archive(path, staging, have, progress.advance, size) as archive:
             images, content = plan(archive, store, summary.warnings)
             _refuse_pushed_names(images, metadata, default_registry)
             if registries is not None:
@@ -112,7 +116,8 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
             staged = _stage(images, content, staging, progress, summary)
         _commit(images, staged, store, metadata, progress, summary, now())
     except OSError as exc:
-        raise ArchiveError(None, f"I/O error: {exc.strerror or exc}") from exc
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise (NoRoom if full else ArchiveError)(None, f"I/O error: {exc.strerror or exc}") from exc
     finally:
         staging.cleanup()
     return summary
@@ -161,7 +166,7 @@ def _stage(images: list[Image], content: Content, staging: Staging, progress: Pr
             progress.advance(size)
             continue
         if size > staging.free_bytes():
-            raise ArchiveError(member.name, f"needs {human(size)}, more than is free in the data directory")
+            raise NoRoom(member.name, f"needs {human(size)}, more than is free in the data directory")
         path, fd = staging.new_file()
         try:
             with content.archive.open(member) as reader:

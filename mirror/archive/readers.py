@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from ..config.values import human
 from ..storage.staging import CHUNK, Staging, copy_hashing
-from .members import Archive, ArchiveError, ContentMismatch, Member, Reader, blob_name_digest, clean_name
+from .members import Archive, ArchiveError, ContentMismatch, Member, NoRoom, Reader, blob_name_digest, clean_name
 
 #: A compressed archive may expand to at most this many times its size (gzip's own limit is ~1032).
 MAX_EXPANSION = 1000
@@ -142,10 +142,11 @@ class _Counting:
     """Pass reads of the compressed file through, reporting progress."""
 
     def __init__(self, raw: Any, progress: Callable[[int], None] | None) -> None:
-        self.raw, self.progress = raw, progress
+        self.raw, self.progress, self.total = raw, progress, 0
 
     def read(self, n: int = -1) -> bytes:
         data: bytes = self.raw.read(n)
+        self.total += len(data)
         if self.progress is not None and data:
             self.progress(len(data))
         return data
@@ -158,8 +159,8 @@ class _Forward:
     parses headers from this; entry data is read here directly, without tarfile's copies.
     """
 
-    def __init__(self, raw: Any, limit: int | None) -> None:
-        self.raw, self.limit = raw, limit
+    def __init__(self, raw: Any, limit: int | None, compressed: _Counting | None = None) -> None:
+        self.raw, self.limit, self.compressed = raw, limit, compressed
         self.pos = 0
 
     def tell(self) -> int:
@@ -180,6 +181,10 @@ class _Forward:
         if self.limit is not None and self.pos > self.limit:
             raise ArchiveError(None, f"decompresses to more than {human(self.limit)} "
                                      f"({MAX_EXPANSION}x its size): refusing a decompression bomb")
+        if self.limit is None and self.compressed is not None \
+                and self.pos > max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * self.compressed.total):
+            raise ArchiveError(None, f"decompresses to more than {MAX_EXPANSION}x the "
+                                     f"{human(self.compressed.total)} read: refusing a decompression bomb")
         return data
 
     def read(self, n: int = -1) -> bytes:
@@ -206,7 +211,7 @@ class StreamArchive(Archive):
     """A compressed (or unseekable) tar, read once; entry content is staged as it passes."""
 
     def __init__(self, path: Path, label: str, compression: str | None, staging: Staging,
-                 have: Callable[[str], bool], progress: Callable[[int], None] | None) -> None:
+                 have: Callable[[str], bool], progress: Callable[[int], None] | None, size: int | None = None) -> None:
         super().__init__(label)
         self.staging = staging
         self._have = have
@@ -215,9 +220,10 @@ class StreamArchive(Archive):
             st = os.fstat(raw.fileno())
             if stat.S_ISFIFO(st.st_mode) and compression is None:  # its first bytes, peeked: still to be read
                 compression = compression_of(raw.peek(len(ZSTD_MAGIC)))
-            # A pipe's size is not known: what it decompresses to is bounded by the staging room alone.
-            self.limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * st.st_size) \
-                if compression and stat.S_ISREG(st.st_mode) else None
+            # A pipe's size is known when its writer says it (*size*); else what it decompresses to is
+            # bounded as it is read (MAX_EXPANSION times what came through so far: _Forward).
+            size = st.st_size if stat.S_ISREG(st.st_mode) else size
+            self.limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION * size) if compression and size is not None else None
             counted = _Counting(raw, progress)
             decompressed: Any
             if compression == "gzip":
@@ -229,7 +235,7 @@ class StreamArchive(Archive):
                                                                           read_across_frames=True)
             else:
                 decompressed = counted
-            self._stream = _Forward(decompressed, self.limit)
+            self._stream = _Forward(decompressed, self.limit, counted if compression else None)
             self._scan(compression)
         finally:
             raw.close()
@@ -262,7 +268,7 @@ class StreamArchive(Archive):
             member.present = True
             return  # tarfile skips the data on its way to the next header
         if member.size > self.staging.free_bytes():
-            raise ArchiveError(member.name, f"needs {human(member.size)}, more than is free in the data directory")
+            raise NoRoom(member.name, f"needs {human(member.size)}, more than is free in the data directory")
         if self._stream.tell() != info.offset_data:
             raise ArchiveError(member.name, "unexpected position in the stream")
         algorithm = named.partition(":")[0] if named else "sha256"
@@ -334,12 +340,12 @@ def detect(path: Path) -> tuple[str, str | None]:
 
 
 def open_archive(path: Path, staging: Staging, have: Callable[[str], bool],
-                 progress: Callable[[int], None] | None = None) -> Archive:
+                 progress: Callable[[int], None] | None = None, size: int | None = None) -> Archive:
     """Open *path* (file or directory) for reading, listing and checking every entry.
 
     *have* says whether the caller already holds a blob (by digest): a compressed archive
     then skips its content instead of staging it.  *progress* gets byte counts of a
-    compressed archive as it is read.
+    compressed archive as it is read.  *size*: the bytes a pipe will bring, when its writer says.
     """
     label = os.fspath(path)
     try:
@@ -352,4 +358,4 @@ def open_archive(path: Path, staging: Staging, have: Callable[[str], bool],
         return DirArchive(path, label)
     if kind == "tar":
         return TarArchive(path, label)
-    return StreamArchive(path, label, compression, staging, have, progress)
+    return StreamArchive(path, label, compression, staging, have, progress, size)

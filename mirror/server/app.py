@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ..api import cluster as peers, observability as observe
+from ..api import admin, cluster as peers, observability as observe
 from ..api.auth import AuthMiddleware, token_key
 from ..api.memo import ManifestMemo, MemoManifests
 from ..api.routes import routes
@@ -167,6 +167,7 @@ def create_app(config: Config) -> MirrorApp:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            await admin.preloads_finished()
             try:
                 await anyio.to_thread.run_sync(maintenance.flush)
             except Exception as exc:  # noqa: BLE001 (a full disk, say: the rest must still be closed)

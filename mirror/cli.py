@@ -140,16 +140,17 @@ def _open_store(config: Config) -> tuple[BlobStore, Metadata] | int:
     if (foreign := foreign_data_directory(config.storage.path)) is not None:
         print(f"mirror: {foreign}", file=sys.stderr)
         return 2
+    # Bound to another index (a config that forgot metadata.driver: postgres): said first, and why.
+    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage, record=False)
+    if problem:
+        print(f"mirror: {problem}", file=sys.stderr)
+        return 2
     if (local_index and not store.layout.index.is_dir()) or not local.is_dir():
         why = "" if config.storage.driver == "filesystem" else (
             ": with storage.driver s3 it is still the server's own, whose uploads in progress are checked"
             " against the index; run this on the mirror's host, --data naming that directory")
         print(f"mirror: {config.storage.path} is not a mirror data directory (no index/ or {local.name}/){why}",
               file=sys.stderr)
-        return 2
-    problem = bind_data_directory(config.metadata, store.layout.index_binding, config.storage, record=False)
-    if problem:
-        print(f"mirror: {problem}", file=sys.stderr)
         return 2
     if config.storage.driver == "s3":
         try:  # the bucket exists and takes the keys: checked before a new index records which store it holds

@@ -961,3 +961,14 @@ def test_the_refusal_of_another_index_words_what_the_data_directory_holds(tmp_pa
     problem = bind_data_directory(diskcache, data / "index.json", s3)
     assert problem is not None and "`mirror migrate`" in problem and "remove" not in problem, problem
     assert json.loads((data / "index.json").read_text()) == recorded
+    # mirror gc and fsck say so too, not that it is no data directory (it has no index/: PostgreSQL's).
+    s3_dir = tmp_path / "s3-data"
+    (s3_dir / "uploads").mkdir(parents=True)
+    (s3_dir / "index.json").write_text(json.dumps(recorded) + "\n")
+    for command in ("fsck", "gc"):
+        done = mirror_cli(command, "--data", s3_dir, env={
+            "MIRROR_STORAGE_DRIVER": "s3", "MIRROR_STORAGE_S3_BUCKET": "images", "MIRROR_CACHE_MAX_SIZE": "1GiB",
+            "MIRROR_STORAGE_S3_REGIONENDPOINT": "http://127.0.0.1:1"})
+        assert done.returncode == 2, done.stderr
+        assert "holds the work in progress (uploads, temp files) of the store whose index is in PostgreSQL" \
+            in done.stderr and "not a mirror data directory" not in done.stderr, done.stderr

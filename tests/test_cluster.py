@@ -390,8 +390,10 @@ def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(
     refused = mirror_cli("serve", "--data", tmp_path / "copy", "--listen", f"127.0.0.1:{free_port()}", env=copied,
                          timeout=60)
     assert refused.returncode == 2, refused.stderr
-    assert refused.stderr.startswith(f"mirror: cluster.advertise http://127.0.0.1:{port}: another replica running "
-                                     "on this database advertises the same address"), refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        f"mirror: cluster.advertise http://127.0.0.1:{port}: another replica running on this database advertises "
+        "the same address"), refused.stderr
+    assert f"cluster.advertise http://127.0.0.1:{port} is held by" in refused.stderr, refused.stderr  # its wait
     assert time.monotonic() - started > 5.0  # it waited for the lease to lapse: it did not
     running.stop()  # gives it up: a replica at that address starts at once
     again = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
@@ -399,6 +401,8 @@ def test_a_replica_advertising_the_address_of_a_running_one_does_not_start(
     again.kill9()  # a replica killed: its successor at the address waits for the lease to lapse, then starts
     successor = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, **ttl))
     assert httpx.get(f"{successor.url}/readyz", trust_env=False).status_code == 200
+    assert f"cluster.advertise http://127.0.0.1:{port} is held by" in successor.log_tail(400), \
+        successor.log_tail(40)  # its wait is said (before: nothing for the lease's TTL)
 
 
 def test_a_replica_with_other_access_settings_than_the_running_ones_does_not_start(

@@ -78,10 +78,14 @@ def address_problem(config: ClusterConfig, metadata: Metadata) -> str | None:
     running replica holds it past ``cluster.lease_ttl`` (and one more second).  Blocking."""
     assert config.advertise is not None
     name, mine = address_lease(config), instance()
-    deadline = time.monotonic() + config.lease_ttl + 1.0
+    deadline, said = time.monotonic() + config.lease_ttl + 1.0, False
     while (current := metadata.current_lease(name)) is None or current.holder != mine:
         if current is None and metadata.take_lease(name, mine, config.lease_ttl) is not None:
             return None
+        if current is not None and not said:  # a replica killed at this address, or a copied configuration
+            log.info("cluster.advertise %s is held by %s: waiting up to %.0fs for it to lapse", config.advertise,
+                     current.holder, config.lease_ttl + 1.0)
+            said = True
         if time.monotonic() > deadline:
             return (f"cluster.advertise {config.advertise}: another replica running on this database advertises "
                     f"the same address ({current.holder if current else 'just taken'}); each replica needs its "

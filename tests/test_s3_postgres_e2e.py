@@ -8,6 +8,7 @@ left) and the rows in PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -196,8 +197,9 @@ def test_eviction_and_gc_under_concurrent_pulls_fail_no_pull_and_end_under_budge
 
     assert eventually(lambda: sum(bucket.objects().values()) <= budget, timeout=30), bucket.objects()
     assert bucket.uploads() == []
-    for digest in bucket.objects():
-        assert bucket.digest_of(digest) == digest
+    for digest in bucket.objects():  # the collector may still be deleting: one gone since the listing is fine
+        with contextlib.suppress(bucket.client.exceptions.NoSuchKey):
+            assert bucket.digest_of(digest) == digest
     mirror.stop()
     check = mirror_cli("fsck", "--data", mirror.data_dir, "--verify-content", env=backends.env())
     assert check.returncode == 0 and check.stdout.rstrip().endswith("clean"), check.stdout + check.stderr

@@ -45,7 +45,7 @@ from mirror.metadata.diskcache import DiskcacheMetadata
 from mirror.metadata.driver import Metadata, TagRecord, local_repo
 from mirror.metadata.opening import open_metadata
 from mirror.metadata.records import RecordKind
-from mirror.metadata.transfer import compare
+from mirror.metadata.transfer import compare, copy_records
 from mirror.observe.progress import LineProgress
 from mirror.spec.reference import parse_digest
 from mirror.storage.layout import Layout
@@ -474,6 +474,49 @@ def test_a_catch_up_stopped_during_its_withdrawals_leaves_the_target_marked(
     assert not (copy / "migrating").exists() and differences(old, new) == []
 
 
+def test_a_copy_left_midway_in_a_bucket_and_database_is_refused_from_every_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer,
+) -> None:
+    """A run into S3 + PostgreSQL stopped midway marked only its own data directory: a mirror started
+    with another one on the same bucket and database (another host, a cluster's replica) took the
+    partial copy as a whole store, ``fsck`` called it clean, and ``gc`` would delete the copied objects
+    no record named yet.  The database carries the mark too: every data directory is refused, and
+    the partial copy is refused as a source, until a run again ends."""
+    data = tmp_path / "data"
+    preloaded(tmp_path, data, "one", 935)
+    old = write_config(tmp_path / "old.yaml", data)
+    dsn = postgres.create_database()
+    new = write_config(tmp_path / "new.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket), dsn=dsn)
+    beside = write_config(tmp_path / "beside.yaml", tmp_path / "spool2", s3=(seaweedfs, s3_bucket), dsn=dsn)
+    (tmp_path / "spool2" / "uploads").mkdir(parents=True)  # another replica's work in progress
+
+    def interrupt(_: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, once the objects and the manifests' records are copied
+
+    def stopped(source: Metadata, target: Metadata) -> None:
+        copy_records(source, target, interrupt)
+
+    monkeypatch.setattr("mirror.maintenance.migrate.copy_records", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        Migration(load_config(old, env={}), load_config(new, env={})).run()
+    monkeypatch.undo()
+    assert len(bucket_objects(seaweedfs, s3_bucket)) == len(sizes(data))
+    assert records(new)[RecordKind.MANIFESTS.value] and not records(new)[RecordKind.LINKS.value]  # none linked
+    began = f"is the target of a `mirror migrate` that did not finish (from filesystem {data.resolve()}, begun "
+    for command in (["fsck"], ["gc"], ["preload", tmp_path / "one-layout"],
+                    ["serve", "--listen", f"127.0.0.1:{free_port()}"]):
+        done = mirror_cli(*command, "--config", beside, timeout=60)
+        assert done.returncode == 2, (command, done.stdout + done.stderr)
+        assert began in done.stderr and "run the same `mirror migrate` again" in done.stderr, done.stderr
+        assert "delete the row 'migrating' from that database's settings table" in done.stderr, done.stderr
+    line = refused(beside, write_config(tmp_path / "back.yaml", tmp_path / "back"))
+    assert line.startswith("mirror: migrate: source: ") and began in line, line
+    migrated(old, new)
+    assert len(bucket_objects(seaweedfs, s3_bucket)) == len(sizes(data)) and differences(old, new) == []
+    checked = mirror_cli("fsck", "--config", beside, timeout=120)
+    assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 
@@ -634,7 +677,7 @@ def test_a_target_whose_database_cannot_be_reached_is_refused(tmp_path: Path) ->
                                                                            dsn=dsn))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "target: cannot open the index" in done.stderr and "s3cr3t-pw" not in done.stdout + done.stderr
-    assert not (tmp_path / "b" / "blobs").exists() or not any((tmp_path / "b" / "blobs").iterdir())
+    assert not (tmp_path / "b").exists()  # made for the run, removed with what it held (gc.lock, blobs/, ...)
 
 
 def test_a_target_bucket_that_does_not_exist_is_refused(tmp_path: Path, seaweedfs: SeaweedS3) -> None:
@@ -643,6 +686,7 @@ def test_a_target_bucket_that_does_not_exist_is_refused(tmp_path: Path, seaweedf
     line = refused(write_config(tmp_path / "old.yaml", data),
                    write_config(tmp_path / "new.yaml", tmp_path / "b", s3=(seaweedfs, "no-such-bucket")))
     assert "target: cannot open the store" in line and "no-such-bucket" in line
+    assert not (tmp_path / "b").exists()
 
 
 # -- only the index moves ----------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from ..metadata.opening import (
     rebind_data_directory,
 )
 from ..metadata.transfer import compare, copy_records, strangers, unstored, withdraw
+from ..metadata.unfinished import index_problem
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
@@ -114,6 +115,8 @@ class Migration:
                         raise Refused(f"{side}: {users}; stop it before migrating")
             old_store = self._open_store(source, "source", create=False)
             old_index = self._open_index(source, "source", stack)
+            if (problem := index_problem(old_index, source_index)) is not None:  # part of a store: no source
+                raise Refused(f"source: {problem}")
             # The source's index opened: a directory that recorded none records it.
             _bind(source, old, "source", index_id=old_index.index_id())
             new_store = self._open_store(target, "target", create=True)
@@ -141,7 +144,7 @@ class Migration:
                 same_index = True
             marking = not one_directory  # marked until this run reaches its end: no server takes a partial copy
             if marking and catch_up:  # from the first withdrawal (a refused run leaves no mark: below)
-                stack.enter_context(unfinished(new, store_identity(source.storage)))
+                stack.enter_context(unfinished(new, store_identity(source.storage), new_index))
             if not same_index:
                 found = strangers(new_index, old_index) if not catch_up else withdraw(new_index, old_index)
                 if catch_up and found.count:
@@ -160,7 +163,7 @@ class Migration:
                                   f" (first: {found.first}): it belongs to another store, {SINCE}")
                 new_index.mark_copy_of(old_index.index_id())
             if marking and not catch_up:
-                stack.enter_context(unfinished(new, store_identity(source.storage)))
+                stack.enter_context(unfinished(new, store_identity(source.storage), new_index))
             gone = foreign(new_store, old_store, pool, COPIERS, remove=True) if catch_up and not same_store else None
             if gone is not None and gone.count:
                 self.report.notes.append(f"{gone.count} objects the source no longer holds were deleted from the"

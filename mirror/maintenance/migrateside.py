@@ -7,10 +7,13 @@ import contextlib
 import datetime
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 
 from ..config.sections import Config
-from ..metadata.opening import MIGRATING, bind_data_directory
+from ..metadata.driver import Metadata
+from ..metadata.opening import bind_data_directory
+from ..metadata.unfinished import MIGRATING
 from ..storage.layout import Layout
 from .migratereport import Refused
 
@@ -29,7 +32,19 @@ def bind(config: Config, layout: Layout, side: str, *, record: bool = True, inde
 
 @contextlib.contextmanager
 def exclusive(layout: Layout, side: str) -> Iterator[None]:
-    """Hold ``DATA/gc.lock`` exclusively: no collection runs and no push makes content reachable meanwhile."""
+    """Hold ``DATA/gc.lock`` exclusively: no collection runs and no push makes content reachable meanwhile.
+    A data directory made for it is removed again if the run is :class:`Refused` (which writes nothing
+    there but the directories a store opens with): a mistyped target leaves no directory behind."""
+    made = not layout.root.exists()
+    try:
+        yield from _locked(layout, side)
+    except Refused:
+        if made:
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
+
+
+def _locked(layout: Layout, side: str) -> Iterator[None]:
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -47,13 +62,19 @@ def exclusive(layout: Layout, side: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unfinished(layout: Layout, source: str) -> Iterator[None]:
-    """Mark the target's data directory (``DATA/migrating``: the source, and when the run began) until
-    the run reaches its end, problems or not; a run stopped midway (Ctrl-C, ``kill``, a driver's
-    failure) leaves it, and ``serve``, ``fsck``, ``gc``, ``preload`` and ``export`` refuse the
-    directory (:func:`~mirror.metadata.opening.bind_data_directory`) until a run again ends."""
+def unfinished(layout: Layout, source: str, index: Metadata) -> Iterator[None]:
+    """Mark the target's data directory (``DATA/migrating``: the source, and when the run began) and
+    its index, if PostgreSQL (``settings.migrating``: other data directories share it), until the run
+    reaches its end, problems or not; a run stopped midway (Ctrl-C, ``kill``, a driver's failure)
+    leaves them, and ``serve``, ``fsck``, ``gc``, ``preload`` and ``export`` refuse the directory and
+    the index (``metadata/unfinished.py``) until a run again ends."""
     mark = layout.root / MIGRATING
     begun = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     mark.write_text(f"from {source}, begun {begun}\n")
+    shared = getattr(index, "mark_migrating", None)  # (PostgresMetadata's)
+    if shared is not None:
+        shared(f"from {source}, begun {begun}")
     yield
+    if shared is not None:
+        shared(None)
     mark.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from ..config.sections import MetadataConfig, StorageConfig
 from ..storage.driver import BlobStore
 from ..storage.layout import Layout
 from .driver import Metadata
+from .unfinished import directory_problem, index_problem
 
 
 class CannotOpenIndex(Exception):
@@ -127,8 +128,9 @@ def bound_elsewhere(storage: StorageConfig, store: BlobStore, *ids: str | None) 
 
 def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore, metadata: Metadata, *,
                 rebind: bool = False) -> str | None:
-    """For an S3 store: check that its bucket's objects belong to *metadata*, the index *config*
-    names, recording it the first time (``storage/s3binding.py``; a data directory is bound by
+    """Check that *metadata*, the index *config* names, is no target of a ``mirror migrate`` stopped
+    midway (``metadata/unfinished.py``; unless *rebind*), and, for an S3 store, that its bucket's objects
+    belong to it, recording it the first time (``storage/s3binding.py``; a data directory is bound by
     :func:`bind_data_directory`).  Returns why not, or None; *rebind*: record *metadata* whatever the
     bucket recorded (``mirror migrate``, once it copied the objects and their records there).
 
@@ -137,6 +139,8 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
     index would see every object as unreferenced, and the collector would delete them all.  Raises
     ``StoreUnavailable`` (an ``OSError``) if the bucket does not answer.
     """
+    if not rebind and (unfinished := index_problem(metadata, _describe(_index_of(config)))) is not None:
+        return unfinished
     if storage.driver != "s3":
         return None
     from ..storage.s3 import S3Store
@@ -158,7 +162,9 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
         _forget_store(metadata)
         return (f"{where} holds the objects of another index (id {recorded}), not of {index} (id {mine}):"
                 " point this mirror at the database that holds their index (this one would see every object as"
-                " unreferenced, and the collector would delete them)")
+                " unreferenced, and the collector would delete them); if that index is lost (a database dropped and"
+                " made again), empty the bucket's blobs/ and index-id under that prefix, or choose another"
+                " storage.s3.rootdirectory")
     return None
 
 
@@ -194,10 +200,6 @@ def _unanswered(where: str, error: str) -> str:
     return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
-#: The file ``mirror migrate`` keeps in its target's data directory until a run reaches its end.
-MIGRATING = "migrating"
-
-
 def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageConfig | None = None, *,
                         record: bool = True, index_id: str | None = None, migrating: bool = False) -> str | None:
     """Check that the data directory whose binding file is *binding* (``DATA/index.json``) is
@@ -223,12 +225,8 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
     opened, which would refuse every start after the typo is corrected.  *storage* (the data
     directory's) words the message: with S3, the directory holds only work in progress.
     """
-    mark = binding.with_name(MIGRATING)
-    with contextlib.suppress(FileNotFoundError):
-        if not migrating:
-            return (f"{binding.parent} is the target of a `mirror migrate` that did not finish"
-                    f" ({mark.read_text().strip()}): it holds part of a store; run the same `mirror migrate` again"
-                    f" to finish it (or remove {mark} to use the directory as it is)")
+    if not migrating and (unfinished := directory_problem(binding)) is not None:
+        return unfinished
     wanted = _index_of(config)
     if isinstance(wanted, str):
         return wanted

@@ -176,6 +176,16 @@ class PostgresRecords:
     def mark_copy_of(self, index_id: str) -> None:
         self.swap_setting("copy_of", index_id)
 
+    def migrating(self) -> str | None:
+        """What ``mirror migrate`` recorded when it began copying into this index (its source, and when),
+        until a run reaches its end (``metadata/unfinished.py``); None when no copy is under way."""
+        rows = self._all("SELECT value FROM settings WHERE name = 'migrating'")
+        return str(rows[0][0]) if rows and rows[0][0] else None
+
+    def mark_migrating(self, begun: str | None) -> None:
+        """Record *begun* (one line: the source, and when the run began) as :meth:`migrating`; None withdraws it."""
+        self.swap_setting("migrating", begun)
+
     def records(self, kind: RecordKind, *, page: int = PAGE) -> Iterator[tuple[RecordKey, Any]]:
         table = _TABLES[kind]
         columns, width = ", ".join(table.columns), len(table.columns)

@@ -116,6 +116,9 @@ def test_eviction_keeps_the_store_under_its_budget(
     assert eventually(lambda: store_bytes(mirror.data_dir) <= budget)
     assert peak <= budget + one_image
 
+    # An evicted image's repository, left empty, leaves the catalog.
+    catalog = http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]
+    assert {"library/img5", "team/app"} <= set(catalog) and "library/img0" not in catalog, catalog
     registry.clear_counts()
     # The most recent image is still served from the store...
     assert pull(http, mirror.url, "library/img5", "1", images[5]) == "HIT"
@@ -123,6 +126,7 @@ def test_eviction_keeps_the_store_under_its_budget(
     # ...an old one was evicted and is transparently fetched again...
     assert pull(http, mirror.url, "library/img0", "1", images[0]) == "MISS"
     assert registry.count("GET", re.compile(f"^/v2/library/img0/blobs/{images[0].layers[0].digest}$")) == 1
+    assert "library/img0" in http.get(f"{mirror.url}/v2/_catalog").json()["repositories"]  # back with it
     # ...and the pushed image was never touched.
     assert http.get(f"{mirror.url}/v2/team/app/manifests/v1").content == manifest
     assert sha256(http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(pushed)}").content) == sha256(pushed)

@@ -188,6 +188,9 @@ class Collector:
         for repo, repo_tags in by_repo.items():
             self.metadata.untag_many(repo, repo_tags)
         self.metadata.forget(links=links, manifests=doomed, accesses=evicted)
+        for repo in {repo for repo, _ in tags} | {repo for repo, _ in links}:
+            if not repo.startswith(LOCAL + "/"):  # a cached one left empty leaves the catalog (pushed: pinned)
+                self.metadata.release_repository(repo)
         kept = set(doomed)
         for d in doomed:
             if self._lease is not None and self._lease.lost.is_set():

@@ -419,6 +419,36 @@ def test_operator_endpoints_are_off_when_no_operator_credential_is_configured(
     assert "2 images" in ok(preload(server.data_dir, archive))  # the offline path needs no credential
 
 
+def test_a_wrong_operator_token_is_told_from_none_at_all(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """A token sent from the wrong file is answered as such (both ``401``, in the registry's error format),
+    by the server and by ``mirror preload --url``; neither repeats the token sent."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    archive = pack(built.layout, tmp_path / "layout.tar")
+    wrong = tmp_path / "other-token"
+    wrong.write_text(secrets.token_hex(32) + "\n")
+    sent = wrong.read_text().strip()
+    for path in ("/_mirror/", "/_mirror/preload"):
+        none = http.request("GET" if path == "/_mirror/" else "POST", f"{server.url}{path}", content=b"")
+        bad = http.request("GET" if path == "/_mirror/" else "POST", f"{server.url}{path}", content=b"",
+                           headers=bearer(wrong))
+        for answer in (none, bad):
+            assert answer.status_code == 401, answer.text
+            assert answer.json()["errors"][0]["code"] == "UNAUTHORIZED"
+            assert sent not in answer.text
+        assert "operator credential is needed" in none.json()["errors"][0]["message"]
+        assert bad.json()["errors"][0]["message"].startswith("the token given is not the one of admin.token_file")
+    missing = mirror_cli("preload", "--url", server.url, archive)
+    assert missing.returncode == 1 and "operator credential is needed" in missing.stderr, missing.stderr
+    refused = mirror_cli("preload", "--url", server.url, "--token-file", wrong, archive)
+    assert refused.returncode == 1, refused.stderr
+    assert f"{server.url}: the token given is not the one of admin.token_file" in refused.stderr, refused.stderr
+    assert sent not in refused.stderr + refused.stdout
+    assert manifest(http, server.url, "library/pre-multi", "1").status_code != 200  # not loaded
+
+
 def test_operator_endpoints_need_an_operator_credential_behind_a_local_reverse_proxy(
     built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
 ) -> None:
@@ -456,6 +486,9 @@ def test_operator_endpoints_need_an_operator_credential_behind_a_local_reverse_p
                 == 'Basic realm="mirror"'
         refused = mirror_cli("preload", "--url", proxy.url, archive)
         assert refused.returncode == 1 and "operator credential is needed" in refused.stderr, refused.stderr
+        wrong = http.get(f"{proxy.url}/_mirror/", headers={"authorization": f"Bearer {secrets.token_hex(32)}"})
+        assert wrong.json()["errors"][0]["message"].startswith(
+            "the token given is neither the one of admin.token_file nor a valid token of a user of auth.admins")
         assert snapshot(server.data_dir) == before
         assert manifest(http, proxy.url, "library/pre-multi", "1").status_code != 200  # not loaded
 

@@ -22,8 +22,8 @@ address proves nothing.  An operator is
 - a user of ``auth.admins``, with a right password (Basic) or a token of the mirror's own
   token server (Bearer): ``api/auth.py`` names the user, this module decides.
 
-With neither configured the endpoints are off: ``404``.  Without a credential: ``401`` with a
-challenge; a user who is no operator: ``403 DENIED``.
+With neither configured the endpoints are off: ``404``.  Without a credential, or with a token that is
+neither: ``401`` with a challenge, its message telling the two apart; a user who is no operator: ``403 DENIED``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def check_operator(request: Request) -> str:
         raise APIError("NAME_UNKNOWN", "operator endpoints are off: set admin.token_file or auth.admins "
                                        "(mirror preload --data works without them)", status=404)
     scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
-    if token is not None and scheme.lower() == "bearer" \
-            and hmac.compare_digest(value.strip().encode(), token.encode()):
+    bearer = scheme.lower() == "bearer" and value.strip() != ""
+    if token is not None and bearer and hmac.compare_digest(value.strip().encode(), token.encode()):
         return "token"
     user: str | None = getattr(request.state, "user", None)
     if user is not None and user in admins:
@@ -91,9 +91,23 @@ def check_operator(request: Request) -> str:
     if user is not None:
         raise APIError("DENIED", f"{user} is not an operator (auth.admins)")
     challenge = f'Basic realm="{config.auth.htpasswd_realm}"' if admins else 'Bearer realm="mirror operators"'
-    raise APIError("UNAUTHORIZED", "an operator credential is needed: the token of admin.token_file "
-                                   "(mirror preload --url --token-file) or a user of auth.admins",
+    raise APIError("UNAUTHORIZED", _refusal(bearer, token is not None, bool(admins)),
                    headers={"WWW-Authenticate": challenge})
+
+
+def _refusal(bearer: bool, token: bool, admins: bool) -> str:
+    """Why a request is no operator's: *bearer* when it sent a Bearer token, with *token*
+    (``admin.token_file``) and *admins* (``auth.admins``) configured or not.  A wrong token is told
+    from none at all: a token read from the wrong file is a likely mistake, and not a missing one."""
+    if bearer and not admins:
+        return ("the token given is not the one of admin.token_file: send the token held in the file "
+                "admin.token_file names (mirror preload --url --token-file FILE)")
+    if bearer:
+        accepted = "neither the one of admin.token_file nor" if token else "not"
+        return (f"the token given is {accepted} a valid token of a user of auth.admins "
+                "(they expire: get another from /auth/token)")
+    return ("an operator credential is needed: the token of admin.token_file "
+            "(mirror preload --url --token-file) or a user of auth.admins")
 
 
 async def operator(request: Request) -> Response:

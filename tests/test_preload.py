@@ -9,11 +9,13 @@ and reads OCI archives.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,7 +63,7 @@ from tests.support.images import (
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
-from tests.support.smallfs import MIB, tmpfs
+from tests.support.smallfs import MIB, tmpfs, use_inodes
 from tests.support.storecheck import mirror_cli, stored_objects
 from tests.support.waiting import wait_for
 
@@ -661,6 +663,42 @@ def test_an_uploaded_archive_needs_the_room_of_what_it_brings_not_of_the_archive
             assert full.status_code == 507 and full.json()["errors"][0]["code"] == "UNAVAILABLE", full.text
             assert "more than is free in the data directory" in full.text, full.text  # not the input's fault
             assert snapshot(server.data_dir) == before
+        finally:
+            server.stop()
+
+
+def _open_files(pid: int) -> list[str]:
+    """What the process *pid* has open, by path."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            held.append(os.readlink(fd))
+    return held
+
+
+def test_a_staging_directory_that_cannot_be_made_leaves_neither_its_lock_file_nor_its_descriptor(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """The data directory's last inode goes to the staging's lock file, so its directory cannot be made:
+    ``507``, and the lock file is removed and closed at once (before, both stayed until the server ended)."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)})
+    body = pack(built.layout, tmp_path / "layout.tar").read_bytes()
+    with tmpfs(server.data_dir, 16, inodes=4096):
+        try:
+            server.start()
+            ballast = server.data_dir / "ballast"
+            use_inodes(ballast, leave=3)  # the upload's lock file and pipe, the staging's lock file
+            full = http.post(f"{server.url}/_mirror/preload", content=body, headers=bearer(token))
+            assert full.status_code == 507 and full.json()["errors"][0]["code"] == "UNAVAILABLE", full.text
+            assert "No space left on device" in full.text, full.text
+            tmp = server.data_dir / "tmp"
+            assert not [p.name for p in tmp.iterdir() if p.name.startswith(("preload-", "stage-"))]
+            pid = next(e["pid"] for e in server.access_entries() if e.get("path") == "/_mirror/preload")
+            assert not [path for path in _open_files(pid) if path.startswith(str(tmp))]
+            shutil.rmtree(ballast)
+            answer = http.post(f"{server.url}/_mirror/preload", content=body, headers=bearer(token))
+            assert answer.status_code == 200 and answer.json()["images"] == 2, answer.text
         finally:
             server.stop()
 

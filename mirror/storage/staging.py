@@ -9,6 +9,7 @@ lock file once its writer is gone, and :meth:`Staging.sweep` then removes the di
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -33,11 +34,18 @@ class Staging:
     """
 
     def __init__(self, layout: Layout) -> None:
+        """Make the lock file and the directory; :class:`OSError` (and neither left) if either cannot be."""
         layout.tmp.mkdir(parents=True, exist_ok=True)
         self.lock_path, self.dir = layout.stage()
         self._lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.dir.mkdir()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            self.dir.mkdir()  # ENOSPC when the inodes are out, though the lock file took one
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):  # swept before it was locked
+                os.unlink(self.lock_path)
+            os.close(self._lock)
+            raise
         self._count = 0
 
     def new_file(self) -> tuple[Path, int]:

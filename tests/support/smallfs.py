@@ -29,10 +29,11 @@ def _unmount(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def tmpfs(directory: Path, size_mib: int) -> Iterator[Path]:
-    """A tmpfs of *size_mib* MiB mounted on *directory* for the block."""
+def tmpfs(directory: Path, size_mib: int, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of *size_mib* MiB (and at most *inodes* files and directories) mounted on *directory* for the block."""
     directory.mkdir(parents=True, exist_ok=True)
-    done = _run("mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(directory))
+    options = f"size={size_mib}m" + (f",nr_inodes={inodes}" if inodes is not None else "")
+    done = _run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory))
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs on {directory} (root needed): {done.stderr.strip()}", pytrace=False)
     try:
@@ -54,6 +55,23 @@ def read_only(directory: Path) -> Iterator[Path]:
         yield directory
     finally:
         _unmount(directory)
+
+
+def use_inodes(ballast: Path, leave: int) -> None:
+    """Make empty files in the new directory *ballast* until its filesystem has *leave* inodes free."""
+    ballast.mkdir()
+    made = 0
+    while True:
+        try:
+            (ballast / str(made)).touch()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            break
+        made += 1
+    for name in range(made - 1, made - 1 - leave, -1):
+        (ballast / str(name)).unlink()
+    assert os.statvfs(ballast).f_ffree == leave
 
 
 def free_bytes(path: Path) -> int:

@@ -372,6 +372,18 @@ def bearer(token_file: Path) -> dict[str, str]:
     return {"authorization": f"Bearer {token_file.read_text().strip()}"}
 
 
+def open_uploads(server: MirrorServer) -> list[str]:
+    """The files of ``tmp/`` (uploads' pipes and lock files, staging) the workers that answered a
+    preload still hold open."""
+    tmp = str(server.data_dir / "tmp")
+    held = []
+    for pid in {e["pid"] for e in server.access_entries() if e.get("path") == "/_mirror/preload"}:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                held.append(os.readlink(fd))
+    return [path for path in held if path.startswith(tmp)]
+
+
 def test_url_loads_into_a_running_mirror_without_a_restart(
     built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
 ) -> None:
@@ -398,6 +410,7 @@ def test_url_loads_into_a_running_mirror_without_a_restart(
     assert answer.status_code == 400
     assert answer.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
     assert snapshot(server.data_dir) == before
+    assert not open_uploads(server)  # each upload's pipe and lock file closed, loaded or refused
 
 
 def test_operator_endpoints_are_off_when_no_operator_credential_is_configured(
@@ -618,6 +631,7 @@ def test_a_preload_upload_cut_short_by_its_client_is_a_client_error_not_a_crash(
     assert entries[0]["status"] == 400, entries
     assert "unhandled error" not in server.log_tail(200) and "Traceback" not in server.log_tail(200)
     assert not list((server.data_dir / "tmp").glob("*preload*"))
+    assert not open_uploads(server)
 
 
 def test_an_uploaded_archive_needs_the_room_of_what_it_brings_not_of_the_archive_twice(
@@ -667,15 +681,6 @@ def test_an_uploaded_archive_needs_the_room_of_what_it_brings_not_of_the_archive
             server.stop()
 
 
-def _open_files(pid: int) -> list[str]:
-    """What the process *pid* has open, by path."""
-    held = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            held.append(os.readlink(fd))
-    return held
-
-
 def test_a_staging_directory_that_cannot_be_made_leaves_neither_its_lock_file_nor_its_descriptor(
     built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
 ) -> None:
@@ -694,8 +699,7 @@ def test_a_staging_directory_that_cannot_be_made_leaves_neither_its_lock_file_no
             assert "No space left on device" in full.text, full.text
             tmp = server.data_dir / "tmp"
             assert not [p.name for p in tmp.iterdir() if p.name.startswith(("preload-", "stage-"))]
-            pid = next(e["pid"] for e in server.access_entries() if e.get("path") == "/_mirror/preload")
-            assert not [path for path in _open_files(pid) if path.startswith(str(tmp))]
+            assert not open_uploads(server)
             shutil.rmtree(ballast)
             answer = http.post(f"{server.url}/_mirror/preload", content=body, headers=bearer(token))
             assert answer.status_code == 200 and answer.json()["images"] == 2, answer.text

@@ -139,22 +139,9 @@ async def preload(request: Request) -> Response:
                              default_registry=config.upstream.registry, size=size), limiter=preload_threads()))
     _IMPORTING.add(importer)
     importer.add_done_callback(_IMPORTING.discard)
-    body = request.stream()
-    writer: int | None = None
     cancelled = False
     try:
-        writer = await _open_writer(pipe, importer)
-        if writer is not None:
-            os.unlink(pipe)  # both ends are open: nothing is left behind if this process dies
-            try:
-                await _send(body, writer)
-            except BrokenPipeError:  # the importer stopped reading: done (trailing padding) or failed
-                await _drain(body)
-        else:  # the importer ended before it read a byte
-            await _drain(body)
-        if writer is not None:
-            os.close(writer)  # the end of the archive
-            writer = None
+        await _feed(request.stream(), pipe, importer)
         summary = await asyncio.shield(importer)  # a cancelled request leaves it to end by itself
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
@@ -166,10 +153,6 @@ async def preload(request: Request) -> Response:
         cancelled = True
         raise
     finally:
-        if writer is not None:
-            os.close(writer)  # the importer reads a truncated archive and changes nothing
-        elif not importer.done():
-            _release_reader(pipe)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pipe)
         if not cancelled:  # cancelled (http.draintimeout over): not waited for here, but by the shutdown
@@ -195,6 +178,28 @@ def _make_pipe(store: BlobStore) -> tuple[Path, Path, int]:
         os.unlink(lock)
         raise
     return lock, pipe, fd
+
+
+async def _feed(body: AsyncIterator[bytes], pipe: Path, importer: asyncio.Future[Summary]) -> None:
+    """Send the request's *body* through *pipe* to *importer*, and close the pipe's write end: the end
+    of the archive, or of a truncated one (the body cut short, the request cancelled), of which the
+    importer changes nothing."""
+    writer: int | None = None
+    try:
+        writer = await _open_writer(pipe, importer)
+        if writer is None:  # the importer ended before it read a byte
+            await _drain(body)
+            return
+        os.unlink(pipe)  # both ends are open: nothing is left behind if this process dies
+        try:
+            await _send(body, writer)
+        except BrokenPipeError:  # the importer stopped reading: done (trailing padding) or failed
+            await _drain(body)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        elif not importer.done():
+            _release_reader(pipe)
 
 
 async def _open_writer(pipe: Path, importer: asyncio.Future[Summary]) -> int | None:

@@ -60,6 +60,7 @@ from tests.support.images import (
     sha256_digest as sha256,
     write_oci_layout,
 )
+from tests.support.metrics import scrape, value
 from tests.support.mirror import PROJECT_ROOT, MirrorServer
 from tests.support.nginx import NginxProxy
 from tests.support.registry import UpstreamRegistry
@@ -631,6 +632,34 @@ def test_a_preload_upload_cut_short_by_its_client_is_a_client_error_not_a_crash(
     assert entries[0]["status"] == 400, entries
     assert "unhandled error" not in server.log_tail(200) and "Traceback" not in server.log_tail(200)
     assert not list((server.data_dir / "tmp").glob("*preload*"))
+    assert not open_uploads(server)
+
+
+def test_a_client_gone_after_the_end_of_its_archive_leaves_an_import_logged_and_counted_as_finished(
+    built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    """The end of the archive reached the import, only padding was still to come: the import commits, and
+    the request is logged and counted as a finished preload, though nobody reads its answer (before:
+    ``400`` "the client went away", and not counted)."""
+    token = operator_token(tmp_path)
+    server = offline_mirror(env={"MIRROR_ADMIN_TOKEN_FILE": str(token)}).start()
+    body = pack(built.layout, tmp_path / "l.tar").read_bytes()
+    head = (f"POST /_mirror/preload HTTP/1.1\r\nHost: {server.address}\r\nContent-Length: {len(body) + 4 * MIB}\r\n"
+            f"Authorization: {bearer(token)['authorization']}\r\n\r\n").encode()
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body + bytes(2 * MIB))  # 2 MiB of the 4 MiB of padding unsent
+        wait_for(lambda: manifest(http, server.url, "library/pre-multi", "1").status_code == 200,
+                 what="the import to commit")
+    wait_for(lambda: any(e.get("path") == "/_mirror/preload" for e in server.access_entries()),
+             what="the upload's access log entry")
+    entries = [e for e in server.access_entries() if e.get("path") == "/_mirror/preload"]
+    assert [e["status"] for e in entries] == [200], entries
+    assert "the import finished though its client went away" in server.log_tail(200), server.log_tail(200)
+    metrics = scrape(f"{server.url}/metrics")
+    assert value(metrics, "mirror_preloads_total") == 1 and value(metrics, "mirror_preload_images_total") == 2
+    assert value(metrics, "mirror_preload_failures_total") == 0
+    assert_serves(http, server.url, "library/pre-multi", "1", built.multi)
     assert not open_uploads(server)
 
 

@@ -10,7 +10,8 @@ sending waits while the importer is behind.  An import stores blobs and records 
 all along: it runs on a thread of the preloads' own (:data:`PRELOAD_THREADS` at once), never on one
 of those that send stored blobs, so a locked or slow database holds up the preloads alone.  Bad input
 is answered 400 in the spec's error format, the message naming the archive entry at fault;
-the store is then unchanged, as it is when the client goes before the end of its archive.
+the store is then unchanged, as it is when the client goes before the end of its archive (after it,
+its padding unsent, the import is a finished one, that nobody reads the answer of).
 
 Loading content into the cache is as powerful as the upstream itself (every client pulls
 what is loaded), so every request needs an operator credential, whoever the peer is: behind a
@@ -33,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import hmac
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import anyio.to_thread
 from anyio import CapacityLimiter
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..archive.members import ArchiveError, NoRoom
@@ -51,6 +53,8 @@ from ..registry.reads import loop_limiter
 from ..spec.errors import APIError
 from ..storage.driver import BlobStore
 from ..storage.filesystem import write_all
+
+log = logging.getLogger("mirror.api.admin")
 
 WRITE_BATCH = 1 << 20
 #: The named pipe beside a preload's lock file (``tmp/preload-<id>.fifo``).
@@ -139,9 +143,18 @@ async def preload(request: Request) -> Response:
                              default_registry=config.upstream.registry, size=size), limiter=preload_threads()))
     _IMPORTING.add(importer)
     importer.add_done_callback(_IMPORTING.discard)
-    cancelled = False
+    cancelled = gone = False
     try:
-        await _feed(request.stream(), pipe, importer)
+        try:
+            await _feed(request.stream(), pipe, importer)
+        except ClientDisconnect:
+            # Gone before the end of its archive: the import fails, the request is a client's error.
+            # After it, only padding unsent: the import commits all the same, and is a finished one
+            # (logged and counted so), though nobody reads the answer.
+            await asyncio.wait({importer})
+            if importer.cancelled() or importer.exception() is not None:
+                raise
+            gone = True
         summary = await asyncio.shield(importer)  # a cancelled request leaves it to end by itself
     except ArchiveError as exc:
         request.state.metrics.preload_failed()
@@ -159,6 +172,9 @@ async def preload(request: Request) -> Response:
             with contextlib.suppress(Exception):  # its end (and its failure, answered above, taken)
                 await asyncio.shield(importer)
         _release_lock(importer, lock, lock_fd)
+    if gone:
+        log.info("%s %s: the import finished though its client went away before the end of its request body: %s",
+                 request.method, request.url.path, summary.describe())
     request.state.metrics.preload_finished(summary.images, summary.new_bytes)
     return JSONResponse(summary.to_json())
 
@@ -183,7 +199,7 @@ def _make_pipe(store: BlobStore) -> tuple[Path, Path, int]:
 async def _feed(body: AsyncIterator[bytes], pipe: Path, importer: asyncio.Future[Summary]) -> None:
     """Send the request's *body* through *pipe* to *importer*, and close the pipe's write end: the end
     of the archive, or of a truncated one (the body cut short, the request cancelled), of which the
-    importer changes nothing."""
+    importer changes nothing, unless the end of the archive had reached it (only padding was missing)."""
     writer: int | None = None
     try:
         writer = await _open_writer(pipe, importer)

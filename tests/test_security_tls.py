@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -30,6 +30,7 @@ from tests.support.security import (
     tls_env,
 )
 from tests.support.waiting import wait_for
+from tests.test_worker_takeover import client_per_worker
 
 
 def test_tls_serves_https_with_the_configured_certificate(
@@ -146,6 +147,60 @@ def test_a_client_told_the_registry_is_plain_http_that_tries_tls_first_is_not_wa
     log = mirror.log_tail(400)
     assert "began a TLS handshake" not in log, log
     assert "/v2/library/small/manifests/1" in log  # it did come back in plain HTTP
+
+
+def test_with_workers_a_client_that_comes_back_to_another_worker_is_not_warned_of(
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """With ``--workers 2``, a client's TLS handshake and the plain-HTTP request it comes back with
+    may reach different workers: the one that saw the handshake knows of the other's request, either
+    way round.  A client that only tries TLS is still warned of, once for both workers."""
+    mirror = mirror_factory(workers=2)
+    with client_per_worker(mirror) as clients:
+        first, second = sorted(clients)
+        for handshake, plain in [(first, second), (second, first), (first, second)]:
+            refused_handshake(mirror, handshake, clients)
+            assert clients[plain].get("/v2/").status_code == 200
+            wait_for(lambda plain=plain: mirror.access_entries()[-1]["pid"] == plain, what="the plain request")
+        time.sleep(FALLBACK_GRACE + 1.0)
+        log = mirror.log_tail(400)
+        assert "began a TLS handshake" not in log, log
+        # A client that expects HTTPS: no way back, whichever worker it reaches.
+        refused_handshake(mirror, second, clients)
+        time.sleep(0.2)
+        refused_handshake(mirror, first, clients)
+    wait_for(lambda: "began a TLS handshake" in mirror.log_tail(400), timeout=10, what="the warning")
+    time.sleep(1.0)
+    log = mirror.log_tail(400)
+    assert log.count("began a TLS handshake on this plain-HTTP port: it expects HTTPS") == 1, log
+
+
+def refused_handshake(mirror: MirrorServer, worker: int, workers: Iterable[int]) -> None:
+    """A TLS handshake, answered in plain HTTP, on a new connection to *mirror* that its *worker*
+    accepted (of its *workers*; the connections another accepts are closed unused)."""
+    for _ in range(100):
+        with socket.create_connection(("127.0.0.1", mirror.port), timeout=5) as raw:
+            wait_for(lambda raw=raw: accepted_by(raw, workers) is not None, what="a worker's accept")
+            if accepted_by(raw, workers) != worker:
+                continue
+            with pytest.raises(ssl.SSLError):
+                ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+            return
+    raise AssertionError(f"worker {worker} accepted none of 100 connections")
+
+
+def accepted_by(connection: socket.socket, workers: Iterable[int]) -> int | None:
+    """The pid (of *workers*) holding the server's end of the loopback TCP *connection*, by its inode
+    in ``/proc/net/tcp``; None while the connection waits to be accepted (inode 0)."""
+    ends = [f"0100007F:{end[1]:04X}" for end in (connection.getpeername(), connection.getsockname())]
+    inode = next((fields[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                  if (fields := line.split())[1:3] == ends), "0")
+    for pid in workers if inode != "0" else ():
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+    return None
 
 
 def served_certificate(port: int, pki: Pki) -> bytes:

@@ -53,9 +53,10 @@ from ..storage.opening import open_blob_store, upload_tails
 from ..ui import pages as ui
 from ..ui.history import History
 from ..upstream.client import Upstream
-from . import certificates
+from . import certificates, clienthosts
 from .front import Coalesced, MemoFront, MirrorApp
 from .hardening import Hardening
+from .metricsdir import server_directory
 from .starting import create_store, open_index
 
 log = logging.getLogger("mirror")
@@ -151,6 +152,10 @@ def create_app(config: Config) -> MirrorApp:
         claiming = asyncio.create_task(keep_claim(config, metadata)) if cluster is not None else \
             asyncio.create_task(keep_alone(config, metadata)) if metadata.shared_by_hosts \
             and config.storage.driver == "s3" and os.environ.get(INSTANCE) else None  # (mirror serve names it)
+        # What the protocol sees of client hosts, shared by the workers (the way back of a client that
+        # began a TLS handshake on this plain-HTTP port may reach another worker).
+        directory = server_directory() if config.http.workers > 1 else None
+        hosts = clienthosts.ClientHosts(directory / clienthosts.FILENAME if directory else None)
         if config.http.tls_certificate is not None and config.http.tls_key is not None:
             certificates.rotation = certificates.Rotation(config.http.tls_certificate, config.http.tls_key)
             # A renewed certificate at the next connection (uvicorn leaves SIGHUP to its default: exit).
@@ -158,7 +163,7 @@ def create_app(config: Config) -> MirrorApp:
         try:
             yield {"namespaces": namespaces, "config": config,
                    "metrics": metrics, "exposition": exposition, "store": store, "metadata": metadata,
-                   "memo": memo, "fills": fills, "history": history}
+                   "memo": memo, "fills": fills, "history": history, clienthosts.STATE: hosts}
         finally:
             memo.attach(None)
             app.sync = None  # type: ignore[attr-defined]

@@ -51,7 +51,7 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
 #: zero-copy send reads; ``run_asgi`` must hand the app the cycle's ``send`` (which is replaced).
 UVICORN_INTERNALS: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "__init__"):
-        ("loop", "timeout_keep_alive", "server_state", "transport", "cycle", "client"),
+        ("loop", "timeout_keep_alive", "server_state", "app_state", "transport", "cycle", "client"),
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "on_headers_complete"): ("cycle",),
     ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle", "__init__"):
         ("scope", "transport", "flow", "disconnected", "response_started", "response_complete",

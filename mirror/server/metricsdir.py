@@ -1,7 +1,8 @@
 """``mirror serve``'s directory of metric samples (``PROMETHEUS_MULTIPROC_DIR``): every process of one
 server (the supervisor, each worker) keeps its samples there, so whichever answers a scrape reports
-them all.  One directory per server, removed when it stops; those of servers that were killed are
-removed by the next one to start."""
+them all; its workers share what else they share there too (the inline secrets handed to them, the
+client hosts they saw: ``server/clienthosts.py``).  One directory per server, removed when it stops;
+those of servers that were killed are removed by the next one to start."""
 
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ def metrics_directory(parent: Path) -> tuple[Path, int]:
     fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return path, fd
+
+
+def server_directory() -> Path | None:
+    """The directory :func:`metrics_directory` made for the ``mirror serve`` this process belongs to
+    (handed to its workers in ``PROMETHEUS_MULTIPROC_DIR``); None outside one."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(directory) if directory else None

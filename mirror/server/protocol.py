@@ -1,5 +1,6 @@
 """uvicorn's httptools protocol with a deadline and a size cap for each request head, zero-copy
-bodies, and a clear log line for a client that speaks TLS to a plain-HTTP port.
+bodies, and a clear log line for a client that speaks TLS to a plain-HTTP port (what the server's
+workers saw of each client host: ``server/clienthosts.py``).
 
 It subclasses uvicorn's private ``HttpToolsProtocol``: ``hardening.missing_internals`` checks at
 start-up that what it uses is there before it is chosen (``hardening.http_protocol``).
@@ -15,6 +16,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import certificates, zerocopy
+from .clienthosts import STATE, ClientHosts
 
 #: Request line plus headers; uvicorn's httptools protocol has no limit of its own.
 MAX_HEAD_BYTES = 64 * 1024
@@ -27,8 +29,6 @@ TLS_WARN_INTERVAL = 600.0
 #: skopeo and podman do for a registry they were told is insecure: HTTPS first, then http://) before
 #: the handshake is taken for a client that expects HTTPS and warned of.
 FALLBACK_GRACE = 2.0
-_tls_warned: dict[str, float] = {}
-_plain_seen: dict[str, float] = {}  # client host -> time.monotonic() of its latest plain-HTTP request
 log = logging.getLogger("mirror.server")
 
 
@@ -37,6 +37,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     The deadline is uvicorn's ``timeout_keep_alive`` (set from ``http.idle_timeout``): it runs
     from the moment a connection opens, or a new request begins, until its headers are complete.
+    What it sees of client hosts goes to the :class:`~.clienthosts.ClientHosts` in the app's lifespan
+    state (key :data:`~.clienthosts.STATE`); for an app that puts none there, to this process's own,
+    put there by the server's first connection.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -45,6 +48,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._tls = False
         self._first = True
+        hosts = self.app_state.get(STATE)
+        if not isinstance(hosts, ClientHosts):
+            hosts = self.app_state.setdefault(STATE, ClientHosts())
+        self._hosts: ClientHosts = hosts
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -76,7 +83,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         first, self._first = self._first, False
         if first and not self._tls and data.startswith(TLS_HANDSHAKE):
-            self.loop.call_later(FALLBACK_GRACE, _tls_on_plain_port, self.client, time.monotonic())
+            self.loop.call_later(FALLBACK_GRACE, _tls_on_plain_port, self._hosts, self.client, time.monotonic())
             # Answered in plain HTTP, as for any request that does not parse: a Go client (dockerd,
             # containerd, skopeo, podman) then reports "server gave HTTP response to HTTPS client" and,
             # for a registry it was told is insecure, falls back to http://.
@@ -104,30 +111,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         if self.client and not self._tls:
-            if len(_plain_seen) > 1000:
-                _plain_seen.clear()
-            _plain_seen[self.client[0]] = time.monotonic()
+            self._hosts.saw_plain(self.client[0], time.monotonic())
         before = self.cycle
         super().on_headers_complete()
         if self.cycle is not before and self.cycle is not None:
             zerocopy.offer(self.cycle, self.server_state, self.timeout_keep_alive, zero_copy=not self._tls)
 
 
-def _tls_on_plain_port(client: tuple[str, int] | None, since: float) -> None:
+def _tls_on_plain_port(hosts: ClientHosts, client: tuple[str, int] | None, since: float) -> None:
     """Log that *client* began a TLS handshake here (at *since*, :data:`FALLBACK_GRACE` seconds ago):
     at WARNING once per :data:`TLS_WARN_INTERVAL` per host, unless the host came back in plain HTTP
-    since (then at DEBUG: it was told the registry is plain HTTP, and tries HTTPS first all the same)."""
+    since (then at DEBUG: it was told the registry is plain HTTP, and tries HTTPS first all the same).
+    *hosts* holds what every worker of this server saw: the way back may have reached another."""
     host = client[0] if client else "a client"
     peer = f"{client[0]}:{client[1]}" if client else "a client"
-    now = time.monotonic()
-    level = logging.DEBUG
-    if _plain_seen.get(host, -1.0) >= since:
+    if hosts.plain_since(host, since):
         log.debug("%s began a TLS handshake on this plain-HTTP port, then came back in plain HTTP", peer)
         return
-    if now - _tls_warned.get(host, -TLS_WARN_INTERVAL) >= TLS_WARN_INTERVAL:
-        if len(_tls_warned) > 1000:
-            _tls_warned.clear()
-        _tls_warned[host], level = now, logging.WARNING
+    level = logging.WARNING if hosts.warn(host, time.monotonic(), TLS_WARN_INTERVAL) else logging.DEBUG
     log.log(level, "%s began a TLS handshake on this plain-HTTP port: it expects HTTPS. Either tell it "
                    "the registry is plain HTTP (dockerd: insecure-registries; containerd: hosts.toml "
                    "server = \"http://...\"; podman, skopeo: --tls-verify=false or insecure = true in "

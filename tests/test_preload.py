@@ -736,6 +736,24 @@ def test_a_staging_directory_that_cannot_be_made_leaves_neither_its_lock_file_no
             server.stop()
 
 
+def test_a_staging_directory_that_cannot_be_made_is_a_clear_error_of_the_command_too(
+    built: Built, tmp_path: Path
+) -> None:
+    """``mirror preload --data`` on a data directory whose last inode goes to its staging's lock file: one
+    line saying the disk is full, exit 1, nothing left in ``tmp/``; before, a traceback."""
+    data = tmp_path / "data"
+    with tmpfs(data, 16, inodes=4096):
+        assert preload(data, built.layout).returncode == 0  # the store's directories made
+        ballast = data / "ballast"
+        use_inodes(ballast, leave=3)  # the index's -wal and -shm files, then the staging's lock file
+        done = preload(data, built.layout)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        assert "No space left on device" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not [p.name for p in (data / "tmp").iterdir() if p.name.startswith("stage-")]
+        shutil.rmtree(ballast)
+        assert preload(data, built.layout).returncode == 0
+
+
 def test_an_upload_cut_off_by_the_shutdown_is_answered_503_and_leaves_nothing(
     built: Built, offline_mirror: Callable[..., MirrorServer], tmp_path: Path
 ) -> None:

@@ -98,7 +98,10 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
     summary = Summary(label or str(path))
     store.create()
     Staging.sweep(store.layout)
-    staging = Staging(store.layout)
+    try:
+        staging = Staging(store.layout)
+    except OSError as exc:  # no inode or no room left for its lock file or directory
+        raise _io_error(exc) from exc
     try:
         def have(digest: str) -> bool:
             return store.exists(parse_digest(digest))
@@ -116,11 +119,16 @@ def preload_file(path: Path, store: BlobStore, metadata: Metadata, progress: Pro
             staged = _stage(images, content, staging, progress, summary)
         _commit(images, staged, store, metadata, progress, summary, now())
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise (NoRoom if full else ArchiveError)(None, f"I/O error: {exc.strerror or exc}") from exc
+        raise _io_error(exc) from exc
     finally:
         staging.cleanup()
     return summary
+
+
+def _io_error(exc: OSError) -> ArchiveError:
+    """The archive error an I/O error of the data directory makes: :class:`NoRoom` when it is full."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (NoRoom if full else ArchiveError)(None, f"I/O error: {exc.strerror or exc}")
 
 
 def _refuse_pushed_names(images: list[Image], metadata: Metadata, default_registry: str) -> None:

@@ -369,6 +369,9 @@ def test_two_mirrors_without_cluster_settings_on_one_database_are_said_once_it_l
     replica = mirror_factory(port=port, env=replica_env(bucket, dsn, secret_file, port, MIRROR_CLUSTER_LEASE_TTL="2s"))
     assert eventually(lambda: "the replicas of a cluster has run on this database" in first.log_tail(400),
                       timeout=40), first.log_tail(40)
+    time.sleep(3)  # each of its two workers has seen them as long by now
+    warned = [line for line in first.log_path.read_text().splitlines() if "the replicas of a cluster has" in line]
+    assert len(warned) == 1, warned  # said by one worker of the two
     assert eventually(lambda: "a mirror without cluster settings (" in replica.log_tail(400), timeout=20), \
         replica.log_tail(40)  # the replica says so too: before, the other mirror's claim lapsed beside a cluster
 

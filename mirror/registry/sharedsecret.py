@@ -46,6 +46,7 @@ import time
 
 from ..config.sections import ClusterConfig, Config
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
+from ..observe.said import first_to_say
 from .reads import in_index_thread
 
 log = logging.getLogger("mirror.cluster")
@@ -259,7 +260,8 @@ def _give_up(metadata: Metadata, claims: dict[str, str], address: str) -> None:
 
 
 class _Beside:
-    """Another holder seen beside this mirror, said once it has lasted *lasting* seconds (once per holder)."""
+    """Another holder seen beside this mirror, said once it has lasted *lasting* seconds (once per holder,
+    by one worker of this server: ``observe/said.py``)."""
 
     def __init__(self, lasting: float) -> None:
         self.lasting, self.since = lasting, 0.0
@@ -273,7 +275,7 @@ class _Beside:
             self.other, self.since = holder, now
         elif holder is not None and holder != self.said and now - self.since >= self.lasting:
             self.said = holder
-            return now - self.since
+            return now - self.since if first_to_say(f"beside {holder}") else None
         return None
 
 

@@ -517,6 +517,29 @@ def test_a_copy_left_midway_in_a_bucket_and_database_is_refused_from_every_data_
     assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr
 
 
+def test_moving_only_the_index_leaves_the_pushes_in_progress_in_the_bucket_alone(
+    tmp_path: Path, seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer,
+) -> None:
+    """The index moved to another database, the store staying in its bucket: the run swept the bucket as
+    a target of its own, and aborted the source's push uploads in progress (a rollback's clients then got
+    "upload lost").  They are left alone: the target is the source's store."""
+    preloaded(tmp_path, tmp_path / "data", "one", 936)
+    first = write_config(tmp_path / "first.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                         dsn=postgres.create_database())
+    migrated(write_config(tmp_path / "old.yaml", tmp_path / "data"), first)
+    s3 = seaweedfs.client()
+    key = "store/uploads/5f0c7c1e-2b1d-4c43-9d8e-0e1c2a3b4c5d/data"  # a push's, as the mirror names them
+    pushing = s3.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    moved = write_config(tmp_path / "moved.yaml", tmp_path / "spool2", s3=(seaweedfs, s3_bucket),
+                         dsn=postgres.create_database())
+    migrated(first, moved)
+    uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [upload["UploadId"] for upload in uploads] == [pushing["UploadId"]], uploads
+    done = mirror_cli("fsck", "--config", first, timeout=60)  # the old configuration: told where its index went
+    assert done.returncode == 2 and "after a `mirror migrate` of this store's index, the configuration it was moved" \
+        " to" in done.stderr, done.stderr
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 

@@ -119,7 +119,7 @@ class Migration:
                 raise Refused(f"source: {problem}")
             # The source's index opened: a directory that recorded none records it.
             _bind(source, old, "source", index_id=old_index.index_id())
-            new_store = self._open_store(target, "target", create=True)
+            new_store = self._open_store(target, "target", create=True, sweep=not same_store)
             pool = stack.enter_context(ThreadPoolExecutor(COPIERS, thread_name_prefix="migrate"))
             # The target's store and directory are checked before its index is opened: a PostgreSQL index
             # records the store that first opens it (settings.store), and a refused run must leave it as it
@@ -204,12 +204,15 @@ class Migration:
             raise Refused(f"source: {old.root} is not a mirror data directory (no index/)")
         _bind(self.source, old, "source", record=False)
 
-    def _open_store(self, config: Config, side: str, *, create: bool) -> BlobStore:
+    def _open_store(self, config: Config, side: str, *, create: bool, sweep: bool = False) -> BlobStore:
+        """The store *config* names; with *sweep* (a target that is not the source's store too: the source's
+        pushes in progress are left alone, its clients may yet finish them there) what a killed run left
+        is removed."""
         store = open_blob_store(config.storage)
         try:
             if create or config.storage.driver != "filesystem":
                 store.create()  # the filesystem makes its directories; S3 checks that the bucket answers
-            if create:
+            if sweep:
                 if config.storage.driver == "s3":  # the target is this run's: unfinished uploads are a killed run's
                     cast(Any, store).stale_upload = 0.0  # (S3Store's)
                 store.sweep_tmp()  # what an interrupted run left

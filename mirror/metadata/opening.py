@@ -161,7 +161,8 @@ def bind_bucket(config: MetadataConfig, storage: StorageConfig, store: BlobStore
     elif recorded != mine:
         _forget_store(metadata)
         return (f"{where} holds the objects of another index (id {recorded}), not of {index} (id {mine}):"
-                " point this mirror at the database that holds their index (this one would see every object as"
+                " point this mirror at the database that holds their index (after a `mirror migrate` of this store's"
+                " index, the configuration it was moved to; this one would see every object as"
                 " unreferenced, and the collector would delete them); if that index is lost (a database dropped and"
                 " made again), empty the bucket's blobs/ and index-id under that prefix, or choose another"
                 " storage.s3.rootdirectory")

@@ -132,6 +132,11 @@ def test_a_bucket_that_does_not_exist_is_named_by_serve_gc_and_fsck(
     line = one_line("serve", status, stderr)
     assert f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}" in line, line
     assert "storage.s3.bucket" in line, line
+    # The endpoint set the AWS SDK's way, not in storage.s3.regionendpoint: that one is named (was "AWS S3").
+    sdk_way = {**{k: v for k, v in indexed_in_postgres(typo, postgres).items()
+                  if k != "MIRROR_STORAGE_S3_REGIONENDPOINT"}, "AWS_ENDPOINT_URL_S3": seaweedfs.endpoint}
+    line = one_line("serve", *run("serve", tmp_path / "sdk", sdk_way))
+    assert f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}" in line, line
     # gc and fsck of a data directory with a new database and the typo: refused before the new
     # index records which store it holds, so the right bucket is taken on the next run.
     (tmp_path / "spool" / "uploads").mkdir(parents=True)

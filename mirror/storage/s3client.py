@@ -24,6 +24,7 @@ settings to check, never any part of a key.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -118,11 +119,18 @@ _SDK_CHAIN = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE and its 
               " instance's role")
 
 
+def _endpoint(options: S3Options) -> str:
+    """Where the store's requests go, as messages name it: ``storage.s3.regionendpoint``, else the AWS
+    SDK's own setting of it in the environment (botocore's ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``)."""
+    found = options.regionendpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return found or f"AWS S3 in {options.region}"
+
+
 def settings_problem(exc: Exception, options: S3Options, what: str) -> str | None:
     """What botocore's *exc* (raised by *what*: ``"HEAD of the bucket"``) says is wrong with the
     ``storage.s3`` settings, or None if it says nothing of them (the store is down, an object is
     missing): credentials refused, a bucket that does not exist, no credentials at all."""
-    endpoint = options.regionendpoint or f"AWS S3 in {options.region}"
+    endpoint = _endpoint(options)
     if isinstance(exc, NoCredentialsError):
         return (f"no credentials for bucket {options.bucket!r} at {endpoint} ({what}): storage.s3.accesskey is not"
                 f" set and the AWS SDK found none ({_SDK_CHAIN}): set {_KEY_SETTINGS}")

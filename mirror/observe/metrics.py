@@ -63,6 +63,7 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 from . import labels
+from .serverdir import server_directory
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "exposition_registry", "render"]
 
@@ -95,8 +96,8 @@ def forget_dead_processes() -> list[int]:
     i.e. when uvicorn has replaced a dead one; this process's pid counts as gone (a file with it is a
     dead predecessor's).
     """
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
+    directory = server_directory()
+    if directory is None:
         return []
     pids = set()
     with contextlib.suppress(OSError):
@@ -105,7 +106,7 @@ def forget_dead_processes() -> list[int]:
                 pids.add(int(m.group(1)))
     dead = sorted(pid for pid in pids if pid == os.getpid() or not _alive(pid))
     for pid in dead:
-        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     return dead
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+
+from .serverdir import server_directory
 
 __all__ = ["first_to_say"]
 
@@ -19,10 +20,10 @@ def first_to_say(key: str) -> bool:
     """Whether this process is the first of its server to say the warning *key* (any string naming
     it and what it is about); True outside ``mirror serve``, or when the directory cannot be written
     (said twice rather than not at all)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
+    directory = server_directory()
+    if directory is None:
         return True
-    path = Path(directory) / f"said-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    path = directory / f"said-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:

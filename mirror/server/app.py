@@ -34,6 +34,7 @@ from ..metadata.driver import MetadataUnavailable
 from ..metadata.opening import open_metadata
 from ..observe.cluster import ClusterMetrics
 from ..observe.metrics import Metrics, exposition_registry
+from ..observe.serverdir import server_directory
 from ..registry.expiry import expire_uploads
 from ..registry.local import LocalRegistry
 from ..registry.manifests import PeerFlights
@@ -56,7 +57,6 @@ from ..upstream.client import Upstream
 from . import certificates, clienthosts
 from .front import Coalesced, MemoFront, MirrorApp
 from .hardening import Hardening
-from .metricsdir import server_directory
 from .starting import create_store, open_index
 
 log = logging.getLogger("mirror")

@@ -32,10 +32,3 @@ def metrics_directory(parent: Path) -> tuple[Path, int]:
     fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return path, fd
-
-
-def server_directory() -> Path | None:
-    """The directory :func:`metrics_directory` made for the ``mirror serve`` this process belongs to
-    (handed to its workers in ``PROMETHEUS_MULTIPROC_DIR``); None outside one."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(directory) if directory else None

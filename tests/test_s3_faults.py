@@ -124,8 +124,10 @@ def own_bucket(own_seaweedfs: SeaweedS3) -> Bucket:
 @pytest.mark.slow
 def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
     own_bucket: Bucket, images: StandardImages, upstream: UpstreamRegistry,
-    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
 ) -> None:
+    """Blobs the upstream has are streamed from it (verified, not stored) while the bucket is down;
+    what only the bucket has (a pushed blob) answers ``503 UNAVAILABLE`` naming the object store."""
     bucket = own_bucket
     env = bucket.env()
     mirror = mirror_factory(env=env)
@@ -135,14 +137,19 @@ def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
     stored = next(iter(d for d in image.blobs if d != image.digest))
     assert received(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
     wait_for(lambda: stored in bucket.objects(), timeout=30, what="the blob in the bucket")
+    pushed = random_layer(tmp_path, 4096, seed=151)
+    assert push_blob(http, mirror.url, "team/app", pushed.digest, pushed.path)
 
     bucket.server.stop()
     # A stored blob (GET and HEAD), and a new fill (the HEAD of a blob not stored asks only the upstream).
-    for method, url in (("GET", blob_url(mirror, "library/small", stored)),
-                        ("HEAD", blob_url(mirror, "library/small", stored)),
-                        ("GET", blob_url(mirror, "library/big", other.digest))):
-        answer = http.request(method, url)
-        assert answer.status_code == 503, (method, url, answer.status_code, answer.text)
+    for url, digest, size in ((blob_url(mirror, "library/small", stored), stored, None),
+                              (blob_url(mirror, "library/big", other.digest), other.digest, other.size)):
+        assert size or http.head(url).status_code == 200, url  # (a HEAD where nothing was pulled: a pusher's)
+        status, got, got_size, served = get_digest(http, url)
+        assert (status, got, served) == (200, digest, "BYPASS") and got_size == (size or got_size), url
+    for method in ("GET", "HEAD"):
+        answer = http.request(method, blob_url(mirror, "team/app", pushed.digest))
+        assert answer.status_code == 503, (method, answer.status_code, answer.text)
         if method == "GET":
             error = answer.json()["errors"][0]
             assert error["code"] == "UNAVAILABLE" and "object store" in error["message"], error

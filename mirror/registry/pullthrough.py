@@ -13,8 +13,8 @@
 * A tag the upstream answers ``404`` for is forgotten here too: it leaves the tag list, and is no longer served stale.
 * Non-distributable (foreign) layers are fetched from their manifest's ``urls`` only with ``upstream.foreign_layers:
   fetch``; by default they are the client's business (containerd).
-* When the store cannot take what was fetched (full, over quota, read-only), the upstream's
-  bytes are served all the same, verified but not stored (``BYPASS``).
+* When the store cannot take what was fetched (full, over quota, read-only) or does not answer (an object
+  store down), the upstream's bytes are served all the same, verified but not stored (``BYPASS``).
 
 A repository may serve a stored object only if it is *linked* to it: the object was fetched for that repository,
 or is referenced by a manifest that was.  This is the only layer that turns store and upstream errors into API errors.
@@ -58,6 +58,7 @@ from .reads import IndexReads, in_index_thread
 from .records import refresh_tag, save_pulled
 from .referrers import UpstreamReferrers
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, followed, paginate
+from .unrecorded import Unrecorded
 
 T = TypeVar("T")
 log = logging.getLogger("mirror.registry.pullthrough")
@@ -68,8 +69,6 @@ REVALIDATE_WAIT = 10.0
 #: After a revalidation ran out of time, that upstream's cached copies answer (``STALE``) without
 #: asking it for this many times the wait (30 s by default): each request would wait again.
 QUIET_TIMES = 3
-#: Repositories remembered as pulled from while the store could not record them.
-UNRECORDED_KEPT = 1024
 
 
 class PullThrough:
@@ -89,8 +88,7 @@ class PullThrough:
         #: Where served manifests are recorded as used (for LRU eviction); set by the app.
         self.access: AccessTracker | None = None
         self._stale_logged: set[str] = set()
-        # Repositories pulled from while the store took no writes (so not recorded), newest last.
-        self._unrecorded: dict[str, None] = {}
+        self._unrecorded = Unrecorded()  # repositories pulled from while the store took no writes
         self._bodies = ManifestBodies(store)
         #: On replicas of a cluster: one upstream request per manifest across them (set by the app).
         self.peers: PeerFlights | None = None
@@ -211,7 +209,7 @@ class PullThrough:
         it (it is served all the same: the upstream layer verified it against its digest)."""
         saved = not self._bodies.failing() and await save_pulled(self.store, self.metadata, repo, manifest, tag)
         if not saved:
-            self._pulled_unrecorded(repo)
+            self._unrecorded.add(repo)
         return saved
 
     # -- blobs --
@@ -228,7 +226,10 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         key = str(digest)
         if await self.reads.is_linked(self._repo(name), key):
-            size = await self.fills.look(known_size, self.store, digest)
+            try:
+                size = await self.fills.look(known_size, self.store, digest)
+            except StoreUnavailable:  # (an object store down) the upstream answers below
+                size = None
             if size is not None:
                 return BlobHead(size, Outcome.HIT)
         if (pushable and self._repo(name) not in self._unrecorded
@@ -249,28 +250,31 @@ class PullThrough:
         name = self.upstream.canonical_name(name)
         repo, key = self._repo(name), str(digest)
         linked = await self.reads.is_linked(repo, key)
-        consented = False
-        if linked:
-            stored = await self.fills.stored(digest)
-            if stored is not None:
+        consented, down = False, None
+        try:
+            if linked and (stored := await self.fills.stored(digest)) is not None:
                 return BlobResult(stored, Outcome.HIT)
-        elif await self.fills.stored_size(digest) is not None:
-            # Stored for another repository: serve it here only if the upstream has it here too.
-            await self._consent(name, digest)
-            consented = True
+            if not linked and await self.fills.stored_size(digest) is not None:
+                # Stored for another repository: serve it here only if the upstream has it here too.
+                await self._consent(name, digest)
+                consented = True
+        except StoreUnavailable as exc:  # the upstream's bytes, streamed through (its answer the consent)
+            log.info("%s: %s; streaming it from the upstream unstored", key, str(exc).rstrip("."))
+            down = exc
         missing = not consented  # just looked at, and not stored: the fill need not look again first
         urls = await self._foreign_urls(name, key)
         fetch = (lambda: self.upstream.foreign_blob(urls, digest)) if urls else lambda: self._fetch(name, repo, digest)
         try:
-            source = await self.fills.open(digest, fetch, looked=missing, origin=self.origin)
+            source = await (self.fills.bypass(digest, fetch) if down
+                            else self.fills.open(digest, fetch, looked=missing, origin=self.origin))
         except UpstreamError as exc:
-            raise await self._blob_error(exc, name, key) from exc
+            raise (down if linked and down else await self._blob_error(exc, name, key)) from exc
         if urls and (isinstance(source, BypassBlob) or isinstance(source, GrowingBlob) and not source.verified
                      and await source.verdict() != "done"):  # a stranger's URLs: nothing unverified is sent
             source.close()
             raise APIError("UNAVAILABLE", "the layer was not fetched whole and verified from its urls", status=502)
         if isinstance(source, BypassBlob):
-            self._pulled_unrecorded(repo)
+            self._unrecorded.add(repo)
             return BlobResult(source, Outcome.BYPASS)  # nothing stored: nothing to link
         started_here = isinstance(source, GrowingBlob) and not (source.verified or source.coalesced)
         if (not started_here and not linked and not consented and not self._links.pending(repo, key)
@@ -375,14 +379,6 @@ class PullThrough:
             self._quiet_until = time.monotonic() + QUIET_TIMES * wait
             raise UpstreamUnavailable(f"no answer within {wait:g}s; cached copies answer without asking "
                                       f"for {QUIET_TIMES * wait:g}s") from None
-
-    def _pulled_unrecorded(self, repo: str) -> None:
-        """*repo* was pulled from but the store could not record it: its blob HEADs still go upstream
-        (see :meth:`blob_head`), as after any pull.  Kept in memory, the last :data:`UNRECORDED_KEPT`."""
-        self._unrecorded.pop(repo, None)
-        self._unrecorded[repo] = None
-        while len(self._unrecorded) > UNRECORDED_KEPT:
-            self._unrecorded.pop(next(iter(self._unrecorded)), None)
 
     def _stale(self, key: str, exc: UpstreamError, body: bytes, record: TagRecord) -> ManifestResult:
         """The cached copy of a tag the upstream did not revalidate (after a 429: see :data:`RATE_LIMITED_QUIET`)."""

@@ -378,3 +378,32 @@ def test_blobs_are_streamed_from_the_upstream_while_the_bucket_does_not_answer(
     assert get_digest(http, blob_url(mirror, "library/small", uncached))[:2] == (200, uncached)
     wait_for(lambda: uncached in bucket.objects(), timeout=30, what="the blob in the bucket once it answers")
     assert "Traceback" not in mirror.log_tail(400)
+
+
+@pytest.mark.slow
+def test_a_bucket_that_takes_no_writes_from_the_start_is_not_ready_before_a_write_fails(
+    own_bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A read-only bucket (a policy that lets the key read only) was ``ready`` until a client's fill or push
+    failed: a load balancer sent pushes to it.  The start tries a write (an upload started and aborted):
+    ``/readyz`` says so at once, the log says it once for the server's workers, and nothing is left in the
+    bucket; once the bucket takes writes, the mirror is ready by itself."""
+    bucket = own_bucket
+    mirror = mirror_factory(env=bucket.env(), workers=2)  # (a new bucket's first start writes its index-id)
+    mirror.stop()
+    before = bucket.objects()
+    bucket.server.take_writes(False)
+    try:
+        mirror.start()
+        this_start = lambda: mirror.log_tail(400).rsplit("--- starting:", 1)[-1]  # noqa: E731
+        wait_for(lambda: this_start().count("Application startup complete") == 2, timeout=30,
+                 what="both workers' start-up")
+        for _ in range(4):  # whichever worker answers
+            ready = http.get(f"{mirror.url}/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "takes no writes (AccessDenied" in ready.json()["problems"]["store"], ready.text
+        assert this_start().count("the store takes no writes at this start") == 1, this_start()
+    finally:
+        bucket.server.take_writes(True)
+    wait_for(lambda: http.get(f"{mirror.url}/readyz").status_code == 200, timeout=30, what="ready again")
+    assert bucket.objects() == before and bucket.uploads() == []

@@ -12,6 +12,7 @@ waited for, while the other workers serve, until it answers or the worker is tol
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
@@ -22,6 +23,7 @@ import anyio.to_thread
 
 from ..metadata.driver import Metadata
 from ..metadata.opening import CannotOpenIndex
+from ..observe.said import first_to_say
 from ..storage.driver import BlobStore, StoreUnavailable
 
 __all__ = ["create_store", "open_index"]
@@ -40,6 +42,11 @@ async def create_store(store: BlobStore) -> None:
     except StoreUnavailable as exc:
         log.warning("object store not reached at this worker's start: %s: requests that need it answer 503"
                     " until it answers", exc.strerror)
+        return
+    problem = await anyio.to_thread.run_sync(functools.partial(store.write_problem, probe=True))
+    if problem is not None and first_to_say(f"no writes at start: {problem}"):
+        log.warning("the store takes no writes at this start: %s: what it holds is served, what it has not is"
+                    " streamed from the upstream unstored, and pushes answer 507 until it takes writes", problem)
 
 
 async def open_index(opening: Callable[[], Metadata]) -> Metadata:

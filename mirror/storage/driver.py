@@ -368,6 +368,7 @@ class BlobStore(Protocol):
         """Record that a write was refused (*exc*), needing *needed* bytes; asks for room (``on_refused``)."""
         ...
 
-    def write_problem(self) -> str | None:
-        """Why the store cannot take writes now (what ``/readyz`` says), or None."""
+    def write_problem(self, *, probe: bool = False) -> str | None:
+        """Why the store cannot take writes now (what ``/readyz`` says), or None.  *probe*: an object
+        store is tried with a write although none was refused yet (``mirror serve``'s start)."""
         ...

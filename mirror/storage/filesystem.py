@@ -267,7 +267,7 @@ class Store:
         if self.on_refused is not None and code != errno.EROFS:
             self.on_refused(max((needed or 0) + ROOM_MARGIN - free, ROOM_MARGIN))
 
-    def write_problem(self) -> str | None:
+    def write_problem(self, *, probe: bool = False) -> str | None:
         """Why the store cannot take writes now, or None (blocking).
 
         A small file is written to ``tmp/`` as a probe; a write refused lately (:meth:`refused`, by

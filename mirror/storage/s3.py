@@ -388,8 +388,8 @@ class S3Store:
     def refused(self, exc: BaseException, needed: int | None) -> None:
         refused(self, exc, needed)
 
-    def write_problem(self) -> str | None:
-        return write_problem(self)
+    def write_problem(self, *, probe: bool = False) -> str | None:
+        return write_problem(self, probe=probe)
 
 
 if TYPE_CHECKING:

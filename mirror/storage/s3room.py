@@ -64,9 +64,10 @@ def refused(store: S3Store, exc: BaseException, needed: int | None) -> None:
     log.warning("the data directory refused a write%s: %s", wanted, exc)
 
 
-def write_problem(store: S3Store) -> str | None:
+def write_problem(store: S3Store, *, probe: bool = False) -> str | None:
     """Why the store cannot take writes now, or None: the data directory refuses a small file in
-    ``tmp/``, the bucket does not answer, or it refused a write and still refuses the probe's."""
+    ``tmp/``, the bucket does not answer, or it refused a write (or, with *probe*, none yet: a bucket
+    read-only from the start is found before a client's fill or push) and refuses the probe's."""
     problem = probe_writes(store.layout.temp("readyz"))
     if problem is not None:
         return f"data directory {store.layout.root}: {problem}"
@@ -75,13 +76,15 @@ def write_problem(store: S3Store) -> str | None:
     except (BotoCoreError, ClientError) as exc:  # a refusal of the settings says what to check
         return settings_problem(exc, store.options, "HEAD of the bucket") \
             or f"bucket {store.bucket!r} does not answer: {exc}"
-    if store.refusals.read() is None:
+    if store.refusals.read() is None and not probe:
         return None
     key = store.root + PROBE_KEY
     try:
         upload = store.probe.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
     except (BotoCoreError, ClientError) as exc:
-        return str(backend_error(exc, f"an upload to {key}", store.options))
+        error = backend_error(exc, f"an upload to {key}", store.options)
+        refused(store, error, None)  # recorded, if the bucket refused it: /readyz probes again until it takes one
+        return str(error)
     with contextlib.suppress(BotoCoreError, ClientError):  # else swept as a stale upload (S3Store.sweep_tmp)
         store.probe.abort_multipart_upload(Bucket=store.bucket, Key=key, UploadId=upload)
     store.refusals.write(None)

@@ -193,6 +193,44 @@ def test_a_mirror_whose_keys_the_store_stops_taking_says_so_in_readyz_and_its_lo
     no_secret(ready.text + log, old_secret, server.secretkey)
 
 
+@pytest.mark.slow
+def test_keys_rotated_in_their_files_are_taken_without_a_restart(
+    own_seaweedfs: SeaweedS3, postgres: PostgresServer, images: StandardImages,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    """Keys given as files (Docker and Kubernetes secrets) were read once, at the start: after a
+    rotation the mirror kept the old keys, and ``/readyz`` repeated advice already followed until it
+    was restarted.  The files are read again every 30 s, by every worker; the message says so."""
+    server = own_seaweedfs
+    bucket = Bucket(server, server.new_bucket())
+    access, secret = tmp_path / "access", tmp_path / "secret"
+    access.write_text(server.accesskey + "\n")
+    secret.write_text(server.secretkey + "\n")
+    env = {k: v for k, v in indexed_in_postgres(bucket, postgres).items()
+           if not k.endswith(("_ACCESSKEY", "_SECRETKEY"))}
+    mirror = mirror_factory(env={**env, "MIRROR_STORAGE_S3_ACCESSKEY_FILE": str(access),
+                                 "MIRROR_STORAGE_S3_SECRETKEY_FILE": str(secret)}, workers=2)
+    layer = images.small.layers[-1]
+    url = blob_url(mirror, "library/small", layer.digest)
+    assert get_digest(http, url)[:2] == (200, layer.digest)
+    wait_for(lambda: layer.digest in bucket.objects(), timeout=30, what="the layer in the bucket")
+    pids = worker_pids(mirror)
+
+    server.change_keys()
+    ready = http.get(f"{mirror.url}/readyz")
+    assert ready.status_code == 503, ready.text
+    assert "keys written to those files are taken within 30 s, without a restart" in ready.text, ready.text
+    for path, value in ((access, server.accesskey), (secret, server.secretkey)):  # as a secret's volume does
+        path.with_suffix(".new").write_text(value + "\n")
+        path.with_suffix(".new").replace(path)
+    # Every worker answers (each /readyz asks the bucket), with the keys of the files.
+    wait_for(lambda: all(http.get(f"{mirror.url}/readyz").status_code == 200 for _ in range(6)), timeout=75,
+             interval=1.0, what="both workers ready with the new keys")
+    assert get_digest(http, url) == (200, layer.digest, layer.size, "HIT")
+    assert worker_pids(mirror) == pids, "no worker was restarted"
+    no_secret(mirror.log_tail(800), server.secretkey)
+
+
 def test_a_stale_aws_profile_does_not_matter_with_the_keys_set_and_is_named_in_one_line_without(
     bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
 ) -> None:

@@ -16,7 +16,7 @@ def open_blob_store(storage: StorageConfig, *, replica: bool = False) -> BlobSto
     """
     if storage.driver == "s3":
         from .s3 import S3Store
-        from .s3objects import S3Options
+        from .s3options import S3Options
 
         store = S3Store(S3Options.from_config(storage), storage.path)
         store.shared_pushes = replica

@@ -57,7 +57,8 @@ from .s3damage import checked_bytes, checked_copy, read_whole, vouched
 from .s3fill import S3Fill
 from .s3handout import HandedOut
 from .s3notes import abort_again, sweep_notes
-from .s3objects import MIN_CHUNK, S3Ingest, S3Options, S3Reader, backend_error, get_object, head, missing
+from .s3objects import MIN_CHUNK, S3Ingest, S3Reader, backend_error, get_object, head, missing
+from .s3options import S3Options
 from .s3room import refused, room_error, store_clock, write_problem
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named

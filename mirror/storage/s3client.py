@@ -20,13 +20,20 @@ The connect timeout also bounds each block of a request body being sent (urllib3
 :func:`settings_problem` reads, in an error, what the ``storage.s3`` settings got wrong (credentials
 the store refuses, a bucket that does not exist), in words that name the bucket, the endpoint and the
 settings to check, never any part of a key.
+
+Keys read from files (``storage.s3.accesskey_file``, ``secretkey_file``: Docker and Kubernetes secrets)
+are read again every :data:`KEY_FILES_REREAD` seconds while the mirror runs (botocore's refreshable
+credentials): keys rotated there are taken without a restart.  A file that cannot be read then (being
+replaced) leaves the keys last read in use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +41,14 @@ import boto3
 import boto3.session
 import botocore.session
 from botocore.config import Config
+from botocore.credentials import CredentialProvider, RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.utils import determine_content_length
 
 from .driver import StoreSetupError
 
 if TYPE_CHECKING:
-    from .s3objects import S3Options
+    from .s3options import S3Options
 
 
 def _no_expect_for_nothing(request: Any, **_: Any) -> None:
@@ -68,14 +76,22 @@ TRANSFER = Timeouts(connect=5.0, read=60.0, attempts=3)
 PROBE = Timeouts(connect=2.0, read=2.0, attempts=1)
 #: Seconds one socket read of a GET's body may wait (the request itself is :data:`SMALL`'s).
 BODY_READ = 20.0
+#: Seconds between two reads of the key files (``storage.s3.accesskey_file``, ``secretkey_file``).
+KEY_FILES_REREAD = 30.0
+#: The life given to the keys read from files: they are read again long before it ends.
+_KEYS_LIFE = 3600.0
+
+log = logging.getLogger("mirror.storage.s3")
 
 
 def make_client(session: boto3.session.Session, options: S3Options, timeouts: Timeouts = TRANSFER) -> Any:
     """A boto3 S3 client of *session* for *options* (path-style addressing when ``forcepathstyle``)
     with *timeouts*."""
+    files = options.key_files != (None, None)  # the session's credentials, read from them again and again
     client = session.client(
         "s3", endpoint_url=options.regionendpoint or None, region_name=options.region,
-        aws_access_key_id=options.accesskey or None, aws_secret_access_key=options.secretkey or None,
+        aws_access_key_id=None if files else options.accesskey or None,
+        aws_secret_access_key=None if files else options.secretkey or None,
         config=Config(s3={"addressing_style": "path" if options.forcepathstyle else "auto"},
                       signature_version="s3v4", max_pool_connections=64,
                       connect_timeout=timeouts.connect, read_timeout=timeouts.read,
@@ -93,8 +109,11 @@ def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
     cannot make them (a profile that does not exist, a config file it cannot parse)."""
     try:
         # session_vars: where the SDK finds its profile; none, when the keys are given here.
-        session = boto3.session.Session(botocore_session=botocore.session.Session(
-            session_vars={"profile": (None, None, None, None)} if options.accesskey else None))
+        unprofiled = {"profile": (None, None, None, None)} if options.accesskey else None
+        core = botocore.session.Session(session_vars=unprofiled)
+        if options.key_files != (None, None):
+            core.get_component("credential_provider").insert_before("env", _KeyFiles(options))
+        session = boto3.session.Session(botocore_session=core)
         return (make_client(session, options, TRANSFER), make_client(session, options, SMALL),
                 make_client(session, options, PROBE))
     except BotoCoreError as exc:
@@ -102,6 +121,45 @@ def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
             f"the AWS SDK cannot make a client for bucket {options.bucket!r}: {exc}: check AWS_PROFILE,"
             " AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE (or set storage.s3.accesskey and storage.s3.secretkey,"
             " and the SDK's profile is not read)") from None
+
+
+class _KeyFiles(CredentialProvider):  # type: ignore[misc]
+    """The keys of ``storage.s3.accesskey_file`` and ``secretkey_file`` (either may be given inline
+    instead), read again every :data:`KEY_FILES_REREAD` seconds."""
+
+    METHOD = CANONICAL_NAME = "storage-s3-key-files"
+
+    def __init__(self, options: S3Options) -> None:
+        super().__init__()
+        self._options = options
+        self._last = (options.accesskey, options.secretkey)
+        self._said = False
+
+    def load(self) -> RefreshableCredentials:
+        return RefreshableCredentials.create_from_metadata(
+            self._metadata(*self._last), self._reread, self.METHOD,
+            advisory_timeout=_KEYS_LIFE - KEY_FILES_REREAD, mandatory_timeout=0)
+
+    def _reread(self) -> dict[str, Any]:
+        try:
+            keys = tuple(path.read_text().strip() if path else given
+                         for path, given in zip(self._options.key_files, self._last, strict=True))
+        except (OSError, UnicodeDecodeError) as exc:
+            keys = ()
+            problem = getattr(exc, "strerror", None) or str(exc)
+        else:
+            problem = "a file is empty"
+        if len(keys) == 2 and all(keys):
+            self._last, self._said = (keys[0], keys[1]), False
+        elif not self._said:  # (being replaced, perhaps): the keys last read stay in use
+            self._said = True
+            log.warning("cannot read storage.s3's key files again (%s): the keys last read stay in use", problem)
+        return self._metadata(*self._last)
+
+    @staticmethod
+    def _metadata(key: str, secret: str) -> dict[str, Any]:
+        expiry = datetime.fromtimestamp(time.time() + _KEYS_LIFE, UTC)
+        return {"access_key": key, "secret_key": secret, "token": None, "expiry_time": expiry.isoformat()}
 
 
 #: S3 error codes of credentials the store refuses: an unknown key, a signature made with another
@@ -149,7 +207,9 @@ def settings_problem(exc: Exception, options: S3Options, what: str) -> str | Non
         return (f"the object store at {endpoint} refused a request of this host ({shown}, {what}), whose clock is{off}"
                 f" off its own: S3 refuses requests signed more than {MAX_SIGNED_SKEW // 60} minutes off its clock;"
                 " keep the hosts' clocks synchronized (NTP)")
-    check = f"check {_KEY_SETTINGS}" if options.accesskey else (
+    files = "" if options.key_files == (None, None) else (
+        f" (keys written to those files are taken within {KEY_FILES_REREAD:g} s, without a restart)")
+    check = f"check {_KEY_SETTINGS}{files}" if options.accesskey else (
         f"storage.s3.accesskey is not set, so the AWS SDK's own credentials were used: check {_SDK_CHAIN}"
         " (or set storage.s3.accesskey and storage.s3.secretkey)")
     return (f"the object store at {endpoint} refused the credentials for bucket {options.bucket!r} ({shown}, {what}):"

@@ -1,4 +1,4 @@
-"""One object of the S3 driver (``storage/s3.py``): the options, a GET, a reader, a writer.
+"""One object of the S3 driver (``storage/s3.py``): a GET, a reader, a writer.
 
 :class:`S3Ingest` writes an object to its final key: bytes are hashed as they pass and collected in
 a buffer of ``chunksize`` bytes (never more); each full buffer is one part of a multipart upload
@@ -28,13 +28,12 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..config.sections import S3_MIN_CHUNK, StorageConfig
+from ..config.sections import S3_MIN_CHUNK
 from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import SharedMarks, mark_reading, unmark_reading
@@ -42,6 +41,7 @@ from .reads import ShortFile, read_chunks
 from .s3client import BODY_READ, settings_problem
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
+from .s3options import S3Options
 from .s3reads import ReadAhead
 from .verify import check_written
 
@@ -50,37 +50,9 @@ if TYPE_CHECKING:
 
 #: S3's smallest part but the last (``chunksize`` may not be less).
 MIN_CHUNK = S3_MIN_CHUNK
-DEFAULT_CHUNK = 16 << 20
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 log = logging.getLogger("mirror.storage.s3")
-
-
-@dataclass(frozen=True, slots=True)
-class S3Options:
-    """Where and how to reach the bucket (distribution's s3 driver keys; ``accesskey`` empty: the
-    SDK's default credentials, from the environment or the instance)."""
-
-    bucket: str
-    region: str = "us-east-1"
-    regionendpoint: str | None = None
-    rootdirectory: str = ""
-    accesskey: str = ""
-    secretkey: str = ""
-    forcepathstyle: bool = False
-    chunksize: int = DEFAULT_CHUNK
-    redirect: bool = False
-
-    @classmethod
-    def from_config(cls, storage: StorageConfig) -> S3Options:
-        """The options of the ``storage.s3.*`` keys (``storage.driver: s3`` has made sure of a bucket)."""
-        return cls(storage.s3_bucket or "", storage.s3_region, storage.s3_regionendpoint, storage.s3_rootdirectory,
-                   storage.s3_accesskey or "", storage.s3_secretkey or "", storage.s3_forcepathstyle,
-                   storage.s3_chunksize, storage.s3_redirect)
-
-    def __repr__(self) -> str:  # never show the secret
-        return (f"S3Options(bucket={self.bucket!r}, region={self.region!r}, regionendpoint={self.regionendpoint!r},"
-                f" rootdirectory={self.rootdirectory!r}, chunksize={self.chunksize}, redirect={self.redirect})")
 
 
 def missing(exc: Exception) -> bool:

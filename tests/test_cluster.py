@@ -434,6 +434,39 @@ def test_a_replica_with_other_access_settings_than_the_running_ones_does_not_sta
     assert http.get(f"{second.url}/v2/", headers=basic("alice", ALICE_PASSWORD)).status_code == 200
 
 
+def test_a_replica_with_other_cache_gc_push_or_admin_settings_says_so_once_and_starts(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, secret_file: Path, tmp_path: Path,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Each replica's collector, eviction and upload expiry act on the whole shared store: one started
+    with another ``push.upload_ttl``, cache budget or admin token than the running ones says so in one
+    error naming them (not the token), and still starts (a rolling change of them); one with the same
+    settings says nothing.  Before, nothing compared them."""
+    dsn, bucket = postgres.create_database(), Bucket(seaweedfs, s3_bucket)
+    token, other_token = tmp_path / "token", tmp_path / "other-token"
+    token.write_text("admin-token-one-0123456789abcdef\n")
+    other_token.write_text("admin-token-two-0123456789abcdef\n")
+    ports = [free_port() for _ in range(3)]
+    settings = {"MIRROR_PUSH_UPLOAD_TTL": "1h", "MIRROR_CACHE_MAX_SIZE": "10GiB",
+                "MIRROR_ADMIN_TOKEN_FILE": str(token)}
+    mirror_factory(port=ports[0], env=replica_env(bucket, dsn, secret_file, ports[0], **settings))
+    same = mirror_factory(port=ports[1], env=replica_env(bucket, dsn, secret_file, ports[1], **settings))
+    other = mirror_factory(port=ports[2], env=replica_env(
+        bucket, dsn, secret_file, ports[2],
+        **{**settings, "MIRROR_PUSH_UPLOAD_TTL": "2h", "MIRROR_ADMIN_TOKEN_FILE": str(other_token)}))
+    assert http.get(f"{other.url}/readyz").status_code == 200  # said, not refused
+    said = "the replicas running on this database have other cache, gc, push or admin settings ("
+    lines = [line for line in other.log_path.read_text().splitlines() if said in line]
+    assert len(lines) == 1 and "ERROR" in lines[0], lines
+    assert "admin.token_file another token there; push.upload_ttl 3600.0 there, 7200.0 here)" in lines[0], lines[0]
+    assert "cache.max_size" not in lines[0] and "every replica needs the same" in lines[0], lines[0]
+    time.sleep(2)  # its loop holds the settings' lease, saying nothing more
+    log = other.log_path.read_text()
+    assert len([line for line in log.splitlines() if said in line]) == 1
+    assert "admin-token-" not in log and str(other_token) not in log
+    assert said not in same.log_path.read_text()
+
+
 def test_generation_reads_asked_at_once_are_one_and_each_starts_after_its_asker_came() -> None:
     """``server/front.py``'s ``Coalesced``: the database read a tag read waits for (above) is shared by
     every request that came before it started, and a request that comes while one runs waits for the

@@ -22,6 +22,8 @@ the lease :data:`ACCESS_LEASE`, kept as the secret's claim is, and a replica sta
 while it is held is refused (:func:`access_problem`), naming the settings that differ.  Behind a load
 balancer, a request one replica refuses would be taken by the next (an anonymous push to a replica
 started without ``auth``).  Changing them on purpose: as for the secret, stop every replica first.
+The settings by which each replica acts on the whole store (``cache``, ``gc``, ``push.upload_ttl``,
+``admin.token_file``) are held and compared the same way, but said, not refused (``sharedsettings.py``).
 
 A mirror without ``cluster`` settings on a database that hosts share (PostgreSQL) holds the lease
 :data:`ALONE_LEASE` while it runs (:func:`keep_alone`): another one holding it for :data:`LASTING`
@@ -48,6 +50,7 @@ from ..config.sections import ClusterConfig, Config
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
 from ..observe.said import first_to_say
 from .reads import in_index_thread
+from .sharedsettings import SETTINGS_LEASE, fleet_settings, say_differ
 
 log = logging.getLogger("mirror.cluster")
 
@@ -168,6 +171,10 @@ def secret_problem(settings: Config, metadata: Metadata) -> str | None:
     _, other = claim(metadata, secret_check(config.secret_file.value), config.lease_ttl, None)
     if not other and (problem := access_problem(settings, metadata) or address_problem(config, metadata)):
         return problem
+    if not other:  # said, not refused (sharedsettings.py)
+        _, differs = claim(metadata, fleet := fleet_settings(settings), config.lease_ttl, None, SETTINGS_LEASE)
+        if differs and (current := metadata.current_lease(SETTINGS_LEASE)) is not None:
+            say_differ(fleet, current.holder)
     swap = getattr(metadata, "swap_setting", None)
     if not other and swap is not None \
             and (before := swap("upstreams", upstreams)) not in (None, upstreams):
@@ -193,6 +200,7 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
     assert config.secret_file is not None
     check, held, said, twin = secret_check(config.secret_file.value), None, False, None
     access_held, access_said = None, False
+    fleet, fleet_held = fleet_settings(settings), None
     alone = _Beside(_lasting(settings))
     try:
         while True:
@@ -200,8 +208,10 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
                 held, other = await in_index_thread(claim, metadata, check, config.lease_ttl, held)
                 access_held, access_other = await in_index_thread(claim, metadata, access, config.lease_ttl,
                                                                   access_held, ACCESS_LEASE)
+                fleet_held, _ = await in_index_thread(claim, metadata, fleet, config.lease_ttl, fleet_held,
+                                                      SETTINGS_LEASE)  # other ones are said as a replica starts
             except MetadataUnavailable:  # said where requests need it; claimed again once it answers
-                held, other, access_held, access_other = None, False, None, False
+                held, other, access_held, access_other, fleet_held = None, False, None, False, None
             if access_other and not access_said:
                 log.error("replicas with other access settings (auth, push, delete) run on this database: a "
                           "request one refuses the next may allow; give every replica the same settings")
@@ -224,7 +234,8 @@ async def keep_claim(settings: Config, metadata: Metadata) -> None:
             await asyncio.sleep(config.lease_ttl / 3)
     finally:  # stopping: the claim goes with it (another replica running takes it again)
         with contextlib.suppress(Exception):
-            await asyncio.shield(in_index_thread(_give_up, metadata, {LEASE: check, ACCESS_LEASE: access},
+            await asyncio.shield(in_index_thread(_give_up, metadata, {LEASE: check, ACCESS_LEASE: access,
+                                                                       SETTINGS_LEASE: fleet},
                                                  address_lease(config)))
 
 

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from mirror.storage.s3binding import BINDING
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
 from tests.support.registry import UpstreamRegistry
@@ -287,3 +288,27 @@ def test_a_tail_left_in_the_bucket_after_its_upload_ended_is_swept_and_found_by_
     assert key in bucket_keys(cluster)  # reported, not removed, without --repair
     start_replicas(cluster, 2, upstream.url, mirror_factory, MIRROR_PUSH_UPLOAD_TTL="3s")
     wait_for(lambda: key not in bucket_keys(cluster), timeout=12, what="the tail left behind swept")
+
+
+def test_every_replica_reports_the_uploads_in_progress_the_index_records(
+    cluster: Cluster, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Before, each replica counted the files of its own spool, among them those of uploads finished on
+    another replica (kept until its sweep): a cluster with one upload in progress showed several, and
+    each replica another figure."""
+    first, second = start_replicas(cluster, 2, upstream.url, mirror_factory)
+    for turn in range(3):  # two started and sent to the first replica, finished on the second; one left open
+        data = random.Random(turn).randbytes(MIB + turn)
+        location = http.post(f"{first.url}/v2/team/app/blobs/uploads/").headers["location"]
+        assert patch(http, first, location, data[:MIB // 2], 0).status_code == 202
+        if turn < 2:
+            done = http.put(f"{second.url}{location}?digest=sha256:{hashlib.sha256(data).hexdigest()}",
+                            content=data[MIB // 2:], headers={"content-range": f"{MIB // 2}-{len(data) - 1}"})
+            assert done.status_code == 201, done.text
+    with psycopg.connect(cluster.dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM uploads").fetchone()
+    assert row is not None and row[0] == 1
+    time.sleep(1.1)  # past the spool count kept between two scrapes
+    for replica in (first, second):
+        samples = scrape(f"{replica.url}/metrics")
+        assert value(samples, "mirror_uploads_in_progress") == 1, replica.url

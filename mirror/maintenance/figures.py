@@ -43,7 +43,10 @@ class StoreCollector(Collector):
     While the index's database cannot be reached, what only the index knows (size, manifests,
     repositories, what holds the store over budget) is left out and the rest is still reported; so is
     the object count while the store cannot be listed (an object store down or hung: the listing
-    is asked again at the next scrape, a second on at least).
+    is asked again at the next scrape, a second on at least).  Uploads in progress are counted in the
+    index when it keeps a ``count_uploads`` (PostgreSQL, one ``COUNT`` a scrape: the same figure on every
+    replica, where each one's spool keeps the files of uploads finished on another until its sweep), else
+    in this host's spool.
     """
 
     def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig,
@@ -66,15 +69,22 @@ class StoreCollector(Collector):
         yield info
         yield GaugeMetricFamily("mirror_workers", "Worker processes configured.", value=self.workers)
         budget = self.budget()
-        objects, uploads = self._count()
+        objects, spooled = self._count()
+        uploads: int | None = spooled
+        count_uploads = getattr(self.metadata, "count_uploads", None)  # a database every replica shares
         try:
             usage, held, manifests, repositories = self._from_index(budget)
+            if count_uploads is not None:
+                uploads = count_uploads()
         except MetadataUnavailable:  # its database is down: the figures read from it are left out
             indexed = False
+            if count_uploads is not None:
+                uploads = None
         else:
             indexed = True
         yield GaugeMetricFamily("mirror_index_up", "1 if the index answered this scrape; 0 leaves out the figures "
-                                "read from it (store size, over budget, manifests, repositories).", value=int(indexed))
+                                "read from it (store size, over budget, manifests, repositories, a shared "
+                                "index's uploads in progress).", value=int(indexed))
         if indexed:
             yield GaugeMetricFamily("mirror_store_size_bytes", "Bytes in the store.", value=usage)
         if budget is not None:
@@ -101,8 +111,9 @@ class StoreCollector(Collector):
             yield GaugeMetricFamily("mirror_store_manifests", "Manifests in the index.", value=manifests)
             yield GaugeMetricFamily("mirror_store_repositories", "Repositories in the index (cached and pushed).",
                                     value=repositories)
-        yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished.",
-                                value=uploads)
+        if uploads is not None:
+            yield GaugeMetricFamily("mirror_uploads_in_progress", "Blob uploads started and not finished (on every "
+                                    "replica, as a shared index records them).", value=uploads)
         try:
             space = self.store.space()
         except OSError:

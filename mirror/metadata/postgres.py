@@ -291,6 +291,11 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
     def upload_ids(self) -> list[str]:
         return [uuid for (uuid,) in self._all("SELECT uuid FROM uploads")]
 
+    def count_uploads(self) -> int:
+        """Uploads in progress on every replica (``/metrics``; a replica's spool holds finished ones a while)."""
+        row = self._one("SELECT count(*) FROM uploads")
+        return int(row[0]) if row else 0
+
     # -- maintenance: access times, withdrawals in bulk, usage --
 
     def record_access(self, seen: Mapping[tuple[str, str], float]) -> None:

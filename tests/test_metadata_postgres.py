@@ -23,6 +23,7 @@ import pytest
 
 from mirror.config.load import load_config, to_environ
 from mirror.config.sections import ConfigError, MetadataConfig
+from mirror.config.values import SecretFile
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecord
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
@@ -879,6 +880,27 @@ def test_a_dsn_that_cannot_be_read_is_refused_without_quoting_it(tmp_path: Path,
     problem = bind_data_directory(MetadataConfig(driver="postgres", postgres_dsn=dsn), binding)
     assert problem is not None and says in problem
     assert "S3cret" not in problem and not binding.exists()
+
+
+def test_a_dsn_read_from_a_file_is_named_by_its_key_and_path_in_what_to_check(
+    postgres: PostgresServer, tmp_path: Path,
+) -> None:
+    """A DSN set by ``metadata.postgres.dsn_file`` (here MIRROR_METADATA_POSTGRES_DSN_FILE): the
+    refusal says to correct it there, with the file's path, not in a ``metadata.postgres.dsn`` the
+    user never set."""
+    secret = tmp_path / "dsn"
+    secret.write_text(f"{postgres.dsn('nosuchdb')} password=s3cr3t-pw\n")
+    env = {"MIRROR_METADATA_DRIVER": "postgres", "MIRROR_METADATA_POSTGRES_DSN_FILE": str(secret)}
+    Store(tmp_path / "data").create()
+    done = mirror_cli("fsck", "--data", tmp_path / "data", env=env, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith(
+        f"correct the database name in metadata.postgres.dsn_file ({secret})"), done.stderr
+    assert "s3cr3t-pw" not in done.stderr + done.stdout
+    unreadable = MetadataConfig(driver="postgres", postgres_dsn="postgresql://mir:Sup3r@S3cretPw@127.0.0.1/db",
+                                postgres_dsn_file=SecretFile(secret, "postgresql://mir:Sup3r@S3cretPw@127.0.0.1/db"))
+    problem = bind_data_directory(unreadable, tmp_path / "index.json")
+    assert problem is not None and problem.startswith(f"metadata.postgres.dsn_file ({secret}): percent-encode"), problem
 
 
 def test_a_first_start_on_a_database_that_does_not_exist_binds_the_data_directory_to_nothing(

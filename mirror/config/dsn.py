@@ -30,3 +30,9 @@ def dsn_problem(dsn: str) -> str | None:
     if port is not None and url and "user" not in parts and "password" not in parts:
         return "the port after the host is not a number"  # no @: this "port" may be a password (user:password)
     return f"port {port!r} is not a number" if port is not None else None
+
+
+def dsn_key(postgres_dsn_file: object) -> str:
+    """The key a DSN was set by, for messages: ``metadata.postgres.dsn_file`` (and its path) when it was read from
+    a file, not the ``metadata.postgres.dsn`` the user never wrote."""
+    return f"metadata.postgres.dsn_file ({postgres_dsn_file})" if postgres_dsn_file else "metadata.postgres.dsn"

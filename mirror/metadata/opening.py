@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config.dsn import dsn_key, dsn_problem
 from ..config.sections import MetadataConfig, StorageConfig
 from ..storage.driver import BlobStore
 from ..storage.layout import Layout
@@ -47,11 +48,11 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
         wanted = _index_of(config)
         if isinstance(wanted, str):
             raise CannotOpenIndex(wanted)
-        store = store_identity(storage)
+        store, key = store_identity(storage), dsn_key(config.postgres_dsn_file)
         try:
             return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
         except psycopg.OperationalError as exc:
-            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc)), transient=True) from None
+            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), key), transient=True) from None
         except SchemaTooNew as exc:
             raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
         except ForeignTables as exc:
@@ -65,7 +66,7 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
                 "at its first start: make its user the database's owner, or grant it CREATE on the schema") from None
         except psycopg.DatabaseError as exc:  # anything else the server refuses at start
             if str(exc).startswith("bad value for "):  # psycopg's own check of an option (connect_timeout)
-                raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc))) from None
+                raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), key)) from None
             raise CannotOpenIndex(f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}") from None
         except StoreMismatch as exc:
             raise CannotOpenIndex(
@@ -185,19 +186,19 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0].strip()
 
 
-def _unanswered(where: str, error: str) -> str:
+def _unanswered(where: str, error: str, key: str) -> str:
     """One line from libpq's *error* (``connection failed: connection to server at ... failed:
-    FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check."""
+    FATAL:  database "x" does not exist``, then hints on more lines): its reason, and what to check in *key*."""
     reason = (error.splitlines() or ["no answer"])[0].rpartition(" failed: ")[2].replace("FATAL:  ", "").strip()
     reason = reason.removeprefix("connection is bad: ")
     if reason.startswith("database ") and reason.endswith("does not exist"):
-        check = "create it, or correct the database name in metadata.postgres.dsn"
+        check = f"create it, or correct the database name in {key}"
     elif any(word in reason for word in ("password", "authentication", "role ", "pg_hba.conf")):
-        check = "check the user and password in metadata.postgres.dsn (or its dsn_file) and the server's pg_hba.conf"
+        check = f"check the user and password in {key} and the server's pg_hba.conf"
     elif reason.startswith(("invalid ", "unrecognized ", "bad value for ")):  # an option refused before connecting
-        check = "correct that option in metadata.postgres.dsn (libpq's connection parameters)"
+        check = f"correct that option in {key} (libpq's connection parameters)"
     else:
-        check = "check that PostgreSQL runs there and takes connections, and the host and port in metadata.postgres.dsn"
+        check = f"check that PostgreSQL runs there and takes connections, and the host and port in {key}"
     return f"{where} cannot be used: {reason}: {check}"  # libpq's messages never quote the password
 
 
@@ -376,11 +377,9 @@ def _index_of(config: MetadataConfig) -> dict[str, str] | str:
         return {"driver": config.driver}
     from psycopg import conninfo
 
-    from ..config.dsn import dsn_problem
-
     # Never named when it cannot be read: the host, port or database read so may hold pieces of the password.
     if (problem := dsn_problem(config.postgres_dsn or "")) is not None:
-        return f"metadata.postgres.dsn: {problem}"
+        return f"{dsn_key(config.postgres_dsn_file)}: {problem}"
     parts = conninfo.conninfo_to_dict(config.postgres_dsn or "")
     return {"driver": "postgres", "host": str(parts.get("host") or parts.get("hostaddr") or "localhost"),
             "port": str(parts.get("port") or "5432"), "database": str(parts.get("dbname") or parts.get("user") or "")}

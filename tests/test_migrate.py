@@ -44,6 +44,7 @@ from mirror.maintenance.migrate import Migration
 from mirror.metadata.diskcache import DiskcacheMetadata
 from mirror.metadata.driver import Metadata, TagRecord, local_repo
 from mirror.metadata.opening import open_metadata
+from mirror.metadata.postgres import PostgresMetadata
 from mirror.metadata.records import RecordKind
 from mirror.metadata.transfer import compare, copy_records
 from mirror.observe.progress import LineProgress
@@ -681,6 +682,14 @@ def test_a_store_a_running_server_has_open_is_refused(
         line = refused(config, target)
         assert line.startswith("mirror: migrate: source: ") and "open" in line and "stop it" in line, line
         assert not (tmp_path / f"copy-{server.port}" / "blobs").exists()
+        if server is on_postgres:  # another process with it open (here this one): "them", not "it"
+            beside = PostgresMetadata(dsn)
+            try:
+                line = refused(config, target)
+            finally:
+                beside.close()
+            assert line.endswith("2 mirror processes have the index in this database open; stop them before"
+                                 " migrating"), line
         server.stop()
         migrated(config, target)
 

@@ -112,7 +112,7 @@ class Migration:
                 if side == "source" or not same_index:
                     users = in_use_elsewhere(config.metadata, layout.index)
                     if users:
-                        raise Refused(f"{side}: {users}; stop it before migrating")
+                        raise Refused(f"{side}: {users} before migrating")
             old_store = self._open_store(source, "source", create=False)
             old_index = self._open_index(source, "source", stack)
             if (problem := index_problem(old_index, source_index)) is not None:  # part of a store: no source

@@ -29,8 +29,9 @@ DMS_BYTE = 128
 
 
 def in_use_elsewhere(config: MetadataConfig, index: Path) -> str | None:
-    """Who else has the index *config* names (diskcache: in *index*, ``DATA/index/``) open now, or
-    None when no one is seen (or it cannot be reached: opening it then says why)."""
+    """Who else has the index *config* names (diskcache: in *index*, ``DATA/index/``) open now, and
+    that they are to be stopped (``...; stop it``, ``...; stop them``), or None when no one is seen (or
+    it cannot be reached: opening it then says why)."""
     if config.driver == "postgres":
         assert config.postgres_dsn is not None  # checked by MetadataConfig
         return _postgres_listeners(config.postgres_dsn)
@@ -48,7 +49,8 @@ def _sqlite_connections(database: Path) -> str | None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, DMS_BYTE)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return f"another process has the index in {database.parent} open (a server, mirror gc or a preload)"
+            return (f"another process has the index in {database.parent} open (a server, mirror gc or a preload);"
+                    " stop it")
         return None
     finally:
         os.close(fd)  # drops the lock if it was taken
@@ -68,5 +70,5 @@ def _postgres_listeners(dsn: str) -> str | None:
         return None
     count = int(row[0]) if row else 0
     if count == 1:
-        return "1 mirror process has the index in this database open"
-    return f"{count} mirror processes have the index in this database open" if count else None
+        return "1 mirror process has the index in this database open; stop it"
+    return f"{count} mirror processes have the index in this database open; stop them" if count else None

@@ -316,3 +316,29 @@ def test_gc_and_serve_on_a_host_whose_clock_is_off_say_so_not_that_the_credentia
         assert re.search(r"whose clock is \+1[12]\d\ds off its own: S3 refuses requests signed more than 15 minutes "
                          r"off its clock; keep the hosts' clocks synchronized \(NTP\)", line), line
         assert "credentials" not in line, line
+
+
+def test_an_endpoint_that_does_not_answer_or_speaks_other_than_its_scheme_names_the_setting_to_check(
+    bucket: Bucket, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A wrong port (nothing listens: connection refused), ``https://`` to the store's plain-HTTP
+    port (no TLS answers): ``gc``, ``fsck`` and ``serve``'s start-up say that they cannot connect to
+    that endpoint and to check ``storage.s3.regionendpoint`` (or the AWS SDK's ``AWS_ENDPOINT_URL_S3``
+    it came from); they said only that the store does not answer."""
+    server = bucket.server
+    env = indexed_in_postgres(bucket, postgres)
+    data = set_up(bucket, env, mirror_factory)
+    closed = f"http://127.0.0.1:{free_port()}"
+    tls = server.endpoint.replace("http://", "https://")
+    for endpoint in (closed, tls):
+        for command in ("gc", "fsck", "serve"):
+            line = one_line(command, *run(command, data, {**env, "MIRROR_STORAGE_S3_REGIONENDPOINT": endpoint}))
+            assert f"cannot connect to {endpoint} (" in line, (endpoint, command, line)
+            assert "check storage.s3.regionendpoint: its scheme" in line, (endpoint, command, line)
+            assert ("(TLS failed" if endpoint == tls else "(Connection refused)") in line, (endpoint, command, line)
+    sdk_way = {**{k: v for k, v in env.items() if k != "MIRROR_STORAGE_S3_REGIONENDPOINT"},
+               "AWS_ENDPOINT_URL_S3": closed}
+    line = one_line("serve", *run("serve", data, sdk_way))
+    assert f"cannot connect to {closed} (" in line and "check AWS_ENDPOINT_URL_S3" in line, line
+    done = mirror_cli("fsck", "--data", data, env=env)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr

@@ -155,6 +155,8 @@ def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
             assert error["code"] == "UNAVAILABLE" and "object store" in error["message"], error
     ready = http.get(f"{mirror.url}/readyz")
     assert ready.status_code == 503 and bucket.name in ready.text and "does not answer" in ready.text, ready.text
+    assert f"cannot connect to {bucket.server.endpoint} (Connection refused): check storage.s3.regionendpoint" \
+        in ready.text, ready.text
     memo = http.get(manifest_url, headers={"accept": image.media_type})
     assert memo.status_code == 200 and memo.content == image.manifest, "answered from memory"
     assert "Traceback" not in mirror.log_tail(400)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +43,13 @@ import boto3.session
 import botocore.session
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, RefreshableCredentials
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as SdkConnectionError,
+    NoCredentialsError,
+    SSLError,
+)
 from botocore.utils import determine_content_length
 
 from .driver import StoreSetupError
@@ -182,6 +189,32 @@ def _endpoint(options: S3Options) -> str:
     SDK's own setting of it in the environment (botocore's ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``)."""
     found = options.regionendpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return found or f"AWS S3 in {options.region}"
+
+
+def _endpoint_setting(options: S3Options) -> str:
+    """The setting :func:`_endpoint` found the endpoint in."""
+    if options.regionendpoint:
+        return "storage.s3.regionendpoint"
+    if found := next((name for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(name)), None):
+        return f"{found} (the AWS SDK's; storage.s3.regionendpoint, if set, comes first)"
+    return "storage.s3.regionendpoint (none is set: AWS S3's) and storage.s3.region"
+
+
+def unreachable(exc: Exception, options: S3Options) -> str | None:
+    """If botocore's *exc* is a failure to connect (refused, timed out, TLS failed: a wrong port or
+    scheme, or a store that is down), what it says and which setting of the endpoint to check; else None."""
+    if not isinstance(exc, SdkConnectionError):
+        return None
+    cause = str(getattr(exc, "kwargs", {}).get("error") or exc)
+    if isinstance(exc, SSLError):
+        found = re.search(r"\[SSL: ([A-Z_]+)\]", cause)
+        reason = f"TLS failed: {found.group(1).lower().replace('_', ' ')}" if found else "TLS failed"
+    else:
+        found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", cause)
+        reason = found.group(1).strip().rstrip(".") if found else ("timed out" if "timeout" in cause.lower()
+                                                                   else "no connection")
+    return (f"cannot connect to {_endpoint(options)} ({reason}): check {_endpoint_setting(options)}: its scheme"
+            " (http:// or https://, as the store serves), host and port, and that the store runs there")
 
 
 def settings_problem(exc: Exception, options: S3Options, what: str) -> str | None:

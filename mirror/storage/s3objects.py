@@ -38,7 +38,7 @@ from ..spec.reference import Digest
 from .driver import StoreError, StoreUnavailable
 from .marks import SharedMarks, mark_reading, unmark_reading
 from .reads import ShortFile, read_chunks
-from .s3client import BODY_READ, settings_problem
+from .s3client import BODY_READ, settings_problem, unreachable
 from .s3damage import CorruptObject, mismatched, verify_whole, vouch, vouched
 from .s3notes import IngestNote
 from .s3options import S3Options
@@ -87,8 +87,8 @@ class WritesRefused(StoreUnavailable):
 def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavailable:
     """What to raise for botocore's *exc*: the store refused the credentials or has no such bucket
     (:func:`~mirror.storage.s3client.settings_problem`: what to check), refused a write
-    (:class:`WritesRefused`), did not answer (a connection error, a timeout: botocore's retries are
-    spent) or refused otherwise (an S3 error answer)."""
+    (:class:`WritesRefused`), did not answer (a connection error, with the endpoint's setting to check
+    (``s3client.unreachable``); a timeout: botocore's retries are spent) or refused otherwise (an S3 error answer)."""
     if isinstance(exc, ClientError) and exc.operation_name in WRITES \
             and (code := str(exc.response.get("Error", {}).get("Code"))) in ("AccessDenied", *OVER_QUOTA):
         why = "is over its quota" if code in OVER_QUOTA else "lets the key read but not write"
@@ -104,7 +104,7 @@ def backend_error(exc: Exception, what: str, options: S3Options) -> StoreUnavail
         if status >= 500:  # not a refusal: the store failed (starting, stopping, overloaded), retries spent
             return StoreUnavailable(errno.EIO, f"object store failed ({what}): HTTP {status}, a server error: {exc}")
         return StoreUnavailable(errno.EIO, f"object store refused {what}: {exc}")
-    return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {exc}")
+    return StoreUnavailable(errno.EIO, f"object store does not answer ({what}): {unreachable(exc, options) or exc}")
 
 
 def head(store: S3Store, digest: Digest) -> tuple[int, str | None] | None:

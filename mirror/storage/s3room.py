@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .filesystem import ROOM_MARGIN
 from .refusals import Refusal, probe_writes, refusal_errno
-from .s3client import answer_skew, settings_problem
+from .s3client import answer_skew, settings_problem, unreachable
 from .s3objects import WritesRefused, backend_error
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def write_problem(store: S3Store, *, probe: bool = False) -> str | None:
         store.probe.head_bucket(Bucket=store.bucket)
     except (BotoCoreError, ClientError) as exc:  # a refusal of the settings says what to check
         return settings_problem(exc, store.options, "HEAD of the bucket") \
-            or f"bucket {store.bucket!r} does not answer: {exc}"
+            or f"bucket {store.bucket!r} does not answer: {unreachable(exc, store.options) or exc}"
     if store.refusals.read() is None and not probe:
         return None
     key = store.root + PROBE_KEY

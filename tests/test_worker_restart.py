@@ -102,4 +102,6 @@ def test_a_worker_replaced_while_the_database_is_down_waits_for_it_and_the_mirro
         each_worker_answers(mirror, url.removeprefix(mirror.url), item)
         log = mirror.log_tail(400)
         assert "Traceback" not in log and "this worker waits for it before it serves" in log, log
+        # The DSN was given inline (handed to the workers in a file of the server's): named as the user set it.
+        assert "in metadata.postgres.dsn:" in log and "dsn_file" not in log, log
     mirror.stop()

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config.dsn import dsn_key, dsn_problem
 from ..config.sections import MetadataConfig, StorageConfig
+from ..observe.serverdir import handed_over
 from ..storage.driver import BlobStore
 from ..storage.layout import Layout
 from .driver import Metadata
@@ -48,7 +49,8 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
         wanted = _index_of(config)
         if isinstance(wanted, str):
             raise CannotOpenIndex(wanted)
-        store, key = store_identity(storage), dsn_key(config.postgres_dsn_file)
+        given = config.postgres_dsn_file  # (one given inline, handed to this worker in a file, is not the user's)
+        store, key = store_identity(storage), dsn_key(None if handed_over(given.path if given else None) else given)
         try:
             return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
         except psycopg.OperationalError as exc:

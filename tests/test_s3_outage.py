@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,10 +28,11 @@ from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
+from tests.support.registry import UpstreamRegistry
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import wait_for
-from tests.test_s3_serve import Bucket, blob_url, get_digest
+from tests.test_s3_serve import Bucket, blob_url, get_digest, upstream_blob
 
 #: Seconds a small request to a hung store may take: two attempts of SMALL's read timeout, and a margin.
 BOUND = 2 * SMALL.read + 3.0
@@ -377,6 +379,37 @@ def test_blobs_are_streamed_from_the_upstream_while_the_bucket_does_not_answer(
     assert uncached not in bucket.objects()
     assert get_digest(http, blob_url(mirror, "library/small", uncached))[:2] == (200, uncached)
     wait_for(lambda: uncached in bucket.objects(), timeout=30, what="the blob in the bucket once it answers")
+    assert "Traceback" not in mirror.log_tail(400)
+
+
+def test_concurrent_clients_share_one_upstream_fetch_while_the_bucket_does_not_answer(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """While the bucket was down, every request for a blob streamed the upstream's bytes on its own: 8
+    clients of one layer made 8 upstream downloads of it.  The store not answering is taken as the blob
+    missing: the clients of both workers share one fetch, answered unstored (``BYPASS``, or as a fill
+    joined for those that joined it), nothing in the bucket and no upload left open there."""
+    mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url), workers=2)
+    layer = images.big.layers[2]  # 64 MiB
+    s3_proxy.add("refuse", "")  # nothing answers
+    upstream.clear_counts()
+
+    def pull(_: int) -> tuple[int, str, int, str]:
+        with httpx.Client(timeout=120.0, trust_env=False) as http:
+            return get_digest(http, blob_url(mirror, "library/big", layer.digest))
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(pull, range(8)))
+    finally:
+        s3_proxy.clear_rules()
+    assert {result[:3] for result in results} == {(200, layer.digest, layer.size)}
+    # Those that found the fill under way on their host joined it without asking the bucket (HIT: verified).
+    assert "BYPASS" in {result[3] for result in results} <= {"BYPASS", "COALESCED", "HIT"}, results
+    assert upstream.count("GET", upstream_blob("library/big", layer.digest)) == 1
+    assert upstream.bytes_served(upstream_blob("library/big", layer.digest)) == layer.size
+    assert bucket.objects() == {} and bucket.uploads() == []
     assert "Traceback" not in mirror.log_tail(400)
 
 

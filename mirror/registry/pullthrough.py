@@ -258,15 +258,14 @@ class PullThrough:
                 # Stored for another repository: serve it here only if the upstream has it here too.
                 await self._consent(name, digest)
                 consented = True
-        except StoreUnavailable as exc:  # the upstream's bytes, streamed through (its answer the consent)
+        except StoreUnavailable as exc:  # filled as if missing: one fetch for all its readers, not stored
             log.info("%s: %s; streaming it from the upstream unstored", key, str(exc).rstrip("."))
             down = exc
         missing = not consented  # just looked at, and not stored: the fill need not look again first
         urls = await self._foreign_urls(name, key)
         fetch = (lambda: self.upstream.foreign_blob(urls, digest)) if urls else lambda: self._fetch(name, repo, digest)
         try:
-            source = await (self.fills.bypass(digest, fetch) if down
-                            else self.fills.open(digest, fetch, looked=missing, origin=self.origin))
+            source = await self.fills.open(digest, fetch, looked=missing, down=down is not None, origin=self.origin)
         except UpstreamError as exc:
             raise (down if linked and down else await self._blob_error(exc, name, key)) from exc
         if urls and (isinstance(source, BypassBlob) or isinstance(source, GrowingBlob) and not source.verified
@@ -290,6 +289,8 @@ class PullThrough:
         if not linked and not self._links.pending(repo, key):
             # Recorded beside the answer, not before it: the first byte does not wait for the index.
             self._links.add(repo, key)
+        if down is not None:  # (a fill that started meanwhile may still store it: its own readers are told)
+            return BlobResult(source, Outcome.BYPASS)
         if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)

@@ -72,7 +72,7 @@ class ClusterFills(Fills):
         self._holders[digest] = held_by.holder  # the fill that follows asks it first
         return None
 
-    async def open(self, digest: Digest, fetch: Fetch, *, looked: bool = False,
+    async def open(self, digest: Digest, fetch: Fetch, *, looked: bool = False, down: bool = False,
                    origin: str | None = None) -> BlobReader | GrowingBlob | BypassBlob:
         made: list[ClusterFetch] = []
         holder = self._holders.pop(digest, None)
@@ -81,7 +81,7 @@ class ClusterFills(Fills):
             made.append(ClusterFetch(self.cluster, digest, fetch, self.figures, holder))
             return made[-1]
 
-        source = await super().open(digest, start, looked=looked, origin=origin)
+        source = await super().open(digest, start, looked=looked, down=down, origin=origin)
         if isinstance(source, GrowingBlob) and not source.coalesced and made and made[0].stored_elsewhere():
             source.coalesced = True
             self.metrics.waiting(1)  # as a reader joining a fetch counts itself (``GrowingBlob``)

@@ -1,6 +1,7 @@
 """A fill's bytes written to its writer in batches (``storage/fill.py``): one thread hop per batch,
 not per chunk, and no byte waits longer than :data:`FLUSH_SECONDS` for its batch; and a body that
-broke off resumed where it broke (:func:`receive`).
+broke off resumed where it broke (:func:`receive`); work a fill's end must not give up halfway
+(:func:`to_the_end`).
 
 May import: the standard library, anyio, ``storage/driver.py``.
 """
@@ -179,3 +180,18 @@ async def _write_after(previous: asyncio.Task[None] | None, ingest: FillWriter, 
 
 def _write_batch(ingest: FillWriter, batch: list[bytes]) -> None:
     ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+
+async def to_the_end(work: Callable[[], None]) -> None:
+    """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
+    is raised once it ended).  Readers take a verified fill as done before it is durable (``fill_state``):
+    a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.
+    The thread's future is not a task, so cancelling every task (``asyncio.run``) does not end it."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        if not done.cancelled():
+            done.exception()  # retrieved: the cancellation is what the caller sees
+        raise

@@ -32,7 +32,7 @@ import anyio.to_thread
 
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
-from .batches import receive
+from .batches import receive, to_the_end
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handover, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
@@ -74,14 +74,16 @@ class Fills:
     #: before fetching turns it off (``registry/cluster.py``).
     look_after_lock = True
 
-    async def open(self, digest: Digest, fetch: Fetch, *, looked: bool = False,
+    async def open(self, digest: Digest, fetch: Fetch, *, looked: bool = False, down: bool = False,
                    origin: str | None = None) -> BlobReader | GrowingBlob | BypassBlob:
         """The stored blob, or a reader of the fetch in progress (started here if there is none), or
         the upstream's bytes streamed through when the store cannot take them.
 
         *looked*: the caller has just found the blob missing from the store, so the first look here is
         skipped (on an object store each look is a request).  The look once the fill's lock is held
-        is not: that one decides.  Errors of ``fetch`` before its body starts are raised here.
+        is not: that one decides.  Errors of ``fetch`` before its body starts are raised here.  *down*:
+        that look found the store not answering (:class:`StoreUnavailable`): no look is made here at all
+        (each would wait out the same timeouts); the fill goes on as one the store fails, served unstored.
 
         *origin*: the upstream registry ``fetch`` asks, when there are several.  A fetch of the same
         digest from another one that has had no answer for :data:`OTHER_UPSTREAM_WAIT` seconds is not
@@ -89,7 +91,7 @@ class Fills:
         """
         for _ in range(100):
             # On an object store these are requests (HEAD), made from a worker thread (look).
-            stored = None if looked else await self.look(self.open_stored, digest)
+            stored = None if looked or down else await self._look_up(self.open_stored, digest)
             looked = False
             if stored is not None:
                 return stored
@@ -114,7 +116,7 @@ class Fills:
                 os.close(fd)  # lost a race with a finishing or failing leader
                 continue
             try:
-                stored_meanwhile = self.look_after_lock and await self.look(self.store.exists, digest)
+                stored_meanwhile = self.look_after_lock and not down and await self._look_up(self.store.exists, digest)
             except BaseException:
                 os.close(fd)  # cancelled: let go of the lock, no fill was started
                 raise
@@ -158,6 +160,15 @@ class Fills:
         if self.store.local:
             return lookup(*args)
         return await anyio.to_thread.run_sync(lookup, *args)
+
+    async def _look_up(self, lookup: Callable[[Digest], T], digest: Digest) -> T | None:
+        """:meth:`look`, None when the store does not answer (:class:`StoreUnavailable`): the blob is then
+        filled as if missing, its readers served from the one fetch and nothing stored (its writer
+        fails to store it: ``_pump``), rather than each one streaming the upstream on its own."""
+        try:
+            return await self.look(lookup, digest)
+        except StoreUnavailable:
+            return None
 
     async def bypass(self, digest: Digest, fetch: Fetch) -> BypassBlob:
         """A fetch of this reader's own, streamed through without being stored.
@@ -272,7 +283,7 @@ class Fills:
                 # A large body over plain TCP goes from the socket to the writer in a thread of its own;
                 # one that breaks off is resumed where it broke.
                 await receive(download, ingest, wrote)
-            await _to_the_end(ingest.commit)
+            await to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()
             if early or handed_over:
@@ -291,7 +302,7 @@ class Fills:
                         # Without an announced size, what was written is the least the blob needs.
                         needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
                         await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
-                    await _to_the_end(functools.partial(_settle_failed, self.store, ingest,
+                    await to_the_end(functools.partial(_settle_failed, self.store, ingest,
                                                         refused=refused is not None))
             finally:
                 if early:  # told once the fill is cleared away: its client's answer leaves nothing behind
@@ -361,21 +372,6 @@ class Fills:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-
-
-async def _to_the_end(work: Callable[[], None]) -> None:
-    """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
-    is raised once it ended).  Readers take a verified fill as done before it is durable (``fill_state``):
-    a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.
-    The thread's future is not a task, so cancelling every task (``asyncio.run``) does not end it."""
-    done = asyncio.get_running_loop().run_in_executor(None, work)
-    try:
-        await asyncio.shield(done)
-    except asyncio.CancelledError:
-        await asyncio.wait([done])
-        if not done.cancelled():
-            done.exception()  # retrieved: the cancellation is what the caller sees
-        raise
 
 
 def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> None:

@@ -167,10 +167,10 @@ def test_a_mirror_whose_keys_the_store_stops_taking_says_so_in_readyz_and_its_lo
     own_seaweedfs: SeaweedS3, postgres: PostgresServer, images: StandardImages,
     mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:
-    """The operator rotates the keys on the store and not in the mirror's settings."""
+    """The operator rotates the keys on the store and not in the mirror's settings (given inline)."""
     server = own_seaweedfs
     bucket = Bucket(server, server.new_bucket())
-    mirror = mirror_factory(env=indexed_in_postgres(bucket, postgres))
+    mirror = mirror_factory(env=indexed_in_postgres(bucket, postgres), workers=2)
     assert http.get(f"{mirror.url}/readyz").status_code == 200
     layer = images.small.layers[-1].digest
     url = blob_url(mirror, "library/small", layer)
@@ -187,6 +187,8 @@ def test_a_mirror_whose_keys_the_store_stops_taking_says_so_in_readyz_and_its_lo
     assert problem.startswith(f"the object store at {server.endpoint} refused the credentials for bucket "
                               f"{bucket.name!r}"), problem
     assert "storage.s3.accesskey" in problem, problem
+    # Keys given inline reach the workers in files of the server's own: not files the operator can write to.
+    assert "keys written to those files" not in problem, problem
     log = mirror.log_tail(400)
     assert f"refused the credentials for bucket {bucket.name!r}" in log, log
     assert "Traceback" not in log and "[Errno" not in log, log

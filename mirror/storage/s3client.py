@@ -52,6 +52,7 @@ from botocore.exceptions import (
 )
 from botocore.utils import determine_content_length
 
+from ..observe.serverdir import handed_over
 from .driver import StoreSetupError
 
 if TYPE_CHECKING:
@@ -240,7 +241,8 @@ def settings_problem(exc: Exception, options: S3Options, what: str) -> str | Non
         return (f"the object store at {endpoint} refused a request of this host ({shown}, {what}), whose clock is{off}"
                 f" off its own: S3 refuses requests signed more than {MAX_SIGNED_SKEW // 60} minutes off its clock;"
                 " keep the hosts' clocks synchronized (NTP)")
-    files = "" if options.key_files == (None, None) else (
+    named = any(path is not None and not handed_over(path) for path in options.key_files)  # not inline keys'
+    files = "" if not named else (
         f" (keys written to those files are taken within {KEY_FILES_REREAD:g} s, without a restart)")
     check = f"check {_KEY_SETTINGS}{files}" if options.accesskey else (
         f"storage.s3.accesskey is not set, so the AWS SDK's own credentials were used: check {_SDK_CHAIN}"

@@ -268,6 +268,32 @@ def test_a_replica_whose_bucket_answers_slowly_follows_a_fill_in_progress_withou
     assert fault_proxy.count("GET", blob_path) == 1
 
 
+def test_replicas_whose_bucket_does_not_answer_still_share_one_upstream_fetch_of_a_blob(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, seaweedfs: SeaweedS3,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """The bucket down: a replica's look for the blob fails, and so did the fetch under its fill lease,
+    which looked again (``ClusterFetch._lead``), so that its clients were answered 503.  The blob is
+    fetched as if missing: clients of both replicas get it whole from one upstream fetch, nothing stored."""
+    layer = big_image.layers[0]
+    bucket_proxy = FaultProxy(seaweedfs.endpoint).start()
+    try:
+        owner, other = start_replicas(cluster, 2, fault_proxy.url, mirror_factory,
+                                      MIRROR_STORAGE_S3_REGIONENDPOINT=bucket_proxy.url)
+        fault_proxy.clear_counts()
+        bucket_proxy.add("refuse", "")  # nothing answers
+        blob_path, first, first_thread = start_slow_fill(owner, fault_proxy, layer, delay=0.004)
+        pulls = [Pull(owner), Pull(other), Pull(other)]
+        for thread in [*run_pulls(pulls, layer.digest), first_thread]:
+            thread.join(180)
+    finally:
+        bucket_proxy.stop()
+    assert [(p.error, p.sha256) for p in [first, *pulls]] == [(None, layer.digest)] * 4
+    assert fault_proxy.count("GET", blob_path) == 1
+    assert cluster.bucket.objects() == {}
+    assert "Traceback" not in owner.log_tail(400) + other.log_tail(400)
+
+
 def test_replicas_serving_https_follow_each_others_fills_trusting_the_one_certificate_they_serve(
     cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, mirror_factory: Callable[..., MirrorServer],
     tmp_path: Path,

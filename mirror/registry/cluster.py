@@ -223,7 +223,7 @@ class ClusterFetch:
         """Fetch from the upstream under *lease*, from the byte this fill reached; or, if the object
         was stored meanwhile (its fetcher finished and let go of the lease), read it from the store."""
         try:
-            stored = await anyio.to_thread.run_sync(self.cluster.store.open, self.digest)
+            stored = await anyio.to_thread.run_sync(self.cluster.stored, self.digest)
         except BaseException:
             await asyncio.shield(in_index_thread(self.cluster.metadata.release_lease, lease))
             raise

@@ -19,7 +19,7 @@ from ..config.tlspair import WatchedPair
 from ..maintenance.inuse import IndexMarks
 from ..metadata.driver import Metadata
 from ..spec.reference import Digest
-from ..storage.driver import BlobStore
+from ..storage.driver import BlobReader, BlobStore, StoreUnavailable
 from .peers import sign
 
 log = logging.getLogger("mirror.cluster")
@@ -124,6 +124,14 @@ class Cluster:
         if self.trust is not None:
             self.trust.refresh()
         return self._client
+
+    def stored(self, digest: Digest) -> BlobReader | None:
+        """The stored blob (``BlobStore.open``), or None: not stored, or the store does not answer (its
+        fill then goes on, served unstored: ``storage/fill.py``).  Blocking."""
+        try:
+            return self.store.open(digest)
+        except StoreUnavailable:
+            return None
 
     def signed(self, method: str, path: str) -> dict[str, str]:
         return sign(self._secret, method, path, self.replica)

@@ -15,8 +15,8 @@ digest, followed by every local reader); :class:`ClusterFetch` decides where tha
   replica's fill then stores nothing (``FillWriter.stored_elsewhere``): it verifies the bytes too, and
   its commit waits for the holder's object in the bucket.
 * A stream that breaks (the holder died, or restarted) is asked for again from the byte reached;
-  once the dead holder's lease expired, the first follower to take it fetches from the upstream again
-  (skipping what it has) and stores the object itself: its clients see a pause, never an error.  A
+  once the dead holder's lease expired, the first follower to take it asks the upstream for the rest
+  (``registry/takeover.py``) and stores the object itself: its clients see a pause, never an error.  A
   holder that hangs is given up after :func:`read_limit` without a byte, and taken over the same way;
   resumed, it finds its lease's token changed, fails its fill (storing nothing, cutting its clients
   off) and counts it fenced; the taker aborts the multipart upload it left once it stored the object.
@@ -46,13 +46,12 @@ from ..metadata.driver import Lease
 from ..observe.cluster import ClusterMetrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
-from ..storage.batches import resumed_chunks
-from ..storage.bypass import Download, FillFailed
+from ..storage.bypass import FillFailed
 from ..storage.growing import Fetch
-from ..upstream.errors import UpstreamError
 from .peers import MAX_SKEW, REFUSED_HEADER
 from .reads import in_index_thread
 from .replica import FILLS_PATH, RETRY_AFTER, RETRY_INTERVAL, Cluster, lease_name, reason, stall_limit
+from .takeover import open_from
 
 #: Seconds a fetch that is complete waits for the index to answer the renewal of its fill lease.
 FENCE_WAIT = 30.0
@@ -237,19 +236,9 @@ class ClusterFetch:
         self._heartbeat = asyncio.create_task(self._beat())
         rests = AsyncExitStack()  # a body that breaks off is resumed where it broke, its rests kept here
         self._stack.push_async_callback(rests.aclose)
-        skip = self._offset
-        try:
-            download: Download = await self._stack.enter_async_context(self.upstream())
-            if self._offset and download.size != self.size:
-                raise FillFailed(f"{self.digest}: the upstream now announces {download.size} bytes, not {self.size}")
-            rest_from = getattr(download, "rest_from", None)  # an upstream's (upstream/answers.py)
-            if self._offset and rest_from is not None and (rest := await rest_from(self._offset)) is not None:
-                # Only the rest is asked for (Range), not the bytes the fill reached again.
-                try:
-                    download, skip = await rests.enter_async_context(rest), 0
-                except UpstreamError as exc:  # an upstream without ranges: the whole blob again, its start dropped
-                    log.info("%s: the upstream gave no rest from byte %d (%s)", self.digest, self._offset, exc)
-                    download = await rests.enter_async_context(self.upstream())
+        try:  # a fill taken over: the rest only (Range), not the bytes it reached again
+            size, self._source = await open_from(self.upstream, self.digest, self._offset, self.size, self._stack,
+                                                 rests)
         except BaseException:
             self._heartbeat.cancel()
             self.lease = None
@@ -258,11 +247,7 @@ class ClusterFetch:
         self.figures.fill("takeover" if self._followed else "owner")
         if self._followed:
             self._taken_over_at = time.time()
-        self.size = download.size if not self._offset else self.size
-        if self._offset:
-            log.info("%s: took over the fill at byte %d; fetching %s from the upstream", self.digest, self._offset,
-                     "the rest" if not skip else "it")
-        self._source = _skip(resumed_chunks(download, self.digest, rests, self._offset - skip), skip)
+        self.size = size
 
     async def _follow(self, holder: str) -> bool:
         """Stream the fill from *holder* from the byte reached; False if it does not answer it now."""
@@ -374,16 +359,6 @@ class ClusterFetch:
 
 def _unavailable(message: str) -> APIError:
     return APIError("UNAVAILABLE", message, status=503, headers={"Retry-After": str(RETRY_AFTER)})
-
-
-async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
-    """*chunks* without their first *count* bytes."""
-    async for chunk in chunks:
-        if count >= len(chunk):
-            count -= len(chunk)
-            continue
-        yield chunk[count:] if count else chunk
-        count = 0
 
 
 def _size(response: httpx.Response, offset: int) -> int | None:

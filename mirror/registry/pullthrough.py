@@ -58,6 +58,7 @@ from .reads import IndexReads, in_index_thread
 from .records import refresh_tag, save_pulled
 from .referrers import UpstreamReferrers
 from .repository import BlobHead, BlobResult, ManifestResult, Outcome, ReferrersResult, TagsPage, followed, paginate
+from .takeover import UpstreamBlob
 from .unrecorded import Unrecorded
 
 T = TypeVar("T")
@@ -263,7 +264,8 @@ class PullThrough:
             down = exc
         missing = not consented  # just looked at, and not stored: the fill need not look again first
         urls = await self._foreign_urls(name, key)
-        fetch = (lambda: self.upstream.foreign_blob(urls, digest)) if urls else lambda: self._fetch(name, repo, digest)
+        fetch = ((lambda: self.upstream.foreign_blob(urls, digest)) if urls
+                 else UpstreamBlob(lambda offset: self._fetch(name, repo, digest, offset)))
         try:
             source = await self.fills.open(digest, fetch, looked=missing, down=down is not None, origin=self.origin)
         except UpstreamError as exc:
@@ -296,9 +298,10 @@ class PullThrough:
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)
 
     @asynccontextmanager
-    async def _fetch(self, name: str, repo: str, digest: Digest) -> AsyncIterator[BlobDownload]:
-        """The upstream's blob, linked to *repo* once it answered: requests joining the fill need no HEAD."""
-        async with self.upstream.blob(name, digest) as download:
+    async def _fetch(self, name: str, repo: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobDownload]:
+        """The upstream's blob (from byte *offset* if it gives ranges: a fill taken over), linked to *repo*
+        once it answered: requests joining the fill need no HEAD."""
+        async with self.upstream.blob(name, digest, offset) as download:
             if not self._links.pending(repo, str(digest)):
                 self._links.add(repo, str(digest))
             yield download

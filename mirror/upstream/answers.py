@@ -61,35 +61,28 @@ class Referrers:
 
 
 class BlobDownload:
-    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's).
+    """A blob body being received; ``size`` is the announced identity length, if any (never a coded one's),
+    the whole blob's for a body that starts at byte ``start`` (the rest asked for with ``Range``).
 
     ``resume``, when set, fetches the rest of a body that broke off (:meth:`broken`): called with the
-    identity bytes received (and ``broken=False`` when none broke: a fill taken over), it gives an async
-    context manager of a :class:`BlobDownload` of the bytes from there on (``Upstream._blob_rest``, a
-    ``Range`` request), or raises an
+    identity bytes received, it gives an async context manager of a :class:`BlobDownload` of the bytes
+    from there on (``Upstream._blob_rest``, a ``Range`` request), or raises an
     :class:`~.errors.UpstreamError`; ``resumes`` is how many times in a row it may be asked with no
     byte received in between (``upstream.retries``).
     """
 
     def __init__(self, response: httpx.Response, count: Callable[[int], None] | None = None,
                  body: AsyncIterator[bytes] | None = None, invalid: Callable[[], None] | None = None,
-                 resume: Callable[..., AbstractAsyncContextManager[BlobDownload]] | None = None,
+                 resume: Callable[[int], AbstractAsyncContextManager[BlobDownload]] | None = None,
                  resumes: int = 0) -> None:
         self.response = response
         self.size = identity_length(response)
+        self.start = 0
         self._count = count
         self._body = body
         self._invalid = invalid
         self.resume = resume
         self.resumes = resumes
-
-    async def rest_from(self, offset: int) -> AbstractAsyncContextManager[BlobDownload] | None:
-        """The download of the bytes from *offset* on, for a fill taken over there (none broke off
-        here): this answer is closed unread first; None when this body cannot be resumed."""
-        if self.resume is None:
-            return None
-        await self.response.aclose()
-        return self.resume(offset, broken=False)
 
     @staticmethod
     def broken(exc: BaseException) -> bool:

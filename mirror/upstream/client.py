@@ -235,53 +235,54 @@ class Upstream:
         return Manifest(body, media_type, actual)
 
     @asynccontextmanager
-    async def blob(self, name: str, digest: Digest) -> AsyncIterator[BlobDownload]:
-        """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``."""
-        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True)
+    async def blob(self, name: str, digest: Digest, offset: int = 0, size: int | None = None
+                   ) -> AsyncIterator[BlobDownload]:
+        """Stream a blob: ``async with upstream.blob(...) as download: async for chunk in download.chunks()``.
+
+        From byte *offset* on, ``Range: bytes=<offset>-`` (RFC 9110 section 14.2): a ``206`` with that
+        rest's ``Content-Range`` (14.4), uncoded, has ``download.start`` *offset* and ``size`` the whole
+        blob's; a ``200`` (ranges ignored) is the whole blob, ``start`` 0, unless the blob's *size* was
+        given (a rest is required); any other answer, :class:`UpstreamUnavailable`."""
+        shown = f"GET blob {digest}" + (f" from byte {offset}" if offset else "")
+        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True,
+                                    headers={"Range": f"bytes={offset}-"} if offset else None)
         try:
+            start, announced = 0, identity_length(response)
+            if offset and (response.status_code == 206 or size is not None):
+                span = content_range(response) if response.status_code == 206 else None
+                if content_codings(response) or span is None or span[0] != offset or size not in (None, span[1]):
+                    raise self._failed(UpstreamUnavailable(
+                        f"{shown}: upstream answered {response.status_code} "
+                        f"({response.headers.get('content-range') or 'no Content-Range'}), not the rest of the blob"))
+                start, announced = span
             # A coded answer is decoded up to its first bytes first, so that a coding corrupt from
             # the start is an error before the blob is served (a 502, not a 200 cut short).
             body = await primed(response.aiter_bytes()) if content_codings(response) else None
-            size = identity_length(response)
             # An uncoded body of announced length broken off is resumed where it broke (_blob_rest).
-            resume = (functools.partial(self._blob_rest, name, digest, size)
-                      if body is None and size is not None and response.status_code == 200 else None)
-            yield BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
-                               body, self._invalid, resume, self.config.retries)
+            resume = (functools.partial(self._blob_rest, name, digest, announced)
+                      if body is None and announced is not None and response.status_code == (206 if start else 200)
+                      else None)
+            download = BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
+                                    body, self._invalid, resume, self.config.retries)
+            download.start, download.size = start, announced
+            yield download
         except httpx.DecodingError as exc:
             self.metrics.upstream_error(self.config.registry, "invalid")
-            raise UpstreamInvalid(f"GET blob {digest}: undecodable content coding: {exc}") from exc
-        except httpx.TransportError as exc:
-            self.metrics.upstream_error(self.config.registry, "interrupted")
-            raise UpstreamUnavailable(f"GET blob {digest}: body interrupted: {exc}") from exc
-        finally:
-            await response.aclose()
-
-    @asynccontextmanager
-    async def _blob_rest(self, name: str, digest: Digest, size: int, offset: int, *, broken: bool = True
-                         ) -> AsyncIterator[BlobDownload]:
-        """The rest of a blob from byte *offset* of *size* (its body *broken* off there): ``Range: bytes=
-        <offset>-`` (RFC 9110 section 14.2), answered ``206`` with that rest's ``Content-Range`` (14.4),
-        uncoded, else :class:`UpstreamUnavailable`; *broken* counts ``{reason="interrupted"}``."""
-        if broken:
-            self.metrics.upstream_error(self.config.registry, "interrupted")
-        shown = f"GET blob {digest} from byte {offset}"
-        response = await self._send("GET", f"/v2/{name}/blobs/{digest}", stream=True,
-                                    headers={"Range": f"bytes={offset}-", "Accept-Encoding": ACCEPT_ENCODING})
-        try:
-            if (response.status_code != 206 or content_codings(response)
-                    or content_range(response) != (offset, size)):
-                raise self._failed(UpstreamUnavailable(
-                    f"{shown}: upstream answered {response.status_code} "
-                    f"({response.headers.get('content-range') or 'no Content-Range'}), not the rest of the blob"))
-            log.info("%s: the body broke off; resumed", shown)
-            yield BlobDownload(response, lambda n: self.metrics.received(self.config.registry, "blob", n),
-                               invalid=self._invalid, resume=functools.partial(self._blob_rest, name, digest, size))
+            raise UpstreamInvalid(f"{shown}: undecodable content coding: {exc}") from exc
         except httpx.TransportError as exc:
             self.metrics.upstream_error(self.config.registry, "interrupted")
             raise UpstreamUnavailable(f"{shown}: body interrupted: {exc}") from exc
         finally:
             await response.aclose()
+
+    @asynccontextmanager
+    async def _blob_rest(self, name: str, digest: Digest, size: int, offset: int) -> AsyncIterator[BlobDownload]:
+        """The rest of a blob of *size* bytes whose body broke off at byte *offset* (:meth:`blob` from
+        there, answered with that rest); counted in ``mirror_upstream_errors_total{reason="interrupted"}``."""
+        self.metrics.upstream_error(self.config.registry, "interrupted")
+        async with self.blob(name, digest, offset, size) as download:
+            log.info("GET blob %s from byte %d: the body broke off; resumed", digest, offset)
+            yield download
 
     @asynccontextmanager
     async def foreign_blob(self, urls: Sequence[str], digest: Digest) -> AsyncIterator[BlobDownload]:

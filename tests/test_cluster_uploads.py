@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 
+from mirror.storage.layout import ORPHAN_GRACE
 from mirror.storage.s3binding import BINDING
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -288,6 +289,41 @@ def test_a_tail_left_in_the_bucket_after_its_upload_ended_is_swept_and_found_by_
     assert key in bucket_keys(cluster)  # reported, not removed, without --repair
     start_replicas(cluster, 2, upstream.url, mirror_factory, MIRROR_PUSH_UPLOAD_TTL="3s")
     wait_for(lambda: key not in bucket_keys(cluster), timeout=12, what="the tail left behind swept")
+
+
+def test_an_upload_object_left_in_the_bucket_after_its_upload_ended_is_found_by_fsck_and_swept(
+    cluster: Cluster, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A commit whose delete of the upload's completed object failed (or whose process was killed between
+    the copy to the digest's key and that delete) leaves ``uploads/<uuid>/data`` behind, its record gone:
+    once older than ``ORPHAN_GRACE`` fsck reports it (``--repair`` removes it) and the replicas' sweep
+    removes it; a younger one, as a commit between its copy and its delete leaves, is left alone."""
+    first = start_replicas(cluster, 1, upstream.url, mirror_factory)[0]
+    first.stop()  # its data directory, for fsck
+    env = replica_env(cluster.bucket, cluster.dsn, cluster.secret_file, first.port)
+
+    def put(uuid: str) -> str:
+        key = f"{ROOT}/uploads/{uuid}/data"
+        cluster.bucket.client.put_object(Bucket=cluster.bucket.name, Key=key, Body=b"x" * 2048)
+        return key
+
+    stray = put("0123456789abcdef0123456789abcdef")
+    time.sleep(ORPHAN_GRACE + 1)
+    young = put("fedcba9876543210fedcba9876543210")
+    found = mirror_cli("fsck", "--data", first.data_dir, env=env)
+    assert found.returncode != 0 and "upload object without a record" in found.stdout, found.stdout + found.stderr
+    assert "0123456789abcdef" in found.stdout and "fedcba9876543210" not in found.stdout, found.stdout
+    assert {stray, young} <= set(bucket_keys(cluster))  # reported, not removed, without --repair
+    mirror_cli("fsck", "--repair", "--data", first.data_dir, env=env)
+    keys = bucket_keys(cluster)
+    assert stray not in keys and young in keys, keys
+
+    swept = put("00112233445566778899aabbccddeeff")
+    time.sleep(ORPHAN_GRACE + 1)
+    young = put("ffeeddccbbaa99887766554433221100")
+    start_replicas(cluster, 2, upstream.url, mirror_factory, MIRROR_PUSH_UPLOAD_TTL="3s")
+    wait_for(lambda: swept not in bucket_keys(cluster), timeout=12, what="the upload's object left behind swept")
+    assert young in bucket_keys(cluster)
 
 
 def test_every_replica_reports_the_uploads_in_progress_the_index_records(

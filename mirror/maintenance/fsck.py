@@ -1,7 +1,9 @@
 """``mirror fsck``: check that the index and the store agree, and optionally repair them.
 
 Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that outlived its
-record: ``registry/roaming.py``); objects in ``blobs/`` with names that are not digests; (with
+record: ``registry/roaming.py``, and its completed object ``uploads/<uuid>/data`` once older than
+:data:`~mirror.storage.layout.ORPHAN_GRACE`: one a commit failed to delete); objects in
+``blobs/`` with names that are not digests; (with
 ``verify_content``) objects whose bytes do not hash to their name (a signed schema 1 manifest: whose payload
 does not, see ``storage/filesystem.py``), and without it the pushed manifests, which fsck reads anyway (as
 stored: the S3 driver's own read would remove one that does not match, and fsck without ``repair`` changes
@@ -36,6 +38,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,7 +58,7 @@ from ..spec.manifest import (
 from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject, UploadTails
-from ..storage.layout import UPLOAD_ID_RE
+from ..storage.layout import ORPHAN_GRACE, UPLOAD_ID_RE
 from ..storage.opening import upload_tails
 from ..storage.staging import Staging
 from ..storage.verify import signed_schema1_named
@@ -188,6 +191,10 @@ class Fsck:
             for uuid in tails.listed():
                 if self.metadata.get_upload(uuid) is None:
                     self._found("upload tail without a record", uuid, partial(tails.remove, uuid))
+            old = time.time() - ORPHAN_GRACE  # listed while a commit runs, looked up after it
+            for uuid, written in tails.objects().items():
+                if written < old and self.metadata.get_upload(uuid) is None:
+                    self._found("upload object without a record", uuid, partial(tails.remove_object, uuid))
 
     def _drop_upload_record(self, uuid: str) -> None:
         """Remove an upload's record, and the parts it sent to the store (S3) first."""

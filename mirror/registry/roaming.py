@@ -49,6 +49,7 @@ from ..observe.metrics import Metrics
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore, UploadTails
+from ..storage.layout import ORPHAN_GRACE
 from .reads import in_index_thread
 from .records import to_the_end
 from .replica import stall_limit
@@ -59,9 +60,6 @@ log = logging.getLogger("mirror.uploads")
 
 #: Seconds between two attempts at an upload's lease while another request holds it.
 WAIT_INTERVAL = 0.05
-#: Seconds after which a local file whose upload has no record (finished or cancelled on another
-#: replica) is deleted by the sweep: its record may still be being written.
-ORPHAN_GRACE = 60.0
 
 
 def lease_name(uuid: str) -> str:
@@ -250,7 +248,9 @@ class RoamingUploads(Uploads):
         any replica); delete this replica's files of uploads finished elsewhere (after
         :data:`ORPHAN_GRACE`: a file comes before its record) and its stale files of uploads that
         went on elsewhere, and the tails of ended uploads a failed delete left in the bucket (a tail
-        comes after its record: one without is left behind); return how many uploads were dropped.
+        comes after its record: one without is left behind) and their objects (``uploads/<uuid>/data``,
+        after :data:`ORPHAN_GRACE`, as a running commit's object is listed too); return how many uploads
+        were dropped.
         An upload a request holds is left for the next sweep."""
         now = time.time()
         cutoff = now - self.upload_ttl
@@ -258,19 +258,21 @@ class RoamingUploads(Uploads):
         for entry in self.store.layout.upload_entries():
             with contextlib.suppress(FileNotFoundError):
                 files[entry.name] = entry.stat().st_mtime
-        try:  # tails whose delete failed when their upload completed (its record gone by then)
-            tails = self.tails.listed()
+        try:  # tails and objects whose delete failed when their upload completed (its record gone by then)
+            tails, objects = self.tails.listed(), self.tails.objects()
         except OSError as exc:
             log.warning("could not list the uploads' tails: %s", exc)
-            tails = {}
+            tails, objects = {}, {}
         removed = 0
-        for uuid in sorted(set(files) | set(self.metadata.upload_ids()) | set(tails)):
+        for uuid in sorted(set(files) | set(self.metadata.upload_ids()) | set(tails) | set(objects)):
             try:
                 record = self.metadata.get_upload(uuid)
                 written = files.get(uuid, now)
                 if record is None:  # a file or a tail left behind (the upload ended): only removed
                     if uuid in tails:  # a tail comes after its record: none is coming for this one
                         self.tails.remove(uuid)
+                    if objects.get(uuid, now) < now - ORPHAN_GRACE:  # its commit's delete failed
+                        self.tails.remove_object(uuid)
                     drop, go = False, written < now - ORPHAN_GRACE
                 else:
                     drop = (record.written_at or record.started_at) < cutoff

@@ -140,6 +140,15 @@ class UploadTails(Protocol):
         sweep of tails left behind (a delete that failed), never for an upload's own state."""
         ...
 
+    def objects(self) -> dict[str, float]:
+        """Every upload whose completed object (``uploads/<uuid>/data``) is in the store: its uuid -> the
+        object's last write (``time.time()``).  For the sweep of objects left behind, as :meth:`listed`."""
+        ...
+
+    def remove_object(self, uuid: str) -> None:
+        """Delete the completed object of *uuid* (none is no error)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Space:

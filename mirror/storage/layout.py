@@ -84,6 +84,10 @@ def object_key(digest: Digest) -> str:
 
 #: The key prefix below an object store's root of every push upload's objects (:func:`upload_key`).
 UPLOADS_PREFIX = "uploads/"
+#: Seconds an upload's leftover without a record is kept before it is removed as left behind: a
+#: replica's local file comes before its record, and an upload's completed object (``uploads/<uuid>/data``)
+#: listed while its commit runs may be looked up after the commit deleted the record.
+ORPHAN_GRACE = 60.0
 
 
 def upload_key(uuid: str) -> str:

@@ -24,7 +24,8 @@ another worker took part of the upload, the completed object is read back once, 
 before it is copied.
 
 :class:`S3UploadTails` keeps an upload's unsent tail in ``<rootdirectory>/uploads/<uuid>/tail`` between two
-requests, for the replicas of a cluster (``registry/roaming.py``).
+requests, for the replicas of a cluster (``registry/roaming.py``), and lists the tails and the upload objects
+left in the bucket, for their sweep and ``mirror fsck``.
 
 Errors: what S3 refuses is ``OSError`` (``EIO``, :func:`~mirror.storage.s3objects.backend_error`);
 :class:`~mirror.storage.driver.DigestMismatch` when the bytes are not the digest's (the caller then
@@ -307,6 +308,16 @@ class S3UploadTails:
         self.store.remove_key(self.store.root + upload_tail_key(uuid))
 
     def listed(self) -> dict[str, float]:
+        return self._keys("tail")
+
+    def objects(self) -> dict[str, float]:
+        return self._keys("data")  # an upload in progress has none: its parts are no object until completed
+
+    def remove_object(self, uuid: str) -> None:
+        self.store.remove_key(self.store.root + upload_key(uuid))
+
+    def _keys(self, name: str) -> dict[str, float]:
+        """The uploads with a key ``uploads/<uuid>/<name>``: uuid -> its ``LastModified``."""
         prefix = self.store.root + UPLOADS_PREFIX
         found: dict[str, float] = {}
         try:
@@ -314,7 +325,7 @@ class S3UploadTails:
                                                                                     Prefix=prefix):
                 for item in page.get("Contents", []):
                     uuid, _, rest = item["Key"][len(prefix):].partition("/")
-                    if rest == "tail" and UPLOAD_ID_RE.fullmatch(uuid):
+                    if rest == name and UPLOAD_ID_RE.fullmatch(uuid):
                         found[uuid] = item["LastModified"].timestamp()
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"LIST {prefix}", self.store.options) from exc

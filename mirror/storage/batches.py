@@ -1,7 +1,7 @@
 """A fill's bytes written to its writer in batches (``storage/fill.py``): one thread hop per batch,
 not per chunk, and no byte waits longer than :data:`FLUSH_SECONDS` for its batch; and a body that
 broke off resumed where it broke (:func:`receive`); work a fill's end must not give up halfway
-(:func:`to_the_end`).
+(:func:`thread_to_the_end`).
 
 May import: the standard library, anyio, ``storage/driver.py``.
 """
@@ -182,7 +182,7 @@ def _write_batch(ingest: FillWriter, batch: list[bytes]) -> None:
     ingest.write(b"".join(batch) if len(batch) > 1 else batch[0])
 
 
-async def to_the_end(work: Callable[[], None]) -> None:
+async def thread_to_the_end(work: Callable[[], None]) -> None:
     """Run *work* in a thread to its end, even if the caller is cancelled meanwhile (the cancellation
     is raised once it ended).  Readers take a verified fill as done before it is durable (``fill_state``):
     a leader cancelled then (shutdown) must not take the fill back while it is being synced and moved.

@@ -32,7 +32,7 @@ import anyio.to_thread
 
 from ..observe.metrics import Metrics
 from ..spec.reference import Digest
-from .batches import receive, to_the_end
+from .batches import receive, thread_to_the_end
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handover, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
@@ -283,7 +283,7 @@ class Fills:
                 # A large body over plain TCP goes from the socket to the writer in a thread of its own;
                 # one that breaks off is resumed where it broke.
                 await receive(download, ingest, wrote)
-            await to_the_end(ingest.commit)
+            await thread_to_the_end(ingest.commit)
         except BaseException as exc:
             cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()
             if early or handed_over:
@@ -302,8 +302,8 @@ class Fills:
                         # Without an announced size, what was written is the least the blob needs.
                         needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
                         await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
-                    await to_the_end(functools.partial(_settle_failed, self.store, ingest,
-                                                        refused=refused is not None))
+                    await thread_to_the_end(functools.partial(_settle_failed, self.store, ingest,
+                                                              refused=refused is not None))
             finally:
                 if early:  # told once the fill is cleared away: its client's answer leaves nothing behind
                     if cancelled:

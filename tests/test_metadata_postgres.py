@@ -348,9 +348,11 @@ def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn:
     config = load_config(env={**env, "MIRROR_METADATA_POSTGRES_POOL_SIZE": "2"})
     assert load_config(env=to_environ(config)).metadata.postgres_pool_size == 2
 
-    def pooled() -> int:  # this index's connections to the database, busy or idle, but its listener's
+    def pooled() -> int:  # this index's connections kept waiting by the lock: the calls it runs at once
+        # (not every connection to the database: one its listener opens again, or one closing, comes and goes)
         return len(_query(dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                               f" AND application_name NOT IN ('{LISTENER}', 'locker') AND pid <> pg_backend_pid()"))
+                               f" AND application_name NOT IN ('{LISTENER}', 'locker') AND pid <> pg_backend_pid()"
+                               " AND wait_event_type = 'Lock'"))
 
     index = open_metadata(config.metadata, tmp_path / "index", config.storage)
     try:

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from mirror.registry.sharedsecret import LEASE as SECRET_LEASE
+from mirror.storage.s3client import SMALL
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.images import MANIFEST_MEDIA_TYPES, Image, Layer, build_image, random_layer
@@ -299,6 +300,33 @@ def test_replicas_whose_bucket_does_not_answer_still_share_one_upstream_fetch_of
     assert fault_proxy.count("GET", blob_path) == 1
     assert cluster.bucket.objects() == {}
     assert "Traceback" not in owner.log_tail(400) + other.log_tail(400)
+
+
+def test_a_replica_whose_bucket_hangs_looks_for_a_blob_in_it_once_before_fetching_it(
+    cluster: Cluster, big_image: Image, fault_proxy: FaultProxy, seaweedfs: SeaweedS3,
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """The bucket accepts connections and answers nothing: a look in it waits out the small requests'
+    timeouts (``SMALL``: two attempts).  The fetch under the fill lease looked in the bucket again after
+    the request's own look had found it down (``ClusterFetch._lead``), so that the client's first byte
+    came after two such waits; now after one, and the blob is served whole from one upstream fetch."""
+    layer = big_image.layers[0]
+    bucket_proxy = FaultProxy(seaweedfs.endpoint).start()
+    try:
+        (replica,) = start_replicas(cluster, 1, fault_proxy.url, mirror_factory,
+                                    MIRROR_STORAGE_S3_REGIONENDPOINT=bucket_proxy.url)
+        fault_proxy.clear_counts()
+        bucket_proxy.add("late", "", delay=120)  # every request to the bucket hangs
+        pull = Pull(replica)
+        pull_blob(pull, layer.digest)
+    finally:
+        bucket_proxy.stop()
+    assert (pull.error, pull.sha256) == (None, layer.digest)
+    assert pull.first_byte is not None
+    one_look = SMALL.attempts * SMALL.read
+    assert one_look <= pull.first_byte - pull.started < 2 * one_look, (pull.first_byte - pull.started, one_look)
+    assert fault_proxy.count("GET", f"/v2/library/cluster-big/blobs/{layer.digest}") == 1
+    assert "Traceback" not in replica.log_tail(400)
 
 
 def test_replicas_serving_https_follow_each_others_fills_trusting_the_one_certificate_they_serve(

@@ -61,8 +61,11 @@ class ClusterFetch:
     """One replica's fetch of one digest (a :class:`~mirror.storage.bypass.Download` in its context)."""
 
     def __init__(self, cluster: Cluster, digest: Digest, upstream: Fetch, figures: ClusterMetrics,
-                 holder: str | None = None) -> None:
+                 holder: str | None = None, store_down: bool = False) -> None:
         self.cluster = cluster
+        #: The request that started this fetch found the store down: the look under the lease is skipped once
+        #: (on a hung store each look waits out the same timeouts; the fill then serves the blob unstored).
+        self._store_down = store_down
         #: The replica the fill lease named a moment ago, if known: followed first, without asking the index.
         self._holder_hint = holder
         self.digest = digest
@@ -220,9 +223,11 @@ class ClusterFetch:
 
     async def _lead(self, lease: Lease) -> None:
         """Fetch from the upstream under *lease*, from the byte this fill reached; or, if the object
-        was stored meanwhile (its fetcher finished and let go of the lease), read it from the store."""
+        was stored meanwhile (its fetcher finished and let go of the lease), read it from the store (not
+        looked for once the request that started this fetch found the store down)."""
         try:
-            stored = await anyio.to_thread.run_sync(self.cluster.stored, self.digest)
+            stored = None if self._store_down else await anyio.to_thread.run_sync(self.cluster.stored, self.digest)
+            self._store_down = False
         except BaseException:
             await asyncio.shield(in_index_thread(self.cluster.metadata.release_lease, lease))
             raise

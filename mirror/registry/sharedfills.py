@@ -78,7 +78,7 @@ class ClusterFills(Fills):
         holder = self._holders.pop(digest, None)
 
         def start() -> ClusterFetch:
-            made.append(ClusterFetch(self.cluster, digest, fetch, self.figures, holder))
+            made.append(ClusterFetch(self.cluster, digest, fetch, self.figures, holder, store_down=down))
             return made[-1]
 
         source = await super().open(digest, start, looked=looked, down=down, origin=origin)

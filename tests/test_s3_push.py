@@ -20,7 +20,7 @@ import pytest
 
 from mirror.spec.reference import Digest
 from mirror.storage.driver import DigestMismatch, UploadParts
-from mirror.storage.layout import new_upload_id
+from mirror.storage.layout import ORPHAN_GRACE, new_upload_id
 from mirror.storage.s3 import MIN_CHUNK, S3Store
 from mirror.storage.s3binding import BINDING
 from tests.support.mirror import MirrorServer
@@ -214,6 +214,32 @@ def test_an_upload_abandoned_while_the_server_runs_expires_without_a_restart(
     assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert bucket.uploads() == [] and [p.name for p in (mirror.data_dir / "uploads").iterdir()] == []
     assert "removed 1 abandoned uploads" in mirror.log_tail(200)
+
+
+@pytest.mark.slow
+def test_an_upload_object_left_in_the_bucket_after_its_upload_ended_is_swept_by_a_single_mirror(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A commit whose delete of the upload's completed object failed (or whose process was killed between
+    the copy to the digest's key and that delete) leaves ``uploads/<uuid>/data`` behind, its record gone.
+    Only the replicas' sweep and ``mirror fsck --repair`` removed it: one mirror kept it for good.  Now its
+    sweep removes it once older than ``ORPHAN_GRACE``; a younger one (a commit between its copy and its
+    delete) is left alone."""
+    def put(uuid: str) -> str:
+        key = f"{ROOT}/uploads/{uuid}/data"
+        bucket.client.put_object(Bucket=bucket.name, Key=key, Body=b"x" * 2048)
+        return key
+
+    def listed() -> list[str]:
+        return [item["Key"] for item in bucket.client.list_objects_v2(Bucket=bucket.name).get("Contents", [])]
+
+    stray = put("0123456789abcdef0123456789abcdef")
+    time.sleep(ORPHAN_GRACE + 1)
+    young = put("fedcba9876543210fedcba9876543210")
+    mirror = mirror_factory(env=bucket.env(MIRROR_PUSH_UPLOAD_TTL="2s"))
+    wait_for(lambda: stray not in listed(), timeout=10, what="the upload's object left behind swept")
+    assert young in listed()
+    assert "removed the object of the ended upload 0123456789abcdef0123456789abcdef" in mirror.log_tail(200)
 
 
 def test_a_push_spread_over_two_workers_sends_its_parts_once_and_stores_the_blob(

@@ -38,7 +38,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -57,12 +56,12 @@ from ..spec.manifest import (
 )
 from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
-from ..storage.driver import BlobStore, StoredObject, UploadTails
-from ..storage.layout import ORPHAN_GRACE, UPLOAD_ID_RE
-from ..storage.opening import upload_tails
+from ..storage.driver import BlobStore, StoredObject
+from ..storage.layout import UPLOAD_ID_RE
 from ..storage.staging import Staging
 from ..storage.verify import signed_schema1_named
 from .fsckreport import Finding, FsckReport
+from .leftovers import bucket_uploads, left_behind
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
 SIZE_DIFFERS = "object size differs from its record"
@@ -187,14 +186,9 @@ class Fsck:
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
 
-        if (tails := _tails(self.store)) is not None:  # a tail comes after its record: none is coming for these
-            for uuid in tails.listed():
-                if self.metadata.get_upload(uuid) is None:
-                    self._found("upload tail without a record", uuid, partial(tails.remove, uuid))
-            old = time.time() - ORPHAN_GRACE  # listed while a commit runs, looked up after it
-            for uuid, written in tails.objects().items():
-                if written < old and self.metadata.get_upload(uuid) is None:
-                    self._found("upload object without a record", uuid, partial(tails.remove_object, uuid))
+        if (tails := bucket_uploads(self.store)) is not None:
+            for left in left_behind(tails, self.metadata):
+                self._found(f"upload {left.what} without a record", left.uuid, left.remove)
 
     def _drop_upload_record(self, uuid: str) -> None:
         """Remove an upload's record, and the parts it sent to the store (S3) first."""
@@ -374,11 +368,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _tails(store: BlobStore) -> UploadTails | None:
-    """Where a cluster's replicas keep push uploads' tails: the bucket of an S3 store, else none."""
-    try:
-        return upload_tails(store)
-    except TypeError:
-        return None

@@ -44,6 +44,7 @@ from dataclasses import replace
 
 import anyio.to_thread
 
+from ..maintenance.leftovers import remove_left_behind
 from ..metadata.driver import Lease, Metadata, UploadRecord
 from ..observe.metrics import Metrics
 from ..spec.errors import APIError
@@ -247,10 +248,8 @@ class RoamingUploads(Uploads):
         """Drop the uploads whose last write is older than ``push.upload_ttl`` (by their record, on
         any replica); delete this replica's files of uploads finished elsewhere (after
         :data:`ORPHAN_GRACE`: a file comes before its record) and its stale files of uploads that
-        went on elsewhere, and the tails of ended uploads a failed delete left in the bucket (a tail
-        comes after its record: one without is left behind) and their objects (``uploads/<uuid>/data``,
-        after :data:`ORPHAN_GRACE`, as a running commit's object is listed too); return how many uploads
-        were dropped.
+        went on elsewhere, and the tails and objects ended uploads left in the bucket
+        (``maintenance/leftovers.py``); return how many uploads were dropped.
         An upload a request holds is left for the next sweep."""
         now = time.time()
         cutoff = now - self.upload_ttl
@@ -258,21 +257,12 @@ class RoamingUploads(Uploads):
         for entry in self.store.layout.upload_entries():
             with contextlib.suppress(FileNotFoundError):
                 files[entry.name] = entry.stat().st_mtime
-        try:  # tails and objects whose delete failed when their upload completed (its record gone by then)
-            tails, objects = self.tails.listed(), self.tails.objects()
-        except OSError as exc:
-            log.warning("could not list the uploads' tails: %s", exc)
-            tails, objects = {}, {}
         removed = 0
-        for uuid in sorted(set(files) | set(self.metadata.upload_ids()) | set(tails) | set(objects)):
+        for uuid in sorted(set(files) | set(self.metadata.upload_ids())):
             try:
                 record = self.metadata.get_upload(uuid)
                 written = files.get(uuid, now)
-                if record is None:  # a file or a tail left behind (the upload ended): only removed
-                    if uuid in tails:  # a tail comes after its record: none is coming for this one
-                        self.tails.remove(uuid)
-                    if objects.get(uuid, now) < now - ORPHAN_GRACE:  # its commit's delete failed
-                        self.tails.remove_object(uuid)
+                if record is None:  # a file left behind (the upload ended): only removed
                     drop, go = False, written < now - ORPHAN_GRACE
                 else:
                     drop = (record.written_at or record.started_at) < cutoff
@@ -281,6 +271,7 @@ class RoamingUploads(Uploads):
                     removed += 1
             except (OSError, ValueError) as exc:  # the store does not answer: swept next time
                 log.warning("could not remove the expired upload %s: %s", uuid, exc)
+        remove_left_behind(self.tails, self.metadata)  # tails and objects whose delete failed as their upload ended
         return removed
 
     def _sweep_one(self, uuid: str, drop: bool) -> bool:

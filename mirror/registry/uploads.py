@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -29,8 +28,10 @@ from typing import Any
 
 import anyio.to_thread
 
+from ..maintenance.leftovers import bucket_uploads, remove_left_behind
 from ..metadata.driver import Metadata, UploadRecord, local_repo
 from ..observe.metrics import Metrics
+from ..spec.chunks import chunk_range
 from ..spec.errors import APIError
 from ..spec.reference import Digest
 from ..storage.driver import BlobStore, DigestMismatch, StoreUnavailable, UploadLost
@@ -355,6 +356,7 @@ class Uploads:
         A record without a file (its process ended between storing the blob, which takes the file,
         and forgetting the upload) is dropped at the next sweep that still finds it so: no request
         can continue it, and it would keep its name a pushed repository for good.
+        On an object store, the objects ended uploads left there go too (``maintenance/leftovers.py``).
         """
         removed, files = 0, set()
         cutoff = time.time() - self.upload_ttl
@@ -371,6 +373,8 @@ class Uploads:
             log.info("upload %s has no file left (its process ended as it finished): its record dropped", uuid)
             if self._swept(uuid):
                 removed += 1
+        if (tails := bucket_uploads(self.store)) is not None:  # an object store: what ended uploads left there
+            remove_left_behind(tails, self.metadata)
         return removed
 
     def _swept(self, uuid: str) -> bool:
@@ -385,14 +389,3 @@ class Uploads:
 
 def _sent(record: UploadRecord) -> int:
     return record.parts.sent if record.parts is not None else 0
-
-
-def chunk_range(value: str) -> tuple[int, int]:
-    """A chunk's ``Content-Range``, ``start-end`` (distribution-spec), also as RFC 9110 section 14.4
-    writes it (``bytes start-end/total``, the total a number or ``*``)."""
-    start, sep, end = value.strip().removeprefix("bytes ").removeprefix("bytes=").partition("-")
-    end, slash, total = end.partition("/")
-    if not sep or not re.fullmatch(r"[0-9]{1,19}", start) or not re.fullmatch(r"[0-9]{1,19}", end) \
-            or int(end) < int(start) or (slash and not re.fullmatch(r"\*|[0-9]{1,19}", total)):
-        raise APIError("BLOB_UPLOAD_INVALID", f"invalid Content-Range {value!r}", status=416)
-    return int(start), int(end)  # both inclusive

@@ -117,6 +117,15 @@ class UploadParts:
         return self.part_size * len(self.etags)
 
 
+@dataclass(frozen=True, slots=True)
+class UploadKeys:
+    """What a listing of the store's push uploads found: uuid -> the last write (``time.time()``) of the
+    upload's kept tail (``tails``) and of its completed object (``objects``; one in progress has none)."""
+
+    tails: dict[str, float]
+    objects: dict[str, float]
+
+
 class UploadTails(Protocol):
     """Where the replicas of a cluster keep a push upload's unsent tail (its bytes past the parts sent,
     less than a part) between two of its requests, so that any replica continues it: one object per
@@ -135,14 +144,9 @@ class UploadTails(Protocol):
         """Delete the tail of *uuid* (none is no error)."""
         ...
 
-    def listed(self) -> dict[str, float]:
-        """Every upload with a tail kept: its uuid -> the tail's last write (``time.time()``).  For the
-        sweep of tails left behind (a delete that failed), never for an upload's own state."""
-        ...
-
-    def objects(self) -> dict[str, float]:
-        """Every upload whose completed object (``uploads/<uuid>/data``) is in the store: its uuid -> the
-        object's last write (``time.time()``).  For the sweep of objects left behind, as :meth:`listed`."""
+    def listed(self) -> UploadKeys:
+        """Every upload with a tail kept or a completed object (``uploads/<uuid>/data``) in the store, from
+        one listing.  For the sweep of what ended uploads left behind, never for an upload's own state."""
         ...
 
     def remove_object(self, uuid: str) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.reference import Digest
-from .driver import DigestMismatch, UploadLost, UploadParts
+from .driver import DigestMismatch, UploadKeys, UploadLost, UploadParts
 from .layout import UPLOAD_ID_RE, UPLOADS_PREFIX, upload_key, upload_tail_key
 from .s3damage import vouch
 from .s3objects import backend_error, missing
@@ -307,26 +307,20 @@ class S3UploadTails:
     def remove(self, uuid: str) -> None:
         self.store.remove_key(self.store.root + upload_tail_key(uuid))
 
-    def listed(self) -> dict[str, float]:
-        return self._keys("tail")
-
-    def objects(self) -> dict[str, float]:
-        return self._keys("data")  # an upload in progress has none: its parts are no object until completed
-
     def remove_object(self, uuid: str) -> None:
         self.store.remove_key(self.store.root + upload_key(uuid))
 
-    def _keys(self, name: str) -> dict[str, float]:
-        """The uploads with a key ``uploads/<uuid>/<name>``: uuid -> its ``LastModified``."""
+    def listed(self) -> UploadKeys:
         prefix = self.store.root + UPLOADS_PREFIX
-        found: dict[str, float] = {}
+        found = UploadKeys({}, {})
+        kinds = {"tail": found.tails, "data": found.objects}
         try:
             for page in self.store.quick.get_paginator("list_objects_v2").paginate(Bucket=self.store.bucket,
                                                                                     Prefix=prefix):
                 for item in page.get("Contents", []):
                     uuid, _, rest = item["Key"][len(prefix):].partition("/")
-                    if rest == name and UPLOAD_ID_RE.fullmatch(uuid):
-                        found[uuid] = item["LastModified"].timestamp()
+                    if rest in kinds and UPLOAD_ID_RE.fullmatch(uuid):
+                        kinds[rest][uuid] = item["LastModified"].timestamp()
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"LIST {prefix}", self.store.options) from exc
         return found

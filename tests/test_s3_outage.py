@@ -382,6 +382,33 @@ def test_blobs_are_streamed_from_the_upstream_while_the_bucket_does_not_answer(
     assert "Traceback" not in mirror.log_tail(400)
 
 
+def test_a_client_joining_a_fill_whose_store_was_found_down_is_answered_bypass_not_hit(
+    bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """The bucket's HEADs go unanswered, and its PUTs are answered late: a fill started after its look found
+    the store down is verified, then waits to store the blob.  A client of the same blob meanwhile joined
+    that fill and was answered ``HIT`` (a fill verified is served as if stored) although the store had not
+    answered and nothing was stored yet; it is ``BYPASS``, as for the fill's own client.  Once stored: ``HIT``."""
+    mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url), workers=1)
+    image = images.small
+    cached(mirror, http, images, bucket)  # the manifest, and one blob
+    blob = next(d for d in image.blobs if d not in bucket.objects())
+    size = image.blobs[blob].stat().st_size
+    url = blob_url(mirror, "library/small", blob)
+    s3_proxy.add("refuse", "", method="HEAD")
+    late = s3_proxy.add("late", "/blobs/sha256/", method="PUT", delay=6.0)
+    try:
+        assert get_digest(http, url) == (200, blob, size, "BYPASS")
+        wait_for(lambda: late.hits == 1, timeout=5, what="the fill storing the blob")  # answered in 6 s
+        assert get_digest(http, url) == (200, blob, size, "BYPASS")
+    finally:
+        s3_proxy.clear_rules()
+    wait_for(lambda: blob in bucket.objects(), timeout=30, what="the blob stored once the bucket answered")
+    assert get_digest(http, url) == (200, blob, size, "HIT")
+    assert "Traceback" not in mirror.log_tail(400)
+
+
 def test_concurrent_clients_share_one_upstream_fetch_while_the_bucket_does_not_answer(
     bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, upstream: UpstreamRegistry,
     mirror_factory: Callable[..., MirrorServer],

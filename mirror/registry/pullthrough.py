@@ -291,8 +291,8 @@ class PullThrough:
         if not linked and not self._links.pending(repo, key):
             # Recorded beside the answer, not before it: the first byte does not wait for the index.
             self._links.add(repo, key)
-        if down is not None:  # (a fill that started meanwhile may still store it: its own readers are told)
-            return BlobResult(source, Outcome.BYPASS)
+        if down is not None or self.fills.unstored(digest):  # the store found down, by this request or the fill's
+            return BlobResult(source, Outcome.BYPASS)  # (a fill that started before may still store it)
         if not isinstance(source, GrowingBlob) or source.verified:  # verified: its fill is only being synced
             return BlobResult(source, Outcome.HIT)
         return BlobResult(source, Outcome.COALESCED if source.coalesced else Outcome.MISS)

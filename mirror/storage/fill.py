@@ -36,8 +36,8 @@ from .batches import receive, thread_to_the_end
 from .bypass import RELAY_DEPTH, BypassBlob, FillFailed, handover, relay
 from .driver import BlobReader, BlobStore, DigestMismatch, FillWriter, StoreUnavailable
 from .filesystem import VERIFIED_MODE
+from .fillends import fill_refusal, settle_failed
 from .growing import (
-    REFUSED_MODE,
     Fetch,
     GrowingBlob,
     fill_state,
@@ -68,6 +68,8 @@ class Fills:
         #: Fills this process leads -> an event set (and replaced) whenever bytes or an outcome land.
         self._progress: dict[Digest, asyncio.Event] = {}
         self._leading: set[Digest] = set()
+        #: Fills this process leads that started after a look found the store not answering (:meth:`unstored`).
+        self._unstored: set[Digest] = set()
 
     #: Whether the store is looked at again once this process holds a fill's lock (a fill of another
     #: process may have stored the blob in between).  A subclass that looks under a lock of its own
@@ -124,7 +126,7 @@ class Fills:
                 os.unlink(path)
                 os.close(fd)
                 continue
-            return await self._lead(digest, fd, fetch, origin)
+            return await self._lead(digest, fd, fetch, origin, down)
         raise FillFailed(f"{digest}: could not start or join a fetch")
 
     async def join(self, digest: Digest) -> BlobReader | GrowingBlob | None:
@@ -220,7 +222,13 @@ class Fills:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _lead(self, digest: Digest, fd: int, fetch: Fetch, origin: str | None) -> GrowingBlob | BypassBlob:
+    def unstored(self, digest: Digest) -> bool:
+        """Whether this process leads a fill of *digest* that started after a look found the store not
+        answering: its readers get the upstream's bytes, verified, which may never be stored."""
+        return digest in self._unstored
+
+    async def _lead(self, digest: Digest, fd: int, fetch: Fetch, origin: str | None,
+                    down: bool = False) -> GrowingBlob | BypassBlob:
         os.ftruncate(fd, 0)
         os.fchmod(fd, 0o644)  # whatever the umask: the modes of a refused or verified fill mean something
         path = self.store.layout.fill(digest)
@@ -231,6 +239,8 @@ class Fills:
         if origin is not None:  # (without it, readers for other upstreams wait as for any fill)
             with contextlib.suppress(OSError):
                 write_pending(self.store.layout.fill_meta(digest), os.fstat(fd).st_ino, origin)
+        if down:
+            self._unstored.add(digest)
         self._track(asyncio.create_task(self._pump(ingest, fetch, started)))
         try:
             size = await handover(started)
@@ -288,7 +298,7 @@ class Fills:
             cancelled, early = isinstance(exc, asyncio.CancelledError), not started.done()
             if early or handed_over:
                 pass  # the reader gets the error (below, or from the relay), or went away
-            elif (refused := _refusal(exc)) is not None:
+            elif (refused := fill_refusal(exc)) is not None:
                 log.warning("store refused the fill of %s after %d bytes (%s): %s", ingest.digest, ingest.written,
                             refused, "served unstored" if ingest.serves_unstored else "its readers fetch on their own")
             else:
@@ -298,11 +308,11 @@ class Fills:
                     mismatched()  # the upstream's answer was not the blob: counted as its invalid answer
             try:
                 if not handed_over:
-                    if (refused := _refusal(exc)) is not None:
+                    if (refused := fill_refusal(exc)) is not None:
                         # Without an announced size, what was written is the least the blob needs.
                         needed = ingest.expected_size if ingest.expected_size is not None else ingest.written
                         await asyncio.shield(anyio.to_thread.run_sync(self.store.refused, exc, needed))
-                    await thread_to_the_end(functools.partial(_settle_failed, self.store, ingest,
+                    await thread_to_the_end(functools.partial(settle_failed, self.store, ingest,
                                                               refused=refused is not None))
             finally:
                 if early:  # told once the fill is cleared away: its client's answer leaves nothing behind
@@ -318,6 +328,7 @@ class Fills:
             if not handed_over:
                 os.close(ingest.fd)  # releases the lock: followers now see the outcome
             self._leading.discard(ingest.digest)
+            self._unstored.discard(ingest.digest)
             self.progressed(ingest.digest)
             if ended is not None:
                 ended()
@@ -326,7 +337,7 @@ class Fills:
         """Give up a fill the store has no room for, before its body: followers see it refused."""
         try:
             self.store.refused(problem, ingest.expected_size)
-            _settle_failed(self.store, ingest, refused=True)
+            settle_failed(self.store, ingest, refused=True)
         finally:
             os.close(ingest.fd)
 
@@ -372,25 +383,3 @@ class Fills:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-
-
-def _settle_failed(store: BlobStore, ingest: FillWriter, *, refused: bool) -> None:
-    """Mark a failed fill for its readers (refused by the store, or just failed) and remove it
-    (blocking: what was sent to an object store is taken back too).
-
-    A fill can fail after its commit marked it verified (fsync, rename or the upload refused): the
-    mark is taken back (bytes never stored must not count as done) unless the writer ``serves_unstored``.
-    """
-    with contextlib.suppress(OSError):
-        if not ingest.serves_unstored and not store.fill_placed(ingest.digest, ingest.fd):
-            os.fchmod(ingest.fd, REFUSED_MODE if refused else 0o644)
-    ingest.discard()
-
-
-def _refusal(exc: BaseException) -> str | None:
-    """Why the store cannot take the fill, if it cannot (a refused write, or an object store that
-    stopped answering: :class:`StoreUnavailable`, whose message names the request): its readers
-    then fetch the rest from the upstream."""
-    if isinstance(exc, StoreUnavailable):
-        return exc.strerror or str(exc)
-    return refusal(exc)

@@ -221,6 +221,40 @@ def test_fsck_finds_a_truncated_cached_layer_without_re_hashing_and_repair_has_i
     clean(mirror, backend)
 
 
+def test_fsck_repair_of_a_layer_a_pushed_image_shares_with_a_cached_one_keeps_the_pushed_link(
+    backend: Backend, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """An image pushed on a cached base image shares its layers: one cut short is removed by ``--repair``,
+    the pushed image is reported as missing it until the cached image's next pull fetches it again, and
+    then it is whole (its repository's link was kept: the repair had removed it, so the pushed image
+    stayed broken, "not linked in its repository", with the bytes back in the store)."""
+    mirror = mirror_factory(env=backend.env())
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    client.push_image(mirror.url, "team/copy", "v1", images.small, client=http)
+    backend.wait_stored(mirror, [images.small.digest, *images.small.blobs])
+    mirror.stop()
+    layer = images.small.layers[0]
+    backend.overwrite(mirror, layer.digest, layer.path.read_bytes()[: layer.size // 2])
+
+    status, lines = fsck(mirror, backend, "--repair")
+    assert any(line.startswith(f"{SIZE}: {layer.digest}: ") and line.endswith(" (repaired)") for line in lines), lines
+    kept = f"pushed object missing until a pull of a cached image that has it fetches it again: local/team/copy@" \
+           f"{layer.digest}"
+    assert status == 1 and kept in lines and not any(line.startswith(NOT_LINKED) for line in lines), lines
+    assert layer.digest not in backend.objects(mirror)
+    status, lines = fsck(mirror, backend, "--repair")  # kept by a second repair too
+    assert status == 1 and kept in lines, lines
+
+    mirror.start()
+    gone = http.get(f"{mirror.url}/v2/team/copy/blobs/{layer.digest}")
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    backend.wait_stored(mirror, [layer.digest])
+    pull_checked(http, mirror.url, "team/copy", "v1", images.small)
+    mirror.stop()
+    clean(mirror, backend)
+
+
 def test_fsck_takes_a_cached_image_whose_upstream_manifest_gives_a_wrong_size_for_no_problem(
     backend: Backend, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
     tmp_path: Path,

@@ -30,7 +30,11 @@ pushed image's by ``repair``, a cached image's by any run) and removed only if i
 (a cached one is fetched again on the next pull); if it does, a pushed image's manifest is what is wrong,
 and stays reported (a cached image's is its upstream's: nothing to repair here).  Pushed images that lack an
 object or its link are reported, never repaired: the bytes may be gone, and a link the repository's owner
-deleted is not restored.
+deleted is not restored.  A pushed repository's link to a missing manifest, or to a missing blob that no
+cached repository links, is removed (a pull gets a clean ``404``, and a push of it again links it again);
+to a missing blob a cached repository links, it is kept, and so are the links of such a blob that a repair
+removes as corrupt: the cached image's next pull fetches the blob again, and the pushed images that share
+it (one built on a cached base image) are whole again.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ SIZE_DIFFERS = "object size differs from its record"
 DESCRIPTOR_DIFFERS = "object size differs from an image's descriptor"
 #: ... once re-hashed (``repair``, ``verify_content``) and found whole: the descriptor is wrong.
 WRONG_DESCRIPTOR = "image gives a wrong size for an object"
+#: A pushed repository's link to a blob missing from the store that a cached repository links too.
+REFETCHED = "pushed object missing until a pull of a cached image that has it fetches it again"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +103,8 @@ class Fsck:
         self.progress = progress or NoProgress()
         self.report = FsckReport()
         self._sized: set[str] = set()  # objects whose size was found wrong (reported once)
-        self._dropped: set[str] = set()  # objects removed by a repair, with their links
+        self._dropped: set[str] = set()  # objects removed by a repair
+        self._unlinked: set[tuple[str, str]] = set()  # the links a repair removed with them
 
     def run(self) -> FsckReport:
         if self.repair:
@@ -154,11 +161,19 @@ class Fsck:
         return present
 
     def _drop_object(self, found: StoredObject) -> None:
+        """Remove a corrupt object, its manifest record and its links; but a blob a cached repository
+        links keeps every link: that repository's next pull fetches it again, and then the pushed
+        images that share it (one built on a cached base image) are whole again."""
         self.store.remove(found)
         digest = found.name
         self._dropped.add(digest)
-        self.metadata.forget(manifests=[digest],
-                             links=[(repo, d) for repo, d in self.metadata.all_links() if d == digest])
+        links = [(repo, d) for repo, d in self.metadata.all_links() if d == digest]
+        recorded = self.metadata.get_manifest(digest) is not None
+        if recorded or not any(_cached(repo) for repo, _ in links):
+            self._unlinked.update(links)
+        else:
+            links = []
+        self.metadata.forget(manifests=[digest], links=links)
 
     def _temps(self) -> None:
         abandoned = self.store.layout.abandoned_temps()
@@ -220,18 +235,25 @@ class Fsck:
             if digest not in present and self._missing(digest):
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
                             partial(self.metadata.untag, repo, tag))
+        # A cached repository may link what it has not fetched yet (or lost): it fetches again on
+        # demand.  A pushed repository cannot, but a blob a cached repository links comes back with
+        # its next pull: the pushed repository's link then serves it again, and is kept.
+        refetched = {d for repo, d in links if _cached(repo) and d not in manifests
+                     and (repo, d) not in self._unlinked}
         for repo, digest in links:
-            if digest in self._dropped:
+            if (repo, digest) in self._unlinked:
                 continue  # forgotten with its object
             self.report.links += 1
-            # A cached repository may link what it has not fetched yet (or lost): it fetches
-            # again on demand.  A pushed repository cannot.
-            if digest not in present and repo.startswith(LOCAL + "/") and self._missing(digest):
-                self._found("pushed object missing", f"{repo}@{digest}", partial(self.metadata.unlink, repo, digest))
+            if digest not in present and not _cached(repo) and self._missing(digest):
+                if digest in refetched:
+                    self._found(REFETCHED, f"{repo}@{digest}")
+                else:
+                    self._found("pushed object missing", f"{repo}@{digest}",
+                                partial(self.metadata.unlink, repo, digest))
         referenced = {d for _, d in links} | {d for image in images for d, _ in image.needs}
         referenced |= self._dropped
         self.report.unreferenced = [o.size for d, o in present.items() if d not in referenced]
-        self._needs([i for i in images if i.repo.startswith(LOCAL + "/")], set(links), present)
+        self._needs([i for i in images if not _cached(i.repo)], set(links), present)
         self._preloaded(images, present)
 
     def _preloaded(self, images: list[Image], present: dict[str, StoredObject]) -> None:
@@ -283,7 +305,7 @@ class Fsck:
         wrong size reported."""
         whole: dict[str, bool | None] = {}  # the verdict on each object (None: not re-hashed, reported once)
         for image in images:
-            pushed = image.repo.startswith(LOCAL + "/")
+            pushed = not _cached(image.repo)
             for digest, size in image.needs:
                 found = present.get(digest)
                 if found is None or size < 0 or found.size == size or digest in self._sized:
@@ -361,6 +383,11 @@ def _needed(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:
     subject = subject_digest(body)
     return tuple((d.digest, -1 if isinstance(d.size, bool) else d.size) for d in references(body)
                  if d.digest not in (digest, subject) and not is_nondistributable(d.media_type))
+
+
+def _cached(repo: str) -> bool:
+    """Whether *repo* is a cached repository (one of an upstream), not a pushed one."""
+    return not repo.startswith(LOCAL + "/")
 
 
 def _unlink(path: str) -> None:

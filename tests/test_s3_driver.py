@@ -189,7 +189,7 @@ def test_an_object_put_whole_whose_body_arrives_cut_short_is_refused_and_never_s
         request.headers["Content-Length"] = str(len(request.body))
         cut.append(len(request.body))
 
-    store.client.meta.events.register("before-send.s3.PutObject", cut_short)
+    store.send.meta.events.register("before-send.s3.PutObject", cut_short)
     small, one_part = b"a manifest, say" * 10, os.urandom(MIN_CHUNK // 2)
     with pytest.raises(StoreUnavailable):
         store.put_bytes(Digest.of(small), small)

@@ -23,7 +23,8 @@ import pytest
 from mirror.spec.reference import parse_digest
 from mirror.storage.driver import StoreUnavailable
 from mirror.storage.s3 import S3Options, S3Store
-from mirror.storage.s3client import BODY_READ, SMALL
+from mirror.storage.s3client import BODY_READ, SEND, SMALL, TRANSFER
+from mirror.storage.s3uploads import S3UploadTails
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
 from tests.support.metrics import scrape, value
@@ -186,6 +187,46 @@ def test_a_get_whose_answer_is_late_fails_within_seconds_and_a_slow_body_is_read
         with store.open_stream(digest) as body:
             assert body.read() == data
         assert time.monotonic() - started > SMALL.read + 1.0
+
+
+@pytest.mark.slow
+def test_a_put_the_store_does_not_answer_fails_within_the_sends_timeouts_not_three_minutes(
+    seaweedfs: SeaweedS3, s3_bucket: str, s3_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    """A push upload's chunk kept in the bucket (a replica's upload tail) and a manifest are sent by a
+    ``PutObject``, which a store answers once it has the last byte: one that does not answer is given
+    up after :data:`SEND`'s timeouts (two reads of 20 s), no longer :data:`TRANSFER`'s (three of 60 s,
+    what a completion or a copy may take), so the client's ``PATCH`` or ``PUT`` gets its ``503`` in
+    well under a minute, and a put once the store answers again succeeds."""
+    store = S3Store(S3Options(s3_bucket, seaweedfs.region, s3_proxy.url, "registry", seaweedfs.accesskey,
+                              seaweedfs.secretkey, True), tmp_path)
+    store.create()
+    tails, chunk = S3UploadTails(store), tmp_path / "chunk"
+    chunk.write_bytes(os.urandom(100_000))
+    manifest = b'{"schemaVersion": 2}'
+    digest = parse_digest(f"sha256:{hashlib.sha256(manifest).hexdigest()}")
+    bound = SEND.attempts * (SEND.read + 1.0) + 5.0
+    assert bound < TRANSFER.attempts * TRANSFER.read / 2
+
+    def timed(call: Callable[[], object]) -> float:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="object store does not answer"):
+            call()
+        return time.monotonic() - started
+
+    fd = os.open(chunk, os.O_RDONLY)
+    try:
+        with s3_proxy.fault("late", "", method="PUT", delay=TRANSFER.attempts * TRANSFER.read + 10), \
+                ThreadPoolExecutor(2) as pool:
+            tail = pool.submit(timed, lambda: tails.put("0" * 32, fd, 0, 100_000))
+            whole = pool.submit(timed, lambda: store.put_bytes(digest, manifest))
+            seconds = (tail.result(timeout=bound + 30), whole.result(timeout=bound + 30))
+        assert all(SEND.read <= taken < bound for taken in seconds), seconds
+        tails.put("0" * 32, fd, 0, 100_000)
+    finally:
+        os.close(fd)
+    store.put_bytes(digest, manifest)
+    assert store.read_bytes(digest) == manifest
 
 
 @pytest.mark.slow

@@ -92,8 +92,8 @@ class S3Store:
         self.root = options.rootdirectory.strip("/") + "/" if options.rootdirectory.strip("/") else ""
         self.layout = Layout(data)
         self.stale_upload = stale_upload
-        #: Clients for transfers, small requests and ``/readyz`` (*client*, if given, is all three).
-        self.client, self.quick, self.probe = (client,) * 3 if client is not None else make_clients(options)
+        #: Clients for transfers, small requests, ``/readyz`` and sends (*client*, if given, is all four).
+        self.client, self.quick, self.probe, self.send = (client,) * 4 if client is not None else make_clients(options)
         self.on_commit: Callable[[int], None] | None = None
         self.on_refused: Callable[[int], None] | None = None
         #: Called with the digest of every object found not to match it on a read (then removed).

@@ -39,7 +39,7 @@ def recorded_index(store: S3Store) -> str | None:
 def record_index(store: S3Store, index_id: str) -> None:
     """Record that the bucket's objects belong to the index *index_id*.  Raises ``StoreUnavailable``."""
     try:
-        store.client.put_object(Bucket=store.bucket, Key=store.root + BINDING, Body=f"{index_id}\n".encode())
+        store.send.put_object(Bucket=store.bucket, Key=store.root + BINDING, Body=f"{index_id}\n".encode())
     except (BotoCoreError, ClientError) as exc:
         what = f"writing {store.root + BINDING!r} in bucket {store.bucket!r}"
         raise backend_error(exc, what, store.options) from exc

@@ -9,9 +9,12 @@ has three clients, each with botocore's ``standard`` retries (a connection error
   multipart upload, and every GET until its answer's headers -- a hung store is reported (``503``)
   within about 6 s.  A GET's body then reads with :data:`BODY_READ` (20 s) per socket read: a large
   object streams for as long as it takes, cut only when the store sends nothing for 20 s;
-* :data:`TRANSFER` (connect 5 s, read 60 s, 3 attempts): what sends or copies bytes (parts, small
-  objects, completions, copies, the metadata rewrite of ``touch``).  A server-side copy (up to 5 GiB
-  in one ``CopyObject``) answers only once done, so its read timeout stays 60 s;
+* :data:`SEND` (connect 5 s, read 20 s, 2 attempts): what sends bytes (a ``PutObject``, an
+  ``UploadPart``), which the store answers as soon as it has the last byte -- a hung store is reported
+  within about 40 s (with :data:`TRANSFER`'s, a push upload's chunk waited 3 minutes for its ``503``);
+* :data:`TRANSFER` (connect 5 s, read 60 s, 3 attempts): what the store answers only once done (a
+  multipart upload's completion, a server-side copy of up to 5 GiB in one ``CopyObject``, the metadata
+  rewrite of ``touch``);
 * :data:`PROBE` (connect 2 s, read 2 s, 1 attempt): ``/readyz``'s HEAD of the bucket, within a
   probe's usual 5 s timeout.
 
@@ -78,7 +81,9 @@ class Timeouts:
 
 #: HEAD, LIST, DELETE, a multipart upload's start and abort, a GET to its headers.
 SMALL = Timeouts(connect=3.0, read=3.0, attempts=2)
-#: What sends or copies bytes: a server-side copy answers only once done.
+#: A PutObject or an UploadPart: answered once the store has the last byte.
+SEND = Timeouts(connect=5.0, read=20.0, attempts=2)
+#: A completion or a server-side copy: answered only once done.
 TRANSFER = Timeouts(connect=5.0, read=60.0, attempts=3)
 #: ``/readyz``'s HEAD of the bucket.
 PROBE = Timeouts(connect=2.0, read=2.0, attempts=1)
@@ -109,8 +114,9 @@ def make_client(session: boto3.session.Session, options: S3Options, timeouts: Ti
     return client
 
 
-def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
-    """The driver's clients: transfers, small requests, and ``/readyz``'s probe (see the module docstring).
+def make_clients(options: S3Options) -> tuple[Any, Any, Any, Any]:
+    """The driver's clients: transfers, small requests, ``/readyz``'s probe, and sends (see the module
+    docstring).
 
     With the keys set (``storage.s3.accesskey``), the SDK's profile (``AWS_PROFILE``) is not read: a
     stale one left in the environment does not matter.  Raises :class:`StoreSetupError` if the SDK
@@ -123,7 +129,7 @@ def make_clients(options: S3Options) -> tuple[Any, Any, Any]:
             core.get_component("credential_provider").insert_before("env", _KeyFiles(options))
         session = boto3.session.Session(botocore_session=core)
         return (make_client(session, options, TRANSFER), make_client(session, options, SMALL),
-                make_client(session, options, PROBE))
+                make_client(session, options, PROBE), make_client(session, options, SEND))
     except BotoCoreError as exc:
         raise StoreSetupError(
             f"the AWS SDK cannot make a client for bucket {options.bucket!r}: {exc}: check AWS_PROFILE,"

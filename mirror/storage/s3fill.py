@@ -179,8 +179,8 @@ class S3Fill:
         upload = self._upload.result()
         body = _pread_all(self.fd, length, offset)
         try:
-            etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=upload,
-                                                 PartNumber=number, Body=body)["ETag"]
+            etag = self.store.send.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=upload,
+                                               PartNumber=number, Body=body)["ETag"]
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"part {number} of {self.digest}", self.store.options) from exc
         return {"PartNumber": number, "ETag": etag}
@@ -218,7 +218,7 @@ class S3Fill:
         try:
             if self._upload is None and self.written <= self._chunk:  # one part at most: one PutObject
                 body = _pread_all(self.fd, self.written, 0)
-                done = client.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
+                done = self.store.send.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
             else:
                 while self._sent_to < self.written:
                     if len(self._sending) >= IN_FLIGHT:

@@ -315,8 +315,8 @@ class S3Ingest:
             self._note = IngestNote(self.store.layout, self.key, self._upload)
         number = len(self._parts) + 1
         try:
-            etag = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
-                                                 PartNumber=number, Body=bytes(part))["ETag"]
+            etag = self.store.send.upload_part(Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
+                                               PartNumber=number, Body=bytes(part))["ETag"]
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"part {number} of {self.digest}", self.store.options) from exc
         finally:
@@ -337,7 +337,7 @@ class S3Ingest:
         try:
             if self._upload is None:
                 body = bytes(self._buffer)
-                done = client.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
+                done = self.store.send.put_object(Bucket=bucket, Key=self.key, Body=body, ContentMD5=content_md5(body))
             else:
                 if self._buffer or not self._parts:
                     self._send_part(memoryview(self._buffer))

@@ -132,8 +132,8 @@ def send_part(store: S3Store, uuid: str, path: Path, parts: UploadParts | None) 
 
 def _upload_part(store: S3Store, key: str, upload_id: str, number: int, fd: int, start: int, size: int) -> str:
     try:
-        etag: str = store.client.upload_part(Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                             Body=FileSlice(fd, start, size), ContentLength=size)["ETag"]
+        etag: str = store.send.upload_part(Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                           Body=FileSlice(fd, start, size), ContentLength=size)["ETag"]
     except (BotoCoreError, ClientError) as exc:
         raise _lost(exc, key) or backend_error(exc, f"part {number} of {key}", store.options) from exc
     return etag
@@ -287,8 +287,8 @@ class S3UploadTails:
     def put(self, uuid: str, fd: int, start: int, size: int) -> None:
         key = self.store.root + upload_tail_key(uuid)
         try:
-            self.store.client.put_object(Bucket=self.store.bucket, Key=key, Body=FileSlice(fd, start, size),
-                                         ContentLength=size)
+            self.store.send.put_object(Bucket=self.store.bucket, Key=key, Body=FileSlice(fd, start, size),
+                                       ContentLength=size)
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, f"PUT {key}", self.store.options) from exc
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from tests.support.images import (
     random_layer,
     sha256_digest as sha256,
 )
+from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.schema1 import SCHEMA1_SIGNED, signed_schema1
@@ -255,6 +257,34 @@ def test_fsck_repair_of_a_layer_a_pushed_image_shares_with_a_cached_one_keeps_th
     clean(mirror, backend)
 
 
+def test_fsck_repair_beside_a_serving_mirror_takes_what_it_removes_out_of_the_stores_size(
+    backend: Backend, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A truncated layer ``--repair`` removes while the mirror serves leaves the store's size
+    (``mirror_store_size_bytes``, what eviction weighs against ``cache.max_size``) as the store adds
+    up: it lost the layer's size as stored, and gets it back when the next pull fetches it again (it
+    was counted twice until the next collection)."""
+    mirror = mirror_factory(env=backend.env())
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    backend.wait_stored(mirror, [images.small.digest, *images.small.blobs])
+    whole = sum(backend.objects(mirror).values())
+
+    def counted() -> float:
+        return value(scrape(f"{mirror.url}/metrics"), "mirror_store_size_bytes")
+
+    wait_for(lambda: counted() == whole, timeout=10, what="the store's size counted")
+    layer = images.small.layers[0]
+    backend.overwrite(mirror, layer.digest, layer.path.read_bytes()[: layer.size // 2])
+    status, lines = fsck(mirror, backend, "--repair")
+    assert status == 0 and layer.digest not in backend.objects(mirror), lines
+    time.sleep(1.1)  # the figures of /metrics are kept for a second
+    assert counted() == whole - layer.size
+    pull_checked(http, mirror.url, "library/small", "1", images.small)
+    backend.wait_stored(mirror, [layer.digest])
+    time.sleep(1.1)
+    assert counted() == whole == sum(backend.objects(mirror).values())
+
+
 def test_fsck_takes_a_cached_image_whose_upstream_manifest_gives_a_wrong_size_for_no_problem(
     backend: Backend, upstream: UpstreamRegistry, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
     tmp_path: Path,
@@ -302,8 +332,8 @@ def test_fsck_beside_a_serving_mirror_takes_nothing_stored_after_its_listing_for
     monkeypatch.setattr(Fsck, "_objects", listed_then_stored)
     for key in [k for k in os.environ if k.startswith("MIRROR_")]:
         monkeypatch.delenv(key)
-    for key, value in backend.env().items():
-        monkeypatch.setenv(key, value)
+    for key, setting in backend.env().items():
+        monkeypatch.setenv(key, setting)
     for flags in ([], ["--repair"]):
         status = cli_main(["fsck", "--data", str(mirror.data_dir), *flags])
         printed = capsys.readouterr().out.splitlines()

@@ -160,11 +160,14 @@ class Fsck:
             self.report.bytes += found.size
         return present
 
-    def _drop_object(self, found: StoredObject) -> None:
+    def _drop_object(self, found: StoredObject, counted: int | None = None) -> None:
         """Remove a corrupt object, its manifest record and its links; but a blob a cached repository
         links keeps every link: that repository's next pull fetches it again, and then the pushed
-        images that share it (one built on a cached base image) are whole again."""
+        images that share it (one built on a cached base image) are whole again.  The store's size in
+        the index loses *counted* bytes, the size the object was stored with (as recorded, or as a
+        descriptor gives it; else its size as listed)."""
         self.store.remove(found)
+        self.metadata.add_usage(-(found.size if counted is None or counted < 0 else counted))
         digest = found.name
         self._dropped.add(digest)
         links = [(repo, d) for repo, d in self.metadata.all_links() if d == digest]
@@ -289,7 +292,7 @@ class Fsck:
             elif found.size != record.size and record.media_type not in (SCHEMA1, SCHEMA1_SIGNED):
                 self._sized.add(digest)
                 self._found(SIZE_DIFFERS, f"{digest}: {found.size} bytes, the index records {record.size}",
-                            partial(self._drop_object, found))
+                            partial(self._drop_object, found, record.size))
                 if self.repair:
                     del present[digest]
         return recorded
@@ -318,7 +321,7 @@ class Fsck:
                                                         "object or the manifest is wrong: --repair re-hashes it)")
                     elif not whole[digest]:
                         self._found(SIZE_DIFFERS, f"{digest}: {found.size} bytes, {size} in {where}",
-                                    partial(self._drop_object, found))
+                                    partial(self._drop_object, found, size))
                         if self.repair:
                             del present[digest]
                 if whole[digest] and pushed:

@@ -2,7 +2,7 @@
 
 Timeouts (botocore's own are 60 s to connect and 60 s per read, which a hung store -- its
 connections accepted, nothing answered -- made every request wait out, retries on top): the driver
-has three clients, each with botocore's ``standard`` retries (a connection error, a timeout or a
+has four clients, each with botocore's ``standard`` retries (a connection error, a timeout or a
 5xx tried again after a jittered pause of at most a few hundred milliseconds):
 
 * :data:`SMALL` (connect 3 s, read 3 s, 2 attempts): HEAD, LIST, DELETE, the start and abort of a

@@ -92,7 +92,8 @@ def test_modules_stay_under_400_lines() -> None:
 #: Modules that may import boto3 when loaded: the S3 driver's own (the ``s3`` extra).
 S3_ONLY = ("mirror/storage/s3.py", "mirror/storage/s3objects.py", "mirror/storage/s3fill.py",
            "mirror/storage/s3damage.py", "mirror/storage/s3notes.py", "mirror/storage/s3uploads.py",
-           "mirror/storage/s3binding.py", "mirror/storage/s3client.py", "mirror/storage/s3room.py")
+           "mirror/storage/s3binding.py", "mirror/storage/s3client.py", "mirror/storage/s3room.py",
+           "mirror/storage/s3breaker.py")
 
 
 def test_only_the_s3_driver_loads_boto3_for_a_filesystem_store() -> None:

@@ -23,7 +23,8 @@ import pytest
 from mirror.spec.reference import parse_digest
 from mirror.storage.driver import StoreUnavailable
 from mirror.storage.s3 import S3Options, S3Store
-from mirror.storage.s3client import BODY_READ, SEND, SMALL, TRANSFER
+from mirror.storage.s3breaker import TRIAL_EVERY
+from mirror.storage.s3client import BODY_READ, PROBE, SEND, SMALL, TRANSFER
 from mirror.storage.s3uploads import S3UploadTails
 from tests.support.catalog import StandardImages
 from tests.support.faults import FaultProxy
@@ -265,6 +266,46 @@ def test_a_hung_object_store_is_reported_within_seconds_and_the_mirror_recovers(
     assert get_digest(http, blob_url(mirror, "library/small", stored))[:2] == (200, stored)
     again = http.get(f"{mirror.url}/v2/library/small/manifests/{manifest}", headers={"accept": images.small.media_type})
     assert again.status_code == 200 and again.content == images.small.manifest
+    assert "Traceback" not in mirror.log_tail(800)
+
+
+@pytest.mark.slow
+def test_once_a_request_to_a_hung_store_timed_out_the_next_ones_fail_at_once_and_it_is_used_again_once_back(
+    own_bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """Each request to a hung store waited out its timeouts (6 s for a look in it): a pull of three
+    layers took half a minute to be served from the upstream.  Once one timed out and none got an answer
+    since, requests fail at once (``storage/s3breaker.py``) and blobs are streamed from the upstream
+    without waiting; a request let through every few seconds finds the store back, ``/readyz`` unasked."""
+    bucket, image = own_bucket, images.small
+    mirror = mirror_factory(env=bucket.env(), workers=1)
+    stored = cached(mirror, http, images, bucket)
+    mirror.restart()  # no manifest in memory: a GET of one asks the bucket
+    proc = bucket.server.proc
+    proc.signal_group(signal.SIGSTOP)
+    try:
+        seconds = []
+        started = time.monotonic()
+        answer = http.get(f"{mirror.url}/v2/library/small/manifests/{image.digest}",
+                          headers={"accept": image.media_type})
+        assert (answer.status_code, answer.content) == (200, image.manifest), answer.text
+        seconds.append(round(time.monotonic() - started, 2))
+        for digest, path in image.blobs.items():  # the config and two layers, one of them stored
+            if digest != image.digest:
+                started = time.monotonic()
+                got = get_digest(http, blob_url(mirror, "library/small", digest))
+                assert got == (200, digest, path.stat().st_size, "BYPASS"), got
+                seconds.append(round(time.monotonic() - started, 2))
+    finally:
+        proc.signal_group(signal.SIGCONT)
+    # The first waits out a look's timeouts, and the HEAD of the bucket made then; the others fail at once.
+    assert len(seconds) == 4 and seconds[0] < BOUND + PROBE.read and all(taken < 1.0 for taken in seconds[1:]), seconds
+    said = "does not answer (a request timed out, and neither another one nor a HEAD of the bucket"
+    assert said in mirror.log_tail(400)
+    url, size = blob_url(mirror, "library/small", stored), image.blobs[stored].stat().st_size
+    wait_for(lambda: get_digest(http, url) == (200, stored, size, "HIT"), timeout=TRIAL_EVERY + 2 * BOUND,
+             what="the blob served from the store again", interval=0.25)
+    assert "answers again, after" in mirror.log_tail(400)
     assert "Traceback" not in mirror.log_tail(800)
 
 

@@ -18,6 +18,10 @@ has four clients, each with botocore's ``standard`` retries (a connection error,
 * :data:`PROBE` (connect 2 s, read 2 s, 1 attempt): ``/readyz``'s HEAD of the bucket, within a
   probe's usual 5 s timeout.
 
+Once a request timed out and none got an answer since it was sent, the store is taken as hung: the
+clients' :class:`~mirror.storage.s3breaker.Breaker` fails requests at once, but for one every few
+seconds and the probe, until the store answers (``storage/s3breaker.py``).
+
 The connect timeout also bounds each block of a request body being sent (urllib3 sends with it).
 
 :func:`settings_problem` reads, in an error, what the ``storage.s3`` settings got wrong (credentials
@@ -57,6 +61,7 @@ from botocore.utils import determine_content_length
 
 from ..observe.serverdir import handed_over
 from .driver import StoreSetupError
+from .s3breaker import Breaker
 
 if TYPE_CHECKING:
     from .s3options import S3Options
@@ -128,13 +133,17 @@ def make_clients(options: S3Options) -> tuple[Any, Any, Any, Any]:
         if options.key_files != (None, None):
             core.get_component("credential_provider").insert_before("env", _KeyFiles(options))
         session = boto3.session.Session(botocore_session=core)
-        return (make_client(session, options, TRANSFER), make_client(session, options, SMALL),
-                make_client(session, options, PROBE), make_client(session, options, SEND))
+        clients = (make_client(session, options, TRANSFER), make_client(session, options, SMALL),
+                   make_client(session, options, PROBE), make_client(session, options, SEND))
     except BotoCoreError as exc:
         raise StoreSetupError(
             f"the AWS SDK cannot make a client for bucket {options.bucket!r}: {exc}: check AWS_PROFILE,"
             " AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE (or set storage.s3.accesskey and storage.s3.secretkey,"
             " and the SDK's profile is not read)") from None
+    breaker = Breaker(_endpoint(options), lambda: clients[2].head_bucket(Bucket=options.bucket))
+    for client in clients:
+        breaker.attach(client, probe=client is clients[2])
+    return clients
 
 
 class _KeyFiles(CredentialProvider):  # type: ignore[misc]

@@ -27,6 +27,7 @@ from mirror.storage.s3breaker import TRIAL_EVERY
 from mirror.storage.s3client import BODY_READ, PROBE, SEND, SMALL, TRANSFER
 from mirror.storage.s3uploads import S3UploadTails
 from tests.support.catalog import StandardImages
+from tests.support.client import push_blob
 from tests.support.faults import FaultProxy
 from tests.support.metrics import scrape, value
 from tests.support.mirror import MirrorServer
@@ -272,14 +273,20 @@ def test_a_hung_object_store_is_reported_within_seconds_and_the_mirror_recovers(
 @pytest.mark.slow
 def test_once_a_request_to_a_hung_store_timed_out_the_next_ones_fail_at_once_and_it_is_used_again_once_back(
     own_bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+    tmp_path: Path,
 ) -> None:
     """Each request to a hung store waited out its timeouts (6 s for a look in it): a pull of three
     layers took half a minute to be served from the upstream.  Once one timed out and none got an answer
-    since, requests fail at once (``storage/s3breaker.py``) and blobs are streamed from the upstream
-    without waiting; a request let through every few seconds finds the store back, ``/readyz`` unasked."""
+    since, requests fail at once (``storage/s3breaker.py``): blobs are streamed from the upstream
+    without waiting, a pushed one answers 503 at once; a request let through every few seconds finds
+    the store back, ``/readyz`` unasked."""
     bucket, image = own_bucket, images.small
     mirror = mirror_factory(env=bucket.env(), workers=1)
     stored = cached(mirror, http, images, bucket)
+    own = tmp_path / "own"
+    own.write_bytes(os.urandom(300_000))
+    pushed = f"sha256:{hashlib.sha256(own.read_bytes()).hexdigest()}"
+    assert push_blob(http, mirror.url, "team/own", pushed, own)
     mirror.restart()  # no manifest in memory: a GET of one asks the bucket
     proc = bucket.server.proc
     proc.signal_group(signal.SIGSTOP)
@@ -296,10 +303,14 @@ def test_once_a_request_to_a_hung_store_timed_out_the_next_ones_fail_at_once_and
                 got = get_digest(http, blob_url(mirror, "library/small", digest))
                 assert got == (200, digest, path.stat().st_size, "BYPASS"), got
                 seconds.append(round(time.monotonic() - started, 2))
+        started = time.monotonic()  # what only the bucket has: a clear 503, at once too
+        refused = http.get(blob_url(mirror, "team/own", pushed))
+        seconds.append(round(time.monotonic() - started, 2))
+        assert refused.status_code == 503 and refused.json()["errors"][0]["code"] == "UNAVAILABLE", refused.text
     finally:
         proc.signal_group(signal.SIGCONT)
     # The first waits out a look's timeouts, and the HEAD of the bucket made then; the others fail at once.
-    assert len(seconds) == 4 and seconds[0] < BOUND + PROBE.read and all(taken < 1.0 for taken in seconds[1:]), seconds
+    assert len(seconds) == 5 and seconds[0] < BOUND + PROBE.read and all(taken < 1.0 for taken in seconds[1:]), seconds
     said = "does not answer (a request timed out, and neither another one nor a HEAD of the bucket"
     assert said in mirror.log_tail(400)
     url, size = blob_url(mirror, "library/small", stored), image.blobs[stored].stat().st_size

@@ -3,8 +3,8 @@ nothing, requests fail at once instead of each waiting out its timeouts.
 
 A hung store (its connections accepted, nothing answered: a stopped process, a network that drops
 packets) makes a request wait out its client's timeouts: about 6 s for a HEAD, 40 s for a part.
-Every request of a pull asked it in turn (a 3-layer pull took 30 s to fail), although ``/readyz``
-already knew.
+Every request of a pull asked it in turn (a 3-layer pull took 30 s to be served from the upstream),
+although ``/readyz`` already knew.
 
 The breaker *opens* when a request timed out (botocore's connect or read timeout, its retries spent),
 no request of this process got an answer from the store since that one was sent, and the bucket's

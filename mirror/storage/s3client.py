@@ -18,9 +18,10 @@ has four clients, each with botocore's ``standard`` retries (a connection error,
 * :data:`PROBE` (connect 2 s, read 2 s, 1 attempt): ``/readyz``'s HEAD of the bucket, within a
   probe's usual 5 s timeout.
 
-Once a request timed out and none got an answer since it was sent, the store is taken as hung: the
-clients' :class:`~mirror.storage.s3breaker.Breaker` fails requests at once, but for one every few
-seconds and the probe, until the store answers (``storage/s3breaker.py``).
+Once a request timed out, and neither another request nor a HEAD of the bucket made then got an
+answer since it was sent, the store is taken as hung: the clients'
+:class:`~mirror.storage.s3breaker.Breaker` fails requests at once, but for one every few seconds and
+the probe, until the store answers (``storage/s3breaker.py``).
 
 The connect timeout also bounds each block of a request body being sent (urllib3 sends with it).
 

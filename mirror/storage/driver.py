@@ -207,7 +207,8 @@ class BlobWriter(Protocol):
 
 class FillWriter(Protocol):
     """The writer of a fill (``storage/fill.py``): the upstream's bytes go to the local file ``path``
-    (open as ``fd``, flock'ed by the fill) that readers follow, hashed as they arrive; :meth:`commit`
+    (open as ``fd``, flock'ed by the fill) that readers follow, hashed as they arrive (a large body's
+    beside the writes, read back: ``storage/filehash.py``); :meth:`commit`
     verifies them, marks the file :data:`~mirror.storage.filesystem.VERIFIED_MODE` and stores the
     object (the file itself, moved into place, or its bytes, sent elsewhere); :meth:`discard` removes
     the file and whatever was sent of it.  ``fd`` stays the fill's to close.

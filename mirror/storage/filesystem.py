@@ -8,10 +8,9 @@ named by the hash of its payload (``schema1.py``), stored byte for byte under th
 exactly the leftovers of writers that died.  With ``blobs/`` itself gone (a volume not mounted), a look for an
 object raises ``StoreUnavailable`` (:func:`~mirror.storage.driver.missing_root`), not "absent".
 
-Readers get a :class:`StoredBlob`: an open descriptor (``sendfile`` sends from it), which keeps the
-object readable whatever the collector deletes meanwhile, and a shared ``flock`` on it that marks
-it as being served (:meth:`Store.serving`).  The fetch that clients follow as it grows is
-``storage/fill.py``'s, on this driver's temp files.
+Readers get a :class:`StoredBlob`: an open descriptor (``sendfile`` sends from it), which keeps the object
+readable whatever the collector deletes meanwhile, and a shared ``flock`` on it that marks it as being served
+(:meth:`Store.serving`).  The fetch that clients follow as it grows is ``storage/fill.py``'s, on temp files.
 
 When the filesystem refuses a write (full, over quota, read-only: :func:`refusal`), callers record it
 with :meth:`Store.refused`; :meth:`Store.write_problem` then reports the store as unable to take writes
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import DigestMismatch, Space, StoredObject, StoreError, UploadParts, missing_root
+from .filehash import FileHash
 from .layout import PARTIAL, Layout
 from .marks import being_read
 from .reads import read_chunks
@@ -340,16 +340,16 @@ class Ingest:
         self.written = 0
         self.stored_elsewhere: Callable[[], bool] | None = None  # replicas need a shared store: ignored here
         self.serves_unstored = False  # a file whose fsync or rename failed may not read back as written
-        self._hasher = self.content.hasher()
+        self._hash = FileHash(self.content.hasher(), fd)  # beside the writes, for a large body
         self._closed = False
 
     def write(self, data: bytes | memoryview) -> None:
-        self._hasher.update(data)
         write_all(self.fd, data)
+        self._hash.update(data)
         self.written += len(data)
 
     def verify(self) -> None:
-        check_written(self.digest, self.content, self.expected_size, self.written, self._hasher.hexdigest())
+        check_written(self.digest, self.content, self.expected_size, self.written, self._hash.hexdigest())
 
     def commit(self) -> None:
         """Verify, flush to disk and move into place.  Raises and leaves nothing behind on mismatch."""
@@ -366,16 +366,16 @@ class Ingest:
         self.store.committed(self.written)
 
     def discard(self) -> None:
-        try:
+        self._hash.close()
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def close(self) -> None:
         """Release the temp file; an uncommitted one is removed."""
         if self._closed:
             return
         self._closed = True
+        self._hash.close()
         if os.path.exists(self.path):
             try:
                 if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:

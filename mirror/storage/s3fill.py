@@ -50,6 +50,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..spec.reference import Digest
 from .driver import StoreError
+from .filehash import FileHash
 from .filesystem import VERIFIED_MODE, write_all
 from .s3damage import vouch
 from .s3notes import abort_left, write_note
@@ -81,7 +82,7 @@ class S3Fill:
         self.written = 0
         self.key = store.key(digest)
         self._chunk = store.options.chunksize
-        self._hasher = digest.hasher()
+        self._hash = FileHash(digest.hasher(), fd)  # beside the writes, for a large body
         self._threads = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="s3-fill")
         self._upload: Future[str] | None = None  # the multipart upload's id, once S3 gave it
         self._sending: list[Future[dict[str, Any]]] = []  # parts on their way, oldest first
@@ -103,8 +104,8 @@ class S3Fill:
         return self.stored_elsewhere is not None and self._upload is None and self.stored_elsewhere()
 
     def write(self, data: bytes | memoryview) -> None:
-        self._hasher.update(data)
         write_all(self.fd, data)
+        self._hash.update(data)
         self.written += len(data)
         young = SEND_AFTER - (time.monotonic() - self._began)
         if young <= 0:
@@ -194,7 +195,7 @@ class S3Fill:
             self._parts.append(self._sending.pop(0).result())
 
     def verify(self) -> None:
-        check_written(self.digest, self.digest, self.expected_size, self.written, self._hasher.hexdigest())
+        check_written(self.digest, self.digest, self.expected_size, self.written, self._hash.hexdigest())
 
     def commit(self) -> None:
         """Verify, mark the file verified, send the rest and complete the upload; remove the file.
@@ -256,6 +257,7 @@ class S3Fill:
     def discard(self) -> None:
         """Abort the upload (after the parts on their way) and remove the file; never raises."""
         self._take_over()
+        self._hash.close()
         self._threads.shutdown(wait=True, cancel_futures=True)
         if not self._done and self._upload is not None:
             self._done = True

@@ -4,8 +4,9 @@ Read on the event loop (``rawbody.py``), a cold fill of a large layer kept one c
 loop's turn per socket read (uvloop hands over at most 256 KiB at a time), the batching of reads and
 a thread hop per batch, while the clients following the fill waited for that same loop
 (``tests/bench/README.md``).  :class:`Drain` hands the body over to one thread instead: it receives
-into one reused buffer with ``recv_into`` and passes each read to the fill's writer (which hashes and
-writes it: ``hashlib``, ``recv`` and ``write`` all let go of the GIL), so the loop only wakes the
+into one reused buffer with ``recv_into`` and passes each read to the fill's writer (which writes it,
+and hashes it, or past the first bytes has another thread hash it: ``storage/filehash.py``; ``recv``,
+``write`` and ``hashlib`` all let go of the GIL), so the loop only wakes the
 fill's readers, once per batch of reads that landed while it was busy.
 
 How the connection is taken over, with nothing awaited in between (so no byte can be read by both):

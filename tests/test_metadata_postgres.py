@@ -337,6 +337,37 @@ def test_calls_fail_fast_while_the_server_is_down_and_work_again_once_it_is_back
             index.close()
 
 
+def test_once_the_listener_finds_the_server_refusing_calls_fail_at_once_and_the_pool_reconnects_once_it_is_back(
+) -> None:
+    """A stopped server refuses connections: once the listener's attempt to connect was refused, a call
+    fails at once (not after waiting ``POOL_WAIT`` for a connection that cannot come), and once the
+    server is back the very first call is answered, before the listener tries again.  On a cluster of
+    the test's own."""
+    with PostgresServer() as own:
+        index = PostgresMetadata(own.create_database())
+        try:
+            index.set_tag(REPO, "1", TagRecord(D1, OCI_MANIFEST, 1.0))
+            own.halt()
+            with pytest.raises(MetadataUnavailable):  # the listener may not know yet: up to POOL_WAIT
+                index.get_tag(REPO, "1")
+            time.sleep(1.5)  # the listener tries again every second
+            took = []
+            for _ in range(5):
+                started = time.monotonic()
+                with pytest.raises(MetadataUnavailable, match="metadata database unavailable: .*refused"):
+                    index.get_tag(REPO, "1")
+                took.append(round(time.monotonic() - started, 3))
+            assert max(took) < 0.5, took
+
+            own.resume()
+            started = time.monotonic()
+            assert index.get_tag(REPO, "1") == TagRecord(D1, OCI_MANIFEST, 1.0)  # the very first call after
+            assert time.monotonic() - started < 1.0, time.monotonic() - started
+            assert index.get_tag(REPO, "2") is None  # and the next
+        finally:
+            index.close()
+
+
 def test_each_process_holds_at_most_metadata_postgres_pool_size_connections(dsn: str, tmp_path: Path) -> None:
     """Six calls at once, each kept waiting by a lock: the index opens two connections (the key's
     value, from its environment variable, handed on to workers), not the default four."""
@@ -690,6 +721,10 @@ def test_a_mirror_answers_503_while_its_database_is_down_and_recovers_when_it_is
         assert took < 5.0, f"503 after {took:.1f}s"
         head = http.head(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=ACCEPT)
         assert head.status_code == 503 and head.headers["retry-after"] == "5"
+        time.sleep(1.5)  # each process's listener has found its connection attempt refused by now
+        started = time.monotonic()
+        again = http.get(f"{mirror.url}/v2/{other}/manifests/{other_tag}", headers=ACCEPT)
+        assert again.status_code == 503 and time.monotonic() - started < 0.5, time.monotonic() - started
         ready = http.get(f"{mirror.url}/readyz")
         assert ready.status_code == 503
         assert ready.json()["problems"]["index"].startswith(f"metadata database unavailable: {database}: ")

@@ -229,8 +229,12 @@ class NotifiedGeneration:
 
     def _listen(self) -> None:
         while not self._stop.is_set():
+            connected = False  # a session that ends is not a refusal: the next attempt says
             try:
                 with psycopg.connect(self._dsn, autocommit=True, application_name=LISTENER) as conn:
+                    connected = True
+                    if self._watch is not None:
+                        self._watch.reached()
                     conn.execute(f"SET lock_timeout = {int(HEARTBEAT_LOCK_WAIT * 1000)}")
                     conn.execute(f"LISTEN {CHANNEL}")  # before reading: nothing committed after is missed
                     row = conn.execute("SELECT value FROM counters WHERE name = 'generation'").fetchone()
@@ -257,7 +261,7 @@ class NotifiedGeneration:
             except psycopg.Error as exc:
                 with self._lock:
                     self._value = None
-                if self._watch is not None and isinstance(exc, psycopg.OperationalError):
+                if self._watch is not None and isinstance(exc, psycopg.OperationalError) and not connected:
                     self._watch.refused(str(exc).partition("\n")[0])
                 self._stop.wait(1.0)
 

@@ -14,8 +14,13 @@ within ``HEARTBEAT + HEARTBEAT_WAIT`` seconds; :class:`ServerWatch` acts on what
   in use is shut down, as the listener's own is: the read blocked on it ends at once with an
   error, libpq marks the connection bad, and the pool discards it rather than hand it out again;
 * while silent, a call fails at once, without waiting for a pool connection or connecting;
+* while the listener's last attempt to connect failed (a server stopped, refusing connections) and
+  the pool has no connection at hand, a call does not wait ``POOL_WAIT`` for a connection that cannot
+  come: it tries to connect once itself (refused again: it fails at once), one call at a time, the
+  others failing at once meanwhile;
 * once the listener has a working connection again (:meth:`ServerWatch.answered`), calls go to
-  the pool again, which replaces the connections it discarded.
+  the pool again, which is told to replace the connections it lost at once (``on_back``: its own
+  retries back off for seconds).
 
 Every such failure is :class:`~mirror.metadata.driver.MetadataUnavailable` naming the database
 (``503 UNAVAILABLE`` at the HTTP edge).  A change whose connection is shut down while its commit is
@@ -29,7 +34,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,12 +62,16 @@ class ServerWatch:
     *where* names the database in messages (``pgschema.describe``).  Thread-safe: the pool's
     clients register and release connections while the listener's threads report."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, connect: Callable[[], psycopg.Connection[Row]] | None = None) -> None:
         self._where = where
+        self._connect = connect  # a connection of the pool's kind, made outside it
+        self._trying = threading.Lock()  # held by the one call that connects while the listener was refused
         self._lock = threading.Lock()
         self._in_use: dict[int, psycopg.Connection[Row]] = {}  # by id(): handed out, not given back yet
         self._silence: str | None = None  # why calls fail at once, while the server does not answer
         self._refused: str | None = None  # why the listener's last connection attempt failed, until one works
+        #: Called (in the listener's thread) when the server answers again after it did not.
+        self.on_back: Callable[[], object] | None = None
 
     @property
     def silence(self) -> str | None:
@@ -84,15 +93,32 @@ class ServerWatch:
 
     def refused(self, reason: str) -> None:
         """The listener's attempt to connect failed (libpq's *reason*: the server refused, the database does
-        not exist, the password was wrong...): said with a call that waited in vain for a pool connection."""
+        not exist, the password was wrong...): until the listener connects again, a call the pool has no
+        connection at hand for fails at once, saying so."""
         self._refused = reason
+
+    def reached(self) -> None:
+        """The listener connected (whatever its session finds next): calls go to the pool again."""
+        with self._lock:
+            refused, self._refused = self._refused, None
+        if refused is not None:
+            self._back()
 
     def answered(self) -> None:
         """The server answers again (the listener connected and read): calls go to the pool again."""
         with self._lock:
-            back, self._silence, self._refused = self._silence is not None, None, None
+            back = self._silence is not None or self._refused is not None
+            self._silence = self._refused = None
         if back:
+            self._back()
             log.info("%s answers again", self._where)
+
+    def _back(self) -> None:
+        if self.on_back is not None:
+            try:
+                self.on_back()
+            except Exception:  # noqa: BLE001 (the pool then reconnects on its own schedule)
+                log.debug("%s: the pool's check after the server came back failed", self._where, exc_info=True)
 
     def check(self, conn: psycopg.Connection[Row]) -> None:
         """The pool's ``check`` of *conn* before it is handed out: refused while silent; otherwise
@@ -113,6 +139,29 @@ class ServerWatch:
             self._in_use.pop(id(conn), None)
 
     @contextmanager
+    def _connection(self, pool: ConnectionPool[psycopg.Connection[Row]]) -> Iterator[psycopg.Connection[Row]]:
+        """A connection for one call: the pool's; or, while the listener's last attempt to connect was
+        refused and the pool has none at hand, one this call makes itself (closed after it), so that the
+        first call after the server is back need not wait for the listener's next attempt nor for the
+        pool's backed-off retry.  One call at a time tries; the others, and the call whose attempt is
+        refused too, fail at once (``OperationalError``)."""
+        if self._refused is None or self._connect is None or pool.get_stats().get("pool_available"):
+            with pool.connection() as conn:
+                yield conn
+            return
+        if not self._trying.acquire(blocking=False):
+            raise psycopg.OperationalError(self._refused)
+        try:
+            conn = self._connect()
+        finally:
+            self._trying.release()
+        with conn:
+            with self._lock:
+                self._in_use[id(conn)] = conn  # silent() can end its query
+            self.reached()  # the server takes connections again: the pool connects at once
+            yield conn
+
+    @contextmanager
     def cursor(self, pool: ConnectionPool[psycopg.Connection[Row]], *,
                transaction: bool = False) -> Iterator[psycopg.Cursor[Row]]:
         """A cursor of a connection from *pool* (checked by :meth:`check`), in a transaction if
@@ -122,7 +171,7 @@ class ServerWatch:
         try:
             if self._silence is not None:
                 raise psycopg.OperationalError(self._silence)
-            with pool.connection() as conn:
+            with self._connection(pool) as conn:
                 try:
                     if transaction:
                         with conn.transaction(), conn.cursor() as cur:

@@ -16,10 +16,10 @@ migrated at start): ``tags`` (repo, tag -> digest, media type, fetched-at), ``ma
   given by tests replaces it).  A name's row stays after release (expired), so a new grant's token
   is drawn from the sequence only while its row is locked: later than every earlier grant's.
 * Connections come from a pool (``pool_size``) plus the listener's own; each is checked as it is
-  taken, so the dead ones a restarted server left behind are replaced.  While the server cannot
-  be reached, a call fails within :data:`POOL_WAIT` with ``MetadataUnavailable``; the pool keeps
-  trying to reconnect (backing off for at most :data:`RECONNECT_WAIT`, then again on the next
-  call), so it recovers by itself.  A server that hangs is found by the listener's heartbeat: the
+  taken, so the dead ones a restarted server left behind are replaced.  A server that cannot be reached
+  fails a call with ``MetadataUnavailable`` within :data:`POOL_WAIT`, at once after the listener was refused;
+  the pool reconnects (backing off for at most :data:`RECONNECT_WAIT`, then on the next call, or at once
+  when the listener connects again).  A server that hangs is found by the listener's heartbeat: the
   queries in flight are ended and calls fail at once until it answers again (``pgwatch``).
 """
 
@@ -47,8 +47,8 @@ from .scans import PostgresRecords
 POOL_SIZE = 4
 #: Seconds a call waits for a working connection before it fails with ``MetadataUnavailable``.
 POOL_WAIT = 2.0
-#: Seconds the pool retries a lost connection (backing off) before it waits for the next call to try again.
-RECONNECT_WAIT = 5.0
+#: Seconds the pool retries a lost connection (backing off; short: a pending retry delays reconnecting).
+RECONNECT_WAIT = 1.5
 #: Seconds a connection attempt may take, unless the DSN says (``connect_timeout``).
 CONNECT_TIMEOUT = 5
 
@@ -77,10 +77,11 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
         with psycopg.connect(dsn, autocommit=True) as conn:
             self.recorded_store = store if migrate(conn, store)[1] else None  # this start's: forget_store
         self._clock = clock
-        self._watch = ServerWatch(self._where)
+        self._watch = ServerWatch(self._where, connect=lambda: psycopg.connect(dsn, autocommit=True))
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=True, name="metadata",
             timeout=POOL_WAIT, reconnect_timeout=RECONNECT_WAIT, check=self._watch.check)
+        self._watch.on_back = self._pool.check  # reconnect at once when the listener finds the server back
         self._generation = NotifiedGeneration(dsn, watch=self._watch)
 
     @property

@@ -17,7 +17,8 @@ within ``HEARTBEAT + HEARTBEAT_WAIT`` seconds; :class:`ServerWatch` acts on what
 * while the listener's last attempt to connect failed (a server stopped, refusing connections) and
   the pool has no connection at hand, a call does not wait ``POOL_WAIT`` for a connection that cannot
   come: it tries to connect once itself (refused again: it fails at once), one call at a time, the
-  others failing at once meanwhile;
+  others failing at once meanwhile (after a server answered and refused, one call every
+  :data:`TRY_EVERY` seconds, the others waiting for the pool as before);
 * once the listener has a working connection again (:meth:`ServerWatch.answered`), calls go to
   the pool again, which is told to replace the connections it lost at once (``on_back``: its own
   retries back off for seconds).
@@ -34,6 +35,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +48,8 @@ from .driver import MetadataUnavailable
 __all__ = ["ServerWatch", "shut_down"]
 
 log = logging.getLogger("mirror.metadata")
+#: Seconds between two calls' own attempts to connect after a server refused one (it logs each).
+TRY_EVERY = 0.2
 Row = tuple[Any, ...]
 
 
@@ -66,6 +70,7 @@ class ServerWatch:
         self._where = where
         self._connect = connect  # a connection of the pool's kind, made outside it
         self._trying = threading.Lock()  # held by the one call that connects while the listener was refused
+        self._tried = 0.0  # when that call last tried (time.monotonic())
         self._lock = threading.Lock()
         self._in_use: dict[int, psycopg.Connection[Row]] = {}  # by id(): handed out, not given back yet
         self._silence: str | None = None  # why calls fail at once, while the server does not answer
@@ -143,9 +148,12 @@ class ServerWatch:
         """A connection for one call: the pool's; or, while the listener's last attempt to connect was
         refused and the pool has none at hand, one this call makes itself (closed after it), so that the
         first call after the server is back need not wait for the listener's next attempt nor for the
-        pool's backed-off retry.  One call at a time tries; the others, and the call whose attempt is
-        refused too, fail at once (``OperationalError``)."""
-        if self._refused is None or self._connect is None or pool.get_stats().get("pool_available"):
+        pool's backed-off retry.  One call at a time tries; the others fail at once meanwhile, as does
+        the call whose attempt is refused too (``OperationalError``).  After an attempt a server answered
+        and refused (a password, a database that does not exist: the server logs each), calls try at
+        most one every :data:`TRY_EVERY` seconds, and wait for the pool in between, as before."""
+        limited = time.monotonic() - self._tried < TRY_EVERY
+        if self._refused is None or self._connect is None or limited or pool.get_stats().get("pool_available"):
             with pool.connection() as conn:
                 yield conn
             return
@@ -153,6 +161,10 @@ class ServerWatch:
             raise psycopg.OperationalError(self._refused)
         try:
             conn = self._connect()
+        except psycopg.OperationalError as exc:
+            if "FATAL:" in str(exc):  # the server's own refusal (libpq's words for one)
+                self._tried = time.monotonic()
+            raise
         finally:
             self._trying.release()
         with conn:

@@ -99,7 +99,7 @@ class ServerWatch:
     def refused(self, reason: str) -> None:
         """The listener's attempt to connect failed (libpq's *reason*: the server refused, the database does
         not exist, the password was wrong...): until the listener connects again, a call the pool has no
-        connection at hand for fails at once, saying so."""
+        connection at hand for tries to connect itself rather than wait for the pool (:meth:`_connection`)."""
         self._refused = reason
 
     def reached(self) -> None:

@@ -152,8 +152,8 @@ class ServerWatch:
         the call whose attempt is refused too (``OperationalError``).  After an attempt a server answered
         and refused (a password, a database that does not exist: the server logs each), calls try at
         most one every :data:`TRY_EVERY` seconds, and wait for the pool in between, as before."""
-        limited = time.monotonic() - self._tried < TRY_EVERY
-        if self._refused is None or self._connect is None or limited or pool.get_stats().get("pool_available"):
+        if (self._refused is None or self._connect is None or time.monotonic() - self._tried < TRY_EVERY
+                or pool.get_stats().get("pool_available")):
             with pool.connection() as conn:
                 yield conn
             return

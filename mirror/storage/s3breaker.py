@@ -55,7 +55,7 @@ class Breaker:
         self._answered = float("-inf")  # when the store last answered a request (monotonic)
         self._down_since: float | None = None  # open since (monotonic); None: closed
         self._next_trial = 0.0
-        self._confirming = False
+        self._confirming: float | None = None  # when the request whose timeout the probe confirms was sent
 
     def attach(self, client: Any, *, probe: bool = False) -> None:
         """Feed this breaker with *client*'s answers and timeouts and hold its requests while it is
@@ -92,23 +92,26 @@ class Breaker:
 
     def _after_error(self, exception: Exception, context: dict[str, Any], **_: Any) -> None:
         with self._lock:
-            if self._confirming or not self._unanswered(exception, context):
+            if self._confirming is not None or not self._unanswered(exception, context):
                 return
-            self._confirming = True
+            self._confirming = context.get(_SENT, time.monotonic())
         try:
             self._confirm()  # the probe's own events open the breaker, or find the store up
         except Exception:  # noqa: BLE001 (its outcome is in its events)
             pass
         finally:
             with self._lock:
-                self._confirming = False
+                self._confirming = None
 
     def _after_probe_error(self, exception: Exception, context: dict[str, Any], **_: Any) -> None:
         now = time.monotonic()
         with self._lock:
             if not self._unanswered(exception, context):
                 return
-            self._down_since, self._next_trial = context.get(_SENT, now), now + TRIAL_EVERY
+            # Unanswered since the request whose timeout the probe confirms was sent (or the probe itself).
+            sent = context.get(_SENT, now)
+            self._down_since = sent if self._confirming is None else min(sent, self._confirming)
+            self._next_trial = now + TRIAL_EVERY
         log.warning("object store at %s does not answer (a request timed out, and neither another one nor a HEAD of the"
                     " bucket got an answer since it was sent): requests to it fail at once until it answers, one"
                     " every %g s still asking it", self._endpoint, TRIAL_EVERY)

@@ -290,9 +290,9 @@ class _Interrupts:
 
 def _names_data_directory(path: Path) -> bool:
     """True if the config file *path* (valid YAML, already loaded) sets ``storage.path``."""
-    import yaml
+    from .config.yamlfile import load_yaml
 
-    doc = yaml.safe_load(path.read_text())
+    doc = load_yaml(path.read_text())
     storage = doc.get("storage") if isinstance(doc, dict) else None
     return isinstance(storage, dict) and bool(storage.get("path"))
 

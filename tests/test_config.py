@@ -12,6 +12,7 @@ import pytest
 
 from mirror.config.load import load_config, to_environ
 from mirror.config.sections import DOCKER_HUB_URL, ConfigError
+from mirror.config.yamlfile import load_yaml
 from mirror.storage.s3 import S3Options
 
 
@@ -59,6 +60,23 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, message: str) 
     file.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
         load_config(file, env={})
+
+
+def test_a_section_or_key_written_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    """YAML's mappings have unique keys; PyYAML kept the last one: a second ``storage:`` block holding only
+    ``path:`` dropped the first block's S3 settings, and the mirror stored on its local disk, unsaid."""
+    file = tmp_path / "mirror.yml"
+    file.write_text("storage:\n  driver: s3\n  s3: {bucket: b, regionendpoint: 'http://127.0.0.1:9'}\n"
+                    "cache:\n  max_size: 1GiB\nstorage:\n  path: /srv/mirror\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 6, column 1: the key storage is written twice "
+                                          r"\(first at line 1\)"):
+        load_config(file, env={})
+    file.write_text("http:\n  listen: 127.0.0.1:5000\n  workers: 2\n  listen: 127.0.0.1:5001\n")
+    with pytest.raises(ConfigError, match="line 4, column 3: the key listen is written twice"):
+        load_config(file, env={})
+    # A merge's keys may be written again: that is what a merge is for.
+    merged = load_yaml("base: &base {listen: '127.0.0.1:5000', workers: 2}\nhttp:\n  <<: *base\n  workers: 3\n")
+    assert merged["http"] == {"listen": "127.0.0.1:5000", "workers": 3}, merged
 
 
 def test_operator_token_file(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ validated once, at start-up; a bad value raises :class:`~mirror.config.sections.
 that names the key.  The environment is read here and nowhere else; :func:`to_environ` writes it
 back for worker processes.
 
-Imports ``config`` (the sections) and ``values`` (the parsers' helpers) only.
+Imports ``config`` (the sections), ``values`` (the parsers' helpers) and ``yamlfile`` only.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .sections import (
     UiConfig,
     UpstreamConfig,
 )
+from .yamlfile import load_yaml
 
 #: Where a command's data directory is when ``--data`` is not given: the precedence above, for ``storage.path``.
 DATA_DEFAULT = f"{ENV_PREFIX}STORAGE_PATH if set, else storage.path of the --config file, else ./mirror-data"
@@ -271,7 +272,7 @@ def _merge_yaml(raw: dict[str, dict[str, Any]], path: Path, problems: list[str],
     """Merge the file's sections into *raw*; return its ``upstreams:`` list (if any).  Unknown
     sections go to *problems*; each key as written (dotted) to *written*, by section and field name."""
     try:
-        document = yaml.safe_load(path.read_text())
+        document = load_yaml(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

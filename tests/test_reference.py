@@ -68,13 +68,19 @@ def test_reference_is_tag_or_digest() -> None:
     ("items=0-1", None),
     ("bytes=0-1,5-6", None),
     ("bytes=0-1, 200-300", None),
+    # RFC 9110 14.1.2: last-pos and suffix-length are 1*DIGIT, unbounded: past the end is "the rest".
+    ("bytes=0-" + "9" * 30, ByteRange(0, 99)),
+    ("bytes=42-" + "9" * 5000, ByteRange(42, 99)),  # (more digits than Python's int() takes)
+    ("bytes=-" + "9" * 30, ByteRange(0, 99)),
+    ("bytes=" + "0" * 25 + "5-" + "0" * 25 + "7", ByteRange(5, 7)),  # leading zeros are no size
 ])
 def test_ranges(header: str, expected: ByteRange | None) -> None:
     assert parse_range(header, 100) == expected
 
 
 @pytest.mark.parametrize("header", ["bytes=100-", "bytes=5-1", "bytes=-0", "bytes=-", "bytes=0-1,5-x", "bytes=,",
-                                    "bytes=100-,200-", "=0-1", "0-1", "bytes=a-b", "bytes=" + "9" * 30 + "-"])
+                                    "bytes=100-,200-", "=0-1", "0-1", "bytes=a-b", "bytes=" + "9" * 30 + "-",
+                                    "bytes=" + "9" * 30 + "-" + "9" * 31, "bytes=9-" + "0" * 25])
 def test_bad_ranges(header: str) -> None:
     with pytest.raises(InvalidRange):
         parse_range(header, 100)

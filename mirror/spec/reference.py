@@ -137,7 +137,16 @@ class ByteRange:
         return self.end - self.start + 1
 
 
-_RANGE_SPEC_RE = re.compile(r"([0-9]{0,19})-([0-9]{0,19})")
+_RANGE_SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)")
+#: What a position or a length of more digits than a 64-bit number has stands for: past any blob's end.
+_HUGE = 1 << 64
+
+
+def _position(digits: str) -> int:
+    """A ``first-pos``, ``last-pos`` or ``suffix-length`` (``1*DIGIT``: RFC 9110 section 14.1.2 sets
+    no bound); one past 64 bits is :data:`_HUGE`, which compares as any larger number would."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else _HUGE
 
 
 def parse_range(header: str, size: int) -> ByteRange | None:
@@ -169,12 +178,12 @@ def _byte_range(spec: str, size: int, header: str) -> ByteRange | None:
         raise InvalidRange(f"invalid range {header!r}")
     first, last = m.group(1), m.group(2)
     if not first:  # suffix range: the last N bytes
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             return None
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if last and end < start:
         raise InvalidRange(f"invalid range {header!r}")
     if start >= size:

@@ -146,11 +146,15 @@ def test_a_chunks_content_range_may_be_written_as_rfc_9110_writes_it(
     registry: MirrorServer, http: httpx.Client,
 ) -> None:
     """``bytes 0-999/*`` and ``bytes 1000-1999/3000`` (RFC 9110 section 14.4) as well as the spec's
-    ``0-999``; they were refused with 416.  A total that is no number is still refused."""
+    ``0-999``; they were refused with 416.  A total that is no number is still refused, and so is a
+    range that is no range, each with the ``Range`` the upload holds (``0-0`` for an empty one, as a
+    POST answers): before, such a 416 had no ``Range``, so its client could not tell where to go on."""
     data = os.urandom(3000)
     location = http.post(f"{registry.url}/v2/team/rfc/blobs/uploads/").headers["location"]
-    bad = http.patch(registry.url + location, content=data[:1000], headers={"content-range": "bytes 0-999/lots"})
-    assert bad.status_code == 416 and error_code(bad) == "BLOB_UPLOAD_INVALID"
+    for garbage in ("bytes 0-999/lots", "garbage"):
+        bad = http.patch(registry.url + location, content=data[:1000], headers={"content-range": garbage})
+        assert bad.status_code == 416 and error_code(bad) == "BLOB_UPLOAD_INVALID", bad.text
+        assert bad.headers.get("range") == "0-0" and bad.headers["docker-upload-uuid"], bad.headers
     for header, chunk in (("bytes 0-999/*", data[:1000]), ("bytes 1000-1999/3000", data[1000:2000])):
         answer = http.patch(registry.url + location, content=chunk, headers={"content-range": header})
         assert answer.status_code == 202, (header, answer.text)

@@ -167,7 +167,11 @@ class Uploads:
         written (distribution-spec, "Pushing a blob in chunks"; distribution refuses both the same way)."""
         if not content_range:
             return
-        start, end = chunk_range(content_range)
+        try:
+            start, end = chunk_range(content_range)
+        except APIError as exc:  # malformed: the client learns where the upload is too
+            exc.headers = {**exc.headers, **upload_headers(name, uuid, offset)}
+            raise
         wrong = f"chunk starts at {start}, upload is at {offset}" if start != offset else None
         if length is not None and length != end - start + 1:
             wrong = f"Content-Length {length} is not the {end - start + 1} bytes of Content-Range {content_range!r}"

@@ -1,6 +1,8 @@
 """A TCP relay that adds latency: put it between the mirror and its object store to make every
 request to the store slow, as a distant or overloaded S3 is (``delay`` seconds before each piece
-sent to the store is passed on; changed while it runs)."""
+sent to the store is passed on; changed while it runs).  With a ``rate``, it also passes the
+answers on at that many bytes per second per connection, as a server behind a link of that speed
+(benchmarks put it before an upstream on loopback)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ class LaggingRelay:
     """Relays ``127.0.0.1:<port>`` to *target* (``host``, ``port``); :attr:`delay` seconds before
     each piece of a request goes on."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], rate: float | None = None) -> None:
         self.target = target
         self.delay = 0.0
+        self.rate = rate
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -54,10 +57,19 @@ class LaggingRelay:
             threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, lagging: bool) -> None:
+        sent, started = 0, 0.0
         with contextlib.suppress(OSError):
             while data := source.recv(1 << 16):
                 if lagging and self.delay:
                     time.sleep(self.delay)
+                if not lagging and self.rate:  # paced; an idle moment (between answers) is no credit
+                    now = time.perf_counter()
+                    due = started + sent / self.rate
+                    if not started or now - due > 0.05:
+                        started, sent = now, 0
+                    elif due > now:
+                        time.sleep(due - now)
+                    sent += len(data)
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
@@ -71,8 +83,8 @@ class LaggingRelay:
 
 
 @contextlib.contextmanager
-def lagging_relay(target: tuple[str, int]) -> Iterator[LaggingRelay]:
-    relay = LaggingRelay(target)
+def lagging_relay(target: tuple[str, int], rate: float | None = None) -> Iterator[LaggingRelay]:
+    relay = LaggingRelay(target, rate)
     try:
         yield relay
     finally:

@@ -19,8 +19,7 @@ Measured: warm blob GB/s with 1 and 8 clients; manifest GETs per second by tag a
 client's wall time and of the fill's, from the request until the blob is in the server's bucket; upstream
 bytes per blob byte), from the upstream on loopback and again through a relay that passes its answers
 on at :data:`PACED_RATE` (``tests/support/lagging.py``: an upstream behind a 1 Gbit/s link, a fast day
-for Docker Hub);
-the push of the 256 MiB layer (one monolithic upload, wall time).
+for Docker Hub); the push of the 256 MiB layer (one monolithic upload, wall time).
 GB is 10^9 bytes.  Every process started here is stopped however the run ends.
 """
 
@@ -62,6 +61,8 @@ WARM_ROUNDS = 3
 COLD_ROUNDS = 3
 #: Bytes per second the paced upstream sends a response at (1 Gbit/s).
 PACED_RATE = 125_000_000
+#: The two upstreams of the cold rounds, as the report names them.
+LOOPBACK, PACED = "loopback", f"{PACED_RATE * 8 / 1e9:g} Gbit/s"
 WRK_SECONDS = 5
 
 # Targets (the mirror on S3 + PostgreSQL against distribution on S3).
@@ -231,8 +232,9 @@ def measure_rps(server: Server, image: Image, results: Results) -> None:
 
 def measure_cold(server: Server, upstream: UpstreamRegistry, cold: Layer, how: str = "") -> Cold:
     """One client's cold fetch of the blob: its wall time, the fill's, and the upstream's bytes per
-    blob byte.  The fill's clock starts with the client's and stops once the blob is seen stored
-    (looked for every 5 ms once the client is done: neither server stores it before then)."""
+    blob byte.  The fill's clock starts with the client's and stops once the blob is seen stored,
+    looked for every 5 ms once the client is done (distribution stores it seconds later; the mirror
+    completes it after its verdict, at the earliest as its client gets the last byte)."""
     progress(f"{server.label}: cold fetch of the 256 MiB blob{how}")
     upstream.clear_counts()
     started = time.perf_counter()
@@ -350,7 +352,7 @@ def report(results: Results) -> str:
     out(f"3. Cold fetch of the 256 MiB blob, 1 client, empty storage (medians of {COLD_ROUNDS} rounds): the "
         "client's wall time, the fill's (request to stored)")
     out(f"   {'server':<18}{'upstream':<20}{'client s':>9}{'fill s':>8}{'upstream bytes / blob':>23}")
-    for where, colds in (("loopback", results.cold), (f"{PACED_RATE * 8 / 1e9:g} Gbit/s", results.paced)):
+    for where, colds in ((LOOPBACK, results.cold), (PACED, results.paced)):
         for label in labels:
             if label in colds:
                 got = colds[label]
@@ -369,7 +371,7 @@ def report(results: Results) -> str:
         ratio = _ratio(results.rps.get((MIRROR_S3, kind)), results.rps.get((DISTRIBUTION_S3, kind)))
         out(f"  [{_verdict(ratio is not None and ratio >= MIN_RPS_RATIO)}] manifest rps by {kind}: {_x(ratio)} "
             f"(target >= {MIN_RPS_RATIO:.0f}x)")
-    for where, colds in (("upstream on loopback", results.cold), ("upstream at 1 Gbit/s", results.paced)):
+    for where, colds in ((f"upstream on {LOOPBACK}", results.cold), (f"upstream at {PACED}", results.paced)):
         mine, theirs = colds.get(MIRROR_S3), colds.get(DISTRIBUTION_S3)
         if mine is None or theirs is None:
             continue

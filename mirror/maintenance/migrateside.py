@@ -70,7 +70,9 @@ def unfinished(layout: Layout, source: str, index: Metadata) -> Iterator[None]:
     the index (``metadata/unfinished.py``) until a run again ends."""
     mark = layout.root / MIGRATING
     begun = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    mark.write_text(f"from {source}, begun {begun}\n")
+    partial = mark.with_name(f".{MIGRATING}.partial")  # one run at a time: the lock on the directory
+    partial.write_text(f"from {source}, begun {begun}\n")
+    os.replace(partial, mark)  # whole or absent: a run killed as it began leaves no empty mark
     shared = getattr(index, "mark_migrating", None)  # (PostgresMetadata's)
     if shared is not None:
         shared(f"from {source}, begun {begun}")

@@ -211,7 +211,7 @@ def fsck(config: Config, repair: bool, verify_content: bool) -> int:
     progress = TerminalProgress("fsck")
     try:
         report = Fsck(store, metadata, repair=repair, verify_content=verify_content, progress=progress,
-                      replica=config.cluster.enabled).run()
+                      replica=config.cluster.enabled, upload_ttl=config.push.upload_ttl).run()
     except (StoreUnavailable, MetadataUnavailable) as exc:  # the store or the index does not answer: one line
         progress.close()
         print(f"mirror: fsck: {exc}", file=sys.stderr)

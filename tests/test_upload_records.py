@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 
 import httpx
@@ -13,8 +14,12 @@ import pytest
 
 from tests.support.mirror import MirrorServer
 from tests.support.postgres import PostgresServer
+from tests.support.seaweedfs import SeaweedS3
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import eventually
+from tests.test_s3_serve import Bucket
+
+MIB = 1 << 20
 
 
 @pytest.mark.parametrize("metadata", ["diskcache", "postgres"])
@@ -49,3 +54,44 @@ def test_an_upload_record_left_without_its_file_is_dropped_and_its_name_given_ba
     mirror.stop()
     clean = mirror_cli("fsck", "--data", mirror.data_dir, env=env, timeout=120)
     assert clean.returncode == 0, clean
+
+
+@pytest.mark.slow
+def test_two_mirrors_without_cluster_settings_on_one_index_leave_each_others_uploads_alone(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """Two mirrors without ``cluster`` settings on one bucket and database (a rollout's new pod beside the
+    one it replaces while that drains; ``mirror fsck`` run from another host) each find the other's upload
+    records without a file of their own.  Before, the other's sweep dropped such a record at its second
+    look and its ``fsck --repair`` at once: the push in progress got 404 ``BLOB_UPLOAD_UNKNOWN``.
+    A record whose mirror has ended on this host is still found and dropped."""
+    env = Bucket(seaweedfs, s3_bucket).env(MIRROR_METADATA_DRIVER="postgres",
+                                           MIRROR_METADATA_POSTGRES_DSN=postgres.create_database())
+    first = mirror_factory(env=env)
+    layer = os.urandom(7 * MIB)  # a 5 MiB part goes to the bucket, the rest stays in first's file
+    location = http.post(f"{first.url}/v2/team/app/blobs/uploads/").headers["location"]
+    uuid = location.rsplit("/", 1)[1]
+    assert http.patch(first.url + location, content=layer[:6 * MIB]).status_code == 202
+    second = mirror_factory(env=env | {"MIRROR_PUSH_UPLOAD_TTL": "16s"})  # sweeps at start and every 8 s
+    time.sleep(9)
+    assert second.running
+    went_on = http.patch(first.url + location, content=layer[6 * MIB:], headers={
+        "Content-Range": f"{6 * MIB}-{len(layer) - 1}"})
+    assert went_on.status_code == 202, (went_on.text, second.log_tail(20))
+
+    checked = mirror_cli("fsck", "--repair", "--data", second.data_dir, env=env, timeout=120)
+    assert checked.returncode == 0 and "upload record" not in checked.stdout, checked.stdout + checked.stderr
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    done = http.put(f"{first.url}{location}?digest={digest}")
+    assert done.status_code == 201, done.text
+    pulled = http.get(f"{second.url}/v2/team/app/blobs/{digest}")
+    assert pulled.status_code == 200 and hashlib.sha256(pulled.content).hexdigest() == digest[7:]
+
+    left = http.post(f"{first.url}/v2/team/left/blobs/uploads/").headers["location"].rsplit("/", 1)[1]
+    first.stop()  # its file stays in its data directory, which no other mirror sees
+    found = mirror_cli("fsck", "--data", second.data_dir, env=env, timeout=120)
+    assert found.returncode == 1 and f"upload record without its file: {left}" in found.stdout, found.stdout
+    assert uuid not in found.stdout
+    assert eventually(lambda: "has no file left" in second.log_tail(200), timeout=30), second.log_tail(20)
+    assert http.get(f"{second.url}/v2/_catalog").json() == {"repositories": ["team/app"]}

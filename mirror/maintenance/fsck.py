@@ -1,40 +1,37 @@
 """``mirror fsck``: check that the index and the store agree, and optionally repair them.
 
-Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that outlived its
-record: ``registry/roaming.py``, and its completed object ``uploads/<uuid>/data`` once older than
-:data:`~mirror.storage.layout.ORPHAN_GRACE`: one a commit failed to delete); objects in
-``blobs/`` with names that are not digests; (with
-``verify_content``) objects whose bytes do not hash to their name (a signed schema 1 manifest: whose payload
-does not, see ``storage/filesystem.py``), and without it the pushed manifests, which fsck reads anyway (as
-stored: the S3 driver's own read would remove one that does not match, and fsck without ``repair`` changes
-nothing); objects whose size (as the store lists it: no object is read) differs from their manifest record
-or from a descriptor of an image in the index that needs them (pushed or cached: a truncated layer shows
-so); tags whose manifest is missing; manifest records and repository links whose object is missing; pushed
-images that need an object missing from the store, or not linked in their repository (a ``DELETE`` of a blob
-or of a child manifest the image still needs, which a pull of it then fails on); preloaded (pinned) images,
-with their child manifests, that need an object missing from the store, which an air-gapped mirror cannot
-fetch again.  What an image needs: its layers (not non-distributable ones, fetched from their urls), config,
-child manifests; not its ``subject``, which may be absent.  Objects no repository links are counted, not
-reported (``mirror gc`` removes those older than ``gc.grace``: a collector killed between its index and its
-deletes leaves some).
+Checks: leftovers in ``tmp/`` and ``uploads/`` (on S3, also an upload's tail in the bucket that outlived its record:
+``registry/roaming.py``, and its completed object ``uploads/<uuid>/data`` once older than
+:data:`~mirror.storage.layout.ORPHAN_GRACE`: one a commit failed to delete); objects in ``blobs/`` with names that are
+not digests; (with ``verify_content``) objects whose bytes do not hash to their name (a signed schema 1 manifest:
+whose payload does not, see ``storage/filesystem.py``), and without it the pushed manifests, which fsck reads anyway
+(as stored: the S3 driver's own read would remove one that does not match, and fsck without ``repair`` changes
+nothing); objects whose size (as the store lists it: no object is read) differs from their manifest record or from a
+descriptor of an image in the index that needs them (pushed or cached: a truncated layer shows so); tags whose
+manifest is missing; manifest records and repository links whose object is missing; pushed images that need an object
+missing from the store, or not linked in their repository (a ``DELETE`` of a blob or of a child manifest the image
+still needs, which a pull of it then fails on); preloaded (pinned) images, with their child manifests, that need an
+object missing from the store, which an air-gapped mirror cannot fetch again. What an image needs: its layers (not
+non-distributable ones, fetched from their urls), config, child manifests; not its ``subject``, which may be absent.
+Objects no repository links are counted, not reported (``mirror gc`` removes those older than ``gc.grace``: a
+collector killed between its index and its deletes leaves some).
 
-fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object stored in
-between (a push, a fill) is looked up again before a record, link or tag of it is called missing.
+fsck may run beside a serving mirror: it lists the store first, then reads the index, so an object stored in between
+(a push, a fill) is looked up again before a record, link or tag of it is called missing.
 
-``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull; it
-never invents data.  An object whose size differs from its manifest record is removed as a corrupt one: the
-record is the length of the very bytes named by the digest (but for a signed schema 1 manifest, named by its
-payload, whose copy signed again by its upstream may be the one recorded: not compared).  One whose size
-differs only from an image's descriptor, which the client (or the upstream) wrote, is re-hashed first (a
-pushed image's by ``repair``, a cached image's by any run) and removed only if it does not match its digest
-(a cached one is fetched again on the next pull); if it does, a pushed image's manifest is what is wrong,
-and stays reported (a cached image's is its upstream's: nothing to repair here).  Pushed images that lack an
-object or its link are reported, never repaired: the bytes may be gone, and a link the repository's owner
-deleted is not restored.  A pushed repository's link to a missing manifest, or to a missing blob that no
-cached repository links, is removed (a pull gets a clean ``404``, and a push of it again links it again);
-to a missing blob a cached repository links, it is kept, and so are the links of such a blob that a repair
-removes as corrupt: the cached image's next pull fetches the blob again, and the pushed images that share
-it (one built on a cached base image) are whole again.
+``repair`` removes what is corrupt or dangling, so cached content is fetched again on the next pull; it never invents
+data. An object whose size differs from its manifest record is removed as a corrupt one: the record is the length of
+the very bytes named by the digest (but for a signed schema 1 manifest, named by its payload, whose copy signed again
+by its upstream may be the one recorded: not compared). One whose size differs only from an image's descriptor, which
+the client (or the upstream) wrote, is re-hashed first (a pushed image's by ``repair``, a cached image's by any run)
+and removed only if it does not match its digest (a cached one is fetched again on the next pull); if it does, a
+pushed image's manifest is what is wrong, and stays reported (a cached image's is its upstream's: nothing to repair
+here). Pushed images that lack an object or its link are reported, never repaired: the bytes may be gone, and a link
+the repository's owner deleted is not restored. A pushed repository's link to a missing manifest, or to a missing blob
+that no cached repository links, is removed (a pull gets a clean ``404``, and a push of it again links it again); to a
+missing blob a cached repository links, it is kept, and so are the links of such a blob that a repair removes as
+corrupt: the cached image's next pull fetches the blob again, and the pushed images that share it (one built on a
+cached base image) are whole again.
 """
 
 from __future__ import annotations
@@ -42,11 +39,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 from ..metadata.driver import LOCAL, Metadata
+from ..metadata.holders import kept_elsewhere
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import (
@@ -90,13 +89,13 @@ class Image:
 
 class Fsck:
     def __init__(self, store: BlobStore, metadata: Metadata, *, repair: bool = False, verify_content: bool = False,
-                 progress: Progress | None = None, replica: bool = False) -> None:
+                 progress: Progress | None = None, replica: bool = False, upload_ttl: float = 86400.0) -> None:
         """*progress* hears of the bytes re-hashed (``verify_content``): one phase, ``verifying``.
         *replica*: the store is a replica's of a cluster, whose push uploads continue on any replica:
         a local file of an upload without a record is one that ended on another replica, which the
-        server's sweep removes (``registry/roaming.py``), not a problem."""
-        self.store = store
-        self.replica = replica
+        server's sweep removes (``registry/roaming.py``), not a problem.  An upload record younger than
+        *upload_ttl* (s) whose file another running mirror may hold (``metadata/holders.py``) is none either."""
+        self.store, self.replica, self.upload_ttl = store, replica, upload_ttl
         self.metadata = metadata
         self.repair = repair
         self.verify_content = verify_content
@@ -199,8 +198,9 @@ class Fsck:
             elif not self.replica and self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
-            record = self.metadata.get_upload(uuid)
-            roaming = record is not None and record.written_at is not None  # its file may be on another replica
+            record, young = self.metadata.get_upload(uuid), time.time() - self.upload_ttl
+            roaming = record is not None and (record.written_at is not None or (  # file with another replica/mirror
+                record.started_at >= young and kept_elsewhere(record.holder)))
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
 

@@ -84,7 +84,8 @@ class UploadRecord:
     Replicas of a cluster (``registry/roaming.py``) also keep the upload's unsent *tail* in the
     bucket: *tail* is how many bytes past the parts it holds (the upload's offset is
     ``parts.sent + tail``), *written_at* when a request last wrote to the upload (``time.time()``).
-    One host keeps its tail in its local file only: 0 and None.
+    One host keeps its tail in its local file only: 0 and None, and names itself as the upload's
+    *holder* (``metadata/holders.py``; None in a record made before records named it, and a replica's).
     """
 
     name: str
@@ -92,22 +93,22 @@ class UploadRecord:
     parts: UploadParts | None = None
     tail: int = 0
     written_at: float | None = None
+    holder: str | None = None
 
-    def flat(self) -> tuple[str, float, str | None, int | None, list[str] | None, int, float | None]:
-        """``(name, started_at, upload_id, part_size, etags, tail, written_at)``: the record as a driver
-        keeps it."""
-        parts = self.parts
-        return (self.name, self.started_at, *((parts.upload_id, parts.part_size, list(parts.etags)) if parts
-                                               else (None, None, None)), self.tail, self.written_at)
+    def flat(self) -> tuple[str, float, str | None, int | None, list[str] | None, int, float | None, str | None]:
+        """As a driver keeps it: ``(name, started_at, upload_id, part_size, etags, tail, written_at, holder)``."""
+        sent = (p.upload_id, p.part_size, list(p.etags)) if (p := self.parts) else (None, None, None)
+        return (self.name, self.started_at, *sent, self.tail, self.written_at, self.holder)
 
     @classmethod
     def unflat(cls, name: str, started_at: float, upload_id: str | None = None, part_size: int | None = None,
-               etags: Iterable[str] | None = None, tail: int | None = 0,
-               written_at: float | None = None, *later: object) -> UploadRecord:
-        """The record :meth:`flat` gave (a version that kept less: its first two or five; more, *later*:
-        the fields a later version added, which a rollback to this one leaves aside)."""
+               etags: Iterable[str] | None = None, tail: int | None = 0, written_at: float | None = None,
+               holder: str | None = None, *later: object) -> UploadRecord:
+        """The record :meth:`flat` gave (a version that kept less: its first two, five or seven; more,
+        *later*: the fields a later version added, which a rollback to this one leaves aside)."""
         parts = None if upload_id is None else UploadParts(upload_id, int(part_size or 0), tuple(etags or ()))
-        return cls(name, float(started_at), parts, int(tail or 0), None if written_at is None else float(written_at))
+        return cls(name, float(started_at), parts, int(tail or 0), None if written_at is None else float(written_at),
+                   holder)
 
 
 @dataclass(frozen=True, slots=True)

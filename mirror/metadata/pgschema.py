@@ -89,11 +89,13 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE uploads ADD COLUMN tail bigint NOT NULL DEFAULT 0, ADD COLUMN written_at double precision;",
     # A pin that goes with its image's last tag (pgpins.py); those made before were all kept for good.
     "ALTER TABLE pins ADD COLUMN tagged boolean NOT NULL DEFAULT false;",
+    # The instance whose data directory holds a push upload's file, one host's (UploadRecord.holder).
+    "ALTER TABLE uploads ADD COLUMN holder text;",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The columns of ``uploads`` besides its key, in the order of ``UploadRecord.flat``; their update from ``excluded``.
-UPLOAD_COLUMNS = "name, started_at, upload_id, part_size, etags, tail, written_at"
+UPLOAD_COLUMNS = "name, started_at, upload_id, part_size, etags, tail, written_at, holder"
 UPLOAD_UPDATES = ", ".join(f"excluded.{column}" for column in UPLOAD_COLUMNS.split(", "))
 
 

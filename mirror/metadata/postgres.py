@@ -279,7 +279,7 @@ class PostgresMetadata(Remembered, PostgresRecords, PostgresMarks, PostgresPins,
     # -- uploads --
 
     def put_upload(self, uuid: str, record: UploadRecord) -> None:
-        self._one(f"INSERT INTO uploads (uuid, {UPLOAD_COLUMNS}) VALUES (%s{', %s' * 7}) ON CONFLICT (uuid) DO UPDATE"
+        self._one(f"INSERT INTO uploads (uuid, {UPLOAD_COLUMNS}) VALUES (%s{', %s' * 8}) ON CONFLICT (uuid) DO UPDATE"
                   f" SET ({UPLOAD_COLUMNS}) = ({UPLOAD_UPDATES}) RETURNING 1", (uuid, *record.flat()))
 
     def get_upload(self, uuid: str) -> UploadRecord | None:

@@ -42,12 +42,11 @@ import hmac
 import json
 import logging
 import os
-import secrets
-import socket
 import time
 
 from ..config.sections import ClusterConfig, Config
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
+from ..metadata.holders import new_instance
 from ..observe.said import first_to_say
 from .reads import in_index_thread
 from .sharedsettings import SETTINGS_LEASE, fleet_settings, say_differ
@@ -69,7 +68,7 @@ INSTANCE = "MIRROR_SERVE_INSTANCE"
 def instance() -> str:
     """This replica's instance: host, pid of ``mirror serve`` and a random part, made once by that
     process and handed to its workers through the environment (:data:`INSTANCE`)."""
-    return os.environ.setdefault(INSTANCE, f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}")
+    return os.environ.get(INSTANCE) or os.environ.setdefault(INSTANCE, new_instance())
 
 
 def address_lease(config: ClusterConfig) -> str:

@@ -1,18 +1,15 @@
 """Blob uploads of pushed repositories (distribution-spec, "Pushing blobs").
 
-Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can be continued
-by any worker process and after a restart; requests on one upload are serialised with ``flock`` on its
-file.  A store that takes parts (S3, :meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is
-sent each whole part as soon as the file holds it, and where the parts went is recorded in the upload's record
-(:class:`~mirror.metadata.driver.UploadRecord`) before the next part goes; a part the store does
-not take now (``StoreUnavailable``) waits in the file for the next request.  Finishing an upload
-verifies the digest (with the hash kept while the chunks arrived when this process saw them all,
-else by reading the bytes again) before the blob is stored, like every other ingest.  An upload
-cancelled, failed or expired (``push.upload_ttl`` after its last write) discards its parts too, and
-gives its name back if nothing landed in it.
-Replicas of a cluster keep the tail in the bucket too and continue an upload on any of them
-(``registry/roaming.py``, through the hooks :meth:`Uploads._acquire`, :meth:`Uploads._written`,
-:meth:`Uploads._let_go` and :meth:`Uploads._keep`).
+Uploads collect in ``DATA/uploads/<uuid>`` with their state in the index, so an upload can be continued by any worker
+process and after a restart; requests on one upload are serialised with ``flock`` on its file. A store that takes
+parts (S3, :meth:`~mirror.storage.driver.BlobStore.upload_part_size`) is sent each whole part as soon as the file
+holds it, and where the parts went is recorded in the upload's record (:class:`~mirror.metadata.driver.UploadRecord`)
+before the next part goes; a part the store does not take now (``StoreUnavailable``) waits in the file for the next
+request. Finishing an upload verifies the digest (with the hash kept while the chunks arrived when this process saw
+them all, else by reading the bytes again) before the blob is stored, like every other ingest. An upload cancelled,
+failed or expired (``push.upload_ttl`` after its last write) discards its parts too, and gives its name back if
+nothing landed in it. Replicas of a cluster keep the tail in the bucket too and continue an upload on any of them
+(``registry/roaming.py``, through the hooks :meth:`_acquire`, :meth:`_written`, :meth:`_let_go` and :meth:`_keep`).
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ import anyio.to_thread
 
 from ..maintenance.leftovers import bucket_uploads, remove_left_behind
 from ..metadata.driver import Metadata, UploadRecord, local_repo
+from ..metadata.holders import kept_elsewhere
 from ..observe.metrics import Metrics
 from ..spec.chunks import chunk_range
 from ..spec.errors import APIError
@@ -40,6 +38,7 @@ from ..storage.refusals import refusal
 from .reads import IndexReads, in_index_thread
 from .records import to_the_end
 from .repository import UploadState
+from .sharedsecret import instance
 
 log = logging.getLogger("mirror.uploads")
 
@@ -84,7 +83,7 @@ class Uploads:
         return UploadState(uuid, 0)
 
     def _new_record(self, name: str, uuid: str) -> UploadRecord:
-        return UploadRecord(name, time.time())
+        return UploadRecord(name, time.time(), holder=instance())
 
     async def _asked(self, name: str, uuid: str) -> UploadRecord:
         """:meth:`_record`, for code on the event loop (``registry/reads.py``)."""
@@ -359,7 +358,8 @@ class Uploads:
         creating it (the file comes before its record) or finishing it (the record goes first).
         A record without a file (its process ended between storing the blob, which takes the file,
         and forgetting the upload) is dropped at the next sweep that still finds it so: no request
-        can continue it, and it would keep its name a pushed repository for good.
+        can continue it, and it would keep its name a pushed repository for good.  One whose file another
+        running mirror may hold (``metadata/holders.py``: pods on one index) goes once older than the TTL.
         On an object store, the objects ended uploads left there go too (``maintenance/leftovers.py``).
         """
         removed, files = 0, set()
@@ -372,7 +372,8 @@ class Uploads:
                 continue
             if stale and self._swept(entry.name):
                 removed += 1
-        seen, self._fileless = self._fileless, set(self.metadata.upload_ids()) - files
+        seen, self._fileless = self._fileless, {uuid for uuid in set(self.metadata.upload_ids()) - files
+                                                 if not self._elsewhere(uuid, cutoff)}
         for uuid in sorted(seen & self._fileless):
             log.info("upload %s has no file left (its process ended as it finished): its record dropped", uuid)
             if self._swept(uuid):
@@ -381,6 +382,10 @@ class Uploads:
             remove_left_behind(tails, self.metadata)
         return removed
 
+    def _elsewhere(self, uuid: str, cutoff: float) -> bool:  # its file maybe another mirror's, started since
+        record = self.metadata.get_upload(uuid)
+        return record is not None and record.started_at >= cutoff and kept_elsewhere(record.holder, instance())
+
     def _swept(self, uuid: str) -> bool:
         try:
             self._drop_upload(uuid)
@@ -388,7 +393,6 @@ class Uploads:
             log.warning("could not remove the expired upload %s: %s", uuid, exc)
             return False
         return True
-
 
 
 def _sent(record: UploadRecord) -> int:

@@ -32,9 +32,11 @@ from tests.support.client import pull_checked
 from tests.support.dockerd import Dockerd
 from tests.support.images import (
     MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
     OCI_MANIFEST,
     Image,
     build_image,
+    build_index,
     busybox_layer,
     random_layer,
     sha256_digest as sha256,
@@ -193,6 +195,48 @@ def test_a_shared_layer_being_read_does_not_hold_every_image_that_has_it_above_t
                 received.update(chunk)
         assert f"sha256:{received.hexdigest()}" == base.digest
         assert "evicting" in mirror.log_tail(400)
+    finally:
+        registry.stop()
+
+
+def test_a_multi_platform_image_being_read_is_not_evicted_for_its_children_sharing_its_layers(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path,
+) -> None:
+    """A multi-platform image pulled (its index by tag, a child by digest: both linked in the
+    repository) and one of its layers being read.  Before, the child counted as another image sharing
+    that layer, so over the budget the index went as an image whose open objects are all shared: its
+    tag was dropped for 1.6 KiB freed, and every pull fetched the index from the upstream again (and
+    failed while the upstream was down).  Now the image is in use; an image no transfer holds goes."""
+    registry = UpstreamRegistry(tmp_path / "registry").start()
+    try:
+        children = [build_image(tmp_path / arch, [random_layer(tmp_path / arch, 4 * MIB, seed=730 + i)], arch)
+                    for i, arch in enumerate(("amd64", "arm64"))]
+        index = build_index(children)
+        registry.push_index("library/multi", "1", index)
+        other = build_image(tmp_path / "other", [random_layer(tmp_path / "other", 6 * MIB, seed=735)])
+        registry.push_image("library/other", "1", other)
+        mirror = mirror_factory(registry.url)
+        accept = {"accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+        assert http.get(f"{mirror.url}/v2/library/multi/manifests/1", headers=accept).content == index.manifest
+        child, layer = children[0], children[0].layers[0]
+        assert pull(http, mirror.url, "library/multi", child.digest, child) == "MISS"
+        assert pull(http, mirror.url, "library/other", "1", other) == "MISS"
+        registry.clear_counts()
+        squeeze = {"MIRROR_CACHE_MAX_SIZE": str(MIB), "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"}
+        with httpx.Client(trust_env=False, timeout=120) as slow, \
+                slow.stream("GET", f"{mirror.url}/v2/library/multi/blobs/{layer.digest}") as reading:
+            received = hashlib.sha256()
+            chunks = reading.iter_raw(64 * 1024)
+            received.update(next(chunks))  # then nothing for a while: the layer stays open
+            done = mirror_cli("gc", "--data", str(mirror.data_dir), env=squeeze)
+            assert done.returncode == 0 and "(1 images evicted" in done.stdout, done.stdout + done.stderr
+            for chunk in chunks:
+                received.update(chunk)
+        assert f"sha256:{received.hexdigest()}" == layer.digest
+        again = http.get(f"{mirror.url}/v2/library/multi/manifests/1", headers=accept)
+        assert again.content == index.manifest and again.headers["x-mirror-cache"] == "HIT", again.headers
+        assert registry.count("GET", re.compile("^/v2/library/multi/")) == 0
+        assert pull(http, mirror.url, "library/other", "1", other) == "MISS"  # it went: nothing held it
     finally:
         registry.stop()
 

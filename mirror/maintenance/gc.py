@@ -346,7 +346,10 @@ class Collector:
                     freed.add(x)
                     projected -= state.files[x][0]
 
-        reach = Counter(x for d in {d for _, _, d in candidates} for x in self._closure_of({d}))
+        # Which images reach an object: a child manifest its repository's index reaches (linked once pulled
+        # by digest) is part of that image, not another one sharing its layers with it.
+        inner = {(r, x) for _, r, d in candidates for x in self._closure_of({d}) - {d} if x in self._manifests}
+        reach = Counter(x for d in {d for _, r, d in candidates if (r, d) not in inner} for x in self._closure_of({d}))
         opened: dict[str, set[str]] = {}  # candidate image -> the objects it reaches that are read or filled
 
         def busy(d: str, strict: bool) -> bool:

@@ -1083,5 +1083,11 @@ def test_a_copy_in_a_bucket_is_not_taken_over_by_a_run_into_another_database(
     assert "holds the objects of another index" in line and "name the database that holds it" in line, line
     assert bucket_objects(seaweedfs, s3_bucket) == objects
     assert "verified" in migrated(source, copy)  # the copy's own database still goes on
+    # The copy's database not answering at a run again: before, the bucket was said to be another index's.
+    unanswered = write_config(tmp_path / "down.yaml", tmp_path / "spool", s3=(seaweedfs, s3_bucket),
+                              dsn=f"host=127.0.0.1 port={free_port()} user=postgres dbname=x connect_timeout=3")
+    line = refused(source, unanswered)
+    assert "target: cannot open the index: PostgreSQL database 'x' at 127.0.0.1:" in line and \
+        "check that PostgreSQL runs there" in line and "another index" not in line, line
     checked = mirror_cli("fsck", "--config", copy)
     assert checked.returncode == 0 and checked.stdout.rstrip().endswith("clean"), checked.stdout + checked.stderr

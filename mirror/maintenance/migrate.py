@@ -45,6 +45,7 @@ from ..config.sections import Config, StorageConfig
 from ..metadata.driver import Metadata
 from ..metadata.occupancy import in_use_elsewhere
 from ..metadata.opening import (
+    CannotOpenIndex,
     bind_bucket,
     bound_elsewhere,
     index_identity,
@@ -125,7 +126,10 @@ class Migration:
             # records the store that first opens it (settings.store), and a refused run must leave it as it
             # found it, free for the store the next run names.
             # A copy of this store made before (or the store it was copied from) catches up with it.
-            target_id, copied_from = peek_lineage(target.metadata, new.index)
+            try:  # a database that does not answer says so, not that the bucket is another index's
+                target_id, copied_from = peek_lineage(target.metadata, new.index)
+            except CannotOpenIndex as exc:
+                raise Refused(f"target: cannot open the index: {_line(exc)}") from exc
             related = target_id != old_index.index_id() and (bool(copied_from) and copied_from == old_index.index_id()
                                                              or bool(target_id) and target_id == old_index.copy_of())
             catch_up = related and self.delete

@@ -277,10 +277,13 @@ def bind_data_directory(config: MetadataConfig, binding: Path, storage: StorageC
 
 def peek_lineage(config: MetadataConfig, index: Path) -> tuple[str | None, str | None]:
     """``(index_id, copy_of)`` of the index *config* names (``Metadata.index_id``, ``copy_of``), read
-    without changing anything (neither is made, nor a table); None for what it has not, or all of it
-    when there is no index there or it does not answer."""
+    without changing anything (neither is made, nor a table); None for what it has not, or both when
+    there is no index there.  :class:`CannotOpenIndex` (as opening it says) if its database does not answer."""
     if config.driver == "postgres":
         found = _peek_settings(config.postgres_dsn or "")
+        if (error := found.get("error")) is not None and isinstance(wanted := _index_of(config), dict):
+            key = dsn_key(config.postgres_dsn_file)
+            raise CannotOpenIndex(_unanswered(_describe(wanted), error, key), transient=True)
         return found.get("index_id") or None, found.get("copy_of") or None
     if not (index / "cache.db").is_file():
         return None, None
@@ -292,7 +295,7 @@ def peek_lineage(config: MetadataConfig, index: Path) -> tuple[str | None, str |
 
 def _peek_settings(dsn: str) -> dict[str, str | None]:
     """``{"index_id", "copy_of"}`` of the index in the database *dsn* names, read without changing
-    anything: ``""`` for each when it holds no mirror's tables, None when it does not answer."""
+    anything: ``""`` for each when it holds no mirror's tables, None when it does not answer (and libpq's ``error``)."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -303,8 +306,8 @@ def _peek_settings(dsn: str) -> dict[str, str | None]:
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             rows = conn.execute("SELECT name, value FROM settings WHERE name IN ('index_id', 'copy_of')").fetchall()
-    except psycopg.OperationalError:
-        return {"index_id": None, "copy_of": None}
+    except psycopg.OperationalError as exc:
+        return {"index_id": None, "copy_of": None, "error": str(exc)}
     except psycopg.Error:  # no settings table: not a mirror's index (yet)
         return {"index_id": "", "copy_of": ""}
     return {"index_id": "", "copy_of": "", **{str(name): str(value) for name, value in rows}}

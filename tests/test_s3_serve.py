@@ -559,6 +559,37 @@ def test_a_blob_served_from_the_bucket_keeps_its_image_from_an_eviction_in_anoth
     assert bucket.objects() == {}
 
 
+def test_a_blob_its_fill_still_sends_keeps_its_image_from_an_eviction_once_the_fill_ended(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A client still reading the fill's local file when the fill ends (the object in the bucket): before,
+    nothing marked the object as being read, and a collection deleted it from the bucket under that client
+    (which still got every byte, from the file), so the next client fetched it from the upstream again."""
+    image, layer = images.big, images.big.layers[2]
+    env = bucket.env()
+    mirror = mirror_factory(env=env)
+    assert http.get(f"{mirror.url}/v2/library/big/manifests/1", headers={"accept": image.media_type}).status_code == 200
+    idle = {**env, "MIRROR_CACHE_UNUSED_FOR": "1s", "MIRROR_CACHE_KEEP_RECENT": "0s", "MIRROR_GC_GRACE": "0s"}
+
+    with httpx.Client(timeout=60.0, trust_env=False) as slow, \
+            slow.stream("GET", blob_url(mirror, "library/big", layer.digest)) as answer:
+        assert answer.headers["x-mirror-cache"] == "MISS"
+        pieces = answer.iter_bytes(MIB)
+        hasher = hashlib.sha256(next(pieces))  # then the client stalls while the fill goes on to its end
+        wait_for(lambda: layer.digest in bucket.objects(), timeout=60, what="the fill's object in the bucket")
+        time.sleep(1.5)  # unused for MIRROR_CACHE_UNUSED_FOR
+        held = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
+        assert held.returncode == 0 and "0 images evicted" in held.stdout, held.stdout + held.stderr
+        assert layer.digest in bucket.objects(), "the blob being sent stays"
+        for data in pieces:
+            hasher.update(data)
+    assert "sha256:" + hasher.hexdigest() == layer.digest
+    wait_for(lambda: not list((mirror.data_dir / "tmp").glob("*.reading")), what="the reader's mark to go")
+    done = mirror_cli("gc", "--data", mirror.data_dir, env=idle)
+    assert done.returncode == 0 and "1 images evicted" in done.stdout, done.stdout + done.stderr
+    assert layer.digest not in bucket.objects()
+
+
 def test_an_index_that_does_not_hold_the_bucket_is_refused_and_deletes_nothing(
     bucket: Bucket, postgres: PostgresServer, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client, tmp_path: Path,

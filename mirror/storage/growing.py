@@ -42,6 +42,7 @@ from ..spec.reference import Digest
 from .bypass import Download, FillFailed
 from .driver import BlobStore
 from .filesystem import VERIFIED_MODE
+from .marks import mark_reading, unmark_reading
 from .reads import read_cached
 
 if TYPE_CHECKING:
@@ -83,9 +84,17 @@ class GrowingBlob:
         self.fetch = fetch
         if coalesced:
             fills.metrics.waiting(1)
+        # Where the fill's file does not become the stored object (an object store), the object is marked
+        # as a reader of it marks it: the fill ends while this reader still sends the file's bytes, and no
+        # collector of this host deletes the object meanwhile (``S3Store.serving``).
+        self._marked = None if fills.store.local else fills.store.layout.reading(digest)
+        self._mark = None if self._marked is None else mark_reading(self._marked)
 
     def close(self) -> None:
         os.close(self.fd)
+        if self._marked is not None and self._mark is not None:
+            unmark_reading(self._marked, self._mark)
+            self._mark = None
         if self.coalesced:
             self.fills.metrics.waiting(-1)
 

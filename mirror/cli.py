@@ -106,8 +106,9 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return serve(config)
     # The commands below say in one line what failed: the driver's pool retrying and discarding
-    # connections as a database goes away would only add lines before it.
+    # connections as a database goes away, or the object store's breaker opening, would only add lines before it.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger("mirror.storage.s3.breaker").setLevel(logging.ERROR)
     if args.command in ("gc", "fsck"):
         try:
             config = load_config(args.config, overrides={"storage.path": args.data})

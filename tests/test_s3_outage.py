@@ -261,6 +261,12 @@ def test_a_hung_object_store_is_reported_within_seconds_and_the_mirror_recovers(
         # The upstream's copies, verified, served unstored.
         assert timed["blob HEAD"][0] == timed["blob GET"][0] == timed["manifest GET"][0] == 200, timed
         assert all(seconds < BOUND for _, seconds in timed.values()), timed
+        # The commands say it in one line (before, the breaker's warning came first).
+        for command in ("gc", "fsck"):
+            done = mirror_cli(command, "--data", mirror.data_dir, env=bucket.env(), timeout=120)
+            line = done.stderr.strip()
+            assert done.returncode == 1 and "\n" not in line, (command, done.returncode, done.stdout, done.stderr)
+            assert line.startswith("mirror: object store does not answer (access to bucket"), line
     finally:
         proc.signal_group(signal.SIGCONT)
 

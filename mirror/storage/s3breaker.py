@@ -35,7 +35,8 @@ TRIAL_EVERY = 5.0
 #: The key of a request's botocore context that holds when it was sent (``time.monotonic()``).
 _SENT = "mirror_s3_sent"
 
-log = logging.getLogger("mirror.storage.s3")
+#: Its own logger: a one-shot command (``mirror gc``, ``fsck``) says in its last line what failed.
+log = logging.getLogger("mirror.storage.s3.breaker")
 
 
 class StoreNotAnswering(BotoCoreError):  # type: ignore[misc]

@@ -280,8 +280,9 @@ class BlobStore(Protocol):
         ...
 
     def serving(self, digest: Digest) -> bool:
-        """Whether a reader :meth:`open` gave is open on the object (the filesystem driver sees those of
-        every process, through ``flock``; an object store those of this process)."""
+        """Whether a reader :meth:`open` gave, or one of a fill that stored it, is open on the object, in
+        any process of this host (the filesystem driver: a ``flock`` on the object's file; an object store:
+        on its mark in ``tmp/``)."""
         ...
 
     def read_bytes(self, digest: Digest) -> bytes | None:

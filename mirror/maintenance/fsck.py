@@ -39,13 +39,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 from ..metadata.driver import LOCAL, Metadata
-from ..metadata.holders import kept_elsewhere
+from ..metadata.holders import held_elsewhere
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import (
@@ -198,9 +197,9 @@ class Fsck:
             elif not self.replica and self.metadata.get_upload(entry.name) is None:
                 self._found("upload without a record", entry.path, partial(_unlink, entry.path))
         for uuid in self.metadata.upload_ids():
-            record, young = self.metadata.get_upload(uuid), time.time() - self.upload_ttl
-            roaming = record is not None and (record.written_at is not None or (  # file with another replica/mirror
-                record.started_at >= young and kept_elsewhere(record.holder)))
+            record = self.metadata.get_upload(uuid)
+            roaming = record is not None and (  # its file with another replica, or another mirror
+                record.written_at is not None or held_elsewhere(record, self.upload_ttl))
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
 

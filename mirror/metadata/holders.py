@@ -7,7 +7,7 @@ run from another host), and each finds the others' records without a file of its
 names the instance that holds its file (:func:`new_instance`: host, pid of ``mirror serve``, a random
 part): its file may be lost only when that instance is this one, or ran on this host and has ended.
 
-May import: the standard library.
+May import: the standard library, and the driver interface (for UploadRecord).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
+
+from .driver import UploadRecord
 
 
 def new_instance() -> str:
@@ -43,3 +46,9 @@ def kept_elsewhere(holder: str | None, this: str | None = None) -> bool:
     except OSError:  # another user's process: running
         return True
     return True
+
+
+def held_elsewhere(record: UploadRecord, upload_ttl: float, this: str | None = None) -> bool:
+    """Whether the one-host upload *record*, started less than *upload_ttl* seconds ago, may have its
+    file with another running mirror (:func:`kept_elsewhere`): not one to drop for want of a local file."""
+    return record.started_at >= time.time() - upload_ttl and kept_elsewhere(record.holder, this)

@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from ..maintenance.leftovers import bucket_uploads, remove_left_behind
 from ..metadata.driver import Metadata, UploadRecord, local_repo
-from ..metadata.holders import kept_elsewhere
+from ..metadata.holders import held_elsewhere
 from ..observe.metrics import Metrics
 from ..spec.chunks import chunk_range
 from ..spec.errors import APIError
@@ -373,7 +373,7 @@ class Uploads:
             if stale and self._swept(entry.name):
                 removed += 1
         seen, self._fileless = self._fileless, {uuid for uuid in set(self.metadata.upload_ids()) - files
-                                                 if not self._elsewhere(uuid, cutoff)}
+                                                 if not self._elsewhere(uuid)}
         for uuid in sorted(seen & self._fileless):
             log.info("upload %s has no file left (its process ended as it finished): its record dropped", uuid)
             if self._swept(uuid):
@@ -382,9 +382,9 @@ class Uploads:
             remove_left_behind(tails, self.metadata)
         return removed
 
-    def _elsewhere(self, uuid: str, cutoff: float) -> bool:  # its file maybe another mirror's, started since
+    def _elsewhere(self, uuid: str) -> bool:  # its file maybe another running mirror's
         record = self.metadata.get_upload(uuid)
-        return record is not None and record.started_at >= cutoff and kept_elsewhere(record.holder, instance())
+        return record is not None and held_elsewhere(record, self.upload_ttl, instance())
 
     def _swept(self, uuid: str) -> bool:
         try:

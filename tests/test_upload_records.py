@@ -95,3 +95,37 @@ def test_two_mirrors_without_cluster_settings_on_one_index_leave_each_others_upl
     assert uuid not in found.stdout
     assert eventually(lambda: "has no file left" in second.log_tail(200), timeout=30), second.log_tail(20)
     assert http.get(f"{second.url}/v2/_catalog").json() == {"repositories": ["team/app"]}
+
+
+@pytest.mark.slow
+def test_the_upload_records_of_a_mirror_that_ended_on_another_host_go_once_its_running_lease_lapses(
+    seaweedfs: SeaweedS3, s3_bucket: str, postgres: PostgresServer, mirror_factory: Callable[..., MirrorServer],
+    http: httpx.Client,
+) -> None:
+    """A rollout's pod killed on another host leaves its upload records in the shared index, their files
+    gone with it.  Before, such a record was spared as another running mirror's until ``push.upload_ttl``
+    (a day by default): its repository stayed a pushed one and its parts stayed in the bucket.  Each mirror
+    on an object store and a shared index now holds a running lease (``metadata/holders.py``): while it
+    runs its records are left alone; once its lease lapses they are found, and repaired, at once."""
+    bucket = Bucket(seaweedfs, s3_bucket)
+    env = bucket.env(MIRROR_METADATA_DRIVER="postgres", MIRROR_METADATA_POSTGRES_DSN=postgres.create_database(),
+                     MIRROR_CLUSTER_LEASE_TTL="1s")  # the running lease lasts 4 s unrenewed
+    elsewhere = ["unshare", "--uts", "sh", "-c", 'hostname pod-on-another-host && exec "$@"', "sh"]
+    first = mirror_factory(env=env, wrapper=elsewhere)
+    location = http.post(f"{first.url}/v2/team/gone/blobs/uploads/").headers["location"]
+    uuid = location.rsplit("/", 1)[1]
+    assert http.patch(first.url + location, content=os.urandom(6 * MIB)).status_code == 202  # a part sent
+    second = mirror_factory(env=env)
+    time.sleep(5)  # longer than the lease: the first renews it
+    running = mirror_cli("fsck", "--data", second.data_dir, env=env, timeout=120)
+    assert running.returncode == 0 and uuid not in running.stdout, running.stdout + running.stderr
+
+    first.kill9()  # no graceful stop: its lease lapses
+    time.sleep(5)
+    found = mirror_cli("fsck", "--repair", "--data", second.data_dir, env=env, timeout=120)
+    assert found.returncode == 0 and f"upload record without its file: {uuid} (repaired)" in found.stdout, \
+        found.stdout + found.stderr
+    assert bucket.uploads() == []  # its part aborted with it
+    assert http.get(f"{second.url}/v2/_catalog").json() == {"repositories": []}  # the name given back
+    clean = mirror_cli("fsck", "--data", second.data_dir, env=env, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr

@@ -42,9 +42,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from ..metadata.driver import LOCAL, Metadata
-from ..metadata.holders import held_elsewhere
+from ..metadata.holders import held_elsewhere, leases_of
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import (
@@ -193,13 +194,14 @@ class Fsck:
     def _uploads(self) -> None:
         for entry in self.store.layout.upload_entries():
             if not UPLOAD_ID_RE.fullmatch(entry.name):
-                self._found("upload without a record", entry.path, partial(_unlink, entry.path))
+                self._found("upload without a record", entry.path, partial(Path(entry.path).unlink, missing_ok=True))
             elif not self.replica and self.metadata.get_upload(entry.name) is None:
-                self._found("upload without a record", entry.path, partial(_unlink, entry.path))
+                self._found("upload without a record", entry.path, partial(Path(entry.path).unlink, missing_ok=True))
+        leases = leases_of(self.metadata, self.store.local)
         for uuid in self.metadata.upload_ids():
             record = self.metadata.get_upload(uuid)
             roaming = record is not None and (  # its file with another replica, or another mirror
-                record.written_at is not None or held_elsewhere(record, self.upload_ttl))
+                record.written_at is not None or held_elsewhere(record, self.upload_ttl, None, leases))
             if not UPLOAD_ID_RE.fullmatch(uuid) or not (roaming or self.store.layout.upload(uuid).exists()):
                 self._found("upload record without its file", uuid, partial(self._drop_upload_record, uuid))
 
@@ -208,11 +210,14 @@ class Fsck:
                 self._found(f"upload {left.what} without a record", left.uuid, left.remove)
 
     def _drop_upload_record(self, uuid: str) -> None:
-        """Remove an upload's record, and the parts it sent to the store (S3) first."""
+        """Remove an upload's record, and the parts it sent to the store (S3) first; give its name back if
+        nothing landed in it (``metadata/releases.py``), as the server's sweep does."""
         record = self.metadata.get_upload(uuid)
         if record is not None and record.parts is not None and UPLOAD_ID_RE.fullmatch(uuid):
             self.store.abort_upload(uuid, record.parts)
         self.metadata.delete_upload(uuid)
+        if record is not None:
+            self.metadata.release_local(record.name)
 
     # -- the index --
 
@@ -390,10 +395,3 @@ def _needed(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:
 def _cached(repo: str) -> bool:
     """Whether *repo* is a cached repository (one of an upstream), not a pushed one."""
     return not repo.startswith(LOCAL + "/")
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -5,9 +5,10 @@ directory, and its record in the index.  Several such mirrors may share one Post
 bucket for a while (a rollout's new pod beside the one it replaces while that drains; ``mirror fsck``
 run from another host), and each finds the others' records without a file of its own.  A record
 names the instance that holds its file (:func:`new_instance`: host, pid of ``mirror serve``, a random
-part): its file may be lost only when that instance is this one, or ran on this host and has ended.
+part): its file may be lost only when that instance is this one, or ran on this host and has ended,
+or (mirrors on an object store and a shared index) no longer holds its :func:`running_lease`.
 
-May import: the standard library, and the driver interface (for UploadRecord).
+May import: the standard library, and the driver interface (for UploadRecord and leases).
 """
 
 from __future__ import annotations
@@ -17,12 +18,28 @@ import secrets
 import socket
 import time
 
-from .driver import UploadRecord
+from .driver import Metadata, UploadRecord
+
+#: How many ``cluster.lease_ttl`` a mirror's :func:`running_lease` lasts unrenewed: it is renewed every
+#: third of one, so a mirror cut off from the index for a minute (by default) is not taken for ended.
+RUNNING_TTLS = 4
 
 
 def new_instance() -> str:
     """A new instance name for this process: ``"<host> pid <pid> <8 hex digits>"``."""
     return f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
+
+
+def running_lease(instance: str) -> str:
+    """The lease a running mirror without ``cluster`` settings holds under its instance name while it runs on an
+    object store and a shared index (``registry/sharedsecret.keep_alone``): what another host reads as alive."""
+    return f"running {instance}"
+
+
+def leases_of(metadata: Metadata, store_local: bool) -> Metadata | None:
+    """*metadata* where the mirrors on it hold a :func:`running_lease` each (a shared index, and an
+    object store: ``server/app.py`` starts ``keep_alone`` so), for :func:`held_elsewhere`; else None."""
+    return metadata if metadata.shared_by_hosts and not store_local else None
 
 
 def kept_elsewhere(holder: str | None, this: str | None = None) -> bool:
@@ -48,7 +65,13 @@ def kept_elsewhere(holder: str | None, this: str | None = None) -> bool:
     return True
 
 
-def held_elsewhere(record: UploadRecord, upload_ttl: float, this: str | None = None) -> bool:
+def held_elsewhere(record: UploadRecord, upload_ttl: float, this: str | None = None,
+                   leases: Metadata | None = None) -> bool:
     """Whether the one-host upload *record*, started less than *upload_ttl* seconds ago, may have its
-    file with another running mirror (:func:`kept_elsewhere`): not one to drop for want of a local file."""
-    return record.started_at >= time.time() - upload_ttl and kept_elsewhere(record.holder, this)
+    file with another running mirror (:func:`kept_elsewhere`): not one to drop for want of a local file.
+    With *leases* (the index of mirrors on an object store, which hold a :func:`running_lease` each), a
+    holder whose lease has lapsed has ended wherever it ran (a pod of a rollout stopped or killed on
+    another host): its record goes at once, not after *upload_ttl*.  Blocking (one index read)."""
+    if record.started_at < time.time() - upload_ttl or not kept_elsewhere(record.holder, this):
+        return False
+    return leases is None or record.holder is None or leases.current_lease(running_lease(record.holder)) is not None

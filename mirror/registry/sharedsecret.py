@@ -46,7 +46,7 @@ import time
 
 from ..config.sections import ClusterConfig, Config
 from ..metadata.driver import Lease, Metadata, MetadataUnavailable
-from ..metadata.holders import new_instance
+from ..metadata.holders import RUNNING_TTLS, new_instance, running_lease
 from ..observe.said import first_to_say
 from .reads import in_index_thread
 from .sharedsettings import SETTINGS_LEASE, fleet_settings, say_differ
@@ -297,7 +297,7 @@ def _lasting(settings: Config) -> float:
 
 
 async def keep_alone(settings: Config, metadata: Metadata) -> None:
-    """Hold :data:`ALONE_LEASE` for this mirror (every worker of it renews it; until cancelled), and warn,
+    """Hold :data:`ALONE_LEASE` and this mirror's running lease (every worker renews them; until cancelled), and warn,
     once per other holder, when another mirror without ``cluster`` settings, or a cluster's replicas
     (:data:`LEASE`), have run on this database for :func:`_lasting` seconds: they share its bucket."""
     ttl, mine = settings.cluster.lease_ttl, instance()
@@ -322,12 +322,15 @@ async def keep_alone(settings: Config, metadata: Metadata) -> None:
             await asyncio.sleep(ttl / 3)
     finally:
         with contextlib.suppress(Exception):
-            await asyncio.shield(in_index_thread(_give_up, metadata, {ALONE_LEASE: mine}, ""))
+            await asyncio.shield(in_index_thread(_give_up, metadata, {ALONE_LEASE: mine, running_lease(mine): mine},
+                                                 ""))
 
 
 def _keep_alone(metadata: Metadata, mine: str, ttl: float) -> str | None:
-    """Renew or take :data:`ALONE_LEASE` for *mine*; who else runs on the database (another mirror
-    without ``cluster`` settings holding it, or a cluster's replicas holding :data:`LEASE`), or None."""
+    """Renew or take :data:`ALONE_LEASE` and the running lease (``metadata/holders.py``) for *mine*; who
+    else runs on the database (another mirror without ``cluster`` settings holding it, or a cluster's
+    replicas holding :data:`LEASE`), or None."""
+    _hold_lease(metadata, running_lease(mine), mine, RUNNING_TTLS * ttl)  # this one's alone (holders.py)
     other = _hold_lease(metadata, ALONE_LEASE, mine, ttl)  # held beside a cluster too: its replicas say so
     if metadata.current_lease(LEASE) is not None:
         return "the replicas of a cluster"

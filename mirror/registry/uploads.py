@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from ..maintenance.leftovers import bucket_uploads, remove_left_behind
 from ..metadata.driver import Metadata, UploadRecord, local_repo
-from ..metadata.holders import held_elsewhere
+from ..metadata.holders import held_elsewhere, leases_of
 from ..observe.metrics import Metrics
 from ..spec.chunks import chunk_range
 from ..spec.errors import APIError
@@ -384,7 +384,8 @@ class Uploads:
 
     def _elsewhere(self, uuid: str) -> bool:  # its file maybe another running mirror's
         record = self.metadata.get_upload(uuid)
-        return record is not None and held_elsewhere(record, self.upload_ttl, instance())
+        return record is not None and held_elsewhere(record, self.upload_ttl, instance(),
+                                                     leases_of(self.metadata, self.store.local))
 
     def _swept(self, uuid: str) -> bool:
         try:

@@ -779,6 +779,40 @@ def test_the_question_before_a_first_push_is_asked_again_after_a_blip_and_an_ups
     assert "push to team/down: the upstream docker.io did not say whether it serves" in mirror.log_tail(100)
 
 
+def test_a_refused_manifest_push_gives_its_name_back(
+    mirror_factory: Callable[..., MirrorServer], fault_proxy: FaultProxy, images: StandardImages,
+    upstream: UpstreamRegistry, http: httpx.Client,
+) -> None:
+    """A manifest PUT refused (a blob it names is missing, a body that is no manifest) leaves no claim on
+    its name.  Before, the name stayed a pushed repository for good: in the catalog, with an empty tag
+    list, and when the upstream's check blipped during the PUT, hiding the upstream's image of that name
+    (every pull of it answered 404 ``MANIFEST_UNKNOWN``)."""
+    mirror = mirror_factory(fault_proxy.url, env={"MIRROR_UPSTREAM_LIBRARY_NAMESPACE": "true",
+                                                  "MIRROR_UPSTREAM_RETRIES": "1"})
+    upstream.push_image("squat/hidden", "1", images.small)
+    config = b'{"architecture":"amd64","os":"linux"}'
+    missing_blob = image_manifest(config, [])
+    with fault_proxy.fault("status", "/tags/list$", status=503):  # the upstream cannot say it serves the name
+        refused = http.put(f"{mirror.url}/v2/squat/hidden/manifests/1", content=missing_blob,
+                           headers={"content-type": OCI_MANIFEST})
+        assert (refused.status_code, error_code(refused)) == (400, "MANIFEST_BLOB_UNKNOWN"), refused.text
+    pulled = http.get(f"{mirror.url}/v2/squat/hidden/manifests/1", headers={"accept": ALL_TYPES})
+    assert (pulled.status_code, pulled.headers.get("x-mirror-cache")) == (200, "MISS"), pulled.text
+
+    for body in (b"{bad", missing_blob):
+        answer = http.put(f"{mirror.url}/v2/team/never/manifests/v1", content=body,
+                          headers={"content-type": OCI_MANIFEST})
+        assert answer.status_code == 400, answer.text
+    assert http.get(f"{mirror.url}/v2/_catalog").json() == {"repositories": ["squat/hidden"]}  # (the cache's)
+    assert "team/never is no pushed repository any more" in mirror.log_tail(100)
+
+    upload = http.post(f"{mirror.url}/v2/team/open/blobs/uploads/")  # an open upload keeps its name
+    assert http.put(f"{mirror.url}/v2/team/open/manifests/v1", content=b"{bad",
+                    headers={"content-type": OCI_MANIFEST}).status_code == 400
+    assert http.get(f"{mirror.url}/v2/_catalog").json() == {"repositories": ["squat/hidden", "team/open"]}
+    assert http.delete(mirror.url + upload.headers["location"]).status_code == 204
+
+
 def test_a_push_given_up_before_any_content_landed_gives_its_name_back(
     mirror_factory: Callable[..., MirrorServer], images: StandardImages, upstream: UpstreamRegistry,
     http: httpx.Client,

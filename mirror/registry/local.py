@@ -150,6 +150,18 @@ class LocalRegistry:
             raise APIError("DENIED", f"{name} is a cache of the upstream registry; push to another name")
         self.metadata.mark_local(name, time.time())
 
+    async def give_back(self, name: str) -> None:
+        """A manifest push to *name* was refused: undo the claim :meth:`check_push` made, unless something
+        landed in it or an upload of it is open (``metadata/releases.py``).  Else a refused ``PUT`` (a
+        missing blob, a body that is no manifest) kept the name a pushed repository for good: in the
+        catalog, and hiding the upstream's repository of that name when its check blipped."""
+        try:
+            if await in_index_thread(self.metadata.release_local, name):
+                log.info("%s is no pushed repository any more: a manifest push to it was refused before any "
+                         "content landed", name)
+        except Exception as exc:  # noqa: BLE001 (the index is down: the refusal is what the client hears of)
+            log.warning("could not give the name %s back after a refused manifest push: %s", name, exc)
+
     def kept_local(self, name: str) -> None:
         """Content just landed in *name*: mark it local again, in case an upload of it, cancelled or
         expired meanwhile, gave it back before this content showed (``metadata/releases.py``; asked

@@ -57,8 +57,12 @@ class LocalRepository:
                            declared_length: str | None) -> PushedManifest:
         with self.local.storing():
             await self.local.check_push(self.name)
-            data = await read_limited(body, declared_length, MAX_MANIFEST_BYTES)
-            return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
+            try:
+                data = await read_limited(body, declared_length, MAX_MANIFEST_BYTES)
+                return PushedManifest(*await self.local.put_manifest(self.name, reference, content_type, data))
+            except Exception:
+                await self.local.give_back(self.name)
+                raise
 
     async def delete_manifest(self, reference: str | Digest) -> None:
         await self.local.delete_manifest(self.name, reference, repo=local_repo(self.name))

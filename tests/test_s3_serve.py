@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.spec.manifest import MANIFEST_MEDIA_TYPES
 from mirror.storage.s3binding import BINDING
 from mirror.storage.s3fill import SEND_AFTER
 from tests.support.catalog import StandardImages
@@ -381,6 +382,26 @@ def test_readyz_says_when_the_data_directory_takes_no_writes(
         refused = http.get(f"{mirror.url}/readyz")
         assert refused.status_code == 503 and "read-only" in refused.text, refused.text
     assert http.get(f"{mirror.url}/readyz").status_code == 200
+
+
+def test_a_data_directory_that_takes_no_writes_still_pulls_images_through_into_the_bucket(
+    bucket: Bucket, images: StandardImages, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The local data directory goes read-only (a remount after an I/O error) while the bucket takes
+    writes.  Before, every manifest pulled through answered 500: the lock a write of a reachable object
+    holds (``DATA/gc.lock``) could not be opened for writing.  Now the write goes on without it where
+    none can be had (nor can a collector run there), and blobs come through unstored as before."""
+    mirror = mirror_factory(env=bucket.env())
+    with read_only(mirror.data_dir):
+        outcomes = pull_checked(http, mirror.url, "library/small", "1", images.small)
+        assert outcomes[0] in {"MISS", "BYPASS"} and set(outcomes[1:]) <= {"MISS", "BYPASS"}, outcomes
+        again = http.get(f"{mirror.url}/v2/library/small/manifests/1",
+                         headers={"accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+        assert again.status_code == 200 and again.content == images.small.manifest, again.text
+    assert pull_checked(http, mirror.url, "library/small", "1", images.small)[0] in {"MISS", "HIT"}
+    mirror.stop()
+    checked = mirror_cli("fsck", "--data", mirror.data_dir, env=bucket.env(), timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_serve_refuses_a_bucket_it_cannot_reach(bucket: Bucket, tmp_path: Path) -> None:

@@ -29,8 +29,17 @@ log = logging.getLogger("mirror.maintenance.gc")
 @contextlib.contextmanager
 def reference_lock(store: BlobStore) -> Iterator[None]:
     """``DATA/gc.lock``, held (shared) while making stored objects reachable; the collector holds it
-    exclusively (``maintenance/gc.py``)."""
-    fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    exclusively (``maintenance/gc.py``).  A data directory that takes no writes (read-only, out of
+    inodes) holds it as it is, or not at all when it has none and cannot make one: then no collector
+    can run there either, and the writes go on (an object store takes them; a local one refuses them)."""
+    try:
+        fd = os.open(store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(store.layout.gc_lock, os.O_RDONLY)  # (flock needs no write access)
+        except OSError:
+            yield
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield

@@ -460,6 +460,33 @@ def test_cached_tags_and_digests_are_served_while_the_bucket_does_not_answer(
     assert "Traceback" not in mirror.log_tail(400)
 
 
+def test_a_manifest_that_neither_the_bucket_nor_the_upstream_gives_is_answered_as_the_bucket_being_down(
+    bucket: Bucket, s3_proxy: FaultProxy, fault_proxy: FaultProxy, images: StandardImages,
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A manifest the index records (a preloaded image, which its upstream may never have had) is asked
+    of the upstream while the bucket does not answer.  Before, the upstream's answer stood: 404
+    ``MANIFEST_UNKNOWN``, telling dockerd and kubelet the image does not exist, or 503 "no cached copy".
+    Now it is the bucket's outage, 503 "object store unavailable", which a client retries."""
+    mirror = mirror_factory(fault_proxy.url, env=bucket.env(MIRROR_STORAGE_S3_REGIONENDPOINT=s3_proxy.url))
+    image = images.small
+    cached(mirror, http, images, bucket)
+    mirror.restart()  # no manifest in memory
+    s3_proxy.add("refuse", "")  # nothing answers
+    try:
+        for status in (404, 500):
+            with fault_proxy.fault("status", "/manifests/", status=status):
+                for reference in ("1", image.digest):
+                    answer = http.get(f"{mirror.url}/v2/library/small/manifests/{reference}",
+                                      headers={"accept": image.media_type})
+                    assert answer.status_code == 503 and "object store unavailable" in answer.text, \
+                        (status, reference, answer.text)
+    finally:
+        s3_proxy.clear_rules()
+    answer = http.get(f"{mirror.url}/v2/library/small/manifests/1", headers={"accept": image.media_type})
+    assert (answer.status_code, answer.content) == (200, image.manifest), answer.text
+
+
 @pytest.mark.slow
 def test_blobs_are_streamed_from_the_upstream_while_the_bucket_does_not_answer(
     bucket: Bucket, s3_proxy: FaultProxy, images: StandardImages, mirror_factory: Callable[..., MirrorServer],

@@ -47,6 +47,7 @@ class ManifestBodies:
     def __init__(self, store: BlobStore) -> None:
         self.store = store
         self._failed_at = -STORE_QUIET
+        self._failure: StoreUnavailable | None = None  # the last read's failure
         self._bodies: dict[str, bytes] = {}
         self._size = 0
 
@@ -64,7 +65,7 @@ class ManifestBodies:
             body = await anyio.to_thread.run_sync(self.store.read_bytes, parsed)
         except StoreUnavailable as exc:
             log.info("manifest %s not read from the store (%s): asking the upstream", digest, exc)
-            self._failed_at = time.monotonic()
+            self._failed_at, self._failure = time.monotonic(), exc
             return None
         if body is not None and digest not in self._bodies:
             self._bodies[digest] = body
@@ -72,6 +73,13 @@ class ManifestBodies:
             while self._size > MANIFEST_MEMORY:
                 self._size -= len(self._bodies.pop(next(iter(self._bodies))))
         return body
+
+    def unread(self, recorded: object) -> StoreUnavailable | None:
+        """What to answer when the upstream cannot give a manifest the index has a record of (*recorded*:
+        its tag's or manifest's record, or None) that the store did not answer for: the store's failure
+        (``503`` "object store unavailable"), not the upstream's "unknown" or "unavailable and no cached
+        copy", which tell a client a preloaded image does not exist.  None: the upstream's answer stands."""
+        return self._failure if recorded is not None and self.failing() else None
 
     def failing(self) -> bool:
         """Whether a read failed for the store in the last :data:`STORE_QUIET` seconds: a manifest

@@ -174,7 +174,7 @@ class PullThrough:
             if record is not None and cached is not None and not isinstance(exc, UpstreamNotFound):
                 # The tag moved but its new manifest cannot be fetched (e.g. Hub's pull limit).
                 return self._stale(f"{repo}:{tag}", exc, cached, record)
-            raise api_error(exc, "MANIFEST_UNKNOWN") from exc
+            raise self._bodies.unread(record) or api_error(exc, "MANIFEST_UNKNOWN") from exc
         saved = await self._save_manifest(repo, manifest, tag)
         return ManifestResult(manifest.body, manifest.media_type, str(manifest.digest),
                               Outcome.MISS if saved else Outcome.BYPASS, checked + self.tag_ttl if saved else None)
@@ -197,7 +197,7 @@ class PullThrough:
             try:
                 manifest = await self.upstream.get_manifest(name, digest)
             except UpstreamError as exc:
-                raise api_error(exc, "MANIFEST_UNKNOWN") from exc
+                raise self._bodies.unread(record) or api_error(exc, "MANIFEST_UNKNOWN") from exc
             saved = await self._save_manifest(repo, manifest, None)
             return ManifestResult(manifest.body, manifest.media_type, key, Outcome.MISS if saved else Outcome.BYPASS)
 

@@ -399,8 +399,9 @@ def test_a_bucket_that_stops_taking_writes_serves_what_it_holds_and_readyz_says_
 ) -> None:
     """The bucket refuses writes (``AccessDenied``: a read-only policy; an account over its quota) but
     reads: stored blobs are served, cold manifests and blobs are served through unstored, a push gets
-    ``507`` naming the bucket, and ``/readyz`` says the bucket takes no writes (as for a read-only data
-    directory) until it takes them again, which it finds out by itself."""
+    ``507`` naming the bucket (a chunk that fills a part too: it was kept locally for a later refusal),
+    and ``/readyz`` says the bucket takes no writes (as for a read-only data directory) until it takes them
+    again, which it finds out by itself."""
     bucket = own_bucket
     mirror = mirror_factory(env=bucket.env())
     stored = cached(mirror, http, images, bucket)
@@ -425,10 +426,19 @@ def test_a_bucket_that_stops_taking_writes_serves_what_it_holds_and_readyz_says_
         assert ready.status_code == 503 and "takes no writes (AccessDenied" in ready.json()["problems"]["store"], \
             ready.text
         assert "refused the credentials" not in mirror.log_tail(200)  # the keys are right: it reads
+        # A chunk that fills a part: refused at once, not kept in the data directory for a later PUT's 507.
+        chunked = http.post(f"{mirror.url}/v2/own/chunked/blobs/uploads/").headers["location"]
+        layer = os.urandom(6 << 20)
+        refused = http.patch(mirror.url + chunked, content=layer)
+        assert refused.status_code == 507 and "takes no writes (AccessDenied" in refused.text, refused.text
+        assert http.get(mirror.url + chunked).headers["range"] == "0-0"  # the upload as it was
     finally:
         bucket.server.take_writes(True)
     assert bucket.objects() == before  # nothing was lost or added
     wait_for(lambda: http.get(f"{mirror.url}/readyz").status_code == 200, timeout=30, what="ready again")
+    assert http.patch(mirror.url + chunked, content=layer).status_code == 202
+    layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert http.put(mirror.url + chunked, params={"digest": layer_digest}).status_code == 201
     assert get_digest(http, blob_url(mirror, "library/big", cold.digest))[:3] == (200, cold.digest, cold.size)
     wait_for(lambda: cold.digest in bucket.objects(), timeout=30, what="the cold layer stored at last")
     checked = mirror_cli("fsck", "--data", mirror.data_dir, env=bucket.env(), timeout=120)

@@ -14,7 +14,6 @@ nothing landed in it. Replicas of a cluster keep the tail in the bucket too and 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -260,8 +259,7 @@ class Uploads:
             log.info("%s is no pushed repository any more: its pushes ended before any content landed", record.name)
 
     def _remove_file(self, uuid: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.store.layout.upload(uuid))
+        self.store.layout.upload(uuid).unlink(missing_ok=True)
 
     def _lock_upload(self, uuid: str) -> int:
         """The upload's file, open and locked (waiting while another request on it holds it)."""
@@ -296,13 +294,12 @@ class Uploads:
 
     async def _write(self, uuid: str, fd: int, offset: int, body: AsyncIterator[bytes],
                      record: UploadRecord) -> tuple[int, UploadRecord]:
-        """Write the request body at *offset*, 1 MiB per thread hop, sending whole parts as they
-        fill (:meth:`_send_parts`); return the new end and record."""
+        """Write the request body at *offset*, 1 MiB per thread hop, sending whole parts as they fill
+        (:meth:`_send_parts`; a bucket that refuses them is a refused write); return the new end and record."""
         known = self._hashers.get(uuid)
         hasher = known[1] if known and known[0] == offset else None
         if hasher is None:
             self._hashers.pop(uuid, None)
-
         sending = True
 
         def write(data: bytes, at: int) -> None:
@@ -320,6 +317,8 @@ class Uploads:
                 try:
                     return await self._send_parts(uuid, record, at + len(data))
                 except StoreUnavailable as exc:  # the bytes are safe here: the parts go later
+                    if refusal(exc) is not None:
+                        raise  # a bucket that takes no writes (a refusal, not an outage): 507 as a full disk
                     log.warning("upload %s keeps its parts for later: %s", uuid, exc)
                     sending = False
                     return await self.reads.ask(self.metadata.get_upload, uuid) or record

@@ -323,9 +323,8 @@ def serve(config: Config) -> int:
     except StoreUnavailable as exc:  # the bucket: its message names it, and what to check
         print(f"mirror: {exc.strerror}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        where = "" if config.storage.driver == "filesystem" else f" or storage.s3.bucket {config.storage.s3_bucket}"
-        print(f"mirror: cannot use data directory {config.storage.path}{where}: {exc.strerror}", file=sys.stderr)
+    except OSError as exc:  # (the bucket's failures are StoreUnavailable, above: this is the data directory)
+        print(f"mirror: cannot use data directory {config.storage.path}: {exc.strerror}", file=sys.stderr)
         return 2
     try:  # once here, not in each worker's start-up (a read-only index directory: one line, no traceback)
         metadata = open_metadata(config.metadata, store.layout.index, config.storage)

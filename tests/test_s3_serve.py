@@ -404,6 +404,17 @@ def test_a_data_directory_that_takes_no_writes_still_pulls_images_through_into_t
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_serve_refuses_a_read_only_data_directory_naming_it_alone(bucket: Bucket, tmp_path: Path) -> None:
+    """The bucket answers; the data directory is read-only: the one line names the directory, not the bucket
+    too (before: "cannot use data directory X or storage.s3.bucket B", sending the operator to the bucket)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with read_only(data):
+        done = mirror_cli("serve", "--data", data, env=bucket.env(), timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(f"mirror: cannot use data directory {data}: "), done.stderr
+    assert bucket.name not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
 def test_serve_refuses_a_bucket_it_cannot_reach(bucket: Bucket, tmp_path: Path) -> None:
     done = mirror_cli("serve", "--data", tmp_path / "data",
                       env=bucket.env(MIRROR_STORAGE_S3_SECRETKEY="not-the-secret"), timeout=60)

@@ -62,6 +62,18 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, message: str) 
         load_config(file, env={})
 
 
+def test_a_yaml_error_shows_the_tokens_the_parser_expected_but_none_of_the_files_text(tmp_path: Path) -> None:
+    """What the parser quotes of the file is left out (an unquoted password ``*hunter2`` reads as an
+    alias), but not the tokens it expected: before, "expected '...' or '...', but got '...'"."""
+    file = tmp_path / "mirror.yml"
+    file.write_text("storage:\n  s3:\n    bucket: [b\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 1: expected ',' or '\]', but got '<stream end>'"):
+        load_config(file, env={})
+    file.write_text("upstream:\n  password: *hunter2\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 13: found undefined alias '\.\.\.'$"):
+        load_config(file, env={})
+
+
 def test_a_section_or_key_written_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
     """YAML's mappings have unique keys; PyYAML kept the last one: a second ``storage:`` block holding only
     ``path:`` dropped the first block's S3 settings, and the mirror stored on its local disk, unsaid."""

@@ -262,8 +262,11 @@ def _where(exc: yaml.YAMLError) -> str:
         return ""
     mark = exc.problem_mark or exc.context_mark
     at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    # Without what the parser quotes of the text: an unquoted password (``*x``, ``!x``) would show.
-    why = "; ".join(re.sub(r"'[^']*'", "'...'", part) for part in (exc.problem, exc.context) if part)
+    # Without what the parser quotes of the text: an unquoted password (``*x``, ``!x``) would show; the
+    # tokens it expected or found (``','``, ``']'``, ``'<stream end>'``) are kept.
+    kept = re.compile(r"[\[\]{},:?-]|<[a-z ]+>")
+    why = "; ".join(re.sub(r"'([^']*)'", lambda q: q[0] if kept.fullmatch(q[1]) else "'...'", part)
+                    for part in (exc.problem, exc.context) if part)
     return f"{at}: {why}" if why else at
 
 

@@ -211,29 +211,48 @@ def test_an_artifact_preloaded_with_its_subject_is_listed_as_a_referrer_offline(
     built: Built, offline_mirror: Callable[..., MirrorServer], http: httpx.Client, tmp_path: Path
 ) -> None:
     """An air-gapped site's signature or SBOM: the Referrers API of its subject lists it with the
-    upstream unreachable (it answered 503, "not known", and signature checks failed)."""
+    upstream unreachable (it answered 503, "not known", and signature checks failed).  A referrer the
+    layout lists without a name (as ``oras copy -r`` writes them) is loaded by digest into its subject's
+    repository (it was skipped as an image without a name); one whose subject is not in it still is."""
     subject = built.amd64
     empty = tmp_path / "empty.json"
     empty.write_bytes(b"{}")
-    body = dump_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sbom",
-                      "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
-                                 "size": 2},
-                      "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
-                                  "size": 2}],
-                      "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size}})
-    sbom = Image(manifest=body, media_type=OCI_MANIFEST, digest=sha256(body), config=b"{}", config_digest=sha256(b"{}"),
-                 layers=(), blobs={sha256(b"{}"): empty}, architecture="", os="")
+
+    def artifact(kind: str, of: Image | None) -> Image:
+        target = {"mediaType": of.media_type, "digest": of.digest, "size": of.size} if of is not None else \
+            {"mediaType": OCI_MANIFEST, "digest": sha256(b"elsewhere"), "size": 9}
+        body = dump_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": kind,
+                          "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
+                                     "size": 2},
+                          "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"),
+                                      "size": 2}], "subject": target})
+        return Image(manifest=body, media_type=OCI_MANIFEST, digest=sha256(body), config=b"{}",
+                     config_digest=sha256(b"{}"), layers=(), blobs={sha256(b"{}"): empty}, architecture="", os="")
+
+    sbom = artifact("application/vnd.example.sbom", subject)
+    signature = artifact("application/vnd.example.sig", subject)
+    stray = artifact("application/vnd.example.sig", None)
     layout = tmp_path / "signed"
     write_oci_layout(layout, subject, "docker.io/library/signed:1")
     write_oci_layout(layout, sbom, "docker.io/library/signed:sbom")
+    for unnamed in (signature, stray):
+        write_oci_layout(layout, unnamed, "unnamed")
+        index = json.loads((layout / "index.json").read_bytes())
+        index["manifests"][-1].pop("annotations")
+        (layout / "index.json").write_bytes(dump_json(index))
     server = offline_mirror()
-    ok(preload(server.data_dir, layout))
+    loaded = preload(server.data_dir, layout)
+    ok(loaded)
+    assert f"image {stray.digest} has no name: skipped" in loaded.stdout + loaded.stderr
+    assert f"image {signature.digest} has no name" not in loaded.stdout + loaded.stderr
     ok(preload(server.data_dir, layout))  # again: listed once
     server.start()
     listed = http.get(f"{server.url}/v2/library/signed/referrers/{subject.digest}")
     assert listed.status_code == 200, listed.text
-    assert [(d["digest"], d.get("artifactType")) for d in listed.json()["manifests"]] == \
-        [(sbom.digest, "application/vnd.example.sbom")]
+    assert sorted((d["digest"], d.get("artifactType")) for d in listed.json()["manifests"]) == \
+        sorted([(sbom.digest, "application/vnd.example.sbom"), (signature.digest, "application/vnd.example.sig")])
+    got = http.get(f"{server.url}/v2/library/signed/manifests/{signature.digest}", headers={"accept": OCI_MANIFEST})
+    assert (got.status_code, got.content) == (200, signature.manifest), got.text
 
 
 def test_second_run_stores_nothing_new_and_says_so(built: Built, tmp_path: Path) -> None:

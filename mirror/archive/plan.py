@@ -27,6 +27,7 @@ from typing import Any
 
 from ..spec.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, OCI_MANIFEST, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
 from ..spec.names import ImageName, InvalidImageName, parse_image_name
+from ..spec.pushed import subject_digest
 from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore
 from .members import Archive, ArchiveError, ContentMismatch, Member, MissingContent, blob_name_digest, clean_name
@@ -195,12 +196,13 @@ def _oci_images(archive: Archive, content: Content, warnings: list[str]) -> list
     if not isinstance(entries, list):
         raise ArchiveError("index.json", "needs a manifests list")
     images: dict[str, Image] = {}
+    unnamed: list[tuple[str, str, str, int | None]] = []
     for i, entry in enumerate(entries):
         where = f"index.json manifests[{i}]"
         media_type, digest, size, descriptor = _descriptor(entry, where)
         names = _oci_names(descriptor.get("annotations"), where)
         if not names:
-            warnings.append(f"{where}: image {digest} has no name: skipped")
+            unnamed.append((where, media_type, digest, size))
             continue
         for name in names:
             if name.digest is not None and name.digest != digest:
@@ -211,7 +213,34 @@ def _oci_images(archive: Archive, content: Content, warnings: list[str]) -> list
             _walk(content, image, digest, media_type, size, where)
             image.media_type = image.manifests[digest][0]
         image.names += [n for n in names if n not in image.names]
-    return list(images.values())
+    return list(images.values()) + _referrers(content, list(images.values()), unnamed, warnings)
+
+
+def _referrers(content: Content, named: list[Image], unnamed: list[tuple[str, str, str, int | None]],
+               warnings: list[str]) -> list[Image]:
+    """The layout's manifests without a name whose ``subject`` is a manifest of a named image (a signature,
+    an SBOM: OCI image-spec, "Image Layout", lists referrers so), each loaded by digest into that image's
+    repositories, where the referrers API finds it; any other unnamed one is skipped with a warning."""
+    found: list[Image] = []
+    for where, media_type, digest, size in unnamed:
+        image = Image(digest, media_type, [], where)
+        try:
+            if content.available(digest):
+                _walk(content, image, digest, media_type, size, where)
+        except ArchiveError as exc:  # as for any unnamed manifest: not what was asked for
+            warnings.append(f"{where}: image {digest} has no name and cannot be loaded ({exc}): skipped")
+            continue
+        subject = subject_digest(image.manifests[digest][1]) if digest in image.manifests else None
+        owner = next((i for i in named if subject is not None and subject in i.manifests), None)
+        if owner is None:
+            warnings.append(f"{where}: image {digest} has no name: skipped")
+            continue
+        image.media_type = image.manifests[digest][0]
+        for name in owner.names:
+            by_digest = ImageName(name.registry, name.name, None, digest, name.written)
+            image.names += [by_digest] if by_digest not in image.names else []
+        found.append(image)
+    return found
 
 
 def _digest_in_name(name: str) -> str | None:

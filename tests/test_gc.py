@@ -335,6 +335,41 @@ def test_gc_removes_only_unreferenced_objects_past_the_grace_period(
     assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
 
 
+def test_a_deleted_image_is_collected_though_a_referrer_names_it_as_its_subject(
+    mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """An image deleted by digest while a signature of it stays (a referrer, whose subject may be absent:
+    distribution-spec, "Pushing Manifests with Subject").  Before, the collector marked through the
+    referrer's subject and kept the deleted image's objects for good, while fsck counted them as ones
+    "mirror gc removes once older than gc.grace"."""
+    mirror = mirror_factory()
+    manifest, blobs = push_image(http, mirror.url, "team/signed", "1", seed=7)
+    payload = b"signature of the image"
+    for blob in (b"{}", payload):
+        assert http.post(f"{mirror.url}/v2/team/signed/blobs/uploads/", params={"digest": sha256(blob)},
+                         content=blob).status_code == 201
+    signature = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sig",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"), "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": sha256(payload), "size": len(payload)}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest)}}).encode()
+    assert http.put(f"{mirror.url}/v2/team/signed/manifests/{sha256(signature)}", content=signature,
+                    headers={"content-type": OCI_MANIFEST}).status_code == 201
+    assert http.delete(f"{mirror.url}/v2/team/signed/manifests/{sha256(manifest)}").status_code == 202
+
+    freed = mirror_cli("gc", "--data", str(mirror.data_dir), env={"MIRROR_GC_GRACE": "0s"})
+    assert freed.returncode == 0 and freed.stdout.startswith("freed 4 objects"), freed.stdout  # manifest, 3 blobs
+    gone = {sha256(b) for b in (manifest, *blobs)}
+    assert not gone & set(stored_objects(mirror.data_dir))
+    kept = http.get(f"{mirror.url}/v2/team/signed/manifests/{sha256(signature)}", headers={"accept": OCI_MANIFEST})
+    assert (kept.status_code, kept.content) == (200, signature), kept.text
+    assert http.get(f"{mirror.url}/v2/team/signed/blobs/{sha256(payload)}").content == payload
+    listed = http.get(f"{mirror.url}/v2/team/signed/referrers/{sha256(manifest)}").json()["manifests"]
+    assert [d["digest"] for d in listed] == [sha256(signature)]
+    clean = mirror_cli("fsck", "--data", str(mirror.data_dir))
+    assert clean.returncode == 0 and "clean" in clean.stdout, clean.stdout + clean.stderr
+
+
 def test_fsck_finds_and_repairs_damage(
     upstream: UpstreamRegistry, images: StandardImages, mirror_factory: Callable[..., MirrorServer],
     http: httpx.Client,

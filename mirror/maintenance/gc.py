@@ -17,8 +17,8 @@
   watermark. When the target cannot be reached, ``upkeep.Maintenance`` runs the collector again after a short
   delay until it is, and the reasons (``Report.held``) go to the log and to the index, for the
   ``mirror_store_over_budget`` gauge.
-* **Garbage collection** marks from every linked manifest, tag and pin through indexes,
-  manifests, configs, layers and subjects, and sweeps unmarked objects older than ``gc.grace``.
+* **Garbage collection** marks from every linked manifest, tag and pin through indexes, manifests, configs
+  and layers (not a referrer's subject), and sweeps unmarked objects older than ``gc.grace``.
 
 One collector runs at a time, across worker processes and the CLI: it holds ``DATA/gc.lock``
 exclusively, and across hosts sharing the index the index's lease too (``maintenance/collecting.py``).
@@ -246,7 +246,7 @@ class Collector:
                 body = None
             if body is None:
                 return []
-            self._refs[digest] = [d.digest for d in references(body)]
+            self._refs[digest] = [d.digest for d in references(body, subject=False)]  # (a DELETE frees it)
         return self._refs[digest]
 
     def _closure_of(self, roots: set[str]) -> set[str]:

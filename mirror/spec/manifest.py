@@ -95,8 +95,10 @@ def _descriptor(entry: Any) -> Descriptor | None:
     )
 
 
-def references(body: bytes) -> list[Descriptor]:
-    """Every descriptor a manifest points to: child manifests, config, layers, subject."""
+def references(body: bytes, *, subject: bool = True) -> list[Descriptor]:
+    """Every descriptor a manifest points to: child manifests, config, layers, and (with *subject*) the
+    subject, which a pull of a referrer does not need and which may be absent (distribution-spec,
+    "Pushing Manifests with Subject")."""
     doc = _json(body)
     if doc is None:
         return []
@@ -105,7 +107,7 @@ def references(body: bytes) -> list[Descriptor]:
         entries = doc.get(key)
         if isinstance(entries, list):
             found.extend(d for d in map(_descriptor, entries) if d is not None)
-    for key in ("config", "subject"):
+    for key in ("config", "subject") if subject else ("config",):
         d = _descriptor(doc.get(key))
         if d is not None:
             found.append(d)

@@ -27,7 +27,7 @@ from mirror.config.values import SecretFile
 from mirror.maintenance.upkeep import AccessTracker
 from mirror.metadata.driver import ManifestRecord, MetadataUnavailable, TagRecord
 from mirror.metadata.opening import CannotOpenIndex, bind_data_directory, open_metadata
-from mirror.metadata.pgschema import HEARTBEAT, HEARTBEAT_WAIT, LISTENER, SCHEMA_VERSION, SchemaTooNew
+from mirror.metadata.pgschema import HEARTBEAT, HEARTBEAT_WAIT, LISTENER, SCHEMA_VERSION, SchemaTooNew, describe
 from mirror.metadata.postgres import POOL_WAIT, PostgresMetadata
 from mirror.registry.reads import INDEX_THREADS, MIXED_THREADS
 from mirror.storage.filesystem import Store
@@ -1032,3 +1032,19 @@ def test_the_refusal_of_another_index_words_what_the_data_directory_holds(tmp_pa
         assert done.returncode == 2, done.stderr
         assert "holds the work in progress (uploads, temp files) of the store whose index is in PostgreSQL" \
             in done.stderr and "not a mirror data directory" not in done.stderr, done.stderr
+
+
+def test_a_dsn_without_a_host_is_named_as_the_socket_libpq_uses_not_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq connects to its Unix socket when a DSN names no host (``postgresql:///mirror``): messages
+    said "at localhost:5432", sending the operator to a TCP port nothing was asked of."""
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+    assert describe("postgresql:///mirror") == \
+        "PostgreSQL database 'mirror' at the Unix socket .s.PGSQL.5432 in libpq's default directory"
+    assert describe("postgresql://m@%2Frun%2Fpostgresql:5433/x") == \
+        "PostgreSQL database 'x' at the Unix socket .s.PGSQL.5433 in /run/postgresql"
+    assert describe("postgresql://m:secret@db.example:6000/x") == "PostgreSQL database 'x' at db.example:6000"
+    monkeypatch.setenv("PGHOST", "db.internal")
+    assert describe("dbname=x") == "PostgreSQL database 'x' at db.internal:5432"

@@ -42,37 +42,38 @@ def open_metadata(config: MetadataConfig, index: Path, storage: StorageConfig) -
     if config.driver == "postgres":
         import psycopg  # imported only when it is used
 
-        from .pgschema import ForeignTables, SchemaTooNew, StoreMismatch
+        from .pgschema import ForeignTables, SchemaTooNew, StoreMismatch, describe
         from .postgres import PostgresMetadata
 
         assert config.postgres_dsn is not None  # checked by MetadataConfig
         wanted = _index_of(config)
-        if isinstance(wanted, str):
+        if isinstance(wanted, str):  # (a DSN libpq cannot read)
             raise CannotOpenIndex(wanted)
+        where = describe(config.postgres_dsn)  # as libpq reads it: no host is its socket, not localhost
         given = config.postgres_dsn_file  # (one given inline, handed to this worker in a file, is not the user's)
         store, key = store_identity(storage), dsn_key(None if handed_over(given.path if given else None) else given)
         try:
             return PostgresMetadata(config.postgres_dsn, store=store, pool_size=config.postgres_pool_size)
         except psycopg.OperationalError as exc:
-            raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), key), transient=True) from None
+            raise CannotOpenIndex(_unanswered(where, str(exc), key), transient=True) from None
         except SchemaTooNew as exc:
-            raise CannotOpenIndex(f"{_describe(wanted)}: {exc}") from None
+            raise CannotOpenIndex(f"{where}: {exc}") from None
         except ForeignTables as exc:
             raise CannotOpenIndex(
-                f"{_describe(wanted)} has tables named {exc.names} but no schema version of this mirror: another "
+                f"{where} has tables named {exc.names} but no schema version of this mirror: another "
                 "application's, or the mirror's with its schema_version table emptied: give the mirror a database "
                 "of its own (nothing was changed)") from None
         except psycopg.errors.InsufficientPrivilege as exc:
             raise CannotOpenIndex(
-                f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}: the mirror creates its tables "
+                f"{where} refused the mirror's schema: {_first_line(exc)}: the mirror creates its tables "
                 "at its first start: make its user the database's owner, or grant it CREATE on the schema") from None
         except psycopg.DatabaseError as exc:  # anything else the server refuses at start
             if str(exc).startswith("bad value for "):  # psycopg's own check of an option (connect_timeout)
-                raise CannotOpenIndex(_unanswered(_describe(wanted), str(exc), key)) from None
-            raise CannotOpenIndex(f"{_describe(wanted)} refused the mirror's schema: {_first_line(exc)}") from None
+                raise CannotOpenIndex(_unanswered(where, str(exc), key)) from None
+            raise CannotOpenIndex(f"{where} refused the mirror's schema: {_first_line(exc)}") from None
         except StoreMismatch as exc:
             raise CannotOpenIndex(
-                f"{_describe(wanted)} holds the index of {_describe_store(exc.recorded)}, not of this store, "
+                f"{where} holds the index of {_describe_store(exc.recorded)}, not of this store, "
                 f"{_describe_store(store)}: give each store a database of its own (each would take the other's "
                 "records as its own, and the collector would delete blobs the other needs)") from None
     import sqlite3

@@ -100,12 +100,16 @@ UPLOAD_UPDATES = ", ".join(f"excluded.{column}" for column in UPLOAD_COLUMNS.spl
 
 
 def describe(dsn: str) -> str:
-    """The database *dsn* names, as messages name it: ``PostgreSQL database 'mirror' at db:5432``
-    (libpq's defaults for what it leaves out; never the password)."""
+    """The database *dsn* names, as messages name it: ``PostgreSQL database 'mirror' at db:5432``, or
+    ``... at the Unix socket .s.PGSQL.5432 in /run/postgresql`` (libpq's defaults and ``PGHOST``/``PGPORT``
+    for what it leaves out: no host is libpq's socket directory, not localhost; never the password)."""
     parts = conninfo_to_dict(dsn)
-    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    host = str(parts.get("host") or parts.get("hostaddr") or os.environ.get("PGHOST") or "").split(",")[0]
+    port = str(parts.get("port") or os.environ.get("PGPORT") or 5432).split(",")[0]
     database = str(parts.get("dbname") or parts.get("user") or "")
-    return f"PostgreSQL database {database!r} at {host}:{parts.get('port') or 5432}"
+    directory = host or "libpq's default directory"
+    where = f"{host}:{port}" if host and not host.startswith("/") else f"the Unix socket .s.PGSQL.{port} in {directory}"
+    return f"PostgreSQL database {database!r} at {where}"
 
 
 class SchemaTooNew(RuntimeError):

@@ -255,16 +255,24 @@ def test_skopeo_copies_a_multi_arch_index_in_and_out_byte_for_byte(
     skopeo: str, mirror_factory: Callable[..., MirrorServer], upstream: UpstreamRegistry,
     images: StandardImages, tmp_path: Path,
 ) -> None:
-    multi = images.multi
     mirror = mirror_factory(env=LIBRARY)
+    copy_an_index_in_and_out(skopeo, mirror, upstream, images.multi, tmp_path)
+    assert verified_objects(mirror.data_dir) == everything(images.multi)
+
+
+def copy_an_index_in_and_out(skopeo: str, mirror: MirrorServer, upstream: UpstreamRegistry, multi: Index,
+                             tmp: Path) -> None:
+    """``skopeo copy --all`` *multi* from an OCI layout into the mirror's ``team/multi:1`` and out again,
+    then from the upstream's ``library/multi:1`` (pulled through) into ``team/multi-copy:1``: every copy
+    byte for byte, layers mounted, and the upstream asked only whether it serves the pushed names."""
     upstream.clear_counts()
 
     # From an OCI layout on disk (not the mirror's own content) into the mirror, and back out.
-    source = write_oci_layout(tmp_path / "source", multi, "1")
+    source = write_oci_layout(tmp / "source", multi, "1")
     skopeo_run(skopeo, "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
                source, f"docker://{mirror.address}/team/multi:1")
     assert uploaded_digests(mirror, "team/multi") == set(multi.blobs)
-    check_index_copy(skopeo, mirror, "team/multi", multi, tmp_path / "out")
+    check_index_copy(skopeo, mirror, "team/multi", multi, tmp / "out")
     assert_only_existence_checks_reached_the_upstream(upstream, "team/multi", multi.blobs)
     assert upstream.count(None, "library/multi") == 0
 
@@ -272,14 +280,13 @@ def test_skopeo_copies_a_multi_arch_index_in_and_out_byte_for_byte(
     mirror.access.clear()
     skopeo_run(skopeo, "copy", "--all", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
                f"docker://{mirror.address}/library/multi:1", f"docker://{mirror.address}/team/multi-copy:1")
-    check_index_copy(skopeo, mirror, "team/multi-copy", multi, tmp_path / "out-copy")
+    check_index_copy(skopeo, mirror, "team/multi-copy", multi, tmp / "out-copy")
     # skopeo knows where the layers are in this registry and mounts them; configs it sends again.
     layers = {layer.digest for child in multi.children for layer in child.layers}
     mounted = {q["mount"] for method, status, q in upload_requests(mirror, "team/multi-copy")
                if method == "POST" and "mount" in q and status == 201}
     assert mounted == layers
     assert uploaded_digests(mirror, "team/multi-copy") == {child.config_digest for child in multi.children}
-    assert verified_objects(mirror.data_dir) == everything(multi)
     assert_only_existence_checks_reached_the_upstream(upstream, "team/multi-copy", multi.blobs)
     assert sorted(catalog(mirror)) == ["library/multi", "team/multi", "team/multi-copy"]
 

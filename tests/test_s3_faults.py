@@ -6,7 +6,9 @@ boto3 straight into the bucket, as someone with write access to it (or bit rot) 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -170,6 +172,43 @@ def test_the_object_store_stopped_and_started_again_while_the_mirror_runs(
     fsck = mirror_cli("fsck", "--verify-content", "--data", mirror.data_dir, env=env)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout + fsck.stderr
     assert "Traceback" not in mirror.log_tail(800)
+
+
+@pytest.mark.slow
+def test_a_push_goes_on_after_the_object_store_restarts_and_its_presigned_url_takes_no_tampering(
+    own_bucket: Bucket, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """The object store keeps an unfinished multipart upload across its restart, as a real one does: a
+    chunked push whose first parts went up before the store stopped ends whole once it is back.  The
+    store refuses the blob's presigned URL (``redirect: true``) with its signature or its key altered."""
+    bucket = own_bucket
+    data = random.Random(17).randbytes(12 * MIB + 321)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    mirror = mirror_factory(env=bucket.env(MIRROR_STORAGE_S3_REDIRECT="true"))
+    started = http.post(f"{mirror.url}/v2/team/app/blobs/uploads/")
+    location = httpx.URL(mirror.url).join(started.headers["location"])
+    first = http.patch(location, content=data[:11 * MIB], headers={"content-range": f"0-{11 * MIB - 1}"})
+    assert first.status_code == 202 and parts_sent(bucket) == [5 * MIB, 5 * MIB]
+
+    bucket.server.stop()
+    bucket.server.start()
+    assert parts_sent(bucket) == [5 * MIB, 5 * MIB], "the store kept the unfinished upload's parts"
+    done = http.put(location.copy_merge_params({"digest": digest}), content=data[11 * MIB:],
+                    headers={"content-range": f"{11 * MIB}-{len(data) - 1}"})
+    assert done.status_code == 201, done.text
+    assert bucket.objects() == {digest: len(data)} and bucket.digest_of(digest) == digest
+    assert bucket.uploads() == []
+
+    moved = http.get(blob_url(mirror, "team/app", digest))
+    assert moved.status_code == 307, moved.text
+    presigned = httpx.URL(moved.headers["location"])
+    assert get_digest(http, str(presigned))[:3] == (200, digest, len(data))
+    signature = presigned.params["X-Amz-Signature"]
+    forged = presigned.copy_set_param("X-Amz-Signature", ("0" if signature[0] != "0" else "1") + signature[1:])
+    elsewhere = presigned.copy_with(path=presigned.path.replace(digest.removeprefix("sha256:")[-8:], "0" * 8))
+    for url in (forged, elsewhere):
+        refused = http.get(url)
+        assert refused.status_code == 403 and data[:64] not in refused.content, (url, refused.status_code)
 
 
 @pytest.mark.slow

@@ -37,7 +37,9 @@ from tests.support.skopeo import everything, layout_blobs, skopeo_run
 from tests.support.storecheck import mirror_cli
 from tests.support.waiting import eventually, wait_for
 from tests.test_push_clients import (
+    LIBRARY,
     config_digest,
+    copy_an_index_in_and_out,
     docker_push,
     layer_digests,
     local_manifest,
@@ -312,6 +314,27 @@ def test_docker_pushes_a_second_dockerd_pulls_and_a_mount_adds_no_object(
         assert f"{mirror.address}/{name}@{pushed}" in repo_digests
     assert bucket.uploads() == []
     assert backends.rows("SELECT count(*) FROM uploads") == [(0,)]
+
+
+def test_skopeo_copies_a_multi_arch_index_in_and_out_of_the_bucket_byte_for_byte(
+    backends: Backends, skopeo: str, images: StandardImages, upstream: UpstreamRegistry,
+    mirror_factory: Callable[..., MirrorServer], tmp_path: Path,
+) -> None:
+    multi, bucket = images.multi, backends.bucket
+    mirror = mirror_factory(env=backends.env(**LIBRARY))
+    copy_an_index_in_and_out(skopeo, mirror, upstream, multi, tmp_path)
+
+    # Each object once in the bucket, under its digest; the index and both children recorded in PostgreSQL.
+    wait_for(lambda: set(bucket.objects()) == everything(multi), timeout=30, what="the index in the bucket")
+    for digest in bucket.objects():
+        assert bucket.digest_of(digest) == digest
+    assert bucket.uploads() == []
+    assert sorted(backends.rows("SELECT repo, tag, digest FROM tags")) == [
+        ("docker.io/library/multi", "1", multi.digest),
+        ("local/team/multi", "1", multi.digest), ("local/team/multi-copy", "1", multi.digest)]
+    assert {d for (d,) in backends.rows("SELECT digest FROM manifests")} == set(multi.manifests)
+    assert backends.rows("SELECT count(*) FROM uploads") == [(0,)]
+    assert not (mirror.data_dir / "index").exists()
 
 
 def test_with_the_database_down_a_mirror_on_s3_fails_fast_names_it_and_recovers_with_every_object_kept(

@@ -433,6 +433,36 @@ def test_fsck_counts_the_objects_no_repository_links_and_gc_removes_them(
     assert status == 0 and not any("no repository links" in line for line in lines), lines
 
 
+def test_an_object_put_in_the_store_without_a_record_is_counted_and_collected_once_past_the_grace(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """An object under its digest's key that the index has never recorded (a copy made by hand, a
+    writer stopped between its store and its index): fsck counts it with the objects no repository
+    links, a collection within ``gc.grace`` keeps it, and one past the grace removes it and says so."""
+    mirror = mirror_factory(env=backend.env())
+    mirror.stop()
+    data = os.urandom(3000)
+    if backend.bucket is None:
+        hex_ = sha256(data).removeprefix("sha256:")
+        path = mirror.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        backend.overwrite(mirror, sha256(data), data)
+    assert backend.objects(mirror) == {sha256(data): len(data)}
+    status, lines = fsck(mirror, backend)
+    said = "1 object (2.9 KiB) no repository links: mirror gc removes them once older than gc.grace"
+    assert status == 0 and said in lines, lines
+
+    kept = mirror_cli("gc", "--data", mirror.data_dir, env={**backend.env(), "MIRROR_GC_GRACE": "1h"})
+    assert kept.returncode == 0 and backend.objects(mirror) == {sha256(data): len(data)}, kept.stdout + kept.stderr
+    time.sleep(1.1)
+    freed = mirror_cli("gc", "--data", mirror.data_dir, env={**backend.env(), "MIRROR_GC_GRACE": "1s"})
+    assert freed.returncode == 0 and "freed 1 objects" in freed.stdout, freed.stdout + freed.stderr
+    assert backend.objects(mirror) == {}
+    clean(mirror, backend)
+
+
 def test_fsck_does_not_ask_for_the_subject_of_a_pushed_referrer(
     backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
 ) -> None:

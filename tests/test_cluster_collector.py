@@ -192,3 +192,54 @@ def test_a_blob_collected_just_after_its_fill_is_filled_again_at_once_by_the_sam
             wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the object stored")
             cluster.bucket.client.delete_object(Bucket=cluster.bucket.name, Key=key)  # as a collector would
     assert own.count("GET", f"/v2/library/again/blobs/{layer.digest}") == 10
+
+
+@pytest.mark.slow
+def test_a_blob_a_replica_still_sends_from_its_fill_is_spared_by_another_replicas_collector(
+    cluster: Cluster, upstream_factory: Callable[[], UpstreamRegistry], tmp_path: Path,  # noqa: F811
+    mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """A slow client of one replica reads the blob from that replica's fill file, which stays its
+    source after the fill has stored the object and ended.  While it reads, the blob stays marked in
+    the index: a collection on another replica, under a budget that evicts everything, keeps the
+    image.  Before, the mark went with the fill, a second or two after the object was stored, and the
+    other replica's collector evicted the image the client was still pulling."""
+    own = upstream_factory()
+    image = build_image(tmp_path / "img", [random_layer(tmp_path / "img", 32 * MIB, seed=650, compressed=False)])
+    own.push_image("library/slow", "1", image)
+    layer = image.layers[0]
+    serving, other = start_replicas(cluster, 2, own.url, mirror_factory)
+    evicting = {**other.env, "MIRROR_CACHE_MAX_SIZE": "1", "MIRROR_CACHE_KEEP_RECENT": "0s",
+                "MIRROR_GC_GRACE": "0s"}
+    got: list[tuple[int, str]] = []
+
+    def slow_client() -> None:  # 32 MiB at about 1.6 MiB/s
+        hasher, size = hashlib.sha256(), 0
+        with httpx.Client(timeout=60.0, trust_env=False) as http, \
+                http.stream("GET", f"{serving.url}/v2/library/slow/blobs/{layer.digest}") as blob:
+            for chunk in blob.iter_bytes(64 << 10):
+                hasher.update(chunk)
+                size += len(chunk)
+                time.sleep(0.04)
+        got.append((size, "sha256:" + hasher.hexdigest()))
+
+    with httpx.Client(timeout=30.0, trust_env=False) as http:
+        answer = http.get(f"{serving.url}/v2/library/slow/manifests/1", headers={"accept": image.media_type})
+        assert answer.status_code == 200
+    reader = threading.Thread(target=slow_client)
+    reader.start()
+    try:
+        wait_for(lambda: layer.digest in cluster.bucket.objects(), timeout=30, what="the layer stored")
+        time.sleep(4)  # the fill ended, and its own mark would be withdrawn (inuse.LINGER)
+        assert reader.is_alive(), "the client is still reading"
+        assert layer.digest in cluster.in_use(), "the blob a client still reads is marked in the index"
+        collected = mirror_cli("gc", "--data", other.data_dir, env=evicting)
+        assert collected.returncode == 0, collected.stdout + collected.stderr
+        assert layer.digest in cluster.bucket.objects(), collected.stdout
+        assert reader.is_alive()
+    finally:
+        reader.join(60)
+    assert got == [(layer.size, layer.digest)]
+    assert eventually(lambda: layer.digest not in cluster.in_use(), timeout=30), cluster.in_use()
+    collected = mirror_cli("gc", "--data", other.data_dir, env=evicting)
+    assert collected.returncode == 0 and layer.digest not in cluster.bucket.objects(), collected.stdout

@@ -112,7 +112,7 @@ class Fills:
                 if follower == "refused" or follower == "elsewhere":
                     return await self.bypass(digest, fetch)
                 if follower is not None:
-                    return follower
+                    return await follower.marked()
                 continue  # the leader failed before its body started: try again, perhaps as leader
             if not names_inode(path, fd):
                 os.close(fd)  # lost a race with a finishing or failing leader
@@ -138,7 +138,7 @@ class Fills:
         except FileNotFoundError:
             return await self.look(self.open_stored, digest)
         joined = await self._follow(digest, fd, None)
-        return joined if isinstance(joined, GrowingBlob) else await self.look(self.open_stored, digest)
+        return await joined.marked() if isinstance(joined, GrowingBlob) else await self.look(self.open_stored, digest)
 
     def open_stored(self, digest: Digest) -> BlobReader | None:
         """The stored blob, marked as being served (``BlobStore.open``), or None."""
@@ -250,7 +250,7 @@ class Fills:
         if isinstance(size, BypassBlob):
             os.close(reader)
             return size
-        return GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch)
+        return await GrowingBlob(self, digest, reader, size, coalesced=False, fetch=fetch).marked()
 
     async def _pump(self, ingest: FillWriter, fetch: Fetch,
                     started: asyncio.Future[int | None | BypassBlob]) -> None:

@@ -42,7 +42,7 @@ from ..spec.reference import Digest
 from .bypass import Download, FillFailed
 from .driver import BlobStore
 from .filesystem import VERIFIED_MODE
-from .marks import mark_reading, unmark_reading
+from .marks import SharedHold, mark_reading, unmark_reading
 from .reads import read_cached
 
 if TYPE_CHECKING:
@@ -84,14 +84,23 @@ class GrowingBlob:
         self.fetch = fetch
         if coalesced:
             fills.metrics.waiting(1)
-        # Where the fill's file does not become the stored object (an object store), the object is marked
-        # as a reader of it marks it: the fill ends while this reader still sends the file's bytes, and no
-        # collector of this host deletes the object meanwhile (``S3Store.serving``).
+        # Where the fill's file does not become the stored object (an object store), the object is marked as a
+        # reader of it marks it (``S3Store.serving``): the fill may end while this reader still sends its bytes.
         self._marked = None if fills.store.local else fills.store.layout.reading(digest)
         self._mark = None if self._marked is None else mark_reading(self._marked)
+        self._shared: SharedHold | None = None
+
+    async def marked(self) -> GrowingBlob:
+        """This reader, its object marked in the index too where hosts share the store (``S3Store.in_use``), for
+        the collectors of other replicas.  Raises what the mark raises (``MetadataUnavailable``), then closed."""
+        if self._marked is not None and (marks := getattr(self.fills.store, "in_use", None)) is not None:
+            self._shared = await SharedHold.taken(marks, self.digest, self.close)
+        return self
 
     def close(self) -> None:
         os.close(self.fd)
+        if self._shared is not None:
+            self._shared.release()
         if self._marked is not None and self._mark is not None:
             unmark_reading(self._marked, self._mark)
             self._mark = None

@@ -6,7 +6,8 @@ file itself.  :func:`being_read` tells the collector, :func:`unread` lets a dele
 readers that are starting.  The last reader to let go removes the mark.
 
 Collectors of other hosts (replicas sharing the bucket and the index) do not see these files: readers of
-the bucket mark objects in the index too, through :class:`SharedMarks` (``maintenance/inuse.py``).
+the bucket, and of a fill's file (until their client's last byte, after the fill ended too), mark objects
+in the index too, through :class:`SharedMarks` (``maintenance/inuse.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
+
+import anyio.to_thread
 
 from ..spec.reference import Digest
 
@@ -34,6 +38,43 @@ class SharedMarks(Protocol):
     def hold(self, digest: Digest) -> None: ...
 
     def release(self, digest: Digest) -> None: ...
+
+
+class SharedHold:
+    """One reader's hold of *digest* in *marks*, taken from a worker thread (:meth:`taken`) and let go
+    once (:meth:`release`), even when the reader lets go while the hold is being taken."""
+
+    def __init__(self, marks: SharedMarks, digest: Digest) -> None:
+        self.marks, self.digest = marks, digest
+        self._lock = threading.Lock()
+        self._held = self._released = False
+
+    @classmethod
+    async def taken(cls, marks: SharedMarks, digest: Digest, close: Callable[[], object]) -> SharedHold:
+        """The hold, taken; if it cannot be (cancelled, or what :meth:`SharedMarks.hold` raises), *close*
+        is called (the reader's) before that is raised."""
+        hold = cls(marks, digest)
+        try:
+            await anyio.to_thread.run_sync(hold._take)
+        except BaseException:
+            hold.release()  # (a thread still taking it lets go at once)
+            close()
+            raise
+        return hold
+
+    def _take(self) -> None:
+        self.marks.hold(self.digest)
+        with self._lock:
+            if not self._released:
+                self._held = True
+                return
+        self.marks.release(self.digest)  # let go of while it was taken
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held, self._released = self._held, False, True
+        if held:
+            self.marks.release(self.digest)
 
 
 def mark_reading(path: Path) -> int | None:

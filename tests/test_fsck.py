@@ -9,12 +9,13 @@ stopped, then ``mirror fsck`` runs as an operator runs it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import pytest
 
 from mirror.cli import main as cli_main
 from mirror.maintenance.fsck import Fsck
+from mirror.metadata.diskcache import DiskcacheMetadata
+from mirror.metadata.driver import Metadata
+from mirror.metadata.postgres import PostgresMetadata
 from mirror.storage.driver import StoredObject
 from tests.support import client
 from tests.support.archives import compress
@@ -84,6 +88,16 @@ class Backend:
         path = stored_objects(mirror.data_dir)[digest]
         path.unlink()
         path.write_bytes(body)
+
+    @contextlib.contextmanager
+    def index(self, mirror: MirrorServer) -> Iterator[Metadata]:
+        """The mirror's index, opened as its CLI would (the mirror stopped)."""
+        opened: Metadata = DiskcacheMetadata(mirror.data_dir / "index") if self.dsn is None \
+            else PostgresMetadata(self.dsn)
+        try:
+            yield opened
+        finally:
+            opened.close()
 
     def wait_stored(self, mirror: MirrorServer, digests: Iterable[str]) -> None:
         """Wait for the fills of *digests* to reach the store (just after their client's last byte)."""
@@ -461,6 +475,42 @@ def test_an_object_put_in_the_store_without_a_record_is_counted_and_collected_on
     assert freed.returncode == 0 and "freed 1 objects" in freed.stdout, freed.stdout + freed.stderr
     assert backend.objects(mirror) == {}
     clean(mirror, backend)
+
+
+def test_a_tag_whose_manifest_record_is_lost_keeps_its_image_from_gc_and_repair_records_it_again(
+    backend: Backend, mirror_factory: Callable[..., MirrorServer], http: httpx.Client,
+) -> None:
+    """A damaged index: the manifest record a pushed image's tag names is gone (the tag, the links and the
+    objects stay).  A collection keeps what the tag reaches (it used to read a manifest only through its
+    record, and freed the image's config and layers); fsck reports the tag (it used to say nothing), and
+    ``--repair`` records the manifest again from the object: the image is pulled whole."""
+    mirror = mirror_factory(env=backend.env())
+    manifest, blobs = push(http, mirror.url, "team/app", "v1", seed=21)
+    digest = sha256(manifest)
+    backend.wait_stored(mirror, [digest, *map(sha256, blobs)])
+    mirror.stop()
+    with backend.index(mirror) as index:
+        index.forget(manifests=[digest])
+        assert index.get_manifest(digest) is None and index.get_tag("local/team/app", "v1") is not None
+    stored = backend.objects(mirror)
+    collected = mirror_cli("gc", "--data", mirror.data_dir, env={**backend.env(), "MIRROR_GC_GRACE": "0s"})
+    assert collected.returncode == 0 and backend.objects(mirror) == stored, collected.stdout + collected.stderr
+
+    said = f"tag points to a manifest the index has no record of: local/team/app:v1 -> {digest}"
+    status, lines = fsck(mirror, backend)
+    assert status == 1 and said in lines, lines
+    status, lines = fsck(mirror, backend, "--repair")
+    assert f"{said} (repaired)" in lines, lines
+    clean(mirror, backend)
+    with backend.index(mirror) as index:
+        record = index.get_manifest(digest)
+        assert record is not None and (record.media_type, record.size) == (OCI_MANIFEST, len(manifest))
+
+    mirror.start()
+    answer = http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers={"accept": OCI_MANIFEST})
+    assert (answer.status_code, answer.content) == (200, manifest)
+    for blob in blobs:
+        assert http.get(f"{mirror.url}/v2/team/app/blobs/{sha256(blob)}").content == blob
 
 
 def test_fsck_does_not_ask_for_the_subject_of_a_pushed_referrer(

@@ -8,7 +8,8 @@ whose payload does not, see ``storage/filesystem.py``), and without it the pushe
 (as stored: the S3 driver's own read would remove one that does not match, and fsck without ``repair`` changes
 nothing); objects whose size (as the store lists it: no object is read) differs from their manifest record or from a
 descriptor of an image in the index that needs them (pushed or cached: a truncated layer shows so); tags whose
-manifest is missing; manifest records and repository links whose object is missing; pushed images that need an object
+manifest is missing, or has no manifest record (``repair`` records it again from the object, or removes a tag naming
+what is no manifest); manifest records and repository links whose object is missing; pushed images that need an object
 missing from the store, or not linked in their repository (a ``DELETE`` of a blob or of a child manifest the image
 still needs, which a pull of it then fails on); preloaded (pinned) images, with their child manifests, that need an
 object missing from the store, which an air-gapped mirror cannot fetch again. What an image needs: its layers (not
@@ -40,30 +41,27 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..metadata.driver import LOCAL, Metadata
+from ..metadata.driver import Metadata
 from ..metadata.holders import held_elsewhere, leases_of
 from ..metadata.records import RecordKind
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import (
     INDEX_TYPES,
+    MANIFEST_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     SCHEMA1,
     SCHEMA1_SIGNED,
     detect_media_type,
-    is_nondistributable,
-    references,
 )
-from ..spec.pushed import subject_digest
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore, StoredObject
 from ..storage.layout import UPLOAD_ID_RE
 from ..storage.staging import Staging
 from ..storage.verify import signed_schema1_named
-from .fsckreport import Finding, FsckReport
+from .fsckreport import Finding, FsckReport, Image, cached_repo, pull_needs
 from .leftovers import bucket_uploads, left_behind
 
 #: What a finding of an object whose listed size is not the one recorded of it is called.
@@ -74,17 +72,6 @@ DESCRIPTOR_DIFFERS = "object size differs from an image's descriptor"
 WRONG_DESCRIPTOR = "image gives a wrong size for an object"
 #: A pushed repository's link to a blob missing from the store that a cached repository links too.
 REFETCHED = "pushed object missing until a pull of a cached image that has it fetches it again"
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    """A manifest linked in a repository, and the ``(digest, size)`` of each object a pull of it
-    needs (size -1: not given)."""
-
-    repo: str
-    digest: str
-    needs: tuple[tuple[str, int], ...]
-    index: bool = False  # an image index (or manifest list): what it needs are manifests
 
 
 class Fsck:
@@ -171,7 +158,7 @@ class Fsck:
         self._dropped.add(digest)
         links = [(repo, d) for repo, d in self.metadata.all_links() if d == digest]
         recorded = self.metadata.get_manifest(digest) is not None
-        if recorded or not any(_cached(repo) for repo, _ in links):
+        if recorded or not any(cached_repo(repo) for repo, _ in links):
             self._unlinked.update(links)
         else:
             links = []
@@ -233,7 +220,7 @@ class Fsck:
                     if self.repair and digest in self._dropped:
                         del present[digest]
                 if (body := bodies[digest]) is not None:
-                    images.append(Image(repo, digest, _needed(body, digest),
+                    images.append(Image(repo, digest, pull_needs(body, digest),
                                         detect_media_type(body, "") in INDEX_TYPES))
         self._descriptor_sizes(images, present)
         for repo, tag, record in self.metadata.all_tags():
@@ -242,16 +229,19 @@ class Fsck:
             if digest not in present and self._missing(digest):
                 self._found("tag points to a missing manifest", f"{repo}:{tag} -> {digest}",
                             partial(self.metadata.untag, repo, tag))
+            elif digest in present and digest not in manifests and self.metadata.get_manifest(digest) is None:
+                self._found("tag points to a manifest the index has no record of", f"{repo}:{tag} -> {digest}",
+                            partial(self._record, repo, tag, present[digest]))
         # A cached repository may link what it has not fetched yet (or lost): it fetches again on
         # demand.  A pushed repository cannot, but a blob a cached repository links comes back with
         # its next pull: the pushed repository's link then serves it again, and is kept.
-        refetched = {d for repo, d in links if _cached(repo) and d not in manifests
+        refetched = {d for repo, d in links if cached_repo(repo) and d not in manifests
                      and (repo, d) not in self._unlinked}
         for repo, digest in links:
             if (repo, digest) in self._unlinked:
                 continue  # forgotten with its object
             self.report.links += 1
-            if digest not in present and not _cached(repo) and self._missing(digest):
+            if digest not in present and not cached_repo(repo) and self._missing(digest):
                 if digest in refetched:
                     self._found(REFETCHED, f"{repo}@{digest}")
                 else:
@@ -260,7 +250,7 @@ class Fsck:
         referenced = {d for _, d in links} | {d for image in images for d, _ in image.needs}
         referenced |= self._dropped
         self.report.unreferenced = [o.size for d, o in present.items() if d not in referenced]
-        self._needs([i for i in images if not _cached(i.repo)], set(links), present)
+        self._needs([i for i in images if not cached_repo(i.repo)], set(links), present)
         self._preloaded(images, present)
 
     def _preloaded(self, images: list[Image], present: dict[str, StoredObject]) -> None:
@@ -312,7 +302,7 @@ class Fsck:
         wrong size reported."""
         whole: dict[str, bool | None] = {}  # the verdict on each object (None: not re-hashed, reported once)
         for image in images:
-            pushed = not _cached(image.repo)
+            pushed = not cached_repo(image.repo)
             for digest, size in image.needs:
                 found = present.get(digest)
                 if found is None or size < 0 or found.size == size or digest in self._sized:
@@ -365,6 +355,16 @@ class Fsck:
         except ParseError:
             return True
 
+    def _record(self, repo: str, tag: str, found: StoredObject) -> None:
+        """Record again the manifest *found* that *repo*:*tag* names, from its bytes (verified); if they are
+        not a manifest's, remove the tag."""
+        body = self._read(found)
+        media_type = "" if body is None else detect_media_type(body, "")
+        if body is not None and media_type in MANIFEST_MEDIA_TYPES:
+            self.metadata.put_manifest(found.name, media_type, len(body))
+        else:
+            self.metadata.untag(repo, tag)
+
     def _read(self, found: StoredObject) -> bytes | None:
         """A manifest's bytes as stored, read past the driver's own check (the S3 driver removes an
         object that does not match as it reads it: without ``repair`` fsck changes nothing); None,
@@ -384,14 +384,3 @@ class Fsck:
             return None
         return data
 
-
-def _needed(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:
-    """``(digest, size)`` of what a pull of the manifest *body* (named *digest*) needs from the store."""
-    subject = subject_digest(body)
-    return tuple((d.digest, -1 if isinstance(d.size, bool) else d.size) for d in references(body)
-                 if d.digest not in (digest, subject) and not is_nondistributable(d.media_type))
-
-
-def _cached(repo: str) -> bool:
-    """Whether *repo* is a cached repository (one of an upstream), not a pushed one."""
-    return not repo.startswith(LOCAL + "/")

@@ -1,11 +1,14 @@
 """The report of one run of ``mirror fsck`` (``maintenance/fsck.py``): its findings, what it looked at,
-and the objects no repository links."""
+and the objects no repository links; and the images it checks, with what a pull of each needs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..config.values import human
+from ..metadata.driver import LOCAL
+from ..spec.manifest import is_nondistributable, references
+from ..spec.pushed import subject_digest
 
 
 @dataclass
@@ -43,3 +46,26 @@ class FsckReport:
         verified = f", {self.verified} re-hashed" if verify_content else ""
         return [*map(str, self.findings), *said, f"{self.objects} objects ({self.bytes} bytes{verified}), "
                 f"{self.tags} tags, {self.links} links: {state}"]
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A manifest linked in a repository, and the ``(digest, size)`` of each object a pull of it
+    needs (size -1: not given)."""
+
+    repo: str
+    digest: str
+    needs: tuple[tuple[str, int], ...]
+    index: bool = False  # an image index (or manifest list): what it needs are manifests
+
+
+def pull_needs(body: bytes, digest: str) -> tuple[tuple[str, int], ...]:
+    """``(digest, size)`` of what a pull of the manifest *body* (named *digest*) needs from the store."""
+    subject = subject_digest(body)
+    return tuple((d.digest, -1 if isinstance(d.size, bool) else d.size) for d in references(body)
+                 if d.digest not in (digest, subject) and not is_nondistributable(d.media_type))
+
+
+def cached_repo(repo: str) -> bool:
+    """Whether *repo* is a cached repository (one of an upstream), not a pushed one."""
+    return not repo.startswith(LOCAL + "/")

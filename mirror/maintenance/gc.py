@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from ..config.sections import CacheConfig, GcConfig
 from ..config.values import human
 from ..metadata.driver import LOCAL, Metadata
-from ..spec.manifest import references
+from ..spec.manifest import MAX_MANIFEST_BYTES, references
 from ..spec.reference import ParseError, parse_digest
 from ..storage.driver import BlobStore
 from ..storage.growing import fills_in_progress
@@ -60,7 +60,7 @@ ORPHAN_AGE = 300.0
 @dataclass
 class _State:
     files: dict[str, tuple[int, float]]          # digest -> (size, mtime) of every object in blobs/
-    manifests: set[str]                          # digests with a manifest record
+    manifests: set[str]                          # digests with a manifest record, or a tag's or a pin's
     links: dict[str, set[str]]                   # repo -> linked digests
     tags: dict[str, dict[str, tuple[str, float]]]  # repo -> tag -> (digest, fetched_at)
     pins: dict[str, set[str]]                    # repo -> pinned manifest digests
@@ -69,12 +69,9 @@ class _State:
 
 class Collector:
     def __init__(self, store: BlobStore, metadata: Metadata, cache: CacheConfig, gc: GcConfig) -> None:
-        self.store = store
-        self.metadata = metadata
-        self.cache = cache
-        self.gc = gc
+        self.store, self.metadata, self.cache, self.gc = store, metadata, cache, gc
         self._refs: dict[str, list[str]] = {}
-        self._manifests: set[str] = set()  # digests with a manifest record, as of this run's _load
+        self._manifests: set[str] = set()  # the manifests this run reads (_load)
         #: Bytes the next run should free whatever the budget says: a write found the filesystem full.
         self.room_wanted = 0
         self._lease: CollectorLease | None = None  # the cluster's lease while a run holds it
@@ -97,11 +94,8 @@ class Collector:
     # -- running --
 
     def run(self, *, dry_run: bool = False, wait: bool = False, resume: bool = False) -> Report | None:
-        """Evict and collect once; None if another collector holds the lock and *wait* is false.
-
-        *resume*: a previous run did not reach the low watermark; evict down to it even if the
-        store is now below the high watermark.
-        """
+        """Evict and collect once; None if another collector holds the lock and *wait* is false.  *resume*: a
+        previous run did not reach the low watermark; evict down to it even if now below the high watermark."""
         fd = os.open(self.store.layout.gc_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -216,6 +210,9 @@ class Collector:
         for repo, digest in self.metadata.pins():
             pins[repo].add(digest)
         manifests = set(self.metadata.manifest_digests())
+        # What a tag or a pin names is a manifest, its record lost or not (a damaged index): it is read too.
+        named = {d for repo_tags in tags.values() for d, _ in repo_tags.values()}.union(*pins.values())
+        manifests |= {d for d in named if files.get(d, (MAX_MANIFEST_BYTES + 1, 0.0))[0] <= MAX_MANIFEST_BYTES}
         return _State(files, manifests, links, tags, pins, self.metadata.access_times())
 
     def _roots(self, state: _State) -> dict[str, set[str]]:

@@ -442,6 +442,8 @@ def test_a_target_left_midway_is_refused_by_the_server_fsck_and_gc_until_a_run_a
         assert done.returncode == 2, (command, done.stdout + done.stderr)
         assert f"{copy} is the target of a `mirror migrate` that did not finish" in done.stderr, done.stderr
         assert "run the same `mirror migrate` again to finish it" in done.stderr, done.stderr
+        assert f"to use the directory as it is, remove {mark}, and from a PostgreSQL index the row 'migrating'" \
+            in done.stderr, done.stderr
     migrated(old, new)
     assert not mark.exists() and differences(old, new) == []
     checked = mirror_cli("fsck", "--config", new, timeout=120)
@@ -946,6 +948,7 @@ def test_target_objects_damaged_since_they_were_copied_are_copied_again_by_a_run
         path.write_bytes(bytes(rotten))
     assert "0 copied" in migrated(old, new)  # skipped: at their size
     out = migrated(old, new, "--verify-content")
+    assert f"re-hashed, {len(rotted)} of them copied again)" in out, out
     for digest in rotted:
         assert f"did not match its digest in the target, copied again: {digest}" in out, out
         assert stored_objects(tmp_path / "copy")[digest].read_bytes() == stored_objects(data)[digest].read_bytes()

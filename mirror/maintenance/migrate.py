@@ -312,6 +312,7 @@ class Migration:
             self.report.problems.append(f"does not match its digest in the target: {found.digest} ({exc})")
             return
         self.report.notes.append(f"did not match its digest in the target, copied again: {found.digest}")
+        self.report.copied_again += 1
 
     # -- verifying --
 

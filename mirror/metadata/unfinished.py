@@ -31,7 +31,8 @@ def directory_problem(binding: Path) -> str | None:
     with contextlib.suppress(FileNotFoundError):
         return (f"{binding.parent} is the target of a `mirror migrate` that did not finish"
                 f" ({mark.read_text().strip()}): it holds part of a store; run the same `mirror migrate` again"
-                f" to finish it (or remove {mark} to use the directory as it is)")
+                f" to finish it (or, to use the directory as it is, remove {mark}, and from a PostgreSQL index"
+                f" the row 'migrating' of its settings table)")
     return None
 
 

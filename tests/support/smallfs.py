@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,14 +45,23 @@ def tmpfs(directory: Path, size_mib: int, inodes: int | None = None) -> Iterator
 
 @contextlib.contextmanager
 def read_only(directory: Path) -> Iterator[Path]:
-    """*directory* bind-mounted read-only over itself for the block (writes there fail with EROFS)."""
-    done = _run("mount", "--bind", str(directory), str(directory))
-    if done.returncode != 0:
-        pytest.fail(f"cannot bind-mount {directory}: {done.stderr.strip()}", pytrace=False)
-    try:
-        done = _run("mount", "-o", "remount,bind,ro", str(directory))
+    """*directory* bind-mounted read-only over itself for the block (writes there fail with EROFS).
+
+    The bind and the remount read-only are two steps: a file a running process opens for writing in
+    between makes the remount fail ("mount point is busy").  The bind is then detached (that file stays
+    on it) and made again, a few times."""
+    for _ in range(20):
+        done = _run("mount", "--bind", str(directory), str(directory))
         if done.returncode != 0:
-            pytest.fail(f"cannot make {directory} read-only: {done.stderr.strip()}", pytrace=False)
+            pytest.fail(f"cannot bind-mount {directory}: {done.stderr.strip()}", pytrace=False)
+        done = _run("mount", "-o", "remount,bind,ro", str(directory))
+        if done.returncode == 0:
+            break
+        _run("umount", "--lazy", str(directory))
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"cannot make {directory} read-only: {done.stderr.strip()}", pytrace=False)
+    try:
         yield directory
     finally:
         _unmount(directory)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -419,6 +421,19 @@ def test_serve_refuses_a_bucket_it_cannot_reach(bucket: Bucket, tmp_path: Path) 
     done = mirror_cli("serve", "--data", tmp_path / "data",
                       env=bucket.env(MIRROR_STORAGE_S3_SECRETKEY="not-the-secret"), timeout=60)
     assert done.returncode == 2 and bucket.name in done.stderr, done.stderr
+
+
+def test_every_command_says_in_one_line_that_the_s3_driver_needs_the_s3_extra(bucket: Bucket, tmp_path: Path) -> None:
+    """A mirror installed without its s3 extra (no boto3), configured with ``storage.driver: s3``: each command
+    exits 2 with one line naming the extra to install (before: a traceback of a failed import)."""
+    hide = "import sys; sys.modules['boto3'] = sys.modules['botocore'] = None; from mirror.cli import main; "
+    for command in (["serve", "--listen", f"127.0.0.1:{free_port()}"], ["gc"], ["fsck"]):
+        args = [*command, "--data", str(tmp_path / "data")]
+        done = subprocess.run([sys.executable, "-c", hide + f"sys.exit(main({args!r}))"], env={
+            **os.environ, **bucket.env()}, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, (command, done.stdout + done.stderr)
+        assert done.stderr.startswith("mirror: storage.driver s3 needs boto3, which is not installed") \
+            and "pip install 'mirror[s3]'" in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config.sections import StorageConfig
-from .driver import BlobStore, UploadTails
+from .driver import BlobStore, StoreSetupError, UploadTails
 
 
 def open_blob_store(storage: StorageConfig, *, replica: bool = False) -> BlobStore:
@@ -12,10 +12,17 @@ def open_blob_store(storage: StorageConfig, *, replica: bool = False) -> BlobSto
     locks) is ``storage.path`` too.  *replica*: for a replica of a cluster (``cluster.advertise``),
     whose push uploads may have their local file on another replica (``S3Store.shared_pushes``).
 
-    Nothing is created or contacted here (call ``create()``); boto3 is imported only for ``s3``.
+    Nothing is created or contacted here (call ``create()``); boto3 is imported only for ``s3``
+    (:class:`StoreSetupError` when it is not installed).
     """
     if storage.driver == "s3":
-        from .s3 import S3Store
+        try:
+            from .s3 import S3Store
+        except ModuleNotFoundError as exc:  # boto3 comes with the s3 extra
+            raise StoreSetupError(
+                f"storage.driver s3 needs boto3, which is not installed ({exc}): install the mirror with its s3"
+                " extra (pip install 'mirror[s3]', or '.[s3]' from a checkout; the image: build it with"
+                " --build-arg EXTRAS=s3)") from None
         from .s3options import S3Options
 
         store = S3Store(S3Options.from_config(storage), storage.path)

@@ -220,6 +220,29 @@ def test_the_sweep_aborts_only_stale_uploads_of_writers_gone(seaweedfs: SeaweedS
     writer.close()  # the upload is gone already: closing is quiet
 
 
+@pytest.mark.parametrize("root", ["", "mirror"])
+def test_the_sweep_aborts_no_upload_of_another_store_in_the_bucket(seaweedfs: SeaweedS3, s3_bucket: str,
+                                                                   tmp_path: Path, root: str) -> None:
+    """Beside the mirror's store, under its ``rootdirectory`` or beside it with none: another mirror's
+    store and a registry:2 store, each with an upload in progress.  The start-up sweep aborts the
+    mirror's own stale uploads only (before, with no ``rootdirectory`` it aborted every stale upload in
+    the bucket: a registry:2's, or another mirror's push kept longer than a day)."""
+    client = seaweedfs.client()
+    others = ["registry/uploads/0123456789abcdef0123456789abcdef/data",
+              "docker/registry/v2/repositories/team/app/_uploads/abc/data", f"{root}-other/blobs/sha256/ab/abcd"]
+    for key in others:
+        client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    prefix = f"{root}/" if root else ""
+    own = [f"{prefix}blobs/sha256/cd/cdef", f"{prefix}uploads/fedcba9876543210fedcba9876543210/data",
+           f"{prefix}readyz-probe"]
+    for key in own:
+        client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    time.sleep(1.1)  # Initiated is in whole seconds
+    assert S3Store(options(seaweedfs, s3_bucket, rootdirectory=root), tmp_path, stale_upload=0.5).sweep_tmp() == 3
+    left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []))
+    assert left == sorted(others)
+
+
 def test_wrong_credentials_are_refused(seaweedfs: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
     store = S3Store(options(seaweedfs, s3_bucket, secretkey="not-the-secret"), tmp_path)
     with pytest.raises(OSError, match="refused"):

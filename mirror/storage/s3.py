@@ -49,7 +49,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..spec.manifest import MAX_MANIFEST_BYTES
 from ..spec.reference import Digest
 from .driver import Space, StoredObject, UploadParts
-from .layout import PARTIAL, Layout, object_key, parse_object_key
+from .layout import PARTIAL, UPLOADS_PREFIX, Layout, object_key, parse_object_key
 from .marks import SharedMarks, being_read, unread
 from .refusals import RefusalRecord
 from .s3client import make_clients
@@ -59,7 +59,7 @@ from .s3handout import HandedOut
 from .s3notes import abort_again, sweep_notes
 from .s3objects import MIN_CHUNK, S3Ingest, S3Reader, backend_error, get_object, head, missing
 from .s3options import S3Options
-from .s3room import refused, room_error, store_clock, write_problem
+from .s3room import PROBE_KEY, refused, room_error, store_clock, write_problem
 from .s3uploads import COPY_LIMIT, COPY_PART, abort_upload, commit_file, commit_upload, send_part
 from .verify import put_verified, signed_schema1_named
 
@@ -111,15 +111,13 @@ class S3Store:
         self.refusals = RefusalRecord(self.layout.refused)  # the bucket's last refusal of a write (s3room.py)
         self.clock: Callable[[], float] = lambda: store_clock(self)  # what dates the objects (the collector's grace)
         self.copy_limit, self.copy_part = COPY_LIMIT, COPY_PART  # copies in the bucket (s3uploads.py)
-        #: Push uploads' local files may be on other replicas: they expire by their records, never by age.
-        self.shared_pushes = False
+        self.shared_pushes = False  # push uploads' local files may be on other replicas: expired by record, not age
 
     def key(self, digest: Digest) -> str:
         return self.root + object_key(digest)
 
     def create(self) -> None:
-        """Make the local directories, and check that the bucket answers (it is not created: its
-        policy is the operator's)."""
+        """Make the local directories; check that the bucket answers (not created: its policy is the operator's)."""
         for directory in (self.layout.tmp, self.layout.uploads):
             directory.mkdir(parents=True, exist_ok=True)
         self.refusals.open()
@@ -162,10 +160,12 @@ class S3Store:
             return False
 
     def _unfinished(self) -> Iterator[dict[str, Any]]:
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.root)
+        """This store's unfinished multipart uploads (objects', push uploads', probe's), not another's in the bucket."""
+        pages = self.client.get_paginator("list_multipart_uploads")
         try:
-            for page in pages:
-                yield from page.get("Uploads", [])
+            for prefix in ("blobs/", UPLOADS_PREFIX, PROBE_KEY):
+                for page in pages.paginate(Bucket=self.bucket, Prefix=self.root + prefix):
+                    yield from page.get("Uploads", [])
         except (BotoCoreError, ClientError) as exc:
             raise backend_error(exc, "listing unfinished multipart uploads", self.options) from exc
 

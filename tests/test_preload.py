@@ -935,6 +935,12 @@ def test_export_includes_pushed_repositories(
     out = ok(mirror_cli("export", "--data", registry.data_dir, "--upstream", UNREACHABLE, "team/app:1",
                         "-o", bundle))
     assert "docker.io/team/app:1" in out
+    # Named as the bundle names it, with the default registry's prefix: the same pushed repository (as the API
+    # routes docker.io/team/app), not a cached one of the upstream.
+    prefixed = tmp_path / "prefixed.tar.gz"
+    ok(mirror_cli("export", "--data", registry.data_dir, "--upstream", UNREACHABLE, "docker.io/team/app:1",
+                  "-o", prefixed))
+    assert tarfile.open(prefixed).getnames() == tarfile.open(bundle).getnames()
     restored = offline_mirror()
     ok(preload(restored.data_dir, bundle))
     restored.start()  # restored as cached content of docker.io

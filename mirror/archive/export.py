@@ -49,7 +49,7 @@ from ..config.values import human
 from ..metadata.driver import Metadata, local_repo
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
-from ..spec.names import ImageName, InvalidImageName, parse_image_name
+from ..spec.names import ImageName, InvalidImageName, parse_image_name, without_registry, written_path
 from ..spec.platforms import Platform, platform_text
 from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore
@@ -101,11 +101,8 @@ def read_image_list(path: Path) -> list[str]:
 class Exporter:
     def __init__(self, config: Config, store: BlobStore, metadata: Metadata, *, platforms: list[Platform] | None = None,
                  all_platforms: bool = False, progress: Progress | None = None) -> None:
-        self.config = config
-        self.store = store
-        self.metadata = metadata
-        self.platforms = platforms or []
-        self.all_platforms = all_platforms
+        self.config, self.store, self.metadata = config, store, metadata
+        self.platforms, self.all_platforms = platforms or [], all_platforms
         self.progress = progress or NoProgress()
         self._pulls: dict[str, Any] = {}
         self._fills: Any = None
@@ -136,8 +133,11 @@ class Exporter:
             name = parse_image_name(text)
         except InvalidImageName as exc:
             raise ExportError(f"invalid image name {exc}") from None
-        if name.written is not None and self.metadata.is_local(name.written):
-            return _Image(text, name, local_repo(name.written), None)
+        written = name.written
+        if written is None and name.registry == self.config.upstream.registry:  # docker.io/team/x is team/x, as routed
+            written = without_registry(written_path(text), name.registry)
+        if written is not None and self.metadata.is_local(written):
+            return _Image(text, name, local_repo(written), None)
         pullable = self._upstream_for(name.registry) is not None
         return _Image(text, name, name.repo, name.name if pullable else None)
 

@@ -28,6 +28,13 @@ def without_registry(name: str, registry: str) -> str:
     return rest if rest and (DOCKER_HUB if first in DOCKER_HUB_ALIASES else first) == registry else name
 
 
+def written_path(reference: str) -> str:
+    """The repository path of an image *reference* as written (its registry too, if named), without its
+    tag and digest: ``docker.io/team/x`` for ``docker.io/team/x:1@sha256:...``."""
+    path = reference.strip().partition("@")[0]
+    return path[:path.rfind(":")] if path.rfind(":") > path.rfind("/") else path
+
+
 class InvalidImageName(ValueError):
     """Not an image reference (``[registry/]name[:tag][@digest]``)."""
 

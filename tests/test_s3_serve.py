@@ -423,6 +423,19 @@ def test_serve_refuses_a_bucket_it_cannot_reach(bucket: Bucket, tmp_path: Path) 
     assert done.returncode == 2 and bucket.name in done.stderr, done.stderr
 
 
+def test_metrics_give_the_filesystem_of_the_data_directory_that_spools_fills_and_uploads(
+    bucket: Bucket, mirror_factory: Callable[..., MirrorServer],
+) -> None:
+    """On S3 the local data directory's filesystem takes every fill and upload in progress (full, fills are
+    served unstored and pushes refused): its size and room are exported, for the "filesystem nearly full"
+    alert (deploy/prometheus/alerts.yml).  Before, only the filesystem driver exported them."""
+    mirror = mirror_factory(env=bucket.env())
+    samples = scrape(f"{mirror.url}/metrics")
+    fs = os.statvfs(mirror.data_dir)
+    assert value(samples, "mirror_store_filesystem_size_bytes") == fs.f_blocks * fs.f_frsize
+    assert 0 < value(samples, "mirror_store_filesystem_avail_bytes") <= fs.f_blocks * fs.f_frsize
+
+
 def test_every_command_says_in_one_line_that_the_s3_driver_needs_the_s3_extra(bucket: Bucket, tmp_path: Path) -> None:
     """A mirror installed without its s3 extra (no boto3), configured with ``storage.driver: s3``: each command
     exits 2 with one line naming the extra to install (before: a traceback of a failed import)."""

@@ -8,6 +8,7 @@ May import: ``config``, ``observe``, ``storage``, ``metadata``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from ..config.sections import CacheConfig
 from ..metadata.driver import Metadata, MetadataUnavailable
 from ..observe.labels import HELD_REASONS
 from ..spec.reference import Digest
-from ..storage.driver import BlobStore
+from ..storage.driver import BlobStore, Space
 
 #: The object looked at between two counts of a remote store's objects (any answer will do: the empty blob).
 ALIVE = Digest("sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
@@ -116,11 +117,13 @@ class StoreCollector(Collector):
                                     "replica, as a shared index records them).", value=uploads)
         try:
             space = self.store.space()
+            if space is None:  # an object store: the data directory's filesystem, the spool of fills and uploads
+                fs = os.statvfs(self.store.layout.root)
+                space = Space(fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize)
         except OSError:
             return
-        if space is None:
-            return
-        yield GaugeMetricFamily("mirror_store_filesystem_size_bytes", "Size of the filesystem holding the store.",
+        yield GaugeMetricFamily("mirror_store_filesystem_size_bytes", "Size of the filesystem holding the store (on an "
+                                "object store, its local data directory: fills and uploads in progress).",
                                 value=space.total)
         yield GaugeMetricFamily("mirror_store_filesystem_avail_bytes", "Bytes available on that filesystem.",
                                 value=space.available)

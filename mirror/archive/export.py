@@ -49,7 +49,7 @@ from ..config.values import human
 from ..metadata.driver import Metadata, local_repo
 from ..observe.progress import NoProgress, Progress
 from ..spec.manifest import INDEX_TYPES, MANIFEST_MEDIA_TYPES, SCHEMA1, SCHEMA1_SIGNED, detect_media_type
-from ..spec.names import ImageName, InvalidImageName, parse_image_name, without_registry, written_path
+from ..spec.names import ImageName, InvalidImageName, parse_image_name, without_registry
 from ..spec.platforms import Platform, platform_text
 from ..spec.reference import Digest, ParseError, parse_digest
 from ..storage.driver import BlobStore
@@ -135,7 +135,7 @@ class Exporter:
             raise ExportError(f"invalid image name {exc}") from None
         written = name.written
         if written is None and name.registry == self.config.upstream.registry:  # docker.io/team/x is team/x, as routed
-            written = without_registry(written_path(text), name.registry)
+            written = without_registry(name.as_written, name.registry)
         if written is not None and self.metadata.is_local(written):
             return _Image(text, name, local_repo(written), None)
         pullable = self._upstream_for(name.registry) is not None

@@ -237,7 +237,7 @@ def _referrers(content: Content, named: list[Image], unnamed: list[tuple[str, st
             continue
         image.media_type = image.manifests[digest][0]
         for name in owner.names:
-            by_digest = ImageName(name.registry, name.name, None, digest, name.written)
+            by_digest = ImageName(name.registry, name.name, None, digest, name.written, name.as_written)
             image.names += [by_digest] if by_digest not in image.names else []
         found.append(image)
     return found

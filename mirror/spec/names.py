@@ -28,13 +28,6 @@ def without_registry(name: str, registry: str) -> str:
     return rest if rest and (DOCKER_HUB if first in DOCKER_HUB_ALIASES else first) == registry else name
 
 
-def written_path(reference: str) -> str:
-    """The repository path of an image *reference* as written (its registry too, if named), without its
-    tag and digest: ``docker.io/team/x`` for ``docker.io/team/x:1@sha256:...``."""
-    path = reference.strip().partition("@")[0]
-    return path[:path.rfind(":")] if path.rfind(":") > path.rfind("/") else path
-
-
 class InvalidImageName(ValueError):
     """Not an image reference (``[registry/]name[:tag][@digest]``)."""
 
@@ -47,6 +40,8 @@ class ImageName:
     digest: str | None
     #: The repository path as written, when no registry was named (``alpine`` for ``alpine:3``).
     written: str | None = None
+    #: The repository path as written, its registry too if named (``docker.io/team/x`` for ``docker.io/team/x:1``).
+    as_written: str = ""
 
     @property
     def repo(self) -> str:
@@ -82,6 +77,7 @@ def parse_image_name(text: str, *, default_tag: str | None = "latest") -> ImageN
             parse_tag(tag)
         except ParseError as exc:
             raise InvalidImageName(f"{text!r}: {exc}") from None
+    as_written = rest
     first, sep, remainder = rest.partition("/")
     written: str | None = rest
     if sep and ("." in first or ":" in first or first == "localhost"):
@@ -101,4 +97,4 @@ def parse_image_name(text: str, *, default_tag: str | None = "latest") -> ImageN
         raise InvalidImageName(f"{text!r}: invalid repository name {path!r}") from None
     if tag is None and parsed_digest is None:
         tag = default_tag
-    return ImageName(registry, path, tag, parsed_digest, written)
+    return ImageName(registry, path, tag, parsed_digest, written, as_written)
